@@ -1,0 +1,174 @@
+"""Raw rows -> index/float arrays, the exact layout the models and the graph take.
+
+Training (whole DataFrames) and serving (one request) both go through
+:func:`encode_user_rows` and :func:`encode_item_rows`, so there is one code path
+from raw values to indices.
+
+Layout (U users, N candidates, S sequence fields, L = max_seq_len):
+
+* ``user_sparse`` int64 ``[U, Fu]`` (user + context sparse features)
+* ``user_dense`` float32 ``[U, Du]``
+* ``hist`` int64 ``[U, S, L]``, oldest first, left aligned, 0-padded on the right
+* ``hist_len`` int64 ``[U]``
+* ``item_sparse`` int64 ``[N, Fi]``, ``item_dense`` float32 ``[N, Di]``
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ctr.mapping import PAD, FeatureMapper
+from ctr.spec import FeatureConfig, FeatureSpec
+
+
+@dataclass
+class Encoded:
+    """Arrays for U users and N candidates (in training U == N, one user per row)."""
+
+    user_sparse: np.ndarray
+    user_dense: np.ndarray
+    hist: np.ndarray
+    hist_len: np.ndarray
+    item_sparse: np.ndarray
+    item_dense: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.item_sparse.shape[0])
+
+
+def split_sequence(raw: Any, delimiter: str) -> list[Any]:
+    """A sequence cell as a list: list/array as-is, a delimited string split, missing -> []."""
+    if raw is None:
+        return []
+    if isinstance(raw, float) and math.isnan(raw):
+        return []
+    if isinstance(raw, str):
+        return [t for t in raw.split(delimiter) if t != ""] if raw else []
+    return list(raw)
+
+
+def to_float(raw: Any, spec: FeatureSpec) -> float:
+    """Dense value: missing/NaN/inf -> default; ``log1p`` applied to non-negatives."""
+    try:
+        v = float(raw) if raw is not None and raw != "" else spec.default
+    except (TypeError, ValueError):
+        v = spec.default
+    if math.isnan(v) or math.isinf(v):
+        v = spec.default
+    if spec.log1p:
+        v = math.log1p(max(v, 0.0))
+    return v
+
+
+def encode_sparse(
+    mapper: FeatureMapper,
+    feats: Sequence[FeatureSpec],
+    columns: Mapping[str, Sequence[Any]],
+    n: int,
+) -> np.ndarray:
+    out = np.empty((n, len(feats)), dtype=np.int64)
+    for j, f in enumerate(feats):
+        col = columns.get(f.source)
+        out[:, j] = mapper.mapper_for(f.name).map_many(col if col is not None else [None] * n)
+    return out
+
+
+def encode_dense(
+    feats: Sequence[FeatureSpec], columns: Mapping[str, Sequence[Any]], n: int
+) -> np.ndarray:
+    out = np.empty((n, len(feats)), dtype=np.float32)
+    for j, f in enumerate(feats):
+        col = columns.get(f.source)
+        vals = col if col is not None else [None] * n
+        out[:, j] = [to_float(v, f) for v in vals]
+    return out
+
+
+def encode_sequences(
+    config: FeatureConfig,
+    mapper: FeatureMapper,
+    seqs: Mapping[str, Sequence[Sequence[Any]]],
+    n: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``seqs[name][u]`` is user u's raw list for sequence feature ``name`` (oldest first).
+
+    Keeps the most recent ``max_seq_len`` entries. All fields of a user must have
+    the same length; the shortest wins if they do not.
+    """
+    seq_feats = config.sequences
+    length = config.max_seq_len
+    hist = np.full((n, len(seq_feats), length), PAD, dtype=np.int64)
+    lens = np.zeros(n, dtype=np.int64)
+    if not seq_feats:
+        return hist, lens
+    lists = [seqs.get(f.source) or [[]] * n for f in seq_feats]
+    for u in range(n):
+        k = min(len(lst[u]) for lst in lists)
+        k = min(k, length)
+        lens[u] = k
+        if k == 0:
+            continue
+        for s, f in enumerate(seq_feats):
+            tail = list(lists[s][u])[len(lists[s][u]) - k :]
+            hist[u, s, :k] = mapper.mapper_for(f.name).map_many(tail)
+    return hist, lens
+
+
+def encode_user_rows(
+    config: FeatureConfig,
+    mapper: FeatureMapper,
+    columns: Mapping[str, Sequence[Any]],
+    seqs: Mapping[str, Sequence[Sequence[Any]]],
+    n: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """User side: ``(user_sparse [n,Fu], user_dense [n,Du], hist [n,S,L], hist_len [n])``."""
+    us = encode_sparse(mapper, config.user_sparse, columns, n)
+    ud = encode_dense(config.user_dense, columns, n)
+    hist, lens = encode_sequences(config, mapper, seqs, n)
+    return us, ud, hist, lens
+
+
+def encode_item_rows(
+    config: FeatureConfig, mapper: FeatureMapper, columns: Mapping[str, Sequence[Any]], n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate side: ``(item_sparse [n,Fi], item_dense [n,Di])``."""
+    return (
+        encode_sparse(mapper, config.item_sparse, columns, n),
+        encode_dense(config.item_dense, columns, n),
+    )
+
+
+def encode_frame(
+    config: FeatureConfig, mapper: FeatureMapper, frame: Any, delimiter: str = "|"
+) -> Encoded:
+    """Encode a pandas DataFrame with one (user, candidate) example per row."""
+    n = len(frame)
+    columns = {c: frame[c].tolist() for c in frame.columns}
+    seqs = {
+        f.source: [split_sequence(v, delimiter) for v in columns.get(f.source, [None] * n)]
+        for f in config.sequences
+    }
+    us, ud, hist, lens = encode_user_rows(config, mapper, columns, seqs, n)
+    its, itd = encode_item_rows(config, mapper, columns, n)
+    return Encoded(us, ud, hist, lens, its, itd)
+
+
+def raw_columns_for_fit(config: FeatureConfig, frame: Any, delimiter: str = "|") -> dict[str, list]:
+    """Columns keyed by feature name, sequences flattened, for ``FeatureMapper.fit``."""
+    out: dict[str, list] = {}
+    for f in config.features:
+        if f.source not in frame.columns:
+            continue
+        if f.kind == "sequence":
+            flat: list[Any] = []
+            for v in frame[f.source].tolist():
+                flat.extend(split_sequence(v, delimiter))
+            out[f.name] = flat
+        elif f.kind == "sparse":
+            out[f.name] = frame[f.source].tolist()
+    return out

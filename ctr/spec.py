@@ -1,0 +1,219 @@
+"""Typed feature configuration (YAML) shared by training and serving.
+
+The spec decides every tensor layout: which raw fields enter the graph, in which
+order, and how wide each embedding is. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Side = Literal["user", "item", "context"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MappingSpec(_Strict):
+    """How raw IDs become table indices. 0 is padding, 1 is out-of-vocabulary."""
+
+    type: Literal["vocab", "hash"] = "vocab"
+    buckets: int | None = Field(default=None, gt=0, description="hash buckets (type=hash)")
+    min_count: int = Field(default=1, ge=1, description="vocab: drop rarer tokens to OOV")
+    max_size: int | None = Field(default=None, gt=0, description="vocab: keep the most frequent")
+
+    @model_validator(mode="after")
+    def _check(self) -> MappingSpec:
+        if self.type == "hash" and self.buckets is None:
+            raise ValueError("mapping.type=hash needs mapping.buckets")
+        return self
+
+
+class FeatureSpec(_Strict):
+    """One raw feature.
+
+    * ``sparse``: a categorical ID with its own embedding table.
+    * ``dense``: a float, fed as-is (after ``log1p`` if asked).
+    * ``sequence``: a behaviour field (oldest first) that shares the embedding
+      table and the ID mapping of the sparse feature named in ``shared_with``.
+    """
+
+    name: str
+    kind: Literal["sparse", "dense", "sequence"]
+    side: Side = "user"
+    column: str | None = None
+    embedding_dim: int = Field(default=8, gt=0)
+    mapping: MappingSpec = Field(default_factory=MappingSpec)
+    shared_with: str | None = None
+    default: float = 0.0
+    log1p: bool = False
+
+    @property
+    def source(self) -> str:
+        """The raw column / JSON key this feature is read from."""
+        return self.column or self.name
+
+    @model_validator(mode="after")
+    def _check(self) -> FeatureSpec:
+        if self.kind == "sequence":
+            if not self.shared_with:
+                raise ValueError(f"sequence feature {self.name!r} needs shared_with")
+            self.side = "user"
+        return self
+
+
+class GroupSpec(_Strict):
+    """A feature group: ``deep`` (concatenated) or ``sequence`` (one behaviour group)."""
+
+    name: str
+    type: Literal["deep", "sequence"]
+    features: list[str]
+
+
+class ModelSpec(_Strict):
+    type: Literal["base", "deepfm", "din", "multi_tower_din", "dien"] = "din"
+    mlp: list[int] = Field(default_factory=lambda: [200, 80])
+    tower_mlp: list[int] = Field(default_factory=lambda: [64])
+    activation: Literal["dice", "prelu"] = "dice"
+    attention_mlp: list[int] = Field(default_factory=lambda: [80, 40])
+    attention_softmax: bool = False
+    gru_dim: int | None = None
+    evolution: Literal["augru", "agru", "aigru"] = "augru"
+    aux_loss_weight: float = Field(default=1.0, ge=0.0)
+    mba_l2: float = Field(default=0.0, ge=0.0, description="mini-batch aware L2 on embeddings")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+
+class TrainSpec(_Strict):
+    epochs: int = Field(default=5, gt=0)
+    batch_size: int = Field(default=256, gt=0)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = 0.0
+    seed: int = 42
+    patience: int = Field(default=2, ge=0)
+    eval_batch_size: int = 2048
+    threads: int | None = None
+
+
+class DataSpec(_Strict):
+    """Where examples come from. ``source`` picks a thin adapter onto the generic loader."""
+
+    source: Literal["synthetic", "amazon", "movielens", "alimama", "csv", "parquet"] = "synthetic"
+    path: str | None = None
+    label: str = "label"
+    user_key: str = "user_id"
+    time_column: str | None = "ts"
+    seq_delimiter: str = "|"
+    split: Literal["last_per_user", "time", "random"] = "last_per_user"
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class FeatureConfig(_Strict):
+    """Top-level config: features, groups, sequence length, model, training and data."""
+
+    name: str
+    max_seq_len: int = Field(default=50, gt=0)
+    features: list[FeatureSpec]
+    groups: list[GroupSpec] = Field(default_factory=list)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+
+    @model_validator(mode="after")
+    def _check(self) -> FeatureConfig:
+        names = [f.name for f in self.features]
+        if len(set(names)) != len(names):
+            raise ValueError("feature names must be unique")
+        by_name = {f.name: f for f in self.features}
+        for f in self.features:
+            if f.kind == "sequence":
+                target = by_name.get(f.shared_with or "")
+                if target is None or target.kind != "sparse":
+                    raise ValueError(f"{f.name}.shared_with must name a sparse feature")
+                if target.side != "item":
+                    raise ValueError(f"{f.name}.shared_with must name an item-side feature")
+        if not self.groups:
+            self.groups = _default_groups(self.features)
+        for g in self.groups:
+            for n in g.features:
+                if n not in by_name:
+                    raise ValueError(f"group {g.name!r} names unknown feature {n!r}")
+                want = "sequence" if g.type == "sequence" else None
+                is_seq = by_name[n].kind == "sequence"
+                if (want == "sequence") != is_seq:
+                    raise ValueError(f"group {g.name!r}: {n!r} does not fit a {g.type} group")
+        return self
+
+    # ---- derived layout -------------------------------------------------------------
+    def feature(self, name: str) -> FeatureSpec:
+        for f in self.features:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+    @property
+    def user_sparse(self) -> list[FeatureSpec]:
+        """Sparse features fed once per user/request (user and context side)."""
+        return [f for f in self.features if f.kind == "sparse" and f.side != "item"]
+
+    @property
+    def user_dense(self) -> list[FeatureSpec]:
+        return [f for f in self.features if f.kind == "dense" and f.side != "item"]
+
+    @property
+    def item_sparse(self) -> list[FeatureSpec]:
+        return [f for f in self.features if f.kind == "sparse" and f.side == "item"]
+
+    @property
+    def item_dense(self) -> list[FeatureSpec]:
+        return [f for f in self.features if f.kind == "dense" and f.side == "item"]
+
+    @property
+    def sequences(self) -> list[FeatureSpec]:
+        return [f for f in self.features if f.kind == "sequence"]
+
+    @property
+    def tables(self) -> list[FeatureSpec]:
+        """Sparse features that own an embedding table (sequences borrow one)."""
+        return [f for f in self.features if f.kind == "sparse"]
+
+    def table_of(self, name: str) -> str:
+        f = self.feature(name)
+        return f.shared_with if f.kind == "sequence" and f.shared_with else f.name
+
+    def embedding_dim(self, name: str) -> int:
+        return self.feature(self.table_of(name)).embedding_dim
+
+    def deep_groups(self) -> list[GroupSpec]:
+        return [g for g in self.groups if g.type == "deep"]
+
+    def sequence_groups(self) -> list[GroupSpec]:
+        return [g for g in self.groups if g.type == "sequence"]
+
+
+def _default_groups(features: list[FeatureSpec]) -> list[GroupSpec]:
+    deep = [f.name for f in features if f.kind != "sequence"]
+    seq = [f.name for f in features if f.kind == "sequence"]
+    groups = [GroupSpec(name="all", type="deep", features=deep)]
+    if seq:
+        groups.append(GroupSpec(name="behavior", type="sequence", features=seq))
+    return groups
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> FeatureConfig:
+    """Load and validate a YAML config; ``overrides`` uses dotted keys (``train.epochs``)."""
+    raw = yaml.safe_load(Path(path).read_text())
+    for key, value in (overrides or {}).items():
+        node = raw
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return FeatureConfig.model_validate(raw)

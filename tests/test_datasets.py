@@ -1,0 +1,346 @@
+"""Dataset adapters (Amazon, MovieLens, Alimama) and the generic CSV path.
+
+Tests that need ``../shared/data`` (or ``$CTR_DATA_ROOT``) skip when the folder is
+absent; the rule/builder and CSV tests run anywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ctr.encode import Encoded, encode_frame, raw_columns_for_fit
+from ctr.mapping import OOV, PAD, FeatureMapper
+from ctr.spec import FeatureConfig, load_config
+from training.data.amazon import build_examples, category_map
+from training.data.generic import DataError, data_root, load_frame, split_frame
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+
+def _folder(name: str) -> Path:
+    folder = data_root() / name
+    if not folder.is_dir():
+        pytest.skip(f"dataset folder {folder} is absent")
+    return folder
+
+
+def _fit_and_encode(
+    config: FeatureConfig, train: pd.DataFrame, frame: pd.DataFrame
+) -> tuple[FeatureMapper, Encoded]:
+    mapper = FeatureMapper.fit(config, raw_columns_for_fit(config, train))
+    return mapper, encode_frame(config, mapper, frame, config.data.seq_delimiter)
+
+
+def _check_encoded(config: FeatureConfig, frame: pd.DataFrame, enc: Encoded) -> None:
+    n, seq_len = len(frame), config.max_seq_len
+    assert enc.user_sparse.shape == (n, len(config.user_sparse))
+    assert enc.user_dense.shape == (n, len(config.user_dense))
+    assert enc.item_sparse.shape == (n, len(config.item_sparse))
+    assert enc.item_dense.shape == (n, len(config.item_dense))
+    assert enc.hist.shape == (n, len(config.sequences), seq_len)
+    assert enc.hist_len.shape == (n,)
+    first_seq = config.sequences[0].source
+    expected_len = np.array([min(len(h), seq_len) for h in frame[first_seq]])
+    np.testing.assert_array_equal(enc.hist_len, expected_len)
+    # real slots are never padding, slots past the length are
+    slots = np.arange(seq_len)[None, :] < enc.hist_len[:, None]
+    assert (enc.hist[:, 0, :][slots] != PAD).all()
+    assert (enc.hist[:, 0, :][~slots] == PAD).all()
+
+
+def _check_last_per_user_split(
+    frame: pd.DataFrame, config: FeatureConfig
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    train, val, test = split_frame(frame, config.data)
+    assert len(train) + len(val) + len(test) == len(frame)
+    assert not set(train.index) & set(val.index)
+    assert not set(train.index) & set(test.index)
+    assert not set(val.index) & set(test.index)
+    test_keys = set(zip(test["user_id"], test["ts"], strict=True))
+    train_keys = set(zip(train["user_id"], train["ts"], strict=True))
+    assert not test_keys & train_keys
+    last_train = train.groupby("user_id")["ts"].max()
+    first_test = test.groupby("user_id")["ts"].min()
+    common = first_test.index.intersection(last_train.index)
+    assert len(common) > 0
+    assert (first_test[common] > last_train[common]).all()
+    return train, val, test
+
+
+# ---- Amazon -------------------------------------------------------------------------
+
+
+def test_category_rule_picks_most_specific_supported_node() -> None:
+    attrs = {
+        # brand 100/101 first; path nodes 2 (universal) > 10 > 20 / 21
+        "a": [100, 2, 10, 20],
+        "b": [100, 2, 10, 20],
+        "c": [101, 2, 10, 21],
+        "d": [2, 10],  # no brand: first attribute is a category node
+        "e": [102],  # brand only
+    }
+    cates = category_map(attrs, min_items=2)
+    assert cates == {"a": "20", "b": "20", "c": "10", "d": "10", "e": "unk"}
+    # below the support floor everywhere -> broadest node
+    assert category_map({"x": [7, 8, 9]}, min_items=5) == {"x": "8"}
+
+
+def test_build_examples_pairs_share_history() -> None:
+    seqs = [("u1", ["1", "2", "3", "4", "5"]), ("u2", ["6", "7", "8"])]
+    universe_cate = {str(i): f"c{i % 2}" for i in range(1, 9)}
+    frame = build_examples(seqs, universe_cate, max_seq_len=2, targets_per_user=3, min_history=2)
+    # u1: targets t=2,3,4; u2: t=2 only (needs 2 earlier items)
+    assert list(frame["ts"]) == [2, 2, 3, 3, 4, 4, 2, 2]
+    assert list(frame["label"]) == [1, 0] * 4
+    pos = frame.iloc[4]
+    assert pos["item_id"] == "5" and pos["hist_item_id"] == ["3", "4"]
+    assert pos["hist_cate_id"] == ["c1", "c0"]
+    assert frame.iloc[5]["hist_item_id"] == ["3", "4"]
+    assert frame.iloc[5]["item_id"] in {"6", "7", "8"}
+    assert frame.iloc[7]["item_id"] in {"1", "2", "3", "4", "5"}
+
+
+@pytest.fixture(scope="module")
+def amazon() -> tuple[FeatureConfig, pd.DataFrame]:
+    _folder("amazon-s3rec-sequences")
+    config = load_config(CONFIGS / "amazon_beauty_din.yaml")
+    return config, load_frame(config)
+
+
+@pytest.mark.data
+def test_amazon_frame(amazon: tuple[FeatureConfig, pd.DataFrame]) -> None:
+    config, frame = amazon
+    cols = ["user_id", "item_id", "cate_id", "hist_item_id", "hist_cate_id", "label", "ts"]
+    assert list(frame.columns) == cols
+    assert set(frame["label"].unique()) == {0.0, 1.0}
+    assert (frame["label"] == 1).sum() == (frame["label"] == 0).sum()
+    assert frame["hist_item_id"].map(len).max() <= config.max_seq_len
+    assert (frame["hist_item_id"].map(len) == frame["hist_cate_id"].map(len)).all()
+    assert frame["hist_item_id"].map(len).min() >= 2
+    assert isinstance(frame["item_id"].iloc[0], str)
+
+    seqs: dict[str, list[str]] = {}
+    path = _folder("amazon-s3rec-sequences") / "Beauty.txt"
+    for line in path.read_text().splitlines():
+        user, *items = line.split()
+        seqs[user] = items
+    assert frame["user_id"].nunique() == len(seqs)
+
+    pos = frame[frame["label"] == 1].reset_index(drop=True)
+    neg = frame[frame["label"] == 0].reset_index(drop=True)
+    assert len(pos) == len(neg)
+    # rows come as (positive, negative) pairs for the same user, ts and history
+    assert (pos["user_id"] == neg["user_id"]).all() and (pos["ts"] == neg["ts"]).all()
+    assert (pos["hist_item_id"] == neg["hist_item_id"]).all()
+    assert (pos["hist_cate_id"] == neg["hist_cate_id"]).all()
+    for user, t, item, hist in pos[["user_id", "ts", "item_id", "hist_item_id"]].itertuples(
+        index=False
+    ):
+        seq = seqs[user]
+        assert item == seq[t]
+        assert hist == seq[:t][-config.max_seq_len :]
+    for user, item in neg[["user_id", "item_id"]].itertuples(index=False):
+        assert item not in seqs[user]
+    # targets are the last 3 positions with at least 2 earlier items
+    targets = pos.groupby("user_id")["ts"].agg(list)
+    for user, ts in targets.items():
+        n = len(seqs[str(user)])
+        assert ts == list(range(max(2, n - 3), n))
+
+
+@pytest.mark.data
+def test_amazon_split_and_encode(amazon: tuple[FeatureConfig, pd.DataFrame]) -> None:
+    config, frame = amazon
+    train, val, test = _check_last_per_user_split(frame, config)
+    # a pair never straddles splits
+    for part in (train, val, test):
+        assert (part.groupby(["user_id", "ts"]).size() == 2).all()
+    sample = pd.concat([train.head(2000), test.head(2000)])
+    mapper, enc = _fit_and_encode(config, train, sample)
+    _check_encoded(config, sample, enc)
+    assert mapper.table_sizes()["cate_id"] > 50
+
+
+# ---- MovieLens ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def movielens() -> tuple[FeatureConfig, pd.DataFrame]:
+    _folder("movielens-100k")
+    config = load_config(CONFIGS / "movielens_din.yaml")
+    return config, load_frame(config)
+
+
+@pytest.mark.data
+def test_movielens_frame(movielens: tuple[FeatureConfig, pd.DataFrame]) -> None:
+    config, frame = movielens
+    cols = [
+        "user_id",
+        "gender",
+        "age_bucket",
+        "occupation",
+        "item_id",
+        "cate_id",
+        "hist_item_id",
+        "hist_cate_id",
+        "label",
+        "ts",
+    ]
+    assert set(cols) <= set(frame.columns)
+    assert set(frame["label"].unique()) == {0.0, 1.0}
+    assert frame["hist_item_id"].map(len).max() <= config.max_seq_len
+    assert frame["hist_item_id"].map(len).min() >= 5
+    assert len(frame) == 100_000 - 943 * 5
+    assert ((frame["rating"] >= 4) == (frame["label"] == 1)).all()
+    known = {  # (user, movie) -> (rating from u.data, cate, gender, age bucket, occupation)
+        ("186", "302"): (3, "Crime", "F", "30s", "executive"),
+        ("22", "377"): (1, "Children's", "M", "20s", "writer"),
+        ("298", "474"): (4, "Sci-Fi", "M", "40s", "executive"),
+        ("253", "465"): (5, "Adventure", "F", "20s", "librarian"),
+        ("166", "346"): (1, "Crime", "M", "40s", "educator"),
+    }
+    for (user, movie), (rating, cate, gender, age, occ) in known.items():
+        row = frame[(frame["user_id"] == user) & (frame["item_id"] == movie)]
+        assert len(row) == 1
+        r = row.iloc[0]
+        assert r["label"] == float(rating >= 4)
+        assert (r["cate_id"], r["gender"], r["age_bucket"], r["occupation"]) == (
+            cate,
+            gender,
+            age,
+            occ,
+        )
+    # user 1's first example: position 5 of its (timestamp, item) order
+    first = frame[frame["user_id"] == "1"].iloc[0]
+    assert first["ts"] == 5 and first["item_id"] == "196"
+    assert first["hist_item_id"] == ["168", "172", "165", "156", "166"]
+
+
+@pytest.mark.data
+def test_movielens_cap_keeps_last_examples() -> None:
+    _folder("movielens-100k")
+    config = load_config(CONFIGS / "movielens_din.yaml", {"data.options.max_examples_per_user": 3})
+    frame = load_frame(config)
+    assert (frame.groupby("user_id").size() == 3).all()
+    full = load_config(CONFIGS / "movielens_din.yaml")
+    assert frame.groupby("user_id")["ts"].min().min() >= full.data.options["min_history"]
+
+
+@pytest.mark.data
+def test_movielens_split_and_encode(movielens: tuple[FeatureConfig, pd.DataFrame]) -> None:
+    config, frame = movielens
+    train, val, test = _check_last_per_user_split(frame, config)
+    assert len(test) == frame["user_id"].nunique()
+    sample = pd.concat([train.head(3000), val, test])
+    _, enc = _fit_and_encode(config, train, sample)
+    _check_encoded(config, sample, enc)
+    assert (enc.user_sparse != OOV).all()  # every user/profile value is seen in train
+
+
+# ---- Alimama ------------------------------------------------------------------------
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("file, rows", [("paddlerec", 500), ("deepctr", 99)])
+def test_alimama_frame_split_encode(file: str, rows: int) -> None:
+    _folder("alimama-display-ad-dmr")
+    config = load_config(CONFIGS / "alimama_din.yaml", {"data.options.file": file})
+    assert config.data.split == "random"
+    frame = load_frame(config)
+    assert len(frame) == rows
+    for col in ["user_id", "item_id", "cate_id", "brand", "hist_cate_id", "hist_brand", "label"]:
+        assert col in frame.columns
+    assert set(frame["label"].unique()) <= {0.0, 1.0}
+    assert frame["label"].sum() > 0
+    lens = frame["hist_cate_id"].map(len)
+    assert lens.max() <= config.max_seq_len
+    assert (lens == frame["hist_brand"].map(len)).all()
+    assert not any("0" in h for h in frame["hist_cate_id"])  # padding dropped
+    if file == "paddlerec":
+        assert int(frame["label"].sum()) == 210
+        assert frame["user_id"].iloc[0] == "1000043" and frame["item_id"].iloc[0] == "328301"
+        assert frame["cate_id"].iloc[0] == "6410" and frame["brand"].iloc[0] == "121422"
+        assert lens.iloc[0] == 50
+
+    train, val, test = split_frame(frame, config.data)
+    idx = [set(p.index) for p in (train, val, test)]
+    assert not (idx[0] & idx[1]) and not (idx[0] & idx[2]) and not (idx[1] & idx[2])
+    assert sum(map(len, idx)) == len(frame)
+    _, enc = _fit_and_encode(config, train, frame)
+    _check_encoded(config, frame, enc)
+    # sequences share the candidate's tables: a history cate equal to the target cate
+    # gets the same index
+    pairs = zip(frame["cate_id"], frame["hist_cate_id"], strict=True)
+    row = int(np.flatnonzero([cate in hist for cate, hist in pairs])[0])
+    pos = frame["hist_cate_id"].iloc[row].index(frame["cate_id"].iloc[row])
+    assert enc.hist[row, 0, pos] == enc.item_sparse[row, 1]
+
+
+def test_unknown_option_is_rejected() -> None:
+    config = load_config(CONFIGS / "amazon_beauty_din.yaml", {"data.options.nmae": "Beauty"})
+    with pytest.raises(DataError, match="unknown amazon data.options"):
+        load_frame(config)
+
+
+# ---- generic CSV path ---------------------------------------------------------------
+
+
+def _csv_config(path: Path, delimiter: str) -> FeatureConfig:
+    raw: dict[str, Any] = {
+        "name": "csv_din",
+        "max_seq_len": 3,
+        "features": [
+            {"name": "user_id", "kind": "sparse", "side": "user"},
+            {"name": "item_id", "kind": "sparse", "side": "item"},
+            {"name": "cate_id", "kind": "sparse", "side": "item"},
+            {"name": "price", "kind": "dense", "side": "item", "log1p": True},
+            {"name": "hist_item_id", "kind": "sequence", "shared_with": "item_id"},
+            {"name": "hist_cate_id", "kind": "sequence", "shared_with": "cate_id"},
+        ],
+        "data": {"source": "csv", "path": str(path), "seq_delimiter": delimiter},
+    }
+    return FeatureConfig.model_validate(raw)
+
+
+@pytest.mark.parametrize("delimiter", ["|", ";"])
+def test_generic_csv_matches_list_frame(tmp_path: Path, delimiter: str) -> None:
+    listed = pd.DataFrame(
+        {
+            "user_id": ["u1", "u1", "u2", "u3"],
+            "item_id": ["i9", "i3", "i1", "i2"],
+            "cate_id": ["c1", "c2", "c1", "c3"],
+            "price": [1.5, 2.0, 0.0, 10.0],
+            "hist_item_id": [["i1", "i2"], ["i1", "i2", "i9", "i4", "i5"], [], ["i3"]],
+            "hist_cate_id": [["c1", "c1"], ["c1", "c1", "c1", "c2", "c3"], [], ["c2"]],
+            "label": [1, 0, 1, 0],
+            "ts": [0, 1, 0, 0],
+        }
+    )
+    as_csv = listed.copy()
+    for col in ("hist_item_id", "hist_cate_id"):
+        as_csv[col] = [delimiter.join(v) for v in listed[col]]
+    path = tmp_path / "logs.csv"
+    as_csv.to_csv(path, index=False)
+
+    config = _csv_config(path, delimiter)
+    loaded = load_frame(config)
+    assert len(loaded) == 4 and loaded["label"].tolist() == [1.0, 0.0, 1.0, 0.0]
+
+    mapper_csv = FeatureMapper.fit(config, raw_columns_for_fit(config, loaded, delimiter))
+    mapper_list = FeatureMapper.fit(config, raw_columns_for_fit(config, listed))
+    assert mapper_csv.to_json() == mapper_list.to_json()
+    enc_csv = encode_frame(config, mapper_csv, loaded, delimiter)
+    enc_list = encode_frame(config, mapper_list, listed)
+    for name in ("user_sparse", "user_dense", "hist", "hist_len", "item_sparse", "item_dense"):
+        np.testing.assert_array_equal(getattr(enc_csv, name), getattr(enc_list, name))
+    assert enc_csv.hist_len.tolist() == [2, 3, 0, 1]
+    # most recent max_seq_len kept, oldest first
+    item_of = mapper_list.mapper_for("hist_item_id")
+    assert enc_csv.hist[1, 0].tolist() == [item_of.map_one(t) for t in ("i9", "i4", "i5")]
+    assert enc_csv.item_dense[:, 0] == pytest.approx(np.log1p([1.5, 2.0, 0.0, 10.0]))

@@ -1,0 +1,118 @@
+"""The generic raw-example layout and the one loading path every adapter feeds.
+
+A raw frame has one row per (user, candidate) example:
+
+* one column per feature, named by the feature's ``source`` (``column`` or name);
+* sequence columns hold lists, or strings joined by ``data.seq_delimiter``,
+  oldest behaviour first;
+* ``data.label`` (0/1), ``data.user_key`` (for GAUC and the split) and, when the
+  split is time based, ``data.time_column``.
+
+A user's own logs come in as CSV or Parquet (``data.source: csv|parquet``) and go
+through exactly the same checks, split and encoding as the built-in datasets.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ctr.spec import DataSpec, FeatureConfig
+
+DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+
+
+def data_root() -> Path:
+    """Root of the shared datasets: ``$CTR_DATA_ROOT`` or ``../shared/data``."""
+    return Path(os.environ.get("CTR_DATA_ROOT", str(DEFAULT_DATA_ROOT))).resolve()
+
+
+class DataError(ValueError):
+    """The data does not match the feature config."""
+
+
+def read_table(path: str | Path, kind: str) -> pd.DataFrame:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    if kind == "parquet":
+        return pd.read_parquet(path)
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def validate_frame(config: FeatureConfig, frame: pd.DataFrame) -> pd.DataFrame:
+    """Check the frame carries what the config names; coerce label to float32."""
+    spec = config.data
+    missing = [c for c in (spec.label, spec.user_key) if c not in frame.columns]
+    missing += [
+        f.source for f in config.features if f.source not in frame.columns and f.kind != "dense"
+    ]
+    if missing:
+        raise DataError(f"columns missing from the data: {sorted(set(missing))}")
+    frame = frame.copy()
+    frame[spec.label] = pd.to_numeric(frame[spec.label], errors="raise").astype(np.float32)
+    bad = ~frame[spec.label].isin([0.0, 1.0])
+    if bad.any():
+        raise DataError(f"label column {spec.label!r} must be 0/1 ({int(bad.sum())} rows are not)")
+    return frame.reset_index(drop=True)
+
+
+def load_frame(config: FeatureConfig) -> pd.DataFrame:
+    """Dispatch on ``data.source`` to an adapter; all return the generic layout."""
+    spec = config.data
+    if spec.source == "synthetic":
+        from training.data.synthetic import generate
+
+        frame = generate(config, **spec.options)
+    elif spec.source in ("csv", "parquet"):
+        if not spec.path:
+            raise DataError("data.path is required for csv/parquet")
+        frame = read_table(spec.path, spec.source)
+    elif spec.source == "amazon":
+        from training.data.amazon import load_amazon
+
+        frame = load_amazon(config)
+    elif spec.source == "movielens":
+        from training.data.movielens import load_movielens
+
+        frame = load_movielens(config)
+    elif spec.source == "alimama":
+        from training.data.alimama import load_alimama
+
+        frame = load_alimama(config)
+    else:  # pragma: no cover - guarded by the Literal type
+        raise DataError(f"unknown data.source {spec.source!r}")
+    return validate_frame(config, frame)
+
+
+def split_frame(
+    frame: pd.DataFrame, spec: DataSpec, seed: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Train / validation / test with no test interaction leaking into training.
+
+    * ``last_per_user``: per user ordered by time, the last example time goes to
+      test, the one before to validation, the rest to train (all rows sharing that
+      time, e.g. a positive and its sampled negative, stay together).
+    * ``time``: global time cut at the (1 - val - test) and (1 - test) quantiles.
+    * ``random``: a seeded row shuffle (only for data without time).
+    """
+    if spec.split == "random" or spec.time_column is None or spec.time_column not in frame:
+        rng = np.random.default_rng(seed)
+        idx = rng.permutation(len(frame))
+        n_test = int(len(frame) * spec.test_fraction)
+        n_val = int(len(frame) * spec.val_fraction)
+        te, va, tr = idx[:n_test], idx[n_test : n_test + n_val], idx[n_test + n_val :]
+        return frame.iloc[tr], frame.iloc[va], frame.iloc[te]
+    t = pd.to_numeric(frame[spec.time_column])
+    if spec.split == "time":
+        q_val = t.quantile(1 - spec.val_fraction - spec.test_fraction)
+        q_test = t.quantile(1 - spec.test_fraction)
+        return frame[t <= q_val], frame[(t > q_val) & (t <= q_test)], frame[t > q_test]
+    # last_per_user: rank distinct times within each user, newest = 0
+    key = frame[spec.user_key].astype(str)
+    tmp = pd.DataFrame({"k": key, "t": t})
+    rank = tmp.groupby("k")["t"].rank(method="dense", ascending=False).astype(int) - 1
+    return frame[rank >= 2], frame[rank == 1], frame[rank == 0]

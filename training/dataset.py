@@ -1,0 +1,117 @@
+"""From a config to encoded train/val/test tensors, the fitted mapping and a fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from ctr.encode import Encoded, encode_frame, raw_columns_for_fit
+from ctr.mapping import FeatureMapper
+from ctr.spec import FeatureConfig
+from training.data import load_frame, split_frame
+
+
+@dataclass
+class Split:
+    """Encoded examples (one user row per example) plus labels and user keys."""
+
+    enc: Encoded
+    label: np.ndarray
+    users: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    def batch(self, idx: np.ndarray) -> dict[str, Tensor]:
+        """Rows ``idx`` as the model's input dict (U == N, ``user_idx = arange``)."""
+        e = self.enc
+        return {
+            "user_sparse": torch.from_numpy(e.user_sparse[idx]),
+            "user_dense": torch.from_numpy(e.user_dense[idx]),
+            "hist": torch.from_numpy(e.hist[idx]),
+            "hist_len": torch.from_numpy(e.hist_len[idx]),
+            "item_sparse": torch.from_numpy(e.item_sparse[idx]),
+            "item_dense": torch.from_numpy(e.item_dense[idx]),
+            "user_idx": torch.arange(len(idx), dtype=torch.int64),
+        }
+
+
+@dataclass
+class Prepared:
+    config: FeatureConfig
+    mapper: FeatureMapper
+    train: Split
+    val: Split
+    test: Split
+    fingerprint: str
+    item_pool: np.ndarray  # [I, S] table indices of items, one column per sequence field
+    frames: dict[str, pd.DataFrame]
+
+
+def fingerprint(frame: pd.DataFrame) -> str:
+    """SHA-256 over every cell of the training frame (lists joined), order-sensitive."""
+    h = hashlib.sha256()
+    for col in sorted(frame.columns):
+        h.update(col.encode())
+        vals = frame[col].map(lambda v: "|".join(map(str, v)) if isinstance(v, list) else str(v))
+        h.update("\x1e".join(vals.tolist()).encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+def _split(config: FeatureConfig, mapper: FeatureMapper, frame: pd.DataFrame) -> Split:
+    enc = encode_frame(config, mapper, frame, config.data.seq_delimiter)
+    return Split(
+        enc,
+        frame[config.data.label].to_numpy(np.float32),
+        frame[config.data.user_key].astype(str).to_numpy(),
+    )
+
+
+def item_pool(config: FeatureConfig, mapper: FeatureMapper, frame: pd.DataFrame) -> np.ndarray:
+    """Distinct training candidates as ``[I, S]``: for each sequence field, the index of
+    the item's value in that field's shared table (negative sampling for DIEN)."""
+    seqs = config.sequences
+    cols = [config.feature(s.shared_with or "").source for s in seqs]
+    if not seqs:
+        return np.zeros((0, 0), dtype=np.int64)
+    items = frame[cols].drop_duplicates(subset=[cols[0]])
+    out = np.stack(
+        [
+            mapper.mapper_for(s.name).map_many(items[c].tolist())
+            for s, c in zip(seqs, cols, strict=True)
+        ],
+        axis=1,
+    )
+    return out.astype(np.int64)
+
+
+def prepare(config: FeatureConfig, frame: pd.DataFrame | None = None) -> Prepared:
+    frame = load_frame(config) if frame is None else frame
+    tr, va, te = split_frame(frame, config.data, seed=config.train.seed)
+    mapper = FeatureMapper.fit(config, raw_columns_for_fit(config, tr, config.data.seq_delimiter))
+    return Prepared(
+        config=config,
+        mapper=mapper,
+        train=_split(config, mapper, tr),
+        val=_split(config, mapper, va),
+        test=_split(config, mapper, te),
+        fingerprint=fingerprint(tr),
+        item_pool=item_pool(config, mapper, tr),
+        frames={"train": tr, "val": va, "test": te},
+    )
+
+
+def sample_negatives(
+    pool: np.ndarray, hist_len: np.ndarray, length: int, rng: np.random.Generator
+) -> np.ndarray:
+    """``[B, S, L]`` random items from ``pool`` at real positions, 0 at padding."""
+    b = len(hist_len)
+    picks = pool[rng.integers(0, len(pool), size=(b, length))]  # [B, L, S]
+    neg = np.ascontiguousarray(picks.transpose(0, 2, 1))
+    mask = np.arange(length)[None, :] < hist_len[:, None]
+    return neg * mask[:, None, :]

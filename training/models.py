@@ -1,0 +1,383 @@
+"""CTR models: Base (sum pooling), DeepFM, DIN, multi-tower DIN and DIEN.
+
+Every model takes the graph layout of :mod:`ctr.encode` plus ``user_idx``:
+
+* ``user_sparse [U, Fu]``, ``user_dense [U, Du]``, ``hist [U, S, L]``, ``hist_len [U]``
+* ``item_sparse [N, Fi]``, ``item_dense [N, Di]``, ``user_idx [N]`` (row of U per candidate)
+
+User-side work runs on U rows and is gathered to N inside the graph, so a request's
+history enters once however many candidates it has. ``forward`` returns a dict with
+``logits [N]`` (no sigmoid: that lives in the export wrapper), optionally
+``attention [N, L]`` and, in training with ``neg_hist``, DIEN's ``aux_loss``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ctr.spec import FeatureConfig
+from training.modules import (
+    MLP,
+    DINAttention,
+    EmbeddingCollection,
+    masked_softmax,
+    sequence_mask,
+)
+
+Inputs = dict[str, Tensor]
+
+
+class CTRModel(nn.Module):
+    """Shared plumbing: embeddings and the user/item deep parts, widths from the config."""
+
+    def __init__(self, config: FeatureConfig, table_sizes: dict[str, int]) -> None:
+        super().__init__()
+        self.config = config
+        self.emb = EmbeddingCollection(config, table_sizes)
+        self.user_width = sum(f.embedding_dim for f in config.user_sparse) + len(config.user_dense)
+        self.item_width = sum(f.embedding_dim for f in config.item_sparse) + len(config.item_dense)
+
+    def seq_width(self, names: list[str]) -> int:
+        return sum(self.config.embedding_dim(n) for n in names)
+
+    def user_deep(self, x: Inputs) -> Tensor:
+        """``[U, user_width]``."""
+        parts = self.emb.fields(self.config.user_sparse, x["user_sparse"])
+        if self.config.user_dense:
+            parts.append(x["user_dense"])
+        return torch.cat(parts, dim=-1)
+
+    def item_deep(self, x: Inputs) -> Tensor:
+        """``[N, item_width]``."""
+        parts = self.emb.fields(self.config.item_sparse, x["item_sparse"])
+        if self.config.item_dense:
+            parts.append(x["item_dense"])
+        return torch.cat(parts, dim=-1)
+
+    def mask(self, x: Inputs) -> Tensor:
+        return sequence_mask(x["hist_len"], self.config.max_seq_len)
+
+    def forward(self, x: Inputs) -> dict[str, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def masked_sum(seq: Tensor, mask: Tensor) -> Tensor:
+    """``seq [U, L, D]``, ``mask [U, L]`` -> ``[U, D]``; padded positions add exactly 0."""
+    return (seq * mask.unsqueeze(-1).to(seq.dtype)).sum(dim=1)
+
+
+class BaseModel(CTRModel):
+    """Embedding & MLP: behaviours sum-pooled per user, no candidate interaction."""
+
+    def __init__(self, config: FeatureConfig, table_sizes: dict[str, int]) -> None:
+        super().__init__(config, table_sizes)
+        self.groups = [g.features for g in config.sequence_groups()]
+        width = self.user_width + self.item_width + sum(self.seq_width(g) for g in self.groups)
+        self.mlp = MLP(width, config.model.mlp, config.model.activation, config.model.dropout)
+        self.head = nn.Linear(self.mlp.out_dim, 1)
+
+    def forward(self, x: Inputs) -> dict[str, Tensor]:
+        mask = self.mask(x)
+        user = [self.user_deep(x)]
+        user += [masked_sum(self.emb.sequence(g, x["hist"]), mask) for g in self.groups]
+        u = torch.cat(user, dim=-1).index_select(0, x["user_idx"])
+        h = self.mlp(torch.cat([u, self.item_deep(x)], dim=-1))
+        return {"logits": self.head(h).squeeze(-1)}
+
+
+class DeepFM(CTRModel):
+    """First order + FM second order + deep MLP over the same field embeddings.
+
+    Fields: every sparse feature, every sequence field (masked mean), every dense
+    feature (a learned vector times its value). Fields narrower or wider than the
+    FM width (the widest sparse embedding) get a bias-free projection.
+    """
+
+    def __init__(self, config: FeatureConfig, table_sizes: dict[str, int]) -> None:
+        super().__init__(config, table_sizes)
+        self.k = max(f.embedding_dim for f in config.tables)
+        sparse = config.user_sparse + config.item_sparse
+        self.proj = nn.ModuleDict(
+            {
+                f.name: nn.Linear(config.embedding_dim(f.name), self.k, bias=False)
+                for f in sparse + config.sequences
+                if config.embedding_dim(f.name) != self.k
+            }
+        )
+        self.dense_user = nn.Parameter(torch.randn(len(config.user_dense), self.k) * 0.05)
+        self.dense_item = nn.Parameter(torch.randn(len(config.item_dense), self.k) * 0.05)
+        self.first_order = nn.ModuleDict(
+            {t.name: nn.Embedding(table_sizes[t.name], 1, padding_idx=0) for t in config.tables}
+        )
+        for e in self.first_order.values():
+            nn.init.zeros_(e.weight)
+        n_fields = len(sparse) + len(config.sequences) + len(config.user_dense)
+        n_fields += len(config.item_dense)
+        self.dense_linear = nn.Linear(len(config.user_dense) + len(config.item_dense), 1)
+        self.mlp = MLP(n_fields * self.k, config.model.mlp, config.model.activation)
+        self.head = nn.Linear(self.mlp.out_dim, 1)
+
+    def _p(self, name: str, e: Tensor) -> Tensor:
+        return self.proj[name](e) if name in self.proj else e
+
+    def forward(self, x: Inputs) -> dict[str, Tensor]:
+        c = self.config
+        idx = x["user_idx"]
+        mask = self.mask(x)
+        denom = x["hist_len"].clamp(min=1).to(torch.float32).unsqueeze(-1)
+        user_fields = [
+            self._p(f.name, e)
+            for f, e in zip(
+                c.user_sparse, self.emb.fields(c.user_sparse, x["user_sparse"]), strict=True
+            )
+        ]
+        for s, f in enumerate(c.sequences):
+            seq = self.emb.table(f.name)(x["hist"][:, s])
+            user_fields.append(self._p(f.name, masked_sum(seq, mask) / denom))
+        for j in range(len(c.user_dense)):
+            user_fields.append(x["user_dense"][:, j : j + 1] * self.dense_user[j])
+        fields = [t.index_select(0, idx) for t in user_fields]
+        item_embs = self.emb.fields(c.item_sparse, x["item_sparse"])
+        fields += [self._p(f.name, e) for f, e in zip(c.item_sparse, item_embs, strict=True)]
+        for j in range(len(c.item_dense)):
+            fields.append(x["item_dense"][:, j : j + 1] * self.dense_item[j])
+        stack = torch.stack(fields, dim=1)  # [N, F, k]
+        fm = 0.5 * (stack.sum(1).pow(2) - stack.pow(2).sum(1)).sum(-1)  # [N]
+        first_u = sum(
+            self.first_order[f.name](x["user_sparse"][:, j]).squeeze(-1)
+            for j, f in enumerate(c.user_sparse)
+        )
+        first_i = sum(
+            self.first_order[f.name](x["item_sparse"][:, j]).squeeze(-1)
+            for j, f in enumerate(c.item_sparse)
+        )
+        first = torch.as_tensor(first_u).index_select(0, idx) + first_i
+        if c.user_dense or c.item_dense:
+            dense = torch.cat([x["user_dense"].index_select(0, idx), x["item_dense"]], dim=-1)
+            first = first + self.dense_linear(dense).squeeze(-1)
+        deep = self.head(self.mlp(stack.flatten(1))).squeeze(-1)
+        return {"logits": first + fm + deep}
+
+
+class DIN(CTRModel):
+    """Deep Interest Network: one attention unit per behaviour group, then an MLP."""
+
+    def __init__(self, config: FeatureConfig, table_sizes: dict[str, int]) -> None:
+        super().__init__(config, table_sizes)
+        m = config.model
+        self.groups = [g.features for g in config.sequence_groups()]
+        self.att = nn.ModuleList(
+            DINAttention(self.seq_width(g), m.attention_mlp, m.activation, m.attention_softmax)
+            for g in self.groups
+        )
+        width = self.user_width + self.item_width + sum(self.seq_width(g) for g in self.groups)
+        self.mlp = MLP(width, m.mlp, m.activation, m.dropout)
+        self.head = nn.Linear(self.mlp.out_dim, 1)
+
+    def interests(self, x: Inputs) -> tuple[list[Tensor], Tensor | None]:
+        """Attention-pooled interest ``[N, D_g]`` per group, and group 0's weights ``[N, L]``."""
+        mask = self.mask(x)
+        pooled, first_w = [], None
+        for g, att in zip(self.groups, self.att, strict=True):
+            keys = self.emb.sequence(g, x["hist"])
+            q = self.emb.query(g, x["item_sparse"])
+            p, w = att(q, keys, x["user_idx"], mask)
+            pooled.append(p)
+            first_w = w if first_w is None else first_w
+        return pooled, first_w
+
+    def forward(self, x: Inputs) -> dict[str, Tensor]:
+        pooled, w = self.interests(x)
+        u = self.user_deep(x).index_select(0, x["user_idx"])
+        h = self.mlp(torch.cat([u, self.item_deep(x), *pooled], dim=-1))
+        out = {"logits": self.head(h).squeeze(-1)}
+        if w is not None:
+            out["attention"] = w
+        return out
+
+
+class MultiTowerDIN(DIN):
+    """TorchEasyRec ``multi_tower_din``: an MLP tower per DEEP group, a DIN tower per
+    SEQUENCE group, and a final MLP over the concatenated tower outputs.
+
+    Towers whose features are all user/context side run on U rows, once per user.
+    """
+
+    def __init__(self, config: FeatureConfig, table_sizes: dict[str, int]) -> None:
+        CTRModel.__init__(self, config, table_sizes)
+        m = config.model
+        self.groups = [g.features for g in config.sequence_groups()]
+        self.att = nn.ModuleList(
+            DINAttention(self.seq_width(g), m.attention_mlp, m.activation, m.attention_softmax)
+            for g in self.groups
+        )
+        self.deep_groups = [g.features for g in config.deep_groups()]
+        self.towers = nn.ModuleList(
+            MLP(self._group_width(g), m.tower_mlp, m.activation, m.dropout)
+            for g in self.deep_groups
+        )
+        width = sum(t.out_dim for t in self.towers) + sum(self.seq_width(g) for g in self.groups)
+        self.mlp = MLP(width, m.mlp, m.activation, m.dropout)
+        self.head = nn.Linear(self.mlp.out_dim, 1)
+
+    def _group_width(self, names: list[str]) -> int:
+        c = self.config
+        return sum(
+            c.feature(n).embedding_dim if c.feature(n).kind == "sparse" else 1 for n in names
+        )
+
+    def _user_only(self, names: list[str]) -> bool:
+        return all(self.config.feature(n).side != "item" for n in names)
+
+    def _group_input(self, names: list[str], x: Inputs, idx: Tensor | None) -> Tensor:
+        """Group features in group order; user-side parts gathered to N unless ``idx`` is None."""
+        c = self.config
+        us = [f.name for f in c.user_sparse]
+        ud = [f.name for f in c.user_dense]
+        its = [f.name for f in c.item_sparse]
+        itd = [f.name for f in c.item_dense]
+        parts = []
+        for n in names:
+            if n in us:
+                t = self.emb.table(n)(x["user_sparse"][:, us.index(n)])
+            elif n in ud:
+                t = x["user_dense"][:, ud.index(n) : ud.index(n) + 1]
+            elif n in its:
+                parts.append(self.emb.table(n)(x["item_sparse"][:, its.index(n)]))
+                continue
+            else:
+                parts.append(x["item_dense"][:, itd.index(n) : itd.index(n) + 1])
+                continue
+            parts.append(t if idx is None else t.index_select(0, idx))
+        return torch.cat(parts, dim=-1)
+
+    def forward(self, x: Inputs) -> dict[str, Tensor]:
+        idx = x["user_idx"]
+        outs = []
+        for g, tower in zip(self.deep_groups, self.towers, strict=True):
+            if self._user_only(g):
+                outs.append(tower(self._group_input(g, x, None)).index_select(0, idx))
+            else:
+                outs.append(tower(self._group_input(g, x, idx)))
+        pooled, w = self.interests(x)
+        h = self.mlp(torch.cat([*outs, *pooled], dim=-1))
+        out = {"logits": self.head(h).squeeze(-1)}
+        if w is not None:
+            out["attention"] = w
+        return out
+
+
+class AttentionalGRU(nn.Module):
+    """Interest evolving layer: AUGRU (default), AGRU or AIGRU, unrolled over L.
+
+    The input projection ``W_ih h_t`` depends only on the user's interest states, so
+    it runs once per user ``[U, L, 3H]``; only the recurrence runs per candidate.
+    Inputs: ``states [U, L, H_in]``, ``att [N, L]`` (0 at padding), ``user_idx [N]``,
+    ``mask [U, L]``. Returns the final hidden state ``[N, H]``.
+    """
+
+    def __init__(self, in_dim: int, hidden: int, kind: str) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.kind = kind
+        self.w_ih = nn.Linear(in_dim, 3 * hidden)
+        self.w_hh = nn.Linear(hidden, 3 * hidden)
+
+    def forward(self, states: Tensor, att: Tensor, user_idx: Tensor, mask: Tensor) -> Tensor:
+        hd = self.hidden
+        x_proj = self.w_ih(states).index_select(0, user_idx)  # [N, L, 3H]
+        m = mask.index_select(0, user_idx).to(states.dtype)  # [N, L]
+        n_cand = user_idx.shape[0]
+        h = torch.zeros(n_cand, hd, dtype=states.dtype, device=states.device)
+        b_ih = self.w_ih.bias
+        for t in range(states.shape[1]):
+            a = att[:, t : t + 1]
+            xt = x_proj[:, t]
+            if self.kind == "aigru":  # scale the input by attention: a*(W h) + b
+                xt = a * (xt - b_ih) + b_ih
+            gh = self.w_hh(h)
+            r = torch.sigmoid(xt[:, :hd] + gh[:, :hd])
+            z = torch.sigmoid(xt[:, hd : 2 * hd] + gh[:, hd : 2 * hd])
+            n = torch.tanh(xt[:, 2 * hd :] + r * gh[:, 2 * hd :])
+            u = 1.0 - z  # update gate in the paper's convention
+            if self.kind == "augru":
+                u = a * u
+            elif self.kind == "agru":
+                u = a.expand_as(u)
+            else:
+                u = u * m[:, t : t + 1]  # AIGRU: padded steps keep the state
+            h = (1.0 - u) * h + u * n
+        return h
+
+
+class DIEN(CTRModel):
+    """Deep Interest Evolution Network (first behaviour group).
+
+    GRU interest extractor (once per user) -> attention of each candidate over the
+    interest states -> attentional GRU evolution (per candidate) -> MLP. In training,
+    ``neg_hist`` enables the auxiliary loss: each interest state h_t must tell the
+    real next behaviour e_{t+1} from a sampled negative.
+    """
+
+    def __init__(self, config: FeatureConfig, table_sizes: dict[str, int]) -> None:
+        super().__init__(config, table_sizes)
+        m = config.model
+        groups = config.sequence_groups()
+        if not groups:
+            raise ValueError("DIEN needs a sequence group")
+        self.group = groups[0].features
+        d = self.seq_width(self.group)
+        hd = m.gru_dim or d
+        self.extractor = nn.GRU(d, hd, batch_first=True)
+        self.att_w = nn.Linear(d, hd, bias=False)  # score = h_t . (W e_a)
+        self.evolution = AttentionalGRU(hd, hd, m.evolution)
+        self.aux = MLP(hd + d, [100, 50], "prelu")
+        self.aux_head = nn.Linear(self.aux.out_dim, 1)
+        width = self.user_width + self.item_width + d + hd + d
+        self.mlp = MLP(width, m.mlp, m.activation, m.dropout)
+        self.head = nn.Linear(self.mlp.out_dim, 1)
+
+    def forward(self, x: Inputs) -> dict[str, Tensor]:
+        idx = x["user_idx"]
+        mask = self.mask(x)
+        e = self.emb.sequence(self.group, x["hist"])  # [U, L, D]
+        states, _ = self.extractor(e)  # [U, L, H]; right padding never leaks left
+        states = states * mask.unsqueeze(-1).to(states.dtype)
+        q = self.emb.query(self.group, x["item_sparse"])  # [N, D]
+        s_n = states.index_select(0, idx)  # [N, L, H]
+        scores = torch.bmm(s_n, self.att_w(q).unsqueeze(-1)).squeeze(-1)  # [N, L]
+        att = masked_softmax(scores, mask.index_select(0, idx))
+        final = self.evolution(states, att, idx, mask)  # [N, H]
+        pooled_sum = (e * mask.unsqueeze(-1).to(e.dtype)).sum(1).index_select(0, idx)
+        u = self.user_deep(x).index_select(0, idx)
+        h = self.mlp(torch.cat([u, self.item_deep(x), q, final, pooled_sum], dim=-1))
+        out = {"logits": self.head(h).squeeze(-1), "attention": att}
+        if "neg_hist" in x:
+            out["aux_loss"] = self.aux_loss(states, e, x["neg_hist"], mask)
+        return out
+
+    def aux_loss(self, states: Tensor, pos: Tensor, neg_hist: Tensor, mask: Tensor) -> Tensor:
+        """Mean BCE over steps t with a real t+1: ``h_t`` vs ``e_{t+1}`` (1) and a negative (0)."""
+        neg = self.emb.sequence(self.group, neg_hist)
+        h = states[:, :-1]
+        valid = (mask[:, 1:]).to(h.dtype)  # step t+1 is real
+        logit_pos = self.aux_head(self.aux(torch.cat([h, pos[:, 1:]], -1))).squeeze(-1)
+        logit_neg = self.aux_head(self.aux(torch.cat([h, neg[:, 1:]], -1))).squeeze(-1)
+        bce = nn.functional.binary_cross_entropy_with_logits
+        loss = bce(logit_pos, torch.ones_like(logit_pos), reduction="none")
+        loss = loss + bce(logit_neg, torch.zeros_like(logit_neg), reduction="none")
+        return (loss * valid).sum() / valid.sum().clamp(min=1.0)
+
+
+MODELS: dict[str, type[CTRModel]] = {
+    "base": BaseModel,
+    "deepfm": DeepFM,
+    "din": DIN,
+    "multi_tower_din": MultiTowerDIN,
+    "dien": DIEN,
+}
+
+
+def build_model(config: FeatureConfig, table_sizes: dict[str, int]) -> CTRModel:
+    return MODELS[config.model.type](config, table_sizes)

@@ -1,0 +1,162 @@
+"""Small building blocks. Every width is derived from the feature config by the caller.
+
+Shapes: U users, N candidates, L history positions, D embedding widths.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ctr.spec import FeatureConfig, FeatureSpec
+
+
+class Dice(nn.Module):
+    """Data-adaptive activation (DIN paper): ``p*x + (1-p)*alpha*x``, ``p = sigmoid(BN(x))``.
+
+    Input ``[..., dim]``; statistics are over every leading position.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-8) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim, eps=eps, affine=False)
+        self.alpha = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        p = torch.sigmoid(self.bn(flat)).reshape(shape)
+        return p * x + (1.0 - p) * self.alpha * x
+
+
+def activation(kind: str, dim: int) -> nn.Module:
+    """``dice`` or ``prelu`` (one slope per channel of the last dim)."""
+    return Dice(dim) if kind == "dice" else _ChannelLastPReLU(dim)
+
+
+class MLP(nn.Module):
+    """``[..., in_dim] -> [..., hidden[-1]]``: Linear + activation (+ dropout) per layer."""
+
+    def __init__(self, in_dim: int, hidden: list[int], act: str = "dice", dropout: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = []
+        d = in_dim
+        for h in hidden:
+            layers.append(nn.Linear(d, h))
+            layers.append(activation(act, h))
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            d = h
+        self.net = nn.Sequential(*layers)
+        self.out_dim = d
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class _ChannelLastPReLU(nn.Module):
+    """PReLU with one slope per last-dim channel, for inputs of any rank."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((dim,), 0.25))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.where(x >= 0, x, self.weight * x)
+
+
+class EmbeddingCollection(nn.Module):
+    """One table per sparse feature; sequence features borrow their ``shared_with`` table.
+
+    Row 0 (padding) is zero and gets no gradient.
+    """
+
+    def __init__(self, config: FeatureConfig, table_sizes: dict[str, int]) -> None:
+        super().__init__()
+        self.config = config
+        self.tables = nn.ModuleDict(
+            {
+                t.name: nn.Embedding(table_sizes[t.name], t.embedding_dim, padding_idx=0)
+                for t in config.tables
+            }
+        )
+        for emb in self.tables.values():
+            nn.init.normal_(emb.weight, std=0.05)
+            with torch.no_grad():
+                emb.weight[0].zero_()
+
+    def table(self, feature: str) -> nn.Embedding:
+        return self.tables[self.config.table_of(feature)]
+
+    def fields(self, feats: list[FeatureSpec], ids: Tensor) -> list[Tensor]:
+        """``ids [B, F]`` (columns in ``feats`` order) -> F tensors ``[B, D_f]``."""
+        return [self.table(f.name)(ids[:, j]) for j, f in enumerate(feats)]
+
+    def sequence(self, names: list[str], hist: Tensor) -> Tensor:
+        """``hist [U, S, L]`` -> ``[U, L, sum(D)]`` for the named sequence fields."""
+        order = [f.name for f in self.config.sequences]
+        return torch.cat([self.table(n)(hist[:, order.index(n)]) for n in names], dim=-1)
+
+    def query(self, seq_names: list[str], item_sparse: Tensor) -> Tensor:
+        """Candidate side of a behaviour group: ``item_sparse [N, Fi]`` -> ``[N, sum(D)]``."""
+        item_order = [f.name for f in self.config.item_sparse]
+        parts = []
+        for n in seq_names:
+            target = self.config.table_of(n)
+            parts.append(self.tables[target](item_sparse[:, item_order.index(target)]))
+        return torch.cat(parts, dim=-1)
+
+
+def sequence_mask(hist_len: Tensor, length: int) -> Tensor:
+    """``hist_len [U]`` -> bool ``[U, L]``, True at real (non-padded) positions."""
+    pos = torch.arange(length, device=hist_len.device).unsqueeze(0)
+    return pos < hist_len.unsqueeze(1)
+
+
+def masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
+    """Softmax over the last dim with masked positions exactly 0 (all-masked rows -> 0)."""
+    filled = torch.where(mask, scores, torch.full_like(scores, -1e9))
+    return torch.softmax(filled, dim=-1) * mask.to(scores.dtype)
+
+
+class DINAttention(nn.Module):
+    """DIN activation unit over ``[q, k, q-k, q*k]`` and weighted sum pooling.
+
+    The first layer is applied in split form,
+    ``W[q,k,q-k,q*k] = (Wq+Wd) q + (Wk-Wd) k + Wp (q*k)``: the q part runs once per
+    candidate and the k part once per user history, never per (candidate, step).
+
+    Inputs: ``q [N, D]``, ``keys [U, L, D]``, ``user_idx [N]``, ``mask [U, L]``.
+    Returns ``pooled [N, D]`` and ``weights [N, L]`` (0 at padded positions).
+    """
+
+    def __init__(self, dim: int, hidden: list[int], act: str, softmax: bool) -> None:
+        super().__init__()
+        self.dim = dim
+        self.first = nn.Linear(4 * dim, hidden[0])
+        self.first_act = activation(act, hidden[0])
+        self.rest = MLP(hidden[0], hidden[1:], act)
+        self.out = nn.Linear(self.rest.out_dim, 1)
+        self.softmax = softmax
+        self.split_first_layer = True
+
+    def forward(
+        self, q: Tensor, keys: Tensor, user_idx: Tensor, mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        d = self.dim
+        k = keys.index_select(0, user_idx)  # [N, L, D], gathered inside the graph
+        if self.split_first_layer:
+            w = self.first.weight  # [H, 4D]
+            wq, wk, wd, wp = w[:, :d], w[:, d : 2 * d], w[:, 2 * d : 3 * d], w[:, 3 * d :]
+            q_part = q @ (wq + wd).t() + self.first.bias  # [N, H]
+            k_part = keys @ (wk - wd).t()  # [U, L, H], once per user
+            h = q_part.unsqueeze(1) + k_part.index_select(0, user_idx)
+            h = h + (q.unsqueeze(1) * k) @ wp.t()  # [N, L, H]
+        else:
+            qq = q.unsqueeze(1).expand_as(k)
+            h = self.first(torch.cat([qq, k, qq - k, qq * k], dim=-1))
+        scores = self.out(self.rest(self.first_act(h))).squeeze(-1)  # [N, L]
+        m = mask.index_select(0, user_idx)
+        weights = masked_softmax(scores, m) if self.softmax else scores * m.to(scores.dtype)
+        pooled = torch.bmm(weights.unsqueeze(1), k).squeeze(1)  # [N, D]
+        return pooled, weights

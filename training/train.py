@@ -1,0 +1,210 @@
+"""Training loop: seeded, progress bar, early stopping on validation AUC, checkpoints,
+metrics JSON. Runs data-parallel under ``torchrun`` (gloo on CPU, nccl on GPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from ctr.spec import FeatureConfig
+from training.dataset import Prepared, Split, prepare, sample_negatives
+from training.metrics import evaluate
+from training.models import CTRModel, build_model
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    return DistInfo(dist.get_rank(), dist.get_world_size())
+
+
+@torch.no_grad()
+def predict(model: CTRModel, split: Split, batch_size: int) -> np.ndarray:
+    """Probabilities for every row of ``split``, in order."""
+    model.eval()
+    out = []
+    for start in range(0, len(split), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(split)))
+        out.append(torch.sigmoid(model(split.batch(idx))["logits"]).numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+def mba_l2(model: CTRModel, batch: dict[str, Tensor], counts: dict[str, Tensor]) -> Tensor:
+    """DIN's mini-batch aware L2: only rows present in the batch, each scaled by 1/freq."""
+    c = model.config
+    total = torch.zeros(())
+    ids_by_table: dict[str, list[Tensor]] = {}
+    for j, f in enumerate(c.user_sparse):
+        ids_by_table.setdefault(f.name, []).append(batch["user_sparse"][:, j])
+    for j, f in enumerate(c.item_sparse):
+        ids_by_table.setdefault(f.name, []).append(batch["item_sparse"][:, j])
+    for s, f in enumerate(c.sequences):
+        ids_by_table.setdefault(c.table_of(f.name), []).append(batch["hist"][:, s].reshape(-1))
+    for table, parts in ids_by_table.items():
+        ids = torch.unique(torch.cat(parts))
+        ids = ids[ids > 0]
+        w = model.emb.tables[table].weight[ids]
+        total = total + (w.pow(2).sum(-1) / counts[table][ids].clamp(min=1.0)).sum()
+    return total
+
+
+def table_counts(config: FeatureConfig, prep: Prepared) -> dict[str, Tensor]:
+    """Occurrences of every index in the training data, per table."""
+    e = prep.train.enc
+    sizes = prep.mapper.table_sizes()
+    counts = {t: np.zeros(n, dtype=np.float32) for t, n in sizes.items()}
+    for j, f in enumerate(config.user_sparse):
+        counts[f.name] += np.bincount(e.user_sparse[:, j], minlength=sizes[f.name])
+    for j, f in enumerate(config.item_sparse):
+        counts[f.name] += np.bincount(e.item_sparse[:, j], minlength=sizes[f.name])
+    for s, f in enumerate(config.sequences):
+        t = config.table_of(f.name)
+        counts[t] += np.bincount(e.hist[:, s].reshape(-1), minlength=sizes[t])
+    return {t: torch.from_numpy(c) for t, c in counts.items()}
+
+
+def train(
+    config: FeatureConfig,
+    out_dir: str | Path,
+    prep: Prepared | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``config`` and write ``checkpoint.pt``, ``metrics.json`` and ``config.json``
+    to ``out_dir``. Returns the metrics dict (rank 0's, identical on every rank)."""
+    info = init_distributed()
+    tc = config.train
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    seed_everything(tc.seed)
+    out = Path(out_dir)
+    prep = prep or prepare(config)
+    model = build_model(config, prep.mapper.table_sizes())
+    net: nn.Module = model
+    if info.world > 1:
+        net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    bce = nn.BCEWithLogitsLoss()
+    counts = table_counts(config, prep) if config.model.mba_l2 > 0 else {}
+    rng = np.random.default_rng(tc.seed)
+    neg_rng = np.random.default_rng(tc.seed + 1)
+    # the global batch is split across ranks, so N processes see what 1 process sees
+    local_bs = max(1, tc.batch_size // info.world)
+    best_auc, best_epoch, history = -1.0, -1, []
+    if info.main:
+        out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    for epoch in range(tc.epochs):
+        model.train()
+        perm = rng.permutation(len(prep.train))
+        n_batches = len(perm) // tc.batch_size or 1
+        bar = tqdm(
+            range(n_batches),
+            desc=f"epoch {epoch + 1}/{tc.epochs}",
+            disable=not (progress and info.main),
+            leave=False,
+        )
+        total = 0.0
+        for b in bar:
+            glob = perm[b * tc.batch_size : (b + 1) * tc.batch_size]
+            idx = glob[info.rank * local_bs : (info.rank + 1) * local_bs]
+            if len(idx) < 2:
+                continue
+            batch = prep.train.batch(idx)
+            if config.model.type == "dien":
+                batch["neg_hist"] = torch.from_numpy(
+                    sample_negatives(
+                        prep.item_pool, prep.train.enc.hist_len[idx], config.max_seq_len, neg_rng
+                    )
+                )
+            res = net(batch)
+            loss = bce(res["logits"], torch.from_numpy(prep.train.label[idx]))
+            if "aux_loss" in res:
+                loss = loss + config.model.aux_loss_weight * res["aux_loss"]
+            if config.model.mba_l2 > 0:
+                loss = loss + config.model.mba_l2 * mba_l2(model, batch, counts)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss)
+            bar.set_postfix(loss=f"{total / (b + 1):.4f}")
+        val = evaluate(prep.val.users, prep.val.label, predict(model, prep.val, tc.eval_batch_size))
+        history.append({"epoch": epoch + 1, "train_loss": total / n_batches, **val})
+        if info.main and progress:
+            print(f"epoch {epoch + 1}: loss {total / n_batches:.4f} val auc {val['auc']:.4f}")
+        if val["auc"] > best_auc:
+            best_auc, best_epoch = val["auc"], epoch + 1
+            if info.main:
+                torch.save(model.state_dict(), out / "checkpoint.pt")
+        elif epoch + 1 - best_epoch > tc.patience:
+            break
+    if info.world > 1:
+        dist.barrier()
+    model.load_state_dict(torch.load(out / "checkpoint.pt", weights_only=True))
+    metrics = {
+        "model": config.model.type,
+        "name": config.name,
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "seconds": round(time.time() - started, 2),
+        "world_size": info.world,
+        "data_fingerprint": prep.fingerprint,
+        "rows": {"train": len(prep.train), "val": len(prep.val), "test": len(prep.test)},
+        "val": evaluate(
+            prep.val.users, prep.val.label, predict(model, prep.val, tc.eval_batch_size)
+        ),
+        "test": evaluate(
+            prep.test.users, prep.test.label, predict(model, prep.test, tc.eval_batch_size)
+        ),
+        "history": history,
+    }
+    if info.main:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (out / "config.json").write_text(config.model_dump_json(indent=2))
+        (out / "mapping.json").write_text(json.dumps(prep.mapper.to_json()))
+    return metrics
+
+
+def load_run(run_dir: str | Path) -> tuple[FeatureConfig, Any, CTRModel, dict[str, Any]]:
+    """``(config, mapper, model in eval mode, metrics)`` from a training run folder."""
+    from ctr.mapping import FeatureMapper
+
+    run = Path(run_dir)
+    config = FeatureConfig.model_validate_json((run / "config.json").read_text())
+    mapper = FeatureMapper.from_json(config, json.loads((run / "mapping.json").read_text()))
+    model = build_model(config, mapper.table_sizes())
+    model.load_state_dict(torch.load(run / "checkpoint.pt", weights_only=True))
+    model.eval()
+    metrics = json.loads((run / "metrics.json").read_text())
+    return config, mapper, model, metrics
