@@ -23,9 +23,13 @@ class Dice(nn.Module):
         self.alpha = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
-        p = torch.sigmoid(self.bn(flat)).reshape(shape)
+        if self.training:
+            shape = x.shape
+            p = torch.sigmoid(self.bn(x.reshape(-1, shape[-1]))).reshape(shape)
+        else:  # running statistics, broadcast over the last dim: exports as plain ops
+            mean, var = self.bn.running_mean, self.bn.running_var
+            assert mean is not None and var is not None
+            p = torch.sigmoid((x - mean) * torch.rsqrt(var + self.bn.eps))
         return p * x + (1.0 - p) * self.alpha * x
 
 

@@ -1,0 +1,233 @@
+"""ONNX export with user-once / candidates-N inputs, and the parity gate.
+
+The TorchScript-based exporter (``dynamo=False``) is pinned: the dynamo exporter has
+been reported to export ``nn.GRU`` wrongly without an error (pytorch#189225). The
+parity gate below checks every model type, DIEN's GRU included, and export fails
+unless ORT and torch agree.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import Tensor, nn
+
+from ctr.bundle import (
+    FORMAT_VERSION,
+    MANIFEST,
+    MODEL_FILE,
+    graph_inputs,
+    graph_outputs,
+    publish,
+    remove_staging,
+    sha256_file,
+    staging_dir,
+)
+from ctr.mapping import FeatureMapper
+from ctr.spec import FeatureConfig
+from training.models import CTRModel
+
+OPSET = 17
+PARITY_TOL = 1e-5
+
+
+class ExportWrapper(nn.Module):
+    """Positional graph inputs -> ``(logits [N], probs [N][, attention [N, L]])``.
+
+    The sigmoid lives here, not in the model.
+    """
+
+    def __init__(self, model: CTRModel) -> None:
+        super().__init__()
+        self.model = model
+        self.names = [i.name for i in graph_inputs(model.config)]
+        self.outputs = [o.name for o in graph_outputs(model.config)]
+
+    def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
+        x = dict(zip(self.names, args, strict=True))
+        c = self.model.config
+        n_users = x["hist_len"].shape[0]
+        if "user_sparse" not in x:
+            x["user_sparse"] = torch.zeros(n_users, 0, dtype=torch.int64)
+        if "user_dense" not in x:
+            x["user_dense"] = torch.zeros(n_users, 0)
+        if "item_dense" not in x:
+            x["item_dense"] = torch.zeros(x["item_sparse"].shape[0], 0)
+        if "hist" not in x:
+            x["hist"] = torch.zeros(n_users, 0, c.max_seq_len, dtype=torch.int64)
+        out = self.model(x)
+        res = [out["logits"], torch.sigmoid(out["logits"])]
+        if "attention" in self.outputs:
+            res.append(out["attention"])
+        return tuple(res)
+
+
+def random_inputs(
+    config: FeatureConfig,
+    sizes: dict[str, int],
+    n_users: int,
+    n_cand: int,
+    hist_len: int | None,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    """Valid random graph inputs. ``hist_len=None`` draws a length per user."""
+    length = config.max_seq_len
+
+    def ids(feats: list, n: int) -> np.ndarray:
+        cols = [rng.integers(0, sizes[config.table_of(f.name)], size=n) for f in feats]
+        return np.stack(cols, axis=1).astype(np.int64) if cols else np.zeros((n, 0), np.int64)
+
+    lens = (
+        rng.integers(0, length + 1, size=n_users)
+        if hist_len is None
+        else np.full(n_users, hist_len)
+    ).astype(np.int64)
+    hist = np.zeros((n_users, len(config.sequences), length), dtype=np.int64)
+    for s, f in enumerate(config.sequences):
+        table = sizes[config.table_of(f.name)]
+        for u in range(n_users):
+            hist[u, s, : lens[u]] = rng.integers(2, table, size=lens[u]) if table > 2 else 1
+    feed = {
+        "user_sparse": ids(config.user_sparse, n_users),
+        "user_dense": rng.normal(size=(n_users, len(config.user_dense))).astype(np.float32),
+        "hist": hist,
+        "hist_len": lens,
+        "item_sparse": ids(config.item_sparse, n_cand),
+        "item_dense": rng.normal(size=(n_cand, len(config.item_dense))).astype(np.float32),
+        "user_idx": rng.integers(0, n_users, size=n_cand).astype(np.int64),
+    }
+    return {i.name: feed[i.name] for i in graph_inputs(config)}
+
+
+def export_onnx(model: CTRModel, path: Path, sample_n: int = 7) -> None:
+    """Trace with U=2 users and ``sample_n`` candidates; U and N stay dynamic."""
+    model.eval()
+    wrapper = ExportWrapper(model)
+    sizes = {name: emb.num_embeddings for name, emb in model.emb.tables.items()}
+    feed = random_inputs(model.config, sizes, 2, sample_n, None, np.random.default_rng(0))
+    args = tuple(torch.from_numpy(v) for v in feed.values())
+    dyn: dict[str, dict[int, str]] = {}
+    for gi in graph_inputs(model.config):
+        dyn[gi.name] = {k: str(d) for k, d in enumerate(gi.shape) if isinstance(d, str)}
+    for go in graph_outputs(model.config):
+        dyn[go.name] = {0: "N"}
+    with torch.no_grad():
+        torch.onnx.export(
+            wrapper,
+            args,
+            str(path),
+            input_names=list(feed),
+            output_names=wrapper.outputs,
+            dynamic_axes=dyn,
+            opset_version=OPSET,
+            dynamo=False,
+            do_constant_folding=True,
+        )
+
+
+@dataclass
+class ParityReport:
+    max_abs_diff: float
+    cases: list[dict[str, Any]]
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= PARITY_TOL
+
+
+class ParityError(RuntimeError):
+    pass
+
+
+def torch_probs(model: CTRModel, feed: dict[str, np.ndarray]) -> np.ndarray:
+    wrapper = ExportWrapper(model).eval()
+    with torch.no_grad():
+        out = wrapper(*(torch.from_numpy(v) for v in feed.values()))
+    return out[1].numpy()
+
+
+def parity_gate(
+    model: CTRModel,
+    onnx_path: Path,
+    n_values: tuple[int, ...] = (1, 7, 500),
+    seed: int = 0,
+) -> ParityReport:
+    """ORT vs torch probabilities for N in ``n_values`` x history lengths {0, 1, max},
+    one user per call, plus multi-user calls through ``user_idx``. Also runs
+    ``onnx.checker`` and loads the graph with every ORT optimization enabled."""
+    onnx.checker.check_model(onnx.load(str(onnx_path)), full_check=True)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    model.eval()
+    c = model.config
+    sizes = {name: emb.num_embeddings for name, emb in model.emb.tables.items()}
+    rng = np.random.default_rng(seed)
+    cases = []
+    worst = 0.0
+    shapes = [(1, n, h) for n in n_values for h in (0, 1, c.max_seq_len)]
+    shapes += [(3, max(n_values), None), (5, 11, None)]
+    for n_users, n, h in shapes:
+        feed = random_inputs(c, sizes, n_users, n, h, rng)
+        got = sess.run(["probs"], feed)[0]
+        want = torch_probs(model, feed)
+        if got.shape != (n,):
+            raise ParityError(f"ORT returned shape {got.shape} for N={n}")
+        diff = float(np.max(np.abs(got - want)))
+        worst = max(worst, diff)
+        cases.append({"users": n_users, "n": n, "hist_len": h, "max_abs_diff": diff})
+    return ParityReport(worst, cases)
+
+
+def export_bundle(
+    model: CTRModel,
+    config: FeatureConfig,
+    mapper: FeatureMapper,
+    metrics: dict[str, Any],
+    models_dir: str | Path,
+    name: str | None = None,
+) -> tuple[int, Path, ParityReport]:
+    """Export, gate, write the manifest and publish as the next version of ``name``."""
+    name = name or config.name
+    staged = staging_dir(models_dir)
+    try:
+        onnx_path = staged / MODEL_FILE
+        export_onnx(model, onnx_path)
+        report = parity_gate(model, onnx_path)
+        if not report.ok:
+            raise ParityError(
+                f"parity gate failed: max |ORT - torch| = {report.max_abs_diff:.2e} > "
+                f"{PARITY_TOL:.0e}; cases: {report.cases}"
+            )
+        manifest = {
+            "format": FORMAT_VERSION,
+            "name": name,
+            "version": None,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "model_type": config.model.type,
+            "max_seq_len": config.max_seq_len,
+            "opset": OPSET,
+            "exporter": f"torch {torch.__version__} torchscript (dynamo=False)",
+            "inputs": [i.__dict__ for i in graph_inputs(config)],
+            "outputs": [o.__dict__ for o in graph_outputs(config)],
+            "config": json.loads(config.model_dump_json()),
+            "mapping": mapper.to_json(),
+            "metrics": {k: metrics.get(k) for k in ("val", "test", "best_epoch", "rows")},
+            "data_fingerprint": metrics.get("data_fingerprint"),
+            "parity": {"max_abs_diff": report.max_abs_diff, "tolerance": PARITY_TOL},
+            "onnx_sha256": sha256_file(onnx_path),
+        }
+        (staged / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        version, path = publish(models_dir, name, staged)
+    except BaseException:
+        remove_staging(staged)
+        raise
+    return version, path, report
