@@ -55,6 +55,50 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_load(args: argparse.Namespace) -> int:
+    from ctr.spec import load_config
+    from service.loader import load_into_redis
+    from service.settings import Settings
+    from training.data import load_frame
+
+    config = load_config(args.config, _overrides(args.set))
+    url = args.redis_url or Settings().redis_url
+    frame = load_frame(config)
+    counts = load_into_redis(config, frame, url, progress=not args.quiet)
+    print(f"loaded {counts['users']} users and {counts['items']} items into {url}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+    import tempfile
+
+    import uvicorn
+
+    from service.settings import Settings
+
+    s = Settings()
+    workers = args.workers or s.workers
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ctr-prom-")
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=args.host or s.host,
+        port=args.port or s.port,
+        workers=workers,
+        log_level=s.log_level,
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ctr.demo import run_demo
+
+    return run_demo(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ctr", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -71,6 +115,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--models-dir", default="models")
     e.add_argument("--name", help="model name (default: the config's name)")
     e.set_defaults(func=cmd_export)
+
+    ld = sub.add_parser("load", help="bulk-load a dataset's users and items into Redis")
+    ld.add_argument("--config", required=True)
+    ld.add_argument("--redis-url", help="default: $CTR_REDIS_URL")
+    ld.add_argument("--set", action="append", default=[])
+    ld.add_argument("--quiet", action="store_true")
+    ld.set_defaults(func=cmd_load)
+
+    sv = sub.add_parser("serve", help="start the scoring service (settings from CTR_* env)")
+    sv.add_argument("--host")
+    sv.add_argument("--port", type=int)
+    sv.add_argument("--workers", type=int)
+    sv.set_defaults(func=cmd_serve)
+
+    d = sub.add_parser("demo", help="train, export, load, serve and score a sample request")
+    d.add_argument("--config", default="configs/synthetic_din.yaml")
+    d.add_argument("--data-root", help="use the shared datasets under this path")
+    d.add_argument("--models-dir", default="models")
+    d.add_argument("--port", type=int, default=8000)
+    d.add_argument("--keep-serving", action="store_true", help="leave the service running")
+    d.add_argument("--set", action="append", default=[])
+    d.set_defaults(func=cmd_demo)
     return p
 
 

@@ -1,0 +1,171 @@
+"""``ctr demo``: the whole job on one machine, start to finish.
+
+Train a small model (synthetic data unless a config for the shared data is given),
+export it, make sure Redis answers (starting a private ``redis-server`` if none
+does), load users, start the service, score a sample request and print the ranked
+result. Everything it started is stopped at the end unless ``--keep-serving``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from ctr.spec import load_config
+
+
+def _redis_ok(url: str) -> bool:
+    from redis import Redis
+    from redis.exceptions import RedisError
+
+    try:
+        return bool(Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1).ping())
+    except (RedisError, OSError):
+        return False
+
+
+def ensure_redis(url: str) -> subprocess.Popen | None:
+    """Return a private redis-server process if one had to be started, else None."""
+    if _redis_ok(url):
+        print(f"[demo] Redis answers at {url}")
+        return None
+    parsed = urlparse(url)
+    if parsed.hostname not in ("127.0.0.1", "localhost"):
+        raise SystemExit(f"[demo] Redis at {url} does not answer and is not local")
+    binary = shutil.which("redis-server")
+    if binary is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        print("[demo] installing redis-server (apt-get)")
+        subprocess.run(["apt-get", "install", "-y", "-q", "redis-server"], check=False)
+        binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("[demo] no Redis and no redis-server binary; install redis-server")
+    port = str(parsed.port or 6379)
+    print(f"[demo] starting a private redis-server on port {port}")
+    proc = subprocess.Popen(
+        [binary, "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    for _ in range(50):
+        if _redis_ok(url):
+            return proc
+        time.sleep(0.1)
+    proc.terminate()
+    raise SystemExit("[demo] redis-server did not come up")
+
+
+def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    req = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def _wait_ready(base: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit("[demo] the service exited during start-up")
+        try:
+            with urllib.request.urlopen(base + "/readyz", timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    raise SystemExit("[demo] the service did not become ready")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    if args.data_root:
+        os.environ["CTR_DATA_ROOT"] = str(Path(args.data_root).resolve())
+    from training.data import load_frame
+    from training.export import export_bundle
+    from training.train import train
+
+    overrides: dict[str, Any] = {}
+    for pair in args.set:
+        key, _, value = pair.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    config = load_config(args.config, overrides)
+    redis_url = os.environ.get("CTR_REDIS_URL", "redis://127.0.0.1:6379/0")
+    run_dir = Path("runs") / f"demo-{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"[demo] 1/5 training {config.model.type} on {config.data.source} data -> {run_dir}")
+    from training.dataset import prepare
+
+    frame = load_frame(config)
+    prep = prepare(config, frame)
+    metrics = train(config, run_dir, prep=prep)
+    t = metrics["test"]
+    print(f"[demo]     test AUC {t['auc']:.4f}  GAUC {t['gauc']:.4f}  logloss {t['logloss']:.4f}")
+    from training.train import load_run
+
+    _, mapper, model, metrics = load_run(run_dir)
+    version, path, report = export_bundle(model, config, mapper, metrics, args.models_dir)
+    print(f"[demo] 2/5 exported {path} (parity {report.max_abs_diff:.1e})")
+    redis_proc = ensure_redis(redis_url)
+    service: subprocess.Popen | None = None
+    try:
+        from service.loader import load_into_redis
+
+        counts = load_into_redis(config, frame, redis_url, progress=False)
+        print(f"[demo] 3/5 loaded {counts['users']} users, {counts['items']} items into Redis")
+        env = dict(
+            os.environ,
+            CTR_MODELS_DIR=str(Path(args.models_dir).resolve()),
+            CTR_MODEL_NAME=config.name,
+            CTR_MODEL_VERSION=str(version),
+            CTR_REDIS_URL=redis_url,
+            CTR_LOG_LEVEL="warning",
+        )
+        base = f"http://127.0.0.1:{args.port}"
+        service = subprocess.Popen(
+            [sys.executable, "-m", "ctr.cli", "serve", "--port", str(args.port)], env=env
+        )
+        _wait_ready(base, service)
+        print(f"[demo] 4/5 service ready at {base}")
+        user = str(prep.frames["test"][config.data.user_key].iloc[0])
+        id_src = config.feature(config.sequences[0].shared_with or "").source
+        pool = prep.frames["test"][id_src].astype(str).unique().tolist()[:30]
+        body = {"user_id": user, "candidates": [{"item_id": i} for i in pool], "top_k": 10}
+        body["explain"] = True
+        result = _post(base + "/v1/score", body)
+        print(f"[demo] 5/5 POST /v1/score user={user} candidates={len(pool)} top_k=10")
+        print(f"       model {result['model']}  cold_start={result['cold_start']}")
+        print("       rank  item_id        probability  most-attended history")
+        for item in result["items"]:
+            att = ", ".join(
+                f"{a['item_id']}:{a['weight']:.2f}" for a in item.get("attention") or []
+            )
+            print(
+                f"       {item['rank']:>4}  {item['item_id']:<14} {item['probability']:.4f}       {att}"
+            )
+        if args.keep_serving:
+            print(f"[demo] serving at {base} (Ctrl-C to stop)")
+            signal.signal(signal.SIGTERM, lambda *_: service.terminate() if service else None)
+            try:
+                service.wait()
+            except KeyboardInterrupt:
+                pass
+    finally:
+        if service is not None and service.poll() is None:
+            service.terminate()
+            service.wait(timeout=15)
+        if redis_proc is not None:
+            redis_proc.terminate()
+            redis_proc.wait(timeout=10)
+    return 0

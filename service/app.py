@@ -1,0 +1,467 @@
+"""The FastAPI app. ``create_app()`` reads settings; the lifespan owns the ONNX Runtime
+session, the Redis pool and the inference thread pool."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import Response
+from redis.asyncio import ConnectionPool, Redis
+from redis.exceptions import RedisError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ctr.bundle import BundleError
+from service import metrics as m
+from service.errors import (
+    BadRequest,
+    ModelNotReady,
+    ServiceError,
+    StoreUnavailable,
+    Unauthorized,
+)
+from service.features import build_feeds, item_id_source, item_lookups
+from service.model import LoadedModel, ProviderError, load_model
+from service.schemas import (
+    ErrorBody,
+    EventRequest,
+    EventResponse,
+    ReloadRequest,
+    ScoreRequest,
+    ScoreResponse,
+)
+from service.settings import Settings
+from service.store import EventWriter, UserData, fetch
+from service.validate import parse_event, parse_score
+
+log = logging.getLogger("ctr.service")
+
+REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+
+
+class State:
+    """Everything the lifespan owns. ``model`` is swapped atomically on reload."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.model: LoadedModel | None = None
+        self.model_error: str | None = None
+        self.redis: Redis | None = None
+        self.events: EventWriter | None = None
+        self.executor: ThreadPoolExecutor | None = None
+        self.in_flight = 0
+        self.reload_lock = asyncio.Lock()
+
+    def require_model(self) -> LoadedModel:
+        if self.model is None:
+            raise ModelNotReady(f"model not loaded: {self.model_error or 'starting'}")
+        return self.model
+
+
+def orjson_response(content: Any, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(
+        orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+class MetricsMiddleware:
+    """Request duration by route template, method and status (pure ASGI, low overhead)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            m.REQUEST_DURATION.labels(route, scope["method"], str(status["code"])).observe(
+                time.perf_counter() - start
+            )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    logging.basicConfig(level=settings.log_level.upper())
+    state = State(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = ConnectionPool.from_url(
+            settings.redis_url,
+            socket_timeout=settings.redis_timeout_ms / 1000,
+            socket_connect_timeout=settings.redis_connect_timeout_ms / 1000,
+            max_connections=settings.redis_max_connections,
+            retry_on_timeout=False,
+        )
+        state.redis = Redis(connection_pool=pool)
+        state.executor = ThreadPoolExecutor(
+            settings.inference_concurrency, thread_name_prefix="ort"
+        )
+        try:
+            await _load(state, None)
+        except ProviderError:
+            if settings.require_gpu:
+                raise
+        keep = settings.sequence_keep or (
+            state.model.bundle.config.max_seq_len if state.model else 50
+        )
+        state.events = EventWriter(state.redis, keep, settings.event_dedup_window)
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+            loop.add_signal_handler(
+                signal.SIGHUP, lambda: asyncio.ensure_future(_reload(state, None))
+            )
+        app.state.ctr = state
+        try:
+            yield
+        finally:
+            with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+                loop.remove_signal_handler(signal.SIGHUP)
+            state.executor.shutdown(wait=True)
+            await state.redis.aclose()
+            await pool.aclose()
+
+    app = FastAPI(
+        title="CTR scoring service",
+        version="0.1.0",
+        description="Scores candidate items for a user with a DIN/DIEN model (ONNX Runtime).",
+        lifespan=lifespan,
+    )
+    app.add_middleware(MetricsMiddleware)
+    app.state.ctr = state
+    _install_handlers(app)
+    _install_routes(app, state)
+    _install_openapi(app)
+    return app
+
+
+async def _load(state: State, version: str | None) -> LoadedModel | None:
+    try:
+        model = await asyncio.get_running_loop().run_in_executor(
+            None, load_model, state.settings, version
+        )
+    except (BundleError, ProviderError) as exc:
+        log.error("model not loaded, service stays not-ready: %s", exc)
+        m.ERRORS.labels("model_load").inc()
+        state.model_error = str(exc)
+        raise
+    state.model = model  # atomic swap: in-flight requests keep their reference
+    state.model_error = None
+    m.set_model_info(model.name, model.version, model.provider)
+    return model
+
+
+async def _reload(state: State, version: str | None) -> LoadedModel:
+    async with state.reload_lock:
+        old = state.model
+        try:
+            return await _load(state, version)  # type: ignore[return-value]
+        except (BundleError, ProviderError) as exc:
+            if old is not None:
+                state.model = old
+                state.model_error = None
+                log.error("reload failed, still serving version %s: %s", old.version, exc)
+            raise
+
+
+def _install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> Response:
+        m.ERRORS.labels(exc.kind).inc()
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        body = {"error": exc.kind, "field": exc.field, "detail": exc.message}
+        return orjson_response(body, exc.status, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {}
+        field = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        m.ERRORS.labels("bad_request").inc()
+        body = {"error": "bad_request", "field": field, "detail": first.get("msg", "invalid")}
+        return orjson_response(body, 422)
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(f"body is larger than {limit} bytes", "body")
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > limit:
+            raise PayloadTooLarge(f"body is larger than {limit} bytes", "body")
+    if not body:
+        raise BadRequest("body is empty; a JSON object is required", "body")
+    try:
+        return orjson.loads(bytes(body))
+    except orjson.JSONDecodeError as exc:
+        raise MalformedJSON(f"malformed JSON: {exc}", "body") from exc
+
+
+class PayloadTooLarge(BadRequest):
+    status = 413
+    kind = "payload_too_large"
+
+
+class MalformedJSON(BadRequest):
+    status = 400
+    kind = "malformed_json"
+
+
+class Overloaded(ServiceError):
+    status = 503
+    kind = "overloaded"
+
+
+class DeadlineExceeded(ServiceError):
+    status = 503
+    kind = "deadline_exceeded"
+
+
+def _check_key(state: State, request: Request) -> None:
+    key = state.settings.api_key
+    if key is None:
+        return
+    given = request.headers.get("x-api-key", "")
+    if not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
+        raise Unauthorized("missing or wrong X-API-Key", "X-API-Key")
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "malformed JSON"},
+    413: {"model": ErrorBody, "description": "body over the size limit"},
+    422: {"model": ErrorBody, "description": "invalid field (named in `field`)"},
+    503: {"model": ErrorBody, "description": "model not ready, overloaded or deadline exceeded"},
+}
+
+
+def _install_routes(app: FastAPI, state: State) -> None:
+    s = state.settings
+
+    async def guarded(work: Callable[[], Awaitable[Response]]) -> Response:
+        if state.in_flight >= s.max_in_flight:
+            raise Overloaded(f"more than {s.max_in_flight} requests in flight", None)
+        state.in_flight += 1
+        try:
+            return await asyncio.wait_for(work(), timeout=s.request_timeout_ms / 1000)
+        except TimeoutError as exc:
+            raise DeadlineExceeded(f"request took longer than {s.request_timeout_ms} ms") from exc
+        finally:
+            state.in_flight -= 1
+
+    @app.post(
+        "/v1/score",
+        responses={200: {"model": ScoreResponse}, **ERROR_RESPONSES},
+        openapi_extra={"requestBody": _body_schema("ScoreRequest")},
+        summary="Rank candidates for a user",
+    )
+    async def score(request: Request) -> Response:
+        if s.protect_scoring:
+            _check_key(state, request)
+        obj = await _read_json(request, s.max_body_bytes)
+        req = parse_score(obj, s.max_candidates, s.max_id_length)
+        model = state.require_model()
+        return await guarded(lambda: _score(state, model, req))
+
+    @app.post(
+        "/v1/events",
+        status_code=202,
+        responses={202: {"model": EventResponse}, **ERROR_RESPONSES},
+        openapi_extra={"requestBody": _body_schema("EventRequest")},
+        summary="Append a behaviour to the user's sequence (idempotent by event_id)",
+    )
+    async def events(request: Request) -> Response:
+        _check_key(state, request)
+        ev = parse_event(await _read_json(request, s.max_body_bytes), s.max_id_length)
+        id_source = item_id_source(state.model.bundle) if state.model else "item_id"
+        payload = {**ev.features, id_source: ev.item_id, "type": ev.type, "ts": ev.timestamp}
+        assert state.events is not None
+        try:
+            appended = await asyncio.wait_for(
+                state.events.append(ev.user_id, ev.event_id, ev.timestamp, payload),
+                timeout=s.request_timeout_ms / 1000,
+            )
+        except REDIS_ERRORS as exc:
+            log.warning("event not stored (redis): %s", type(exc).__name__)
+            raise StoreUnavailable("the behaviour store is unavailable; retry", None) from exc
+        return orjson_response({"appended": appended, "duplicate": not appended}, 202)
+
+    @app.get("/healthz", summary="Liveness")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Readiness: model loaded and Redis reachable")
+    async def readyz() -> Response:
+        redis_ok = False
+        try:
+            assert state.redis is not None
+            redis_ok = bool(await asyncio.wait_for(state.redis.ping(), s.redis_timeout_ms / 1000))
+        except (*REDIS_ERRORS, AssertionError):
+            redis_ok = False
+        body = {
+            "ready": state.model is not None and redis_ok,
+            "model": state.model is not None,
+            "model_error": state.model_error,
+            "redis": redis_ok,
+        }
+        return orjson_response(body, 200 if body["ready"] else 503)
+
+    @app.get("/v1/models", summary="The loaded bundle")
+    async def models() -> Response:
+        model = state.require_model()
+        c = model.bundle.config
+        body = {
+            "name": model.name,
+            "version": model.version,
+            "provider": model.provider,
+            "model_type": c.model.type,
+            "max_seq_len": c.max_seq_len,
+            "created_at": model.bundle.manifest.get("created_at"),
+            "metrics": model.bundle.manifest.get("metrics", {}).get("test"),
+            "features": {
+                "user": [f.name for f in c.user_sparse + c.user_dense],
+                "item": [f.name for f in c.item_sparse + c.item_dense],
+                "sequence": [f.name for f in c.sequences],
+            },
+            "inputs": model.bundle.manifest.get("inputs"),
+        }
+        return orjson_response(body)
+
+    @app.post(
+        "/admin/reload",
+        responses={409: {"model": ErrorBody}, **ERROR_RESPONSES},
+        summary="Load a model version, warm it up and swap it in (keeps the old on failure)",
+    )
+    async def reload(request: Request, body: ReloadRequest | None = None) -> Response:
+        _check_key(state, request)
+        try:
+            model = await _reload(state, body.version if body else None)
+        except (BundleError, ProviderError) as exc:
+            current = state.model.version if state.model else None
+            return orjson_response(
+                {
+                    "error": "reload_failed",
+                    "field": "version",
+                    "detail": str(exc),
+                    "serving": current,
+                },
+                409,
+            )
+        return orjson_response({"name": model.name, "version": model.version})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        data, ctype = m.render()
+        return Response(data, media_type=ctype)
+
+
+async def _score(state: State, model: LoadedModel, req: Any) -> Response:
+    s = state.settings
+    t0 = time.perf_counter()
+    bundle = model.bundle
+    lookups = item_lookups(bundle, req.item_ids, req.features)
+    degraded = False
+    try:
+        assert state.redis is not None
+        data = await asyncio.wait_for(
+            fetch(state.redis, req.user_id, bundle.config.max_seq_len, lookups),
+            timeout=s.redis_timeout_ms / 1000,
+        )
+    except REDIS_ERRORS as exc:
+        log.warning("redis fetch failed, degraded response: %s", type(exc).__name__)
+        m.ERRORS.labels("redis").inc()
+        m.DEGRADED.inc()
+        degraded = True
+        data = UserData()
+    t1 = time.perf_counter()
+    prepared = build_feeds(bundle, req.user_id, req.context, data, req.item_ids, req.features)
+    t2 = time.perf_counter()
+    assert state.executor is not None
+    outs = await asyncio.get_running_loop().run_in_executor(
+        state.executor, model.run, prepared.feeds, req.explain
+    )
+    t3 = time.perf_counter()
+    probs = outs[0]
+    order = np.argsort(-probs, kind="stable")
+    if req.top_k is not None:
+        order = order[: req.top_k]
+    items: list[dict[str, Any]] = [
+        {"item_id": req.item_ids[i], "probability": float(probs[i]), "rank": r + 1}
+        for r, i in enumerate(order.tolist())
+    ]
+    if req.explain and len(outs) > 1 and prepared.history_items:
+        att = outs[1]
+        hist = prepared.history_items
+        for item, i in zip(items, order.tolist(), strict=True):
+            w = att[i, : len(hist)]
+            top = np.argsort(-np.abs(w), kind="stable")[: s.explain_top]
+            item["attention"] = [{"item_id": hist[j], "weight": float(w[j])} for j in top]
+    body = {
+        "model": {"name": model.name, "version": model.version},
+        "request_id": uuid.uuid4().hex,
+        "degraded": degraded,
+        "cold_start": not data.found and not degraded,
+        "items": items,
+    }
+    response = orjson_response(body)
+    t4 = time.perf_counter()
+    m.STAGE_DURATION.labels("redis_fetch").observe(t1 - t0)
+    m.STAGE_DURATION.labels("feature_mapping").observe(t2 - t1)
+    m.STAGE_DURATION.labels("inference").observe(t3 - t2)
+    m.STAGE_DURATION.labels("serialization").observe(t4 - t3)
+    m.CANDIDATES.observe(len(req.item_ids))
+    return response
+
+
+def _body_schema(name: str) -> dict[str, Any]:
+    return {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}},
+    }
+
+
+def _install_openapi(app: FastAPI) -> None:
+    def custom_openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        comps = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (ScoreRequest, EventRequest, ScoreResponse, EventResponse):
+            js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for k, v in js.pop("$defs", {}).items():
+                comps.setdefault(k, v)
+            comps[model.__name__] = js
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = custom_openapi  # type: ignore[method-assign]

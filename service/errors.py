@@ -1,0 +1,33 @@
+"""Domain errors and their HTTP mapping."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    status = 500
+    kind = "internal"
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class BadRequest(ServiceError):
+    status = 422
+    kind = "bad_request"
+
+
+class ModelNotReady(ServiceError):
+    status = 503
+    kind = "model_not_ready"
+
+
+class StoreUnavailable(ServiceError):
+    status = 503
+    kind = "store_unavailable"
+
+
+class Unauthorized(ServiceError):
+    status = 401
+    kind = "unauthorized"

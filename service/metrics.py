@@ -1,0 +1,63 @@
+"""Prometheus metrics. Multiprocess-safe: with ``PROMETHEUS_MULTIPROC_DIR`` set (several
+uvicorn workers), ``/metrics`` aggregates every worker's files."""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
+    0.1, 0.25, 0.5, 1.0, 2.5,
+)  # fmt: skip
+
+REQUEST_DURATION = Histogram(
+    "ctr_request_duration_seconds",
+    "HTTP request duration by route, method and status",
+    ["route", "method", "status"],
+    buckets=LATENCY_BUCKETS,
+)
+STAGE_DURATION = Histogram(
+    "ctr_stage_duration_seconds",
+    "Time per scoring stage: redis_fetch, feature_mapping, inference, serialization",
+    ["stage"],
+    buckets=LATENCY_BUCKETS,
+)
+CANDIDATES = Histogram(
+    "ctr_candidates_per_request",
+    "Candidates scored per request",
+    buckets=(1, 10, 50, 100, 200, 300, 500, 750, 1000, 1500, 2000),
+)
+ERRORS = Counter("ctr_errors_total", "Errors by kind", ["kind"])
+DEGRADED = Counter("ctr_degraded_responses_total", "Responses served in degraded mode")
+MODEL_INFO = Gauge(
+    "ctr_model_info",
+    "The loaded model (value 1)",
+    ["name", "version", "provider"],
+    multiprocess_mode="liveall",
+)
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text for ``/metrics``."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def set_model_info(name: str, version: str, provider: str) -> None:
+    MODEL_INFO.clear()
+    MODEL_INFO.labels(name=name, version=version, provider=provider).set(1)

@@ -1,0 +1,118 @@
+"""Pydantic models that document the API in OpenAPI (validation on the hot path is in
+``validate``; both describe the same shapes)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Scalar = str | int | float | bool | None
+
+
+class Candidate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    item_id: str = Field(min_length=1, max_length=256)
+    features: dict[str, Scalar] | None = Field(
+        None, description="item features; any missing are looked up in Redis"
+    )
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "user_id": "u42",
+                    "candidates": [
+                        {"item_id": "i9", "features": {"cate_id": "c3"}},
+                        {"item_id": "i17"},
+                    ],
+                    "context": {"hour": 13},
+                    "top_k": 100,
+                    "explain": False,
+                }
+            ]
+        },
+    )
+    user_id: str = Field(min_length=1, max_length=256)
+    candidates: list[Candidate] = Field(min_length=1, description="at most CTR_MAX_CANDIDATES")
+    context: dict[str, Scalar] | None = None
+    top_k: int | None = Field(None, gt=0)
+    explain: bool = False
+
+
+class Attended(BaseModel):
+    item_id: str | None
+    weight: float
+
+
+class ScoredItem(BaseModel):
+    item_id: str
+    probability: float
+    rank: int
+    attention: list[Attended] | None = None
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class ScoreResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": {"name": "din", "version": "3"},
+                    "request_id": "5f0c…",
+                    "degraded": False,
+                    "cold_start": False,
+                    "items": [{"item_id": "i9", "probability": 0.031, "rank": 1}],
+                }
+            ]
+        }
+    )
+    model: ModelRef
+    request_id: str
+    degraded: bool
+    cold_start: bool
+    items: list[ScoredItem]
+
+
+class EventRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "user_id": "u42",
+                    "event_id": "e-000123",
+                    "item_id": "i9",
+                    "features": {"cate_id": "c3"},
+                    "type": "click",
+                    "timestamp": 1764000000.0,
+                }
+            ]
+        },
+    )
+    user_id: str = Field(min_length=1, max_length=256)
+    event_id: str = Field(min_length=1, max_length=256)
+    item_id: str = Field(min_length=1, max_length=256)
+    features: dict[str, Scalar] | None = None
+    type: str = Field("click", min_length=1, max_length=32)
+    timestamp: float = Field(ge=0)
+
+
+class EventResponse(BaseModel):
+    appended: bool
+    duplicate: bool
+
+
+class ErrorBody(BaseModel):
+    error: str
+    field: str | None = None
+    detail: str
+
+
+class ReloadRequest(BaseModel):
+    version: str | None = Field(None, description="a version number or 'latest' (default)")

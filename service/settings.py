@@ -1,0 +1,38 @@
+"""Service settings from ``CTR_*`` environment variables (read in ``create_app``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CTR_", extra="ignore")
+
+    models_dir: str = Field("models", description="model store root")
+    model_name: str = Field("din", description="bundle name under models_dir")
+    model_version: str = Field("latest", description="a version number or 'latest'")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL")
+    redis_timeout_ms: int = Field(50, gt=0, description="socket timeout per Redis call")
+    redis_connect_timeout_ms: int = Field(200, gt=0, description="connect timeout")
+    redis_max_connections: int = Field(64, gt=0, description="pool size per worker")
+    provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="ORT execution provider")
+    require_gpu: bool = Field(False, description="refuse to start on a CPU fallback")
+    intra_op_threads: int = Field(0, ge=0, description="ORT intra-op threads (0 = ORT default)")
+    inference_concurrency: int = Field(1, gt=0, description="ORT runs in flight per worker")
+    max_candidates: int = Field(2000, gt=0, description="most candidates per request")
+    max_body_bytes: int = Field(1_000_000, gt=0, description="request body size limit")
+    max_id_length: int = Field(256, gt=0, description="longest user/item ID accepted")
+    sequence_keep: int = Field(0, ge=0, description="events kept per user (0 = model's L)")
+    event_dedup_window: int = Field(1000, gt=0, description="event IDs remembered per user")
+    max_in_flight: int = Field(64, gt=0, description="requests in flight per worker before 503")
+    request_timeout_ms: int = Field(1000, gt=0, description="per-request deadline")
+    explain_top: int = Field(3, gt=0, description="history items returned per item by explain")
+    api_key: SecretStr | None = Field(None, description="key for write/admin endpoints")
+    protect_scoring: bool = Field(False, description="require the API key for scoring too")
+    host: str = Field("0.0.0.0", description="bind address for `ctr serve`")
+    port: int = Field(8000, description="port for `ctr serve`")
+    workers: int = Field(1, gt=0, description="uvicorn worker processes for `ctr serve`")
+    log_level: str = Field("info", description="log level")

@@ -1,0 +1,111 @@
+"""Redis behaviour store.
+
+Key schema (every user key carries the hash tag ``{u:<user_id>}`` so a user's keys
+share one Cluster slot):
+
+=================================  ======  ==============================================
+key                                type    content
+=================================  ======  ==============================================
+``{u:<user_id>}:profile``          HASH    user feature (source name) -> raw value
+``{u:<user_id>}:seq``              LIST    behaviours, oldest first, JSON objects with the
+                                           item-side raw features (``item_id``,
+                                           ``cate_id``, ...) plus ``type`` and ``ts``;
+                                           trimmed to the newest ``sequence_keep``
+``{u:<user_id>}:events``           ZSET    recent event IDs (score = timestamp), the
+                                           idempotency window for ``POST /v1/events``
+``ctr:item:<feature>``             HASH    item_id -> raw value of one item feature
+=================================  ======  ==============================================
+
+A score request reads everything in one pipelined round trip: ``HGETALL`` profile,
+``LRANGE`` the newest L behaviours, and one ``HMGET`` per item feature for the
+candidates whose request did not carry it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+ITEM_PREFIX = "ctr:item:"
+
+# KEYS: seq, events. ARGV: event_id, ts, payload, keep, window.
+# Returns 1 when appended, 0 when the event_id was already seen.
+APPEND_EVENT = """
+local added = redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[1])
+if added == 0 then return 0 end
+redis.call('RPUSH', KEYS[1], ARGV[3])
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[4]), -1)
+local n = redis.call('ZCARD', KEYS[2])
+if n > tonumber(ARGV[5]) then
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, n - tonumber(ARGV[5]) - 1)
+end
+return 1
+"""
+
+
+def user_key(user_id: str, suffix: str) -> str:
+    return "{u:" + user_id + "}:" + suffix
+
+
+def item_key(feature: str) -> str:
+    return ITEM_PREFIX + feature
+
+
+@dataclass
+class UserData:
+    """What one request needs from Redis."""
+
+    profile: dict[str, str] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    item_features: dict[str, list[str | None]] = field(default_factory=dict)
+    found: bool = False
+
+
+def _text(v: Any) -> str:
+    return v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v)
+
+
+async def fetch(
+    redis: Redis, user_id: str, history: int, lookups: dict[str, list[str]]
+) -> UserData:
+    """One pipelined round trip: profile, newest ``history`` behaviours and, per item
+    feature, the values for the item IDs in ``lookups[feature]``."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.hgetall(user_key(user_id, "profile"))
+    pipe.lrange(user_key(user_id, "seq"), -history, -1)
+    feats = [f for f, ids in lookups.items() if ids]
+    for f in feats:
+        pipe.hmget(item_key(f), lookups[f])
+    res = await pipe.execute()
+    profile = {_text(k): _text(v) for k, v in res[0].items()}
+    events = []
+    for raw in res[1]:
+        try:
+            ev = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(ev, dict):
+            events.append(ev)
+    items = {
+        f: [None if v is None else _text(v) for v in vals]
+        for f, vals in zip(feats, res[2:], strict=True)
+    }
+    return UserData(profile, events, items, bool(profile) or bool(events))
+
+
+class EventWriter:
+    """Atomic append + trim + dedup via one Lua script (all keys in the user's slot)."""
+
+    def __init__(self, redis: Redis, keep: int, window: int) -> None:
+        self.redis = redis
+        self.keep = keep
+        self.window = window
+        self.script = redis.register_script(APPEND_EVENT)
+
+    async def append(self, user_id: str, event_id: str, ts: float, payload: dict) -> bool:
+        keys = [user_key(user_id, "seq"), user_key(user_id, "events")]
+        args = [event_id, ts, orjson.dumps(payload), self.keep, self.window]
+        return bool(await self.script(keys=keys, args=args))

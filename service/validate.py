@@ -1,0 +1,143 @@
+"""Hand-rolled request validation for the hot path (no per-candidate pydantic objects).
+
+Every failure is a :class:`BadRequest` naming the offending field, e.g.
+``candidates[3].item_id``. The pydantic models in ``schemas`` document the same
+shapes in OpenAPI.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from service.errors import BadRequest
+
+SCALARS = (str, int, float, bool)
+
+
+def check_id(value: Any, field: str, max_len: int) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise BadRequest(f"{field} must be a string", field)
+    s = str(value)
+    if not s:
+        raise BadRequest(f"{field} must not be empty", field)
+    if len(s) > max_len:
+        raise BadRequest(f"{field} is longer than {max_len} characters", field)
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in s):
+        raise BadRequest(f"{field} contains control characters", field)
+    if any(0xD800 <= ord(ch) <= 0xDFFF for ch in s):
+        raise BadRequest(f"{field} contains unpaired surrogates", field)
+    return s
+
+
+def check_features(value: Any, field: str, max_len: int) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise BadRequest(f"{field} must be an object", field)
+    for k, v in value.items():
+        if v is None:
+            continue
+        if not isinstance(v, SCALARS):
+            raise BadRequest(f"{field}.{k} must be a string, number or boolean", f"{field}.{k}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise BadRequest(f"{field}.{k} must be a finite number", f"{field}.{k}")
+        if isinstance(v, str) and len(v) > max_len:
+            raise BadRequest(f"{field}.{k} is longer than {max_len} characters", f"{field}.{k}")
+    return value
+
+
+def check_keys(obj: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        field = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise BadRequest(f"unknown field {field!r}", field)
+
+
+@dataclass
+class ScoreInput:
+    user_id: str
+    item_ids: list[str]
+    features: list[dict[str, Any] | None]
+    context: dict[str, Any]
+    top_k: int | None
+    explain: bool
+
+
+def parse_score(obj: Any, max_candidates: int, max_id_len: int) -> ScoreInput:
+    if not isinstance(obj, dict):
+        raise BadRequest("body must be a JSON object", "body")
+    check_keys(obj, {"user_id", "candidates", "context", "top_k", "explain"}, "")
+    if "user_id" not in obj:
+        raise BadRequest("user_id is required", "user_id")
+    user_id = check_id(obj["user_id"], "user_id", max_id_len)
+    cands = obj.get("candidates")
+    if not isinstance(cands, list):
+        raise BadRequest("candidates must be a list", "candidates")
+    if not cands:
+        raise BadRequest("candidates must not be empty", "candidates")
+    if len(cands) > max_candidates:
+        raise BadRequest(
+            f"candidates has {len(cands)} items; the maximum is {max_candidates}", "candidates"
+        )
+    ids: list[str] = []
+    feats: list[dict[str, Any] | None] = []
+    seen: dict[str, int] = {}
+    for i, c in enumerate(cands):
+        where = f"candidates[{i}]"
+        if not isinstance(c, dict):
+            raise BadRequest(f"{where} must be an object", where)
+        if len(c) > 2 or (len(c) == 2 and "features" not in c):
+            check_keys(c, {"item_id", "features"}, where)
+        if "item_id" not in c:
+            raise BadRequest(f"{where}.item_id is required", f"{where}.item_id")
+        iid = check_id(c["item_id"], f"{where}.item_id", max_id_len)
+        if iid in seen:
+            raise BadRequest(
+                f"{where}.item_id {iid!r} duplicates candidates[{seen[iid]}]", f"{where}.item_id"
+            )
+        seen[iid] = i
+        f = c.get("features")
+        feats.append(None if f is None else check_features(f, f"{where}.features", max_id_len))
+        ids.append(iid)
+    context = obj.get("context")
+    context = {} if context is None else check_features(context, "context", max_id_len)
+    top_k = obj.get("top_k")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)):
+        raise BadRequest("top_k must be an integer", "top_k")
+    if top_k is not None and top_k <= 0:
+        raise BadRequest("top_k must be positive", "top_k")
+    explain = obj.get("explain", False)
+    if not isinstance(explain, bool):
+        raise BadRequest("explain must be a boolean", "explain")
+    return ScoreInput(user_id, ids, feats, context, top_k, explain)
+
+
+@dataclass
+class EventInput:
+    user_id: str
+    event_id: str
+    item_id: str
+    features: dict[str, Any]
+    type: str
+    timestamp: float
+
+
+def parse_event(obj: Any, max_id_len: int) -> EventInput:
+    if not isinstance(obj, dict):
+        raise BadRequest("body must be a JSON object", "body")
+    check_keys(obj, {"user_id", "event_id", "item_id", "features", "type", "timestamp"}, "")
+    for name in ("user_id", "event_id", "item_id", "timestamp"):
+        if name not in obj:
+            raise BadRequest(f"{name} is required", name)
+    user_id = check_id(obj["user_id"], "user_id", max_id_len)
+    event_id = check_id(obj["event_id"], "event_id", max_id_len)
+    item_id = check_id(obj["item_id"], "item_id", max_id_len)
+    f = obj.get("features")
+    features = {} if f is None else check_features(f, "features", max_id_len)
+    etype = obj.get("type", "click")
+    if not isinstance(etype, str) or not etype or len(etype) > 32:
+        raise BadRequest("type must be a non-empty string of at most 32 characters", "type")
+    ts = obj["timestamp"]
+    if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts) or ts < 0:
+        raise BadRequest("timestamp must be a non-negative number (unix seconds)", "timestamp")
+    return EventInput(user_id, event_id, item_id, features, etype, float(ts))
