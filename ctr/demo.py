@@ -151,9 +151,8 @@ def run_demo(args: argparse.Namespace) -> int:
             att = ", ".join(
                 f"{a['item_id']}:{a['weight']:.2f}" for a in item.get("attention") or []
             )
-            print(
-                f"       {item['rank']:>4}  {item['item_id']:<14} {item['probability']:.4f}       {att}"
-            )
+            rank, iid, prob = item["rank"], item["item_id"], item["probability"]
+            print(f"       {rank:>4}  {iid:<14} {prob:.4f}       {att}")
         if args.keep_serving:
             print(f"[demo] serving at {base} (Ctrl-C to stop)")
             signal.signal(signal.SIGTERM, lambda *_: service.terminate() if service else None)

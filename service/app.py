@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 import signal
 import time
@@ -127,6 +128,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         try:
             await _load(state, None)
+        except BundleError:
+            pass  # logged in _load; the service runs not-ready until a reload succeeds
         except ProviderError:
             if settings.require_gpu:
                 raise
@@ -223,7 +226,11 @@ async def _read_json(request: Request, limit: int) -> Any:
     try:
         return orjson.loads(bytes(body))
     except orjson.JSONDecodeError as exc:
-        raise MalformedJSON(f"malformed JSON: {exc}", "body") from exc
+        # NaN/Infinity literals are not JSON, but name the field that holds them
+        try:
+            return json.loads(bytes(body))
+        except ValueError:
+            raise MalformedJSON(f"malformed JSON: {exc}", "body") from exc
 
 
 class PayloadTooLarge(BadRequest):

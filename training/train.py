@@ -157,7 +157,7 @@ def train(
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss)
+            total += loss.item()
             bar.set_postfix(loss=f"{total / (b + 1):.4f}")
         val = evaluate(prep.val.users, prep.val.label, predict(model, prep.val, tc.eval_batch_size))
         history.append({"epoch": epoch + 1, "train_loss": total / n_batches, **val})

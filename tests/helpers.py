@@ -1,0 +1,63 @@
+"""Shared helpers for service tests: a real bundle trained and exported by the training
+code, and a real Redis database loaded by ``ctr load``'s code path."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from redis import Redis
+
+from ctr.spec import FeatureConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+REDIS_URL = os.environ.get("CTR_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+
+@dataclass
+class Built:
+    config: FeatureConfig
+    frame: pd.DataFrame
+    models_dir: Path
+    run_dir: Path
+    version: int
+
+
+def small_config(model_type: str = "din", name: str | None = None, **data: Any) -> FeatureConfig:
+    cfg = "synthetic_dien.yaml" if model_type == "dien" else "synthetic_din.yaml"
+    options = {"n_users": 300, "samples_per_user": 4, **data}
+    return load_config(
+        ROOT / "configs" / cfg,
+        {
+            "name": name or model_type,
+            "model.type": model_type,
+            "max_seq_len": 20,
+            "train.epochs": 1,
+            "data.options": options,
+        },
+    )
+
+
+def build_bundle(tmp: Path, model_type: str = "din", name: str | None = None) -> Built:
+    """Train for one epoch and export into ``tmp/models`` (parity gate included)."""
+    from training.data import load_frame
+    from training.dataset import prepare
+    from training.export import export_bundle
+    from training.train import load_run, train
+
+    config = small_config(model_type, name)
+    frame = load_frame(config)
+    run = tmp / f"run-{config.name}"
+    train(config, run, prep=prepare(config, frame), progress=False)
+    _, mapper, model, metrics = load_run(run)
+    version, _, _ = export_bundle(model, config, mapper, metrics, tmp / "models")
+    return Built(config, frame, tmp / "models", run, version)
+
+
+def fresh_redis(url: str = REDIS_URL) -> Redis:
+    client = Redis.from_url(url, decode_responses=True)
+    client.flushdb()
+    return client

@@ -1,0 +1,263 @@
+"""The real FastAPI app over HTTP, a real exported bundle and a real Redis server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pandas as pd
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from redis import Redis
+
+from ctr.encode import encode_frame
+from service.app import create_app
+from service.loader import item_records, load_into_redis
+from service.settings import Settings
+from service.store import item_key, user_key
+from tests.helpers import REDIS_URL, Built, build_bundle, fresh_redis
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    return build_bundle(tmp_path_factory.mktemp("svc"), "din")
+
+
+@pytest.fixture(scope="module")
+def redis_db(built: Built) -> Redis:
+    client = fresh_redis()
+    load_into_redis(built.config, built.frame, REDIS_URL, progress=False)
+    return client
+
+
+def settings_for(built: Built, **kw: object) -> Settings:
+    return Settings(
+        models_dir=str(built.models_dir),
+        model_name=built.config.name,
+        redis_url=REDIS_URL,
+        redis_timeout_ms=500,
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def client(built: Built, redis_db: Redis) -> Iterator[TestClient]:
+    with TestClient(create_app(settings_for(built))) as c:
+        yield c
+
+
+def stored_history(redis_db: Redis, user: str) -> list[dict]:
+    return [orjson.loads(x) for x in redis_db.lrange(user_key(user, "seq"), 0, -1)]
+
+
+def offline_probs(built: Built, user: str, redis_db: Redis, items: list[str]) -> np.ndarray:
+    """The torch model on the same raw features, encoded by the training code path."""
+    from training.train import load_run
+
+    config, mapper, model, _ = load_run(built.run_dir)
+    hist = stored_history(redis_db, user)
+    profile = redis_db.hgetall(user_key(user, "profile"))
+    cats = item_records(config, built.frame)
+    rows = []
+    for iid in items:
+        rows.append(
+            {
+                "user_id": user,
+                **profile,
+                "hour": None,
+                "item_id": iid,
+                "cate_id": cats["cate_id"].get(iid),
+                "item_price": cats["item_price"].get(iid),
+                "hist_item_id": [e["item_id"] for e in hist],
+                "hist_cate_id": [e["cate_id"] for e in hist],
+            }
+        )
+    enc = encode_frame(config, mapper, pd.DataFrame(rows))
+    x = {
+        "user_sparse": torch.from_numpy(enc.user_sparse),
+        "user_dense": torch.from_numpy(enc.user_dense),
+        "hist": torch.from_numpy(enc.hist),
+        "hist_len": torch.from_numpy(enc.hist_len),
+        "item_sparse": torch.from_numpy(enc.item_sparse),
+        "item_dense": torch.from_numpy(enc.item_dense),
+        "user_idx": torch.arange(len(items)),
+    }
+    with torch.no_grad():
+        return torch.sigmoid(model(x)["logits"]).numpy()
+
+
+def some_items(built: Built, n: int) -> list[str]:
+    return built.frame["item_id"].astype(str).unique().tolist()[:n]
+
+
+def test_parity_with_offline_torch(built: Built, redis_db: Redis, client: TestClient) -> None:
+    items = some_items(built, 40)
+    for user in ("u3", "u17"):
+        r = client.post(
+            "/v1/score", json={"user_id": user, "candidates": [{"item_id": i} for i in items]}
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["cold_start"] is False and body["degraded"] is False
+        got = {it["item_id"]: it["probability"] for it in body["items"]}
+        want = offline_probs(built, user, redis_db, items)
+        assert len(stored_history(redis_db, user)) > 0
+        np.testing.assert_allclose([got[i] for i in items], want, atol=1e-5, rtol=0)
+
+
+def test_ranking_order_and_top_k(built: Built, client: TestClient) -> None:
+    items = some_items(built, 50)
+    r = client.post(
+        "/v1/score",
+        json={"user_id": "u5", "candidates": [{"item_id": i} for i in items], "top_k": 7},
+    )
+    body = r.json()
+    probs = [it["probability"] for it in body["items"]]
+    assert len(probs) == 7
+    assert probs == sorted(probs, reverse=True)
+    assert [it["rank"] for it in body["items"]] == list(range(1, 8))
+    full = client.post(
+        "/v1/score", json={"user_id": "u5", "candidates": [{"item_id": i} for i in items]}
+    ).json()
+    assert len(full["items"]) == 50
+    assert [it["item_id"] for it in full["items"][:7]] == [it["item_id"] for it in body["items"]]
+    assert body["model"] == {"name": built.config.name, "version": str(built.version)}
+
+
+def test_cold_start_user(built: Built, client: TestClient) -> None:
+    items = some_items(built, 5)
+    r = client.post(
+        "/v1/score",
+        json={"user_id": "never-seen-user", "candidates": [{"item_id": i} for i in items]},
+    )
+    assert r.status_code == 200
+    body = r.json()
+    assert body["cold_start"] is True and body["degraded"] is False
+    assert all(0.0 < it["probability"] < 1.0 for it in body["items"])
+
+
+def test_unknown_item_maps_to_oov(client: TestClient) -> None:
+    r = client.post(
+        "/v1/score",
+        json={"user_id": "u1", "candidates": [{"item_id": "no-such-item-Ω"}, {"item_id": "i1"}]},
+    )
+    assert r.status_code == 200
+    assert {it["item_id"] for it in r.json()["items"]} == {"no-such-item-Ω", "i1"}
+
+
+def test_missing_feature_looked_up_from_redis(
+    built: Built, redis_db: Redis, client: TestClient
+) -> None:
+    item = some_items(built, 1)[0]
+    true_cate = redis_db.hget(item_key("cate_id"), item)
+    price = redis_db.hget(item_key("item_price"), item)
+    assert true_cate is not None
+
+    def prob(features: dict | None) -> float:
+        cand: dict = {"item_id": item}
+        if features is not None:
+            cand["features"] = features
+        r = client.post("/v1/score", json={"user_id": "u2", "candidates": [cand]})
+        return r.json()["items"][0]["probability"]
+
+    looked_up = prob(None)
+    explicit = prob({"cate_id": true_cate, "item_price": float(price)})
+    other = prob({"cate_id": "c-does-not-exist", "item_price": float(price)})
+    assert looked_up == pytest.approx(explicit, abs=1e-7)
+    assert other != pytest.approx(looked_up, abs=1e-7)
+
+
+def test_explain_returns_history_items(redis_db: Redis, client: TestClient) -> None:
+    hist_ids = {e["item_id"] for e in stored_history(redis_db, "u4")}
+    r = client.post(
+        "/v1/score",
+        json={"user_id": "u4", "candidates": [{"item_id": "i1"}, {"item_id": "i2"}], "explain": True},
+    )
+    items = r.json()["items"]
+    for it in items:
+        assert 1 <= len(it["attention"]) <= 3
+        assert {a["item_id"] for a in it["attention"]} <= hist_ids
+
+
+def test_events_append_trim_idempotent(built: Built, redis_db: Redis, client: TestClient) -> None:
+    user = "event-user"
+    redis_db.delete(user_key(user, "seq"), user_key(user, "events"))
+    ev = {"user_id": user, "event_id": "e1", "item_id": "i7", "features": {"cate_id": "c3"},
+          "type": "click", "timestamp": 1000.0}  # fmt: skip
+    r = client.post("/v1/events", json=ev)
+    assert r.status_code == 202 and r.json() == {"appended": True, "duplicate": False}
+    again = client.post("/v1/events", json=ev)
+    assert again.status_code == 202 and again.json()["duplicate"] is True
+    seq = stored_history(redis_db, user)
+    assert len(seq) == 1 and seq[0]["item_id"] == "i7" and seq[0]["cate_id"] == "c3"
+    length = built.config.max_seq_len
+    for k in range(length + 5):
+        client.post("/v1/events", json={**ev, "event_id": f"t{k}", "item_id": f"i{k}"})
+    seq = stored_history(redis_db, user)
+    assert len(seq) == length
+    assert seq[-1]["item_id"] == f"i{length + 4}"  # newest kept, oldest trimmed
+    # the new behaviour is now part of the user's history when scoring
+    r = client.post("/v1/score", json={"user_id": user, "candidates": [{"item_id": "i1"}]})
+    assert r.json()["cold_start"] is False
+
+
+def test_one_redis_round_trip_per_score(built: Built, redis_db: Redis, client: TestClient) -> None:
+    items = some_items(built, 20)
+    body = {"user_id": "u9", "candidates": [{"item_id": i} for i in items]}
+    client.post("/v1/score", json=body)  # warm the pool (connection set-up is not per request)
+    probe = Redis.from_url(REDIS_URL)
+    probe.info("stats")  # the probe's own connection set-up happens here
+
+    def reads() -> int:
+        return int(probe.info("stats")["total_reads_processed"])
+
+    deltas = []
+    for _ in range(3):
+        before = reads()
+        assert client.post("/v1/score", json=body).status_code == 200
+        deltas.append(reads() - before - 1)  # minus the probe's own INFO
+    assert deltas == [1, 1, 1]
+    # the same holds when features must be looked up for every candidate
+    stats = probe.info("commandstats")
+    assert stats["cmdstat_hmget"]["calls"] > 0
+
+
+def test_metrics_exposed_and_move(client: TestClient) -> None:
+    def sample(text: str, name: str) -> float:
+        for line in text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                if line.startswith(name + " "):
+                    return float(line.split()[-1])
+        return 0.0
+
+    before = client.get("/metrics").text
+    client.post("/v1/score", json={"user_id": "u1", "candidates": [{"item_id": "i1"}]})
+    after = client.get("/metrics").text
+    assert sample(after, "ctr_candidates_per_request_count") == sample(
+        before, "ctr_candidates_per_request_count"
+    ) + 1
+    for stage in ("redis_fetch", "feature_mapping", "inference", "serialization"):
+        assert f'ctr_stage_duration_seconds_count{{stage="{stage}"}}' in after
+    assert 'route="/v1/score"' in after and 'status="200"' in after
+    assert "ctr_model_info{" in after
+
+
+def test_health_ready_models(built: Built, client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    info = client.get("/v1/models").json()
+    assert info["name"] == built.config.name and info["provider"] == "CPUExecutionProvider"
+    assert info["features"]["sequence"] == ["hist_item_id", "hist_cate_id"]
+
+
+def test_missing_bundle_not_ready(tmp_path: Path, redis_db: Redis) -> None:
+    s = Settings(models_dir=str(tmp_path), model_name="absent", redis_url=REDIS_URL)
+    with TestClient(create_app(s)) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "no versions" in r.json()["model_error"]
+        s2 = c.post("/v1/score", json={"user_id": "u1", "candidates": [{"item_id": "i1"}]})
+        assert s2.status_code == 503 and s2.json()["error"] == "model_not_ready"
