@@ -99,6 +99,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def cmd_bench_model(args: argparse.Namespace) -> int:
+    from training.bench import run
+
+    ns = [int(x) for x in args.n.split(",")]
+    print(run(args.models.split(","), ns, args.threads, args.repeats, args.seq_len))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ctr", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -137,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--keep-serving", action="store_true", help="leave the service running")
     d.add_argument("--set", action="append", default=[])
     d.set_defaults(func=cmd_demo)
+    bm = sub.add_parser("bench-model", help="model-only ORT latency vs naive copies and torch")
+    bm.add_argument("--models", default="din,dien")
+    bm.add_argument("--n", default="1,50,200,500,1000")
+    bm.add_argument("--threads", type=int, default=2)
+    bm.add_argument("--repeats", type=int, default=50)
+    bm.add_argument("--seq-len", type=int, default=50)
+    bm.set_defaults(func=cmd_bench_model)
     return p
 
 
