@@ -1,4 +1,4 @@
-# syntax=docker/dockerfile:1.7
+# Needs BuildKit (default since Docker 23; `docker compose build` uses it).
 #
 # Targets (docker build --target NAME .):
 #   trainer   torch==2.13.0 (CPU) + .[train]: `ctr train` / `ctr export`, and the compose
@@ -37,12 +37,12 @@ ARG PIP_CERT=""
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=bind,source=certs,target=/run/certs \
-    --mount=type=secret,id=pip_cert,required=false \
+    --mount=type=secret,id=pip_cert \
     pip-install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.13.0
 COPY pyproject.toml deploy/docker/requirements.py ./
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=bind,source=certs,target=/run/certs \
-    --mount=type=secret,id=pip_cert,required=false \
+    --mount=type=secret,id=pip_cert \
     python3 requirements.py pyproject.toml --extra train > /tmp/requirements.txt \
     && pip-install -r /tmp/requirements.txt
 COPY ctr ./ctr
@@ -50,13 +50,13 @@ COPY training ./training
 COPY service ./service
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=bind,source=certs,target=/run/certs \
-    --mount=type=secret,id=pip_cert,required=false \
+    --mount=type=secret,id=pip_cert \
     pip-install --no-deps . && rm -rf build ./*.egg-info
 RUN groupadd --system --gid 10001 ctr \
     && useradd --system --uid 10001 --gid 10001 --home-dir /app --shell /usr/sbin/nologin ctr \
     && mkdir -p /app /models \
     && chown ctr:ctr /app /models
-COPY --chmod=0755 deploy/docker/init.sh /usr/local/bin/ctr-init
+COPY deploy/docker/init.sh /usr/local/bin/ctr-init
 COPY configs /app/configs
 WORKDIR /app
 ENV HOME=/app CTR_MODELS_DIR=/models
@@ -79,7 +79,7 @@ WORKDIR /src
 COPY pyproject.toml deploy/docker/requirements.py ./
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=bind,source=certs,target=/run/certs \
-    --mount=type=secret,id=pip_cert,required=false \
+    --mount=type=secret,id=pip_cert \
     python3 requirements.py pyproject.toml --exclude onnxruntime > /tmp/requirements.txt \
     && pip-install "$ORT_GPU_SPEC" -r /tmp/requirements.txt
 COPY ctr ./ctr
@@ -87,7 +87,7 @@ COPY training ./training
 COPY service ./service
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=bind,source=certs,target=/run/certs \
-    --mount=type=secret,id=pip_cert,required=false \
+    --mount=type=secret,id=pip_cert \
     pip-install --no-deps . \
     && python3 -c "import onnxruntime as ort; print('onnxruntime', ort.__version__)"
 
@@ -117,7 +117,7 @@ ARG PIP_CERT=""
 COPY pyproject.toml deploy/docker/requirements.py ./
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=bind,source=certs,target=/run/certs \
-    --mount=type=secret,id=pip_cert,required=false \
+    --mount=type=secret,id=pip_cert \
     python3 requirements.py pyproject.toml > /tmp/requirements.txt \
     && pip-install -r /tmp/requirements.txt
 COPY ctr ./ctr
@@ -125,7 +125,7 @@ COPY training ./training
 COPY service ./service
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=bind,source=certs,target=/run/certs \
-    --mount=type=secret,id=pip_cert,required=false \
+    --mount=type=secret,id=pip_cert \
     pip-install --no-deps . \
     && python3 -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"
 

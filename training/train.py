@@ -119,8 +119,6 @@ def train(
     counts = table_counts(config, prep) if config.model.mba_l2 > 0 else {}
     rng = np.random.default_rng(tc.seed)
     neg_rng = np.random.default_rng(tc.seed + 1)
-    # the global batch is split across ranks, so N processes see what 1 process sees
-    local_bs = max(1, tc.batch_size // info.world)
     best_auc, best_epoch, history = -1.0, -1, []
     if info.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -138,9 +136,12 @@ def train(
         total = 0.0
         for b in bar:
             glob = perm[b * tc.batch_size : (b + 1) * tc.batch_size]
-            idx = glob[info.rank * local_bs : (info.rank + 1) * local_bs]
-            if len(idx) < 2:
+            # the global batch is split across ranks, so N processes see what 1 process
+            # sees; the skip is decided on the global batch so that all ranks agree (a
+            # rank skipping alone would leave the others waiting in the all-reduce)
+            if len(glob) < 2 * info.world:
                 continue
+            idx = np.array_split(glob, info.world)[info.rank]
             batch = prep.train.batch(idx)
             if config.model.type == "dien":
                 batch["neg_hist"] = torch.from_numpy(
@@ -159,12 +160,21 @@ def train(
             opt.step()
             total += loss.item()
             bar.set_postfix(loss=f"{total / (b + 1):.4f}")
+        if info.world > 1:
+            # Dice's BatchNorm running stats are updated locally on each rank: take rank
+            # 0's so that every rank validates the same model and agrees on early stopping
+            for buf in model.buffers():
+                dist.broadcast(buf, src=0)
+            mean_loss = torch.tensor([total / info.world], dtype=torch.float64)
+            dist.all_reduce(mean_loss)
+            total = float(mean_loss)
         val = evaluate(prep.val.users, prep.val.label, predict(model, prep.val, tc.eval_batch_size))
         history.append({"epoch": epoch + 1, "train_loss": total / n_batches, **val})
         if info.main and progress:
             print(f"epoch {epoch + 1}: loss {total / n_batches:.4f} val auc {val['auc']:.4f}")
-        if val["auc"] > best_auc:
-            best_auc, best_epoch = val["auc"], epoch + 1
+        score = -1.0 if np.isnan(val["auc"]) else val["auc"]  # one-class val: AUC is NaN
+        if best_epoch < 0 or score > best_auc:
+            best_auc, best_epoch = score, epoch + 1
             if info.main:
                 torch.save(model.state_dict(), out / "checkpoint.pt")
         elif epoch + 1 - best_epoch > tc.patience:

@@ -1,0 +1,235 @@
+"""Realistic traffic for the CTR scoring API (run with locust, or through loadtest/run.py).
+
+* users: Zipf over ``u0..u{N-1}`` (rank 1 = ``u0``, the hottest user), N from
+  ``LOCUST_USERS_N`` (default 2000), exponent ``LOCUST_ZIPF_A`` (default 1.2);
+* candidates per request: a weighted mix, ``LOCUST_CANDIDATE_MIX`` such as
+  ``"50:0.3,200:0.3,500:0.3,1000:0.1"`` (count:weight; weights are normalised); item
+  IDs are drawn from ``i0..i{M-1}`` (M = ``LOCUST_ITEMS_N``, default 1200) without
+  duplicates inside a request;
+* a share ``LOCUST_EVENT_SHARE`` (default 0.1) of requests are ``POST /v1/events``
+  clicks instead of scoring requests;
+* score requests are named ``/v1/score [N=<count>]`` so locust's statistics split by
+  candidate count.
+
+Other knobs: ``LOCUST_TOP_K`` (default 100; 0 = no top_k), ``LOCUST_TIMEOUT`` (seconds,
+default 10), ``LOCUST_WAIT_MIN``/``LOCUST_WAIT_MAX`` (think time in seconds, default
+0/0.05), ``LOCUST_SEED`` (reproducible draws), ``CTR_API_KEY`` or ``LOCUST_API_KEY``
+(sent as ``X-API-Key`` and ``Authorization: Bearer`` when set).
+
+The sampling logic lives in plain functions (``sample_user``, ``sample_candidates``, ...)
+that take a ``random.Random`` and a ``TrafficConfig``, so it can be tested without
+running locust. Importing this module imports locust (which monkey-patches the
+standard library through gevent): tests import it in a subprocess.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import os
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from locust import HttpUser, between, task
+
+DEFAULT_MIX = "50:0.3,200:0.3,500:0.3,1000:0.1"
+
+
+def parse_mix(spec: str) -> list[tuple[int, float]]:
+    """``"50:0.3,200:0.7"`` -> ``[(50, 0.3), (200, 0.7)]`` with weights summing to 1."""
+    pairs: list[tuple[int, float]] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        count, sep, weight = part.partition(":")
+        n, w = int(count), float(weight) if sep else 1.0
+        if n <= 0 or w < 0:
+            raise ValueError(f"bad candidate mix entry {part!r}")
+        pairs.append((n, w))
+    total = sum(w for _, w in pairs)
+    if not pairs or total <= 0:
+        raise ValueError(f"empty candidate mix {spec!r}")
+    return [(n, w / total) for n, w in pairs]
+
+
+def zipf_weights(n: int, a: float) -> list[float]:
+    """Probabilities of ranks 1..n under a Zipf law truncated at n: p(k) ~ k**-a."""
+    if n <= 0:
+        raise ValueError("n must be positive")
+    raw = [k ** (-a) for k in range(1, n + 1)]
+    total = sum(raw)
+    return [w / total for w in raw]
+
+
+def _cumulative(weights: list[float]) -> list[float]:
+    cum = list(itertools.accumulate(weights))
+    cum[-1] = 1.0  # guard against rounding: the last bucket always catches u == 1 - eps
+    return cum
+
+
+@dataclass(frozen=True)
+class TrafficConfig:
+    users_n: int = 2000
+    zipf_a: float = 1.2
+    items_n: int = 1200
+    mix: tuple[tuple[int, float], ...] = tuple(parse_mix(DEFAULT_MIX))
+    event_share: float = 0.1
+    top_k: int = 100
+    user_cum: tuple[float, ...] = field(default=(), repr=False, compare=False)
+    mix_cum: tuple[float, ...] = field(default=(), repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.event_share <= 1.0:
+            raise ValueError("event share must be within [0, 1]")
+        if self.items_n <= 0:
+            raise ValueError("items_n must be positive")
+        if not self.user_cum:
+            cum = _cumulative(zipf_weights(self.users_n, self.zipf_a))
+            object.__setattr__(self, "user_cum", tuple(cum))
+        if not self.mix_cum:
+            object.__setattr__(self, "mix_cum", tuple(_cumulative([w for _, w in self.mix])))
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> TrafficConfig:
+        env = dict(os.environ if env is None else env)
+        return cls(
+            users_n=int(env.get("LOCUST_USERS_N", "2000")),
+            zipf_a=float(env.get("LOCUST_ZIPF_A", "1.2")),
+            items_n=int(env.get("LOCUST_ITEMS_N", "1200")),
+            mix=tuple(parse_mix(env.get("LOCUST_CANDIDATE_MIX", DEFAULT_MIX))),
+            event_share=float(env.get("LOCUST_EVENT_SHARE", "0.1")),
+            top_k=int(env.get("LOCUST_TOP_K", "100")),
+        )
+
+
+def sample_user_rank(rng: random.Random, cfg: TrafficConfig) -> int:
+    """A Zipf rank in 1..users_n."""
+    return bisect.bisect_left(cfg.user_cum, rng.random()) + 1
+
+
+def sample_user(rng: random.Random, cfg: TrafficConfig) -> str:
+    """A user ID ``u{rank-1}``: ``u0`` is the most frequent user."""
+    return f"u{sample_user_rank(rng, cfg) - 1}"
+
+
+def sample_candidate_count(rng: random.Random, cfg: TrafficConfig) -> int:
+    """A candidate count from the configured mix (capped at the number of items)."""
+    n = cfg.mix[bisect.bisect_left(cfg.mix_cum, rng.random())][0]
+    return min(n, cfg.items_n)
+
+
+def sample_candidates(rng: random.Random, cfg: TrafficConfig, n: int | None = None) -> list[str]:
+    """``n`` distinct item IDs from ``i0..i{items_n-1}`` (n from the mix when omitted)."""
+    if n is None:
+        n = sample_candidate_count(rng, cfg)
+    return [f"i{i}" for i in rng.sample(range(cfg.items_n), min(n, cfg.items_n))]
+
+
+def request_name(n: int) -> str:
+    """The locust stats name of a score request with ``n`` candidates."""
+    return f"/v1/score [N={n}]"
+
+
+def build_score_request(rng: random.Random, cfg: TrafficConfig) -> dict:
+    """A ``POST /v1/score`` body following the service contract."""
+    items = sample_candidates(rng, cfg)
+    body: dict = {
+        "user_id": sample_user(rng, cfg),
+        "candidates": [{"item_id": item} for item in items],
+        "context": {"hour": time.localtime().tm_hour},
+        "explain": False,
+    }
+    if cfg.top_k > 0:
+        body["top_k"] = cfg.top_k
+    return body
+
+
+def build_event(rng: random.Random, cfg: TrafficConfig) -> dict:
+    """A ``POST /v1/events`` click body; item features come from Redis on the server."""
+    return {
+        "user_id": sample_user(rng, cfg),
+        "event_id": uuid.UUID(int=rng.getrandbits(128)).hex,
+        "item_id": f"i{rng.randrange(cfg.items_n)}",
+        "type": "click",
+        "timestamp": time.time(),
+    }
+
+
+def is_event(rng: random.Random, cfg: TrafficConfig) -> bool:
+    return rng.random() < cfg.event_share
+
+
+def auth_headers(env: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if env is None else env)
+    key = env.get("LOCUST_API_KEY") or env.get("CTR_API_KEY")
+    if not key:
+        return {}
+    return {"X-API-Key": key, "Authorization": f"Bearer {key}"}
+
+
+CONFIG = TrafficConfig.from_env()
+_SEED = os.environ.get("LOCUST_SEED")
+_SEEDS = itertools.count(int(_SEED)) if _SEED else None
+
+
+class ScoringUser(HttpUser):
+    """One simulated client: scores candidate lists, sometimes posts a click."""
+
+    wait_time = between(
+        float(os.environ.get("LOCUST_WAIT_MIN", "0")),
+        float(os.environ.get("LOCUST_WAIT_MAX", "0.05")),
+    )
+
+    def on_start(self) -> None:
+        self.rng = random.Random(next(_SEEDS) if _SEEDS is not None else None)
+        self.timeout = float(os.environ.get("LOCUST_TIMEOUT", "10"))
+        self.headers = {"Content-Type": "application/json", **auth_headers()}
+
+    @task
+    def traffic(self) -> None:
+        if is_event(self.rng, CONFIG):
+            self.post_event()
+        else:
+            self.score()
+
+    def score(self) -> None:
+        body = build_score_request(self.rng, CONFIG)
+        n = len(body["candidates"])
+        expected = min(n, CONFIG.top_k) if CONFIG.top_k > 0 else n
+        with self.client.post(
+            "/v1/score",
+            json=body,
+            headers=self.headers,
+            name=request_name(n),
+            timeout=self.timeout,
+            catch_response=True,
+        ) as resp:
+            if resp.status_code != 200:
+                resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
+                return
+            try:
+                items = resp.json()["items"]
+            except (ValueError, KeyError, TypeError) as exc:
+                resp.failure(f"bad response body: {exc}")
+                return
+            if len(items) != expected:
+                resp.failure(f"expected {expected} items, got {len(items)}")
+            else:
+                resp.success()
+
+    def post_event(self) -> None:
+        with self.client.post(
+            "/v1/events",
+            json=build_event(self.rng, CONFIG),
+            headers=self.headers,
+            name="/v1/events",
+            timeout=self.timeout,
+            catch_response=True,
+        ) as resp:
+            if 200 <= resp.status_code < 300:
+                resp.success()
+            else:
+                resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")

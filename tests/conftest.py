@@ -1,0 +1,106 @@
+"""Shared fixtures for the training and export tests.
+
+* ``tiny_config(model_type, **overrides)`` builds a small synthetic config (150 users,
+  ``max_seq_len`` 10, one epoch, narrow MLPs). Overrides use ``__`` for nesting:
+  ``tiny_config("din", model__activation="prelu", train__epochs=2)``.
+* ``tiny_prep`` is the prepared (split, mapped, encoded) data of that config. The data
+  do not depend on the model type, so every model type trains on this one object.
+* ``trained(model_type)`` trains a model type once per session (through
+  ``training.train.train``) and reloads it from its run folder (``load_run``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from ctr.spec import FeatureConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+MODEL_TYPES = ["base", "deepfm", "din", "multi_tower_din", "dien"]
+
+
+def tiny_raw(model_type: str = "din", **overrides: Any) -> dict[str, Any]:
+    """The raw (YAML-shaped) dict of a small synthetic config."""
+    raw = yaml.safe_load((CONFIGS / "synthetic_din.yaml").read_text())
+    raw["name"] = f"tiny_{model_type}"
+    raw["max_seq_len"] = 10
+    raw["model"] = {
+        "type": model_type,
+        "mlp": [32, 16],
+        "tower_mlp": [16],
+        "attention_mlp": [16, 8],
+        "gru_dim": 12,
+        "activation": "dice",
+    }
+    raw["train"] = {
+        "epochs": 1,
+        "batch_size": 64,
+        "lr": 0.005,
+        "seed": 42,
+        "patience": 1,
+        "threads": 1,
+    }
+    raw["data"]["options"] = {"n_users": 150, "samples_per_user": 4}
+    for key, value in overrides.items():
+        node = raw
+        parts = key.split("__")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = copy.deepcopy(value)
+    return raw
+
+
+def make_tiny_config(model_type: str = "din", **overrides: Any) -> FeatureConfig:
+    return FeatureConfig.model_validate(tiny_raw(model_type, **overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> Callable[..., FeatureConfig]:
+    """Factory: ``tiny_config(model_type="din", **overrides) -> FeatureConfig``."""
+    return make_tiny_config
+
+
+@pytest.fixture(scope="session")
+def tiny_prep() -> Any:
+    from training.dataset import prepare
+
+    return prepare(make_tiny_config("din"))
+
+
+@dataclass
+class TrainedRun:
+    config: FeatureConfig
+    prep: Any  # training.dataset.Prepared (fitted mapper, encoded splits)
+    model: Any  # training.models.CTRModel, reloaded from run_dir, eval mode
+    mapper: Any  # the mapper as saved in the run folder
+    metrics: dict[str, Any]
+    run_dir: Path
+
+
+@pytest.fixture(scope="session")
+def trained(
+    tiny_prep: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str], TrainedRun]:
+    """Factory: ``trained(model_type) -> TrainedRun``; each type trains once per session."""
+    from training.train import load_run, train
+
+    cache: dict[str, TrainedRun] = {}
+
+    def get(model_type: str) -> TrainedRun:
+        if model_type not in cache:
+            config = make_tiny_config(model_type)
+            run_dir = tmp_path_factory.mktemp(f"run_{model_type}")
+            train(config, run_dir, prep=tiny_prep, progress=False)
+            cfg, mapper, model, metrics = load_run(run_dir)
+            cache[model_type] = TrainedRun(cfg, tiny_prep, model, mapper, metrics, run_dir)
+        return cache[model_type]
+
+    return get

@@ -1,0 +1,299 @@
+"""Faults: Redis down / slow / back, model lifecycle and hot reload, overload, deadlines,
+graceful shutdown, API keys. Every Redis fault is a real redis-server this test starts,
+stops and restarts on its own port."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.loader import load_into_redis
+from service.settings import Settings
+from tests.helpers import ROOT, Built, build_bundle
+from tests.redis_proc import RedisProcess, free_port
+from tests.server_thread import ServerThread
+
+BODY = {"user_id": "u3", "candidates": [{"item_id": f"i{k}"} for k in range(30)]}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    return build_bundle(tmp_path_factory.mktemp("rel"), "din")
+
+
+@pytest.fixture()
+def rp(built: Built) -> Iterator[RedisProcess]:
+    proc = RedisProcess(None, "--appendonly", "yes", "--appendfsync", "always").start()
+    load_into_redis(built.config, built.frame, proc.url, progress=False)
+    yield proc
+    proc.stop()
+    shutil.rmtree(proc.dir, ignore_errors=True)
+
+
+def settings_for(built: Built, url: str, **kw: object) -> Settings:
+    base: dict = {
+        "models_dir": str(built.models_dir),
+        "model_name": built.config.name,
+        "redis_url": url,
+        "redis_timeout_ms": 150,
+        "redis_connect_timeout_ms": 150,
+    }
+    base.update(kw)
+    return Settings(**base)
+
+
+def degraded_count(client: TestClient) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("ctr_degraded_responses_total "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_redis_down_mid_traffic_then_back(built: Built, rp: RedisProcess) -> None:
+    with TestClient(create_app(settings_for(built, rp.url))) as c:
+        ok = c.post("/v1/score", json=BODY).json()
+        assert ok["degraded"] is False and ok["cold_start"] is False
+        before = degraded_count(c)
+        rp.stop()
+        r = c.post("/v1/score", json=BODY)
+        assert r.status_code == 200
+        body = r.json()
+        assert body["degraded"] is True and len(body["items"]) == 30
+        assert degraded_count(c) == before + 1
+        ready = c.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["redis"] is False
+        ev = c.post(
+            "/v1/events",
+            json={"user_id": "u3", "event_id": "x1", "item_id": "i1", "timestamp": 5.0},
+        )
+        assert ev.status_code == 503 and ev.headers["retry-after"] == "1"
+        assert ev.json()["error"] == "store_unavailable"
+        rp.start()  # same port, same AOF: the data is still there
+        back = c.post("/v1/score", json=BODY).json()
+        assert back["degraded"] is False and back["cold_start"] is False
+        assert back["items"] == ok["items"]
+        assert c.get("/readyz").status_code == 200
+        ev = c.post(
+            "/v1/events",
+            json={"user_id": "u3", "event_id": "x1", "item_id": "i1", "timestamp": 5.0},
+        )
+        assert ev.status_code == 202 and ev.json()["appended"] is True
+
+
+def test_redis_down_at_start_up(built: Built) -> None:
+    port = free_port()
+    proc = RedisProcess(port)
+    with TestClient(create_app(settings_for(built, proc.url))) as c:
+        ready = c.get("/readyz").json()
+        assert ready["model"] is True and ready["redis"] is False
+        assert c.post("/v1/score", json=BODY).json()["degraded"] is True
+        proc.start()
+        try:
+            load_into_redis(built.config, built.frame, proc.url, progress=False)
+            r = c.post("/v1/score", json=BODY).json()
+            assert r["degraded"] is False and r["cold_start"] is False
+            assert c.get("/readyz").status_code == 200
+        finally:
+            proc.stop()
+
+
+def test_redis_slow_degrades_within_deadline(built: Built, rp: RedisProcess) -> None:
+    with TestClient(create_app(settings_for(built, rp.url, redis_timeout_ms=100))) as c:
+        assert c.post("/v1/score", json=BODY).json()["degraded"] is False
+        blocker = threading.Thread(target=lambda: rp.client().execute_command("DEBUG", "SLEEP", 1))
+        blocker.start()
+        time.sleep(0.2)
+        r = c.post("/v1/score", json=BODY)
+        blocker.join()
+        assert r.status_code == 200 and r.json()["degraded"] is True
+        assert c.post("/v1/score", json=BODY).json()["degraded"] is False  # recovers
+
+
+def test_reload_under_traffic_zero_failures(built: Built, rp: RedisProcess) -> None:
+    from training.export import export_bundle
+    from training.train import load_run
+
+    s = settings_for(built, rp.url, redis_timeout_ms=1000, api_key="adm1n-key")
+    results: list[tuple[int, str]] = []
+    stop = threading.Event()
+    with ServerThread(create_app(s)) as srv:
+
+        def traffic() -> None:
+            with httpx.Client(base_url=srv.url, timeout=10) as h:
+                while not stop.is_set():
+                    r = h.post("/v1/score", json=BODY)
+                    results.append((r.status_code, r.json()["model"]["version"]))
+
+        threads = [threading.Thread(target=traffic) for _ in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        config, mapper, model, metrics = load_run(built.run_dir)
+        v_new, _, _ = export_bundle(model, config, mapper, metrics, built.models_dir)
+        with httpx.Client(base_url=srv.url, timeout=30) as h:
+            denied = h.post("/admin/reload", json={})
+            assert denied.status_code == 401
+            r = h.post("/admin/reload", json={}, headers={"X-API-Key": "adm1n-key"})
+            assert r.status_code == 200 and r.json()["version"] == str(v_new)
+            time.sleep(0.5)
+            # a corrupt newer version is refused and the current one keeps serving
+            bad = built.models_dir / built.config.name / str(v_new + 1)
+            shutil.copytree(built.models_dir / built.config.name / str(v_new), bad)
+            (bad / "model.onnx").write_bytes(b"not an onnx graph")
+            r = h.post("/admin/reload", json={}, headers={"X-API-Key": "adm1n-key"})
+            assert r.status_code == 409 and r.json()["serving"] == str(v_new)
+            assert "corrupt" in r.json()["detail"]
+            time.sleep(0.3)
+        stop.set()
+        for t in threads:
+            t.join()
+        shutil.rmtree(bad)
+    statuses = {code for code, _ in results}
+    versions = [v for _, v in results]
+    assert statuses == {200}, f"failed requests during reload: {statuses}"
+    assert str(v_new - 1) in versions and str(v_new) in versions
+    assert versions[-1] == str(v_new)
+
+
+def test_overload_answers_fast_503(built: Built, rp: RedisProcess) -> None:
+    s = settings_for(built, rp.url, max_in_flight=1, redis_timeout_ms=3000)
+    with ServerThread(create_app(s)) as srv, httpx.Client(base_url=srv.url, timeout=10) as h:
+        assert h.post("/v1/score", json=BODY).status_code == 200
+        blocker = threading.Thread(target=lambda: rp.client().execute_command("DEBUG", "SLEEP", 1))
+        first: list[httpx.Response] = []
+        slow = threading.Thread(target=lambda: first.append(h.post("/v1/score", json=BODY)))
+        blocker.start()
+        time.sleep(0.1)
+        slow.start()
+        time.sleep(0.2)
+        r = h.post("/v1/score", json=BODY)
+        assert r.status_code == 503 and r.json()["error"] == "overloaded"
+        assert r.headers["retry-after"] == "1"
+        slow.join()
+        blocker.join()
+        assert first[0].status_code == 200
+
+
+def test_deadline_exceeded(built: Built, rp: RedisProcess) -> None:
+    s = settings_for(built, rp.url, redis_timeout_ms=3000, request_timeout_ms=200)
+    with TestClient(create_app(s)) as c:
+        blocker = threading.Thread(target=lambda: rp.client().execute_command("DEBUG", "SLEEP", 1))
+        blocker.start()
+        time.sleep(0.1)
+        r = c.post("/v1/score", json=BODY)
+        blocker.join()
+        assert r.status_code == 503 and r.json()["error"] == "deadline_exceeded"
+
+
+def _serve(built: Built, url: str, port: int, **env: str) -> subprocess.Popen:
+    e = dict(
+        os.environ,
+        CTR_MODELS_DIR=str(built.models_dir),
+        CTR_MODEL_NAME=built.config.name,
+        CTR_REDIS_URL=url,
+        CTR_REDIS_TIMEOUT_MS="3000",
+        CTR_LOG_LEVEL="warning",
+        **env,
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ctr.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=e,
+        cwd=ROOT,
+    )
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("ctr serve did not become ready")
+
+
+def test_sighup_reloads_and_sigterm_drains(built: Built, rp: RedisProcess) -> None:
+    from training.export import export_bundle
+    from training.train import load_run
+
+    port = free_port()
+    proc = _serve(built, rp.url, port)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        v_old = httpx.post(base + "/v1/score", json=BODY).json()["model"]["version"]
+        config, mapper, model, metrics = load_run(built.run_dir)
+        v_new, _, _ = export_bundle(model, config, mapper, metrics, built.models_dir)
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.time() + 30
+        version = v_old
+        while version != str(v_new) and time.time() < deadline:
+            time.sleep(0.1)
+            version = httpx.post(base + "/v1/score", json=BODY).json()["model"]["version"]
+        assert version == str(v_new)
+        # SIGTERM while a request is in flight: it completes, then the process exits
+        blocker = threading.Thread(target=lambda: rp.client().execute_command("DEBUG", "SLEEP", 1))
+        inflight: list[httpx.Response] = []
+        req = threading.Thread(
+            target=lambda: inflight.append(httpx.post(base + "/v1/score", json=BODY, timeout=10))
+        )
+        blocker.start()
+        time.sleep(0.1)
+        req.start()
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        req.join()
+        blocker.join()
+        assert inflight[0].status_code == 200 and inflight[0].json()["degraded"] is False
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_corrupt_bundle_keeps_service_not_ready(
+    built: Built, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(built.models_dir / built.config.name / "1", models / "broken" / "1")
+    (models / "broken" / "1" / "model.onnx").write_bytes(b"\x00garbage")
+    s = Settings(models_dir=str(models), model_name="broken", redis_url="redis://127.0.0.1:1/0")
+    with caplog.at_level(logging.ERROR), TestClient(create_app(s)) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "corrupt" in r.json()["model_error"]
+    assert any("not-ready" in rec.getMessage() and "corrupt" in rec.getMessage()
+               for rec in caplog.records)  # fmt: skip
+
+
+def test_api_key_guards_writes_and_is_never_logged(
+    built: Built, rp: RedisProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "s3cret-key-value"
+    ev = {"user_id": "u1", "event_id": "k1", "item_id": "i1", "timestamp": 1.0}
+    with caplog.at_level(logging.DEBUG):
+        s = settings_for(built, rp.url, api_key=secret)
+        assert secret not in repr(s) and secret not in str(s.model_dump())
+        with TestClient(create_app(s)) as c:
+            assert c.post("/v1/events", json=ev).status_code == 401
+            bad = c.post("/v1/events", json=ev, headers={"X-API-Key": "wrong"})
+            assert bad.status_code == 401 and bad.json()["field"] == "X-API-Key"
+            good = c.post("/v1/events", json=ev, headers={"X-API-Key": secret})
+            assert good.status_code == 202
+            assert c.post("/v1/score", json=BODY).status_code == 200  # scoring open
+        s2 = settings_for(built, rp.url, api_key=secret, protect_scoring=True)
+        with TestClient(create_app(s2)) as c:
+            assert c.post("/v1/score", json=BODY).status_code == 401
+            ok = c.post("/v1/score", json=BODY, headers={"X-API-Key": secret})
+            assert ok.status_code == 200
+    assert all(secret not in rec.getMessage() for rec in caplog.records)
