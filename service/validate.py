@@ -49,7 +49,8 @@ def check_features(value: Any, field: str, max_len: int) -> dict[str, Any]:
 def check_keys(obj: dict, allowed: set[str], where: str) -> None:
     unknown = sorted(set(obj) - allowed)
     if unknown:
-        field = f"{where}.{unknown[0]}" if where else unknown[0]
+        name = unknown[0] or '""'
+        field = f"{where}.{name}" if where else name
         raise BadRequest(f"unknown field {field!r}", field)
 
 

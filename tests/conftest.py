@@ -24,7 +24,6 @@ from ctr.spec import FeatureConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-MODEL_TYPES = ["base", "deepfm", "din", "multi_tower_din", "dien"]
 
 
 def tiny_raw(model_type: str = "din", **overrides: Any) -> dict[str, Any]:

@@ -1,0 +1,372 @@
+"""Model contracts: masking, order invariance, user_idx broadcasting, DIEN's auxiliary
+loss and evolution variants, attention at padding, overfitting a tiny batch, and the
+mini-batch aware L2 term. Every model runs on real encoded synthetic data."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ctr.spec import FeatureConfig
+from training.dataset import Prepared, sample_negatives
+from training.metrics import auc
+from training.models import CTRModel, build_model
+from training.train import mba_l2, table_counts, train
+
+MODEL_TYPES = ["base", "deepfm", "din", "multi_tower_din", "dien"]
+ACTIVATIONS = ["dice", "prelu"]
+ATTENTION_TYPES = ["din", "multi_tower_din"]
+Batch = dict[str, torch.Tensor]
+Config = Callable[..., FeatureConfig]
+
+
+def make_model(config: FeatureConfig, prep: Prepared, seed: int = 0) -> CTRModel:
+    """A model with non-trivial weights and BatchNorm statistics, in eval mode.
+
+    Fresh weights are small, so every parameter gets noise (embedding row 0, the
+    padding row, stays zero) and a few train-mode passes move Dice's running stats.
+    """
+    torch.manual_seed(seed)
+    model = build_model(config, prep.mapper.table_sizes())
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+        for emb in model.emb.tables.values():
+            emb.weight[0].zero_()
+        model.train()
+        for start in (0, 64, 128):
+            model(prep.train.batch(np.arange(start, start + 64)))
+    return model.eval()
+
+
+def make_batch(prep: Prepared, n: int = 48, seed: int = 0) -> Batch:
+    """Real rows with history lengths redrawn over [0, L] (0, 1 and L included), IDs
+    0 past the length and valid IDs (>= 2) at every real position."""
+    rng = np.random.default_rng(seed)
+    b = prep.train.batch(np.arange(n))
+    hist = b["hist"].numpy().copy()
+    length = hist.shape[-1]
+    lens = rng.integers(0, length + 1, size=n)
+    lens[:3] = [0, 1, length]
+    sizes = [prep.mapper.mapper_for(f.name).size for f in prep.config.sequences]
+    for s, size in enumerate(sizes):
+        fill = rng.integers(2, size, size=hist[:, s].shape)
+        hist[:, s] = np.where(hist[:, s] == 0, fill, hist[:, s])
+    hist *= (np.arange(length)[None, :] < lens[:, None])[:, None, :]
+    b["hist"] = torch.from_numpy(hist)
+    b["hist_len"] = torch.from_numpy(lens.astype(np.int64))
+    return b
+
+
+def padded(batch: Batch) -> torch.Tensor:
+    """bool ``[U, L]``: True at padded positions."""
+    length = batch["hist"].shape[-1]
+    return torch.arange(length)[None, :] >= batch["hist_len"][:, None]
+
+
+def forward(model: CTRModel, batch: Batch) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        return model(batch)
+
+
+# ---- masking -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize(
+    "model_type,evolution",
+    [(t, "augru") for t in MODEL_TYPES] + [("dien", "agru"), ("dien", "aigru")],
+)
+def test_padded_positions_do_not_change_logits(
+    tiny_config: Config, tiny_prep: Prepared, model_type: str, evolution: str, activation: str
+) -> None:
+    cfg = tiny_config(model_type, model__activation=activation, model__evolution=evolution)
+    model = make_model(cfg, tiny_prep)
+    batch = make_batch(tiny_prep)
+    base = forward(model, batch)
+
+    rng = np.random.default_rng(1)
+    changed = dict(batch)
+    hist = batch["hist"].clone()
+    pad = padded(batch)
+    for s, f in enumerate(cfg.sequences):
+        size = tiny_prep.mapper.mapper_for(f.name).size
+        noise = torch.from_numpy(rng.integers(1, size, size=hist[:, s].shape))
+        hist[:, s] = torch.where(pad, noise, hist[:, s])
+    assert (hist[:, 0][pad] != 0).all()
+    changed["hist"] = hist
+    out = forward(model, changed)
+    assert torch.equal(out["logits"], base["logits"])
+    if "attention" in base:
+        assert torch.equal(out["attention"], base["attention"])
+
+    # control: a real position does move the logits, so the comparison above can fail
+    real = batch["hist"].clone()
+    last = (batch["hist_len"] - 1).clamp(min=0)
+    rows = torch.nonzero(batch["hist_len"] > 0).squeeze(1)
+    real[rows, 0, last[rows]] = 2 + (real[rows, 0, last[rows]] - 1) % 7
+    moved = forward(model, {**batch, "hist": real})
+    assert not torch.equal(moved["logits"], base["logits"])
+
+
+# ---- order of the history -----------------------------------------------------------
+
+
+def permute_real(batch: Batch, seed: int = 0) -> tuple[Batch, np.ndarray]:
+    """Shuffle each user's real positions (same permutation for every field)."""
+    rng = np.random.default_rng(seed)
+    hist = batch["hist"].numpy().copy()
+    length = hist.shape[-1]
+    perms = np.tile(np.arange(length), (hist.shape[0], 1))
+    for u, n in enumerate(batch["hist_len"].tolist()):
+        perms[u, :n] = rng.permutation(n)
+        hist[u] = hist[u][:, perms[u]]
+    return {**batch, "hist": torch.from_numpy(hist)}, perms
+
+
+@pytest.mark.parametrize("softmax", [False, True])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("model_type", ATTENTION_TYPES)
+def test_din_ignores_history_order(
+    tiny_config: Config, tiny_prep: Prepared, model_type: str, activation: str, softmax: bool
+) -> None:
+    cfg = tiny_config(model_type, model__activation=activation, model__attention_softmax=softmax)
+    model = make_model(cfg, tiny_prep)
+    batch = make_batch(tiny_prep)
+    shuffled, perms = permute_real(batch)
+    assert not torch.equal(shuffled["hist"], batch["hist"])
+    a, b = forward(model, batch), forward(model, shuffled)
+    torch.testing.assert_close(b["logits"], a["logits"], rtol=0, atol=1e-6)
+    # the weights move with their behaviours
+    want = np.take_along_axis(a["attention"].numpy(), perms, axis=1)
+    np.testing.assert_allclose(b["attention"].numpy(), want, rtol=0, atol=1e-6)
+
+
+def test_dien_depends_on_history_order(tiny_config: Config, tiny_prep: Prepared) -> None:
+    """Control for the test above: the same shuffle does change an order-aware model."""
+    model = make_model(tiny_config("dien"), tiny_prep)
+    batch = make_batch(tiny_prep)
+    shuffled, _ = permute_real(batch)
+    diff = (forward(model, batch)["logits"] - forward(model, shuffled)["logits"]).abs()
+    assert float(diff.max()) > 1e-4
+
+
+# ---- attention at padding -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("softmax", [False, True])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("model_type", [*ATTENTION_TYPES, "dien"])
+def test_attention_is_exactly_zero_at_padding(
+    tiny_config: Config, tiny_prep: Prepared, model_type: str, activation: str, softmax: bool
+) -> None:
+    cfg = tiny_config(model_type, model__activation=activation, model__attention_softmax=softmax)
+    model = make_model(cfg, tiny_prep)
+    batch = make_batch(tiny_prep)
+    att = forward(model, batch)["attention"]
+    pad = padded(batch)  # U == N here (user_idx = arange)
+    assert att.shape == pad.shape
+    assert (att[pad] == 0).all()
+    assert (att[~pad] != 0).any()
+    if softmax or model_type == "dien":  # normalised over the real positions
+        sums = att.sum(-1)
+        has = batch["hist_len"] > 0
+        torch.testing.assert_close(sums[has], torch.ones_like(sums[has]))
+        assert (sums[~has] == 0).all()
+
+
+# ---- user_idx broadcasting ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_one_user_row_broadcasts_to_candidates(
+    tiny_config: Config, tiny_prep: Prepared, model_type: str, activation: str
+) -> None:
+    """History enters once: one user row + user_idx zeros == that row copied N times."""
+    model = make_model(tiny_config(model_type, model__activation=activation), tiny_prep)
+    batch = make_batch(tiny_prep, n=40)
+    n = 40
+    for u in (2, 5):  # a full history and a drawn one
+        user = {k: batch[k][u : u + 1] for k in ("user_sparse", "user_dense", "hist", "hist_len")}
+        items = {"item_sparse": batch["item_sparse"], "item_dense": batch["item_dense"]}
+        once = forward(model, {**user, **items, "user_idx": torch.zeros(n, dtype=torch.int64)})
+        copies = {k: v.expand(n, *v.shape[1:]).contiguous() for k, v in user.items()}
+        rows = forward(model, {**copies, **items, "user_idx": torch.arange(n)})
+        assert once["logits"].shape == (n,)
+        torch.testing.assert_close(once["logits"], rows["logits"], rtol=0, atol=1e-6)
+        if "attention" in rows:
+            torch.testing.assert_close(once["attention"], rows["attention"], rtol=0, atol=1e-6)
+
+
+def test_user_idx_routes_candidates_to_their_user(tiny_config: Config, tiny_prep: Prepared) -> None:
+    """Several users in one call: candidate i is scored with user user_idx[i]."""
+    model = make_model(tiny_config("din"), tiny_prep)
+    batch = make_batch(tiny_prep, n=12)
+    user_keys = ("user_sparse", "user_dense", "hist", "hist_len")
+    idx = torch.tensor([3, 0, 3, 7, 1, 7, 7, 0, 2, 11, 5, 3])
+    mixed = forward(model, {**batch, "user_idx": idx})
+    gathered = {k: batch[k].index_select(0, idx) for k in user_keys}
+    direct = forward(model, {**batch, **gathered, "user_idx": torch.arange(12)})
+    torch.testing.assert_close(mixed["logits"], direct["logits"], rtol=0, atol=1e-6)
+
+
+# ---- DIEN ---------------------------------------------------------------------------------
+
+
+def dien_batch(prep: Prepared, n: int = 64, seed: int = 0) -> Batch:
+    batch = make_batch(prep, n=n, seed=seed)
+    neg = sample_negatives(
+        prep.item_pool,
+        batch["hist_len"].numpy(),
+        prep.config.max_seq_len,
+        np.random.default_rng(seed),
+    )
+    batch["neg_hist"] = torch.from_numpy(neg)
+    return batch
+
+
+def test_dien_aux_loss_reaches_the_interest_extractor(
+    tiny_config: Config, tiny_prep: Prepared
+) -> None:
+    model = make_model(tiny_config("dien"), tiny_prep).train()
+    out = model(dien_batch(tiny_prep))
+    aux = out["aux_loss"]
+    assert aux.ndim == 0 and float(aux) > 0
+    model.zero_grad()
+    aux.backward()
+    for name, p in model.extractor.named_parameters():
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
+    # aux alone: the CTR head gets nothing
+    assert model.head.weight.grad is None or float(model.head.weight.grad.abs().sum()) == 0
+
+
+def test_dien_aux_loss_ignores_padded_steps(tiny_config: Config, tiny_prep: Prepared) -> None:
+    model = make_model(tiny_config("dien"), tiny_prep)
+    batch = dien_batch(tiny_prep)
+    with torch.no_grad():
+        model.train()
+        torch.manual_seed(0)
+        a = model(batch)["aux_loss"]
+        neg = batch["neg_hist"].clone()
+        pad = padded(batch)
+        for s in range(neg.shape[1]):
+            neg[:, s][pad] = 5
+        torch.manual_seed(0)
+        b = model({**batch, "neg_hist": neg})["aux_loss"]
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("evolution", ["augru", "agru", "aigru"])
+def test_dien_evolution_variants_train(
+    tiny_config: Config, tiny_prep: Prepared, evolution: str
+) -> None:
+    cfg = tiny_config("dien", model__evolution=evolution)
+    model = make_model(cfg, tiny_prep).train()
+    batch = dien_batch(tiny_prep)
+    out = model(batch)
+    labels = torch.from_numpy(tiny_prep.train.label[:64])
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(out["logits"], labels)
+    (loss + out["aux_loss"]).backward()
+    assert torch.isfinite(loss)
+    for name, p in model.evolution.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert float(p.grad.abs().sum()) > 0, name
+    model.eval()
+    res = forward(model, {k: v for k, v in batch.items() if k != "neg_hist"})
+    assert res["logits"].shape == (64,) and "aux_loss" not in res
+
+
+def test_dien_evolution_variants_differ(tiny_config: Config, tiny_prep: Prepared) -> None:
+    """AUGRU, AGRU and AIGRU are different recurrences (same weights, other logits)."""
+    batch = make_batch(tiny_prep)
+    ref = make_model(tiny_config("dien"), tiny_prep)
+    logits = []
+    for evolution in ("augru", "agru", "aigru"):
+        model = build_model(
+            tiny_config("dien", model__evolution=evolution), tiny_prep.mapper.table_sizes()
+        )
+        model.load_state_dict(ref.state_dict())
+        logits.append(forward(model.eval(), batch)["logits"])
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert float((logits[i] - logits[j]).abs().max()) > 1e-5
+
+
+# ---- capacity -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_overfits_a_tiny_batch(
+    tiny_config: Config, tiny_prep: Prepared, model_type: str, activation: str
+) -> None:
+    cfg = tiny_config(model_type, model__activation=activation)
+    torch.manual_seed(0)
+    model = build_model(cfg, tiny_prep.mapper.table_sizes())
+    idx = np.arange(32)
+    batch = tiny_prep.train.batch(idx)
+    labels = torch.from_numpy(tiny_prep.train.label[idx])
+    assert 0 < float(labels.sum()) < 32
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    bce = torch.nn.BCEWithLogitsLoss()
+    model.train()
+    first = None
+    for _ in range(200):
+        loss = bce(model(batch)["logits"], labels)
+        first = float(loss) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 0.5
+    assert float(loss) < 0.05
+    model.eval()
+    probs = torch.sigmoid(forward(model, batch)["logits"]).numpy()
+    assert auc(labels.numpy(), probs) >= 0.99
+
+
+# ---- mini-batch aware L2 --------------------------------------------------------------------
+
+
+def test_mba_l2_term_is_positive_and_touches_batch_rows_only(
+    tiny_config: Config, tiny_prep: Prepared
+) -> None:
+    cfg = tiny_config("din", model__mba_l2=0.01)
+    model = make_model(cfg, tiny_prep)
+    counts = table_counts(cfg, tiny_prep)
+    idx = np.arange(16)
+    batch = tiny_prep.train.batch(idx)
+    term = mba_l2(model, batch, counts)
+    assert term.ndim == 0 and float(term) > 0
+    model.zero_grad()
+    term.backward()
+    enc = tiny_prep.train.enc
+    present = {
+        "user_id": set(enc.user_sparse[idx, 0].tolist()),
+        "item_id": set(enc.item_sparse[idx, 0].tolist()) | set(enc.hist[idx, 0].ravel().tolist()),
+    }
+    for table, ids in present.items():
+        grad = model.emb.tables[table].weight.grad
+        touched = set(torch.nonzero(grad.abs().sum(-1)).squeeze(1).tolist())
+        assert touched == ids - {0}, table
+
+
+def test_mba_l2_trains_and_shrinks_embeddings(
+    tiny_config: Config, tiny_prep: Prepared, tmp_path: Path
+) -> None:
+    from training.train import load_run
+
+    norms = {}
+    for weight in (0.0, 1.0):
+        cfg = tiny_config("din", model__mba_l2=weight)
+        metrics = train(cfg, tmp_path / str(weight), prep=tiny_prep, progress=False)
+        assert np.isfinite(metrics["history"][0]["train_loss"])
+        assert np.isfinite(metrics["test"]["logloss"])
+        _, _, model, _ = load_run(tmp_path / str(weight))
+        norms[weight] = float(model.emb.tables["item_id"].weight[2:].norm())
+    assert norms[1.0] < 0.9 * norms[0.0]
