@@ -107,6 +107,33 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from training.bench_service import plot, render, run
+
+    res = run(
+        args.models.split(","),
+        [int(x) for x in args.n.split(",")],
+        [int(x) for x in args.concurrency.split(",")],
+        args.seconds,
+        args.threads,
+        args.redis_url,
+        args.port,
+    )
+    command = "ctr bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "ctr bench"
+    table = render(res, command)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench_service.json").write_text(_json.dumps(res, indent=2))
+        (out / "bench_service.md").write_text(table + "\n")
+        for p in plot(res, out):
+            print(f"wrote {p}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ctr", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -152,6 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--repeats", type=int, default=50)
     bm.add_argument("--seq-len", type=int, default=50)
     bm.set_defaults(func=cmd_bench_model)
+    bs = sub.add_parser("bench", help="service benchmark over HTTP with a real Redis")
+    bs.add_argument("--models", default="din,dien")
+    bs.add_argument("--n", default="50,200,500,1000")
+    bs.add_argument("--concurrency", default="1,2,4,8")
+    bs.add_argument("--seconds", type=float, default=5.0)
+    bs.add_argument("--threads", type=int, default=2)
+    bs.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
+    bs.add_argument("--port", type=int, default=8310)
+    bs.add_argument("--out", default="docs/bench", help="folder for JSON, table and plots")
+    bs.set_defaults(func=cmd_bench)
     return p
 
 

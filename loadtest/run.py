@@ -297,6 +297,8 @@ def plot_latency(out: Path, history: pd.DataFrame, per_name: list[tuple[str, dic
 
     fig, (ax_time, ax_n) = plt.subplots(1, 2, figsize=(14, 5))
     agg = history[history["Name"] == "Aggregated"] if not history.empty else history
+    if "Total Request Count" in agg:
+        agg = agg[agg["Total Request Count"] > 0]  # before the first response: no latency
     if not agg.empty:
         for pct, style in zip(PERCENTILES, ("-", "--", ":"), strict=True):
             ax_time.plot(agg["elapsed_s"], agg[pct], style, label=f"p{pct.rstrip('%')}")

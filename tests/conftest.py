@@ -26,6 +26,16 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """One torch intra-op thread: the test machines have few, shared cores, and two
+    spinning OpenMP threads there made small recurrent models ~10x slower."""
+    try:
+        import torch
+    except ImportError:  # the torch-free runtime image
+        return
+    torch.set_num_threads(1)
+
+
 def tiny_raw(model_type: str = "din", **overrides: Any) -> dict[str, Any]:
     """The raw (YAML-shaped) dict of a small synthetic config."""
     raw = yaml.safe_load((CONFIGS / "synthetic_din.yaml").read_text())

@@ -1,0 +1,329 @@
+"""``ctr bench``: the real service, a real Redis and loaded users, driven over HTTP.
+
+For each model (DIN, DIEN at L=50) and N it measures, in one run:
+
+* end-to-end p50/p99 at concurrency 1 (keep-alive HTTP client, precomputed bodies);
+* requests/s and candidates/s at saturation (a sweep of client concurrency);
+* the per-stage breakdown from the service's own ``/metrics`` (mean per request);
+* model-only ORT latency for the same shapes and threads, in the same process run,
+  so the service overhead shows as a ratio.
+
+The client shares the machine with the service: on a 2-core box its CPU use is part
+of what is measured, and the report says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import orjson
+
+from ctr.bundle import load_bundle
+from ctr.spec import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_bundle(model_type: str, models_dir: Path, length: int) -> tuple[Any, Any]:
+    """A bundle with random weights (latency does not depend on them) and a real mapping."""
+    import torch
+
+    from training.data import load_frame
+    from training.dataset import prepare
+    from training.export import export_bundle
+    from training.models import build_model
+
+    cfg = "synthetic_dien.yaml" if model_type == "dien" else "synthetic_din.yaml"
+    config = load_config(
+        ROOT / "configs" / cfg,
+        {"name": f"bench-{model_type}", "model.type": model_type, "max_seq_len": length},
+    )
+    frame = load_frame(config)
+    prep = prepare(config, frame)
+    torch.manual_seed(0)
+    model = build_model(config, prep.mapper.table_sizes()).eval()
+    export_bundle(model, config, prep.mapper, {}, models_dir)
+    return config, frame
+
+
+def stage_means(before: str, after: str) -> dict[str, float]:
+    """Mean seconds per request of each stage between two /metrics scrapes."""
+
+    def parse(text: str) -> dict[tuple[str, str], float]:
+        out = {}
+        for line in text.splitlines():
+            if line.startswith("ctr_stage_duration_seconds_sum") or line.startswith(
+                "ctr_stage_duration_seconds_count"
+            ):
+                name, value = line.rsplit(" ", 1)
+                kind = "sum" if "_sum" in name else "count"
+                stage = name.split('stage="')[1].split('"')[0]
+                out[(stage, kind)] = float(value)
+        return out
+
+    a, b = parse(before), parse(after)
+    res = {}
+    for stage in ("redis_fetch", "feature_mapping", "inference", "serialization"):
+        n = b.get((stage, "count"), 0) - a.get((stage, "count"), 0)
+        s = b.get((stage, "sum"), 0) - a.get((stage, "sum"), 0)
+        res[stage] = s / n if n else float("nan")
+    return res
+
+
+async def _closed_loop(url: str, bodies: list[bytes], concurrency: int, seconds: float) -> dict:
+    """``concurrency`` clients, each sending back-to-back for ``seconds``."""
+    lat: list[float] = []
+    errors = 0
+    stop = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+
+        async def worker(k: int) -> None:
+            nonlocal errors
+            i = k
+            while time.perf_counter() < stop:
+                t = time.perf_counter()
+                r = await client.post(
+                    "/v1/score",
+                    content=bodies[i % len(bodies)],
+                    headers={"content-type": "application/json"},
+                )
+                lat.append(time.perf_counter() - t)
+                errors += r.status_code != 200
+                i += concurrency
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    arr = np.array(lat) * 1000
+    return {
+        "requests": len(lat),
+        "errors": errors,
+        "rps": len(lat) / elapsed,
+        "p50_ms": float(np.median(arr)),
+        "p99_ms": float(np.percentile(arr, 99)),
+    }
+
+
+def bodies_for(frame: Any, n: int, count: int = 64, seed: int = 0) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    users = frame["user_id"].astype(str).unique()
+    items = frame["item_id"].astype(str).unique()
+    out = []
+    for _ in range(count):
+        chosen = rng.choice(items, size=min(n, len(items)), replace=False).tolist()
+        while len(chosen) < n:  # more candidates than known items: add unknown (OOV) IDs
+            chosen.append(f"new-{len(chosen)}")
+        body = {"user_id": str(rng.choice(users)), "candidates": [{"item_id": i} for i in chosen]}
+        out.append(orjson.dumps(body))
+    return out
+
+
+def model_only(bundle_dir: Path, name: str, n_values: list[int], threads: int, reps: int) -> dict:
+    """ORT alone on the same shapes the service feeds (U=1, N candidates, full history)."""
+    import onnxruntime as ort
+
+    from training.bench import _time
+
+    b = load_bundle(bundle_dir, name)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(str(b.model_path), so, providers=["CPUExecutionProvider"])
+    c = b.config
+    rng = np.random.default_rng(0)
+    out = {}
+    sizes = b.mapper.table_sizes()
+
+    def ids(feats: list, rows: int) -> np.ndarray:
+        return np.stack(
+            [rng.integers(2, sizes[c.table_of(f.name)], size=rows) for f in feats], axis=1
+        )
+
+    for n in n_values:
+        hist = np.stack([ids(c.sequences, c.max_seq_len).T], axis=0)  # [1, S, L]
+        feed = {
+            "user_sparse": np.full((1, len(c.user_sparse)), 2, np.int64),
+            "user_dense": np.zeros((1, len(c.user_dense)), np.float32),
+            "hist": hist,
+            "hist_len": np.array([c.max_seq_len], np.int64),
+            "item_sparse": ids(c.item_sparse, n),
+            "item_dense": np.ones((n, len(c.item_dense)), np.float32),
+            "user_idx": np.zeros(n, np.int64),
+        }
+        feed = {k: feed[k] for k in b.input_names}
+        t = _time(lambda f=feed: sess.run(["probs"], f), reps)
+        out[n] = {"p50_ms": float(np.median(t)), "p99_ms": float(np.percentile(t, 99))}
+    return out
+
+
+def _start_service(models_dir: Path, name: str, redis_url: str, port: int, threads: int) -> Any:
+    env = dict(
+        os.environ,
+        CTR_MODELS_DIR=str(models_dir),
+        CTR_MODEL_NAME=name,
+        CTR_REDIS_URL=redis_url,
+        CTR_INTRA_OP_THREADS=str(threads),
+        CTR_LOG_LEVEL="warning",
+        CTR_REDIS_TIMEOUT_MS="1000",
+        CTR_REQUEST_TIMEOUT_MS="10000",
+        CTR_MAX_IN_FLIGHT="1024",
+    )
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ctr.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        cwd=ROOT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("service did not become ready")
+
+
+def run(
+    models: list[str],
+    n_values: list[int],
+    concurrency: list[int],
+    seconds: float,
+    threads: int,
+    redis_url: str,
+    port: int,
+) -> dict[str, Any]:
+    from service.loader import load_into_redis
+
+    results: dict[str, Any] = {"threads": threads, "models": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        models_dir = Path(tmp)
+        for mt in models:
+            config, frame = make_bundle(mt, models_dir, 50)
+            load_into_redis(config, frame, redis_url, progress=False)
+            mo = model_only(models_dir, config.name, n_values, threads, 100)
+            proc, url = _start_service(models_dir, config.name, redis_url, port, threads)
+            per_model: dict[str, Any] = {"model_only": mo, "single": {}, "saturation": {}}
+            try:
+                for n in n_values:
+                    bodies = bodies_for(frame, n)
+                    asyncio.run(_closed_loop(url, bodies, 1, 1.0))  # warm-up
+                    before = httpx.get(url + "/metrics").text
+                    single = asyncio.run(_closed_loop(url, bodies, 1, seconds))
+                    after = httpx.get(url + "/metrics").text
+                    single["stages_ms"] = {
+                        k: v * 1000 for k, v in stage_means(before, after).items()
+                    }
+                    per_model["single"][n] = single
+                    sweep = {}
+                    for c in concurrency:
+                        sweep[c] = asyncio.run(_closed_loop(url, bodies, c, seconds))
+                    per_model["saturation"][n] = sweep
+                    best = max(sweep.values(), key=lambda r: r["rps"])
+                    print(
+                        f"[bench] {mt} N={n}: p50 {single['p50_ms']:.2f} ms (model "
+                        f"{mo[n]['p50_ms']:.2f}), best {best['rps']:.0f} req/s",
+                        flush=True,
+                    )
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+            results["models"][mt] = per_model
+    return results
+
+
+def render(res: dict[str, Any], command: str) -> str:
+    t = res["threads"]
+    lines = [
+        f"Command: `{command}`",
+        "",
+        f"CPU, 1 uvicorn worker, ORT intra-op threads={t}, L=50; the HTTP client runs on the "
+        "same machine.",
+        "",
+        "| model | N | e2e p50 ms | e2e p99 ms | model-only p50 ms | target 1.2x+1 ms |"
+        " met | redis | mapping | inference | serialize |",
+        "|---|---:|---:|---:|---:|---:|:-:|---:|---:|---:|---:|",
+    ]
+    for mt, r in res["models"].items():
+        for n, s in r["single"].items():
+            mo = r["model_only"][n]["p50_ms"]
+            target = 1.2 * mo + 1.0
+            st = s["stages_ms"]
+            lines.append(
+                f"| {mt} | {n} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {mo:.2f} | "
+                f"{target:.2f} | {'yes' if s['p50_ms'] <= target else 'no'} | "
+                f"{st['redis_fetch']:.2f} | {st['feature_mapping']:.2f} | "
+                f"{st['inference']:.2f} | {st['serialization']:.2f} |"
+            )
+    lines += [
+        "",
+        "Saturation (best over the client-concurrency sweep) vs what the model alone "
+        "sustains (1000 / model-only p50 requests/s, one stream):",
+        "",
+        "| model | N | best req/s | at concurrency | candidates/s | model-only req/s |"
+        " ratio | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for mt, r in res["models"].items():
+        for n, sweep in r["saturation"].items():
+            c, best = max(sweep.items(), key=lambda kv: kv[1]["rps"])
+            model_rps = 1000.0 / r["model_only"][n]["p50_ms"]
+            errs = sum(v["errors"] for v in sweep.values())
+            lines.append(
+                f"| {mt} | {n} | {best['rps']:.0f} | {c} | {best['rps'] * n:,.0f} | "
+                f"{model_rps:.0f} | {best['rps'] / model_rps:.0%} | {errs} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(res: dict[str, Any], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mt, r in res["models"].items():
+        ns = list(r["single"])
+        ax.plot(ns, [r["single"][n]["p50_ms"] for n in ns], "o-", label=f"{mt} service p50")
+        ax.plot(ns, [r["single"][n]["p99_ms"] for n in ns], "x:", label=f"{mt} service p99")
+        ax.plot(ns, [r["model_only"][n]["p50_ms"] for n in ns], "s--", label=f"{mt} model p50")
+    ax.set_xlabel("candidates per request (N)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title("Latency vs N (concurrency 1)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    p1 = out_dir / "latency_vs_n.png"
+    fig.tight_layout()
+    fig.savefig(p1, dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mt, r in res["models"].items():
+        for n, sweep in r["saturation"].items():
+            cs = list(sweep)
+            ax.plot(cs, [sweep[c]["rps"] for c in cs], "o-", label=f"{mt} N={n}")
+    ax.set_xlabel("client concurrency")
+    ax.set_ylabel("requests / s")
+    ax.set_title("Throughput vs concurrency")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    p2 = out_dir / "throughput_vs_concurrency.png"
+    fig.tight_layout()
+    fig.savefig(p2, dpi=110)
+    plt.close(fig)
+    return [p1, p2]
