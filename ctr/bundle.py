@@ -152,8 +152,11 @@ def load_bundle(models_dir: str | Path, name: str, version: str | int = "latest"
     path = Path(models_dir) / name / str(v)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON and bytes that are not UTF-8
         raise BundleError(f"unreadable manifest {path / MANIFEST}: {exc}") from exc
+    if not isinstance(manifest, dict):
+        kind = type(manifest).__name__
+        raise BundleError(f"unreadable manifest {path / MANIFEST}: a JSON {kind}, not an object")
     if manifest.get("format") != FORMAT_VERSION:
         raise BundleError(f"{path / MANIFEST}: unsupported format {manifest.get('format')!r}")
     model = path / MODEL_FILE
@@ -167,8 +170,8 @@ def load_bundle(models_dir: str | Path, name: str, version: str | int = "latest"
     try:
         config = FeatureConfig.model_validate(manifest["config"])
         mapper = FeatureMapper.from_json(config, manifest["mapping"])
-    except (KeyError, ValueError) as exc:
-        raise BundleError(f"{path / MANIFEST}: invalid feature spec or mapping: {exc}") from exc
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise BundleError(f"{path / MANIFEST}: invalid feature spec or mapping: {exc!r}") from exc
     return Bundle(name, v, path, manifest, config, mapper)
 
 

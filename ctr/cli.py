@@ -134,6 +134,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_results(args: argparse.Namespace) -> int:
+    from training.results import render, run
+
+    seeds = list(range(args.seeds))
+    res = run(
+        args.datasets.split(","),
+        args.models.split(","),
+        seeds,
+        _overrides(args.set),
+        Path(args.runs),
+    )
+    command = "ctr results " + " ".join(sys.argv[2:])
+    text = render(res, command.strip(), res)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+        Path(args.out).with_suffix(".json").write_text(json.dumps(res, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ctr", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -189,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--port", type=int, default=8310)
     bs.add_argument("--out", default="docs/bench", help="folder for JSON, table and plots")
     bs.set_defaults(func=cmd_bench)
+    rs = sub.add_parser("results", help="Base/DeepFM/DIN/DIEN on real data, mean ± std")
+    rs.add_argument("--datasets", default="amazon_beauty,movielens")
+    rs.add_argument("--models", default="base,deepfm,din,dien")
+    rs.add_argument("--seeds", type=int, default=3)
+    rs.add_argument("--set", action="append", default=[])
+    rs.add_argument("--runs", default="runs/results")
+    rs.add_argument("--out", default="docs/results.md")
+    rs.set_defaults(func=cmd_results)
     return p
 
 

@@ -22,7 +22,9 @@ from tests.server_thread import ServerThread
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     built = build_bundle(tmp_path_factory.mktemp("fuzz"), "din")
-    s = Settings(models_dir=str(built.models_dir), model_name=built.config.name, redis_url=REDIS_URL)
+    s = Settings(
+        models_dir=str(built.models_dir), model_name=built.config.name, redis_url=REDIS_URL
+    )
     with ServerThread(create_app(s)) as srv:
         yield srv.url
 
@@ -52,7 +54,8 @@ scalars = st.one_of(
 )
 json_values = st.recursive(
     scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
 

