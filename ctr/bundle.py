@@ -88,7 +88,12 @@ def resolve_version(models_dir: str | Path, name: str, version: str | int = "lat
         if not versions:
             raise BundleError(f"no versions of model {name!r} under {Path(models_dir).resolve()}")
         return versions[-1]
-    v = int(version)
+    try:
+        v = int(version)
+    except (TypeError, ValueError):
+        raise BundleError(
+            f"model {name!r}: version must be a number or 'latest', got {version!r}"
+        ) from None
     if v not in versions:
         raise BundleError(f"model {name!r} has no version {v} (have {versions})")
     return v

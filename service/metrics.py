@@ -58,6 +58,13 @@ def render() -> tuple[bytes, str]:
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
 
+_current_info: list[tuple[str, str, str]] = []
+
+
 def set_model_info(name: str, version: str, provider: str) -> None:
-    MODEL_INFO.clear()
+    """1 for the serving model, 0 for the one it replaced (``clear()`` is not available
+    in multiprocess mode)."""
+    for old in _current_info:
+        MODEL_INFO.labels(*old).set(0)
+    _current_info[:] = [(name, version, provider)]
     MODEL_INFO.labels(name=name, version=version, provider=provider).set(1)

@@ -304,6 +304,9 @@ def test_missing_version_and_missing_model(copy_of: tuple[Path, Path], tmp_path:
     models, _ = copy_of
     with pytest.raises(BundleError, match=r"'m' has no version 7 \(have \[1\]\)"):
         load_bundle(models, "m", 7)
+    for bad in ("abc", ":", "1.5", ""):
+        with pytest.raises(BundleError, match="version must be a number or 'latest'"):
+            load_bundle(models, "m", bad)
     with pytest.raises(BundleError, match="no versions of model 'other'"):
         load_bundle(models, "other", "latest")
     with pytest.raises(BundleError, match="no versions"):

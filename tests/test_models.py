@@ -344,12 +344,12 @@ def test_overfits_a_tiny_batch(
     first = None
     for _ in range(200):
         loss = bce(model(batch)["logits"], labels)
-        first = float(loss) if first is None else first
+        first = loss.item() if first is None else first
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert first > 0.5
-    assert float(loss) < 0.05
+    assert loss.item() < 0.05
     model.eval()
     probs = torch.sigmoid(forward(model, batch)["logits"]).numpy()
     assert auc(labels.numpy(), probs) >= 0.99
@@ -367,7 +367,7 @@ def test_mba_l2_term_is_positive_and_touches_batch_rows_only(
     idx = np.arange(16)
     batch = tiny_prep.train.batch(idx)
     term = mba_l2(model, batch, counts)
-    assert term.ndim == 0 and float(term) > 0
+    assert term.ndim == 0 and term.item() > 0
     model.zero_grad()
     term.backward()
     enc = tiny_prep.train.enc
@@ -393,5 +393,5 @@ def test_mba_l2_trains_and_shrinks_embeddings(
         assert np.isfinite(metrics["history"][0]["train_loss"])
         assert np.isfinite(metrics["test"]["logloss"])
         _, _, model, _ = load_run(tmp_path / str(weight))
-        norms[weight] = float(model.emb.tables["item_id"].weight[2:].norm())
+        norms[weight] = model.emb.tables["item_id"].weight[2:].norm().item()
     assert norms[1.0] < 0.9 * norms[0.0]

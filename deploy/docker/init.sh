@@ -7,6 +7,8 @@
 #   CTR_INIT_CONFIG      feature config (default configs/synthetic_din.yaml)
 #   CTR_INIT_TRAIN_SET   space-separated --set overrides (default "train.epochs=2")
 #   CTR_INIT_FORCE_TRAIN 1 = train and export a new version even when one exists
+#   CTR_INIT_LOAD        0 = skip the Redis bulk load (it runs on every `up` otherwise and
+#                        resets user histories to the synthetic data set)
 set -eu
 models_dir="${CTR_MODELS_DIR:-/models}"
 name="${CTR_MODEL_NAME:-din}"
@@ -28,6 +30,10 @@ else
     rm -rf "$run_dir"
 fi
 
-echo "init: loading $config into Redis"
-ctr load --config "$config"
+if [ "${CTR_INIT_LOAD:-1}" = "1" ]; then
+    echo "init: loading $config into Redis"
+    ctr load --config "$config"
+else
+    echo "init: CTR_INIT_LOAD=${CTR_INIT_LOAD}; not loading Redis"
+fi
 echo "init: done"
