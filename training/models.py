@@ -315,7 +315,8 @@ class DIEN(CTRModel):
     """Deep Interest Evolution Network (first behaviour group).
 
     GRU interest extractor (once per user) -> attention of each candidate over the
-    interest states -> attentional GRU evolution (per candidate) -> MLP. In training,
+    interest states (an activation unit with softmax, as in the official code's
+    ``din_fcn_attention``) -> attentional GRU evolution (per candidate) -> MLP. In training,
     ``neg_hist`` enables the auxiliary loss: each interest state h_t must tell the
     real next behaviour e_{t+1} from a sampled negative.
     """
@@ -330,7 +331,9 @@ class DIEN(CTRModel):
         d = self.seq_width(self.group)
         hd = m.gru_dim or d
         self.extractor = nn.GRU(d, hd, batch_first=True)
-        self.att_w = nn.Linear(d, hd, bias=False)  # score = h_t . (W e_a)
+        # the official DIEN attention: an activation unit over [q, h, q-h, q*h], softmax
+        self.query_proj = nn.Linear(d, hd, bias=False) if hd != d else nn.Identity()
+        self.att = DINAttention(hd, m.attention_mlp, m.activation, softmax=True)
         self.evolution = AttentionalGRU(hd, hd, m.evolution)
         self.aux = MLP(hd + d, [100, 50], "prelu")
         self.aux_head = nn.Linear(self.aux.out_dim, 1)
@@ -345,9 +348,7 @@ class DIEN(CTRModel):
         states, _ = self.extractor(e)  # [U, L, H]; right padding never leaks left
         states = states * mask.unsqueeze(-1).to(states.dtype)
         q = self.emb.query(self.group, x["item_sparse"])  # [N, D]
-        s_n = states.index_select(0, idx)  # [N, L, H]
-        scores = torch.bmm(s_n, self.att_w(q).unsqueeze(-1)).squeeze(-1)  # [N, L]
-        att = masked_softmax(scores, mask.index_select(0, idx))
+        _, att = self.att(self.query_proj(q), states, idx, mask)  # [N, L], 0 at padding
         final = self.evolution(states, att, idx, mask)  # [N, H]
         pooled_sum = (e * mask.unsqueeze(-1).to(e.dtype)).sum(1).index_select(0, idx)
         u = self.user_deep(x).index_select(0, idx)

@@ -1,0 +1,102 @@
+"""Several uvicorn workers (Prometheus multiprocess mode) and provider settings."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.loader import load_into_redis
+from service.model import ProviderError
+from service.settings import Settings
+from tests.helpers import REDIS_URL, ROOT, Built, build_bundle, fresh_redis
+from tests.redis_proc import free_port
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    b = build_bundle(tmp_path_factory.mktemp("workers"), "din")
+    fresh_redis()
+    load_into_redis(b.config, b.frame, REDIS_URL, progress=False)
+    return b
+
+
+def metric(text: str, pattern: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if re.match(pattern, line):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_metrics_correct_with_two_workers(built: Built, tmp_path: Path) -> None:
+    port = free_port()
+    prom_dir = tmp_path / "prom"
+    prom_dir.mkdir()
+    env = dict(
+        os.environ,
+        CTR_MODELS_DIR=str(built.models_dir),
+        CTR_MODEL_NAME=built.config.name,
+        CTR_REDIS_URL=REDIS_URL,
+        CTR_INTRA_OP_THREADS="1",
+        CTR_LOG_LEVEL="warning",
+        PROMETHEUS_MULTIPROC_DIR=str(prom_dir),
+    )
+    cmd = [sys.executable, "-m", "ctr.cli", "serve", "--host", "127.0.0.1"]
+    proc = subprocess.Popen([*cmd, "--port", str(port), "--workers", "2"], env=env, cwd=ROOT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                if httpx.get(base + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        body = {"user_id": "u1", "candidates": [{"item_id": f"i{k}"} for k in range(7)]}
+        n = 40
+        for _ in range(n):
+            # a new connection per request spreads them over the workers
+            with httpx.Client(base_url=base, timeout=10) as h:
+                assert h.post("/v1/score", json=body).status_code == 200
+        text = httpx.get(base + "/metrics", timeout=10).text
+        assert metric(text, r"^ctr_candidates_per_request_count ") == n
+        assert metric(text, r"^ctr_candidates_per_request_sum ") == 7 * n
+        assert metric(text, r'^ctr_request_duration_seconds_count\{.*route="/v1/score"') == n
+        assert metric(text, r'^ctr_stage_duration_seconds_count\{stage="inference"\}') == n
+        assert metric(text, r"^ctr_model_info\{.*\} ") >= 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_require_gpu_refuses_cpu(built: Built) -> None:
+    s = Settings(
+        models_dir=str(built.models_dir),
+        model_name=built.config.name,
+        redis_url=REDIS_URL,
+        require_gpu=True,
+    )
+    with pytest.raises(ProviderError, match="CTR_REQUIRE_GPU"), TestClient(create_app(s)):
+        pass
+
+
+def test_cuda_provider_without_cuda_is_an_error(built: Built) -> None:
+    s = Settings(
+        models_dir=str(built.models_dir),
+        model_name=built.config.name,
+        redis_url=REDIS_URL,
+        provider="cuda",
+    )
+    with TestClient(create_app(s)) as c:  # not required: runs not-ready, says why
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "CTR_PROVIDER=cuda" in r.json()["model_error"]
