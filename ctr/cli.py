@@ -154,6 +154,21 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_soak(args: argparse.Namespace) -> int:
+    from training.soak import run
+
+    return run(
+        args.duration,
+        args.concurrency,
+        args.sample,
+        args.warmup,
+        args.max_growth_mb,
+        args.redis_url,
+        args.port,
+        args.threads,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ctr", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -217,6 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--runs", default="runs/results")
     rs.add_argument("--out", default="docs/results.md")
     rs.set_defaults(func=cmd_results)
+    sk = sub.add_parser("soak", help="bounded soak run: errors and server RSS growth")
+    sk.add_argument("--duration", type=float, default=300.0)
+    sk.add_argument("--concurrency", type=int, default=4)
+    sk.add_argument("--sample", type=float, default=5.0)
+    sk.add_argument("--warmup", type=float, default=30.0)
+    sk.add_argument("--max-growth-mb", type=float, default=50.0)
+    sk.add_argument("--threads", type=int, default=2)
+    sk.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
+    sk.add_argument("--port", type=int, default=8311)
+    sk.set_defaults(func=cmd_soak)
     return p
 
 

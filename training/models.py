@@ -21,7 +21,6 @@ from training.modules import (
     MLP,
     DINAttention,
     EmbeddingCollection,
-    masked_softmax,
     sequence_mask,
 )
 
