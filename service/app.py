@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -45,7 +45,7 @@ from service.schemas import (
     ScoreResponse,
 )
 from service.settings import Settings
-from service.store import EventWriter, UserData, fetch
+from service.store import AnyRedis, EventWriter, ItemCache, UserData, fetch, make_client
 from service.validate import parse_event, parse_score
 
 log = logging.getLogger("ctr.service")
@@ -60,7 +60,8 @@ class State:
         self.settings = settings
         self.model: LoadedModel | None = None
         self.model_error: str | None = None
-        self.redis: Redis | None = None
+        self.redis: AnyRedis | None = None
+        self.item_cache = ItemCache(settings.item_cache_ttl_s, settings.item_cache_size)
         self.events: EventWriter | None = None
         self.executor: ThreadPoolExecutor | None = None
         self.in_flight = 0
@@ -115,14 +116,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool = ConnectionPool.from_url(
+        state.redis = make_client(
             settings.redis_url,
-            socket_timeout=settings.redis_timeout_ms / 1000,
-            socket_connect_timeout=settings.redis_connect_timeout_ms / 1000,
-            max_connections=settings.redis_max_connections,
-            retry_on_timeout=False,
+            settings.redis_cluster,
+            settings.redis_timeout_ms / 1000,
+            settings.redis_connect_timeout_ms / 1000,
+            settings.redis_max_connections,
         )
-        state.redis = Redis(connection_pool=pool)
         state.executor = ThreadPoolExecutor(
             settings.inference_concurrency, thread_name_prefix="ort"
         )
@@ -150,7 +150,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 loop.remove_signal_handler(signal.SIGHUP)
             state.executor.shutdown(wait=True)
             await state.redis.aclose()
-            await pool.aclose()
+            if isinstance(state.redis, Redis):
+                await state.redis.connection_pool.disconnect()
 
     app = FastAPI(
         title="CTR scoring service",
@@ -395,19 +396,27 @@ async def _score(state: State, model: LoadedModel, req: Any) -> Response:
     t0 = time.perf_counter()
     bundle = model.bundle
     lookups = item_lookups(bundle, req.item_ids, req.features)
+    hits, misses = state.item_cache.split(lookups)
     degraded = False
     try:
         assert state.redis is not None
         data = await asyncio.wait_for(
-            fetch(state.redis, req.user_id, bundle.config.max_seq_len, lookups),
+            fetch(state.redis, req.user_id, bundle.config.max_seq_len, misses),
             timeout=s.redis_timeout_ms / 1000,
         )
+        for f, ids in misses.items():
+            state.item_cache.put(f, ids, data.item_features.get(f, [None] * len(ids)))
     except REDIS_ERRORS as exc:
         log.warning("redis fetch failed, degraded response: %s", type(exc).__name__)
         m.ERRORS.labels("redis").inc()
         m.DEGRADED.inc()
         degraded = True
         data = UserData()
+    merged: dict[str, list[str | None]] = {}
+    for f, ids in lookups.items():
+        fetched = dict(zip(misses.get(f, []), data.item_features.get(f, []), strict=False))
+        merged[f] = [hits[(f, i)] if (f, i) in hits else fetched.get(i) for i in ids]
+    data.item_features = merged
     t1 = time.perf_counter()
     prepared = build_feeds(bundle, req.user_id, req.context, data, req.item_ids, req.features)
     t2 = time.perf_counter()

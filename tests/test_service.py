@@ -208,25 +208,33 @@ def test_events_append_trim_idempotent(built: Built, redis_db: Redis, client: Te
     assert r.json()["cold_start"] is False
 
 
-def test_one_redis_round_trip_per_score(built: Built, redis_db: Redis, client: TestClient) -> None:
+@pytest.mark.parametrize("cache_ttl", [60.0, 0.0], ids=["item-cache", "no-item-cache"])
+def test_one_redis_round_trip_per_score(built: Built, redis_db: Redis, cache_ttl: float) -> None:
     items = some_items(built, 20)
     body = {"user_id": "u9", "candidates": [{"item_id": i} for i in items]}
-    client.post("/v1/score", json=body)  # warm the pool (connection set-up is not per request)
     probe = Redis.from_url(REDIS_URL)
     probe.info("stats")  # the probe's own connection set-up happens here
 
     def reads() -> int:
         return int(probe.info("stats")["total_reads_processed"])
 
-    deltas = []
-    for _ in range(3):
-        before = reads()
-        assert client.post("/v1/score", json=body).status_code == 200
-        deltas.append(reads() - before - 1)  # minus the probe's own INFO
+    def hmget_calls() -> int:
+        return int(probe.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0))
+
+    with TestClient(create_app(settings_for(built, item_cache_ttl_s=cache_ttl))) as client:
+        client.post("/v1/score", json=body)  # warm the pool (connection set-up is per pool)
+        deltas = []
+        hm_before = hmget_calls()
+        for _ in range(3):
+            before = reads()
+            assert client.post("/v1/score", json=body).status_code == 200
+            deltas.append(reads() - before - 1)  # minus the probe's own INFO
+        hm_after = hmget_calls()
     assert deltas == [1, 1, 1]
-    # the same holds when features must be looked up for every candidate
-    stats = probe.info("commandstats")
-    assert stats["cmdstat_hmget"]["calls"] > 0
+    if cache_ttl == 0:  # every request looked item features up, still in the one trip
+        assert hm_after - hm_before >= 3
+    else:  # warm cache: only the user's keys were read
+        assert hm_after - hm_before == 0
 
 
 def test_metrics_exposed_and_move(client: TestClient) -> None:
