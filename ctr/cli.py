@@ -62,9 +62,11 @@ def cmd_load(args: argparse.Namespace) -> int:
     from training.data import load_frame
 
     config = load_config(args.config, _overrides(args.set))
-    url = args.redis_url or Settings().redis_url
+    settings = Settings()
+    url = args.redis_url or settings.redis_url
+    cluster = args.cluster or settings.redis_cluster
     frame = load_frame(config)
-    counts = load_into_redis(config, frame, url, progress=not args.quiet)
+    counts = load_into_redis(config, frame, url, progress=not args.quiet, cluster=cluster)
     print(f"loaded {counts['users']} users and {counts['items']} items into {url}")
     return 0
 
@@ -189,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     ld = sub.add_parser("load", help="bulk-load a dataset's users and items into Redis")
     ld.add_argument("--config", required=True)
     ld.add_argument("--redis-url", help="default: $CTR_REDIS_URL")
+    ld.add_argument("--cluster", action="store_true", help="Redis Cluster (or CTR_REDIS_CLUSTER=1)")
     ld.add_argument("--set", action="append", default=[])
     ld.add_argument("--quiet", action="store_true")
     ld.set_defaults(func=cmd_load)

