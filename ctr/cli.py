@@ -102,10 +102,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_model(args: argparse.Namespace) -> int:
-    from training.bench import run
+    from training.bench import ablation, run
 
     ns = [int(x) for x in args.n.split(",")]
+    print(f"command: ctr bench-model {' '.join(sys.argv[2:])}".strip())
     print(run(args.models.split(","), ns, args.threads, args.repeats, args.seq_len))
+    if args.ablation:
+        print()
+        print(ablation(args.ablation, args.threads, args.repeats, args.seq_len))
     return 0
 
 
@@ -216,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--threads", type=int, default=2)
     bm.add_argument("--repeats", type=int, default=50)
     bm.add_argument("--seq-len", type=int, default=50)
+    bm.add_argument("--ablation", type=int, default=500, help="DIN ablation at this N (0 = off)")
     bm.set_defaults(func=cmd_bench_model)
     bs = sub.add_parser("bench", help="service benchmark over HTTP with a real Redis")
     bs.add_argument("--models", default="din,dien")

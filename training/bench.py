@@ -126,3 +126,44 @@ def run(models: list[str], n_values: list[int], threads: int, repeats: int, leng
         all_rows += bench_model(config, n_values, threads, repeats)
     tables.append(render(all_rows, threads, length))
     return "\n".join(tables)
+
+
+def ablation(n: int, threads: int, repeats: int, length: int) -> str:
+    """DIN at one N: split vs concatenated first attention layer, ORT optimization level,
+    and intra-op threads; each row is a ratio against the shipped default in this run."""
+    config = load_config(ROOT / "configs" / "synthetic_din.yaml", {"max_seq_len": length})
+    sizes = {t.name: 5000 for t in config.tables}
+    torch.manual_seed(0)
+    model = build_model(config, sizes).eval()
+    rng = np.random.default_rng(0)
+    feed = random_inputs(config, sizes, 1, n, length, rng)
+    rows: list[tuple[str, float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
+        for split in (True, False):
+            for att in model.att:  # type: ignore[attr-defined]
+                att.split_first_layer = split
+            paths[split] = Path(tmp) / f"split{int(split)}.onnx"
+            export_onnx(model, paths[split])
+        for att in model.att:  # type: ignore[attr-defined]
+            att.split_first_layer = True
+        cases = [
+            (f"default: split first layer, ORT_ENABLE_ALL, threads={threads}", True, "all",
+             threads),
+            ("concatenated first layer [q,k,q-k,q*k]", False, "all", threads),
+            ("ORT_ENABLE_BASIC", True, "basic", threads),
+            ("ORT_ENABLE_EXTENDED", True, "extended", threads),
+            ("intra-op threads=1", True, "all", 1),
+        ]  # fmt: skip
+        for label, split, level, th in cases:
+            sess = session(paths[split], th, level)
+            t = _time(lambda s=sess: s.run(["probs"], feed), repeats)
+            rows.append((label, float(np.median(t))))
+    base = rows[0][1]
+    lines = [
+        f"DIN ablation, N={n}, L={length} (p50 over {repeats} runs; ratio = variant / default)",
+        "| variant | p50 ms | ratio |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {label} | {ms:.2f} | {ms / base:.2f}x |" for label, ms in rows]
+    return "\n".join(lines)

@@ -1,0 +1,75 @@
+"""The commands the containers run, run outside Docker: the init job (train + export +
+load), `ctr serve`, and the image's HEALTHCHECK command."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from redis import Redis
+
+from service.store import user_key
+from tests.helpers import ROOT
+from tests.redis_proc import free_port
+
+REDIS_URL = "redis://127.0.0.1:6379/12"
+
+
+def healthcheck_command() -> list[str]:
+    text = (ROOT / "Dockerfile").read_text()
+    m = re.search(r"HEALTHCHECK[^\n]*\\\n\s*CMD (\[.*\])", text)
+    assert m, "runtime HEALTHCHECK not found"
+    return json.loads(m.group(1))
+
+
+def test_init_job_then_serve_then_healthcheck(tmp_path: Path) -> None:
+    Redis.from_url(REDIS_URL).flushdb()
+    env = dict(
+        os.environ,
+        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        CTR_MODELS_DIR=str(tmp_path / "models"),
+        CTR_MODEL_NAME="din",
+        CTR_REDIS_URL=REDIS_URL,
+        CTR_INIT_TRAIN_SET='train.epochs=1 data.options={"n_users":200}',
+    )
+    init = ROOT / "deploy" / "docker" / "init.sh"
+    first = subprocess.run(["sh", str(init)], env=env, cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "exporting" in first.stdout and "init: done" in first.stdout
+    assert (tmp_path / "models" / "din" / "1" / "model.onnx").is_file()
+    assert Redis.from_url(REDIS_URL).llen(user_key("u0", "seq")) > 0
+    second = subprocess.run(["sh", str(init)], env=env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert second.returncode == 0 and "not training" in second.stdout
+    assert not (tmp_path / "models" / "din" / "2").exists()
+
+    port = free_port()
+    serve_env = dict(env, CTR_PORT=str(port), CTR_HOST="127.0.0.1", CTR_LOG_LEVEL="warning")
+    proc = subprocess.Popen([sys.executable, "-m", "ctr.cli", "serve"], env=serve_env, cwd=ROOT)
+    try:
+        deadline = time.time() + 60
+        ready = False
+        while time.time() < deadline and not ready:
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert ready
+        hc = healthcheck_command()
+        hc[0] = sys.executable if hc[0] == "python" else hc[0]
+        assert subprocess.run(hc, env=serve_env, timeout=30).returncode == 0
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/score",
+                       json={"user_id": "u0", "candidates": [{"item_id": "i1"}]})  # fmt: skip
+        assert r.status_code == 200 and r.json()["cold_start"] is False
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    wrong = dict(serve_env, CTR_PORT=str(free_port()))
+    assert subprocess.run(hc, env=wrong, timeout=30, capture_output=True).returncode != 0
