@@ -173,7 +173,9 @@ def test_amazon_split_and_encode(amazon: tuple[FeatureConfig, pd.DataFrame]) -> 
 @pytest.fixture(scope="module")
 def movielens() -> tuple[FeatureConfig, pd.DataFrame]:
     _folder("movielens-100k")
-    config = load_config(CONFIGS / "movielens_din.yaml")
+    config = load_config(
+        CONFIGS / "movielens_din.yaml", {"data.options.max_examples_per_user": None}
+    )
     return config, load_frame(config)
 
 
