@@ -110,6 +110,8 @@ class DataSpec(_Strict):
     time_column: str | None = "ts"
     seq_delimiter: str = "|"
     split: Literal["last_per_user", "time", "random"] = "last_per_user"
+    val_steps: int = Field(default=1, ge=1, description="last_per_user: time steps in val")
+    test_steps: int = Field(default=1, ge=1, description="last_per_user: time steps in test")
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     options: dict[str, Any] = Field(default_factory=dict)

@@ -93,9 +93,9 @@ def split_frame(
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Train / validation / test with no test interaction leaking into training.
 
-    * ``last_per_user``: per user ordered by time, the last example time goes to
-      test, the one before to validation, the rest to train (all rows sharing that
-      time, e.g. a positive and its sampled negative, stay together).
+    * ``last_per_user``: per user ordered by time, the last ``test_steps`` example
+      times go to test, the ``val_steps`` before them to validation, the rest to train
+      (all rows sharing a time, e.g. a positive and its sampled negative, stay together).
     * ``time``: global time cut at the (1 - val - test) and (1 - test) quantiles.
     * ``random``: a seeded row shuffle (only for data without time).
     """
@@ -115,4 +115,5 @@ def split_frame(
     key = frame[spec.user_key].astype(str)
     tmp = pd.DataFrame({"k": key, "t": t})
     rank = tmp.groupby("k")["t"].rank(method="dense", ascending=False).astype(int) - 1
-    return frame[rank >= 2], frame[rank == 1], frame[rank == 0]
+    te, va = spec.test_steps, spec.val_steps
+    return frame[rank >= te + va], frame[(rank >= te) & (rank < te + va)], frame[rank < te]
