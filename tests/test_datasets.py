@@ -238,7 +238,7 @@ def test_movielens_cap_keeps_last_examples() -> None:
 def test_movielens_split_and_encode(movielens: tuple[FeatureConfig, pd.DataFrame]) -> None:
     config, frame = movielens
     train, val, test = _check_last_per_user_split(frame, config)
-    assert len(test) == frame["user_id"].nunique()
+    assert len(test) == config.data.test_steps * frame["user_id"].nunique()
     sample = pd.concat([train.head(3000), val, test])
     _, enc = _fit_and_encode(config, train, sample)
     _check_encoded(config, sample, enc)
@@ -346,3 +346,19 @@ def test_generic_csv_matches_list_frame(tmp_path: Path, delimiter: str) -> None:
     item_of = mapper_list.mapper_for("hist_item_id")
     assert enc_csv.hist[1, 0].tolist() == [item_of.map_one(t) for t in ("i9", "i4", "i5")]
     assert enc_csv.item_dense[:, 0] == pytest.approx(np.log1p([1.5, 2.0, 0.0, 10.0]))
+
+
+def test_last_per_user_split_steps() -> None:
+    """``test_steps``/``val_steps`` move whole time steps per user, newest to test."""
+    rows = [
+        {"user_id": u, "ts": t, "label": float(t % 2)} for u in ("a", "b") for t in range(6)
+    ]
+    frame = pd.DataFrame(rows)
+    from ctr.spec import DataSpec
+
+    spec = DataSpec(split="last_per_user", time_column="ts", test_steps=2, val_steps=1)
+    tr, va, te = split_frame(frame, spec)
+    for u in ("a", "b"):
+        assert sorted(te[te.user_id == u].ts) == [4, 5]
+        assert sorted(va[va.user_id == u].ts) == [3]
+        assert sorted(tr[tr.user_id == u].ts) == [0, 1, 2]
