@@ -52,13 +52,15 @@ PROJECT=${STACK_PROJECT:-ctr-stack-smoke}
 LOCUST_DURATION=${STACK_LOCUST_DURATION:-30s}
 LOCUST_USERS=${STACK_LOCUST_USERS:-8}
 SKIP_RC=77
+LABEL=org.ctr-serving.stack-smoke=1  # on the images this script builds
 
 mkdir -p "$OUT"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/ctr-stack-smoke.XXXXXX")
 ROOTFS=""
 DOCKER=""
 BUILD=()
-DC=()
+COMPOSE=()  # the compose binary
+DC=()       # compose with this project's -p and -f: set just before the first `up`
 DOCKERD_PID=""
 STEP=""
 STEP_T0=0
@@ -75,6 +77,7 @@ end() {
     TIMINGS+=$(printf '  %-34s %7ss' "$STEP" "$(secs "$STEP_T0" "$(now)")")$'\n'
     STEP=""
 }
+dk() { timeout --foreground 120 "$DOCKER" "$@"; }  # every docker call is bounded
 tail_log() { echo "---- last lines of $1"; tail -n "${2:-40}" "$1" | sed 's/^/    /'; }
 
 # Every `timeout` here runs with --foreground: it then stays in this script's process
@@ -95,12 +98,17 @@ logged() {
     fi
 }
 
+APT_ERR=""
 apt_install() {
-    [ "$(id -u)" = 0 ] || return 1
+    command -v apt-get >/dev/null 2>&1 || { APT_ERR="no apt-get on this machine"; return 1; }
+    [ "$(id -u)" = 0 ] || { APT_ERR="apt-get install needs root"; return 1; }
     export DEBIAN_FRONTEND=noninteractive
+    log "apt-get install -y $* (log: $OUT/apt.log)"
     timeout --foreground 600 apt-get install -y -q "$@" >>"$OUT/apt.log" 2>&1 && return 0
     timeout --foreground 300 apt-get update -q >>"$OUT/apt.log" 2>&1 || true
-    timeout --foreground 600 apt-get install -y -q "$@" >>"$OUT/apt.log" 2>&1
+    timeout --foreground 600 apt-get install -y -q "$@" >>"$OUT/apt.log" 2>&1 && return 0
+    APT_ERR="apt-get install $* failed: $(tail -n 2 "$OUT/apt.log" | tr '\n' ' ')"
+    return 1
 }
 
 cleanup() {
@@ -108,7 +116,9 @@ cleanup() {
     set +e
     trap - EXIT INT TERM
     if [ -n "$STEP" ]; then
-        TIMINGS+=$(printf '  %-34s %7ss (FAILED)' "$STEP" "$(secs "$STEP_T0" "$(now)")")$'\n'
+        local verdict=FAILED
+        [ "$rc" = "$SKIP_RC" ] && verdict=SKIPPED
+        TIMINGS+=$(printf '  %-34s %7ss (%s)' "$STEP" "$(secs "$STEP_T0" "$(now)")" "$verdict")$'\n'
     fi
     if [ "${#DC[@]}" -gt 0 ]; then
         if [ "$rc" != 0 ]; then
@@ -118,7 +128,7 @@ cleanup() {
             [ -s "$OUT/compose-logs.txt" ] && tail_log "$OUT/compose-logs.txt" 80
         fi
         log "teardown: compose down -v"
-        timeout --foreground 180 "${DC[@]}" down -v --remove-orphans --timeout --foreground 10 >"$OUT/compose-down.log" 2>&1 \
+        timeout --foreground 180 "${DC[@]}" down -v --remove-orphans --timeout 10 >"$OUT/compose-down.log" 2>&1 \
             || tail_log "$OUT/compose-down.log"
     fi
     if [ -n "$DOCKER" ] && timeout --foreground 20 "$DOCKER" info >/dev/null 2>&1; then
@@ -126,10 +136,15 @@ cleanup() {
         local left
         left=$(timeout --foreground 30 "$DOCKER" ps -aq --filter "label=com.docker.compose.project=$PROJECT")
         [ -n "$left" ] && timeout --foreground 60 "$DOCKER" rm -f -v $left >/dev/null 2>&1
-        timeout --foreground 60 "$DOCKER" image prune -f >/dev/null 2>&1  # dangling layers of rebuilds
+        # images of this script that a rebuild left untagged (nothing else is touched)
+        timeout --foreground 60 "$DOCKER" image prune -f --filter "label=$LABEL" >/dev/null 2>&1
+    fi
+    if [ "$rc" != 0 ] && [ "$rc" != "$SKIP_RC" ] && [ -n "$DOCKERD_PID" ]; then
+        grep -v 'level=info' "$OUT/dockerd.log" | tail -n 15 | sed 's/^/    dockerd: /'
     fi
     if [ -n "$ROOTFS" ] && [ -d "$ROOTFS" ]; then
-        grep -q " $ROOTFS/" /proc/mounts && umount -R "$ROOTFS"/* 2>/dev/null
+        awk -v r="$ROOTFS/" 'index($2, r) == 1 { print $2 }' /proc/mounts | sort -r \
+            | xargs -r -n 1 umount -l 2>/dev/null
         grep -q " $ROOTFS/" /proc/mounts || rm -rf --one-file-system "$ROOTFS"
     fi
     rm -rf "$WORK"
@@ -179,7 +194,7 @@ pick_docker() {
 
 start_engine() {
     if ! pick_docker; then
-        apt_install docker.io || skip "no docker CLI with BuildKit, and apt-get install docker.io failed (see $OUT/apt.log)"
+        apt_install docker.io || skip "no docker CLI that can build with BuildKit, and docker.io could not be installed: $APT_ERR"
         pick_docker || skip "no docker CLI that can build with BuildKit (neither buildx nor docker.io's built-in BuildKit)"
     fi
     if timeout --foreground 20 "$DOCKER" info >/dev/null 2>&1; then
@@ -188,10 +203,11 @@ start_engine() {
     fi
     [ "$(id -u)" = 0 ] || skip "the Docker engine is not running and starting dockerd needs root"
     if ! command -v dockerd >/dev/null 2>&1; then
-        apt_install docker.io || skip "dockerd is missing and apt-get install docker.io failed (see $OUT/apt.log)"
+        apt_install docker.io || skip "dockerd is missing and docker.io could not be installed: $APT_ERR"
     fi
     log "engine: starting dockerd --iptables=false --bridge=none (log: $OUT/dockerd.log)"
-    setsid dockerd --iptables=false --bridge=none >"$OUT/dockerd.log" 2>&1 </dev/null &
+    # its own session (a SIGTERM to this script's group leaves it alone), without the lock fd
+    setsid dockerd --iptables=false --bridge=none >"$OUT/dockerd.log" 2>&1 </dev/null 9>&- &
     DOCKERD_PID=$!
     for _ in $(seq 120); do
         timeout --foreground 10 "$DOCKER" info >/dev/null 2>&1 && { log "engine: up ($DOCKER)"; return 0; }
@@ -207,12 +223,13 @@ start_engine() {
 # ------------------------------------------------------------------ 2. base image
 
 build_base() {
-    if [ "${STACK_REBUILD_BASE:-0}" != 1 ] && "$DOCKER" image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
+    if [ "${STACK_REBUILD_BASE:-0}" != 1 ] && dk image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
         log "base: reusing $BASE_IMAGE"
         return 0
     fi
+    [ "$(id -u)" = 0 ] || skip "$BASE_IMAGE is missing and debootstrap needs root to build it"
     if ! command -v debootstrap >/dev/null 2>&1; then
-        apt_install debootstrap || skip "debootstrap is missing and apt-get install debootstrap failed (see $OUT/apt.log)"
+        apt_install debootstrap || skip "debootstrap is missing and could not be installed: $APT_ERR"
     fi
     local mirror security
     read -r mirror security < <("${CHECK[@]}" mirror)
@@ -233,7 +250,8 @@ path-include /usr/share/locale/locale.alias
 EOF
     find "$ROOTFS/usr/share/doc" -mindepth 1 -not -name copyright -not -type d -delete
     find "$ROOTFS/usr/share/doc" -mindepth 1 -type d -empty -delete
-    rm -rf "${ROOTFS:?}"/usr/share/man/* "$ROOTFS"/usr/share/info/* \
+    if grep -q " $ROOTFS/" /proc/mounts; then fail "debootstrap left mounts under $ROOTFS"; fi
+    rm -rf --one-file-system "${ROOTFS:?}"/usr/share/man/* "$ROOTFS"/usr/share/info/* \
         "$ROOTFS"/var/cache/apt/*.bin "$ROOTFS"/var/cache/apt/archives/*.deb \
         "$ROOTFS"/var/lib/apt/lists/* "$ROOTFS"/var/log/*.log "$ROOTFS"/var/log/apt/* \
         "$ROOTFS"/dev/* "$ROOTFS"/tmp/* "$ROOTFS"/root/.cache
@@ -247,10 +265,11 @@ EOF
         --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
         --change 'ENV LANG=C.UTF-8' \
         --change 'CMD ["python3"]' \
-        - "$BASE_IMAGE" >/dev/null
+        --change "LABEL $LABEL" \
+        - "$BASE_IMAGE" >/dev/null || fail "docker import of the bookworm root failed"
     rm -rf --one-file-system "$ROOTFS"
     ROOTFS=""
-    "$DOCKER" run --rm --network none "$BASE_IMAGE" sh -c \
+    dk run --rm --network none "$BASE_IMAGE" sh -c \
         'python3 -c "import sys, venv, ensurepip; assert sys.version_info[:2] == (3, 11), sys.version" && python3 -m pip --version' \
         || fail "$BASE_IMAGE lacks python3.11 + venv + pip"
 }
@@ -263,14 +282,14 @@ build_images() {
         secret=(--secret "id=pip_cert,src=$PIP_CERT")
     fi
     log "images: $RUNTIME_IMAGE (Dockerfile target runtime, BASE_IMAGE=$BASE_IMAGE)"
-    logged 1200 "$OUT/build-runtime.log" "$DOCKER" "${BUILD[@]}" --progress plain \
+    logged 1200 "$OUT/build-runtime.log" "$DOCKER" "${BUILD[@]}" --progress plain --label "$LABEL" \
         --network host --target runtime --build-arg "BASE_IMAGE=$BASE_IMAGE" "${secret[@]}" \
         -f Dockerfile -t "$RUNTIME_IMAGE" . || fail "building $RUNTIME_IMAGE failed"
     log "images: $REDIS_IMAGE, $PROM_IMAGE (deploy/local)"
-    logged 600 "$OUT/build-redis.log" "$DOCKER" "${BUILD[@]}" --progress plain --network host \
+    logged 600 "$OUT/build-redis.log" "$DOCKER" "${BUILD[@]}" --progress plain --label "$LABEL" --network host \
         --build-arg "BASE_IMAGE=$BASE_IMAGE" -f deploy/local/redis.Dockerfile \
         -t "$REDIS_IMAGE" deploy/local || fail "building $REDIS_IMAGE failed"
-    logged 600 "$OUT/build-prometheus.log" "$DOCKER" "${BUILD[@]}" --progress plain \
+    logged 600 "$OUT/build-prometheus.log" "$DOCKER" "${BUILD[@]}" --progress plain --label "$LABEL" \
         --network host --build-arg "BASE_IMAGE=$BASE_IMAGE" -f deploy/local/prometheus.Dockerfile \
         -t "$PROM_IMAGE" deploy/local || fail "building $PROM_IMAGE failed"
 }
@@ -304,7 +323,7 @@ EOF
         version=$(timeout --foreground 30 $cand version 2>/dev/null | head -n 1 || true)
         if [[ "$version" =~ version\ v?([0-9]+)\.([0-9]+) ]] \
             && { [ "${BASH_REMATCH[1]}" -gt 2 ] || { [ "${BASH_REMATCH[1]}" = 2 ] && [ "${BASH_REMATCH[2]}" -ge 24 ]; }; }; then
-            read -r -a DC <<<"$cand"
+            read -r -a COMPOSE <<<"$cand"
             log "compose: $cand ($version)"
             return 0
         fi
@@ -321,11 +340,11 @@ wait_healthy() {
         id=$(container "$service")
         [ -n "$id" ] || fail "no container for $service"
         while :; do
-            state=$("$DOCKER" inspect -f '{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}' "$id")
+            state=$(dk inspect -f '{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}' "$id")
             [ "$state" = "running healthy" ] && break
             case "$state" in
                 exited* | dead*) fail "$service stopped: $state" ;;
-                *unhealthy) fail "$service unhealthy: $("$DOCKER" inspect -f \
+                *unhealthy) fail "$service unhealthy: $(dk inspect -f \
                     '{{range .State.Health.Log}}{{.ExitCode}} {{.Output}}{{end}}' "$id" | tail -n 5)" ;;
             esac
             [ "$SECONDS" -lt "$deadline" ] || fail "$service not healthy after ${limit}s: $state"
@@ -341,17 +360,17 @@ stack_up() {
     CTR_PORT=$("${CHECK[@]}" free-port "${CTR_PORT:-18000}")
     PROMETHEUS_PORT=$("${CHECK[@]}" free-port "${PROMETHEUS_PORT:-19090}")
     export REDIS_PORT CTR_PORT PROMETHEUS_PORT
-    DC+=(-p "$PROJECT" -f docker-compose.yml -f deploy/local/docker-compose.local.yml)
+    DC=("${COMPOSE[@]}" -p "$PROJECT" -f docker-compose.yml -f deploy/local/docker-compose.local.yml)
     log "stack: project $PROJECT, redis :$REDIS_PORT, api :$CTR_PORT, prometheus :$PROMETHEUS_PORT"
-    logged 120 "$OUT/compose-down.log" "${DC[@]}" down -v --remove-orphans --timeout --foreground 5 \
+    logged 120 "$OUT/compose-down.log" "${DC[@]}" down -v --remove-orphans --timeout 5 \
         || fail "could not clear an old $PROJECT stack"
     logged 60 "$OUT/compose-config.log" "${DC[@]}" config || fail "compose config is invalid"
     logged 300 "$OUT/compose-up.log" "${DC[@]}" up -d --no-build || fail "compose up failed"
     local init state
     init=$(container init)
-    state=$("$DOCKER" inspect -f '{{.State.Status}} {{.State.ExitCode}}' "$init")
+    state=$(dk inspect -f '{{.State.Status}} {{.State.ExitCode}}' "$init")
     [ "$state" = "exited 0" ] || fail "init (ctr load) did not complete: $state"
-    "$DOCKER" logs "$init" 2>&1 | tail -n 3 | sed 's/^/    init: /'
+    dk logs "$init" 2>&1 | tail -n 3 | sed 's/^/    init: /'
     wait_healthy 180 redis api prometheus
 }
 
@@ -360,25 +379,25 @@ stack_up() {
 check_image() {
     local api user uids size
     api=$(container api)
-    user=$("$DOCKER" inspect -f '{{.Config.User}}' "$api")
+    user=$(dk inspect -f '{{.Config.User}}' "$api")
     [ -n "$user" ] && [ "${user%%:*}" != 0 ] && [ "${user%%:*}" != root ] \
         || fail "api container user is '${user:-root}'"
     # the uid of every process in the container, as the host sees it
-    uids=$("$DOCKER" top "$api" -eo pid,uid | awk 'NR > 1 { print $2 }' | sort -u | tr '\n' ' ')
+    uids=$(dk top "$api" -eo pid,uid | awk 'NR > 1 { print $2 }' | sort -u | tr '\n' ' ')
     [ -n "$uids" ] && ! grep -qw 0 <<<"$uids" || fail "api container runs processes as root: $uids"
     log "ok: api container runs as user $user (process uids: $uids)"
-    "$DOCKER" run --rm --network none --entrypoint python "$RUNTIME_IMAGE" -c \
+    dk run --rm --network none --entrypoint python "$RUNTIME_IMAGE" -c \
         "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) for m in ('torch', 'torchvision')))" \
         || fail "$RUNTIME_IMAGE contains torch"
-    if "$DOCKER" run --rm --network none --entrypoint python "$RUNTIME_IMAGE" -m pip list \
+    if dk run --rm --network none --entrypoint python "$RUNTIME_IMAGE" -m pip list \
         --format=freeze 2>/dev/null | grep -iE '^(torch|nvidia-)'; then
         fail "$RUNTIME_IMAGE has torch / CUDA packages installed"
     fi
     log "ok: no torch in $RUNTIME_IMAGE"
-    size=$("$DOCKER" image inspect -f '{{.Size}}' "$RUNTIME_IMAGE")
+    size=$(dk image inspect -f '{{.Size}}' "$RUNTIME_IMAGE")
     RUNTIME_SIZE=$(awk -v s="$size" 'BEGIN { printf "%.0f MB", s / 1e6 }')
     log "runtime image $RUNTIME_IMAGE: $RUNTIME_SIZE (base $BASE_IMAGE: $(
-        "$DOCKER" image inspect -f '{{.Size}}' "$BASE_IMAGE" | awk '{ printf "%.0f MB", $1 / 1e6 }'))"
+        dk image inspect -f '{{.Size}}' "$BASE_IMAGE" | awk '{ printf "%.0f MB", $1 / 1e6 }'))"
 }
 
 load_test() {
@@ -386,12 +405,21 @@ load_test() {
     log "load test: loadtest/run.py --duration $LOCUST_DURATION --users $LOCUST_USERS"
     LOCUST_USERS_N=2000 logged 240 "$OUT/loadtest.log" "$PY" loadtest/run.py \
         --host "http://127.0.0.1:$CTR_PORT" --duration "$LOCUST_DURATION" \
-        --users "$LOCUST_USERS" --spawn-rate "$LOCUST_USERS" --stop-timeout --foreground 5 --grace 60 \
+        --users "$LOCUST_USERS" --spawn-rate "$LOCUST_USERS" --stop-timeout 5 --grace 60 \
         --out "$OUT/loadtest" || fail "load test failed (exit status $?)"
     "${CHECK[@]}" report --out "$OUT/loadtest" || fail "load test report check failed"
 }
 
 # ------------------------------------------------------------------ main
+
+# one run at a time on a machine: runs share the engine (one may stop the dockerd it
+# started), the images and the compose project
+LOCK=${STACK_LOCK:-${TMPDIR:-/tmp}/ctr-stack-smoke.lock}
+exec 9>"$LOCK"
+if ! flock -n 9; then
+    log "waiting for another run to release $LOCK (at most 1500 s)"
+    flock -w 1500 9 || fail "another stack smoke run still holds $LOCK"
+fi
 
 RUNTIME_SIZE=""
 begin "engine";                       start_engine; end
@@ -407,12 +435,12 @@ begin "score + events in container"
 end
 begin "prometheus scrapes api"
 "${CHECK[@]}" prometheus-up --prom "http://127.0.0.1:$PROMETHEUS_PORT" --port "$CTR_PORT" \
-    --timeout --foreground 60 || fail "Prometheus does not scrape the API"
+    --timeout 60 || fail "Prometheus does not scrape the API"
 end
 begin "load test ($LOCUST_DURATION)";   load_test; end
 begin "dashboard queries"
 "${CHECK[@]}" dashboard --prom "http://127.0.0.1:$PROMETHEUS_PORT" \
-    --dashboard deploy/grafana/dashboards/ctr.json --timeout --foreground 30 \
+    --dashboard deploy/grafana/dashboards/ctr.json --timeout 30 \
     || fail "Grafana dashboard queries without data"
 end
 log "runtime image size: $RUNTIME_SIZE"

@@ -3,7 +3,7 @@
     python scripts/stack_smoke_check.py mirror
     python scripts/stack_smoke_check.py free-port 18000
     python scripts/stack_smoke_check.py inside --docker DOCKER --container ID --port 18000
-    python scripts/stack_smoke_check.py bad-requests --api http://127.0.0.1:18000
+    python scripts/stack_smoke_check.py host-api --api http://127.0.0.1:18000
     python scripts/stack_smoke_check.py prometheus-up --prom http://127.0.0.1:19090 --port 18000
     python scripts/stack_smoke_check.py dashboard --prom URL --dashboard deploy/grafana/...json
     python scripts/stack_smoke_check.py report --out DIR
