@@ -232,8 +232,12 @@ build_base() {
         apt_install debootstrap || skip "debootstrap is missing and could not be installed: $APT_ERR"
     fi
     local mirror security
-    read -r mirror security < <("${CHECK[@]}" mirror)
-    mirror=${STACK_DEBIAN_MIRROR:-$mirror}
+    if [ -n "${STACK_DEBIAN_MIRROR:-}" ]; then
+        mirror=$STACK_DEBIAN_MIRROR security=$STACK_DEBIAN_MIRROR-security
+    else
+        read -r mirror security < <("${CHECK[@]}" mirror) \
+            || skip "no Debian mirror in this machine's apt sources; set STACK_DEBIAN_MIRROR"
+    fi
     ROOTFS=$(mktemp -d "${TMPDIR:-/tmp}/ctr-bookworm.XXXXXX")
     log "base: debootstrap --variant=minbase bookworm from $mirror (log: $OUT/debootstrap.log)"
     logged 900 "$OUT/debootstrap.log" debootstrap --variant=minbase \

@@ -79,8 +79,8 @@ def _apt_entries() -> list[tuple[str, list[str]]]:
 
 
 def mirror(suite: str = "bookworm") -> tuple[str, str]:
-    """The Debian mirror (and security mirror) that this machine's apt uses for ``suite``;
-    deb.debian.org when it uses none."""
+    """The Debian mirror (and security mirror) that this machine's apt uses for ``suite``.
+    Without one, set STACK_DEBIAN_MIRROR."""
     main = security = ""
     for uri, suites in _apt_entries():
         uri = uri.rstrip("/")
@@ -88,10 +88,9 @@ def mirror(suite: str = "bookworm") -> tuple[str, str]:
             main = uri
         if not security and f"{suite}-security" in suites:
             security = uri
-    return (
-        main or "http://deb.debian.org/debian",
-        security or "http://deb.debian.org/debian-security",
-    )
+    if not main:
+        raise SystemExit(f"no apt source for {suite}: set STACK_DEBIAN_MIRROR")
+    return main, security or main + "-security"
 
 
 def port_free(port: int) -> bool:
