@@ -147,7 +147,7 @@ class Bundle:
 
     @property
     def input_names(self) -> list[str]:
-        return [i["name"] for i in self.manifest["inputs"]]
+        return [i.name for i in graph_inputs(self.config)]
 
 
 def load_bundle(models_dir: str | Path, name: str, version: str | int = "latest") -> Bundle:

@@ -67,7 +67,9 @@ def cmd_load(args: argparse.Namespace) -> int:
     cluster = args.cluster or settings.redis_cluster
     frame = load_frame(config)
     counts = load_into_redis(config, frame, url, progress=not args.quiet, cluster=cluster)
-    print(f"loaded {counts['users']} users and {counts['items']} items into {url}")
+    from service.store import redact
+
+    print(f"loaded {counts['users']} users and {counts['items']} items into {redact(url)}")
     return 0
 
 

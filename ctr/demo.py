@@ -38,11 +38,13 @@ def _redis_ok(url: str) -> bool:
 def ensure_redis(url: str) -> subprocess.Popen | None:
     """Return a private redis-server process if one had to be started, else None."""
     if _redis_ok(url):
-        print(f"[demo] Redis answers at {url}")
+        from service.store import redact
+
+        print(f"[demo] Redis answers at {redact(url)}")
         return None
     parsed = urlparse(url)
     if parsed.hostname not in ("127.0.0.1", "localhost"):
-        raise SystemExit(f"[demo] Redis at {url} does not answer and is not local")
+        raise SystemExit("[demo] the Redis at CTR_REDIS_URL does not answer and is not local")
     binary = shutil.which("redis-server")
     if binary is None and os.geteuid() == 0 and shutil.which("apt-get"):
         print("[demo] installing redis-server (apt-get)")

@@ -48,15 +48,18 @@ def split_sequence(raw: Any, delimiter: str) -> list[Any]:
     if isinstance(raw, float) and math.isnan(raw):
         return []
     if isinstance(raw, str):
-        return [t for t in raw.split(delimiter) if t != ""] if raw else []
+        # an empty token is a missing value (OOV), kept so parallel fields stay aligned
+        return [t if t != "" else None for t in raw.split(delimiter)] if raw else []
     return list(raw)
 
 
 def to_float(raw: Any, spec: FeatureSpec) -> float:
     """Dense value: missing/NaN/inf -> default; ``log1p`` applied to non-negatives."""
+    if type(raw) is float and math.isfinite(raw):  # the common case
+        return math.log1p(max(raw, 0.0)) if spec.log1p else raw
     try:
         v = float(raw) if raw is not None and raw != "" else spec.default
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         v = spec.default
     if math.isnan(v) or math.isinf(v):
         v = spec.default

@@ -74,7 +74,12 @@ class IdMapper:
         """Vectorised form of :meth:`map_one`; returns int64 ``[n]``."""
         if self.spec.type == "vocab":
             get = self.vocab.get
-            out = [OOV if (t := normalize(r)) is None else get(t, OOV) for r in raws]
+            # non-empty strings are already canonical: skip normalize() for them
+            out = [
+                get(r, OOV) if type(r) is str and r else
+                (OOV if (t := normalize(r)) is None else get(t, OOV))
+                for r in raws
+            ]  # fmt: skip
         else:
             b = self.spec.buckets or 1
             out = [

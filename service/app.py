@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ctr.bundle import BundleError
@@ -45,12 +45,20 @@ from service.schemas import (
     ScoreResponse,
 )
 from service.settings import Settings
-from service.store import AnyRedis, EventWriter, ItemCache, UserData, fetch, make_client
-from service.validate import parse_event, parse_score
+from service.store import (
+    AnyRedis,
+    EventWriter,
+    ItemCache,
+    UserData,
+    fetch,
+    item_key,
+    make_client,
+)
+from service.validate import parse_event, parse_score, safe_field
 
 log = logging.getLogger("ctr.service")
 
-REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+REDIS_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 
 
 class State:
@@ -140,7 +148,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
             loop.add_signal_handler(
-                signal.SIGHUP, lambda: asyncio.ensure_future(_reload(state, None))
+                signal.SIGHUP, lambda: asyncio.ensure_future(_reload_quietly(state))
             )
         app.state.ctr = state
         try:
@@ -179,6 +187,8 @@ async def _load(state: State, version: str | None) -> LoadedModel | None:
         raise
     state.model = model  # atomic swap: in-flight requests keep their reference
     state.model_error = None
+    if state.events is not None and not state.settings.sequence_keep:
+        state.events.keep = model.bundle.config.max_seq_len
     m.set_model_info(model.name, model.version, model.provider)
     return model
 
@@ -196,12 +206,20 @@ async def _reload(state: State, version: str | None) -> LoadedModel:
             raise
 
 
+async def _reload_quietly(state: State) -> None:
+    """SIGHUP: reload the newest version; a failure is logged and the old one serves on."""
+    with contextlib.suppress(BundleError, ProviderError):
+        await _reload(state, "latest")
+
+
 def _install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> Response:
         m.ERRORS.labels(exc.kind).inc()
         headers = {"Retry-After": "1"} if exc.status == 503 else None
-        body = {"error": exc.kind, "field": exc.field, "detail": exc.message}
+        field = safe_field(exc.field) if exc.field else exc.field
+        body = {"error": exc.kind, "field": field, "detail": ascii(exc.message)[1:-1]
+                if any(0xD800 <= ord(c) <= 0xDFFF for c in exc.message) else exc.message}
         return orjson_response(body, exc.status, headers)
 
     @app.exception_handler(RequestValidationError)
@@ -254,9 +272,16 @@ class DeadlineExceeded(ServiceError):
     kind = "deadline_exceeded"
 
 
-def _check_key(state: State, request: Request) -> None:
+class AdminDisabled(ServiceError):
+    status = 403
+    kind = "admin_disabled"
+
+
+def _check_key(state: State, request: Request, admin: bool = False) -> None:
     key = state.settings.api_key
     if key is None:
+        if admin:
+            raise AdminDisabled("admin endpoints need CTR_API_KEY to be set", "X-API-Key")
         return
     given = request.headers.get("x-api-key", "")
     if not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
@@ -309,8 +334,32 @@ def _install_routes(app: FastAPI, state: State) -> None:
     async def events(request: Request) -> Response:
         _check_key(state, request)
         ev = parse_event(await _read_json(request, s.max_body_bytes), s.max_id_length)
-        id_source = item_id_source(state.model.bundle) if state.model else "item_id"
-        payload = {**ev.features, id_source: ev.item_id, "type": ev.type, "ts": ev.timestamp}
+        model = state.require_model()  # the model's config says which fields to store
+        types = {t.strip() for t in s.sequence_event_types.split(",") if t.strip()}
+        if types and ev.type not in types:
+            return orjson_response({"appended": False, "duplicate": False, "ignored": True}, 202)
+        config = model.bundle.config
+        id_source = item_id_source(model.bundle)
+        payload: dict[str, Any] = {k: v for k, v in ev.features.items() if v is not None}
+        payload[id_source] = ev.item_id
+        needed = [
+            config.feature(q.shared_with or "").source
+            for q in config.sequences
+            if config.feature(q.shared_with or "").source not in payload
+        ]
+        assert state.redis is not None
+        try:
+            if needed:  # e.g. the category of a clicked item, as training histories have it
+                pipe = state.redis.pipeline(transaction=False)
+                for f in needed:
+                    pipe.hget(item_key(f), ev.item_id)
+                for f, v in zip(needed, await pipe.execute(), strict=True):
+                    if v is not None:
+                        payload[f] = v.decode() if isinstance(v, bytes) else v
+        except REDIS_ERRORS as exc:
+            log.warning("event not stored (redis): %s", type(exc).__name__)
+            raise StoreUnavailable("the behaviour store is unavailable; retry", None) from exc
+        payload.update({"type": ev.type, "ts": ev.timestamp})
         assert state.events is not None
         try:
             appended = await asyncio.wait_for(
@@ -369,9 +418,9 @@ def _install_routes(app: FastAPI, state: State) -> None:
         summary="Load a model version, warm it up and swap it in (keeps the old on failure)",
     )
     async def reload(request: Request, body: ReloadRequest | None = None) -> Response:
-        _check_key(state, request)
+        _check_key(state, request, admin=True)
         try:
-            model = await _reload(state, body.version if body else None)
+            model = await _reload(state, (body.version if body else None) or "latest")
         except (BundleError, ProviderError) as exc:
             current = state.model.version if state.model else None
             return orjson_response(
@@ -396,7 +445,13 @@ async def _score(state: State, model: LoadedModel, req: Any) -> Response:
     t0 = time.perf_counter()
     bundle = model.bundle
     lookups = item_lookups(bundle, req.item_ids, req.features)
-    hits, misses = state.item_cache.split(lookups)
+    columns: dict[str, list[str | None]] = {}
+    missed: dict[str, list[int]] = {}
+    misses: dict[str, list[str]] = {}
+    for f, ids in lookups.items():
+        columns[f], missed[f] = state.item_cache.get_many(f, ids)
+        if missed[f]:
+            misses[f] = [ids[k] for k in missed[f]]
     degraded = False
     try:
         assert state.redis is not None
@@ -405,18 +460,18 @@ async def _score(state: State, model: LoadedModel, req: Any) -> Response:
             timeout=s.redis_timeout_ms / 1000,
         )
         for f, ids in misses.items():
-            state.item_cache.put(f, ids, data.item_features.get(f, [None] * len(ids)))
+            fetched = data.item_features.get(f, [None] * len(ids))
+            state.item_cache.put(f, ids, fetched)
+            col = columns[f]
+            for k, v in zip(missed[f], fetched, strict=True):
+                col[k] = v
     except REDIS_ERRORS as exc:
         log.warning("redis fetch failed, degraded response: %s", type(exc).__name__)
         m.ERRORS.labels("redis").inc()
         m.DEGRADED.inc()
         degraded = True
         data = UserData()
-    merged: dict[str, list[str | None]] = {}
-    for f, ids in lookups.items():
-        fetched = dict(zip(misses.get(f, []), data.item_features.get(f, []), strict=False))
-        merged[f] = [hits[(f, i)] if (f, i) in hits else fetched.get(i) for i in ids]
-    data.item_features = merged
+    data.item_features = columns
     t1 = time.perf_counter()
     prepared = build_feeds(bundle, req.user_id, req.context, data, req.item_ids, req.features)
     t2 = time.perf_counter()

@@ -30,7 +30,7 @@ def item_lookups(
         missing = [
             iid
             for iid, feats in zip(item_ids, given, strict=True)
-            if not feats or f.source not in feats
+            if not feats or feats.get(f.source) is None
         ]
         if missing:
             out[f.source] = missing
@@ -61,7 +61,7 @@ def build_feeds(
     for k, v in context.items():
         user_cols[k] = [v]
     for f in c.user_sparse:  # the request's user_id wins over a stored copy
-        if f.source == "user_id":
+        if f.source in ("user_id", c.data.user_key):
             user_cols[f.source] = [user_id]
     events = data.events[-c.max_seq_len :]
     seqs = {
@@ -78,7 +78,7 @@ def build_feeds(
         looked = iter(data.item_features.get(f.source, []))
         col = []
         for feats in given:
-            if feats and f.source in feats:
+            if feats and feats.get(f.source) is not None:
                 col.append(feats[f.source])
             else:
                 col.append(next(looked, None))

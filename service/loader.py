@@ -17,32 +17,49 @@ from redis.cluster import RedisCluster
 from tqdm import tqdm
 
 from ctr.encode import split_sequence
+from ctr.mapping import normalize
 from ctr.spec import FeatureConfig
 from service.store import item_key, user_key
 
 
+def _norm(v: Any) -> str | None:
+    """Raw values as the mapping sees them (``13.0`` -> ``"13"``), so serving matches training."""
+    return normalize(v)
+
+
 def user_records(config: FeatureConfig, frame: pd.DataFrame) -> Iterator[tuple[str, dict, list]]:
-    """``(user_id, profile, events oldest-first)`` per user."""
+    """``(user_id, profile, events oldest-first)`` per user.
+
+    The history is the one of the user's newest example time; the clicked candidates of
+    that time (label 1) are appended, since they are the behaviours that followed it.
+    """
     spec = config.data
     profile_feats = [f for f in config.features if f.side == "user" and f.kind != "sequence"]
     seqs = config.sequences
     targets = [config.feature(s.shared_with or "") for s in seqs]
     delim = spec.seq_delimiter
     key = spec.user_key
-    if spec.time_column and spec.time_column in frame:
+    has_time = bool(spec.time_column and spec.time_column in frame)
+    if has_time:
         frame = frame.sort_values([key, spec.time_column], kind="stable")
     for uid, rows in frame.groupby(key, sort=False):
         last = rows.iloc[-1]
         profile = {
-            f.source: str(last[f.source])
+            f.source: v
             for f in profile_feats
-            if f.source in rows and f.source != key and pd.notna(last[f.source])
+            if f.source in rows and f.source != key and (v := _norm(last[f.source])) is not None
         }
-        lengths = [len(split_sequence(v, delim)) for v in (rows[seqs[0].source] if seqs else [])]
-        row = rows.iloc[max(range(len(lengths)), key=lengths.__getitem__) if lengths else -1]
-        cols = [split_sequence(row[s.source], delim) for s in seqs] if seqs else []
+        newest = rows[rows[spec.time_column] == last[spec.time_column]] if has_time else rows[-1:]
+        row = newest.iloc[0]
+        cols = [split_sequence(row[s.source], delim) for s in seqs]
         n = min((len(c) for c in cols), default=0)
-        events = [{t.source: cols[j][i] for j, t in enumerate(targets)} for i in range(n)]
+        events = [
+            {t.source: _norm(cols[j][len(cols[j]) - n + i]) for j, t in enumerate(targets)}
+            for i in range(n)
+        ]
+        if seqs:
+            for _, pos in newest[newest[spec.label] == 1].iterrows():
+                events.append({t.source: _norm(pos.get(t.source)) for t in targets})
         yield str(uid), profile, events
 
 
@@ -53,11 +70,14 @@ def item_records(config: FeatureConfig, frame: pd.DataFrame) -> dict[str, dict[s
         return {}
     id_feat = config.feature(config.sequences[0].shared_with or "")
     out: dict[str, dict[str, Any]] = {f.source: {} for f in item_feats if f is not id_feat}
-    ids = frame[id_feat.source].astype(str).tolist()
+    ids = [_norm(v) for v in frame[id_feat.source].tolist()]
     for f in item_feats:
         if f is id_feat or f.source not in frame:
             continue
-        out[f.source].update(zip(ids, frame[f.source].astype(str).tolist(), strict=True))
+        for i, v in zip(ids, frame[f.source].tolist(), strict=True):
+            nv = _norm(v) if f.kind == "sparse" else (None if pd.isna(v) else str(float(v)))
+            if i is not None and nv is not None:
+                out[f.source][i] = nv
     # histories carry the sequence-shared features too (e.g. hist_cate_id for cate_id)
     delim = config.data.seq_delimiter
     id_seq = next(s for s in config.sequences if s.shared_with == id_feat.name)
@@ -68,7 +88,9 @@ def item_records(config: FeatureConfig, frame: pd.DataFrame) -> dict[str, dict[s
         for h_ids, h_vals in zip(frame[id_seq.source], frame[s.source], strict=True):
             a, b = split_sequence(h_ids, delim), split_sequence(h_vals, delim)
             for i, v in zip(a, b, strict=False):
-                out[target.source].setdefault(str(i), str(v))
+                ni, nv = _norm(i), _norm(v)
+                if ni is not None and nv is not None:
+                    out[target.source].setdefault(ni, nv)
     return out
 
 

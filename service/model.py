@@ -76,7 +76,16 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
     if settings.require_gpu and provider != CUDA:
         raise ProviderError(f"CTR_REQUIRE_GPU=1 but the session runs on {provider}")
     model = LoadedModel(bundle, session, provider, [o.name for o in session.get_outputs()])
-    warm_up(model)
+    graph_in = [i.name for i in session.get_inputs()]
+    if graph_in != bundle.input_names:
+        raise BundleError(
+            f"{bundle.model_path}: graph inputs {graph_in} differ from the manifest's "
+            f"{bundle.input_names}"
+        )
+    try:
+        warm_up(model)
+    except Exception as exc:  # ORT raises its own types for shape/type mismatches
+        raise BundleError(f"{bundle.model_path}: warm-up run failed: {exc}") from exc
     log.info(
         "model loaded name=%s version=%s provider=%s path=%s",
         model.name,

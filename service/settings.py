@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_000_000, gt=0, description="request body size limit")
     max_id_length: int = Field(256, gt=0, description="longest user/item ID accepted")
     sequence_keep: int = Field(0, ge=0, description="events kept per user (0 = model's L)")
+    sequence_event_types: str = Field(
+        "", description="comma-separated event types appended to sequences (empty = all)"
+    )
     event_dedup_window: int = Field(1000, gt=0, description="event IDs remembered per user")
     max_in_flight: int = Field(64, gt=0, description="requests in flight per worker before 503")
     request_timeout_ms: int = Field(1000, gt=0, description="per-request deadline")

@@ -11,7 +11,7 @@ key                                type    content
                                            item-side raw features (``item_id``,
                                            ``cate_id``, ...) plus ``type`` and ``ts``;
                                            trimmed to the newest ``sequence_keep``
-``{u:<user_id>}:events``           ZSET    recent event IDs (score = timestamp), the
+``{u:<user_id>}:events``           ZSET    recent event IDs (score = arrival time), the
                                            idempotency window for ``POST /v1/events``
 ``ctr:item:<feature>``             HASH    item_id -> raw value of one item feature
 =================================  ======  ==============================================
@@ -54,11 +54,29 @@ def make_client(
         # every node given in a comma-separated URL list is a startup node; no backoff
         # sleeps inside the client: the caller's deadline bounds each request instead
         nodes = []
+        first = urlparse(url.split(",")[0])
         for part in url.split(","):
             parsed = urlparse(part if "://" in part else "redis://" + part)
             nodes.append(ClusterNode(parsed.hostname or "127.0.0.1", parsed.port or 6379))
+        if first.username:
+            kw["username"] = first.username
+        if first.password:
+            kw["password"] = first.password
+        if first.scheme == "rediss":
+            kw["ssl"] = True
         return RedisCluster(startup_nodes=nodes, retry=Retry(NoBackoff(), 1), **kw)
     return Redis(connection_pool=ConnectionPool.from_url(url, retry_on_timeout=False, **kw))
+
+
+def redact(url: str) -> str:
+    """The URL(s) with any password replaced, for logs and messages."""
+    out = []
+    for part in url.split(","):
+        p = urlparse(part)
+        if p.password:
+            part = part.replace(f":{p.password}@", ":***@")
+        out.append(part)
+    return ",".join(out)
 
 
 class ItemCache:
@@ -69,21 +87,22 @@ class ItemCache:
         self.size = size
         self.data: dict[tuple[str, str], tuple[str | None, float]] = {}
 
-    def split(self, lookups: dict[str, list[str]]) -> tuple[dict, dict[str, list[str]]]:
-        """``(hits {(feature, id): value}, misses {feature: [ids]})``."""
+    def get_many(self, feature: str, ids: list[str]) -> tuple[list[str | None], list[int]]:
+        """Cached values for ``ids`` (None where missing) and the positions that missed."""
         if self.ttl <= 0:
-            return {}, lookups
+            return [None] * len(ids), list(range(len(ids)))
         now = time.monotonic()
-        hits: dict[tuple[str, str], str | None] = {}
-        misses: dict[str, list[str]] = {}
-        for f, ids in lookups.items():
-            for i in ids:
-                entry = self.data.get((f, i))
-                if entry is not None and entry[1] > now:
-                    hits[(f, i)] = entry[0]
-                else:
-                    misses.setdefault(f, []).append(i)
-        return hits, misses
+        get = self.data.get
+        values: list[str | None] = []
+        missed: list[int] = []
+        for k, i in enumerate(ids):
+            entry = get((feature, i))
+            if entry is not None and entry[1] > now:
+                values.append(entry[0])
+            else:
+                values.append(None)
+                missed.append(k)
+        return values, missed
 
     def put(self, feature: str, ids: list[str], values: list[str | None]) -> None:
         if self.ttl <= 0:
@@ -96,10 +115,14 @@ class ItemCache:
             self.data[(feature, i)] = (v, expiry)
 
 
-# KEYS: seq, events. ARGV: event_id, ts, payload, keep, window.
+# KEYS: seq, events. ARGV: event_id, ts (unused: the window is ordered by server
+# arrival time, so a backfilled old event cannot fall out of it at once), payload,
+# keep, window.
 # Returns 1 when appended, 0 when the event_id was already seen.
 APPEND_EVENT = """
-local added = redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[1])
+local t = redis.call('TIME')
+local arrival = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local added = redis.call('ZADD', KEYS[2], 'NX', arrival, ARGV[1])
 if added == 0 then return 0 end
 redis.call('RPUSH', KEYS[1], ARGV[3])
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[4]), -1)

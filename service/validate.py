@@ -8,15 +8,31 @@ shapes in OpenAPI.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from service.errors import BadRequest
 
 SCALARS = (str, int, float, bool)
+INT64 = 2**63
+# control characters, DEL and lone surrogates: one regex pass instead of per-char loops
+_BAD_ID = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _has_surrogate(s: str) -> bool:
+    return _SURROGATE.search(s) is not None
+
+
+def safe_field(name: str) -> str:
+    """A field name that can always be serialised (lone surrogates escaped)."""
+    return name if not _has_surrogate(name) else ascii(name)[1:-1]
 
 
 def check_id(value: Any, field: str, max_len: int) -> str:
+    if type(value) is str and 0 < len(value) <= max_len and _BAD_ID.search(value) is None:
+        return value  # the common case, checked in one pass
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise BadRequest(f"{field} must be a string", field)
     s = str(value)
@@ -24,10 +40,10 @@ def check_id(value: Any, field: str, max_len: int) -> str:
         raise BadRequest(f"{field} must not be empty", field)
     if len(s) > max_len:
         raise BadRequest(f"{field} is longer than {max_len} characters", field)
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in s):
-        raise BadRequest(f"{field} contains control characters", field)
-    if any(0xD800 <= ord(ch) <= 0xDFFF for ch in s):
+    if _has_surrogate(s):
         raise BadRequest(f"{field} contains unpaired surrogates", field)
+    if _BAD_ID.search(s):
+        raise BadRequest(f"{field} contains control characters", field)
     return s
 
 
@@ -35,21 +51,27 @@ def check_features(value: Any, field: str, max_len: int) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise BadRequest(f"{field} must be an object", field)
     for k, v in value.items():
+        where = f"{field}.{safe_field(k)}"
+        if _has_surrogate(k):
+            raise BadRequest(f"{where}: key contains unpaired surrogates", where)
         if v is None:
             continue
         if not isinstance(v, SCALARS):
-            raise BadRequest(f"{field}.{k} must be a string, number or boolean", f"{field}.{k}")
+            raise BadRequest(f"{where} must be a string, number or boolean", where)
         if isinstance(v, float) and not math.isfinite(v):
-            raise BadRequest(f"{field}.{k} must be a finite number", f"{field}.{k}")
-        if isinstance(v, str) and len(v) > max_len:
-            raise BadRequest(f"{field}.{k} is longer than {max_len} characters", f"{field}.{k}")
+            raise BadRequest(f"{where} must be a finite number", where)
+        if isinstance(v, int) and not isinstance(v, bool) and not -INT64 <= v < INT64:
+            raise BadRequest(f"{where} is outside the 64-bit integer range", where)
+        if isinstance(v, str) and (len(v) > max_len or _has_surrogate(v)):
+            raise BadRequest(f"{where} is longer than {max_len} characters or not valid UTF-8",
+                             where)  # fmt: skip
     return value
 
 
 def check_keys(obj: dict, allowed: set[str], where: str) -> None:
     unknown = sorted(set(obj) - allowed)
     if unknown:
-        name = unknown[0] or '""'
+        name = safe_field(unknown[0]) or '""'
         field = f"{where}.{name}" if where else name
         raise BadRequest(f"unknown field {field!r}", field)
 
@@ -84,21 +106,25 @@ def parse_score(obj: Any, max_candidates: int, max_id_len: int) -> ScoreInput:
     feats: list[dict[str, Any] | None] = []
     seen: dict[str, int] = {}
     for i, c in enumerate(cands):
-        where = f"candidates[{i}]"
-        if not isinstance(c, dict):
-            raise BadRequest(f"{where} must be an object", where)
+        if type(c) is not dict:
+            raise BadRequest(f"candidates[{i}] must be an object", f"candidates[{i}]")
         if len(c) > 2 or (len(c) == 2 and "features" not in c):
-            check_keys(c, {"item_id", "features"}, where)
-        if "item_id" not in c:
-            raise BadRequest(f"{where}.item_id is required", f"{where}.item_id")
-        iid = check_id(c["item_id"], f"{where}.item_id", max_id_len)
+            check_keys(c, {"item_id", "features"}, f"candidates[{i}]")
+        raw_id = c.get("item_id")
+        if raw_id is None:
+            raise BadRequest(f"candidates[{i}].item_id is required", f"candidates[{i}].item_id")
+        if type(raw_id) is str and 0 < len(raw_id) <= max_id_len and not _BAD_ID.search(raw_id):
+            iid = raw_id
+        else:
+            iid = check_id(raw_id, f"candidates[{i}].item_id", max_id_len)
         if iid in seen:
-            raise BadRequest(
-                f"{where}.item_id {iid!r} duplicates candidates[{seen[iid]}]", f"{where}.item_id"
-            )
+            where = f"candidates[{i}].item_id"
+            raise BadRequest(f"{where} {iid!r} duplicates candidates[{seen[iid]}]", where)
         seen[iid] = i
         f = c.get("features")
-        feats.append(None if f is None else check_features(f, f"{where}.features", max_id_len))
+        feats.append(
+            None if f is None else check_features(f, f"candidates[{i}].features", max_id_len)
+        )
         ids.append(iid)
     context = obj.get("context")
     context = {} if context is None else check_features(context, "context", max_id_len)
@@ -136,9 +162,10 @@ def parse_event(obj: Any, max_id_len: int) -> EventInput:
     f = obj.get("features")
     features = {} if f is None else check_features(f, "features", max_id_len)
     etype = obj.get("type", "click")
-    if not isinstance(etype, str) or not etype or len(etype) > 32:
+    if not isinstance(etype, str) or not etype or len(etype) > 32 or _has_surrogate(etype):
         raise BadRequest("type must be a non-empty string of at most 32 characters", "type")
     ts = obj["timestamp"]
-    if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts) or ts < 0:
+    bad = isinstance(ts, bool) or not isinstance(ts, int | float)
+    if bad or not math.isfinite(ts) or not 0 <= ts < 1e12:
         raise BadRequest("timestamp must be a non-negative number (unix seconds)", "timestamp")
     return EventInput(user_id, event_id, item_id, features, etype, float(ts))

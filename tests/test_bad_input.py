@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -112,6 +113,29 @@ def test_odd_unicode_ids_are_fine(client: TestClient) -> None:
     assert {it["item_id"] for it in r.json()["items"]} == {"ítem-𝔘", "i1", "\ufeffbom"}
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"user_id": "u1", "candidates": [{"item_id": "i1"}], "zz\\ud800": 1}',
+        b'{"user_id": "u1", "candidates": [{"item_id": "i1", "features": {"k\\ud800": 1}}]}',
+        b'{"user_id": "u1", "candidates": [{"item_id": "i1", "features": {"cate_id": "\\udc00"}}]}',
+        b'{"user_id": "u1", "candidates": [{"item_id": "i1", "features": {"item_price": '
+        + b"1" * 400
+        + b"}}]}",
+    ],
+    ids=["surrogate-top-key", "surrogate-feature-key", "surrogate-value", "huge-int"],
+)
+def test_unserialisable_input_is_a_4xx(client: TestClient, raw: bytes) -> None:
+    r = client.post("/v1/score", content=raw)
+    assert 400 <= r.status_code < 500, r.text
+    assert r.json()["field"]
+
+
+def test_admin_disabled_without_a_key(client: TestClient) -> None:
+    r = client.post("/admin/reload", json={})
+    assert r.status_code == 403 and r.json()["error"] == "admin_disabled"
+
+
 def test_lone_surrogate_rejected(client: TestClient) -> None:
     raw = b'{"user_id": "u\\ud800", "candidates": [{"item_id": "i1"}]}'
     r = client.post("/v1/score", content=raw)
@@ -129,12 +153,15 @@ EVENT_ROWS: list[tuple[str, Any, str]] = [
     ("bad features", {**EVENT, "features": [1, 2]}, "features"),
     ("unknown field", {**EVENT, "extra": 1}, "extra"),
     ("long item id", {**EVENT, "item_id": "x" * 1000}, "item_id"),
+    ("surrogate feature", {**EVENT, "features": {"cate_id": "\ud800"}}, "features.cate_id"),
+    ("huge int feature", {**EVENT, "features": {"x": 10**400}}, "features.x"),
 ]
 
 
 @pytest.mark.parametrize(("name", "body", "field"), EVENT_ROWS, ids=[r[0] for r in EVENT_ROWS])
 def test_bad_event(client: TestClient, name: str, body: Any, field: str) -> None:
-    check(client.post("/v1/events", json=body), 422, field)
+    raw = json.dumps(body).encode()  # ASCII escapes, so lone surrogates can be sent
+    check(client.post("/v1/events", content=raw), 422, field)
 
 
 def test_bad_reload_body(client: TestClient) -> None:

@@ -19,6 +19,7 @@ from service.loader import item_records, load_into_redis
 from service.settings import Settings
 from service.store import item_key, user_key
 from tests.helpers import REDIS_URL, Built, build_bundle, fresh_redis
+from tests.redis_proc import RedisProcess
 
 
 @pytest.fixture(scope="module")
@@ -209,27 +210,40 @@ def test_events_append_trim_idempotent(built: Built, redis_db: Redis, client: Te
 
 
 @pytest.mark.parametrize("cache_ttl", [60.0, 0.0], ids=["item-cache", "no-item-cache"])
-def test_one_redis_round_trip_per_score(built: Built, redis_db: Redis, cache_ttl: float) -> None:
+def test_one_redis_round_trip_per_score(built: Built, cache_ttl: float) -> None:
+    """Measured on a private redis-server, so no other client's reads are counted."""
     items = some_items(built, 20)
     body = {"user_id": "u9", "candidates": [{"item_id": i} for i in items]}
-    probe = Redis.from_url(REDIS_URL)
-    probe.info("stats")  # the probe's own connection set-up happens here
+    own = RedisProcess().start()
+    try:
+        load_into_redis(built.config, built.frame, own.url, progress=False)
+        probe = Redis.from_url(own.url)
+        probe.info("stats")  # the probe's own connection set-up happens here
 
-    def reads() -> int:
-        return int(probe.info("stats")["total_reads_processed"])
+        def reads() -> int:
+            return int(probe.info("stats")["total_reads_processed"])
 
-    def hmget_calls() -> int:
-        return int(probe.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0))
+        def hmget_calls() -> int:
+            return int(probe.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0))
 
-    with TestClient(create_app(settings_for(built, item_cache_ttl_s=cache_ttl))) as client:
-        client.post("/v1/score", json=body)  # warm the pool (connection set-up is per pool)
-        deltas = []
-        hm_before = hmget_calls()
-        for _ in range(3):
-            before = reads()
-            assert client.post("/v1/score", json=body).status_code == 200
-            deltas.append(reads() - before - 1)  # minus the probe's own INFO
-        hm_after = hmget_calls()
+        s = Settings(
+            models_dir=str(built.models_dir),
+            model_name=built.config.name,
+            redis_url=own.url,
+            redis_timeout_ms=500,
+            item_cache_ttl_s=cache_ttl,
+        )
+        with TestClient(create_app(s)) as client:
+            client.post("/v1/score", json=body)  # warm the pool (connection set-up)
+            deltas = []
+            hm_before = hmget_calls()
+            for _ in range(3):
+                before = reads()
+                assert client.post("/v1/score", json=body).status_code == 200
+                deltas.append(reads() - before - 1)  # minus the probe's own INFO
+            hm_after = hmget_calls()
+    finally:
+        own.stop()
     assert deltas == [1, 1, 1]
     if cache_ttl == 0:  # every request looked item features up, still in the one trip
         assert hm_after - hm_before >= 3
@@ -273,3 +287,26 @@ def test_missing_bundle_not_ready(tmp_path: Path, redis_db: Redis) -> None:
         assert r.status_code == 503 and "no versions" in r.json()["model_error"]
         s2 = c.post("/v1/score", json={"user_id": "u1", "candidates": [{"item_id": "i1"}]})
         assert s2.status_code == 503 and s2.json()["error"] == "model_not_ready"
+
+
+def test_loader_writes_the_newest_history(built: Built, redis_db: Redis) -> None:
+    frame = built.frame
+    for user in ("u3", "u8"):
+        rows = frame[frame.user_id == user]
+        newest = rows[rows.ts == rows.ts.max()]
+        want = list(newest.iloc[0]["hist_item_id"])[-built.config.max_seq_len :]
+        want += newest[newest.label == 1]["item_id"].tolist()  # clicks that followed it
+        got = [e["item_id"] for e in stored_history(redis_db, user)]
+        assert got == want[-built.config.max_seq_len :]
+
+
+def test_event_without_features_gets_them_from_the_item_table(
+    redis_db: Redis, client: TestClient
+) -> None:
+    user = "event-user-2"
+    redis_db.delete(user_key(user, "seq"), user_key(user, "events"))
+    cate = redis_db.hget(item_key("cate_id"), "i5")
+    assert cate is not None
+    ev = {"user_id": user, "event_id": "f1", "item_id": "i5", "timestamp": 3.0}
+    assert client.post("/v1/events", json=ev).json()["appended"] is True
+    assert stored_history(redis_db, user)[-1]["cate_id"] == cate
