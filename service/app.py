@@ -28,8 +28,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ctr.bundle import BundleError
 from service import metrics as m
 from service.errors import (
+    AdminDisabled,
     BadRequest,
+    DeadlineExceeded,
+    MalformedJSON,
     ModelNotReady,
+    Overloaded,
+    PayloadTooLarge,
     ServiceError,
     StoreUnavailable,
     Unauthorized,
@@ -250,31 +255,6 @@ async def _read_json(request: Request, limit: int) -> Any:
             return json.loads(bytes(body))
         except ValueError:
             raise MalformedJSON(f"malformed JSON: {exc}", "body") from exc
-
-
-class PayloadTooLarge(BadRequest):
-    status = 413
-    kind = "payload_too_large"
-
-
-class MalformedJSON(BadRequest):
-    status = 400
-    kind = "malformed_json"
-
-
-class Overloaded(ServiceError):
-    status = 503
-    kind = "overloaded"
-
-
-class DeadlineExceeded(ServiceError):
-    status = 503
-    kind = "deadline_exceeded"
-
-
-class AdminDisabled(ServiceError):
-    status = 403
-    kind = "admin_disabled"
 
 
 def _check_key(state: State, request: Request, admin: bool = False) -> None:

@@ -31,3 +31,28 @@ class StoreUnavailable(ServiceError):
 class Unauthorized(ServiceError):
     status = 401
     kind = "unauthorized"
+
+
+class PayloadTooLarge(BadRequest):
+    status = 413
+    kind = "payload_too_large"
+
+
+class MalformedJSON(BadRequest):
+    status = 400
+    kind = "malformed_json"
+
+
+class Overloaded(ServiceError):
+    status = 503
+    kind = "overloaded"
+
+
+class DeadlineExceeded(ServiceError):
+    status = 503
+    kind = "deadline_exceeded"
+
+
+class AdminDisabled(ServiceError):
+    status = 403
+    kind = "admin_disabled"
