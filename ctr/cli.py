@@ -108,7 +108,8 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
 
     ns = [int(x) for x in args.n.split(",")]
     print(f"command: ctr bench-model {' '.join(sys.argv[2:])}".strip())
-    print(run(args.models.split(","), ns, args.threads, args.repeats, args.seq_len))
+    over = _overrides(args.set)
+    print(run(args.models.split(","), ns, args.threads, args.repeats, args.seq_len, over))
     if args.ablation:
         print()
         print(ablation(args.ablation, args.threads, args.repeats, args.seq_len))
@@ -223,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--repeats", type=int, default=50)
     bm.add_argument("--seq-len", type=int, default=50)
     bm.add_argument("--ablation", type=int, default=500, help="DIN ablation at this N (0 = off)")
+    bm.add_argument("--set", action="append", default=[], help="config override")
     bm.set_defaults(func=cmd_bench_model)
     bs = sub.add_parser("bench", help="service benchmark over HTTP with a real Redis")
     bs.add_argument("--models", default="din,dien")

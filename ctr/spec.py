@@ -84,6 +84,10 @@ class ModelSpec(_Strict):
     attention_softmax: bool = False
     gru_dim: int | None = None
     evolution: Literal["augru", "agru", "aigru"] = "augru"
+    dien_attention: Literal["mlp", "bilinear"] = Field(
+        default="mlp",
+        description="DIEN attention: the official code's activation unit, or the paper's h W e",
+    )
     aux_loss_weight: float = Field(default=1.0, ge=0.0)
     mba_l2: float = Field(default=0.0, ge=0.0, description="mini-batch aware L2 on embeddings")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)

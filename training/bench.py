@@ -117,12 +117,20 @@ def render(rows: list[dict[str, Any]], threads: int, length: int) -> str:
     return "\n".join(lines)
 
 
-def run(models: list[str], n_values: list[int], threads: int, repeats: int, length: int) -> str:
+def run(
+    models: list[str],
+    n_values: list[int],
+    threads: int,
+    repeats: int,
+    length: int,
+    overrides: dict[str, Any] | None = None,
+) -> str:
     tables = []
     all_rows = []
     for mt in models:
         cfg_file = "synthetic_dien.yaml" if mt == "dien" else "synthetic_din.yaml"
-        config = load_config(ROOT / "configs" / cfg_file, {"model.type": mt, "max_seq_len": length})
+        over = {"model.type": mt, "max_seq_len": length, **(overrides or {})}
+        config = load_config(ROOT / "configs" / cfg_file, over)
         all_rows += bench_model(config, n_values, threads, repeats)
     tables.append(render(all_rows, threads, length))
     return "\n".join(tables)

@@ -21,6 +21,7 @@ from training.modules import (
     MLP,
     DINAttention,
     EmbeddingCollection,
+    masked_softmax,
     sequence_mask,
 )
 
@@ -330,9 +331,14 @@ class DIEN(CTRModel):
         d = self.seq_width(self.group)
         hd = m.gru_dim or d
         self.extractor = nn.GRU(d, hd, batch_first=True)
-        # the official DIEN attention: an activation unit over [q, h, q-h, q*h], softmax
+        # "mlp": the official code's activation unit over [q, h, q-h, q*h] with softmax;
+        # "bilinear": the paper's softmax(h_t W e_a), one dot product per (candidate, step)
+        self.attention_kind = m.dien_attention
         self.query_proj = nn.Linear(d, hd, bias=False) if hd != d else nn.Identity()
-        self.att = DINAttention(hd, m.attention_mlp, m.activation, softmax=True)
+        if self.attention_kind == "mlp":
+            self.att = DINAttention(hd, m.attention_mlp, m.activation, softmax=True)
+        else:
+            self.att_w = nn.Linear(d, hd, bias=False)
         self.evolution = AttentionalGRU(hd, hd, m.evolution)
         self.aux = MLP(hd + d, [100, 50], "prelu")
         self.aux_head = nn.Linear(self.aux.out_dim, 1)
@@ -347,7 +353,12 @@ class DIEN(CTRModel):
         states, _ = self.extractor(e)  # [U, L, H]; right padding never leaks left
         states = states * mask.unsqueeze(-1).to(states.dtype)
         q = self.emb.query(self.group, x["item_sparse"])  # [N, D]
-        _, att = self.att(self.query_proj(q), states, idx, mask)  # [N, L], 0 at padding
+        if self.attention_kind == "mlp":
+            _, att = self.att(self.query_proj(q), states, idx, mask)  # [N, L], 0 at padding
+        else:
+            s_n = states.index_select(0, idx)  # [N, L, H]
+            scores = torch.bmm(s_n, self.att_w(q).unsqueeze(-1)).squeeze(-1)  # [N, L]
+            att = masked_softmax(scores, mask.index_select(0, idx))
         final = self.evolution(states, att, idx, mask)  # [N, H]
         pooled_sum = (e * mask.unsqueeze(-1).to(e.dtype)).sum(1).index_select(0, idx)
         u = self.user_deep(x).index_select(0, idx)
