@@ -9,6 +9,12 @@ failures overall and per candidate-count bucket) and ``latency.png`` (latency ov
 and latency by candidate count). Exit status: 0 when every request succeeded, 1 when
 some failed (unless --allow-failures), 2 when locust produced no statistics.
 
+With --from-csv, locust is not run: the report and chart are made from the CSVs (and
+``locust_final.json``) that a locust run already wrote into --out with ``--csv
+<out>/locust --csv-full-history --json-file <out>/locust_final`` (the compose
+``loadtest`` profile's container in scripts/stack_smoke.sh); --host/--duration/--users/
+--spawn-rate then only label the report, and --locust-exit-code is that run's status.
+
 Traffic knobs (LOCUST_USERS_N, LOCUST_ZIPF_A, LOCUST_CANDIDATE_MIX, LOCUST_EVENT_SHARE,
 ...) are environment variables read by loadtest/locustfile.py.
 """
@@ -347,6 +353,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, default=60.0, help="extra seconds before killing")
     p.add_argument("--loglevel", default="WARNING")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument(
+        "--from-csv",
+        action="store_true",
+        help="do not run locust: report on the locust CSVs/JSON already in --out",
+    )
+    p.add_argument(
+        "--locust-exit-code", type=int, default=0, help="with --from-csv: locust's exit status"
+    )
     return p
 
 
@@ -356,10 +370,12 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out.resolve()
     args.locustfile = args.locustfile.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    for old in [*out.glob(f"{PREFIX}_*.csv"), out / f"{JSON_STEM}.json"]:
-        old.unlink(missing_ok=True)
-
-    code = run_locust(args, out)
+    if args.from_csv:
+        code = args.locust_exit_code
+    else:
+        for old in [*out.glob(f"{PREFIX}_*.csv"), out / f"{JSON_STEM}.json"]:
+            old.unlink(missing_ok=True)
+        code = run_locust(args, out)
     json_path = out / f"{JSON_STEM}.json"
     if json_path.exists():
         stats = stats_from_json(json_path)

@@ -12,17 +12,20 @@
 #      minbase` from this machine's apt mirror with python3.11 + venv + pip, imported with
 #      `docker import` (kept and reused; STACK_REBUILD_BASE=1 rebuilds it);
 #   3. images: the project's Dockerfile, target runtime, with --build-arg BASE_IMAGE=<base>
-#      and --network host (ctr-serving:local), and the Debian-package stand-ins for redis
-#      and prometheus (deploy/local/*.Dockerfile);
+#      and --network host (ctr-serving:local), the Debian-package stand-ins for redis
+#      and prometheus, and ctr-local/locust:<the .venv's locust version> (a venv with
+#      locust from PyPI) for the `loadtest` profile (deploy/local/*.Dockerfile);
 #   4. model: `ctr train` (1 epoch, synthetic DIN) + `ctr export` on the host into a
 #      temporary model store, bind-mounted into the containers (no torch image needed);
 #   5. stack: docker compose -f docker-compose.yml -f deploy/local/docker-compose.local.yml
 #      up -d --no-build (init = `ctr load` from the runtime image), wait for healthchecks;
 #   6. checks: a ranked /v1/score and an accepted /v1/events from inside the API
 #      container; the API runs as non-root; no torch in the runtime image (its size is
-#      printed); Prometheus scrapes the API (up{job="api"} == 1); loadtest/run.py for 30 s
-#      with zero failures and its report written; then every PromQL query of the Grafana
-#      dashboard returns data from that Prometheus;
+#      printed); Prometheus scrapes the API (up{job="api"} == 1); the compose `loadtest`
+#      profile's locust container (`run --rm locust`) for 30 s with exit status 0, zero
+#      failures and its CSV/HTML/JSON written, then loadtest/run.py --from-csv writes the
+#      report from them; then every PromQL query of the Grafana dashboard returns data
+#      from that Prometheus;
 #   7. teardown: compose down -v; the images and the build cache stay for the next run.
 #
 # Exit status: 0 passed, 1 failed, 77 skipped (no engine can run here: the reason is on
@@ -48,6 +51,7 @@ export CTR_IMAGE_TAG=${CTR_IMAGE_TAG:-local}
 RUNTIME_IMAGE=ctr-serving:$CTR_IMAGE_TAG
 REDIS_IMAGE=ctr-local/redis:7
 PROM_IMAGE=ctr-local/prometheus:2
+LOCUST_IMAGE=""  # ctr-local/locust:<locust version of $PY>, set in build_images
 PROJECT=${STACK_PROJECT:-ctr-stack-smoke}
 LOCUST_DURATION=${STACK_LOCUST_DURATION:-30s}
 LOCUST_USERS=${STACK_LOCUST_USERS:-8}
@@ -296,6 +300,24 @@ build_images() {
     logged 600 "$OUT/build-prometheus.log" "$DOCKER" "${BUILD[@]}" --progress plain --label "$LABEL" \
         --network host --build-arg "BASE_IMAGE=$BASE_IMAGE" -f deploy/local/prometheus.Dockerfile \
         -t "$PROM_IMAGE" deploy/local || fail "building $PROM_IMAGE failed"
+    # the compose `loadtest` profile's locust, pinned to the version the host venv runs
+    local version
+    version=$("$PY" -c 'import importlib.metadata as m; print(m.version("locust"))') \
+        || fail "locust is not installed in $PY's environment (scripts/setup.sh)"
+    export LOCUST_IMAGE_TAG=$version
+    LOCUST_IMAGE=ctr-local/locust:$version
+    # its build context is deploy/local: the CA bundle goes in as the pip_cert secret
+    secret=()
+    if [ -s certs/ca.pem ]; then
+        secret=(--secret "id=pip_cert,src=$REPO/certs/ca.pem")
+    elif [ -n "${PIP_CERT:-}" ] && [ -s "$PIP_CERT" ]; then
+        secret=(--secret "id=pip_cert,src=$PIP_CERT")
+    fi
+    log "images: $LOCUST_IMAGE (deploy/local/locust.Dockerfile)"
+    logged 900 "$OUT/build-locust.log" "$DOCKER" "${BUILD[@]}" --progress plain --label "$LABEL" \
+        --network host --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "LOCUST_VERSION=$version" \
+        "${secret[@]}" -f deploy/local/locust.Dockerfile -t "$LOCUST_IMAGE" deploy/local \
+        || fail "building $LOCUST_IMAGE failed"
 }
 
 # ------------------------------------------------------------------ 4. model
@@ -405,13 +427,29 @@ check_image() {
 }
 
 load_test() {
-    rm -rf "$OUT/loadtest"
-    log "load test: loadtest/run.py --duration $LOCUST_DURATION --users $LOCUST_USERS"
-    LOCUST_USERS_N=2000 logged 240 "$OUT/loadtest.log" "$PY" loadtest/run.py \
+    local out=$OUT/loadtest rc=0
+    rm -rf "$out"
+    mkdir -p "$out"
+    chmod 0777 "$out"  # the container's user (locust, uid 1000) writes there
+    # the stack is up and checked: --no-deps leaves it alone (no re-run of init)
+    log "load test: compose --profile loadtest run --rm locust ($LOCUST_IMAGE," \
+        "$LOCUST_USERS users, $LOCUST_DURATION; output $out)"
+    logged 300 "$OUT/loadtest.log" env CTR_LOCUST_OUT="$out" LOCUST_USERS_N=2000 \
+        LOCUST_NUM_USERS="$LOCUST_USERS" LOCUST_SPAWN_RATE="$LOCUST_USERS" \
+        LOCUST_RUN_TIME="$LOCUST_DURATION" \
+        "${DC[@]}" --profile loadtest run --rm --no-deps -T locust || rc=$?
+    sed 's/^/    locust: /' "$OUT/loadtest.log" | tail -n 25
+    [ "$rc" = 0 ] || fail "the locust container exited with status $rc"
+    log "ok: the locust container exited 0"
+    "${CHECK[@]}" locust-out --out "$out" || fail "the locust container's output check failed"
+    # the report and latency chart, from the container's CSVs / JSON
+    # (its traffic line lists the LOCUST_* settings the container ran with)
+    logged 120 "$OUT/loadtest-report.log" env -u LOCUST_IMAGE_TAG LOCUST_USERS_N=2000 \
+        "$PY" loadtest/run.py --from-csv --out "$out" \
         --host "http://127.0.0.1:$CTR_PORT" --duration "$LOCUST_DURATION" \
-        --users "$LOCUST_USERS" --spawn-rate "$LOCUST_USERS" --stop-timeout 5 --grace 60 \
-        --out "$OUT/loadtest" || fail "load test failed (exit status $?)"
-    "${CHECK[@]}" report --out "$OUT/loadtest" || fail "load test report check failed"
+        --users "$LOCUST_USERS" --spawn-rate "$LOCUST_USERS" --locust-exit-code "$rc" \
+        || fail "loadtest/run.py --from-csv failed"
+    "${CHECK[@]}" report --out "$out" || fail "load test report check failed"
 }
 
 # ------------------------------------------------------------------ main
@@ -428,7 +466,7 @@ fi
 RUNTIME_SIZE=""
 begin "engine";                       start_engine; end
 begin "base image ($BASE_IMAGE)";     build_base; end
-begin "images (runtime, redis, prom)"; build_images; end
+begin "images (runtime, stand-ins)";  build_images; end
 begin "model (train + export, host)"; train_model; end
 begin "compose binary";               find_compose; end
 begin "stack up + healthy";           stack_up; end

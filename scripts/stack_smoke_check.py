@@ -6,6 +6,7 @@
     python scripts/stack_smoke_check.py host-api --api http://127.0.0.1:18000
     python scripts/stack_smoke_check.py prometheus-up --prom http://127.0.0.1:19090 --port 18000
     python scripts/stack_smoke_check.py dashboard --prom URL --dashboard deploy/grafana/...json
+    python scripts/stack_smoke_check.py locust-out --out DIR
     python scripts/stack_smoke_check.py report --out DIR
 
 Each prints ``ok: ...`` lines and exits 1 with ``FAIL: ...`` on the first failed check.
@@ -14,6 +15,7 @@ Each prints ``ok: ...`` lines and exits 1 with ``FAIL: ...`` on the first failed
 from __future__ import annotations
 
 import argparse
+import csv
 import glob
 import json
 import math
@@ -347,6 +349,44 @@ def check_dashboard(prom: str, path: Path, timeout: float) -> None:
 # ------------------------------------------------------------------ load test report
 
 
+def check_locust_out(out: Path) -> None:
+    """What the compose `loadtest` profile's locust container wrote into ``out`` (its
+    --csv, --html and --json-file): every file there, requests made, zero failures."""
+    paths = {
+        "stats": out / "locust_stats.csv",
+        "history": out / "locust_stats_history.csv",
+        "failures": out / "locust_failures.csv",
+        "html": out / "locust_report.html",
+        "json": out / "locust_final.json",
+    }
+    for name, path in paths.items():
+        require(path.is_file() and path.stat().st_size > 0, f"locust wrote no {name}: {path}")
+    with paths["stats"].open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    agg = [r for r in rows if r.get("Name") == "Aggregated"]
+    require(len(agg) == 1, f"no Aggregated row in {paths['stats']}")
+    csv_requests, csv_failures = int(agg[0]["Request Count"]), int(agg[0]["Failure Count"])
+    require(csv_requests > 0, "the locust container made no requests")
+    require(csv_failures == 0, f"{csv_failures} of {csv_requests} requests failed (stats CSV)")
+    with paths["failures"].open(newline="") as f:
+        failed = list(csv.DictReader(f))
+    require(not failed, f"locust_failures.csv lists failures: {failed[:3]}")
+    entries = json.loads(paths["json"].read_text())
+    requests = sum(int(e["num_requests"]) for e in entries)
+    failures = sum(int(e["num_failures"]) for e in entries)
+    require(requests > 0, "locust_final.json counts no requests")
+    require(failures == 0, f"{failures} of {requests} requests failed (locust_final.json)")
+    names = {e["name"] for e in entries}
+    require("/v1/events" in names and any(n.startswith("/v1/score [N=") for n in names),
+            f"locust_final.json lacks a route: {sorted(names)}")  # fmt: skip
+    html = paths["html"].read_text(errors="replace")
+    require("<html" in html.lower(), f"{paths['html']} is not an HTML report")
+    ok(
+        f"locust container: {requests} requests, 0 failures (JSON; CSV {csv_requests}), "
+        f"{len(names)} routes; wrote {', '.join(p.name for p in paths.values())}"
+    )
+
+
 def check_report(out: Path) -> None:
     report = out / "report.md"
     require(report.is_file(), f"no load test report at {report}")
@@ -381,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     db.add_argument("--prom", required=True)
     db.add_argument("--dashboard", type=Path, required=True)
     db.add_argument("--timeout", type=float, default=30)
+    lo = sub.add_parser("locust-out")
+    lo.add_argument("--out", type=Path, required=True)
     rp = sub.add_parser("report")
     rp.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
@@ -397,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
             check_prometheus_up(args.prom, args.port, args.timeout)
         elif args.cmd == "dashboard":
             check_dashboard(args.prom, args.dashboard, args.timeout)
+        elif args.cmd == "locust-out":
+            check_locust_out(args.out)
         elif args.cmd == "report":
             check_report(args.out)
     except (CheckError, OSError, KeyError, ValueError, subprocess.TimeoutExpired) as exc:

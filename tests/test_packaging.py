@@ -258,6 +258,46 @@ def test_local_override_merges(tmp_path: Path) -> None:
         and v["target"] == "/etc/prometheus/prometheus.yml"
         for v in prom["volumes"]
     )
+    # the loadtest profile: the locust service as a local container on the host network
+    # (what scripts/stack_smoke.sh runs with `--profile loadtest run --rm locust`)
+    env["CTR_LOCUST_OUT"] = str(tmp_path / "locust-out")
+    done = subprocess.run(
+        [*cmd, "-f", str(COMPOSE), "-f", str(LOCAL / "docker-compose.local.yml"),
+         "--profile", "loadtest", "config"],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    locust = yaml.safe_load(done.stdout)["services"]["locust"]
+    assert locust["image"].startswith("ctr-local/locust:")
+    assert locust["pull_policy"] == "never" and locust["network_mode"] == "host"
+    assert "build" not in locust and not locust.get("ports")
+    command = locust["command"]
+    assert command[command.index("--host") + 1] == "http://127.0.0.1:18000"
+    assert command[command.index("--run-time") + 1] == "30s"
+    assert command[command.index("--users") + 1] == "8"
+    assert "--headless" in command and "/mnt/locust/locustfile.py" in command
+    for flag in ("--csv", "--html", "--json-file"):
+        assert command[command.index(flag) + 1].startswith("/mnt/out/"), flag
+    mounts = {v["target"]: v for v in locust["volumes"] if v["type"] == "bind"}
+    assert set(mounts) == {"/mnt/locust", "/mnt/out"}
+    assert mounts["/mnt/locust"]["source"] == str(REPO / "loadtest")
+    assert mounts["/mnt/locust"].get("read_only")
+    assert mounts["/mnt/out"]["source"] == str(tmp_path / "locust-out")
+    assert not mounts["/mnt/out"].get("read_only")
+    # the stand-in pins the locust of the dev environment (and the compose default tag)
+    text = (LOCAL / "locust.Dockerfile").read_text()
+    assert re.search(r"^ARG BASE_IMAGE=debian:bookworm-slim$", text, re.M)
+    assert "--mount=type=secret,id=pip_cert" in text
+    assert '"locust==${LOCUST_VERSION}"' in text
+    assert re.search(r'^ENTRYPOINT \["locust"\]$', text, re.M)
+    assert re.search(r"^USER locust$", text, re.M)
+    if importlib.util.find_spec("locust") is not None:
+        from importlib.metadata import version
+
+        tag = f"${{LOCUST_IMAGE_TAG:-{version('locust')}}}"
+        assert tag in COMPOSE.read_text()
+        assert tag in (LOCAL / "docker-compose.local.yml").read_text()
+        assert f"ARG LOCUST_VERSION={version('locust')}" in text
     # the stand-ins build from Debian's packages on any Debian base (default: the official)
     for dockerfile in ("redis.Dockerfile", "prometheus.Dockerfile"):
         text = (LOCAL / dockerfile).read_text()
