@@ -129,6 +129,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.threads,
         args.redis_url,
         args.port,
+        _overrides(args.set),
     )
     command = "ctr bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "ctr bench"
     table = render(res, command)
@@ -235,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
     bs.add_argument("--port", type=int, default=8310)
     bs.add_argument("--out", default="docs/bench", help="folder for JSON, table and plots")
+    bs.add_argument("--set", action="append", default=[], help="config override")
     bs.set_defaults(func=cmd_bench)
     rs = sub.add_parser("results", help="Base/DeepFM/DIN/DIEN on real data, mean ± std")
     rs.add_argument("--datasets", default="amazon_beauty,movielens")

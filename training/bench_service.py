@@ -34,7 +34,9 @@ from ctr.spec import load_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_bundle(model_type: str, models_dir: Path, length: int) -> tuple[Any, Any]:
+def make_bundle(
+    model_type: str, models_dir: Path, length: int, overrides: dict[str, Any] | None = None
+) -> tuple[Any, Any]:
     """A bundle with random weights (latency does not depend on them) and a real mapping."""
     import torch
 
@@ -46,7 +48,12 @@ def make_bundle(model_type: str, models_dir: Path, length: int) -> tuple[Any, An
     cfg = "synthetic_dien.yaml" if model_type == "dien" else "synthetic_din.yaml"
     config = load_config(
         ROOT / "configs" / cfg,
-        {"name": f"bench-{model_type}", "model.type": model_type, "max_seq_len": length},
+        {
+            "name": f"bench-{model_type}",
+            "model.type": model_type,
+            "max_seq_len": length,
+            **(overrides or {}),
+        },
     )
     frame = load_frame(config)
     prep = prepare(config, frame)
@@ -239,6 +246,7 @@ def run(
     threads: int,
     redis_url: str,
     port: int,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     from service.loader import load_into_redis
 
@@ -246,7 +254,7 @@ def run(
     with tempfile.TemporaryDirectory() as tmp:
         models_dir = Path(tmp)
         for mt in models:
-            config, frame = make_bundle(mt, models_dir, 50)
+            config, frame = make_bundle(mt, models_dir, 50, overrides)
             load_into_redis(config, frame, redis_url, progress=False)
             mo = model_only(models_dir, config.name, n_values, threads, 100)
             proc, url = _start_service(models_dir, config.name, redis_url, port, threads)
