@@ -3,12 +3,16 @@ concurrency (reload under traffic, overload)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 
+import httpx
 import uvicorn
 from fastapi import FastAPI
 
+from tests.helpers import ROOT
 from tests.redis_proc import free_port
 
 
@@ -35,3 +39,22 @@ class ServerThread:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+def serve_process(port: int, env: dict[str, str], *extra: str) -> subprocess.Popen:
+    """``ctr serve`` in a subprocess on 127.0.0.1:``port``, returned once ``/readyz`` is
+    200 (the process is killed and an error raised if it never gets there)."""
+    cmd = [sys.executable, "-m", "ctr.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen([*cmd, *extra], env=env, cwd=ROOT)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("ctr serve did not become ready")

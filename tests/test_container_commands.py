@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -17,6 +16,7 @@ from redis import Redis
 from service.store import user_key
 from tests.helpers import ROOT
 from tests.redis_proc import free_port
+from tests.server_thread import serve_process
 
 REDIS_URL = "redis://127.0.0.1:6379/12"
 
@@ -52,16 +52,8 @@ def test_init_job_then_serve_then_healthcheck(tmp_path: Path) -> None:
 
     port = free_port()
     serve_env = dict(env, CTR_PORT=str(port), CTR_HOST="127.0.0.1", CTR_LOG_LEVEL="warning")
-    proc = subprocess.Popen([sys.executable, "-m", "ctr.cli", "serve"], env=serve_env, cwd=ROOT)
+    proc = serve_process(port, serve_env)
     try:
-        deadline = time.time() + 60
-        ready = False
-        while time.time() < deadline and not ready:
-            try:
-                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        assert ready
         hc = healthcheck_command()
         hc[0] = sys.executable if hc[0] == "python" else hc[0]
         assert subprocess.run(hc, env=serve_env, timeout=30).returncode == 0

@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,9 +21,9 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.loader import load_into_redis
 from service.settings import Settings
-from tests.helpers import ROOT, Built, build_bundle
+from tests.helpers import Built, build_bundle
 from tests.redis_proc import RedisProcess, free_port
-from tests.server_thread import ServerThread
+from tests.server_thread import ServerThread, serve_process
 
 BODY = {"user_id": "u3", "candidates": [{"item_id": f"i{k}"} for k in range(30)]}
 
@@ -208,20 +207,7 @@ def _serve(built: Built, url: str, port: int, **env: str) -> subprocess.Popen:
         CTR_LOG_LEVEL="warning",
         **env,
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ctr.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env=e,
-        cwd=ROOT,
-    )
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("ctr serve did not become ready")
+    return serve_process(port, e)
 
 
 def test_sighup_reloads_and_sigterm_drains(built: Built, rp: RedisProcess) -> None:

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -17,8 +14,9 @@ from service.app import create_app
 from service.loader import load_into_redis
 from service.model import ProviderError
 from service.settings import Settings
-from tests.helpers import REDIS_URL, ROOT, Built, build_bundle, fresh_redis
+from tests.helpers import REDIS_URL, Built, build_bundle, fresh_redis
 from tests.redis_proc import free_port
+from tests.server_thread import serve_process
 
 
 @pytest.fixture(scope="module")
@@ -50,18 +48,9 @@ def test_metrics_correct_with_two_workers(built: Built, tmp_path: Path) -> None:
         CTR_LOG_LEVEL="warning",
         PROMETHEUS_MULTIPROC_DIR=str(prom_dir),
     )
-    cmd = [sys.executable, "-m", "ctr.cli", "serve", "--host", "127.0.0.1"]
-    proc = subprocess.Popen([*cmd, "--port", str(port), "--workers", "2"], env=env, cwd=ROOT)
+    proc = serve_process(port, env, "--workers", "2")
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                if httpx.get(base + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
         body = {"user_id": "u1", "candidates": [{"item_id": f"i{k}"} for k in range(7)]}
         n = 40
         for _ in range(n):
