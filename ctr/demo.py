@@ -141,7 +141,7 @@ def run_demo(args: argparse.Namespace) -> int:
         _wait_ready(base, service)
         print(f"[demo] 4/5 service ready at {base}")
         user = str(prep.frames["test"][config.data.user_key].iloc[0])
-        id_src = config.feature(config.sequences[0].shared_with or "").source
+        id_src = config.item_id_feature.source
         pool = prep.frames["test"][id_src].astype(str).unique().tolist()[:30]
         body = {"user_id": user, "candidates": [{"item_id": i} for i in pool], "top_k": 10}
         body["explain"] = True

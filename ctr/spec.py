@@ -6,6 +6,7 @@ order, and how wide each embedding is. Nothing here imports torch.
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -157,38 +158,51 @@ class FeatureConfig(_Strict):
                     raise ValueError(f"group {g.name!r}: {n!r} does not fit a {g.type} group")
         return self
 
-    # ---- derived layout -------------------------------------------------------------
-    def feature(self, name: str) -> FeatureSpec:
-        for f in self.features:
-            if f.name == name:
-                return f
-        raise KeyError(name)
+    # ---- derived layout (computed once: the feature list does not change after validation)
+    @cached_property
+    def _by_name(self) -> dict[str, FeatureSpec]:
+        return {f.name: f for f in self.features}
 
-    @property
+    def feature(self, name: str) -> FeatureSpec:
+        return self._by_name[name]
+
+    @cached_property
     def user_sparse(self) -> list[FeatureSpec]:
         """Sparse features fed once per user/request (user and context side)."""
         return [f for f in self.features if f.kind == "sparse" and f.side != "item"]
 
-    @property
+    @cached_property
     def user_dense(self) -> list[FeatureSpec]:
         return [f for f in self.features if f.kind == "dense" and f.side != "item"]
 
-    @property
+    @cached_property
     def item_sparse(self) -> list[FeatureSpec]:
         return [f for f in self.features if f.kind == "sparse" and f.side == "item"]
 
-    @property
+    @cached_property
     def item_dense(self) -> list[FeatureSpec]:
         return [f for f in self.features if f.kind == "dense" and f.side == "item"]
 
-    @property
+    @cached_property
     def sequences(self) -> list[FeatureSpec]:
         return [f for f in self.features if f.kind == "sequence"]
 
-    @property
+    @cached_property
     def tables(self) -> list[FeatureSpec]:
         """Sparse features that own an embedding table (sequences borrow one)."""
         return [f for f in self.features if f.kind == "sparse"]
+
+    @cached_property
+    def sequence_targets(self) -> list[FeatureSpec]:
+        """For each sequence field, the item-side feature it shares (``hist_cate_id`` ->
+        ``cate_id``): a stored behaviour carries the item's raw value under its source."""
+        return [self.feature(s.shared_with or "") for s in self.sequences]
+
+    @cached_property
+    def item_id_feature(self) -> FeatureSpec:
+        """The candidate's ID: the item feature the first sequence field shares, else the
+        first item-side sparse feature."""
+        return self.sequence_targets[0] if self.sequences else self.item_sparse[0]
 
     def table_of(self, name: str) -> str:
         f = self.feature(name)

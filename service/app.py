@@ -39,7 +39,7 @@ from service.errors import (
     StoreUnavailable,
     Unauthorized,
 )
-from service.features import build_feeds, item_id_source, item_lookups
+from service.features import build_feeds, item_columns
 from service.model import LoadedModel, ProviderError, load_model
 from service.schemas import (
     ErrorBody,
@@ -56,7 +56,7 @@ from service.store import (
     ItemCache,
     UserData,
     fetch,
-    item_key,
+    fetch_items,
     make_client,
 )
 from service.validate import parse_event, parse_score, safe_field
@@ -77,6 +77,9 @@ class State:
         self.item_cache = ItemCache(settings.item_cache_ttl_s, settings.item_cache_size)
         self.events: EventWriter | None = None
         self.executor: ThreadPoolExecutor | None = None
+        self.event_types = frozenset(
+            t.strip() for t in settings.sequence_event_types.split(",") if t.strip()
+        )
         self.in_flight = 0
         self.reload_lock = asyncio.Lock()
 
@@ -146,10 +149,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except ProviderError:
             if settings.require_gpu:
                 raise
-        keep = settings.sequence_keep or (
-            state.model.bundle.config.max_seq_len if state.model else 50
-        )
-        state.events = EventWriter(state.redis, keep, settings.event_dedup_window)
+        state.events = EventWriter(state.redis, settings.event_dedup_window)
         loop = asyncio.get_running_loop()
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
             loop.add_signal_handler(
@@ -180,35 +180,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-async def _load(state: State, version: str | None) -> LoadedModel | None:
+async def _load(state: State, version: str | None) -> LoadedModel:
     try:
         model = await asyncio.get_running_loop().run_in_executor(
             None, load_model, state.settings, version
         )
     except (BundleError, ProviderError) as exc:
-        log.error("model not loaded, service stays not-ready: %s", exc)
         m.ERRORS.labels("model_load").inc()
-        state.model_error = str(exc)
+        if state.model is None:
+            log.error("model not loaded, service stays not-ready: %s", exc)
+            state.model_error = str(exc)
+        else:
+            log.error("reload failed, still serving version %s: %s", state.model.version, exc)
         raise
     state.model = model  # atomic swap: in-flight requests keep their reference
     state.model_error = None
-    if state.events is not None and not state.settings.sequence_keep:
-        state.events.keep = model.bundle.config.max_seq_len
     m.set_model_info(model.name, model.version, model.provider)
     return model
 
 
 async def _reload(state: State, version: str | None) -> LoadedModel:
+    """One reload at a time; on failure ``_load`` leaves the serving model in place."""
     async with state.reload_lock:
-        old = state.model
-        try:
-            return await _load(state, version)  # type: ignore[return-value]
-        except (BundleError, ProviderError) as exc:
-            if old is not None:
-                state.model = old
-                state.model_error = None
-                log.error("reload failed, still serving version %s: %s", old.version, exc)
-            raise
+        return await _load(state, version)
 
 
 async def _reload_quietly(state: State) -> None:
@@ -223,8 +217,7 @@ def _install_handlers(app: FastAPI) -> None:
         m.ERRORS.labels(exc.kind).inc()
         headers = {"Retry-After": "1"} if exc.status == 503 else None
         field = safe_field(exc.field) if exc.field else exc.field
-        body = {"error": exc.kind, "field": field, "detail": ascii(exc.message)[1:-1]
-                if any(0xD800 <= ord(c) <= 0xDFFF for c in exc.message) else exc.message}
+        body = {"error": exc.kind, "field": field, "detail": safe_field(exc.message)}
         return orjson_response(body, exc.status, headers)
 
     @app.exception_handler(RequestValidationError)
@@ -315,35 +308,31 @@ def _install_routes(app: FastAPI, state: State) -> None:
         _check_key(state, request)
         ev = parse_event(await _read_json(request, s.max_body_bytes), s.max_id_length)
         model = state.require_model()  # the model's config says which fields to store
-        types = {t.strip() for t in s.sequence_event_types.split(",") if t.strip()}
-        if types and ev.type not in types:
+        if state.event_types and ev.type not in state.event_types:
             return orjson_response({"appended": False, "duplicate": False, "ignored": True}, 202)
         config = model.bundle.config
-        id_source = item_id_source(model.bundle)
         payload: dict[str, Any] = {k: v for k, v in ev.features.items() if v is not None}
-        payload[id_source] = ev.item_id
-        needed = [
-            config.feature(q.shared_with or "").source
-            for q in config.sequences
-            if config.feature(q.shared_with or "").source not in payload
-        ]
-        assert state.redis is not None
+        payload[config.item_id_feature.source] = ev.item_id
+        # the item features the model's sequences read, as training histories have them
+        # (e.g. the clicked item's category): from the event, else cache, else Redis
+        items = item_columns(config, [ev.item_id], [payload])
+        needed = {t.source for t in config.sequence_targets}
+        items.missing = {k: v for k, v in items.missing.items() if k in needed}
+        lookups = items.take_cached(state.item_cache)
+        assert state.redis is not None and state.events is not None
         try:
-            if needed:  # e.g. the category of a clicked item, as training histories have it
-                pipe = state.redis.pipeline(transaction=False)
-                for f in needed:
-                    pipe.hget(item_key(f), ev.item_id)
-                for f, v in zip(needed, await pipe.execute(), strict=True):
-                    if v is not None:
-                        payload[f] = v.decode() if isinstance(v, bytes) else v
-        except REDIS_ERRORS as exc:
-            log.warning("event not stored (redis): %s", type(exc).__name__)
-            raise StoreUnavailable("the behaviour store is unavailable; retry", None) from exc
-        payload.update({"type": ev.type, "ts": ev.timestamp})
-        assert state.events is not None
-        try:
+            if lookups:
+                items.fill(await fetch_items(state.redis, lookups))
+            payload.update({k: v[0] for k, v in items.values.items() if v[0] is not None})
+            payload.update({"type": ev.type, "ts": ev.timestamp})
             appended = await asyncio.wait_for(
-                state.events.append(ev.user_id, ev.event_id, ev.timestamp, payload),
+                state.events.append(
+                    ev.user_id,
+                    ev.event_id,
+                    ev.timestamp,
+                    payload,
+                    s.sequence_keep or config.max_seq_len,
+                ),
                 timeout=s.request_timeout_ms / 1000,
             )
         except REDIS_ERRORS as exc:
@@ -424,36 +413,26 @@ async def _score(state: State, model: LoadedModel, req: Any) -> Response:
     s = state.settings
     t0 = time.perf_counter()
     bundle = model.bundle
-    lookups = item_lookups(bundle, req.item_ids, req.features)
-    columns: dict[str, list[str | None]] = {}
-    missed: dict[str, list[int]] = {}
-    misses: dict[str, list[str]] = {}
-    for f, ids in lookups.items():
-        columns[f], missed[f] = state.item_cache.get_many(f, ids)
-        if missed[f]:
-            misses[f] = [ids[k] for k in missed[f]]
+    items = item_columns(bundle.config, req.item_ids, req.features)
+    lookups = items.take_cached(state.item_cache)
     degraded = False
     try:
         assert state.redis is not None
         data = await asyncio.wait_for(
-            fetch(state.redis, req.user_id, bundle.config.max_seq_len, misses),
+            fetch(state.redis, req.user_id, bundle.config.max_seq_len, lookups),
             timeout=s.redis_timeout_ms / 1000,
         )
-        for f, ids in misses.items():
-            fetched = data.item_features.get(f, [None] * len(ids))
-            state.item_cache.put(f, ids, fetched)
-            col = columns[f]
-            for k, v in zip(missed[f], fetched, strict=True):
-                col[k] = v
+        for source, ids in lookups.items():
+            state.item_cache.put(source, ids, data.item_features[source])
+        items.fill(data.item_features)
     except REDIS_ERRORS as exc:
         log.warning("redis fetch failed, degraded response: %s", type(exc).__name__)
         m.ERRORS.labels("redis").inc()
         m.DEGRADED.inc()
         degraded = True
         data = UserData()
-    data.item_features = columns
     t1 = time.perf_counter()
-    prepared = build_feeds(bundle, req.user_id, req.context, data, req.item_ids, req.features)
+    prepared = build_feeds(bundle, req.user_id, req.context, data, items)
     t2 = time.perf_counter()
     assert state.executor is not None
     outs = await asyncio.get_running_loop().run_in_executor(

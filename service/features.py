@@ -9,7 +9,8 @@ import numpy as np
 
 from ctr.bundle import Bundle
 from ctr.encode import encode_item_rows, encode_user_rows
-from service.store import UserData
+from ctr.spec import FeatureConfig
+from service.store import ItemCache, UserData
 
 
 @dataclass
@@ -18,45 +19,70 @@ class Prepared:
     history_items: list[Any]  # raw IDs of the history positions fed to the graph
 
 
-def item_lookups(
-    bundle: Bundle, item_ids: list[str], given: list[dict[str, Any] | None]
-) -> dict[str, list[str]]:
-    """Per item-side feature (not the ID itself), the item IDs whose request lacks it."""
-    id_source = item_id_source(bundle)
-    out: dict[str, list[str]] = {}
-    for f in bundle.config.item_sparse + bundle.config.item_dense:
+@dataclass
+class ItemColumns:
+    """Raw item-side columns for the N candidates, keyed by feature source.
+
+    ``missing[source]`` lists the candidate positions the request did not fill (absent or
+    ``null``); the caller fills them from the item cache and Redis, in place.
+    """
+
+    values: dict[str, list[Any]]
+    missing: dict[str, list[int]]
+
+    @property
+    def ids(self) -> list[Any]:
+        return next(iter(self.values.values()))  # the ID column comes first
+
+    def take_cached(self, cache: ItemCache) -> dict[str, list[str]]:
+        """Fill holes from ``cache``; return, per source, the item IDs still missing (the
+        positions stay in ``missing``, in the same order, for :meth:`fill`)."""
+        ids = self.ids
+        lookups: dict[str, list[str]] = {}
+        for source, holes in list(self.missing.items()):
+            wanted = [ids[k] for k in holes]
+            cached, missed = cache.get_many(source, wanted)
+            col = self.values[source]
+            for k, v in zip(holes, cached, strict=True):
+                col[k] = v
+            if missed:
+                self.missing[source] = [holes[j] for j in missed]
+                lookups[source] = [wanted[j] for j in missed]
+            else:
+                del self.missing[source]
+        return lookups
+
+    def fill(self, fetched: dict[str, list[Any]]) -> None:
+        """Put values fetched for :meth:`take_cached`'s lookups into their holes."""
+        for source, values in fetched.items():
+            col = self.values[source]
+            for k, v in zip(self.missing.get(source, []), values, strict=True):
+                col[k] = v
+
+
+def item_columns(
+    config: FeatureConfig, item_ids: list[str], given: list[dict[str, Any] | None]
+) -> ItemColumns:
+    id_source = config.item_id_feature.source
+    values: dict[str, list[Any]] = {id_source: list(item_ids)}
+    missing: dict[str, list[int]] = {}
+    for f in config.item_sparse + config.item_dense:
         if f.source == id_source:
             continue
-        missing = [
-            iid
-            for iid, feats in zip(item_ids, given, strict=True)
-            if not feats or feats.get(f.source) is None
-        ]
-        if missing:
-            out[f.source] = missing
-    return out
-
-
-def item_id_source(bundle: Bundle) -> str:
-    """The item-side sparse feature that history IDs share (the candidate's ID)."""
-    c = bundle.config
-    for s in c.sequences:
-        target = c.feature(s.shared_with or "")
-        return target.source
-    return c.item_sparse[0].source
+        col = [feats.get(f.source) if feats else None for feats in given]
+        values[f.source] = col
+        holes = [k for k, v in enumerate(col) if v is None]
+        if holes:
+            missing[f.source] = holes
+    return ItemColumns(values, missing)
 
 
 def build_feeds(
-    bundle: Bundle,
-    user_id: str,
-    context: dict[str, Any],
-    data: UserData,
-    item_ids: list[str],
-    given: list[dict[str, Any] | None],
+    bundle: Bundle, user_id: str, context: dict[str, Any], data: UserData, items: ItemColumns
 ) -> Prepared:
     """Feeds for one user (U=1) and N candidates; ``user_idx`` is all zeros."""
     c = bundle.config
-    n = len(item_ids)
+    n = len(items.ids)
     user_cols: dict[str, list[Any]] = {k: [v] for k, v in data.profile.items()}
     for k, v in context.items():
         user_cols[k] = [v]
@@ -65,25 +91,11 @@ def build_feeds(
             user_cols[f.source] = [user_id]
     events = data.events[-c.max_seq_len :]
     seqs = {
-        s.source: [[ev.get(c.feature(s.shared_with or "").source) for ev in events]]
-        for s in c.sequences
+        s.source: [[ev.get(t.source) for ev in events]]
+        for s, t in zip(c.sequences, c.sequence_targets, strict=True)
     }
     us, ud, hist, lens = encode_user_rows(c, bundle.mapper, user_cols, seqs, 1)
-
-    id_source = item_id_source(bundle)
-    item_cols: dict[str, list[Any]] = {id_source: list(item_ids)}
-    for f in c.item_sparse + c.item_dense:
-        if f.source == id_source:
-            continue
-        looked = iter(data.item_features.get(f.source, []))
-        col = []
-        for feats in given:
-            if feats and feats.get(f.source) is not None:
-                col.append(feats[f.source])
-            else:
-                col.append(next(looked, None))
-        item_cols[f.source] = col
-    its, itd = encode_item_rows(c, bundle.mapper, item_cols, n)
+    its, itd = encode_item_rows(c, bundle.mapper, items.values, n)
     feeds = {
         "user_sparse": us,
         "user_dense": ud,
@@ -93,5 +105,6 @@ def build_feeds(
         "item_dense": itd,
         "user_idx": np.zeros(n, dtype=np.int64),
     }
+    id_source = c.item_id_feature.source
     history = [ev.get(id_source) for ev in events][-int(lens[0]) :] if lens[0] else []
     return Prepared({k: feeds[k] for k in bundle.input_names}, history)

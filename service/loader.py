@@ -22,11 +22,6 @@ from ctr.spec import FeatureConfig
 from service.store import item_key, user_key
 
 
-def _norm(v: Any) -> str | None:
-    """Raw values as the mapping sees them (``13.0`` -> ``"13"``), so serving matches training."""
-    return normalize(v)
-
-
 def user_records(config: FeatureConfig, frame: pd.DataFrame) -> Iterator[tuple[str, dict, list]]:
     """``(user_id, profile, events oldest-first)`` per user.
 
@@ -36,7 +31,7 @@ def user_records(config: FeatureConfig, frame: pd.DataFrame) -> Iterator[tuple[s
     spec = config.data
     profile_feats = [f for f in config.features if f.side == "user" and f.kind != "sequence"]
     seqs = config.sequences
-    targets = [config.feature(s.shared_with or "") for s in seqs]
+    targets = config.sequence_targets
     delim = spec.seq_delimiter
     key = spec.user_key
     has_time = bool(spec.time_column and spec.time_column in frame)
@@ -47,19 +42,19 @@ def user_records(config: FeatureConfig, frame: pd.DataFrame) -> Iterator[tuple[s
         profile = {
             f.source: v
             for f in profile_feats
-            if f.source in rows and f.source != key and (v := _norm(last[f.source])) is not None
+            if f.source in rows and f.source != key and (v := normalize(last[f.source])) is not None
         }
         newest = rows[rows[spec.time_column] == last[spec.time_column]] if has_time else rows[-1:]
         row = newest.iloc[0]
         cols = [split_sequence(row[s.source], delim) for s in seqs]
         n = min((len(c) for c in cols), default=0)
         events = [
-            {t.source: _norm(cols[j][len(cols[j]) - n + i]) for j, t in enumerate(targets)}
+            {t.source: normalize(cols[j][len(cols[j]) - n + i]) for j, t in enumerate(targets)}
             for i in range(n)
         ]
         if seqs:
             for _, pos in newest[newest[spec.label] == 1].iterrows():
-                events.append({t.source: _norm(pos.get(t.source)) for t in targets})
+                events.append({t.source: normalize(pos.get(t.source)) for t in targets})
         yield str(uid), profile, events
 
 
@@ -68,27 +63,26 @@ def item_records(config: FeatureConfig, frame: pd.DataFrame) -> dict[str, dict[s
     item_feats = config.item_sparse + config.item_dense
     if not config.sequences:
         return {}
-    id_feat = config.feature(config.sequences[0].shared_with or "")
+    id_feat = config.item_id_feature
     out: dict[str, dict[str, Any]] = {f.source: {} for f in item_feats if f is not id_feat}
-    ids = [_norm(v) for v in frame[id_feat.source].tolist()]
+    ids = [normalize(v) for v in frame[id_feat.source].tolist()]
     for f in item_feats:
         if f is id_feat or f.source not in frame:
             continue
         for i, v in zip(ids, frame[f.source].tolist(), strict=True):
-            nv = _norm(v) if f.kind == "sparse" else (None if pd.isna(v) else str(float(v)))
+            nv = normalize(v) if f.kind == "sparse" else (None if pd.isna(v) else str(float(v)))
             if i is not None and nv is not None:
                 out[f.source][i] = nv
     # histories carry the sequence-shared features too (e.g. hist_cate_id for cate_id)
     delim = config.data.seq_delimiter
     id_seq = next(s for s in config.sequences if s.shared_with == id_feat.name)
-    for s in config.sequences:
-        target = config.feature(s.shared_with or "")
+    for s, target in zip(config.sequences, config.sequence_targets, strict=True):
         if target is id_feat or target.source not in out:
             continue
         for h_ids, h_vals in zip(frame[id_seq.source], frame[s.source], strict=True):
             a, b = split_sequence(h_ids, delim), split_sequence(h_vals, delim)
             for i, v in zip(a, b, strict=False):
-                ni, nv = _norm(i), _norm(v)
+                ni, nv = normalize(i), normalize(v)
                 if ni is not None and nv is not None:
                     out[target.source].setdefault(ni, nv)
     return out

@@ -156,6 +156,21 @@ def _text(v: Any) -> str:
     return v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v)
 
 
+def _queue_items(pipe: Any, lookups: dict[str, list[str]]) -> list[str]:
+    """One ``HMGET ctr:item:<feature> ids…`` per feature with IDs to look up."""
+    feats = [f for f, ids in lookups.items() if ids]
+    for f in feats:
+        pipe.hmget(item_key(f), lookups[f])
+    return feats
+
+
+def _decode_items(feats: list[str], replies: list[Any]) -> dict[str, list[str | None]]:
+    return {
+        f: [None if v is None else _text(v) for v in vals]
+        for f, vals in zip(feats, replies, strict=True)
+    }
+
+
 async def fetch(
     redis: AnyRedis, user_id: str, history: int, lookups: dict[str, list[str]]
 ) -> UserData:
@@ -164,9 +179,7 @@ async def fetch(
     pipe = redis.pipeline(transaction=False)
     pipe.hgetall(user_key(user_id, "profile"))
     pipe.lrange(user_key(user_id, "seq"), -history, -1)
-    feats = [f for f, ids in lookups.items() if ids]
-    for f in feats:
-        pipe.hmget(item_key(f), lookups[f])
+    feats = _queue_items(pipe, lookups)
     res = await pipe.execute()
     profile = {_text(k): _text(v) for k, v in res[0].items()}
     events = []
@@ -177,23 +190,29 @@ async def fetch(
             continue
         if isinstance(ev, dict):
             events.append(ev)
-    items = {
-        f: [None if v is None else _text(v) for v in vals]
-        for f, vals in zip(feats, res[2:], strict=True)
-    }
+    items = _decode_items(feats, res[2:])
     return UserData(profile, events, items, bool(profile) or bool(events))
+
+
+async def fetch_items(redis: AnyRedis, lookups: dict[str, list[str]]) -> dict[str, list]:
+    """Item features only, aligned with ``lookups`` (one pipelined round trip)."""
+    pipe = redis.pipeline(transaction=False)
+    feats = _queue_items(pipe, lookups)
+    return _decode_items(feats, await pipe.execute())
 
 
 class EventWriter:
     """Atomic append + trim + dedup via one Lua script (all keys in the user's slot)."""
 
-    def __init__(self, redis: AnyRedis, keep: int, window: int) -> None:
+    def __init__(self, redis: AnyRedis, window: int) -> None:
         self.redis = redis
-        self.keep = keep
         self.window = window
         self.script = redis.register_script(APPEND_EVENT)
 
-    async def append(self, user_id: str, event_id: str, ts: float, payload: dict) -> bool:
+    async def append(
+        self, user_id: str, event_id: str, ts: float, payload: dict, keep: int
+    ) -> bool:
+        """Append, trim to the newest ``keep`` and record ``event_id``; False if seen."""
         keys = [user_key(user_id, "seq"), user_key(user_id, "events")]
-        args = [event_id, ts, orjson.dumps(payload), self.keep, self.window]
+        args = [event_id, ts, orjson.dumps(payload), keep, self.window]
         return bool(await self.script(keys=keys, args=args))

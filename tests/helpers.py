@@ -61,3 +61,15 @@ def fresh_redis(url: str = REDIS_URL) -> Redis:
     client = Redis.from_url(url, decode_responses=True)
     client.flushdb()
     return client
+
+
+def service_env(built: Built, redis_url: str, **extra: str) -> dict[str, str]:
+    """Environment for a ``ctr serve`` subprocess on ``built``'s bundle."""
+    return dict(
+        os.environ,
+        CTR_MODELS_DIR=str(built.models_dir),
+        CTR_MODEL_NAME=built.config.name,
+        CTR_REDIS_URL=redis_url,
+        CTR_LOG_LEVEL="warning",
+        **extra,
+    )

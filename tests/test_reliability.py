@@ -5,7 +5,6 @@ stops and restarts on its own port."""
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import signal
 import subprocess
@@ -21,7 +20,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.loader import load_into_redis
 from service.settings import Settings
-from tests.helpers import Built, build_bundle
+from tests.helpers import Built, build_bundle, service_env
 from tests.redis_proc import RedisProcess, free_port
 from tests.server_thread import ServerThread, serve_process
 
@@ -197,17 +196,8 @@ def test_deadline_exceeded(built: Built, rp: RedisProcess) -> None:
         assert r.status_code == 503 and r.json()["error"] == "deadline_exceeded"
 
 
-def _serve(built: Built, url: str, port: int, **env: str) -> subprocess.Popen:
-    e = dict(
-        os.environ,
-        CTR_MODELS_DIR=str(built.models_dir),
-        CTR_MODEL_NAME=built.config.name,
-        CTR_REDIS_URL=url,
-        CTR_REDIS_TIMEOUT_MS="3000",
-        CTR_LOG_LEVEL="warning",
-        **env,
-    )
-    return serve_process(port, e)
+def _serve(built: Built, url: str, port: int) -> subprocess.Popen:
+    return serve_process(port, service_env(built, url, CTR_REDIS_TIMEOUT_MS="3000"))
 
 
 def test_sighup_reloads_and_sigterm_drains(built: Built, rp: RedisProcess) -> None:

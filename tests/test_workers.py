@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from service.app import create_app
 from service.loader import load_into_redis
 from service.model import ProviderError
 from service.settings import Settings
-from tests.helpers import REDIS_URL, Built, build_bundle, fresh_redis
+from tests.helpers import REDIS_URL, Built, build_bundle, fresh_redis, service_env
 from tests.redis_proc import free_port
 from tests.server_thread import serve_process
 
@@ -39,14 +38,8 @@ def test_metrics_correct_with_two_workers(built: Built, tmp_path: Path) -> None:
     port = free_port()
     prom_dir = tmp_path / "prom"
     prom_dir.mkdir()
-    env = dict(
-        os.environ,
-        CTR_MODELS_DIR=str(built.models_dir),
-        CTR_MODEL_NAME=built.config.name,
-        CTR_REDIS_URL=REDIS_URL,
-        CTR_INTRA_OP_THREADS="1",
-        CTR_LOG_LEVEL="warning",
-        PROMETHEUS_MULTIPROC_DIR=str(prom_dir),
+    env = service_env(
+        built, REDIS_URL, CTR_INTRA_OP_THREADS="1", PROMETHEUS_MULTIPROC_DIR=str(prom_dir)
     )
     proc = serve_process(port, env, "--workers", "2")
     base = f"http://127.0.0.1:{port}"

@@ -76,7 +76,7 @@ def item_pool(config: FeatureConfig, mapper: FeatureMapper, frame: pd.DataFrame)
     """Distinct training candidates as ``[I, S]``: for each sequence field, the index of
     the item's value in that field's shared table (negative sampling for DIEN)."""
     seqs = config.sequences
-    cols = [config.feature(s.shared_with or "").source for s in seqs]
+    cols = [t.source for t in config.sequence_targets]
     if not seqs:
         return np.zeros((0, 0), dtype=np.int64)
     items = frame[cols].drop_duplicates(subset=[cols[0]])
