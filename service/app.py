@@ -39,7 +39,7 @@ from service.errors import (
     StoreUnavailable,
     Unauthorized,
 )
-from service.features import build_feeds, item_columns
+from service.features import build_feeds, candidates, item_columns
 from service.model import LoadedModel, ProviderError, load_model
 from service.schemas import (
     ErrorBody,
@@ -413,8 +413,8 @@ async def _score(state: State, model: LoadedModel, req: Any) -> Response:
     s = state.settings
     t0 = time.perf_counter()
     bundle = model.bundle
-    items = item_columns(bundle.config, req.item_ids, req.features)
-    lookups = items.take_cached(state.item_cache)
+    cands = candidates(bundle.config, model.rows, req.item_ids, req.features)
+    lookups = cands.items.take_cached(state.item_cache)
     degraded = False
     try:
         assert state.redis is not None
@@ -424,7 +424,7 @@ async def _score(state: State, model: LoadedModel, req: Any) -> Response:
         )
         for source, ids in lookups.items():
             state.item_cache.put(source, ids, data.item_features[source])
-        items.fill(data.item_features)
+        cands.items.fill(data.item_features)
     except REDIS_ERRORS as exc:
         log.warning("redis fetch failed, degraded response: %s", type(exc).__name__)
         m.ERRORS.labels("redis").inc()
@@ -432,7 +432,9 @@ async def _score(state: State, model: LoadedModel, req: Any) -> Response:
         degraded = True
         data = UserData()
     t1 = time.perf_counter()
-    prepared = build_feeds(bundle, req.user_id, req.context, data, items)
+    # rows with a missing feature because the store failed are not cached
+    cands.finish(bundle, model.rows, cacheable=not (degraded and lookups))
+    prepared = build_feeds(bundle, req.user_id, req.context, data, cands.sparse, cands.dense)
     t2 = time.perf_counter()
     assert state.executor is not None
     outs = await asyncio.get_running_loop().run_in_executor(
@@ -443,14 +445,15 @@ async def _score(state: State, model: LoadedModel, req: Any) -> Response:
     order = np.argsort(-probs, kind="stable")
     if req.top_k is not None:
         order = order[: req.top_k]
+    ranked = order.tolist()
+    p, ids = probs.tolist(), req.item_ids  # python floats/ints: no numpy scalars per item
     items: list[dict[str, Any]] = [
-        {"item_id": req.item_ids[i], "probability": float(probs[i]), "rank": r + 1}
-        for r, i in enumerate(order.tolist())
+        {"item_id": ids[i], "probability": p[i], "rank": r} for r, i in enumerate(ranked, 1)
     ]
     if req.explain and len(outs) > 1 and prepared.history_items:
         att = outs[1]
         hist = prepared.history_items
-        for item, i in zip(items, order.tolist(), strict=True):
+        for item, i in zip(items, ranked, strict=True):
             w = att[i, : len(hist)]
             top = np.argsort(-np.abs(w), kind="stable")[: s.explain_top]
             item["attention"] = [{"item_id": hist[j], "weight": float(w[j])} for j in top]

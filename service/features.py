@@ -10,6 +10,7 @@ import numpy as np
 from ctr.bundle import Bundle
 from ctr.encode import encode_item_rows, encode_user_rows
 from ctr.spec import FeatureConfig
+from service.rowcache import ItemRowCache
 from service.store import ItemCache, UserData
 
 
@@ -77,12 +78,75 @@ def item_columns(
     return ItemColumns(values, missing)
 
 
+@dataclass
+class Candidates:
+    """Graph rows for N candidates being assembled.
+
+    ``sparse [N, Fi]`` / ``dense [N, Di]`` already hold the rows found in the row cache;
+    ``pending`` lists the other positions, whose raw columns are in ``items`` (in the
+    same order) and get encoded by :meth:`finish`. ``plain[k]`` says whether pending
+    position k's row depends only on the item ID (the request gave no features), i.e.
+    whether it may be cached.
+    """
+
+    sparse: np.ndarray
+    dense: np.ndarray
+    pending: np.ndarray
+    items: ItemColumns
+    plain: list[bool]
+
+    def finish(self, bundle: Bundle, rows: ItemRowCache, cacheable: bool) -> None:
+        """Encode the pending rows in place; keep the plain ones in ``rows`` when
+        ``cacheable`` (every store read succeeded)."""
+        if not self.pending.size:
+            return
+        c = bundle.config
+        its, itd = encode_item_rows(c, bundle.mapper, self.items.values, self.pending.size)
+        self.sparse[self.pending] = its
+        self.dense[self.pending] = itd
+        if cacheable and rows.enabled:
+            keep = [k for k, p in enumerate(self.plain) if p]
+            ids = self.items.ids
+            rows.store([ids[k] for k in keep], its[keep], itd[keep])
+
+
+def candidates(
+    config: FeatureConfig,
+    rows: ItemRowCache,
+    item_ids: list[str],
+    given: list[dict[str, Any] | None],
+) -> Candidates:
+    """Rows from the row cache for plain candidates; raw columns for the rest."""
+    n = len(item_ids)
+    slots = rows.lookup(item_ids)
+    if any(given):  # candidates with request features never come from the cache
+        slots[[k for k, g in enumerate(given) if g]] = -1
+    hit = np.flatnonzero(slots >= 0)
+    pending = np.flatnonzero(slots < 0)
+    sparse = np.empty((n, len(config.item_sparse)), np.int64)
+    dense = np.empty((n, len(config.item_dense)), np.float32)
+    if hit.size:
+        sparse[hit] = rows.sparse[slots[hit]]
+        dense[hit] = rows.dense[slots[hit]]
+    todo = pending.tolist()
+    ids = [item_ids[k] for k in todo]
+    feats = [given[k] for k in todo]
+    return Candidates(sparse, dense, pending, item_columns(config, ids, feats),
+                      [not f for f in feats])  # fmt: skip
+
+
 def build_feeds(
-    bundle: Bundle, user_id: str, context: dict[str, Any], data: UserData, items: ItemColumns
+    bundle: Bundle,
+    user_id: str,
+    context: dict[str, Any],
+    data: UserData,
+    item_sparse: np.ndarray,
+    item_dense: np.ndarray,
 ) -> Prepared:
-    """Feeds for one user (U=1) and N candidates; ``user_idx`` is all zeros."""
+    """Feeds for one user (U=1) and N candidates (``item_sparse [N, Fi]``,
+    ``item_dense [N, Di]``); ``user_idx`` is all zeros."""
     c = bundle.config
-    n = len(items.ids)
+    n = item_sparse.shape[0]
     user_cols: dict[str, list[Any]] = {k: [v] for k, v in data.profile.items()}
     for k, v in context.items():
         user_cols[k] = [v]
@@ -95,14 +159,13 @@ def build_feeds(
         for s, t in zip(c.sequences, c.sequence_targets, strict=True)
     }
     us, ud, hist, lens = encode_user_rows(c, bundle.mapper, user_cols, seqs, 1)
-    its, itd = encode_item_rows(c, bundle.mapper, items.values, n)
     feeds = {
         "user_sparse": us,
         "user_dense": ud,
         "hist": hist,
         "hist_len": lens,
-        "item_sparse": its,
-        "item_dense": itd,
+        "item_sparse": item_sparse,
+        "item_dense": item_dense,
         "user_idx": np.zeros(n, dtype=np.int64),
     }
     id_source = c.item_id_feature.source

@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ctr.bundle import Bundle, BundleError, load_bundle
+from service.rowcache import ItemRowCache
 from service.settings import Settings
 
 log = logging.getLogger("ctr.model")
@@ -38,6 +39,7 @@ class LoadedModel:
     session: ort.InferenceSession
     provider: str
     outputs: list[str]
+    rows: ItemRowCache  # encoded candidate rows; they depend on this bundle's mapping
 
     @property
     def name(self) -> str:
@@ -67,6 +69,13 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
     if settings.intra_op_threads:
         so.intra_op_num_threads = settings.intra_op_threads
     so.inter_op_num_threads = 1
+    # Pool threads that keep spinning after a run burn the core the event loop needs for
+    # the next request; never spinning slows the run's own parallel sections. "run" spins
+    # inside a run only (measured in docs/benchmarks.md).
+    spin = settings.intra_op_spin
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0" if spin == "never" else "1")
+    if spin == "run":
+        so.add_session_config_entry("session.force_spinning_stop", "1")
     providers = choose_providers(settings.provider)
     try:
         session = ort.InferenceSession(str(bundle.model_path), so, providers=providers)
@@ -75,7 +84,11 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
     provider = session.get_providers()[0]
     if settings.require_gpu and provider != CUDA:
         raise ProviderError(f"CTR_REQUIRE_GPU=1 but the session runs on {provider}")
-    model = LoadedModel(bundle, session, provider, [o.name for o in session.get_outputs()])
+    c = bundle.config
+    rows = ItemRowCache(
+        settings.item_cache_ttl_s, settings.item_cache_size, len(c.item_sparse), len(c.item_dense)
+    )
+    model = LoadedModel(bundle, session, provider, [o.name for o in session.get_outputs()], rows)
     graph_in = [i.name for i in session.get_inputs()]
     if graph_in != bundle.input_names:
         raise BundleError(

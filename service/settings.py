@@ -22,6 +22,11 @@ class Settings(BaseSettings):
     provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="ORT execution provider")
     require_gpu: bool = Field(False, description="refuse to start on a CPU fallback")
     intra_op_threads: int = Field(0, ge=0, description="ORT intra-op threads (0 = ORT default)")
+    intra_op_spin: Literal["run", "always", "never"] = Field(
+        "run",
+        description="ORT pool threads busy-wait: during a run only, also between runs "
+        "(ORT's default; steals CPU from the event loop), or never",
+    )
     inference_concurrency: int = Field(1, gt=0, description="ORT runs in flight per worker")
     max_candidates: int = Field(2000, gt=0, description="most candidates per request")
     max_body_bytes: int = Field(1_000_000, gt=0, description="request body size limit")

@@ -350,9 +350,7 @@ def test_generic_csv_matches_list_frame(tmp_path: Path, delimiter: str) -> None:
 
 def test_last_per_user_split_steps() -> None:
     """``test_steps``/``val_steps`` move whole time steps per user, newest to test."""
-    rows = [
-        {"user_id": u, "ts": t, "label": float(t % 2)} for u in ("a", "b") for t in range(6)
-    ]
+    rows = [{"user_id": u, "ts": t, "label": float(t % 2)} for u in ("a", "b") for t in range(6)]
     frame = pd.DataFrame(rows)
     from ctr.spec import DataSpec
 

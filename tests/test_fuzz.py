@@ -54,16 +54,33 @@ scalars = st.one_of(
 )
 json_values = st.recursive(
     scalars,
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 
 
-@given(obj=st.one_of(json_values, st.fixed_dictionaries({
-    "user_id": json_values, "candidates": st.lists(st.one_of(json_values, st.fixed_dictionaries(
-        {"item_id": json_values}, optional={"features": json_values})), max_size=5)},
-    optional={"top_k": json_values, "explain": json_values, "context": json_values})))
+@given(
+    obj=st.one_of(
+        json_values,
+        st.fixed_dictionaries(
+            {
+                "user_id": json_values,
+                "candidates": st.lists(
+                    st.one_of(
+                        json_values,
+                        st.fixed_dictionaries(
+                            {"item_id": json_values}, optional={"features": json_values}
+                        ),
+                    ),
+                    max_size=5,
+                ),
+            },
+            optional={"top_k": json_values, "explain": json_values, "context": json_values},
+        ),
+    )
+)
 @settings(max_examples=300, deadline=None)
 def test_parse_score_accepts_or_names_a_field(obj: Any) -> None:  # fmt: skip
     """Any JSON value either parses into a consistent request or raises BadRequest with a
@@ -79,8 +96,14 @@ def test_parse_score_accepts_or_names_a_field(obj: Any) -> None:  # fmt: skip
     assert all(0 < len(i) <= 64 for i in [req.user_id, *req.item_ids])
 
 
-@given(obj=st.dictionaries(st.sampled_from(
-    ["user_id", "event_id", "item_id", "features", "type", "timestamp", "other"]), json_values))
+@given(
+    obj=st.dictionaries(
+        st.sampled_from(
+            ["user_id", "event_id", "item_id", "features", "type", "timestamp", "other"]
+        ),
+        json_values,
+    )
+)
 @settings(max_examples=300, deadline=None)
 def test_parse_event_accepts_or_names_a_field(obj: Any) -> None:  # fmt: skip
     try:

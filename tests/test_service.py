@@ -262,9 +262,10 @@ def test_metrics_exposed_and_move(client: TestClient) -> None:
     before = client.get("/metrics").text
     client.post("/v1/score", json={"user_id": "u1", "candidates": [{"item_id": "i1"}]})
     after = client.get("/metrics").text
-    assert sample(after, "ctr_candidates_per_request_count") == sample(
-        before, "ctr_candidates_per_request_count"
-    ) + 1
+    assert (
+        sample(after, "ctr_candidates_per_request_count")
+        == sample(before, "ctr_candidates_per_request_count") + 1
+    )
     for stage in ("redis_fetch", "feature_mapping", "inference", "serialization"):
         assert f'ctr_stage_duration_seconds_count{{stage="{stage}"}}' in after
     assert 'route="/v1/score"' in after and 'status="200"' in after

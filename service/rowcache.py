@@ -1,0 +1,75 @@
+"""Encoded candidate rows, cached per loaded model.
+
+Scoring N candidates spends most of its Python time turning item IDs into graph rows:
+per item feature a cache lookup, then ID mapping and float conversion. For candidates
+whose request carries no features, the encoded rows depend only on the item ID, the
+store and the model's ID mapping, so this cache keeps them ready:
+
+* ``sparse [size, Fi]`` int64 and ``dense [size, Di]`` float32 hold one row per slot;
+* ``slot_of`` maps an item ID to its slot, ``expiry [size]`` bounds staleness the same
+  way as the raw item-feature cache (``CTR_ITEM_CACHE_TTL_S``);
+* slots form a ring: when full, the oldest slot is reused.
+
+A lookup of N candidates is one dict probe per ID plus two fancy-indexing gathers. The
+cache belongs to one :class:`~service.model.LoadedModel` (rows depend on its mapping), so
+a reload starts empty. It is only touched from the event loop thread.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+class ItemRowCache:
+    def __init__(self, ttl_s: float, size: int, n_sparse: int, n_dense: int) -> None:
+        self.ttl = ttl_s
+        self.size = size
+        self.sparse = np.zeros((size, n_sparse), np.int64)  # zero pages: allocated lazily
+        self.dense = np.zeros((size, n_dense), np.float32)
+        self.expiry = np.zeros(size, np.float64)
+        self.owner: list[str | None] = [None] * size
+        self.slot_of: dict[str, int] = {}
+        self.next = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.ttl > 0
+
+    def __len__(self) -> int:
+        return len(self.slot_of)
+
+    def lookup(self, ids: list[str]) -> np.ndarray:
+        """Slots for ``ids``: int64 ``[N]``, ``-1`` where absent or expired."""
+        if not self.enabled or not self.slot_of:
+            return np.full(len(ids), -1, np.int64)
+        get = self.slot_of.get
+        slots = np.fromiter((get(i, -1) for i in ids), np.int64, len(ids))
+        hit = np.flatnonzero(slots >= 0)
+        if hit.size:
+            stale = hit[self.expiry[slots[hit]] <= time.monotonic()]
+            slots[stale] = -1
+        return slots
+
+    def store(self, ids: list[str], sparse: np.ndarray, dense: np.ndarray) -> None:
+        """Keep the rows ``sparse [K, Fi]`` / ``dense [K, Di]`` for ``ids`` (K IDs)."""
+        if not self.enabled or not ids:
+            return
+        ids = ids[-self.size :]  # more rows than slots: the last ones win
+        sparse, dense = sparse[-len(ids) :], dense[-len(ids) :]
+        slots = np.empty(len(ids), np.int64)
+        for k, item in enumerate(ids):
+            slot = self.slot_of.get(item)
+            if slot is None:
+                slot = self.next
+                self.next = (slot + 1) % self.size
+                old = self.owner[slot]
+                if old is not None and self.slot_of.get(old) == slot:
+                    del self.slot_of[old]
+                self.owner[slot] = item
+                self.slot_of[item] = slot
+            slots[k] = slot
+        self.sparse[slots] = sparse
+        self.dense[slots] = dense
+        self.expiry[slots] = time.monotonic() + self.ttl
