@@ -307,6 +307,60 @@ def test_dien_evolution_padded_steps_keep_the_state(evolution: str) -> None:
             torch.testing.assert_close(full[u : u + 1], alone, rtol=0, atol=1e-6)
 
 
+def textbook_cell(
+    gru: AttentionalGRU,
+    states: torch.Tensor,
+    att: torch.Tensor,
+    idx: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """The DIEN paper's recurrences written plainly, one candidate row at a time."""
+    hd = gru.hidden
+    w_ih, b_ih = gru.w_ih.weight, gru.w_ih.bias
+    w_hh, b_hh = gru.w_hh.weight, gru.w_hh.bias
+    out = []
+    for k, u in enumerate(idx.tolist()):
+        h = torch.zeros(hd)
+        for t in range(states.shape[1]):
+            a = att[k, t]
+            x = w_ih @ states[u, t] + b_ih
+            if gru.kind == "aigru":
+                x = a * (w_ih @ states[u, t]) + b_ih
+            g = w_hh @ h + b_hh
+            r = torch.sigmoid(x[:hd] + g[:hd])
+            z = torch.sigmoid(x[hd : 2 * hd] + g[hd : 2 * hd])
+            n = torch.tanh(x[2 * hd :] + r * g[2 * hd :])
+            if gru.kind == "augru":
+                upd = a * (1 - z)
+            elif gru.kind == "agru":
+                upd = a * torch.ones(hd)
+            else:
+                upd = (1 - z) * mask[u, t]
+            h = (1 - upd) * h + upd * n
+        out.append(h)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("evolution", ["augru", "agru", "aigru"])
+def test_dien_evolution_matches_the_textbook_cell(evolution: str) -> None:
+    """The few-node step (negated update rows, addmm, h + u(n - h)) computes the same
+    function as the paper's cell, candidates sharing users through ``user_idx``."""
+    torch.manual_seed(1)
+    gru = AttentionalGRU(6, 5, evolution)
+    with torch.no_grad():
+        for p in gru.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    length, lens = 7, torch.tensor([7, 2, 4])
+    mask = torch.arange(length)[None, :] < lens[:, None]
+    states = torch.randn(3, length, 6) * mask.unsqueeze(-1)
+    idx = torch.tensor([0, 2, 2, 1, 0])
+    att = torch.softmax(torch.randn(5, length), -1) * mask[idx]
+    with torch.no_grad():
+        got = gru(states, att, idx, mask)
+        want = textbook_cell(gru, states, att, idx, mask)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
 def test_dien_evolution_variants_differ(tiny_config: Config, tiny_prep: Prepared) -> None:
     """AUGRU, AGRU and AIGRU are different recurrences (same weights, other logits)."""
     batch = make_batch(tiny_prep)

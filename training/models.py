@@ -275,6 +275,12 @@ class AttentionalGRU(nn.Module):
     it runs once per user ``[U, L, 3H]``; only the recurrence runs per candidate.
     Inputs: ``states [U, L, H_in]``, ``att [N, L]`` (0 at padding), ``user_idx [N]``,
     ``mask [U, L]``. Returns the final hidden state ``[N, H]``.
+
+    The step is written for few graph nodes, since the unrolled recurrence is most of
+    DIEN's serving time: the update-gate rows of both projections are negated once, so
+    one sigmoid gives ``r`` and ``u = 1 - z`` together, the r/u pre-activation is one
+    ``addmm`` (Gemm with the input term as C) and ``h + u * (n - h)`` replaces
+    ``(1 - u) * h + u * n``. Same parameters and the same function as the textbook cell.
     """
 
     def __init__(self, in_dim: int, hidden: int, kind: str) -> None:
@@ -283,31 +289,40 @@ class AttentionalGRU(nn.Module):
         self.kind = kind
         self.w_ih = nn.Linear(in_dim, 3 * hidden)
         self.w_hh = nn.Linear(hidden, 3 * hidden)
+        sign = torch.ones(3 * hidden)
+        sign[hidden : 2 * hidden] = -1.0
+        self.register_buffer("sign", sign, persistent=False)
 
     def forward(self, states: Tensor, att: Tensor, user_idx: Tensor, mask: Tensor) -> Tensor:
         hd = self.hidden
-        x_proj = self.w_ih(states).index_select(0, user_idx)  # [N, L, 3H]
+        sign = self.sign
+        b_ih = self.w_ih.bias * sign
+        x_proj = self.w_ih(states) * sign  # [U, L, 3H], z rows negated
+        if self.kind == "aigru":  # scale the input by attention per candidate: a*(W h) + b
+            x_proj = att.unsqueeze(-1) * (x_proj.index_select(0, user_idx) - b_ih) + b_ih
+        else:
+            x_proj = x_proj.index_select(0, user_idx)  # [N, L, 3H]
+        w = self.w_hh.weight * sign.unsqueeze(1)  # [3H, H]
+        b = self.w_hh.bias * sign
+        w_ru, w_n = w[: 2 * hd].t(), w[2 * hd :].t()  # [H, 2H], [H, H]
+        x_ru = (x_proj[..., : 2 * hd] + b[: 2 * hd]).unbind(1)  # L x [N, 2H]
+        x_n = x_proj[..., 2 * hd :].unbind(1)  # L x [N, H]
+        b_n = b[2 * hd :]
         m = mask.index_select(0, user_idx).to(states.dtype)  # [N, L]
-        n_cand = user_idx.shape[0]
-        h = torch.zeros(n_cand, hd, dtype=states.dtype, device=states.device)
-        b_ih = self.w_ih.bias
-        for t in range(states.shape[1]):
-            a = att[:, t : t + 1]
-            xt = x_proj[:, t]
-            if self.kind == "aigru":  # scale the input by attention: a*(W h) + b
-                xt = a * (xt - b_ih) + b_ih
-            gh = self.w_hh(h)
-            r = torch.sigmoid(xt[:, :hd] + gh[:, :hd])
-            z = torch.sigmoid(xt[:, hd : 2 * hd] + gh[:, hd : 2 * hd])
-            n = torch.tanh(xt[:, 2 * hd :] + r * gh[:, 2 * hd :])
-            u = 1.0 - z  # update gate in the paper's convention
+        a_t = att.unsqueeze(-1).unbind(1)  # L x [N, 1]
+        m_t = m.unsqueeze(-1).unbind(1)
+        h = torch.zeros(user_idx.shape[0], hd, dtype=states.dtype, device=states.device)
+        for t in range(len(x_ru)):
+            ru = torch.sigmoid(torch.addmm(x_ru[t], h, w_ru))  # [N, 2H]: r, u = 1 - z
+            r, u = ru[:, :hd], ru[:, hd:]
+            n = torch.tanh(x_n[t] + r * torch.addmm(b_n, h, w_n))
             if self.kind == "augru":
-                u = a * u
+                u = a_t[t] * u
             elif self.kind == "agru":
-                u = a.expand_as(u)
+                u = a_t[t]
             else:
-                u = u * m[:, t : t + 1]  # AIGRU: padded steps keep the state
-            h = (1.0 - u) * h + u * n
+                u = u * m_t[t]  # AIGRU: padded steps keep the state
+            h = h + u * (n - h)
         return h
 
 
