@@ -130,6 +130,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.redis_url,
         args.port,
         _overrides(args.set),
+        args.inflight,
     )
     command = "ctr bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "ctr bench"
     table = render(res, command)
@@ -232,7 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--n", default="50,200,500,1000")
     bs.add_argument("--concurrency", default="1,2,4,8")
     bs.add_argument("--seconds", type=float, default=5.0)
-    bs.add_argument("--threads", type=int, default=2)
+    bs.add_argument("--threads", type=int, default=2, help="ORT intra-op threads")
+    bs.add_argument(
+        "--inflight", type=int, default=1, help="ORT runs in flight (CTR_INFERENCE_CONCURRENCY)"
+    )
     bs.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
     bs.add_argument("--port", type=int, default=8310)
     bs.add_argument("--out", default="docs/bench", help="folder for JSON, table and plots")
