@@ -76,8 +76,19 @@ def node_of(nodes: list[RedisProcess], key: str) -> RedisProcess:
 
 
 def total_reads(probes: list[Redis]) -> int:
-    """Socket reads served by every node (each probe's INFO counts one on its node)."""
-    return sum(int(p.info("stats")["total_reads_processed"]) for p in probes)
+    """Socket reads served by every node (each probe's INFO counts one on its node),
+    less the reads spent on the client's topology refreshes (CLUSTER * / COMMAND), which
+    redis-py's cluster client may send at any time and which are not the request's."""
+    total = 0
+    for p in probes:
+        info = p.info("everything")  # stats and commandstats in one read
+        topology = sum(
+            int(v["calls"])
+            for k, v in info.items()
+            if k.startswith(("cmdstat_cluster", "cmdstat_command")) and isinstance(v, dict)
+        )
+        total += int(info["total_reads_processed"]) - topology
+    return total
 
 
 def test_cluster_load_score_round_trip_and_master_loss(
