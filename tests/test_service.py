@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from service.loader import item_records, load_into_redis
 from service.settings import Settings
 from service.store import item_key, user_key
 from tests.helpers import REDIS_URL, Built, build_bundle, fresh_redis
-from tests.redis_proc import RedisProcess
+from tests.redis_proc import RedisProcess, free_port
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +36,13 @@ def redis_db(built: Built) -> Redis:
 
 
 def settings_for(built: Built, **kw: object) -> Settings:
-    return Settings(
-        models_dir=str(built.models_dir),
-        model_name=built.config.name,
-        redis_url=REDIS_URL,
-        redis_timeout_ms=500,
-        **kw,
-    )
+    base: dict = {
+        "models_dir": str(built.models_dir),
+        "model_name": built.config.name,
+        "redis_url": REDIS_URL,
+        "redis_timeout_ms": 500,
+    }
+    return Settings(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -311,3 +312,108 @@ def test_event_without_features_gets_them_from_the_item_table(
     ev = {"user_id": user, "event_id": "f1", "item_id": "i5", "timestamp": 3.0}
     assert client.post("/v1/events", json=ev).json()["appended"] is True
     assert stored_history(redis_db, user)[-1]["cate_id"] == cate
+
+
+# --- the encoded candidate-row cache (service/rowcache.py), through the app ---
+
+
+def same(got: dict[str, float], want: dict[str, float]) -> bool:
+    """Same items, same scores (1e-6: batch composition may reorder float sums)."""
+    return got.keys() == want.keys() and all(abs(got[k] - want[k]) <= 1e-6 for k in want)
+
+
+def probs_by_item(client: TestClient, user: str, cands: list[dict]) -> dict[str, float]:
+    r = client.post("/v1/score", json={"user_id": user, "candidates": cands})
+    assert r.status_code == 200, r.text
+    return {it["item_id"]: it["probability"] for it in r.json()["items"]}
+
+
+@pytest.fixture(scope="module")
+def uncached_client(built: Built, redis_db: Redis) -> Iterator[TestClient]:
+    with TestClient(create_app(settings_for(built, item_cache_ttl_s=0))) as c:
+        yield c
+
+
+def test_cached_rows_score_like_fresh_ones(
+    built: Built, redis_db: Redis, uncached_client: TestClient
+) -> None:
+    items = some_items(built, 60)
+    plain = [{"item_id": i} for i in items]
+    reference = probs_by_item(uncached_client, "u7", plain)
+    with TestClient(create_app(settings_for(built))) as c:
+        cold = probs_by_item(c, "u7", plain[:30])  # half the rows get cached
+        rows = c.app.state.ctr.model.rows  # type: ignore[attr-defined]
+        assert len(rows) == 30
+        mixed = probs_by_item(c, "u7", plain)  # 30 cached + 30 encoded in one request
+        warm = probs_by_item(c, "u7", list(reversed(plain)))  # all cached, other order
+        assert len(rows) == 60
+    assert same(cold, {i: reference[i] for i in items[:30]})
+    assert same(mixed, reference) and same(warm, reference)
+
+
+def test_request_features_bypass_the_cache(
+    built: Built, redis_db: Redis, uncached_client: TestClient
+) -> None:
+    item = some_items(built, 1)[0]
+    plain = [{"item_id": item}]
+    bogus = [{"item_id": item, "features": {"cate_id": "c-not-a-category"}}]
+    want_plain = probs_by_item(uncached_client, "u2", plain)[item]
+    want_bogus = probs_by_item(uncached_client, "u2", bogus)[item]
+    assert want_bogus != pytest.approx(want_plain, abs=1e-4)
+    with TestClient(create_app(settings_for(built))) as c:
+        rows = c.app.state.ctr.model.rows  # type: ignore[attr-defined]
+        # first: encoded from the request, not cached
+        assert probs_by_item(c, "u2", bogus)[item] == pytest.approx(want_bogus, abs=1e-6)
+        assert len(rows) == 0
+        assert probs_by_item(c, "u2", plain)[item] == pytest.approx(want_plain, abs=1e-6)
+        assert len(rows) == 1
+        # a cached row does not shadow request features, nor they the cached row
+        assert probs_by_item(c, "u2", bogus)[item] == pytest.approx(want_bogus, abs=1e-6)
+        assert probs_by_item(c, "u2", plain)[item] == pytest.approx(want_plain, abs=1e-6)
+
+
+def test_rows_built_while_the_store_is_down_are_not_kept(built: Built) -> None:
+    proc = RedisProcess(free_port())
+    items = some_items(built, 20)
+    plain = [{"item_id": i} for i in items]
+    with TestClient(create_app(settings_for(built, redis_url=proc.url))) as c:
+        r = c.post("/v1/score", json={"user_id": "u3", "candidates": plain}).json()
+        assert r["degraded"] is True
+        assert len(c.app.state.ctr.model.rows) == 0  # type: ignore[attr-defined]
+        proc.start()
+        try:
+            load_into_redis(built.config, built.frame, proc.url, progress=False)
+            healthy = probs_by_item(c, "u3", plain)
+            again = probs_by_item(c, "u3", plain)
+        finally:
+            proc.stop()
+    with TestClient(create_app(settings_for(built, redis_url=proc.url, item_cache_ttl_s=0))) as ref:
+        proc.start()
+        try:
+            load_into_redis(built.config, built.frame, proc.url, progress=False)
+            want = probs_by_item(ref, "u3", plain)
+        finally:
+            proc.stop()
+    assert same(healthy, want) and same(again, want)
+
+
+def test_item_update_visible_after_ttl(built: Built) -> None:
+    proc = RedisProcess(free_port()).start()
+    try:
+        load_into_redis(built.config, built.frame, proc.url, progress=False)
+        item = some_items(built, 1)[0]
+        direct = Redis.from_url(proc.url, decode_responses=True)
+        short_ttl = settings_for(built, redis_url=proc.url, item_cache_ttl_s=0.3)
+        with TestClient(create_app(short_ttl)) as c:
+            before = probs_by_item(c, "u4", [{"item_id": item}])[item]
+            direct.hset(item_key("cate_id"), item, "c-moved-category")
+            within = probs_by_item(c, "u4", [{"item_id": item}])[item]
+            assert within == pytest.approx(before, abs=1e-6)  # still the cached row
+            time.sleep(0.4)
+            after = probs_by_item(c, "u4", [{"item_id": item}])[item]
+        no_cache = settings_for(built, redis_url=proc.url, item_cache_ttl_s=0)
+        with TestClient(create_app(no_cache)) as ref:
+            want = probs_by_item(ref, "u4", [{"item_id": item}])[item]
+    finally:
+        proc.stop()
+    assert after == pytest.approx(want, abs=1e-6) and after != pytest.approx(before, abs=1e-4)

@@ -197,7 +197,7 @@ def model_only(
         return ort.InferenceSession(str(b.model_path), so, providers=["CPUExecutionProvider"])
 
     sess = session(threads)
-    narrow = session(1)
+    narrow = session(1) if streams > 1 else None
     c = b.config
     rng = np.random.default_rng(0)
     out = {}
@@ -222,7 +222,7 @@ def model_only(
         feed = {k: feed[k] for k in b.input_names}
         t = _time(lambda f=feed: sess.run(["probs"], f), reps)
         single_rps = 1000.0 / float(np.median(t))
-        par_rps = parallel_rps(narrow, feed, streams, par_seconds) if streams > 1 else 0.0
+        par_rps = parallel_rps(narrow, feed, streams, par_seconds) if narrow else 0.0
         out[n] = {
             "p50_ms": float(np.median(t)),
             "p99_ms": float(np.percentile(t, 99)),

@@ -296,21 +296,20 @@ class AttentionalGRU(nn.Module):
     def forward(self, states: Tensor, att: Tensor, user_idx: Tensor, mask: Tensor) -> Tensor:
         hd = self.hidden
         sign = self.sign
-        b_ih = self.w_ih.bias * sign
-        x_proj = self.w_ih(states) * sign  # [U, L, 3H], z rows negated
+        # [N, L, 3H], z rows negated; the projection itself ran once per user
+        x_proj = (self.w_ih(states) * sign).index_select(0, user_idx)
         if self.kind == "aigru":  # scale the input by attention per candidate: a*(W h) + b
-            x_proj = att.unsqueeze(-1) * (x_proj.index_select(0, user_idx) - b_ih) + b_ih
-        else:
-            x_proj = x_proj.index_select(0, user_idx)  # [N, L, 3H]
+            b_ih = self.w_ih.bias * sign
+            x_proj = att.unsqueeze(-1) * (x_proj - b_ih) + b_ih
         w = self.w_hh.weight * sign.unsqueeze(1)  # [3H, H]
         b = self.w_hh.bias * sign
         w_ru, w_n = w[: 2 * hd].t(), w[2 * hd :].t()  # [H, 2H], [H, H]
         x_ru = (x_proj[..., : 2 * hd] + b[: 2 * hd]).unbind(1)  # L x [N, 2H]
         x_n = x_proj[..., 2 * hd :].unbind(1)  # L x [N, H]
         b_n = b[2 * hd :]
-        m = mask.index_select(0, user_idx).to(states.dtype)  # [N, L]
         a_t = att.unsqueeze(-1).unbind(1)  # L x [N, 1]
-        m_t = m.unsqueeze(-1).unbind(1)
+        if self.kind == "aigru":
+            m_t = mask.index_select(0, user_idx).to(states.dtype).unsqueeze(-1).unbind(1)
         h = torch.zeros(user_idx.shape[0], hd, dtype=states.dtype, device=states.device)
         for t in range(len(x_ru)):
             ru = torch.sigmoid(torch.addmm(x_ru[t], h, w_ru))  # [N, 2H]: r, u = 1 - z
