@@ -116,6 +116,32 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_gpu(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from training.bench_gpu import render, run
+    from training.bench_service import _device
+
+    command = "ctr bench-gpu " + " ".join(sys.argv[2:])
+    res = run(
+        Path(args.models_dir),
+        args.models.split(","),
+        [int(x) for x in args.n.split(",")],
+        args.repeats,
+        [int(x) for x in args.users.split(",")],
+    )
+    table = f"Command: `{command.strip()}`\n\n" + render(
+        res, _device({"CTR_PROVIDER": "cuda"}), args.repeats
+    )
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench_gpu.json").write_text(_json.dumps(res, indent=2))
+        (out / "bench_gpu.md").write_text(table + "\n")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import json as _json
 
@@ -131,6 +157,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.port,
         _overrides(args.set),
         args.inflight,
+        dict(kv.split("=", 1) for kv in args.env),
+        Path(args.models_dir) if args.models_dir else None,
     )
     command = "ctr bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "ctr bench"
     table = render(res, command)
@@ -241,7 +269,21 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--port", type=int, default=8310)
     bs.add_argument("--out", default="docs/bench", help="folder for JSON, table and plots")
     bs.add_argument("--set", action="append", default=[], help="config override")
+    bs.add_argument(
+        "--env", action="append", default=[], help="service setting, e.g. CTR_PROVIDER=cuda"
+    )
+    bs.add_argument(
+        "--models-dir", default="", help="score these existing bundles (--models names them)"
+    )
     bs.set_defaults(func=cmd_bench)
+    bg = sub.add_parser("bench-gpu", help="model alone on a GPU: CUDA EP, IO binding, graphs")
+    bg.add_argument("--models-dir", required=True, help="bundles to measure")
+    bg.add_argument("--models", default="bench-din,bench-dien")
+    bg.add_argument("--n", default="50,200,500,1000")
+    bg.add_argument("--repeats", type=int, default=200)
+    bg.add_argument("--users", default="1,2,4,8,16", help="micro-batch sizes at N=500")
+    bg.add_argument("--out", default="", help="folder for JSON and table")
+    bg.set_defaults(func=cmd_bench_gpu)
     rs = sub.add_parser("results", help="Base/DeepFM/DIN/DIEN on real data, mean ± std")
     rs.add_argument("--datasets", default="amazon_beauty,movielens")
     rs.add_argument("--models", default="base,deepfm,din,dien")

@@ -368,6 +368,10 @@ def _install_routes(app: FastAPI, state: State) -> None:
             "name": model.name,
             "version": model.version,
             "provider": model.provider,
+            "runner": model.runner.kind,
+            "precision": model.precision,
+            "precision_note": model.precision_note or None,
+            "micro_batching": model.batcher is not None,
             "model_type": c.model.type,
             "max_seq_len": c.max_seq_len,
             "created_at": model.bundle.manifest.get("created_at"),
@@ -437,9 +441,12 @@ async def _score(state: State, model: LoadedModel, req: Any) -> Response:
     prepared = build_feeds(bundle, req.user_id, req.context, data, cands.sparse, cands.dense)
     t2 = time.perf_counter()
     assert state.executor is not None
-    outs = await asyncio.get_running_loop().run_in_executor(
-        state.executor, model.run, prepared.feeds, req.explain
-    )
+    if model.batcher is not None:
+        outs = await model.batcher.submit(state.executor, prepared.feeds, req.explain)
+    else:
+        outs = await asyncio.get_running_loop().run_in_executor(
+            state.executor, model.run, prepared.feeds, req.explain
+        )
     t3 = time.perf_counter()
     probs = outs[0]
     order = np.argsort(-probs, kind="stable")

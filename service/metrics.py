@@ -37,6 +37,11 @@ CANDIDATES = Histogram(
     "Candidates scored per request",
     buckets=(1, 10, 50, 100, 200, 300, 500, 750, 1000, 1500, 2000),
 )
+BATCH_USERS = Histogram(
+    "ctr_batch_users",
+    "Users (requests) per graph call; above 1 when micro-batching merged requests",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
+)
 ERRORS = Counter("ctr_errors_total", "Errors by kind", ["kind"])
 DEGRADED = Counter("ctr_degraded_responses_total", "Responses served in degraded mode")
 MODEL_INFO = Gauge(

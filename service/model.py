@@ -8,8 +8,17 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from ctr.bundle import Bundle, BundleError, load_bundle
+from ctr.bundle import Bundle, BundleError, graph_inputs, graph_outputs, load_bundle
+from service.batcher import Batcher
+from service.precision import FP16_TOLERANCE, PrecisionError, fp16_bytes, probe_feeds
 from service.rowcache import ItemRowCache
+from service.runner import (
+    BindingRunner,
+    GraphRunner,
+    Runner,
+    SessionRunner,
+    parse_buckets,
+)
 from service.settings import Settings
 
 log = logging.getLogger("ctr.model")
@@ -40,6 +49,10 @@ class LoadedModel:
     provider: str
     outputs: list[str]
     rows: ItemRowCache  # encoded candidate rows; they depend on this bundle's mapping
+    runner: Runner
+    precision: str = "fp32"
+    precision_note: str = ""
+    batcher: Batcher | None = None  # cross-request micro-batching, when enabled
 
     @property
     def name(self) -> str:
@@ -56,7 +69,7 @@ class LoadedModel:
     def run(self, feeds: dict[str, np.ndarray], explain: bool) -> list[np.ndarray]:
         """``probs [N]`` and, with ``explain``, ``attention [N, L]``."""
         names = ["probs", "attention"] if explain and self.has_attention else ["probs"]
-        return self.session.run(names, feeds)
+        return self.runner.run(feeds, names)
 
 
 def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
@@ -64,6 +77,69 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
     bundle = load_bundle(
         settings.models_dir, settings.model_name, version or settings.model_version
     )
+    so = session_options(settings)
+    providers = choose_providers(settings.provider)
+    graphs = settings.cuda_graph and CUDA in providers
+    try:
+        session = _session(bundle, bundle.model_path.read_bytes(), so, providers, graphs)
+    except BundleError as exc:
+        if not graphs:
+            raise
+        # e.g. a node ORT keeps on the CPU: the graph runs, only without CUDA graphs
+        log.warning("CUDA graphs not available for this model, running without: %s", exc)
+        graphs = False
+        session = _session(bundle, bundle.model_path.read_bytes(), so, providers, graphs)
+    provider = session.get_providers()[0]
+    if settings.require_gpu and provider != CUDA:
+        raise ProviderError(f"CTR_REQUIRE_GPU=1 but the session runs on {provider}")
+    precision, note = "fp32", ""
+    if settings.precision == "fp16":
+        try:
+            session = fp16_session(bundle, session, so, providers, graphs)
+            precision = "fp16"
+        except PrecisionError as exc:  # documented: serve fp32 and say why
+            note = str(exc)
+            log.warning("fp16 not used, serving fp32: %s", exc)
+    c = bundle.config
+    rows = ItemRowCache(
+        settings.item_cache_ttl_s, settings.item_cache_size, len(c.item_sparse), len(c.item_dense)
+    )
+    runner = make_runner(settings, bundle, session, provider, graphs)
+    outputs = [o.name for o in session.get_outputs()]
+    model = LoadedModel(bundle, session, provider, outputs, rows, runner, precision, note)
+    if settings.batch_max_users > 1:
+        model.batcher = Batcher(
+            model.run,
+            settings.inference_concurrency,
+            settings.batch_max_users,
+            settings.batch_max_candidates,
+            settings.batch_wait_ms / 1000,
+        )
+    graph_in = [i.name for i in session.get_inputs()]
+    if graph_in != bundle.input_names:
+        raise BundleError(
+            f"{bundle.model_path}: graph inputs {graph_in} differ from the manifest's "
+            f"{bundle.input_names}"
+        )
+    try:
+        warm_up(model)
+        if isinstance(runner, GraphRunner):
+            log.info("captured %d CUDA graphs in %.1fs", len(runner.slots), runner.capture())
+    except Exception as exc:  # ORT raises its own types for shape/type mismatches
+        raise BundleError(f"{bundle.model_path}: warm-up run failed: {exc}") from exc
+    log.info(
+        "model loaded name=%s version=%s provider=%s runner=%s precision=%s path=%s",
+        model.name,
+        model.version,
+        provider,
+        runner.kind,
+        precision,
+        bundle.path,
+    )
+    return model
+
+
+def session_options(settings: Settings) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if settings.intra_op_threads:
@@ -76,37 +152,82 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
     so.add_session_config_entry("session.intra_op.allow_spinning", "0" if spin == "never" else "1")
     if spin == "run":
         so.add_session_config_entry("session.force_spinning_stop", "1")
-    providers = choose_providers(settings.provider)
+    return so
+
+
+def _session(
+    bundle: Bundle,
+    model_bytes: bytes,
+    so: ort.SessionOptions,
+    providers: list[str],
+    graphs: bool,
+) -> ort.InferenceSession:
+    chosen: list[str | tuple[str, dict[str, str]]] = list(providers)
+    if CUDA in providers:  # fp32 means fp32: no TF32 matmuls (fp16 is the fast option)
+        options = {"use_tf32": "0"}
+        if graphs:
+            options["enable_cuda_graph"] = "1"
+        chosen = [(CUDA, options), CPU]
     try:
-        session = ort.InferenceSession(str(bundle.model_path), so, providers=providers)
+        return ort.InferenceSession(model_bytes, so, providers=chosen)
     except Exception as exc:  # ORT raises its own exception types for bad graphs
         raise BundleError(f"ONNX Runtime cannot load {bundle.model_path}: {exc}") from exc
-    provider = session.get_providers()[0]
-    if settings.require_gpu and provider != CUDA:
-        raise ProviderError(f"CTR_REQUIRE_GPU=1 but the session runs on {provider}")
-    c = bundle.config
-    rows = ItemRowCache(
-        settings.item_cache_ttl_s, settings.item_cache_size, len(c.item_sparse), len(c.item_dense)
-    )
-    model = LoadedModel(bundle, session, provider, [o.name for o in session.get_outputs()], rows)
-    graph_in = [i.name for i in session.get_inputs()]
-    if graph_in != bundle.input_names:
-        raise BundleError(
-            f"{bundle.model_path}: graph inputs {graph_in} differ from the manifest's "
-            f"{bundle.input_names}"
-        )
+
+
+def fp16_session(
+    bundle: Bundle,
+    fp32: ort.InferenceSession,
+    so: ort.SessionOptions,
+    providers: list[str],
+    graphs: bool,
+) -> ort.InferenceSession:
+    """The bundle converted to fp16 (inputs and outputs stay fp32), on the same provider,
+    kept only if its probabilities match the fp32 session's within ``FP16_TOLERANCE`` on
+    random valid inputs. Raises :class:`PrecisionError` otherwise."""
     try:
-        warm_up(model)
-    except Exception as exc:  # ORT raises its own types for shape/type mismatches
-        raise BundleError(f"{bundle.model_path}: warm-up run failed: {exc}") from exc
-    log.info(
-        "model loaded name=%s version=%s provider=%s path=%s",
-        model.name,
-        model.version,
-        provider,
-        bundle.path,
-    )
-    return model
+        session = _session(bundle, fp16_bytes(bundle.model_path), so, providers, graphs)
+    except BundleError as exc:
+        raise PrecisionError(f"the fp16 graph does not load: {exc}") from exc
+    opts = ort.RunOptions()
+    if graphs:  # plain runs on a graph-enabled session must not be captured
+        opts.add_run_config_entry("gpu_graph_id", "-1")
+    worst = 0.0
+    for users, n, seed in ((1, 300, 0), (3, 97, 1)):
+        feeds = probe_feeds(bundle, users, n, seed)
+        want = fp32.run(["probs"], feeds, opts)[0]
+        got = session.run(["probs"], feeds, opts)[0]
+        if not np.all(np.isfinite(got)):
+            raise PrecisionError("fp16 probabilities are not finite")
+        worst = max(worst, float(np.max(np.abs(got - want))))
+    if worst > FP16_TOLERANCE:
+        raise PrecisionError(f"fp16 parity {worst:.1e} > {FP16_TOLERANCE:.0e}")
+    log.info("fp16 graph kept: max |fp16 - fp32| = %.1e", worst)
+    return session
+
+
+def make_runner(
+    settings: Settings,
+    bundle: Bundle,
+    session: ort.InferenceSession,
+    provider: str,
+    graphs: bool,
+) -> Runner:
+    on_gpu = provider == CUDA
+    if graphs and on_gpu:
+        c = bundle.config
+        inputs = {i.name: tuple(int(d) for d in i.shape[1:]) for i in graph_inputs(c)}
+        outputs = {o.name: tuple(int(d) for d in o.shape[1:]) for o in graph_outputs(c)}
+        return GraphRunner(
+            session,
+            inputs,
+            outputs,
+            parse_buckets(settings.cuda_graph_user_buckets),
+            parse_buckets(settings.cuda_graph_buckets),
+        )
+    binding = settings.io_binding == "on" or (settings.io_binding == "auto" and on_gpu)
+    if binding:
+        return BindingRunner(session, "cuda" if on_gpu else "cpu", skip_graph=False)
+    return SessionRunner(session)
 
 
 def warm_up(model: LoadedModel) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -28,6 +28,28 @@ class Settings(BaseSettings):
         "(ORT's default; steals CPU from the event loop), or never",
     )
     inference_concurrency: int = Field(1, gt=0, description="ORT runs in flight per worker")
+    io_binding: Literal["auto", "on", "off"] = Field(
+        "auto", description="ORT IO binding (auto = on with the CUDA provider)"
+    )
+    cuda_graph: bool = Field(
+        False, description="replay CUDA graphs per (users, candidates) bucket (CUDA only)"
+    )
+    cuda_graph_buckets: str = Field(
+        "64,128,256,512,1024,2048,4096", description="candidate counts N with a CUDA graph"
+    )
+    cuda_graph_user_buckets: str = Field(
+        "1,2,4,8,16", description="user counts U with a CUDA graph (micro-batches)"
+    )
+    precision: Literal["fp32", "fp16"] = Field(
+        "fp32", description="fp16: convert at load, serve it only within 1e-3 of fp32"
+    )
+    batch_max_users: int = Field(
+        1, gt=0, description="users per graph call across requests (1 = no micro-batching)"
+    )
+    batch_max_candidates: int = Field(4096, gt=0, description="candidates per batched call")
+    batch_wait_ms: float = Field(
+        0.0, ge=0, le=50, description="extra wait for a micro-batch to fill (0 = none)"
+    )
     max_candidates: int = Field(2000, gt=0, description="most candidates per request")
     max_body_bytes: int = Field(1_000_000, gt=0, description="request body size limit")
     max_id_length: int = Field(256, gt=0, description="longest user/item ID accepted")
@@ -47,3 +69,14 @@ class Settings(BaseSettings):
     port: int = Field(8000, description="port for `ctr serve`")
     workers: int = Field(1, gt=0, description="uvicorn worker processes for `ctr serve`")
     log_level: str = Field("info", description="log level")
+
+    @field_validator("cuda_graph_buckets", "cuda_graph_user_buckets")
+    @classmethod
+    def _buckets(cls, v: str) -> str:
+        try:
+            sizes = [int(x) for x in v.split(",") if x.strip()]
+        except ValueError as exc:
+            raise ValueError(f"comma-separated positive integers expected, got {v!r}") from exc
+        if not sizes or min(sizes) <= 0:
+            raise ValueError(f"comma-separated positive integers expected, got {v!r}")
+        return v

@@ -257,7 +257,13 @@ def parallel_rps(sess: Any, feed: dict[str, np.ndarray], streams: int, seconds: 
 
 
 def _start_service(
-    models_dir: Path, name: str, redis_url: str, port: int, threads: int, inflight: int = 1
+    models_dir: Path,
+    name: str,
+    redis_url: str,
+    port: int,
+    threads: int,
+    inflight: int = 1,
+    extra_env: dict[str, str] | None = None,
 ) -> Any:
     env = dict(
         os.environ,
@@ -270,6 +276,7 @@ def _start_service(
         CTR_REDIS_TIMEOUT_MS="1000",
         CTR_REQUEST_TIMEOUT_MS="10000",
         CTR_MAX_IN_FLIGHT="1024",
+        **(extra_env or {}),
     )
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     proc = subprocess.Popen(
@@ -278,7 +285,9 @@ def _start_service(
         cwd=ROOT,
     )
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
+    for _ in range(1800):
+        if proc.poll() is not None:
+            raise RuntimeError(f"service exited with code {proc.returncode}")
         try:
             if httpx.get(url + "/readyz", timeout=1).status_code == 200:
                 return proc, url
@@ -287,6 +296,59 @@ def _start_service(
         time.sleep(0.1)
     proc.kill()
     raise RuntimeError("service did not become ready")
+
+
+def runner_model_only(
+    models_dir: Path, name: str, n_values: list[int], env: dict[str, str], reps: int
+) -> dict:
+    """The model alone through the service's own loader and runner (same provider, IO
+    binding, CUDA graphs and precision as ``env`` gives the service): latency of U=1
+    calls, and with micro-batching on, the requests/s of full batches of
+    ``CTR_BATCH_MAX_USERS`` users (what the batched model alone sustains)."""
+    from service.batcher import merge_feeds
+    from service.model import load_model
+    from service.precision import probe_feeds
+    from service.settings import Settings
+    from training.bench import _time
+
+    keys = {k[4:].lower(): v for k, v in env.items() if k.startswith("CTR_")}
+    settings = Settings(models_dir=str(models_dir), model_name=name, **keys)  # type: ignore[arg-type]
+    model = load_model(settings)
+    users = settings.batch_max_users
+    out = {}
+    for n in n_values:
+        feed = probe_feeds(model.bundle, 1, n, 0)
+        feed["hist_len"][:] = model.bundle.config.max_seq_len
+        t = _time(lambda f=feed: model.run(f, False), reps)
+        single = 1000.0 / float(np.median(t))
+        batched = 0.0
+        if users > 1:
+            fits = max(1, min(users, settings.batch_max_candidates // n))
+            merged = merge_feeds([feed] * fits)
+            tb = _time(lambda f=merged: model.run(f, False), max(10, reps // 2))
+            batched = fits * 1000.0 / float(np.median(tb))
+        out[n] = {
+            "p50_ms": float(np.median(t)),
+            "p99_ms": float(np.percentile(t, 99)),
+            "single_rps": single,
+            "parallel_rps": batched,  # full micro-batches, requests/s
+            "sustained_rps": max(single, batched),
+        }
+    return out
+
+
+def _device(env: dict[str, str]) -> str:
+    cpu = f"{os.cpu_count()} CPU cores"
+    if env.get("CTR_PROVIDER") != "cuda":
+        return f"CPU ({cpu})"
+    try:
+        gpu = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        gpu = "unknown GPU"
+    return f"{gpu} (CUDA EP), {cpu}"
 
 
 def run(
@@ -299,18 +361,38 @@ def run(
     port: int,
     overrides: dict[str, Any] | None = None,
     inflight: int = 1,
+    env: dict[str, str] | None = None,
+    models_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """``inflight``: the service's ``CTR_INFERENCE_CONCURRENCY`` (ORT runs at once)."""
+    """``inflight``: the service's ``CTR_INFERENCE_CONCURRENCY`` (ORT runs at once).
+    ``env``: more ``CTR_*`` settings for the service (e.g. ``CTR_PROVIDER=cuda``); with
+    ``CTR_PROVIDER=cuda`` the model-only figures come from the service's own runner.
+    ``models_dir``: score existing bundles, named by ``models``, instead of building."""
     from service.loader import load_into_redis
+    from training.data import load_frame
 
-    results: dict[str, Any] = {"threads": threads, "inflight": inflight, "models": {}}
+    env = env or {}
+    results: dict[str, Any] = {
+        "threads": threads,
+        "inflight": inflight,
+        "env": env,
+        "device": _device(env),
+        "models": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        models_dir = Path(tmp)
         for mt in models:
-            config, frame = make_bundle(mt, models_dir, 50, overrides)
+            if models_dir is not None:
+                where, config = models_dir, load_bundle(models_dir, mt).config
+                frame = load_frame(config)
+            else:
+                where = Path(tmp)
+                config, frame = make_bundle(mt, where, 50, overrides)
             load_into_redis(config, frame, redis_url, progress=False)
-            mo = model_only(models_dir, config.name, n_values, threads, 100)
-            proc, url = _start_service(models_dir, config.name, redis_url, port, threads, inflight)
+            if env.get("CTR_PROVIDER") == "cuda":
+                mo = runner_model_only(where, config.name, n_values, env, 100)
+            else:
+                mo = model_only(where, config.name, n_values, threads, 100)
+            proc, url = _start_service(where, config.name, redis_url, port, threads, inflight, env)
             per_model: dict[str, Any] = {"model_only": mo, "single": {}, "saturation": {}}
             try:
                 for n in n_values:
@@ -343,12 +425,14 @@ def run(
 def render(res: dict[str, Any], command: str) -> str:
     t = res["threads"]
     k = res.get("inflight", 1)
+    env_text = " ".join(f"{a}={b}" for a, b in res.get("env", {}).items())
     lines = [
         f"Command: `{command}`",
         "",
-        f"CPU ({os.cpu_count()} cores), 1 uvicorn worker, ORT intra-op threads={t}, "
-        f"{k} ORT run(s) in flight, L=50; the HTTP client runs on the same machine. "
-        "Model-only figures: ORT alone in the benchmark process, same shapes.",
+        f"{res.get('device', f'CPU ({os.cpu_count()} cores)')}, 1 uvicorn worker, ORT "
+        f"intra-op threads={t}, {k} ORT run(s) in flight, L=50; the HTTP client runs on "
+        "the same machine. Model-only figures: ORT alone in the benchmark process, same "
+        "shapes." + (f" Service settings: {env_text}." if env_text else ""),
         "",
         "| model | N | e2e p50 ms | e2e p99 ms | model-only p50 ms | target 1.2x+1 ms |"
         " met | redis | mapping | inference | serialize |",
@@ -387,7 +471,31 @@ def render(res: dict[str, Any], command: str) -> str:
                 f"{single:.0f} | {mo.get('parallel_rps', 0.0):.0f} | "
                 f"{best['rps'] / sustained:.0%} | {errs} |"
             )
+    lines += [
+        "",
+        "Every point of the sweep (requests/s, then end-to-end p50 / p99 in ms):",
+        "",
+        "| model | N | " + " | ".join(f"c={c}" for c in _concurrencies(res)) + " |",
+        "|---|---:|" + "---:|" * len(_concurrencies(res)),
+    ]
+    for mt, r in res["models"].items():
+        for n, sweep in r["saturation"].items():
+            cells = [
+                f"{sweep[c]['rps']:.0f} ({sweep[c]['p50_ms']:.2f} / {sweep[c]['p99_ms']:.2f})"
+                if c in sweep
+                else ""
+                for c in _concurrencies(res)
+            ]
+            lines.append(f"| {mt} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _concurrencies(res: dict[str, Any]) -> list[Any]:
+    seen: list[Any] = []
+    for r in res["models"].values():
+        for sweep in r["saturation"].values():
+            seen += [c for c in sweep if c not in seen]
+    return seen
 
 
 def plot(res: dict[str, Any], out_dir: Path) -> list[Path]:

@@ -1,0 +1,25 @@
+# Source on a GPU machine that cannot reach PyPI, from the repository root:
+#   source scripts/gpu_env.sh PARTS_DIR WHEELS_DIR [REDIS_DIR]
+# PARTS_DIR holds part00.. of an xz tarball of onnxruntime-gpu's package folder (the
+# wheel is larger than one transfer, so it travels in pieces), WHEELS_DIR the service's
+# pure-Python/cp312 wheels, REDIS_DIR a redis-server binary with its libraries. It
+# installs into /tmp/site, puts the CUDA libraries that PyTorch's image ships on
+# LD_LIBRARY_PATH for onnxruntime-gpu, and starts Redis on 6379 unless one answers.
+# Where pip works, `pip install onnxruntime-gpu` and a system Redis replace all this.
+parts=$1 wheels=$2 redis_dir=${3:-}
+site=/tmp/site
+mkdir -p "$site"
+if [ ! -d "$site/onnxruntime" ]; then
+  cat "$parts"/part* | xz -dc | tar x -C "$site" || return 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheels"/*.whl || return 1
+fi
+export PYTHONPATH="$site:$PWD"
+libs=$(find / -xdev \( -name 'libcublasLt.so.13' -o -name 'libcudart.so.13' -o -name 'libcurand.so.10' \
+  -o -name 'libcufft.so.12' -o -name 'libcudnn.so.9' -o -name 'libnvrtc.so.13' \) 2>/dev/null \
+  | xargs -r -n1 dirname | sort -u | paste -sd:)
+export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+if [ -n "$redis_dir" ] && ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then
+  LD_LIBRARY_PATH="$redis_dir" "$redis_dir/redis-server" --port 6379 --save '' --appendonly no --daemonize yes
+  sleep 1
+fi
+python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"

@@ -1,0 +1,207 @@
+"""How one graph call runs: plain ``session.run``, IO binding, or CUDA graphs.
+
+Every runner takes feeds in the graph layout of :mod:`ctr.encode` (``U`` users,
+``N`` candidates: ``user_sparse [U, Fu]``, ``user_dense [U, Du]``, ``hist [U, S, L]``,
+``hist_len [U]``, ``item_sparse [N, Fi]``, ``item_dense [N, Di]``, ``user_idx [N]``)
+and returns the requested outputs as host arrays (``probs [N]``, ``attention [N, L]``).
+
+* :class:`SessionRunner`: ``session.run``; ORT allocates outputs per call (CPU default).
+* :class:`BindingRunner`: IO binding. Inputs are bound from host memory (one copy to the
+  device), outputs are allocated on the provider's device and copied back once.
+* :class:`GraphRunner`: CUDA graphs. A CUDA graph replays a fixed kernel sequence on
+  fixed buffers, so shapes are bucketed: a call with ``U`` users and ``N`` candidates is
+  padded to the smallest ``(U_b, N_b)`` bucket that holds it and replays that bucket's
+  graph (``gpu_graph_id``); outputs are sliced back to ``N``. Padded users have an
+  empty history and padded candidates are PAD rows pointing at user 0, so they never
+  touch a real row (every op is row-wise in N and in U). Calls larger than every
+  bucket run without a graph (``gpu_graph_id=-1``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger("ctr.runner")
+
+USER_INPUTS = ("user_sparse", "user_dense", "hist", "hist_len")
+ITEM_INPUTS = ("item_sparse", "item_dense", "user_idx")
+SKIP_GRAPH = "-1"
+
+
+class Runner(Protocol):
+    kind: str
+
+    def run(self, feeds: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]: ...
+
+
+class SessionRunner:
+    kind = "session"
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+
+    def run(self, feeds: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+        return self.session.run(names, feeds)
+
+
+class BindingRunner:
+    """IO binding with outputs on ``device`` ("cuda" or "cpu")."""
+
+    kind = "io_binding"
+
+    def __init__(self, session: ort.InferenceSession, device: str, skip_graph: bool) -> None:
+        self.session = session
+        self.device = device
+        self.options = ort.RunOptions()
+        if skip_graph:  # a session with CUDA graphs enabled must be told not to capture
+            self.options.add_run_config_entry("gpu_graph_id", SKIP_GRAPH)
+
+    def run(self, feeds: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+        io = self.session.io_binding()
+        for k, v in feeds.items():
+            io.bind_cpu_input(k, np.ascontiguousarray(v))
+        for n in names:
+            io.bind_output(n, self.device)
+        self.session.run_with_iobinding(io, self.options)
+        return list(io.copy_outputs_to_cpu())
+
+
+def parse_buckets(text: str) -> list[int]:
+    """``"64,128"`` -> ``[64, 128]`` (sorted, unique, each > 0)."""
+    values = sorted({int(v) for v in text.split(",") if v.strip()})
+    if not values or values[0] <= 0:
+        raise ValueError(f"bucket sizes must be positive integers, got {text!r}")
+    return values
+
+
+def bucket_of(value: int, buckets: list[int]) -> int | None:
+    """The smallest bucket that holds ``value``, or None if none does."""
+    for b in buckets:
+        if b >= value:
+            return b
+    return None
+
+
+def pad_into(host: dict[str, np.ndarray], feeds: dict[str, np.ndarray]) -> None:
+    """Copy ``feeds`` into the bucket-sized ``host`` arrays; the tail rows become padding:
+    zero IDs (PAD), zero dense values, empty histories and ``user_idx`` 0."""
+    for k, dst in host.items():
+        src = feeds[k]
+        rows = src.shape[0]
+        dst[:rows] = src
+        dst[rows:] = 0
+
+
+@dataclass
+class _Slot:
+    """One captured graph: fixed device buffers for a ``(users, n)`` bucket."""
+
+    graph_id: int
+    users: int
+    n: int
+    host: dict[str, np.ndarray]
+    inputs: dict[str, Any]  # name -> OrtValue on the device
+    outputs: dict[str, Any]
+    binding: Any
+    options: ort.RunOptions
+    runs: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class GraphRunner:
+    """CUDA graphs per ``(U_b, N_b)`` bucket. Needs a session created with the CUDA EP
+    option ``enable_cuda_graph=1``. One replay at a time per session (a graph replays on
+    the session's stream); cross-request batching is what fills the GPU."""
+
+    kind = "cuda_graph"
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        input_tails: dict[str, tuple[int, ...]],
+        output_tails: dict[str, tuple[int, ...]],
+        user_buckets: list[int],
+        n_buckets: list[int],
+        device: str = "cuda",
+    ) -> None:
+        """``input_tails``/``output_tails``: each tensor's shape after its batch axis
+        (``U`` for user inputs, ``N`` for the rest), e.g. ``hist -> (S, L)``."""
+        self.session = session
+        self.device = device
+        self.user_buckets = user_buckets
+        self.n_buckets = n_buckets
+        self.input_tails = input_tails
+        self.output_tails = output_tails
+        self.input_types = {i.name: _np_type(i.type) for i in session.get_inputs()}
+        self.slots: dict[tuple[int, int], _Slot] = {}
+        self.lock = threading.Lock()
+        self.fallback = BindingRunner(session, device, skip_graph=True)
+
+    def _slot(self, users: int, n: int) -> _Slot:
+        key = (users, n)
+        slot = self.slots.get(key)
+        if slot is not None:
+            return slot
+        host, inputs = {}, {}
+        for name, tail in self.input_tails.items():
+            rows = users if name in USER_INPUTS else n
+            arr = np.zeros((rows, *tail), self.input_types[name])
+            host[name] = arr
+            inputs[name] = ort.OrtValue.ortvalue_from_numpy(arr, self.device, 0)
+        outputs = {
+            name: ort.OrtValue.ortvalue_from_shape_and_type([n, *tail], np.float32, self.device, 0)
+            for name, tail in self.output_tails.items()
+        }
+        binding = self.session.io_binding()
+        for name, value in inputs.items():
+            binding.bind_ortvalue_input(name, value)
+        for name, value in outputs.items():
+            binding.bind_ortvalue_output(name, value)
+        options = ort.RunOptions()
+        graph_id = len(self.slots) + 1  # 0 is ORT's default id; keep ours explicit
+        options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        slot = _Slot(graph_id, users, n, host, inputs, outputs, binding, options)
+        self.slots[key] = slot
+        return slot
+
+    def capture(self) -> float:
+        """Capture every bucket now (ORT runs each graph's first calls normally, then
+        captures); returns the seconds it took."""
+        t = time.perf_counter()
+        for u in self.user_buckets:
+            for n in self.n_buckets:
+                slot = self._slot(u, n)
+                for _ in range(3):
+                    self._replay(slot)
+        return time.perf_counter() - t
+
+    def _replay(self, slot: _Slot) -> None:
+        with self.lock:
+            self.session.run_with_iobinding(slot.binding, slot.options)
+            slot.runs += 1
+
+    def run(self, feeds: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+        users = bucket_of(feeds["hist_len"].shape[0], self.user_buckets)
+        n = bucket_of(feeds["user_idx"].shape[0], self.n_buckets)
+        if users is None or n is None:
+            return self.fallback.run(feeds, names)
+        slot = self._slot(users, n)
+        rows = feeds["user_idx"].shape[0]
+        with slot.lock:
+            pad_into(slot.host, feeds)
+            for name, arr in slot.host.items():
+                slot.inputs[name].update_inplace(arr)
+            self._replay(slot)
+            # copies: a CPU OrtValue's numpy() is a view the next replay overwrites
+            return [slot.outputs[k].numpy()[:rows].copy() for k in names]
+
+
+def _np_type(onnx_type: str) -> type:
+    return {"tensor(int64)": np.int64, "tensor(float)": np.float32}[onnx_type]

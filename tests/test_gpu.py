@@ -1,0 +1,99 @@
+"""GPU-only checks, skipped where ONNX Runtime has no CUDA provider (CI has none; run
+them on a GPU machine with onnxruntime-gpu): real CUDA graphs against the CPU
+provider, fp16 on the GPU, and the service on CUDA with graphs and micro-batching."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.loader import load_into_redis
+from service.model import load_model
+from service.precision import probe_feeds
+from service.settings import Settings
+from tests.helpers import REDIS_URL, Built, build_bundle, fresh_redis
+
+pytestmark = pytest.mark.skipif(
+    "CUDAExecutionProvider" not in ort.get_available_providers(),
+    reason="ONNX Runtime has no CUDA provider here",
+)
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Built]:
+    tmp = tmp_path_factory.mktemp("gpu")
+    return {mt: build_bundle(tmp / mt, mt) for mt in ("din", "dien")}
+
+
+def settings(built: Built, **kw: object) -> Settings:
+    return Settings(
+        models_dir=str(built.models_dir),
+        model_name=built.config.name,
+        redis_url=REDIS_URL,
+        redis_timeout_ms=500,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.parametrize("mt", ["din", "dien"])
+def test_cuda_graphs_match_cpu(bundles: dict[str, Built], mt: str) -> None:
+    cpu = load_model(settings(bundles[mt], provider="cpu"))
+    gpu = load_model(
+        settings(bundles[mt], provider="cuda", cuda_graph=True, cuda_graph_buckets="64,512")
+    )
+    assert gpu.provider == "CUDAExecutionProvider" and gpu.runner.kind == "cuda_graph"
+    for users, n, seed in ((1, 50, 0), (1, 64, 1), (3, 65, 2), (1, 500, 3), (2, 700, 4),
+                           (1, 50, 5)):  # fmt: skip
+        feeds = probe_feeds(cpu.bundle, users, n, seed)
+        want = cpu.run(feeds, True)
+        got = gpu.run(feeds, True)
+        np.testing.assert_allclose(got[0], want[0], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mt", ["din", "dien"])
+def test_fp16_on_gpu(bundles: dict[str, Built], mt: str) -> None:
+    cpu = load_model(settings(bundles[mt], provider="cpu"))
+    gpu = load_model(settings(bundles[mt], provider="cuda", cuda_graph=True, precision="fp16"))
+    assert gpu.precision == "fp16", gpu.precision_note
+    feeds = probe_feeds(cpu.bundle, 3, 400, 7)
+    diff = np.abs(gpu.run(feeds, False)[0] - cpu.run(feeds, False)[0])
+    assert diff.max() <= 1e-3
+
+
+def test_service_on_cuda_with_batching(bundles: dict[str, Built]) -> None:
+    built = bundles["dien"]
+    fresh_redis()
+    load_into_redis(built.config, built.frame, REDIS_URL, progress=False)
+    items = built.frame["item_id"].astype(str).unique().tolist()
+    bodies = [
+        {"user_id": f"u{k}", "candidates": [{"item_id": i} for i in items[k : k + 30 + 9 * k]]}
+        for k in range(1, 9)
+    ]
+    with TestClient(create_app(settings(built, provider="cpu"))) as c:
+        want = [c.post("/v1/score", json=b).json() for b in bodies]
+    s = settings(built, provider="cuda", cuda_graph=True, batch_max_users=8, batch_wait_ms=50)
+    with TestClient(create_app(s)) as c:
+        info = c.get("/v1/models").json()
+        assert info["runner"] == "cuda_graph" and info["micro_batching"] is True
+        got: list[dict | None] = [None] * len(bodies)
+
+        def post(k: int) -> None:
+            got[k] = c.post("/v1/score", json=bodies[k]).json()
+
+        threads = [threading.Thread(target=post, args=(k,)) for k in range(len(bodies))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for a, b in zip(want, got, strict=True):
+        assert b is not None
+        pa = {i["item_id"]: i["probability"] for i in a["items"]}
+        pb = {i["item_id"]: i["probability"] for i in b["items"]}
+        assert pa.keys() == pb.keys()
+        assert max(abs(pa[k] - pb[k]) for k in pa) <= 1e-5

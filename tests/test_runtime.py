@@ -1,0 +1,200 @@
+"""How the graph runs: IO binding, bucketed fixed-buffer (CUDA graph) runs, fp16 and
+cross-request micro-batching, on real exported bundles. Everything here runs on the
+CPU provider; tests/test_gpu.py repeats the GPU-only parts where CUDA is present."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+import service.model as service_model
+from ctr.bundle import graph_inputs, graph_outputs, load_bundle
+from service.app import create_app
+from service.batcher import merge_feeds, split_outputs
+from service.loader import load_into_redis
+from service.model import load_model
+from service.precision import probe_feeds
+from service.runner import BindingRunner, GraphRunner, bucket_of, parse_buckets
+from service.settings import Settings
+from tests.helpers import REDIS_URL, Built, build_bundle, fresh_redis
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Built]:
+    tmp = tmp_path_factory.mktemp("runtime")
+    return {mt: build_bundle(tmp / mt, mt) for mt in ("din", "dien")}
+
+
+def cpu_session(built: Built) -> tuple[ort.InferenceSession, object]:
+    b = load_bundle(built.models_dir, built.config.name)
+    return ort.InferenceSession(str(b.model_path), providers=["CPUExecutionProvider"]), b
+
+
+def tails(b: object) -> tuple[dict, dict]:
+    c = b.config  # type: ignore[attr-defined]
+    return (
+        {i.name: tuple(i.shape[1:]) for i in graph_inputs(c)},
+        {o.name: tuple(o.shape[1:]) for o in graph_outputs(c)},
+    )
+
+
+def test_buckets() -> None:
+    assert parse_buckets("512, 64,128,64") == [64, 128, 512]
+    assert bucket_of(64, [64, 128]) == 64
+    assert bucket_of(65, [64, 128]) == 128
+    assert bucket_of(129, [64, 128]) is None
+    with pytest.raises(ValueError):
+        parse_buckets("0,64")
+
+
+def test_bad_bucket_setting_names_the_field() -> None:
+    with pytest.raises(ValidationError, match="cuda_graph_buckets"):
+        Settings(cuda_graph_buckets="64,abc")
+    with pytest.raises(ValidationError, match="cuda_graph_user_buckets"):
+        Settings(cuda_graph_user_buckets="-1")
+
+
+@pytest.mark.parametrize("mt", ["din", "dien"])
+def test_io_binding_matches_session_run(bundles: dict[str, Built], mt: str) -> None:
+    sess, b = cpu_session(bundles[mt])
+    runner = BindingRunner(sess, "cpu", skip_graph=False)
+    for users, n, seed in ((1, 1, 0), (1, 200, 1), (3, 57, 2)):
+        feeds = probe_feeds(b, users, n, seed)  # type: ignore[arg-type]
+        want = sess.run(["probs", "attention"], feeds)
+        got = runner.run(feeds, ["probs", "attention"])
+        for w, g in zip(want, got, strict=True):
+            assert g.shape == w.shape
+            np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("mt", ["din", "dien"])
+def test_bucketed_fixed_buffer_runs_match_unpadded(bundles: dict[str, Built], mt: str) -> None:
+    """The CUDA-graph runner's padding and slicing, on the CPU provider: padded users
+    and candidates never change a real row, calls beyond every bucket fall back, and a
+    returned array is not overwritten by the next call on the same bucket."""
+    sess, b = cpu_session(bundles[mt])
+    ins, outs = tails(b)
+    runner = GraphRunner(sess, ins, outs, [1, 4], [64, 128], device="cpu")
+    kept = []
+    for users, n, seed in ((1, 50, 0), (1, 64, 1), (3, 65, 2), (4, 128, 3), (5, 10, 4),
+                           (1, 300, 5), (2, 50, 6)):  # fmt: skip
+        feeds = probe_feeds(b, users, n, seed)  # type: ignore[arg-type]
+        want = sess.run(["probs", "attention"], feeds)
+        got = runner.run(feeds, ["probs", "attention"])
+        assert got[0].shape == (n,) and got[1].shape == want[1].shape
+        np.testing.assert_allclose(got[0], want[0], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-6)
+        kept.append((got[0], want[0]))
+    for got, want in kept:  # (1, 50) and (2, 50) share a slot; the first result survives
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert set(runner.slots) == {(1, 64), (4, 128), (4, 64)}  # (5, 10), (1, 300): fallback
+
+
+@pytest.mark.parametrize("mt", ["din", "dien"])
+def test_merged_users_score_like_separate_calls(bundles: dict[str, Built], mt: str) -> None:
+    sess, b = cpu_session(bundles[mt])
+    feeds = [probe_feeds(b, 1, n, seed) for seed, n in enumerate((7, 120, 1, 33))]  # type: ignore[arg-type]
+    merged = merge_feeds(feeds)
+    assert merged["hist_len"].shape == (4,) and merged["user_idx"].shape == (161,)
+    assert list(merged) == list(feeds[0])
+    parts = split_outputs(sess.run(["probs", "attention"], merged), [7, 120, 1, 33])
+    for f, (p, a) in zip(feeds, parts, strict=True):
+        want_p, want_a = sess.run(["probs", "attention"], f)
+        np.testing.assert_allclose(p, want_p, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(a, want_a, rtol=0, atol=1e-6)
+
+
+def settings(built: Built, **kw: object) -> Settings:
+    return Settings(
+        models_dir=str(built.models_dir),
+        model_name=built.config.name,
+        redis_url=REDIS_URL,
+        redis_timeout_ms=500,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_fp16_kept_within_tolerance(bundles: dict[str, Built]) -> None:
+    built = bundles["dien"]
+    fp32 = load_model(settings(built))
+    fp16 = load_model(settings(built, precision="fp16"))
+    assert fp16.precision == "fp16" and fp16.precision_note == ""
+    feeds = probe_feeds(fp32.bundle, 2, 300, 9)
+    diff = np.abs(fp16.run(feeds, False)[0] - fp32.run(feeds, False)[0])
+    assert 0 < diff.max() <= 1e-3  # really fp16 (not the same graph), and within tolerance
+
+
+def test_fp16_outside_tolerance_serves_fp32(
+    bundles: dict[str, Built], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service_model, "FP16_TOLERANCE", 0.0)
+    model = load_model(settings(bundles["din"], precision="fp16"))
+    assert model.precision == "fp32"
+    assert "parity" in model.precision_note
+    ref = load_model(settings(bundles["din"]))
+    feeds = probe_feeds(ref.bundle, 1, 50, 3)
+    np.testing.assert_array_equal(model.run(feeds, False)[0], ref.run(feeds, False)[0])
+
+
+def test_micro_batching_over_http(bundles: dict[str, Built]) -> None:
+    """Concurrent requests merged into one graph call score exactly as alone, explain
+    included; the batch-size histogram shows the merge."""
+    built = bundles["dien"]
+    fresh_redis()
+    load_into_redis(built.config, built.frame, REDIS_URL, progress=False)
+    items = built.frame["item_id"].astype(str).unique().tolist()
+    users = [f"u{k}" for k in range(1, 9)]
+    bodies = [
+        {"user_id": u, "candidates": [{"item_id": i} for i in items[k : k + 20 + 7 * k]],
+         "explain": k % 2 == 0}
+        for k, u in enumerate(users)
+    ]  # fmt: skip
+    with TestClient(create_app(settings(built))) as plain:
+        alone = [plain.post("/v1/score", json=b).json() for b in bodies]
+    batched_settings = settings(built, batch_max_users=8, batch_wait_ms=50)
+    with TestClient(create_app(batched_settings)) as c:
+        assert c.get("/v1/models").json()["micro_batching"] is True
+        results: list[dict | None] = [None] * len(bodies)
+
+        def post(k: int) -> None:
+            r = c.post("/v1/score", json=bodies[k])
+            assert r.status_code == 200, r.text
+            results[k] = r.json()
+
+        threads = [threading.Thread(target=post, args=(k,)) for k in range(len(bodies))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        metrics = c.get("/metrics").text
+    for a, b in zip(alone, results, strict=True):
+        assert b is not None
+        assert [i["item_id"] for i in b["items"]] == [i["item_id"] for i in a["items"]]
+        got = np.array([i["probability"] for i in b["items"]])
+        want = np.array([i["probability"] for i in a["items"]])
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+        assert ("attention" in b["items"][0]) == ("attention" in a["items"][0])
+    count = _metric(metrics, "ctr_batch_users_count")
+    total = _metric(metrics, "ctr_batch_users_sum")
+    assert total == len(bodies) and count < total  # at least one call held several users
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_settings_reach_the_runner(bundles: dict[str, Built], tmp_path: Path) -> None:
+    built = bundles["din"]
+    assert load_model(settings(built)).runner.kind == "session"
+    assert load_model(settings(built, io_binding="on")).runner.kind == "io_binding"
+    # CUDA graphs are CUDA-only: on the CPU provider the setting leaves the plain runner
+    assert load_model(settings(built, cuda_graph=True, provider="cpu")).runner.kind == "session"

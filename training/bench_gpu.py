@@ -1,0 +1,157 @@
+"""``ctr bench-gpu``: the model alone on a GPU, through the service's own runners.
+
+For each bundle and N it times ``LoadedModel.run`` (host arrays in, host arrays out:
+the copies to and from the device are included) under each way the service can run
+the graph, all loaded by :func:`service.model.load_model` from settings:
+
+* ``cpu``: the CPU provider, ORT's default threads (the baseline in the same run);
+* ``cuda``: the CUDA provider with plain ``session.run``;
+* ``cuda+iobinding``: outputs allocated on the device, copied back once;
+* ``cuda+graphs``: CUDA graphs per (users, N) bucket;
+* ``cuda+graphs+fp16``: the same on the fp16 graph (kept only within 1e-3 of fp32).
+
+It also reports each variant's max |p - p_cpu| on the same inputs, history fed once
+vs copied N times on the GPU, and micro-batching capacity: U requests of N=500 merged
+into one graph call (what one worker's GPU can sustain when requests are batched).
+Needs onnxruntime-gpu for the CUDA variants (each is skipped, with the reason, without).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.batcher import merge_feeds
+from service.model import ProviderError, load_model
+from service.precision import probe_feeds
+from service.settings import Settings
+from training.bench import _time, naive_feed
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "cpu": {"provider": "cpu", "io_binding": "off"},
+    "cuda": {"provider": "cuda", "io_binding": "off"},
+    "cuda+iobinding": {"provider": "cuda", "io_binding": "on"},
+    "cuda+graphs": {"provider": "cuda", "cuda_graph": True},
+    "cuda+graphs+fp16": {"provider": "cuda", "cuda_graph": True, "precision": "fp16"},
+}
+BUCKETS = "64,128,256,512,1024,2048,4096,8192"
+
+
+def feed_for(model: Any, n: int) -> dict[str, np.ndarray]:
+    feed = probe_feeds(model.bundle, 1, n, n)
+    feed["hist_len"][:] = model.bundle.config.max_seq_len  # full history: the worst case
+    return feed
+
+
+def _variant(
+    model: Any,
+    label: str,
+    res: dict[str, Any],
+    reference: dict[int, np.ndarray],
+    n_values: list[int],
+    reps: int,
+    users: list[int],
+) -> dict[str, Any]:
+    rows: dict[str, Any] = {
+        "runner": model.runner.kind,
+        "precision": model.precision,
+        "note": model.precision_note,
+        "provider": model.provider,
+        "n": {},
+    }
+    for n in n_values:
+        feed = feed_for(model, n)
+        probs = model.run(feed, False)[0]
+        reference.setdefault(n, probs)  # the first variant (cpu) is the reference
+        t = _time(lambda f=feed: model.run(f, False), reps, warmup=10)
+        rows["n"][n] = {
+            "p50_ms": float(np.median(t)),
+            "p99_ms": float(np.percentile(t, 99)),
+            "max_diff_vs_cpu": float(np.max(np.abs(probs - reference[n]))),
+        }
+    if label == "cuda+iobinding":
+        for n in n_values:
+            naive = naive_feed(feed_for(model, n))
+            t = _time(lambda f=naive: model.run(f, False), max(10, reps // 4), warmup=3)
+            res["copied"][n] = float(np.median(t))
+    if label == "cuda+graphs":
+        one = feed_for(model, 500)
+        for u in users:
+            merged = merge_feeds([one] * u)
+            t = _time(lambda f=merged: model.run(f, False), reps, warmup=10)
+            ms = float(np.median(t))
+            res["batched"][u] = {"call_ms": ms, "p99_ms": float(np.percentile(t, 99)),
+                                 "req_s": u * 1000.0 / ms}  # fmt: skip
+    return rows
+
+
+def bench_bundle(
+    models_dir: Path, name: str, n_values: list[int], reps: int, users: list[int]
+) -> dict[str, Any]:
+    res: dict[str, Any] = {"variants": {}, "copied": {}, "batched": {}, "skipped": {}}
+    reference: dict[int, np.ndarray] = {}
+    for label, over in VARIANTS.items():
+        settings = Settings(
+            models_dir=str(models_dir), model_name=name, cuda_graph_buckets=BUCKETS, **over
+        )
+        try:
+            model = load_model(settings)
+        except ProviderError as exc:
+            res["skipped"][label] = str(exc)
+            continue
+        res["variants"][label] = _variant(model, label, res, reference, n_values, reps, users)
+    return res
+
+
+def render(results: dict[str, Any], device: str, reps: int) -> str:
+    lines = [f"Model alone on {device}; p50 / p99 ms over {reps} calls, host arrays in and out."]
+    for name, res in results.items():
+        v = res["variants"]
+        ns = list(next(iter(v.values()))["n"])
+        lines += [
+            "",
+            f"**{name}**, L=50, one user, full history",
+            "",
+            "| variant | runner | precision | "
+            + " | ".join(f"N={n}" for n in ns)
+            + " | max abs diff vs CPU |",
+            "|---|---|---|" + "---:|" * len(ns) + "---:|",
+        ]
+        for label, rows in v.items():
+            cells = [f"{rows['n'][n]['p50_ms']:.2f} / {rows['n'][n]['p99_ms']:.2f}" for n in ns]
+            diff = max(r["max_diff_vs_cpu"] for r in rows["n"].values())
+            prec = rows["precision"] + (f" ({rows['note']})" if rows["note"] else "")
+            lines.append(
+                f"| {label} | {rows['runner']} | {prec} | " + " | ".join(cells) + f" | {diff:.1e} |"
+            )
+        for label, why in res["skipped"].items():
+            lines.append(f"| {label} | skipped: {why} | | " + " | " * len(ns) + " |")
+        if res["copied"]:
+            io = v["cuda+iobinding"]["n"]
+            lines.append(
+                "| history copied N times (cuda+iobinding) | | | "
+                + " | ".join(
+                    f"{res['copied'][n]:.2f} ({res['copied'][n] / io[n]['p50_ms']:.1f}x)"
+                    for n in ns
+                )
+                + " | |"
+            )
+        if res["batched"]:
+            lines += [
+                "",
+                "Micro-batching, cuda+graphs: U requests of N=500 in one call",
+                "",
+                "| U | call p50 ms | call p99 ms | requests/s |",
+                "|---:|---:|---:|---:|",
+            ]
+            for u, b in res["batched"].items():
+                lines.append(f"| {u} | {b['call_ms']:.2f} | {b['p99_ms']:.2f} | {b['req_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def run(
+    models_dir: Path, names: list[str], n_values: list[int], reps: int, users: list[int]
+) -> dict[str, Any]:
+    return {name: bench_bundle(models_dir, name, n_values, reps, users) for name in names}
