@@ -159,6 +159,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.inflight,
         dict(kv.split("=", 1) for kv in args.env),
         Path(args.models_dir) if args.models_dir else None,
+        [float(x) for x in args.rates.split(",") if x],
     )
     command = "ctr bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "ctr bench"
     table = render(res, command)
@@ -272,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument(
         "--env", action="append", default=[], help="service setting, e.g. CTR_PROVIDER=cuda"
     )
+    bs.add_argument("--rates", default="", help="also run open-loop at these req/s rates")
     bs.add_argument(
         "--models-dir", default="", help="score these existing bundles (--models names them)"
     )

@@ -277,7 +277,8 @@ def _install_routes(app: FastAPI, state: State) -> None:
             raise Overloaded(f"more than {s.max_in_flight} requests in flight", None)
         state.in_flight += 1
         try:
-            return await asyncio.wait_for(work(), timeout=s.request_timeout_ms / 1000)
+            async with asyncio.timeout(s.request_timeout_ms / 1000):  # no extra task
+                return await work()
         except TimeoutError as exc:
             raise DeadlineExceeded(f"request took longer than {s.request_timeout_ms} ms") from exc
         finally:
@@ -422,10 +423,8 @@ async def _score(state: State, model: LoadedModel, req: Any) -> Response:
     degraded = False
     try:
         assert state.redis is not None
-        data = await asyncio.wait_for(
-            fetch(state.redis, req.user_id, bundle.config.max_seq_len, lookups),
-            timeout=s.redis_timeout_ms / 1000,
-        )
+        async with asyncio.timeout(s.redis_timeout_ms / 1000):
+            data = await fetch(state.redis, req.user_id, bundle.config.max_seq_len, lookups)
         for source, ids in lookups.items():
             state.item_cache.put(source, ids, data.item_features[source])
         cands.items.fill(data.item_features)

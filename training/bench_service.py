@@ -96,9 +96,12 @@ class RawClient:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def post(self, path: str, body: bytes) -> int:
+    async def connect(self) -> None:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+
+    async def post(self, path: str, body: bytes) -> int:
+        await self.connect()
         assert self.reader is not None
         head = (
             f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\n"
@@ -152,6 +155,63 @@ async def _closed_loop(url: str, bodies: list[bytes], concurrency: int, seconds:
         "rps": len(lat) / elapsed,
         "p50_ms": float(np.median(arr)),
         "p99_ms": float(np.percentile(arr, 99)),
+    }
+
+
+async def _open_loop(
+    url: str, bodies: list[bytes], rate: float, seconds: float, conns: int = 128
+) -> dict:
+    """Requests sent at a fixed ``rate`` (req/s) for ``seconds``, whatever the service's
+    pace, over a pool of ``conns`` keep-alive connections. Latency counts from each
+    request's scheduled send time, so a service that falls behind shows it in p99 rather
+    than slowing the client down (no coordinated omission)."""
+    host, port = url.split("//")[1].split(":")
+    pool: asyncio.LifoQueue[RawClient] = asyncio.LifoQueue()  # reuse the warmest
+    clients = [RawClient(host, int(port)) for _ in range(conns)]
+    for c in clients:
+        await c.connect()  # connection set-up stays out of the measurement
+        pool.put_nowait(c)
+    lat: list[float] = []
+    sent: list[float] = []
+    errors = 0
+    total = max(1, int(rate * seconds))
+    start = time.perf_counter() + 0.05
+
+    async def one(k: int, due: float) -> None:
+        nonlocal errors
+        client = await pool.get()
+        t = time.perf_counter()
+        try:
+            status = await client.post("/v1/score", bodies[k % len(bodies)])
+        finally:
+            pool.put_nowait(client)
+        done = time.perf_counter()
+        lat.append(done - due)
+        sent.append(done - t)
+        errors += status != 200
+
+    tasks = []
+    for k in range(total):
+        due = start + k / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(k, due)))
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - start
+    for c in clients:
+        await c.close()
+    arr = np.array(lat) * 1000
+    wire = np.array(sent) * 1000
+    return {
+        "rate": rate,
+        "requests": len(lat),
+        "errors": errors,
+        "rps": len(lat) / elapsed,
+        "p50_ms": float(np.median(arr)),
+        "p99_ms": float(np.percentile(arr, 99)),
+        "sent_p50_ms": float(np.median(wire)),  # from the actual send (client lag excluded)
+        "sent_p99_ms": float(np.percentile(wire, 99)),
     }
 
 
@@ -276,8 +336,8 @@ def _start_service(
         CTR_REDIS_TIMEOUT_MS="1000",
         CTR_REQUEST_TIMEOUT_MS="10000",
         CTR_MAX_IN_FLIGHT="1024",
-        **(extra_env or {}),
     )
+    env.update(extra_env or {})  # --env wins over the defaults above
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "ctr.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
@@ -363,11 +423,13 @@ def run(
     inflight: int = 1,
     env: dict[str, str] | None = None,
     models_dir: Path | None = None,
+    rates: list[float] | None = None,
 ) -> dict[str, Any]:
     """``inflight``: the service's ``CTR_INFERENCE_CONCURRENCY`` (ORT runs at once).
     ``env``: more ``CTR_*`` settings for the service (e.g. ``CTR_PROVIDER=cuda``); with
     ``CTR_PROVIDER=cuda`` the model-only figures come from the service's own runner.
-    ``models_dir``: score existing bundles, named by ``models``, instead of building."""
+    ``models_dir``: score existing bundles, named by ``models``, instead of building.
+    ``rates``: also drive each N open-loop at these request rates (req/s)."""
     from service.loader import load_into_redis
     from training.data import load_frame
 
@@ -393,7 +455,12 @@ def run(
             else:
                 mo = model_only(where, config.name, n_values, threads, 100)
             proc, url = _start_service(where, config.name, redis_url, port, threads, inflight, env)
-            per_model: dict[str, Any] = {"model_only": mo, "single": {}, "saturation": {}}
+            per_model: dict[str, Any] = {
+                "model_only": mo,
+                "single": {},
+                "saturation": {},
+                "open_loop": {},
+            }
             try:
                 for n in n_values:
                     bodies = bodies_for(frame, n)
@@ -409,6 +476,9 @@ def run(
                     for c in concurrency:
                         sweep[c] = asyncio.run(_closed_loop(url, bodies, c, seconds))
                     per_model["saturation"][n] = sweep
+                    per_model["open_loop"][n] = [
+                        asyncio.run(_open_loop(url, bodies, r, seconds)) for r in rates or []
+                    ]
                     best = max(sweep.values(), key=lambda r: r["rps"])
                     print(
                         f"[bench] {mt} N={n}: p50 {single['p50_ms']:.2f} ms (model "
@@ -487,6 +557,25 @@ def render(res: dict[str, Any], command: str) -> str:
                 for c in _concurrencies(res)
             ]
             lines.append(f"| {mt} | {n} | " + " | ".join(cells) + " |")
+    if any(r.get("open_loop", {}).get(n) for r in res["models"].values() for n in r["single"]):
+        lines += [
+            "",
+            "Open loop: requests sent at a fixed rate over a pool of warm connections; "
+            "latency from each request's scheduled send time (any client lag counts against "
+            "the service), and from its actual send:",
+            "",
+            "| model | N | offered req/s | achieved req/s | p50 ms | p99 ms |"
+            " from send: p50 | p99 | errors |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for mt, r in res["models"].items():
+            for n, runs in r.get("open_loop", {}).items():
+                for o in runs:
+                    lines.append(
+                        f"| {mt} | {n} | {o['rate']:.0f} | {o['rps']:.0f} | {o['p50_ms']:.2f} | "
+                        f"{o['p99_ms']:.2f} | {o['sent_p50_ms']:.2f} | {o['sent_p99_ms']:.2f} | "
+                        f"{o['errors']} |"
+                    )
     return "\n".join(lines)
 
 
