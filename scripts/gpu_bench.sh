@@ -3,7 +3,7 @@
 # bundles in $MODELS (make them with: python -c "from training.bench_service import
 # make_bundle; ..." or any `ctr export`). Usage: scripts/gpu_bench.sh OUT [part]
 #   part a: the model alone (ctr bench-gpu) and the service with graphs + fp16 + batching
-#   part b: fp32 vs fp16 vs no batching at DIEN N=500, and 4 workers on one GPU
+#   part b: DIEN and DIN at N=500 open-loop: fp16, fp32, no batching, 4 workers on one GPU
 set -euo pipefail
 out=$1 part=${2:-a}
 MODELS=${MODELS:-/tmp/bundles}
@@ -15,11 +15,14 @@ if [ "$part" = a ]; then
   $py "${bench[@]}" --models bench-dien,bench-din --n 50,500,1000 --concurrency 1,8,32 \
     --seconds 3 --rates 200,360,500,800 "${gpu[@]}" --env CTR_PRECISION=fp16 --out "$out/fp16"
 else
-  $py "${bench[@]}" --models bench-dien --n 500 --concurrency 1,8 --seconds 3 \
-    --rates 200,360,500 "${gpu[@]}" --out "$out/fp32"
-  $py "${bench[@]}" --models bench-dien --n 500 --concurrency 1,8 --seconds 3 \
-    --rates 200,360,500 --env CTR_PROVIDER=cuda --env CTR_CUDA_GRAPH=1 --env CTR_PRECISION=fp16 \
-    --out "$out/nobatch"
-  $py "${bench[@]}" --models bench-dien --n 500 --concurrency 1,16,64 --seconds 3 \
-    --rates 800,1500,2500 "${gpu[@]}" --env CTR_PRECISION=fp16 --env CTR_WORKERS=4 --out "$out/workers4"
+  one=(--n 500 --concurrency 1 --seconds 3)
+  $py "${bench[@]}" --models bench-dien "${one[@]}" --rates 200,300,360,450 "${gpu[@]}" \
+    --env CTR_PRECISION=fp16 --out "$out/dien_fp16"
+  $py "${bench[@]}" --models bench-din "${one[@]}" --rates 200,300,360,450 "${gpu[@]}" \
+    --env CTR_PRECISION=fp16 --out "$out/din_fp16"
+  $py "${bench[@]}" --models bench-dien "${one[@]}" --rates 200,360 "${gpu[@]}" --out "$out/dien_fp32"
+  $py "${bench[@]}" --models bench-dien "${one[@]}" --rates 200,360 --env CTR_PROVIDER=cuda \
+    --env CTR_CUDA_GRAPH=1 --env CTR_PRECISION=fp16 --out "$out/dien_nobatch"
+  $py "${bench[@]}" --models bench-dien "${one[@]}" --rates 800,1440,2000 "${gpu[@]}" \
+    --env CTR_PRECISION=fp16 --env CTR_WORKERS=4 --out "$out/dien_workers4"
 fi

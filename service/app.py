@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import json
 import logging
@@ -196,7 +197,21 @@ async def _load(state: State, version: str | None) -> LoadedModel:
     state.model = model  # atomic swap: in-flight requests keep their reference
     state.model_error = None
     m.set_model_info(model.name, model.version, model.provider)
+    settle_heap()
     return model
+
+
+def settle_heap() -> None:
+    """Move everything alive after a load into the GC's permanent generation.
+
+    A full (generation 2) collection walks every tracked object: with a bundle, ORT and
+    the web stack loaded that is ~200k objects and 50-150 ms with the event loop stopped,
+    which showed as the p99 of every open-loop run. Frozen objects are skipped, so later
+    collections only walk what requests allocate. Unfreezing first lets a reload's
+    previous model be collected."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 async def _reload(state: State, version: str | None) -> LoadedModel:

@@ -198,3 +198,16 @@ def test_settings_reach_the_runner(bundles: dict[str, Built], tmp_path: Path) ->
     assert load_model(settings(built, io_binding="on")).runner.kind == "io_binding"
     # CUDA graphs are CUDA-only: on the CPU provider the setting leaves the plain runner
     assert load_model(settings(built, cuda_graph=True, provider="cpu")).runner.kind == "session"
+
+
+def test_heap_frozen_after_load(bundles: dict[str, Built]) -> None:
+    """After a load, what is alive sits in the GC's permanent generation, so a full
+    collection (which stops the event loop) walks only what requests allocated."""
+    import gc
+
+    gc.unfreeze()
+    with TestClient(create_app(settings(bundles["din"]))) as c:
+        assert c.get("/readyz").status_code == 200
+        frozen = gc.get_freeze_count()
+        assert frozen > 10_000
+        assert len(gc.get_objects()) < frozen
