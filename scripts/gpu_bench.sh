@@ -10,19 +10,24 @@ MODELS=${MODELS:-/tmp/bundles}
 py=${PYTHON:-python3}
 gpu=(--env CTR_PROVIDER=cuda --env CTR_CUDA_GRAPH=1 --env CTR_BATCH_MAX_USERS=16
      --env CTR_BATCH_MAX_CANDIDATES=8192 --env CTR_CUDA_GRAPH_BUCKETS=64,128,256,512,1024,2048,4096,8192)
-bench=(-m ctr.cli bench --models-dir "$MODELS" --threads 0 --redis-url redis://127.0.0.1:6379/14)
+# one ORT intra-op thread: on the GPU the CPU provider only runs shape nodes, and more
+# pool threads only compete with the event loop (and with the other workers)
+bench=(-m ctr.cli bench --models-dir "$MODELS" --threads 1 --redis-url redis://127.0.0.1:6379/14)
 if [ "$part" = a ]; then
   $py "${bench[@]}" --models bench-dien,bench-din --n 50,500,1000 --concurrency 1,8,32 \
     --seconds 3 --rates 200,360,500,800 "${gpu[@]}" --env CTR_PRECISION=fp16 --out "$out/fp16"
 else
+  # at most 8 files come back from the device tool: keep each run's table and JSON only
   one=(--n 500 --concurrency 1 --seconds 3)
-  $py "${bench[@]}" --models bench-dien "${one[@]}" --rates 200,300,360,450 "${gpu[@]}" \
-    --env CTR_PRECISION=fp16 --out "$out/dien_fp16"
-  $py "${bench[@]}" --models bench-din "${one[@]}" --rates 200,300,360,450 "${gpu[@]}" \
-    --env CTR_PRECISION=fp16 --out "$out/din_fp16"
-  $py "${bench[@]}" --models bench-dien "${one[@]}" --rates 200,360 "${gpu[@]}" --out "$out/dien_fp32"
-  $py "${bench[@]}" --models bench-dien "${one[@]}" --rates 200,360 --env CTR_PROVIDER=cuda \
-    --env CTR_CUDA_GRAPH=1 --env CTR_PRECISION=fp16 --out "$out/dien_nobatch"
-  $py "${bench[@]}" --models bench-dien "${one[@]}" --rates 800,1440,2000 "${gpu[@]}" \
-    --env CTR_PRECISION=fp16 --env CTR_WORKERS=4 --out "$out/dien_workers4"
+  run() { local name=$1; shift; $py "${bench[@]}" "$@" --out "$out/tmp/$name"
+          cp "$out/tmp/$name/bench_service.md" "$out/$name.md"
+          cp "$out/tmp/$name/bench_service.json" "$out/$name.json"; }
+  run dien_fp16 --models bench-dien "${one[@]}" --rates 200,300,360,450 "${gpu[@]}" \
+    --env CTR_PRECISION=fp16
+  run din_fp16 --models bench-din "${one[@]}" --rates 200,360,450 "${gpu[@]}" --env CTR_PRECISION=fp16
+  run dien_nobatch --models bench-dien "${one[@]}" --rates 200,360 --env CTR_PROVIDER=cuda \
+    --env CTR_CUDA_GRAPH=1 --env CTR_PRECISION=fp16
+  run dien_workers4 --models bench-dien "${one[@]}" --rates 800,1440,2000 "${gpu[@]}" \
+    --env CTR_PRECISION=fp16 --env CTR_WORKERS=4
+  rm -rf "$out/tmp"
 fi

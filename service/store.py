@@ -31,7 +31,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import orjson
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -65,7 +65,10 @@ def make_client(
         if first.scheme == "rediss":
             kw["ssl"] = True
         return RedisCluster(startup_nodes=nodes, retry=Retry(NoBackoff(), 1), **kw)
-    return Redis(connection_pool=ConnectionPool.from_url(url, retry_on_timeout=False, **kw))
+    # a burst beyond the pool waits for a free connection (bounded by the timeout)
+    # instead of failing at once into a degraded response
+    pool = BlockingConnectionPool.from_url(url, retry_on_timeout=False, timeout=timeout_s, **kw)
+    return Redis(connection_pool=pool)
 
 
 def redact(url: str) -> str:

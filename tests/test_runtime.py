@@ -111,13 +111,13 @@ def test_merged_users_score_like_separate_calls(bundles: dict[str, Built], mt: s
 
 
 def settings(built: Built, **kw: object) -> Settings:
-    return Settings(
-        models_dir=str(built.models_dir),
-        model_name=built.config.name,
-        redis_url=REDIS_URL,
-        redis_timeout_ms=500,
-        **kw,  # type: ignore[arg-type]
-    )
+    base: dict = {
+        "models_dir": str(built.models_dir),
+        "model_name": built.config.name,
+        "redis_url": REDIS_URL,
+        "redis_timeout_ms": 500,
+    }
+    return Settings(**{**base, **kw})
 
 
 def test_fp16_kept_within_tolerance(bundles: dict[str, Built]) -> None:
@@ -211,3 +211,29 @@ def test_heap_frozen_after_load(bundles: dict[str, Built]) -> None:
         frozen = gc.get_freeze_count()
         assert frozen > 10_000
         assert len(gc.get_objects()) < frozen
+
+
+def test_burst_beyond_the_redis_pool_waits_instead_of_degrading(
+    bundles: dict[str, Built],
+) -> None:
+    """More concurrent requests than pooled Redis connections: the extra ones wait for a
+    connection (within the Redis timeout) and are served in full, not degraded."""
+    built = bundles["din"]
+    fresh_redis()
+    load_into_redis(built.config, built.frame, REDIS_URL, progress=False)
+    items = built.frame["item_id"].astype(str).unique().tolist()[:50]
+    body = {"candidates": [{"item_id": i} for i in items]}
+    s = settings(built, redis_max_connections=1, redis_timeout_ms=2000, inference_concurrency=4)
+    with TestClient(create_app(s)) as c:
+        out: list[dict] = []
+
+        def post(k: int) -> None:
+            out.append(c.post("/v1/score", json={"user_id": f"u{k}", **body}).json())
+
+        threads = [threading.Thread(target=post, args=(k,)) for k in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(out) == 12
+    assert not any(r["degraded"] for r in out)
