@@ -3,7 +3,8 @@
 # Targets (docker build --target NAME .):
 #   trainer   torch==2.13.0 (CPU) + .[train]: `ctr train` / `ctr export`, and the compose
 #             one-shot `init` job (deploy/docker/init.sh).
-#   gpu       serving image on an NVIDIA CUDA 12 + cuDNN 9 base with onnxruntime-gpu.
+#   gpu       serving image on an NVIDIA CUDA 12 + cuDNN 9 base with onnxruntime-gpu (and
+#             onnx, which CTR_PRECISION=fp16 uses to convert the graph at load time).
 #   runtime   (default, last) torch-free serving image: onnxruntime (CPU), `ctr serve`.
 #
 # Build args:
@@ -81,7 +82,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=bind,source=certs,target=/run/certs \
     --mount=type=secret,id=pip_cert \
     python3 requirements.py pyproject.toml --exclude onnxruntime > /tmp/requirements.txt \
-    && pip-install "$ORT_GPU_SPEC" -r /tmp/requirements.txt
+    && pip-install "$ORT_GPU_SPEC" "onnx>=1.16" -r /tmp/requirements.txt
 COPY ctr ./ctr
 COPY training ./training
 COPY service ./service

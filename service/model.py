@@ -224,8 +224,7 @@ def make_runner(
             parse_buckets(settings.cuda_graph_user_buckets),
             parse_buckets(settings.cuda_graph_buckets),
         )
-    binding = settings.io_binding == "on" or (settings.io_binding == "auto" and on_gpu)
-    if binding:
+    if settings.io_binding:
         return BindingRunner(session, "cuda" if on_gpu else "cpu", skip_graph=False)
     return SessionRunner(session)
 

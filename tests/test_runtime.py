@@ -195,7 +195,7 @@ def _metric(text: str, name: str) -> float:
 def test_settings_reach_the_runner(bundles: dict[str, Built], tmp_path: Path) -> None:
     built = bundles["din"]
     assert load_model(settings(built)).runner.kind == "session"
-    assert load_model(settings(built, io_binding="on")).runner.kind == "io_binding"
+    assert load_model(settings(built, io_binding=True)).runner.kind == "io_binding"
     # CUDA graphs are CUDA-only: on the CPU provider the setting leaves the plain runner
     assert load_model(settings(built, cuda_graph=True, provider="cpu")).runner.kind == "session"
 

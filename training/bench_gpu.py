@@ -30,9 +30,9 @@ from service.settings import Settings
 from training.bench import _time, naive_feed
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    "cpu": {"provider": "cpu", "io_binding": "off"},
-    "cuda": {"provider": "cuda", "io_binding": "off"},
-    "cuda+iobinding": {"provider": "cuda", "io_binding": "on"},
+    "cpu": {"provider": "cpu"},
+    "cuda": {"provider": "cuda"},
+    "cuda+iobinding": {"provider": "cuda", "io_binding": True},
     "cuda+graphs": {"provider": "cuda", "cuda_graph": True},
     "cuda+graphs+fp16": {"provider": "cuda", "cuda_graph": True, "precision": "fp16"},
 }
