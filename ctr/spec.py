@@ -82,6 +82,11 @@ class ModelSpec(_Strict):
     tower_mlp: list[int] = Field(default_factory=lambda: [64])
     activation: Literal["dice", "prelu"] = "dice"
     attention_mlp: list[int] = Field(default_factory=lambda: [80, 40])
+    attention_activation: Literal["same", "dice", "prelu", "sigmoid"] = Field(
+        default="same",
+        description="activation inside the attention MLP ('same' = `activation`; the "
+        "official DIN/DIEN code uses sigmoid there)",
+    )
     attention_softmax: bool = False
     gru_dim: int | None = None
     evolution: Literal["augru", "agru", "aigru"] = "augru"
@@ -92,6 +97,10 @@ class ModelSpec(_Strict):
     aux_loss_weight: float = Field(default=1.0, ge=0.0)
     mba_l2: float = Field(default=0.0, ge=0.0, description="mini-batch aware L2 on embeddings")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    @property
+    def attention_act(self) -> str:
+        return self.activation if self.attention_activation == "same" else self.attention_activation
 
 
 class TrainSpec(_Strict):

@@ -38,3 +38,23 @@ def test_dien_attention_kinds(
     assert torch.all(base["attention"][x["hist_len"][x["user_idx"]] == 0] == 0)
     _, _, report = export_bundle(model, config, tiny_prep.mapper, metrics, tmp_path / "models")  # type: ignore[attr-defined]
     assert report.ok and report.max_abs_diff <= 1e-5
+
+
+@pytest.mark.parametrize("model_type", ["din", "dien"])
+def test_sigmoid_attention_activation(
+    model_type: str, tiny_config: Callable[..., FeatureConfig], tiny_prep: object, tmp_path: Path
+) -> None:
+    """``attention_activation: sigmoid`` (the official DIN/DIEN code's choice) reaches the
+    attention MLP only, trains, and passes the export parity gate."""
+    config = tiny_config(model_type, model__attention_activation="sigmoid")
+    sizes = tiny_prep.mapper.table_sizes()  # type: ignore[attr-defined]
+    model = build_model(config, sizes)
+    att = model.att if model_type == "dien" else model.att[0]  # type: ignore[index]
+    assert isinstance(att.first_act, torch.nn.Sigmoid)
+    assert any(isinstance(m, torch.nn.Sigmoid) for m in att.rest.modules())
+    assert not any(isinstance(m, torch.nn.Sigmoid) for m in model.mlp.modules())  # type: ignore[union-attr]
+    metrics = train(config, tmp_path / "run", prep=tiny_prep, progress=False)  # type: ignore[arg-type]
+    assert metrics["test"]["auc"] == metrics["test"]["auc"]  # not NaN
+    _, _, report = export_bundle(build_model(config, sizes).eval(), config, tiny_prep.mapper,  # type: ignore[attr-defined]
+                                 metrics, tmp_path / "models")  # fmt: skip
+    assert report.ok

@@ -168,7 +168,7 @@ class DIN(CTRModel):
         m = config.model
         self.groups = [g.features for g in config.sequence_groups()]
         self.att = nn.ModuleList(
-            DINAttention(self.seq_width(g), m.attention_mlp, m.activation, m.attention_softmax)
+            DINAttention(self.seq_width(g), m.attention_mlp, m.attention_act, m.attention_softmax)
             for g in self.groups
         )
         width = self.user_width + self.item_width + sum(self.seq_width(g) for g in self.groups)
@@ -209,7 +209,7 @@ class MultiTowerDIN(DIN):
         m = config.model
         self.groups = [g.features for g in config.sequence_groups()]
         self.att = nn.ModuleList(
-            DINAttention(self.seq_width(g), m.attention_mlp, m.activation, m.attention_softmax)
+            DINAttention(self.seq_width(g), m.attention_mlp, m.attention_act, m.attention_softmax)
             for g in self.groups
         )
         self.deep_groups = [g.features for g in config.deep_groups()]
@@ -350,7 +350,7 @@ class DIEN(CTRModel):
         self.attention_kind = m.dien_attention
         self.query_proj = nn.Linear(d, hd, bias=False) if hd != d else nn.Identity()
         if self.attention_kind == "mlp":
-            self.att = DINAttention(hd, m.attention_mlp, m.activation, softmax=True)
+            self.att = DINAttention(hd, m.attention_mlp, m.attention_act, softmax=True)
         else:
             self.att_w = nn.Linear(d, hd, bias=False)
         self.evolution = AttentionalGRU(hd, hd, m.evolution)

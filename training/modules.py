@@ -34,7 +34,9 @@ class Dice(nn.Module):
 
 
 def activation(kind: str, dim: int) -> nn.Module:
-    """``dice`` or ``prelu`` (one slope per channel of the last dim)."""
+    """``dice``, ``prelu`` (one slope per channel of the last dim) or ``sigmoid``."""
+    if kind == "sigmoid":
+        return nn.Sigmoid()
     return Dice(dim) if kind == "dice" else _ChannelLastPReLU(dim)
 
 
