@@ -149,6 +149,12 @@ class GraphRunner:
         slot = self.slots.get(key)
         if slot is not None:
             return slot
+        with self.lock:  # runs may come from several executor threads
+            slot = self.slots.get(key)
+            return slot if slot is not None else self._new_slot(users, n)
+
+    def _new_slot(self, users: int, n: int) -> _Slot:
+        key = (users, n)
         host, inputs = {}, {}
         for name, tail in self.input_tails.items():
             rows = users if name in USER_INPUTS else n
