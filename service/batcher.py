@@ -104,8 +104,14 @@ class Batcher:
                         self.timer = loop.call_later(left, self._on_timer, loop, executor)
                     return
             batch = self._take()
+            try:
+                fut = loop.run_in_executor(executor, self._run_batch, batch)
+            except RuntimeError as exc:  # the executor is shut down (service stopping)
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                continue
             self.busy += 1
-            fut = loop.run_in_executor(executor, self._run_batch, batch)
             fut.add_done_callback(
                 lambda f, b=batch: self._finished(f, b, loop, executor)  # type: ignore[misc]
             )
@@ -146,11 +152,14 @@ class Batcher:
     ) -> None:
         self.busy -= 1
         m.BATCH_USERS.observe(len(batch))
-        exc = asyncio.CancelledError() if fut.cancelled() else fut.exception()
+        cancelled = fut.cancelled()
+        exc = None if cancelled else fut.exception()
         for k, job in enumerate(batch):
             if job.future.done():
                 continue
-            if exc is not None:
+            if cancelled:
+                job.future.cancel()
+            elif exc is not None:
                 job.future.set_exception(exc)
             else:
                 outs = fut.result()[k]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -68,8 +69,14 @@ class LoadedModel:
 
     def run(self, feeds: dict[str, np.ndarray], explain: bool) -> list[np.ndarray]:
         """``probs [N]`` and, with ``explain``, ``attention [N, L]``."""
-        names = ["probs", "attention"] if explain and self.has_attention else ["probs"]
-        return self.runner.run(feeds, names)
+        return run_outputs(self.runner, self.has_attention, feeds, explain)
+
+
+def run_outputs(
+    runner: Runner, has_attention: bool, feeds: dict[str, np.ndarray], explain: bool
+) -> list[np.ndarray]:
+    names = ["probs", "attention"] if explain and has_attention else ["probs"]
+    return runner.run(feeds, names)
 
 
 def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
@@ -108,8 +115,10 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
     outputs = [o.name for o in session.get_outputs()]
     model = LoadedModel(bundle, session, provider, outputs, rows, runner, precision, note)
     if settings.batch_max_users > 1:
+        # the batcher must not hold the model: a model <-> batcher cycle outlives a
+        # reload once the heap is frozen (service.app.settle_heap)
         model.batcher = Batcher(
-            model.run,
+            functools.partial(run_outputs, runner, model.has_attention),
             settings.inference_concurrency,
             settings.batch_max_users,
             settings.batch_max_candidates,
@@ -121,10 +130,17 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
             f"{bundle.model_path}: graph inputs {graph_in} differ from the manifest's "
             f"{bundle.input_names}"
         )
+    if isinstance(runner, GraphRunner):
+        try:
+            log.info("captured %d CUDA graphs in %.1fs", len(runner.slots), runner.capture())
+        except Exception as exc:  # a capture ORT refuses: serve without graphs
+            log.warning("CUDA graph capture failed, running without graphs: %s", exc)
+            runner.close()
+            model.runner = runner = SessionRunner(session, skip_graph=True)
+            if model.batcher is not None:
+                model.batcher.run = functools.partial(run_outputs, runner, model.has_attention)
     try:
         warm_up(model)
-        if isinstance(runner, GraphRunner):
-            log.info("captured %d CUDA graphs in %.1fs", len(runner.slots), runner.capture())
     except Exception as exc:  # ORT raises its own types for shape/type mismatches
         raise BundleError(f"{bundle.model_path}: warm-up run failed: {exc}") from exc
     log.info(
@@ -194,8 +210,11 @@ def fp16_session(
     worst = 0.0
     for users, n, seed in ((1, 300, 0), (3, 97, 1)):
         feeds = probe_feeds(bundle, users, n, seed)
-        want = fp32.run(["probs"], feeds, opts)[0]
-        got = session.run(["probs"], feeds, opts)[0]
+        try:
+            want = fp32.run(["probs"], feeds, opts)[0]
+            got = session.run(["probs"], feeds, opts)[0]
+        except Exception as exc:  # ORT's own error types: fp16 kernels that fail to run
+            raise PrecisionError(f"the fp16 graph does not run: {exc}") from exc
         if not np.all(np.isfinite(got)):
             raise PrecisionError("fp16 probabilities are not finite")
         worst = max(worst, float(np.max(np.abs(got - want))))

@@ -22,7 +22,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -44,11 +45,14 @@ class Runner(Protocol):
 class SessionRunner:
     kind = "session"
 
-    def __init__(self, session: ort.InferenceSession) -> None:
+    def __init__(self, session: ort.InferenceSession, skip_graph: bool = False) -> None:
         self.session = session
+        self.options = ort.RunOptions()
+        if skip_graph:  # a session with CUDA graphs enabled must be told not to capture
+            self.options.add_run_config_entry("gpu_graph_id", SKIP_GRAPH)
 
     def run(self, feeds: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
-        return self.session.run(names, feeds)
+        return self.session.run(names, feeds, self.options)
 
 
 class BindingRunner:
@@ -112,13 +116,17 @@ class _Slot:
     binding: Any
     options: ort.RunOptions
     runs: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class GraphRunner:
     """CUDA graphs per ``(U_b, N_b)`` bucket. Needs a session created with the CUDA EP
-    option ``enable_cuda_graph=1``. One replay at a time per session (a graph replays on
-    the session's stream); cross-request batching is what fills the GPU."""
+    option ``enable_cuda_graph=1``.
+
+    ORT keeps captured graphs in the CUDA provider's per-thread context, and a capture
+    must not overlap other CUDA work of the session. So every call, capture included,
+    runs on one thread that this runner owns: graphs captured at load are the ones
+    replayed, whichever executor thread a request comes from, and calls never overlap
+    (one GPU stream; cross-request batching is what fills the GPU)."""
 
     kind = "cuda_graph"
 
@@ -142,7 +150,8 @@ class GraphRunner:
         self.input_types = {i.name: _np_type(i.type) for i in session.get_inputs()}
         self.slots: dict[tuple[int, int], _Slot] = {}
         self.lock = threading.Lock()
-        self.fallback = BindingRunner(session, device, skip_graph=True)
+        self.fallback = SessionRunner(session, skip_graph=True)
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="cuda-graph")
 
     def _slot(self, users: int, n: int) -> _Slot:
         key = (users, n)
@@ -180,33 +189,38 @@ class GraphRunner:
     def capture(self) -> float:
         """Capture every bucket now (ORT runs each graph's first calls normally, then
         captures); returns the seconds it took."""
+        return self.thread.submit(self._capture).result()
+
+    def _capture(self) -> float:
         t = time.perf_counter()
         for u in self.user_buckets:
             for n in self.n_buckets:
                 slot = self._slot(u, n)
                 for _ in range(3):
-                    self._replay(slot)
+                    self.session.run_with_iobinding(slot.binding, slot.options)
+                    slot.runs += 1
         return time.perf_counter() - t
 
-    def _replay(self, slot: _Slot) -> None:
-        with self.lock:
-            self.session.run_with_iobinding(slot.binding, slot.options)
-            slot.runs += 1
-
     def run(self, feeds: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+        return self.thread.submit(self._run, feeds, names).result()
+
+    def _run(self, feeds: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
         users = bucket_of(feeds["hist_len"].shape[0], self.user_buckets)
         n = bucket_of(feeds["user_idx"].shape[0], self.n_buckets)
         if users is None or n is None:
             return self.fallback.run(feeds, names)
         slot = self._slot(users, n)
         rows = feeds["user_idx"].shape[0]
-        with slot.lock:
-            pad_into(slot.host, feeds)
-            for name, arr in slot.host.items():
-                slot.inputs[name].update_inplace(arr)
-            self._replay(slot)
-            # copies: a CPU OrtValue's numpy() is a view the next replay overwrites
-            return [slot.outputs[k].numpy()[:rows].copy() for k in names]
+        pad_into(slot.host, feeds)
+        for name, arr in slot.host.items():
+            slot.inputs[name].update_inplace(arr)
+        self.session.run_with_iobinding(slot.binding, slot.options)
+        slot.runs += 1
+        # copies: a CPU OrtValue's numpy() is a view the next replay overwrites
+        return [slot.outputs[k].numpy()[:rows].copy() for k in names]
+
+    def close(self) -> None:
+        self.thread.shutdown(wait=False)
 
 
 def _np_type(onnx_type: str) -> type:

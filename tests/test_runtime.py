@@ -180,6 +180,17 @@ def test_micro_batching_over_http(bundles: dict[str, Built]) -> None:
         want = np.array([i["probability"] for i in a["items"]])
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
         assert ("attention" in b["items"][0]) == ("attention" in a["items"][0])
+        for ia, ib in zip(a["items"], b["items"], strict=True):  # explain: same weights
+            if "attention" in ia:
+                assert [x["item_id"] for x in ib["attention"]] == [
+                    x["item_id"] for x in ia["attention"]
+                ]
+                np.testing.assert_allclose(
+                    [x["weight"] for x in ib["attention"]],
+                    [x["weight"] for x in ia["attention"]],
+                    rtol=0,
+                    atol=1e-6,
+                )
     count = _metric(metrics, "ctr_batch_users_count")
     total = _metric(metrics, "ctr_batch_users_sum")
     assert total == len(bodies) and count < total  # at least one call held several users
@@ -211,6 +222,7 @@ def test_heap_frozen_after_load(bundles: dict[str, Built]) -> None:
         frozen = gc.get_freeze_count()
         assert frozen > 10_000
         assert len(gc.get_objects()) < frozen
+    gc.unfreeze()  # leave the test process as it was
 
 
 def test_burst_beyond_the_redis_pool_waits_instead_of_degrading(
@@ -237,3 +249,40 @@ def test_burst_beyond_the_redis_pool_waits_instead_of_degrading(
             t.join()
     assert len(out) == 12
     assert not any(r["degraded"] for r in out)
+
+
+def test_deadline_while_queued_in_the_batcher_is_a_503(bundles: dict[str, Built]) -> None:
+    """A request held for company longer than its deadline gets the documented 503, is
+    dropped from its batch, and the next request is served."""
+    built = bundles["din"]
+    fresh_redis()
+    load_into_redis(built.config, built.frame, REDIS_URL, progress=False)
+    items = built.frame["item_id"].astype(str).unique().tolist()[:10]
+    body = {"user_id": "u1", "candidates": [{"item_id": i} for i in items]}
+    slow = settings(built, batch_max_users=4, batch_wait_ms=50, request_timeout_ms=20)
+    with TestClient(create_app(slow)) as c:
+        r = c.post("/v1/score", json=body)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"] == "deadline_exceeded"
+    ok = settings(built, batch_max_users=4, batch_wait_ms=5, request_timeout_ms=2000)
+    with TestClient(create_app(ok)) as c:
+        assert c.post("/v1/score", json=body).status_code == 200
+
+
+def test_reload_with_batching_frees_the_old_model(
+    bundles: dict[str, Built], tmp_path: Path
+) -> None:
+    """With the heap frozen after each load, nothing may keep the replaced model alive."""
+    import gc
+    import weakref
+
+    built = bundles["din"]
+    s = settings(built, batch_max_users=4, api_key="k")
+    with TestClient(create_app(s)) as c:
+        held = c.app.state.ctr.model  # type: ignore[attr-defined]  # as an in-flight request would
+        old = weakref.ref(held)
+        r = c.post("/admin/reload", json={}, headers={"X-API-Key": "k"})
+        assert r.status_code == 200, r.text
+        del held  # the request finishes after the reload froze the heap
+        gc.collect()
+        assert old() is None
