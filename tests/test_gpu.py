@@ -72,15 +72,25 @@ def test_service_on_cuda_with_batching(bundles: dict[str, Built]) -> None:
     load_into_redis(built.config, built.frame, REDIS_URL, progress=False)
     items = built.frame["item_id"].astype(str).unique().tolist()
     bodies = [
-        {"user_id": f"u{k}", "candidates": [{"item_id": i} for i in items[k : k + 30 + 9 * k]]}
+        {"user_id": f"u{k}", "candidates": [{"item_id": i} for i in items[k : k + 30 + 9 * k]],
+         "explain": k % 2 == 0}
         for k in range(1, 9)
-    ]
+    ]  # fmt: skip
     with TestClient(create_app(settings(built, provider="cpu"))) as c:
         want = [c.post("/v1/score", json=b).json() for b in bodies]
-    s = settings(built, provider="cuda", cuda_graph=True, batch_max_users=8, batch_wait_ms=50)
+    s = settings(
+        built,
+        provider="cuda",
+        cuda_graph=True,
+        batch_max_users=8,
+        batch_wait_ms=50,
+        inference_concurrency=2,  # two executor threads feed the runner's one graph thread
+    )
     with TestClient(create_app(s)) as c:
         info = c.get("/v1/models").json()
         assert info["runner"] == "cuda_graph" and info["micro_batching"] is True
+        runner = c.app.state.ctr.model.runner  # type: ignore[attr-defined]
+        captured = len(runner.slots)
         got: list[dict | None] = [None] * len(bodies)
 
         def post(k: int) -> None:
@@ -91,9 +101,15 @@ def test_service_on_cuda_with_batching(bundles: dict[str, Built]) -> None:
             t.start()
         for t in threads:
             t.join()
+        assert len(runner.slots) == captured  # every call replayed a graph captured at load
+        metrics = c.get("/metrics").text
+    count = next(float(x.split()[1]) for x in metrics.splitlines()
+                 if x.startswith("ctr_batch_users_count "))  # fmt: skip
+    assert count < len(bodies)  # requests were merged
     for a, b in zip(want, got, strict=True):
         assert b is not None
         pa = {i["item_id"]: i["probability"] for i in a["items"]}
         pb = {i["item_id"]: i["probability"] for i in b["items"]}
         assert pa.keys() == pb.keys()
         assert max(abs(pa[k] - pb[k]) for k in pa) <= 1e-5
+        assert ("attention" in a["items"][0]) == ("attention" in b["items"][0])
