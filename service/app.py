@@ -454,12 +454,13 @@ async def _score(state: State, model: LoadedModel, req: Any) -> Response:
     cands.finish(bundle, model.rows, cacheable=not (degraded and lookups))
     prepared = build_feeds(bundle, req.user_id, req.context, data, cands.sparse, cands.dense)
     t2 = time.perf_counter()
-    assert state.executor is not None
+    executor = model.executor or state.executor  # a CUDA-graph model runs on its own thread
+    assert executor is not None
     if model.batcher is not None:
-        outs = await model.batcher.submit(state.executor, prepared.feeds, req.explain)
+        outs = await model.batcher.submit(executor, prepared.feeds, req.explain)
     else:
         outs = await asyncio.get_running_loop().run_in_executor(
-            state.executor, model.run, prepared.feeds, req.explain
+            executor, model.run, prepared.feeds, req.explain
         )
     t3 = time.perf_counter()
     probs = outs[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +55,7 @@ class LoadedModel:
     precision: str = "fp32"
     precision_note: str = ""
     batcher: Batcher | None = None  # cross-request micro-batching, when enabled
+    executor: Executor | None = None  # where inference must run (CUDA graphs), else any
 
     @property
     def name(self) -> str:
@@ -114,12 +116,14 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
     runner = make_runner(settings, bundle, session, provider, graphs)
     outputs = [o.name for o in session.get_outputs()]
     model = LoadedModel(bundle, session, provider, outputs, rows, runner, precision, note)
+    if isinstance(runner, GraphRunner):
+        model.executor = runner.thread
     if settings.batch_max_users > 1:
         # the batcher must not hold the model: a model <-> batcher cycle outlives a
         # reload once the heap is frozen (service.app.settle_heap)
         model.batcher = Batcher(
             functools.partial(run_outputs, runner, model.has_attention),
-            settings.inference_concurrency,
+            1 if model.executor is not None else settings.inference_concurrency,
             settings.batch_max_users,
             settings.batch_max_candidates,
             settings.batch_wait_ms / 1000,
@@ -136,6 +140,7 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
         except Exception as exc:  # a capture ORT refuses: serve without graphs
             log.warning("CUDA graph capture failed, running without graphs: %s", exc)
             runner.close()
+            model.executor = None
             model.runner = runner = SessionRunner(session, skip_graph=True)
             if model.batcher is not None:
                 model.batcher.run = functools.partial(run_outputs, runner, model.has_attention)

@@ -124,9 +124,11 @@ class GraphRunner:
 
     ORT keeps captured graphs in the CUDA provider's per-thread context, and a capture
     must not overlap other CUDA work of the session. So every call, capture included,
-    runs on one thread that this runner owns: graphs captured at load are the ones
-    replayed, whichever executor thread a request comes from, and calls never overlap
-    (one GPU stream; cross-request batching is what fills the GPU)."""
+    runs on one thread that this runner owns (``thread``): graphs captured at load are
+    the ones replayed, and calls never overlap (one GPU stream; cross-request batching
+    is what fills the GPU). The service submits inference straight to ``thread``
+    (``LoadedModel.executor``), so a request pays no extra thread hop; a call from any
+    other thread is forwarded there."""
 
     kind = "cuda_graph"
 
@@ -152,6 +154,7 @@ class GraphRunner:
         self.lock = threading.Lock()
         self.fallback = SessionRunner(session, skip_graph=True)
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="cuda-graph")
+        self.thread_id = self.thread.submit(threading.get_ident).result()
 
     def _slot(self, users: int, n: int) -> _Slot:
         key = (users, n)
@@ -202,6 +205,8 @@ class GraphRunner:
         return time.perf_counter() - t
 
     def run(self, feeds: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+        if threading.get_ident() == self.thread_id:  # the service submits here directly
+            return self._run(feeds, names)
         return self.thread.submit(self._run, feeds, names).result()
 
     def _run(self, feeds: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
