@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ctr.mapping import FeatureMapper
 from ctr.spec import FeatureConfig
 
@@ -62,6 +64,45 @@ def graph_outputs(config: FeatureConfig) -> list[GraphInput]:
     if config.model.type in ("din", "multi_tower_din", "dien") and config.sequences:
         out.append(GraphInput("attention", "float32", ("N", config.max_seq_len)))
     return out
+
+
+def random_inputs(
+    config: FeatureConfig,
+    sizes: dict[str, int],
+    n_users: int,
+    n_cand: int,
+    hist_len: int | np.ndarray | None,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    """Valid random graph inputs (IDs within each table, dense values ~ N(0, 1), a random
+    ``user_idx`` per candidate). ``hist_len``: one length for every user, one per user
+    (``[U]``), or None to draw a length per user. Torch-free: export's parity gate and
+    the service's fp16 check both use it."""
+    length = config.max_seq_len
+
+    def ids(feats: list, n: int) -> np.ndarray:
+        cols = [rng.integers(0, sizes[config.table_of(f.name)], size=n) for f in feats]
+        return np.stack(cols, axis=1).astype(np.int64) if cols else np.zeros((n, 0), np.int64)
+
+    if hist_len is None:
+        lens = rng.integers(0, length + 1, size=n_users).astype(np.int64)
+    else:
+        lens = np.broadcast_to(np.asarray(hist_len, np.int64), (n_users,)).copy()
+    hist = np.zeros((n_users, len(config.sequences), length), dtype=np.int64)
+    for s, f in enumerate(config.sequences):
+        table = sizes[config.table_of(f.name)]
+        for u in range(n_users):
+            hist[u, s, : lens[u]] = rng.integers(2, table, size=lens[u]) if table > 2 else 1
+    feed = {
+        "user_sparse": ids(config.user_sparse, n_users),
+        "user_dense": rng.normal(size=(n_users, len(config.user_dense))).astype(np.float32),
+        "hist": hist,
+        "hist_len": lens,
+        "item_sparse": ids(config.item_sparse, n_cand),
+        "item_dense": rng.normal(size=(n_cand, len(config.item_dense))).astype(np.float32),
+        "user_idx": rng.integers(0, n_users, size=n_cand).astype(np.int64),
+    }
+    return {i.name: feed[i.name] for i in graph_inputs(config)}
 
 
 def sha256_file(path: Path) -> str:

@@ -117,8 +117,6 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_gpu(args: argparse.Namespace) -> int:
-    import json as _json
-
     from training.bench_gpu import render, run
     from training.bench_service import _device
 
@@ -135,16 +133,18 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
     )
     print(table)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench_gpu.json").write_text(_json.dumps(res, indent=2))
-        (out / "bench_gpu.md").write_text(table + "\n")
+        _write_report(Path(args.out), "bench_gpu", res, table)
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    import json as _json
+def _write_report(out: Path, stem: str, res: dict, table: str) -> None:
+    """``out/<stem>.json`` (the raw results) and ``out/<stem>.md`` (the printed table)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=2))
+    (out / f"{stem}.md").write_text(table + "\n")
 
+
+def cmd_bench(args: argparse.Namespace) -> int:
     from training.bench_service import plot, render, run
 
     res = run(
@@ -165,11 +165,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     table = render(res, command)
     print(table)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench_service.json").write_text(_json.dumps(res, indent=2))
-        (out / "bench_service.md").write_text(table + "\n")
-        for p in plot(res, out):
+        _write_report(Path(args.out), "bench_service", res, table)
+        for p in plot(res, Path(args.out)):
             print(f"wrote {p}")
     return 0
 

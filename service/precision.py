@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctr.bundle import Bundle
+from ctr.bundle import Bundle, random_inputs
 
 FP16_TOLERANCE = 1e-3  # max |p_fp16 - p_fp32| over the probe feeds
 
@@ -36,34 +36,13 @@ def fp16_bytes(path: Path) -> bytes:
 
 
 def probe_feeds(bundle: Bundle, users: int, n: int, seed: int) -> dict[str, np.ndarray]:
-    """Random valid graph inputs for ``users`` users and ``n`` candidates: IDs drawn from
-    each table's range, dense values ~ N(0, 1), random history lengths (0 and L included)
-    and a random ``user_idx`` per candidate."""
+    """Random valid graph inputs for ``users`` users and ``n`` candidates
+    (:func:`ctr.bundle.random_inputs`); the first user has a full history and, with
+    several users, the second an empty one."""
     c = bundle.config
     rng = np.random.default_rng(seed)
-    sizes = bundle.mapper.table_sizes()
-    length = c.max_seq_len
-
-    def ids(feats: list, rows: int) -> np.ndarray:
-        cols = [rng.integers(0, sizes[c.table_of(f.name)], size=rows) for f in feats]
-        return np.stack(cols, axis=1).astype(np.int64) if cols else np.zeros((rows, 0), np.int64)
-
-    lens = rng.integers(0, length + 1, size=users).astype(np.int64)
-    lens[0] = length
+    lens = rng.integers(0, c.max_seq_len + 1, size=users)
+    lens[0] = c.max_seq_len
     if users > 1:
         lens[1] = 0
-    hist = np.zeros((users, len(c.sequences), length), np.int64)
-    for s, f in enumerate(c.sequences):
-        table = sizes[c.table_of(f.name)]
-        for u in range(users):
-            hist[u, s, : lens[u]] = rng.integers(2, max(table, 3), size=lens[u]) % table
-    feeds = {
-        "user_sparse": ids(c.user_sparse, users),
-        "user_dense": rng.normal(size=(users, len(c.user_dense))).astype(np.float32),
-        "hist": hist,
-        "hist_len": lens,
-        "item_sparse": ids(c.item_sparse, n),
-        "item_dense": rng.normal(size=(n, len(c.item_dense))).astype(np.float32),
-        "user_idx": rng.integers(0, users, size=n).astype(np.int64),
-    }
-    return {k: feeds[k] for k in bundle.input_names}
+    return random_inputs(c, bundle.mapper.table_sizes(), users, n, lens, rng)

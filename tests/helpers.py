@@ -12,6 +12,7 @@ import pandas as pd
 from redis import Redis
 
 from ctr.spec import FeatureConfig, load_config
+from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_URL = os.environ.get("CTR_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
@@ -73,3 +74,14 @@ def service_env(built: Built, redis_url: str, **extra: str) -> dict[str, str]:
         CTR_LOG_LEVEL="warning",
         **extra,
     )
+
+
+def settings_for(built: Built, **kw: object) -> Settings:
+    """Service settings on ``built``'s bundle and the test Redis; ``kw`` overrides."""
+    base: dict = {
+        "models_dir": str(built.models_dir),
+        "model_name": built.config.name,
+        "redis_url": REDIS_URL,
+        "redis_timeout_ms": 500,
+    }
+    return Settings(**{**base, **kw})

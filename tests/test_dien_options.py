@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from ctr.bundle import random_inputs
 from ctr.spec import FeatureConfig
-from training.export import export_bundle, random_inputs
+from training.export import export_bundle
 from training.models import build_model
 from training.train import train
 

@@ -15,8 +15,7 @@ from service.app import create_app
 from service.loader import load_into_redis
 from service.model import load_model
 from service.precision import probe_feeds
-from service.settings import Settings
-from tests.helpers import REDIS_URL, Built, build_bundle, fresh_redis
+from tests.helpers import REDIS_URL, Built, build_bundle, fresh_redis, settings_for
 
 pytestmark = pytest.mark.skipif(
     "CUDAExecutionProvider" not in ort.get_available_providers(),
@@ -30,21 +29,11 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Built]:
     return {mt: build_bundle(tmp / mt, mt) for mt in ("din", "dien")}
 
 
-def settings(built: Built, **kw: object) -> Settings:
-    return Settings(
-        models_dir=str(built.models_dir),
-        model_name=built.config.name,
-        redis_url=REDIS_URL,
-        redis_timeout_ms=500,
-        **kw,  # type: ignore[arg-type]
-    )
-
-
 @pytest.mark.parametrize("mt", ["din", "dien"])
 def test_cuda_graphs_match_cpu(bundles: dict[str, Built], mt: str) -> None:
-    cpu = load_model(settings(bundles[mt], provider="cpu"))
+    cpu = load_model(settings_for(bundles[mt], provider="cpu"))
     gpu = load_model(
-        settings(bundles[mt], provider="cuda", cuda_graph=True, cuda_graph_buckets="64,512")
+        settings_for(bundles[mt], provider="cuda", cuda_graph=True, cuda_graph_buckets="64,512")
     )
     assert gpu.provider == "CUDAExecutionProvider" and gpu.runner.kind == "cuda_graph"
     for users, n, seed in ((1, 50, 0), (1, 64, 1), (3, 65, 2), (1, 500, 3), (2, 700, 4),
@@ -58,8 +47,8 @@ def test_cuda_graphs_match_cpu(bundles: dict[str, Built], mt: str) -> None:
 
 @pytest.mark.parametrize("mt", ["din", "dien"])
 def test_fp16_on_gpu(bundles: dict[str, Built], mt: str) -> None:
-    cpu = load_model(settings(bundles[mt], provider="cpu"))
-    gpu = load_model(settings(bundles[mt], provider="cuda", cuda_graph=True, precision="fp16"))
+    cpu = load_model(settings_for(bundles[mt], provider="cpu"))
+    gpu = load_model(settings_for(bundles[mt], provider="cuda", cuda_graph=True, precision="fp16"))
     assert gpu.precision == "fp16", gpu.precision_note
     feeds = probe_feeds(cpu.bundle, 3, 400, 7)
     diff = np.abs(gpu.run(feeds, False)[0] - cpu.run(feeds, False)[0])
@@ -76,9 +65,9 @@ def test_service_on_cuda_with_batching(bundles: dict[str, Built]) -> None:
          "explain": k % 2 == 0}
         for k in range(1, 9)
     ]  # fmt: skip
-    with TestClient(create_app(settings(built, provider="cpu"))) as c:
+    with TestClient(create_app(settings_for(built, provider="cpu"))) as c:
         want = [c.post("/v1/score", json=b).json() for b in bodies]
-    s = settings(
+    s = settings_for(
         built,
         provider="cuda",
         cuda_graph=True,

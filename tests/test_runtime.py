@@ -22,7 +22,7 @@ from service.model import load_model
 from service.precision import probe_feeds
 from service.runner import BindingRunner, GraphRunner, bucket_of, parse_buckets
 from service.settings import Settings
-from tests.helpers import REDIS_URL, Built, build_bundle, fresh_redis
+from tests.helpers import REDIS_URL, Built, build_bundle, fresh_redis, settings_for
 
 
 @pytest.fixture(scope="module")
@@ -110,20 +110,10 @@ def test_merged_users_score_like_separate_calls(bundles: dict[str, Built], mt: s
         np.testing.assert_allclose(a, want_a, rtol=0, atol=1e-6)
 
 
-def settings(built: Built, **kw: object) -> Settings:
-    base: dict = {
-        "models_dir": str(built.models_dir),
-        "model_name": built.config.name,
-        "redis_url": REDIS_URL,
-        "redis_timeout_ms": 500,
-    }
-    return Settings(**{**base, **kw})
-
-
 def test_fp16_kept_within_tolerance(bundles: dict[str, Built]) -> None:
     built = bundles["dien"]
-    fp32 = load_model(settings(built))
-    fp16 = load_model(settings(built, precision="fp16"))
+    fp32 = load_model(settings_for(built))
+    fp16 = load_model(settings_for(built, precision="fp16"))
     assert fp16.precision == "fp16" and fp16.precision_note == ""
     feeds = probe_feeds(fp32.bundle, 2, 300, 9)
     diff = np.abs(fp16.run(feeds, False)[0] - fp32.run(feeds, False)[0])
@@ -134,10 +124,10 @@ def test_fp16_outside_tolerance_serves_fp32(
     bundles: dict[str, Built], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(service_model, "FP16_TOLERANCE", 0.0)
-    model = load_model(settings(bundles["din"], precision="fp16"))
+    model = load_model(settings_for(bundles["din"], precision="fp16"))
     assert model.precision == "fp32"
     assert "parity" in model.precision_note
-    ref = load_model(settings(bundles["din"]))
+    ref = load_model(settings_for(bundles["din"]))
     feeds = probe_feeds(ref.bundle, 1, 50, 3)
     np.testing.assert_array_equal(model.run(feeds, False)[0], ref.run(feeds, False)[0])
 
@@ -155,9 +145,9 @@ def test_micro_batching_over_http(bundles: dict[str, Built]) -> None:
          "explain": k % 2 == 0}
         for k, u in enumerate(users)
     ]  # fmt: skip
-    with TestClient(create_app(settings(built))) as plain:
+    with TestClient(create_app(settings_for(built))) as plain:
         alone = [plain.post("/v1/score", json=b).json() for b in bodies]
-    batched_settings = settings(built, batch_max_users=8, batch_wait_ms=50)
+    batched_settings = settings_for(built, batch_max_users=8, batch_wait_ms=50)
     with TestClient(create_app(batched_settings)) as c:
         assert c.get("/v1/models").json()["micro_batching"] is True
         results: list[dict | None] = [None] * len(bodies)
@@ -205,10 +195,10 @@ def _metric(text: str, name: str) -> float:
 
 def test_settings_reach_the_runner(bundles: dict[str, Built], tmp_path: Path) -> None:
     built = bundles["din"]
-    assert load_model(settings(built)).runner.kind == "session"
-    assert load_model(settings(built, io_binding=True)).runner.kind == "io_binding"
+    assert load_model(settings_for(built)).runner.kind == "session"
+    assert load_model(settings_for(built, io_binding=True)).runner.kind == "io_binding"
     # CUDA graphs are CUDA-only: on the CPU provider the setting leaves the plain runner
-    assert load_model(settings(built, cuda_graph=True, provider="cpu")).runner.kind == "session"
+    assert load_model(settings_for(built, cuda_graph=True, provider="cpu")).runner.kind == "session"
 
 
 def test_heap_frozen_after_load(bundles: dict[str, Built]) -> None:
@@ -217,7 +207,7 @@ def test_heap_frozen_after_load(bundles: dict[str, Built]) -> None:
     import gc
 
     gc.unfreeze()
-    with TestClient(create_app(settings(bundles["din"]))) as c:
+    with TestClient(create_app(settings_for(bundles["din"]))) as c:
         assert c.get("/readyz").status_code == 200
         frozen = gc.get_freeze_count()
         assert frozen > 10_000
@@ -235,7 +225,7 @@ def test_burst_beyond_the_redis_pool_waits_instead_of_degrading(
     load_into_redis(built.config, built.frame, REDIS_URL, progress=False)
     items = built.frame["item_id"].astype(str).unique().tolist()[:50]
     body = {"candidates": [{"item_id": i} for i in items]}
-    s = settings(built, redis_max_connections=1, redis_timeout_ms=2000, inference_concurrency=4)
+    s = settings_for(built, redis_max_connections=1, redis_timeout_ms=2000, inference_concurrency=4)
     with TestClient(create_app(s)) as c:
         out: list[dict] = []
 
@@ -259,12 +249,12 @@ def test_deadline_while_queued_in_the_batcher_is_a_503(bundles: dict[str, Built]
     load_into_redis(built.config, built.frame, REDIS_URL, progress=False)
     items = built.frame["item_id"].astype(str).unique().tolist()[:10]
     body = {"user_id": "u1", "candidates": [{"item_id": i} for i in items]}
-    slow = settings(built, batch_max_users=4, batch_wait_ms=50, request_timeout_ms=20)
+    slow = settings_for(built, batch_max_users=4, batch_wait_ms=50, request_timeout_ms=20)
     with TestClient(create_app(slow)) as c:
         r = c.post("/v1/score", json=body)
         assert r.status_code == 503, r.text
         assert r.json()["error"] == "deadline_exceeded"
-    ok = settings(built, batch_max_users=4, batch_wait_ms=5, request_timeout_ms=2000)
+    ok = settings_for(built, batch_max_users=4, batch_wait_ms=5, request_timeout_ms=2000)
     with TestClient(create_app(ok)) as c:
         assert c.post("/v1/score", json=body).status_code == 200
 
@@ -277,7 +267,7 @@ def test_reload_with_batching_frees_the_old_model(
     import weakref
 
     built = bundles["din"]
-    s = settings(built, batch_max_users=4, api_key="k")
+    s = settings_for(built, batch_max_users=4, api_key="k")
     with TestClient(create_app(s)) as c:
         held = c.app.state.ctr.model  # type: ignore[attr-defined]  # as an in-flight request would
         old = weakref.ref(held)

@@ -19,7 +19,7 @@ from service.app import create_app
 from service.loader import item_records, load_into_redis
 from service.settings import Settings
 from service.store import item_key, user_key
-from tests.helpers import REDIS_URL, Built, build_bundle, fresh_redis
+from tests.helpers import REDIS_URL, Built, build_bundle, fresh_redis, settings_for
 from tests.redis_proc import RedisProcess, free_port
 
 
@@ -33,16 +33,6 @@ def redis_db(built: Built) -> Redis:
     client = fresh_redis()
     load_into_redis(built.config, built.frame, REDIS_URL, progress=False)
     return client
-
-
-def settings_for(built: Built, **kw: object) -> Settings:
-    base: dict = {
-        "models_dir": str(built.models_dir),
-        "model_name": built.config.name,
-        "redis_url": REDIS_URL,
-        "redis_timeout_ms": 500,
-    }
-    return Settings(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from ctr.bundle import random_inputs
 from ctr.spec import FeatureConfig, load_config
-from training.export import ExportWrapper, export_onnx, random_inputs
+from training.export import ExportWrapper, export_onnx
 from training.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]

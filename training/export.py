@@ -27,6 +27,7 @@ from ctr.bundle import (
     graph_inputs,
     graph_outputs,
     publish,
+    random_inputs,
     remove_staging,
     sha256_file,
     staging_dir,
@@ -68,43 +69,6 @@ class ExportWrapper(nn.Module):
         if "attention" in self.outputs:
             res.append(out["attention"])
         return tuple(res)
-
-
-def random_inputs(
-    config: FeatureConfig,
-    sizes: dict[str, int],
-    n_users: int,
-    n_cand: int,
-    hist_len: int | None,
-    rng: np.random.Generator,
-) -> dict[str, np.ndarray]:
-    """Valid random graph inputs. ``hist_len=None`` draws a length per user."""
-    length = config.max_seq_len
-
-    def ids(feats: list, n: int) -> np.ndarray:
-        cols = [rng.integers(0, sizes[config.table_of(f.name)], size=n) for f in feats]
-        return np.stack(cols, axis=1).astype(np.int64) if cols else np.zeros((n, 0), np.int64)
-
-    lens = (
-        rng.integers(0, length + 1, size=n_users)
-        if hist_len is None
-        else np.full(n_users, hist_len)
-    ).astype(np.int64)
-    hist = np.zeros((n_users, len(config.sequences), length), dtype=np.int64)
-    for s, f in enumerate(config.sequences):
-        table = sizes[config.table_of(f.name)]
-        for u in range(n_users):
-            hist[u, s, : lens[u]] = rng.integers(2, table, size=lens[u]) if table > 2 else 1
-    feed = {
-        "user_sparse": ids(config.user_sparse, n_users),
-        "user_dense": rng.normal(size=(n_users, len(config.user_dense))).astype(np.float32),
-        "hist": hist,
-        "hist_len": lens,
-        "item_sparse": ids(config.item_sparse, n_cand),
-        "item_dense": rng.normal(size=(n_cand, len(config.item_dense))).astype(np.float32),
-        "user_idx": rng.integers(0, n_users, size=n_cand).astype(np.int64),
-    }
-    return {i.name: feed[i.name] for i in graph_inputs(config)}
 
 
 def export_onnx(model: CTRModel, path: Path, sample_n: int = 7) -> None:
