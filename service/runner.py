@@ -115,7 +115,6 @@ class _Slot:
     outputs: dict[str, Any]
     binding: Any
     options: ort.RunOptions
-    runs: int = 0
 
 
 class GraphRunner:
@@ -151,22 +150,16 @@ class GraphRunner:
         self.output_tails = output_tails
         self.input_types = {i.name: _np_type(i.type) for i in session.get_inputs()}
         self.slots: dict[tuple[int, int], _Slot] = {}
-        self.lock = threading.Lock()
         self.fallback = SessionRunner(session, skip_graph=True)
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="cuda-graph")
         self.thread_id = self.thread.submit(threading.get_ident).result()
 
     def _slot(self, users: int, n: int) -> _Slot:
+        """The bucket's buffers and binding, made on first use (on ``thread`` only)."""
         key = (users, n)
         slot = self.slots.get(key)
         if slot is not None:
             return slot
-        with self.lock:  # runs may come from several executor threads
-            slot = self.slots.get(key)
-            return slot if slot is not None else self._new_slot(users, n)
-
-    def _new_slot(self, users: int, n: int) -> _Slot:
-        key = (users, n)
         host, inputs = {}, {}
         for name, tail in self.input_tails.items():
             rows = users if name in USER_INPUTS else n
@@ -201,7 +194,6 @@ class GraphRunner:
                 slot = self._slot(u, n)
                 for _ in range(3):
                     self.session.run_with_iobinding(slot.binding, slot.options)
-                    slot.runs += 1
         return time.perf_counter() - t
 
     def run(self, feeds: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
@@ -220,7 +212,6 @@ class GraphRunner:
         for name, arr in slot.host.items():
             slot.inputs[name].update_inplace(arr)
         self.session.run_with_iobinding(slot.binding, slot.options)
-        slot.runs += 1
         # copies: a CPU OrtValue's numpy() is a view the next replay overwrites
         return [slot.outputs[k].numpy()[:rows].copy() for k in names]
 
