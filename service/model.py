@@ -14,14 +14,8 @@ from ctr.bundle import Bundle, BundleError, graph_inputs, graph_outputs, load_bu
 from service.batcher import Batcher
 from service.precision import FP16_TOLERANCE, PrecisionError, fp16_bytes, probe_feeds
 from service.rowcache import ItemRowCache
-from service.runner import (
-    BindingRunner,
-    GraphRunner,
-    Runner,
-    SessionRunner,
-    parse_buckets,
-)
-from service.settings import Settings
+from service.runner import BindingRunner, GraphRunner, Runner, SessionRunner
+from service.settings import Settings, parse_buckets
 
 log = logging.getLogger("ctr.model")
 
@@ -55,7 +49,6 @@ class LoadedModel:
     precision: str = "fp32"
     precision_note: str = ""
     batcher: Batcher | None = None  # cross-request micro-batching, when enabled
-    executor: Executor | None = None  # where inference must run (CUDA graphs), else any
 
     @property
     def name(self) -> str:
@@ -64,6 +57,11 @@ class LoadedModel:
     @property
     def version(self) -> str:
         return str(self.bundle.version)
+
+    @property
+    def executor(self) -> Executor | None:
+        """Where inference must run: a CUDA-graph runner's own thread; else anywhere."""
+        return self.runner.thread if isinstance(self.runner, GraphRunner) else None
 
     @property
     def has_attention(self) -> bool:
@@ -89,18 +87,25 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
     so = session_options(settings)
     providers = choose_providers(settings.provider)
     graphs = settings.cuda_graph and CUDA in providers
+    model_bytes = bundle.model_path.read_bytes()
     try:
-        session = _session(bundle, bundle.model_path.read_bytes(), so, providers, graphs)
+        session = _session(bundle, model_bytes, so, providers, graphs)
     except BundleError as exc:
         if not graphs:
             raise
         # e.g. a node ORT keeps on the CPU: the graph runs, only without CUDA graphs
         log.warning("CUDA graphs not available for this model, running without: %s", exc)
         graphs = False
-        session = _session(bundle, bundle.model_path.read_bytes(), so, providers, graphs)
+        session = _session(bundle, model_bytes, so, providers, graphs)
     provider = session.get_providers()[0]
     if settings.require_gpu and provider != CUDA:
         raise ProviderError(f"CTR_REQUIRE_GPU=1 but the session runs on {provider}")
+    graph_in = [i.name for i in session.get_inputs()]
+    if graph_in != bundle.input_names:
+        raise BundleError(
+            f"{bundle.model_path}: graph inputs {graph_in} differ from the manifest's "
+            f"{bundle.input_names}"
+        )
     precision, note = "fp32", ""
     if settings.precision == "fp16":
         try:
@@ -116,8 +121,6 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
     runner = make_runner(settings, bundle, session, provider, graphs)
     outputs = [o.name for o in session.get_outputs()]
     model = LoadedModel(bundle, session, provider, outputs, rows, runner, precision, note)
-    if isinstance(runner, GraphRunner):
-        model.executor = runner.thread
     if settings.batch_max_users > 1:
         # the batcher must not hold the model: a model <-> batcher cycle outlives a
         # reload once the heap is frozen (service.app.settle_heap)
@@ -128,22 +131,6 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
             settings.batch_max_candidates,
             settings.batch_wait_ms / 1000,
         )
-    graph_in = [i.name for i in session.get_inputs()]
-    if graph_in != bundle.input_names:
-        raise BundleError(
-            f"{bundle.model_path}: graph inputs {graph_in} differ from the manifest's "
-            f"{bundle.input_names}"
-        )
-    if isinstance(runner, GraphRunner):
-        try:
-            log.info("captured %d CUDA graphs in %.1fs", len(runner.slots), runner.capture())
-        except Exception as exc:  # a capture ORT refuses: serve without graphs
-            log.warning("CUDA graph capture failed, running without graphs: %s", exc)
-            runner.close()
-            model.executor = None
-            model.runner = runner = SessionRunner(session, skip_graph=True)
-            if model.batcher is not None:
-                model.batcher.run = functools.partial(run_outputs, runner, model.has_attention)
     try:
         warm_up(model)
     except Exception as exc:  # ORT raises its own types for shape/type mismatches
@@ -209,15 +196,14 @@ def fp16_session(
         session = _session(bundle, fp16_bytes(bundle.model_path), so, providers, graphs)
     except BundleError as exc:
         raise PrecisionError(f"the fp16 graph does not load: {exc}") from exc
-    opts = ort.RunOptions()
-    if graphs:  # plain runs on a graph-enabled session must not be captured
-        opts.add_run_config_entry("gpu_graph_id", "-1")
+    # plain runs: on a graph-enabled session they must not be captured
+    ref, new = SessionRunner(fp32, skip_graph=graphs), SessionRunner(session, skip_graph=graphs)
     worst = 0.0
     for users, n, seed in ((1, 300, 0), (3, 97, 1)):
         feeds = probe_feeds(bundle, users, n, seed)
         try:
-            want = fp32.run(["probs"], feeds, opts)[0]
-            got = session.run(["probs"], feeds, opts)[0]
+            want = ref.run(feeds, ["probs"])[0]
+            got = new.run(feeds, ["probs"])[0]
         except Exception as exc:  # ORT's own error types: fp16 kernels that fail to run
             raise PrecisionError(f"the fp16 graph does not run: {exc}") from exc
         if not np.all(np.isfinite(got)):
@@ -236,35 +222,33 @@ def make_runner(
     provider: str,
     graphs: bool,
 ) -> Runner:
+    """The runner for ``settings``. CUDA graphs are captured here, for every bucket; if
+    ORT refuses a capture, the model runs without graphs (said in the log)."""
     on_gpu = provider == CUDA
     if graphs and on_gpu:
         c = bundle.config
         inputs = {i.name: tuple(int(d) for d in i.shape[1:]) for i in graph_inputs(c)}
         outputs = {o.name: tuple(int(d) for d in o.shape[1:]) for o in graph_outputs(c)}
-        return GraphRunner(
+        runner = GraphRunner(
             session,
             inputs,
             outputs,
             parse_buckets(settings.cuda_graph_user_buckets),
             parse_buckets(settings.cuda_graph_buckets),
         )
+        try:
+            log.info("captured %d CUDA graphs in %.1fs", len(runner.slots), runner.capture())
+            return runner
+        except Exception as exc:  # ORT's own error types
+            log.warning("CUDA graph capture failed, running without graphs: %s", exc)
+            runner.close()
+            return SessionRunner(session, skip_graph=True)
     if settings.io_binding:
-        return BindingRunner(session, "cuda" if on_gpu else "cpu", skip_graph=False)
+        return BindingRunner(session, "cuda" if on_gpu else "cpu")
     return SessionRunner(session)
 
 
 def warm_up(model: LoadedModel) -> None:
     """Run the graph at a few batch sizes so first requests do not pay for allocation."""
-    c = model.bundle.config
-    length = c.max_seq_len
     for n in (1, 64, 512):
-        feeds = {
-            "user_sparse": np.ones((1, len(c.user_sparse)), np.int64),
-            "user_dense": np.zeros((1, len(c.user_dense)), np.float32),
-            "hist": np.ones((1, len(c.sequences), length), np.int64),
-            "hist_len": np.array([length], np.int64),
-            "item_sparse": np.ones((n, len(c.item_sparse)), np.int64),
-            "item_dense": np.zeros((n, len(c.item_dense)), np.float32),
-            "user_idx": np.zeros(n, np.int64),
-        }
-        model.run({k: feeds[k] for k in model.bundle.input_names}, explain=False)
+        model.run(probe_feeds(model.bundle, 1, n, n), explain=False)

@@ -19,7 +19,6 @@ and returns the requested outputs as host arrays (``probs [N]``, ``attention [N,
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,10 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnxruntime as ort
 
-log = logging.getLogger("ctr.runner")
-
 USER_INPUTS = ("user_sparse", "user_dense", "hist", "hist_len")
-ITEM_INPUTS = ("item_sparse", "item_dense", "user_idx")
 SKIP_GRAPH = "-1"
 
 
@@ -60,12 +56,9 @@ class BindingRunner:
 
     kind = "io_binding"
 
-    def __init__(self, session: ort.InferenceSession, device: str, skip_graph: bool) -> None:
+    def __init__(self, session: ort.InferenceSession, device: str) -> None:
         self.session = session
         self.device = device
-        self.options = ort.RunOptions()
-        if skip_graph:  # a session with CUDA graphs enabled must be told not to capture
-            self.options.add_run_config_entry("gpu_graph_id", SKIP_GRAPH)
 
     def run(self, feeds: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
         io = self.session.io_binding()
@@ -73,16 +66,8 @@ class BindingRunner:
             io.bind_cpu_input(k, np.ascontiguousarray(v))
         for n in names:
             io.bind_output(n, self.device)
-        self.session.run_with_iobinding(io, self.options)
+        self.session.run_with_iobinding(io)
         return list(io.copy_outputs_to_cpu())
-
-
-def parse_buckets(text: str) -> list[int]:
-    """``"64,128"`` -> ``[64, 128]`` (sorted, unique, each > 0)."""
-    values = sorted({int(v) for v in text.split(",") if v.strip()})
-    if not values or values[0] <= 0:
-        raise ValueError(f"bucket sizes must be positive integers, got {text!r}")
-    return values
 
 
 def bucket_of(value: int, buckets: list[int]) -> int | None:
@@ -107,9 +92,6 @@ def pad_into(host: dict[str, np.ndarray], feeds: dict[str, np.ndarray]) -> None:
 class _Slot:
     """One captured graph: fixed device buffers for a ``(users, n)`` bucket."""
 
-    graph_id: int
-    users: int
-    n: int
     host: dict[str, np.ndarray]
     inputs: dict[str, Any]  # name -> OrtValue on the device
     outputs: dict[str, Any]
@@ -175,10 +157,9 @@ class GraphRunner:
             binding.bind_ortvalue_input(name, value)
         for name, value in outputs.items():
             binding.bind_ortvalue_output(name, value)
-        options = ort.RunOptions()
-        graph_id = len(self.slots) + 1  # 0 is ORT's default id; keep ours explicit
-        options.add_run_config_entry("gpu_graph_id", str(graph_id))
-        slot = _Slot(graph_id, users, n, host, inputs, outputs, binding, options)
+        options = ort.RunOptions()  # graph ids 1, 2, ...: 0 is ORT's default id
+        options.add_run_config_entry("gpu_graph_id", str(len(self.slots) + 1))
+        slot = _Slot(host, inputs, outputs, binding, options)
         self.slots[key] = slot
         return slot
 

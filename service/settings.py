@@ -75,10 +75,16 @@ class Settings(BaseSettings):
     @field_validator("cuda_graph_buckets", "cuda_graph_user_buckets")
     @classmethod
     def _buckets(cls, v: str) -> str:
-        try:
-            sizes = [int(x) for x in v.split(",") if x.strip()]
-        except ValueError as exc:
-            raise ValueError(f"comma-separated positive integers expected, got {v!r}") from exc
-        if not sizes or min(sizes) <= 0:
-            raise ValueError(f"comma-separated positive integers expected, got {v!r}")
+        parse_buckets(v)
         return v
+
+
+def parse_buckets(text: str) -> list[int]:
+    """``"64,128"`` -> ``[64, 128]`` (sorted, unique, each > 0)."""
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError as exc:
+        raise ValueError(f"comma-separated positive integers expected, got {text!r}") from exc
+    if not values or values[0] <= 0:
+        raise ValueError(f"comma-separated positive integers expected, got {text!r}")
+    return values

@@ -20,8 +20,8 @@ from service.batcher import merge_feeds, split_outputs
 from service.loader import load_into_redis
 from service.model import load_model
 from service.precision import probe_feeds
-from service.runner import BindingRunner, GraphRunner, bucket_of, parse_buckets
-from service.settings import Settings
+from service.runner import BindingRunner, GraphRunner, bucket_of
+from service.settings import Settings, parse_buckets
 from tests.helpers import REDIS_URL, Built, build_bundle, fresh_redis, settings_for
 
 
@@ -63,7 +63,7 @@ def test_bad_bucket_setting_names_the_field() -> None:
 @pytest.mark.parametrize("mt", ["din", "dien"])
 def test_io_binding_matches_session_run(bundles: dict[str, Built], mt: str) -> None:
     sess, b = cpu_session(bundles[mt])
-    runner = BindingRunner(sess, "cpu", skip_graph=False)
+    runner = BindingRunner(sess, "cpu")
     for users, n, seed in ((1, 1, 0), (1, 200, 1), (3, 57, 2)):
         feeds = probe_feeds(b, users, n, seed)  # type: ignore[arg-type]
         want = sess.run(["probs", "attention"], feeds)

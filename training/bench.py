@@ -9,7 +9,6 @@ inputs. Weights are random: latency does not depend on them.
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,32 +18,11 @@ import torch
 
 from ctr.bundle import random_inputs
 from ctr.spec import FeatureConfig, load_config
+from training.bench_util import _time, naive_feed
 from training.export import ExportWrapper, export_onnx
 from training.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _time(fn: Any, repeats: int, warmup: int = 3) -> np.ndarray:
-    for _ in range(warmup):
-        fn()
-    out = np.empty(repeats)
-    for i in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out[i] = time.perf_counter() - t
-    return out * 1000.0
-
-
-def naive_feed(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Copy the single user's tensors N times on the host (what the graph avoids)."""
-    n = len(feed["user_idx"])
-    out = dict(feed)
-    for k in ("user_sparse", "user_dense", "hist", "hist_len"):
-        if k in feed:
-            out[k] = np.repeat(feed[k], n, axis=0)
-    out["user_idx"] = np.arange(n, dtype=np.int64)
-    return out
 
 
 def session(path: Path, threads: int, level: str = "all") -> ort.InferenceSession:

@@ -25,9 +25,8 @@ import numpy as np
 
 from service.batcher import merge_feeds
 from service.model import ProviderError, load_model
-from service.precision import probe_feeds
 from service.settings import Settings
-from training.bench import _time, naive_feed
+from training.bench_util import _time, full_history_feed, naive_feed, p50_p99
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "cpu": {"provider": "cpu"},
@@ -37,12 +36,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "cuda+graphs+fp16": {"provider": "cuda", "cuda_graph": True, "precision": "fp16"},
 }
 BUCKETS = "64,128,256,512,1024,2048,4096,8192"
-
-
-def feed_for(model: Any, n: int) -> dict[str, np.ndarray]:
-    feed = probe_feeds(model.bundle, 1, n, n)
-    feed["hist_len"][:] = model.bundle.config.max_seq_len  # full history: the worst case
-    return feed
 
 
 def _variant(
@@ -62,28 +55,24 @@ def _variant(
         "n": {},
     }
     for n in n_values:
-        feed = feed_for(model, n)
+        feed = full_history_feed(model.bundle, n, n)
         probs = model.run(feed, False)[0]
         reference.setdefault(n, probs)  # the first variant (cpu) is the reference
-        t = _time(lambda f=feed: model.run(f, False), reps, warmup=10)
-        rows["n"][n] = {
-            "p50_ms": float(np.median(t)),
-            "p99_ms": float(np.percentile(t, 99)),
-            "max_diff_vs_cpu": float(np.max(np.abs(probs - reference[n]))),
-        }
+        p50, p99 = p50_p99(_time(lambda f=feed: model.run(f, False), reps, warmup=10))
+        diff = float(np.max(np.abs(probs - reference[n])))
+        rows["n"][n] = {"p50_ms": p50, "p99_ms": p99, "max_diff_vs_cpu": diff}
     if label == "cuda+iobinding":
         for n in n_values:
-            naive = naive_feed(feed_for(model, n))
+            naive = naive_feed(full_history_feed(model.bundle, n, n))
             t = _time(lambda f=naive: model.run(f, False), max(10, reps // 4), warmup=3)
             res["copied"][n] = float(np.median(t))
     if label == "cuda+graphs":
-        one = feed_for(model, 500)
+        one = full_history_feed(model.bundle, 500, 500)
         for u in users:
             merged = merge_feeds([one] * u)
             t = _time(lambda f=merged: model.run(f, False), reps, warmup=10)
-            ms = float(np.median(t))
-            res["batched"][u] = {"call_ms": ms, "p99_ms": float(np.percentile(t, 99)),
-                                 "req_s": u * 1000.0 / ms}  # fmt: skip
+            ms, p99 = p50_p99(t)
+            res["batched"][u] = {"call_ms": ms, "p99_ms": p99, "req_s": u * 1000.0 / ms}
     return rows
 
 

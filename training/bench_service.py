@@ -30,6 +30,7 @@ import orjson
 
 from ctr.bundle import load_bundle
 from ctr.spec import load_config
+from training.bench_util import p50_p99
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,14 +149,9 @@ async def _closed_loop(url: str, bodies: list[bytes], concurrency: int, seconds:
     elapsed = time.perf_counter() - started
     for c in clients:
         await c.close()
-    arr = np.array(lat) * 1000
-    return {
-        "requests": len(lat),
-        "errors": errors,
-        "rps": len(lat) / elapsed,
-        "p50_ms": float(np.median(arr)),
-        "p99_ms": float(np.percentile(arr, 99)),
-    }
+    p50, p99 = p50_p99(np.array(lat) * 1000)
+    return {"requests": len(lat), "errors": errors, "rps": len(lat) / elapsed,
+            "p50_ms": p50, "p99_ms": p99}  # fmt: skip
 
 
 async def _open_loop(
@@ -201,18 +197,10 @@ async def _open_loop(
     elapsed = time.perf_counter() - start
     for c in clients:
         await c.close()
-    arr = np.array(lat) * 1000
-    wire = np.array(sent) * 1000
-    return {
-        "rate": rate,
-        "requests": len(lat),
-        "errors": errors,
-        "rps": len(lat) / elapsed,
-        "p50_ms": float(np.median(arr)),
-        "p99_ms": float(np.percentile(arr, 99)),
-        "sent_p50_ms": float(np.median(wire)),  # from the actual send (client lag excluded)
-        "sent_p99_ms": float(np.percentile(wire, 99)),
-    }
+    p50, p99 = p50_p99(np.array(lat) * 1000)
+    s50, s99 = p50_p99(np.array(sent) * 1000)  # from the actual send (client lag excluded)
+    return {"rate": rate, "requests": len(lat), "errors": errors, "rps": len(lat) / elapsed,
+            "p50_ms": p50, "p99_ms": p99, "sent_p50_ms": s50, "sent_p99_ms": s99}  # fmt: skip
 
 
 def bodies_for(frame: Any, n: int, count: int = 64, seed: int = 0) -> list[bytes]:
@@ -244,7 +232,7 @@ def model_only(
     core). What the model alone sustains is the better of the two."""
     import onnxruntime as ort
 
-    from training.bench import _time
+    from training.bench_util import _time, full_history_feed
 
     streams = streams or (os.cpu_count() or 1)
     b = load_bundle(bundle_dir, name)
@@ -258,39 +246,22 @@ def model_only(
 
     sess = session(threads)
     narrow = session(1) if streams > 1 else None
-    c = b.config
-    rng = np.random.default_rng(0)
     out = {}
-    sizes = b.mapper.table_sizes()
-
-    def ids(feats: list, rows: int) -> np.ndarray:
-        return np.stack(
-            [rng.integers(2, sizes[c.table_of(f.name)], size=rows) for f in feats], axis=1
-        )
-
     for n in n_values:
-        hist = np.stack([ids(c.sequences, c.max_seq_len).T], axis=0)  # [1, S, L]
-        feed = {
-            "user_sparse": np.full((1, len(c.user_sparse)), 2, np.int64),
-            "user_dense": np.zeros((1, len(c.user_dense)), np.float32),
-            "hist": hist,
-            "hist_len": np.array([c.max_seq_len], np.int64),
-            "item_sparse": ids(c.item_sparse, n),
-            "item_dense": np.ones((n, len(c.item_dense)), np.float32),
-            "user_idx": np.zeros(n, np.int64),
-        }
-        feed = {k: feed[k] for k in b.input_names}
+        feed = full_history_feed(b, n)
         t = _time(lambda f=feed: sess.run(["probs"], f), reps)
-        single_rps = 1000.0 / float(np.median(t))
         par_rps = parallel_rps(narrow, feed, streams, par_seconds) if narrow else 0.0
-        out[n] = {
-            "p50_ms": float(np.median(t)),
-            "p99_ms": float(np.percentile(t, 99)),
-            "single_rps": single_rps,  # one stream with `threads` intra-op threads
-            "parallel_rps": par_rps,  # `streams` concurrent runs, 1 intra-op thread each
-            "sustained_rps": max(single_rps, par_rps),
-        }
+        out[n] = model_row(t, par_rps)  # parallel: `streams` runs of 1 intra-op thread each
     return out
+
+
+def model_row(ms: np.ndarray, parallel: float) -> dict[str, float]:
+    """Model-only figures from per-call times ``ms``: latency, one stream's runs/s, the
+    ``parallel`` figure (concurrent streams or micro-batches) and the better of the two."""
+    p50, p99 = p50_p99(ms)
+    single = 1000.0 / p50
+    return {"p50_ms": p50, "p99_ms": p99, "single_rps": single, "parallel_rps": parallel,
+            "sustained_rps": max(single, parallel)}  # fmt: skip
 
 
 def parallel_rps(sess: Any, feed: dict[str, np.ndarray], streams: int, seconds: float) -> float:
@@ -367,9 +338,8 @@ def runner_model_only(
     ``CTR_BATCH_MAX_USERS`` users (what the batched model alone sustains)."""
     from service.batcher import merge_feeds
     from service.model import load_model
-    from service.precision import probe_feeds
     from service.settings import Settings
-    from training.bench import _time
+    from training.bench_util import _time, full_history_feed
 
     keys = {k[4:].lower(): v for k, v in env.items() if k.startswith("CTR_")}
     settings = Settings(models_dir=str(models_dir), model_name=name, **keys)  # type: ignore[arg-type]
@@ -377,23 +347,15 @@ def runner_model_only(
     users = settings.batch_max_users
     out = {}
     for n in n_values:
-        feed = probe_feeds(model.bundle, 1, n, 0)
-        feed["hist_len"][:] = model.bundle.config.max_seq_len
+        feed = full_history_feed(model.bundle, n)
         t = _time(lambda f=feed: model.run(f, False), reps)
-        single = 1000.0 / float(np.median(t))
         batched = 0.0
         if users > 1:
             fits = max(1, min(users, settings.batch_max_candidates // n))
             merged = merge_feeds([feed] * fits)
             tb = _time(lambda f=merged: model.run(f, False), max(10, reps // 2))
             batched = fits * 1000.0 / float(np.median(tb))
-        out[n] = {
-            "p50_ms": float(np.median(t)),
-            "p99_ms": float(np.percentile(t, 99)),
-            "single_rps": single,
-            "parallel_rps": batched,  # full micro-batches, requests/s
-            "sustained_rps": max(single, batched),
-        }
+        out[n] = model_row(t, batched)  # parallel: full micro-batches, requests/s
     return out
 
 
