@@ -10,6 +10,7 @@ import hmac
 import json
 import logging
 import signal
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,6 +25,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from redis.asyncio import Redis
 from redis.exceptions import RedisClusterException, RedisError
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ctr.bundle import BundleError
@@ -99,31 +101,74 @@ def orjson_response(content: Any, status: int = 200, headers: dict | None = None
     )
 
 
-class MetricsMiddleware:
-    """Request duration by route template, method and status (pure ASGI, low overhead)."""
+Handler = Callable[[Callable[[str], str | None], AsyncIterator[bytes]], Awaitable[Response]]
 
-    def __init__(self, app: ASGIApp) -> None:
+
+class ServingMiddleware:
+    """Request duration by route template, method and status (pure ASGI, low overhead),
+    and the hot route served straight from ASGI.
+
+    ``POST /v1/score`` is answered here, without FastAPI's per-route machinery (request
+    object, dependency solving, exit stacks): it calls the same handler the FastAPI route
+    calls, so both behave alike, and a :class:`ServiceError` is rendered by the same
+    function as the app's exception handler. Anything else raised propagates to
+    Starlette's error middleware, as from a route."""
+
+    def __init__(self, app: ASGIApp, fast: dict[tuple[str, str], Handler]) -> None:
         self.app = app
+        self.fast = fast
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = {"code": 500}
+        handler = self.fast.get((scope["method"], scope["path"]))
+        if handler is not None:
+            status = 500
+            try:
+                status = await _serve(handler, scope, receive, send)
+            finally:
+                m.REQUEST_DURATION.labels(scope["path"], scope["method"], str(status)).observe(
+                    time.perf_counter() - start
+                )
+            return
+        code = {"status": 500}
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                code["status"] = message["status"]
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
-            m.REQUEST_DURATION.labels(route, scope["method"], str(status["code"])).observe(
+            m.REQUEST_DURATION.labels(route, scope["method"], str(code["status"])).observe(
                 time.perf_counter() - start
             )
+
+
+async def _serve(handler: Handler, scope: Scope, receive: Receive, send: Send) -> int:
+    headers: dict[str, str] = {}
+    for k, v in scope["headers"]:
+        headers[k.decode("latin-1")] = v.decode("latin-1")
+
+    async def chunks() -> AsyncIterator[bytes]:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            yield message.get("body", b"")
+            if not message.get("more_body", False):
+                return
+
+    try:
+        response = await handler(headers.get, chunks())
+    except ServiceError as exc:
+        response = error_response(exc)
+    await response(scope, receive, send)
+    return response.status_code
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -143,6 +188,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.executor = ThreadPoolExecutor(
             settings.inference_concurrency, thread_name_prefix="ort"
         )
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(settings.switch_interval_ms / 1000)
         try:
             await _load(state, None)
         except BundleError:
@@ -163,6 +210,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
                 loop.remove_signal_handler(signal.SIGHUP)
             state.executor.shutdown(wait=True)
+            sys.setswitchinterval(switch)
             await state.redis.aclose()
             if isinstance(state.redis, Redis):
                 await state.redis.connection_pool.disconnect()
@@ -173,10 +221,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Scores candidate items for a user with a DIN/DIEN model (ONNX Runtime).",
         lifespan=lifespan,
     )
-    app.add_middleware(MetricsMiddleware)
     app.state.ctr = state
     _install_handlers(app)
-    _install_routes(app, state)
+    score = _install_routes(app, state)
+    app.add_middleware(ServingMiddleware, fast={("POST", "/v1/score"): score})
     _install_openapi(app)
     return app
 
@@ -226,14 +274,19 @@ async def _reload_quietly(state: State) -> None:
         await _reload(state, "latest")
 
 
+def error_response(exc: ServiceError) -> Response:
+    """The JSON error body for a domain error (counted in ``ctr_errors_total``)."""
+    m.ERRORS.labels(exc.kind).inc()
+    headers = {"Retry-After": "1"} if exc.status == 503 else None
+    field = safe_field(exc.field) if exc.field else exc.field
+    body = {"error": exc.kind, "field": field, "detail": safe_field(exc.message)}
+    return orjson_response(body, exc.status, headers)
+
+
 def _install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> Response:
-        m.ERRORS.labels(exc.kind).inc()
-        headers = {"Retry-After": "1"} if exc.status == 503 else None
-        field = safe_field(exc.field) if exc.field else exc.field
-        body = {"error": exc.kind, "field": field, "detail": safe_field(exc.message)}
-        return orjson_response(body, exc.status, headers)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -244,12 +297,15 @@ def _install_handlers(app: FastAPI) -> None:
         return orjson_response(body, 422)
 
 
-async def _read_json(request: Request, limit: int) -> Any:
-    length = request.headers.get("content-length")
+async def _read_json(
+    header: Callable[[str], str | None], chunks: AsyncIterator[bytes], limit: int
+) -> Any:
+    """The request body as JSON; ``header(name)`` reads a (lower-case) request header."""
+    length = header("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise PayloadTooLarge(f"body is larger than {limit} bytes", "body")
     body = bytearray()
-    async for chunk in request.stream():
+    async for chunk in chunks:
         body.extend(chunk)
         if len(body) > limit:
             raise PayloadTooLarge(f"body is larger than {limit} bytes", "body")
@@ -265,13 +321,13 @@ async def _read_json(request: Request, limit: int) -> Any:
             raise MalformedJSON(f"malformed JSON: {exc}", "body") from exc
 
 
-def _check_key(state: State, request: Request, admin: bool = False) -> None:
+def _check_key(state: State, header: Callable[[str], str | None], admin: bool = False) -> None:
     key = state.settings.api_key
     if key is None:
         if admin:
             raise AdminDisabled("admin endpoints need CTR_API_KEY to be set", "X-API-Key")
         return
-    given = request.headers.get("x-api-key", "")
+    given = header("x-api-key") or ""
     if not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
         raise Unauthorized("missing or wrong X-API-Key", "X-API-Key")
 
@@ -284,7 +340,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _install_routes(app: FastAPI, state: State) -> None:
+def _install_routes(app: FastAPI, state: State) -> Handler:
+    """The routes; returns the scoring handler, which :class:`ServingMiddleware` also
+    serves straight from ASGI."""
     s = state.settings
 
     async def guarded(work: Callable[[], Awaitable[Response]]) -> Response:
@@ -306,9 +364,14 @@ def _install_routes(app: FastAPI, state: State) -> None:
         summary="Rank candidates for a user",
     )
     async def score(request: Request) -> Response:
+        return await score_handler(request.headers.get, request.stream())
+
+    async def score_handler(
+        header: Callable[[str], str | None], chunks: AsyncIterator[bytes]
+    ) -> Response:
         if s.protect_scoring:
-            _check_key(state, request)
-        obj = await _read_json(request, s.max_body_bytes)
+            _check_key(state, header)
+        obj = await _read_json(header, chunks, s.max_body_bytes)
         req = parse_score(obj, s.max_candidates, s.max_id_length)
         model = state.require_model()
         return await guarded(lambda: _score(state, model, req))
@@ -321,8 +384,9 @@ def _install_routes(app: FastAPI, state: State) -> None:
         summary="Append a behaviour to the user's sequence (idempotent by event_id)",
     )
     async def events(request: Request) -> Response:
-        _check_key(state, request)
-        ev = parse_event(await _read_json(request, s.max_body_bytes), s.max_id_length)
+        _check_key(state, request.headers.get)
+        body = await _read_json(request.headers.get, request.stream(), s.max_body_bytes)
+        ev = parse_event(body, s.max_id_length)
         model = state.require_model()  # the model's config says which fields to store
         if state.event_types and ev.type not in state.event_types:
             return orjson_response({"appended": False, "duplicate": False, "ignored": True}, 202)
@@ -407,7 +471,7 @@ def _install_routes(app: FastAPI, state: State) -> None:
         summary="Load a model version, warm it up and swap it in (keeps the old on failure)",
     )
     async def reload(request: Request, body: ReloadRequest | None = None) -> Response:
-        _check_key(state, request, admin=True)
+        _check_key(state, request.headers.get, admin=True)
         try:
             model = await _reload(state, (body.version if body else None) or "latest")
         except (BundleError, ProviderError) as exc:
@@ -427,6 +491,8 @@ def _install_routes(app: FastAPI, state: State) -> None:
     async def metrics() -> Response:
         data, ctype = m.render()
         return Response(data, media_type=ctype)
+
+    return score_handler
 
 
 async def _score(state: State, model: LoadedModel, req: Any) -> Response:

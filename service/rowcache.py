@@ -18,6 +18,7 @@ a reload starts empty. It is only touched from the event loop thread.
 from __future__ import annotations
 
 import time
+from itertools import repeat
 
 import numpy as np
 
@@ -44,8 +45,7 @@ class ItemRowCache:
         """Slots for ``ids``: int64 ``[N]``, ``-1`` where absent or expired."""
         if not self.enabled or not self.slot_of:
             return np.full(len(ids), -1, np.int64)
-        get = self.slot_of.get
-        slots = np.fromiter((get(i, -1) for i in ids), np.int64, len(ids))
+        slots = np.fromiter(map(self.slot_of.get, ids, repeat(-1)), np.int64, len(ids))
         hit = np.flatnonzero(slots >= 0)
         if hit.size:
             stale = hit[self.expiry[slots[hit]] <= time.monotonic()]

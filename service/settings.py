@@ -52,6 +52,14 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(
         0.0, ge=0, le=50, description="extra wait for a micro-batch to fill (0 = none)"
     )
+    switch_interval_ms: float = Field(
+        0.5,
+        gt=0,
+        le=100,
+        description="how long a thread may hold the GIL while another waits for it "
+        "(Python's default is 5 ms: a finished ORT run could wait that long for the "
+        "event loop's thread to let go)",
+    )
     max_candidates: int = Field(2000, gt=0, description="most candidates per request")
     max_body_bytes: int = Field(1_000_000, gt=0, description="request body size limit")
     max_id_length: int = Field(256, gt=0, description="longest user/item ID accepted")

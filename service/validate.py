@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 from service.errors import BadRequest
@@ -102,6 +103,51 @@ def parse_score(obj: Any, max_candidates: int, max_id_len: int) -> ScoreInput:
         raise BadRequest(
             f"candidates has {len(cands)} items; the maximum is {max_candidates}", "candidates"
         )
+    plain = _plain_ids(cands, max_id_len)
+    if plain is not None:
+        ids, feats = plain, [None] * len(plain)
+    else:
+        ids, feats = _checked_candidates(cands, max_id_len)
+    context = obj.get("context")
+    context = {} if context is None else check_features(context, "context", max_id_len)
+    top_k = obj.get("top_k")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)):
+        raise BadRequest("top_k must be an integer", "top_k")
+    if top_k is not None and top_k <= 0:
+        raise BadRequest("top_k must be positive", "top_k")
+    explain = obj.get("explain", False)
+    if not isinstance(explain, bool):
+        raise BadRequest("explain must be a boolean", "explain")
+    return ScoreInput(user_id, ids, feats, context, top_k, explain)
+
+
+_ITEM_ID = itemgetter("item_id")
+
+
+def _plain_ids(cands: list[Any], max_id_len: int) -> list[str] | None:
+    """The common request, checked in a few C-level passes instead of a Python loop per
+    candidate: every candidate is ``{"item_id": <str>}``, the IDs are printable, non-empty,
+    at most ``max_id_len`` long and distinct. None means "not that case": the per-candidate
+    check then runs and names the offending field (a non-printable ID that is still valid,
+    e.g. one with a non-ASCII space, also takes that path)."""
+    if set(map(type, cands)) != {dict} or set(map(len, cands)) != {1}:
+        return None
+    try:
+        ids = list(map(_ITEM_ID, cands))
+    except KeyError:
+        return None
+    if set(map(type, ids)) != {str} or max(map(len, ids)) > max_id_len:
+        return None
+    distinct = set(ids)
+    if len(distinct) != len(ids) or "" in distinct or not "".join(ids).isprintable():
+        return None
+    return ids
+
+
+def _checked_candidates(
+    cands: list[Any], max_id_len: int
+) -> tuple[list[str], list[dict[str, Any] | None]]:
+    """Candidates one by one; the first bad one raises a :class:`BadRequest` naming it."""
     ids: list[str] = []
     feats: list[dict[str, Any] | None] = []
     seen: dict[str, int] = {}
@@ -126,17 +172,7 @@ def parse_score(obj: Any, max_candidates: int, max_id_len: int) -> ScoreInput:
             None if f is None else check_features(f, f"candidates[{i}].features", max_id_len)
         )
         ids.append(iid)
-    context = obj.get("context")
-    context = {} if context is None else check_features(context, "context", max_id_len)
-    top_k = obj.get("top_k")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)):
-        raise BadRequest("top_k must be an integer", "top_k")
-    if top_k is not None and top_k <= 0:
-        raise BadRequest("top_k must be positive", "top_k")
-    explain = obj.get("explain", False)
-    if not isinstance(explain, bool):
-        raise BadRequest("explain must be a boolean", "explain")
-    return ScoreInput(user_id, ids, feats, context, top_k, explain)
+    return ids, feats
 
 
 @dataclass

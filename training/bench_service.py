@@ -359,6 +359,18 @@ def runner_model_only(
     return out
 
 
+def loop_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) of process ``pid``'s main thread, where uvicorn's event
+    loop runs with one worker; None where /proc cannot tell. Per request, it is what caps
+    one worker: at most 1 / (loop CPU per request) requests/s, whatever the device."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _device(env: dict[str, str]) -> str:
     cpu = f"{os.cpu_count()} CPU cores"
     if env.get("CTR_PROVIDER") != "cuda":
@@ -428,11 +440,15 @@ def run(
                     bodies = bodies_for(frame, n)
                     asyncio.run(_closed_loop(url, bodies, 1, 1.0))  # warm-up
                     before = httpx.get(url + "/metrics").text
+                    cpu0 = loop_cpu_s(proc.pid) if env.get("CTR_WORKERS", "1") == "1" else None
                     single = asyncio.run(_closed_loop(url, bodies, 1, seconds))
+                    cpu1 = loop_cpu_s(proc.pid) if cpu0 is not None else None
                     after = httpx.get(url + "/metrics").text
                     single["stages_ms"] = {
                         k: v * 1000 for k, v in stage_means(before, after).items()
                     }
+                    if cpu0 is not None and cpu1 is not None and single["requests"]:
+                        single["loop_cpu_ms"] = (cpu1 - cpu0) * 1000 / single["requests"]
                     per_model["single"][n] = single
                     sweep = {}
                     for c in concurrency:
@@ -464,11 +480,13 @@ def render(res: dict[str, Any], command: str) -> str:
         f"{res.get('device', f'CPU ({os.cpu_count()} cores)')}, 1 uvicorn worker, ORT "
         f"intra-op threads={t}, {k} ORT run(s) in flight, L=50; the HTTP client runs on "
         "the same machine. Model-only figures: ORT alone in the benchmark process, same "
-        "shapes." + (f" Service settings: {env_text}." if env_text else ""),
+        "shapes. Loop CPU: CPU time of the service's event-loop thread per request at "
+        "concurrency 1; 1000 / it bounds one worker's requests/s on any device."
+        + (f" Service settings: {env_text}." if env_text else ""),
         "",
         "| model | N | e2e p50 ms | e2e p99 ms | model-only p50 ms | target 1.2x+1 ms |"
-        " met | redis | mapping | inference | serialize |",
-        "|---|---:|---:|---:|---:|---:|:-:|---:|---:|---:|---:|",
+        " met | redis | mapping | inference | serialize | loop CPU ms/req |",
+        "|---|---:|---:|---:|---:|---:|:-:|---:|---:|---:|---:|---:|",
     ]
     for mt, r in res["models"].items():
         for n, s in r["single"].items():
@@ -479,7 +497,8 @@ def render(res: dict[str, Any], command: str) -> str:
                 f"| {mt} | {n} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {mo:.2f} | "
                 f"{target:.2f} | {'yes' if s['p50_ms'] <= target else 'no'} | "
                 f"{st['redis_fetch']:.2f} | {st['feature_mapping']:.2f} | "
-                f"{st['inference']:.2f} | {st['serialization']:.2f} |"
+                f"{st['inference']:.2f} | {st['serialization']:.2f} | "
+                + (f"{s['loop_cpu_ms']:.2f} |" if "loop_cpu_ms" in s else "- |")
             )
     lines += [
         "",

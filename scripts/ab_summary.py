@@ -1,0 +1,33 @@
+"""Table of the runs written by scripts/gpu_ab.sh: one row per (variant, repeat)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def main(folder: str) -> None:
+    print(
+        "| variant | rep | c=1 p50 ms | loop CPU ms/req | inference ms | open loop: offered"
+        " req/s → achieved, p50 / p99 ms |"
+    )
+    print("|---|---:|---:|---:|---:|---|")
+    for path in sorted(Path(folder).glob("*.json"), key=lambda p: p.stem.split("_")[::-1]):
+        variant, rep = path.stem.rsplit("_", 1)
+        for r in json.loads(path.read_text())["models"].values():
+            for n, s in r["single"].items():
+                runs = "; ".join(
+                    f"{o['rate']:.0f} → {o['rps']:.0f}, {o['p50_ms']:.2f} / {o['p99_ms']:.2f}"
+                    for o in r["open_loop"][n]
+                )
+                cpu = s.get("loop_cpu_ms")
+                print(
+                    f"| {variant} | {rep} | {s['p50_ms']:.2f} | "
+                    f"{'-' if cpu is None else f'{cpu:.2f}'} | "
+                    f"{s['stages_ms']['inference']:.2f} | {runs} |"
+                )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Same-machine A/B of the service on a GPU, interleaved: old code vs this checkout, and
+# this checkout with Python's default GIL switch interval (5 ms) vs the service's (0.5 ms).
+# DIEN at N=500, open loop at 360 and 500 req/s, graphs + fp16 + micro-batching, 1 worker.
+# Needs onnxruntime-gpu, Redis on 6379 and bundles in $MODELS (see scripts/gpu_bench.sh).
+# Usage: scripts/gpu_ab.sh OUT BASE_SRC [REPS]
+#   BASE_SRC: a folder with the old code's ctr/ and service/ (e.g. a `git worktree`); the
+#   benchmark driver (training/) is this checkout's for both, so both report alike.
+set -euo pipefail
+out=$1 src=$2 reps=${3:-3}
+base=$(mktemp -d)
+cp -r "$src/ctr" "$src/service" "$base/" && cp -r training "$base/"
+MODELS=${MODELS:-/tmp/bundles}
+py=${PYTHON:-python3}
+site=${SITE:-/tmp/site}
+gpu=(--env CTR_PROVIDER=cuda --env CTR_CUDA_GRAPH=1 --env CTR_BATCH_MAX_USERS=16
+     --env CTR_BATCH_MAX_CANDIDATES=8192 --env CTR_CUDA_GRAPH_BUCKETS=64,128,256,512,1024,2048,4096,8192
+     --env CTR_PRECISION=fp16)
+args=(-m ctr.cli bench --models-dir "$MODELS" --models bench-dien --n 500 --concurrency 1
+      --seconds 3 --rates 360,500 --threads 1 --redis-url redis://127.0.0.1:6379/14 "${gpu[@]}")
+mkdir -p "$out/runs"
+for rep in $(seq 1 "$reps"); do
+  for variant in base switch5 new; do
+    case $variant in
+      base) path="$site:$base" extra=() ;;
+      switch5) path="$site:$PWD" extra=(--env CTR_SWITCH_INTERVAL_MS=5) ;;
+      new) path="$site:$PWD" extra=() ;;
+    esac
+    echo "[ab] rep $rep $variant" >&2
+    PYTHONPATH=$path $py "${args[@]}" "${extra[@]}" --out "$out/tmp" > /dev/null
+    cp "$out/tmp/bench_service.json" "$out/runs/${variant}_$rep.json"
+    $py scripts/ab_summary.py "$out/runs" > "$out/ab.md"
+  done
+done
+rm -rf "$out/tmp"
+cat "$out/ab.md"

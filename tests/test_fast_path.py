@@ -1,0 +1,171 @@
+"""The hot path's shortcuts behave exactly like the general code they skip:
+
+* ``POST /v1/score`` served straight from ASGI by ``ServingMiddleware`` answers what the
+  FastAPI route answers, for good and bad requests alike;
+* the C-level check of plain candidate lists (``_plain_ids``) accepts exactly what the
+  per-candidate check accepts, and hands everything else to it;
+* the lifespan sets the GIL switch interval and puts Python's back on shutdown."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.errors import BadRequest
+from service.loader import load_into_redis
+from service.validate import _checked_candidates, _plain_ids, parse_score
+from tests.helpers import REDIS_URL, Built, build_bundle, fresh_redis, settings_for
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    b = build_bundle(tmp_path_factory.mktemp("fast"), "din")
+    fresh_redis()
+    load_into_redis(b.config, b.frame, REDIS_URL, progress=False)
+    return b
+
+
+def without_fast_path(app: FastAPI) -> FastAPI:
+    """The same app with ``ServingMiddleware`` taken out: every request goes through
+    FastAPI's router, so ``POST /v1/score`` reaches the FastAPI route."""
+    app.user_middleware = [m for m in app.user_middleware if m.cls.__name__ != "ServingMiddleware"]
+    app.middleware_stack = None
+    return app
+
+
+@pytest.fixture(scope="module")
+def clients(built: Built) -> Iterator[tuple[TestClient, TestClient]]:
+    settings = settings_for(built, api_key="k", protect_scoring=True, max_body_bytes=20_000)
+    fast = create_app(settings)
+    assert any(m.cls.__name__ == "ServingMiddleware" for m in fast.user_middleware)
+    slow = without_fast_path(create_app(settings))
+    with TestClient(fast) as a, TestClient(slow) as b:
+        yield a, b
+
+
+def comparable(body: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if k != "request_id"}
+
+
+def requests(built: Built) -> list[tuple[dict[str, str], Any]]:
+    users = built.frame["user_id"].astype(str).unique()
+    items = built.frame["item_id"].astype(str).unique()[:40].tolist()
+    key = {"X-API-Key": "k"}
+    good = {"user_id": users[0], "candidates": [{"item_id": i} for i in items]}
+    return [
+        (key, good),
+        (key, {**good, "top_k": 5, "explain": True}),
+        (key, {"user_id": "nobody", "candidates": [{"item_id": items[0]}, {"item_id": 7}]}),
+        (key, {**good, "candidates": [{"item_id": i, "features": {}} for i in items]}),
+        ({}, good),  # no key
+        ({"X-API-Key": "wrong"}, good),
+        (key, {**good, "candidates": [{"item_id": items[0]}, {"item_id": items[0]}]}),
+        (key, {**good, "candidates": [{"item_id": ""}]}),
+        (key, {**good, "candidates": [{"item_id": "a\x01b"}]}),
+        (key, {**good, "candidates": [{"id": "x"}]}),
+        (key, {**good, "candidates": []}),
+        (key, {**good, "top_k": 0}),
+        (key, {"candidates": [{"item_id": "x"}]}),
+        (key, b"{not json"),
+        (key, b""),
+        (key, {**good, "candidates": [{"item_id": f"i{k}" * 50} for k in range(200)]}),  # 413
+    ]
+
+
+def test_fast_path_answers_like_the_fastapi_route(
+    built: Built, clients: tuple[TestClient, TestClient]
+) -> None:
+    fast, slow = clients
+    statuses = set()
+    for headers, body in requests(built):
+        kw: dict[str, Any] = {"content": body} if isinstance(body, bytes) else {"json": body}
+        a = fast.post("/v1/score", headers=headers, **kw)
+        b = slow.post("/v1/score", headers=headers, **kw)
+        assert a.status_code == b.status_code, (body, a.text, b.text)
+        assert comparable(a.json()) == comparable(b.json()), body
+        assert a.headers.get("retry-after") == b.headers.get("retry-after")
+        statuses.add(a.status_code)
+    assert statuses >= {200, 400, 401, 413, 422}
+
+
+def test_fast_path_is_timed_under_the_route_template(
+    built: Built, clients: tuple[TestClient, TestClient]
+) -> None:
+    fast, _ = clients
+
+    def count(status: str) -> float:
+        for line in fast.get("/metrics").text.splitlines():
+            if line.startswith("ctr_request_duration_seconds_count{") and (
+                'route="/v1/score"' in line and f'status="{status}"' in line
+            ):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    before_ok, before_bad = count("200"), count("401")
+    headers, good = requests(built)[0]
+    assert fast.post("/v1/score", headers=headers, json=good).status_code == 200
+    assert fast.post("/v1/score", json=good).status_code == 401
+    assert count("200") == before_ok + 1
+    assert count("401") == before_bad + 1
+    # other methods on the path still go through FastAPI's router
+    assert fast.get("/v1/score").status_code == 405
+
+
+@pytest.mark.parametrize(
+    "cands",
+    [
+        [{"item_id": "a"}, {"item_id": "b"}],
+        [{"item_id": "ünï"}, {"item_id": "中文"}, {"item_id": "a b"}],
+        [{"item_id": "x" * 256}],
+    ],
+)
+def test_plain_ids_accepts_what_the_full_check_accepts(cands: list[dict]) -> None:
+    ids = _plain_ids(cands, 256)
+    assert ids is not None
+    assert (ids, [None] * len(ids)) == _checked_candidates(cands, 256)
+
+
+@pytest.mark.parametrize(
+    "cands",
+    [
+        [{"item_id": "a"}, {"item_id": "a"}],  # duplicate
+        [{"item_id": ""}],
+        [{"item_id": "x" * 257}],
+        [{"item_id": "a\x00"}],
+        [{"item_id": "\ud800"}],
+        [{"item_id": 5}],  # a valid int ID: the full check converts it
+        [{"item_id": "a\u00a0b"}],  # valid, but not printable: the full check decides
+        [{"item_id": True}],
+        [{"item": "a"}],
+        [{"item_id": "a", "features": {"cat": "1"}}],
+        [["a"]],
+        [{"item_id": None}],
+    ],
+)
+def test_plain_ids_hands_everything_else_to_the_full_check(cands: list[Any]) -> None:
+    assert _plain_ids(cands, 256) is None
+    obj = {"user_id": "u", "candidates": cands}
+    try:
+        want = _checked_candidates(cands, 256)
+    except BadRequest as exc:
+        with pytest.raises(BadRequest) as got:
+            parse_score(obj, 100, 256)
+        assert (got.value.field, got.value.message) == (exc.field, exc.message)
+        assert got.value.field and got.value.field.startswith("candidates[")
+    else:
+        req = parse_score(obj, 100, 256)
+        assert (req.item_ids, req.features) == want
+
+
+def test_lifespan_sets_and_restores_the_switch_interval(built: Built) -> None:
+    before = sys.getswitchinterval()
+    app = create_app(settings_for(built, switch_interval_ms=0.25))
+    with TestClient(app):
+        assert sys.getswitchinterval() == pytest.approx(0.00025)
+    assert sys.getswitchinterval() == pytest.approx(before)
