@@ -19,6 +19,12 @@ def main(folder: str) -> None:
             for n, s in r["single"].items():
                 runs = "; ".join(
                     f"{o['rate']:.0f} → {o['rps']:.0f}, {o['p50_ms']:.2f} / {o['p99_ms']:.2f}"
+                    + (
+                        f" (service GC {o['service_gc']['count']:.0f}x,"
+                        f" {o['service_gc']['total_ms']:.1f} ms)"
+                        if "service_gc" in o
+                        else ""
+                    )
                     for o in r["open_loop"][n]
                 )
                 cpu = s.get("loop_cpu_ms")

@@ -190,6 +190,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         switch = sys.getswitchinterval()
         sys.setswitchinterval(settings.switch_interval_ms / 1000)
+        gc_timer = m.GCTimer()
+        gc_timer.install()
         try:
             await _load(state, None)
         except BundleError:
@@ -211,6 +213,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 loop.remove_signal_handler(signal.SIGHUP)
             state.executor.shutdown(wait=True)
             sys.setswitchinterval(switch)
+            gc_timer.remove()
             await state.redis.aclose()
             if isinstance(state.redis, Redis):
                 await state.redis.connection_pool.disconnect()

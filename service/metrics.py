@@ -3,7 +3,10 @@ uvicorn workers), ``/metrics`` aggregates every worker's files."""
 
 from __future__ import annotations
 
+import gc
 import os
+import time
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -42,6 +45,12 @@ BATCH_USERS = Histogram(
     "Users (requests) per graph call; above 1 when micro-batching merged requests",
     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
 )
+GC_PAUSE = Histogram(
+    "ctr_gc_pause_seconds",
+    "Python garbage-collection pauses by generation (the event loop stops meanwhile)",
+    ["generation"],
+    buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
 ERRORS = Counter("ctr_errors_total", "Errors by kind", ["kind"])
 DEGRADED = Counter("ctr_degraded_responses_total", "Responses served in degraded mode")
 MODEL_INFO = Gauge(
@@ -73,3 +82,28 @@ def set_model_info(name: str, version: str, provider: str) -> None:
         MODEL_INFO.labels(*old).set(0)
     _current_info[:] = [(name, version, provider)]
     MODEL_INFO.labels(name=name, version=version, provider=provider).set(1)
+
+
+class GCTimer:
+    """A ``gc.callbacks`` entry that times each collection into ``ctr_gc_pause_seconds``.
+    ``install()`` / ``remove()`` are called by the service's lifespan."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self.started = time.perf_counter()
+        elif self.started:
+            GC_PAUSE.labels(str(info.get("generation", "?"))).observe(
+                time.perf_counter() - self.started
+            )
+            self.started = 0.0
+
+    def install(self) -> None:
+        if self not in gc.callbacks:
+            gc.callbacks.append(self)
+
+    def remove(self) -> None:
+        if self in gc.callbacks:
+            gc.callbacks.remove(self)

@@ -16,11 +16,14 @@ of what is measured, and the report says so.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,8 +128,49 @@ class RawClient:
             self.writer.close()
 
 
+@contextlib.contextmanager
+def client_gc_off() -> Iterator[None]:
+    """No garbage collection in the load generator while it measures.
+
+    The client's latencies run from send (or scheduled send) to reply, so a collection in
+    the client's own heap (pandas, ORT and the bench's model-only session live there)
+    would count its pause against the service: 150-250 ms p99 stalls on the H100 runs
+    came from there. Everything alive is frozen first; the run's own garbage waits for
+    the collection after it."""
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
+def gc_pauses(before: str, after: str) -> dict[str, float]:
+    """The service's GC pauses between two /metrics scrapes (``ctr_gc_pause_seconds``):
+    how many, and their total in ms."""
+
+    def parse(text: str) -> tuple[float, float]:
+        count = total = 0.0
+        for line in text.splitlines():
+            if line.startswith("ctr_gc_pause_seconds_count"):
+                count += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("ctr_gc_pause_seconds_sum"):
+                total += float(line.rsplit(" ", 1)[1])
+        return count, total
+
+    (c0, s0), (c1, s1) = parse(before), parse(after)
+    return {"count": c1 - c0, "total_ms": (s1 - s0) * 1000}
+
+
 async def _closed_loop(url: str, bodies: list[bytes], concurrency: int, seconds: float) -> dict:
     """``concurrency`` clients, each sending back-to-back for ``seconds``."""
+    with client_gc_off():
+        return await _closed_loop_run(url, bodies, concurrency, seconds)
+
+
+async def _closed_loop_run(url: str, bodies: list[bytes], concurrency: int, seconds: float) -> dict:
     lat: list[float] = []
     errors = 0
     stop = time.perf_counter() + seconds
@@ -161,6 +205,13 @@ async def _open_loop(
     pace, over a pool of ``conns`` keep-alive connections. Latency counts from each
     request's scheduled send time, so a service that falls behind shows it in p99 rather
     than slowing the client down (no coordinated omission)."""
+    with client_gc_off():
+        return await _open_loop_run(url, bodies, rate, seconds, conns)
+
+
+async def _open_loop_run(
+    url: str, bodies: list[bytes], rate: float, seconds: float, conns: int
+) -> dict:
     host, port = url.split("//")[1].split(":")
     pool: asyncio.LifoQueue[RawClient] = asyncio.LifoQueue()  # reuse the warmest
     clients = [RawClient(host, int(port)) for _ in range(conns)]
@@ -454,9 +505,12 @@ def run(
                     for c in concurrency:
                         sweep[c] = asyncio.run(_closed_loop(url, bodies, c, seconds))
                     per_model["saturation"][n] = sweep
-                    per_model["open_loop"][n] = [
-                        asyncio.run(_open_loop(url, bodies, r, seconds)) for r in rates or []
-                    ]
+                    per_model["open_loop"][n] = []
+                    for r in rates or []:
+                        before = httpx.get(url + "/metrics").text
+                        res = asyncio.run(_open_loop(url, bodies, r, seconds))
+                        res["service_gc"] = gc_pauses(before, httpx.get(url + "/metrics").text)
+                        per_model["open_loop"][n].append(res)
                     best = max(sweep.values(), key=lambda r: r["rps"])
                     print(
                         f"[bench] {mt} N={n}: p50 {single['p50_ms']:.2f} ms (model "
@@ -546,8 +600,8 @@ def render(res: dict[str, Any], command: str) -> str:
             "the service), and from its actual send:",
             "",
             "| model | N | offered req/s | achieved req/s | p50 ms | p99 ms |"
-            " from send: p50 | p99 | errors |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            " from send: p50 | p99 | errors | service GC pauses (n, total ms) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for mt, r in res["models"].items():
             for n, runs in r.get("open_loop", {}).items():
@@ -555,9 +609,14 @@ def render(res: dict[str, Any], command: str) -> str:
                     lines.append(
                         f"| {mt} | {n} | {o['rate']:.0f} | {o['rps']:.0f} | {o['p50_ms']:.2f} | "
                         f"{o['p99_ms']:.2f} | {o['sent_p50_ms']:.2f} | {o['sent_p99_ms']:.2f} | "
-                        f"{o['errors']} |"
+                        f"{o['errors']} | {_gc_cell(o)} |"
                     )
     return "\n".join(lines)
+
+
+def _gc_cell(run: dict[str, Any]) -> str:
+    g = run.get("service_gc")
+    return "-" if g is None else f"{g['count']:.0f}, {g['total_ms']:.1f}"
 
 
 def _concurrencies(res: dict[str, Any]) -> list[Any]:
