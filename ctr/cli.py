@@ -137,6 +137,27 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_path(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from training.bench_path import render, run
+
+    command = "ctr bench-path " + " ".join(sys.argv[2:])
+    ns = [int(x) for x in args.n.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        where, name = Path(args.models_dir or tmp), args.model
+        if not args.models_dir:
+            from training.bench_service import make_bundle
+
+            name = make_bundle(args.model, where, 50)[0].name
+        res = run(where, name, ns, args.redis_url, args.rounds, args.reps)
+    table = render(res, command.strip())
+    print(table)
+    if args.out:
+        _write_report(Path(args.out), "bench_path", res, table)
+    return 0
+
+
 def _write_report(out: Path, stem: str, res: dict, table: str) -> None:
     """``out/<stem>.json`` (the raw results) and ``out/<stem>.md`` (the printed table)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -283,6 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--users", default="1,2,4,8,16", help="micro-batch sizes at N=500")
     bg.add_argument("--out", default="", help="folder for JSON and table")
     bg.set_defaults(func=cmd_bench_gpu)
+    bp = sub.add_parser("bench-path", help="in-process cost of the request path's Python")
+    bp.add_argument("--model", default="din", help="din|dien, or a bundle name with --models-dir")
+    bp.add_argument("--models-dir", default="", help="existing bundles (default: build one)")
+    bp.add_argument("--n", default="50,500")
+    bp.add_argument("--rounds", type=int, default=7)
+    bp.add_argument("--reps", type=int, default=100)
+    bp.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
+    bp.add_argument("--out", default="", help="folder for JSON and table")
+    bp.set_defaults(func=cmd_bench_path)
     rs = sub.add_parser("results", help="Base/DeepFM/DIN/DIEN on real data, mean ± std")
     rs.add_argument("--datasets", default="amazon_beauty,movielens")
     rs.add_argument("--models", default="base,deepfm,din,dien")

@@ -10,24 +10,28 @@ set -euo pipefail
 out=$1 src=$2 reps=${3:-3}
 base=$(mktemp -d)
 cp -r "$src/ctr" "$src/service" "$base/" && cp -r training "$base/"
+# `python -m` puts the working directory first on sys.path, so each variant runs from
+# its own folder (a PYTHONPATH entry alone would lose to this checkout)
 MODELS=${MODELS:-/tmp/bundles}
+out=$(realpath -m "$out") MODELS=$(realpath "$MODELS")
 py=${PYTHON:-python3}
 site=${SITE:-/tmp/site}
 gpu=(--env CTR_PROVIDER=cuda --env CTR_CUDA_GRAPH=1 --env CTR_BATCH_MAX_USERS=16
      --env CTR_BATCH_MAX_CANDIDATES=8192 --env CTR_CUDA_GRAPH_BUCKETS=64,128,256,512,1024,2048,4096,8192
      --env CTR_PRECISION=fp16)
+[ "${AB_CPU:-0}" = 1 ] && gpu=()  # a dry run of the script on a machine without a GPU
 args=(-m ctr.cli bench --models-dir "$MODELS" --models bench-dien --n 500 --concurrency 1
-      --seconds 3 --rates 360,500 --threads 1 --redis-url redis://127.0.0.1:6379/14 "${gpu[@]}")
+      --seconds 3 --rates "${AB_RATES:-360,500}" --threads 1 --redis-url redis://127.0.0.1:6379/14 "${gpu[@]}")
 mkdir -p "$out/runs"
 for rep in $(seq 1 "$reps"); do
   for variant in base switch5 new; do
     case $variant in
-      base) path="$site:$base" extra=() ;;
-      switch5) path="$site:$PWD" extra=(--env CTR_SWITCH_INTERVAL_MS=5) ;;
-      new) path="$site:$PWD" extra=() ;;
+      base) dir=$base extra=() ;;
+      switch5) dir=$PWD extra=(--env CTR_SWITCH_INTERVAL_MS=5) ;;
+      new) dir=$PWD extra=() ;;
     esac
     echo "[ab] rep $rep $variant" >&2
-    PYTHONPATH=$path $py "${args[@]}" "${extra[@]}" --out "$out/tmp" > /dev/null
+    (cd "$dir" && PYTHONPATH="$site:$dir" $py "${args[@]}" "${extra[@]}" --out "$out/tmp" > /dev/null)
     cp "$out/tmp/bench_service.json" "$out/runs/${variant}_$rep.json"
     $py scripts/ab_summary.py "$out/runs" > "$out/ab.md"
   done

@@ -531,6 +531,7 @@ async def _score(state: State, model: LoadedModel, req: Any) -> Response:
         outs = await asyncio.get_running_loop().run_in_executor(
             executor, model.run, prepared.feeds, req.explain
         )
+        m.BATCH_USERS.observe(1)  # one user per graph call without micro-batching
     t3 = time.perf_counter()
     probs = outs[0]
     order = np.argsort(-probs, kind="stable")

@@ -80,6 +80,7 @@ def test_service_on_cuda_with_batching(bundles: dict[str, Built]) -> None:
         assert info["runner"] == "cuda_graph" and info["micro_batching"] is True
         runner = c.app.state.ctr.model.runner  # type: ignore[attr-defined]
         captured = len(runner.slots)
+        before = c.get("/metrics").text  # the registry is per process: compare deltas
         got: list[dict | None] = [None] * len(bodies)
 
         def post(k: int) -> None:
@@ -92,8 +93,7 @@ def test_service_on_cuda_with_batching(bundles: dict[str, Built]) -> None:
             t.join()
         assert len(runner.slots) == captured  # every call replayed a graph captured at load
         metrics = c.get("/metrics").text
-    count = next(float(x.split()[1]) for x in metrics.splitlines()
-                 if x.startswith("ctr_batch_users_count "))  # fmt: skip
+    count = _count(metrics) - _count(before)
     assert count < len(bodies)  # requests were merged
     for a, b in zip(want, got, strict=True):
         assert b is not None
@@ -102,3 +102,9 @@ def test_service_on_cuda_with_batching(bundles: dict[str, Built]) -> None:
         assert pa.keys() == pb.keys()
         assert max(abs(pa[k] - pb[k]) for k in pa) <= 1e-5
         assert ("attention" in a["items"][0]) == ("attention" in b["items"][0])
+
+
+def _count(metrics: str) -> float:
+    return next(
+        float(x.split()[1]) for x in metrics.splitlines() if x.startswith("ctr_batch_users_count ")
+    )

@@ -35,6 +35,8 @@ HISTOGRAMS = {
     "ctr_request_duration_seconds",
     "ctr_stage_duration_seconds",
     "ctr_candidates_per_request",
+    "ctr_gc_pause_seconds",
+    "ctr_batch_users",
 }
 COUNTERS = {"ctr_errors_total", "ctr_degraded_responses_total"}
 GAUGES = {"ctr_model_info"}

@@ -150,6 +150,7 @@ def test_micro_batching_over_http(bundles: dict[str, Built]) -> None:
     batched_settings = settings_for(built, batch_max_users=8, batch_wait_ms=50)
     with TestClient(create_app(batched_settings)) as c:
         assert c.get("/v1/models").json()["micro_batching"] is True
+        before = c.get("/metrics").text  # the registry is per process: compare deltas
         results: list[dict | None] = [None] * len(bodies)
 
         def post(k: int) -> None:
@@ -181,8 +182,8 @@ def test_micro_batching_over_http(bundles: dict[str, Built]) -> None:
                     rtol=0,
                     atol=1e-6,
                 )
-    count = _metric(metrics, "ctr_batch_users_count")
-    total = _metric(metrics, "ctr_batch_users_sum")
+    count = _metric(metrics, "ctr_batch_users_count") - _metric(before, "ctr_batch_users_count")
+    total = _metric(metrics, "ctr_batch_users_sum") - _metric(before, "ctr_batch_users_sum")
     assert total == len(bodies) and count < total  # at least one call held several users
 
 

@@ -257,6 +257,10 @@ def test_metrics_exposed_and_move(client: TestClient) -> None:
         sample(after, "ctr_candidates_per_request_count")
         == sample(before, "ctr_candidates_per_request_count") + 1
     )
+    # without micro-batching every graph call holds one user
+    for part in ("count", "sum"):
+        name = f"ctr_batch_users_{part}"
+        assert sample(after, name) == sample(before, name) + 1
     for stage in ("redis_fetch", "feature_mapping", "inference", "serialization"):
         assert f'ctr_stage_duration_seconds_count{{stage="{stage}"}}' in after
     assert 'route="/v1/score"' in after and 'status="200"' in after

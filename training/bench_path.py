@@ -1,0 +1,141 @@
+"""In-process cost of the request path's Python, without HTTP or a client: the scoring
+handler called through ASGI with and without the ``ServingMiddleware`` fast path, and the
+candidate-list check with and without its C-level shortcut. Same process, interleaved,
+so the ratios hold on a noisy machine. Needs Redis and a bundle (``ctr bench-path``)."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ctr.bundle import load_bundle
+from service.app import create_app
+from service.loader import load_into_redis
+from service.settings import Settings
+from service.validate import _checked_candidates, _plain_ids
+from training.bench_service import bodies_for
+
+
+async def _call(app: Any, body: bytes) -> int:
+    """One ``POST /v1/score`` straight through the ASGI interface."""
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/v1/score", "raw_path": b"/v1/score", "query_string": b"",
+        "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000),
+        "headers": [(b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode())],
+    }  # fmt: skip
+    sent = False
+    status = 0
+
+    async def receive() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+
+    await app(scope, receive, send)
+    return status
+
+
+def _without_fast_path(app: Any) -> Any:
+    app.user_middleware = [m for m in app.user_middleware if m.cls.__name__ != "ServingMiddleware"]
+    app.middleware_stack = None
+    return app
+
+
+async def _route_costs(settings: Settings, bodies: list[bytes], rounds: int, reps: int) -> dict:
+    apps = {
+        "fast path": create_app(settings),
+        "FastAPI route": _without_fast_path(create_app(settings)),
+    }
+    times: dict[str, list[float]] = {k: [] for k in apps}
+    contexts = {k: a.router.lifespan_context(a) for k, a in apps.items()}
+    for ctx in contexts.values():
+        await ctx.__aenter__()
+    try:
+        for app in apps.values():  # warm-up
+            for b in bodies[:8]:
+                assert await _call(app, b) == 200
+        for _ in range(rounds):
+            for name, app in apps.items():
+                start = time.thread_time()  # this thread's CPU: not ORT's, not idle waits
+                for k in range(reps):
+                    await _call(app, bodies[k % len(bodies)])
+                times[name].append((time.thread_time() - start) * 1000 / reps)
+    finally:
+        for ctx in contexts.values():
+            await ctx.__aexit__(None, None, None)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _check_costs(bodies: list[bytes], rounds: int, reps: int) -> dict:
+    objs = [orjson.loads(b) for b in bodies]
+    fns = {
+        "C-level check": lambda o: _plain_ids(o["candidates"], 256),
+        "per-candidate check": lambda o: _checked_candidates(o["candidates"], 256),
+    }
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for k in range(reps):
+                fn(objs[k % len(objs)])
+            times[name].append((time.perf_counter() - start) * 1e6 / reps)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def run(
+    models_dir: Path, name: str, n_values: list[int], redis_url: str, rounds: int, reps: int
+) -> dict:
+    bundle = load_bundle(models_dir, name)
+    from training.data import load_frame
+
+    frame = load_frame(bundle.config)
+    load_into_redis(bundle.config, frame, redis_url, progress=False)
+    settings = Settings(
+        models_dir=str(models_dir), model_name=name, redis_url=redis_url,
+        intra_op_threads=1, log_level="warning",
+    )  # fmt: skip
+    out: dict[int, dict] = {}
+    for n in n_values:
+        bodies = bodies_for(frame, n)
+        out[n] = {
+            "request_ms": asyncio.run(_route_costs(settings, bodies, rounds, reps)),
+            "check_us": _check_costs(bodies, rounds, reps * 4),
+        }
+    return out
+
+
+def render(res: dict, command: str) -> str:
+    lines = [
+        f"Command: `{command}`",
+        "",
+        "Event-loop CPU per scoring request, in-process (an ASGI call with a real Redis and "
+        "ORT on 1 thread; `time.thread_time()` of the loop's thread, so neither ORT's "
+        "thread nor idle waits count), median over interleaved rounds, in ms; and the "
+        "candidate-list check alone, µs per request:",
+        "",
+        "| N | loop CPU, fast path | loop CPU, FastAPI route | saved | C-level check µs |"
+        " per-candidate check µs | ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n, r in res.items():
+        a, b = r["request_ms"]["fast path"], r["request_ms"]["FastAPI route"]
+        c, d = r["check_us"]["C-level check"], r["check_us"]["per-candidate check"]
+        lines.append(
+            f"| {n} | {a:.3f} | {b:.3f} | {b - a:.3f} | {c:.0f} | {d:.0f} | {d / c:.1f}x |"
+        )
+    return "\n".join(lines)
