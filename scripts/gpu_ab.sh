@@ -3,7 +3,7 @@
 # this checkout with Python's default GIL switch interval (5 ms) vs the service's (0.5 ms).
 # DIEN at N=500, open loop at 360 and 500 req/s, graphs + fp16 + micro-batching, 1 worker.
 # Needs onnxruntime-gpu, Redis on 6379 and bundles in $MODELS (see scripts/gpu_bench.sh).
-# Usage: scripts/gpu_ab.sh OUT BASE_SRC [REPS]
+# Usage: [AB_VARIANTS="base new"] [AB_RATES=360,500] scripts/gpu_ab.sh OUT BASE_SRC [REPS]
 #   BASE_SRC: a folder with the old code's ctr/ and service/ (e.g. a `git worktree`); the
 #   benchmark driver (training/) is this checkout's for both, so both report alike.
 set -euo pipefail
@@ -24,7 +24,7 @@ args=(-m ctr.cli bench --models-dir "$MODELS" --models bench-dien --n 500 --conc
       --seconds 3 --rates "${AB_RATES:-360,500}" --threads 1 --redis-url redis://127.0.0.1:6379/14 "${gpu[@]}")
 mkdir -p "$out/runs"
 for rep in $(seq 1 "$reps"); do
-  for variant in base switch5 new; do
+  for variant in ${AB_VARIANTS:-base switch5 new}; do
     case $variant in
       base) dir=$base extra=() ;;
       switch5) dir=$PWD extra=(--env CTR_SWITCH_INTERVAL_MS=5) ;;
