@@ -10,7 +10,6 @@ import hmac
 import json
 import logging
 import signal
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -151,8 +150,8 @@ class ServingMiddleware:
 
 async def _serve(handler: Handler, scope: Scope, receive: Receive, send: Send) -> int:
     headers: dict[str, str] = {}
-    for k, v in scope["headers"]:
-        headers[k.decode("latin-1")] = v.decode("latin-1")
+    for k, v in scope["headers"]:  # the first of repeated headers, as Starlette's .get
+        headers.setdefault(k.decode("latin-1"), v.decode("latin-1"))
 
     async def chunks() -> AsyncIterator[bytes]:
         while True:
@@ -188,10 +187,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.executor = ThreadPoolExecutor(
             settings.inference_concurrency, thread_name_prefix="ort"
         )
-        switch = sys.getswitchinterval()
-        sys.setswitchinterval(settings.switch_interval_ms / 1000)
-        gc_timer = m.GCTimer()
-        gc_timer.install()
         try:
             await _load(state, None)
         except BundleError:
@@ -206,14 +201,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 signal.SIGHUP, lambda: asyncio.ensure_future(_reload_quietly(state))
             )
         app.state.ctr = state
+        m.HOOKS.enter(settings.switch_interval_ms / 1000)
         try:
             yield
         finally:
             with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
                 loop.remove_signal_handler(signal.SIGHUP)
             state.executor.shutdown(wait=True)
-            sys.setswitchinterval(switch)
-            gc_timer.remove()
+            m.HOOKS.exit()
             await state.redis.aclose()
             if isinstance(state.redis, Redis):
                 await state.redis.connection_pool.disconnect()
@@ -492,6 +487,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
+        m.HOOKS.gc_timer.flush()
         data, ctype = m.render()
         return Response(data, media_type=ctype)
 
@@ -563,6 +559,7 @@ async def _score(state: State, model: LoadedModel, req: Any) -> Response:
     m.STAGE_DURATION.labels("inference").observe(t3 - t2)
     m.STAGE_DURATION.labels("serialization").observe(t4 - t3)
     m.CANDIDATES.observe(len(req.item_ids))
+    m.HOOKS.gc_timer.flush()  # GC pauses noted since the last request (see GCTimer)
     return response
 
 

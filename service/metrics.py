@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import time
+from collections import deque
 from typing import Any
 
 from prometheus_client import (
@@ -85,25 +87,56 @@ def set_model_info(name: str, version: str, provider: str) -> None:
 
 
 class GCTimer:
-    """A ``gc.callbacks`` entry that times each collection into ``ctr_gc_pause_seconds``.
-    ``install()`` / ``remove()`` are called by the service's lifespan."""
+    """A ``gc.callbacks`` entry that times each collection for ``ctr_gc_pause_seconds``.
 
-    def __init__(self) -> None:
+    A collection can start inside any allocation, on any thread, including while that
+    thread holds one of prometheus_client's (non-reentrant) metric locks; observing the
+    histogram from the callback could then deadlock. So the callback only appends to a
+    deque (atomic, lock-free from Python's side) and :meth:`flush` moves the pauses into
+    the histogram from the event loop: after each scoring request and before a scrape."""
+
+    def __init__(self, keep: int = 100_000) -> None:
         self.started = 0.0
+        self.pending: deque[tuple[int, float]] = deque(maxlen=keep)
 
     def __call__(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             self.started = time.perf_counter()
         elif self.started:
-            GC_PAUSE.labels(str(info.get("generation", "?"))).observe(
-                time.perf_counter() - self.started
-            )
+            self.pending.append((info.get("generation", -1), time.perf_counter() - self.started))
             self.started = 0.0
 
-    def install(self) -> None:
-        if self not in gc.callbacks:
-            gc.callbacks.append(self)
+    def flush(self) -> None:
+        pending = self.pending
+        while pending:
+            generation, seconds = pending.popleft()
+            GC_PAUSE.labels(str(generation)).observe(seconds)
 
-    def remove(self) -> None:
-        if self in gc.callbacks:
-            gc.callbacks.remove(self)
+
+class ProcessHooks:
+    """Process-wide runtime settings that every app in the process shares: the GIL
+    switch interval and the GC timer. Reference-counted, so several apps in one process
+    (tests, benchmarks) install them once and the last one out restores Python's own."""
+
+    def __init__(self) -> None:
+        self.users = 0
+        self.saved_switch = 0.0
+        self.gc_timer = GCTimer()
+
+    def enter(self, switch_s: float) -> None:
+        if self.users == 0:
+            self.saved_switch = sys.getswitchinterval()
+            gc.callbacks.append(self.gc_timer)
+        self.users += 1
+        sys.setswitchinterval(switch_s)
+
+    def exit(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            sys.setswitchinterval(self.saved_switch)
+            if self.gc_timer in gc.callbacks:
+                gc.callbacks.remove(self.gc_timer)
+            self.gc_timer.flush()
+
+
+HOOKS = ProcessHooks()

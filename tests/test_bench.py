@@ -3,6 +3,12 @@ drives it over HTTP and reports every figure the docs quote (no timing assertion
 
 from __future__ import annotations
 
+import gc
+import os
+from pathlib import Path
+
+import pytest
+
 from tests.helpers import ROOT
 from tests.redis_proc import RedisProcess, free_port
 
@@ -28,8 +34,41 @@ def test_service_benchmark_reports_every_figure() -> None:
         "serialization",
     }
     assert all(v > 0 for v in single["stages_ms"].values())
+    assert single["loop_cpu_ms"] > 0  # the service's event-loop CPU per request (/proc)
     sweep = din["saturation"][20]
     assert set(sweep) == {1, 2} and all(v["errors"] == 0 and v["rps"] > 0 for v in sweep.values())
     table = render(res, "ctr bench --models din")
     assert "| din | 20 |" in table and "2 ORT run(s) in flight" in table
+    assert "loop CPU ms/req" in table
     assert (ROOT / "docs" / "benchmarks.md").read_text().count("ctr bench") >= 2
+
+
+def test_request_path_benchmark_runs_both_paths(tmp_path: Path) -> None:
+    """``ctr bench-path`` at a tiny size: both ASGI paths answer 200 (asserted inside)
+    and every figure of its table is there."""
+    from training.bench_path import render, run
+    from training.bench_service import make_bundle
+
+    proc = RedisProcess().start()
+    try:
+        name = make_bundle("din", tmp_path, 20)[0].name
+        res = run(tmp_path, name, [10], proc.url, rounds=1, reps=3)
+    finally:
+        proc.stop()
+    r = res[10]
+    assert set(r["request_ms"]) == {"fast path", "FastAPI route"}
+    assert set(r["check_us"]) == {"C-level check", "per-candidate check"}
+    assert all(v > 0 for v in [*r["request_ms"].values(), *r["check_us"].values()])
+    assert "| 10 |" in render(res, "ctr bench-path")
+
+
+def test_client_gc_off_restores_the_collector() -> None:
+    from training.bench_service import client_gc_off, loop_cpu_s
+
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), client_gc_off():
+        assert not gc.isenabled() and gc.get_freeze_count() > 0
+        raise RuntimeError("the run failed")
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    cpu = loop_cpu_s(os.getpid())
+    assert cpu is None or cpu > 0

@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import gc
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +18,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+import service.app as service_app
+from service import metrics as m
 from service.app import create_app
 from service.errors import BadRequest
 from service.loader import load_into_redis
@@ -79,9 +83,17 @@ def requests(built: Built) -> list[tuple[dict[str, str], Any]]:
 
 
 def test_fast_path_answers_like_the_fastapi_route(
-    built: Built, clients: tuple[TestClient, TestClient]
+    built: Built, clients: tuple[TestClient, TestClient], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fast, slow = clients
+    served = []
+    real = service_app._serve
+
+    async def spy(*args: Any) -> int:
+        served.append(1)
+        return await real(*args)
+
+    monkeypatch.setattr(service_app, "_serve", spy)
     statuses = set()
     for headers, body in requests(built):
         kw: dict[str, Any] = {"content": body} if isinstance(body, bytes) else {"json": body}
@@ -92,6 +104,34 @@ def test_fast_path_answers_like_the_fastapi_route(
         assert a.headers.get("retry-after") == b.headers.get("retry-after")
         statuses.add(a.status_code)
     assert statuses >= {200, 400, 401, 413, 422}
+    assert len(served) == len(requests(built))  # only the fast client took the fast path
+    # a body over the limit without Content-Length: the streaming check, both paths
+    for c in (fast, slow):
+        chunks = iter([b'{"user_id": "' + b"x" * 15_000, b'"}' + b" " * 15_000])
+        r = c.post("/v1/score", headers={"X-API-Key": "k"}, content=chunks)
+        assert r.status_code == 413 and r.json()["field"] == "body"
+
+
+def test_fast_path_answers_like_the_route_when_not_ready(built: Built) -> None:
+    settings = settings_for(built, model_name="no-such-model")
+    with (
+        TestClient(create_app(settings)) as fast,
+        TestClient(without_fast_path(create_app(settings))) as slow,
+    ):
+        body = {"user_id": "u", "candidates": [{"item_id": "i"}]}
+        a, b = fast.post("/v1/score", json=body), slow.post("/v1/score", json=body)
+    assert a.status_code == b.status_code == 503
+    assert a.json() == b.json() and a.json()["error"] == "model_not_ready"
+    assert a.headers["retry-after"] == b.headers["retry-after"] == "1"
+
+
+def test_repeated_headers_read_the_first_on_both_paths(
+    built: Built, clients: tuple[TestClient, TestClient]
+) -> None:
+    headers = [("X-API-Key", "k"), ("X-API-Key", "wrong")]
+    good = requests(built)[0][1]
+    for c in clients:
+        assert c.post("/v1/score", headers=headers, json=good).status_code == 200
 
 
 def test_fast_path_is_timed_under_the_route_template(
@@ -163,9 +203,58 @@ def test_plain_ids_hands_everything_else_to_the_full_check(cands: list[Any]) -> 
         assert (req.item_ids, req.features) == want
 
 
-def test_lifespan_sets_and_restores_the_switch_interval(built: Built) -> None:
-    before = sys.getswitchinterval()
+def test_lifespan_sets_the_switch_interval(built: Built) -> None:
+    before = m.HOOKS.users
     app = create_app(settings_for(built, switch_interval_ms=0.25))
     with TestClient(app):
         assert sys.getswitchinterval() == pytest.approx(0.00025)
-    assert sys.getswitchinterval() == pytest.approx(before)
+        assert m.HOOKS.users == before + 1
+    assert m.HOOKS.users == before
+
+
+def test_process_hooks_are_shared_and_restored_by_the_last_user() -> None:
+    hooks = m.ProcessHooks()
+    original = sys.getswitchinterval()
+    try:
+        hooks.enter(0.001)
+        hooks.enter(0.002)  # a second app in the same process
+        assert gc.callbacks.count(hooks.gc_timer) == 1
+        hooks.exit()  # the first app leaves first: the second's setting stays
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+        assert hooks.gc_timer in gc.callbacks
+        hooks.exit()
+        assert sys.getswitchinterval() == pytest.approx(original)
+        assert hooks.gc_timer not in gc.callbacks
+    finally:
+        sys.setswitchinterval(original)
+        if hooks.gc_timer in gc.callbacks:
+            gc.callbacks.remove(hooks.gc_timer)
+
+
+def test_gc_pauses_are_noted_in_the_callback_and_observed_on_flush() -> None:
+    """The callback never touches prometheus (a collection can start while its own
+    thread holds a metric lock); flush() moves the pauses into the histogram."""
+    timer = m.GCTimer()
+
+    def count() -> float:
+        return sum(
+            s.value
+            for metric in m.GC_PAUSE.collect()
+            for s in metric.samples
+            if s.name == "ctr_gc_pause_seconds_count" and s.labels["generation"] == "2"
+        )
+
+    gc.callbacks.append(timer)
+    try:
+        before = count()
+        worker = threading.Thread(target=gc.collect)  # any thread may collect
+        worker.start()
+        worker.join()
+        gc.collect()
+    finally:
+        gc.callbacks.remove(timer)
+    full = [seconds for g, seconds in timer.pending if g == 2]  # young ones may join
+    assert len(full) == 2 and all(seconds >= 0 for seconds in full)
+    assert count() == before  # nothing observed yet
+    timer.flush()
+    assert count() == before + 2 and not timer.pending

@@ -137,14 +137,17 @@ def client_gc_off() -> Iterator[None]:
     would count its pause against the service: 150-250 ms p99 stalls on the H100 runs
     came from there. Everything alive is frozen first; the run's own garbage waits for
     the collection after it."""
+    enabled, frozen = gc.isenabled(), gc.get_freeze_count() > 0
     gc.collect()
     gc.freeze()
     gc.disable()
     try:
         yield
     finally:
-        gc.enable()
-        gc.unfreeze()
+        if not frozen:  # leave a caller's own freeze alone
+            gc.unfreeze()
+        if enabled:
+            gc.enable()
 
 
 def gc_pauses(before: str, after: str) -> dict[str, float]:
@@ -491,7 +494,8 @@ def run(
                     bodies = bodies_for(frame, n)
                     asyncio.run(_closed_loop(url, bodies, 1, 1.0))  # warm-up
                     before = httpx.get(url + "/metrics").text
-                    cpu0 = loop_cpu_s(proc.pid) if env.get("CTR_WORKERS", "1") == "1" else None
+                    workers = env.get("CTR_WORKERS", os.environ.get("CTR_WORKERS", "1"))
+                    cpu0 = loop_cpu_s(proc.pid) if workers == "1" else None
                     single = asyncio.run(_closed_loop(url, bodies, 1, seconds))
                     cpu1 = loop_cpu_s(proc.pid) if cpu0 is not None else None
                     after = httpx.get(url + "/metrics").text
