@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ from ctr.bundle import Bundle, BundleError, graph_inputs, graph_outputs, load_bu
 from service.batcher import Batcher
 from service.precision import FP16_TOLERANCE, PrecisionError, fp16_bytes, probe_feeds
 from service.rowcache import ItemRowCache
-from service.runner import BindingRunner, GraphRunner, Runner, SessionRunner
+from service.runner import BindingRunner, GraphPool, GraphRunner, Runner, SessionRunner
 from service.settings import Settings, parse_buckets
 
 log = logging.getLogger("ctr.model")
@@ -61,7 +62,14 @@ class LoadedModel:
     @property
     def executor(self) -> Executor | None:
         """Where inference must run: a CUDA-graph runner's own thread; else anywhere."""
-        return self.runner.thread if isinstance(self.runner, GraphRunner) else None
+        return self.runner.thread if isinstance(self.runner, GraphRunner | GraphPool) else None
+
+    @property
+    def streams(self) -> int:
+        """Graph calls that can run at once: one per CUDA-graph runner, else 0 (any)."""
+        if isinstance(self.runner, GraphPool):
+            return len(self.runner.runners)
+        return 1 if isinstance(self.runner, GraphRunner) else 0
 
     @property
     def has_attention(self) -> bool:
@@ -106,10 +114,10 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
             f"{bundle.model_path}: graph inputs {graph_in} differ from the manifest's "
             f"{bundle.input_names}"
         )
-    precision, note = "fp32", ""
+    precision, note, served = "fp32", "", model_bytes
     if settings.precision == "fp16":
         try:
-            session = fp16_session(bundle, session, so, providers, graphs)
+            session, served = fp16_session(bundle, session, so, providers, graphs)
             precision = "fp16"
         except PrecisionError as exc:  # documented: serve fp32 and say why
             note = str(exc)
@@ -118,7 +126,14 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
     rows = ItemRowCache(
         settings.item_cache_ttl_s, settings.item_cache_size, len(c.item_sparse), len(c.item_dense)
     )
-    runner = make_runner(settings, bundle, session, provider, graphs)
+    runner = make_runner(
+        settings,
+        bundle,
+        session,
+        provider,
+        graphs,
+        lambda: _session(bundle, served, so, providers, graphs),
+    )
     outputs = [o.name for o in session.get_outputs()]
     model = LoadedModel(bundle, session, provider, outputs, rows, runner, precision, note)
     if settings.batch_max_users > 1:
@@ -126,7 +141,7 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
         # reload once the heap is frozen (service.app.settle_heap)
         model.batcher = Batcher(
             functools.partial(run_outputs, runner, model.has_attention),
-            1 if model.executor is not None else settings.inference_concurrency,
+            model.streams or settings.inference_concurrency,
             settings.batch_max_users,
             settings.batch_max_candidates,
             settings.batch_wait_ms / 1000,
@@ -188,12 +203,14 @@ def fp16_session(
     so: ort.SessionOptions,
     providers: list[str],
     graphs: bool,
-) -> ort.InferenceSession:
+) -> tuple[ort.InferenceSession, bytes]:
     """The bundle converted to fp16 (inputs and outputs stay fp32), on the same provider,
     kept only if its probabilities match the fp32 session's within ``FP16_TOLERANCE`` on
-    random valid inputs. Raises :class:`PrecisionError` otherwise."""
+    random valid inputs; with the fp16 graph's bytes. Raises :class:`PrecisionError`
+    otherwise."""
+    data = fp16_bytes(bundle.model_path)
     try:
-        session = _session(bundle, fp16_bytes(bundle.model_path), so, providers, graphs)
+        session = _session(bundle, data, so, providers, graphs)
     except BundleError as exc:
         raise PrecisionError(f"the fp16 graph does not load: {exc}") from exc
     # plain runs: on a graph-enabled session they must not be captured
@@ -212,7 +229,7 @@ def fp16_session(
     if worst > FP16_TOLERANCE:
         raise PrecisionError(f"fp16 parity {worst:.1e} > {FP16_TOLERANCE:.0e}")
     log.info("fp16 graph kept: max |fp16 - fp32| = %.1e", worst)
-    return session
+    return session, data
 
 
 def make_runner(
@@ -221,23 +238,34 @@ def make_runner(
     session: ort.InferenceSession,
     provider: str,
     graphs: bool,
+    another_session: Callable[[], ort.InferenceSession] | None = None,
 ) -> Runner:
-    """The runner for ``settings``. CUDA graphs are captured here, for every bucket; if
+    """The runner for ``settings``. CUDA graphs are captured here, for every bucket, on
+    ``CTR_CUDA_GRAPH_STREAMS`` sessions (``another_session`` makes the extra ones); if
     ORT refuses a capture, the model runs without graphs (said in the log)."""
     on_gpu = provider == CUDA
     if graphs and on_gpu:
         c = bundle.config
         inputs = {i.name: tuple(int(d) for d in i.shape[1:]) for i in graph_inputs(c)}
         outputs = {o.name: tuple(int(d) for d in o.shape[1:]) for o in graph_outputs(c)}
-        runner = GraphRunner(
-            session,
-            inputs,
-            outputs,
-            parse_buckets(settings.cuda_graph_user_buckets),
-            parse_buckets(settings.cuda_graph_buckets),
-        )
+        sessions = [session]
+        if another_session is not None:
+            sessions += [another_session() for _ in range(settings.cuda_graph_streams - 1)]
+        runners = [
+            GraphRunner(
+                s,
+                inputs,
+                outputs,
+                parse_buckets(settings.cuda_graph_user_buckets),
+                parse_buckets(settings.cuda_graph_buckets),
+            )
+            for s in sessions
+        ]
+        runner: GraphRunner | GraphPool = runners[0] if len(runners) == 1 else GraphPool(runners)
         try:
-            log.info("captured %d CUDA graphs in %.1fs", len(runner.slots), runner.capture())
+            seconds = runner.capture()
+            log.info("captured %d CUDA graphs x %d streams in %.1fs", len(runner.slots),
+                     len(runners), seconds)  # fmt: skip
             return runner
         except Exception as exc:  # ORT's own error types
             log.warning("CUDA graph capture failed, running without graphs: %s", exc)

@@ -36,6 +36,13 @@ class Settings(BaseSettings):
     cuda_graph: bool = Field(
         False, description="replay CUDA graphs per (users, candidates) bucket (CUDA only)"
     )
+    cuda_graph_streams: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="CUDA-graph runners, each its own session and CUDA stream, so a "
+        "batch can start while another is on the GPU",
+    )
     cuda_graph_buckets: str = Field(
         "64,128,256,512,1024,2048,4096", description="candidate counts N with a CUDA graph"
     )

@@ -55,7 +55,8 @@ def test_fp16_on_gpu(bundles: dict[str, Built], mt: str) -> None:
     assert diff.max() <= 1e-3
 
 
-def test_service_on_cuda_with_batching(bundles: dict[str, Built]) -> None:
+@pytest.mark.parametrize("streams", [1, 2])
+def test_service_on_cuda_with_batching(bundles: dict[str, Built], streams: int) -> None:
     built = bundles["dien"]
     fresh_redis()
     load_into_redis(built.config, built.frame, REDIS_URL, progress=False)
@@ -74,11 +75,14 @@ def test_service_on_cuda_with_batching(bundles: dict[str, Built]) -> None:
         batch_max_users=8,
         batch_wait_ms=50,
         inference_concurrency=2,  # two executor threads feed the runner's one graph thread
+        cuda_graph_streams=streams,
     )
     with TestClient(create_app(s)) as c:
         info = c.get("/v1/models").json()
         assert info["runner"] == "cuda_graph" and info["micro_batching"] is True
-        runner = c.app.state.ctr.model.runner  # type: ignore[attr-defined]
+        model = c.app.state.ctr.model  # type: ignore[attr-defined]
+        assert model.streams == streams and model.batcher.slots == streams
+        runner = model.runner
         captured = len(runner.slots)
         before = c.get("/metrics").text  # the registry is per process: compare deltas
         got: list[dict | None] = [None] * len(bodies)

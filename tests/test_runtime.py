@@ -20,7 +20,7 @@ from service.batcher import merge_feeds, split_outputs
 from service.loader import load_into_redis
 from service.model import load_model
 from service.precision import probe_feeds
-from service.runner import BindingRunner, GraphRunner, bucket_of
+from service.runner import BindingRunner, GraphPool, GraphRunner, bucket_of
 from service.settings import Settings, parse_buckets
 from tests.helpers import REDIS_URL, Built, build_bundle, fresh_redis, settings_for
 
@@ -94,6 +94,44 @@ def test_bucketed_fixed_buffer_runs_match_unpadded(bundles: dict[str, Built], mt
     for got, want in kept:  # (1, 50) and (2, 50) share a slot; the first result survives
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     assert set(runner.slots) == {(1, 64), (4, 128), (4, 64)}  # (5, 10), (1, 300): fallback
+
+
+def test_graph_pool_spreads_calls_over_its_runners(bundles: dict[str, Built]) -> None:
+    """Several fixed-buffer runners (CUDA streams on a GPU), each on its own session and
+    thread: concurrent calls through the pool's executor go to idle runners, each call
+    runs on its runner's own thread, and every result matches a plain run."""
+    built = bundles["dien"]
+    b = load_bundle(built.models_dir, built.config.name)
+    ins, outs = tails(b)
+    sessions = [cpu_session(built)[0] for _ in range(2)]
+    runners = [GraphRunner(s, ins, outs, [1, 4], [64, 128], device="cpu") for s in sessions]
+    pool = GraphPool(runners)
+    try:
+        pool.capture()
+        assert all(set(r.slots) == {(u, n) for u in (1, 4) for n in (64, 128)} for r in runners)
+        ref = sessions[0]
+        feeds = [probe_feeds(b, 1 + k % 3, 20 + 9 * k, k) for k in range(12)]
+        seen: set[int] = set()
+        both = threading.Barrier(2, timeout=30)  # the first two calls run at the same time
+
+        def call(k: int, f: dict) -> list[np.ndarray]:
+            seen.add(threading.get_ident())
+            if k < 2:
+                both.wait()  # breaks (and fails the test) if both went to one runner
+            return pool.run(f, ["probs", "attention"])
+
+        futures = [pool.thread.submit(call, k, f) for k, f in enumerate(feeds)]
+        for f, fut in zip(feeds, futures, strict=True):
+            got, want = fut.result(), ref.run(["probs", "attention"], f)
+            np.testing.assert_allclose(got[0], want[0], rtol=0, atol=1e-6)
+            np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-6)
+        assert seen == {r.thread_id for r in runners}  # both runners served calls
+        assert pool.thread.busy == [0, 0]
+        # from any other thread, run() forwards to a runner's thread
+        got = pool.run(feeds[0], ["probs"])[0]
+        np.testing.assert_allclose(got, ref.run(["probs"], feeds[0])[0], rtol=0, atol=1e-6)
+    finally:
+        pool.close()
 
 
 @pytest.mark.parametrize("mt", ["din", "dien"])
