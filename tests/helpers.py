@@ -58,6 +58,17 @@ def build_bundle(tmp: Path, model_type: str = "din", name: str | None = None) ->
     return Built(config, frame, tmp / "models", run, version)
 
 
+def build_and_load(tmp: Path, model_type: str = "din") -> Built:
+    """A bundle (:func:`build_bundle`) and its synthetic users in a freshly emptied test
+    Redis database."""
+    from service.loader import load_into_redis
+
+    built = build_bundle(tmp, model_type)
+    fresh_redis()
+    load_into_redis(built.config, built.frame, REDIS_URL, progress=False)
+    return built
+
+
 def fresh_redis(url: str = REDIS_URL) -> Redis:
     client = Redis.from_url(url, decode_responses=True)
     client.flushdb()

@@ -15,32 +15,20 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 import service.app as service_app
 from service import metrics as m
 from service.app import create_app
 from service.errors import BadRequest
-from service.loader import load_into_redis
 from service.validate import _checked_candidates, _plain_ids, parse_score
-from tests.helpers import REDIS_URL, Built, build_bundle, fresh_redis, settings_for
+from tests.helpers import Built, build_and_load, settings_for
+from training.bench_path import without_fast_path
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    b = build_bundle(tmp_path_factory.mktemp("fast"), "din")
-    fresh_redis()
-    load_into_redis(b.config, b.frame, REDIS_URL, progress=False)
-    return b
-
-
-def without_fast_path(app: FastAPI) -> FastAPI:
-    """The same app with ``ServingMiddleware`` taken out: every request goes through
-    FastAPI's router, so ``POST /v1/score`` reaches the FastAPI route."""
-    app.user_middleware = [m for m in app.user_middleware if m.cls.__name__ != "ServingMiddleware"]
-    app.middleware_stack = None
-    return app
+    return build_and_load(tmp_path_factory.mktemp("fast"), "din")
 
 
 @pytest.fixture(scope="module")

@@ -10,20 +10,16 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.loader import load_into_redis
 from service.model import ProviderError
 from service.settings import Settings
-from tests.helpers import REDIS_URL, Built, build_bundle, fresh_redis, service_env
+from tests.helpers import REDIS_URL, Built, build_and_load, service_env
 from tests.redis_proc import free_port
 from tests.server_thread import serve_process
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    b = build_bundle(tmp_path_factory.mktemp("workers"), "din")
-    fresh_redis()
-    load_into_redis(b.config, b.frame, REDIS_URL, progress=False)
-    return b
+    return build_and_load(tmp_path_factory.mktemp("workers"), "din")
 
 
 def metric(text: str, pattern: str) -> float:
