@@ -61,15 +61,13 @@ class LoadedModel:
 
     @property
     def executor(self) -> Executor | None:
-        """Where inference must run: a CUDA-graph runner's own thread; else anywhere."""
-        return self.runner.thread if isinstance(self.runner, GraphRunner | GraphPool) else None
+        """Where inference must run: a CUDA-graph runner's own threads; else anywhere."""
+        return self.runner.thread
 
     @property
     def streams(self) -> int:
         """Graph calls that can run at once: one per CUDA-graph runner, else 0 (any)."""
-        if isinstance(self.runner, GraphPool):
-            return len(self.runner.runners)
-        return 1 if isinstance(self.runner, GraphRunner) else 0
+        return self.runner.streams
 
     @property
     def has_attention(self) -> bool:
@@ -238,7 +236,7 @@ def make_runner(
     session: ort.InferenceSession,
     provider: str,
     graphs: bool,
-    another_session: Callable[[], ort.InferenceSession] | None = None,
+    another_session: Callable[[], ort.InferenceSession],
 ) -> Runner:
     """The runner for ``settings``. CUDA graphs are captured here, for every bucket, on
     ``CTR_CUDA_GRAPH_STREAMS`` sessions (``another_session`` makes the extra ones); if
@@ -248,9 +246,7 @@ def make_runner(
         c = bundle.config
         inputs = {i.name: tuple(int(d) for d in i.shape[1:]) for i in graph_inputs(c)}
         outputs = {o.name: tuple(int(d) for d in o.shape[1:]) for o in graph_outputs(c)}
-        sessions = [session]
-        if another_session is not None:
-            sessions += [another_session() for _ in range(settings.cuda_graph_streams - 1)]
+        sessions = [session] + [another_session() for _ in range(settings.cuda_graph_streams - 1)]
         runners = [
             GraphRunner(
                 s,

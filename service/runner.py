@@ -34,12 +34,18 @@ SKIP_GRAPH = "-1"
 
 class Runner(Protocol):
     kind: str
+    # where calls must run (a CUDA-graph runner's own threads), None: on any thread
+    thread: Executor | None
+    # graph calls that can run at once; 0: as many as the caller's executor allows
+    streams: int
 
     def run(self, feeds: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]: ...
 
 
 class SessionRunner:
     kind = "session"
+    thread = None
+    streams = 0
 
     def __init__(self, session: ort.InferenceSession, skip_graph: bool = False) -> None:
         self.session = session
@@ -55,6 +61,8 @@ class BindingRunner:
     """IO binding with outputs on ``device`` ("cuda" or "cpu")."""
 
     kind = "io_binding"
+    thread = None
+    streams = 0
 
     def __init__(self, session: ort.InferenceSession, device: str) -> None:
         self.session = session
@@ -112,6 +120,7 @@ class GraphRunner:
     other thread is forwarded there."""
 
     kind = "cuda_graph"
+    streams = 1
 
     def __init__(
         self,
@@ -213,6 +222,7 @@ class GraphPool:
 
     def __init__(self, runners: list[GraphRunner]) -> None:
         self.runners = runners
+        self.streams = len(runners)
         self.by_thread = {r.thread_id: r for r in runners}
         self.thread = _LeastBusy([r.thread for r in runners])
 

@@ -30,6 +30,7 @@ from typing import Any
 import httpx
 import numpy as np
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
 
 from ctr.bundle import load_bundle
 from ctr.spec import load_config
@@ -67,27 +68,30 @@ def make_bundle(
     return config, frame
 
 
+def _sums(text: str, metric: str, label: str) -> dict[tuple[str, str], float]:
+    """``{(label value, "sum"|"count"): value}`` of histogram ``metric`` in a /metrics
+    scrape (prometheus_client's own parser)."""
+    out: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != metric:
+            continue
+        for sample in family.samples:
+            for kind in ("sum", "count"):
+                if sample.name == f"{metric}_{kind}":
+                    key = (sample.labels.get(label, ""), kind)
+                    out[key] = out.get(key, 0.0) + sample.value
+    return out
+
+
 def stage_means(before: str, after: str) -> dict[str, float]:
     """Mean seconds per request of each stage between two /metrics scrapes."""
-
-    def parse(text: str) -> dict[tuple[str, str], float]:
-        out = {}
-        for line in text.splitlines():
-            if line.startswith("ctr_stage_duration_seconds_sum") or line.startswith(
-                "ctr_stage_duration_seconds_count"
-            ):
-                name, value = line.rsplit(" ", 1)
-                kind = "sum" if "_sum" in name else "count"
-                stage = name.split('stage="')[1].split('"')[0]
-                out[(stage, kind)] = float(value)
-        return out
-
-    a, b = parse(before), parse(after)
+    a = _sums(before, "ctr_stage_duration_seconds", "stage")
+    b = _sums(after, "ctr_stage_duration_seconds", "stage")
     res = {}
     for stage in ("redis_fetch", "feature_mapping", "inference", "serialization"):
         n = b.get((stage, "count"), 0) - a.get((stage, "count"), 0)
-        s = b.get((stage, "sum"), 0) - a.get((stage, "sum"), 0)
-        res[stage] = s / n if n else float("nan")
+        total = b.get((stage, "sum"), 0) - a.get((stage, "sum"), 0)
+        res[stage] = total / n if n else float("nan")
     return res
 
 
@@ -151,19 +155,15 @@ def client_gc_off() -> Iterator[None]:
 
 
 def gc_pauses(before: str, after: str) -> dict[str, float]:
-    """The service's GC pauses between two /metrics scrapes (``ctr_gc_pause_seconds``):
-    how many, and their total in ms."""
+    """The service's GC pauses between two /metrics scrapes (``ctr_gc_pause_seconds``,
+    all generations): how many, and their total in ms."""
 
-    def parse(text: str) -> tuple[float, float]:
-        count = total = 0.0
-        for line in text.splitlines():
-            if line.startswith("ctr_gc_pause_seconds_count"):
-                count += float(line.rsplit(" ", 1)[1])
-            elif line.startswith("ctr_gc_pause_seconds_sum"):
-                total += float(line.rsplit(" ", 1)[1])
-        return count, total
+    def totals(text: str) -> tuple[float, float]:
+        sums = _sums(text, "ctr_gc_pause_seconds", "generation")
+        count = sum(v for (_, kind), v in sums.items() if kind == "count")
+        return count, sum(v for (_, kind), v in sums.items() if kind == "sum")
 
-    (c0, s0), (c1, s1) = parse(before), parse(after)
+    (c0, s0), (c1, s1) = totals(before), totals(after)
     return {"count": c1 - c0, "total_ms": (s1 - s0) * 1000}
 
 
