@@ -24,6 +24,7 @@ from ctr.spec import FeatureConfig
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
+FUSED_FILE = "model_fused.onnx"  # optional: the same model with ctr_ops fused nodes
 FORMAT_VERSION = 1
 
 
@@ -189,6 +190,27 @@ class Bundle:
     @property
     def input_names(self) -> list[str]:
         return [i.name for i in graph_inputs(self.config)]
+
+    @property
+    def fused(self) -> dict[str, Any] | None:
+        """The manifest's entry for the fused graph (``model_fused.onnx``), if exported."""
+        entry = self.manifest.get("fused")
+        return entry if isinstance(entry, dict) else None
+
+    def fused_bytes(self) -> bytes:
+        """The fused graph, checked against the manifest's sha256. Raises
+        :class:`BundleError` if the bundle has none, or it is missing or altered."""
+        entry = self.fused
+        if entry is None:
+            raise BundleError(f"{self.path}: the bundle has no fused graph")
+        path = self.path / str(entry.get("file", FUSED_FILE))
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise BundleError(f"fused graph unreadable: {exc}") from exc
+        if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+            raise BundleError(f"fused graph {path} is corrupt: sha256 does not match the manifest")
+        return data
 
 
 def load_bundle(models_dir: str | Path, name: str, version: str | int = "latest") -> Bundle:

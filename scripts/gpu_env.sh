@@ -18,6 +18,8 @@ libs=$(find / -xdev \( -name 'libcublasLt.so.13' -o -name 'libcudart.so.13' -o -
   -o -name 'libcufft.so.12' -o -name 'libcudnn.so.9' -o -name 'libnvrtc.so.13' \) 2>/dev/null \
   | xargs -r -n1 dirname | sort -u | paste -sd:)
 export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# the custom-op library's CUDA kernel for this machine's GPU only (all-major is slower)
+export CTR_OPS_CUDA_ARCH=${CTR_OPS_CUDA_ARCH:--arch=native}
 if [ -n "$redis_dir" ] && ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then
   LD_LIBRARY_PATH="$redis_dir" "$redis_dir/redis-server" --port 6379 --save '' --appendonly no --daemonize yes
   sleep 1

@@ -449,6 +449,8 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             "runner": model.runner.kind,
             "precision": model.precision,
             "precision_note": model.precision_note or None,
+            "graph": model.graph,
+            "graph_note": model.graph_note or None,
             "micro_batching": model.batcher is not None,
             "model_type": c.model.type,
             "max_seq_len": c.max_seq_len,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
+from ctr import native
 from ctr.bundle import Bundle, BundleError, graph_inputs, graph_outputs, load_bundle
 from service.batcher import Batcher
 from service.precision import FP16_TOLERANCE, PrecisionError, fp16_bytes, probe_feeds
@@ -24,8 +25,15 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 
+FUSED_TOLERANCE = 1e-5  # max |p_fused - p_standard| over the probe feeds, fp32
+
+
 class ProviderError(RuntimeError):
     """The requested execution provider is not available."""
+
+
+class FusedError(RuntimeError):
+    """The fused graph cannot be served here; the standard graph is served instead."""
 
 
 def choose_providers(setting: str) -> list[str]:
@@ -49,6 +57,8 @@ class LoadedModel:
     runner: Runner
     precision: str = "fp32"
     precision_note: str = ""
+    graph: str = "standard"  # or "fused": model_fused.onnx with the custom-op library
+    graph_note: str = ""  # why the fused graph is not served, when it was wanted
     batcher: Batcher | None = None  # cross-request micro-batching, when enabled
 
     @property
@@ -112,10 +122,22 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
             f"{bundle.model_path}: graph inputs {graph_in} differ from the manifest's "
             f"{bundle.input_names}"
         )
-    precision, note, served = "fp32", "", model_bytes
+    graph, graph_note, served = "standard", "", model_bytes
+    if settings.fused_ops == "on" or (settings.fused_ops == "auto" and provider == CUDA):
+        if bundle.fused is None and settings.fused_ops == "auto":
+            pass  # nothing to fuse in this model (or exported without the library)
+        else:
+            try:
+                session, served = fused_session(settings, bundle, session, so, providers, graphs)
+                graph = "fused"
+            except FusedError as exc:  # documented: serve the standard graph, say why
+                graph_note = str(exc)
+                log.warning("fused graph not used, serving model.onnx: %s", exc)
+    precision, note = "fp32", ""
     if settings.precision == "fp16":
+        keep = (native.OP,) if graph == "fused" else ()
         try:
-            session, served = fp16_session(bundle, session, so, providers, graphs)
+            session, served = fp16_session(bundle, session, so, providers, graphs, served, keep)
             precision = "fp16"
         except PrecisionError as exc:  # documented: serve fp32 and say why
             note = str(exc)
@@ -133,7 +155,9 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
         lambda: _session(bundle, served, so, providers, graphs),
     )
     outputs = [o.name for o in session.get_outputs()]
-    model = LoadedModel(bundle, session, provider, outputs, rows, runner, precision, note)
+    model = LoadedModel(
+        bundle, session, provider, outputs, rows, runner, precision, note, graph, graph_note
+    )
     if settings.batch_max_users > 1:
         # the batcher must not hold the model: a model <-> batcher cycle outlives a
         # reload once the heap is frozen (service.app.settle_heap)
@@ -149,11 +173,12 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
     except Exception as exc:  # ORT raises its own types for shape/type mismatches
         raise BundleError(f"{bundle.model_path}: warm-up run failed: {exc}") from exc
     log.info(
-        "model loaded name=%s version=%s provider=%s runner=%s precision=%s path=%s",
+        "model loaded name=%s version=%s provider=%s runner=%s graph=%s precision=%s path=%s",
         model.name,
         model.version,
         provider,
         runner.kind,
+        graph,
         precision,
         bundle.path,
     )
@@ -195,35 +220,81 @@ def _session(
         raise BundleError(f"ONNX Runtime cannot load {bundle.model_path}: {exc}") from exc
 
 
+def probe_diff(
+    bundle: Bundle, ref: ort.InferenceSession, new: ort.InferenceSession, graphs: bool
+) -> float:
+    """Max |p_new - p_ref| over random valid feeds (one user with 300 candidates, three
+    users with 97). Plain runs: on a graph-enabled session they must not be captured.
+    Raises ``RuntimeError`` (ORT's own types) if ``new`` fails to run and ``ValueError``
+    if it returns non-finite probabilities."""
+    a, b = SessionRunner(ref, skip_graph=graphs), SessionRunner(new, skip_graph=graphs)
+    worst = 0.0
+    for users, n, seed in ((1, 300, 0), (3, 97, 1)):
+        feeds = probe_feeds(bundle, users, n, seed)
+        want = a.run(feeds, ["probs"])[0]
+        got = b.run(feeds, ["probs"])[0]
+        if not np.all(np.isfinite(got)):
+            raise ValueError("probabilities are not finite")
+        worst = max(worst, float(np.max(np.abs(got - want))))
+    return worst
+
+
+def fused_session(
+    settings: Settings,
+    bundle: Bundle,
+    ref: ort.InferenceSession,
+    so: ort.SessionOptions,
+    providers: list[str],
+    graphs: bool,
+) -> tuple[ort.InferenceSession, bytes]:
+    """The bundle's fused graph (``model_fused.onnx``) with the custom-op library
+    registered in ``so``, kept only if it matches the standard graph's session ``ref``
+    within ``FUSED_TOLERANCE`` on the serving provider; with its bytes. Raises
+    :class:`FusedError` otherwise."""
+    try:
+        data = bundle.fused_bytes()
+        lib = native.library(settings.ops_library or None)
+    except (BundleError, native.NativeError) as exc:
+        raise FusedError(str(exc)) from exc
+    on_gpu = ref.get_providers()[0] == CUDA
+    if on_gpu and not lib.cuda:
+        raise FusedError(f"{lib.path} has no CUDA kernel (it was built without nvcc)")
+    so.register_custom_ops_library(str(lib.path))
+    try:
+        session = _session(bundle, data, so, providers, graphs)
+        worst = probe_diff(bundle, ref, session, graphs)
+    except Exception as exc:  # ORT's own error types: a graph that fails to load or run
+        raise FusedError(f"the fused graph does not run: {exc}") from exc
+    if worst > FUSED_TOLERANCE:
+        raise FusedError(f"fused graph parity {worst:.1e} > {FUSED_TOLERANCE:.0e}")
+    log.info("fused graph kept (%s): max |fused - standard| = %.1e", lib.path, worst)
+    return session, data
+
+
 def fp16_session(
     bundle: Bundle,
     fp32: ort.InferenceSession,
     so: ort.SessionOptions,
     providers: list[str],
     graphs: bool,
+    fp32_bytes: bytes,
+    keep_fp32: tuple[str, ...] = (),
 ) -> tuple[ort.InferenceSession, bytes]:
-    """The bundle converted to fp16 (inputs and outputs stay fp32), on the same provider,
-    kept only if its probabilities match the fp32 session's within ``FP16_TOLERANCE`` on
-    random valid inputs; with the fp16 graph's bytes. Raises :class:`PrecisionError`
-    otherwise."""
-    data = fp16_bytes(bundle.model_path)
+    """``fp32_bytes`` converted to fp16 (inputs, outputs and the ops in ``keep_fp32``
+    stay fp32), on the same provider, kept only if its probabilities match the fp32
+    session's within ``FP16_TOLERANCE`` on random valid inputs; with the fp16 graph's
+    bytes. Raises :class:`PrecisionError` otherwise."""
+    data = fp16_bytes(fp32_bytes, keep_fp32)
     try:
         session = _session(bundle, data, so, providers, graphs)
     except BundleError as exc:
         raise PrecisionError(f"the fp16 graph does not load: {exc}") from exc
-    # plain runs: on a graph-enabled session they must not be captured
-    ref, new = SessionRunner(fp32, skip_graph=graphs), SessionRunner(session, skip_graph=graphs)
-    worst = 0.0
-    for users, n, seed in ((1, 300, 0), (3, 97, 1)):
-        feeds = probe_feeds(bundle, users, n, seed)
-        try:
-            want = ref.run(feeds, ["probs"])[0]
-            got = new.run(feeds, ["probs"])[0]
-        except Exception as exc:  # ORT's own error types: fp16 kernels that fail to run
-            raise PrecisionError(f"the fp16 graph does not run: {exc}") from exc
-        if not np.all(np.isfinite(got)):
-            raise PrecisionError("fp16 probabilities are not finite")
-        worst = max(worst, float(np.max(np.abs(got - want))))
+    try:
+        worst = probe_diff(bundle, fp32, session, graphs)
+    except ValueError as exc:
+        raise PrecisionError(f"fp16 {exc}") from exc
+    except Exception as exc:  # ORT's own error types: fp16 kernels that fail to run
+        raise PrecisionError(f"the fp16 graph does not run: {exc}") from exc
     if worst > FP16_TOLERANCE:
         raise PrecisionError(f"fp16 parity {worst:.1e} > {FP16_TOLERANCE:.0e}")
     log.info("fp16 graph kept: max |fp16 - fp32| = %.1e", worst)

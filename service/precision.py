@@ -8,8 +8,6 @@ and the response code do not change.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from ctr.bundle import Bundle, random_inputs
@@ -21,15 +19,22 @@ class PrecisionError(RuntimeError):
     """The fp16 graph could not be built, loaded or did not match fp32."""
 
 
-def fp16_bytes(path: Path) -> bytes:
-    """The ONNX model at ``path`` with float32 weights and activations in float16."""
+def fp16_bytes(data: bytes, keep_fp32: tuple[str, ...] = ()) -> bytes:
+    """The ONNX model ``data`` with float32 weights and activations in float16; ops named
+    in ``keep_fp32`` (custom ops with fp32 kernels only) stay fp32 behind casts."""
     try:
         import onnx
         from onnxruntime.transformers.float16 import convert_float_to_float16
     except ImportError as exc:  # the onnx package is needed only for this
         raise PrecisionError(f"fp16 conversion needs the onnx package: {exc}") from exc
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
+
     try:
-        model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
+        model = convert_float_to_float16(
+            onnx.load_from_string(data),
+            keep_io_types=True,
+            op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(keep_fp32),
+        )
     except Exception as exc:  # the converter raises assorted types on odd graphs
         raise PrecisionError(f"fp16 conversion failed: {exc!r}") from exc
     return model.SerializeToString()

@@ -49,6 +49,16 @@ class Settings(BaseSettings):
     cuda_graph_user_buckets: str = Field(
         "1,2,4,8,16", description="user counts U with a CUDA graph (micro-batches)"
     )
+    fused_ops: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="serve the bundle's fused graph (DIEN's AUGRU as one custom-op node): "
+        "auto = on CUDA only, where it is faster; on = on any provider; off = never",
+    )
+    ops_library: str = Field(
+        "",
+        description="path of a prebuilt custom-op library (empty: build native/ into "
+        "$CTR_OPS_CACHE when needed)",
+    )
     precision: Literal["fp32", "fp16"] = Field(
         "fp32", description="fp16: convert at load, serve it only within 1e-3 of fp32"
     )

@@ -1,6 +1,7 @@
 """GPU-only checks, skipped where ONNX Runtime has no CUDA provider (CI has none; run
 them on a GPU machine with onnxruntime-gpu): real CUDA graphs against the CPU
-provider, fp16 on the GPU, and the service on CUDA with graphs and micro-batching."""
+provider, fp16 on the GPU, the fused AUGRU's CUDA kernel, and the service on CUDA with
+graphs and micro-batching."""
 
 from __future__ import annotations
 
@@ -29,13 +30,22 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Built]:
     return {mt: build_bundle(tmp / mt, mt) for mt in ("din", "dien")}
 
 
-@pytest.mark.parametrize("mt", ["din", "dien"])
-def test_cuda_graphs_match_cpu(bundles: dict[str, Built], mt: str) -> None:
-    cpu = load_model(settings_for(bundles[mt], provider="cpu"))
+@pytest.mark.parametrize(("mt", "fused"), [("din", "auto"), ("dien", "off"), ("dien", "auto")])
+def test_cuda_graphs_match_cpu(bundles: dict[str, Built], mt: str, fused: str) -> None:
+    cpu = load_model(settings_for(bundles[mt], provider="cpu", fused_ops="off"))
     gpu = load_model(
-        settings_for(bundles[mt], provider="cuda", cuda_graph=True, cuda_graph_buckets="64,512")
+        settings_for(
+            bundles[mt],
+            provider="cuda",
+            cuda_graph=True,
+            cuda_graph_buckets="64,512",
+            fused_ops=fused,
+        )  # fmt: skip
     )
     assert gpu.provider == "CUDAExecutionProvider" and gpu.runner.kind == "cuda_graph"
+    # auto: DIEN's AUGRU runs as the custom op's CUDA kernel; DIN has nothing to fuse
+    want_graph = "fused" if (mt, fused) == ("dien", "auto") else "standard"
+    assert gpu.graph == want_graph, gpu.graph_note
     for users, n, seed in ((1, 50, 0), (1, 64, 1), (3, 65, 2), (1, 500, 3), (2, 700, 4),
                            (1, 50, 5)):  # fmt: skip
         feeds = probe_feeds(cpu.bundle, users, n, seed)
@@ -45,18 +55,20 @@ def test_cuda_graphs_match_cpu(bundles: dict[str, Built], mt: str) -> None:
         np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("mt", ["din", "dien"])
-def test_fp16_on_gpu(bundles: dict[str, Built], mt: str) -> None:
+@pytest.mark.parametrize(("mt", "fused"), [("din", "auto"), ("dien", "off"), ("dien", "auto")])
+def test_fp16_on_gpu(bundles: dict[str, Built], mt: str, fused: str) -> None:
     cpu = load_model(settings_for(bundles[mt], provider="cpu"))
-    gpu = load_model(settings_for(bundles[mt], provider="cuda", cuda_graph=True, precision="fp16"))
+    gpu = load_model(settings_for(bundles[mt], provider="cuda", cuda_graph=True, precision="fp16",
+                                  fused_ops=fused))  # fmt: skip
     assert gpu.precision == "fp16", gpu.precision_note
+    assert gpu.graph == ("fused" if (mt, fused) == ("dien", "auto") else "standard")
     feeds = probe_feeds(cpu.bundle, 3, 400, 7)
     diff = np.abs(gpu.run(feeds, False)[0] - cpu.run(feeds, False)[0])
     assert diff.max() <= 1e-3
 
 
-@pytest.mark.parametrize("streams", [1, 2])
-def test_service_on_cuda_with_batching(bundles: dict[str, Built], streams: int) -> None:
+@pytest.mark.parametrize(("streams", "fused"), [(1, "off"), (2, "off"), (1, "auto")])
+def test_service_on_cuda_with_batching(bundles: dict[str, Built], streams: int, fused: str) -> None:
     built = bundles["dien"]
     fresh_redis()
     load_into_redis(built.config, built.frame, REDIS_URL, progress=False)
@@ -76,10 +88,12 @@ def test_service_on_cuda_with_batching(bundles: dict[str, Built], streams: int) 
         batch_wait_ms=50,
         inference_concurrency=2,  # two executor threads feed the runner's one graph thread
         cuda_graph_streams=streams,
+        fused_ops=fused,
     )
     with TestClient(create_app(s)) as c:
         info = c.get("/v1/models").json()
         assert info["runner"] == "cuda_graph" and info["micro_batching"] is True
+        assert info["graph"] == ("fused" if fused == "auto" else "standard"), info["graph_note"]
         model = c.app.state.ctr.model  # type: ignore[attr-defined]
         assert model.streams == streams and model.batcher.slots == streams
         runner = model.runner

@@ -8,7 +8,10 @@ the graph, all loaded by :func:`service.model.load_model` from settings:
 * ``cuda``: the CUDA provider with plain ``session.run``;
 * ``cuda+iobinding``: outputs allocated on the device, copied back once;
 * ``cuda+graphs``: CUDA graphs per (users, N) bucket;
-* ``cuda+graphs+fp16``: the same on the fp16 graph (kept only within 1e-3 of fp32).
+* ``cuda+graphs+fp16``: the same on the fp16 graph (kept only within 1e-3 of fp32);
+* ``cuda+graphs+fused`` and ``cuda+graphs+fused+fp16``: the bundle's fused graph, where
+  DIEN's AUGRU recurrence is one custom-op kernel (``native/``); for a model with
+  nothing to fuse they equal the unfused rows (the runner column says "standard").
 
 It also reports each variant's max |p - p_cpu| on the same inputs, history fed once
 vs copied N times on the GPU, and micro-batching capacity: U requests of N=500 merged
@@ -28,13 +31,22 @@ from service.model import ProviderError, load_model
 from service.settings import Settings
 from training.bench_util import _time, full_history_feed, naive_feed, p50_p99
 
+OFF = {"fused_ops": "off"}
 VARIANTS: dict[str, dict[str, Any]] = {
-    "cpu": {"provider": "cpu"},
-    "cuda": {"provider": "cuda"},
-    "cuda+iobinding": {"provider": "cuda", "io_binding": True},
-    "cuda+graphs": {"provider": "cuda", "cuda_graph": True},
-    "cuda+graphs+fp16": {"provider": "cuda", "cuda_graph": True, "precision": "fp16"},
+    "cpu": {"provider": "cpu", **OFF},
+    "cuda": {"provider": "cuda", **OFF},
+    "cuda+iobinding": {"provider": "cuda", "io_binding": True, **OFF},
+    "cuda+graphs": {"provider": "cuda", "cuda_graph": True, **OFF},
+    "cuda+graphs+fp16": {"provider": "cuda", "cuda_graph": True, "precision": "fp16", **OFF},
+    "cuda+graphs+fused": {"provider": "cuda", "cuda_graph": True, "fused_ops": "on"},
+    "cuda+graphs+fused+fp16": {
+        "provider": "cuda",
+        "cuda_graph": True,
+        "precision": "fp16",
+        "fused_ops": "on",
+    },
 }
+BATCHED = ("cuda+graphs", "cuda+graphs+fused")  # micro-batching capacity measured for these
 BUCKETS = "64,128,256,512,1024,2048,4096,8192"
 
 
@@ -48,9 +60,9 @@ def _variant(
     users: list[int],
 ) -> dict[str, Any]:
     rows: dict[str, Any] = {
-        "runner": model.runner.kind,
+        "runner": f"{model.runner.kind}, {model.graph}",
         "precision": model.precision,
-        "note": model.precision_note,
+        "note": "; ".join(x for x in (model.precision_note, model.graph_note) if x),
         "provider": model.provider,
         "n": {},
     }
@@ -66,13 +78,17 @@ def _variant(
             naive = naive_feed(full_history_feed(model.bundle, n, n))
             t = _time(lambda f=naive: model.run(f, False), max(10, reps // 4), warmup=3)
             res["copied"][n] = float(np.median(t))
-    if label == "cuda+graphs":
+    if label in BATCHED:
         one = full_history_feed(model.bundle, 500, 500)
         for u in users:
             merged = merge_feeds([one] * u)
             t = _time(lambda f=merged: model.run(f, False), reps, warmup=10)
             ms, p99 = p50_p99(t)
-            res["batched"][u] = {"call_ms": ms, "p99_ms": p99, "req_s": u * 1000.0 / ms}
+            res["batched"].setdefault(label, {})[u] = {
+                "call_ms": ms,
+                "p99_ms": p99,
+                "req_s": u * 1000.0 / ms,
+            }
     return rows
 
 
@@ -127,15 +143,15 @@ def render(results: dict[str, Any], device: str, reps: int) -> str:
                 )
                 + " | |"
             )
-        if res["batched"]:
+        for label, batched in res["batched"].items():
             lines += [
                 "",
-                "Micro-batching, cuda+graphs: U requests of N=500 in one call",
+                f"Micro-batching, {label}: U requests of N=500 in one call",
                 "",
                 "| U | call p50 ms | call p99 ms | requests/s |",
                 "|---:|---:|---:|---:|",
             ]
-            for u, b in res["batched"].items():
+            for u, b in batched.items():
                 lines.append(f"| {u} | {b['call_ms']:.2f} | {b['p99_ms']:.2f} | {b['req_s']:.0f} |")
     return "\n".join(lines)
 

@@ -9,7 +9,10 @@ unless ORT and torch agree.
 from __future__ import annotations
 
 import json
+import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +23,10 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
+from ctr import native
 from ctr.bundle import (
     FORMAT_VERSION,
+    FUSED_FILE,
     MANIFEST,
     MODEL_FILE,
     graph_inputs,
@@ -34,10 +39,12 @@ from ctr.bundle import (
 )
 from ctr.mapping import FeatureMapper
 from ctr.spec import FeatureConfig
-from training.models import CTRModel
+from training.models import AttentionalGRU, CTRModel
 
 OPSET = 17
 PARITY_TOL = 1e-5
+CUSTOM_OPSETS = {native.DOMAIN: 1}
+log = logging.getLogger("ctr.export")
 
 
 class ExportWrapper(nn.Module):
@@ -71,8 +78,27 @@ class ExportWrapper(nn.Module):
         return tuple(res)
 
 
-def export_onnx(model: CTRModel, path: Path, sample_n: int = 7) -> None:
-    """Trace with U=2 users and ``sample_n`` candidates; U and N stay dynamic."""
+def fusable(model: CTRModel) -> bool:
+    """True if the model has a recurrence the custom-op library can run as one node."""
+    return any(isinstance(m, AttentionalGRU) and m.can_fuse for m in model.modules())
+
+
+@contextmanager
+def fused_ops(model: CTRModel, on: bool) -> Iterator[None]:
+    """Export the model's AUGRU as ``ctr_ops.AttentionalGRU`` nodes while inside."""
+    layers = [m for m in model.modules() if isinstance(m, AttentionalGRU)]
+    for m in layers:
+        m.fused = on
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.fused = False
+
+
+def export_onnx(model: CTRModel, path: Path, sample_n: int = 7, fused: bool = False) -> None:
+    """Trace with U=2 users and ``sample_n`` candidates; U and N stay dynamic. With
+    ``fused``, the AUGRU recurrence is one custom node (domain ``ctr_ops``)."""
     model.eval()
     # a fresh module starts in train mode, and the exporter restores the mode it found
     wrapper = ExportWrapper(model).eval()
@@ -84,7 +110,7 @@ def export_onnx(model: CTRModel, path: Path, sample_n: int = 7) -> None:
         dyn[gi.name] = {k: str(d) for k, d in enumerate(gi.shape) if isinstance(d, str)}
     for go in graph_outputs(model.config):
         dyn[go.name] = {0: "N"}
-    with torch.no_grad():
+    with torch.no_grad(), fused_ops(model, fused):
         torch.onnx.export(
             wrapper,
             args,
@@ -95,7 +121,35 @@ def export_onnx(model: CTRModel, path: Path, sample_n: int = 7) -> None:
             opset_version=OPSET,
             dynamo=False,
             do_constant_folding=True,
+            custom_opsets=CUSTOM_OPSETS if fused else None,
         )
+
+
+def export_fused(model: CTRModel, staged: Path) -> dict[str, Any] | None:
+    """Export ``model_fused.onnx`` next to ``model.onnx`` and gate it like the main graph,
+    with the custom-op library's CPU kernel. Its manifest entry, or None when the model
+    has nothing to fuse or the library cannot be built here (logged; the service then
+    serves ``model.onnx``, which every bundle has)."""
+    if not fusable(model):
+        return None
+    try:
+        lib = native.library()
+    except native.NativeError as exc:
+        log.warning("no fused graph in this bundle: %s", exc)
+        return None
+    path = staged / FUSED_FILE
+    export_onnx(model, path, fused=True)
+    report = parity_gate(model, path, ops_library=lib.path)
+    if not report.ok:
+        raise ParityError(
+            f"fused graph parity gate failed: max |ORT - torch| = {report.max_abs_diff:.2e}"
+        )
+    return {
+        "file": FUSED_FILE,
+        "ops": [f"{native.DOMAIN}.{native.OP}"],
+        "sha256": sha256_file(path),
+        "parity": {"max_abs_diff": report.max_abs_diff, "tolerance": PARITY_TOL},
+    }
 
 
 @dataclass
@@ -124,13 +178,18 @@ def parity_gate(
     onnx_path: Path,
     n_values: tuple[int, ...] = (1, 7, 500),
     seed: int = 0,
+    ops_library: Path | None = None,
 ) -> ParityReport:
     """ORT vs torch probabilities for N in ``n_values`` x history lengths {0, 1, max},
     one user per call, plus multi-user calls through ``user_idx``. Also runs
-    ``onnx.checker`` and loads the graph with every ORT optimization enabled."""
-    onnx.checker.check_model(onnx.load(str(onnx_path)), full_check=True)
+    ``onnx.checker`` and loads the graph with every ORT optimization enabled. A fused
+    graph needs the custom-op library (``ops_library``); the checker then skips the
+    shape inference that cannot know the custom node."""
+    onnx.checker.check_model(onnx.load(str(onnx_path)), full_check=ops_library is None)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if ops_library is not None:
+        so.register_custom_ops_library(str(ops_library))
     sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
     model.eval()
     c = model.config
@@ -189,6 +248,7 @@ def export_bundle(
             "data_fingerprint": metrics.get("data_fingerprint"),
             "parity": {"max_abs_diff": report.max_abs_diff, "tolerance": PARITY_TOL},
             "onnx_sha256": sha256_file(onnx_path),
+            "fused": export_fused(model, staged),
         }
         (staged / MANIFEST).write_text(json.dumps(manifest, indent=2))
         version, path = publish(models_dir, name, staged)

@@ -26,6 +26,7 @@ from training.modules import (
 )
 
 Inputs = dict[str, Tensor]
+MAX_FUSED_HIDDEN = 64  # native/augru.h kMaxHidden
 
 
 class CTRModel(nn.Module):
@@ -268,6 +269,70 @@ class MultiTowerDIN(DIN):
         return out
 
 
+def evolve(
+    x_proj: Tensor,
+    att: Tensor,
+    user_idx: Tensor,
+    w: Tensor,
+    b: Tensor,
+    kind: str,
+    mask: Tensor | None = None,
+    b_ih: Tensor | None = None,
+) -> Tensor:
+    """The unrolled attentional GRU. ``x_proj [U, L, 3H]`` (input projection per user,
+    bias included, update-gate rows negated), ``att [N, L]``, ``user_idx [N]``,
+    ``w [3H, H]`` and ``b [3H]`` (recurrent weights and bias, same signs); AIGRU also
+    takes ``mask [U, L]`` and the input bias ``b_ih [3H]``.
+    Returns the final hidden state ``[N, H]``."""
+    hd = w.shape[1]
+    x_proj = x_proj.index_select(0, user_idx)  # [N, L, 3H]
+    if kind == "aigru":  # scale the input by attention per candidate: a*(W h) + b_ih
+        assert b_ih is not None
+        x_proj = att.unsqueeze(-1) * (x_proj - b_ih) + b_ih
+    w_ru, w_n = w[: 2 * hd].t(), w[2 * hd :].t()  # [H, 2H], [H, H]
+    x_ru = (x_proj[..., : 2 * hd] + b[: 2 * hd]).unbind(1)  # L x [N, 2H]
+    x_n = x_proj[..., 2 * hd :].unbind(1)  # L x [N, H]
+    b_n = b[2 * hd :]
+    a_t = att.unsqueeze(-1).unbind(1)  # L x [N, 1]
+    if kind == "aigru":
+        assert mask is not None
+        m_t = mask.index_select(0, user_idx).to(x_proj.dtype).unsqueeze(-1).unbind(1)
+    h = torch.zeros(user_idx.shape[0], hd, dtype=x_proj.dtype, device=x_proj.device)
+    for t in range(len(x_ru)):
+        ru = torch.sigmoid(torch.addmm(x_ru[t], h, w_ru))  # [N, 2H]: r, u = 1 - z
+        r, u = ru[:, :hd], ru[:, hd:]
+        n = torch.tanh(x_n[t] + r * torch.addmm(b_n, h, w_n))
+        if kind == "augru":
+            u = a_t[t] * u
+        elif kind == "agru":
+            u = a_t[t]
+        else:
+            u = u * m_t[t]  # AIGRU: padded steps keep the state
+        h = h + u * (n - h)
+    return h
+
+
+class FusedAUGRU(torch.autograd.Function):
+    """AUGRU as one ONNX node, ``ctr_ops.AttentionalGRU`` (``native/augru.h``).
+
+    In torch it runs :func:`evolve` step by step; exported, the whole recurrence is one
+    node that the project's custom-op library runs as one kernel (CPU and CUDA), where
+    the unrolled graph has about 12 nodes per step. Inputs as :func:`evolve`."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: object, x_proj: Tensor, att: Tensor, user_idx: Tensor, w: Tensor, b: Tensor
+    ) -> Tensor:
+        return evolve(x_proj, att, user_idx, w, b, "augru")
+
+    @staticmethod
+    def symbolic(g: object, x_proj: object, att: object, user_idx: object, w: object,
+                 b: object) -> object:  # fmt: skip
+        out = g.op("ctr_ops::AttentionalGRU", x_proj, att, user_idx, w, b)  # type: ignore[attr-defined]
+        out.setType(x_proj.type().with_sizes([None, None]))  # type: ignore[attr-defined]
+        return out
+
+
 class AttentionalGRU(nn.Module):
     """Interest evolving layer: AUGRU (default), AGRU or AIGRU, unrolled over L.
 
@@ -281,48 +346,34 @@ class AttentionalGRU(nn.Module):
     one sigmoid gives ``r`` and ``u = 1 - z`` together, the r/u pre-activation is one
     ``addmm`` (Gemm with the input term as C) and ``h + u * (n - h)`` replaces
     ``(1 - u) * h + u * n``. Same parameters and the same function as the textbook cell.
+    With ``fused`` set (export only; AUGRU), the recurrence becomes one
+    :class:`FusedAUGRU` node.
     """
 
     def __init__(self, in_dim: int, hidden: int, kind: str) -> None:
         super().__init__()
         self.hidden = hidden
         self.kind = kind
+        self.fused = False
         self.w_ih = nn.Linear(in_dim, 3 * hidden)
         self.w_hh = nn.Linear(hidden, 3 * hidden)
         sign = torch.ones(3 * hidden)
         sign[hidden : 2 * hidden] = -1.0
         self.register_buffer("sign", sign, persistent=False)
 
+    @property
+    def can_fuse(self) -> bool:
+        return self.kind == "augru" and self.hidden <= MAX_FUSED_HIDDEN
+
     def forward(self, states: Tensor, att: Tensor, user_idx: Tensor, mask: Tensor) -> Tensor:
-        hd = self.hidden
         sign = self.sign
-        # [N, L, 3H], z rows negated; the projection itself ran once per user
-        x_proj = (self.w_ih(states) * sign).index_select(0, user_idx)
-        if self.kind == "aigru":  # scale the input by attention per candidate: a*(W h) + b
-            b_ih = self.w_ih.bias * sign
-            x_proj = att.unsqueeze(-1) * (x_proj - b_ih) + b_ih
+        # [U, L, 3H], z rows negated: the projection runs once per user
+        x_proj = self.w_ih(states) * sign
         w = self.w_hh.weight * sign.unsqueeze(1)  # [3H, H]
         b = self.w_hh.bias * sign
-        w_ru, w_n = w[: 2 * hd].t(), w[2 * hd :].t()  # [H, 2H], [H, H]
-        x_ru = (x_proj[..., : 2 * hd] + b[: 2 * hd]).unbind(1)  # L x [N, 2H]
-        x_n = x_proj[..., 2 * hd :].unbind(1)  # L x [N, H]
-        b_n = b[2 * hd :]
-        a_t = att.unsqueeze(-1).unbind(1)  # L x [N, 1]
-        if self.kind == "aigru":
-            m_t = mask.index_select(0, user_idx).to(states.dtype).unsqueeze(-1).unbind(1)
-        h = torch.zeros(user_idx.shape[0], hd, dtype=states.dtype, device=states.device)
-        for t in range(len(x_ru)):
-            ru = torch.sigmoid(torch.addmm(x_ru[t], h, w_ru))  # [N, 2H]: r, u = 1 - z
-            r, u = ru[:, :hd], ru[:, hd:]
-            n = torch.tanh(x_n[t] + r * torch.addmm(b_n, h, w_n))
-            if self.kind == "augru":
-                u = a_t[t] * u
-            elif self.kind == "agru":
-                u = a_t[t]
-            else:
-                u = u * m_t[t]  # AIGRU: padded steps keep the state
-            h = h + u * (n - h)
-        return h
+        if self.fused and self.can_fuse:
+            return FusedAUGRU.apply(x_proj, att, user_idx, w, b)  # type: ignore[no-any-return]
+        return evolve(x_proj, att, user_idx, w, b, self.kind, mask, self.w_ih.bias * sign)
 
 
 class DIEN(CTRModel):
