@@ -116,6 +116,19 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_ops(args: argparse.Namespace) -> int:
+    from ctr import native
+
+    cuda = {"auto": None, "yes": True, "no": False}[args.cuda]
+    try:
+        lib = native.build(cuda=cuda)
+    except native.NativeError as exc:
+        print(f"build-ops: {exc}", file=sys.stderr)
+        return 1
+    print(f"{lib.path} (cuda kernel: {'yes' if lib.cuda else 'no'})")
+    return 0
+
+
 def cmd_bench_gpu(args: argparse.Namespace) -> int:
     from training.bench_gpu import render, run
     from training.bench_service import _device
@@ -296,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--models-dir", default="", help="score these existing bundles (--models names them)"
     )
     bs.set_defaults(func=cmd_bench)
+    bo = sub.add_parser("build-ops", help="build the custom-op library (native/), print its path")
+    bo.add_argument(
+        "--cuda", choices=["auto", "yes", "no"], default="auto",
+        help="the CUDA kernel: auto = when nvcc is found and ORT has the CUDA provider",
+    )  # fmt: skip
+    bo.set_defaults(func=cmd_build_ops)
     bg = sub.add_parser("bench-gpu", help="model alone on a GPU: CUDA EP, IO binding, graphs")
     bg.add_argument("--models-dir", required=True, help="bundles to measure")
     bg.add_argument("--models", default="bench-din,bench-dien")

@@ -58,7 +58,7 @@ def find_nvcc() -> str | None:
 
 
 def _cudart_dir(nvcc: str) -> Path:
-    """The folder with libcudart.so next to ``nvcc`` (or under $CUDA_HOME)."""
+    """The folder with libcudart_static.a next to ``nvcc`` (or under $CUDA_HOME)."""
     homes = [
         os.environ.get("CUDA_HOME"),
         str(Path(nvcc).resolve().parent.parent),
@@ -66,9 +66,9 @@ def _cudart_dir(nvcc: str) -> Path:
     ]
     for home in filter(None, homes):
         for sub in ("lib64", "lib", "targets/x86_64-linux/lib"):
-            if (Path(home) / sub / "libcudart.so").exists():
+            if (Path(home) / sub / "libcudart_static.a").exists():
                 return Path(home) / sub
-    raise NativeError(f"libcudart.so not found next to {nvcc}; set CUDA_HOME")
+    raise NativeError(f"libcudart_static.a not found next to {nvcc}; set CUDA_HOME")
 
 
 def _digest(cuda: bool, cxx: str, nvcc: str | None, arch: str) -> str:
@@ -100,7 +100,12 @@ def build(cuda: bool | None = None, out_dir: Path | None = None) -> OpsLibrary:
         raise NativeError("the CUDA kernel was asked for, but nvcc was not found")
     # all-major: every current GPU generation, for images built without a GPU (slower)
     arch = os.environ.get("CTR_OPS_CUDA_ARCH", "-arch=all-major") if cuda else ""
-    target = (out_dir or cache_dir()) / _digest(cuda, cxx, nvcc if cuda else None, arch)
+    # the CPU kernel's loops vectorise across candidates: the build machine's vector
+    # width by default (the library is built where it runs); e.g. -march=x86-64-v3 for
+    # an image built on one machine and run on others
+    cpu_arch = os.environ.get("CTR_OPS_CXX_ARCH", "-march=native")
+    key = _digest(cuda, cxx, nvcc if cuda else None, f"{arch} {cpu_arch}")
+    target = (out_dir or cache_dir()) / key
     lib = target / LIB_NAME
     if lib.is_file():
         return OpsLibrary(lib, cuda)
@@ -108,7 +113,8 @@ def build(cuda: bool | None = None, out_dir: Path | None = None) -> OpsLibrary:
     work = Path(tempfile.mkdtemp(prefix="build-", dir=target.parent))
     try:
         inc = ["-I", str(SOURCE_DIR), "-I", str(SOURCE_DIR / "third_party" / "onnxruntime")]
-        flags = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden"]
+        flags = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-ffp-contract=fast",
+                 *cpu_arch.split()]  # fmt: skip
         objs = ["ctr_ops.o"]
         defs = ["-DCTR_OPS_CUDA"] if cuda else []
         _run(
@@ -123,7 +129,9 @@ def build(cuda: bool | None = None, out_dir: Path | None = None) -> OpsLibrary:
                   "-o", "augru_cuda.o"], work)  # fmt: skip
             objs.append("augru_cuda.o")
             cuda_lib = _cudart_dir(nvcc)
-            link_extra = [f"-L{cuda_lib}", f"-Wl,-rpath,{cuda_lib}", "-lcudart"]
+            # static CUDA runtime: the library never binds to whichever libcudart.so.13
+            # the process loaded first (ORT's, torch's and the toolkit's can differ)
+            link_extra = [f"-L{cuda_lib}", "-l:libcudart_static.a", "-ldl", "-lpthread", "-lrt"]
         _run([cxx, "-shared", "-o", LIB_NAME, *objs, *link_extra,
               "-static-libstdc++", "-static-libgcc"], work)  # fmt: skip
         target.mkdir(parents=True, exist_ok=True)

@@ -107,6 +107,20 @@ const char* augru_cuda(const float* x_proj, const float* att, const int64_t* use
   const int block = 64;
   const unsigned grid = static_cast<unsigned>((n + block - 1) / block);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
+#if CUDART_VERSION >= 12080
+  // This library links its own (static) CUDA runtime, whose current device is per thread:
+  // follow ORT's stream to its device. Not while ORT captures a CUDA graph: a stream
+  // query then breaks the capture (ORT runs each graph once uncaptured first, on the same
+  // thread, so the device is already set).
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(st, &capturing) == cudaSuccess &&
+      capturing == cudaStreamCaptureStatusNone) {
+    int dev = 0, cur = 0;
+    if (cudaStreamGetDevice(st, &dev) == cudaSuccess && cudaGetDevice(&cur) == cudaSuccess &&
+        dev != cur)
+      cudaSetDevice(dev);
+  }
+#endif
   switch (hidden) {
     case 8:
       augru_fixed<8><<<grid, block, 0, st>>>(x_proj, att, user_idx, w_hh, b_hh, out, users, n, steps);

@@ -3,6 +3,7 @@
 // (CTR_OPS_CUDA), for the CUDA provider. Loaded by
 // SessionOptions.register_custom_ops_library; written against the C API only
 // (third_party/onnxruntime/onnxruntime_c_api.h, API 21), so it loads in any later ORT.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -13,35 +14,109 @@
 
 namespace ctr_ops {
 
+namespace {
+
+constexpr int kLanes = 16;  // candidates per block: the innermost loops run across them
+
+// exp(x) for x in [-87, 88] from exp(x) = 2^n * exp(r), |r| <= ln2/2, with a degree-6
+// polynomial for exp(r): about 1 ulp, and only arithmetic and integer bit moves, so the
+// loops over lanes vectorise (libm's expf is a call per element).
+inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  // round to nearest by adding and removing 1.5 * 2^23 (no branch, no libm call)
+  const float nf = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const int n = static_cast<int>(nf);
+  const float r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+inline float sigmoid_approx(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+
+inline float tanh_approx(float x) {  // 1 - 2 / (e^2x + 1): absolute error ~1e-7
+  return 1.0f - 2.0f / (exp_approx(2.0f * x) + 1.0f);
+}
+
+// One block of up to kLanes candidates, all L steps. State is [H][kLanes] so that every
+// innermost loop runs across candidates with unit stride.
+void augru_block(const float* x_proj, const float* att, const int64_t* user_idx,
+                 const float* w_hh, const float* b_hh, float* out, int64_t row0, int lanes,
+                 int64_t steps, int64_t hd, float* h, float* s, float* acc, float* xs) {
+  const int64_t g3 = 3 * hd;
+  std::fill(h, h + hd * kLanes, 0.0f);
+  float a[kLanes];
+  const float* xu[kLanes];
+  for (int l = 0; l < kLanes; ++l) {  // unused lanes repeat the last candidate, unwritten
+    const int64_t row = row0 + std::min(l, lanes - 1);
+    xu[l] = x_proj + user_idx[row] * steps * g3;
+  }
+  for (int64_t t = 0; t < steps; ++t) {
+    bool any = false;
+    for (int l = 0; l < kLanes; ++l) {
+      a[l] = l < lanes ? att[(row0 + l) * steps + t] : 0.0f;
+      any |= a[l] != 0.0f;
+    }
+    if (!any) continue;  // a == 0 leaves h as it is, exactly
+    // gates r, u (rows [0, 2H)) and the recurrent part of the candidate (rows [2H, 3H))
+    for (int64_t j = 0; j < g3; ++j) {
+      float* aj = acc + j * kLanes;
+      const float bj = b_hh[j];
+      for (int l = 0; l < kLanes; ++l) aj[l] = bj;
+      const float* wj = w_hh + j * hd;
+      for (int64_t k = 0; k < hd; ++k) {
+        const float w = wj[k];
+        const float* hk = h + k * kLanes;
+        for (int l = 0; l < kLanes; ++l) aj[l] += w * hk[l];
+      }
+    }
+    for (int l = 0; l < kLanes; ++l) {  // this step's input terms, lane-major
+      const float* x = xu[l] + t * g3;
+      for (int64_t j = 0; j < g3; ++j) xs[j * kLanes + l] = x[j];
+    }
+    for (int64_t j = 0; j < 2 * hd; ++j) {
+      const float* aj = acc + j * kLanes;
+      const float* xj = xs + j * kLanes;
+      float* sj = s + j * kLanes;
+      for (int l = 0; l < kLanes; ++l) sj[l] = sigmoid_approx(xj[l] + aj[l]);
+    }
+    for (int64_t j = 0; j < hd; ++j) {
+      const float* r = s + j * kLanes;
+      const float* u = s + (hd + j) * kLanes;
+      const float* hn = acc + (2 * hd + j) * kLanes;
+      const float* xn = xs + (2 * hd + j) * kLanes;
+      float* hj = h + j * kLanes;
+      for (int l = 0; l < kLanes; ++l) {
+        const float c = tanh_approx(xn[l] + r[l] * hn[l]);
+        hj[l] = hj[l] + (a[l] * u[l]) * (c - hj[l]);
+      }
+    }
+  }
+  for (int l = 0; l < lanes; ++l)
+    for (int64_t j = 0; j < hd; ++j) out[(row0 + l) * hd + j] = h[j * kLanes + l];
+}
+
+}  // namespace
+
 bool augru_cpu(const float* x_proj, const float* att, const int64_t* user_idx, const float* w_hh,
                const float* b_hh, float* out, int64_t users, int64_t n, int64_t steps,
                int64_t hidden) {
-  const int64_t hd = hidden;
-  std::vector<float> h(hd), s(2 * hd), c(hd);
-  for (int64_t row = 0; row < n; ++row) {
-    const int64_t u = user_idx[row];
-    if (u < 0 || u >= users) return false;
-    std::fill(h.begin(), h.end(), 0.0f);
-    const float* xu = x_proj + u * steps * 3 * hd;
-    for (int64_t t = 0; t < steps; ++t) {
-      const float a = att[row * steps + t];
-      if (a == 0.0f) continue;  // h + 0 * (c - h) == h
-      const float* x = xu + t * 3 * hd;
-      for (int64_t j = 0; j < 2 * hd; ++j) {
-        float acc = x[j] + b_hh[j];
-        const float* wj = w_hh + j * hd;
-        for (int64_t k = 0; k < hd; ++k) acc += wj[k] * h[k];
-        s[j] = 1.0f / (1.0f + std::exp(-acc));
-      }
-      for (int64_t j = 0; j < hd; ++j) {
-        float acc = b_hh[2 * hd + j];
-        const float* wj = w_hh + (2 * hd + j) * hd;
-        for (int64_t k = 0; k < hd; ++k) acc += wj[k] * h[k];
-        c[j] = std::tanh(x[2 * hd + j] + s[j] * acc);
-      }
-      for (int64_t j = 0; j < hd; ++j) h[j] = h[j] + (a * s[hd + j]) * (c[j] - h[j]);
-    }
-    std::memcpy(out + row * hd, h.data(), sizeof(float) * hd);
+  for (int64_t row = 0; row < n; ++row)
+    if (user_idx[row] < 0 || user_idx[row] >= users) return false;
+  std::vector<float> h(hidden * kLanes), s(2 * hidden * kLanes), acc(3 * hidden * kLanes),
+      xs(3 * hidden * kLanes);
+  for (int64_t row0 = 0; row0 < n; row0 += kLanes) {
+    const int lanes = static_cast<int>(std::min<int64_t>(kLanes, n - row0));
+    augru_block(x_proj, att, user_idx, w_hh, b_hh, out, row0, lanes, steps, hidden, h.data(),
+                s.data(), acc.data(), xs.data());
   }
   return true;
 }

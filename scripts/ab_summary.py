@@ -25,6 +25,13 @@ def main(folder: str) -> None:
                         if "service_gc" in o
                         else ""
                     )
+                    + (
+                        " [over 30 ms: "
+                        + ", ".join(f"{k} {v:.0f}" for k, v in o["slow_over_30ms"].items())
+                        + "]"
+                        if o.get("slow_over_30ms")
+                        else ""
+                    )
                     for o in r["open_loop"][n]
                 )
                 cpu = s.get("loop_cpu_ms")

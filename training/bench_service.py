@@ -167,6 +167,28 @@ def gc_pauses(before: str, after: str) -> dict[str, float]:
     return {"count": c1 - c0, "total_ms": (s1 - s0) * 1000}
 
 
+def slow_counts(before: str, after: str, over: float = 0.03) -> dict[str, float]:
+    """How many observations took longer than ``over`` seconds between two /metrics
+    scrapes, per scoring stage and for whole requests as the service timed them: where a
+    tail comes from (a stage, or outside the handler if none of them shows it)."""
+
+    def above(text: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            if family.name not in ("ctr_stage_duration_seconds", "ctr_request_duration_seconds"):
+                continue
+            for smp in family.samples:
+                key = smp.labels.get("stage") or f"request {smp.labels.get('route', '')}"
+                if smp.name.endswith("_count"):
+                    out[key] = out.get(key, 0.0) + smp.value
+                elif smp.name.endswith("_bucket") and float(smp.labels["le"]) == over:
+                    out[key] = out.get(key, 0.0) - smp.value
+        return out
+
+    a, b = above(before), above(after)
+    return {k: v - a.get(k, 0.0) for k, v in b.items() if v - a.get(k, 0.0) > 0}
+
+
 async def _closed_loop(url: str, bodies: list[bytes], concurrency: int, seconds: float) -> dict:
     """``concurrency`` clients, each sending back-to-back for ``seconds``."""
     with client_gc_off():
@@ -513,7 +535,9 @@ def run(
                     for r in rates or []:
                         before = httpx.get(url + "/metrics").text
                         res = asyncio.run(_open_loop(url, bodies, r, seconds))
-                        res["service_gc"] = gc_pauses(before, httpx.get(url + "/metrics").text)
+                        scrape = httpx.get(url + "/metrics").text
+                        res["service_gc"] = gc_pauses(before, scrape)
+                        res["slow_over_30ms"] = slow_counts(before, scrape)
                         per_model["open_loop"][n].append(res)
                     best = max(sweep.values(), key=lambda r: r["rps"])
                     print(
