@@ -81,7 +81,10 @@ def _digest(cuda: bool, cxx: str, nvcc: str | None, arch: str) -> str:
 
 
 def _run(cmd: list[str], cwd: Path) -> None:
-    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+    try:
+        res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+    except OSError as exc:  # the compiler named by $CXX does not exist or cannot run
+        raise NativeError(f"build step failed: {' '.join(cmd)}: {exc}") from exc
     if res.returncode != 0:
         raise NativeError(f"build step failed: {' '.join(cmd)}\n{res.stderr[-4000:]}")
 
@@ -90,6 +93,9 @@ def build(cuda: bool | None = None, out_dir: Path | None = None) -> OpsLibrary:
     """Build (or reuse) the library. ``cuda=None``: with the CUDA kernel if nvcc exists.
 
     Raises :class:`NativeError` when no compiler is found or a build step fails."""
+    missing = [name for name in SOURCES if not (SOURCE_DIR / name).is_file()]
+    if missing:  # e.g. an image that copied ctr/ but not native/
+        raise NativeError(f"custom-op sources missing under {SOURCE_DIR}: {', '.join(missing)}")
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not cxx:
         raise NativeError("no C++ compiler (g++ or $CXX) to build the custom-op library")

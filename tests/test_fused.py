@@ -53,6 +53,16 @@ def test_library_builds_once_and_reports_its_kernels(lib: native.OpsLibrary) -> 
         native.library("/nonexistent/libctr_ops.so")
 
 
+def test_build_failures_are_native_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CTR_OPS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(native.NativeError, match="build step failed"):
+        native.build(cuda=False)
+    monkeypatch.setattr(native, "SOURCE_DIR", tmp_path / "empty")
+    with pytest.raises(native.NativeError, match="sources missing"):
+        native.build(cuda=False)
+
+
 def test_dien_bundle_has_a_gated_fused_graph(bundles: dict[str, Built]) -> None:
     b = load_bundle(bundles["dien"].models_dir, "dien")
     entry = b.fused
