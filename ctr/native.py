@@ -71,12 +71,25 @@ def _cudart_dir(nvcc: str) -> Path:
     raise NativeError(f"libcudart_static.a not found next to {nvcc}; set CUDA_HOME")
 
 
-def _digest(cuda: bool, cxx: str, nvcc: str | None, arch: str) -> str:
+def _version(tool: str) -> str:
+    """The tool's ``--version`` output, part of the cache key (an upgrade rebuilds)."""
+    try:
+        res = subprocess.run([tool, "--version"], capture_output=True, text=True, check=False)
+    except OSError as exc:
+        raise NativeError(f"cannot run {tool}: {exc}") from exc
+    return res.stdout.strip()
+
+
+def _digest(commands: list[list[str]], tools: list[str]) -> str:
+    """Sources, every build command (flags included) and the tools' versions."""
     h = hashlib.sha256()
     for name in SOURCES:
         h.update(name.encode())
         h.update((SOURCE_DIR / name).read_bytes())
-    h.update(f"cuda={cuda} cxx={cxx} nvcc={nvcc} arch={arch}".encode())
+    for cmd in commands:
+        h.update("\0".join(cmd).encode())
+    for tool in tools:
+        h.update(_version(tool).encode())
     return h.hexdigest()[:16]
 
 
@@ -89,10 +102,17 @@ def _run(cmd: list[str], cwd: Path) -> None:
         raise NativeError(f"build step failed: {' '.join(cmd)}\n{res.stderr[-4000:]}")
 
 
-def build(cuda: bool | None = None, out_dir: Path | None = None) -> OpsLibrary:
-    """Build (or reuse) the library. ``cuda=None``: with the CUDA kernel if nvcc exists.
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
-    Raises :class:`NativeError` when no compiler is found or a build step fails."""
+
+def build(cuda: bool | None = None, out_dir: Path | None = None) -> OpsLibrary:
+    """Build (or reuse) the library. ``cuda=None``: with the CUDA kernel when nvcc is
+    found and ORT has the CUDA provider.
+
+    A cached build is reused only if its recorded sha256 matches (a truncated or altered
+    file is rebuilt, never loaded). Raises :class:`NativeError` when the sources or a
+    compiler are missing, a build step fails or the cache folder cannot be written."""
     missing = [name for name in SOURCES if not (SOURCE_DIR / name).is_file()]
     if missing:  # e.g. an image that copied ctr/ but not native/
         raise NativeError(f"custom-op sources missing under {SOURCE_DIR}: {', '.join(missing)}")
@@ -104,44 +124,56 @@ def build(cuda: bool | None = None, out_dir: Path | None = None) -> OpsLibrary:
         cuda = nvcc is not None and _ort_has_cuda()
     if cuda and nvcc is None:
         raise NativeError("the CUDA kernel was asked for, but nvcc was not found")
-    # all-major: every current GPU generation, for images built without a GPU (slower)
-    arch = os.environ.get("CTR_OPS_CUDA_ARCH", "-arch=all-major") if cuda else ""
     # the CPU kernel's loops vectorise across candidates: the build machine's vector
     # width by default (the library is built where it runs); e.g. -march=x86-64-v3 for
     # an image built on one machine and run on others
-    cpu_arch = os.environ.get("CTR_OPS_CXX_ARCH", "-march=native")
-    key = _digest(cuda, cxx, nvcc if cuda else None, f"{arch} {cpu_arch}")
-    target = (out_dir or cache_dir()) / key
-    lib = target / LIB_NAME
-    if lib.is_file():
-        return OpsLibrary(lib, cuda)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="build-", dir=target.parent))
+    cpu_arch = os.environ.get("CTR_OPS_CXX_ARCH", "-march=native").split()
+    inc = ["-I", str(SOURCE_DIR), "-I", str(SOURCE_DIR / "third_party" / "onnxruntime")]
+    defs = ["-DCTR_OPS_CUDA"] if cuda else []
+    commands = [
+        [cxx, "-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-ffp-contract=fast",
+         *cpu_arch, *defs, *inc, "-c", str(SOURCE_DIR / "ctr_ops.cc"), "-o", "ctr_ops.o"],
+    ]  # fmt: skip
+    objs, link_extra, tools = ["ctr_ops.o"], [], [cxx]
+    if cuda:
+        assert nvcc is not None
+        # native: this machine's GPU (the library is built where it runs, at first use);
+        # -arch=all-major for an image built without a GPU (minutes, not seconds)
+        arch = os.environ.get("CTR_OPS_CUDA_ARCH", "-arch=native").split()
+        commands.append(
+            [nvcc, "-O3", "-std=c++17", "-Xcompiler", "-fPIC,-fvisibility=hidden", *arch,
+             *defs, *inc, "-c", str(SOURCE_DIR / "augru_cuda.cu"), "-o", "augru_cuda.o"]
+        )  # fmt: skip
+        objs.append("augru_cuda.o")
+        tools.append(nvcc)
+        # static CUDA runtime: the library never binds to whichever libcudart.so.13 the
+        # process loaded first (ORT's, torch's and the toolkit's can differ)
+        cudart = _cudart_dir(nvcc)
+        link_extra = [f"-L{cudart}", "-l:libcudart_static.a", "-ldl", "-lpthread", "-lrt"]
+    commands.append([cxx, "-shared", "-o", LIB_NAME, *objs, *link_extra,
+                     "-static-libstdc++", "-static-libgcc"])  # fmt: skip
+    target = (out_dir or cache_dir()) / _digest(commands, tools)
+    lib, stamp = target / LIB_NAME, target / (LIB_NAME + ".sha256")
     try:
-        inc = ["-I", str(SOURCE_DIR), "-I", str(SOURCE_DIR / "third_party" / "onnxruntime")]
-        flags = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-ffp-contract=fast",
-                 *cpu_arch.split()]  # fmt: skip
-        objs = ["ctr_ops.o"]
-        defs = ["-DCTR_OPS_CUDA"] if cuda else []
-        _run(
-            [cxx, *flags, *defs, *inc, "-c", str(SOURCE_DIR / "ctr_ops.cc"), "-o", "ctr_ops.o"],
-            work,
-        )
-        link_extra: list[str] = []
-        if cuda:
-            assert nvcc is not None
-            _run([nvcc, "-O3", "-std=c++17", "-Xcompiler", "-fPIC,-fvisibility=hidden", arch,
-                  "-DCTR_OPS_CUDA", *inc, "-c", str(SOURCE_DIR / "augru_cuda.cu"),
-                  "-o", "augru_cuda.o"], work)  # fmt: skip
-            objs.append("augru_cuda.o")
-            cuda_lib = _cudart_dir(nvcc)
-            # static CUDA runtime: the library never binds to whichever libcudart.so.13
-            # the process loaded first (ORT's, torch's and the toolkit's can differ)
-            link_extra = [f"-L{cuda_lib}", "-l:libcudart_static.a", "-ldl", "-lpthread", "-lrt"]
-        _run([cxx, "-shared", "-o", LIB_NAME, *objs, *link_extra,
-              "-static-libstdc++", "-static-libgcc"], work)  # fmt: skip
+        if lib.is_file() and stamp.is_file() and stamp.read_text().strip() == _file_sha256(lib):
+            return OpsLibrary(lib, cuda)
         target.mkdir(parents=True, exist_ok=True)
-        os.replace(work / LIB_NAME, lib)  # atomic: a concurrent build finds all or nothing
+        work = Path(tempfile.mkdtemp(prefix="build-", dir=target.parent))
+    except OSError as exc:
+        raise NativeError(f"custom-op cache {target} is not usable: {exc}") from exc
+    try:
+        for cmd in commands:
+            _run(cmd, work)
+        built = work / LIB_NAME
+        with built.open("rb") as f:
+            os.fsync(f.fileno())
+        digest = _file_sha256(built)
+        # the library first, then its stamp: a reader trusts the pair only when they agree
+        os.replace(built, lib)
+        (work / "stamp").write_text(digest + "\n")
+        os.replace(work / "stamp", stamp)
+    except OSError as exc:
+        raise NativeError(f"custom-op build in {target} failed: {exc}") from exc
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log.info("built %s (cuda=%s)", lib, cuda)

@@ -15,7 +15,9 @@
 //   c_j = tanh(x[u,t,2H+j] + s_j * (b[2H+j] + sum_k w[2H+j,k] h_k)) j < H
 //   h_j = h_j + att[n,t] * s_{H+j} * (c_j - h_j)
 // This is training/models.py AttentionalGRU ("augru") step for step. A step with
-// att == 0 leaves h unchanged, so it is skipped.
+// att == 0 leaves h unchanged, so it is skipped. A user index outside [0, U) is an error
+// on the CPU; the CUDA kernel cannot raise one and writes NaN for that candidate (the
+// service builds the indices itself, and its load-time probe rejects non-finite output).
 #pragma once
 
 #include <cstdint>

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -123,7 +124,16 @@ bool augru_cpu(const float* x_proj, const float* att, const int64_t* user_idx, c
 
 namespace {
 
-const OrtApi* g_api = nullptr;
+const OrtApi* g_api = nullptr;  // set once, before any kernel can run (std::call_once)
+std::once_flag g_api_once;
+std::mutex g_domains_mutex;
+// Every domain made by RegisterCustomOps. A domain must outlive the sessions that use it
+// and ORT never takes ownership, so they are kept here for the life of the process (a
+// few bytes per session; not released at exit, when ORT itself may be gone already).
+struct DomainList {
+  std::vector<OrtCustomOpDomain*> items;
+};
+DomainList g_domains;
 constexpr const char* kDomain = "ctr_ops";
 constexpr const char* kOpName = "AttentionalGRU";
 constexpr size_t kInputs = 5;
@@ -318,10 +328,14 @@ __attribute__((visibility("default"))) int CtrOpsHasCuda() {
 __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
 RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   using namespace ctr_ops;
-  g_api = api_base->GetApi(ORT_API_VERSION);
+  std::call_once(g_api_once, [api_base] { g_api = api_base->GetApi(ORT_API_VERSION); });
   if (g_api == nullptr) return nullptr;  // older than API 21: ORT reports the unknown op
-  OrtCustomOpDomain* domain = nullptr;  // never released: it must outlive every session
+  OrtCustomOpDomain* domain = nullptr;
   CTR_TRY(g_api->CreateCustomOpDomain(kDomain, &domain));
+  {
+    std::lock_guard<std::mutex> lock(g_domains_mutex);
+    g_domains.items.push_back(domain);  // owned here from now on, even if a step fails
+  }
   CTR_TRY(g_api->CustomOpDomain_Add(domain, &g_cpu_op));
 #ifdef CTR_OPS_CUDA
   CTR_TRY(g_api->CustomOpDomain_Add(domain, &g_cuda_op));

@@ -256,10 +256,15 @@ def fused_session(
         lib = native.library(settings.ops_library or None)
     except (BundleError, native.NativeError) as exc:
         raise FusedError(str(exc)) from exc
+    except Exception as exc:  # anything else on the way must not stop the service
+        raise FusedError(f"custom-op library: {exc!r}") from exc
     on_gpu = ref.get_providers()[0] == CUDA
     if on_gpu and not lib.cuda:
         raise FusedError(f"{lib.path} has no CUDA kernel (it was built without nvcc)")
-    so.register_custom_ops_library(str(lib.path))
+    try:
+        so.register_custom_ops_library(str(lib.path))
+    except Exception as exc:  # ORT's own error types: not a loadable library
+        raise FusedError(f"ONNX Runtime cannot load {lib.path}: {exc}") from exc
     try:
         session = _session(bundle, data, so, providers, graphs)
         worst = probe_diff(bundle, ref, session, graphs)

@@ -56,7 +56,7 @@ def test_library_builds_once_and_reports_its_kernels(lib: native.OpsLibrary) -> 
 def test_build_failures_are_native_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CTR_OPS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    with pytest.raises(native.NativeError, match="build step failed"):
+    with pytest.raises(native.NativeError, match="cannot run"):
         native.build(cuda=False)
     monkeypatch.setattr(native, "SOURCE_DIR", tmp_path / "empty")
     with pytest.raises(native.NativeError, match="sources missing"):
@@ -106,16 +106,82 @@ def test_fused_graph_matches_standard_graph(
     assert got[0].shape == (n,) and np.all((got[0] > 0) & (got[0] < 1))
 
 
-def test_the_op_rejects_bad_inputs(bundles: dict[str, Built], lib: native.OpsLibrary) -> None:
-    b = load_bundle(bundles["dien"].models_dir, "dien")
-    fused = session(b.fused_bytes(), lib)
-    feeds = probe_feeds(b, 2, 5, seed=1)
-    feeds["user_idx"] = np.array([0, 1, 1, 0, 0], dtype=np.int64)
-    fused.run(["probs"], feeds)
-    # the graph's own Gather fails first on a user row past U, the op checks its own too
-    feeds["user_idx"] = np.array([0, 1, 2, 0, 0], dtype=np.int64)
-    with pytest.raises(Exception, match="out of range|out of bounds|indices"):
-        fused.run(["probs"], feeds)
+def op_only(lib: native.OpsLibrary) -> ort.InferenceSession:
+    """A graph of the one custom node, so its own input checks are what runs."""
+    from onnx import TensorProto, helper
+
+    f, i64 = TensorProto.FLOAT, TensorProto.INT64
+    node = helper.make_node(
+        "AttentionalGRU", ["x", "att", "idx", "w", "b"], ["h"], domain="ctr_ops"
+    )
+    graph = helper.make_graph(
+        [node],
+        "op",
+        [
+            helper.make_tensor_value_info("x", f, ["U", "L", "G"]),
+            helper.make_tensor_value_info("att", f, ["N", "L"]),
+            helper.make_tensor_value_info("idx", i64, ["N"]),
+            helper.make_tensor_value_info("w", f, ["G", "H"]),
+            helper.make_tensor_value_info("b", f, ["G"]),
+        ],
+        [helper.make_tensor_value_info("h", f, ["N", "H"])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ctr_ops", 1)]
+    )
+    return session(model.SerializeToString(), lib)
+
+
+def op_feeds(users: int, n: int, steps: int, hd: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(7)
+    return {
+        "x": rng.normal(size=(users, steps, 3 * hd)).astype(np.float32),
+        "att": rng.uniform(0, 1, size=(n, steps)).astype(np.float32),
+        "idx": rng.integers(0, users, size=n).astype(np.int64),
+        "w": rng.normal(size=(3 * hd, hd)).astype(np.float32) * 0.3,
+        "b": rng.normal(size=3 * hd).astype(np.float32),
+    }
+
+
+def test_the_op_matches_the_torch_recurrence(lib: native.OpsLibrary) -> None:
+    import torch
+
+    from training.models import evolve
+
+    sess = op_only(lib)
+    for users, n, steps, hd in ((2, 37, 9, 16), (1, 5, 4, 7)):  # 7: not a multiple of 8
+        feeds = op_feeds(users, n, steps, hd)
+        feeds["att"][0, :] = 0.0  # a candidate that never updates: h stays 0
+        got = sess.run(["h"], feeds)[0]
+        t = {k: torch.from_numpy(v) for k, v in feeds.items()}
+        want = evolve(t["x"], t["att"], t["idx"], t["w"], t["b"], "augru").numpy()
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+        assert np.all(got[0] == 0.0)
+
+
+def test_the_op_rejects_bad_inputs(lib: native.OpsLibrary) -> None:
+    sess = op_only(lib)
+    feeds = op_feeds(2, 5, 4, 8)
+    for bad in (2, -1):  # past U, negative
+        f = dict(feeds, idx=np.array([0, 1, bad, 0, 1], dtype=np.int64))
+        with pytest.raises(Exception, match="user_idx out of range"):
+            sess.run(["h"], f)
+    with pytest.raises(Exception, match=r"att must be \[N, L\]"):
+        sess.run(["h"], dict(feeds, att=feeds["att"][:, :3]))
+    with pytest.raises(Exception, match=r"w_hh must be \[3H, H\]"):
+        sess.run(["h"], dict(feeds, w=feeds["w"][:, :4]))
+    with pytest.raises(Exception, match="hidden size"):
+        sess.run(["h"], op_feeds(1, 2, 3, 65))
+
+
+def test_a_corrupt_cached_build_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CTR_OPS_CACHE", str(tmp_path))
+    first = native.build(cuda=False)
+    good = first.path.read_bytes()
+    first.path.write_bytes(good[: len(good) // 2])  # e.g. a build cut off by a crash
+    again = native.build(cuda=False)
+    assert again.path == first.path and again.path.read_bytes() == good
+    op_only(again)  # and it loads
 
 
 def test_service_serves_fused_graph_with_the_same_scores(bundles: dict[str, Built]) -> None:
@@ -191,6 +257,44 @@ def test_broken_fused_graph_serves_the_standard_graph(
         info = client.get("/v1/models").json()
         assert info["graph"] == "standard" and info["graph_note"]
         assert client.get("/readyz").status_code == 200
+
+
+def test_parity_miss_or_a_bad_library_serves_the_standard_graph(
+    bundles: dict[str, Built], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import service.model as service_model
+
+    with monkeypatch.context() as m:
+        m.setattr(service_model, "FUSED_TOLERANCE", -1.0)
+        model = load_model(settings_for(bundles["dien"], fused_ops="on"))
+    assert model.graph == "standard" and "parity" in model.graph_note
+    junk = tmp_path / "libjunk.so"
+    junk.write_text("not a shared library")
+    model = load_model(settings_for(bundles["dien"], fused_ops="on", ops_library=str(junk)))
+    assert model.graph == "standard" and "libjunk.so" in model.graph_note
+
+
+def test_a_fused_gate_failure_publishes_without_the_fused_graph(
+    bundles: dict[str, Built], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import training.export as ex
+    from training.train import load_run
+
+    real = ex.parity_gate
+
+    def gate(model: object, path: Path, *a: object, **kw: object) -> ex.ParityReport:
+        report = real(model, path, *a, **kw)  # type: ignore[arg-type]
+        if kw.get("ops_library") is not None:  # only the fused graph's gate fails
+            return ex.ParityReport(1.0, report.cases)
+        return report
+
+    monkeypatch.setattr(ex, "parity_gate", gate)
+    built = bundles["dien"]
+    config, mapper, model, metrics = load_run(built.run_dir)
+    version, path, report = ex.export_bundle(model, config, mapper, metrics, tmp_path)
+    assert report.ok
+    assert json.loads((path / "manifest.json").read_text())["fused"] is None
+    assert not (path / FUSED_FILE).exists()
 
 
 def test_missing_library_or_nothing_to_fuse_is_said(bundles: dict[str, Built]) -> None:
