@@ -141,9 +141,11 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
         args.repeats,
         [int(x) for x in args.users.split(",")],
     )
-    table = f"Command: `{command.strip()}`\n\n" + render(
-        res, _device({"CTR_PROVIDER": "cuda"}), args.repeats
-    )
+    import onnxruntime as ort
+
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    device = _device({"CTR_PROVIDER": "cuda" if cuda else "cpu"})
+    table = f"Command: `{command.strip()}`\n\n" + render(res, device, args.repeats)
     print(table)
     if args.out:
         _write_report(Path(args.out), "bench_gpu", res, table)

@@ -5,6 +5,7 @@ the copies to and from the device are included) under each way the service can r
 the graph, all loaded by :func:`service.model.load_model` from settings:
 
 * ``cpu``: the CPU provider, ORT's default threads (the baseline in the same run);
+* ``cpu+fused``: the same with the fused graph (the custom op's CPU kernel);
 * ``cuda``: the CUDA provider with plain ``session.run``;
 * ``cuda+iobinding``: outputs allocated on the device, copied back once;
 * ``cuda+graphs``: CUDA graphs per (users, N) bucket;
@@ -34,6 +35,7 @@ from training.bench_util import _time, full_history_feed, naive_feed, p50_p99
 OFF = {"fused_ops": "off"}
 VARIANTS: dict[str, dict[str, Any]] = {
     "cpu": {"provider": "cpu", **OFF},
+    "cpu+fused": {"provider": "cpu", "fused_ops": "on"},
     "cuda": {"provider": "cuda", **OFF},
     "cuda+iobinding": {"provider": "cuda", "io_binding": True, **OFF},
     "cuda+graphs": {"provider": "cuda", "cuda_graph": True, **OFF},
