@@ -26,10 +26,13 @@ namespace ctr_ops {
 
 constexpr int kMaxHidden = 64;
 
-// Reference CPU implementation. Returns false if a user index is out of range.
-bool augru_cpu(const float* x_proj, const float* att, const int64_t* user_idx, const float* w_hh,
-               const float* b_hh, float* out, int64_t users, int64_t n, int64_t steps,
-               int64_t hidden);
+// CPU implementation, in independent blocks of candidates for a thread pool: check the
+// indices once, then run blocks 0 .. augru_cpu_blocks(n) - 1 in any order, on any threads.
+bool augru_indices_ok(const int64_t* user_idx, int64_t n, int64_t users);
+int64_t augru_cpu_blocks(int64_t n);
+void augru_cpu_block(const float* x_proj, const float* att, const int64_t* user_idx,
+                     const float* w_hh, const float* b_hh, float* out, int64_t n, int64_t steps,
+                     int64_t hidden, int64_t block);
 
 #ifdef CTR_OPS_CUDA
 // Launches the kernel on `stream` (a cudaStream_t). Returns a CUDA error string or nullptr.

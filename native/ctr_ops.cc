@@ -17,109 +17,107 @@ namespace ctr_ops {
 
 namespace {
 
-constexpr int kLanes = 16;  // candidates per block: the innermost loops run across them
+// Blocks of kLanes candidates run together, one vector lane each (GCC/Clang vector
+// extensions), kLanes being the target's vector width in floats: a wider type than the
+// registers spills and ran 2-16x slower. Nothing here needs libm: exp is inline.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
-// exp(x) for x in [-87, 88] from exp(x) = 2^n * exp(r), |r| <= ln2/2, with a degree-6
-// polynomial for exp(r): about 1 ulp, and only arithmetic and integer bit moves, so the
-// loops over lanes vectorise (libm's expf is a call per element).
-inline float exp_approx(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  // round to nearest by adding and removing 1.5 * 2^23 (no branch, no libm call)
-  const float nf = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const int n = static_cast<int>(nf);
-  const float r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+inline vf splat(float x) { return vf{} + x; }
+
+// exp(x), x clamped to [-87, 88]: exp(x) = 2^n * exp(r), |r| <= ln2/2, with a degree-6
+// polynomial for exp(r) (about 1 ulp; Cephes' expf coefficients).
+inline vf vexp(vf x) {
+  x = x < splat(-87.0f) ? splat(-87.0f) : x;
+  x = x > splat(88.0f) ? splat(88.0f) : x;
+  // round to nearest by adding and removing 1.5 * 2^23
+  const vf nf = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (n + 127) << 23;
-  float scale;
+  const vi bits = (__builtin_convertvector(nf, vi) + 127) << 23;
+  vf scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
 
-inline float sigmoid_approx(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+inline vf vsigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
 
-inline float tanh_approx(float x) {  // 1 - 2 / (e^2x + 1): absolute error ~1e-7
-  return 1.0f - 2.0f / (exp_approx(2.0f * x) + 1.0f);
-}
+inline vf vtanh(vf x) { return 1.0f - 2.0f / (vexp(2.0f * x) + 1.0f); }  // abs. error ~1e-7
 
-// One block of up to kLanes candidates, all L steps. State is [H][kLanes] so that every
-// innermost loop runs across candidates with unit stride.
+// One block of up to kLanes candidates (rows row0 ...), all L steps; unused lanes repeat
+// the block's last candidate and are not written.
 void augru_block(const float* x_proj, const float* att, const int64_t* user_idx,
                  const float* w_hh, const float* b_hh, float* out, int64_t row0, int lanes,
-                 int64_t steps, int64_t hd, float* h, float* s, float* acc, float* xs) {
+                 int64_t steps, int64_t hd) {
   const int64_t g3 = 3 * hd;
-  std::fill(h, h + hd * kLanes, 0.0f);
-  float a[kLanes];
+  vf h[kMaxHidden], acc[3 * kMaxHidden], s[2 * kMaxHidden];
+  for (int64_t j = 0; j < hd; ++j) h[j] = splat(0.0f);
   const float* xu[kLanes];
-  for (int l = 0; l < kLanes; ++l) {  // unused lanes repeat the last candidate, unwritten
+  const float* ar[kLanes];
+  for (int l = 0; l < kLanes; ++l) {
     const int64_t row = row0 + std::min(l, lanes - 1);
     xu[l] = x_proj + user_idx[row] * steps * g3;
+    ar[l] = att + row * steps;
   }
   for (int64_t t = 0; t < steps; ++t) {
+    vf a;
     bool any = false;
     for (int l = 0; l < kLanes; ++l) {
-      a[l] = l < lanes ? att[(row0 + l) * steps + t] : 0.0f;
+      a[l] = l < lanes ? ar[l][t] : 0.0f;
       any |= a[l] != 0.0f;
     }
     if (!any) continue;  // a == 0 leaves h as it is, exactly
-    // gates r, u (rows [0, 2H)) and the recurrent part of the candidate (rows [2H, 3H))
-    for (int64_t j = 0; j < g3; ++j) {
-      float* aj = acc + j * kLanes;
-      const float bj = b_hh[j];
-      for (int l = 0; l < kLanes; ++l) aj[l] = bj;
+    for (int64_t j = 0; j < g3; ++j) {  // b + W h, rows r, u (sign-flipped) and the candidate
+      vf sum = splat(b_hh[j]);
       const float* wj = w_hh + j * hd;
-      for (int64_t k = 0; k < hd; ++k) {
-        const float w = wj[k];
-        const float* hk = h + k * kLanes;
-        for (int l = 0; l < kLanes; ++l) aj[l] += w * hk[l];
-      }
-    }
-    for (int l = 0; l < kLanes; ++l) {  // this step's input terms, lane-major
-      const float* x = xu[l] + t * g3;
-      for (int64_t j = 0; j < g3; ++j) xs[j * kLanes + l] = x[j];
+      for (int64_t k = 0; k < hd; ++k) sum += wj[k] * h[k];
+      acc[j] = sum;
     }
     for (int64_t j = 0; j < 2 * hd; ++j) {
-      const float* aj = acc + j * kLanes;
-      const float* xj = xs + j * kLanes;
-      float* sj = s + j * kLanes;
-      for (int l = 0; l < kLanes; ++l) sj[l] = sigmoid_approx(xj[l] + aj[l]);
+      vf x;
+      for (int l = 0; l < kLanes; ++l) x[l] = xu[l][t * g3 + j];
+      s[j] = vsigmoid(x + acc[j]);
     }
     for (int64_t j = 0; j < hd; ++j) {
-      const float* r = s + j * kLanes;
-      const float* u = s + (hd + j) * kLanes;
-      const float* hn = acc + (2 * hd + j) * kLanes;
-      const float* xn = xs + (2 * hd + j) * kLanes;
-      float* hj = h + j * kLanes;
-      for (int l = 0; l < kLanes; ++l) {
-        const float c = tanh_approx(xn[l] + r[l] * hn[l]);
-        hj[l] = hj[l] + (a[l] * u[l]) * (c - hj[l]);
-      }
+      vf x;
+      for (int l = 0; l < kLanes; ++l) x[l] = xu[l][t * g3 + 2 * hd + j];
+      const vf c = vtanh(x + s[j] * acc[2 * hd + j]);
+      h[j] = h[j] + (a * s[hd + j]) * (c - h[j]);
     }
   }
   for (int l = 0; l < lanes; ++l)
-    for (int64_t j = 0; j < hd; ++j) out[(row0 + l) * hd + j] = h[j * kLanes + l];
+    for (int64_t j = 0; j < hd; ++j) out[(row0 + l) * hd + j] = h[j][l];
 }
 
 }  // namespace
 
-bool augru_cpu(const float* x_proj, const float* att, const int64_t* user_idx, const float* w_hh,
-               const float* b_hh, float* out, int64_t users, int64_t n, int64_t steps,
-               int64_t hidden) {
+bool augru_indices_ok(const int64_t* user_idx, int64_t n, int64_t users) {
   for (int64_t row = 0; row < n; ++row)
     if (user_idx[row] < 0 || user_idx[row] >= users) return false;
-  std::vector<float> h(hidden * kLanes), s(2 * hidden * kLanes), acc(3 * hidden * kLanes),
-      xs(3 * hidden * kLanes);
-  for (int64_t row0 = 0; row0 < n; row0 += kLanes) {
-    const int lanes = static_cast<int>(std::min<int64_t>(kLanes, n - row0));
-    augru_block(x_proj, att, user_idx, w_hh, b_hh, out, row0, lanes, steps, hidden, h.data(),
-                s.data(), acc.data(), xs.data());
-  }
   return true;
+}
+
+int64_t augru_cpu_blocks(int64_t n) { return (n + kLanes - 1) / kLanes; }
+
+void augru_cpu_block(const float* x_proj, const float* att, const int64_t* user_idx,
+                     const float* w_hh, const float* b_hh, float* out, int64_t n, int64_t steps,
+                     int64_t hidden, int64_t block) {
+  const int64_t row0 = block * kLanes;
+  const int lanes = static_cast<int>(std::min<int64_t>(kLanes, n - row0));
+  augru_block(x_proj, att, user_idx, w_hh, b_hh, out, row0, lanes, steps, hidden);
 }
 
 namespace {
@@ -215,9 +213,22 @@ OrtStatus* compute(void* op_kernel, OrtKernelContext* ctx) {
     return error("library built without CUDA");
 #endif
   }
-  if (!augru_cpu(xp, ap, ip, wp, bp, op, users, n, steps, hd))
-    return error("user_idx out of range [0, U)");
-  return nullptr;
+  if (!augru_indices_ok(ip, n, users)) return error("user_idx out of range [0, U)");
+  // blocks of candidates are independent: spread them over ORT's intra-op threads
+  struct Args {
+    const float *x, *a, *w, *b;
+    const int64_t* i;
+    float* o;
+    int64_t n, steps, hd;
+  } args{xp, ap, wp, bp, ip, op, n, steps, hd};
+  auto block = [](void* p, size_t k) {
+    const Args* r = static_cast<const Args*>(p);
+    augru_cpu_block(r->x, r->a, r->i, r->w, r->b, r->o, r->n, r->steps, r->hd,
+                    static_cast<int64_t>(k));
+  };
+  const int64_t blocks = augru_cpu_blocks(n);
+  if (blocks == 0) return nullptr;
+  return g_api->KernelContext_ParallelFor(ctx, block, static_cast<size_t>(blocks), 0, &args);
 }
 
 // ---- the OrtCustomOp callbacks (same for both providers but the provider name) ----

@@ -123,16 +123,15 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
             f"{bundle.input_names}"
         )
     graph, graph_note, served = "standard", "", model_bytes
-    if settings.fused_ops == "on" or (settings.fused_ops == "auto" and provider == CUDA):
-        if bundle.fused is None and settings.fused_ops == "auto":
-            pass  # nothing to fuse in this model (or exported without the library)
-        else:
-            try:
-                session, served = fused_session(settings, bundle, session, so, providers, graphs)
-                graph = "fused"
-            except FusedError as exc:  # documented: serve the standard graph, say why
-                graph_note = str(exc)
-                log.warning("fused graph not used, serving model.onnx: %s", exc)
+    # auto: whenever the bundle has a fused graph (a model with nothing to fuse, or one
+    # exported without the library, has none); on: also say why when it has none
+    if settings.fused_ops == "on" or (settings.fused_ops == "auto" and bundle.fused is not None):
+        try:
+            session, served = fused_session(settings, bundle, session, so, providers, graphs)
+            graph = "fused"
+        except FusedError as exc:  # documented: serve the standard graph, say why
+            graph_note = str(exc)
+            log.warning("fused graph not used, serving model.onnx: %s", exc)
     precision, note = "fp32", ""
     if settings.precision == "fp16":
         keep = (native.OP,) if graph == "fused" else ()

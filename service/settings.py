@@ -51,8 +51,9 @@ class Settings(BaseSettings):
     )
     fused_ops: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="serve the bundle's fused graph (DIEN's AUGRU as one custom-op node): "
-        "auto = on CUDA only, where it is faster; on = on any provider; off = never",
+        description="serve the bundle's fused graph (DIEN's AUGRU as one custom-op node) "
+        "after a parity check against model.onnx: auto = when the bundle has one; on = "
+        "also say why not when it has none; off = never",
     )
     ops_library: str = Field(
         "",

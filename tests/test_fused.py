@@ -210,15 +210,16 @@ def test_service_serves_fused_graph_with_the_same_scores(bundles: dict[str, Buil
         assert got_w == pytest.approx(want_w, abs=1e-6) and want_w
 
 
-def test_auto_keeps_the_standard_graph_on_cpu(bundles: dict[str, Built]) -> None:
-    # fused_ops=auto: CUDA only
-    model = load_model(settings_for(bundles["dien"], provider="cpu"))
-    assert model.graph == "standard" and model.graph_note == ""
+def test_auto_serves_the_fused_graph_where_the_bundle_has_one(bundles: dict[str, Built]) -> None:
+    model = load_model(settings_for(bundles["dien"], provider="cpu"))  # fused_ops=auto
+    assert model.graph == "fused" and model.graph_note == ""
+    model = load_model(settings_for(bundles["din"], provider="cpu"))
+    assert model.graph == "standard" and model.graph_note == ""  # nothing to fuse: no note
 
 
 def test_fused_with_fp16_keeps_the_op_in_fp32(bundles: dict[str, Built]) -> None:
     built = bundles["dien"]
-    ref = load_model(settings_for(built))
+    ref = load_model(settings_for(built, fused_ops="off"))
     model = load_model(settings_for(built, fused_ops="on", precision="fp16"))
     assert (model.graph, model.precision) == ("fused", "fp16"), (
         model.graph_note,
@@ -247,7 +248,7 @@ def test_broken_fused_graph_serves_the_standard_graph(
     bundles: dict[str, Built], tmp_path: Path, mutate: str
 ) -> None:
     built = corrupt_copy(bundles["dien"], tmp_path, mutate)
-    ref = load_model(settings_for(bundles["dien"]))
+    ref = load_model(settings_for(bundles["dien"], fused_ops="off"))
     model = load_model(settings_for(built, fused_ops="on"))
     assert model.graph == "standard"
     assert ("corrupt" if mutate == "bytes" else "unreadable") in model.graph_note

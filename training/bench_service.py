@@ -293,6 +293,19 @@ def bodies_for(frame: Any, n: int, count: int = 64, seed: int = 0) -> list[bytes
     return out
 
 
+def fused_library(bundle: Any, fused_ops: str) -> Path | None:
+    """The custom-op library when the service would serve ``bundle``'s fused graph under
+    ``CTR_FUSED_OPS=fused_ops`` (so the model-only figures time the same graph)."""
+    if fused_ops == "off" or bundle.fused is None:
+        return None
+    from ctr import native
+
+    try:
+        return native.library().path
+    except native.NativeError:
+        return None
+
+
 def model_only(
     bundle_dir: Path,
     name: str,
@@ -301,24 +314,30 @@ def model_only(
     reps: int,
     streams: int = 0,
     par_seconds: float = 2.0,
+    fused_ops: str = "auto",
 ) -> dict:
-    """ORT alone on the same shapes the service feeds (U=1, N candidates, full history):
-    latency of one stream with ``threads`` intra-op threads (ORT's defaults, spinning
-    on), and the throughput of ``streams`` concurrent single-threaded runs (0 = one per
-    core). What the model alone sustains is the better of the two."""
+    """ORT alone on the same shapes the service feeds (U=1, N candidates, full history),
+    on the graph the service serves (the fused one where it would): latency of one
+    stream with ``threads`` intra-op threads (ORT's defaults, spinning on), and the
+    throughput of ``streams`` concurrent single-threaded runs (0 = one per core). What
+    the model alone sustains is the better of the two."""
     import onnxruntime as ort
 
     from training.bench_util import _time, full_history_feed
 
     streams = streams or (os.cpu_count() or 1)
     b = load_bundle(bundle_dir, name)
+    lib = fused_library(b, fused_ops)
 
     def session(n_threads: int) -> Any:
         so = ort.SessionOptions()
         so.intra_op_num_threads = n_threads
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        return ort.InferenceSession(str(b.model_path), so, providers=["CPUExecutionProvider"])
+        if lib is None:
+            return ort.InferenceSession(str(b.model_path), so, providers=["CPUExecutionProvider"])
+        so.register_custom_ops_library(str(lib))
+        return ort.InferenceSession(b.fused_bytes(), so, providers=["CPUExecutionProvider"])
 
     sess = session(threads)
     narrow = session(1) if streams > 1 else None
@@ -503,7 +522,8 @@ def run(
             if env.get("CTR_PROVIDER") == "cuda":
                 mo = runner_model_only(where, config.name, n_values, env, 100)
             else:
-                mo = model_only(where, config.name, n_values, threads, 100)
+                fused_ops = env.get("CTR_FUSED_OPS", os.environ.get("CTR_FUSED_OPS", "auto"))
+                mo = model_only(where, config.name, n_values, threads, 100, fused_ops=fused_ops)
             proc, url = _start_service(where, config.name, redis_url, port, threads, inflight, env)
             per_model: dict[str, Any] = {
                 "model_only": mo,
