@@ -102,6 +102,19 @@ def _run(cmd: list[str], cwd: Path) -> None:
         raise NativeError(f"build step failed: {' '.join(cmd)}\n{res.stderr[-4000:]}")
 
 
+def _cpu_flags() -> str:
+    """This CPU's feature flags (Linux), or the machine type where /proc has none."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.machine()
+
+
 def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -152,7 +165,10 @@ def build(cuda: bool | None = None, out_dir: Path | None = None) -> OpsLibrary:
         link_extra = [f"-L{cudart}", "-l:libcudart_static.a", "-ldl", "-lpthread", "-lrt"]
     commands.append([cxx, "-shared", "-o", LIB_NAME, *objs, *link_extra,
                      "-static-libstdc++", "-static-libgcc"])  # fmt: skip
-    target = (out_dir or cache_dir()) / _digest(commands, tools)
+    # -march=native compiles for this CPU: a cache shared with another machine must not
+    # hand it a library with instructions it lacks, so the CPU's flags join the key
+    host = [_cpu_flags()] if "native" in " ".join(cpu_arch) else []
+    target = (out_dir or cache_dir()) / _digest([*commands, host], tools)
     lib, stamp = target / LIB_NAME, target / (LIB_NAME + ".sha256")
     try:
         if lib.is_file() and stamp.is_file() and stamp.read_text().strip() == _file_sha256(lib):
