@@ -10,7 +10,6 @@ exporter's parity gate and the service both use it.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import logging
 import os
@@ -172,7 +171,7 @@ def build(cuda: bool | None = None, out_dir: Path | None = None) -> OpsLibrary:
     lib, stamp = target / LIB_NAME, target / (LIB_NAME + ".sha256")
     try:
         if lib.is_file() and stamp.is_file() and stamp.read_text().strip() == _file_sha256(lib):
-            return OpsLibrary(lib, cuda)
+            return describe(lib)
         target.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix="build-", dir=target.parent))
     except OSError as exc:
@@ -193,7 +192,7 @@ def build(cuda: bool | None = None, out_dir: Path | None = None) -> OpsLibrary:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log.info("built %s (cuda=%s)", lib, cuda)
-    return OpsLibrary(lib, cuda)
+    return describe(lib)
 
 
 def _ort_has_cuda() -> bool:
@@ -202,13 +201,35 @@ def _ort_has_cuda() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+_PROBE = """
+import ctypes, sys
+lib = ctypes.CDLL(sys.argv[1])
+print(int(lib.CtrOpsSelfTest()), int(lib.CtrOpsHasCuda()))
+"""
+
+
 def describe(path: Path) -> OpsLibrary:
-    """Open a built library and ask whether its CUDA kernel is compiled in."""
+    """Load the library in a child process, run its CPU kernel once there and ask
+    whether its CUDA kernel is compiled in. A library that would crash the caller (built
+    for instructions this CPU lacks, truncated, not ours) raises :class:`NativeError`
+    instead; only then is it safe to load here."""
+    import sys
+
     try:
-        handle = ctypes.CDLL(str(path))
-        return OpsLibrary(path, bool(handle.CtrOpsHasCuda()))
-    except (OSError, AttributeError) as exc:
-        raise NativeError(f"{path} is not this project's custom-op library: {exc}") from exc
+        res = subprocess.run([sys.executable, "-c", _PROBE, str(path)], capture_output=True,
+                             text=True, timeout=60, check=False)  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise NativeError(f"cannot check {path}: {exc}") from exc
+    if res.returncode != 0:
+        why = res.stderr.strip().splitlines()[-1:] or [f"exit status {res.returncode}"]
+        if res.returncode < 0:
+            why = [f"killed by signal {-res.returncode} (a CPU without the instructions it "
+                   "was built for, or a damaged file)"]  # fmt: skip
+        raise NativeError(f"{path} is not a usable custom-op library: {why[0]}")
+    ok, cuda = res.stdout.split()
+    if ok != "1":
+        raise NativeError(f"{path}: its CPU kernel's self-test failed")
+    return OpsLibrary(path, cuda == "1")
 
 
 def library(path: str | None = None, build_missing: bool = True) -> OpsLibrary:

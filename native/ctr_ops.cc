@@ -13,6 +13,10 @@
 #include "augru.h"
 #include "onnxruntime_c_api.h"
 
+#ifdef __FAST_MATH__
+#error "ctr_ops needs IEEE float semantics: its exp rounds with a 1.5 * 2^23 add (no -ffast-math)"
+#endif
+
 namespace ctr_ops {
 
 namespace {
@@ -95,7 +99,8 @@ void augru_block(const float* x_proj, const float* att, const int64_t* user_idx,
       vf x;
       for (int l = 0; l < kLanes; ++l) x[l] = xu[l][t * g3 + 2 * hd + j];
       const vf c = vtanh(x + s[j] * acc[2 * hd + j]);
-      h[j] = h[j] + (a * s[hd + j]) * (c - h[j]);
+      // lanes with a == 0 keep h exactly, whatever this step's inputs hold (NaN included)
+      h[j] = a != splat(0.0f) ? h[j] + (a * s[hd + j]) * (c - h[j]) : h[j];
     }
   }
   for (int l = 0; l < lanes; ++l)
@@ -116,6 +121,7 @@ void augru_cpu_block(const float* x_proj, const float* att, const int64_t* user_
                      const float* w_hh, const float* b_hh, float* out, int64_t n, int64_t steps,
                      int64_t hidden, int64_t block) {
   const int64_t row0 = block * kLanes;
+  if (block < 0 || row0 >= n) return;  // no such block
   const int lanes = static_cast<int>(std::min<int64_t>(kLanes, n - row0));
   augru_block(x_proj, att, user_idx, w_hh, b_hh, out, row0, lanes, steps, hidden);
 }
@@ -334,6 +340,26 @@ __attribute__((visibility("default"))) int CtrOpsHasCuda() {
 #else
   return 0;
 #endif
+}
+
+// Runs the CPU kernel once on a small fixed input and checks the result is finite: a
+// library built for instructions this CPU lacks dies here (in the caller's test process)
+// instead of in the service. Returns 1 when it ran.
+__attribute__((visibility("default"))) int CtrOpsSelfTest() {
+  constexpr int64_t n = 19, steps = 3, hd = 5;
+  float x[steps * 3 * hd], att[n * steps], w[3 * hd * hd], b[3 * hd], out[n * hd];
+  int64_t idx[n];
+  for (int64_t i = 0; i < steps * 3 * hd; ++i) x[i] = 0.01f * static_cast<float>(i % 7);
+  for (int64_t i = 0; i < n * steps; ++i) att[i] = 0.1f * static_cast<float>(i % 5);
+  for (int64_t i = 0; i < 3 * hd * hd; ++i) w[i] = 0.02f * static_cast<float>(i % 3) - 0.02f;
+  for (int64_t i = 0; i < 3 * hd; ++i) b[i] = 0.05f;
+  for (int64_t i = 0; i < n; ++i) idx[i] = 0;
+  if (!ctr_ops::augru_indices_ok(idx, n, 1)) return 0;
+  for (int64_t k = 0; k < ctr_ops::augru_cpu_blocks(n); ++k)
+    ctr_ops::augru_cpu_block(x, att, idx, w, b, out, n, steps, hd, k);
+  for (float v : out)
+    if (!std::isfinite(v)) return 0;
+  return 1;
 }
 
 __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL

@@ -174,6 +174,33 @@ def test_the_op_rejects_bad_inputs(lib: native.OpsLibrary) -> None:
         sess.run(["h"], op_feeds(1, 2, 3, 65))
 
 
+def test_a_candidate_does_not_depend_on_its_block_neighbours(lib: native.OpsLibrary) -> None:
+    sess = op_only(lib)
+    feeds = op_feeds(3, 40, 6, 16)
+    feeds["att"][::3, 2:4] = 0.0  # some candidates skip steps their neighbours take
+    whole = sess.run(["h"], feeds)[0]
+    for rows in (np.arange(0, 40, 3), np.arange(5, 6), np.arange(39, 4, -7)):
+        part = dict(feeds, att=feeds["att"][rows], idx=feeds["idx"][rows])
+        np.testing.assert_array_equal(sess.run(["h"], part)[0], whole[rows])
+
+
+def test_a_library_that_would_crash_is_refused(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    cxx = shutil.which("g++") or shutil.which("c++")
+    assert cxx is not None  # the lib fixture built the real one with it
+    src = tmp_path / "bad.cc"
+    src.write_text(
+        'extern "C" int CtrOpsHasCuda() { return 0; }\n'
+        'extern "C" int CtrOpsSelfTest() { __builtin_trap(); }\n'  # like SIGILL on a CPU
+    )
+    bad = tmp_path / "libbad.so"
+    subprocess.run([cxx, "-shared", "-fPIC", str(src), "-o", str(bad)], check=True)
+    with pytest.raises(native.NativeError, match="killed by signal"):
+        native.library(str(bad))
+
+
 def test_a_corrupt_cached_build_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CTR_OPS_CACHE", str(tmp_path))
     first = native.build(cuda=False)

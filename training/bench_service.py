@@ -293,15 +293,16 @@ def bodies_for(frame: Any, n: int, count: int = 64, seed: int = 0) -> list[bytes
     return out
 
 
-def fused_library(bundle: Any, fused_ops: str) -> Path | None:
+def fused_library(bundle: Any, fused_ops: str, ops_library: str = "") -> Path | None:
     """The custom-op library when the service would serve ``bundle``'s fused graph under
-    ``CTR_FUSED_OPS=fused_ops`` (so the model-only figures time the same graph)."""
+    ``CTR_FUSED_OPS=fused_ops`` and ``CTR_OPS_LIBRARY=ops_library`` (so the model-only
+    figures time the same graph; the service's parity check is not repeated here)."""
     if fused_ops == "off" or bundle.fused is None:
         return None
     from ctr import native
 
     try:
-        return native.library().path
+        return native.library(ops_library or None).path
     except native.NativeError:
         return None
 
@@ -315,6 +316,7 @@ def model_only(
     streams: int = 0,
     par_seconds: float = 2.0,
     fused_ops: str = "auto",
+    ops_library: str = "",
 ) -> dict:
     """ORT alone on the same shapes the service feeds (U=1, N candidates, full history),
     on the graph the service serves (the fused one where it would): latency of one
@@ -327,7 +329,7 @@ def model_only(
 
     streams = streams or (os.cpu_count() or 1)
     b = load_bundle(bundle_dir, name)
-    lib = fused_library(b, fused_ops)
+    lib = fused_library(b, fused_ops, ops_library)
 
     def session(n_threads: int) -> Any:
         so = ort.SessionOptions()
@@ -523,7 +525,9 @@ def run(
                 mo = runner_model_only(where, config.name, n_values, env, 100)
             else:
                 fused_ops = env.get("CTR_FUSED_OPS", os.environ.get("CTR_FUSED_OPS", "auto"))
-                mo = model_only(where, config.name, n_values, threads, 100, fused_ops=fused_ops)
+                ops_lib = env.get("CTR_OPS_LIBRARY", os.environ.get("CTR_OPS_LIBRARY", ""))
+                mo = model_only(where, config.name, n_values, threads, 100,
+                                fused_ops=fused_ops, ops_library=ops_lib)  # fmt: skip
             proc, url = _start_service(where, config.name, redis_url, port, threads, inflight, env)
             per_model: dict[str, Any] = {
                 "model_only": mo,
