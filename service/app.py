@@ -242,7 +242,7 @@ async def _load(state: State, version: str | None) -> LoadedModel:
         raise
     state.model = model  # atomic swap: in-flight requests keep their reference
     state.model_error = None
-    m.set_model_info(model.name, model.version, model.provider)
+    m.set_model_info(model.name, model.version, model.provider, model.graph, model.precision)
     settle_heap()
     return model
 

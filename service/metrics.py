@@ -57,8 +57,8 @@ ERRORS = Counter("ctr_errors_total", "Errors by kind", ["kind"])
 DEGRADED = Counter("ctr_degraded_responses_total", "Responses served in degraded mode")
 MODEL_INFO = Gauge(
     "ctr_model_info",
-    "The loaded model (value 1)",
-    ["name", "version", "provider"],
+    "The loaded model (value 1): graph is fused or standard, precision fp32 or fp16",
+    ["name", "version", "provider", "graph", "precision"],
     multiprocess_mode="liveall",
 )
 
@@ -74,16 +74,17 @@ def render() -> tuple[bytes, str]:
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
 
-_current_info: list[tuple[str, str, str]] = []
+_current_info: list[tuple[str, ...]] = []
 
 
-def set_model_info(name: str, version: str, provider: str) -> None:
+def set_model_info(name: str, version: str, provider: str, graph: str, precision: str) -> None:
     """1 for the serving model, 0 for the one it replaced (``clear()`` is not available
     in multiprocess mode)."""
     for old in _current_info:
         MODEL_INFO.labels(*old).set(0)
-    _current_info[:] = [(name, version, provider)]
-    MODEL_INFO.labels(name=name, version=version, provider=provider).set(1)
+    labels = (name, version, provider, graph, precision)
+    _current_info[:] = [labels]
+    MODEL_INFO.labels(*labels).set(1)
 
 
 class GCTimer:

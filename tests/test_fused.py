@@ -225,6 +225,8 @@ def test_service_serves_fused_graph_with_the_same_scores(bundles: dict[str, Buil
             info = client.get("/v1/models").json()
             assert info["graph"] == ("fused" if mode == "on" else "standard")
             assert info["graph_note"] is None
+            graph = info["graph"]
+            assert f'graph="{graph}"' in client.get("/metrics").text  # ctr_model_info
             r = client.post("/v1/score", json=body)
             assert r.status_code == 200, r.text
             scores[mode] = {x["item_id"]: x for x in r.json()["items"]}
