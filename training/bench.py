@@ -3,7 +3,9 @@
 For each model and N it reports ORT median/p99 with the history fed once (U=1,
 ``user_idx`` zeros), and in the same run the ratio against (a) the same graph fed
 the history copied N times (U=N, the naive way) and (b) torch eager on the same
-inputs. Weights are random: latency does not depend on them.
+inputs. DIEN also gets "(fused)" rows: the graph with its AUGRU as one custom-op node
+(``native/``), when the op library can be built. Weights are random: latency does not
+depend on them.
 """
 
 from __future__ import annotations
@@ -16,17 +18,22 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from ctr import native
 from ctr.bundle import random_inputs
 from ctr.spec import FeatureConfig, load_config
 from training.bench_util import _time, naive_feed
-from training.export import ExportWrapper, export_onnx
+from training.export import ExportWrapper, export_onnx, fusable
 from training.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def session(path: Path, threads: int, level: str = "all") -> ort.InferenceSession:
+def session(
+    path: Path, threads: int, level: str = "all", ops_library: Path | None = None
+) -> ort.InferenceSession:
     so = ort.SessionOptions()
+    if ops_library is not None:
+        so.register_custom_ops_library(str(ops_library))
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.graph_optimization_level = {
@@ -53,11 +60,22 @@ def bench_model(
         path = Path(tmp) / "m.onnx"
         export_onnx(model, path)
         sess = session(path, threads)
+        fused = None  # DIEN: the same model with its AUGRU as one custom-op node
+        if fusable(model):
+            try:
+                lib = native.library()
+                export_onnx(model, Path(tmp) / "f.onnx", fused=True)
+                fused = session(Path(tmp) / "f.onnx", threads, ops_library=lib.path)
+            except native.NativeError as exc:
+                print(f"[bench-model] no fused rows: {exc}")
         rng = np.random.default_rng(0)
         torch.set_num_threads(threads)
         for n in n_values:
             feed = random_inputs(config, sizes, 1, n, config.max_seq_len, rng)
             naive = naive_feed(feed)
+            if fused is not None:
+                f_once = _time(lambda f=feed: fused.run(["probs"], f), repeats)
+                f_copied = _time(lambda f=naive: fused.run(["probs"], f), max(5, repeats // 2))
             once = _time(lambda f=feed: sess.run(["probs"], f), repeats)
             copied = _time(lambda f=naive: sess.run(["probs"], f), max(5, repeats // 2))
             targs = tuple(torch.from_numpy(v) for v in feed.values())
@@ -77,6 +95,17 @@ def bench_model(
                     "torch_p50_ms": float(np.median(tq)),
                 }
             )
+            if fused is not None:
+                rows.append(
+                    {
+                        "model": f"{config.model.type} (fused)",
+                        "n": n,
+                        "ort_p50_ms": float(np.median(f_once)),
+                        "ort_p99_ms": float(np.percentile(f_once, 99)),
+                        "naive_p50_ms": float(np.median(f_copied)),
+                        "torch_p50_ms": float(np.median(tq)),
+                    }
+                )
     return rows
 
 
