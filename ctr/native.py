@@ -1,11 +1,13 @@
 """The project's ONNX Runtime custom-op library (``native/``): build it, find it.
 
 It holds one op, ``ctr_ops.AttentionalGRU``: DIEN's AUGRU recurrence fused into one
-kernel (see ``native/augru.h``). The CPU kernel is always built (a C++17 compiler);
-the CUDA kernel too when ``nvcc`` is found (``$CUDA_HOME/bin`` or PATH). The library
-goes to a cache folder named after a hash of the sources and the build flags, so a
-changed source builds a new library and an unchanged one is reused. Torch-free: the
-exporter's parity gate and the service both use it.
+kernel (see ``native/augru.h``). The CPU kernel is always built (a C++17 compiler); the
+CUDA kernel too where ``nvcc`` is found and ORT has the CUDA provider. The library goes
+to a cache folder named after a hash of the sources, the build commands, the tools'
+versions and (for ``-march=native``) the CPU's flags, so any change builds a new one.
+Before a library is handed out, a child process loads it and runs its CPU kernel once,
+so one that would crash this process is refused with :class:`NativeError`. Torch-free:
+the exporter's parity gate and the service both use it; results are kept per process.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,8 +216,6 @@ def describe(path: Path) -> OpsLibrary:
     whether its CUDA kernel is compiled in. A library that would crash the caller (built
     for instructions this CPU lacks, truncated, not ours) raises :class:`NativeError`
     instead; only then is it safe to load here."""
-    import sys
-
     try:
         res = subprocess.run([sys.executable, "-c", _PROBE, str(path)], capture_output=True,
                              text=True, timeout=60, check=False)  # fmt: skip
@@ -226,19 +227,37 @@ def describe(path: Path) -> OpsLibrary:
             why = [f"killed by signal {-res.returncode} (a CPU without the instructions it "
                    "was built for, or a damaged file)"]  # fmt: skip
         raise NativeError(f"{path} is not a usable custom-op library: {why[0]}")
-    ok, cuda = res.stdout.split()
-    if ok != "1":
-        raise NativeError(f"{path}: its CPU kernel's self-test failed")
-    return OpsLibrary(path, cuda == "1")
+    answer = res.stdout.split()
+    if answer[:1] != ["1"] or len(answer) != 2:
+        raise NativeError(f"{path}: its CPU kernel's self-test failed ({res.stdout!r})")
+    return OpsLibrary(path, answer[1] == "1")
 
 
-def library(path: str | None = None, build_missing: bool = True) -> OpsLibrary:
+_known: dict[tuple[str, ...], OpsLibrary] = {}
+
+
+def library(path: str | None = None) -> OpsLibrary:
     """The library at ``path`` (``CTR_OPS_LIBRARY``) or the cached build of the sources,
-    built now if missing and ``build_missing``. Raises :class:`NativeError`."""
-    if path:
-        if not Path(path).is_file():
-            raise NativeError(f"custom-op library {path} does not exist")
-        return describe(Path(path))
-    if not build_missing:
-        raise NativeError("no custom-op library given and building is off")
-    return build()
+    built now if missing. The answer is kept for this process, per path, build settings
+    and source versions, so the compiler checks and the child-process load run once.
+    Raises :class:`NativeError`."""
+    env = ("CXX", "CTR_OPS_CACHE", "CTR_OPS_CXX_ARCH", "CTR_OPS_CUDA_ARCH", "CUDA_HOME", "PATH")
+    stamps = []
+    for name in SOURCES:
+        try:
+            stamps.append(str((SOURCE_DIR / name).stat().st_mtime_ns))
+        except OSError:
+            stamps.append("missing")
+    key = (path or "", *(os.environ.get(k, "") for k in env), *stamps)
+    if key not in _known:
+        if path:
+            if not Path(path).is_file():
+                raise NativeError(f"custom-op library {path} does not exist")
+            _known[key] = describe(Path(path))
+        else:
+            _known[key] = build()
+    found = _known[key]
+    if not found.path.is_file():  # removed since: look again
+        del _known[key]
+        return library(path)
+    return found

@@ -24,11 +24,12 @@ def fp16_bytes(data: bytes, keep_fp32: tuple[str, ...] = ()) -> bytes:
     in ``keep_fp32`` (custom ops with fp32 kernels only) stay fp32 behind casts."""
     try:
         import onnx
-        from onnxruntime.transformers.float16 import convert_float_to_float16
+        from onnxruntime.transformers.float16 import (
+            DEFAULT_OP_BLOCK_LIST,
+            convert_float_to_float16,
+        )
     except ImportError as exc:  # the onnx package is needed only for this
         raise PrecisionError(f"fp16 conversion needs the onnx package: {exc}") from exc
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
-
     try:
         model = convert_float_to_float16(
             onnx.load_from_string(data),

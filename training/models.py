@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ctr import native
 from ctr.spec import FeatureConfig
 from training.modules import (
     MLP,
@@ -26,7 +27,6 @@ from training.modules import (
 )
 
 Inputs = dict[str, Tensor]
-MAX_FUSED_HIDDEN = 64  # native/augru.h kMaxHidden
 
 
 class CTRModel(nn.Module):
@@ -363,7 +363,7 @@ class AttentionalGRU(nn.Module):
 
     @property
     def can_fuse(self) -> bool:
-        return self.kind == "augru" and self.hidden <= MAX_FUSED_HIDDEN
+        return self.kind == "augru" and self.hidden <= native.MAX_HIDDEN
 
     def forward(self, states: Tensor, att: Tensor, user_idx: Tensor, mask: Tensor) -> Tensor:
         sign = self.sign
