@@ -123,9 +123,7 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
             f"{bundle.input_names}"
         )
     graph, graph_note, served = "standard", "", model_bytes
-    # auto: whenever the bundle has a fused graph (a model with nothing to fuse, or one
-    # exported without the library, has none); on: also say why when it has none
-    if settings.fused_ops == "on" or (settings.fused_ops == "auto" and bundle.fused is not None):
+    if fused_wanted(settings.fused_ops, bundle):
         try:
             session, served = fused_session(settings, bundle, session, so, providers, graphs)
             graph = "fused"
@@ -217,6 +215,13 @@ def _session(
         return ort.InferenceSession(model_bytes, so, providers=chosen)
     except Exception as exc:  # ORT raises its own exception types for bad graphs
         raise BundleError(f"ONNX Runtime cannot load {bundle.model_path}: {exc}") from exc
+
+
+def fused_wanted(fused_ops: str, bundle: Bundle) -> bool:
+    """Whether ``CTR_FUSED_OPS=fused_ops`` asks for ``bundle``'s fused graph. auto:
+    whenever the bundle has one (a model with nothing to fuse, or one exported without
+    the library, has none); on: always, so that its absence is said in ``graph_note``."""
+    return fused_ops == "on" or (fused_ops == "auto" and bundle.fused is not None)
 
 
 def probe_diff(

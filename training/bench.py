@@ -70,14 +70,17 @@ def bench_model(
                 print(f"[bench-model] no fused rows: {exc}")
         rng = np.random.default_rng(0)
         torch.set_num_threads(threads)
+        graphs = [(config.model.type, sess)]
+        if fused is not None:
+            graphs.append((f"{config.model.type} (fused)", fused))
         for n in n_values:
             feed = random_inputs(config, sizes, 1, n, config.max_seq_len, rng)
             naive = naive_feed(feed)
-            if fused is not None:
-                f_once = _time(lambda f=feed: fused.run(["probs"], f), repeats)
-                f_copied = _time(lambda f=naive: fused.run(["probs"], f), max(5, repeats // 2))
-            once = _time(lambda f=feed: sess.run(["probs"], f), repeats)
-            copied = _time(lambda f=naive: sess.run(["probs"], f), max(5, repeats // 2))
+            timed = []
+            for label, s in graphs:
+                once = _time(lambda f=feed, s=s: s.run(["probs"], f), repeats)
+                copied = _time(lambda f=naive, s=s: s.run(["probs"], f), max(5, repeats // 2))
+                timed.append((label, once, copied))
             targs = tuple(torch.from_numpy(v) for v in feed.values())
 
             def eager(a: tuple = targs) -> None:
@@ -85,24 +88,14 @@ def bench_model(
                     wrapper(*a)
 
             tq = _time(eager, max(5, repeats // 2))
-            rows.append(
-                {
-                    "model": config.model.type,
-                    "n": n,
-                    "ort_p50_ms": float(np.median(once)),
-                    "ort_p99_ms": float(np.percentile(once, 99)),
-                    "naive_p50_ms": float(np.median(copied)),
-                    "torch_p50_ms": float(np.median(tq)),
-                }
-            )
-            if fused is not None:
+            for label, once, copied in timed:
                 rows.append(
                     {
-                        "model": f"{config.model.type} (fused)",
+                        "model": label,
                         "n": n,
-                        "ort_p50_ms": float(np.median(f_once)),
-                        "ort_p99_ms": float(np.percentile(f_once, 99)),
-                        "naive_p50_ms": float(np.median(f_copied)),
+                        "ort_p50_ms": float(np.median(once)),
+                        "ort_p99_ms": float(np.percentile(once, 99)),
+                        "naive_p50_ms": float(np.median(copied)),
                         "torch_p50_ms": float(np.median(tq)),
                     }
                 )

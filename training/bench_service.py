@@ -68,18 +68,22 @@ def make_bundle(
     return config, frame
 
 
-def _sums(text: str, metric: str, label: str) -> dict[tuple[str, str], float]:
-    """``{(label value, "sum"|"count"): value}`` of histogram ``metric`` in a /metrics
-    scrape (prometheus_client's own parser)."""
-    out: dict[tuple[str, str], float] = {}
+def _samples(text: str, metrics: tuple[str, ...]) -> Iterator[Any]:
+    """The samples of the metric families ``metrics`` in a /metrics scrape
+    (prometheus_client's own parser)."""
     for family in text_string_to_metric_families(text):
-        if family.name != metric:
-            continue
-        for sample in family.samples:
-            for kind in ("sum", "count"):
-                if sample.name == f"{metric}_{kind}":
-                    key = (sample.labels.get(label, ""), kind)
-                    out[key] = out.get(key, 0.0) + sample.value
+        if family.name in metrics:
+            yield from family.samples
+
+
+def _sums(text: str, metric: str, label: str) -> dict[tuple[str, str], float]:
+    """``{(label value, "sum"|"count"): value}`` of histogram ``metric``."""
+    out: dict[tuple[str, str], float] = {}
+    for sample in _samples(text, (metric,)):
+        for kind in ("sum", "count"):
+            if sample.name == f"{metric}_{kind}":
+                key = (sample.labels.get(label, ""), kind)
+                out[key] = out.get(key, 0.0) + sample.value
     return out
 
 
@@ -174,15 +178,13 @@ def slow_counts(before: str, after: str, over: float = 0.03) -> dict[str, float]
 
     def above(text: str) -> dict[str, float]:
         out: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            if family.name not in ("ctr_stage_duration_seconds", "ctr_request_duration_seconds"):
-                continue
-            for smp in family.samples:
-                key = smp.labels.get("stage") or f"request {smp.labels.get('route', '')}"
-                if smp.name.endswith("_count"):
-                    out[key] = out.get(key, 0.0) + smp.value
-                elif smp.name.endswith("_bucket") and float(smp.labels["le"]) == over:
-                    out[key] = out.get(key, 0.0) - smp.value
+        names = ("ctr_stage_duration_seconds", "ctr_request_duration_seconds")
+        for smp in _samples(text, names):
+            key = smp.labels.get("stage") or f"request {smp.labels.get('route', '')}"
+            if smp.name.endswith("_count"):
+                out[key] = out.get(key, 0.0) + smp.value
+            elif smp.name.endswith("_bucket") and float(smp.labels["le"]) == over:
+                out[key] = out.get(key, 0.0) - smp.value
         return out
 
     a, b = above(before), above(after)
@@ -297,9 +299,11 @@ def fused_library(bundle: Any, fused_ops: str, ops_library: str = "") -> Path | 
     """The custom-op library when the service would serve ``bundle``'s fused graph under
     ``CTR_FUSED_OPS=fused_ops`` and ``CTR_OPS_LIBRARY=ops_library`` (so the model-only
     figures time the same graph; the service's parity check is not repeated here)."""
-    if fused_ops == "off" or bundle.fused is None:
-        return None
     from ctr import native
+    from service.model import fused_wanted
+
+    if bundle.fused is None or not fused_wanted(fused_ops, bundle):
+        return None
 
     try:
         return native.library(ops_library or None).path
