@@ -56,6 +56,7 @@ from service.store import (
     AnyRedis,
     EventWriter,
     ItemCache,
+    Reader,
     UserData,
     fetch,
     fetch_items,
@@ -76,6 +77,7 @@ class State:
         self.model: LoadedModel | None = None
         self.model_error: str | None = None
         self.redis: AnyRedis | None = None
+        self.reader: Reader | None = None  # the scoring request's reads
         self.item_cache = ItemCache(settings.item_cache_ttl_s, settings.item_cache_size)
         self.events: EventWriter | None = None
         self.executor: ThreadPoolExecutor | None = None
@@ -184,6 +186,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.redis_connect_timeout_ms / 1000,
             settings.redis_max_connections,
         )
+        state.reader = Reader(state.redis, settings.redis_max_connections)
         state.executor = ThreadPoolExecutor(
             settings.inference_concurrency, thread_name_prefix="ort"
         )
@@ -209,6 +212,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 loop.remove_signal_handler(signal.SIGHUP)
             state.executor.shutdown(wait=True)
             m.HOOKS.exit()
+            assert state.reader is not None
+            await state.reader.aclose()
             await state.redis.aclose()
             if isinstance(state.redis, Redis):
                 await state.redis.connection_pool.disconnect()
@@ -397,10 +402,10 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
         needed = {t.source for t in config.sequence_targets}
         items.missing = {k: v for k, v in items.missing.items() if k in needed}
         lookups = items.take_cached(state.item_cache)
-        assert state.redis is not None and state.events is not None
+        assert state.reader is not None and state.events is not None
         try:
             if lookups:
-                items.fill(await fetch_items(state.redis, lookups))
+                items.fill(await fetch_items(state.reader, lookups))
             payload.update({k: v[0] for k, v in items.values.items() if v[0] is not None})
             payload.update({"type": ev.type, "ts": ev.timestamp})
             appended = await asyncio.wait_for(
@@ -504,9 +509,9 @@ async def _score(state: State, model: LoadedModel, req: Any) -> Response:
     lookups = cands.items.take_cached(state.item_cache)
     degraded = False
     try:
-        assert state.redis is not None
+        assert state.reader is not None
         async with asyncio.timeout(s.redis_timeout_ms / 1000):
-            data = await fetch(state.redis, req.user_id, bundle.config.max_seq_len, lookups)
+            data = await fetch(state.reader, req.user_id, bundle.config.max_seq_len, lookups)
         for source, ids in lookups.items():
             state.item_cache.put(source, ids, data.item_features[source])
         cands.items.fill(data.item_features)

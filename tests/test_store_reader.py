@@ -1,0 +1,178 @@
+"""The scoring request's Redis reads (``service.store.Reader``) against a private
+redis-server: the replies it returns, and that a read cut off half-way (the request
+deadline) or a connection the server closed never hands one request another's replies."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+
+import orjson
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.loader import load_into_redis
+from service.store import Reader, fetch, fetch_items, make_client, user_key
+from tests.helpers import Built, build_bundle
+from tests.redis_proc import RedisProcess
+from tests.test_reliability import degraded_count, settings_for
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    return build_bundle(tmp_path_factory.mktemp("reader"), "din")
+
+
+@pytest.fixture(scope="module")
+def rp(built: Built) -> Iterator[RedisProcess]:
+    proc = RedisProcess().start()
+    load_into_redis(built.config, built.frame, proc.url, progress=False)
+    yield proc
+    proc.stop()
+    shutil.rmtree(proc.dir, ignore_errors=True)
+
+
+def body(user: str) -> dict:
+    return {"user_id": user, "candidates": [{"item_id": f"i{k}"} for k in range(40)]}
+
+
+def two_users(rp: RedisProcess) -> tuple[str, str]:
+    """Two users whose stored histories differ (so their scores differ)."""
+    r = rp.client()
+    users = sorted(k.split("}")[0][3:] for k in r.scan_iter("{u:*}:seq"))
+    first = users[0]
+    for other in users[1:]:
+        if r.lrange(user_key(other, "seq"), 0, -1) != r.lrange(user_key(first, "seq"), 0, -1):
+            return first, other
+    raise AssertionError("no two users with different histories")
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_fetch_returns_what_is_stored(rp: RedisProcess, protocol: int) -> None:
+    """Profile, the newest L behaviours and item features, as stored, over RESP2 and RESP3
+    (where HGETALL answers a map instead of a flat list)."""
+    r = rp.client()
+    user = two_users(rp)[0]
+    stored = [orjson.loads(x) for x in r.lrange(user_key(user, "seq"), -5, -1)]
+    profile = r.hgetall(user_key(user, "profile"))
+    r.hset("ctr:item:cate_id", mapping={"ia": "c1", "ib": "c2"})
+
+    async def go() -> tuple:
+        client = make_client(f"{rp.url}?protocol={protocol}", False, 1.0, 1.0, 4)
+        reader = Reader(client, 4)
+        try:
+            data = await fetch(reader, user, 5, {"cate_id": ["ib", "missing", "ia"]})
+            items = await fetch_items(reader, {"cate_id": ["ia"]})
+            nobody = await fetch(reader, "nobody-here", 5, {})
+            return data, items, nobody, len(reader.idle)
+        finally:
+            await reader.aclose()
+            await client.aclose()
+
+    data, items, nobody, idle = asyncio.run(go())
+    assert data.profile == profile and data.profile
+    assert data.events == stored and len(stored) == 5
+    assert data.item_features == {"cate_id": ["c2", None, "c1"]}
+    assert data.found is True
+    assert items == {"cate_id": ["c1"]}
+    assert nobody.found is False and nobody.profile == {} and nobody.events == []
+    assert idle == 1  # one connection, reused by every call in turn
+
+
+def test_concurrent_reads_stay_within_size(rp: RedisProcess) -> None:
+    """Twenty reads at once on a reader of size 3 open at most 3 connections, and each
+    gets its own user's replies."""
+    r = rp.client()
+    users = sorted(k.split("}")[0][3:] for k in r.scan_iter("{u:*}:seq"))[:20]
+    expected = {u: [orjson.loads(x) for x in r.lrange(user_key(u, "seq"), -8, -1)] for u in users}
+    before = len(r.client_list())
+
+    async def go() -> tuple[list, int, int]:
+        client = make_client(rp.url, False, 1.0, 1.0, 3)
+        reader = Reader(client, 3)
+        peak = 0
+
+        async def one(u: str) -> list:
+            nonlocal peak
+            data = await fetch(reader, u, 8, {})
+            peak = max(peak, len(rp.client().client_list()) - before - 1)
+            return data.events
+
+        try:
+            got = await asyncio.gather(*(one(u) for u in users))
+            return got, peak, len(reader.idle)
+        finally:
+            await reader.aclose()
+            await client.aclose()
+
+    got, peak, idle = asyncio.run(go())
+    assert dict(zip(users, got, strict=True)) == expected
+    assert idle <= 3 and peak <= 3
+
+
+def test_cut_off_read_never_answers_the_next_request(built: Built, rp: RedisProcess) -> None:
+    """A read that hits the Redis deadline is abandoned with its reply still on the way.
+    Its connection must be closed: were it reused, the next request (another user) would
+    read the late reply and be scored with the first user's history."""
+    a, b = two_users(rp)
+    settings = settings_for(built, rp.url, redis_timeout_ms=100)
+    with TestClient(create_app(settings)) as c:
+        ref_a = c.post("/v1/score", json=body(a)).json()
+        ref_b = c.post("/v1/score", json=body(b)).json()
+        assert not ref_a["degraded"] and not ref_b["degraded"]
+        assert ref_a["items"] != ref_b["items"]
+        blocker = threading.Thread(
+            target=lambda: rp.client().execute_command("DEBUG", "SLEEP", 0.5)
+        )
+        blocker.start()
+        time.sleep(0.1)
+        cut = c.post("/v1/score", json=body(a)).json()
+        blocker.join()
+        assert cut["degraded"] is True
+        time.sleep(0.1)  # the abandoned reply has arrived by now
+        after_b = c.post("/v1/score", json=body(b)).json()
+        after_a = c.post("/v1/score", json=body(a)).json()
+        assert after_b["degraded"] is False and after_b["items"] == ref_b["items"]
+        assert after_a["degraded"] is False and after_a["items"] == ref_a["items"]
+
+
+def test_connection_closed_by_server_is_retried(built: Built, rp: RedisProcess) -> None:
+    """An idle connection the server closed (timeout, CLIENT KILL, restart) costs a retry
+    on a fresh connection, not a degraded response."""
+    a = two_users(rp)[0]
+    with TestClient(create_app(settings_for(built, rp.url))) as c:
+        ref = c.post("/v1/score", json=body(a)).json()
+        assert ref["degraded"] is False
+        before = degraded_count(c)
+        killed = rp.client().execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        assert int(killed) >= 1
+        again = c.post("/v1/score", json=body(a)).json()
+        assert again["degraded"] is False and again["items"] == ref["items"]
+        assert degraded_count(c) == before
+
+
+def test_error_reply_mid_pipeline_never_answers_the_next_request(
+    built: Built, rp: RedisProcess
+) -> None:
+    """A command that fails (here HGETALL on a key of the wrong type) stops the reads with
+    the other replies still unread: the connection must not be reused."""
+    a, b = two_users(rp)
+    r = rp.client()
+    with TestClient(create_app(settings_for(built, rp.url))) as c:
+        ref_b = c.post("/v1/score", json=body(b)).json()
+        saved = r.hgetall(user_key(a, "profile"))
+        r.delete(user_key(a, "profile"))
+        r.set(user_key(a, "profile"), "not a hash")
+        try:
+            broken = c.post("/v1/score", json=body(a))
+            assert broken.status_code == 200 and broken.json()["degraded"] is True
+            after_b = c.post("/v1/score", json=body(b)).json()
+            assert after_b["degraded"] is False and after_b["items"] == ref_b["items"]
+        finally:
+            r.delete(user_key(a, "profile"))
+            if saved:
+                r.hset(user_key(a, "profile"), mapping=saved)
