@@ -121,6 +121,10 @@ def candidates(
     slots = rows.lookup(item_ids)
     if any(given):  # candidates with request features never come from the cache
         slots[[k for k, g in enumerate(given) if g]] = -1
+    elif n and slots.min() >= 0:  # every row cached: two gathers
+        empty = ItemColumns({config.item_id_feature.source: []}, {})
+        return Candidates(rows.sparse.take(slots, 0), rows.dense.take(slots, 0),
+                          slots[:0], empty, [])  # fmt: skip
     hit = np.flatnonzero(slots >= 0)
     pending = np.flatnonzero(slots < 0)
     sparse = np.empty((n, len(config.item_sparse)), np.int64)

@@ -46,9 +46,12 @@ class ItemRowCache:
         if not self.enabled or not self.slot_of:
             return np.full(len(ids), -1, np.int64)
         slots = np.fromiter(map(self.slot_of.get, ids, repeat(-1)), np.int64, len(ids))
+        now = time.monotonic()
+        if slots.min() >= 0 and self.expiry.take(slots).min() > now:
+            return slots  # the steady state: every row cached and fresh
         hit = np.flatnonzero(slots >= 0)
         if hit.size:
-            stale = hit[self.expiry[slots[hit]] <= time.monotonic()]
+            stale = hit[self.expiry[slots[hit]] <= now]
             slots[stale] = -1
         return slots
 

@@ -58,6 +58,15 @@ def test_expiry_and_disabled() -> None:
     assert cache.lookup(["a"])[0] >= 0
     time.sleep(0.08)
     assert cache.lookup(["a"])[0] == -1
+    # every ID cached, one of them stale: only that one misses
+    mixed = ItemRowCache(0.4, 4, 2, 1)
+    mixed.store(["b"], *rows(["b"], 5))
+    time.sleep(0.25)
+    mixed.store(["c"], *rows(["c"], 7))
+    fresh = mixed.lookup(["c"])[0]
+    time.sleep(0.2)  # b is over 0.4 s old now, c about 0.2 s
+    assert mixed.lookup(["c", "b"]).tolist() == [fresh, -1]
+    assert mixed.lookup(["c"]).tolist() == [fresh]
     off = ItemRowCache(0, 4, 2, 1)
     off.store(["a"], *rows(["a"], 1))
     assert off.lookup(["a"]).tolist() == [-1] and len(off) == 0
