@@ -5,7 +5,16 @@
 #             one-shot `init` job (deploy/docker/init.sh).
 #   gpu       serving image on an NVIDIA CUDA 12 + cuDNN 9 base with onnxruntime-gpu (and
 #             onnx, which CTR_PRECISION=fp16 uses to convert the graph at load time).
-#   runtime   (default, last) torch-free serving image: onnxruntime (CPU), `ctr serve`.
+#   runtime   (default, last) torch-free serving image: onnxruntime (CPU), `ctr serve`,
+#             and the prebuilt custom-op library (native/: DIEN's fused AUGRU) in
+#             /opt/ctr-ops, CTR_OPS_LIBRARY=/opt/ctr-ops. The `ops-build` stage compiles
+#             it once per x86-64 level (x86-64-v4, -v3, -v2; `generic`, no -march flag, on
+#             another machine type) with `ctr build-ops --arch ... --out`; at model load
+#             the service loads the highest level the CPU it runs on has the flags for
+#             (/proc/cpuinfo), self-tested in a child process first, and falls back level
+#             by level. No compiler in the image. The gpu target carries no library
+#             (its CUDA kernel needs nvcc): it serves DIEN from model.onnx, the reason in
+#             /v1/models' graph_note.
 #
 # Build args:
 #   BASE_IMAGE       Python 3.11+ base for trainer/runtime (default: the official image).
@@ -112,6 +121,22 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('CTR_PORT', '8000'), timeout=4)"]
 CMD ["ctr", "serve"]
 
+# ---------------------------------------------------------------- custom-op library
+# Built here, copied into the runtime image: one library per CPU level, so an image built
+# on one machine runs on others (-march=native would use the build machine's own
+# instructions). Only the standard library and g++ are needed (no onnxruntime, no pip).
+FROM python-base AS ops-build
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
+COPY native ./native
+COPY ctr/__init__.py ctr/cli.py ctr/native.py ./ctr/
+RUN levels=generic \
+    && if [ "$(uname -m)" = x86_64 ]; then levels=x86-64-v4,x86-64-v3,x86-64-v2; fi \
+    && CTR_OPS_CACHE=/tmp/ctr-ops-cache python3 -m ctr.cli build-ops --cuda no \
+        --arch "$levels" --out /opt/ctr-ops \
+    && rm -rf /tmp/ctr-ops-cache
+
 # ---------------------------------------------------------------- runtime (CPU serving)
 FROM python-base AS runtime-build
 ARG PIP_CERT=""
@@ -133,12 +158,14 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 FROM ${BASE_IMAGE} AS runtime
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH \
-    HOME=/app CTR_HOST=0.0.0.0 CTR_PORT=8000 CTR_MODELS_DIR=/models
+    HOME=/app CTR_HOST=0.0.0.0 CTR_PORT=8000 CTR_MODELS_DIR=/models \
+    CTR_OPS_LIBRARY=/opt/ctr-ops
 RUN groupadd --system --gid 10001 ctr \
     && useradd --system --uid 10001 --gid 10001 --home-dir /app --shell /usr/sbin/nologin ctr \
     && mkdir -p /app /models \
     && chown ctr:ctr /app /models
 COPY --from=runtime-build /opt/venv /opt/venv
+COPY --from=ops-build /opt/ctr-ops /opt/ctr-ops
 COPY configs /app/configs
 WORKDIR /app
 USER 10001:10001

@@ -120,12 +120,24 @@ def cmd_build_ops(args: argparse.Namespace) -> int:
     from ctr import native
 
     cuda = {"auto": None, "yes": True, "no": False}[args.cuda]
+    levels = [a.strip() for a in args.arch.split(",") if a.strip()] if args.arch else []
+    if args.out and not levels:
+        print("build-ops: --out needs --arch LEVELS, e.g. x86-64-v4,x86-64-v3,x86-64-v2 "
+              f"(known: {', '.join(native.LEVELS)})", file=sys.stderr)  # fmt: skip
+        return 2
     try:
-        lib = native.build(cuda=cuda)
+        if args.out:
+            built = native.build_levels(levels, Path(args.out), cuda)
+        else:  # into the cache; no --arch: $CTR_OPS_CXX_ARCH or -march=native, as before
+            built = [(a, native.build(cuda=cuda, arch=a)) for a in levels or [None]]
     except native.NativeError as exc:
         print(f"build-ops: {exc}", file=sys.stderr)
         return 1
-    print(f"{lib.path} (cuda kernel: {'yes' if lib.cuda else 'no'})")
+    for level, lib in built:
+        lacks = native.missing_flags(level) if level in native.LEVEL_FLAGS else []
+        test = f"not self-tested: this CPU lacks {' '.join(lacks)}" if lacks else "self-test passed"
+        arch = f"{level}, " if level else ""
+        print(f"{lib.path} ({arch}cuda kernel: {'yes' if lib.cuda else 'no'}, {test})")
     return 0
 
 
@@ -315,6 +327,17 @@ def build_parser() -> argparse.ArgumentParser:
     bo.add_argument(
         "--cuda", choices=["auto", "yes", "no"], default="auto",
         help="the CUDA kernel: auto = when nvcc is found and ORT has the CUDA provider",
+    )  # fmt: skip
+    bo.add_argument(
+        "--arch", default="",
+        help="comma list of CPU levels, each built with -march=<level>: x86-64-v4, "
+        "x86-64-v3, x86-64-v2, generic (no -march flag), native (this CPU only); "
+        "default: $CTR_OPS_CXX_ARCH when set, else native",
+    )  # fmt: skip
+    bo.add_argument(
+        "--out", default="",
+        help="install each --arch level as OUT/<level>/libctr_ops.so (+ .sha256): a folder "
+        "CTR_OPS_LIBRARY can name (the best level this CPU supports is loaded)",
     )  # fmt: skip
     bo.set_defaults(func=cmd_build_ops)
     bg = sub.add_parser("bench-gpu", help="model alone on a GPU: CUDA EP, IO binding, graphs")

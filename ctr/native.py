@@ -8,6 +8,12 @@ versions and (for ``-march=native``) the CPU's flags, so any change builds a new
 Before a library is handed out, a child process loads it and runs its CPU kernel once,
 so one that would crash this process is refused with :class:`NativeError`. Torch-free:
 the exporter's parity gate and the service both use it; results are kept per process.
+
+Prebuilt, portable libraries (an image built on one machine and run on others):
+:func:`build_levels` builds one library per x86-64 micro-architecture level into
+``DIR/<level>/libctr_ops.so`` (+ ``.sha256``), and :func:`select` picks, at load, the
+highest level whose instructions this CPU has (from /proc/cpuinfo), never loading one
+it lacks the flags for.
 """
 
 from __future__ import annotations
@@ -15,10 +21,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,10 +44,26 @@ class NativeError(RuntimeError):
     """The custom-op library could not be built or loaded; the message says why."""
 
 
+# Portable builds, highest first: -march=<level> (generic: no -march flag, the
+# compiler's default target). The CPU flags each x86-64 level needs, as /proc/cpuinfo
+# spells them (abm is LZCNT); every level includes the ones below it.
+_V2 = frozenset({"cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3"})
+_V3 = _V2 | {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}
+_V4 = _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+LEVEL_FLAGS: dict[str, frozenset[str]] = {
+    "x86-64-v4": _V4,
+    "x86-64-v3": _V3,
+    "x86-64-v2": _V2,
+    "generic": frozenset(),
+}
+LEVELS = tuple(LEVEL_FLAGS)  # highest first
+
+
 @dataclass(frozen=True)
 class OpsLibrary:
     path: Path
     cuda: bool  # the CUDA kernel is compiled in
+    level: str = ""  # the level folder it was chosen from (CTR_OPS_LIBRARY=DIR), if any
 
 
 def cache_dir() -> Path:
@@ -112,22 +136,80 @@ def _cpu_flags() -> str:
                 return line
     except OSError:
         pass
-    import platform
-
     return platform.machine()
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as /proc/cpuinfo lists them (empty where it has none)."""
+    line = _cpu_flags()
+    return frozenset(line.partition(":")[2].split()) if ":" in line else frozenset()
+
+
+def _x86_64() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def missing_flags(level: str, flags: Iterable[str] | None = None) -> list[str]:
+    """The CPU flags ``level`` needs that ``flags`` (default: this CPU's) lacks; empty
+    when a library built for it can run here. ``generic`` needs none."""
+    if level not in LEVEL_FLAGS:
+        raise NativeError(f"unknown level {level!r} (known: {', '.join(LEVELS)})")
+    have = cpu_flags() if flags is None else frozenset(flags)
+    if flags is None and LEVEL_FLAGS[level] and not _x86_64():
+        return [f"x86-64 (this machine is {platform.machine()})"]
+    return sorted(LEVEL_FLAGS[level] - have)
+
+
+def supported_levels(flags: Iterable[str] | None = None) -> list[str]:
+    """The levels a library may be built for and run here, highest first."""
+    have = None if flags is None else frozenset(flags)
+    return [level for level in LEVELS if not missing_flags(level, have)]
+
+
+def _arch_flags(arch: str | None) -> list[str]:
+    """The compiler's CPU flags: ``arch`` a level, ``native`` or ``generic``; None:
+    ``$CTR_OPS_CXX_ARCH`` (flags as written) or ``-march=native``."""
+    if arch is None:
+        return os.environ.get("CTR_OPS_CXX_ARCH", "-march=native").split()
+    if arch == "generic":
+        return []
+    if arch != "native" and arch not in LEVEL_FLAGS:
+        raise NativeError(f"unknown level {arch!r} (known: native, {', '.join(LEVELS)})")
+    return [f"-march={arch}"]
+
+
+def _check_arch(cxx: str, arch_flags: list[str]) -> None:
+    """Fail early, with the compiler's own words, when it rejects the -march flag (an
+    x86-64 level on another machine type, or a compiler too old for x86-64-v4)."""
+    if not arch_flags:
+        return
+    cmd = [cxx, *arch_flags, "-fsyntax-only", "-x", "c++", os.devnull]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except OSError as exc:
+        raise NativeError(f"cannot run {cxx}: {exc}") from exc
+    if res.returncode != 0:
+        first = (res.stderr.strip().splitlines() or [f"exit status {res.returncode}"])[0]
+        raise NativeError(f"{cxx} rejects {' '.join(arch_flags)}: {first}")
 
 
 def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def build(cuda: bool | None = None, out_dir: Path | None = None) -> OpsLibrary:
+def build(
+    cuda: bool | None = None, out_dir: Path | None = None, arch: str | None = None
+) -> OpsLibrary:
     """Build (or reuse) the library. ``cuda=None``: with the CUDA kernel when nvcc is
-    found and ORT has the CUDA provider.
+    found and ORT has the CUDA provider. ``arch``: ``native``, a level of ``LEVELS``
+    (``-march=<level>``; ``generic``: no -march flag) or None (``$CTR_OPS_CXX_ARCH``,
+    default ``-march=native``).
 
     A cached build is reused only if its recorded sha256 matches (a truncated or altered
-    file is rebuilt, never loaded). Raises :class:`NativeError` when the sources or a
-    compiler are missing, a build step fails or the cache folder cannot be written."""
+    file is rebuilt, never loaded). The self-test runs in a child process, except for a
+    level this CPU lacks the flags for (built, never loaded here). Raises
+    :class:`NativeError` when the sources or a compiler are missing, the compiler rejects
+    ``arch``, a build step fails or the cache folder cannot be written."""
     missing = [name for name in SOURCES if not (SOURCE_DIR / name).is_file()]
     if missing:  # e.g. an image that copied ctr/ but not native/
         raise NativeError(f"custom-op sources missing under {SOURCE_DIR}: {', '.join(missing)}")
@@ -140,9 +222,11 @@ def build(cuda: bool | None = None, out_dir: Path | None = None) -> OpsLibrary:
     if cuda and nvcc is None:
         raise NativeError("the CUDA kernel was asked for, but nvcc was not found")
     # the CPU kernel's loops vectorise across candidates: the build machine's vector
-    # width by default (the library is built where it runs); e.g. -march=x86-64-v3 for
+    # width by default (the library is built where it runs); a level (build_levels) for
     # an image built on one machine and run on others
-    cpu_arch = os.environ.get("CTR_OPS_CXX_ARCH", "-march=native").split()
+    cpu_arch = _arch_flags(arch)
+    if arch is not None:
+        _check_arch(cxx, cpu_arch)
     inc = ["-I", str(SOURCE_DIR), "-I", str(SOURCE_DIR / "third_party" / "onnxruntime")]
     defs = ["-DCTR_OPS_CUDA"] if cuda else []
     commands = [
@@ -172,9 +256,18 @@ def build(cuda: bool | None = None, out_dir: Path | None = None) -> OpsLibrary:
     host = [_cpu_flags()] if "native" in " ".join(cpu_arch) else []
     target = (out_dir or cache_dir()) / _digest([*commands, host], tools)
     lib, stamp = target / LIB_NAME, target / (LIB_NAME + ".sha256")
+    lacks = missing_flags(arch) if arch in LEVEL_FLAGS else []
+
+    def checked() -> OpsLibrary:
+        if lacks:  # e.g. x86-64-v4 built on a CPU without AVX-512: never loaded here
+            log.info("%s built for %s, not self-tested: this CPU lacks %s", lib, arch,
+                     " ".join(lacks))  # fmt: skip
+            return OpsLibrary(lib, bool(cuda))
+        return describe(lib)
+
     try:
         if lib.is_file() and stamp.is_file() and stamp.read_text().strip() == _file_sha256(lib):
-            return describe(lib)
+            return checked()
         target.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix="build-", dir=target.parent))
     except OSError as exc:
@@ -194,8 +287,101 @@ def build(cuda: bool | None = None, out_dir: Path | None = None) -> OpsLibrary:
         raise NativeError(f"custom-op build in {target} failed: {exc}") from exc
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    log.info("built %s (cuda=%s)", lib, cuda)
-    return describe(lib)
+    log.info("built %s (cuda=%s, %s)", lib, cuda, " ".join(cpu_arch) or "no -march flag")
+    return checked()
+
+
+def _stamp_ok(lib: Path) -> str:
+    """Why ``lib``'s sha256 stamp (``libctr_ops.so.sha256``, the digest first; the
+    output of ``sha256sum`` works too) does not vouch for it; empty when it does."""
+    stamp = lib.with_name(LIB_NAME + ".sha256")
+    try:
+        recorded = stamp.read_text().split()[:1]
+        actual = _file_sha256(lib)
+    except OSError as exc:
+        return f"no readable sha256 stamp ({exc.strerror}: {stamp})"
+    if recorded != [actual]:
+        return f"sha256 {actual[:12]}... does not match its stamp {stamp} (damaged or replaced)"
+    return ""
+
+
+def build_levels(
+    levels: Iterable[str], out: Path, cuda: bool | None = False
+) -> list[tuple[str, OpsLibrary]]:
+    """Build each level (:func:`build`, through the cache) and install it as
+    ``out/<level>/libctr_ops.so`` with its sha256 stamp, the layout :func:`select`
+    reads. Levels this CPU cannot run are built but not self-tested. Raises
+    :class:`NativeError` on the first level that fails (an unknown level, one the
+    compiler rejects, a failed build, an unwritable ``out``)."""
+    done = []
+    for level in levels:
+        if level not in LEVEL_FLAGS:
+            why = (
+                "builds for this CPU only, so it has no place in a prebuilt folder"
+                if level == "native"
+                else "unknown level"
+            )
+            raise NativeError(f"{level!r}: {why} (levels: {', '.join(LEVELS)})")
+        built = build(cuda=cuda, arch=level)
+        dest = out / level
+        lib = dest / LIB_NAME
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+            tmp = dest / f".{LIB_NAME}.tmp"
+            shutil.copyfile(built.path, tmp)
+            tmp.chmod(0o755)
+            with tmp.open("rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, lib)
+            (dest / ".stamp.tmp").write_text(_file_sha256(lib) + "\n")
+            (dest / ".stamp.tmp").chmod(0o644)
+            os.replace(dest / ".stamp.tmp", dest / (LIB_NAME + ".sha256"))
+        except OSError as exc:
+            raise NativeError(f"cannot install {level} into {dest}: {exc}") from exc
+        done.append((level, OpsLibrary(lib, built.cuda, level)))
+    return done
+
+
+def select(directory: Path, flags: Iterable[str] | None = None) -> OpsLibrary:
+    """The best library in a prebuilt folder (``DIR/<level>/libctr_ops.so``, as
+    :func:`build_levels` writes it) for this CPU: levels highest first; one whose CPU
+    flags ``flags`` (default: this CPU's, from /proc/cpuinfo) lacks is skipped without
+    being loaded, even in a child process; one whose stamp does not match or whose
+    self-test (:func:`describe`) fails is skipped for the next. Raises
+    :class:`NativeError` naming each level tried and why when none is usable."""
+    have = None if flags is None else frozenset(flags)
+    try:
+        present = sorted(p.name for p in directory.iterdir() if (p / LIB_NAME).is_file())
+    except OSError as exc:
+        raise NativeError(f"custom-op library folder {directory}: {exc.strerror}") from exc
+    if not present:
+        raise NativeError(
+            f"custom-op library folder {directory} holds no <level>/{LIB_NAME} "
+            f"(levels: {', '.join(LEVELS)}; `ctr build-ops --arch ... --out DIR` makes them)"
+        )
+    tried, failed = [], False  # failed: a level this CPU can run did not load
+    for level in (lv for lv in LEVELS if lv in present):
+        lib = directory / level / LIB_NAME
+        lacks = missing_flags(level, have)
+        why = f"skipped, not loaded: this CPU lacks {' '.join(lacks)}" if lacks else _stamp_ok(lib)
+        if not why:
+            try:
+                found = describe(lib)
+            except NativeError as exc:
+                why = str(exc)
+            else:
+                after = f" after {'; '.join(tried)}" if tried else ""
+                # a level that should have loaded and did not is worth a warning; one
+                # for instructions this CPU lacks is routine
+                log.log(logging.WARNING if failed else logging.INFO,
+                        "custom-op library: level %s chosen (%s)%s", level, lib, after)  # fmt: skip
+                return OpsLibrary(found.path, found.cuda, level)
+        failed = failed or not lacks
+        tried.append(f"{level}: {why}")
+    unknown = [name for name in present if name not in LEVEL_FLAGS]
+    if unknown:
+        tried.append(f"not a known level, ignored: {', '.join(unknown)}")
+    raise NativeError(f"no usable custom-op library in {directory}: " + "; ".join(tried))
 
 
 def _ort_has_cuda() -> bool:
@@ -237,9 +423,10 @@ _known: dict[tuple[str, ...], OpsLibrary] = {}
 
 
 def library(path: str | None = None) -> OpsLibrary:
-    """The library at ``path`` (``CTR_OPS_LIBRARY``) or the cached build of the sources,
-    built now if missing. The answer is kept for this process, per path, build settings
-    and source versions, so the compiler checks and the child-process load run once.
+    """The library at ``path`` (``CTR_OPS_LIBRARY``: a library file, or a folder of
+    prebuilt levels, see :func:`select`) or the cached build of the sources, built now
+    if missing. The answer is kept for this process, per path, build settings and
+    source versions, so the compiler checks and the child-process loads run once.
     Raises :class:`NativeError`."""
     env = ("CXX", "CTR_OPS_CACHE", "CTR_OPS_CXX_ARCH", "CTR_OPS_CUDA_ARCH", "CUDA_HOME", "PATH")
     stamps = []
@@ -250,7 +437,9 @@ def library(path: str | None = None) -> OpsLibrary:
             stamps.append("missing")
     key = (path or "", *(os.environ.get(k, "") for k in env), *stamps)
     if key not in _known:
-        if path:
+        if path and Path(path).is_dir():
+            _known[key] = select(Path(path))
+        elif path:
             if not Path(path).is_file():
                 raise NativeError(f"custom-op library {path} does not exist")
             _known[key] = describe(Path(path))

@@ -17,11 +17,17 @@
 #      locust from PyPI) for the `loadtest` profile (deploy/local/*.Dockerfile);
 #   4. model: `ctr train` (1 epoch, synthetic DIN) + `ctr export` on the host into a
 #      temporary model store, bind-mounted into the containers (no torch image needed);
+#      plus a DIEN bundle with random weights (training.bench_service.make_bundle; with
+#      model_fused.onnx where this host can build the custom op);
 #   5. stack: docker compose -f docker-compose.yml -f deploy/local/docker-compose.local.yml
 #      up -d --no-build (init = `ctr load` from the runtime image), wait for healthchecks;
 #   6. checks: a ranked /v1/score and an accepted /v1/events from inside the API
 #      container; the API runs as non-root; no torch in the runtime image (its size is
-#      printed); Prometheus scrapes the API (up{job="api"} == 1); the compose `loadtest`
+#      printed); the image's prebuilt custom-op library (/opt/ctr-ops): the highest
+#      level this CPU supports is chosen and self-tested in the image, which has no
+#      compiler; the DIEN bundle served by a second API container from the same image
+#      gets graph "fused" in /v1/models (where the host exported model_fused.onnx);
+#      Prometheus scrapes the API (up{job="api"} == 1); the compose `loadtest`
 #      profile's locust container (`run --rm locust`) for 30 s with exit status 0, zero
 #      failures and its CSV/HTML/JSON written, then loadtest/run.py --from-csv writes the
 #      report from them; then every PromQL query of the Grafana dashboard returns data
@@ -66,6 +72,7 @@ BUILD=()
 COMPOSE=()  # the compose binary
 DC=()       # compose with this project's -p and -f: set just before the first `up`
 DOCKERD_PID=""
+DIEN_CONTAINER=""  # the second API container (DIEN, fused graph) while it runs
 STEP=""
 STEP_T0=0
 START=$(date +%s.%N)
@@ -123,6 +130,11 @@ cleanup() {
         local verdict=FAILED
         [ "$rc" = "$SKIP_RC" ] && verdict=SKIPPED
         TIMINGS+=$(printf '  %-34s %7ss (%s)' "$STEP" "$(secs "$STEP_T0" "$(now)")" "$verdict")$'\n'
+    fi
+    if [ -n "$DIEN_CONTAINER" ]; then
+        [ "$rc" != 0 ] && timeout --foreground 30 "$DOCKER" logs "$DIEN_CONTAINER" \
+            >"$OUT/dien-api.log" 2>&1 && tail_log "$OUT/dien-api.log" 30
+        timeout --foreground 60 "$DOCKER" rm -f "$DIEN_CONTAINER" >/dev/null 2>&1
     fi
     if [ "${#DC[@]}" -gt 0 ]; then
         if [ "$rc" != 0 ]; then
@@ -328,8 +340,13 @@ train_model() {
         --set train.epochs=1 --out "$WORK/run" --quiet || fail "ctr train failed"
     logged 300 "$OUT/export.log" "$CTR_BIN" export --run "$WORK/run" \
         --models-dir "$WORK/models" --name din || fail "ctr export failed"
+    # DIEN with random weights (bench-dien), for the image's custom-op library
+    logged 300 "$OUT/export-dien.log" "$PY" -c 'import sys; from pathlib import Path
+from training.bench_service import make_bundle
+make_bundle("dien", Path(sys.argv[1]), 50)' "$WORK/models" || fail "exporting the DIEN bundle failed"
     chmod -R a+rX "$WORK/models"
     cat "$OUT/train.log" "$OUT/export.log" | sed 's/^/    /'
+    log "model: bench-dien $(cd "$WORK/models/bench-dien" && ls -d */*.onnx | tr '\n' ' ')"
 }
 
 # ------------------------------------------------------------------ 5. stack
@@ -433,6 +450,41 @@ check_image() {
         dk image inspect -f '{{.Size}}' "$BASE_IMAGE" | awk '{ printf "%.0f MB", $1 / 1e6 }'))"
 }
 
+# the image's prebuilt custom-op library: the level chosen here and its self-test
+OPS_LEVEL=""
+check_ops() {
+    local levels=generic
+    [ "$(uname -m)" = x86_64 ] && levels=x86-64-v4,x86-64-v3,x86-64-v2  # as the Dockerfile
+    OPS_LEVEL=$("$PY" -c 'from ctr import native; print(native.supported_levels()[0])') \
+        || fail "ctr.native cannot tell this CPU's level"
+    "${CHECK[@]}" ops-image --docker "$DOCKER" --image "$RUNTIME_IMAGE" --levels "$levels" \
+        --expect "$OPS_LEVEL" || fail "the runtime image's custom-op library check failed"
+}
+
+# the DIEN bundle from the runtime image, in a second API container on the host network
+check_dien_fused() {
+    if ! ls "$WORK"/models/bench-dien/*/model_fused.onnx >/dev/null 2>&1; then
+        log "DIEN fused graph: NOT CHECKED, this host exported no model_fused.onnx" \
+            "(no C++ compiler here?): $(grep -i 'custom-op\|fused' "$OUT/export-dien.log" | tail -n 1)"
+        return 0
+    fi
+    local port
+    port=$("${CHECK[@]}" free-port $((CTR_PORT + 1)))
+    DIEN_CONTAINER=$PROJECT-dien
+    dk rm -f "$DIEN_CONTAINER" >/dev/null 2>&1 || true
+    log "DIEN: $RUNTIME_IMAGE serving bench-dien on 127.0.0.1:$port (container $DIEN_CONTAINER)"
+    dk run -d --name "$DIEN_CONTAINER" --label "$LABEL" --network host \
+        -v "$WORK/models:/models:ro" -e CTR_HOST=127.0.0.1 -e CTR_PORT="$port" \
+        -e CTR_MODEL_NAME=bench-dien -e CTR_PROVIDER=cpu -e CTR_WORKERS=1 \
+        -e CTR_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0" "$RUNTIME_IMAGE" >/dev/null \
+        || fail "could not start the DIEN API container"
+    "${CHECK[@]}" fused-model --docker "$DOCKER" --container "$DIEN_CONTAINER" \
+        --api "http://127.0.0.1:$port" --name bench-dien --level "$OPS_LEVEL" --timeout 120 \
+        || fail "the runtime image does not serve DIEN's fused graph"
+    dk rm -f "$DIEN_CONTAINER" >/dev/null
+    DIEN_CONTAINER=""
+}
+
 load_test() {
     local out=$OUT/loadtest rc=0
     rm -rf "$out"
@@ -478,6 +530,8 @@ begin "model (train + export, host)"; train_model; end
 begin "compose binary";               find_compose; end
 begin "stack up + healthy";           stack_up; end
 begin "non-root, no torch, size";     check_image; end
+begin "custom-op library in the image"; check_ops; end
+begin "DIEN fused graph (runtime image)"; check_dien_fused; end
 begin "score + events in container"
 "${CHECK[@]}" inside --docker "$DOCKER" --container "$(container api)" || fail "API check failed"
 "${CHECK[@]}" host-api --api "http://127.0.0.1:$CTR_PORT" || fail "API check from the host failed"

@@ -4,6 +4,10 @@
     python scripts/stack_smoke_check.py free-port 18000
     python scripts/stack_smoke_check.py inside --docker DOCKER --container ID --port 18000
     python scripts/stack_smoke_check.py host-api --api http://127.0.0.1:18000
+    python scripts/stack_smoke_check.py ops-image --docker DOCKER --image IMAGE \
+        --levels x86-64-v4,x86-64-v3,x86-64-v2 --expect x86-64-v4
+    python scripts/stack_smoke_check.py fused-model --docker DOCKER --container ID \
+        --api http://127.0.0.1:18001 --name bench-dien --level x86-64-v4
     python scripts/stack_smoke_check.py prometheus-up --prom http://127.0.0.1:19090 --port 18000
     python scripts/stack_smoke_check.py dashboard --prom URL --dashboard deploy/grafana/...json
     python scripts/stack_smoke_check.py locust-out --out DIR
@@ -239,6 +243,82 @@ def check_host_api(api: str) -> None:
     ok(f"host -> {api}: ready, scores, refuses {len(bad)} bad requests with 4xx")
 
 
+# ------------------------------------------------------------------ custom-op library
+
+OPS_PROBE = r"""
+import json, os, shutil
+from ctr import native
+folder = os.environ["CTR_OPS_LIBRARY"]
+lib = native.library(folder)
+compilers = [c for c in ("g++", "gcc", "c++", "cc", "clang") if shutil.which(c)]
+print(json.dumps({"folder": folder, "present": sorted(os.listdir(folder)), "level": lib.level,
+                  "path": str(lib.path), "cuda": lib.cuda, "compilers": compilers}))
+"""
+
+
+def check_ops_image(docker: str, image: str, levels: list[str], expect: str) -> None:
+    """The runtime image's prebuilt custom-op folder (CTR_OPS_LIBRARY) holds ``levels``,
+    and ``ctr.native.library`` there chooses ``expect`` (the highest level this CPU has
+    the flags for) and self-tests it; the image has no compiler."""
+    done = subprocess.run(
+        [docker, "run", "--rm", "--network", "none", "--entrypoint", "python", image,
+         "-c", OPS_PROBE],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    require(done.returncode == 0, f"ctr.native.library in {image}: {done.stderr.strip()[-2000:]}")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    require(out["folder"] == "/opt/ctr-ops", f"CTR_OPS_LIBRARY={out['folder']}")
+    require(out["present"] == sorted(levels), f"{out['folder']} holds {out['present']}")
+    require(out["level"] == expect, f"level {out['level']} chosen, expected {expect}")
+    require(out["path"] == f"/opt/ctr-ops/{expect}/libctr_ops.so", f"chose {out['path']}")
+    require(not out["compilers"], f"{image} has a compiler: {out['compilers']}")
+    ok(
+        f"prebuilt custom-op library in {image}: {', '.join(levels)}; level {expect} "
+        f"chosen for this CPU and self-tested ({out['path']}, cuda kernel {out['cuda']}); "
+        "no compiler in the image"
+    )
+
+
+def check_fused_model(
+    docker: str, container: str, api: str, name: str, level: str, timeout: float
+) -> None:
+    """A DIEN bundle served by the runtime image: /v1/models says graph "fused" (the
+    image's library at ``level`` passed the service's parity check), and the log says
+    which level was chosen."""
+    deadline = time.monotonic() + timeout
+    status, body = 0, None
+    while time.monotonic() < deadline:
+        try:
+            status, body = http("GET", f"{api}/v1/models", timeout=5)
+        except OSError:  # not listening yet
+            status = 0
+        if status == 200:
+            break
+        state = subprocess.run(
+            [docker, "inspect", "-f", "{{.State.Status}}", container],
+            capture_output=True, text=True, timeout=30, check=False,
+        ).stdout.strip()  # fmt: skip
+        require(state == "running", f"the {name} container stopped: {state}")
+        time.sleep(1)
+    require(status == 200, f"{api}/v1/models: no answer in {timeout:.0f}s (HTTP {status})")
+    assert isinstance(body, dict)
+    require(body["name"] == name, f"serving {body['name']}, not {name}")
+    require(body["graph"] == "fused", f"graph {body['graph']!r}: {body['graph_note']}")
+    require(body["graph_note"] is None, f"graph_note {body['graph_note']!r}")
+    logs = subprocess.run(
+        [docker, "logs", container], capture_output=True, text=True, timeout=30, check=False
+    )
+    text = logs.stdout + logs.stderr
+    lib = f"/opt/ctr-ops/{level}/libctr_ops.so"
+    require(f"custom-op library: level {level} chosen ({lib})" in text,
+            f"the log does not say level {level} was chosen")  # fmt: skip
+    require(f"fused graph kept ({lib} (level {level}))" in text, "no 'fused graph kept' line")
+    ok(
+        f"{name} (DIEN) served from the runtime image: /v1/models graph fused, "
+        f"{body['provider']}, library {lib} (level {level})"
+    )
+
+
 # ------------------------------------------------------------------ Prometheus
 
 
@@ -413,6 +493,18 @@ def main(argv: list[str] | None = None) -> int:
     ins.add_argument("--container", required=True)
     br = sub.add_parser("host-api")
     br.add_argument("--api", required=True)
+    oi = sub.add_parser("ops-image")
+    oi.add_argument("--docker", required=True)
+    oi.add_argument("--image", required=True)
+    oi.add_argument("--levels", required=True, help="comma list the image must hold")
+    oi.add_argument("--expect", required=True, help="the level it must choose here")
+    fm = sub.add_parser("fused-model")
+    fm.add_argument("--docker", required=True)
+    fm.add_argument("--container", required=True)
+    fm.add_argument("--api", required=True)
+    fm.add_argument("--name", required=True)
+    fm.add_argument("--level", required=True)
+    fm.add_argument("--timeout", type=float, default=120)
     pu = sub.add_parser("prometheus-up")
     pu.add_argument("--prom", required=True)
     pu.add_argument("--port", type=int, required=True)
@@ -435,6 +527,11 @@ def main(argv: list[str] | None = None) -> int:
             check_inside(args.docker, args.container)
         elif args.cmd == "host-api":
             check_host_api(args.api)
+        elif args.cmd == "ops-image":
+            check_ops_image(args.docker, args.image, args.levels.split(","), args.expect)
+        elif args.cmd == "fused-model":
+            check_fused_model(args.docker, args.container, args.api, args.name, args.level,
+                              args.timeout)  # fmt: skip
         elif args.cmd == "prometheus-up":
             check_prometheus_up(args.prom, args.port, args.timeout)
         elif args.cmd == "dashboard":

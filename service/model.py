@@ -262,21 +262,23 @@ def fused_session(
         raise FusedError(str(exc)) from exc
     except Exception as exc:  # anything else on the way must not stop the service
         raise FusedError(f"custom-op library: {exc!r}") from exc
+    # the library, and the level chosen when CTR_OPS_LIBRARY names a prebuilt folder
+    where = f"{lib.path} (level {lib.level})" if lib.level else str(lib.path)
     on_gpu = ref.get_providers()[0] == CUDA
     if on_gpu and not lib.cuda:
-        raise FusedError(f"{lib.path} has no CUDA kernel (it was built without nvcc)")
+        raise FusedError(f"{where} has no CUDA kernel (it was built without nvcc)")
     try:
         so.register_custom_ops_library(str(lib.path))
     except Exception as exc:  # ORT's own error types: not a loadable library
-        raise FusedError(f"ONNX Runtime cannot load {lib.path}: {exc}") from exc
+        raise FusedError(f"ONNX Runtime cannot load {where}: {exc}") from exc
     try:
         session = _session(bundle, data, so, providers, graphs)
         worst = probe_diff(bundle, ref, session, graphs)
     except Exception as exc:  # ORT's own error types: a graph that fails to load or run
-        raise FusedError(f"the fused graph does not run: {exc}") from exc
+        raise FusedError(f"the fused graph does not run with {where}: {exc}") from exc
     if worst > FUSED_TOLERANCE:
-        raise FusedError(f"fused graph parity {worst:.1e} > {FUSED_TOLERANCE:.0e}")
-    log.info("fused graph kept (%s): max |fused - standard| = %.1e", lib.path, worst)
+        raise FusedError(f"fused graph parity {worst:.1e} > {FUSED_TOLERANCE:.0e} ({where})")
+    log.info("fused graph kept (%s): max |fused - standard| = %.1e", where, worst)
     return session, data
 
 

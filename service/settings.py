@@ -57,8 +57,9 @@ class Settings(BaseSettings):
     )
     ops_library: str = Field(
         "",
-        description="path of a prebuilt custom-op library (empty: build native/ into "
-        "$CTR_OPS_CACHE when needed)",
+        description="a prebuilt custom-op library file, or a folder of CPU levels "
+        "(`ctr build-ops --arch ... --out DIR`: the highest level this CPU supports is "
+        "loaded); empty: build native/ into $CTR_OPS_CACHE when needed",
     )
     precision: Literal["fp32", "fp16"] = Field(
         "fp32", description="fp16: convert at load, serve it only within 1e-3 of fp32"

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,3 +114,24 @@ def trained(
         return cache[model_type]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def ops_levels(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prebuilt custom-op folder (``ctr build-ops --arch ... --out DIR``) with every
+    level this CPU can run (x86-64-v4/v3/v2 as supported, and generic), built once per
+    session from the sources into a fresh cache, so each level is really compiled."""
+    from ctr import native
+    from ctr.cli import main
+
+    tmp = tmp_path_factory.mktemp("ops-levels")
+    levels = native.supported_levels()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CTR_OPS_CACHE", str(tmp / "cache"))
+        mp.delenv("CTR_OPS_CXX_ARCH", raising=False)
+        rc = main(["build-ops", "--cuda", "no", "--arch", ",".join(levels), "--out",
+                   str(tmp / "ops")])  # fmt: skip
+    if rc != 0 and not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("no C++ compiler to build the custom-op library")
+    assert rc == 0
+    return tmp / "ops"

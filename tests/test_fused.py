@@ -5,6 +5,7 @@ runs the CUDA kernel where a GPU is present."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -338,3 +339,26 @@ def test_manifest_records_the_fused_graph(bundles: dict[str, Built]) -> None:
     b = load_bundle(bundles["dien"].models_dir, "dien")
     manifest = json.loads((b.path / "manifest.json").read_text())
     assert manifest["fused"]["sha256"] == b.fused["sha256"]  # type: ignore[index]
+
+
+def test_service_serves_fused_graph_from_a_prebuilt_level_folder(
+    bundles: dict[str, Built], ops_levels: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CTR_OPS_LIBRARY=DIR (``ctr build-ops --arch ... --out DIR``): the highest level
+    this CPU runs is served; a folder with nothing usable falls back, naming the level."""
+    built = bundles["dien"]
+    best = native.supported_levels()[0]
+    with caplog.at_level(logging.INFO):
+        app = create_app(settings_for(built, fused_ops="on", ops_library=str(ops_levels)))
+        with TestClient(app) as client:
+            info = client.get("/v1/models").json()
+            assert (info["graph"], info["graph_note"]) == ("fused", None)
+    kept = [r.getMessage() for r in caplog.records if "fused graph kept" in r.getMessage()]
+    assert kept and f"{ops_levels / best / native.LIB_NAME} (level {best})" in kept[0]
+    broken = tmp_path / "ops"
+    shutil.copytree(ops_levels / best, broken / best)
+    lib = broken / best / native.LIB_NAME
+    lib.write_bytes(lib.read_bytes()[:1000])
+    model = load_model(settings_for(built, fused_ops="on", ops_library=str(broken)))
+    assert model.graph == "standard"
+    assert f"no usable custom-op library in {broken}: {best}: sha256" in model.graph_note

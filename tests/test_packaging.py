@@ -506,6 +506,36 @@ def test_serving_images_are_non_root_with_healthcheck_and_no_torch(
                 assert "torch" not in args.lower(), f"{target} <- {stage}: {args}"
 
 
+def test_runtime_image_carries_prebuilt_custom_op_levels_and_no_compiler(
+    stages: dict[str, dict],
+) -> None:
+    from ctr import native
+
+    runtime = stages["runtime"]["instructions"]
+    copies = [args for keyword, args in runtime if keyword == "COPY" and "ops-build" in args]
+    assert copies == ["--from=ops-build /opt/ctr-ops /opt/ctr-ops"]
+    env = " ".join(args for keyword, args in runtime if keyword == "ENV")
+    assert "CTR_OPS_LIBRARY=/opt/ctr-ops" in env
+    # built on the same python base, from native/, for every x86-64 level ctr.native
+    # selects from (generic on another machine type), without the CUDA kernel
+    ops = stages["ops-build"]
+    assert ops["from"] == "python-base" and ops["index"] < stages["runtime"]["index"]
+    runs = " ".join(args for keyword, args in ops["instructions"] if keyword == "RUN")
+    assert "apt-get install -y --no-install-recommends g++" in runs
+    x86 = ",".join(level for level in native.LEVELS if level != "generic")
+    assert f"levels={x86}" in runs and "levels=generic" in runs
+    assert "build-ops --cuda no" in runs and '--arch "$levels" --out /opt/ctr-ops' in runs
+    copied = " ".join(args for keyword, args in ops["instructions"] if keyword == "COPY")
+    assert "native ./native" in copied and "ctr/native.py" in copied
+    # the serving image's own stages install no compiler (ops-build only lends a folder)
+    compiler = re.compile(r"(^|\s)(g\+\+|c\+\+|gcc|clang|build-essential)(-[\d.]+)?(\s|$)")
+    assert compiler.search(runs)
+    for stage in ("python-base", "runtime-build", "runtime"):
+        for keyword, args in stages[stage]["instructions"]:
+            if keyword == "RUN":
+                assert not compiler.search(args), args
+
+
 def test_gpu_image_uses_onnxruntime_gpu(stages: dict[str, dict]) -> None:
     closure = _stage_closure(stages, "gpu")
     runs = " ".join(
@@ -562,8 +592,11 @@ def test_dockerignore_keeps_models_and_runs_out() -> None:
     for pattern in (".venv", ".git", "runs", "data", "models/*", "!models/README.md"):
         assert pattern in patterns
     # the optional pip CA bundle (certs/) and what the images copy must stay in
-    for needed in ("certs", "deploy", "ctr", "training", "service", "configs", "pyproject.toml"):
+    for needed in (
+        "certs", "deploy", "ctr", "training", "service", "configs", "pyproject.toml", "native",
+    ):  # fmt: skip
         assert needed not in patterns
+    assert not any(p.lstrip("*/").startswith("native") for p in patterns)
 
 
 # ------------------------------------------------------------------ load test
