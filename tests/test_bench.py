@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -59,7 +60,16 @@ def test_request_path_benchmark_runs_both_paths(tmp_path: Path) -> None:
     assert set(r["request_ms"]) == {"fast path", "FastAPI route"}
     assert set(r["check_us"]) == {"C-level check", "per-candidate check"}
     assert all(v > 0 for v in [*r["request_ms"].values(), *r["check_us"].values()])
-    assert "| 10 |" in render(res, "ctr bench-path")
+    st = r["stage_ms"]
+    assert set(st) == {"redis_fetch", "feature_mapping", "inference", "serialization",
+                       "outside", "total"}  # fmt: skip
+    assert all(st[k] > 0 for k in ("redis_fetch", "serialization", "total"))
+    assert abs(sum(v for k, v in st.items() if k != "total") - st["total"]) < 1e-9
+    import service.app
+
+    assert service.app.STAGE_CLOCK is time.perf_counter  # restored after the run
+    table = render(res, "ctr bench-path")
+    assert "| 10 |" in table and "by the service's own stages" in table
 
 
 def test_client_gc_off_restores_the_collector() -> None:

@@ -1,7 +1,9 @@
 """In-process cost of the request path's Python, without HTTP or a client: the scoring
 handler called through ASGI with and without the ``ServingMiddleware`` fast path, and the
 candidate-list check with and without its C-level shortcut. Same process, interleaved,
-so the ratios hold on a noisy machine. Needs Redis and a bundle (``ctr bench-path``)."""
+so the ratios hold on a noisy machine. Then the fast path's event-loop CPU split by the
+service's own stages (its stage clock set to this thread's CPU time). Needs Redis and a
+bundle (``ctr bench-path``)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ from typing import Any
 
 import orjson
 
+import service.app as service_app
 from ctr.bundle import load_bundle
+from service import metrics
 from service.app import create_app
 from service.loader import load_into_redis
 from service.settings import Settings
@@ -83,6 +87,49 @@ async def _route_costs(settings: Settings, bodies: list[bytes], rounds: int, rep
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+STAGES = ("redis_fetch", "feature_mapping", "inference", "serialization")
+
+
+def _stage_sums() -> dict[str, float]:
+    out = dict.fromkeys(STAGES, 0.0)
+    for family in metrics.STAGE_DURATION.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_sum"):
+                out[sample.labels["stage"]] = sample.value
+    return out
+
+
+async def _stage_costs(settings: Settings, bodies: list[bytes], rounds: int, reps: int) -> dict:
+    """Event-loop CPU per request in each stage of ``_score``, in ms (median over rounds).
+    The stage clock reads this thread's CPU time, so ``inference`` is the hand-off to
+    the ORT thread and back, not the run; ``outside`` is the rest of the request (body
+    read, validation, ASGI and middleware)."""
+    app = create_app(settings)
+    ctx = app.router.lifespan_context(app)
+    await ctx.__aenter__()
+    times: dict[str, list[float]] = {k: [] for k in (*STAGES, "total")}
+    try:
+        for b in bodies[:8]:
+            assert await _call(app, b) == 200
+        for _ in range(rounds):
+            service_app.STAGE_CLOCK = time.thread_time
+            try:
+                before, start = _stage_sums(), time.thread_time()
+                for k in range(reps):
+                    await _call(app, bodies[k % len(bodies)])
+                times["total"].append((time.thread_time() - start) * 1000 / reps)
+                after = _stage_sums()
+            finally:
+                service_app.STAGE_CLOCK = time.perf_counter
+            for k in STAGES:
+                times[k].append((after[k] - before[k]) * 1000 / reps)
+    finally:
+        await ctx.__aexit__(None, None, None)
+    out = {k: statistics.median(v) for k, v in times.items()}
+    out["outside"] = out["total"] - sum(out[k] for k in STAGES)
+    return out
+
+
 def _check_costs(bodies: list[bytes], rounds: int, reps: int) -> dict:
     objs = [orjson.loads(b) for b in bodies]
     fns = {
@@ -117,6 +164,7 @@ def run(
         out[n] = {
             "request_ms": asyncio.run(_route_costs(settings, bodies, rounds, reps)),
             "check_us": _check_costs(bodies, rounds, reps * 4),
+            "stage_ms": asyncio.run(_stage_costs(settings, bodies, rounds, reps)),
         }
     return out
 
@@ -140,4 +188,17 @@ def render(res: dict, command: str) -> str:
         lines.append(
             f"| {n} | {a:.3f} | {b:.3f} | {b - a:.3f} | {c:.0f} | {d:.0f} | {d / c:.1f}x |"
         )
+    lines += [
+        "",
+        "Event-loop CPU per request on the fast path, by the service's own stages (ms; "
+        "`inference` is the hand-off to the ORT thread and back, `outside` the body read, "
+        "validation, ASGI and middleware):",
+        "",
+        "| N | " + " | ".join((*STAGES, "outside", "total")) + " |",
+        "|---:|" + "---:|" * (len(STAGES) + 2),
+    ]
+    for n, r in res.items():
+        st = r["stage_ms"]
+        cells = " | ".join(f"{st[k]:.3f}" for k in (*STAGES, "outside", "total"))
+        lines.append(f"| {n} | {cells} |")
     return "\n".join(lines)
