@@ -18,7 +18,12 @@ class Settings(BaseSettings):
     redis_cluster: bool = Field(False, description="the URL names a Redis Cluster node")
     redis_timeout_ms: int = Field(50, gt=0, description="socket timeout per Redis call")
     redis_connect_timeout_ms: int = Field(200, gt=0, description="connect timeout")
-    redis_max_connections: int = Field(64, gt=0, description="pool size per worker")
+    redis_max_connections: int = Field(
+        64,
+        gt=0,
+        description="connections per worker, for the scoring reads and, separately, for "
+        "everything else (events, readiness)",
+    )
     provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="ORT execution provider")
     require_gpu: bool = Field(False, description="refuse to start on a CPU fallback")
     intra_op_threads: int = Field(0, ge=0, description="ORT intra-op threads (0 = ORT default)")
