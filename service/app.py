@@ -408,7 +408,8 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
         assert state.reader is not None and state.events is not None
         try:
             if lookups:
-                items.fill(await fetch_items(state.reader, lookups))
+                async with asyncio.timeout(s.redis_timeout_ms / 1000):
+                    items.fill(await fetch_items(state.reader, lookups))
             payload.update({k: v[0] for k, v in items.values.items() if v[0] is not None})
             payload.update({"type": ev.type, "ts": ev.timestamp})
             appended = await asyncio.wait_for(

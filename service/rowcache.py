@@ -47,7 +47,7 @@ class ItemRowCache:
             return np.full(len(ids), -1, np.int64)
         slots = np.fromiter(map(self.slot_of.get, ids, repeat(-1)), np.int64, len(ids))
         now = time.monotonic()
-        if slots.min() >= 0 and self.expiry.take(slots).min() > now:
+        if slots.size and slots.min() >= 0 and self.expiry.take(slots).min() > now:
             return slots  # the steady state: every row cached and fresh
         hit = np.flatnonzero(slots >= 0)
         if hit.size:

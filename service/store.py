@@ -184,17 +184,23 @@ class Reader:
     replies. A connection whose call fails or is cancelled half-way (the request deadline)
     is closed, never reused, so replies cannot desync; a failure on a reused connection (an
     idle connection the server closed, a Redis restart) is retried once on a fresh one,
-    since these reads are idempotent. On Redis Cluster it uses the client's pipeline,
-    which routes by slot."""
+    since these reads are idempotent (a timeout is not retried). On Redis Cluster it uses
+    the client's pipeline, which routes by slot. What redis-py does only for its pool's
+    own connections does not apply here: health checks, re-authentication with
+    streaming credentials, maintenance notifications (Redis Enterprise) and its
+    connection metrics."""
 
     def __init__(self, redis: AnyRedis, size: int) -> None:
         self.redis = redis
         self.pool = redis.connection_pool if isinstance(redis, Redis) else None
         self.idle: list[Connection] = []
         self.slots = asyncio.Semaphore(size)
+        self.closed = False
 
     async def run(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Replies to ``commands`` (raw: bytes, lists, flat HGETALL pairs)."""
+        if self.closed:
+            raise RedisConnectionError("the store's reader is closed")
         if self.pool is None:
             pipe = self.redis.pipeline(transaction=False)
             for cmd in commands:
@@ -215,10 +221,15 @@ class Reader:
         except BaseException:  # cancelled or failed half-way: unread replies may follow
             await conn.disconnect(nowait=True)
             raise
-        self.idle.append(conn)
+        if self.closed:  # closed while this read was in flight: do not keep it
+            await conn.disconnect()
+        else:
+            self.idle.append(conn)
         return replies
 
     async def aclose(self) -> None:
+        """Close the idle connections; reads still in flight close theirs when done."""
+        self.closed = True
         idle, self.idle = self.idle, []
         for conn in idle:
             await conn.disconnect()

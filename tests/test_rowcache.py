@@ -20,6 +20,7 @@ def rows(ids: list[str], base: int) -> tuple[np.ndarray, np.ndarray]:
 def test_lookup_store_and_gather() -> None:
     cache = ItemRowCache(60, 8, 2, 1)
     assert cache.lookup(["a", "b"]).tolist() == [-1, -1]
+    assert cache.lookup([]).shape == (0,)
     sparse, dense = rows(["a", "b", "c"], 10)
     cache.store(["a", "b", "c"], sparse, dense)
     slots = cache.lookup(["c", "x", "a"])
@@ -32,6 +33,7 @@ def test_lookup_store_and_gather() -> None:
     assert cache.lookup(["a"])[0] == slots[2]
     np.testing.assert_array_equal(cache.sparse[slots[2]], new_sparse[0])
     assert len(cache) == 3
+    assert cache.lookup([]).shape == (0,)  # also with rows cached
 
 
 def test_ring_evicts_oldest_and_keeps_the_rest_consistent() -> None:

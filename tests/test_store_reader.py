@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import orjson
 import pytest
 from fastapi.testclient import TestClient
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service.app import create_app
 from service.loader import load_into_redis
@@ -176,3 +177,34 @@ def test_error_reply_mid_pipeline_never_answers_the_next_request(
             r.delete(user_key(a, "profile"))
             if saved:
                 r.hset(user_key(a, "profile"), mapping=saved)
+
+
+def test_close_while_a_read_is_in_flight(rp: RedisProcess) -> None:
+    """A read in flight when the reader closes (shutdown under traffic) finishes, but its
+    connection is not kept: nothing stays open, and later reads are refused."""
+    user = two_users(rp)[0]
+
+    async def go() -> tuple[bool, int, bool]:
+        client = make_client(rp.url, False, 2.0, 1.0, 4)
+        reader = Reader(client, 4)
+        blocker = asyncio.create_task(
+            asyncio.to_thread(lambda: rp.client().execute_command("DEBUG", "SLEEP", 0.3))
+        )
+        await asyncio.sleep(0.1)
+        read = asyncio.create_task(fetch(reader, user, 5, {}))
+        await asyncio.sleep(0.05)
+        await reader.aclose()
+        data = await read
+        await blocker
+        refused = False
+        try:
+            await fetch(reader, user, 5, {})
+        except RedisConnectionError:
+            refused = True
+        await client.aclose()
+        return data.found, len(reader.idle), refused
+
+    found, idle, refused = asyncio.run(go())
+    assert found and idle == 0 and refused
+    reads = [c for c in rp.client().client_list() if c.get("cmd") in ("hgetall", "lrange")]
+    assert reads == []  # the server holds no connection the reader used
