@@ -528,7 +528,9 @@ async def _score(state: State, model: LoadedModel, req: Any) -> Response:
     t1 = STAGE_CLOCK()
     # rows with a missing feature because the store failed are not cached
     cands.finish(bundle, model.rows, cacheable=not (degraded and lookups))
-    prepared = build_feeds(bundle, req.user_id, req.context, data, cands.sparse, cands.dense)
+    prepared = build_feeds(
+        bundle, req.user_id, req.context, data, cands.sparse, cands.dense, model.users
+    )
     t2 = STAGE_CLOCK()
     executor = model.executor or state.executor  # a CUDA-graph model runs on its own thread
     assert executor is not None
@@ -560,7 +562,7 @@ async def _score(state: State, model: LoadedModel, req: Any) -> Response:
         "model": {"name": model.name, "version": model.version},
         "request_id": uuid.uuid4().hex,
         "degraded": degraded,
-        "cold_start": not data.found and not degraded,
+        "cold_start": not prepared.found and not degraded,
         "items": items,
     }
     response = orjson_response(body)

@@ -12,12 +12,14 @@ from ctr.encode import encode_item_rows, encode_user_rows
 from ctr.spec import FeatureConfig
 from service.rowcache import ItemRowCache
 from service.store import ItemCache, UserData
+from service.usercache import UserRowCache, UserRows
 
 
 @dataclass
 class Prepared:
     feeds: dict[str, np.ndarray]
     history_items: list[Any]  # raw IDs of the history positions fed to the graph
+    found: bool  # the store knows the user
 
 
 @dataclass
@@ -139,18 +141,11 @@ def candidates(
                       [not f for f in feats])  # fmt: skip
 
 
-def build_feeds(
-    bundle: Bundle,
-    user_id: str,
-    context: dict[str, Any],
-    data: UserData,
-    item_sparse: np.ndarray,
-    item_dense: np.ndarray,
-) -> Prepared:
-    """Feeds for one user (U=1) and N candidates (``item_sparse [N, Fi]``,
-    ``item_dense [N, Di]``); ``user_idx`` is all zeros."""
+def encode_user(bundle: Bundle, user_id: str, context: dict[str, Any], data: UserData) -> UserRows:
+    """One user's graph rows from what the store returned and the request's context,
+    through ``ctr.encode`` (the training code path). The arrays are read-only: they may
+    be kept and fed to later requests."""
     c = bundle.config
-    n = item_sparse.shape[0]
     user_cols: dict[str, list[Any]] = {k: [v] for k, v in data.profile.items()}
     for k, v in context.items():
         user_cols[k] = [v]
@@ -163,15 +158,37 @@ def build_feeds(
         for s, t in zip(c.sequences, c.sequence_targets, strict=True)
     }
     us, ud, hist, lens = encode_user_rows(c, bundle.mapper, user_cols, seqs, 1)
-    feeds = {
-        "user_sparse": us,
-        "user_dense": ud,
-        "hist": hist,
-        "hist_len": lens,
-        "item_sparse": item_sparse,
-        "item_dense": item_dense,
-        "user_idx": np.zeros(n, dtype=np.int64),
-    }
+    for a in (us, ud, hist, lens):
+        a.flags.writeable = False
     id_source = c.item_id_feature.source
     history = [ev.get(id_source) for ev in events][-int(lens[0]) :] if lens[0] else []
-    return Prepared({k: feeds[k] for k in bundle.input_names}, history)
+    return UserRows(data.profile, data.raw_events, context, us, ud, hist, lens, history,
+                    data.found)  # fmt: skip
+
+
+def build_feeds(
+    bundle: Bundle,
+    user_id: str,
+    context: dict[str, Any],
+    data: UserData,
+    item_sparse: np.ndarray,
+    item_dense: np.ndarray,
+    users: UserRowCache,
+) -> Prepared:
+    """Feeds for one user (U=1) and N candidates (``item_sparse [N, Fi]``,
+    ``item_dense [N, Di]``); ``user_idx`` is all zeros. The user's rows come from
+    ``users`` when they were encoded from the same profile, behaviours and context."""
+    rows = users.get(user_id, data.profile, data.raw_events, context)
+    if rows is None:
+        rows = encode_user(bundle, user_id, context, data)
+        users.put(user_id, rows)
+    feeds = {
+        "user_sparse": rows.user_sparse,
+        "user_dense": rows.user_dense,
+        "hist": rows.hist,
+        "hist_len": rows.hist_len,
+        "item_sparse": item_sparse,
+        "item_dense": item_dense,
+        "user_idx": np.zeros(item_sparse.shape[0], dtype=np.int64),
+    }
+    return Prepared({k: feeds[k] for k in bundle.input_names}, rows.history_items, rows.found)

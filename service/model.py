@@ -6,7 +6,7 @@ import functools
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnxruntime as ort
@@ -18,6 +18,7 @@ from service.precision import FP16_TOLERANCE, PrecisionError, fp16_bytes, probe_
 from service.rowcache import ItemRowCache
 from service.runner import BindingRunner, GraphPool, GraphRunner, Runner, SessionRunner
 from service.settings import Settings, parse_buckets
+from service.usercache import UserRowCache
 
 log = logging.getLogger("ctr.model")
 
@@ -55,6 +56,7 @@ class LoadedModel:
     outputs: list[str]
     rows: ItemRowCache  # encoded candidate rows; they depend on this bundle's mapping
     runner: Runner
+    users: UserRowCache = field(default_factory=lambda: UserRowCache(0))  # encoded users
     precision: str = "fp32"
     precision_note: str = ""
     graph: str = "standard"  # or "fused": model_fused.onnx with the custom-op library
@@ -155,6 +157,7 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
     model = LoadedModel(
         bundle, session, provider, outputs, rows, runner, precision, note, graph, graph_note
     )
+    model.users = UserRowCache(settings.user_cache_size)
     if settings.batch_max_users > 1:
         # the batcher must not hold the model: a model <-> batcher cycle outlives a
         # reload once the heap is frozen (service.app.settle_heap)

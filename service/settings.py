@@ -96,6 +96,12 @@ class Settings(BaseSettings):
     request_timeout_ms: int = Field(1000, gt=0, description="per-request deadline")
     item_cache_ttl_s: float = Field(60.0, ge=0, description="item-feature cache TTL (0 = off)")
     item_cache_size: int = Field(200_000, gt=0, description="item-feature cache entries")
+    user_cache_size: int = Field(
+        50_000,
+        ge=0,
+        description="users whose encoded rows are kept, reused only while their profile, "
+        "stored behaviours and request context are unchanged (0 = off)",
+    )
     explain_top: int = Field(3, gt=0, description="history items returned per item by explain")
     api_key: SecretStr | None = Field(None, description="key for write/admin endpoints")
     protect_scoring: bool = Field(False, description="require the API key for scoring too")

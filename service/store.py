@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 from urllib.parse import urlparse
 
@@ -150,12 +151,22 @@ def item_key(feature: str) -> str:
 
 @dataclass
 class UserData:
-    """What one request needs from Redis."""
+    """What one request needs from Redis: the profile, the newest behaviours as stored
+    (raw bytes, oldest first; parsed on first use) and the item features looked up."""
 
     profile: dict[str, str] = field(default_factory=dict)
-    events: list[dict[str, Any]] = field(default_factory=list)
+    raw_events: list[bytes] = field(default_factory=list)
     item_features: dict[str, list[str | None]] = field(default_factory=dict)
-    found: bool = False
+
+    @cached_property
+    def events(self) -> list[dict[str, Any]]:
+        """The behaviours; entries that are not JSON objects are skipped."""
+        return _events(self.raw_events)
+
+    @property
+    def found(self) -> bool:
+        """Whether the store knows the user (a profile or a usable behaviour)."""
+        return bool(self.profile) or bool(self.events)
 
 
 def _text(v: Any) -> str:
@@ -275,9 +286,7 @@ async def fetch(
             *items,
         ]
     )
-    profile = _pairs(res[0])
-    events = _events(res[1])
-    return UserData(profile, events, _decode_items(feats, res[2:]), bool(profile) or bool(events))
+    return UserData(_pairs(res[0]), list(res[1]), _decode_items(feats, res[2:]))
 
 
 async def fetch_items(reader: Reader, lookups: dict[str, list[str]]) -> dict[str, list]:
