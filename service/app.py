@@ -41,7 +41,7 @@ from service.errors import (
     StoreUnavailable,
     Unauthorized,
 )
-from service.features import build_feeds, candidates, item_columns
+from service.features import build_feeds, candidates, history_items, item_columns
 from service.model import LoadedModel, ProviderError, load_model
 from service.schemas import (
     ErrorBody,
@@ -551,9 +551,9 @@ async def _score(state: State, model: LoadedModel, req: Any) -> Response:
     items: list[dict[str, Any]] = [
         {"item_id": ids[i], "probability": p[i], "rank": r} for r, i in enumerate(ranked, 1)
     ]
-    if req.explain and len(outs) > 1 and prepared.history_items:
+    if req.explain and len(outs) > 1 and prepared.hist_len:
         att = outs[1]
-        hist = prepared.history_items
+        hist = history_items(bundle.config, data, prepared.hist_len)
         for item, i in zip(items, ranked, strict=True):
             w = att[i, : len(hist)]
             top = np.argsort(-np.abs(w), kind="stable")[: s.explain_top]

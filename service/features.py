@@ -12,13 +12,13 @@ from ctr.encode import encode_item_rows, encode_user_rows
 from ctr.spec import FeatureConfig
 from service.rowcache import ItemRowCache
 from service.store import ItemCache, UserData
-from service.usercache import UserRowCache, UserRows
+from service.usercache import UserRowCache, UserRows, digest
 
 
 @dataclass
 class Prepared:
     feeds: dict[str, np.ndarray]
-    history_items: list[Any]  # raw IDs of the history positions fed to the graph
+    hist_len: int  # history positions fed to the graph (see history_items)
     found: bool  # the store knows the user
 
 
@@ -141,10 +141,12 @@ def candidates(
                       [not f for f in feats])  # fmt: skip
 
 
-def encode_user(bundle: Bundle, user_id: str, context: dict[str, Any], data: UserData) -> UserRows:
+def encode_user(
+    bundle: Bundle, user_id: str, context: dict[str, Any], data: UserData, events: bytes
+) -> UserRows:
     """One user's graph rows from what the store returned and the request's context,
-    through ``ctr.encode`` (the training code path). The arrays are read-only: they may
-    be kept and fed to later requests."""
+    through ``ctr.encode`` (the training code path); ``events`` is the digest of the raw
+    behaviours. The arrays are read-only: they may be kept and fed to later requests."""
     c = bundle.config
     user_cols: dict[str, list[Any]] = {k: [v] for k, v in data.profile.items()}
     for k, v in context.items():
@@ -152,18 +154,23 @@ def encode_user(bundle: Bundle, user_id: str, context: dict[str, Any], data: Use
     for f in c.user_sparse:  # the request's user_id wins over a stored copy
         if f.source in ("user_id", c.data.user_key):
             user_cols[f.source] = [user_id]
-    events = data.events[-c.max_seq_len :]
+    recent = data.events[-c.max_seq_len :]
     seqs = {
-        s.source: [[ev.get(t.source) for ev in events]]
+        s.source: [[ev.get(t.source) for ev in recent]]
         for s, t in zip(c.sequences, c.sequence_targets, strict=True)
     }
     us, ud, hist, lens = encode_user_rows(c, bundle.mapper, user_cols, seqs, 1)
     for a in (us, ud, hist, lens):
         a.flags.writeable = False
-    id_source = c.item_id_feature.source
-    history = [ev.get(id_source) for ev in events][-int(lens[0]) :] if lens[0] else []
-    return UserRows(data.profile, data.raw_events, context, us, ud, hist, lens, history,
-                    data.found)  # fmt: skip
+    return UserRows(data.profile, events, context, us, ud, hist, lens, data.found)
+
+
+def history_items(config: FeatureConfig, data: UserData, hist_len: int) -> list[Any]:
+    """Raw IDs of the ``hist_len`` history positions fed to the graph (for ``explain``)."""
+    if not hist_len:
+        return []
+    ids = [ev.get(config.item_id_feature.source) for ev in data.events[-config.max_seq_len :]]
+    return ids[-hist_len:]
 
 
 def build_feeds(
@@ -178,9 +185,10 @@ def build_feeds(
     """Feeds for one user (U=1) and N candidates (``item_sparse [N, Fi]``,
     ``item_dense [N, Di]``); ``user_idx`` is all zeros. The user's rows come from
     ``users`` when they were encoded from the same profile, behaviours and context."""
-    rows = users.get(user_id, data.profile, data.raw_events, context)
+    events = digest(data.raw_events)
+    rows = users.get(user_id, data.profile, events, context)
     if rows is None:
-        rows = encode_user(bundle, user_id, context, data)
+        rows = encode_user(bundle, user_id, context, data, events)
         users.put(user_id, rows)
     feeds = {
         "user_sparse": rows.user_sparse,
@@ -191,4 +199,4 @@ def build_feeds(
         "item_dense": item_dense,
         "user_idx": np.zeros(item_sparse.shape[0], dtype=np.int64),
     }
-    return Prepared({k: feeds[k] for k in bundle.input_names}, rows.history_items, rows.found)
+    return Prepared({k: feeds[k] for k in bundle.input_names}, int(rows.hist_len[0]), rows.found)

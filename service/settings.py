@@ -97,7 +97,7 @@ class Settings(BaseSettings):
     item_cache_ttl_s: float = Field(60.0, ge=0, description="item-feature cache TTL (0 = off)")
     item_cache_size: int = Field(200_000, gt=0, description="item-feature cache entries")
     user_cache_size: int = Field(
-        50_000,
+        20_000,
         ge=0,
         description="users whose encoded rows are kept, reused only while their profile, "
         "stored behaviours and request context are unchanged (0 = off)",

@@ -4,36 +4,48 @@ Every scoring request reads the user's profile and newest L behaviours from Redi
 source of truth, every time) and turns them into graph rows: 50 JSON behaviours parsed,
 each sequence field ID-mapped, the profile mapped and converted. A user scored again
 soon (the next page of a feed, a refresh) usually has the same stored data, so the rows
-are kept per user together with the raw inputs they came from: the profile as read, the
-behaviours' raw bytes and the request's context. A later request reuses them only when
-all three are equal to what it has just read, so an appended behaviour, a changed
-profile or other context encodes afresh. The rows depend on the model's ID mapping, so
-the cache belongs to one :class:`~service.model.LoadedModel` (a reload starts empty);
-it is only touched from the event loop thread. Oldest entries go first when full.
+are kept per user together with what they came from: the profile as read, a 128-bit
+BLAKE2b digest of the behaviours' raw bytes (each entry length-prefixed) and the
+request's context. A later request reuses them only when all three match what it has
+just read, so an appended behaviour, a changed profile or other context encodes afresh.
+About 2 KB per user: the digest is kept, not the behaviours. The rows depend on the
+model's ID mapping, so the cache belongs to one :class:`~service.model.LoadedModel` (a
+reload starts empty); it is only touched from the event loop thread. Oldest entries go
+first when full.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from hashlib import blake2b
 from typing import Any
 
 import numpy as np
 
 
+def digest(raw_events: list[bytes]) -> bytes:
+    """The behaviours' raw bytes, each entry with its length first (so entries cannot
+    run into one another), as a 128-bit BLAKE2b digest."""
+    h = blake2b(digest_size=16)
+    h.update(repr([len(r) for r in raw_events]).encode())
+    for r in raw_events:
+        h.update(r if isinstance(r, bytes) else r.encode("utf-8", "surrogateescape"))
+    return h.digest()
+
+
 @dataclass(frozen=True)
 class UserRows:
     """One user's graph rows (``user_sparse [1, Fu]``, ``user_dense [1, Du]``,
-    ``hist [1, S, L]``, ``hist_len [1]``), the raw IDs of the history positions fed to
-    the graph, whether the store knew the user, and the raw inputs they came from."""
+    ``hist [1, S, L]``, ``hist_len [1]``), whether the store knew the user, and what
+    they came from (``events``: :func:`digest` of the raw behaviours)."""
 
     profile: dict[str, str]
-    raw_events: list[bytes]
+    events: bytes
     context: dict[str, Any]
     user_sparse: np.ndarray
     user_dense: np.ndarray
     hist: np.ndarray
     hist_len: np.ndarray
-    history_items: list[Any]
     found: bool
 
 
@@ -46,13 +58,14 @@ class UserRowCache:
         return len(self.data)
 
     def get(
-        self, user_id: str, profile: dict[str, str], raw_events: list[bytes], context: dict
+        self, user_id: str, profile: dict[str, str], events: bytes, context: dict
     ) -> UserRows | None:
-        """The rows kept for ``user_id`` if they came from exactly these inputs."""
+        """The rows kept for ``user_id`` if they came from exactly these inputs
+        (``events``: :func:`digest` of the raw behaviours just read)."""
         rows = self.data.get(user_id)
         if (
             rows is not None
-            and rows.raw_events == raw_events
+            and rows.events == events
             and rows.profile == profile
             and rows.context == context
         ):

@@ -16,24 +16,27 @@ from redis import Redis
 
 from service.app import create_app
 from service.store import user_key
-from service.usercache import UserRowCache, UserRows
+from service.usercache import UserRowCache, UserRows, digest
 from tests.helpers import Built, build_and_load, settings_for
 
 
 def rows(tag: int, raw: list[bytes], context: dict | None = None) -> UserRows:
     a = np.full((1, 1), tag, np.int64)
-    return UserRows({"p": str(tag)}, raw, context or {}, a, a, a, a, [], True)
+    return UserRows({"p": str(tag)}, digest(raw), context or {}, a, a, a, a, True)
 
 
 def test_reused_only_for_the_same_inputs_and_bounded() -> None:
     cache = UserRowCache(2)
     kept = rows(1, [b"e1", b"e2"], {"hour": 3})
     cache.put("u1", kept)
-    assert cache.get("u1", {"p": "1"}, [b"e1", b"e2"], {"hour": 3}) is kept
-    assert cache.get("u1", {"p": "1"}, [b"e1", b"e2", b"e3"], {"hour": 3}) is None  # append
-    assert cache.get("u1", {"p": "2"}, [b"e1", b"e2"], {"hour": 3}) is None  # profile
-    assert cache.get("u1", {"p": "1"}, [b"e1", b"e2"], {"hour": 4}) is None  # context
-    assert cache.get("u2", {"p": "1"}, [b"e1", b"e2"], {"hour": 3}) is None  # other user
+    same = digest([b"e1", b"e2"])
+    assert cache.get("u1", {"p": "1"}, same, {"hour": 3}) is kept
+    for other in ([b"e1", b"e2", b"e3"], [b"e1"], [b"e1e2"], [b"e1", b"e", b"2"], [b"e2", b"e1"]):
+        assert digest(other) != same  # appended, trimmed, or the same bytes split otherwise
+        assert cache.get("u1", {"p": "1"}, digest(other), {"hour": 3}) is None
+    assert cache.get("u1", {"p": "2"}, same, {"hour": 3}) is None  # profile
+    assert cache.get("u1", {"p": "1"}, same, {"hour": 4}) is None  # context
+    assert cache.get("u2", {"p": "1"}, same, {"hour": 3}) is None  # other user
     cache.put("u2", rows(2, []))
     cache.put("u1", rows(3, [b"x"]))  # replaces u1's entry, which becomes the newest
     cache.put("u3", rows(4, []))  # full: the oldest (u2) goes
