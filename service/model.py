@@ -56,12 +56,12 @@ class LoadedModel:
     outputs: list[str]
     rows: ItemRowCache  # encoded candidate rows; they depend on this bundle's mapping
     runner: Runner
-    users: UserRowCache = field(default_factory=lambda: UserRowCache(0))  # encoded users
     precision: str = "fp32"
     precision_note: str = ""
     graph: str = "standard"  # or "fused": model_fused.onnx with the custom-op library
     graph_note: str = ""  # why the fused graph is not served, when it was wanted
     batcher: Batcher | None = None  # cross-request micro-batching, when enabled
+    users: UserRowCache = field(default_factory=lambda: UserRowCache(0))  # encoded users
 
     @property
     def name(self) -> str:
