@@ -208,3 +208,41 @@ def test_close_while_a_read_is_in_flight(rp: RedisProcess) -> None:
     assert found and idle == 0 and refused
     reads = [c for c in rp.client().client_list() if c.get("cmd") in ("hgetall", "lrange")]
     assert reads == []  # the server holds no connection the reader used
+
+
+def test_a_timeout_is_not_retried(rp: RedisProcess) -> None:
+    """Only a connection error on a reused connection earns a second try: a read that
+    times out (a slow server) is given up at once, without opening another connection."""
+    import redis.exceptions
+
+    user = two_users(rp)[0]
+    r = rp.client()
+
+    def accepted() -> int:
+        return int(r.info("stats")["total_connections_received"])
+
+    async def go() -> tuple[bool, int]:
+        client = make_client(rp.url, False, 0.2, 1.0, 4)  # 200 ms socket timeout
+        reader = Reader(client, 4)
+        try:
+            await fetch(reader, user, 5, {})  # leaves one idle connection to reuse
+            before = accepted()
+            blocker = asyncio.create_task(
+                asyncio.to_thread(lambda: rp.client().execute_command("DEBUG", "SLEEP", 0.8))
+            )
+            await asyncio.sleep(0.1)
+            try:
+                await fetch(reader, user, 5, {})
+                timed_out = False
+            except redis.exceptions.TimeoutError:
+                timed_out = True
+            await blocker
+            await asyncio.sleep(0.1)
+            return timed_out, accepted() - before
+        finally:
+            await reader.aclose()
+            await client.aclose()
+
+    timed_out, new_connections = asyncio.run(go())
+    assert timed_out
+    assert new_connections == 1  # the blocker's own; a retry would have opened one more
