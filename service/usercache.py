@@ -8,10 +8,10 @@ are kept per user together with what they came from: the profile as read, a 128-
 BLAKE2b digest of the behaviours' raw bytes (each entry length-prefixed) and the
 request's context. A later request reuses them only when all three match what it has
 just read, so an appended behaviour, a changed profile or other context encodes afresh.
-About 2 KB per user: the digest is kept, not the behaviours. The rows depend on the
-model's ID mapping, so the cache belongs to one :class:`~service.model.LoadedModel` (a
-reload starts empty); it is only touched from the event loop thread. Oldest entries go
-first when full.
+Per user it holds the arrays, the profile, the context and the digest, not the
+behaviours. The rows depend on the model's ID mapping, so the cache belongs to one
+:class:`~service.model.LoadedModel` (a reload starts empty); it is only touched from the
+event loop thread. Oldest entries go first when full.
 """
 
 from __future__ import annotations
