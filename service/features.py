@@ -12,7 +12,7 @@ from ctr.encode import encode_item_rows, encode_user_rows
 from ctr.spec import FeatureConfig
 from service.rowcache import ItemRowCache
 from service.store import ItemCache, UserData
-from service.usercache import UserRowCache, UserRows, digest
+from service.usercache import UserRowCache, UserRows
 
 
 @dataclass
@@ -185,11 +185,13 @@ def build_feeds(
     """Feeds for one user (U=1) and N candidates (``item_sparse [N, Fi]``,
     ``item_dense [N, Di]``); ``user_idx`` is all zeros. The user's rows come from
     ``users`` when they were encoded from the same profile, behaviours and context."""
-    events = digest(data.raw_events)
-    rows = users.get(user_id, data.profile, events, context)
-    if rows is None:
-        rows = encode_user(bundle, user_id, context, data, events)
-        users.put(user_id, rows)
+    rows = users.rows_for(
+        user_id,
+        data.profile,
+        data.raw_events,
+        context,
+        lambda events: encode_user(bundle, user_id, context, data, events),
+    )
     feeds = {
         "user_sparse": rows.user_sparse,
         "user_dense": rows.user_dense,

@@ -155,9 +155,18 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
     )
     outputs = [o.name for o in session.get_outputs()]
     model = LoadedModel(
-        bundle, session, provider, outputs, rows, runner, precision, note, graph, graph_note
+        bundle,
+        session,
+        provider,
+        outputs,
+        rows,
+        runner,
+        precision=precision,
+        precision_note=note,
+        graph=graph,
+        graph_note=graph_note,
+        users=UserRowCache(settings.user_cache_size),
     )
-    model.users = UserRowCache(settings.user_cache_size)
     if settings.batch_max_users > 1:
         # the batcher must not hold the model: a model <-> batcher cycle outlives a
         # reload once the heap is frozen (service.app.settle_heap)

@@ -16,6 +16,7 @@ event loop thread. Oldest entries go first when full.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from hashlib import blake2b
 from typing import Any
@@ -71,6 +72,25 @@ class UserRowCache:
         ):
             return rows
         return None
+
+    def rows_for(
+        self,
+        user_id: str,
+        profile: dict[str, str],
+        raw_events: list[bytes],
+        context: dict,
+        encode: Callable[[bytes], UserRows],
+    ) -> UserRows:
+        """The kept rows when they came from exactly these inputs, else ``encode(digest)``
+        (kept for next time). Off (size 0): ``encode`` every time, nothing hashed."""
+        if self.size <= 0:
+            return encode(b"")
+        events = digest(raw_events)
+        rows = self.get(user_id, profile, events, context)
+        if rows is None:
+            rows = encode(events)
+            self.put(user_id, rows)
+        return rows
 
     def put(self, user_id: str, rows: UserRows) -> None:
         if self.size <= 0:

@@ -22,7 +22,7 @@ from service.app import create_app
 from service.loader import load_into_redis
 from service.settings import Settings
 from service.validate import _checked_candidates, _plain_ids
-from training.bench_service import bodies_for
+from training.bench_service import STAGES, bodies_for, stage_means
 
 
 async def _call(app: Any, body: bytes) -> int:
@@ -87,16 +87,8 @@ async def _route_costs(settings: Settings, bodies: list[bytes], rounds: int, rep
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-STAGES = ("redis_fetch", "feature_mapping", "inference", "serialization")
-
-
-def _stage_sums() -> dict[str, float]:
-    out = dict.fromkeys(STAGES, 0.0)
-    for family in metrics.STAGE_DURATION.collect():
-        for sample in family.samples:
-            if sample.name.endswith("_sum"):
-                out[sample.labels["stage"]] = sample.value
-    return out
+def _scrape() -> str:
+    return metrics.render()[0].decode()
 
 
 async def _stage_costs(settings: Settings, bodies: list[bytes], rounds: int, reps: int) -> dict:
@@ -115,15 +107,15 @@ async def _stage_costs(settings: Settings, bodies: list[bytes], rounds: int, rep
         for _ in range(rounds):
             service_app.STAGE_CLOCK = time.thread_time
             try:
-                before, start = _stage_sums(), time.thread_time()
+                before, start = _scrape(), time.thread_time()
                 for k in range(reps):
                     await _call(app, bodies[k % len(bodies)])
                 times["total"].append((time.thread_time() - start) * 1000 / reps)
-                after = _stage_sums()
+                means = stage_means(before, _scrape())
             finally:
                 service_app.STAGE_CLOCK = saved
             for k in STAGES:
-                times[k].append((after[k] - before[k]) * 1000 / reps)
+                times[k].append(means[k] * 1000)
     finally:
         await ctx.__aexit__(None, None, None)
     out = {k: statistics.median(v) for k, v in times.items()}

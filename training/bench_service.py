@@ -87,12 +87,15 @@ def _sums(text: str, metric: str, label: str) -> dict[tuple[str, str], float]:
     return out
 
 
+STAGES = ("redis_fetch", "feature_mapping", "inference", "serialization")
+
+
 def stage_means(before: str, after: str) -> dict[str, float]:
     """Mean seconds per request of each stage between two /metrics scrapes."""
     a = _sums(before, "ctr_stage_duration_seconds", "stage")
     b = _sums(after, "ctr_stage_duration_seconds", "stage")
     res = {}
-    for stage in ("redis_fetch", "feature_mapping", "inference", "serialization"):
+    for stage in STAGES:
         n = b.get((stage, "count"), 0) - a.get((stage, "count"), 0)
         total = b.get((stage, "sum"), 0) - a.get((stage, "sum"), 0)
         res[stage] = total / n if n else float("nan")
