@@ -1,8 +1,10 @@
 """The project's ONNX Runtime custom-op library (``native/``): build it, find it.
 
-It holds one op, ``ctr_ops.AttentionalGRU``: DIEN's AUGRU recurrence fused into one
-kernel (see ``native/augru.h``). The CPU kernel is always built (a C++17 compiler); the
-CUDA kernel too where ``nvcc`` is found and ORT has the CUDA provider. The library goes
+It holds two ops. ``ctr_ops.AttentionalGRU`` is DIEN's AUGRU recurrence fused into one
+kernel (``native/augru.h``), for the CPU and CUDA; ``ctr_ops.DinAttention`` is the DIN
+activation unit with its pooling (``native/din_attention.h``), for the CPU only. The CPU
+kernels are always built (a C++17 compiler); the CUDA kernel too where ``nvcc`` is found
+and ORT has the CUDA provider. The library goes
 to a cache folder named after a hash of the sources, the build commands, the tools'
 versions and (for ``-march=native``) the CPU's flags, so any change builds a new one.
 Before a library is handed out, a child process loads it and runs its CPU kernel once,
@@ -33,10 +35,18 @@ from pathlib import Path
 log = logging.getLogger("ctr.native")
 
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "native"
-SOURCES = ("augru.h", "ctr_ops.cc", "augru_cuda.cu", "third_party/onnxruntime/onnxruntime_c_api.h")
+SOURCES = (
+    "augru.h", "ctr_ops.cc", "augru_cuda.cu", "din_attention.h", "din_attention.cc", "simd.h",
+    "third_party/onnxruntime/onnxruntime_c_api.h",
+)  # fmt: skip
 DOMAIN = "ctr_ops"
 OP = "AttentionalGRU"
 MAX_HIDDEN = 64  # native/augru.h kMaxHidden
+DIN_OP = "DinAttention"  # CPU kernel only
+DIN_MAX_WIDTH, DIN_MAX_LAYERS, DIN_MAX_DIM = 256, 8, 256  # native/din_attention.h
+DIN_ACTS = {"sigmoid": 0, "dice": 1, "prelu": 2}  # native/din_attention.h DinAct
+OPS = (OP, DIN_OP)
+CUDA_OPS = frozenset({OP})  # the ops with a CUDA kernel in a CUDA build
 LIB_NAME = "libctr_ops.so"
 
 
@@ -232,8 +242,10 @@ def build(
     commands = [
         [cxx, "-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-ffp-contract=fast",
          *cpu_arch, *defs, *inc, "-c", str(SOURCE_DIR / "ctr_ops.cc"), "-o", "ctr_ops.o"],
+        [cxx, "-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-ffp-contract=fast",
+         *cpu_arch, *inc, "-c", str(SOURCE_DIR / "din_attention.cc"), "-o", "din_attention.o"],
     ]  # fmt: skip
-    objs, link_extra, tools = ["ctr_ops.o"], [], [cxx]
+    objs, link_extra, tools = ["ctr_ops.o", "din_attention.o"], [], [cxx]
     if cuda:
         assert nvcc is not None
         # native: this machine's GPU (the library is built where it runs, at first use);

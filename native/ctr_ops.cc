@@ -1,6 +1,7 @@
-// ONNX Runtime custom-op library of this project: domain "ctr_ops", op "AttentionalGRU"
+// ONNX Runtime custom-op library of this project, domain "ctr_ops": "AttentionalGRU"
 // (the fused AUGRU of augru.h) for the CPU provider and, when built with nvcc
-// (CTR_OPS_CUDA), for the CUDA provider. Loaded by
+// (CTR_OPS_CUDA), for the CUDA provider; "DinAttention" (the fused DIN activation unit of
+// din_attention.h, din_attention.cc) for the CPU provider only. Loaded by
 // SessionOptions.register_custom_ops_library; written against the C API only
 // (third_party/onnxruntime/onnxruntime_c_api.h, API 21), so it loads in any later ORT.
 #include <algorithm>
@@ -11,6 +12,8 @@
 #include <vector>
 
 #include "augru.h"
+#include "din_attention.h"
+#include "simd.h"
 #include "onnxruntime_c_api.h"
 
 #ifdef __FAST_MATH__
@@ -20,46 +23,6 @@
 namespace ctr_ops {
 
 namespace {
-
-// Blocks of kLanes candidates run together, one vector lane each (GCC/Clang vector
-// extensions), kLanes being the target's vector width in floats: a wider type than the
-// registers spills and ran 2-16x slower. Nothing here needs libm: exp is inline.
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-#elif defined(__AVX__)
-constexpr int kLanes = 8;
-#else
-constexpr int kLanes = 4;
-#endif
-typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
-
-inline vf splat(float x) { return vf{} + x; }
-
-// exp(x), x clamped to [-87, 88]: exp(x) = 2^n * exp(r), |r| <= ln2/2, with a degree-6
-// polynomial for exp(r) (about 1 ulp; Cephes' expf coefficients).
-inline vf vexp(vf x) {
-  x = x < splat(-87.0f) ? splat(-87.0f) : x;
-  x = x > splat(88.0f) ? splat(88.0f) : x;
-  // round to nearest by adding and removing 1.5 * 2^23
-  const vf nf = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const vi bits = (__builtin_convertvector(nf, vi) + 127) << 23;
-  vf scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-inline vf vsigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
-
-inline vf vtanh(vf x) { return 1.0f - 2.0f / (vexp(2.0f * x) + 1.0f); }  // abs. error ~1e-7
 
 // One block of up to kLanes candidates (rows row0 ...), all L steps; unused lanes repeat
 // the block's last candidate and are not written.
@@ -237,6 +200,113 @@ OrtStatus* compute(void* op_kernel, OrtKernelContext* ctx) {
   return g_api->KernelContext_ParallelFor(ctx, block, static_cast<size_t>(blocks), 0, &args);
 }
 
+// ---- ctr_ops.DinAttention (din_attention.h), CPU only ----
+
+constexpr const char* kDinOpName = "DinAttention";
+constexpr size_t kDinInputs = 8;
+
+struct DinKernel {
+  DinShape shape{};  // widths, act and softmax from the node's attributes
+  std::string error;  // a bad attribute, reported at the first run
+};
+
+OrtStatus* din_error(const std::string& msg) {
+  return g_api->CreateStatus(ORT_INVALID_ARGUMENT, (std::string(kDinOpName) + ": " + msg).c_str());
+}
+
+DinKernel* din_kernel(const OrtKernelInfo* info) {
+  auto* k = new DinKernel();
+  size_t count = 0;
+  OrtStatus* st = g_api->KernelInfoGetAttributeArray_int64(info, "widths", nullptr, &count);
+  if (st == nullptr && (count < 1 || count > static_cast<size_t>(kDinMaxLayers))) {
+    k->error = "widths must list 1 to 8 layers";
+  } else if (st == nullptr) {
+    k->shape.layers = static_cast<int64_t>(count);
+    st = g_api->KernelInfoGetAttributeArray_int64(info, "widths", k->shape.widths, &count);
+  }
+  int64_t act = -1, softmax = 0;
+  if (st == nullptr) st = g_api->KernelInfoGetAttribute_int64(info, "act", &act);
+  if (st == nullptr) st = g_api->KernelInfoGetAttribute_int64(info, "softmax", &softmax);
+  if (st != nullptr) {
+    k->error = std::string("attribute: ") + g_api->GetErrorMessage(st);
+    g_api->ReleaseStatus(st);
+  }
+  k->shape.act = act;
+  k->shape.softmax = softmax != 0;
+  return k;
+}
+
+OrtStatus* din_compute(void* op_kernel, OrtKernelContext* ctx) {
+  const DinKernel* kern = static_cast<DinKernel*>(op_kernel);
+  if (!kern->error.empty()) return din_error(kern->error);
+  DinShape s = kern->shape;
+  Tensor qp, kp, q, keys, idx, len, wp, params;
+  CTR_TRY(input(ctx, 0, &qp));
+  CTR_TRY(input(ctx, 1, &kp));
+  CTR_TRY(input(ctx, 2, &q));
+  CTR_TRY(input(ctx, 3, &keys));
+  CTR_TRY(input(ctx, 4, &idx));
+  CTR_TRY(input(ctx, 5, &len));
+  CTR_TRY(input(ctx, 6, &wp));
+  CTR_TRY(input(ctx, 7, &params));
+  const int64_t h1 = s.widths[0];
+  if (keys.shape.size() != 3) return din_error("keys must be [U, L, D]");
+  s.users = keys.shape[0];
+  s.steps = keys.shape[1];
+  s.dim = keys.shape[2];
+  if (s.dim < 1 || s.dim > kDinMaxDim) return din_error("key width D must be in [1, 256]");
+  if (q.shape.size() != 2 || q.shape[1] != s.dim) return din_error("q must be [N, D]");
+  s.n = q.shape[0];
+  if (qp.shape.size() != 2 || qp.shape[0] != s.n || qp.shape[1] != h1)
+    return din_error("q_part must be [N, H1]");
+  if (kp.shape.size() != 3 || kp.shape[0] != s.users || kp.shape[1] != s.steps ||
+      kp.shape[2] != h1)
+    return din_error("k_part must be [U, L, H1]");
+  if (idx.shape.size() != 1 || idx.shape[0] != s.n) return din_error("user_idx must be [N]");
+  if (len.shape.size() != 1 || len.shape[0] != s.users) return din_error("hist_len must be [U]");
+  if (wp.shape.size() != 2 || wp.shape[0] != s.dim || wp.shape[1] != h1)
+    return din_error("w_p must be [D, H1]");
+  const int64_t want = din_param_count(s);
+  if (want < 0) return din_error("widths must be in [1, 256] and act one of 0, 1, 2");
+  if (params.shape.size() != 1 || params.shape[0] != want)
+    return din_error("params must hold " + std::to_string(want) + " floats");
+  const int64_t pooled_dims[2] = {s.n, s.dim}, weight_dims[2] = {s.n, s.steps};
+  OrtValue *pooled = nullptr, *weights = nullptr;
+  CTR_TRY(g_api->KernelContext_GetOutput(ctx, 0, pooled_dims, 2, &pooled));
+  CTR_TRY(g_api->KernelContext_GetOutput(ctx, 1, weight_dims, 2, &weights));
+  void *po = nullptr, *wo = nullptr;
+  CTR_TRY(g_api->GetTensorMutableData(pooled, &po));
+  CTR_TRY(g_api->GetTensorMutableData(weights, &wo));
+  const auto* ip = static_cast<const int64_t*>(idx.data);
+  if (!din_indices_ok(ip, s.n, s.users)) return din_error("user_idx out of range [0, U)");
+  if (s.n == 0) return nullptr;
+  std::vector<float> scratch(static_cast<size_t>(din_scratch_floats(s)));
+  din_prepare(s, static_cast<const float*>(kp.data), static_cast<const float*>(keys.data),
+              scratch.data());
+  struct Args {
+    const DinShape* s;
+    const float *qp, *q, *keys, *wp, *params, *scratch;
+    const int64_t *idx, *len;
+    float *pooled, *weights;
+  } args{&s,
+         static_cast<const float*>(qp.data),
+         static_cast<const float*>(q.data),
+         static_cast<const float*>(keys.data),
+         static_cast<const float*>(wp.data),
+         static_cast<const float*>(params.data),
+         scratch.data(),
+         ip,
+         static_cast<const int64_t*>(len.data),
+         static_cast<float*>(po),
+         static_cast<float*>(wo)};
+  auto one = [](void* p, size_t row) {
+    const Args* a = static_cast<const Args*>(p);
+    din_candidate(*a->s, a->qp, a->q, a->keys, a->idx, a->len, a->wp, a->params, a->scratch,
+                  a->pooled, a->weights, static_cast<int64_t>(row));
+  };
+  return g_api->KernelContext_ParallelFor(ctx, one, static_cast<size_t>(s.n), 0, &args);
+}
+
 // ---- the OrtCustomOp callbacks (same for both providers but the provider name) ----
 
 template <bool kCuda>
@@ -324,6 +394,47 @@ OrtCustomOp make_op() {
 }
 
 OrtCustomOp g_cpu_op = make_op<false>();
+
+// DinAttention: the same callbacks where they agree, its own where they differ
+const char* ORT_API_CALL din_name(const OrtCustomOp*) { return kDinOpName; }
+ONNXTensorElementDataType ORT_API_CALL din_input_type(const OrtCustomOp*, size_t i) {
+  return i == 4 || i == 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64
+                          : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+size_t ORT_API_CALL din_input_count(const OrtCustomOp*) { return kDinInputs; }
+size_t ORT_API_CALL din_output_count(const OrtCustomOp*) { return 2; }
+void* ORT_API_CALL din_create_v1(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info) {
+  return din_kernel(info);
+}
+OrtStatus* ORT_API_CALL din_create(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info,
+                                   void** kernel) {
+  *kernel = din_kernel(info);
+  return nullptr;
+}
+void ORT_API_CALL din_compute_v1(void* kernel, OrtKernelContext* ctx) {
+  OrtStatus* st = din_compute(kernel, ctx);
+  if (st != nullptr) g_api->ReleaseStatus(st);  // not reached: ORT >= 1.16 calls v2
+}
+OrtStatus* ORT_API_CALL din_compute_v2(void* kernel, OrtKernelContext* ctx) {
+  return din_compute(kernel, ctx);
+}
+void ORT_API_CALL din_destroy(void* kernel) { delete static_cast<DinKernel*>(kernel); }
+
+OrtCustomOp make_din_op() {
+  OrtCustomOp op = make_op<false>();
+  op.CreateKernel = din_create_v1;
+  op.GetName = din_name;
+  op.GetInputType = din_input_type;
+  op.GetInputTypeCount = din_input_count;
+  op.GetOutputTypeCount = din_output_count;
+  op.KernelCompute = din_compute_v1;
+  op.KernelDestroy = din_destroy;
+  op.CreateKernelV2 = din_create;
+  op.KernelComputeV2 = din_compute_v2;
+  return op;
+}
+
+OrtCustomOp g_din_op = make_din_op();
 #ifdef CTR_OPS_CUDA
 OrtCustomOp g_cuda_op = make_op<true>();
 #endif
@@ -359,6 +470,27 @@ __attribute__((visibility("default"))) int CtrOpsSelfTest() {
     ctr_ops::augru_cpu_block(x, att, idx, w, b, out, n, steps, hd, k);
   for (float v : out)
     if (!std::isfinite(v)) return 0;
+  // the DIN unit too (its own object file): 2 users, 19 candidates, 3 steps, dice 6-4
+  ctr_ops::DinShape s{2, n, steps, 4, 2, {6, 4}, ctr_ops::kDinDice, true};
+  float qp[n * 6], kp[2 * steps * 6], q[n * 4], keys[2 * steps * 4], wp[4 * 6], pooled[n * 4],
+      weights[n * steps];
+  float params[64];
+  int64_t lens[2] = {3, 2};
+  if (ctr_ops::din_param_count(s) > 64) return 0;
+  for (int64_t i = 0; i < n * 6; ++i) qp[i] = 0.03f * static_cast<float>(i % 5) - 0.05f;
+  for (int64_t i = 0; i < 2 * steps * 6; ++i) kp[i] = 0.02f * static_cast<float>(i % 7);
+  for (int64_t i = 0; i < n * 4; ++i) q[i] = 0.1f * static_cast<float>(i % 3);
+  for (int64_t i = 0; i < 2 * steps * 4; ++i) keys[i] = 0.05f * static_cast<float>(i % 4);
+  for (int64_t i = 0; i < 4 * 6; ++i) wp[i] = 0.01f * static_cast<float>(i % 9);
+  for (int64_t i = 0; i < 64; ++i) params[i] = 0.5f + 0.01f * static_cast<float>(i % 11);
+  for (int64_t i = 0; i < n; ++i) idx[i] = i % 2;
+  std::vector<float> scratch(static_cast<size_t>(ctr_ops::din_scratch_floats(s)));
+  ctr_ops::din_prepare(s, kp, keys, scratch.data());
+  for (int64_t row = 0; row < n; ++row)
+    ctr_ops::din_candidate(s, qp, q, keys, idx, lens, wp, params, scratch.data(), pooled,
+                           weights, row);
+  for (float v : weights)
+    if (!std::isfinite(v)) return 0;
   return 1;
 }
 
@@ -374,6 +506,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     g_domains.items.push_back(domain);  // owned here from now on, even if a step fails
   }
   CTR_TRY(g_api->CustomOpDomain_Add(domain, &g_cpu_op));
+  CTR_TRY(g_api->CustomOpDomain_Add(domain, &g_din_op));
 #ifdef CTR_OPS_CUDA
   CTR_TRY(g_api->CustomOpDomain_Add(domain, &g_cuda_op));
 #endif

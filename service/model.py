@@ -134,7 +134,7 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
             log.warning("fused graph not used, serving model.onnx: %s", exc)
     precision, note = "fp32", ""
     if settings.precision == "fp16":
-        keep = (native.OP,) if graph == "fused" else ()
+        keep = native.OPS if graph == "fused" else ()
         try:
             session, served = fp16_session(bundle, session, so, providers, graphs, served, keep)
             precision = "fp16"
@@ -236,6 +236,13 @@ def fused_wanted(fused_ops: str, bundle: Bundle) -> bool:
     return fused_ops == "on" or (fused_ops == "auto" and bundle.fused is not None)
 
 
+def fused_ops_of(bundle: Bundle) -> list[str]:
+    """The custom ops (``domain.op``) the bundle's fused graph uses, from its manifest
+    entry (bundles exported before DIN's op list only ``ctr_ops.AttentionalGRU``)."""
+    ops = (bundle.fused or {}).get("ops")
+    return [str(op) for op in ops] if isinstance(ops, list) else []
+
+
 def probe_diff(
     bundle: Bundle, ref: ort.InferenceSession, new: ort.InferenceSession, graphs: bool
 ) -> float:
@@ -279,6 +286,10 @@ def fused_session(
     on_gpu = ref.get_providers()[0] == CUDA
     if on_gpu and not lib.cuda:
         raise FusedError(f"{where} has no CUDA kernel (it was built without nvcc)")
+    cuda_ops = {f"{native.DOMAIN}.{op}" for op in native.CUDA_OPS}
+    cpu_only = sorted(set(fused_ops_of(bundle)) - cuda_ops)
+    if on_gpu and cpu_only:  # the node would run on the CPU, between copies, uncapturable
+        raise FusedError(f"{', '.join(cpu_only)} has no CUDA kernel: that graph is CPU-only")
     try:
         so.register_custom_ops_library(str(lib.path))
     except Exception as exc:  # ORT's own error types: not a loadable library

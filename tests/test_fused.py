@@ -1,6 +1,7 @@
-"""The fused AUGRU: the custom-op library (native/), the fused graph in the bundle, and
-the service serving it or falling back to model.onnx. CPU kernel here; tests/test_gpu.py
-runs the CUDA kernel where a GPU is present."""
+"""The fused graphs: the custom-op library (native/), the fused graph in the bundle (DIEN's
+AUGRU, DIN's activation unit), and the service serving it or falling back to model.onnx.
+CPU kernels here; tests/test_gpu.py runs the CUDA kernel where a GPU is present.
+tests/test_fused_din.py checks the DIN op itself against torch."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def lib() -> native.OpsLibrary:
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory: pytest.TempPathFactory, lib: native.OpsLibrary) -> dict[str, Built]:
     tmp = tmp_path_factory.mktemp("fused")
-    return {mt: build_bundle(tmp / mt, mt) for mt in ("din", "dien")}
+    return {mt: build_bundle(tmp / mt, mt) for mt in ("din", "dien", "deepfm")}
 
 
 def session(data: bytes | str, lib: native.OpsLibrary) -> ort.InferenceSession:
@@ -79,21 +80,42 @@ def test_dien_bundle_has_a_gated_fused_graph(bundles: dict[str, Built]) -> None:
     assert {o.domain: o.version for o in fused.opset_import}.get("ctr_ops") == 1
 
 
-def test_din_bundle_has_no_fused_graph(bundles: dict[str, Built]) -> None:
+def test_din_bundle_has_a_gated_fused_graph(bundles: dict[str, Built]) -> None:
     b = load_bundle(bundles["din"].models_dir, "din")
+    entry = b.fused
+    assert entry is not None and entry["ops"] == ["ctr_ops.DinAttention"]
+    assert entry["parity"]["max_abs_diff"] <= 1e-5
+    fused = onnx.load_from_string(b.fused_bytes())
+    custom = [n for n in fused.graph.node if n.domain == "ctr_ops"]
+    assert [n.op_type for n in custom] == ["DinAttention"]  # one behaviour group
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in custom[0].attribute}
+    m = bundles["din"].config.model
+    assert attrs == {
+        "widths": m.attention_mlp,
+        "act": native.DIN_ACTS[m.attention_act],
+        "softmax": int(m.attention_softmax),
+    }
+    plain = onnx.load(str(b.model_path))
+    assert len(fused.graph.node) < len(plain.graph.node)
+
+
+def test_a_model_with_nothing_to_fuse_has_no_fused_graph(bundles: dict[str, Built]) -> None:
+    b = load_bundle(bundles["deepfm"].models_dir, "deepfm")
     assert b.fused is None
     assert not (b.path / FUSED_FILE).exists()
     with pytest.raises(BundleError, match="no fused graph"):
         b.fused_bytes()
 
 
+@pytest.mark.parametrize("mt", ["dien", "din"])
 @pytest.mark.parametrize(
     ("users", "n", "hist"), [(1, 1, 20), (1, 300, 20), (1, 40, 0), (4, 77, None)]
 )
 def test_fused_graph_matches_standard_graph(
-    bundles: dict[str, Built], lib: native.OpsLibrary, users: int, n: int, hist: int | None
-) -> None:
-    b = load_bundle(bundles["dien"].models_dir, "dien")
+    bundles: dict[str, Built], lib: native.OpsLibrary, mt: str, users: int, n: int,
+    hist: int | None,
+) -> None:  # fmt: skip
+    b = load_bundle(bundles[mt].models_dir, mt)
     plain = ort.InferenceSession(str(b.model_path), providers=["CPUExecutionProvider"])
     fused = session(b.fused_bytes(), lib)
     feeds = probe_feeds(b, users, n, seed=n)
@@ -212,8 +234,11 @@ def test_a_corrupt_cached_build_is_rebuilt(tmp_path: Path, monkeypatch: pytest.M
     op_only(again)  # and it loads
 
 
-def test_service_serves_fused_graph_with_the_same_scores(bundles: dict[str, Built]) -> None:
-    built = bundles["dien"]
+@pytest.mark.parametrize("mt", ["dien", "din"])
+def test_service_serves_fused_graph_with_the_same_scores(
+    bundles: dict[str, Built], mt: str
+) -> None:
+    built = bundles[mt]
     fresh_redis()
     load_into_redis(built.config, built.frame, REDIS_URL, progress=False)
     user = str(built.frame["user_id"].iloc[0])
@@ -244,11 +269,14 @@ def test_auto_serves_the_fused_graph_where_the_bundle_has_one(bundles: dict[str,
     model = load_model(settings_for(bundles["dien"], provider="cpu"))  # fused_ops=auto
     assert model.graph == "fused" and model.graph_note == ""
     model = load_model(settings_for(bundles["din"], provider="cpu"))
+    assert model.graph == "fused" and model.graph_note == ""
+    model = load_model(settings_for(bundles["deepfm"], provider="cpu"))
     assert model.graph == "standard" and model.graph_note == ""  # nothing to fuse: no note
 
 
-def test_fused_with_fp16_keeps_the_op_in_fp32(bundles: dict[str, Built]) -> None:
-    built = bundles["dien"]
+@pytest.mark.parametrize("mt", ["dien", "din"])
+def test_fused_with_fp16_keeps_the_op_in_fp32(bundles: dict[str, Built], mt: str) -> None:
+    built = bundles[mt]
     ref = load_model(settings_for(built, fused_ops="off"))
     model = load_model(settings_for(built, fused_ops="on", precision="fp16"))
     assert (model.graph, model.precision) == ("fused", "fp16"), (
@@ -331,7 +359,7 @@ def test_a_fused_gate_failure_publishes_without_the_fused_graph(
 def test_missing_library_or_nothing_to_fuse_is_said(bundles: dict[str, Built]) -> None:
     model = load_model(settings_for(bundles["dien"], fused_ops="on", ops_library="/nope.so"))
     assert model.graph == "standard" and "/nope.so does not exist" in model.graph_note
-    model = load_model(settings_for(bundles["din"], fused_ops="on"))
+    model = load_model(settings_for(bundles["deepfm"], fused_ops="on"))
     assert model.graph == "standard" and "no fused graph" in model.graph_note
 
 

@@ -40,6 +40,7 @@ from ctr.bundle import (
 from ctr.mapping import FeatureMapper
 from ctr.spec import FeatureConfig
 from training.models import AttentionalGRU, CTRModel
+from training.modules import DINAttention
 
 OPSET = 17
 PARITY_TOL = 1e-5
@@ -78,15 +79,20 @@ class ExportWrapper(nn.Module):
         return tuple(res)
 
 
+FUSABLE = (AttentionalGRU, DINAttention)
+
+
 def fusable(model: CTRModel) -> bool:
-    """True if the model has a recurrence the custom-op library can run as one node."""
-    return any(isinstance(m, AttentionalGRU) and m.can_fuse for m in model.modules())
+    """True if the model has a part the custom-op library can run as one node: DIEN's
+    AUGRU recurrence, or a DIN activation unit."""
+    return any(isinstance(m, FUSABLE) and m.can_fuse for m in model.modules())
 
 
 @contextmanager
 def fused_ops(model: CTRModel, on: bool) -> Iterator[None]:
-    """Export the model's AUGRU as ``ctr_ops.AttentionalGRU`` nodes while inside."""
-    layers = [m for m in model.modules() if isinstance(m, AttentionalGRU)]
+    """Export the model's AUGRU as ``ctr_ops.AttentionalGRU`` nodes and its DIN units as
+    ``ctr_ops.DinAttention`` nodes while inside."""
+    layers = [m for m in model.modules() if isinstance(m, FUSABLE)]
     for m in layers:
         m.fused = on
     try:
@@ -98,7 +104,8 @@ def fused_ops(model: CTRModel, on: bool) -> Iterator[None]:
 
 def export_onnx(model: CTRModel, path: Path, sample_n: int = 7, fused: bool = False) -> None:
     """Trace with U=2 users and ``sample_n`` candidates; U and N stay dynamic. With
-    ``fused``, the AUGRU recurrence is one custom node (domain ``ctr_ops``)."""
+    ``fused``, the AUGRU recurrence and each DIN activation unit are one custom node each
+    (domain ``ctr_ops``)."""
     model.eval()
     # a fresh module starts in train mode, and the exporter restores the mode it found
     wrapper = ExportWrapper(model).eval()
@@ -145,10 +152,16 @@ def export_fused(model: CTRModel, staged: Path) -> dict[str, Any] | None:
         return None
     return {
         "file": FUSED_FILE,
-        "ops": [f"{native.DOMAIN}.{native.OP}"],
+        "ops": custom_ops(path),
         "sha256": sha256_file(path),
         "parity": {"max_abs_diff": report.max_abs_diff, "tolerance": PARITY_TOL},
     }
+
+
+def custom_ops(path: Path) -> list[str]:
+    """The custom ops a graph uses, as ``domain.op``, sorted."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return sorted({f"{n.domain}.{n.op_type}" for n in graph.node if n.domain == native.DOMAIN})
 
 
 @dataclass

@@ -401,7 +401,11 @@ class DIEN(CTRModel):
         self.attention_kind = m.dien_attention
         self.query_proj = nn.Linear(d, hd, bias=False) if hd != d else nn.Identity()
         if self.attention_kind == "mlp":
-            self.att = DINAttention(hd, m.attention_mlp, m.attention_act, softmax=True)
+            # not fused: ctr_ops.DinAttention has no CUDA kernel, and DIEN's fused graph
+            # (its AUGRU) must keep running on CUDA
+            self.att = DINAttention(
+                hd, m.attention_mlp, m.attention_act, softmax=True, fusable=False
+            )
         else:
             self.att_w = nn.Linear(d, hd, bias=False)
         self.evolution = AttentionalGRU(hd, hd, m.evolution)

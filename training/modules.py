@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ctr import native
 from ctr.spec import FeatureConfig, FeatureSpec
 
 
@@ -125,31 +126,152 @@ def masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
     return torch.softmax(filled, dim=-1) * mask.to(scores.dtype)
 
 
+def act_params(module: nn.Module) -> list[Tensor]:
+    """An activation's parameters as ``native/din_attention.h`` packs them: none for
+    sigmoid; ``mean, 1/sqrt(var + eps), alpha`` for Dice; the slopes for PReLU."""
+    if isinstance(module, Dice):
+        mean, var = module.bn.running_mean, module.bn.running_var
+        assert mean is not None and var is not None
+        return [mean, torch.rsqrt(var + module.bn.eps), module.alpha]
+    if isinstance(module, _ChannelLastPReLU):
+        return [module.weight]
+    return []
+
+
+def din_unit(
+    q_part: Tensor, k_part: Tensor, q: Tensor, keys: Tensor, user_idx: Tensor,
+    hist_len: Tensor, w_p: Tensor, params: Tensor, widths: tuple[int, ...], act: int,
+    softmax: int,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``ctr_ops.DinAttention`` in torch, from its packed inputs (``native/din_attention.h``
+    gives the layout): ``pooled [N, D]`` and ``weights [N, L]``. Shapes: ``q_part [N, H1]``,
+    ``k_part [U, L, H1]``, ``q [N, D]``, ``keys [U, L, D]``, ``user_idx [N]``,
+    ``hist_len [U]``, ``w_p [D, H1]``, ``params [P]``."""
+    kinds = {v: k for k, v in native.DIN_ACTS.items()}
+
+    def take(n: int) -> Tensor:
+        nonlocal at
+        at += n
+        return params[at - n : at]
+
+    def act_fn(x: Tensor, width: int) -> Tensor:
+        if kinds[act] == "sigmoid":
+            return torch.sigmoid(x)
+        if kinds[act] == "dice":
+            mean, inv_std, alpha = take(width), take(width), take(width)
+            p = torch.sigmoid((x - mean) * inv_std)
+            return x * (alpha + p * (1.0 - alpha))
+        slope = take(width)
+        return torch.where(x >= 0, x, slope * x)
+
+    at = 0
+    k = keys.index_select(0, user_idx)  # [N, L, D]
+    h = q_part.unsqueeze(1) + k_part.index_select(0, user_idx) + (q.unsqueeze(1) * k) @ w_p
+    h = act_fn(h, widths[0])
+    for n_in, n_out in zip(widths, widths[1:], strict=False):
+        w = take(n_out * n_in).reshape(n_out, n_in)
+        h = act_fn(h @ w.t() + take(n_out), n_out)
+    scores = h @ take(widths[-1]) + take(1)  # [N, L]
+    mask = sequence_mask(hist_len, keys.shape[1]).index_select(0, user_idx)
+    weights = masked_softmax(scores, mask) if softmax else scores * mask.to(scores.dtype)
+    return torch.bmm(weights.unsqueeze(1), k).squeeze(1), weights
+
+
+class FusedDINAttention(torch.autograd.Function):
+    """The DIN activation unit and its pooling as one ONNX node, ``ctr_ops.DinAttention``
+    (``native/din_attention.h``; CPU kernel). In torch it runs :func:`din_unit`."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: object, q_part: Tensor, k_part: Tensor, q: Tensor, keys: Tensor,
+        user_idx: Tensor, hist_len: Tensor, w_p: Tensor, params: Tensor,
+        widths: tuple[int, ...], act: int, softmax: int,
+    ) -> tuple[Tensor, Tensor]:  # fmt: skip
+        return din_unit(q_part, k_part, q, keys, user_idx, hist_len, w_p, params, widths,
+                        act, softmax)  # fmt: skip
+
+    @staticmethod
+    def symbolic(g: object, q_part: object, k_part: object, q: object, keys: object,
+                 user_idx: object, hist_len: object, w_p: object, params: object,
+                 widths: tuple[int, ...], act: int, softmax: int) -> object:  # fmt: skip
+        pooled, weights = g.op(  # type: ignore[attr-defined]
+            f"{native.DOMAIN}::{native.DIN_OP}", q_part, k_part, q, keys, user_idx, hist_len,
+            w_p, params, widths_i=list(widths), act_i=act, softmax_i=softmax, outputs=2,
+        )  # fmt: skip
+        pooled.setType(q.type().with_sizes([None, None]))  # type: ignore[attr-defined]
+        weights.setType(q.type().with_sizes([None, None]))  # type: ignore[attr-defined]
+        return pooled, weights
+
+
 class DINAttention(nn.Module):
     """DIN activation unit over ``[q, k, q-k, q*k]`` and weighted sum pooling.
 
     The first layer is applied in split form,
     ``W[q,k,q-k,q*k] = (Wq+Wd) q + (Wk-Wd) k + Wp (q*k)``: the q part runs once per
     candidate and the k part once per user history, never per (candidate, step).
+    With ``fused`` set (export only), the per-(candidate, step) part, the masking and
+    the pooling become one :class:`FusedDINAttention` node; ``fusable=False`` keeps a
+    unit out of that (DIEN's: the op has no CUDA kernel, and DIEN's fused graph must
+    still run on CUDA).
 
     Inputs: ``q [N, D]``, ``keys [U, L, D]``, ``user_idx [N]``, ``mask [U, L]``.
     Returns ``pooled [N, D]`` and ``weights [N, L]`` (0 at padded positions).
     """
 
-    def __init__(self, dim: int, hidden: list[int], act: str, softmax: bool) -> None:
+    def __init__(
+        self, dim: int, hidden: list[int], act: str, softmax: bool, fusable: bool = True
+    ) -> None:
         super().__init__()
         self.dim = dim
+        self.act = act
         self.first = nn.Linear(4 * dim, hidden[0])
         self.first_act = activation(act, hidden[0])
         self.rest = MLP(hidden[0], hidden[1:], act)
         self.out = nn.Linear(self.rest.out_dim, 1)
         self.softmax = softmax
         self.split_first_layer = True
+        self.widths = tuple(hidden)
+        self.fusable = fusable
+        self.fused = False
+
+    @property
+    def can_fuse(self) -> bool:
+        return (
+            self.fusable
+            and self.split_first_layer
+            and self.act in native.DIN_ACTS
+            and 1 <= len(self.widths) <= native.DIN_MAX_LAYERS
+            and max(self.widths) <= native.DIN_MAX_WIDTH
+            and self.dim <= native.DIN_MAX_DIM
+        )
+
+    def packed_params(self) -> Tensor:
+        """Every parameter after the first layer, packed as ``ctr_ops.DinAttention``
+        reads them: ``[P]``."""
+        parts = act_params(self.first_act)
+        layers = list(self.rest.net)
+        for lin, act in zip(layers[::2], layers[1::2], strict=True):
+            assert isinstance(lin, nn.Linear)
+            parts += [lin.weight.flatten(), lin.bias, *act_params(act)]
+        parts += [self.out.weight.flatten(), self.out.bias]
+        return torch.cat([t.flatten() for t in parts])
 
     def forward(
         self, q: Tensor, keys: Tensor, user_idx: Tensor, mask: Tensor
     ) -> tuple[Tensor, Tensor]:
         d = self.dim
+        if self.fused and self.can_fuse:
+            w = self.first.weight  # [H, 4D]
+            wq, wk, wd, wp = w[:, :d], w[:, d : 2 * d], w[:, 2 * d : 3 * d], w[:, 3 * d :]
+            q_part = q @ (wq + wd).t() + self.first.bias  # [N, H]
+            k_part = keys @ (wk - wd).t()  # [U, L, H], once per user
+            hist_len = mask.sum(-1)  # [U]: the mask is a prefix of each row
+            out: tuple[Tensor, Tensor] = FusedDINAttention.apply(  # type: ignore[assignment]
+                q_part, k_part, q, keys, user_idx, hist_len, wp.t().contiguous(),
+                self.packed_params(), self.widths, native.DIN_ACTS[self.act],
+                int(self.softmax),
+            )  # fmt: skip
+            return out
         k = keys.index_select(0, user_idx)  # [N, L, D], gathered inside the graph
         if self.split_first_layer:
             w = self.first.weight  # [H, 4D]

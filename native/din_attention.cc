@@ -1,0 +1,200 @@
+// CPU kernel of the fused DIN activation unit (din_attention.h). One candidate at a time,
+// kLanes history steps per vector: every layer of the unit runs on registers and a few
+// KB of stack, so nothing of size N x L x H ever reaches memory.
+#include "din_attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "simd.h"
+
+#ifdef __FAST_MATH__
+#error "ctr_ops needs IEEE float semantics (no -ffast-math)"
+#endif
+
+namespace ctr_ops {
+
+namespace {
+
+int64_t padded_steps(int64_t steps) { return (steps + kLanes - 1) / kLanes * kLanes; }
+
+int64_t act_params(int64_t act, int64_t width) {
+  switch (act) {
+    case kDinSigmoid:
+      return 0;
+    case kDinDice:
+      return 3 * width;
+    case kDinPrelu:
+      return width;
+    default:
+      return -1;
+  }
+}
+
+// a[0 .. width) = act(a), with the layer's parameters at p (advanced past them)
+void activate(vf* a, int64_t width, int64_t act, const float*& p) {
+  if (act == kDinSigmoid) {
+    for (int64_t j = 0; j < width; ++j) a[j] = vsigmoid(a[j]);
+  } else if (act == kDinDice) {
+    const float *mean = p, *inv_std = p + width, *alpha = p + 2 * width;
+    for (int64_t j = 0; j < width; ++j) {
+      const vf x = a[j];
+      const vf pr = vsigmoid((x - mean[j]) * inv_std[j]);
+      a[j] = x * (alpha[j] + pr * (1.0f - alpha[j]));
+    }
+    p += 3 * width;
+  } else {  // prelu
+    for (int64_t j = 0; j < width; ++j) {
+      const vf x = a[j];
+      a[j] = x >= splat(0.0f) ? x : x * p[j];
+    }
+    p += width;
+  }
+}
+
+// kGroup outputs at a time: one load of in[j] feeds kGroup independent FMA chains, enough
+// to cover the FMA latency (4 chains ran at half the FMA throughput)
+constexpr int64_t kGroup = 8;
+
+// out[o] = b[o] + sum_j w[o, j] in[j]
+void dense(const vf* in, int64_t n_in, const float* w, const float* b, vf* out, int64_t n_out) {
+  int64_t o = 0;
+  for (; o + kGroup <= n_out; o += kGroup) {
+    vf acc[kGroup];
+    for (int64_t g = 0; g < kGroup; ++g) acc[g] = splat(b[o + g]);
+    const float* wo = w + o * n_in;
+    for (int64_t j = 0; j < n_in; ++j) {
+      const vf x = in[j];
+      for (int64_t g = 0; g < kGroup; ++g) acc[g] += wo[g * n_in + j] * x;
+    }
+    for (int64_t g = 0; g < kGroup; ++g) out[o + g] = acc[g];
+  }
+  for (; o < n_out; ++o) {
+    const float* wo = w + o * n_in;
+    vf acc = splat(b[o]);
+    for (int64_t j = 0; j < n_in; ++j) acc += wo[j] * in[j];
+    out[o] = acc;
+  }
+}
+
+}  // namespace
+
+int64_t din_param_count(const DinShape& s) {
+  if (s.layers < 1 || s.layers > kDinMaxLayers) return -1;
+  int64_t total = 0;
+  for (int64_t i = 0; i < s.layers; ++i) {
+    const int64_t w = s.widths[i];
+    if (w < 1 || w > kDinMaxWidth) return -1;
+    const int64_t act = act_params(s.act, w);
+    if (act < 0) return -1;
+    if (i > 0) total += w * s.widths[i - 1] + w;
+    total += act;
+  }
+  return total + s.widths[s.layers - 1] + 1;
+}
+
+bool din_indices_ok(const int64_t* user_idx, int64_t n, int64_t users) {
+  for (int64_t row = 0; row < n; ++row)
+    if (user_idx[row] < 0 || user_idx[row] >= users) return false;
+  return true;
+}
+
+int64_t din_scratch_floats(const DinShape& s) {
+  return s.users * (s.widths[0] + s.dim) * padded_steps(s.steps);
+}
+
+// Per user: k_part and keys transposed to [H1, Lp] and [D, Lp] (Lp = L rounded up to
+// kLanes, zero tail), so that kLanes consecutive steps are one vector load.
+void din_prepare(const DinShape& s, const float* k_part, const float* keys, float* scratch) {
+  const int64_t lp = padded_steps(s.steps), h1 = s.widths[0], d = s.dim;
+  std::fill(scratch, scratch + din_scratch_floats(s), 0.0f);
+  for (int64_t u = 0; u < s.users; ++u) {
+    float* kpt = scratch + u * (h1 + d) * lp;
+    float* kt = kpt + h1 * lp;
+    const float* kp = k_part + u * s.steps * h1;
+    const float* k = keys + u * s.steps * d;
+    for (int64_t t = 0; t < s.steps; ++t) {
+      for (int64_t j = 0; j < h1; ++j) kpt[j * lp + t] = kp[t * h1 + j];
+      for (int64_t c = 0; c < d; ++c) kt[c * lp + t] = k[t * d + c];
+    }
+  }
+}
+
+void din_candidate(const DinShape& s, const float* q_part, const float* q, const float* keys,
+                   const int64_t* user_idx, const int64_t* hist_len, const float* w_p,
+                   const float* params, const float* scratch, float* pooled, float* weights,
+                   int64_t row) {
+  const int64_t steps = s.steps, d = s.dim, h1 = s.widths[0], lp = padded_steps(steps);
+  const int64_t u = user_idx[row];
+  const int64_t len = std::clamp<int64_t>(hist_len[u], 0, steps);
+  float* w_row = weights + row * steps;
+  float* p_row = pooled + row * d;
+  std::fill(w_row, w_row + steps, 0.0f);
+  std::fill(p_row, p_row + d, 0.0f);
+  if (len == 0) return;
+  const float* kpt = scratch + u * (h1 + d) * lp;
+  const float* kt = kpt + h1 * lp;
+  const float* qr = q + row * d;
+  const float* qp = q_part + row * h1;
+  // qw[c, j] = q[row, c] * w_p[c, j]: the first layer's q * k term is then one FMA per
+  // (j, c) and step
+  thread_local std::vector<float> qw;
+  qw.resize(static_cast<size_t>(d * h1));
+  for (int64_t c = 0; c < d; ++c)
+    for (int64_t j = 0; j < h1; ++j) qw[c * h1 + j] = qr[c] * w_p[c * h1 + j];
+  vf a[kDinMaxWidth], b[kDinMaxWidth];
+  for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
+    int64_t j = 0;
+    for (; j + kGroup <= h1; j += kGroup) {
+      vf acc[kGroup];
+      for (int64_t g = 0; g < kGroup; ++g) acc[g] = qp[j + g] + load(kpt + (j + g) * lp + t0);
+      for (int64_t c = 0; c < d; ++c) {
+        const vf k = load(kt + c * lp + t0);
+        const float* w = qw.data() + c * h1 + j;
+        for (int64_t g = 0; g < kGroup; ++g) acc[g] += w[g] * k;
+      }
+      for (int64_t g = 0; g < kGroup; ++g) a[j + g] = acc[g];
+    }
+    for (; j < h1; ++j) {
+      vf acc = qp[j] + load(kpt + j * lp + t0);
+      for (int64_t c = 0; c < d; ++c) acc += qw[c * h1 + j] * load(kt + c * lp + t0);
+      a[j] = acc;
+    }
+    const float* p = params;
+    activate(a, h1, s.act, p);
+    vf* cur = a;
+    vf* nxt = b;
+    for (int64_t i = 1; i < s.layers; ++i) {
+      const int64_t n_in = s.widths[i - 1], n_out = s.widths[i];
+      const float* w = p;
+      const float* bias = w + n_out * n_in;
+      p = bias + n_out;
+      dense(cur, n_in, w, bias, nxt, n_out);
+      activate(nxt, n_out, s.act, p);
+      std::swap(cur, nxt);
+    }
+    const int64_t last = s.widths[s.layers - 1];
+    vf score = splat(p[last]);
+    for (int64_t k = 0; k < last; ++k) score += p[k] * cur[k];
+    const int64_t lanes = std::min<int64_t>(kLanes, len - t0);
+    for (int64_t l = 0; l < lanes; ++l) w_row[t0 + l] = score[l];
+  }
+  if (s.softmax) {
+    float top = w_row[0];
+    for (int64_t t = 1; t < len; ++t) top = std::max(top, w_row[t]);
+    float sum = 0.0f;
+    for (int64_t t = 0; t < len; ++t) {
+      w_row[t] = std::exp(w_row[t] - top);
+      sum += w_row[t];
+    }
+    for (int64_t t = 0; t < len; ++t) w_row[t] /= sum;
+  }
+  const float* k = keys + u * steps * d;
+  for (int64_t t = 0; t < len; ++t) {
+    const float wt = w_row[t];
+    for (int64_t c = 0; c < d; ++c) p_row[c] += wt * k[t * d + c];
+  }
+}
+
+}  // namespace ctr_ops

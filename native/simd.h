@@ -1,0 +1,73 @@
+// Vector helpers shared by the CPU kernels (GCC/Clang vector extensions).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include <immintrin.h>
+
+namespace ctr_ops {
+namespace {
+
+// Blocks of kLanes candidates run together, one vector lane each (GCC/Clang vector
+// extensions), kLanes being the target's vector width in floats: a wider type than the
+// registers spills and ran 2-16x slower. Nothing here needs libm: exp is inline.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+inline vf splat(float x) { return vf{} + x; }
+
+// exp(x), x clamped to [-87, 88]: exp(x) = 2^n * exp(r), |r| <= ln2/2, with a degree-6
+// polynomial for exp(r) (about 1 ulp; Cephes' expf coefficients).
+inline vf vexp(vf x) {
+  x = x < splat(-87.0f) ? splat(-87.0f) : x;
+  x = x > splat(88.0f) ? splat(88.0f) : x;
+  // round to nearest by adding and removing 1.5 * 2^23
+  const vf nf = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const vi bits = (__builtin_convertvector(nf, vi) + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// 1 / x for x >= 1 (the only use): the hardware's reciprocal estimate (2^-14 relative
+// error with AVX-512, 2^-12 with SSE/AVX) and one Newton step, about 2^-23: a division
+// costs several times more, and the kernels take one or two per element.
+inline vf vrecip(vf x) {
+#if defined(__AVX512F__)
+  vf r = (vf)_mm512_rcp14_ps((__m512)x);
+#elif defined(__AVX__)
+  vf r = (vf)_mm256_rcp_ps((__m256)x);
+#else
+  vf r = (vf)_mm_rcp_ps((__m128)x);
+#endif
+  return r * (2.0f - x * r);
+}
+
+inline vf vsigmoid(vf x) { return vrecip(1.0f + vexp(-x)); }
+
+inline vf vtanh(vf x) { return 1.0f - 2.0f * vrecip(vexp(2.0f * x) + 1.0f); }  // abs. error ~1e-7
+
+inline vf load(const float* p) {  // unaligned
+  vf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+}  // namespace
+}  // namespace ctr_ops
