@@ -25,6 +25,8 @@ from ctr.spec import FeatureConfig
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 FUSED_FILE = "model_fused.onnx"  # optional: the same model with ctr_ops fused nodes
+# optional: for CUDA, only the ops with a CUDA kernel fused, where model_fused.onnx has others
+FUSED_CUDA_FILE = "model_fused_cuda.onnx"
 FORMAT_VERSION = 1
 
 
@@ -197,13 +199,22 @@ class Bundle:
         entry = self.manifest.get("fused")
         return entry if isinstance(entry, dict) else None
 
-    def fused_bytes(self) -> bytes:
-        """The fused graph, checked against the manifest's sha256. Raises
-        :class:`BundleError` if the bundle has none, or it is missing or altered."""
-        entry = self.fused
+    @property
+    def fused_cuda(self) -> dict[str, Any] | None:
+        """The entry for the CUDA variant (``model_fused_cuda.onnx``): exported only when
+        ``model_fused.onnx`` has ops without a CUDA kernel and others with one."""
+        entry = self.manifest.get("fused_cuda")
+        return entry if isinstance(entry, dict) else None
+
+    def fused_bytes(self, cuda: bool = False) -> bytes:
+        """The fused graph (``cuda``: the CUDA variant), checked against the manifest's
+        sha256. Raises :class:`BundleError` if the bundle has none, or it is missing or
+        altered."""
+        entry = self.fused_cuda if cuda else self.fused
         if entry is None:
-            raise BundleError(f"{self.path}: the bundle has no fused graph")
-        path = self.path / str(entry.get("file", FUSED_FILE))
+            what = "CUDA variant of the fused graph" if cuda else "fused graph"
+            raise BundleError(f"{self.path}: the bundle has no {what}")
+        path = self.path / str(entry.get("file", FUSED_CUDA_FILE if cuda else FUSED_FILE))
         try:
             data = path.read_bytes()
         except OSError as exc:

@@ -305,6 +305,8 @@ def check_fused_model(
     require(body["name"] == name, f"serving {body['name']}, not {name}")
     require(body["graph"] == "fused", f"graph {body['graph']!r}: {body['graph_note']}")
     require(body["graph_note"] is None, f"graph_note {body['graph_note']!r}")
+    want_ops = ["ctr_ops.AttentionalGRU", "ctr_ops.DinAttention"]  # AUGRU and attention unit
+    require(body.get("graph_ops") == want_ops, f"graph_ops {body.get('graph_ops')!r}")
     logs = subprocess.run(
         [docker, "logs", container], capture_output=True, text=True, timeout=30, check=False
     )
@@ -315,7 +317,7 @@ def check_fused_model(
     require(f"fused graph kept ({lib} (level {level}))" in text, "no 'fused graph kept' line")
     ok(
         f"{name} (DIEN) served from the runtime image: /v1/models graph fused, "
-        f"{body['provider']}, library {lib} (level {level})"
+        f"{body['provider']}, ops {', '.join(want_ops)}, library {lib} (level {level})"
     )
 
 

@@ -460,6 +460,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             "precision_note": model.precision_note or None,
             "graph": model.graph,
             "graph_note": model.graph_note or None,
+            "graph_ops": model.graph_ops,
             "micro_batching": model.batcher is not None,
             "model_type": c.model.type,
             "max_seq_len": c.max_seq_len,

@@ -60,6 +60,7 @@ class LoadedModel:
     precision_note: str = ""
     graph: str = "standard"  # or "fused": model_fused.onnx with the custom-op library
     graph_note: str = ""  # why the fused graph is not served, when it was wanted
+    graph_ops: list[str] = field(default_factory=list)  # custom ops in the served graph
     batcher: Batcher | None = None  # cross-request micro-batching, when enabled
     users: UserRowCache = field(default_factory=lambda: UserRowCache(0))  # encoded users
 
@@ -124,10 +125,12 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
             f"{bundle.model_path}: graph inputs {graph_in} differ from the manifest's "
             f"{bundle.input_names}"
         )
-    graph, graph_note, served = "standard", "", model_bytes
+    graph, graph_note, served, graph_ops = "standard", "", model_bytes, []
     if fused_wanted(settings.fused_ops, bundle):
         try:
-            session, served = fused_session(settings, bundle, session, so, providers, graphs)
+            session, served, graph_ops = fused_session(
+                settings, bundle, session, so, providers, graphs
+            )
             graph = "fused"
         except FusedError as exc:  # documented: serve the standard graph, say why
             graph_note = str(exc)
@@ -165,6 +168,7 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
         precision_note=note,
         graph=graph,
         graph_note=graph_note,
+        graph_ops=graph_ops,
         users=UserRowCache(settings.user_cache_size),
     )
     if settings.batch_max_users > 1:
@@ -236,10 +240,10 @@ def fused_wanted(fused_ops: str, bundle: Bundle) -> bool:
     return fused_ops == "on" or (fused_ops == "auto" and bundle.fused is not None)
 
 
-def fused_ops_of(bundle: Bundle) -> list[str]:
-    """The custom ops (``domain.op``) the bundle's fused graph uses, from its manifest
-    entry (bundles exported before DIN's op list only ``ctr_ops.AttentionalGRU``)."""
-    ops = (bundle.fused or {}).get("ops")
+def fused_ops_of(bundle: Bundle, cuda: bool = False) -> list[str]:
+    """The custom ops (``domain.op``) the bundle's fused graph (``cuda``: its CUDA
+    variant) uses, from its manifest entry."""
+    ops = ((bundle.fused_cuda if cuda else bundle.fused) or {}).get("ops")
     return [str(op) for op in ops] if isinstance(ops, list) else []
 
 
@@ -269,13 +273,17 @@ def fused_session(
     so: ort.SessionOptions,
     providers: list[str],
     graphs: bool,
-) -> tuple[ort.InferenceSession, bytes]:
-    """The bundle's fused graph (``model_fused.onnx``) with the custom-op library
+) -> tuple[ort.InferenceSession, bytes, list[str]]:
+    """The bundle's fused graph (``model_fused.onnx``; on CUDA its CUDA variant
+    ``model_fused_cuda.onnx`` where the bundle has one) with the custom-op library
     registered in ``so``, kept only if it matches the standard graph's session ``ref``
-    within ``FUSED_TOLERANCE`` on the serving provider; with its bytes. Raises
+    within ``FUSED_TOLERANCE`` on the serving provider; with its bytes and custom ops. A
+    graph with an op that has no CUDA kernel is refused on CUDA. Raises
     :class:`FusedError` otherwise."""
+    on_gpu = ref.get_providers()[0] == CUDA
+    cuda_variant = on_gpu and bundle.fused_cuda is not None
     try:
-        data = bundle.fused_bytes()
+        data = bundle.fused_bytes(cuda=cuda_variant)
         lib = native.library(settings.ops_library or None)
     except (BundleError, native.NativeError) as exc:
         raise FusedError(str(exc)) from exc
@@ -283,11 +291,11 @@ def fused_session(
         raise FusedError(f"custom-op library: {exc!r}") from exc
     # the library, and the level chosen when CTR_OPS_LIBRARY names a prebuilt folder
     where = f"{lib.path} (level {lib.level})" if lib.level else str(lib.path)
-    on_gpu = ref.get_providers()[0] == CUDA
     if on_gpu and not lib.cuda:
         raise FusedError(f"{where} has no CUDA kernel (it was built without nvcc)")
     cuda_ops = {f"{native.DOMAIN}.{op}" for op in native.CUDA_OPS}
-    cpu_only = sorted(set(fused_ops_of(bundle)) - cuda_ops)
+    ops = fused_ops_of(bundle, cuda_variant)
+    cpu_only = sorted(set(ops) - cuda_ops)
     if on_gpu and cpu_only:  # the node would run on the CPU, between copies, uncapturable
         raise FusedError(f"{', '.join(cpu_only)} has no CUDA kernel: that graph is CPU-only")
     try:
@@ -302,7 +310,7 @@ def fused_session(
     if worst > FUSED_TOLERANCE:
         raise FusedError(f"fused graph parity {worst:.1e} > {FUSED_TOLERANCE:.0e} ({where})")
     log.info("fused graph kept (%s): max |fused - standard| = %.1e", where, worst)
-    return session, data
+    return session, data, ops
 
 
 def fp16_session(

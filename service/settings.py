@@ -56,7 +56,8 @@ class Settings(BaseSettings):
     )
     fused_ops: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="serve the bundle's fused graph (DIEN's AUGRU as one custom-op node) "
+        description="serve the bundle's fused graph (DIN's attention unit, DIEN's AUGRU and "
+        "attention unit as custom-op nodes; on CUDA only the ops with a CUDA kernel) "
         "after a parity check against model.onnx: auto = when the bundle has one; on = "
         "also say why not when it has none; off = never",
     )

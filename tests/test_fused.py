@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from ctr import native
-from ctr.bundle import FUSED_FILE, BundleError, load_bundle
+from ctr.bundle import FUSED_CUDA_FILE, FUSED_FILE, BundleError, load_bundle
 from service.app import create_app
 from service.loader import load_into_redis
 from service.model import load_model
@@ -69,15 +69,22 @@ def test_dien_bundle_has_a_gated_fused_graph(bundles: dict[str, Built]) -> None:
     b = load_bundle(bundles["dien"].models_dir, "dien")
     entry = b.fused
     assert entry is not None and entry["file"] == FUSED_FILE
-    assert entry["ops"] == ["ctr_ops.AttentionalGRU"]
+    assert entry["ops"] == ["ctr_ops.AttentionalGRU", "ctr_ops.DinAttention"]
     assert entry["parity"]["max_abs_diff"] <= 1e-5
     fused = onnx.load_from_string(b.fused_bytes())
     plain = onnx.load(str(b.model_path))
     custom = [n for n in fused.graph.node if n.domain == "ctr_ops"]
-    assert [n.op_type for n in custom] == ["AttentionalGRU"]
+    assert sorted(n.op_type for n in custom) == ["AttentionalGRU", "DinAttention"]
     # the L=20 unrolled steps are gone: far fewer nodes than the standard graph
     assert len(fused.graph.node) * 3 < len(plain.graph.node)
     assert {o.domain: o.version for o in fused.opset_import}.get("ctr_ops") == 1
+    # for CUDA: only the op with a CUDA kernel fused, gated the same way
+    cuda = b.fused_cuda
+    assert cuda is not None and cuda["file"] == FUSED_CUDA_FILE
+    assert cuda["ops"] == ["ctr_ops.AttentionalGRU"] and cuda["parity"]["max_abs_diff"] <= 1e-5
+    graph = onnx.load_from_string(b.fused_bytes(cuda=True)).graph
+    assert [n.op_type for n in graph.node if n.domain == "ctr_ops"] == ["AttentionalGRU"]
+    assert len(fused.graph.node) < len(graph.node) < len(plain.graph.node)
 
 
 def test_din_bundle_has_a_gated_fused_graph(bundles: dict[str, Built]) -> None:
@@ -85,6 +92,9 @@ def test_din_bundle_has_a_gated_fused_graph(bundles: dict[str, Built]) -> None:
     entry = b.fused
     assert entry is not None and entry["ops"] == ["ctr_ops.DinAttention"]
     assert entry["parity"]["max_abs_diff"] <= 1e-5
+    assert b.fused_cuda is None  # nothing in it has a CUDA kernel: no CUDA variant
+    with pytest.raises(BundleError, match="no CUDA variant"):
+        b.fused_bytes(cuda=True)
     fused = onnx.load_from_string(b.fused_bytes())
     custom = [n for n in fused.graph.node if n.domain == "ctr_ops"]
     assert [n.op_type for n in custom] == ["DinAttention"]  # one behaviour group
@@ -251,6 +261,8 @@ def test_service_serves_fused_graph_with_the_same_scores(
             info = client.get("/v1/models").json()
             assert info["graph"] == ("fused" if mode == "on" else "standard")
             assert info["graph_note"] is None
+            ops = load_bundle(built.models_dir, mt).fused["ops"]  # type: ignore[index]
+            assert info["graph_ops"] == (ops if mode == "on" else [])
             graph = info["graph"]
             assert f'graph="{graph}"' in client.get("/metrics").text  # ctr_model_info
             r = client.post("/v1/score", json=body)

@@ -70,8 +70,12 @@ def fused_session(att: DINAttention, steps: int, tmp: Path, lib: native.OpsLibra
                 str(path),
                 input_names=list(args),
                 output_names=["pooled", "weights"],
-                dynamic_axes={"q": {0: "N"}, "keys": {0: "U"}, "user_idx": {0: "N"},
-                              "hist_len": {0: "U"}},  # fmt: skip
+                dynamic_axes={
+                    "q": {0: "N"},
+                    "keys": {0: "U"},
+                    "user_idx": {0: "N"},
+                    "hist_len": {0: "U"},
+                },  # fmt: skip
                 opset_version=17,
                 dynamo=False,
                 custom_opsets=CUSTOM_OPSETS,

@@ -43,9 +43,14 @@ def test_cuda_graphs_match_cpu(bundles: dict[str, Built], mt: str, fused: str) -
         )  # fmt: skip
     )
     assert gpu.provider == "CUDAExecutionProvider" and gpu.runner.kind == "cuda_graph"
-    # auto: DIEN's AUGRU runs as the custom op's CUDA kernel; DIN has nothing to fuse
+    # auto: DIEN's AUGRU runs as the custom op's CUDA kernel (its CUDA variant graph, the
+    # attention unit unfused); DIN's fused graph has only the CPU-only attention op
     want_graph = "fused" if (mt, fused) == ("dien", "auto") else "standard"
     assert gpu.graph == want_graph, gpu.graph_note
+    if want_graph == "fused":
+        assert gpu.graph_ops == ["ctr_ops.AttentionalGRU"]
+    elif fused == "auto":
+        assert "ctr_ops.DinAttention has no CUDA kernel" in gpu.graph_note
     for users, n, seed in ((1, 50, 0), (1, 64, 1), (3, 65, 2), (1, 500, 3), (2, 700, 4),
                            (1, 50, 5)):  # fmt: skip
         feeds = probe_feeds(cpu.bundle, users, n, seed)

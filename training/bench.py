@@ -3,9 +3,9 @@
 For each model and N it reports ORT median/p99 with the history fed once (U=1,
 ``user_idx`` zeros), and in the same run the ratio against (a) the same graph fed
 the history copied N times (U=N, the naive way) and (b) torch eager on the same
-inputs. DIEN also gets "(fused)" rows: the graph with its AUGRU as one custom-op node
-(``native/``), when the op library can be built. Weights are random: latency does not
-depend on them.
+inputs. DIN and DIEN also get "(fused)" rows: the graph with DIN's activation unit or
+DIEN's AUGRU and attention unit as custom-op nodes (``native/``), when the op library
+can be built. Weights are random: latency does not depend on them.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def bench_model(
         path = Path(tmp) / "m.onnx"
         export_onnx(model, path)
         sess = session(path, threads)
-        fused = None  # DIEN: the same model with its AUGRU as one custom-op node
+        fused = None  # the same model with its fusable parts as custom-op nodes
         if fusable(model):
             try:
                 lib = native.library()

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from ctr import native
 from ctr.bundle import (
     FORMAT_VERSION,
+    FUSED_CUDA_FILE,
     FUSED_FILE,
     MANIFEST,
     MODEL_FILE,
@@ -82,19 +83,25 @@ class ExportWrapper(nn.Module):
 FUSABLE = (AttentionalGRU, DINAttention)
 
 
+def fusable_ops(model: CTRModel) -> set[str]:
+    """The custom ops (``native.OPS`` names) the model's fusable parts would export as:
+    ``AttentionalGRU`` for DIEN's AUGRU recurrence, ``DinAttention`` per DIN unit."""
+    return {m.op for m in model.modules() if isinstance(m, FUSABLE) and m.can_fuse}
+
+
 def fusable(model: CTRModel) -> bool:
-    """True if the model has a part the custom-op library can run as one node: DIEN's
-    AUGRU recurrence, or a DIN activation unit."""
-    return any(isinstance(m, FUSABLE) and m.can_fuse for m in model.modules())
+    """True if the model has a part the custom-op library can run as one node."""
+    return bool(fusable_ops(model))
 
 
 @contextmanager
-def fused_ops(model: CTRModel, on: bool) -> Iterator[None]:
+def fused_ops(model: CTRModel, on: bool, only: frozenset[str] | None = None) -> Iterator[None]:
     """Export the model's AUGRU as ``ctr_ops.AttentionalGRU`` nodes and its DIN units as
-    ``ctr_ops.DinAttention`` nodes while inside."""
+    ``ctr_ops.DinAttention`` nodes while inside (``only``: just the parts whose op is in
+    it)."""
     layers = [m for m in model.modules() if isinstance(m, FUSABLE)]
     for m in layers:
-        m.fused = on
+        m.fused = on and (only is None or m.op in only)
     try:
         yield
     finally:
@@ -102,10 +109,16 @@ def fused_ops(model: CTRModel, on: bool) -> Iterator[None]:
             m.fused = False
 
 
-def export_onnx(model: CTRModel, path: Path, sample_n: int = 7, fused: bool = False) -> None:
+def export_onnx(
+    model: CTRModel,
+    path: Path,
+    sample_n: int = 7,
+    fused: bool = False,
+    only: frozenset[str] | None = None,
+) -> None:
     """Trace with U=2 users and ``sample_n`` candidates; U and N stay dynamic. With
     ``fused``, the AUGRU recurrence and each DIN activation unit are one custom node each
-    (domain ``ctr_ops``)."""
+    (domain ``ctr_ops``; ``only``: just the parts whose op is in it)."""
     model.eval()
     # a fresh module starts in train mode, and the exporter restores the mode it found
     wrapper = ExportWrapper(model).eval()
@@ -117,7 +130,7 @@ def export_onnx(model: CTRModel, path: Path, sample_n: int = 7, fused: bool = Fa
         dyn[gi.name] = {k: str(d) for k, d in enumerate(gi.shape) if isinstance(d, str)}
     for go in graph_outputs(model.config):
         dyn[go.name] = {0: "N"}
-    with torch.no_grad(), fused_ops(model, fused):
+    with torch.no_grad(), fused_ops(model, fused, only):
         torch.onnx.export(
             wrapper,
             args,
@@ -132,26 +145,38 @@ def export_onnx(model: CTRModel, path: Path, sample_n: int = 7, fused: bool = Fa
         )
 
 
-def export_fused(model: CTRModel, staged: Path) -> dict[str, Any] | None:
+def export_fused(model: CTRModel, staged: Path, cuda: bool = False) -> dict[str, Any] | None:
     """Export ``model_fused.onnx`` next to ``model.onnx`` and gate it like the main graph,
-    with the custom-op library's CPU kernel. Its manifest entry, or None when the model
+    with the custom-op library's CPU kernels. Its manifest entry, or None when the model
     has nothing to fuse, the library cannot be built here or the fused graph fails its
-    gate (logged; the service then serves ``model.onnx``, which every bundle has)."""
-    if not fusable(model):
+    gate (logged; the service then serves ``model.onnx``, which every bundle has).
+
+    ``cuda``: ``model_fused_cuda.onnx`` instead, with only the ops that have a CUDA kernel
+    fused; None unless ``model_fused.onnx`` has ops without one and ops with one (DIEN:
+    its AUGRU, not its attention unit), since otherwise the fused graph serves CUDA or
+    there is nothing to fuse for it."""
+    ops = fusable_ops(model)
+    only = None
+    if cuda:
+        only = frozenset(native.CUDA_OPS)
+        if not (ops - only and ops & only):
+            return None
+    if not ops:
         return None
-    path = staged / FUSED_FILE
+    name = FUSED_CUDA_FILE if cuda else FUSED_FILE
+    path = staged / name
     try:
         lib = native.library()
-        export_onnx(model, path, fused=True)
+        export_onnx(model, path, fused=True, only=only)
         report = parity_gate(model, path, ops_library=lib.path)
         if not report.ok:
             raise ParityError(f"parity gate: max |ORT - torch| = {report.max_abs_diff:.2e}")
     except Exception as exc:  # the fused graph is optional: model.onnx passed its gate
-        log.warning("no fused graph in this bundle: %s", exc)
+        log.warning("no %s in this bundle: %s", name, exc)
         path.unlink(missing_ok=True)
         return None
     return {
-        "file": FUSED_FILE,
+        "file": name,
         "ops": custom_ops(path),
         "sha256": sha256_file(path),
         "parity": {"max_abs_diff": report.max_abs_diff, "tolerance": PARITY_TOL},
@@ -261,6 +286,7 @@ def export_bundle(
             "parity": {"max_abs_diff": report.max_abs_diff, "tolerance": PARITY_TOL},
             "onnx_sha256": sha256_file(onnx_path),
             "fused": export_fused(model, staged),
+            "fused_cuda": export_fused(model, staged, cuda=True),
         }
         (staged / MANIFEST).write_text(json.dumps(manifest, indent=2))
         version, path = publish(models_dir, name, staged)

@@ -350,6 +350,8 @@ class AttentionalGRU(nn.Module):
     :class:`FusedAUGRU` node.
     """
 
+    op = native.OP  # the custom op it exports as, when fused
+
     def __init__(self, in_dim: int, hidden: int, kind: str) -> None:
         super().__init__()
         self.hidden = hidden
@@ -401,11 +403,7 @@ class DIEN(CTRModel):
         self.attention_kind = m.dien_attention
         self.query_proj = nn.Linear(d, hd, bias=False) if hd != d else nn.Identity()
         if self.attention_kind == "mlp":
-            # not fused: ctr_ops.DinAttention has no CUDA kernel, and DIEN's fused graph
-            # (its AUGRU) must keep running on CUDA
-            self.att = DINAttention(
-                hd, m.attention_mlp, m.attention_act, softmax=True, fusable=False
-            )
+            self.att = DINAttention(hd, m.attention_mlp, m.attention_act, softmax=True)
         else:
             self.att_w = nn.Linear(d, hd, bias=False)
         self.evolution = AttentionalGRU(hd, hd, m.evolution)

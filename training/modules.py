@@ -210,13 +210,14 @@ class DINAttention(nn.Module):
     ``W[q,k,q-k,q*k] = (Wq+Wd) q + (Wk-Wd) k + Wp (q*k)``: the q part runs once per
     candidate and the k part once per user history, never per (candidate, step).
     With ``fused`` set (export only), the per-(candidate, step) part, the masking and
-    the pooling become one :class:`FusedDINAttention` node; ``fusable=False`` keeps a
-    unit out of that (DIEN's: the op has no CUDA kernel, and DIEN's fused graph must
-    still run on CUDA).
+    the pooling become one :class:`FusedDINAttention` node (``fusable=False`` keeps a
+    unit out of that).
 
     Inputs: ``q [N, D]``, ``keys [U, L, D]``, ``user_idx [N]``, ``mask [U, L]``.
     Returns ``pooled [N, D]`` and ``weights [N, L]`` (0 at padded positions).
     """
+
+    op = native.DIN_OP  # the custom op it exports as, when fused
 
     def __init__(
         self, dim: int, hidden: list[int], act: str, softmax: bool, fusable: bool = True
