@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -114,6 +115,19 @@ def test_parity_gate_passes(exported: Callable[[str], Exported], model_type: str
     manifest = json.loads((ex.path / MANIFEST).read_text())
     assert manifest["parity"] == {"max_abs_diff": ex.report.max_abs_diff, "tolerance": PARITY_TOL}
     assert manifest["model_type"] == model_type
+    # the fused graph: each DIN unit (one per behaviour group) and DIEN's AUGRU as custom
+    # nodes, gated the same way; nothing to fuse in the models without attention
+    fused = manifest["fused"]
+    if model_type in ("base", "deepfm"):
+        assert fused is None and manifest["fused_cuda"] is None
+        return
+    assert fused is not None and fused["parity"]["max_abs_diff"] <= 1e-5
+    graph = onnx.load(str(ex.path / fused["file"])).graph
+    custom = sorted(n.op_type for n in graph.node if n.domain == "ctr_ops")
+    groups = len(ex.run.config.sequence_groups())
+    want = ["AttentionalGRU", "DinAttention"] if model_type == "dien" else ["DinAttention"] * groups
+    assert custom == want
+    assert (manifest["fused_cuda"] is not None) == (model_type == "dien")
 
 
 def test_parity_gate_catches_a_model_that_disagrees(exported: Callable[[str], Exported]) -> None:
