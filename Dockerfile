@@ -6,15 +6,15 @@
 #   gpu       serving image on an NVIDIA CUDA 12 + cuDNN 9 base with onnxruntime-gpu (and
 #             onnx, which CTR_PRECISION=fp16 uses to convert the graph at load time).
 #   runtime   (default, last) torch-free serving image: onnxruntime (CPU), `ctr serve`,
-#             and the prebuilt custom-op library (native/: DIEN's fused AUGRU) in
-#             /opt/ctr-ops, CTR_OPS_LIBRARY=/opt/ctr-ops. The `ops-build` stage compiles
+#             and the prebuilt custom-op library (native/: fused attention unit, AUGRU)
+#             in /opt/ctr-ops, CTR_OPS_LIBRARY=/opt/ctr-ops. The `ops-build` stage compiles
 #             it once per x86-64 level (x86-64-v4, -v3, -v2; `generic`, no -march flag, on
 #             another machine type) with `ctr build-ops --arch ... --out`; at model load
 #             the service loads the highest level the CPU it runs on has the flags for
 #             (/proc/cpuinfo), self-tested in a child process first, and falls back level
 #             by level. No compiler in the image. The gpu target carries no library
-#             (its CUDA kernel needs nvcc): it serves DIEN from model.onnx, the reason in
-#             /v1/models' graph_note.
+#             (its CUDA kernel needs nvcc): it serves DIN and DIEN from model.onnx, the
+#             reason in /v1/models' graph_note.
 #
 # Build args:
 #   BASE_IMAGE       Python 3.11+ base for trainer/runtime (default: the official image).
