@@ -4,7 +4,9 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__SSE__)
 #include <immintrin.h>
+#endif
 
 namespace ctr_ops {
 namespace {
@@ -45,18 +47,23 @@ inline vf vexp(vf x) {
   return p * scale;
 }
 
-// 1 / x for x >= 1 (the only use): the hardware's reciprocal estimate (2^-14 relative
-// error with AVX-512, 2^-12 with SSE/AVX) and one Newton step, about 2^-23: a division
-// costs several times more, and the kernels take one or two per element.
+// 1 / x for x >= 1 (the only use). On x86, the hardware's reciprocal estimate (2^-14
+// relative error with AVX-512, 2^-12 with SSE/AVX) and one Newton step, about 2^-23: a
+// division costs several times more, and the kernels take one or two per element.
+// Elsewhere, a division.
 inline vf vrecip(vf x) {
 #if defined(__AVX512F__)
-  vf r = (vf)_mm512_rcp14_ps((__m512)x);
+  const vf r = (vf)_mm512_maskz_rcp14_ps(static_cast<__mmask16>(0xFFFF), (__m512)x);
 #elif defined(__AVX__)
-  vf r = (vf)_mm256_rcp_ps((__m256)x);
-#else
-  vf r = (vf)_mm_rcp_ps((__m128)x);
+  const vf r = (vf)_mm256_rcp_ps((__m256)x);
+#elif defined(__SSE__)
+  const vf r = (vf)_mm_rcp_ps((__m128)x);
 #endif
+#if defined(__SSE__)
   return r * (2.0f - x * r);
+#else
+  return 1.0f / x;
+#endif
 }
 
 inline vf vsigmoid(vf x) { return vrecip(1.0f + vexp(-x)); }
