@@ -5,8 +5,11 @@
 // SessionOptions.register_custom_ops_library; written against the C API only
 // (third_party/onnxruntime/onnxruntime_c_api.h, API 21), so it loads in any later ORT.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
+#include <exception>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -280,31 +283,41 @@ OrtStatus* din_compute(void* op_kernel, OrtKernelContext* ctx) {
   const auto* ip = static_cast<const int64_t*>(idx.data);
   if (!din_indices_ok(ip, s.n, s.users)) return din_error("user_idx out of range [0, U)");
   if (s.n == 0) return nullptr;
-  std::vector<float> scratch(static_cast<size_t>(din_scratch_floats(s)));
+  // din_prepare writes every float of it (zeros past each history)
+  std::unique_ptr<float[]> scratch(new float[static_cast<size_t>(din_scratch_floats(s))]);
   din_prepare(s, static_cast<const float*>(kp.data), static_cast<const float*>(keys.data),
-              scratch.data());
+              scratch.get());
   struct Args {
     const DinShape* s;
     const float *qp, *q, *keys, *wp, *params, *scratch;
     const int64_t *idx, *len;
     float *pooled, *weights;
+    std::atomic<bool> failed;  // a chunk threw (on a pool thread: caught there)
   } args{&s,
          static_cast<const float*>(qp.data),
          static_cast<const float*>(q.data),
          static_cast<const float*>(keys.data),
          static_cast<const float*>(wp.data),
          static_cast<const float*>(params.data),
-         scratch.data(),
+         scratch.get(),
          ip,
          static_cast<const int64_t*>(len.data),
          static_cast<float*>(po),
-         static_cast<float*>(wo)};
-  auto one = [](void* p, size_t row) {
-    const Args* a = static_cast<const Args*>(p);
-    din_candidate(*a->s, a->qp, a->q, a->keys, a->idx, a->len, a->wp, a->params, a->scratch,
-                  a->pooled, a->weights, static_cast<int64_t>(row));
+         static_cast<float*>(wo),
+         {false}};
+  auto chunk = [](void* p, size_t k) {
+    Args* a = static_cast<Args*>(p);
+    try {
+      din_chunk(*a->s, a->qp, a->q, a->keys, a->idx, a->len, a->wp, a->params, a->scratch,
+                a->pooled, a->weights, static_cast<int64_t>(k));
+    } catch (...) {
+      a->failed = true;
+    }
   };
-  return g_api->KernelContext_ParallelFor(ctx, one, static_cast<size_t>(s.n), 0, &args);
+  CTR_TRY(g_api->KernelContext_ParallelFor(ctx, chunk, static_cast<size_t>(din_chunks(s.n)), 0,
+                                           &args));
+  return args.failed ? g_api->CreateStatus(ORT_FAIL, "DinAttention: a block failed (memory?)")
+                     : nullptr;
 }
 
 // ---- the OrtCustomOp callbacks (same for both providers but the provider name) ----
@@ -337,12 +350,25 @@ ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp*, size_t) {
 }
 size_t ORT_API_CALL output_count(const OrtCustomOp*) { return 1; }
 
+// No C++ exception may cross into ORT (a C API; the library's libstdc++ is static): a
+// failed allocation becomes an error status for this run.
+template <OrtStatus* (*kCompute)(void*, OrtKernelContext*)>
+OrtStatus* guarded(void* kernel, OrtKernelContext* ctx, const char* name) {
+  try {
+    return kCompute(kernel, ctx);
+  } catch (const std::exception& e) {
+    return g_api->CreateStatus(ORT_FAIL, (std::string(name) + ": " + e.what()).c_str());
+  } catch (...) {
+    return g_api->CreateStatus(ORT_FAIL, name);
+  }
+}
+
 void ORT_API_CALL compute_v1(void* kernel, OrtKernelContext* ctx) {
-  OrtStatus* st = compute(kernel, ctx);
+  OrtStatus* st = guarded<compute>(kernel, ctx, kOpName);
   if (st != nullptr) g_api->ReleaseStatus(st);  // not reached: ORT >= 1.16 calls v2
 }
 OrtStatus* ORT_API_CALL compute_v2(void* kernel, OrtKernelContext* ctx) {
-  return compute(kernel, ctx);
+  return guarded<compute>(kernel, ctx, kOpName);
 }
 void ORT_API_CALL destroy(void* kernel) { delete static_cast<Kernel*>(kernel); }
 
@@ -408,15 +434,19 @@ void* ORT_API_CALL din_create_v1(const OrtCustomOp*, const OrtApi*, const OrtKer
 }
 OrtStatus* ORT_API_CALL din_create(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info,
                                    void** kernel) {
-  *kernel = din_kernel(info);
+  try {
+    *kernel = din_kernel(info);
+  } catch (...) {
+    return g_api->CreateStatus(ORT_FAIL, "DinAttention: kernel creation failed");
+  }
   return nullptr;
 }
 void ORT_API_CALL din_compute_v1(void* kernel, OrtKernelContext* ctx) {
-  OrtStatus* st = din_compute(kernel, ctx);
+  OrtStatus* st = guarded<din_compute>(kernel, ctx, kDinOpName);
   if (st != nullptr) g_api->ReleaseStatus(st);  // not reached: ORT >= 1.16 calls v2
 }
 OrtStatus* ORT_API_CALL din_compute_v2(void* kernel, OrtKernelContext* ctx) {
-  return din_compute(kernel, ctx);
+  return guarded<din_compute>(kernel, ctx, kDinOpName);
 }
 void ORT_API_CALL din_destroy(void* kernel) { delete static_cast<DinKernel*>(kernel); }
 
@@ -486,10 +516,12 @@ __attribute__((visibility("default"))) int CtrOpsSelfTest() {
   for (int64_t i = 0; i < n; ++i) idx[i] = i % 2;
   std::vector<float> scratch(static_cast<size_t>(ctr_ops::din_scratch_floats(s)));
   ctr_ops::din_prepare(s, kp, keys, scratch.data());
-  for (int64_t row = 0; row < n; ++row)
-    ctr_ops::din_candidate(s, qp, q, keys, idx, lens, wp, params, scratch.data(), pooled,
-                           weights, row);
+  for (int64_t k = 0; k < ctr_ops::din_chunks(n); ++k)
+    ctr_ops::din_chunk(s, qp, q, keys, idx, lens, wp, params, scratch.data(), pooled, weights,
+                       k);
   for (float v : weights)
+    if (!std::isfinite(v)) return 0;
+  for (float v : pooled)
     if (!std::isfinite(v)) return 0;
   return 1;
 }

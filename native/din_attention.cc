@@ -121,65 +121,82 @@ void din_prepare(const DinShape& s, const float* k_part, const float* keys, floa
   }
 }
 
-void din_candidate(const DinShape& s, const float* q_part, const float* q, const float* keys,
-                   const int64_t* user_idx, const int64_t* hist_len, const float* w_p,
-                   const float* params, const float* scratch, float* pooled, float* weights,
-                   int64_t row) {
-  const int64_t steps = s.steps, d = s.dim, h1 = s.widths[0], lp = padded_steps(steps);
-  const int64_t u = user_idx[row];
-  const int64_t len = std::clamp<int64_t>(hist_len[u], 0, steps);
-  float* w_row = weights + row * steps;
-  float* p_row = pooled + row * d;
-  std::fill(w_row, w_row + steps, 0.0f);
-  std::fill(p_row, p_row + d, 0.0f);
-  if (len == 0) return;
-  const float* kpt = scratch + u * (h1 + d) * lp;
-  const float* kt = kpt + h1 * lp;
-  const float* qr = q + row * d;
-  const float* qp = q_part + row * h1;
-  // qw[c, j] = q[row, c] * w_p[c, j]: the first layer's q * k term is then one FMA per
-  // (j, c) and step
-  thread_local std::vector<float> qw;
-  qw.resize(static_cast<size_t>(d * h1));
-  for (int64_t c = 0; c < d; ++c)
-    for (int64_t j = 0; j < h1; ++j) qw[c * h1 + j] = qr[c] * w_p[c * h1 + j];
-  vf a[kDinMaxWidth], b[kDinMaxWidth];
-  for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
-    int64_t j = 0;
-    for (; j + kGroup <= h1; j += kGroup) {
-      vf acc[kGroup];
-      for (int64_t g = 0; g < kGroup; ++g) acc[g] = qp[j + g] + load(kpt + (j + g) * lp + t0);
-      for (int64_t c = 0; c < d; ++c) {
-        const vf k = load(kt + c * lp + t0);
-        const float* w = qw.data() + c * h1 + j;
-        for (int64_t g = 0; g < kGroup; ++g) acc[g] += w[g] * k;
-      }
-      for (int64_t g = 0; g < kGroup; ++g) a[j + g] = acc[g];
+namespace {
+
+// The first layer and its activation for steps t0 .. t0 + kLanes - 1 of one candidate, into
+// a[0 .. H1). qp: the candidate's first-layer part [H1]; qw: its q * w_p products [D, H1];
+// kpt / kt: its user's transposed history parts (rows of lp floats). Returns the params
+// left after the first layer's activation.
+const float* first_layer(const DinShape& s, const float* qp, const float* qw, const float* kpt,
+                         const float* kt, int64_t lp, int64_t t0, const float* params, vf* a) {
+  const int64_t d = s.dim, h1 = s.widths[0];
+  int64_t j = 0;
+  for (; j + kGroup <= h1; j += kGroup) {
+    vf acc[kGroup];
+    for (int64_t g = 0; g < kGroup; ++g) acc[g] = qp[j + g] + load(kpt + (j + g) * lp + t0);
+    for (int64_t c = 0; c < d; ++c) {
+      const vf k = load(kt + c * lp + t0);
+      const float* w = qw + c * h1 + j;
+      for (int64_t g = 0; g < kGroup; ++g) acc[g] += w[g] * k;
     }
-    for (; j < h1; ++j) {
-      vf acc = qp[j] + load(kpt + j * lp + t0);
-      for (int64_t c = 0; c < d; ++c) acc += qw[c * h1 + j] * load(kt + c * lp + t0);
-      a[j] = acc;
-    }
-    const float* p = params;
-    activate(a, h1, s.act, p);
-    vf* cur = a;
-    vf* nxt = b;
-    for (int64_t i = 1; i < s.layers; ++i) {
-      const int64_t n_in = s.widths[i - 1], n_out = s.widths[i];
-      const float* w = p;
-      const float* bias = w + n_out * n_in;
-      p = bias + n_out;
-      dense(cur, n_in, w, bias, nxt, n_out);
-      activate(nxt, n_out, s.act, p);
-      std::swap(cur, nxt);
-    }
-    const int64_t last = s.widths[s.layers - 1];
-    vf score = splat(p[last]);
-    for (int64_t k = 0; k < last; ++k) score += p[k] * cur[k];
-    const int64_t lanes = std::min<int64_t>(kLanes, len - t0);
-    for (int64_t l = 0; l < lanes; ++l) w_row[t0 + l] = score[l];
+    for (int64_t g = 0; g < kGroup; ++g) a[j + g] = acc[g];
   }
+  for (; j < h1; ++j) {
+    vf acc = qp[j] + load(kpt + j * lp + t0);
+    for (int64_t c = 0; c < d; ++c) acc += qw[c * h1 + j] * load(kt + c * lp + t0);
+    a[j] = acc;
+  }
+  const float* p = params;
+  activate(a, h1, s.act, p);
+  return p;
+}
+
+// Layers 2 .. k and the score, from the first layer's output a[0 .. H1) (overwritten; b is
+// scratch of the same size); p: the params after the first layer's activation.
+vf upper_layers(const DinShape& s, const float* p, vf* a, vf* b) {
+  vf* cur = a;
+  vf* nxt = b;
+  for (int64_t i = 1; i < s.layers; ++i) {
+    const int64_t n_in = s.widths[i - 1], n_out = s.widths[i];
+    const float* w = p;
+    const float* bias = w + n_out * n_in;
+    p = bias + n_out;
+    dense(cur, n_in, w, bias, nxt, n_out);
+    activate(nxt, n_out, s.act, p);
+    std::swap(cur, nxt);
+  }
+  const int64_t last = s.widths[s.layers - 1];
+  vf score = splat(p[last]);
+  for (int64_t k = 0; k < last; ++k) score += p[k] * cur[k];
+  return score;
+}
+
+// Steps left over after a candidate's full vectors (a history of 50 is 3 x 16 + 2), when
+// they fill at most half a vector, are packed across the candidates of a chunk into full
+// vectors for layers 2 .. k, which do not depend on the candidate: only their first layer
+// runs on the part-filled vector.
+struct Pending {
+  float a[kDinMaxWidth][kLanes];  // first-layer outputs, one column per packed step
+  float* out[kLanes];             // where each packed step's score goes
+  int count = 0;
+  vf x[kDinMaxWidth], y[kDinMaxWidth];  // the layers' scratch when the pack is run
+};
+
+// Layers 2 .. k for the packed steps (a part-filled pack: its unused columns hold stale
+// values, computed and not written)
+void flush(const DinShape& s, const float* p, Pending& pend) {
+  if (pend.count == 0) return;
+  for (int64_t j = 0; j < s.widths[0]; ++j) pend.x[j] = load(pend.a[j]);
+  const vf score = upper_layers(s, p, pend.x, pend.y);
+  for (int l = 0; l < pend.count; ++l) *pend.out[l] = score[l];
+  pend.count = 0;
+}
+
+// Softmax (if asked) over the real steps and the weighted sum of the keys, for one row.
+void finish_row(const DinShape& s, const float* keys, int64_t u, int64_t len, float* w_row,
+                float* p_row) {
+  const int64_t steps = s.steps, d = s.dim;
+  if (len == 0) return;
   if (s.softmax) {
     float top = w_row[0];
     for (int64_t t = 1; t < len; ++t) top = std::max(top, w_row[t]);
@@ -194,6 +211,64 @@ void din_candidate(const DinShape& s, const float* q_part, const float* q, const
   for (int64_t t = 0; t < len; ++t) {
     const float wt = w_row[t];
     for (int64_t c = 0; c < d; ++c) p_row[c] += wt * k[t * d + c];
+  }
+}
+
+}  // namespace
+
+int64_t din_chunks(int64_t n) { return (n + kDinChunk - 1) / kDinChunk; }
+
+void din_chunk(const DinShape& s, const float* q_part, const float* q, const float* keys,
+               const int64_t* user_idx, const int64_t* hist_len, const float* w_p,
+               const float* params, const float* scratch, float* pooled, float* weights,
+               int64_t chunk) {
+  const int64_t steps = s.steps, d = s.dim, h1 = s.widths[0], lp = padded_steps(steps);
+  const int64_t row0 = chunk * kDinChunk, row1 = std::min(s.n, row0 + kDinChunk);
+  if (row0 < 0 || row0 >= s.n) return;  // no such chunk
+  // qw[c, j] = q[row, c] * w_p[c, j]: the first layer's q * k term is then one FMA per
+  // (j, c) and step
+  thread_local std::vector<float> qw;
+  qw.resize(static_cast<size_t>(d * h1));
+  thread_local Pending pend;
+  pend.count = 0;
+  vf a[kDinMaxWidth], b[kDinMaxWidth];
+  const float* upper = params;  // the params after the first layer's activation
+  for (int64_t row = row0; row < row1; ++row) {
+    const int64_t u = user_idx[row];
+    const int64_t len = std::clamp<int64_t>(hist_len[u], 0, steps);
+    float* w_row = weights + row * steps;
+    std::fill(w_row, w_row + steps, 0.0f);
+    std::fill(pooled + row * d, pooled + (row + 1) * d, 0.0f);
+    if (len == 0) continue;
+    const float* kpt = scratch + u * (h1 + d) * lp;
+    const float* kt = kpt + h1 * lp;
+    const float* qr = q + row * d;
+    for (int64_t c = 0; c < d; ++c)
+      for (int64_t j = 0; j < h1; ++j) qw[c * h1 + j] = qr[c] * w_p[c * h1 + j];
+    const float* qp = q_part + row * h1;
+    for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
+      upper = first_layer(s, qp, qw.data(), kpt, kt, lp, t0, params, a);
+      const int64_t lanes = std::min<int64_t>(kLanes, len - t0);
+      if (2 * lanes > kLanes) {  // at least half full: run it as it is
+        const vf score = upper_layers(s, upper, a, b);
+        for (int64_t l = 0; l < lanes; ++l) w_row[t0 + l] = score[l];
+        continue;
+      }
+      // a short tail: its steps wait in the pack (copying them costs less than the layers
+      // on a mostly empty vector)
+      if (pend.count + lanes > kLanes) flush(s, upper, pend);
+      for (int64_t j = 0; j < h1; ++j) {
+        const float* src = reinterpret_cast<const float*>(&a[j]);
+        std::copy(src, src + lanes, pend.a[j] + pend.count);
+      }
+      for (int64_t l = 0; l < lanes; ++l) pend.out[pend.count++] = w_row + t0 + l;
+    }
+  }
+  flush(s, upper, pend);
+  for (int64_t row = row0; row < row1; ++row) {
+    const int64_t u = user_idx[row];
+    const int64_t len = std::clamp<int64_t>(hist_len[u], 0, steps);
+    finish_row(s, keys, u, len, weights + row * steps, pooled + row * d);
   }
 }
 

@@ -49,14 +49,17 @@ struct DinShape {
 // Floats in params for `s`'s layers and activation; -1 if widths or act are invalid.
 int64_t din_param_count(const DinShape& s);
 
-// Checks user_idx in [0, U) once; then candidates 0 .. n - 1 may run in any order, on any
-// threads, after din_prepare has filled `scratch` (din_scratch_floats(s) floats).
+// Check user_idx in [0, U) once; after din_prepare has filled `scratch`
+// (din_scratch_floats(s) floats), chunks 0 .. din_chunks(n) - 1 of kDinChunk candidates may
+// run in any order, on any threads.
+constexpr int64_t kDinChunk = 8;
 bool din_indices_ok(const int64_t* user_idx, int64_t n, int64_t users);
 int64_t din_scratch_floats(const DinShape& s);
 void din_prepare(const DinShape& s, const float* k_part, const float* keys, float* scratch);
-void din_candidate(const DinShape& s, const float* q_part, const float* q, const float* keys,
-                   const int64_t* user_idx, const int64_t* hist_len, const float* w_p,
-                   const float* params, const float* scratch, float* pooled, float* weights,
-                   int64_t row);
+int64_t din_chunks(int64_t n);
+void din_chunk(const DinShape& s, const float* q_part, const float* q, const float* keys,
+               const int64_t* user_idx, const int64_t* hist_len, const float* w_p,
+               const float* params, const float* scratch, float* pooled, float* weights,
+               int64_t chunk);
 
 }  // namespace ctr_ops

@@ -48,7 +48,7 @@ inline vf vexp(vf x) {
 }
 
 // 1 / x for x >= 1 (the only use). On x86, the hardware's reciprocal estimate (2^-14
-// relative error with AVX-512, 2^-12 with SSE/AVX) and one Newton step, about 2^-23: a
+// relative error with AVX-512, 2^-12 with SSE/AVX) and one Newton step, about 2^-22: a
 // division costs several times more, and the kernels take one or two per element.
 // Elsewhere, a division.
 inline vf vrecip(vf x) {

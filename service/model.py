@@ -58,7 +58,7 @@ class LoadedModel:
     runner: Runner
     precision: str = "fp32"
     precision_note: str = ""
-    graph: str = "standard"  # or "fused": model_fused.onnx with the custom-op library
+    graph: str = "standard"  # or "fused": model_fused(_cuda).onnx with the custom-op library
     graph_note: str = ""  # why the fused graph is not served, when it was wanted
     graph_ops: list[str] = field(default_factory=list)  # custom ops in the served graph
     batcher: Batcher | None = None  # cross-request micro-batching, when enabled
@@ -237,7 +237,8 @@ def fused_wanted(fused_ops: str, bundle: Bundle) -> bool:
     """Whether ``CTR_FUSED_OPS=fused_ops`` asks for ``bundle``'s fused graph. auto:
     whenever the bundle has one (a model with nothing to fuse, or one exported without
     the library, has none); on: always, so that its absence is said in ``graph_note``."""
-    return fused_ops == "on" or (fused_ops == "auto" and bundle.fused is not None)
+    has = bundle.fused is not None or bundle.fused_cuda is not None
+    return fused_ops == "on" or (fused_ops == "auto" and has)
 
 
 def fused_ops_of(bundle: Bundle, cuda: bool = False) -> list[str]:
@@ -281,7 +282,8 @@ def fused_session(
     graph with an op that has no CUDA kernel is refused on CUDA. Raises
     :class:`FusedError` otherwise."""
     on_gpu = ref.get_providers()[0] == CUDA
-    cuda_variant = on_gpu and bundle.fused_cuda is not None
+    # the variant made for the provider, else the other one (its gate may have failed)
+    cuda_variant = bundle.fused_cuda is not None and (on_gpu or bundle.fused is None)
     try:
         data = bundle.fused_bytes(cuda=cuda_variant)
         lib = native.library(settings.ops_library or None)
@@ -298,6 +300,8 @@ def fused_session(
     cpu_only = sorted(set(ops) - cuda_ops)
     if on_gpu and cpu_only:  # the node would run on the CPU, between copies, uncapturable
         raise FusedError(f"{', '.join(cpu_only)} has no CUDA kernel: that graph is CPU-only")
+    if on_gpu and not ops:  # nothing says which ops it holds: it may hold CPU-only ones
+        raise FusedError("the manifest does not list the fused graph's custom ops")
     try:
         so.register_custom_ops_library(str(lib.path))
     except Exception as exc:  # ORT's own error types: not a loadable library

@@ -402,3 +402,79 @@ def test_service_serves_fused_graph_from_a_prebuilt_level_folder(
     model = load_model(settings_for(built, fused_ops="on", ops_library=str(broken)))
     assert model.graph == "standard"
     assert f"no usable custom-op library in {broken}: {best}: sha256" in model.graph_note
+
+
+class OnCuda:
+    """A real CPU session that says it runs on CUDA: the service's GPU branch of the
+    fused-graph choice, run on a machine without a GPU."""
+
+    def __init__(self, sess: ort.InferenceSession) -> None:
+        self.sess = sess
+
+    def get_providers(self) -> list[str]:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    def run(self, *args: object, **kw: object) -> object:
+        return self.sess.run(*args, **kw)  # type: ignore[arg-type]
+
+
+def edited_copy(built: Built, tmp: Path, edit: object) -> Built:
+    """A copy of the bundle with its manifest changed by ``edit(manifest)``."""
+    dst = tmp / "models"
+    shutil.copytree(built.models_dir, dst)
+    path = load_bundle(dst, built.config.name).path / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)  # type: ignore[operator]
+    path.write_text(json.dumps(manifest))
+    return Built(built.config, built.frame, dst, built.run_dir, built.version)
+
+
+def choose(built: Built, on_cuda: bool) -> tuple[list[str], bytes]:
+    """The fused graph the service picks for ``built`` (its custom ops and bytes)."""
+    from service.model import _session, fused_session, session_options
+
+    settings = settings_for(built, fused_ops="on", provider="cpu")
+    b = load_bundle(built.models_dir, built.config.name)
+    so = session_options(settings)
+    ref = _session(b, b.model_path.read_bytes(), so, ["CPUExecutionProvider"], False)
+    so = session_options(settings)
+    _, data, ops = fused_session(
+        settings, b, OnCuda(ref) if on_cuda else ref, so, ["CPUExecutionProvider"], False
+    )
+    return ops, data
+
+
+def test_cuda_gets_only_ops_with_a_cuda_kernel(
+    bundles: dict[str, Built], lib: native.OpsLibrary, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """On CUDA (faked: a library that says it has the CUDA kernel, a session that says it
+    runs there), DIEN gets model_fused_cuda.onnx (AUGRU only) and DIN, whose fused graph
+    holds the CPU-only attention op, is refused; the CPU gets model_fused.onnx."""
+    from service.model import FusedError
+
+    monkeypatch.setattr(native, "library", lambda path=None: native.OpsLibrary(lib.path, True))
+    dien = load_bundle(bundles["dien"].models_dir, "dien")
+    ops, data = choose(bundles["dien"], on_cuda=True)
+    assert ops == ["ctr_ops.AttentionalGRU"] and data == dien.fused_bytes(cuda=True)
+    ops, data = choose(bundles["dien"], on_cuda=False)
+    assert ops == ["ctr_ops.AttentionalGRU", "ctr_ops.DinAttention"]
+    assert data == dien.fused_bytes()
+    with pytest.raises(FusedError, match="ctr_ops.DinAttention has no CUDA kernel"):
+        choose(bundles["din"], on_cuda=True)
+    # a manifest that does not say which ops its fused graph holds: never on CUDA
+    unlisted = edited_copy(bundles["din"], tmp_path / "a", lambda m: m["fused"].pop("ops"))
+    with pytest.raises(FusedError, match="does not list the fused graph's custom ops"):
+        choose(unlisted, on_cuda=True)
+    assert choose(unlisted, on_cuda=False)[0] == []  # the CPU runs either op
+
+
+def test_a_bundle_with_only_the_cuda_variant_serves_it(
+    bundles: dict[str, Built], tmp_path: Path
+) -> None:
+    """model_fused.onnx failed its gate but model_fused_cuda.onnx passed: auto serves the
+    variant (its op has a CPU kernel too)."""
+    built = edited_copy(bundles["dien"], tmp_path, lambda m: m.update(fused=None))
+    model = load_model(settings_for(built, provider="cpu"))  # fused_ops=auto
+    assert model.graph == "fused", model.graph_note
+    assert model.graph_ops == ["ctr_ops.AttentionalGRU"]

@@ -141,6 +141,20 @@ def test_the_op_matches_the_unit_in_torch(
             np.testing.assert_allclose(weights[full].sum(axis=1), 1.0, atol=1e-5)
 
 
+def test_every_shipped_cpu_level_matches_torch(ops_levels: Path, tmp_path: Path) -> None:
+    """The op built for each x86-64 level this CPU runs (the runtime image ships them:
+    AVX-512, AVX2 and SSE vector widths, and each width's reciprocal estimate)."""
+    att = unit(16, [80, 40], "dice", True, seed=11)
+    for level in native.supported_levels():
+        lib = native.OpsLibrary(ops_levels / level / native.LIB_NAME, False, level)
+        sess = session(fused_session(att, 50, tmp_path, lib), lib)
+        f = feeds(2, 97, 50, 16, seed=12)
+        f["hist_len"][:] = (50, 37)  # full vectors and a tail, at every width
+        got = sess.run(["pooled", "weights"], f)
+        for g, w in zip(got, torch_unit(att, 50, f), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=2e-6, err_msg=level)
+
+
 def test_hist_len_outside_the_sequence_is_clamped(lib: native.OpsLibrary, tmp_path: Path) -> None:
     att = unit(8, [16, 8], "dice", True, seed=3)
     sess = session(fused_session(att, 6, tmp_path, lib), lib)

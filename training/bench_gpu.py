@@ -10,9 +10,11 @@ the graph, all loaded by :func:`service.model.load_model` from settings:
 * ``cuda+iobinding``: outputs allocated on the device, copied back once;
 * ``cuda+graphs``: CUDA graphs per (users, N) bucket;
 * ``cuda+graphs+fp16``: the same on the fp16 graph (kept only within 1e-3 of fp32);
-* ``cuda+graphs+fused`` and ``cuda+graphs+fused+fp16``: the bundle's fused graph, where
-  DIEN's AUGRU recurrence is one custom-op kernel (``native/``); for a model with
-  nothing to fuse they equal the unfused rows (the runner column says "standard").
+* ``cuda+graphs+fused`` and ``cuda+graphs+fused+fp16``: the bundle's fused graph for
+  CUDA, where DIEN's AUGRU recurrence is one custom-op kernel (``native/``;
+  ``model_fused_cuda.onnx``); DIN's fused graph holds only the attention op, which has no
+  CUDA kernel, so for DIN (or a model with nothing to fuse) they equal the unfused rows
+  (the runner column says "standard").
 
 It also reports each variant's max |p - p_cpu| on the same inputs, history fed once
 vs copied N times on the GPU, and micro-batching capacity: U requests of N=500 merged

@@ -266,7 +266,8 @@ class DINAttention(nn.Module):
             wq, wk, wd, wp = w[:, :d], w[:, d : 2 * d], w[:, 2 * d : 3 * d], w[:, 3 * d :]
             q_part = q @ (wq + wd).t() + self.first.bias  # [N, H]
             k_part = keys @ (wk - wd).t()  # [U, L, H], once per user
-            hist_len = mask.sum(-1)  # [U]: the mask is a prefix of each row
+            # [U]: every caller builds the mask with sequence_mask, a prefix of each row
+            hist_len = mask.sum(-1)
             out: tuple[Tensor, Tensor] = FusedDINAttention.apply(  # type: ignore[assignment]
                 q_part, k_part, q, keys, user_idx, hist_len, wp.t().contiguous(),
                 self.packed_params(), self.widths, native.DIN_ACTS[self.act],
