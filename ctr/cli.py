@@ -164,6 +164,18 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile_graph(args: argparse.Namespace) -> int:
+    from training.profile_graph import profile, render
+
+    res = profile(Path(args.models_dir), args.model, args.n, args.graph, args.threads, args.runs)
+    command = "ctr profile-graph " + " ".join(sys.argv[2:])
+    table = f"Command: `{command.strip()}`\n\n" + render(res, args.top)
+    print(table)
+    if args.out:
+        _write_report(Path(args.out), "profile_graph", res, table)
+    return 0
+
+
 def cmd_bench_path(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -348,6 +360,16 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--users", default="1,2,4,8,16", help="micro-batch sizes at N=500")
     bg.add_argument("--out", default="", help="folder for JSON and table")
     bg.set_defaults(func=cmd_bench_gpu)
+    pg = sub.add_parser("profile-graph", help="a bundle's graph node by node (ORT profiler)")
+    pg.add_argument("--models-dir", default="models", help="the model store")
+    pg.add_argument("--model", required=True, help="bundle name (its latest version)")
+    pg.add_argument("--n", type=int, default=500, help="candidates (one user, full history)")
+    pg.add_argument("--graph", choices=("standard", "fused"), default="standard")
+    pg.add_argument("--threads", type=int, default=2, help="ORT intra-op threads")
+    pg.add_argument("--runs", type=int, default=50)
+    pg.add_argument("--top", type=int, default=15, help="nodes in the table")
+    pg.add_argument("--out", default="", help="folder for JSON and table")
+    pg.set_defaults(func=cmd_profile_graph)
     bp = sub.add_parser("bench-path", help="in-process cost of the request path's Python")
     bp.add_argument("--model", default="din", help="din|dien, or a bundle name with --models-dir")
     bp.add_argument("--models-dir", default="", help="existing bundles (default: build one)")

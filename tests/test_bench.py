@@ -94,3 +94,27 @@ def test_client_gc_off_restores_the_collector() -> None:
         gc.enable()
     cpu = loop_cpu_s(os.getpid())
     assert cpu is None or cpu > 0
+
+
+def test_graph_profile_names_the_nodes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``ctr profile-graph``: per-node kernel times from ORT's profiler, highest first; the
+    fused graph shows the attention unit as one node, the standard graph its pieces."""
+    from ctr.cli import main
+    from training.bench_service import make_bundle
+    from training.profile_graph import profile
+
+    name = make_bundle("din", tmp_path, 20)[0].name
+    std = profile(tmp_path, name, 30, "standard", 1, 3)
+    fused = profile(tmp_path, name, 30, "fused", 1, 3)
+    for res in (std, fused):
+        us = [x["us"] for x in res["nodes"]]
+        assert us == sorted(us, reverse=True) and all(u >= 0 for u in us)
+        assert abs(res["total_us"] - sum(us)) < 1e-6
+    assert [x["op"] for x in fused["nodes"]].count("DinAttention") == 1
+    assert "DinAttention" not in {x["op"] for x in std["nodes"]}
+    assert len(fused["nodes"]) < len(std["nodes"])
+    args = ["--models-dir", str(tmp_path), "--model", name, "--n", "30", "--graph", "fused"]
+    rc = main(["profile-graph", *args, "--runs", "2", "--top", "3", "--out", str(tmp_path / "o")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "| /model/att.0/DinAttention | DinAttention |" in out
+    assert (tmp_path / "o" / "profile_graph.json").is_file()
