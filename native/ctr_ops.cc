@@ -363,12 +363,15 @@ OrtStatus* guarded(void* kernel, OrtKernelContext* ctx, const char* name) {
   }
 }
 
+// KernelCompute (v1) and KernelComputeV2 of an op computed by kCompute, named kName
+template <OrtStatus* (*kCompute)(void*, OrtKernelContext*), const char* const* kName>
 void ORT_API_CALL compute_v1(void* kernel, OrtKernelContext* ctx) {
-  OrtStatus* st = guarded<compute>(kernel, ctx, kOpName);
+  OrtStatus* st = guarded<kCompute>(kernel, ctx, *kName);
   if (st != nullptr) g_api->ReleaseStatus(st);  // not reached: ORT >= 1.16 calls v2
 }
+template <OrtStatus* (*kCompute)(void*, OrtKernelContext*), const char* const* kName>
 OrtStatus* ORT_API_CALL compute_v2(void* kernel, OrtKernelContext* ctx) {
-  return guarded<compute>(kernel, ctx, kOpName);
+  return guarded<kCompute>(kernel, ctx, *kName);
 }
 void ORT_API_CALL destroy(void* kernel) { delete static_cast<Kernel*>(kernel); }
 
@@ -398,7 +401,7 @@ OrtCustomOp make_op() {
   op.GetInputTypeCount = input_count;
   op.GetOutputType = output_type;
   op.GetOutputTypeCount = output_count;
-  op.KernelCompute = compute_v1;
+  op.KernelCompute = compute_v1<compute, &kOpName>;
   op.KernelDestroy = destroy;
   op.GetInputCharacteristic = required;
   op.GetOutputCharacteristic = required;
@@ -408,7 +411,7 @@ OrtCustomOp make_op() {
   op.GetVariadicOutputMinArity = one;
   op.GetVariadicOutputHomogeneity = one;
   op.CreateKernelV2 = create_kernel<kCuda>;
-  op.KernelComputeV2 = compute_v2;
+  op.KernelComputeV2 = compute_v2<compute, &kOpName>;
   op.InferOutputShapeFn = nullptr;
   op.GetStartVersion = since;
   op.GetEndVersion = until;
@@ -441,13 +444,6 @@ OrtStatus* ORT_API_CALL din_create(const OrtCustomOp*, const OrtApi*, const OrtK
   }
   return nullptr;
 }
-void ORT_API_CALL din_compute_v1(void* kernel, OrtKernelContext* ctx) {
-  OrtStatus* st = guarded<din_compute>(kernel, ctx, kDinOpName);
-  if (st != nullptr) g_api->ReleaseStatus(st);  // not reached: ORT >= 1.16 calls v2
-}
-OrtStatus* ORT_API_CALL din_compute_v2(void* kernel, OrtKernelContext* ctx) {
-  return guarded<din_compute>(kernel, ctx, kDinOpName);
-}
 void ORT_API_CALL din_destroy(void* kernel) { delete static_cast<DinKernel*>(kernel); }
 
 OrtCustomOp make_din_op() {
@@ -457,10 +453,10 @@ OrtCustomOp make_din_op() {
   op.GetInputType = din_input_type;
   op.GetInputTypeCount = din_input_count;
   op.GetOutputTypeCount = din_output_count;
-  op.KernelCompute = din_compute_v1;
+  op.KernelCompute = compute_v1<din_compute, &kDinOpName>;
   op.KernelDestroy = din_destroy;
   op.CreateKernelV2 = din_create;
-  op.KernelComputeV2 = din_compute_v2;
+  op.KernelComputeV2 = compute_v2<din_compute, &kDinOpName>;
   return op;
 }
 

@@ -117,6 +117,20 @@ def trained(
 
 
 @pytest.fixture(scope="session")
+def lib() -> Any:
+    """The custom-op library built from ``native/`` for this machine (``ctr.native``);
+    skips where no C++ compiler can build it."""
+    from ctr import native
+
+    try:
+        return native.library()
+    except native.NativeError as exc:
+        if "no C++ compiler" in str(exc):
+            pytest.skip(str(exc))
+        raise
+
+
+@pytest.fixture(scope="session")
 def ops_levels(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A prebuilt custom-op folder (``ctr build-ops --arch ... --out DIR``) with every
     level this CPU can run (x86-64-v4/v3/v2 as supported, and generic), built once per

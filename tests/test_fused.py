@@ -26,16 +26,6 @@ from tests.helpers import REDIS_URL, Built, build_bundle, fresh_redis, settings_
 
 
 @pytest.fixture(scope="module")
-def lib() -> native.OpsLibrary:
-    try:
-        return native.library()
-    except native.NativeError as exc:
-        if "no C++ compiler" in str(exc):
-            pytest.skip(str(exc))
-        raise
-
-
-@pytest.fixture(scope="module")
 def bundles(tmp_path_factory: pytest.TempPathFactory, lib: native.OpsLibrary) -> dict[str, Built]:
     tmp = tmp_path_factory.mktemp("fused")
     return {mt: build_bundle(tmp / mt, mt) for mt in ("din", "dien", "deepfm")}

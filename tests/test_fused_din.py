@@ -19,16 +19,6 @@ from training.export import CUSTOM_OPSETS
 from training.modules import DINAttention, din_unit, sequence_mask
 
 
-@pytest.fixture(scope="module")
-def lib() -> native.OpsLibrary:
-    try:
-        return native.library()
-    except native.NativeError as exc:
-        if "no C++ compiler" in str(exc):
-            pytest.skip(str(exc))
-        raise
-
-
 class Unit(nn.Module):
     """The unit as a graph: ``hist_len [U]`` in, the mask built inside as DIN does."""
 
