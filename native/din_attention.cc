@@ -1,6 +1,6 @@
-// CPU kernel of the fused DIN activation unit (din_attention.h). One candidate at a time,
-// kLanes history steps per vector: every layer of the unit runs on registers and a few
-// KB of stack, so nothing of size N x L x H ever reaches memory.
+// CPU kernel of the fused DIN activation unit (din_attention.h). A chunk of candidates at
+// a time, kLanes history steps of one candidate per vector: every layer of the unit runs on
+// registers and a few KB of stack, so nothing of size N x L x H ever reaches memory.
 #include "din_attention.h"
 
 #include <algorithm>
@@ -123,12 +123,12 @@ void din_prepare(const DinShape& s, const float* k_part, const float* keys, floa
 
 namespace {
 
-// The first layer and its activation for steps t0 .. t0 + kLanes - 1 of one candidate, into
-// a[0 .. H1). qp: the candidate's first-layer part [H1]; qw: its q * w_p products [D, H1];
-// kpt / kt: its user's transposed history parts (rows of lp floats). Returns the params
-// left after the first layer's activation.
-const float* first_layer(const DinShape& s, const float* qp, const float* qw, const float* kpt,
-                         const float* kt, int64_t lp, int64_t t0, const float* params, vf* a) {
+// The first layer and its activation (params: its act params first) for steps
+// t0 .. t0 + kLanes - 1 of one candidate, into a[0 .. H1). qp: the candidate's first-layer
+// part [H1]; qw: its q * w_p products [D, H1]; kpt / kt: its user's transposed history parts
+// (rows of lp floats).
+void first_layer(const DinShape& s, const float* qp, const float* qw, const float* kpt,
+                 const float* kt, int64_t lp, int64_t t0, const float* params, vf* a) {
   const int64_t d = s.dim, h1 = s.widths[0];
   int64_t j = 0;
   for (; j + kGroup <= h1; j += kGroup) {
@@ -148,7 +148,6 @@ const float* first_layer(const DinShape& s, const float* qp, const float* qw, co
   }
   const float* p = params;
   activate(a, h1, s.act, p);
-  return p;
 }
 
 // Layers 2 .. k and the score, from the first layer's output a[0 .. H1) (overwritten; b is
@@ -232,7 +231,7 @@ void din_chunk(const DinShape& s, const float* q_part, const float* q, const flo
   thread_local Pending pend;
   pend.count = 0;
   vf a[kDinMaxWidth], b[kDinMaxWidth];
-  const float* upper = params;  // the params after the first layer's activation
+  const float* upper = params + act_params(s.act, h1);  // layers 2 .. k and the score
   for (int64_t row = row0; row < row1; ++row) {
     const int64_t u = user_idx[row];
     const int64_t len = std::clamp<int64_t>(hist_len[u], 0, steps);
@@ -247,7 +246,7 @@ void din_chunk(const DinShape& s, const float* q_part, const float* q, const flo
       for (int64_t j = 0; j < h1; ++j) qw[c * h1 + j] = qr[c] * w_p[c * h1 + j];
     const float* qp = q_part + row * h1;
     for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
-      upper = first_layer(s, qp, qw.data(), kpt, kt, lp, t0, params, a);
+      first_layer(s, qp, qw.data(), kpt, kt, lp, t0, params, a);
       const int64_t lanes = std::min<int64_t>(kLanes, len - t0);
       if (2 * lanes > kLanes) {  // at least half full: run it as it is
         const vf score = upper_layers(s, upper, a, b);

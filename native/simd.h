@@ -4,16 +4,12 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__SSE__)
-#include <immintrin.h>
-#endif
-
 namespace ctr_ops {
 namespace {
 
-// Blocks of kLanes candidates run together, one vector lane each (GCC/Clang vector
-// extensions), kLanes being the target's vector width in floats: a wider type than the
-// registers spills and ran 2-16x slower. Nothing here needs libm: exp is inline.
+// kLanes is the target's vector width in floats (one lane per candidate in the AUGRU
+// kernel, per history step in the DIN one): a wider type than the registers spills and
+// ran 2-16x slower. Nothing here needs libm: exp is inline.
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;
 #elif defined(__AVX__)
@@ -47,28 +43,9 @@ inline vf vexp(vf x) {
   return p * scale;
 }
 
-// 1 / x for x >= 1 (the only use). On x86, the hardware's reciprocal estimate (2^-14
-// relative error with AVX-512, 2^-12 with SSE/AVX) and one Newton step, about 2^-22: a
-// division costs several times more, and the kernels take one or two per element.
-// Elsewhere, a division.
-inline vf vrecip(vf x) {
-#if defined(__AVX512F__)
-  const vf r = (vf)_mm512_maskz_rcp14_ps(static_cast<__mmask16>(0xFFFF), (__m512)x);
-#elif defined(__AVX__)
-  const vf r = (vf)_mm256_rcp_ps((__m256)x);
-#elif defined(__SSE__)
-  const vf r = (vf)_mm_rcp_ps((__m128)x);
-#endif
-#if defined(__SSE__)
-  return r * (2.0f - x * r);
-#else
-  return 1.0f / x;
-#endif
-}
+inline vf vsigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
 
-inline vf vsigmoid(vf x) { return vrecip(1.0f + vexp(-x)); }
-
-inline vf vtanh(vf x) { return 1.0f - 2.0f * vrecip(vexp(2.0f * x) + 1.0f); }  // abs. error ~1e-7
+inline vf vtanh(vf x) { return 1.0f - 2.0f / (vexp(2.0f * x) + 1.0f); }  // abs. error ~1e-7
 
 inline vf load(const float* p) {  // unaligned
   vf v;
