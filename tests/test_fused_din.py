@@ -160,14 +160,11 @@ def test_packed_params_are_what_the_reference_reads() -> None:
     """din_unit (the op's torch twin, from the packed inputs) equals the module."""
     att = unit(6, [10, 4], "dice", False, seed=5)
     f = {k: torch.from_numpy(v) for k, v in feeds(2, 9, 7, 6, seed=6).items()}
-    w = att.first.weight
-    d = att.dim
-    wq, wk, wd, wp = w[:, :d], w[:, d : 2 * d], w[:, 2 * d : 3 * d], w[:, 3 * d :]
     with torch.no_grad():
+        q_part, k_part, wp = att.split_first(f["q"], f["keys"])
         got = din_unit(
-            f["q"] @ (wq + wd).t() + att.first.bias, f["keys"] @ (wk - wd).t(), f["q"],
-            f["keys"], f["user_idx"], f["hist_len"], wp.t(), att.packed_params(), att.widths,
-            native.DIN_ACTS["dice"], 0,
+            q_part, k_part, f["q"], f["keys"], f["user_idx"], f["hist_len"], wp.t(),
+            att.packed_params(), att.widths, native.DIN_ACTS["dice"], 0,
         )  # fmt: skip
         want = att(f["q"], f["keys"], f["user_idx"], sequence_mask(f["hist_len"], 7))
     for g, wt in zip(got, want, strict=True):

@@ -210,8 +210,7 @@ class DINAttention(nn.Module):
     ``W[q,k,q-k,q*k] = (Wq+Wd) q + (Wk-Wd) k + Wp (q*k)``: the q part runs once per
     candidate and the k part once per user history, never per (candidate, step).
     With ``fused`` set (export only), the per-(candidate, step) part, the masking and
-    the pooling become one :class:`FusedDINAttention` node (``fusable=False`` keeps a
-    unit out of that).
+    the pooling become one :class:`FusedDINAttention` node.
 
     Inputs: ``q [N, D]``, ``keys [U, L, D]``, ``user_idx [N]``, ``mask [U, L]``.
     Returns ``pooled [N, D]`` and ``weights [N, L]`` (0 at padded positions).
@@ -219,9 +218,7 @@ class DINAttention(nn.Module):
 
     op = native.DIN_OP  # the custom op it exports as, when fused
 
-    def __init__(
-        self, dim: int, hidden: list[int], act: str, softmax: bool, fusable: bool = True
-    ) -> None:
+    def __init__(self, dim: int, hidden: list[int], act: str, softmax: bool) -> None:
         super().__init__()
         self.dim = dim
         self.act = act
@@ -232,14 +229,12 @@ class DINAttention(nn.Module):
         self.softmax = softmax
         self.split_first_layer = True
         self.widths = tuple(hidden)
-        self.fusable = fusable
         self.fused = False
 
     @property
     def can_fuse(self) -> bool:
         return (
-            self.fusable
-            and self.split_first_layer
+            self.split_first_layer
             and self.act in native.DIN_ACTS
             and 1 <= len(self.widths) <= native.DIN_MAX_LAYERS
             and max(self.widths) <= native.DIN_MAX_WIDTH
@@ -257,15 +252,19 @@ class DINAttention(nn.Module):
         parts += [self.out.weight.flatten(), self.out.bias]
         return torch.cat([t.flatten() for t in parts])
 
+    def split_first(self, q: Tensor, keys: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The first layer's candidate part ``q_part [N, H]`` (bias included), its history
+        part ``k_part [U, L, H]`` and the weights of its ``q*k`` term ``wp [H, D]``."""
+        d = self.dim
+        w = self.first.weight  # [H, 4D]
+        wq, wk, wd, wp = w[:, :d], w[:, d : 2 * d], w[:, 2 * d : 3 * d], w[:, 3 * d :]
+        return q @ (wq + wd).t() + self.first.bias, keys @ (wk - wd).t(), wp
+
     def forward(
         self, q: Tensor, keys: Tensor, user_idx: Tensor, mask: Tensor
     ) -> tuple[Tensor, Tensor]:
-        d = self.dim
         if self.fused and self.can_fuse:
-            w = self.first.weight  # [H, 4D]
-            wq, wk, wd, wp = w[:, :d], w[:, d : 2 * d], w[:, 2 * d : 3 * d], w[:, 3 * d :]
-            q_part = q @ (wq + wd).t() + self.first.bias  # [N, H]
-            k_part = keys @ (wk - wd).t()  # [U, L, H], once per user
+            q_part, k_part, wp = self.split_first(q, keys)
             # [U]: every caller builds the mask with sequence_mask, a prefix of each row
             hist_len = mask.sum(-1)
             out: tuple[Tensor, Tensor] = FusedDINAttention.apply(  # type: ignore[assignment]
@@ -276,10 +275,7 @@ class DINAttention(nn.Module):
             return out
         k = keys.index_select(0, user_idx)  # [N, L, D], gathered inside the graph
         if self.split_first_layer:
-            w = self.first.weight  # [H, 4D]
-            wq, wk, wd, wp = w[:, :d], w[:, d : 2 * d], w[:, 2 * d : 3 * d], w[:, 3 * d :]
-            q_part = q @ (wq + wd).t() + self.first.bias  # [N, H]
-            k_part = keys @ (wk - wd).t()  # [U, L, H], once per user
+            q_part, k_part, wp = self.split_first(q, keys)  # k_part: once per user
             h = q_part.unsqueeze(1) + k_part.index_select(0, user_idx)
             h = h + (q.unsqueeze(1) * k) @ wp.t()  # [N, L, H]
         else:
