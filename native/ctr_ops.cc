@@ -117,9 +117,10 @@ struct Tensor {
   std::vector<int64_t> shape;
 };
 
-OrtStatus* error(const std::string& msg) {
-  return g_api->CreateStatus(ORT_INVALID_ARGUMENT, (std::string(kOpName) + ": " + msg).c_str());
+OrtStatus* op_error(const char* op, const std::string& msg) {
+  return g_api->CreateStatus(ORT_INVALID_ARGUMENT, (std::string(op) + ": " + msg).c_str());
 }
+OrtStatus* error(const std::string& msg) { return op_error(kOpName, msg); }
 
 #define CTR_TRY(expr)                      \
   do {                                     \
@@ -146,7 +147,7 @@ OrtStatus* input(OrtKernelContext* ctx, size_t i, Tensor* t) {
   return nullptr;
 }
 
-OrtStatus* compute(void* op_kernel, OrtKernelContext* ctx) {
+OrtStatus* gru_compute(void* op_kernel, OrtKernelContext* ctx) {
   const bool on_cuda = static_cast<Kernel*>(op_kernel)->cuda;
   Tensor x, att, idx, w, b;
   CTR_TRY(input(ctx, 0, &x));
@@ -213,9 +214,7 @@ struct DinKernel {
   std::string error;  // a bad attribute, reported at the first run
 };
 
-OrtStatus* din_error(const std::string& msg) {
-  return g_api->CreateStatus(ORT_INVALID_ARGUMENT, (std::string(kDinOpName) + ": " + msg).c_str());
-}
+OrtStatus* din_error(const std::string& msg) { return op_error(kDinOpName, msg); }
 
 DinKernel* din_kernel(const OrtKernelInfo* info) {
   auto* k = new DinKernel();
@@ -320,60 +319,98 @@ OrtStatus* din_compute(void* op_kernel, OrtKernelContext* ctx) {
                      : nullptr;
 }
 
-// ---- the OrtCustomOp callbacks (same for both providers but the provider name) ----
+// ---- the ops as ORT sees them: a description per op, one set of callbacks for all ----
 
-template <bool kCuda>
+template <bool kCudaKernel>
+struct GruOp {  // AttentionalGRU, for the CPU or for CUDA
+  static constexpr const char* kName = kOpName;
+  static constexpr bool kCuda = kCudaKernel;
+  static constexpr size_t kInputCount = kInputs, kOutputCount = 1;
+  static bool int64_input(size_t i) { return i == 2; }
+  static void* create(const OrtKernelInfo*) { return new Kernel{kCuda}; }
+  static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
+    return gru_compute(kernel, ctx);
+  }
+  static void destroy(void* kernel) { delete static_cast<Kernel*>(kernel); }
+};
+
+struct DinOp {  // DinAttention, CPU only
+  static constexpr const char* kName = kDinOpName;
+  static constexpr bool kCuda = false;
+  static constexpr size_t kInputCount = kDinInputs, kOutputCount = 2;
+  static bool int64_input(size_t i) { return i == 4 || i == 5; }
+  static void* create(const OrtKernelInfo* info) { return din_kernel(info); }
+  static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
+    return din_compute(kernel, ctx);
+  }
+  static void destroy(void* kernel) { delete static_cast<DinKernel*>(kernel); }
+};
+
+template <class Op>
+const char* ORT_API_CALL op_name(const OrtCustomOp*) {
+  return Op::kName;
+}
+template <class Op>
 const char* ORT_API_CALL provider(const OrtCustomOp*) {
-  return kCuda ? "CUDAExecutionProvider" : "CPUExecutionProvider";
+  return Op::kCuda ? "CUDAExecutionProvider" : "CPUExecutionProvider";
 }
-
-template <bool kCuda>
-OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*,
-                                      void** kernel) {
-  *kernel = new Kernel{kCuda};
-  return nullptr;
-}
-
-template <bool kCuda>
-void* ORT_API_CALL create_kernel_v1(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*) {
-  return new Kernel{kCuda};
-}
-
-const char* ORT_API_CALL op_name(const OrtCustomOp*) { return kOpName; }
-
+template <class Op>
 ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp*, size_t i) {
-  return i == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  return Op::int64_input(i) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64
+                            : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
-size_t ORT_API_CALL input_count(const OrtCustomOp*) { return kInputs; }
+template <class Op>
+size_t ORT_API_CALL input_count(const OrtCustomOp*) {
+  return Op::kInputCount;
+}
 ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp*, size_t) {
   return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
-size_t ORT_API_CALL output_count(const OrtCustomOp*) { return 1; }
+template <class Op>
+size_t ORT_API_CALL output_count(const OrtCustomOp*) {
+  return Op::kOutputCount;
+}
 
 // No C++ exception may cross into ORT (a C API; the library's libstdc++ is static): a
-// failed allocation becomes an error status for this run.
-template <OrtStatus* (*kCompute)(void*, OrtKernelContext*)>
-OrtStatus* guarded(void* kernel, OrtKernelContext* ctx, const char* name) {
+// failed allocation becomes an error status for this kernel or this run.
+template <class Op>
+OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*,
+                                      const OrtKernelInfo* info, void** kernel) {
   try {
-    return kCompute(kernel, ctx);
-  } catch (const std::exception& e) {
-    return g_api->CreateStatus(ORT_FAIL, (std::string(name) + ": " + e.what()).c_str());
+    *kernel = Op::create(info);
+    return nullptr;
   } catch (...) {
-    return g_api->CreateStatus(ORT_FAIL, name);
+    return g_api->CreateStatus(ORT_FAIL, (std::string(Op::kName) + ": no kernel").c_str());
   }
 }
-
-// KernelCompute (v1) and KernelComputeV2 of an op computed by kCompute, named kName
-template <OrtStatus* (*kCompute)(void*, OrtKernelContext*), const char* const* kName>
+template <class Op>
+void* ORT_API_CALL create_kernel_v1(const OrtCustomOp*, const OrtApi*,
+                                    const OrtKernelInfo* info) {
+  try {
+    return Op::create(info);
+  } catch (...) {
+    return nullptr;
+  }
+}
+template <class Op>
+OrtStatus* ORT_API_CALL compute_v2(void* kernel, OrtKernelContext* ctx) {
+  try {
+    return Op::compute(kernel, ctx);
+  } catch (const std::exception& e) {
+    return g_api->CreateStatus(ORT_FAIL, (std::string(Op::kName) + ": " + e.what()).c_str());
+  } catch (...) {
+    return g_api->CreateStatus(ORT_FAIL, Op::kName);
+  }
+}
+template <class Op>
 void ORT_API_CALL compute_v1(void* kernel, OrtKernelContext* ctx) {
-  OrtStatus* st = guarded<kCompute>(kernel, ctx, *kName);
+  OrtStatus* st = compute_v2<Op>(kernel, ctx);
   if (st != nullptr) g_api->ReleaseStatus(st);  // not reached: ORT >= 1.16 calls v2
 }
-template <OrtStatus* (*kCompute)(void*, OrtKernelContext*), const char* const* kName>
-OrtStatus* ORT_API_CALL compute_v2(void* kernel, OrtKernelContext* ctx) {
-  return guarded<kCompute>(kernel, ctx, *kName);
+template <class Op>
+void ORT_API_CALL destroy(void* kernel) {
+  Op::destroy(kernel);
 }
-void ORT_API_CALL destroy(void* kernel) { delete static_cast<Kernel*>(kernel); }
 
 OrtCustomOpInputOutputCharacteristic ORT_API_CALL required(const OrtCustomOp*, size_t) {
   return INPUT_OUTPUT_REQUIRED;
@@ -389,20 +426,20 @@ size_t ORT_API_CALL no_pairs(int** in, int** out) {
 }
 void ORT_API_CALL release_pairs(int*, int*) {}
 
-template <bool kCuda>
+template <class Op>
 OrtCustomOp make_op() {
   OrtCustomOp op;
   std::memset(&op, 0, sizeof(op));
   op.version = ORT_API_VERSION;
-  op.CreateKernel = create_kernel_v1<kCuda>;
-  op.GetName = op_name;
-  op.GetExecutionProviderType = provider<kCuda>;
-  op.GetInputType = input_type;
-  op.GetInputTypeCount = input_count;
+  op.CreateKernel = create_kernel_v1<Op>;
+  op.GetName = op_name<Op>;
+  op.GetExecutionProviderType = provider<Op>;
+  op.GetInputType = input_type<Op>;
+  op.GetInputTypeCount = input_count<Op>;
   op.GetOutputType = output_type;
-  op.GetOutputTypeCount = output_count;
-  op.KernelCompute = compute_v1<compute, &kOpName>;
-  op.KernelDestroy = destroy;
+  op.GetOutputTypeCount = output_count<Op>;
+  op.KernelCompute = compute_v1<Op>;
+  op.KernelDestroy = destroy<Op>;
   op.GetInputCharacteristic = required;
   op.GetOutputCharacteristic = required;
   op.GetInputMemoryType = mem_default;
@@ -410,8 +447,8 @@ OrtCustomOp make_op() {
   op.GetVariadicInputHomogeneity = one;
   op.GetVariadicOutputMinArity = one;
   op.GetVariadicOutputHomogeneity = one;
-  op.CreateKernelV2 = create_kernel<kCuda>;
-  op.KernelComputeV2 = compute_v2<compute, &kOpName>;
+  op.CreateKernelV2 = create_kernel<Op>;
+  op.KernelComputeV2 = compute_v2<Op>;
   op.InferOutputShapeFn = nullptr;
   op.GetStartVersion = since;
   op.GetEndVersion = until;
@@ -422,47 +459,10 @@ OrtCustomOp make_op() {
   return op;
 }
 
-OrtCustomOp g_cpu_op = make_op<false>();
-
-// DinAttention: the same callbacks where they agree, its own where they differ
-const char* ORT_API_CALL din_name(const OrtCustomOp*) { return kDinOpName; }
-ONNXTensorElementDataType ORT_API_CALL din_input_type(const OrtCustomOp*, size_t i) {
-  return i == 4 || i == 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64
-                          : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-}
-size_t ORT_API_CALL din_input_count(const OrtCustomOp*) { return kDinInputs; }
-size_t ORT_API_CALL din_output_count(const OrtCustomOp*) { return 2; }
-void* ORT_API_CALL din_create_v1(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info) {
-  return din_kernel(info);
-}
-OrtStatus* ORT_API_CALL din_create(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info,
-                                   void** kernel) {
-  try {
-    *kernel = din_kernel(info);
-  } catch (...) {
-    return g_api->CreateStatus(ORT_FAIL, "DinAttention: kernel creation failed");
-  }
-  return nullptr;
-}
-void ORT_API_CALL din_destroy(void* kernel) { delete static_cast<DinKernel*>(kernel); }
-
-OrtCustomOp make_din_op() {
-  OrtCustomOp op = make_op<false>();
-  op.CreateKernel = din_create_v1;
-  op.GetName = din_name;
-  op.GetInputType = din_input_type;
-  op.GetInputTypeCount = din_input_count;
-  op.GetOutputTypeCount = din_output_count;
-  op.KernelCompute = compute_v1<din_compute, &kDinOpName>;
-  op.KernelDestroy = din_destroy;
-  op.CreateKernelV2 = din_create;
-  op.KernelComputeV2 = compute_v2<din_compute, &kDinOpName>;
-  return op;
-}
-
-OrtCustomOp g_din_op = make_din_op();
+OrtCustomOp g_cpu_op = make_op<GruOp<false>>();
+OrtCustomOp g_din_op = make_op<DinOp>();
 #ifdef CTR_OPS_CUDA
-OrtCustomOp g_cuda_op = make_op<true>();
+OrtCustomOp g_cuda_op = make_op<GruOp<true>>();
 #endif
 
 }  // namespace
