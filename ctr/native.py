@@ -250,9 +250,9 @@ def build(
         assert nvcc is not None
         # native: this machine's GPU (the library is built where it runs, at first use);
         # -arch=all-major for an image built without a GPU (minutes, not seconds)
-        arch = os.environ.get("CTR_OPS_CUDA_ARCH", "-arch=native").split()
+        cuda_arch = os.environ.get("CTR_OPS_CUDA_ARCH", "-arch=native").split()
         commands.append(
-            [nvcc, "-O3", "-std=c++17", "-Xcompiler", "-fPIC,-fvisibility=hidden", *arch,
+            [nvcc, "-O3", "-std=c++17", "-Xcompiler", "-fPIC,-fvisibility=hidden", *cuda_arch,
              *defs, *inc, "-c", str(SOURCE_DIR / "augru_cuda.cu"), "-o", "augru_cuda.o"]
         )  # fmt: skip
         objs.append("augru_cuda.o")

@@ -180,3 +180,15 @@ def test_a_level_the_compiler_rejects_fails_with_its_words(
     err = capsys.readouterr().err
     assert f"{wrapper} rejects -march=x86-64-v4: cc1plus: error: bad value" in err
     assert not (tmp_path / "cache").exists()  # refused before any build step
+
+
+@pytest.mark.skipif(native.find_nvcc() is None, reason="no nvcc to compile the CUDA kernel")
+def test_the_cuda_build_compiles_and_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a GPU machine builds at first use: the CPU kernels plus the AUGRU's CUDA kernel
+    (for a fixed architecture here: no GPU is needed to compile or to load it). The CUDA
+    architecture flags once overwrote the CPU level's name and the build raised."""
+    monkeypatch.setenv("CTR_OPS_CACHE", str(tmp_path))
+    monkeypatch.setenv("CTR_OPS_CUDA_ARCH", "-arch=sm_90")
+    lib = native.build(cuda=True)
+    assert lib.cuda and lib.path.is_file()
+    assert native.describe(lib.path) == lib  # self-tested in a child: it loads
