@@ -290,17 +290,23 @@ def test_fused_with_fp16_keeps_the_op_in_fp32(bundles: dict[str, Built], mt: str
     assert 0 < diff.max() <= 1e-3
 
 
-def corrupt_copy(built: Built, tmp: Path, mutate: str) -> Built:
+def bundle_copy(built: Built, tmp: Path) -> tuple[Built, Path]:
+    """A copy of the model store, and the copied bundle's folder."""
     dst = tmp / "models"
     shutil.copytree(built.models_dir, dst)
-    path = load_bundle(dst, built.config.name).path
+    copy = Built(built.config, built.frame, dst, built.run_dir, built.version)
+    return copy, load_bundle(dst, built.config.name).path
+
+
+def corrupt_copy(built: Built, tmp: Path, mutate: str) -> Built:
+    copy, path = bundle_copy(built, tmp)
     if mutate == "bytes":
         with (path / FUSED_FILE).open("r+b") as f:
             f.seek(100)
             f.write(b"\x00\x01\x02")
     elif mutate == "missing":
         (path / FUSED_FILE).unlink()
-    return Built(built.config, built.frame, dst, built.run_dir, built.version)
+    return copy
 
 
 @pytest.mark.parametrize("mutate", ["bytes", "missing"])
@@ -410,13 +416,12 @@ class OnCuda:
 
 def edited_copy(built: Built, tmp: Path, edit: object) -> Built:
     """A copy of the bundle with its manifest changed by ``edit(manifest)``."""
-    dst = tmp / "models"
-    shutil.copytree(built.models_dir, dst)
-    path = load_bundle(dst, built.config.name).path / "manifest.json"
+    copy, folder = bundle_copy(built, tmp)
+    path = folder / "manifest.json"
     manifest = json.loads(path.read_text())
     edit(manifest)  # type: ignore[operator]
     path.write_text(json.dumps(manifest))
-    return Built(built.config, built.frame, dst, built.run_dir, built.version)
+    return copy
 
 
 def choose(built: Built, on_cuda: bool) -> tuple[list[str], bytes]:
