@@ -27,6 +27,32 @@ namespace ctr_ops {
 
 namespace {
 
+// Rows of the recurrent product computed together: one load of h[k] feeds kGruGroup
+// independent FMA chains (one chain per row waited on the FMA latency: 2x slower)
+constexpr int64_t kGruGroup = 8;
+
+// acc[j] = b[j] + sum_k w[j, k] h[k] for j < rows
+inline void recurrent(const float* w, const float* b, const vf* h, int64_t rows, int64_t hd,
+                      vf* acc) {
+  int64_t j = 0;
+  for (; j + kGruGroup <= rows; j += kGruGroup) {
+    vf sum[kGruGroup];
+    for (int64_t g = 0; g < kGruGroup; ++g) sum[g] = splat(b[j + g]);
+    const float* wj = w + j * hd;
+    for (int64_t k = 0; k < hd; ++k) {
+      const vf hk = h[k];
+      for (int64_t g = 0; g < kGruGroup; ++g) sum[g] += wj[g * hd + k] * hk;
+    }
+    for (int64_t g = 0; g < kGruGroup; ++g) acc[j + g] = sum[g];
+  }
+  for (; j < rows; ++j) {
+    vf sum = splat(b[j]);
+    const float* wj = w + j * hd;
+    for (int64_t k = 0; k < hd; ++k) sum += wj[k] * h[k];
+    acc[j] = sum;
+  }
+}
+
 // One block of up to kLanes candidates (rows row0 ...), all L steps; unused lanes repeat
 // the block's last candidate and are not written.
 void augru_block(const float* x_proj, const float* att, const int64_t* user_idx,
@@ -37,11 +63,14 @@ void augru_block(const float* x_proj, const float* att, const int64_t* user_idx,
   for (int64_t j = 0; j < hd; ++j) h[j] = splat(0.0f);
   const float* xu[kLanes];
   const float* ar[kLanes];
+  bool one_user = true;  // the usual call (one request's candidates): x is a broadcast
   for (int l = 0; l < kLanes; ++l) {
     const int64_t row = row0 + std::min(l, lanes - 1);
     xu[l] = x_proj + user_idx[row] * steps * g3;
     ar[l] = att + row * steps;
+    one_user &= xu[l] == xu[0];
   }
+  vf x[3 * kMaxHidden];
   for (int64_t t = 0; t < steps; ++t) {
     vf a;
     bool any = false;
@@ -50,21 +79,18 @@ void augru_block(const float* x_proj, const float* att, const int64_t* user_idx,
       any |= a[l] != 0.0f;
     }
     if (!any) continue;  // a == 0 leaves h as it is, exactly
-    for (int64_t j = 0; j < g3; ++j) {  // b + W h, rows r, u (sign-flipped) and the candidate
-      vf sum = splat(b_hh[j]);
-      const float* wj = w_hh + j * hd;
-      for (int64_t k = 0; k < hd; ++k) sum += wj[k] * h[k];
-      acc[j] = sum;
+    // this step's input projections, per lane: rows r, u (sign-flipped), candidate
+    if (one_user) {
+      const float* xt = xu[0] + t * g3;
+      for (int64_t j = 0; j < g3; ++j) x[j] = splat(xt[j]);
+    } else {
+      for (int64_t j = 0; j < g3; ++j)
+        for (int l = 0; l < kLanes; ++l) x[j][l] = xu[l][t * g3 + j];
     }
-    for (int64_t j = 0; j < 2 * hd; ++j) {
-      vf x;
-      for (int l = 0; l < kLanes; ++l) x[l] = xu[l][t * g3 + j];
-      s[j] = vsigmoid(x + acc[j]);
-    }
+    recurrent(w_hh, b_hh, h, g3, hd, acc);  // b + W h
+    for (int64_t j = 0; j < 2 * hd; ++j) s[j] = vsigmoid(x[j] + acc[j]);
     for (int64_t j = 0; j < hd; ++j) {
-      vf x;
-      for (int l = 0; l < kLanes; ++l) x[l] = xu[l][t * g3 + 2 * hd + j];
-      const vf c = vtanh(x + s[j] * acc[2 * hd + j]);
+      const vf c = vtanh(x[2 * hd + j] + s[j] * acc[2 * hd + j]);
       // lanes with a == 0 keep h exactly, whatever this step's inputs hold (NaN included)
       h[j] = a != splat(0.0f) ? h[j] + (a * s[hd + j]) * (c - h[j]) : h[j];
     }
