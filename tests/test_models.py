@@ -449,3 +449,26 @@ def test_mba_l2_trains_and_shrinks_embeddings(
         _, _, model, _ = load_run(tmp_path / str(weight))
         norms[weight] = model.emb.tables["item_id"].weight[2:].norm().item()
     assert norms[1.0] < 0.9 * norms[0.0]
+
+
+def test_dice_in_eval_is_the_paper_formula_on_running_statistics() -> None:
+    """Dice's eval form (folded into 6 element-wise ops for export) equals
+    ``p*x + (1-p)*alpha*x`` with ``p = sigmoid(BN(x))`` from torch's own BatchNorm in eval
+    mode, for leading shapes [B, H] and [B, L, H]."""
+    from training.modules import Dice
+
+    torch.manual_seed(3)
+    dice = Dice(24)
+    with torch.no_grad():
+        dice.alpha.uniform_(-0.5, 0.8)
+    dice.train()
+    for _ in range(5):  # move the running statistics away from (0, 1)
+        dice(torch.randn(64, 24) * 2.0 + 0.7)
+    dice.eval()
+    for shape in ((33, 24), (7, 50, 24)):
+        x = torch.randn(*shape) * 3.0
+        p = torch.sigmoid(dice.bn(x.reshape(-1, 24)).reshape(shape))
+        want = p * x + (1.0 - p) * dice.alpha * x
+        got = dice(x)
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
+        assert not torch.allclose(got, torch.sigmoid(x) * x, atol=1e-3)  # not a plain swish
