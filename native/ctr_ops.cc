@@ -27,32 +27,6 @@ namespace ctr_ops {
 
 namespace {
 
-// Rows of the recurrent product computed together: one load of h[k] feeds kGruGroup
-// independent FMA chains (one chain per row waited on the FMA latency: 2x slower)
-constexpr int64_t kGruGroup = 8;
-
-// acc[j] = b[j] + sum_k w[j, k] h[k] for j < rows
-inline void recurrent(const float* w, const float* b, const vf* h, int64_t rows, int64_t hd,
-                      vf* acc) {
-  int64_t j = 0;
-  for (; j + kGruGroup <= rows; j += kGruGroup) {
-    vf sum[kGruGroup];
-    for (int64_t g = 0; g < kGruGroup; ++g) sum[g] = splat(b[j + g]);
-    const float* wj = w + j * hd;
-    for (int64_t k = 0; k < hd; ++k) {
-      const vf hk = h[k];
-      for (int64_t g = 0; g < kGruGroup; ++g) sum[g] += wj[g * hd + k] * hk;
-    }
-    for (int64_t g = 0; g < kGruGroup; ++g) acc[j + g] = sum[g];
-  }
-  for (; j < rows; ++j) {
-    vf sum = splat(b[j]);
-    const float* wj = w + j * hd;
-    for (int64_t k = 0; k < hd; ++k) sum += wj[k] * h[k];
-    acc[j] = sum;
-  }
-}
-
 // One block of up to kLanes candidates (rows row0 ...), all L steps; unused lanes repeat
 // the block's last candidate and are not written.
 void augru_block(const float* x_proj, const float* att, const int64_t* user_idx,
@@ -87,7 +61,7 @@ void augru_block(const float* x_proj, const float* att, const int64_t* user_idx,
       for (int64_t j = 0; j < g3; ++j)
         for (int l = 0; l < kLanes; ++l) x[j][l] = xu[l][t * g3 + j];
     }
-    recurrent(w_hh, b_hh, h, g3, hd, acc);  // b + W h
+    dense(h, hd, w_hh, b_hh, acc, g3);  // b + W h
     for (int64_t j = 0; j < 2 * hd; ++j) s[j] = vsigmoid(x[j] + acc[j]);
     for (int64_t j = 0; j < hd; ++j) {
       const vf c = vtanh(x[2 * hd + j] + s[j] * acc[2 * hd + j]);

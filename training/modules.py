@@ -29,12 +29,11 @@ class Dice(nn.Module):
             p = torch.sigmoid(self.bn(x.reshape(-1, shape[-1]))).reshape(shape)
             return p * x + (1.0 - p) * self.alpha * x
         # eval: running statistics, in a form that exports as 6 element-wise ops once the
-        # per-channel constants fold (x * scale + shift, sigmoid, * (1 - alpha), + alpha,
-        # * x) instead of 8, on tensors as large as [N, L, H] in the unfused attention unit
+        # per-channel constants fold (- mean, * scale, sigmoid, * (1 - alpha), + alpha, * x)
+        # instead of 8, on tensors as large as [N, L, H] in the unfused attention unit
         mean, var = self.bn.running_mean, self.bn.running_var
         assert mean is not None and var is not None
-        scale = torch.rsqrt(var + self.bn.eps)
-        p = torch.sigmoid(x * scale - mean * scale)
+        p = torch.sigmoid((x - mean) * torch.rsqrt(var + self.bn.eps))
         return x * (p * (1.0 - self.alpha) + self.alpha)
 
 
