@@ -456,6 +456,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             "version": model.version,
             "provider": model.provider,
             "runner": model.runner.kind,
+            "single_thread_max_candidates": model.single_thread_max,
             "precision": model.precision,
             "precision_note": model.precision_note or None,
             "graph": model.graph,

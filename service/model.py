@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -16,7 +17,14 @@ from ctr.bundle import Bundle, BundleError, graph_inputs, graph_outputs, load_bu
 from service.batcher import Batcher
 from service.precision import FP16_TOLERANCE, PrecisionError, fp16_bytes, probe_feeds
 from service.rowcache import ItemRowCache
-from service.runner import BindingRunner, GraphPool, GraphRunner, Runner, SessionRunner
+from service.runner import (
+    BindingRunner,
+    GraphPool,
+    GraphRunner,
+    Runner,
+    SessionRunner,
+    SplitRunner,
+)
 from service.settings import Settings, parse_buckets
 from service.usercache import UserRowCache
 
@@ -63,6 +71,7 @@ class LoadedModel:
     graph_ops: list[str] = field(default_factory=list)  # custom ops in the served graph
     batcher: Batcher | None = None  # cross-request micro-batching, when enabled
     users: UserRowCache = field(default_factory=lambda: UserRowCache(0))  # encoded users
+    single_thread_max: int = 0  # calls up to this many candidates run on one thread (CPU)
 
     @property
     def name(self) -> str:
@@ -156,6 +165,7 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
         graphs,
         lambda: _session(bundle, served, so, providers, graphs),
     )
+    runner = with_single_thread(settings, bundle, runner, session, provider, served, so)
     outputs = [o.name for o in session.get_outputs()]
     model = LoadedModel(
         bundle,
@@ -170,6 +180,7 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
         graph_note=graph_note,
         graph_ops=graph_ops,
         users=UserRowCache(settings.user_cache_size),
+        single_thread_max=runner.max_candidates if isinstance(runner, SplitRunner) else 0,
     )
     if settings.batch_max_users > 1:
         # the batcher must not hold the model: a model <-> batcher cycle outlives a
@@ -387,6 +398,40 @@ def make_runner(
     if settings.io_binding:
         return BindingRunner(session, "cuda" if on_gpu else "cpu")
     return SessionRunner(session)
+
+
+def with_single_thread(
+    settings: Settings,
+    bundle: Bundle,
+    runner: Runner,
+    session: ort.InferenceSession,
+    provider: str,
+    served: bytes,
+    so: ort.SessionOptions,
+) -> Runner:
+    """``runner`` with calls of at most ``CTR_SINGLE_THREAD_MAX_CANDIDATES`` candidates on a
+    second session of the served graph with one intra-op thread (:class:`SplitRunner`),
+    where that can help: on the CPU provider, when the main session has several threads.
+    The second session must match ``session`` within ``FUSED_TOLERANCE`` on the probe
+    feeds; if it does not load, run or match, ``runner`` is served alone (said in the
+    log). ``so`` (with the custom-op library registered, when the graph is fused) is
+    reused with one thread: nothing creates a session from it after this."""
+    limit = settings.single_thread_max_candidates
+    threads = settings.intra_op_threads or (os.cpu_count() or 1)
+    if limit <= 0 or threads <= 1 or provider != CPU or not isinstance(runner, SessionRunner):
+        return runner
+    so.intra_op_num_threads = 1
+    try:
+        single = _session(bundle, served, so, [CPU], graphs=False)
+        worst = probe_diff(bundle, session, single, graphs=False)
+    except Exception as exc:  # ORT's own error types, or non-finite output
+        log.warning("no single-thread session for small calls: %s", exc)
+        return runner
+    if worst > FUSED_TOLERANCE:
+        log.warning("no single-thread session for small calls: parity %.1e", worst)
+        return runner
+    log.info("calls of at most %d candidates run on one intra-op thread", limit)
+    return SplitRunner(runner, SessionRunner(single), limit)
 
 
 def warm_up(model: LoadedModel) -> None:

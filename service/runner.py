@@ -8,6 +8,7 @@ and returns the requested outputs as host arrays (``probs [N]``, ``attention [N,
 * :class:`SessionRunner`: ``session.run``; ORT allocates outputs per call (CPU default).
 * :class:`BindingRunner`: IO binding. Inputs are bound from host memory (one copy to the
   device), outputs are allocated on the provider's device and copied back once.
+* :class:`SplitRunner`: small calls on a one-thread session, the rest on another runner.
 * :class:`GraphRunner`: CUDA graphs. A CUDA graph replays a fixed kernel sequence on
   fixed buffers, so shapes are bucketed: a call with ``U`` users and ``N`` candidates is
   padded to the smallest ``(U_b, N_b)`` bucket that holds it and replays that bucket's
@@ -76,6 +77,32 @@ class BindingRunner:
             io.bind_output(n, self.device)
         self.session.run_with_iobinding(io)
         return list(io.copy_outputs_to_cpu())
+
+
+class SplitRunner:
+    """Calls with at most ``max_candidates`` candidates on ``single`` (a session with one
+    intra-op thread), the rest on ``main``. CPU only.
+
+    A small run gains little from a second thread and can lose a lot: on the 2-core
+    machine of docs/benchmarks.md (section 2, "Session 8"), 50-candidate requests served
+    this way had the same p50, a p99 1.3-2.6x lower and 15-29 % more requests/s at
+    saturation. (The likely cause: the pool thread, asleep between runs with
+    ``CTR_INTRA_OP_SPIN=run``, waits for a core that the event loop or the client holds.)"""
+
+    def __init__(self, main: Runner, single: SessionRunner, max_candidates: int) -> None:
+        self.main = main
+        self.single = single
+        self.max_candidates = max_candidates
+        self.kind = main.kind
+        self.thread = main.thread
+        self.streams = main.streams
+
+    def pick(self, n: int) -> Runner:
+        """The runner for a call with ``n`` candidates."""
+        return self.single if n <= self.max_candidates else self.main
+
+    def run(self, feeds: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+        return self.pick(feeds["user_idx"].shape[0]).run(feeds, names)
 
 
 def bucket_of(value: int, buckets: list[int]) -> int | None:

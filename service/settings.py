@@ -33,6 +33,12 @@ class Settings(BaseSettings):
         "(ORT's default; steals CPU from the event loop), or never",
     )
     inference_concurrency: int = Field(1, gt=0, description="ORT runs in flight per worker")
+    single_thread_max_candidates: int = Field(
+        64,
+        ge=0,
+        description="CPU only: graph calls with at most this many candidates run on a second "
+        "session with one intra-op thread (no pool thread to wake; 0 = off)",
+    )
     io_binding: bool = Field(
         False,
         description="bind inputs/outputs per call (slower than a plain run on the H100 "

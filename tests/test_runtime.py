@@ -20,7 +20,14 @@ from service.batcher import merge_feeds, split_outputs
 from service.loader import load_into_redis
 from service.model import load_model
 from service.precision import probe_feeds
-from service.runner import BindingRunner, GraphPool, GraphRunner, bucket_of
+from service.runner import (
+    BindingRunner,
+    GraphPool,
+    GraphRunner,
+    SessionRunner,
+    SplitRunner,
+    bucket_of,
+)
 from service.settings import Settings, parse_buckets
 from tests.helpers import REDIS_URL, Built, build_bundle, fresh_redis, settings_for
 
@@ -315,3 +322,52 @@ def test_reload_with_batching_frees_the_old_model(
         del held  # the request finishes after the reload froze the heap
         gc.collect()
         assert old() is None
+
+
+@pytest.mark.parametrize("mt", ["din", "dien"])
+def test_small_calls_run_on_a_one_thread_session(bundles: dict[str, Built], mt: str) -> None:
+    """With several intra-op threads on the CPU, calls of at most
+    ``single_thread_max_candidates`` candidates run on a second, one-thread session of
+    the same graph, larger ones on the main session; both give the main session's
+    probabilities. One thread, or the setting at 0, keeps the plain runner."""
+    built = bundles[mt]
+    model = load_model(settings_for(built, intra_op_threads=2, single_thread_max_candidates=64))
+    runner = model.runner
+    assert isinstance(runner, SplitRunner) and model.single_thread_max == 64
+    assert runner.kind == "session"
+    single = runner.single.session.get_session_options()
+    main = runner.main.session.get_session_options()  # type: ignore[attr-defined]
+    assert single.intra_op_num_threads == 1 and main.intra_op_num_threads == 2
+    assert runner.pick(64) is runner.single and runner.pick(65) is runner.main
+    assert runner.pick(1) is runner.single
+    for users, n in ((1, 64), (1, 65), (3, 200), (2, 7)):
+        feeds = probe_feeds(model.bundle, users, n, seed=n)
+        want = runner.main.run(feeds, ["probs"])[0]
+        got = model.run(feeds, explain=False)[0]
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    for kw in ({"intra_op_threads": 1}, {"intra_op_threads": 2, "single_thread_max_candidates": 0}):
+        plain = load_model(settings_for(built, **kw))
+        assert isinstance(plain.runner, SessionRunner) and plain.single_thread_max == 0
+
+
+def test_service_scores_small_and_large_calls_alike_on_either_session(
+    bundles: dict[str, Built],
+) -> None:
+    """Over HTTP: ``/v1/models`` names the limit, and requests below and above it score as
+    with the split off."""
+    built = bundles["din"]
+    fresh_redis()
+    load_into_redis(built.config, built.frame, REDIS_URL, progress=False)
+    items = built.frame["item_id"].astype(str).unique()[:40].tolist()
+    bodies = [{"user_id": "u3", "candidates": [{"item_id": i} for i in items[:n]]} for n in (5, 40)]
+    scores: dict[int, list[dict]] = {}
+    for limit in (0, 32):  # 5 candidates below the limit of 32, 40 above it
+        settings = settings_for(built, intra_op_threads=2, single_thread_max_candidates=limit)
+        with TestClient(create_app(settings)) as client:
+            assert client.get("/v1/models").json()["single_thread_max_candidates"] == limit
+            scores[limit] = [client.post("/v1/score", json=b).json() for b in bodies]
+    for off, on in zip(scores[0], scores[32], strict=True):
+        assert [i["item_id"] for i in on["items"]] == [i["item_id"] for i in off["items"]]
+        got = np.array([i["probability"] for i in on["items"]])
+        want = np.array([i["probability"] for i in off["items"]])
+        np.testing.assert_allclose(got, want, atol=1e-6)
