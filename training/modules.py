@@ -27,13 +27,13 @@ class Dice(nn.Module):
         if self.training:
             shape = x.shape
             p = torch.sigmoid(self.bn(x.reshape(-1, shape[-1]))).reshape(shape)
-            return p * x + (1.0 - p) * self.alpha * x
-        # eval: running statistics, in a form that exports as 6 element-wise ops once the
-        # per-channel constants fold (- mean, * scale, sigmoid, * (1 - alpha), + alpha, * x)
-        # instead of 8, on tensors as large as [N, L, H] in the unfused attention unit
-        mean, var = self.bn.running_mean, self.bn.running_var
-        assert mean is not None and var is not None
-        p = torch.sigmoid((x - mean) * torch.rsqrt(var + self.bn.eps))
+        else:  # running statistics, broadcast over the last dim: exports as plain ops
+            mean, var = self.bn.running_mean, self.bn.running_var
+            assert mean is not None and var is not None
+            p = torch.sigmoid((x - mean) * torch.rsqrt(var + self.bn.eps))
+        # p*x + (1-p)*alpha*x, in the form that exports as 3 element-wise ops once 1 - alpha
+        # folds (5 for the sum): with the 3 above, 6 instead of 8 on tensors as large as
+        # [N, L, H] in the unfused attention unit
         return x * (p * (1.0 - self.alpha) + self.alpha)
 
 
