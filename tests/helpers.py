@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from redis import Redis
 
@@ -96,3 +97,19 @@ def settings_for(built: Built, **kw: object) -> Settings:
         "redis_timeout_ms": 500,
     }
     return Settings(**{**base, **kw})
+
+
+def assert_same_attention(got: list[dict], want: list[dict], atol: float = 1e-6) -> None:
+    """Two ``explain`` lists (``{"item_id", "weight"}``, by |weight| descending) hold the
+    same weights within ``atol``, each on the same history item. Entries whose weights
+    tie (the same item twice in a history, or two items with the same embedding) may come
+    in either order; ask for every step (a large ``CTR_EXPLAIN_TOP``) so that no tie can
+    straddle the cut."""
+    assert want and len(got) == len(want)
+    np.testing.assert_allclose(
+        sorted(x["weight"] for x in got), sorted(x["weight"] for x in want), rtol=0, atol=atol
+    )
+    for x in want:
+        assert any(
+            y["item_id"] == x["item_id"] and abs(y["weight"] - x["weight"]) <= atol for y in got
+        ), x

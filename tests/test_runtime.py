@@ -29,7 +29,14 @@ from service.runner import (
     bucket_of,
 )
 from service.settings import Settings, parse_buckets
-from tests.helpers import REDIS_URL, Built, build_bundle, fresh_redis, settings_for
+from tests.helpers import (
+    REDIS_URL,
+    Built,
+    assert_same_attention,
+    build_bundle,
+    fresh_redis,
+    settings_for,
+)
 
 
 @pytest.fixture(scope="module")
@@ -190,9 +197,10 @@ def test_micro_batching_over_http(bundles: dict[str, Built]) -> None:
          "explain": k % 2 == 0}
         for k, u in enumerate(users)
     ]  # fmt: skip
-    with TestClient(create_app(settings_for(built))) as plain:
+    # every history step explained: a tie cannot straddle the cut (assert_same_attention)
+    with TestClient(create_app(settings_for(built, explain_top=1000))) as plain:
         alone = [plain.post("/v1/score", json=b).json() for b in bodies]
-    batched_settings = settings_for(built, batch_max_users=8, batch_wait_ms=50)
+    batched_settings = settings_for(built, batch_max_users=8, batch_wait_ms=50, explain_top=1000)
     with TestClient(create_app(batched_settings)) as c:
         assert c.get("/v1/models").json()["micro_batching"] is True
         before = c.get("/metrics").text  # the registry is per process: compare deltas
@@ -218,15 +226,7 @@ def test_micro_batching_over_http(bundles: dict[str, Built]) -> None:
         assert ("attention" in b["items"][0]) == ("attention" in a["items"][0])
         for ia, ib in zip(a["items"], b["items"], strict=True):  # explain: same weights
             if "attention" in ia:
-                assert [x["item_id"] for x in ib["attention"]] == [
-                    x["item_id"] for x in ia["attention"]
-                ]
-                np.testing.assert_allclose(
-                    [x["weight"] for x in ib["attention"]],
-                    [x["weight"] for x in ia["attention"]],
-                    rtol=0,
-                    atol=1e-6,
-                )
+                assert_same_attention(ib["attention"], ia["attention"])
     count = _metric(metrics, "ctr_batch_users_count") - _metric(before, "ctr_batch_users_count")
     total = _metric(metrics, "ctr_batch_users_sum") - _metric(before, "ctr_batch_users_sum")
     assert total == len(bodies) and count < total  # at least one call held several users
