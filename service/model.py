@@ -71,7 +71,6 @@ class LoadedModel:
     graph_ops: list[str] = field(default_factory=list)  # custom ops in the served graph
     batcher: Batcher | None = None  # cross-request micro-batching, when enabled
     users: UserRowCache = field(default_factory=lambda: UserRowCache(0))  # encoded users
-    single_thread_max: int = 0  # calls up to this many candidates run on one thread (CPU)
 
     @property
     def name(self) -> str:
@@ -90,6 +89,11 @@ class LoadedModel:
     def streams(self) -> int:
         """Graph calls that can run at once: one per CUDA-graph runner, else 0 (any)."""
         return self.runner.streams
+
+    @property
+    def single_thread_max(self) -> int:
+        """Calls with at most this many candidates run on a one-thread session (0: none)."""
+        return self.runner.max_candidates if isinstance(self.runner, SplitRunner) else 0
 
     @property
     def has_attention(self) -> bool:
@@ -180,7 +184,6 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
         graph_note=graph_note,
         graph_ops=graph_ops,
         users=UserRowCache(settings.user_cache_size),
-        single_thread_max=runner.max_candidates if isinstance(runner, SplitRunner) else 0,
     )
     if settings.batch_max_users > 1:
         # the batcher must not hold the model: a model <-> batcher cycle outlives a
