@@ -9,6 +9,7 @@ import gc
 import hmac
 import json
 import logging
+import os
 import signal
 import time
 import uuid
@@ -22,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
+from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisClusterException, RedisError
 from starlette.requests import ClientDisconnect
@@ -43,11 +45,13 @@ from service.errors import (
 )
 from service.features import build_feeds, candidates, history_items, item_columns
 from service.model import LoadedModel, ProviderError, load_model
+from service.reloadbus import ReloadBus
 from service.schemas import (
     ErrorBody,
     EventRequest,
     EventResponse,
     ReloadRequest,
+    ReloadResponse,
     ScoreRequest,
     ScoreResponse,
 )
@@ -70,6 +74,9 @@ REDIS_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError
 # the clock of the per-stage timings (ctr_stage_duration_seconds); `ctr bench-path` sets
 # it to time.thread_time for a while to split the event loop's CPU by stage
 STAGE_CLOCK: Callable[[], float] = time.perf_counter
+# the status recorded for a request whose client went away before its body was read
+# (nginx's convention); no response is sent
+CLIENT_CLOSED = 499
 
 
 class State:
@@ -89,6 +96,7 @@ class State:
         )
         self.in_flight = 0
         self.reload_lock = asyncio.Lock()
+        self.bus: ReloadBus | None = None
 
     def require_model(self) -> LoadedModel:
         if self.model is None:
@@ -171,6 +179,8 @@ async def _serve(handler: Handler, scope: Scope, receive: Receive, send: Send) -
         response = await handler(headers.get, chunks())
     except ServiceError as exc:
         response = error_response(exc)
+    except ClientDisconnect:
+        return CLIENT_CLOSED  # nobody to answer; counted, not logged as a server error
     await response(scope, receive, send)
     return response.status_code
 
@@ -201,6 +211,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if settings.require_gpu:
                 raise
         state.events = EventWriter(state.redis, settings.event_dedup_window)
+        if settings.reload_channel:
+            state.bus = ReloadBus(
+                settings.redis_url,
+                settings.reload_channel,
+                settings.models_dir,
+                settings.model_name,
+                settings.redis_timeout_ms / 1000,
+                settings.redis_connect_timeout_ms / 1000,
+                lambda version: _reload(state, version),
+            )
+            state.bus.start()
+        if settings.protect_scoring and settings.api_key is None:
+            log.warning("CTR_PROTECT_SCORING has no effect: CTR_API_KEY is not set")
         loop = asyncio.get_running_loop()
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
             loop.add_signal_handler(
@@ -213,6 +236,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
                 loop.remove_signal_handler(signal.SIGHUP)
+            if state.bus is not None:
+                await state.bus.aclose()
             state.executor.shutdown(wait=True)
             m.HOOKS.exit()
             assert state.reader is not None
@@ -231,7 +256,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _install_handlers(app)
     score = _install_routes(app, state)
     app.add_middleware(ServingMiddleware, fast={("POST", "/v1/score"): score})
-    _install_openapi(app)
+    _install_openapi(app, settings.max_id_length)
     return app
 
 
@@ -250,6 +275,8 @@ async def _load(state: State, version: str | None) -> LoadedModel:
         raise
     state.model = model  # atomic swap: in-flight requests keep their reference
     state.model_error = None
+    if state.bus is not None:
+        state.bus.mark_loaded()
     m.set_model_info(model.name, model.version, model.provider, model.graph, model.precision)
     settle_heap()
     return model
@@ -302,11 +329,19 @@ def _install_handlers(app: FastAPI) -> None:
         body = {"error": "bad_request", "field": field, "detail": first.get("msg", "invalid")}
         return orjson_response(body, 422)
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        return Response(status_code=CLIENT_CLOSED)  # not sent: the client has gone
+
 
 async def _read_json(
-    header: Callable[[str], str | None], chunks: AsyncIterator[bytes], limit: int
+    header: Callable[[str], str | None],
+    chunks: AsyncIterator[bytes],
+    limit: int,
+    empty: Any = ...,
 ) -> Any:
-    """The request body as JSON; ``header(name)`` reads a (lower-case) request header."""
+    """The request body as JSON; ``header(name)`` reads a (lower-case) request header.
+    An empty body is an error unless ``empty`` is given: then it stands for the body."""
     length = header("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise PayloadTooLarge(f"body is larger than {limit} bytes", "body")
@@ -316,6 +351,8 @@ async def _read_json(
         if len(body) > limit:
             raise PayloadTooLarge(f"body is larger than {limit} bytes", "body")
     if not body:
+        if empty is not ...:
+            return empty
         raise BadRequest("body is empty; a JSON object is required", "body")
     try:
         return orjson.loads(bytes(body))
@@ -323,7 +360,7 @@ async def _read_json(
         # NaN/Infinity literals are not JSON, but name the field that holds them
         try:
             return json.loads(bytes(body))
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested past Python's limit
             raise MalformedJSON(f"malformed JSON: {exc}", "body") from exc
 
 
@@ -340,6 +377,8 @@ def _check_key(state: State, header: Callable[[str], str | None], admin: bool = 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "malformed JSON"},
+    401: {"model": ErrorBody, "description": "missing or wrong X-API-Key (where a key is set)"},
+    403: {"model": ErrorBody, "description": "admin endpoints are off (CTR_API_KEY unset)"},
     413: {"model": ErrorBody, "description": "body over the size limit"},
     422: {"model": ErrorBody, "description": "invalid field (named in `field`)"},
     503: {"model": ErrorBody, "description": "model not ready, overloaded or deadline exceeded"},
@@ -463,6 +502,10 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             "graph_note": model.graph_note or None,
             "graph_ops": model.graph_ops,
             "micro_batching": model.batcher is not None,
+            "worker_pid": os.getpid(),
+            "reload_bus": None
+            if state.bus is None
+            else {"channel": state.bus.channel, "subscribed": state.bus.subscribed},
             "model_type": c.model.type,
             "max_seq_len": c.max_seq_len,
             "created_at": model.bundle.manifest.get("created_at"),
@@ -478,13 +521,27 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
 
     @app.post(
         "/admin/reload",
-        responses={409: {"model": ErrorBody}, **ERROR_RESPONSES},
-        summary="Load a model version, warm it up and swap it in (keeps the old on failure)",
+        responses={
+            200: {"model": ReloadResponse},
+            409: {"model": ErrorBody, "description": "the version could not be loaded"},
+            **ERROR_RESPONSES,
+        },
+        openapi_extra={"requestBody": {**_body_schema("ReloadRequest"), "required": False}},
+        summary="Load a model version, warm it up and swap it in (keeps the old on failure); "
+        "the other workers load the same version",
     )
-    async def reload(request: Request, body: ReloadRequest | None = None) -> Response:
-        _check_key(state, request.headers.get, admin=True)
+    async def reload(request: Request) -> Response:
+        _check_key(state, request.headers.get, admin=True)  # before the body is looked at
+        # no body means `{}`: the newest version
+        obj = await _read_json(request.headers.get, request.stream(), s.max_body_bytes, {})
         try:
-            model = await _reload(state, (body.version if body else None) or "latest")
+            version = ReloadRequest.model_validate(obj).version or "latest"
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first.get("loc", ())) or "body"
+            raise BadRequest(f"{field}: {first.get('msg', 'invalid')}", field) from exc
+        try:
+            model = await _reload(state, version)
         except (BundleError, ProviderError) as exc:
             current = state.model.version if state.model else None
             return orjson_response(
@@ -496,7 +553,10 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
                 },
                 409,
             )
-        return orjson_response({"name": model.name, "version": model.version})
+        peers = await state.bus.publish(model.version) if state.bus is not None else None
+        return orjson_response(
+            {"name": model.name, "version": model.version, "peers_notified": peers}
+        )
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
@@ -585,7 +645,23 @@ def _body_schema(name: str) -> dict[str, Any]:
     }
 
 
-def _install_openapi(app: FastAPI) -> None:
+ID_FIELDS = frozenset({"user_id", "item_id", "event_id"})
+
+
+def _id_limits(node: Any, max_len: int) -> None:
+    """Set ``maxLength`` of every ID property to the limit in force (CTR_MAX_ID_LENGTH)."""
+    if isinstance(node, dict):
+        for k, v in node.get("properties", {}).items():
+            if k in ID_FIELDS and isinstance(v, dict) and "maxLength" in v:
+                v["maxLength"] = max_len
+        for v in node.values():
+            _id_limits(v, max_len)
+    elif isinstance(node, list):
+        for v in node:
+            _id_limits(v, max_len)
+
+
+def _install_openapi(app: FastAPI, max_id_length: int) -> None:
     def custom_openapi() -> dict[str, Any]:
         if app.openapi_schema:
             return app.openapi_schema
@@ -593,11 +669,19 @@ def _install_openapi(app: FastAPI) -> None:
             title=app.title, version=app.version, description=app.description, routes=app.routes
         )
         comps = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (ScoreRequest, EventRequest, ScoreResponse, EventResponse):
+        for model in (
+            ScoreRequest,
+            EventRequest,
+            ScoreResponse,
+            EventResponse,
+            ReloadRequest,
+            ReloadResponse,
+        ):
             js = model.model_json_schema(ref_template="#/components/schemas/{model}")
             for k, v in js.pop("$defs", {}).items():
                 comps.setdefault(k, v)
             comps[model.__name__] = js
+        _id_limits(comps, max_id_length)
         app.openapi_schema = schema
         return schema
 

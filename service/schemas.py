@@ -100,12 +100,15 @@ class EventRequest(BaseModel):
     item_id: str = Field(min_length=1, max_length=256)
     features: dict[str, Scalar] | None = None
     type: str = Field("click", min_length=1, max_length=32)
-    timestamp: float = Field(ge=0)
+    timestamp: float = Field(ge=0, lt=1e12, description="unix seconds (not milliseconds)")
 
 
 class EventResponse(BaseModel):
     appended: bool
     duplicate: bool
+    ignored: bool | None = Field(
+        None, description="true when CTR_SEQUENCE_EVENT_TYPES leaves this event type out"
+    )
 
 
 class ErrorBody(BaseModel):
@@ -115,4 +118,15 @@ class ErrorBody(BaseModel):
 
 
 class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     version: str | None = Field(None, description="a version number or 'latest' (default)")
+
+
+class ReloadResponse(BaseModel):
+    name: str
+    version: str
+    peers_notified: int | None = Field(
+        description="other workers that received the version to load (null: Redis could "
+        "not be reached, or CTR_RELOAD_CHANNEL is empty; this worker reloaded all the same)"
+    )

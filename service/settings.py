@@ -111,11 +111,22 @@ class Settings(BaseSettings):
     )
     explain_top: int = Field(3, gt=0, description="history items returned per item by explain")
     api_key: SecretStr | None = Field(None, description="key for write/admin endpoints")
+    reload_channel: str = Field(
+        "ctr:reload",
+        description="Redis pub/sub channel on which POST /admin/reload reaches the other "
+        "workers of the deployment (empty = this worker only)",
+    )
     protect_scoring: bool = Field(False, description="require the API key for scoring too")
     host: str = Field("0.0.0.0", description="bind address for `ctr serve`")
     port: int = Field(8000, description="port for `ctr serve`")
     workers: int = Field(1, gt=0, description="uvicorn worker processes for `ctr serve`")
     log_level: str = Field("info", description="log level")
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_no_key(cls, v: object) -> object:
+        # `CTR_API_KEY=` (set but empty) must not become a key that an absent header matches
+        return None if isinstance(v, str) and not v.strip() else v
 
     @field_validator("cuda_graph_buckets", "cuda_graph_user_buckets")
     @classmethod

@@ -203,5 +203,9 @@ def parse_event(obj: Any, max_id_len: int) -> EventInput:
     ts = obj["timestamp"]
     bad = isinstance(ts, bool) or not isinstance(ts, int | float)
     if bad or not math.isfinite(ts) or not 0 <= ts < 1e12:
-        raise BadRequest("timestamp must be a non-negative number (unix seconds)", "timestamp")
+        raise BadRequest(
+            "timestamp must be a non-negative number of unix seconds below 1e12 "
+            "(milliseconds are rejected)",
+            "timestamp",
+        )
     return EventInput(user_id, event_id, item_id, features, etype, float(ts))

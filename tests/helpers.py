@@ -78,14 +78,14 @@ def fresh_redis(url: str = REDIS_URL) -> Redis:
 
 def service_env(built: Built, redis_url: str, **extra: str) -> dict[str, str]:
     """Environment for a ``ctr serve`` subprocess on ``built``'s bundle."""
-    return dict(
+    env = dict(
         os.environ,
         CTR_MODELS_DIR=str(built.models_dir),
         CTR_MODEL_NAME=built.config.name,
         CTR_REDIS_URL=redis_url,
         CTR_LOG_LEVEL="warning",
-        **extra,
     )
+    return env | extra  # extra settings win
 
 
 def settings_for(built: Built, **kw: object) -> Settings:

@@ -79,6 +79,48 @@ def test_malformed_json(client: TestClient) -> None:
     check(r, 400, "body", "malformed_json")
 
 
+@pytest.mark.parametrize("path", ["/v1/score", "/v1/events"])
+@pytest.mark.parametrize("depth", [2_000, 9_000])
+def test_deeply_nested_json_is_a_400(client: TestClient, path: str, depth: int) -> None:
+    # orjson stops at 1024 levels and Python's json at its recursion limit: still a 400
+    raw = b'{"user_id": "u1", "context": {"x": ' + b"[" * depth + b"]" * depth + b"}}"
+    check(client.post(path, content=raw), 400, "body", "malformed_json")
+    check(client.post(path, content=b"[" * depth), 400, "body", "malformed_json")
+
+
+def test_client_gone_before_the_body_is_not_a_server_error(client: TestClient) -> None:
+    """A client that disconnects mid-body gets no answer, and it is not a 500."""
+    from service import metrics as m
+
+    def count(status: str) -> float:
+        v = m.REQUEST_DURATION.labels("/v1/score", "POST", status)
+        return sum(s.value for s in v.collect()[0].samples if s.name.endswith("_count"))
+
+    sent: list[dict[str, Any]] = []
+    messages = [
+        {"type": "http.request", "body": b'{"user_id": "u1", "cand', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "path": "/v1/score", "raw_path": b"/v1/score", "query_string": b"", "root_path": "",
+        "scheme": "http", "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+    }  # fmt: skip
+    before_499, before_500 = count("499"), count("500")
+    assert client.portal is not None
+    client.portal.call(client.app, scope, receive, send)
+    assert sent == []  # nobody to answer
+    assert count("499") == before_499 + 1 and count("500") == before_500
+
+
 def test_empty_body(client: TestClient) -> None:
     check(client.post("/v1/score", content=b""), 422, "body")
 
@@ -149,6 +191,7 @@ EVENT_ROWS: list[tuple[str, Any, str]] = [
     ("missing timestamp", {k: v for k, v in EVENT.items() if k != "timestamp"}, "timestamp"),
     ("negative timestamp", {**EVENT, "timestamp": -1}, "timestamp"),
     ("string timestamp", {**EVENT, "timestamp": "yesterday"}, "timestamp"),
+    ("millisecond timestamp", {**EVENT, "timestamp": 1764000000000}, "timestamp"),
     ("bad type", {**EVENT, "type": 7}, "type"),
     ("bad features", {**EVENT, "features": [1, 2]}, "features"),
     ("unknown field", {**EVENT, "extra": 1}, "extra"),
@@ -164,6 +207,47 @@ def test_bad_event(client: TestClient, name: str, body: Any, field: str) -> None
     check(client.post("/v1/events", content=raw), 422, field)
 
 
-def test_bad_reload_body(client: TestClient) -> None:
-    r = client.post("/admin/reload", json={"version": ["x"]})
-    assert r.status_code == 422 and r.json()["field"] == "version"
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    built: Built = build_bundle(tmp_path_factory.mktemp("keyed"), "din")
+    s = Settings(
+        models_dir=str(built.models_dir),
+        model_name=built.config.name,
+        redis_url=REDIS_URL,
+        api_key="k3y",
+    )
+    with TestClient(create_app(s)) as c:
+        yield c
+
+
+KEY = {"X-API-Key": "k3y"}
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [({"version": ["x"]}, "version"), ({"versoin": "1"}, "versoin"), ([1], "body")],
+    ids=["wrong-type", "misspelt-field", "not-an-object"],
+)
+def test_bad_reload_body(keyed: TestClient, body: Any, field: str) -> None:
+    check(keyed.post("/admin/reload", json=body, headers=KEY), 422, field, "bad_request")
+    # the key is checked first: a caller without it learns nothing about the body
+    check(keyed.post("/admin/reload", json=body), 401, "X-API-Key", "unauthorized")
+
+
+def test_reload_body_optional_and_malformed(keyed: TestClient) -> None:
+    r = keyed.post("/admin/reload", headers=KEY)  # no body: the newest version
+    assert r.status_code == 200 and r.json()["version"] == "1", r.text
+    r = keyed.post("/admin/reload", content=b'{"version": ', headers=KEY)
+    check(r, 400, "body", "malformed_json")
+
+
+def test_empty_api_key_is_no_key(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`CTR_API_KEY=` (set, empty) must not let a request without the header through."""
+    built: Built = build_bundle(tmp_path, "din")
+    monkeypatch.setenv("CTR_API_KEY", "")
+    s = Settings(models_dir=str(built.models_dir), model_name=built.config.name,
+                 redis_url=REDIS_URL)  # fmt: skip
+    assert s.api_key is None
+    with TestClient(create_app(s)) as c:
+        check(c.post("/admin/reload", json={}), 403, "X-API-Key", "admin_disabled")
+        check(c.post("/admin/reload", json={}, headers={"X-API-Key": ""}), 403, "X-API-Key")

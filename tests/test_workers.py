@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import shutil
+import time
 from pathlib import Path
 
 import httpx
@@ -52,6 +54,49 @@ def test_metrics_correct_with_two_workers(built: Built, tmp_path: Path) -> None:
         assert metric(text, r'^ctr_request_duration_seconds_count\{.*route="/v1/score"') == n
         assert metric(text, r'^ctr_stage_duration_seconds_count\{stage="inference"\}') == n
         assert metric(text, r"^ctr_model_info\{.*\} ") >= 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_admin_reload_reaches_every_worker(built: Built, tmp_path: Path) -> None:
+    """`POST /admin/reload` lands on one worker; the others load the same version."""
+    store = tmp_path / "models"
+    shutil.copytree(built.models_dir, store)
+    root = store / built.config.name
+    port = free_port()
+    env = service_env(
+        built, REDIS_URL, CTR_MODELS_DIR=str(store), CTR_INTRA_OP_THREADS="1",
+        CTR_API_KEY="k", CTR_RELOAD_CHANNEL=f"test:workers:{port}",
+    )  # fmt: skip
+    proc = serve_process(port, env, "--workers", "2")
+    base = f"http://127.0.0.1:{port}"
+
+    def seen() -> dict[int, str]:
+        """worker pid -> version served, over fresh connections (spread over workers)"""
+        out: dict[int, str] = {}
+        for _ in range(30):
+            with httpx.Client(base_url=base, timeout=10) as h:
+                body = h.get("/v1/models").json()
+                out[body["worker_pid"]] = body["version"]
+        return out
+
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # both workers up and subscribed
+            workers = seen()
+            if len(workers) == 2:
+                break
+        assert set(seen().values()) == {"1"}
+        shutil.copytree(root / "1", root / "2")
+        r = httpx.post(base + "/admin/reload", json={}, headers={"X-API-Key": "k"}, timeout=30)
+        assert r.status_code == 200 and r.json()["version"] == "2", r.text
+        assert r.json()["peers_notified"] == 1
+        deadline = time.monotonic() + 20
+        while (versions := seen()) and set(versions.values()) != {"2"}:
+            assert time.monotonic() < deadline, versions
+            time.sleep(0.2)
+        assert len(versions) == 2  # both workers answered, both on version 2
     finally:
         proc.terminate()
         proc.wait(timeout=30)
