@@ -45,6 +45,11 @@ ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 LAST_TTL_S = 7 * 24 * 3600  # the catch-up record outlives any reconnect worth catching up
 
 
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 def first_node(url: str) -> str:
     """A plain Redis URL for the first node of a (possibly comma-separated) URL list."""
     part = url.split(",")[0]
@@ -88,6 +93,7 @@ class ReloadBus:
             max_connections=4,
         )
         self.task: asyncio.Task[None] | None = None
+        self.closing = False
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._listen(), name="reload-bus")
@@ -139,7 +145,7 @@ class ReloadBus:
     async def _listen(self) -> None:
         """Subscribe, catch up, then apply messages; on a Redis error, wait and retry."""
         delay = self.retry_s
-        while True:
+        while not self.closing:
             pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)
@@ -150,7 +156,7 @@ class ReloadBus:
                 if last is not None:
                     await self._handle(last, live=False)
                 quiet = 0
-                while True:
+                while not self.closing:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is None:
                         quiet += 1
@@ -160,6 +166,9 @@ class ReloadBus:
                     if message.get("type") == "message":
                         await self._handle(message.get("data"), live=True)
             except ERRORS as exc:
+                # a cancellation that met a client timeout can come out as TimeoutError
+                if self.closing or _cancelling():
+                    raise asyncio.CancelledError() from exc
                 log.warning("reload bus: %s; retrying in %.1f s", type(exc).__name__, delay)
             finally:
                 self.subscribed = False
@@ -169,10 +178,13 @@ class ReloadBus:
             delay = min(delay * 2, 10.0)
 
     async def aclose(self) -> None:
+        self.closing = True
         if self.task is not None:
             self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+            # the loop also stops on `closing`, should a cancellation be swallowed inside
+            # the client; bounded either way
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(self.task, 5.0)
         await self.client.aclose()
         with contextlib.suppress(*ERRORS):
             await self.client.connection_pool.disconnect()

@@ -144,6 +144,23 @@ def test_non_finite_numbers_name_the_field(client: TestClient, literal: str) -> 
     check(r, 422, "context.hour")
 
 
+def test_integer_ids_are_their_decimal_strings(client: TestClient) -> None:
+    as_int = client.post(
+        "/v1/score", json={"user_id": 5, "candidates": [{"item_id": 7}, {"item_id": 8}]}
+    )
+    as_str = client.post(
+        "/v1/score", json={"user_id": "5", "candidates": [{"item_id": "7"}, {"item_id": "8"}]}
+    )
+    assert as_int.status_code == 200, as_int.text
+    strip = as_int.json()["items"]
+    assert strip == as_str.json()["items"]
+    assert {it["item_id"] for it in strip} == {"7", "8"}
+    dup = client.post(
+        "/v1/score", json={"user_id": 5, "candidates": [{"item_id": 7}, {"item_id": "7"}]}
+    )
+    check(dup, 422, "candidates[1].item_id")  # the same item twice
+
+
 def test_odd_unicode_ids_are_fine(client: TestClient) -> None:
     body = {
         "user_id": "用户-🙂-\u200b-é",

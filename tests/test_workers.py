@@ -97,6 +97,11 @@ def test_admin_reload_reaches_every_worker(built: Built, tmp_path: Path) -> None
             assert time.monotonic() < deadline, versions
             time.sleep(0.2)
         assert len(versions) == 2  # both workers answered, both on version 2
+        # and Prometheus sees it so: one `ctr_model_info` 1 per worker, on version 2
+        text = httpx.get(base + "/metrics", timeout=10).text
+        on = [ln for ln in text.splitlines()
+              if ln.startswith("ctr_model_info{") and ln.endswith(" 1.0")]  # fmt: skip
+        assert len(on) == 2 and all('version="2"' in ln for ln in on), on
     finally:
         proc.terminate()
         proc.wait(timeout=30)
