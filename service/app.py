@@ -203,6 +203,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.executor = ThreadPoolExecutor(
             settings.inference_concurrency, thread_name_prefix="ort"
         )
+        if settings.reload_channel:
+            state.bus = ReloadBus(
+                state.redis,
+                settings.redis_url,
+                settings.reload_channel,
+                settings.models_dir,
+                settings.model_name,
+                settings.redis_timeout_ms / 1000,
+                settings.redis_connect_timeout_ms / 1000,
+                state.reload_lock,
+                lambda version: _load(state, version),
+            )
+            await state.bus.baseline()  # before the load: a broadcast meanwhile is caught up
         try:
             await _load(state, None)
         except BundleError:
@@ -211,16 +224,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if settings.require_gpu:
                 raise
         state.events = EventWriter(state.redis, settings.event_dedup_window)
-        if settings.reload_channel:
-            state.bus = ReloadBus(
-                settings.redis_url,
-                settings.reload_channel,
-                settings.models_dir,
-                settings.model_name,
-                settings.redis_timeout_ms / 1000,
-                settings.redis_connect_timeout_ms / 1000,
-                lambda version: _reload(state, version),
-            )
+        if state.bus is not None:
             state.bus.start()
         if settings.protect_scoring and settings.api_key is None:
             log.warning("CTR_PROTECT_SCORING has no effect: CTR_API_KEY is not set")
@@ -275,8 +279,6 @@ async def _load(state: State, version: str | None) -> LoadedModel:
         raise
     state.model = model  # atomic swap: in-flight requests keep their reference
     state.model_error = None
-    if state.bus is not None:
-        state.bus.mark_loaded()
     m.set_model_info(model.name, model.version, model.provider, model.graph, model.precision)
     settle_heap()
     return model
@@ -540,20 +542,21 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             first = exc.errors()[0]
             field = ".".join(str(p) for p in first.get("loc", ())) or "body"
             raise BadRequest(f"{field}: {first.get('msg', 'invalid')}", field) from exc
-        try:
-            model = await _reload(state, version)
-        except (BundleError, ProviderError) as exc:
-            current = state.model.version if state.model else None
-            return orjson_response(
-                {
-                    "error": "reload_failed",
-                    "field": "version",
-                    "detail": str(exc),
-                    "serving": current,
-                },
-                409,
-            )
-        peers = await state.bus.publish(model.version) if state.bus is not None else None
+        async with state.reload_lock:  # the load and its broadcast, in one turn
+            try:
+                model = await _load(state, version)
+            except (BundleError, ProviderError) as exc:
+                current = state.model.version if state.model else None
+                return orjson_response(
+                    {
+                        "error": "reload_failed",
+                        "field": "version",
+                        "detail": str(exc),
+                        "serving": current,
+                    },
+                    409,
+                )
+            peers = await state.bus.publish(model.version) if state.bus is not None else None
         return orjson_response(
             {"name": model.name, "version": model.version, "peers_notified": peers}
         )

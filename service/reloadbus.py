@@ -2,25 +2,34 @@
 
 Each uvicorn worker is its own process with its own loaded model, and a request reaches
 one of them. So after a worker has loaded a version for ``/admin/reload``, it publishes
-that version number on a Redis channel (``CTR_RELOAD_CHANNEL``); every other worker of
-the deployment subscribes to it and loads the same version (not "latest": a version
-written in between does not split the workers). A worker that fails to load it logs the
-error and serves on, as after a failed local reload.
+that version number on a Redis channel; every other worker of the deployment subscribes
+to it and loads the same version (not "latest": a version written in between does not
+split the workers). A worker that fails to load it logs the error and serves on, as
+after a failed local reload.
 
+* **Order.** Every broadcast gets a sequence number from Redis (one Lua script: the
+  number, the deployment's last-broadcast record and the PUBLISH, atomically; the number
+  is at least the Redis server's clock in µs, so it keeps growing even if the key is
+  lost). A worker applies a broadcast only if its number is above the last one it
+  applied or published, and checks that under the app's reload lock. So two operators
+  reloading different versions at once leave every worker on the one published last,
+  and no wall clock of any worker is compared with another's.
 * **Who listens.** The channel is ``<CTR_RELOAD_CHANNEL>:<hash>`` of the model store and
   model name (``CTR_MODELS_DIR``, ``CTR_MODEL_NAME``), so other deployments on the same
-  Redis neither hear it nor count as receivers; the message names both too, and the
-  worker that sent it ignores its own.
-* **A listener that was disconnected** (Redis restarted, network) catches up when it
-  subscribes again: the publisher also keeps the last message in a key
-  (``<channel>:last``, one per deployment), and a message newer than the listener's own
-  last load is applied.
+  Redis neither hear it nor count as receivers.
+* **A worker that was not listening** (starting up, Redis restarted, a dead connection)
+  catches up when it subscribes: it reads the last-broadcast record and applies it if
+  its number is newer than what the worker has seen. At start-up the worker notes the
+  current number *before* it loads its model, so a broadcast made while it loads is
+  applied too, and older ones are not (it loads ``CTR_MODEL_VERSION``, like any fresh
+  start).
+* **A silently dead connection** (no RST: a NAT timeout, a partition) is found by a PING
+  every few idle seconds whose PONG must come back within a bound.
 * **Redis down.** The local reload still happens; the answer says that no other worker
   was reached (``peers_notified: null``).
-* **Redis Cluster.** Pub/sub messages reach every node's subscribers, so the bus uses a
-  plain connection to the first node in ``CTR_REDIS_URL``.
-
-A worker (re)started later loads ``CTR_MODEL_VERSION``, like any fresh start.
+* **Redis Cluster.** The script and the record go through the app's cluster-aware client
+  (the keys share one hash tag). Pub/sub messages reach every node's subscribers, so the
+  listener subscribes on any one node of ``CTR_REDIS_URL``, trying them in turn.
 """
 
 from __future__ import annotations
@@ -37,12 +46,34 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 log = logging.getLogger("ctr.service.reload")
 
 ERRORS = (RedisError, OSError, asyncio.TimeoutError)
-LAST_TTL_S = 7 * 24 * 3600  # the catch-up record outlives any reconnect worth catching up
+RECORD_TTL_S = 30 * 24 * 3600  # the catch-up record outlives any reconnect worth catching up
+
+# KEYS: sequence, record; ARGV: message (JSON, without "seq"), channel, record TTL (s).
+# The new number is above the previous one and at least the server's clock in µs (exact
+# in a Lua double until the year 2255), so it grows even if the sequence key was lost.
+PUBLISH_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local seq = math.max(tonumber(redis.call('GET', KEYS[1]) or '0') + 1, now)
+redis.call('SET', KEYS[1], string.format('%.0f', seq))
+local m = cjson.decode(ARGV[1])
+m['seq'] = string.format('%.0f', seq)  -- a string: cjson prints numbers to 14 digits
+local s = cjson.encode(m)
+redis.call('SET', KEYS[2], s, 'EX', tonumber(ARGV[3]))
+return {string.format('%.0f', seq), redis.call('PUBLISH', ARGV[2], s)}
+"""
+
+
+def node_urls(url: str) -> list[str]:
+    """Plain Redis URLs for each node of a (possibly comma-separated) URL list."""
+    parts = [p.strip() for p in url.split(",") if p.strip()]
+    return [p if "://" in p else "redis://" + p for p in parts]
 
 
 def _cancelling() -> bool:
@@ -50,126 +81,182 @@ def _cancelling() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-def first_node(url: str) -> str:
-    """A plain Redis URL for the first node of a (possibly comma-separated) URL list."""
-    part = url.split(",")[0]
-    return part if "://" in part else "redis://" + part
-
-
 class ReloadBus:
-    """Publishes this worker's reloads; applies the other workers' through ``apply``.
+    """Publishes this worker's reloads and applies the other workers'.
 
-    ``apply(version)`` loads and swaps in a version (the app's serialized reload)."""
+    ``redis`` is the app's client (a ``Redis`` or ``RedisCluster``); ``lock`` is the app's
+    reload lock and ``load(version)`` loads and swaps in a version (called with the lock
+    held; it logs its own failures)."""
 
     def __init__(
         self,
+        redis: Redis | RedisCluster,
         url: str,
         channel: str,
         models_dir: str,
         model_name: str,
         timeout_s: float,
         connect_timeout_s: float,
-        apply: Callable[[str], Awaitable[Any]],
+        lock: asyncio.Lock,
+        load: Callable[[str], Awaitable[Any]],
         retry_s: float = 0.5,
+        ping_s: float = 5.0,
+        pong_timeout_s: float = 2.0,
     ) -> None:
         # one channel and one record per deployment: the store's path and the model name,
-        # hashed to a short suffix, so a publish counts this deployment's workers only
+        # hashed to a short suffix; the keys share a hash tag (one cluster slot)
         where = os.path.abspath(models_dir)
         digest = hashlib.sha1(f"{where}\0{model_name}".encode()).hexdigest()[:16]
         self.channel = f"{channel}:{digest}"
-        self.last_key = f"{channel}:last:{digest}"
+        tag = "{" + f"{channel}:{digest}" + "}"
+        self.seq_key = f"{tag}:seq"
+        self.last_key = f"{tag}:last"
         self.deployment = {"models_dir": where, "model": model_name}
         self.token = uuid.uuid4().hex  # this worker
+        self.redis = redis
         self.timeout_s = timeout_s
-        self.apply = apply
+        self.lock = lock
+        self.load = load
         self.retry_s = retry_s
-        self.loaded_at = time.time()  # wall clock: compared across processes
+        self.ping_s = ping_s
+        self.pong_timeout_s = pong_timeout_s
+        self.applied_seq: int | None = None  # None: not known yet (Redis not reached)
         self.subscribed = False
-        self.applied = 0  # peers' reloads applied here (for tests and /v1/models)
-        self.client = Redis.from_url(
-            first_node(url),
-            socket_timeout=timeout_s,
-            socket_connect_timeout=connect_timeout_s,
-            max_connections=4,
-        )
+        self.applied = 0  # other workers' reloads applied here
+        # the listener's own connections (one per node, made on first use): a blocking
+        # read must not hold one of the scoring pool's connections
+        opts = {"socket_timeout": max(timeout_s, 1.0), "socket_connect_timeout": connect_timeout_s}
+        self.nodes = [Redis.from_url(u, max_connections=2, **opts) for u in node_urls(url)]
         self.task: asyncio.Task[None] | None = None
         self.closing = False
+
+    async def baseline(self) -> None:
+        """Note the current broadcast number (call before the start-up load)."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                raw = await self.redis.get(self.seq_key)
+            self.applied_seq = int(raw or 0)
+        except ERRORS as exc:
+            log.warning("reload bus: no baseline (redis): %s", type(exc).__name__)
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._listen(), name="reload-bus")
 
-    def mark_loaded(self) -> None:
-        """This worker has just loaded a model: messages from before now are stale."""
-        self.loaded_at = time.time()
-
     async def publish(self, version: str) -> int | None:
-        """Tell the other workers to load ``version``; how many were reached (``None``
-        when Redis could not be)."""
-        msg = orjson.dumps(
-            {**self.deployment, "version": version, "origin": self.token, "at": time.time()}
-        )
+        """Tell the other workers to load ``version`` (call with the reload lock held, after
+        loading it); how many were reached, ``None`` when Redis could not be."""
+        msg = orjson.dumps({**self.deployment, "version": version, "origin": self.token})
         try:
             async with asyncio.timeout(self.timeout_s):
-                async with self.client.pipeline(transaction=False) as pipe:
-                    pipe.set(self.last_key, msg, ex=LAST_TTL_S)
-                    pipe.publish(self.channel, msg)
-                    _, receivers = await pipe.execute()
+                seq, receivers = await self.redis.eval(  # type: ignore[misc]
+                    PUBLISH_SCRIPT, 2, self.seq_key, self.last_key, msg, self.channel,
+                    RECORD_TTL_S,
+                )  # fmt: skip
         except ERRORS as exc:
             log.warning("reload not broadcast (redis): %s", type(exc).__name__)
             return None
+        self.applied_seq = max(self.applied_seq or 0, int(seq))
+        if isinstance(self.redis, RedisCluster):
+            # a cluster's PUBLISH counts the receiving node's subscribers only: count the
+            # channel's subscribers on every node the listeners subscribe on instead
+            receivers = await self._subscribers()
         # the count includes this worker's own subscription, when it has one
         return max(int(receivers) - (1 if self.subscribed else 0), 0)
 
-    async def _handle(self, raw: bytes | str | None, live: bool) -> None:
-        """Apply a message: a live one always (unless it is this worker's own or another
-        deployment's), a caught-up one only if it is newer than this worker's last load."""
+    async def _subscribers(self) -> int:
+        """Subscribers of the channel over the nodes that answer (a node that does not
+        has no listener of ours to count)."""
+        total = 0
+        for node in self.nodes:
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    total += sum(n for _, n in await node.pubsub_numsub(self.channel))
+            except ERRORS:
+                continue
+        return total
+
+    def _parse(self, raw: bytes | str | None) -> tuple[int, str] | None:
+        """(number, version) of a message for this deployment from another worker."""
         try:
             msg = orjson.loads(raw) if raw else None
         except orjson.JSONDecodeError:
             msg = None
-        if not isinstance(msg, dict) or not isinstance(msg.get("version"), str):
+        if (
+            not isinstance(msg, dict)
+            or not isinstance(msg.get("version"), str)
+            or not str(msg.get("seq", "")).isdigit()
+        ):
             log.warning("ignored a malformed reload message on %s", self.channel)
-            return
-        if msg.get("origin") == self.token:
-            return
+            return None
         if {k: msg.get(k) for k in self.deployment} != self.deployment:
-            return  # another deployment on the same Redis
-        at = msg.get("at")
-        if not live and (not isinstance(at, int | float) or at <= self.loaded_at):
-            return  # this worker loaded a model after that message was sent
-        log.info("reloading version %s, as another worker did", msg["version"])
-        with contextlib.suppress(Exception):  # the apply callback logs its own failures
-            await self.apply(msg["version"])
-            self.applied += 1
+            return None  # not this deployment's (a hash collision of channels)
+        if msg.get("origin") == self.token:
+            return None  # this worker's own: published after its load
+        return int(msg["seq"]), msg["version"]
+
+    async def _apply(self, seq: int, version: str) -> None:
+        async with self.lock:  # a local reload in progress finishes (and publishes) first
+            if self.applied_seq is not None and seq <= self.applied_seq:
+                return  # this worker has applied or published a newer one
+            self.applied_seq = seq  # even if the load fails: it is not retried
+            log.info("reloading version %s, as another worker did (#%d)", version, seq)
+            with contextlib.suppress(Exception):  # `load` logs its own failures
+                await self.load(version)
+                self.applied += 1
+
+    async def _catch_up(self) -> None:
+        """Apply the last broadcast if it is newer than what this worker has seen; a
+        failure here is logged and the subscription kept."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                raw = await self.redis.get(self.last_key)
+                current = await self.redis.get(self.seq_key)
+        except ERRORS as exc:
+            log.warning("reload bus: no catch-up (redis): %s", type(exc).__name__)
+            return
+        parsed = self._parse(raw) if raw else None
+        if self.applied_seq is None:  # never reached Redis before: nothing to catch up on
+            self.applied_seq = int(current or 0)
+            return
+        if parsed is not None:
+            await self._apply(*parsed)
 
     async def _listen(self) -> None:
-        """Subscribe, catch up, then apply messages; on a Redis error, wait and retry."""
-        delay = self.retry_s
+        """Subscribe (nodes in turn), catch up, then apply messages; on a Redis error or
+        an unanswered PING, wait and start again."""
+        delay, attempt = self.retry_s, 0
         while not self.closing:
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            node = self.nodes[attempt % len(self.nodes)]
+            attempt += 1
+            pubsub = node.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)
                 self.subscribed = True
                 delay = self.retry_s
-                # what was published while this worker was not listening
-                last = await self.client.get(self.last_key)
-                if last is not None:
-                    await self._handle(last, live=False)
-                quiet = 0
+                await self._catch_up()
+                seen = time.monotonic()  # the last message of any kind, PONGs included
+                pinged: float | None = None
                 while not self.closing:
                     message = await pubsub.get_message(timeout=1.0)
-                    if message is None:
-                        quiet += 1
-                        if quiet % 5 == 0:  # a silently dead connection fails the ping
-                            await pubsub.ping()
+                    now = time.monotonic()
+                    if message is not None:
+                        seen = now
+                        if message.get("type") == "message":
+                            parsed = self._parse(message.get("data"))
+                            if parsed is not None:
+                                await self._apply(*parsed)
                         continue
-                    if message.get("type") == "message":
-                        await self._handle(message.get("data"), live=True)
+                    if pinged is not None and seen < pinged:
+                        if now - pinged > self.pong_timeout_s:
+                            raise ConnectionError("no answer to PING: the connection is dead")
+                    elif now - seen >= self.ping_s:
+                        await pubsub.ping()
+                        pinged = now
             except ERRORS as exc:
-                # a cancellation that met a client timeout can come out as TimeoutError
+                # a cancellation that met a client timeout can come out as a timeout error
                 if self.closing or _cancelling():
                     raise asyncio.CancelledError() from exc
-                log.warning("reload bus: %s; retrying in %.1f s", type(exc).__name__, delay)
+                log.warning("reload bus: %s; retrying in %.1f s", exc, delay)
             finally:
                 self.subscribed = False
                 with contextlib.suppress(*ERRORS, RuntimeError):
@@ -185,6 +272,7 @@ class ReloadBus:
             # the client; bounded either way
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(self.task, 5.0)
-        await self.client.aclose()
-        with contextlib.suppress(*ERRORS):
-            await self.client.connection_pool.disconnect()
+        for node in self.nodes:
+            with contextlib.suppress(*ERRORS):
+                await node.aclose()
+                await node.connection_pool.disconnect()

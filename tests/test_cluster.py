@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -91,6 +92,36 @@ def total_reads(probes: list[Redis]) -> int:
     return total
 
 
+def test_reload_reaches_the_other_worker_on_a_cluster(
+    built: Built, cluster: list[RedisProcess], tmp_path: Path
+) -> None:
+    """The broadcast's script and record go through the cluster client (one hash tag);
+    the listener subscribes on a node, and a PUBLISH reaches every node's subscribers."""
+    store = tmp_path / "models"
+    shutil.copytree(built.models_dir, store)
+    root = store / built.config.name
+    shutil.copytree(root / "1", root / "2")
+    # the nodes in a different order for each worker: they subscribe on different nodes
+    urls = [f"redis://127.0.0.1:{n.port}" for n in cluster]
+    kw = {"models_dir": str(store), "model_name": built.config.name, "model_version": "1",
+          "redis_cluster": True, "redis_timeout_ms": 1000, "api_key": "k"}  # fmt: skip
+    a_settings = Settings(redis_url=",".join(urls), **kw)  # type: ignore[arg-type]
+    b_settings = Settings(redis_url=",".join(urls[::-1]), **kw)  # type: ignore[arg-type]
+    with TestClient(create_app(a_settings)) as a, TestClient(create_app(b_settings)) as b:
+        for c in (a, b):
+            deadline = time.time() + 20
+            while not c.get("/v1/models").json()["reload_bus"]["subscribed"]:
+                assert time.time() < deadline
+                time.sleep(0.05)
+        r = a.post("/admin/reload", json={}, headers={"X-API-Key": "k"})
+        assert r.status_code == 200, r.text
+        assert r.json()["version"] == "2" and r.json()["peers_notified"] == 1
+        deadline = time.time() + 10
+        while b.get("/v1/models").json()["version"] != "2":
+            assert time.time() < deadline, b.get("/v1/models").json()
+            time.sleep(0.05)
+
+
 def test_cluster_load_score_round_trip_and_master_loss(
     built: Built, cluster: list[RedisProcess]
 ) -> None:
@@ -106,6 +137,7 @@ def test_cluster_load_score_round_trip_and_master_loss(
         redis_cluster=True,
         redis_timeout_ms=1000,
         request_timeout_ms=3000,
+        reload_channel="",  # its listener's PINGs would count as reads below
     )
     cands = [{"item_id": f"i{k}"} for k in range(25)]
     with TestClient(create_app(s)) as c:

@@ -4,6 +4,8 @@ same with `ctr serve --workers 2`."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import shutil
 import time
 import uuid
@@ -15,8 +17,10 @@ import orjson
 import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
 from service.app import create_app
+from service.reloadbus import ReloadBus
 from service.settings import Settings
 from tests.helpers import REDIS_URL, Built, build_bundle
 from tests.redis_proc import free_port
@@ -100,22 +104,143 @@ def test_reload_reaches_the_other_worker(built: Built, channel: str, tmp_path: P
 
 def test_a_worker_that_missed_the_message_catches_up(built: Built, channel: str) -> None:
     """A listener cut off from Redis reads the last broadcast when it subscribes again,
-    and applies it only if it is newer than its own last load."""
-    with TestClient(create_app(settings(built, channel))) as b:
-        assert until(lambda: info(b)["reload_bus"]["subscribed"])
-        bus = b.app.state.ctr.bus
+    and applies it only if its number is above what the worker has seen."""
+    with (
+        TestClient(create_app(settings(built, channel))) as a,
+        TestClient(create_app(settings(built, channel))) as b,
+    ):
+        for c in (a, b):
+            assert until(lambda c=c: info(c)["reload_bus"]["subscribed"])
+        bus_a, bus_b = a.app.state.ctr.bus, b.app.state.ctr.bus
         r = Redis.from_url(REDIS_URL)
-        stale = {**bus.deployment, "version": "2", "origin": "gone", "at": time.time() - 60}
-        r.set(bus.last_key, orjson.dumps(stale))
-        r.client_kill_filter(_type="pubsub")  # the listener reconnects, reads the record
+        # a broadcast b never heard: the record alone, as if b was away when it was sent
+        record = {**bus_a.deployment, "version": "2", "origin": bus_a.token,
+                  "seq": str(bus_b.applied_seq)}  # fmt: skip
+        r.set(bus_a.last_key, orjson.dumps(record))
+        r.client_kill_filter(_type="pubsub")  # both listeners reconnect and read it
         time.sleep(1.5)
-        assert info(b)["version"] == "1"  # older than its load: ignored
-        fresh = {**stale, "at": time.time()}
-        r.set(bus.last_key, orjson.dumps(fresh))
+        assert info(b)["version"] == "1"  # not newer than what b has seen: ignored
+        record["seq"] = str(bus_b.applied_seq + 1)
+        r.set(bus_a.last_key, orjson.dumps(record))
         r.client_kill_filter(_type="pubsub")
         assert until(lambda: info(b)["version"] == "2"), info(b)
-        assert bus.applied == 1
+        assert bus_b.applied == 1
+        assert info(a)["version"] == "1"  # its own record (origin): never applied
         r.close()
+
+
+class Worker:
+    """A stand-in worker around a real ReloadBus: its load takes ``load_s`` seconds."""
+
+    def __init__(self, channel: str, load_s: float) -> None:
+        self.version, self.load_s, self.lock = "1", load_s, asyncio.Lock()
+        self.redis = AsyncRedis.from_url(REDIS_URL)
+        self.bus = ReloadBus(self.redis, REDIS_URL, channel, "/tmp/bus-test", "din", 1.0,
+                             1.0, self.lock, self.load, retry_s=0.1)  # fmt: skip
+
+    async def load(self, version: str, load_s: float | None = None) -> None:
+        await asyncio.sleep(self.load_s if load_s is None else load_s)
+        self.version = version
+
+    async def admin(self, version: str, load_s: float) -> int | None:
+        """As POST /admin/reload: load and publish under the reload lock."""
+        async with self.lock:
+            await self.load(version, load_s)
+            return await self.bus.publish(version)
+
+    async def close(self) -> None:
+        await self.bus.aclose()
+        await self.redis.aclose()
+
+
+def test_concurrent_reloads_leave_every_worker_on_the_last_published(channel: str) -> None:
+    """Two admins at once: w1 loads 5 slowly, w2 loads 6 and publishes first. Every worker
+    must end on 5 (published last), including w1, which answered 5."""
+
+    async def scenario() -> dict[str, str]:
+        ws = {name: Worker(channel, 0.2) for name in ("w1", "w2", "w3")}
+        for w in ws.values():
+            await w.bus.baseline()
+            w.bus.start()
+        for w in ws.values():
+            while not w.bus.subscribed:
+                await asyncio.sleep(0.05)
+        slow = asyncio.create_task(ws["w1"].admin("5", 1.0))
+        await asyncio.sleep(0.2)
+        assert await ws["w2"].admin("6", 0.3) == 2
+        assert await slow == 2
+        await asyncio.sleep(1.5)
+        out = {name: w.version for name, w in ws.items()}
+        for w in ws.values():
+            await w.close()
+        return out
+
+    assert asyncio.run(scenario()) == {"w1": "5", "w2": "5", "w3": "5"}
+
+
+def test_a_silently_dead_connection_is_found_and_caught_up(channel: str) -> None:
+    """A path that drops traffic without closing (NAT timeout, partition): the unanswered
+    PING makes the listener reconnect, and the broadcast it missed is applied."""
+
+    async def scenario() -> tuple[bool, str, int]:
+        frozen = asyncio.Event()
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await r.read(65536):
+                    if not frozen.is_set():  # frozen: swallowed, nothing closes
+                        w.write(data)
+                        await w.drain()
+
+        async def handle(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+            rr, rw = await asyncio.open_connection("127.0.0.1", 6379)
+            await asyncio.gather(pipe(cr, rw), pipe(rr, cw))
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        via_proxy = REDIS_URL.replace("127.0.0.1:6379", f"127.0.0.1:{port}")
+        w = Worker(channel, 0.0)
+        listener = ReloadBus(
+            w.redis,
+            via_proxy,
+            channel,
+            "/tmp/bus-test",
+            "din",
+            1.0,
+            1.0,
+            w.lock,
+            w.load,
+            retry_s=0.1,
+            ping_s=0.3,
+            pong_timeout_s=0.5,
+        )
+        await w.bus.aclose()  # fmt: skip
+        w.bus = listener
+        await listener.baseline()
+        listener.start()
+        while not listener.subscribed:
+            await asyncio.sleep(0.05)
+        frozen.set()
+        other = Worker(channel, 0.0)
+        await other.bus.baseline()
+        # Redis still counts the dead path's subscription; the listener never gets it
+        assert await other.admin("7", 0.0) == 1
+        deadline = time.monotonic() + 5
+        while listener.subscribed and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        found = not listener.subscribed
+        # a dead path reconnects and catches up once it carries traffic again
+        frozen.clear()
+        deadline = time.monotonic() + 10
+        while w.version != "7" and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        result = (found, w.version, listener.applied)
+        await w.close()
+        await other.close()
+        server.close()
+        return result
+
+    assert asyncio.run(scenario()) == (True, "7", 1)
 
 
 def test_redis_down_reloads_this_worker_only(built: Built, channel: str) -> None:
