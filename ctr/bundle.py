@@ -241,7 +241,10 @@ def load_bundle(models_dir: str | Path, name: str, version: str | int = "latest"
     model = path / MODEL_FILE
     if not model.is_file():
         raise BundleError(f"model file missing: {model}")
-    digest = sha256_file(model)
+    try:
+        digest = sha256_file(model)
+    except OSError as exc:  # unreadable (permissions, I/O error, removed meanwhile)
+        raise BundleError(f"model file {model} is unreadable: {exc}") from exc
     if digest != manifest.get("onnx_sha256"):
         raise BundleError(
             f"model file {model} is corrupt: sha256 {digest[:12]}… does not match the manifest"

@@ -53,9 +53,14 @@ def split_sequence(raw: Any, delimiter: str) -> list[Any]:
     return list(raw)
 
 
+# the largest float32: a dense value beyond it would become inf in the graph's feed
+F32_MAX = float(np.finfo(np.float32).max)
+
+
 def to_float(raw: Any, spec: FeatureSpec) -> float:
-    """Dense value: missing/NaN/inf -> default; ``log1p`` applied to non-negatives."""
-    if type(raw) is float and math.isfinite(raw):  # the common case
+    """Dense value: missing/NaN/inf -> default; ``log1p`` applied to non-negatives; a
+    result outside float32's range (e.g. ``1e39``) -> default, as inf is."""
+    if type(raw) is float and -F32_MAX <= raw <= F32_MAX:  # the common case (not NaN)
         return math.log1p(max(raw, 0.0)) if spec.log1p else raw
     try:
         v = float(raw) if raw is not None and raw != "" else spec.default
@@ -65,6 +70,8 @@ def to_float(raw: Any, spec: FeatureSpec) -> float:
         v = spec.default
     if spec.log1p:
         v = math.log1p(max(v, 0.0))
+    if not -F32_MAX <= v <= F32_MAX:
+        v = spec.default
     return v
 
 

@@ -37,6 +37,7 @@ from service.errors import (
     DeadlineExceeded,
     MalformedJSON,
     ModelNotReady,
+    NonFiniteScore,
     Overloaded,
     PayloadTooLarge,
     ServiceError,
@@ -66,7 +67,7 @@ from service.store import (
     fetch_items,
     make_client,
 )
-from service.validate import parse_event, parse_score, safe_field
+from service.validate import has_surrogate, parse_event, parse_score, safe_field
 
 log = logging.getLogger("ctr.service")
 
@@ -373,7 +374,8 @@ def _check_key(state: State, header: Callable[[str], str | None], admin: bool = 
             raise AdminDisabled("admin endpoints need CTR_API_KEY to be set", "X-API-Key")
         return
     given = header("x-api-key") or ""
-    if not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
+    # header values arrive as latin-1 text: back to the bytes sent, against the key's UTF-8
+    if not hmac.compare_digest(given.encode("latin-1"), key.get_secret_value().encode()):
         raise Unauthorized("missing or wrong X-API-Key", "X-API-Key")
 
 
@@ -445,13 +447,24 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
         items = item_columns(config, [ev.item_id], [payload])
         needed = {t.source for t in config.sequence_targets}
         items.missing = {k: v for k, v in items.missing.items() if k in needed}
-        lookups = items.take_cached(state.item_cache)
+        # from Redis, not the item cache: a cached "absent" or an old value written into
+        # a behaviour would stay in the user's history for good
+        ids = items.ids
+        lookups = {src: [ids[k] for k in holes] for src, holes in items.missing.items()}
         assert state.reader is not None and state.events is not None
         try:
             if lookups:
                 async with asyncio.timeout(s.redis_timeout_ms / 1000):
-                    items.fill(await fetch_items(state.reader, lookups))
-            payload.update({k: v[0] for k, v in items.values.items() if v[0] is not None})
+                    fetched = await fetch_items(state.reader, lookups)
+                for source, found in fetched.items():
+                    state.item_cache.put(source, lookups[source], found)
+                items.fill(fetched)
+            for k, col in items.values.items():
+                v = col[0]
+                if isinstance(v, str) and has_surrogate(v):  # stored bytes that are not UTF-8
+                    log.warning("item %s: stored %s is not UTF-8; left out", ev.item_id, k)
+                elif v is not None:
+                    payload[k] = v
             payload.update({"type": ev.type, "ts": ev.timestamp})
             appended = await asyncio.wait_for(
                 state.events.append(
@@ -593,8 +606,11 @@ async def _score(state: State, model: LoadedModel, req: Any) -> Response:
     t1 = STAGE_CLOCK()
     # rows with a missing feature because the store failed are not cached
     cands.finish(bundle, model.rows, cacheable=not (degraded and lookups))
+    # only the context keys the model reads: the others must not be kept with the
+    # user's cached rows, nor make them miss
+    context = {k: v for k, v in req.context.items() if k in model.context_sources}
     prepared = build_feeds(
-        bundle, req.user_id, req.context, data, cands.sparse, cands.dense, model.users
+        bundle, req.user_id, context, data, cands.sparse, cands.dense, model.users
     )
     t2 = STAGE_CLOCK()
     executor = model.executor or state.executor  # a CUDA-graph model runs on its own thread
@@ -608,6 +624,13 @@ async def _score(state: State, model: LoadedModel, req: Any) -> Response:
         m.BATCH_USERS.observe(1)  # one user per graph call without micro-batching
     t3 = STAGE_CLOCK()
     probs = outs[0]
+    if not np.isfinite(probs).all():  # a 500 that says so, never `null` as a probability
+        bad = np.flatnonzero(~np.isfinite(probs))
+        log.error("non-finite scores for %d of %d candidates", bad.size, probs.size)
+        raise NonFiniteScore(
+            f"the model returned no finite score for {bad.size} candidate(s)",
+            f"candidates[{int(bad[0])}]",
+        )
     order = np.argsort(-probs, kind="stable")
     if req.top_k is not None:
         order = order[: req.top_k]

@@ -53,6 +53,13 @@ class DeadlineExceeded(ServiceError):
     kind = "deadline_exceeded"
 
 
+class NonFiniteScore(ServiceError):
+    """The graph returned NaN/inf for a candidate: never served as a score."""
+
+    status = 500
+    kind = "non_finite_score"
+
+
 class AdminDisabled(ServiceError):
     status = 403
     kind = "admin_disabled"

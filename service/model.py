@@ -72,6 +72,12 @@ class LoadedModel:
     batcher: Batcher | None = None  # cross-request micro-batching, when enabled
     users: UserRowCache = field(default_factory=lambda: UserRowCache(0))  # encoded users
 
+    @functools.cached_property
+    def context_sources(self) -> frozenset[str]:
+        """Request ``context`` keys the model reads: its user-side features' sources."""
+        c = self.bundle.config
+        return frozenset(f.source for f in c.user_sparse + c.user_dense)
+
     @property
     def name(self) -> str:
         return self.bundle.name

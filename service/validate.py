@@ -22,13 +22,14 @@ _BAD_ID = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _has_surrogate(s: str) -> bool:
+def has_surrogate(s: str) -> bool:
+    """Lone surrogates: the undecodable bytes of ``surrogateescape``, not valid UTF-8."""
     return _SURROGATE.search(s) is not None
 
 
 def safe_field(name: str) -> str:
     """A field name that can always be serialised (lone surrogates escaped)."""
-    return name if not _has_surrogate(name) else ascii(name)[1:-1]
+    return name if not has_surrogate(name) else ascii(name)[1:-1]
 
 
 def check_id(value: Any, field: str, max_len: int) -> str:
@@ -41,7 +42,7 @@ def check_id(value: Any, field: str, max_len: int) -> str:
         raise BadRequest(f"{field} must not be empty", field)
     if len(s) > max_len:
         raise BadRequest(f"{field} is longer than {max_len} characters", field)
-    if _has_surrogate(s):
+    if has_surrogate(s):
         raise BadRequest(f"{field} contains unpaired surrogates", field)
     if _BAD_ID.search(s):
         raise BadRequest(f"{field} contains control characters", field)
@@ -53,7 +54,7 @@ def check_features(value: Any, field: str, max_len: int) -> dict[str, Any]:
         raise BadRequest(f"{field} must be an object", field)
     for k, v in value.items():
         where = f"{field}.{safe_field(k)}"
-        if _has_surrogate(k):
+        if has_surrogate(k):
             raise BadRequest(f"{where}: key contains unpaired surrogates", where)
         if v is None:
             continue
@@ -63,7 +64,7 @@ def check_features(value: Any, field: str, max_len: int) -> dict[str, Any]:
             raise BadRequest(f"{where} must be a finite number", where)
         if isinstance(v, int) and not isinstance(v, bool) and not -INT64 <= v < INT64:
             raise BadRequest(f"{where} is outside the 64-bit integer range", where)
-        if isinstance(v, str) and (len(v) > max_len or _has_surrogate(v)):
+        if isinstance(v, str) and (len(v) > max_len or has_surrogate(v)):
             raise BadRequest(f"{where} is longer than {max_len} characters or not valid UTF-8",
                              where)  # fmt: skip
     return value
@@ -198,7 +199,7 @@ def parse_event(obj: Any, max_id_len: int) -> EventInput:
     f = obj.get("features")
     features = {} if f is None else check_features(f, "features", max_id_len)
     etype = obj.get("type", "click")
-    if not isinstance(etype, str) or not etype or len(etype) > 32 or _has_surrogate(etype):
+    if not isinstance(etype, str) or not etype or len(etype) > 32 or has_surrogate(etype):
         raise BadRequest("type must be a non-empty string of at most 32 characters", "type")
     ts = obj["timestamp"]
     bad = isinstance(ts, bool) or not isinstance(ts, int | float)

@@ -268,3 +268,14 @@ def test_empty_api_key_is_no_key(tmp_path: Any, monkeypatch: pytest.MonkeyPatch)
     with TestClient(create_app(s)) as c:
         check(c.post("/admin/reload", json={}), 403, "X-API-Key", "admin_disabled")
         check(c.post("/admin/reload", json={}, headers={"X-API-Key": ""}), 403, "X-API-Key")
+
+
+def test_a_non_ascii_api_key_matches_its_utf8_bytes(tmp_path: Any) -> None:
+    built: Built = build_bundle(tmp_path, "din")
+    s = Settings(models_dir=str(built.models_dir), model_name=built.config.name,
+                 redis_url=REDIS_URL, api_key="clé-ü")  # fmt: skip
+    with TestClient(create_app(s)) as c:
+        ok = c.post("/admin/reload", json={}, headers={"X-API-Key": "clé-ü".encode()})
+        assert ok.status_code == 200, ok.text
+        bad = c.post("/admin/reload", json={}, headers={"X-API-Key": b"cle-u"})
+        check(bad, 401, "X-API-Key", "unauthorized")

@@ -375,3 +375,21 @@ def _edit(text: str, keys: list[str], value: Any) -> str:
         node = node[k]
     node[keys[-1]] = value
     return json.dumps(data)
+
+
+def test_an_unreadable_model_file_is_a_bundle_error(
+    exported: Callable[[str], Exported], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An I/O error reading model.onnx (a failing network volume, a file removed meanwhile)
+    is a BundleError: the service then runs not-ready at start, or answers 409 to a reload,
+    as docs/api.md says, instead of crashing or a 500."""
+    import ctr.bundle as cb
+
+    ex = exported("din")
+
+    def failing(path: Path) -> str:
+        raise OSError(5, "Input/output error", str(path))
+
+    monkeypatch.setattr(cb, "sha256_file", failing)
+    with pytest.raises(BundleError, match="unreadable"):
+        load_bundle(ex.models_dir, ex.name, ex.version)

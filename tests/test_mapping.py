@@ -235,3 +235,18 @@ def test_numeric_forms_agree(x: int | float) -> None:
     if isinstance(x, int):
         assert normalize(x) == normalize(str(x)) == normalize(np.int64(x))
         assert normalize(float(x)) == str(x)  # exact below 2**53
+
+
+def test_dense_values_beyond_float32_get_the_default() -> None:
+    """1e39 is a finite float64 but inf in the float32 feed (and NaN scores after it):
+    it takes the default, as inf does, in training and serving alike (one function)."""
+    from ctr.encode import F32_MAX, to_float
+    from ctr.spec import FeatureSpec
+
+    plain = FeatureSpec(name="price", kind="dense", side="item", default=0.5)
+    logged = FeatureSpec(name="price", kind="dense", side="item", log1p=True)
+    for raw in (1e39, -1e39, "1e39", 3.5e38, float("inf"), "nan"):
+        assert to_float(raw, plain) == 0.5, raw
+    assert to_float(F32_MAX, plain) == F32_MAX and to_float(1e30, plain) == 1e30
+    # with log1p the value fits again: log1p(1e39) is about 89.8
+    assert 89 < to_float(1e39, logged) < 90 and np.isfinite(np.float32(to_float(1e39, logged)))
