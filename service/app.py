@@ -465,7 +465,9 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
                     log.warning("item %s: stored %s is not UTF-8; left out", ev.item_id, k)
                 elif v is not None:
                     payload[k] = v
-            payload.update({"type": ev.type, "ts": ev.timestamp})
+            # the event's own fields never replace an item feature of the same name
+            payload.setdefault("type", ev.type)
+            payload.setdefault("ts", ev.timestamp)
             appended = await asyncio.wait_for(
                 state.events.append(
                     ev.user_id,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,9 @@ class ItemColumns:
 
     values: dict[str, list[Any]]
     missing: dict[str, list[int]]
+    # the earliest expiry of the item-cache values used (monotonic clock): rows encoded
+    # from them must not be kept longer
+    expires: float = math.inf
 
     @property
     def ids(self) -> list[Any]:
@@ -44,7 +48,8 @@ class ItemColumns:
         lookups: dict[str, list[str]] = {}
         for source, holes in list(self.missing.items()):
             wanted = [ids[k] for k in holes]
-            cached, missed = cache.get_many(source, wanted)
+            cached, missed, earliest = cache.get_many(source, wanted)
+            self.expires = min(self.expires, earliest)
             col = self.values[source]
             for k, v in zip(holes, cached, strict=True):
                 col[k] = v
@@ -109,7 +114,7 @@ class Candidates:
         if cacheable and rows.enabled:
             keep = [k for k, p in enumerate(self.plain) if p]
             ids = self.items.ids
-            rows.store([ids[k] for k in keep], its[keep], itd[keep])
+            rows.store([ids[k] for k in keep], its[keep], itd[keep], self.items.expires)
 
 
 def candidates(

@@ -17,6 +17,7 @@ a reload starts empty. It is only touched from the event loop thread.
 
 from __future__ import annotations
 
+import math
 import time
 from itertools import repeat
 
@@ -55,8 +56,13 @@ class ItemRowCache:
             slots[stale] = -1
         return slots
 
-    def store(self, ids: list[str], sparse: np.ndarray, dense: np.ndarray) -> None:
-        """Keep the rows ``sparse [K, Fi]`` / ``dense [K, Di]`` for ``ids`` (K IDs)."""
+    def store(
+        self, ids: list[str], sparse: np.ndarray, dense: np.ndarray, expires: float = math.inf
+    ) -> None:
+        """Keep the rows ``sparse [K, Fi]`` / ``dense [K, Di]`` for ``ids`` (K IDs) until
+        the TTL ends, or until ``expires`` (``time.monotonic()``) if that is sooner: the
+        item-cache values they were encoded from expire then, and a row must not outlive
+        them (so a row is never older than the TTL)."""
         if not self.enabled or not ids:
             return
         ids = ids[-self.size :]  # more rows than slots: the last ones win
@@ -75,4 +81,4 @@ class ItemRowCache:
             slots[k] = slot
         self.sparse[slots] = sparse
         self.dense[slots] = dense
-        self.expiry[slots] = time.monotonic() + self.ttl
+        self.expiry[slots] = min(time.monotonic() + self.ttl, expires)

@@ -26,6 +26,7 @@ the request is one round trip to one node there too.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -94,22 +95,26 @@ class ItemCache:
         self.size = size
         self.data: dict[tuple[str, str], tuple[str | None, float]] = {}
 
-    def get_many(self, feature: str, ids: list[str]) -> tuple[list[str | None], list[int]]:
-        """Cached values for ``ids`` (None where missing) and the positions that missed."""
+    def get_many(self, feature: str, ids: list[str]) -> tuple[list[str | None], list[int], float]:
+        """Cached values for ``ids`` (None where missing), the positions that missed, and
+        the earliest expiry (``time.monotonic()`` clock) among the values returned."""
         if self.ttl <= 0:
-            return [None] * len(ids), list(range(len(ids)))
+            return [None] * len(ids), list(range(len(ids))), math.inf
         now = time.monotonic()
         get = self.data.get
         values: list[str | None] = []
         missed: list[int] = []
+        earliest = math.inf
         for k, i in enumerate(ids):
             entry = get((feature, i))
             if entry is not None and entry[1] > now:
                 values.append(entry[0])
+                if entry[1] < earliest:
+                    earliest = entry[1]
             else:
                 values.append(None)
                 missed.append(k)
-        return values, missed
+        return values, missed, earliest
 
     def put(self, feature: str, ids: list[str], values: list[str | None]) -> None:
         if self.ttl <= 0:
@@ -255,8 +260,13 @@ def _pairs(reply: Any) -> dict[str, str]:
 
 
 def _events(raw: list[bytes]) -> list[dict[str, Any]]:
-    """The stored behaviours, oldest first; entries that are not JSON objects are skipped."""
+    """The stored behaviours, oldest first by their timestamp (``ts``; arrival order among
+    equal ones, and for those without one, e.g. loaded by ``ctr load``, which sort first):
+    a retried or late event takes its place in time, as in training histories. Entries
+    that are not JSON objects are skipped."""
     events = []
+    ordered = True
+    last = -math.inf
     for one in raw:
         try:
             ev = orjson.loads(one)
@@ -264,7 +274,17 @@ def _events(raw: list[bytes]) -> list[dict[str, Any]]:
             continue
         if isinstance(ev, dict):
             events.append(ev)
+            t = _ts(ev)
+            ordered = ordered and t >= last
+            last = max(last, t)
+    if not ordered:
+        events.sort(key=_ts)  # stable
     return events
+
+
+def _ts(ev: dict[str, Any]) -> float:
+    t = ev.get("ts")
+    return float(t) if type(t) in (int, float) and math.isfinite(t) else -math.inf
 
 
 def _item_commands(lookups: dict[str, list[str]]) -> tuple[list[str], list[tuple[Any, ...]]]:

@@ -72,3 +72,28 @@ def test_expiry_and_disabled() -> None:
     off = ItemRowCache(0, 4, 2, 1)
     off.store(["a"], *rows(["a"], 1))
     assert off.lookup(["a"]).tolist() == [-1] and len(off) == 0
+
+
+def test_a_row_never_outlives_the_item_values_it_was_encoded_from() -> None:
+    """Rows encoded from item-cache values that are already old expire with those values,
+    not a full TTL later (staleness stays within CTR_ITEM_CACHE_TTL_S)."""
+    from service.features import ItemColumns
+    from service.store import ItemCache
+
+    items = ItemCache(0.3, 100)
+    items.put("cate_id", ["z"], ["c9"])
+    put_at = time.monotonic()
+    time.sleep(0.15)
+    cols = ItemColumns({"item_id": ["z", "y"], "cate_id": [None, None]}, {"cate_id": [0, 1]})
+    assert cols.take_cached(items) == {"cate_id": ["y"]}  # z from the cache, y to fetch
+    assert cols.values["cate_id"][0] == "c9"
+    assert put_at + 0.29 <= cols.expires <= put_at + 0.31  # z's value expires then
+    cache = ItemRowCache(0.3, 4, 2, 1)
+    cache.store(["z"], *rows(["z"], 1), cols.expires)
+    assert cache.lookup(["z"])[0] >= 0
+    time.sleep(0.2)  # past z's item value (0.35 s), within a TTL of the row's store (0.2 s)
+    assert cache.lookup(["z"]).tolist() == [-1]
+    # without item-cache values (all fetched), rows keep the whole TTL
+    fetched = ItemColumns({"item_id": ["w"], "cate_id": [None]}, {"cate_id": [0]})
+    fetched.take_cached(items)
+    assert fetched.expires == float("inf")

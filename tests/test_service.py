@@ -483,3 +483,15 @@ def test_a_non_finite_score_is_a_500_that_says_so(built: Built, redis_db: Redis)
         )
         assert r.status_code == 500, r.text
         assert r.json()["error"] == "non_finite_score" and r.json()["field"] == "candidates[1]"
+
+
+def test_event_fields_never_replace_an_item_feature(redis_db: Redis, client: TestClient) -> None:
+    """An item feature named like the event's own fields (`type`, `ts`) is stored as the
+    item's value: a sequence that reads it must see what training saw."""
+    user = "event-user-5"
+    redis_db.delete(user_key(user, "seq"), user_key(user, "events"))
+    ev = {"user_id": user, "event_id": "k1", "item_id": "i3", "type": "click",
+          "timestamp": 7.0, "features": {"type": "bundle-offer"}}  # fmt: skip
+    assert client.post("/v1/events", json=ev).json()["appended"] is True
+    stored = stored_history(redis_db, user)[-1]
+    assert stored["type"] == "bundle-offer" and stored["ts"] == 7.0

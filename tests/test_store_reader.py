@@ -246,3 +246,28 @@ def test_a_timeout_is_not_retried(rp: RedisProcess) -> None:
     timed_out, new_connections = asyncio.run(go())
     assert timed_out
     assert new_connections == 1  # the blocker's own; a retry would have opened one more
+
+
+def test_behaviours_come_back_in_time_order(rp: RedisProcess) -> None:
+    """A retried or late event is stored after newer ones (RPUSH order); the history read
+    for scoring is in timestamp order, as training histories are. Behaviours without a
+    timestamp (written by `ctr load`) stay first, in their order."""
+    r = rp.client()
+    user = "time-order-user"
+    r.delete(user_key(user, "seq"))
+    stored = [{"item_id": "old1"}, {"item_id": "old2"},  # from `ctr load`: no ts
+              {"item_id": "b", "ts": 20.0}, {"item_id": "a", "ts": 10.0},  # a: retried
+              {"item_id": "c", "ts": 30}, {"item_id": "c2", "ts": 30.0}]  # fmt: skip
+    r.rpush(user_key(user, "seq"), *[orjson.dumps(e) for e in stored])
+
+    async def go() -> list[str]:
+        client = make_client(rp.url, False, 1.0, 1.0, 4)
+        reader = Reader(client, 4)
+        try:
+            data = await fetch(reader, user, 10, {})
+            return [e["item_id"] for e in data.events]
+        finally:
+            await reader.aclose()
+            await client.aclose()
+
+    assert asyncio.run(go()) == ["old1", "old2", "a", "b", "c", "c2"]
