@@ -16,18 +16,18 @@ from tests.helpers import REDIS_URL, Built, build_bundle
 C = [{"item_id": "i1"}, {"item_id": "i2"}]
 
 
-@pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    built: Built = build_bundle(tmp_path_factory.mktemp("bad"), "din")
-    s = Settings(
-        models_dir=str(built.models_dir),
-        model_name=built.config.name,
-        redis_url=REDIS_URL,
-        max_candidates=50,
-        max_body_bytes=20_000,
-    )
+def serve(tmp: Any, **settings: Any) -> Iterator[TestClient]:
+    """The app on a fresh DIN bundle in ``tmp``, with these settings."""
+    built: Built = build_bundle(tmp, "din")
+    s = Settings(models_dir=str(built.models_dir), model_name=built.config.name,
+                 redis_url=REDIS_URL, **settings)  # fmt: skip
     with TestClient(create_app(s)) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    yield from serve(tmp_path_factory.mktemp("bad"), max_candidates=50, max_body_bytes=20_000)
 
 
 def check(r: Any, status: int, field: str | None, error: str | None = None) -> None:
@@ -226,15 +226,7 @@ def test_bad_event(client: TestClient, name: str, body: Any, field: str) -> None
 
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    built: Built = build_bundle(tmp_path_factory.mktemp("keyed"), "din")
-    s = Settings(
-        models_dir=str(built.models_dir),
-        model_name=built.config.name,
-        redis_url=REDIS_URL,
-        api_key="k3y",
-    )
-    with TestClient(create_app(s)) as c:
-        yield c
+    yield from serve(tmp_path_factory.mktemp("keyed"), api_key="k3y")
 
 
 KEY = {"X-API-Key": "k3y"}
@@ -271,10 +263,7 @@ def test_empty_api_key_is_no_key(tmp_path: Any, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_a_non_ascii_api_key_matches_its_utf8_bytes(tmp_path: Any) -> None:
-    built: Built = build_bundle(tmp_path, "din")
-    s = Settings(models_dir=str(built.models_dir), model_name=built.config.name,
-                 redis_url=REDIS_URL, api_key="clé-ü")  # fmt: skip
-    with TestClient(create_app(s)) as c:
+    for c in serve(tmp_path, api_key="clé-ü"):
         ok = c.post("/admin/reload", json={}, headers={"X-API-Key": "clé-ü".encode()})
         assert ok.status_code == 200, ok.text
         bad = c.post("/admin/reload", json={}, headers={"X-API-Key": b"cle-u"})
