@@ -44,7 +44,13 @@ from service.errors import (
     StoreUnavailable,
     Unauthorized,
 )
-from service.features import build_feeds, candidates, history_items, item_columns
+from service.features import (
+    build_feeds,
+    candidates,
+    history_items,
+    item_columns,
+    stamp_event,
+)
 from service.model import LoadedModel, ProviderError, load_model
 from service.reloadbus import ReloadBus
 from service.schemas import (
@@ -465,9 +471,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
                     log.warning("item %s: stored %s is not UTF-8; left out", ev.item_id, k)
                 elif v is not None:
                     payload[k] = v
-            # the event's own fields never replace an item feature of the same name
-            payload.setdefault("type", ev.type)
-            payload.setdefault("ts", ev.timestamp)
+            stamp_event(payload, needed, ev.type, ev.timestamp)
             appended = await asyncio.wait_for(
                 state.events.append(
                     ev.user_id,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,9 +33,9 @@ class ItemColumns:
 
     values: dict[str, list[Any]]
     missing: dict[str, list[int]]
-    # the earliest expiry of the item-cache values used (monotonic clock): rows encoded
-    # from them must not be kept longer
-    expires: float = math.inf
+    # per candidate, the earliest expiry of the item-cache values it used (monotonic
+    # clock; absent: none used): its encoded row must not be kept longer
+    expires: dict[int, float] = field(default_factory=dict)
 
     @property
     def ids(self) -> list[Any]:
@@ -48,11 +48,13 @@ class ItemColumns:
         lookups: dict[str, list[str]] = {}
         for source, holes in list(self.missing.items()):
             wanted = [ids[k] for k in holes]
-            cached, missed, earliest = cache.get_many(source, wanted)
-            self.expires = min(self.expires, earliest)
+            cached, missed, expiries = cache.get_many(source, wanted)
             col = self.values[source]
-            for k, v in zip(holes, cached, strict=True):
+            expires = self.expires
+            for k, v, e in zip(holes, cached, expiries, strict=True):
                 col[k] = v
+                if e < expires.get(k, math.inf):
+                    expires[k] = e
             if missed:
                 self.missing[source] = [holes[j] for j in missed]
                 lookups[source] = [wanted[j] for j in missed]
@@ -66,6 +68,18 @@ class ItemColumns:
             col = self.values[source]
             for k, v in zip(self.missing.get(source, []), values, strict=True):
                 col[k] = v
+
+
+EVENT_FIELDS = ("type", "ts")
+
+
+def stamp_event(payload: dict[str, Any], needed: set[str], etype: str, ts: float) -> None:
+    """Add the event's ``type`` and timestamp (``ts``: the history's time order) to the
+    stored behaviour ``payload``, in place. Only where a sequence reads an item feature of
+    that name (``needed``: the sequence targets' sources) does the item's value stay."""
+    for key, value in zip(EVENT_FIELDS, (etype, ts), strict=True):
+        if key not in needed or key not in payload:
+            payload[key] = value
 
 
 def item_columns(
@@ -114,7 +128,9 @@ class Candidates:
         if cacheable and rows.enabled:
             keep = [k for k, p in enumerate(self.plain) if p]
             ids = self.items.ids
-            rows.store([ids[k] for k in keep], its[keep], itd[keep], self.items.expires)
+            expires = self.items.expires
+            until = np.array([expires.get(k, math.inf) for k in keep]) if expires else None
+            rows.store([ids[k] for k in keep], its[keep], itd[keep], until)
 
 
 def candidates(

@@ -14,9 +14,12 @@ after a failed local reload.
   applied or published, and checks that under the app's reload lock. So two operators
   reloading different versions at once leave every worker on the one published last,
   and no wall clock of any worker is compared with another's.
-* **Who listens.** The channel is ``<CTR_RELOAD_CHANNEL>:<hash>`` of the model store and
-  model name (``CTR_MODELS_DIR``, ``CTR_MODEL_NAME``), so other deployments on the same
-  Redis neither hear it nor count as receivers.
+* **Who listens.** The channel is ``<CTR_RELOAD_CHANNEL>:<hash>`` of the Redis database
+  number, the model store's path and the model name (``CTR_MODELS_DIR``,
+  ``CTR_MODEL_NAME``): workers that share all three are one deployment (pub/sub itself
+  ignores database numbers). Two deployments that share them, e.g. a canary next to
+  production on one Redis database and the same image, must set different
+  ``CTR_RELOAD_CHANNEL`` values.
 * **A worker that was not listening** (starting up, Redis restarted, a dead connection)
   catches up when it subscribes: it reads the last-broadcast record and applies it if
   its number is newer than what the worker has seen. At start-up the worker notes the
@@ -39,19 +42,27 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlparse
 
 import orjson
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 log = logging.getLogger("ctr.service.reload")
 
-ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+# what a Redis call may raise, including a cluster client's own errors; a malformed
+# number or record (ValueError) is treated the same way
+ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError, ValueError)
+_DIGITS = re.compile(r"[0-9]{1,20}")
+# the bus's own calls are off the request path: a bound for a slow or loading Redis,
+# not the scoring reads' CTR_REDIS_TIMEOUT_MS
+MIN_TIMEOUT_S = 2.0
 RECORD_TTL_S = 30 * 24 * 3600  # the catch-up record outlives any reconnect worth catching up
 
 # KEYS: sequence, record; ARGV: message (JSON, without "seq"), channel, record TTL (s).
@@ -106,7 +117,8 @@ class ReloadBus:
         # one channel and one record per deployment: the store's path and the model name,
         # hashed to a short suffix; the keys share a hash tag (one cluster slot)
         where = os.path.abspath(models_dir)
-        digest = hashlib.sha1(f"{where}\0{model_name}".encode()).hexdigest()[:16]
+        db = (urlparse(node_urls(url)[0]).path or "/0").strip("/") or "0"
+        digest = hashlib.sha1(f"{db}\0{where}\0{model_name}".encode()).hexdigest()[:16]
         self.channel = f"{channel}:{digest}"
         tag = "{" + f"{channel}:{digest}" + "}"
         self.seq_key = f"{tag}:seq"
@@ -114,7 +126,7 @@ class ReloadBus:
         self.deployment = {"models_dir": where, "model": model_name}
         self.token = uuid.uuid4().hex  # this worker
         self.redis = redis
-        self.timeout_s = timeout_s
+        self.timeout_s = max(timeout_s, MIN_TIMEOUT_S)
         self.lock = lock
         self.load = load
         self.retry_s = retry_s
@@ -123,9 +135,15 @@ class ReloadBus:
         self.applied_seq: int | None = None  # None: not known yet (Redis not reached)
         self.subscribed = False
         self.applied = 0  # other workers' reloads applied here
+        self.catch_ups = 0  # subscriptions made and caught up (one per (re)connect)
         # the listener's own connections (one per node, made on first use): a blocking
         # read must not hold one of the scoring pool's connections
-        opts = {"socket_timeout": max(timeout_s, 1.0), "socket_connect_timeout": connect_timeout_s}
+        # named, so `CLIENT LIST` shows which connections are reload listeners
+        opts = {
+            "socket_timeout": self.timeout_s,
+            "socket_connect_timeout": max(connect_timeout_s, 1.0),
+            "client_name": f"ctr-reload-bus:{self.token[:12]}",
+        }
         self.nodes = [Redis.from_url(u, max_connections=2, **opts) for u in node_urls(url)]
         self.task: asyncio.Task[None] | None = None
         self.closing = False
@@ -135,7 +153,7 @@ class ReloadBus:
         try:
             async with asyncio.timeout(self.timeout_s):
                 raw = await self.redis.get(self.seq_key)
-            self.applied_seq = int(raw or 0)
+            self.applied_seq = int(raw or 0)  # a malformed one: ValueError, in ERRORS
         except ERRORS as exc:
             log.warning("reload bus: no baseline (redis): %s", type(exc).__name__)
 
@@ -184,7 +202,7 @@ class ReloadBus:
         if (
             not isinstance(msg, dict)
             or not isinstance(msg.get("version"), str)
-            or not str(msg.get("seq", "")).isdigit()
+            or not _DIGITS.fullmatch(str(msg.get("seq", "")))
         ):
             log.warning("ignored a malformed reload message on %s", self.channel)
             return None
@@ -205,15 +223,10 @@ class ReloadBus:
                 self.applied += 1
 
     async def _catch_up(self) -> None:
-        """Apply the last broadcast if it is newer than what this worker has seen; a
-        failure here is logged and the subscription kept."""
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                raw = await self.redis.get(self.last_key)
-                current = await self.redis.get(self.seq_key)
-        except ERRORS as exc:
-            log.warning("reload bus: no catch-up (redis): %s", type(exc).__name__)
-            return
+        """Apply the last broadcast if it is newer than what this worker has seen. A
+        failure raises: the listener then reconnects and tries again."""
+        async with asyncio.timeout(self.timeout_s):
+            raw, current = await self.redis.mget(self.last_key, self.seq_key)  # one slot
         parsed = self._parse(raw) if raw else None
         if self.applied_seq is None:  # never reached Redis before: nothing to catch up on
             self.applied_seq = int(current or 0)
@@ -228,12 +241,14 @@ class ReloadBus:
         while not self.closing:
             node = self.nodes[attempt % len(self.nodes)]
             attempt += 1
-            pubsub = node.pubsub(ignore_subscribe_messages=True)
+            pubsub = node.pubsub()
             try:
                 await pubsub.subscribe(self.channel)
+                await self._confirmed(pubsub)  # listening before reading what was missed
                 self.subscribed = True
-                delay = self.retry_s
                 await self._catch_up()
+                self.catch_ups += 1
+                delay = self.retry_s
                 seen = time.monotonic()  # the last message of any kind, PONGs included
                 pinged: float | None = None
                 while not self.closing:
@@ -252,14 +267,15 @@ class ReloadBus:
                     elif now - seen >= self.ping_s:
                         await pubsub.ping()
                         pinged = now
-            except ERRORS as exc:
+            except Exception as exc:  # the listener must outlive any error
                 # a cancellation that met a client timeout can come out as a timeout error
                 if self.closing or _cancelling():
                     raise asyncio.CancelledError() from exc
-                log.warning("reload bus: %s; retrying in %.1f s", exc, delay)
+                level = logging.WARNING if isinstance(exc, ERRORS) else logging.ERROR
+                log.log(level, "reload bus: %r; retrying in %.1f s", exc, delay)
             finally:
                 self.subscribed = False
-                with contextlib.suppress(*ERRORS, RuntimeError):
+                with contextlib.suppress(Exception):
                     await pubsub.aclose()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
@@ -273,6 +289,15 @@ class ReloadBus:
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(self.task, 5.0)
         for node in self.nodes:
-            with contextlib.suppress(*ERRORS):
+            with contextlib.suppress(Exception):
                 await node.aclose()
                 await node.connection_pool.disconnect()
+
+    async def _confirmed(self, pubsub: Any) -> None:
+        """Wait for the server's confirmation of the subscription."""
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            message = await pubsub.get_message(timeout=0.2)
+            if message is not None and message.get("type") == "subscribe":
+                return
+        raise TimeoutError("the subscription was not confirmed")

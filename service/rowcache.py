@@ -17,7 +17,6 @@ a reload starts empty. It is only touched from the event loop thread.
 
 from __future__ import annotations
 
-import math
 import time
 from itertools import repeat
 
@@ -57,16 +56,23 @@ class ItemRowCache:
         return slots
 
     def store(
-        self, ids: list[str], sparse: np.ndarray, dense: np.ndarray, expires: float = math.inf
+        self,
+        ids: list[str],
+        sparse: np.ndarray,
+        dense: np.ndarray,
+        expires: np.ndarray | None = None,
     ) -> None:
         """Keep the rows ``sparse [K, Fi]`` / ``dense [K, Di]`` for ``ids`` (K IDs) until
-        the TTL ends, or until ``expires`` (``time.monotonic()``) if that is sooner: the
-        item-cache values they were encoded from expire then, and a row must not outlive
-        them (so a row is never older than the TTL)."""
+        the TTL ends, or each until ``expires [K]`` (``time.monotonic()``) if sooner: the
+        item-cache values a row was encoded from expire then, and it must not outlive
+        them (so no row is older than the TTL)."""
         if not self.enabled or not ids:
             return
         ids = ids[-self.size :]  # more rows than slots: the last ones win
         sparse, dense = sparse[-len(ids) :], dense[-len(ids) :]
+        until = np.full(len(ids), time.monotonic() + self.ttl)
+        if expires is not None:
+            until = np.minimum(until, expires[-len(ids) :])
         slots = np.empty(len(ids), np.int64)
         for k, item in enumerate(ids):
             slot = self.slot_of.get(item)
@@ -81,4 +87,4 @@ class ItemRowCache:
             slots[k] = slot
         self.sparse[slots] = sparse
         self.dense[slots] = dense
-        self.expiry[slots] = min(time.monotonic() + self.ttl, expires)
+        self.expiry[slots] = until

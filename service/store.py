@@ -95,26 +95,28 @@ class ItemCache:
         self.size = size
         self.data: dict[tuple[str, str], tuple[str | None, float]] = {}
 
-    def get_many(self, feature: str, ids: list[str]) -> tuple[list[str | None], list[int], float]:
+    def get_many(
+        self, feature: str, ids: list[str]
+    ) -> tuple[list[str | None], list[int], list[float]]:
         """Cached values for ``ids`` (None where missing), the positions that missed, and
-        the earliest expiry (``time.monotonic()`` clock) among the values returned."""
+        each value's expiry (``time.monotonic()`` clock; ``inf`` where it missed)."""
         if self.ttl <= 0:
-            return [None] * len(ids), list(range(len(ids))), math.inf
+            return [None] * len(ids), list(range(len(ids))), [math.inf] * len(ids)
         now = time.monotonic()
         get = self.data.get
         values: list[str | None] = []
         missed: list[int] = []
-        earliest = math.inf
+        expiries: list[float] = []
         for k, i in enumerate(ids):
             entry = get((feature, i))
             if entry is not None and entry[1] > now:
                 values.append(entry[0])
-                if entry[1] < earliest:
-                    earliest = entry[1]
+                expiries.append(entry[1])
             else:
                 values.append(None)
                 missed.append(k)
-        return values, missed, earliest
+                expiries.append(math.inf)
+        return values, missed, expiries
 
     def put(self, feature: str, ids: list[str], values: list[str | None]) -> None:
         if self.ttl <= 0:

@@ -66,9 +66,18 @@ def channel() -> Iterator[str]:
     name = f"test:reload:{uuid.uuid4().hex[:8]}"
     yield name
     r = Redis.from_url(REDIS_URL)
-    for key in r.scan_iter(f"{name}:*"):
+    for key in r.scan_iter("{" + name + ":*"):  # the bus's keys carry a hash tag
         r.delete(key)
     r.close()
+
+
+def cut_off(r: Redis, *buses: ReloadBus) -> None:
+    """Close these buses' listener connections from the server side (only theirs: the
+    connections are named after the bus)."""
+    names = {f"ctr-reload-bus:{bus.token[:12]}" for bus in buses}
+    for c in r.client_list():
+        if c.get("name") in names:
+            r.client_kill_filter(_id=c["id"])
 
 
 def test_reload_reaches_the_other_worker(built: Built, channel: str, tmp_path: Path) -> None:
@@ -117,12 +126,13 @@ def test_a_worker_that_missed_the_message_catches_up(built: Built, channel: str)
         record = {**bus_a.deployment, "version": "2", "origin": bus_a.token,
                   "seq": str(bus_b.applied_seq)}  # fmt: skip
         r.set(bus_a.last_key, orjson.dumps(record))
-        r.client_kill_filter(_type="pubsub")  # both listeners reconnect and read it
-        time.sleep(1.5)
+        seen = bus_b.catch_ups
+        cut_off(r, bus_a, bus_b)  # both listeners reconnect and read it
+        assert until(lambda: bus_b.catch_ups > seen)
         assert info(b)["version"] == "1"  # not newer than what b has seen: ignored
         record["seq"] = str(bus_b.applied_seq + 1)
         r.set(bus_a.last_key, orjson.dumps(record))
-        r.client_kill_filter(_type="pubsub")
+        cut_off(r, bus_a, bus_b)
         assert until(lambda: info(b)["version"] == "2"), info(b)
         assert bus_b.applied == 1
         assert info(a)["version"] == "1"  # its own record (origin): never applied
@@ -258,3 +268,19 @@ def test_empty_channel_turns_the_broadcast_off(built: Built) -> None:
         assert info(c)["reload_bus"] is None
         r = c.post("/admin/reload", json={}, headers=KEY)
         assert r.json()["peers_notified"] is None and r.json()["version"] == "2"
+
+
+def test_an_unreachable_cluster_still_starts_and_reloads_locally(
+    built: Built, channel: str
+) -> None:
+    """A Redis Cluster that cannot be reached raises the cluster client's own errors (not
+    RedisError): the worker still starts not-ready-for-Redis, and a reload is local."""
+    dead = ",".join(f"redis://127.0.0.1:{free_port()}" for _ in range(2))
+    s = settings(built, channel, redis_url=dead, redis_cluster=True,
+                 redis_connect_timeout_ms=50)  # fmt: skip
+    with TestClient(create_app(s)) as c:
+        assert c.get("/readyz").status_code == 503
+        r = c.post("/admin/reload", json={"version": "2"}, headers=KEY)
+        assert r.status_code == 200, r.text
+        assert r.json()["version"] == "2" and r.json()["peers_notified"] is None
+        assert info(c)["reload_bus"]["subscribed"] is False

@@ -485,13 +485,19 @@ def test_a_non_finite_score_is_a_500_that_says_so(built: Built, redis_db: Redis)
         assert r.json()["error"] == "non_finite_score" and r.json()["field"] == "candidates[1]"
 
 
-def test_event_fields_never_replace_an_item_feature(redis_db: Redis, client: TestClient) -> None:
-    """An item feature named like the event's own fields (`type`, `ts`) is stored as the
-    item's value: a sequence that reads it must see what training saw."""
-    user = "event-user-5"
-    redis_db.delete(user_key(user, "seq"), user_key(user, "events"))
-    ev = {"user_id": user, "event_id": "k1", "item_id": "i3", "type": "click",
-          "timestamp": 7.0, "features": {"type": "bundle-offer"}}  # fmt: skip
-    assert client.post("/v1/events", json=ev).json()["appended"] is True
-    stored = stored_history(redis_db, user)[-1]
-    assert stored["type"] == "bundle-offer" and stored["ts"] == 7.0
+def test_event_fields_and_item_features_of_the_same_name() -> None:
+    """The stored behaviour carries the event's `type` and `ts` (its place in time), unless
+    a sequence reads an item feature of that name: then the item's value stays, as the
+    model saw it in training."""
+    from service.features import stamp_event
+
+    sent = {"item_id": "i3", "type": "bundle-offer", "ts": 99.0}
+    plain = dict(sent)
+    stamp_event(plain, {"item_id", "cate_id"}, "click", 7.0)
+    assert plain == {"item_id": "i3", "type": "click", "ts": 7.0}
+    read = dict(sent)
+    stamp_event(read, {"item_id", "type"}, "click", 7.0)
+    assert read == {"item_id": "i3", "type": "bundle-offer", "ts": 7.0}
+    bare = {"item_id": "i3"}
+    stamp_event(bare, {"item_id", "type"}, "click", 7.0)
+    assert bare == {"item_id": "i3", "type": "click", "ts": 7.0}

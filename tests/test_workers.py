@@ -72,31 +72,31 @@ def test_admin_reload_reaches_every_worker(built: Built, tmp_path: Path) -> None
     proc = serve_process(port, env, "--workers", "2")
     base = f"http://127.0.0.1:{port}"
 
-    def seen() -> dict[int, str]:
-        """worker pid -> version served, over fresh connections (spread over workers)"""
-        out: dict[int, str] = {}
-        for _ in range(30):
+    def seen(into: dict[int, tuple[str, bool]]) -> dict[int, tuple[str, bool]]:
+        """worker pid -> (version served, listening for reloads), over fresh connections
+        (spread over the workers); each answer updates ``into``."""
+        for _ in range(20):
             with httpx.Client(base_url=base, timeout=10) as h:
                 body = h.get("/v1/models").json()
-                out[body["worker_pid"]] = body["version"]
-        return out
+                into[body["worker_pid"]] = (body["version"], body["reload_bus"]["subscribed"])
+        return into
 
     try:
+        workers: dict[int, tuple[str, bool]] = {}
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # both workers up and subscribed
-            workers = seen()
-            if len(workers) == 2:
-                break
-        assert set(seen().values()) == {"1"}
+        while not (len(seen(workers)) == 2 and all(sub for _, sub in workers.values())):
+            assert time.monotonic() < deadline, workers  # both up and listening
+        assert {v for v, _ in workers.values()} == {"1"}
         shutil.copytree(root / "1", root / "2")
         r = httpx.post(base + "/admin/reload", json={}, headers={"X-API-Key": "k"}, timeout=30)
         assert r.status_code == 200 and r.json()["version"] == "2", r.text
         assert r.json()["peers_notified"] == 1
         deadline = time.monotonic() + 20
-        while (versions := seen()) and set(versions.values()) != {"2"}:
-            assert time.monotonic() < deadline, versions
+        after: dict[int, tuple[str, bool]] = {}
+        while not (len(seen(after)) == 2 and {v for v, _ in after.values()} == {"2"}):
+            assert time.monotonic() < deadline, after
             time.sleep(0.2)
-        assert len(versions) == 2  # both workers answered, both on version 2
+        assert set(after) == set(workers)  # the same two workers, both on version 2
         # and Prometheus sees it so: one `ctr_model_info` 1 per worker, on version 2
         text = httpx.get(base + "/metrics", timeout=10).text
         on = [ln for ln in text.splitlines()
