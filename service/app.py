@@ -614,7 +614,8 @@ async def _score(state: State, model: LoadedModel, req: Any) -> Response:
     cands.finish(bundle, model.rows, cacheable=not (degraded and lookups))
     # only the context keys the model reads: the others must not be kept with the
     # user's cached rows, nor make them miss
-    context = {k: v for k, v in req.context.items() if k in model.context_sources}
+    keep = model.context_sources
+    context = {k: v for k, v in req.context.items() if k in keep} if req.context else {}
     prepared = build_feeds(
         bundle, req.user_id, context, data, cands.sparse, cands.dense, model.users
     )
