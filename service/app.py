@@ -13,7 +13,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -25,7 +25,6 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from pydantic import ValidationError
 from redis.asyncio import Redis
-from redis.exceptions import RedisClusterException, RedisError
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -64,6 +63,7 @@ from service.schemas import (
 )
 from service.settings import Settings
 from service.store import (
+    REDIS_ERRORS,
     AnyRedis,
     EventWriter,
     ItemCache,
@@ -77,7 +77,6 @@ from service.validate import has_surrogate, parse_event, parse_score, safe_field
 
 log = logging.getLogger("ctr.service")
 
-REDIS_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 # the clock of the per-stage timings (ctr_stage_duration_seconds); `ctr bench-path` sets
 # it to time.thread_time for a while to split the event loop's CPU by stage
 STAGE_CLOCK: Callable[[], float] = time.perf_counter
@@ -325,6 +324,14 @@ def error_response(exc: ServiceError) -> Response:
     return orjson_response(body, exc.status, headers)
 
 
+def bad_request(errors: Sequence[Any], skip: int = 0) -> BadRequest:
+    """The first of pydantic's ``errors`` as a 422 naming its field (the path after the
+    first ``skip`` parts of its location)."""
+    first = errors[0] if errors else {}
+    field = ".".join(str(p) for p in first.get("loc", ())[skip:]) or "body"
+    return BadRequest(f"{field}: {first.get('msg', 'invalid')}", field)
+
+
 def _install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> Response:
@@ -332,11 +339,7 @@ def _install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-        first = exc.errors()[0] if exc.errors() else {}
-        field = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        m.ERRORS.labels("bad_request").inc()
-        body = {"error": "bad_request", "field": field, "detail": first.get("msg", "invalid")}
-        return orjson_response(body, 422)
+        return error_response(bad_request(exc.errors(), skip=1))  # loc[0]: body, query…
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
@@ -558,9 +561,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
         try:
             version = ReloadRequest.model_validate(obj).version or "latest"
         except ValidationError as exc:
-            first = exc.errors()[0]
-            field = ".".join(str(p) for p in first.get("loc", ())) or "body"
-            raise BadRequest(f"{field}: {first.get('msg', 'invalid')}", field) from exc
+            raise bad_request(exc.errors()) from exc
         async with state.reload_lock:  # the load and its broadcast, in one turn
             try:
                 model = await _load(state, version)

@@ -52,13 +52,13 @@ from urllib.parse import urlparse
 import orjson
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisClusterException, RedisError
+
+from service.store import REDIS_ERRORS, node_urls
 
 log = logging.getLogger("ctr.service.reload")
 
-# what a Redis call may raise, including a cluster client's own errors; a malformed
-# number or record (ValueError) is treated the same way
-ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError, ValueError)
+# what a Redis call may raise; a malformed number or record (ValueError) is treated alike
+ERRORS = (*REDIS_ERRORS, ValueError)
 _DIGITS = re.compile(r"[0-9]{1,20}")
 # the bus's own calls are off the request path: a bound for a slow or loading Redis,
 # not the scoring reads' CTR_REDIS_TIMEOUT_MS
@@ -79,12 +79,6 @@ local s = cjson.encode(m)
 redis.call('SET', KEYS[2], s, 'EX', tonumber(ARGV[3]))
 return {string.format('%.0f', seq), redis.call('PUBLISH', ARGV[2], s)}
 """
-
-
-def node_urls(url: str) -> list[str]:
-    """Plain Redis URLs for each node of a (possibly comma-separated) URL list."""
-    parts = [p.strip() for p in url.split(",") if p.strip()]
-    return [p if "://" in p else "redis://" + p for p in parts]
 
 
 def _cancelling() -> bool:
@@ -249,24 +243,7 @@ class ReloadBus:
                 await self._catch_up()
                 self.catch_ups += 1
                 delay = self.retry_s
-                seen = time.monotonic()  # the last message of any kind, PONGs included
-                pinged: float | None = None
-                while not self.closing:
-                    message = await pubsub.get_message(timeout=1.0)
-                    now = time.monotonic()
-                    if message is not None:
-                        seen = now
-                        if message.get("type") == "message":
-                            parsed = self._parse(message.get("data"))
-                            if parsed is not None:
-                                await self._apply(*parsed)
-                        continue
-                    if pinged is not None and seen < pinged:
-                        if now - pinged > self.pong_timeout_s:
-                            raise ConnectionError("no answer to PING: the connection is dead")
-                    elif now - seen >= self.ping_s:
-                        await pubsub.ping()
-                        pinged = now
+                await self._receive(pubsub)
             except Exception as exc:  # the listener must outlive any error
                 # a cancellation that met a client timeout can come out as a timeout error
                 if self.closing or _cancelling():
@@ -279,6 +256,26 @@ class ReloadBus:
                     await pubsub.aclose()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
+
+    async def _receive(self, pubsub: Any) -> None:
+        """Apply messages until closing; a PING after ``ping_s`` of silence must be
+        answered within ``pong_timeout_s``, else the connection is dead (raises)."""
+        seen = time.monotonic()  # the last message of any kind, PONGs included
+        pinged: float | None = None
+        while not self.closing:
+            message = await pubsub.get_message(timeout=1.0)
+            now = time.monotonic()
+            if message is not None:
+                seen = now
+                parsed = self._parse(message["data"]) if message["type"] == "message" else None
+                if parsed is not None:
+                    await self._apply(*parsed)
+            elif pinged is not None and seen < pinged:
+                if now - pinged > self.pong_timeout_s:
+                    raise ConnectionError("no answer to PING: the connection is dead")
+            elif now - seen >= self.ping_s:
+                await pubsub.ping()
+                pinged = now
 
     async def aclose(self) -> None:
         self.closing = True

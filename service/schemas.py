@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.validate import MAX_TIMESTAMP
+
 Scalar = str | int | float | bool | None
 
 
@@ -100,7 +102,7 @@ class EventRequest(BaseModel):
     item_id: str = Field(min_length=1, max_length=256)
     features: dict[str, Scalar] | None = None
     type: str = Field("click", min_length=1, max_length=32)
-    timestamp: float = Field(ge=0, lt=1e12, description="unix seconds (not milliseconds)")
+    timestamp: float = Field(ge=0, lt=MAX_TIMESTAMP, description="unix seconds, not ms")
 
 
 class EventResponse(BaseModel):

@@ -40,10 +40,20 @@ from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
 
 ITEM_PREFIX = "ctr:item:"
 
 AnyRedis = Redis | RedisCluster
+# what a call through either client may raise when the store is down, slow or moved
+# (a cluster client's own errors are not RedisErrors)
+REDIS_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
+
+
+def node_urls(url: str) -> list[str]:
+    """Plain Redis URLs for each node of a (possibly comma-separated) URL list."""
+    parts = [p.strip() for p in url.split(",") if p.strip()]
+    return [p if "://" in p else "redis://" + p for p in parts]
 
 
 def make_client(
@@ -58,11 +68,9 @@ def make_client(
     if cluster:
         # every node given in a comma-separated URL list is a startup node; no backoff
         # sleeps inside the client: the caller's deadline bounds each request instead
-        nodes = []
-        first = urlparse(url.split(",")[0])
-        for part in url.split(","):
-            parsed = urlparse(part if "://" in part else "redis://" + part)
-            nodes.append(ClusterNode(parsed.hostname or "127.0.0.1", parsed.port or 6379))
+        urls = [urlparse(u) for u in node_urls(url)]
+        nodes = [ClusterNode(u.hostname or "127.0.0.1", u.port or 6379) for u in urls]
+        first = urls[0]
         if first.username:
             kw["username"] = first.username
         if first.password:

@@ -16,6 +16,8 @@ from typing import Any
 from service.errors import BadRequest
 
 SCALARS = (str, int, float, bool)
+# event timestamps are unix seconds: anything from here on is milliseconds (or later)
+MAX_TIMESTAMP = 1e12
 INT64 = 2**63
 # control characters, DEL and lone surrogates: one regex pass instead of per-char loops
 _BAD_ID = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
@@ -203,7 +205,7 @@ def parse_event(obj: Any, max_id_len: int) -> EventInput:
         raise BadRequest("type must be a non-empty string of at most 32 characters", "type")
     ts = obj["timestamp"]
     bad = isinstance(ts, bool) or not isinstance(ts, int | float)
-    if bad or not math.isfinite(ts) or not 0 <= ts < 1e12:
+    if bad or not math.isfinite(ts) or not 0 <= ts < MAX_TIMESTAMP:
         raise BadRequest(
             "timestamp must be a non-negative number of unix seconds below 1e12 "
             "(milliseconds are rejected)",
