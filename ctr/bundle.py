@@ -95,7 +95,8 @@ def random_inputs(
     for s, f in enumerate(config.sequences):
         table = sizes[config.table_of(f.name)]
         for u in range(n_users):
-            hist[u, s, : lens[u]] = rng.integers(2, table, size=lens[u]) if table > 2 else 1
+            # OOV (1) included: unseen IDs reach the served graph too
+            hist[u, s, : lens[u]] = rng.integers(1, table, size=lens[u]) if table > 1 else 1
     feed = {
         "user_sparse": ids(config.user_sparse, n_users),
         "user_dense": rng.normal(size=(n_users, len(config.user_dense))).astype(np.float32),

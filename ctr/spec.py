@@ -109,7 +109,13 @@ class TrainSpec(_Strict):
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = 0.0
     seed: int = 42
-    patience: int = Field(default=2, ge=0)
+    patience: int = Field(
+        default=2,
+        ge=0,
+        description="early stopping: training stops once more than this many epochs in a "
+        "row have not improved validation AUC (patience 2: at the third); the best "
+        "epoch's weights are kept",
+    )
     eval_batch_size: int = 2048
     threads: int | None = None
 
@@ -165,6 +171,15 @@ class FeatureConfig(_Strict):
                 is_seq = by_name[n].kind == "sequence"
                 if (want == "sequence") != is_seq:
                     raise ValueError(f"group {g.name!r}: {n!r} does not fit a {g.type} group")
+        if self.model.type != "deepfm":  # the others read behaviours only through groups
+            grouped = {n for g in self.groups if g.type == "sequence" for n in g.features}
+            for f in self.features:
+                if f.kind == "sequence" and f.name not in grouped:
+                    raise ValueError(
+                        f"sequence feature {f.name!r} is in no sequence group: a "
+                        f"{self.model.type} model would never read it (add it to a group "
+                        "of type sequence, or drop it)"
+                    )
         return self
 
     # ---- derived layout (computed once: the feature list does not change after validation)

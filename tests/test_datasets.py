@@ -360,3 +360,31 @@ def test_last_per_user_split_steps() -> None:
         assert sorted(te[te.user_id == u].ts) == [4, 5]
         assert sorted(va[va.user_id == u].ts) == [3]
         assert sorted(tr[tr.user_id == u].ts) == [0, 1, 2]
+
+
+def test_time_split_without_its_column_is_an_error_not_a_shuffle() -> None:
+    """A frame without ``ts`` under ``split: last_per_user`` (the default) used to fall back
+    to a random row split, putting users' later rows (whose histories hold the test
+    targets) into training. It is an error naming the fix; ``split: random`` shuffles."""
+    from ctr.spec import DataSpec
+
+    frame = pd.DataFrame([{"user_id": u, "label": 1.0} for u in ("a", "b") for _ in range(5)])
+    for split in ("last_per_user", "time"):
+        with pytest.raises(DataError, match="no time column"):
+            split_frame(frame, DataSpec(split=split, time_column="ts"))
+    tr, va, te = split_frame(frame, DataSpec(split="random", test_fraction=0.2))
+    assert (len(tr), len(va), len(te)) == (7, 1, 2)
+
+
+def test_time_split_that_leaves_a_part_empty_is_an_error() -> None:
+    """Quantile cuts on few distinct times (ties stay together) can leave test empty."""
+    from ctr.spec import DataSpec
+
+    rows = [{"user_id": u, "ts": t, "label": 1.0} for u in range(100) for t in range(8)]
+    few = pd.DataFrame(rows)
+    with pytest.raises(DataError, match="leaves test empty"):
+        split_frame(few, DataSpec(split="time", time_column="ts"))
+    many = few.assign(ts=np.arange(len(few)))
+    tr, va, te = split_frame(many, DataSpec(split="time", time_column="ts"))
+    assert (len(tr), len(va), len(te)) == (640, 80, 80)
+    assert tr.ts.max() < va.ts.min() and va.ts.max() < te.ts.min()

@@ -140,6 +140,52 @@ def test_parity_gate_catches_a_model_that_disagrees(exported: Callable[[str], Ex
     assert not report.ok and report.max_abs_diff > PARITY_TOL
 
 
+def _skew_output(src: Path, dst: Path, output: str, factor: float) -> None:
+    """Copy graph ``src`` to ``dst`` with only ``output`` multiplied by ``factor``."""
+    model = onnx.load(str(src))
+    g = model.graph
+    inner = f"{output}_before_skew"
+    for node in g.node:
+        node.output[:] = [inner if o == output else o for o in node.output]
+        node.input[:] = [inner if i == output else i for i in node.input]
+    g.initializer.append(onnx.numpy_helper.from_array(np.array(factor, np.float32), "skew"))
+    g.node.append(onnx.helper.make_node("Mul", [inner, "skew"], [output]))
+    onnx.save(model, str(dst))
+
+
+@pytest.mark.parametrize("output", ["logits", "attention"])
+def test_parity_gate_checks_every_output_not_only_probs(
+    exported: Callable[[str], Exported], tmp_path: Path, output: str
+) -> None:
+    """A graph whose probabilities match but whose logits or attention weights (served as
+    explanations) do not is refused. Before, the gate compared ``probs`` alone."""
+    ex = exported("din")
+    skewed = tmp_path / "skewed.onnx"
+    _skew_output(ex.path / MODEL_FILE, skewed, output, 1.001)
+    report = parity_gate(ex.run.model, skewed, n_values=(1, 7))
+    assert not report.ok
+    assert max(c["probs_diff"] for c in report.cases) <= PARITY_TOL  # probs still agree
+    assert max(c[f"{output}_diff"] for c in report.cases) > PARITY_TOL
+    clean = parity_gate(ex.run.model, ex.path / MODEL_FILE, n_values=(1, 7))
+    assert clean.ok and {"logits_diff", "probs_diff", "attention_diff"} <= set(clean.cases[0])
+
+
+@pytest.mark.parametrize("model_type", ["base", "din", "multi_tower_din", "dien"])
+def test_a_sequence_in_no_group_is_a_config_error(model_type: str) -> None:
+    """These models read behaviours only through sequence groups: a sequence feature in
+    none would be ignored, and its export failed (a KeyError on ``attention``, or a graph
+    without the ``hist`` inputs the service feeds). The config is refused, naming it.
+    DeepFM reads every sequence and takes the same config."""
+    from pydantic import ValidationError
+
+    from tests.conftest import tiny_raw
+
+    groups = [g for g in tiny_raw("din")["groups"] if g["type"] != "sequence"]
+    with pytest.raises(ValidationError, match="'hist_item_id' is in no sequence group"):
+        FeatureConfig.model_validate(tiny_raw(model_type, groups=groups))
+    assert FeatureConfig.model_validate(tiny_raw("deepfm", groups=groups)).sequences
+
+
 # ---- dynamic shapes ------------------------------------------------------------------------
 
 

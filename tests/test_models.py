@@ -114,6 +114,71 @@ def test_padded_positions_do_not_change_logits(
     assert not torch.equal(moved["logits"], base["logits"])
 
 
+def _dice_stats(model: CTRModel) -> list[torch.Tensor]:
+    from training.modules import Dice
+
+    return [t.clone() for mod in model.modules() if isinstance(mod, Dice)
+            for t in (mod.bn.running_mean, mod.bn.running_var) if t is not None]  # fmt: skip
+
+
+@pytest.mark.parametrize("model_type", ATTENTION_TYPES)
+def test_padding_does_not_reach_dice_statistics_in_training(
+    tiny_config: Config, tiny_prep: Prepared, model_type: str
+) -> None:
+    """In training, Dice in the attention unit takes its batch statistics (and updates the
+    running ones, which the served graph uses) from real history positions only: IDs past
+    ``hist_len`` change neither the train-mode logits nor any running statistic. Before,
+    they moved both (Dice normalised over all N*L positions, mostly padding on real data).
+    DIEN's attention is the same unit, fed the same mask; its padded interest states are
+    zero whatever the IDs, so this check cannot tell there (the unit test below does)."""
+    cfg = tiny_config(model_type, model__activation="dice", model__attention_activation="dice")
+    batch = make_batch(tiny_prep)
+    hist = batch["hist"].clone()
+    rng = np.random.default_rng(2)
+    for s, f in enumerate(cfg.sequences):
+        size = tiny_prep.mapper.mapper_for(f.name).size
+        noise = torch.from_numpy(rng.integers(2, size, size=hist[:, s].shape))
+        hist[:, s] = torch.where(padded(batch), noise, hist[:, s])
+    runs = []
+    for b in (batch, {**batch, "hist": hist}):
+        model = make_model(cfg, tiny_prep).train()
+        torch.manual_seed(5)  # the same dropout draws
+        logits = model(b)["logits"]
+        runs.append((logits.detach(), _dice_stats(model)))
+    (base, base_stats), *others = runs
+    assert len(base_stats) >= 4  # the attention unit's Dice layers are there
+    for logits, stats in others:
+        torch.testing.assert_close(logits, base, rtol=0, atol=1e-6)
+        for a, b in zip(base_stats, stats, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_dice_with_a_mask_counts_only_real_rows() -> None:
+    """Masked Dice in training equals plain Dice run on the real rows alone (outputs and
+    running statistics); fewer than two real rows fall back to the running statistics."""
+    from training.modules import Dice
+
+    torch.manual_seed(4)
+    x = torch.randn(6, 9, 16) * 2.0 + 0.5
+    mask = torch.rand(6, 9) < 0.4
+    masked, plain = Dice(16), Dice(16)
+    with torch.no_grad():
+        masked.alpha.uniform_(-0.5, 0.5)
+        plain.alpha.copy_(masked.alpha)
+    masked.train(), plain.train()
+    got = masked(x, mask)[mask]
+    want = plain(x[mask])
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(masked.bn.running_mean, plain.bn.running_mean)
+    torch.testing.assert_close(masked.bn.running_var, plain.bn.running_var)
+    one = torch.zeros(6, 9, dtype=torch.bool)
+    one[0, 0] = True
+    before = masked.bn.running_mean.clone()
+    out = masked(x, one)
+    assert torch.isfinite(out).all() and torch.equal(masked.bn.running_mean, before)
+    torch.testing.assert_close(out, masked.eval()(x))
+
+
 # ---- order of the history -----------------------------------------------------------
 
 
@@ -223,6 +288,7 @@ def dien_batch(prep: Prepared, n: int = 64, seed: int = 0) -> Batch:
     batch = make_batch(prep, n=n, seed=seed)
     neg = sample_negatives(
         prep.item_pool,
+        batch["hist"].numpy(),
         batch["hist_len"].numpy(),
         prep.config.max_seq_len,
         np.random.default_rng(seed),
@@ -472,3 +538,94 @@ def test_dice_in_eval_is_the_paper_formula_on_running_statistics() -> None:
         got = dice(x)
         assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
         assert not torch.allclose(got, torch.sigmoid(x) * x, atol=1e-3)  # not a plain swish
+
+
+def test_dien_negatives_are_never_the_behaviour_they_stand_against() -> None:
+    """Every negative differs from the real behaviour at its position (the auxiliary loss
+    would otherwise be told a click is not one); draws that miss it are the seed's."""
+    pool = np.stack([np.arange(2, 7), np.arange(12, 17)], axis=1)  # 5 items, 2 fields
+    rng = np.random.default_rng(0)
+    hist = np.zeros((400, 2, 6), dtype=np.int64)
+    hist[:, 0] = rng.integers(2, 7, size=(400, 6))
+    hist[:, 1] = hist[:, 0] + 10
+    hist_len = rng.integers(0, 7, size=400)
+    neg = sample_negatives(pool, hist, hist_len, 6, np.random.default_rng(1))
+    real = np.arange(6)[None, :] < hist_len[:, None]
+    assert (neg[:, 0][real] != hist[:, 0][real]).all()
+    assert (neg[:, 1] == np.where(real, neg[:, 0] + 10, 0)).all()  # whole pool rows
+    assert (neg[:, 0][~real] == 0).all()
+    plain = pool[np.random.default_rng(1).integers(0, 5, size=(400, 6)), 0]
+    kept = plain != hist[:, 0]
+    assert (neg[:, 0][kept & real] == plain[kept & real]).all()
+    assert (~kept & real).sum() > 100  # a fifth of the draws hit: the case is exercised
+
+
+def test_deepfm_without_user_side_sparse_features_and_with_dropout(tiny_config: Config) -> None:
+    """DeepFM trains and scores with no user- or context-side sparse feature (its
+    first-order user term is then zero; it used to fail on ``sum([])``), and its MLP
+    takes ``model.dropout`` like every other model's."""
+    from ctr.bundle import random_inputs
+    from tests.conftest import tiny_raw
+    from training.export import ExportWrapper
+
+    raw = tiny_raw("deepfm", model__dropout=0.5)
+    drop = {f["name"] for f in raw["features"] if f["kind"] == "sparse" and f["side"] != "item"}
+    raw["features"] = [f for f in raw["features"] if f["name"] not in drop]
+    raw["groups"] = [
+        {**g, "features": [n for n in g["features"] if n not in drop]} for g in raw["groups"]
+    ]
+    raw["groups"] = [g for g in raw["groups"] if g["features"]]
+    cfg = FeatureConfig.model_validate(raw)
+    assert not cfg.user_sparse
+    sizes = {t.name: 30 for t in cfg.tables}
+    model = build_model(cfg, sizes)
+    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.5 for m in model.mlp.modules())
+    feed = random_inputs(cfg, sizes, 3, 11, None, np.random.default_rng(0))
+    assert "user_sparse" not in feed  # the graph has no such input
+    wrapper = ExportWrapper(model)  # fills the inputs the graph lacks, as in serving
+    args = [torch.from_numpy(v) for v in feed.values()]
+    wrapper.train()
+    wrapper(*args)[0].sigmoid().mean().backward()
+    logits, probs = wrapper.eval()(*args)
+    assert logits.shape == (11,) and torch.isfinite(logits).all()
+
+
+def test_dien_item_pool_with_two_sequences_sharing_one_target() -> None:
+    """Two behaviour sequences over the same item feature (e.g. clicks and carts): the
+    negative-sampling pool has one column per sequence, both the item's index in the
+    shared table. It used to fail on the duplicated column."""
+    from ctr.encode import raw_columns_for_fit
+    from ctr.mapping import FeatureMapper
+    from tests.conftest import make_tiny_config, tiny_raw
+    from training.data import load_frame
+    from training.dataset import item_pool
+
+    raw = tiny_raw("dien")
+    raw["features"].append({"name": "hist_cart", "kind": "sequence", "shared_with": "item_id"})
+    for g in raw["groups"]:
+        if g["type"] == "sequence":
+            g["features"].append("hist_cart")
+    cfg = FeatureConfig.model_validate(raw)
+    frame = load_frame(make_tiny_config("dien"))
+    frame["hist_cart"] = frame["hist_item_id"].map(lambda h: h[::-1])
+    mapper = FeatureMapper.fit(cfg, raw_columns_for_fit(cfg, frame, cfg.data.seq_delimiter))
+    pool = item_pool(cfg, mapper, frame)
+    assert pool.shape == (frame["item_id"].nunique(), 3)
+    assert (pool[:, 2] == pool[:, 0]).all() and (pool[:, 0] >= 2).all()
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_oov_and_padding_rows_start_at_zero(
+    tiny_config: Config, tiny_prep: Prepared, model_type: str
+) -> None:
+    """Every table's PAD (0) and OOV (1) rows start at zero; the other rows are random.
+    An ID unseen in training then scores by a neutral vector, not by an untrained random
+    one (every training value is in the vocabulary, so only missing values train OOV)."""
+    from ctr.mapping import OOV, PAD
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config(model_type), tiny_prep.mapper.table_sizes())
+    for name, emb in model.emb.tables.items():
+        w = emb.weight.detach()
+        assert not w[PAD].any() and not w[OOV].any(), name
+        assert (w[2:].abs().sum(1) > 0).all(), name

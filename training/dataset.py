@@ -79,7 +79,8 @@ def item_pool(config: FeatureConfig, mapper: FeatureMapper, frame: pd.DataFrame)
     cols = [t.source for t in config.sequence_targets]
     if not seqs:
         return np.zeros((0, 0), dtype=np.int64)
-    items = frame[cols].drop_duplicates(subset=[cols[0]])
+    unique = list(dict.fromkeys(cols))  # two sequences may share one target column
+    items = frame[unique].drop_duplicates(subset=[cols[0]])
     out = np.stack(
         [
             mapper.mapper_for(s.name).map_many(items[c].tolist())
@@ -107,11 +108,27 @@ def prepare(config: FeatureConfig, frame: pd.DataFrame | None = None) -> Prepare
 
 
 def sample_negatives(
-    pool: np.ndarray, hist_len: np.ndarray, length: int, rng: np.random.Generator
+    pool: np.ndarray,
+    hist: np.ndarray,
+    hist_len: np.ndarray,
+    length: int,
+    rng: np.random.Generator,
 ) -> np.ndarray:
-    """``[B, S, L]`` random items from ``pool`` at real positions, 0 at padding."""
+    """``[B, S, L]`` random items from ``pool [I, S]`` at real positions, 0 at padding.
+
+    A negative is never the behaviour it stands against (``hist [B, S, L]``, compared on
+    the first field, the item): a draw that hits it takes the next pool item instead,
+    as the official DIEN code resamples. The shift uses no extra random draws, so every
+    other draw stays what the seed gives."""
     b = len(hist_len)
-    picks = pool[rng.integers(0, len(pool), size=(b, length))]  # [B, L, S]
+    k = rng.integers(0, len(pool), size=(b, length))  # [B, L]
+    if len(pool) > 1:
+        for _ in range(len(pool)):
+            hit = pool[k, 0] == hist[:, 0, :length]
+            if not hit.any():
+                break
+            k = np.where(hit, (k + 1) % len(pool), k)
+    picks = pool[k]  # [B, L, S]
     neg = np.ascontiguousarray(picks.transpose(0, 2, 1))
     mask = np.arange(length)[None, :] < hist_len[:, None]
     return neg * mask[:, None, :]

@@ -203,11 +203,21 @@ class ParityError(RuntimeError):
     pass
 
 
-def torch_probs(model: CTRModel, feed: dict[str, np.ndarray]) -> np.ndarray:
+def torch_outputs(model: CTRModel, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The export wrapper's outputs, in ``graph_outputs`` order: ``logits [N]``,
+    ``probs [N]`` and, where the graph has it, ``attention [N, L]``."""
     wrapper = ExportWrapper(model).eval()
     with torch.no_grad():
         out = wrapper(*(torch.from_numpy(v) for v in feed.values()))
-    return out[1].numpy()
+    return [t.numpy() for t in out]
+
+
+def scaled_diff(got: np.ndarray, want: np.ndarray) -> float:
+    """``max |got - want| / max(1, |want|)``: the absolute difference where values are at
+    most 1 in size (probabilities, attention weights), relative beyond (large logits)."""
+    if got.size == 0:
+        return 0.0
+    return float(np.max(np.abs(got - want) / np.maximum(1.0, np.abs(want))))
 
 
 def parity_gate(
@@ -217,8 +227,11 @@ def parity_gate(
     seed: int = 0,
     ops_library: Path | None = None,
 ) -> ParityReport:
-    """ORT vs torch probabilities for N in ``n_values`` x history lengths {0, 1, max},
-    one user per call, plus multi-user calls through ``user_idx``. Also runs
+    """ORT vs torch for N in ``n_values`` x history lengths {0, 1, max}, one user per call,
+    plus multi-user calls through ``user_idx``. Every output is compared: probabilities,
+    logits (a logit error where the sigmoid is flat barely moves the probability) and
+    the attention weights the service returns as explanations, each by
+    :func:`scaled_diff`. Histories include OOV IDs. Also runs
     ``onnx.checker`` and loads the graph with every ORT optimization enabled. A fused
     graph needs the custom-op library (``ops_library``); the checker then skips the
     shape inference that cannot know the custom node."""
@@ -236,15 +249,19 @@ def parity_gate(
     worst = 0.0
     shapes = [(1, n, h) for n in n_values for h in (0, 1, c.max_seq_len)]
     shapes += [(3, max(n_values), None), (5, 11, None)]
+    names = [o.name for o in graph_outputs(c)]
     for n_users, n, h in shapes:
         feed = random_inputs(c, sizes, n_users, n, h, rng)
-        got = sess.run(["probs"], feed)[0]
-        want = torch_probs(model, feed)
-        if got.shape != (n,):
-            raise ParityError(f"ORT returned shape {got.shape} for N={n}")
-        diff = float(np.max(np.abs(got - want)))
-        worst = max(worst, diff)
-        cases.append({"users": n_users, "n": n, "hist_len": h, "max_abs_diff": diff})
+        got = sess.run(names, feed)
+        want = torch_outputs(model, feed)
+        case: dict[str, Any] = {"users": n_users, "n": n, "hist_len": h}
+        for name, g, w in zip(names, got, want, strict=True):
+            if g.shape != w.shape:
+                raise ParityError(f"ORT returned {name} of shape {g.shape} for {w.shape}")
+            case[f"{name}_diff"] = scaled_diff(g, w)
+        case["max_abs_diff"] = max(case[f"{name}_diff"] for name in names)
+        worst = max(worst, case["max_abs_diff"])
+        cases.append(case)
     return ParityReport(worst, cases)
 
 

@@ -116,7 +116,9 @@ class DeepFM(CTRModel):
         n_fields = len(sparse) + len(config.sequences) + len(config.user_dense)
         n_fields += len(config.item_dense)
         self.dense_linear = nn.Linear(len(config.user_dense) + len(config.item_dense), 1)
-        self.mlp = MLP(n_fields * self.k, config.model.mlp, config.model.activation)
+        self.mlp = MLP(
+            n_fields * self.k, config.model.mlp, config.model.activation, config.model.dropout
+        )
         self.head = nn.Linear(self.mlp.out_dim, 1)
 
     def _p(self, name: str, e: Tensor) -> Tensor:
@@ -145,15 +147,21 @@ class DeepFM(CTRModel):
             fields.append(x["item_dense"][:, j : j + 1] * self.dense_item[j])
         stack = torch.stack(fields, dim=1)  # [N, F, k]
         fm = 0.5 * (stack.sum(1).pow(2) - stack.pow(2).sum(1)).sum(-1)  # [N]
-        first_u = sum(
-            self.first_order[f.name](x["user_sparse"][:, j]).squeeze(-1)
-            for j, f in enumerate(c.user_sparse)
+        first_u = sum(  # [U]; zeros when there is no user-side sparse feature
+            (
+                self.first_order[f.name](x["user_sparse"][:, j]).squeeze(-1)
+                for j, f in enumerate(c.user_sparse)
+            ),
+            x["hist_len"].new_zeros(x["hist_len"].shape, dtype=torch.float32),
         )
-        first_i = sum(
-            self.first_order[f.name](x["item_sparse"][:, j]).squeeze(-1)
-            for j, f in enumerate(c.item_sparse)
+        first_i = sum(  # [N]
+            (
+                self.first_order[f.name](x["item_sparse"][:, j]).squeeze(-1)
+                for j, f in enumerate(c.item_sparse)
+            ),
+            idx.new_zeros(idx.shape, dtype=torch.float32),
         )
-        first = torch.as_tensor(first_u).index_select(0, idx) + first_i
+        first = first_u.index_select(0, idx) + first_i
         if c.user_dense or c.item_dense:
             dense = torch.cat([x["user_dense"].index_select(0, idx), x["item_dense"]], dim=-1)
             first = first + self.dense_linear(dense).squeeze(-1)

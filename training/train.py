@@ -146,7 +146,11 @@ def train(
             if config.model.type == "dien":
                 batch["neg_hist"] = torch.from_numpy(
                     sample_negatives(
-                        prep.item_pool, prep.train.enc.hist_len[idx], config.max_seq_len, neg_rng
+                        prep.item_pool,
+                        prep.train.enc.hist[idx],
+                        prep.train.enc.hist_len[idx],
+                        config.max_seq_len,
+                        neg_rng,
                     )
                 )
             res = net(batch)

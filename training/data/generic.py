@@ -98,8 +98,18 @@ def split_frame(
       (all rows sharing a time, e.g. a positive and its sampled negative, stay together).
     * ``time``: global time cut at the (1 - val - test) and (1 - test) quantiles.
     * ``random``: a seeded row shuffle (only for data without time).
+
+    A time-based split on a frame without its time column is an error, never a silent
+    shuffle: a shuffle puts a user's later rows (whose histories hold the test targets)
+    into training. So is a ``time`` split that leaves a part empty (ties at a cut).
     """
-    if spec.split == "random" or spec.time_column is None or spec.time_column not in frame:
+    if spec.split != "random" and (spec.time_column is None or spec.time_column not in frame):
+        raise DataError(
+            f"data.split is {spec.split!r} but the frame has no time column "
+            f"(data.time_column: {spec.time_column!r}); add it, or set data.split: random "
+            "for data without time"
+        )
+    if spec.split == "random":
         rng = np.random.default_rng(seed)
         idx = rng.permutation(len(frame))
         n_test = int(len(frame) * spec.test_fraction)
@@ -110,7 +120,18 @@ def split_frame(
     if spec.split == "time":
         q_val = t.quantile(1 - spec.val_fraction - spec.test_fraction)
         q_test = t.quantile(1 - spec.test_fraction)
-        return frame[t <= q_val], frame[(t > q_val) & (t <= q_test)], frame[t > q_test]
+        parts = frame[t <= q_val], frame[(t > q_val) & (t <= q_test)], frame[t > q_test]
+        wanted = (1.0, spec.val_fraction, spec.test_fraction)
+        names = ("train", "validation", "test")
+        empty = [n for n, part, w in zip(names, parts, wanted, strict=True) if part.empty and w]
+        if empty:
+            raise DataError(
+                f"data.split 'time' leaves {', '.join(empty)} empty: too few distinct "
+                f"values of {spec.time_column!r} for cuts at the quantiles "
+                f"{1 - spec.val_fraction - spec.test_fraction:g} and "
+                f"{1 - spec.test_fraction:g} (rows sharing a time stay together)"
+            )
+        return parts
     # last_per_user: rank distinct times within each user, newest = 0
     key = frame[spec.user_key].astype(str)
     tmp = pd.DataFrame({"k": key, "t": t})
