@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Same-machine A/B of the service on a GPU, interleaved: old code vs this checkout, this
 # checkout with Python's default GIL switch interval (5 ms) vs the service's (0.5 ms), and
-# this checkout serving the standard graph (unfused) vs the fused AUGRU (new: auto).
+# this checkout serving the standard graph (unfused) vs the fused AUGRU (new: auto), and
+# this checkout copying into the CUDA-graph buffers with cudaMemcpy outside the GIL
+# (direct: CTR_GPU_COPY=direct) vs through ORT's binding (new).
 # DIEN at N=500, open loop at 360 and 500 req/s, graphs + fp16 + micro-batching, 1 worker.
 # Needs onnxruntime-gpu, Redis on 6379 and bundles in $MODELS (see scripts/gpu_bench.sh).
 # Usage: [AB_VARIANTS="base new"] [AB_RATES=360,500] scripts/gpu_ab.sh OUT BASE_SRC [REPS]
@@ -31,6 +33,7 @@ for rep in $(seq 1 "$reps"); do
       switch5) dir=$PWD extra=(--env CTR_SWITCH_INTERVAL_MS=5) ;;
       new) dir=$PWD extra=() ;;
       unfused) dir=$PWD extra=(--env CTR_FUSED_OPS=off) ;;
+      direct) dir=$PWD extra=(--env CTR_GPU_COPY=direct) ;;
     esac
     echo "[ab] rep $rep $variant" >&2
     (cd "$dir" && PYTHONPATH="$site:$dir" $py "${args[@]}" "${extra[@]}" --out "$out/tmp" > /dev/null)

@@ -52,6 +52,7 @@ from service.features import (
 )
 from service.model import LoadedModel, ProviderError, load_model
 from service.reloadbus import ReloadBus
+from service.runner import copy_info
 from service.schemas import (
     ErrorBody,
     EventRequest,
@@ -526,6 +527,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             "graph_note": model.graph_note or None,
             "graph_ops": model.graph_ops,
             "micro_batching": model.batcher is not None,
+            "gpu_copy": copy_info(model.runner),
             "worker_pid": os.getpid(),
             "reload_bus": None
             if state.bus is None

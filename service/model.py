@@ -391,6 +391,7 @@ def make_runner(
                 outputs,
                 parse_buckets(settings.cuda_graph_user_buckets),
                 parse_buckets(settings.cuda_graph_buckets),
+                copy=settings.gpu_copy,
             )
             for s in sessions
         ]

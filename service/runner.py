@@ -20,6 +20,7 @@ and returns the requested outputs as host arrays (``probs [N]``, ``attention [N,
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -28,6 +29,10 @@ from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
+
+from service.devcopy import Copier, OrtCopier, make_copier, self_check
+
+log = logging.getLogger("ctr.runner")
 
 USER_INPUTS = ("user_sparse", "user_dense", "hist", "hist_len")
 SKIP_GRAPH = "-1"
@@ -157,11 +162,18 @@ class GraphRunner:
         user_buckets: list[int],
         n_buckets: list[int],
         device: str = "cuda",
+        copy: str = "ort",
     ) -> None:
         """``input_tails``/``output_tails``: each tensor's shape after its batch axis
-        (``U`` for user inputs, ``N`` for the rest), e.g. ``hist -> (S, L)``."""
+        (``U`` for user inputs, ``N`` for the rest), e.g. ``hist -> (S, L)``.
+        ``copy``: how inputs reach the fixed buffers and outputs come back
+        (``CTR_GPU_COPY``, :mod:`service.devcopy`); a direct copier is checked on the
+        first bucket's buffers before use, and ORT's copies replace it if it fails."""
         self.session = session
         self.device = device
+        self.copy_wanted = copy
+        self.copier: Copier | None = None  # chosen on the first bucket's buffers
+        self.copy_note = ""
         self.user_buckets = user_buckets
         self.n_buckets = n_buckets
         self.input_tails = input_tails
@@ -196,8 +208,28 @@ class GraphRunner:
         options = ort.RunOptions()  # graph ids 1, 2, ...: 0 is ORT's default id
         options.add_run_config_entry("gpu_graph_id", str(len(self.slots) + 1))
         slot = _Slot(host, inputs, outputs, binding, options)
+        if self.copier is None:
+            self.copier = self._checked_copier(slot)
         self.slots[key] = slot
         return slot
+
+    def _checked_copier(self, slot: _Slot) -> Copier:
+        copier, self.copy_note = make_copier(self.copy_wanted, self.device)
+        if isinstance(copier, OrtCopier):
+            return copier
+        outs = {k: np.zeros(v.shape(), np.float32) for k, v in slot.outputs.items()}
+        try:
+            self_check(copier, slot.inputs, slot.host)
+            self_check(copier, slot.outputs, outs)
+        except Exception as exc:  # never serve through a copier that reads back wrong
+            self.copy_note = f"direct copies failed their check ({exc}); using ORT's"
+            log.warning(self.copy_note)
+            return OrtCopier()
+        return copier
+
+    @property
+    def copy_kind(self) -> str:
+        return self.copier.kind if self.copier is not None else self.copy_wanted
 
     def capture(self) -> float:
         """Capture every bucket now (ORT runs each graph's first calls normally, then
@@ -224,16 +256,25 @@ class GraphRunner:
         if users is None or n is None:
             return self.fallback.run(feeds, names)
         slot = self._slot(users, n)
+        copier = self.copier
+        assert copier is not None  # set with the first slot
         rows = feeds["user_idx"].shape[0]
         pad_into(slot.host, feeds)
         for name, arr in slot.host.items():
-            slot.inputs[name].update_inplace(arr)
+            copier.to_device(slot.inputs[name], arr)
         self.session.run_with_iobinding(slot.binding, slot.options)
-        # copies: a CPU OrtValue's numpy() is a view the next replay overwrites
-        return [slot.outputs[k].numpy()[:rows].copy() for k in names]
+        return [copier.to_host(slot.outputs[k], rows) for k in names]
 
     def close(self) -> None:
         self.thread.shutdown(wait=False)
+
+
+def copy_info(runner: Runner) -> dict[str, str | None] | None:
+    """How a CUDA-graph runner copies (``/v1/models``' ``gpu_copy``); None for others."""
+    first = runner.runners[0] if isinstance(runner, GraphPool) else runner
+    if not isinstance(first, GraphRunner):
+        return None
+    return {"copy": first.copy_kind, "note": first.copy_note or None}
 
 
 class GraphPool:

@@ -57,6 +57,13 @@ class Settings(BaseSettings):
     cuda_graph_buckets: str = Field(
         "64,128,256,512,1024,2048,4096", description="candidate counts N with a CUDA graph"
     )
+    gpu_copy: Literal["ort", "direct"] = Field(
+        "ort",
+        description="CUDA graphs: copies into and out of the fixed buffers through ORT "
+        "(holds the GIL while the copy waits on the driver) or direct: cudaMemcpy "
+        "through ctypes, which releases it; checked against ORT's at load, falls back "
+        "to ort (not yet measured on a GPU; docs/benchmarks.md 3.4)",
+    )
     cuda_graph_user_buckets: str = Field(
         "1,2,4,8,16", description="user counts U with a CUDA graph (micro-batches)"
     )

@@ -60,6 +60,23 @@ def test_cuda_graphs_match_cpu(bundles: dict[str, Built], mt: str, fused: str) -
         np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-5)
 
 
+def test_direct_copies_pass_their_check_on_cuda_and_match_cpu(bundles: dict[str, Built]) -> None:
+    """``CTR_GPU_COPY=direct``: cudaMemcpy through ctypes from ORT's own CUDA runtime
+    passes its round-trip check against ORT's copies on the real device buffers (else
+    the runner says why and uses ORT's), and the scores match the CPU's."""
+    from service.runner import copy_info
+
+    cpu = load_model(settings_for(bundles["dien"], provider="cpu", fused_ops="off"))
+    gpu = load_model(settings_for(bundles["dien"], provider="cuda", cuda_graph=True,
+                                  cuda_graph_buckets="64,512", gpu_copy="direct"))  # fmt: skip
+    assert copy_info(gpu.runner) == {"copy": "direct", "note": None}
+    for users, n, seed in ((1, 50, 0), (3, 65, 2), (1, 500, 3), (2, 700, 4)):
+        feeds = probe_feeds(cpu.bundle, users, n, seed)
+        want, got = cpu.run(feeds, True), gpu.run(feeds, True)
+        np.testing.assert_allclose(got[0], want[0], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize(("mt", "fused"), [("din", "auto"), ("dien", "off"), ("dien", "auto")])
 def test_fp16_on_gpu(bundles: dict[str, Built], mt: str, fused: str) -> None:
     cpu = load_model(settings_for(bundles[mt], provider="cpu"))

@@ -4,8 +4,10 @@ CPU provider; tests/test_gpu.py repeats the GPU-only parts where CUDA is present
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from pathlib import Path
+from unittest.mock import patch
 
 import numpy as np
 import onnxruntime as ort
@@ -17,6 +19,7 @@ import service.model as service_model
 from ctr.bundle import graph_inputs, graph_outputs, load_bundle
 from service.app import create_app
 from service.batcher import merge_feeds, split_outputs
+from service.devcopy import DirectCopier, OrtCopier, loaded_cudart, make_copier
 from service.loader import load_into_redis
 from service.model import load_model
 from service.precision import probe_feeds
@@ -27,6 +30,7 @@ from service.runner import (
     SessionRunner,
     SplitRunner,
     bucket_of,
+    copy_info,
 )
 from service.settings import Settings, parse_buckets
 from tests.helpers import (
@@ -87,14 +91,19 @@ def test_io_binding_matches_session_run(bundles: dict[str, Built], mt: str) -> N
             np.testing.assert_array_equal(g, w)
 
 
+@pytest.mark.parametrize("copy", ["ort", "direct"])
 @pytest.mark.parametrize("mt", ["din", "dien"])
-def test_bucketed_fixed_buffer_runs_match_unpadded(bundles: dict[str, Built], mt: str) -> None:
+def test_bucketed_fixed_buffer_runs_match_unpadded(
+    bundles: dict[str, Built], mt: str, copy: str
+) -> None:
     """The CUDA-graph runner's padding and slicing, on the CPU provider: padded users
     and candidates never change a real row, calls beyond every bucket fall back, and a
-    returned array is not overwritten by the next call on the same bucket."""
+    returned array is not overwritten by the next call on the same bucket. With ORT's
+    copies and with direct ones (``CTR_GPU_COPY=direct``: by pointer through ctypes,
+    here ``memmove``), which pass their check against ORT's and are used."""
     sess, b = cpu_session(bundles[mt])
     ins, outs = tails(b)
-    runner = GraphRunner(sess, ins, outs, [1, 4], [64, 128], device="cpu")
+    runner = GraphRunner(sess, ins, outs, [1, 4], [64, 128], device="cpu", copy=copy)
     kept = []
     for users, n, seed in ((1, 50, 0), (1, 64, 1), (3, 65, 2), (4, 128, 3), (5, 10, 4),
                            (1, 300, 5), (2, 50, 6)):  # fmt: skip
@@ -108,6 +117,34 @@ def test_bucketed_fixed_buffer_runs_match_unpadded(bundles: dict[str, Built], mt
     for got, want in kept:  # (1, 50) and (2, 50) share a slot; the first result survives
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     assert set(runner.slots) == {(1, 64), (4, 128), (4, 64)}  # (5, 10), (1, 300): fallback
+    assert runner.copy_kind == copy and runner.copy_note == ""
+    assert copy_info(runner) == {"copy": copy, "note": None}
+
+
+def test_a_direct_copier_that_reads_back_wrong_is_never_used(bundles: dict[str, Built]) -> None:
+    """The direct copier is checked on the first bucket's real buffers against ORT's own
+    copies; one that copies wrong (here: half the bytes) is replaced by ORT's, the reason
+    is kept, and the scores are right."""
+    sess, b = cpu_session(bundles["din"])
+    ins, outs = tails(b)
+    short = DirectCopier(lambda dst, src, n: ctypes.memmove(dst, src, n // 2))
+    runner = GraphRunner(sess, ins, outs, [1], [64], device="cpu", copy="direct")
+    with patch("service.runner.make_copier", return_value=(short, "")):
+        feeds = probe_feeds(b, 1, 40, 3)  # type: ignore[arg-type]
+        got = runner.run(feeds, ["probs"])[0]
+    np.testing.assert_allclose(got, sess.run(["probs"], feeds)[0], rtol=0, atol=1e-6)
+    assert runner.copy_kind == "ort" and "read back wrong" in runner.copy_note
+    assert copy_info(runner) == {"copy": "ort", "note": runner.copy_note}
+
+
+def test_direct_cuda_copies_need_a_loaded_cuda_runtime() -> None:
+    """Without a CUDA runtime in the process (any CPU-only ORT), asking for direct copies
+    on CUDA gives ORT's, with the reason; never a second runtime loaded by name."""
+    if loaded_cudart() is not None:
+        pytest.skip("a CUDA runtime is loaded in this process")
+    copier, note = make_copier("direct", "cuda")
+    assert isinstance(copier, OrtCopier) and "no CUDA runtime" in note
+    assert make_copier("ort", "cuda")[1] == ""
 
 
 def test_graph_pool_spreads_calls_over_its_runners(bundles: dict[str, Built]) -> None:
