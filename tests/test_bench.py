@@ -39,12 +39,46 @@ def test_service_benchmark_reports_every_figure() -> None:
     assert single["loop_cpu_ms"] > 0  # the service's event-loop CPU per request (/proc)
     sweep = din["saturation"][20]
     assert set(sweep) == {1, 2} and all(v["errors"] == 0 and v["rps"] > 0 for v in sweep.values())
+    # where the machine's CPU goes per request at each point: the service (all its
+    # processes and threads, /proc), the benchmark client, and the model alone
+    assert all(v["service_cpu_ms"] > 0 and v["client_cpu_ms"] > 0 for v in sweep.values())
+    assert mo["cpu_ms"] > 0
     table = render(res, "ctr bench --models din")
     assert "| din | 20 |" in table and "2 ORT run(s) in flight" in table
-    assert "loop CPU ms/req" in table
+    assert "loop CPU ms/req" in table and "CPU ms/req: service" in table
+    assert "1 uvicorn worker," in table
     # the machine line names the kernel release (a lent machine's sandbox shows in it)
     assert f"Linux {platform.release()}" in res["device"] and res["device"] in table
     assert (ROOT / "docs" / "benchmarks.md").read_text().count("ctr bench") >= 2
+
+
+def test_service_cpu_counts_every_worker_process() -> None:
+    """``tree_cpu_s`` sums a process and all its descendants, reaped ones included: a
+    parent that only waits, with two children that burn CPU, counts their time."""
+    import subprocess
+    import sys
+
+    from training.bench_service import tree_cpu_s
+
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass"
+    code = (
+        "import subprocess, sys\n"
+        f"ps = [subprocess.Popen([sys.executable, '-c', {burn!r}]) for _ in range(2)]\n"
+        "import time; time.sleep(1.5)\n"
+        "[p.wait() for p in ps]\n"
+        "time.sleep(30)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.time() + 20
+        seen = 0.0
+        while time.time() < deadline and seen < 0.8:
+            time.sleep(0.2)
+            seen = tree_cpu_s(parent.pid) or 0.0
+    finally:
+        parent.kill()
+        parent.wait()
+    assert seen >= 0.8  # both children's 0.4 s each (the parent itself only sleeps)
 
 
 def test_request_path_benchmark_runs_both_paths(tmp_path: Path) -> None:

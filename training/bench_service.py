@@ -219,14 +219,15 @@ async def _closed_loop_run(url: str, bodies: list[bytes], concurrency: int, seco
             errors += status != 200
             i += concurrency
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker(k) for k in range(concurrency)))
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     for c in clients:
         await c.close()
     p50, p99 = p50_p99(np.array(lat) * 1000)
     return {"requests": len(lat), "errors": errors, "rps": len(lat) / elapsed,
-            "p50_ms": p50, "p99_ms": p99}  # fmt: skip
+            "p50_ms": p50, "p99_ms": p99,
+            "client_cpu_ms": cpu * 1000 / max(1, len(lat))}  # fmt: skip
 
 
 async def _open_loop(
@@ -357,6 +358,7 @@ def model_only(
         t = _time(lambda f=feed: sess.run(["probs"], f), reps)
         par_rps = parallel_rps(narrow, feed, streams, par_seconds) if narrow else 0.0
         out[n] = model_row(t, par_rps)  # parallel: `streams` runs of 1 intra-op thread each
+        out[n]["cpu_ms"] = cpu_per_run_ms(narrow or sess, feed, max(20, reps))
     return out
 
 
@@ -390,6 +392,16 @@ def parallel_rps(sess: Any, feed: dict[str, np.ndarray], streams: int, seconds: 
     for th in threads:
         th.join()
     return sum(counts) / (time.perf_counter() - started)
+
+
+def cpu_per_run_ms(sess: Any, feed: dict[str, np.ndarray], runs: int = 200) -> float:
+    """CPU ms (this process, all threads) per ``sess.run`` back to back: what the model
+    alone costs the machine per request, whatever the wall time."""
+    sess.run(["probs"], feed)
+    cpu = time.process_time()
+    for _ in range(runs):
+        sess.run(["probs"], feed)
+    return (time.process_time() - cpu) * 1000 / runs
 
 
 def _start_service(
@@ -476,6 +488,32 @@ def loop_cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _stat(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def tree_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system, all threads) of process ``pid`` and its descendants
+    (uvicorn's workers), the reaped ones included: the whole service; None where /proc
+    cannot tell."""
+    stats = {int(d): st for d in os.listdir("/proc") if d.isdigit() and (st := _stat(int(d)))}
+    if pid not in stats:
+        return None
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        kids = [p for p, st in stats.items() if int(st[1]) == parent and p not in tree]
+        tree.update(kids)
+        frontier += kids
+    # utime, stime, cutime, cstime (fields 14-17 of /proc/PID/stat)
+    ticks = sum(sum(int(v) for v in stats[p][11:15]) for p in tree)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def _device(env: dict[str, str]) -> str:
     # the kernel release says which sandbox a lent machine ran in (gVisor reports 4.4.0,
     # and its syscalls, the event loop's included, cost far more than a VM's)
@@ -550,8 +588,7 @@ def run(
                     bodies = bodies_for(frame, n)
                     asyncio.run(_closed_loop(url, bodies, 1, 1.0))  # warm-up
                     before = httpx.get(url + "/metrics").text
-                    workers = env.get("CTR_WORKERS", os.environ.get("CTR_WORKERS", "1"))
-                    cpu0 = loop_cpu_s(proc.pid) if workers == "1" else None
+                    cpu0 = loop_cpu_s(proc.pid) if _workers(results) == 1 else None
                     single = asyncio.run(_closed_loop(url, bodies, 1, seconds))
                     cpu1 = loop_cpu_s(proc.pid) if cpu0 is not None else None
                     after = httpx.get(url + "/metrics").text
@@ -563,7 +600,11 @@ def run(
                     per_model["single"][n] = single
                     sweep = {}
                     for c in concurrency:
+                        svc0 = tree_cpu_s(proc.pid)
                         sweep[c] = asyncio.run(_closed_loop(url, bodies, c, seconds))
+                        svc1 = tree_cpu_s(proc.pid)
+                        if svc0 is not None and svc1 is not None and sweep[c]["requests"]:
+                            sweep[c]["service_cpu_ms"] = (svc1 - svc0) * 1000 / sweep[c]["requests"]
                     per_model["saturation"][n] = sweep
                     per_model["open_loop"][n] = []
                     for r in rates or []:
@@ -586,6 +627,15 @@ def run(
     return results
 
 
+def _workers(res: dict[str, Any]) -> int:
+    return int(res.get("env", {}).get("CTR_WORKERS", os.environ.get("CTR_WORKERS", "1")))
+
+
+def _workers_text(res: dict[str, Any]) -> str:
+    w = _workers(res)
+    return "1 uvicorn worker" if w == 1 else f"{w} uvicorn workers (loop CPU: not measured)"
+
+
 def render(res: dict[str, Any], command: str) -> str:
     t = res["threads"]
     k = res.get("inflight", 1)
@@ -593,8 +643,8 @@ def render(res: dict[str, Any], command: str) -> str:
     lines = [
         f"Command: `{command}`",
         "",
-        f"{res.get('device', f'CPU ({os.cpu_count()} cores)')}, 1 uvicorn worker, ORT "
-        f"intra-op threads={t}, {k} ORT run(s) in flight, L=50; the HTTP client runs on "
+        f"{res.get('device', f'CPU ({os.cpu_count()} cores)')}, {_workers_text(res)}, ORT "
+        f"intra-op threads={t} per worker, {k} ORT run(s) in flight, L=50; the HTTP client runs on "
         "the same machine. Model-only figures: ORT alone in the benchmark process, same "
         "shapes. Loop CPU: CPU time of the service's event-loop thread per request at "
         "concurrency 1; 1000 / it bounds one worker's requests/s on any device."
@@ -623,8 +673,9 @@ def render(res: dict[str, Any], command: str) -> str:
         f"{os.cpu_count()} concurrent single-threaded streams:",
         "",
         "| model | N | best req/s | at concurrency | candidates/s | model alone: one stream |"
-        " concurrent streams | ratio to the better | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        " concurrent streams | ratio to the better | errors | CPU ms/req: service |"
+        " client | model alone (1 thread) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for mt, r in res["models"].items():
         for n, sweep in r["saturation"].items():
@@ -636,7 +687,8 @@ def render(res: dict[str, Any], command: str) -> str:
             lines.append(
                 f"| {mt} | {n} | {best['rps']:.0f} | {c} | {best['rps'] * n:,.0f} | "
                 f"{single:.0f} | {mo.get('parallel_rps', 0.0):.0f} | "
-                f"{best['rps'] / sustained:.0%} | {errs} |"
+                f"{best['rps'] / sustained:.0%} | {errs} | {_ms(best, 'service_cpu_ms')} | "
+                f"{_ms(best, 'client_cpu_ms')} | {_ms(mo, 'cpu_ms')} |"
             )
     lines += [
         "",
@@ -674,6 +726,10 @@ def render(res: dict[str, Any], command: str) -> str:
                         f"{o['errors']} | {_gc_cell(o)} |"
                     )
     return "\n".join(lines)
+
+
+def _ms(row: dict[str, Any], key: str) -> str:
+    return f"{row[key]:.2f}" if key in row else "-"
 
 
 def _gc_cell(run: dict[str, Any]) -> str:
