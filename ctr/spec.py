@@ -172,13 +172,16 @@ class FeatureConfig(_Strict):
                 if (want == "sequence") != is_seq:
                     raise ValueError(f"group {g.name!r}: {n!r} does not fit a {g.type} group")
         if self.model.type != "deepfm":  # the others read behaviours only through groups
-            grouped = {n for g in self.groups if g.type == "sequence" for n in g.features}
+            seq_groups = [g for g in self.groups if g.type == "sequence"]
+            if self.model.type == "dien":  # DIEN's one interest extractor: the first group
+                seq_groups = seq_groups[:1]
+            grouped = {n for g in seq_groups for n in g.features}
             for f in self.features:
                 if f.kind == "sequence" and f.name not in grouped:
                     raise ValueError(
-                        f"sequence feature {f.name!r} is in no sequence group: a "
-                        f"{self.model.type} model would never read it (add it to a group "
-                        "of type sequence, or drop it)"
+                        f"sequence feature {f.name!r} is in no sequence group a "
+                        f"{self.model.type} model reads (DIEN: the first), so it would "
+                        "never be read (add it to that group, or drop it)"
                     )
         return self
 

@@ -40,6 +40,10 @@ class Copier(Protocol):
         """Copy C-contiguous ``host`` into the start of OrtValue ``value``'s buffer."""
         ...
 
+    def landed(self) -> None:
+        """Wait until every :meth:`to_device` copy so far has reached the device."""
+        ...
+
     def to_host(self, value: Any, rows: int) -> np.ndarray:
         """A new host array with the first ``rows`` rows of ``value``."""
         ...
@@ -50,6 +54,9 @@ class OrtCopier:
 
     def to_device(self, value: Any, host: np.ndarray) -> None:
         value.update_inplace(host)
+
+    def landed(self) -> None:
+        pass  # ORT's copy synchronizes itself
 
     def to_host(self, value: Any, rows: int) -> np.ndarray:
         # a copy: a CPU OrtValue's numpy() is a view the next replay overwrites
@@ -72,6 +79,10 @@ class DirectCopier:
     def to_device(self, value: Any, host: np.ndarray) -> None:
         _check_fits(value, host)
         self.copy(value.data_ptr(), host.ctypes.data, host.nbytes)
+
+    def landed(self) -> None:
+        # one sync for all of a call's copies (each foreign call gives the GIL up and
+        # must take it back): they run in order on the legacy stream
         if self.sync is not None:
             self.sync()
 
@@ -86,7 +97,10 @@ class DirectCopier:
 def _check_fits(value: Any, host: np.ndarray) -> None:
     if not host.flags.c_contiguous:
         raise ValueError("direct copies need C-contiguous host arrays")
-    size = int(np.prod(value.shape())) * np.dtype(host.dtype).itemsize
+    dtype = np.dtype(ORT_TYPES[value.data_type()])
+    if host.dtype != dtype:
+        raise ValueError(f"a {host.dtype} array for a device buffer of {dtype}")
+    size = int(np.prod(value.shape())) * dtype.itemsize
     if host.nbytes > size:
         raise ValueError(f"{host.nbytes} bytes do not fit a device buffer of {size}")
 
@@ -147,17 +161,25 @@ def self_check(copier: Copier, values: dict[str, Any], host: dict[str, np.ndarra
     ``copier`` must read back through ``numpy()``, and one written with
     ``update_inplace`` must read back through ``copier``. Leaves the buffers zeroed."""
     rng = np.random.default_rng(7)
-    for name, value in values.items():
-        buf = host[name]
-        pattern = rng.integers(1, 100, size=buf.shape).astype(buf.dtype)
-        copier.to_device(value, pattern)
-        if not np.array_equal(value.numpy(), pattern):
-            raise RuntimeError(f"{name}: host-to-device copy read back wrong")
-        value.update_inplace(np.ascontiguousarray(pattern[::-1]))
-        rows = max(1, buf.shape[0] - 1)  # a prefix of rows, as replies are sliced
-        if not np.array_equal(copier.to_host(value, rows), pattern[::-1][:rows]):
-            raise RuntimeError(f"{name}: device-to-host copy read back wrong")
-        value.update_inplace(np.zeros_like(buf))
+    kept = []  # every array stays alive: a fresh np.empty must not reuse a pattern's memory
+    try:
+        for name, value in values.items():
+            buf = host[name]
+            pattern = rng.integers(1, 100, size=buf.shape).astype(buf.dtype)
+            copier.to_device(value, pattern)
+            copier.landed()
+            if not np.array_equal(value.numpy(), pattern):
+                raise RuntimeError(f"{name}: host-to-device copy read back wrong")
+            other = np.ascontiguousarray(pattern[::-1] + 1)
+            value.update_inplace(other)
+            rows = max(1, buf.shape[0] - 1)  # a prefix of rows, as replies are sliced
+            back = copier.to_host(value, rows)
+            kept += [pattern, other, back]
+            if not np.array_equal(back, other[:rows]):
+                raise RuntimeError(f"{name}: device-to-host copy read back wrong")
+    finally:
+        for name, value in values.items():
+            value.update_inplace(np.zeros_like(host[name]))
 
 
 def make_copier(kind: str, device: str) -> tuple[Copier, str]:

@@ -195,7 +195,13 @@ class GraphRunner:
             rows = users if name in USER_INPUTS else n
             arr = np.zeros((rows, *tail), self.input_types[name])
             host[name] = arr
-            inputs[name] = ort.OrtValue.ortvalue_from_numpy(arr, self.device, 0)
+            # its own memory on every provider (on the CPU, ortvalue_from_numpy would
+            # share arr's, and the copies in _run would go untested there)
+            value = ort.OrtValue.ortvalue_from_shape_and_type(
+                list(arr.shape), arr.dtype, self.device, 0
+            )
+            value.update_inplace(arr)
+            inputs[name] = value
         outputs = {
             name: ort.OrtValue.ortvalue_from_shape_and_type([n, *tail], np.float32, self.device, 0)
             for name, tail in self.output_tails.items()
@@ -262,6 +268,9 @@ class GraphRunner:
         pad_into(slot.host, feeds)
         for name, arr in slot.host.items():
             copier.to_device(slot.inputs[name], arr)
+        copier.landed()
+        # outputs are read after the run: ORT's CUDA-graph replay ends with a sync of its
+        # own stream (CUDAGraphManager::Replay), so they are complete by then
         self.session.run_with_iobinding(slot.binding, slot.options)
         return [copier.to_host(slot.outputs[k], rows) for k in names]
 
@@ -270,11 +279,14 @@ class GraphRunner:
 
 
 def copy_info(runner: Runner) -> dict[str, str | None] | None:
-    """How a CUDA-graph runner copies (``/v1/models``' ``gpu_copy``); None for others."""
-    first = runner.runners[0] if isinstance(runner, GraphPool) else runner
-    if not isinstance(first, GraphRunner):
+    """How a CUDA-graph runner copies (``/v1/models``' ``gpu_copy``); None for others.
+    With several streams, each runner checks its copier itself: ``ort`` if any fell back."""
+    runners = runner.runners if isinstance(runner, GraphPool) else [runner]
+    graph_runners = [r for r in runners if isinstance(r, GraphRunner)]
+    if not graph_runners:
         return None
-    return {"copy": first.copy_kind, "note": first.copy_note or None}
+    worst = min(graph_runners, key=lambda r: r.copy_kind != "ort")  # a fallback first
+    return {"copy": worst.copy_kind, "note": worst.copy_note or None}
 
 
 class GraphPool:

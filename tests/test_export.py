@@ -183,7 +183,24 @@ def test_a_sequence_in_no_group_is_a_config_error(model_type: str) -> None:
     groups = [g for g in tiny_raw("din")["groups"] if g["type"] != "sequence"]
     with pytest.raises(ValidationError, match="'hist_item_id' is in no sequence group"):
         FeatureConfig.model_validate(tiny_raw(model_type, groups=groups))
+    if model_type == "dien":  # DIEN reads only its first sequence group
+        two = [*groups, {"name": "a", "type": "sequence", "features": ["hist_cate_id"]},
+               {"name": "b", "type": "sequence", "features": ["hist_item_id"]}]  # fmt: skip
+        with pytest.raises(ValidationError, match="'hist_item_id' is in no sequence group"):
+            FeatureConfig.model_validate(tiny_raw(model_type, groups=two))
     assert FeatureConfig.model_validate(tiny_raw("deepfm", groups=groups)).sequences
+
+
+def test_a_non_finite_output_fails_the_gate() -> None:
+    """NaN would drop out of ``max()`` and pass; any non-finite value is an infinite
+    difference."""
+    from training.export import scaled_diff
+
+    ok = np.array([0.5, 2.0], np.float32)
+    assert scaled_diff(ok, ok) == 0.0
+    assert scaled_diff(np.array([0.5, np.nan], np.float32), ok) == float("inf")
+    assert scaled_diff(np.array([np.inf, 2.0], np.float32), ok) == float("inf")
+    assert not ParityReport(max(0.0, scaled_diff(np.array([np.nan]), np.array([0.0]))), []).ok
 
 
 # ---- dynamic shapes ------------------------------------------------------------------------

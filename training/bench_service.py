@@ -358,7 +358,8 @@ def model_only(
         t = _time(lambda f=feed: sess.run(["probs"], f), reps)
         par_rps = parallel_rps(narrow, feed, streams, par_seconds) if narrow else 0.0
         out[n] = model_row(t, par_rps)  # parallel: `streams` runs of 1 intra-op thread each
-        out[n]["cpu_ms"] = cpu_per_run_ms(narrow or sess, feed, max(20, reps))
+        # CPU per run of a one-thread session (a spinning pool would count its waits)
+        out[n]["cpu_ms"] = cpu_per_run_ms(narrow or session(1), feed, max(20, reps))
     return out
 
 
@@ -670,7 +671,9 @@ def render(res: dict[str, Any], command: str) -> str:
         "",
         "Saturation (best over the client-concurrency sweep) vs what the model alone "
         f"sustains: the better of one stream with {t} threads (1000 / p50) and "
-        f"{os.cpu_count()} concurrent single-threaded streams:",
+        f"{os.cpu_count()} concurrent single-threaded streams. CPU ms/req at that point: "
+        "the service's processes and threads (/proc; Redis, on the same machine, is not "
+        "counted), the benchmark client, and one single-threaded model run alone:",
         "",
         "| model | N | best req/s | at concurrency | candidates/s | model alone: one stream |"
         " concurrent streams | ratio to the better | errors | CPU ms/req: service |"

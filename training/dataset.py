@@ -117,9 +117,10 @@ def sample_negatives(
     """``[B, S, L]`` random items from ``pool [I, S]`` at real positions, 0 at padding.
 
     A negative is never the behaviour it stands against (``hist [B, S, L]``, compared on
-    the first field, the item): a draw that hits it takes the next pool item instead,
-    as the official DIEN code resamples. The shift uses no extra random draws, so every
-    other draw stays what the seed gives."""
+    the first field, the item): a draw that hits it takes the next pool item instead
+    (the official DIEN code redraws; the shift slightly favours the item after a clicked
+    one, at a rate of about 1 / pool size). It uses no extra random draws, so every other
+    draw stays what the seed gives."""
     b = len(hist_len)
     k = rng.integers(0, len(pool), size=(b, length))  # [B, L]
     if len(pool) > 1:

@@ -217,6 +217,8 @@ def scaled_diff(got: np.ndarray, want: np.ndarray) -> float:
     most 1 in size (probabilities, attention weights), relative beyond (large logits)."""
     if got.size == 0:
         return 0.0
+    if not (np.isfinite(got).all() and np.isfinite(want).all()):
+        return float("inf")  # NaN would drop out of max() and pass the gate
     return float(np.max(np.abs(got - want) / np.maximum(1.0, np.abs(want))))
 
 
