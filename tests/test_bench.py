@@ -53,22 +53,24 @@ def test_service_benchmark_reports_every_figure() -> None:
 
 
 def test_service_cpu_counts_every_worker_process() -> None:
-    """``tree_cpu_s`` sums a process and all its descendants, reaped ones included: a
-    parent that only waits, with two children that burn CPU, counts their time."""
+    """``tree_cpu_s`` walks a process's descendants (uvicorn's workers live through a
+    measurement, so their time is never in the parent's reaped-children counters): a
+    parent that only sleeps, with two live children that burned CPU, counts their time."""
     import subprocess
     import sys
 
     from training.bench_service import tree_cpu_s
 
-    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass"
-    code = (
-        "import subprocess, sys\n"
-        f"ps = [subprocess.Popen([sys.executable, '-c', {burn!r}]) for _ in range(2)]\n"
-        "import time; time.sleep(1.5)\n"
-        "[p.wait() for p in ps]\n"
-        "time.sleep(30)"
+    burn = (
+        "import time\nt = time.process_time()\n"
+        "while time.process_time() - t < 0.4: pass\ntime.sleep(60)"
     )
-    parent = subprocess.Popen([sys.executable, "-c", code])
+    code = (
+        "import subprocess, sys, time\n"
+        f"ps = [subprocess.Popen([sys.executable, '-c', {burn!r}]) for _ in range(2)]\n"
+        "time.sleep(60)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
     try:
         deadline = time.time() + 20
         seen = 0.0
@@ -76,10 +78,9 @@ def test_service_cpu_counts_every_worker_process() -> None:
             time.sleep(0.2)
             seen = tree_cpu_s(parent.pid) or 0.0
     finally:
-        parent.kill()
+        os.killpg(parent.pid, 9)  # the children too
         parent.wait()
-    assert seen >= 0.8  # both children's 0.4 s each (the parent itself only sleeps)
-
+    assert seen >= 0.8  # both live children's 0.4 s each (the parent itself only sleeps)
 
 def test_request_path_benchmark_runs_both_paths(tmp_path: Path) -> None:
     """``ctr bench-path`` at a tiny size: both ASGI paths answer 200 (asserted inside)
