@@ -34,10 +34,11 @@ class Dice(nn.Module):
             if mask is None:
                 p = torch.sigmoid(self.bn(flat)).reshape(x.shape)
             else:
-                keep = mask.reshape(-1, 1).expand_as(flat)
-                rows = flat[mask.reshape(-1)]
+                real = mask.reshape(-1)
+                rows = flat[real]
                 if rows.shape[0] > 1:  # batch statistics (and their running update): real rows only
-                    z = flat.new_zeros(flat.shape).masked_scatter(keep, self.bn(rows))
+                    z = flat.new_zeros(flat.shape)
+                    z[real] = self.bn(rows)
                     p = torch.sigmoid(z).reshape(x.shape)  # padded positions: 0.5, masked later
                 else:  # under two real positions: no batch statistics, the running ones
                     p = self._p_running(x)
@@ -87,8 +88,6 @@ class MLP(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """``mask [...]``: positions of ``x [..., in_dim]`` that Dice's batch statistics
         count (None: all)."""
-        if mask is None:
-            return self.net(x)
         for layer in self.net:
             x = masked_act(layer, x, mask)
         return x
