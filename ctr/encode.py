@@ -16,6 +16,7 @@ Layout (U users, N candidates, S sequence fields, L = max_seq_len):
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -169,16 +170,45 @@ def encode_frame(
 
 
 def raw_columns_for_fit(config: FeatureConfig, frame: Any, delimiter: str = "|") -> dict[str, list]:
-    """Columns keyed by feature name, sequences flattened, for ``FeatureMapper.fit``."""
+    """Columns keyed by feature name, sequences flattened, for ``FeatureMapper.fit``.
+
+    A sparse column counts once per row (one impression). A sequence counts each user's
+    behaviours once, not once per row: a user's rows repeat the same history (every
+    prefix of it, or one history shared by a positive and its negatives), so a token
+    enters the flat list as often as it appears in that user's fullest row, the most
+    times any one of the user's rows holds it. Without a ``data.user_key`` column every
+    row is its own user. This is what ``min_count`` and ``max_size`` compare against.
+    """
     out: dict[str, list] = {}
+    key = config.data.user_key
+    users = frame[key].tolist() if key in frame.columns else None
     for f in config.features:
         if f.source not in frame.columns:
             continue
         if f.kind == "sequence":
-            flat: list[Any] = []
-            for v in frame[f.source].tolist():
-                flat.extend(split_sequence(v, delimiter))
-            out[f.name] = flat
+            out[f.name] = _behaviour_tokens(frame[f.source].tolist(), users, delimiter)
         elif f.kind == "sparse":
             out[f.name] = frame[f.source].tolist()
     return out
+
+
+def _behaviour_tokens(cells: list[Any], users: list[Any] | None, delimiter: str) -> list[Any]:
+    """Each user's tokens, each as many times as the user's fullest row holds it."""
+    if users is None:
+        flat: list[Any] = []
+        for v in cells:
+            flat.extend(split_sequence(v, delimiter))
+        return flat
+    most: dict[Any, Counter[Any]] = {}
+    seen: set[tuple[Any, Any]] = set()
+    for user, v in zip(users, cells, strict=True):
+        ident = (user, v if isinstance(v, str | None) else tuple(split_sequence(v, delimiter)))
+        if ident in seen:  # a negative sharing its positive's history, say
+            continue
+        seen.add(ident)
+        row = Counter(split_sequence(v, delimiter))
+        have = most.setdefault(user, Counter())
+        for tok, c in row.items():
+            if c > have[tok]:
+                have[tok] = c
+    return [tok for have in most.values() for tok in have.elements()]

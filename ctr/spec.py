@@ -25,7 +25,13 @@ class MappingSpec(_Strict):
 
     type: Literal["vocab", "hash"] = "vocab"
     buckets: int | None = Field(default=None, gt=0, description="hash buckets (type=hash)")
-    min_count: int = Field(default=1, ge=1, description="vocab: drop rarer tokens to OOV")
+    min_count: int = Field(
+        default=1,
+        ge=1,
+        description="vocab: tokens seen fewer times map to OOV (training rows count once "
+        "each; a behaviour sequence counts each user's behaviours once, see "
+        "ctr.encode.raw_columns_for_fit)",
+    )
     max_size: int | None = Field(default=None, gt=0, description="vocab: keep the most frequent")
 
     @model_validator(mode="after")

@@ -129,6 +129,37 @@ def test_vocab_order_min_count_and_max_size() -> None:
     assert build_vocab(list(reversed(tokens)), VOCAB) == build_vocab(tokens, VOCAB)
 
 
+def test_min_count_counts_a_users_history_once_not_once_per_row() -> None:
+    """Rows repeat a user's history (each prefix, and a negative beside its positive):
+    a behaviour counts as often as the user's fullest row holds it, so min_count
+    compares against how many behaviours there were, not how many rows saw them."""
+    config = seq_config()
+    config.features[1].mapping = MappingSpec(min_count=2)
+    train = pd.DataFrame(
+        {
+            "user_id": ["u1", "u1", "u1", "u1", "u2", "u2", "u3"],
+            "item_id": ["t1", "n1", "t2", "n2", "t3", "n3", "t4"],
+            "shop": ["s"] * 7,
+            # u1: "h" once, seen by four rows; u2: "r" twice in one row (a re-visit);
+            # "h" once more in u3's only row
+            "hist_item_id": ["a", "a", "a|h", "a|h", "r|x|r", "r|x|r", "h"],
+        }
+    )
+    cols = raw_columns_for_fit(config, train)
+    assert sorted(cols["hist_item_id"], key=str) == ["a", "h", "h", "r", "r", "x"]
+    assert cols["item_id"] == train["item_id"].tolist()  # targets: once per row
+    vocab = FeatureMapper.fit(config, cols).mapper_for("hist_item_id").vocab
+    assert set(vocab) == {"h", "r"}  # "a": one user's one behaviour, in four rows
+    # a frame without the user column counts each row as its own user
+    rows = raw_columns_for_fit(config, train.drop(columns=["user_id"]))
+    assert sorted(rows["hist_item_id"]).count("a") == 4
+    # histories given as lists count the same as delimited strings
+    listed = train.assign(hist_item_id=[v.split("|") for v in train["hist_item_id"]])
+    assert sorted(raw_columns_for_fit(config, listed)["hist_item_id"], key=str) == sorted(
+        cols["hist_item_id"], key=str
+    )
+
+
 # ---- shared vocabulary -------------------------------------------------------------------
 
 
