@@ -130,7 +130,8 @@ def train(
         bar = tqdm(
             range(n_batches),
             desc=f"epoch {epoch + 1}/{tc.epochs}",
-            disable=not (progress and info.main),
+            # None: tqdm draws only on a terminal (a piped log gets the epoch lines)
+            disable=None if progress and info.main else True,
             leave=False,
         )
         total = 0.0
