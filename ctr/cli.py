@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, _overrides(args.set))
     out = Path(args.out or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     metrics = train(config, out, progress=not args.quiet)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports (its run folder)
+        return 0
     t = metrics["test"]
     print(
         f"trained {config.model.type} -> {out}  test auc {t['auc']:.4f} gauc {t['gauc']:.4f} "
@@ -385,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--seeds", type=int, default=3)
     rs.add_argument("--set", action="append", default=[])
     rs.add_argument("--runs", default="runs/results")
-    rs.add_argument("--out", default="docs/results.md")
+    rs.add_argument("--out", default="runs/results.md", help="table (and its .json beside it)")
     rs.set_defaults(func=cmd_results)
     sk = sub.add_parser("soak", help="bounded soak run: errors and server RSS growth")
     sk.add_argument("--duration", type=float, default=300.0)

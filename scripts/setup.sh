@@ -1,15 +1,31 @@
 #!/usr/bin/env bash
-# Idempotent set-up on a fresh Debian/Ubuntu machine with Python 3.11:
-# a venv in .venv with torch 2.13.0 and the project (train + dev extras), and a Redis
-# server answering on 127.0.0.1:6379 (redis-server installed with apt if missing: the
-# fault tests also start private ones). TORCH_INDEX_URL, when set, is the index torch
-# comes from (e.g. https://download.pytorch.org/whl/cpu for the CPU-only build).
+# Idempotent set-up on a fresh Debian 12 / Ubuntu 24.04 machine with Python >= 3.11:
+# a venv in .venv with torch 2.13.0 (CPU build) and the project (train + dev extras), a
+# C++ compiler (the custom ops in native/ are built with it; several tests need them),
+# and a Redis server (>= 7) answering on 127.0.0.1:6379 (redis-server installed with apt
+# if missing: the fault tests also start private ones).
+# torch: a local wheel where pip is configured with one (find-links), else the CPU build
+# from PyTorch's CPU index (https://download.pytorch.org/whl/cpu). TORCH_INDEX_URL, when
+# set, is the only index torch comes from (set it to https://pypi.org/simple for PyPI's
+# CUDA build, several GB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "[setup] needs Python >= 3.11; $PY is $("$PY" -V 2>&1 || echo missing)." \
+    "Point PYTHON at one, e.g. PYTHON=python3.11 bash scripts/setup.sh" >&2
+  exit 1
+fi
+SUDO=""
+if [ "$(id -u)" != 0 ]; then
+  if command -v sudo >/dev/null 2>&1; then SUDO=sudo; fi
+fi
 
 apt_install() {
+  if [ "$(id -u)" != 0 ] && [ -z "$SUDO" ]; then
+    echo "[setup] cannot install $* (not root and no sudo); install it and run again" >&2
+    return 1
+  fi
   $SUDO apt-get update -q >/dev/null && \
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "$@" >/dev/null
 }
@@ -27,9 +43,15 @@ if ! .venv/bin/python -c "import torch, onnxruntime, fastapi, ctr" 2>/dev/null \
    || [ pyproject.toml -nt .venv/.installed ]; then
   echo "[setup] installing packages"
   .venv/bin/pip install -q --upgrade pip
-  # exactly this pin (the CPU build on this project's machines); any other torch spec
-  # pulls a multi-GB CUDA build
-  .venv/bin/pip install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.13.0
+  # exactly this pin: on PyPI any torch spec is a multi-GB CUDA build
+  if [ -n "${TORCH_INDEX_URL:-}" ]; then
+    .venv/bin/pip install -q --index-url "$TORCH_INDEX_URL" torch==2.13.0
+  elif .venv/bin/pip install -q --no-index --no-deps torch==2.13.0 2>/dev/null; then
+    .venv/bin/pip install -q torch==2.13.0  # the local wheel's dependencies, from PyPI
+  else
+    .venv/bin/pip install -q --extra-index-url https://download.pytorch.org/whl/cpu \
+      torch==2.13.0
+  fi
   .venv/bin/pip install -q -e '.[train,dev]'
   touch .venv/.installed
 fi
@@ -46,6 +68,11 @@ sys.exit(0 if ok else 1)
 PY
 }
 
+if ! command -v g++ >/dev/null 2>&1 && ! command -v c++ >/dev/null 2>&1; then
+  echo "[setup] installing g++ (builds the custom ops in native/)"
+  apt_install g++ || echo "[setup] warning: no C++ compiler: the service serves" \
+    "model.onnx, and the tests of the fused graphs fail" >&2
+fi
 if ! command -v redis-server >/dev/null 2>&1; then
   echo "[setup] installing redis-server"
   if ! apt_install redis-server; then
@@ -60,4 +87,9 @@ if ! redis_up; then
     --logfile /tmp/ctr-redis.log
   for _ in $(seq 50); do redis_up && break; sleep 0.1; done
 fi
-redis_up && echo "[setup] Redis answers on 127.0.0.1:6379"
+if redis_up; then
+  echo "[setup] Redis answers on 127.0.0.1:6379"
+else
+  echo "[setup] no Redis answers on 127.0.0.1:6379 (see /tmp/ctr-redis.log)" >&2
+  exit 1
+fi

@@ -82,6 +82,7 @@ def test_service_cpu_counts_every_worker_process() -> None:
         parent.wait()
     assert seen >= 0.8  # both live children's 0.4 s each (the parent itself only sleeps)
 
+
 def test_request_path_benchmark_runs_both_paths(tmp_path: Path) -> None:
     """``ctr bench-path`` at a tiny size: both ASGI paths answer 200 (asserted inside)
     and every figure of its table is there."""

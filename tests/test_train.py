@@ -109,8 +109,11 @@ DDP_SCRIPT = textwrap.dedent(
     from training.train import train
 
     config_path, out_dir = sys.argv[1], sys.argv[2]
-    metrics = train(load_config(config_path), out_dir, progress=False)
     rank = int(os.environ["RANK"])
+    # each rank names its own folder, as `ctr train` does from the clock: all must
+    # write to rank 0's
+    mine = out_dir if rank == 0 else out_dir + "-rank1"
+    metrics = train(load_config(config_path), mine, progress=False)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(metrics, f)
     dist.destroy_process_group()
@@ -157,6 +160,7 @@ def test_data_parallel_matches_single_process(
     ddp = ranks[0]
     assert ddp["world_size"] == 2
     assert json.loads((out / "metrics.json").read_text())["test"] == ddp["test"]
+    assert not (tmp_path / "ddp-rank1").exists()  # rank 1 used rank 0's run folder
 
     single = train(config, tmp_path / "single", prep=None, progress=False)
     assert single["world_size"] == 1

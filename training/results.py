@@ -1,5 +1,5 @@
 """``ctr results``: Base vs DeepFM vs DIN vs DIEN on the real datasets, mean ± std over
-seeds, written to ``docs/results.md`` with the command that produced it."""
+seeds, written to ``--out`` (default ``runs/results.md``) with the command that produced it."""
 
 from __future__ import annotations
 

@@ -109,6 +109,10 @@ def train(
         torch.set_num_threads(tc.threads)
     seed_everything(tc.seed)
     out = Path(out_dir)
+    if info.world > 1:  # one run folder: rank 0's (a default one is named by the clock)
+        box = [str(out)]
+        dist.broadcast_object_list(box, src=0)
+        out = Path(box[0])
     prep = prep or prepare(config)
     model = build_model(config, prep.mapper.table_sizes())
     net: nn.Module = model
