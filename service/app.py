@@ -74,7 +74,13 @@ from service.store import (
     fetch_items,
     make_client,
 )
-from service.validate import has_surrogate, parse_event, parse_score, safe_field
+from service.validate import (
+    check_numbers,
+    has_surrogate,
+    parse_event,
+    parse_score,
+    safe_field,
+)
 
 log = logging.getLogger("ctr.service")
 
@@ -596,6 +602,7 @@ async def _score(state: State, model: LoadedModel, req: Any) -> Response:
     s = state.settings
     t0 = STAGE_CLOCK()
     bundle = model.bundle
+    check_numbers(req.features, req.context, model.dense_sources)
     cands = candidates(bundle.config, model.rows, req.item_ids, req.features)
     lookups = cands.items.take_cached(state.item_cache)
     degraded = False
@@ -616,9 +623,12 @@ async def _score(state: State, model: LoadedModel, req: Any) -> Response:
     # rows with a missing feature because the store failed are not cached
     cands.finish(bundle, model.rows, cacheable=not (degraded and lookups))
     # only the context keys the model reads: the others must not be kept with the
-    # user's cached rows, nor make them miss
+    # user's cached rows, nor make them miss; a null value is absent (the stored
+    # profile's value stands)
     keep = model.context_sources
-    context = {k: v for k, v in req.context.items() if k in keep} if req.context else {}
+    context = (
+        {k: v for k, v in req.context.items() if k in keep and v is not None} if req.context else {}
+    )
     prepared = build_feeds(
         bundle, req.user_id, context, data, cands.sparse, cands.dense, model.users
     )

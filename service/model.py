@@ -78,6 +78,12 @@ class LoadedModel:
         c = self.bundle.config
         return frozenset(f.source for f in c.user_sparse + c.user_dense)
 
+    @functools.cached_property
+    def dense_sources(self) -> frozenset[str]:
+        """Request keys (candidate ``features`` and ``context``) the model reads as numbers."""
+        c = self.bundle.config
+        return frozenset(f.source for f in c.user_dense + c.item_dense)
+
     @property
     def name(self) -> str:
         return self.bundle.name

@@ -72,6 +72,27 @@ def check_features(value: Any, field: str, max_len: int) -> dict[str, Any]:
     return value
 
 
+def check_numbers(
+    features: list[dict[str, Any] | None], context: dict[str, Any], dense: frozenset[str]
+) -> None:
+    """The values the model reads as numbers (``dense``: their keys) must be JSON numbers
+    or ``null``: a string or a boolean there is a caller bug, never silently the default.
+    (:func:`check_features` has already rejected NaN, infinities and non-scalars.)"""
+    if not dense:
+        return
+    for k in dense.intersection(context):
+        _number(context[k], f"context.{safe_field(k)}")
+    for i, f in enumerate(features):
+        if f:
+            for k in dense.intersection(f):
+                _number(f[k], f"candidates[{i}].features.{safe_field(k)}")
+
+
+def _number(v: Any, where: str) -> None:
+    if v is not None and (type(v) is bool or not isinstance(v, int | float)):
+        raise BadRequest(f"{where} must be a number (the model reads it as one)", where)
+
+
 def check_keys(obj: dict, allowed: set[str], where: str) -> None:
     unknown = sorted(set(obj) - allowed)
     if unknown:

@@ -63,6 +63,12 @@ ROWS: list[tuple[str, Any, int, str | None]] = [
     ("top_k float", {"user_id": "u1", "candidates": C, "top_k": 2.5}, 422, "top_k"),
     ("explain not bool", {"user_id": "u1", "candidates": C, "explain": "yes"}, 422, "explain"),
     ("body not an object", [1, 2], 422, "body"),
+    ("dense feature as a string", {"user_id": "u1", "candidates": [C[0], {"item_id": "i2",
+     "features": {"item_price": "3.5"}}]}, 422, "candidates[1].features.item_price"),
+    ("dense feature as a boolean", {"user_id": "u1", "candidates": [{"item_id": "i1",
+     "features": {"item_price": True}}]}, 422, "candidates[0].features.item_price"),
+    ("dense feature as the string NaN", {"user_id": "u1", "candidates": [{"item_id": "i1",
+     "features": {"item_price": "NaN"}}]}, 422, "candidates[0].features.item_price"),
 ]  # fmt: skip
 
 

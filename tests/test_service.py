@@ -162,6 +162,32 @@ def test_missing_feature_looked_up_from_redis(
     assert other != pytest.approx(looked_up, abs=1e-7)
 
 
+def test_numbers_and_nulls_the_model_reads(
+    built: Built, redis_db: Redis, client: TestClient
+) -> None:
+    """A dense value given as a JSON number (int or float) or null is scored (null: looked
+    up in Redis); a `null` context key is absent, so the stored profile's value stands."""
+    item = some_items(built, 1)[0]
+    price = float(redis_db.hget(item_key("item_price"), item))
+
+    def prob(features: dict | None = None, context: dict | None = None) -> float:
+        cand: dict = {"item_id": item, **({"features": features} if features else {})}
+        body: dict = {"user_id": "u2", "candidates": [cand], "context": context or {}}
+        r = client.post("/v1/score", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["items"][0]["probability"]
+
+    stored = prob()
+    assert prob({"item_price": price}) == stored == prob({"item_price": None})
+    assert prob({"item_price": round(price) + 1000}) != stored  # an int is a number too
+    profile = redis_db.hgetall(user_key("u2", "profile"))
+    assert "age_bucket" in profile
+    other = "zz" if profile["age_bucket"] != "zz" else "yy"
+    assert prob(context={"age_bucket": None}) == stored
+    assert prob(context={"age_bucket": profile["age_bucket"]}) == stored
+    assert prob(context={"age_bucket": other}) != stored  # the context does override
+
+
 def test_explain_returns_history_items(redis_db: Redis, client: TestClient) -> None:
     hist_ids = {e["item_id"] for e in stored_history(redis_db, "u4")}
     r = client.post(
