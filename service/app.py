@@ -64,7 +64,10 @@ from service.schemas import (
 )
 from service.settings import Settings
 from service.store import (
+    APPENDED,
+    OUTSIDE_WINDOW,
     REDIS_ERRORS,
+    SEEN,
     AnyRedis,
     EventWriter,
     ItemCache,
@@ -482,7 +485,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
                 elif v is not None:
                     payload[k] = v
             stamp_event(payload, needed, ev.type, ev.timestamp)
-            appended = await asyncio.wait_for(
+            outcome = await asyncio.wait_for(
                 state.events.append(
                     ev.user_id,
                     ev.event_id,
@@ -495,7 +498,10 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
         except REDIS_ERRORS as exc:
             log.warning("event not stored (redis): %s", type(exc).__name__)
             raise StoreUnavailable("the behaviour store is unavailable; retry", None) from exc
-        return orjson_response({"appended": appended, "duplicate": not appended}, 202)
+        body = {"appended": outcome == APPENDED, "duplicate": outcome == SEEN}
+        if outcome == OUTSIDE_WINDOW:
+            body["outside_window"] = True
+        return orjson_response(body, 202)
 
     @app.get("/healthz", summary="Liveness")
     async def healthz() -> dict[str, str]:

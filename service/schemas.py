@@ -111,6 +111,11 @@ class EventResponse(BaseModel):
     ignored: bool | None = Field(
         None, description="true when CTR_SEQUENCE_EVENT_TYPES leaves this event type out"
     )
+    outside_window: bool | None = Field(
+        None,
+        description="true when the event is older than every behaviour kept (the newest "
+        "CTR_SEQUENCE_KEEP by timestamp): its event_id is recorded, the behaviour not stored",
+    )
 
 
 class ErrorBody(BaseModel):

@@ -137,23 +137,50 @@ class ItemCache:
             self.data[(feature, i)] = (v, expiry)
 
 
-# KEYS: seq, events. ARGV: event_id, ts (unused: the window is ordered by server
-# arrival time, so a backfilled old event cannot fall out of it at once), payload,
-# keep, window.
-# Returns 1 when appended, 0 when the event_id was already seen.
+# KEYS: seq, events. ARGV: event_id, ts, payload, keep, window.
+# The list stays in time order (``ts``; arrival order among equal ones; behaviours with no
+# ``ts``, e.g. from ``ctr load``, count as oldest), as training histories are: a late or
+# retried event goes in at its place in time, lifting the newer ones off the tail and
+# putting them back, and the trim drops the oldest by time. An event older than all of
+# the newest ``keep`` would be trimmed at once: it is not stored. The event_id is recorded
+# last, after every write that could fail, so a failed append is never remembered as done.
+# Returns 0 when the event_id was already seen, 1 when appended, 2 when outside the window.
 APPEND_EVENT = """
+if redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end
+local ts = tonumber(ARGV[2])
+local keep = tonumber(ARGV[4])
+local later = {}
+while #later < keep do
+  local last = redis.call('LINDEX', KEYS[1], -1)
+  if not last then break end
+  local ok, ev = pcall(cjson.decode, last)
+  local t = nil
+  if ok and type(ev) == 'table' and type(ev['ts']) == 'number' then t = ev['ts'] end
+  if t == nil or t <= ts then break end
+  table.insert(later, 1, redis.call('RPOP', KEYS[1]))
+end
+local result = 1
+if #later >= keep then
+  result = 2
+else
+  redis.call('RPUSH', KEYS[1], ARGV[3])
+end
+for i = 1, #later, 1000 do
+  redis.call('RPUSH', KEYS[1], unpack(later, i, math.min(i + 999, #later)))
+end
+if result == 1 then redis.call('LTRIM', KEYS[1], -keep, -1) end
 local t = redis.call('TIME')
 local arrival = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local added = redis.call('ZADD', KEYS[2], 'NX', arrival, ARGV[1])
-if added == 0 then return 0 end
-redis.call('RPUSH', KEYS[1], ARGV[3])
-redis.call('LTRIM', KEYS[1], -tonumber(ARGV[4]), -1)
+redis.call('ZADD', KEYS[2], arrival, ARGV[1])
 local n = redis.call('ZCARD', KEYS[2])
 if n > tonumber(ARGV[5]) then
   redis.call('ZREMRANGEBYRANK', KEYS[2], 0, n - tonumber(ARGV[5]) - 1)
 end
-return 1
+return result
 """
+
+# what the append script returns
+SEEN, APPENDED, OUTSIDE_WINDOW = 0, 1, 2
 
 
 def user_key(user_id: str, suffix: str) -> str:
@@ -327,10 +354,10 @@ class EventWriter:
         self.window = window
         self.script = redis.register_script(APPEND_EVENT)
 
-    async def append(
-        self, user_id: str, event_id: str, ts: float, payload: dict, keep: int
-    ) -> bool:
-        """Append, trim to the newest ``keep`` and record ``event_id``; False if seen."""
+    async def append(self, user_id: str, event_id: str, ts: float, payload: dict, keep: int) -> int:
+        """Insert at its place in time, trim to the newest ``keep`` and record
+        ``event_id``: ``APPENDED``, ``SEEN`` (a retry: nothing written) or
+        ``OUTSIDE_WINDOW`` (older than the newest ``keep``: recorded, not stored)."""
         keys = [user_key(user_id, "seq"), user_key(user_id, "events")]
         args = [event_id, ts, orjson.dumps(payload), keep, self.window]
-        return bool(await self.script(keys=keys, args=args))
+        return int(await self.script(keys=keys, args=args))

@@ -224,6 +224,19 @@ def test_events_append_trim_idempotent(built: Built, redis_db: Redis, client: Te
     # the new behaviour is now part of the user's history when scoring
     r = client.post("/v1/score", json={"user_id": user, "candidates": [{"item_id": "i1"}]})
     assert r.json()["cold_start"] is False
+    # a late event takes its place in time; one older than every kept behaviour is not
+    # stored (training keeps the newest L by time), and says so
+    for eid, ts in (("new", 2000.0), ("late", 1500.0)):
+        r = client.post("/v1/events", json={**ev, "event_id": eid, "item_id": eid,
+                                            "timestamp": ts})  # fmt: skip
+        assert r.json() == {"appended": True, "duplicate": False}
+    assert [e["item_id"] for e in stored_history(redis_db, user)[-2:]] == ["late", "new"]
+    r = client.post("/v1/events", json={**ev, "event_id": "ancient", "item_id": "ancient",
+                                               "timestamp": 5.0})  # fmt: skip
+    assert r.status_code == 202
+    assert r.json() == {"appended": False, "duplicate": False, "outside_window": True}
+    assert "ancient" not in [e["item_id"] for e in stored_history(redis_db, user)]
+    assert len(stored_history(redis_db, user)) == length
 
 
 @pytest.mark.parametrize("cache_ttl", [60.0, 0.0], ids=["item-cache", "no-item-cache"])

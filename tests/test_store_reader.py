@@ -14,10 +14,21 @@ import orjson
 import pytest
 from fastapi.testclient import TestClient
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 from service.app import create_app
 from service.loader import load_into_redis
-from service.store import Reader, fetch, fetch_items, make_client, user_key
+from service.store import (
+    APPENDED,
+    OUTSIDE_WINDOW,
+    SEEN,
+    EventWriter,
+    Reader,
+    fetch,
+    fetch_items,
+    make_client,
+    user_key,
+)
 from tests.helpers import Built, build_bundle
 from tests.redis_proc import RedisProcess
 from tests.test_reliability import degraded_count, settings_for
@@ -249,9 +260,9 @@ def test_a_timeout_is_not_retried(rp: RedisProcess) -> None:
 
 
 def test_behaviours_come_back_in_time_order(rp: RedisProcess) -> None:
-    """A retried or late event is stored after newer ones (RPUSH order); the history read
-    for scoring is in timestamp order, as training histories are. Behaviours without a
-    timestamp (written by `ctr load`) stay first, in their order."""
+    """A list stored out of time order (by hand, or by a version that appended by
+    arrival) is still read for scoring in timestamp order, as training histories are.
+    Behaviours without a timestamp (written by `ctr load`) stay first, in their order."""
     r = rp.client()
     user = "time-order-user"
     r.delete(user_key(user, "seq"))
@@ -271,3 +282,73 @@ def test_behaviours_come_back_in_time_order(rp: RedisProcess) -> None:
             await client.aclose()
 
     assert asyncio.run(go()) == ["old1", "old2", "a", "b", "c", "c2"]
+
+
+def test_events_are_stored_in_time_order_and_trimmed_by_time(rp: RedisProcess) -> None:
+    """The append script keeps the list in time order: a late event goes in at its place,
+    the trim drops the oldest by time (training keeps the newest L by time), an event
+    older than all of the newest `keep` is not stored, and a retry writes nothing."""
+    r = rp.client()
+    user = "append-order-user"
+    seq, ids = user_key(user, "seq"), user_key(user, "events")
+    r.delete(seq, ids)
+    r.rpush(seq, *[orjson.dumps({"item_id": f"o{k}"}) for k in range(3)])  # `ctr load`
+
+    def stored() -> list[str]:
+        return [orjson.loads(x)["item_id"] for x in r.lrange(seq, 0, -1)]
+
+    async def go(events: list[tuple[str, float]], keep: int = 5) -> list[int]:
+        client = make_client(rp.url, False, 1.0, 1.0, 4)
+        writer = EventWriter(client, window=100)
+        try:
+            return [
+                await writer.append(user, eid, ts, {"item_id": eid, "ts": ts}, keep)
+                for eid, ts in events
+            ]
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(go([("e10", 10.0), ("e20", 20.0)])) == [APPENDED, APPENDED]
+    assert stored() == ["o0", "o1", "o2", "e10", "e20"]
+    # late: goes in before e20; the trim drops the oldest (a behaviour with no time)
+    assert asyncio.run(go([("e15", 15.0)])) == [APPENDED]
+    assert stored() == ["o1", "o2", "e10", "e15", "e20"]
+    # equal timestamps keep arrival order
+    assert asyncio.run(go([("e15b", 15.0), ("e30", 30)])) == [APPENDED, APPENDED]
+    assert stored() == ["e10", "e15", "e15b", "e20", "e30"]
+    # older than everything kept: not stored, but remembered
+    assert asyncio.run(go([("e1", 1.0)])) == [OUTSIDE_WINDOW]
+    assert stored() == ["e10", "e15", "e15b", "e20", "e30"]
+    assert asyncio.run(go([("e1", 1.0), ("e15", 15.0), ("e12", 12.0)])) == [
+        SEEN,
+        SEEN,
+        APPENDED,
+    ]
+    assert stored() == ["e12", "e15", "e15b", "e20", "e30"]
+    assert r.zcard(ids) == 7
+
+
+def test_a_failed_append_is_not_remembered(rp: RedisProcess) -> None:
+    """If the behaviour cannot be written, its event_id is not recorded: the retry stores
+    it instead of answering `duplicate`."""
+    r = rp.client()
+    user = "append-fail-user"
+    seq, ids = user_key(user, "seq"), user_key(user, "events")
+    r.delete(seq, ids)
+    r.set(seq, "not a list")
+
+    async def append() -> int:
+        client = make_client(rp.url, False, 1.0, 1.0, 4)
+        try:
+            return await EventWriter(client, window=100).append(
+                user, "e1", 5.0, {"item_id": "i1", "ts": 5.0}, 5
+            )
+        finally:
+            await client.aclose()
+
+    with pytest.raises(ResponseError):
+        asyncio.run(append())
+    assert r.zscore(ids, "e1") is None
+    r.delete(seq)
+    assert asyncio.run(append()) == APPENDED
+    assert [orjson.loads(x)["item_id"] for x in r.lrange(seq, 0, -1)] == ["i1"]
