@@ -106,6 +106,11 @@ class State:
         self.reader: Reader | None = None  # the scoring request's reads
         self.item_cache = ItemCache(settings.item_cache_ttl_s, settings.item_cache_size)
         self.events: EventWriter | None = None
+        # /v1/events on clients of their own, bounded by the request deadline rather
+        # than the scoring reads' short socket timeout: a slow store delays writes, and
+        # fails them only past CTR_REQUEST_TIMEOUT_MS
+        self.write_redis: AnyRedis | None = None
+        self.write_reader: Reader | None = None
         self.executor: ThreadPoolExecutor | None = None
         self.event_types = frozenset(
             t.strip() for t in settings.sequence_event_types.split(",") if t.strip()
@@ -216,6 +221,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.redis_max_connections,
         )
         state.reader = Reader(state.redis, settings.redis_max_connections)
+        state.write_redis = make_client(
+            settings.redis_url,
+            settings.redis_cluster,
+            settings.request_timeout_ms / 1000,
+            settings.redis_connect_timeout_ms / 1000,
+            settings.redis_max_connections,
+        )
+        state.write_reader = Reader(state.write_redis, settings.redis_max_connections)
         state.executor = ThreadPoolExecutor(
             settings.inference_concurrency, thread_name_prefix="ort"
         )
@@ -239,7 +252,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except ProviderError:
             if settings.require_gpu:
                 raise
-        state.events = EventWriter(state.redis, settings.event_dedup_window)
+        state.events = EventWriter(state.write_redis, settings.event_dedup_window)
         if state.bus is not None:
             state.bus.start()
         if settings.protect_scoring and settings.api_key is None:
@@ -260,11 +273,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await state.bus.aclose()
             state.executor.shutdown(wait=True)
             m.HOOKS.exit()
-            assert state.reader is not None
-            await state.reader.aclose()
-            await state.redis.aclose()
-            if isinstance(state.redis, Redis):
-                await state.redis.connection_pool.disconnect()
+            for reader, client in (
+                (state.reader, state.redis),
+                (state.write_reader, state.write_redis),
+            ):
+                assert reader is not None and client is not None
+                await reader.aclose()
+                await client.aclose()
+                if isinstance(client, Redis):
+                    await client.connection_pool.disconnect()
 
     app = FastAPI(
         title="CTR scoring service",
@@ -470,31 +487,29 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
         # a behaviour would stay in the user's history for good
         ids = items.ids
         lookups = {src: [ids[k] for k in holes] for src, holes in items.missing.items()}
-        assert state.reader is not None and state.events is not None
+        assert state.write_reader is not None and state.events is not None
         try:
-            if lookups:
-                async with asyncio.timeout(s.redis_timeout_ms / 1000):
-                    fetched = await fetch_items(state.reader, lookups)
-                for source, found in fetched.items():
-                    state.item_cache.put(source, lookups[source], found)
-                items.fill(fetched)
-            for k, col in items.values.items():
-                v = col[0]
-                if isinstance(v, str) and has_surrogate(v):  # stored bytes that are not UTF-8
-                    log.warning("item %s: stored %s is not UTF-8; left out", ev.item_id, k)
-                elif v is not None:
-                    payload[k] = v
-            stamp_event(payload, needed, ev.type, ev.timestamp)
-            outcome = await asyncio.wait_for(
-                state.events.append(
+            # one deadline for the item lookup and the append, on the write clients
+            async with asyncio.timeout(s.request_timeout_ms / 1000):
+                if lookups:
+                    fetched = await fetch_items(state.write_reader, lookups)
+                    for source, found in fetched.items():
+                        state.item_cache.put(source, lookups[source], found)
+                    items.fill(fetched)
+                for k, col in items.values.items():
+                    v = col[0]
+                    if isinstance(v, str) and has_surrogate(v):  # stored bytes, not UTF-8
+                        log.warning("item %s: stored %s is not UTF-8; left out", ev.item_id, k)
+                    elif v is not None:
+                        payload[k] = v
+                stamp_event(payload, needed, ev.type, ev.timestamp)
+                outcome = await state.events.append(
                     ev.user_id,
                     ev.event_id,
                     ev.timestamp,
                     payload,
                     s.sequence_keep or config.max_seq_len,
-                ),
-                timeout=s.request_timeout_ms / 1000,
-            )
+                )
         except REDIS_ERRORS as exc:
             log.warning("event not stored (redis): %s", type(exc).__name__)
             raise StoreUnavailable("the behaviour store is unavailable; retry", None) from exc

@@ -196,6 +196,51 @@ def test_deadline_exceeded(built: Built, rp: RedisProcess) -> None:
         assert r.status_code == 503 and r.json()["error"] == "deadline_exceeded"
 
 
+def test_events_wait_for_a_slow_store_up_to_the_request_deadline(
+    built: Built, rp: RedisProcess
+) -> None:
+    """Writes are bounded by CTR_REQUEST_TIMEOUT_MS, not the scoring reads' 50 ms socket
+    timeout: a store 300 ms slow still takes the event (item lookup included). Past the
+    deadline the answer is a 503, and the retry stores the behaviour once in all."""
+    import orjson
+
+    from service.store import user_key
+
+    user = "slow-store-user"
+    seq = user_key(user, "seq")
+    r = rp.client()
+    r.delete(seq, user_key(user, "events"))
+    ev = {"user_id": user, "event_id": "s1", "item_id": "i3", "timestamp": 10.0}
+
+    def while_blocked(c: TestClient, seconds: float, body: dict) -> object:
+        blocker = threading.Thread(
+            target=lambda: rp.client().execute_command("DEBUG", "SLEEP", seconds)
+        )
+        blocker.start()
+        time.sleep(0.1)
+        try:
+            return c.post("/v1/events", json=body)
+        finally:
+            blocker.join()
+
+    s = settings_for(built, rp.url, redis_timeout_ms=50, request_timeout_ms=3000)
+    with TestClient(create_app(s)) as c:
+        res = while_blocked(c, 0.3, ev)
+        assert res.status_code == 202 and res.json()["appended"] is True, res.text
+    stored = [orjson.loads(x) for x in r.lrange(seq, 0, -1)]
+    assert [e["item_id"] for e in stored] == ["i3"] and "cate_id" in stored[0]
+
+    s = settings_for(built, rp.url, redis_timeout_ms=50, request_timeout_ms=150)
+    with TestClient(create_app(s)) as c:
+        late = {**ev, "event_id": "s2", "item_id": "i4", "timestamp": 11.0}
+        res = while_blocked(c, 0.5, late)
+        assert res.status_code == 503 and res.json()["error"] == "store_unavailable"
+        again = c.post("/v1/events", json=late)
+        assert again.status_code == 202
+        assert again.json()["appended"] or again.json()["duplicate"]
+    assert [orjson.loads(x)["item_id"] for x in r.lrange(seq, 0, -1)] == ["i3", "i4"]
+
+
 def _serve(built: Built, url: str, port: int) -> subprocess.Popen:
     return serve_process(port, service_env(built, url, CTR_REDIS_TIMEOUT_MS="3000"))
 
