@@ -13,14 +13,15 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ctr.mapping import FeatureMapper
-from ctr.spec import FeatureConfig
+from ctr.mapping import RESERVED, FeatureMapper
+from ctr.spec import FeatureConfig, MappingSpec
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
@@ -252,10 +253,161 @@ def load_bundle(models_dir: str | Path, name: str, version: str | int = "latest"
         )
     try:
         config = FeatureConfig.model_validate(manifest["config"])
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise BundleError(f"{path / MANIFEST}: invalid feature spec or mapping: {exc!r}") from exc
+    validate_manifest(manifest, config, path / MANIFEST)
+    try:
         mapper = FeatureMapper.from_json(config, manifest["mapping"])
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
         raise BundleError(f"{path / MANIFEST}: invalid feature spec or mapping: {exc!r}") from exc
     return Bundle(name, v, path, manifest, config, mapper)
+
+
+def _kind(value: object) -> str:
+    """A value's JSON-ish type, for messages."""
+    return "null" if value is None else type(value).__name__
+
+
+def _vocab_key(key: object) -> str:
+    """A vocab key as the message shows it: ``"i307"`` for a string (JSON-escaped, so odd
+    unicode prints safely), the repr otherwise."""
+    return json.dumps(key) if isinstance(key, str) else repr(key)
+
+
+def _check_vocab(
+    where: str, vocab: dict[Any, Any], fail: Callable[[str, str], BundleError]
+) -> None:
+    """Keys are strings and the values are exactly ``RESERVED .. RESERVED + len - 1``, each
+    once. The usual, valid case runs in C (type sets, then numpy: range and a seen-mask);
+    only a bad vocab takes one Python pass to name its first bad entry."""
+    n = len(vocab)
+    values = vocab.values()
+    # bool is a subclass of int, but not an index here: compare exact types
+    if set(map(type, vocab)) <= {str} and set(map(type, values)) <= {int}:
+        if n == 0:
+            return
+        try:
+            idx = np.fromiter(values, dtype=np.int64, count=n)
+        except OverflowError:  # beyond int64: out of range, named below
+            idx = None
+        if idx is not None and idx.min() == RESERVED and idx.max() == RESERVED + n - 1:
+            seen_mask = np.zeros(n, dtype=bool)
+            seen_mask[idx - RESERVED] = True
+            if seen_mask.all():  # n values in a range of n, none missing: each once
+                return
+    hi = RESERVED + n
+    seen: dict[int, Any] = {}
+    for key, index in vocab.items():
+        if type(key) is str and type(index) is int and RESERVED <= index < hi:
+            if index not in seen:
+                seen[index] = key
+                continue
+        at = f"{where}[{_vocab_key(key)}]"
+        if type(key) is not str:
+            raise fail(at, f"the key is a {_kind(key)}, not a string")
+        if type(index) is not int:
+            raise fail(at, f"index {index!r} is a {_kind(index)}, not an integer")
+        if not RESERVED <= index < hi:
+            raise fail(
+                at,
+                f"index {index} is outside [{RESERVED}, {hi}) (0 is padding, 1 is OOV; "
+                f"the vocab has {n} entries)",
+            )
+        raise fail(at, f"index {index} is also the index of {where}[{_vocab_key(seen[index])}]")
+    # n distinct ints in [RESERVED, RESERVED + n) are exactly that range: nothing is left
+    raise fail(where, "inconsistent vocab")  # pragma: no cover (the fast path accepted it)
+
+
+def _check_table(
+    name: str, entry: Any, want: MappingSpec, fail: Callable[[str, str], BundleError]
+) -> None:
+    """One table's ``{"spec": ..., "vocab": ...}`` against the config's mapping ``want``."""
+    where = f"mapping.{name}"
+    if not isinstance(entry, dict):
+        raise fail(where, f"must be an object with spec and vocab, not a {_kind(entry)}")
+    if "spec" not in entry:
+        raise fail(f"{where}.spec", "missing")
+    try:
+        spec = MappingSpec.model_validate(entry["spec"])
+    except ValueError as exc:  # pydantic's ValidationError
+        raise fail(f"{where}.spec", f"invalid: {exc}") from exc
+    if spec != want:
+        raise fail(
+            f"{where}.spec",
+            f"{spec.model_dump()} differs from the config's mapping for {name!r}: "
+            f"{want.model_dump()}",
+        )
+    vocab = entry.get("vocab")
+    if spec.type == "hash":
+        if not (vocab is None or (isinstance(vocab, dict) and not vocab)):
+            size = f"{len(vocab)} entries" if isinstance(vocab, dict) else f"a {_kind(vocab)}"
+            raise fail(f"{where}.vocab", f"a hash table has no vocab, found {size}")
+        if spec.buckets is None or spec.buckets <= 0:  # MappingSpec already ensures it
+            raise fail(f"{where}.spec", f"a hash table needs buckets > 0, not {spec.buckets}")
+        return
+    if not isinstance(vocab, dict):
+        raise fail(f"{where}.vocab", f"must be an object of raw ID -> index, not {_kind(vocab)}")
+    if spec.max_size is not None and len(vocab) > spec.max_size:
+        raise fail(f"{where}.vocab", f"{len(vocab)} entries, over max_size {spec.max_size}")
+    _check_vocab(f"{where}.vocab", vocab, fail)
+
+
+def validate_manifest(manifest: dict[str, Any], config: FeatureConfig, path: Path) -> None:
+    """Check a manifest's mapping and optional entries against its (validated) config.
+
+    Raises :class:`BundleError` naming ``path`` (the manifest) and the bad key, e.g.
+    ``mapping.item_id.vocab["i307"]``, when:
+
+    * ``mapping`` lacks a table the config owns (one per sparse feature; a sequence shares
+      its ``shared_with`` table) or has one the config does not know;
+    * a table's ``spec`` differs from the config's ``mapping`` for that feature;
+    * a vocab table's vocab is not an object of string keys whose values are ints (not
+      bools), unique and exactly ``[RESERVED, RESERVED + len(vocab))``, or exceeds
+      ``max_size``; a hash table has a non-empty vocab;
+    * ``metrics`` is present but not an object (``/v1/models`` reads ``metrics.test``);
+      ``fused`` / ``fused_cuda`` are present but neither an object nor null; ``inputs`` /
+      ``outputs`` are present but not lists of objects.
+
+    The manifest records no table sizes: the sizes follow from the mapping checked here.
+    Linear in the vocab sizes, mostly in C: it runs at every load and reload.
+    """
+
+    def mapping_error(key: str, why: str) -> BundleError:
+        return BundleError(f"{path}: invalid feature spec or mapping: {key}: {why}")
+
+    def manifest_error(key: str, why: str) -> BundleError:
+        return BundleError(f"{path}: invalid manifest: {key}: {why}")
+
+    mapping = manifest.get("mapping")
+    if not isinstance(mapping, dict):
+        why = "missing" if "mapping" not in manifest else f"a {_kind(mapping)}, not an object"
+        raise mapping_error("mapping", why)
+    owned = {t.name: t.mapping for t in config.tables}
+    for name in mapping:
+        if name not in owned:
+            raise mapping_error(
+                f"mapping.{name}", f"not a table of the config (its tables: {sorted(owned)})"
+            )
+    for name, want in owned.items():
+        if name not in mapping:
+            raise mapping_error(f"mapping.{name}", "missing (a sparse feature of the config)")
+        _check_table(name, mapping[name], want, mapping_error)
+
+    if "metrics" in manifest and not isinstance(manifest["metrics"], dict):
+        raise manifest_error("metrics", f"a {_kind(manifest['metrics'])}, not an object")
+    for key in ("fused", "fused_cuda"):
+        value = manifest.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise manifest_error(key, f"a {_kind(value)}, not an object or null")
+    for key in ("inputs", "outputs"):
+        if key not in manifest:
+            continue
+        value = manifest[key]
+        if not isinstance(value, list):
+            raise manifest_error(key, f"a {_kind(value)}, not a list")
+        for i, item in enumerate(value):
+            if not isinstance(item, dict):
+                raise manifest_error(f"{key}[{i}]", f"a {_kind(item)}, not an object")
 
 
 def remove_staging(path: Path) -> None:

@@ -25,7 +25,8 @@ RESERVED = 2
 def normalize(raw: Any) -> str | None:
     """Canonical string form of a raw ID: ``13``, ``13.0`` and ``"13"`` agree.
 
-    Returns ``None`` for a missing value (None, NaN or the empty string).
+    Returns ``None`` for a missing value (None, NaN, pandas' NA / NaT or the empty
+    string).
     """
     if raw is None:
         return None
@@ -39,8 +40,14 @@ def normalize(raw: Any) -> str | None:
         return repr(float(raw))
     if isinstance(raw, int | np.integer):
         return str(int(raw))
+    if type(raw).__name__ in _MISSING_TYPES:  # pandas' NA / NaT (nullable columns)
+        return None
     s = str(raw)
     return s if s != "" else None
+
+
+# pandas' missing-value scalars, by type name (no pandas import in the serving path)
+_MISSING_TYPES = frozenset({"NAType", "NaTType"})
 
 
 def stable_hash(token: str) -> int:

@@ -55,7 +55,9 @@ def user_records(config: FeatureConfig, frame: pd.DataFrame) -> Iterator[tuple[s
         if seqs:
             for _, pos in newest[newest[spec.label] == 1].iterrows():
                 events.append({t.source: normalize(pos.get(t.source)) for t in targets})
-        yield str(uid), profile, events
+        user = normalize(uid)  # the token training and requests use: 5.0 is user "5"
+        if user is not None:
+            yield user, profile, events
 
 
 def item_records(config: FeatureConfig, frame: pd.DataFrame) -> dict[str, dict[str, Any]]:

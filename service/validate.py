@@ -19,8 +19,8 @@ SCALARS = (str, int, float, bool)
 # event timestamps are unix seconds: anything from here on is milliseconds (or later)
 MAX_TIMESTAMP = 1e12
 INT64 = 2**63
-# control characters, DEL and lone surrogates: one regex pass instead of per-char loops
-_BAD_ID = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
+# control characters (C0, DEL, C1), lone surrogates: one regex pass, not per-char loops
+_BAD_ID = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 

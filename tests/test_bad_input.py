@@ -57,6 +57,8 @@ ROWS: list[tuple[str, Any, int, str | None]] = [
      422, "candidates[0].x"),
     ("very long id", {"user_id": "u" * 300, "candidates": C}, 422, "user_id"),
     ("control chars in id", {"user_id": "u\x00x", "candidates": C}, 422, "user_id"),
+    ("C1 control chars in id", {"user_id": "u1", "candidates": [C[0], {"item_id": "i\x9b1"}]},
+     422, "candidates[1].item_id"),
     ("empty id", {"user_id": "", "candidates": C}, 422, "user_id"),
     ("top_k zero", {"user_id": "u1", "candidates": C, "top_k": 0}, 422, "top_k"),
     ("top_k negative", {"user_id": "u1", "candidates": C, "top_k": -3}, 422, "top_k"),

@@ -109,6 +109,33 @@ def test_hist_is_zero_padded_and_unknown_history_items_are_oov() -> None:
 # ---- normalisation ----------------------------------------------------------------------
 
 
+def test_pandas_missing_values_are_missing_in_training_as_in_serving(tmp_path: Path) -> None:
+    """A nullable column (Parquet's string/Int64 read back by pandas) holds pd.NA for a
+    missing value: it must be missing (OOV), as a request's null is, never a "<NA>" token
+    with a trained row of its own."""
+    assert normalize(pd.NA) is None and normalize(pd.NaT) is None
+    config = seq_config()
+    frame = pd.DataFrame(
+        {
+            "user_id": pd.array(["u1", None, "u3"], dtype="string"),
+            "item_id": pd.array([7, None, 9], dtype="Int64"),
+            "shop": ["s1", "s2", "s3"],
+            "hist_item_id": [["7"], [], ["9"]],
+        }
+    )
+    path = tmp_path / "nullable.parquet"
+    frame.to_parquet(path)
+    train = pd.read_parquet(path)
+    assert train["user_id"].isna().iloc[1]
+    mapper = FeatureMapper.fit(config, raw_columns_for_fit(config, train))
+    assert "<NA>" not in mapper.mapper_for("user_id").vocab
+    assert "<NA>" not in mapper.mapper_for("item_id").vocab
+    enc = encode_frame(config, mapper, train)
+    assert enc.user_sparse[1, 0] == OOV == mapper.mapper_for("user_id").map_one(None)
+    assert enc.item_sparse[1, 0] == OOV
+    assert enc.item_sparse[0, 0] == mapper.mapper_for("item_id").map_one("7")
+
+
 @pytest.mark.parametrize("spec", [VOCAB, HASH], ids=["vocab", "hash"])
 def test_int_float_and_string_forms_agree(spec: MappingSpec) -> None:
     m = vocab_mapper([13, "x", 7.5], spec) if spec.type == "vocab" else IdMapper(spec)

@@ -16,7 +16,7 @@ from redis import Redis
 
 from ctr.encode import encode_frame
 from service.app import create_app
-from service.loader import item_records, load_into_redis
+from service.loader import item_records, load_into_redis, user_records
 from service.settings import Settings
 from service.store import item_key, user_key
 from tests.helpers import REDIS_URL, Built, build_bundle, fresh_redis, settings_for
@@ -333,6 +333,16 @@ def test_loader_writes_the_newest_history(built: Built, redis_db: Redis) -> None
         want += newest[newest.label == 1]["item_id"].tolist()  # clicks that followed it
         got = [e["item_id"] for e in stored_history(redis_db, user)]
         assert got == want[-built.config.max_seq_len :]
+
+
+def test_loader_keys_users_by_the_token_requests_use(built: Built) -> None:
+    """A user-ID column read as floats (an int column with a gap, say) holds 5.0: the
+    user is "5" in training and in requests, so its keys must say {u:5}, not {u:5.0};
+    a row with no user ID is not loaded."""
+    frame = built.frame[built.frame.user_id.isin(["u3", "u8"])].copy()
+    frame["user_id"] = frame["user_id"].map({"u3": 5.0, "u8": None}).astype(float)
+    users = [u for u, _, _ in user_records(built.config, frame)]
+    assert users == ["5"]
 
 
 def test_event_without_features_gets_them_from_the_item_table(
