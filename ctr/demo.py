@@ -47,8 +47,20 @@ def ensure_redis(url: str) -> subprocess.Popen | None:
         raise SystemExit("[demo] the Redis at CTR_REDIS_URL does not answer and is not local")
     binary = shutil.which("redis-server")
     if binary is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        print("[demo] installing redis-server (apt-get)")
-        subprocess.run(["apt-get", "install", "-y", "-q", "redis-server"], check=False)
+        # as scripts/setup.sh's apt_install: refresh the package lists first (a fresh
+        # image has none), then install without prompts
+        print("[demo] installing redis-server (apt-get update, apt-get install)")
+        apt_env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        updated = subprocess.run(
+            ["apt-get", "update", "-q"], stdout=subprocess.DEVNULL, env=apt_env, check=False
+        )
+        if updated.returncode == 0:
+            subprocess.run(
+                ["apt-get", "install", "-y", "-q", "redis-server"],
+                stdout=subprocess.DEVNULL,
+                env=apt_env,
+                check=False,
+            )
         binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit("[demo] no Redis and no redis-server binary; install redis-server")

@@ -1,13 +1,29 @@
 #!/usr/bin/env bash
 # The GPU figures in docs/benchmarks.md. Needs onnxruntime-gpu, a Redis on 6379 and
-# bundles in $MODELS (make them with: python -c "from training.bench_service import
-# make_bundle; ..." or any `ctr export`). Usage: scripts/gpu_bench.sh OUT [part]
-#   part a: the model alone (ctr bench-gpu) and the service with graphs + fp16 + batching
+# bundles in $MODELS (default /tmp/bundles): bench-din and bench-dien, random weights,
+# L = 50 (training.bench_service.make_bundle(model_type, models_dir, length,
+# overrides=None); needs torch), made from the repository root with (one line; python3
+# where there is no .venv)
+#   .venv/bin/python -c 'from pathlib import Path; from training.bench_service import make_bundle; [make_bundle(m, Path("/tmp/bundles"), 50) for m in ("din", "dien")]'
+# or any `ctr export` into $MODELS.
+# Usage: [MODELS=DIR] [PYTHON=...] bash scripts/gpu_bench.sh OUT [part]
+#   OUT and MODELS may be relative to the directory it is called from.
+#   PYTHON: default .venv/bin/python when it exists, else python3.
+#   (on a GPU machine set up by `source scripts/gpu_env.sh`, whose /tmp/site holds cp312
+#   wheels for the image's python3, that is python3: carry no .venv there)
+#   part a: the service with graphs + fp16 + batching (DIEN and DIN, N 50/500/1000,
+#           concurrency 1/8/32, open loop at 200-800 req/s)
 #   part b: DIEN and DIN at N=500 open-loop: fp16, fp32, no batching, 4 workers on one GPU
 set -euo pipefail
-out=$1 part=${2:-a}
-MODELS=${MODELS:-/tmp/bundles}
-py=${PYTHON:-python3}
+[ $# -ge 1 ] || { echo "usage: bash scripts/gpu_bench.sh OUT [a|b]" >&2; exit 2; }
+# the caller's relative paths become absolute before the cd to the repository root
+out=$(realpath -m "$1") part=${2:-a}
+MODELS=$(realpath -m "${MODELS:-/tmp/bundles}")
+cd "$(dirname "$0")/.."
+if [ -n "${PYTHON:-}" ]; then py=$PYTHON
+elif [ -x .venv/bin/python ]; then py=$PWD/.venv/bin/python
+else py=python3
+fi
 gpu=(--env CTR_PROVIDER=cuda --env CTR_CUDA_GRAPH=1 --env CTR_BATCH_MAX_USERS=16
      --env CTR_BATCH_MAX_CANDIDATES=8192 --env CTR_CUDA_GRAPH_BUCKETS=64,128,256,512,1024,2048,4096,8192)
 # one ORT intra-op thread: on the GPU the CPU provider only runs shape nodes, and more
