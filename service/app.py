@@ -372,6 +372,15 @@ def _install_handlers(app: FastAPI) -> None:
     async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
         return Response(status_code=CLIENT_CLOSED)  # not sent: the client has gone
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        """A bug, not a domain error: the same JSON body as every error, with no internals
+        in it (Starlette's error middleware re-raises it after, so the server logs the
+        traceback)."""
+        return error_response(
+            ServiceError(f"internal error ({type(exc).__name__}); see the service log")
+        )
+
 
 async def _read_json(
     header: Callable[[str], str | None],

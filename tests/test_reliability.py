@@ -241,6 +241,33 @@ def test_events_wait_for_a_slow_store_up_to_the_request_deadline(
     assert [orjson.loads(x)["item_id"] for x in r.lrange(seq, 0, -1)] == ["i3", "i4"]
 
 
+def test_a_bug_is_a_json_500_without_internals(
+    built: Built, rp: RedisProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected exception (here: the model's run raises) answers the documented JSON
+    error body with status 500, on the ASGI fast path and on FastAPI's routes alike, and
+    the message names no internals."""
+    from service import metrics as m
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("secret internal detail")
+
+    s = settings_for(built, rp.url)
+    with TestClient(create_app(s), raise_server_exceptions=False) as c:
+        before = m.ERRORS.labels("internal")._value.get()
+        monkeypatch.setattr(c.app.state.ctr.model, "run", boom)
+        r = c.post("/v1/score", json=BODY)
+        assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+        assert r.json()["error"] == "internal" and "RuntimeError" in r.json()["detail"]
+        assert "secret" not in r.text
+        monkeypatch.setattr(c.app.state.ctr, "require_model", boom)
+        ev = {"user_id": "u1", "event_id": "x1", "item_id": "i1", "timestamp": 1.0}
+        r = c.post("/v1/events", json=ev)
+        assert r.status_code == 500 and r.json()["error"] == "internal"
+        assert "secret" not in r.text
+        assert m.ERRORS.labels("internal")._value.get() == before + 2
+
+
 def _serve(built: Built, url: str, port: int) -> subprocess.Popen:
     return serve_process(port, service_env(built, url, CTR_REDIS_TIMEOUT_MS="3000"))
 
