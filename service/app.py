@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ctr.bundle import BundleError
+from ctr.bundle import BundleError, list_versions
 from service import metrics as m
 from service.errors import (
     AdminDisabled,
@@ -118,6 +118,9 @@ class State:
         self.in_flight = 0
         self.reload_lock = asyncio.Lock()
         self.bus: ReloadBus | None = None
+        # set when start-up with CTR_MODEL_VERSION=latest fell back to an older version
+        # because the newest does not load (cleared by the next successful load)
+        self.fallback: dict[str, Any] | None = None
 
     def require_model(self) -> LoadedModel:
         if self.model is None:
@@ -247,8 +250,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await state.bus.baseline()  # before the load: a broadcast meanwhile is caught up
         try:
             await _load(state, None)
-        except BundleError:
-            pass  # logged in _load; the service runs not-ready until a reload succeeds
+        except BundleError as exc:
+            # logged in _load; with "latest", serve the newest version that loads (the
+            # rest of a fleet still serves it after a rejected reload); with none, the
+            # service runs not-ready until a reload succeeds
+            if settings.model_version == "latest":
+                await _fall_back(state, exc)
         except ProviderError:
             if settings.require_gpu:
                 raise
@@ -312,9 +319,29 @@ async def _load(state: State, version: str | None) -> LoadedModel:
         raise
     state.model = model  # atomic swap: in-flight requests keep their reference
     state.model_error = None
+    state.fallback = None
     m.set_model_info(model.name, model.version, model.provider, model.graph, model.precision)
     settle_heap()
     return model
+
+
+async def _fall_back(state: State, newest_error: BundleError) -> None:
+    """Start-up found the newest version broken: load the newest older one that loads."""
+    s = state.settings
+    versions = list_versions(s.models_dir, s.model_name)
+    for v in reversed(versions[:-1]):
+        try:
+            model = await _load(state, str(v))
+        except (BundleError, ProviderError):
+            continue
+        log.error(
+            "the newest version %s does not load; serving version %s, the newest that does",
+            versions[-1],
+            model.version,
+        )
+        state.fallback = {"newest": str(versions[-1]), "error": str(newest_error)}
+        return
+    state.model_error = str(newest_error)  # none loads: say why the newest did not
 
 
 def settle_heap() -> None:
@@ -565,6 +592,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             "micro_batching": model.batcher is not None,
             "gpu_copy": copy_info(model.runner),
             "worker_pid": os.getpid(),
+            "fallback": state.fallback,
             "reload_bus": None
             if state.bus is None
             else {"channel": state.bus.channel, "subscribed": state.bus.subscribed},

@@ -324,6 +324,43 @@ def test_corrupt_bundle_keeps_service_not_ready(
                for rec in caplog.records)  # fmt: skip
 
 
+def test_a_broken_newest_version_falls_back_at_start_up(
+    built: Built, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With CTR_MODEL_VERSION=latest, a worker that starts (or restarts) while the newest
+    version is broken serves the newest one that loads, as the rest of a fleet does after
+    a rejected reload, and says so; the next good load clears the note. A pinned version
+    never falls back, and when no version loads the service stays not-ready."""
+    good = built.models_dir / built.config.name / "1"
+    models = tmp_path / "models"
+    for v in ("1", "2", "3"):
+        shutil.copytree(good, models / "m" / v)
+    for v in ("2", "3"):
+        (models / "m" / v / "model.onnx").write_bytes(b"\x00garbage")
+    s = Settings(models_dir=str(models), model_name="m", redis_url="redis://127.0.0.1:1/0",
+                 api_key="k")  # fmt: skip
+    with caplog.at_level(logging.ERROR), TestClient(create_app(s)) as c:
+        info = c.get("/v1/models").json()
+        assert info["version"] == "1"
+        assert info["fallback"]["newest"] == "3" and "corrupt" in info["fallback"]["error"]
+        shutil.rmtree(models / "m" / "3")
+        shutil.copytree(good, models / "m" / "3")
+        r = c.post("/admin/reload", json={}, headers={"X-API-Key": "k"})
+        assert r.status_code == 200, r.text
+        info = c.get("/v1/models").json()
+        assert info["version"] == "3" and info["fallback"] is None
+    assert any("does not load; serving version 1" in rec.getMessage() for rec in caplog.records)
+
+    (models / "m" / "3" / "model.onnx").write_bytes(b"\x00garbage")
+    pinned = s.model_copy(update={"model_version": "3"})
+    with TestClient(create_app(pinned)) as c:
+        assert c.get("/readyz").status_code == 503
+    (models / "m" / "1" / "model.onnx").write_bytes(b"\x00garbage")
+    with TestClient(create_app(s)) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "/3/" in r.json()["model_error"]
+
+
 def test_api_key_guards_writes_and_is_never_logged(
     built: Built, rp: RedisProcess, caplog: pytest.LogCaptureFixture
 ) -> None:
