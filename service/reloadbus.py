@@ -25,7 +25,8 @@ after a failed local reload.
   its number is newer than what the worker has seen. At start-up the worker notes the
   current number *before* it loads its model, so a broadcast made while it loads is
   applied too, and older ones are not (it loads ``CTR_MODEL_VERSION``, like any fresh
-  start).
+  start). If Redis cannot be read then, the worker's own start time stands in for that
+  number (broadcast numbers follow the Redis server's clock in µs).
 * **A silently dead connection** (no RST: a NAT timeout, a partition) is found by a PING
   every few idle seconds whose PONG must come back within a bound.
 * **Redis down.** The local reload still happens; the answer says that no other worker
@@ -47,11 +48,11 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import urlparse
 
 import orjson
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.connection import parse_url
 
 from service.store import REDIS_ERRORS, node_urls
 
@@ -111,7 +112,7 @@ class ReloadBus:
         # one channel and one record per deployment: the store's path and the model name,
         # hashed to a short suffix; the keys share a hash tag (one cluster slot)
         where = os.path.abspath(models_dir)
-        db = (urlparse(node_urls(url)[0]).path or "/0").strip("/") or "0"
+        db = str(parse_url(node_urls(url)[0]).get("db") or 0)  # as redis-py reads it
         digest = hashlib.sha1(f"{db}\0{where}\0{model_name}".encode()).hexdigest()[:16]
         self.channel = f"{channel}:{digest}"
         tag = "{" + f"{channel}:{digest}" + "}"
@@ -127,6 +128,10 @@ class ReloadBus:
         self.ping_s = ping_s
         self.pong_timeout_s = pong_timeout_s
         self.applied_seq: int | None = None  # None: not known yet (Redis not reached)
+        # broadcast numbers follow the Redis server's clock in µs: one numbered after this
+        # is newer than the model this worker loads at start-up (used when the baseline
+        # read fails; a clock skew between this host and Redis shifts it by that much)
+        self.started_us = int(time.time() * 1_000_000)
         self.subscribed = False
         self.applied = 0  # other workers' reloads applied here
         self.catch_ups = 0  # subscriptions made and caught up (one per (re)connect)
@@ -222,9 +227,11 @@ class ReloadBus:
         async with asyncio.timeout(self.timeout_s):
             raw, current = await self.redis.mget(self.last_key, self.seq_key)  # one slot
         parsed = self._parse(raw) if raw else None
-        if self.applied_seq is None:  # never reached Redis before: nothing to catch up on
-            self.applied_seq = int(current or 0)
-            return
+        if self.applied_seq is None:
+            # the start-up baseline read failed: what was broadcast since this worker
+            # began starting is newer than its model (it is applied below), what came
+            # before is not (it loaded CTR_MODEL_VERSION, like any fresh start)
+            self.applied_seq = min(self.started_us, int(current or 0))
         if parsed is not None:
             await self._apply(*parsed)
 

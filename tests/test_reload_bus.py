@@ -188,6 +188,35 @@ def test_concurrent_reloads_leave_every_worker_on_the_last_published(channel: st
     assert asyncio.run(scenario()) == {"w1": "5", "w2": "5", "w3": "5"}
 
 
+@pytest.mark.parametrize("during_start", [True, False], ids=["during-start", "before-start"])
+def test_a_worker_whose_baseline_failed_still_applies_what_came_during_its_start(
+    channel: str, during_start: bool
+) -> None:
+    """Redis could not be read when the worker noted the baseline (it then loads
+    CTR_MODEL_VERSION): a rollback broadcast while it starts is applied when it first
+    subscribes; one from before it started is not."""
+
+    async def scenario() -> str:
+        admin = Worker(channel, 0.0)
+        await admin.bus.baseline()
+        await admin.admin("3", 0.0)  # long before the new worker: not for it
+        await asyncio.sleep(0.01)
+        new = Worker(channel, 0.0)  # its baseline read failed: applied_seq unknown
+        assert new.bus.applied_seq is None
+        if during_start:
+            await asyncio.sleep(0.01)
+            await admin.admin("4", 0.0)
+        new.bus.start()
+        while new.bus.catch_ups == 0:
+            await asyncio.sleep(0.02)
+        version = new.version
+        for w in (admin, new):
+            await w.close()
+        return version
+
+    assert asyncio.run(scenario()) == ("4" if during_start else "1")
+
+
 def test_a_silently_dead_connection_is_found_and_caught_up(channel: str) -> None:
     """A path that drops traffic without closing (NAT timeout, partition): the unanswered
     PING makes the listener reconnect, and the broadcast it missed is applied."""
@@ -284,3 +313,19 @@ def test_an_unreachable_cluster_still_starts_and_reloads_locally(
         assert r.status_code == 200, r.text
         assert r.json()["version"] == "2" and r.json()["peers_notified"] is None
         assert info(c)["reload_bus"]["subscribed"] is False
+
+
+def test_the_channel_is_per_database_however_the_url_names_it() -> None:
+    """`?db=N` and a unix socket's `?db=N` select a database as `/N` does: two deployments
+    on different databases never share a channel, the same one always does."""
+
+    def channel_of(url: str) -> str:
+        bus = ReloadBus(AsyncRedis.from_url(url), url, "c", "/tmp/m", "din", 1.0, 1.0,
+                        asyncio.Lock(), lambda v: asyncio.sleep(0))  # fmt: skip
+        return bus.channel
+
+    assert channel_of("redis://127.0.0.1:6379?db=3") == channel_of("redis://127.0.0.1:6379/3")
+    assert channel_of("redis://127.0.0.1:6379?db=3") != channel_of("redis://127.0.0.1:6379/0")
+    assert channel_of("redis://127.0.0.1:6379") == channel_of("redis://127.0.0.1:6379/0")
+    assert channel_of("unix:///tmp/r.sock?db=2") == channel_of("redis://127.0.0.1:6379/2")
+    assert channel_of("unix:///tmp/r.sock") == channel_of("redis://127.0.0.1:6379/0")
