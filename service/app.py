@@ -13,7 +13,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -121,6 +121,7 @@ class State:
         # set when start-up with CTR_MODEL_VERSION=latest fell back to an older version
         # because the newest does not load (cleared by the next successful load)
         self.fallback: dict[str, Any] | None = None
+        self.tasks: set[asyncio.Task[None]] = set()  # background work (a SIGHUP reload)
 
     def require_model(self) -> LoadedModel:
         if self.model is None:
@@ -223,6 +224,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.redis_connect_timeout_ms / 1000,
             settings.redis_max_connections,
         )
+        # SIGHUP (reload) from the start: before its handler is in place the signal's
+        # default action would end the process. During start-up a reload waits for the
+        # first load; during shutdown it is ignored.
+        loop = asyncio.get_running_loop()
+        hup = {"phase": "starting", "pending": False}
+
+        def on_hup() -> None:
+            if hup["phase"] == "serving":
+                _spawn(state, _reload_quietly(state))
+            elif hup["phase"] == "starting":
+                hup["pending"] = True
+                log.info("SIGHUP during start-up: reloading once the first load is done")
+            else:
+                log.info("SIGHUP during shutdown: ignored")
+
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+            loop.add_signal_handler(signal.SIGHUP, on_hup)
         state.reader = Reader(state.redis, settings.redis_max_connections)
         state.write_redis = make_client(
             settings.redis_url,
@@ -264,18 +282,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.bus.start()
         if settings.protect_scoring and settings.api_key is None:
             log.warning("CTR_PROTECT_SCORING has no effect: CTR_API_KEY is not set")
-        loop = asyncio.get_running_loop()
-        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
-            loop.add_signal_handler(
-                signal.SIGHUP, lambda: asyncio.ensure_future(_reload_quietly(state))
-            )
+        hup["phase"] = "serving"
+        if hup["pending"]:
+            _spawn(state, _reload_quietly(state))
         app.state.ctr = state
         m.HOOKS.enter(settings.switch_interval_ms / 1000)
         try:
             yield
         finally:
-            with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
-                loop.remove_signal_handler(signal.SIGHUP)
+            hup["phase"] = "stopping"
             if state.bus is not None:
                 await state.bus.aclose()
             state.executor.shutdown(wait=True)
@@ -289,6 +304,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await client.aclose()
                 if isinstance(client, Redis):
                     await client.connection_pool.disconnect()
+            with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+                loop.remove_signal_handler(signal.SIGHUP)
 
     app = FastAPI(
         title="CTR scoring service",
@@ -361,6 +378,14 @@ async def _reload(state: State, version: str | None) -> LoadedModel:
     """One reload at a time; on failure ``_load`` leaves the serving model in place."""
     async with state.reload_lock:
         return await _load(state, version)
+
+
+def _spawn(state: State, coro: Coroutine[Any, Any, None]) -> None:
+    """Run ``coro`` as a task the state holds until it is done (the loop keeps only a
+    weak reference to a task)."""
+    task = asyncio.get_running_loop().create_task(coro)
+    state.tasks.add(task)
+    task.add_done_callback(state.tasks.discard)
 
 
 async def _reload_quietly(state: State) -> None:

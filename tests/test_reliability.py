@@ -310,6 +310,55 @@ def test_sighup_reloads_and_sigterm_drains(built: Built, rp: RedisProcess) -> No
             proc.kill()
 
 
+def test_sighup_during_start_up_reloads_once_started(built: Built, tmp_path: Path) -> None:
+    """SIGHUP while the lifespan is still starting (here: the reload bus's first Redis
+    read hangs on a server that never answers, for its 2 s bound) must not end the
+    process: the reload runs once the first load is done."""
+    import socket
+    import sys
+
+    import httpx
+
+    from training.export import export_bundle
+    from training.train import load_run
+
+    models = tmp_path / "models"
+    shutil.copytree(built.models_dir / built.config.name / "1", models / built.config.name / "1")
+    config, mapper, model, metrics = load_run(built.run_dir)
+    v2, _, _ = export_bundle(model, config, mapper, metrics, models)
+    silent = socket.socket()  # accepts connections (backlog), never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    port = free_port()
+    env = service_env(built, f"redis://127.0.0.1:{silent.getsockname()[1]}/0",
+                      CTR_MODELS_DIR=str(models), CTR_MODEL_VERSION="1",
+                      CTR_REDIS_TIMEOUT_MS="3000", CTR_LOG_LEVEL="info")  # fmt: skip
+    cmd = [sys.executable, "-m", "ctr.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "Waiting for application startup" in line:
+                break
+        time.sleep(0.3)  # inside the lifespan, before the first load is done
+        proc.send_signal(signal.SIGHUP)
+        threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep it drained
+        version = None
+        deadline = time.time() + 60
+        while version != str(v2) and time.time() < deadline and proc.poll() is None:
+            try:
+                version = httpx.get(f"http://127.0.0.1:{port}/v1/models").json().get("version")
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.2)
+        assert proc.poll() is None, f"the process ended: {proc.returncode}"
+        assert version == str(v2)
+    finally:
+        proc.kill()
+        proc.wait()
+        silent.close()
+
+
 def test_corrupt_bundle_keeps_service_not_ready(
     built: Built, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
