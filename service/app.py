@@ -553,9 +553,10 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             # one deadline for the item lookup and the append, on the write clients
             async with asyncio.timeout(s.request_timeout_ms / 1000):
                 if lookups:
+                    read_at = time.monotonic()
                     fetched = await fetch_items(state.write_reader, lookups)
                     for source, found in fetched.items():
-                        state.item_cache.put(source, lookups[source], found)
+                        state.item_cache.put(source, lookups[source], found, read_at)
                     items.fill(fetched)
                 for k, col in items.values.items():
                     v = col[0]
@@ -691,11 +692,16 @@ async def _score(state: State, model: LoadedModel, req: Any) -> Response:
     degraded = False
     try:
         assert state.reader is not None
+        read_at = time.monotonic()
         async with asyncio.timeout(s.redis_timeout_ms / 1000):
             data = await fetch(state.reader, req.user_id, bundle.config.max_seq_len, lookups)
-        for source, ids in lookups.items():
-            state.item_cache.put(source, ids, data.item_features[source])
-        cands.items.fill(data.item_features)
+        if lookups:
+            for source, ids in lookups.items():
+                state.item_cache.put(source, ids, data.item_features[source], read_at)
+            if s.item_cache_ttl_s > 0:
+                cands.items.fill(data.item_features, read_at + s.item_cache_ttl_s)
+            else:
+                cands.items.fill(data.item_features)
     except REDIS_ERRORS as exc:
         log.warning("redis fetch failed, degraded response: %s", type(exc).__name__)
         m.ERRORS.labels("redis").inc()

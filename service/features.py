@@ -62,12 +62,16 @@ class ItemColumns:
                 del self.missing[source]
         return lookups
 
-    def fill(self, fetched: dict[str, list[Any]]) -> None:
-        """Put values fetched for :meth:`take_cached`'s lookups into their holes."""
+    def fill(self, fetched: dict[str, list[Any]], expiry: float = math.inf) -> None:
+        """Put values fetched for :meth:`take_cached`'s lookups into their holes; rows
+        encoded from them expire no later than ``expiry`` (the read's start + the TTL)."""
+        expires = self.expires
         for source, values in fetched.items():
             col = self.values[source]
             for k, v in zip(self.missing.get(source, []), values, strict=True):
                 col[k] = v
+                if expiry < expires.get(k, math.inf):
+                    expires[k] = expiry
 
 
 EVENT_FIELDS = ("type", "ts")

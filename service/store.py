@@ -126,15 +126,25 @@ class ItemCache:
                 expiries.append(math.inf)
         return values, missed, expiries
 
-    def put(self, feature: str, ids: list[str], values: list[str | None]) -> None:
+    def put(
+        self, feature: str, ids: list[str], values: list[str | None], read_at: float
+    ) -> None:
+        """Values read from Redis by a read that started at ``read_at``
+        (``time.monotonic()``): they expire a TTL after it, not after this call, and a
+        value from an earlier read never replaces one from a later read (two requests'
+        reads of the same item may finish in either order)."""
         if self.ttl <= 0:
             return
         if len(self.data) + len(ids) > self.size:  # drop the oldest half (insertion order)
             for k in list(self.data)[: len(self.data) // 2 + len(ids)]:
                 del self.data[k]
-        expiry = time.monotonic() + self.ttl
+        expiry = read_at + self.ttl
+        data = self.data
         for i, v in zip(ids, values, strict=True):
-            self.data[(feature, i)] = (v, expiry)
+            key = (feature, i)
+            old = data.get(key)
+            if old is None or old[1] <= expiry:
+                data[key] = (v, expiry)
 
 
 # KEYS: seq, events. ARGV: event_id, ts, payload, keep, window.

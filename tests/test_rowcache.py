@@ -83,8 +83,8 @@ def test_a_row_never_outlives_the_item_values_it_was_encoded_from() -> None:
 
     ttl = 0.6
     items = ItemCache(ttl, 100)
-    items.put("cate_id", ["z"], ["c9"])
     put_at = time.monotonic()
+    items.put("cate_id", ["z"], ["c9"], put_at)
     time.sleep(0.3)
     cols = ItemColumns({"item_id": ["z", "y"], "cate_id": [None, None]}, {"cate_id": [0, 1]})
     assert cols.take_cached(items) == {"cate_id": ["y"]}  # z from the cache, y to fetch
@@ -97,3 +97,23 @@ def test_a_row_never_outlives_the_item_values_it_was_encoded_from() -> None:
     time.sleep(0.45)  # 0.75 s after z's value was cached, 0.45 s after the rows
     assert cache.lookup(["z", "y"])[0] == -1  # z's value has expired: so has its row
     assert cache.lookup(["y"])[0] >= 0  # y's row: within its TTL
+
+
+def test_the_item_cache_keeps_the_newer_read_and_dates_it_from_the_read() -> None:
+    """Two requests read the same item while it changes; their reads finish in either
+    order. The value of the read that started later stays, and a value expires a TTL
+    after its read began, not after it was put (staleness stays within the TTL)."""
+    from service.store import ItemCache
+
+    ttl = 60.0
+    cache = ItemCache(ttl, 100)
+    t0 = time.monotonic()
+    cache.put("cate_id", ["x"], ["new"], t0 + 0.002)  # the later read finished first
+    cache.put("cate_id", ["x"], ["old"], t0)  # the earlier read's reply came last
+    values, missed, expiries = cache.get_many("cate_id", ["x"])
+    assert values == ["new"] and missed == [] and expiries == [t0 + 0.002 + ttl]
+    cache.put("cate_id", ["x"], ["newer"], t0 + 0.005)
+    assert cache.get_many("cate_id", ["x"])[0] == ["newer"]
+    stale = ItemCache(0.2, 100)
+    stale.put("cate_id", ["y"], ["v"], time.monotonic() - 0.3)  # a read 0.3 s ago
+    assert stale.get_many("cate_id", ["y"])[1] == [0]  # already past its TTL: a miss
