@@ -277,7 +277,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except ProviderError:
             if settings.require_gpu:
                 raise
-        state.events = EventWriter(state.write_redis, settings.event_dedup_window)
+        state.events = EventWriter(
+            state.write_redis, settings.event_dedup_window, settings.sequence_ttl_s
+        )
         if state.bus is not None:
             state.bus.start()
         if settings.protect_scoring and settings.api_key is None:

@@ -106,6 +106,12 @@ class Settings(BaseSettings):
         "", description="comma-separated event types appended to sequences (empty = all)"
     )
     event_dedup_window: int = Field(1000, gt=0, description="event IDs remembered per user")
+    sequence_ttl_s: int = Field(
+        0,
+        ge=0,
+        description="a user's behaviours and event IDs expire this long after the user's "
+        "last event (0 = never)",
+    )
     max_in_flight: int = Field(64, gt=0, description="requests in flight per worker before 503")
     request_timeout_ms: int = Field(1000, gt=0, description="per-request deadline")
     item_cache_ttl_s: float = Field(60.0, ge=0, description="item-feature cache TTL (0 = off)")

@@ -147,7 +147,8 @@ class ItemCache:
                 data[key] = (v, expiry)
 
 
-# KEYS: seq, events. ARGV: event_id, ts, payload, keep, window.
+# KEYS: seq, events. ARGV: event_id, ts, payload, keep, window, ttl (s; 0: keys never
+# expire; else both expire that long after the user's last stored or recorded event).
 # The list stays in time order (``ts``; arrival order among equal ones; behaviours with no
 # ``ts``, e.g. from ``ctr load``, count as oldest), as training histories are: a late or
 # retried event goes in at its place in time, lifting the newer ones off the tail and
@@ -185,6 +186,11 @@ redis.call('ZADD', KEYS[2], arrival, ARGV[1])
 local n = redis.call('ZCARD', KEYS[2])
 if n > tonumber(ARGV[5]) then
   redis.call('ZREMRANGEBYRANK', KEYS[2], 0, n - tonumber(ARGV[5]) - 1)
+end
+local ttl = tonumber(ARGV[6])
+if ttl > 0 then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
 end
 return result
 """
@@ -359,9 +365,10 @@ async def fetch_items(reader: Reader, lookups: dict[str, list[str]]) -> dict[str
 class EventWriter:
     """Atomic append + trim + dedup via one Lua script (all keys in the user's slot)."""
 
-    def __init__(self, redis: AnyRedis, window: int) -> None:
+    def __init__(self, redis: AnyRedis, window: int, ttl_s: int = 0) -> None:
         self.redis = redis
         self.window = window
+        self.ttl_s = ttl_s
         self.script = redis.register_script(APPEND_EVENT)
 
     async def append(self, user_id: str, event_id: str, ts: float, payload: dict, keep: int) -> int:
@@ -369,5 +376,5 @@ class EventWriter:
         ``event_id``: ``APPENDED``, ``SEEN`` (a retry: nothing written) or
         ``OUTSIDE_WINDOW`` (older than the newest ``keep``: recorded, not stored)."""
         keys = [user_key(user_id, "seq"), user_key(user_id, "events")]
-        args = [event_id, ts, orjson.dumps(payload), keep, self.window]
+        args = [event_id, ts, orjson.dumps(payload), keep, self.window, self.ttl_s]
         return int(await self.script(keys=keys, args=args))

@@ -352,3 +352,31 @@ def test_a_failed_append_is_not_remembered(rp: RedisProcess) -> None:
     r.delete(seq)
     assert asyncio.run(append()) == APPENDED
     assert [orjson.loads(x)["item_id"] for x in r.lrange(seq, 0, -1)] == ["i1"]
+
+
+@pytest.mark.parametrize("ttl", [0, 100])
+def test_sequence_ttl_expires_an_idle_users_keys(rp: RedisProcess, ttl: int) -> None:
+    """CTR_SEQUENCE_TTL_S: each event (re)sets the expiry of the user's behaviours and
+    event IDs, so a user who stops sending events leaves no keys behind; 0: no expiry."""
+    r = rp.client()
+    user = f"ttl-user-{ttl}"
+    seq, ids = user_key(user, "seq"), user_key(user, "events")
+    r.delete(seq, ids)
+
+    async def append(eid: str) -> int:
+        client = make_client(rp.url, False, 1.0, 1.0, 4)
+        try:
+            writer = EventWriter(client, window=100, ttl_s=ttl)
+            return await writer.append(user, eid, 1.0, {"item_id": eid, "ts": 1.0}, 5)
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(append("e1")) == APPENDED
+    if ttl:
+        assert 0 < r.ttl(seq) <= ttl and 0 < r.ttl(ids) <= ttl
+        r.expire(seq, 5)
+        r.expire(ids, 5)
+        assert asyncio.run(append("e2")) == APPENDED  # a new event renews both
+        assert r.ttl(seq) > 5 and r.ttl(ids) > 5
+    else:
+        assert r.ttl(seq) == -1 and r.ttl(ids) == -1
