@@ -535,6 +535,14 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
         _check_key(state, request.headers.get)
         body = await _read_json(request.headers.get, request.stream(), s.max_body_bytes)
         ev = parse_event(body, s.max_id_length)
+        if ev.timestamp > time.time() + s.event_max_future_s:
+            # the list is kept in time order: a behaviour from the future would stay the
+            # newest for good, and `keep` of them would shut every real event out
+            raise BadRequest(
+                f"timestamp is more than {s.event_max_future_s:g} s ahead of the server's "
+                "clock (unix seconds)",
+                "timestamp",
+            )
         model = state.require_model()  # the model's config says which fields to store
         if state.event_types and ev.type not in state.event_types:
             return orjson_response({"appended": False, "duplicate": False, "ignored": True}, 202)

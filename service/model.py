@@ -79,10 +79,13 @@ class LoadedModel:
         return frozenset(f.source for f in c.user_sparse + c.user_dense)
 
     @functools.cached_property
-    def dense_sources(self) -> frozenset[str]:
-        """Request keys (candidate ``features`` and ``context``) the model reads as numbers."""
+    def dense_sources(self) -> tuple[frozenset[str], frozenset[str]]:
+        """Keys the model reads as numbers: in a candidate's ``features`` (its item-side
+        dense features) and in ``context`` (its user-side ones)."""
         c = self.bundle.config
-        return frozenset(f.source for f in c.user_dense + c.item_dense)
+        return frozenset(f.source for f in c.item_dense), frozenset(
+            f.source for f in c.user_dense
+        )
 
     @property
     def name(self) -> str:

@@ -106,6 +106,12 @@ class Settings(BaseSettings):
         "", description="comma-separated event types appended to sequences (empty = all)"
     )
     event_dedup_window: int = Field(1000, gt=0, description="event IDs remembered per user")
+    event_max_future_s: float = Field(
+        300.0,
+        ge=0,
+        description="an event timestamp further ahead of this server's clock is a 422 (it "
+        "would stay the newest behaviour for good)",
+    )
     sequence_ttl_s: int = Field(
         0,
         ge=0,

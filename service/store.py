@@ -160,26 +160,30 @@ APPEND_EVENT = """
 if redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end
 local ts = tonumber(ARGV[2])
 local keep = tonumber(ARGV[4])
-local later = {}
-while #later < keep do
-  local last = redis.call('LINDEX', KEYS[1], -1)
-  if not last then break end
-  local ok, ev = pcall(cjson.decode, last)
-  local t = nil
-  if ok and type(ev) == 'table' and type(ev['ts']) == 'number' then t = ev['ts'] end
-  if t == nil or t <= ts then break end
-  table.insert(later, 1, redis.call('RPOP', KEYS[1]))
+local function ts_of(raw)  -- nil: no usable ts (counts as the oldest)
+  if not raw then return nil end
+  local ok, ev = pcall(cjson.decode, raw)
+  if ok and type(ev) == 'table' and type(ev['ts']) == 'number' then return ev['ts'] end
+  return nil
 end
 local result = 1
-if #later >= keep then
+-- older than the oldest of the newest `keep`: it would be trimmed at once
+local edge = nil
+if redis.call('LLEN', KEYS[1]) >= keep then edge = ts_of(redis.call('LINDEX', KEYS[1], -keep)) end
+if edge ~= nil and ts < edge then
   result = 2
 else
+  -- lift the newer ones off the tail (newest first), push this one, put them back
+  local later = {}
+  while true do
+    local t = ts_of(redis.call('LINDEX', KEYS[1], -1))
+    if t == nil or t <= ts then break end
+    later[#later + 1] = redis.call('RPOP', KEYS[1])
+  end
   redis.call('RPUSH', KEYS[1], ARGV[3])
+  for i = #later, 1, -1 do redis.call('RPUSH', KEYS[1], later[i]) end
+  redis.call('LTRIM', KEYS[1], -keep, -1)
 end
-for i = 1, #later, 1000 do
-  redis.call('RPUSH', KEYS[1], unpack(later, i, math.min(i + 999, #later)))
-end
-if result == 1 then redis.call('LTRIM', KEYS[1], -keep, -1) end
 local t = redis.call('TIME')
 local arrival = tonumber(t[1]) * 1000000 + tonumber(t[2])
 redis.call('ZADD', KEYS[2], arrival, ARGV[1])

@@ -73,19 +73,23 @@ def check_features(value: Any, field: str, max_len: int) -> dict[str, Any]:
 
 
 def check_numbers(
-    features: list[dict[str, Any] | None], context: dict[str, Any], dense: frozenset[str]
+    features: list[dict[str, Any] | None],
+    context: dict[str, Any],
+    dense: tuple[frozenset[str], frozenset[str]],
 ) -> None:
-    """The values the model reads as numbers (``dense``: their keys) must be JSON numbers
-    or ``null``: a string or a boolean there is a caller bug, never silently the default.
-    (:func:`check_features` has already rejected NaN, infinities and non-scalars.)"""
-    if not dense:
-        return
-    for k in dense.intersection(context):
+    """The values the model reads as numbers must be JSON numbers or ``null``: a string
+    or a boolean there is a caller bug, never silently the default. ``dense``: the keys
+    read as numbers in a candidate's features, and in the context; keys the model does
+    not read there are not checked. (:func:`check_features` has already rejected NaN,
+    infinities and non-scalars.)"""
+    item, user = dense
+    for k in user.intersection(context):
         _number(context[k], f"context.{safe_field(k)}")
-    for i, f in enumerate(features):
-        if f:
-            for k in dense.intersection(f):
-                _number(f[k], f"candidates[{i}].features.{safe_field(k)}")
+    if item:
+        for i, f in enumerate(features):
+            if f:
+                for k in item.intersection(f):
+                    _number(f[k], f"candidates[{i}].features.{safe_field(k)}")
 
 
 def _number(v: Any, where: str) -> None:

@@ -232,6 +232,39 @@ def test_bad_event(client: TestClient, name: str, body: Any, field: str) -> None
     check(client.post("/v1/events", content=raw), 422, field)
 
 
+def test_numbers_are_checked_where_the_model_reads_them() -> None:
+    """A candidate's item-side dense keys and the context's user-side dense keys must be
+    numbers; the same key elsewhere (the model does not read it there) is not checked."""
+    from service.errors import BadRequest
+    from service.validate import check_numbers
+
+    dense = (frozenset({"item_price"}), frozenset({"minutes"}))
+    check_numbers([{"item_price": 3}, None, {"minutes": "x"}], {"item_price": "3.5"}, dense)
+    check_numbers([{"item_price": 2.5}], {"minutes": None}, dense)
+    for features, context, field in (
+        ([{"item_price": 1.0}, {"item_price": "1"}], {}, "candidates[1].features.item_price"),
+        ([None], {"minutes": True}, "context.minutes"),
+        ([{"item_price": False}], {}, "candidates[0].features.item_price"),
+    ):
+        with pytest.raises(BadRequest) as err:
+            check_numbers(features, context, dense)
+        assert err.value.field == field
+
+
+def test_an_event_from_the_future_is_a_422(client: TestClient) -> None:
+    """The behaviour list is kept in time order: an event stamped days ahead would stay
+    the newest for good (and `keep` of them would shut out every real event). Up to
+    CTR_EVENT_MAX_FUTURE_S (300 s) ahead is clock skew, and is taken."""
+    import time
+
+    user = f"future-{time.time_ns()}"
+    ahead = {**EVENT, "user_id": user, "timestamp": time.time() + 86_400}
+    check(client.post("/v1/events", json=ahead), 422, "timestamp")
+    skewed = {**EVENT, "user_id": user, "event_id": "e2", "timestamp": time.time() + 60}
+    r = client.post("/v1/events", json=skewed)
+    assert r.status_code == 202 and r.json()["appended"] is True, r.text
+
+
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     yield from serve(tmp_path_factory.mktemp("keyed"), api_key="k3y")
