@@ -293,6 +293,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             hup["phase"] = "stopping"
+            for task in list(state.tasks):  # a SIGHUP reload, the fallback's retries
+                task.cancel()
+            for task in list(state.tasks):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
             if state.bus is not None:
                 await state.bus.aclose()
             state.executor.shutdown(wait=True)
@@ -344,11 +349,21 @@ async def _load(state: State, version: str | None) -> LoadedModel:
     return model
 
 
+# start-up fallback: older versions tried at most, and the first wait before the newest
+# is tried again (doubling up to FALLBACK_RETRY_MAX_S)
+FALLBACK_VERSIONS = 3
+FALLBACK_RETRY_S = 30.0
+FALLBACK_RETRY_MAX_S = 600.0
+
+
 async def _fall_back(state: State, newest_error: BundleError) -> None:
-    """Start-up found the newest version broken: load the newest older one that loads."""
+    """Start-up found the newest version broken: load the newest of the few versions
+    before it that loads, and keep trying the newest in the background (the failure may
+    have been passing: a file still being copied, a full GPU), so the worker converges
+    on what a fresh start would serve."""
     s = state.settings
     versions = list_versions(s.models_dir, s.model_name)
-    for v in reversed(versions[:-1]):
+    for v in list(reversed(versions[:-1]))[:FALLBACK_VERSIONS]:
         try:
             model = await _load(state, str(v))
         except (BundleError, ProviderError):
@@ -359,6 +374,7 @@ async def _fall_back(state: State, newest_error: BundleError) -> None:
             model.version,
         )
         state.fallback = {"newest": str(versions[-1]), "error": str(newest_error)}
+        _spawn(state, _retry_latest(state))
         return
     state.model_error = str(newest_error)  # none loads: say why the newest did not
 
@@ -380,6 +396,22 @@ async def _reload(state: State, version: str | None) -> LoadedModel:
     """One reload at a time; on failure ``_load`` leaves the serving model in place."""
     async with state.reload_lock:
         return await _load(state, version)
+
+
+async def _retry_latest(state: State) -> None:
+    """After a start-up fallback: load "latest" now and then, until it loads or another
+    load (a reload, a broadcast, SIGHUP) ends the fallback."""
+    delay = FALLBACK_RETRY_S
+    while state.fallback is not None:
+        await asyncio.sleep(delay)
+        async with state.reload_lock:
+            if state.fallback is None:
+                return
+            with contextlib.suppress(BundleError, ProviderError):  # logged in _load
+                await _load(state, "latest")
+                log.info("the newest version loads now: fallback over")
+                return
+        delay = min(delay * 2, FALLBACK_RETRY_MAX_S)
 
 
 def _spawn(state: State, coro: Coroutine[Any, Any, None]) -> None:

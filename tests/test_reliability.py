@@ -374,12 +374,17 @@ def test_corrupt_bundle_keeps_service_not_ready(
 
 
 def test_a_broken_newest_version_falls_back_at_start_up(
-    built: Built, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    built: Built, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With CTR_MODEL_VERSION=latest, a worker that starts (or restarts) while the newest
     version is broken serves the newest one that loads, as the rest of a fleet does after
-    a rejected reload, and says so; the next good load clears the note. A pinned version
-    never falls back, and when no version loads the service stays not-ready."""
+    a rejected reload, and says so; it keeps trying the newest (the failure may pass),
+    and a good load clears the note. A pinned version never falls back, at most
+    FALLBACK_VERSIONS older ones are tried, and when none loads the service stays
+    not-ready."""
+    import service.app as service_app
+
+    monkeypatch.setattr(service_app, "FALLBACK_RETRY_S", 0.2)
     good = built.models_dir / built.config.name / "1"
     models = tmp_path / "models"
     for v in ("1", "2", "3"):
@@ -393,12 +398,20 @@ def test_a_broken_newest_version_falls_back_at_start_up(
         assert info["version"] == "1"
         assert info["fallback"]["newest"] == "3" and "corrupt" in info["fallback"]["error"]
         shutil.rmtree(models / "m" / "3")
-        shutil.copytree(good, models / "m" / "3")
-        r = c.post("/admin/reload", json={}, headers={"X-API-Key": "k"})
-        assert r.status_code == 200, r.text
+        shutil.copytree(good, models / "m" / "3")  # the copy has landed: retried, loads
+        deadline = time.time() + 30
+        while c.get("/v1/models").json()["version"] != "3" and time.time() < deadline:
+            time.sleep(0.1)
         info = c.get("/v1/models").json()
         assert info["version"] == "3" and info["fallback"] is None
     assert any("does not load; serving version 1" in rec.getMessage() for rec in caplog.records)
+    for v in ("4", "5"):  # v1 good, v2..v5 broken: v1 is beyond the 3 tried
+        shutil.copytree(models / "m" / "2", models / "m" / v)
+    (models / "m" / "3" / "model.onnx").write_bytes(b"\x00garbage")
+    with TestClient(create_app(s)) as c:
+        assert c.get("/readyz").status_code == 503
+    shutil.rmtree(models / "m" / "5")
+    shutil.rmtree(models / "m" / "4")
 
     (models / "m" / "3" / "model.onnx").write_bytes(b"\x00garbage")
     pinned = s.model_copy(update={"model_version": "3"})
