@@ -77,7 +77,9 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
+    from service import hup
+
+    hup.install()  # before the slow imports: a SIGHUP now is a reload later, not an exit
     import tempfile
 
     import uvicorn

@@ -20,6 +20,7 @@ set -euo pipefail
 # the caller's relative paths become absolute before the cd to the repository root
 out=$(realpath -m "$1") src=$(realpath "$2") reps=${3:-3}
 MODELS=$(realpath "${MODELS:-/tmp/bundles}")
+case "${PYTHON:-}" in */*) PYTHON=$(realpath -m "$PYTHON") ;; esac  # a path: absolute too
 cd "$(dirname "$0")/.."
 # absolute: each variant runs from its own folder below
 if [ -n "${PYTHON:-}" ]; then py=$PYTHON

@@ -19,6 +19,7 @@ set -euo pipefail
 # the caller's relative paths become absolute before the cd to the repository root
 out=$(realpath -m "$1") part=${2:-a}
 MODELS=$(realpath -m "${MODELS:-/tmp/bundles}")
+case "${PYTHON:-}" in */*) PYTHON=$(realpath -m "$PYTHON") ;; esac  # a path: absolute too
 cd "$(dirname "$0")/.."
 if [ -n "${PYTHON:-}" ]; then py=$PYTHON
 elif [ -x .venv/bin/python ]; then py=$PWD/.venv/bin/python

@@ -29,6 +29,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ctr.bundle import BundleError, list_versions
+from service import hup as early_hup
 from service import metrics as m
 from service.errors import (
     AdminDisabled,
@@ -241,6 +242,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
             loop.add_signal_handler(signal.SIGHUP, on_hup)
+        if early_hup.pending:  # noted by `ctr serve` before this handler was in place
+            early_hup.pending = False
+            hup["pending"] = True
         state.reader = Reader(state.redis, settings.redis_max_connections)
         state.write_redis = make_client(
             settings.redis_url,

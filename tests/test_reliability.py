@@ -12,9 +12,11 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from service.app import create_app
@@ -217,7 +219,17 @@ def test_events_wait_for_a_slow_store_up_to_the_request_deadline(
             target=lambda: rp.client().execute_command("DEBUG", "SLEEP", seconds)
         )
         blocker.start()
-        time.sleep(0.1)
+        probe = redis.Redis.from_url(rp.url, socket_timeout=0.02)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # until Redis is really asleep
+            try:
+                probe.ping()
+            except redis.exceptions.TimeoutError:
+                break
+            time.sleep(0.005)
+        else:
+            raise AssertionError("Redis never blocked")
+        probe.close()
         try:
             return c.post("/v1/events", json=body)
         finally:
@@ -337,12 +349,17 @@ def test_sighup_during_start_up_reloads_once_started(built: Built, tmp_path: Pat
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stderr is not None
-        for line in proc.stderr:
-            if "Waiting for application startup" in line:
-                break
+        starting = threading.Event()
+
+        def drain(stream: Any) -> None:  # read stderr to its end: the pipe never fills
+            for line in stream:
+                if "Waiting for application startup" in line:
+                    starting.set()
+
+        threading.Thread(target=drain, args=(proc.stderr,), daemon=True).start()
+        assert starting.wait(60), "the lifespan never started"
         time.sleep(0.3)  # inside the lifespan, before the first load is done
         proc.send_signal(signal.SIGHUP)
-        threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep it drained
         version = None
         deadline = time.time() + 60
         while version != str(v2) and time.time() < deadline and proc.poll() is None:
@@ -357,6 +374,40 @@ def test_sighup_during_start_up_reloads_once_started(built: Built, tmp_path: Pat
         proc.kill()
         proc.wait()
         silent.close()
+
+
+def test_a_sighup_before_the_lifespan_is_a_reload_after_the_first_load(
+    built: Built, tmp_path: Path
+) -> None:
+    """`ctr serve` notes a SIGHUP that arrives during its imports (service.hup) instead of
+    dying; the lifespan turns it into a reload of the newest version once it has loaded
+    CTR_MODEL_VERSION."""
+    import os
+
+    from service import hup
+    from training.export import export_bundle
+    from training.train import load_run
+
+    models = tmp_path / "models"
+    shutil.copytree(built.models_dir / built.config.name / "1", models / built.config.name / "1")
+    config, mapper, model, metrics = load_run(built.run_dir)
+    v2, _, _ = export_bundle(model, config, mapper, metrics, models)
+    before = signal.getsignal(signal.SIGHUP)
+    try:
+        hup.install()
+        os.kill(os.getpid(), signal.SIGHUP)  # the process lives on: the signal is noted
+        assert hup.pending
+        s = Settings(models_dir=str(models), model_name=built.config.name, model_version="1",
+                     redis_url="redis://127.0.0.1:1/0")  # fmt: skip
+        with TestClient(create_app(s)) as c:
+            deadline = time.time() + 30
+            while c.get("/v1/models").json()["version"] != str(v2) and time.time() < deadline:
+                time.sleep(0.1)
+            assert c.get("/v1/models").json()["version"] == str(v2)
+        assert not hup.pending  # taken by that app's lifespan, once
+    finally:
+        signal.signal(signal.SIGHUP, before)
+        hup.pending = False
 
 
 def test_corrupt_bundle_keeps_service_not_ready(

@@ -207,8 +207,10 @@ def test_a_worker_whose_baseline_failed_still_applies_what_came_during_its_start
             await asyncio.sleep(0.01)
             await admin.admin("4", 0.0)
         new.bus.start()
-        while new.bus.catch_ups == 0:
+        deadline = time.monotonic() + 20
+        while new.bus.catch_ups == 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
+        assert new.bus.catch_ups > 0, "the listener never caught up"
         version = new.version
         for w in (admin, new):
             await w.close()
