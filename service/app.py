@@ -642,6 +642,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             "ready": state.model is not None and redis_ok,
             "model": state.model is not None,
             "model_error": state.model_error,
+            "fallback": state.fallback,  # serving an older version: the newest did not load
             "redis": redis_ok,
         }
         return orjson_response(body, 200 if body["ready"] else 503)

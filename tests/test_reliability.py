@@ -448,6 +448,7 @@ def test_a_broken_newest_version_falls_back_at_start_up(
         info = c.get("/v1/models").json()
         assert info["version"] == "1"
         assert info["fallback"]["newest"] == "3" and "corrupt" in info["fallback"]["error"]
+        assert c.get("/readyz").json()["fallback"] == info["fallback"]
         shutil.rmtree(models / "m" / "3")
         shutil.copytree(good, models / "m" / "3")  # the copy has landed: retried, loads
         deadline = time.time() + 30
