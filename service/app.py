@@ -742,13 +742,10 @@ async def _score(state: State, model: LoadedModel, req: Any) -> Response:
         read_at = time.monotonic()
         async with asyncio.timeout(s.redis_timeout_ms / 1000):
             data = await fetch(state.reader, req.user_id, bundle.config.max_seq_len, lookups)
-        if lookups:
-            for source, ids in lookups.items():
-                state.item_cache.put(source, ids, data.item_features[source], read_at)
-            if s.item_cache_ttl_s > 0:
-                cands.items.fill(data.item_features, read_at + s.item_cache_ttl_s)
-            else:
-                cands.items.fill(data.item_features)
+        for source, ids in lookups.items():
+            state.item_cache.put(source, ids, data.item_features[source], read_at)
+        # rows encoded from these values expire with them (TTL 0: no row is kept)
+        cands.items.fill(data.item_features, read_at + s.item_cache_ttl_s)
     except REDIS_ERRORS as exc:
         log.warning("redis fetch failed, degraded response: %s", type(exc).__name__)
         m.ERRORS.labels("redis").inc()
