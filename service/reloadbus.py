@@ -5,7 +5,9 @@ one of them. So after a worker has loaded a version for ``/admin/reload``, it pu
 that version number on a Redis channel; every other worker of the deployment subscribes
 to it and loads the same version (not "latest": a version written in between does not
 split the workers). A worker that fails to load it logs the error and serves on, as
-after a failed local reload.
+after a failed local reload, and tries that version again later (the other worker
+loaded it, so it may load here once, e.g., its files have reached this host), until it
+loads or a newer broadcast supersedes it.
 
 * **Order.** Every broadcast gets a sequence number from Redis (one Lua script: the
   number, the deployment's last-broadcast record and the PUBLISH, atomically; the number
@@ -108,6 +110,8 @@ class ReloadBus:
         retry_s: float = 0.5,
         ping_s: float = 5.0,
         pong_timeout_s: float = 2.0,
+        load_retry_s: float = 30.0,
+        load_retry_max_s: float = 600.0,
     ) -> None:
         # one channel and one record per deployment: the store's path and the model name,
         # hashed to a short suffix; the keys share a hash tag (one cluster slot)
@@ -127,6 +131,9 @@ class ReloadBus:
         self.retry_s = retry_s
         self.ping_s = ping_s
         self.pong_timeout_s = pong_timeout_s
+        self.load_retry_s = load_retry_s
+        self.load_retry_max_s = load_retry_max_s
+        self.retry_task: asyncio.Task[None] | None = None  # a failed broadcast's load
         self.applied_seq: int | None = None  # None: not known yet (Redis not reached)
         # broadcast numbers follow the Redis server's clock in µs: one numbered after this
         # is newer than the model this worker loads at start-up (used when the baseline
@@ -215,11 +222,39 @@ class ReloadBus:
         async with self.lock:  # a local reload in progress finishes (and publishes) first
             if self.applied_seq is not None and seq <= self.applied_seq:
                 return  # this worker has applied or published a newer one
-            self.applied_seq = seq  # even if the load fails: it is not retried
+            self.applied_seq = seq
             log.info("reloading version %s, as another worker did (#%d)", version, seq)
-            with contextlib.suppress(Exception):  # `load` logs its own failures
-                await self.load(version)
-                self.applied += 1
+            if await self._load_quietly(version):
+                return
+        # the other worker loaded it, so it may load here later (files still being
+        # copied to this host, say): retried until it does or a newer one comes
+        if self.retry_task is not None:
+            self.retry_task.cancel()  # an older broadcast's: superseded
+        self.retry_task = asyncio.get_running_loop().create_task(self._retry(seq, version))
+
+    async def _load_quietly(self, version: str) -> bool:
+        try:
+            await self.load(version)
+        except Exception:  # `load` logs its own failures
+            return False
+        self.applied += 1
+        return True
+
+    async def _retry(self, seq: int, version: str) -> None:
+        """Load a broadcast version that failed here, after ``load_retry_s`` and then
+        twice as long each time (up to ``load_retry_max_s``), while it is still the
+        newest broadcast this worker has seen (a newer one, applied or published,
+        supersedes it: see :meth:`_apply`)."""
+        delay = self.load_retry_s
+        while not self.closing:
+            await asyncio.sleep(delay)
+            async with self.lock:
+                if self.applied_seq != seq:
+                    return
+                log.info("retrying version %s from another worker (#%d)", version, seq)
+                if await self._load_quietly(version):
+                    return
+            delay = min(delay * 2, self.load_retry_max_s)
 
     async def _catch_up(self) -> None:
         """Apply the last broadcast if it is newer than what this worker has seen. A
@@ -286,6 +321,10 @@ class ReloadBus:
 
     async def aclose(self) -> None:
         self.closing = True
+        if self.retry_task is not None:
+            self.retry_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.retry_task
         if self.task is not None:
             self.task.cancel()
             # the loop also stops on `closing`, should a cancellation be swallowed inside

@@ -219,6 +219,55 @@ def test_a_worker_whose_baseline_failed_still_applies_what_came_during_its_start
     assert asyncio.run(scenario()) == ("4" if during_start else "1")
 
 
+def test_a_broadcast_that_fails_to_load_here_is_retried_until_it_loads(channel: str) -> None:
+    """Another worker loaded version 7; here its files are not there yet, so the load
+    fails: it is tried again (backing off) and applied once it loads. A newer broadcast
+    meanwhile supersedes the retry."""
+
+    async def scenario() -> tuple[str, int, str, int]:
+        admin = Worker(channel, 0.0)
+        lagging = Worker(channel, 0.0)
+        lagging.bus.load_retry_s = 0.1
+        missing = {"7", "8"}
+        tries: dict[str, int] = {}
+
+        async def load(version: str, load_s: float | None = None) -> None:
+            tries[version] = tries.get(version, 0) + 1
+            if version in missing:
+                raise RuntimeError(f"version {version} is not on this host yet")
+            lagging.version = version
+
+        lagging.bus.load = load
+        for w in (admin, lagging):
+            await w.bus.baseline()
+            w.bus.start()
+        for w in (admin, lagging):
+            while not w.bus.subscribed:
+                await asyncio.sleep(0.02)
+        await admin.admin("7", 0.0)
+        await asyncio.sleep(0.5)  # a few failed tries
+        failed_tries = tries["7"]
+        missing.discard("7")  # the files land
+        deadline = time.monotonic() + 10
+        while lagging.version != "7" and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        got7 = lagging.version
+        await admin.admin("8", 0.0)  # fails here too, and is retried...
+        await asyncio.sleep(0.3)
+        await admin.admin("9", 0.0)  # ...until 9 supersedes it
+        await asyncio.sleep(0.5)
+        tries8 = tries["8"]
+        await asyncio.sleep(0.5)
+        out = (got7, failed_tries, lagging.version, tries["8"] - tries8)
+        for w in (admin, lagging):
+            await w.close()
+        return out
+
+    got7, failed_tries, final, later_tries_of_8 = asyncio.run(scenario())
+    assert got7 == "7" and failed_tries >= 2
+    assert final == "9" and later_tries_of_8 == 0
+
+
 def test_a_silently_dead_connection_is_found_and_caught_up(channel: str) -> None:
     """A path that drops traffic without closing (NAT timeout, partition): the unanswered
     PING makes the listener reconnect, and the broadcast it missed is applied."""
