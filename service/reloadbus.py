@@ -32,7 +32,8 @@ loads or a newer broadcast supersedes it.
 * **A silently dead connection** (no RST: a NAT timeout, a partition) is found by a PING
   every few idle seconds whose PONG must come back within a bound.
 * **Redis down.** The local reload still happens; the answer says that no other worker
-  was reached (``peers_notified: null``).
+  was reached (``peers_notified: null``), and the broadcast is sent again in the
+  background once Redis takes it, unless a newer reload or broadcast supersedes it.
 * **Redis Cluster.** The script and the record go through the app's cluster-aware client
   (the keys share one hash tag). Pub/sub messages reach every node's subscribers, so the
   listener subscribes on any one node of ``CTR_REDIS_URL``, trying them in turn.
@@ -134,6 +135,7 @@ class ReloadBus:
         self.load_retry_s = load_retry_s
         self.load_retry_max_s = load_retry_max_s
         self.retry_task: asyncio.Task[None] | None = None  # a failed broadcast's load
+        self.publish_task: asyncio.Task[None] | None = None  # a broadcast Redis refused
         self.applied_seq: int | None = None  # None: not known yet (Redis not reached)
         # broadcast numbers follow the Redis server's clock in µs: one numbered after this
         # is newer than the model this worker loads at start-up (used when the baseline
@@ -168,7 +170,35 @@ class ReloadBus:
 
     async def publish(self, version: str) -> int | None:
         """Tell the other workers to load ``version`` (call with the reload lock held, after
-        loading it); how many were reached, ``None`` when Redis could not be."""
+        loading it); how many were reached, ``None`` when Redis could not be. Then the
+        broadcast is tried again in the background (backing off) until Redis takes it,
+        unless something newer (a reload here, a broadcast applied) supersedes it."""
+        if self.publish_task is not None:
+            self.publish_task.cancel()  # an older reload's: superseded by this one
+            self.publish_task = None
+        reached = await self._publish_once(version)
+        if reached is None:
+            seen = self.applied_seq
+            self.publish_task = asyncio.get_running_loop().create_task(
+                self._republish(version, seen)
+            )
+        return reached
+
+    async def _republish(self, version: str, seen: int | None) -> None:
+        delay = self.retry_s
+        while not self.closing:
+            await asyncio.sleep(delay)
+            async with self.lock:
+                if self.applied_seq != seen:
+                    return  # a newer reload or broadcast since: this one is superseded
+                reached = await self._publish_once(version)
+                if reached is not None:
+                    log.info("reload of version %s broadcast late, to %d worker(s)",
+                             version, reached)  # fmt: skip
+                    return
+            delay = min(delay * 2, 30.0)
+
+    async def _publish_once(self, version: str) -> int | None:
         msg = orjson.dumps({**self.deployment, "version": version, "origin": self.token})
         try:
             async with asyncio.timeout(self.timeout_s):
@@ -321,10 +351,11 @@ class ReloadBus:
 
     async def aclose(self) -> None:
         self.closing = True
-        if self.retry_task is not None:
-            self.retry_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.retry_task
+        for task in (self.retry_task, self.publish_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         if self.task is not None:
             self.task.cancel()
             # the loop also stops on `closing`, should a cancellation be swallowed inside

@@ -268,6 +268,56 @@ def test_a_broadcast_that_fails_to_load_here_is_retried_until_it_loads(channel: 
     assert final == "9" and later_tries_of_8 == 0
 
 
+def test_a_broadcast_redis_refused_is_sent_when_it_answers_unless_superseded(
+    channel: str,
+) -> None:
+    """A reload whose broadcast Redis refused (`peers_notified: null`) reaches the other
+    workers once Redis takes it; a newer reload meanwhile supersedes it, and the late
+    one is never sent over it."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    async def scenario() -> tuple[int | None, str, int | None, str, str]:
+        w1, w2 = Worker(channel, 0.0), Worker(channel, 0.0)
+        for w in (w1, w2):
+            await w.bus.baseline()
+            w.bus.start()
+        for w in (w1, w2):
+            while not w.bus.subscribed:
+                await asyncio.sleep(0.02)
+        real_eval = w1.redis.eval
+        down = {"calls": 2}
+
+        async def flaky_eval(*args: Any) -> Any:
+            if down["calls"] > 0:
+                down["calls"] -= 1
+                raise RedisConnectionError("Redis is down")
+            return await real_eval(*args)
+
+        w1.redis.eval = flaky_eval  # type: ignore[method-assign]
+        first = await w1.admin("5", 0.0)  # refused; retried in the background
+        deadline = time.monotonic() + 10
+        while w2.version != "5" and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        late = w2.version
+        down["calls"] = 10**6  # down for good for w1's publishes
+        second = await w1.admin("7", 0.0)
+        await asyncio.sleep(0.2)
+        await w2.admin("8", 0.0)  # newer, and w1 applies it: w1's "7" is superseded
+        deadline = time.monotonic() + 10
+        while w1.version != "8" and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        down["calls"] = 0  # Redis answers w1 again
+        await asyncio.sleep(1.0)
+        out = (first, late, second, w1.version, w2.version)
+        for w in (w1, w2):
+            await w.close()
+        return out
+
+    first, late, second, v1, v2 = asyncio.run(scenario())
+    assert first is None and late == "5"
+    assert second is None and v1 == "8" and v2 == "8"
+
+
 def test_a_silently_dead_connection_is_found_and_caught_up(channel: str) -> None:
     """A path that drops traffic without closing (NAT timeout, partition): the unanswered
     PING makes the listener reconnect, and the broadcast it missed is applied."""
