@@ -163,18 +163,24 @@ class Worker:
         await self.redis.aclose()
 
 
+async def listening(*workers: Worker) -> None:
+    """Baseline and start each worker's bus, and wait until all are subscribed."""
+    for w in workers:
+        await w.bus.baseline()
+        w.bus.start()
+    deadline = time.monotonic() + 20
+    while not all(w.bus.subscribed for w in workers):
+        assert time.monotonic() < deadline, "a listener never subscribed"
+        await asyncio.sleep(0.02)
+
+
 def test_concurrent_reloads_leave_every_worker_on_the_last_published(channel: str) -> None:
     """Two admins at once: w1 loads 5 slowly, w2 loads 6 and publishes first. Every worker
     must end on 5 (published last), including w1, which answered 5."""
 
     async def scenario() -> dict[str, str]:
         ws = {name: Worker(channel, 0.2) for name in ("w1", "w2", "w3")}
-        for w in ws.values():
-            await w.bus.baseline()
-            w.bus.start()
-        for w in ws.values():
-            while not w.bus.subscribed:
-                await asyncio.sleep(0.05)
+        await listening(*ws.values())
         slow = asyncio.create_task(ws["w1"].admin("5", 1.0))
         await asyncio.sleep(0.2)
         assert await ws["w2"].admin("6", 0.3) == 2
@@ -238,12 +244,7 @@ def test_a_broadcast_that_fails_to_load_here_is_retried_until_it_loads(channel: 
             lagging.version = version
 
         lagging.bus.load = load
-        for w in (admin, lagging):
-            await w.bus.baseline()
-            w.bus.start()
-        for w in (admin, lagging):
-            while not w.bus.subscribed:
-                await asyncio.sleep(0.02)
+        await listening(admin, lagging)
         await admin.admin("7", 0.0)
         await asyncio.sleep(0.5)  # a few failed tries
         failed_tries = tries["7"]
@@ -278,12 +279,7 @@ def test_a_broadcast_redis_refused_is_sent_when_it_answers_unless_superseded(
 
     async def scenario() -> tuple[int | None, str, int | None, str, str]:
         w1, w2 = Worker(channel, 0.0), Worker(channel, 0.0)
-        for w in (w1, w2):
-            await w.bus.baseline()
-            w.bus.start()
-        for w in (w1, w2):
-            while not w.bus.subscribed:
-                await asyncio.sleep(0.02)
+        await listening(w1, w2)
         real_eval = w1.redis.eval
         down = {"calls": 2}
 
