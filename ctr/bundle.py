@@ -342,9 +342,7 @@ def _check_table(
         if not (vocab is None or (isinstance(vocab, dict) and not vocab)):
             size = f"{len(vocab)} entries" if isinstance(vocab, dict) else f"a {_kind(vocab)}"
             raise fail(f"{where}.vocab", f"a hash table has no vocab, found {size}")
-        if spec.buckets is None or spec.buckets <= 0:  # MappingSpec already ensures it
-            raise fail(f"{where}.spec", f"a hash table needs buckets > 0, not {spec.buckets}")
-        return
+        return  # buckets > 0: MappingSpec ensures it
     if not isinstance(vocab, dict):
         raise fail(f"{where}.vocab", f"must be an object of raw ID -> index, not {_kind(vocab)}")
     if spec.max_size is not None and len(vocab) > spec.max_size:

@@ -202,11 +202,12 @@ def _behaviour_tokens(cells: list[Any], users: list[Any] | None, delimiter: str)
     most: dict[Any, Counter[Any]] = {}
     seen: set[tuple[Any, Any]] = set()
     for user, v in zip(users, cells, strict=True):
-        ident = (user, v if isinstance(v, str | None) else tuple(split_sequence(v, delimiter)))
+        tokens = split_sequence(v, delimiter)
+        ident = (user, tuple(tokens))
         if ident in seen:  # a negative sharing its positive's history, say
             continue
         seen.add(ident)
-        row = Counter(split_sequence(v, delimiter))
+        row = Counter(tokens)
         have = most.setdefault(user, Counter())
         for tok, c in row.items():
             if c > have[tok]:

@@ -53,6 +53,7 @@ from service.features import (
 )
 from service.model import LoadedModel, ProviderError, load_model
 from service.reloadbus import ReloadBus
+from service.retry import retry_under_lock
 from service.runner import copy_info
 from service.schemas import (
     ErrorBody,
@@ -405,17 +406,16 @@ async def _reload(state: State, version: str | None) -> LoadedModel:
 async def _retry_latest(state: State) -> None:
     """After a start-up fallback: load "latest" now and then, until it loads or another
     load (a reload, a broadcast, SIGHUP) ends the fallback."""
-    delay = FALLBACK_RETRY_S
-    while state.fallback is not None:
-        await asyncio.sleep(delay)
-        async with state.reload_lock:
-            if state.fallback is None:
-                return
-            with contextlib.suppress(BundleError, ProviderError):  # logged in _load
-                await _load(state, "latest")
-                log.info("the newest version loads now: fallback over")
-                return
-        delay = min(delay * 2, FALLBACK_RETRY_MAX_S)
+
+    async def attempt() -> bool:
+        with contextlib.suppress(BundleError, ProviderError):  # logged in _load
+            await _load(state, "latest")
+            log.info("the newest version loads now: fallback over")
+            return True
+        return False
+
+    done = lambda: state.fallback is None  # noqa: E731
+    await retry_under_lock(state.reload_lock, attempt, done, FALLBACK_RETRY_S, FALLBACK_RETRY_MAX_S)
 
 
 def _spawn(state: State, coro: Coroutine[Any, Any, None]) -> None:

@@ -83,9 +83,7 @@ class LoadedModel:
         """Keys the model reads as numbers: in a candidate's ``features`` (its item-side
         dense features) and in ``context`` (its user-side ones)."""
         c = self.bundle.config
-        return frozenset(f.source for f in c.item_dense), frozenset(
-            f.source for f in c.user_dense
-        )
+        return frozenset(f.source for f in c.item_dense), frozenset(f.source for f in c.user_dense)
 
     @property
     def name(self) -> str:

@@ -49,7 +49,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import orjson
@@ -57,6 +57,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.connection import parse_url
 
+from service.retry import retry_under_lock
 from service.store import REDIS_ERRORS, node_urls
 
 log = logging.getLogger("ctr.service.reload")
@@ -83,6 +84,15 @@ local s = cjson.encode(m)
 redis.call('SET', KEYS[2], s, 'EX', tonumber(ARGV[3]))
 return {string.format('%.0f', seq), redis.call('PUBLISH', ARGV[2], s)}
 """
+
+
+def _replace(
+    task: asyncio.Task[None] | None, coro: Coroutine[Any, Any, None] | None
+) -> asyncio.Task[None] | None:
+    """Cancel ``task`` (superseded) and run ``coro`` in its place, if any."""
+    if task is not None:
+        task.cancel()
+    return asyncio.get_running_loop().create_task(coro) if coro is not None else None
 
 
 def _cancelling() -> bool:
@@ -173,30 +183,24 @@ class ReloadBus:
         loading it); how many were reached, ``None`` when Redis could not be. Then the
         broadcast is tried again in the background (backing off) until Redis takes it,
         unless something newer (a reload here, a broadcast applied) supersedes it."""
-        if self.publish_task is not None:
-            self.publish_task.cancel()  # an older reload's: superseded by this one
-            self.publish_task = None
         reached = await self._publish_once(version)
-        if reached is None:
-            seen = self.applied_seq
-            self.publish_task = asyncio.get_running_loop().create_task(
-                self._republish(version, seen)
-            )
+        # an older reload's pending broadcast is superseded by this one
+        self.publish_task = _replace(
+            self.publish_task,
+            self._republish(version, self.applied_seq) if reached is None else None,
+        )
         return reached
 
     async def _republish(self, version: str, seen: int | None) -> None:
-        delay = self.retry_s
-        while not self.closing:
-            await asyncio.sleep(delay)
-            async with self.lock:
-                if self.applied_seq != seen:
-                    return  # a newer reload or broadcast since: this one is superseded
-                reached = await self._publish_once(version)
-                if reached is not None:
-                    log.info("reload of version %s broadcast late, to %d worker(s)",
-                             version, reached)  # fmt: skip
-                    return
-            delay = min(delay * 2, 30.0)
+        async def attempt() -> bool:
+            reached = await self._publish_once(version)
+            if reached is not None:
+                log.info("reload of version %s broadcast late, to %d worker(s)", version, reached)
+            return reached is not None
+
+        # a newer reload or broadcast since (applied_seq moved) supersedes this one
+        done = lambda: self.closing or self.applied_seq != seen  # noqa: E731
+        await retry_under_lock(self.lock, attempt, done, self.retry_s, 30.0)
 
     async def _publish_once(self, version: str) -> int | None:
         msg = orjson.dumps({**self.deployment, "version": version, "origin": self.token})
@@ -258,9 +262,9 @@ class ReloadBus:
                 return
         # the other worker loaded it, so it may load here later (files still being
         # copied to this host, say): retried until it does or a newer one comes
-        if self.retry_task is not None:
-            self.retry_task.cancel()  # an older broadcast's: superseded
-        self.retry_task = asyncio.get_running_loop().create_task(self._retry(seq, version))
+        self.retry_task = _replace(
+            self.retry_task, self._retry(seq, version)
+        )  # the older's: superseded
 
     async def _load_quietly(self, version: str) -> bool:
         try:
@@ -275,16 +279,13 @@ class ReloadBus:
         twice as long each time (up to ``load_retry_max_s``), while it is still the
         newest broadcast this worker has seen (a newer one, applied or published,
         supersedes it: see :meth:`_apply`)."""
-        delay = self.load_retry_s
-        while not self.closing:
-            await asyncio.sleep(delay)
-            async with self.lock:
-                if self.applied_seq != seq:
-                    return
-                log.info("retrying version %s from another worker (#%d)", version, seq)
-                if await self._load_quietly(version):
-                    return
-            delay = min(delay * 2, self.load_retry_max_s)
+
+        async def attempt() -> bool:
+            log.info("retrying version %s from another worker (#%d)", version, seq)
+            return await self._load_quietly(version)
+
+        done = lambda: self.closing or self.applied_seq != seq  # noqa: E731
+        await retry_under_lock(self.lock, attempt, done, self.load_retry_s, self.load_retry_max_s)
 
     async def _catch_up(self) -> None:
         """Apply the last broadcast if it is newer than what this worker has seen. A

@@ -126,9 +126,7 @@ class ItemCache:
                 expiries.append(math.inf)
         return values, missed, expiries
 
-    def put(
-        self, feature: str, ids: list[str], values: list[str | None], read_at: float
-    ) -> None:
+    def put(self, feature: str, ids: list[str], values: list[str | None], read_at: float) -> None:
         """Values read from Redis by a read that started at ``read_at``
         (``time.monotonic()``): they expire a TTL after it, not after this call, and a
         value from an earlier read never replaces one from a later read (two requests'

@@ -85,7 +85,7 @@ def check_numbers(
     item, user = dense
     for k in user.intersection(context):
         _number(context[k], f"context.{safe_field(k)}")
-    if item:
+    if item and any(features):  # one C-level pass when no candidate has features
         for i, f in enumerate(features):
             if f:
                 for k in item.intersection(f):
