@@ -65,7 +65,9 @@ class ItemRowCache:
         """Keep the rows ``sparse [K, Fi]`` / ``dense [K, Di]`` for ``ids`` (K IDs) until
         the TTL ends, or each until ``expires [K]`` (``time.monotonic()``) if sooner: the
         item-cache values a row was encoded from expire then, and it must not outlive
-        them (so no row is older than the TTL)."""
+        them (so no row is older than the TTL). A row never replaces a cached row of
+        the same ID that expires later: that one was encoded from a later read (two
+        requests' reads of the same item may finish in either order)."""
         if not self.enabled or not ids:
             return
         ids = ids[-self.size :]  # more rows than slots: the last ones win
@@ -74,9 +76,12 @@ class ItemRowCache:
         if expires is not None:
             until = np.minimum(until, expires[-len(ids) :])
         slots = np.empty(len(ids), np.int64)
+        write = np.ones(len(ids), bool)
         for k, item in enumerate(ids):
             slot = self.slot_of.get(item)
-            if slot is None:
+            if slot is not None:
+                write[k] = self.expiry[slot] <= until[k]
+            else:
                 slot = self.next
                 self.next = (slot + 1) % self.size
                 old = self.owner[slot]
@@ -85,6 +90,8 @@ class ItemRowCache:
                 self.owner[slot] = item
                 self.slot_of[item] = slot
             slots[k] = slot
+        if not write.all():
+            slots, sparse, dense, until = slots[write], sparse[write], dense[write], until[write]
         self.sparse[slots] = sparse
         self.dense[slots] = dense
         self.expiry[slots] = until

@@ -117,3 +117,23 @@ def test_the_item_cache_keeps_the_newer_read_and_dates_it_from_the_read() -> Non
     stale = ItemCache(0.2, 100)
     stale.put("cate_id", ["y"], ["v"], time.monotonic() - 0.3)  # a read 0.3 s ago
     assert stale.get_many("cate_id", ["y"])[1] == [0]  # already past its TTL: a miss
+
+
+def test_a_row_from_an_earlier_read_never_replaces_one_from_a_later_read() -> None:
+    """Two requests encode the same item from reads that finish in either order: the
+    row of the read that started later stays (it expires later), as in the item cache;
+    a row from a still later read replaces it."""
+    ttl = 60.0
+    cache = ItemRowCache(ttl, 4, 2, 1)
+    t0 = time.monotonic() - 1.0  # the reads began a second ago
+    later = rows(["x"], 50)
+    cache.store(["x"], *later, np.array([t0 + 0.002 + ttl]))  # the later read finished first
+    # the earlier read's rows come last: x's is dropped, w's (new) kept
+    cache.store(["x", "w"], *rows(["x", "w"], 10), np.array([t0 + ttl, t0 + ttl]))
+    slot = cache.lookup(["x"])[0]
+    np.testing.assert_array_equal(cache.sparse[slot], later[0][0])
+    np.testing.assert_array_equal(cache.dense[slot], later[1][0])
+    assert cache.expiry[slot] == t0 + 0.002 + ttl
+    assert cache.sparse[cache.lookup(["w"])[0], 0] == 12  # the other row of that call is kept
+    cache.store(["x"], *rows(["x"], 90), np.array([t0 + 0.005 + ttl]))
+    assert cache.sparse[cache.lookup(["x"])[0], 0] == 90
