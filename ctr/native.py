@@ -211,7 +211,9 @@ def build(
     cuda: bool | None = None, out_dir: Path | None = None, arch: str | None = None
 ) -> OpsLibrary:
     """Build (or reuse) the library. ``cuda=None``: with the CUDA kernel when nvcc is
-    found and ORT has the CUDA provider. ``arch``: ``native``, a level of ``LEVELS``
+    found and ORT has the CUDA provider, and without it (a warning says why) when that
+    build fails, e.g. nvcc rejects the host compiler: the CPU kernels must not be lost
+    with it. ``arch``: ``native``, a level of ``LEVELS``
     (``-march=<level>``; ``generic``: no -march flag) or None (``$CTR_OPS_CXX_ARCH``,
     default ``-march=native``).
 
@@ -220,6 +222,17 @@ def build(
     level this CPU lacks the flags for (built, never loaded here). Raises
     :class:`NativeError` when the sources or a compiler are missing, the compiler rejects
     ``arch``, a build step fails or the cache folder cannot be written."""
+    # the CUDA kernel only where ORT can run it: nvcc alone is no GPU
+    if cuda is None and find_nvcc() is not None and _ort_has_cuda():
+        try:
+            return _build(True, out_dir, arch)
+        except NativeError as exc:
+            log.warning("custom ops: built without the CUDA kernel, whose build failed: %s", exc)
+            return _build(False, out_dir, arch)
+    return _build(bool(cuda), out_dir, arch)
+
+
+def _build(cuda: bool, out_dir: Path | None, arch: str | None) -> OpsLibrary:
     missing = [name for name in SOURCES if not (SOURCE_DIR / name).is_file()]
     if missing:  # e.g. an image that copied ctr/ but not native/
         raise NativeError(f"custom-op sources missing under {SOURCE_DIR}: {', '.join(missing)}")
@@ -227,8 +240,6 @@ def build(
     if not cxx:
         raise NativeError("no C++ compiler (g++ or $CXX) to build the custom-op library")
     nvcc = find_nvcc()
-    if cuda is None:  # the CUDA kernel only where ORT can run it: nvcc alone is no GPU
-        cuda = nvcc is not None and _ort_has_cuda()
     if cuda and nvcc is None:
         raise NativeError("the CUDA kernel was asked for, but nvcc was not found")
     # the CPU kernel's loops vectorise across candidates: the build machine's vector

@@ -63,6 +63,26 @@ def test_build_failures_are_native_errors(tmp_path: Path, monkeypatch: pytest.Mo
         native.build(cuda=False)
 
 
+def test_a_failed_cuda_build_keeps_the_cpu_kernels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lib: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Automatic mode on a machine with nvcc and a CUDA-capable ORT: when the CUDA step
+    fails (here an nvcc that rejects everything), the library is built without the CUDA
+    kernel instead of not at all, so the CPU kernels (and the fused graph) stay."""
+    nvcc = tmp_path / "nvcc"
+    nvcc.write_text("#!/bin/sh\necho 'nvcc fatal : unsupported host compiler' >&2\nexit 1\n")
+    nvcc.chmod(0o755)
+    monkeypatch.setattr(native, "find_nvcc", lambda: str(nvcc))
+    monkeypatch.setattr(native, "_ort_has_cuda", lambda: True)
+    with pytest.raises(native.NativeError, match="unsupported host compiler"):
+        native.build(cuda=True)  # asked for explicitly: still an error
+    with caplog.at_level(logging.WARNING, logger="ctr.native"):
+        built = native.build()
+    assert built.cuda is False and built.path.is_file()
+    assert "without the CUDA kernel" in caplog.text and "unsupported host compiler" in caplog.text
+    op_only(built)  # and it loads and runs
+
+
 def test_dien_bundle_has_a_gated_fused_graph(bundles: dict[str, Built]) -> None:
     b = load_bundle(bundles["dien"].models_dir, "dien")
     entry = b.fused
