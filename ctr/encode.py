@@ -58,16 +58,23 @@ def split_sequence(raw: Any, delimiter: str) -> list[Any]:
 F32_MAX = float(np.finfo(np.float32).max)
 
 
+def parse_dense(raw: Any) -> float | None:
+    """A raw dense value as a finite float, or None where :func:`to_float` takes the
+    feature's default: missing (None, ``""``), not a number, NaN or inf."""
+    try:
+        v = float(raw) if raw is not None and raw != "" else None
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return None if v is None or math.isnan(v) or math.isinf(v) else v
+
+
 def to_float(raw: Any, spec: FeatureSpec) -> float:
     """Dense value: missing/NaN/inf -> default; ``log1p`` applied to non-negatives; a
     result outside float32's range (e.g. ``1e39``) -> default, as inf is."""
     if type(raw) is float and -F32_MAX <= raw <= F32_MAX:  # the common case (not NaN)
         return math.log1p(max(raw, 0.0)) if spec.log1p else raw
-    try:
-        v = float(raw) if raw is not None and raw != "" else spec.default
-    except (TypeError, ValueError, OverflowError):
-        v = spec.default
-    if math.isnan(v) or math.isinf(v):
+    v = parse_dense(raw)
+    if v is None:
         v = spec.default
     if spec.log1p:
         v = math.log1p(max(v, 0.0))

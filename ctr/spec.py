@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -101,6 +101,10 @@ class ModelSpec(_Strict):
         description="DIEN attention: the official code's activation unit, or the paper's h W e",
     )
     aux_loss_weight: float = Field(default=1.0, ge=0.0)
+    aux_hidden: list[Annotated[int, Field(gt=0)]] = Field(
+        default_factory=lambda: [100, 50],
+        description="DIEN: hidden widths of the auxiliary network (the official code's)",
+    )
     mba_l2: float = Field(default=0.0, ge=0.0, description="mini-batch aware L2 on embeddings")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
 
@@ -167,6 +171,7 @@ class FeatureConfig(_Strict):
                     raise ValueError(f"{f.name}.shared_with must name a sparse feature")
                 if target.side != "item":
                     raise ValueError(f"{f.name}.shared_with must name an item-side feature")
+        _check_item_id_first(self.features)
         if not self.groups:
             self.groups = _default_groups(self.features)
         for g in self.groups:
@@ -233,8 +238,10 @@ class FeatureConfig(_Strict):
 
     @cached_property
     def item_id_feature(self) -> FeatureSpec:
-        """The candidate's ID: the item feature the first sequence field shares, else the
-        first item-side sparse feature."""
+        """The candidate's ID: the first item-side sparse feature that a sequence field
+        shares, else the first item-side sparse feature. Validation makes the first
+        sequence field share it (training's negative pool, DIEN's sampling and serving's
+        stored behaviours key on that field)."""
         return self.sequence_targets[0] if self.sequences else self.item_sparse[0]
 
     def table_of(self, name: str) -> str:
@@ -249,6 +256,27 @@ class FeatureConfig(_Strict):
 
     def sequence_groups(self) -> list[GroupSpec]:
         return [g for g in self.groups if g.type == "sequence"]
+
+
+def _check_item_id_first(features: list[FeatureSpec]) -> None:
+    """The first sequence feature must share the item ID: the first item-side sparse
+    feature that any sequence shares. Listing e.g. ``hist_cate_id`` before
+    ``hist_item_id`` would make the category the item's key (DIEN's negative pool would
+    keep one item per category, serving would store behaviours by category)."""
+    seqs = [f for f in features if f.kind == "sequence"]
+    if not seqs:
+        return
+    shared = {f.shared_with for f in seqs}
+    item_id = next(f.name for f in features if f.kind == "sparse" and f.name in shared)
+    if seqs[0].shared_with != item_id:
+        first = next(f.name for f in seqs if f.shared_with == item_id)
+        raise ValueError(
+            f"sequence feature {seqs[0].name!r} comes first but shares "
+            f"{seqs[0].shared_with!r}, not the item ID {item_id!r} (the first item-side "
+            "sparse feature that a sequence shares): list the item ID first among the "
+            f"item features and its sequence feature ({first!r} here) first among the "
+            "sequence features"
+        )
 
 
 def _default_groups(features: list[FeatureSpec]) -> list[GroupSpec]:

@@ -16,10 +16,21 @@ from redis import Redis
 from redis.cluster import RedisCluster
 from tqdm import tqdm
 
-from ctr.encode import split_sequence
+from ctr.encode import parse_dense, split_sequence
 from ctr.mapping import normalize
 from ctr.spec import FeatureConfig
 from service.store import item_key, user_key
+from training.data.generic import time_values
+
+TIME = "__ctr_load_time__"  # the numeric time column user_records sorts on
+
+
+def dense_text(raw: Any) -> str | None:
+    """A dense cell as stored: the number as text, or None (nothing stored) where
+    training reads the feature's default (empty, not a number, NaN, inf); serving reads
+    a missing value as that default too."""
+    v = parse_dense(raw)
+    return None if v is None else str(v)
 
 
 def user_records(config: FeatureConfig, frame: pd.DataFrame) -> Iterator[tuple[str, dict, list]]:
@@ -34,9 +45,10 @@ def user_records(config: FeatureConfig, frame: pd.DataFrame) -> Iterator[tuple[s
     targets = config.sequence_targets
     delim = spec.seq_delimiter
     key = spec.user_key
-    has_time = bool(spec.time_column and spec.time_column in frame)
-    if has_time:
-        frame = frame.sort_values([key, spec.time_column], kind="stable")
+    time = spec.time_column if spec.time_column and spec.time_column in frame else None
+    if time is not None:  # by numeric time, as training's split orders it ("9" < "11")
+        frame = frame.assign(**{TIME: time_values(frame, time)})
+        frame = frame.sort_values([key, TIME], kind="stable")
     for uid, rows in frame.groupby(key, sort=False):
         last = rows.iloc[-1]
         profile = {
@@ -44,7 +56,7 @@ def user_records(config: FeatureConfig, frame: pd.DataFrame) -> Iterator[tuple[s
             for f in profile_feats
             if f.source in rows and f.source != key and (v := normalize(last[f.source])) is not None
         }
-        newest = rows[rows[spec.time_column] == last[spec.time_column]] if has_time else rows[-1:]
+        newest = rows[rows[TIME] == last[TIME]] if time is not None else rows[-1:]
         row = newest.iloc[0]
         cols = [split_sequence(row[s.source], delim) for s in seqs]
         n = min((len(c) for c in cols), default=0)
@@ -72,7 +84,7 @@ def item_records(config: FeatureConfig, frame: pd.DataFrame) -> dict[str, dict[s
         if f is id_feat or f.source not in frame:
             continue
         for i, v in zip(ids, frame[f.source].tolist(), strict=True):
-            nv = normalize(v) if f.kind == "sparse" else (None if pd.isna(v) else str(float(v)))
+            nv = normalize(v) if f.kind == "sparse" else dense_text(v)
             if i is not None and nv is not None:
                 out[f.source][i] = nv
     # histories carry the sequence-shared features too (e.g. hist_cate_id for cate_id)

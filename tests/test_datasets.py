@@ -6,6 +6,7 @@ absent; the rule/builder and CSV tests run anywhere.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -388,3 +389,92 @@ def test_time_split_that_leaves_a_part_empty_is_an_error() -> None:
     tr, va, te = split_frame(many, DataSpec(split="time", time_column="ts"))
     assert (len(tr), len(va), len(te)) == (640, 80, 80)
     assert tr.ts.max() < va.ts.min() and va.ts.max() < te.ts.min()
+
+
+# ---- ctr load agrees with training ---------------------------------------------------
+
+
+def _loader_config(path: Path, max_seq_len: int) -> FeatureConfig:
+    raw: dict[str, Any] = {
+        "name": "csv_loader",
+        "max_seq_len": max_seq_len,
+        "features": [
+            {"name": "user_id", "kind": "sparse", "side": "user"},
+            {"name": "item_id", "kind": "sparse", "side": "item"},
+            {"name": "price", "kind": "dense", "side": "item", "default": 3.0, "log1p": True},
+            {"name": "hist_item_id", "kind": "sequence", "shared_with": "item_id"},
+        ],
+        "data": {"source": "csv", "path": str(path), "test_steps": 1, "val_steps": 1},
+    }
+    return FeatureConfig.model_validate(raw)
+
+
+def _clicks_csv(path: Path, prices: list[str] | None = None) -> None:
+    """User u1 clicks i0..i11 at times 0..11, each row's history the clicks before it."""
+    items = [f"i{t}" for t in range(12)]
+    rows = {
+        "user_id": ["u1"] * 12,
+        "item_id": items,
+        "price": prices or ["1.5"] * 12,
+        "hist_item_id": ["|".join(items[:t]) for t in range(12)],
+        "label": ["1"] * 12,
+        "ts": [str(t) for t in range(12)],
+    }
+    pd.DataFrame(rows).to_csv(path, index=False)
+
+
+def test_loaded_history_is_the_newest_by_numeric_time(tmp_path: Path) -> None:
+    """A CSV is read as strings, where "9" sorts after "11": ``ctr load`` took the row
+    of time 9 for the newest and stored a shorter, older history than training used.
+    It orders time as training's split does: Redis gets the newest ``max_seq_len``
+    behaviours, the newest (test) row's history followed by its click."""
+    from redis import Redis
+
+    from service.loader import load_into_redis
+    from service.store import user_key
+    from tests.helpers import REDIS_URL
+
+    path = tmp_path / "clicks.csv"
+    _clicks_csv(path)
+    config = _loader_config(path, max_seq_len=5)
+    frame = load_frame(config)
+    assert frame["ts"].tolist() == [str(t) for t in range(12)]  # strings, as read
+    _, _, test = split_frame(frame, config.data)
+    assert test["ts"].tolist() == ["11"]  # training's newest row
+    newest = test.iloc[0]
+    want = (newest["hist_item_id"].split("|") + [newest["item_id"]])[-5:]
+    assert want == ["i7", "i8", "i9", "i10", "i11"]
+
+    client = Redis.from_url(REDIS_URL, decode_responses=True)
+    client.delete(user_key("u1", "seq"), user_key("u1", "profile"))
+    load_into_redis(config, frame, REDIS_URL, progress=False)
+    stored = [json.loads(e)["item_id"] for e in client.lrange(user_key("u1", "seq"), 0, -1)]
+    client.delete(user_key("u1", "seq"), user_key("u1", "profile"))
+    assert stored == want
+    # the history a request then feeds is the test row's, one step on
+    mapper, enc = _fit_and_encode(config, frame, test)
+    hist = enc.hist[0, 0, : enc.hist_len[0]].tolist()
+    item_of = mapper.mapper_for("hist_item_id")
+    assert hist[1:] == [item_of.map_one(i) for i in stored[:-1]]
+
+
+def test_loaded_dense_item_features_read_as_training_reads_them(tmp_path: Path) -> None:
+    """An empty dense cell (a CSV is read with ``keep_default_na=False``) or a non-number
+    made ``ctr load`` fail on ``float("")``. Training reads such a cell as the feature's
+    default; the loader stores nothing for it, which serving reads as the default too."""
+    from ctr.encode import to_float
+    from service.loader import item_records
+
+    path = tmp_path / "clicks.csv"
+    prices = ["1.5", "", "abc", "nan", "inf", "2"] + ["0.5"] * 6
+    _clicks_csv(path, prices)
+    config = _loader_config(path, max_seq_len=5)
+    frame = load_frame(config)
+    assert frame["price"].tolist()[:3] == ["1.5", "", "abc"]
+    stored = item_records(config, frame)["price"]
+    assert set(stored) == {"i0", "i5"} | {f"i{t}" for t in range(6, 12)}
+    spec = config.feature("price")
+    _, enc = _fit_and_encode(config, frame, frame)
+    served = [to_float(stored.get(f"i{t}"), spec) for t in range(12)]  # missing: None
+    assert served == pytest.approx(enc.item_dense[:, 0].tolist())
+    assert served[1] == pytest.approx(np.log1p(3.0))  # the default, as training has it

@@ -59,3 +59,26 @@ def test_sigmoid_attention_activation(
     _, _, report = export_bundle(build_model(config, sizes).eval(), config, tiny_prep.mapper,  # type: ignore[attr-defined]
                                  metrics, tmp_path / "models")  # fmt: skip
     assert report.ok
+
+
+def test_aux_hidden_round_trips_through_the_manifest(
+    tiny_config: Callable[..., FeatureConfig], tiny_prep: object, tmp_path: Path
+) -> None:
+    """``model.aux_hidden`` reaches the manifest and comes back from it; a manifest
+    written before the key existed still loads, with the official widths it was built
+    with ([100, 50])."""
+    import json
+
+    from ctr.bundle import MANIFEST, load_bundle
+
+    config = tiny_config("dien", model__aux_hidden=[16, 8])
+    sizes = tiny_prep.mapper.table_sizes()  # type: ignore[attr-defined]
+    model = build_model(config, sizes).eval()
+    _, path, report = export_bundle(model, config, tiny_prep.mapper, {}, tmp_path / "m")  # type: ignore[attr-defined]
+    assert report.ok
+    bundle = load_bundle(tmp_path / "m", config.name)
+    assert bundle.config.model.aux_hidden == [16, 8] and bundle.config == config
+    manifest = json.loads((path / MANIFEST).read_text())
+    del manifest["config"]["model"]["aux_hidden"]  # as an older export wrote it
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    assert load_bundle(tmp_path / "m", config.name).config.model.aux_hidden == [100, 50]

@@ -629,3 +629,93 @@ def test_oov_and_padding_rows_start_at_zero(
         w = emb.weight.detach()
         assert not w[PAD].any() and not w[OOV].any(), name
         assert (w[2:].abs().sum(1) > 0).all(), name
+
+
+def no_user_features_config(model_type: str) -> FeatureConfig:
+    """The tiny config without any user- or context-side sparse or dense feature."""
+    from tests.conftest import tiny_raw
+
+    raw = tiny_raw(model_type)
+    drop = {f["name"] for f in raw["features"] if f["kind"] != "sequence" and f["side"] != "item"}
+    raw["features"] = [f for f in raw["features"] if f["name"] not in drop]
+    raw["groups"] = [
+        {**g, "features": [n for n in g["features"] if n not in drop]} for g in raw["groups"]
+    ]
+    raw["groups"] = [g for g in raw["groups"] if g["features"]]
+    return FeatureConfig.model_validate(raw)
+
+
+@pytest.mark.parametrize("model_type", ["base", "din", "dien"])
+def test_models_without_user_features_train_and_export(model_type: str, tmp_path: Path) -> None:
+    """A config without user/context features (which the spec accepts) has a ``[U, 0]``
+    user part: the models used to fail on ``torch.cat([])``. They train, their MLP
+    widths add up, and the exported graph (no user inputs) agrees with torch."""
+    from training.dataset import prepare
+    from training.export import export_onnx, parity_gate
+
+    cfg = no_user_features_config(model_type)
+    assert not cfg.user_sparse and not cfg.user_dense
+    prep = prepare(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg, prep.mapper.table_sizes())
+    assert model.user_width == 0
+    batch = prep.train.batch(np.arange(32))
+    assert model.user_deep(batch).shape == (32, 0)
+    if model_type == "dien":
+        batch["neg_hist"] = torch.from_numpy(
+            sample_negatives(prep.item_pool, batch["hist"].numpy(), batch["hist_len"].numpy(),
+                             cfg.max_seq_len, np.random.default_rng(0))
+        )  # fmt: skip
+    out = model.train()(batch)
+    loss = out["logits"].sigmoid().mean() + out.get("aux_loss", torch.zeros(()))
+    loss.backward()
+    assert torch.isfinite(out["logits"]).all() and out["logits"].shape == (32,)
+    path = tmp_path / "model.onnx"
+    export_onnx(model, path)
+    report = parity_gate(model, path, n_values=(1, 7))
+    assert report.ok and report.max_abs_diff <= 1e-5, report.cases
+
+
+def test_first_sequence_feature_must_share_the_item_id() -> None:
+    """Listing ``hist_cate_id`` before ``hist_item_id`` made the category the item's key:
+    DIEN's negative pool kept one item per category (and serving stored behaviours by
+    category). The config is refused, naming the features; the shipped configs load."""
+    from pydantic import ValidationError
+
+    from ctr.spec import load_config
+    from tests.conftest import CONFIGS, tiny_raw
+
+    raw = tiny_raw("dien")
+    seqs = [f for f in raw["features"] if f["kind"] == "sequence"]
+    others = [f for f in raw["features"] if f["kind"] != "sequence"]
+    raw["features"] = others + seqs[::-1]
+    assert [f["name"] for f in seqs[::-1]] == ["hist_cate_id", "hist_item_id"]
+    with pytest.raises(ValidationError, match="'hist_cate_id' comes first.*'item_id'"):
+        FeatureConfig.model_validate(raw)
+    # the item ID is the first item feature a sequence shares: cate_id once listed first
+    items = [f for f in others if f.get("side") == "item" and f["kind"] == "sparse"]
+    rest = [f for f in others if f not in items]
+    raw["features"] = rest + items[::-1] + seqs[::-1]
+    cfg = FeatureConfig.model_validate(raw)
+    assert cfg.item_id_feature.name == "cate_id" == cfg.sequence_targets[0].name
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        cfg = load_config(path)
+        assert cfg.sequence_targets[0] is cfg.item_id_feature, path
+
+
+def test_dien_aux_network_widths_come_from_the_config(tiny_config: Config) -> None:
+    """``model.aux_hidden`` sets DIEN's auxiliary network (default: the official code's
+    [100, 50], so older configs and manifests build the same model); widths must be
+    positive."""
+    from pydantic import ValidationError
+
+    sizes = {t: 30 for t in ("user_id", "age_bucket", "hour", "item_id", "cate_id")}
+    model = build_model(tiny_config("dien", model__aux_hidden=[24, 6]), sizes)
+    widths = [m.out_features for m in model.aux.modules() if isinstance(m, torch.nn.Linear)]
+    assert widths == [24, 6] and model.aux_head.in_features == 6
+    default = build_model(tiny_config("dien"), sizes)
+    widths = [m.out_features for m in default.aux.modules() if isinstance(m, torch.nn.Linear)]
+    assert widths == [100, 50]
+    for bad in ([0], [16, -1]):
+        with pytest.raises(ValidationError, match="aux_hidden"):
+            tiny_config("dien", model__aux_hidden=bad)

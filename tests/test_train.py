@@ -196,3 +196,74 @@ def test_one_class_validation_still_checkpoints(
     assert metrics["best_epoch"] == 1
     assert (tmp_path / "checkpoint.pt").is_file()
     assert math.isfinite(metrics["test"]["auc"])
+
+
+# ---- data parallel, without torchrun ------------------------------------------------
+
+
+def test_process_group_backend_is_gloo_even_with_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training keeps the model and the batches on the CPU, and NCCL reduces only CUDA
+    tensors: a CUDA machine must still get gloo (it used to get nccl)."""
+    from training.train import dist_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert dist_backend() == "gloo"
+
+
+def test_dien_negatives_of_ranks_are_the_single_process_draw(tiny_prep: Any) -> None:
+    """Each rank draws the whole global batch's negatives from the same seed and keeps
+    its rows: the ranks' slices, concatenated, are what one process draws (world 1 is
+    unchanged). Drawn per rank, row j of rank 0 and of rank 1 got the same negatives."""
+    from training.dataset import sample_negatives
+    from training.train import DistInfo, rank_negatives
+
+    glob = np.random.default_rng(0).permutation(len(tiny_prep.train))[:63]
+    e = tiny_prep.train.enc
+    length = tiny_prep.config.max_seq_len
+    single = sample_negatives(
+        tiny_prep.item_pool, e.hist[glob], e.hist_len[glob], length, np.random.default_rng(7)
+    )
+    np.testing.assert_array_equal(
+        rank_negatives(tiny_prep, glob, DistInfo(0, 1), np.random.default_rng(7)), single
+    )
+    for world in (2, 3):
+        parts = [
+            rank_negatives(tiny_prep, glob, DistInfo(r, world), np.random.default_rng(7))
+            for r in range(world)
+        ]
+        assert [len(p) for p in parts] == [len(i) for i in np.array_split(glob, world)]
+        np.testing.assert_array_equal(np.concatenate(parts), single)
+
+
+def test_mba_l2_under_ddp_averages_to_the_single_process_gradient(
+    tiny_config: Callable[..., FeatureConfig], tiny_prep: Any
+) -> None:
+    """DDP averages the ranks' gradients. Each rank's part of the mini-batch aware L2
+    must average to one process's gradient over the global batch: on its own rows, an
+    ID that only one of two ranks saw got half its penalty."""
+    from training.models import build_model
+    from training.train import DistInfo, mba_l2, rank_mba_l2, table_counts
+
+    config = tiny_config("din", model__mba_l2=0.01)
+    torch.manual_seed(0)
+    model = build_model(config, tiny_prep.mapper.table_sizes())
+    counts = table_counts(config, tiny_prep)
+    glob = np.random.default_rng(0).permutation(len(tiny_prep.train))[:64]
+
+    def grads(loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        loss.backward()
+        return {n: e.weight.grad.clone() for n, e in model.emb.tables.items()}
+
+    single = grads(mba_l2(model, tiny_prep.train.batch(glob), counts))
+    assert all(g.abs().sum() > 0 for g in single.values())
+    one = grads(rank_mba_l2(model, tiny_prep.train, glob, DistInfo(0, 1), counts))
+    assert all(torch.equal(one[t], single[t]) for t in single)  # world 1: unchanged
+    for world in (2, 3):
+        ranks = [
+            grads(rank_mba_l2(model, tiny_prep.train, glob, DistInfo(r, world), counts))
+            for r in range(world)
+        ]
+        for t, want in single.items():
+            mean = sum(g[t] for g in ranks) / world  # what DDP's all-reduce leaves
+            torch.testing.assert_close(mean, want, rtol=1e-6, atol=1e-9)

@@ -80,7 +80,8 @@ def item_pool(config: FeatureConfig, mapper: FeatureMapper, frame: pd.DataFrame)
     if not seqs:
         return np.zeros((0, 0), dtype=np.int64)
     unique = list(dict.fromkeys(cols))  # two sequences may share one target column
-    items = frame[unique].drop_duplicates(subset=[cols[0]])
+    # one row per item ID (validation puts the item ID's sequence first: cols[0])
+    items = frame[unique].drop_duplicates(subset=[config.item_id_feature.source])
     out = np.stack(
         [
             mapper.mapper_for(s.name).map_many(items[c].tolist())

@@ -43,10 +43,12 @@ class CTRModel(nn.Module):
         return sum(self.config.embedding_dim(n) for n in names)
 
     def user_deep(self, x: Inputs) -> Tensor:
-        """``[U, user_width]``."""
+        """``[U, user_width]``; ``[U, 0]`` for a config without user or context features."""
         parts = self.emb.fields(self.config.user_sparse, x["user_sparse"])
         if self.config.user_dense:
             parts.append(x["user_dense"])
+        if not parts:
+            return x["hist_len"].new_zeros((x["hist_len"].shape[0], 0), dtype=torch.float32)
         return torch.cat(parts, dim=-1)
 
     def item_deep(self, x: Inputs) -> Tensor:
@@ -415,7 +417,7 @@ class DIEN(CTRModel):
         else:
             self.att_w = nn.Linear(d, hd, bias=False)
         self.evolution = AttentionalGRU(hd, hd, m.evolution)
-        self.aux = MLP(hd + d, [100, 50], "prelu")
+        self.aux = MLP(hd + d, m.aux_hidden, "prelu")
         self.aux_head = nn.Linear(self.aux.out_dim, 1)
         width = self.user_width + self.item_width + d + hd + d
         self.mlp = MLP(width, m.mlp, m.activation, m.dropout)

@@ -1,5 +1,5 @@
 """Training loop: seeded, progress bar, early stopping on validation AUC, checkpoints,
-metrics JSON. Runs data-parallel under ``torchrun`` (gloo on CPU, nccl on GPU)."""
+metrics JSON. Runs data-parallel under ``torchrun`` (gloo: training runs on the CPU)."""
 
 from __future__ import annotations
 
@@ -39,15 +39,41 @@ class DistInfo:
         return self.rank == 0
 
 
+def dist_backend() -> str:
+    """The process-group backend: always gloo. Training never moves the model or the
+    batches to a GPU, and NCCL only reduces CUDA tensors, so NCCL would fail on the CPU
+    gradients even on a machine that has CUDA."""
+    return "gloo"
+
+
 def init_distributed() -> DistInfo:
     """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=dist_backend())
     return DistInfo(dist.get_rank(), dist.get_world_size())
+
+
+def rank_slice(rows: np.ndarray, info: DistInfo) -> np.ndarray:
+    """This rank's contiguous part of the global batch's ``rows [B, ...]``."""
+    return np.array_split(rows, info.world)[info.rank]
+
+
+def rank_negatives(
+    prep: Prepared, glob: np.ndarray, info: DistInfo, rng: np.random.Generator
+) -> np.ndarray:
+    """DIEN negatives ``[b, S, L]`` for this rank's rows of the global batch ``glob [B]``.
+
+    They are drawn for the whole global batch, from the same seeded ``rng`` on every
+    rank, and sliced as the rows are: N ranks get what 1 process draws (drawn per rank,
+    row j of every rank would get the same negatives)."""
+    e = prep.train.enc
+    neg = sample_negatives(
+        prep.item_pool, e.hist[glob], e.hist_len[glob], prep.config.max_seq_len, rng
+    )
+    return rank_slice(neg, info)
 
 
 @torch.no_grad()
@@ -61,23 +87,64 @@ def predict(model: CTRModel, split: Split, batch_size: int) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
+def table_ids(config: FeatureConfig, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Per embedding table, the distinct real IDs (> 0, ascending) of a batch's
+    ``user_sparse [B, Fu]``, ``item_sparse [B, Fi]`` and ``hist [B, S, L]``."""
+    parts: dict[str, list[Tensor]] = {}
+    for j, f in enumerate(config.user_sparse):
+        parts.setdefault(f.name, []).append(batch["user_sparse"][:, j])
+    for j, f in enumerate(config.item_sparse):
+        parts.setdefault(f.name, []).append(batch["item_sparse"][:, j])
+    for s, f in enumerate(config.sequences):
+        parts.setdefault(config.table_of(f.name), []).append(batch["hist"][:, s].reshape(-1))
+    out = {}
+    for table, cols in parts.items():
+        ids = torch.unique(torch.cat(cols))
+        out[table] = ids[ids > 0]
+    return out
+
+
+def l2_of(model: CTRModel, ids: dict[str, Tensor], counts: dict[str, Tensor]) -> Tensor:
+    """Sum over tables of ``|w_id|^2 / freq(id)`` for the rows ``ids[table] [K]``. Scalar."""
+    total = torch.zeros(())
+    for table, rows in ids.items():
+        w = model.emb.tables[table].weight[rows]
+        total = total + (w.pow(2).sum(-1) / counts[table][rows].clamp(min=1.0)).sum()
+    return total
+
+
 def mba_l2(model: CTRModel, batch: dict[str, Tensor], counts: dict[str, Tensor]) -> Tensor:
     """DIN's mini-batch aware L2: only rows present in the batch, each scaled by 1/freq."""
-    c = model.config
-    total = torch.zeros(())
-    ids_by_table: dict[str, list[Tensor]] = {}
-    for j, f in enumerate(c.user_sparse):
-        ids_by_table.setdefault(f.name, []).append(batch["user_sparse"][:, j])
-    for j, f in enumerate(c.item_sparse):
-        ids_by_table.setdefault(f.name, []).append(batch["item_sparse"][:, j])
-    for s, f in enumerate(c.sequences):
-        ids_by_table.setdefault(c.table_of(f.name), []).append(batch["hist"][:, s].reshape(-1))
-    for table, parts in ids_by_table.items():
-        ids = torch.unique(torch.cat(parts))
-        ids = ids[ids > 0]
-        w = model.emb.tables[table].weight[ids]
-        total = total + (w.pow(2).sum(-1) / counts[table][ids].clamp(min=1.0)).sum()
-    return total
+    return l2_of(model, table_ids(model.config, batch), counts)
+
+
+def sparse_ids(split: Split, idx: np.ndarray) -> dict[str, Tensor]:
+    """Only the ID inputs of rows ``idx``: ``user_sparse [B, Fu]``, ``item_sparse [B, Fi]``
+    and ``hist [B, S, L]`` (what :func:`mba_l2` reads)."""
+    e = split.enc
+    return {
+        "user_sparse": torch.from_numpy(e.user_sparse[idx]),
+        "item_sparse": torch.from_numpy(e.item_sparse[idx]),
+        "hist": torch.from_numpy(e.hist[idx]),
+    }
+
+
+def rank_mba_l2(
+    model: CTRModel,
+    split: Split,
+    glob: np.ndarray,
+    info: DistInfo,
+    counts: dict[str, Tensor],
+) -> Tensor:
+    """This rank's part of :func:`mba_l2` over the global batch ``glob [B]``. Scalar.
+
+    The global batch's distinct IDs are split across the ranks and each rank's share is
+    scaled by ``world``: DDP averages the gradients, which leaves every row's as one
+    process has it (on its own rows alone, an ID that one rank sees would get 1/world
+    of its penalty). One process (``world`` 1) gets :func:`mba_l2` of ``glob``."""
+    ids = table_ids(model.config, sparse_ids(split, glob))
+    mine = {t: rows.tensor_split(info.world)[info.rank] for t, rows in ids.items()}
+    return info.world * l2_of(model, mine, counts)
 
 
 def table_counts(config: FeatureConfig, prep: Prepared) -> dict[str, Tensor]:
@@ -146,24 +213,17 @@ def train(
             # rank skipping alone would leave the others waiting in the all-reduce)
             if len(glob) < 2 * info.world:
                 continue
-            idx = np.array_split(glob, info.world)[info.rank]
+            idx = rank_slice(glob, info)
             batch = prep.train.batch(idx)
             if config.model.type == "dien":
-                batch["neg_hist"] = torch.from_numpy(
-                    sample_negatives(
-                        prep.item_pool,
-                        prep.train.enc.hist[idx],
-                        prep.train.enc.hist_len[idx],
-                        config.max_seq_len,
-                        neg_rng,
-                    )
-                )
+                batch["neg_hist"] = torch.from_numpy(rank_negatives(prep, glob, info, neg_rng))
             res = net(batch)
             loss = bce(res["logits"], torch.from_numpy(prep.train.label[idx]))
             if "aux_loss" in res:
                 loss = loss + config.model.aux_loss_weight * res["aux_loss"]
             if config.model.mba_l2 > 0:
-                loss = loss + config.model.mba_l2 * mba_l2(model, batch, counts)
+                penalty = rank_mba_l2(model, prep.train, glob, info, counts)
+                loss = loss + config.model.mba_l2 * penalty
             opt.zero_grad()
             loss.backward()
             opt.step()
