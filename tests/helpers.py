@@ -4,6 +4,9 @@ code, and a real Redis database loaded by ``ctr load``'s code path."""
 from __future__ import annotations
 
 import os
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from redis import Redis
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ctr.spec import FeatureConfig, load_config
 from service.settings import Settings
@@ -113,3 +117,34 @@ def assert_same_attention(got: list[dict], want: list[dict], atol: float = 1e-6)
         assert any(
             y["item_id"] == x["item_id"] and abs(y["weight"] - x["weight"]) <= atol for y in got
         ), x
+
+
+def redis_asleep(url: str, seconds: float) -> threading.Thread:
+    """Start ``DEBUG SLEEP seconds`` on the Redis at ``url`` (a private test server) in a
+    thread, and return that thread once Redis is really asleep: a PING on another
+    connection goes unanswered (bounded wait). Join the thread when done."""
+    blocker = threading.Thread(
+        target=lambda: Redis.from_url(url).execute_command("DEBUG", "SLEEP", seconds)
+    )
+    blocker.start()
+    probe = Redis.from_url(url, socket_timeout=min(0.05, seconds / 10))
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                probe.ping()
+            except RedisTimeoutError:
+                return blocker
+            time.sleep(0.005)
+    finally:
+        probe.close()
+    blocker.join()
+    raise AssertionError("Redis never went to sleep")
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Poll ``check`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)

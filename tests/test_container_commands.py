@@ -9,16 +9,29 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 from redis import Redis
+from redis.connection import parse_url
 
 from service.store import user_key
+from tests.helpers import REDIS_URL as TEST_REDIS_URL
 from tests.helpers import ROOT
 from tests.redis_proc import free_port
 from tests.server_thread import serve_process
 
-REDIS_URL = "redis://127.0.0.1:6379/12"
+
+def own_database(url: str) -> str:
+    """The test Redis of ``url`` (CTR_TEST_REDIS_URL: host, port, credentials) on a
+    database of this test's own (it is emptied): 12, or 11 when the tests use 12."""
+    parts = urlsplit(url)
+    db = parse_url(url).get("db", 0)
+    query = "&".join(q for q in parts.query.split("&") if q and not q.startswith("db="))
+    return parts._replace(path=f"/{11 if db == 12 else 12}", query=query).geturl()
+
+
+REDIS_URL = own_database(TEST_REDIS_URL)
 
 
 def healthcheck_command() -> list[str]:

@@ -16,13 +16,12 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.loader import load_into_redis
 from service.settings import Settings
-from tests.helpers import Built, build_bundle, service_env
+from tests.helpers import Built, build_bundle, redis_asleep, service_env, wait_for
 from tests.redis_proc import RedisProcess, free_port
 from tests.server_thread import ServerThread, serve_process
 
@@ -113,9 +112,7 @@ def test_redis_down_at_start_up(built: Built) -> None:
 def test_redis_slow_degrades_within_deadline(built: Built, rp: RedisProcess) -> None:
     with TestClient(create_app(settings_for(built, rp.url, redis_timeout_ms=100))) as c:
         assert c.post("/v1/score", json=BODY).json()["degraded"] is False
-        blocker = threading.Thread(target=lambda: rp.client().execute_command("DEBUG", "SLEEP", 1))
-        blocker.start()
-        time.sleep(0.2)
+        blocker = redis_asleep(rp.url, 1)
         r = c.post("/v1/score", json=BODY)
         blocker.join()
         assert r.status_code == 200 and r.json()["degraded"] is True
@@ -127,15 +124,24 @@ def test_reload_under_traffic_zero_failures(built: Built, rp: RedisProcess) -> N
     from training.train import load_run
 
     s = settings_for(built, rp.url, redis_timeout_ms=1000, api_key="adm1n-key")
-    results: list[tuple[int, str]] = []
+    results: list[tuple[int, str | None]] = []
+    errors: list[BaseException] = []  # a traffic thread that died: its requests are missing
     stop = threading.Event()
     with ServerThread(create_app(s)) as srv:
 
         def traffic() -> None:
-            with httpx.Client(base_url=srv.url, timeout=10) as h:
-                while not stop.is_set():
-                    r = h.post("/v1/score", json=BODY)
-                    results.append((r.status_code, r.json()["model"]["version"]))
+            try:
+                with httpx.Client(base_url=srv.url, timeout=10) as h:
+                    while not stop.is_set():
+                        r = h.post("/v1/score", json=BODY)
+                        status = r.status_code  # first: an error answer has no "model"
+                        try:
+                            version = r.json()["model"]["version"]
+                        except (ValueError, KeyError, TypeError):
+                            version = None
+                        results.append((status, version))
+            except BaseException as exc:  # the assertion below reports it
+                errors.append(exc)
 
         threads = [threading.Thread(target=traffic) for _ in range(2)]
         for t in threads:
@@ -161,6 +167,7 @@ def test_reload_under_traffic_zero_failures(built: Built, rp: RedisProcess) -> N
         for t in threads:
             t.join()
         shutil.rmtree(bad)
+    assert not errors, f"a traffic thread failed: {errors!r}"
     statuses = {code for code, _ in results}
     versions = [v for _, v in results]
     assert statuses == {200}, f"failed requests during reload: {statuses}"
@@ -170,15 +177,15 @@ def test_reload_under_traffic_zero_failures(built: Built, rp: RedisProcess) -> N
 
 def test_overload_answers_fast_503(built: Built, rp: RedisProcess) -> None:
     s = settings_for(built, rp.url, max_in_flight=1, redis_timeout_ms=3000)
-    with ServerThread(create_app(s)) as srv, httpx.Client(base_url=srv.url, timeout=10) as h:
+    app = create_app(s)
+    with ServerThread(app) as srv, httpx.Client(base_url=srv.url, timeout=10) as h:
         assert h.post("/v1/score", json=BODY).status_code == 200
-        blocker = threading.Thread(target=lambda: rp.client().execute_command("DEBUG", "SLEEP", 1))
         first: list[httpx.Response] = []
         slow = threading.Thread(target=lambda: first.append(h.post("/v1/score", json=BODY)))
-        blocker.start()
-        time.sleep(0.1)
+        blocker = redis_asleep(rp.url, 1)
         slow.start()
-        time.sleep(0.2)
+        # the slow request holds the one slot (it waits on the sleeping Redis)
+        wait_for(lambda: app.state.ctr.in_flight == 1, "the first request in flight", 5)
         r = h.post("/v1/score", json=BODY)
         assert r.status_code == 503 and r.json()["error"] == "overloaded"
         assert r.headers["retry-after"] == "1"
@@ -190,9 +197,7 @@ def test_overload_answers_fast_503(built: Built, rp: RedisProcess) -> None:
 def test_deadline_exceeded(built: Built, rp: RedisProcess) -> None:
     s = settings_for(built, rp.url, redis_timeout_ms=3000, request_timeout_ms=200)
     with TestClient(create_app(s)) as c:
-        blocker = threading.Thread(target=lambda: rp.client().execute_command("DEBUG", "SLEEP", 1))
-        blocker.start()
-        time.sleep(0.1)
+        blocker = redis_asleep(rp.url, 1)
         r = c.post("/v1/score", json=BODY)
         blocker.join()
         assert r.status_code == 503 and r.json()["error"] == "deadline_exceeded"
@@ -215,21 +220,7 @@ def test_events_wait_for_a_slow_store_up_to_the_request_deadline(
     ev = {"user_id": user, "event_id": "s1", "item_id": "i3", "timestamp": 10.0}
 
     def while_blocked(c: TestClient, seconds: float, body: dict) -> object:
-        blocker = threading.Thread(
-            target=lambda: rp.client().execute_command("DEBUG", "SLEEP", seconds)
-        )
-        blocker.start()
-        probe = redis.Redis.from_url(rp.url, socket_timeout=0.02)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:  # until Redis is really asleep
-            try:
-                probe.ping()
-            except redis.exceptions.TimeoutError:
-                break
-            time.sleep(0.005)
-        else:
-            raise AssertionError("Redis never blocked")
-        probe.close()
+        blocker = redis_asleep(rp.url, seconds)
         try:
             return c.post("/v1/events", json=body)
         finally:
@@ -303,14 +294,14 @@ def test_sighup_reloads_and_sigterm_drains(built: Built, rp: RedisProcess) -> No
             version = httpx.post(base + "/v1/score", json=BODY).json()["model"]["version"]
         assert version == str(v_new)
         # SIGTERM while a request is in flight: it completes, then the process exits
-        blocker = threading.Thread(target=lambda: rp.client().execute_command("DEBUG", "SLEEP", 1))
         inflight: list[httpx.Response] = []
         req = threading.Thread(
             target=lambda: inflight.append(httpx.post(base + "/v1/score", json=BODY, timeout=10))
         )
-        blocker.start()
-        time.sleep(0.1)
+        blocker = redis_asleep(rp.url, 1)
         req.start()
+        # another process: nothing to poll for "the request reached the handler" (no
+        # in-flight gauge), so a pause; were it too short, the request fails (no false pass)
         time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         req.join()
@@ -424,6 +415,18 @@ def test_corrupt_bundle_keeps_service_not_ready(
                for rec in caplog.records)  # fmt: skip
 
 
+def assert_no_model(c: TestClient, newest: str) -> None:
+    """No model is loaded (no fallback either), and the error is the newest's: Redis is
+    unreachable in these settings, so a 503 from /readyz alone would say nothing."""
+    ready = c.get("/readyz")
+    assert ready.status_code == 503, ready.text
+    body = ready.json()
+    assert body["model"] is False and body["fallback"] is None, body
+    assert newest in body["model_error"], body
+    models = c.get("/v1/models")
+    assert models.status_code == 503 and models.json()["error"] == "model_not_ready", models.text
+
+
 def test_a_broken_newest_version_falls_back_at_start_up(
     built: Built, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -461,14 +464,14 @@ def test_a_broken_newest_version_falls_back_at_start_up(
         shutil.copytree(models / "m" / "2", models / "m" / v)
     (models / "m" / "3" / "model.onnx").write_bytes(b"\x00garbage")
     with TestClient(create_app(s)) as c:
-        assert c.get("/readyz").status_code == 503
+        assert_no_model(c, "/5/")
     shutil.rmtree(models / "m" / "5")
     shutil.rmtree(models / "m" / "4")
 
     (models / "m" / "3" / "model.onnx").write_bytes(b"\x00garbage")
     pinned = s.model_copy(update={"model_version": "3"})
     with TestClient(create_app(pinned)) as c:
-        assert c.get("/readyz").status_code == 503
+        assert_no_model(c, "/3/")  # v1 would load, but a pinned version never falls back
     (models / "m" / "1" / "model.onnx").write_bytes(b"\x00garbage")
     with TestClient(create_app(s)) as c:
         r = c.get("/readyz")

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 import pytest
@@ -57,6 +58,14 @@ def until(check: Callable[[], bool], timeout: float = 10.0) -> bool:
     return False
 
 
+async def until_async(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Await until ``check()`` holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
 def info(c: TestClient) -> dict[str, Any]:
     return c.get("/v1/models").json()
 
@@ -100,10 +109,25 @@ def test_reload_reaches_the_other_worker(built: Built, channel: str, tmp_path: P
         r = b.post("/admin/reload", json={"version": "1"}, headers=KEY)
         assert r.json()["peers_notified"] == 1
         assert until(lambda: info(a)["version"] == "1"), info(a)
-        # a failed load on the first worker is not broadcast: nothing moves
+        # a failed load on the first worker is not broadcast: nothing moves. (b could
+        # not load 9 either, so b's version alone would not show a broadcast: the
+        # channel, the record and the numbers do.)
+        bus_a, bus_b = a.app.state.ctr.bus, b.app.state.ctr.bus
+        rc = Redis.from_url(REDIS_URL)
+        record, seqs = rc.get(bus_a.last_key), (bus_a.applied_seq, bus_b.applied_seq)
+        assert record is not None and None not in seqs
+        sub = rc.pubsub()
+        sub.subscribe(bus_a.channel)
+        assert until(lambda: (sub.get_message(timeout=0.1) or {}).get("type") == "subscribe")
         r = a.post("/admin/reload", json={"version": "9"}, headers=KEY)
         assert r.status_code == 409 and r.json()["serving"] == "1"
-        time.sleep(0.3)
+        # a broadcast is published before the answer: any would be on its way already
+        heard = [sub.get_message(timeout=0.1) for _ in range(3)]
+        assert heard == [None, None, None], heard
+        assert rc.get(bus_a.last_key) == record
+        assert (bus_a.applied_seq, bus_b.applied_seq) == seqs
+        sub.close()
+        rc.close()
         assert info(b)["version"] == "1"
         # the other deployment heard nothing
         assert info(other)["version"] == "1"
@@ -246,7 +270,7 @@ def test_a_broadcast_that_fails_to_load_here_is_retried_until_it_loads(channel: 
         lagging.bus.load = load
         await listening(admin, lagging)
         await admin.admin("7", 0.0)
-        await asyncio.sleep(0.5)  # a few failed tries
+        await until_async(lambda: tries.get("7", 0) >= 3, "a few failed tries of 7")
         failed_tries = tries["7"]
         missing.discard("7")  # the files land
         deadline = time.monotonic() + 10
@@ -254,18 +278,23 @@ def test_a_broadcast_that_fails_to_load_here_is_retried_until_it_loads(channel: 
             await asyncio.sleep(0.05)
         got7 = lagging.version
         await admin.admin("8", 0.0)  # fails here too, and is retried...
-        await asyncio.sleep(0.3)
+        await until_async(lambda: tries.get("8", 0) >= 2, "a retry of 8")
+        retry8 = lagging.bus.retry_task
+        assert retry8 is not None and not retry8.done()
         await admin.admin("9", 0.0)  # ...until 9 supersedes it
-        await asyncio.sleep(0.5)
+        await until_async(lambda: lagging.version == "9", "9 applied")
         tries8 = tries["8"]
-        await asyncio.sleep(0.5)
+        # now 8's files land too: the superseded retry must end without loading 8 (a
+        # worker must not roll back from 9 to the older broadcast)
+        missing.discard("8")
+        await until_async(retry8.done, "the superseded retry of 8 to end")
         out = (got7, failed_tries, lagging.version, tries["8"] - tries8)
         for w in (admin, lagging):
             await w.close()
         return out
 
     got7, failed_tries, final, later_tries_of_8 = asyncio.run(scenario())
-    assert got7 == "7" and failed_tries >= 2
+    assert got7 == "7" and failed_tries >= 3
     assert final == "9" and later_tries_of_8 == 0
 
 
@@ -328,13 +357,19 @@ def test_a_silently_dead_connection_is_found_and_caught_up(channel: str) -> None
                         w.write(data)
                         await w.drain()
 
+        target = urlsplit(REDIS_URL)  # the test Redis, wherever CTR_TEST_REDIS_URL puts it
+        assert target.scheme == "redis" and target.hostname, REDIS_URL
+
         async def handle(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-            rr, rw = await asyncio.open_connection("127.0.0.1", 6379)
+            rr, rw = await asyncio.open_connection(target.hostname, target.port or 6379)
             await asyncio.gather(pipe(cr, rw), pipe(rr, cw))
 
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        via_proxy = REDIS_URL.replace("127.0.0.1:6379", f"127.0.0.1:{port}")
+        userinfo = target.netloc.rpartition("@")[0]
+        via_proxy = target._replace(
+            netloc=(f"{userinfo}@" if userinfo else "") + f"127.0.0.1:{port}"
+        ).geturl()
         w = Worker(channel, 0.0)
         listener = ReloadBus(
             w.redis,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import threading
 import time
 from collections.abc import Iterator
 
@@ -29,7 +28,7 @@ from service.store import (
     make_client,
     user_key,
 )
-from tests.helpers import Built, build_bundle
+from tests.helpers import Built, build_bundle, redis_asleep
 from tests.redis_proc import RedisProcess
 from tests.test_reliability import degraded_count, settings_for
 
@@ -137,11 +136,7 @@ def test_cut_off_read_never_answers_the_next_request(built: Built, rp: RedisProc
         ref_b = c.post("/v1/score", json=body(b)).json()
         assert not ref_a["degraded"] and not ref_b["degraded"]
         assert ref_a["items"] != ref_b["items"]
-        blocker = threading.Thread(
-            target=lambda: rp.client().execute_command("DEBUG", "SLEEP", 0.5)
-        )
-        blocker.start()
-        time.sleep(0.1)
+        blocker = redis_asleep(rp.url, 0.5)
         cut = c.post("/v1/score", json=body(a)).json()
         blocker.join()
         assert cut["degraded"] is True

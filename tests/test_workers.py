@@ -43,11 +43,18 @@ def test_metrics_correct_with_two_workers(built: Built, tmp_path: Path) -> None:
     base = f"http://127.0.0.1:{port}"
     try:
         body = {"user_id": "u1", "candidates": [{"item_id": f"i{k}"} for k in range(7)]}
-        n = 40
-        for _ in range(n):
-            # a new connection per request spreads them over the workers
+        n, pids = 0, set()
+        # at least 40 requests, and until both workers have scored some (bounded): the
+        # totals below are then the sum of two processes' metrics
+        while n < 40 or len(pids) < 2:
+            assert n < 400, f"only worker(s) {pids} answered {n} requests"
+            # a new connection per request spreads them over the workers; /v1/models on
+            # the same (kept-alive) connection names the worker that scored
             with httpx.Client(base_url=base, timeout=10) as h:
                 assert h.post("/v1/score", json=body).status_code == 200
+                pids.add(h.get("/v1/models").json()["worker_pid"])
+            n += 1
+        assert len(pids) == 2, pids
         text = httpx.get(base + "/metrics", timeout=10).text
         assert metric(text, r"^ctr_candidates_per_request_count ") == n
         assert metric(text, r"^ctr_candidates_per_request_sum ") == 7 * n
