@@ -47,6 +47,15 @@ def stored_history(redis_db: Redis, user: str) -> list[dict]:
 
 def offline_probs(built: Built, user: str, redis_db: Redis, items: list[str]) -> np.ndarray:
     """The torch model on the same raw features, encoded by the training code path."""
+    return offline_outputs(built, user, redis_db, items)["probs"]
+
+
+def offline_outputs(
+    built: Built, user: str, redis_db: Redis, items: list[str]
+) -> dict[str, np.ndarray]:
+    """``probs [N]`` and ``attention [N, L]`` of the torch model on the same raw features
+    (encoded by the training code path), and ``hist`` (the raw item IDs fed, oldest
+    first, ``hist_len`` of them)."""
     from training.train import load_run
 
     config, mapper, model, _ = load_run(built.run_dir)
@@ -78,7 +87,13 @@ def offline_probs(built: Built, user: str, redis_db: Redis, items: list[str]) ->
         "user_idx": torch.arange(len(items)),
     }
     with torch.no_grad():
-        return torch.sigmoid(model(x)["logits"]).numpy()
+        out = model(x)
+    fed = int(enc.hist_len[0])
+    return {
+        "probs": torch.sigmoid(out["logits"]).numpy(),
+        "attention": out["attention"].numpy(),
+        "hist": np.array([e["item_id"] for e in hist][len(hist) - fed :]),
+    }
 
 
 def some_items(built: Built, n: int) -> list[str]:
@@ -86,7 +101,8 @@ def some_items(built: Built, n: int) -> list[str]:
 
 
 def test_parity_with_offline_torch(built: Built, redis_db: Redis, client: TestClient) -> None:
-    items = some_items(built, 40)
+    # unknown IDs too: out-of-vocabulary on both sides, with no stored features
+    items = [*some_items(built, 40), "no-such-item-Ω", "zz-unknown"]
     for user in ("u3", "u17"):
         r = client.post(
             "/v1/score", json={"user_id": user, "candidates": [{"item_id": i} for i in items]}
@@ -188,20 +204,42 @@ def test_numbers_and_nulls_the_model_reads(
     assert prob(context={"age_bucket": other}) != stored  # the context does override
 
 
-def test_explain_returns_history_items(redis_db: Redis, client: TestClient) -> None:
-    hist_ids = {e["item_id"] for e in stored_history(redis_db, "u4")}
+def test_explain_returns_history_items(built: Built, redis_db: Redis, client: TestClient) -> None:
+    """`explain` lists, per item, the `CTR_EXPLAIN_TOP` (3) history items with the largest
+    attention weights by magnitude, largest first, with the weights the model gives
+    (the torch model's attention over the same history)."""
+    items = some_items(built, 6)
     r = client.post(
         "/v1/score",
-        json={
-            "user_id": "u4",
-            "candidates": [{"item_id": "i1"}, {"item_id": "i2"}],
-            "explain": True,
-        },
+        json={"user_id": "u4", "candidates": [{"item_id": i} for i in items], "explain": True},
     )
-    items = r.json()["items"]
-    for it in items:
-        assert 1 <= len(it["attention"]) <= 3
-        assert {a["item_id"] for a in it["attention"]} <= hist_ids
+    assert r.status_code == 200, r.text
+    want = offline_outputs(built, "u4", redis_db, items)
+    hist = want["hist"]
+    assert len(hist) > 3
+    for it in r.json()["items"]:
+        w = want["attention"][items.index(it["item_id"]), : len(hist)]
+        got = it["attention"]
+        assert len(got) == 3
+        top = np.sort(np.abs(w))[::-1][:3]
+        np.testing.assert_allclose([abs(a["weight"]) for a in got], top, atol=1e-5)
+        for a in got:  # each weight is that history item's (largest first, as above)
+            at = np.flatnonzero(np.abs(w - a["weight"]) <= 1e-5)
+            assert a["item_id"] in set(hist[at].tolist())
+
+
+def test_equal_scores_keep_the_request_order(client: TestClient) -> None:
+    """Unknown items with no stored features get the same row, hence the same score:
+    they keep the order the request gave them in."""
+    names = ["zz-unk-3", "zz-unk-1", "zz-unk-2", "zz-unk-0"]
+    for order in (names, names[::-1]):
+        r = client.post(
+            "/v1/score", json={"user_id": "u6", "candidates": [{"item_id": i} for i in order]}
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()["items"]
+        assert len({it["probability"] for it in body}) == 1  # one score for all four
+        assert [it["item_id"] for it in body] == order
 
 
 def test_events_append_trim_idempotent(built: Built, redis_db: Redis, client: TestClient) -> None:
@@ -422,6 +460,7 @@ def test_rows_built_while_the_store_is_down_are_not_kept(built: Built) -> None:
     with TestClient(create_app(settings_for(built, redis_url=proc.url))) as c:
         r = c.post("/v1/score", json={"user_id": "u3", "candidates": plain}).json()
         assert r["degraded"] is True
+        assert r["cold_start"] is False  # not read is not unknown
         assert len(c.app.state.ctr.model.rows) == 0  # type: ignore[attr-defined]
         proc.start()
         try:
