@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from ctr.spec import FeatureConfig
+from tests.helpers import missing
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -126,7 +127,7 @@ def lib() -> Any:
         return native.library()
     except native.NativeError as exc:
         if "no C++ compiler" in str(exc):
-            pytest.skip(str(exc))
+            missing(str(exc))
         raise
 
 
@@ -146,6 +147,6 @@ def ops_levels(tmp_path_factory: pytest.TempPathFactory) -> Path:
         rc = main(["build-ops", "--cuda", "no", "--arch", ",".join(levels), "--out",
                    str(tmp / "ops")])  # fmt: skip
     if rc != 0 and not (shutil.which("g++") or shutil.which("c++")):
-        pytest.skip("no C++ compiler to build the custom-op library")
+        missing("no C++ compiler to build the custom-op library")
     assert rc == 0
     return tmp / "ops"

@@ -9,10 +9,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pandas as pd
+import pytest
 from redis import Redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -117,6 +118,15 @@ def assert_same_attention(got: list[dict], want: list[dict], atol: float = 1e-6)
         assert any(
             y["item_id"] == x["item_id"] and abs(y["weight"] - x["weight"]) <= atol for y in got
         ), x
+
+
+def missing(reason: str) -> NoReturn:
+    """Skip a test whose tool or package is not installed here; fail it instead under
+    ``CTR_TEST_STRICT=1`` (set by ``scripts/test.sh``, which installs all of them), so a
+    broken install in CI shows as a failure, not as a quiet skip."""
+    if os.environ.get("CTR_TEST_STRICT") == "1":
+        pytest.fail(f"{reason} (CTR_TEST_STRICT=1: scripts/setup.sh should have installed it)")
+    pytest.skip(reason)
 
 
 def redis_asleep(url: str, seconds: float) -> threading.Thread:

@@ -18,7 +18,7 @@ from service.app import create_app
 from service.loader import load_into_redis
 from service.settings import Settings
 from service.store import user_key
-from tests.helpers import Built, build_bundle
+from tests.helpers import Built, build_bundle, missing
 from tests.redis_proc import RedisProcess, free_cluster_port
 
 NODE_ARGS = (
@@ -32,7 +32,7 @@ NODE_ARGS = (
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[list[RedisProcess]]:
     if shutil.which("redis-cli") is None:
-        pytest.skip("redis-cli is not installed (scripts/setup.sh installs redis-server)")
+        missing("redis-cli is not installed (scripts/setup.sh installs redis-server)")
     nodes = []
     for _ in range(3):
         port = free_cluster_port()

@@ -16,6 +16,7 @@ import pytest
 
 from ctr import native
 from ctr.cli import main
+from tests.helpers import missing
 
 
 @pytest.fixture
@@ -163,7 +164,7 @@ def test_a_level_the_compiler_rejects_fails_with_its_words(
     # type): a wrapper that says what such a g++ says and hands everything else on
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
-        pytest.skip("no C++ compiler")
+        missing("no C++ compiler")
     wrapper = tmp_path / "old-g++"
     wrapper.write_text(
         "#!/bin/sh\n"

