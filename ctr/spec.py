@@ -139,12 +139,29 @@ class DataSpec(_Strict):
     user_key: str = "user_id"
     time_column: str | None = "ts"
     seq_delimiter: str = "|"
+    behaviour_labels: Literal["positive", "all"] | None = Field(
+        default=None,
+        description=(
+            "which examples' candidates are real behaviours that later histories hold "
+            "(`ctr load` appends the newest ones to a user's stored history): `positive` "
+            "(label 1; negatives were sampled, e.g. Amazon) or `all` (every example is an "
+            "interaction, e.g. MovieLens ratings); default: `all` for movielens, else "
+            "`positive`"
+        ),
+    )
     split: Literal["last_per_user", "time", "random"] = "last_per_user"
     val_steps: int = Field(default=1, ge=1, description="last_per_user: time steps in val")
     test_steps: int = Field(default=1, ge=1, description="last_per_user: time steps in test")
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def behaviours(self) -> Literal["positive", "all"]:
+        """:attr:`behaviour_labels`, resolved for the source."""
+        if self.behaviour_labels is not None:
+            return self.behaviour_labels
+        return "all" if self.source == "movielens" else "positive"
 
 
 class FeatureConfig(_Strict):

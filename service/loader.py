@@ -36,8 +36,10 @@ def dense_text(raw: Any) -> str | None:
 def user_records(config: FeatureConfig, frame: pd.DataFrame) -> Iterator[tuple[str, dict, list]]:
     """``(user_id, profile, events oldest-first)`` per user.
 
-    The history is the one of the user's newest example time; the clicked candidates of
-    that time (label 1) are appended, since they are the behaviours that followed it.
+    The history is the one of the user's newest example time; the candidates of that
+    time that are behaviours are appended, since they followed it: the clicked ones
+    (label 1), or all of them where every example is an interaction
+    (``data.behaviour_labels``: MovieLens' histories hold every rated movie).
     """
     spec = config.data
     profile_feats = [f for f in config.features if f.side == "user" and f.kind != "sequence"]
@@ -65,7 +67,8 @@ def user_records(config: FeatureConfig, frame: pd.DataFrame) -> Iterator[tuple[s
             for i in range(n)
         ]
         if seqs:
-            for _, pos in newest[newest[spec.label] == 1].iterrows():
+            done = newest if spec.behaviours == "all" else newest[newest[spec.label] == 1]
+            for _, pos in done.iterrows():
                 events.append({t.source: normalize(pos.get(t.source)) for t in targets})
         user = normalize(uid)  # the token training and requests use: 5.0 is user "5"
         if user is not None:

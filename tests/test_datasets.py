@@ -478,3 +478,36 @@ def test_loaded_dense_item_features_read_as_training_reads_them(tmp_path: Path) 
     served = [to_float(stored.get(f"i{t}"), spec) for t in range(12)]  # missing: None
     assert served == pytest.approx(enc.item_dense[:, 0].tolist())
     assert served[1] == pytest.approx(np.log1p(3.0))  # the default, as training has it
+
+
+@pytest.mark.parametrize(
+    ("behaviours", "appended"), [(None, False), ("positive", False), ("all", True)]
+)
+def test_loaded_history_appends_the_newest_behaviours_the_data_has(
+    tmp_path: Path, behaviours: str | None, appended: bool
+) -> None:
+    """The newest example's candidate follows its history. Whether it is a behaviour
+    depends on the data: a sampled negative (Amazon) is not, a low rating (MovieLens,
+    whose histories hold every rated movie) is. Here the newest example has label 0."""
+    from service.loader import user_records
+
+    path = tmp_path / "clicks.csv"
+    _clicks_csv(path)
+    frame = pd.read_csv(path, dtype=str)
+    frame.loc[frame["ts"] == "11", "label"] = "0"
+    path.write_text(frame.to_csv(index=False))
+    config = _loader_config(path, max_seq_len=20)
+    if behaviours is not None:
+        config.data.behaviour_labels = behaviours  # type: ignore[assignment]
+    [(user, _, events)] = list(user_records(config, load_frame(config)))
+    items = [e["item_id"] for e in events]
+    assert user == "u1"
+    assert items == [f"i{t}" for t in range(12 if appended else 11)]
+
+
+def test_movielens_candidates_are_behaviours_by_default() -> None:
+    from ctr.spec import DataSpec
+
+    assert DataSpec(source="movielens").behaviours == "all"
+    assert DataSpec(source="amazon").behaviours == "positive"
+    assert DataSpec(source="movielens", behaviour_labels="positive").behaviours == "positive"
