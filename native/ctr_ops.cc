@@ -526,7 +526,14 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
 RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   using namespace ctr_ops;
   std::call_once(g_api_once, [api_base] { g_api = api_base->GetApi(ORT_API_VERSION); });
-  if (g_api == nullptr) return nullptr;  // older than API 21: ORT reports the unknown op
+  if (g_api == nullptr) {  // an ORT older than API 21: say so (API 1 makes the status)
+    const OrtApi* v1 = api_base->GetApi(1);
+    if (v1 == nullptr) return nullptr;
+    std::string msg = std::string("ctr_ops needs ONNX Runtime API ") +
+                      std::to_string(ORT_API_VERSION) + " or newer; this is ONNX Runtime " +
+                      api_base->GetVersionString();
+    return v1->CreateStatus(ORT_FAIL, msg.c_str());
+  }
   OrtCustomOpDomain* domain = nullptr;
   CTR_TRY(g_api->CreateCustomOpDomain(kDomain, &domain));
   {

@@ -252,6 +252,47 @@ def test_a_library_that_would_crash_is_refused(tmp_path: Path, lib: Any) -> None
         native.library(str(bad))
 
 
+OLD_ORT = r"""
+import ctypes, sys
+lib = ctypes.CDLL(sys.argv[1])
+seen = []
+CREATE = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p)
+create = CREATE(lambda code, msg: seen.append((code, msg.decode())) or 0xC0FFEE)
+api_v1 = (ctypes.c_void_p * 1)(ctypes.cast(create, ctypes.c_void_p))  # CreateStatus first
+GET_API = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_uint32)
+get_api = GET_API(lambda v: ctypes.addressof(api_v1) if v == 1 else None)  # no API 21
+VERSION = ctypes.CFUNCTYPE(ctypes.c_char_p)
+version = VERSION(lambda: b"1.14.1")
+base = (ctypes.c_void_p * 2)(ctypes.cast(get_api, ctypes.c_void_p),
+                             ctypes.cast(version, ctypes.c_void_p))
+lib.RegisterCustomOps.restype = ctypes.c_void_p
+lib.RegisterCustomOps.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+status = lib.RegisterCustomOps(None, ctypes.addressof(base))
+print(hex(status or 0), seen)
+"""
+
+
+def test_an_onnx_runtime_too_old_gets_an_error_not_a_silent_success(
+    tmp_path: Path, lib: native.OpsLibrary
+) -> None:
+    """An ORT without the C API version the ops are built against (21) hands back no
+    API: registration fails with a status that names both versions, instead of
+    returning success with no op registered (a later "not a registered function")."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "old_ort.py"
+    script.write_text(OLD_ORT)
+    out = subprocess.run(
+        [sys.executable, str(script), str(lib.path)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    status, _, seen = out.stdout.strip().partition(" ")
+    assert status == "0xc0ffee"
+    assert "needs ONNX Runtime API 21 or newer; this is ONNX Runtime 1.14.1" in seen
+    assert seen.startswith("[(1, ")  # ORT_FAIL
+
+
 def test_a_corrupt_cached_build_is_rebuilt(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lib: Any
 ) -> None:
