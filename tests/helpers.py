@@ -120,6 +120,32 @@ def assert_same_attention(got: list[dict], want: list[dict], atol: float = 1e-6)
         ), x
 
 
+class ShiftedClock:
+    """``time.monotonic()`` plus an offset the test moves on (:meth:`advance`), put in
+    place of the ``time`` module of the given service modules (:meth:`install`): TTLs
+    expire without sleeping, and no check races the machine's speed."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+    def install(self, monkeypatch: pytest.MonkeyPatch, *modules: Any) -> ShiftedClock:
+        clock = self
+
+        class Time:  # the real time module, but for monotonic()
+            def __getattr__(self, name: str) -> Any:
+                return clock.monotonic if name == "monotonic" else getattr(time, name)
+
+        for module in modules:
+            monkeypatch.setattr(module, "time", Time())
+        return self
+
+
 def missing(reason: str) -> NoReturn:
     """Skip a test whose tool or package is not installed here; fail it instead under
     ``CTR_TEST_STRICT=1`` (set by ``scripts/test.sh``, which installs all of them), so a

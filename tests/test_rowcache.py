@@ -7,8 +7,10 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 
 from service.rowcache import ItemRowCache
+from tests.helpers import ShiftedClock
 
 
 def rows(ids: list[str], base: int) -> tuple[np.ndarray, np.ndarray]:
@@ -54,19 +56,29 @@ def test_ring_evicts_oldest_and_keeps_the_rest_consistent() -> None:
     np.testing.assert_array_equal(cache.sparse[got][:, 0], [104, 106, 108])
 
 
-def test_expiry_and_disabled() -> None:
-    cache = ItemRowCache(0.05, 4, 2, 1)
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> ShiftedClock:
+    """The caches' clock, moved on by the tests instead of sleeping."""
+    import service.rowcache
+    import service.store
+
+    return ShiftedClock().install(monkeypatch, service.rowcache, service.store)
+
+
+def test_expiry_and_disabled(clock: ShiftedClock) -> None:
+    cache = ItemRowCache(5, 4, 2, 1)
     cache.store(["a"], *rows(["a"], 1))
+    clock.advance(4.9)
     assert cache.lookup(["a"])[0] >= 0
-    time.sleep(0.08)
+    clock.advance(0.2)
     assert cache.lookup(["a"])[0] == -1
     # every ID cached, one of them stale: only that one misses
-    mixed = ItemRowCache(0.4, 4, 2, 1)
+    mixed = ItemRowCache(40, 4, 2, 1)
     mixed.store(["b"], *rows(["b"], 5))
-    time.sleep(0.25)
+    clock.advance(25)
     mixed.store(["c"], *rows(["c"], 7))
     fresh = mixed.lookup(["c"])[0]
-    time.sleep(0.2)  # b is over 0.4 s old now, c about 0.2 s
+    clock.advance(20)  # b is 45 s old now, c 20 s
     assert mixed.lookup(["c", "b"]).tolist() == [fresh, -1]
     assert mixed.lookup(["c"]).tolist() == [fresh]
     off = ItemRowCache(0, 4, 2, 1)
@@ -74,27 +86,27 @@ def test_expiry_and_disabled() -> None:
     assert off.lookup(["a"]).tolist() == [-1] and len(off) == 0
 
 
-def test_a_row_never_outlives_the_item_values_it_was_encoded_from() -> None:
+def test_a_row_never_outlives_the_item_values_it_was_encoded_from(clock: ShiftedClock) -> None:
     """A row encoded from item-cache values that are already old expires with those
     values, not a full TTL later (staleness stays within CTR_ITEM_CACHE_TTL_S); a row
     of the same request whose values were fetched fresh keeps the whole TTL."""
     from service.features import ItemColumns
     from service.store import ItemCache
 
-    ttl = 0.6
+    ttl = 60.0
     items = ItemCache(ttl, 100)
-    put_at = time.monotonic()
+    put_at = clock.monotonic()
     items.put("cate_id", ["z"], ["c9"], put_at)
-    time.sleep(0.3)
+    clock.advance(30)
     cols = ItemColumns({"item_id": ["z", "y"], "cate_id": [None, None]}, {"cate_id": [0, 1]})
     assert cols.take_cached(items) == {"cate_id": ["y"]}  # z from the cache, y to fetch
     assert cols.values["cate_id"][0] == "c9"
     assert set(cols.expires) == {0}  # y used no cached value
-    assert put_at + ttl - 0.01 <= cols.expires[0] <= put_at + ttl + 0.01
+    assert cols.expires[0] == put_at + ttl
     cache = ItemRowCache(ttl, 4, 2, 1)
     cache.store(["z", "y"], *rows(["z", "y"], 1), np.array([cols.expires[0], np.inf]))
     assert (cache.lookup(["z", "y"]) >= 0).all()
-    time.sleep(0.45)  # 0.75 s after z's value was cached, 0.45 s after the rows
+    clock.advance(45)  # 75 s after z's value was cached, 45 s after the rows
     assert cache.lookup(["z", "y"])[0] == -1  # z's value has expired: so has its row
     assert cache.lookup(["y"])[0] >= 0  # y's row: within its TTL
 

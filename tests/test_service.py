@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,14 @@ from service.app import create_app
 from service.loader import item_records, load_into_redis, user_records
 from service.settings import Settings
 from service.store import item_key, user_key
-from tests.helpers import REDIS_URL, Built, build_bundle, fresh_redis, settings_for
+from tests.helpers import (
+    REDIS_URL,
+    Built,
+    ShiftedClock,
+    build_bundle,
+    fresh_redis,
+    settings_for,
+)
 from tests.redis_proc import RedisProcess, free_port
 
 
@@ -479,19 +485,25 @@ def test_rows_built_while_the_store_is_down_are_not_kept(built: Built) -> None:
     assert same(healthy, want) and same(again, want)
 
 
-def test_item_update_visible_after_ttl(built: Built) -> None:
+def test_item_update_visible_after_ttl(built: Built, monkeypatch: pytest.MonkeyPatch) -> None:
+    import service.app
+    import service.rowcache
+    import service.store
+
+    # the caches' clock, moved on instead of sleeping past the TTL
+    clock = ShiftedClock().install(monkeypatch, service.app, service.store, service.rowcache)
     proc = RedisProcess(free_port()).start()
     try:
         load_into_redis(built.config, built.frame, proc.url, progress=False)
         item = some_items(built, 1)[0]
         direct = Redis.from_url(proc.url, decode_responses=True)
-        short_ttl = settings_for(built, redis_url=proc.url, item_cache_ttl_s=0.3)
+        short_ttl = settings_for(built, redis_url=proc.url, item_cache_ttl_s=30)
         with TestClient(create_app(short_ttl)) as c:
             before = probs_by_item(c, "u4", [{"item_id": item}])[item]
             direct.hset(item_key("cate_id"), item, "c-moved-category")
             within = probs_by_item(c, "u4", [{"item_id": item}])[item]
             assert within == pytest.approx(before, abs=1e-6)  # still the cached row
-            time.sleep(0.4)
+            clock.advance(31)
             after = probs_by_item(c, "u4", [{"item_id": item}])[item]
         no_cache = settings_for(built, redis_url=proc.url, item_cache_ttl_s=0)
         with TestClient(create_app(no_cache)) as ref:
