@@ -250,6 +250,17 @@ def test_a_library_that_would_crash_is_refused(tmp_path: Path, lib: Any) -> None
     subprocess.run([cxx, "-shared", "-fPIC", str(src), "-o", str(bad)], check=True)
     with pytest.raises(native.NativeError, match="killed by signal"):
         native.library(str(bad))
+    # one whose self-test passes but whose registration with ORT would crash (a foreign
+    # or stale library): refused too, found in the child, not in the serving process
+    src.write_text(
+        'extern "C" int CtrOpsHasCuda() { return 0; }\n'
+        'extern "C" int CtrOpsSelfTest() { return 1; }\n'
+        'extern "C" void* RegisterCustomOps(void*, const void*) { __builtin_trap(); }\n'
+    )
+    trap = tmp_path / "libtrap.so"
+    subprocess.run([cxx, "-shared", "-fPIC", str(src), "-o", str(trap)], check=True)
+    with pytest.raises(native.NativeError, match="killed by signal"):
+        native.library(str(trap))
 
 
 OLD_ORT = r"""
