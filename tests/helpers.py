@@ -67,12 +67,19 @@ def build_bundle(tmp: Path, model_type: str = "din", name: str | None = None) ->
 def build_and_load(tmp: Path, model_type: str = "din") -> Built:
     """A bundle (:func:`build_bundle`) and its synthetic users in a freshly emptied test
     Redis database."""
+    built = build_bundle(tmp, model_type)
+    loaded_redis(built)
+    return built
+
+
+def loaded_redis(built: Built) -> Redis:
+    """The test Redis database, emptied, then loaded with ``built``'s users by ``ctr
+    load``'s code path; a client of it (strings decoded)."""
     from service.loader import load_into_redis
 
-    built = build_bundle(tmp, model_type)
-    fresh_redis()
+    client = fresh_redis()
     load_into_redis(built.config, built.frame, REDIS_URL, progress=False)
-    return built
+    return client
 
 
 def fresh_redis(url: str = REDIS_URL) -> Redis:
@@ -118,6 +125,43 @@ def assert_same_attention(got: list[dict], want: list[dict], atol: float = 1e-6)
         assert any(
             y["item_id"] == x["item_id"] and abs(y["weight"] - x["weight"]) <= atol for y in got
         ), x
+
+
+def offline_rows(
+    user: str,
+    profile: dict[str, Any],
+    items: list[str],
+    item_values: dict[str, dict[str, Any]],
+    hist: list[dict[str, Any]],
+) -> pd.DataFrame:
+    """One raw training row per candidate of the synthetic configs: ``user`` with the raw
+    ``profile`` values, the item's stored features (``item_records``) and the stored
+    behaviours ``hist`` (oldest first), for ``encode_frame``."""
+    return pd.DataFrame(
+        [
+            {
+                "user_id": user,
+                **profile,
+                "item_id": iid,
+                "cate_id": item_values["cate_id"].get(iid),
+                "item_price": item_values["item_price"].get(iid),
+                "hist_item_id": [e["item_id"] for e in hist],
+                "hist_cate_id": [e["cate_id"] for e in hist],
+            }
+            for iid in items
+        ]
+    )
+
+
+def torch_inputs(enc: Any) -> dict[str, Any]:
+    """The torch model's inputs (tensors) for rows encoded by ``encode_frame``, each row
+    its own user (``user_idx`` = row)."""
+    import torch
+
+    names = ("user_sparse", "user_dense", "hist", "hist_len", "item_sparse", "item_dense")
+    x = {k: torch.from_numpy(getattr(enc, k)) for k in names}
+    x["user_idx"] = torch.arange(len(enc.hist_len))
+    return x
 
 
 class ShiftedClock:

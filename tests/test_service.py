@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import orjson
-import pandas as pd
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -23,8 +22,10 @@ from tests.helpers import (
     Built,
     ShiftedClock,
     build_bundle,
-    fresh_redis,
+    loaded_redis,
+    offline_rows,
     settings_for,
+    torch_inputs,
 )
 from tests.redis_proc import RedisProcess, free_port
 
@@ -36,9 +37,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
 
 @pytest.fixture(scope="module")
 def redis_db(built: Built) -> Redis:
-    client = fresh_redis()
-    load_into_redis(built.config, built.frame, REDIS_URL, progress=False)
-    return client
+    return loaded_redis(built)
 
 
 @pytest.fixture(scope="module")
@@ -68,32 +67,10 @@ def offline_outputs(
     hist = stored_history(redis_db, user)
     profile = redis_db.hgetall(user_key(user, "profile"))
     cats = item_records(config, built.frame)
-    rows = []
-    for iid in items:
-        rows.append(
-            {
-                "user_id": user,
-                **profile,
-                "hour": None,
-                "item_id": iid,
-                "cate_id": cats["cate_id"].get(iid),
-                "item_price": cats["item_price"].get(iid),
-                "hist_item_id": [e["item_id"] for e in hist],
-                "hist_cate_id": [e["cate_id"] for e in hist],
-            }
-        )
-    enc = encode_frame(config, mapper, pd.DataFrame(rows))
-    x = {
-        "user_sparse": torch.from_numpy(enc.user_sparse),
-        "user_dense": torch.from_numpy(enc.user_dense),
-        "hist": torch.from_numpy(enc.hist),
-        "hist_len": torch.from_numpy(enc.hist_len),
-        "item_sparse": torch.from_numpy(enc.item_sparse),
-        "item_dense": torch.from_numpy(enc.item_dense),
-        "user_idx": torch.arange(len(items)),
-    }
+    rows = offline_rows(user, {**profile, "hour": None}, items, cats, hist)
+    enc = encode_frame(config, mapper, rows)
     with torch.no_grad():
-        out = model(x)
+        out = model(torch_inputs(enc))
     fed = int(enc.hist_len[0])
     return {
         "probs": torch.sigmoid(out["logits"]).numpy(),

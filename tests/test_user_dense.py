@@ -25,9 +25,16 @@ from redis import Redis
 from ctr.encode import encode_frame
 from ctr.spec import FeatureConfig
 from service.app import create_app
-from service.loader import item_records, load_into_redis
+from service.loader import item_records
 from service.store import user_key
-from tests.helpers import REDIS_URL, ROOT, Built, fresh_redis, settings_for
+from tests.helpers import (
+    ROOT,
+    Built,
+    loaded_redis,
+    offline_rows,
+    settings_for,
+    torch_inputs,
+)
 
 FEATURE = "user_spend"
 DEFAULT = 7.0  # outside every stored value's range, so "took the default" shows
@@ -81,9 +88,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
 
 @pytest.fixture(scope="module")
 def redis_db(built: Built) -> Redis:
-    client = fresh_redis()
-    load_into_redis(built.config, built.frame, REDIS_URL, progress=False)
-    return client
+    return loaded_redis(built)
 
 
 @pytest.fixture(scope="module")
@@ -109,30 +114,10 @@ class Offline:
 
         hist = [orjson.loads(x) for x in self.redis.lrange(user_key(user, "seq"), 0, -1)]
         assert hist, user
-        rows = [
-            {
-                "user_id": user,
-                **profile,
-                "item_id": iid,
-                "cate_id": self.items["cate_id"].get(iid),
-                "item_price": self.items["item_price"].get(iid),
-                "hist_item_id": [e["item_id"] for e in hist],
-                "hist_cate_id": [e["cate_id"] for e in hist],
-            }
-            for iid in items
-        ]
-        enc = encode_frame(self.config, self.mapper, pd.DataFrame(rows))
-        x = {
-            "user_sparse": torch.from_numpy(enc.user_sparse),
-            "user_dense": torch.from_numpy(enc.user_dense),
-            "hist": torch.from_numpy(enc.hist),
-            "hist_len": torch.from_numpy(enc.hist_len),
-            "item_sparse": torch.from_numpy(enc.item_sparse),
-            "item_dense": torch.from_numpy(enc.item_dense),
-            "user_idx": torch.arange(len(items)),
-        }
+        rows = offline_rows(user, profile, items, self.items, hist)
+        enc = encode_frame(self.config, self.mapper, rows)
         with torch.no_grad():
-            return torch.sigmoid(self.model(x)["logits"]).numpy()
+            return torch.sigmoid(self.model(torch_inputs(enc))["logits"]).numpy()
 
 
 @pytest.fixture(scope="module")
