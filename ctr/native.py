@@ -417,8 +417,12 @@ _PROBE = """
 import ctypes, sys
 lib = ctypes.CDLL(sys.argv[1])
 answer = (int(lib.CtrOpsSelfTest()), int(lib.CtrOpsHasCuda()))
-import onnxruntime as ort
-ort.SessionOptions().register_custom_ops_library(sys.argv[1])  # ORT's own registration
+try:  # where ORT is installed (not in an image's build-only stage): its own registration
+    import onnxruntime as ort
+except ImportError:
+    ort = None
+if ort is not None:
+    ort.SessionOptions().register_custom_ops_library(sys.argv[1])
 print(*answer)
 """
 
@@ -426,9 +430,9 @@ print(*answer)
 def describe(path: Path) -> OpsLibrary:
     """Load the library in a child process, run its CPU kernel once there, ask whether
     its CUDA kernel is compiled in, and register it with ONNX Runtime there as a session
-    would. A library that would crash the caller or fail to register (built for
-    instructions this CPU lacks, truncated, not ours, built for another ORT) raises
-    :class:`NativeError` instead; only then is it safe to load here."""
+    would (where ORT is installed). A library that would crash the caller or fail to
+    register (built for instructions this CPU lacks, truncated, not ours, built for
+    another ORT) raises :class:`NativeError` instead; only then is it safe to load here."""
     try:
         res = subprocess.run([sys.executable, "-c", _PROBE, str(path)], capture_output=True,
                              text=True, timeout=60, check=False)  # fmt: skip

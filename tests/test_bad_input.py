@@ -63,6 +63,8 @@ ROWS: list[tuple[str, Any, int, str | None]] = [
     ("top_k zero", {"user_id": "u1", "candidates": C, "top_k": 0}, 422, "top_k"),
     ("top_k negative", {"user_id": "u1", "candidates": C, "top_k": -3}, 422, "top_k"),
     ("top_k float", {"user_id": "u1", "candidates": C, "top_k": 2.5}, 422, "top_k"),
+    ("top_k boolean", {"user_id": "u1", "candidates": C, "top_k": True}, 422, "top_k"),
+    ("top_k string", {"user_id": "u1", "candidates": C, "top_k": "3"}, 422, "top_k"),
     ("explain not bool", {"user_id": "u1", "candidates": C, "explain": "yes"}, 422, "explain"),
     ("body not an object", [1, 2], 422, "body"),
     ("dense feature as a string", {"user_id": "u1", "candidates": [C[0], {"item_id": "i2",
@@ -78,7 +80,23 @@ ROWS: list[tuple[str, Any, int, str | None]] = [
 def test_score_bad_input(
     client: TestClient, name: str, body: Any, status: int, field: str | None
 ) -> None:
-    check(client.post("/v1/score", json=body), status, field)
+    check(client.post("/v1/score", json=body), status, field, "bad_request")
+
+
+def test_a_lower_id_length_limit_is_enforced_and_published(tmp_path: Any) -> None:
+    """``CTR_MAX_ID_LENGTH`` bounds user, item and event IDs, and the OpenAPI schema says
+    the same limit."""
+    for c in serve(tmp_path, max_id_length=8):
+        assert c.post("/v1/score", json={"user_id": "u" * 8, "candidates": C}).status_code == 200
+        check(c.post("/v1/score", json={"user_id": "u" * 9, "candidates": C}), 422, "user_id",
+              "bad_request")  # fmt: skip
+        long_item = {"user_id": "u1", "candidates": [C[0], {"item_id": "i" * 9}]}
+        check(c.post("/v1/score", json=long_item), 422, "candidates[1].item_id", "bad_request")
+        event = {"user_id": "u1", "event_id": "e" * 9, "item_id": "i1", "timestamp": 10.0}
+        check(c.post("/v1/events", json=event), 422, "event_id", "bad_request")
+        schemas = c.get("/openapi.json").json()["components"]["schemas"]
+        text = json.dumps(schemas)
+        assert '"maxLength": 8' in text and '"maxLength": 256' not in text
 
 
 def test_malformed_json(client: TestClient) -> None:

@@ -149,3 +149,22 @@ def test_a_row_from_an_earlier_read_never_replaces_one_from_a_later_read() -> No
     assert cache.sparse[cache.lookup(["w"])[0], 0] == 12  # the other row of that call is kept
     cache.store(["x"], *rows(["x"], 90), np.array([t0 + 0.005 + ttl]))
     assert cache.sparse[cache.lookup(["x"])[0], 0] == 90
+
+
+def test_a_full_item_cache_drops_its_oldest_entries_first() -> None:
+    """``CTR_ITEM_CACHE_SIZE`` bounds the raw item cache: a put that would overflow it
+    first drops the oldest half (by insertion) and room for the new values."""
+    from service.store import ItemCache
+
+    cache = ItemCache(60, 10)
+    now = time.monotonic()
+    a, b, c = ([f"{p}{k}" for k in range(n)] for p, n in (("a", 6), ("b", 3), ("c", 3)))
+    cache.put("cate_id", a, [f"v-{i}" for i in a], now)
+    cache.put("cate_id", b, [f"v-{i}" for i in b], now)
+    assert len(cache.data) == 9  # within the size: nothing dropped
+    cache.put("cate_id", c, [f"v-{i}" for i in c], now)
+    assert len(cache.data) <= 10
+    values, missed, _ = cache.get_many("cate_id", [*a, *b, *c])
+    kept = [i for i, v in zip([*a, *b, *c], values, strict=True) if v is not None]
+    assert kept == ["b1", "b2", "c0", "c1", "c2"]  # 9 // 2 + 3 oldest went
+    assert values[-1] == "v-c2" and len(missed) == 7
