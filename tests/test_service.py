@@ -337,12 +337,25 @@ def test_health_ready_models(built: Built, client: TestClient) -> None:
 
 
 def test_missing_bundle_not_ready(tmp_path: Path, redis_db: Redis) -> None:
-    s = Settings(models_dir=str(tmp_path), model_name="absent", redis_url=REDIS_URL)
+    """No model loaded: every route that needs one is a 503 `model_not_ready` (events
+    too: the model's config says what to store, and nothing is written), and a reload
+    that fails says nothing is served (`serving: null`)."""
+    s = Settings(models_dir=str(tmp_path), model_name="absent", redis_url=REDIS_URL,
+                 api_key="k")  # fmt: skip
     with TestClient(create_app(s)) as c:
         r = c.get("/readyz")
         assert r.status_code == 503 and "no versions" in r.json()["model_error"]
         s2 = c.post("/v1/score", json={"user_id": "u1", "candidates": [{"item_id": "i1"}]})
         assert s2.status_code == 503 and s2.json()["error"] == "model_not_ready"
+        models = c.get("/v1/models")
+        assert models.status_code == 503 and models.json()["error"] == "model_not_ready"
+        event = {"user_id": "nr-user", "event_id": "e1", "item_id": "i1", "timestamp": 1.0}
+        ev = c.post("/v1/events", json=event, headers={"X-API-Key": "k"})
+        assert ev.status_code == 503 and ev.json()["error"] == "model_not_ready"
+        assert redis_db.exists(user_key("nr-user", "seq"), user_key("nr-user", "events")) == 0
+        rl = c.post("/admin/reload", json={}, headers={"X-API-Key": "k"})
+        assert rl.status_code == 409 and rl.json()["error"] == "reload_failed"
+        assert rl.json()["serving"] is None and rl.json()["field"] == "version"
 
 
 def test_loader_writes_the_newest_history(built: Built, redis_db: Redis) -> None:
