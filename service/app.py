@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import hmac
 import json
 import logging
@@ -13,7 +12,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -21,22 +20,21 @@ import numpy as np
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ctr.bundle import BundleError, list_versions
+from ctr.bundle import BundleError
 from service import hup as early_hup
+from service import lifecycle
 from service import metrics as m
 from service.errors import (
     AdminDisabled,
     BadRequest,
     DeadlineExceeded,
     MalformedJSON,
-    ModelNotReady,
     NonFiniteScore,
     Overloaded,
     PayloadTooLarge,
@@ -51,28 +49,25 @@ from service.features import (
     item_columns,
     stamp_event,
 )
-from service.model import LoadedModel, ProviderError, load_model
+from service.model import LoadedModel, ProviderError
+from service.openapi import body_schema, install_openapi
 from service.reloadbus import ReloadBus
-from service.retry import retry_under_lock
 from service.runner import copy_info
 from service.schemas import (
     ErrorBody,
-    EventRequest,
     EventResponse,
     ReloadRequest,
     ReloadResponse,
-    ScoreRequest,
     ScoreResponse,
 )
 from service.settings import Settings
+from service.state import State
 from service.store import (
     APPENDED,
     OUTSIDE_WINDOW,
     REDIS_ERRORS,
     SEEN,
-    AnyRedis,
     EventWriter,
-    ItemCache,
     Reader,
     UserData,
     fetch,
@@ -95,40 +90,6 @@ STAGE_CLOCK: Callable[[], float] = time.perf_counter
 # the status recorded for a request whose client went away before its body was read
 # (nginx's convention); no response is sent
 CLIENT_CLOSED = 499
-
-
-class State:
-    """Everything the lifespan owns. ``model`` is swapped atomically on reload."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.model: LoadedModel | None = None
-        self.model_error: str | None = None
-        self.redis: AnyRedis | None = None
-        self.reader: Reader | None = None  # the scoring request's reads
-        self.item_cache = ItemCache(settings.item_cache_ttl_s, settings.item_cache_size)
-        self.events: EventWriter | None = None
-        # /v1/events on clients of their own, bounded by the request deadline rather
-        # than the scoring reads' short socket timeout: a slow store delays writes, and
-        # fails them only past CTR_REQUEST_TIMEOUT_MS
-        self.write_redis: AnyRedis | None = None
-        self.write_reader: Reader | None = None
-        self.executor: ThreadPoolExecutor | None = None
-        self.event_types = frozenset(
-            t.strip() for t in settings.sequence_event_types.split(",") if t.strip()
-        )
-        self.in_flight = 0
-        self.reload_lock = asyncio.Lock()
-        self.bus: ReloadBus | None = None
-        # set when start-up with CTR_MODEL_VERSION=latest fell back to an older version
-        # because the newest does not load (cleared by the next successful load)
-        self.fallback: dict[str, Any] | None = None
-        self.tasks: set[asyncio.Task[None]] = set()  # background work (a SIGHUP reload)
-
-    def require_model(self) -> LoadedModel:
-        if self.model is None:
-            raise ModelNotReady(f"model not loaded: {self.model_error or 'starting'}")
-        return self.model
 
 
 def orjson_response(content: Any, status: int = 200, headers: dict | None = None) -> Response:
@@ -234,7 +195,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         def on_hup() -> None:
             if hup["phase"] == "serving":
-                _spawn(state, _reload_quietly(state))
+                lifecycle.spawn(state, lifecycle.reload_quietly(state))
             elif hup["phase"] == "starting":
                 hup["pending"] = True
                 log.info("SIGHUP during start-up: reloading once the first load is done")
@@ -268,17 +229,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 settings.redis_timeout_ms / 1000,
                 settings.redis_connect_timeout_ms / 1000,
                 state.reload_lock,
-                lambda version: _load(state, version),
+                lambda version: lifecycle.load(state, version),
             )
             await state.bus.baseline()  # before the load: a broadcast meanwhile is caught up
         try:
-            await _load(state, None)
+            await lifecycle.load(state, None)
         except BundleError as exc:
             # logged in _load; with "latest", serve the newest version that loads (the
             # rest of a fleet still serves it after a rejected reload); with none, the
             # service runs not-ready until a reload succeeds
             if settings.model_version == "latest":
-                await _fall_back(state, exc)
+                await lifecycle.fall_back(state, exc)
         except ProviderError:
             if settings.require_gpu:
                 raise
@@ -291,7 +252,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning("CTR_PROTECT_SCORING has no effect: CTR_API_KEY is not set")
         hup["phase"] = "serving"
         if hup["pending"]:
-            _spawn(state, _reload_quietly(state))
+            lifecycle.spawn(state, lifecycle.reload_quietly(state))
         app.state.ctr = state
         m.HOOKS.enter(settings.switch_interval_ms / 1000)
         try:
@@ -329,107 +290,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _install_handlers(app)
     score = _install_routes(app, state)
     app.add_middleware(ServingMiddleware, fast={("POST", "/v1/score"): score})
-    _install_openapi(app, settings.max_id_length)
+    install_openapi(app, settings.max_id_length)
     return app
-
-
-async def _load(state: State, version: str | None) -> LoadedModel:
-    try:
-        model = await asyncio.get_running_loop().run_in_executor(
-            None, load_model, state.settings, version
-        )
-    except (BundleError, ProviderError) as exc:
-        m.ERRORS.labels("model_load").inc()
-        if state.model is None:
-            log.error("model not loaded, service stays not-ready: %s", exc)
-            state.model_error = str(exc)
-        else:
-            log.error("reload failed, still serving version %s: %s", state.model.version, exc)
-        raise
-    state.model = model  # atomic swap: in-flight requests keep their reference
-    state.model_error = None
-    state.fallback = None
-    m.set_model_info(model.name, model.version, model.provider, model.graph, model.precision)
-    settle_heap()
-    return model
-
-
-# start-up fallback: older versions tried at most, and the first wait before the newest
-# is tried again (doubling up to FALLBACK_RETRY_MAX_S)
-FALLBACK_VERSIONS = 3
-FALLBACK_RETRY_S = 30.0
-FALLBACK_RETRY_MAX_S = 600.0
-
-
-async def _fall_back(state: State, newest_error: BundleError) -> None:
-    """Start-up found the newest version broken: load the newest of the few versions
-    before it that loads, and keep trying the newest in the background (the failure may
-    have been passing: a file still being copied, a full GPU), so the worker converges
-    on what a fresh start would serve."""
-    s = state.settings
-    versions = list_versions(s.models_dir, s.model_name)
-    for v in list(reversed(versions[:-1]))[:FALLBACK_VERSIONS]:
-        try:
-            model = await _load(state, str(v))
-        except (BundleError, ProviderError):
-            continue
-        log.error(
-            "the newest version %s does not load; serving version %s, the newest that does",
-            versions[-1],
-            model.version,
-        )
-        state.fallback = {"newest": str(versions[-1]), "error": str(newest_error)}
-        _spawn(state, _retry_latest(state))
-        return
-    state.model_error = str(newest_error)  # none loads: say why the newest did not
-
-
-def settle_heap() -> None:
-    """Move everything alive after a load into the GC's permanent generation.
-
-    A full (generation 2) collection walks every tracked object: with a bundle, ORT and
-    the web stack loaded that is ~200k objects and 50-150 ms with the event loop stopped,
-    which showed as the p99 of every open-loop run. Frozen objects are skipped, so later
-    collections only walk what requests allocate. Unfreezing first lets a reload's
-    previous model be collected."""
-    gc.unfreeze()
-    gc.collect()
-    gc.freeze()
-
-
-async def _reload(state: State, version: str | None) -> LoadedModel:
-    """One reload at a time; on failure ``_load`` leaves the serving model in place."""
-    async with state.reload_lock:
-        return await _load(state, version)
-
-
-async def _retry_latest(state: State) -> None:
-    """After a start-up fallback: load "latest" now and then, until it loads or another
-    load (a reload, a broadcast, SIGHUP) ends the fallback."""
-
-    async def attempt() -> bool:
-        with contextlib.suppress(BundleError, ProviderError):  # logged in _load
-            await _load(state, "latest")
-            log.info("the newest version loads now: fallback over")
-            return True
-        return False
-
-    done = lambda: state.fallback is None  # noqa: E731
-    await retry_under_lock(state.reload_lock, attempt, done, FALLBACK_RETRY_S, FALLBACK_RETRY_MAX_S)
-
-
-def _spawn(state: State, coro: Coroutine[Any, Any, None]) -> None:
-    """Run ``coro`` as a task the state holds until it is done (the loop keeps only a
-    weak reference to a task)."""
-    task = asyncio.get_running_loop().create_task(coro)
-    state.tasks.add(task)
-    task.add_done_callback(state.tasks.discard)
-
-
-async def _reload_quietly(state: State) -> None:
-    """SIGHUP: reload the newest version; a failure is logged and the old one serves on."""
-    with contextlib.suppress(BundleError, ProviderError):
-        await _reload(state, "latest")
 
 
 def error_response(exc: ServiceError) -> Response:
@@ -544,7 +406,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
     @app.post(
         "/v1/score",
         responses={200: {"model": ScoreResponse}, **ERROR_RESPONSES},
-        openapi_extra={"requestBody": _body_schema("ScoreRequest")},
+        openapi_extra={"requestBody": body_schema("ScoreRequest")},
         summary="Rank candidates for a user",
     )
     async def score(request: Request) -> Response:
@@ -564,7 +426,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
         "/v1/events",
         status_code=202,
         responses={202: {"model": EventResponse}, **ERROR_RESPONSES},
-        openapi_extra={"requestBody": _body_schema("EventRequest")},
+        openapi_extra={"requestBody": body_schema("EventRequest")},
         summary="Append a behaviour to the user's sequence (idempotent by event_id)",
     )
     async def events(request: Request) -> Response:
@@ -689,7 +551,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             409: {"model": ErrorBody, "description": "the version could not be loaded"},
             **ERROR_RESPONSES,
         },
-        openapi_extra={"requestBody": {**_body_schema("ReloadRequest"), "required": False}},
+        openapi_extra={"requestBody": {**body_schema("ReloadRequest"), "required": False}},
         summary="Load a model version, warm it up and swap it in (keeps the old on failure); "
         "the other workers load the same version",
     )
@@ -703,7 +565,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             raise bad_request(exc.errors()) from exc
         async with state.reload_lock:  # the load and its broadcast, in one turn
             try:
-                model = await _load(state, version)
+                model = await lifecycle.load(state, version)
             except (BundleError, ProviderError) as exc:
                 current = state.model.version if state.model else None
                 return orjson_response(
@@ -815,53 +677,3 @@ async def _score(state: State, model: LoadedModel, req: Any) -> Response:
     m.CANDIDATES.observe(len(req.item_ids))
     m.HOOKS.gc_timer.flush()  # GC pauses noted since the last request (see GCTimer)
     return response
-
-
-def _body_schema(name: str) -> dict[str, Any]:
-    return {
-        "required": True,
-        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}},
-    }
-
-
-ID_FIELDS = frozenset({"user_id", "item_id", "event_id"})
-
-
-def _id_limits(node: Any, max_len: int) -> None:
-    """Set ``maxLength`` of every ID property to the limit in force (CTR_MAX_ID_LENGTH)."""
-    if isinstance(node, dict):
-        for k, v in node.get("properties", {}).items():
-            if k in ID_FIELDS and isinstance(v, dict) and "maxLength" in v:
-                v["maxLength"] = max_len
-        for v in node.values():
-            _id_limits(v, max_len)
-    elif isinstance(node, list):
-        for v in node:
-            _id_limits(v, max_len)
-
-
-def _install_openapi(app: FastAPI, max_id_length: int) -> None:
-    def custom_openapi() -> dict[str, Any]:
-        if app.openapi_schema:
-            return app.openapi_schema
-        schema = get_openapi(
-            title=app.title, version=app.version, description=app.description, routes=app.routes
-        )
-        comps = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (
-            ScoreRequest,
-            EventRequest,
-            ScoreResponse,
-            EventResponse,
-            ReloadRequest,
-            ReloadResponse,
-        ):
-            js = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            for k, v in js.pop("$defs", {}).items():
-                comps.setdefault(k, v)
-            comps[model.__name__] = js
-        _id_limits(comps, max_id_length)
-        app.openapi_schema = schema
-        return schema
-
-    app.openapi = custom_openapi  # type: ignore[method-assign]

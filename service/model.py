@@ -200,7 +200,7 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
     )
     if settings.batch_max_users > 1:
         # the batcher must not hold the model: a model <-> batcher cycle outlives a
-        # reload once the heap is frozen (service.app.settle_heap)
+        # reload once the heap is frozen (service.lifecycle.settle_heap)
         model.batcher = Batcher(
             functools.partial(run_outputs, runner, model.has_attention),
             model.streams or settings.inference_concurrency,

@@ -436,9 +436,9 @@ def test_a_broken_newest_version_falls_back_at_start_up(
     and a good load clears the note. A pinned version never falls back, at most
     FALLBACK_VERSIONS older ones are tried, and when none loads the service stays
     not-ready."""
-    import service.app as service_app
+    import service.lifecycle
 
-    monkeypatch.setattr(service_app, "FALLBACK_RETRY_S", 0.2)
+    monkeypatch.setattr(service.lifecycle, "FALLBACK_RETRY_S", 0.2)
     good = built.models_dir / built.config.name / "1"
     models = tmp_path / "models"
     for v in ("1", "2", "3"):

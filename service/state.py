@@ -1,0 +1,48 @@
+"""What the app's lifespan owns: settings, the loaded model, the Redis clients, the
+caches, the inference executor and the reload machinery (one :class:`State` per app)."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from service.errors import ModelNotReady
+from service.model import LoadedModel
+from service.reloadbus import ReloadBus
+from service.settings import Settings
+from service.store import AnyRedis, EventWriter, ItemCache, Reader
+
+
+class State:
+    """Everything the lifespan owns. ``model`` is swapped atomically on reload."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.model: LoadedModel | None = None
+        self.model_error: str | None = None
+        self.redis: AnyRedis | None = None
+        self.reader: Reader | None = None  # the scoring request's reads
+        self.item_cache = ItemCache(settings.item_cache_ttl_s, settings.item_cache_size)
+        self.events: EventWriter | None = None
+        # /v1/events on clients of their own, bounded by the request deadline rather
+        # than the scoring reads' short socket timeout: a slow store delays writes, and
+        # fails them only past CTR_REQUEST_TIMEOUT_MS
+        self.write_redis: AnyRedis | None = None
+        self.write_reader: Reader | None = None
+        self.executor: ThreadPoolExecutor | None = None
+        self.event_types = frozenset(
+            t.strip() for t in settings.sequence_event_types.split(",") if t.strip()
+        )
+        self.in_flight = 0
+        self.reload_lock = asyncio.Lock()
+        self.bus: ReloadBus | None = None
+        # set when start-up with CTR_MODEL_VERSION=latest fell back to an older version
+        # because the newest does not load (cleared by the next successful load)
+        self.fallback: dict[str, Any] | None = None
+        self.tasks: set[asyncio.Task[None]] = set()  # background work (a SIGHUP reload)
+
+    def require_model(self) -> LoadedModel:
+        if self.model is None:
+            raise ModelNotReady(f"model not loaded: {self.model_error or 'starting'}")
+        return self.model
