@@ -110,9 +110,12 @@ def _cudart_dir(nvcc: str) -> Path:
 def _version(tool: str) -> str:
     """The tool's ``--version`` output, part of the cache key (an upgrade rebuilds)."""
     try:
-        res = subprocess.run([tool, "--version"], capture_output=True, text=True, check=False)
+        res = subprocess.run([tool, "--version"], capture_output=True, text=True, check=False,
+                             timeout=60)  # fmt: skip
     except OSError as exc:
         raise NativeError(f"cannot run {tool}: {exc}") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise NativeError(f"{tool} --version hung, stopped after {exc.timeout:.0f} s") from exc
     return res.stdout.strip()
 
 
@@ -129,13 +132,44 @@ def _digest(commands: list[list[str]], tools: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+# a build step that takes longer is hung (nvcc -arch=all-major takes minutes, not this)
+BUILD_STEP_TIMEOUT_S = 1800
+
+
 def _run(cmd: list[str], cwd: Path) -> None:
     try:
-        res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+        res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False,
+                             timeout=BUILD_STEP_TIMEOUT_S)  # fmt: skip
     except OSError as exc:  # the compiler named by $CXX does not exist or cannot run
         raise NativeError(f"build step failed: {' '.join(cmd)}: {exc}") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise NativeError(f"build step hung, stopped after {exc.timeout:.0f} s: "
+                          f"{' '.join(cmd)}") from exc  # fmt: skip
     if res.returncode != 0:
         raise NativeError(f"build step failed: {' '.join(cmd)}\n{res.stderr[-4000:]}")
+
+
+def _host_key(cpu_arch: list[str], cuda_arch: list[str]) -> list[str]:
+    """What of this machine a build's cache key must hold: ``-march=native`` compiles for
+    this CPU and ``-arch=native`` for this GPU, so a cache shared with another machine
+    must not hand it a library with instructions (or no kernel image) it lacks."""
+    host = [_cpu_flags()] if "native" in " ".join(cpu_arch) else []
+    if "-arch=native" in cuda_arch:
+        host.append(_gpu_arch())
+    return host
+
+
+def _gpu_arch() -> str:
+    """The compute capabilities of this machine's GPUs (``nvidia-smi``), which
+    ``-arch=native`` compiles for; empty where none answers (nvcc's default then)."""
+    try:
+        res = subprocess.run(
+            ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return "gpu " + " ".join(res.stdout.split()) if res.returncode == 0 else ""
 
 
 def _cpu_flags() -> str:
@@ -257,6 +291,7 @@ def _build(cuda: bool, out_dir: Path | None, arch: str | None) -> OpsLibrary:
          *cpu_arch, *inc, "-c", str(SOURCE_DIR / "din_attention.cc"), "-o", "din_attention.o"],
     ]  # fmt: skip
     objs, link_extra, tools = ["ctr_ops.o", "din_attention.o"], [], [cxx]
+    cuda_arch: list[str] = []
     if cuda:
         assert nvcc is not None
         # native: this machine's GPU (the library is built where it runs, at first use);
@@ -274,9 +309,7 @@ def _build(cuda: bool, out_dir: Path | None, arch: str | None) -> OpsLibrary:
         link_extra = [f"-L{cudart}", "-l:libcudart_static.a", "-ldl", "-lpthread", "-lrt"]
     commands.append([cxx, "-shared", "-o", LIB_NAME, *objs, *link_extra,
                      "-static-libstdc++", "-static-libgcc"])  # fmt: skip
-    # -march=native compiles for this CPU: a cache shared with another machine must not
-    # hand it a library with instructions it lacks, so the CPU's flags join the key
-    host = [_cpu_flags()] if "native" in " ".join(cpu_arch) else []
+    host = _host_key(cpu_arch, cuda_arch)
     target = (out_dir or cache_dir()) / _digest([*commands, host], tools)
     lib, stamp = target / LIB_NAME, target / (LIB_NAME + ".sha256")
     lacks = missing_flags(arch) if arch in LEVEL_FLAGS else []

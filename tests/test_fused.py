@@ -554,3 +554,31 @@ def test_a_bundle_with_only_the_cuda_variant_serves_it(
     model = load_model(settings_for(built, provider="cpu"))  # fused_ops=auto
     assert model.graph == "fused", model.graph_note
     assert model.graph_ops == ["ctr_ops.AttentionalGRU"]
+
+
+def test_the_cache_key_holds_the_gpu_that_native_compiles_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``-arch=native`` compiles the CUDA kernel for this machine's GPU: a cache moved to
+    a machine with another GPU must not reuse it (it would hold no kernel image there),
+    so the compute capability joins the key; an explicit architecture does not ask."""
+    cpu = ["-march=native"]
+    monkeypatch.setattr(native, "_gpu_arch", lambda: "gpu 9.0")
+    h100 = native._host_key(cpu, ["-arch=native"])
+    monkeypatch.setattr(native, "_gpu_arch", lambda: "gpu 8.0")
+    a100 = native._host_key(cpu, ["-arch=native"])
+    assert h100 != a100 and h100[0] == a100[0] == native._cpu_flags()
+    assert native._host_key(cpu, ["-arch=sm_90"]) == native._host_key(cpu, []) == h100[:1]
+    assert native._host_key(["-march=x86-64-v3"], []) == []
+
+
+def test_a_hung_build_step_is_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    slow = tmp_path / "slow-g++"
+    # answers --version at once (the cache key), then hangs compiling
+    slow.write_text('#!/bin/sh\n[ "$1" = --version ] && echo slow 1.0 && exit 0\nexec sleep 30\n')
+    slow.chmod(0o755)
+    monkeypatch.setenv("CTR_OPS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(slow))
+    monkeypatch.setattr(native, "BUILD_STEP_TIMEOUT_S", 1)
+    with pytest.raises(native.NativeError, match="hung, stopped after 1 s"):
+        native.build(cuda=False)
