@@ -230,10 +230,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 settings.redis_connect_timeout_ms / 1000,
                 state.reload_lock,
                 lambda version: lifecycle.load(state, version),
+                configured=settings.model_version,
             )
-            await state.bus.baseline()  # before the load: a broadcast meanwhile is caught up
+            # before the load: a broadcast meanwhile is caught up; and the deployment's
+            # last broadcast version, if it is the one to start on
+            deployed = await state.bus.baseline()
+        else:
+            deployed = None
         try:
-            await lifecycle.load(state, None)
+            await lifecycle.start(state, deployed)
         except BundleError as exc:
             # logged in _load; with "latest", serve the newest version that loads (the
             # rest of a fleet still serves it after a rejected reload); with none, the

@@ -44,6 +44,18 @@ async def load(state: State, version: str | None) -> LoadedModel:
     return model
 
 
+async def start(state: State, deployed: str | None) -> LoadedModel:
+    """The start-up load: ``deployed`` (the deployment's last broadcast version, see
+    :meth:`~service.reloadbus.ReloadBus.baseline`) if given and it loads, else
+    ``CTR_MODEL_VERSION``. Raises as :func:`load`."""
+    if deployed is not None:
+        with contextlib.suppress(BundleError, ProviderError):  # logged in load
+            return await load(state, deployed)
+        log.warning("the deployment's version %s does not load here: starting on %s",
+                    deployed, state.settings.model_version)  # fmt: skip
+    return await load(state, None)
+
+
 # start-up fallback: older versions tried at most, and the first wait before the newest
 # is tried again (doubling up to FALLBACK_RETRY_MAX_S)
 FALLBACK_VERSIONS = 3
@@ -87,12 +99,6 @@ def settle_heap() -> None:
     gc.freeze()
 
 
-async def reload(state: State, version: str | None) -> LoadedModel:
-    """One reload at a time; on failure ``load`` leaves the serving model in place."""
-    async with state.reload_lock:
-        return await load(state, version)
-
-
 async def retry_latest(state: State) -> None:
     """After a start-up fallback: load "latest" now and then, until it loads or another
     load (a reload, a broadcast, SIGHUP) ends the fallback."""
@@ -117,6 +123,11 @@ def spawn(state: State, coro: Coroutine[Any, Any, None]) -> None:
 
 
 async def reload_quietly(state: State) -> None:
-    """SIGHUP: reload the newest version; a failure is logged and the old one serves on."""
-    with contextlib.suppress(BundleError, ProviderError):
-        await reload(state, "latest")
+    """SIGHUP: reload the newest version and, like ``POST /admin/reload``, broadcast it to
+    the deployment's other workers (and record it for those starting later); a failure
+    is logged and the old one serves on."""
+    with contextlib.suppress(BundleError, ProviderError):  # logged in load
+        async with state.reload_lock:
+            model = await load(state, "latest")
+            if state.bus is not None:
+                await state.bus.publish(model.version)

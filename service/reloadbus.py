@@ -22,13 +22,21 @@ loads or a newer broadcast supersedes it.
   ignores database numbers). Two deployments that share them, e.g. a canary next to
   production on one Redis database and the same image, must set different
   ``CTR_RELOAD_CHANNEL`` values.
+* **A worker that starts later** (uvicorn restarting one after a crash, a replica
+  added) starts on the deployment's last broadcast version rather than
+  ``CTR_MODEL_VERSION``, so it serves what its peers serve, a rollback included, when
+  the record was made by workers configured with the same ``CTR_MODEL_VERSION`` and,
+  for ``latest``, no newer version has been exported since (the record notes the
+  newest then). A deploy that changes ``CTR_MODEL_VERSION``, or a new export, starts
+  on its own setting, as without the bus; so does a worker whose load of that version
+  fails.
 * **A worker that was not listening** (starting up, Redis restarted, a dead connection)
   catches up when it subscribes: it reads the last-broadcast record and applies it if
   its number is newer than what the worker has seen. At start-up the worker notes the
   current number *before* it loads its model, so a broadcast made while it loads is
-  applied too, and older ones are not (it loads ``CTR_MODEL_VERSION``, like any fresh
-  start). If Redis cannot be read then, the worker's own start time stands in for that
-  number (broadcast numbers follow the Redis server's clock in µs).
+  applied too. If Redis cannot be read then, the worker's own start time stands in for
+  that number (broadcast numbers follow the Redis server's clock in µs), and it starts
+  on ``CTR_MODEL_VERSION``.
 * **A silently dead connection** (no RST: a NAT timeout, a partition) is found by a PING
   every few idle seconds whose PONG must come back within a bound.
 * **Redis down.** The local reload still happens; the answer says that no other worker
@@ -57,6 +65,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.connection import parse_url
 
+from ctr.bundle import list_versions
 from service.retry import retry_under_lock
 from service.store import REDIS_ERRORS, node_urls
 
@@ -123,6 +132,7 @@ class ReloadBus:
         pong_timeout_s: float = 2.0,
         load_retry_s: float = 30.0,
         load_retry_max_s: float = 600.0,
+        configured: str = "latest",
     ) -> None:
         # one channel and one record per deployment: the store's path and the model name,
         # hashed to a short suffix; the keys share a hash tag (one cluster slot)
@@ -134,6 +144,7 @@ class ReloadBus:
         self.seq_key = f"{tag}:seq"
         self.last_key = f"{tag}:last"
         self.deployment = {"models_dir": where, "model": model_name}
+        self.configured = configured  # CTR_MODEL_VERSION: what a fresh start loads
         self.token = uuid.uuid4().hex  # this worker
         self.redis = redis
         self.timeout_s = max(timeout_s, MIN_TIMEOUT_S)
@@ -166,14 +177,35 @@ class ReloadBus:
         self.task: asyncio.Task[None] | None = None
         self.closing = False
 
-    async def baseline(self) -> None:
-        """Note the current broadcast number (call before the start-up load)."""
+    async def baseline(self) -> str | None:
+        """Note the current broadcast number (call before the start-up load), and return
+        the version to start on instead of ``CTR_MODEL_VERSION``: the last broadcast's,
+        when it was made by workers configured alike and, for ``latest``, nothing newer
+        has been exported since; else None."""
         try:
             async with asyncio.timeout(self.timeout_s):
-                raw = await self.redis.get(self.seq_key)
-            self.applied_seq = int(raw or 0)  # a malformed one: ValueError, in ERRORS
+                raw, current = await self.redis.mget(self.last_key, self.seq_key)  # one slot
+            self.applied_seq = int(current or 0)  # a malformed one: ValueError, in ERRORS
         except ERRORS as exc:
             log.warning("reload bus: no baseline (redis): %s", type(exc).__name__)
+            return None
+        msg = self._record(raw)
+        if msg is None or msg.get("configured") != self.configured:
+            return None
+        if self.configured == "latest":
+            seen = msg.get("newest")
+            if not isinstance(seen, int) or isinstance(seen, bool) or self._newest() > seen:
+                return None  # exported since: a fresh start takes the newest, as ever
+        log.info("starting on version %s, the deployment's last broadcast", msg["version"])
+        return str(msg["version"])
+
+    def _newest(self) -> int:
+        """The highest complete version in the model store (0: none, or unreadable)."""
+        try:
+            return max(list_versions(self.deployment["models_dir"], self.deployment["model"]),
+                       default=0)  # fmt: skip
+        except OSError:
+            return 0
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._listen(), name="reload-bus")
@@ -203,7 +235,9 @@ class ReloadBus:
         await retry_under_lock(self.lock, attempt, done, self.retry_s, 30.0)
 
     async def _publish_once(self, version: str) -> int | None:
-        msg = orjson.dumps({**self.deployment, "version": version, "origin": self.token})
+        # what a worker starting later compares with its own setting and store (baseline)
+        note = {"configured": self.configured, "newest": self._newest()}
+        msg = orjson.dumps({**self.deployment, "version": version, "origin": self.token, **note})
         try:
             async with asyncio.timeout(self.timeout_s):
                 seq, receivers = await self.redis.eval(  # type: ignore[misc]
@@ -233,10 +267,12 @@ class ReloadBus:
                 continue
         return total
 
-    def _parse(self, raw: bytes | str | None) -> tuple[int, str] | None:
-        """(number, version) of a message for this deployment from another worker."""
+    def _record(self, raw: bytes | str | None) -> dict[str, Any] | None:
+        """A well-formed message or record for this deployment, else None."""
+        if not raw:
+            return None
         try:
-            msg = orjson.loads(raw) if raw else None
+            msg = orjson.loads(raw)
         except orjson.JSONDecodeError:
             msg = None
         if (
@@ -248,8 +284,13 @@ class ReloadBus:
             return None
         if {k: msg.get(k) for k in self.deployment} != self.deployment:
             return None  # not this deployment's (a hash collision of channels)
-        if msg.get("origin") == self.token:
-            return None  # this worker's own: published after its load
+        return msg
+
+    def _parse(self, raw: bytes | str | None) -> tuple[int, str] | None:
+        """(number, version) of a message for this deployment from another worker."""
+        msg = self._record(raw)
+        if msg is None or msg.get("origin") == self.token:
+            return None  # not ours to apply (this worker's own: published after its load)
         return int(msg["seq"]), msg["version"]
 
     async def _apply(self, seq: int, version: str) -> None:

@@ -461,3 +461,54 @@ def test_the_channel_is_per_database_however_the_url_names_it() -> None:
     assert channel_of("redis://127.0.0.1:6379") == channel_of("redis://127.0.0.1:6379/0")
     assert channel_of("unix:///tmp/r.sock?db=2") == channel_of("redis://127.0.0.1:6379/2")
     assert channel_of("unix:///tmp/r.sock") == channel_of("redis://127.0.0.1:6379/0")
+
+
+def test_a_worker_starting_later_serves_what_the_deployment_serves(
+    built: Built, channel: str, tmp_path: Path
+) -> None:
+    """A worker that starts after a broadcast (uvicorn replacing a crashed one, a replica
+    added) starts on the broadcast version, a rollback included, when its peers were
+    configured alike; a new export since, a different CTR_MODEL_VERSION, or a version
+    that does not load here start it on its own setting, as without the bus."""
+    store = tmp_path / "models"
+    shutil.copytree(built.models_dir, store)
+    root = store / built.config.name
+    latest = settings(built, channel, store, model_version="latest")
+    with TestClient(create_app(latest)) as a:
+        assert info(a)["version"] == "2"
+        r = a.post("/admin/reload", json={"version": "1"}, headers=KEY)  # a rollback
+        assert r.status_code == 200, r.text
+    with TestClient(create_app(latest)) as b:  # e.g. a worker uvicorn restarted
+        assert info(b)["version"] == "1"
+    pinned = settings(built, channel, store, model_version="2")
+    with TestClient(create_app(pinned)) as c:  # a deploy that pins another version
+        assert info(c)["version"] == "2"
+    shutil.copytree(root / "1", root / "3")  # exported after the rollback
+    with TestClient(create_app(latest)) as d:
+        assert info(d)["version"] == "3"
+        r = d.post("/admin/reload", json={"version": "1"}, headers=KEY)  # rolled back again
+        assert r.status_code == 200, r.text
+    (root / "1" / "model.onnx").write_bytes(b"\x00garbage")  # and 1 breaks on this host
+    with TestClient(create_app(latest)) as e:
+        assert info(e)["version"] == "3"  # what CTR_MODEL_VERSION gives
+
+
+def test_sighup_reload_is_broadcast_and_recorded(built: Built, channel: str) -> None:
+    """SIGHUP's reload of the newest version reaches the other workers and the record,
+    as POST /admin/reload does (else a later start would undo it)."""
+    from service import lifecycle
+
+    with (
+        TestClient(create_app(settings(built, channel))) as a,
+        TestClient(create_app(settings(built, channel))) as b,
+    ):
+        for c in (a, b):
+            assert until(lambda c=c: info(c)["reload_bus"]["subscribed"]), info(c)
+        a.portal.call(lifecycle.reload_quietly, a.app.state.ctr)  # what SIGHUP runs
+        assert info(a)["version"] == "2"
+        assert until(lambda: info(b)["version"] == "2"), info(b)
+        rc = Redis.from_url(REDIS_URL)
+        record = orjson.loads(rc.get(a.app.state.ctr.bus.last_key))
+        rc.close()
+        assert record["version"] == "2" and record["configured"] == "1"
+        assert record["newest"] == 2
