@@ -170,6 +170,57 @@ def test_data_parallel_matches_single_process(
     assert abs(ddp["test"]["auc"] - single["test"]["auc"]) <= 0.02, (ddp["test"], single["test"])
 
 
+SPAWN_SCRIPT = textwrap.dedent(
+    """
+    import os, socket, sys
+    import torch
+    import torch.multiprocessing as mp
+    from tests.conftest import make_tiny_config
+
+    def config():
+        # prelu: Dice's batch statistics are per rank by design; everything else is not
+        return make_tiny_config("dien", model__activation="prelu", model__mba_l2=0.05,
+                                model__aux_loss_weight=1.0, train__batch_size=64,
+                                train__epochs=1)
+
+    def run(rank, world, port, out):
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.set_num_threads(1)
+        from training.train import train
+        train(config(), out, progress=False)
+
+    def free():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    if __name__ == "__main__":
+        out = sys.argv[1]
+        for world in (1, 2):
+            mp.spawn(run, args=(world, free(), f"{out}/w{world}"), nprocs=world)
+        a = torch.load(f"{out}/w1/checkpoint.pt")
+        b = torch.load(f"{out}/w2/checkpoint.pt")
+        print(max((a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].numel()))
+    """
+)
+
+
+def test_dien_on_two_ranks_trains_the_weights_one_process_trains(tmp_path: Path) -> None:
+    """Two gloo ranks end an epoch of DIEN (auxiliary loss, negatives, mini-batch-aware
+    L2) with the weights one process ends it with: every loss term is a global-batch
+    mean once DDP averages the ranks (the auxiliary loss averaged per rank gave 0.037)."""
+    script = tmp_path / "spawn_train.py"
+    script.write_text(SPAWN_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    worst = float(proc.stdout.split()[-1])
+    assert worst < 1e-3, worst
+
+
 def test_training_is_reproducible(
     tiny_config: Callable[..., FeatureConfig], tiny_prep: Any, tmp_path: Path
 ) -> None:

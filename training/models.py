@@ -8,7 +8,8 @@ Every model takes the graph layout of :mod:`ctr.encode` plus ``user_idx``:
 User-side work runs on U rows and is gathered to N inside the graph, so a request's
 history enters once however many candidates it has. ``forward`` returns a dict with
 ``logits [N]`` (no sigmoid: that lives in the export wrapper), optionally
-``attention [N, L]`` and, in training with ``neg_hist``, DIEN's ``aux_loss``.
+``attention [N, L]`` and, in training with ``neg_hist``, DIEN's ``aux_loss`` (a mean
+over ``aux_steps`` steps).
 """
 
 from __future__ import annotations
@@ -443,6 +444,7 @@ class DIEN(CTRModel):
         out = {"logits": self.head(h).squeeze(-1), "attention": att}
         if "neg_hist" in x:
             out["aux_loss"] = self.aux_loss(states, e, x["neg_hist"], mask)
+            out["aux_steps"] = mask[:, 1:].sum().detach()  # the steps it averages over
         return out
 
     def aux_loss(self, states: Tensor, pos: Tensor, neg_hist: Tensor, mask: Tensor) -> Tensor:

@@ -76,6 +76,17 @@ def rank_negatives(
     return rank_slice(neg, info)
 
 
+def rank_share(count: Tensor, info: DistInfo) -> float:
+    """``world x`` this rank's share of a count summed over the ranks (1.0 for one
+    process): the weight that turns a mean over this rank's items into its part of the
+    global mean once DDP averages the ranks' gradients."""
+    if info.world == 1:
+        return 1.0
+    total = count.detach().to(torch.float64).clone()
+    dist.all_reduce(total)
+    return float(count) * info.world / max(float(total), 1.0)
+
+
 @torch.no_grad()
 def predict(model: CTRModel, split: Split, batch_size: int) -> np.ndarray:
     """Probabilities for every row of ``split``, in order."""
@@ -218,9 +229,13 @@ def train(
             if config.model.type == "dien":
                 batch["neg_hist"] = torch.from_numpy(rank_negatives(prep, glob, info, neg_rng))
             res = net(batch)
+            # means over this rank's rows (or aux steps), weighted by its share of the
+            # global batch's, so that DDP's average of the ranks is the global mean
             loss = bce(res["logits"], torch.from_numpy(prep.train.label[idx]))
+            loss = loss * (len(idx) * info.world / len(glob))
             if "aux_loss" in res:
-                loss = loss + config.model.aux_loss_weight * res["aux_loss"]
+                aux = res["aux_loss"] * rank_share(res["aux_steps"], info)
+                loss = loss + config.model.aux_loss_weight * aux
             if config.model.mba_l2 > 0:
                 penalty = rank_mba_l2(model, prep.train, glob, info, counts)
                 loss = loss + config.model.mba_l2 * penalty
