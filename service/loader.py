@@ -1,8 +1,9 @@
 """``ctr load``: bulk-load a dataset's users, sequences and item features into Redis.
 
 Torch-free. Each user gets their profile and their most recent behaviour sequence
-(the longest history seen in the data, plus the last positive target when it
-follows that history); item features come from every candidate and history entry.
+(the history of their newest example, plus that example's candidate when it is a
+behaviour: see :func:`user_records`); item features come from every candidate and
+history entry.
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ from ctr.encode import parse_dense, split_sequence
 from ctr.mapping import normalize
 from ctr.spec import FeatureConfig
 from service.store import item_key, user_key
-from training.data.generic import time_values
 
-TIME = "__ctr_load_time__"  # the numeric time column user_records sorts on
+TIME = "__ctr_load_time__"  # the time order user_records sorts on
 
 
 def dense_text(raw: Any) -> str | None:
@@ -31,6 +31,15 @@ def dense_text(raw: Any) -> str | None:
     a missing value as that default too."""
     v = parse_dense(raw)
     return None if v is None else str(v)
+
+
+def time_order(column: pd.Series) -> pd.Series:
+    """The order of a time column: as numbers where they are numbers (a CSV is read as
+    strings, where "9" > "11"; training's split reads them as numbers too), a blank or
+    other non-number as missing; a column with no number at all (e.g. ISO dates, which a
+    random split never reads) as given."""
+    numbers = pd.to_numeric(column, errors="coerce")
+    return column if numbers.isna().all() else numbers
 
 
 def user_records(config: FeatureConfig, frame: pd.DataFrame) -> Iterator[tuple[str, dict, list]]:
@@ -48,9 +57,9 @@ def user_records(config: FeatureConfig, frame: pd.DataFrame) -> Iterator[tuple[s
     delim = spec.seq_delimiter
     key = spec.user_key
     time = spec.time_column if spec.time_column and spec.time_column in frame else None
-    if time is not None:  # by numeric time, as training's split orders it ("9" < "11")
-        frame = frame.assign(**{TIME: time_values(frame, time)})
-        frame = frame.sort_values([key, TIME], kind="stable")
+    if time is not None:  # rows with no time count as the oldest
+        frame = frame.assign(**{TIME: time_order(frame[time])})
+        frame = frame.sort_values([key, TIME], kind="stable", na_position="first")
     for uid, rows in frame.groupby(key, sort=False):
         last = rows.iloc[-1]
         profile = {
@@ -58,7 +67,8 @@ def user_records(config: FeatureConfig, frame: pd.DataFrame) -> Iterator[tuple[s
             for f in profile_feats
             if f.source in rows and f.source != key and (v := normalize(last[f.source])) is not None
         }
-        newest = rows[rows[TIME] == last[TIME]] if time is not None else rows[-1:]
+        timed = time is not None and not pd.isna(last[TIME])
+        newest = rows[rows[TIME] == last[TIME]] if timed else rows[-1:]
         row = newest.iloc[0]
         cols = [split_sequence(row[s.source], delim) for s in seqs]
         n = min((len(c) for c in cols), default=0)

@@ -511,3 +511,27 @@ def test_movielens_candidates_are_behaviours_by_default() -> None:
     assert DataSpec(source="movielens").behaviours == "all"
     assert DataSpec(source="amazon").behaviours == "positive"
     assert DataSpec(source="movielens", behaviour_labels="positive").behaviours == "positive"
+
+
+def test_loaded_history_with_blank_or_non_numeric_times() -> None:
+    """A blank time counts as the oldest, and a time column with no number at all (ISO
+    dates, which a random split never reads) keeps its own order: ``ctr load`` neither
+    crashes nor takes an older row for the newest."""
+    from service.loader import user_records
+
+    config = _loader_config(Path("unused.csv"), max_seq_len=10)
+    items = [f"i{t}" for t in range(3)]
+    # in both, the newest row is the second: its history a|b, then its click i1
+    for times in (["1", "2", ""], ["2024-01-01", "2024-01-03", "2024-01-02"]):
+        frame = pd.DataFrame(
+            {
+                "user_id": ["u1"] * 3,
+                "item_id": items,
+                "price": ["1.5"] * 3,
+                "hist_item_id": ["a", "a|b", "a|b|c"],
+                "label": [1.0] * 3,
+                "ts": times,
+            }
+        )
+        [(_, _, events)] = list(user_records(config, frame))
+        assert [e["item_id"] for e in events] == ["a", "b", "i1"], times

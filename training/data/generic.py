@@ -90,7 +90,7 @@ def load_frame(config: FeatureConfig) -> pd.DataFrame:
 
 def time_values(frame: pd.DataFrame, column: str) -> pd.Series:
     """The time column as numbers (a CSV is read as strings, where "9" > "11"): the order
-    the split and ``ctr load`` both use."""
+    the split uses (``ctr load``'s ``time_order`` agrees wherever they are numbers)."""
     return pd.to_numeric(frame[column])
 
 
