@@ -170,6 +170,14 @@ class FeatureConfig(_Strict):
     name: str
     max_seq_len: int = Field(default=50, gt=0)
     features: list[FeatureSpec]
+    item_key: str | None = Field(
+        default=None,
+        description=(
+            "the item-side sparse feature that is a candidate's ID (the API's item_id, "
+            "the key of stored behaviours and of DIEN's negative pool); default: the one "
+            "the first sequence feature shares, else the first item-side sparse feature"
+        ),
+    )
     groups: list[GroupSpec] = Field(default_factory=list)
     model: ModelSpec = Field(default_factory=ModelSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
@@ -188,7 +196,12 @@ class FeatureConfig(_Strict):
                     raise ValueError(f"{f.name}.shared_with must name a sparse feature")
                 if target.side != "item":
                     raise ValueError(f"{f.name}.shared_with must name an item-side feature")
-        _check_item_id_first(self.features)
+        if self.item_key is not None:
+            key = by_name.get(self.item_key)
+            if key is None or key.kind != "sparse" or key.side != "item":
+                raise ValueError(
+                    f"item_key {self.item_key!r} must name an item-side sparse feature"
+                )
         if not self.groups:
             self.groups = _default_groups(self.features)
         for g in self.groups:
@@ -255,10 +268,13 @@ class FeatureConfig(_Strict):
 
     @cached_property
     def item_id_feature(self) -> FeatureSpec:
-        """The candidate's ID: the first item-side sparse feature that a sequence field
-        shares, else the first item-side sparse feature. Validation makes the first
-        sequence field share it (training's negative pool, DIEN's sampling and serving's
-        stored behaviours key on that field)."""
+        """The candidate's ID (the API's ``item_id``; training's negative pool and
+        serving's stored behaviours key on it): ``item_key`` if set, else the item
+        feature the first sequence field shares, else the first item-side sparse
+        feature. So list the item ID's sequence first (``hist_item_id`` before
+        ``hist_cate_id``), or name it in ``item_key``."""
+        if self.item_key is not None:
+            return next(f for f in self.item_sparse if f.name == self.item_key)
         return self.sequence_targets[0] if self.sequences else self.item_sparse[0]
 
     def table_of(self, name: str) -> str:
@@ -273,27 +289,6 @@ class FeatureConfig(_Strict):
 
     def sequence_groups(self) -> list[GroupSpec]:
         return [g for g in self.groups if g.type == "sequence"]
-
-
-def _check_item_id_first(features: list[FeatureSpec]) -> None:
-    """The first sequence feature must share the item ID: the first item-side sparse
-    feature that any sequence shares. Listing e.g. ``hist_cate_id`` before
-    ``hist_item_id`` would make the category the item's key (DIEN's negative pool would
-    keep one item per category, serving would store behaviours by category)."""
-    seqs = [f for f in features if f.kind == "sequence"]
-    if not seqs:
-        return
-    shared = {f.shared_with for f in seqs}
-    item_id = next(f.name for f in features if f.kind == "sparse" and f.name in shared)
-    if seqs[0].shared_with != item_id:
-        first = next(f.name for f in seqs if f.shared_with == item_id)
-        raise ValueError(
-            f"sequence feature {seqs[0].name!r} comes first but shares "
-            f"{seqs[0].shared_with!r}, not the item ID {item_id!r} (the first item-side "
-            "sparse feature that a sequence shares): list the item ID first among the "
-            f"item features and its sequence feature ({first!r} here) first among the "
-            "sequence features"
-        )
 
 
 def _default_groups(features: list[FeatureSpec]) -> list[GroupSpec]:

@@ -676,28 +676,39 @@ def test_models_without_user_features_train_and_export(model_type: str, tmp_path
     assert report.ok and report.max_abs_diff <= 1e-5, report.cases
 
 
-def test_first_sequence_feature_must_share_the_item_id() -> None:
-    """Listing ``hist_cate_id`` before ``hist_item_id`` made the category the item's key:
-    DIEN's negative pool kept one item per category (and serving stored behaviours by
-    category). The config is refused, naming the features; the shipped configs load."""
+def test_the_item_id_is_the_first_sequence_target_or_item_key(tiny_prep: Prepared) -> None:
+    """A candidate's ID (the API's item_id, the key of DIEN's negative pool and of stored
+    behaviours) is the feature the first sequence shares, whatever the order of the item
+    features; ``item_key`` names it where the sequences list another one first (listing
+    ``hist_cate_id`` first without it made the category the key: the negative pool kept
+    one item per category)."""
     from pydantic import ValidationError
 
     from ctr.spec import load_config
     from tests.conftest import CONFIGS, tiny_raw
+    from training.dataset import item_pool
 
     raw = tiny_raw("dien")
     seqs = [f for f in raw["features"] if f["kind"] == "sequence"]
     others = [f for f in raw["features"] if f["kind"] != "sequence"]
-    raw["features"] = others + seqs[::-1]
-    assert [f["name"] for f in seqs[::-1]] == ["hist_cate_id", "hist_item_id"]
-    with pytest.raises(ValidationError, match="'hist_cate_id' comes first.*'item_id'"):
-        FeatureConfig.model_validate(raw)
-    # the item ID is the first item feature a sequence shares: cate_id once listed first
     items = [f for f in others if f.get("side") == "item" and f["kind"] == "sparse"]
     rest = [f for f in others if f not in items]
-    raw["features"] = rest + items[::-1] + seqs[::-1]
-    cfg = FeatureConfig.model_validate(raw)
-    assert cfg.item_id_feature.name == "cate_id" == cfg.sequence_targets[0].name
+    assert [f["name"] for f in seqs] == ["hist_item_id", "hist_cate_id"]
+    # the item features' order does not matter
+    flipped = FeatureConfig.model_validate({**raw, "features": rest + items[::-1] + seqs})
+    assert flipped.item_id_feature.name == "item_id"
+    # the sequences' order does, unless item_key says which
+    cate_first = {**raw, "features": others + seqs[::-1]}
+    assert FeatureConfig.model_validate(cate_first).item_id_feature.name == "cate_id"
+    keyed = FeatureConfig.model_validate({**cate_first, "item_key": "item_id"})
+    assert keyed.item_id_feature.name == "item_id"
+    frame = tiny_prep.frames["train"]
+    assert len(item_pool(keyed, tiny_prep.mapper, frame)) == frame["item_id"].nunique()
+    by_category = item_pool(FeatureConfig.model_validate(cate_first), tiny_prep.mapper, frame)
+    assert len(by_category) == frame["cate_id"].nunique() < frame["item_id"].nunique()
+    for bad in ("age_bucket", "hist_item_id", "no_such_feature"):
+        with pytest.raises(ValidationError, match="item_key"):
+            FeatureConfig.model_validate({**raw, "item_key": bad})
     for path in sorted(CONFIGS.glob("*.yaml")):
         cfg = load_config(path)
         assert cfg.sequence_targets[0] is cfg.item_id_feature, path

@@ -80,8 +80,9 @@ def item_pool(config: FeatureConfig, mapper: FeatureMapper, frame: pd.DataFrame)
     if not seqs:
         return np.zeros((0, 0), dtype=np.int64)
     unique = list(dict.fromkeys(cols))  # two sequences may share one target column
-    # one row per item ID (validation puts the item ID's sequence first: cols[0])
-    items = frame[unique].drop_duplicates(subset=[config.item_id_feature.source])
+    # one row per item ID (per distinct row where no sequence reads the item ID)
+    key = config.item_id_feature.source
+    items = frame[unique].drop_duplicates(subset=[key] if key in unique else unique)
     out = np.stack(
         [
             mapper.mapper_for(s.name).map_many(items[c].tolist())
