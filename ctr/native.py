@@ -261,7 +261,8 @@ def build(
         try:
             return _build(True, out_dir, arch)
         except NativeError as exc:
-            log.warning("custom ops: built without the CUDA kernel, whose build failed: %s", exc)
+            log.warning("custom ops: the build with the CUDA kernel failed (%s); trying "
+                        "without it", exc)  # fmt: skip
             return _build(False, out_dir, arch)
     return _build(bool(cuda), out_dir, arch)
 

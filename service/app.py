@@ -240,7 +240,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             await lifecycle.start(state, deployed)
         except BundleError as exc:
-            # logged in _load; with "latest", serve the newest version that loads (the
+            # logged in lifecycle.load; with "latest", serve the newest version that loads (the
             # rest of a fleet still serves it after a rejected reload); with none, the
             # service runs not-ready until a reload succeeds
             if settings.model_version == "latest":

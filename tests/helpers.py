@@ -165,15 +165,16 @@ def torch_inputs(enc: Any) -> dict[str, Any]:
 
 
 class ShiftedClock:
-    """``time.monotonic()`` plus an offset the test moves on (:meth:`advance`), put in
-    place of the ``time`` module of the given service modules (:meth:`install`): TTLs
-    expire without sleeping, and no check races the machine's speed."""
+    """A ``time.monotonic()`` that stands still unless the test moves it on
+    (:meth:`advance`), put in place of the ``time`` module of the given service modules
+    (:meth:`install`): TTLs expire without sleeping, and no check races the machine's
+    speed. It starts at the real clock's reading."""
 
     def __init__(self) -> None:
-        self.offset = 0.0
+        self.offset = time.monotonic()
 
     def monotonic(self) -> float:
-        return time.monotonic() + self.offset
+        return self.offset
 
     def advance(self, seconds: float) -> None:
         self.offset += seconds
