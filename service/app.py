@@ -231,6 +231,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 state.reload_lock,
                 lambda version: lifecycle.load(state, version),
                 configured=settings.model_version,
+                serving=lambda: state.model.version if state.model is not None else None,
             )
             # before the load: a broadcast meanwhile is caught up; and the deployment's
             # last broadcast version, if it is the one to start on

@@ -51,8 +51,10 @@ async def start(state: State, deployed: str | None) -> LoadedModel:
     if deployed is not None:
         with contextlib.suppress(BundleError, ProviderError):  # logged in load
             return await load(state, deployed)
-        log.warning("the deployment's version %s does not load here: starting on %s",
-                    deployed, state.settings.model_version)  # fmt: skip
+        log.warning("the deployment's version %s does not load here (yet): starting on %s, "
+                    "and trying it again", deployed, state.settings.model_version)  # fmt: skip
+        if state.bus is not None:  # e.g. its files still on their way to this host
+            state.bus.retry_later(deployed)
     return await load(state, None)
 
 

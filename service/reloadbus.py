@@ -77,9 +77,16 @@ _DIGITS = re.compile(r"[0-9]{1,20}")
 # the bus's own calls are off the request path: a bound for a slow or loading Redis,
 # not the scoring reads' CTR_REDIS_TIMEOUT_MS
 MIN_TIMEOUT_S = 2.0
-RECORD_TTL_S = 30 * 24 * 3600  # the catch-up record outlives any reconnect worth catching up
+# the first wait before a version that did not load here is tried again (doubling)
+LOAD_RETRY_S = 30.0
+# CAS delete of the record (KEYS[1]) if it still holds ARGV[1]
+DROP_RECORD = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
-# KEYS: sequence, record; ARGV: message (JSON, without "seq"), channel, record TTL (s).
+# KEYS: sequence, record; ARGV: message (JSON, without "seq"), channel. The record never
+# expires (one key per deployment): a worker starting months later still finds it.
 # The new number is above the previous one and at least the server's clock in µs (exact
 # in a Lua double until the year 2255), so it grows even if the sequence key was lost.
 PUBLISH_SCRIPT = """
@@ -90,7 +97,7 @@ redis.call('SET', KEYS[1], string.format('%.0f', seq))
 local m = cjson.decode(ARGV[1])
 m['seq'] = string.format('%.0f', seq)  -- a string: cjson prints numbers to 14 digits
 local s = cjson.encode(m)
-redis.call('SET', KEYS[2], s, 'EX', tonumber(ARGV[3]))
+redis.call('SET', KEYS[2], s)
 return {string.format('%.0f', seq), redis.call('PUBLISH', ARGV[2], s)}
 """
 
@@ -130,9 +137,10 @@ class ReloadBus:
         retry_s: float = 0.5,
         ping_s: float = 5.0,
         pong_timeout_s: float = 2.0,
-        load_retry_s: float = 30.0,
+        load_retry_s: float | None = None,
         load_retry_max_s: float = 600.0,
         configured: str = "latest",
+        serving: Callable[[], str | None] = lambda: None,
     ) -> None:
         # one channel and one record per deployment: the store's path and the model name,
         # hashed to a short suffix; the keys share a hash tag (one cluster slot)
@@ -145,6 +153,7 @@ class ReloadBus:
         self.last_key = f"{tag}:last"
         self.deployment = {"models_dir": where, "model": model_name}
         self.configured = configured  # CTR_MODEL_VERSION: what a fresh start loads
+        self.serving = serving  # the version this worker serves now (None: none)
         self.token = uuid.uuid4().hex  # this worker
         self.redis = redis
         self.timeout_s = max(timeout_s, MIN_TIMEOUT_S)
@@ -153,7 +162,7 @@ class ReloadBus:
         self.retry_s = retry_s
         self.ping_s = ping_s
         self.pong_timeout_s = pong_timeout_s
-        self.load_retry_s = load_retry_s
+        self.load_retry_s = LOAD_RETRY_S if load_retry_s is None else load_retry_s
         self.load_retry_max_s = load_retry_max_s
         self.retry_task: asyncio.Task[None] | None = None  # a failed broadcast's load
         self.publish_task: asyncio.Task[None] | None = None  # a broadcast Redis refused
@@ -190,14 +199,31 @@ class ReloadBus:
             log.warning("reload bus: no baseline (redis): %s", type(exc).__name__)
             return None
         msg = self._record(raw)
-        if msg is None or msg.get("configured") != self.configured:
+        if msg is None:
             return None
+        if msg.get("configured", self.configured) != self.configured:
+            # a deploy with another CTR_MODEL_VERSION: that record is over (else reverting
+            # the deploy would bring an old rollback back)
+            with contextlib.suppress(*ERRORS):
+                async with asyncio.timeout(self.timeout_s):
+                    await self.redis.eval(DROP_RECORD, 1, self.last_key, raw)  # type: ignore[misc]
+            return None
+        if msg.get("configured") is None:
+            return None  # a record from before the rule: a fresh start, as then
         if self.configured == "latest":
             seen = msg.get("newest")
-            if not isinstance(seen, int) or isinstance(seen, bool) or self._newest() > seen:
+            newest = await asyncio.to_thread(self._newest)
+            if not isinstance(seen, int) or isinstance(seen, bool) or newest > seen:
                 return None  # exported since: a fresh start takes the newest, as ever
         log.info("starting on version %s, the deployment's last broadcast", msg["version"])
         return str(msg["version"])
+
+    def retry_later(self, version: str) -> None:
+        """The start-up load of the deployment's ``version`` failed here: try it again in
+        the background (backing off), as a broadcast version that failed, until it loads
+        or a newer broadcast supersedes it."""
+        if self.applied_seq is not None:
+            self.retry_task = _replace(self.retry_task, self._retry(self.applied_seq, version))
 
     def _newest(self) -> int:
         """The highest complete version in the model store (0: none, or unreadable)."""
@@ -236,13 +262,12 @@ class ReloadBus:
 
     async def _publish_once(self, version: str) -> int | None:
         # what a worker starting later compares with its own setting and store (baseline)
-        note = {"configured": self.configured, "newest": self._newest()}
+        note = {"configured": self.configured, "newest": await asyncio.to_thread(self._newest)}
         msg = orjson.dumps({**self.deployment, "version": version, "origin": self.token, **note})
         try:
             async with asyncio.timeout(self.timeout_s):
                 seq, receivers = await self.redis.eval(  # type: ignore[misc]
-                    PUBLISH_SCRIPT, 2, self.seq_key, self.last_key, msg, self.channel,
-                    RECORD_TTL_S,
+                    PUBLISH_SCRIPT, 2, self.seq_key, self.last_key, msg, self.channel
                 )  # fmt: skip
         except ERRORS as exc:
             log.warning("reload not broadcast (redis): %s", type(exc).__name__)
@@ -298,6 +323,8 @@ class ReloadBus:
             if self.applied_seq is not None and seq <= self.applied_seq:
                 return  # this worker has applied or published a newer one
             self.applied_seq = seq
+            if self.serving() == version:
+                return  # already served here (several workers reloading it at once)
             log.info("reloading version %s, as another worker did (#%d)", version, seq)
             if await self._load_quietly(version):
                 return

@@ -483,14 +483,52 @@ def test_a_worker_starting_later_serves_what_the_deployment_serves(
     pinned = settings(built, channel, store, model_version="2")
     with TestClient(create_app(pinned)) as c:  # a deploy that pins another version
         assert info(c)["version"] == "2"
+        rc = Redis.from_url(REDIS_URL)
+        assert rc.get(c.app.state.ctr.bus.last_key) is None  # that record is over
+        rc.close()
+    with TestClient(create_app(latest)) as back:  # so reverting the deploy does not
+        assert info(back)["version"] == "2"  # bring the old rollback back
+        r = back.post("/admin/reload", json={"version": "1"}, headers=KEY)  # rolled back
+        assert r.status_code == 200, r.text
     shutil.copytree(root / "1", root / "3")  # exported after the rollback
     with TestClient(create_app(latest)) as d:
         assert info(d)["version"] == "3"
         r = d.post("/admin/reload", json={"version": "1"}, headers=KEY)  # rolled back again
         assert r.status_code == 200, r.text
-    (root / "1" / "model.onnx").write_bytes(b"\x00garbage")  # and 1 breaks on this host
-    with TestClient(create_app(latest)) as e:
-        assert info(e)["version"] == "3"  # what CTR_MODEL_VERSION gives
+
+
+def test_a_deployment_version_that_fails_at_start_is_tried_again(
+    built: Built, channel: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that starts on CTR_MODEL_VERSION because the deployment's version does
+    not load here yet (its files still on their way) tries that version again until it
+    loads, as it would a broadcast that failed; and a broadcast of the version a worker
+    already serves loads nothing again."""
+    import service.reloadbus
+
+    monkeypatch.setattr(service.reloadbus, "LOAD_RETRY_S", 0.1)
+    store = tmp_path / "models"
+    shutil.copytree(built.models_dir, store)
+    root = store / built.config.name
+    shutil.copytree(root / "1", root / "3")
+    latest = settings(built, channel, store, model_version="latest")
+    good = (root / "2" / "model.onnx").read_bytes()
+    with TestClient(create_app(latest)) as a:
+        assert info(a)["version"] == "3"
+        r = a.post("/admin/reload", json={"version": "2"}, headers=KEY)  # a rollback
+        assert r.status_code == 200, r.text
+        (root / "2" / "model.onnx").write_bytes(b"\x00half-copied")
+        with TestClient(create_app(latest)) as b:
+            assert info(b)["version"] == "3"  # 2 does not load here yet
+            (root / "2" / "model.onnx").write_bytes(good)  # the copy lands
+            assert until(lambda: info(b)["version"] == "2"), info(b)
+            bus_a, bus_b = a.app.state.ctr.bus, b.app.state.ctr.bus
+            assert until(lambda: bus_b.subscribed)
+            loads = bus_a.applied
+            r = b.post("/admin/reload", json={"version": "2"}, headers=KEY)  # a serves 2
+            assert r.status_code == 200 and r.json()["peers_notified"] == 1, r.text
+            assert until(lambda: bus_a.applied_seq == bus_b.applied_seq)
+            assert bus_a.applied == loads and info(a)["version"] == "2"
 
 
 def test_sighup_reload_is_broadcast_and_recorded(built: Built, channel: str) -> None:
