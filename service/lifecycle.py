@@ -11,7 +11,7 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
-from ctr.bundle import BundleError, list_versions
+from ctr.bundle import BundleError, list_versions, resolve_version
 from service import metrics as m
 from service.model import LoadedModel, ProviderError, load_model
 from service.retry import retry_under_lock
@@ -49,12 +49,17 @@ async def start(state: State, deployed: str | None) -> LoadedModel:
     :meth:`~service.reloadbus.ReloadBus.baseline`) if given and it loads, else
     ``CTR_MODEL_VERSION``. Raises as :func:`load`."""
     if deployed is not None:
-        with contextlib.suppress(BundleError, ProviderError):  # logged in load
+        try:
             return await load(state, deployed)
-        log.warning("the deployment's version %s does not load here (yet): starting on %s, "
-                    "and trying it again", deployed, state.settings.model_version)  # fmt: skip
-        if state.bus is not None:  # e.g. its files still on their way to this host
-            state.bus.retry_later(deployed)
+        except (BundleError, ProviderError):  # logged in load
+            s = state.settings
+            log.warning("the deployment's version %s does not load here (yet): starting on "
+                        "%s, and trying it again", deployed, s.model_version)  # fmt: skip
+            if state.bus is not None:  # e.g. its files still on their way to this host
+                state.bus.retry_later(deployed)
+            with contextlib.suppress(BundleError):
+                if str(resolve_version(s.models_dir, s.model_name, s.model_version)) == deployed:
+                    raise  # the same version: no second load of it
     return await load(state, None)
 
 

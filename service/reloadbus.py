@@ -36,7 +36,8 @@ loads or a newer broadcast supersedes it.
   current number *before* it loads its model, so a broadcast made while it loads is
   applied too. If Redis cannot be read then, the worker's own start time stands in for
   that number (broadcast numbers follow the Redis server's clock in µs), and it starts
-  on ``CTR_MODEL_VERSION``.
+  on ``CTR_MODEL_VERSION``; the last broadcast from before it started is applied when
+  it subscribes only if it is the version a start would have taken (as above).
 * **A silently dead connection** (no RST: a NAT timeout, a partition) is found by a PING
   every few idle seconds whose PONG must come back within a bound.
 * **Redis down.** The local reload still happens; the answer says that no other worker
@@ -201,22 +202,30 @@ class ReloadBus:
         msg = self._record(raw)
         if msg is None:
             return None
-        if msg.get("configured", self.configured) != self.configured:
+        if not await self._adoptable(msg):
+            if msg.get("configured", self.configured) == self.configured:
+                return None
             # a deploy with another CTR_MODEL_VERSION: that record is over (else reverting
             # the deploy would bring an old rollback back)
             with contextlib.suppress(*ERRORS):
                 async with asyncio.timeout(self.timeout_s):
                     await self.redis.eval(DROP_RECORD, 1, self.last_key, raw)  # type: ignore[misc]
             return None
-        if msg.get("configured") is None:
-            return None  # a record from before the rule: a fresh start, as then
-        if self.configured == "latest":
-            seen = msg.get("newest")
-            newest = await asyncio.to_thread(self._newest)
-            if not isinstance(seen, int) or isinstance(seen, bool) or newest > seen:
-                return None  # exported since: a fresh start takes the newest, as ever
         log.info("starting on version %s, the deployment's last broadcast", msg["version"])
         return str(msg["version"])
+
+    async def _adoptable(self, msg: dict[str, Any]) -> bool:
+        """Whether a worker starting now should start on the record ``msg``'s version:
+        made by workers configured alike and, for ``latest``, nothing newer exported
+        since."""
+        if msg.get("configured") != self.configured:
+            return False  # another setting, or a record from before the rule
+        if self.configured != "latest":
+            return True
+        seen = msg.get("newest")
+        if not isinstance(seen, int) or isinstance(seen, bool):
+            return False
+        return await asyncio.to_thread(self._newest) <= seen  # else exported since
 
     def retry_later(self, version: str) -> None:
         """The start-up load of the deployment's ``version`` failed here: try it again in
@@ -363,9 +372,12 @@ class ReloadBus:
         parsed = self._parse(raw) if raw else None
         if self.applied_seq is None:
             # the start-up baseline read failed: what was broadcast since this worker
-            # began starting is newer than its model (it is applied below), what came
-            # before is not (it loaded CTR_MODEL_VERSION, like any fresh start)
+            # began starting is newer than its model (it is applied below); what came
+            # before is too, when it is the version a start would have taken (baseline),
+            # else not (it loaded CTR_MODEL_VERSION, like any fresh start)
             self.applied_seq = min(self.started_us, int(current or 0))
+            if parsed is not None and await self._adoptable(self._record(raw) or {}):
+                self.applied_seq = min(self.applied_seq, parsed[0] - 1)
         if parsed is not None:
             await self._apply(*parsed)
 
