@@ -57,9 +57,11 @@ async def start(state: State, deployed: str | None) -> LoadedModel:
                         "%s, and trying it again", deployed, s.model_version)  # fmt: skip
             if state.bus is not None:  # e.g. its files still on their way to this host
                 state.bus.retry_later(deployed)
+            same = False
             with contextlib.suppress(BundleError):
-                if str(resolve_version(s.models_dir, s.model_name, s.model_version)) == deployed:
-                    raise  # the same version: no second load of it
+                same = str(resolve_version(s.models_dir, s.model_name, s.model_version)) == deployed
+            if same:
+                raise  # the same version: no second load of it
     return await load(state, None)
 
 

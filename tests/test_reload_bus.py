@@ -556,3 +556,27 @@ def test_sighup_reload_is_broadcast_and_recorded(built: Built, channel: str) -> 
         rc.close()
         assert record["version"] == "2" and record["configured"] == "1"
         assert record["newest"] == 2
+
+
+def test_a_broken_deployment_version_that_is_also_the_newest_is_loaded_once(
+    built: Built, channel: str, tmp_path: Path
+) -> None:
+    """The deployment's version is the newest, and it is broken here: the start does not
+    load it a second time as CTR_MODEL_VERSION=latest, but goes on to the fallback (the
+    newest older version that loads)."""
+    from service import metrics as m
+
+    store = tmp_path / "models"
+    shutil.copytree(built.models_dir, store)
+    root = store / built.config.name
+    latest = settings(built, channel, store, model_version="latest")
+    with TestClient(create_app(latest)) as a:
+        r = a.post("/admin/reload", json={}, headers=KEY)  # the newest: 2, recorded
+        assert r.status_code == 200 and r.json()["version"] == "2", r.text
+    (root / "2" / "model.onnx").write_bytes(b"\x00garbage")
+    failed = m.ERRORS.labels("model_load")
+    before = failed._value.get()
+    with TestClient(create_app(latest)) as b:
+        got = info(b)
+        assert got["version"] == "1" and got["fallback"]["newest"] == "2"
+    assert failed._value.get() - before == 1  # version 2 tried once, not twice
