@@ -27,9 +27,12 @@ loads or a newer broadcast supersedes it.
   ``CTR_MODEL_VERSION``, so it serves what its peers serve, a rollback included, when
   the record was made by workers configured with the same ``CTR_MODEL_VERSION`` and,
   for ``latest``, no newer version has been exported since (the record notes the
-  newest then). A deploy that changes ``CTR_MODEL_VERSION``, or a new export, starts
-  on its own setting, as without the bus; so does a worker whose load of that version
-  fails.
+  newest then; the record never expires). A new export starts on the newest, as
+  without the bus; a deploy that changes ``CTR_MODEL_VERSION`` starts on its setting
+  and drops the record (reverting it must not bring an old rollback back). A worker
+  whose load of that version fails (files still on their way) starts on its setting
+  and tries the version again, as a broadcast that failed. A broadcast of the version
+  a worker already serves loads nothing.
 * **A worker that was not listening** (starting up, Redis restarted, a dead connection)
   catches up when it subscribes: it reads the last-broadcast record and applies it if
   its number is newer than what the worker has seen. At start-up the worker notes the
@@ -322,7 +325,11 @@ class ReloadBus:
 
     def _parse(self, raw: bytes | str | None) -> tuple[int, str] | None:
         """(number, version) of a message for this deployment from another worker."""
-        msg = self._record(raw)
+        return self._peer(self._record(raw))
+
+    def _peer(self, msg: dict[str, Any] | None) -> tuple[int, str] | None:
+        """(number, version) of a well-formed record (:meth:`_record`), unless it is this
+        worker's own."""
         if msg is None or msg.get("origin") == self.token:
             return None  # not ours to apply (this worker's own: published after its load)
         return int(msg["seq"]), msg["version"]
@@ -369,14 +376,15 @@ class ReloadBus:
         failure raises: the listener then reconnects and tries again."""
         async with asyncio.timeout(self.timeout_s):
             raw, current = await self.redis.mget(self.last_key, self.seq_key)  # one slot
-        parsed = self._parse(raw) if raw else None
+        msg = self._record(raw)
+        parsed = self._peer(msg)
         if self.applied_seq is None:
             # the start-up baseline read failed: what was broadcast since this worker
             # began starting is newer than its model (it is applied below); what came
             # before is too, when it is the version a start would have taken (baseline),
             # else not (it loaded CTR_MODEL_VERSION, like any fresh start)
             self.applied_seq = min(self.started_us, int(current or 0))
-            if parsed is not None and await self._adoptable(self._record(raw) or {}):
+            if msg is not None and parsed is not None and await self._adoptable(msg):
                 self.applied_seq = min(self.applied_seq, parsed[0] - 1)
         if parsed is not None:
             await self._apply(*parsed)
