@@ -5,6 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
 # a tool or package that setup.sh installs but a test finds missing fails the run
-# instead of skipping quietly (only GPU tests and tests needing ../shared/data skip)
+# instead of skipping quietly (README, "Tests", says what may still skip)
 export CTR_TEST_STRICT="${CTR_TEST_STRICT:-1}"
 exec .venv/bin/pytest -q -p no:cacheprovider "$@"

@@ -77,8 +77,8 @@ def user_records(config: FeatureConfig, frame: pd.DataFrame) -> Iterator[tuple[s
             for i in range(n)
         ]
         if seqs:
-            done = newest if spec.behaviours == "all" else newest[newest[spec.label] == 1]
-            for _, pos in done.iterrows():
+            followed = newest if spec.behaviours == "all" else newest[newest[spec.label] == 1]
+            for _, pos in followed.iterrows():
                 events.append({t.source: normalize(pos.get(t.source)) for t in targets})
         user = normalize(uid)  # the token training and requests use: 5.0 is user "5"
         if user is not None:

@@ -223,9 +223,16 @@ def redis_asleep(url: str, seconds: float) -> threading.Thread:
     raise AssertionError("Redis never went to sleep")
 
 
+def until(check: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll ``check`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.02)
+    return check()
+
+
 def wait_for(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
     """Poll ``check`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
+    assert until(check, timeout), f"timed out waiting for {what}"

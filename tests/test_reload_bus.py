@@ -23,7 +23,7 @@ from redis.asyncio import Redis as AsyncRedis
 from service.app import create_app
 from service.reloadbus import ReloadBus
 from service.settings import Settings
-from tests.helpers import REDIS_URL, Built, build_bundle
+from tests.helpers import REDIS_URL, Built, build_bundle, until
 from tests.redis_proc import free_port
 
 KEY = {"X-API-Key": "k"}
@@ -47,15 +47,6 @@ def settings(built: Built, channel: str, models_dir: Path | None = None, **kw: A
         "reload_channel": channel,
     }
     return Settings(**(base | kw))
-
-
-def until(check: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 async def until_async(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:

@@ -88,12 +88,6 @@ def load_frame(config: FeatureConfig) -> pd.DataFrame:
     return validate_frame(config, frame)
 
 
-def time_values(frame: pd.DataFrame, column: str) -> pd.Series:
-    """The time column as numbers (a CSV is read as strings, where "9" > "11"): the order
-    the split uses (``ctr load``'s ``time_order`` agrees wherever they are numbers)."""
-    return pd.to_numeric(frame[column])
-
-
 def split_frame(
     frame: pd.DataFrame, spec: DataSpec, seed: int = 0
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -122,7 +116,7 @@ def split_frame(
         n_val = int(len(frame) * spec.val_fraction)
         te, va, tr = idx[:n_test], idx[n_test : n_test + n_val], idx[n_test + n_val :]
         return frame.iloc[tr], frame.iloc[va], frame.iloc[te]
-    t = time_values(frame, spec.time_column)
+    t = pd.to_numeric(frame[spec.time_column])  # a CSV's "9" > "11" (service.loader agrees)
     if spec.split == "time":
         q_val = t.quantile(1 - spec.val_fraction - spec.test_fraction)
         q_test = t.quantile(1 - spec.test_fraction)
