@@ -408,3 +408,24 @@ def test_service_scores_small_and_large_calls_alike_on_either_session(
         got = np.array([i["probability"] for i in on["items"]])
         want = np.array([i["probability"] for i in off["items"]])
         np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("spin", "allow", "stop"), [("run", "1", "1"), ("always", "1", None), ("never", "0", None)]
+)
+def test_intra_op_spin_reaches_every_session(
+    bundles: dict[str, Built], spin: str, allow: str, stop: str | None
+) -> None:
+    """``CTR_INTRA_OP_SPIN`` is in the options of each session that serves: the main one
+    and the one-thread session for small calls (``SplitRunner``)."""
+    model = load_model(settings_for(bundles["din"], intra_op_spin=spin, intra_op_threads=2))
+    assert isinstance(model.runner, SplitRunner)
+    for runner in (model.runner.main, model.runner.single):
+        assert isinstance(runner, SessionRunner)
+        options = runner.session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == allow
+        if stop is None:
+            with pytest.raises(RuntimeError, match="does not have configuration"):
+                options.get_session_config_entry("session.force_spinning_stop")
+        else:
+            assert options.get_session_config_entry("session.force_spinning_stop") == stop

@@ -1,0 +1,81 @@
+"""The micro-batcher's packing rules (``service/batcher.py``), driven on a real event
+loop and a real thread pool: ``CTR_BATCH_MAX_USERS`` and ``CTR_BATCH_MAX_CANDIDATES``
+bound what one graph call takes, queue order is kept, and each request gets its own
+rows back. The service-level check (concurrent HTTP requests score as alone) is
+``tests/test_runtime.py::test_micro_batching_over_http``."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from service.batcher import Batcher
+
+
+def _feeds(tag: int, n: int) -> dict[str, np.ndarray]:
+    """One user's feeds with ``n`` candidates; candidate ``j`` carries ``tag * 1000 + j``
+    so a request can tell its rows from any other's."""
+    return {
+        "hist_len": np.array([1], dtype=np.int64),
+        "item": (tag * 1000 + np.arange(n, dtype=np.int64)).reshape(n, 1),
+        "user_idx": np.zeros(n, dtype=np.int64),
+    }
+
+
+def _serve(max_users: int, max_candidates: int, sizes: list[int]) -> tuple[list, list]:
+    """Submit a request that holds the only run slot, then ``sizes`` more while it runs;
+    release it. Returns the calls the graph saw (each: the candidates' tags per call)
+    and each queued request's outputs."""
+    calls: list[list[int]] = []
+    gate = threading.Event()
+
+    def run(feeds: dict[str, np.ndarray], explain: bool) -> list[np.ndarray]:
+        if not calls:
+            gate.wait(10)  # the first call holds the slot until everything is queued
+        tags = feeds["item"][:, 0] // 1000
+        calls.append([int(t) for t in dict.fromkeys(tags.tolist())])
+        # what the graph would do with user_idx: every candidate row finds its own user
+        assert feeds["hist_len"].shape[0] == len(calls[-1])
+        assert np.array_equal(np.unique(feeds["user_idx"]), np.arange(len(calls[-1])))
+        return [feeds["item"][:, 0].astype(np.float32)]
+
+    async def main() -> list:
+        batcher = Batcher(run, slots=1, max_users=max_users, max_candidates=max_candidates,
+                          wait_s=0.0)  # fmt: skip
+        with ThreadPoolExecutor(1) as pool:
+            first = asyncio.ensure_future(batcher.submit(pool, _feeds(99, 5), False))
+            await asyncio.sleep(0)  # the first request takes the slot
+            queued = [
+                asyncio.ensure_future(batcher.submit(pool, _feeds(k, n), False))
+                for k, n in enumerate(sizes)
+            ]
+            await asyncio.sleep(0)
+            gate.set()
+            await first
+            return list(await asyncio.gather(*queued))
+
+    outs = asyncio.run(main())
+    return calls[1:], outs
+
+
+def test_a_call_takes_queued_requests_up_to_max_candidates_in_order() -> None:
+    calls, outs = _serve(max_users=8, max_candidates=100, sizes=[60, 30, 20, 50, 120, 10])
+    # 60 + 30 fit (and 20 more would not); then 20 + 50; 120 alone, though over the bound
+    # (never starved); 10 after it, not packed ahead of it
+    assert calls == [[0, 1], [2, 3], [4], [5]]
+    for k, (n, out) in enumerate(zip([60, 30, 20, 50, 120, 10], outs, strict=True)):
+        np.testing.assert_array_equal(out[0], k * 1000 + np.arange(n, dtype=np.float32))
+
+
+def test_a_call_takes_at_most_max_users() -> None:
+    calls, outs = _serve(max_users=3, max_candidates=4096, sizes=[5] * 7)
+    assert calls == [[0, 1, 2], [3, 4, 5], [6]]
+    assert [len(o[0]) for o in outs] == [5] * 7
+
+
+def test_max_users_one_never_merges() -> None:
+    calls, _ = _serve(max_users=1, max_candidates=4096, sizes=[5, 5, 5])
+    assert calls == [[0], [1], [2]]
