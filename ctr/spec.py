@@ -310,3 +310,28 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Fe
             node = node.setdefault(p, {})
         node[parts[-1]] = value
     return FeatureConfig.model_validate(raw)
+
+
+# Config keys added after bundle format 1: a manifest holds one only when it is not at its
+# default, so a bundle that does not use it still loads on a service released before it
+# (the config models forbid unknown keys). A key added from now on goes here too.
+LATER_KEYS: tuple[tuple[str, ...], ...] = (
+    ("item_key",),
+    ("data", "behaviour_labels"),
+    ("model", "aux_hidden"),
+)
+
+
+def manifest_config(config: FeatureConfig) -> dict[str, Any]:
+    """``config`` as the manifest stores it: its JSON form without the :data:`LATER_KEYS`
+    that hold their defaults. Validating the result gives ``config`` back."""
+    out: dict[str, Any] = config.model_dump(mode="json")
+    for path in LATER_KEYS:
+        owner: BaseModel = config
+        node = out
+        for part in path[:-1]:
+            owner, node = getattr(owner, part), node[part]
+        field = type(owner).model_fields[path[-1]]
+        if node[path[-1]] == field.get_default(call_default_factory=True):
+            del node[path[-1]]
+    return out

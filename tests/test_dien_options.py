@@ -79,6 +79,7 @@ def test_aux_hidden_round_trips_through_the_manifest(
     bundle = load_bundle(tmp_path / "m", config.name)
     assert bundle.config.model.aux_hidden == [16, 8] and bundle.config == config
     manifest = json.loads((path / MANIFEST).read_text())
+    assert manifest["config"]["model"]["aux_hidden"] == [16, 8]  # not at its default: kept
     del manifest["config"]["model"]["aux_hidden"]  # as an older export wrote it
     (path / MANIFEST).write_text(json.dumps(manifest))
     assert load_bundle(tmp_path / "m", config.name).config.model.aux_hidden == [100, 50]

@@ -39,7 +39,7 @@ from ctr.bundle import (
     staging_dir,
 )
 from ctr.mapping import FeatureMapper
-from ctr.spec import FeatureConfig
+from ctr.spec import FeatureConfig, manifest_config
 from training.models import AttentionalGRU, CTRModel
 from training.modules import DINAttention
 
@@ -298,7 +298,7 @@ def export_bundle(
             "exporter": f"torch {torch.__version__} torchscript (dynamo=False)",
             "inputs": [i.__dict__ for i in graph_inputs(config)],
             "outputs": [o.__dict__ for o in graph_outputs(config)],
-            "config": json.loads(config.model_dump_json()),
+            "config": manifest_config(config),
             "mapping": mapper.to_json(),
             "metrics": {k: metrics.get(k) for k in ("val", "test", "best_epoch", "rows")},
             "data_fingerprint": metrics.get("data_fingerprint"),
