@@ -211,10 +211,17 @@ constexpr size_t kDinInputs = 8;
 
 struct DinKernel {
   DinShape shape{};  // widths, act and softmax from the node's attributes
-  std::string error;  // a bad attribute, reported at the first run
+  std::string error;  // a bad attribute: session creation fails with it (and, through
+                      // the old CreateKernel entry point, which has no status, every run)
 };
 
 OrtStatus* din_error(const std::string& msg) { return op_error(kDinOpName, msg); }
+
+std::string join(const DinShape& s) {
+  std::string out;
+  for (int64_t i = 0; i < s.layers; ++i) out += (i ? ", " : "") + std::to_string(s.widths[i]);
+  return out;
+}
 
 DinKernel* din_kernel(const OrtKernelInfo* info) {
   auto* k = new DinKernel();
@@ -235,6 +242,9 @@ DinKernel* din_kernel(const OrtKernelInfo* info) {
   }
   k->shape.act = act;
   k->shape.softmax = softmax != 0;
+  if (k->error.empty() && din_param_count(k->shape) < 0)
+    k->error = "attribute widths must be in [1, 256] and act one of 0, 1, 2 (got widths [" +
+               join(k->shape) + "], act " + std::to_string(act) + ")";
   return k;
 }
 
@@ -328,6 +338,7 @@ struct GruOp {  // AttentionalGRU, for the CPU or for CUDA
   static constexpr size_t kInputCount = kInputs, kOutputCount = 1;
   static bool int64_input(size_t i) { return i == 2; }
   static void* create(const OrtKernelInfo*) { return new Kernel{kCuda}; }
+  static const std::string* error(void*) { return nullptr; }
   static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
     return gru_compute(kernel, ctx);
   }
@@ -340,6 +351,10 @@ struct DinOp {  // DinAttention, CPU only
   static constexpr size_t kInputCount = kDinInputs, kOutputCount = 2;
   static bool int64_input(size_t i) { return i == 4 || i == 5; }
   static void* create(const OrtKernelInfo* info) { return din_kernel(info); }
+  static const std::string* error(void* kernel) {
+    const std::string& e = static_cast<DinKernel*>(kernel)->error;
+    return e.empty() ? nullptr : &e;
+  }
   static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
     return din_compute(kernel, ctx);
   }
@@ -378,6 +393,12 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*,
                                       const OrtKernelInfo* info, void** kernel) {
   try {
     *kernel = Op::create(info);
+    if (const std::string* error = Op::error(*kernel)) {  // a bad attribute: no session
+      OrtStatus* st = op_error(Op::kName, *error);
+      Op::destroy(*kernel);
+      *kernel = nullptr;
+      return st;
+    }
     return nullptr;
   } catch (...) {
     return g_api->CreateStatus(ORT_FAIL, (std::string(Op::kName) + ": no kernel").c_str());

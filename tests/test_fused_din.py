@@ -235,6 +235,12 @@ def test_the_op_rejects_bad_inputs(lib: native.OpsLibrary) -> None:
     for message, f in bad.items():
         with pytest.raises(Exception, match=message):
             sess.run(None, f)
-    for widths, act, message in (([6, 300], 0, "widths must be in"), ([6, 4], 9, "act one of")):
+    # a bad attribute fails the session's creation, naming the attribute and its value
+    for widths, act, message in (
+        ([6, 300], 0, r"widths must be in \[1, 256\] .*got widths \[6, 300\], act 0"),
+        ([0], 0, r"got widths \[0\], act 0"),
+        ([6, 4], 9, r"act one of 0, 1, 2 \(got widths \[6, 4\], act 9\)"),
+        ([4] * 9, 0, "widths must list 1 to 8 layers"),
+    ):
         with pytest.raises(Exception, match=message):
-            din_op_only(lib, widths, act).run(None, good)
+            din_op_only(lib, widths, act)
