@@ -180,6 +180,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if dropped := m.forget_dead_workers():
+            log.info("metrics of exited workers dropped: pids %s", dropped)
         state.redis = make_client(
             settings.redis_url,
             settings.redis_cluster,
@@ -401,6 +403,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
         if state.in_flight >= s.max_in_flight:
             raise Overloaded(f"more than {s.max_in_flight} requests in flight", None)
         state.in_flight += 1
+        m.IN_FLIGHT.inc()
         try:
             async with asyncio.timeout(s.request_timeout_ms / 1000):  # no extra task
                 return await work()
@@ -408,6 +411,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             raise DeadlineExceeded(f"request took longer than {s.request_timeout_ms} ms") from exc
         finally:
             state.in_flight -= 1
+            m.IN_FLIGHT.dec()
 
     @app.post(
         "/v1/score",

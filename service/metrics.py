@@ -3,11 +3,13 @@ uvicorn workers), ``/metrics`` aggregates every worker's files."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import sys
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import (
@@ -55,6 +57,11 @@ GC_PAUSE = Histogram(
 )
 ERRORS = Counter("ctr_errors_total", "Errors by kind", ["kind"])
 DEGRADED = Counter("ctr_degraded_responses_total", "Responses served in degraded mode")
+IN_FLIGHT = Gauge(
+    "ctr_requests_in_flight",
+    "Scoring requests being served (CTR_MAX_IN_FLIGHT bounds each worker's)",
+    multiprocess_mode="livesum",
+)
 MODEL_INFO = Gauge(
     "ctr_model_info",
     "The loaded model (value 1): graph is fused or standard, precision fp32 or fp16",
@@ -72,6 +79,34 @@ def render() -> tuple[bytes, str]:
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def forget_dead_workers() -> list[int]:
+    """With several workers (``PROMETHEUS_MULTIPROC_DIR``): drop the live gauges of
+    workers that are gone (a crashed one that uvicorn replaced), so ``/metrics`` holds
+    neither their model nor a request they died serving. Run at each worker's start.
+    Returns the pids dropped."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        return []
+    from prometheus_client import multiprocess
+
+    dead = set()
+    for path in Path(folder).glob("gauge_live*_*.db"):
+        tail = path.stem.rsplit("_", 1)[1]
+        if not tail.isdigit():
+            continue
+        pid = int(tail)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            dead.add(pid)
+        except PermissionError:  # alive, another user's
+            pass
+    for pid in sorted(dead):
+        with contextlib.suppress(FileNotFoundError):  # another worker starting dropped it
+            multiprocess.mark_process_dead(pid, folder)
+    return sorted(dead)
 
 
 _current_info: list[tuple[str, ...]] = []

@@ -41,7 +41,7 @@ HISTOGRAMS = {
     "ctr_batch_users",
 }
 COUNTERS = {"ctr_errors_total", "ctr_degraded_responses_total"}
-GAUGES = {"ctr_model_info"}
+GAUGES = {"ctr_model_info", "ctr_requests_in_flight"}
 CONTRACT_SERIES = (
     {f"{h}{suffix}" for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
     | COUNTERS

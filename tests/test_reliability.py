@@ -275,6 +275,14 @@ def _serve(built: Built, url: str, port: int) -> subprocess.Popen:
     return serve_process(port, service_env(built, url, CTR_REDIS_TIMEOUT_MS="3000"))
 
 
+def _in_flight(base: str) -> float:
+    """The service's ``ctr_requests_in_flight`` gauge."""
+    for line in httpx.get(base + "/metrics").text.splitlines():
+        if line.startswith("ctr_requests_in_flight "):
+            return float(line.split()[1])
+    raise AssertionError("ctr_requests_in_flight not in /metrics")
+
+
 def test_sighup_reloads_and_sigterm_drains(built: Built, rp: RedisProcess) -> None:
     from training.export import export_bundle
     from training.train import load_run
@@ -300,9 +308,7 @@ def test_sighup_reloads_and_sigterm_drains(built: Built, rp: RedisProcess) -> No
         )
         blocker = redis_asleep(rp.url, 1)
         req.start()
-        # another process: nothing to poll for "the request reached the handler" (no
-        # in-flight gauge), so a pause; were it too short, the request fails (no false pass)
-        time.sleep(0.2)
+        wait_for(lambda: _in_flight(base) == 1, "the request in flight", timeout=5)
         proc.send_signal(signal.SIGTERM)
         req.join()
         blocker.join()

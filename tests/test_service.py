@@ -325,6 +325,8 @@ def test_metrics_exposed_and_move(client: TestClient) -> None:
         assert f'ctr_stage_duration_seconds_count{{stage="{stage}"}}' in after
     assert 'route="/v1/score"' in after and 'status="200"' in after
     assert "ctr_model_info{" in after
+    assert sample(after, "ctr_requests_in_flight") == 0  # raised to 1 in the request, then back
+    assert "ctr_requests_in_flight " in after
 
 
 def test_health_ready_models(built: Built, client: TestClient) -> None:

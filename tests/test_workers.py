@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import time
@@ -135,3 +136,47 @@ def test_cuda_provider_without_cuda_is_an_error(built: Built) -> None:
     with TestClient(create_app(s)) as c:  # not required: runs not-ready, says why
         r = c.get("/readyz")
         assert r.status_code == 503 and "CTR_PROVIDER=cuda" in r.json()["model_error"]
+
+
+CRASHED_WORKER = """
+import os
+from service import metrics as m
+m.IN_FLIGHT.inc()  # dies serving a request
+m.set_model_info("din", "1", "cpu", "fused", "fp32")
+os._exit(9)  # no clean-up: as a worker that crashed
+"""
+
+NEW_WORKER = """
+import json, os
+from service import metrics as m
+m.IN_FLIGHT.inc()
+m.set_model_info("din", "1", "cpu", "fused", "fp32")
+before = m.render()[0].decode()
+dropped = m.forget_dead_workers()
+print(json.dumps({"pid": os.getpid(), "dropped": dropped, "before": before,
+                  "after": m.render()[0].decode()}))
+"""
+
+
+def test_a_new_worker_drops_the_live_gauges_of_a_dead_one(tmp_path: Path) -> None:
+    """Several workers: a worker that died (here with a request in flight) leaves its
+    gauge files behind; the worker that replaces it drops them at start, so
+    ``ctr_requests_in_flight`` and ``ctr_model_info`` count only live workers."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    root = Path(__file__).resolve().parents[1]
+    crashed = subprocess.run([sys.executable, "-c", CRASHED_WORKER], env=env, cwd=root)
+    assert crashed.returncode == 9
+    dead = {int(p.stem.rsplit("_", 1)[1]) for p in tmp_path.glob("gauge_live*_*.db")}
+    assert len(dead) == 1
+    out = subprocess.run([sys.executable, "-c", NEW_WORKER], env=env, cwd=root,
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    got = json.loads(out.stdout)
+    assert got["dropped"] == sorted(dead)
+    assert metric(got["before"], r"^ctr_requests_in_flight ") == 2
+    assert metric(got["after"], r"^ctr_requests_in_flight ") == 1
+    infos = re.findall(r'^ctr_model_info\{.*pid="(\d+)".*\} 1\.0$', got["after"], re.M)
+    assert infos == [str(got["pid"])]
