@@ -58,6 +58,27 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ping(url: str, cluster: bool) -> None:
+    """Raise ``RedisError`` naming the (redacted) URL if the Redis there does not answer."""
+    from redis import Redis, RedisCluster
+    from redis.exceptions import RedisClusterException, RedisError
+
+    from service.store import redact
+
+    try:
+        client = (
+            RedisCluster.from_url(url.split(",")[0], socket_timeout=5, socket_connect_timeout=5)
+            if cluster
+            else Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        )
+        try:
+            client.ping()
+        finally:
+            client.close()
+    except (RedisError, RedisClusterException, OSError) as exc:
+        raise RedisError(f"the Redis at {redact(url)} does not answer: {exc}") from exc
+
+
 def cmd_load(args: argparse.Namespace) -> int:
     from ctr.spec import load_config
     from service.loader import load_into_redis
@@ -68,6 +89,7 @@ def cmd_load(args: argparse.Namespace) -> int:
     settings = Settings()
     url = args.redis_url or settings.redis_url
     cluster = args.cluster or settings.redis_cluster
+    _ping(url, cluster)  # before the data is read: that can take minutes
     frame = load_frame(config)
     counts = load_into_redis(config, frame, url, progress=not args.quiet, cluster=cluster)
     from service.store import redact
@@ -405,9 +427,56 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a wrong input raises (a missing file, a bad config or setting, a bundle that
+    does not load, Redis away, ...): ``main`` prints these as one line, not a traceback.
+    Only modules already imported are asked, so the torch-free image stays torch-free."""
+    from pydantic import ValidationError
+    from redis.exceptions import RedisError
+    from yaml import YAMLError
+
+    from ctr.bundle import BundleError
+    from ctr.native import NativeError
+
+    found: list[type[BaseException]] = [
+        OSError, ValueError, ValidationError, RedisError, YAMLError, BundleError, NativeError
+    ]  # fmt: skip
+    for module, name in (("service.model", "ProviderError"), ("training.export", "ParityError")):
+        if module in sys.modules:
+            found.append(getattr(sys.modules[module], name))
+    return tuple(found)
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a user error: a config's or a setting's fields by name (settings as
+    their ``CTR_*`` variables), a missing file by its path."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        env = exc.title == "Settings"
+        parts = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            loc = f"CTR_{loc.upper()}" if env else loc
+            got = "" if err["type"] == "extra_forbidden" else f" (got {err['input']!r:.60})"
+            parts.append(f"{loc}: {err['msg']}{got}")
+        return f"invalid {'setting' if env else 'config'}: " + "; ".join(parts)
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        return f"no such file or folder: {exc.filename}"
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except Exception as exc:
+        if os.environ.get("CTR_TRACEBACK") or not isinstance(exc, _user_errors()):
+            raise
+        print(f"ctr {args.command}: error: {describe(exc)}", file=sys.stderr)
+        print("(CTR_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -86,22 +87,39 @@ def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
         return json.loads(resp.read())
 
 
-def _wait_ready(base: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+def port_taken(port: int) -> bool:
+    """Whether something already listens on ``port`` (on this machine's loopback)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _wait_ready(base: str, proc: subprocess.Popen, version: int, timeout: float = 60.0) -> None:
+    """Until the service started as ``proc`` serves ``version``. Another process on the
+    port would answer too: the answer counts only from ``proc`` (``worker_pid``)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise SystemExit("[demo] the service exited during start-up")
+            raise SystemExit("[demo] the service exited during start-up (its log is above)")
         try:
-            with urllib.request.urlopen(base + "/readyz", timeout=1) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
+            with urllib.request.urlopen(base + "/v1/models", timeout=1) as resp:
+                info = json.loads(resp.read())
+            if info.get("worker_pid") != proc.pid:
+                raise SystemExit(f"[demo] another process answers on {base}: stop it, or --port")
+            if info.get("version") == str(version):
+                return
+        except (urllib.error.URLError, OSError, ValueError):
+            pass  # not listening yet, or 503 while the model loads
         time.sleep(0.2)
     raise SystemExit("[demo] the service did not become ready")
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    if port_taken(args.port):  # before minutes of training: the service could not bind
+        raise SystemExit(
+            f"[demo] port {args.port} is in use (an earlier `--keep-serving` demo, `ctr serve` "
+            "or `docker compose up`?): stop it or pass --port"
+        )
     if args.data_root:
         os.environ["CTR_DATA_ROOT"] = str(Path(args.data_root).resolve())
     from training.data import load_frame
@@ -145,12 +163,13 @@ def run_demo(args: argparse.Namespace) -> int:
             CTR_MODEL_VERSION=str(version),
             CTR_REDIS_URL=redis_url,
             CTR_LOG_LEVEL="warning",
+            CTR_WORKERS="1",  # the answer _wait_ready waits for comes from this process
         )
         base = f"http://127.0.0.1:{args.port}"
         service = subprocess.Popen(
             [sys.executable, "-m", "ctr.cli", "serve", "--port", str(args.port)], env=env
         )
-        _wait_ready(base, service)
+        _wait_ready(base, service, version)
         print(f"[demo] 4/5 service ready at {base}")
         user = str(prep.frames["test"][config.data.user_key].iloc[0])
         id_src = config.item_id_feature.source

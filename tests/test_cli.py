@@ -1,0 +1,116 @@
+"""The ``ctr`` command as a newcomer meets it: the main job (``ctr demo``) end to end on
+the synthetic generator, and wrong input answered in one line that names what is wrong,
+not a traceback."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REDIS_URL, ROOT
+from tests.redis_proc import free_port
+
+
+def ctr(
+    *args: str, cwd: Path = ROOT, timeout: float = 120, **env: str
+) -> subprocess.CompletedProcess:
+    """``python -m ctr.cli ARGS`` on this checkout's code."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    full_env.pop("CTR_TRACEBACK", None)
+    full_env.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "ctr.cli", *args],
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def one_line_error(out: subprocess.CompletedProcess, command: str) -> str:
+    """The error line of a run that failed on user input (exit 2, no traceback)."""
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1] == "(CTR_TRACEBACK=1 for the traceback)", out.stderr
+    assert lines[-2].startswith(f"ctr {command}: error: "), out.stderr
+    return lines[-2]
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "says"),
+    [
+        (["train", "--config", "configs/nope.yaml"], {},
+         "no such file or folder: configs/nope.yaml"),
+        (["train", "--config", "configs/synthetic_din.yaml", "--set", "train.epocs=1"], {},
+         "invalid config: train.epocs: Extra inputs are not permitted"),
+        (["train", "--config", "configs/synthetic_din.yaml", "--set", "train.epochs=0"], {},
+         "invalid config: train.epochs: Input should be greater than 0 (got 0)"),
+        (["export", "--run", "runs/nope"], {}, "no such file or folder: runs/nope/config.json"),
+        (["serve"], {"CTR_PORT": "abc"},
+         "invalid setting: CTR_PORT: Input should be a valid integer"),
+        (["serve"], {"CTR_INTRA_OP_SPIN": "sometimes"},
+         "invalid setting: CTR_INTRA_OP_SPIN: Input should be 'run', 'always' or 'never'"),
+    ],
+)  # fmt: skip
+def test_wrong_input_is_one_line_naming_it(args: list[str], env: dict[str, str], says: str) -> None:
+    assert says in one_line_error(ctr(*args, **env), args[0])
+
+
+def test_the_traceback_on_request() -> None:
+    out = ctr("train", "--config", "configs/nope.yaml", CTR_TRACEBACK="1")
+    assert out.returncode == 1 and "Traceback" in out.stderr
+    assert "FileNotFoundError" in out.stderr
+
+
+def test_load_checks_redis_before_reading_the_data() -> None:
+    """An unreachable Redis is named (password hidden) before the data is prepared."""
+    port = free_port()  # nothing listens there
+    url = f"redis://:secret@127.0.0.1:{port}/0"
+    out = ctr("load", "--config", "configs/synthetic_din.yaml", "--redis-url", url)
+    line = one_line_error(out, "load")
+    assert f"the Redis at redis://:***@127.0.0.1:{port}/0 does not answer" in line
+    assert "secret" not in out.stderr + out.stdout
+    assert "%" not in out.stderr  # the loader's progress bar never started
+
+
+def test_demo_refuses_a_port_in_use_before_training(tmp_path: Path) -> None:
+    """A service left from an earlier demo holds the port: the demo says so at once
+    instead of training and then scoring against that other service."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        out = ctr("demo", "--config", str(ROOT / "configs/synthetic_din.yaml"),
+                  "--port", str(port), cwd=tmp_path)  # fmt: skip
+    assert out.returncode != 0
+    assert f"[demo] port {port} is in use" in out.stderr
+    assert not (tmp_path / "runs").exists()  # nothing was trained
+
+
+def test_demo_runs_the_main_job_end_to_end(tmp_path: Path) -> None:
+    """``ctr demo`` (what ``scripts/demo.sh`` runs after setup) on a small synthetic set:
+    train, export, load, serve, score, print the ranking, stop the service."""
+    port = free_port()
+    out = ctr(
+        "demo", "--config", str(ROOT / "configs/synthetic_din.yaml"),
+        "--models-dir", str(tmp_path / "models"), "--port", str(port),
+        "--set", "train.epochs=1",
+        "--set", 'data.options={"n_users": 300, "samples_per_user": 4}',
+        cwd=tmp_path, timeout=600, CTR_REDIS_URL=REDIS_URL,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    text = out.stdout
+    assert "[demo] 2/5 exported" in text and "[demo] 5/5 POST /v1/score" in text
+    assert "model {'name': 'din', 'version': '1'}" in text
+    rows = re.findall(r"^\s+(\d+)\s+(i\d+)\s+(0\.\d{4})\s", text, re.M)
+    assert [int(r[0]) for r in rows] == list(range(1, 11))
+    probs = [float(r[2]) for r in rows]
+    assert probs == sorted(probs, reverse=True) and all(0 < p < 1 for p in probs)
+    assert len({r[1] for r in rows}) == 10
+    assert (tmp_path / "models" / "din" / "1" / "model.onnx").is_file()
+    with socket.socket() as probe:  # the service it started is stopped
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
