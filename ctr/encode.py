@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ctr.mapping import PAD, FeatureMapper
+from ctr.mapping import PAD, FeatureMapper, normalize
 from ctr.spec import FeatureConfig, FeatureSpec
 
 
@@ -220,3 +220,36 @@ def _behaviour_tokens(cells: list[Any], users: list[Any] | None, delimiter: str)
             if c > have[tok]:
                 have[tok] = c
     return [tok for have in most.values() for tok in have.elements()]
+
+
+ITEM_KEY_TOLERANCE = 0.01  # share of key values allowed to carry two values of a feature
+
+
+def check_item_key(config: FeatureConfig, columns: Any) -> None:
+    """Raise ``ValueError`` when the configured item key (``config.item_id_feature``)
+    does not identify an item in the data: more than :data:`ITEM_KEY_TOLERANCE` of its
+    values carry two or more values of another item-side sparse feature (an item has one
+    category, one brand, ...). Stored item features are keyed by it (``ctr load``) and
+    requests name candidates by it, so a coarser key (the category, where the histories
+    hold no item IDs) would serve every item of a category the features of one.
+    ``columns``: a DataFrame, or a mapping of column name to values."""
+    key = config.item_id_feature
+    if key.source not in columns:
+        return
+    ids = [normalize(v) for v in columns[key.source]]
+    for other in config.item_sparse:
+        if other is key or other.source not in columns:
+            continue
+        seen: dict[str, set[str]] = {}
+        for i, v in zip(ids, columns[other.source], strict=True):
+            nv = normalize(v)
+            if i is not None and nv is not None:
+                seen.setdefault(i, set()).add(nv)
+        bad = [i for i, values in seen.items() if len(values) > 1]
+        if seen and len(bad) > ITEM_KEY_TOLERANCE * len(seen):
+            example = sorted(seen[bad[0]])[:3]
+            raise ValueError(
+                f"item key {key.name!r} does not identify an item: {len(bad)} of its "
+                f"{len(seen)} values carry more than one {other.name} (e.g. {key.name}="
+                f"{bad[0]!r}: {example}); name the item's ID feature in the config's item_key"
+            )

@@ -17,7 +17,7 @@ from redis import Redis
 from redis.cluster import RedisCluster
 from tqdm import tqdm
 
-from ctr.encode import parse_dense, split_sequence
+from ctr.encode import check_item_key, parse_dense, split_sequence
 from ctr.mapping import normalize
 from ctr.spec import FeatureConfig
 from service.store import item_key, user_key
@@ -100,9 +100,13 @@ def item_records(config: FeatureConfig, frame: pd.DataFrame) -> dict[str, dict[s
             nv = normalize(v) if f.kind == "sparse" else dense_text(v)
             if i is not None and nv is not None:
                 out[f.source][i] = nv
-    # histories carry the sequence-shared features too (e.g. hist_cate_id for cate_id)
+    # histories carry the sequence-shared features too (e.g. hist_cate_id for cate_id),
+    # keyed by the history's item IDs; histories without item IDs (Alimama's hold
+    # categories and brands) give none
     delim = config.data.seq_delimiter
-    id_seq = next(s for s in config.sequences if s.shared_with == id_feat.name)
+    id_seq = next((s for s in config.sequences if s.shared_with == id_feat.name), None)
+    if id_seq is None:
+        return out
     for s, target in zip(config.sequences, config.sequence_targets, strict=True):
         if target is id_feat or target.source not in out:
             continue
@@ -127,8 +131,11 @@ def load_into_redis(
     """Write users and items; replaces each loaded user's profile and sequence.
 
     Works on a single Redis and on Redis Cluster (``cluster=True``): every command
-    touches one key or keys of one user's hash-tag slot.
+    touches one key or keys of one user's hash-tag slot. Raises ``ValueError`` before
+    writing anything when the config's item key does not identify the data's items
+    (:func:`ctr.encode.check_item_key`).
     """
+    check_item_key(config, frame)
     client: Redis | RedisCluster = (
         RedisCluster.from_url(redis_url.split(",")[0], socket_timeout=10)
         if cluster

@@ -535,3 +535,31 @@ def test_loaded_history_with_blank_or_non_numeric_times() -> None:
         )
         [(_, _, events)] = list(user_records(config, frame))
         assert [e["item_id"] for e in events] == ["a", "b", "i1"], times
+
+
+def test_an_item_key_that_is_not_the_items_id_is_refused() -> None:
+    """A config whose item key is the category (Alimama without ``item_key``): training
+    and ``ctr load`` refuse it, naming the feature, before anything is written; a key
+    that identifies items, or a rare conflict (an item re-categorised), passes."""
+    from ctr.encode import check_item_key
+    from service.loader import load_into_redis
+    from tests.helpers import REDIS_URL, fresh_redis, small_config
+    from training.dataset import prepare
+
+    good = small_config("din")
+    config = FeatureConfig.model_validate({**good.model_dump(), "item_key": "cate_id"})
+    frame = load_frame(config)
+    with pytest.raises(ValueError, match=r"item key 'cate_id' does not identify an item: \d+ "
+                       r"of its \d+ values carry more than one item_id"):  # fmt: skip
+        prepare(config, frame)
+    client = fresh_redis()
+    with pytest.raises(ValueError, match="item key 'cate_id' does not identify an item"):
+        load_into_redis(config, frame, REDIS_URL, progress=False)
+    assert client.dbsize() == 0
+    check_item_key(good, frame)  # item_id: one category per item
+    items = [f"i{k}" for k in range(200)]
+    cats = [f"c{k % 7}" for k in range(200)]
+    check_item_key(good, {"item_id": [*items, "i0"], "cate_id": [*cats, "c6"]})  # 1 of 200
+    with pytest.raises(ValueError, match="3 of its 200 values carry more than one cate_id"):
+        check_item_key(good, {"item_id": [*items, "i0", "i1", "i2"],
+                              "cate_id": [*cats, "c6", "c6", "c6"]})  # fmt: skip

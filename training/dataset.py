@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from ctr.encode import Encoded, encode_frame, raw_columns_for_fit
+from ctr.encode import Encoded, check_item_key, encode_frame, raw_columns_for_fit
 from ctr.mapping import FeatureMapper
 from ctr.spec import FeatureConfig
 from training.data import load_frame, split_frame
@@ -95,6 +95,7 @@ def item_pool(config: FeatureConfig, mapper: FeatureMapper, frame: pd.DataFrame)
 
 def prepare(config: FeatureConfig, frame: pd.DataFrame | None = None) -> Prepared:
     frame = load_frame(config) if frame is None else frame
+    check_item_key(config, frame)
     tr, va, te = split_frame(frame, config.data, seed=config.train.seed)
     mapper = FeatureMapper.fit(config, raw_columns_for_fit(config, tr, config.data.seq_delimiter))
     return Prepared(
