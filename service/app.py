@@ -415,7 +415,11 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
 
     @app.post(
         "/v1/score",
-        responses={200: {"model": ScoreResponse}, **ERROR_RESPONSES},
+        responses={
+            200: {"model": ScoreResponse},
+            **ERROR_RESPONSES,
+            500: {"model": ErrorBody, "description": "a non-finite score (`non_finite_score`)"},
+        },
         openapi_extra={"requestBody": body_schema("ScoreRequest")},
         summary="Rank candidates for a user",
     )
@@ -502,7 +506,14 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Readiness: model loaded and Redis reachable")
+    @app.get(
+        "/readyz",
+        summary="Readiness: model loaded and Redis reachable",
+        responses={
+            200: {"description": "ready: `ready`, `model` and `redis` true"},
+            503: {"description": "not ready: the same body, with what is missing false"},
+        },
+    )
     async def readyz() -> Response:
         redis_ok = False
         try:
@@ -519,7 +530,11 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
         }
         return orjson_response(body, 200 if body["ready"] else 503)
 
-    @app.get("/v1/models", summary="The loaded bundle")
+    @app.get(
+        "/v1/models",
+        summary="The loaded bundle",
+        responses={503: {"model": ErrorBody, "description": "no model loaded yet"}},
+    )
     async def models() -> Response:
         model = state.require_model()
         c = model.bundle.config

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.validate import MAX_TIMESTAMP
 
@@ -127,7 +127,17 @@ class ErrorBody(BaseModel):
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    version: str | None = Field(None, description="a version number or 'latest' (default)")
+    version: str | None = Field(
+        None, description="a version number (7 or \"7\") or 'latest' (default)"
+    )
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _number(cls, value: object) -> object:
+        """A version sent as a JSON number, as ``/v1/models`` and the store number them."""
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return str(value)
+        return value
 
 
 class ReloadResponse(BaseModel):

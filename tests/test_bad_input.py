@@ -99,6 +99,16 @@ def test_a_lower_id_length_limit_is_enforced_and_published(tmp_path: Any) -> Non
         assert '"maxLength": 8' in text and '"maxLength": 256' not in text
 
 
+def test_openapi_lists_the_error_answers(client: TestClient) -> None:
+    """Every status a route documents in docs/api.md is in its OpenAPI responses."""
+    paths = client.get("/openapi.json").json()["paths"]
+    codes = {p: set(ops[next(iter(ops))]["responses"]) for p, ops in paths.items()}
+    assert {"200", "400", "401", "413", "422", "500", "503"} <= codes["/v1/score"]
+    assert {"202", "400", "401", "413", "422", "503"} <= codes["/v1/events"]
+    assert {"200", "503"} <= codes["/readyz"] and {"200", "503"} <= codes["/v1/models"]
+    assert {"200", "401", "403", "409", "422"} <= codes["/admin/reload"]
+
+
 def test_malformed_json(client: TestClient) -> None:
     r = client.post("/v1/score", content=b'{"user_id": "u1", "candidates": [', headers={
         "content-type": "application/json"})  # fmt: skip
@@ -301,8 +311,14 @@ KEY = {"X-API-Key": "k3y"}
 
 @pytest.mark.parametrize(
     ("body", "field"),
-    [({"version": ["x"]}, "version"), ({"versoin": "1"}, "versoin"), ([1], "body")],
-    ids=["wrong-type", "misspelt-field", "not-an-object"],
+    [
+        ({"version": ["x"]}, "version"),
+        ({"version": True}, "version"),
+        ({"version": -1}, "version"),
+        ({"versoin": "1"}, "versoin"),
+        ([1], "body"),
+    ],
+    ids=["wrong-type", "bool", "negative", "misspelt-field", "not-an-object"],
 )
 def test_bad_reload_body(keyed: TestClient, body: Any, field: str) -> None:
     check(keyed.post("/admin/reload", json=body, headers=KEY), 422, field, "bad_request")
@@ -315,6 +331,9 @@ def test_reload_body_optional_and_malformed(keyed: TestClient) -> None:
     assert r.status_code == 200 and r.json()["version"] == "1", r.text
     r = keyed.post("/admin/reload", content=b'{"version": ', headers=KEY)
     check(r, 400, "body", "malformed_json")
+    for version in (1, "1"):  # a JSON number or a string
+        r = keyed.post("/admin/reload", json={"version": version}, headers=KEY)
+        assert r.status_code == 200 and r.json()["version"] == "1", r.text
 
 
 def test_empty_api_key_is_no_key(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
