@@ -366,6 +366,20 @@ def test_history_and_profile_are_the_training_ones(real: Real, served: Served) -
     assert appends > 0  # the sample has users whose newest candidate joined the history
 
 
+def check_items(
+    real: Real, user: str, feeds: Any, body: dict, items: list[Any], sent: list[str]
+) -> float:
+    """The candidates' fed rows are training's for ``items`` and the answer's scores
+    (keyed by the ``sent`` IDs, in order) are the torch model's; returns their spread."""
+    sparse, dense = item_rows(real, items)
+    np.testing.assert_array_equal(feeds.feeds["item_sparse"], sparse, err_msg=user)
+    np.testing.assert_array_equal(fed(feeds, "item_dense"), dense, err_msg=user)
+    want = torch_probs(real, user_tensors(real, user, next_history(real, user)), sparse, dense)
+    got = {it["item_id"]: it["probability"] for it in body["items"]}
+    np.testing.assert_allclose([got[k] for k in sent], want, rtol=0, atol=TOL)
+    return float(np.ptp(want))
+
+
 @datasets()
 def test_candidates_are_encoded_as_in_training(real: Real, served: Served) -> None:
     """(c) a candidate sent by its ID alone gets the item features training encoded for
@@ -375,13 +389,7 @@ def test_candidates_are_encoded_as_in_training(real: Real, served: Served) -> No
     for user in sample_users(real):
         items = candidates_for(real, user)
         feeds, body = score(served, user, [{"item_id": i} for i in items])
-        sparse, dense = item_rows(real, items)
-        np.testing.assert_array_equal(feeds.feeds["item_sparse"], sparse, err_msg=user)
-        np.testing.assert_array_equal(fed(feeds, "item_dense"), dense, err_msg=user)
-        want = torch_probs(real, user_tensors(real, user, next_history(real, user)), sparse, dense)
-        got = {it["item_id"]: it["probability"] for it in body["items"]}
-        np.testing.assert_allclose([got[i] for i in items], want, rtol=0, atol=TOL)
-        spread.append(np.ptp(want))
+        spread.append(check_items(real, user, feeds, body, items, items))
     assert np.median(spread) > 0.01  # the scores do tell candidates apart
 
 
@@ -404,9 +412,4 @@ def test_scores_with_request_features_match_torch(real: Real, served: Served) ->
             for k, i in by_key.items()
         ]
         feeds, body = score(served, user, cands)
-        sparse, dense = item_rows(real, items)
-        np.testing.assert_array_equal(feeds.feeds["item_sparse"], sparse, err_msg=user)
-        np.testing.assert_array_equal(fed(feeds, "item_dense"), dense, err_msg=user)
-        want = torch_probs(real, user_tensors(real, user, next_history(real, user)), sparse, dense)
-        got = {it["item_id"]: it["probability"] for it in body["items"]}
-        np.testing.assert_allclose([got[k] for k in by_key], want, rtol=0, atol=TOL)
+        check_items(real, user, feeds, body, items, list(by_key))
