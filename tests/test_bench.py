@@ -8,7 +8,9 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from tests.helpers import ROOT
@@ -16,7 +18,7 @@ from tests.redis_proc import RedisProcess, free_port
 
 
 def test_service_benchmark_reports_every_figure() -> None:
-    from training.bench_service import render, run
+    from training.bench_service import REPS, render, run
 
     proc = RedisProcess().start()
     try:
@@ -25,10 +27,20 @@ def test_service_benchmark_reports_every_figure() -> None:
         proc.stop()
     din = res["models"]["din"]
     mo = din["model_only"][20]
-    assert mo["p50_ms"] > 0 and mo["parallel_rps"] > 0
-    assert mo["sustained_rps"] == max(mo["single_rps"], mo["parallel_rps"])
+    # the baseline: the service's own loader and graph, its latency right before and
+    # after the service's c=1 window, on the feeds of the same requests (real histories)
+    assert din["graphs"]["model_only"]["graph"] == din["graphs"]["service"]["graph"]
+    assert mo["before"]["samples"] == mo["after"]["samples"] == REPS
+    assert mo["p50_ms"] == (mo["before"]["p50_ms"] + mo["after"]["p50_ms"]) / 2
+    assert 0 < mo["mean_hist_len"] < 50 and mo["full_history"]["p50_ms"] > 0
+    # what the model alone sustains: runs completed over a timed window, for each count
+    # of ORT runs in flight the service allows (2 here), the best of them
+    assert set(mo["rates"]) == {1, 2} and all(r["calls"] > 0 for r in mo["rates"].values())
+    assert mo["sustained_rps"] == max(r["rps"] for r in mo["rates"].values())
     single = din["single"][20]
     assert single["requests"] > 0 and single["errors"] == 0
+    assert single["degraded"] == 0 and single["service_errors"] == 0
+    assert single["check"] == "ok" or single["check"].startswith("suspect:")
     assert set(single["stages_ms"]) == {
         "redis_fetch",
         "feature_mapping",
@@ -38,7 +50,8 @@ def test_service_benchmark_reports_every_figure() -> None:
     assert all(v > 0 for v in single["stages_ms"].values())
     assert single["loop_cpu_ms"] > 0  # the service's event-loop CPU per request (/proc)
     sweep = din["saturation"][20]
-    assert set(sweep) == {1, 2} and all(v["errors"] == 0 and v["rps"] > 0 for v in sweep.values())
+    assert set(sweep) == {1, 2}
+    assert all(v["errors"] == 0 and v["degraded"] == 0 and v["ok_rps"] > 0 for v in sweep.values())
     # where the machine's CPU goes per request at each point: the service (all its
     # processes and threads, /proc), the benchmark client, and the model alone
     assert all(v["service_cpu_ms"] > 0 and v["client_cpu_ms"] > 0 for v in sweep.values())
@@ -46,10 +59,162 @@ def test_service_benchmark_reports_every_figure() -> None:
     table = render(res, "ctr bench --models din")
     assert "| din | 20 |" in table and "2 ORT run(s) in flight" in table
     assert "loop CPU ms/req" in table and "CPU ms/req: service" in table
+    assert table.count("| non-200 | degraded | service errors |") == 2  # latency, saturation
+    assert "cycles 64 request bodies" in table and "Worst case, in no ratio" in table
+    assert f"(n={single['requests']}, <1,000)" in table  # a p99 with its sample count
+    assert "invalid:" not in table
     assert "1 uvicorn worker," in table
     # the machine line names the kernel release (a lent machine's sandbox shows in it)
     assert f"Linux {platform.release()}" in res["device"] and res["device"] in table
     assert (ROOT / "docs" / "benchmarks.md").read_text().count("ctr bench") >= 2
+
+
+def _user_histories(config: Any, frame: Any) -> dict[str, int]:
+    """Stored behaviours per user, as ``ctr load`` keeps them."""
+    from service.loader import user_records
+
+    return {u: min(len(ev), config.max_seq_len) for u, _, ev in user_records(config, frame)}
+
+
+def test_baseline_feeds_are_what_the_service_scores(tmp_path: Path) -> None:
+    """The model-only feeds: the same users and candidates as the request bodies, each
+    user's stored history (not a full one), encoded as the service encodes them: the
+    service's scores for a body equal the baseline model's on its feed; and the
+    Redis-free reader (``ctr bench-gpu``) gives the same feeds as the store."""
+    import httpx
+    import orjson
+
+    from service.loader import load_into_redis
+    from training.bench_service import (
+        _start_service,
+        baseline_feeds,
+        bodies_for,
+        load_baseline,
+        make_bundle,
+        service_env,
+    )
+    from training.bench_util import frame_reader, request_feeds
+
+    redis = RedisProcess().start()
+    try:
+        config, frame = make_bundle("din", tmp_path, 50)
+        load_into_redis(config, frame, redis.url, progress=False)
+        env = service_env(tmp_path, config.name, redis.url, 1)
+        base = load_baseline(env)
+        bodies = bodies_for(frame, 30, 16)
+        feeds = baseline_feeds(base, bodies, redis.url)
+        service, url = _start_service(tmp_path, config.name, redis.url, free_port(), 1)
+        try:
+            replies = [httpx.post(url + "/v1/score", content=b).json() for b in bodies[:4]]
+        finally:
+            service.terminate()
+            service.wait(timeout=30)
+    finally:
+        redis.stop()
+    stored = _user_histories(config, frame)
+    lens = [int(f["hist_len"][0]) for f in feeds]
+    assert lens == [stored[orjson.loads(b)["user_id"]] for b in bodies]
+    assert len(set(lens)) > 1 and min(lens) < config.max_seq_len  # not all L
+    for feed, body in zip(feeds, bodies, strict=True):
+        assert feed["item_sparse"].shape[0] == len(orjson.loads(body)["candidates"])
+    for feed, body, reply in zip(feeds, bodies, replies, strict=False):
+        assert not reply["degraded"]
+        probs = base.model.run(feed, False)[0]
+        got = {x["item_id"]: x["probability"] for x in reply["items"]}
+        ids = [c["item_id"] for c in orjson.loads(body)["candidates"]]
+        assert max(abs(got[i] - float(p)) for i, p in zip(ids, probs, strict=True)) < 1e-6
+    offline = request_feeds(base.model.bundle, base.settings, bodies, frame_reader(config, frame))
+    for a, b in zip(feeds, offline, strict=True):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_degraded_and_failed_replies_invalidate_a_row(tmp_path: Path) -> None:
+    """With the store down the service still answers 200, degraded: every window counts
+    those responses (and the service's errors) from /metrics, and the rendered rows say
+    invalid instead of meeting a target; non-200 replies count too."""
+    from service.loader import load_into_redis
+    from training.bench_service import (
+        _start_service,
+        baseline_feeds,
+        bodies_for,
+        load_baseline,
+        make_bundle,
+        measure_n,
+        render,
+        service_env,
+        service_single,
+    )
+
+    redis = RedisProcess().start()
+    config, frame = make_bundle("din", tmp_path, 50)
+    fast = {"CTR_REDIS_TIMEOUT_MS": "50"}
+    try:
+        load_into_redis(config, frame, redis.url, progress=False)
+        base = load_baseline(service_env(tmp_path, config.name, redis.url, 1, 1, fast))
+        bodies = bodies_for(frame, 20, 8)
+        feeds = baseline_feeds(base, bodies, redis.url)
+        service, url = _start_service(tmp_path, config.name, redis.url, free_port(), 1, 1, fast)
+    finally:
+        redis.stop()  # the store goes away: every request from here on is degraded
+    try:
+        plan = {"seconds": 0.3, "concurrency": [1], "rates": [], "reps": 16,
+                "loop_cpu": False, "graphs": {"model_only": base.describe()}}  # fmt: skip
+        got = measure_n(url, service.pid, base, bodies, feeds, plan)
+        bad = service_single(url, service.pid, [b'{"user_id": "u", "candidates": []}'], 0.2, False)
+    finally:
+        service.terminate()
+        service.wait(timeout=30)
+    single, sweep = got["single"], got["saturation"][1]
+    for window in (single, sweep):
+        assert window["requests"] > 0 and window["errors"] == 0  # 200s, all of them
+        assert window["degraded"] == window["requests"]
+        assert window["errors_by_kind"].get("kind=redis", 0) >= window["requests"]
+    assert bad["errors"] == bad["requests"] > 0  # 400s are not successes either
+    per_model = {k: {20: v} for k, v in got.items()}
+    res = {"threads": 1, "inflight": 1, "env": {}, "device": "test", "seconds": 0.3,
+           "models": {"din": {**per_model, "graphs": plan["graphs"]}}}  # fmt: skip
+    latency, _, saturation, points = _rows(render(res, "ctr bench"))
+    assert f"| invalid: {single['degraded']:.0f} degraded, " in latency
+    assert f"| invalid: {sweep['degraded']:.0f} degraded, " in saturation
+    assert f" invalid: {sweep['degraded']:.0f} degraded, " in points
+    assert all("| yes |" not in row for row in (latency, saturation))
+    res["models"]["din"]["single"][20] = bad  # a window of 400s: shown, and invalid
+    latency = _rows(render(res, "ctr bench"))[0]
+    assert f"{bad['errors']} non-200" in latency and f"| {bad['errors']} |" in latency
+
+
+def _rows(table: str) -> list[str]:
+    """The table rows of model din at N=20: latency, worst case, saturation, sweep."""
+    rows = [line for line in table.splitlines() if line.startswith("| din | 20 |")]
+    assert len(rows) == 4
+    return rows
+
+
+def test_gpu_benchmark_matched_feeds_on_the_cpu(tmp_path: Path) -> None:
+    """``ctr bench-gpu`` where only the CPU provider exists: the CUDA variants are
+    skipped, the CPU ones timed on the service's feeds for real histories (full
+    histories apart, as the worst case), and micro-batching's requests/s come from a
+    timed window over distinct users."""
+    from service.model import load_model
+    from service.settings import Settings
+    from training.bench_gpu import BATCH_N, _batched, _copied, bench_bundle, matched_feeds, render
+    from training.bench_service import make_bundle
+
+    name = make_bundle("din", tmp_path, 50)[0].name
+    res = bench_bundle(tmp_path, name, [30], 8, [1, 2], rate_seconds=0.2)
+    assert {"cpu", "cpu+fused"} <= set(res["variants"])
+    assert 0 < res["mean_hist_len"][30] < 50
+    cpu = res["variants"]["cpu"]
+    assert cpu["n"][30]["samples"] == 8 and cpu["full_history"][30]["p50_ms"] > 0
+    model = load_model(Settings(models_dir=str(tmp_path), model_name=name))
+    feeds, _ = matched_feeds(tmp_path, name, [30])
+    plan = {"users": [1, 2], "reps": 4, "rate_seconds": 0.2}
+    res["batched"]["cpu"] = batched = _batched(model, feeds[BATCH_N], plan)
+    assert all(b["req_s"] > 0 and b["window_s"] >= 0.2 for b in batched.values())
+    res["copied"] = _copied(model, [30], 4)
+    table = render({name: res}, "CPU", 8)
+    assert "worst case (in no ratio)" in table and "Micro-batching, cpu" in table
+    assert "History copied N times" in table and "timed window" in table
 
 
 def test_service_cpu_counts_every_worker_process() -> None:

@@ -4,10 +4,16 @@ For each model (DIN, DIEN at L=50) and N it measures, in one run:
 
 * end-to-end p50/p99 at concurrency 1 (a minimal keep-alive HTTP/1.1 client over
   asyncio streams, precomputed bodies, so client CPU barely counts);
-* requests/s and candidates/s at saturation (a sweep of client concurrency);
-* the per-stage breakdown from the service's own ``/metrics`` (mean per request);
-* model-only ORT latency for the same shapes and threads, in the same process run,
-  so the service overhead shows as a ratio.
+* requests/s and candidates/s at saturation (a sweep of client concurrency), 200
+  replies only;
+* the per-stage breakdown from the service's own ``/metrics`` (mean per request), and
+  per window the degraded responses and service errors (a window with any is invalid);
+* the model alone, loaded by the service's own ``load_model`` from the same settings
+  and fed what the service builds for the same requests (users, stored histories and
+  candidates): latency right before and after the service's c=1 window, and the
+  requests it completes over a timed window for each count of concurrent calls the
+  service allows, so the service overhead shows as a ratio. A full-history figure is
+  kept apart as the worst case.
 
 The client shares the machine with the service: on a 2-core box its CPU use is part
 of what is measured, and the report says so.
@@ -24,20 +30,36 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
-import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from ctr.bundle import load_bundle
 from ctr.spec import load_config
-from training.bench_util import p50_p99
+from service.settings import Settings
+from training.bench_util import (
+    Feeds,
+    bodies_for,  # also imported from here by training.soak and training.bench_path
+    cycled_times,
+    full_history_feed,
+    mean_history,
+    p50_p99,
+    redis_reader,
+    request_feeds,
+    timed_rate,
+)
+
+if TYPE_CHECKING:
+    from service.model import LoadedModel
 
 ROOT = Path(__file__).resolve().parents[1]
+BODIES = 64  # request bodies cycled over per N (each a loaded user and N candidates)
+REPS = 128  # model-only calls per latency figure (two passes over the bodies)
 
 
 def make_bundle(
@@ -101,6 +123,29 @@ def stage_means(before: str, after: str) -> dict[str, float]:
         total = b.get((stage, "sum"), 0) - a.get((stage, "sum"), 0)
         res[stage] = total / n if n else float("nan")
     return res
+
+
+def _counter(text: str, metric: str) -> dict[str, float]:
+    """``{labels as text: value}`` of counter ``metric`` (its ``_total`` samples)."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if metric in (family.name, family.name + "_total"):
+            for smp in family.samples:
+                if smp.name == metric:
+                    key = ",".join(f"{k}={v}" for k, v in sorted(smp.labels.items()))
+                    out[key] = out.get(key, 0.0) + smp.value
+    return out
+
+
+def window_counts(before: str, after: str) -> dict[str, Any]:
+    """Degraded responses (``ctr_degraded_responses_total``) and service errors
+    (``ctr_errors_total``, in all and by kind) between two /metrics scrapes."""
+    d0 = _counter(before, "ctr_degraded_responses_total")
+    d1 = _counter(after, "ctr_degraded_responses_total")
+    e0, e1 = _counter(before, "ctr_errors_total"), _counter(after, "ctr_errors_total")
+    kinds = {k: v - e0.get(k, 0.0) for k, v in e1.items() if v - e0.get(k, 0.0) > 0}
+    return {"degraded": sum(d1.values()) - sum(d0.values()),
+            "service_errors": sum(kinds.values()), "errors_by_kind": kinds}  # fmt: skip
 
 
 class RawClient:
@@ -202,11 +247,15 @@ async def _closed_loop(url: str, bodies: list[bytes], concurrency: int, seconds:
 
 
 async def _closed_loop_run(url: str, bodies: list[bytes], concurrency: int, seconds: float) -> dict:
+    """:func:`_closed_loop`'s run: every client connected before the clock starts;
+    ``ok_rps`` counts 200 replies only."""
     lat: list[float] = []
     errors = 0
-    stop = time.perf_counter() + seconds
     host, port = url.split("//")[1].split(":")
     clients = [RawClient(host, int(port)) for _ in range(concurrency)]
+    for c in clients:
+        await c.connect()  # connection set-up stays out of the measurement
+    stop = time.perf_counter() + seconds
 
     async def worker(k: int) -> None:
         nonlocal errors
@@ -226,7 +275,7 @@ async def _closed_loop_run(url: str, bodies: list[bytes], concurrency: int, seco
         await c.close()
     p50, p99 = p50_p99(np.array(lat) * 1000)
     return {"requests": len(lat), "errors": errors, "rps": len(lat) / elapsed,
-            "p50_ms": p50, "p99_ms": p99,
+            "ok_rps": (len(lat) - errors) / elapsed, "p50_ms": p50, "p99_ms": p99,
             "client_cpu_ms": cpu * 1000 / max(1, len(lat))}  # fmt: skip
 
 
@@ -286,134 +335,17 @@ async def _open_loop_run(
             "p50_ms": p50, "p99_ms": p99, "sent_p50_ms": s50, "sent_p99_ms": s99}  # fmt: skip
 
 
-def bodies_for(frame: Any, n: int, count: int = 64, seed: int = 0) -> list[bytes]:
-    rng = np.random.default_rng(seed)
-    users = frame["user_id"].astype(str).unique()
-    items = frame["item_id"].astype(str).unique()
-    out = []
-    for _ in range(count):
-        chosen = rng.choice(items, size=min(n, len(items)), replace=False).tolist()
-        while len(chosen) < n:  # more candidates than known items: add unknown (OOV) IDs
-            chosen.append(f"new-{len(chosen)}")
-        body = {"user_id": str(rng.choice(users)), "candidates": [{"item_id": i} for i in chosen]}
-        out.append(orjson.dumps(body))
-    return out
-
-
-def fused_library(bundle: Any, fused_ops: str, ops_library: str = "") -> Path | None:
-    """The custom-op library when the service would serve ``bundle``'s fused graph under
-    ``CTR_FUSED_OPS=fused_ops`` and ``CTR_OPS_LIBRARY=ops_library`` (so the model-only
-    figures time the same graph; the service's parity check is not repeated here)."""
-    from ctr import native
-    from service.model import fused_wanted
-
-    if bundle.fused is None or not fused_wanted(fused_ops, bundle):
-        return None
-
-    try:
-        return native.library(ops_library or None).path
-    except native.NativeError:
-        return None
-
-
-def model_only(
-    bundle_dir: Path,
-    name: str,
-    n_values: list[int],
-    threads: int,
-    reps: int,
-    streams: int = 0,
-    par_seconds: float = 2.0,
-    fused_ops: str = "auto",
-    ops_library: str = "",
-) -> dict:
-    """ORT alone on the same shapes the service feeds (U=1, N candidates, full history),
-    on the graph the service serves (the fused one where it would): latency of one
-    stream with ``threads`` intra-op threads (ORT's defaults, spinning on), and the
-    throughput of ``streams`` concurrent single-threaded runs (0 = one per core). What
-    the model alone sustains is the better of the two."""
-    import onnxruntime as ort
-
-    from training.bench_util import _time, full_history_feed
-
-    streams = streams or (os.cpu_count() or 1)
-    b = load_bundle(bundle_dir, name)
-    lib = fused_library(b, fused_ops, ops_library)
-
-    def session(n_threads: int) -> Any:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = n_threads
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if lib is None:
-            return ort.InferenceSession(str(b.model_path), so, providers=["CPUExecutionProvider"])
-        so.register_custom_ops_library(str(lib))
-        return ort.InferenceSession(b.fused_bytes(), so, providers=["CPUExecutionProvider"])
-
-    sess = session(threads)
-    narrow = session(1) if streams > 1 else None
-    out = {}
-    for n in n_values:
-        feed = full_history_feed(b, n)
-        t = _time(lambda f=feed: sess.run(["probs"], f), reps)
-        par_rps = parallel_rps(narrow, feed, streams, par_seconds) if narrow else 0.0
-        out[n] = model_row(t, par_rps)  # parallel: `streams` runs of 1 intra-op thread each
-        # CPU per run of a one-thread session (a spinning pool would count its waits)
-        out[n]["cpu_ms"] = cpu_per_run_ms(narrow or session(1), feed, max(20, reps))
-    return out
-
-
-def model_row(ms: np.ndarray, parallel: float) -> dict[str, float]:
-    """Model-only figures from per-call times ``ms``: latency, one stream's runs/s, the
-    ``parallel`` figure (concurrent streams or micro-batches) and the better of the two."""
-    p50, p99 = p50_p99(ms)
-    single = 1000.0 / p50
-    return {"p50_ms": p50, "p99_ms": p99, "single_rps": single, "parallel_rps": parallel,
-            "sustained_rps": max(single, parallel)}  # fmt: skip
-
-
-def parallel_rps(sess: Any, feed: dict[str, np.ndarray], streams: int, seconds: float) -> float:
-    """Runs/s of ``streams`` threads calling ``sess.run`` back to back (ORT drops the GIL)."""
-    import threading
-
-    for _ in range(3):
-        sess.run(["probs"], feed)
-    counts = [0] * streams
-    stop = time.perf_counter() + seconds
-
-    def loop(k: int) -> None:
-        while time.perf_counter() < stop:
-            sess.run(["probs"], feed)
-            counts[k] += 1
-
-    started = time.perf_counter()
-    threads = [threading.Thread(target=loop, args=(k,)) for k in range(streams)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    return sum(counts) / (time.perf_counter() - started)
-
-
-def cpu_per_run_ms(sess: Any, feed: dict[str, np.ndarray], runs: int = 200) -> float:
-    """CPU ms (this process, all threads) per ``sess.run`` back to back: what the model
-    alone costs the machine per request, whatever the wall time."""
-    sess.run(["probs"], feed)
-    cpu = time.process_time()
-    for _ in range(runs):
-        sess.run(["probs"], feed)
-    return (time.process_time() - cpu) * 1000 / runs
-
-
-def _start_service(
+def service_env(
     models_dir: Path,
     name: str,
     redis_url: str,
-    port: int,
     threads: int,
     inflight: int = 1,
     extra_env: dict[str, str] | None = None,
-) -> Any:
+) -> dict[str, str]:
+    """The environment ``ctr serve`` gets from the benchmark: this process's, the
+    benchmark's settings, then ``extra_env`` (``--env``), which wins. The model-only
+    baseline reads its settings from the same dict (:func:`load_baseline`)."""
     env = dict(
         os.environ,
         CTR_MODELS_DIR=str(models_dir),
@@ -428,6 +360,21 @@ def _start_service(
     )
     env.update(extra_env or {})  # --env wins over the defaults above
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    return env
+
+
+def _start_service(
+    models_dir: Path,
+    name: str,
+    redis_url: str,
+    port: int,
+    threads: int,
+    inflight: int = 1,
+    extra_env: dict[str, str] | None = None,
+) -> Any:
+    """``ctr serve`` in a subprocess with :func:`service_env`; ``(process, base URL)``
+    once ``/readyz`` answers 200."""
+    env = service_env(models_dir, name, redis_url, threads, inflight, extra_env)
     proc = subprocess.Popen(
         [sys.executable, "-m", "ctr.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
         env=env,
@@ -447,34 +394,237 @@ def _start_service(
     raise RuntimeError("service did not become ready")
 
 
-def runner_model_only(
-    models_dir: Path, name: str, n_values: list[int], env: dict[str, str], reps: int
-) -> dict:
-    """The model alone through the service's own loader and runner (same provider, IO
-    binding, CUDA graphs and precision as ``env`` gives the service): latency of U=1
-    calls, and with micro-batching on, the requests/s of full batches of
-    ``CTR_BATCH_MAX_USERS`` users (what the batched model alone sustains)."""
-    from service.batcher import merge_feeds
-    from service.model import load_model
-    from service.settings import Settings
-    from training.bench_util import _time, full_history_feed
+@dataclass
+class Baseline:
+    """The model alone as the service loads it: :func:`service.model.load_model` with the
+    settings the service reads from the same environment (provider, graph and its parity
+    fallback, threads, spinning, the one-thread session for small calls, precision), one
+    loaded model per uvicorn worker, timed through its runner."""
 
+    settings: Settings
+    models: list[LoadedModel]
+
+    @property
+    def model(self) -> LoadedModel:
+        return self.models[0]
+
+    def run(self, stream: int, feeds: Feeds) -> list[np.ndarray]:
+        """One graph call on stream ``stream``'s worker model (no ``explain``)."""
+        return self.models[stream % len(self.models)].run(feeds, False)
+
+    def describe(self) -> dict[str, Any]:
+        """What the baseline serves: graph, runner, provider, precision."""
+        m = self.model
+        return {"graph": m.graph, "graph_note": m.graph_note, "runner": m.runner.kind,
+                "provider": m.provider, "precision": m.precision,
+                "single_thread_max_candidates": m.single_thread_max,
+                "workers": len(self.models)}  # fmt: skip
+
+
+def baseline_settings(env: dict[str, str]) -> Settings:
+    """:class:`service.settings.Settings` from an environment dict, as ``ctr serve`` reads
+    it from its own (``CTR_*`` keys; unknown ones are ignored)."""
     keys = {k[4:].lower(): v for k, v in env.items() if k.startswith("CTR_")}
-    settings = Settings(models_dir=str(models_dir), model_name=name, **keys)  # type: ignore[arg-type]
-    model = load_model(settings)
+    return Settings(**keys)  # type: ignore[arg-type]
+
+
+def load_baseline(env: dict[str, str]) -> Baseline:
+    """:class:`Baseline` for the service started with ``env`` (:func:`service_env`)."""
+    from service.model import load_model
+
+    settings = baseline_settings(env)
+    return Baseline(settings, [load_model(settings) for _ in range(settings.workers)])
+
+
+def baseline_feeds(base: Baseline, bodies: list[bytes], redis_url: str) -> list[Feeds]:
+    """The feeds the service builds for ``bodies`` (same users, stored histories and
+    candidates), read from the loaded Redis by the service's own store and encoding code."""
+    bundle = base.model.bundle
+    read = redis_reader(redis_url, bundle.config.max_seq_len)
+    return request_feeds(bundle, base.settings, bodies, read)
+
+
+def latency_row(ms: np.ndarray) -> dict[str, float]:
+    """p50 / p99 and the number of samples behind them."""
+    p50, p99 = p50_p99(ms)
+    return {"p50_ms": p50, "p99_ms": p99, "samples": int(len(ms))}
+
+
+def baseline_latency(base: Baseline, feeds: list[Feeds], reps: int) -> dict[str, float]:
+    """Latency of ``reps`` single calls through the service's runner, cycling ``feeds``."""
+    return latency_row(cycled_times(lambda f: base.run(0, f), feeds, reps))
+
+
+def stream_counts(base: Baseline) -> list[int]:
+    """Graph calls at once that the service's settings allow, from 1 to all: per worker,
+    its CUDA-graph streams or ``CTR_INFERENCE_CONCURRENCY``, times the workers (powers of
+    two in between)."""
+    per = base.model.streams or base.settings.inference_concurrency
+    total = per * len(base.models)
+    return sorted({1, total, *(2**k for k in range(total.bit_length()) if 2**k <= total)})
+
+
+def batch_fits(settings: Settings, n: int) -> int:
+    """Requests of ``n`` candidates one micro-batched call holds (1: batching off)."""
     users = settings.batch_max_users
-    out = {}
-    for n in n_values:
-        feed = full_history_feed(model.bundle, n)
-        t = _time(lambda f=feed: model.run(f, False), reps)
-        batched = 0.0
-        if users > 1:
-            fits = max(1, min(users, settings.batch_max_candidates // n))
-            merged = merge_feeds([feed] * fits)
-            tb = _time(lambda f=merged: model.run(f, False), max(10, reps // 2))
-            batched = fits * 1000.0 / float(np.median(tb))
-        out[n] = model_row(t, batched)  # parallel: full micro-batches, requests/s
+    return max(1, min(users, settings.batch_max_candidates // n)) if users > 1 else 1
+
+
+def baseline_rates(
+    base: Baseline, feeds: list[Feeds], n: int, seconds: float
+) -> dict[int, dict[str, float]]:
+    """What the model alone sustains: requests completed over a timed window of
+    ``seconds`` for each count of concurrent calls the service allows
+    (:func:`stream_counts`); with micro-batching, calls of full batches of distinct
+    users (:func:`batch_fits`)."""
+    from service.batcher import merge_feeds
+
+    fits = batch_fits(base.settings, n)
+    work = feeds
+    if fits > 1:
+        k = len(feeds)
+        work = [merge_feeds([feeds[(g * fits + j) % k] for j in range(fits)]) for g in range(k)]
+    return {s: timed_rate(base.run, work, s, seconds, fits) for s in stream_counts(base)}
+
+
+def model_only_row(
+    base: Baseline,
+    feeds: list[Feeds],
+    before: dict[str, float],
+    after: dict[str, float],
+    reps: int,
+) -> dict[str, Any]:
+    """Model-only latency on the matched feeds, from the runs right ``before`` and
+    ``after`` the service's c=1 window (the mean of their p50s is the baseline), the
+    history lengths fed, and the full-history worst case (in no ratio)."""
+    n = int(feeds[0]["user_idx"].shape[0])
+    full = [full_history_feed(base.model.bundle, n, seed) for seed in range(4)]
+    return {
+        "p50_ms": (before["p50_ms"] + after["p50_ms"]) / 2,
+        "p99_ms": max(before["p99_ms"], after["p99_ms"]),
+        "samples": before["samples"] + after["samples"],
+        "before": before,
+        "after": after,
+        "mean_hist_len": mean_history(feeds),
+        "full_history": baseline_latency(base, full, reps),
+    }
+
+
+def sustained(mo: dict[str, Any], rates: dict[int, dict[str, float]]) -> None:
+    """Put the model-alone throughput (the best measured window) into row ``mo``."""
+    best = max(rates.values(), key=lambda r: r["rps"])
+    mo["rates"] = rates
+    mo["sustained_rps"] = best["rps"]
+    mo["sustained_streams"] = best["streams"]
+    mo["cpu_ms"] = rates[1]["cpu_ms"]  # CPU per request of one stream of the runner
+
+
+def speed_check(single: dict[str, Any], mo: dict[str, Any], graphs: dict[str, Any]) -> str:
+    """ "ok", or why the row's ratio is suspect: the service's own inference stage more
+    than 10 % below the model-only p50 (the machine's speed moved between them), or the
+    baseline serving another graph than the service."""
+    notes = []
+    inference = single["stages_ms"]["inference"]
+    if inference < 0.9 * mo["p50_ms"]:
+        notes.append(
+            f"suspect: machine speed moved (service inference {inference:.2f} ms < 0.9 x "
+            f"model-only {mo['p50_ms']:.2f} ms)"
+        )
+    served, base = graphs.get("service", {}).get("graph"), graphs["model_only"]["graph"]
+    if served is not None and served != base:
+        notes.append(f"suspect: model-only graph {base} but the service serves {served}")
+    return "; ".join(notes) or "ok"
+
+
+def served_model(url: str) -> dict[str, Any]:
+    """What the running service serves (``/v1/models``): graph, runner, precision."""
+    body = httpx.get(url + "/v1/models", timeout=10).json()
+    keys = ("graph", "graph_note", "runner", "provider", "precision",
+            "single_thread_max_candidates")  # fmt: skip
+    return {k: body.get(k) for k in keys}
+
+
+def _measured(url: str, work: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], str, str]:
+    """``work()``'s result with the window's degraded responses and service errors (from
+    the /metrics scrapes around it), and the two scrapes."""
+    before = httpx.get(url + "/metrics").text
+    res = work()
+    after = httpx.get(url + "/metrics").text
+    res.update(window_counts(before, after))
+    return res, before, after
+
+
+def service_single(
+    url: str, pid: int, bodies: list[bytes], seconds: float, loop_cpu: bool
+) -> dict[str, Any]:
+    """The service at concurrency 1: latency, its stage breakdown, degraded responses
+    and errors, and (one worker) its event loop's CPU per request."""
+    cpu0 = loop_cpu_s(pid) if loop_cpu else None
+    single, before, after = _measured(
+        url, lambda: asyncio.run(_closed_loop(url, bodies, 1, seconds))
+    )
+    cpu1 = loop_cpu_s(pid) if cpu0 is not None else None
+    single["stages_ms"] = {k: v * 1000 for k, v in stage_means(before, after).items()}
+    if cpu0 is not None and cpu1 is not None and single["requests"]:
+        single["loop_cpu_ms"] = (cpu1 - cpu0) * 1000 / single["requests"]
+    return single
+
+
+def service_sweep(
+    url: str, pid: int, bodies: list[bytes], concurrency: list[int], seconds: float
+) -> dict[int, dict[str, Any]]:
+    """The closed-loop sweep: per client concurrency, throughput, latency, degraded
+    responses and errors, and the service's CPU per request (all its processes)."""
+    sweep = {}
+    for c in concurrency:
+        svc0 = tree_cpu_s(pid)
+        res, _, _ = _measured(url, lambda c=c: asyncio.run(_closed_loop(url, bodies, c, seconds)))
+        svc1 = tree_cpu_s(pid)
+        if svc0 is not None and svc1 is not None and res["requests"]:
+            res["service_cpu_ms"] = (svc1 - svc0) * 1000 / res["requests"]
+        sweep[c] = res
+    return sweep
+
+
+def service_open_loop(
+    url: str, bodies: list[bytes], rates: list[float], seconds: float
+) -> list[dict[str, Any]]:
+    """Open-loop runs at each rate, with the service's GC pauses, slow observations,
+    degraded responses and errors over each."""
+    out = []
+    for r in rates:
+        res, before, after = _measured(
+            url, lambda r=r: asyncio.run(_open_loop(url, bodies, r, seconds))
+        )
+        res["service_gc"] = gc_pauses(before, after)
+        res["slow_over_30ms"] = slow_counts(before, after)
+        out.append(res)
     return out
+
+
+def measure_n(
+    url: str,
+    pid: int,
+    base: Baseline,
+    bodies: list[bytes],
+    feeds: list[Feeds],
+    plan: dict[str, Any],
+) -> dict[str, Any]:
+    """Everything for one model and N, in this order: the service warmed up; the model
+    alone just before the service's c=1 window, that window, the model alone again; the
+    model alone's throughput; the service's sweep; open-loop runs. ``plan``: seconds,
+    concurrency, rates, reps, loop_cpu (one worker) and the served graphs."""
+    seconds = plan["seconds"]
+    asyncio.run(_closed_loop(url, bodies, 1, min(1.0, seconds)))  # warm: caches, pools
+    before = baseline_latency(base, feeds, plan["reps"])
+    single = service_single(url, pid, bodies, seconds, plan["loop_cpu"])
+    after = baseline_latency(base, feeds, plan["reps"])
+    mo = model_only_row(base, feeds, before, after, plan["reps"])
+    single["check"] = speed_check(single, mo, plan["graphs"])
+    sustained(mo, baseline_rates(base, feeds, len(feeds[0]["user_idx"]), seconds))
+    sweep = service_sweep(url, pid, bodies, plan["concurrency"], seconds)
+    ol = service_open_loop(url, bodies, plan["rates"], seconds)
+    return {"model_only": mo, "single": single, "saturation": sweep, "open_loop": ol}
 
 
 def loop_cpu_s(pid: int) -> float | None:
@@ -531,6 +681,20 @@ def _device(env: dict[str, str]) -> str:
     return f"{gpu} (CUDA EP), {cpu}"
 
 
+def _bundle_for(
+    mt: str, models_dir: Path | None, tmp: str, overrides: dict[str, Any] | None
+) -> tuple[Path, Any, Any]:
+    """Where the bundle ``mt`` is, its config and its data frame (built when no
+    ``models_dir``)."""
+    from training.data import load_frame
+
+    if models_dir is not None:
+        config = load_bundle(models_dir, mt).config
+        return models_dir, config, load_frame(config)
+    config, frame = make_bundle(mt, Path(tmp), 50, overrides)
+    return Path(tmp), config, frame
+
+
 def run(
     models: list[str],
     n_values: list[int],
@@ -545,13 +709,12 @@ def run(
     models_dir: Path | None = None,
     rates: list[float] | None = None,
 ) -> dict[str, Any]:
-    """``inflight``: the service's ``CTR_INFERENCE_CONCURRENCY`` (ORT runs at once).
-    ``env``: more ``CTR_*`` settings for the service (e.g. ``CTR_PROVIDER=cuda``); with
-    ``CTR_PROVIDER=cuda`` the model-only figures come from the service's own runner.
+    """``inflight``: the service's ``CTR_INFERENCE_CONCURRENCY`` (ORT runs in flight).
+    ``env``: more ``CTR_*`` settings for the service (e.g. ``CTR_PROVIDER=cuda``); the
+    model-only baseline is loaded by the service's own loader from the same settings.
     ``models_dir``: score existing bundles, named by ``models``, instead of building.
     ``rates``: also drive each N open-loop at these request rates (req/s)."""
     from service.loader import load_into_redis
-    from training.data import load_frame
 
     env = env or {}
     results: dict[str, Any] = {
@@ -559,73 +722,57 @@ def run(
         "inflight": inflight,
         "env": env,
         "device": _device(env),
+        "seconds": seconds,
+        "bodies": BODIES,
         "models": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
         for mt in models:
-            if models_dir is not None:
-                where, config = models_dir, load_bundle(models_dir, mt).config
-                frame = load_frame(config)
-            else:
-                where = Path(tmp)
-                config, frame = make_bundle(mt, where, 50, overrides)
+            where, config, frame = _bundle_for(mt, models_dir, tmp, overrides)
             load_into_redis(config, frame, redis_url, progress=False)
-            if env.get("CTR_PROVIDER") == "cuda":
-                mo = runner_model_only(where, config.name, n_values, env, 100)
-            else:
-                fused_ops = env.get("CTR_FUSED_OPS", os.environ.get("CTR_FUSED_OPS", "auto"))
-                ops_lib = env.get("CTR_OPS_LIBRARY", os.environ.get("CTR_OPS_LIBRARY", ""))
-                mo = model_only(where, config.name, n_values, threads, 100,
-                                fused_ops=fused_ops, ops_library=ops_lib)  # fmt: skip
+            svc_env = service_env(where, config.name, redis_url, threads, inflight, env)
+            base = load_baseline(svc_env)
             proc, url = _start_service(where, config.name, redis_url, port, threads, inflight, env)
-            per_model: dict[str, Any] = {
-                "model_only": mo,
-                "single": {},
-                "saturation": {},
-                "open_loop": {},
-            }
             try:
-                for n in n_values:
-                    bodies = bodies_for(frame, n)
-                    asyncio.run(_closed_loop(url, bodies, 1, 1.0))  # warm-up
-                    before = httpx.get(url + "/metrics").text
-                    cpu0 = loop_cpu_s(proc.pid) if _workers(results) == 1 else None
-                    single = asyncio.run(_closed_loop(url, bodies, 1, seconds))
-                    cpu1 = loop_cpu_s(proc.pid) if cpu0 is not None else None
-                    after = httpx.get(url + "/metrics").text
-                    single["stages_ms"] = {
-                        k: v * 1000 for k, v in stage_means(before, after).items()
-                    }
-                    if cpu0 is not None and cpu1 is not None and single["requests"]:
-                        single["loop_cpu_ms"] = (cpu1 - cpu0) * 1000 / single["requests"]
-                    per_model["single"][n] = single
-                    sweep = {}
-                    for c in concurrency:
-                        svc0 = tree_cpu_s(proc.pid)
-                        sweep[c] = asyncio.run(_closed_loop(url, bodies, c, seconds))
-                        svc1 = tree_cpu_s(proc.pid)
-                        if svc0 is not None and svc1 is not None and sweep[c]["requests"]:
-                            sweep[c]["service_cpu_ms"] = (svc1 - svc0) * 1000 / sweep[c]["requests"]
-                    per_model["saturation"][n] = sweep
-                    per_model["open_loop"][n] = []
-                    for r in rates or []:
-                        before = httpx.get(url + "/metrics").text
-                        res = asyncio.run(_open_loop(url, bodies, r, seconds))
-                        scrape = httpx.get(url + "/metrics").text
-                        res["service_gc"] = gc_pauses(before, scrape)
-                        res["slow_over_30ms"] = slow_counts(before, scrape)
-                        per_model["open_loop"][n].append(res)
-                    best = max(sweep.values(), key=lambda r: r["rps"])
-                    print(
-                        f"[bench] {mt} N={n}: p50 {single['p50_ms']:.2f} ms (model "
-                        f"{mo[n]['p50_ms']:.2f}), best {best['rps']:.0f} req/s",
-                        flush=True,
-                    )
+                graphs = {"service": served_model(url), "model_only": base.describe()}
+                plan = {"seconds": seconds, "concurrency": concurrency, "rates": rates or [],
+                        "reps": REPS, "loop_cpu": _workers(results) == 1}  # fmt: skip
+                results["models"][mt] = _measure_model(
+                    mt, url, proc.pid, base, frame, n_values, {**plan, "graphs": graphs}
+                )
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
-            results["models"][mt] = per_model
     return results
+
+
+def _measure_model(
+    mt: str,
+    url: str,
+    pid: int,
+    base: Baseline,
+    frame: Any,
+    n_values: list[int],
+    plan: dict[str, Any],
+) -> dict[str, Any]:
+    """:func:`measure_n` for each N, gathered per table."""
+    per_model: dict[str, Any] = {"graphs": plan["graphs"], "model_only": {}, "single": {},
+                                 "saturation": {}, "open_loop": {}}  # fmt: skip
+    for n in n_values:
+        bodies = bodies_for(frame, n, BODIES)
+        feeds = baseline_feeds(base, bodies, base.settings.redis_url)
+        got = measure_n(url, pid, base, bodies, feeds, plan)
+        for key, value in got.items():
+            per_model[key][n] = value
+        single, mo = got["single"], got["model_only"]
+        best = max(got["saturation"].values(), key=lambda r: r["ok_rps"])
+        print(
+            f"[bench] {mt} N={n}: p50 {single['p50_ms']:.2f} ms (model {mo['p50_ms']:.2f}, "
+            f"history {mo['mean_hist_len']:.1f}), best {best['ok_rps']:.0f} req/s (model "
+            f"{mo['sustained_rps']:.0f}), {single['check']}",
+            flush=True,
+        )
+    return per_model
 
 
 def _workers(res: dict[str, Any]) -> int:
@@ -637,97 +784,219 @@ def _workers_text(res: dict[str, Any]) -> str:
     return "1 uvicorn worker" if w == 1 else f"{w} uvicorn workers (loop CPU: not measured)"
 
 
-def render(res: dict[str, Any], command: str) -> str:
-    t = res["threads"]
-    k = res.get("inflight", 1)
+def invalid(row: dict[str, Any]) -> str:
+    """ "invalid: ..." when a measured window had non-200 replies, degraded responses or
+    service errors (such a row never meets a target); "" otherwise."""
+    parts = [
+        f"{row[key]:.0f} {label}"
+        for key, label in (
+            ("degraded", "degraded"),
+            ("service_errors", "errors"),
+            ("errors", "non-200"),
+        )  # fmt: skip
+        if row.get(key)
+    ]
+    return "invalid: " + ", ".join(parts) if parts else ""
+
+
+def verdict(row: dict[str, Any], met: bool) -> str:
+    """The ``met`` cell: "invalid: ..." (:func:`invalid`), else yes / no."""
+    return invalid(row) or ("yes" if met else "no")
+
+
+def _p99(row: dict[str, Any], samples_key: str = "requests") -> str:
+    """p99 with its sample count; "<1,000" marks a rough one."""
+    count = int(row[samples_key])
+    rough = ", <1,000" if count < 1000 else ""
+    return f"{row['p99_ms']:.2f} (n={count}{rough})"
+
+
+def _counts(row: dict[str, Any]) -> str:
+    """non-200 | degraded | service errors cells."""
+    return f"{row['errors']} | {row.get('degraded', 0):.0f} | {row.get('service_errors', 0):.0f}"
+
+
+def _sweep_totals(sweep: dict[Any, dict[str, Any]]) -> dict[str, float]:
+    """Non-200 replies, degraded responses and service errors over a whole sweep."""
+    keys = ("errors", "degraded", "service_errors")
+    return {k: sum(v.get(k, 0) for v in sweep.values()) for k in keys}
+
+
+def _graph_text(res: dict[str, Any]) -> str:
+    """Which graph and runner each model's service and baseline served."""
+    out = []
+    for mt, r in res["models"].items():
+        g = r.get("graphs", {})
+        svc, mo = g.get("service", {}), g.get("model_only", {})
+        out.append(
+            f"{mt}: service {svc.get('graph', '?')} graph ({svc.get('runner', '?')}), "
+            f"model-only {mo.get('graph', '?')} graph ({mo.get('runner', '?')})"
+        )
+    return "; ".join(out)
+
+
+def _header(res: dict[str, Any], command: str) -> list[str]:
+    t, k = res["threads"], res.get("inflight", 1)
     env_text = " ".join(f"{a}={b}" for a, b in res.get("env", {}).items())
-    lines = [
+    bodies = res.get("bodies", BODIES)
+    return [
         f"Command: `{command}`",
         "",
         f"{res.get('device', f'CPU ({os.cpu_count()} cores)')}, {_workers_text(res)}, ORT "
         f"intra-op threads={t} per worker, {k} ORT run(s) in flight, L=50; the HTTP client runs on "
-        "the same machine. Model-only figures: ORT alone in the benchmark process, same "
-        "shapes. Loop CPU: CPU time of the service's event-loop thread per request at "
+        f"the same machine. The benchmark cycles {bodies} request bodies (a loaded user "
+        "each, N candidates) over the loaded users, so the service's item, row and user "
+        "caches are warm. Model-only figures: the service's own loader (`load_model`, the "
+        "same CTR_* settings: threads, spinning, one-thread session for small calls, "
+        "graph and its parity fallback) in the benchmark process, timed through its runner "
+        "on the feeds the service builds for those same requests (same users, stored "
+        "histories and candidates, encoded by the service's code; mean history length in "
+        "the table), cycled; measured right before and right after each N's c=1 window "
+        f"(the target uses their mean). Graphs: {_graph_text(res)}. A window with any "
+        "non-200 reply, degraded response or service error (ctr_degraded_responses_total, "
+        "ctr_errors_total over the window) is invalid, never met. Check: suspect where the "
+        "service's inference stage is more than 10 % below the model-only p50 (the "
+        "machine's speed moved). p99 shows its sample count; under 1,000 it is rough. "
+        "Loop CPU: CPU time of the service's event-loop thread per request at "
         "concurrency 1; 1000 / it bounds one worker's requests/s on any device."
         + (f" Service settings: {env_text}." if env_text else ""),
+    ]
+
+
+def _latency_table(res: dict[str, Any]) -> list[str]:
+    lines = [
         "",
-        "| model | N | e2e p50 ms | e2e p99 ms | model-only p50 ms | target 1.2x+1 ms |"
-        " met | redis | mapping | inference | serialize | loop CPU ms/req |",
-        "|---|---:|---:|---:|---:|---:|:-:|---:|---:|---:|---:|---:|",
+        "| model | N | mean history | e2e p50 ms | e2e p99 ms | model-only p50 ms (before / "
+        "after) | target 1.2x+1 ms | met | non-200 | degraded | service errors | redis | "
+        "mapping | inference | serialize | loop CPU ms/req | check |",
+        "|---|---:|---:|---:|---:|---:|---:|:-:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for mt, r in res["models"].items():
         for n, s in r["single"].items():
-            mo = r["model_only"][n]["p50_ms"]
-            target = 1.2 * mo + 1.0
+            mo = r["model_only"][n]
+            target = 1.2 * mo["p50_ms"] + 1.0
             st = s["stages_ms"]
             lines.append(
-                f"| {mt} | {n} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {mo:.2f} | "
-                f"{target:.2f} | {'yes' if s['p50_ms'] <= target else 'no'} | "
+                f"| {mt} | {n} | {mo['mean_hist_len']:.1f} | {s['p50_ms']:.2f} | {_p99(s)} | "
+                f"{mo['p50_ms']:.2f} ({_before_after(mo)}) | "
+                f"{target:.2f} | {verdict(s, s['p50_ms'] <= target)} | {_counts(s)} | "
                 f"{st['redis_fetch']:.2f} | {st['feature_mapping']:.2f} | "
                 f"{st['inference']:.2f} | {st['serialization']:.2f} | "
-                + (f"{s['loop_cpu_ms']:.2f} |" if "loop_cpu_ms" in s else "- |")
+                f"{_ms(s, 'loop_cpu_ms')} | {s.get('check', '-')} |"
             )
-    lines += [
+    return lines
+
+
+def _before_after(mo: dict[str, Any]) -> str:
+    return f"{mo['before']['p50_ms']:.2f} / {mo['after']['p50_ms']:.2f}"
+
+
+def _worst_case_table(res: dict[str, Any]) -> list[str]:
+    lines = [
         "",
-        "Saturation (best over the client-concurrency sweep) vs what the model alone "
-        f"sustains: the better of one stream with {t} threads (1000 / p50) and "
-        f"{os.cpu_count()} concurrent single-threaded streams. CPU ms/req at that point: "
-        "the service's processes and threads (/proc; Redis, on the same machine, is not "
-        "counted), the benchmark client, and one single-threaded model run alone:",
+        "Worst case, in no ratio: the model alone with every user a full history of L "
+        "(random IDs), against the matched feeds above:",
         "",
-        "| model | N | best req/s | at concurrency | candidates/s | model alone: one stream |"
-        " concurrent streams | ratio to the better | errors | CPU ms/req: service |"
-        " client | model alone (1 thread) |",
+        "| model | N | full history: p50 ms | p99 ms | matched feeds: p50 ms |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for mt, r in res["models"].items():
+        for n, mo in r["model_only"].items():
+            full = mo["full_history"]
+            lines.append(
+                f"| {mt} | {n} | {full['p50_ms']:.2f} | {_p99(full, 'samples')} | "
+                f"{mo['p50_ms']:.2f} |"
+            )
+    return lines
+
+
+def _saturation_table(res: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "Saturation: the best requests/s over the client-concurrency sweep, 200 replies "
+        "only, vs what the model alone sustains: requests completed over a timed window of "
+        f"{res.get('seconds', '?')} s through the service's runner, for each number of "
+        "graph calls at once the service's settings allow (ORT runs in flight x workers, or "
+        "CUDA-graph streams; full micro-batches of distinct users when batching is on), "
+        "the best of them, measured just before the sweep. Non-200, degraded and service "
+        "errors: over the whole sweep. CPU ms/req at the best point: the service's "
+        "processes and threads (/proc; Redis, on the same machine, is not counted), the "
+        "benchmark client, and the model alone (one stream of the service's runner, "
+        "this process's CPU):",
+        "",
+        "| model | N | best req/s | at concurrency | candidates/s | model alone req/s |"
+        " at streams | ratio | met (>= 80 %) | non-200 | degraded | service errors |"
+        " CPU ms/req: service | client | model alone |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|:-:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for mt, r in res["models"].items():
+        for n, sweep in r["saturation"].items():
+            c, best = max(sweep.items(), key=lambda kv: kv[1]["ok_rps"])
+            mo = r["model_only"][n]
+            ratio = best["ok_rps"] / mo["sustained_rps"]
+            totals = _sweep_totals(sweep)
+            lines.append(
+                f"| {mt} | {n} | {best['ok_rps']:.0f} | {c} | {best['ok_rps'] * n:,.0f} | "
+                f"{mo['sustained_rps']:.0f} | {mo['sustained_streams']} | {ratio:.0%} | "
+                f"{verdict(totals, ratio >= 0.8)} | {_counts(totals)} | "
+                f"{_ms(best, 'service_cpu_ms')} | {_ms(best, 'client_cpu_ms')} | "
+                f"{_ms(mo, 'cpu_ms')} |"
+            )
+    return lines
+
+
+def _sweep_table(res: dict[str, Any]) -> list[str]:
+    cs = _concurrencies(res)
+    lines = [
+        "",
+        "Every point of the sweep (200 replies/s, then end-to-end p50 / p99 in ms, the p99's "
+        "sample count; invalid windows say why):",
+        "",
+        "| model | N | " + " | ".join(f"c={c}" for c in cs) + " |",
+        "|---|---:|" + "---:|" * len(cs),
+    ]
+    for mt, r in res["models"].items():
+        for n, sweep in r["saturation"].items():
+            cells = [_sweep_cell(sweep[c]) if c in sweep else "" for c in cs]
+            lines.append(f"| {mt} | {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _sweep_cell(w: dict[str, Any]) -> str:
+    why = invalid(w)
+    return f"{w['ok_rps']:.0f} ({w['p50_ms']:.2f} / {_p99(w)})" + (f" {why}" if why else "")
+
+
+def _open_loop_table(res: dict[str, Any]) -> list[str]:
+    if not any(r.get("open_loop", {}).get(n) for r in res["models"].values() for n in r["single"]):
+        return []
+    lines = [
+        "",
+        "Open loop: requests sent at a fixed rate over a pool of warm connections; "
+        "latency from each request's scheduled send time (any client lag counts against "
+        "the service), and from its actual send:",
+        "",
+        "| model | N | offered req/s | achieved req/s | p50 ms | p99 ms |"
+        " from send: p50 | p99 | non-200 | degraded | service errors |"
+        " service GC pauses (n, total ms) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for mt, r in res["models"].items():
-        for n, sweep in r["saturation"].items():
-            c, best = max(sweep.items(), key=lambda kv: kv[1]["rps"])
-            mo = r["model_only"][n]
-            single = mo.get("single_rps", 1000.0 / mo["p50_ms"])
-            sustained = mo.get("sustained_rps", single)
-            errs = sum(v["errors"] for v in sweep.values())
-            lines.append(
-                f"| {mt} | {n} | {best['rps']:.0f} | {c} | {best['rps'] * n:,.0f} | "
-                f"{single:.0f} | {mo.get('parallel_rps', 0.0):.0f} | "
-                f"{best['rps'] / sustained:.0%} | {errs} | {_ms(best, 'service_cpu_ms')} | "
-                f"{_ms(best, 'client_cpu_ms')} | {_ms(mo, 'cpu_ms')} |"
-            )
-    lines += [
-        "",
-        "Every point of the sweep (requests/s, then end-to-end p50 / p99 in ms):",
-        "",
-        "| model | N | " + " | ".join(f"c={c}" for c in _concurrencies(res)) + " |",
-        "|---|---:|" + "---:|" * len(_concurrencies(res)),
-    ]
-    for mt, r in res["models"].items():
-        for n, sweep in r["saturation"].items():
-            cells = [
-                f"{sweep[c]['rps']:.0f} ({sweep[c]['p50_ms']:.2f} / {sweep[c]['p99_ms']:.2f})"
-                if c in sweep
-                else ""
-                for c in _concurrencies(res)
-            ]
-            lines.append(f"| {mt} | {n} | " + " | ".join(cells) + " |")
-    if any(r.get("open_loop", {}).get(n) for r in res["models"].values() for n in r["single"]):
-        lines += [
-            "",
-            "Open loop: requests sent at a fixed rate over a pool of warm connections; "
-            "latency from each request's scheduled send time (any client lag counts against "
-            "the service), and from its actual send:",
-            "",
-            "| model | N | offered req/s | achieved req/s | p50 ms | p99 ms |"
-            " from send: p50 | p99 | errors | service GC pauses (n, total ms) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for mt, r in res["models"].items():
-            for n, runs in r.get("open_loop", {}).items():
-                for o in runs:
-                    lines.append(
-                        f"| {mt} | {n} | {o['rate']:.0f} | {o['rps']:.0f} | {o['p50_ms']:.2f} | "
-                        f"{o['p99_ms']:.2f} | {o['sent_p50_ms']:.2f} | {o['sent_p99_ms']:.2f} | "
-                        f"{o['errors']} | {_gc_cell(o)} |"
-                    )
+        for n, runs in r.get("open_loop", {}).items():
+            for o in runs:
+                lines.append(
+                    f"| {mt} | {n} | {o['rate']:.0f} | {o['rps']:.0f} | {o['p50_ms']:.2f} | "
+                    f"{_p99(o)} | {o['sent_p50_ms']:.2f} | {o['sent_p99_ms']:.2f} | "
+                    f"{_counts(o)} | {_gc_cell(o)} |"
+                )
+    return lines
+
+
+def render(res: dict[str, Any], command: str) -> str:
+    """The report: the latency table, the full-history worst case, saturation, every
+    sweep point and the open-loop runs."""
+    lines = _header(res, command) + _latency_table(res) + _worst_case_table(res)
+    lines += _saturation_table(res) + _sweep_table(res) + _open_loop_table(res)
     return "\n".join(lines)
 
 
