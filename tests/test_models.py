@@ -709,9 +709,11 @@ def test_the_item_id_is_the_first_sequence_target_or_item_key(tiny_prep: Prepare
     for bad in ("age_bucket", "hist_item_id", "no_such_feature"):
         with pytest.raises(ValidationError, match="item_key"):
             FeatureConfig.model_validate({**raw, "item_key": bad})
+    # every shipped config keys candidates by the item ID: by default where its first
+    # sequence is the item IDs', by item_key where the histories hold none (Alimama)
     for path in sorted(CONFIGS.glob("*.yaml")):
         cfg = load_config(path)
-        assert cfg.sequence_targets[0] is cfg.item_id_feature, path
+        assert cfg.item_id_feature.name == "item_id", path
 
 
 def test_dien_aux_network_widths_come_from_the_config(tiny_config: Config) -> None:
