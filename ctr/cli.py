@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -457,6 +458,9 @@ def describe(exc: BaseException) -> str:
         parts = []
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"])
+            if not loc:  # a rule over the whole config (e.g. an item_key naming no feature)
+                parts.append(err["msg"])
+                continue
             loc = f"CTR_{loc.upper()}" if env else loc
             got = "" if err["type"] == "extra_forbidden" else f" (got {err['input']!r:.60})"
             parts.append(f"{loc}: {err['msg']}{got}")
@@ -464,7 +468,11 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, FileNotFoundError) and exc.filename:
         return f"no such file or folder: {exc.filename}"
     text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames:  # where it was raised: a bug that raised ValueError is then findable
+        line += f" [{Path(frames[-1].filename).name}:{frames[-1].lineno}]"
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,7 +111,19 @@ def _wait_ready(base: str, proc: subprocess.Popen, version: int, timeout: float 
         except (urllib.error.URLError, OSError, ValueError):
             pass  # not listening yet, or 503 while the model loads
         time.sleep(0.2)
-    raise SystemExit("[demo] the service did not become ready")
+    raise SystemExit(f"[demo] the service did not serve version {version}: {_readiness(base)}")
+
+
+def _readiness(base: str) -> str:
+    """The service's ``/readyz`` body (it names a model that failed to load), or why
+    there is none."""
+    try:
+        with urllib.request.urlopen(base + "/readyz", timeout=2) as resp:
+            return resp.read().decode()
+    except urllib.error.HTTPError as exc:  # 503: not ready, the body says why
+        return exc.read().decode()
+    except (urllib.error.URLError, OSError) as exc:
+        return f"no answer ({exc})"
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -135,23 +147,26 @@ def run_demo(args: argparse.Namespace) -> int:
             overrides[key] = value
     config = load_config(args.config, overrides)
     redis_url = os.environ.get("CTR_REDIS_URL", "redis://127.0.0.1:6379/0")
-    run_dir = Path("runs") / f"demo-{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"[demo] 1/5 training {config.model.type} on {config.data.source} data -> {run_dir}")
-    from training.dataset import prepare
-
-    frame = load_frame(config)
-    prep = prepare(config, frame)
-    metrics = train(config, run_dir, prep=prep)
-    t = metrics["test"]
-    print(f"[demo]     test AUC {t['auc']:.4f}  GAUC {t['gauc']:.4f}  logloss {t['logloss']:.4f}")
-    from training.train import load_run
-
-    _, mapper, model, metrics = load_run(run_dir)
-    version, path, report = export_bundle(model, config, mapper, metrics, args.models_dir)
-    print(f"[demo] 2/5 exported {path} (parity {report.max_abs_diff:.1e})")
+    # Redis first: one that does not answer is found before minutes of training
     redis_proc = ensure_redis(redis_url)
     service: subprocess.Popen | None = None
     try:
+        run_dir = Path("runs") / f"demo-{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        print(f"[demo] 1/5 training {config.model.type} on {config.data.source} data -> {run_dir}")
+        from training.dataset import prepare
+
+        frame = load_frame(config)
+        prep = prepare(config, frame)
+        metrics = train(config, run_dir, prep=prep)
+        t = metrics["test"]
+        print(
+            f"[demo]     test AUC {t['auc']:.4f}  GAUC {t['gauc']:.4f}  logloss {t['logloss']:.4f}"
+        )
+        from training.train import load_run
+
+        _, mapper, model, metrics = load_run(run_dir)
+        version, path, report = export_bundle(model, config, mapper, metrics, args.models_dir)
+        print(f"[demo] 2/5 exported {path} (parity {report.max_abs_diff:.1e})")
         from service.loader import load_into_redis
 
         counts = load_into_redis(config, frame, redis_url, progress=False)

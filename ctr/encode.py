@@ -222,12 +222,9 @@ def _behaviour_tokens(cells: list[Any], users: list[Any] | None, delimiter: str)
     return [tok for have in most.values() for tok in have.elements()]
 
 
-ITEM_KEY_TOLERANCE = 0.01  # share of key values allowed to carry two values of a feature
-
-
 def check_item_key(config: FeatureConfig, columns: Any) -> None:
     """Raise ``ValueError`` when the configured item key (``config.item_id_feature``)
-    does not identify an item in the data: more than :data:`ITEM_KEY_TOLERANCE` of its
+    does not identify an item in the data: more than ``data.item_key_tolerance`` of its
     values carry two or more values of another item-side sparse feature (an item has one
     category, one brand, ...). Stored item features are keyed by it (``ctr load``) and
     requests name candidates by it, so a coarser key (the category, where the histories
@@ -246,10 +243,12 @@ def check_item_key(config: FeatureConfig, columns: Any) -> None:
             if i is not None and nv is not None:
                 seen.setdefault(i, set()).add(nv)
         bad = [i for i, values in seen.items() if len(values) > 1]
-        if seen and len(bad) > ITEM_KEY_TOLERANCE * len(seen):
+        if seen and len(bad) > config.data.item_key_tolerance * len(seen):
             example = sorted(seen[bad[0]])[:3]
             raise ValueError(
                 f"item key {key.name!r} does not identify an item: {len(bad)} of its "
                 f"{len(seen)} values carry more than one {other.name} (e.g. {key.name}="
-                f"{bad[0]!r}: {example}); name the item's ID feature in the config's item_key"
+                f"{bad[0]!r}: {example}); name the item's ID feature in the config's "
+                f"item_key (or, where items change {other.name}, raise "
+                f"data.item_key_tolerance above {len(bad) / len(seen):.3f})"
             )

@@ -149,6 +149,17 @@ class DataSpec(_Strict):
             "`positive`"
         ),
     )
+    item_key_tolerance: float = Field(
+        default=0.01,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "share of item-key values allowed to carry two values of another item-side "
+            "sparse feature (an item re-categorised) before `ctr train` and `ctr load` "
+            "refuse the key as not the items' ID (ctr.encode.check_item_key); 1 turns "
+            "the check off"
+        ),
+    )
     split: Literal["last_per_user", "time", "random"] = "last_per_user"
     val_steps: int = Field(default=1, ge=1, description="last_per_user: time steps in val")
     test_steps: int = Field(default=1, ge=1, description="last_per_user: time steps in test")
@@ -319,6 +330,7 @@ LATER_KEYS: tuple[tuple[str, ...], ...] = (
     ("item_key",),
     ("data", "behaviour_labels"),
     ("model", "aux_hidden"),
+    ("data", "item_key_tolerance"),
 )
 
 

@@ -128,7 +128,12 @@ class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     version: str | None = Field(
-        None, description="a version number (7 or \"7\") or 'latest' (default)"
+        None,
+        description="a version number (7 or \"7\") or 'latest' (default)",
+        # what the validator below accepts: a JSON number becomes its string
+        json_schema_extra={
+            "anyOf": [{"type": "string"}, {"type": "integer", "minimum": 0}, {"type": "null"}]
+        },
     )
 
     @field_validator("version", mode="before")

@@ -334,6 +334,9 @@ def test_reload_body_optional_and_malformed(keyed: TestClient) -> None:
     for version in (1, "1"):  # a JSON number or a string
         r = keyed.post("/admin/reload", json={"version": version}, headers=KEY)
         assert r.status_code == 200 and r.json()["version"] == "1", r.text
+    schema = keyed.get("/openapi.json").json()["components"]["schemas"]["ReloadRequest"]
+    types = {t["type"] for t in schema["properties"]["version"]["anyOf"]}
+    assert types == {"string", "integer", "null"}  # as the endpoint takes it
 
 
 def test_empty_api_key_is_no_key(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:

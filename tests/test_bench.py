@@ -169,7 +169,7 @@ def test_degraded_and_failed_replies_invalidate_a_row(tmp_path: Path) -> None:
         assert window["requests"] > 0 and window["errors"] == 0  # 200s, all of them
         assert window["degraded"] == window["requests"]
         assert window["errors_by_kind"].get("kind=redis", 0) >= window["requests"]
-    assert bad["errors"] == bad["requests"] > 0  # 400s are not successes either
+    assert bad["errors"] == bad["requests"] > 0  # 422s are not successes either
     per_model = {k: {20: v} for k, v in got.items()}
     res = {"threads": 1, "inflight": 1, "env": {}, "device": "test", "seconds": 0.3,
            "models": {"din": {**per_model, "graphs": plan["graphs"]}}}  # fmt: skip
@@ -178,7 +178,7 @@ def test_degraded_and_failed_replies_invalidate_a_row(tmp_path: Path) -> None:
     assert f"| invalid: {sweep['degraded']:.0f} degraded, " in saturation
     assert f" invalid: {sweep['degraded']:.0f} degraded, " in points
     assert all("| yes |" not in row for row in (latency, saturation))
-    res["models"]["din"]["single"][20] = bad  # a window of 400s: shown, and invalid
+    res["models"]["din"]["single"][20] = bad  # a window of 422s: shown, and invalid
     latency = _rows(render(res, "ctr bench"))[0]
     assert f"{bad['errors']} non-200" in latency and f"| {bad['errors']} |" in latency
 
@@ -322,3 +322,36 @@ def test_graph_profile_names_the_nodes(tmp_path: Path, capsys: pytest.CaptureFix
     out = capsys.readouterr().out
     assert rc == 0 and "| /model/att.0/DinAttention | DinAttention |" in out
     assert (tmp_path / "o" / "profile_graph.json").is_file()
+
+
+def test_a_failing_model_only_call_voids_the_timed_window() -> None:
+    """A stream whose call raises must not leave a lower rate (and so a flattering
+    ratio) behind: ``timed_rate`` raises."""
+    from training.bench_util import timed_rate
+
+    calls = [0]
+
+    def call(stream: int, feed: dict) -> None:
+        calls[0] += 1
+        if calls[0] == 5:
+            raise ValueError("boom")
+
+    feeds = [{"x": np.zeros(1)}]
+    with pytest.raises(RuntimeError, match="a model-only call failed: ValueError"):
+        timed_rate(call, feeds, streams=2, seconds=0.5)
+    ok = timed_rate(lambda s, f: None, feeds, streams=2, seconds=0.2)
+    assert ok["calls"] > 0 and ok["rps"] == ok["calls"] / ok["seconds"]
+
+
+def test_speed_check_flags_a_moved_machine_and_another_graph() -> None:
+    from training.bench_service import speed_check
+
+    graphs = {"service": {"graph": "fused"}, "model_only": {"graph": "fused"}}
+    single = {"stages_ms": {"inference": 0.95}}
+    assert speed_check(single, {"p50_ms": 1.0}, graphs) == "ok"
+    moved = speed_check({"stages_ms": {"inference": 0.85}}, {"p50_ms": 1.0}, graphs)
+    assert moved.startswith("suspect: machine speed moved (service inference 0.85 ms")
+    other = {**graphs, "model_only": {"graph": "standard"}}
+    assert speed_check(single, {"p50_ms": 1.0}, other) == (
+        "suspect: model-only graph standard but the service serves fused"
+    )

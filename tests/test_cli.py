@@ -49,6 +49,8 @@ def one_line_error(out: subprocess.CompletedProcess, command: str) -> str:
          "invalid config: train.epocs: Extra inputs are not permitted"),
         (["train", "--config", "configs/synthetic_din.yaml", "--set", "train.epochs=0"], {},
          "invalid config: train.epochs: Input should be greater than 0 (got 0)"),
+        (["train", "--config", "configs/synthetic_din.yaml", "--set", "item_key=bogus"], {},
+         "invalid config: Value error, item_key 'bogus' must name an item-side sparse feature"),
         (["export", "--run", "runs/nope"], {}, "no such file or folder: runs/nope/config.json"),
         (["serve"], {"CTR_PORT": "abc"},
          "invalid setting: CTR_PORT: Input should be a valid integer"),
@@ -73,6 +75,7 @@ def test_load_checks_redis_before_reading_the_data() -> None:
     out = ctr("load", "--config", "configs/synthetic_din.yaml", "--redis-url", url)
     line = one_line_error(out, "load")
     assert f"the Redis at redis://:***@127.0.0.1:{port}/0 does not answer" in line
+    assert line.endswith("]") and "[cli.py:" in line  # where it was raised
     assert "secret" not in out.stderr + out.stdout
     assert "%" not in out.stderr  # the loader's progress bar never started
 

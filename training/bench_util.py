@@ -69,14 +69,18 @@ def timed_rate(
     counts = [0] * streams
     gate = threading.Barrier(streams + 1)
     stop = [0.0]
+    failed: list[BaseException] = []
 
     def loop(k: int) -> None:
         gate.wait()
         i = k
-        while time.perf_counter() < stop[0]:
-            call(k, feeds[i % len(feeds)])
-            counts[k] += 1
-            i += streams
+        try:
+            while time.perf_counter() < stop[0] and not failed:
+                call(k, feeds[i % len(feeds)])
+                counts[k] += 1
+                i += streams
+        except Exception as exc:  # a failed call voids the window: raised below
+            failed.append(exc)
 
     threads = [threading.Thread(target=loop, args=(k,)) for k in range(streams)]
     for th in threads:
@@ -86,6 +90,8 @@ def timed_rate(
     gate.wait()
     for th in threads:
         th.join()
+    if failed:  # a stream that died would leave a rate too low, and a ratio too high
+        raise RuntimeError(f"a model-only call failed: {failed[0]!r}") from failed[0]
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     done = sum(counts) * per_call
     return {"streams": streams, "calls": sum(counts), "seconds": elapsed,
