@@ -59,38 +59,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ping(url: str, cluster: bool) -> None:
-    """Raise ``RedisError`` naming the (redacted) URL if the Redis there does not answer."""
-    from redis import Redis, RedisCluster
-    from redis.exceptions import RedisClusterException, RedisError
-
-    from service.store import redact
-
-    try:
-        client = (
-            RedisCluster.from_url(url.split(",")[0], socket_timeout=5, socket_connect_timeout=5)
-            if cluster
-            else Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
-        )
-        try:
-            client.ping()
-        finally:
-            client.close()
-    except (RedisError, RedisClusterException, OSError) as exc:
-        raise RedisError(f"the Redis at {redact(url)} does not answer: {exc}") from exc
-
-
 def cmd_load(args: argparse.Namespace) -> int:
     from ctr.spec import load_config
     from service.loader import load_into_redis
     from service.settings import Settings
+    from service.store import ping
     from training.data import load_frame
 
     config = load_config(args.config, _overrides(args.set))
     settings = Settings()
     url = args.redis_url or settings.redis_url
     cluster = args.cluster or settings.redis_cluster
-    _ping(url, cluster)  # before the data is read: that can take minutes
+    ping(url, cluster)  # before the data is read: that can take minutes
     frame = load_frame(config)
     counts = load_into_redis(config, frame, url, progress=not args.quiet, cluster=cluster)
     from service.store import redact

@@ -27,12 +27,14 @@ from ctr.spec import load_config
 
 
 def _redis_ok(url: str) -> bool:
-    from redis import Redis
     from redis.exceptions import RedisError
 
+    from service.store import ping
+
     try:
-        return bool(Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1).ping())
-    except (RedisError, OSError):
+        ping(url, timeout_s=1.0)
+        return True
+    except RedisError:
         return False
 
 

@@ -95,6 +95,25 @@ def redact(url: str) -> str:
     return ",".join(out)
 
 
+def ping(url: str, cluster: bool = False, timeout_s: float = 5.0) -> None:
+    """Synchronous check for the command line (``ctr load``, ``ctr demo``): raise
+    ``RedisError`` naming the (redacted) URL if the Redis there does not answer."""
+    from redis import Redis, RedisCluster
+    from redis.exceptions import RedisClusterException, RedisError
+
+    kw = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    try:
+        client = (
+            RedisCluster.from_url(url.split(",")[0], **kw) if cluster else Redis.from_url(url, **kw)
+        )
+        try:
+            client.ping()
+        finally:
+            client.close()
+    except (RedisError, RedisClusterException, OSError) as exc:
+        raise RedisError(f"the Redis at {redact(url)} does not answer: {exc}") from exc
+
+
 class ItemCache:
     """feature -> item_id -> (value or None, expiry). Negative results are cached too."""
 

@@ -75,7 +75,7 @@ def test_load_checks_redis_before_reading_the_data() -> None:
     out = ctr("load", "--config", "configs/synthetic_din.yaml", "--redis-url", url)
     line = one_line_error(out, "load")
     assert f"the Redis at redis://:***@127.0.0.1:{port}/0 does not answer" in line
-    assert line.endswith("]") and "[cli.py:" in line  # where it was raised
+    assert re.search(r" \[store\.py:\d+\]$", line)  # where it was raised
     assert "secret" not in out.stderr + out.stdout
     assert "%" not in out.stderr  # the loader's progress bar never started
 
