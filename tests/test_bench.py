@@ -103,7 +103,7 @@ def test_baseline_feeds_are_what_the_service_scores(tmp_path: Path) -> None:
         base = load_baseline(env)
         bodies = bodies_for(frame, 30, 16)
         feeds = baseline_feeds(base, bodies, redis.url)
-        service, url = _start_service(tmp_path, config.name, redis.url, free_port(), 1)
+        service, url = _start_service(env, free_port())
         try:
             replies = [httpx.post(url + "/v1/score", content=b).json() for b in bodies[:4]]
         finally:
@@ -150,10 +150,11 @@ def test_degraded_and_failed_replies_invalidate_a_row(tmp_path: Path) -> None:
     fast = {"CTR_REDIS_TIMEOUT_MS": "50"}
     try:
         load_into_redis(config, frame, redis.url, progress=False)
-        base = load_baseline(service_env(tmp_path, config.name, redis.url, 1, 1, fast))
+        env = service_env(tmp_path, config.name, redis.url, 1, 1, fast)
+        base = load_baseline(env)
         bodies = bodies_for(frame, 20, 8)
         feeds = baseline_feeds(base, bodies, redis.url)
-        service, url = _start_service(tmp_path, config.name, redis.url, free_port(), 1, 1, fast)
+        service, url = _start_service(env, free_port())
     finally:
         redis.stop()  # the store goes away: every request from here on is degraded
     try:

@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 
 from ctr.bundle import load_bundle
-from service.batcher import merge_feeds
 from service.model import ProviderError, load_model
 from service.settings import Settings
 from training.bench_util import (
@@ -45,9 +44,11 @@ from training.bench_util import (
     cycled_times,
     frame_reader,
     full_history_feed,
+    full_history_feeds,
+    latency_row,
     mean_history,
+    merged_feeds,
     naive_feed,
-    p50_p99,
     request_feeds,
     timed_rate,
 )
@@ -101,19 +102,15 @@ def _variant(
         reference.setdefault(n, probs)  # the first variant (cpu) is the reference
         ms = cycled_times(lambda f: model.run(f, False), feeds[n], reps)
         diff = float(np.max(np.abs(probs - reference[n])))
-        rows["n"][n] = {**_latency(ms), "max_diff_vs_cpu": diff}
-        full = [full_history_feed(model.bundle, n, seed) for seed in range(4)]
-        rows["full_history"][n] = _latency(cycled_times(lambda f: model.run(f, False), full, reps))
+        rows["n"][n] = {**latency_row(ms), "max_diff_vs_cpu": diff}
+        full = full_history_feeds(model.bundle, n)
+        full_ms = cycled_times(lambda f: model.run(f, False), full, reps)
+        rows["full_history"][n] = latency_row(full_ms)
     if label == "cuda+iobinding":
         res["copied"] = _copied(model, plan["n_values"], reps)
     if label in BATCHED:
         res["batched"][label] = _batched(model, feeds[BATCH_N], plan)
     return rows
-
-
-def _latency(ms: np.ndarray) -> dict[str, float]:
-    p50, p99 = p50_p99(ms)
-    return {"p50_ms": p50, "p99_ms": p99, "samples": int(len(ms))}
 
 
 def _copied(model: Any, n_values: list[int], reps: int) -> dict[int, dict[str, float]]:
@@ -138,12 +135,11 @@ def _batched(model: Any, feeds: list[Feeds], plan: dict[str, Any]) -> dict[int, 
     out = {}
     streams = model.streams or 1
     for u in plan["users"]:
-        k = len(feeds)
-        merged = [merge_feeds([feeds[(g * u + j) % k] for j in range(u)]) for g in range(k)]
+        merged = merged_feeds(feeds, u)
         ms = cycled_times(lambda f: model.run(f, False), merged, plan["reps"])
         rate = timed_rate(lambda _, f: model.run(f, False), merged, streams,
                           plan["rate_seconds"], u)  # fmt: skip
-        lat = _latency(ms)
+        lat = latency_row(ms)
         out[u] = {"call_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"],
                   "samples": lat["samples"], "req_s": rate["rps"], "streams": streams,
                   "window_s": rate["seconds"]}  # fmt: skip

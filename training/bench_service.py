@@ -46,8 +46,10 @@ from training.bench_util import (
     Feeds,
     bodies_for,  # also imported from here by training.soak and training.bench_path
     cycled_times,
-    full_history_feed,
+    full_history_feeds,
+    latency_row,
     mean_history,
+    merged_feeds,
     p50_p99,
     redis_reader,
     request_feeds,
@@ -363,18 +365,9 @@ def service_env(
     return env
 
 
-def _start_service(
-    models_dir: Path,
-    name: str,
-    redis_url: str,
-    port: int,
-    threads: int,
-    inflight: int = 1,
-    extra_env: dict[str, str] | None = None,
-) -> Any:
-    """``ctr serve`` in a subprocess with :func:`service_env`; ``(process, base URL)``
-    once ``/readyz`` answers 200."""
-    env = service_env(models_dir, name, redis_url, threads, inflight, extra_env)
+def _start_service(env: dict[str, str], port: int) -> Any:
+    """``ctr serve`` in a subprocess with ``env`` (:func:`service_env`, the one the
+    baseline is loaded from); ``(process, base URL)`` once ``/readyz`` answers 200."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "ctr.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
         env=env,
@@ -444,12 +437,6 @@ def baseline_feeds(base: Baseline, bodies: list[bytes], redis_url: str) -> list[
     return request_feeds(bundle, base.settings, bodies, read)
 
 
-def latency_row(ms: np.ndarray) -> dict[str, float]:
-    """p50 / p99 and the number of samples behind them."""
-    p50, p99 = p50_p99(ms)
-    return {"p50_ms": p50, "p99_ms": p99, "samples": int(len(ms))}
-
-
 def baseline_latency(base: Baseline, feeds: list[Feeds], reps: int) -> dict[str, float]:
     """Latency of ``reps`` single calls through the service's runner, cycling ``feeds``."""
     return latency_row(cycled_times(lambda f: base.run(0, f), feeds, reps))
@@ -477,13 +464,8 @@ def baseline_rates(
     ``seconds`` for each count of concurrent calls the service allows
     (:func:`stream_counts`); with micro-batching, calls of full batches of distinct
     users (:func:`batch_fits`)."""
-    from service.batcher import merge_feeds
-
     fits = batch_fits(base.settings, n)
-    work = feeds
-    if fits > 1:
-        k = len(feeds)
-        work = [merge_feeds([feeds[(g * fits + j) % k] for j in range(fits)]) for g in range(k)]
+    work = merged_feeds(feeds, fits)
     return {s: timed_rate(base.run, work, s, seconds, fits) for s in stream_counts(base)}
 
 
@@ -498,7 +480,7 @@ def model_only_row(
     ``after`` the service's c=1 window (the mean of their p50s is the baseline), the
     history lengths fed, and the full-history worst case (in no ratio)."""
     n = int(feeds[0]["user_idx"].shape[0])
-    full = [full_history_feed(base.model.bundle, n, seed) for seed in range(4)]
+    full = full_history_feeds(base.model.bundle, n)
     return {
         "p50_ms": (before["p50_ms"] + after["p50_ms"]) / 2,
         "p99_ms": max(before["p99_ms"], after["p99_ms"]),
@@ -732,7 +714,7 @@ def run(
             load_into_redis(config, frame, redis_url, progress=False)
             svc_env = service_env(where, config.name, redis_url, threads, inflight, env)
             base = load_baseline(svc_env)
-            proc, url = _start_service(where, config.name, redis_url, port, threads, inflight, env)
+            proc, url = _start_service(svc_env, port)
             try:
                 graphs = {"service": served_model(url), "model_only": base.describe()}
                 plan = {"seconds": seconds, "concurrency": concurrency, "rates": rates or [],

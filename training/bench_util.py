@@ -105,8 +105,30 @@ def full_history_feed(bundle: Bundle, n: int, seed: int = 0) -> Feeds:
     return random_inputs(c, bundle.mapper.table_sizes(), 1, n, c.max_seq_len, rng)
 
 
+def full_history_feeds(bundle: Bundle, n: int, count: int = 4) -> list[Feeds]:
+    """``count`` worst-case feeds (:func:`full_history_feed`, seeds 0..count-1)."""
+    return [full_history_feed(bundle, n, seed) for seed in range(count)]
+
+
+def merged_feeds(feeds: list[Feeds], users: int) -> list[Feeds]:
+    """Micro-batches of ``users`` distinct requests each (as the service's batcher merges
+    them), one starting at each feed of ``feeds`` in turn."""
+    from service.batcher import merge_feeds
+
+    if users <= 1:
+        return feeds
+    k = len(feeds)
+    return [merge_feeds([feeds[(g * users + j) % k] for j in range(users)]) for g in range(k)]
+
+
 def p50_p99(ms: np.ndarray | list[float]) -> tuple[float, float]:
     return float(np.median(ms)), float(np.percentile(ms, 99))
+
+
+def latency_row(ms: np.ndarray) -> dict[str, float]:
+    """p50 / p99 and the number of samples behind them."""
+    p50, p99 = p50_p99(ms)
+    return {"p50_ms": p50, "p99_ms": p99, "samples": int(len(ms))}
 
 
 def naive_feed(feed: Feeds) -> Feeds:

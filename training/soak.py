@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import orjson
 
-from training.bench_service import _start_service, bodies_for, make_bundle
+from training.bench_service import _start_service, bodies_for, make_bundle, service_env
 
 
 def rss_mb(pid: int) -> float:
@@ -76,7 +76,8 @@ def run(duration: float, concurrency: int, sample: float, warmup: float, max_gro
         bodies = []
         for n in (50, 200, 500, 1000):
             bodies += bodies_for(frame, n, count=16, seed=n)
-        proc, url = _start_service(Path(tmp), config.name, redis_url, port, threads)
+        env = service_env(Path(tmp), config.name, redis_url, threads)
+        proc, url = _start_service(env, port)
         try:
             stats = asyncio.run(
                 _drive(url, bodies, concurrency, duration, proc.pid, sample, warmup)
