@@ -37,7 +37,7 @@ log = logging.getLogger("ctr.native")
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "native"
 SOURCES = (
     "augru.h", "ctr_ops.cc", "augru_cuda.cu", "din_attention.h", "din_attention.cc", "simd.h",
-    "third_party/onnxruntime/onnxruntime_c_api.h",
+    "codec.cc", "third_party/onnxruntime/onnxruntime_c_api.h",
 )  # fmt: skip
 DOMAIN = "ctr_ops"
 OP = "AttentionalGRU"
@@ -290,8 +290,10 @@ def _build(cuda: bool, out_dir: Path | None, arch: str | None) -> OpsLibrary:
          *cpu_arch, *defs, *inc, "-c", str(SOURCE_DIR / "ctr_ops.cc"), "-o", "ctr_ops.o"],
         [cxx, "-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-ffp-contract=fast",
          *cpu_arch, *inc, "-c", str(SOURCE_DIR / "din_attention.cc"), "-o", "din_attention.o"],
+        [cxx, "-O2", "-std=c++17", "-fPIC", "-fvisibility=hidden", *cpu_arch, "-c",
+         str(SOURCE_DIR / "codec.cc"), "-o", "codec.o"],
     ]  # fmt: skip
-    objs, link_extra, tools = ["ctr_ops.o", "din_attention.o"], [], [cxx]
+    objs, link_extra, tools = ["ctr_ops.o", "din_attention.o", "codec.o"], [], [cxx]
     cuda_arch: list[str] = []
     if cuda:
         assert nvcc is not None

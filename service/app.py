@@ -27,9 +27,10 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ctr.bundle import BundleError
+from service import codec, lifecycle
 from service import hup as early_hup
-from service import lifecycle
 from service import metrics as m
+from service.codec import items_python
 from service.errors import (
     AdminDisabled,
     BadRequest,
@@ -240,6 +241,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             deployed = await state.bus.baseline()
         else:
             deployed = None
+        # the library is built (or found) once per process: after the model's own load
+        # of it this is a lookup
+        state.encoder = await loop.run_in_executor(None, codec.load, settings)
         try:
             await lifecycle.start(state, deployed)
         except BundleError as exc:
@@ -550,6 +554,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             "graph_note": model.graph_note or None,
             "graph_ops": model.graph_ops,
             "micro_batching": model.batcher is not None,
+            "json_encoder": "native" if state.encoder is not None else "orjson",
             "gpu_copy": copy_info(model.runner),
             "worker_pid": os.getpid(),
             "fallback": state.fallback,
@@ -674,15 +679,16 @@ async def _score(state: State, model: LoadedModel, req: Any) -> Response:
     order = np.argsort(-probs, kind="stable")
     if req.top_k is not None:
         order = order[: req.top_k]
-    ranked = order.tolist()
-    p, ids = probs.tolist(), req.item_ids  # python floats/ints: no numpy scalars per item
-    items: list[dict[str, Any]] = [
-        {"item_id": ids[i], "probability": p[i], "rank": r} for r, i in enumerate(ranked, 1)
-    ]
+    items: Any = None
+    if state.encoder is not None and not req.explain:
+        json_items = state.encoder.encode(req.item_ids, probs, order)
+        items = None if json_items is None else orjson.Fragment(json_items)
+    if items is None:
+        items = items_python(req.item_ids, probs, order)
     if req.explain and len(outs) > 1 and prepared.hist_len:
         att = outs[1]
         hist = history_items(bundle.config, data, prepared.hist_len)
-        for item, i in zip(items, ranked, strict=True):
+        for item, i in zip(items, order.tolist(), strict=True):
             w = att[i, : len(hist)]
             top = np.argsort(-np.abs(w), kind="stable")[: s.explain_top]
             item["attention"] = [{"item_id": hist[j], "weight": float(w[j])} for j in top]

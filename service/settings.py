@@ -80,6 +80,12 @@ class Settings(BaseSettings):
         "(`ctr build-ops --arch ... --out DIR`: the highest level this CPU supports is "
         "loaded); empty: build native/ into $CTR_OPS_CACHE when needed",
     )
+    native_json: Literal["auto", "off"] = Field(
+        "auto",
+        description="write the scoring response's ranked items with the custom-op "
+        "library's encoder (native/codec.cc; the same bytes as orjson, checked at start; "
+        "orjson where it cannot be built or loaded): auto = when available; off = orjson",
+    )
     precision: Literal["fp32", "fp16"] = Field(
         "fp32", description="fp16: convert at load, serve it only within 1e-3 of fp32"
     )

@@ -1,9 +1,10 @@
 """In-process cost of the request path's Python, without HTTP or a client: the scoring
-handler called through ASGI with and without the ``ServingMiddleware`` fast path, and the
-candidate-list check with and without its C-level shortcut. Same process, interleaved,
-so the ratios hold on a noisy machine. Then the fast path's event-loop CPU split by the
-service's own stages (its stage clock set to this thread's CPU time). Needs Redis and a
-bundle (``ctr bench-path``)."""
+handler called through ASGI with and without the ``ServingMiddleware`` fast path, and with
+the ranked items written by orjson instead of the native encoder (``CTR_NATIVE_JSON=off``);
+and the candidate-list check with and without its C-level shortcut. Same process,
+interleaved, so the ratios hold on a noisy machine. Then the fast path's event-loop CPU
+split by the service's own stages (its stage clock set to this thread's CPU time), with
+either encoder. Needs Redis and a bundle (``ctr bench-path``)."""
 
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ def without_fast_path(app: Any) -> Any:
 async def _route_costs(settings: Settings, bodies: list[bytes], rounds: int, reps: int) -> dict:
     apps = {
         "fast path": create_app(settings),
+        "orjson items": create_app(settings.model_copy(update={"native_json": "off"})),
         "FastAPI route": without_fast_path(create_app(settings)),
     }
     times: dict[str, list[float]] = {k: [] for k in apps}
@@ -72,6 +74,8 @@ async def _route_costs(settings: Settings, bodies: list[bytes], rounds: int, rep
     for ctx in contexts.values():
         await ctx.__aenter__()
     try:
+        if apps["fast path"].state.ctr.encoder is None:  # nothing to compare then
+            raise RuntimeError("the native JSON encoder did not load (see the log)")
         for app in apps.values():  # warm-up
             for b in bodies[:8]:
                 assert await _call(app, b) == 200
@@ -158,6 +162,11 @@ def run(
             "request_ms": asyncio.run(_route_costs(settings, bodies, rounds, reps)),
             "check_us": _check_costs(bodies, rounds, reps * 4),
             "stage_ms": asyncio.run(_stage_costs(settings, bodies, rounds, reps)),
+            "stage_ms_orjson": asyncio.run(
+                _stage_costs(
+                    settings.model_copy(update={"native_json": "off"}), bodies, rounds, reps
+                )
+            ),
         }
     return out
 
@@ -171,27 +180,30 @@ def render(res: dict, command: str) -> str:
         "thread nor idle waits count), median over interleaved rounds, in ms; and the "
         "candidate-list check alone, µs per request:",
         "",
-        "| N | loop CPU, fast path | loop CPU, FastAPI route | saved | C-level check µs |"
-        " per-candidate check µs | ratio |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| N | loop CPU, fast path | FastAPI route | saved | fast path, orjson items | "
+        "native encoder saves | C-level check µs | per-candidate check µs | ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n, r in res.items():
         a, b = r["request_ms"]["fast path"], r["request_ms"]["FastAPI route"]
+        o = r["request_ms"]["orjson items"]
         c, d = r["check_us"]["C-level check"], r["check_us"]["per-candidate check"]
         lines.append(
-            f"| {n} | {a:.3f} | {b:.3f} | {b - a:.3f} | {c:.0f} | {d:.0f} | {d / c:.1f}x |"
+            f"| {n} | {a:.3f} | {b:.3f} | {b - a:.3f} | {o:.3f} | {o - a:.3f} | {c:.0f} "
+            f"| {d:.0f} | {d / c:.1f}x |"
         )
     lines += [
         "",
         "Event-loop CPU per request on the fast path, by the service's own stages (ms; "
         "`inference` is the hand-off to the ORT thread and back, `outside` the body read, "
-        "validation, ASGI and middleware):",
+        "validation, ASGI and middleware), with the native items encoder and with orjson's:",
         "",
-        "| N | " + " | ".join((*STAGES, "outside", "total")) + " |",
-        "|---:|" + "---:|" * (len(STAGES) + 2),
+        "| N | items | " + " | ".join((*STAGES, "outside", "total")) + " |",
+        "|---:|---|" + "---:|" * (len(STAGES) + 2),
     ]
     for n, r in res.items():
-        st = r["stage_ms"]
-        cells = " | ".join(f"{st[k]:.3f}" for k in (*STAGES, "outside", "total"))
-        lines.append(f"| {n} | {cells} |")
+        for label, key in (("native", "stage_ms"), ("orjson", "stage_ms_orjson")):
+            st = r[key]
+            cells = " | ".join(f"{st[k]:.3f}" for k in (*STAGES, "outside", "total"))
+            lines.append(f"| {n} | {label} | {cells} |")
     return "\n".join(lines)
