@@ -152,3 +152,173 @@ __attribute__((visibility("default"))) int64_t ctr_items_bound(int64_t k, int64_
 }
 
 }  // extern "C"
+
+// ---------------------------------------------------------------------------------
+// The request side: a scoring body's candidate list, when it is the plain kind.
+//
+// orjson turns ``"candidates": [{"item_id": "..."}, ...]`` into N dicts that the
+// service then checks in several passes. This finds that array in the body's bytes and
+// copies the IDs out when every candidate is exactly ``{"item_id": "<ID>"}`` with an
+// ID of 1 to ``max_id_len`` printable ASCII characters and no escapes, and the array
+// has 1 to ``max_n`` of them. Anything else (another shape, an escape, non-ASCII, a
+// second "candidates" key, a top-level key with an escape, trailing bytes) declines,
+// and the caller parses the whole body as before, so every error it answers is the
+// one it always answered. The rest of the body is not checked here: the caller parses
+// it with the array cut out.
+
+namespace {
+
+struct Cursor {
+  const char* p;
+  const char* end;
+  void ws() {
+    while (p < end && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')) ++p;
+  }
+  bool eat(char c) {
+    if (p < end && *p == c) {
+      ++p;
+      return true;
+    }
+    return false;
+  }
+};
+
+// A string at c.p (on its opening quote); sets [s, e) to its raw bytes. escaped: it
+// holds a backslash. False when it does not end.
+bool skip_string(Cursor& c, const char** s, const char** e, bool* escaped) {
+  if (!c.eat('"')) return false;
+  *s = c.p;
+  *escaped = false;
+  while (c.p < c.end) {
+    char ch = *c.p++;
+    if (ch == '"') {
+      *e = c.p - 1;
+      return true;
+    }
+    if (ch == '\\') {
+      *escaped = true;
+      if (c.p >= c.end) return false;
+      ++c.p;
+    }
+  }
+  return false;
+}
+
+// Any JSON value, not validated (the caller's parser does that): only its end is found,
+// strings and nesting respected.
+bool skip_value(Cursor& c) {
+  int depth = 0;
+  do {
+    c.ws();
+    if (c.p >= c.end) return false;
+    char ch = *c.p;
+    if (ch == '"') {
+      const char *s, *e;
+      bool esc;
+      if (!skip_string(c, &s, &e, &esc)) return false;
+    } else if (ch == '{' || ch == '[') {
+      ++depth;
+      ++c.p;
+    } else if (ch == '}' || ch == ']') {
+      if (--depth < 0) return false;
+      ++c.p;
+    } else if (ch == ',' || ch == ':') {
+      if (depth == 0) return false;
+      ++c.p;
+    } else {  // a number or a literal
+      while (c.p < c.end && *c.p != ',' && *c.p != '}' && *c.p != ']' && *c.p != ' ' &&
+             *c.p != '\t' && *c.p != '\n' && *c.p != '\r' && *c.p != ':')
+        ++c.p;
+    }
+  } while (depth > 0);
+  return true;
+}
+
+bool key_is(const char* s, const char* e, const char* want) {
+  size_t n = std::strlen(want);
+  return static_cast<size_t>(e - s) == n && std::memcmp(s, want, n) == 0;
+}
+
+// The candidate array at c.p; IDs copied to out, NUL-separated; *count of them. Returns
+// the bytes written, -1 when it is not the plain kind.
+int64_t plain_candidates(Cursor& c, int64_t max_id_len, int64_t max_n, char* out,
+                         int64_t out_cap, int64_t* count) {
+  if (!c.eat('[')) return -1;
+  int64_t n = 0;
+  char* o = out;
+  c.ws();
+  if (c.p < c.end && *c.p == ']') return -1;  // empty: the caller says so
+  for (;;) {
+    c.ws();
+    if (!c.eat('{')) return -1;
+    c.ws();
+    const char *s, *e;
+    bool esc;
+    if (!skip_string(c, &s, &e, &esc) || esc || !key_is(s, e, "item_id")) return -1;
+    c.ws();
+    if (!c.eat(':')) return -1;
+    c.ws();
+    if (!skip_string(c, &s, &e, &esc) || esc) return -1;
+    int64_t len = e - s;
+    if (len < 1 || len > max_id_len || ++n > max_n) return -1;
+    for (const char* q = s; q < e; ++q)
+      if (*q < 0x20 || *q > 0x7e) return -1;  // printable ASCII only (signed char: >= 0x80 too)
+    if (o - out + len + 1 > out_cap) return -1;
+    if (n > 1) *o++ = '\0';
+    std::memcpy(o, s, len);
+    o += len;
+    c.ws();
+    if (!c.eat('}')) return -1;
+    c.ws();
+    if (c.eat(']')) break;
+    if (!c.eat(',')) return -1;
+  }
+  *count = n;
+  return o - out;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Finds the plain candidate list in ``body`` (see above). Returns the number of
+// candidates N >= 1, with the IDs NUL-separated in ``out`` and ``where[3]``: the
+// array's byte range [where[0], where[1]) in ``body`` and the IDs' length in ``out``;
+// 0 when the body is not that case (the caller parses it whole).
+__attribute__((visibility("default"))) int64_t ctr_scan_candidates(
+    const char* body, int64_t len, int64_t max_id_len, int64_t max_n, char* out,
+    int64_t out_cap, int64_t* where) {
+  Cursor c{body, body + len};
+  c.ws();
+  if (!c.eat('{')) return 0;
+  int64_t found = -1, ids_len = 0;
+  c.ws();
+  if (c.eat('}')) return 0;
+  for (;;) {
+    c.ws();
+    const char *s, *e;
+    bool esc;
+    if (!skip_string(c, &s, &e, &esc) || esc) return 0;
+    c.ws();
+    if (!c.eat(':')) return 0;
+    c.ws();
+    if (key_is(s, e, "candidates")) {
+      if (found >= 0) return 0;  // a second one: the parser keeps the last
+      where[0] = c.p - body;
+      ids_len = plain_candidates(c, max_id_len, max_n, out, out_cap, &found);
+      if (ids_len < 0) return 0;
+      where[1] = c.p - body;
+    } else if (!skip_value(c)) {
+      return 0;
+    }
+    c.ws();
+    if (c.eat('}')) break;
+    if (!c.eat(',')) return 0;
+  }
+  c.ws();
+  if (c.p != c.end || found < 0) return 0;
+  where[2] = ids_len;
+  return found;
+}
+
+}  // extern "C"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import os
 import signal
@@ -35,7 +34,6 @@ from service.errors import (
     AdminDisabled,
     BadRequest,
     DeadlineExceeded,
-    MalformedJSON,
     NonFiniteScore,
     Overloaded,
     PayloadTooLarge,
@@ -79,8 +77,9 @@ from service.validate import (
     check_numbers,
     has_surrogate,
     parse_event,
-    parse_score,
+    parse_json,
     safe_field,
+    score_input,
 )
 
 log = logging.getLogger("ctr.service")
@@ -243,7 +242,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             deployed = None
         # the library is built (or found) once per process: after the model's own load
         # of it this is a lookup
-        state.encoder = await loop.run_in_executor(None, codec.load, settings)
+        state.codec = await loop.run_in_executor(None, codec.load, settings)
         try:
             await lifecycle.start(state, deployed)
         except BundleError as exc:
@@ -346,14 +345,10 @@ def _install_handlers(app: FastAPI) -> None:
         )
 
 
-async def _read_json(
-    header: Callable[[str], str | None],
-    chunks: AsyncIterator[bytes],
-    limit: int,
-    empty: Any = ...,
-) -> Any:
-    """The request body as JSON; ``header(name)`` reads a (lower-case) request header.
-    An empty body is an error unless ``empty`` is given: then it stands for the body."""
+async def _read_body(
+    header: Callable[[str], str | None], chunks: AsyncIterator[bytes], limit: int
+) -> bytes:
+    """The request body's bytes; ``header(name)`` reads a (lower-case) request header."""
     length = header("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise PayloadTooLarge(f"body is larger than {limit} bytes", "body")
@@ -362,18 +357,21 @@ async def _read_json(
         body.extend(chunk)
         if len(body) > limit:
             raise PayloadTooLarge(f"body is larger than {limit} bytes", "body")
-    if not body:
-        if empty is not ...:
-            return empty
-        raise BadRequest("body is empty; a JSON object is required", "body")
-    try:
-        return orjson.loads(bytes(body))
-    except orjson.JSONDecodeError as exc:
-        # NaN/Infinity literals are not JSON, but name the field that holds them
-        try:
-            return json.loads(bytes(body))
-        except (ValueError, RecursionError):  # RecursionError: nested past Python's limit
-            raise MalformedJSON(f"malformed JSON: {exc}", "body") from exc
+    return bytes(body)
+
+
+async def _read_json(
+    header: Callable[[str], str | None],
+    chunks: AsyncIterator[bytes],
+    limit: int,
+    empty: Any = ...,
+) -> Any:
+    """The request body as JSON; ``header(name)`` reads a (lower-case) request header.
+    An empty body is an error unless ``empty`` is given: then it stands for the body."""
+    body = await _read_body(header, chunks, limit)
+    if not body and empty is not ...:
+        return empty
+    return parse_json(body)
 
 
 def _check_key(state: State, header: Callable[[str], str | None], admin: bool = False) -> None:
@@ -435,8 +433,8 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
     ) -> Response:
         if s.protect_scoring:
             _check_key(state, header)
-        obj = await _read_json(header, chunks, s.max_body_bytes)
-        req = parse_score(obj, s.max_candidates, s.max_id_length)
+        body = await _read_body(header, chunks, s.max_body_bytes)
+        req = score_input(body, s.max_candidates, s.max_id_length, state.codec)
         model = state.require_model()
         return await guarded(lambda: _score(state, model, req))
 
@@ -554,7 +552,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             "graph_note": model.graph_note or None,
             "graph_ops": model.graph_ops,
             "micro_batching": model.batcher is not None,
-            "json_encoder": "native" if state.encoder is not None else "orjson",
+            "json_encoder": "native" if state.codec is not None else "orjson",
             "gpu_copy": copy_info(model.runner),
             "worker_pid": os.getpid(),
             "fallback": state.fallback,
@@ -680,8 +678,8 @@ async def _score(state: State, model: LoadedModel, req: Any) -> Response:
     if req.top_k is not None:
         order = order[: req.top_k]
     items: Any = None
-    if state.encoder is not None and not req.explain:
-        json_items = state.encoder.encode(req.item_ids, probs, order)
+    if state.codec is not None and not req.explain:
+        json_items = state.codec.encode(req.item_ids, probs, order)
         items = None if json_items is None else orjson.Fragment(json_items)
     if items is None:
         items = items_python(req.item_ids, probs, order)

@@ -7,7 +7,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from service.codec import ItemsEncoder
+from service.codec import NativeCodec
 from service.errors import ModelNotReady
 from service.model import LoadedModel
 from service.reloadbus import ReloadBus
@@ -33,7 +33,7 @@ class State:
         self.write_reader: Reader | None = None
         self.executor: ThreadPoolExecutor | None = None
         # the ranked items' JSON writer (None: orjson; service.codec)
-        self.encoder: ItemsEncoder | None = None
+        self.codec: NativeCodec | None = None
         self.event_types = frozenset(
             t.strip() for t in settings.sequence_event_types.split(",") if t.strip()
         )

@@ -7,13 +7,16 @@ shapes in OpenAPI.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import Any
+from typing import Any, Protocol
 
-from service.errors import BadRequest
+import orjson
+
+from service.errors import BadRequest, MalformedJSON
 
 SCALARS = (str, int, float, bool)
 # event timestamps are unix seconds: anything from here on is milliseconds (or later)
@@ -115,27 +118,75 @@ class ScoreInput:
     explain: bool
 
 
-def parse_score(obj: Any, max_candidates: int, max_id_len: int) -> ScoreInput:
+def parse_json(body: bytes) -> Any:
+    """A request body's JSON; :class:`BadRequest` when empty, :class:`MalformedJSON` when
+    it does not parse."""
+    if not body:
+        raise BadRequest("body is empty; a JSON object is required", "body")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        # NaN/Infinity literals are not JSON, but name the field that holds them
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError):  # RecursionError: nested past Python's limit
+            raise MalformedJSON(f"malformed JSON: {exc}", "body") from exc
+
+
+class Scanner(Protocol):
+    """What :func:`score_input` needs of ``service.codec.NativeCodec``."""
+
+    def scan(self, body: bytes, max_id_len: int, max_n: int) -> tuple[bytes, list[str]] | None: ...
+
+
+def score_input(
+    body: bytes, max_candidates: int, max_id_len: int, scanner: Scanner | None
+) -> ScoreInput:
+    """A scoring request's body, parsed and checked. With a ``scanner``, a plain
+    candidate list is found and checked in the raw bytes and the rest of the body parsed
+    without it; any other body, or one whose rest does not parse, is parsed whole, so
+    the answer (the request, or the error naming a field) is the same either way."""
+    scanned = scanner.scan(body, max_id_len, max_candidates) if scanner is not None else None
+    if scanned is not None:
+        try:
+            obj = orjson.loads(scanned[0])
+        except orjson.JSONDecodeError:
+            scanned = None
+    if scanned is None:
+        return parse_score(parse_json(body), max_candidates, max_id_len)
+    return parse_score(obj, max_candidates, max_id_len, scanned[1])
+
+
+def parse_score(
+    obj: Any, max_candidates: int, max_id_len: int, scanned: list[str] | None = None
+) -> ScoreInput:
+    """The scoring body ``obj``, checked. ``scanned``: the candidates' IDs, already
+    found and checked in the raw body (``service.codec.NativeCodec.scan``: plain,
+    distinct, 1 to ``max_candidates``); ``obj`` then holds ``"candidates": []``."""
     if not isinstance(obj, dict):
         raise BadRequest("body must be a JSON object", "body")
     check_keys(obj, {"user_id", "candidates", "context", "top_k", "explain"}, "")
     if "user_id" not in obj:
         raise BadRequest("user_id is required", "user_id")
     user_id = check_id(obj["user_id"], "user_id", max_id_len)
-    cands = obj.get("candidates")
-    if not isinstance(cands, list):
-        raise BadRequest("candidates must be a list", "candidates")
-    if not cands:
-        raise BadRequest("candidates must not be empty", "candidates")
-    if len(cands) > max_candidates:
-        raise BadRequest(
-            f"candidates has {len(cands)} items; the maximum is {max_candidates}", "candidates"
-        )
-    plain = _plain_ids(cands, max_id_len)
-    if plain is not None:
-        ids, feats = plain, [None] * len(plain)
+    if scanned is not None:
+        ids, feats = scanned, [None] * len(scanned)
     else:
-        ids, feats = _checked_candidates(cands, max_id_len)
+        cands = obj.get("candidates")
+        if not isinstance(cands, list):
+            raise BadRequest("candidates must be a list", "candidates")
+        if not cands:
+            raise BadRequest("candidates must not be empty", "candidates")
+        if len(cands) > max_candidates:
+            raise BadRequest(
+                f"candidates has {len(cands)} items; the maximum is {max_candidates}",
+                "candidates",
+            )
+        plain = _plain_ids(cands, max_id_len)
+        if plain is not None:
+            ids, feats = plain, [None] * len(plain)
+        else:
+            ids, feats = _checked_candidates(cands, max_id_len)
     context = obj.get("context")
     context = {} if context is None else check_features(context, "context", max_id_len)
     top_k = obj.get("top_k")

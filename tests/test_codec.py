@@ -1,9 +1,11 @@
 """The native JSON codec (``native/codec.cc`` through ``service.codec``) writes what orjson
-writes, declines what it was not written for, and the service answers the same with it
-and without it (``CTR_NATIVE_JSON=off``)."""
+writes, reads plain candidate lists as the whole-body parse reads them, declines what it
+was not written for, and the service answers the same with it and without it
+(``CTR_NATIVE_JSON=off``)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,16 +13,20 @@ import numpy as np
 import orjson
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from service import codec
 from service.app import create_app
+from service.errors import BadRequest
 from service.settings import Settings
+from service.validate import score_input
 from tests.helpers import Built, build_and_load, settings_for
 
 
 @pytest.fixture(scope="module")
-def enc(lib: Any) -> codec.ItemsEncoder:
-    return codec.ItemsEncoder(str(lib.path))
+def enc(lib: Any) -> codec.NativeCodec:
+    return codec.NativeCodec(str(lib.path))
 
 
 def _orjson(ids: list[str], probs: np.ndarray, order: np.ndarray) -> bytes:
@@ -34,7 +40,7 @@ def _random_probabilities(rng: np.random.Generator, n: int) -> np.ndarray:
     return bits.view(np.float32)
 
 
-def test_items_are_orjson_bytes_for_every_float32_range(enc: codec.ItemsEncoder) -> None:
+def test_items_are_orjson_bytes_for_every_float32_range(enc: codec.NativeCodec) -> None:
     rng = np.random.default_rng(7)
     for n in (1, 2, 50, 500, 2000):
         probs = _random_probabilities(rng, n)
@@ -45,7 +51,7 @@ def test_items_are_orjson_bytes_for_every_float32_range(enc: codec.ItemsEncoder)
         assert enc.encode(ids, probs, top) == _orjson(ids, probs, top)
 
 
-def test_items_at_the_notation_boundaries(enc: codec.ItemsEncoder) -> None:
+def test_items_at_the_notation_boundaries(enc: codec.NativeCodec) -> None:
     # around 1e-5 (fixed above it, exponent below), the ends and the subnormals
     values = [0.0, 1.0, 1e-5, 1.0000001e-5, 9.999999e-6, 1e-6, 1e-7, 1e-38, 1e-45, 0.1,
               0.5, 0.99999994, 2.0**-17, 2.0**-16, 2.0**-126, 3.0517578125e-05]  # fmt: skip
@@ -57,7 +63,7 @@ def test_items_at_the_notation_boundaries(enc: codec.ItemsEncoder) -> None:
     assert enc.encode(ids, probs, order) == _orjson(ids, probs, order)
 
 
-def test_ids_are_escaped_as_orjson_escapes_them(enc: codec.ItemsEncoder) -> None:
+def test_ids_are_escaped_as_orjson_escapes_them(enc: codec.NativeCodec) -> None:
     rng = np.random.default_rng(3)
     alphabet = [chr(c) for c in range(1, 128)] + ["é", "€", "😀", "\u2028", "\ufeff"]
     ids = ["".join(rng.choice(alphabet, rng.integers(0, 12))) for _ in range(400)]
@@ -80,13 +86,13 @@ def test_ids_are_escaped_as_orjson_escapes_them(enc: codec.ItemsEncoder) -> None
     ],
 )
 def test_the_encoder_declines_what_it_was_not_written_for(
-    enc: codec.ItemsEncoder, ids: list[str], probs: list[float]
+    enc: codec.NativeCodec, ids: list[str], probs: list[float]
 ) -> None:
     p = np.array(probs, np.float32)
     assert enc.encode(ids, p, np.array([1, 0])) is None
 
 
-def test_the_encoder_declines_other_dtypes_and_shapes(enc: codec.ItemsEncoder) -> None:
+def test_the_encoder_declines_other_dtypes_and_shapes(enc: codec.NativeCodec) -> None:
     ids, order = ["a", "b"], np.array([0, 1])
     assert enc.encode(ids, np.array([0.5, 0.25], np.float64), order) is None
     assert enc.encode(ids, np.array([0.5, 0.25, 0.1], np.float32), order) is None
@@ -101,16 +107,16 @@ def test_load_follows_the_setting_and_checks_the_library(
     on = codec.load(Settings(ops_library=str(lib.path)))
     assert on is not None and on.path == str(lib.path)
     # a library whose output differs from orjson's is not used, and the log says why
-    real = codec.ItemsEncoder.encode
+    real = codec.NativeCodec.encode
 
-    def off_by_one(self: codec.ItemsEncoder, *args: Any) -> bytes | None:
+    def off_by_one(self: codec.NativeCodec, *args: Any) -> bytes | None:
         out = real(self, *args)
         return None if out is None else out.replace(b'"rank":1}', b'"rank":2}')
 
-    monkeypatch.setattr(codec.ItemsEncoder, "encode", off_by_one)
+    monkeypatch.setattr(codec.NativeCodec, "encode", off_by_one)
     with caplog.at_level("WARNING", "ctr.service"):
         assert codec.load(Settings(ops_library=str(lib.path))) is None
-    assert "native JSON encoder not used" in caplog.text and '"rank":2}' in caplog.text
+    assert "native JSON codec not used" in caplog.text and '"rank":2}' in caplog.text
 
 
 def test_a_library_without_the_function_is_not_used(
@@ -120,11 +126,114 @@ def test_a_library_without_the_function_is_not_used(
     import ctypes.util
 
     with pytest.raises(AttributeError):
-        codec.ItemsEncoder(ctypes.util.find_library("c") or "libc.so.6")
+        codec.NativeCodec(ctypes.util.find_library("c") or "libc.so.6")
     missing = tmp_path / "libctr_ops.so"
     with caplog.at_level("WARNING", "ctr.service"):
         assert codec.load(Settings(ops_library=str(missing))) is None
-    assert "native JSON encoder not used" in caplog.text and "does not exist" in caplog.text
+    assert "native JSON codec not used" in caplog.text and "does not exist" in caplog.text
+
+
+def outcome(body: bytes, scanner: codec.NativeCodec | None) -> object:
+    """What the service makes of a scoring body: the request, or the error it answers."""
+    try:
+        return score_input(body, 30, 12, scanner)
+    except BadRequest as exc:
+        return type(exc).__name__, exc.message, exc.field
+
+
+@pytest.mark.parametrize(
+    "separators, indent", [((",", ":"), None), ((", ", ": "), None), ((" ,", " : "), 2)]
+)
+def test_scan_reads_plain_lists_in_any_layout(
+    enc: codec.NativeCodec, separators: tuple[str, str], indent: int | None
+) -> None:
+    ids = ["a", "b c", "~!@#$%^&*()_", "x" * 12, "7", "[]{},:"]
+    for extra in ({}, {"top_k": 2, "context": {"k": [1, {"c": "]}"}]}}, {"explain": True}):
+        obj = {**extra, "candidates": [{"item_id": i} for i in ids], "user_id": "u1"}
+        body = json.dumps(obj, separators=separators, indent=indent).encode()
+        scanned = enc.scan(body, 12, 30)
+        assert scanned is not None and scanned[1] == ids
+        assert json.loads(scanned[0]) == {**obj, "candidates": []}
+        assert outcome(body, enc) == outcome(body, None)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"user_id":"u","candidates":[]}',  # empty: the whole-body check says so
+        b'{"user_id":"u","candidates":[{"item_id":"a\\u0041"}]}',  # an escape
+        b'{"user_id":"u","candidates":[{"item_id":"\xc3\xa9"}]}',  # not ASCII
+        b'{"user_id":"u","candidates":[{"item_id":""}]}',
+        b'{"user_id":"u","candidates":[{"item_id":"0123456789abc"}]}',  # 13 > 12
+        b'{"user_id":"u","candidates":[{"item_id":7}]}',
+        b'{"user_id":"u","candidates":[{"item_id":"a","features":{}}]}',
+        b'{"user_id":"u","candidates":[{"features":{},"item_id":"a"}]}',
+        b'{"user_id":"u","candidates":[{"item_id":"a"},{"item_id":"a"}]}',  # duplicate
+        b'{"user_id":"u","candidates":[{"item_id":"a"}],"candidates":[{"item_id":"b"}]}',
+        b'{"user_id":"u","candid\\u0061tes":[{"item_id":"a"}]}',  # an escaped key
+        b'{"user_id":"u","candidates":[{"item_id":"a"}]} x',  # trailing bytes
+        b'{"user_id":"u","candidates":[{"item_id":"a"},]}',
+        b'{"user_id":"u","candidates":[{"item_id":"a"}}',
+        b'{"user_id":"u","candidates":{"item_id":"a"}}',
+        b'[{"candidates":[{"item_id":"a"}]}]',
+        b'{"user_id":"u"}',
+    ],
+)
+def test_scan_declines_all_but_the_plain_kind(enc: codec.NativeCodec, body: bytes) -> None:
+    assert enc.scan(body, 12, 30) is None
+    assert outcome(body, enc) == outcome(body, None)
+
+
+def test_scan_declines_more_candidates_than_allowed(enc: codec.NativeCodec) -> None:
+    body = orjson.dumps({"user_id": "u", "candidates": [{"item_id": f"i{k}"} for k in range(31)]})
+    assert enc.scan(body, 12, 30) is None
+    assert outcome(body, enc) == outcome(body, None)
+    assert "31 items" in str(outcome(body, None))
+
+
+# mostly the plain kind (the scanner's case), the rest anything a client may send
+_plain_id = st.text(st.sampled_from("ab ,]}:{[~"), min_size=1, max_size=4)
+_odd_id = st.text(st.sampled_from('ab "\\\x01é\u2028'), max_size=14) | st.integers(0, 3)
+_plain = st.builds(lambda i: {"item_id": i}, _plain_id)
+_candidate = st.one_of(
+    _plain,
+    st.builds(lambda i: {"item_id": i}, _odd_id),
+    st.fixed_dictionaries({"item_id": _plain_id}, optional={"features": st.just({"f": 1})}),
+    st.just({}),
+    st.just("x"),
+)
+_body = st.fixed_dictionaries(
+    {
+        "candidates": st.lists(_plain, min_size=1, max_size=8, unique_by=lambda c: c["item_id"])
+        | st.lists(_candidate, max_size=6)
+    },
+    optional={
+        "user_id": st.sampled_from(["u", "u", "", 5, "u\x01"]),
+        "top_k": st.sampled_from([1, 0, "2", None]),
+        "context": st.sampled_from([{"k": "]"}, {"k": [1, 2]}, [], None]),
+        "other": st.just(1),
+    },
+)
+
+
+@given(
+    obj=_body,
+    layout=st.sampled_from([(",", ":"), (", ", ": "), (" ,\n", " :\t")]),
+    ascii_only=st.booleans(),
+    cut=st.integers(0, 400),
+    insert=st.sampled_from([b"", b'"', b"\\", b",", b"]", b"}", b" ", b"x", b"[", b":"]),
+)
+@settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
+def test_scan_and_whole_body_parse_agree(
+    lib: Any, obj: dict, layout: tuple[str, str], ascii_only: bool, cut: int, insert: bytes
+) -> None:
+    """Generated bodies, then one byte cut or inserted at a random place (most no longer
+    the plain kind, or not JSON): the service's answer with the scanner is the answer
+    without it, request or error alike."""
+    enc = codec.NativeCodec(str(lib.path))
+    body = json.dumps(obj, separators=layout, ensure_ascii=ascii_only).encode()
+    for b in (body, body[:cut] + insert + body[cut + 1 :], body[:cut] + insert + body[cut:]):
+        assert outcome(b, enc) == outcome(b, None), b
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +246,8 @@ def clients(built: Built, lib: Any) -> Iterator[tuple[TestClient, TestClient]]:
     native = create_app(settings_for(built, ops_library=str(lib.path)))
     plain = create_app(settings_for(built, native_json="off"))
     with TestClient(native) as a, TestClient(plain) as b:
-        assert a.app.state.ctr.encoder is not None  # type: ignore[attr-defined]
-        assert b.app.state.ctr.encoder is None  # type: ignore[attr-defined]
+        assert a.app.state.ctr.codec is not None  # type: ignore[attr-defined]
+        assert b.app.state.ctr.codec is None  # type: ignore[attr-defined]
         assert a.get("/v1/models").json()["json_encoder"] == "native"
         assert b.get("/v1/models").json()["json_encoder"] == "orjson"
         yield a, b

@@ -1,6 +1,7 @@
 """In-process cost of the request path's Python, without HTTP or a client: the scoring
 handler called through ASGI with and without the ``ServingMiddleware`` fast path, and with
-the ranked items written by orjson instead of the native encoder (``CTR_NATIVE_JSON=off``);
+orjson reading the candidates and writing the ranked items instead of the native codec
+(``CTR_NATIVE_JSON=off``);
 and the candidate-list check with and without its C-level shortcut. Same process,
 interleaved, so the ratios hold on a noisy machine. Then the fast path's event-loop CPU
 split by the service's own stages (its stage clock set to this thread's CPU time), with
@@ -66,7 +67,7 @@ def without_fast_path(app: Any) -> Any:
 async def _route_costs(settings: Settings, bodies: list[bytes], rounds: int, reps: int) -> dict:
     apps = {
         "fast path": create_app(settings),
-        "orjson items": create_app(settings.model_copy(update={"native_json": "off"})),
+        "orjson": create_app(settings.model_copy(update={"native_json": "off"})),
         "FastAPI route": without_fast_path(create_app(settings)),
     }
     times: dict[str, list[float]] = {k: [] for k in apps}
@@ -74,8 +75,8 @@ async def _route_costs(settings: Settings, bodies: list[bytes], rounds: int, rep
     for ctx in contexts.values():
         await ctx.__aenter__()
     try:
-        if apps["fast path"].state.ctr.encoder is None:  # nothing to compare then
-            raise RuntimeError("the native JSON encoder did not load (see the log)")
+        if apps["fast path"].state.ctr.codec is None:  # nothing to compare then
+            raise RuntimeError("the native JSON codec did not load (see the log)")
         for app in apps.values():  # warm-up
             for b in bodies[:8]:
                 assert await _call(app, b) == 200
@@ -180,13 +181,13 @@ def render(res: dict, command: str) -> str:
         "thread nor idle waits count), median over interleaved rounds, in ms; and the "
         "candidate-list check alone, µs per request:",
         "",
-        "| N | loop CPU, fast path | FastAPI route | saved | fast path, orjson items | "
-        "native encoder saves | C-level check µs | per-candidate check µs | ratio |",
+        "| N | loop CPU, fast path | FastAPI route | saved | fast path, orjson | "
+        "native codec saves | C-level check µs | per-candidate check µs | ratio |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n, r in res.items():
         a, b = r["request_ms"]["fast path"], r["request_ms"]["FastAPI route"]
-        o = r["request_ms"]["orjson items"]
+        o = r["request_ms"]["orjson"]
         c, d = r["check_us"]["C-level check"], r["check_us"]["per-candidate check"]
         lines.append(
             f"| {n} | {a:.3f} | {b:.3f} | {b - a:.3f} | {o:.3f} | {o - a:.3f} | {c:.0f} "
@@ -196,9 +197,10 @@ def render(res: dict, command: str) -> str:
         "",
         "Event-loop CPU per request on the fast path, by the service's own stages (ms; "
         "`inference` is the hand-off to the ORT thread and back, `outside` the body read, "
-        "validation, ASGI and middleware), with the native items encoder and with orjson's:",
+        "validation, ASGI and middleware), with the native codec and with orjson "
+        "(`CTR_NATIVE_JSON=off`):",
         "",
-        "| N | items | " + " | ".join((*STAGES, "outside", "total")) + " |",
+        "| N | JSON | " + " | ".join((*STAGES, "outside", "total")) + " |",
         "|---:|---|" + "---:|" * (len(STAGES) + 2),
     ]
     for n, r in res.items():
