@@ -2,9 +2,7 @@
 
 It holds two ops. ``ctr_ops.AttentionalGRU`` is DIEN's AUGRU recurrence fused into one
 kernel (``native/augru.h``), for the CPU and CUDA; ``ctr_ops.DinAttention`` is the DIN
-activation unit with its pooling (``native/din_attention.h``), for the CPU only. Beside
-them, plain C functions the service calls through ctypes (``service.codec``): the scoring
-request's JSON (``native/codec.cc``) and an item-ID index (``native/id_index.cc``). The CPU
+activation unit with its pooling (``native/din_attention.h``), for the CPU only. The CPU
 kernels are always built (a C++17 compiler); the CUDA kernel too where ``nvcc`` is found
 and ORT has the CUDA provider. The library goes
 to a cache folder named after a hash of the sources, the build commands, the tools'
@@ -39,7 +37,7 @@ log = logging.getLogger("ctr.native")
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "native"
 SOURCES = (
     "augru.h", "ctr_ops.cc", "augru_cuda.cu", "din_attention.h", "din_attention.cc", "simd.h",
-    "codec.cc", "id_index.cc", "third_party/onnxruntime/onnxruntime_c_api.h",
+    "codec.cc", "third_party/onnxruntime/onnxruntime_c_api.h",
 )  # fmt: skip
 DOMAIN = "ctr_ops"
 OP = "AttentionalGRU"
@@ -294,11 +292,8 @@ def _build(cuda: bool, out_dir: Path | None, arch: str | None) -> OpsLibrary:
          *cpu_arch, *inc, "-c", str(SOURCE_DIR / "din_attention.cc"), "-o", "din_attention.o"],
         [cxx, "-O2", "-std=c++17", "-fPIC", "-fvisibility=hidden", *cpu_arch, "-c",
          str(SOURCE_DIR / "codec.cc"), "-o", "codec.o"],
-        [cxx, "-O2", "-std=c++17", "-fPIC", "-fvisibility=hidden", *cpu_arch, "-c",
-         str(SOURCE_DIR / "id_index.cc"), "-o", "id_index.o"],
     ]  # fmt: skip
-    objs = ["ctr_ops.o", "din_attention.o", "codec.o", "id_index.o"]
-    link_extra, tools = [], [cxx]
+    objs, link_extra, tools = ["ctr_ops.o", "din_attention.o", "codec.o"], [], [cxx]
     cuda_arch: list[str] = []
     if cuda:
         assert nvcc is not None

@@ -240,8 +240,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             deployed = await state.bus.baseline()
         else:
             deployed = None
-        # the native request path (service.codec); the library is built (or found) and
-        # checked once per process: the model's load reuses it for its row cache's index
+        # the library is built (or found) once per process: after the model's own load
+        # of it this is a lookup
         state.codec = await loop.run_in_executor(None, codec.load, settings)
         try:
             await lifecycle.start(state, deployed)
@@ -552,7 +552,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             "graph_note": model.graph_note or None,
             "graph_ops": model.graph_ops,
             "micro_batching": model.batcher is not None,
-            "request_path": "native" if state.codec is not None else "python",
+            "json_encoder": "native" if state.codec is not None else "orjson",
             "gpu_copy": copy_info(model.runner),
             "worker_pid": os.getpid(),
             "fallback": state.fallback,

@@ -1,6 +1,5 @@
-"""The scoring request's per-candidate work in C (``CTR_NATIVE_REQUEST_PATH``): the
-candidate list read, the ranked items written (``native/codec.cc``) and the row cache's
-item-ID index (``native/id_index.cc``), each with the same outcome as the Python path.
+"""The scoring request's candidate list read and its ranked items written in C
+(``native/codec.cc``, ``CTR_NATIVE_JSON``), with the same outcome as orjson's.
 
 * :meth:`NativeCodec.encode`: the Python way builds one dict per candidate
   (``{"item_id", "probability", "rank"}``) and lets orjson write them. This hands the
@@ -13,12 +12,10 @@ item-ID index (``native/id_index.cc``), each with the same outcome as the Python
   in the body's bytes and hands back the IDs and the body without it, in place of N
   dicts from orjson and their checks (``service.validate.score_input``); any other body
   is parsed whole, as without it.
-* :class:`IdIndex`: a C++ copy of ``service.rowcache.ItemRowCache.slot_of``, so a
-  request's N IDs are looked up in one call.
 
-``ctr bench-path`` compares the two paths (N = 500: about 0.5 ms of event-loop CPU less
-per request with the JSON parts alone, on this project's 2-core machine). :func:`load`
-checks the library against the Python path on a fixed set of awkward IDs, scores and
+``ctr bench-path`` compares the two ways (N = 500: 0.4–1.0 ms of event-loop CPU less
+per request on this project's 2-core machine, docs/benchmarks.md "Session 14").
+:func:`load` checks the library against orjson on a fixed set of awkward IDs, scores and
 bodies before it is used; a library without the functions (a prebuilt one older than
 them) or one that disagrees is not used, and the service says so once.
 """
@@ -52,64 +49,6 @@ def items_python(ids: list[str], probs: np.ndarray, order: np.ndarray) -> list[d
             for r, i in enumerate(order.tolist(), 1)]  # fmt: skip
 
 
-class IdIndex:
-    """A string -> int map in C++ (``native/id_index.cc``), freed with this object: the
-    row cache's item-ID -> slot map, looked up a request's IDs at a time. Written only
-    through :meth:`put` and :meth:`erase` (a key must encode as UTF-8; NUL-free keys are
-    the only ones :meth:`lookup` can find, as request IDs are)."""
-
-    def __init__(self, lib: ctypes.CDLL) -> None:
-        self._new = lib.ctr_index_new
-        self._new.restype = _PTR
-        self._new.argtypes = []
-        self._free = lib.ctr_index_free
-        self._free.restype = None
-        self._free.argtypes = [_PTR]
-        self._put = lib.ctr_index_put
-        self._put.restype = None
-        self._put.argtypes = [_PTR, ctypes.c_char_p, _I64, _I64]
-        self._erase = lib.ctr_index_erase
-        self._erase.restype = None
-        self._erase.argtypes = [_PTR, ctypes.c_char_p, _I64]
-        self._size = lib.ctr_index_size
-        self._size.restype = _I64
-        self._size.argtypes = [_PTR]
-        self._lookup = lib.ctr_index_lookup
-        self._lookup.restype = _I64
-        self._lookup.argtypes = [_PTR, ctypes.c_char_p, _I64, _I64, _PTR]
-        self._handle = self._new()
-
-    def __del__(self) -> None:
-        handle, self._handle = getattr(self, "_handle", None), None
-        if handle:
-            self._free(handle)
-
-    def __len__(self) -> int:
-        return int(self._size(self._handle))
-
-    def put(self, key: str, value: int) -> None:
-        raw = key.encode("utf-8")  # UnicodeEncodeError for a lone surrogate
-        self._put(self._handle, raw, len(raw), value)
-
-    def erase(self, key: str) -> None:
-        raw = key.encode("utf-8")
-        self._erase(self._handle, raw, len(raw))
-
-    def lookup(self, keys: list[str]) -> np.ndarray | None:
-        """int64 ``[N]`` values of ``keys``, -1 where absent; None when the keys cannot
-        go to C (one that is not UTF-8, or holds a NUL)."""
-        if not keys:
-            return np.empty(0, np.int64)
-        try:
-            raw = "\0".join(keys).encode("utf-8")
-        except UnicodeEncodeError:
-            return None
-        out = np.empty(len(keys), np.int64)
-        if self._lookup(self._handle, raw, len(raw), len(keys), out.ctypes.data) < 0:
-            return None  # a key with a NUL: not one split apart
-        return out
-
-
 class NativeCodec:
     """``ctr_encode_items`` and ``ctr_scan_candidates`` from the library at ``path``
     (raises ``OSError`` or ``AttributeError`` when it cannot be loaded or lacks them).
@@ -130,11 +69,7 @@ class NativeCodec:
         self._scan.restype = _I64
         self._scan.argtypes = [c_bytes, _I64, _I64, _I64, _PTR, _I64, _PTR]
         self._local = threading.local()
-        self._lib = lib
         self.path = path
-
-    def new_index(self) -> IdIndex:
-        return IdIndex(self._lib)
 
     def _buffer(self, size: int) -> ctypes.Array[ctypes.c_char]:
         """This thread's output buffer, at least ``size`` bytes."""
@@ -212,14 +147,6 @@ def self_check(enc: NativeCodec) -> str | None:
     """None when ``enc`` writes orjson's bytes for the check set and for random scores,
     and scans the check bodies to what the whole-body parse makes of them; else what
     differs."""
-    index = enc.new_index()
-    keys = ["a", "b", "é", "x" * 40, ""]
-    for k, key in enumerate(keys):
-        index.put(key, k)
-    index.erase("b")
-    got_slots = index.lookup([*keys, "zz"])
-    if got_slots is None or got_slots.tolist() != [0, -1, 2, 3, 4, -1] or len(index) != 4:
-        return f"the ID index answers {got_slots!r} (size {len(index)})"
     for body in _CHECK_BODIES:
         got, want = _outcome(body, enc), _outcome(body, None)
         if got != want:
@@ -237,28 +164,19 @@ def self_check(enc: NativeCodec) -> str | None:
     return None
 
 
-_checked: dict[str, NativeCodec] = {}  # per library file: checked once per process
-
-
 def load(settings: Settings) -> NativeCodec | None:
-    """The native request path when ``CTR_NATIVE_REQUEST_PATH`` allows it and the
-    custom-op library builds, loads, has its functions and passes :func:`self_check`;
-    else None (logged)."""
-    if settings.native_request_path == "off":
+    """The native encoder when ``CTR_NATIVE_JSON`` allows it and the custom-op library
+    builds, loads, has it and passes :func:`self_check`; else None (logged)."""
+    if settings.native_json == "off":
         return None
     try:
         lib = native.library(settings.ops_library or None)
-        path = str(lib.path)
-        if path in _checked:
-            return _checked[path]
-        enc = NativeCodec(path)
-        enc.new_index()
+        enc = NativeCodec(str(lib.path))
     except (native.NativeError, OSError, AttributeError) as exc:
-        log.warning("native request path not used (Python instead): %s", exc)
+        log.warning("native JSON codec not used (orjson instead): %s", exc)
         return None
     if (why := self_check(enc)) is not None:
-        log.warning("native request path not used (Python instead): %s", why)
+        log.warning("native JSON codec not used (orjson instead): %s", why)
         return None
-    log.info("native request path: %s", enc.path)
-    _checked[path] = enc
+    log.info("native JSON codec: %s", enc.path)
     return enc

@@ -14,7 +14,6 @@ import onnxruntime as ort
 
 from ctr import native
 from ctr.bundle import Bundle, BundleError, graph_inputs, graph_outputs, load_bundle
-from service import codec
 from service.batcher import Batcher
 from service.precision import FP16_TOLERANCE, PrecisionError, fp16_bytes, probe_feeds
 from service.rowcache import ItemRowCache
@@ -172,13 +171,8 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
             note = str(exc)
             log.warning("fp16 not used, serving fp32: %s", exc)
     c = bundle.config
-    native_path = codec.load(settings)  # checked once per process
     rows = ItemRowCache(
-        settings.item_cache_ttl_s,
-        settings.item_cache_size,
-        len(c.item_sparse),
-        len(c.item_dense),
-        native_path.new_index() if native_path is not None else None,
+        settings.item_cache_ttl_s, settings.item_cache_size, len(c.item_sparse), len(c.item_dense)
     )
     runner = make_runner(
         settings,

@@ -10,38 +10,21 @@ store and the model's ID mapping, so this cache keeps them ready:
   way as the raw item-feature cache (``CTR_ITEM_CACHE_TTL_S``);
 * slots form a ring: when full, the oldest slot is reused.
 
-A lookup of N candidates is one dict probe per ID plus two fancy-indexing gathers; with an
-``index`` (``service.codec.IdIndex``, a copy of ``slot_of`` in C++ written where the dict
-is), the probes are one call for all N IDs. The cache belongs to one
-:class:`~service.model.LoadedModel` (rows depend on its mapping), so a reload starts
-empty. It is only touched from the event loop thread.
+A lookup of N candidates is one dict probe per ID plus two fancy-indexing gathers. The
+cache belongs to one :class:`~service.model.LoadedModel` (rows depend on its mapping), so
+a reload starts empty. It is only touched from the event loop thread.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from itertools import repeat
-from typing import Protocol
 
 import numpy as np
 
-log = logging.getLogger("ctr.service")
-
-
-class SlotIndex(Protocol):
-    """What the cache needs of ``service.codec.IdIndex``."""
-
-    def __len__(self) -> int: ...
-    def put(self, key: str, value: int) -> None: ...
-    def erase(self, key: str) -> None: ...
-    def lookup(self, keys: list[str]) -> np.ndarray | None: ...
-
 
 class ItemRowCache:
-    def __init__(
-        self, ttl_s: float, size: int, n_sparse: int, n_dense: int, index: SlotIndex | None = None
-    ) -> None:
+    def __init__(self, ttl_s: float, size: int, n_sparse: int, n_dense: int) -> None:
         self.ttl = ttl_s
         self.size = size
         self.sparse = np.zeros((size, n_sparse), np.int64)  # zero pages: allocated lazily
@@ -49,7 +32,6 @@ class ItemRowCache:
         self.expiry = np.zeros(size, np.float64)
         self.owner: list[str | None] = [None] * size
         self.slot_of: dict[str, int] = {}
-        self.index = index  # slot_of's copy in C++, or None
         self.next = 0
 
     @property
@@ -63,9 +45,7 @@ class ItemRowCache:
         """Slots for ``ids``: int64 ``[N]``, ``-1`` where absent or expired."""
         if not self.enabled or not self.slot_of:
             return np.full(len(ids), -1, np.int64)
-        slots = self.index.lookup(ids) if self.index is not None else None
-        if slots is None:
-            slots = np.fromiter(map(self.slot_of.get, ids, repeat(-1)), np.int64, len(ids))
+        slots = np.fromiter(map(self.slot_of.get, ids, repeat(-1)), np.int64, len(ids))
         now = time.monotonic()
         if slots.size and slots.min() >= 0 and self.expiry.take(slots).min() > now:
             return slots  # the steady state: every row cached and fresh
@@ -107,31 +87,11 @@ class ItemRowCache:
                 old = self.owner[slot]
                 if old is not None and self.slot_of.get(old) == slot:
                     del self.slot_of[old]
-                    self._index_write(old, None)
                 self.owner[slot] = item
                 self.slot_of[item] = slot
-                self._index_write(item, slot)
             slots[k] = slot
         if not write.all():
             slots, sparse, dense, until = slots[write], sparse[write], dense[write], until[write]
         self.sparse[slots] = sparse
         self.dense[slots] = dense
         self.expiry[slots] = until
-        if self.index is not None and len(self.index) != len(self.slot_of):
-            self._drop_index(f"{len(self.index)} IDs against the dict's {len(self.slot_of)}")
-
-    def _index_write(self, item: str, slot: int | None) -> None:
-        """``slot_of[item] = slot`` (None: deleted) in the index too."""
-        if self.index is None:
-            return
-        try:
-            if slot is None:
-                self.index.erase(item)
-            else:
-                self.index.put(item, slot)
-        except UnicodeEncodeError as exc:  # an ID C cannot hold: the dict alone from now
-            self._drop_index(str(exc))
-
-    def _drop_index(self, why: str) -> None:
-        log.error("row cache: item-ID index dropped, the dict serves lookups: %s", why)
-        self.index = None

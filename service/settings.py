@@ -80,13 +80,11 @@ class Settings(BaseSettings):
         "(`ctr build-ops --arch ... --out DIR`: the highest level this CPU supports is "
         "loaded); empty: build native/ into $CTR_OPS_CACHE when needed",
     )
-    native_request_path: Literal["auto", "off"] = Field(
+    native_json: Literal["auto", "off"] = Field(
         "auto",
-        description="the scoring request's per-candidate work in C, from the custom-op "
-        "library (native/codec.cc, id_index.cc): the candidate list read from the body's "
-        "bytes, the ranked items written, the row cache's item-ID index; the same answers "
-        "as the Python path, checked at start; Python where it cannot be built or loaded: "
-        "auto = when available; off = Python (orjson) only",
+        description="write the scoring response's ranked items with the custom-op "
+        "library's encoder (native/codec.cc; the same bytes as orjson, checked at start; "
+        "orjson where it cannot be built or loaded): auto = when available; off = orjson",
     )
     precision: Literal["fp32", "fp16"] = Field(
         "fp32", description="fp16: convert at load, serve it only within 1e-3 of fp32"

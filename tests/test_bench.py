@@ -262,10 +262,10 @@ def test_request_path_benchmark_runs_both_paths(tmp_path: Path) -> None:
     finally:
         proc.stop()
     r = res[10]
-    assert set(r["request_ms"]) == {"fast path", "python", "FastAPI route"}
+    assert set(r["request_ms"]) == {"fast path", "orjson", "FastAPI route"}
     assert set(r["check_us"]) == {"C-level check", "per-candidate check"}
     assert all(v > 0 for v in [*r["request_ms"].values(), *r["check_us"].values()])
-    for st in (r["stage_ms"], r["stage_ms_python"]):
+    for st in (r["stage_ms"], r["stage_ms_orjson"]):
         assert set(st) == {"redis_fetch", "feature_mapping", "inference", "serialization",
                            "outside", "total"}  # fmt: skip
         assert all(st[k] > 0 for k in ("redis_fetch", "serialization", "total"))
@@ -275,7 +275,7 @@ def test_request_path_benchmark_runs_both_paths(tmp_path: Path) -> None:
     assert service.app.STAGE_CLOCK is time.perf_counter  # restored after the run
     table = render(res, "ctr bench-path")
     assert "| 10 |" in table and "by the service's own stages" in table
-    assert "| 10 | native |" in table and "| 10 | python |" in table
+    assert "| 10 | native |" in table and "| 10 | orjson |" in table
 
 
 def test_client_gc_off_restores_the_collector() -> None:

@@ -1,7 +1,7 @@
 """The native JSON codec (``native/codec.cc`` through ``service.codec``) writes what orjson
 writes, reads plain candidate lists as the whole-body parse reads them, declines what it
 was not written for, and the service answers the same with it and without it
-(``CTR_NATIVE_REQUEST_PATH=off``)."""
+(``CTR_NATIVE_JSON=off``)."""
 
 from __future__ import annotations
 
@@ -103,13 +103,10 @@ def test_the_encoder_declines_other_dtypes_and_shapes(enc: codec.NativeCodec) ->
 def test_load_follows_the_setting_and_checks_the_library(
     lib: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(codec, "_checked", {})  # as in a fresh process
-    assert codec.load(Settings(native_request_path="off")) is None
+    assert codec.load(Settings(native_json="off")) is None
     on = codec.load(Settings(ops_library=str(lib.path)))
     assert on is not None and on.path == str(lib.path)
-    assert codec.load(Settings(ops_library=str(lib.path))) is on  # checked once
     # a library whose output differs from orjson's is not used, and the log says why
-    monkeypatch.setattr(codec, "_checked", {})
     real = codec.NativeCodec.encode
 
     def off_by_one(self: codec.NativeCodec, *args: Any) -> bytes | None:
@@ -119,28 +116,22 @@ def test_load_follows_the_setting_and_checks_the_library(
     monkeypatch.setattr(codec.NativeCodec, "encode", off_by_one)
     with caplog.at_level("WARNING", "ctr.service"):
         assert codec.load(Settings(ops_library=str(lib.path))) is None
-    assert "native request path not used" in caplog.text and '"rank":2}' in caplog.text
+    assert "native JSON codec not used" in caplog.text and '"rank":2}' in caplog.text
 
 
-@pytest.mark.parametrize("part", ["scan", "index"])
-def test_a_library_whose_scan_or_index_disagrees_is_not_used(
-    lib: Any, part: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_a_library_whose_scan_disagrees_is_not_used(
+    lib: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(codec, "_checked", {})
-    if part == "scan":  # IDs read with their last character dropped
-        real_scan = codec.NativeCodec.scan
+    real_scan = codec.NativeCodec.scan
 
-        def scan(self: codec.NativeCodec, *args: Any) -> Any:
-            out = real_scan(self, *args)
-            return None if out is None else (out[0], [i[:-1] or i for i in out[1]])
+    def scan(self: codec.NativeCodec, *args: Any) -> Any:  # IDs without their last character
+        out = real_scan(self, *args)
+        return None if out is None else (out[0], [i[:-1] or i for i in out[1]])
 
-        monkeypatch.setattr(codec.NativeCodec, "scan", scan)
-    else:  # an erase that does nothing
-        monkeypatch.setattr(codec.IdIndex, "erase", lambda self, key: None)
+    monkeypatch.setattr(codec.NativeCodec, "scan", scan)
     with caplog.at_level("WARNING", "ctr.service"):
         assert codec.load(Settings(ops_library=str(lib.path))) is None
-    assert "native request path not used" in caplog.text
-    assert ("scanning" if part == "scan" else "ID index") in caplog.text
+    assert "native JSON codec not used" in caplog.text and "scanning" in caplog.text
 
 
 def test_a_library_without_the_function_is_not_used(
@@ -154,7 +145,7 @@ def test_a_library_without_the_function_is_not_used(
     missing = tmp_path / "libctr_ops.so"
     with caplog.at_level("WARNING", "ctr.service"):
         assert codec.load(Settings(ops_library=str(missing))) is None
-    assert "native request path not used" in caplog.text and "does not exist" in caplog.text
+    assert "native JSON codec not used" in caplog.text and "does not exist" in caplog.text
 
 
 def outcome(body: bytes, scanner: codec.NativeCodec | None) -> object:
@@ -268,15 +259,12 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
 @pytest.fixture(scope="module")
 def clients(built: Built, lib: Any) -> Iterator[tuple[TestClient, TestClient]]:
     native = create_app(settings_for(built, ops_library=str(lib.path)))
-    plain = create_app(settings_for(built, native_request_path="off"))
+    plain = create_app(settings_for(built, native_json="off"))
     with TestClient(native) as a, TestClient(plain) as b:
         assert a.app.state.ctr.codec is not None  # type: ignore[attr-defined]
         assert b.app.state.ctr.codec is None  # type: ignore[attr-defined]
-        assert a.get("/v1/models").json()["request_path"] == "native"
-        assert b.get("/v1/models").json()["request_path"] == "python"
-        # the model's row cache looks IDs up in the C++ index, or the dict alone
-        assert a.app.state.ctr.model.rows.index is not None  # type: ignore[attr-defined]
-        assert b.app.state.ctr.model.rows.index is None  # type: ignore[attr-defined]
+        assert a.get("/v1/models").json()["json_encoder"] == "native"
+        assert b.get("/v1/models").json()["json_encoder"] == "orjson"
         yield a, b
 
 

@@ -5,12 +5,10 @@ with the TTL) it is tested in test_service.py, on that module's bundle."""
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import numpy as np
 import pytest
 
-from service.codec import IdIndex
 from service.rowcache import ItemRowCache
 from tests.helpers import ShiftedClock
 
@@ -170,62 +168,3 @@ def test_a_full_item_cache_drops_its_oldest_entries_first() -> None:
     kept = [i for i, v in zip([*a, *b, *c], values, strict=True) if v is not None]
     assert kept == ["b1", "b2", "c0", "c1", "c2"]  # 9 // 2 + 3 oldest went
     assert values[-1] == "v-c2" and len(missed) == 7
-
-
-@pytest.fixture
-def index(lib: Any) -> IdIndex:
-    from service.codec import NativeCodec
-
-    return NativeCodec(str(lib.path)).new_index()
-
-
-def test_the_native_index_answers_as_the_dict(index: IdIndex) -> None:
-    """Random stores (a ring of 16 slots over 60 IDs, so slots are reused all the time)
-    and lookups: the cache with the C++ index finds what the dict-only cache finds."""
-    rng = np.random.default_rng(5)
-    pool = [f"item-{k}" for k in range(57)] + ["é", "x" * 40, "a b"]
-    native, plain = ItemRowCache(60, 16, 2, 1, index), ItemRowCache(60, 16, 2, 1)
-    for step in range(1500):
-        ids = list(rng.choice(pool, rng.integers(1, 12), replace=False))
-        if step % 3:
-            sparse, dense = rows(ids, step)
-            native.store(ids, sparse, dense)
-            plain.store(ids, sparse, dense)
-        got, want = native.lookup(ids), plain.lookup(ids)
-        np.testing.assert_array_equal(got, want)
-        np.testing.assert_array_equal(native.sparse[got[got >= 0]], plain.sparse[want[want >= 0]])
-    assert native.index is index and len(index) == len(native.slot_of) == 16
-    assert index.lookup(pool).tolist() == [native.slot_of.get(k, -1) for k in pool]
-
-
-def test_an_id_the_index_cannot_hold_drops_it(
-    index: IdIndex, caplog: pytest.LogCaptureFixture
-) -> None:
-    cache = ItemRowCache(60, 4, 2, 1, index)
-    cache.store(["a"], *rows(["a"], 1))
-    with caplog.at_level("ERROR", "ctr.service"):
-        cache.store(["b\ud800"], *rows(["b"], 2))  # a lone surrogate: no UTF-8
-    assert cache.index is None and "item-ID index dropped" in caplog.text
-    assert cache.lookup(["a", "b\ud800", "c"]).tolist()[2] == -1
-    assert min(cache.lookup(["a", "b\ud800"])) >= 0
-
-
-def test_an_index_out_of_step_with_the_dict_is_dropped(
-    index: IdIndex, caplog: pytest.LogCaptureFixture
-) -> None:
-    cache = ItemRowCache(60, 4, 2, 1, index)
-    cache.store(["a", "b"], *rows(["a", "b"], 1))
-    index.erase("a")  # written behind the cache's back
-    with caplog.at_level("ERROR", "ctr.service"):
-        cache.store(["c"], *rows(["c"], 2))
-    assert cache.index is None and "1 IDs" not in caplog.text and "2 IDs" in caplog.text
-    assert cache.lookup(["a", "b", "c"]).min() >= 0  # the dict serves
-
-
-def test_the_index_declines_keys_it_cannot_split(index: IdIndex) -> None:
-    index.put("a", 1)
-    assert index.lookup(["a", "z"]).tolist() == [1, -1]
-    assert index.lookup(["a\x00b"]) is None  # would split in two
-    assert index.lookup(["\ud800"]) is None
-    assert index.lookup([]).shape == (0,)
-    assert index.lookup([""]).tolist() == [-1]

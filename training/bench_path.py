@@ -1,11 +1,11 @@
 """In-process cost of the request path's Python, without HTTP or a client: the scoring
 handler called through ASGI with and without the ``ServingMiddleware`` fast path, and with
-the Python request path (orjson reading the candidates and writing the ranked items, the
-row cache's dict) instead of the native one (``CTR_NATIVE_REQUEST_PATH=off``);
+orjson reading the candidates and writing the ranked items instead of the native codec
+(``CTR_NATIVE_JSON=off``);
 and the candidate-list check with and without its C-level shortcut. Same process,
 interleaved, so the ratios hold on a noisy machine. Then the fast path's event-loop CPU
 split by the service's own stages (its stage clock set to this thread's CPU time), with
-either path. Needs Redis and a bundle (``ctr bench-path``)."""
+either encoder. Needs Redis and a bundle (``ctr bench-path``)."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def without_fast_path(app: Any) -> Any:
 async def _route_costs(settings: Settings, bodies: list[bytes], rounds: int, reps: int) -> dict:
     apps = {
         "fast path": create_app(settings),
-        "python": create_app(settings.model_copy(update={"native_request_path": "off"})),
+        "orjson": create_app(settings.model_copy(update={"native_json": "off"})),
         "FastAPI route": without_fast_path(create_app(settings)),
     }
     times: dict[str, list[float]] = {k: [] for k in apps}
@@ -77,7 +77,7 @@ async def _route_costs(settings: Settings, bodies: list[bytes], rounds: int, rep
         await ctx.__aenter__()
     try:
         if apps["fast path"].state.ctr.codec is None:  # nothing to compare then
-            raise RuntimeError("the native request path did not load (see the log)")
+            raise RuntimeError("the native JSON codec did not load (see the log)")
         for app in apps.values():  # warm-up
             for b in bodies[:8]:
                 assert await _call(app, b) == 200
@@ -182,9 +182,9 @@ def run(
             "request_ms": _run(_route_costs(settings, bodies, rounds, reps)),
             "check_us": _check_costs(bodies, rounds, reps * 4),
             "stage_ms": _run(_stage_costs(settings, bodies, rounds, reps)),
-            "stage_ms_python": _run(
+            "stage_ms_orjson": _run(
                 _stage_costs(
-                    settings.model_copy(update={"native_request_path": "off"}), bodies, rounds, reps
+                    settings.model_copy(update={"native_json": "off"}), bodies, rounds, reps
                 )
             ),
         }
@@ -200,13 +200,13 @@ def render(res: dict, command: str) -> str:
         "of the loop's thread, so neither ORT's thread nor idle waits count), median over "
         "interleaved rounds, in ms; and the candidate-list check alone, µs per request:",
         "",
-        "| N | loop CPU, fast path | FastAPI route | saved | fast path, Python path | "
-        "native path saves | C-level check µs | per-candidate check µs | ratio |",
+        "| N | loop CPU, fast path | FastAPI route | saved | fast path, orjson | "
+        "native codec saves | C-level check µs | per-candidate check µs | ratio |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n, r in res.items():
         a, b = r["request_ms"]["fast path"], r["request_ms"]["FastAPI route"]
-        o = r["request_ms"]["python"]
+        o = r["request_ms"]["orjson"]
         c, d = r["check_us"]["C-level check"], r["check_us"]["per-candidate check"]
         lines.append(
             f"| {n} | {a:.3f} | {b:.3f} | {b - a:.3f} | {o:.3f} | {o - a:.3f} | {c:.0f} "
@@ -216,14 +216,14 @@ def render(res: dict, command: str) -> str:
         "",
         "Event-loop CPU per request on the fast path, by the service's own stages (ms; "
         "`inference` is the hand-off to the ORT thread and back, `outside` the body read, "
-        "validation, ASGI and middleware), with the native request path and with "
-        "the Python one (`CTR_NATIVE_REQUEST_PATH=off`):",
+        "validation, ASGI and middleware), with the native codec and with orjson "
+        "(`CTR_NATIVE_JSON=off`):",
         "",
-        "| N | path | " + " | ".join((*STAGES, "outside", "total")) + " |",
+        "| N | JSON | " + " | ".join((*STAGES, "outside", "total")) + " |",
         "|---:|---|" + "---:|" * (len(STAGES) + 2),
     ]
     for n, r in res.items():
-        for label, key in (("native", "stage_ms"), ("python", "stage_ms_python")):
+        for label, key in (("native", "stage_ms"), ("orjson", "stage_ms_orjson")):
             st = r[key]
             cells = " | ".join(f"{st[k]:.3f}" for k in (*STAGES, "outside", "total"))
             lines.append(f"| {n} | {label} | {cells} |")
