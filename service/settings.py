@@ -82,9 +82,10 @@ class Settings(BaseSettings):
     )
     native_json: Literal["auto", "off"] = Field(
         "auto",
-        description="write the scoring response's ranked items with the custom-op "
-        "library's encoder (native/codec.cc; the same bytes as orjson, checked at start; "
-        "orjson where it cannot be built or loaded): auto = when available; off = orjson",
+        description="read a plain candidate list from the body's bytes and write the ranked "
+        "items with the custom-op library's C functions (native/codec.cc; the same answers "
+        "as orjson, checked at start; orjson where it cannot be built or loaded): auto = "
+        "when available; off = orjson",
     )
     precision: Literal["fp32", "fp16"] = Field(
         "fp32", description="fp16: convert at load, serve it only within 1e-3 of fp32"
