@@ -240,8 +240,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             deployed = await state.bus.baseline()
         else:
             deployed = None
-        # the library is built (or found) once per process: after the model's own load
-        # of it this is a lookup
+        # the native JSON codec (service.codec): the custom-op library is built (or
+        # found) here, once per process, and the model's fused graph reuses it
         state.codec = await loop.run_in_executor(None, codec.load, settings)
         try:
             await lifecycle.start(state, deployed)

@@ -32,7 +32,7 @@ class State:
         self.write_redis: AnyRedis | None = None
         self.write_reader: Reader | None = None
         self.executor: ThreadPoolExecutor | None = None
-        # the ranked items' JSON writer (None: orjson; service.codec)
+        # the candidate-list scan and ranked-items writer in C (None: orjson throughout)
         self.codec: NativeCodec | None = None
         self.event_types = frozenset(
             t.strip() for t in settings.sequence_event_types.split(",") if t.strip()

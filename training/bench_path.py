@@ -1,11 +1,11 @@
 """In-process cost of the request path's Python, without HTTP or a client: the scoring
 handler called through ASGI with and without the ``ServingMiddleware`` fast path, and with
 orjson reading the candidates and writing the ranked items instead of the native codec
-(``CTR_NATIVE_JSON=off``);
-and the candidate-list check with and without its C-level shortcut. Same process,
-interleaved, so the ratios hold on a noisy machine. Then the fast path's event-loop CPU
-split by the service's own stages (its stage clock set to this thread's CPU time), with
-either encoder. Needs Redis and a bundle (``ctr bench-path``)."""
+(``CTR_NATIVE_JSON=off``); and the candidate-list check with and without its C-level
+shortcut. Same process, interleaved, so the ratios hold on a noisy machine. Then the fast
+path's event-loop CPU split by the service's own stages (its stage clock set to this
+thread's CPU time), with either. On uvloop where installed, as the service runs. Needs
+Redis and a bundle (``ctr bench-path``)."""
 
 from __future__ import annotations
 
@@ -145,22 +145,19 @@ def _check_costs(bodies: list[bytes], rounds: int, reps: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _run(coro: Coroutine[Any, Any, dict]) -> dict:
-    """``coro`` on the event loop the service runs on: uvloop where it is installed
-    (uvicorn's ``loop="auto"``), else asyncio's own."""
+def _uvloop() -> Any:
+    """uvloop, which uvicorn's ``loop="auto"`` runs the service on, or None."""
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+        return None
+    return uvloop
 
 
-def event_loop_name() -> str:
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return "asyncio"
-    return "uvloop"
+def _run(coro: Coroutine[Any, Any, dict]) -> dict:
+    """``coro`` on the event loop the service runs on (asyncio's own without uvloop)."""
+    uv = _uvloop()
+    return asyncio.run(coro) if uv is None else uv.run(coro)
 
 
 def run(
@@ -195,7 +192,8 @@ def render(res: dict, command: str) -> str:
     lines = [
         f"Command: `{command}`",
         "",
-        f"Event-loop CPU per scoring request, in-process (an ASGI call on {event_loop_name()}, "
+        f"Event-loop CPU per scoring request, in-process (an ASGI call on "
+        f"{'asyncio' if _uvloop() is None else 'uvloop'}, "
         "as the service runs, with a real Redis and ORT on 1 thread; `time.thread_time()` "
         "of the loop's thread, so neither ORT's thread nor idle waits count), median over "
         "interleaved rounds, in ms; and the candidate-list check alone, µs per request:",
