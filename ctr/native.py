@@ -2,7 +2,9 @@
 
 It holds two ops. ``ctr_ops.AttentionalGRU`` is DIEN's AUGRU recurrence fused into one
 kernel (``native/augru.h``), for the CPU and CUDA; ``ctr_ops.DinAttention`` is the DIN
-activation unit with its pooling (``native/din_attention.h``), for the CPU only. The CPU
+activation unit with its pooling (``native/din_attention.h``), for the CPU only. Beside
+them, plain C functions the service calls through ctypes for the scoring request's JSON
+(``native/codec.cc``, ``service.codec``). The CPU
 kernels are always built (a C++17 compiler); the CUDA kernel too where ``nvcc`` is found
 and ORT has the CUDA provider. The library goes
 to a cache folder named after a hash of the sources, the build commands, the tools'
