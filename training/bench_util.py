@@ -162,21 +162,19 @@ def request_feeds(
     bundle: Bundle, settings: Settings, bodies: list[bytes], read: Reader
 ) -> list[Feeds]:
     """The graph feeds the service builds for ``bodies``: parsed by its own
-    ``parse_score``, candidates and user rows encoded by ``service.features`` (the code
-    path of ``service.app._score``) from what ``read`` returns for each user. The caches
-    are off, so every row is encoded from the store's data."""
+    ``score_input`` (without the native scan, which reads the same request), candidates
+    and user rows encoded by ``service.features`` (the code path of
+    ``service.app._score``) from what ``read`` returns for each user. The caches are off,
+    so every row is encoded from the store's data."""
     from service.features import build_feeds, candidates
     from service.rowcache import ItemRowCache
     from service.store import ItemCache
     from service.usercache import UserRowCache
-    from service.validate import parse_score
+    from service.validate import score_input
 
     c = bundle.config
     rows = ItemRowCache(0, 0, len(c.item_sparse), len(c.item_dense))
-    reqs = [
-        parse_score(orjson.loads(b), settings.max_candidates, settings.max_id_length)
-        for b in bodies
-    ]
+    reqs = [score_input(b, settings.max_candidates, settings.max_id_length, None) for b in bodies]
     cands = [candidates(c, rows, r.item_ids, r.features) for r in reqs]
     lookups = [cs.items.take_cached(ItemCache(0, 0)) for cs in cands]
     data = read([(r.user_id, lk) for r, lk in zip(reqs, lookups, strict=True)])
