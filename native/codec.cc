@@ -2,9 +2,9 @@
 //
 // Building N Python dicts and handing them to orjson costs the event loop about half a
 // microsecond per candidate; this writes the same bytes from the item IDs (one UTF-8
-// buffer), the probabilities and the ranking order. It is a plain C
-// function for ctypes (service/codec.py), not an ONNX Runtime op, and lives in the
-// custom-op library only so that one build, cache and self-test covers both.
+// buffer), the probabilities and the ranking order. It is a plain C function for ctypes
+// (service/codec.py), not an ONNX Runtime op, and lives in the custom-op library only
+// so that one build and cache covers both.
 //
 // The output is byte for byte what ``orjson.dumps`` writes for
 // ``[{"item_id": id, "probability": float(p), "rank": r}, ...]``:
@@ -26,9 +26,12 @@ namespace {
 constexpr int64_t kTooSmall = -1;     // out_cap is too small
 constexpr int64_t kUnsupported = -2;  // a probability outside [0, 1], or a bad argument
 
-// Room one item can take: the fixed text, an ID with every byte as \u00xx, a
-// probability (at most 24 characters: "0.0000" + 17 digits) and a rank.
-inline int64_t item_bound(int64_t id_len) { return 64 + 6 * id_len + 32 + 20; }
+// Room the output can take for k items whose IDs hold id_bytes bytes in all: per item
+// the fixed text (64), a probability (32; at most 24 characters: "0.0000" + 17 digits)
+// and a rank (20); per ID byte 6 (every byte as \u00xx); and the brackets.
+inline int64_t items_room(int64_t k, int64_t id_bytes) {
+  return 2 + k * (64 + 32 + 20) + 6 * id_bytes;
+}
 
 char* put(char* o, const char* s) {
   size_t n = std::strlen(s);
@@ -110,7 +113,7 @@ __attribute__((visibility("default"))) int64_t ctr_encode_items(
     const char* ids, int64_t ids_len, int64_t n, const float* probs, const int64_t* order,
     int64_t k, char* out, int64_t out_cap) {
   if (n <= 0 || k < 0 || k > n || ids_len < 0) return kUnsupported;
-  if (out_cap < 2 + k * item_bound(0) + 6 * ids_len) return kTooSmall;
+  if (out_cap < items_room(k, ids_len)) return kTooSmall;
   std::vector<int64_t> start(n + 1);
   int64_t found = 0;
   start[0] = 0;
@@ -148,7 +151,7 @@ __attribute__((visibility("default"))) int64_t ctr_encode_items(
 // The bound ``ctr_encode_items`` checks ``out_cap`` against, for a caller that sizes
 // ``out`` from the length of ``ids``: enough for any order.
 __attribute__((visibility("default"))) int64_t ctr_items_bound(int64_t k, int64_t id_bytes) {
-  return 2 + k * item_bound(0) + 6 * id_bytes;
+  return items_room(k, id_bytes);
 }
 
 }  // extern "C"

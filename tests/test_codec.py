@@ -240,12 +240,16 @@ _body = st.fixed_dictionaries(
 )
 @settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
 def test_scan_and_whole_body_parse_agree(
-    lib: Any, obj: dict, layout: tuple[str, str], ascii_only: bool, cut: int, insert: bytes
+    enc: codec.NativeCodec,
+    obj: dict,
+    layout: tuple[str, str],
+    ascii_only: bool,
+    cut: int,
+    insert: bytes,
 ) -> None:
     """Generated bodies, then one byte cut or inserted at a random place (most no longer
     the plain kind, or not JSON): the service's answer with the scanner is the answer
     without it, request or error alike."""
-    enc = codec.NativeCodec(str(lib.path))
     body = json.dumps(obj, separators=layout, ensure_ascii=ascii_only).encode()
     for b in (body, body[:cut] + insert + body[cut + 1 :], body[:cut] + insert + body[cut:]):
         assert outcome(b, enc) == outcome(b, None), b
