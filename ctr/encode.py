@@ -96,14 +96,32 @@ def encode_sparse(
     return out
 
 
+def dense_column(vals: Sequence[Any], spec: FeatureSpec) -> list[float]:
+    """``[to_float(v, spec) for v in vals]``, with the common cases (a float, or a
+    string such as Redis returns that parses to one) inline."""
+    log1p = spec.log1p
+    out: list[float] = []
+    append = out.append
+    for raw in vals:
+        if type(raw) is str:
+            try:
+                raw = float(raw)
+            except ValueError:
+                pass  # not a number: to_float gives the default
+        if type(raw) is float and -F32_MAX <= raw <= F32_MAX:
+            append(math.log1p(raw if raw >= 0.0 else 0.0) if log1p else raw)  # max(raw, 0.0)
+        else:
+            append(to_float(raw, spec))
+    return out
+
+
 def encode_dense(
     feats: Sequence[FeatureSpec], columns: Mapping[str, Sequence[Any]], n: int
 ) -> np.ndarray:
     out = np.empty((n, len(feats)), dtype=np.float32)
     for j, f in enumerate(feats):
         col = columns.get(f.source)
-        vals = col if col is not None else [None] * n
-        out[:, j] = [to_float(v, f) for v in vals]
+        out[:, j] = dense_column(col, f) if col is not None else to_float(None, f)
     return out
 
 

@@ -33,13 +33,25 @@ class ItemColumns:
 
     values: dict[str, list[Any]]
     missing: dict[str, list[int]]
-    # per candidate, the earliest expiry of the item-cache values it used (monotonic
-    # clock; absent: none used): its encoded row must not be kept longer
-    expires: dict[int, float] = field(default_factory=dict)
+    # float64 [N]: per candidate, the earliest expiry of the item-cache values it used
+    # (monotonic clock; inf: none used): its encoded row must not be kept longer
+    expires: np.ndarray = field(default_factory=lambda: np.empty(0))
+
+    def __post_init__(self) -> None:
+        if self.expires.size != len(self.ids):
+            self.expires = np.full(len(self.ids), math.inf)
 
     @property
     def ids(self) -> list[Any]:
         return next(iter(self.values.values()))  # the ID column comes first
+
+    def _put(self, source: str, holes: list[int], values: list[Any]) -> None:
+        col = self.values[source]
+        if len(holes) == len(col):  # every position (holes are distinct, in order)
+            col[:] = values
+        else:
+            for k, v in zip(holes, values, strict=True):
+                col[k] = v
 
     def take_cached(self, cache: ItemCache) -> dict[str, list[str]]:
         """Fill holes from ``cache``; return, per source, the item IDs still missing (the
@@ -49,12 +61,10 @@ class ItemColumns:
         for source, holes in list(self.missing.items()):
             wanted = [ids[k] for k in holes]
             cached, missed, expiries = cache.get_many(source, wanted)
-            col = self.values[source]
-            expires = self.expires
-            for k, v, e in zip(holes, cached, expiries, strict=True):
-                col[k] = v
-                if e < expires.get(k, math.inf):
-                    expires[k] = e
+            if len(missed) < len(holes):  # something came from the cache
+                self._put(source, holes, cached)
+                at = np.asarray(holes, np.int64)
+                self.expires[at] = np.minimum(self.expires[at], expiries)
             if missed:
                 self.missing[source] = [holes[j] for j in missed]
                 lookups[source] = [wanted[j] for j in missed]
@@ -65,13 +75,13 @@ class ItemColumns:
     def fill(self, fetched: dict[str, list[Any]], expiry: float = math.inf) -> None:
         """Put values fetched for :meth:`take_cached`'s lookups into their holes; rows
         encoded from them expire no later than ``expiry`` (the read's start + the TTL)."""
-        expires = self.expires
         for source, values in fetched.items():
-            col = self.values[source]
-            for k, v in zip(self.missing.get(source, []), values, strict=True):
-                col[k] = v
-                if expiry < expires.get(k, math.inf):
-                    expires[k] = expiry
+            holes = self.missing.get(source, [])
+            if len(holes) != len(values):
+                raise ValueError(f"{len(values)} values fetched for {len(holes)} holes")
+            self._put(source, holes, values)
+            at = np.asarray(holes, np.int64)
+            self.expires[at] = np.minimum(self.expires[at], expiry)
 
 
 EVENT_FIELDS = ("type", "ts")
@@ -132,8 +142,7 @@ class Candidates:
         if cacheable and rows.enabled:
             keep = [k for k, p in enumerate(self.plain) if p]
             ids = self.items.ids
-            expires = self.items.expires
-            until = np.array([expires.get(k, math.inf) for k in keep]) if expires else None
+            until = self.items.expires[keep]
             rows.store([ids[k] for k in keep], its[keep], itd[keep], until)
 
 

@@ -42,6 +42,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 
+from service.resp import pack_commands
+
 ITEM_PREFIX = "ctr:item:"
 
 AnyRedis = Redis | RedisCluster
@@ -252,11 +254,21 @@ def _text(v: Any) -> str:
     return v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v)
 
 
+def _texts(vals: list[Any]) -> list[str | None]:
+    """HMGET's reply as text (None where the field is absent). Where every value is
+    there as bytes and none holds a NUL, one join, one decode and one split do it."""
+    if None not in vals:
+        try:
+            joined = b"\0".join(vals)
+        except TypeError:  # not all bytes
+            joined = None
+        if joined is not None and joined.count(b"\0") == len(vals) - 1:
+            return joined.decode("utf-8", "surrogateescape").split("\0") if vals else []
+    return [None if v is None else _text(v) for v in vals]
+
+
 def _decode_items(feats: list[str], replies: list[Any]) -> dict[str, list[str | None]]:
-    return {
-        f: [None if v is None else _text(v) for v in vals]
-        for f, vals in zip(feats, replies, strict=True)
-    }
+    return {f: _texts(vals) for f, vals in zip(feats, replies, strict=True)}
 
 
 # a reused connection the server closed: worth one retry on a fresh one (not timeouts)
@@ -306,7 +318,11 @@ class Reader:
 
     async def _call(self, conn: Connection, commands: list[tuple[Any, ...]]) -> list[Any]:
         try:
-            await conn.send_packed_command(conn.pack_commands(commands), False)
+            enc = conn.encoder
+            packed = pack_commands(commands, enc.encoding, enc.encoding_errors)
+            if packed is None:
+                packed = conn.pack_commands(commands)
+            await conn.send_packed_command(packed, False)
             replies = [await conn.read_response() for _ in commands]
         except BaseException:  # cancelled or failed half-way: unread replies may follow
             await conn.disconnect(nowait=True)
