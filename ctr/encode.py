@@ -19,6 +19,7 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -97,21 +98,19 @@ def encode_sparse(
 
 
 def dense_column(vals: Sequence[Any], spec: FeatureSpec) -> list[float]:
-    """``[to_float(v, spec) for v in vals]``, with the common cases (a float, or a
-    string such as Redis returns that parses to one) inline."""
-    log1p = spec.log1p
-    out: list[float] = []
-    append = out.append
-    for raw in vals:
-        if type(raw) is str:
-            try:
-                raw = float(raw)
-            except ValueError:
-                pass  # not a number: to_float gives the default
-        if type(raw) is float and -F32_MAX <= raw <= F32_MAX:
-            append(math.log1p(raw if raw >= 0.0 else 0.0) if log1p else raw)  # max(raw, 0.0)
-        else:
-            append(to_float(raw, spec))
+    """``[to_float(v, spec) for v in vals]``, bit for bit, in a few C-level passes where
+    every value converts with ``float()`` (floats, or strings such as Redis returns);
+    only the values outside float32's range, NaN and inf go through :func:`to_float`
+    one by one (and every value, where one does not convert)."""
+    try:
+        floats = list(map(float, vals))  # what to_float parses each of these to
+    except (TypeError, ValueError, OverflowError):
+        return [to_float(v, spec) for v in vals]
+    arr = np.asarray(floats, dtype=np.float64)
+    bad = np.flatnonzero(~(np.abs(arr) <= F32_MAX))  # NaN, inf, beyond float32
+    out = list(map(math.log1p, map(max, floats, repeat(0.0)))) if spec.log1p else floats
+    for k in bad.tolist():
+        out[k] = to_float(vals[k], spec)
     return out
 
 

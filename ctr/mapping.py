@@ -11,6 +11,7 @@ import math
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,8 @@ def normalize(raw: Any) -> str | None:
     s = str(raw)
     return s if s != "" else None
 
+
+_STR = frozenset({str})
 
 # pandas' missing-value scalars, by type name (no pandas import in the serving path)
 _MISSING_TYPES = frozenset({"NAType", "NaTType"})
@@ -81,6 +84,10 @@ class IdMapper:
         """Vectorised form of :meth:`map_one`; returns int64 ``[n]``."""
         if self.spec.type == "vocab":
             get = self.vocab.get
+            if type(raws) is list and "" not in self.vocab and _STR.issuperset(map(type, raws)):
+                # all text: a string is its own canonical form, and "" (missing) is in
+                # no vocabulary, so it gets OOV from the same lookup
+                return np.fromiter(map(get, raws, repeat(OOV)), np.int64, len(raws))
             # non-empty strings are already canonical: skip normalize() for them
             out = [
                 get(r, OOV) if type(r) is str and r else

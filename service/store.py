@@ -26,7 +26,9 @@ the request is one round trip to one node there too.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
+import operator
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -117,27 +119,39 @@ def ping(url: str, cluster: bool = False, timeout_s: float = 5.0) -> None:
 
 
 class ItemCache:
-    """feature -> item_id -> (value or None, expiry). Negative results are cached too."""
+    """feature -> item_id -> (value or None, expiry). Negative results are cached too.
+
+    One dict per feature, so a batch of N IDs is looked up and stored with ``map`` and
+    ``update`` (no per-item key tuples), with per-item Python work only where a batch
+    mixes hits and misses or would replace entries."""
 
     def __init__(self, ttl_s: float, size: int) -> None:
         self.ttl = ttl_s
         self.size = size
-        self.data: dict[tuple[str, str], tuple[str | None, float]] = {}
+        self.data: dict[str, dict[str, tuple[str | None, float]]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self.data.values())
 
     def get_many(
         self, feature: str, ids: list[str]
     ) -> tuple[list[str | None], list[int], list[float]]:
         """Cached values for ``ids`` (None where missing), the positions that missed, and
         each value's expiry (``time.monotonic()`` clock; ``inf`` where it missed)."""
-        if self.ttl <= 0:
-            return [None] * len(ids), list(range(len(ids))), [math.inf] * len(ids)
+        n = len(ids)
+        d = self.data.get(feature) if self.ttl > 0 else None
+        entries = list(map(d.get, ids)) if d else None
+        if entries is None or entries.count(None) == n:  # nothing cached
+            return [None] * n, list(range(n)), [math.inf] * n
         now = time.monotonic()
-        get = self.data.get
+        if None not in entries:
+            expiries = list(map(_second, entries))
+            if min(expiries) > now:  # every one cached and fresh
+                return list(map(_first, entries)), [], expiries
         values: list[str | None] = []
         missed: list[int] = []
-        expiries: list[float] = []
-        for k, i in enumerate(ids):
-            entry = get((feature, i))
+        expiries = []
+        for k, entry in enumerate(entries):
             if entry is not None and entry[1] > now:
                 values.append(entry[0])
                 expiries.append(entry[1])
@@ -152,18 +166,26 @@ class ItemCache:
         (``time.monotonic()``): they expire a TTL after it, not after this call, and a
         value from an earlier read never replaces one from a later read (two requests'
         reads of the same item may finish in either order)."""
-        if self.ttl <= 0:
+        if self.ttl <= 0 or not ids:
             return
-        if len(self.data) + len(ids) > self.size:  # drop the oldest half (insertion order)
-            for k in list(self.data)[: len(self.data) // 2 + len(ids)]:
-                del self.data[k]
+        d = self.data.setdefault(feature, {})
+        if len(self) + len(ids) > self.size:  # drop the oldest half (insertion order)
+            for one in self.data.values():
+                drop = len(one) // 2 + (len(ids) if one is d else 0)
+                for k in list(itertools.islice(one, drop)):
+                    del one[k]
         expiry = read_at + self.ttl
-        data = self.data
-        for i, v in zip(ids, values, strict=True):
-            key = (feature, i)
-            old = data.get(key)
+        olds = list(map(d.get, ids))
+        if olds.count(None) == len(olds):  # all new: one update
+            d.update(zip(ids, zip(values, itertools.repeat(expiry))))
+            return
+        for i, v, old in zip(ids, values, olds, strict=True):
             if old is None or old[1] <= expiry:
-                data[key] = (v, expiry)
+                d[i] = (v, expiry)
+
+
+_first = operator.itemgetter(0)
+_second = operator.itemgetter(1)
 
 
 # KEYS: seq, events. ARGV: event_id, ts, payload, keep, window, ttl (s; 0: keys never

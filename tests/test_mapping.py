@@ -273,6 +273,19 @@ def test_map_one_never_raises_and_stays_in_range(vocab: list[str], raws: list[ob
             assert fitted.map_one(token) == fitted.vocab[token] >= RESERVED
 
 
+@settings(max_examples=150, deadline=None)
+@given(vocab=st.lists(odd_text, max_size=20), raws=st.lists(odd_text, max_size=20))
+def test_a_list_of_strings_maps_as_one_by_one(vocab: list[str], raws: list[str]) -> None:
+    """map_many's all-text pass (what a scoring request's IDs and Redis values are)
+    answers map_one's indices, for "" (missing) and fitted tokens too, and also for a
+    vocabulary that holds "" (a hand-edited manifest: "" is still missing, OOV)."""
+    fitted = vocab_mapper(vocab)
+    with_empty = IdMapper(VOCAB, {**fitted.vocab, "": RESERVED + len(fitted.vocab)})
+    for m in (fitted, with_empty, IdMapper(HASH)):
+        for batch in (raws, [*raws, *vocab, ""]):
+            assert m.map_many(batch).tolist() == [m.map_one(r) for r in batch]
+
+
 @settings(max_examples=100, deadline=None)
 @given(vocab=st.lists(odd_text, max_size=20), raws=st.lists(raw_values, max_size=10))
 def test_mapping_survives_a_json_round_trip(vocab: list[str], raws: list[object]) -> None:

@@ -160,9 +160,9 @@ def test_a_full_item_cache_drops_its_oldest_entries_first() -> None:
     a, b, c = ([f"{p}{k}" for k in range(n)] for p, n in (("a", 6), ("b", 3), ("c", 3)))
     cache.put("cate_id", a, [f"v-{i}" for i in a], now)
     cache.put("cate_id", b, [f"v-{i}" for i in b], now)
-    assert len(cache.data) == 9  # within the size: nothing dropped
+    assert len(cache) == 9  # within the size: nothing dropped
     cache.put("cate_id", c, [f"v-{i}" for i in c], now)
-    assert len(cache.data) <= 10
+    assert len(cache) <= 10
     values, missed, _ = cache.get_many("cate_id", [*a, *b, *c])
     kept = [i for i, v in zip([*a, *b, *c], values, strict=True) if v is not None]
     assert kept == ["b1", "b2", "c0", "c1", "c2"]  # 9 // 2 + 3 oldest went
