@@ -59,12 +59,14 @@ class ItemColumns:
         ids = self.ids
         lookups: dict[str, list[str]] = {}
         for source, holes in list(self.missing.items()):
-            wanted = [ids[k] for k in holes]
+            wanted = list(ids) if len(holes) == len(ids) else [ids[k] for k in holes]
             cached, missed, expiries = cache.get_many(source, wanted)
-            if len(missed) < len(holes):  # something came from the cache
-                self._put(source, holes, cached)
-                at = np.asarray(holes, np.int64)
-                self.expires[at] = np.minimum(self.expires[at], expiries)
+            if len(missed) == len(holes):  # nothing came from the cache
+                lookups[source] = wanted
+                continue
+            self._put(source, holes, cached)
+            at = np.asarray(holes, np.int64)
+            self.expires[at] = np.minimum(self.expires[at], expiries)
             if missed:
                 self.missing[source] = [holes[j] for j in missed]
                 lookups[source] = [wanted[j] for j in missed]
@@ -102,8 +104,15 @@ def item_columns(
     id_source = config.item_id_feature.source
     values: dict[str, list[Any]] = {id_source: list(item_ids)}
     missing: dict[str, list[int]] = {}
+    n = len(item_ids)
+    plain = not any(given)  # no candidate brought features: every value is a hole
     for f in config.item_sparse + config.item_dense:
         if f.source == id_source:
+            continue
+        if plain:
+            values[f.source] = [None] * n
+            if n:
+                missing[f.source] = list(range(n))
             continue
         col = [feats.get(f.source) if feats else None for feats in given]
         values[f.source] = col

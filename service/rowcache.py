@@ -18,7 +18,8 @@ a reload starts empty. It is only touched from the event loop thread.
 from __future__ import annotations
 
 import time
-from itertools import repeat
+from collections import deque
+from itertools import compress, repeat
 
 import numpy as np
 
@@ -75,6 +76,36 @@ class ItemRowCache:
         until = np.full(len(ids), time.monotonic() + self.ttl)
         if expires is not None:
             until = np.minimum(until, expires[-len(ids) :])
+        if self.slot_of and list(map(self.slot_of.get, ids)).count(None) < len(ids):
+            slots, write = self._slots_one_by_one(ids, until)
+        else:
+            slots, write = self._new_slots(ids), None
+        if write is not None and not write.all():
+            slots, sparse, dense, until = slots[write], sparse[write], dense[write], until[write]
+        self.sparse[slots] = sparse
+        self.dense[slots] = dense
+        self.expiry[slots] = until
+
+    def _new_slots(self, ids: list[str]) -> np.ndarray:
+        """The next ``len(ids)`` ring slots (at most ``size``) for IDs none of which has
+        a slot, in a few C-level passes: the slots' previous owners lose theirs."""
+        m, start = len(ids), self.next
+        ring = (start + np.arange(m)) % self.size
+        owner, slot_of = self.owner, self.slot_of
+        olds = owner[start : start + m] + owner[: max(0, start + m - self.size)]
+        # an old owner keeps its entry where it has moved to another slot since
+        now_at = np.array(list(map(slot_of.get, olds, repeat(-1))), np.int64)
+        deque(map(slot_of.__delitem__, compress(olds, (now_at == ring).tolist())), maxlen=0)
+        head = min(m, self.size - start)
+        owner[start : start + head] = ids[:head]
+        owner[: m - head] = ids[head:]
+        slot_of.update(zip(ids, ring.tolist(), strict=True))
+        self.next = (start + m) % self.size
+        return ring
+
+    def _slots_one_by_one(self, ids: list[str], until: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Slots for ``ids``, some of which are cached: a cached row is rewritten only
+        where ``until`` is no earlier than its expiry (``write``)."""
         slots = np.empty(len(ids), np.int64)
         write = np.ones(len(ids), bool)
         for k, item in enumerate(ids):
@@ -90,8 +121,4 @@ class ItemRowCache:
                 self.owner[slot] = item
                 self.slot_of[item] = slot
             slots[k] = slot
-        if not write.all():
-            slots, sparse, dense, until = slots[write], sparse[write], dense[write], until[write]
-        self.sparse[slots] = sparse
-        self.dense[slots] = dense
-        self.expiry[slots] = until
+        return slots, write

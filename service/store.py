@@ -177,7 +177,7 @@ class ItemCache:
         expiry = read_at + self.ttl
         olds = list(map(d.get, ids))
         if olds.count(None) == len(olds):  # all new: one update
-            d.update(zip(ids, zip(values, itertools.repeat(expiry))))
+            d.update(zip(ids, zip(values, itertools.repeat(expiry)), strict=False))
             return
         for i, v, old in zip(ids, values, olds, strict=True):
             if old is None or old[1] <= expiry:

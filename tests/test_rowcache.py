@@ -8,6 +8,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from service.rowcache import ItemRowCache
 from tests.helpers import ShiftedClock
@@ -167,3 +169,41 @@ def test_a_full_item_cache_drops_its_oldest_entries_first() -> None:
     kept = [i for i, v in zip([*a, *b, *c], values, strict=True) if v is not None]
     assert kept == ["b1", "b2", "c0", "c1", "c2"]  # 9 // 2 + 3 oldest went
     assert values[-1] == "v-c2" and len(missed) == 7
+
+
+class OneByOne(ItemRowCache):
+    """The reference: every store slot by slot (what ``store`` does where some IDs are
+    cached), including for batches of new IDs."""
+
+    def _new_slots(self, ids: list[str]) -> np.ndarray:
+        return self._slots_one_by_one(ids, np.full(len(ids), np.inf))[0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 7),
+    st.lists(
+        st.one_of(
+            st.lists(st.sampled_from("abcdefghijkl"), max_size=9, unique=True),
+            st.just(None),  # forget every slot (a map cleared behind the ring's back)
+        ),
+        max_size=12,
+    ),
+)
+# "a" moves to slot 1 after the map is cleared; slot 0's reuse must not take it away
+@example(4, [["a"], None, ["a"], ["b", "c"], ["d"]])
+def test_batches_of_new_ids_take_ring_slots_as_one_by_one(size: int, batches: list) -> None:
+    """The batch path for all-new IDs leaves the ring, its owners and the ID -> slot map
+    exactly as storing them one by one does, wrapping around and evicting included."""
+    fast, ref = ItemRowCache(60, size, 2, 1), OneByOne(60, size, 2, 1)
+    for n, batch in enumerate(batches):
+        if batch is None:
+            fast.slot_of.clear()
+            ref.slot_of.clear()
+            continue
+        for cache in (fast, ref):
+            cache.store(batch, *rows(batch, 10 * n))
+        assert fast.slot_of == ref.slot_of and fast.owner == ref.owner and fast.next == ref.next
+        np.testing.assert_array_equal(fast.sparse, ref.sparse)
+        everything = list("abcdefghijkl")
+        assert fast.lookup(everything).tolist() == ref.lookup(everything).tolist()
