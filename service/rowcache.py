@@ -42,6 +42,12 @@ class ItemRowCache:
     def __len__(self) -> int:
         return len(self.slot_of)
 
+    def clear(self) -> None:
+        """Forget every row (the slots' memory stays allocated)."""
+        self.slot_of.clear()
+        self.owner = [None] * self.size
+        self.next = 0
+
     def lookup(self, ids: list[str]) -> np.ndarray:
         """Slots for ``ids``: int64 ``[N]``, ``-1`` where absent or expired."""
         if not self.enabled or not self.slot_of:

@@ -133,6 +133,9 @@ class ItemCache:
     def __len__(self) -> int:
         return sum(len(d) for d in self.data.values())
 
+    def clear(self) -> None:
+        self.data.clear()
+
     def get_many(
         self, feature: str, ids: list[str]
     ) -> tuple[list[str | None], list[int], list[float]]:

@@ -273,8 +273,14 @@ def test_request_path_benchmark_runs_both_paths(tmp_path: Path) -> None:
     import service.app
 
     assert service.app.STAGE_CLOCK is time.perf_counter  # restored after the run
+    cold = r["cold_ms"]
+    assert set(cold) == {"warm", "unseen items", "caches off"}
+    for st in cold.values():
+        assert all(st[k] > 0 for k in ("redis_fetch", "feature_mapping", "total"))
+        assert abs(sum(v for k, v in st.items() if k != "total") - st["total"]) < 1e-9
     table = render(res, "ctr bench-path")
     assert "| 10 |" in table and "by the service's own stages" in table
+    assert "| 10 | unseen items |" in table and "| 10 | caches off |" in table
     assert "| 10 | native |" in table and "| 10 | orjson |" in table
 
 

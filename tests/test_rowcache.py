@@ -207,3 +207,20 @@ def test_batches_of_new_ids_take_ring_slots_as_one_by_one(size: int, batches: li
         np.testing.assert_array_equal(fast.sparse, ref.sparse)
         everything = list("abcdefghijkl")
         assert fast.lookup(everything).tolist() == ref.lookup(everything).tolist()
+
+
+def test_clear_forgets_every_row_and_value() -> None:
+    """``clear`` (what ``ctr bench-path``'s unseen-items run does before each request)
+    leaves both caches as new: every lookup misses, and storing starts over."""
+    from service.store import ItemCache
+
+    rows_cache = ItemRowCache(60, 3, 2, 1)
+    rows_cache.store(["a", "b"], *rows(["a", "b"], 10))
+    rows_cache.clear()
+    assert len(rows_cache) == 0 and rows_cache.lookup(["a", "b"]).tolist() == [-1, -1]
+    rows_cache.store(["c"], *rows(["c"], 50))
+    assert rows_cache.lookup(["c", "a"]).tolist() == [0, -1]
+    items = ItemCache(60, 10)
+    items.put("cate_id", ["a"], ["c1"], time.monotonic())
+    items.clear()
+    assert len(items) == 0 and items.get_many("cate_id", ["a"])[1] == [0]

@@ -1,8 +1,9 @@
 """In-process cost of the request path's Python, without HTTP or a client: the scoring
 handler called through ASGI with and without the ``ServingMiddleware`` fast path, and with
 orjson reading the candidates and writing the ranked items instead of the native codec
-(``CTR_NATIVE_JSON=off``); and the candidate-list check with and without its C-level
-shortcut. Same process, interleaved, so the ratios hold on a noisy machine. Then the fast
+(``CTR_NATIVE_JSON=off``); the candidate-list check with and without its C-level
+shortcut; and the request whose candidates' features are not cached (read from Redis and
+encoded) against the one whose are. Same process, interleaved, so the ratios hold on a noisy machine. Then the fast
 path's event-loop CPU split by the service's own stages (its stage clock set to this
 thread's CPU time), with either. On uvloop where installed, as the service runs. Needs
 Redis and a bundle (``ctr bench-path``)."""
@@ -129,6 +130,60 @@ async def _stage_costs(settings: Settings, bodies: list[bytes], rounds: int, rep
     return out
 
 
+COLD = ("warm", "unseen items", "caches off")
+
+
+async def _cold_costs(settings: Settings, bodies: list[bytes], rounds: int, reps: int) -> dict:
+    """Event-loop CPU per request (ms, median over interleaved rounds, with its split by
+    stage) when the candidates were scored a moment ago (``warm``: the item caches hold
+    them), when none of them was (``unseen items``: both item caches emptied before each
+    request, outside the timing; the user's rows stay cached) and with
+    ``CTR_ITEM_CACHE_TTL_S=0 CTR_USER_CACHE_SIZE=0`` (``caches off``: nothing kept,
+    nothing stored). The last two read and encode all N items' features every time."""
+    on = create_app(settings)
+    off = create_app(settings.model_copy(update={"item_cache_ttl_s": 0, "user_cache_size": 0}))
+    apps = {"warm": on, "unseen items": on, "caches off": off}
+    times: dict[str, dict[str, list[float]]] = {
+        v: {k: [] for k in (*STAGES, "total")} for v in COLD
+    }
+    contexts = [a.router.lifespan_context(a) for a in (on, off)]
+    for ctx in contexts:
+        await ctx.__aenter__()
+    saved = service_app.STAGE_CLOCK
+    try:
+        for app in (on, off):
+            for b in bodies[:8]:
+                assert await _call(app, b) == 200
+        state = on.state.ctr
+        for _ in range(rounds):
+            for variant in COLD:
+                app = apps[variant]
+                service_app.STAGE_CLOCK = time.thread_time
+                before, spent = _scrape(), 0.0
+                for k in range(reps):
+                    if variant == "unseen items":
+                        state.item_cache.clear()
+                        state.require_model().rows.clear()
+                    start = time.thread_time()
+                    await _call(app, bodies[k % len(bodies)])
+                    spent += time.thread_time() - start
+                service_app.STAGE_CLOCK = saved
+                means = stage_means(before, _scrape())
+                times[variant]["total"].append(spent * 1000 / reps)
+                for k in STAGES:
+                    times[variant][k].append(means[k] * 1000)
+    finally:
+        service_app.STAGE_CLOCK = saved
+        for ctx in contexts:
+            await ctx.__aexit__(None, None, None)
+    out: dict[str, dict[str, float]] = {}
+    for variant, series in times.items():
+        one = {k: statistics.median(v) for k, v in series.items()}
+        one["outside"] = one["total"] - sum(one[k] for k in STAGES)
+        out[variant] = one
+    return out
+
+
 def _check_costs(bodies: list[bytes], rounds: int, reps: int) -> dict:
     objs = [orjson.loads(b) for b in bodies]
     fns = {
@@ -184,6 +239,7 @@ def run(
                     settings.model_copy(update={"native_json": "off"}), bodies, rounds, reps
                 )
             ),
+            "cold_ms": _run(_cold_costs(settings, bodies, rounds, reps)),
         }
     return out
 
@@ -225,4 +281,23 @@ def render(res: dict, command: str) -> str:
             st = r[key]
             cells = " | ".join(f"{st[k]:.3f}" for k in (*STAGES, "outside", "total"))
             lines.append(f"| {n} | {label} | {cells} |")
+    lines += [
+        "",
+        "Event-loop CPU per request when the candidates' features must be read from Redis "
+        "and encoded (ms, by stage as above, median over interleaved rounds): `warm`, the "
+        "candidates were scored a moment ago (the item caches hold them); `unseen items`, "
+        "none of them was (both item caches emptied before each request, outside the "
+        "timing; the user's rows stay cached); `caches off`, `CTR_ITEM_CACHE_TTL_S=0 "
+        "CTR_USER_CACHE_SIZE=0`; and each as a multiple of `warm`:",
+        "",
+        "| N | items | " + " | ".join((*STAGES, "outside", "total")) + " | x warm |",
+        "|---:|---|" + "---:|" * (len(STAGES) + 3),
+    ]
+    for n, r in res.items():
+        cold = r["cold_ms"]
+        for variant in COLD:
+            st = cold[variant]
+            cells = " | ".join(f"{st[k]:.3f}" for k in (*STAGES, "outside", "total"))
+            ratio = st["total"] / cold["warm"]["total"]
+            lines.append(f"| {n} | {variant} | {cells} | {ratio:.2f}x |")
     return "\n".join(lines)
