@@ -3,9 +3,9 @@ handler called through ASGI with and without the ``ServingMiddleware`` fast path
 orjson reading the candidates and writing the ranked items instead of the native codec
 (``CTR_NATIVE_JSON=off``); the candidate-list check with and without its C-level
 shortcut; and the request whose candidates' features are not cached (read from Redis and
-encoded) against the one whose are. Same process, interleaved, so the ratios hold on a noisy machine. Then the fast
-path's event-loop CPU split by the service's own stages (its stage clock set to this
-thread's CPU time), with either. On uvloop where installed, as the service runs. Needs
+encoded) against the one whose are. Same process, interleaved, so the ratios hold on a
+noisy machine. Then the fast path's event-loop CPU split by the service's own stages (its
+stage clock set to this thread's CPU time), with either. On uvloop where installed, as the service runs. Needs
 Redis and a bundle (``ctr bench-path``)."""
 
 from __future__ import annotations
