@@ -5,8 +5,8 @@ orjson reading the candidates and writing the ranked items instead of the native
 shortcut; and the request whose candidates' features are not cached (read from Redis and
 encoded) against the one whose are. Same process, interleaved, so the ratios hold on a
 noisy machine. Then the fast path's event-loop CPU split by the service's own stages (its
-stage clock set to this thread's CPU time), with either. On uvloop where installed, as the service runs. Needs
-Redis and a bundle (``ctr bench-path``)."""
+stage clock set to this thread's CPU time), with either. On uvloop where installed, as
+the service runs. Needs Redis and a bundle (``ctr bench-path``)."""
 
 from __future__ import annotations
 
