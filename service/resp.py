@@ -45,22 +45,21 @@ def _bulk(arg: Any, encoding: str, errors: str) -> bytes | None:
     return b"$%d\r\n%b\r\n" % (len(b), b)
 
 
-def pack_command(args: Sequence[Any], encoding: str, errors: str) -> bytes | None:
-    """``args`` (command name first) as one RESP array, byte for byte what redis-py's
-    ``Connection.pack_command`` sends; None where this module does not pack it (a
-    command name with a space in it, an argument of another type): leave it to
-    redis-py then."""
-    name = args[0] if args else None
-    if type(name) is not str or name.split() != [name]:
-        return None
-    head = b"*%d\r\n" % len(args)
+# a command with more arguments than this after its key keeps its packed arguments for
+# the next command, which may send the same ones (one HMGET per item feature, each with
+# the same candidate IDs)
+LONG = 16
+
+
+def _pack_args(args: Sequence[Any], encoding: str, errors: str) -> bytes | None:
+    """Arguments as consecutive RESP bulk strings: all text and ASCII in one f-string
+    pass, others one by one (None for a type left to redis-py)."""
     if ascii_safe(encoding) and _TEXT.issuperset(map(type, args)):
         text = "".join([f"${len(a)}\r\n{a}\r\n" for a in args])
         if text.isascii():
-            return head + text.encode("ascii")
-    # redis-py sends the command name as UTF-8 whatever the connection's encoding
-    parts = [head, _bulk(name.encode(), encoding, errors) or b""]
-    for a in args[1:]:
+            return text.encode("ascii")
+    parts = []
+    for a in args:
         one = _bulk(a, encoding, errors)
         if one is None:
             return None
@@ -68,12 +67,38 @@ def pack_command(args: Sequence[Any], encoding: str, errors: str) -> bytes | Non
     return b"".join(parts)
 
 
+def pack_command(
+    args: Sequence[Any], encoding: str, errors: str, memo: list[Any] | None = None
+) -> bytes | None:
+    """``args`` (command name first) as one RESP array, byte for byte what redis-py's
+    ``Connection.pack_command`` sends; None where this module does not pack it (a
+    command name with whitespace in it, an argument of another type): leave it to
+    redis-py then. ``memo`` (a list, empty at first) carries a long command's packed
+    arguments after its key to the next call, which reuses them if its own are equal."""
+    name = args[0] if args else None
+    if type(name) is not str or name.split() != [name]:
+        return None
+    # redis-py sends the command name as UTF-8 whatever the connection's encoding
+    head = b"*%d\r\n" % len(args) + (_bulk(name.encode(), encoding, errors) or b"")
+    if memo is None or len(args) <= 2 + LONG:
+        rest = _pack_args(args[1:], encoding, errors)
+        return None if rest is None else head + rest
+    key, tail = _pack_args(args[1:2], encoding, errors), args[2:]
+    if memo and memo[0] == tail:
+        packed = memo[1]
+    else:
+        packed = _pack_args(tail, encoding, errors)
+        memo[:] = [tail, packed]
+    return None if key is None or packed is None else head + key + packed
+
+
 def pack_commands(commands: Sequence[Sequence[Any]], encoding: str, errors: str) -> bytes | None:
     """Several commands for one pipelined write (see :func:`pack_command`); None if
     any of them is left to redis-py."""
     out = []
+    memo: list[Any] = []
     for cmd in commands:
-        one = pack_command(cmd, encoding, errors)
+        one = pack_command(cmd, encoding, errors, memo)
         if one is None:
             return None
         out.append(one)

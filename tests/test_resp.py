@@ -80,6 +80,17 @@ def test_packing_big_and_plain_commands() -> None:
     assert pack_command(("HMGET", "k", *ids), "utf-8", "strict") == redis_py(
         [("HMGET", "k", *ids)], "utf-8", "strict"
     )
+    # one HMGET per feature with the same IDs: packed once, sent in each; a same-length
+    # list that differs (by one ID, by a non-ASCII one, by a type) is packed anew
+    other = [*ids[:-1], "item-x"]
+    for cmds in (
+        [("HMGET", f"ctr:item:{f}", *ids) for f in ("a", "b", "c")],
+        [("HMGET", "ctr:item:a", *ids), ("HMGET", "ctr:item:b", *other)],
+        [("HMGET", "ctr:item:a", *ids), ("HMGET", "ctr:item:b", *ids[:-1], "ü")],
+        [("HMGET", "ctr:item:a", *ids), ("HMGET", "ctr:item:b", *ids[:-1], 7)],
+        [("HMGET", "ctr:item:a", *ids), ("GET", "x"), ("HMGET", "ctr:item:ü", *ids)],
+    ):
+        assert pack_commands(cmds, "utf-8", "strict") == redis_py(cmds, "utf-8", "strict")
     # not ours to pack: redis-py splits a name with a space, and raises for other types
     assert pack_command(("CONFIG GET", "x"), "utf-8", "strict") is None
     assert pack_command(("GET", None), "utf-8", "strict") is None
