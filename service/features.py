@@ -38,8 +38,9 @@ class ItemColumns:
     expires: np.ndarray = field(default_factory=lambda: np.empty(0))
 
     def __post_init__(self) -> None:
-        if self.expires.size != len(self.ids):
-            self.expires = np.full(len(self.ids), math.inf)
+        n = len(next(iter(self.values.values()), ()))
+        if self.expires.size != n:
+            self.expires = np.full(n, math.inf)
 
     @property
     def ids(self) -> list[Any]:

@@ -84,11 +84,14 @@ def pack_command(
         rest = _pack_args(args[1:], encoding, errors)
         return None if rest is None else head + rest
     key, tail = _pack_args(args[1:2], encoding, errors), args[2:]
-    if memo and memo[0] == tail:
+    # only text is memoised: equal numbers of other types are not the same bytes
+    # (1 == 1.0 == True, 0.0 == -0.0)
+    text = _TEXT.issuperset(map(type, tail))
+    if text and memo and memo[0] == tail:
         packed = memo[1]
     else:
         packed = _pack_args(tail, encoding, errors)
-        memo[:] = [tail, packed]
+        memo[:] = [tail, packed] if text else []
     return None if key is None or packed is None else head + key + packed
 
 

@@ -82,7 +82,9 @@ class ItemRowCache:
         until = np.full(len(ids), time.monotonic() + self.ttl)
         if expires is not None:
             until = np.minimum(until, expires[-len(ids) :])
-        if self.slot_of and list(map(self.slot_of.get, ids)).count(None) < len(ids):
+        slot_of = self.slot_of
+        some_cached = bool(slot_of) and list(map(slot_of.get, ids)).count(None) < len(ids)
+        if some_cached or len(set(ids)) < len(ids):  # or an ID twice: one slot for it
             slots, write = self._slots_one_by_one(ids, until)
         else:
             slots, write = self._new_slots(ids), None

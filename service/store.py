@@ -169,12 +169,18 @@ class ItemCache:
         (``time.monotonic()``): they expire a TTL after it, not after this call, and a
         value from an earlier read never replaces one from a later read (two requests'
         reads of the same item may finish in either order)."""
+        if len(values) != len(ids):
+            raise ValueError(f"{len(values)} values for {len(ids)} item IDs")
         if self.ttl <= 0 or not ids:
             return
         d = self.data.setdefault(feature, {})
-        if len(self) + len(ids) > self.size:  # drop the oldest half (insertion order)
+        total = len(self)
+        if total and total + len(ids) > self.size:
+            # drop the oldest half and room for the new values: what is kept is shared
+            # out in proportion to each feature's entries, oldest first (insertion order)
+            keep = max(0, min(total - total // 2, self.size) - len(ids))
             for one in self.data.values():
-                drop = len(one) // 2 + (len(ids) if one is d else 0)
+                drop = len(one) - len(one) * keep // total
                 for k in list(itertools.islice(one, drop)):
                     del one[k]
         expiry = read_at + self.ttl

@@ -65,6 +65,26 @@ def test_packing_is_byte_for_byte_redis_pys(commands: list, encoding: tuple[str,
     assert got == redis_py(commands, *encoding)
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(ARG, min_size=17, max_size=24),
+    st.lists(st.tuples(st.integers(0, 23), ARG), max_size=2),
+    st.sampled_from([("utf-8", "strict"), ("utf-8", "replace"), ("latin-1", "replace")]),
+)
+def test_long_commands_sharing_arguments_pack_as_redis_py(
+    tail: list, changes: list, encoding: tuple[str, str]
+) -> None:
+    """Past LONG arguments a command's packed tail is reused by the next one when they
+    are equal: only equal text may share bytes (1 == 1.0 == True, 0.0 == -0.0)."""
+    changed = list(tail)
+    for k, value in changes:
+        changed[k % len(changed)] = value
+    as_float = [float(a) if type(a) is int else a for a in tail]
+    cmds = [("HMGET", f"ctr:item:{k}", *t) for k, t in enumerate((tail, tail, changed, as_float))]
+    got = ours(cmds, *encoding)
+    assert got == redis_py(cmds, *encoding)
+
+
 def test_packing_big_and_plain_commands() -> None:
     """The scoring request's own commands, and arguments past redis-py's 6,000-byte
     chunking, come out as one buffer with redis-py's bytes."""
@@ -89,7 +109,9 @@ def test_packing_big_and_plain_commands() -> None:
         [("HMGET", "ctr:item:a", *ids), ("HMGET", "ctr:item:b", *ids[:-1], "ü")],
         [("HMGET", "ctr:item:a", *ids), ("HMGET", "ctr:item:b", *ids[:-1], 7)],
         [("HMGET", "ctr:item:a", *ids), ("GET", "x"), ("HMGET", "ctr:item:ü", *ids)],
-    ):
+        [("HMGET", "a", *[1] * 20), ("HMGET", "b", *[1.0] * 20), ("HMGET", "c", *[0.0] * 20),
+         ("HMGET", "d", *[-0.0] * 20)],
+    ):  # fmt: skip
         assert pack_commands(cmds, "utf-8", "strict") == redis_py(cmds, "utf-8", "strict")
     # not ours to pack: redis-py splits a name with a space, and raises for other types
     assert pack_command(("CONFIG GET", "x"), "utf-8", "strict") is None

@@ -185,6 +185,7 @@ class OneByOne(ItemRowCache):
     st.lists(
         st.one_of(
             st.lists(st.sampled_from("abcdefghijkl"), max_size=9, unique=True),
+            st.lists(st.sampled_from("abcd"), max_size=5),  # an ID twice in a batch
             st.just(None),  # forget every slot (a map cleared behind the ring's back)
         ),
         max_size=12,
@@ -224,3 +225,57 @@ def test_clear_forgets_every_row_and_value() -> None:
     items.put("cate_id", ["a"], ["c1"], time.monotonic())
     items.clear()
     assert len(items) == 0 and items.get_many("cate_id", ["a"])[1] == [0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 40),
+    st.lists(st.tuples(st.sampled_from(["a", "b", "c", "d"]), st.integers(1, 25)), max_size=12),
+)
+def test_a_full_item_cache_stays_within_its_size(size: int, puts: list) -> None:
+    """Over several features, a put that would overflow ``CTR_ITEM_CACHE_SIZE`` first
+    makes room: the cache never holds more than the size or the one batch being put."""
+    from service.store import ItemCache
+
+    cache = ItemCache(60, size)
+    now = time.monotonic()
+    for n, (feature, k) in enumerate(puts):
+        ids = [f"{feature}{n}-{j}" for j in range(k)]
+        cache.put(feature, ids, ids, now)
+        assert len(cache) <= max(size, k)
+        assert cache.get_many(feature, ids)[0] == ids  # the batch just put is all there
+
+
+def test_item_cache_paths_fill_holes_as_value_by_value() -> None:
+    """take_cached with every value cached, none, and some (the three paths), and a put
+    whose values do not match its IDs (a refused write, not a partial one)."""
+    from service.features import ItemColumns, item_columns
+    from service.store import ItemCache
+    from tests.helpers import small_config
+
+    config = small_config("din")
+    sources = [f.source for f in config.item_sparse + config.item_dense]
+    other = [x for x in sources if x != config.item_id_feature.source]
+    cache = ItemCache(60, 100)
+    now = time.monotonic()
+    for source in other:
+        cache.put(source, ["a", "b"], [f"{source}-a", None], now)  # b: cached as absent
+    every = item_columns(config, ["a", "b"], [None, None])
+    assert every.take_cached(cache) == {} and every.missing == {}
+    assert all(every.values[x] == [f"{x}-a", None] for x in other)
+    assert every.expires.tolist() == [now + 60, now + 60]
+    none = item_columns(config, ["x", "y"], [None, None])
+    assert none.take_cached(cache) == {x: ["x", "y"] for x in other}
+    assert none.missing == {x: [0, 1] for x in other} and none.expires.tolist() == [np.inf] * 2
+    some = item_columns(config, ["y", "a"], [None, {other[0]: "given"}])
+    lookups = some.take_cached(cache)
+    assert lookups == {x: ["y"] for x in other}  # a: from the request or the cache
+    assert some.values[other[0]] == [None, "given"]
+    some.fill({x: [f"{x}-y"] for x in other}, now + 30)
+    assert all(some.values[x][0] == f"{x}-y" for x in other)
+    assert some.expires.tolist() == [now + 30, now + 60 if other[1:] else np.inf]
+    empty = ItemColumns({}, {})
+    assert empty.expires.size == 0
+    with pytest.raises(ValueError, match="1 values for 2 item IDs"):
+        cache.put(other[0], ["p", "q"], ["1"], now)
+    assert cache.get_many(other[0], ["p"])[1] == [0]  # nothing of it was kept

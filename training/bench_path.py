@@ -165,8 +165,9 @@ async def _cold_costs(settings: Settings, bodies: list[bytes], rounds: int, reps
                         state.item_cache.clear()
                         state.require_model().rows.clear()
                     start = time.thread_time()
-                    await _call(app, bodies[k % len(bodies)])
+                    status = await _call(app, bodies[k % len(bodies)])
                     spent += time.thread_time() - start
+                    assert status == 200, f"{variant}: HTTP {status}"
                 service_app.STAGE_CLOCK = saved
                 means = stage_means(before, _scrape())
                 times[variant]["total"].append(spent * 1000 / reps)
