@@ -125,9 +125,27 @@ async def _stage_costs(settings: Settings, bodies: list[bytes], rounds: int, rep
                 times[k].append(means[k] * 1000)
     finally:
         await ctx.__aexit__(None, None, None)
+    return _stage_summary(times)
+
+
+def _stage_summary(times: dict[str, list[float]]) -> dict[str, float]:
+    """Medians of each stage's and the total's rounds, and ``outside``: the total less
+    the stages."""
     out = {k: statistics.median(v) for k, v in times.items()}
     out["outside"] = out["total"] - sum(out[k] for k in STAGES)
     return out
+
+
+STAGE_COLUMNS = (*STAGES, "outside", "total")
+
+
+def _stage_header(label: str, *extra: str) -> list[str]:
+    cols = (*STAGE_COLUMNS, *extra)
+    return [f"| N | {label} | " + " | ".join(cols) + " |", "|---:|---|" + "---:|" * len(cols)]
+
+
+def _stage_cells(st: dict[str, float]) -> str:
+    return " | ".join(f"{st[k]:.3f}" for k in STAGE_COLUMNS)
 
 
 COLD = ("warm", "unseen items", "caches off")
@@ -177,12 +195,7 @@ async def _cold_costs(settings: Settings, bodies: list[bytes], rounds: int, reps
         service_app.STAGE_CLOCK = saved
         for ctx in contexts:
             await ctx.__aexit__(None, None, None)
-    out: dict[str, dict[str, float]] = {}
-    for variant, series in times.items():
-        one = {k: statistics.median(v) for k, v in series.items()}
-        one["outside"] = one["total"] - sum(one[k] for k in STAGES)
-        out[variant] = one
-    return out
+    return {variant: _stage_summary(series) for variant, series in times.items()}
 
 
 def _check_costs(bodies: list[bytes], rounds: int, reps: int) -> dict:
@@ -274,14 +287,11 @@ def render(res: dict, command: str) -> str:
         "validation, ASGI and middleware), with the native codec and with orjson "
         "(`CTR_NATIVE_JSON=off`):",
         "",
-        "| N | JSON | " + " | ".join((*STAGES, "outside", "total")) + " |",
-        "|---:|---|" + "---:|" * (len(STAGES) + 2),
+        *_stage_header("JSON"),
     ]
     for n, r in res.items():
         for label, key in (("native", "stage_ms"), ("orjson", "stage_ms_orjson")):
-            st = r[key]
-            cells = " | ".join(f"{st[k]:.3f}" for k in (*STAGES, "outside", "total"))
-            lines.append(f"| {n} | {label} | {cells} |")
+            lines.append(f"| {n} | {label} | {_stage_cells(r[key])} |")
     lines += [
         "",
         "Event-loop CPU per request when the candidates' features must be read from Redis "
@@ -291,14 +301,11 @@ def render(res: dict, command: str) -> str:
         "timing; the user's rows stay cached); `caches off`, `CTR_ITEM_CACHE_TTL_S=0 "
         "CTR_USER_CACHE_SIZE=0`; and each as a multiple of `warm`:",
         "",
-        "| N | items | " + " | ".join((*STAGES, "outside", "total")) + " | x warm |",
-        "|---:|---|" + "---:|" * (len(STAGES) + 3),
+        *_stage_header("items", "x warm"),
     ]
     for n, r in res.items():
         cold = r["cold_ms"]
         for variant in COLD:
-            st = cold[variant]
-            cells = " | ".join(f"{st[k]:.3f}" for k in (*STAGES, "outside", "total"))
-            ratio = st["total"] / cold["warm"]["total"]
-            lines.append(f"| {n} | {variant} | {cells} | {ratio:.2f}x |")
+            ratio = cold[variant]["total"] / cold["warm"]["total"]
+            lines.append(f"| {n} | {variant} | {_stage_cells(cold[variant])} | {ratio:.2f}x |")
     return "\n".join(lines)
