@@ -3,10 +3,12 @@ handler called through ASGI with and without the ``ServingMiddleware`` fast path
 orjson reading the candidates and writing the ranked items instead of the native codec
 (``CTR_NATIVE_JSON=off``); the candidate-list check with and without its C-level
 shortcut; and the request whose candidates' features are not cached (read from Redis and
-encoded) against the one whose are. Same process, interleaved, so the ratios hold on a
-noisy machine. Then the fast path's event-loop CPU split by the service's own stages (its
-stage clock set to this thread's CPU time), with either. On uvloop where installed, as
-the service runs. Needs Redis and a bundle (``ctr bench-path``)."""
+encoded) against the one whose are; and the graph call's hand-off to the executor thread
+and the cost of Python work between calls, against back-to-back calls. Same process,
+interleaved, so the ratios hold on a noisy machine. Then the fast path's event-loop CPU
+split by the service's own stages (its stage clock set to this thread's CPU time), with
+either. On uvloop where installed, as the service runs. Needs Redis and a bundle
+(``ctr bench-path``)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import asyncio
 import statistics
 import time
 from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +27,11 @@ from ctr.bundle import load_bundle
 from service import metrics
 from service.app import create_app
 from service.loader import load_into_redis
+from service.model import LoadedModel, load_model
 from service.settings import Settings
 from service.validate import _checked_candidates, _plain_ids
 from training.bench_service import STAGES, bodies_for, stage_means
+from training.bench_util import Feeds, full_history_feeds
 
 
 async def _call(app: Any, body: bytes) -> int:
@@ -198,6 +203,45 @@ async def _cold_costs(settings: Settings, bodies: list[bytes], rounds: int, reps
     return {variant: _stage_summary(series) for variant, series in times.items()}
 
 
+HANDOFF = ("back to back", "executor", "back to back, work between", "executor, work between")
+
+
+def _request_work(keys: list[str]) -> int:
+    """Python work of a request's size between two graph calls: a dict built from
+    ``keys`` and looked up again (it evicts part of the CPU caches, as a request's
+    parsing, Redis replies and encoding do)."""
+    d = dict(zip(keys, range(len(keys)), strict=True))
+    return sum(map(d.__getitem__, keys))
+
+
+async def _handoff_costs(model: LoadedModel, feeds: list[Feeds], rounds: int, reps: int) -> dict:
+    """Wall ms per graph call (median over interleaved rounds of each round's median):
+    the service's loaded model (its default threads) on the same feeds, called back to
+    back on this thread (what ``ctr bench`` times as the model alone) and awaited through
+    a one-thread executor from the running loop (as ``_score`` hands it off), each also
+    with :func:`_request_work` before every call (outside the timing)."""
+    loop = asyncio.get_running_loop()
+    keys = [f"item-{k}" for k in range(20_000)]
+    times: dict[str, list[float]] = {k: [] for k in HANDOFF}
+    with ThreadPoolExecutor(1) as executor:
+        for _ in range(rounds):
+            for variant in HANDOFF:
+                through, work = variant.startswith("executor"), variant.endswith("between")
+                one = []
+                for k in range(reps):
+                    f = feeds[k % len(feeds)]
+                    if work:
+                        _request_work(keys)
+                    start = time.perf_counter()
+                    if through:
+                        await loop.run_in_executor(executor, model.run, f, False)
+                    else:
+                        model.run(f, False)
+                    one.append((time.perf_counter() - start) * 1000)
+                times[variant].append(statistics.median(one))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def _check_costs(bodies: list[bytes], rounds: int, reps: int) -> dict:
     objs = [orjson.loads(b) for b in bodies]
     fns = {
@@ -241,6 +285,7 @@ def run(
         models_dir=str(models_dir), model_name=name, redis_url=redis_url,
         intra_op_threads=1, log_level="warning",
     )  # fmt: skip
+    served = load_model(settings.model_copy(update={"intra_op_threads": 0}))  # as served
     out: dict[int, dict] = {}
     for n in n_values:
         bodies = bodies_for(frame, n)
@@ -254,6 +299,7 @@ def run(
                 )
             ),
             "cold_ms": _run(_cold_costs(settings, bodies, rounds, reps)),
+            "handoff_ms": _run(_handoff_costs(served, full_history_feeds(bundle, n), rounds, reps)),
         }
     return out
 
@@ -308,4 +354,21 @@ def render(res: dict, command: str) -> str:
         for variant in COLD:
             ratio = cold[variant]["total"] / cold["warm"]["total"]
             lines.append(f"| {n} | {variant} | {_stage_cells(cold[variant])} | {ratio:.2f}x |")
+    lines += [
+        "",
+        "Wall ms per graph call of the served model (its default threads, full-history "
+        "feeds), median over interleaved rounds: back to back on one thread (what `ctr "
+        "bench` times as the model alone) and awaited through a one-thread executor from "
+        "the event loop (as the service hands it off), each also with request-sized Python "
+        "work (20,000 dict inserts and lookups) before every call, outside the timing:",
+        "",
+        "| N | " + " | ".join(HANDOFF) + " | hand-off | work between |",
+        "|---:|" + "---:|" * (len(HANDOFF) + 2),
+    ]
+    for n, r in res.items():
+        h = r["handoff_ms"]
+        cells = " | ".join(f"{h[k]:.3f}" for k in HANDOFF)
+        hop = h["executor"] - h["back to back"]
+        work = h["back to back, work between"] - h["back to back"]
+        lines.append(f"| {n} | {cells} | {hop:+.3f} | {work:+.3f} |")
     return "\n".join(lines)
