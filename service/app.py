@@ -660,12 +660,6 @@ async def _score(state: State, model: LoadedModel, req: Any) -> Response:
     assert executor is not None
     if model.batcher is not None:
         outs = await model.batcher.submit(executor, prepared.feeds, req.explain)
-    elif s.inline_when_idle and state.in_flight <= 1 and model.executor is None:
-        # nothing else to serve meanwhile: skip the two thread hand-offs (ORT's own pool
-        # threads still share the run)
-        outs = model.run(prepared.feeds, req.explain)
-        m.INLINE_RUNS.inc()
-        m.BATCH_USERS.observe(1)
     else:
         outs = await asyncio.get_running_loop().run_in_executor(
             executor, model.run, prepared.feeds, req.explain

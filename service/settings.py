@@ -33,12 +33,6 @@ class Settings(BaseSettings):
         "(ORT's default; steals CPU from the event loop), or never",
     )
     inference_concurrency: int = Field(1, gt=0, description="ORT runs in flight per worker")
-    inline_when_idle: bool = Field(
-        False,
-        description="run the graph call on the event loop thread when no other scoring "
-        "request is in flight (no hand-off to the ORT thread; a request arriving during "
-        "that run waits for it)",
-    )
     single_thread_max_candidates: int = Field(
         64,
         ge=0,

@@ -593,35 +593,3 @@ def test_event_fields_and_item_features_of_the_same_name() -> None:
     bare = {"item_id": "i3"}
     stamp_event(bare, {"item_id", "type"}, "click", 7.0)
     assert bare == {"item_id": "i3", "type": "click", "ts": 7.0}
-
-
-def inline_runs(client: TestClient) -> float:
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith("ctr_inline_runs_total "):
-            return float(line.split()[-1])
-    raise AssertionError("no ctr_inline_runs_total in /metrics")
-
-
-def test_inline_when_idle_scores_as_the_hand_off_does(built: Built, redis_db: Redis) -> None:
-    """CTR_INLINE_WHEN_IDLE: a request alone in flight runs the graph on the event loop
-    (counted in ctr_inline_runs_total) and gets the same ranked scores, explain included;
-    with the setting off every call goes to the ORT thread."""
-    items = some_items(built, 30)
-    bodies = [
-        {"user_id": u, "candidates": [{"item_id": i} for i in items], "explain": e}
-        for u, e in (("u1", False), ("u2", True), ("nobody", False))
-    ]
-    answers = {}
-    for inline in (False, True):
-        with TestClient(create_app(settings_for(built, inline_when_idle=inline))) as c:
-            before = inline_runs(c)
-            got = []
-            for b in bodies:
-                r = c.post("/v1/score", json=b)
-                assert r.status_code == 200, r.text
-                got.append(
-                    [(x["item_id"], x["probability"], x.get("attention")) for x in r.json()["items"]]
-                )
-            assert inline_runs(c) - before == (len(bodies) if inline else 0)
-            answers[inline] = got
-    assert answers[True] == answers[False]
