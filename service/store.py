@@ -294,7 +294,7 @@ def _texts(vals: list[Any]) -> list[str | None]:
         except TypeError:  # not all bytes
             joined = None
         if joined is not None and joined.count(b"\0") == len(vals) - 1:
-            return joined.decode("utf-8", "surrogateescape").split("\0") if vals else []
+            return joined.decode("utf-8", "surrogateescape").split("\0")
     return [None if v is None else _text(v) for v in vals]
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -103,6 +103,35 @@ def _scrape() -> str:
     return metrics.render()[0].decode()
 
 
+async def _stage_round(
+    app: Any, bodies: list[bytes], reps: int, before_each: Callable[[], None] | None = None
+) -> tuple[float, dict[str, float]]:
+    """One round of ``reps`` requests with the stage clock on this thread's CPU time: the
+    event-loop CPU per request (ms, ``before_each`` not counted) and each stage's mean
+    (ms). Every request must answer 200."""
+    saved = service_app.STAGE_CLOCK
+    service_app.STAGE_CLOCK = time.thread_time
+    try:
+        before, spent = _scrape(), 0.0
+        for k in range(reps):
+            if before_each is not None:
+                before_each()
+            start = time.thread_time()
+            status = await _call(app, bodies[k % len(bodies)])
+            spent += time.thread_time() - start
+            assert status == 200, f"HTTP {status}"
+    finally:
+        service_app.STAGE_CLOCK = saved
+    means = stage_means(before, _scrape())
+    return spent * 1000 / reps, {k: means[k] * 1000 for k in STAGES}
+
+
+def _add_round(times: dict[str, list[float]], total: float, stages: dict[str, float]) -> None:
+    times["total"].append(total)
+    for k, v in stages.items():
+        times[k].append(v)
+
+
 async def _stage_costs(settings: Settings, bodies: list[bytes], rounds: int, reps: int) -> dict:
     """Event-loop CPU per request in each stage of ``_score``, in ms (median over rounds).
     The stage clock reads this thread's CPU time, so ``inference`` is the hand-off to
@@ -115,19 +144,8 @@ async def _stage_costs(settings: Settings, bodies: list[bytes], rounds: int, rep
     try:
         for b in bodies[:8]:
             assert await _call(app, b) == 200
-        saved = service_app.STAGE_CLOCK
         for _ in range(rounds):
-            service_app.STAGE_CLOCK = time.thread_time
-            try:
-                before, start = _scrape(), time.thread_time()
-                for k in range(reps):
-                    await _call(app, bodies[k % len(bodies)])
-                times["total"].append((time.thread_time() - start) * 1000 / reps)
-                means = stage_means(before, _scrape())
-            finally:
-                service_app.STAGE_CLOCK = saved
-            for k in STAGES:
-                times[k].append(means[k] * 1000)
+            _add_round(times, *await _stage_round(app, bodies, reps))
     finally:
         await ctx.__aexit__(None, None, None)
     return _stage_summary(times)
@@ -172,32 +190,21 @@ async def _cold_costs(settings: Settings, bodies: list[bytes], rounds: int, reps
     contexts = [a.router.lifespan_context(a) for a in (on, off)]
     for ctx in contexts:
         await ctx.__aenter__()
-    saved = service_app.STAGE_CLOCK
     try:
         for app in (on, off):
             for b in bodies[:8]:
                 assert await _call(app, b) == 200
         state = on.state.ctr
+
+        def forget() -> None:  # the item caches, before each `unseen items` request
+            state.item_cache.clear()
+            state.require_model().rows.clear()
+
         for _ in range(rounds):
             for variant in COLD:
-                app = apps[variant]
-                service_app.STAGE_CLOCK = time.thread_time
-                before, spent = _scrape(), 0.0
-                for k in range(reps):
-                    if variant == "unseen items":
-                        state.item_cache.clear()
-                        state.require_model().rows.clear()
-                    start = time.thread_time()
-                    status = await _call(app, bodies[k % len(bodies)])
-                    spent += time.thread_time() - start
-                    assert status == 200, f"{variant}: HTTP {status}"
-                service_app.STAGE_CLOCK = saved
-                means = stage_means(before, _scrape())
-                times[variant]["total"].append(spent * 1000 / reps)
-                for k in STAGES:
-                    times[variant][k].append(means[k] * 1000)
+                hook = forget if variant == "unseen items" else None
+                _add_round(times[variant], *await _stage_round(apps[variant], bodies, reps, hook))
     finally:
-        service_app.STAGE_CLOCK = saved
         for ctx in contexts:
             await ctx.__aexit__(None, None, None)
     return {variant: _stage_summary(series) for variant, series in times.items()}
