@@ -48,7 +48,7 @@ from service.features import (
     item_columns,
     stamp_event,
 )
-from service.model import LoadedModel, ProviderError
+from service.model import CPU, LoadedModel, ProviderError
 from service.openapi import body_schema, install_openapi
 from service.reloadbus import ReloadBus
 from service.runner import copy_info
@@ -401,19 +401,27 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
     serves straight from ASGI."""
     s = state.settings
 
-    async def guarded(work: Callable[[], Awaitable[Response]]) -> Response:
+    async def guarded(work: Callable[[float], Awaitable[Response]]) -> Response:
+        """Runs ``work(deadline)`` (``loop.time()`` units) within the request deadline."""
         if state.in_flight >= s.max_in_flight:
             raise Overloaded(f"more than {s.max_in_flight} requests in flight", None)
         state.in_flight += 1
         m.IN_FLIGHT.inc()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + s.request_timeout_ms / 1000
         try:
-            async with asyncio.timeout(s.request_timeout_ms / 1000):  # no extra task
-                return await work()
+            async with asyncio.timeout_at(deadline):  # no extra task
+                response = await work(deadline)
         except TimeoutError as exc:
-            raise DeadlineExceeded(f"request took longer than {s.request_timeout_ms} ms") from exc
+            raise _late(s.request_timeout_ms) from exc
         finally:
             state.in_flight -= 1
             m.IN_FLIGHT.dec()
+        # the timer fires only at an await: work that blocked the loop past the deadline
+        # must not come back as a late 200
+        if loop.time() > deadline:
+            raise _late(s.request_timeout_ms)
+        return response
 
     @app.post(
         "/v1/score",
@@ -436,7 +444,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
         body = await _read_body(header, chunks, s.max_body_bytes)
         req = score_input(body, s.max_candidates, s.max_id_length, state.codec)
         model = state.require_model()
-        return await guarded(lambda: _score(state, model, req))
+        return await guarded(lambda deadline: _score(state, model, req, deadline))
 
     @app.post(
         "/v1/events",
@@ -619,7 +627,26 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
     return score_handler
 
 
-async def _score(state: State, model: LoadedModel, req: Any) -> Response:
+def _inline(state: State, model: LoadedModel, n: int, deadline: float) -> bool:
+    """Whether a graph call for ``n`` candidates runs on the event loop thread: only on
+    the CPU, with the request alone in flight, and a call expected to take at most
+    ``CTR_INLINE_MAX_MS`` and to end before ``deadline`` (a call that blocks the loop
+    cannot be cut short by the deadline's timer)."""
+    limit = state.settings.inline_max_ms
+    if limit <= 0 or state.in_flight > 1 or model.executor is not None or model.provider != CPU:
+        return False
+    expected = model.expected_run_s(n)  # None until a call of about n has run
+    if expected is None or expected * 1000 > limit:
+        return False
+    return asyncio.get_running_loop().time() + expected < deadline
+
+
+def _late(timeout_ms: int) -> DeadlineExceeded:
+    return DeadlineExceeded(f"request took longer than {timeout_ms} ms")
+
+
+async def _score(state: State, model: LoadedModel, req: Any, deadline: float) -> Response:
+    """Score ``req`` before ``deadline`` (``loop.time()`` units)."""
     s = state.settings
     t0 = STAGE_CLOCK()
     bundle = model.bundle
@@ -660,6 +687,14 @@ async def _score(state: State, model: LoadedModel, req: Any) -> Response:
     assert executor is not None
     if model.batcher is not None:
         outs = await model.batcher.submit(executor, prepared.feeds, req.explain)
+    elif _inline(state, model, len(req.item_ids), deadline):
+        # nothing else in flight to serve meanwhile: skip the hand-off to the ORT thread
+        # and back (ORT's own pool threads still share the call)
+        outs = model.run(prepared.feeds, req.explain)
+        m.INLINE_RUNS.inc()
+        m.BATCH_USERS.observe(1)
+        if asyncio.get_running_loop().time() > deadline:
+            raise _late(s.request_timeout_ms)
     else:
         outs = await asyncio.get_running_loop().run_in_executor(
             executor, model.run, prepared.feeds, req.explain

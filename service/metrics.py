@@ -57,6 +57,10 @@ GC_PAUSE = Histogram(
 )
 ERRORS = Counter("ctr_errors_total", "Errors by kind", ["kind"])
 DEGRADED = Counter("ctr_degraded_responses_total", "Responses served in degraded mode")
+INLINE_RUNS = Counter(
+    "ctr_inline_runs_total",
+    "Graph calls run on the event loop thread (CTR_INLINE_MAX_MS: the request alone in flight)",
+)
 IN_FLIGHT = Gauge(
     "ctr_requests_in_flight",
     "Scoring requests being served (CTR_MAX_IN_FLIGHT bounds each worker's)",

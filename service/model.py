@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ CPU = "CPUExecutionProvider"
 
 
 FUSED_TOLERANCE = 1e-5  # max |p_fused - p_standard| over the probe feeds, fp32
+RUN_TIME_WEIGHT = 0.2  # weight of the newest call in LoadedModel.expected_run_s
 
 
 class ProviderError(RuntimeError):
@@ -71,6 +73,8 @@ class LoadedModel:
     graph_ops: list[str] = field(default_factory=list)  # custom ops in the served graph
     batcher: Batcher | None = None  # cross-request micro-batching, when enabled
     users: UserRowCache = field(default_factory=lambda: UserRowCache(0))  # encoded users
+    # seconds per graph call by N's power-of-two range (see expected_run_s)
+    run_times: dict[int, float] = field(default_factory=dict)
 
     @functools.cached_property
     def context_sources(self) -> frozenset[str]:
@@ -113,8 +117,21 @@ class LoadedModel:
         return "attention" in self.outputs
 
     def run(self, feeds: dict[str, np.ndarray], explain: bool) -> list[np.ndarray]:
-        """``probs [N]`` and, with ``explain``, ``attention [N, L]``."""
-        return run_outputs(self.runner, self.has_attention, feeds, explain)
+        """``probs [N]`` and, with ``explain``, ``attention [N, L]``. Times the call into
+        :meth:`expected_run_s`'s estimate for calls of about this many candidates."""
+        start = time.perf_counter()
+        outs = run_outputs(self.runner, self.has_attention, feeds, explain)
+        took = time.perf_counter() - start
+        key = len(outs[0]).bit_length()  # N in [2^(k-1), 2^k)
+        last = self.run_times.get(key)
+        # written on whichever thread ran the call; one dict store, atomic under the GIL
+        self.run_times[key] = took if last is None else last + RUN_TIME_WEIGHT * (took - last)
+        return outs
+
+    def expected_run_s(self, n: int) -> float | None:
+        """Recent graph calls with about ``n`` candidates (same power-of-two range), an
+        exponentially weighted mean in seconds; ``None`` before the first such call."""
+        return self.run_times.get(n.bit_length())
 
 
 def run_outputs(

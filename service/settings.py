@@ -33,6 +33,15 @@ class Settings(BaseSettings):
         "(ORT's default; steals CPU from the event loop), or never",
     )
     inference_concurrency: int = Field(1, gt=0, description="ORT runs in flight per worker")
+    inline_max_ms: float = Field(
+        0.0,
+        ge=0,
+        description="CPU only: a scoring request alone in flight runs its graph call on the "
+        "event loop thread, without the hand-off to the ORT thread and back, when the "
+        "call is expected (from this worker's recent calls of about that many candidates) "
+        "to take at most this many ms and to end before the request's deadline; a request "
+        "arriving meanwhile waits for it (0 = always hand off)",
+    )
     single_thread_max_candidates: int = Field(
         64,
         ge=0,

@@ -593,3 +593,111 @@ def test_event_fields_and_item_features_of_the_same_name() -> None:
     bare = {"item_id": "i3"}
     stamp_event(bare, {"item_id", "type"}, "click", 7.0)
     assert bare == {"item_id": "i3", "type": "click", "ts": 7.0}
+
+
+def inline_runs(client: TestClient) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("ctr_inline_runs_total "):
+            return float(line.split()[-1])
+    raise AssertionError("no ctr_inline_runs_total in /metrics")
+
+
+def ranked(r: object) -> list[tuple]:
+    assert r.status_code == 200, r.text  # type: ignore[attr-defined]
+    items = r.json()["items"]  # type: ignore[attr-defined]
+    return [(x["item_id"], x["probability"], x.get("attention")) for x in items]
+
+
+def test_inline_graph_calls_score_as_the_hand_off_does(built: Built, redis_db: Redis) -> None:
+    """CTR_INLINE_MAX_MS: a request alone in flight, whose call of about that many
+    candidates took little time before, runs the graph on the event loop (counted in
+    ctr_inline_runs_total) and gets the same ranked scores, explain included; the first
+    call of each size range, and every call with the setting at 0, goes to the ORT
+    thread."""
+    items = some_items(built, 30)
+    bodies = [
+        {"user_id": u, "candidates": [{"item_id": i} for i in items[:n]], "explain": e}
+        for u, e, n in [("u1", False, 30), ("u2", True, 30), ("nobody", False, 30)]
+        + [("u1", False, 3)]
+    ]
+    answers = {}
+    for limit in (0.0, 1000.0):
+        with TestClient(create_app(settings_for(built, inline_max_ms=limit))) as c:
+            before = inline_runs(c)
+            answers[limit] = [ranked(c.post("/v1/score", json=b)) for b in bodies]
+            # the first call with 30 (and with 3) candidates has no expected time yet
+            assert inline_runs(c) - before == (2 if limit else 0)
+            again = [ranked(c.post("/v1/score", json=b)) for b in bodies]
+            assert inline_runs(c) - before == (2 + len(bodies) if limit else 0)
+            assert again == answers[limit]
+    assert answers[1000.0] == answers[0.0]
+
+
+def test_inline_only_when_alone_short_and_before_the_deadline(
+    built: Built, redis_db: Redis
+) -> None:
+    """No inline call with another request in flight, with a call expected to take more
+    than CTR_INLINE_MAX_MS, or expected to end after the request's deadline."""
+    body = {"user_id": "u1", "candidates": [{"item_id": i} for i in some_items(built, 20)]}
+    with TestClient(
+        create_app(settings_for(built, inline_max_ms=5.0, request_timeout_ms=400))
+    ) as c:
+        state = c.app.state.ctr
+        model = state.model
+        ranked(c.post("/v1/score", json=body))  # the first call times the size range
+        key = len(body["candidates"]).bit_length()
+        model.run_times[key] = 0.001
+        runs = inline_runs(c)
+        ranked(c.post("/v1/score", json=body))
+        assert inline_runs(c) == runs + 1  # the control: alone, short, well in time
+        state.in_flight += 1  # another request in flight
+        try:
+            model.run_times[key] = 0.001
+            ranked(c.post("/v1/score", json=body))
+        finally:
+            state.in_flight -= 1
+        model.run_times[key] = 0.006  # over the 5 ms bound
+        ranked(c.post("/v1/score", json=body))
+        model.run_times[key] = 0.45  # would end after the 400 ms deadline
+        with TestClient(
+            create_app(settings_for(built, inline_max_ms=1000.0, request_timeout_ms=400))
+        ) as c2:
+            ranked(c2.post("/v1/score", json=body))
+            c2.app.state.ctr.model.run_times[key] = 0.45
+            runs2 = inline_runs(c2)
+            ranked(c2.post("/v1/score", json=body))
+            assert inline_runs(c2) == runs2
+        assert inline_runs(c) == runs + 1
+
+
+@pytest.mark.parametrize("limit", [0.0, 1000.0])
+def test_a_graph_call_past_the_deadline_is_a_503_inline_or_not(
+    built: Built, redis_db: Redis, limit: float
+) -> None:
+    """The deadline's timer cannot fire while an inline call blocks the event loop: the
+    request is checked after the call, and comes back as the same 503 as a request whose
+    call on the ORT thread outlasts it, never as a late 200."""
+    import time
+
+    body = {"user_id": "u1", "candidates": [{"item_id": i} for i in some_items(built, 20)]}
+    with TestClient(
+        create_app(settings_for(built, inline_max_ms=limit, request_timeout_ms=150))
+    ) as c:
+        model = c.app.state.ctr.model
+        ranked(c.post("/v1/score", json=body))  # times the size range: a fast call
+        real = model.run
+
+        def slow_run(feeds: dict, explain: bool) -> list:
+            time.sleep(0.3)  # a call that takes twice the deadline, unforeseen
+            return real(feeds, explain)
+
+        model.run = slow_run
+        runs = inline_runs(c)
+        r = c.post("/v1/score", json=body)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"] == "deadline_exceeded"
+        # the inline path was taken (and checked) when it is on
+        assert inline_runs(c) - runs == (1 if limit else 0)
+        model.run = real
+        time.sleep(0.3)  # the hand-off's call ends on the ORT thread
+        ranked(c.post("/v1/score", json=body))  # the worker serves on
