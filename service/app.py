@@ -401,17 +401,19 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
     serves straight from ASGI."""
     s = state.settings
 
-    async def guarded(work: Callable[[float], Awaitable[Response]]) -> Response:
-        """Runs ``work(deadline)`` (``loop.time()`` units) within the request deadline."""
+    async def guarded(work: Callable[[float, bool], Awaitable[Response]]) -> Response:
+        """Runs ``work(deadline, idle)`` within the request deadline (``loop.time()``
+        units); ``idle``: no other request was in flight when this one came in."""
         if state.in_flight >= s.max_in_flight:
             raise Overloaded(f"more than {s.max_in_flight} requests in flight", None)
+        idle = state.in_flight == 0
         state.in_flight += 1
         m.IN_FLIGHT.inc()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + s.request_timeout_ms / 1000
         try:
             async with asyncio.timeout_at(deadline):  # no extra task
-                response = await work(deadline)
+                response = await work(deadline, idle)
         except TimeoutError as exc:
             raise _late(s.request_timeout_ms) from exc
         finally:
@@ -444,7 +446,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
         body = await _read_body(header, chunks, s.max_body_bytes)
         req = score_input(body, s.max_candidates, s.max_id_length, state.codec)
         model = state.require_model()
-        return await guarded(lambda deadline: _score(state, model, req, deadline))
+        return await guarded(lambda deadline, idle: _score(state, model, req, deadline, idle))
 
     @app.post(
         "/v1/events",
@@ -627,13 +629,17 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
     return score_handler
 
 
-def _inline(state: State, model: LoadedModel, n: int, deadline: float) -> bool:
+def _inline(state: State, model: LoadedModel, n: int, deadline: float, idle: bool) -> bool:
     """Whether a graph call for ``n`` candidates runs on the event loop thread: only on
-    the CPU, with the request alone in flight, and a call expected to take at most
-    ``CTR_INLINE_MAX_MS`` and to end before ``deadline`` (a call that blocks the loop
-    cannot be cut short by the deadline's timer)."""
+    the CPU, for a request that came in to an idle worker (``idle``) and is still alone in
+    flight, and a call expected to take at most ``CTR_INLINE_MAX_MS`` and to end before
+    ``deadline`` (a call that blocks the loop cannot be cut short by the deadline's
+    timer). Under load requests overlap, and each call goes to the ORT thread, so that
+    the next request's reads and parsing overlap it."""
     limit = state.settings.inline_max_ms
-    if limit <= 0 or state.in_flight > 1 or model.executor is not None or model.provider != CPU:
+    if limit <= 0 or not idle or state.in_flight > 1:
+        return False
+    if model.executor is not None or model.provider != CPU:
         return False
     expected = model.expected_run_s(n)  # None until a call of about n has run
     if expected is None or expected * 1000 > limit:
@@ -645,8 +651,11 @@ def _late(timeout_ms: int) -> DeadlineExceeded:
     return DeadlineExceeded(f"request took longer than {timeout_ms} ms")
 
 
-async def _score(state: State, model: LoadedModel, req: Any, deadline: float) -> Response:
-    """Score ``req`` before ``deadline`` (``loop.time()`` units)."""
+async def _score(
+    state: State, model: LoadedModel, req: Any, deadline: float, idle: bool
+) -> Response:
+    """Score ``req`` before ``deadline`` (``loop.time()`` units); ``idle``: it came in
+    to a worker with no other request in flight."""
     s = state.settings
     t0 = STAGE_CLOCK()
     bundle = model.bundle
@@ -687,7 +696,7 @@ async def _score(state: State, model: LoadedModel, req: Any, deadline: float) ->
     assert executor is not None
     if model.batcher is not None:
         outs = await model.batcher.submit(executor, prepared.feeds, req.explain)
-    elif _inline(state, model, len(req.item_ids), deadline):
+    elif _inline(state, model, len(req.item_ids), deadline, idle):
         # nothing else in flight to serve meanwhile: skip the hand-off to the ORT thread
         # and back (ORT's own pool threads still share the call)
         outs = model.run(prepared.feeds, req.explain)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from fastapi.testclient import TestClient
 from redis import Redis
 
 from ctr.encode import encode_frame
-from service.app import create_app
+from service.app import _inline, create_app
 from service.loader import item_records, load_into_redis, user_records
 from service.settings import Settings
 from service.store import item_key, user_key
@@ -658,6 +659,19 @@ def test_inline_only_when_alone_short_and_before_the_deadline(
             state.in_flight -= 1
         model.run_times[key] = 0.006  # over the 5 ms bound
         ranked(c.post("/v1/score", json=body))
+        model.run_times[key] = 0.001
+
+        async def decide(idle: bool) -> bool:  # as a request alone in flight would
+            state.in_flight += 1
+            try:
+                deadline = asyncio.get_running_loop().time() + 0.4
+                return _inline(state, model, len(body["candidates"]), deadline, idle)
+            finally:
+                state.in_flight -= 1
+
+        # it came in while another request was in flight (that has ended since): under
+        # load the call goes to the ORT thread
+        assert asyncio.run(decide(True)) and not asyncio.run(decide(False))
         model.run_times[key] = 0.45  # would end after the 400 ms deadline
         with TestClient(
             create_app(settings_for(built, inline_max_ms=1000.0, request_timeout_ms=400))
