@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     )
     inference_concurrency: int = Field(1, gt=0, description="ORT runs in flight per worker")
     inline_max_ms: float = Field(
-        0.0,
+        10.0,
         ge=0,
         description="CPU only: a scoring request that came in to an idle worker and is still "
         "alone in flight runs its graph call on the event loop thread, without the "
