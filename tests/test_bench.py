@@ -49,6 +49,9 @@ def test_service_benchmark_reports_every_figure() -> None:
     }
     assert all(v > 0 for v in single["stages_ms"].values())
     assert single["loop_cpu_ms"] > 0  # the service's event-loop CPU per request (/proc)
+    # alone in flight on an idle worker, after the warm-up timed calls of this size: the
+    # graph calls ran on the event loop thread (CTR_INLINE_MAX_MS, default 10 ms)
+    assert 0 < single["inline_calls"] <= single["requests"]
     sweep = din["saturation"][20]
     assert set(sweep) == {1, 2}
     assert all(v["errors"] == 0 and v["degraded"] == 0 and v["ok_rps"] > 0 for v in sweep.values())
@@ -59,6 +62,7 @@ def test_service_benchmark_reports_every_figure() -> None:
     table = render(res, "ctr bench --models din")
     assert "| din | 20 |" in table and "2 ORT run(s) in flight" in table
     assert "loop CPU ms/req" in table and "CPU ms/req: service" in table
+    assert "| inline calls |" in table
     assert table.count("| non-200 | degraded | service errors |") == 2  # latency, saturation
     assert "cycles 64 request bodies" in table and "Worst case, in no ratio" in table
     assert f"(n={single['requests']}, <1,000)" in table  # a p99 with its sample count

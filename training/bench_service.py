@@ -533,7 +533,15 @@ def _measured(url: str, work: Callable[[], dict[str, Any]]) -> tuple[dict[str, A
     res = work()
     after = httpx.get(url + "/metrics").text
     res.update(window_counts(before, after))
+    res["inline_calls"] = inline_calls(before, after)
     return res, before, after
+
+
+def inline_calls(before: str, after: str) -> float:
+    """Graph calls run on the event loop thread between two /metrics scrapes
+    (``ctr_inline_runs_total``, ``CTR_INLINE_MAX_MS``)."""
+    c0, c1 = _counter(before, "ctr_inline_runs_total"), _counter(after, "ctr_inline_runs_total")
+    return sum(c1.values()) - sum(c0.values())
 
 
 def service_single(
@@ -904,12 +912,13 @@ def _saturation_table(res: dict[str, Any]) -> list[str]:
         "errors: over the whole sweep. CPU ms/req at the best point: the service's "
         "processes and threads (/proc; Redis, on the same machine, is not counted), the "
         "benchmark client, and the model alone (one stream of the service's runner, "
-        "this process's CPU):",
+        "this process's CPU); inline calls: the share of the best point's requests whose "
+        "graph call ran on the event loop thread (CTR_INLINE_MAX_MS):",
         "",
         "| model | N | best req/s | at concurrency | candidates/s | model alone req/s |"
         " at streams | ratio | met (>= 80 %) | non-200 | degraded | service errors |"
-        " CPU ms/req: service | client | model alone |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|:-:|---:|---:|---:|---:|---:|---:|",
+        " CPU ms/req: service | client | model alone | inline calls |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|:-:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for mt, r in res["models"].items():
         for n, sweep in r["saturation"].items():
@@ -922,9 +931,15 @@ def _saturation_table(res: dict[str, Any]) -> list[str]:
                 f"{mo['sustained_rps']:.0f} | {mo['sustained_streams']} | {ratio:.0%} | "
                 f"{verdict(totals, ratio >= 0.8)} | {_counts(totals)} | "
                 f"{_ms(best, 'service_cpu_ms')} | {_ms(best, 'client_cpu_ms')} | "
-                f"{_ms(mo, 'cpu_ms')} |"
+                f"{_ms(mo, 'cpu_ms')} | {_share(best)} |"
             )
     return lines
+
+
+def _share(run: dict[str, Any]) -> str:
+    """Inline graph calls as a share of the window's requests."""
+    calls, requests = run.get("inline_calls"), run.get("requests")
+    return "–" if calls is None or not requests else f"{calls / requests:.0%}"
 
 
 def _sweep_table(res: dict[str, Any]) -> list[str]:
