@@ -632,12 +632,15 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
 def _inline(state: State, model: LoadedModel, n: int, deadline: float, idle: bool) -> bool:
     """Whether a graph call for ``n`` candidates runs on the event loop thread: only on
     the CPU, for a request that came in to an idle worker (``idle``) and is still alone in
-    flight, and a call expected to take at most ``CTR_INLINE_MAX_MS`` and to end before
-    ``deadline`` (a call that blocks the loop cannot be cut short by the deadline's
-    timer). Under load requests overlap, and each call goes to the ORT thread, so that
-    the next request's reads and parsing overlap it."""
+    flight, with no handed-off call still running (one whose request timed out), and a
+    call expected to take at most ``CTR_INLINE_MAX_MS`` and to end before ``deadline``
+    (a call that blocks the loop cannot be cut short by the deadline's timer). Under load
+    requests overlap and their calls go to the ORT thread, so that the next request's
+    reads and parsing overlap them."""
     limit = state.settings.inline_max_ms
     if limit <= 0 or not idle or state.in_flight > 1:
+        return False
+    if state.graph_calls.running:  # a call left by a request that timed out runs on
         return False
     if model.executor is not None or model.provider != CPU:
         return False
@@ -698,15 +701,16 @@ async def _score(
         outs = await model.batcher.submit(executor, prepared.feeds, req.explain)
     elif _inline(state, model, len(req.item_ids), deadline, idle):
         # nothing else in flight to serve meanwhile: skip the hand-off to the ORT thread
-        # and back (ORT's own pool threads still share the call)
+        # and back (the main session's pool threads still share a large call)
         outs = model.run(prepared.feeds, req.explain)
         m.INLINE_RUNS.inc()
         m.BATCH_USERS.observe(1)
         if asyncio.get_running_loop().time() > deadline:
             raise _late(s.request_timeout_ms)
     else:
+        state.graph_calls.started += 1
         outs = await asyncio.get_running_loop().run_in_executor(
-            executor, model.run, prepared.feeds, req.explain
+            executor, state.graph_calls.run, model.run, prepared.feeds, req.explain
         )
         m.BATCH_USERS.observe(1)  # one user per graph call without micro-batching
     t3 = STAGE_CLOCK()

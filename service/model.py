@@ -73,8 +73,9 @@ class LoadedModel:
     graph_ops: list[str] = field(default_factory=list)  # custom ops in the served graph
     batcher: Batcher | None = None  # cross-request micro-batching, when enabled
     users: UserRowCache = field(default_factory=lambda: UserRowCache(0))  # encoded users
-    # seconds per graph call by N's power-of-two range (see expected_run_s)
-    run_times: dict[int, float] = field(default_factory=dict)
+    # (seconds, N) of recent graph calls, weighted means by run_key (see expected_run_s);
+    # written on whichever thread ran the call, one dict store at a time
+    run_times: dict[tuple[bool, int], tuple[float, float]] = field(default_factory=dict)
 
     @functools.cached_property
     def context_sources(self) -> frozenset[str]:
@@ -122,16 +123,32 @@ class LoadedModel:
         start = time.perf_counter()
         outs = run_outputs(self.runner, self.has_attention, feeds, explain)
         took = time.perf_counter() - start
-        key = len(outs[0]).bit_length()  # N in [2^(k-1), 2^k)
+        n = len(outs[0])
+        key = self.run_key(n)
         last = self.run_times.get(key)
-        # written on whichever thread ran the call; one dict store, atomic under the GIL
-        self.run_times[key] = took if last is None else last + RUN_TIME_WEIGHT * (took - last)
+        if last is None:
+            self.run_times[key] = (took, float(n))
+        else:  # two calls at once on one key may lose an update: harmless for a mean
+            w = RUN_TIME_WEIGHT
+            self.run_times[key] = (last[0] + w * (took - last[0]), last[1] + w * (n - last[1]))
         return outs
 
+    def run_key(self, n: int) -> tuple[bool, int]:
+        """Which calls' times predict a call with ``n`` candidates: the same session (the
+        one-thread session for small calls, else the main one) and the same power-of-two
+        range of N (``[2^(k-1), 2^k)``)."""
+        return n <= self.single_thread_max, n.bit_length()
+
     def expected_run_s(self, n: int) -> float | None:
-        """Recent graph calls with about ``n`` candidates (same power-of-two range), an
-        exponentially weighted mean in seconds; ``None`` before the first such call."""
-        return self.run_times.get(n.bit_length())
+        """What a graph call with ``n`` candidates is expected to take, in seconds: the
+        exponentially weighted mean time of recent calls of its :meth:`run_key` (warm-up
+        included), scaled up in proportion where ``n`` exceeds their mean N (never down);
+        ``None`` before the first such call."""
+        last = self.run_times.get(self.run_key(n))
+        if last is None:
+            return None
+        took, mean_n = last
+        return took * max(1.0, n / mean_n)
 
 
 def run_outputs(

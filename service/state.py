@@ -4,8 +4,10 @@ caches, the inference executor and the reload machinery (one :class:`State` per 
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from service.codec import NativeCodec
 from service.errors import ModelNotReady
@@ -13,6 +15,33 @@ from service.model import LoadedModel
 from service.reloadbus import ReloadBus
 from service.settings import Settings
 from service.store import AnyRedis, EventWriter, ItemCache, Reader
+
+T = TypeVar("T")
+
+
+class GraphCalls:
+    """Graph calls handed to the inference executor and not yet ended. A request whose
+    deadline passed stops waiting for its call, but the call runs on to its end: only
+    the executor's thread knows when. ``started`` is counted on the event loop thread,
+    ``ended`` on the executor's threads."""
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.ended = 0
+        self._lock = threading.Lock()
+
+    @property
+    def running(self) -> int:
+        return self.started - self.ended
+
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``, counted as ended when it returns or raises (on the executor's
+        thread; pair with ``started += 1`` on the loop before handing it over)."""
+        try:
+            return fn(*args)
+        finally:
+            with self._lock:
+                self.ended += 1
 
 
 class State:
@@ -38,6 +67,7 @@ class State:
             t.strip() for t in settings.sequence_event_types.split(",") if t.strip()
         )
         self.in_flight = 0
+        self.graph_calls = GraphCalls()  # on the inference executor, not yet ended
         self.reload_lock = asyncio.Lock()
         self.bus: ReloadBus | None = None
         # set when start-up with CTR_MODEL_VERSION=latest fell back to an older version

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -612,9 +613,9 @@ def ranked(r: object) -> list[tuple]:
 def test_inline_graph_calls_score_as_the_hand_off_does(built: Built, redis_db: Redis) -> None:
     """CTR_INLINE_MAX_MS: a request alone in flight, whose call of about that many
     candidates took little time before, runs the graph on the event loop (counted in
-    ctr_inline_runs_total) and gets the same ranked scores, explain included; the first
-    call of each size range, and every call with the setting at 0, goes to the ORT
-    thread."""
+    ctr_inline_runs_total) and gets the same ranked scores, explain included; a size
+    range no call has timed yet (warm-up times N = 1, 64 and 512 only), and every call
+    with the setting at 0, goes to the ORT thread."""
     items = some_items(built, 30)
     bodies = [
         {"user_id": u, "candidates": [{"item_id": i} for i in items[:n]], "explain": e}
@@ -623,7 +624,8 @@ def test_inline_graph_calls_score_as_the_hand_off_does(built: Built, redis_db: R
     ]
     answers = {}
     for limit in (0.0, 1000.0):
-        with TestClient(create_app(settings_for(built, inline_max_ms=limit))) as c:
+        settings = settings_for(built, inline_max_ms=limit, provider="cpu")
+        with TestClient(create_app(settings)) as c:
             before = inline_runs(c)
             answers[limit] = [ranked(c.post("/v1/score", json=b)) for b in bodies]
             # the first call with 30 (and with 3) candidates has no expected time yet
@@ -634,54 +636,95 @@ def test_inline_graph_calls_score_as_the_hand_off_does(built: Built, redis_db: R
     assert answers[1000.0] == answers[0.0]
 
 
+def test_expected_call_time_scales_up_with_n_and_keeps_sessions_apart(
+    built: Built, redis_db: Redis
+) -> None:
+    """The expected time of a call: the mean of its range, scaled up where N exceeds the
+    range's mean N (a call for 1000 is not predicted by warm-up's 512), never down; the
+    one-thread session's small calls do not predict the main session's."""
+    with TestClient(create_app(settings_for(built, provider="cpu"))) as c:
+        model = c.app.state.ctr.model
+        model.run_times.clear()
+        assert model.expected_run_s(1000) is None
+        model.run_times[model.run_key(1000)] = (0.004, 512.0)
+        assert model.expected_run_s(1000) == pytest.approx(0.004 * 1000 / 512)
+        assert model.expected_run_s(600) == pytest.approx(0.004 * 600 / 512)
+        assert model.expected_run_s(513) == pytest.approx(0.004 * 513 / 512)
+        model.run_times[model.run_key(1000)] = (0.004, 800.0)
+        assert model.expected_run_s(600) == pytest.approx(0.004)  # not scaled down
+        limit = model.single_thread_max
+        if limit:  # a split runner (more than one intra-op thread, the default here)
+            assert model.run_key(limit) != model.run_key(limit + 1)
+        # a real call is timed into its own key: mean time and mean N
+        ranked(
+            c.post(
+                "/v1/score",
+                json={
+                    "user_id": "u1",
+                    "candidates": [{"item_id": i} for i in some_items(built, 20)],
+                },
+            )
+        )
+        took, mean_n = model.run_times[model.run_key(20)]
+        assert took > 0 and mean_n == 20.0
+
+
 def test_inline_only_when_alone_short_and_before_the_deadline(
     built: Built, redis_db: Redis
 ) -> None:
-    """No inline call with another request in flight, with a call expected to take more
+    """No inline call with another request in flight, after arriving at a busy worker,
+    with a graph call still running on the ORT thread, with a call expected to take more
     than CTR_INLINE_MAX_MS, or expected to end after the request's deadline."""
     body = {"user_id": "u1", "candidates": [{"item_id": i} for i in some_items(built, 20)]}
-    with TestClient(
-        create_app(settings_for(built, inline_max_ms=5.0, request_timeout_ms=400))
-    ) as c:
+    n = len(body["candidates"])
+    settings = settings_for(built, inline_max_ms=5.0, request_timeout_ms=400, provider="cpu")
+    with TestClient(create_app(settings)) as c:
         state = c.app.state.ctr
         model = state.model
         ranked(c.post("/v1/score", json=body))  # the first call times the size range
-        key = len(body["candidates"]).bit_length()
-        model.run_times[key] = 0.001
+        key = model.run_key(n)
+        model.run_times[key] = (0.001, float(n))
         runs = inline_runs(c)
         ranked(c.post("/v1/score", json=body))
         assert inline_runs(c) == runs + 1  # the control: alone, short, well in time
+        model.run_times[key] = (0.001, float(n))
         state.in_flight += 1  # another request in flight
         try:
-            model.run_times[key] = 0.001
             ranked(c.post("/v1/score", json=body))
         finally:
             state.in_flight -= 1
-        model.run_times[key] = 0.006  # over the 5 ms bound
+        model.run_times[key] = (0.006, float(n))  # over the 5 ms bound
         ranked(c.post("/v1/score", json=body))
-        model.run_times[key] = 0.001
+        assert inline_runs(c) == runs + 1
 
-        async def decide(idle: bool) -> bool:  # as a request alone in flight would
-            state.in_flight += 1
+        async def decide(idle: bool, in_flight: int = 1, running: int = 0) -> bool:
+            state.in_flight += in_flight
+            state.graph_calls.started += running
             try:
                 deadline = asyncio.get_running_loop().time() + 0.4
-                return _inline(state, model, len(body["candidates"]), deadline, idle)
+                return _inline(state, model, n, deadline, idle)
             finally:
-                state.in_flight -= 1
+                state.in_flight -= in_flight
+                state.graph_calls.started -= running
 
+        model.run_times[key] = (0.001, float(n))
+        assert asyncio.run(decide(True))  # the control
         # it came in while another request was in flight (that has ended since): under
         # load the call goes to the ORT thread
-        assert asyncio.run(decide(True)) and not asyncio.run(decide(False))
-        model.run_times[key] = 0.45  # would end after the 400 ms deadline
-        with TestClient(
-            create_app(settings_for(built, inline_max_ms=1000.0, request_timeout_ms=400))
-        ) as c2:
-            ranked(c2.post("/v1/score", json=body))
-            c2.app.state.ctr.model.run_times[key] = 0.45
-            runs2 = inline_runs(c2)
-            ranked(c2.post("/v1/score", json=body))
-            assert inline_runs(c2) == runs2
-        assert inline_runs(c) == runs + 1
+        assert not asyncio.run(decide(False))
+        assert not asyncio.run(decide(True, in_flight=2))  # another came in since
+        # a timed-out request's call still runs on the ORT thread
+        assert not asyncio.run(decide(True, running=1))
+        model.run_times[key] = (0.45, float(n))  # would end after the 400 ms deadline
+        assert not asyncio.run(decide(True))
+    settings = settings_for(built, inline_max_ms=1000.0, request_timeout_ms=400, provider="cpu")
+    with TestClient(create_app(settings)) as c:
+        model = c.app.state.ctr.model
+        ranked(c.post("/v1/score", json=body))
+        model.run_times[model.run_key(n)] = (0.45, float(n))
+        runs = inline_runs(c)
+        ranked(c.post("/v1/score", json=body))
+        assert inline_runs(c) == runs
 
 
 @pytest.mark.parametrize("limit", [0.0, 1000.0])
@@ -690,19 +733,22 @@ def test_a_graph_call_past_the_deadline_is_a_503_inline_or_not(
 ) -> None:
     """The deadline's timer cannot fire while an inline call blocks the event loop: the
     request is checked after the call, and comes back as the same 503 as a request whose
-    call on the ORT thread outlasts it, never as a late 200."""
-    import time
+    call on the ORT thread outlasts it, never as a late 200. A handed-off call that runs
+    on past its request's deadline is counted until it ends: no inline call meanwhile."""
 
     body = {"user_id": "u1", "candidates": [{"item_id": i} for i in some_items(built, 20)]}
-    with TestClient(
-        create_app(settings_for(built, inline_max_ms=limit, request_timeout_ms=150))
-    ) as c:
-        model = c.app.state.ctr.model
-        ranked(c.post("/v1/score", json=body))  # times the size range: a fast call
+    n = len(body["candidates"])
+    settings = settings_for(built, inline_max_ms=limit, request_timeout_ms=300, provider="cpu")
+    with TestClient(create_app(settings)) as c:
+        state = c.app.state.ctr
+        model = state.model
+        ranked(c.post("/v1/score", json=body))  # the size range's first call
+        model.run_times[model.run_key(n)] = (0.001, float(n))  # expected: fast
         real = model.run
+        release = threading.Event()
 
         def slow_run(feeds: dict, explain: bool) -> list:
-            time.sleep(0.3)  # a call that takes twice the deadline, unforeseen
+            release.wait(0.6)  # a call that takes twice the deadline, unforeseen
             return real(feeds, explain)
 
         model.run = slow_run
@@ -712,6 +758,9 @@ def test_a_graph_call_past_the_deadline_is_a_503_inline_or_not(
         assert r.json()["error"] == "deadline_exceeded"
         # the inline path was taken (and checked) when it is on
         assert inline_runs(c) - runs == (1 if limit else 0)
+        assert state.graph_calls.running == (0 if limit else 1)
+        release.set()
+        state.executor.submit(lambda: None).result()  # the left-over call has ended
+        assert state.graph_calls.running == 0
         model.run = real
-        time.sleep(0.3)  # the hand-off's call ends on the ORT thread
         ranked(c.post("/v1/score", json=body))  # the worker serves on
