@@ -708,10 +708,7 @@ async def _score(
         if asyncio.get_running_loop().time() > deadline:
             raise _late(s.request_timeout_ms)
     else:
-        state.graph_calls.started += 1
-        outs = await asyncio.get_running_loop().run_in_executor(
-            executor, state.graph_calls.run, model.run, prepared.feeds, req.explain
-        )
+        outs = await state.graph_calls.submit(executor, model.run, prepared.feeds, req.explain)
         m.BATCH_USERS.observe(1)  # one user per graph call without micro-batching
     t3 = STAGE_CLOCK()
     probs = outs[0]

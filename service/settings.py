@@ -37,10 +37,10 @@ class Settings(BaseSettings):
         10.0,
         ge=0,
         description="CPU only: a scoring request that came in to an idle worker and is still "
-        "alone in flight runs its graph call on the event loop thread, without the "
-        "hand-off to the ORT thread and back, when the "
-        "call is expected (from this worker's recent calls of about that many candidates) "
-        "to take at most this many ms and to end before the request's deadline; a request "
+        "alone in flight, with no graph call running on the ORT thread, runs its own on "
+        "the event loop thread (no hand-off to the ORT thread and back) when the call is "
+        "expected (from this worker's recent calls of about that many candidates) to take "
+        "at most this many ms and to end before the request's deadline; a request "
         "arriving meanwhile waits for it (0 = always hand off)",
     )
     single_thread_max_candidates: int = Field(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from service.codec import NativeCodec
@@ -34,9 +34,14 @@ class GraphCalls:
     def running(self) -> int:
         return self.started - self.ended
 
-    def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)``, counted as ended when it returns or raises (on the executor's
-        thread; pair with ``started += 1`` on the loop before handing it over)."""
+    def submit(self, executor: Executor, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """``fn(*args)`` on ``executor``, counted from here until it returns or raises
+        (call on the event loop thread)."""
+        fut = asyncio.get_running_loop().run_in_executor(executor, self._run, fn, *args)
+        self.started += 1  # after the executor took it (a refused call is not counted)
+        return fut
+
+    def _run(self, fn: Callable[..., T], *args: Any) -> T:
         try:
             return fn(*args)
         finally:
