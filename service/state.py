@@ -20,33 +20,27 @@ T = TypeVar("T")
 
 
 class GraphCalls:
-    """Graph calls handed to the inference executor and not yet ended. A request whose
-    deadline passed stops waiting for its call, but the call runs on to its end: only
-    the executor's thread knows when. ``started`` is counted on the event loop thread,
-    ``ended`` on the executor's threads."""
+    """Graph calls running on the inference executor. A request whose deadline passed
+    stops waiting for its call, but a call that has started runs on to its end (one
+    still queued is dropped): only the executor's thread knows, so the count is kept
+    there."""
 
     def __init__(self) -> None:
-        self.started = 0
-        self.ended = 0
+        self.running = 0
         self._lock = threading.Lock()
 
-    @property
-    def running(self) -> int:
-        return self.started - self.ended
-
     def submit(self, executor: Executor, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        """``fn(*args)`` on ``executor``, counted from here until it returns or raises
-        (call on the event loop thread)."""
-        fut = asyncio.get_running_loop().run_in_executor(executor, self._run, fn, *args)
-        self.started += 1  # after the executor took it (a refused call is not counted)
-        return fut
+        """``fn(*args)`` on ``executor``, counted while it runs."""
+        return asyncio.get_running_loop().run_in_executor(executor, self._run, fn, *args)
 
     def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        with self._lock:
+            self.running += 1
         try:
             return fn(*args)
         finally:
             with self._lock:
-                self.ended += 1
+                self.running -= 1
 
 
 class State:

@@ -699,13 +699,13 @@ def test_inline_only_when_alone_short_and_before_the_deadline(
 
         async def decide(idle: bool, in_flight: int = 1, running: int = 0) -> bool:
             state.in_flight += in_flight
-            state.graph_calls.started += running
+            state.graph_calls.running += running
             try:
                 deadline = asyncio.get_running_loop().time() + 0.4
                 return _inline(state, model, n, deadline, idle)
             finally:
                 state.in_flight -= in_flight
-                state.graph_calls.started -= running
+                state.graph_calls.running -= running
 
         model.run_times[key] = (0.001, float(n))
         assert asyncio.run(decide(True))  # the control
@@ -715,7 +715,7 @@ def test_inline_only_when_alone_short_and_before_the_deadline(
         assert not asyncio.run(decide(True, in_flight=2))  # another came in since
         # a timed-out request's call still runs on the ORT thread
         assert not asyncio.run(decide(True, running=1))
-        model.run_times[key] = (0.45, float(n))  # would end after the 400 ms deadline
+        model.run_times[key] = (0.45, float(n))  # over the bound, and after the deadline
         assert not asyncio.run(decide(True))
     settings = settings_for(built, inline_max_ms=1000.0, request_timeout_ms=400, provider="cpu")
     with TestClient(create_app(settings)) as c:
@@ -748,7 +748,9 @@ def test_a_graph_call_past_the_deadline_is_a_503_inline_or_not(
         release = threading.Event()
 
         def slow_run(feeds: dict, explain: bool) -> list:
-            release.wait(0.6)  # a call that takes twice the deadline, unforeseen
+            # a call that takes twice the deadline, unforeseen; handed off, it runs on
+            # until released (inline, nothing can release it: it blocks the loop)
+            release.wait(0.6 if limit else 30)
             return real(feeds, explain)
 
         model.run = slow_run
@@ -764,3 +766,34 @@ def test_a_graph_call_past_the_deadline_is_a_503_inline_or_not(
         assert state.graph_calls.running == 0
         model.run = real
         ranked(c.post("/v1/score", json=body))  # the worker serves on
+
+
+def test_a_queued_call_dropped_at_the_deadline_is_not_counted_as_running(
+    built: Built, redis_db: Redis
+) -> None:
+    """A request whose call is still queued behind another when its deadline passes gets
+    its 503, and its call is dropped, never run: it must not count as a call running on
+    the ORT thread, or no request would run inline again."""
+    body = {"user_id": "u1", "candidates": [{"item_id": i} for i in some_items(built, 20)]}
+    n = len(body["candidates"])
+    settings = settings_for(built, inline_max_ms=1000.0, request_timeout_ms=300, provider="cpu")
+    with TestClient(create_app(settings)) as c:
+        state = c.app.state.ctr
+        model = state.model
+        ranked(c.post("/v1/score", json=body))
+        gate = threading.Event()
+        blocker = state.executor.submit(gate.wait, 30)  # the ORT thread is busy
+        state.in_flight += 1  # so the request below hands its call off, to the queue
+        try:
+            r = c.post("/v1/score", json=body)
+        finally:
+            state.in_flight -= 1
+        assert r.status_code == 503 and r.json()["error"] == "deadline_exceeded", r.text
+        gate.set()
+        blocker.result()
+        state.executor.submit(lambda: None).result()  # whatever was queued has gone by
+        assert state.graph_calls.running == 0
+        model.run_times[model.run_key(n)] = (0.001, float(n))
+        runs = inline_runs(c)
+        ranked(c.post("/v1/score", json=body))
+        assert inline_runs(c) == runs + 1  # inline again
