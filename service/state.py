@@ -66,7 +66,7 @@ class State:
             t.strip() for t in settings.sequence_event_types.split(",") if t.strip()
         )
         self.in_flight = 0
-        self.graph_calls = GraphCalls()  # on the inference executor, not yet ended
+        self.graph_calls = GraphCalls()  # running on the inference executor
         self.reload_lock = asyncio.Lock()
         self.bus: ReloadBus | None = None
         # set when start-up with CTR_MODEL_VERSION=latest fell back to an older version

@@ -140,14 +140,19 @@ def _counter(text: str, metric: str) -> dict[str, float]:
 
 
 def window_counts(before: str, after: str) -> dict[str, Any]:
-    """Degraded responses (``ctr_degraded_responses_total``) and service errors
-    (``ctr_errors_total``, in all and by kind) between two /metrics scrapes."""
-    d0 = _counter(before, "ctr_degraded_responses_total")
-    d1 = _counter(after, "ctr_degraded_responses_total")
+    """Degraded responses (``ctr_degraded_responses_total``), service errors
+    (``ctr_errors_total``, in all and by kind) and graph calls run on the event loop
+    thread (``ctr_inline_runs_total``, ``CTR_INLINE_MAX_MS``) between two /metrics
+    scrapes."""
+
+    def diff(metric: str) -> float:
+        return sum(_counter(after, metric).values()) - sum(_counter(before, metric).values())
+
     e0, e1 = _counter(before, "ctr_errors_total"), _counter(after, "ctr_errors_total")
     kinds = {k: v - e0.get(k, 0.0) for k, v in e1.items() if v - e0.get(k, 0.0) > 0}
-    return {"degraded": sum(d1.values()) - sum(d0.values()),
-            "service_errors": sum(kinds.values()), "errors_by_kind": kinds}  # fmt: skip
+    return {"degraded": diff("ctr_degraded_responses_total"),
+            "service_errors": sum(kinds.values()), "errors_by_kind": kinds,
+            "inline_calls": diff("ctr_inline_runs_total")}  # fmt: skip
 
 
 class RawClient:
@@ -533,15 +538,7 @@ def _measured(url: str, work: Callable[[], dict[str, Any]]) -> tuple[dict[str, A
     res = work()
     after = httpx.get(url + "/metrics").text
     res.update(window_counts(before, after))
-    res["inline_calls"] = inline_calls(before, after)
     return res, before, after
-
-
-def inline_calls(before: str, after: str) -> float:
-    """Graph calls run on the event loop thread between two /metrics scrapes
-    (``ctr_inline_runs_total``, ``CTR_INLINE_MAX_MS``)."""
-    c0, c1 = _counter(before, "ctr_inline_runs_total"), _counter(after, "ctr_inline_runs_total")
-    return sum(c1.values()) - sum(c0.values())
 
 
 def service_single(
