@@ -22,7 +22,7 @@ def test_service_benchmark_reports_every_figure() -> None:
 
     proc = RedisProcess().start()
     try:
-        res = run(["din"], [20], [1, 2], 0.3, 1, proc.url, free_port(), inflight=2)
+        res = run(["din"], [20], [1, 2], 0.3, 1, proc.url, free_port(), inflight=2, rates=[200])
     finally:
         proc.stop()
     din = res["models"]["din"]
@@ -52,6 +52,11 @@ def test_service_benchmark_reports_every_figure() -> None:
     # alone in flight on an idle worker, after the warm-up timed calls of this size: the
     # graph calls ran on the event loop thread (CTR_INLINE_MAX_MS, default 10 ms)
     assert 0 < single["inline_calls"] <= single["requests"]
+    # open loop: every request of the schedule sent (0.3 s at 200 req/s), none before
+    # its time, so the latency from the scheduled time is never below the one from the send
+    (ol,) = din["open_loop"][20]
+    assert ol["rate"] == 200 and ol["requests"] == 60 and ol["errors"] == 0
+    assert ol["p50_ms"] >= ol["sent_p50_ms"] > 0 and ol["p99_ms"] >= ol["sent_p99_ms"]
     sweep = din["saturation"][20]
     assert set(sweep) == {1, 2}
     assert all(v["errors"] == 0 and v["degraded"] == 0 and v["ok_rps"] > 0 for v in sweep.values())
@@ -63,7 +68,9 @@ def test_service_benchmark_reports_every_figure() -> None:
     assert "| din | 20 |" in table and "2 ORT run(s) in flight" in table
     assert "loop CPU ms/req" in table and "CPU ms/req: service" in table
     assert "| inline calls |" in table
-    assert table.count("| non-200 | degraded | service errors |") == 2  # latency, saturation
+    # latency, saturation and open loop
+    assert table.count("| non-200 | degraded | service errors |") == 3
+    assert f"| din | 20 | 200 | {ol['rps']:.0f} | {ol['p50_ms']:.2f} |" in table
     assert "cycles 64 request bodies" in table and "Worst case, in no ratio" in table
     assert f"(n={single['requests']}, <1,000)" in table  # a p99 with its sample count
     assert "invalid:" not in table
