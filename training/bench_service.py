@@ -979,8 +979,8 @@ def _open_loop_table(res: dict[str, Any]) -> list[str]:
         "Open loop: requests sent at a fixed rate over a pool of warm connections (the "
         f"client watches the clock for the last {SEND_SPIN_S * 1000:g} ms before each send "
         "time, as the event loop's timers wake up to 1 ms late); latency from each "
-        "request's scheduled send "
-        "time (any client lag counts against the service), and from its actual send:",
+        "request's scheduled send time (any client lag counts against the service), and "
+        "from its actual send:",
         "",
         "| model | N | offered req/s | achieved req/s | p50 ms | p99 ms |"
         " from send: p50 | p99 | non-200 | degraded | service errors |"
