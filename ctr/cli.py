@@ -100,6 +100,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port or s.port,
         workers=workers,
         log_level=s.log_level,
+        access_log=s.access_log,
         timeout_graceful_shutdown=10,
     )
     return 0
@@ -202,6 +203,25 @@ def cmd_bench_path(args: argparse.Namespace) -> int:
     print(table)
     if args.out:
         _write_report(Path(args.out), "bench_path", res, table)
+    return 0
+
+
+def cmd_bench_pair(args: argparse.Namespace) -> int:
+    from training.bench_pair import render, run
+
+    envs = (
+        dict(kv.split("=", 1) for kv in args.a),
+        dict(kv.split("=", 1) for kv in args.b),
+    )
+    res = run(
+        args.model, args.n, args.concurrency, args.rounds, args.seconds, envs,
+        args.redis_url, (args.port, args.port + 1), args.threads, args.inflight,
+        Path(args.models_dir) if args.models_dir else None,
+    )  # fmt: skip
+    table = render(res, "ctr bench-pair " + " ".join(sys.argv[2:]))
+    print(table)
+    if args.out:
+        _write_report(Path(args.out), "bench_pair", res, table)
     return 0
 
 
@@ -387,6 +407,23 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
     bp.add_argument("--out", default="", help="folder for JSON and table")
     bp.set_defaults(func=cmd_bench_path)
+    pp = sub.add_parser(
+        "bench-pair", help="two service settings side by side, windows interleaved A B B A"
+    )
+    pp.add_argument("--model", default="din", help="din|dien, or a bundle name with --models-dir")
+    pp.add_argument("--models-dir", default="", help="existing bundles (default: build one)")
+    pp.add_argument("--n", type=int, default=50)
+    pp.add_argument("--concurrency", type=int, default=4)
+    pp.add_argument("--rounds", type=int, default=12, help="windows per side")
+    pp.add_argument("--seconds", type=float, default=1.5, help="length of each window")
+    pp.add_argument("--a", action="append", default=[], help="A's setting, e.g. CTR_X=1")
+    pp.add_argument("--b", action="append", default=[], help="B's setting, e.g. CTR_X=2")
+    pp.add_argument("--threads", type=int, default=2, help="ORT intra-op threads")
+    pp.add_argument("--inflight", type=int, default=1, help="CTR_INFERENCE_CONCURRENCY")
+    pp.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
+    pp.add_argument("--port", type=int, default=8330, help="A's port; B's is the next")
+    pp.add_argument("--out", default="", help="folder for JSON and table")
+    pp.set_defaults(func=cmd_bench_pair)
     rs = sub.add_parser("results", help="Base/DeepFM/DIN/DIEN on real data, mean ± std")
     rs.add_argument("--datasets", default="amazon_beauty,movielens")
     rs.add_argument("--models", default="base,deepfm,din,dien")

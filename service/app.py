@@ -629,11 +629,14 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
     return score_handler
 
 
-def _inline(state: State, model: LoadedModel, n: int, deadline: float, idle: bool) -> bool:
+def _inline(
+    state: State, model: LoadedModel, n: int, deadline: float, idle: bool, explain: bool = False
+) -> bool:
     """Whether a graph call for ``n`` candidates runs on the event loop thread: only on
     the CPU, for a request that came in to an idle worker (``idle``) and is still alone in
     flight, with no handed-off call still running (one whose request timed out), and a
-    call expected to take at most ``CTR_INLINE_MAX_MS`` and to end before ``deadline``
+    call (``explain``: one that also returns the attention weights, timed apart) expected
+    to take at most ``CTR_INLINE_MAX_MS`` and to end before ``deadline``
     (a call that blocks the loop cannot be cut short by the deadline's timer). Under load
     requests overlap and their calls go to the ORT thread, so that the next request's
     reads and parsing overlap them."""
@@ -644,7 +647,7 @@ def _inline(state: State, model: LoadedModel, n: int, deadline: float, idle: boo
         return False
     if model.executor is not None or model.provider != CPU:
         return False
-    expected = model.expected_run_s(n)  # None until a call of about n has run
+    expected = model.expected_run_s(n, explain)  # None until a like call has run
     if expected is None or expected * 1000 > limit:
         return False
     return asyncio.get_running_loop().time() + expected < deadline
@@ -699,7 +702,7 @@ async def _score(
     assert executor is not None
     if model.batcher is not None:
         outs = await model.batcher.submit(executor, prepared.feeds, req.explain)
-    elif _inline(state, model, len(req.item_ids), deadline, idle):
+    elif _inline(state, model, len(req.item_ids), deadline, idle, req.explain):
         # nothing else in flight to serve meanwhile: skip the hand-off to the ORT thread
         # and back (the main session's pool threads still share a large call)
         outs = model.run(prepared.feeds, req.explain)  # an overrun: guarded's 503

@@ -75,7 +75,7 @@ class LoadedModel:
     users: UserRowCache = field(default_factory=lambda: UserRowCache(0))  # encoded users
     # (seconds, N) of recent graph calls, weighted means by run_key (see expected_run_s);
     # written on whichever thread ran the call, one dict store at a time
-    run_times: dict[tuple[bool, int], tuple[float, float]] = field(default_factory=dict)
+    run_times: dict[tuple[bool, int, bool], tuple[float, float]] = field(default_factory=dict)
 
     @functools.cached_property
     def context_sources(self) -> frozenset[str]:
@@ -124,7 +124,7 @@ class LoadedModel:
         outs = run_outputs(self.runner, self.has_attention, feeds, explain)
         took = time.perf_counter() - start
         n = len(outs[0])
-        key = self.run_key(n)
+        key = self.run_key(n, explain)
         last = self.run_times.get(key)
         if last is None:
             self.run_times[key] = (took, float(n))
@@ -133,18 +133,19 @@ class LoadedModel:
             self.run_times[key] = (last[0] + w * (took - last[0]), last[1] + w * (n - last[1]))
         return outs
 
-    def run_key(self, n: int) -> tuple[bool, int]:
+    def run_key(self, n: int, explain: bool = False) -> tuple[bool, int, bool]:
         """Which calls' times predict a call with ``n`` candidates: the same session (the
-        one-thread session for small calls, else the main one) and the same power-of-two
-        range of N (``[2^(k-1), 2^k)``)."""
-        return n <= self.single_thread_max, n.bit_length()
+        one-thread session for small calls, else the main one), the same power-of-two
+        range of N (``[2^(k-1), 2^k)``) and the same outputs (an ``explain`` call of a
+        model with attention also returns ``attention [N, L]``)."""
+        return n <= self.single_thread_max, n.bit_length(), explain and self.has_attention
 
-    def expected_run_s(self, n: int) -> float | None:
+    def expected_run_s(self, n: int, explain: bool = False) -> float | None:
         """What a graph call with ``n`` candidates is expected to take, in seconds: the
         exponentially weighted mean time of recent calls of its :meth:`run_key` (warm-up
         included), scaled up in proportion where ``n`` exceeds their mean N (never down);
         ``None`` before the first such call."""
-        last = self.run_times.get(self.run_key(n))
+        last = self.run_times.get(self.run_key(n, explain))
         if last is None:
             return None
         took, mean_n = last

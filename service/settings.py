@@ -157,6 +157,11 @@ class Settings(BaseSettings):
     port: int = Field(8000, description="port for `ctr serve`")
     workers: int = Field(1, gt=0, description="uvicorn worker processes for `ctr serve`")
     log_level: str = Field("info", description="log level")
+    access_log: bool = Field(
+        True,
+        description="`ctr serve`: uvicorn's access log, one line per request at `info` "
+        "(off: no line; the request metrics still count every request)",
+    )
 
     @field_validator("api_key", mode="before")
     @classmethod

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import IO
 
 import httpx
 import uvicorn
@@ -41,11 +42,15 @@ class ServerThread:
         self.thread.join(timeout=30)
 
 
-def serve_process(port: int, env: dict[str, str], *extra: str) -> subprocess.Popen:
+def serve_process(
+    port: int, env: dict[str, str], *extra: str, log: IO[bytes] | None = None
+) -> subprocess.Popen:
     """``ctr serve`` in a subprocess on 127.0.0.1:``port``, returned once ``/readyz`` is
-    200 (the process is killed and an error raised if it never gets there)."""
+    200 (the process is killed and an error raised if it never gets there); its stdout
+    and stderr go to ``log`` where given."""
     cmd = [sys.executable, "-m", "ctr.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen([*cmd, *extra], env=env, cwd=ROOT)
+    out = {} if log is None else {"stdout": log, "stderr": subprocess.STDOUT}
+    proc = subprocess.Popen([*cmd, *extra], env=env, cwd=ROOT, **out)
     deadline = time.time() + 90
     while time.time() < deadline:
         try:

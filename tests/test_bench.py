@@ -379,3 +379,46 @@ def test_speed_check_flags_a_moved_machine_and_another_graph() -> None:
     assert speed_check(single, {"p50_ms": 1.0}, other) == (
         "suspect: model-only graph standard but the service serves fused"
     )
+
+
+def test_pair_order_and_pairing() -> None:
+    """Windows alternate A B B A, so a steady drift favours neither side, and B is read
+    against A pair by pair."""
+    from training.bench_pair import paired, window_order
+
+    assert window_order(3) == [0, 1, 1, 0, 0, 1]
+    assert window_order(4).count(0) == window_order(4).count(1) == 4
+    a = [{"cpu_ms": 1.0}, {"cpu_ms": 2.0}, {"cpu_ms": 1.0}]
+    b = [{"cpu_ms": 0.9}, {"cpu_ms": 2.2}, {"cpu_ms": 0.5}]
+    p = paired(a, b, "cpu_ms")
+    assert p["ratios"] == pytest.approx([0.9, 1.1, 0.5])
+    assert p["median"] == pytest.approx(0.9) and p["b_lower"] == 2 and p["pairs"] == 3
+
+
+def test_bench_pair_runs_two_settings_side_by_side() -> None:
+    """`ctr bench-pair` end to end at a tiny size: two real services on one real Redis,
+    each with its own settings (seen in its /v1/models), windows of each, and the table;
+    a side whose replies are not 200 stops the run."""
+    from training.bench_pair import render, run
+
+    proc = RedisProcess().start()
+    try:
+        envs = ({"CTR_NATIVE_JSON": "off"}, {})
+        res = run("din", 20, 2, 2, 0.3, envs, proc.url, (free_port(), free_port()), 1, 1)
+        with pytest.raises(RuntimeError, match="not 200"):
+            bad = ({}, {"CTR_MAX_CANDIDATES": "10"})  # 20 candidates: every reply a 422
+            run("din", 20, 1, 1, 0.2, bad, proc.url, (free_port(), free_port()), 1, 1)
+    finally:
+        proc.stop()
+    assert [s["json_encoder"] for s in res["served"]] == ["orjson", "native"]
+    assert [len(w) for w in res["windows"]] == [2, 2]
+    for side in res["windows"]:
+        assert all(w["rps"] > 0 and w["cpu_ms"] > 0 and w["p50_ms"] > 0 for w in side)
+    s = res["summary"]
+    assert s["cpu_ms"]["pairs"] == 2
+    ratios = [b["cpu_ms"] / a["cpu_ms"] for a, b in zip(*res["windows"], strict=True)]
+    assert s["cpu_ms"]["ratios"] == pytest.approx(ratios)
+    table = render(res, "ctr bench-pair")
+    assert "| A | `CTR_NATIVE_JSON=off` |" in table and "| B | (the defaults) |" in table
+    assert "differs in json_encoder (A orjson, B native)" in table
+    assert f"| CPU ms/req | {s['cpu_ms']['median']:.3f} | " in table

@@ -614,8 +614,9 @@ def test_inline_graph_calls_score_as_the_hand_off_does(built: Built, redis_db: R
     """CTR_INLINE_MAX_MS: a request alone in flight, whose call of about that many
     candidates took little time before, runs the graph on the event loop (counted in
     ctr_inline_runs_total) and gets the same ranked scores, explain included; a size
-    range no call has timed yet (warm-up times N = 1, 64 and 512 only), and every call
-    with the setting at 0, goes to the ORT thread."""
+    range no call has timed yet (warm-up times N = 1, 64 and 512 only, without
+    explain; an explain call is timed apart), and every call with the setting at 0, goes
+    to the ORT thread."""
     items = some_items(built, 30)
     bodies = [
         {"user_id": u, "candidates": [{"item_id": i} for i in items[:n]], "explain": e}
@@ -628,10 +629,11 @@ def test_inline_graph_calls_score_as_the_hand_off_does(built: Built, redis_db: R
         with TestClient(create_app(settings)) as c:
             before = inline_runs(c)
             answers[limit] = [ranked(c.post("/v1/score", json=b)) for b in bodies]
-            # the first call with 30 (and with 3) candidates has no expected time yet
-            assert inline_runs(c) - before == (2 if limit else 0)
+            # the first call with 30 (and with 3) candidates has no expected time yet,
+            # nor the first explain call: only "nobody" runs inline
+            assert inline_runs(c) - before == (1 if limit else 0)
             again = [ranked(c.post("/v1/score", json=b)) for b in bodies]
-            assert inline_runs(c) - before == (2 + len(bodies) if limit else 0)
+            assert inline_runs(c) - before == (1 + len(bodies) if limit else 0)
             assert again == answers[limit]
     assert answers[1000.0] == answers[0.0]
 
@@ -641,7 +643,8 @@ def test_expected_call_time_scales_up_with_n_and_keeps_sessions_apart(
 ) -> None:
     """The expected time of a call: the mean of its range, scaled up where N exceeds the
     range's mean N (a call for 1000 is not predicted by warm-up's 512), never down; the
-    one-thread session's small calls do not predict the main session's."""
+    one-thread session's small calls do not predict the main session's, nor explain
+    calls plain ones."""
     with TestClient(create_app(settings_for(built, provider="cpu"))) as c:
         model = c.app.state.ctr.model
         model.run_times.clear()
@@ -667,6 +670,18 @@ def test_expected_call_time_scales_up_with_n_and_keeps_sessions_apart(
         )
         took, mean_n = model.run_times[model.run_key(20)]
         assert took > 0 and mean_n == 20.0
+        # an explain call (it also returns attention [N, L]) is timed apart: it neither
+        # predicts nor moves the plain calls' time
+        assert model.has_attention and model.run_key(20, True) != model.run_key(20)
+        assert model.expected_run_s(20, True) is None
+        explain = {
+            "user_id": "u1",
+            "candidates": [{"item_id": i} for i in some_items(built, 20)],
+            "explain": True,
+        }
+        ranked(c.post("/v1/score", json=explain))
+        assert model.run_times[model.run_key(20)] == (took, mean_n)
+        assert model.run_times[model.run_key(20, True)][1] == 20.0
 
 
 def test_inline_only_when_alone_short_and_before_the_deadline(

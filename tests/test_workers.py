@@ -67,6 +67,30 @@ def test_metrics_correct_with_two_workers(built: Built, tmp_path: Path) -> None:
         proc.wait(timeout=30)
 
 
+@pytest.mark.parametrize("access_log", ["true", "false"])
+def test_access_log_setting(built: Built, tmp_path: Path, access_log: str) -> None:
+    """CTR_ACCESS_LOG: uvicorn's line per request at `info`, or none; the service's own
+    log and the request metrics are there either way."""
+    port = free_port()
+    env = service_env(built, REDIS_URL, CTR_LOG_LEVEL="info", CTR_ACCESS_LOG=access_log)
+    path = tmp_path / "serve.log"
+    with path.open("wb") as log:
+        proc = serve_process(port, env, log=log)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            body = {"user_id": "u1", "candidates": [{"item_id": "i1"}, {"item_id": "i2"}]}
+            for _ in range(3):
+                assert httpx.post(base + "/v1/score", json=body, timeout=10).status_code == 200
+            text = httpx.get(base + "/metrics", timeout=10).text
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    out = path.read_text()
+    assert "Application startup complete" in out  # logging at info either way
+    assert out.count('"POST /v1/score HTTP/1.1" 200') == (3 if access_log == "true" else 0)
+    assert metric(text, r'^ctr_request_duration_seconds_count\{.*route="/v1/score"') == 3
+
+
 def test_admin_reload_reaches_every_worker(built: Built, tmp_path: Path) -> None:
     """`POST /admin/reload` lands on one worker; the others load the same version."""
     store = tmp_path / "models"

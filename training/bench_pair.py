@@ -1,0 +1,187 @@
+"""Two service settings side by side, on one machine at one time (``ctr bench-pair``).
+
+``ctr bench`` runs one configuration at a time, and on a shared machine whose speed
+moves by 10–20 % between minutes, two runs cannot tell a 5 % change from the noise. Here
+two ``ctr serve`` processes run at once on the same bundle and Redis: A with the ``--a``
+settings, B with the ``--b`` ones. Short closed-loop windows alternate between them in the
+order A B B A A B B A…, so drift in the machine's speed falls on both alike. Each window
+records the requests per second and the service's CPU time per request (``/proc``, every
+thread of the process, which is idle while the other is driven). The verdict compares
+B with A within each pair of windows (the i-th of A with the i-th of B) and counts the
+pairs in which B is lower. Redis, the client and the other (idle) service are not counted
+in the CPU per request."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from service.loader import load_into_redis
+from training.bench_service import (
+    _bundle_for,
+    _closed_loop,
+    _device,
+    _start_service,
+    bodies_for,
+    service_env,
+    tree_cpu_s,
+)
+
+SIDES = ("A", "B")
+SERVED = ("graph", "runner", "provider", "precision", "json_encoder", "micro_batching")
+
+
+def served(url: str) -> dict[str, Any]:
+    """What a side serves, from its ``/v1/models``: the settings' visible effects."""
+    body = httpx.get(url + "/v1/models", timeout=10).json()
+    return {k: body.get(k) for k in SERVED}
+
+
+def window_order(rounds: int) -> list[int]:
+    """Which side (0: A, 1: B) each window drives: ``rounds`` windows of each, in the order
+    A B B A A B B A…, so that a linear drift favours neither."""
+    pattern = [0, 1, 1, 0]
+    return [pattern[i % 4] for i in range(2 * rounds)]
+
+
+def paired(a: list[dict[str, float]], b: list[dict[str, float]], key: str) -> dict[str, Any]:
+    """B's windows over A's, pair by pair (the i-th of each): the ratios, their median and
+    in how many pairs B's ``key`` is lower."""
+    ratios = [y[key] / x[key] for x, y in zip(a, b, strict=True)]
+    return {
+        "ratios": ratios,
+        "median": statistics.median(ratios),
+        "b_lower": sum(r < 1 for r in ratios),
+        "pairs": len(ratios),
+    }
+
+
+def summarize(windows: list[list[dict[str, float]]]) -> dict[str, Any]:
+    """Each side's medians, and B against A per pair of windows."""
+    keys = ("rps", "cpu_ms", "p50_ms", "client_cpu_ms")
+    sides = [{k: statistics.median(w[k] for w in side) for k in keys} for side in windows]
+    a, b = windows
+    return {
+        "sides": sides,
+        "cpu_ms": paired(a, b, "cpu_ms"),
+        "rps": paired(a, b, "rps"),
+        "p50_ms": paired(a, b, "p50_ms"),
+    }
+
+
+async def _window(
+    url: str, pid: int, bodies: list[bytes], concurrency: int, seconds: float
+) -> dict:
+    before = tree_cpu_s(pid)
+    r = await _closed_loop(url, bodies, concurrency, seconds)
+    after = tree_cpu_s(pid)
+    if r["errors"]:
+        raise RuntimeError(f"{r['errors']} of {r['requests']} replies were not 200 ({url})")
+    cpu = (after - before) * 1000 / r["requests"] if before is not None and after else 0.0
+    return {"rps": r["ok_rps"], "cpu_ms": cpu, "p50_ms": r["p50_ms"],
+            "client_cpu_ms": r["client_cpu_ms"]}  # fmt: skip
+
+
+def run(
+    model: str,
+    n: int,
+    concurrency: int,
+    rounds: int,
+    seconds: float,
+    envs: tuple[dict[str, str], dict[str, str]],
+    redis_url: str,
+    ports: tuple[int, int],
+    threads: int,
+    inflight: int,
+    models_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Start A (``envs[0]`` over the benchmark's settings, on ``ports[0]``) and B, warm
+    both, then ``rounds`` windows of ``seconds`` each per side. A window with any reply
+    other than 200 stops the run (``RuntimeError``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        where, config, frame = _bundle_for(model, models_dir, tmp, None)
+        load_into_redis(config, frame, redis_url, progress=False)
+        bodies = bodies_for(frame, n)
+        procs: list[Any] = []
+        try:
+            for extra, port in zip(envs, ports, strict=True):
+                env = service_env(where, config.name, redis_url, threads, inflight, extra)
+                procs.append(_start_service(env, port))
+            what = [served(url) for _, url in procs]
+            for _, url in procs:  # warm: caches, the graph's size range, the connections
+                asyncio.run(_closed_loop(url, bodies, concurrency, 1.0))
+            windows: list[list[dict[str, float]]] = [[], []]
+            for side in window_order(rounds):
+                proc, url = procs[side]
+                windows[side].append(
+                    asyncio.run(_window(url, proc.pid, bodies, concurrency, seconds))
+                )
+        finally:
+            for proc, _ in procs:
+                proc.terminate()
+            for proc, _ in procs:
+                proc.wait()
+    return {
+        "model": model, "n": n, "concurrency": concurrency, "rounds": rounds,
+        "seconds": seconds, "threads": threads, "inflight": inflight,
+        "envs": list(envs), "served": what, "device": _device({}), "windows": windows,
+        "summary": summarize(windows),
+    }  # fmt: skip
+
+
+def _env_text(env: dict[str, str]) -> str:
+    return " ".join(f"`{k}={v}`" for k, v in env.items()) or "(the defaults)"
+
+
+def render(res: dict[str, Any], command: str) -> str:
+    s = res["summary"]
+    lines = [
+        f"Command: `{command}`",
+        "",
+        f"{res['device']}; {res['model']} at N = {res['n']}, concurrency "
+        f"{res['concurrency']}, {res['rounds']} windows of {res['seconds']:g} s per side in "
+        "the order A B B A…; ORT intra-op threads "
+        f"{res['threads']}, {res['inflight']} run(s) in flight. CPU ms/req: the service "
+        "process's CPU time (all threads) per request over its windows; medians over the "
+        "windows.",
+        "",
+        "| side | settings | req/s | CPU ms/req | p50 ms | client CPU ms/req |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for k, side in enumerate(s["sides"]):
+        lines.append(
+            f"| {SIDES[k]} | {_env_text(res['envs'][k])} | {side['rps']:,.0f} | "
+            f"{side['cpu_ms']:.3f} | {side['p50_ms']:.2f} | {side['client_cpu_ms']:.3f} |"
+        )
+    a, b = res["served"]
+    differ = [f"{k} (A {a[k]}, B {b[k]})" for k in SERVED if a.get(k) != b.get(k)]
+    lines += [
+        "",
+        "What `/v1/models` shows of the two: "
+        + ("differs in " + "; ".join(differ) if differ else "the same")
+        + ".",
+    ]
+    lines += ["", "B against A, window pair by window pair:", ""]
+    lines += ["| figure | median B / A | pairs where B is lower |", "|---|---:|---:|"]
+    for key, label in (("cpu_ms", "CPU ms/req"), ("rps", "req/s"), ("p50_ms", "p50")):
+        p = s[key]
+        lines.append(f"| {label} | {p['median']:.3f} | {p['b_lower']} of {p['pairs']} |")
+    cpu = s["cpu_ms"]
+    lines += [
+        "",
+        "CPU ms/req per window, A: "
+        + ", ".join(f"{w['cpu_ms']:.3f}" for w in res["windows"][0])
+        + "; B: "
+        + ", ".join(f"{w['cpu_ms']:.3f}" for w in res["windows"][1]),
+        "",
+        f"Reading it: B's CPU per request is {cpu['median']:.3f}x A's (median of the "
+        f"pairs), lower in {cpu['b_lower']} of {cpu['pairs']} pairs. Where B is lower in "
+        "nearly every pair, the difference is B's; where the pairs split, it is within "
+        "this machine's noise.",
+    ]
+    return "\n".join(lines)
