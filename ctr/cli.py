@@ -12,8 +12,32 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+
+def _setting(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` (a service setting for ``--a`` / ``--b``)."""
+    key, eq, value = text.partition("=")
+    if not eq or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, e.g. CTR_X=1 (got {text!r})")
+    return key, value
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type: ``kind(text)``, which must be above 0."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be above 0 (got {text})")
+        return value
+
+    return parse
 
 
 def _overrides(pairs: list[str]) -> dict[str, Any]:
@@ -209,16 +233,13 @@ def cmd_bench_path(args: argparse.Namespace) -> int:
 def cmd_bench_pair(args: argparse.Namespace) -> int:
     from training.bench_pair import render, run
 
-    envs = (
-        dict(kv.split("=", 1) for kv in args.a),
-        dict(kv.split("=", 1) for kv in args.b),
-    )
+    envs = (dict(args.a), dict(args.b))
     res = run(
         args.model, args.n, args.concurrency, args.rounds, args.seconds, envs,
         args.redis_url, (args.port, args.port + 1), args.threads, args.inflight,
         Path(args.models_dir) if args.models_dir else None,
     )  # fmt: skip
-    table = render(res, "ctr bench-pair " + " ".join(sys.argv[2:]))
+    table = render(res, ("ctr bench-pair " + " ".join(sys.argv[2:])).strip())
     print(table)
     if args.out:
         _write_report(Path(args.out), "bench_pair", res, table)
@@ -414,10 +435,14 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--models-dir", default="", help="existing bundles (default: build one)")
     pp.add_argument("--n", type=int, default=50)
     pp.add_argument("--concurrency", type=int, default=4)
-    pp.add_argument("--rounds", type=int, default=12, help="windows per side")
-    pp.add_argument("--seconds", type=float, default=1.5, help="length of each window")
-    pp.add_argument("--a", action="append", default=[], help="A's setting, e.g. CTR_X=1")
-    pp.add_argument("--b", action="append", default=[], help="B's setting, e.g. CTR_X=2")
+    pp.add_argument("--rounds", type=_positive(int), default=12, help="windows per side")
+    pp.add_argument("--seconds", type=_positive(float), default=1.5, help="length of each window")
+    pp.add_argument(
+        "--a", action="append", default=[], type=_setting, help="A's setting, e.g. CTR_X=1"
+    )
+    pp.add_argument(
+        "--b", action="append", default=[], type=_setting, help="B's setting, e.g. CTR_X=2"
+    )
     pp.add_argument("--threads", type=int, default=2, help="ORT intra-op threads")
     pp.add_argument("--inflight", type=int, default=1, help="CTR_INFERENCE_CONCURRENCY")
     pp.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")

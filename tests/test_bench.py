@@ -397,23 +397,41 @@ def test_pair_order_and_pairing() -> None:
 
 def test_bench_pair_runs_two_settings_side_by_side() -> None:
     """`ctr bench-pair` end to end at a tiny size: two real services on one real Redis,
-    each with its own settings (seen in its /v1/models), windows of each, and the table;
-    a side whose replies are not 200 stops the run."""
+    each with its own settings (seen in its /v1/models), windows of each on its own
+    process, and the table; a side whose replies are not 200 stops the run, naming it,
+    and both services are stopped."""
+    import socket
+
     from training.bench_pair import render, run
+
+    def two_ports() -> tuple[int, int]:
+        a = free_port()
+        while (b := free_port()) == a:
+            pass
+        return a, b
 
     proc = RedisProcess().start()
     try:
         envs = ({"CTR_NATIVE_JSON": "off"}, {})
-        res = run("din", 20, 2, 2, 0.3, envs, proc.url, (free_port(), free_port()), 1, 1)
-        with pytest.raises(RuntimeError, match="not 200"):
-            bad = ({}, {"CTR_MAX_CANDIDATES": "10"})  # 20 candidates: every reply a 422
-            run("din", 20, 1, 1, 0.2, bad, proc.url, (free_port(), free_port()), 1, 1)
+        res = run("din", 20, 2, 2, 0.3, envs, proc.url, two_ports(), 1, 1)
+        bad = ({}, {"CTR_MAX_CANDIDATES": "10"})  # 20 candidates: every reply a 422
+        ports = two_ports()
+        with pytest.raises(RuntimeError, match=f"not 200 \\(http://127.0.0.1:{ports[1]}\\)"):
+            run("din", 20, 1, 1, 0.2, bad, proc.url, ports, 1, 1)
     finally:
         proc.stop()
+    for port in ports:  # both services of the failed run were stopped: the ports are free
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
     assert [s["json_encoder"] for s in res["served"]] == ["orjson", "native"]
     assert [len(w) for w in res["windows"]] == [2, 2]
+    # each side's windows drove its own process, the one that answered its /v1/models
+    pids = [s["worker_pid"] for s in res["served"]]
+    assert pids[0] != pids[1]
+    assert [{w["pid"] for w in side} for side in res["windows"]] == [{pids[0]}, {pids[1]}]
     for side in res["windows"]:
         assert all(w["rps"] > 0 and w["cpu_ms"] > 0 and w["p50_ms"] > 0 for w in side)
+        assert all(w["idle_cores"] >= 0 for w in side)
     s = res["summary"]
     assert s["cpu_ms"]["pairs"] == 2
     ratios = [b["cpu_ms"] / a["cpu_ms"] for a, b in zip(*res["windows"], strict=True)]

@@ -4,6 +4,7 @@ not a traceback."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -117,3 +118,41 @@ def test_demo_runs_the_main_job_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "models" / "din" / "1" / "model.onnx").is_file()
     with socket.socket() as probe:  # the service it started is stopped
         assert probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_bench_pair_arguments(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`ctr bench-pair`: each side's KEY=VALUE settings, B on the port after A's, the
+    report written to --out; a setting without `=`, or no rounds or time, is refused by
+    name."""
+    import training.bench_pair as bp
+    from ctr.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(
+        ["bench-pair", "--a", "CTR_X=1", "--a", "CTR_Y=a=b", "--b", "CTR_X=2",
+         "--port", "9000", "--n", "20", "--out", str(tmp_path)]
+    )  # fmt: skip
+    seen: dict = {}
+
+    def fake_run(*a: object) -> dict:
+        seen["args"] = a
+        return {"figures": 1}
+
+    monkeypatch.setattr(bp, "run", fake_run)
+    monkeypatch.setattr(bp, "render", lambda res, command: f"table for {command}")
+    assert args.func(args) == 0
+    model, n, _, rounds, seconds, envs, _, ports = seen["args"][:8]
+    assert (model, n, rounds, seconds) == ("din", 20, 12, 1.5)
+    assert envs == ({"CTR_X": "1", "CTR_Y": "a=b"}, {"CTR_X": "2"}) and ports == (9000, 9001)
+    assert json.loads((tmp_path / "bench_pair.json").read_text()) == {"figures": 1}
+    assert (tmp_path / "bench_pair.md").read_text().startswith("table for ctr bench-pair")
+    for bad, says in [
+        (["--a", "CTR_X"], "expected KEY=VALUE"),
+        (["--rounds", "0"], "must be above 0"),
+        (["--seconds", "x"], "not a number"),
+    ]:
+        with pytest.raises(SystemExit):
+            parser.parse_args(["bench-pair", *bad])
+        assert says in capsys.readouterr().err

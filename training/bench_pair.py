@@ -6,7 +6,8 @@ two ``ctr serve`` processes run at once on the same bundle and Redis: A with the
 settings, B with the ``--b`` ones. Short closed-loop windows alternate between them in the
 order A B B A A B B A…, so drift in the machine's speed falls on both alike. Each window
 records the requests per second and the service's CPU time per request (``/proc``, every
-thread of the process, which is idle while the other is driven). The verdict compares
+thread of the process), and the CPU the other side, not driven, used meanwhile. The
+verdict compares
 B with A within each pair of windows (the i-th of A with the i-th of B) and counts the
 pairs in which B is lower. Redis, the client and the other (idle) service are not counted
 in the CPU per request."""
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ from training.bench_service import (
     _closed_loop,
     _device,
     _start_service,
+    _stat,
     bodies_for,
     service_env,
     tree_cpu_s,
@@ -37,9 +41,10 @@ SERVED = ("graph", "runner", "provider", "precision", "json_encoder", "micro_bat
 
 
 def served(url: str) -> dict[str, Any]:
-    """What a side serves, from its ``/v1/models``: the settings' visible effects."""
+    """What a side serves, from its ``/v1/models``: the settings' visible effects
+    (:data:`SERVED`) and the ``worker_pid`` that answered."""
     body = httpx.get(url + "/v1/models", timeout=10).json()
-    return {k: body.get(k) for k in SERVED}
+    return {k: body.get(k) for k in (*SERVED, "worker_pid")}
 
 
 def window_order(rounds: int) -> list[int]:
@@ -62,8 +67,10 @@ def paired(a: list[dict[str, float]], b: list[dict[str, float]], key: str) -> di
 
 
 def summarize(windows: list[list[dict[str, float]]]) -> dict[str, Any]:
-    """Each side's medians, and B against A per pair of windows."""
-    keys = ("rps", "cpu_ms", "p50_ms", "client_cpu_ms")
+    """``windows[side][i]``, side 0 = A and 1 = B, ``rounds`` windows each (as
+    :func:`run` returns them): each side's medians, and B against A per pair of
+    windows."""
+    keys = ("rps", "cpu_ms", "p50_ms", "client_cpu_ms", "idle_cores")
     sides = [{k: statistics.median(w[k] for w in side) for k in keys} for side in windows]
     a, b = windows
     return {
@@ -74,17 +81,52 @@ def summarize(windows: list[list[dict[str, float]]]) -> dict[str, Any]:
     }
 
 
+def _cpu_s(pid: int) -> float:
+    cpu = tree_cpu_s(pid)
+    if cpu is None:
+        raise RuntimeError(f"/proc does not tell the CPU time of process {pid}")
+    return cpu
+
+
 async def _window(
-    url: str, pid: int, bodies: list[bytes], concurrency: int, seconds: float
-) -> dict:
-    before = tree_cpu_s(pid)
+    url: str, pid: int, idle_pid: int, bodies: list[bytes], concurrency: int, seconds: float
+) -> dict[str, float]:
+    """One closed-loop window on ``url`` (the service ``pid``) while the other side
+    (``idle_pid``) is not driven: requests/s, the service's CPU ms per request, p50, the
+    client's CPU ms per request, and the CPU the idle side used meanwhile (cores)."""
+    before, idle_before, start = _cpu_s(pid), _cpu_s(idle_pid), time.perf_counter()
     r = await _closed_loop(url, bodies, concurrency, seconds)
-    after = tree_cpu_s(pid)
+    after, idle_after, wall = _cpu_s(pid), _cpu_s(idle_pid), time.perf_counter() - start
     if r["errors"]:
         raise RuntimeError(f"{r['errors']} of {r['requests']} replies were not 200 ({url})")
-    cpu = (after - before) * 1000 / r["requests"] if before is not None and after else 0.0
-    return {"rps": r["ok_rps"], "cpu_ms": cpu, "p50_ms": r["p50_ms"],
-            "client_cpu_ms": r["client_cpu_ms"]}  # fmt: skip
+    if not r["requests"]:
+        raise RuntimeError(f"no request completed in a window of {seconds:g} s ({url})")
+    return {"pid": pid, "rps": r["ok_rps"], "cpu_ms": (after - before) * 1000 / r["requests"],
+            "p50_ms": r["p50_ms"], "client_cpu_ms": r["client_cpu_ms"],
+            "idle_cores": (idle_after - idle_before) / wall}  # fmt: skip
+
+
+def _check_own(url: str, proc: subprocess.Popen, info: dict[str, Any]) -> None:
+    """The service that answers on ``url`` is ``proc`` (or one of its workers), not one
+    left on that port by an earlier run."""
+    pid = info.get("worker_pid")
+    stat = _stat(pid) if isinstance(pid, int) else None
+    if pid != proc.pid and (stat is None or int(stat[1]) != proc.pid):
+        raise RuntimeError(
+            f"{url} answers from process {pid}, not from the service just started "
+            f"({proc.pid}): is an earlier service still on that port?"
+        )
+
+
+def _stop(procs: list[tuple[subprocess.Popen, str]]) -> None:
+    for proc, _ in procs:
+        proc.terminate()
+    for proc, _ in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def run(
@@ -101,44 +143,51 @@ def run(
     models_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Start A (``envs[0]`` over the benchmark's settings, on ``ports[0]``) and B, warm
-    both, then ``rounds`` windows of ``seconds`` each per side. A window with any reply
-    other than 200 stops the run (``RuntimeError``)."""
+    both, then ``rounds`` windows of ``seconds`` each per side. Returns the settings,
+    ``served[side]`` (what each side's ``/v1/models`` shows), ``windows[side][i]`` (the
+    dicts of :func:`_window`, with the ``pid`` driven) and ``summary``
+    (:func:`summarize`). A window with any reply other than 200, or none at all, stops
+    the run (``RuntimeError``)."""
+    if rounds < 1 or seconds <= 0:
+        raise ValueError("bench-pair needs rounds >= 1 and seconds > 0")
     with tempfile.TemporaryDirectory() as tmp:
         where, config, frame = _bundle_for(model, models_dir, tmp, None)
         load_into_redis(config, frame, redis_url, progress=False)
         bodies = bodies_for(frame, n)
-        procs: list[Any] = []
+        procs: list[tuple[subprocess.Popen, str]] = []
         try:
             for extra, port in zip(envs, ports, strict=True):
                 env = service_env(where, config.name, redis_url, threads, inflight, extra)
                 procs.append(_start_service(env, port))
             what = [served(url) for _, url in procs]
+            for (proc, url), info in zip(procs, what, strict=True):
+                _check_own(url, proc, info)
             for _, url in procs:  # warm: caches, the graph's size range, the connections
                 asyncio.run(_closed_loop(url, bodies, concurrency, 1.0))
             windows: list[list[dict[str, float]]] = [[], []]
             for side in window_order(rounds):
-                proc, url = procs[side]
+                (proc, url), (idle, _) = procs[side], procs[1 - side]
                 windows[side].append(
-                    asyncio.run(_window(url, proc.pid, bodies, concurrency, seconds))
+                    asyncio.run(_window(url, proc.pid, idle.pid, bodies, concurrency, seconds))
                 )
         finally:
-            for proc, _ in procs:
-                proc.terminate()
-            for proc, _ in procs:
-                proc.wait()
+            _stop(procs)
     return {
         "model": model, "n": n, "concurrency": concurrency, "rounds": rounds,
         "seconds": seconds, "threads": threads, "inflight": inflight,
-        "envs": list(envs), "served": what, "device": _device({}), "windows": windows,
+        "envs": list(envs), "served": what,
+        "device": _device({**envs[0], **envs[1]}), "windows": windows,
         "summary": summarize(windows),
     }  # fmt: skip
 
 
 def _env_text(env: dict[str, str]) -> str:
+    """A side's settings as markdown code spans."""
     return " ".join(f"`{k}={v}`" for k, v in env.items()) or "(the defaults)"
 
 
 def render(res: dict[str, Any], command: str) -> str:
+    """The report: each side's medians, B against A pair by pair, every window's CPU."""
     s = res["summary"]
     lines = [
         f"Command: `{command}`",
@@ -150,13 +199,15 @@ def render(res: dict[str, Any], command: str) -> str:
         "process's CPU time (all threads) per request over its windows; medians over the "
         "windows.",
         "",
-        "| side | settings | req/s | CPU ms/req | p50 ms | client CPU ms/req |",
-        "|---|---|---:|---:|---:|---:|",
+        "| side | settings | req/s | CPU ms/req | p50 ms | client CPU ms/req | "
+        "the other side, idle (cores) |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for k, side in enumerate(s["sides"]):
         lines.append(
             f"| {SIDES[k]} | {_env_text(res['envs'][k])} | {side['rps']:,.0f} | "
-            f"{side['cpu_ms']:.3f} | {side['p50_ms']:.2f} | {side['client_cpu_ms']:.3f} |"
+            f"{side['cpu_ms']:.3f} | {side['p50_ms']:.2f} | {side['client_cpu_ms']:.3f} | "
+            f"{s['sides'][1 - k]['idle_cores']:.3f} |"
         )
     a, b = res["served"]
     differ = [f"{k} (A {a[k]}, B {b[k]})" for k in SERVED if a.get(k) != b.get(k)]
@@ -180,8 +231,9 @@ def render(res: dict[str, Any], command: str) -> str:
         + ", ".join(f"{w['cpu_ms']:.3f}" for w in res["windows"][1]),
         "",
         f"Reading it: B's CPU per request is {cpu['median']:.3f}x A's (median of the "
-        f"pairs), lower in {cpu['b_lower']} of {cpu['pairs']} pairs. Where B is lower in "
-        "nearly every pair, the difference is B's; where the pairs split, it is within "
-        "this machine's noise.",
+        f"pairs), lower in {cpu['b_lower']} of {cpu['pairs']} pairs. Where B is lower (or "
+        "higher) in nearly every pair, the difference is B's; where the pairs split, it "
+        "is within this machine's noise. The idle column is CPU the side not driven used "
+        "meanwhile (a spinning thread, a timer), which no CPU ms/req counts.",
     ]
     return "\n".join(lines)

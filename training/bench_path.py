@@ -134,9 +134,10 @@ def _add_round(times: dict[str, list[float]], total: float, stages: dict[str, fl
 
 async def _stage_costs(settings: Settings, bodies: list[bytes], rounds: int, reps: int) -> dict:
     """Event-loop CPU per request in each stage of ``_score``, in ms (median over rounds).
-    The stage clock reads this thread's CPU time, so ``inference`` is the hand-off to
-    the ORT thread and back, not the run; ``outside`` is the rest of the request (body
-    read, validation, ASGI and middleware)."""
+    The stage clock reads this thread's CPU time, so ``inference`` is the graph call
+    where it runs on the event loop thread (``CTR_INLINE_MAX_MS``: each request here is
+    alone in flight), else only the hand-off to the ORT thread and back; ``outside`` is
+    the rest of the request (body read, validation, ASGI and middleware)."""
     app = create_app(settings)
     ctx = app.router.lifespan_context(app)
     await ctx.__aenter__()
@@ -336,7 +337,9 @@ def render(res: dict, command: str) -> str:
     lines += [
         "",
         "Event-loop CPU per request on the fast path, by the service's own stages (ms; "
-        "`inference` is the hand-off to the ORT thread and back, `outside` the body read, "
+        "`inference` is the graph call itself where it runs on the event loop thread (each "
+        "request here is alone in flight: `CTR_INLINE_MAX_MS`), else the hand-off to the "
+        "ORT thread and back; `outside` the body read, "
         "validation, ASGI and middleware), with the native codec and with orjson "
         "(`CTR_NATIVE_JSON=off`):",
         "",
