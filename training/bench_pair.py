@@ -234,6 +234,8 @@ def render(res: dict[str, Any], command: str) -> str:
         f"pairs), lower in {cpu['b_lower']} of {cpu['pairs']} pairs. Where B is lower (or "
         "higher) in nearly every pair, the difference is B's; where the pairs split, it "
         "is within this machine's noise. The idle column is CPU the side not driven used "
-        "meanwhile (a spinning thread, a timer), which no CPU ms/req counts.",
+        "meanwhile (a spinning thread, a timer), which no CPU ms/req counts. Read the "
+        "CPU per request: in runs whose sides should not differ, B's req/s came out about "
+        '4 % lower and its p50 4–5 % higher (docs/benchmarks.md, "Session 18").',
     ]
     return "\n".join(lines)
