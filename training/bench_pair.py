@@ -7,10 +7,9 @@ settings, B with the ``--b`` ones. Short closed-loop windows alternate between t
 order A B B A A B B A…, so drift in the machine's speed falls on both alike. Each window
 records the requests per second and the service's CPU time per request (``/proc``, every
 thread of the process), and the CPU the other side, not driven, used meanwhile. The
-verdict compares
-B with A within each pair of windows (the i-th of A with the i-th of B) and counts the
-pairs in which B is lower. Redis, the client and the other (idle) service are not counted
-in the CPU per request."""
+verdict compares B with A within each pair of windows (the i-th of A with the i-th of B)
+and counts the pairs in which B is lower. Redis, the client and the other (idle) service
+are not counted in the CPU per request."""
 
 from __future__ import annotations
 
