@@ -266,7 +266,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.port,
         _overrides(args.set),
         args.inflight,
-        dict(kv.split("=", 1) for kv in args.env),
+        dict(args.env),
         Path(args.models_dir) if args.models_dir else None,
         [float(x) for x in args.rates.split(",") if x],
     )
@@ -377,7 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--out", default="docs/bench", help="folder for JSON, table and plots")
     bs.add_argument("--set", action="append", default=[], help="config override")
     bs.add_argument(
-        "--env", action="append", default=[], help="service setting, e.g. CTR_PROVIDER=cuda"
+        "--env",
+        action="append",
+        default=[],
+        type=_setting,
+        help="service setting, e.g. CTR_PROVIDER=cuda",
     )
     bs.add_argument("--rates", default="", help="also run open-loop at these req/s rates")
     bs.add_argument(

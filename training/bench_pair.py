@@ -21,8 +21,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from service.loader import load_into_redis
 from training.bench_service import (
     _bundle_for,
@@ -31,6 +29,7 @@ from training.bench_service import (
     _start_service,
     _stat,
     bodies_for,
+    served_model,
     service_env,
     tree_cpu_s,
 )
@@ -42,8 +41,7 @@ SERVED = ("graph", "runner", "provider", "precision", "json_encoder", "micro_bat
 def served(url: str) -> dict[str, Any]:
     """What a side serves, from its ``/v1/models``: the settings' visible effects
     (:data:`SERVED`) and the ``worker_pid`` that answered."""
-    body = httpx.get(url + "/v1/models", timeout=10).json()
-    return {k: body.get(k) for k in (*SERVED, "worker_pid")}
+    return served_model(url, (*SERVED, "worker_pid"))
 
 
 def window_order(rounds: int) -> list[int]:

@@ -533,11 +533,14 @@ def speed_check(single: dict[str, Any], mo: dict[str, Any], graphs: dict[str, An
     return "; ".join(notes) or "ok"
 
 
-def served_model(url: str) -> dict[str, Any]:
-    """What the running service serves (``/v1/models``): graph, runner, precision."""
+SERVED_KEYS = ("graph", "graph_note", "runner", "provider", "precision",
+               "single_thread_max_candidates")  # fmt: skip
+
+
+def served_model(url: str, keys: tuple[str, ...] = SERVED_KEYS) -> dict[str, Any]:
+    """What the running service serves (``/v1/models``): by default graph, runner,
+    precision."""
     body = httpx.get(url + "/v1/models", timeout=10).json()
-    keys = ("graph", "graph_note", "runner", "provider", "precision",
-            "single_thread_max_candidates")  # fmt: skip
     return {k: body.get(k) for k in keys}
 
 
