@@ -440,3 +440,35 @@ def test_bench_pair_runs_two_settings_side_by_side() -> None:
     assert "| A | `CTR_NATIVE_JSON=off` |" in table and "| B | (the defaults) |" in table
     assert "differs in json_encoder (A orjson, B native)" in table
     assert f"| CPU ms/req | {s['cpu_ms']['median']:.3f} | " in table
+
+
+def test_a_port_held_by_another_service_is_refused() -> None:
+    """The benchmarks' service start (`ctr bench`, `bench-pair`, `soak`) takes a ready
+    answer only from the process it started: a service an earlier run left on the port
+    (here a stub naming another worker pid) stops the start instead of being measured."""
+    import http.server
+    import json
+    import threading
+
+    from training.bench_service import _start_service
+
+    class Stale(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the handler's name)
+            body = json.dumps({"worker_pid": 1}).encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", free_port()), Stale)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(RuntimeError, match="answers from process 1, not from the service"):
+            _start_service(dict(os.environ), server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -27,10 +27,10 @@ from training.bench_service import (
     _closed_loop,
     _device,
     _start_service,
-    _stat,
     bodies_for,
     served_model,
     service_env,
+    stop_service,
     tree_cpu_s,
 )
 
@@ -103,29 +103,6 @@ async def _window(
             "idle_cores": (idle_after - idle_before) / wall}  # fmt: skip
 
 
-def _check_own(url: str, proc: subprocess.Popen, info: dict[str, Any]) -> None:
-    """The service that answers on ``url`` is ``proc`` (or one of its workers), not one
-    left on that port by an earlier run."""
-    pid = info.get("worker_pid")
-    stat = _stat(pid) if isinstance(pid, int) else None
-    if pid != proc.pid and (stat is None or int(stat[1]) != proc.pid):
-        raise RuntimeError(
-            f"{url} answers from process {pid}, not from the service just started "
-            f"({proc.pid}): is an earlier service still on that port?"
-        )
-
-
-def _stop(procs: list[tuple[subprocess.Popen, str]]) -> None:
-    for proc, _ in procs:
-        proc.terminate()
-    for proc, _ in procs:
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def run(
     model: str,
     n: int,
@@ -157,8 +134,6 @@ def run(
                 env = service_env(where, config.name, redis_url, threads, inflight, extra)
                 procs.append(_start_service(env, port))
             what = [served(url) for _, url in procs]
-            for (proc, url), info in zip(procs, what, strict=True):
-                _check_own(url, proc, info)
             for _, url in procs:  # warm: caches, the graph's size range, the connections
                 asyncio.run(_closed_loop(url, bodies, concurrency, 1.0))
             windows: list[list[dict[str, float]]] = [[], []]
@@ -168,7 +143,8 @@ def run(
                     asyncio.run(_window(url, proc.pid, idle.pid, bodies, concurrency, seconds))
                 )
         finally:
-            _stop(procs)
+            for proc, _ in procs:
+                stop_service(proc)
     return {
         "model": model, "n": n, "concurrency": concurrency, "rounds": rounds,
         "seconds": seconds, "threads": threads, "inflight": inflight,

@@ -382,7 +382,9 @@ def service_env(
 
 def _start_service(env: dict[str, str], port: int) -> Any:
     """``ctr serve`` in a subprocess with ``env`` (:func:`service_env`, the one the
-    baseline is loaded from); ``(process, base URL)`` once ``/readyz`` answers 200."""
+    baseline is loaded from); ``(process, base URL)`` once ``/readyz`` answers 200 from
+    that process or one of its workers, never from a service an earlier run left on the
+    port (``RuntimeError``)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "ctr.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
         env=env,
@@ -394,12 +396,31 @@ def _start_service(env: dict[str, str], port: int) -> Any:
             raise RuntimeError(f"service exited with code {proc.returncode}")
         try:
             if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                pid = served_model(url, ("worker_pid",))["worker_pid"]
+                stat = _stat(pid) if isinstance(pid, int) else None
+                if pid != proc.pid and (stat is None or int(stat[1]) != proc.pid):
+                    stop_service(proc)
+                    raise RuntimeError(
+                        f"{url} answers from process {pid}, not from the service just "
+                        f"started ({proc.pid}): is an earlier service still on that port?"
+                    )
                 return proc, url
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
     proc.kill()
     raise RuntimeError("service did not become ready")
+
+
+def stop_service(proc: subprocess.Popen) -> None:
+    """Stop a service :func:`_start_service` started: SIGTERM (a graceful shutdown), and
+    SIGKILL if it has not ended 30 s later."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @dataclass
@@ -741,8 +762,7 @@ def run(
                     mt, url, proc.pid, base, frame, n_values, {**plan, "graphs": graphs}
                 )
             finally:
-                proc.terminate()
-                proc.wait(timeout=30)
+                stop_service(proc)
     return results
 
 

@@ -19,7 +19,13 @@ import httpx
 import numpy as np
 import orjson
 
-from training.bench_service import _start_service, bodies_for, make_bundle, service_env
+from training.bench_service import (
+    _start_service,
+    bodies_for,
+    make_bundle,
+    service_env,
+    stop_service,
+)
 
 
 def rss_mb(pid: int) -> float:
@@ -83,8 +89,7 @@ def run(duration: float, concurrency: int, sample: float, warmup: float, max_gro
                 _drive(url, bodies, concurrency, duration, proc.pid, sample, warmup)
             )
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            stop_service(proc)
     rss = np.array(stats["rss"])
     after_warm = rss[rss[:, 0] >= warmup]
     base = after_warm[0, 1] if len(after_warm) else rss[0, 1]
