@@ -26,7 +26,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ctr.bundle import BundleError
-from service import codec, lifecycle
+from service import codec, lifecycle, tracking
 from service import hup as early_hup
 from service import metrics as m
 from service.codec import items_python
@@ -46,6 +46,7 @@ from service.features import (
     candidates,
     history_items,
     item_columns,
+    rows_feeds,
     stamp_event,
 )
 from service.model import CPU, LoadedModel, ProviderError
@@ -257,6 +258,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.events = EventWriter(
             state.write_redis, settings.event_dedup_window, settings.sequence_ttl_s
         )
+        state.tracker = await tracking.start_tracking(settings)
         if state.bus is not None:
             state.bus.start()
         if settings.protect_scoring and settings.api_key is None:
@@ -277,6 +279,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     await task
             if state.bus is not None:
                 await state.bus.aclose()
+            if state.tracker is not None:
+                await state.tracker.aclose()
             state.executor.shutdown(wait=True)
             m.HOOKS.exit()
             for reader, client in (
@@ -509,6 +513,11 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
         except REDIS_ERRORS as exc:
             log.warning("event not stored (redis): %s", type(exc).__name__)
             raise StoreUnavailable("the behaviour store is unavailable; retry", None) from exc
+        finally:
+            # this worker's next request for the user reads again at once (a timed-out
+            # append may still have been written); Redis tells the other workers
+            if state.tracker is not None:
+                state.tracker.invalidate(ev.user_id)
         body = {"appended": outcome == APPENDED, "duplicate": outcome == SEEN}
         if outcome == OUTSIDE_WINDOW:
             body["outside_window"] = True
@@ -569,6 +578,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             "reload_bus": None
             if state.bus is None
             else {"channel": state.bus.channel, "subscribed": state.bus.subscribed},
+            "user_tracking": tracking.describe(state.tracker, s),
             "model_type": c.model.type,
             "max_seq_len": c.max_seq_len,
             "created_at": model.bundle.manifest.get("created_at"),
@@ -668,25 +678,6 @@ async def _score(
     check_numbers(req.features, req.context, model.dense_sources)
     cands = candidates(bundle.config, model.rows, req.item_ids, req.features)
     lookups = cands.items.take_cached(state.item_cache)
-    degraded = False
-    try:
-        assert state.reader is not None
-        read_at = time.monotonic()
-        async with asyncio.timeout(s.redis_timeout_ms / 1000):
-            data = await fetch(state.reader, req.user_id, bundle.config.max_seq_len, lookups)
-        for source, ids in lookups.items():
-            state.item_cache.put(source, ids, data.item_features[source], read_at)
-        # rows encoded from these values expire with them (TTL 0: no row is kept)
-        cands.items.fill(data.item_features, read_at + s.item_cache_ttl_s)
-    except REDIS_ERRORS as exc:
-        log.warning("redis fetch failed, degraded response: %s", type(exc).__name__)
-        m.ERRORS.labels("redis").inc()
-        m.DEGRADED.inc()
-        degraded = True
-        data = UserData()
-    t1 = STAGE_CLOCK()
-    # rows with a missing feature because the store failed are not cached
-    cands.finish(bundle, model.rows, cacheable=not (degraded and lookups))
     # only the context keys the model reads: the others must not be kept with the
     # user's cached rows, nor make them miss; a null value is absent (the stored
     # profile's value stands)
@@ -694,9 +685,46 @@ async def _score(
     context = (
         {k: v for k, v in req.context.items() if k in keep and v is not None} if req.context else {}
     )
-    prepared = build_feeds(
-        bundle, req.user_id, context, data, cands.sparse, cands.dense, model.users
-    )
+    degraded = False
+    data = UserData()
+    tracker = state.tracker
+    rows = None
+    if tracker is not None and not lookups and not req.explain:
+        tracker.poll()  # invalidations that have reached this host apply first
+        rows = model.users.trusted(req.user_id, context, tracker)
+    if rows is None:
+        stamp = tracker.stamp() if tracker is not None else None  # before the read is sent
+        try:
+            assert state.reader is not None
+            read_at = time.monotonic()
+            async with asyncio.timeout(s.redis_timeout_ms / 1000):
+                data = await fetch(
+                    state.reader, req.user_id, bundle.config.max_seq_len, lookups, stamp is not None
+                )
+            for source, ids in lookups.items():
+                state.item_cache.put(source, ids, data.item_features[source], read_at)
+            # rows encoded from these values expire with them (TTL 0: no row is kept)
+            cands.items.fill(data.item_features, read_at + s.item_cache_ttl_s)
+        except REDIS_ERRORS as exc:
+            log.warning("redis fetch failed, degraded response: %s", type(exc).__name__)
+            m.ERRORS.labels("redis").inc()
+            m.DEGRADED.inc()
+            degraded = True
+            data = UserData()
+    t1 = STAGE_CLOCK()
+    # rows with a missing feature because the store failed are not cached
+    cands.finish(bundle, model.rows, cacheable=not (degraded and lookups))
+    if rows is not None:
+        m.USER_ROWS.labels("tracked").inc()
+        prepared = rows_feeds(bundle, rows, cands.sparse, cands.dense)
+    else:
+        prepared = build_feeds(
+            bundle, req.user_id, context, data, cands.sparse, cands.dense, model.users
+        )
+        # the kept rows match this read: trusted until Redis invalidates the user, and
+        # no longer than the first of the user's keys lives
+        model.users.note_read(req.user_id, None if degraded else stamp, read_at + data.ttl_s)
+        m.USER_ROWS.labels("degraded" if degraded else "read").inc()
     t2 = STAGE_CLOCK()
     executor = model.executor or state.executor  # a CUDA-graph model runs on its own thread
     assert executor is not None

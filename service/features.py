@@ -236,6 +236,14 @@ def build_feeds(
         context,
         lambda events: encode_user(bundle, user_id, context, data, events),
     )
+    return rows_feeds(bundle, rows, item_sparse, item_dense)
+
+
+def rows_feeds(
+    bundle: Bundle, rows: UserRows, item_sparse: np.ndarray, item_dense: np.ndarray
+) -> Prepared:
+    """Feeds for one user's encoded ``rows`` (U=1) and N candidates (``item_sparse
+    [N, Fi]``, ``item_dense [N, Di]``); ``user_idx [N]`` is all zeros."""
     feeds = {
         "user_sparse": rows.user_sparse,
         "user_dense": rows.user_dense,

@@ -61,6 +61,18 @@ INLINE_RUNS = Counter(
     "ctr_inline_runs_total",
     "Graph calls run on the event loop thread (CTR_INLINE_MAX_MS: the request alone in flight)",
 )
+USER_ROWS = Counter(
+    "ctr_user_rows_total",
+    "Scoring requests by where the user's rows came from: tracked (cached, no Redis read: "
+    "CTR_USER_TRACKING), read (a Redis read; its rows cached or encoded), degraded (the "
+    "read failed)",
+    ["source"],
+)
+USER_TRACKING_UP = Gauge(
+    "ctr_user_tracking_up",
+    "1 while the worker's invalidation connection (CTR_USER_TRACKING) is up",
+    multiprocess_mode="liveall",
+)
 IN_FLIGHT = Gauge(
     "ctr_requests_in_flight",
     "Scoring requests being served (CTR_MAX_IN_FLIGHT bounds each worker's)",

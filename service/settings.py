@@ -145,6 +145,13 @@ class Settings(BaseSettings):
         description="users whose encoded rows are kept, reused only while their profile, "
         "stored behaviours and request context are unchanged (0 = off)",
     )
+    user_tracking: bool = Field(
+        True,
+        description="skip the Redis read for a user whose cached rows no write has touched "
+        "since they were read: Redis CLIENT TRACKING (BCAST on the user keys) tells each "
+        "worker of every change; single-node redis:// and unix:// only, and only with "
+        "CTR_USER_CACHE_SIZE > 0 (false: read on every request)",
+    )
     explain_top: int = Field(3, gt=0, description="history items returned per item by explain")
     api_key: SecretStr | None = Field(None, description="key for write/admin endpoints")
     reload_channel: str = Field(

@@ -15,6 +15,7 @@ from service.model import LoadedModel
 from service.reloadbus import ReloadBus
 from service.settings import Settings
 from service.store import AnyRedis, EventWriter, ItemCache, Reader
+from service.tracking import UserTracker
 
 T = TypeVar("T")
 
@@ -59,6 +60,8 @@ class State:
         # fails them only past CTR_REQUEST_TIMEOUT_MS
         self.write_redis: AnyRedis | None = None
         self.write_reader: Reader | None = None
+        # Redis's invalidations of the cached user rows (None: read on every request)
+        self.tracker: UserTracker | None = None
         self.executor: ThreadPoolExecutor | None = None
         # the candidate-list scan and ranked-items writer in C (None: orjson throughout)
         self.codec: NativeCodec | None = None

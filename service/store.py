@@ -269,6 +269,10 @@ class UserData:
     profile: dict[str, str] = field(default_factory=dict)
     raw_events: list[bytes] = field(default_factory=list)
     item_features: dict[str, list[str | None]] = field(default_factory=dict)
+    # seconds until the first of the user's keys expires (inf: none; read only for
+    # CTR_USER_TRACKING, which must not trust rows past it: Redis reports an expiry
+    # only once it deletes the key, which may be long after for a key nobody reads)
+    ttl_s: float = math.inf
 
     @cached_property
     def events(self) -> list[dict[str, Any]]:
@@ -409,19 +413,30 @@ def _item_commands(lookups: dict[str, list[str]]) -> tuple[list[str], list[tuple
 
 
 async def fetch(
-    reader: Reader, user_id: str, history: int, lookups: dict[str, list[str]]
+    reader: Reader,
+    user_id: str,
+    history: int,
+    lookups: dict[str, list[str]],
+    ttl: bool = False,
 ) -> UserData:
     """One pipelined round trip: profile, newest ``history`` behaviours and, per item
-    feature, the values for the item IDs in ``lookups[feature]``."""
+    feature, the values for the item IDs in ``lookups[feature]``; with ``ttl``, also
+    the two user keys' time to live (``UserData.ttl_s``)."""
     feats, items = _item_commands(lookups)
-    res = await reader.run(
-        [
-            ("HGETALL", user_key(user_id, "profile")),
-            ("LRANGE", user_key(user_id, "seq"), -history, -1),
-            *items,
-        ]
-    )
-    return UserData(_pairs(res[0]), list(res[1]), _decode_items(feats, res[2:]))
+    user = [
+        ("HGETALL", user_key(user_id, "profile")),
+        ("LRANGE", user_key(user_id, "seq"), -history, -1),
+    ]
+    if ttl:
+        user += [("PTTL", user_key(user_id, "profile")), ("PTTL", user_key(user_id, "seq"))]
+    res = await reader.run([*user, *items])
+    n = len(user)
+    data = UserData(_pairs(res[0]), list(res[1]), _decode_items(feats, res[n:]))
+    if ttl:
+        # -1: no expiry, -2: no such key; otherwise milliseconds
+        left = [int(t) for t in res[2:4] if int(t) >= 0]
+        data.ttl_s = min(left) / 1000 if left else math.inf
+    return data
 
 
 async def fetch_items(reader: Reader, lookups: dict[str, list[str]]) -> dict[str, list]:

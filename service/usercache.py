@@ -1,7 +1,7 @@
 """Encoded user-side rows, cached per loaded model.
 
-Every scoring request reads the user's profile and newest L behaviours from Redis (the
-source of truth, every time) and turns them into graph rows: 50 JSON behaviours parsed,
+A scoring request reads the user's profile and newest L behaviours from Redis (the
+source of truth) and turns them into graph rows: 50 JSON behaviours parsed,
 each sequence field ID-mapped, the profile mapped and converted. A user scored again
 soon (the next page of a feed, a refresh) usually has the same stored data, so the rows
 are kept per user together with what they came from: the profile as read, a 128-bit
@@ -12,16 +12,25 @@ Per user it holds the arrays, the profile, the context and the digest, not the
 behaviours. The rows depend on the model's ID mapping, so the cache belongs to one
 :class:`~service.model.LoadedModel` (a reload starts empty); it is only touched from the
 event loop thread. Oldest entries go first when full.
+
+With tracking on (:mod:`service.tracking`, ``CTR_USER_TRACKING``), the cache also notes
+the stamp of the read the rows last matched, and :meth:`UserRowCache.trusted` hands
+them out without any read while Redis has sent no invalidation for the user since.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from hashlib import blake2b
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from service.tracking import UserTracker
 
 
 def digest(raw_events: list[bytes]) -> bytes:
@@ -57,6 +66,10 @@ class UserRowCache:
     def __init__(self, size: int) -> None:
         self.size = size
         self.data: dict[str, UserRows] = {}
+        # user -> the tracking stamp of the read their rows last matched (see
+        # service.tracking) and the monotonic time the first of the user's keys expires;
+        # absent: the rows are reused only after a read that matches
+        self.stamps: dict[str, tuple[int, float]] = {}
 
     def __len__(self) -> int:
         return len(self.data)
@@ -99,6 +112,31 @@ class UserRowCache:
         if self.size <= 0:
             return
         self.data.pop(user_id, None)  # re-inserted last: the newest entry
+        self.stamps.pop(user_id, None)  # a stamp is for the rows it was noted with
         while len(self.data) >= self.size:
-            del self.data[next(iter(self.data))]
+            oldest = next(iter(self.data))
+            del self.data[oldest]
+            self.stamps.pop(oldest, None)
         self.data[user_id] = rows
+
+    def note_read(self, user_id: str, stamp: int | None, until: float = math.inf) -> None:
+        """The rows kept for ``user_id`` match a read sent under tracking ``stamp``
+        (:meth:`service.tracking.UserTracker.stamp`; None: tracking was down), of keys
+        the first of which expires at ``until`` (``time.monotonic()``)."""
+        if stamp is None or user_id not in self.data:
+            self.stamps.pop(user_id, None)
+        else:
+            self.stamps[user_id] = (stamp, until)
+
+    def trusted(self, user_id: str, context: dict, tracker: UserTracker) -> UserRows | None:
+        """The rows kept for ``user_id`` with this ``context`` if no invalidation has
+        reached ``tracker`` since the read they match: what Redis holds now, without
+        reading it (call ``tracker.poll()`` first)."""
+        rows = self.data.get(user_id)
+        noted = self.stamps.get(user_id)
+        if rows is None or noted is None or rows.context != context:
+            return None
+        stamp, until = noted
+        if time.monotonic() >= until:  # a key has expired: read (Redis may not say yet)
+            return None
+        return rows if tracker.valid(user_id, stamp) else None

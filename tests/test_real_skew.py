@@ -147,15 +147,19 @@ def served(real: Real) -> Iterator[Served]:
     bundle; every request's graph feeds are recorded (``build_feeds`` still builds them)."""
     loaded_redis(real.built)
     seen: list[Feeds] = []
-    build_feeds = service.app.build_feeds
 
-    def recording(*args: Any, **kwargs: Any) -> Feeds:
-        out = build_feeds(*args, **kwargs)
-        seen.append(out)
-        return out
+    def recording(build: Any) -> Any:
+        def record(*args: Any, **kwargs: Any) -> Feeds:
+            out = build(*args, **kwargs)
+            seen.append(out)
+            return out
+
+        return record
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(service.app, "build_feeds", recording)
+        # after a read, or from kept rows without one (CTR_USER_TRACKING)
+        mp.setattr(service.app, "build_feeds", recording(service.app.build_feeds))
+        mp.setattr(service.app, "rows_feeds", recording(service.app.rows_feeds))
         with TestClient(create_app(settings_for(real.built))) as client:
             yield Served(real, client, seen)
 

@@ -109,14 +109,28 @@ def test_redis_down_at_start_up(built: Built) -> None:
             proc.stop()
 
 
-def test_redis_slow_degrades_within_deadline(built: Built, rp: RedisProcess) -> None:
-    with TestClient(create_app(settings_for(built, rp.url, redis_timeout_ms=100))) as c:
-        assert c.post("/v1/score", json=BODY).json()["degraded"] is False
+@pytest.mark.parametrize("tracking", [True, False], ids=["tracking", "no-tracking"])
+def test_redis_slow_degrades_within_deadline(
+    built: Built, rp: RedisProcess, tracking: bool
+) -> None:
+    """A request that must read a sleeping Redis degrades within the deadline. With
+    CTR_USER_TRACKING, a user whose kept rows no write has touched needs no read, so
+    is answered in full meanwhile (nothing can be written while Redis sleeps)."""
+    s = settings_for(built, rp.url, redis_timeout_ms=100, user_tracking=tracking)
+    other = {**BODY, "user_id": "u7"}  # not scored before the sleep: nothing kept
+    with TestClient(create_app(s)) as c:
+        first = c.post("/v1/score", json=BODY).json()
+        assert first["degraded"] is False
         blocker = redis_asleep(rp.url, 1)
-        r = c.post("/v1/score", json=BODY)
+        r = c.post("/v1/score", json=other)
+        kept = c.post("/v1/score", json=BODY).json()
         blocker.join()
         assert r.status_code == 200 and r.json()["degraded"] is True
-        assert c.post("/v1/score", json=BODY).json()["degraded"] is False  # recovers
+        if tracking:
+            assert kept["degraded"] is False and kept["items"] == first["items"]
+        else:
+            assert kept["degraded"] is True
+        assert c.post("/v1/score", json=other).json()["degraded"] is False  # recovers
 
 
 def test_reload_under_traffic_zero_failures(built: Built, rp: RedisProcess) -> None:
@@ -181,7 +195,9 @@ def test_overload_answers_fast_503(built: Built, rp: RedisProcess) -> None:
     with ServerThread(app) as srv, httpx.Client(base_url=srv.url, timeout=10) as h:
         assert h.post("/v1/score", json=BODY).status_code == 200
         first: list[httpx.Response] = []
-        slow = threading.Thread(target=lambda: first.append(h.post("/v1/score", json=BODY)))
+        # another user: a user already scored may need no read (CTR_USER_TRACKING)
+        other = {**BODY, "user_id": "u7"}
+        slow = threading.Thread(target=lambda: first.append(h.post("/v1/score", json=other)))
         blocker = redis_asleep(rp.url, 1)
         slow.start()
         # the slow request holds the one slot (it waits on the sleeping Redis)
@@ -303,8 +319,9 @@ def test_sighup_reloads_and_sigterm_drains(built: Built, rp: RedisProcess) -> No
         assert version == str(v_new)
         # SIGTERM while a request is in flight: it completes, then the process exits
         inflight: list[httpx.Response] = []
+        other = {**BODY, "user_id": "u7"}  # not scored yet: it must read the sleeping Redis
         req = threading.Thread(
-            target=lambda: inflight.append(httpx.post(base + "/v1/score", json=BODY, timeout=10))
+            target=lambda: inflight.append(httpx.post(base + "/v1/score", json=other, timeout=10))
         )
         blocker = redis_asleep(rp.url, 1)
         req.start()

@@ -262,9 +262,18 @@ def test_events_append_trim_idempotent(built: Built, redis_db: Redis, client: Te
     assert len(stored_history(redis_db, user)) == length
 
 
-@pytest.mark.parametrize("cache_ttl", [60.0, 0.0], ids=["item-cache", "no-item-cache"])
-def test_one_redis_round_trip_per_score(built: Built, cache_ttl: float) -> None:
-    """Measured on a private redis-server, so no other client's reads are counted."""
+@pytest.mark.parametrize(
+    ("cache_ttl", "tracking", "trips"),
+    [(60.0, False, 1), (0.0, False, 1), (0.0, True, 1), (60.0, True, 0)],
+    ids=["item-cache", "no-item-cache", "no-item-cache-tracked", "item-cache-tracked"],
+)
+def test_one_redis_round_trip_per_score(
+    built: Built, cache_ttl: float, tracking: bool, trips: int
+) -> None:
+    """Measured on a private redis-server, so no other client's reads are counted. With
+    CTR_USER_TRACKING a repeat user is not read: with every candidate's features cached
+    the request makes no round trip at all; one that looks item features up still
+    makes exactly one."""
     items = some_items(built, 20)
     body = {"user_id": "u9", "candidates": [{"item_id": i} for i in items]}
     own = RedisProcess().start()
@@ -274,7 +283,11 @@ def test_one_redis_round_trip_per_score(built: Built, cache_ttl: float) -> None:
         probe.info("stats")  # the probe's own connection set-up happens here
 
         def reads() -> int:
-            return int(probe.info("stats")["total_reads_processed"])
+            """Reads Redis has processed, less the tracking heartbeat's PINGs (one INFO
+            for both)."""
+            info = probe.info("all")
+            pings = int(info.get("cmdstat_ping", {}).get("calls", 0))
+            return int(info["total_reads_processed"]) - pings
 
         def hmget_calls() -> int:
             return int(probe.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0))
@@ -285,6 +298,7 @@ def test_one_redis_round_trip_per_score(built: Built, cache_ttl: float) -> None:
             redis_url=own.url,
             redis_timeout_ms=500,
             item_cache_ttl_s=cache_ttl,
+            user_tracking=tracking,
         )
         with TestClient(create_app(s)) as client:
             client.post("/v1/score", json=body)  # warm the pool (connection set-up)
@@ -297,7 +311,7 @@ def test_one_redis_round_trip_per_score(built: Built, cache_ttl: float) -> None:
             hm_after = hmget_calls()
     finally:
         own.stop()
-    assert deltas == [1, 1, 1]
+    assert deltas == [trips] * 3
     if cache_ttl == 0:  # every request looked item features up, still in the one trip
         assert hm_after - hm_before >= 3
     else:  # warm cache: only the user's keys were read

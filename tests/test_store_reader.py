@@ -130,7 +130,8 @@ def test_cut_off_read_never_answers_the_next_request(built: Built, rp: RedisProc
     Its connection must be closed: were it reused, the next request (another user) would
     read the late reply and be scored with the first user's history."""
     a, b = two_users(rp)
-    settings = settings_for(built, rp.url, redis_timeout_ms=100)
+    # every request reads (a kept user would need no read: CTR_USER_TRACKING)
+    settings = settings_for(built, rp.url, redis_timeout_ms=100, user_tracking=False)
     with TestClient(create_app(settings)) as c:
         ref_a = c.post("/v1/score", json=body(a)).json()
         ref_b = c.post("/v1/score", json=body(b)).json()

@@ -35,7 +35,15 @@ from training.bench_service import (
 )
 
 SIDES = ("A", "B")
-SERVED = ("graph", "runner", "provider", "precision", "json_encoder", "micro_batching")
+SERVED = (
+    "graph",
+    "runner",
+    "provider",
+    "precision",
+    "json_encoder",
+    "micro_batching",
+    "user_tracking",
+)
 
 
 def served(url: str) -> dict[str, Any]:

@@ -555,7 +555,7 @@ def speed_check(single: dict[str, Any], mo: dict[str, Any], graphs: dict[str, An
 
 
 SERVED_KEYS = ("graph", "graph_note", "runner", "provider", "precision",
-               "single_thread_max_candidates")  # fmt: skip
+               "single_thread_max_candidates", "user_tracking")  # fmt: skip
 
 
 def served_model(url: str, keys: tuple[str, ...] = SERVED_KEYS) -> dict[str, Any]:
@@ -855,6 +855,20 @@ def _graph_text(res: dict[str, Any]) -> str:
     return "; ".join(out)
 
 
+def _tracking_text(res: dict[str, Any]) -> str:
+    """Whether the service skipped the user's Redis read (``CTR_USER_TRACKING``)."""
+    states = set()
+    for r in res["models"].values():
+        t = r.get("graphs", {}).get("service", {}).get("user_tracking") or {}
+        states.add("on" if t.get("enabled") else f"off ({t.get('why_not') or 'unknown'})")
+    if states == {"on"}:
+        return (
+            "user-row tracking on (CTR_USER_TRACKING): nothing is written meanwhile, so a "
+            "user's repeat request reads nothing from Redis"
+        )
+    return "user-row tracking " + ", ".join(sorted(states)) + ": every request reads Redis"
+
+
 def _header(res: dict[str, Any], command: str) -> list[str]:
     t, k = res["threads"], res.get("inflight", 1)
     env_text = " ".join(f"{a}={b}" for a, b in res.get("env", {}).items())
@@ -866,12 +880,12 @@ def _header(res: dict[str, Any], command: str) -> list[str]:
         f"intra-op threads={t} per worker, {k} ORT run(s) in flight, L=50; the HTTP client runs on "
         f"the same machine. The benchmark cycles {bodies} request bodies (a loaded user "
         "each, N candidates) over the loaded users, so the service's item, row and user "
-        "caches are warm. Model-only figures: the service's own loader (`load_model`, the "
-        "same CTR_* settings: threads, spinning, one-thread session for small calls, "
-        "graph and its parity fallback) in the benchmark process, timed through its runner "
-        "on the feeds the service builds for those same requests (same users, stored "
-        "histories and candidates, encoded by the service's code; mean history length in "
-        "the table), cycled; measured right before and right after each N's c=1 window "
+        f"caches are warm; {_tracking_text(res)}. Model-only figures: the service's own loader"
+        " (`load_model`, the same CTR_* settings: threads, spinning, one-thread session for "
+        "small calls, graph and its parity fallback) in the benchmark process, timed through "
+        "its runner on the feeds the service builds for those same requests (same users, "
+        "stored histories and candidates, encoded by the service's code; mean history length "
+        "in the table), cycled; measured right before and right after each N's c=1 window "
         f"(the target uses their mean). Graphs: {_graph_text(res)}. A window with any "
         "non-200 reply, degraded response or service error (ctr_degraded_responses_total, "
         "ctr_errors_total over the window) is invalid, never met. Check: suspect where the "

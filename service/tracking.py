@@ -1,0 +1,365 @@
+"""Server-assisted invalidation of the cached user rows (Redis ``CLIENT TRACKING``).
+
+Without it, every scoring request reads the user's profile and newest behaviours from
+Redis, and reuses the encoded rows only when what it read is unchanged
+(:mod:`service.usercache`). With it, Redis tells the worker when any user key changes,
+so a user whose rows were read since their last change is scored without a Redis
+round trip at all.
+
+One connection per worker, of its own (not from the pool): ``CLIENT TRACKING on
+REDIRECT <its own id> BCAST PREFIX {u:``, then ``SUBSCRIBE __redis__:invalidate``. From
+then on Redis sends the names of the user keys (``{u:<id>}:profile``, ``:seq``,
+``:events``) that any client writes, deletes or that expire or are evicted; a null
+name when a database is flushed. The worker reads the socket whenever it is readable,
+and once more, synchronously, before it trusts a cached row (:meth:`UserTracker.poll`),
+so an invalidation that has reached this host is applied before the request that
+follows it is answered.
+
+Trust is decided with a sequence number. :meth:`UserTracker.stamp` is taken before a
+read is sent; each invalidation takes the next number and notes it for its user. Rows
+read under stamp ``s`` are trusted while no invalidation for that user has a number
+above ``s`` (:meth:`UserTracker.valid`), so an invalidation that is handled while the
+read is in flight, or before the rows are stored, distrusts them. Anything that can
+lose an invalidation distrusts every row at once (the floor moves past every stamp):
+
+* the connection closes or fails (a Redis restart, ``CLIENT KILL``);
+* no reply to the heartbeat ``PING`` (every :data:`PING_S`) within :data:`DEAD_S`;
+* a flush (the null name);
+* the per-user table grows past its bound.
+
+Until the connection is up again, :meth:`stamp` returns None and every request reads
+Redis as without tracking. Plain ``redis://`` and ``unix://`` URLs on a single node
+only: with TLS or Redis Cluster the service reads on every request (logged at start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from typing import Any
+
+import hiredis
+from redis.asyncio.connection import SSLConnection, parse_url
+
+from service import metrics as m
+from service.settings import Settings
+
+log = logging.getLogger("ctr.tracking")
+
+CHANNEL = b"__redis__:invalidate"
+PREFIX = b"{u:"
+PING_S = 1.0  # heartbeat interval
+DEAD_S = 3.0  # no reply for this long: the connection is taken as lost
+RETRY_MAX_S = 2.0  # reconnect backoff ceiling
+REFUSED_RETRY_S = 30.0  # after Redis refused the set-up (an error reply)
+MAX_NOTED = 200_000  # per-user invalidations kept before the floor moves instead
+
+
+def encode(*args: bytes | str | int) -> bytes:
+    """One RESP command."""
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        b = a if isinstance(a, bytes) else str(a).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    return b"".join(out)
+
+
+def user_of(key: bytes) -> str | None:
+    """The user ID in a user key ``{u:<id>}:<suffix>``; None for any other key."""
+    head, sep, _ = key.rpartition(b"}:")
+    if not sep or not head.startswith(PREFIX):
+        return None
+    return head[len(PREFIX) :].decode("utf-8", "surrogateescape")
+
+
+def unsupported(url: str, cluster: bool) -> str | None:
+    """Why tracking cannot run against ``url``; None when it can."""
+    if cluster:
+        return "Redis Cluster"
+    if "," in url:
+        return "several Redis URLs"
+    try:
+        kw = parse_url(url)
+    except ValueError as exc:
+        return str(exc)
+    if kw.get("connection_class") is SSLConnection:
+        return "TLS (rediss://)"
+    return None
+
+
+class UserTracker:
+    """One worker's invalidation connection and its trust table (event loop thread only)."""
+
+    def __init__(self, url: str, connect_timeout_s: float) -> None:
+        self.url = url
+        self.connect_timeout_s = connect_timeout_s
+        self.seq = 0  # the newest invalidation's number
+        self.floor = 0  # every stamp below this is distrusted
+        self.noted: dict[str, int] = {}  # user -> number of their newest invalidation
+        self.live = False  # subscribed, and heard from within DEAD_S
+        self.invalidations = 0  # keys invalidated (for tests and metrics)
+        self.losses = 0  # times every row was distrusted at once
+        self.client_id: int | None = None  # the connection's CLIENT ID (CLIENT KILL ID)
+        self._sock: socket.socket | None = None
+        self._reader: Any = None
+        self._last_reply = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+
+    # -- trust ----------------------------------------------------------------------
+
+    def stamp(self) -> int | None:
+        """The stamp to record before a read is sent; None when tracking is down (rows
+        read now are not trusted later)."""
+        return self.seq if self.live else None
+
+    def poll(self) -> None:
+        """Apply what has reached the socket (called before a cached row is trusted)."""
+        if self._sock is not None:
+            try:
+                self._drain()
+            except Exception as exc:  # never the request's error: read it instead
+                self._lost(exc)
+
+    def valid(self, user_id: str, stamp: int | None) -> bool:
+        """Whether rows of ``user_id`` read under ``stamp`` are still what Redis holds
+        (as far as the invalidations applied so far tell)."""
+        if stamp is None or not self.live or stamp < self.floor:
+            return False
+        return self.noted.get(user_id, -1) <= stamp
+
+    def invalidate(self, user_id: str) -> None:
+        """Distrust ``user_id``'s rows read before now (this worker's own writes call
+        it at once; Redis's message follows)."""
+        self.seq += 1
+        self.invalidations += 1
+        if len(self.noted) >= MAX_NOTED:
+            self._distrust_all()
+        self.noted[user_id] = self.seq
+
+    def _distrust_all(self) -> None:
+        self.seq += 1
+        self.floor = self.seq
+        self.noted.clear()
+        self.losses += 1
+
+    # -- connection -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect in the background, and keep connected until :meth:`aclose`."""
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.create_task(self._keep())
+
+    async def wait_live(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the connection (start-up, tests)."""
+        end = time.monotonic() + timeout_s
+        while not self.live and time.monotonic() < end:
+            await asyncio.sleep(0.01)
+        return self.live
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        self._lost(None)
+
+    async def _keep(self) -> None:
+        delay = 0.05
+        failing = False
+        while not self._closed:
+            if self._sock is None:
+                try:
+                    await self._connect()
+                    delay, failing = 0.05, False
+                except Exception as exc:  # whatever it was: try again later
+                    if not failing:  # once per outage, not every retry
+                        log.warning("user-row tracking cannot connect (%r); retrying", exc)
+                        failing = True
+                    # refused (Redis < 6, ACL, password): the next try is no likelier soon
+                    await asyncio.sleep(
+                        REFUSED_RETRY_S if isinstance(exc, TrackingRefused) else delay
+                    )
+                    delay = min(delay * 2, RETRY_MAX_S)
+                    continue
+            await asyncio.sleep(PING_S)
+            self._heartbeat()
+
+    def _heartbeat(self) -> None:
+        if self._sock is None:
+            return
+        if time.monotonic() - self._last_reply > DEAD_S:
+            self._lost(TimeoutError(f"no reply to PING within {DEAD_S:g} s"))
+            return
+        try:
+            self._sock.send(encode("PING"))
+        except OSError as exc:
+            self._lost(exc)
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        kw = parse_url(self.url)
+        reader = hiredis.Reader()
+        async with asyncio.timeout(self.connect_timeout_s):
+            sock = await _open(loop, kw)
+            try:
+                if kw.get("password") is not None:
+                    user = kw.get("username")
+                    auth = ("AUTH", user, kw["password"]) if user else ("AUTH", kw["password"])
+                    await _ask(loop, sock, reader, encode(*auth))
+                await _ask(loop, sock, reader, encode("CLIENT", "SETNAME", "ctr-tracking"))
+                cid = await _ask(loop, sock, reader, encode("CLIENT", "ID"))
+                await _ask(
+                    loop,
+                    sock,
+                    reader,
+                    encode("CLIENT", "TRACKING", "on", "REDIRECT", cid, "BCAST", "PREFIX", PREFIX),
+                )
+                await _ask(loop, sock, reader, encode("SUBSCRIBE", CHANNEL))
+            except BaseException:
+                sock.close()
+                raise
+        self._sock, self._reader = sock, reader
+        self.client_id = int(cid)
+        self._last_reply = time.monotonic()
+        loop.add_reader(sock.fileno(), self._drain)
+        self.live = True
+        m.USER_TRACKING_UP.set(1)
+        log.info("user-row tracking connected (client id %s)", cid)
+
+    def _drain(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    self._lost(ConnectionError("closed by the server"))
+                    return
+                self._reader.feed(data)
+                if len(data) < 65536:
+                    break
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            self._lost(exc)
+            return
+        try:
+            while (msg := self._reader.gets()) is not False:
+                self._handle(msg)
+        except Exception as exc:  # a protocol error: start over on a new connection
+            self._lost(exc)
+
+    def _handle(self, msg: Any) -> None:
+        self._last_reply = time.monotonic()
+        if not isinstance(msg, list) or len(msg) < 3 or msg[0] != b"message":
+            return  # the heartbeat's pong, a subscribe confirmation
+        keys = msg[2]
+        if keys is None:  # FLUSHDB / FLUSHALL
+            self._distrust_all()
+            return
+        if not isinstance(keys, list):  # not from Redis (anyone may PUBLISH here)
+            log.warning("unexpected message on %s ignored", CHANNEL.decode())
+            return
+        for key in keys:
+            user = user_of(key) if isinstance(key, bytes) else None
+            if user is not None:
+                self.invalidate(user)
+
+    def _lost(self, exc: BaseException | None) -> None:
+        """Close the connection (if any) and distrust every row read under it."""
+        sock, self._sock = self._sock, None
+        was_live, self.live = self.live, False
+        m.USER_TRACKING_UP.set(0)
+        if sock is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                with contextlib.suppress(Exception):
+                    self._loop.remove_reader(sock.fileno())
+            sock.close()
+        if was_live:
+            self._distrust_all()
+            if exc is not None:
+                log.warning("user-row tracking lost (%s): reading Redis on every request", exc)
+
+
+async def _open(loop: asyncio.AbstractEventLoop, kw: dict[str, Any]) -> socket.socket:
+    """A connected non-blocking socket to the Redis of parsed URL ``kw``: its unix path,
+    or each address its host resolves to in turn."""
+    if "path" in kw:
+        targets: list[tuple[int, Any]] = [(socket.AF_UNIX, kw["path"])]
+    else:
+        host, port = kw.get("host", "localhost"), kw.get("port", 6379)
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        targets = [(family, addr) for family, _, _, _, addr in infos]
+    error: OSError | None = None
+    for family, addr in targets:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            if family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await loop.sock_connect(sock, addr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+        except BaseException:
+            sock.close()
+            raise
+    raise error or OSError(f"no address to connect to for {kw.get('host')}")
+
+
+class TrackingRefused(Exception):
+    """Redis answered a set-up command with an error (no CLIENT TRACKING: Redis < 6, an
+    ACL that forbids it, a wrong password)."""
+
+
+async def _ask(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, reader: Any, command: bytes
+) -> Any:
+    """Send ``command`` and return its reply (raise :class:`TrackingRefused` on an error
+    reply)."""
+    await loop.sock_sendall(sock, command)
+    while (reply := reader.gets()) is False:
+        data = await loop.sock_recv(sock, 65536)
+        if not data:
+            raise ConnectionError("closed by the server")
+        reader.feed(data)
+    if isinstance(reply, hiredis.ReplyError):
+        raise TrackingRefused(str(reply))
+    return reply
+
+
+def off_reason(settings: Settings) -> str | None:
+    """Why ``settings`` run without tracking; None when they run with it."""
+    if not settings.user_tracking:
+        return "CTR_USER_TRACKING=false"
+    if settings.user_cache_size <= 0:
+        return "CTR_USER_CACHE_SIZE=0"
+    return unsupported(settings.redis_url, settings.redis_cluster)
+
+
+async def start_tracking(settings: Settings) -> UserTracker | None:
+    """The worker's tracker, connected if Redis answers within the connect timeout (it
+    keeps trying in the background otherwise); None when ``settings`` run without."""
+    if why := off_reason(settings):
+        if settings.user_tracking and settings.user_cache_size > 0:
+            log.info("user-row tracking off (%s): Redis is read on every request", why)
+        return None
+    tracker = UserTracker(settings.redis_url, settings.redis_connect_timeout_ms / 1000)
+    tracker.start()
+    await tracker.wait_live(settings.redis_connect_timeout_ms / 1000)
+    return tracker
+
+
+def describe(tracker: UserTracker | None, settings: Settings) -> dict[str, Any]:
+    """What ``/v1/models`` shows of tracking."""
+    if tracker is None:
+        return {"enabled": False, "why_not": off_reason(settings)}
+    return {"enabled": True, "live": tracker.live}

@@ -1,0 +1,427 @@
+"""Tracked user rows (``service.tracking``, ``CTR_USER_TRACKING``): a user whose rows no
+write has touched since they were read is scored without a Redis read, and every kind of
+change (an event through this worker or another, a profile edit, a new user, a delete,
+an expiry, a flush) reaches the next request, which then answers exactly like a service
+that reads Redis every time. A lost invalidation connection distrusts every row until
+it is back. All against real Redis servers; reads are counted by Redis itself
+(``INFO commandstats``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+from fastapi.testclient import TestClient
+from redis import Redis
+
+from service import tracking
+from service.app import create_app
+from service.loader import load_into_redis
+from service.settings import Settings
+from service.store import user_key
+from service.tracking import UserTracker, off_reason, unsupported, user_of
+from service.usercache import UserRowCache, UserRows
+from tests.helpers import Built, build_bundle, redis_asleep, settings_for, wait_for
+from tests.redis_proc import RedisProcess
+
+
+def test_user_keys_and_unsupported_urls() -> None:
+    assert user_of(b"{u:42}:profile") == "42"
+    assert user_of(b"{u:a}:b}:seq") == "a}:b"  # the last "}:" ends the ID
+    assert user_of("{u:é}:seq".encode()) == "é"
+    assert user_of(b"ctr:item:cate_id") is None
+    assert user_of(b"{u:7}") is None
+    assert unsupported("redis://127.0.0.1:6379/0", False) is None
+    assert unsupported("unix:///tmp/redis.sock", False) is None
+    assert unsupported("redis://127.0.0.1:6379/0", True) == "Redis Cluster"
+    assert unsupported("rediss://h:6380/0", False) == "TLS (rediss://)"
+    assert unsupported("redis://a:1,redis://b:2", False) == "several Redis URLs"
+    assert off_reason(Settings(user_tracking=False)) == "CTR_USER_TRACKING=false"
+    assert off_reason(Settings(user_cache_size=0)) == "CTR_USER_CACHE_SIZE=0"
+    assert off_reason(Settings(redis_url="redis://127.0.0.1:6379/0")) is None
+
+
+@pytest.fixture()
+def private() -> Iterator[RedisProcess]:
+    proc = RedisProcess().start()
+    yield proc
+    proc.stop()
+    shutil.rmtree(proc.dir, ignore_errors=True)
+
+
+async def applied(tracker: UserTracker, check: Any, timeout: float = 5.0) -> None:
+    """Poll the tracker (as a request does) until ``check()`` holds."""
+    end = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < end, "invalidation never applied"
+        await asyncio.sleep(0.005)
+        tracker.poll()
+
+
+def test_trust_follows_invalidations(private: RedisProcess) -> None:
+    writer = private.client()
+
+    async def main() -> None:
+        t = UserTracker(private.url, 2.0)
+        t.start()
+        try:
+            assert await t.wait_live(5)
+            s0 = t.stamp()
+            assert s0 is not None and t.valid("u1", s0) and t.valid("u2", s0)
+            writer.rpush(user_key("u1", "seq"), b"{}")
+            await applied(t, lambda: not t.valid("u1", s0))
+            assert t.valid("u2", s0)  # another user's rows stand
+            s1 = t.stamp()  # a read sent after the invalidation is trusted
+            assert s1 is not None and t.valid("u1", s1)
+            # a write while a read is in flight (stamp taken, reply not yet stored)
+            s2 = t.stamp()
+            writer.hset(user_key("u2", "profile"), "age", "3")
+            await applied(t, lambda: not t.valid("u2", s2))
+            # other keys are not tracked
+            before = t.invalidations
+            writer.hset("ctr:item:cate_id", "i1", "c1")
+            writer.set("{u:u3}x", "not a user key")  # the prefix, but no "}:" suffix
+            writer.rpush(user_key("u3", "seq"), b"{}")  # a marker after them
+            await applied(t, lambda: not t.valid("u3", s2))
+            assert t.invalidations == before + 1
+            # an expiry is a change too
+            s3 = t.stamp()
+            writer.set(user_key("u4", "profile"), "x", px=50)
+            await applied(t, lambda: not t.valid("u4", s3))
+            s4 = t.stamp()
+            await applied(t, lambda: writer.exists(user_key("u4", "profile")) == 0)
+            await applied(t, lambda: not t.valid("u4", s4))
+            # a flush distrusts everyone
+            s5 = t.stamp()
+            losses = t.losses
+            writer.flushall()
+            await applied(t, lambda: t.losses == losses + 1)
+            assert not t.valid("never-written", s5)
+            # this worker's own write: at once, before Redis's message
+            s6 = t.stamp()
+            t.invalidate("u5")
+            assert not t.valid("u5", s6) and t.valid("u6", s6)
+            # the connection killed: nothing is trusted, no stamp is given, and it comes
+            # back on its own; stamps from before stay distrusted
+            s7 = t.stamp()
+            killed = t.client_id
+            writer.execute_command("CLIENT", "KILL", "ID", killed)
+            await applied(t, lambda: not t.live)
+            assert t.stamp() is None and not t.valid("u6", s7)
+            assert await t.wait_live(5) and t.client_id != killed
+            assert not t.valid("u6", s7)
+            s8 = t.stamp()
+            assert s8 is not None and t.valid("u6", s8)
+        finally:
+            await t.aclose()
+        assert not t.live
+
+    asyncio.run(main())
+
+
+def test_server_gone_then_back(private: RedisProcess) -> None:
+    async def main() -> None:
+        t = UserTracker(private.url, 0.5)
+        t.start()
+        try:
+            assert await t.wait_live(5)
+            s0 = t.stamp()
+            private.stop()
+            await applied(t, lambda: not t.live)
+            assert t.stamp() is None and not t.valid("u1", s0)
+            private.start()
+            assert await t.wait_live(10)
+            assert not t.valid("u1", s0)
+        finally:
+            await t.aclose()
+
+    asyncio.run(main())
+
+
+def test_refused_set_up_is_retried_quietly(
+    private: RedisProcess, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A password Redis refuses: nothing is trusted, one warning for the whole outage,
+    and the same tracker connects once the password is right."""
+    monkeypatch.setattr(tracking, "REFUSED_RETRY_S", 0.05)
+    admin = private.client()
+    admin.config_set("requirepass", "other")
+    admin = Redis(port=private.port, password="other", decode_responses=True)
+    url = private.url.replace("redis://", "redis://:right@")
+
+    async def main() -> None:
+        t = UserTracker(url, 0.5)
+        t.start()
+        try:
+            await asyncio.sleep(0.6)  # several refused attempts
+            assert not t.live and t.stamp() is None and not t.valid("u1", 0)
+            assert t.client_id is None
+            admin.config_set("requirepass", "right")
+            assert await t.wait_live(5)
+        finally:
+            await t.aclose()
+
+    with caplog.at_level(logging.WARNING, logger="ctr.tracking"):
+        asyncio.run(main())
+    refused = [r for r in caplog.records if "cannot connect" in r.getMessage()]
+    assert len(refused) == 1
+
+
+def test_heartbeat_drops_a_silent_connection(
+    private: RedisProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Redis that stops answering (here asleep, its socket open) is given up after
+    DEAD_S without a reply, and taken up again once it answers."""
+    monkeypatch.setattr(tracking, "PING_S", 0.1)
+    monkeypatch.setattr(tracking, "DEAD_S", 0.4)
+
+    async def main() -> None:
+        t = UserTracker(private.url, 0.5)
+        t.start()
+        try:
+            assert await t.wait_live(5)
+            s0 = t.stamp()
+            blocker = redis_asleep(private.url, 1.5)
+            await applied(t, lambda: not t.live, timeout=1.4)
+            assert not t.valid("u1", s0)
+            await asyncio.to_thread(blocker.join)
+            assert await t.wait_live(5)
+            assert not t.valid("u1", s0)
+        finally:
+            await t.aclose()
+
+    asyncio.run(main())
+
+
+def test_foreign_messages_on_the_channel_are_ignored(private: RedisProcess) -> None:
+    writer = private.client()
+
+    async def main() -> None:
+        t = UserTracker(private.url, 2.0)
+        t.start()
+        try:
+            assert await t.wait_live(5)
+            s0 = t.stamp()
+            writer.publish("__redis__:invalidate", "not a key list")
+            writer.rpush(user_key("u1", "seq"), b"{}")
+            await applied(t, lambda: not t.valid("u1", s0))
+            assert t.live and t.losses == 0 and t.valid("u2", s0)
+        finally:
+            await t.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_slower_older_read_is_not_trusted() -> None:
+    """Two reads of one user in flight: the older finishes last and stores its rows.
+    They came from before the write the newer read saw, so they are not trusted."""
+    t = UserTracker("redis://127.0.0.1:1/0", 0.1)  # never connected: live set by hand
+    t.live = True
+    cache = UserRowCache(4)
+    a = np.zeros((1, 1), np.int64)
+
+    def rows(tag: str) -> UserRows:
+        return UserRows({"p": tag}, tag.encode(), {}, a, a, a, a, True)
+
+    old_stamp = t.stamp()  # request 1 sends its read
+    t.invalidate("u1")  # a write lands, Redis says so
+    new_stamp = t.stamp()  # request 2 sends its read, after the write
+    cache.put("u1", rows("new"))
+    cache.note_read("u1", new_stamp)
+    assert cache.trusted("u1", {}, t) is not None
+    cache.put("u1", rows("old"))  # request 1's reply, from before the write
+    cache.note_read("u1", old_stamp)
+    assert cache.trusted("u1", {}, t) is None
+    # and rows whose keys expire are trusted only until then
+    cache.put("u2", rows("x"))
+    cache.note_read("u2", t.stamp(), time.monotonic() - 0.001)
+    assert cache.trusted("u2", {}, t) is None
+    cache.note_read("u2", t.stamp(), time.monotonic() + 60)
+    assert cache.trusted("u2", {}, t) is not None
+    assert cache.trusted("u2", {"hour": "7"}, t) is None  # other context
+
+
+# -- the service ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    return build_bundle(tmp_path_factory.mktemp("tracking"), "din")
+
+
+@pytest.fixture(scope="module")
+def own(built: Built) -> Iterator[RedisProcess]:
+    """A private Redis with ``built``'s users: no other client's reads or writes are
+    counted, and Redis deletes an expired key only when it is read
+    (``DEBUG SET-ACTIVE-EXPIRE 0``), so only the service's own expiry check can notice
+    one that nobody reads."""
+    proc = RedisProcess().start()
+    load_into_redis(built.config, built.frame, proc.url, progress=False)
+    proc.client().execute_command("DEBUG", "SET-ACTIVE-EXPIRE", "0")
+    yield proc
+    proc.stop()
+    shutil.rmtree(proc.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def clients(built: Built, own: RedisProcess) -> Iterator[tuple[TestClient, TestClient, TestClient]]:
+    """A tracked worker, a second tracked worker of the same deployment, and a service
+    that reads Redis every time (no user cache)."""
+    s = settings_for(built, redis_url=own.url, redis_connect_timeout_ms=2000)
+    with (
+        TestClient(create_app(s)) as tracked,
+        TestClient(create_app(s)) as peer,
+        TestClient(create_app(s.model_copy(update={"user_cache_size": 0}))) as fresh,
+    ):
+        for c in (tracked, peer):
+            wait_for(lambda c=c: c.app.state.ctr.tracker.live, "tracking to connect")
+        yield tracked, peer, fresh
+
+
+def reads(redis: Redis) -> int:
+    """LRANGE calls Redis has served (each scoring read sends one)."""
+    stats = redis.info("commandstats")
+    return int(stats.get("cmdstat_lrange", {}).get("calls", 0))
+
+
+def answer(client: TestClient, body: dict[str, Any]) -> dict[str, Any]:
+    r = client.post("/v1/score", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_tracked_rows_answer_like_reading_every_time(
+    built: Built, own: RedisProcess, clients: tuple[TestClient, TestClient, TestClient]
+) -> None:
+    tracked, peer, fresh = clients
+    state = tracked.app.state.ctr
+    assert tracked.get("/v1/models").json()["user_tracking"] == {"enabled": True, "live": True}
+    assert fresh.get("/v1/models").json()["user_tracking"] == {
+        "enabled": False,
+        "why_not": "CTR_USER_CACHE_SIZE=0",
+    }
+    redis = Redis.from_url(own.url)
+    user = str(built.frame["user_id"].iloc[0])
+    items = built.frame["item_id"].astype(str).unique()[:30].tolist()
+    body: dict[str, Any] = {"user_id": user, "candidates": [{"item_id": i} for i in items]}
+
+    def check(expect_read: bool) -> dict[str, Any]:
+        """The tracked worker's answer (with or without a Redis read, as expected) is
+        the every-time reader's."""
+        n = reads(redis)
+        got = answer(tracked, body)
+        assert reads(redis) - n == (1 if expect_read else 0)
+        want = answer(fresh, body)
+        for k in ("items", "cold_start", "degraded"):
+            assert got[k] == want[k], k
+        return got
+
+    first = check(expect_read=True)
+    assert check(expect_read=False)["items"] == first["items"]
+    assert check(expect_read=False)["items"] == first["items"]
+    # an event through this worker: its next request reads at once
+    r = tracked.post(
+        "/v1/events",
+        json={"user_id": user, "event_id": "tr-1", "item_id": items[0], "timestamp": 9.0},
+    )
+    assert r.status_code == 202 and r.json()["appended"] is True
+    after = check(expect_read=True)
+    assert after["items"] != first["items"]
+    check(expect_read=False)
+    # an event through another worker: Redis tells this one
+    r = peer.post(
+        "/v1/events",
+        json={"user_id": user, "event_id": "tr-2", "item_id": items[1], "timestamp": 10.0},
+    )
+    assert r.status_code == 202 and r.json()["appended"] is True
+    check(expect_read=True)
+    check(expect_read=False)
+    # a profile edited straight in Redis
+    profile = redis.hgetall(user_key(user, "profile"))
+    field = next(iter(profile))
+    redis.hset(user_key(user, "profile"), field, profile[field] + b"-edited")
+    check(expect_read=True)
+    check(expect_read=False)
+    # a behaviour pushed straight in Redis
+    redis.rpush(user_key(user, "seq"), orjson.dumps({"item_id": items[2], "ts": 11.0}))
+    check(expect_read=True)
+    # the history deleted, then the profile expiring: Redis says nothing of a key
+    # nobody reads (active expiry is off), so the TTL read with the rows must
+    redis.delete(user_key(user, "seq"))
+    check(expect_read=True)
+    redis.pexpire(user_key(user, "profile"), 400)
+    check(expect_read=True)  # PEXPIRE is a write; this read notes the TTL
+    check(expect_read=False)
+    time.sleep(0.5)
+    assert check(expect_read=True)["cold_start"] is True
+    # that read made Redis delete the key, which it reports: once more, then kept
+    check(expect_read=True)
+    check(expect_read=False)
+    # other context: a read (the kept rows are for the context they were encoded with)
+    body["context"] = {"hour": "7"}
+    check(expect_read=True)
+    check(expect_read=False)
+    # explain reads the history it names
+    n = reads(redis)
+    assert answer(tracked, {**body, "explain": True})["items"]
+    assert reads(redis) - n == 1
+    # a newcomer, then known
+    body = {**body, "user_id": "tr-newcomer"}
+    assert check(expect_read=True)["cold_start"] is True
+    assert check(expect_read=False)["cold_start"] is True
+    redis.rpush(user_key("tr-newcomer", "seq"), orjson.dumps({"item_id": items[3]}))
+    assert check(expect_read=True)["cold_start"] is False
+    # the metrics say where the rows came from
+    text = tracked.get("/metrics").text
+    assert 'ctr_user_rows_total{source="tracked"}' in text
+    assert "ctr_user_tracking_up 1.0" in text
+    assert state.tracker.live
+
+
+def test_a_lost_connection_reads_until_it_is_back(
+    built: Built, own: RedisProcess, clients: tuple[TestClient, TestClient, TestClient]
+) -> None:
+    tracked, _, _ = clients
+    tracker = tracked.app.state.ctr.tracker
+    redis = Redis.from_url(own.url)
+    user = str(built.frame["user_id"].iloc[1])
+    items = built.frame["item_id"].astype(str).unique()[:20].tolist()
+    body = {"user_id": user, "candidates": [{"item_id": i} for i in items]}
+    first = answer(tracked, body)
+    n = reads(redis)
+    answer(tracked, body)
+    assert reads(redis) == n
+    redis.execute_command("CLIENT", "KILL", "ID", tracker.client_id)
+    wait_for(lambda: not tracker.live or tracker.losses > 0, "the kill to be seen")
+    n = reads(redis)
+    assert answer(tracked, body)["items"] == first["items"]  # read again, same answer
+    assert reads(redis) - n == 1
+    wait_for(lambda: tracker.live, "tracking to reconnect")
+    answer(tracked, body)  # read under the new connection
+    n = reads(redis)
+    assert answer(tracked, body)["items"] == first["items"]
+    assert reads(redis) == n
+
+
+def test_off_reads_every_time(built: Built, own: RedisProcess) -> None:
+    redis = Redis.from_url(own.url)
+    user = str(built.frame["user_id"].iloc[2])
+    body = {"user_id": user, "candidates": [{"item_id": "i1"}, {"item_id": "i2"}]}
+    s = settings_for(built, redis_url=own.url, user_tracking=False)
+    with TestClient(create_app(s)) as c:
+        assert c.get("/v1/models").json()["user_tracking"] == {
+            "enabled": False,
+            "why_not": "CTR_USER_TRACKING=false",
+        }
+        answer(c, body)
+        n = reads(redis)
+        for _ in range(3):
+            answer(c, body)
+        assert reads(redis) - n == 3
