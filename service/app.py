@@ -725,6 +725,11 @@ async def _score(
         # no longer than the first of the user's keys lives
         model.users.note_read(req.user_id, None if degraded else stamp, read_at + data.ttl_s)
         m.USER_ROWS.labels("degraded" if degraded else "read").inc()
+    if rows is not None:
+        # nothing awaited so far: let the requests that came in with this one start
+        # (and count in state.in_flight), so that under load this call goes to the ORT
+        # thread and their work overlaps it, as after a read; alone, it runs inline
+        await asyncio.sleep(0)
     t2 = STAGE_CLOCK()
     executor = model.executor or state.executor  # a CUDA-graph model runs on its own thread
     assert executor is not None

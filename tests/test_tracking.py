@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import numpy as np
 import orjson
 import pytest
@@ -425,3 +426,42 @@ def test_off_reads_every_time(built: Built, own: RedisProcess) -> None:
         for _ in range(3):
             answer(c, body)
         assert reads(redis) - n == 3
+
+
+def metric(client: TestClient, line_start: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_requests_that_come_in_together_hand_their_calls_off(
+    built: Built, own: RedisProcess
+) -> None:
+    """A tracked request awaits nothing before its graph call. Alone, the call runs on
+    the event loop (CTR_INLINE_MAX_MS); requests that come in together first all start,
+    so each sees the others in flight and hands its call to the ORT thread, where the
+    next one's work overlaps it (as after a Redis read)."""
+    s = settings_for(built, redis_url=own.url, inline_max_ms=1000.0, provider="cpu")
+    user = str(built.frame["user_id"].iloc[3])
+    items = built.frame["item_id"].astype(str).unique()[:20].tolist()
+    body = {"user_id": user, "candidates": [{"item_id": i} for i in items]}
+    inline = "ctr_inline_runs_total"
+    tracked = 'ctr_user_rows_total{source="tracked"}'
+    with TestClient(create_app(s)) as c:
+        wait_for(lambda: c.app.state.ctr.tracker.live, "tracking to connect")
+        first = answer(c, body)  # read; the call of this size is timed
+        runs, hits = metric(c, inline), metric(c, tracked)
+        assert answer(c, body)["items"] == first["items"]  # alone: inline, no read
+        assert metric(c, inline) == runs + 1 and metric(c, tracked) == hits + 1
+
+        async def together() -> list[httpx.Response]:
+            transport = httpx.ASGITransport(app=c.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as h:
+                return await asyncio.gather(*(h.post("/v1/score", json=body) for _ in range(4)))
+
+        replies = c.portal.call(together)
+        assert [r.status_code for r in replies] == [200] * 4
+        assert all(r.json()["items"] == first["items"] for r in replies)
+        assert metric(c, tracked) == hits + 5  # no read for any of them
+        assert metric(c, inline) == runs + 1  # and none ran inline
