@@ -9,6 +9,7 @@ it is back. All against real Redis servers; reads are counted by Redis itself
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import time
@@ -57,6 +58,19 @@ def private() -> Iterator[RedisProcess]:
     shutil.rmtree(proc.dir, ignore_errors=True)
 
 
+@contextlib.asynccontextmanager
+async def running(url: str, connect_timeout_s: float = 2.0, live: bool = True) -> Any:
+    """A started tracker (connected, when ``live``), closed on the way out."""
+    t = UserTracker(url, connect_timeout_s)
+    t.start()
+    try:
+        if live:
+            assert await t.wait_live(5)
+        yield t
+    finally:
+        await t.aclose()
+
+
 async def applied(tracker: UserTracker, check: Any, timeout: float = 5.0) -> None:
     """Poll the tracker (as a request does) until ``check()`` holds."""
     end = time.monotonic() + timeout
@@ -70,10 +84,7 @@ def test_trust_follows_invalidations(private: RedisProcess) -> None:
     writer = private.client()
 
     async def main() -> None:
-        t = UserTracker(private.url, 2.0)
-        t.start()
-        try:
-            assert await t.wait_live(5)
+        async with running(private.url, 2.0) as t:
             s0 = t.stamp()
             assert s0 is not None and t.valid("u1", s0) and t.valid("u2", s0)
             writer.rpush(user_key("u1", "seq"), b"{}")
@@ -120,8 +131,6 @@ def test_trust_follows_invalidations(private: RedisProcess) -> None:
             assert not t.valid("u6", s7)
             s8 = t.stamp()
             assert s8 is not None and t.valid("u6", s8)
-        finally:
-            await t.aclose()
         assert not t.live
 
     asyncio.run(main())
@@ -129,10 +138,7 @@ def test_trust_follows_invalidations(private: RedisProcess) -> None:
 
 def test_server_gone_then_back(private: RedisProcess) -> None:
     async def main() -> None:
-        t = UserTracker(private.url, 0.5)
-        t.start()
-        try:
-            assert await t.wait_live(5)
+        async with running(private.url, 0.5) as t:
             s0 = t.stamp()
             private.stop()
             await applied(t, lambda: not t.live)
@@ -140,8 +146,6 @@ def test_server_gone_then_back(private: RedisProcess) -> None:
             private.start()
             assert await t.wait_live(10)
             assert not t.valid("u1", s0)
-        finally:
-            await t.aclose()
 
     asyncio.run(main())
 
@@ -158,16 +162,12 @@ def test_refused_set_up_is_retried_quietly(
     url = private.url.replace("redis://", "redis://:right@")
 
     async def main() -> None:
-        t = UserTracker(url, 0.5)
-        t.start()
-        try:
+        async with running(url, 0.5, live=False) as t:
             await asyncio.sleep(0.6)  # several refused attempts
             assert not t.live and t.stamp() is None and not t.valid("u1", 0)
             assert t.client_id is None
             admin.config_set("requirepass", "right")
             assert await t.wait_live(5)
-        finally:
-            await t.aclose()
 
     with caplog.at_level(logging.WARNING, logger="ctr.tracking"):
         asyncio.run(main())
@@ -184,10 +184,7 @@ def test_heartbeat_drops_a_silent_connection(
     monkeypatch.setattr(tracking, "DEAD_S", 0.4)
 
     async def main() -> None:
-        t = UserTracker(private.url, 0.5)
-        t.start()
-        try:
-            assert await t.wait_live(5)
+        async with running(private.url, 0.5) as t:
             s0 = t.stamp()
             blocker = redis_asleep(private.url, 1.5)
             await applied(t, lambda: not t.live, timeout=1.4)
@@ -195,8 +192,6 @@ def test_heartbeat_drops_a_silent_connection(
             await asyncio.to_thread(blocker.join)
             assert await t.wait_live(5)
             assert not t.valid("u1", s0)
-        finally:
-            await t.aclose()
 
     asyncio.run(main())
 
@@ -205,17 +200,12 @@ def test_foreign_messages_on_the_channel_are_ignored(private: RedisProcess) -> N
     writer = private.client()
 
     async def main() -> None:
-        t = UserTracker(private.url, 2.0)
-        t.start()
-        try:
-            assert await t.wait_live(5)
+        async with running(private.url, 2.0) as t:
             s0 = t.stamp()
             writer.publish("__redis__:invalidate", "not a key list")
             writer.rpush(user_key("u1", "seq"), b"{}")
             await applied(t, lambda: not t.valid("u1", s0))
             assert t.live and t.losses == 0 and t.valid("u2", s0)
-        finally:
-            await t.aclose()
 
     asyncio.run(main())
 
