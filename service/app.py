@@ -717,6 +717,10 @@ async def _score(
     if rows is not None:
         m.USER_ROWS.labels("tracked").inc()
         prepared = rows_feeds(bundle, rows, cands.sparse, cands.dense)
+        # nothing awaited so far: let the requests that came in with this one start
+        # (and count in state.in_flight), so that under load this call goes to the ORT
+        # thread and their work overlaps it, as after a read; alone, it runs inline
+        await asyncio.sleep(0)
     else:
         prepared = build_feeds(
             bundle, req.user_id, context, data, cands.sparse, cands.dense, model.users
@@ -725,11 +729,6 @@ async def _score(
         # no longer than the first of the user's keys lives
         model.users.note_read(req.user_id, None if degraded else stamp, read_at + data.ttl_s)
         m.USER_ROWS.labels("degraded" if degraded else "read").inc()
-    if rows is not None:
-        # nothing awaited so far: let the requests that came in with this one start
-        # (and count in state.in_flight), so that under load this call goes to the ORT
-        # thread and their work overlaps it, as after a read; alone, it runs inline
-        await asyncio.sleep(0)
     t2 = STAGE_CLOCK()
     executor = model.executor or state.executor  # a CUDA-graph model runs on its own thread
     assert executor is not None

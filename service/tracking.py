@@ -45,6 +45,7 @@ import hiredis
 from redis.asyncio.connection import SSLConnection, parse_url
 
 from service import metrics as m
+from service.resp import pack_command
 from service.settings import Settings
 
 log = logging.getLogger("ctr.tracking")
@@ -59,12 +60,10 @@ MAX_NOTED = 200_000  # per-user invalidations kept before the floor moves instea
 
 
 def encode(*args: bytes | str | int) -> bytes:
-    """One RESP command."""
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        b = a if isinstance(a, bytes) else str(a).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
-    return b"".join(out)
+    """One RESP command (:func:`service.resp.pack_command`, as redis-py would send it)."""
+    packed = pack_command(args, "utf-8", "strict")
+    assert packed is not None  # text, bytes and ints are always packed
+    return packed
 
 
 def user_of(key: bytes) -> str | None:
