@@ -709,8 +709,7 @@ async def _score(
             log.warning("redis fetch failed, degraded response: %s", type(exc).__name__)
             m.ERRORS.labels("redis").inc()
             m.DEGRADED.inc()
-            degraded = True
-            data = UserData()
+            degraded = True  # data stays empty
     t1 = STAGE_CLOCK()
     # rows with a missing feature because the store failed are not cached
     cands.finish(bundle, model.rows, cacheable=not (degraded and lookups))

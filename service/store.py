@@ -434,7 +434,7 @@ async def fetch(
     data = UserData(_pairs(res[0]), list(res[1]), _decode_items(feats, res[n:]))
     if ttl:
         # -1: no expiry, -2: no such key; otherwise milliseconds
-        left = [int(t) for t in res[2:4] if int(t) >= 0]
+        left = [int(t) for t in res[2:n] if int(t) >= 0]
         data.ttl_s = min(left) / 1000 if left else math.inf
     return data
 

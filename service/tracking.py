@@ -99,8 +99,8 @@ class UserTracker:
         self.floor = 0  # every stamp below this is distrusted
         self.noted: dict[str, int] = {}  # user -> number of their newest invalidation
         self.live = False  # subscribed, and heard from within DEAD_S
-        self.invalidations = 0  # keys invalidated (for tests and metrics)
-        self.losses = 0  # times every row was distrusted at once
+        self.invalidations = 0  # users invalidated one by one (seen by the tests)
+        self.losses = 0  # times every row was distrusted at once (seen by the tests)
         self.client_id: int | None = None  # the connection's CLIENT ID (CLIENT KILL ID)
         self._sock: socket.socket | None = None
         self._reader: Any = None
