@@ -73,6 +73,16 @@ USER_TRACKING_UP = Gauge(
     "1 while the worker's invalidation connection (CTR_USER_TRACKING) is up",
     multiprocess_mode="liveall",
 )
+USER_INVALIDATIONS = Counter(
+    "ctr_user_invalidations_total",
+    "User keys Redis reported written, deleted, expired or evicted (CTR_USER_TRACKING; "
+    "BCAST: each worker hears of every user key written to this Redis, in any database)",
+)
+USER_TRACKING_RESETS = Counter(
+    "ctr_user_tracking_resets_total",
+    "Times every kept user row was distrusted at once (connection lost, flush, or the "
+    "per-user table full): the requests that follow read Redis",
+)
 IN_FLIGHT = Gauge(
     "ctr_requests_in_flight",
     "Scoring requests being served (CTR_MAX_IN_FLIGHT bounds each worker's)",

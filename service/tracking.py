@@ -145,6 +145,7 @@ class UserTracker:
         self.floor = self.seq
         self.noted.clear()
         self.losses += 1
+        m.USER_TRACKING_RESETS.inc()
 
     # -- connection -----------------------------------------------------------------
 
@@ -266,6 +267,7 @@ class UserTracker:
         if not isinstance(keys, list):  # not from Redis (anyone may PUBLISH here)
             log.warning("unexpected message on %s ignored", CHANNEL.decode())
             return
+        m.USER_INVALIDATIONS.inc(len(keys))
         for key in keys:
             user = user_of(key) if isinstance(key, bytes) else None
             if user is not None:

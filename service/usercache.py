@@ -11,7 +11,8 @@ just read, so an appended behaviour, a changed profile or other context encodes 
 Per user it holds the arrays, the profile, the context and the digest, not the
 behaviours. The rows depend on the model's ID mapping, so the cache belongs to one
 :class:`~service.model.LoadedModel` (a reload starts empty); it is only touched from the
-event loop thread. Oldest entries go first when full.
+event loop thread. When full, the user used least recently goes first: a hit (rows
+reused after a read, or trusted without one) makes the user the newest entry.
 
 With tracking on (:mod:`service.tracking`, ``CTR_USER_TRACKING``), the cache also notes
 the stamp of the read the rows last matched, and :meth:`UserRowCache.trusted` hands
@@ -86,8 +87,15 @@ class UserRowCache:
             and rows.profile == profile
             and rows.context == context
         ):
+            self._touch(user_id, rows)
             return rows
         return None
+
+    def _touch(self, user_id: str, rows: UserRows) -> None:
+        """Make ``user_id`` the newest entry (dicts keep insertion order): the cache
+        evicts the user used least recently, not the one read first."""
+        del self.data[user_id]
+        self.data[user_id] = rows
 
     def rows_for(
         self,
@@ -139,4 +147,7 @@ class UserRowCache:
         stamp, until = noted
         if time.monotonic() >= until:  # a key has expired: read (Redis may not say yet)
             return None
-        return rows if tracker.valid(user_id, stamp) else None
+        if not tracker.valid(user_id, stamp):
+            return None
+        self._touch(user_id, rows)
+        return rows

@@ -21,6 +21,7 @@ import numpy as np
 import orjson
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
 from redis import Redis
 
 from service import tracking
@@ -80,6 +81,13 @@ async def applied(tracker: UserTracker, check: Any, timeout: float = 5.0) -> Non
         tracker.poll()
 
 
+def sample(name: str) -> float:
+    """This process's value of counter ``name`` (the service's metrics registry)."""
+    value = REGISTRY.get_sample_value(name)
+    assert value is not None, name
+    return value
+
+
 def test_trust_follows_invalidations(private: RedisProcess) -> None:
     writer = private.client()
 
@@ -97,12 +105,14 @@ def test_trust_follows_invalidations(private: RedisProcess) -> None:
             writer.hset(user_key("u2", "profile"), "age", "3")
             await applied(t, lambda: not t.valid("u2", s2))
             # other keys are not tracked
-            before = t.invalidations
+            before, heard = t.invalidations, sample("ctr_user_invalidations_total")
             writer.hset("ctr:item:cate_id", "i1", "c1")
             writer.set("{u:u3}x", "not a user key")  # the prefix, but no "}:" suffix
             writer.rpush(user_key("u3", "seq"), b"{}")  # a marker after them
             await applied(t, lambda: not t.valid("u3", s2))
             assert t.invalidations == before + 1
+            # the metric counts every key Redis named: the user's, and the one that is not
+            assert sample("ctr_user_invalidations_total") == heard + 2
             # an expiry is a change too
             s3 = t.stamp()
             writer.set(user_key("u4", "profile"), "x", px=50)
@@ -112,9 +122,10 @@ def test_trust_follows_invalidations(private: RedisProcess) -> None:
             await applied(t, lambda: not t.valid("u4", s4))
             # a flush distrusts everyone
             s5 = t.stamp()
-            losses = t.losses
+            losses, resets = t.losses, sample("ctr_user_tracking_resets_total")
             writer.flushall()
             await applied(t, lambda: t.losses == losses + 1)
+            assert sample("ctr_user_tracking_resets_total") == resets + 1
             assert not t.valid("never-written", s5)
             # this worker's own write: at once, before Redis's message
             s6 = t.stamp()

@@ -41,9 +41,32 @@ def test_reused_only_for_the_same_inputs_and_bounded() -> None:
     cache.put("u1", rows(3, [b"x"]))  # replaces u1's entry, which becomes the newest
     cache.put("u3", rows(4, []))  # full: the oldest (u2) goes
     assert len(cache) == 2 and set(cache.data) == {"u1", "u3"}
+    # a hit makes the user the newest: the one used least recently goes, not the first read
+    assert cache.get("u1", {"p": "3"}, digest([b"x"]), {}) is not None
+    cache.put("u4", rows(5, []))
+    assert list(cache.data) == ["u1", "u4"]
     off = UserRowCache(0)
     off.put("u1", kept)
     assert len(off) == 0
+
+
+class _NothingChanged:
+    """A tracker that has seen no invalidation (``UserTracker.valid``'s answer)."""
+
+    def valid(self, user_id: str, stamp: int) -> bool:
+        return True
+
+
+def test_a_trusted_hit_makes_the_user_the_newest() -> None:
+    cache = UserRowCache(2)
+    cache.put("u1", rows(1, []))
+    cache.put("u2", rows(2, []))
+    cache.note_read("u1", 7)
+    tracker: Any = _NothingChanged()
+    assert cache.trusted("u1", {}, tracker) is cache.data["u1"]
+    assert cache.trusted("u2", {}, tracker) is None  # no read noted for u2
+    cache.put("u3", rows(3, []))  # full: u2, used least recently, goes
+    assert list(cache.data) == ["u1", "u3"] and "u1" in cache.stamps
 
 
 @pytest.fixture(scope="module")
