@@ -40,6 +40,29 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type: ``kind(text)``, which must be 0 or more."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value >= 0:
+            raise argparse.ArgumentTypeError(f"must be 0 or more (got {text})")
+        return value
+
+    return parse
+
+
+def _share(text: str) -> float:
+    """An argparse type: a share between 0 and 1."""
+    value = _non_negative(float)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"a share is at most 1 (got {text})")
+    return value
+
+
 def _overrides(pairs: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for pair in pairs:
@@ -237,7 +260,7 @@ def cmd_bench_pair(args: argparse.Namespace) -> int:
     res = run(
         args.model, args.n, args.concurrency, args.rounds, args.seconds, envs,
         args.redis_url, (args.port, args.port + 1), args.threads, args.inflight,
-        Path(args.models_dir) if args.models_dir else None,
+        Path(args.models_dir) if args.models_dir else None, args.writes, args.other_writes,
     )  # fmt: skip
     table = render(res, ("ctr bench-pair " + " ".join(sys.argv[2:])).strip())
     print(table)
@@ -450,6 +473,19 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--threads", type=int, default=2, help="ORT intra-op threads")
     pp.add_argument("--inflight", type=int, default=1, help="CTR_INFERENCE_CONCURRENCY")
     pp.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
+    pp.add_argument(
+        "--writes",
+        type=_share,
+        default=0.0,
+        help="share of requests before which the client appends a behaviour to the "
+        "request's user in Redis (0-1; default 0: nothing written)",
+    )
+    pp.add_argument(
+        "--other-writes",
+        type=_non_negative(float),
+        default=0.0,
+        help="appends per second for users nobody scores, from a process of its own",
+    )
     pp.add_argument("--port", type=int, default=8330, help="A's port; B's is the next")
     pp.add_argument("--out", default="", help="folder for JSON and table")
     pp.set_defaults(func=cmd_bench_pair)

@@ -399,7 +399,10 @@ def test_bench_pair_runs_two_settings_side_by_side() -> None:
     """`ctr bench-pair` end to end at a tiny size: two real services on one real Redis,
     each with its own settings (seen in its /v1/models), windows of each on its own
     process, and the table; a side whose replies are not 200 stops the run, naming it,
-    and both services are stopped."""
+    and both services are stopped. With writes (`--writes`, `--other-writes`): half the
+    requests follow an append to their user, so the tracking side serves about half of
+    them without a read and hears the other users' writes; the side with tracking off
+    tracks nothing and hears nothing; the other users' keys are gone afterwards."""
     import socket
 
     from training.bench_pair import render, run
@@ -412,8 +415,9 @@ def test_bench_pair_runs_two_settings_side_by_side() -> None:
 
     proc = RedisProcess().start()
     try:
-        envs = ({"CTR_NATIVE_JSON": "off"}, {})
-        res = run("din", 20, 2, 2, 0.3, envs, proc.url, two_ports(), 1, 1)
+        envs = ({"CTR_NATIVE_JSON": "off", "CTR_USER_TRACKING": "false"}, {})
+        res = run("din", 20, 2, 2, 0.3, envs, proc.url, two_ports(), 1, 1, None, 0.5, 200)
+        left = proc.client().keys("{u:bench-other-*")
         bad = ({}, {"CTR_MAX_CANDIDATES": "10"})  # 20 candidates: every reply a 422
         ports = two_ports()
         with pytest.raises(RuntimeError, match=f"not 200 \\(http://127.0.0.1:{ports[1]}\\)"):
@@ -436,9 +440,19 @@ def test_bench_pair_runs_two_settings_side_by_side() -> None:
     assert s["cpu_ms"]["pairs"] == 2
     ratios = [b["cpu_ms"] / a["cpu_ms"] for a, b in zip(*res["windows"], strict=True)]
     assert s["cpu_ms"]["ratios"] == pytest.approx(ratios)
+    # the writes: every window, half its requests; tracking off (A) trusts no row and
+    # hears nothing, tracking on (B) reads after each write and hears every user key
+    off, on = res["windows"]
+    for w in off + on:
+        assert w["writes_per_req"] == pytest.approx(0.5, abs=0.1)
+    assert all(w["tracked"] == 0 and w["invalidations_per_s"] == 0 for w in off)
+    assert all(0.25 < w["tracked"] < 0.75 and w["invalidations_per_s"] > 0 for w in on)
+    assert res["other_writes_achieved"] > 0 and left == []
     table = render(res, "ctr bench-pair")
-    assert "| A | `CTR_NATIVE_JSON=off` |" in table and "| B | (the defaults) |" in table
+    assert "| A | `CTR_NATIVE_JSON=off` `CTR_USER_TRACKING=false` |" in table
+    assert "| B | (the defaults) |" in table
     assert "differs in json_encoder (A orjson, B native)" in table
+    assert "before 50% of the requests the client appended a behaviour" in table
     assert f"| CPU ms/req | {s['cpu_ms']['median']:.3f} | " in table
 
 

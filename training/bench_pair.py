@@ -21,10 +21,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from service.loader import load_into_redis
 from training.bench_service import (
     _bundle_for,
     _closed_loop,
+    _counter,
     _device,
     _start_service,
     bodies_for,
@@ -33,6 +36,7 @@ from training.bench_service import (
     stop_service,
     tree_cpu_s,
 )
+from training.bench_writes import OtherWrites, UserWrites
 
 SIDES = ("A", "B")
 SERVED = (
@@ -75,7 +79,8 @@ def summarize(windows: list[list[dict[str, float]]]) -> dict[str, Any]:
     """``windows[side][i]``, side 0 = A and 1 = B, ``rounds`` windows each (as
     :func:`run` returns them): each side's medians, and B against A per pair of
     windows."""
-    keys = ("rps", "cpu_ms", "p50_ms", "client_cpu_ms", "idle_cores")
+    keys = ("rps", "cpu_ms", "p50_ms", "client_cpu_ms", "idle_cores", "tracked",
+            "writes_per_req", "invalidations_per_s")  # fmt: skip
     sides = [{k: statistics.median(w[k] for w in side) for k in keys} for side in windows]
     a, b = windows
     return {
@@ -93,22 +98,55 @@ def _cpu_s(pid: int) -> float:
     return cpu
 
 
+def user_rows(url: str) -> dict[str, float]:
+    """The side's ``ctr_user_rows_total`` by source, and the invalidations it has heard
+    (``ctr_user_invalidations_total``), from one ``/metrics`` scrape."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    rows = {k.removeprefix("source="): v for k, v in _counter(text, "ctr_user_rows_total").items()}
+    heard = sum(_counter(text, "ctr_user_invalidations_total").values())
+    return {**rows, "invalidations": heard}
+
+
 async def _window(
-    url: str, pid: int, idle_pid: int, bodies: list[bytes], concurrency: int, seconds: float
+    url: str,
+    pid: int,
+    idle_pid: int,
+    bodies: list[bytes],
+    concurrency: int,
+    seconds: float,
+    writes: UserWrites | None = None,
 ) -> dict[str, float]:
     """One closed-loop window on ``url`` (the service ``pid``) while the other side
     (``idle_pid``) is not driven: requests/s, the service's CPU ms per request, p50, the
-    client's CPU ms per request, and the CPU the idle side used meanwhile (cores)."""
-    before, idle_before, start = _cpu_s(pid), _cpu_s(idle_pid), time.perf_counter()
-    r = await _closed_loop(url, bodies, concurrency, seconds)
-    after, idle_after, wall = _cpu_s(pid), _cpu_s(idle_pid), time.perf_counter() - start
+    client's CPU ms per request, the CPU the idle side used meanwhile (cores), the share
+    of requests whose user rows were tracked (no read), the scored users' writes per
+    request (``writes``, opened here) and the invalidations the side heard per second.
+    The ``/metrics`` scrapes fall outside the CPU measured."""
+    rows0 = user_rows(url)
+    if writes is not None:
+        await writes.open()
+    try:
+        before, idle_before, start = _cpu_s(pid), _cpu_s(idle_pid), time.perf_counter()
+        r = await _closed_loop(
+            url, bodies, concurrency, seconds, writes.before if writes is not None else None
+        )
+        after, idle_after, wall = _cpu_s(pid), _cpu_s(idle_pid), time.perf_counter() - start
+    finally:
+        if writes is not None:
+            await writes.close()
+    rows1 = user_rows(url)
     if r["errors"]:
         raise RuntimeError(f"{r['errors']} of {r['requests']} replies were not 200 ({url})")
     if not r["requests"]:
         raise RuntimeError(f"no request completed in a window of {seconds:g} s ({url})")
+    scored = {k: rows1.get(k, 0.0) - rows0.get(k, 0.0) for k in ("tracked", "read", "degraded")}
     return {"pid": pid, "rps": r["ok_rps"], "cpu_ms": (after - before) * 1000 / r["requests"],
             "p50_ms": r["p50_ms"], "client_cpu_ms": r["client_cpu_ms"],
-            "idle_cores": (idle_after - idle_before) / wall}  # fmt: skip
+            "idle_cores": (idle_after - idle_before) / wall,
+            "tracked": scored["tracked"] / max(1.0, sum(scored.values())),
+            "writes_per_req": writes.written / r["requests"] if writes is not None else 0.0,
+            "invalidations_per_s": (rows1["invalidations"] - rows0["invalidations"]) / wall,
+            }  # fmt: skip
 
 
 def run(
@@ -123,9 +161,14 @@ def run(
     threads: int,
     inflight: int,
     models_dir: Path | None = None,
+    writes: float = 0.0,
+    other_writes: float = 0.0,
 ) -> dict[str, Any]:
     """Start A (``envs[0]`` over the benchmark's settings, on ``ports[0]``) and B, warm
-    both, then ``rounds`` windows of ``seconds`` each per side. Returns the settings,
+    both, then ``rounds`` windows of ``seconds`` each per side. ``writes``: the share of
+    requests before which the client appends a behaviour to the request's user in Redis;
+    ``other_writes``: appends per second for users nobody scores, from a process of its
+    own through warm-up and every window (:mod:`training.bench_writes`). Returns the settings,
     ``served[side]`` (what each side's ``/v1/models`` shows), ``windows[side][i]`` (the
     dicts of :func:`_window`, with the ``pid`` driven) and ``summary``
     (:func:`summarize`). A window with any reply other than 200, or none at all, stops
@@ -136,26 +179,33 @@ def run(
         where, config, frame = _bundle_for(model, models_dir, tmp, None)
         load_into_redis(config, frame, redis_url, progress=False)
         bodies = bodies_for(frame, n)
+        keep = config.max_seq_len
         procs: list[tuple[subprocess.Popen, str]] = []
         try:
             for extra, port in zip(envs, ports, strict=True):
                 env = service_env(where, config.name, redis_url, threads, inflight, extra)
                 procs.append(_start_service(env, port))
             what = [served(url) for _, url in procs]
-            for _, url in procs:  # warm: caches, the graph's size range, the connections
-                asyncio.run(_closed_loop(url, bodies, concurrency, 1.0))
-            windows: list[list[dict[str, float]]] = [[], []]
-            for side in window_order(rounds):
-                (proc, url), (idle, _) = procs[side], procs[1 - side]
-                windows[side].append(
-                    asyncio.run(_window(url, proc.pid, idle.pid, bodies, concurrency, seconds))
-                )
+            with OtherWrites(redis_url, other_writes, keep) as others:
+                for _, url in procs:  # warm: caches, the graph's size range, the connections
+                    asyncio.run(_closed_loop(url, bodies, concurrency, 1.0))
+                windows: list[list[dict[str, float]]] = [[], []]
+                for side in window_order(rounds):
+                    (proc, url), (idle, _) = procs[side], procs[1 - side]
+                    mix = UserWrites(redis_url, bodies, writes, keep) if writes else None
+                    windows[side].append(
+                        asyncio.run(
+                            _window(url, proc.pid, idle.pid, bodies, concurrency, seconds, mix)
+                        )
+                    )
         finally:
             for proc, _ in procs:
                 stop_service(proc)
     return {
         "model": model, "n": n, "concurrency": concurrency, "rounds": rounds,
         "seconds": seconds, "threads": threads, "inflight": inflight,
+        "writes": writes, "other_writes": other_writes,
+        "other_writes_achieved": others.achieved,
         "envs": list(envs), "served": what,
         "device": _device({**envs[0], **envs[1]}), "windows": windows,
         "summary": summarize(windows),
@@ -165,6 +215,22 @@ def run(
 def _env_text(env: dict[str, str]) -> str:
     """A side's settings as markdown code spans."""
     return " ".join(f"`{k}={v}`" for k, v in env.items()) or "(the defaults)"
+
+
+def _writes_text(res: dict[str, Any]) -> str:
+    """What the run wrote to Redis while it measured (:mod:`training.bench_writes`)."""
+    share, other = res.get("writes", 0.0), res.get("other_writes", 0.0)
+    parts = [
+        f"before {share:.0%} of the requests the client appended a behaviour to that "
+        "request's user in Redis (the service's append script, not timed)"
+        if share
+        else "no writes for the scored users (every repeat request finds its user unchanged)",
+        f"a process of its own appended {res['other_writes_achieved']:,.0f} behaviours/s "
+        f"(asked: {other:,.0f}) for users nobody scores"
+        if other
+        else "no writes for other users",
+    ]
+    return "Writes while measuring: " + "; ".join(parts) + "."
 
 
 def render(res: dict[str, Any], command: str) -> str:
@@ -181,15 +247,18 @@ def render(res: dict[str, Any], command: str) -> str:
         "windows.",
         "",
         "| side | settings | req/s | CPU ms/req | p50 ms | client CPU ms/req | "
-        "the other side, idle (cores) |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "the other side, idle (cores) | users' rows tracked | writes/req | "
+        "invalidations heard/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for k, side in enumerate(s["sides"]):
         lines.append(
             f"| {SIDES[k]} | {_env_text(res['envs'][k])} | {side['rps']:,.0f} | "
             f"{side['cpu_ms']:.3f} | {side['p50_ms']:.2f} | {side['client_cpu_ms']:.3f} | "
-            f"{s['sides'][1 - k]['idle_cores']:.3f} |"
+            f"{s['sides'][1 - k]['idle_cores']:.3f} | {side['tracked']:.1%} | "
+            f"{side['writes_per_req']:.3f} | {side['invalidations_per_s']:,.0f} |"
         )
+    lines += ["", _writes_text(res)]
     a, b = res["served"]
     differ = [f"{k} (A {a[k]}, B {b[k]})" for k in SERVED if a.get(k) != b.get(k)]
     lines += [

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -250,13 +250,22 @@ def slow_counts(before: str, after: str, over: float = 0.03) -> dict[str, float]
     return {k: v - a.get(k, 0.0) for k, v in b.items() if v - a.get(k, 0.0) > 0}
 
 
-async def _closed_loop(url: str, bodies: list[bytes], concurrency: int, seconds: float) -> dict:
-    """``concurrency`` clients, each sending back-to-back for ``seconds``."""
+Before = Callable[[int], Awaitable[None]]
+
+
+async def _closed_loop(
+    url: str, bodies: list[bytes], concurrency: int, seconds: float, before: Before | None = None
+) -> dict:
+    """``concurrency`` clients, each sending back-to-back for ``seconds``; ``before(i)``,
+    when given, is awaited before each request for ``bodies[i % len(bodies)]`` and is not
+    part of its measured time (:mod:`training.bench_writes`)."""
     with client_gc_off():
-        return await _closed_loop_run(url, bodies, concurrency, seconds)
+        return await _closed_loop_run(url, bodies, concurrency, seconds, before)
 
 
-async def _closed_loop_run(url: str, bodies: list[bytes], concurrency: int, seconds: float) -> dict:
+async def _closed_loop_run(
+    url: str, bodies: list[bytes], concurrency: int, seconds: float, before: Before | None = None
+) -> dict:
     """:func:`_closed_loop`'s run: every client connected before the clock starts;
     ``ok_rps`` counts 200 replies only."""
     lat: list[float] = []
@@ -272,6 +281,8 @@ async def _closed_loop_run(url: str, bodies: list[bytes], concurrency: int, seco
         i = k
         client = clients[k]
         while time.perf_counter() < stop:
+            if before is not None:
+                await before(i)
             t = time.perf_counter()
             status = await client.post("/v1/score", bodies[i % len(bodies)])
             lat.append(time.perf_counter() - t)

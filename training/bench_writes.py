@@ -1,0 +1,169 @@
+"""Writes to Redis while a benchmark runs (``ctr bench-pair --writes / --other-writes``).
+
+On its own a benchmark writes nothing, so a user scored twice is unchanged the second
+time. Under ``CTR_USER_TRACKING`` such a request needs no Redis read, so a benchmark
+without writes shows tracking at its best. Real traffic writes: a click between two of
+a user's ranking requests changes what the second one must read. Two kinds of writes
+bring that in:
+
+* **The scored users' writes** (:class:`UserWrites`): before a share ``p`` of the
+  requests, the client appends one behaviour to that request's user, as an event
+  pipeline does after a click. It uses the service's own append script
+  (:class:`service.store.EventWriter`), straight to Redis, not through the service. The
+  request that follows finds its user changed and reads. The write is not part of the
+  request's measured time, and its CPU is the client's and Redis's, not the service's.
+* **Other users' writes** (:class:`OtherWrites`): a separate process appends behaviours
+  for users the benchmark never scores, at a steady rate. They change no answer, but in
+  BCAST mode every tracking worker is told of every user key written. This prices that
+  traffic: the side with tracking off hears nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import time
+from typing import Any
+
+import orjson
+from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+
+from service.features import EVENT_FIELDS
+from service.store import APPEND_EVENT, EventWriter, user_key
+
+OTHER = "bench-other-"  # the other users' IDs: OTHER + a number below OTHER_USERS
+OTHER_USERS = 10_000
+DEDUP_WINDOW = 100  # event IDs each written user remembers (the benchmark's own)
+TS = EVENT_FIELDS[1]  # the stored behaviour's time field
+
+
+def due(k: int, share: float) -> bool:
+    """Whether the ``k``-th request (from 0) is preceded by a write, for a share
+    ``share`` of requests spread evenly: 0.25 writes before every fourth."""
+    return math.floor((k + 1) * share) > math.floor(k * share)
+
+
+class UserWrites:
+    """Appends one behaviour for a request's user before a share of the requests
+    (:meth:`before`). Each behaviour is the user's newest stored one with a new time
+    (now) and event ID, so what the model reads changes as it would after a click on an
+    item like the last one. Open it inside the event loop that sends the requests."""
+
+    def __init__(self, redis_url: str, bodies: list[bytes], share: float, keep: int) -> None:
+        if not 0 <= share <= 1:
+            raise ValueError(f"the share of requests with a write is in [0, 1], not {share}")
+        self.redis_url, self.share, self.keep = redis_url, share, keep
+        self.users = [str(orjson.loads(b)["user_id"]) for b in bodies]
+        self.requests = 0  # requests seen by before()
+        self.written = 0
+        self._redis: AsyncRedis | None = None
+        self._writer: EventWriter | None = None
+        self._newest: dict[str, dict[str, Any]] = {}
+
+    async def open(self) -> UserWrites:
+        self._redis = AsyncRedis.from_url(self.redis_url)
+        self._writer = EventWriter(self._redis, DEDUP_WINDOW)
+        for user in set(self.users):
+            raw = await self._redis.lindex(user_key(user, "seq"), -1)
+            newest = orjson.loads(raw) if raw else {}
+            self._newest[user] = newest if isinstance(newest, dict) else {}
+        return self
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    async def before(self, index: int) -> None:
+        """Called before the request for ``bodies[index % len(bodies)]`` is sent."""
+        k, self.requests = self.requests, self.requests + 1
+        if not due(k, self.share):
+            return
+        assert self._writer is not None, "open() first"
+        user = self.users[index % len(self.users)]
+        ts = time.time()
+        payload = {**self._newest[user], TS: ts}
+        await self._writer.append(user, f"bench-{k}-{ts}", ts, payload, self.keep)
+        self.written += 1
+
+
+def _write_others(redis_url: str, rate: float, keep: int, stop: Any, count: Any) -> None:
+    """The :class:`OtherWrites` process: ``rate`` appends per second in 10 ms batches
+    (one pipeline each), round-robin over :data:`OTHER_USERS` users, until ``stop``."""
+    client = Redis.from_url(redis_url)
+    script = client.register_script(APPEND_EVENT)
+    period, owed, k = 0.01, 0.0, 0
+    payload = orjson.dumps({"item_id": "bench-other-item"})
+    tick = time.perf_counter()
+    while not stop.is_set():
+        owed += rate * period
+        batch, owed = int(owed), owed - int(owed)
+        if batch:
+            pipe = client.pipeline(transaction=False)
+            now = time.time()
+            for _ in range(batch):
+                user = f"{OTHER}{k % OTHER_USERS}"
+                keys = [user_key(user, "seq"), user_key(user, "events")]
+                script(keys=keys, args=[f"o{k}", now, payload, keep, DEDUP_WINDOW, 0], client=pipe)
+                k += 1
+            pipe.execute()
+            with count.get_lock():
+                count.value += batch
+        tick += period
+        time.sleep(max(0.0, tick - time.perf_counter()))
+    client.close()
+
+
+class OtherWrites:
+    """``rate`` appends per second for users no request scores, from a process of its own
+    while the ``with`` block runs (0: none). :attr:`achieved` is the rate it kept up.
+    Their keys are deleted on the way out."""
+
+    def __init__(self, redis_url: str, rate: float, keep: int) -> None:
+        self.redis_url, self.rate, self.keep = redis_url, rate, keep
+        self.achieved = 0.0
+        ctx = mp.get_context("spawn")
+        self._stop = ctx.Event()
+        self._count = ctx.Value("q", 0)
+        self._proc = (
+            ctx.Process(
+                target=_write_others,
+                args=(redis_url, rate, keep, self._stop, self._count),
+                daemon=True,
+            )
+            if rate > 0
+            else None
+        )
+        self._started = 0.0
+
+    def __enter__(self) -> OtherWrites:
+        if self._proc is not None:
+            self._proc.start()
+            self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is None:
+            return
+        self._stop.set()
+        self._proc.join(10)
+        if self._proc.is_alive():
+            self._proc.kill()
+        self.achieved = self._count.value / max(1e-9, time.perf_counter() - self._started)
+        client = Redis.from_url(self.redis_url)
+        try:
+            for batch in _batched(client.scan_iter(match=f"{{u:{OTHER}*", count=1000)):
+                client.delete(*batch)
+        finally:
+            client.close()
+
+
+def _batched(keys: Any, size: int = 500) -> Any:
+    batch: list[Any] = []
+    for key in keys:
+        batch.append(key)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
