@@ -292,6 +292,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         dict(args.env),
         Path(args.models_dir) if args.models_dir else None,
         [float(x) for x in args.rates.split(",") if x],
+        args.writes,
     )
     command = "ctr bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "ctr bench"
     table = render(res, command)
@@ -407,6 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="service setting, e.g. CTR_PROVIDER=cuda",
     )
     bs.add_argument("--rates", default="", help="also run open-loop at these req/s rates")
+    bs.add_argument(
+        "--writes",
+        type=_share,
+        default=0.0,
+        help="share of closed-loop requests before which the client appends a behaviour "
+        "to the request's user in Redis (0-1; default 0: nothing written)",
+    )
     bs.add_argument(
         "--models-dir", default="", help="score these existing bundles (--models names them)"
     )

@@ -22,7 +22,10 @@ def test_service_benchmark_reports_every_figure() -> None:
 
     proc = RedisProcess().start()
     try:
-        res = run(["din"], [20], [1, 2], 0.3, 1, proc.url, free_port(), inflight=2, rates=[200])
+        res = run(
+            ["din"], [20], [1, 2], 0.3, 1, proc.url, free_port(), inflight=2, rates=[200],
+            writes=0.5,
+        )  # fmt: skip
     finally:
         proc.stop()
     din = res["models"]["din"]
@@ -64,7 +67,15 @@ def test_service_benchmark_reports_every_figure() -> None:
     # processes and threads, /proc), the benchmark client, and the model alone
     assert all(v["service_cpu_ms"] > 0 and v["client_cpu_ms"] > 0 for v in sweep.values())
     assert mo["cpu_ms"] > 0
+    # --writes 0.5: an append before every other closed-loop request; tracking reads
+    # after each and trusts the kept rows otherwise
+    for w in [single, *sweep.values()]:
+        assert w["writes_per_req"] == pytest.approx(0.5, abs=0.1)
+        rows = w["user_rows"]
+        assert 0.25 < rows["tracked"] / sum(rows.values()) < 0.75, rows
     table = render(res, "ctr bench --models din")
+    assert "before 50% of the closed-loop requests the client appends" in table
+    assert "| inline calls | rows tracked |" in table
     assert "| din | 20 |" in table and "2 ORT run(s) in flight" in table
     assert "loop CPU ms/req" in table and "CPU ms/req: service" in table
     assert "| inline calls |" in table

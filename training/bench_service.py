@@ -55,6 +55,7 @@ from training.bench_util import (
     request_feeds,
     timed_rate,
 )
+from training.bench_writes import UserWrites
 
 if TYPE_CHECKING:
     from service.model import LoadedModel
@@ -144,18 +145,22 @@ def _counter(text: str, metric: str) -> dict[str, float]:
 
 def window_counts(before: str, after: str) -> dict[str, Any]:
     """Degraded responses (``ctr_degraded_responses_total``), service errors
-    (``ctr_errors_total``, in all and by kind) and graph calls run on the event loop
-    thread (``ctr_inline_runs_total``, ``CTR_INLINE_MAX_MS``) between two /metrics
-    scrapes."""
+    (``ctr_errors_total``, in all and by kind), graph calls run on the event loop
+    thread (``ctr_inline_runs_total``, ``CTR_INLINE_MAX_MS``) and requests by where the
+    user's rows came from (``ctr_user_rows_total``: tracked, read, degraded) between two
+    /metrics scrapes."""
 
     def diff(metric: str) -> float:
         return sum(_counter(after, metric).values()) - sum(_counter(before, metric).values())
 
     e0, e1 = _counter(before, "ctr_errors_total"), _counter(after, "ctr_errors_total")
     kinds = {k: v - e0.get(k, 0.0) for k, v in e1.items() if v - e0.get(k, 0.0) > 0}
+    r0, r1 = _counter(before, "ctr_user_rows_total"), _counter(after, "ctr_user_rows_total")
+    rows = {k.removeprefix("source="): v - r0.get(k, 0.0) for k, v in r1.items()}
     return {"degraded": diff("ctr_degraded_responses_total"),
             "service_errors": sum(kinds.values()), "errors_by_kind": kinds,
-            "inline_calls": diff("ctr_inline_runs_total")}  # fmt: skip
+            "inline_calls": diff("ctr_inline_runs_total"),
+            "user_rows": rows}  # fmt: skip
 
 
 class RawClient:
@@ -298,6 +303,23 @@ async def _closed_loop_run(
     return {"requests": len(lat), "errors": errors, "rps": len(lat) / elapsed,
             "ok_rps": (len(lat) - errors) / elapsed, "p50_ms": p50, "p99_ms": p99,
             "client_cpu_ms": cpu * 1000 / max(1, len(lat))}  # fmt: skip
+
+
+def drive(
+    url: str, bodies: list[bytes], concurrency: int, seconds: float, mix: UserWrites | None
+) -> dict:
+    """One closed-loop window (:func:`_closed_loop`); with ``mix``, the scored users'
+    writes before a share of its requests, and ``writes_per_req`` in the result."""
+
+    async def go() -> dict:
+        if mix is None:
+            return await _closed_loop(url, bodies, concurrency, seconds)
+        async with mix:
+            r = await _closed_loop(url, bodies, concurrency, seconds, mix.before)
+        r["writes_per_req"] = mix.written / max(1, r["requests"])
+        return r
+
+    return asyncio.run(go())
 
 
 async def _open_loop(
@@ -586,15 +608,21 @@ def _measured(url: str, work: Callable[[], dict[str, Any]]) -> tuple[dict[str, A
     return res, before, after
 
 
+Mix = Callable[[], UserWrites | None]  # a window's writes (training.bench_writes), or none
+
+
+def no_writes() -> None:
+    return None
+
+
 def service_single(
-    url: str, pid: int, bodies: list[bytes], seconds: float, loop_cpu: bool
+    url: str, pid: int, bodies: list[bytes], seconds: float, loop_cpu: bool, mix: Mix = no_writes
 ) -> dict[str, Any]:
     """The service at concurrency 1: latency, its stage breakdown, degraded responses
-    and errors, and (one worker) its event loop's CPU per request."""
+    and errors, and (one worker) its event loop's CPU per request. ``mix`` gives the
+    window's writes."""
     cpu0 = loop_cpu_s(pid) if loop_cpu else None
-    single, before, after = _measured(
-        url, lambda: asyncio.run(_closed_loop(url, bodies, 1, seconds))
-    )
+    single, before, after = _measured(url, lambda: drive(url, bodies, 1, seconds, mix()))
     cpu1 = loop_cpu_s(pid) if cpu0 is not None else None
     single["stages_ms"] = {k: v * 1000 for k, v in stage_means(before, after).items()}
     if cpu0 is not None and cpu1 is not None and single["requests"]:
@@ -603,14 +631,19 @@ def service_single(
 
 
 def service_sweep(
-    url: str, pid: int, bodies: list[bytes], concurrency: list[int], seconds: float
+    url: str,
+    pid: int,
+    bodies: list[bytes],
+    concurrency: list[int],
+    seconds: float,
+    mix: Mix = no_writes,
 ) -> dict[int, dict[str, Any]]:
     """The closed-loop sweep: per client concurrency, throughput, latency, degraded
     responses and errors, and the service's CPU per request (all its processes)."""
     sweep = {}
     for c in concurrency:
         svc0 = tree_cpu_s(pid)
-        res, _, _ = _measured(url, lambda c=c: asyncio.run(_closed_loop(url, bodies, c, seconds)))
+        res, _, _ = _measured(url, lambda c=c: drive(url, bodies, c, seconds, mix()))
         svc1 = tree_cpu_s(pid)
         if svc0 is not None and svc1 is not None and res["requests"]:
             res["service_cpu_ms"] = (svc1 - svc0) * 1000 / res["requests"]
@@ -645,16 +678,23 @@ def measure_n(
     """Everything for one model and N, in this order: the service warmed up; the model
     alone just before the service's c=1 window, that window, the model alone again; the
     model alone's throughput; the service's sweep; open-loop runs. ``plan``: seconds,
-    concurrency, rates, reps, loop_cpu (one worker) and the served graphs."""
+    concurrency, rates, reps, loop_cpu (one worker), the served graphs, and ``writes``:
+    ``(redis_url, share, keep)`` of the scored users' writes in the closed-loop windows
+    (:class:`training.bench_writes.UserWrites`; absent or share 0: none)."""
     seconds = plan["seconds"]
     asyncio.run(_closed_loop(url, bodies, 1, min(1.0, seconds)))  # warm: caches, pools
+    redis_url, share, keep = plan.get("writes") or ("", 0.0, 0)
+
+    def mix() -> UserWrites | None:
+        return UserWrites(redis_url, bodies, share, keep) if share else None
+
     before = baseline_latency(base, feeds, plan["reps"])
-    single = service_single(url, pid, bodies, seconds, plan["loop_cpu"])
+    single = service_single(url, pid, bodies, seconds, plan["loop_cpu"], mix)
     after = baseline_latency(base, feeds, plan["reps"])
     mo = model_only_row(base, feeds, before, after, plan["reps"])
     single["check"] = speed_check(single, mo, plan["graphs"])
     sustained(mo, baseline_rates(base, feeds, len(feeds[0]["user_idx"]), seconds))
-    sweep = service_sweep(url, pid, bodies, plan["concurrency"], seconds)
+    sweep = service_sweep(url, pid, bodies, plan["concurrency"], seconds, mix)
     ol = service_open_loop(url, bodies, plan["rates"], seconds)
     return {"model_only": mo, "single": single, "saturation": sweep, "open_loop": ol}
 
@@ -740,8 +780,11 @@ def run(
     env: dict[str, str] | None = None,
     models_dir: Path | None = None,
     rates: list[float] | None = None,
+    writes: float = 0.0,
 ) -> dict[str, Any]:
     """``inflight``: the service's ``CTR_INFERENCE_CONCURRENCY`` (ORT runs in flight).
+    ``writes``: the share of closed-loop requests before which the client appends a
+    behaviour to the request's user in Redis (:mod:`training.bench_writes`).
     ``env``: more ``CTR_*`` settings for the service (e.g. ``CTR_PROVIDER=cuda``); the
     model-only baseline is loaded by the service's own loader from the same settings.
     ``models_dir``: score existing bundles, named by ``models``, instead of building.
@@ -756,6 +799,7 @@ def run(
         "device": _device(env),
         "seconds": seconds,
         "bodies": BODIES,
+        "writes": writes,
         "models": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -768,7 +812,8 @@ def run(
             try:
                 graphs = {"service": served_model(url), "model_only": base.describe()}
                 plan = {"seconds": seconds, "concurrency": concurrency, "rates": rates or [],
-                        "reps": REPS, "loop_cpu": _workers(results) == 1}  # fmt: skip
+                        "reps": REPS, "loop_cpu": _workers(results) == 1,
+                        "writes": (redis_url, writes, config.max_seq_len)}  # fmt: skip
                 results["models"][mt] = _measure_model(
                     mt, url, proc.pid, base, frame, n_values, {**plan, "graphs": graphs}
                 )
@@ -872,12 +917,19 @@ def _tracking_text(res: dict[str, Any]) -> str:
     for r in res["models"].values():
         t = r.get("graphs", {}).get("service", {}).get("user_tracking") or {}
         states.add("on" if t.get("enabled") else f"off ({t.get('why_not') or 'unknown'})")
+    share = res.get("writes", 0.0)
+    written = (
+        f"before {share:.0%} of the closed-loop requests the client appends a behaviour to "
+        "that request's user in Redis (the service's append script, not timed; `--writes`)"
+    )
     if states == {"on"}:
-        return (
-            "user-row tracking on (CTR_USER_TRACKING): nothing is written meanwhile, so a "
-            "user's repeat request reads nothing from Redis"
+        return "user-row tracking on (CTR_USER_TRACKING): " + (
+            f"{written}, and such a request reads; the others read nothing from Redis"
+            if share
+            else "nothing is written meanwhile, so a user's repeat request reads nothing from Redis"
         )
-    return "user-row tracking " + ", ".join(sorted(states)) + ": every request reads Redis"
+    text = "user-row tracking " + ", ".join(sorted(states)) + ": every request reads Redis"
+    return text + (f"; {written}" if share else "")
 
 
 def _header(res: dict[str, Any], command: str) -> list[str]:
@@ -968,12 +1020,13 @@ def _saturation_table(res: dict[str, Any]) -> list[str]:
         "processes and threads (/proc; Redis, on the same machine, is not counted), the "
         "benchmark client, and the model alone (one stream of the service's runner, "
         "this process's CPU); inline calls: the share of the best point's requests whose "
-        "graph call ran on the event loop thread (CTR_INLINE_MAX_MS):",
+        "graph call ran on the event loop thread (CTR_INLINE_MAX_MS); rows tracked: the "
+        "share whose user rows were trusted without a Redis read (CTR_USER_TRACKING):",
         "",
         "| model | N | best req/s | at concurrency | candidates/s | model alone req/s |"
         " at streams | ratio | met (>= 80 %) | non-200 | degraded | service errors |"
-        " CPU ms/req: service | client | model alone | inline calls |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|:-:|---:|---:|---:|---:|---:|---:|---:|",
+        " CPU ms/req: service | client | model alone | inline calls | rows tracked |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|:-:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for mt, r in res["models"].items():
         for n, sweep in r["saturation"].items():
@@ -986,7 +1039,7 @@ def _saturation_table(res: dict[str, Any]) -> list[str]:
                 f"{mo['sustained_rps']:.0f} | {mo['sustained_streams']} | {ratio:.0%} | "
                 f"{verdict(totals, ratio >= 0.8)} | {_counts(totals)} | "
                 f"{_ms(best, 'service_cpu_ms')} | {_ms(best, 'client_cpu_ms')} | "
-                f"{_ms(mo, 'cpu_ms')} | {_share(best)} |"
+                f"{_ms(mo, 'cpu_ms')} | {_share(best)} | {_tracked(best)} |"
             )
     return lines
 
@@ -995,6 +1048,13 @@ def _share(run: dict[str, Any]) -> str:
     """Inline graph calls as a share of the window's requests."""
     calls, requests = run.get("inline_calls"), run.get("requests")
     return "–" if calls is None or not requests else f"{calls / requests:.0%}"
+
+
+def _tracked(run: dict[str, Any]) -> str:
+    """The share of the window's requests whose user rows needed no Redis read."""
+    rows = run.get("user_rows") or {}
+    total = sum(rows.values())
+    return "–" if not total else f"{rows.get('tracked', 0.0) / total:.0%}"
 
 
 def _sweep_table(res: dict[str, Any]) -> list[str]:

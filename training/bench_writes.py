@@ -74,6 +74,12 @@ class UserWrites:
         if self._redis is not None:
             await self._redis.aclose()
 
+    async def __aenter__(self) -> UserWrites:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
     async def before(self, index: int) -> None:
         """Called before the request for ``bodies[index % len(bodies)]`` is sent."""
         k, self.requests = self.requests, self.requests + 1
