@@ -152,6 +152,15 @@ class Settings(BaseSettings):
         "worker of every change; single-node redis:// and unix:// only, and only with "
         "CTR_USER_CACHE_SIZE > 0 (false: read on every request)",
     )
+    user_tracking_drain_ms: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description="how the tracking connection is read: 0 = whenever it is readable (each "
+        "invalidation message wakes the worker); above 0 = only before a request trusts or "
+        "reads a user's rows, and every this many ms (a worker woken at most that often "
+        "by other users' writes)",
+    )
     explain_top: int = Field(3, gt=0, description="history items returned per item by explain")
     api_key: SecretStr | None = Field(None, description="key for write/admin endpoints")
     reload_channel: str = Field(

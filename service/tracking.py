@@ -10,10 +10,12 @@ One connection per worker, of its own (not from the pool): ``CLIENT TRACKING on
 REDIRECT <its own id> BCAST PREFIX {u:``, then ``SUBSCRIBE __redis__:invalidate``. From
 then on Redis sends the names of the user keys (``{u:<id>}:profile``, ``:seq``,
 ``:events``) that any client writes, deletes or that expire or are evicted; a null
-name when a database is flushed. The worker reads the socket whenever it is readable,
-and once more, synchronously, before it trusts a cached row (:meth:`UserTracker.poll`),
-so an invalidation that has reached this host is applied before the request that
-follows it is answered.
+name when a database is flushed. The worker reads the socket whenever it is readable
+(``CTR_USER_TRACKING_DRAIN_MS=0``) or only every that many ms, and always once more,
+synchronously, before it trusts a cached row (:meth:`UserTracker.poll`), so an
+invalidation that has reached this host is applied before the request that follows it
+is answered. Read on a timer, a burst of writes to other users costs an idle worker one
+wake-up per tick instead of one per message.
 
 Trust is decided with a sequence number. :meth:`UserTracker.stamp` is taken before a
 read is sent; each invalidation takes the next number and notes it for its user. Rows
@@ -92,9 +94,11 @@ def unsupported(url: str, cluster: bool) -> str | None:
 class UserTracker:
     """One worker's invalidation connection and its trust table (event loop thread only)."""
 
-    def __init__(self, url: str, connect_timeout_s: float) -> None:
+    def __init__(self, url: str, connect_timeout_s: float, drain_s: float = 0.0) -> None:
         self.url = url
         self.connect_timeout_s = connect_timeout_s
+        # 0: read the socket whenever it is readable; else every drain_s and on demand
+        self.drain_s = drain_s
         self.seq = 0  # the newest invalidation's number
         self.floor = 0  # every stamp below this is distrusted
         self.noted: dict[str, int] = {}  # user -> number of their newest invalidation
@@ -113,7 +117,10 @@ class UserTracker:
 
     def stamp(self) -> int | None:
         """The stamp to record before a read is sent; None when tracking is down (rows
-        read now are not trusted later)."""
+        read now are not trusted later). Read on a timer, the socket is read first, so
+        that a change from before the read does not count as one after it."""
+        if self.drain_s > 0:
+            self.poll()
         return self.seq if self.live else None
 
     def poll(self) -> None:
@@ -172,6 +179,8 @@ class UserTracker:
     async def _keep(self) -> None:
         delay = 0.05
         failing = False
+        tick = self.drain_s if 0 < self.drain_s < PING_S else PING_S
+        pinged = 0.0
         while not self._closed:
             if self._sock is None:
                 try:
@@ -187,8 +196,12 @@ class UserTracker:
                     )
                     delay = min(delay * 2, RETRY_MAX_S)
                     continue
-            await asyncio.sleep(PING_S)
-            self._heartbeat()
+            await asyncio.sleep(tick)
+            if self.drain_s > 0:
+                self.poll()
+            if (now := time.monotonic()) - pinged >= PING_S * 0.999:
+                pinged = now
+                self._heartbeat()
 
     def _heartbeat(self) -> None:
         if self._sock is None:
@@ -227,7 +240,8 @@ class UserTracker:
         self._sock, self._reader = sock, reader
         self.client_id = int(cid)
         self._last_reply = time.monotonic()
-        loop.add_reader(sock.fileno(), self._drain)
+        if self.drain_s <= 0:
+            loop.add_reader(sock.fileno(), self._drain)
         self.live = True
         m.USER_TRACKING_UP.set(1)
         log.info("user-row tracking connected (client id %s)", cid)
@@ -353,7 +367,11 @@ async def start_tracking(settings: Settings) -> UserTracker | None:
         if settings.user_tracking and settings.user_cache_size > 0:
             log.info("user-row tracking off (%s): Redis is read on every request", why)
         return None
-    tracker = UserTracker(settings.redis_url, settings.redis_connect_timeout_ms / 1000)
+    tracker = UserTracker(
+        settings.redis_url,
+        settings.redis_connect_timeout_ms / 1000,
+        settings.user_tracking_drain_ms / 1000,
+    )
     tracker.start()
     await tracker.wait_live(settings.redis_connect_timeout_ms / 1000)
     return tracker
@@ -363,4 +381,4 @@ def describe(tracker: UserTracker | None, settings: Settings) -> dict[str, Any]:
     """What ``/v1/models`` shows of tracking."""
     if tracker is None:
         return {"enabled": False, "why_not": off_reason(settings)}
-    return {"enabled": True, "live": tracker.live}
+    return {"enabled": True, "live": tracker.live, "drain_ms": tracker.drain_s * 1000}

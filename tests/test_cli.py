@@ -145,9 +145,11 @@ def test_bench_pair_arguments(
     assert args.func(args) == 0
     model, n, _, rounds, seconds, envs, _, ports = seen["args"][:8]
     assert (model, n, rounds, seconds) == ("din", 20, 12, 1.5)
-    assert seen["args"][-2:] == (0.0, 0.0)  # nothing written unless asked
-    args = parser.parse_args(["bench-pair", "--writes", "0.25", "--other-writes", "1000"])
-    assert args.func(args) == 0 and seen["args"][-2:] == (0.25, 1000.0)
+    assert seen["args"][-3:] == (0.0, 0.0, False)  # nothing written unless asked
+    args = parser.parse_args(
+        ["bench-pair", "--writes", "0.25", "--other-writes", "1000", "--pipelined"]
+    )
+    assert args.func(args) == 0 and seen["args"][-3:] == (0.25, 1000.0, True)
     assert envs == ({"CTR_X": "1", "CTR_Y": "a=b"}, {"CTR_X": "2"}) and ports == (9000, 9001)
     assert json.loads((tmp_path / "bench_pair.json").read_text()) == {"figures": 1}
     assert (tmp_path / "bench_pair.md").read_text().startswith("table for ctr bench-pair")

@@ -60,9 +60,11 @@ def private() -> Iterator[RedisProcess]:
 
 
 @contextlib.asynccontextmanager
-async def running(url: str, connect_timeout_s: float = 2.0, live: bool = True) -> Any:
+async def running(
+    url: str, connect_timeout_s: float = 2.0, live: bool = True, drain_s: float = 0.0
+) -> Any:
     """A started tracker (connected, when ``live``), closed on the way out."""
-    t = UserTracker(url, connect_timeout_s)
+    t = UserTracker(url, connect_timeout_s, drain_s)
     t.start()
     try:
         if live:
@@ -143,6 +145,40 @@ def test_trust_follows_invalidations(private: RedisProcess) -> None:
             s8 = t.stamp()
             assert s8 is not None and t.valid("u6", s8)
         assert not t.live
+
+    asyncio.run(main())
+
+
+def test_read_on_a_timer_and_before_each_stamp(private: RedisProcess) -> None:
+    """``CTR_USER_TRACKING_DRAIN_MS`` > 0: no message wakes the worker. What reached the
+    socket is applied by the next stamp (before a read is sent), by a poll (before rows
+    are trusted), or by the timer, whichever comes first."""
+    writer = private.client()
+
+    async def main() -> None:
+        async with running(private.url, 2.0, drain_s=0.8) as t:
+            # the first tick is 0.8 s after the connection: none falls in what follows
+            s0 = t.stamp()
+            assert s0 is not None
+            writer.rpush(user_key("u1", "seq"), b"{}")  # Redis has sent the name by now
+            await asyncio.sleep(0.1)  # the event loop ran: nothing read the socket
+            assert t.valid("u1", s0)
+            s1 = t.stamp()  # reads it first: the change is from before this read
+            assert s1 is not None and not t.valid("u1", s0) and t.valid("u1", s1)
+            writer.rpush(user_key("u2", "seq"), b"{}")
+            end = time.monotonic() + 3
+            while t.valid("u2", s1):  # no poll here: only the timer reads the socket
+                assert time.monotonic() < end, "the timer never read the socket"
+                await asyncio.sleep(0.01)
+            # a connection killed is noticed by the timer too (and taken up again at once)
+            killed, losses = t.client_id, t.losses
+            writer.execute_command("CLIENT", "KILL", "ID", killed)
+            end = time.monotonic() + 3
+            while t.losses == losses:
+                assert time.monotonic() < end, "the timer never noticed the kill"
+                await asyncio.sleep(0.01)
+            assert not t.valid("u3", s1)
+            assert await t.wait_live(5) and t.client_id != killed
 
     asyncio.run(main())
 
@@ -258,12 +294,19 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     return build_bundle(tmp_path_factory.mktemp("tracking"), "din")
 
 
+@pytest.fixture(scope="module", params=[0.0, 20.0], ids=["drain-readable", "drain-20ms"])
+def drain_ms(request: pytest.FixtureRequest) -> float:
+    """``CTR_USER_TRACKING_DRAIN_MS``: the service tests run with the tracking socket read
+    whenever it is readable, and read only on demand and every 20 ms."""
+    return float(request.param)
+
+
 @pytest.fixture(scope="module")
-def own(built: Built) -> Iterator[RedisProcess]:
-    """A private Redis with ``built``'s users: no other client's reads or writes are
-    counted, and Redis deletes an expired key only when it is read
-    (``DEBUG SET-ACTIVE-EXPIRE 0``), so only the service's own expiry check can notice
-    one that nobody reads."""
+def own(built: Built, drain_ms: float) -> Iterator[RedisProcess]:
+    """A private Redis with ``built``'s users (one per ``drain_ms``, as the tests change
+    its data): no other client's reads or writes are counted, and Redis deletes an
+    expired key only when it is read (``DEBUG SET-ACTIVE-EXPIRE 0``), so only the
+    service's own expiry check can notice one that nobody reads."""
     proc = RedisProcess().start()
     load_into_redis(built.config, built.frame, proc.url, progress=False)
     proc.client().execute_command("DEBUG", "SET-ACTIVE-EXPIRE", "0")
@@ -273,10 +316,14 @@ def own(built: Built) -> Iterator[RedisProcess]:
 
 
 @pytest.fixture(scope="module")
-def clients(built: Built, own: RedisProcess) -> Iterator[tuple[TestClient, TestClient, TestClient]]:
+def clients(
+    built: Built, own: RedisProcess, drain_ms: float
+) -> Iterator[tuple[TestClient, TestClient, TestClient]]:
     """A tracked worker, a second tracked worker of the same deployment, and a service
     that reads Redis every time (no user cache)."""
-    s = settings_for(built, redis_url=own.url, redis_connect_timeout_ms=2000)
+    s = settings_for(
+        built, redis_url=own.url, redis_connect_timeout_ms=2000, user_tracking_drain_ms=drain_ms
+    )
     with (
         TestClient(create_app(s)) as tracked,
         TestClient(create_app(s)) as peer,
@@ -300,11 +347,18 @@ def answer(client: TestClient, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_tracked_rows_answer_like_reading_every_time(
-    built: Built, own: RedisProcess, clients: tuple[TestClient, TestClient, TestClient]
+    built: Built,
+    own: RedisProcess,
+    clients: tuple[TestClient, TestClient, TestClient],
+    drain_ms: float,
 ) -> None:
     tracked, peer, fresh = clients
     state = tracked.app.state.ctr
-    assert tracked.get("/v1/models").json()["user_tracking"] == {"enabled": True, "live": True}
+    assert tracked.get("/v1/models").json()["user_tracking"] == {
+        "enabled": True,
+        "live": True,
+        "drain_ms": drain_ms,
+    }
     assert fresh.get("/v1/models").json()["user_tracking"] == {
         "enabled": False,
         "why_not": "CTR_USER_CACHE_SIZE=0",
@@ -437,13 +491,19 @@ def metric(client: TestClient, line_start: str) -> float:
 
 
 def test_requests_that_come_in_together_hand_their_calls_off(
-    built: Built, own: RedisProcess
+    built: Built, own: RedisProcess, drain_ms: float
 ) -> None:
     """A tracked request awaits nothing before its graph call. Alone, the call runs on
     the event loop (CTR_INLINE_MAX_MS); requests that come in together first all start,
     so each sees the others in flight and hands its call to the ORT thread, where the
     next one's work overlaps it (as after a Redis read)."""
-    s = settings_for(built, redis_url=own.url, inline_max_ms=1000.0, provider="cpu")
+    s = settings_for(
+        built,
+        redis_url=own.url,
+        inline_max_ms=1000.0,
+        provider="cpu",
+        user_tracking_drain_ms=drain_ms,
+    )
     user = str(built.frame["user_id"].iloc[3])
     items = built.frame["item_id"].astype(str).unique()[:20].tolist()
     body = {"user_id": user, "candidates": [{"item_id": i} for i in items]}

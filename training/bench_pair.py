@@ -163,12 +163,14 @@ def run(
     models_dir: Path | None = None,
     writes: float = 0.0,
     other_writes: float = 0.0,
+    pipelined: bool = False,
 ) -> dict[str, Any]:
     """Start A (``envs[0]`` over the benchmark's settings, on ``ports[0]``) and B, warm
     both, then ``rounds`` windows of ``seconds`` each per side. ``writes``: the share of
     requests before which the client appends a behaviour to the request's user in Redis;
     ``other_writes``: appends per second for users nobody scores, from a process of its
-    own through warm-up and every window (:mod:`training.bench_writes`). Returns the settings,
+    own through warm-up and every window, each its own round trip (``pipelined``: 10 ms
+    of them per pipeline; :mod:`training.bench_writes`). Returns the settings,
     ``served[side]`` (what each side's ``/v1/models`` shows), ``windows[side][i]`` (the
     dicts of :func:`_window`, with the ``pid`` driven) and ``summary``
     (:func:`summarize`). A window with any reply other than 200, or none at all, stops
@@ -186,7 +188,7 @@ def run(
                 env = service_env(where, config.name, redis_url, threads, inflight, extra)
                 procs.append(_start_service(env, port))
             what = [served(url) for _, url in procs]
-            with OtherWrites(redis_url, other_writes, keep) as others:
+            with OtherWrites(redis_url, other_writes, keep, pipelined) as others:
                 for _, url in procs:  # warm: caches, the graph's size range, the connections
                     asyncio.run(_closed_loop(url, bodies, concurrency, 1.0))
                 windows: list[list[dict[str, float]]] = [[], []]
@@ -204,7 +206,7 @@ def run(
     return {
         "model": model, "n": n, "concurrency": concurrency, "rounds": rounds,
         "seconds": seconds, "threads": threads, "inflight": inflight,
-        "writes": writes, "other_writes": other_writes,
+        "writes": writes, "other_writes": other_writes, "pipelined": pipelined,
         "other_writes_achieved": others.achieved,
         "envs": list(envs), "served": what,
         "device": _device({**envs[0], **envs[1]}), "windows": windows,
@@ -226,7 +228,12 @@ def _writes_text(res: dict[str, Any]) -> str:
         if share
         else "no writes for the scored users (every repeat request finds its user unchanged)",
         f"a process of its own appended {res['other_writes_achieved']:,.0f} behaviours/s "
-        f"(asked: {other:,.0f}) for users nobody scores"
+        f"(asked: {other:,.0f}) for users nobody scores, "
+        + (
+            "10 ms of them per pipeline (named to the trackers together)"
+            if res.get("pipelined")
+            else "each a round trip of its own (named to the trackers one by one)"
+        )
         if other
         else "no writes for other users",
     ]

@@ -93,9 +93,14 @@ class UserWrites:
         self.written += 1
 
 
-def _write_others(redis_url: str, rate: float, keep: int, stop: Any, count: Any) -> None:
-    """The :class:`OtherWrites` process: ``rate`` appends per second in 10 ms batches
-    (one pipeline each), round-robin over :data:`OTHER_USERS` users, until ``stop``."""
+def _write_others(
+    redis_url: str, rate: float, keep: int, pipelined: bool, stop: Any, count: Any
+) -> None:
+    """The :class:`OtherWrites` process: ``rate`` appends per second, paced in 10 ms
+    ticks, round-robin over :data:`OTHER_USERS` users, until ``stop``. Each append is a
+    round trip of its own, as independent writers send them, so Redis names each one's
+    keys to the trackers in a message of its own; ``pipelined``: one pipeline per tick,
+    whose keys Redis names in one message."""
     client = Redis.from_url(redis_url)
     script = client.register_script(APPEND_EVENT)
     period, owed, k = 0.01, 0.0, 0
@@ -105,14 +110,16 @@ def _write_others(redis_url: str, rate: float, keep: int, stop: Any, count: Any)
         owed += rate * period
         batch, owed = int(owed), owed - int(owed)
         if batch:
-            pipe = client.pipeline(transaction=False)
+            pipe = client.pipeline(transaction=False) if pipelined else None
             now = time.time()
             for _ in range(batch):
                 user = f"{OTHER}{k % OTHER_USERS}"
                 keys = [user_key(user, "seq"), user_key(user, "events")]
-                script(keys=keys, args=[f"o{k}", now, payload, keep, DEDUP_WINDOW, 0], client=pipe)
+                args = [f"o{k}", now, payload, keep, DEDUP_WINDOW, 0]
+                script(keys=keys, args=args, client=pipe or client)
                 k += 1
-            pipe.execute()
+            if pipe is not None:
+                pipe.execute()
             with count.get_lock():
                 count.value += batch
         tick += period
@@ -122,10 +129,11 @@ def _write_others(redis_url: str, rate: float, keep: int, stop: Any, count: Any)
 
 class OtherWrites:
     """``rate`` appends per second for users no request scores, from a process of its own
-    while the ``with`` block runs (0: none). :attr:`achieved` is the rate it kept up.
-    Their keys are deleted on the way out."""
+    while the ``with`` block runs (0: none), each a round trip of its own or, with
+    ``pipelined``, 10 ms of them in one pipeline. :attr:`achieved` is the rate it kept
+    up. Their keys are deleted on the way out."""
 
-    def __init__(self, redis_url: str, rate: float, keep: int) -> None:
+    def __init__(self, redis_url: str, rate: float, keep: int, pipelined: bool = False) -> None:
         self.redis_url, self.rate, self.keep = redis_url, rate, keep
         self.achieved = 0.0
         ctx = mp.get_context("spawn")
@@ -134,7 +142,7 @@ class OtherWrites:
         self._proc = (
             ctx.Process(
                 target=_write_others,
-                args=(redis_url, rate, keep, self._stop, self._count),
+                args=(redis_url, rate, keep, pipelined, self._stop, self._count),
                 daemon=True,
             )
             if rate > 0
