@@ -153,7 +153,7 @@ class Settings(BaseSettings):
         "CTR_USER_CACHE_SIZE > 0 (false: read on every request)",
     )
     user_tracking_drain_ms: float = Field(
-        0.0,
+        20.0,
         ge=0,
         le=1000,
         description="how the tracking connection is read: 0 = whenever it is readable (each "
