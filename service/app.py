@@ -689,11 +689,14 @@ async def _score(
     data = UserData()
     tracker = state.tracker
     rows = None
+    polled = False
     if tracker is not None and not lookups and not req.explain:
         tracker.poll()  # invalidations that have reached this host apply first
+        polled = True
         rows = model.users.trusted(req.user_id, context, tracker)
     if rows is None:
-        stamp = tracker.stamp() if tracker is not None else None  # before the read is sent
+        # before the read is sent (the socket just read above: nothing awaited since)
+        stamp = tracker.stamp(poll=not polled) if tracker is not None else None
         try:
             assert state.reader is not None
             read_at = time.monotonic()

@@ -115,11 +115,12 @@ class UserTracker:
 
     # -- trust ----------------------------------------------------------------------
 
-    def stamp(self) -> int | None:
+    def stamp(self, poll: bool = True) -> int | None:
         """The stamp to record before a read is sent; None when tracking is down (rows
-        read now are not trusted later). Read on a timer, the socket is read first, so
-        that a change from before the read does not count as one after it."""
-        if self.drain_s > 0:
+        read now are not trusted later). Read on a timer, the socket is read first
+        (unless the caller has just done so: ``poll`` false), so that a change from before
+        the read does not count as one after it."""
+        if poll and self.drain_s > 0:
             self.poll()
         return self.seq if self.live else None
 
@@ -147,12 +148,15 @@ class UserTracker:
             self._distrust_all()
         self.noted[user_id] = self.seq
 
-    def _distrust_all(self) -> None:
+    def _distrust_all(self, counted: bool = True) -> None:
+        """Distrust every row read so far (``counted``: in ``ctr_user_tracking_resets_total``;
+        not on the worker's own shutdown)."""
         self.seq += 1
         self.floor = self.seq
         self.noted.clear()
         self.losses += 1
-        m.USER_TRACKING_RESETS.inc()
+        if counted:
+            m.USER_TRACKING_RESETS.inc()
 
     # -- connection -----------------------------------------------------------------
 
@@ -181,11 +185,21 @@ class UserTracker:
         failing = False
         tick = self.drain_s if 0 < self.drain_s < PING_S else PING_S
         pinged = 0.0
+        connected_at: float | None = None
         while not self._closed:
             if self._sock is None:
+                if connected_at is not None:  # lost: again at once only after a long life
+                    lived, connected_at = time.monotonic() - connected_at, None
+                    if lived < DEAD_S:  # killed soon after each set-up: back off
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, RETRY_MAX_S)
+                    else:
+                        delay = 0.05
+                    if self._closed:
+                        return
                 try:
                     await self._connect()
-                    delay, failing = 0.05, False
+                    connected_at, failing = time.monotonic(), False
                 except Exception as exc:  # whatever it was: try again later
                     if not failing:  # once per outage, not every retry
                         log.warning("user-row tracking cannot connect (%r); retrying", exc)
@@ -256,9 +270,7 @@ class UserTracker:
                 if not data:
                     self._lost(ConnectionError("closed by the server"))
                     return
-                self._reader.feed(data)
-                if len(data) < 65536:
-                    break
+                self._reader.feed(data)  # on until EAGAIN: a close behind data is seen now
         except BlockingIOError:
             pass
         except OSError as exc:
@@ -298,7 +310,7 @@ class UserTracker:
                     self._loop.remove_reader(sock.fileno())
             sock.close()
         if was_live:
-            self._distrust_all()
+            self._distrust_all(counted=exc is not None)
             if exc is not None:
                 log.warning("user-row tracking lost (%s): reading Redis on every request", exc)
 

@@ -72,7 +72,9 @@ def test_service_benchmark_reports_every_figure() -> None:
     for w in [single, *sweep.values()]:
         assert w["writes_per_req"] == pytest.approx(0.5, abs=0.1)
         rows = w["user_rows"]
-        assert 0.25 < rows["tracked"] / sum(rows.values()) < 0.75, rows
+        tracked = rows.get("tracked", 0.0) / sum(rows.values())
+        # a request after a write to its user reads; the others need not
+        assert 0.1 < tracked <= 1 - w["writes_per_req"] + 0.05, rows
     table = render(res, "ctr bench --models din")
     assert "before 50% of the closed-loop requests the client appends" in table
     assert "| inline calls | rows tracked |" in table
@@ -457,7 +459,10 @@ def test_bench_pair_runs_two_settings_side_by_side() -> None:
     for w in off + on:
         assert w["writes_per_req"] == pytest.approx(0.5, abs=0.1)
     assert all(w["tracked"] == 0 and w["invalidations_per_s"] == 0 for w in off)
-    assert all(0.25 < w["tracked"] < 0.75 and w["invalidations_per_s"] > 0 for w in on)
+    # never more tracked than requests with no write before them (a stale row served
+    # would count as tracked); A's writes meanwhile can only make B read more
+    assert all(w["tracked"] <= 1 - w["writes_per_req"] + 0.05 for w in on)
+    assert max(w["tracked"] for w in on) > 0 and all(w["invalidations_per_s"] > 0 for w in on)
     assert res["other_writes_achieved"] > 0 and left == []
     table = render(res, "ctr bench-pair")
     assert "| A | `CTR_NATIVE_JSON=off` `CTR_USER_TRACKING=false` |" in table

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -149,43 +150,94 @@ def test_trust_follows_invalidations(private: RedisProcess) -> None:
     asyncio.run(main())
 
 
-def test_read_on_a_timer_and_before_each_stamp(private: RedisProcess) -> None:
+async def arrived(tracker: UserTracker, timeout: float = 5.0) -> None:
+    """Wait until bytes sit in the tracker's socket, without reading them."""
+    sock = tracker._sock
+    assert sock is not None
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            if sock.recv(1, socket.MSG_PEEK):
+                return
+        except BlockingIOError:
+            pass
+        assert time.monotonic() < end, "nothing reached the socket"
+        await asyncio.sleep(0.005)
+
+
+def test_read_on_a_timer_and_before_each_stamp(
+    private: RedisProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``CTR_USER_TRACKING_DRAIN_MS`` > 0: no message wakes the worker. What reached the
     socket is applied by the next stamp (before a read is sent), by a poll (before rows
     are trusted), or by the timer, whichever comes first."""
+    monkeypatch.setattr(tracking, "PING_S", 30.0)  # no heartbeat reads the socket either
     writer = private.client()
 
     async def main() -> None:
-        async with running(private.url, 2.0, drain_s=0.8) as t:
-            # the first tick is 0.8 s after the connection: none falls in what follows
+        async with running(private.url, 2.0, drain_s=10.0) as t:  # no tick in this test
             s0 = t.stamp()
             assert s0 is not None
-            writer.rpush(user_key("u1", "seq"), b"{}")  # Redis has sent the name by now
-            await asyncio.sleep(0.1)  # the event loop ran: nothing read the socket
+            writer.rpush(user_key("u1", "seq"), b"{}")
+            await arrived(t)
+            await asyncio.sleep(0.05)  # the event loop runs: nothing reads the socket
             assert t.valid("u1", s0)
             s1 = t.stamp()  # reads it first: the change is from before this read
             assert s1 is not None and not t.valid("u1", s0) and t.valid("u1", s1)
             writer.rpush(user_key("u2", "seq"), b"{}")
-            end = time.monotonic() + 3
-            while t.valid("u2", s1):  # no poll here: only the timer reads the socket
+            await arrived(t)
+            assert t.stamp(poll=False) == s1 and t.valid("u2", s1)  # told not to read
+            t.poll()  # what a request does before it trusts kept rows
+            assert not t.valid("u2", s1)
+        async with running(private.url, 2.0, drain_s=0.02) as t:
+            s2 = t.stamp()
+            assert s2 is not None
+            writer.rpush(user_key("u3", "seq"), b"{}")
+            end = time.monotonic() + 5
+            while t.valid("u3", s2):  # no poll here: only the timer reads the socket
                 assert time.monotonic() < end, "the timer never read the socket"
                 await asyncio.sleep(0.01)
-            # a connection killed is noticed by the timer too (and taken up again at once)
+            # a connection killed is noticed by the timer too, and taken up again
             killed, losses = t.client_id, t.losses
             writer.execute_command("CLIENT", "KILL", "ID", killed)
-            end = time.monotonic() + 3
+            end = time.monotonic() + 5
             while t.losses == losses:
                 assert time.monotonic() < end, "the timer never noticed the kill"
                 await asyncio.sleep(0.01)
-            assert not t.valid("u3", s1)
+            assert not t.valid("u4", s2)
             assert await t.wait_live(5) and t.client_id != killed
 
     asyncio.run(main())
 
 
-def test_server_gone_then_back(private: RedisProcess) -> None:
+def test_reconnects_back_off_when_each_connection_dies_young(private: RedisProcess) -> None:
+    """A connection killed soon after each set-up is not taken up again at every tick:
+    the waits double (50 ms, 100 ms, ...), so a kill loop costs a few reconnects, not one
+    per tick."""
+    writer = private.client()
+
     async def main() -> None:
-        async with running(private.url, 0.5) as t:
+        async with running(private.url, 2.0, drain_s=0.02) as t:
+            ids = {t.client_id}
+            end = time.monotonic() + 1.0
+            while time.monotonic() < end:  # kill every connection as soon as it is up
+                if t.live and t.client_id is not None:
+                    with contextlib.suppress(Exception):
+                        writer.execute_command("CLIENT", "KILL", "ID", t.client_id)
+                    ids.add(t.client_id)
+                await asyncio.sleep(0.002)
+                t.poll()
+            # 50 + 100 + 200 + 400 ms of waits fill the second: at most 5 connections
+            # (with a reconnect at every 20 ms tick it would be dozens)
+            assert 2 <= len(ids) <= 6, ids
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("drain_s", [0.0, 0.02])
+def test_server_gone_then_back(private: RedisProcess, drain_s: float) -> None:
+    async def main() -> None:
+        async with running(private.url, 0.5, drain_s=drain_s) as t:
             s0 = t.stamp()
             private.stop()
             await applied(t, lambda: not t.live)
@@ -222,8 +274,9 @@ def test_refused_set_up_is_retried_quietly(
     assert len(refused) == 1
 
 
+@pytest.mark.parametrize("drain_s", [0.0, 0.02])
 def test_heartbeat_drops_a_silent_connection(
-    private: RedisProcess, monkeypatch: pytest.MonkeyPatch
+    private: RedisProcess, monkeypatch: pytest.MonkeyPatch, drain_s: float
 ) -> None:
     """A Redis that stops answering (here asleep, its socket open) is given up after
     DEAD_S without a reply, and taken up again once it answers."""
@@ -231,7 +284,7 @@ def test_heartbeat_drops_a_silent_connection(
     monkeypatch.setattr(tracking, "DEAD_S", 0.4)
 
     async def main() -> None:
-        async with running(private.url, 0.5) as t:
+        async with running(private.url, 0.5, drain_s=drain_s) as t:
             s0 = t.stamp()
             blocker = redis_asleep(private.url, 1.5)
             await applied(t, lambda: not t.live, timeout=1.4)

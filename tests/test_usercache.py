@@ -16,6 +16,7 @@ from redis import Redis
 
 from service.app import create_app
 from service.store import user_key
+from service.tracking import UserTracker
 from service.usercache import UserRowCache, UserRows, digest
 from tests.helpers import Built, build_and_load, settings_for
 
@@ -50,19 +51,13 @@ def test_reused_only_for_the_same_inputs_and_bounded() -> None:
     assert len(off) == 0
 
 
-class _NothingChanged:
-    """A tracker that has seen no invalidation (``UserTracker.valid``'s answer)."""
-
-    def valid(self, user_id: str, stamp: int) -> bool:
-        return True
-
-
 def test_a_trusted_hit_makes_the_user_the_newest() -> None:
+    tracker = UserTracker("redis://127.0.0.1:1/0", 0.1)  # never connected: live by hand
+    tracker.live = True
     cache = UserRowCache(2)
     cache.put("u1", rows(1, []))
     cache.put("u2", rows(2, []))
-    cache.note_read("u1", 7)
-    tracker: Any = _NothingChanged()
+    cache.note_read("u1", tracker.stamp())
     assert cache.trusted("u1", {}, tracker) is cache.data["u1"]
     assert cache.trusted("u2", {}, tracker) is None  # no read noted for u2
     cache.put("u3", rows(3, []))  # full: u2, used least recently, goes

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import signal
 import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import orjson
@@ -64,10 +66,14 @@ class UserWrites:
     async def open(self) -> UserWrites:
         self._redis = AsyncRedis.from_url(self.redis_url)
         self._writer = EventWriter(self._redis, DEDUP_WINDOW)
-        for user in set(self.users):
-            raw = await self._redis.lindex(user_key(user, "seq"), -1)
-            newest = orjson.loads(raw) if raw else {}
-            self._newest[user] = newest if isinstance(newest, dict) else {}
+        try:
+            for user in set(self.users):
+                raw = await self._redis.lindex(user_key(user, "seq"), -1)
+                newest = orjson.loads(raw) if raw else {}
+                self._newest[user] = newest if isinstance(newest, dict) else {}
+        except BaseException:
+            await self.close()
+            raise
         return self
 
     async def close(self) -> None:
@@ -94,7 +100,7 @@ class UserWrites:
 
 
 def _write_others(
-    redis_url: str, rate: float, keep: int, pipelined: bool, stop: Any, count: Any
+    redis_url: str, rate: float, keep: int, pipelined: bool, stop: Any, count: Any, since: Any
 ) -> None:
     """The :class:`OtherWrites` process: ``rate`` appends per second, paced in 10 ms
     ticks, round-robin over :data:`OTHER_USERS` users, until ``stop``. Each append is a
@@ -105,6 +111,7 @@ def _write_others(
     script = client.register_script(APPEND_EVENT)
     period, owed, k = 0.01, 0.0, 0
     payload = orjson.dumps({"item_id": "bench-other-item"})
+    since.value = time.monotonic()  # system-wide: the parent reads the rate against it
     tick = time.perf_counter()
     while not stop.is_set():
         owed += rate * period
@@ -137,23 +144,24 @@ class OtherWrites:
         self.redis_url, self.rate, self.keep = redis_url, rate, keep
         self.achieved = 0.0
         ctx = mp.get_context("spawn")
+        if not math.isfinite(rate) or rate < 0:
+            raise ValueError(f"other users' appends per second: 0 or more, not {rate}")
         self._stop = ctx.Event()
         self._count = ctx.Value("q", 0)
+        self._since = ctx.Value("d", 0.0)  # time.monotonic() of the writer's first tick
         self._proc = (
             ctx.Process(
                 target=_write_others,
-                args=(redis_url, rate, keep, pipelined, self._stop, self._count),
+                args=(redis_url, rate, keep, pipelined, self._stop, self._count, self._since),
                 daemon=True,
             )
             if rate > 0
             else None
         )
-        self._started = 0.0
 
     def __enter__(self) -> OtherWrites:
         if self._proc is not None:
             self._proc.start()
-            self._started = time.perf_counter()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -163,17 +171,25 @@ class OtherWrites:
         self._proc.join(10)
         if self._proc.is_alive():
             self._proc.kill()
-        self.achieved = self._count.value / max(1e-9, time.perf_counter() - self._started)
+            self._proc.join()
+        since = self._since.value
+        self.achieved = self._count.value / max(1e-9, time.monotonic() - since) if since else 0.0
         client = Redis.from_url(self.redis_url)
         try:
             for batch in _batched(client.scan_iter(match=f"{{u:{OTHER}*", count=1000)):
                 client.delete(*batch)
         finally:
             client.close()
+        if self._proc.exitcode not in (0, -signal.SIGKILL) and not exc[0]:
+            raise RuntimeError(
+                f"the other users' writer exited with code {self._proc.exitcode}: its "
+                "writes stopped part of the way (see its traceback above)"
+            )
 
 
-def _batched(keys: Any, size: int = 500) -> Any:
-    batch: list[Any] = []
+def _batched(keys: Iterable[bytes], size: int = 500) -> Iterator[list[bytes]]:
+    """``keys`` in lists of at most ``size``."""
+    batch: list[bytes] = []
     for key in keys:
         batch.append(key)
         if len(batch) == size:
