@@ -40,8 +40,15 @@ HISTOGRAMS = {
     "ctr_gc_pause_seconds",
     "ctr_batch_users",
 }
-COUNTERS = {"ctr_errors_total", "ctr_degraded_responses_total"}
-GAUGES = {"ctr_model_info", "ctr_requests_in_flight"}
+COUNTERS = {
+    "ctr_errors_total",
+    "ctr_degraded_responses_total",
+    "ctr_user_rows_total",
+    "ctr_user_invalidations_total",
+    "ctr_user_tracking_resets_total",
+    "ctr_inline_runs_total",
+}
+GAUGES = {"ctr_model_info", "ctr_requests_in_flight", "ctr_user_tracking_up"}
 CONTRACT_SERIES = (
     {f"{h}{suffix}" for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
     | COUNTERS
