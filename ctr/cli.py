@@ -26,34 +26,32 @@ def _setting(text: str) -> tuple[str, str]:
     return key, value
 
 
-def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
-    """An argparse type: ``kind(text)``, which must be above 0."""
+def _number(
+    kind: Callable[[str], Any], ok: Callable[[Any], bool], must: str
+) -> Callable[[str], Any]:
+    """An argparse type: ``kind(text)``, for which ``ok`` must hold (else "must be
+    ``must``")."""
 
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be above 0 (got {text})")
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {must} (got {text})")
         return value
 
     return parse
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type: ``kind(text)``, which must be above 0."""
+    return _number(kind, lambda v: v > 0, "above 0")
 
 
 def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
-    """An argparse type: ``kind(text)``, which must be 0 or more."""
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not (value >= 0 and math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"must be 0 or more, and finite (got {text})")
-        return value
-
-    return parse
+    """An argparse type: ``kind(text)``, which must be 0 or more, and finite."""
+    return _number(kind, lambda v: v >= 0 and math.isfinite(v), "0 or more, and finite")
 
 
 def _share(text: str) -> float:
