@@ -689,14 +689,15 @@ async def _score(
     data = UserData()
     tracker = state.tracker
     rows = None
-    polled = False
-    if tracker is not None and not lookups and not req.explain:
-        tracker.poll()  # invalidations that have reached this host apply first
-        polled = True
-        rows = model.users.trusted(req.user_id, context, tracker)
+    if tracker is not None:
+        # invalidations that have reached this host apply first: before kept rows are
+        # trusted, and before a read's stamp (a change from before the read is not one
+        # after it)
+        tracker.poll()
+        if not lookups and not req.explain:
+            rows = model.users.trusted(req.user_id, context, tracker)
     if rows is None:
-        # before the read is sent (the socket just read above: nothing awaited since)
-        stamp = tracker.stamp(poll=not polled) if tracker is not None else None
+        stamp = tracker.stamp() if tracker is not None else None  # before the read is sent
         try:
             assert state.reader is not None
             read_at = time.monotonic()

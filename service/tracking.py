@@ -115,13 +115,11 @@ class UserTracker:
 
     # -- trust ----------------------------------------------------------------------
 
-    def stamp(self, poll: bool = True) -> int | None:
+    def stamp(self) -> int | None:
         """The stamp to record before a read is sent; None when tracking is down (rows
-        read now are not trusted later). Read on a timer, the socket is read first
-        (unless the caller has just done so: ``poll`` false), so that a change from before
-        the read does not count as one after it."""
-        if poll and self.drain_s > 0:
-            self.poll()
+        read now are not trusted later). Call :meth:`poll` first, so that a change from
+        before the read does not count as one after it and distrust its rows for
+        nothing."""
         return self.seq if self.live else None
 
     def poll(self) -> None:

@@ -14,6 +14,7 @@ are not counted in the CPU per request."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import subprocess
 import tempfile
@@ -122,9 +123,7 @@ async def _window(
     of requests whose user rows were tracked (no read), the scored users' writes per
     request (``writes``, opened here) and the invalidations the side heard per second.
     The ``/metrics`` scrapes fall outside the CPU measured."""
-    if writes is not None:
-        await writes.open()
-    try:
+    async with writes if writes is not None else contextlib.nullcontext():
         rows0, heard_from = user_rows(url), time.perf_counter()
         before, idle_before, start = _cpu_s(pid), _cpu_s(idle_pid), time.perf_counter()
         r = await _closed_loop(
@@ -132,9 +131,6 @@ async def _window(
         )
         after, idle_after, wall = _cpu_s(pid), _cpu_s(idle_pid), time.perf_counter() - start
         heard_for, rows1 = time.perf_counter() - heard_from, user_rows(url)
-    finally:
-        if writes is not None:
-            await writes.close()
     if r["errors"]:
         raise RuntimeError(f"{r['errors']} of {r['requests']} replies were not 200 ({url})")
     if not r["requests"]:

@@ -312,11 +312,11 @@ def drive(
     writes before a share of its requests, and ``writes_per_req`` in the result."""
 
     async def go() -> dict:
-        if mix is None:
-            return await _closed_loop(url, bodies, concurrency, seconds)
-        async with mix:
-            r = await _closed_loop(url, bodies, concurrency, seconds, mix.before)
-        r["writes_per_req"] = mix.written / max(1, r["requests"])
+        async with mix if mix is not None else contextlib.nullcontext():
+            before = mix.before if mix is not None else None
+            r = await _closed_loop(url, bodies, concurrency, seconds, before)
+        if mix is not None:
+            r["writes_per_req"] = mix.written / max(1, r["requests"])
         return r
 
     return asyncio.run(go())
