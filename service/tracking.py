@@ -12,10 +12,10 @@ then on Redis sends the names of the user keys (``{u:<id>}:profile``, ``:seq``,
 ``:events``) that any client writes, deletes or that expire or are evicted; a null
 name when a database is flushed. The worker reads the socket whenever it is readable
 (``CTR_USER_TRACKING_DRAIN_MS=0``) or only every that many ms, and always once more,
-synchronously, before it trusts a cached row (:meth:`UserTracker.poll`), so an
-invalidation that has reached this host is applied before the request that follows it
-is answered. Read on a timer, a burst of writes to other users costs an idle worker one
-wake-up per tick instead of one per message.
+synchronously, before a request trusts a cached row or stamps a read
+(:meth:`UserTracker.poll`), so an invalidation that has reached this host is applied
+before the request that follows it is answered. Read on a timer, a burst of writes to
+other users costs an idle worker one wake-up per tick instead of one per message.
 
 Trust is decided with a sequence number. :meth:`UserTracker.stamp` is taken before a
 read is sent; each invalidation takes the next number and notes it for its user. Rows
