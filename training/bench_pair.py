@@ -36,6 +36,7 @@ from training.bench_service import (
     service_env,
     stop_service,
     tree_cpu_s,
+    user_rows_between,
 )
 from training.bench_writes import OtherWrites, UserWrites
 
@@ -99,13 +100,14 @@ def _cpu_s(pid: int) -> float:
     return cpu
 
 
-def user_rows(url: str) -> dict[str, float]:
-    """The side's ``ctr_user_rows_total`` by source, and the invalidations it has heard
-    (``ctr_user_invalidations_total``), from one ``/metrics`` scrape."""
-    text = httpx.get(url + "/metrics", timeout=10).text
-    rows = {k.removeprefix("source="): v for k, v in _counter(text, "ctr_user_rows_total").items()}
-    heard = sum(_counter(text, "ctr_user_invalidations_total").values())
-    return {**rows, "invalidations": heard}
+def scrape(url: str) -> str:
+    """The side's ``/metrics``."""
+    return httpx.get(url + "/metrics", timeout=10).text
+
+
+def heard(text: str) -> float:
+    """The invalidations a side has heard (``ctr_user_invalidations_total``)."""
+    return sum(_counter(text, "ctr_user_invalidations_total").values())
 
 
 async def _window(
@@ -124,25 +126,24 @@ async def _window(
     request (``writes``, opened here) and the invalidations the side heard per second.
     The ``/metrics`` scrapes fall outside the CPU measured."""
     async with writes if writes is not None else contextlib.nullcontext():
-        rows0, heard_from = user_rows(url), time.perf_counter()
+        rows0, heard_from = scrape(url), time.perf_counter()
         before, idle_before, start = _cpu_s(pid), _cpu_s(idle_pid), time.perf_counter()
         r = await _closed_loop(
             url, bodies, concurrency, seconds, writes.before if writes is not None else None
         )
         after, idle_after, wall = _cpu_s(pid), _cpu_s(idle_pid), time.perf_counter() - start
-        heard_for, rows1 = time.perf_counter() - heard_from, user_rows(url)
+        heard_for, rows1 = time.perf_counter() - heard_from, scrape(url)
     if r["errors"]:
         raise RuntimeError(f"{r['errors']} of {r['requests']} replies were not 200 ({url})")
     if not r["requests"]:
         raise RuntimeError(f"no request completed in a window of {seconds:g} s ({url})")
-    scored = {k: rows1.get(k, 0.0) - rows0.get(k, 0.0) for k in ("tracked", "read", "degraded")}
+    scored = user_rows_between(rows0, rows1)
     return {"pid": pid, "rps": r["ok_rps"], "cpu_ms": (after - before) * 1000 / r["requests"],
             "p50_ms": r["p50_ms"], "client_cpu_ms": r["client_cpu_ms"],
             "idle_cores": (idle_after - idle_before) / wall,
-            "tracked": scored["tracked"] / max(1.0, sum(scored.values())),
+            "tracked": scored.get("tracked", 0.0) / max(1.0, sum(scored.values())),
             "writes_per_req": writes.written / r["requests"] if writes is not None else 0.0,
-            "invalidations_per_s": (rows1["invalidations"] - rows0["invalidations"])
-            / heard_for,
+            "invalidations_per_s": (heard(rows1) - heard(rows0)) / heard_for,
             }  # fmt: skip
 
 

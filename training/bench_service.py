@@ -143,6 +143,13 @@ def _counter(text: str, metric: str) -> dict[str, float]:
     return out
 
 
+def user_rows_between(before: str, after: str) -> dict[str, float]:
+    """Scoring requests by where the user's rows came from (``ctr_user_rows_total``:
+    tracked, read, degraded) between two /metrics scrapes."""
+    r0, r1 = _counter(before, "ctr_user_rows_total"), _counter(after, "ctr_user_rows_total")
+    return {k.removeprefix("source="): v - r0.get(k, 0.0) for k, v in r1.items()}
+
+
 def window_counts(before: str, after: str) -> dict[str, Any]:
     """Degraded responses (``ctr_degraded_responses_total``), service errors
     (``ctr_errors_total``, in all and by kind), graph calls run on the event loop
@@ -155,12 +162,10 @@ def window_counts(before: str, after: str) -> dict[str, Any]:
 
     e0, e1 = _counter(before, "ctr_errors_total"), _counter(after, "ctr_errors_total")
     kinds = {k: v - e0.get(k, 0.0) for k, v in e1.items() if v - e0.get(k, 0.0) > 0}
-    r0, r1 = _counter(before, "ctr_user_rows_total"), _counter(after, "ctr_user_rows_total")
-    rows = {k.removeprefix("source="): v - r0.get(k, 0.0) for k, v in r1.items()}
     return {"degraded": diff("ctr_degraded_responses_total"),
             "service_errors": sum(kinds.values()), "errors_by_kind": kinds,
             "inline_calls": diff("ctr_inline_runs_total"),
-            "user_rows": rows}  # fmt: skip
+            "user_rows": user_rows_between(before, after)}  # fmt: skip
 
 
 class RawClient:
