@@ -15,10 +15,12 @@
 //   orjson does: "0.0", "1.0", fixed notation down to 1e-5 ("0.00001"), below that
 //   "1.5e-7". Only 0 <= p <= 1 is handled; anything else returns kUnsupported and the
 //   caller uses orjson.
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <vector>
 
 namespace {
@@ -152,6 +154,31 @@ __attribute__((visibility("default"))) int64_t ctr_encode_items(
 // ``out`` from the length of ``ids``: enough for any order.
 __attribute__((visibility("default"))) int64_t ctr_items_bound(int64_t k, int64_t id_bytes) {
   return items_room(k, id_bytes);
+}
+
+// Writes into ``order [k]`` the request positions of the ``k`` highest of ``probs [n]``,
+// highest first and equal scores in request order: numpy's
+// ``argsort(-probs, kind="stable")[:k]``. Here rather than in numpy because numpy's sort
+// lets go of the GIL, which the service's other thread may then hold (service.codec).
+// Returns ``k``, or kUnsupported for a bad argument or a score that is not finite.
+__attribute__((visibility("default"))) int64_t ctr_rank(const float* probs, int64_t n, int64_t k,
+                                                        int64_t* order) {
+  if (n <= 0 || k < 0 || k > n) return kUnsupported;
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(probs[i])) return kUnsupported;
+  std::vector<int64_t> idx(n);
+  std::iota(idx.begin(), idx.end(), 0);
+  // a total order, so that a partial sort (not stable itself) ranks as the stable sort
+  auto before = [probs](int64_t a, int64_t b) {
+    return probs[a] > probs[b] || (probs[a] == probs[b] && a < b);
+  };
+  if (k < n) {
+    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), before);
+  } else {
+    std::sort(idx.begin(), idx.end(), before);
+  }
+  std::memcpy(order, idx.data(), static_cast<size_t>(k) * sizeof(int64_t));
+  return k;
 }
 
 }  // extern "C"

@@ -10,9 +10,7 @@ import logging
 import os
 import signal
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -29,6 +27,7 @@ from ctr.bundle import BundleError
 from service import codec, lifecycle, tracking
 from service import hup as early_hup
 from service import metrics as m
+from service.callthreads import CallThreads
 from service.codec import items_python
 from service.errors import (
     AdminDisabled,
@@ -52,6 +51,7 @@ from service.features import (
 from service.model import CPU, LoadedModel, ProviderError
 from service.openapi import body_schema, install_openapi
 from service.reloadbus import ReloadBus
+from service.requestid import REQUEST_IDS
 from service.runner import copy_info
 from service.schemas import (
     ErrorBody,
@@ -130,7 +130,7 @@ class ServingMiddleware:
             try:
                 status = await _serve(handler, scope, receive, send)
             finally:
-                m.REQUEST_DURATION.labels(scope["path"], scope["method"], str(status)).observe(
+                m.REQUEST(scope["path"], scope["method"], str(status)).observe(
                     time.perf_counter() - start
                 )
             return
@@ -145,7 +145,7 @@ class ServingMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
-            m.REQUEST_DURATION.labels(route, scope["method"], str(code["status"])).observe(
+            m.REQUEST(route, scope["method"], str(code["status"])).observe(
                 time.perf_counter() - start
             )
 
@@ -219,9 +219,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.redis_max_connections,
         )
         state.write_reader = Reader(state.write_redis, settings.redis_max_connections)
-        state.executor = ThreadPoolExecutor(
-            settings.inference_concurrency, thread_name_prefix="ort"
-        )
+        state.executor = CallThreads(settings.inference_concurrency, "ort")
         if settings.reload_channel:
             state.bus = ReloadBus(
                 state.redis,
@@ -718,7 +716,7 @@ async def _score(
     # rows with a missing feature because the store failed are not cached
     cands.finish(bundle, model.rows, cacheable=not (degraded and lookups))
     if rows is not None:
-        m.USER_ROWS.labels("tracked").inc()
+        m.ROWS("tracked").inc()
         prepared = rows_feeds(bundle, rows, cands.sparse, cands.dense)
         # nothing awaited so far: let the requests that came in with this one start
         # (and count in state.in_flight), so that under load this call goes to the ORT
@@ -731,7 +729,7 @@ async def _score(
         # the kept rows match this read: trusted until Redis invalidates the user, and
         # no longer than the first of the user's keys lives
         model.users.note_read(req.user_id, None if degraded else stamp, read_at + data.ttl_s)
-        m.USER_ROWS.labels("degraded" if degraded else "read").inc()
+        m.ROWS("degraded" if degraded else "read").inc()
     t2 = STAGE_CLOCK()
     executor = model.executor or state.executor  # a CUDA-graph model runs on its own thread
     assert executor is not None
@@ -755,9 +753,9 @@ async def _score(
             f"the model returned no finite score for {bad.size} candidate(s)",
             f"candidates[{int(bad[0])}]",
         )
-    order = np.argsort(-probs, kind="stable")
-    if req.top_k is not None:
-        order = order[: req.top_k]
+    order = state.codec.rank(probs, req.top_k) if state.codec is not None else None
+    if order is None:
+        order = np.argsort(-probs, kind="stable")[: req.top_k]
     items: Any = None
     if state.codec is not None and not req.explain:
         json_items = state.codec.encode(req.item_ids, probs, order)
@@ -773,17 +771,17 @@ async def _score(
             item["attention"] = [{"item_id": hist[j], "weight": float(w[j])} for j in top]
     body = {
         "model": {"name": model.name, "version": model.version},
-        "request_id": uuid.uuid4().hex,
+        "request_id": REQUEST_IDS.next(),
         "degraded": degraded,
         "cold_start": not prepared.found and not degraded,
         "items": items,
     }
     response = orjson_response(body)
     t4 = STAGE_CLOCK()
-    m.STAGE_DURATION.labels("redis_fetch").observe(t1 - t0)
-    m.STAGE_DURATION.labels("feature_mapping").observe(t2 - t1)
-    m.STAGE_DURATION.labels("inference").observe(t3 - t2)
-    m.STAGE_DURATION.labels("serialization").observe(t4 - t3)
+    m.STAGE("redis_fetch").observe(t1 - t0)
+    m.STAGE("feature_mapping").observe(t2 - t1)
+    m.STAGE("inference").observe(t3 - t2)
+    m.STAGE("serialization").observe(t4 - t3)
     m.CANDIDATES.observe(len(req.item_ids))
     m.HOOKS.gc_timer.flush()  # GC pauses noted since the last request (see GCTimer)
     return response

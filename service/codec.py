@@ -54,10 +54,15 @@ class NativeCodec:
     (raises ``OSError`` or ``AttributeError`` when it cannot be loaded or lacks them).
 
     Arrays go to C as bytes (``tobytes``: a copy of a few KB costs less than numpy's
-    ``.ctypes`` pointer, ~1.5 µs each), and the output buffer is kept per thread."""
+    ``.ctypes`` pointer, ~1.5 µs each), and the output buffer is kept per thread.
+
+    The library is loaded as a ``PyDLL``: its calls (a few µs) keep the GIL. Through
+    ``CDLL`` each call let go of it, and the ORT thread, waiting for it with a finished
+    graph call, could take it then while the event loop waited to get it back
+    (docs/benchmarks.md, "Session 21")."""
 
     def __init__(self, path: str) -> None:
-        lib = ctypes.CDLL(path)
+        lib = ctypes.PyDLL(path)
         c_bytes = ctypes.c_char_p
         self._encode = lib.ctr_encode_items
         self._encode.restype = _I64
@@ -68,6 +73,9 @@ class NativeCodec:
         self._scan = lib.ctr_scan_candidates
         self._scan.restype = _I64
         self._scan.argtypes = [c_bytes, _I64, _I64, _I64, _PTR, _I64, _PTR]
+        self._rank = lib.ctr_rank
+        self._rank.restype = _I64
+        self._rank.argtypes = [c_bytes, _I64, _I64, _PTR]
         self._local = threading.local()
         self.path = path
 
@@ -94,6 +102,20 @@ class NativeCodec:
         if len(ids) != n or len(set(ids)) != n:  # a duplicate: the full check names it
             return None
         return body[:start] + b"[]" + body[end:], ids
+
+    def rank(self, probs: np.ndarray, top_k: int | None) -> np.ndarray | None:
+        """``order [K]``: the positions of the ``top_k`` (all when None) highest of
+        ``probs [N]`` (float32), highest first, equal scores in request order, as
+        ``np.argsort(-probs, kind="stable")[:top_k]``; None where it does not apply (another
+        dtype or shape, a score that is not finite)."""
+        if probs.dtype != np.float32 or probs.ndim != 1:
+            return None
+        n = probs.shape[0]
+        k = n if top_k is None else min(top_k, n)
+        order = np.empty(k, np.int64)
+        if self._rank(probs.tobytes(), n, k, order.ctypes.data) != k:
+            return None
+        return order
 
     def encode(self, ids: list[str], probs: np.ndarray, order: np.ndarray) -> bytes | None:
         """The JSON array of :func:`items_python`'s items, or None where this encoder
@@ -156,6 +178,13 @@ def self_check(enc: NativeCodec) -> str | None:
     probs = rng.random(300).astype(np.float32) ** 8  # down to ~1e-20
     ids = [f"item-{k}" for k in range(300)]
     cases.append((ids, probs, np.argsort(-probs, kind="stable")[:100]))
+    ties = np.array([0.5, 0.25, 0.5, 1.0, 0.0, -0.0, 0.25, 0.5], np.float32)
+    for scores in (_CHECK_PROBS, probs, ties, np.round(probs * 4) / 4):
+        for top_k in (None, 1, 3, len(scores) + 1):
+            want = np.argsort(-scores, kind="stable")[:top_k]
+            got = enc.rank(scores, top_k)
+            if got is None or not np.array_equal(got, want):
+                return f"ranking {scores[:8]!r}… (top_k {top_k}): {got!r} != {want!r}"
     for ids, probs, order in cases:
         got = enc.encode(ids, probs, order)
         want = orjson.dumps(items_python(ids, probs, order))

@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from typing import Any, TypeVar
 
+from service.callthreads import CallThreads
 from service.codec import NativeCodec
 from service.errors import ModelNotReady
 from service.model import LoadedModel
@@ -32,6 +33,8 @@ class GraphCalls:
 
     def submit(self, executor: Executor, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """``fn(*args)`` on ``executor``, counted while it runs."""
+        if isinstance(executor, CallThreads):
+            return executor.call(self._run, fn, *args)
         return asyncio.get_running_loop().run_in_executor(executor, self._run, fn, *args)
 
     def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -62,7 +65,7 @@ class State:
         self.write_reader: Reader | None = None
         # Redis's invalidations of the cached user rows (None: read on every request)
         self.tracker: UserTracker | None = None
-        self.executor: ThreadPoolExecutor | None = None
+        self.executor: CallThreads | None = None  # the inference threads
         # the candidate-list scan and ranked-items writer in C (None: orjson throughout)
         self.codec: NativeCodec | None = None
         self.event_types = frozenset(

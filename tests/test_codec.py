@@ -100,6 +100,43 @@ def test_the_encoder_declines_other_dtypes_and_shapes(enc: codec.NativeCodec) ->
     assert enc.encode(ids, np.array([0.5, 0.25], np.float32), np.array([0, 2])) is None
 
 
+def test_rank_is_numpys_stable_argsort(enc: codec.NativeCodec) -> None:
+    rng = np.random.default_rng(11)
+    for n in (1, 2, 7, 50, 500, 2000):
+        raw = _random_probabilities(rng, n)
+        tied = np.round(rng.random(n) * 4).astype(np.float32) / 4  # many equal scores
+        zeros = np.where(rng.random(n) < 0.5, np.float32(0.0), np.float32(-0.0))
+        for probs in (raw, tied, zeros):
+            for top_k in (None, 1, max(1, n // 3), n, n + 5):
+                want = np.argsort(-probs, kind="stable")[:top_k]
+                got = enc.rank(probs, top_k)
+                assert got is not None and got.dtype == np.int64
+                assert np.array_equal(got, want), (n, top_k)
+
+
+def test_rank_declines_what_it_was_not_written_for(enc: codec.NativeCodec) -> None:
+    assert enc.rank(np.array([0.5, np.nan], np.float32), None) is None
+    assert enc.rank(np.array([0.5, np.inf], np.float32), 1) is None
+    assert enc.rank(np.array([0.5, 0.25], np.float64), None) is None
+    assert enc.rank(np.array([[0.5, 0.25]], np.float32), None) is None
+    assert enc.rank(np.array([], np.float32), None) is None
+
+
+def test_a_library_whose_ranking_disagrees_is_not_used(
+    lib: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real_rank = codec.NativeCodec.rank
+
+    def rank(self: codec.NativeCodec, *args: Any) -> Any:  # ties broken the other way
+        out = real_rank(self, *args)
+        return None if out is None else out[::-1].copy()
+
+    monkeypatch.setattr(codec.NativeCodec, "rank", rank)
+    with caplog.at_level("WARNING", "ctr.service"):
+        assert codec.load(Settings(ops_library=str(lib.path))) is None
+    assert "native JSON codec not used" in caplog.text and "ranking" in caplog.text
+
+
 def test_load_follows_the_setting_and_checks_the_library(
     lib: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

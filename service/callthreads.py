@@ -1,0 +1,128 @@
+"""The inference threads: an executor whose asyncio callers get their result with one
+hand-off back to the event loop.
+
+``loop.run_in_executor`` on a ``ThreadPoolExecutor`` wraps each call in a
+``concurrent.futures.Future`` and chains an asyncio future to it: the worker sets the
+first (its condition lock, its callbacks), whose callback schedules the copy onto the
+second, which reads the first's state back through four more lock-taking calls. Every
+step holds the GIL, and the event loop needs the GIL for everything it does, so under
+load these microseconds are taken from the loop (docs/benchmarks.md, "Session 21").
+:meth:`CallThreads.call` puts the call on the queue with its asyncio future, and the
+worker settles that future with one ``call_soon_threadsafe``.
+
+The semantics are ``run_in_executor``'s: calls run in submission order on ``workers``
+threads; a call whose future was cancelled before it started is dropped, one that has
+started runs to its end and its result is dropped. :meth:`submit` (the ``Executor``
+interface) serves every other caller from the same queue and threads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from queue import SimpleQueue
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+# (future, its loop or None for a concurrent future, fn, args); None: a thread's stop
+_Item = tuple[Any, asyncio.AbstractEventLoop | None, Callable[..., Any], tuple[Any, ...]]
+
+
+def _settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    """On the event loop: the call's outcome into ``fut``, unless its waiter gave up."""
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
+
+
+class CallThreads(Executor):
+    """``workers`` threads named ``{name}_{i}`` taking calls from one queue."""
+
+    def __init__(self, workers: int, name: str) -> None:
+        self._queue: SimpleQueue[_Item | None] = SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def call(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """``fn(*args)`` on a worker; awaited on the running loop."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot schedule new calls after shutdown")
+            self._queue.put((fut, loop, fn, args))
+        return fut
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        fut: Future[T] = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._queue.put((fut, None, functools.partial(fn, *args, **kwargs), ()))
+        return fut
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """No new calls; the queued ones still run (``cancel_futures``: dropped), then
+        the threads end (``wait``: joined)."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                if cancel_futures:
+                    self._drop_queued()
+                for _ in self._threads:
+                    self._queue.put(None)
+        if wait:
+            for t in self._threads:
+                t.join()
+
+    def _drop_queued(self) -> None:
+        kept = []
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is None:
+                kept.append(item)
+            elif item[1] is None:
+                item[0].cancel()
+            else:
+                item[1].call_soon_threadsafe(item[0].cancel)
+        for item in kept:
+            self._queue.put(item)
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            self._run(*item)
+            del item  # the call's arguments are not kept while waiting for the next
+
+    @staticmethod
+    def _run(
+        fut: Any, loop: asyncio.AbstractEventLoop | None, fn: Callable[..., Any], args: tuple
+    ) -> None:
+        if loop is None:
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as exc:
+                    fut.set_exception(exc)
+            return
+        if fut.cancelled():  # its waiter gave up before it started: dropped
+            return
+        result, error = None, None
+        try:
+            result = fn(*args)
+        except BaseException as exc:
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+            loop.call_soon_threadsafe(_settle, fut, result, error)
