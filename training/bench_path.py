@@ -16,7 +16,6 @@ import asyncio
 import statistics
 import time
 from collections.abc import Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import service.app as service_app
 from ctr.bundle import load_bundle
 from service import metrics
 from service.app import create_app
+from service.callthreads import CallThreads
 from service.loader import load_into_redis
 from service.model import LoadedModel, load_model
 from service.settings import Settings
@@ -226,12 +226,13 @@ async def _handoff_costs(model: LoadedModel, feeds: list[Feeds], rounds: int, re
     """Wall ms per graph call (median over interleaved rounds of each round's median):
     the service's loaded model (its default threads) on the same feeds, called back to
     back on this thread (what ``ctr bench`` times as the model alone) and awaited through
-    a one-thread executor from the running loop (as ``_score`` hands it off), each also
-    with :func:`_request_work` before every call (outside the timing)."""
-    loop = asyncio.get_running_loop()
+    the service's inference threads (:class:`CallThreads`, one thread) from the running
+    loop, as ``_score`` hands it off, each also with :func:`_request_work` before every
+    call (outside the timing)."""
     keys = [f"item-{k}" for k in range(20_000)]
     times: dict[str, list[float]] = {k: [] for k in HANDOFF}
-    with ThreadPoolExecutor(1) as executor:
+    executor = CallThreads(1, "ort")
+    try:
         for _ in range(rounds):
             for variant in HANDOFF:
                 through, work = variant.startswith("executor"), variant.endswith("between")
@@ -242,11 +243,13 @@ async def _handoff_costs(model: LoadedModel, feeds: list[Feeds], rounds: int, re
                         _request_work(keys)
                     start = time.perf_counter()
                     if through:
-                        await loop.run_in_executor(executor, model.run, f, False)
+                        await executor.call(model.run, f, False)
                     else:
                         model.run(f, False)
                     one.append((time.perf_counter() - start) * 1000)
                 times[variant].append(statistics.median(one))
+    finally:
+        executor.shutdown(wait=True)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -368,8 +371,9 @@ def render(res: dict, command: str) -> str:
         "",
         "Wall ms per graph call of the served model (its default threads, full-history "
         "feeds), median over interleaved rounds: back to back on one thread (what `ctr "
-        "bench` times as the model alone) and awaited through a one-thread executor from "
-        "the event loop (as the service hands it off), each also with request-sized Python "
+        "bench` times as the model alone) and awaited through the service's inference "
+        "thread (`CallThreads`) from the event loop, as the service hands it off, each also "
+        "with request-sized Python "
         "work (20,000 dict inserts and lookups) before every call, outside the timing:",
         "",
         "| N | " + " | ".join(HANDOFF) + " | hand-off | work between |",
