@@ -8,6 +8,7 @@ Torch-free.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -191,8 +192,10 @@ class Bundle:
     def model_path(self) -> Path:
         return self.path / MODEL_FILE
 
-    @property
+    @functools.cached_property
     def input_names(self) -> list[str]:
+        """The graph's input names in order (computed once: the scoring path reads them
+        per request)."""
         return [i.name for i in graph_inputs(self.config)]
 
     @property
