@@ -195,7 +195,7 @@ class Bundle:
     @functools.cached_property
     def input_names(self) -> list[str]:
         """The graph's input names in order (computed once: the scoring path reads them
-        per request)."""
+        per request; callers must not change the list)."""
         return [i.name for i in graph_inputs(self.config)]
 
     @property

@@ -172,7 +172,7 @@ __attribute__((visibility("default"))) int64_t ctr_rank(const float* probs, int6
   auto before = [probs](int64_t a, int64_t b) {
     return probs[a] > probs[b] || (probs[a] == probs[b] && a < b);
   };
-  if (k < n) {
+  if (2 * k < n) {  // a short top-k: a heap of k (a full sort is faster beyond that)
     std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), before);
   } else {
     std::sort(idx.begin(), idx.end(), before);

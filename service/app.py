@@ -88,6 +88,9 @@ log = logging.getLogger("ctr.service")
 # the clock of the per-stage timings (ctr_stage_duration_seconds); `ctr bench-path` sets
 # it to time.thread_time for a while to split the event loop's CPU by stage
 STAGE_CLOCK: Callable[[], float] = time.perf_counter
+# request methods counted by name; any other (a client's own token) as "other", so that
+# clients cannot grow the metric's label set
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # the status recorded for a request whose client went away before its body was read
 # (nginx's convention); no response is sent
 CLIENT_CLOSED = 499
@@ -145,9 +148,8 @@ class ServingMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
-            m.REQUEST(route, scope["method"], str(code["status"])).observe(
-                time.perf_counter() - start
-            )
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            m.REQUEST(route, method, str(code["status"])).observe(time.perf_counter() - start)
 
 
 async def _serve(handler: Handler, scope: Scope, receive: Receive, send: Send) -> int:

@@ -20,13 +20,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
-from queue import SimpleQueue
+from queue import Empty, SimpleQueue
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+log = logging.getLogger("ctr.service")
 
 # (future, its loop or None for a concurrent future, fn, args); None: a thread's stop
 _Item = tuple[Any, asyncio.AbstractEventLoop | None, Callable[..., Any], tuple[Any, ...]]
@@ -43,7 +46,10 @@ def _settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) ->
 
 
 class CallThreads(Executor):
-    """``workers`` threads named ``{name}_{i}`` taking calls from one queue."""
+    """``workers`` threads named ``{name}_{i}`` taking calls from one queue.
+
+    The threads are daemons: one blocked in a graph call does not hold up the
+    interpreter's exit. The app's lifespan shuts them down (queued calls run first)."""
 
     def __init__(self, workers: int, name: str) -> None:
         self._queue: SimpleQueue[_Item | None] = SimpleQueue()
@@ -80,30 +86,38 @@ class CallThreads(Executor):
         with self._lock:
             if not self._closed:
                 self._closed = True
-                if cancel_futures:
-                    self._drop_queued()
-                for _ in self._threads:
-                    self._queue.put(None)
+                try:
+                    if cancel_futures:
+                        self._drop_queued()
+                finally:  # whatever happened, every thread gets its stop
+                    for _ in self._threads:
+                        self._queue.put(None)
         if wait:
             for t in self._threads:
                 t.join()
 
     def _drop_queued(self) -> None:
-        kept = []
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
+        """Cancel what no thread has taken yet (under the lock: nothing new comes in)."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except Empty:  # a thread may take the last one meanwhile
+                return
             if item is None:
-                kept.append(item)
-            elif item[1] is None:
-                item[0].cancel()
+                continue
+            fut, loop = item[0], item[1]
+            if loop is None:
+                fut.cancel()
             else:
-                item[1].call_soon_threadsafe(item[0].cancel)
-        for item in kept:
-            self._queue.put(item)
+                with contextlib.suppress(RuntimeError):  # its loop has closed
+                    loop.call_soon_threadsafe(fut.cancel)
 
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
-            self._run(*item)
+            try:
+                self._run(*item)
+            except BaseException:  # a bug here must not end the thread: calls would hang
+                log.exception("inference thread: a call could not be settled")
             del item  # the call's arguments are not kept while waiting for the next
 
     @staticmethod

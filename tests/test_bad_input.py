@@ -357,3 +357,18 @@ def test_a_non_ascii_api_key_matches_its_utf8_bytes(tmp_path: Any) -> None:
         assert ok.status_code == 200, ok.text
         bad = c.post("/admin/reload", json={}, headers={"X-API-Key": b"cle-u"})
         check(bad, 401, "X-API-Key", "unauthorized")
+
+
+def test_an_unknown_method_is_counted_as_other(client: TestClient) -> None:
+    """A client's own method token does not become a metric label of its own."""
+    from service import metrics as m
+
+    def count(method: str) -> float:
+        v = m.REQUEST_DURATION.labels("/healthz", method, "405")
+        return sum(s.value for s in v.collect()[0].samples if s.name.endswith("_count"))
+
+    before = count("other")
+    assert client.request("BREW", "/healthz").status_code == 405
+    assert count("other") == before + 1
+    samples = m.REQUEST_DURATION.collect()[0].samples
+    assert not any(s.labels.get("method") == "BREW" for s in samples)

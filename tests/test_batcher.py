@@ -1,18 +1,18 @@
 """The micro-batcher's packing rules (``service/batcher.py``), driven on a real event
-loop and a real thread pool: ``CTR_BATCH_MAX_USERS`` and ``CTR_BATCH_MAX_CANDIDATES``
-bound what one graph call takes, queue order is kept, and each request gets its own
-rows back. The service-level check (concurrent HTTP requests score as alone) is
-``tests/test_runtime.py::test_micro_batching_over_http``."""
+loop and the service's inference threads (``CallThreads``): ``CTR_BATCH_MAX_USERS`` and
+``CTR_BATCH_MAX_CANDIDATES`` bound what one graph call takes, queue order is kept, and
+each request gets its own rows back. The service-level check (concurrent HTTP requests
+score as alone) is ``tests/test_runtime.py::test_micro_batching_over_http``."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from service.batcher import Batcher
+from service.callthreads import CallThreads
 
 
 def _feeds(tag: int, n: int) -> dict[str, np.ndarray]:
@@ -45,7 +45,7 @@ def _serve(max_users: int, max_candidates: int, sizes: list[int]) -> tuple[list,
     async def main() -> list:
         batcher = Batcher(run, slots=1, max_users=max_users, max_candidates=max_candidates,
                           wait_s=0.0)  # fmt: skip
-        with ThreadPoolExecutor(1) as pool:
+        with CallThreads(1, "ort") as pool:
             first = asyncio.ensure_future(batcher.submit(pool, _feeds(99, 5), False))
             await asyncio.sleep(0)  # the first request takes the slot
             queued = [

@@ -129,10 +129,55 @@ def test_submit_shares_the_queue_and_shutdown_runs_what_was_queued() -> None:
 
 def test_shutdown_can_drop_what_was_queued() -> None:
     pool = CallThreads(1, "ort")
-    gate = threading.Event()
-    busy = pool.submit(gate.wait, 10)
-    queued = pool.submit(lambda: "queued")
-    threading.Timer(0.05, gate.set).start()
-    pool.shutdown(wait=True, cancel_futures=True)
-    assert busy.result(0) is True
-    assert queued.cancelled()
+    gate, started = threading.Event(), threading.Event()
+
+    def hold() -> bool:
+        started.set()
+        return gate.wait(10)
+
+    async def main() -> None:
+        busy = pool.submit(hold)
+        assert await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+        queued = pool.submit(lambda: "queued")
+        queued_call = pool.call(lambda: "queued call")
+        threading.Timer(0.05, gate.set).start()
+        pool.shutdown(wait=True, cancel_futures=True)
+        assert busy.result(0) is True
+        assert queued.cancelled()
+        with pytest.raises(asyncio.CancelledError):
+            await queued_call  # cancelled on its loop
+        assert not any(t.is_alive() for t in pool._threads)
+
+    asyncio.run(main())
+
+
+def test_a_call_that_ends_after_its_loop_has_closed_leaves_the_thread_serving(
+    threads: CallThreads,
+) -> None:
+    gate, started = threading.Event(), threading.Event()
+
+    def hold() -> str:
+        started.set()
+        gate.wait(10)
+        return "late"
+
+    async def leave() -> None:
+        threads.call(hold)
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+
+    asyncio.run(leave())  # the loop closes with the call still running
+    gate.set()
+    assert threads.submit(lambda: "next").result(5) == "next"
+
+
+def test_a_failure_to_settle_is_logged_and_the_thread_serves_on(
+    threads: CallThreads, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Broken:  # not a future: settling it fails in the thread, not in the call
+        def set_running_or_notify_cancel(self) -> bool:
+            raise RuntimeError("not a future")
+
+    with caplog.at_level("ERROR", "ctr.service"):
+        threads._queue.put((Broken(), None, lambda: None, ()))
+        assert threads.submit(lambda: "next").result(5) == "next"
+    assert "could not be settled" in caplog.text

@@ -19,6 +19,10 @@ def test_ids_are_32_hex_characters_and_never_repeat() -> None:
     assert all(re.fullmatch("[0-9a-f]{32}", i) for i in seen)
     assert len(set(seen)) == len(seen)
     assert RequestIds().next()[:16] != ids.next()[:16]  # each draws its own 64 bits
+    # the count does not show: consecutive IDs differ in many of their last 64 bits
+    tails = [int(i[16:], 16) for i in seen[:100]]
+    flips = [bin(a ^ b).count("1") for a, b in zip(tails, tails[1:], strict=False)]
+    assert sum(flips) / len(flips) > 16
 
 
 def test_a_forked_worker_draws_its_own_prefix() -> None:
