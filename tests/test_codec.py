@@ -6,7 +6,7 @@ was not written for, and the service answers the same with it and without it
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -122,53 +122,51 @@ def test_rank_declines_what_it_was_not_written_for(enc: codec.NativeCodec) -> No
     assert enc.rank(np.array([], np.float32), None) is None
 
 
-def test_a_library_whose_ranking_disagrees_is_not_used(
-    lib: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    real_rank = codec.NativeCodec.rank
-
-    def rank(self: codec.NativeCodec, *args: Any) -> Any:  # ties broken the other way
-        out = real_rank(self, *args)
-        return None if out is None else out[::-1].copy()
-
-    monkeypatch.setattr(codec.NativeCodec, "rank", rank)
-    with caplog.at_level("WARNING", "ctr.service"):
-        assert codec.load(Settings(ops_library=str(lib.path))) is None
-    assert "native JSON codec not used" in caplog.text and "ranking" in caplog.text
-
-
-def test_load_follows_the_setting_and_checks_the_library(
-    lib: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_load_follows_the_setting(lib: Any) -> None:
     assert codec.load(Settings(native_json="off")) is None
     on = codec.load(Settings(ops_library=str(lib.path)))
     assert on is not None and on.path == str(lib.path)
-    # a library whose output differs from orjson's is not used, and the log says why
-    real = codec.NativeCodec.encode
-
-    def off_by_one(self: codec.NativeCodec, *args: Any) -> bytes | None:
-        out = real(self, *args)
-        return None if out is None else out.replace(b'"rank":1}', b'"rank":2}')
-
-    monkeypatch.setattr(codec.NativeCodec, "encode", off_by_one)
-    with caplog.at_level("WARNING", "ctr.service"):
-        assert codec.load(Settings(ops_library=str(lib.path))) is None
-    assert "native JSON codec not used" in caplog.text and '"rank":2}' in caplog.text
 
 
-def test_a_library_whose_scan_disagrees_is_not_used(
-    lib: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def _rank_two(out: bytes | None) -> bytes | None:  # the first item ranked 2
+    return None if out is None else out.replace(b'"rank":1}', b'"rank":2}')
+
+
+def _ids_cut(out: Any) -> Any:  # IDs without their last character
+    return None if out is None else (out[0], [i[:-1] or i for i in out[1]])
+
+
+def _order_reversed(out: np.ndarray | None) -> np.ndarray | None:  # ties the other way
+    return None if out is None else out[::-1].copy()
+
+
+@pytest.mark.parametrize(
+    "method, tamper, says",
+    [
+        ("encode", _rank_two, '"rank":2}'),
+        ("scan", _ids_cut, "scanning"),
+        ("rank", _order_reversed, "ranking"),
+    ],  # fmt: skip
+)
+def test_a_library_that_disagrees_is_not_used(
+    lib: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    method: str,
+    tamper: Callable[[Any], Any],
+    says: str,
 ) -> None:
-    real_scan = codec.NativeCodec.scan
+    """A library whose output differs from the Python path's in any of its three
+    functions is not used, and the log says why."""
+    real = getattr(codec.NativeCodec, method)
 
-    def scan(self: codec.NativeCodec, *args: Any) -> Any:  # IDs without their last character
-        out = real_scan(self, *args)
-        return None if out is None else (out[0], [i[:-1] or i for i in out[1]])
+    def tampered(self: codec.NativeCodec, *args: Any) -> Any:
+        return tamper(real(self, *args))
 
-    monkeypatch.setattr(codec.NativeCodec, "scan", scan)
+    monkeypatch.setattr(codec.NativeCodec, method, tampered)
     with caplog.at_level("WARNING", "ctr.service"):
         assert codec.load(Settings(ops_library=str(lib.path))) is None
-    assert "native JSON codec not used" in caplog.text and "scanning" in caplog.text
+    assert "native JSON codec not used" in caplog.text and says in caplog.text
 
 
 def test_a_library_without_the_function_is_not_used(
