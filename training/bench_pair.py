@@ -13,7 +13,6 @@ are not counted in the CPU per request."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import statistics
 import subprocess
@@ -38,6 +37,7 @@ from training.bench_service import (
     tree_cpu_s,
     user_rows_between,
 )
+from training.bench_util import run_loop
 from training.bench_writes import OtherWrites, UserWrites
 
 SIDES = ("A", "B")
@@ -188,13 +188,13 @@ def run(
             what = [served(url) for _, url in procs]
             with OtherWrites(redis_url, other_writes, keep, pipelined) as others:
                 for _, url in procs:  # warm: caches, the graph's size range, the connections
-                    asyncio.run(_closed_loop(url, bodies, concurrency, 1.0))
+                    run_loop(_closed_loop(url, bodies, concurrency, 1.0))
                 windows: list[list[dict[str, float]]] = [[], []]
                 for side in window_order(rounds):
                     (proc, url), (idle, _) = procs[side], procs[1 - side]
                     mix = UserWrites(redis_url, bodies, writes, keep) if writes else None
                     windows[side].append(
-                        asyncio.run(
+                        run_loop(
                             _window(url, proc.pid, idle.pid, bodies, concurrency, seconds, mix)
                         )
                     )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from service.model import LoadedModel, load_model
 from service.settings import Settings
 from service.validate import _checked_candidates, _plain_ids
 from training.bench_service import STAGES, bodies_for, stage_means
-from training.bench_util import Feeds, full_history_feeds
+from training.bench_util import Feeds, full_history_feeds, run_loop, uvloop_module
 
 
 async def _call(app: Any, body: bytes) -> int:
@@ -269,21 +269,6 @@ def _check_costs(bodies: list[bytes], rounds: int, reps: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _uvloop() -> Any:
-    """uvloop, which uvicorn's ``loop="auto"`` runs the service on, or None."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop
-
-
-def _run(coro: Coroutine[Any, Any, dict]) -> dict:
-    """``coro`` on the event loop the service runs on (asyncio's own without uvloop)."""
-    uv = _uvloop()
-    return asyncio.run(coro) if uv is None else uv.run(coro)
-
-
 def run(
     models_dir: Path, name: str, n_values: list[int], redis_url: str, rounds: int, reps: int
 ) -> dict:
@@ -301,16 +286,18 @@ def run(
     for n in n_values:
         bodies = bodies_for(frame, n)
         out[n] = {
-            "request_ms": _run(_route_costs(settings, bodies, rounds, reps)),
+            "request_ms": run_loop(_route_costs(settings, bodies, rounds, reps)),
             "check_us": _check_costs(bodies, rounds, reps * 4),
-            "stage_ms": _run(_stage_costs(settings, bodies, rounds, reps)),
-            "stage_ms_orjson": _run(
+            "stage_ms": run_loop(_stage_costs(settings, bodies, rounds, reps)),
+            "stage_ms_orjson": run_loop(
                 _stage_costs(
                     settings.model_copy(update={"native_json": "off"}), bodies, rounds, reps
                 )
             ),
-            "cold_ms": _run(_cold_costs(settings, bodies, rounds, reps)),
-            "handoff_ms": _run(_handoff_costs(served, full_history_feeds(bundle, n), rounds, reps)),
+            "cold_ms": run_loop(_cold_costs(settings, bodies, rounds, reps)),
+            "handoff_ms": run_loop(
+                _handoff_costs(served, full_history_feeds(bundle, n), rounds, reps)
+            ),
         }
     return out
 
@@ -320,7 +307,7 @@ def render(res: dict, command: str) -> str:
         f"Command: `{command}`",
         "",
         f"Event-loop CPU per scoring request, in-process (an ASGI call on "
-        f"{'asyncio' if _uvloop() is None else 'uvloop'}, "
+        f"{'asyncio' if uvloop_module() is None else 'uvloop'}, "
         "as the service runs, with a real Redis and ORT on 1 thread; `time.thread_time()` "
         "of the loop's thread, so neither ORT's thread nor idle waits count), median over "
         "interleaved rounds, in ms; and the candidate-list check alone, µs per request:",

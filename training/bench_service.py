@@ -53,7 +53,9 @@ from training.bench_util import (
     p50_p99,
     redis_reader,
     request_feeds,
+    run_loop,
     timed_rate,
+    uvloop_module,
 )
 from training.bench_writes import UserWrites
 
@@ -324,7 +326,7 @@ def drive(
             r["writes_per_req"] = mix.written / max(1, r["requests"])
         return r
 
-    return asyncio.run(go())
+    return run_loop(go())
 
 
 async def _open_loop(
@@ -664,7 +666,7 @@ def service_open_loop(
     out = []
     for r in rates:
         res, before, after = _measured(
-            url, lambda r=r: asyncio.run(_open_loop(url, bodies, r, seconds))
+            url, lambda r=r: run_loop(_open_loop(url, bodies, r, seconds))
         )
         res["service_gc"] = gc_pauses(before, after)
         res["slow_over_30ms"] = slow_counts(before, after)
@@ -687,7 +689,7 @@ def measure_n(
     ``(redis_url, share, keep)`` of the scored users' writes in the closed-loop windows
     (:class:`training.bench_writes.UserWrites`; absent or share 0: none)."""
     seconds = plan["seconds"]
-    asyncio.run(_closed_loop(url, bodies, 1, min(1.0, seconds)))  # warm: caches, pools
+    run_loop(_closed_loop(url, bodies, 1, min(1.0, seconds)))  # warm: caches, pools
     redis_url, share, keep = plan.get("writes") or ("", 0.0, 0)
 
     def mix() -> UserWrites | None:
@@ -802,6 +804,7 @@ def run(
         "inflight": inflight,
         "env": env,
         "device": _device(env),
+        "client_loop": "asyncio" if uvloop_module() is None else "uvloop",
         "seconds": seconds,
         "bodies": BODIES,
         "writes": writes,
@@ -946,7 +949,8 @@ def _header(res: dict[str, Any], command: str) -> list[str]:
         "",
         f"{res.get('device', f'CPU ({os.cpu_count()} cores)')}, {_workers_text(res)}, ORT "
         f"intra-op threads={t} per worker, {k} ORT run(s) in flight, L=50; the HTTP client runs on "
-        f"the same machine. The benchmark cycles {bodies} request bodies (a loaded user "
+        f"the same machine ({res.get('client_loop', 'asyncio')}). The benchmark cycles "
+        f"{bodies} request bodies (a loaded user "
         "each, N candidates) over the loaded users, so the service's item, row and user "
         f"caches are warm; {_tracking_text(res)}. Model-only figures: the service's own loader"
         " (`load_model`, the same CTR_* settings: threads, spinning, one-thread session for "
