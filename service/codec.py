@@ -114,10 +114,10 @@ class NativeCodec:
             return None
         n = probs.shape[0]
         k = n if top_k is None else min(top_k, n)
-        order = np.empty(k, np.int64)
-        if self._rank(probs.tobytes(), n, k, order.ctypes.data) != k:
+        buf = self._buffer(8 * k)  # this thread's buffer, as the other two calls use
+        if self._rank(probs.tobytes(), n, k, buf) != k:
             return None
-        return order
+        return np.frombuffer(buf, np.int64, k).copy()  # encode() reuses the buffer
 
     def encode(self, ids: list[str], probs: np.ndarray, order: np.ndarray) -> bytes | None:
         """The JSON array of :func:`items_python`'s items, or None where this encoder
