@@ -39,7 +39,7 @@ log = logging.getLogger("ctr.native")
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "native"
 SOURCES = (
     "augru.h", "ctr_ops.cc", "augru_cuda.cu", "din_attention.h", "din_attention.cc", "simd.h",
-    "codec.cc", "third_party/onnxruntime/onnxruntime_c_api.h",
+    "codec.cc", "runner.cc", "third_party/onnxruntime/onnxruntime_c_api.h",
 )  # fmt: skip
 DOMAIN = "ctr_ops"
 OP = "AttentionalGRU"
@@ -294,8 +294,11 @@ def _build(cuda: bool, out_dir: Path | None, arch: str | None) -> OpsLibrary:
          *cpu_arch, *inc, "-c", str(SOURCE_DIR / "din_attention.cc"), "-o", "din_attention.o"],
         [cxx, "-O2", "-std=c++17", "-fPIC", "-fvisibility=hidden", *cpu_arch, "-c",
          str(SOURCE_DIR / "codec.cc"), "-o", "codec.o"],
+        [cxx, "-O2", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-pthread", *cpu_arch, *inc,
+         "-c", str(SOURCE_DIR / "runner.cc"), "-o", "runner.o"],
     ]  # fmt: skip
-    objs, link_extra, tools = ["ctr_ops.o", "din_attention.o", "codec.o"], [], [cxx]
+    objs, link_extra = ["ctr_ops.o", "din_attention.o", "codec.o", "runner.o"], ["-pthread"]
+    tools = [cxx]
     cuda_arch: list[str] = []
     if cuda:
         assert nvcc is not None
@@ -311,7 +314,7 @@ def _build(cuda: bool, out_dir: Path | None, arch: str | None) -> OpsLibrary:
         # static CUDA runtime: the library never binds to whichever libcudart.so.13 the
         # process loaded first (ORT's, torch's and the toolkit's can differ)
         cudart = _cudart_dir(nvcc)
-        link_extra = [f"-L{cudart}", "-l:libcudart_static.a", "-ldl", "-lpthread", "-lrt"]
+        link_extra += [f"-L{cudart}", "-l:libcudart_static.a", "-ldl", "-lpthread", "-lrt"]
     commands.append([cxx, "-shared", "-o", LIB_NAME, *objs, *link_extra,
                      "-static-libstdc++", "-static-libgcc"])  # fmt: skip
     host = _host_key(cpu_arch, cuda_arch)

@@ -487,6 +487,11 @@ OrtCustomOp g_cuda_op = make_op<GruOp<true>>();
 #endif
 
 }  // namespace
+
+// The API table of the ONNX Runtime that registered this library first (nullptr before
+// that): native/runner.cc makes its sessions with the same runtime.
+const OrtApi* registered_api() { return g_api; }
+
 }  // namespace ctr_ops
 
 extern "C" {

@@ -282,6 +282,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if state.tracker is not None:
                 await state.tracker.aclose()
             state.executor.shutdown(wait=True)
+            if state.model is not None and state.model.native is not None:
+                state.model.native.close()  # released once its calls in flight are done
             m.HOOKS.exit()
             for reader, client in (
                 (state.reader, state.redis),
@@ -571,6 +573,8 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             "graph_note": model.graph_note or None,
             "graph_ops": model.graph_ops,
             "micro_batching": model.batcher is not None,
+            "native_runner": model.native is not None,
+            "native_runner_note": model.native_note or None,
             "json_encoder": "native" if state.codec is not None else "orjson",
             "gpu_copy": copy_info(model.runner),
             "worker_pid": os.getpid(),
@@ -654,6 +658,8 @@ def _inline(
     if limit <= 0 or not idle or state.in_flight > 1:
         return False
     if state.graph_calls.running:  # a call left by a request that timed out runs on
+        return False
+    if model.native is not None and model.native.pending:  # the same, on a native thread
         return False
     if model.executor is not None or model.provider != CPU:
         return False
@@ -742,6 +748,12 @@ async def _score(
         # and back (the main session's pool threads still share a large call)
         outs = model.run(prepared.feeds, req.explain)  # an overrun: guarded's 503
         m.INLINE_RUNS.inc()
+        m.BATCH_USERS.observe(1)
+    elif model.native is not None and not req.explain and not model.native.closed:
+        # on a native thread, which never waits for the GIL (service.nativerun)
+        probs, took = await model.native.run(prepared.feeds)
+        model.note_run(took, len(probs), False)
+        outs = [probs]
         m.BATCH_USERS.observe(1)
     else:
         outs = await state.graph_calls.submit(executor, model.run, prepared.feeds, req.explain)

@@ -36,7 +36,11 @@ async def load(state: State, version: str | None) -> LoadedModel:
         else:
             log.error("reload failed, still serving version %s: %s", state.model.version, exc)
         raise
-    state.model = model  # atomic swap: in-flight requests keep their reference
+    old, state.model = state.model, model  # atomic swap: in-flight requests keep theirs
+    if old is not None and old.native is not None:
+        # its requests still in flight finish on the Python runner, or collect their
+        # native calls first; the native sessions go once nothing is in flight there
+        old.native.close()
     state.model_error = None
     state.fallback = None
     m.set_model_info(model.name, model.version, model.provider, model.graph, model.precision)

@@ -16,6 +16,7 @@ import onnxruntime as ort
 from ctr import native
 from ctr.bundle import Bundle, BundleError, graph_inputs, graph_outputs, load_bundle
 from service.batcher import Batcher
+from service.nativerun import NativeRunError, NativeRunner, SessionSpec, parity
 from service.precision import FP16_TOLERANCE, PrecisionError, fp16_bytes, probe_feeds
 from service.rowcache import ItemRowCache
 from service.runner import (
@@ -73,6 +74,9 @@ class LoadedModel:
     graph_ops: list[str] = field(default_factory=list)  # custom ops in the served graph
     batcher: Batcher | None = None  # cross-request micro-batching, when enabled
     users: UserRowCache = field(default_factory=lambda: UserRowCache(0))  # encoded users
+    # plain scoring calls on native threads (CTR_NATIVE_RUNNER); None: the Python runner
+    native: NativeRunner | None = None
+    native_note: str = ""  # why the native runner is not used, when it was wanted
     # (seconds, N) of recent graph calls, weighted means by run_key (see expected_run_s);
     # written on whichever thread ran the call, one dict store at a time
     run_times: dict[tuple[bool, int, bool], tuple[float, float]] = field(default_factory=dict)
@@ -122,8 +126,11 @@ class LoadedModel:
         :meth:`expected_run_s`'s estimate for calls of about this many candidates."""
         start = time.perf_counter()
         outs = run_outputs(self.runner, self.has_attention, feeds, explain)
-        took = time.perf_counter() - start
-        n = len(outs[0])
+        self.note_run(time.perf_counter() - start, len(outs[0]), explain)
+        return outs
+
+    def note_run(self, took: float, n: int, explain: bool) -> None:
+        """A graph call of ``n`` candidates took ``took`` seconds (:meth:`expected_run_s`)."""
         key = self.run_key(n, explain)
         last = self.run_times.get(key)
         if last is None:
@@ -131,7 +138,6 @@ class LoadedModel:
         else:  # two calls at once on one key may lose an update: harmless for a mean
             w = RUN_TIME_WEIGHT
             self.run_times[key] = (last[0] + w * (took - last[0]), last[1] + w * (n - last[1]))
-        return outs
 
     def run_key(self, n: int, explain: bool = False) -> tuple[bool, int, bool]:
         """Which calls' times predict a call with ``n`` candidates: the same session (the
@@ -219,6 +225,13 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
     )
     runner = with_single_thread(settings, bundle, runner, session, provider, served, so)
     outputs = [o.name for o in session.get_outputs()]
+    native_runner, native_note = None, ""
+    if settings.native_runner and provider == CPU and settings.batch_max_users <= 1:
+        try:
+            native_runner = make_native(settings, bundle, runner, served, graph == "fused")
+        except NativeRunError as exc:  # documented: the Python runner serves, the log says why
+            native_note = str(exc)
+            log.warning("native runner not used: %s", exc)
     model = LoadedModel(
         bundle,
         session,
@@ -232,6 +245,8 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
         graph_note=graph_note,
         graph_ops=graph_ops,
         users=UserRowCache(settings.user_cache_size),
+        native=native_runner,
+        native_note=native_note,
     )
     if settings.batch_max_users > 1:
         # the batcher must not hold the model: a model <-> batcher cycle outlives a
@@ -246,6 +261,8 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
     try:
         warm_up(model)
     except Exception as exc:  # ORT raises its own types for shape/type mismatches
+        if model.native is not None:
+            model.native.close()
         raise BundleError(f"{bundle.model_path}: warm-up run failed: {exc}") from exc
     log.info(
         "model loaded name=%s version=%s provider=%s runner=%s graph=%s precision=%s path=%s",
@@ -489,4 +506,52 @@ def with_single_thread(
 def warm_up(model: LoadedModel) -> None:
     """Run the graph at a few batch sizes so first requests do not pay for allocation."""
     for n in (1, 64, 512):
-        model.run(probe_feeds(model.bundle, 1, n, n), explain=False)
+        feeds = probe_feeds(model.bundle, 1, n, n)
+        model.run(feeds, explain=False)
+        if model.native is not None:
+            model.native.run_now(feeds)
+
+
+def make_native(
+    settings: Settings, bundle: Bundle, runner: Runner, served: bytes, fused: bool
+) -> NativeRunner:
+    """A :class:`~service.nativerun.NativeRunner` with the sessions ``runner`` has (the
+    main one and, for a :class:`SplitRunner`, the one-thread one for small calls) on the
+    graph ``served``, kept only if every session matches ``runner`` within
+    ``FUSED_TOLERANCE`` on the probe feeds. Raises :class:`NativeRunError` otherwise."""
+    if runner.kind != "session":
+        raise NativeRunError(f"the {runner.kind} runner has no native counterpart")
+    try:
+        lib = native.library(settings.ops_library or None)
+    except native.NativeError as exc:
+        raise NativeRunError(f"custom-op library: {exc}") from exc
+    ops = str(lib.path) if fused else None
+    specs = [SessionSpec(served, settings.intra_op_threads, ops)]
+    single = runner.max_candidates if isinstance(runner, SplitRunner) else 0
+    if single:
+        specs.append(SessionSpec(served, 1, ops))
+    made = NativeRunner(
+        str(lib.path),
+        bundle.input_names,
+        specs,
+        settings.intra_op_spin,
+        settings.inference_concurrency,
+        single,
+    )
+    try:
+        probes = [probe_feeds(bundle, 1, 300, 0), probe_feeds(bundle, 3, 97, 1)]
+        if single:  # the one-thread session too
+            probes.append(probe_feeds(bundle, 2, min(single, 17), 2))
+        worst = parity(made, lambda f: run_outputs(runner, False, f, False)[0], probes)
+    except NativeRunError:
+        made.close()
+        raise
+    except Exception as exc:  # ORT's own error types, from the Python session
+        made.close()
+        raise NativeRunError(f"parity check: {exc!r}") from exc
+    if worst > FUSED_TOLERANCE:
+        made.close()
+        raise NativeRunError(f"native runner parity {worst:.1e} > {FUSED_TOLERANCE:.0e}")
+    log.info("graph calls on native threads (%d session(s)): max |native - python| = %.1e",
+             len(specs), worst)  # fmt: skip
+    return made

@@ -49,6 +49,13 @@ class Settings(BaseSettings):
         description="CPU only: graph calls with at most this many candidates run on a second "
         "session with one intra-op thread (no pool thread to wake; 0 = off)",
     )
+    native_runner: bool = Field(
+        True,
+        description="CPU only: plain scoring calls (not explain, not micro-batched) run on "
+        "native threads through ORT's C API, which never wait for the GIL (a Python "
+        "thread per call otherwise); the sessions are checked against the Python ones at "
+        "load, and the Python runner serves if they do not or the library cannot be built",
+    )
     io_binding: bool = Field(
         False,
         description="bind inputs/outputs per call (slower than a plain run on the H100 "

@@ -271,7 +271,7 @@ def test_a_bug_is_a_json_500_without_internals(
     def boom(*args: object, **kwargs: object) -> None:
         raise RuntimeError("secret internal detail")
 
-    s = settings_for(built, rp.url)
+    s = settings_for(built, rp.url, native_runner=False)  # the Python runner's run raises
     with TestClient(create_app(s), raise_server_exceptions=False) as c:
         before = m.ERRORS.labels("internal")._value.get()
         monkeypatch.setattr(c.app.state.ctr.model, "run", boom)

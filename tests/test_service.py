@@ -574,7 +574,8 @@ def test_unused_context_keys_do_not_defeat_the_user_cache(client: TestClient) ->
 
 def test_a_non_finite_score_is_a_500_that_says_so(built: Built, redis_db: Redis) -> None:
     """Should the graph ever return NaN, the answer names it instead of `null` scores."""
-    with TestClient(create_app(settings_for(built))) as c:
+    # the Python runner, whose run is replaced below (the guard acts on both runners' scores)
+    with TestClient(create_app(settings_for(built, native_runner=False))) as c:
         model = c.app.state.ctr.model
         real = model.run
 
@@ -767,7 +768,9 @@ def test_a_graph_call_past_the_deadline_is_a_503_inline_or_not(
 
     body = {"user_id": "u1", "candidates": [{"item_id": i} for i in some_items(built, 20)]}
     n = len(body["candidates"])
-    settings = settings_for(built, inline_max_ms=limit, request_timeout_ms=300, provider="cpu")
+    settings = settings_for(
+        built, inline_max_ms=limit, request_timeout_ms=300, provider="cpu", native_runner=False
+    )  # the Python runner's threads (test_nativerun.py: the native runner's)
     with TestClient(create_app(settings)) as c:
         state = c.app.state.ctr
         model = state.model
@@ -805,7 +808,9 @@ def test_a_queued_call_dropped_at_the_deadline_is_not_counted_as_running(
     the ORT thread, or no request would run inline again."""
     body = {"user_id": "u1", "candidates": [{"item_id": i} for i in some_items(built, 20)]}
     n = len(body["candidates"])
-    settings = settings_for(built, inline_max_ms=1000.0, request_timeout_ms=300, provider="cpu")
+    settings = settings_for(
+        built, inline_max_ms=1000.0, request_timeout_ms=300, provider="cpu", native_runner=False
+    )  # the Python runner's threads (test_nativerun.py: the native runner's)
     with TestClient(create_app(settings)) as c:
         state = c.app.state.ctr
         model = state.model

@@ -48,6 +48,7 @@ SERVED = (
     "precision",
     "json_encoder",
     "micro_batching",
+    "native_runner",
     "user_tracking",
 )
 

@@ -1,0 +1,492 @@
+// The native graph runner: ONNX Runtime sessions run on threads of their own, which
+// never take Python's GIL (service/nativerun.py).
+//
+// Through ORT's Python binding a graph call's thread needs the GIL twice: to turn the
+// feeds into tensors and, after the run, to turn the outputs into arrays and hand them
+// back to the event loop. Under load the event loop holds the GIL most of the time, so
+// the call's thread waits for it (docs/benchmarks.md, "Session 21"). Here the event loop
+// submits a call (pointers to its arrays, copied into a job) without letting go of the
+// GIL (the library is loaded as a ctypes.PyDLL), a worker thread runs it with ORT's C
+// API and writes the scores into the caller's buffer, and an eventfd tells the event
+// loop that calls are done; it collects them with ctr_runner_poll.
+//
+// The sessions are made with the ONNX Runtime that registered this library as a
+// custom-op library first (ctr_ops::registered_api): the one the Python binding runs,
+// so there is one runtime in the process and the fused graph's kernels are this
+// library's. The caller keeps every array a job points at alive until the job is done.
+
+#include <sys/eventfd.h>
+#include <pthread.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "onnxruntime_c_api.h"
+
+namespace ctr_ops {
+const OrtApi* registered_api();
+}
+
+namespace {
+
+constexpr int kMaxInputs = 16;
+constexpr int kMaxDims = 4;
+constexpr int kDesc = 3 + kMaxDims;  // per input: data pointer, element type, rank, dims
+
+enum Status : int32_t { kOk = 0, kFailed = 1 };
+
+struct Input {
+  void* data;
+  int32_t type;
+  int32_t rank;
+  int64_t dims[kMaxDims];
+};
+
+struct Job {
+  uint64_t token = 0;
+  int session = 0;
+  int inputs = 0;
+  Input in[kMaxInputs];
+  float* out = nullptr;
+  int64_t out_len = 0;
+  int32_t status = kOk;
+  double seconds = 0.0;
+  std::string error;
+};
+
+struct Session {
+  OrtSession* session = nullptr;
+  std::vector<std::string> names;  // the inputs, in the order the caller passes them
+  std::vector<int32_t> types;      // their element types (ONNXTensorElementDataType)
+  std::vector<const char*> name_ptrs;
+  std::string output;
+};
+
+struct Runner {
+  const OrtApi* api = nullptr;
+  OrtEnv* env = nullptr;
+  OrtMemoryInfo* memory = nullptr;
+  std::vector<Session> sessions;
+  int fd = -1;
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<Job*> queue;
+  std::vector<Job*> done;
+  std::unordered_map<uint64_t, std::string> errors;  // failed jobs' messages, until read
+  std::vector<std::thread> threads;
+  int running = 0;
+  bool stop = false;
+  bool held = false;  // ctr_runner_hold: no thread takes a new call meanwhile
+};
+
+void put_error(char* err, int len, const std::string& msg) {
+  if (err == nullptr || len <= 0) return;
+  const size_t n = std::min(msg.size(), static_cast<size_t>(len - 1));
+  std::memcpy(err, msg.data(), n);
+  err[n] = '\0';
+}
+
+// The status's message (and the status released); empty for success.
+std::string take(const OrtApi* api, OrtStatus* status) {
+  if (status == nullptr) return {};
+  std::string msg = api->GetErrorMessage(status);
+  if (msg.empty()) msg = "ONNX Runtime failed without a message";
+  api->ReleaseStatus(status);
+  return msg;
+}
+
+size_t element_size(int32_t type) {
+  switch (type) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT:
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32:
+      return 4;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64:
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE:
+      return 8;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16:
+      return 2;
+    default:
+      return 0;
+  }
+}
+
+// One graph call: job->in into the session, its output's values into job->out.
+// Returns an empty string on success, else what went wrong.
+std::string run_job(Runner* r, Job* job) {
+  const OrtApi* api = r->api;
+  if (job->session < 0 || job->session >= static_cast<int>(r->sessions.size()))
+    return "no such session: " + std::to_string(job->session);
+  Session& s = r->sessions[static_cast<size_t>(job->session)];
+  if (job->inputs != static_cast<int>(s.names.size()))
+    return "the call has " + std::to_string(job->inputs) + " inputs, the graph " +
+           std::to_string(s.names.size());
+  OrtValue* values[kMaxInputs] = {};
+  OrtValue* output = nullptr;
+  std::string error;
+  for (int i = 0; i < job->inputs && error.empty(); ++i) {
+    const Input& in = job->in[i];
+    if (in.type != s.types[static_cast<size_t>(i)]) {
+      error = "input " + s.names[static_cast<size_t>(i)] + " has element type " +
+              std::to_string(in.type) + ", the graph wants " +
+              std::to_string(s.types[static_cast<size_t>(i)]);
+      break;
+    }
+    size_t count = 1;
+    for (int d = 0; d < in.rank; ++d) count *= static_cast<size_t>(in.dims[d]);
+    error = take(api, api->CreateTensorWithDataAsOrtValue(
+                          r->memory, in.data, count * element_size(in.type), in.dims,
+                          static_cast<size_t>(in.rank),
+                          static_cast<ONNXTensorElementDataType>(in.type), &values[i]));
+  }
+  if (error.empty()) {
+    const char* out_name = s.output.c_str();
+    error = take(api, api->Run(s.session, nullptr, s.name_ptrs.data(), values,
+                               static_cast<size_t>(job->inputs), &out_name, 1, &output));
+  }
+  if (error.empty()) {
+    OrtTensorTypeAndShapeInfo* info = nullptr;
+    size_t count = 0;
+    ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    error = take(api, api->GetTensorTypeAndShape(output, &info));
+    if (error.empty()) error = take(api, api->GetTensorShapeElementCount(info, &count));
+    if (error.empty()) error = take(api, api->GetTensorElementType(info, &type));
+    if (info != nullptr) api->ReleaseTensorTypeAndShapeInfo(info);
+    void* data = nullptr;
+    if (error.empty()) error = take(api, api->GetTensorMutableData(output, &data));
+    if (error.empty() && type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+      error = s.output + " is not float32 (element type " + std::to_string(type) + ")";
+    if (error.empty() && static_cast<int64_t>(count) != job->out_len)
+      error = s.output + " has " + std::to_string(count) + " values, the call wants " +
+              std::to_string(job->out_len);
+    if (error.empty()) std::memcpy(job->out, data, count * sizeof(float));
+  }
+  for (int i = 0; i < job->inputs; ++i)
+    if (values[i] != nullptr) api->ReleaseValue(values[i]);
+  if (output != nullptr) api->ReleaseValue(output);
+  return error;
+}
+
+void signal(Runner* r) {
+  const uint64_t one = 1;
+  // a full counter (2^64 - 2 unread signals) cannot happen; EINTR: try again
+  while (write(r->fd, &one, sizeof one) < 0 && errno == EINTR) {
+  }
+}
+
+void work(Runner* r) {
+  pthread_setname_np(pthread_self(), "ort_native");
+  for (;;) {
+    Job* job = nullptr;
+    {
+      std::unique_lock<std::mutex> lock(r->mu);
+      r->cv.wait(lock, [r] { return r->stop || (!r->held && !r->queue.empty()); });
+      if (r->queue.empty()) return;  // stopping, and every queued call has run
+      job = r->queue.front();
+      r->queue.pop_front();
+      ++r->running;
+    }
+    const auto start = std::chrono::steady_clock::now();
+    std::string error;
+    try {
+      error = run_job(r, job);
+    } catch (const std::exception& exc) {  // e.g. bad_alloc: the call fails, not the process
+      error = exc.what();
+    } catch (...) {
+      error = "unknown C++ exception";
+    }
+    job->seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    job->status = error.empty() ? kOk : kFailed;
+    job->error = std::move(error);
+    {
+      std::lock_guard<std::mutex> lock(r->mu);
+      --r->running;
+      r->done.push_back(job);
+    }
+    signal(r);
+  }
+}
+
+bool fill_job(Job* job, const int64_t* desc, int inputs, float* out, int64_t out_len) {
+  if (inputs < 0 || inputs > kMaxInputs || out_len < 0) return false;
+  job->inputs = inputs;
+  job->out = out;
+  job->out_len = out_len;
+  for (int i = 0; i < inputs; ++i) {
+    const int64_t* d = desc + static_cast<ptrdiff_t>(i) * kDesc;
+    Input& in = job->in[i];
+    in.data = reinterpret_cast<void*>(static_cast<uintptr_t>(d[0]));
+    in.type = static_cast<int32_t>(d[1]);
+    in.rank = static_cast<int32_t>(d[2]);
+    if (in.rank < 0 || in.rank > kMaxDims || element_size(in.type) == 0) return false;
+    for (int k = 0; k < in.rank; ++k) {
+      if (d[3 + k] < 0) return false;
+      in.dims[k] = d[3 + k];
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+extern "C" {
+
+// A runner without sessions yet, or nullptr (err says why). spin: 0 never, 1 during a
+// run only, 2 always (CTR_INTRA_OP_SPIN) for the sessions it makes.
+__attribute__((visibility("default"))) void* ctr_runner_new(char* err, int err_len) {
+  const OrtApi* api = ctr_ops::registered_api();
+  if (api == nullptr) {
+    put_error(err, err_len, "the library has not been registered with ONNX Runtime yet");
+    return nullptr;
+  }
+  auto* r = new Runner();
+  r->api = api;
+  std::string e = take(api, api->CreateEnv(ORT_LOGGING_LEVEL_WARNING, "ctr_native", &r->env));
+  if (e.empty())
+    e = take(api, api->CreateCpuMemoryInfo(OrtArenaAllocator, OrtMemTypeDefault, &r->memory));
+  if (e.empty()) {
+    r->fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (r->fd < 0) e = std::string("eventfd: ") + std::strerror(errno);
+  }
+  if (!e.empty()) {
+    put_error(err, err_len, e);
+    if (r->memory != nullptr) api->ReleaseMemoryInfo(r->memory);
+    if (r->env != nullptr) api->ReleaseEnv(r->env);
+    delete r;
+    return nullptr;
+  }
+  return r;
+}
+
+// A session of the graph in model[0:len] with intra_threads intra-op threads, taking
+// the inputs named in names (inputs of them, '\0'-separated, in the order calls pass
+// them) and returning output's values; with ops_library (or nullptr) registered.
+// Returns its index, or -1 (err says why). Only before ctr_runner_start.
+__attribute__((visibility("default"))) int ctr_runner_add_session(
+    void* handle, const void* model, size_t len, int intra_threads, int spin,
+    const char* ops_library, const char* names, int inputs, const char* output, char* err,
+    int err_len) {
+  auto* r = static_cast<Runner*>(handle);
+  const OrtApi* api = r->api;
+  if (!r->threads.empty() || inputs < 0 || inputs > kMaxInputs) {
+    put_error(err, err_len, "sessions are added before the start, with at most 16 inputs");
+    return -1;
+  }
+  OrtSessionOptions* so = nullptr;
+  Session s;
+  std::string e = take(api, api->CreateSessionOptions(&so));
+  if (e.empty()) e = take(api, api->SetIntraOpNumThreads(so, intra_threads));
+  if (e.empty()) e = take(api, api->SetInterOpNumThreads(so, 1));
+  if (e.empty()) e = take(api, api->SetSessionGraphOptimizationLevel(so, ORT_ENABLE_ALL));
+  if (e.empty())
+    e = take(api, api->AddSessionConfigEntry(so, "session.intra_op.allow_spinning",
+                                             spin == 0 ? "0" : "1"));
+  if (e.empty() && spin == 1)
+    e = take(api, api->AddSessionConfigEntry(so, "session.force_spinning_stop", "1"));
+  if (e.empty() && ops_library != nullptr)
+    e = take(api, api->RegisterCustomOpsLibrary_V2(so, ops_library));
+  if (e.empty())
+    e = take(api, api->CreateSessionFromArray(r->env, model, len, so, &s.session));
+  if (so != nullptr) api->ReleaseSessionOptions(so);
+  size_t count = 0;
+  if (e.empty()) e = take(api, api->SessionGetInputCount(s.session, &count));
+  if (e.empty() && count != static_cast<size_t>(inputs))
+    e = "the graph has " + std::to_string(count) + " inputs, " + std::to_string(inputs) +
+        " were named";
+  const char* p = names;
+  for (int i = 0; i < inputs && e.empty(); ++i) {
+    s.names.emplace_back(p);
+    p += s.names.back().size() + 1;
+    // the graph's own input i must be the one named: its element type is checked per call
+    OrtAllocator* alloc = nullptr;
+    char* graph_name = nullptr;
+    e = take(api, api->GetAllocatorWithDefaultOptions(&alloc));
+    if (e.empty()) e = take(api, api->SessionGetInputName(s.session, i, alloc, &graph_name));
+    if (e.empty() && s.names.back() != graph_name)
+      e = "graph input " + std::to_string(i) + " is " + graph_name + ", not " + s.names.back();
+    if (graph_name != nullptr) (void)api->AllocatorFree(alloc, graph_name);
+    OrtTypeInfo* type_info = nullptr;
+    if (e.empty()) e = take(api, api->SessionGetInputTypeInfo(s.session, i, &type_info));
+    const OrtTensorTypeAndShapeInfo* tensor = nullptr;
+    if (e.empty()) e = take(api, api->CastTypeInfoToTensorInfo(type_info, &tensor));
+    ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    if (e.empty() && tensor == nullptr) e = s.names.back() + " is not a tensor";
+    if (e.empty()) e = take(api, api->GetTensorElementType(tensor, &type));
+    if (type_info != nullptr) api->ReleaseTypeInfo(type_info);
+    s.types.push_back(static_cast<int32_t>(type));
+  }
+  if (!e.empty()) {
+    put_error(err, err_len, e);
+    if (s.session != nullptr) api->ReleaseSession(s.session);
+    return -1;
+  }
+  s.output = output;
+  r->sessions.push_back(std::move(s));
+  for (Session& other : r->sessions) {  // the vector may have moved the strings' owners
+    other.name_ptrs.clear();
+    for (const std::string& n : other.names) other.name_ptrs.push_back(n.c_str());
+  }
+  return static_cast<int>(r->sessions.size()) - 1;
+}
+
+// Starts `workers` threads; returns the eventfd that becomes readable when calls are
+// done (-1 if already started or workers < 1).
+__attribute__((visibility("default"))) int ctr_runner_start(void* handle, int workers) {
+  auto* r = static_cast<Runner*>(handle);
+  if (!r->threads.empty() || workers < 1) return -1;
+  for (int i = 0; i < workers; ++i) r->threads.emplace_back(work, r);
+  return r->fd;
+}
+
+// Queues a call of session `session`: `inputs` inputs described by desc (7 int64 each:
+// data address, element type, rank, up to 4 dims), scores into out[0:out_len].
+// Returns 0, or -1 for a malformed description or a stopped runner.
+__attribute__((visibility("default"))) int ctr_runner_submit(void* handle, uint64_t token,
+                                                              int session,
+                                                              const int64_t* desc, int inputs,
+                                                              float* out, int64_t out_len) {
+  auto* r = static_cast<Runner*>(handle);
+  auto* job = new Job();
+  job->token = token;
+  job->session = session;
+  if (!fill_job(job, desc, inputs, out, out_len)) {
+    delete job;
+    return -1;
+  }
+  {
+    std::lock_guard<std::mutex> lock(r->mu);
+    if (r->stop || r->threads.empty()) {
+      delete job;
+      return -1;
+    }
+    r->queue.push_back(job);
+  }
+  r->cv.notify_one();
+  return 0;
+}
+
+// The same call on the caller's thread (warm-up, checks at load). Returns 0, or -1 with
+// err saying why.
+__attribute__((visibility("default"))) int ctr_runner_run(void* handle, int session,
+                                                           const int64_t* desc, int inputs,
+                                                           float* out, int64_t out_len,
+                                                           char* err, int err_len) {
+  auto* r = static_cast<Runner*>(handle);
+  Job job;
+  job.session = session;
+  if (!fill_job(&job, desc, inputs, out, out_len)) {
+    put_error(err, err_len, "malformed call description");
+    return -1;
+  }
+  const std::string e = run_job(r, &job);
+  if (!e.empty()) {
+    put_error(err, err_len, e);
+    return -1;
+  }
+  return 0;
+}
+
+// Drops a queued call that no thread has taken yet: 1 if it was dropped (it will not
+// be reported), 0 if it has started or is done (it will be, or was, reported).
+__attribute__((visibility("default"))) int ctr_runner_cancel(void* handle, uint64_t token) {
+  auto* r = static_cast<Runner*>(handle);
+  std::lock_guard<std::mutex> lock(r->mu);
+  for (auto it = r->queue.begin(); it != r->queue.end(); ++it) {
+    if ((*it)->token == token) {
+      delete *it;
+      r->queue.erase(it);
+      return 1;
+    }
+  }
+  return 0;
+}
+
+// Up to `max` finished calls: their tokens, statuses (0 ok, 1 failed: the message from
+// ctr_runner_error) and run times in seconds. Clears the eventfd first, so a call that
+// finishes meanwhile signals it again.
+__attribute__((visibility("default"))) int ctr_runner_poll(void* handle, uint64_t* tokens,
+                                                            int32_t* status, double* seconds,
+                                                            int max) {
+  auto* r = static_cast<Runner*>(handle);
+  uint64_t counter = 0;
+  (void)!read(r->fd, &counter, sizeof counter);  // EAGAIN: nothing was signalled
+  std::vector<Job*> jobs;
+  {
+    std::lock_guard<std::mutex> lock(r->mu);
+    const size_t n = std::min(r->done.size(), static_cast<size_t>(std::max(max, 0)));
+    jobs.assign(r->done.begin(), r->done.begin() + static_cast<ptrdiff_t>(n));
+    r->done.erase(r->done.begin(), r->done.begin() + static_cast<ptrdiff_t>(n));
+    for (Job* job : jobs)
+      if (job->status != kOk) r->errors[job->token] = job->error;
+  }
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    tokens[i] = jobs[i]->token;
+    status[i] = jobs[i]->status;
+    seconds[i] = jobs[i]->seconds;
+    delete jobs[i];
+  }
+  return static_cast<int>(jobs.size());
+}
+
+// A failed call's message (then forgotten); 0 if there is none for the token.
+__attribute__((visibility("default"))) int ctr_runner_error(void* handle, uint64_t token,
+                                                             char* err, int err_len) {
+  auto* r = static_cast<Runner*>(handle);
+  std::lock_guard<std::mutex> lock(r->mu);
+  auto it = r->errors.find(token);
+  if (it == r->errors.end()) return 0;
+  put_error(err, err_len, it->second);
+  r->errors.erase(it);
+  return 1;
+}
+
+// While held (hold != 0), no thread takes a queued call; stopping ends the hold. For
+// tests: a call that waits in the queue as long as they need.
+__attribute__((visibility("default"))) void ctr_runner_hold(void* handle, int hold) {
+  auto* r = static_cast<Runner*>(handle);
+  {
+    std::lock_guard<std::mutex> lock(r->mu);
+    r->held = hold != 0;
+  }
+  r->cv.notify_all();
+}
+
+// Calls queued or running, not yet reported done.
+__attribute__((visibility("default"))) int ctr_runner_pending(void* handle) {
+  auto* r = static_cast<Runner*>(handle);
+  std::lock_guard<std::mutex> lock(r->mu);
+  return static_cast<int>(r->queue.size()) + r->running;
+}
+
+// Stops the threads once every queued call has run (blocks until then), releases the
+// sessions and closes the eventfd. Calls not yet polled are dropped with the runner.
+__attribute__((visibility("default"))) void ctr_runner_free(void* handle) {
+  auto* r = static_cast<Runner*>(handle);
+  if (r == nullptr) return;
+  {
+    std::lock_guard<std::mutex> lock(r->mu);
+    r->stop = true;
+    r->held = false;
+  }
+  r->cv.notify_all();
+  for (std::thread& t : r->threads) t.join();
+  for (Job* job : r->done) delete job;
+  for (Session& s : r->sessions)
+    if (s.session != nullptr) r->api->ReleaseSession(s.session);
+  if (r->memory != nullptr) r->api->ReleaseMemoryInfo(r->memory);
+  if (r->env != nullptr) r->api->ReleaseEnv(r->env);
+  if (r->fd >= 0) close(r->fd);
+  delete r;
+}
+
+}  // extern "C"

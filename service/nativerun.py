@@ -1,0 +1,326 @@
+"""Graph calls on native threads that never take the GIL (``CTR_NATIVE_RUNNER``).
+
+Through ORT's Python binding, the thread of a graph call needs the GIL before the run
+(the feeds into tensors) and after it (the outputs into arrays, the result back to the
+event loop). Under load the event loop holds the GIL most of the time, so that thread
+waits for it, and the next call waits behind it (docs/benchmarks.md, "Session 21").
+:class:`NativeRunner` hands the call to ``native/runner.cc`` instead: the event loop
+describes its arrays (addresses, element types, shapes) in one C call that keeps the
+GIL, a native thread runs the graph with ORT's C API and writes ``probs [N]`` into a
+float32 array allocated here, and an eventfd, watched by the event loop
+(``add_reader``), says which calls are done.
+
+Its sessions are made from the same graph bytes, thread counts and spin settings as
+the Python sessions (the one-thread session for small calls included) by the ONNX
+Runtime the Python binding runs, and :func:`parity` compares them with the Python
+session before the runner is used. Only plain scoring calls go this way: an
+``explain`` call (it also returns the attention weights), micro-batched calls and the
+GPU keep the Python runners.
+
+Every array a call points at is held here until its call is reported done, and a call
+whose waiter gave up before a thread took it is dropped (:meth:`NativeRunner.run`), as
+with :class:`~service.callthreads.CallThreads`."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import itertools
+import logging
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger("ctr.service")
+
+MAX_INPUTS = 16  # native/runner.cc kMaxInputs
+MAX_DIMS = 4  # kMaxDims
+DESC = 3 + MAX_DIMS  # int64 per input: address, element type, rank, dims
+POLL_MAX = 64
+ERROR_LEN = 2048
+SPIN = {"never": 0, "run": 1, "always": 2}
+# numpy dtype -> ONNX TensorProto element type
+ELEMENT_TYPES = {
+    np.dtype(np.float32): 1,
+    np.dtype(np.int32): 6,
+    np.dtype(np.int64): 7,
+    np.dtype(np.float16): 10,
+    np.dtype(np.float64): 11,
+}
+_P = ctypes.c_void_p
+
+
+class NativeRunError(RuntimeError):
+    """The native runner could not be made, or a call on it failed; the message says why."""
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """One session of the runner: the graph's bytes, its intra-op threads, and the
+    custom-op library to register (None: a graph without custom ops)."""
+
+    model: bytes
+    threads: int
+    ops_library: str | None
+
+
+def _bind(lib: ctypes.CDLL) -> None:
+    lib.ctr_runner_new.restype = _P
+    lib.ctr_runner_new.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    lib.ctr_runner_add_session.restype = ctypes.c_int
+    lib.ctr_runner_add_session.argtypes = [
+        _P, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_char_p,
+        ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int,
+    ]  # fmt: skip
+    lib.ctr_runner_start.restype = ctypes.c_int
+    lib.ctr_runner_start.argtypes = [_P, ctypes.c_int]
+    lib.ctr_runner_submit.restype = ctypes.c_int
+    lib.ctr_runner_submit.argtypes = [
+        _P, ctypes.c_uint64, ctypes.c_int, _P, ctypes.c_int, _P, ctypes.c_int64,
+    ]  # fmt: skip
+    lib.ctr_runner_run.restype = ctypes.c_int
+    lib.ctr_runner_run.argtypes = [
+        _P, ctypes.c_int, _P, ctypes.c_int, _P, ctypes.c_int64, ctypes.c_char_p, ctypes.c_int,
+    ]  # fmt: skip
+    lib.ctr_runner_cancel.restype = ctypes.c_int
+    lib.ctr_runner_cancel.argtypes = [_P, ctypes.c_uint64]
+    lib.ctr_runner_poll.restype = ctypes.c_int
+    lib.ctr_runner_poll.argtypes = [_P, _P, _P, _P, ctypes.c_int]
+    lib.ctr_runner_error.restype = ctypes.c_int
+    lib.ctr_runner_error.argtypes = [_P, ctypes.c_uint64, ctypes.c_char_p, ctypes.c_int]
+    lib.ctr_runner_pending.restype = ctypes.c_int
+    lib.ctr_runner_pending.argtypes = [_P]
+    lib.ctr_runner_hold.restype = None
+    lib.ctr_runner_hold.argtypes = [_P, ctypes.c_int]
+    lib.ctr_runner_free.restype = None
+    lib.ctr_runner_free.argtypes = [_P]
+
+
+def _free(lib: ctypes.CDLL, handle: int) -> None:
+    lib.ctr_runner_free(handle)
+
+
+class NativeRunner:
+    """Sessions of one graph on ``workers`` native threads. ``sessions[1]``, when given,
+    takes the calls with at most ``single_max`` candidates (the one-thread session)."""
+
+    kind = "native"
+
+    def __init__(
+        self,
+        lib_path: str,
+        names: list[str],
+        sessions: list[SessionSpec],
+        spin: str,
+        workers: int = 1,
+        single_max: int = 0,
+    ) -> None:
+        if len(names) > MAX_INPUTS:
+            raise NativeRunError(f"{len(names)} graph inputs; the runner takes {MAX_INPUTS}")
+        # calls that keep the GIL (a few µs each), and the blocking ones that let go of it
+        self._lib = ctypes.PyDLL(lib_path)
+        self._blocking = ctypes.CDLL(lib_path)
+        for lib in (self._lib, self._blocking):
+            try:
+                _bind(lib)
+            except AttributeError as exc:  # a prebuilt library from before the runner
+                raise NativeRunError(f"{lib_path} has no native runner: {exc}") from exc
+        # ORT hands its API to the library when the library is registered: the runner's
+        # sessions are then made by the runtime this process's Python binding runs
+        ort.SessionOptions().register_custom_ops_library(lib_path)
+        err = ctypes.create_string_buffer(ERROR_LEN)
+        handle = self._lib.ctr_runner_new(err, ERROR_LEN)
+        if not handle:
+            raise NativeRunError(f"native runner: {err.value.decode(errors='replace')}")
+        self._handle: int = handle
+        self._finalizer = weakref.finalize(self, _free, self._blocking, handle)
+        self.names = list(names)
+        packed = b"".join(n.encode() + b"\0" for n in self.names)
+        for spec in sessions:
+            lib_arg = spec.ops_library.encode() if spec.ops_library else None
+            # the graph is optimised here: a blocking call (the GIL let go)
+            index = self._blocking.ctr_runner_add_session(
+                handle, spec.model, len(spec.model), spec.threads, SPIN[spin], lib_arg,
+                packed, len(self.names), b"probs", err, ERROR_LEN,
+            )  # fmt: skip
+            if index < 0:
+                self._finalizer()
+                raise NativeRunError(f"native session: {err.value.decode(errors='replace')}")
+        self.sessions = len(sessions)
+        self.single_max = single_max if len(sessions) > 1 else 0
+        self._fd = self._lib.ctr_runner_start(handle, workers)
+        if self._fd < 0:
+            self._finalizer()
+            raise NativeRunError("native runner: the threads did not start")
+        self._tokens = itertools.count(1)
+        # token -> (future, the arrays the call points at, its output)
+        self._calls: dict[int, tuple[asyncio.Future[Any], list[np.ndarray], np.ndarray]] = {}
+        self._desc = (ctypes.c_int64 * (MAX_INPUTS * DESC))()
+        self._desc_addr = ctypes.addressof(self._desc)
+        self._poll_tokens = (ctypes.c_uint64 * POLL_MAX)()
+        self._poll_status = (ctypes.c_int32 * POLL_MAX)()
+        self._poll_seconds = (ctypes.c_double * POLL_MAX)()
+        self._poll_args = (
+            ctypes.addressof(self._poll_tokens),
+            ctypes.addressof(self._poll_status),
+            ctypes.addressof(self._poll_seconds),
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.closed = False
+        self.calls = 0  # calls queued so far
+
+    # -- calls -----------------------------------------------------------------------
+
+    def _describe(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The feeds in graph order, C-contiguous, described into ``self._desc``."""
+        arrays = []
+        values: list[int] = []
+        for name in self.names:
+            a = feeds[name]
+            if not a.flags.c_contiguous:
+                a = np.ascontiguousarray(a)
+            t = ELEMENT_TYPES.get(a.dtype)
+            if t is None or a.ndim > MAX_DIMS:
+                raise NativeRunError(f"input {name}: {a.dtype} of rank {a.ndim} not supported")
+            shape = a.shape
+            values += (a.ctypes.data, t, len(shape), *shape, *(0,) * (MAX_DIMS - len(shape)))
+            arrays.append(a)
+        self._desc[: len(values)] = values
+        return arrays
+
+    def session_for(self, n: int) -> int:
+        """Which session serves a call with ``n`` candidates."""
+        return 1 if n <= self.single_max else 0
+
+    def run_now(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """``probs [N]`` from a call on this thread (warm-up, checks); blocking."""
+        arrays = self._describe(feeds)
+        n = arrays[self.names.index("user_idx")].shape[0] if "user_idx" in self.names else 0
+        out = np.empty(n, np.float32)
+        err = ctypes.create_string_buffer(ERROR_LEN)
+        rc = self._blocking.ctr_runner_run(
+            self._handle, self.session_for(n), self._desc_addr, len(arrays), out.ctypes.data,
+            n, err, ERROR_LEN,
+        )  # fmt: skip
+        if rc != 0:
+            raise NativeRunError(err.value.decode(errors="replace"))
+        return out
+
+    def submit(self, feeds: dict[str, np.ndarray]) -> tuple[int, asyncio.Future[Any]]:
+        """Queue a call; its future gets ``(probs [N], run seconds)`` on the running loop."""
+        if self.closed:
+            raise NativeRunError("the native runner is closed")
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._attach(loop)
+        arrays = self._describe(feeds)
+        n = feeds["user_idx"].shape[0]
+        out = np.empty(n, np.float32)
+        token = next(self._tokens)
+        rc = self._lib.ctr_runner_submit(
+            self._handle, token, 1 if n <= self.single_max else 0, self._desc_addr,
+            len(arrays), out.ctypes.data, n,
+        )  # fmt: skip
+        if rc != 0:
+            raise NativeRunError("the native runner refused the call")
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._calls[token] = (fut, arrays, out)
+        self.calls += 1
+        return token, fut
+
+    async def run(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, float]:
+        """``(probs [N], the run's seconds)``. If the waiter gives up (the request's
+        deadline) before a thread has taken the call, the call is dropped; one that has
+        started runs to its end and its result is dropped."""
+        token, fut = self.submit(feeds)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if self._lib.ctr_runner_cancel(self._handle, token):
+                self._calls.pop(token, None)
+                self._maybe_release()
+            raise
+
+    def hold(self, held: bool) -> None:
+        """While held, no thread takes a queued call (for tests: a call that stays queued)."""
+        self._lib.ctr_runner_hold(self._handle, int(held))
+
+    @property
+    def pending(self) -> int:
+        """Calls queued or running, not yet collected."""
+        return len(self._calls)
+
+    @property
+    def released(self) -> bool:
+        """The threads have ended and the sessions are gone (after :meth:`close`)."""
+        return not self._finalizer.alive
+
+    # -- the event loop side ---------------------------------------------------------
+
+    def _attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._fd)
+        loop.add_reader(self._fd, self._collect)
+        self._loop = loop
+
+    def _collect(self) -> None:
+        """The eventfd is readable: settle every finished call's future."""
+        lib, handle = self._lib, self._handle
+        tokens, status, seconds = self._poll_tokens, self._poll_status, self._poll_seconds
+        while True:
+            k = lib.ctr_runner_poll(handle, *self._poll_args, POLL_MAX)
+            for i in range(k):
+                call = self._calls.pop(tokens[i], None)
+                if call is None:
+                    continue
+                fut, _, out = call
+                if fut.done():  # its waiter gave up after the call had started
+                    if status[i] != 0:
+                        self._error(tokens[i])
+                    continue
+                if status[i] != 0:
+                    fut.set_exception(NativeRunError(self._error(tokens[i])))
+                else:
+                    fut.set_result((out, seconds[i]))
+            if k < POLL_MAX:
+                break
+        self._maybe_release()
+
+    def _error(self, token: int) -> str:
+        err = ctypes.create_string_buffer(ERROR_LEN)
+        if not self._lib.ctr_runner_error(self._handle, token, err, ERROR_LEN):
+            return "the native call failed"
+        return "native graph call failed: " + err.value.decode(errors="replace")
+
+    # -- the end ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        """No new calls; the runner is released once the calls in flight are collected
+        (at once if there are none). Model swaps call it on the outgoing model."""
+        self.closed = True
+        self._maybe_release()
+
+    def _maybe_release(self) -> None:
+        if not self.closed or self._calls:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._fd)
+        self._loop = None
+        self._finalizer()  # joins the idle threads, releases the sessions
+
+
+def parity(runner: NativeRunner, reference: Any, feeds_list: list[dict[str, np.ndarray]]) -> float:
+    """Max |p_native - p_reference| over ``feeds_list``, every session of ``runner``
+    (``reference(feeds)`` gives the Python session's ``probs``). Raises
+    :class:`NativeRunError` if a call fails or returns non-finite probabilities."""
+    worst = 0.0
+    for feeds in feeds_list:
+        want = reference(feeds)
+        got = runner.run_now(feeds)
+        if not np.all(np.isfinite(got)):
+            raise NativeRunError("the native session's probabilities are not finite")
+        worst = max(worst, float(np.max(np.abs(got - want))))
+    return worst

@@ -1,0 +1,251 @@
+"""The native graph runner (service/nativerun.py, native/runner.cc): its scores are the
+Python session's, its failures and dropped calls, its release, and the service on it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from redis import Redis
+
+from service import model as model_module
+from service.app import create_app
+from service.model import load_model
+from service.nativerun import NativeRunError, NativeRunner
+from service.precision import probe_feeds
+from tests.helpers import Built, build_bundle, loaded_redis, settings_for
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    return build_bundle(tmp_path_factory.mktemp("native"), "din")
+
+
+@pytest.fixture(scope="module")
+def dien(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    return build_bundle(tmp_path_factory.mktemp("native-dien"), "dien")
+
+
+@pytest.fixture(scope="module")
+def redis_db(built: Built) -> Redis:
+    return loaded_redis(built)
+
+
+@pytest.fixture
+def runner_model(built: Built) -> Iterator[model_module.LoadedModel]:
+    loaded = load_model(settings_for(built, intra_op_threads=2))
+    assert loaded.native is not None, loaded.native_note
+    yield loaded
+    loaded.native.close()
+
+
+def items(built: Built, n: int) -> list[str]:
+    return built.frame["item_id"].astype(str).unique().tolist()[:n]
+
+
+@pytest.mark.parametrize("kind", ["din", "dien"])
+def test_native_scores_are_the_python_sessions(built: Built, dien: Built, kind: str) -> None:
+    """Both sessions (the one-thread one for calls of at most 64 candidates, the main one
+    above), one and several users, the fused graph: the same probabilities as the Python
+    runner, to the bit."""
+    b = built if kind == "din" else dien
+    loaded = load_model(settings_for(b, intra_op_threads=2))
+    native = loaded.native
+    assert native is not None, loaded.native_note
+    assert loaded.graph == "fused" and native.sessions == 2 and native.single_max == 64
+    assert (native.session_for(64), native.session_for(65)) == (1, 0)
+
+    async def check() -> None:
+        for users, n, seed in ((1, 1, 0), (1, 64, 1), (2, 65, 2), (3, 300, 3), (1, 17, 4)):
+            feeds = probe_feeds(loaded.bundle, users, n, seed)
+            want = loaded.run(feeds, explain=False)[0]
+            got, took = await native.run(feeds)
+            assert got.shape == (n,) and got.dtype == np.float32
+            np.testing.assert_array_equal(got, want)
+            assert took > 0
+        # many at once: each gets its own call's scores
+        many = [probe_feeds(loaded.bundle, 1, 20 + i, 10 + i) for i in range(30)]
+        got_all = await asyncio.gather(*(native.run(f) for f in many))
+        for f, (got, _) in zip(many, got_all, strict=True):
+            np.testing.assert_array_equal(got, loaded.run(f, explain=False)[0])
+        assert native.pending == 0
+
+    try:
+        asyncio.run(check())
+    finally:
+        native.close()
+    assert native.released
+
+
+def test_a_failed_call_says_why_and_the_thread_serves_on(
+    runner_model: model_module.LoadedModel,
+) -> None:
+    """A call ORT rejects (an input of the wrong element type) fails with ORT's message,
+    naming the input; the next call on the same thread is served."""
+    native = runner_model.native
+    assert native is not None
+    feeds = probe_feeds(runner_model.bundle, 1, 30, 0)
+    bad = {**feeds, "user_idx": feeds["user_idx"].astype(np.int32)}
+
+    async def check() -> None:
+        with pytest.raises(NativeRunError, match="user_idx.*element type"):
+            await native.run(bad)
+        got, _ = await native.run(feeds)
+        np.testing.assert_array_equal(got, runner_model.run(feeds, explain=False)[0])
+
+    asyncio.run(check())
+    with pytest.raises(NativeRunError, match="user_idx"):
+        native.run_now(bad)
+
+
+def test_a_call_given_up_while_queued_is_dropped(runner_model: model_module.LoadedModel) -> None:
+    """A waiter that gives up (the request's deadline) before a thread takes its call:
+    the call is dropped, not counted as pending, and calls after it are served."""
+    native = runner_model.native
+    assert native is not None
+    feeds = probe_feeds(runner_model.bundle, 1, 30, 0)
+
+    async def check() -> None:
+        native.hold(True)
+        try:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(native.run(feeds), 0.05)
+            assert native.pending == 0
+        finally:
+            native.hold(False)
+        got, _ = await native.run(feeds)
+        np.testing.assert_array_equal(got, runner_model.run(feeds, explain=False)[0])
+        assert native.pending == 0
+
+    asyncio.run(check())
+
+
+def test_close_lets_calls_in_flight_finish_then_releases(
+    runner_model: model_module.LoadedModel,
+) -> None:
+    """After close (a model swap) no new call is taken; one in flight is still served,
+    and the sessions and threads go once it has been collected."""
+    native = runner_model.native
+    assert native is not None
+    feeds = probe_feeds(runner_model.bundle, 1, 30, 0)
+
+    async def check() -> None:
+        native.hold(True)
+        task = asyncio.ensure_future(native.run(feeds))
+        await asyncio.sleep(0.01)
+        assert native.pending == 1
+        native.close()
+        assert native.closed and not native.released
+        with pytest.raises(NativeRunError, match="closed"):
+            native.submit(feeds)
+        native.hold(False)
+        got, _ = await task
+        np.testing.assert_array_equal(got, runner_model.run(feeds, explain=False)[0])
+        assert native.released
+
+    asyncio.run(check())
+
+
+def test_the_python_runner_serves_when_the_native_one_cannot(
+    built: Built, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Off by setting, a runner that cannot be made, or one whose scores differ from the
+    Python session's: the model loads and serves on the Python runner, and says why."""
+    assert load_model(settings_for(built, native_runner=False)).native is None
+
+    def refuse(*args: object, **kwargs: object) -> NativeRunner:
+        raise NativeRunError("no such luck")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(model_module, "NativeRunner", refuse)
+        loaded = load_model(settings_for(built))
+        assert loaded.native is None and loaded.native_note == "no such luck"
+    with monkeypatch.context() as mp:
+        mp.setattr(model_module, "parity", lambda *a: 0.5)
+        loaded = load_model(settings_for(built))
+        assert loaded.native is None and "parity 5.0e-01" in loaded.native_note
+    feeds = probe_feeds(loaded.bundle, 1, 30, 0)
+    assert np.all(np.isfinite(loaded.run(feeds, explain=False)[0]))
+
+
+def test_a_library_without_the_runner_is_refused() -> None:
+    """A custom-op library built before the runner (here: a shared object without its
+    functions) is refused with a message, never half used."""
+    with pytest.raises(NativeRunError, match="no native runner"):
+        NativeRunner("libm.so.6", ["user_idx"], [], "run")
+
+
+def test_the_service_scores_on_native_threads_as_on_python_ones(
+    built: Built, redis_db: Redis
+) -> None:
+    """Every plain scoring call handed off (CTR_INLINE_MAX_MS=0) goes to the native
+    runner and ranks as the Python runner does; explain calls keep the Python runner
+    (they also return the attention weights). /v1/models says which is in use."""
+    bodies = [
+        {"user_id": u, "candidates": [{"item_id": i} for i in items(built, n)]}
+        for u, n in (("u1", 5), ("u3", 64), ("u17", 65), ("u2", 200), ("nobody", 30))
+    ]
+    answers = {}
+    for on in (False, True):
+        with TestClient(create_app(settings_for(built, native_runner=on, inline_max_ms=0))) as c:
+            model = c.app.state.ctr.model
+            assert c.get("/v1/models").json()["native_runner"] is on
+            got = []
+            for body in bodies:
+                r = c.post("/v1/score", json=body)
+                assert r.status_code == 200, r.text
+                got.append(r.json()["items"])
+            r = c.post("/v1/score", json={**bodies[1], "explain": True})
+            assert r.status_code == 200 and "attention" in r.json()["items"][0], r.text
+            got.append(r.json()["items"])
+            if on:
+                assert model.native is not None and model.native.calls == len(bodies)
+            answers[on] = got
+        if on:  # the lifespan's end released it
+            assert model.native is not None and model.native.released
+    assert answers[True] == answers[False]
+
+
+def test_a_native_call_past_the_deadline_is_a_503_and_dropped(
+    built: Built, redis_db: Redis
+) -> None:
+    """A request whose native call is still queued when its deadline passes gets the
+    503 deadline_exceeded; its call is dropped, not left pending (which would keep
+    every later request off the inline path), and the worker serves on."""
+    body = {"user_id": "u1", "candidates": [{"item_id": i} for i in items(built, 20)]}
+    s = settings_for(built, inline_max_ms=0, request_timeout_ms=300)
+    with TestClient(create_app(s)) as c:
+        native = c.app.state.ctr.model.native
+        assert native is not None
+        native.hold(True)
+        try:
+            r = c.post("/v1/score", json=body)
+        finally:
+            native.hold(False)
+        assert r.status_code == 503 and r.json()["error"] == "deadline_exceeded", r.text
+        assert native.pending == 0
+        assert c.post("/v1/score", json=body).status_code == 200
+
+
+def test_a_reload_closes_the_old_runner_and_serves_on_the_new(
+    built: Built, redis_db: Redis
+) -> None:
+    """The model swap closes the outgoing model's native runner (released, nothing was
+    in flight), and the new model's serves."""
+    body = {"user_id": "u1", "candidates": [{"item_id": i} for i in items(built, 20)]}
+    s = settings_for(built, inline_max_ms=0, api_key="k")
+    with TestClient(create_app(s)) as c:
+        old = c.app.state.ctr.model
+        first = c.post("/v1/score", json=body)
+        assert first.status_code == 200
+        r = c.post("/admin/reload", json={}, headers={"X-API-Key": "k"})
+        assert r.status_code == 200, r.text
+        new = c.app.state.ctr.model
+        assert new is not old and new.native is not None
+        assert old.native is not None and old.native.closed and old.native.released
+        again = c.post("/v1/score", json=body)
+        assert again.json()["items"] == first.json()["items"]
+        assert new.native.calls == 1
