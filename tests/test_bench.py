@@ -306,10 +306,10 @@ def test_request_path_benchmark_runs_both_paths(tmp_path: Path) -> None:
     assert "| 10 |" in table and "by the service's own stages" in table
     assert "| 10 | unseen items |" in table and "| 10 | caches off |" in table
     hand = r["handoff_ms"]
-    assert set(hand) == {"back to back", "executor", "back to back, work between",
-                         "executor, work between"}  # fmt: skip
+    assert set(hand) == {"back to back", "executor", "native", "back to back, work between",
+                         "executor, work between", "native, work between"}  # fmt: skip
     assert all(v > 0 for v in hand.values())
-    assert "| hand-off | work between |" in table
+    assert "| hand-off | native hand-off | work between |" in table
     assert "| 10 | native |" in table and "| 10 | orjson |" in table
 
 

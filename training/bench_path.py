@@ -211,7 +211,14 @@ async def _cold_costs(settings: Settings, bodies: list[bytes], rounds: int, reps
     return {variant: _stage_summary(series) for variant, series in times.items()}
 
 
-HANDOFF = ("back to back", "executor", "back to back, work between", "executor, work between")
+HANDOFF = (
+    "back to back",
+    "executor",
+    "native",
+    "back to back, work between",
+    "executor, work between",
+    "native, work between",
+)
 
 
 def _request_work(keys: list[str]) -> int:
@@ -227,23 +234,28 @@ async def _handoff_costs(model: LoadedModel, feeds: list[Feeds], rounds: int, re
     the service's loaded model (its default threads) on the same feeds, called back to
     back on this thread (what ``ctr bench`` times as the model alone) and awaited through
     the service's inference threads (:class:`CallThreads`, one thread) from the running
-    loop, as ``_score`` hands it off, each also with :func:`_request_work` before every
-    call (outside the timing)."""
+    loop, and on the model's native runner (``CTR_NATIVE_RUNNER``; absent when the
+    model has none), as ``_score`` hands it off, each also with :func:`_request_work`
+    before every call (outside the timing)."""
     keys = [f"item-{k}" for k in range(20_000)]
-    times: dict[str, list[float]] = {k: [] for k in HANDOFF}
+    variants = [v for v in HANDOFF if model.native is not None or not v.startswith("native")]
+    times: dict[str, list[float]] = {k: [] for k in variants}
     executor = CallThreads(1, "ort")
     try:
         for _ in range(rounds):
-            for variant in HANDOFF:
-                through, work = variant.startswith("executor"), variant.endswith("between")
+            for variant in variants:
+                way, work = variant.split(",")[0], variant.endswith("between")
                 one = []
                 for k in range(reps):
                     f = feeds[k % len(feeds)]
                     if work:
                         _request_work(keys)
                     start = time.perf_counter()
-                    if through:
+                    if way == "executor":
                         await executor.call(model.run, f, False)
+                    elif way == "native":
+                        assert model.native is not None
+                        await model.native.run(f)
                     else:
                         model.run(f, False)
                     one.append((time.perf_counter() - start) * 1000)
@@ -359,17 +371,19 @@ def render(res: dict, command: str) -> str:
         "Wall ms per graph call of the served model (its default threads, full-history "
         "feeds), median over interleaved rounds: back to back on one thread (what `ctr "
         "bench` times as the model alone) and awaited through the service's inference "
-        "thread (`CallThreads`) from the event loop, as the service hands it off, each also "
+        "thread (`CallThreads`) and on the native runner (`CTR_NATIVE_RUNNER`; `—` where "
+        "the model has none) from the event loop, as the service hands it off, each also "
         "with request-sized Python "
         "work (20,000 dict inserts and lookups) before every call, outside the timing:",
         "",
-        "| N | " + " | ".join(HANDOFF) + " | hand-off | work between |",
-        "|---:|" + "---:|" * (len(HANDOFF) + 2),
+        "| N | " + " | ".join(HANDOFF) + " | hand-off | native hand-off | work between |",
+        "|---:|" + "---:|" * (len(HANDOFF) + 3),
     ]
     for n, r in res.items():
         h = r["handoff_ms"]
-        cells = " | ".join(f"{h[k]:.3f}" for k in HANDOFF)
+        cells = " | ".join(f"{h[k]:.3f}" if k in h else "—" for k in HANDOFF)
         hop = h["executor"] - h["back to back"]
+        native = f"{h['native'] - h['back to back']:+.3f}" if "native" in h else "—"
         work = h["back to back, work between"] - h["back to back"]
-        lines.append(f"| {n} | {cells} | {hop:+.3f} | {work:+.3f} |")
+        lines.append(f"| {n} | {cells} | {hop:+.3f} | {native} | {work:+.3f} |")
     return "\n".join(lines)
