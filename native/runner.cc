@@ -27,6 +27,7 @@
 #include <cstring>
 #include <deque>
 #include <mutex>
+#include <new>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -241,6 +242,11 @@ bool fill_job(Job* job, const int64_t* desc, int inputs, float* out, int64_t out
 
 extern "C" {
 
+// 1 once ONNX Runtime has registered this library (its API is known), else 0.
+__attribute__((visibility("default"))) int ctr_runner_ready() {
+  return ctr_ops::registered_api() != nullptr ? 1 : 0;
+}
+
 // A runner without sessions yet, or nullptr (err says why). spin: 0 never, 1 during a
 // run only, 2 always (CTR_INTRA_OP_SPIN) for the sessions it makes.
 __attribute__((visibility("default"))) void* ctr_runner_new(char* err, int err_len) {
@@ -314,7 +320,10 @@ __attribute__((visibility("default"))) int ctr_runner_add_session(
     if (e.empty()) e = take(api, api->SessionGetInputName(s.session, i, alloc, &graph_name));
     if (e.empty() && s.names.back() != graph_name)
       e = "graph input " + std::to_string(i) + " is " + graph_name + ", not " + s.names.back();
-    if (graph_name != nullptr) (void)api->AllocatorFree(alloc, graph_name);
+    if (graph_name != nullptr) {
+      const std::string freed = take(api, api->AllocatorFree(alloc, graph_name));
+      if (e.empty()) e = freed;
+    }
     OrtTypeInfo* type_info = nullptr;
     if (e.empty()) e = take(api, api->SessionGetInputTypeInfo(s.session, i, &type_info));
     const OrtTensorTypeAndShapeInfo* tensor = nullptr;
@@ -356,7 +365,8 @@ __attribute__((visibility("default"))) int ctr_runner_submit(void* handle, uint6
                                                               const int64_t* desc, int inputs,
                                                               float* out, int64_t out_len) {
   auto* r = static_cast<Runner*>(handle);
-  auto* job = new Job();
+  auto* job = new (std::nothrow) Job();
+  if (job == nullptr) return -1;
   job->token = token;
   job->session = session;
   if (!fill_job(job, desc, inputs, out, out_len)) {
@@ -369,7 +379,12 @@ __attribute__((visibility("default"))) int ctr_runner_submit(void* handle, uint6
       delete job;
       return -1;
     }
-    r->queue.push_back(job);
+    try {
+      r->queue.push_back(job);
+    } catch (const std::bad_alloc&) {  // never across extern "C": the call is refused
+      delete job;
+      return -1;
+    }
   }
   r->cv.notify_one();
   return 0;

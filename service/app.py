@@ -49,6 +49,7 @@ from service.features import (
     stamp_event,
 )
 from service.model import CPU, LoadedModel, ProviderError
+from service.nativerun import NativeRunError
 from service.openapi import body_schema, install_openapi
 from service.reloadbus import ReloadBus
 from service.requestid import REQUEST_IDS
@@ -750,10 +751,14 @@ async def _score(
         m.INLINE_RUNS.inc()
         m.BATCH_USERS.observe(1)
     elif model.native is not None and not req.explain and not model.native.closed:
-        # on a native thread, which never waits for the GIL (service.nativerun)
-        probs, took = await model.native.run(prepared.feeds)
-        model.note_run(took, len(probs), False)
-        outs = [probs]
+        # on a native thread, which never waits for the GIL (service.nativerun); it
+        # notes the call's time in the model's expected run times itself
+        try:
+            outs = [(await model.native.run(prepared.feeds))[0]]
+        except NativeRunError as exc:  # the Python runner serves the call instead
+            log.warning("native graph call failed, running it through ORT's Python API: %s", exc)
+            m.ERRORS.labels("native_runner").inc()
+            outs = await state.graph_calls.submit(executor, model.run, prepared.feeds, False)
         m.BATCH_USERS.observe(1)
     else:
         outs = await state.graph_calls.submit(executor, model.run, prepared.feeds, req.explain)

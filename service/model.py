@@ -131,13 +131,7 @@ class LoadedModel:
 
     def note_run(self, took: float, n: int, explain: bool) -> None:
         """A graph call of ``n`` candidates took ``took`` seconds (:meth:`expected_run_s`)."""
-        key = self.run_key(n, explain)
-        last = self.run_times.get(key)
-        if last is None:
-            self.run_times[key] = (took, float(n))
-        else:  # two calls at once on one key may lose an update: harmless for a mean
-            w = RUN_TIME_WEIGHT
-            self.run_times[key] = (last[0] + w * (took - last[0]), last[1] + w * (n - last[1]))
+        record_run(self.run_times, self.run_key(n, explain), took, n)
 
     def run_key(self, n: int, explain: bool = False) -> tuple[bool, int, bool]:
         """Which calls' times predict a call with ``n`` candidates: the same session (the
@@ -156,6 +150,31 @@ class LoadedModel:
             return None
         took, mean_n = last
         return took * max(1.0, n / mean_n)
+
+
+def record_run(
+    run_times: dict[tuple[bool, int, bool], tuple[float, float]],
+    key: tuple[bool, int, bool],
+    took: float,
+    n: int,
+) -> None:
+    """Fold a call of ``n`` candidates that took ``took`` seconds into ``run_times[key]``."""
+    last = run_times.get(key)
+    if last is None:
+        run_times[key] = (took, float(n))
+    else:  # two calls at once on one key may lose an update: harmless for a mean
+        w = RUN_TIME_WEIGHT
+        run_times[key] = (last[0] + w * (took - last[0]), last[1] + w * (n - last[1]))
+
+
+def note_native_run(
+    run_times: dict[tuple[bool, int, bool], tuple[float, float]],
+    single_max: int,
+    took: float,
+    n: int,
+) -> None:
+    """A plain native call's time, under :meth:`LoadedModel.run_key`'s key."""
+    record_run(run_times, (n <= single_max, n.bit_length(), False), took, n)
 
 
 def run_outputs(
@@ -232,6 +251,9 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
         except NativeRunError as exc:  # documented: the Python runner serves, the log says why
             native_note = str(exc)
             log.warning("native runner not used: %s", exc)
+        except Exception as exc:  # ORT's own error types (e.g. an older ORT): the same
+            native_note = f"native runner: {exc!r}"
+            log.warning("native runner not used: %r", exc)
     model = LoadedModel(
         bundle,
         session,
@@ -258,12 +280,25 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
             settings.batch_max_candidates,
             settings.batch_wait_ms / 1000,
         )
+    if model.native is not None:
+        # the model's expected run times learn from every native call (timed-out ones
+        # too); the hook must not hold the model (see the batcher above)
+        model.native.on_run = functools.partial(
+            note_native_run, model.run_times, model.single_thread_max
+        )
     try:
         warm_up(model)
     except Exception as exc:  # ORT raises its own types for shape/type mismatches
         if model.native is not None:
             model.native.close()
         raise BundleError(f"{bundle.model_path}: warm-up run failed: {exc}") from exc
+    if model.native is not None:
+        try:
+            warm_native(model)
+        except Exception as exc:  # documented: the Python runner serves, the log says why
+            model.native.close()
+            model.native, model.native_note = None, f"native warm-up: {exc}"
+            log.warning("native runner not used: warm-up failed: %s", exc)
     log.info(
         "model loaded name=%s version=%s provider=%s runner=%s graph=%s precision=%s path=%s",
         model.name,
@@ -506,10 +541,14 @@ def with_single_thread(
 def warm_up(model: LoadedModel) -> None:
     """Run the graph at a few batch sizes so first requests do not pay for allocation."""
     for n in (1, 64, 512):
-        feeds = probe_feeds(model.bundle, 1, n, n)
-        model.run(feeds, explain=False)
-        if model.native is not None:
-            model.native.run_now(feeds)
+        model.run(probe_feeds(model.bundle, 1, n, n), explain=False)
+
+
+def warm_native(model: LoadedModel) -> None:
+    """:func:`warm_up` for the native runner's sessions."""
+    assert model.native is not None
+    for n in (1, 64, 512):
+        model.native.run_now(probe_feeds(model.bundle, 1, n, n))
 
 
 def make_native(

@@ -28,6 +28,7 @@ import ctypes
 import itertools
 import logging
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +69,8 @@ class SessionSpec:
 
 
 def _bind(lib: ctypes.CDLL) -> None:
+    lib.ctr_runner_ready.restype = ctypes.c_int
+    lib.ctr_runner_ready.argtypes = []
     lib.ctr_runner_new.restype = _P
     lib.ctr_runner_new.argtypes = [ctypes.c_char_p, ctypes.c_int]
     lib.ctr_runner_add_session.restype = ctypes.c_int
@@ -117,6 +120,7 @@ class NativeRunner:
         spin: str,
         workers: int = 1,
         single_max: int = 0,
+        on_run: Callable[[float, int], None] | None = None,
     ) -> None:
         if len(names) > MAX_INPUTS:
             raise NativeRunError(f"{len(names)} graph inputs; the runner takes {MAX_INPUTS}")
@@ -130,7 +134,9 @@ class NativeRunner:
                 raise NativeRunError(f"{lib_path} has no native runner: {exc}") from exc
         # ORT hands its API to the library when the library is registered: the runner's
         # sessions are then made by the runtime this process's Python binding runs
-        ort.SessionOptions().register_custom_ops_library(lib_path)
+        # (once per process: each registration keeps a small domain for good)
+        if not self._lib.ctr_runner_ready():
+            ort.SessionOptions().register_custom_ops_library(lib_path)
         err = ctypes.create_string_buffer(ERROR_LEN)
         handle = self._lib.ctr_runner_new(err, ERROR_LEN)
         if not handle:
@@ -171,6 +177,9 @@ class NativeRunner:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
         self.calls = 0  # calls queued so far
+        # told every finished call's run seconds and N, whether or not anyone still
+        # waits for it (the model's expected run times); must not hold the model
+        self.on_run = on_run
 
     # -- calls -----------------------------------------------------------------------
 
@@ -197,6 +206,7 @@ class NativeRunner:
 
     def run_now(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """``probs [N]`` from a call on this thread (warm-up, checks); blocking."""
+        self._check_alive()
         arrays = self._describe(feeds)
         n = arrays[self.names.index("user_idx")].shape[0] if "user_idx" in self.names else 0
         out = np.empty(n, np.float32)
@@ -220,14 +230,16 @@ class NativeRunner:
         n = feeds["user_idx"].shape[0]
         out = np.empty(n, np.float32)
         token = next(self._tokens)
+        fut: asyncio.Future[Any] = loop.create_future()
+        # held before the C side can read them, so that nothing frees them meanwhile
+        self._calls[token] = (fut, arrays, out)
         rc = self._lib.ctr_runner_submit(
-            self._handle, token, 1 if n <= self.single_max else 0, self._desc_addr,
-            len(arrays), out.ctypes.data, n,
+            self._handle, token, self.session_for(n), self._desc_addr, len(arrays),
+            out.ctypes.data, n,
         )  # fmt: skip
         if rc != 0:
+            del self._calls[token]
             raise NativeRunError("the native runner refused the call")
-        fut: asyncio.Future[Any] = loop.create_future()
-        self._calls[token] = (fut, arrays, out)
         self.calls += 1
         return token, fut
 
@@ -239,14 +251,27 @@ class NativeRunner:
         try:
             return await fut
         except asyncio.CancelledError:
-            if self._lib.ctr_runner_cancel(self._handle, token):
-                self._calls.pop(token, None)
+            # a token no longer held was collected (and the runner may be released
+            # since): nothing to drop
+            if token in self._calls and self._lib.ctr_runner_cancel(self._handle, token):
+                del self._calls[token]
                 self._maybe_release()
             raise
 
     def hold(self, held: bool) -> None:
         """While held, no thread takes a queued call (for tests: a call that stays queued)."""
+        self._check_alive()
         self._lib.ctr_runner_hold(self._handle, int(held))
+
+    def _check_alive(self) -> None:
+        if self.released:
+            raise NativeRunError("the native runner has been released")
+
+    @property
+    def queued(self) -> int:
+        """Calls the C side holds, queued or running (for tests)."""
+        self._check_alive()
+        return int(self._lib.ctr_runner_pending(self._handle))
 
     @property
     def pending(self) -> int:
@@ -276,18 +301,25 @@ class NativeRunner:
                 call = self._calls.pop(tokens[i], None)
                 if call is None:
                     continue
-                fut, _, out = call
-                if fut.done():  # its waiter gave up after the call had started
-                    if status[i] != 0:
-                        self._error(tokens[i])
-                    continue
-                if status[i] != 0:
-                    fut.set_exception(NativeRunError(self._error(tokens[i])))
-                else:
-                    fut.set_result((out, seconds[i]))
+                try:
+                    self._settle(call, tokens[i], status[i], seconds[i])
+                except Exception:  # one call's bookkeeping must not strand the others
+                    log.exception("native runner: a finished call could not be settled")
             if k < POLL_MAX:
                 break
         self._maybe_release()
+
+    def _settle(self, call: tuple, token: int, status: int, seconds: float) -> None:
+        fut, _, out = call
+        error = self._error(token) if status != 0 else None
+        if error is None and self.on_run is not None:  # timed-out calls count too
+            self.on_run(seconds, len(out))
+        if fut.done():  # its waiter gave up after the call had started
+            return
+        if error is not None:
+            fut.set_exception(NativeRunError(error))
+        else:
+            fut.set_result((out, seconds))
 
     def _error(self, token: int) -> str:
         err = ctypes.create_string_buffer(ERROR_LEN)

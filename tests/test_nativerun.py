@@ -4,6 +4,7 @@ Python session's, its failures and dropped calls, its release, and the service o
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -99,6 +100,36 @@ def test_a_failed_call_says_why_and_the_thread_serves_on(
     asyncio.run(check())
     with pytest.raises(NativeRunError, match="user_idx"):
         native.run_now(bad)
+    # one ORT itself refuses: a history longer than the graph's
+    long = {**feeds, "hist": np.concatenate([feeds["hist"], feeds["hist"]], axis=-1)}
+    with pytest.raises(NativeRunError, match="(?i)dimension"):
+        native.run_now(long)
+    np.testing.assert_array_equal(native.run_now(feeds), runner_model.run(feeds, False)[0])
+
+
+def test_more_finished_calls_than_one_poll_takes(runner_model: model_module.LoadedModel) -> None:
+    """150 calls that all finish before the event loop looks (one poll takes 64): every
+    one is collected, with its own scores."""
+    native = runner_model.native
+    assert native is not None
+    many = [probe_feeds(runner_model.bundle, 1, 5 + i % 40, i) for i in range(150)]
+
+    async def check() -> None:
+        native.hold(True)
+        tasks = [asyncio.ensure_future(native.run(f)) for f in many]
+        await asyncio.sleep(0)
+        assert native.queued == 150
+        native.hold(False)
+        deadline = time.monotonic() + 30
+        while native.queued and time.monotonic() < deadline:  # blocks the loop meanwhile
+            time.sleep(0.01)
+        assert native.queued == 0 and native.pending == 150
+        got = await asyncio.gather(*tasks)
+        for f, (probs, _) in zip(many, got, strict=True):
+            np.testing.assert_array_equal(probs, runner_model.run(f, explain=False)[0])
+        assert native.pending == 0
+
+    asyncio.run(check())
 
 
 def test_a_call_given_up_while_queued_is_dropped(runner_model: model_module.LoadedModel) -> None:
@@ -113,7 +144,7 @@ def test_a_call_given_up_while_queued_is_dropped(runner_model: model_module.Load
         try:
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(native.run(feeds), 0.05)
-            assert native.pending == 0
+            assert native.pending == 0 and native.queued == 0  # gone on both sides
         finally:
             native.hold(False)
         got, _ = await native.run(feeds)
@@ -149,6 +180,50 @@ def test_close_lets_calls_in_flight_finish_then_releases(
     asyncio.run(check())
 
 
+def test_a_waiter_cancelled_after_its_call_was_collected_leaves_the_runner_alone(
+    runner_model: model_module.LoadedModel,
+) -> None:
+    """A closed runner whose last call is collected is released at once; a waiter
+    cancelled after that (its deadline and the call's end in one loop turn) must not
+    touch the released runner. And a released runner refuses every use."""
+    native = runner_model.native
+    assert native is not None
+    feeds = probe_feeds(runner_model.bundle, 1, 30, 0)
+
+    cancels = []
+
+    class Watched:  # the library, with its cancel calls noted
+        def __init__(self, lib: object) -> None:
+            self.lib = lib
+
+        def __getattr__(self, name: str) -> object:
+            if name == "ctr_runner_cancel":
+                cancels.append(native.released)
+            return getattr(self.lib, name)
+
+    native._lib = Watched(native._lib)  # type: ignore[assignment]
+
+    async def check() -> None:
+        native.hold(True)
+        task = asyncio.ensure_future(native.run(feeds))
+        await asyncio.sleep(0)
+        native.close()
+        native.hold(False)
+        while native.queued:  # the call runs to its end; the loop has not looked yet
+            time.sleep(0.005)
+        native._collect()  # the eventfd's callback: the call is settled, the runner freed
+        assert native.released and native.pending == 0
+        task.cancel()  # before the waiter resumed
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert True not in cancels  # nothing was asked of the released runner
+
+    asyncio.run(check())
+    for use in (lambda: native.hold(True), lambda: native.run_now(feeds), lambda: native.queued):
+        with pytest.raises(NativeRunError, match="released"):
+            use()
+
+
 def test_the_python_runner_serves_when_the_native_one_cannot(
     built: Built, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -163,6 +238,18 @@ def test_the_python_runner_serves_when_the_native_one_cannot(
         mp.setattr(model_module, "NativeRunner", refuse)
         loaded = load_model(settings_for(built))
         assert loaded.native is None and loaded.native_note == "no such luck"
+
+    def crash(*args: object, **kwargs: object) -> NativeRunner:
+        raise RuntimeError("an error type of ORT's own")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(model_module, "NativeRunner", crash)
+        loaded = load_model(settings_for(built))
+        assert loaded.native is None and "of ORT's own" in loaded.native_note
+    with monkeypatch.context() as mp:
+        mp.setattr(model_module, "warm_native", crash)
+        loaded = load_model(settings_for(built))
+        assert loaded.native is None and "native warm-up" in loaded.native_note
     with monkeypatch.context() as mp:
         mp.setattr(model_module, "parity", lambda *a: 0.5)
         loaded = load_model(settings_for(built))
@@ -249,3 +336,33 @@ def test_a_reload_closes_the_old_runner_and_serves_on_the_new(
         again = c.post("/v1/score", json=body)
         assert again.json()["items"] == first.json()["items"]
         assert new.native.calls == 1
+
+
+def test_a_failed_native_call_is_served_by_the_python_runner(
+    built: Built, redis_db: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Should a native call fail, the request is answered by the Python runner (the same
+    ranking), counted in ctr_errors_total{kind="native_runner"}; every native call that
+    ran noted its time for the inline decision (CTR_INLINE_MAX_MS)."""
+    from service import metrics as m
+
+    body = {"user_id": "u1", "candidates": [{"item_id": i} for i in items(built, 20)]}
+    with TestClient(create_app(settings_for(built, inline_max_ms=0))) as c:
+        model = c.app.state.ctr.model
+        native = model.native
+        assert native is not None
+        key = model.run_key(20)
+        model.run_times.pop(key, None)
+        first = c.post("/v1/score", json=body)
+        assert first.status_code == 200 and native.calls == 1
+        assert model.run_times[key][1] == 20.0  # noted by the native call
+        before = m.ERRORS.labels("native_runner")._value.get()
+
+        def refuse(feeds: dict) -> None:
+            raise NativeRunError("refused")
+
+        monkeypatch.setattr(native, "submit", refuse)
+        again = c.post("/v1/score", json=body)
+        assert again.status_code == 200, again.text
+        assert again.json()["items"] == first.json()["items"]
+        assert m.ERRORS.labels("native_runner")._value.get() == before + 1
