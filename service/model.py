@@ -138,7 +138,7 @@ class LoadedModel:
         one-thread session for small calls, else the main one), the same power-of-two
         range of N (``[2^(k-1), 2^k)``) and the same outputs (an ``explain`` call of a
         model with attention also returns ``attention [N, L]``)."""
-        return n <= self.single_thread_max, n.bit_length(), explain and self.has_attention
+        return run_key(self.single_thread_max, n, explain and self.has_attention)
 
     def expected_run_s(self, n: int, explain: bool = False) -> float | None:
         """What a graph call with ``n`` candidates is expected to take, in seconds: the
@@ -167,6 +167,12 @@ def record_run(
         run_times[key] = (last[0] + w * (took - last[0]), last[1] + w * (n - last[1]))
 
 
+def run_key(single_max: int, n: int, attention: bool) -> tuple[bool, int, bool]:
+    """:meth:`LoadedModel.run_key` for a model whose one-thread session takes calls of
+    at most ``single_max`` candidates; ``attention``: the call returns the weights too."""
+    return n <= single_max, n.bit_length(), attention
+
+
 def note_native_run(
     run_times: dict[tuple[bool, int, bool], tuple[float, float]],
     single_max: int,
@@ -174,7 +180,7 @@ def note_native_run(
     n: int,
 ) -> None:
     """A plain native call's time, under :meth:`LoadedModel.run_key`'s key."""
-    record_run(run_times, (n <= single_max, n.bit_length(), False), took, n)
+    record_run(run_times, run_key(single_max, n, False), took, n)
 
 
 def run_outputs(
