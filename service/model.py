@@ -16,7 +16,7 @@ import onnxruntime as ort
 from ctr import native
 from ctr.bundle import Bundle, BundleError, graph_inputs, graph_outputs, load_bundle
 from service.batcher import Batcher
-from service.nativerun import NativeRunError, NativeRunner, SessionSpec, parity
+from service.nativerun import NativeRunError, NativeRunner, SessionSpec
 from service.precision import FP16_TOLERANCE, PrecisionError, fp16_bytes, probe_feeds
 from service.rowcache import ItemRowCache
 from service.runner import (
@@ -376,14 +376,28 @@ def probe_diff(
     Raises ``RuntimeError`` (ORT's own types) if ``new`` fails to run and ``ValueError``
     if it returns non-finite probabilities."""
     a, b = SessionRunner(ref, skip_graph=graphs), SessionRunner(new, skip_graph=graphs)
+    return worst_diff(bundle, lambda f: a.run(f, ["probs"])[0], lambda f: b.run(f, ["probs"])[0])
+
+
+PROBES = ((1, 300, 0), (3, 97, 1))  # (users, candidates, seed) of the parity checks' feeds
+
+
+def worst_diff(
+    bundle: Bundle,
+    want: Callable[[dict[str, np.ndarray]], np.ndarray],
+    got: Callable[[dict[str, np.ndarray]], np.ndarray],
+    probes: tuple[tuple[int, int, int], ...] = PROBES,
+) -> float:
+    """Max |got - want| (``probs [N]`` of two runners) over :func:`probe_feeds` of each
+    ``(users, N, seed)`` in ``probes``. Raises ``ValueError`` if ``got`` returns
+    non-finite probabilities (and whatever either runner raises)."""
     worst = 0.0
-    for users, n, seed in ((1, 300, 0), (3, 97, 1)):
+    for users, n, seed in probes:
         feeds = probe_feeds(bundle, users, n, seed)
-        want = a.run(feeds, ["probs"])[0]
-        got = b.run(feeds, ["probs"])[0]
-        if not np.all(np.isfinite(got)):
+        expected, actual = want(feeds), got(feeds)
+        if not np.all(np.isfinite(actual)):
             raise ValueError("probabilities are not finite")
-        worst = max(worst, float(np.max(np.abs(got - want))))
+        worst = max(worst, float(np.max(np.abs(actual - expected))))
     return worst
 
 
@@ -557,6 +571,15 @@ def warm_native(model: LoadedModel) -> None:
         model.native.run_now(probe_feeds(model.bundle, 1, n, n))
 
 
+def native_parity(bundle: Bundle, runner: Runner, made: NativeRunner) -> float:
+    """:func:`worst_diff` of ``made`` against ``runner``, every native session included
+    (a small call for the one-thread session)."""
+    small = ((2, min(made.single_max, 17), 2),) if made.single_max else ()
+    return worst_diff(
+        bundle, lambda f: run_outputs(runner, False, f, False)[0], made.run_now, PROBES + small
+    )
+
+
 def make_native(
     settings: Settings, bundle: Bundle, runner: Runner, served: bytes, fused: bool
 ) -> NativeRunner:
@@ -584,10 +607,7 @@ def make_native(
         single,
     )
     try:
-        probes = [probe_feeds(bundle, 1, 300, 0), probe_feeds(bundle, 3, 97, 1)]
-        if single:  # the one-thread session too
-            probes.append(probe_feeds(bundle, 2, min(single, 17), 2))
-        worst = parity(made, lambda f: run_outputs(runner, False, f, False)[0], probes)
+        worst = native_parity(bundle, runner, made)
     except NativeRunError:
         made.close()
         raise

@@ -12,8 +12,8 @@ float32 array allocated here, and an eventfd, watched by the event loop
 
 Its sessions are made from the same graph bytes, thread counts and spin settings as
 the Python sessions (the one-thread session for small calls included) by the ONNX
-Runtime the Python binding runs, and :func:`parity` compares them with the Python
-session before the runner is used. Only plain scoring calls go this way: an
+Runtime the Python binding runs, and ``service.model.native_parity`` compares them with
+the Python session before the runner is used. Only plain scoring calls go this way: an
 ``explain`` call (it also returns the attention weights), micro-batched calls and the
 GPU keep the Python runners.
 
@@ -204,12 +204,16 @@ class NativeRunner:
         """Which session serves a call with ``n`` candidates."""
         return 1 if n <= self.single_max else 0
 
+    def _prepare(self, feeds: dict[str, np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
+        """The call's arrays (described into ``self._desc``) and its ``probs [N]`` buffer."""
+        arrays = self._describe(feeds)
+        return arrays, np.empty(feeds["user_idx"].shape[0], np.float32)
+
     def run_now(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """``probs [N]`` from a call on this thread (warm-up, checks); blocking."""
         self._check_alive()
-        arrays = self._describe(feeds)
-        n = arrays[self.names.index("user_idx")].shape[0] if "user_idx" in self.names else 0
-        out = np.empty(n, np.float32)
+        arrays, out = self._prepare(feeds)
+        n = len(out)
         err = ctypes.create_string_buffer(ERROR_LEN)
         rc = self._blocking.ctr_runner_run(
             self._handle, self.session_for(n), self._desc_addr, len(arrays), out.ctypes.data,
@@ -226,9 +230,8 @@ class NativeRunner:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             self._attach(loop)
-        arrays = self._describe(feeds)
-        n = feeds["user_idx"].shape[0]
-        out = np.empty(n, np.float32)
+        arrays, out = self._prepare(feeds)
+        n = len(out)
         token = next(self._tokens)
         fut: asyncio.Future[Any] = loop.create_future()
         # held before the C side can read them, so that nothing frees them meanwhile
@@ -342,17 +345,3 @@ class NativeRunner:
             self._loop.remove_reader(self._fd)
         self._loop = None
         self._finalizer()  # joins the idle threads, releases the sessions
-
-
-def parity(runner: NativeRunner, reference: Any, feeds_list: list[dict[str, np.ndarray]]) -> float:
-    """Max |p_native - p_reference| over ``feeds_list``, every session of ``runner``
-    (``reference(feeds)`` gives the Python session's ``probs``). Raises
-    :class:`NativeRunError` if a call fails or returns non-finite probabilities."""
-    worst = 0.0
-    for feeds in feeds_list:
-        want = reference(feeds)
-        got = runner.run_now(feeds)
-        if not np.all(np.isfinite(got)):
-            raise NativeRunError("the native session's probabilities are not finite")
-        worst = max(worst, float(np.max(np.abs(got - want))))
-    return worst

@@ -251,7 +251,7 @@ def test_the_python_runner_serves_when_the_native_one_cannot(
         loaded = load_model(settings_for(built))
         assert loaded.native is None and "native warm-up" in loaded.native_note
     with monkeypatch.context() as mp:
-        mp.setattr(model_module, "parity", lambda *a: 0.5)
+        mp.setattr(model_module, "native_parity", lambda *a: 0.5)
         loaded = load_model(settings_for(built))
         assert loaded.native is None and "parity 5.0e-01" in loaded.native_note
     feeds = probe_feeds(loaded.bundle, 1, 30, 0)
