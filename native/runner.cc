@@ -64,6 +64,7 @@ struct Job {
   int32_t status = kOk;
   double seconds = 0.0;
   std::string error;
+  Job* next = nullptr;  // the done list: linked through the jobs, so it never allocates
 };
 
 struct Session {
@@ -83,7 +84,8 @@ struct Runner {
   std::mutex mu;
   std::condition_variable cv;
   std::deque<Job*> queue;
-  std::vector<Job*> done;
+  Job* done_head = nullptr;  // finished calls, oldest first, until polled
+  Job* done_tail = nullptr;
   std::unordered_map<uint64_t, std::string> errors;  // failed jobs' messages, until read
   std::vector<std::thread> threads;
   int running = 0;
@@ -212,7 +214,8 @@ void work(Runner* r) {
     {
       std::lock_guard<std::mutex> lock(r->mu);
       --r->running;
-      r->done.push_back(job);
+      (r->done_tail != nullptr ? r->done_tail->next : r->done_head) = job;
+      r->done_tail = job;
     }
     signal(r);
   }
@@ -255,7 +258,11 @@ __attribute__((visibility("default"))) void* ctr_runner_new(char* err, int err_l
     put_error(err, err_len, "the library has not been registered with ONNX Runtime yet");
     return nullptr;
   }
-  auto* r = new Runner();
+  auto* r = new (std::nothrow) Runner();
+  if (r == nullptr) {
+    put_error(err, err_len, "no memory for the runner");
+    return nullptr;
+  }
   r->api = api;
   std::string e = take(api, api->CreateEnv(ORT_LOGGING_LEVEL_WARNING, "ctr_native", &r->env));
   if (e.empty())
@@ -290,60 +297,71 @@ __attribute__((visibility("default"))) int ctr_runner_add_session(
   }
   OrtSessionOptions* so = nullptr;
   Session s;
-  std::string e = take(api, api->CreateSessionOptions(&so));
-  if (e.empty()) e = take(api, api->SetIntraOpNumThreads(so, intra_threads));
-  if (e.empty()) e = take(api, api->SetInterOpNumThreads(so, 1));
-  if (e.empty()) e = take(api, api->SetSessionGraphOptimizationLevel(so, ORT_ENABLE_ALL));
-  if (e.empty())
-    e = take(api, api->AddSessionConfigEntry(so, "session.intra_op.allow_spinning",
-                                             spin == 0 ? "0" : "1"));
-  if (e.empty() && spin == 1)
-    e = take(api, api->AddSessionConfigEntry(so, "session.force_spinning_stop", "1"));
-  if (e.empty() && ops_library != nullptr)
-    e = take(api, api->RegisterCustomOpsLibrary_V2(so, ops_library));
-  if (e.empty())
-    e = take(api, api->CreateSessionFromArray(r->env, model, len, so, &s.session));
-  if (so != nullptr) api->ReleaseSessionOptions(so);
-  size_t count = 0;
-  if (e.empty()) e = take(api, api->SessionGetInputCount(s.session, &count));
-  if (e.empty() && count != static_cast<size_t>(inputs))
-    e = "the graph has " + std::to_string(count) + " inputs, " + std::to_string(inputs) +
-        " were named";
-  const char* p = names;
-  for (int i = 0; i < inputs && e.empty(); ++i) {
-    s.names.emplace_back(p);
-    p += s.names.back().size() + 1;
-    // the graph's own input i must be the one named: its element type is checked per call
-    OrtAllocator* alloc = nullptr;
-    char* graph_name = nullptr;
-    e = take(api, api->GetAllocatorWithDefaultOptions(&alloc));
-    if (e.empty()) e = take(api, api->SessionGetInputName(s.session, i, alloc, &graph_name));
-    if (e.empty() && s.names.back() != graph_name)
-      e = "graph input " + std::to_string(i) + " is " + graph_name + ", not " + s.names.back();
-    if (graph_name != nullptr) {
-      const std::string freed = take(api, api->AllocatorFree(alloc, graph_name));
-      if (e.empty()) e = freed;
+  std::string e;
+  try {  // strings and vectors may throw: never across extern "C"
+    e = take(api, api->CreateSessionOptions(&so));
+    if (e.empty()) e = take(api, api->SetIntraOpNumThreads(so, intra_threads));
+    if (e.empty()) e = take(api, api->SetInterOpNumThreads(so, 1));
+    if (e.empty()) e = take(api, api->SetSessionGraphOptimizationLevel(so, ORT_ENABLE_ALL));
+    if (e.empty())
+      e = take(api, api->AddSessionConfigEntry(so, "session.intra_op.allow_spinning",
+                                               spin == 0 ? "0" : "1"));
+    if (e.empty() && spin == 1)
+      e = take(api, api->AddSessionConfigEntry(so, "session.force_spinning_stop", "1"));
+    if (e.empty() && ops_library != nullptr)
+      e = take(api, api->RegisterCustomOpsLibrary_V2(so, ops_library));
+    if (e.empty())
+      e = take(api, api->CreateSessionFromArray(r->env, model, len, so, &s.session));
+    size_t count = 0;
+    if (e.empty()) e = take(api, api->SessionGetInputCount(s.session, &count));
+    if (e.empty() && count != static_cast<size_t>(inputs))
+      e = "the graph has " + std::to_string(count) + " inputs, " + std::to_string(inputs) +
+          " were named";
+    const char* p = names;
+    for (int i = 0; i < inputs && e.empty(); ++i) {
+      s.names.emplace_back(p);
+      p += s.names.back().size() + 1;
+      // the graph's own input i must be the one named: its element type is checked per call
+      OrtAllocator* alloc = nullptr;
+      char* graph_name = nullptr;
+      e = take(api, api->GetAllocatorWithDefaultOptions(&alloc));
+      if (e.empty()) e = take(api, api->SessionGetInputName(s.session, i, alloc, &graph_name));
+      if (e.empty() && s.names.back() != graph_name)
+        e = "graph input " + std::to_string(i) + " is " + graph_name + ", not " + s.names.back();
+      if (graph_name != nullptr) {
+        const std::string freed = take(api, api->AllocatorFree(alloc, graph_name));
+        if (e.empty()) e = freed;
+      }
+      OrtTypeInfo* type_info = nullptr;
+      if (e.empty()) e = take(api, api->SessionGetInputTypeInfo(s.session, i, &type_info));
+      const OrtTensorTypeAndShapeInfo* tensor = nullptr;
+      if (e.empty()) e = take(api, api->CastTypeInfoToTensorInfo(type_info, &tensor));
+      ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+      if (e.empty() && tensor == nullptr) e = s.names.back() + " is not a tensor";
+      if (e.empty()) e = take(api, api->GetTensorElementType(tensor, &type));
+      if (type_info != nullptr) api->ReleaseTypeInfo(type_info);
+      s.types.push_back(static_cast<int32_t>(type));
     }
-    OrtTypeInfo* type_info = nullptr;
-    if (e.empty()) e = take(api, api->SessionGetInputTypeInfo(s.session, i, &type_info));
-    const OrtTensorTypeAndShapeInfo* tensor = nullptr;
-    if (e.empty()) e = take(api, api->CastTypeInfoToTensorInfo(type_info, &tensor));
-    ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-    if (e.empty() && tensor == nullptr) e = s.names.back() + " is not a tensor";
-    if (e.empty()) e = take(api, api->GetTensorElementType(tensor, &type));
-    if (type_info != nullptr) api->ReleaseTypeInfo(type_info);
-    s.types.push_back(static_cast<int32_t>(type));
+    if (e.empty()) {
+      s.output = output;
+      r->sessions.push_back(std::move(s));
+      s.session = nullptr;  // the runner owns it now
+      for (Session& other : r->sessions) {  // the vector may have moved the strings' owners
+        other.name_ptrs.clear();
+        for (const std::string& n : other.names) other.name_ptrs.push_back(n.c_str());
+      }
+    }
+  } catch (const std::exception& exc) {
+    e = exc.what();
+    if (e.empty()) e = "C++ exception";
+  } catch (...) {
+    e = "unknown C++ exception";
   }
+  if (so != nullptr) api->ReleaseSessionOptions(so);
   if (!e.empty()) {
     put_error(err, err_len, e);
     if (s.session != nullptr) api->ReleaseSession(s.session);
     return -1;
-  }
-  s.output = output;
-  r->sessions.push_back(std::move(s));
-  for (Session& other : r->sessions) {  // the vector may have moved the strings' owners
-    other.name_ptrs.clear();
-    for (const std::string& n : other.names) other.name_ptrs.push_back(n.c_str());
   }
   return static_cast<int>(r->sessions.size()) - 1;
 }
@@ -353,7 +371,18 @@ __attribute__((visibility("default"))) int ctr_runner_add_session(
 __attribute__((visibility("default"))) int ctr_runner_start(void* handle, int workers) {
   auto* r = static_cast<Runner*>(handle);
   if (!r->threads.empty() || workers < 1) return -1;
-  for (int i = 0; i < workers; ++i) r->threads.emplace_back(work, r);
+  try {
+    for (int i = 0; i < workers; ++i) r->threads.emplace_back(work, r);
+  } catch (...) {  // a thread could not be made (a pids limit, no memory): no runner
+    {
+      std::lock_guard<std::mutex> lock(r->mu);
+      r->stop = true;  // and submit refuses every call
+    }
+    r->cv.notify_all();
+    for (std::thread& t : r->threads) t.join();
+    r->threads.clear();
+    return -1;
+  }
   return r->fd;
 }
 
@@ -403,7 +432,14 @@ __attribute__((visibility("default"))) int ctr_runner_run(void* handle, int sess
     put_error(err, err_len, "malformed call description");
     return -1;
   }
-  const std::string e = run_job(r, &job);
+  std::string e;
+  try {
+    e = run_job(r, &job);
+  } catch (const std::exception& exc) {  // never across extern "C"
+    e = exc.what();
+  } catch (...) {
+    e = "unknown C++ exception";
+  }
   if (!e.empty()) {
     put_error(err, err_len, e);
     return -1;
@@ -435,22 +471,36 @@ __attribute__((visibility("default"))) int ctr_runner_poll(void* handle, uint64_
   auto* r = static_cast<Runner*>(handle);
   uint64_t counter = 0;
   (void)!read(r->fd, &counter, sizeof counter);  // EAGAIN: nothing was signalled
-  std::vector<Job*> jobs;
+  Job* jobs = nullptr;  // the first n of the done list, cut off under the lock
+  int n = 0;
   {
     std::lock_guard<std::mutex> lock(r->mu);
-    const size_t n = std::min(r->done.size(), static_cast<size_t>(std::max(max, 0)));
-    jobs.assign(r->done.begin(), r->done.begin() + static_cast<ptrdiff_t>(n));
-    r->done.erase(r->done.begin(), r->done.begin() + static_cast<ptrdiff_t>(n));
-    for (Job* job : jobs)
-      if (job->status != kOk) r->errors[job->token] = job->error;
+    Job* last = nullptr;
+    Job* job = r->done_head;
+    for (; job != nullptr && n < max; job = job->next, ++n) last = job;
+    if (last != nullptr) {
+      jobs = r->done_head;
+      last->next = nullptr;
+    }
+    r->done_head = job;
+    if (job == nullptr) r->done_tail = nullptr;
+    for (Job* j = jobs; j != nullptr; j = j->next) {
+      if (j->status == kOk) continue;
+      try {
+        r->errors[j->token] = std::move(j->error);
+      } catch (...) {  // no memory for the message: the call still fails, without it
+      }
+    }
   }
-  for (size_t i = 0; i < jobs.size(); ++i) {
-    tokens[i] = jobs[i]->token;
-    status[i] = jobs[i]->status;
-    seconds[i] = jobs[i]->seconds;
-    delete jobs[i];
+  for (int i = 0; jobs != nullptr; ++i) {
+    Job* job = jobs;
+    jobs = job->next;
+    tokens[i] = job->token;
+    status[i] = job->status;
+    seconds[i] = job->seconds;
+    delete job;
   }
-  return static_cast<int>(jobs.size());
+  return n;
 }
 
 // A failed call's message (then forgotten); 0 if there is none for the token.
@@ -495,7 +545,11 @@ __attribute__((visibility("default"))) void ctr_runner_free(void* handle) {
   }
   r->cv.notify_all();
   for (std::thread& t : r->threads) t.join();
-  for (Job* job : r->done) delete job;
+  for (Job* job = r->done_head; job != nullptr;) {
+    Job* next = job->next;
+    delete job;
+    job = next;
+  }
   for (Session& s : r->sessions)
     if (s.session != nullptr) r->api->ReleaseSession(s.session);
   if (r->memory != nullptr) r->api->ReleaseMemoryInfo(r->memory);

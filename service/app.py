@@ -285,6 +285,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.executor.shutdown(wait=True)
             if state.model is not None and state.model.native is not None:
                 state.model.native.close()  # released once its calls in flight are done
+            for runner in state.retired:  # a swap's release must not outlive the process
+                await asyncio.to_thread(runner.wait_released, 5.0)
             m.HOOKS.exit()
             for reader, client in (
                 (state.reader, state.redis),

@@ -39,8 +39,10 @@ async def load(state: State, version: str | None) -> LoadedModel:
     old, state.model = state.model, model  # atomic swap: in-flight requests keep theirs
     if old is not None and old.native is not None:
         # its requests still in flight finish on the Python runner, or collect their
-        # native calls first; the native sessions go once nothing is in flight there
-        old.native.close()
+        # native calls first; the native sessions go once nothing is in flight there,
+        # on a thread of their own (not the event loop's)
+        old.native.close(background=True)
+        state.retired = [r for r in state.retired if not r.released] + [old.native]
     state.model_error = None
     state.fallback = None
     m.set_model_info(model.name, model.version, model.provider, model.graph, model.precision)

@@ -389,14 +389,17 @@ def worst_diff(
     probes: tuple[tuple[int, int, int], ...] = PROBES,
 ) -> float:
     """Max |got - want| (``probs [N]`` of two runners) over :func:`probe_feeds` of each
-    ``(users, N, seed)`` in ``probes``. Raises ``ValueError`` if ``got`` returns
-    non-finite probabilities (and whatever either runner raises)."""
+    ``(users, N, seed)`` in ``probes``. Raises ``ValueError`` if either runner returns
+    non-finite probabilities (a NaN would vanish from the max), and whatever either
+    runner raises."""
     worst = 0.0
     for users, n, seed in probes:
         feeds = probe_feeds(bundle, users, n, seed)
         expected, actual = want(feeds), got(feeds)
         if not np.all(np.isfinite(actual)):
             raise ValueError("probabilities are not finite")
+        if not np.all(np.isfinite(expected)):
+            raise ValueError("the reference's probabilities are not finite")
         worst = max(worst, float(np.max(np.abs(actual - expected))))
     return worst
 

@@ -27,6 +27,7 @@ import asyncio
 import ctypes
 import itertools
 import logging
+import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -176,7 +177,10 @@ class NativeRunner:
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
+        self._background = False
+        self._releaser: threading.Thread | None = None
         self.calls = 0  # calls queued so far
+        self.completed = 0  # calls that ran to their end without error, collected
         # told every finished call's run seconds and N, whether or not anyone still
         # waits for it (the model's expected run times); must not hold the model
         self.on_run = on_run
@@ -289,6 +293,8 @@ class NativeRunner:
     # -- the event loop side ---------------------------------------------------------
 
     def _attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._calls:  # their futures belong to the old loop, which alone collects them
+            raise NativeRunError("the native runner has calls in flight on another event loop")
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self._fd)
         loop.add_reader(self._fd, self._collect)
@@ -315,14 +321,18 @@ class NativeRunner:
     def _settle(self, call: tuple, token: int, status: int, seconds: float) -> None:
         fut, _, out = call
         error = self._error(token) if status != 0 else None
+        if error is None:
+            self.completed += 1
+        if not fut.done():  # else its waiter gave up after the call had started
+            if error is not None:
+                fut.set_exception(NativeRunError(error))
+            else:
+                fut.set_result((out, seconds))
         if error is None and self.on_run is not None:  # timed-out calls count too
-            self.on_run(seconds, len(out))
-        if fut.done():  # its waiter gave up after the call had started
-            return
-        if error is not None:
-            fut.set_exception(NativeRunError(error))
-        else:
-            fut.set_result((out, seconds))
+            try:  # after the future: a failing hook must not leave the request waiting
+                self.on_run(seconds, len(out))
+            except Exception:
+                log.exception("native runner: the on_run hook failed")
 
     def _error(self, token: int) -> str:
         err = ctypes.create_string_buffer(ERROR_LEN)
@@ -332,10 +342,13 @@ class NativeRunner:
 
     # -- the end ---------------------------------------------------------------------
 
-    def close(self) -> None:
+    def close(self, background: bool = False) -> None:
         """No new calls; the runner is released once the calls in flight are collected
-        (at once if there are none). Model swaps call it on the outgoing model."""
+        (at once if there are none). Model swaps call it on the outgoing model with
+        ``background``: the release (idle threads joined, sessions freed) then runs on a
+        thread of its own, not on the event loop's. Shutdown releases it in place."""
         self.closed = True
+        self._background = background
         self._maybe_release()
 
     def _maybe_release(self) -> None:
@@ -344,4 +357,16 @@ class NativeRunner:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self._fd)
         self._loop = None
-        self._finalizer()  # joins the idle threads, releases the sessions
+        if not self._background:
+            self._finalizer()  # joins the idle threads, releases the sessions
+        elif self._releaser is None:
+            self._releaser = threading.Thread(
+                target=self._finalizer, name="ctr-native-release", daemon=True
+            )
+            self._releaser.start()
+
+    def wait_released(self, timeout: float | None = None) -> bool:
+        """Wait for a background release (tests, shutdown); True once released."""
+        if self._releaser is not None:
+            self._releaser.join(timeout)
+        return self.released

@@ -13,6 +13,7 @@ from service.callthreads import CallThreads
 from service.codec import NativeCodec
 from service.errors import ModelNotReady
 from service.model import LoadedModel
+from service.nativerun import NativeRunner
 from service.reloadbus import ReloadBus
 from service.settings import Settings
 from service.store import AnyRedis, EventWriter, ItemCache, Reader
@@ -79,6 +80,9 @@ class State:
         # because the newest does not load (cleared by the next successful load)
         self.fallback: dict[str, Any] | None = None
         self.tasks: set[asyncio.Task[None]] = set()  # background work (a SIGHUP reload)
+        # swapped-out models' native runners, released on threads of their own
+        # (lifecycle.load); shutdown waits for those releases
+        self.retired: list[NativeRunner] = []
 
     def require_model(self) -> LoadedModel:
         if self.model is None:

@@ -288,8 +288,9 @@ def test_the_service_scores_on_native_threads_as_on_python_ones(
             r = c.post("/v1/score", json={**bodies[1], "explain": True})
             assert r.status_code == 200 and "attention" in r.json()["items"][0], r.text
             got.append(r.json()["items"])
-            if on:
+            if on:  # every one served there: none failed over to the Python runner
                 assert model.native is not None and model.native.calls == len(bodies)
+                assert model.native.completed == len(bodies)
             answers[on] = got
         if on:  # the lifespan's end released it
             assert model.native is not None and model.native.released
@@ -333,9 +334,12 @@ def test_a_reload_closes_the_old_runner_and_serves_on_the_new(
         new = c.app.state.ctr.model
         assert new is not old and new.native is not None
         assert old.native is not None and old.native.closed and old.native.released
+        # released on a thread of its own, not the event loop's
+        assert old.native._releaser is not None and old.native.wait_released(5)
+        assert c.app.state.ctr.retired == [old.native]
         again = c.post("/v1/score", json=body)
         assert again.json()["items"] == first.json()["items"]
-        assert new.native.calls == 1
+        assert new.native.calls == 1 and new.native.completed == 1
 
 
 def test_a_failed_native_call_is_served_by_the_python_runner(
@@ -353,10 +357,17 @@ def test_a_failed_native_call_is_served_by_the_python_runner(
         assert native is not None
         key = model.run_key(20)
         model.run_times.pop(key, None)
-        first = c.post("/v1/score", json=body)
-        assert first.status_code == 200 and native.calls == 1
-        assert model.run_times[key][1] == 20.0  # noted by the native call
         before = m.ERRORS.labels("native_runner")._value.get()
+
+        def python_runner(*args: object, **kwargs: object) -> None:
+            raise AssertionError("the Python runner was used")
+
+        with monkeypatch.context() as mp:  # only the native runner can answer this one
+            mp.setattr(model, "run", python_runner)
+            first = c.post("/v1/score", json=body)
+        assert first.status_code == 200 and native.calls == 1 and native.completed == 1
+        assert model.run_times[key][1] == 20.0  # noted by the native call
+        assert m.ERRORS.labels("native_runner")._value.get() == before
 
         def refuse(feeds: dict) -> None:
             raise NativeRunError("refused")
@@ -366,3 +377,73 @@ def test_a_failed_native_call_is_served_by_the_python_runner(
         assert again.status_code == 200, again.text
         assert again.json()["items"] == first.json()["items"]
         assert m.ERRORS.labels("native_runner")._value.get() == before + 1
+
+
+def test_a_failing_run_hook_does_not_strand_the_call(
+    runner_model: model_module.LoadedModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The hook told each finished call's time (the inline decision's) raises: the call's
+    waiter still gets its scores, and the failure is logged."""
+    native = runner_model.native
+    assert native is not None
+    feeds = probe_feeds(runner_model.bundle, 1, 30, 0)
+
+    def broken(seconds: float, n: int) -> None:
+        raise ZeroDivisionError("hook")
+
+    native.on_run = broken
+
+    async def check() -> np.ndarray:
+        return (await asyncio.wait_for(native.run(feeds), 10))[0]
+
+    got = asyncio.run(check())
+    np.testing.assert_array_equal(got, runner_model.run(feeds, explain=False)[0])
+    assert "on_run hook failed" in caplog.text
+
+
+def test_calls_in_flight_keep_the_runner_on_their_event_loop(
+    runner_model: model_module.LoadedModel,
+) -> None:
+    """While a call submitted on one event loop is in flight, a call from another loop is
+    refused (its future could not be settled there); the first call is still served."""
+    native = runner_model.native
+    assert native is not None
+    feeds = probe_feeds(runner_model.bundle, 1, 30, 0)
+    first = asyncio.new_event_loop()
+    try:
+        native.hold(True)
+
+        async def submit() -> asyncio.Future:
+            return native.submit(feeds)[1]
+
+        fut = first.run_until_complete(submit())
+
+        async def elsewhere() -> None:  # held: it would wait for good, were it taken
+            await asyncio.wait_for(native.run(feeds), 2)
+
+        with pytest.raises(NativeRunError, match="another event loop"):
+            asyncio.run(elsewhere())
+        native.hold(False)
+        got, _ = first.run_until_complete(asyncio.wait_for(fut, 10))
+        np.testing.assert_array_equal(got, runner_model.run(feeds, explain=False)[0])
+        assert native.pending == 0
+    finally:
+        native.hold(False)
+        first.close()
+
+
+def test_a_parity_check_fails_on_a_nan_in_either_runner(built: Built) -> None:
+    """max() drops a NaN: a reference runner that returns one must fail the check, not
+    pass it with the other probes' difference."""
+    bundle = load_model(settings_for(built, native_runner=False)).bundle
+
+    def fine(f: dict) -> np.ndarray:
+        return np.full(f["user_idx"].shape[0], 0.5, np.float32)
+
+    def nan(f: dict) -> np.ndarray:
+        return np.full(f["user_idx"].shape[0], np.nan, np.float32)
+
+    assert model_module.worst_diff(bundle, fine, fine) == 0.0
+    for want, got in ((nan, fine), (fine, nan)):
+        with pytest.raises(ValueError, match="not finite"):
+            model_module.worst_diff(bundle, want, got)
