@@ -44,6 +44,7 @@ namespace {
 constexpr int kMaxInputs = 16;
 constexpr int kMaxDims = 4;
 constexpr int kDesc = 3 + kMaxDims;  // per input: data pointer, element type, rank, dims
+constexpr int kLanes = 2;  // classes of calls, each with its own limit of calls at once
 
 enum Status : int32_t { kOk = 0, kFailed = 1 };
 
@@ -57,6 +58,7 @@ struct Input {
 struct Job {
   uint64_t token = 0;
   int session = 0;
+  int lane = 0;
   int inputs = 0;
   Input in[kMaxInputs];
   float* out = nullptr;
@@ -89,6 +91,8 @@ struct Runner {
   std::unordered_map<uint64_t, std::string> errors;  // failed jobs' messages, until read
   std::vector<std::thread> threads;
   int running = 0;
+  int limit[kLanes] = {1 << 30, 1 << 30};  // calls of each lane at once (ctr_runner_set_lane)
+  int busy[kLanes] = {0, 0};
   bool stop = false;
   bool held = false;  // ctr_runner_hold: no thread takes a new call meanwhile
 };
@@ -193,11 +197,22 @@ void work(Runner* r) {
     Job* job = nullptr;
     {
       std::unique_lock<std::mutex> lock(r->mu);
-      r->cv.wait(lock, [r] { return r->stop || (!r->held && !r->queue.empty()); });
-      if (r->queue.empty()) return;  // stopping, and every queued call has run
-      job = r->queue.front();
-      r->queue.pop_front();
+      // the oldest queued call whose lane has room (a stop ends a hold)
+      auto next = [r]() {
+        if (r->held && !r->stop) return r->queue.end();
+        return std::find_if(r->queue.begin(), r->queue.end(),
+                            [r](const Job* j) { return r->busy[j->lane] < r->limit[j->lane]; });
+      };
+      auto it = r->queue.end();
+      r->cv.wait(lock, [&] {
+        it = next();
+        return it != r->queue.end() || (r->stop && r->queue.empty());
+      });
+      if (it == r->queue.end()) return;  // stopping, and every queued call has run
+      job = *it;
+      r->queue.erase(it);
       ++r->running;
+      ++r->busy[job->lane];
     }
     const auto start = std::chrono::steady_clock::now();
     std::string error;
@@ -214,9 +229,11 @@ void work(Runner* r) {
     {
       std::lock_guard<std::mutex> lock(r->mu);
       --r->running;
+      --r->busy[job->lane];
       (r->done_tail != nullptr ? r->done_tail->next : r->done_head) = job;
       r->done_tail = job;
     }
+    r->cv.notify_all();  // its lane has room again: a waiting worker may take the next
     signal(r);
   }
 }
@@ -386,18 +403,30 @@ __attribute__((visibility("default"))) int ctr_runner_start(void* handle, int wo
   return r->fd;
 }
 
-// Queues a call of session `session`: `inputs` inputs described by desc (7 int64 each:
-// data address, element type, rank, up to 4 dims), scores into out[0:out_len].
-// Returns 0, or -1 for a malformed description or a stopped runner.
+// At most `limit` calls of lane `lane` run at once (before the start; default: no limit
+// but the number of threads). Returns 0, or -1 for no such lane or a limit below 1.
+__attribute__((visibility("default"))) int ctr_runner_set_lane(void* handle, int lane,
+                                                                int limit) {
+  auto* r = static_cast<Runner*>(handle);
+  if (lane < 0 || lane >= kLanes || limit < 1 || !r->threads.empty()) return -1;
+  r->limit[lane] = limit;
+  return 0;
+}
+
+// Queues a call of session `session` in lane `lane`: `inputs` inputs described by desc
+// (7 int64 each: data address, element type, rank, up to 4 dims), scores into
+// out[0:out_len]. Returns 0, or -1 for a malformed description or a stopped runner.
 __attribute__((visibility("default"))) int ctr_runner_submit(void* handle, uint64_t token,
-                                                              int session,
+                                                              int session, int lane,
                                                               const int64_t* desc, int inputs,
                                                               float* out, int64_t out_len) {
   auto* r = static_cast<Runner*>(handle);
+  if (lane < 0 || lane >= kLanes) return -1;
   auto* job = new (std::nothrow) Job();
   if (job == nullptr) return -1;
   job->token = token;
   job->session = session;
+  job->lane = lane;
   if (!fill_job(job, desc, inputs, out, out_len)) {
     delete job;
     return -1;
@@ -531,6 +560,14 @@ __attribute__((visibility("default"))) int ctr_runner_pending(void* handle) {
   auto* r = static_cast<Runner*>(handle);
   std::lock_guard<std::mutex> lock(r->mu);
   return static_cast<int>(r->queue.size()) + r->running;
+}
+
+// Calls of lane `lane` running now (for tests); -1 for no such lane.
+__attribute__((visibility("default"))) int ctr_runner_busy(void* handle, int lane) {
+  auto* r = static_cast<Runner*>(handle);
+  if (lane < 0 || lane >= kLanes) return -1;
+  std::lock_guard<std::mutex> lock(r->mu);
+  return r->busy[lane];
 }
 
 // Stops the threads once every queued call has run (blocks until then), releases the

@@ -109,35 +109,58 @@ def orjson_response(content: Any, status: int = 200, headers: dict | None = None
 Handler = Callable[[Callable[[str], str | None], AsyncIterator[bytes]], Awaitable[Response]]
 
 
+class ScoringApp(FastAPI):
+    """FastAPI, with the hot route answered at its front door.
+
+    ``POST /v1/score`` (``fast_routes``) is answered before FastAPI's and Starlette's
+    middleware stack and router: no telemetry check, no error, telemetry and body-limit
+    middlewares (each of which wraps ``send`` again), no request object or dependency
+    solving. It calls the same handler the FastAPI route calls, so both behave alike
+    (``tests/test_fast_path.py``): a :class:`ServiceError` is rendered by the function
+    the app's exception handler uses, and any other exception gets the app's 500 body,
+    as from Starlette's error middleware, and is raised on for the server to log.
+    Every other request goes through the stack, where :class:`ServingMiddleware` times
+    it. FastAPI's own OpenTelemetry instrumentation, if set up, does not see this route."""
+
+    fast_routes: dict[tuple[str, str], Handler]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            handler = self.fast_routes.get((scope["method"], scope["path"]))
+            if handler is not None:
+                await _timed_serve(handler, scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
+async def _timed_serve(handler: Handler, scope: Scope, receive: Receive, send: Send) -> None:
+    start = time.perf_counter()
+    status = 500
+    try:
+        status = await _serve(handler, scope, receive, send)
+    finally:
+        m.REQUEST(scope["path"], scope["method"], str(status)).observe(time.perf_counter() - start)
+
+
 class ServingMiddleware:
-    """Request duration by route template, method and status (pure ASGI, low overhead),
-    and the hot route served straight from ASGI.
+    """Request duration by route template, method and status (pure ASGI, low overhead).
 
-    ``POST /v1/score`` is answered here, without FastAPI's per-route machinery (request
-    object, dependency solving, exit stacks): it calls the same handler the FastAPI route
-    calls, so both behave alike, and a :class:`ServiceError` is rendered by the same
-    function as the app's exception handler. Anything else raised propagates to
-    Starlette's error middleware, as from a route."""
+    ``fast`` routes are answered here, as :class:`ScoringApp` answers its
+    ``fast_routes`` (``ctr bench-path`` measures the two places against each other)."""
 
-    def __init__(self, app: ASGIApp, fast: dict[tuple[str, str], Handler]) -> None:
+    def __init__(self, app: ASGIApp, fast: dict[tuple[str, str], Handler] | None = None) -> None:
         self.app = app
-        self.fast = fast
+        self.fast = fast or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        start = time.perf_counter()
         handler = self.fast.get((scope["method"], scope["path"]))
         if handler is not None:
-            status = 500
-            try:
-                status = await _serve(handler, scope, receive, send)
-            finally:
-                m.REQUEST(scope["path"], scope["method"], str(status)).observe(
-                    time.perf_counter() - start
-                )
+            await _timed_serve(handler, scope, receive, send)
             return
+        start = time.perf_counter()
         code = {"status": 500}
 
         async def send_wrapper(message: Message) -> None:
@@ -173,6 +196,11 @@ async def _serve(handler: Handler, scope: Scope, receive: Receive, send: Send) -
         response = error_response(exc)
     except ClientDisconnect:
         return CLIENT_CLOSED  # nobody to answer; counted, not logged as a server error
+    except Exception as exc:
+        # a bug: the app's 500 (nothing has been sent yet), then raised for the server's
+        # log, as Starlette's error middleware does
+        await internal_error_response(exc)(scope, receive, send)
+        raise
     await response(scope, receive, send)
     return response.status_code
 
@@ -300,7 +328,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
                 loop.remove_signal_handler(signal.SIGHUP)
 
-    app = FastAPI(
+    app = ScoringApp(
         title="CTR scoring service",
         version="0.1.0",
         description="Scores candidate items for a user with a DIN/DIEN model (ONNX Runtime).",
@@ -309,7 +337,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.ctr = state
     _install_handlers(app)
     score = _install_routes(app, state)
-    app.add_middleware(ServingMiddleware, fast={("POST", "/v1/score"): score})
+    app.fast_routes = {("POST", "/v1/score"): score}
+    app.add_middleware(ServingMiddleware)  # times every other request
     install_openapi(app, settings.max_id_length)
     return app
 
@@ -321,6 +350,13 @@ def error_response(exc: ServiceError) -> Response:
     field = safe_field(exc.field) if exc.field else exc.field
     body = {"error": exc.kind, "field": field, "detail": safe_field(exc.message)}
     return orjson_response(body, exc.status, headers)
+
+
+def internal_error_response(exc: Exception) -> Response:
+    """The 500 for a bug: the same JSON body as every error, no internals in it."""
+    return error_response(
+        ServiceError(f"internal error ({type(exc).__name__}); see the service log")
+    )
 
 
 def bad_request(errors: Sequence[Any], skip: int = 0) -> BadRequest:
@@ -349,9 +385,7 @@ def _install_handlers(app: FastAPI) -> None:
         """A bug, not a domain error: the same JSON body as every error, with no internals
         in it (Starlette's error middleware re-raises it after, so the server logs the
         traceback)."""
-        return error_response(
-            ServiceError(f"internal error ({type(exc).__name__}); see the service log")
-        )
+        return internal_error_response(exc)
 
 
 async def _read_body(
@@ -578,6 +612,8 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             "micro_batching": model.batcher is not None,
             "native_runner": model.native is not None,
             "native_runner_note": model.native_note or None,
+            # larger calls at once on its one-thread session (1: one at a time)
+            "native_parallel_calls": model.native.parallel if model.native is not None else 0,
             "json_encoder": "native" if state.codec is not None else "orjson",
             "gpu_copy": copy_info(model.runner),
             "worker_pid": os.getpid(),

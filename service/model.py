@@ -597,10 +597,15 @@ def make_native(
     except native.NativeError as exc:
         raise NativeRunError(f"custom-op library: {exc}") from exc
     ops = str(lib.path) if fused else None
-    specs = [SessionSpec(served, settings.intra_op_threads, ops)]
     single = runner.max_candidates if isinstance(runner, SplitRunner) else 0
-    if single:
-        specs.append(SessionSpec(served, 1, ops))
+    # with a one-thread session, calls larger than it takes run side by side on it
+    parallel = settings.native_parallel_calls if single else 1
+    if parallel > 1:
+        specs = [SessionSpec(served, 1, ops)]
+    else:
+        specs = [SessionSpec(served, settings.intra_op_threads, ops)]
+        if single:
+            specs.append(SessionSpec(served, 1, ops))
     made = NativeRunner(
         str(lib.path),
         bundle.input_names,
@@ -608,6 +613,7 @@ def make_native(
         settings.intra_op_spin,
         settings.inference_concurrency,
         single,
+        parallel=parallel,
     )
     try:
         worst = native_parity(bundle, runner, made)

@@ -81,9 +81,11 @@ def _bind(lib: ctypes.CDLL) -> None:
     ]  # fmt: skip
     lib.ctr_runner_start.restype = ctypes.c_int
     lib.ctr_runner_start.argtypes = [_P, ctypes.c_int]
+    lib.ctr_runner_set_lane.restype = ctypes.c_int
+    lib.ctr_runner_set_lane.argtypes = [_P, ctypes.c_int, ctypes.c_int]
     lib.ctr_runner_submit.restype = ctypes.c_int
     lib.ctr_runner_submit.argtypes = [
-        _P, ctypes.c_uint64, ctypes.c_int, _P, ctypes.c_int, _P, ctypes.c_int64,
+        _P, ctypes.c_uint64, ctypes.c_int, ctypes.c_int, _P, ctypes.c_int, _P, ctypes.c_int64,
     ]  # fmt: skip
     lib.ctr_runner_run.restype = ctypes.c_int
     lib.ctr_runner_run.argtypes = [
@@ -97,6 +99,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.ctr_runner_error.argtypes = [_P, ctypes.c_uint64, ctypes.c_char_p, ctypes.c_int]
     lib.ctr_runner_pending.restype = ctypes.c_int
     lib.ctr_runner_pending.argtypes = [_P]
+    lib.ctr_runner_busy.restype = ctypes.c_int
+    lib.ctr_runner_busy.argtypes = [_P, ctypes.c_int]
     lib.ctr_runner_hold.restype = None
     lib.ctr_runner_hold.argtypes = [_P, ctypes.c_int]
     lib.ctr_runner_free.restype = None
@@ -108,8 +112,22 @@ def _free(lib: ctypes.CDLL, handle: int) -> None:
 
 
 class NativeRunner:
-    """Sessions of one graph on ``workers`` native threads. ``sessions[1]``, when given,
-    takes the calls with at most ``single_max`` candidates (the one-thread session)."""
+    """Sessions of one graph on native threads; calls with at most ``single_max``
+    candidates run up to ``workers`` at once.
+
+    * ``parallel`` = 1: ``sessions[1]``, when given, is the one-thread session, for the
+      calls with at most ``single_max`` candidates; ``sessions[0]`` takes the larger
+      ones, also up to ``workers`` at once.
+    * ``parallel`` > 1: one session (the one-thread one) takes every call, and the
+      larger calls run up to ``parallel`` at once, side by side.
+
+    At most ``max(workers, parallel)`` calls run at once in all.
+
+    Why two one-thread calls rather than one call on two threads, for the larger calls
+    under load: the two intra-op threads of one call meet at every parallel loop, and
+    while the event loop's thread holds one of the two cores, the other waits there
+    (docs/benchmarks.md, "Session 23"). Small calls stay one at a time: there the event
+    loop's own work is the bottleneck, and a second call only takes its core."""
 
     kind = "native"
 
@@ -122,6 +140,7 @@ class NativeRunner:
         workers: int = 1,
         single_max: int = 0,
         on_run: Callable[[float, int], None] | None = None,
+        parallel: int = 1,
     ) -> None:
         if len(names) > MAX_INPUTS:
             raise NativeRunError(f"{len(names)} graph inputs; the runner takes {MAX_INPUTS}")
@@ -157,8 +176,17 @@ class NativeRunner:
                 self._finalizer()
                 raise NativeRunError(f"native session: {err.value.decode(errors='replace')}")
         self.sessions = len(sessions)
-        self.single_max = single_max if len(sessions) > 1 else 0
-        self._fd = self._lib.ctr_runner_start(handle, workers)
+        # larger calls side by side (lane 1): the one session must have one thread
+        self.parallel = max(parallel, 1)
+        if self.parallel > 1 and (len(sessions) != 1 or sessions[0].threads != 1):
+            self._finalizer()
+            raise NativeRunError("calls side by side take one session, of one thread")
+        self.single_max = single_max if len(sessions) > 1 or self.parallel > 1 else 0
+        for lane, limit in ((0, workers), (1, self.parallel)):
+            if self._lib.ctr_runner_set_lane(handle, lane, limit) != 0:
+                self._finalizer()
+                raise NativeRunError(f"native runner: lane {lane} refused a limit of {limit}")
+        self._fd = self._lib.ctr_runner_start(handle, max(workers, self.parallel))
         if self._fd < 0:
             self._finalizer()
             raise NativeRunError("native runner: the threads did not start")
@@ -206,7 +234,12 @@ class NativeRunner:
 
     def session_for(self, n: int) -> int:
         """Which session serves a call with ``n`` candidates."""
-        return 1 if n <= self.single_max else 0
+        return 1 if self.sessions > 1 and n <= self.single_max else 0
+
+    def lane_for(self, n: int) -> int:
+        """Which lane (limit of calls at once) a call with ``n`` candidates queues in:
+        1 for the larger calls that run side by side (``parallel``), else 0."""
+        return 1 if self.parallel > 1 and n > self.single_max else 0
 
     def _prepare(self, feeds: dict[str, np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
         """The call's arrays (described into ``self._desc``) and its ``probs [N]`` buffer."""
@@ -241,8 +274,8 @@ class NativeRunner:
         # held before the C side can read them, so that nothing frees them meanwhile
         self._calls[token] = (fut, arrays, out)
         rc = self._lib.ctr_runner_submit(
-            self._handle, token, self.session_for(n), self._desc_addr, len(arrays),
-            out.ctypes.data, n,
+            self._handle, token, self.session_for(n), self.lane_for(n), self._desc_addr,
+            len(arrays), out.ctypes.data, n,
         )  # fmt: skip
         if rc != 0:
             del self._calls[token]
@@ -279,6 +312,11 @@ class NativeRunner:
         """Calls the C side holds, queued or running (for tests)."""
         self._check_alive()
         return int(self._lib.ctr_runner_pending(self._handle))
+
+    def running(self, lane: int) -> int:
+        """Calls of ``lane`` (:meth:`lane_for`) running now (for tests)."""
+        self._check_alive()
+        return int(self._lib.ctr_runner_busy(self._handle, lane))
 
     @property
     def pending(self) -> int:

@@ -49,6 +49,15 @@ class Settings(BaseSettings):
         description="CPU only: graph calls with at most this many candidates run on a second "
         "session with one intra-op thread (no pool thread to wake; 0 = off)",
     )
+    native_parallel_calls: int = Field(
+        2,
+        ge=1,
+        le=16,
+        description="CPU, native runner, with CTR_SINGLE_THREAD_MAX_CANDIDATES > 0: graph "
+        "calls with more candidates than that run on the one-thread session, up to this many "
+        "at once, instead of one at a time on CTR_INTRA_OP_THREADS threads (1 = off); "
+        "calls alone on an idle worker still run inline on all the threads",
+    )
     native_runner: bool = Field(
         True,
         description="CPU only: plain scoring calls (not explain, not micro-batched) run on "

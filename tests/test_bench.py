@@ -109,9 +109,11 @@ def test_baseline_feeds_are_what_the_service_scores(tmp_path: Path) -> None:
     import orjson
 
     from service.loader import load_into_redis
+    from service.precision import probe_feeds
     from training.bench_service import (
         _start_service,
         baseline_feeds,
+        baseline_rates,
         bodies_for,
         load_baseline,
         make_bundle,
@@ -150,6 +152,17 @@ def test_baseline_feeds_are_what_the_service_scores(tmp_path: Path) -> None:
     offline = request_feeds(base.model.bundle, base.settings, bodies, frame_reader(config, frame))
     for a, b in zip(feeds, offline, strict=True):
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    # what the model alone sustains includes the native runner's calls side by side
+    # (CTR_NATIVE_PARALLEL_CALLS, on by default) where it runs them: above 64 candidates,
+    # with two intra-op threads (a one-thread session beside the main one)
+    assert base.side_by_side(65) == 1
+    base = load_baseline(service_env(tmp_path, config.name, "redis://unused", 2))
+    assert (base.side_by_side(64), base.side_by_side(65)) == (1, 2)
+    assert list(baseline_rates(base, feeds, 30, 0.2)) == [1]
+    large = [probe_feeds(base.model.bundle, 1, 200, k) for k in range(4)]
+    rates = baseline_rates(base, large, 200, 0.2)
+    assert list(rates) == [1, 2] and rates[2]["one-thread session"] and rates[2]["rps"] > 0
+    np.testing.assert_array_equal(base.run_single(1, large[0])[0], base.run(0, large[0])[0])
 
 
 def test_degraded_and_failed_replies_invalidate_a_row(tmp_path: Path) -> None:
@@ -286,7 +299,7 @@ def test_request_path_benchmark_runs_both_paths(tmp_path: Path) -> None:
     finally:
         proc.stop()
     r = res[10]
-    assert set(r["request_ms"]) == {"fast path", "orjson", "FastAPI route"}
+    assert set(r["request_ms"]) == {"fast path", "orjson", "FastAPI route", "in the stack"}
     assert set(r["check_us"]) == {"C-level check", "per-candidate check"}
     assert all(v > 0 for v in [*r["request_ms"].values(), *r["check_us"].values()])
     for st in (r["stage_ms"], r["stage_ms_orjson"]):

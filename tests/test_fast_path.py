@@ -1,7 +1,7 @@
 """The hot path's shortcuts behave exactly like the general code they skip:
 
-* ``POST /v1/score`` served straight from ASGI by ``ServingMiddleware`` answers what the
-  FastAPI route answers, for good and bad requests alike;
+* ``POST /v1/score`` served straight from ASGI at the app's front door (``ScoringApp``)
+  answers what the FastAPI route answers, for good and bad requests and for a bug alike;
 * the C-level check of plain candidate lists (``_plain_ids``) accepts exactly what the
   per-candidate check accepts, and hands everything else to it;
 * the lifespan sets the GIL switch interval and puts Python's back on shutdown."""
@@ -35,7 +35,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
 def clients(built: Built) -> Iterator[tuple[TestClient, TestClient]]:
     settings = settings_for(built, api_key="k", protect_scoring=True, max_body_bytes=20_000)
     fast = create_app(settings)
-    assert any(m.cls.__name__ == "ServingMiddleware" for m in fast.user_middleware)
+    assert ("POST", "/v1/score") in fast.fast_routes
     slow = without_fast_path(create_app(settings))
     with TestClient(fast) as a, TestClient(slow) as b:
         yield a, b
@@ -98,6 +98,37 @@ def test_fast_path_answers_like_the_fastapi_route(
         chunks = iter([b'{"user_id": "' + b"x" * 15_000, b'"}' + b" " * 15_000])
         r = c.post("/v1/score", headers={"X-API-Key": "k"}, content=chunks)
         assert r.status_code == 413 and r.json()["field"] == "body"
+
+
+def test_a_bug_on_the_front_door_answers_and_is_raised_like_the_route(
+    built: Built, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected exception in the handler: the same JSON 500 as from the FastAPI
+    route (Starlette's error middleware and the app's handler), counted the same, and
+    raised on to the server, which logs it, on both paths."""
+    settings = settings_for(built, native_runner=False)
+    body = {"user_id": "u", "candidates": [{"item_id": "i"}]}
+    answers = []
+    for app in (create_app(settings), without_fast_path(create_app(settings))):
+        for raising in (False, True):
+            with TestClient(app, raise_server_exceptions=raising) as c:
+
+                def boom(*args: object, **kwargs: object) -> None:
+                    raise KeyError("internal detail")
+
+                monkeypatch.setattr(c.app.state.ctr, "require_model", boom)
+                before = m.ERRORS.labels("internal")._value.get()
+                if raising:
+                    with pytest.raises(KeyError, match="internal detail"):
+                        c.post("/v1/score", json=body)
+                else:
+                    r = c.post("/v1/score", json=body)
+                    answers.append((r.status_code, r.json(), r.headers["content-type"]))
+                assert m.ERRORS.labels("internal")._value.get() == before + 1
+                monkeypatch.undo()
+    assert answers[0] == answers[1]
+    assert answers[0][0] == 500 and answers[0][1]["error"] == "internal"
+    assert "KeyError" in answers[0][1]["detail"] and "internal detail" not in str(answers[0])
 
 
 def test_fast_path_answers_like_the_route_when_not_ready(built: Built) -> None:

@@ -48,16 +48,27 @@ def items(built: Built, n: int) -> list[str]:
 
 
 @pytest.mark.parametrize("kind", ["din", "dien"])
-def test_native_scores_are_the_python_sessions(built: Built, dien: Built, kind: str) -> None:
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_native_scores_are_the_python_sessions(
+    built: Built, dien: Built, kind: str, parallel: int
+) -> None:
     """Both sessions (the one-thread one for calls of at most 64 candidates, the main one
-    above), one and several users, the fused graph: the same probabilities as the Python
-    runner, to the bit."""
+    above) or, with calls side by side (CTR_NATIVE_PARALLEL_CALLS), the one-thread session
+    for all; one and several users, the fused graph: the same probabilities as the
+    Python runner, to the bit."""
     b = built if kind == "din" else dien
-    loaded = load_model(settings_for(b, intra_op_threads=2))
+    loaded = load_model(settings_for(b, intra_op_threads=2, native_parallel_calls=parallel))
     native = loaded.native
     assert native is not None, loaded.native_note
-    assert loaded.graph == "fused" and native.sessions == 2 and native.single_max == 64
-    assert (native.session_for(64), native.session_for(65)) == (1, 0)
+    assert loaded.graph == "fused" and native.single_max == 64 and native.parallel == parallel
+    if parallel == 1:
+        assert native.sessions == 2
+        assert (native.session_for(64), native.session_for(65)) == (1, 0)
+        assert (native.lane_for(64), native.lane_for(65)) == (0, 0)
+    else:
+        assert native.sessions == 1
+        assert (native.session_for(64), native.session_for(65)) == (0, 0)
+        assert (native.lane_for(64), native.lane_for(65)) == (0, 1)
 
     async def check() -> None:
         for users, n, seed in ((1, 1, 0), (1, 64, 1), (2, 65, 2), (3, 300, 3), (1, 17, 4)):
@@ -447,3 +458,36 @@ def test_a_parity_check_fails_on_a_nan_in_either_runner(built: Built) -> None:
     for want, got in ((nan, fine), (fine, nan)):
         with pytest.raises(ValueError, match="not finite"):
             model_module.worst_diff(bundle, want, got)
+
+
+def test_larger_calls_run_side_by_side_and_small_ones_one_at_a_time(built: Built) -> None:
+    """CTR_NATIVE_PARALLEL_CALLS=2: calls above CTR_SINGLE_THREAD_MAX_CANDIDATES run two at
+    once (never three), small ones one at a time; every call gets its own scores."""
+    loaded = load_model(
+        settings_for(built, intra_op_threads=2, native_parallel_calls=2, inline_max_ms=0)
+    )
+    native = loaded.native
+    assert native is not None and native.parallel == 2, loaded.native_note
+    large = [probe_feeds(loaded.bundle, 1, 20_000, k) for k in range(4)]
+    small = [probe_feeds(loaded.bundle, 1, 40, k) for k in range(200)]
+
+    async def check(calls: list[dict], lane: int) -> int:
+        native.hold(True)
+        tasks = [asyncio.ensure_future(native.run(f)) for f in calls]
+        await asyncio.sleep(0)
+        most = 0
+        native.hold(False)
+        while native.queued:  # blocks the loop: nothing is collected meanwhile
+            most = max(most, native.running(lane))
+            assert native.running(1 - lane) == 0
+            time.sleep(0.0002)
+        got = await asyncio.gather(*tasks)
+        for f, (probs, _) in zip(calls, got, strict=True):
+            np.testing.assert_array_equal(probs, loaded.run(f, explain=False)[0])
+        return most
+
+    try:
+        assert asyncio.run(check(large, 1)) == 2
+        assert asyncio.run(check(small, 0)) == 1
+    finally:
+        native.close()
