@@ -97,11 +97,19 @@ struct Runner {
   bool held = false;  // ctr_runner_hold: no thread takes a new call meanwhile
 };
 
-void put_error(char* err, int len, const std::string& msg) {
+void put_error(char* err, int len, const char* msg, size_t size) noexcept {
   if (err == nullptr || len <= 0) return;
-  const size_t n = std::min(msg.size(), static_cast<size_t>(len - 1));
-  std::memcpy(err, msg.data(), n);
+  const size_t n = std::min(size, static_cast<size_t>(len - 1));
+  std::memcpy(err, msg, n);
   err[n] = '\0';
+}
+
+void put_error(char* err, int len, const std::string& msg) noexcept {
+  put_error(err, len, msg.data(), msg.size());
+}
+
+void put_error(char* err, int len, const char* msg) noexcept {  // a literal: no allocation
+  put_error(err, len, msg, std::strlen(msg));
 }
 
 // The status's message (and the status released); empty for success.
@@ -184,6 +192,27 @@ std::string run_job(Runner* r, Job* job) {
   return error;
 }
 
+// Runs f; false if it threw (e.g. bad_alloc: the call fails, not the process), with the
+// exception's message in *error where there is memory for it. Never throws.
+template <typename F>
+bool guarded(std::string* error, F&& f) noexcept {
+  try {
+    f();
+    return true;
+  } catch (const std::exception& exc) {
+    try {
+      *error = exc.what();
+    } catch (...) {  // no memory for the message: the caller reports a bare failure
+    }
+  } catch (...) {
+    try {
+      *error = "unknown C++ exception";
+    } catch (...) {
+    }
+  }
+  return false;
+}
+
 void signal(Runner* r) {
   const uint64_t one = 1;
   // a full counter (2^64 - 2 unread signals) cannot happen; EINTR: try again
@@ -216,15 +245,9 @@ void work(Runner* r) {
     }
     const auto start = std::chrono::steady_clock::now();
     std::string error;
-    try {
-      error = run_job(r, job);
-    } catch (const std::exception& exc) {  // e.g. bad_alloc: the call fails, not the process
-      error = exc.what();
-    } catch (...) {
-      error = "unknown C++ exception";
-    }
+    const bool ok = guarded(&error, [&] { error = run_job(r, job); });
     job->seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    job->status = error.empty() ? kOk : kFailed;
+    job->status = ok && error.empty() ? kOk : kFailed;
     job->error = std::move(error);
     {
       std::lock_guard<std::mutex> lock(r->mu);
@@ -281,13 +304,17 @@ __attribute__((visibility("default"))) void* ctr_runner_new(char* err, int err_l
     return nullptr;
   }
   r->api = api;
-  std::string e = take(api, api->CreateEnv(ORT_LOGGING_LEVEL_WARNING, "ctr_native", &r->env));
-  if (e.empty())
-    e = take(api, api->CreateCpuMemoryInfo(OrtArenaAllocator, OrtMemTypeDefault, &r->memory));
-  if (e.empty()) {
-    r->fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (r->fd < 0) e = std::string("eventfd: ") + std::strerror(errno);
-  }
+  std::string e;
+  const bool ok = guarded(&e, [&] {
+    e = take(api, api->CreateEnv(ORT_LOGGING_LEVEL_WARNING, "ctr_native", &r->env));
+    if (e.empty())
+      e = take(api, api->CreateCpuMemoryInfo(OrtArenaAllocator, OrtMemTypeDefault, &r->memory));
+    if (e.empty()) {
+      r->fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+      if (r->fd < 0) e = std::string("eventfd: ") + std::strerror(errno);
+    }
+  });
+  if (!ok && e.empty()) e = "no memory";  // short enough to need no allocation
   if (!e.empty()) {
     put_error(err, err_len, e);
     if (r->memory != nullptr) api->ReleaseMemoryInfo(r->memory);
@@ -315,7 +342,7 @@ __attribute__((visibility("default"))) int ctr_runner_add_session(
   OrtSessionOptions* so = nullptr;
   Session s;
   std::string e;
-  try {  // strings and vectors may throw: never across extern "C"
+  const bool ok = guarded(&e, [&] {  // strings and vectors may throw: not across extern "C"
     e = take(api, api->CreateSessionOptions(&so));
     if (e.empty()) e = take(api, api->SetIntraOpNumThreads(so, intra_threads));
     if (e.empty()) e = take(api, api->SetInterOpNumThreads(so, 1));
@@ -368,12 +395,8 @@ __attribute__((visibility("default"))) int ctr_runner_add_session(
         for (const std::string& n : other.names) other.name_ptrs.push_back(n.c_str());
       }
     }
-  } catch (const std::exception& exc) {
-    e = exc.what();
-    if (e.empty()) e = "C++ exception";
-  } catch (...) {
-    e = "unknown C++ exception";
-  }
+  });
+  if (!ok && e.empty()) e = "no memory";  // short enough to need no allocation
   if (so != nullptr) api->ReleaseSessionOptions(so);
   if (!e.empty()) {
     put_error(err, err_len, e);
@@ -462,13 +485,8 @@ __attribute__((visibility("default"))) int ctr_runner_run(void* handle, int sess
     return -1;
   }
   std::string e;
-  try {
-    e = run_job(r, &job);
-  } catch (const std::exception& exc) {  // never across extern "C"
-    e = exc.what();
-  } catch (...) {
-    e = "unknown C++ exception";
-  }
+  const bool ok = guarded(&e, [&] { e = run_job(r, &job); });  // never across extern "C"
+  if (!ok && e.empty()) e = "no memory";  // short enough to need no allocation
   if (!e.empty()) {
     put_error(err, err_len, e);
     return -1;

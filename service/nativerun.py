@@ -112,16 +112,14 @@ def _free(lib: ctypes.CDLL, handle: int) -> None:
 
 
 class NativeRunner:
-    """Sessions of one graph on native threads; calls with at most ``single_max``
-    candidates run up to ``workers`` at once.
-
-    * ``parallel`` = 1: ``sessions[1]``, when given, is the one-thread session, for the
-      calls with at most ``single_max`` candidates; ``sessions[0]`` takes the larger
-      ones, also up to ``workers`` at once.
-    * ``parallel`` > 1: one session (the one-thread one) takes every call, and the
-      larger calls run up to ``parallel`` at once, side by side.
-
-    At most ``max(workers, parallel)`` calls run at once in all.
+    """Sessions of one graph on native threads. ``sessions[1]``, when given, is the
+    one-thread session, for the calls with at most ``single_max`` candidates;
+    ``sessions[0]`` takes the larger ones. Either kind runs up to ``workers`` at once
+    (lane 0). With ``parallel`` > 1 (and a one-thread session), a larger call submitted
+    while another call is in flight runs on the one-thread session instead, up to
+    ``parallel`` of them at once (lane 1): side by side, one thread each. A call alone
+    keeps the main session's threads. At most ``max(workers, parallel)`` calls run at
+    once in all.
 
     Why two one-thread calls rather than one call on two threads, for the larger calls
     under load: the two intra-op threads of one call meet at every parallel loop, and
@@ -163,6 +161,8 @@ class NativeRunner:
             raise NativeRunError(f"native runner: {err.value.decode(errors='replace')}")
         self._handle: int = handle
         self._finalizer = weakref.finalize(self, _free, self._blocking, handle)
+        self._background = False
+        self._releaser: threading.Thread | None = None  # a background release (close)
         self.names = list(names)
         packed = b"".join(n.encode() + b"\0" for n in self.names)
         for spec in sessions:
@@ -176,12 +176,9 @@ class NativeRunner:
                 self._finalizer()
                 raise NativeRunError(f"native session: {err.value.decode(errors='replace')}")
         self.sessions = len(sessions)
-        # larger calls side by side (lane 1): the one session must have one thread
-        self.parallel = max(parallel, 1)
-        if self.parallel > 1 and (len(sessions) != 1 or sessions[0].threads != 1):
-            self._finalizer()
-            raise NativeRunError("calls side by side take one session, of one thread")
-        self.single_max = single_max if len(sessions) > 1 or self.parallel > 1 else 0
+        self.single_max = single_max if len(sessions) > 1 else 0
+        # larger calls side by side (lane 1) run on the one-thread session
+        self.parallel = max(parallel, 1) if len(sessions) > 1 else 1
         for lane, limit in ((0, workers), (1, self.parallel)):
             if self._lib.ctr_runner_set_lane(handle, lane, limit) != 0:
                 self._finalizer()
@@ -191,8 +188,8 @@ class NativeRunner:
             self._finalizer()
             raise NativeRunError("native runner: the threads did not start")
         self._tokens = itertools.count(1)
-        # token -> (future, the arrays the call points at, its output)
-        self._calls: dict[int, tuple[asyncio.Future[Any], list[np.ndarray], np.ndarray]] = {}
+        # token -> (future, the arrays the call points at, its output, its lane)
+        self._calls: dict[int, tuple[asyncio.Future[Any], list[np.ndarray], np.ndarray, int]] = {}
         self._desc = (ctypes.c_int64 * (MAX_INPUTS * DESC))()
         self._desc_addr = ctypes.addressof(self._desc)
         self._poll_tokens = (ctypes.c_uint64 * POLL_MAX)()
@@ -205,12 +202,12 @@ class NativeRunner:
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
-        self._background = False
-        self._releaser: threading.Thread | None = None
         self.calls = 0  # calls queued so far
         self.completed = 0  # calls that ran to their end without error, collected
         # told every finished call's run seconds and N, whether or not anyone still
-        # waits for it (the model's expected run times); must not hold the model
+        # waits for it (the model's expected run times), but for the calls run side by
+        # side on one thread (they say nothing of a call on the main session); must not
+        # hold the model
         self.on_run = on_run
 
     # -- calls -----------------------------------------------------------------------
@@ -233,28 +230,33 @@ class NativeRunner:
         return arrays
 
     def session_for(self, n: int) -> int:
-        """Which session serves a call with ``n`` candidates."""
-        return 1 if self.sessions > 1 and n <= self.single_max else 0
+        """Which session serves a call with ``n`` candidates alone."""
+        return 1 if n <= self.single_max else 0
 
-    def lane_for(self, n: int) -> int:
-        """Which lane (limit of calls at once) a call with ``n`` candidates queues in:
-        1 for the larger calls that run side by side (``parallel``), else 0."""
-        return 1 if self.parallel > 1 and n > self.single_max else 0
+    def route(self, n: int) -> tuple[int, int]:
+        """``(session, lane)`` for a call with ``n`` candidates submitted now: a larger
+        call while another is in flight goes side by side on the one-thread session
+        (lane 1) when ``parallel`` > 1; any other call as :meth:`session_for` says, in
+        lane 0."""
+        if self.parallel > 1 and n > self.single_max and self._calls:
+            return 1, 1
+        return self.session_for(n), 0
 
     def _prepare(self, feeds: dict[str, np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
         """The call's arrays (described into ``self._desc``) and its ``probs [N]`` buffer."""
         arrays = self._describe(feeds)
         return arrays, np.empty(feeds["user_idx"].shape[0], np.float32)
 
-    def run_now(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """``probs [N]`` from a call on this thread (warm-up, checks); blocking."""
+    def run_now(self, feeds: dict[str, np.ndarray], session: int | None = None) -> np.ndarray:
+        """``probs [N]`` from a call on this thread (warm-up, checks), on ``session``
+        (default: :meth:`session_for`); blocking."""
         self._check_alive()
         arrays, out = self._prepare(feeds)
         n = len(out)
         err = ctypes.create_string_buffer(ERROR_LEN)
         rc = self._blocking.ctr_runner_run(
-            self._handle, self.session_for(n), self._desc_addr, len(arrays), out.ctypes.data,
-            n, err, ERROR_LEN,
+            self._handle, self.session_for(n) if session is None else session,
+            self._desc_addr, len(arrays), out.ctypes.data, n, err, ERROR_LEN,
         )  # fmt: skip
         if rc != 0:
             raise NativeRunError(err.value.decode(errors="replace"))
@@ -269,13 +271,14 @@ class NativeRunner:
             self._attach(loop)
         arrays, out = self._prepare(feeds)
         n = len(out)
+        session, lane = self.route(n)
         token = next(self._tokens)
         fut: asyncio.Future[Any] = loop.create_future()
         # held before the C side can read them, so that nothing frees them meanwhile
-        self._calls[token] = (fut, arrays, out)
+        self._calls[token] = (fut, arrays, out, lane)
         rc = self._lib.ctr_runner_submit(
-            self._handle, token, self.session_for(n), self.lane_for(n), self._desc_addr,
-            len(arrays), out.ctypes.data, n,
+            self._handle, token, session, lane, self._desc_addr, len(arrays),
+            out.ctypes.data, n,
         )  # fmt: skip
         if rc != 0:
             del self._calls[token]
@@ -304,7 +307,7 @@ class NativeRunner:
         self._lib.ctr_runner_hold(self._handle, int(held))
 
     def _check_alive(self) -> None:
-        if self.released:
+        if self._releaser is not None or not self._finalizer.alive:  # released, or going
             raise NativeRunError("the native runner has been released")
 
     @property
@@ -314,7 +317,7 @@ class NativeRunner:
         return int(self._lib.ctr_runner_pending(self._handle))
 
     def running(self, lane: int) -> int:
-        """Calls of ``lane`` (:meth:`lane_for`) running now (for tests)."""
+        """Calls of ``lane`` (:meth:`route`) running now (for tests)."""
         self._check_alive()
         return int(self._lib.ctr_runner_busy(self._handle, lane))
 
@@ -326,12 +329,16 @@ class NativeRunner:
     @property
     def released(self) -> bool:
         """The threads have ended and the sessions are gone (after :meth:`close`)."""
-        return not self._finalizer.alive
+        return not self._finalizer.alive and (
+            self._releaser is None or not self._releaser.is_alive()
+        )
 
     # -- the event loop side ---------------------------------------------------------
 
     def _attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._calls:  # their futures belong to the old loop, which alone collects them
+        if self._calls and self._loop is not None and not self._loop.is_closed():
+            # their futures belong to the old loop, which alone collects them (a closed
+            # loop's calls are collected here: their arrays stay held until then)
             raise NativeRunError("the native runner has calls in flight on another event loop")
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self._fd)
@@ -357,7 +364,7 @@ class NativeRunner:
         self._maybe_release()
 
     def _settle(self, call: tuple, token: int, status: int, seconds: float) -> None:
-        fut, _, out = call
+        fut, _, out, lane = call
         error = self._error(token) if status != 0 else None
         if error is None:
             self.completed += 1
@@ -366,7 +373,7 @@ class NativeRunner:
                 fut.set_exception(NativeRunError(error))
             else:
                 fut.set_result((out, seconds))
-        if error is None and self.on_run is not None:  # timed-out calls count too
+        if error is None and self.on_run is not None and lane == 0:  # timed out or not
             try:  # after the future: a failing hook must not leave the request waiting
                 self.on_run(seconds, len(out))
             except Exception:

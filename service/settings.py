@@ -53,10 +53,11 @@ class Settings(BaseSettings):
         2,
         ge=1,
         le=16,
-        description="CPU, native runner, with CTR_SINGLE_THREAD_MAX_CANDIDATES > 0: graph "
-        "calls with more candidates than that run on the one-thread session, up to this many "
-        "at once, instead of one at a time on CTR_INTRA_OP_THREADS threads (1 = off); "
-        "calls alone on an idle worker still run inline on all the threads",
+        description="CPU, native runner, with the one-thread session, where the main "
+        "session has at most this many intra-op threads: a call of more than "
+        "CTR_SINGLE_THREAD_MAX_CANDIDATES candidates that comes while another is in flight "
+        "runs on the one-thread session, up to this many such at once (1 = off); a call "
+        "alone keeps the main session's threads",
     )
     native_runner: bool = Field(
         True,
