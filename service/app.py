@@ -792,7 +792,9 @@ async def _score(
         # on a native thread, which never waits for the GIL (service.nativerun); it
         # notes the call's time in the model's expected run times itself
         try:
-            outs = [(await model.native.run(prepared.feeds))[0]]
+            # busy: other requests in flight, whose calls a larger one may run beside
+            busy = state.in_flight > 1
+            outs = [(await model.native.run(prepared.feeds, busy))[0]]
         except NativeRunError as exc:  # the Python runner serves the call instead
             log.warning("native graph call failed, running it through ORT's Python API: %s", exc)
             m.ERRORS.labels("native_runner").inc()

@@ -116,10 +116,10 @@ class NativeRunner:
     one-thread session, for the calls with at most ``single_max`` candidates;
     ``sessions[0]`` takes the larger ones. Either kind runs up to ``workers`` at once
     (lane 0). With ``parallel`` > 1 (and a one-thread session), a larger call submitted
-    while another call is in flight runs on the one-thread session instead, up to
-    ``parallel`` of them at once (lane 1): side by side, one thread each. A call alone
-    keeps the main session's threads. At most ``max(workers, parallel)`` calls run at
-    once in all.
+    with ``busy`` (the caller's other work in flight: the service's other requests, or
+    this runner's other calls) runs on the one-thread session instead, up to ``parallel``
+    of them at once (lane 1): side by side, one thread each. A call alone keeps the main
+    session's threads. At most ``max(workers, parallel)`` calls run at once in all.
 
     Why two one-thread calls rather than one call on two threads, for the larger calls
     under load: the two intra-op threads of one call meet at every parallel loop, and
@@ -233,12 +233,12 @@ class NativeRunner:
         """Which session serves a call with ``n`` candidates alone."""
         return 1 if n <= self.single_max else 0
 
-    def route(self, n: int) -> tuple[int, int]:
+    def route(self, n: int, busy: bool = False) -> tuple[int, int]:
         """``(session, lane)`` for a call with ``n`` candidates submitted now: a larger
-        call while another is in flight goes side by side on the one-thread session
-        (lane 1) when ``parallel`` > 1; any other call as :meth:`session_for` says, in
-        lane 0."""
-        if self.parallel > 1 and n > self.single_max and self._calls:
+        call, while the caller is ``busy`` or another call is in flight, goes side by
+        side on the one-thread session (lane 1) when ``parallel`` > 1; any other call as
+        :meth:`session_for` says, in lane 0."""
+        if self.parallel > 1 and n > self.single_max and (busy or self._calls):
             return 1, 1
         return self.session_for(n), 0
 
@@ -262,8 +262,11 @@ class NativeRunner:
             raise NativeRunError(err.value.decode(errors="replace"))
         return out
 
-    def submit(self, feeds: dict[str, np.ndarray]) -> tuple[int, asyncio.Future[Any]]:
-        """Queue a call; its future gets ``(probs [N], run seconds)`` on the running loop."""
+    def submit(
+        self, feeds: dict[str, np.ndarray], busy: bool = False
+    ) -> tuple[int, asyncio.Future[Any]]:
+        """Queue a call (``busy``: see :meth:`route`); its future gets ``(probs [N], run
+        seconds)`` on the running loop."""
         if self.closed:
             raise NativeRunError("the native runner is closed")
         loop = asyncio.get_running_loop()
@@ -271,7 +274,7 @@ class NativeRunner:
             self._attach(loop)
         arrays, out = self._prepare(feeds)
         n = len(out)
-        session, lane = self.route(n)
+        session, lane = self.route(n, busy)
         token = next(self._tokens)
         fut: asyncio.Future[Any] = loop.create_future()
         # held before the C side can read them, so that nothing frees them meanwhile
@@ -286,11 +289,13 @@ class NativeRunner:
         self.calls += 1
         return token, fut
 
-    async def run(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, float]:
+    async def run(
+        self, feeds: dict[str, np.ndarray], busy: bool = False
+    ) -> tuple[np.ndarray, float]:
         """``(probs [N], the run's seconds)``. If the waiter gives up (the request's
         deadline) before a thread has taken the call, the call is dropped; one that has
         started runs to its end and its result is dropped."""
-        token, fut = self.submit(feeds)
+        token, fut = self.submit(feeds, busy)
         try:
             return await fut
         except asyncio.CancelledError:

@@ -64,6 +64,9 @@ def test_native_scores_are_the_python_sessions(
     assert native.sessions == 2
     assert (native.session_for(64), native.session_for(65)) == (1, 0)
     assert (native.route(64), native.route(65)) == ((1, 0), (0, 0))  # nothing in flight
+    # beside the caller's other work (the service's other requests): one thread each
+    assert native.route(64, busy=True) == (1, 0)
+    assert native.route(65, busy=True) == ((1, 1) if parallel == 2 else (0, 0))
 
     async def check() -> None:
         for users, n, seed in ((1, 1, 0), (1, 64, 1), (2, 65, 2), (3, 300, 3), (1, 17, 4)):
@@ -377,7 +380,7 @@ def test_a_failed_native_call_is_served_by_the_python_runner(
         assert model.run_times[key][1] == 20.0  # noted by the native call
         assert m.ERRORS.labels("native_runner")._value.get() == before
 
-        def refuse(feeds: dict) -> None:
+        def refuse(*args: object) -> None:
             raise NativeRunError("refused")
 
         monkeypatch.setattr(native, "submit", refuse)
