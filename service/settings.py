@@ -55,7 +55,7 @@ class Settings(BaseSettings):
         le=16,
         description="CPU, native runner, with the one-thread session, where the main "
         "session has at most this many intra-op threads: a call of more than "
-        "CTR_SINGLE_THREAD_MAX_CANDIDATES candidates that comes while another is in flight "
+        "CTR_SINGLE_THREAD_MAX_CANDIDATES candidates that comes while other requests are in flight "
         "runs on the one-thread session, up to this many such at once (1 = off); a call "
         "alone keeps the main session's threads",
     )
