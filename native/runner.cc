@@ -90,7 +90,6 @@ struct Runner {
   Job* done_tail = nullptr;
   std::unordered_map<uint64_t, std::string> errors;  // failed jobs' messages, until read
   std::vector<std::thread> threads;
-  int running = 0;
   int limit[kLanes] = {1 << 30, 1 << 30};  // calls of each lane at once (ctr_runner_set_lane)
   int busy[kLanes] = {0, 0};
   bool stop = false;
@@ -240,7 +239,6 @@ void work(Runner* r) {
       if (it == r->queue.end()) return;  // stopping, and every queued call has run
       job = *it;
       r->queue.erase(it);
-      ++r->running;
       ++r->busy[job->lane];
     }
     const auto start = std::chrono::steady_clock::now();
@@ -249,14 +247,15 @@ void work(Runner* r) {
     job->seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     job->status = ok && error.empty() ? kOk : kFailed;
     job->error = std::move(error);
+    bool wake = false;
     {
       std::lock_guard<std::mutex> lock(r->mu);
-      --r->running;
-      --r->busy[job->lane];
+      // a worker waits for this lane only if it was full and calls are queued
+      wake = r->busy[job->lane]-- == r->limit[job->lane] && !r->queue.empty();
       (r->done_tail != nullptr ? r->done_tail->next : r->done_head) = job;
       r->done_tail = job;
     }
-    r->cv.notify_all();  // its lane has room again: a waiting worker may take the next
+    if (wake) r->cv.notify_all();
     signal(r);
   }
 }
@@ -577,7 +576,9 @@ __attribute__((visibility("default"))) void ctr_runner_hold(void* handle, int ho
 __attribute__((visibility("default"))) int ctr_runner_pending(void* handle) {
   auto* r = static_cast<Runner*>(handle);
   std::lock_guard<std::mutex> lock(r->mu);
-  return static_cast<int>(r->queue.size()) + r->running;
+  int running = 0;
+  for (const int busy : r->busy) running += busy;
+  return static_cast<int>(r->queue.size()) + running;
 }
 
 // Calls of lane `lane` running now (for tests); -1 for no such lane.

@@ -527,6 +527,12 @@ def make_runner(
     return SessionRunner(session)
 
 
+def main_threads(settings: Settings) -> int:
+    """Intra-op threads of the main CPU session (``CTR_INTRA_OP_THREADS``, 0: one per
+    core, ORT's default)."""
+    return settings.intra_op_threads or (os.cpu_count() or 1)
+
+
 def with_single_thread(
     settings: Settings,
     bundle: Bundle,
@@ -544,8 +550,9 @@ def with_single_thread(
     log). ``so`` (with the custom-op library registered, when the graph is fused) is
     reused with one thread: nothing creates a session from it after this."""
     limit = settings.single_thread_max_candidates
-    threads = settings.intra_op_threads or (os.cpu_count() or 1)
-    if limit <= 0 or threads <= 1 or provider != CPU or not isinstance(runner, SessionRunner):
+    if limit <= 0 or main_threads(settings) <= 1 or provider != CPU:
+        return runner
+    if not isinstance(runner, SessionRunner):
         return runner
     so.intra_op_num_threads = 1
     try:
@@ -578,11 +585,13 @@ def native_parity(bundle: Bundle, runner: Runner, made: NativeRunner) -> float:
     """:func:`worst_diff` of ``made`` against ``runner``, every native session included
     (a small call for the one-thread session)."""
     small = ((2, min(made.single_max, 17), 2),) if made.single_max else ()
-    want = functools.partial(run_outputs, runner, False, explain=False)
-    worst = worst_diff(bundle, lambda f: want(f)[0], made.run_now, PROBES + small)
+
+    def want(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return run_outputs(runner, False, feeds, False)[0]
+
+    worst = worst_diff(bundle, want, made.run_now, PROBES + small)
     if made.parallel > 1:  # the one-thread session also takes larger calls then
-        one = functools.partial(made.run_now, session=1)
-        worst = max(worst, worst_diff(bundle, lambda f: want(f)[0], one))
+        worst = max(worst, worst_diff(bundle, want, functools.partial(made.run_now, session=1)))
     return worst
 
 
@@ -604,12 +613,11 @@ def make_native(
     single = runner.max_candidates if isinstance(runner, SplitRunner) else 0
     if single:
         specs.append(SessionSpec(served, 1, ops))
-    # larger calls side by side on the one-thread session, while another is in flight:
-    # only where that many one-thread calls replace the main session's threads (on more
-    # cores, one call on all of them has not been measured against them)
-    threads = settings.intra_op_threads or (os.cpu_count() or 1)
+    # larger calls side by side on the one-thread session under load: only where that
+    # many one-thread calls replace the main session's threads (on more cores, one call
+    # on all of them has not been measured against them)
     parallel = settings.native_parallel_calls
-    if not single or threads > parallel:
+    if not single or main_threads(settings) > parallel:
         parallel = 1
     made = NativeRunner(
         str(lib.path),
