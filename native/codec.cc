@@ -20,7 +20,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <numeric>
 #include <vector>
 
 namespace {
@@ -163,21 +162,28 @@ __attribute__((visibility("default"))) int64_t ctr_items_bound(int64_t k, int64_
 // Returns ``k``, or kUnsupported for a bad argument or a score that is not finite.
 __attribute__((visibility("default"))) int64_t ctr_rank(const float* probs, int64_t n, int64_t k,
                                                         int64_t* order) {
-  if (n <= 0 || k < 0 || k > n) return kUnsupported;
-  for (int64_t i = 0; i < n; ++i)
-    if (!std::isfinite(probs[i])) return kUnsupported;
-  std::vector<int64_t> idx(n);
-  std::iota(idx.begin(), idx.end(), 0);
-  // a total order, so that a partial sort (not stable itself) ranks as the stable sort
-  auto before = [probs](int64_t a, int64_t b) {
-    return probs[a] > probs[b] || (probs[a] == probs[b] && a < b);
-  };
-  if (2 * k < n) {  // a short top-k: a heap of k (a full sort is faster beyond that)
-    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), before);
-  } else {
-    std::sort(idx.begin(), idx.end(), before);
+  if (n <= 0 || k < 0 || k > n || n > (int64_t{1} << 32)) return kUnsupported;
+  // One 64-bit key per score: the score's bits mapped to an unsigned order that falls as
+  // the score rises (the sign bit flipped for positives, every bit for negatives), then
+  // the request position. Sorting the keys ascending ranks highest first, equal scores
+  // in request position order (as the stable sort does), with no indirect compare;
+  // -0.0 counts as 0.0, as numpy compares them.
+  std::vector<uint64_t> keys(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    const float p = probs[i] == 0.0f ? 0.0f : probs[i];
+    if (!std::isfinite(p)) return kUnsupported;
+    uint32_t bits;
+    std::memcpy(&bits, &p, sizeof bits);
+    const uint32_t rising = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+    keys[static_cast<size_t>(i)] = (static_cast<uint64_t>(~rising) << 32) | static_cast<uint64_t>(i);
   }
-  std::memcpy(order, idx.data(), static_cast<size_t>(k) * sizeof(int64_t));
+  if (2 * k < n) {  // a short top-k: a heap of k (a full sort is faster beyond that)
+    std::partial_sort(keys.begin(), keys.begin() + k, keys.end());
+  } else {
+    std::sort(keys.begin(), keys.end());
+  }
+  for (int64_t r = 0; r < k; ++r)
+    order[r] = static_cast<int64_t>(keys[static_cast<size_t>(r)] & 0xffffffffu);
   return k;
 }
 
@@ -191,10 +197,10 @@ __attribute__((visibility("default"))) int64_t ctr_rank(const float* probs, int6
 // copies the IDs out when every candidate is exactly ``{"item_id": "<ID>"}`` with an
 // ID of 1 to ``max_id_len`` printable ASCII characters and no escapes, and the array
 // has 1 to ``max_n`` of them. Anything else (another shape, an escape, non-ASCII, a
-// second "candidates" key, a top-level key with an escape, trailing bytes) declines,
-// and the caller parses the whole body as before, so every error it answers is the
-// one it always answered. The rest of the body is not checked here: the caller parses
-// it with the array cut out.
+// second "candidates" key, a top-level key with an escape, trailing bytes, an ID given
+// twice) declines, and the caller parses the whole body as before, so every error it
+// answers is the one it always answered. The rest of the body is not checked here: the
+// caller parses it with the array cut out.
 
 namespace {
 
@@ -269,8 +275,39 @@ bool key_is(const char* s, const char* e, const char* want) {
   return static_cast<size_t>(e - s) == n && std::memcmp(s, want, n) == 0;
 }
 
+// Whether two of the n NUL-separated IDs in out [0, len) are equal: one pass through an
+// open-addressing table of FNV-1a hashes (the buffers are kept per thread).
+bool has_duplicate(const char* out, int64_t len, int64_t n) {
+  thread_local std::vector<int64_t> starts;  // each ID's offset, then one past the end + 1
+  thread_local std::vector<int64_t> table;   // ID index per slot, -1 where free
+  starts.clear();
+  starts.push_back(0);
+  for (int64_t i = 0; i < len; ++i)
+    if (out[i] == '\0') starts.push_back(i + 1);
+  starts.push_back(len + 1);
+  size_t cap = 16;
+  while (cap < 2 * static_cast<size_t>(n)) cap <<= 1;
+  table.assign(cap, -1);
+  for (int64_t k = 0; k < n; ++k) {
+    const char* s = out + starts[k];
+    const size_t m = static_cast<size_t>(starts[k + 1] - 1 - starts[k]);
+    uint64_t h = 1469598103934665603ull;
+    for (size_t j = 0; j < m; ++j) {
+      h ^= static_cast<unsigned char>(s[j]);
+      h *= 1099511628211ull;
+    }
+    size_t slot = h & (cap - 1);
+    for (int64_t o; (o = table[slot]) >= 0; slot = (slot + 1) & (cap - 1)) {
+      const size_t om = static_cast<size_t>(starts[o + 1] - 1 - starts[o]);
+      if (om == m && std::memcmp(out + starts[o], s, m) == 0) return true;
+    }
+    table[slot] = k;
+  }
+  return false;
+}
+
 // The candidate array at c.p; IDs copied to out, NUL-separated; *count of them. Returns
-// the bytes written, -1 when it is not the plain kind.
+// the bytes written, -1 when it is not the plain kind (an ID twice included).
 int64_t plain_candidates(Cursor& c, int64_t max_id_len, int64_t max_n, char* out,
                          int64_t out_cap, int64_t* count) {
   if (!c.eat('[')) return -1;
@@ -303,6 +340,7 @@ int64_t plain_candidates(Cursor& c, int64_t max_id_len, int64_t max_n, char* out
     if (c.eat(']')) break;
     if (!c.eat(',')) return -1;
   }
+  if (has_duplicate(out, o - out, n)) return -1;  // the caller's full check names it
   *count = n;
   return o - out;
 }

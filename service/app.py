@@ -805,19 +805,20 @@ async def _score(
         m.BATCH_USERS.observe(1)  # one user per graph call without micro-batching
     t3 = STAGE_CLOCK()
     probs = outs[0]
-    if not np.isfinite(probs).all():  # a 500 that says so, never `null` as a probability
-        bad = np.flatnonzero(~np.isfinite(probs))
-        log.error("non-finite scores for %d of %d candidates", bad.size, probs.size)
-        raise NonFiniteScore(
-            f"the model returned no finite score for {bad.size} candidate(s)",
-            f"candidates[{int(bad[0])}]",
-        )
+    # the C ranking declines a score that is not finite: only then is there one to find
     order = state.codec.rank(probs, req.top_k) if state.codec is not None else None
     if order is None:
+        if not np.isfinite(probs).all():  # a 500 that says so, never `null` as a probability
+            bad = np.flatnonzero(~np.isfinite(probs))
+            log.error("non-finite scores for %d of %d candidates", bad.size, probs.size)
+            raise NonFiniteScore(
+                f"the model returned no finite score for {bad.size} candidate(s)",
+                f"candidates[{int(bad[0])}]",
+            )
         order = np.argsort(-probs, kind="stable")[: req.top_k]
     items: Any = None
     if state.codec is not None and not req.explain:
-        json_items = state.codec.encode(req.item_ids, probs, order)
+        json_items = state.codec.encode(req.item_ids, probs, order, req.raw_ids)
         items = None if json_items is None else orjson.Fragment(json_items)
     if items is None:
         items = items_python(req.item_ids, probs, order)

@@ -33,7 +33,7 @@ import orjson
 from ctr import native
 from service.errors import BadRequest
 from service.settings import Settings
-from service.validate import score_input
+from service.validate import Scanned, score_input
 
 log = logging.getLogger("ctr.service")
 
@@ -88,22 +88,25 @@ class NativeCodec:
             buf = self._local.buf = ctypes.create_string_buffer(max(size, 1 << 16))
         return buf
 
-    def scan(self, body: bytes, max_id_len: int, max_n: int) -> tuple[bytes, list[str]] | None:
+    def scan(self, body: bytes, max_id_len: int, max_n: int) -> Scanned | None:
         """For a scoring body whose candidate list is the plain kind (every candidate
         ``{"item_id": <ID>}``, IDs of 1 to ``max_id_len`` printable ASCII characters
         without escapes, distinct, 1 to ``max_n`` of them): the body with that list
-        replaced by ``[]``, and the IDs. None for any other body, which the caller then
-        parses and checks whole (so its errors are the ones it always gave)."""
+        replaced by ``[]``, the IDs, and the IDs as one NUL-separated buffer (what
+        :meth:`encode` takes). None for any other body, which the caller then parses
+        and checks whole (so its errors are the ones it always gave). The C side checks
+        that the IDs are distinct."""
         buf = self._buffer(len(body))  # the IDs take fewer bytes than the body
         where = (_I64 * 3)()
         n = self._scan(body, len(body), max_id_len, max_n, buf, len(buf), where)
         if n <= 0:
             return None
         start, end, length = where
-        ids = ctypes.string_at(buf, length).decode("ascii").split("\0")
-        if len(ids) != n or len(set(ids)) != n:  # a duplicate: the full check names it
+        raw = ctypes.string_at(buf, length)
+        ids = raw.decode("ascii").split("\0")
+        if len(ids) != n:
             return None
-        return body[:start] + b"[]" + body[end:], ids
+        return Scanned(body[:start] + b"[]" + body[end:], ids, raw)
 
     def rank(self, probs: np.ndarray, top_k: int | None) -> np.ndarray | None:
         """``order [K]``: the positions of the ``top_k`` (all when None) highest of
@@ -119,16 +122,20 @@ class NativeCodec:
             return None
         return np.frombuffer(buf, np.int64, k).copy()  # encode() reuses the buffer
 
-    def encode(self, ids: list[str], probs: np.ndarray, order: np.ndarray) -> bytes | None:
+    def encode(
+        self, ids: list[str], probs: np.ndarray, order: np.ndarray, raw: bytes | None = None
+    ) -> bytes | None:
         """The JSON array of :func:`items_python`'s items, or None where this encoder
-        does not apply (the caller then uses :func:`items_python`)."""
+        does not apply (the caller then uses :func:`items_python`). ``raw``: ``ids`` as
+        one UTF-8 buffer, NUL-separated, where the caller has it (:meth:`scan`)."""
         n = len(ids)
         if probs.dtype != np.float32 or probs.shape != (n,) or order.ndim != 1:
             return None
-        try:  # IDs never hold a NUL (control characters are refused): the separator
-            raw = "\0".join(ids).encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate: orjson refuses it too
-            return None
+        if raw is None:
+            try:  # IDs never hold a NUL (control characters are refused): the separator
+                raw = "\0".join(ids).encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate: orjson refuses it too
+                return None
         k = len(order)
         size = self._bound(k, len(raw))
         buf = self._buffer(size)
@@ -175,6 +182,9 @@ def self_check(enc: NativeCodec) -> str | None:
         got, want = _outcome(body, enc), _outcome(body, None)
         if got != want:
             return f"scanning {body!r}: {got!r} != {want!r}"
+        raw = getattr(got, "raw_ids", None)
+        if raw is not None and raw != "\0".join(got.item_ids).encode():  # type: ignore[attr-defined]
+            return f"scanning {body!r}: IDs {raw!r}"
     rng = np.random.default_rng(0)
     cases = [(_CHECK_IDS, _CHECK_PROBS, np.argsort(-_CHECK_PROBS, kind="stable"))]
     probs = rng.random(300).astype(np.float32) ** 8  # down to ~1e-20
@@ -188,10 +198,11 @@ def self_check(enc: NativeCodec) -> str | None:
             if got is not None and not np.array_equal(got, want):  # None: numpy ranks
                 return f"ranking {scores[:8]!r}… (top_k {top_k}): {got!r} != {want!r}"
     for ids, probs, order in cases:
-        got = enc.encode(ids, probs, order)
         want = orjson.dumps(items_python(ids, probs, order))
-        if got != want:
-            return f"native {got[:120]!r}... != orjson {want[:120]!r}..."
+        for raw in (None, "\0".join(ids).encode()):  # the IDs joined here, or by the scan
+            got = enc.encode(ids, probs, order, raw)
+            if got != want:
+                return f"native {got[:120]!r}... != orjson {want[:120]!r}..."
     return None
 
 

@@ -11,8 +11,9 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from operator import itemgetter
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
@@ -116,6 +117,9 @@ class ScoreInput:
     context: dict[str, Any]
     top_k: int | None
     explain: bool
+    # item_ids as one buffer, NUL-separated, where the scan found them (not part of what
+    # the request says: two parses of one body compare equal with or without it)
+    raw_ids: bytes | None = dataclass_field(default=None, compare=False)
 
 
 def parse_json(body: bytes) -> Any:
@@ -133,10 +137,18 @@ def parse_json(body: bytes) -> Any:
             raise MalformedJSON(f"malformed JSON: {exc}", "body") from exc
 
 
+class Scanned(NamedTuple):
+    """A plain candidate list found in a scoring body's bytes (``NativeCodec.scan``)."""
+
+    rest: bytes  # the body with the list replaced by []
+    ids: list[str]  # the candidates' IDs, distinct
+    raw: bytes  # the same IDs as one ASCII buffer, NUL-separated
+
+
 class Scanner(Protocol):
     """What :func:`score_input` needs of ``service.codec.NativeCodec``."""
 
-    def scan(self, body: bytes, max_id_len: int, max_n: int) -> tuple[bytes, list[str]] | None: ...
+    def scan(self, body: bytes, max_id_len: int, max_n: int) -> Scanned | None: ...
 
 
 def score_input(
@@ -149,12 +161,14 @@ def score_input(
     scanned = scanner.scan(body, max_id_len, max_candidates) if scanner is not None else None
     if scanned is not None:
         try:
-            obj = orjson.loads(scanned[0])
+            obj = orjson.loads(scanned.rest)
         except orjson.JSONDecodeError:
             scanned = None
     if scanned is None:
         return parse_score(parse_json(body), max_candidates, max_id_len)
-    return parse_score(obj, max_candidates, max_id_len, scanned[1])
+    req = parse_score(obj, max_candidates, max_id_len, scanned.ids)
+    req.raw_ids = scanned.raw
+    return req
 
 
 def parse_score(

@@ -49,6 +49,8 @@ def test_items_are_orjson_bytes_for_every_float32_range(enc: codec.NativeCodec) 
         assert enc.encode(ids, probs, order) == _orjson(ids, probs, order)
         top = order[: max(1, n // 3)]  # top_k: fewer items than IDs
         assert enc.encode(ids, probs, top) == _orjson(ids, probs, top)
+        raw = "\0".join(ids).encode()  # the IDs as the scan hands them over
+        assert enc.encode(ids, probs, top, raw) == _orjson(ids, probs, top)
 
 
 def test_items_at_the_notation_boundaries(enc: codec.NativeCodec) -> None:
@@ -106,7 +108,10 @@ def test_rank_is_numpys_stable_argsort(enc: codec.NativeCodec) -> None:
         raw = _random_probabilities(rng, n)
         tied = np.round(rng.random(n) * 4).astype(np.float32) / 4  # many equal scores
         zeros = np.where(rng.random(n) < 0.5, np.float32(0.0), np.float32(-0.0))
-        for probs in (raw, tied, zeros):
+        # any finite float32 ranks alike: negatives, subnormals, both ends of the range
+        wide = rng.choice(np.array([-3.4e38, -1.0, -1e-40, -0.0, 0.0, 1e-45, 1e-40, 0.5, 3.4e38],
+                                   np.float32), n)  # fmt: skip
+        for probs in (raw, tied, zeros, wide, -raw):
             for top_k in (None, 1, max(1, n // 3), n, n + 5):
                 want = np.argsort(-probs, kind="stable")[:top_k]
                 got = enc.rank(probs, top_k)
@@ -133,7 +138,11 @@ def _rank_two(out: bytes | None) -> bytes | None:  # the first item ranked 2
 
 
 def _ids_cut(out: Any) -> Any:  # IDs without their last character
-    return None if out is None else (out[0], [i[:-1] or i for i in out[1]])
+    return None if out is None else out._replace(ids=[i[:-1] or i for i in out.ids])
+
+
+def _raw_cut(out: Any) -> Any:  # the IDs' buffer one byte short (the list as found)
+    return None if out is None else out._replace(raw=out.raw[:-1])
 
 
 def _order_reversed(out: np.ndarray | None) -> np.ndarray | None:  # ties the other way
@@ -145,6 +154,7 @@ def _order_reversed(out: np.ndarray | None) -> np.ndarray | None:  # ties the ot
     [
         ("encode", _rank_two, '"rank":2}'),
         ("scan", _ids_cut, "scanning"),
+        ("scan", _raw_cut, "scanning"),
         ("rank", _order_reversed, "ranking"),
     ],  # fmt: skip
 )
@@ -202,8 +212,9 @@ def test_scan_reads_plain_lists_in_any_layout(
         obj = {**extra, "candidates": [{"item_id": i} for i in ids], "user_id": "u1"}
         body = json.dumps(obj, separators=separators, indent=indent).encode()
         scanned = enc.scan(body, 12, 30)
-        assert scanned is not None and scanned[1] == ids
-        assert json.loads(scanned[0]) == {**obj, "candidates": []}
+        assert scanned is not None and scanned.ids == ids
+        assert scanned.raw == "\0".join(ids).encode()
+        assert json.loads(scanned.rest) == {**obj, "candidates": []}
         assert outcome(body, enc) == outcome(body, None)
 
 
