@@ -390,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs = sub.add_parser("bench", help="service benchmark over HTTP with a real Redis")
     bs.add_argument("--models", default="din,dien")
     bs.add_argument("--n", default="50,200,500,1000")
-    bs.add_argument("--concurrency", default="1,2,4,8")
+    bs.add_argument("--concurrency", default="1,2,4,8,16")
     bs.add_argument("--seconds", type=float, default=5.0)
     bs.add_argument("--threads", type=int, default=2, help="ORT intra-op threads")
     bs.add_argument(
