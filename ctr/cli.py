@@ -260,7 +260,7 @@ def cmd_bench_pair(args: argparse.Namespace) -> int:
         args.model, args.n, args.concurrency, args.rounds, args.seconds, envs,
         args.redis_url, (args.port, args.port + 1), args.threads, args.inflight,
         Path(args.models_dir) if args.models_dir else None, args.writes, args.other_writes,
-        args.pipelined,
+        args.pipelined, _overrides(args.set),
     )  # fmt: skip
     table = render(res, ("ctr bench-pair " + " ".join(sys.argv[2:])).strip())
     print(table)
@@ -499,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--pipelined",
         action="store_true",
         help="--other-writes in one pipeline per 10 ms instead (fewer, larger invalidations)",
+    )
+    pp.add_argument(
+        "--set", action="append", default=[], help="config override for the bundle built"
     )
     pp.add_argument("--port", type=int, default=8330, help="A's port; B's is the next")
     pp.add_argument("--out", default="", help="folder for JSON and table")

@@ -312,15 +312,28 @@ def _default_groups(features: list[FeatureSpec]) -> list[GroupSpec]:
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> FeatureConfig:
-    """Load and validate a YAML config; ``overrides`` uses dotted keys (``train.epochs``)."""
+    """Load and validate a YAML config; ``overrides`` uses dotted keys (``train.epochs``),
+    with list positions as numbers (``features.0.mapping.buckets``)."""
     raw = yaml.safe_load(Path(path).read_text())
     for key, value in (overrides or {}).items():
         node = raw
         parts = key.split(".")
         for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
+            node = (
+                node[_position(node, p, key)] if isinstance(node, list) else node.setdefault(p, {})
+            )
+        if isinstance(node, list):
+            node[_position(node, parts[-1], key)] = value
+        else:
+            node[parts[-1]] = value
     return FeatureConfig.model_validate(raw)
+
+
+def _position(items: list[Any], part: str, key: str) -> int:
+    """``part`` of the override ``key`` as a position in ``items``."""
+    if not part.isdigit() or int(part) >= len(items):
+        raise ValueError(f"override {key!r}: {part!r} is not a position in a list of {len(items)}")
+    return int(part)
 
 
 # Config keys added after bundle format 1: a manifest holds one only when it is not at its

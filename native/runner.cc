@@ -82,6 +82,9 @@ struct Runner {
   OrtEnv* env = nullptr;
   OrtMemoryInfo* memory = nullptr;
   std::vector<Session> sessions;
+  // initializers every session added after them takes from the caller's memory
+  // (ctr_runner_add_weight), released after the sessions
+  std::vector<std::pair<std::string, OrtValue*>> weights;
   int fd = -1;
   std::mutex mu;
   std::condition_variable cv;
@@ -353,6 +356,8 @@ __attribute__((visibility("default"))) int ctr_runner_add_session(
       e = take(api, api->AddSessionConfigEntry(so, "session.force_spinning_stop", "1"));
     if (e.empty() && ops_library != nullptr)
       e = take(api, api->RegisterCustomOpsLibrary_V2(so, ops_library));
+    for (const auto& [name, value] : r->weights)  // not deserialized from the graph again
+      if (e.empty()) e = take(api, api->AddInitializer(so, name.c_str(), value));
     if (e.empty())
       e = take(api, api->CreateSessionFromArray(r->env, model, len, so, &s.session));
     size_t count = 0;
@@ -403,6 +408,40 @@ __attribute__((visibility("default"))) int ctr_runner_add_session(
     return -1;
   }
   return static_cast<int>(r->sessions.size()) - 1;
+}
+
+// An initializer that the sessions added after it take from the caller instead of
+// deserializing their own copy from the graph (OrtApi::AddInitializer): `name`, of ONNX
+// element type `type` and shape dims[0:ndim], `bytes` bytes at `data`, which must stay
+// valid and unchanged until ctr_runner_free. Returns 0, or -1 (err says why). Only
+// before ctr_runner_start.
+__attribute__((visibility("default"))) int ctr_runner_add_weight(
+    void* handle, const char* name, void* data, size_t bytes, int type, const int64_t* dims,
+    int ndim, char* err, int err_len) {
+  auto* r = static_cast<Runner*>(handle);
+  const OrtApi* api = r->api;
+  if (!r->threads.empty() || ndim < 0 || name == nullptr) {
+    put_error(err, err_len, "weights are added before the start");
+    return -1;
+  }
+  OrtValue* value = nullptr;
+  std::string e;
+  const bool ok = guarded(&e, [&] {
+    e = take(api, api->CreateTensorWithDataAsOrtValue(
+                      r->memory, data, bytes, dims, static_cast<size_t>(ndim),
+                      static_cast<ONNXTensorElementDataType>(type), &value));
+    if (e.empty()) {
+      r->weights.emplace_back(name, value);
+      value = nullptr;  // the runner owns it now
+    }
+  });
+  if (!ok && e.empty()) e = "no memory";
+  if (value != nullptr) api->ReleaseValue(value);
+  if (!e.empty()) {
+    put_error(err, err_len, e);
+    return -1;
+  }
+  return 0;
 }
 
 // Starts `workers` threads; returns the eventfd that becomes readable when calls are
@@ -608,6 +647,7 @@ __attribute__((visibility("default"))) void ctr_runner_free(void* handle) {
   }
   for (Session& s : r->sessions)
     if (s.session != nullptr) r->api->ReleaseSession(s.session);
+  for (auto& weight : r->weights) r->api->ReleaseValue(weight.second);
   if (r->memory != nullptr) r->api->ReleaseMemoryInfo(r->memory);
   if (r->env != nullptr) r->api->ReleaseEnv(r->env);
   if (r->fd >= 0) close(r->fd);

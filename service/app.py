@@ -614,6 +614,13 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             "native_runner_note": model.native_note or None,
             # larger calls at once on its one-thread session (1: one at a time)
             "native_parallel_calls": model.native.parallel if model.native is not None else 0,
+            # one copy of the large initializers, read by every session of the model
+            "shared_weights": {
+                "count": len(model.shared_weights),
+                "bytes": sum(w.array.nbytes for w in model.shared_weights),
+                "native": model.native.shared_weights if model.native is not None else 0,
+                "note": model.shared_note or None,
+            },
             "json_encoder": "native" if state.codec is not None else "orjson",
             "gpu_copy": copy_info(model.runner),
             "worker_pid": os.getpid(),

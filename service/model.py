@@ -6,7 +6,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -29,6 +29,7 @@ from service.runner import (
 )
 from service.settings import Settings, parse_buckets
 from service.usercache import UserRowCache
+from service.weights import ProtoError, Weight, large_weights
 
 log = logging.getLogger("ctr.model")
 
@@ -77,6 +78,11 @@ class LoadedModel:
     # plain scoring calls on native threads (CTR_NATIVE_RUNNER); None: the Python runner
     native: NativeRunner | None = None
     native_note: str = ""  # why the native runner is not used, when it was wanted
+    # initializers every session of the model shares (CTR_SHARE_WEIGHTS_MIN_BYTES), and
+    # the ORT values over them that the Python sessions read: held as long as they are
+    shared_weights: list[Weight] = field(default_factory=list)
+    shared_values: list[ort.OrtValue] = field(default_factory=list)
+    shared_note: str = ""  # why the weights are not shared, when they would be
     # (seconds, N) of recent graph calls, weighted means by run_key (see expected_run_s);
     # written on whichever thread ran the call, one dict store at a time
     run_times: dict[tuple[bool, int, bool], tuple[float, float]] = field(default_factory=dict)
@@ -236,6 +242,18 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
         except PrecisionError as exc:  # documented: serve fp32 and say why
             note = str(exc)
             log.warning("fp16 not used, serving fp32: %s", exc)
+    weights: list[Weight] = []
+    values: list[ort.OrtValue] = []
+    shared_note = ""
+    if settings.share_weights_min_bytes > 0 and provider == CPU:
+        try:
+            shared = shared_session(settings, bundle, session, served, graph == "fused")
+        except SharingError as exc:  # documented: each session keeps its own copy
+            shared_note = str(exc)
+            log.warning("weights not shared: %s", exc)
+        else:
+            if shared is not None:
+                session, so, weights, values = shared
     c = bundle.config
     rows = ItemRowCache(
         settings.item_cache_ttl_s, settings.item_cache_size, len(c.item_sparse), len(c.item_dense)
@@ -246,14 +264,14 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
         session,
         provider,
         graphs,
-        lambda: _session(bundle, served, so, providers, graphs),
+        lambda: _session(bundle, served, so, providers, graphs, values),
     )
-    runner = with_single_thread(settings, bundle, runner, session, provider, served, so)
+    runner = with_single_thread(settings, bundle, runner, session, provider, served, so, values)
     outputs = [o.name for o in session.get_outputs()]
     native_runner, native_note = None, ""
     if settings.native_runner and provider == CPU and settings.batch_max_users <= 1:
         try:
-            native_runner = make_native(settings, bundle, runner, served, graph == "fused")
+            native_runner = make_native(settings, bundle, runner, served, graph == "fused", weights)
         except NativeRunError as exc:  # documented: the Python runner serves, the log says why
             native_note = str(exc)
             log.warning("native runner not used: %s", exc)
@@ -275,6 +293,9 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
         users=UserRowCache(settings.user_cache_size),
         native=native_runner,
         native_note=native_note,
+        shared_weights=weights,
+        shared_values=values,
+        shared_note=shared_note,
     )
     if settings.batch_max_users > 1:
         # the batcher must not hold the model: a model <-> batcher cycle outlives a
@@ -340,7 +361,11 @@ def _session(
     so: ort.SessionOptions,
     providers: list[str],
     graphs: bool,
+    keep: Sequence[object] = (),
 ) -> ort.InferenceSession:
+    """A session of ``model_bytes``. ``keep``: what it must hold as long as it lives,
+    whoever holds it last (the ORT values of the initializers ``so`` gives it, which
+    a call still running on another thread after a model swap reads)."""
     chosen: list[str | tuple[str, dict[str, str]]] = list(providers)
     if CUDA in providers:  # fp32 means fp32: no TF32 matmuls (fp16 is the fast option)
         options = {"use_tf32": "0"}
@@ -348,9 +373,55 @@ def _session(
             options["enable_cuda_graph"] = "1"
         chosen = [(CUDA, options), CPU]
     try:
-        return ort.InferenceSession(model_bytes, so, providers=chosen)
+        session = ort.InferenceSession(model_bytes, so, providers=chosen)
     except Exception as exc:  # ORT raises its own exception types for bad graphs
         raise BundleError(f"ONNX Runtime cannot load {bundle.model_path}: {exc}") from exc
+    if keep:
+        vars(session)["ctr_keep"] = tuple(keep)
+    return session
+
+
+class SharingError(RuntimeError):
+    """The served graph's weights cannot be shared; each session keeps its own copy."""
+
+
+def shared_session(
+    settings: Settings,
+    bundle: Bundle,
+    session: ort.InferenceSession,
+    served: bytes,
+    fused: bool,
+) -> tuple[ort.InferenceSession, ort.SessionOptions, list[Weight], list[ort.OrtValue]] | None:
+    """The served graph's main session again, on CPU, taking its initializers of at
+    least ``CTR_SHARE_WEIGHTS_MIN_BYTES`` from one copy read out of ``served``
+    (:mod:`service.weights`), with the session options that give them to every later
+    session, the weights and the ORT values over them (which must outlive every session
+    made from those options). None where the graph has no initializer that large. It
+    must score the probe feeds as ``session`` does (within ``FUSED_TOLERANCE``):
+    a weight read wrongly would shift every session alike, where no other check
+    compares them with the graph's own. Raises :class:`SharingError` otherwise."""
+    try:
+        weights = large_weights(served, settings.share_weights_min_bytes)
+    except ProtoError as exc:
+        raise SharingError(f"the served graph's bytes: {exc}") from exc
+    if not weights:
+        return None
+    so = session_options(settings)
+    try:
+        if fused:
+            so.register_custom_ops_library(str(native.library(settings.ops_library or None).path))
+        values = [ort.OrtValue.ortvalue_from_numpy(w.array) for w in weights]
+        for w, v in zip(weights, values, strict=True):
+            so.add_initializer(w.name, v)
+        shared = _session(bundle, served, so, [CPU], graphs=False, keep=values)
+        worst = probe_diff(bundle, session, shared, graphs=False)
+    except Exception as exc:  # ORT's own error types, the library's, non-finite output
+        raise SharingError(f"a session on shared weights: {exc}") from exc
+    if worst > FUSED_TOLERANCE:
+        raise SharingError(f"a session on shared weights differs by {worst:.1e}")
+    total = sum(w.array.nbytes for w in weights)
+    log.info("%d initializers (%.1f MB) shared by the model's sessions", len(weights), total / 1e6)
+    return shared, so, weights, values
 
 
 def fused_wanted(fused_ops: str, bundle: Bundle) -> bool:
@@ -541,6 +612,7 @@ def with_single_thread(
     provider: str,
     served: bytes,
     so: ort.SessionOptions,
+    keep: Sequence[object] = (),
 ) -> Runner:
     """``runner`` with calls of at most ``CTR_SINGLE_THREAD_MAX_CANDIDATES`` candidates on a
     second session of the served graph with one intra-op thread (:class:`SplitRunner`),
@@ -548,7 +620,8 @@ def with_single_thread(
     The second session must match ``session`` within ``FUSED_TOLERANCE`` on the probe
     feeds; if it does not load, run or match, ``runner`` is served alone (said in the
     log). ``so`` (with the custom-op library registered, when the graph is fused) is
-    reused with one thread: nothing creates a session from it after this."""
+    reused with one thread: nothing creates a session from it after this. ``keep``: as
+    for :func:`_session`."""
     limit = settings.single_thread_max_candidates
     if limit <= 0 or main_threads(settings) <= 1 or provider != CPU:
         return runner
@@ -556,7 +629,7 @@ def with_single_thread(
         return runner
     so.intra_op_num_threads = 1
     try:
-        single = _session(bundle, served, so, [CPU], graphs=False)
+        single = _session(bundle, served, so, [CPU], graphs=False, keep=keep)
         worst = probe_diff(bundle, session, single, graphs=False)
     except Exception as exc:  # ORT's own error types, or non-finite output
         log.warning("no single-thread session for small calls: %s", exc)
@@ -596,7 +669,12 @@ def native_parity(bundle: Bundle, runner: Runner, made: NativeRunner) -> float:
 
 
 def make_native(
-    settings: Settings, bundle: Bundle, runner: Runner, served: bytes, fused: bool
+    settings: Settings,
+    bundle: Bundle,
+    runner: Runner,
+    served: bytes,
+    fused: bool,
+    weights: Sequence[Weight] = (),
 ) -> NativeRunner:
     """A :class:`~service.nativerun.NativeRunner` with the sessions ``runner`` has (the
     main one and, for a :class:`SplitRunner`, the one-thread one for small calls) on the
@@ -627,6 +705,7 @@ def make_native(
         settings.inference_concurrency,
         single,
         parallel=parallel,
+        weights=weights,
     )
     try:
         worst = native_parity(bundle, runner, made)

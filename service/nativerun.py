@@ -29,12 +29,14 @@ import itertools
 import logging
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+
+from service.weights import Weight
 
 log = logging.getLogger("ctr.service")
 
@@ -105,9 +107,18 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.ctr_runner_hold.argtypes = [_P, ctypes.c_int]
     lib.ctr_runner_free.restype = None
     lib.ctr_runner_free.argtypes = [_P]
+    if not hasattr(lib, "ctr_runner_add_weight"):  # a prebuilt library from before it
+        return
+    lib.ctr_runner_add_weight.restype = ctypes.c_int
+    lib.ctr_runner_add_weight.argtypes = [
+        _P, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, _P,
+        ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
+    ]  # fmt: skip
 
 
-def _free(lib: ctypes.CDLL, handle: int) -> None:
+def _free(lib: ctypes.CDLL, handle: int, weights: Sequence[Weight] = ()) -> None:
+    """Release the runner; ``weights``, whose memory its sessions read, are held until
+    then."""
     lib.ctr_runner_free(handle)
 
 
@@ -139,6 +150,7 @@ class NativeRunner:
         single_max: int = 0,
         on_run: Callable[[float, int], None] | None = None,
         parallel: int = 1,
+        weights: Sequence[Weight] = (),
     ) -> None:
         if len(names) > MAX_INPUTS:
             raise NativeRunError(f"{len(names)} graph inputs; the runner takes {MAX_INPUTS}")
@@ -160,11 +172,26 @@ class NativeRunner:
         if not handle:
             raise NativeRunError(f"native runner: {err.value.decode(errors='replace')}")
         self._handle: int = handle
-        self._finalizer = weakref.finalize(self, _free, self._blocking, handle)
+        weights = tuple(weights)  # held by the finalizer: the sessions read their memory
+        self._finalizer = weakref.finalize(self, _free, self._blocking, handle, weights)
         self._background = False
         self._releaser: threading.Thread | None = None  # a background release (close)
         self.names = list(names)
         packed = b"".join(n.encode() + b"\0" for n in self.names)
+        if weights and not hasattr(self._lib, "ctr_runner_add_weight"):
+            log.warning("%s cannot share weights: each native session keeps its own", lib_path)
+            weights = ()
+        for w in weights:  # every session below takes these instead of its own copy
+            a = w.array
+            dims = (ctypes.c_int64 * max(a.ndim, 1))(*a.shape)
+            if self._lib.ctr_runner_add_weight(
+                handle, w.name.encode(), a.ctypes.data, a.nbytes, w.onnx_type,
+                ctypes.addressof(dims), a.ndim, err, ERROR_LEN,
+            ) != 0:  # fmt: skip
+                self._finalizer()
+                why = err.value.decode(errors="replace")
+                raise NativeRunError(f"shared weight {w.name}: {why}")
+        self.shared_weights = len(weights)
         for spec in sessions:
             lib_arg = spec.ops_library.encode() if spec.ops_library else None
             # the graph is optimised here: a blocking call (the GIL let go)

@@ -49,6 +49,13 @@ class Settings(BaseSettings):
         description="CPU only: graph calls with at most this many candidates run on a second "
         "session with one intra-op thread (no pool thread to wake; 0 = off)",
     )
+    share_weights_min_bytes: int = Field(
+        65536,
+        ge=0,
+        description="CPU only: the served graph's initializers of at least this many bytes "
+        "(its embedding tables) are read once and shared by all of the model's sessions "
+        "instead of each holding its own copy (0 = off)",
+    )
     native_parallel_calls: int = Field(
         2,
         ge=1,

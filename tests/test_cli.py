@@ -123,9 +123,9 @@ def test_demo_runs_the_main_job_end_to_end(tmp_path: Path) -> None:
 def test_bench_pair_arguments(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    """`ctr bench-pair`: each side's KEY=VALUE settings, B on the port after A's, the
-    report written to --out; a setting without `=`, or no rounds or time, is refused by
-    name."""
+    """`ctr bench-pair`: each side's KEY=VALUE settings, B on the port after A's, config
+    overrides for the bundle it builds (`--set`), the report written to --out; a setting
+    without `=`, or no rounds or time, is refused by name."""
     import training.bench_pair as bp
     from ctr.cli import build_parser
 
@@ -145,11 +145,15 @@ def test_bench_pair_arguments(
     assert args.func(args) == 0
     model, n, _, rounds, seconds, envs, _, ports = seen["args"][:8]
     assert (model, n, rounds, seconds) == ("din", 20, 12, 1.5)
-    assert seen["args"][-3:] == (0.0, 0.0, False)  # nothing written unless asked
+    assert seen["args"][-4:] == (0.0, 0.0, False, {})  # nothing written unless asked
     args = parser.parse_args(
-        ["bench-pair", "--writes", "0.25", "--other-writes", "1000", "--pipelined"]
-    )
-    assert args.func(args) == 0 and seen["args"][-3:] == (0.25, 1000.0, True)
+        ["bench-pair", "--writes", "0.25", "--other-writes", "1000", "--pipelined",
+         "--set", "features.0.mapping.buckets=2000000", "--set", "name=wide"]
+    )  # fmt: skip
+    assert args.func(args) == 0
+    assert seen["args"][-4:] == (
+        0.25, 1000.0, True, {"features.0.mapping.buckets": 2000000, "name": "wide"}
+    )  # fmt: skip
     assert envs == ({"CTR_X": "1", "CTR_Y": "a=b"}, {"CTR_X": "2"}) and ports == (9000, 9001)
     assert json.loads((tmp_path / "bench_pair.json").read_text()) == {"figures": 1}
     assert (tmp_path / "bench_pair.md").read_text().startswith("table for ctr bench-pair")

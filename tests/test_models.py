@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from ctr.spec import FeatureConfig
+from ctr.spec import FeatureConfig, load_config
 from training.dataset import Prepared, sample_negatives
 from training.metrics import auc
 from training.models import AttentionalGRU, CTRModel, build_model
@@ -684,7 +684,6 @@ def test_the_item_id_is_the_first_sequence_target_or_item_key(tiny_prep: Prepare
     one item per category)."""
     from pydantic import ValidationError
 
-    from ctr.spec import load_config
     from tests.conftest import CONFIGS, tiny_raw
     from training.dataset import item_pool
 
@@ -732,3 +731,16 @@ def test_dien_aux_network_widths_come_from_the_config(tiny_config: Config) -> No
     for bad in ([0], [16, -1]):
         with pytest.raises(ValidationError, match="aux_hidden"):
             tiny_config("dien", model__aux_hidden=bad)
+
+
+def test_overrides_reach_into_lists_by_position() -> None:
+    """``--set features.0.mapping.buckets=N``: a list's item by its position (how the
+    memory benchmark widens an embedding table); a position past the end says so."""
+    path = Path(__file__).resolve().parents[1] / "configs" / "synthetic_din.yaml"
+    config = load_config(path, {"features.0.mapping.buckets": 123, "train.epochs": 1})
+    assert config.features[0].name == "user_id" and config.features[0].mapping.buckets == 123
+    assert config.train.epochs == 1
+    with pytest.raises(ValueError, match="not a position"):
+        load_config(path, {"features.99.embedding_dim": 4})
+    with pytest.raises(ValueError, match="not a position"):
+        load_config(path, {"features.x.embedding_dim": 4})

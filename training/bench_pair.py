@@ -35,6 +35,7 @@ from training.bench_service import (
     service_env,
     stop_service,
     tree_cpu_s,
+    tree_rss_mb,
     user_rows_between,
 )
 from training.bench_util import run_loop
@@ -50,6 +51,7 @@ SERVED = (
     "micro_batching",
     "native_runner",
     "user_tracking",
+    "shared_weights",
 )
 
 
@@ -83,7 +85,7 @@ def summarize(windows: list[list[dict[str, float]]]) -> dict[str, Any]:
     :func:`run` returns them): each side's medians, and B against A per pair of
     windows."""
     keys = ("rps", "cpu_ms", "p50_ms", "client_cpu_ms", "idle_cores", "tracked",
-            "writes_per_req", "invalidations_per_s")  # fmt: skip
+            "writes_per_req", "invalidations_per_s", "rss_mb")  # fmt: skip
     sides = [{k: statistics.median(w[k] for w in side) for k in keys} for side in windows]
     a, b = windows
     return {
@@ -139,7 +141,9 @@ async def _window(
     if not r["requests"]:
         raise RuntimeError(f"no request completed in a window of {seconds:g} s ({url})")
     scored = user_rows_between(rows0, rows1)
+    rss = tree_rss_mb(pid)
     return {"pid": pid, "rps": r["ok_rps"], "cpu_ms": (after - before) * 1000 / r["requests"],
+            "rss_mb": float("nan") if rss is None else rss,
             "p50_ms": r["p50_ms"], "client_cpu_ms": r["client_cpu_ms"],
             "idle_cores": (idle_after - idle_before) / wall,
             "tracked": scored.get("tracked", 0.0) / max(1.0, sum(scored.values())),
@@ -163,13 +167,15 @@ def run(
     writes: float = 0.0,
     other_writes: float = 0.0,
     pipelined: bool = False,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Start A (``envs[0]`` over the benchmark's settings, on ``ports[0]``) and B, warm
     both, then ``rounds`` windows of ``seconds`` each per side. ``writes``: the share of
     requests before which the client appends a behaviour to the request's user in Redis;
     ``other_writes``: appends per second for users nobody scores, from a process of its
     own through warm-up and every window, each its own round trip (``pipelined``: 10 ms
-    of them per pipeline; :mod:`training.bench_writes`). Returns the settings,
+    of them per pipeline; :mod:`training.bench_writes`). ``overrides``: config keys for
+    the bundle built (``--set``; not with ``models_dir``). Returns the settings,
     ``served[side]`` (what each side's ``/v1/models`` shows), ``windows[side][i]`` (the
     dicts of :func:`_window`, with the ``pid`` driven) and ``summary``
     (:func:`summarize`). A window with any reply other than 200, or none at all, stops
@@ -177,7 +183,7 @@ def run(
     if rounds < 1 or seconds <= 0:
         raise ValueError("bench-pair needs rounds >= 1 and seconds > 0")
     with tempfile.TemporaryDirectory() as tmp:
-        where, config, frame = _bundle_for(model, models_dir, tmp, None)
+        where, config, frame = _bundle_for(model, models_dir, tmp, overrides)
         load_into_redis(config, frame, redis_url, progress=False)
         bodies = bodies_for(frame, n)
         keep = config.max_seq_len
@@ -206,6 +212,7 @@ def run(
         "model": model, "n": n, "concurrency": concurrency, "rounds": rounds,
         "seconds": seconds, "threads": threads, "inflight": inflight,
         "writes": writes, "other_writes": other_writes, "pipelined": pipelined,
+        "overrides": overrides or {},
         "other_writes_achieved": others.achieved,
         "envs": list(envs), "served": what,
         "device": _device({**envs[0], **envs[1]}), "windows": windows,
@@ -249,20 +256,22 @@ def render(res: dict[str, Any], command: str) -> str:
         f"{res['concurrency']}, {res['rounds']} windows of {res['seconds']:g} s per side in "
         "the order A B B A…; ORT intra-op threads "
         f"{res['threads']}, {res['inflight']} run(s) in flight. CPU ms/req: the service "
-        "process's CPU time (all threads) per request over its windows; medians over the "
+        "process's CPU time (all threads) per request over its windows; RSS MB: its "
+        "resident memory (all processes) at the end of each window; medians over the "
         "windows.",
         "",
         "| side | settings | req/s | CPU ms/req | p50 ms | client CPU ms/req | "
         "the other side, idle (cores) | users' rows tracked | writes/req | "
-        "invalidations heard/s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "invalidations heard/s | RSS MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for k, side in enumerate(s["sides"]):
         lines.append(
             f"| {SIDES[k]} | {_env_text(res['envs'][k])} | {side['rps']:,.0f} | "
             f"{side['cpu_ms']:.3f} | {side['p50_ms']:.2f} | {side['client_cpu_ms']:.3f} | "
             f"{s['sides'][1 - k]['idle_cores']:.3f} | {side['tracked']:.1%} | "
-            f"{side['writes_per_req']:.3f} | {side['invalidations_per_s']:,.0f} |"
+            f"{side['writes_per_req']:.3f} | {side['invalidations_per_s']:,.0f} | "
+            f"{side.get('rss_mb', float('nan')):,.0f} |"
         )
     lines += ["", _writes_text(res)]
     a, b = res["served"]

@@ -748,10 +748,9 @@ def _stat(pid: int) -> list[str] | None:
         return None
 
 
-def tree_cpu_s(pid: int) -> float | None:
-    """CPU seconds (user + system, all threads) of process ``pid`` and its descendants
-    (uvicorn's workers), the reaped ones included: the whole service; None where /proc
-    cannot tell."""
+def _tree_stats(pid: int) -> list[list[str]] | None:
+    """``/proc/PID/stat`` fields (from the third on) of process ``pid`` and its
+    descendants (uvicorn's workers); None where /proc cannot tell."""
     stats = {int(d): st for d in os.listdir("/proc") if d.isdigit() and (st := _stat(int(d)))}
     if pid not in stats:
         return None
@@ -761,9 +760,29 @@ def tree_cpu_s(pid: int) -> float | None:
         kids = [p for p, st in stats.items() if int(st[1]) == parent and p not in tree]
         tree.update(kids)
         frontier += kids
+    return [stats[p] for p in tree]
+
+
+def tree_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system, all threads) of process ``pid`` and its descendants
+    (uvicorn's workers), the reaped ones included: the whole service; None where /proc
+    cannot tell."""
+    stats = _tree_stats(pid)
+    if stats is None:
+        return None
     # utime, stime, cutime, cstime (fields 14-17 of /proc/PID/stat)
-    ticks = sum(sum(int(v) for v in stats[p][11:15]) for p in tree)
+    ticks = sum(sum(int(v) for v in st[11:15]) for st in stats)
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def tree_rss_mb(pid: int) -> float | None:
+    """Resident memory (MB) of process ``pid`` and its descendants; None where /proc
+    cannot tell."""
+    stats = _tree_stats(pid)
+    if stats is None:
+        return None
+    # rss in pages: field 24 of /proc/PID/stat
+    return sum(int(st[21]) for st in stats) * os.sysconf("SC_PAGE_SIZE") / 1e6
 
 
 def _device(env: dict[str, str]) -> str:

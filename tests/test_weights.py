@@ -1,0 +1,126 @@
+"""One copy of a model's large weights for all of its sessions (``CTR_SHARE_WEIGHTS_MIN_BYTES``,
+``service.weights``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from fastapi.testclient import TestClient
+from onnx import helper, numpy_helper
+
+from service.app import create_app
+from service.model import LoadedModel, load_model
+from service.precision import probe_feeds
+from service.weights import ProtoError, large_weights
+from tests.helpers import Built, build_bundle, loaded_redis, settings_for
+
+TABLE = "model.emb.tables.item_id.weight"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    return build_bundle(tmp_path_factory.mktemp("weights"), "din")
+
+
+def _graphs(built: Built) -> list[Path]:
+    return sorted((built.models_dir / built.config.name / str(built.version)).glob("*.onnx"))
+
+
+def test_the_reader_finds_what_onnx_finds(built: Built) -> None:
+    graphs = _graphs(built)
+    assert len(graphs) >= 2  # model.onnx and the fused graph
+    for path in graphs:
+        data = path.read_bytes()
+        want = {
+            t.name: numpy_helper.to_array(t) for t in onnx.load_from_string(data).graph.initializer
+        }
+        got = large_weights(data, 0)
+        assert [w.name for w in got] == list(want)  # every one, in graph order
+        for w in got:
+            assert w.array.dtype == want[w.name].dtype and w.array.shape == want[w.name].shape
+            assert np.array_equal(w.array, want[w.name]), w.name
+            assert w.array.flags.c_contiguous and not w.array.flags.writeable
+            assert w.array.ctypes.data % w.array.dtype.itemsize == 0  # aligned
+        big = [w.name for w in large_weights(data, 4096)]
+        assert big == [k for k, v in want.items() if v.nbytes >= 4096] and TABLE in big
+
+
+def test_the_reader_leaves_tensors_it_does_not_hold_to_onnx_runtime() -> None:
+    table = np.arange(12, dtype=np.float32).reshape(3, 4)
+    typed = helper.make_tensor("typed", onnx.TensorProto.FLOAT, [3, 4], table.ravel().tolist())
+    external = numpy_helper.from_array(table, "external")
+    external.ClearField("raw_data")
+    external.data_location = onnx.TensorProto.EXTERNAL
+    external.external_data.add(key="location", value="weights.bin")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["raw", "typed"], ["y"])],
+        "g",
+        [],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3, 4])],
+        [numpy_helper.from_array(table, "raw"), typed, external,
+         numpy_helper.from_array(table.astype(np.float64), "f64")],
+    )  # fmt: skip
+    data = helper.make_model(graph).SerializeToString()
+    got = large_weights(data, 0)
+    assert [w.name for w in got] == ["raw", "f64"]
+    assert np.array_equal(got[1].array, table.astype(np.float64))
+    with pytest.raises(ProtoError):
+        large_weights(data[:-3], 0)  # cut short
+
+
+def _outputs(model: LoadedModel, n: int) -> list[np.ndarray]:
+    """The probe's probabilities from every session: the Python runner (the main session,
+    or the one-thread one for n <= 64) and the native runner's sessions."""
+    feeds = probe_feeds(model.bundle, 1, n, n)
+    assert model.native is not None and model.native.sessions == 2
+    return [
+        model.run(feeds, explain=False)[0],
+        model.native.run_now(feeds, session=0),
+        model.native.run_now(feeds, session=1),
+    ]
+
+
+def test_every_session_reads_the_one_copy(built: Built) -> None:
+    """Writing into the shared table changes what every session scores, the Python and
+    the native ones alike: none of them holds a copy of its own."""
+    model = load_model(settings_for(built, share_weights_min_bytes=1024))
+    try:
+        assert TABLE in [w.name for w in model.shared_weights]
+        assert model.native is not None and model.native.shared_weights == len(model.shared_weights)
+        before = {n: _outputs(model, n) for n in (32, 200)}
+        table = next(w.array for w in model.shared_weights if w.name == TABLE)
+        table.flags.writeable = True  # the array owns its memory: the test may write it
+        table *= -3.0
+        for n, old in before.items():
+            new = _outputs(model, n)
+            for got in new:
+                np.testing.assert_allclose(got, new[0], rtol=0, atol=1e-5)
+                assert np.abs(got - old[0]).max() > 1e-3, n
+    finally:
+        if model.native is not None:
+            model.native.close()
+
+
+def test_off_each_session_keeps_its_own(built: Built) -> None:
+    model = load_model(settings_for(built, share_weights_min_bytes=0))
+    try:
+        assert model.shared_weights == [] and model.native is not None
+        assert model.native.shared_weights == 0
+    finally:
+        if model.native is not None:
+            model.native.close()
+
+
+def test_the_service_says_what_it_shares(built: Built) -> None:
+    loaded_redis(built)
+    with TestClient(create_app(settings_for(built, share_weights_min_bytes=1024))) as c:
+        shared = c.get("/v1/models").json()["shared_weights"]
+        assert shared["count"] >= 2 and shared["bytes"] >= 2 * 1024
+        assert shared["native"] == shared["count"] and shared["note"] is None
+        r = c.post("/v1/score", json={"user_id": "u1", "candidates": [{"item_id": "i1"}]})
+        assert r.status_code == 200, r.text
+    with TestClient(create_app(settings_for(built, share_weights_min_bytes=0))) as c:
+        assert c.get("/v1/models").json()["shared_weights"]["count"] == 0
