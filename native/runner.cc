@@ -420,8 +420,12 @@ __attribute__((visibility("default"))) int ctr_runner_add_weight(
     int ndim, char* err, int err_len) {
   auto* r = static_cast<Runner*>(handle);
   const OrtApi* api = r->api;
-  if (!r->threads.empty() || ndim < 0 || name == nullptr) {
+  if (!r->threads.empty()) {
     put_error(err, err_len, "weights are added before the start");
+    return -1;
+  }
+  if (ndim < 0 || name == nullptr) {
+    put_error(err, err_len, "a weight needs a name and a rank of 0 or more");
     return -1;
   }
   OrtValue* value = nullptr;

@@ -197,6 +197,10 @@ def self_check(enc: NativeCodec) -> str | None:
             got = enc.rank(scores, top_k)
             if got is not None and not np.array_equal(got, want):  # None: numpy ranks
                 return f"ranking {scores[:8]!r}… (top_k {top_k}): {got!r} != {want!r}"
+    # the service checks scores for NaN and infinities only where the ranking declines
+    for bad in (np.nan, np.inf, -np.inf):
+        if enc.rank(np.array([0.5, bad, 0.25], np.float32), None) is not None:
+            return f"ranking accepted a score of {bad}"
     for ids, probs, order in cases:
         want = orjson.dumps(items_python(ids, probs, order))
         for raw in (None, "\0".join(ids).encode()):  # the IDs joined here, or by the scan

@@ -1,5 +1,5 @@
 """A graph's large weights, read from its ONNX bytes so that every session of a model can
-share one copy (``CTR_SHARE_WEIGHTS``).
+share one copy (``CTR_SHARE_WEIGHTS_MIN_BYTES``).
 
 A served model has up to four ONNX Runtime sessions of one graph: the main one and the
 one-thread one for small calls, each twice (Python binding and native runner). Each
@@ -130,8 +130,9 @@ def _tensor(buf: bytes, start: int, end: int) -> Weight | None:
     if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != raw[1] - raw[0]:
         return None
     # a copy: aligned (raw_data may start anywhere) and independent of the graph's bytes
-    array = np.frombuffer(buf, np.uint8, raw[1] - raw[0], raw[0]).view(dtype).reshape(shape)
-    array = array.astype(dtype.newbyteorder("<"), copy=True)  # ONNX raw_data is little-endian
+    # ONNX raw_data is little-endian: read as such, copied in this machine's order
+    little = np.frombuffer(buf, np.uint8, raw[1] - raw[0], raw[0]).view(dtype.newbyteorder("<"))
+    array = little.reshape(shape).astype(dtype, copy=True)
     array.flags.writeable = False
     return Weight(name, onnx_type, array)
 

@@ -124,3 +124,28 @@ def test_the_service_says_what_it_shares(built: Built) -> None:
         assert r.status_code == 200, r.text
     with TestClient(create_app(settings_for(built, share_weights_min_bytes=0))) as c:
         assert c.get("/v1/models").json()["shared_weights"]["count"] == 0
+
+
+def test_weights_read_wrongly_are_not_shared(
+    built: Built, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A table read wrongly (here: shifted) would move every session alike; the probe
+    against the graph's own session catches it, and each session keeps its own copy."""
+    import service.model as sm
+
+    real = sm.large_weights
+
+    def misread(data: bytes, min_bytes: int) -> list:
+        out = real(data, min_bytes)
+        return [type(w)(w.name, w.onnx_type, w.array + np.float32(0.5)) for w in out]
+
+    monkeypatch.setattr(sm, "large_weights", misread)
+    with caplog.at_level("WARNING", "ctr.service"):
+        model = load_model(settings_for(built, share_weights_min_bytes=1024))
+    try:
+        assert model.shared_weights == [] and "differs by" in model.shared_note
+        assert "weights not shared" in caplog.text
+        assert model.native is not None and model.native.shared_weights == 0
+    finally:
+        if model.native is not None:
+            model.native.close()

@@ -182,6 +182,8 @@ def run(
     the run (``RuntimeError``)."""
     if rounds < 1 or seconds <= 0:
         raise ValueError("bench-pair needs rounds >= 1 and seconds > 0")
+    if overrides and models_dir is not None:
+        raise ValueError("bench-pair --set changes the bundle it builds, not one in --models-dir")
     with tempfile.TemporaryDirectory() as tmp:
         where, config, frame = _bundle_for(model, models_dir, tmp, overrides)
         load_into_redis(config, frame, redis_url, progress=False)
