@@ -261,6 +261,7 @@ def cmd_bench_pair(args: argparse.Namespace) -> int:
         args.redis_url, (args.port, args.port + 1), args.threads, args.inflight,
         Path(args.models_dir) if args.models_dir else None, args.writes, args.other_writes,
         args.pipelined, _overrides(args.set),
+        tuple(Path(r) if r else None for r in (args.a_root, args.b_root)),
     )  # fmt: skip
     table = render(res, ("ctr bench-pair " + " ".join(sys.argv[2:])).strip())
     print(table)
@@ -503,6 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument(
         "--set", action="append", default=[], help="config override for the bundle built"
     )
+    pp.add_argument(
+        "--a-root", default="", help="A's service runs this checkout's code (e.g. an older commit)"
+    )
+    pp.add_argument("--b-root", default="", help="the same for B")
     pp.add_argument("--port", type=int, default=8330, help="A's port; B's is the next")
     pp.add_argument("--out", default="", help="folder for JSON and table")
     pp.set_defaults(func=cmd_bench_pair)

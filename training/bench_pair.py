@@ -168,6 +168,7 @@ def run(
     other_writes: float = 0.0,
     pipelined: bool = False,
     overrides: dict[str, Any] | None = None,
+    roots: tuple[Path | None, Path | None] = (None, None),
 ) -> dict[str, Any]:
     """Start A (``envs[0]`` over the benchmark's settings, on ``ports[0]``) and B, warm
     both, then ``rounds`` windows of ``seconds`` each per side. ``writes``: the share of
@@ -175,7 +176,9 @@ def run(
     ``other_writes``: appends per second for users nobody scores, from a process of its
     own through warm-up and every window, each its own round trip (``pipelined``: 10 ms
     of them per pipeline; :mod:`training.bench_writes`). ``overrides``: config keys for
-    the bundle built (``--set``; not with ``models_dir``). Returns the settings,
+    the bundle built (``--set``; not with ``models_dir``). ``roots``: each side's
+    checkout of this project (``--a-root``, ``--b-root``; None: this one), to compare
+    one commit's code with another's on the same bundle. Returns the settings,
     ``served[side]`` (what each side's ``/v1/models`` shows), ``windows[side][i]`` (the
     dicts of :func:`_window`, with the ``pid`` driven) and ``summary``
     (:func:`summarize`). A window with any reply other than 200, or none at all, stops
@@ -191,9 +194,9 @@ def run(
         keep = config.max_seq_len
         procs: list[tuple[subprocess.Popen, str]] = []
         try:
-            for extra, port in zip(envs, ports, strict=True):
+            for extra, port, root in zip(envs, ports, roots, strict=True):
                 env = service_env(where, config.name, redis_url, threads, inflight, extra)
-                procs.append(_start_service(env, port))
+                procs.append(_start_service(env, port, root))
             what = [served(url) for _, url in procs]
             with OtherWrites(redis_url, other_writes, keep, pipelined) as others:
                 for _, url in procs:  # warm: caches, the graph's size range, the connections
@@ -215,6 +218,7 @@ def run(
         "seconds": seconds, "threads": threads, "inflight": inflight,
         "writes": writes, "other_writes": other_writes, "pipelined": pipelined,
         "overrides": overrides or {},
+        "roots": [None if r is None else str(r) for r in roots],
         "other_writes_achieved": others.achieved,
         "envs": list(envs), "served": what,
         "device": _device({**envs[0], **envs[1]}), "windows": windows,
@@ -225,6 +229,12 @@ def run(
 def _env_text(env: dict[str, str]) -> str:
     """A side's settings as markdown code spans."""
     return " ".join(f"`{k}={v}`" for k, v in env.items()) or "(the defaults)"
+
+
+def _side_text(res: dict[str, Any], k: int) -> str:
+    """Side ``k``'s settings, and the checkout its code came from where not this one."""
+    root = (res.get("roots") or [None, None])[k]
+    return _env_text(res["envs"][k]) + (f" (code: `{root}`)" if root else "")
 
 
 def _writes_text(res: dict[str, Any]) -> str:
@@ -269,7 +279,7 @@ def render(res: dict[str, Any], command: str) -> str:
     ]
     for k, side in enumerate(s["sides"]):
         lines.append(
-            f"| {SIDES[k]} | {_env_text(res['envs'][k])} | {side['rps']:,.0f} | "
+            f"| {SIDES[k]} | {_side_text(res, k)} | {side['rps']:,.0f} | "
             f"{side['cpu_ms']:.3f} | {side['p50_ms']:.2f} | {side['client_cpu_ms']:.3f} | "
             f"{s['sides'][1 - k]['idle_cores']:.3f} | {side['tracked']:.1%} | "
             f"{side['writes_per_req']:.3f} | {side['invalidations_per_s']:,.0f} | "

@@ -421,15 +421,16 @@ def service_env(
     return env
 
 
-def _start_service(env: dict[str, str], port: int) -> Any:
+def _start_service(env: dict[str, str], port: int, root: Path | None = None) -> Any:
     """``ctr serve`` in a subprocess with ``env`` (:func:`service_env`, the one the
     baseline is loaded from); ``(process, base URL)`` once ``/readyz`` answers 200 from
     that process or one of its workers, never from a service an earlier run left on the
-    port (``RuntimeError``)."""
+    port (``RuntimeError``). ``root``: the checkout whose code serves (default: this
+    one; another commit's work tree, to compare code with code)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "ctr.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
         env=env,
-        cwd=ROOT,
+        cwd=root or ROOT,
     )
     url = f"http://127.0.0.1:{port}"
     for _ in range(1800):

@@ -1,0 +1,121 @@
+"""Where the service's CPU goes at saturation: `perf record` of the real service while a
+closed loop drives it, split by thread and, for the event loop's thread, by library and
+function, in µs per request.
+
+    .venv/bin/python scripts/profile_service.py --model din --n 200 --concurrency 8
+
+Needs Linux `perf` (Debian: `apt-get install linux-perf`) and a Redis (`--redis-url`).
+It builds a bench bundle (random weights, the synthetic data), loads its users, starts
+`ctr serve` as `ctr bench` does, warms it for 2 s, then samples every thread of the
+service at 2 kHz (`-e cpu-clock`, which works where hardware counters do not) for
+`--seconds`. Functions of libraries without symbols show as addresses."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from service.loader import load_into_redis  # noqa: E402
+from training.bench_service import (  # noqa: E402
+    _bundle_for,
+    _closed_loop,
+    _start_service,
+    service_env,
+    stop_service,
+)
+from training.bench_util import bodies_for, run_loop  # noqa: E402
+
+HZ = 2000
+
+
+def samples(data: Path, names: dict[int, str]) -> list[tuple[int, str, str]]:
+    """``(thread, function, library)`` of each sample's innermost frame; ``names`` gets
+    each thread's name."""
+    out = subprocess.run(
+        ["perf", "script", "-i", str(data), "-F", "comm,tid,ip,sym,dso"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    got: list[tuple[int, str, str]] = []
+    tid, first = None, False
+    for line in out.splitlines():
+        if not line.strip():
+            tid = None
+        elif not line.startswith("\t"):
+            comm, _, rest = line.strip().rpartition(" ")
+            tid, first = int(rest), True
+            names[tid] = comm
+        elif first and tid is not None:
+            ip, _, rest = line.strip().partition(" ")
+            sym, _, dso = rest.rpartition(" (")
+            if sym in ("", "[unknown]"):
+                sym = ip
+            got.append((tid, sym[:90], dso.rstrip(")").rsplit("/", 1)[-1]))
+            first = False
+    return got
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="din", help="din or dien")
+    ap.add_argument("--n", type=int, default=200, help="candidates per request")
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--top", type=int, default=25, help="functions listed")
+    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
+    ap.add_argument("--port", type=int, default=8390)
+    ap.add_argument("--env", action="append", default=[], help="service setting, KEY=VALUE")
+    args = ap.parse_args()
+    extra = dict(e.split("=", 1) for e in args.env)
+    with tempfile.TemporaryDirectory() as tmp:
+        where, config, frame = _bundle_for(args.model, None, tmp, None)
+        load_into_redis(config, frame, args.redis_url, progress=False)
+        bodies = bodies_for(frame, args.n)
+        env = service_env(where, config.name, args.redis_url, 2, 1, extra)
+        proc, url = _start_service(env, args.port)
+        data = Path(tmp) / "perf.data"
+        try:
+            run_loop(_closed_loop(url, bodies, args.concurrency, 2.0))
+            window = max(args.seconds - 1.0, 1.0)  # recorded inside the driven window
+            perf = subprocess.Popen(
+                ["perf", "record", "-e", "cpu-clock", "-F", str(HZ), "-g", "-o", str(data),
+                 "-p", str(proc.pid), "--", "sleep", str(window)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            r = run_loop(_closed_loop(url, bodies, args.concurrency, args.seconds))
+            perf.wait()
+        finally:
+            stop_service(proc)
+        names: dict[int, str] = {}
+        got = samples(data, names)
+    reqs = r["rps"] * window
+    per_req = 1e6 / HZ / reqs  # µs of CPU per request that one sample stands for
+    print(f"{args.model} N = {args.n}, concurrency {args.concurrency}: {r['rps']:,.0f} req/s, "
+          f"{len(got)} samples over {window:g} s")  # fmt: skip
+    by_thread = collections.Counter(t for t, _, _ in got)
+    loop = proc.pid  # the event loop runs on the process's main thread
+    print("\n| thread (name) | share of a core | µs per request |\n|---|---:|---:|")
+    for t, k in by_thread.most_common(6):
+        label = "event loop" if t == loop else f"{names.get(t, '?')} ({t})"
+        print(f"| {label} | {k / HZ / window:.0%} | {k * per_req:.0f} |")
+    mine = [(s, d) for t, s, d in got if t == loop]
+    print("\nEvent loop thread by library (µs per request):\n")
+    for d, k in collections.Counter(d for _, d in mine).most_common(10):
+        print(f"  {k * per_req:7.1f}  {d}")
+    print("\nEvent loop thread by function (µs per request):\n")
+    for s, k in collections.Counter(s for s, _ in mine).most_common(args.top):
+        print(f"  {k * per_req:7.1f}  {s}")
+    print("\nEvery thread by library (µs per request):\n")
+    for d, k in collections.Counter(d for _, _, d in got).most_common(10):
+        print(f"  {k * per_req:7.1f}  {d}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
