@@ -78,10 +78,9 @@ class LoadedModel:
     # plain scoring calls on native threads (CTR_NATIVE_RUNNER); None: the Python runner
     native: NativeRunner | None = None
     native_note: str = ""  # why the native runner is not used, when it was wanted
-    # initializers every session of the model shares (CTR_SHARE_WEIGHTS_MIN_BYTES), and
-    # the ORT values over them that the Python sessions read: held as long as they are
+    # initializers every session of the model shares (CTR_SHARE_WEIGHTS_MIN_BYTES); each
+    # session holds what it reads of them itself (_session's keep, the native finalizer)
     shared_weights: list[Weight] = field(default_factory=list)
-    shared_values: list[ort.OrtValue] = field(default_factory=list)
     shared_note: str = ""  # why the weights are not shared, when they would be
     # (seconds, N) of recent graph calls, weighted means by run_key (see expected_run_s);
     # written on whichever thread ran the call, one dict store at a time
@@ -294,7 +293,6 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
         native=native_runner,
         native_note=native_note,
         shared_weights=weights,
-        shared_values=values,
         shared_note=shared_note,
     )
     if settings.batch_max_users > 1:
