@@ -50,7 +50,7 @@ def samples(data: Path, names: dict[int, str]) -> list[tuple[int, str, str]]:
         elif not line.startswith("\t"):
             comm, _, rest = line.strip().rpartition(" ")
             tid, first = int(rest), True
-            names[tid] = comm
+            names[tid] = comm.strip()
         elif first and tid is not None:
             ip, _, rest = line.strip().partition(" ")
             sym, _, dso = rest.rpartition(" (")

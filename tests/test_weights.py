@@ -149,3 +149,40 @@ def test_weights_read_wrongly_are_not_shared(
     finally:
         if model.native is not None:
             model.native.close()
+
+
+def test_a_library_without_shared_weights_keeps_native_copies(
+    built: Built, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A prebuilt custom-op library from before ``ctr_runner_add_weight``: the native
+    sessions hold their own copies (said in the log and in ``native``), the Python ones
+    still share, and both score alike."""
+    import ctypes
+
+    import service.nativerun as nr
+
+    class Older:
+        """The library as an older build has it: without the one function."""
+
+        def __init__(self, lib: ctypes.CDLL) -> None:
+            self._lib = lib
+
+        def __getattr__(self, name: str) -> object:
+            if name == "ctr_runner_add_weight":
+                raise AttributeError(name)
+            return getattr(self._lib, name)
+
+    for kind in ("PyDLL", "CDLL"):
+        real = getattr(ctypes, kind)
+        monkeypatch.setattr(nr.ctypes, kind, lambda path, real=real: Older(real(path)))
+    with caplog.at_level("WARNING", "ctr.service"):
+        model = load_model(settings_for(built, share_weights_min_bytes=1024))
+    try:
+        assert model.shared_weights and model.native is not None
+        assert model.native.shared_weights == 0 and "cannot share weights" in caplog.text
+        python, native_main, native_single = _outputs(model, 200)
+        np.testing.assert_allclose(native_main, python, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(native_single, python, rtol=0, atol=1e-5)
+    finally:
+        if model.native is not None:
+            model.native.close()
