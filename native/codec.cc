@@ -275,33 +275,33 @@ bool key_is(const char* s, const char* e, const char* want) {
   return static_cast<size_t>(e - s) == n && std::memcmp(s, want, n) == 0;
 }
 
-// Whether two of the n NUL-separated IDs in out [0, len) are equal: one pass through an
-// open-addressing table of FNV-1a hashes (the buffers are kept per thread).
-bool has_duplicate(const char* out, int64_t len, int64_t n) {
-  thread_local std::vector<int64_t> starts;  // each ID's offset, then one past the end + 1
-  thread_local std::vector<int64_t> table;   // ID index per slot, -1 where free
-  starts.clear();
-  starts.push_back(0);
-  for (int64_t i = 0; i < len; ++i)
-    if (out[i] == '\0') starts.push_back(i + 1);
-  starts.push_back(len + 1);
+// One ID copied out: where it starts in the output, its length and its FNV-1a hash.
+struct Span {
+  int64_t start;
+  int64_t len;
+  uint64_t hash;
+};
+
+constexpr uint64_t kFnvBasis = 1469598103934665603ull;
+constexpr uint64_t kFnvPrime = 1099511628211ull;
+
+// Whether two of the IDs at `spans` in `out` are equal: an open-addressing table of
+// their hashes (kept per thread), the bytes compared only where the hashes meet a slot.
+bool has_duplicate(const char* out, const std::vector<Span>& spans) {
+  thread_local std::vector<int64_t> table;  // span index per slot, -1 where free
   size_t cap = 16;
-  while (cap < 2 * static_cast<size_t>(n)) cap <<= 1;
+  while (cap < 2 * spans.size()) cap <<= 1;
   table.assign(cap, -1);
-  for (int64_t k = 0; k < n; ++k) {
-    const char* s = out + starts[k];
-    const size_t m = static_cast<size_t>(starts[k + 1] - 1 - starts[k]);
-    uint64_t h = 1469598103934665603ull;
-    for (size_t j = 0; j < m; ++j) {
-      h ^= static_cast<unsigned char>(s[j]);
-      h *= 1099511628211ull;
-    }
-    size_t slot = h & (cap - 1);
+  for (size_t k = 0; k < spans.size(); ++k) {
+    const Span& id = spans[k];
+    size_t slot = id.hash & (cap - 1);
     for (int64_t o; (o = table[slot]) >= 0; slot = (slot + 1) & (cap - 1)) {
-      const size_t om = static_cast<size_t>(starts[o + 1] - 1 - starts[o]);
-      if (om == m && std::memcmp(out + starts[o], s, m) == 0) return true;
+      const Span& other = spans[static_cast<size_t>(o)];
+      if (other.len == id.len &&
+          std::memcmp(out + other.start, out + id.start, static_cast<size_t>(id.len)) == 0)
+        return true;
     }
-    table[slot] = k;
+    table[slot] = static_cast<int64_t>(k);
   }
   return false;
 }
@@ -311,6 +311,8 @@ bool has_duplicate(const char* out, int64_t len, int64_t n) {
 int64_t plain_candidates(Cursor& c, int64_t max_id_len, int64_t max_n, char* out,
                          int64_t out_cap, int64_t* count) {
   if (!c.eat('[')) return -1;
+  thread_local std::vector<Span> spans;  // the IDs copied out, for the duplicate check
+  spans.clear();
   int64_t n = 0;
   char* o = out;
   c.ws();
@@ -328,10 +330,14 @@ int64_t plain_candidates(Cursor& c, int64_t max_id_len, int64_t max_n, char* out
     if (!skip_string(c, &s, &e, &esc) || esc) return -1;
     int64_t len = e - s;
     if (len < 1 || len > max_id_len || ++n > max_n) return -1;
-    for (const char* q = s; q < e; ++q)
+    uint64_t hash = kFnvBasis;
+    for (const char* q = s; q < e; ++q) {
       if (*q < 0x20 || *q > 0x7e) return -1;  // printable ASCII only (signed char: >= 0x80 too)
+      hash = (hash ^ static_cast<unsigned char>(*q)) * kFnvPrime;
+    }
     if (o - out + len + 1 > out_cap) return -1;
     if (n > 1) *o++ = '\0';
+    spans.push_back({o - out, len, hash});
     std::memcpy(o, s, len);
     o += len;
     c.ws();
@@ -340,7 +346,7 @@ int64_t plain_candidates(Cursor& c, int64_t max_id_len, int64_t max_n, char* out
     if (c.eat(']')) break;
     if (!c.eat(',')) return -1;
   }
-  if (has_duplicate(out, o - out, n)) return -1;  // the caller's full check names it
+  if (has_duplicate(out, spans)) return -1;  // the caller's full check names it
   *count = n;
   return o - out;
 }

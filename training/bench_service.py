@@ -487,7 +487,7 @@ class Baseline:
         """Calls of ``n`` candidates the service's native runner runs at once on its
         one-thread session (``CTR_NATIVE_PARALLEL_CALLS``; 1: none side by side)."""
         native = self.model.native
-        if native is None or native.parallel < 2 or n <= native.single_max:
+        if native is None or native.route(n, busy=True)[1] != 1:  # not side by side
             return 1
         return native.parallel * len(self.models)
 
