@@ -292,6 +292,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.bus.start()
         if settings.protect_scoring and settings.api_key is None:
             log.warning("CTR_PROTECT_SCORING has no effect: CTR_API_KEY is not set")
+        m.PROCESS.sample()  # this worker's memory and CPU in /metrics from the start
+        if settings.process_metrics_s > 0:
+            lifecycle.spawn(state, m.PROCESS.every(settings.process_metrics_s))
         hup["phase"] = "serving"
         if hup["pending"]:
             lifecycle.spawn(state, lifecycle.reload_quietly(state))
@@ -683,6 +686,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
         m.HOOKS.gc_timer.flush()
+        m.PROCESS.sample()  # this worker's at the scrape; the others' from their timers
         data, ctype = m.render()
         return Response(data, media_type=ctype)
 

@@ -3,6 +3,7 @@ uvicorn workers), ``/metrics`` aggregates every worker's files."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import os
@@ -117,6 +118,62 @@ MODEL_INFO = Gauge(
     ["name", "version", "provider", "graph", "precision"],
     multiprocess_mode="liveall",
 )
+WORKER_MEMORY = Gauge(
+    "ctr_worker_resident_memory_bytes",
+    "Resident memory of each worker process (Linux); several workers: one series each (pid label)",
+    multiprocess_mode="liveall",
+)
+WORKER_CPU = Counter(
+    "ctr_worker_cpu_seconds",
+    "CPU time (user + system, every thread) used by the worker processes",
+)
+
+
+def _page_size() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return 4096
+
+
+class ProcessSampler:
+    """Puts this process's resident memory and CPU time into ``WORKER_MEMORY`` and
+    ``WORKER_CPU``: prometheus_client's own ``process_*`` metrics are not exported in
+    multiprocess mode, where each worker's would be needed. One per process; each
+    :meth:`sample` adds the CPU used since the last one, so several apps in a process
+    (tests) count it once."""
+
+    def __init__(self, statm: str = "/proc/self/statm") -> None:
+        self.statm = Path(statm)
+        self.page = _page_size()
+        self.counted = 0.0  # CPU seconds already added to the counter
+
+    def resident_bytes(self) -> int | None:
+        """Resident set size from ``/proc/self/statm``; ``None`` where there is none."""
+        try:
+            return int(self.statm.read_text().split()[1]) * self.page
+        except (OSError, IndexError, ValueError):
+            return None
+
+    def sample(self) -> None:
+        rss = self.resident_bytes()
+        if rss is not None:
+            WORKER_MEMORY.set(rss)
+        t = os.times()
+        cpu = t.user + t.system
+        if cpu > self.counted:
+            WORKER_CPU.inc(cpu - self.counted)
+            self.counted = cpu
+
+    async def every(self, seconds: float) -> None:
+        """Sample every ``seconds`` (from each worker: ``/metrics`` is answered by one
+        of them, and the others' figures must not go stale)."""
+        while True:
+            self.sample()
+            await asyncio.sleep(seconds)
+
+
+PROCESS = ProcessSampler()
 
 
 def render() -> tuple[bytes, str]:

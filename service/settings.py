@@ -203,6 +203,14 @@ class Settings(BaseSettings):
         "(off: no line; the request metrics still count every request)",
     )
 
+    process_metrics_s: float = Field(
+        5.0,
+        ge=0,
+        description="each worker puts its resident memory and CPU time into /metrics "
+        "(ctr_worker_resident_memory_bytes, ctr_worker_cpu_seconds_total) this often, "
+        "and the worker answering a scrape at the scrape; 0 = at start and scrapes only",
+    )
+
     @field_validator("api_key", mode="before")
     @classmethod
     def _empty_key_is_no_key(cls, v: object) -> object:

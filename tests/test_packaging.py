@@ -47,8 +47,14 @@ COUNTERS = {
     "ctr_user_invalidations_total",
     "ctr_user_tracking_resets_total",
     "ctr_inline_runs_total",
+    "ctr_worker_cpu_seconds_total",
 }
-GAUGES = {"ctr_model_info", "ctr_requests_in_flight", "ctr_user_tracking_up"}
+GAUGES = {
+    "ctr_model_info",
+    "ctr_requests_in_flight",
+    "ctr_user_tracking_up",
+    "ctr_worker_resident_memory_bytes",
+}
 CONTRACT_SERIES = (
     {f"{h}{suffix}" for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
     | COUNTERS

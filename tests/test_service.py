@@ -345,6 +345,37 @@ def test_metrics_exposed_and_move(client: TestClient) -> None:
     assert "ctr_requests_in_flight " in after
 
 
+def test_worker_memory_and_cpu_in_metrics(client: TestClient) -> None:
+    """The worker's resident memory and CPU time reach /metrics (prometheus_client's own
+    process_* metrics are missing in multiprocess mode): the memory is this process's
+    (the TestClient serves in it), and the CPU counter grows by the CPU used between two
+    scrapes, counted once."""
+    import os
+    import time
+
+    from tests.test_workers import metric
+
+    def cpu() -> float:
+        t = os.times()
+        return t.user + t.system
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    text = client.get("/metrics").text
+    rss_before = int(Path("/proc/self/statm").read_text().split()[1]) * page
+    cpu_before = cpu()
+    counted_before = metric(text, r"^ctr_worker_cpu_seconds_total ")
+    rss = metric(text, r"^ctr_worker_resident_memory_bytes ")
+    assert 50e6 < rss and abs(rss - rss_before) < 0.1 * rss_before, (rss, rss_before)
+    assert counted_before > 0.5  # this process has used seconds of CPU by now
+    t0 = time.process_time()
+    while time.process_time() - t0 < 0.3:  # burn 0.3 s of CPU
+        sum(range(10_000))
+    text = client.get("/metrics").text
+    grew = metric(text, r"^ctr_worker_cpu_seconds_total ") - counted_before
+    used = cpu() - cpu_before
+    assert 0.3 <= grew <= used + 0.02, (grew, used)
+
+
 def test_health_ready_models(built: Built, client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")

@@ -62,6 +62,13 @@ def test_metrics_correct_with_two_workers(built: Built, tmp_path: Path) -> None:
         assert metric(text, r'^ctr_request_duration_seconds_count\{.*route="/v1/score"') == n
         assert metric(text, r'^ctr_stage_duration_seconds_count\{stage="inference"\}') == n
         assert metric(text, r"^ctr_model_info\{.*\} ") >= 1
+        # each worker's memory, one series per worker (it answered /metrics or not)
+        rss = dict(
+            re.findall(r'^ctr_worker_resident_memory_bytes\{pid="(\d+)"\} (\S+)$', text, re.M)
+        )
+        assert sorted(int(p) for p in rss) == sorted(pids), (rss, pids)
+        assert all(float(v) > 50e6 for v in rss.values()), rss
+        assert metric(text, r"^ctr_worker_cpu_seconds_total ") > 1.0  # both workers' start-up
     finally:
         proc.terminate()
         proc.wait(timeout=30)
