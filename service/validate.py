@@ -122,19 +122,36 @@ class ScoreInput:
     raw_ids: bytes | None = dataclass_field(default=None, compare=False)
 
 
+def long_integer(body: bytes) -> bool:
+    """Whether ``body`` may hold an integer of 20 digits or more: orjson reads one of
+    2**64 or more as a float, which would lose its digits (``99999999999999999999999``
+    would map as ``99999999999999991611392``) and slip past the 64-bit range check. Such
+    a body is parsed by ``json`` instead, exactly. (Twenty digits in a string or a
+    fraction also match: that body only takes the slower parse.)"""
+    return _LONG_INT.search(body) is not None
+
+
+_LONG_INT = re.compile(rb"[0-9]{20}")
+
+
 def parse_json(body: bytes) -> Any:
     """A request body's JSON; :class:`BadRequest` when empty, :class:`MalformedJSON` when
-    it does not parse."""
+    it does not parse. Integers are exact however long (:func:`long_integer`); the body
+    must be UTF-8 (RFC 8259: no byte-order mark, no UTF-16 or UTF-32)."""
     if not body:
         raise BadRequest("body is empty; a JSON object is required", "body")
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        # NaN/Infinity literals are not JSON, but name the field that holds them
+    error: Exception | None = None
+    if not long_integer(body):
         try:
-            return json.loads(body)
-        except (ValueError, RecursionError):  # RecursionError: nested past Python's limit
-            raise MalformedJSON(f"malformed JSON: {exc}", "body") from exc
+            return orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            error = exc
+    # NaN/Infinity literals are not JSON, but the field that holds them is named then;
+    # surrogates written in UTF-8 pass here for the checks to name their field too
+    try:
+        return json.loads(body.decode("utf-8", "surrogatepass"))
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested past Python's limit
+        raise MalformedJSON(f"malformed JSON: {error or exc}", "body") from exc
 
 
 class Scanned(NamedTuple):
@@ -161,8 +178,10 @@ def score_input(
     scanned = scanner.scan(body, max_id_len, max_candidates) if scanner is not None else None
     if scanned is not None:
         try:
-            obj = orjson.loads(scanned.rest)
+            obj = None if long_integer(scanned.rest) else orjson.loads(scanned.rest)
         except orjson.JSONDecodeError:
+            obj = None
+        if obj is None:
             scanned = None
     if scanned is None:
         return parse_score(parse_json(body), max_candidates, max_id_len)
@@ -294,8 +313,10 @@ def parse_event(obj: Any, max_id_len: int) -> EventInput:
     if not isinstance(etype, str) or not etype or len(etype) > 32 or has_surrogate(etype):
         raise BadRequest("type must be a non-empty string of at most 32 characters", "type")
     ts = obj["timestamp"]
+    # no math.isfinite: an integer past a float's range would raise there; the range
+    # check alone refuses NaN, infinities and huge integers (int and float compare exactly)
     bad = isinstance(ts, bool) or not isinstance(ts, int | float)
-    if bad or not math.isfinite(ts) or not 0 <= ts < MAX_TIMESTAMP:
+    if bad or not 0 <= ts < MAX_TIMESTAMP:
         raise BadRequest(
             "timestamp must be a non-negative number of unix seconds below 1e12 "
             "(milliseconds are rejected)",

@@ -73,6 +73,11 @@ ROWS: list[tuple[str, Any, int, str | None]] = [
      "features": {"item_price": True}}]}, 422, "candidates[0].features.item_price"),
     ("dense feature as the string NaN", {"user_id": "u1", "candidates": [{"item_id": "i1",
      "features": {"item_price": "NaN"}}]}, 422, "candidates[0].features.item_price"),
+    # past 2**64 orjson would read these as floats (1e24), losing digits, past the range check
+    ("25-digit integer feature", {"user_id": "u1", "candidates": [{"item_id": "i1",
+     "features": {"cate_id": 10**24 - 1}}]}, 422, "candidates[0].features.cate_id"),
+    ("25-digit integer in the context", {"user_id": "u1", "candidates": C,
+     "context": {"user_age": 10**24}}, 422, "context.user_age"),
 ]  # fmt: skip
 
 
@@ -113,6 +118,18 @@ def test_malformed_json(client: TestClient) -> None:
     r = client.post("/v1/score", content=b'{"user_id": "u1", "candidates": [', headers={
         "content-type": "application/json"})  # fmt: skip
     check(r, 400, "body", "malformed_json")
+
+
+@pytest.mark.parametrize("path", ["/v1/score", "/v1/events"])
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-32"])
+def test_json_that_is_not_utf8_is_a_400(client: TestClient, path: str, encoding: str) -> None:
+    """RFC 8259: JSON between systems is UTF-8, without a byte-order mark. Python's json
+    would guess the encoding of bytes; the service does not."""
+    body = {"user_id": "u1", "candidates": C} if path == "/v1/score" else EVENT
+    raw = json.dumps(body).encode(encoding)
+    check(client.post(path, content=raw), 400, "body", "malformed_json")
+    good = client.post(path, content=json.dumps(body).encode("utf-8"))
+    assert good.status_code in (200, 202), good.text
 
 
 @pytest.mark.parametrize("path", ["/v1/score", "/v1/events"])
@@ -195,6 +212,14 @@ def test_integer_ids_are_their_decimal_strings(client: TestClient) -> None:
         "/v1/score", json={"user_id": 5, "candidates": [{"item_id": 7}, {"item_id": "7"}]}
     )
     check(dup, 422, "candidates[1].item_id")  # the same item twice
+    # past 64 bits too, exactly (orjson alone reads these as floats), whatever else the
+    # body holds (a 300-digit top_k made the old parse exact, and only then)
+    big = {"user_id": 2**70, "candidates": [{"item_id": 2**64}, {"item_id": 10**24 - 1}]}
+    for extra in ({}, {"top_k": 10**300}):
+        r = client.post("/v1/score", json={**big, **extra})
+        assert r.status_code == 200, r.text
+        got = {it["item_id"] for it in r.json()["items"]}
+        assert got == {"18446744073709551616", "999999999999999999999999"}
 
 
 def test_odd_unicode_ids_are_fine(client: TestClient) -> None:
@@ -259,6 +284,9 @@ EVENT_ROWS: list[tuple[str, Any, str]] = [
     ("long item id", {**EVENT, "item_id": "x" * 1000}, "item_id"),
     ("surrogate feature", {**EVENT, "features": {"cate_id": "\ud800"}}, "features.cate_id"),
     ("huge int feature", {**EVENT, "features": {"x": 10**400}}, "features.x"),
+    ("25-digit integer feature", {**EVENT, "features": {"cate_id": 10**24}}, "features.cate_id"),
+    ("300-digit integer timestamp", {**EVENT, "timestamp": 10**300}, "timestamp"),
+    ("timestamp past a float's range", {**EVENT, "timestamp": 10**400}, "timestamp"),
 ]
 
 
