@@ -8,7 +8,15 @@ Needs Linux `perf` (Debian: `apt-get install linux-perf`) and a Redis (`--redis-
 It builds a bench bundle (random weights, the synthetic data), loads its users, starts
 `ctr serve` as `ctr bench` does, warms it for 2 s, then samples every thread of the
 service at 2 kHz (`-e cpu-clock`, which works where hardware counters do not) for
-`--seconds`. Functions of libraries without symbols show as addresses."""
+`--seconds`. Functions of libraries without symbols show as addresses.
+
+    .venv/bin/python scripts/profile_service.py --model din --n 200 --sampler py-spy
+
+samples the event loop's Python stacks instead (`py-spy record --nonblocking`, 400 Hz;
+`pip install py-spy` into the venv): each Python function's share of the loop thread's
+busy samples, on its own (self: the innermost Python frame, native code it calls
+included) and with what it calls (inclusive), in µs per request from the loop thread's
+CPU time over the window."""
 
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ from training.bench_service import (  # noqa: E402
     _bundle_for,
     _closed_loop,
     _start_service,
+    loop_cpu_s,
     service_env,
     stop_service,
 )
@@ -61,6 +70,58 @@ def samples(data: Path, names: dict[int, str]) -> list[tuple[int, str, str]]:
     return got
 
 
+def py_stacks(raw: Path) -> tuple[collections.Counter, collections.Counter, int]:
+    """Self and inclusive sample counts per Python function of the main thread's stacks
+    in py-spy's raw (collapsed) output, and the main thread's total."""
+    own: collections.Counter = collections.Counter()
+    incl: collections.Counter = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, k = line.rpartition(" ")
+        frames = stack.split(";")
+        if "MainThread" not in frames[0] or len(frames) < 2:
+            continue
+        total += int(k)
+        own[frames[-1]] += int(k)
+        for f in set(frames[1:]):
+            incl[f] += int(k)
+    return own, incl, total
+
+
+def py_spy_profile(args: argparse.Namespace, proc: subprocess.Popen, url: str,
+                   bodies: list[bytes], tmp: str) -> int:  # fmt: skip
+    raw = Path(tmp) / "pyspy.raw"
+    window = max(args.seconds - 1.0, 1.0)
+    spy_bin = Path(sys.executable).with_name("py-spy")
+    spy = subprocess.Popen(
+        [str(spy_bin), "record", "--nonblocking", "-r", "400", "-d", str(int(window)),
+         "-p", str(proc.pid), "-f", "raw", "-o", str(raw), "--threads"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    cpu0 = loop_cpu_s(proc.pid)
+    r = run_loop(_closed_loop(url, bodies, args.concurrency, args.seconds))
+    cpu1 = loop_cpu_s(proc.pid)
+    spy.wait()
+    own, incl, total = py_stacks(raw)
+    if not total or cpu0 is None or cpu1 is None:
+        print("no samples of the event loop's thread (is py-spy installed, may it attach?)")
+        return 1
+    per_req = (cpu1 - cpu0) / (r["rps"] * args.seconds) * 1e6  # the loop's µs per request
+    print(f"{args.model} N = {args.n}, concurrency {args.concurrency}: {r['rps']:,.0f} req/s; "
+          f"event loop thread {per_req:.0f} µs of CPU per request, {total} samples")  # fmt: skip
+    # the entry chain (runpy, uvicorn.run, the loop's run) is in nearly every stack
+    incl = collections.Counter({f: k for f, k in incl.items() if k < 0.9 * total})
+    for title, counts in (
+        ("on its own (self)", own),
+        ("with what it calls (the entry chain, in 90 % or more of the samples, left out)", incl),
+    ):
+        print(f"\nPython functions of the event loop, {title}:\n")
+        print("| share | µs per request | function |\n|---:|---:|---|")
+        for f, k in counts.most_common(args.top):
+            print(f"| {k / total:.1%} | {k / total * per_req:.0f} | `{f}` |")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="din", help="din or dien")
@@ -71,6 +132,9 @@ def main() -> int:
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
     ap.add_argument("--port", type=int, default=8390)
     ap.add_argument("--env", action="append", default=[], help="service setting, KEY=VALUE")
+    ap.add_argument("--sampler", choices=("perf", "py-spy"), default="perf",
+                    help="perf: every thread, native frames; py-spy: the event loop's "
+                    "Python functions")  # fmt: skip
     args = ap.parse_args()
     extra = dict(e.split("=", 1) for e in args.env)
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,6 +146,8 @@ def main() -> int:
         data = Path(tmp) / "perf.data"
         try:
             run_loop(_closed_loop(url, bodies, args.concurrency, 2.0))
+            if args.sampler == "py-spy":
+                return py_spy_profile(args, proc, url, bodies, tmp)
             window = max(args.seconds - 1.0, 1.0)  # recorded inside the driven window
             perf = subprocess.Popen(
                 ["perf", "record", "-e", "cpu-clock", "-F", str(HZ), "-g", "-o", str(data),
