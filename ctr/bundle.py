@@ -119,14 +119,22 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def version_of(folder: str) -> int | None:
+    """The version a folder's name is: a decimal number as ``str(int)`` writes it
+    (ASCII digits, no leading zero), so that the version names its folder back; None
+    for any other name (``02``, ``²``, ``٣``, ``.staging-…``)."""
+    if folder.isascii() and folder.isdigit() and str(int(folder)) == folder:
+        return int(folder)
+    return None
+
+
 def list_versions(models_dir: str | Path, name: str) -> list[int]:
     """Complete versions (a manifest present), ascending."""
     root = Path(models_dir) / name
     if not root.is_dir():
         return []
-    return sorted(
-        int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / MANIFEST).is_file()
-    )
+    found = ((version_of(p.name), p) for p in root.iterdir())
+    return sorted(v for v, p in found if v is not None and (p / MANIFEST).is_file())
 
 
 def resolve_version(models_dir: str | Path, name: str, version: str | int = "latest") -> int:
@@ -152,7 +160,7 @@ def publish(models_dir: str | Path, name: str, staged: Path) -> tuple[int, Path]
     root = Path(models_dir) / name
     root.mkdir(parents=True, exist_ok=True)
     for _ in range(100):
-        existing = [int(p.name) for p in root.iterdir() if p.name.isdigit()]
+        existing = [v for p in root.iterdir() if (v := version_of(p.name)) is not None]
         version = max(existing, default=0) + 1
         manifest_path = staged / MANIFEST
         manifest = json.loads(manifest_path.read_text())
@@ -229,6 +237,20 @@ class Bundle:
         return data
 
 
+def _long_int(value: Any, where: str) -> str | None:
+    """Where in a parsed JSON ``value`` an integer lies outside the 64-bit range (JSON
+    writers, orjson among them, refuse it), or None."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (where or "the manifest") if not -(2**63) <= value < 2**64 else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(
+        value, list) else ()  # fmt: skip
+    for k, v in items:
+        found = _long_int(v, f"{where}.{k}" if isinstance(k, str) else f"{where}[{k}]")
+        if found is not None:
+            return found
+    return None
+
+
 def load_bundle(models_dir: str | Path, name: str, version: str | int = "latest") -> Bundle:
     """Resolve and validate a bundle. Raises :class:`BundleError` with a clear message if
     the folder, the manifest or the model file is missing, unreadable or altered."""
@@ -236,11 +258,18 @@ def load_bundle(models_dir: str | Path, name: str, version: str | int = "latest"
     path = Path(models_dir) / name / str(v)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError) as exc:  # ValueError: bad JSON and bytes that are not UTF-8
-        raise BundleError(f"unreadable manifest {path / MANIFEST}: {exc}") from exc
+    except (OSError, ValueError, RecursionError) as exc:
+        # ValueError: bad JSON, bytes that are not UTF-8; RecursionError: nested too deep
+        raise BundleError(f"unreadable manifest {path / MANIFEST}: {exc!r}") from exc
     if not isinstance(manifest, dict):
         kind = type(manifest).__name__
         raise BundleError(f"unreadable manifest {path / MANIFEST}: a JSON {kind}, not an object")
+    try:
+        where = _long_int(manifest, "")
+    except RecursionError as exc:
+        raise BundleError(f"unreadable manifest {path / MANIFEST}: nested too deep") from exc
+    if where is not None:  # /v1/models could not write it back
+        raise BundleError(f"{path / MANIFEST}: {where} is an integer outside the 64-bit range")
     if manifest.get("format") != FORMAT_VERSION:
         raise BundleError(f"{path / MANIFEST}: unsupported format {manifest.get('format')!r}")
     model = path / MODEL_FILE

@@ -28,14 +28,19 @@ async def load(state: State, version: str | None) -> LoadedModel:
         model = await asyncio.get_running_loop().run_in_executor(
             None, load_model, state.settings, version
         )
-    except (BundleError, ProviderError) as exc:
+    except Exception as exc:
+        # anything else a bundle made the load raise (a bug's exception type included) is
+        # a bundle that does not load: not-ready, the start-up fallback, a 409 on reload
+        err = exc if isinstance(exc, BundleError | ProviderError) else unexpected(exc)
         m.ERRORS.labels("model_load").inc()
         if state.model is None:
-            log.error("model not loaded, service stays not-ready: %s", exc)
-            state.model_error = str(exc)
+            log.error("model not loaded, service stays not-ready: %s", err)
+            state.model_error = str(err)
         else:
-            log.error("reload failed, still serving version %s: %s", state.model.version, exc)
-        raise
+            log.error("reload failed, still serving version %s: %s", state.model.version, err)
+        if err is exc:
+            raise
+        raise err from exc
     old, state.model = state.model, model  # atomic swap: in-flight requests keep theirs
     if old is not None and old.native is not None:
         # its requests still in flight finish on the Python runner, or collect their
@@ -48,6 +53,13 @@ async def load(state: State, version: str | None) -> LoadedModel:
     m.set_model_info(model.name, model.version, model.provider, model.graph, model.precision)
     settle_heap()
     return model
+
+
+def unexpected(exc: Exception) -> BundleError:
+    """A load's exception of another type than the bundle and provider errors, as a
+    :class:`BundleError` that names it (the traceback goes to the log)."""
+    log.error("unexpected error loading the bundle", exc_info=exc)
+    return BundleError(f"loading the bundle failed: {type(exc).__name__}: {exc}")
 
 
 async def start(state: State, deployed: str | None) -> LoadedModel:

@@ -29,7 +29,7 @@ from service.runner import (
 )
 from service.settings import Settings, parse_buckets
 from service.usercache import UserRowCache
-from service.weights import ProtoError, Weight, large_weights
+from service.weights import Weight, large_weights
 
 log = logging.getLogger("ctr.model")
 
@@ -400,8 +400,8 @@ def shared_session(
     compares them with the graph's own. Raises :class:`SharingError` otherwise."""
     try:
         weights = large_weights(served, settings.share_weights_min_bytes)
-    except ProtoError as exc:
-        raise SharingError(f"the served graph's bytes: {exc}") from exc
+    except Exception as exc:  # ProtoError, or bytes this reader did not foresee
+        raise SharingError(f"the served graph's bytes: {exc!r}") from exc
     if not weights:
         return None
     so = session_options(settings)
@@ -640,9 +640,32 @@ def with_single_thread(
 
 
 def warm_up(model: LoadedModel) -> None:
-    """Run the graph at a few batch sizes so first requests do not pay for allocation."""
+    """Run the graph at a few batch sizes so first requests do not pay for allocation,
+    and check what it returns: a probability in [0, 1] per candidate (and, where the
+    graph has them, attention weights of one row per candidate). A graph that answers
+    otherwise would fail or mis-rank every request: it does not load (ValueError)."""
     for n in (1, 64, 512):
-        model.run(probe_feeds(model.bundle, 1, n, n), explain=False)
+        check_outputs(model.run(probe_feeds(model.bundle, 1, n, n), explain=False), n, False)
+    if model.has_attention:
+        check_outputs(model.run(probe_feeds(model.bundle, 1, 64, 64), explain=True), 64, True)
+
+
+def check_outputs(outs: Sequence[np.ndarray], n: int, explain: bool) -> None:
+    """Raises ValueError unless ``outs[0]`` is ``[n]`` probabilities, all finite and in
+    [0, 1], and (``explain``) ``outs[1]`` is ``[n, L]`` finite weights."""
+    probs = np.asarray(outs[0])
+    if probs.shape != (n,):
+        raise ValueError(f"the graph returned probabilities of shape {probs.shape} for {n} "
+                         f"candidates, not ({n},)")  # fmt: skip
+    if not np.isfinite(probs).all() or probs.min() < 0 or probs.max() > 1:
+        raise ValueError("the graph returned scores that are not probabilities in [0, 1] "
+                         f"(min {probs.min()}, max {probs.max()})")  # fmt: skip
+    if explain:
+        att = np.asarray(outs[1]) if len(outs) > 1 else None
+        if att is None or att.ndim != 2 or att.shape[0] != n or not np.isfinite(att).all():
+            shape = None if att is None else att.shape
+            raise ValueError(f"the graph returned attention weights of shape {shape} for {n} "
+                             "candidates, not one finite row per candidate")  # fmt: skip
 
 
 def warm_native(model: LoadedModel) -> None:

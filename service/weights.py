@@ -19,6 +19,7 @@ data) is left to ONNX Runtime.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -116,7 +117,7 @@ def _tensor(buf: bytes, start: int, end: int) -> Weight | None:
         elif field == 2 and wire == VARINT:
             onnx_type = value
         elif field == 8 and wire == LEN:
-            name = buf[value:stop].decode("utf-8")
+            name = _name(buf, value, stop)
         elif field == 9 and wire == LEN:
             raw = (value, stop)
         elif field == 14 and wire == VARINT:
@@ -127,7 +128,7 @@ def _tensor(buf: bytes, start: int, end: int) -> Weight | None:
     if any(d >= 1 << 62 for d in dims):  # a negative dim, as protobuf writes it
         return None
     shape = tuple(dims)
-    if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != raw[1] - raw[0]:
+    if math.prod(shape) * dtype.itemsize != raw[1] - raw[0]:  # exact: no int64 to overflow
         return None
     # a copy: aligned (raw_data may start anywhere) and independent of the graph's bytes
     # ONNX raw_data is little-endian: read as such, copied in this machine's order
@@ -137,16 +138,40 @@ def _tensor(buf: bytes, start: int, end: int) -> Weight | None:
     return Weight(name, onnx_type, array)
 
 
+def _name(buf: bytes, start: int, end: int) -> str:
+    try:
+        return buf[start:end].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtoError(f"an initializer's name is not UTF-8: {exc}") from exc
+
+
+def _tensor_name(buf: bytes, start: int, end: int) -> str | None:
+    """The name of the TensorProto in ``buf[start:end]`` (its payloads skipped over)."""
+    name = None
+    for field, wire, value, stop in fields(buf, start, end):
+        if field == 8 and wire == LEN:
+            name = _name(buf, value, stop)
+    return name
+
+
 def large_weights(model: bytes, min_bytes: int) -> list[Weight]:
     """The main graph's initializers of at least ``min_bytes`` bytes that are held as
     raw data (:func:`_tensor`), in graph order. Raises :class:`ProtoError` where the
-    bytes do not parse as a model."""
+    bytes do not parse as a model, or where two initializers share a name (which copy
+    ONNX Runtime would use is not for this reader to guess)."""
     out: list[Weight] = []
+    names: set[str | None] = set()
     for field, wire, start, end in fields(model, 0, len(model)):
         if field != 7 or wire != LEN:
             continue
         for gfield, gwire, tstart, tend in fields(model, start, end):
-            if gfield == 5 and gwire == LEN and tend - tstart >= min_bytes:
+            if gfield != 5 or gwire != LEN:
+                continue
+            name = _tensor_name(model, tstart, tend)
+            if name is not None and name in names:
+                raise ProtoError(f"two initializers are named {name!r}")
+            names.add(name)
+            if tend - tstart >= min_bytes:
                 weight = _tensor(model, tstart, tend)
                 if weight is not None and weight.array.nbytes >= min_bytes:
                     out.append(weight)

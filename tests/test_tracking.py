@@ -165,6 +165,34 @@ async def arrived(tracker: UserTracker, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.005)
 
 
+def test_swapdb_needs_the_tracking_connection_ended(private: RedisProcess) -> None:
+    """Redis sends no invalidation for SWAPDB (docs/api.md, "Degraded modes"): kept rows
+    stay trusted across a swap, which is why the docs have operators end the tracking
+    connections after one; ending them as the README says distrusts every kept row. (If
+    a Redis version starts to send one, the first half fails: change the docs then.)"""
+    writer = private.client()
+
+    async def main() -> None:
+        async with running(private.url, 2.0) as t:
+            s0 = t.stamp()
+            assert s0 is not None
+            writer.rpush(user_key("u1", "seq"), b"{}")
+            await applied(t, lambda: not t.valid("u1", s0))
+            s1 = t.stamp()
+            writer.swapdb(0, 1)
+            writer.rpush(user_key("marker", "seq"), b"{}")  # after the swap, on the wire
+            await applied(t, lambda: not t.valid("marker", s1))
+            assert t.valid("u1", s1)  # the swap said nothing
+            # the README's procedure: CLIENT KILL ID of each client named ctr-tracking
+            named = [c["id"] for c in writer.client_list() if c["name"] == "ctr-tracking"]
+            assert named == [str(t.client_id)]
+            for client_id in named:
+                writer.execute_command("CLIENT", "KILL", "ID", client_id)
+            await applied(t, lambda: not t.valid("u1", s1) and not t.valid("u2", s1))
+
+    asyncio.run(main())
+
+
 def test_read_on_a_timer_or_by_a_poll(
     private: RedisProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -71,6 +71,50 @@ def test_the_reader_leaves_tensors_it_does_not_hold_to_onnx_runtime() -> None:
         large_weights(data[:-3], 0)  # cut short
 
 
+def _model_bytes(*tensors: onnx.TensorProto) -> bytes:
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3, 4])],
+        list(tensors),
+    )
+    return helper.make_model(graph).SerializeToString()
+
+
+def test_an_initializer_named_twice_is_not_shared() -> None:
+    """ONNX Runtime picks one of two same-named initializers (which one is its own
+    business): the reader must not guess, whichever way each is held."""
+    table = np.arange(12, dtype=np.float32).reshape(3, 4)
+    typed = helper.make_tensor("t", onnx.TensorProto.FLOAT, [3, 4], table.ravel().tolist())
+    for pair in (
+        (typed, numpy_helper.from_array(table + 1, "t")),
+        (numpy_helper.from_array(table, "t"), numpy_helper.from_array(table + 1, "t")),
+    ):
+        with pytest.raises(ProtoError, match="two initializers are named 't'"):
+            large_weights(_model_bytes(*pair), 0)
+    # distinct names: both read (the typed one left to ONNX Runtime)
+    other = numpy_helper.from_array(table, "u")
+    assert [w.name for w in large_weights(_model_bytes(typed, other), 0)] == ["u"]
+
+
+def test_bytes_the_reader_did_not_foresee_are_a_proto_error_or_left_alone() -> None:
+    table = np.arange(12, dtype=np.float32).reshape(3, 4)
+    bad_name = numpy_helper.from_array(table, "t")
+    data = _model_bytes(bad_name)
+    name_field = b"\x42\x01t"  # TensorProto.name (field 8, LEN), 1 byte: "t"
+    assert data.count(name_field) == 1
+    with pytest.raises(ProtoError, match="not UTF-8"):
+        large_weights(data.replace(name_field, b"\x42\x01\xff"), 0)
+    # dims whose product is 12 (mod 2**64), the raw_data's 12 floats: an int64 product
+    # would wrap to a match (and the reshape fail); the exact one does not match, and the
+    # tensor is left to ONNX Runtime (which refuses such a graph itself)
+    huge = numpy_helper.from_array(table, "h")
+    huge.ClearField("dims")
+    huge.dims.extend([5 * 5581 * 8681, 49477 * 384773, 12])  # 12 * (2**62 + 1)
+    assert large_weights(_model_bytes(huge), 0) == []
+
+
 def _outputs(model: LoadedModel, n: int) -> list[np.ndarray]:
     """The probe's probabilities from every session: the Python runner (the main session,
     or the one-thread one for n <= 64) and the native runner's sessions."""

@@ -1,0 +1,176 @@
+"""Bundles that pass the checksums but cannot serve: a graph whose outputs are not one
+probability per candidate, a load that fails with an unforeseen exception, odd version
+folders and manifests. Each must leave the service not-ready at start-up (or on the
+version before it) and answer a reload with 409 while the old version serves on."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from fastapi.testclient import TestClient
+from onnx import helper, numpy_helper
+
+from ctr.bundle import MANIFEST, BundleError, list_versions, load_bundle, publish, sha256_file
+from service import lifecycle
+from service.app import create_app
+from tests.helpers import Built, build_bundle, settings_for
+
+KEY = {"X-API-Key": "k"}
+BODY = {"user_id": "u1", "candidates": [{"item_id": f"i{k}"} for k in range(5)]}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    return build_bundle(tmp_path_factory.mktemp("bad-bundles"), "din")
+
+
+@pytest.fixture
+def two_versions(built: Built, tmp_path: Path) -> Built:
+    """``built``'s bundle as versions 1 and 2 of a fresh model store."""
+    src = built.models_dir / built.config.name / str(built.version)
+    models = tmp_path / "models"
+    for v in ("1", "2"):
+        shutil.copytree(src, models / built.config.name / v)
+        _edit_manifest(models / built.config.name / v, lambda m, v=v: m.update(version=int(v)))
+    return Built(built.config, built.frame, models, built.run_dir, 1)
+
+
+def _edit_manifest(folder: Path, edit: Callable[[dict], Any]) -> None:
+    manifest = json.loads((folder / MANIFEST).read_text())
+    edit(manifest)
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+
+
+def _alter_probs(folder: Path, kind: str) -> None:
+    """Rewrite ``model.onnx`` so that its ``probs`` output is wrong (``kind``: twice as
+    many values, or values out of [0, 1]), with the manifest's sha256 to match and no
+    fused graph (which would otherwise fail its parity check and not be served)."""
+    model = onnx.load(str(folder / "model.onnx"))
+    graph = model.graph
+    for node in graph.node:
+        node.output[:] = ["probs_inner" if o == "probs" else o for o in node.output]
+    if kind == "twice":
+        graph.node.append(helper.make_node("Concat", ["probs_inner", "probs_inner"], ["probs"],
+                                           axis=0))  # fmt: skip
+    else:
+        graph.initializer.append(numpy_helper.from_array(np.array(1.5, np.float32), "c1_5"))
+        graph.node.append(helper.make_node("Add", ["probs_inner", "c1_5"], ["probs"]))
+    onnx.save(model, str(folder / "model.onnx"))
+    digest = sha256_file(folder / "model.onnx")
+
+    def edit(m: dict) -> None:
+        m["onnx_sha256"] = digest
+        m.pop("fused", None)
+        m.pop("fused_cuda", None)
+
+    _edit_manifest(folder, edit)
+
+
+@pytest.mark.parametrize("kind", ["twice", "out of range"])
+def test_a_graph_that_does_not_return_probabilities_never_serves(
+    two_versions: Built, kind: str
+) -> None:
+    store = two_versions.models_dir / two_versions.config.name
+    _alter_probs(store / "2", kind)
+    # start-up on it: not ready, and the reason names the graph's answer
+    with TestClient(create_app(settings_for(two_versions, model_version="2"))) as c:
+        ready = c.get("/readyz")
+        assert ready.status_code == 503
+        assert "warm-up" in ready.json()["model_error"]
+        assert c.post("/v1/score", json=BODY).json()["error"] == "model_not_ready"
+    # a reload to it: 409, and version 1 serves on, every candidate scored
+    with TestClient(create_app(settings_for(two_versions, model_version="1", api_key="k"))) as c:
+        r = c.post("/admin/reload", json={"version": 2}, headers=KEY)
+        assert r.status_code == 409 and r.json()["serving"] == "1", r.text
+        scored = c.post("/v1/score", json=BODY)
+        assert scored.status_code == 200 and len(scored.json()["items"]) == 5
+        assert scored.json()["model"]["version"] == "1"
+    # "latest" at start-up: the version before it serves
+    with TestClient(create_app(settings_for(two_versions, model_version="latest"))) as c:
+        assert c.get("/readyz").status_code == 200
+        assert c.get("/v1/models").json()["fallback"]["newest"] == "2"
+
+
+def test_an_unforeseen_exception_while_loading_is_a_bundle_that_does_not_load(
+    two_versions: Built, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception of any type from a load (here injected for version 2) is handled as a
+    bundle that does not load, never a 500 or a crashed start-up."""
+    real = lifecycle.load_model
+
+    def load_model(settings: Any, version: str | None = None) -> Any:
+        if version == "2" or (version is None and settings.model_version == "2"):
+            raise RuntimeError("an exception nobody foresaw")
+        return real(settings, version)
+
+    monkeypatch.setattr(lifecycle, "load_model", load_model)
+    with TestClient(create_app(settings_for(two_versions, model_version="2"))) as c:
+        error = c.get("/readyz").json()["model_error"]
+        assert "RuntimeError: an exception nobody foresaw" in error
+    with TestClient(create_app(settings_for(two_versions, model_version="1", api_key="k"))) as c:
+        before = _model_load_errors(c)
+        r = c.post("/admin/reload", json={"version": 2}, headers=KEY)
+        assert r.status_code == 409 and "RuntimeError" in r.json()["detail"], r.text
+        assert r.json()["serving"] == "1"
+        assert _model_load_errors(c) == before + 1
+        assert c.post("/v1/score", json=BODY).status_code == 200
+
+
+def _model_load_errors(c: TestClient) -> float:
+    for line in c.get("/metrics").text.splitlines():
+        if line.startswith('ctr_errors_total{kind="model_load"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_only_plain_decimal_folders_are_versions(two_versions: Built, tmp_path: Path) -> None:
+    """``02`` would be listed as 2 and looked for in ``2``; ``²`` and ``٣`` are digits to
+    ``str.isdigit`` but not to ``int``'s folder name: none of them is a version."""
+    store = two_versions.models_dir / two_versions.config.name
+    for odd in ("02", "²", "٣", "1 "):
+        shutil.copytree(store / "1", store / odd)
+    assert list_versions(two_versions.models_dir, two_versions.config.name) == [1, 2]
+    assert load_bundle(two_versions.models_dir, two_versions.config.name).version == 2
+    staged = tmp_path / "staged"
+    shutil.copytree(store / "1", staged)
+    version, target = publish(two_versions.models_dir, two_versions.config.name, staged)
+    assert version == 3 and target == store / "3"
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        (lambda m: m.update(created_at=2**70), ".created_at"),
+        (lambda m: m["metrics"].update(test={"auc": 10**30}), ".metrics.test.auc"),
+        (lambda m: m["inputs"][0]["shape"].__setitem__(0, 2**64), ".inputs[0].shape[0]"),
+    ],
+    ids=["created_at", "metric", "input shape"],
+)
+def test_a_manifest_integer_past_64_bits_is_a_bundle_error(
+    two_versions: Built, edit: Callable[[dict], Any], named: str
+) -> None:
+    """/v1/models writes the manifest back as JSON, which holds no such integer."""
+    folder = two_versions.models_dir / two_versions.config.name / "2"
+    _edit_manifest(folder, edit)
+    with pytest.raises(BundleError, match=re.escape(named)):
+        load_bundle(two_versions.models_dir, two_versions.config.name, 2)
+    with TestClient(create_app(settings_for(two_versions, model_version="latest"))) as c:
+        assert c.get("/v1/models").status_code == 200  # version 1 serves
+
+
+def test_a_manifest_nested_past_the_parser_is_a_bundle_error(two_versions: Built) -> None:
+    folder = two_versions.models_dir / two_versions.config.name / "2"
+    (folder / MANIFEST).write_text('{"format": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(BundleError, match="unreadable manifest"):
+        load_bundle(two_versions.models_dir, two_versions.config.name, 2)
+    with TestClient(create_app(settings_for(two_versions, model_version="latest"))) as c:
+        assert c.get("/readyz").status_code == 200  # version 1 serves
+        assert c.get("/v1/models").json()["version"] == "1"
