@@ -111,6 +111,22 @@ def random_inputs(
     return {i.name: feed[i.name] for i in graph_inputs(config)}
 
 
+# the graph's metadata key (ModelProto.metadata_props) for contract_digest
+CONTRACT_KEY = "ctr_contract_sha256"
+
+
+def contract_digest(config: Any, mapping: Any) -> str:
+    """sha256 of what a graph was exported for: the manifest's ``config`` and ``mapping``
+    entries (the feature spec and the ID mapping) as canonical JSON, as the manifest
+    stores them, so that no later code's reading of them changes it. The export writes
+    it into the graph's metadata (so ``onnx_sha256`` covers it) and the service compares
+    the manifest's with it: a manifest edited after the export (hash buckets, table
+    sizes, a vocabulary) cannot feed the graph rows it was not trained with."""
+    doc = {"config": config, "mapping": mapping}
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:

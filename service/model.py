@@ -14,7 +14,15 @@ import numpy as np
 import onnxruntime as ort
 
 from ctr import native
-from ctr.bundle import Bundle, BundleError, graph_inputs, graph_outputs, load_bundle
+from ctr.bundle import (
+    CONTRACT_KEY,
+    Bundle,
+    BundleError,
+    contract_digest,
+    graph_inputs,
+    graph_outputs,
+    load_bundle,
+)
 from service.batcher import Batcher
 from service.nativerun import NativeRunError, NativeRunner, SessionSpec
 from service.precision import FP16_TOLERANCE, PrecisionError, fp16_bytes, probe_feeds
@@ -222,6 +230,7 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
             f"{bundle.model_path}: graph inputs {graph_in} differ from the manifest's "
             f"{bundle.input_names}"
         )
+    check_contract(bundle, session)
     graph, graph_note, served, graph_ops = "standard", "", model_bytes, []
     if fused_wanted(settings.fused_ops, bundle):
         try:
@@ -637,6 +646,24 @@ def with_single_thread(
         return runner
     log.info("calls of at most %d candidates run on one intra-op thread", limit)
     return SplitRunner(runner, SessionRunner(single), limit)
+
+
+def check_contract(bundle: Bundle, session: ort.InferenceSession) -> None:
+    """Raises :class:`BundleError` where the graph was exported for another feature spec
+    or ID mapping than the manifest's (:func:`ctr.bundle.contract_digest`; a graph
+    exported before the digest was written carries none, and is not checked)."""
+    stamped = session.get_modelmeta().custom_metadata_map.get(CONTRACT_KEY)
+    if stamped is None:
+        log.info("%s carries no contract digest (an older export): not checked",
+                 bundle.model_path)  # fmt: skip
+        return
+    have = contract_digest(bundle.manifest.get("config"), bundle.manifest.get("mapping"))
+    if have != stamped:
+        raise BundleError(
+            f"{bundle.model_path}: the manifest's feature spec and ID mapping are not the "
+            f"ones this graph was exported with (digest {have[:12]}…, the graph's "
+            f"{stamped[:12]}…): edited after the export?"
+        )
 
 
 def warm_up(model: LoadedModel) -> None:

@@ -18,7 +18,15 @@ import pytest
 from fastapi.testclient import TestClient
 from onnx import helper, numpy_helper
 
-from ctr.bundle import MANIFEST, BundleError, list_versions, load_bundle, publish, sha256_file
+from ctr.bundle import (
+    CONTRACT_KEY,
+    MANIFEST,
+    BundleError,
+    list_versions,
+    load_bundle,
+    publish,
+    sha256_file,
+)
 from service import lifecycle
 from service.app import create_app
 from tests.helpers import Built, build_bundle, settings_for
@@ -129,6 +137,53 @@ def _model_load_errors(c: TestClient) -> float:
         if line.startswith('ctr_errors_total{kind="model_load"}'):
             return float(line.split()[-1])
     return 0.0
+
+
+def _buckets(folder: Path, table: str, buckets: int) -> None:
+    """Change ``table``'s hash buckets in the manifest, in the config and the mapping
+    alike: a manifest that is consistent in itself but not what the graph learnt."""
+
+    def edit(m: dict) -> None:
+        for f in m["config"]["features"]:
+            if f["name"] == table:
+                f["mapping"]["buckets"] = buckets
+        m["mapping"][table]["spec"]["buckets"] = buckets
+
+    _edit_manifest(folder, edit)
+
+
+@pytest.mark.parametrize("buckets", [6000, 4000])
+def test_a_mapping_edited_after_the_export_does_not_serve(
+    two_versions: Built, buckets: int
+) -> None:
+    """DIN's user table has 5,002 rows: 6,000 buckets would index past it (a 500 for some
+    users), 4,000 would score every user with another user's row, silently."""
+    store = two_versions.models_dir / two_versions.config.name
+    model = onnx.load(str(store / "2" / "model.onnx"))
+    assert CONTRACT_KEY in {p.key for p in model.metadata_props}  # the export wrote it
+    assert load_bundle(two_versions.models_dir, two_versions.config.name, 2).mapper
+    _buckets(store / "2", "user_id", buckets)
+    load_bundle(two_versions.models_dir, two_versions.config.name, 2)  # valid in itself
+    with TestClient(create_app(settings_for(two_versions, model_version="2"))) as c:
+        error = c.get("/readyz").json()["model_error"]
+        assert "not the ones this graph was exported with" in error, error
+    with TestClient(create_app(settings_for(two_versions, model_version="1", api_key="k"))) as c:
+        r = c.post("/admin/reload", json={"version": 2}, headers=KEY)
+        assert r.status_code == 409 and r.json()["serving"] == "1", r.text
+
+
+def test_a_graph_exported_before_the_digest_still_loads(two_versions: Built) -> None:
+    """Bundles exported before the digest was written carry none: not checked."""
+    folder = two_versions.models_dir / two_versions.config.name / "2"
+    model = onnx.load(str(folder / "model.onnx"))
+    onnx.helper.set_model_props(model, {})
+    onnx.save(model, str(folder / "model.onnx"))
+    digest = sha256_file(folder / "model.onnx")
+    _edit_manifest(folder, lambda m: (m.update(onnx_sha256=digest), m.pop("fused"),
+                                      m.pop("fused_cuda", None)))  # fmt: skip
+    with TestClient(create_app(settings_for(two_versions, model_version="2"))) as c:
+        assert c.get("/readyz").status_code == 200
+        assert c.post("/v1/score", json=BODY).status_code == 200
 
 
 def test_only_plain_decimal_folders_are_versions(two_versions: Built, tmp_path: Path) -> None:

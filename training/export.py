@@ -25,11 +25,13 @@ from torch import Tensor, nn
 
 from ctr import native
 from ctr.bundle import (
+    CONTRACT_KEY,
     FORMAT_VERSION,
     FUSED_CUDA_FILE,
     FUSED_FILE,
     MANIFEST,
     MODEL_FILE,
+    contract_digest,
     graph_inputs,
     graph_outputs,
     publish,
@@ -145,7 +147,19 @@ def export_onnx(
         )
 
 
-def export_fused(model: CTRModel, staged: Path, cuda: bool = False) -> dict[str, Any] | None:
+def stamp_contract(path: Path, digest: str) -> None:
+    """Write ``digest`` (:func:`ctr.bundle.contract_digest`) into the graph's metadata
+    under :data:`ctr.bundle.CONTRACT_KEY`, keeping any other entry."""
+    graph = onnx.load(str(path))
+    props = {p.key: p.value for p in graph.metadata_props}
+    props[CONTRACT_KEY] = digest
+    onnx.helper.set_model_props(graph, props)
+    onnx.save(graph, str(path))
+
+
+def export_fused(
+    model: CTRModel, staged: Path, cuda: bool = False, contract: str | None = None
+) -> dict[str, Any] | None:
     """Export ``model_fused.onnx`` next to ``model.onnx`` and gate it like the main graph,
     with the custom-op library's CPU kernels. Its manifest entry, or None when the model
     has nothing to fuse, the library cannot be built here or the fused graph fails its
@@ -168,6 +182,8 @@ def export_fused(model: CTRModel, staged: Path, cuda: bool = False) -> dict[str,
     try:
         lib = native.library()
         export_onnx(model, path, fused=True, only=only)
+        if contract is not None:
+            stamp_contract(path, contract)
         report = parity_gate(model, path, ops_library=lib.path)
         if not report.ok:
             raise ParityError(f"parity gate: max |ORT - torch| = {report.max_abs_diff:.2e}")
@@ -281,6 +297,8 @@ def export_bundle(
     try:
         onnx_path = staged / MODEL_FILE
         export_onnx(model, onnx_path)
+        contract = contract_digest(manifest_config(config), mapper.to_json())
+        stamp_contract(onnx_path, contract)
         report = parity_gate(model, onnx_path)
         if not report.ok:
             raise ParityError(
@@ -304,8 +322,8 @@ def export_bundle(
             "data_fingerprint": metrics.get("data_fingerprint"),
             "parity": {"max_abs_diff": report.max_abs_diff, "tolerance": PARITY_TOL},
             "onnx_sha256": sha256_file(onnx_path),
-            "fused": export_fused(model, staged),
-            "fused_cuda": export_fused(model, staged, cuda=True),
+            "fused": export_fused(model, staged, contract=contract),
+            "fused_cuda": export_fused(model, staged, cuda=True, contract=contract),
         }
         (staged / MANIFEST).write_text(json.dumps(manifest, indent=2))
         version, path = publish(models_dir, name, staged)
