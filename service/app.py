@@ -264,6 +264,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 lambda version: lifecycle.load(state, version),
                 configured=settings.model_version,
                 serving=lambda: state.model.version if state.model is not None else None,
+                agreed=lambda version: lifecycle.agreed(state, version),
             )
             # before the load: a broadcast meanwhile is caught up; and the deployment's
             # last broadcast version, if it is the one to start on
@@ -273,17 +274,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # the native JSON codec (service.codec): the custom-op library is built (or
         # found) here, once per process, and the model's fused graph reuses it
         state.codec = await loop.run_in_executor(None, codec.load, settings)
-        try:
-            await lifecycle.start(state, deployed)
-        except BundleError as exc:
-            # logged in lifecycle.load; with "latest", serve the newest version that loads (the
-            # rest of a fleet still serves it after a rejected reload); with none, the
-            # service runs not-ready until a reload succeeds
-            if settings.model_version == "latest":
-                await lifecycle.fall_back(state, exc)
-        except ProviderError:
-            if settings.require_gpu:
-                raise
+        await lifecycle.start_up(state, deployed)
         state.events = EventWriter(
             state.write_redis, settings.event_dedup_window, settings.sequence_ttl_s
         )

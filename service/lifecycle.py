@@ -83,6 +83,27 @@ async def start(state: State, deployed: str | None) -> LoadedModel:
     return await load(state, None)
 
 
+async def start_up(state: State, deployed: str | None) -> None:
+    """The worker's first load (:func:`start`) and, with ``latest``, its fallback
+    (:func:`fall_back`), under the reload lock: the retries they may arm (the deployment's
+    version, the newest after a fallback) must not load while they still run, or a slow
+    start-up load would swap its version in over theirs. A bundle that does not load
+    leaves the worker not-ready (logged in :func:`load`); a provider error is raised only
+    with ``CTR_REQUIRE_GPU``."""
+    async with state.reload_lock:
+        try:
+            await start(state, deployed)
+        except BundleError as exc:
+            # with "latest", serve the newest version that loads (the rest of a fleet
+            # still serves it after a rejected reload); with none, the service runs
+            # not-ready until a reload succeeds
+            if state.settings.model_version == "latest":
+                await fall_back(state, exc)
+        except ProviderError:
+            if state.settings.require_gpu:
+                raise
+
+
 # start-up fallback: older versions tried at most, and the first wait before the newest
 # is tried again (doubling up to FALLBACK_RETRY_MAX_S)
 FALLBACK_VERSIONS = 3
@@ -111,6 +132,15 @@ async def fall_back(state: State, newest_error: BundleError) -> None:
         spawn(state, retry_latest(state))
         return
     state.model_error = str(newest_error)  # none loads: say why the newest did not
+
+
+def agreed(state: State, version: str) -> None:
+    """The deployment's broadcast names ``version``, which this worker serves: a start-up
+    fallback to it is over (the deployment chose it), and the newest is no longer tried
+    (:func:`retry_latest`)."""
+    if state.fallback is not None and state.model is not None and state.model.version == version:
+        log.info("the deployment serves version %s too: the start-up fallback is over", version)
+        state.fallback = None
 
 
 def settle_heap() -> None:

@@ -145,6 +145,7 @@ class ReloadBus:
         load_retry_max_s: float = 600.0,
         configured: str = "latest",
         serving: Callable[[], str | None] = lambda: None,
+        agreed: Callable[[str], None] = lambda version: None,
     ) -> None:
         # one channel and one record per deployment: the store's path and the model name,
         # hashed to a short suffix; the keys share a hash tag (one cluster slot)
@@ -158,6 +159,9 @@ class ReloadBus:
         self.deployment = {"models_dir": where, "model": model_name}
         self.configured = configured  # CTR_MODEL_VERSION: what a fresh start loads
         self.serving = serving  # the version this worker serves now (None: none)
+        self.agreed = agreed  # a broadcast named the version served here: no load
+        # a reload made here whose broadcast Redis has not taken yet
+        self.pending: str | None = None
         self.token = uuid.uuid4().hex  # this worker
         self.redis = redis
         self.timeout_s = max(timeout_s, MIN_TIMEOUT_S)
@@ -253,24 +257,38 @@ class ReloadBus:
         loading it); how many were reached, ``None`` when Redis could not be. Then the
         broadcast is tried again in the background (backing off) until Redis takes it,
         unless something newer (a reload here, a broadcast applied) supersedes it."""
+        # this reload supersedes an older broadcast's pending load here, and an older
+        # reload's pending broadcast
+        self.retry_task = _replace(self.retry_task, None)
         reached = await self._publish_once(version)
-        # an older reload's pending broadcast is superseded by this one
+        self.pending = None if reached is not None else version
         self.publish_task = _replace(
-            self.publish_task,
-            self._republish(version, self.applied_seq) if reached is None else None,
+            self.publish_task, self._republish(version) if reached is None else None
         )
         return reached
 
-    async def _republish(self, version: str, seen: int | None) -> None:
+    async def _republish(self, version: str) -> None:
         async def attempt() -> bool:
-            reached = await self._publish_once(version)
-            if reached is not None:
-                log.info("reload of version %s broadcast late, to %d worker(s)", version, reached)
-            return reached is not None
+            await self._send_pending()
+            return self.pending != version
 
-        # a newer reload or broadcast since (applied_seq moved) supersedes this one
-        done = lambda: self.closing or self.applied_seq != seen  # noqa: E731
+        # sent (here or by the listener, before it caught up), or superseded: by a newer
+        # reload here, or a broadcast this worker received after this reload (_apply)
+        done = lambda: self.closing or self.pending != version  # noqa: E731
         await retry_under_lock(self.lock, attempt, done, self.retry_s, 30.0)
+
+    async def _send_pending(self) -> bool:
+        """Broadcast the reload made here whose broadcast Redis refused (call with the
+        lock held); whether Redis took it (True, also when none was pending)."""
+        version = self.pending
+        if version is None:
+            return True
+        reached = await self._publish_once(version)
+        if reached is None:
+            return False
+        self.pending = None
+        log.info("reload of version %s broadcast late, to %d worker(s)", version, reached)
+        return True
 
     async def _publish_once(self, version: str) -> int | None:
         # what a worker starting later compares with its own setting and store (baseline)
@@ -339,8 +357,12 @@ class ReloadBus:
             if self.applied_seq is not None and seq <= self.applied_seq:
                 return  # this worker has applied or published a newer one
             self.applied_seq = seq
+            self.pending = None  # a reload here not broadcast yet: this came after it
             if self.serving() == version:
-                return  # already served here (several workers reloading it at once)
+                # already served here (several workers reloading it at once); a start-up
+                # fallback to it is what the deployment chose now
+                self.agreed(version)
+                return
             log.info("reloading version %s, as another worker did (#%d)", version, seq)
             if await self._load_quietly(version):
                 return
@@ -401,6 +423,12 @@ class ReloadBus:
                 await pubsub.subscribe(self.channel)
                 await self._confirmed(pubsub)  # listening before reading what was missed
                 self.subscribed = True
+                # a reload made here that Redis refused goes out first: numbered after every
+                # broadcast made meanwhile, none of which may undo it (a catch-up of an
+                # older record would, and end its re-sending)
+                async with self.lock:
+                    if not await self._send_pending():
+                        raise ConnectionError("the reload made here is not broadcast yet")
                 await self._catch_up()
                 self.catch_ups += 1
                 delay = self.retry_s

@@ -157,11 +157,13 @@ def test_a_worker_that_missed_the_message_catches_up(built: Built, channel: str)
 class Worker:
     """A stand-in worker around a real ReloadBus: its load takes ``load_s`` seconds."""
 
-    def __init__(self, channel: str, load_s: float, configured: str = "latest") -> None:
+    def __init__(
+        self, channel: str, load_s: float, configured: str = "latest", url: str = REDIS_URL
+    ) -> None:
         self.version, self.load_s, self.lock = "1", load_s, asyncio.Lock()
-        self.redis = AsyncRedis.from_url(REDIS_URL)
-        self.bus = ReloadBus(self.redis, REDIS_URL, channel, "/tmp/bus-test", "din", 1.0,
-                             1.0, self.lock, self.load, retry_s=0.1,
+        self.redis = AsyncRedis.from_url(url, socket_timeout=1.0, socket_connect_timeout=0.5)
+        self.bus = ReloadBus(self.redis, url, channel, "/tmp/bus-test", "din", 1.0,
+                             0.5, self.lock, self.load, retry_s=0.1,
                              configured=configured)  # fmt: skip
 
     async def load(self, version: str, load_s: float | None = None) -> None:
@@ -338,6 +340,172 @@ def test_a_broadcast_redis_refused_is_sent_when_it_answers_unless_superseded(
     first, late, second, v1, v2 = asyncio.run(scenario())
     assert first is None and late == "5"
     assert second is None and v1 == "8" and v2 == "8"
+
+
+class Gate:
+    """A TCP relay in front of the test Redis that can refuse and cut every connection:
+    Redis down for one worker only."""
+
+    def __init__(self) -> None:
+        self.open = True
+        self.writers: list[asyncio.StreamWriter] = []
+        target = urlsplit(REDIS_URL)
+        self.target = (target.hostname or "127.0.0.1", target.port or 6379)
+        self.db = target.path or "/0"
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"redis://127.0.0.1:{port}{self.db}"  # the same database: the same channel
+
+    async def _relay(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        if not self.open:
+            cw.close()
+            return
+        rr, rw = await asyncio.open_connection(*self.target)
+        self.writers += [cw, rw]
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            with contextlib.suppress(Exception):
+                w.close()
+
+        await asyncio.gather(pipe(cr, rw), pipe(rr, cw))
+
+    def shut(self) -> None:
+        self.open = False
+        for w in self.writers:
+            with contextlib.suppress(Exception):
+                w.close()
+        self.writers = []
+
+    async def close(self) -> None:
+        self.shut()
+        self.server.close()
+
+
+def test_a_reload_made_while_redis_was_down_is_sent_before_the_catch_up(channel: str) -> None:
+    """A worker that could not read Redis at start-up reloads while Redis is still down
+    (`peers_notified: null`). When Redis answers again, the listener sends that reload
+    before it catches up: the record from before (version 3) must not undo it, here or
+    on the other workers, whichever of the listener and the re-send gets there first
+    (here the listener: the re-send task is cancelled)."""
+
+    async def scenario() -> tuple[Any, ...]:
+        admin = Worker(channel, 0.0)
+        await listening(admin)
+        await admin.admin("3", 0.0)  # an earlier reload, recorded
+        gate = Gate()
+        url = await gate.start()
+        gate.shut()  # Redis down for `new`
+        new = Worker(channel, 0.0, url=url)
+        baseline = await new.bus.baseline()
+        new.version = "4"  # started on its own setting
+        new.bus.start()
+        peers = await new.admin("2", 0.0)  # POST /admin/reload while Redis is down
+        assert new.bus.publish_task is not None
+        new.bus.publish_task.cancel()  # the listener's turn
+        gate.open = True
+        await until_async(lambda: admin.version == "2", "the late broadcast of 2")
+        await until_async(lambda: new.bus.catch_ups > 0, "the catch-up")
+        record = orjson.loads(Redis.from_url(REDIS_URL).get(new.bus.last_key) or b"{}")
+        out = (baseline, peers, new.version, admin.version, record.get("version"),
+               record.get("origin") == new.bus.token)  # fmt: skip
+        for w in (admin, new):
+            await w.close()
+        await gate.close()
+        return out
+
+    baseline, peers, v_new, v_admin, recorded, ours = asyncio.run(scenario())
+    assert baseline is None and peers is None
+    assert v_new == "2" and v_admin == "2" and recorded == "2" and ours
+
+
+def test_a_reload_here_ends_the_retries_of_an_older_broadcast(channel: str) -> None:
+    """Version 7 was broadcast but does not load here yet (retried); then this worker is
+    reloaded to 8 while Redis refuses its broadcast. 7's files landing later must not
+    take it back to 7, and 8 reaches the other worker once Redis answers."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    async def scenario() -> tuple[Any, ...]:
+        admin, here = Worker(channel, 0.0), Worker(channel, 0.0)
+        here.bus.load_retry_s = 0.1
+        missing = {"7"}
+        loads: list[str] = []
+
+        async def load(version: str, load_s: float | None = None) -> None:
+            loads.append(version)
+            if version in missing:
+                raise RuntimeError(f"version {version} is not on this host yet")
+            here.version = version
+
+        here.bus.load = load
+        await listening(admin, here)
+        await admin.admin("7", 0.0)
+        await until_async(lambda: loads.count("7") >= 2, "a retry of 7")
+        real_eval = here.redis.eval
+        down = {"on": True}
+
+        async def flaky_eval(*args: Any) -> Any:
+            if down["on"]:
+                raise RedisConnectionError("Redis is down")
+            return await real_eval(*args)
+
+        here.redis.eval = flaky_eval  # type: ignore[method-assign]
+        async with here.lock:  # as POST /admin/reload
+            await load("8")
+            peers = await here.bus.publish("8")
+        retry = here.bus.retry_task
+        missing.discard("7")  # 7's files land
+        await asyncio.sleep(0.6)  # several retry periods
+        kept = here.version
+        down["on"] = False
+        await until_async(lambda: admin.version == "8", "the late broadcast of 8")
+        out = (peers, retry, kept, here.version, loads.count("7"))
+        for w in (admin, here):
+            await w.close()
+        return out
+
+    peers, retry, kept, final, tries_of_7 = asyncio.run(scenario())
+    assert peers is None and retry is None
+    assert kept == "8" and final == "8"
+    assert tries_of_7 >= 2  # it was failing before; never loaded after the reload
+
+
+def test_a_broadcast_of_the_version_a_fallback_serves_ends_the_fallback(
+    built: Built, channel: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CTR_MODEL_VERSION=latest, the newest (2) broken here: the worker falls back to 1
+    and keeps trying 2. The deployment then rolls back to 1 (a broadcast of the version
+    it serves): the fallback is over, and 2 is not loaded when its files are fixed."""
+    models = tmp_path / "models"
+    shutil.copytree(built.models_dir, models)
+    model = models / built.config.name / "2" / "model.onnx"
+    good = model.read_bytes()
+    model.write_bytes(good[:-10])  # corrupt: its sha256 no longer matches
+
+    async def broadcast_1() -> None:
+        redis = AsyncRedis.from_url(REDIS_URL)
+        peer = ReloadBus(redis, REDIS_URL, channel, str(models), built.config.name, 1.0, 1.0,
+                         asyncio.Lock(), lambda version: asyncio.sleep(0))  # fmt: skip
+        await peer.baseline()
+        await peer.publish("1")
+        await peer.aclose()
+        await redis.aclose()
+
+    from service import lifecycle
+
+    monkeypatch.setattr(lifecycle, "FALLBACK_RETRY_S", 0.2)  # 30 s in the service
+    with TestClient(create_app(settings(built, channel, models, model_version="latest"))) as c:
+        assert info(c)["fallback"]["newest"] == "2" and info(c)["version"] == "1"
+        asyncio.run(broadcast_1())
+        assert until(lambda: info(c)["fallback"] is None), "the fallback did not end"
+        model.write_bytes(good)  # 2 would load now: the retries must have stopped
+        time.sleep(1.5)  # several retry periods
+        assert info(c)["version"] == "1"
 
 
 def test_a_silently_dead_connection_is_found_and_caught_up(channel: str) -> None:
@@ -571,3 +739,70 @@ def test_a_broken_deployment_version_that_is_also_the_newest_is_loaded_once(
         got = info(b)
         assert got["version"] == "1" and got["fallback"]["newest"] == "2"
     assert failed._value.get() - before == 1  # version 2 tried once, not twice
+
+
+def test_the_start_up_load_holds_the_reload_lock(
+    channel: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deployment serves 3, whose files have not reached this host at start-up: the
+    worker starts on its own setting (2, a slow load) and tries 3 again later. That retry
+    must wait for the start-up load: run beside it, it would load 3 first and then see the
+    slower load of 2 swapped in over it, for good."""
+    from types import SimpleNamespace
+
+    from ctr.bundle import BundleError
+    from service import lifecycle
+    from service.state import State
+
+    store = tmp_path / "models"
+    for v in ("1", "2", "3"):
+        (store / "m" / v).mkdir(parents=True)
+        (store / "m" / v / "manifest.json").write_text("{}")
+    missing = {"3"}
+
+    def load_model(s: Settings, version: str | None = None) -> Any:
+        v = s.model_version if version is None else version
+        time.sleep(1.0 if v == "2" else 0.01)  # the start-up's own load is the slow one
+        if v in missing:
+            raise BundleError(f"version {v} is not on this host yet")
+        return SimpleNamespace(name="m", version=v, native=None, provider="cpu",
+                               graph="standard", precision="fp32")  # fmt: skip
+
+    monkeypatch.setattr(lifecycle, "load_model", load_model)
+    monkeypatch.setattr(lifecycle, "settle_heap", lambda: None)
+
+    async def scenario() -> list[str]:
+        s = Settings(models_dir=str(store), model_name="m", model_version="2",
+                     redis_url=REDIS_URL, reload_channel=channel)  # fmt: skip
+        state = State(s)
+        redis = AsyncRedis.from_url(REDIS_URL)
+        peer = ReloadBus(redis, REDIS_URL, channel, str(store), "m", 1.0, 1.0, asyncio.Lock(),
+                         lambda version: asyncio.sleep(0), configured="2")  # fmt: skip
+        await peer.baseline()
+        await peer.publish("3")  # another worker moved the deployment to 3
+        state.bus = ReloadBus(
+            redis, REDIS_URL, channel, str(store), "m", 1.0, 1.0, state.reload_lock,
+            lambda version: lifecycle.load(state, version), load_retry_s=0.3,
+            configured="2", serving=lambda: state.model.version if state.model else None,
+        )  # fmt: skip
+        swaps: list[str] = []
+        deployed = await state.bus.baseline()
+        assert deployed == "3"
+
+        async def files_land() -> None:
+            await asyncio.sleep(0.1)
+            missing.discard("3")
+
+        landing = asyncio.create_task(files_land())
+        await lifecycle.start_up(state, deployed)
+        swaps.append(state.model.version)
+        await until_async(lambda: state.model.version == "3", "the retry of 3", 5.0)
+        await asyncio.sleep(1.5)  # nothing may swap 2 back in
+        swaps.append(state.model.version)
+        await landing
+        for bus in (state.bus, peer):
+            await bus.aclose()
+        await redis.aclose()
+        return swaps
+
+    assert asyncio.run(scenario()) == ["2", "3"]
