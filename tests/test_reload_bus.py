@@ -155,18 +155,25 @@ def test_a_worker_that_missed_the_message_catches_up(built: Built, channel: str)
 
 
 class Worker:
-    """A stand-in worker around a real ReloadBus: its load takes ``load_s`` seconds."""
+    """A stand-in worker around a real ReloadBus: its load takes ``load_s`` seconds, and
+    fails for the versions in ``missing`` (their files not on this host yet); ``tries``
+    counts the loads of each version."""
 
     def __init__(
         self, channel: str, load_s: float, configured: str = "latest", url: str = REDIS_URL
     ) -> None:
         self.version, self.load_s, self.lock = "1", load_s, asyncio.Lock()
+        self.missing: set[str] = set()
+        self.tries: dict[str, int] = {}
         self.redis = AsyncRedis.from_url(url, socket_timeout=1.0, socket_connect_timeout=0.5)
         self.bus = ReloadBus(self.redis, url, channel, "/tmp/bus-test", "din", 1.0,
                              0.5, self.lock, self.load, retry_s=0.1,
                              configured=configured)  # fmt: skip
 
     async def load(self, version: str, load_s: float | None = None) -> None:
+        self.tries[version] = self.tries.get(version, 0) + 1
+        if version in self.missing:
+            raise RuntimeError(f"version {version} is not on this host yet")
         await asyncio.sleep(self.load_s if load_s is None else load_s)
         self.version = version
 
@@ -257,16 +264,8 @@ def test_a_broadcast_that_fails_to_load_here_is_retried_until_it_loads(channel: 
         admin = Worker(channel, 0.0)
         lagging = Worker(channel, 0.0)
         lagging.bus.load_retry_s = 0.1
-        missing = {"7", "8"}
-        tries: dict[str, int] = {}
-
-        async def load(version: str, load_s: float | None = None) -> None:
-            tries[version] = tries.get(version, 0) + 1
-            if version in missing:
-                raise RuntimeError(f"version {version} is not on this host yet")
-            lagging.version = version
-
-        lagging.bus.load = load
+        missing, tries = lagging.missing, lagging.tries
+        missing |= {"7", "8"}
         await listening(admin, lagging)
         await admin.admin("7", 0.0)
         await until_async(lambda: tries.get("7", 0) >= 3, "a few failed tries of 7")
@@ -433,19 +432,10 @@ def test_a_reload_here_ends_the_retries_of_an_older_broadcast(channel: str) -> N
     async def scenario() -> tuple[Any, ...]:
         admin, here = Worker(channel, 0.0), Worker(channel, 0.0)
         here.bus.load_retry_s = 0.1
-        missing = {"7"}
-        loads: list[str] = []
-
-        async def load(version: str, load_s: float | None = None) -> None:
-            loads.append(version)
-            if version in missing:
-                raise RuntimeError(f"version {version} is not on this host yet")
-            here.version = version
-
-        here.bus.load = load
+        here.missing.add("7")
         await listening(admin, here)
         await admin.admin("7", 0.0)
-        await until_async(lambda: loads.count("7") >= 2, "a retry of 7")
+        await until_async(lambda: here.tries.get("7", 0) >= 2, "a retry of 7")
         real_eval = here.redis.eval
         down = {"on": True}
 
@@ -455,16 +445,14 @@ def test_a_reload_here_ends_the_retries_of_an_older_broadcast(channel: str) -> N
             return await real_eval(*args)
 
         here.redis.eval = flaky_eval  # type: ignore[method-assign]
-        async with here.lock:  # as POST /admin/reload
-            await load("8")
-            peers = await here.bus.publish("8")
+        peers = await here.admin("8", 0.0)  # POST /admin/reload while Redis refuses
         retry = here.bus.retry_task
-        missing.discard("7")  # 7's files land
+        here.missing.discard("7")  # 7's files land
         await asyncio.sleep(0.6)  # several retry periods
         kept = here.version
         down["on"] = False
         await until_async(lambda: admin.version == "8", "the late broadcast of 8")
-        out = (peers, retry, kept, here.version, loads.count("7"))
+        out = (peers, retry, kept, here.version, here.tries["7"])
         for w in (admin, here):
             await w.close()
         return out
