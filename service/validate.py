@@ -123,15 +123,22 @@ class ScoreInput:
 
 
 def long_integer(body: bytes) -> bool:
-    """Whether ``body`` may hold an integer of 20 digits or more: orjson reads one of
-    2**64 or more as a float, which would lose its digits (``99999999999999999999999``
+    """Whether ``body`` holds an integer literal of 20 digits or more: orjson reads one
+    of 2**64 or more as a float, which would lose its digits (``99999999999999999999999``
     would map as ``99999999999999991611392``) and slip past the 64-bit range check. Such
-    a body is parsed by ``json`` instead, exactly. (Twenty digits in a string or a
-    fraction also match: that body only takes the slower parse.)"""
-    return _LONG_INT.search(body) is not None
+    a body is parsed by ``json`` instead, exactly. A C-level pass finds twenty digits in
+    a row first (about 2 ns a byte); only then are they looked at as tokens, so that
+    digits in a string (a 20-digit ID) or in a fraction or exponent do not count."""
+    if body.translate(_DIGITS_TO_0).find(_TWENTY_0) < 0:
+        return False
+    return any(m.group(1) is not None for m in _INT_TOKEN.finditer(body))
 
 
-_LONG_INT = re.compile(rb"[0-9]{20}")
+_DIGITS_TO_0 = bytes.maketrans(b"123456789", b"000000000")
+_TWENTY_0 = b"0" * 20
+# a string (skipped), or an integer literal of 20+ digits: not part of a number before
+# it (a fraction, an exponent) and not followed by one's fraction or exponent
+_INT_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|(?<![0-9.eE+\-])(-?[0-9]{20,})(?![0-9.eE])')
 
 
 def parse_json(body: bytes) -> Any:

@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
+from service.validate import long_integer
 from tests.helpers import REDIS_URL, Built, build_bundle
 
 C = [{"item_id": "i1"}, {"item_id": "i2"}]
@@ -118,6 +119,27 @@ def test_malformed_json(client: TestClient) -> None:
     r = client.post("/v1/score", content=b'{"user_id": "u1", "candidates": [', headers={
         "content-type": "application/json"})  # fmt: skip
     check(r, 400, "body", "malformed_json")
+
+
+@pytest.mark.parametrize(
+    ("raw", "long"),
+    [
+        (b'{"a": 99999999999999999999999}', True),
+        (b'{"a": [1, -99999999999999999999999]}', True),
+        (b'{"x": "a\\\\", "y": 99999999999999999999999}', True),  # after an escaped \\
+        (b'{"user_id": "12345678901234567890123"}', False),  # a 20-digit ID string
+        (b'{"x": "a\\"99999999999999999999999"}', False),  # inside a string, after \"
+        (b'{"x": 0.00024069652516689466}', False),  # a fraction's digits
+        (b'{"x": 12345678901234567890.5}', False),  # a float's integer part
+        (b'{"x": 1.5e000000000000000000003}', False),  # an exponent
+        (b'{"x": 1234567890123456789}', False),  # 19 digits: orjson reads it exactly
+    ],
+)
+def test_only_integer_literals_of_20_digits_take_the_exact_parse(raw: bytes, long: bool) -> None:
+    """The exact (slower) parse is for integer literals orjson would round; a 20-digit ID
+    in a string or a long fraction keeps the fast one."""
+    assert long_integer(raw) is long
+    assert json.loads(raw) is not None  # each case is valid JSON
 
 
 @pytest.mark.parametrize("path", ["/v1/score", "/v1/events"])

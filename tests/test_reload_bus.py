@@ -747,9 +747,11 @@ def test_the_start_up_load_holds_the_reload_lock(
         (store / "m" / v).mkdir(parents=True)
         (store / "m" / v / "manifest.json").write_text("{}")
     missing = {"3"}
+    tried: list[str] = []
 
     def load_model(s: Settings, version: str | None = None) -> Any:
         v = s.model_version if version is None else version
+        tried.append(v)
         time.sleep(1.0 if v == "2" else 0.01)  # the start-up's own load is the slow one
         if v in missing:
             raise BundleError(f"version {v} is not on this host yet")
@@ -777,8 +779,8 @@ def test_the_start_up_load_holds_the_reload_lock(
         deployed = await state.bus.baseline()
         assert deployed == "3"
 
-        async def files_land() -> None:
-            await asyncio.sleep(0.1)
+        async def files_land() -> None:  # once the start-up's try of 3 has failed
+            await until_async(lambda: "2" in tried, "the start-up's load of 2")
             missing.discard("3")
 
         landing = asyncio.create_task(files_land())

@@ -373,7 +373,8 @@ def test_worker_memory_and_cpu_in_metrics(client: TestClient) -> None:
     text = client.get("/metrics").text
     grew = metric(text, r"^ctr_worker_cpu_seconds_total ") - counted_before
     used = cpu() - cpu_before
-    assert 0.3 <= grew <= used + 0.02, (grew, used)
+    # os.times() ticks in 10 ms: each difference may be off by a tick or two
+    assert 0.27 <= grew <= used + 0.05, (grew, used)
 
 
 def test_health_ready_models(built: Built, client: TestClient) -> None:
