@@ -426,9 +426,10 @@ class ReloadBus:
                 # a reload made here that Redis refused goes out first: numbered after every
                 # broadcast made meanwhile, none of which may undo it (a catch-up of an
                 # older record would, and end its re-sending)
-                async with self.lock:
-                    if not await self._send_pending():
-                        raise ConnectionError("the reload made here is not broadcast yet")
+                if self.pending is not None:
+                    async with self.lock:
+                        if not await self._send_pending():
+                            raise ConnectionError("the reload made here is not broadcast yet")
                 await self._catch_up()
                 self.catch_ups += 1
                 delay = self.retry_s

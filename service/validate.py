@@ -153,12 +153,17 @@ def parse_json(body: bytes) -> Any:
             return orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             error = exc
-    # NaN/Infinity literals are not JSON, but the field that holds them is named then;
-    # surrogates written in UTF-8 pass here for the checks to name their field too
     try:
-        return json.loads(body.decode("utf-8", "surrogatepass"))
+        return exact_json(body)
     except (ValueError, RecursionError) as exc:  # RecursionError: nested past Python's limit
         raise MalformedJSON(f"malformed JSON: {error or exc}", "body") from exc
+
+
+def exact_json(body: bytes) -> Any:
+    """``body`` parsed by ``json``: integers exact at any length; NaN/Infinity literals
+    are not JSON, but parsed here the checks name the field that holds them, and so are
+    surrogates written in UTF-8. UTF-8 only (no byte-order mark): ValueError otherwise."""
+    return json.loads(body.decode("utf-8", "surrogatepass"))
 
 
 class Scanned(NamedTuple):
@@ -184,11 +189,10 @@ def score_input(
     the answer (the request, or the error naming a field) is the same either way."""
     scanned = scanner.scan(body, max_id_len, max_candidates) if scanner is not None else None
     if scanned is not None:
-        try:
-            obj = None if long_integer(scanned.rest) else orjson.loads(scanned.rest)
-        except orjson.JSONDecodeError:
-            obj = None
-        if obj is None:
+        rest = scanned.rest
+        try:  # the scan is kept either way: the list's IDs are strings it checked
+            obj = exact_json(rest) if long_integer(rest) else orjson.loads(rest)
+        except (ValueError, RecursionError):  # orjson.JSONDecodeError is a ValueError
             scanned = None
     if scanned is None:
         return parse_score(parse_json(body), max_candidates, max_id_len)

@@ -99,9 +99,11 @@ def fields(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int, in
         raise ProtoError("a field runs past its message")
 
 
-def _tensor(buf: bytes, start: int, end: int) -> Weight | None:
-    """The initializer in ``buf[start:end]`` as a :class:`Weight`, or None where it
-    is not a dense raw_data tensor of a known element type."""
+def _tensor(buf: bytes, start: int, end: int, read: bool) -> tuple[str | None, Weight | None]:
+    """The name of the initializer in ``buf[start:end]`` and (``read``) the initializer
+    as a :class:`Weight`: None where it is not a dense raw_data tensor of a known element
+    type (or not ``read``). One pass over its fields; its payloads are not copied unless
+    it is read."""
     dims: list[int] = []
     onnx_type = location = 0
     name = None
@@ -123,19 +125,19 @@ def _tensor(buf: bytes, start: int, end: int) -> Weight | None:
         elif field == 14 and wire == VARINT:
             location = value
     dtype = DTYPES.get(onnx_type)
-    if name is None or raw is None or dtype is None or location != 0:
-        return None
+    if not read or name is None or raw is None or dtype is None or location != 0:
+        return name, None
     if any(d >= 1 << 62 for d in dims):  # a negative dim, as protobuf writes it
-        return None
+        return name, None
     shape = tuple(dims)
     if math.prod(shape) * dtype.itemsize != raw[1] - raw[0]:  # exact: no int64 to overflow
-        return None
+        return name, None
     # a copy: aligned (raw_data may start anywhere) and independent of the graph's bytes
     # ONNX raw_data is little-endian: read as such, copied in this machine's order
     little = np.frombuffer(buf, np.uint8, raw[1] - raw[0], raw[0]).view(dtype.newbyteorder("<"))
     array = little.reshape(shape).astype(dtype, copy=True)
     array.flags.writeable = False
-    return Weight(name, onnx_type, array)
+    return name, Weight(name, onnx_type, array)
 
 
 def _name(buf: bytes, start: int, end: int) -> str:
@@ -143,15 +145,6 @@ def _name(buf: bytes, start: int, end: int) -> str:
         return buf[start:end].decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ProtoError(f"an initializer's name is not UTF-8: {exc}") from exc
-
-
-def _tensor_name(buf: bytes, start: int, end: int) -> str | None:
-    """The name of the TensorProto in ``buf[start:end]`` (its payloads skipped over)."""
-    name = None
-    for field, wire, value, stop in fields(buf, start, end):
-        if field == 8 and wire == LEN:
-            name = _name(buf, value, stop)
-    return name
 
 
 def large_weights(model: bytes, min_bytes: int) -> list[Weight]:
@@ -167,12 +160,10 @@ def large_weights(model: bytes, min_bytes: int) -> list[Weight]:
         for gfield, gwire, tstart, tend in fields(model, start, end):
             if gfield != 5 or gwire != LEN:
                 continue
-            name = _tensor_name(model, tstart, tend)
+            name, weight = _tensor(model, tstart, tend, read=tend - tstart >= min_bytes)
             if name is not None and name in names:
                 raise ProtoError(f"two initializers are named {name!r}")
             names.add(name)
-            if tend - tstart >= min_bytes:
-                weight = _tensor(model, tstart, tend)
-                if weight is not None and weight.array.nbytes >= min_bytes:
-                    out.append(weight)
+            if weight is not None and weight.array.nbytes >= min_bytes:
+                out.append(weight)
     return out
