@@ -16,6 +16,7 @@ import onnxruntime as ort
 from ctr import native
 from ctr.bundle import (
     CONTRACT_KEY,
+    CONTRACT_KEY_V2,
     Bundle,
     BundleError,
     contract_digest,
@@ -650,14 +651,17 @@ def with_single_thread(
 
 def check_contract(bundle: Bundle, session: ort.InferenceSession) -> None:
     """Raises :class:`BundleError` where the graph was exported for another feature spec
-    or ID mapping than the manifest's (:func:`ctr.bundle.contract_digest`; a graph
-    exported before the digest was written carries none, and is not checked)."""
-    stamped = session.get_modelmeta().custom_metadata_map.get(CONTRACT_KEY)
-    if stamped is None:
+    or ID mapping than the manifest's (:func:`ctr.bundle.contract_digest`, in the form
+    the graph's key names; a graph exported before any digest was written carries none,
+    and is not checked)."""
+    meta = session.get_modelmeta().custom_metadata_map
+    key = next((k for k in (CONTRACT_KEY_V2, CONTRACT_KEY) if k in meta), None)
+    if key is None:
         log.info("%s carries no contract digest (an older export): not checked",
                  bundle.model_path)  # fmt: skip
         return
-    have = contract_digest(bundle.manifest.get("config"), bundle.manifest.get("mapping"))
+    stamped = meta[key]
+    have = contract_digest(bundle.manifest.get("config"), bundle.manifest.get("mapping"), key)
     if have != stamped:
         raise BundleError(
             f"{bundle.model_path}: the manifest's feature spec and ID mapping are not the "

@@ -20,8 +20,10 @@ from onnx import helper, numpy_helper
 
 from ctr.bundle import (
     CONTRACT_KEY,
+    CONTRACT_KEY_V2,
     MANIFEST,
     BundleError,
+    contract_digest,
     list_versions,
     load_bundle,
     publish,
@@ -160,7 +162,7 @@ def test_a_mapping_edited_after_the_export_does_not_serve(
     users), 4,000 would score every user with another user's row, silently."""
     store = two_versions.models_dir / two_versions.config.name
     model = onnx.load(str(store / "2" / "model.onnx"))
-    assert CONTRACT_KEY in {p.key for p in model.metadata_props}  # the export wrote it
+    assert {p.key for p in model.metadata_props} >= {CONTRACT_KEY_V2}  # the export wrote it
     assert load_bundle(two_versions.models_dir, two_versions.config.name, 2).mapper
     _buckets(store / "2", "user_id", buckets)
     load_bundle(two_versions.models_dir, two_versions.config.name, 2)  # valid in itself
@@ -172,15 +174,44 @@ def test_a_mapping_edited_after_the_export_does_not_serve(
         assert r.status_code == 409 and r.json()["serving"] == "1", r.text
 
 
-def test_a_graph_exported_before_the_digest_still_loads(two_versions: Built) -> None:
-    """Bundles exported before the digest was written carry none: not checked."""
-    folder = two_versions.models_dir / two_versions.config.name / "2"
+def _restamp(folder: Path, props: dict[str, str]) -> None:
+    """Replace ``model.onnx``'s metadata with ``props``, the manifest's sha256 to match and
+    no fused graph (stamped the export's way, it would no longer match)."""
     model = onnx.load(str(folder / "model.onnx"))
-    onnx.helper.set_model_props(model, {})
+    onnx.helper.set_model_props(model, props)
     onnx.save(model, str(folder / "model.onnx"))
     digest = sha256_file(folder / "model.onnx")
     _edit_manifest(folder, lambda m: (m.update(onnx_sha256=digest), m.pop("fused"),
                                       m.pop("fused_cuda", None)))  # fmt: skip
+
+
+def test_a_graph_stamped_the_older_way_is_checked_the_older_way(two_versions: Built) -> None:
+    """Exports before the faster digest stamped the ``json`` form under CONTRACT_KEY:
+    such a graph loads with its own manifest and is refused with an edited one."""
+    store = two_versions.models_dir / two_versions.config.name
+
+    def rename(m: dict) -> None:  # non-ASCII: json escapes it, orjson writes UTF-8
+        vocab = m["mapping"]["item_id"]["vocab"]
+        key = next(iter(vocab))
+        vocab["\u00ef" + key] = vocab.pop(key)
+
+    _edit_manifest(store / "2", rename)
+    manifest = json.loads((store / "2" / MANIFEST).read_text())
+    older = contract_digest(manifest["config"], manifest["mapping"], CONTRACT_KEY)
+    assert older != contract_digest(manifest["config"], manifest["mapping"])  # two forms
+    _restamp(store / "2", {CONTRACT_KEY: older})
+    with TestClient(create_app(settings_for(two_versions, model_version="2"))) as c:
+        assert c.get("/readyz").status_code == 200
+        assert c.post("/v1/score", json=BODY).status_code == 200
+    _buckets(store / "2", "user_id", 4000)
+    with TestClient(create_app(settings_for(two_versions, model_version="2"))) as c:
+        error = c.get("/readyz").json()["model_error"]
+        assert "not the ones this graph was exported with" in error, error
+
+
+def test_a_graph_exported_before_the_digest_still_loads(two_versions: Built) -> None:
+    """Bundles exported before the digest was written carry none: not checked."""
+    _restamp(two_versions.models_dir / two_versions.config.name / "2", {})
     with TestClient(create_app(settings_for(two_versions, model_version="2"))) as c:
         assert c.get("/readyz").status_code == 200
         assert c.post("/v1/score", json=BODY).status_code == 200
@@ -206,8 +237,12 @@ def test_only_plain_decimal_folders_are_versions(two_versions: Built, tmp_path: 
         (lambda m: m.update(created_at=2**70), ".created_at"),
         (lambda m: m["metrics"].update(test={"auc": 10**30}), ".metrics.test.auc"),
         (lambda m: m["inputs"][0]["shape"].__setitem__(0, 2**64), ".inputs[0].shape[0]"),
+        # 19 digits: orjson would read it as a float
+        (lambda m: m.update(created_at=-(2**63) - 1), ".created_at"),
+        # in a container of integers only, checked by its bounds first
+        (lambda m: m["mapping"]["item_id"]["vocab"].update(zz=2**64), ".mapping.item_id.vocab.zz"),
     ],
-    ids=["created_at", "metric", "input shape"],
+    ids=["created_at", "metric", "input shape", "negative 19 digits", "vocab index"],
 )
 def test_a_manifest_integer_past_64_bits_is_a_bundle_error(
     two_versions: Built, edit: Callable[[dict], Any], named: str
@@ -219,6 +254,22 @@ def test_a_manifest_integer_past_64_bits_is_a_bundle_error(
         load_bundle(two_versions.models_dir, two_versions.config.name, 2)
     with TestClient(create_app(settings_for(two_versions, model_version="latest"))) as c:
         assert c.get("/v1/models").status_code == 200  # version 1 serves
+
+
+def test_a_manifest_orjson_refuses_but_json_reads_loads(two_versions: Built) -> None:
+    """``json.dumps`` writes a NaN metric as ``NaN``, which orjson refuses: such a manifest,
+    and one with a 19-digit integer inside the range, loads, read exactly by ``json``."""
+    folder = two_versions.models_dir / two_versions.config.name / "2"
+    _edit_manifest(folder, lambda m: m["metrics"].update(test={"auc": float("nan")}))
+    assert "NaN" in (folder / MANIFEST).read_text()
+    bundle = load_bundle(two_versions.models_dir, two_versions.config.name, 2)
+    assert np.isnan(bundle.manifest["metrics"]["test"]["auc"])
+    _edit_manifest(folder, lambda m: m["metrics"].update(rows=2**64 - 1))
+    bundle = load_bundle(two_versions.models_dir, two_versions.config.name, 2)
+    assert bundle.manifest["metrics"]["rows"] == 2**64 - 1  # exact, not a float
+    with TestClient(create_app(settings_for(two_versions, model_version="2"))) as c:
+        assert c.post("/v1/score", json=BODY).status_code == 200
+        assert c.get("/v1/models").status_code == 200
 
 
 def test_a_manifest_nested_past_the_parser_is_a_bundle_error(two_versions: Built) -> None:

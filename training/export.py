@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ctr import native
 from ctr.bundle import (
-    CONTRACT_KEY,
+    CONTRACT_KEY_V2,
     FORMAT_VERSION,
     FUSED_CUDA_FILE,
     FUSED_FILE,
@@ -149,10 +149,10 @@ def export_onnx(
 
 def stamp_contract(path: Path, digest: str) -> None:
     """Write ``digest`` (:func:`ctr.bundle.contract_digest`) into the graph's metadata
-    under :data:`ctr.bundle.CONTRACT_KEY`, keeping any other entry."""
+    under :data:`ctr.bundle.CONTRACT_KEY_V2`, keeping any other entry."""
     graph = onnx.load(str(path))
     props = {p.key: p.value for p in graph.metadata_props}
-    props[CONTRACT_KEY] = digest
+    props[CONTRACT_KEY_V2] = digest
     onnx.helper.set_model_props(graph, props)
     onnx.save(graph, str(path))
 

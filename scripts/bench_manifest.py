@@ -1,0 +1,176 @@
+"""What a model load costs in the manifest, for a large vocabulary: read and check it
+(:func:`ctr.bundle.load_bundle`) and its contract digest (the service computes it at
+every load and reload, holding the GIL: serving pauses meanwhile).
+
+Writes a bundle whose ``item_id`` vocabulary has ``--vocab`` entries (the synthetic DIN
+config's feature spec; the model file is a placeholder: nothing here parses it), then
+times, best of ``--repeat``:
+
+* ``orjson.loads`` of the manifest: the floor any reader of it pays;
+* ``load_bundle``, and the digest in each of its forms (``v2``: what exports write now,
+  ``v1``: what they wrote before);
+* the longest pause of a 1 ms ticker on an asyncio loop while the load and the digest
+  run in a thread, as the service runs them: what a reload costs the requests in flight;
+* with ``--against ROOT`` (an older checkout, e.g. ``git worktree add /tmp/old REV``),
+  the same ``load_bundle``, digest and pause as that checkout's code computes them, in a child
+  process, on the same files, rounds interleaved; ratios new / old.
+
+Usage: .venv/bin/python scripts/bench_manifest.py [--vocab 1000000] [--repeat 3]
+       [--against /tmp/old]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# run in this checkout or, with --against, in the older one (its ctr on sys.path first)
+CHILD = r"""
+import json, sys, time
+root, models, reps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+sys.path.insert(0, root)
+import ctr.bundle as b
+def best(f):
+    xs = []
+    for _ in range(reps):
+        t = time.perf_counter(); f(); xs.append(time.perf_counter() - t)
+    return min(xs)
+out = {"load_bundle": best(lambda: b.load_bundle(models, "din", 1))}
+bundle = b.load_bundle(models, "din", 1)
+m = bundle.manifest
+out["digest"] = best(lambda: b.contract_digest(m["config"], m["mapping"]))
+
+# the longest pause of a 1 ms ticker on an event loop while the load and the digest run
+# in a thread, as the service runs them (the GIL held in C calls pauses the loop)
+import asyncio
+def load_and_digest():
+    x = b.load_bundle(models, "din", 1).manifest
+    b.contract_digest(x["config"], x["mapping"])
+async def pause():
+    loop = asyncio.get_running_loop()
+    job = loop.run_in_executor(None, load_and_digest)
+    last, worst = time.perf_counter(), 0.0
+    while not job.done():
+        await asyncio.sleep(0.001)
+        now = time.perf_counter(); worst = max(worst, now - last); last = now
+    await job
+    return worst
+out["pause"] = min(asyncio.run(pause()) for _ in range(reps))
+print(json.dumps(out))
+"""
+
+
+def write_bundle(folder: Path, vocab: int) -> None:
+    sys.path.insert(0, str(ROOT))
+    from ctr.bundle import FORMAT_VERSION, MANIFEST, MODEL_FILE, sha256_file
+    from ctr.spec import load_config, manifest_config
+
+    config = load_config(ROOT / "configs" / "synthetic_din.yaml", {"name": "din"})
+    mapping = {}
+    for table in config.tables:
+        n = vocab if table.name == "item_id" else 50
+        spec = table.mapping
+        entries = {f"{table.name}:{k}": k + 2 for k in range(n)} if spec.type == "vocab" else {}
+        mapping[table.name] = {"spec": spec.model_dump(), "vocab": entries}
+    path = folder / "din" / "1"
+    path.mkdir(parents=True)
+    (path / MODEL_FILE).write_bytes(b"placeholder: load_bundle checks its sha256 only")
+    manifest = {
+        "format": FORMAT_VERSION,
+        "name": "din",
+        "version": 1,
+        "config": manifest_config(config),
+        "mapping": mapping,
+        "metrics": {"test": {"auc": 0.5}},
+        "onnx_sha256": sha256_file(path / MODEL_FILE),
+    }
+    (path / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def child(root: Path, models: Path, reps: int) -> dict[str, float]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run(
+        [sys.executable, "-c", CHILD, str(root), str(models), str(reps)],
+        env=env, capture_output=True, text=True, check=True, cwd=root,
+    )  # fmt: skip
+    return json.loads(res.stdout.splitlines()[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--vocab", type=int, default=1_000_000)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--against", type=Path, default=None, help="an older checkout's root")
+    args = ap.parse_args()
+
+    import orjson
+
+    from ctr.bundle import CONTRACT_KEY, CONTRACT_KEY_V2, MANIFEST, contract_digest
+
+    with tempfile.TemporaryDirectory(prefix="bench-manifest-") as tmp:
+        models = Path(tmp)
+        write_bundle(models, args.vocab)
+        raw = (models / "din" / "1" / MANIFEST).read_bytes()
+        doc = orjson.loads(raw)
+        t0 = time.perf_counter()
+        floor = min(_timed(lambda: orjson.loads(raw)) for _ in range(args.repeat))
+        v1 = min(
+            _timed(lambda: contract_digest(doc["config"], doc["mapping"], CONTRACT_KEY))
+            for _ in range(args.repeat)
+        )
+        v2 = min(
+            _timed(lambda: contract_digest(doc["config"], doc["mapping"], CONTRACT_KEY_V2))
+            for _ in range(args.repeat)
+        )
+        new: list[dict[str, float]] = []
+        old: list[dict[str, float]] = []
+        for _ in range(args.rounds):
+            new.append(child(ROOT, models, args.repeat))
+            if args.against is not None:
+                old.append(child(args.against.resolve(), models, args.repeat))
+        elapsed = time.perf_counter() - t0
+
+    def best(runs: list[dict[str, float]], key: str) -> float:
+        return min(r[key] for r in runs)
+
+    ms = 1e3
+    print(f"manifest: {len(raw) / 1e6:.1f} MB, item_id vocabulary {args.vocab:,} entries "
+          f"(best of {args.repeat}, {args.rounds} rounds, {elapsed:.0f} s)")  # fmt: skip
+    print(f"  orjson.loads (the floor)        {floor * ms:8.0f} ms")
+    print(f"  digest v1 (json, older exports) {v1 * ms:8.0f} ms")
+    print(f"  digest v2 (orjson, exports now) {v2 * ms:8.0f} ms   v2/v1 {v2 / v1:.3f}")
+    lb = best(new, "load_bundle")
+    print(f"  load_bundle                     {lb * ms:8.0f} ms   /floor {lb / floor:.2f}")
+    total = lb + best(new, "digest")
+    print(f"  load_bundle + digest            {total * ms:8.0f} ms   /floor {total / floor:.2f}")
+    pause = best(new, "pause")
+    print(f"  longest event-loop pause        {pause * ms:8.0f} ms   (a 1 ms ticker, the load "
+          "in a thread)")  # fmt: skip
+    if old:
+        olb, otot = best(old, "load_bundle"), best(old, "load_bundle") + best(old, "digest")
+        print(f"against {args.against}:")
+        print(f"  load_bundle                     {olb * ms:8.0f} ms   new/old {lb / olb:.3f}")
+        print(f"  load_bundle + digest            {otot * ms:8.0f} ms   new/old {total / otot:.3f}")
+        opause = best(old, "pause")
+        ratio = pause / opause
+        print(f"  longest event-loop pause        {opause * ms:8.0f} ms   new/old {ratio:.3f}")
+    return 0
+
+
+def _timed(f: object) -> float:
+    t = time.perf_counter()
+    f()  # type: ignore[operator]
+    return time.perf_counter() - t
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
