@@ -387,7 +387,7 @@ async def _read_body(
 ) -> bytes:
     """The request body's bytes; ``header(name)`` reads a (lower-case) request header."""
     length = header("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
+    if length is not None and length.isascii() and length.isdigit() and int(length) > limit:
         raise PayloadTooLarge(f"body is larger than {limit} bytes", "body")
     body = bytearray()
     async for chunk in chunks:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ctr.encode import check_item_key, parse_dense, split_sequence
 from ctr.mapping import normalize
 from ctr.spec import FeatureConfig
-from service.store import item_key, user_key
+from service.store import item_key, node_urls, user_key
 
 TIME = "__ctr_load_time__"  # the time order user_records sorts on
 
@@ -137,7 +137,7 @@ def load_into_redis(
     """
     check_item_key(config, frame)
     client: Redis | RedisCluster = (
-        RedisCluster.from_url(redis_url.split(",")[0], socket_timeout=10)
+        RedisCluster.from_url(node_urls(redis_url)[0], socket_timeout=10)
         if cluster
         else Redis.from_url(redis_url, socket_timeout=10)
     )

@@ -200,7 +200,7 @@ def forget_dead_workers() -> list[int]:
     dead = set()
     for path in Path(folder).glob("gauge_live*_*.db"):
         tail = path.stem.rsplit("_", 1)[1]
-        if not tail.isdigit():
+        if not (tail.isascii() and tail.isdigit()):
             continue
         pid = int(tail)
         try:

@@ -114,7 +114,8 @@ class EventResponse(BaseModel):
     outside_window: bool | None = Field(
         None,
         description="true when the event is older than every behaviour kept (the newest "
-        "CTR_SEQUENCE_KEEP by timestamp): its event_id is recorded, the behaviour not stored",
+        "CTR_SEQUENCE_KEEP by timestamp): nothing is stored, its event_id included (a retry "
+        "answers the same)",
     )
 
 

@@ -7,6 +7,9 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# the longest CTR_SEQUENCE_TTL_S: ten years
+MAX_TTL_S = 10 * 365 * 24 * 3600
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CTR_", extra="ignore")
@@ -146,7 +149,12 @@ class Settings(BaseSettings):
     sequence_event_types: str = Field(
         "", description="comma-separated event types appended to sequences (empty = all)"
     )
-    event_dedup_window: int = Field(1000, gt=0, description="event IDs remembered per user")
+    event_dedup_window: int = Field(
+        1000,
+        gt=0,
+        description="event IDs remembered per user (at least the events kept: a retry of a "
+        "kept event is always known)",
+    )
     event_max_future_s: float = Field(
         300.0,
         ge=0,
@@ -156,8 +164,10 @@ class Settings(BaseSettings):
     sequence_ttl_s: int = Field(
         0,
         ge=0,
+        le=MAX_TTL_S,
         description="a user's behaviours and event IDs expire this long after the user's "
-        "last event (0 = never)",
+        "last event (0 = never; at most 10 years: Redis refuses an EXPIRE past its clock's "
+        "range, and the append script's numbers print exactly below 1e14)",
     )
     max_in_flight: int = Field(64, gt=0, description="requests in flight per worker before 503")
     request_timeout_ms: int = Field(1000, gt=0, description="per-request deadline")

@@ -38,7 +38,7 @@ from urllib.parse import urlparse
 import orjson
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.connection import Connection
+from redis.asyncio.connection import Connection, SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -72,15 +72,10 @@ def make_client(
     if cluster:
         # every node given in a comma-separated URL list is a startup node; no backoff
         # sleeps inside the client: the caller's deadline bounds each request instead
-        urls = [urlparse(u) for u in node_urls(url)]
-        nodes = [ClusterNode(u.hostname or "127.0.0.1", u.port or 6379) for u in urls]
-        first = urls[0]
-        if first.username:
-            kw["username"] = first.username
-        if first.password:
-            kw["password"] = first.password
-        if first.scheme == "rediss":
-            kw["ssl"] = True
+        urls = node_urls(url)
+        addrs = map(urlparse, urls)
+        nodes = [ClusterNode(u.hostname or "127.0.0.1", u.port or 6379) for u in addrs]
+        kw.update(cluster_options(urls[0]))
         return RedisCluster(startup_nodes=nodes, retry=Retry(NoBackoff(), 1), **kw)
     # a burst beyond the pool waits for a free connection (bounded by the timeout)
     # instead of failing at once into a degraded response
@@ -88,33 +83,47 @@ def make_client(
     return Redis(connection_pool=pool)
 
 
+def cluster_options(url: str) -> dict[str, Any]:
+    """What a cluster client takes from one node's URL, as redis-py's ``from_url`` reads
+    it: the credentials percent-decoded (``p%40ss`` is ``p@ss``), TLS for ``rediss`` and
+    the query's options (``?ssl_cert_reqs=none``); the address is each node's own."""
+    options = dict(parse_url(url))
+    for key in ("host", "port", "db", "path"):
+        options.pop(key, None)
+    if options.pop("connection_class", None) is SSLConnection:
+        options["ssl"] = True
+    return options
+
+
 def redact(url: str) -> str:
-    """The URL(s) with any password replaced, for logs and messages."""
+    """The URL(s) with any password replaced, for logs and messages (each part of a
+    list as :func:`node_urls` reads it: a part without a scheme is a URL too)."""
     out = []
-    for part in url.split(","):
+    for part in node_urls(url) or [url]:
         p = urlparse(part)
-        if p.password:
-            part = part.replace(f":{p.password}@", ":***@")
+        if p.password is not None:
+            part = part.replace(f":{p.password}@", ":***@", 1)
         out.append(part)
     return ",".join(out)
 
 
 def ping(url: str, cluster: bool = False, timeout_s: float = 5.0) -> None:
     """Synchronous check for the command line (``ctr load``, ``ctr demo``): raise
-    ``RedisError`` naming the (redacted) URL if the Redis there does not answer."""
+    ``RedisError`` naming the (redacted) URL if the Redis there does not answer. A
+    cluster's URL may list several nodes (:func:`node_urls`); the first is asked."""
     from redis import Redis, RedisCluster
     from redis.exceptions import RedisClusterException, RedisError
 
     kw = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     try:
-        client = (
-            RedisCluster.from_url(url.split(",")[0], **kw) if cluster else Redis.from_url(url, **kw)
-        )
+        first = (node_urls(url) or [url])[0]
+        client = RedisCluster.from_url(first, **kw) if cluster else Redis.from_url(url, **kw)
         try:
             client.ping()
         finally:
             client.close()
-    except (RedisError, RedisClusterException, OSError) as exc:
+    except (RedisError, RedisClusterException, OSError, ValueError) as exc:
+        # ValueError: not a Redis URL (redis-py's parse_url)
         raise RedisError(f"the Redis at {redact(url)} does not answer: {exc}") from exc
 
 
@@ -203,8 +212,12 @@ _second = operator.itemgetter(1)
 # ``ts``, e.g. from ``ctr load``, count as oldest), as training histories are: a late or
 # retried event goes in at its place in time, lifting the newer ones off the tail and
 # putting them back, and the trim drops the oldest by time. An event older than all of
-# the newest ``keep`` would be trimmed at once: it is not stored. The event_id is recorded
-# last, after every write that could fail, so a failed append is never remembered as done.
+# the newest ``keep`` would be trimmed at once: it is not stored, nor is its event_id.
+# The event_id is recorded after every write that could fail, so a failed append is never
+# remembered as done. Only stored events are recorded, and the window (ARGV[5]) is at
+# least ``keep``: a retry is known while fewer than ``window`` events were stored after
+# it, which holds for as long as its behaviour is in the list unless late events (older
+# than it, newer than the oldest kept) were stored after it, ``window - keep`` and more.
 # Returns 0 when the event_id was already seen, 1 when appended, 2 when outside the window.
 APPEND_EVENT = """
 if redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end
@@ -216,24 +229,23 @@ local function ts_of(raw)  -- nil: no usable ts (counts as the oldest)
   if ok and type(ev) == 'table' and type(ev['ts']) == 'number' then return ev['ts'] end
   return nil
 end
-local result = 1
--- older than the oldest of the newest `keep`: it would be trimmed at once
+-- older than the oldest of the newest `keep`: it would be trimmed at once. Nothing is
+-- written, its ID included: a retry is outside again (the edge only moves forward)
 local edge = nil
 if redis.call('LLEN', KEYS[1]) >= keep then edge = ts_of(redis.call('LINDEX', KEYS[1], -keep)) end
-if edge ~= nil and ts < edge then
-  result = 2
-else
-  -- lift the newer ones off the tail (newest first), push this one, put them back
-  local later = {}
-  while true do
-    local t = ts_of(redis.call('LINDEX', KEYS[1], -1))
-    if t == nil or t <= ts then break end
-    later[#later + 1] = redis.call('RPOP', KEYS[1])
-  end
-  redis.call('RPUSH', KEYS[1], ARGV[3])
-  for i = #later, 1, -1 do redis.call('RPUSH', KEYS[1], later[i]) end
-  redis.call('LTRIM', KEYS[1], -keep, -1)
+if edge ~= nil and ts < edge then return 2 end
+-- lift the newer ones off the tail (newest first), push this one, put them back
+local later = {}
+while true do
+  local t = ts_of(redis.call('LINDEX', KEYS[1], -1))
+  if t == nil or t <= ts then break end
+  later[#later + 1] = redis.call('RPOP', KEYS[1])
 end
+redis.call('RPUSH', KEYS[1], ARGV[3])
+for i = #later, 1, -1 do redis.call('RPUSH', KEYS[1], later[i]) end
+redis.call('LTRIM', KEYS[1], -keep, -1)
+local ttl = tonumber(ARGV[6])
+if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
 local t = redis.call('TIME')
 local arrival = tonumber(t[1]) * 1000000 + tonumber(t[2])
 redis.call('ZADD', KEYS[2], arrival, ARGV[1])
@@ -241,12 +253,9 @@ local n = redis.call('ZCARD', KEYS[2])
 if n > tonumber(ARGV[5]) then
   redis.call('ZREMRANGEBYRANK', KEYS[2], 0, n - tonumber(ARGV[5]) - 1)
 end
-local ttl = tonumber(ARGV[6])
-if ttl > 0 then
-  redis.call('EXPIRE', KEYS[1], ttl)
-  redis.call('EXPIRE', KEYS[2], ttl)
-end
-return result
+-- the key exists now, and the TTL is bounded (MAX_TTL_S): this cannot fail
+if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
+return 1
 """
 
 # what the append script returns
@@ -457,7 +466,10 @@ class EventWriter:
     async def append(self, user_id: str, event_id: str, ts: float, payload: dict, keep: int) -> int:
         """Insert at its place in time, trim to the newest ``keep`` and record
         ``event_id``: ``APPENDED``, ``SEEN`` (a retry: nothing written) or
-        ``OUTSIDE_WINDOW`` (older than the newest ``keep``: recorded, not stored)."""
+        ``OUTSIDE_WINDOW`` (older than the newest ``keep``: neither stored nor recorded)."""
         keys = [user_key(user_id, "seq"), user_key(user_id, "events")]
-        args = [event_id, ts, orjson.dumps(payload), keep, self.window, self.ttl_s]
+        # a window shorter than the list would forget the IDs of events it still holds,
+        # and store their retries twice
+        window = max(self.window, keep)
+        args = [event_id, ts, orjson.dumps(payload), keep, window, self.ttl_s]
         return int(await self.script(keys=keys, args=args))

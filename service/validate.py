@@ -323,6 +323,8 @@ def parse_event(obj: Any, max_id_len: int) -> EventInput:
     etype = obj.get("type", "click")
     if not isinstance(etype, str) or not etype or len(etype) > 32 or has_surrogate(etype):
         raise BadRequest("type must be a non-empty string of at most 32 characters", "type")
+    if _BAD_ID.search(etype):  # as in IDs: a type is matched and stored as sent
+        raise BadRequest("type contains control characters", "type")
     ts = obj["timestamp"]
     # no math.isfinite: an integer past a float's range would raise there; the range
     # check alone refuses NaN, infinities and huge integers (int and float compare exactly)

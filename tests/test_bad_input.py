@@ -301,6 +301,7 @@ EVENT_ROWS: list[tuple[str, Any, str]] = [
     ("string timestamp", {**EVENT, "timestamp": "yesterday"}, "timestamp"),
     ("millisecond timestamp", {**EVENT, "timestamp": 1764000000000}, "timestamp"),
     ("bad type", {**EVENT, "type": 7}, "type"),
+    ("control character in type", {**EVENT, "type": "click\u0000"}, "type"),
     ("bad features", {**EVENT, "features": [1, 2]}, "features"),
     ("unknown field", {**EVENT, "extra": 1}, "extra"),
     ("long item id", {**EVENT, "item_id": "x" * 1000}, "item_id"),

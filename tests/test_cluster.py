@@ -13,11 +13,12 @@ import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 from redis.cluster import RedisCluster
+from redis.exceptions import RedisError
 
 from service.app import create_app
 from service.loader import load_into_redis
 from service.settings import Settings
-from service.store import user_key
+from service.store import ping, redact, user_key
 from tests.helpers import Built, build_bundle, missing
 from tests.redis_proc import RedisProcess, free_cluster_port
 
@@ -180,3 +181,45 @@ def test_cluster_load_score_round_trip_and_master_loss(
             time.sleep(0.2)
         assert r1["degraded"] is False and r1["cold_start"] is False
         assert r2["degraded"] is False and r2["cold_start"] is False
+
+
+def test_a_cluster_url_with_an_encoded_password_and_no_scheme(
+    built: Built, tmp_path: Path
+) -> None:
+    """A password holding ``@ : /`` must be percent-encoded in a URL: the service's
+    cluster client decodes it as ``ctr load`` does (it used to send it encoded, and never
+    connect), a node list without a scheme works everywhere, and messages hide it."""
+    port = free_cluster_port()
+    conf = ("--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf")
+    node = RedisProcess(port, *conf).start()
+    try:
+        admin = Redis(port=port, decode_responses=True)
+        admin.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        deadline = time.time() + 30
+        while admin.cluster("info")["cluster_state"] != "ok":
+            assert time.time() < deadline, "one-node cluster did not reach state ok"
+            time.sleep(0.1)
+        admin.config_set("requirepass", "p@ss:w/rd")
+        url = f":p%40ss%3Aw%2Frd@127.0.0.1:{port}"  # no scheme: node_urls adds redis://
+        assert "p%40ss" not in redact(url) and ":***@" in redact(url)
+        ping(url, cluster=True)
+        load_into_redis(built.config, built.frame, url, progress=False, cluster=True)
+        s = Settings(
+            models_dir=str(built.models_dir), model_name=built.config.name, redis_url=url,
+            redis_cluster=True, redis_timeout_ms=1000, reload_channel="",
+        )  # fmt: skip
+        cands = [{"item_id": f"i{k}"} for k in range(5)]
+        with TestClient(create_app(s)) as c:
+            assert c.get("/readyz").status_code == 200, c.get("/readyz").text
+            r = c.post("/v1/score", json={"user_id": "u3", "candidates": cands})
+            assert r.status_code == 200
+            assert r.json()["degraded"] is False and r.json()["cold_start"] is False
+            ev = {"user_id": "u3", "event_id": "pw-1", "item_id": "i5", "timestamp": 1e9}
+            assert c.post("/v1/events", json=ev).json()["appended"] is True
+        wrong = url.replace("w%2Frd", "x")
+        with pytest.raises(RedisError, match=r"does not answer") as info:
+            ping(wrong, cluster=True)
+        assert "p%40ss" not in str(info.value)
+    finally:
+        node.stop()
+        shutil.rmtree(node.dir, ignore_errors=True)

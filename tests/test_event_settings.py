@@ -119,37 +119,44 @@ def test_sequence_keep_trims_to_the_newest(built: Built, redis_db: Redis, keep: 
         late = event(user, "late", PREFIX + "late", 103.5, features={"cate_id": "c"})
         assert post(client, late) == OUTSIDE
         assert stored(redis_db, user) == want
-    assert len(remembered(redis_db, user)) == sent + 1  # the window (1000) holds them all
+    # the window (1000) holds every stored event's ID; the late one is not stored
+    assert len(remembered(redis_db, user)) == sent
 
 
-def test_dedup_window_forgets_the_oldest_event_ids(built: Built, redis_db: Redis) -> None:
-    user = fresh_user(redis_db, "dedup")
-    window, sent = 5, 8
+@pytest.mark.parametrize(("window", "keep"), [(7, 5), (3, 5)], ids=["window", "keep"])
+def test_dedup_window_remembers_the_newest_stored_event_ids(
+    built: Built, redis_db: Redis, window: int, keep: int
+) -> None:
+    """The window holds the IDs of the newest stored events, never fewer than the list
+    keeps: a retry of any event the list holds appends nothing, whatever the setting (a
+    window of 3 under a list of 5 used to forget kept events and store them twice)."""
+    user = fresh_user(redis_db, f"dedup-{window}")
+    sent, held = 9, max(window, keep)
 
-    def ev(k: int) -> dict[str, Any]:
-        return event(user, f"d{k:02d}", f"{PREFIX}i{k}", 100.0 + k, features={"cate_id": "c"})
+    def ev(k: int, ts: float | None = None) -> dict[str, Any]:
+        at = 100.0 + k if ts is None else ts
+        return event(user, f"d{k:02d}", f"{PREFIX}i{k}", at, features={"cate_id": "c"})
 
-    with app_client(built, event_dedup_window=window, sequence_keep=50) as client:
+    with app_client(built, event_dedup_window=window, sequence_keep=keep) as client:
         for k in range(sent):
             assert post(client, ev(k)) == APPENDED
-        first = [behaviour(f"{PREFIX}i{k}", "c", 100.0 + k) for k in range(sent)]
-        assert redis_db.zcard(user_key(user, "events")) == window
-        assert remembered(redis_db, user) == ["d03", "d04", "d05", "d06", "d07"]
-        # the newest `window` IDs are still deduplicated: a retry writes nothing
-        for k in (7, 3):
+        kept = [behaviour(f"{PREFIX}i{k}", "c", 100.0 + k) for k in range(sent - keep, sent)]
+        assert stored(redis_db, user) == kept
+        ids = [f"d{k:02d}" for k in range(sent - held, sent)]
+        assert remembered(redis_db, user) == ids
+        for k in range(sent - keep, sent):  # every kept event: a duplicate
             assert post(client, ev(k)) == DUPLICATE
-        assert stored(redis_db, user) == first
-        assert remembered(redis_db, user) == ["d03", "d04", "d05", "d06", "d07"]
-        # a forgotten ID is a new event: stored again at its place in time (after the
-        # equal-timestamp copy), and now the newest arrival in the window
-        assert post(client, ev(0)) == APPENDED
-        assert stored(redis_db, user) == [first[0], *first]
-        assert remembered(redis_db, user) == ["d04", "d05", "d06", "d07", "d00"]
-        # d03 was pushed out by that arrival (the window is by arrival, not timestamp)
-        assert post(client, ev(3)) == APPENDED
-        assert stored(redis_db, user) == [first[0], *first[:4], *first[3:]]
-        assert remembered(redis_db, user) == ["d05", "d06", "d07", "d00", "d03"]
-        assert post(client, ev(0)) == DUPLICATE
+        # forgotten, and older than every kept behaviour: not stored, nor remembered (it
+        # would push a kept event's ID out); a retry is outside again
+        for _ in range(2):
+            assert post(client, ev(sent - held - 1)) == OUTSIDE
+        assert stored(redis_db, user) == kept and remembered(redis_db, user) == ids
+        # a new event pushes the oldest ID out, as its behaviour pushes the oldest out
+        assert post(client, ev(sent)) == APPENDED
+        assert remembered(redis_db, user) == [*ids[1:], f"d{sent:02d}"]
+        assert stored(redis_db, user) == [
+            *kept[1:], behaviour(f"{PREFIX}i{sent}", "c", 100.0 + sent)
+        ]
 
 
 def ttls(redis_db: Redis, user: str) -> tuple[int, int]:

@@ -12,11 +12,13 @@ from collections.abc import Iterator
 import orjson
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from service.app import create_app
 from service.loader import load_into_redis
+from service.settings import MAX_TTL_S, Settings
 from service.store import (
     APPENDED,
     OUTSIDE_WINDOW,
@@ -312,16 +314,16 @@ def test_events_are_stored_in_time_order_and_trimmed_by_time(rp: RedisProcess) -
     # equal timestamps keep arrival order
     assert asyncio.run(go([("e15b", 15.0), ("e30", 30)])) == [APPENDED, APPENDED]
     assert stored() == ["e10", "e15", "e15b", "e20", "e30"]
-    # older than everything kept: not stored, but remembered
+    # older than everything kept: neither stored nor remembered; a retry is outside again
     assert asyncio.run(go([("e1", 1.0)])) == [OUTSIDE_WINDOW]
     assert stored() == ["e10", "e15", "e15b", "e20", "e30"]
     assert asyncio.run(go([("e1", 1.0), ("e15", 15.0), ("e12", 12.0)])) == [
-        SEEN,
+        OUTSIDE_WINDOW,
         SEEN,
         APPENDED,
     ]
     assert stored() == ["e12", "e15", "e15b", "e20", "e30"]
-    assert r.zcard(ids) == 7
+    assert r.zcard(ids) == 6
 
 
 def test_a_failed_append_is_not_remembered(rp: RedisProcess) -> None:
@@ -350,7 +352,15 @@ def test_a_failed_append_is_not_remembered(rp: RedisProcess) -> None:
     assert [orjson.loads(x)["item_id"] for x in r.lrange(seq, 0, -1)] == ["i1"]
 
 
-@pytest.mark.parametrize("ttl", [0, 100])
+def test_the_sequence_ttl_is_bounded() -> None:
+    """Past the bound EXPIRE fails inside the append script, after the behaviour was
+    stored: the event would be answered 503 though stored."""
+    assert Settings(sequence_ttl_s=MAX_TTL_S).sequence_ttl_s == MAX_TTL_S
+    with pytest.raises(ValidationError, match="sequence_ttl_s"):
+        Settings(sequence_ttl_s=MAX_TTL_S + 1)
+
+
+@pytest.mark.parametrize("ttl", [0, 100, MAX_TTL_S])
 def test_sequence_ttl_expires_an_idle_users_keys(rp: RedisProcess, ttl: int) -> None:
     """CTR_SEQUENCE_TTL_S: each event (re)sets the expiry of the user's behaviours and
     event IDs, so a user who stops sending events leaves no keys behind; 0: no expiry."""
