@@ -7,6 +7,7 @@ so ``ctr serve`` and ``ctr load`` run in the torch-free runtime image.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -62,6 +63,12 @@ def _share(text: str) -> float:
     return value
 
 
+SET_HELP = (
+    "KEY=VALUE config override, repeatable (train.epochs=2); VALUE is read as JSON where it "
+    "parses, so digits meant as text need JSON quotes: 'name=\"2024\"'"
+)
+
+
 def _overrides(pairs: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for pair in pairs:
@@ -105,6 +112,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def bundle_config(path: Path, overrides: dict[str, Any]) -> Any:
+    """The feature config a bundle was trained with (its manifest's), ``overrides``
+    applied: ``path`` is a version folder (``models/din/3``) or a model's folder
+    (``models/din``: its newest version, the one ``CTR_MODEL_VERSION=latest`` serves)."""
+    from ctr.bundle import load_bundle, version_of
+    from ctr.spec import FeatureConfig, apply_overrides
+
+    if version_of(path.name) is not None:
+        bundle = load_bundle(path.parent.parent, path.parent.name, path.name)
+    else:
+        bundle = load_bundle(path.parent, path.name, "latest")
+    raw = apply_overrides(copy.deepcopy(bundle.manifest["config"]), overrides)
+    return FeatureConfig.model_validate(raw)
+
+
 def cmd_load(args: argparse.Namespace) -> int:
     from ctr.spec import load_config
     from service.loader import load_into_redis
@@ -112,7 +134,10 @@ def cmd_load(args: argparse.Namespace) -> int:
     from service.store import ping
     from training.data import load_frame
 
-    config = load_config(args.config, _overrides(args.set))
+    if args.bundle:  # the data the served model was trained on, by its own config
+        config = bundle_config(Path(args.bundle), _overrides(args.set))
+    else:
+        config = load_config(args.config, _overrides(args.set))
     settings = Settings()
     url = args.redis_url or settings.redis_url
     cluster = args.cluster or settings.redis_cluster
@@ -347,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model from a YAML feature config")
     t.add_argument("--config", required=True)
     t.add_argument("--out", help="run folder (default runs/<name>-<time>)")
-    t.add_argument("--set", action="append", default=[], help="override, e.g. train.epochs=2")
+    t.add_argument("--set", action="append", default=[], help=SET_HELP)
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)
 
@@ -358,10 +383,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_export)
 
     ld = sub.add_parser("load", help="bulk-load a dataset's users and items into Redis")
-    ld.add_argument("--config", required=True)
+    source = ld.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="a feature config (YAML)")
+    source.add_argument(
+        "--bundle",
+        help="take the config from a bundle's manifest: a version folder (models/din/3) or "
+        "a model's folder (models/din: its newest version), so that Redis holds the data "
+        "the served model was trained on",
+    )
     ld.add_argument("--redis-url", help="default: $CTR_REDIS_URL")
     ld.add_argument("--cluster", action="store_true", help="Redis Cluster (or CTR_REDIS_CLUSTER=1)")
-    ld.add_argument("--set", action="append", default=[])
+    ld.add_argument("--set", action="append", default=[], help=SET_HELP)
     ld.add_argument("--quiet", action="store_true")
     ld.set_defaults(func=cmd_load)
 
@@ -377,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--models-dir", default="models")
     d.add_argument("--port", type=int, default=8000)
     d.add_argument("--keep-serving", action="store_true", help="leave the service running")
-    d.add_argument("--set", action="append", default=[])
+    d.add_argument("--set", action="append", default=[], help=SET_HELP)
     d.set_defaults(func=cmd_demo)
     bm = sub.add_parser("bench-model", help="model-only ORT latency vs naive copies and torch")
     bm.add_argument("--models", default="din,dien")
@@ -515,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--datasets", default="amazon_beauty,movielens")
     rs.add_argument("--models", default="base,deepfm,din,dien")
     rs.add_argument("--seeds", type=int, default=3)
-    rs.add_argument("--set", action="append", default=[])
+    rs.add_argument("--set", action="append", default=[], help=SET_HELP)
     rs.add_argument("--runs", default="runs/results")
     rs.add_argument("--out", default="runs/results.md", help="table (and its .json beside it)")
     rs.set_defaults(func=cmd_results)

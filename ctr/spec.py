@@ -139,14 +139,15 @@ class DataSpec(_Strict):
     user_key: str = "user_id"
     time_column: str | None = "ts"
     seq_delimiter: str = "|"
-    behaviour_labels: Literal["positive", "all"] | None = Field(
+    behaviour_labels: Literal["positive", "all", "none"] | None = Field(
         default=None,
         description=(
             "which examples' candidates are real behaviours that later histories hold "
             "(`ctr load` appends the newest ones to a user's stored history): `positive` "
-            "(label 1; negatives were sampled, e.g. Amazon) or `all` (every example is an "
-            "interaction, e.g. MovieLens ratings); default: `all` for movielens, else "
-            "`positive`"
+            "(label 1; negatives were sampled, e.g. Amazon), `all` (every example is an "
+            "interaction, e.g. MovieLens ratings) or `none` (candidates never enter the "
+            "histories: the synthetic generator's are drawn apart from them); default: "
+            "`all` for movielens, `none` for synthetic, else `positive`"
         ),
     )
     item_key_tolerance: float = Field(
@@ -168,11 +169,13 @@ class DataSpec(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
     @property
-    def behaviours(self) -> Literal["positive", "all"]:
+    def behaviours(self) -> Literal["positive", "all", "none"]:
         """:attr:`behaviour_labels`, resolved for the source."""
         if self.behaviour_labels is not None:
             return self.behaviour_labels
-        return "all" if self.source == "movielens" else "positive"
+        if self.source == "movielens":
+            return "all"
+        return "none" if self.source == "synthetic" else "positive"
 
 
 class FeatureConfig(_Strict):
@@ -315,6 +318,12 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Fe
     """Load and validate a YAML config; ``overrides`` uses dotted keys (``train.epochs``),
     with list positions as numbers (``features.0.mapping.buckets``)."""
     raw = yaml.safe_load(Path(path).read_text())
+    return FeatureConfig.model_validate(apply_overrides(raw, overrides))
+
+
+def apply_overrides(raw: Any, overrides: dict[str, Any] | None) -> Any:
+    """``raw`` (a config's plain data) with ``overrides`` (dotted keys, as
+    :func:`load_config` takes them) applied in place; returned for chaining."""
     for key, value in (overrides or {}).items():
         node = raw
         parts = key.split(".")
@@ -326,7 +335,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Fe
             node[_position(node, parts[-1], key)] = value
         else:
             node[parts[-1]] = value
-    return FeatureConfig.model_validate(raw)
+    return raw
 
 
 def _position(items: list[Any], part: str, key: str) -> int:

@@ -47,8 +47,9 @@ def user_records(config: FeatureConfig, frame: pd.DataFrame) -> Iterator[tuple[s
 
     The history is the one of the user's newest example time; the candidates of that
     time that are behaviours are appended, since they followed it: the clicked ones
-    (label 1), or all of them where every example is an interaction
-    (``data.behaviour_labels``: MovieLens' histories hold every rated movie).
+    (label 1), all of them where every example is an interaction, or none where the
+    candidates are not drawn from the behaviours (``data.behaviour_labels``: MovieLens'
+    histories hold every rated movie; the synthetic generator's candidates are apart).
     """
     spec = config.data
     profile_feats = [f for f in config.features if f.side == "user" and f.kind != "sequence"]
@@ -76,7 +77,7 @@ def user_records(config: FeatureConfig, frame: pd.DataFrame) -> Iterator[tuple[s
             {t.source: normalize(cols[j][len(cols[j]) - n + i]) for j, t in enumerate(targets)}
             for i in range(n)
         ]
-        if seqs:
+        if seqs and spec.behaviours != "none":
             followed = newest if spec.behaviours == "all" else newest[newest[spec.label] == 1]
             for _, pos in followed.iterrows():
                 events.append({t.source: normalize(pos.get(t.source)) for t in targets})
@@ -86,10 +87,9 @@ def user_records(config: FeatureConfig, frame: pd.DataFrame) -> Iterator[tuple[s
 
 
 def item_records(config: FeatureConfig, frame: pd.DataFrame) -> dict[str, dict[str, Any]]:
-    """feature source -> {item_id: raw value}, from candidates and histories."""
+    """feature source -> {item_id: raw value}, from candidates and histories (a model
+    without histories still needs its candidates' features: requests may send IDs only)."""
     item_feats = config.item_sparse + config.item_dense
-    if not config.sequences:
-        return {}
     id_feat = config.item_id_feature
     out: dict[str, dict[str, Any]] = {f.source: {} for f in item_feats if f is not id_feat}
     ids = [normalize(v) for v in frame[id_feat.source].tolist()]

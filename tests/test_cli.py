@@ -57,6 +57,16 @@ def one_line_error(out: subprocess.CompletedProcess, command: str) -> str:
          "invalid setting: CTR_PORT: Input should be a valid integer"),
         (["serve"], {"CTR_INTRA_OP_SPIN": "sometimes"},
          "invalid setting: CTR_INTRA_OP_SPIN: Input should be 'run', 'always' or 'never'"),
+        (["train", "--config", "configs/synthetic_din.yaml", "--set", "data.options.bogus=1"],
+         {}, "unknown synthetic data.options ['bogus']"),
+        (["train", "--config", "configs/synthetic_din.yaml", "--set",
+          "data.options.n_users=abc"], {}, "data.options.n_users must be an integer, not 'abc'"),
+        (["train", "--config", "configs/synthetic_din.yaml", "--set", "data.options.n_users=0"],
+         {}, "data.options.n_users must be at least 1"),
+        (["results", "--datasets", "synthetic,bogus"], {},
+         "unknown datasets ['bogus']; known: ['amazon_beauty', 'movielens', 'synthetic']"),
+        (["load", "--bundle", "models-nope/din"], {},
+         "no versions of model 'din'"),
     ],
 )  # fmt: skip
 def test_wrong_input_is_one_line_naming_it(args: list[str], env: dict[str, str], says: str) -> None:

@@ -34,6 +34,11 @@ def own_database(url: str) -> str:
 REDIS_URL = own_database(TEST_REDIS_URL)
 
 
+def users_in(url: str) -> int:
+    """Users with a stored history in the database at ``url``."""
+    return sum(1 for _ in Redis.from_url(url).scan_iter(match="{u:*}:seq", count=1000))
+
+
 def healthcheck_command() -> list[str]:
     text = (ROOT / "Dockerfile").read_text()
     m = re.search(r"HEALTHCHECK[^\n]*\\\n\s*CMD (\[.*\])", text)
@@ -58,6 +63,19 @@ def test_init_job_then_serve_then_healthcheck(tmp_path: Path) -> None:
     assert "exporting" in first.stdout and "init: done" in first.stdout
     assert (tmp_path / "models" / "din" / "1" / "model.onnx").is_file()
     assert Redis.from_url(REDIS_URL).llen(user_key("u0", "seq")) > 0
+    # Redis holds the data the bundle was trained on: its 200 users, not the config
+    # file's 2,000 (the load used to drop CTR_INIT_TRAIN_SET's overrides)
+    assert users_in(REDIS_URL) == 200
+    # a version folder, with overrides on top of the manifest's config
+    Redis.from_url(REDIS_URL).flushdb()
+    version = str(tmp_path / "models" / "din" / "1")
+    load = subprocess.run(
+        [sys.executable, "-m", "ctr.cli", "load", "--bundle", version,
+         "--set", "data.options.n_users=50", "--quiet"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert load.returncode == 0, load.stderr[-2000:]
+    assert "loaded 50 users" in load.stdout and users_in(REDIS_URL) == 50
     second = subprocess.run(["sh", str(init)], env=env, cwd=ROOT, capture_output=True,
                             text=True, timeout=300)  # fmt: skip
     assert second.returncode == 0 and "not training" in second.stdout

@@ -481,7 +481,8 @@ def test_loaded_dense_item_features_read_as_training_reads_them(tmp_path: Path) 
 
 
 @pytest.mark.parametrize(
-    ("behaviours", "appended"), [(None, False), ("positive", False), ("all", True)]
+    ("behaviours", "appended"),
+    [(None, False), ("positive", False), ("all", True), ("none", False)],
 )
 def test_loaded_history_appends_the_newest_behaviours_the_data_has(
     tmp_path: Path, behaviours: str | None, appended: bool
@@ -511,6 +512,23 @@ def test_movielens_candidates_are_behaviours_by_default() -> None:
     assert DataSpec(source="movielens").behaviours == "all"
     assert DataSpec(source="amazon").behaviours == "positive"
     assert DataSpec(source="movielens", behaviour_labels="positive").behaviours == "positive"
+    # the generator draws candidates apart from the histories: none is a behaviour
+    assert DataSpec(source="synthetic").behaviours == "none"
+
+
+def test_a_synthetic_users_stored_history_is_its_newest_examples() -> None:
+    """``ctr load`` stores, for the synthetic data, the newest example's history as it
+    is, with no candidate appended: training never saw a clicked candidate followed by
+    the history it was drawn apart from."""
+    from service.loader import user_records
+    from tests.helpers import small_config
+
+    config = small_config("din")
+    frame = load_frame(config)
+    newest = frame.sort_values("ts", kind="stable").groupby("user_id").tail(1)
+    want = {r.user_id: list(r.hist_item_id)[-config.max_seq_len :] for r in newest.itertuples()}
+    got = {u: [e["item_id"] for e in ev] for u, _, ev in user_records(config, frame)}
+    assert got == want
 
 
 def test_loaded_history_with_blank_or_non_numeric_times() -> None:
@@ -535,6 +553,40 @@ def test_loaded_history_with_blank_or_non_numeric_times() -> None:
         )
         [(_, _, events)] = list(user_records(config, frame))
         assert [e["item_id"] for e in events] == ["a", "b", "i1"], times
+
+
+def test_item_features_are_loaded_for_a_model_without_histories() -> None:
+    """A DeepFM with no sequence feature still reads its candidates' item features from
+    Redis when a request sends IDs only: ``ctr load`` stored none for it (every such
+    candidate scored with an out-of-vocabulary category and the default price)."""
+    from service.loader import item_records
+    from tests.helpers import small_config
+
+    base = small_config("deepfm").model_dump()
+    base["features"] = [f for f in base["features"] if f["kind"] != "sequence"]
+    base["groups"] = [g for g in base["groups"] if g["type"] != "sequence"]
+    config = FeatureConfig.model_validate(base)
+    assert not config.sequences
+    frame = load_frame(config)
+    stored = item_records(config, frame)
+    assert set(stored) == {"cate_id", "item_price"}
+    pairs = set(zip(frame["item_id"], frame["cate_id"], strict=True))
+    assert set(stored["cate_id"].items()) == pairs and len(pairs) == frame["item_id"].nunique()
+    assert len(stored["item_price"]) == len(pairs)
+
+
+def test_a_time_split_refuses_rows_without_a_time() -> None:
+    """A time cut would leave them in no part, silently (a ``last_per_user`` split failed
+    with a pandas cast error): both name the column and the count."""
+    from tests.helpers import small_config
+
+    config = small_config("din")
+    frame = load_frame(config)
+    frame.loc[frame.index[:7], "ts"] = np.nan
+    for split in ("time", "last_per_user"):
+        spec = config.data.model_copy(update={"split": split})
+        with pytest.raises(DataError, match=f"7 of {len(frame)} rows have no 'ts'"):
+            split_frame(frame, spec)
 
 
 def test_an_item_key_that_is_not_the_items_id_is_refused() -> None:

@@ -32,6 +32,9 @@ def run(
     from training.dataset import prepare
     from training.train import train
 
+    unknown = [ds for ds in datasets if ds not in DATASETS]
+    if unknown:  # before anything trains
+        raise ValueError(f"unknown datasets {unknown}; known: {sorted(DATASETS)}")
     results: dict[str, Any] = {}
     for ds in datasets:
         cfg, folder = DATASETS[ds]

@@ -2,7 +2,8 @@
 # One-shot init job (docker compose service `init`, trainer image):
 #   1. if the model store has no bundle for $CTR_MODEL_NAME, train a small model on the
 #      synthetic data set and export it there;
-#   2. bulk-load users, sequences and item features into Redis ($CTR_REDIS_URL).
+#   2. bulk-load users, sequences and item features into Redis ($CTR_REDIS_URL), from the
+#      data the newest bundle was trained on (its manifest's config).
 # Settings (env): CTR_MODELS_DIR, CTR_MODEL_NAME, CTR_REDIS_URL,
 #   CTR_INIT_CONFIG      feature config (default configs/synthetic_din.yaml)
 #   CTR_INIT_TRAIN_SET   space-separated --set overrides (default "train.epochs=2")
@@ -31,8 +32,10 @@ else
 fi
 
 if [ "${CTR_INIT_LOAD:-1}" = "1" ]; then
-    echo "init: loading $config into Redis"
-    ctr load --config "$config"
+    # the newest bundle's own config (its data options and L), which the api serves with
+    # CTR_MODEL_VERSION=latest: the same data it was trained on, overrides included
+    echo "init: loading the data of $models_dir/$name's newest bundle into Redis"
+    ctr load --bundle "$models_dir/$name"
 else
     echo "init: CTR_INIT_LOAD=${CTR_INIT_LOAD}; not loading Redis"
 fi

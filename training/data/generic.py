@@ -64,9 +64,9 @@ def load_frame(config: FeatureConfig) -> pd.DataFrame:
     """Dispatch on ``data.source`` to an adapter; all return the generic layout."""
     spec = config.data
     if spec.source == "synthetic":
-        from training.data.synthetic import generate
+        from training.data.synthetic import check_options, generate
 
-        frame = generate(config, **spec.options)
+        frame = generate(config, **check_options(config))
     elif spec.source in ("csv", "parquet"):
         if not spec.path:
             raise DataError("data.path is required for csv/parquet")
@@ -101,7 +101,8 @@ def split_frame(
 
     A time-based split on a frame without its time column is an error, never a silent
     shuffle: a shuffle puts a user's later rows (whose histories hold the test targets)
-    into training. So is a ``time`` split that leaves a part empty (ties at a cut).
+    into training. So is a ``time`` split that leaves a part empty (ties at a cut), and
+    a time-based split of rows without a time (a time cut would drop them silently).
     """
     if spec.split != "random" and (spec.time_column is None or spec.time_column not in frame):
         raise DataError(
@@ -117,6 +118,12 @@ def split_frame(
         te, va, tr = idx[:n_test], idx[n_test : n_test + n_val], idx[n_test + n_val :]
         return frame.iloc[tr], frame.iloc[va], frame.iloc[te]
     t = pd.to_numeric(frame[spec.time_column])  # a CSV's "9" > "11" (service.loader agrees)
+    missing = int(t.isna().sum())
+    if missing:  # in no part of a time cut; ``ctr load`` would count them as the oldest
+        raise DataError(
+            f"data.split {spec.split!r}: {missing} of {len(frame)} rows have no "
+            f"{spec.time_column!r} (drop or fill them, or set data.split: random)"
+        )
     if spec.split == "time":
         q_val = t.quantile(1 - spec.val_fraction - spec.test_fraction)
         q_test = t.quantile(1 - spec.test_fraction)
