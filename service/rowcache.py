@@ -113,20 +113,33 @@ class ItemRowCache:
 
     def _slots_one_by_one(self, ids: list[str], until: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Slots for ``ids``, some of which are cached: a cached row is rewritten only
-        where ``until`` is no earlier than its expiry (``write``)."""
-        slots = np.empty(len(ids), np.int64)
+        where ``until`` is no earlier than its expiry (``write``). A new ID never takes
+        the slot of an ID of this batch (that one would lose its row, then be stored as
+        new, past the expiry check), and an ID given twice is written once, its last
+        row: no slot is written twice in one store."""
+        slots = np.zeros(len(ids), np.int64)
         write = np.ones(len(ids), bool)
+        last = {item: k for k, item in enumerate(ids)}
+        slot_of, owner = self.slot_of, self.owner
+        held = {slot for item in last if (slot := slot_of.get(item)) is not None}
         for k, item in enumerate(ids):
-            slot = self.slot_of.get(item)
+            if last[item] != k:
+                write[k] = False
+                continue
+            slot = slot_of.get(item)
             if slot is not None:
                 write[k] = self.expiry[slot] <= until[k]
             else:
+                # at most len(ids) <= size slots are held, one of them by no ID yet
                 slot = self.next
+                while slot in held:
+                    slot = (slot + 1) % self.size
                 self.next = (slot + 1) % self.size
-                old = self.owner[slot]
-                if old is not None and self.slot_of.get(old) == slot:
-                    del self.slot_of[old]
-                self.owner[slot] = item
-                self.slot_of[item] = slot
+                old = owner[slot]
+                if old is not None and slot_of.get(old) == slot:
+                    del slot_of[old]
+                owner[slot] = item
+                slot_of[item] = slot
+                held.add(slot)
             slots[k] = slot
         return slots, write

@@ -4,13 +4,16 @@ with the TTL) it is tested in test_service.py, on that module's bundle."""
 
 from __future__ import annotations
 
+import math
 import time
+from unittest import mock
 
 import numpy as np
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from service import rowcache
 from service.rowcache import ItemRowCache
 from tests.helpers import ShiftedClock
 
@@ -279,3 +282,83 @@ def test_item_cache_paths_fill_holes_as_value_by_value() -> None:
     with pytest.raises(ValueError, match="1 values for 2 item IDs"):
         cache.put(other[0], ["p", "q"], ["1"], now)
     assert cache.get_many(other[0], ["p"])[1] == [0]  # nothing of it was kept
+
+
+class FakeTime:
+    """``time`` for :mod:`service.rowcache` alone: a clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+STORE_IDS = st.lists(st.sampled_from("abcdefghij"), min_size=1, max_size=10)
+EXPIRES = st.one_of(st.none(), st.lists(st.sampled_from([1.0, 3.0, 100.0, math.inf]),
+                                        min_size=10, max_size=10))  # fmt: skip
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("store"), STORE_IDS, EXPIRES),
+        st.tuples(st.just("lookup"), STORE_IDS),
+        st.tuples(st.just("tick"), st.sampled_from([0.5, 2.0, 4.0, 60.0])),
+        st.tuples(st.just("clear")),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(1, 8), st.sampled_from([5.0, 50.0]), OPS)
+# X's newer row (until 1060) sits in the slot the ring hands out next: a store of
+# [Y, X] with X's older row (until 1030) gave Y that slot, then wrote X's older row
+@example(2, 60.0, [("store", ["X"], [60.0] * 10), ("store", ["o"], None),
+                   ("store", ["Y", "X"], [30.0] * 10), ("lookup", ["X"])])  # fmt: skip
+def test_a_served_row_is_the_newest_accepted_row_of_its_id(
+    size: int, ttl: float, ops: list
+) -> None:
+    """Against a reference applying the documented rule ID by ID (a row replaces its
+    ID's cached row unless that one expires later; of an ID given twice the last row
+    counts): whatever the ring does, a lookup serves the looked-up ID's own row,
+    unexpired, and the newest accepted one."""
+    clock = FakeTime()
+    cache = ItemRowCache(ttl, size, 2, 1)
+    ref: dict[str, tuple[int, float]] = {}  # id -> (version, until) held for it
+    version = 0
+    with mock.patch.object(rowcache, "time", clock):
+        for op in ops:
+            if op[0] == "store":
+                ids, expires = op[1], op[2]
+                versions = list(range(version + 1, version + 1 + len(ids)))
+                version += len(ids)
+                pairs = zip(map(ord, ids), versions, strict=True)
+                sparse = np.array([list(pair) for pair in pairs], np.int64)
+                dense = np.array([[float(v)] for v in versions], np.float32)
+                exp = None if expires is None else clock.now + np.array(expires[: len(ids)])
+                cache.store(ids, sparse, dense, exp)
+                kept = ids[-size:]
+                last = {i: j for j, i in enumerate(kept)}
+                for j, i in enumerate(kept):
+                    if last[i] != j:
+                        continue
+                    until = clock.now + ttl
+                    if exp is not None:
+                        until = min(until, exp[len(ids) - len(kept) + j])
+                    if i not in ref or ref[i][1] <= until:
+                        ref[i] = (versions[len(ids) - len(kept) + j], until)
+                for i in [i for i in ref if i not in cache.slot_of]:  # evicted
+                    del ref[i]
+            elif op[0] == "lookup":
+                for i, slot in zip(op[1], cache.lookup(op[1]).tolist(), strict=True):
+                    if slot < 0:
+                        continue
+                    got_id, got_version = cache.sparse[slot].tolist()
+                    assert chr(got_id) == i  # the looked-up ID's own row
+                    assert cache.expiry[slot] > clock.now
+                    assert got_version == ref[i][0], (i, got_version, ref[i])
+                assert all(cache.owner[s] == i for i, s in cache.slot_of.items())
+            elif op[0] == "tick":
+                clock.now += op[1]
+            else:
+                cache.clear()
+                ref.clear()
