@@ -81,6 +81,21 @@ def ensure_redis(url: str) -> subprocess.Popen | None:
     raise SystemExit("[demo] redis-server did not come up")
 
 
+def _context_of(config: Any, row: Any) -> dict[str, Any]:
+    """The context features (e.g. the hour) of one example row, as a request sends
+    them: a request without them would score with their out-of-vocabulary row."""
+    from ctr.mapping import normalize
+
+    out: dict[str, Any] = {}
+    for f in config.features:
+        if f.side != "context" or f.kind == "sequence" or f.source not in row:
+            continue
+        value = normalize(row[f.source])
+        if value is not None:
+            out[f.source] = value if f.kind == "sparse" else float(value)
+    return out
+
+
 def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
     req = urllib.request.Request(
         url, json.dumps(body).encode(), {"Content-Type": "application/json"}
@@ -188,13 +203,18 @@ def run_demo(args: argparse.Namespace) -> int:
         )
         _wait_ready(base, service, version)
         print(f"[demo] 4/5 service ready at {base}")
-        user = str(prep.frames["test"][config.data.user_key].iloc[0])
+        first = prep.frames["test"].iloc[0]
+        user = str(first[config.data.user_key])
         id_src = config.item_id_feature.source
         pool = prep.frames["test"][id_src].astype(str).unique().tolist()[:30]
         body = {"user_id": user, "candidates": [{"item_id": i} for i in pool], "top_k": 10}
+        context = _context_of(config, first)  # the request's own, as the test row's
+        if context:
+            body["context"] = context
         body["explain"] = True
         result = _post(base + "/v1/score", body)
-        print(f"[demo] 5/5 POST /v1/score user={user} candidates={len(pool)} top_k=10")
+        print(f"[demo] 5/5 POST /v1/score user={user} candidates={len(pool)} top_k=10 "
+              f"context={context}")  # fmt: skip
         print(f"       model {result['model']}  cold_start={result['cold_start']}")
         print("       rank  item_id        probability  most-attended history")
         for item in result["items"]:

@@ -128,7 +128,8 @@ def load_into_redis(
     keep: int | None = None,
     cluster: bool = False,
 ) -> dict[str, int]:
-    """Write users and items; replaces each loaded user's profile and sequence.
+    """Write users and items; replaces each loaded user's profile and sequence, and
+    forgets the event IDs remembered for them.
 
     Works on a single Redis and on Redis Cluster (``cluster=True``): every command
     touches one key or keys of one user's hash-tag slot. Raises ``ValueError`` before
@@ -145,8 +146,9 @@ def load_into_redis(
     users = list(user_records(config, frame))
     pipe = client.pipeline(transaction=False)
     for i, (uid, profile, events) in enumerate(tqdm(users, desc="users", disable=not progress)):
-        pipe.delete(user_key(uid, "profile"))
-        pipe.delete(user_key(uid, "seq"))
+        # the user's event IDs go too: kept, a retry of an event the replaced list held
+        # would answer `duplicate` and never be stored again
+        pipe.delete(user_key(uid, "profile"), user_key(uid, "seq"), user_key(uid, "events"))
         if profile:
             pipe.hset(user_key(uid, "profile"), mapping=profile)
         if events:
