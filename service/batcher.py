@@ -16,12 +16,15 @@ Policy ("batch while busy", with an optional bounded wait):
 
 The queue is touched only from the event loop thread; graph calls run on the executor.
 A request cancelled while queued (its deadline passed) is dropped from its batch.
+A merged call that fails is run again one request at a time, so that a request whose
+feeds fail the graph fails alone (``ctr_batch_splits_total`` counts these).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from asyncio import CancelledError
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -138,10 +141,26 @@ class Batcher:
             total += job.n
         return batch
 
-    def _run_batch(self, batch: list[_Job]) -> list[list[np.ndarray]]:
+    def _run_batch(self, batch: list[_Job]) -> list[list[np.ndarray] | BaseException]:
+        """Each job's outputs; where a merged call fails, each job is run alone, so that
+        one request's failure is its own (and a transient one is tried once more)."""
         feeds = merge_feeds([j.feeds for j in batch])
-        outs = self.run(feeds, any(j.explain for j in batch))
-        return split_outputs(outs, [j.n for j in batch])
+        try:
+            outs = self.run(feeds, any(j.explain for j in batch))
+        except Exception:
+            if len(batch) == 1:
+                raise
+            m.BATCH_SPLITS.inc()
+            return [self._run_alone(job) for job in batch]
+        return list(split_outputs(outs, [j.n for j in batch]))
+
+    def _run_alone(self, job: _Job) -> list[np.ndarray] | BaseException:
+        if job.future.done():  # cancelled meanwhile: nothing to run for
+            return CancelledError()
+        try:
+            return self.run(job.feeds, job.explain)
+        except Exception as exc:
+            return exc
 
     def _finished(
         self,
@@ -163,5 +182,8 @@ class Batcher:
                 job.future.set_exception(exc)
             else:
                 outs = fut.result()[k]
-                job.future.set_result(outs if job.explain else outs[:1])
+                if isinstance(outs, BaseException):
+                    job.future.set_exception(outs)
+                else:
+                    job.future.set_result(outs if job.explain else outs[:1])
         self._dispatch(loop, executor)

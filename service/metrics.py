@@ -69,6 +69,10 @@ BATCH_USERS = Histogram(
     "Users (requests) per graph call; above 1 when micro-batching merged requests",
     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
 )
+BATCH_SPLITS = Counter(
+    "ctr_batch_splits_total",
+    "Micro-batched graph calls that failed and were run again one request at a time",
+)
 GC_PAUSE = Histogram(
     "ctr_gc_pause_seconds",
     "Python garbage-collection pauses by generation (the event loop stops meanwhile)",

@@ -79,3 +79,50 @@ def test_a_call_takes_at_most_max_users() -> None:
 def test_max_users_one_never_merges() -> None:
     calls, _ = _serve(max_users=1, max_candidates=4096, sizes=[5, 5, 5])
     assert calls == [[0], [1], [2]]
+
+
+def test_a_failed_merged_call_fails_only_the_request_it_fails_for() -> None:
+    """A merged call that raises is run again one request at a time: the request whose
+    feeds fail the graph gets the error, the others their own rows (before, every
+    request of the batch answered 500)."""
+    calls: list[list[int]] = []
+    gate = threading.Event()
+
+    def run(feeds: dict[str, np.ndarray], explain: bool) -> list[np.ndarray]:
+        if not calls:
+            gate.wait(10)
+        tags = [int(t) for t in dict.fromkeys((feeds["item"][:, 0] // 1000).tolist())]
+        calls.append(tags)
+        if 2 in tags:  # request 2's feeds fail the graph, merged or alone
+            raise RuntimeError("request 2 fails the graph")
+        return [feeds["item"][:, 0].astype(np.float32)]
+
+    async def main() -> list:
+        batcher = Batcher(run, slots=1, max_users=8, max_candidates=4096, wait_s=0.0)
+        with CallThreads(1, "ort") as pool:
+            first = asyncio.ensure_future(batcher.submit(pool, _feeds(99, 5), False))
+            await asyncio.sleep(0)
+            queued = [
+                asyncio.ensure_future(batcher.submit(pool, _feeds(k, 3 + k), False))
+                for k in range(4)
+            ]
+            await asyncio.sleep(0)
+            gate.set()
+            await first
+            return list(await asyncio.gather(*queued, return_exceptions=True))
+
+    before = _splits()
+    outs = asyncio.run(main())
+    assert calls[1:] == [[0, 1, 2, 3], [0], [1], [2], [3]]  # merged, then one by one
+    assert _splits() == before + 1
+    for k, out in enumerate(outs):
+        if k == 2:
+            assert isinstance(out, RuntimeError) and "request 2" in str(out)
+        else:
+            np.testing.assert_array_equal(out[0], k * 1000 + np.arange(3 + k, dtype=np.float32))
+
+
+def _splits() -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("ctr_batch_splits_total") or 0.0

@@ -48,6 +48,7 @@ COUNTERS = {
     "ctr_user_tracking_resets_total",
     "ctr_inline_runs_total",
     "ctr_worker_cpu_seconds_total",
+    "ctr_batch_splits_total",
 }
 GAUGES = {
     "ctr_model_info",
