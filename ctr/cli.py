@@ -164,6 +164,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     workers = args.workers or s.workers
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ctr-prom-")
+    if workers > 1:  # a worker's SIGHUP while it imports: pending, then noted, not fatal
+        hup.block_for_workers()
     uvicorn.run(
         "service.app:create_app",
         factory=True,

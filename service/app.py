@@ -206,6 +206,7 @@ async def _serve(handler: Handler, scope: Scope, receive: Receive, send: Send) -
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    early_hup.take_over()  # a worker `ctr serve` spawned: its SIGHUP noted from here on
     settings = settings or Settings()
     logging.basicConfig(level=settings.log_level.upper())
     state = State(settings)

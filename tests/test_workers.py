@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +18,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.model import ProviderError
 from service.settings import Settings
-from tests.helpers import REDIS_URL, Built, build_and_load, service_env
+from tests.helpers import REDIS_URL, ROOT, Built, build_and_load, service_env
 from tests.redis_proc import free_port
 from tests.server_thread import serve_process
 
@@ -211,3 +214,64 @@ def test_a_new_worker_drops_the_live_gauges_of_a_dead_one(tmp_path: Path) -> Non
     assert metric(got["after"], r"^ctr_requests_in_flight ") == 1
     infos = re.findall(r'^ctr_model_info\{.*pid="(\d+)".*\} 1\.0$', got["after"], re.M)
     assert infos == [str(got["pid"])]
+
+
+def _spawned_workers(parent: int) -> list[int]:
+    """The pids of the uvicorn workers (multiprocessing spawns) ``parent`` has started."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if ppid == parent and b"spawn_main" in cmdline:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads worker pids from /proc")
+def test_a_sighup_to_a_worker_still_importing_is_a_reload_not_an_exit(
+    built: Built, tmp_path: Path
+) -> None:
+    """Each worker is a new interpreter: until it had imported the app, SIGHUP's default
+    action ended it (uvicorn then started another, on the old version). Spawned with the
+    signal blocked, it notes it once it takes it over, and reloads the newest version
+    after its first load, broadcasting it to the other worker."""
+    store = tmp_path / "models"
+    shutil.copytree(built.models_dir, store)
+    root = store / built.config.name
+    shutil.copytree(root / "1", root / "2")
+    port = free_port()
+    env = service_env(
+        built, REDIS_URL, CTR_MODELS_DIR=str(store), CTR_MODEL_VERSION="1",
+        CTR_INTRA_OP_THREADS="1", CTR_RELOAD_CHANNEL=f"test:early-hup:{port}",
+    )  # fmt: skip
+    cmd = [sys.executable, "-m", "ctr.cli", "serve", "--host", "127.0.0.1", "--port",
+           str(port), "--workers", "2"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while not (early := _spawned_workers(proc.pid)):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.002)
+        os.kill(early[0], signal.SIGHUP)  # as soon as it exists, long before its imports end
+        seen: dict[int, str] = {}
+        deadline = time.monotonic() + 90
+        while not (len(seen) == 2 and set(seen.values()) == {"2"}):
+            assert time.monotonic() < deadline, seen
+            try:
+                for _ in range(10):  # fresh connections spread over the workers
+                    with httpx.Client(base_url=base, timeout=10) as h:
+                        body = h.get("/v1/models").json()
+                    if body.get("worker_pid"):
+                        seen[body["worker_pid"]] = body["version"]
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        assert early[0] in seen  # the worker signalled lived on
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
