@@ -132,7 +132,7 @@ def cmd_load(args: argparse.Namespace) -> int:
     from service.loader import load_into_redis
     from service.settings import Settings
     from service.store import ping
-    from training.data import load_frame
+    from training.data import load_catalog, load_frame
 
     if args.bundle:  # the data the served model was trained on, by its own config
         config = bundle_config(Path(args.bundle), _overrides(args.set))
@@ -143,7 +143,8 @@ def cmd_load(args: argparse.Namespace) -> int:
     cluster = args.cluster or settings.redis_cluster
     ping(url, cluster)  # before the data is read: that can take minutes
     frame = load_frame(config)
-    counts = load_into_redis(config, frame, url, progress=not args.quiet, cluster=cluster)
+    counts = load_into_redis(config, frame, url, progress=not args.quiet, cluster=cluster,
+                             catalog=load_catalog(config))  # fmt: skip
     from service.store import redact
 
     print(f"loaded {counts['users']} users and {counts['items']} items into {redact(url)}")

@@ -151,7 +151,7 @@ def run_demo(args: argparse.Namespace) -> int:
         )
     if args.data_root:
         os.environ["CTR_DATA_ROOT"] = str(Path(args.data_root).resolve())
-    from training.data import load_frame
+    from training.data import load_catalog, load_frame
     from training.export import export_bundle
     from training.train import train
 
@@ -186,7 +186,8 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"[demo] 2/5 exported {path} (parity {report.max_abs_diff:.1e})")
         from service.loader import load_into_redis
 
-        counts = load_into_redis(config, frame, redis_url, progress=False)
+        counts = load_into_redis(config, frame, redis_url, progress=False,
+                                 catalog=load_catalog(config))  # fmt: skip
         print(f"[demo] 3/5 loaded {counts['users']} users, {counts['items']} items into Redis")
         env = dict(
             os.environ,

@@ -86,9 +86,31 @@ def user_records(config: FeatureConfig, frame: pd.DataFrame) -> Iterator[tuple[s
             yield user, profile, events
 
 
-def item_records(config: FeatureConfig, frame: pd.DataFrame) -> dict[str, dict[str, Any]]:
+def item_records(
+    config: FeatureConfig, frame: pd.DataFrame, catalog: pd.DataFrame | None = None
+) -> dict[str, dict[str, Any]]:
     """feature source -> {item_id: raw value}, from candidates and histories (a model
-    without histories still needs its candidates' features: requests may send IDs only)."""
+    without histories still needs its candidates' features: requests may send IDs only),
+    then from ``catalog`` (the source's item table, ``training.data.load_catalog``) for
+    the items none of those holds."""
+    out = _example_items(config, frame)
+    if catalog is None:
+        return out
+    id_src = config.item_id_feature.source
+    ids = [normalize(v) for v in catalog[id_src].tolist()]
+    for f in config.item_sparse + config.item_dense:
+        if f.source not in out or f.source not in catalog:
+            continue
+        values = out[f.source]
+        for i, v in zip(ids, catalog[f.source].tolist(), strict=True):
+            nv = normalize(v) if f.kind == "sparse" else dense_text(v)
+            if i is not None and nv is not None:
+                values.setdefault(i, nv)
+    return out
+
+
+def _example_items(config: FeatureConfig, frame: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """:func:`item_records` from the examples alone."""
     item_feats = config.item_sparse + config.item_dense
     id_feat = config.item_id_feature
     out: dict[str, dict[str, Any]] = {f.source: {} for f in item_feats if f is not id_feat}
@@ -127,11 +149,13 @@ def load_into_redis(
     progress: bool = True,
     keep: int | None = None,
     cluster: bool = False,
+    catalog: pd.DataFrame | None = None,
 ) -> dict[str, int]:
     """Write users and items; replaces each loaded user's profile and sequence, and
     forgets the event IDs remembered for them.
 
-    Works on a single Redis and on Redis Cluster (``cluster=True``): every command
+    ``catalog``: the source's item table (:func:`item_records`), for items no example
+    holds. Works on a single Redis and on Redis Cluster (``cluster=True``): every command
     touches one key or keys of one user's hash-tag slot. Raises ``ValueError`` before
     writing anything when the config's item key does not identify the data's items
     (:func:`ctr.encode.check_item_key`).
@@ -156,7 +180,7 @@ def load_into_redis(
         if (i + 1) % chunk == 0:
             pipe.execute()
     pipe.execute()
-    items = item_records(config, frame)
+    items = item_records(config, frame, catalog)
     n_items = 0
     for feat, values in tqdm(items.items(), desc="item features", disable=not progress):
         pairs = list(values.items())

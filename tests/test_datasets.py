@@ -621,3 +621,23 @@ def test_an_item_key_that_is_not_the_items_id_is_refused() -> None:
     with pytest.raises(ValueError, match="3 of its 200 values carry more than one cate_id"):
         check_item_key(good, {"item_id": [*items, "i0", "i1", "i2"],
                               "cate_id": [*cats, "c6", "c6", "c6"]})  # fmt: skip
+
+
+@pytest.mark.data
+def test_movielens_load_stores_every_movies_genre() -> None:
+    """Movies no example holds (the config keeps each user's last 40 examples) get their
+    genre from ``u.item`` too (a candidate named by ID alone scored with an unknown
+    genre); for the others it is the examples' genre."""
+    from service.loader import item_records
+    from training.data import load_catalog
+    from training.data.movielens import dataset_dir, read_genres
+
+    _folder("movielens-100k")
+    config = load_config(CONFIGS / "movielens_din.yaml")
+    frame = load_frame(config)
+    from_examples = item_records(config, frame)["cate_id"]
+    stored = item_records(config, frame, load_catalog(config))["cate_id"]
+    genres = read_genres(dataset_dir(config))
+    assert len(stored) == len(genres) > len(from_examples)
+    assert stored == {str(m): g for m, g in genres.items()}
+    assert all(stored[i] == g for i, g in from_examples.items())

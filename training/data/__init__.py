@@ -1,5 +1,5 @@
 """Dataset adapters. Each returns a raw DataFrame in the generic layout (see ``generic``)."""
 
-from training.data.generic import load_frame, split_frame
+from training.data.generic import load_catalog, load_frame, split_frame
 
-__all__ = ["load_frame", "split_frame"]
+__all__ = ["load_catalog", "load_frame", "split_frame"]

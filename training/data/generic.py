@@ -60,6 +60,16 @@ def validate_frame(config: FeatureConfig, frame: pd.DataFrame) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
+def load_catalog(config: FeatureConfig) -> pd.DataFrame | None:
+    """The source's item table, where it has one beyond the examples (MovieLens'
+    ``u.item``): one row per item, its ID and item-side features; None otherwise."""
+    if config.data.source == "movielens":
+        from training.data.movielens import item_catalog
+
+        return item_catalog(config)
+    return None
+
+
 def load_frame(config: FeatureConfig) -> pd.DataFrame:
     """Dispatch on ``data.source`` to an adapter; all return the generic layout."""
     spec = config.data

@@ -124,6 +124,14 @@ def read_users(folder: Path) -> dict[int, dict[str, str]]:
     }
 
 
+def item_catalog(config: FeatureConfig) -> pd.DataFrame:
+    """Every movie of ``u.item`` with its genre (``item_id``, ``cate_id``), as the
+    examples carry them: ``ctr load`` stores the genre of movies no example holds, so a
+    request naming one by ID scores with its genre, not an unknown one."""
+    genre = read_genres(dataset_dir(config))
+    return pd.DataFrame({"item_id": [str(m) for m in genre], "cate_id": list(genre.values())})
+
+
 def load_movielens(config: FeatureConfig) -> pd.DataFrame:
     """Raw MovieLens-100k examples in the generic layout (see the module docstring)."""
     opts = _options(config)
