@@ -144,18 +144,20 @@ def read_manifest(path: Path) -> Any:
     (not UTF-8, not JSON, or an integer outside the 64-bit range, which ``/v1/models``
     could not write back) or RecursionError (nested too deep).
 
-    orjson parses the usual manifest (twice as fast as ``json``), unless the text holds
-    19 digits in a row (found by a C-level pass): orjson reads an integer outside
-    [-2**63, 2**64) as a float, losing its digits, so such a text, and any text orjson
-    refuses (``NaN``, which ``json.dumps`` writes for a NaN metric; lone surrogate
-    escapes; a real fault), is parsed by ``json``, exactly, and checked for long
-    integers (:func:`_long_int`)."""
+    orjson parses first (twice as fast as ``json``). It reads an integer outside
+    [-2**63, 2**64) as a float, losing its digits, so a parse that holds a float of
+    that size (:func:`_big_float`; a real one is rare in a manifest) is done again by
+    ``json``, exactly, and checked for long integers (:func:`_long_int`); so is a text
+    orjson refuses (``NaN``, which ``json.dumps`` writes for a NaN metric; lone surrogate
+    escapes; a real fault)."""
     data = path.read_bytes()
-    if data.translate(_DIGITS_TO_0).find(_NINETEEN_0) < 0:
-        try:
-            return orjson.loads(data)
-        except orjson.JSONDecodeError:
-            pass
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        pass
+    else:
+        if not _big_float(value):
+            return value
     value = json.loads(data.decode("utf-8"))  # UnicodeDecodeError is a ValueError
     where = _long_int(value, "")
     if where is not None:
@@ -163,9 +165,20 @@ def read_manifest(path: Path) -> Any:
     return value
 
 
-_DIGITS_TO_0 = bytes.maketrans(b"123456789", b"000000000")
-# -2**63 - 1 has 19 digits; a positive integer of 19 digits is below 2**64
-_NINETEEN_0 = b"0" * 19
+def _big_float(value: Any) -> bool:
+    """Whether a parsed JSON ``value`` holds a float of magnitude 2**63 or more (what
+    orjson makes of an integer outside the 64-bit range). A container's values are
+    sorted by type in C first: a vocabulary (integers only) costs no Python loop."""
+    if isinstance(value, float):
+        return abs(value) >= 2.0**63
+    values = value.values() if isinstance(value, dict) else value if isinstance(
+        value, list) else ()  # fmt: skip
+    kinds = set(map(type, values))
+    if float in kinds and any(type(v) is float and abs(v) >= 2.0**63 for v in values):
+        return True
+    if dict in kinds or list in kinds:
+        return any(_big_float(v) for v in values if isinstance(v, dict | list))
+    return False
 
 
 def sha256_file(path: Path) -> str:

@@ -16,7 +16,7 @@ times, best of ``--repeat``:
   process, on the same files, rounds interleaved; ratios new / old.
 
 Usage: .venv/bin/python scripts/bench_manifest.py [--vocab 1000000] [--repeat 3]
-       [--against /tmp/old]
+       [--against /tmp/old] [--long-ids]
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ print(json.dumps(out))
 """
 
 
-def write_bundle(folder: Path, vocab: int) -> None:
+def write_bundle(folder: Path, vocab: int, long_ids: bool = False) -> None:
     sys.path.insert(0, str(ROOT))
     from ctr.bundle import FORMAT_VERSION, MANIFEST, MODEL_FILE, sha256_file
     from ctr.spec import load_config, manifest_config
@@ -78,7 +78,8 @@ def write_bundle(folder: Path, vocab: int) -> None:
     for table in config.tables:
         n = vocab if table.name == "item_id" else 50
         spec = table.mapping
-        entries = {f"{table.name}:{k}": k + 2 for k in range(n)} if spec.type == "vocab" else {}
+        names = [str(10**18 + k) if long_ids else f"{table.name}:{k}" for k in range(n)]
+        entries = {name: k + 2 for k, name in enumerate(names)} if spec.type == "vocab" else {}
         mapping[table.name] = {"spec": spec.model_dump(), "vocab": entries}
     path = folder / "din" / "1"
     path.mkdir(parents=True)
@@ -110,6 +111,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--against", type=Path, default=None, help="an older checkout's root")
+    ap.add_argument("--long-ids", action="store_true",
+                    help="vocabulary keys of 19 digits (64-bit IDs written as strings)")
     args = ap.parse_args()
 
     import orjson
@@ -118,7 +121,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-manifest-") as tmp:
         models = Path(tmp)
-        write_bundle(models, args.vocab)
+        write_bundle(models, args.vocab, args.long_ids)
         raw = (models / "din" / "1" / MANIFEST).read_bytes()
         doc = orjson.loads(raw)
         t0 = time.perf_counter()
@@ -143,7 +146,8 @@ def main() -> int:
         return min(r[key] for r in runs)
 
     ms = 1e3
-    print(f"manifest: {len(raw) / 1e6:.1f} MB, item_id vocabulary {args.vocab:,} entries "
+    keys = "19-digit keys" if args.long_ids else "keys like item_id:123"
+    print(f"manifest: {len(raw) / 1e6:.1f} MB, item_id vocabulary {args.vocab:,} entries, {keys} "
           f"(best of {args.repeat}, {args.rounds} rounds, {elapsed:.0f} s)")  # fmt: skip
     print(f"  orjson.loads (the floor)        {floor * ms:8.0f} ms")
     print(f"  digest v1 (json, older exports) {v1 * ms:8.0f} ms")

@@ -258,15 +258,17 @@ def test_a_manifest_integer_past_64_bits_is_a_bundle_error(
 
 def test_a_manifest_orjson_refuses_but_json_reads_loads(two_versions: Built) -> None:
     """``json.dumps`` writes a NaN metric as ``NaN``, which orjson refuses: such a manifest,
-    and one with a 19-digit integer inside the range, loads, read exactly by ``json``."""
+    and one with a 20-digit integer inside the range or a float past 2**63 (which orjson's
+    reading of a long integer looks like), loads, read exactly by ``json``."""
     folder = two_versions.models_dir / two_versions.config.name / "2"
     _edit_manifest(folder, lambda m: m["metrics"].update(test={"auc": float("nan")}))
     assert "NaN" in (folder / MANIFEST).read_text()
     bundle = load_bundle(two_versions.models_dir, two_versions.config.name, 2)
     assert np.isnan(bundle.manifest["metrics"]["test"]["auc"])
-    _edit_manifest(folder, lambda m: m["metrics"].update(rows=2**64 - 1))
+    _edit_manifest(folder, lambda m: m["metrics"].update(rows=2**64 - 1, big=1e19))
     bundle = load_bundle(two_versions.models_dir, two_versions.config.name, 2)
     assert bundle.manifest["metrics"]["rows"] == 2**64 - 1  # exact, not a float
+    assert bundle.manifest["metrics"]["big"] == 1e19  # a float that size is no error
     with TestClient(create_app(settings_for(two_versions, model_version="2"))) as c:
         assert c.post("/v1/score", json=BODY).status_code == 200
         assert c.get("/v1/models").status_code == 200
