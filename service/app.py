@@ -11,6 +11,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -205,6 +206,22 @@ async def _serve(handler: Handler, scope: Scope, receive: Receive, send: Send) -
     return response.status_code
 
 
+def _before_handler(sig: int, first: Callable[[], None]) -> None:
+    """Run ``first`` before the Python handler installed for ``sig`` (uvicorn's shutdown;
+    it restores its own when it is done). Nothing where there is none, or off the main
+    thread (a test's app)."""
+    prior = signal.getsignal(sig)
+    if not callable(prior):
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        first()
+        prior(signum, frame)
+
+    with contextlib.suppress(ValueError):  # not the main thread
+        signal.signal(sig, handler)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     early_hup.take_over()  # a worker `ctr serve` spawned: its SIGHUP noted from here on
     settings = settings or Settings()
@@ -239,6 +256,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
             loop.add_signal_handler(signal.SIGHUP, on_hup)
+        # shutdown begins with the server's SIGTERM/SIGINT handler, up to 10 s before the
+        # lifespan's end (open connections drain): from then on SIGHUP is ignored too
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            _before_handler(sig, lambda: hup.__setitem__("phase", "stopping"))
         if early_hup.pending:  # noted by `ctr serve` before this handler was in place
             early_hup.pending = False
             hup["pending"] = True
@@ -322,6 +343,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     await client.connection_pool.disconnect()
             with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
                 loop.remove_signal_handler(signal.SIGHUP)
+                # SIG_DFL again would end the process on a SIGHUP before it exits
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            m.forget_this_worker()
 
     app = ScoringApp(
         title="CTR scoring service",

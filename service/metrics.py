@@ -219,6 +219,20 @@ def forget_dead_workers() -> list[int]:
     return sorted(dead)
 
 
+def forget_this_worker() -> None:
+    """With several workers: drop this worker's live gauges as it exits. The sweep at
+    start (:func:`forget_dead_workers`) cannot: uvicorn's restart (SIGHUP to the parent)
+    starts each replacement before it stops the worker replaced, which is still alive
+    then, and its model, memory and tracking series would stay in ``/metrics``."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        return
+    from prometheus_client import multiprocess
+
+    with contextlib.suppress(FileNotFoundError):
+        multiprocess.mark_process_dead(os.getpid(), folder)
+
+
 _current_info: list[tuple[str, ...]] = []
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -334,6 +335,35 @@ def test_sighup_reloads_and_sigterm_drains(built: Built, rp: RedisProcess) -> No
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_sighup_while_connections_drain_at_shutdown_is_ignored(
+    built: Built, rp: RedisProcess, tmp_path: Path
+) -> None:
+    """Shutdown begins at SIGTERM: uvicorn then waits (up to 10 s) for open connections
+    before the lifespan's end. A SIGHUP meanwhile reloaded the model (and broadcast it to
+    the deployment) from a process on its way out; it is ignored from SIGTERM on."""
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        env = service_env(built, rp.url, CTR_LOG_LEVEL="info", CTR_ACCESS_LOG="false")
+        proc = serve_process(port, env, log=log)
+        try:
+            held = socket.create_connection(("127.0.0.1", port))
+            held.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: b"Shutting down" in log_path.read_bytes(), "the shutdown")
+            proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: b"SIGHUP during shutdown: ignored" in log_path.read_bytes(),
+                     "the SIGHUP noted as ignored")  # fmt: skip
+            held.close()
+            assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log_path.read_text()
+    assert "model loaded" not in text.split("Shutting down", 1)[1], text
 
 
 def test_sighup_during_start_up_reloads_once_started(built: Built, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -272,6 +273,44 @@ def test_a_sighup_to_a_worker_still_importing_is_a_reload_not_an_exit(
                 pass
             time.sleep(0.1)
         assert early[0] in seen  # the worker signalled lived on
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_a_restart_leaves_no_series_of_the_workers_it_replaced(
+    built: Built, tmp_path: Path
+) -> None:
+    """SIGHUP to the parent restarts the workers, each replacement started before the
+    worker it replaces stops: that one, still alive then, escaped the sweep at start, and
+    ``/metrics`` kept its model, memory and tracking series for good. A worker drops its
+    own as it exits."""
+    port = free_port()
+    env = service_env(built, REDIS_URL, CTR_INTRA_OP_THREADS="1",
+                      CTR_RELOAD_CHANNEL=f"test:restart:{port}")  # fmt: skip
+    proc = serve_process(port, env, "--workers", "2")
+    base = f"http://127.0.0.1:{port}"
+
+    def workers() -> set[int]:
+        pids = set()
+        for _ in range(20):
+            with contextlib.suppress(httpx.HTTPError), httpx.Client(timeout=10) as h:
+                pids.add(h.get(base + "/v1/models").json()["worker_pid"])
+        return pids
+
+    def series() -> set[int]:
+        text = httpx.get(base + "/metrics", timeout=10).text
+        return {int(p) for p in re.findall(r'^ctr_model_info\{.*pid="(\d+)"', text, re.M)}
+
+    try:
+        deadline = time.monotonic() + 60
+        while len(before := workers()) < 2:
+            assert time.monotonic() < deadline
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while not (len(after := workers()) == 2 and not after & before and series() == after):
+            assert time.monotonic() < deadline, (before, after, series())
+            time.sleep(0.2)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
