@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -163,20 +164,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     s = Settings()
     workers = args.workers or s.workers
+    made = None  # the metrics folder made here, removed at exit
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ctr-prom-")
+        made = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ctr-prom-")
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if workers > 1 and folder and not os.path.isdir(folder):
+        # each worker would die at import, and uvicorn start it again, for good
+        raise ValueError(
+            f"PROMETHEUS_MULTIPROC_DIR={folder!r} is not a folder (the workers keep their "
+            "metrics there): create it, or unset it for a temporary one"
+        )
     if workers > 1:  # a worker's SIGHUP while it imports: pending, then noted, not fatal
         hup.block_for_workers()
-    uvicorn.run(
-        "service.app:create_app",
-        factory=True,
-        host=args.host or s.host,
-        port=args.port or s.port,
-        workers=workers,
-        log_level=s.log_level,
-        access_log=s.access_log,
-        timeout_graceful_shutdown=10,
-    )
+    try:
+        uvicorn.run(
+            "service.app:create_app",
+            factory=True,
+            host=args.host or s.host,
+            port=args.port or s.port,
+            workers=workers,
+            log_level=s.log_level,
+            access_log=s.access_log,
+            timeout_graceful_shutdown=10,
+        )
+    finally:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
     return 0
 
 
@@ -601,7 +614,14 @@ def describe(exc: BaseException) -> str:
                 parts.append(err["msg"])
                 continue
             loc = f"CTR_{loc.upper()}" if env else loc
-            got = "" if err["type"] == "extra_forbidden" else f" (got {err['input']!r:.60})"
+            shown = err["input"]
+            if loc in ("CTR_API_KEY", "api_key"):  # a secret: never echoed
+                shown = "…"
+            elif loc in ("CTR_REDIS_URL", "redis_url") and isinstance(shown, str):
+                from service.store import redact
+
+                shown = redact(shown)  # its password hidden
+            got = "" if err["type"] == "extra_forbidden" else f" (got {shown!r:.60})"
             parts.append(f"{loc}: {err['msg']}{got}")
         return f"invalid {'setting' if env else 'config'}: " + "; ".join(parts)
     if isinstance(exc, FileNotFoundError) and exc.filename:

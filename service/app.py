@@ -412,8 +412,10 @@ async def _read_body(
 ) -> bytes:
     """The request body's bytes; ``header(name)`` reads a (lower-case) request header."""
     length = header("content-length")
-    if length is not None and length.isascii() and length.isdigit() and int(length) > limit:
-        raise PayloadTooLarge(f"body is larger than {limit} bytes", "body")
+    if length is not None and length.isascii() and length.isdigit():
+        # 20 digits and more are over any limit (and past 4,300 int() would refuse them)
+        if len(length) > 19 or int(length) > limit:
+            raise PayloadTooLarge(f"body is larger than {limit} bytes", "body")
     body = bytearray()
     async for chunk in chunks:
         body.extend(chunk)
@@ -581,12 +583,14 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             body["outside_window"] = True
         return orjson_response(body, 202)
 
-    @app.get("/healthz", summary="Liveness")
+    # HEAD too: some load balancers' and monitors' checks send it
+    @app.api_route("/healthz", methods=["GET", "HEAD"], summary="Liveness")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get(
+    @app.api_route(
         "/readyz",
+        methods=["GET", "HEAD"],
         summary="Readiness: model loaded and Redis reachable",
         responses={
             200: {"description": "ready: `ready`, `model` and `redis` true"},

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ctr.bundle import version_of
 from service.validate import MAX_TIMESTAMP
 
 Scalar = str | int | float | bool | None
@@ -144,6 +145,15 @@ class ReloadRequest(BaseModel):
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             return str(value)
         return value
+
+    @field_validator("version")
+    @classmethod
+    def _version_name(cls, value: str | None) -> str | None:
+        """``latest`` or a version as its folder is named (``7``, not ``07``, ``""`` or a
+        full-width ``７``, which ``int()`` would take for another folder's number)."""
+        if value is None or value == "latest" or version_of(value) is not None:
+            return value
+        raise ValueError("a version number (digits, no leading zero) or 'latest'")
 
 
 class ReloadResponse(BaseModel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # the longest CTR_SEQUENCE_TTL_S: ten years
@@ -204,9 +204,11 @@ class Settings(BaseSettings):
     )
     protect_scoring: bool = Field(False, description="require the API key for scoring too")
     host: str = Field("0.0.0.0", description="bind address for `ctr serve`")
-    port: int = Field(8000, description="port for `ctr serve`")
+    port: int = Field(8000, ge=0, le=65535, description="port for `ctr serve`")
     workers: int = Field(1, gt=0, description="uvicorn worker processes for `ctr serve`")
-    log_level: str = Field("info", description="log level")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="log level"
+    )
     access_log: bool = Field(
         True,
         description="`ctr serve`: uvicorn's access log, one line per request at `info` "
@@ -225,7 +227,37 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_key_is_no_key(cls, v: object) -> object:
         # `CTR_API_KEY=` (set but empty) must not become a key that an absent header matches
-        return None if isinstance(v, str) and not v.strip() else v
+        if not isinstance(v, str):
+            return v
+        # a secret mounted from a file ends in a newline: servers strip the blanks around
+        # a header's value, so a key that kept them could never match
+        v = v.strip()
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in v):
+            raise ValueError("holds control characters, which an X-API-Key header cannot carry")
+        return v or None
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_any_case(cls, v: object) -> object:
+        return v.strip().lower() if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _redis_urls(self) -> Settings:
+        # what the client would refuse at its first connection (a traceback in the
+        # lifespan), refused here; a cluster's node list may leave out the scheme
+        from redis.connection import parse_url
+
+        from service.store import node_urls
+
+        urls = node_urls(self.redis_url) if self.redis_cluster else [self.redis_url]
+        try:
+            if not urls or "," in self.redis_url and not self.redis_cluster:
+                raise ValueError("one URL expected (a list of nodes needs CTR_REDIS_CLUSTER)")
+            for url in urls:
+                parse_url(url)  # ValueError naming the schemes it takes
+        except ValueError as exc:  # the URL itself not repeated: it may hold a password
+            raise ValueError(f"CTR_REDIS_URL: {exc}") from None
+        return self
 
     @field_validator("cuda_graph_buckets", "cuda_graph_user_buckets")
     @classmethod

@@ -205,6 +205,29 @@ def test_body_over_size_limit(client: TestClient) -> None:
     check(client.post("/v1/score", json=big), 413, "body", "payload_too_large")
 
 
+@pytest.mark.parametrize("path", ["/v1/score", "/v1/events"])
+def test_a_content_length_of_5000_digits_is_too_large(client: TestClient, path: str) -> None:
+    """uvicorn refuses such a header itself; another server may pass it on, and ``int()``
+    refuses a number past 4,300 digits (a 500)."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+        "scheme": "http", "headers": [(b"content-length", b"9" * 5000)],
+        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+    }  # fmt: skip
+    assert client.portal is not None
+    client.portal.call(client.app, scope, receive, send)
+    assert sent[0]["status"] == 413, sent
+
+
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])
 def test_non_finite_numbers_name_the_field(client: TestClient, literal: str) -> None:
     raw = (
@@ -368,8 +391,13 @@ KEY = {"X-API-Key": "k3y"}
         ({"version": -1}, "version"),
         ({"versoin": "1"}, "versoin"),
         ([1], "body"),
+        # int() reads these as 1 or as no version: not folder names
+        ({"version": "01"}, "version"),
+        ({"version": "\uff11"}, "version"),
+        ({"version": ""}, "version"),
     ],
-    ids=["wrong-type", "bool", "negative", "misspelt-field", "not-an-object"],
+    ids=["wrong-type", "bool", "negative", "misspelt-field", "not-an-object", "leading-zero",
+         "full-width-digit", "empty"],
 )
 def test_bad_reload_body(keyed: TestClient, body: Any, field: str) -> None:
     check(keyed.post("/admin/reload", json=body, headers=KEY), 422, field, "bad_request")
@@ -400,6 +428,14 @@ def test_empty_api_key_is_no_key(tmp_path: Any, monkeypatch: pytest.MonkeyPatch)
     with TestClient(create_app(s)) as c:
         check(c.post("/admin/reload", json={}), 403, "X-API-Key", "admin_disabled")
         check(c.post("/admin/reload", json={}, headers={"X-API-Key": ""}), 403, "X-API-Key")
+
+
+def test_an_api_key_from_a_file_matches_without_its_newline(tmp_path: Any) -> None:
+    """A secret mounted from a file ends in a newline, which no header can carry (servers
+    strip the blanks around a value): kept, the key matched nothing, ever."""
+    for c in serve(tmp_path, api_key=" k3y\n"):
+        assert c.post("/admin/reload", json={}, headers=KEY).status_code == 200
+        check(c.post("/admin/reload", json={}, headers={"X-API-Key": "k3"}), 401, "X-API-Key")
 
 
 def test_a_non_ascii_api_key_matches_its_utf8_bytes(tmp_path: Any) -> None:

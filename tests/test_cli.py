@@ -67,10 +67,24 @@ def one_line_error(out: subprocess.CompletedProcess, command: str) -> str:
          "unknown datasets ['bogus']; known: ['amazon_beauty', 'movielens', 'synthetic']"),
         (["load", "--bundle", "models-nope/din"], {},
          "no versions of model 'din'"),
+        (["serve"], {"CTR_PORT": "99999"},
+         "invalid setting: CTR_PORT: Input should be less than or equal to 65535"),
+        (["serve"], {"CTR_LOG_LEVEL": "foo"},
+         "invalid setting: CTR_LOG_LEVEL: Input should be 'critical', 'error', 'warning'"),
+        (["serve"], {"CTR_REDIS_URL": "notaurl"},
+         "CTR_REDIS_URL: Redis URL must specify one of the following schemes"),
+        (["serve"], {"CTR_REDIS_URL": "redis://:hush@h:1/0,redis://h:2/0"},
+         "CTR_REDIS_URL: one URL expected (a list of nodes needs CTR_REDIS_CLUSTER)"),
+        (["serve"], {"CTR_API_KEY": "k\x01y"},
+         "CTR_API_KEY: Value error, holds control characters, which an X-API-Key header"),
+        (["serve", "--workers", "2"], {"PROMETHEUS_MULTIPROC_DIR": "/nonexistent/prom"},
+         "PROMETHEUS_MULTIPROC_DIR='/nonexistent/prom' is not a folder"),
     ],
 )  # fmt: skip
 def test_wrong_input_is_one_line_naming_it(args: list[str], env: dict[str, str], says: str) -> None:
-    assert says in one_line_error(ctr(*args, **env), args[0])
+    out = ctr(*args, **env)
+    assert says in one_line_error(out, args[0])
+    assert "hush" not in out.stderr  # a password in a URL never echoed
 
 
 def test_the_traceback_on_request() -> None:

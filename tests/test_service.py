@@ -381,6 +381,8 @@ def test_health_ready_models(built: Built, client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["ready"] is True
+    for path in ("/healthz", "/readyz"):  # what some load balancers' checks send
+        assert client.head(path).status_code == 200
     info = client.get("/v1/models").json()
     assert info["name"] == built.config.name and info["provider"] == "CPUExecutionProvider"
     assert info["features"]["sequence"] == ["hist_item_id", "hist_cate_id"]
