@@ -761,6 +761,7 @@ async def _score(
     context = (
         {k: v for k, v in req.context.items() if k in keep and v is not None} if req.context else {}
     )
+    t_read = STAGE_CLOCK()  # the candidates mapped: feature work, not the read's
     degraded = False
     data = UserData()
     tracker = state.tracker
@@ -796,6 +797,7 @@ async def _score(
     if rows is not None:
         m.ROWS("tracked").inc()
         prepared = rows_feeds(bundle, rows, cands.sparse, cands.dense)
+        t2 = STAGE_CLOCK()  # the yield below is others' work: the inference stage's wait
         # nothing awaited so far: let the requests that came in with this one start
         # (and count in state.in_flight), so that under load this call goes to the ORT
         # thread and their work overlaps it, as after a read; alone, it runs inline
@@ -808,7 +810,7 @@ async def _score(
         # no longer than the first of the user's keys lives
         model.users.note_read(req.user_id, None if degraded else stamp, read_at + data.ttl_s)
         m.ROWS("degraded" if degraded else "read").inc()
-    t2 = STAGE_CLOCK()
+        t2 = STAGE_CLOCK()
     executor = model.executor or state.executor  # a CUDA-graph model runs on its own thread
     assert executor is not None
     if model.batcher is not None:
@@ -869,8 +871,8 @@ async def _score(
     }
     response = orjson_response(body)
     t4 = STAGE_CLOCK()
-    m.STAGE("redis_fetch").observe(t1 - t0)
-    m.STAGE("feature_mapping").observe(t2 - t1)
+    m.STAGE("redis_fetch").observe(t1 - t_read)
+    m.STAGE("feature_mapping").observe((t_read - t0) + (t2 - t1))
     m.STAGE("inference").observe(t3 - t2)
     m.STAGE("serialization").observe(t4 - t3)
     m.CANDIDATES.observe(len(req.item_ids))

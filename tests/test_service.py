@@ -6,6 +6,7 @@ import asyncio
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -865,3 +866,45 @@ def test_a_queued_call_dropped_at_the_deadline_is_not_counted_as_running(
         runs = inline_runs(c)
         ranked(c.post("/v1/score", json=body))
         assert inline_runs(c) == runs + 1  # inline again
+
+
+def test_each_stage_times_its_own_work(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a clock that only the stages' own steps move: the candidates' mapping (before
+    the read) counts as feature mapping, with the user's feeds; the read alone is
+    ``redis_fetch`` (it used to hold the candidates' mapping too)."""
+    from prometheus_client import REGISTRY
+
+    from service import app as app_module
+
+    now = [0.0]
+
+    def moves(f: Any, by: float) -> Any:
+        if asyncio.iscoroutinefunction(f):
+
+            async def timed_async(*a: Any, **k: Any) -> Any:
+                out = await f(*a, **k)
+                now[0] += by
+                return out
+
+            return timed_async
+
+        def timed(*a: Any, **k: Any) -> Any:
+            out = f(*a, **k)
+            now[0] += by
+            return out
+
+        return timed
+
+    def total(stage: str) -> float:
+        value = REGISTRY.get_sample_value("ctr_stage_duration_seconds_sum", {"stage": stage})
+        return value or 0.0
+
+    monkeypatch.setattr(app_module, "STAGE_CLOCK", lambda: now[0])
+    monkeypatch.setattr(app_module, "candidates", moves(app_module.candidates, 1.0))
+    monkeypatch.setattr(app_module, "fetch", moves(app_module.fetch, 10.0))
+    monkeypatch.setattr(app_module, "build_feeds", moves(app_module.build_feeds, 100.0))
+    before = {st: total(st) for st in ("redis_fetch", "feature_mapping")}
+    body = {"user_id": "stage-clock-user", "candidates": [{"item_id": "i3"}]}  # never kept
+    assert client.post("/v1/score", json=body).status_code == 200
+    assert total("redis_fetch") - before["redis_fetch"] == 10.0
+    assert total("feature_mapping") - before["feature_mapping"] == 101.0
