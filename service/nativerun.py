@@ -239,8 +239,9 @@ class NativeRunner:
 
     # -- calls -----------------------------------------------------------------------
 
-    def _describe(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """The feeds in graph order, C-contiguous, described into ``self._desc``."""
+    def _describe(self, feeds: dict[str, np.ndarray], desc: Any = None) -> list[np.ndarray]:
+        """The feeds in graph order, C-contiguous, described into ``desc`` (default
+        ``self._desc``: the event loop's, for :meth:`submit`)."""
         arrays = []
         values: list[int] = []
         for name in self.names:
@@ -253,7 +254,7 @@ class NativeRunner:
             shape = a.shape
             values += (a.ctypes.data, t, len(shape), *shape, *(0,) * (MAX_DIMS - len(shape)))
             arrays.append(a)
-        self._desc[: len(values)] = values
+        (self._desc if desc is None else desc)[: len(values)] = values
         return arrays
 
     def session_for(self, n: int) -> int:
@@ -278,12 +279,16 @@ class NativeRunner:
         """``probs [N]`` from a call on this thread (warm-up, checks), on ``session``
         (default: :meth:`session_for`); blocking."""
         self._check_alive()
-        arrays, out = self._prepare(feeds)
+        # a description of its own: the shared one is read after the GIL is let go, when
+        # another thread's call could have written over it
+        desc = (ctypes.c_int64 * (MAX_INPUTS * DESC))()
+        arrays = self._describe(feeds, desc)
+        out = np.empty(feeds["user_idx"].shape[0], np.float32)
         n = len(out)
         err = ctypes.create_string_buffer(ERROR_LEN)
         rc = self._blocking.ctr_runner_run(
             self._handle, self.session_for(n) if session is None else session,
-            self._desc_addr, len(arrays), out.ctypes.data, n, err, ERROR_LEN,
+            ctypes.addressof(desc), len(arrays), out.ctypes.data, n, err, ERROR_LEN,
         )  # fmt: skip
         if rc != 0:
             raise NativeRunError(err.value.decode(errors="replace"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -503,3 +504,25 @@ def test_larger_calls_run_side_by_side_and_small_ones_one_at_a_time(built: Built
         assert timed.count(40) == len(small)
     finally:
         native.close()
+
+
+def test_a_call_on_this_thread_keeps_its_own_inputs(
+    runner_model: model_module.LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``run_now`` lets go of the GIL before the C side reads the description of its
+    inputs: when that was the runner's one shared description, another thread's call
+    could write over it meanwhile, and this call ran on the other's inputs (a wrong
+    score, a size error, or a crash). Here the other call's description is written at
+    exactly that moment, every time."""
+    native = runner_model.native
+    assert native is not None
+    mine, other = (probe_feeds(runner_model.bundle, 1, n, n) for n in (5, 9))
+    want = runner_model.run(mine, explain=False)[0]
+    real = native._blocking.ctr_runner_run
+
+    def meanwhile(*args: Any) -> int:
+        native._describe(other)  # what a call on another thread writes, GIL let go
+        return int(real(*args))
+
+    monkeypatch.setattr(native._blocking, "ctr_runner_run", meanwhile)
+    np.testing.assert_array_equal(native.run_now(mine), want)
