@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <random>
 #include <vector>
 
 namespace {
@@ -99,6 +100,10 @@ char* put_probability(char* o, double p) {
   return r.ptr;
 }
 
+int64_t encode_items(const char* ids, int64_t ids_len, int64_t n, const float* probs,
+                     const int64_t* order, int64_t k, char* out);
+int64_t rank(const float* probs, int64_t n, int64_t k, int64_t* order);
+
 }  // namespace
 
 extern "C" {
@@ -108,13 +113,28 @@ extern "C" {
 // each followed by a NUL except the last (IDs never hold one: the service refuses
 // control characters in IDs), ``probs [n]`` their scores, ``order [k]`` the request
 // positions in rank order (rank 1 first). Returns kTooSmall if ``out_cap`` may not hold
-// it, and kUnsupported for a probability outside [0, 1], an index out of range or a
-// buffer that does not split into ``n`` IDs; nothing useful is in ``out`` then.
+// it, and kUnsupported for a probability outside [0, 1], an index out of range or given
+// twice, or a buffer that does not split into ``n`` IDs; nothing useful is in ``out``
+// then.
 __attribute__((visibility("default"))) int64_t ctr_encode_items(
     const char* ids, int64_t ids_len, int64_t n, const float* probs, const int64_t* order,
     int64_t k, char* out, int64_t out_cap) {
-  if (n <= 0 || k < 0 || k > n || ids_len < 0) return kUnsupported;
+  // n IDs hold n - 1 separating NULs: a larger n is a bad argument, never an allocation
+  if (n <= 0 || k < 0 || k > n || ids_len < 0 || n - 1 > ids_len) return kUnsupported;
   if (out_cap < items_room(k, ids_len)) return kTooSmall;
+  try {
+    return encode_items(ids, ids_len, n, probs, order, k, out);
+  } catch (...) {  // std::bad_alloc: no exception crosses into the caller (ctypes)
+    return kUnsupported;
+  }
+}
+
+}  // extern "C"
+
+namespace {
+
+int64_t encode_items(const char* ids, int64_t ids_len, int64_t n, const float* probs,
+                     const int64_t* order, int64_t k, char* out) {
   std::vector<int64_t> start(n + 1);
   int64_t found = 0;
   start[0] = 0;
@@ -125,9 +145,12 @@ __attribute__((visibility("default"))) int64_t ctr_encode_items(
   }
   if (found != n - 1) return kUnsupported;
   start[n] = ids_len + 1;  // as if a NUL followed the last ID
+  // each position at most once: items_room counts every ID's bytes once
+  std::vector<bool> seen(static_cast<size_t>(n));
   for (int64_t r = 0; r < k; ++r) {
     int64_t i = order[r];
-    if (i < 0 || i >= n) return kUnsupported;
+    if (i < 0 || i >= n || seen[static_cast<size_t>(i)]) return kUnsupported;
+    seen[static_cast<size_t>(i)] = true;
     double p = probs[i];
     if (!(p >= 0.0 && p <= 1.0) || std::signbit(p)) return kUnsupported;
   }
@@ -149,6 +172,10 @@ __attribute__((visibility("default"))) int64_t ctr_encode_items(
   return o - out;
 }
 
+}  // namespace
+
+extern "C" {
+
 // The bound ``ctr_encode_items`` checks ``out_cap`` against, for a caller that sizes
 // ``out`` from the length of ``ids``: enough for any order.
 __attribute__((visibility("default"))) int64_t ctr_items_bound(int64_t k, int64_t id_bytes) {
@@ -163,6 +190,18 @@ __attribute__((visibility("default"))) int64_t ctr_items_bound(int64_t k, int64_
 __attribute__((visibility("default"))) int64_t ctr_rank(const float* probs, int64_t n, int64_t k,
                                                         int64_t* order) {
   if (n <= 0 || k < 0 || k > n || n > (int64_t{1} << 32)) return kUnsupported;
+  try {
+    return rank(probs, n, k, order);
+  } catch (...) {  // std::bad_alloc
+    return kUnsupported;
+  }
+}
+
+}  // extern "C"
+
+namespace {
+
+int64_t rank(const float* probs, int64_t n, int64_t k, int64_t* order) {
   // One 64-bit key per score: the score's bits mapped to an unsigned order that falls as
   // the score rises (the sign bit flipped for positives, every bit for negatives), then
   // the request position. Sorting the keys ascending ranks highest first, equal scores
@@ -187,7 +226,7 @@ __attribute__((visibility("default"))) int64_t ctr_rank(const float* probs, int6
   return k;
 }
 
-}  // extern "C"
+}  // namespace
 
 // ---------------------------------------------------------------------------------
 // The request side: a scoring body's candidate list, when it is the plain kind.
@@ -282,28 +321,50 @@ struct Span {
   uint64_t hash;
 };
 
-constexpr uint64_t kFnvBasis = 1469598103934665603ull;
 constexpr uint64_t kFnvPrime = 1099511628211ull;
 
-// Whether two of the IDs at `spans` in `out` are equal: an open-addressing table of
-// their hashes (kept per thread), the bytes compared only where the hashes meet a slot.
-bool has_duplicate(const char* out, const std::vector<Span>& spans) {
+// FNV-1a's starting value, drawn once per process: IDs crafted to share their low hash
+// bits (every one in one slot of the table below, the check quadratic) cannot be made
+// without it.
+const uint64_t kFnvBasis = [] {
+  std::random_device rd;
+  return (static_cast<uint64_t>(rd()) << 32 ^ rd()) | 1;
+}();
+
+// The slot of a hash in a table of 2^k: its bits mixed (splitmix64's finaliser), so
+// that the low bits depend on all of them.
+inline uint64_t mix(uint64_t h) {
+  h = (h ^ (h >> 30)) * 0xbf58476d1ce4e5b9ull;
+  h = (h ^ (h >> 27)) * 0x94d049bb133111ebull;
+  return h ^ (h >> 31);
+}
+
+// Probes of one ID past which the check gives up: the caller then parses the body
+// whole and checks it there. Random IDs in a half-full table take one or two.
+constexpr int kMaxProbes = 64;
+
+// 1 if two of the IDs at `spans` in `out` are equal, 0 if not, -1 if one ID took more
+// than kMaxProbes probes: an open-addressing table of their hashes (kept per thread),
+// the bytes compared only where the hashes meet a slot.
+int has_duplicate(const char* out, const std::vector<Span>& spans) {
   thread_local std::vector<int64_t> table;  // span index per slot, -1 where free
   size_t cap = 16;
   while (cap < 2 * spans.size()) cap <<= 1;
   table.assign(cap, -1);
   for (size_t k = 0; k < spans.size(); ++k) {
     const Span& id = spans[k];
-    size_t slot = id.hash & (cap - 1);
+    size_t slot = mix(id.hash) & (cap - 1);
+    int probes = 0;
     for (int64_t o; (o = table[slot]) >= 0; slot = (slot + 1) & (cap - 1)) {
+      if (++probes > kMaxProbes) return -1;
       const Span& other = spans[static_cast<size_t>(o)];
       if (other.len == id.len &&
           std::memcmp(out + other.start, out + id.start, static_cast<size_t>(id.len)) == 0)
-        return true;
+        return 1;
     }
     table[slot] = static_cast<int64_t>(k);
   }
-  return false;
+  return 0;
 }
 
 // The candidate array at c.p; IDs copied to out, NUL-separated; *count of them. Returns
@@ -346,10 +407,14 @@ int64_t plain_candidates(Cursor& c, int64_t max_id_len, int64_t max_n, char* out
     if (c.eat(']')) break;
     if (!c.eat(',')) return -1;
   }
-  if (has_duplicate(out, spans)) return -1;  // the caller's full check names it
+  // an ID twice: the caller's full check names it; too many probes: it checks it all
+  if (has_duplicate(out, spans) != 0) return -1;
   *count = n;
   return o - out;
 }
+
+int64_t scan_candidates(const char* body, int64_t len, int64_t max_id_len, int64_t max_n,
+                        char* out, int64_t out_cap, int64_t* where);
 
 }  // namespace
 
@@ -362,6 +427,19 @@ extern "C" {
 __attribute__((visibility("default"))) int64_t ctr_scan_candidates(
     const char* body, int64_t len, int64_t max_id_len, int64_t max_n, char* out,
     int64_t out_cap, int64_t* where) {
+  try {
+    return scan_candidates(body, len, max_id_len, max_n, out, out_cap, where);
+  } catch (...) {  // std::bad_alloc: the caller parses the body whole
+    return 0;
+  }
+}
+
+}  // extern "C"
+
+namespace {
+
+int64_t scan_candidates(const char* body, int64_t len, int64_t max_id_len, int64_t max_n,
+                        char* out, int64_t out_cap, int64_t* where) {
   Cursor c{body, body + len};
   c.ws();
   if (!c.eat('{')) return 0;
@@ -395,4 +473,4 @@ __attribute__((visibility("default"))) int64_t ctr_scan_candidates(
   return found;
 }
 
-}  // extern "C"
+}  // namespace

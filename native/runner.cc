@@ -186,7 +186,7 @@ std::string run_job(Runner* r, Job* job) {
     if (error.empty() && static_cast<int64_t>(count) != job->out_len)
       error = s.output + " has " + std::to_string(count) + " values, the call wants " +
               std::to_string(job->out_len);
-    if (error.empty()) std::memcpy(job->out, data, count * sizeof(float));
+    if (error.empty() && count > 0) std::memcpy(job->out, data, count * sizeof(float));
   }
   for (int i = 0; i < job->inputs; ++i)
     if (values[i] != nullptr) api->ReleaseValue(values[i]);

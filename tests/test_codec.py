@@ -5,6 +5,7 @@ was not written for, and the service answers the same with it and without it
 
 from __future__ import annotations
 
+import ctypes
 import json
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -100,6 +101,24 @@ def test_the_encoder_declines_other_dtypes_and_shapes(enc: codec.NativeCodec) ->
     assert enc.encode(ids, np.array([0.5, 0.25, 0.1], np.float32), order) is None
     assert enc.encode(ids, np.array([[0.5, 0.25]], np.float32), order) is None
     assert enc.encode(ids, np.array([0.5, 0.25], np.float32), np.array([0, 2])) is None
+
+
+def test_the_encoder_declines_a_position_ranked_twice(enc: codec.NativeCodec) -> None:
+    """Its room is counted for each ID once: a long ID ranked twice wrote past the end of
+    the buffer (AddressSanitizer: heap-buffer-overflow)."""
+    ids, probs = ["\x01" * 20_000, "b"], np.array([0.5, 0.25], np.float32)
+    assert enc.encode(ids, probs, np.array([0, 0])) is None
+    assert enc.encode(ids, probs, np.array([0, 1])) is not None
+
+
+def test_the_encoder_refuses_more_ids_than_the_buffer_splits_into(
+    enc: codec.NativeCodec,
+) -> None:
+    """An ``n`` the buffer cannot hold was allocated for first (2**60 IDs: a C++
+    exception through ctypes ended the process)."""
+    out = ctypes.create_string_buffer(1 << 16)
+    order = np.zeros(1, np.int64).tobytes()
+    assert enc._encode(b"a", 1, 1 << 60, b"\0" * 4, order, 1, out, 1 << 16) < 0
 
 
 def test_rank_is_numpys_stable_argsort(enc: codec.NativeCodec) -> None:

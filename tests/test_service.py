@@ -417,9 +417,11 @@ def test_loader_writes_the_newest_history(built: Built, redis_db: Redis) -> None
         rows = frame[frame.user_id == user]
         newest = rows[rows.ts == rows.ts.max()]
         want = list(newest.iloc[0]["hist_item_id"])[-built.config.max_seq_len :]
-        want += newest[newest.label == 1]["item_id"].tolist()  # clicks that followed it
+        # the synthetic generator's candidates are drawn apart from the behaviours: none
+        # follows the history (data.behaviour_labels: none, its default)
+        assert built.config.data.behaviours == "none"
         got = [e["item_id"] for e in stored_history(redis_db, user)]
-        assert got == want[-built.config.max_seq_len :]
+        assert got == want
 
 
 def test_loader_keys_users_by_the_token_requests_use(built: Built) -> None:
