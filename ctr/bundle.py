@@ -139,6 +139,16 @@ def contract_digest(config: Any, mapping: Any, key: str = CONTRACT_KEY_V2) -> st
     return hashlib.sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
+def contract_of(config: Any, mapping: Any) -> tuple[str, str]:
+    """The metadata key and digest an export stamps: :data:`CONTRACT_KEY_V2`'s form, or
+    :data:`CONTRACT_KEY`'s where orjson refuses the text (a lone surrogate in an ID:
+    orjson writes UTF-8 only)."""
+    try:
+        return CONTRACT_KEY_V2, contract_digest(config, mapping, CONTRACT_KEY_V2)
+    except TypeError:
+        return CONTRACT_KEY, contract_digest(config, mapping, CONTRACT_KEY)
+
+
 def read_manifest(path: Path) -> Any:
     """The parsed JSON at ``path`` (a manifest). Raises OSError (unreadable), ValueError
     (not UTF-8, not JSON, or an integer outside the 64-bit range, which ``/v1/models``

@@ -117,10 +117,11 @@ def bundle_config(path: Path, overrides: dict[str, Any]) -> Any:
     """The feature config a bundle was trained with (its manifest's), ``overrides``
     applied: ``path`` is a version folder (``models/din/3``) or a model's folder
     (``models/din``: its newest version, the one ``CTR_MODEL_VERSION=latest`` serves)."""
-    from ctr.bundle import load_bundle, version_of
+    from ctr.bundle import MANIFEST, load_bundle, version_of
     from ctr.spec import FeatureConfig, apply_overrides
 
-    if version_of(path.name) is not None:
+    # a version folder holds a manifest (a model may be named with digits too)
+    if version_of(path.name) is not None and (path / MANIFEST).is_file():
         bundle = load_bundle(path.parent.parent, path.parent.name, path.name)
     else:
         bundle = load_bundle(path.parent, path.name, "latest")

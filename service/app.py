@@ -206,6 +206,40 @@ async def _serve(handler: Handler, scope: Scope, receive: Receive, send: Send) -
     return response.status_code
 
 
+async def _shut_down(state: State, loop: asyncio.AbstractEventLoop) -> None:
+    """The lifespan's end: background work cancelled, then the reload bus, the tracking
+    connection, the graph threads, the native runner and the Redis clients closed."""
+    for task in list(state.tasks):  # a SIGHUP reload, the fallback's retries
+        task.cancel()
+    for task in list(state.tasks):
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    if state.bus is not None:
+        await state.bus.aclose()
+    if state.tracker is not None:
+        await state.tracker.aclose()
+    assert state.executor is not None
+    state.executor.shutdown(wait=True)
+    if state.model is not None and state.model.native is not None:
+        state.model.native.close()  # released once its calls in flight are done
+    for runner in state.retired:  # a swap's release must not outlive the process
+        await asyncio.to_thread(runner.wait_released, 5.0)
+    m.HOOKS.exit()
+    for reader, client in (
+        (state.reader, state.redis),
+        (state.write_reader, state.write_redis),
+    ):
+        assert reader is not None and client is not None
+        await reader.aclose()
+        await client.aclose()
+        if isinstance(client, Redis):
+            await client.connection_pool.disconnect()
+    with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+        loop.remove_signal_handler(signal.SIGHUP)
+        # SIG_DFL again would end the process on a SIGHUP before it exits
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
 def _before_handler(sig: int, first: Callable[[], None]) -> None:
     """Run ``first`` before the Python handler installed for ``sig`` (uvicorn's shutdown;
     it restores its own when it is done). Nothing where there is none, or off the main
@@ -225,7 +259,8 @@ def _before_handler(sig: int, first: Callable[[], None]) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     early_hup.take_over()  # a worker `ctr serve` spawned: its SIGHUP noted from here on
     settings = settings or Settings()
-    logging.basicConfig(level=settings.log_level.upper())
+    level = "DEBUG" if settings.log_level == "trace" else settings.log_level.upper()
+    logging.basicConfig(level=level)
     state = State(settings)
 
     @contextlib.asynccontextmanager
@@ -308,8 +343,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         m.PROCESS.sample()  # this worker's memory and CPU in /metrics from the start
         if settings.process_metrics_s > 0:
             lifecycle.spawn(state, m.PROCESS.every(settings.process_metrics_s))
-        hup["phase"] = "serving"
-        if hup["pending"]:
+        if hup["phase"] == "starting":  # not if a SIGTERM came meanwhile: it is stopping
+            hup["phase"] = "serving"
+        if hup["pending"] and hup["phase"] == "serving":
             lifecycle.spawn(state, lifecycle.reload_quietly(state))
         app.state.ctr = state
         m.HOOKS.enter(settings.switch_interval_ms / 1000)
@@ -317,35 +353,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             hup["phase"] = "stopping"
-            for task in list(state.tasks):  # a SIGHUP reload, the fallback's retries
-                task.cancel()
-            for task in list(state.tasks):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-            if state.bus is not None:
-                await state.bus.aclose()
-            if state.tracker is not None:
-                await state.tracker.aclose()
-            state.executor.shutdown(wait=True)
-            if state.model is not None and state.model.native is not None:
-                state.model.native.close()  # released once its calls in flight are done
-            for runner in state.retired:  # a swap's release must not outlive the process
-                await asyncio.to_thread(runner.wait_released, 5.0)
-            m.HOOKS.exit()
-            for reader, client in (
-                (state.reader, state.redis),
-                (state.write_reader, state.write_redis),
-            ):
-                assert reader is not None and client is not None
-                await reader.aclose()
-                await client.aclose()
-                if isinstance(client, Redis):
-                    await client.connection_pool.disconnect()
-            with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
-                loop.remove_signal_handler(signal.SIGHUP)
-                # SIG_DFL again would end the process on a SIGHUP before it exits
-                signal.signal(signal.SIGHUP, signal.SIG_IGN)
-            m.forget_this_worker()
+            try:
+                await _shut_down(state, loop)
+            finally:
+                m.forget_this_worker()  # whatever the steps before raised
 
     app = ScoringApp(
         title="CTR scoring service",

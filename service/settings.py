@@ -12,7 +12,9 @@ MAX_TTL_S = 10 * 365 * 24 * 3600
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CTR_", extra="ignore")
+    # hide_input_in_errors: an error names the setting, never its value (a key, a
+    # password in a URL)
+    model_config = SettingsConfigDict(env_prefix="CTR_", extra="ignore", hide_input_in_errors=True)
 
     models_dir: str = Field("models", description="model store root")
     model_name: str = Field("din", description="bundle name under models_dir")
@@ -206,8 +208,8 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", description="bind address for `ctr serve`")
     port: int = Field(8000, ge=0, le=65535, description="port for `ctr serve`")
     workers: int = Field(1, gt=0, description="uvicorn worker processes for `ctr serve`")
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
-        "info", description="log level"
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
+        "info", description="log level (`trace`: uvicorn's, and `debug` for the service's own)"
     )
     access_log: bool = Field(
         True,
@@ -247,14 +249,16 @@ class Settings(BaseSettings):
         # lifespan), refused here; a cluster's node list may leave out the scheme
         from redis.connection import parse_url
 
-        from service.store import node_urls
+        from service.store import cluster_options, node_urls
 
         urls = node_urls(self.redis_url) if self.redis_cluster else [self.redis_url]
         try:
-            if not urls or "," in self.redis_url and not self.redis_cluster:
-                raise ValueError("one URL expected (a list of nodes needs CTR_REDIS_CLUSTER)")
+            if not urls:
+                raise ValueError("no Redis URL")
             for url in urls:
                 parse_url(url)  # ValueError naming the schemes it takes
+            if self.redis_cluster:
+                cluster_options(urls[0])  # the options the cluster client takes
         except ValueError as exc:  # the URL itself not repeated: it may hold a password
             raise ValueError(f"CTR_REDIS_URL: {exc}") from None
         return self

@@ -26,6 +26,7 @@ the request is one round trip to one node there too.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import math
 import operator
@@ -86,13 +87,22 @@ def make_client(
 def cluster_options(url: str) -> dict[str, Any]:
     """What a cluster client takes from one node's URL, as redis-py's ``from_url`` reads
     it: the credentials percent-decoded (``p%40ss`` is ``p@ss``), TLS for ``rediss`` and
-    the query's options (``?ssl_cert_reqs=none``); the address is each node's own."""
+    the query's options (``?ssl_cert_reqs=none``); the address is each node's own.
+    Raises ValueError naming a query option the cluster client does not take (a single
+    node's client takes more, e.g. ``timeout``)."""
     options = dict(parse_url(url))
     for key in ("host", "port", "db", "path"):
         options.pop(key, None)
     if options.pop("connection_class", None) is SSLConnection:
         options["ssl"] = True
+    unknown = sorted(set(options) - _CLUSTER_OPTIONS)
+    if unknown:
+        raise ValueError(f"a Redis Cluster client takes no URL option {', '.join(unknown)}")
     return options
+
+
+# what RedisCluster's constructor takes (it has no **kwargs): a URL's other options fail it
+_CLUSTER_OPTIONS = frozenset(inspect.signature(RedisCluster.__init__).parameters) - {"self"}
 
 
 def redact(url: str) -> str:

@@ -24,6 +24,7 @@ from ctr.bundle import (
     MANIFEST,
     BundleError,
     contract_digest,
+    contract_of,
     list_versions,
     load_bundle,
     publish,
@@ -207,6 +208,17 @@ def test_a_graph_stamped_the_older_way_is_checked_the_older_way(two_versions: Bu
     with TestClient(create_app(settings_for(two_versions, model_version="2"))) as c:
         error = c.get("/readyz").json()["model_error"]
         assert "not the ones this graph was exported with" in error, error
+
+
+def test_an_export_whose_ids_orjson_refuses_is_stamped_the_older_way() -> None:
+    """orjson writes UTF-8 only: an ID with a lone surrogate (which the mapping takes)
+    made the export fail; it is stamped in ``json``'s form instead."""
+    config = {"name": "din"}
+    odd = {"item_id": {"spec": {"type": "vocab"}, "vocab": {"i\ud800": 2}}}
+    plain = {"item_id": {"spec": {"type": "vocab"}, "vocab": {"i1": 2}}}
+    assert contract_of(config, plain) == (CONTRACT_KEY_V2, contract_digest(config, plain))
+    assert contract_of(config, odd) == (
+        CONTRACT_KEY, contract_digest(config, odd, CONTRACT_KEY))  # fmt: skip
 
 
 def test_a_graph_exported_before_the_digest_still_loads(two_versions: Built) -> None:

@@ -485,21 +485,25 @@ def test_loaded_dense_item_features_read_as_training_reads_them(tmp_path: Path) 
 
 
 @pytest.mark.parametrize(
-    ("behaviours", "appended"),
-    [(None, False), ("positive", False), ("all", True), ("none", False)],
-)
+    ("behaviours", "label", "appended"),
+    [
+        (None, "0", False), ("positive", "0", False), ("all", "0", True),
+        (None, "1", True), ("none", "1", False),  # a click, but not a behaviour here
+    ],
+)  # fmt: skip
 def test_loaded_history_appends_the_newest_behaviours_the_data_has(
-    tmp_path: Path, behaviours: str | None, appended: bool
+    tmp_path: Path, behaviours: str | None, label: str, appended: bool
 ) -> None:
     """The newest example's candidate follows its history. Whether it is a behaviour
     depends on the data: a sampled negative (Amazon) is not, a low rating (MovieLens,
-    whose histories hold every rated movie) is. Here the newest example has label 0."""
+    whose histories hold every rated movie) is, and no candidate of the synthetic
+    generator is. ``label``: the newest example's."""
     from service.loader import user_records
 
     path = tmp_path / "clicks.csv"
     _clicks_csv(path)
     frame = pd.read_csv(path, dtype=str)
-    frame.loc[frame["ts"] == "11", "label"] = "0"
+    frame.loc[frame["ts"] == "11", "label"] = label
     path.write_text(frame.to_csv(index=False))
     config = _loader_config(path, max_seq_len=20)
     if behaviours is not None:

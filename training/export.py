@@ -25,13 +25,12 @@ from torch import Tensor, nn
 
 from ctr import native
 from ctr.bundle import (
-    CONTRACT_KEY_V2,
     FORMAT_VERSION,
     FUSED_CUDA_FILE,
     FUSED_FILE,
     MANIFEST,
     MODEL_FILE,
-    contract_digest,
+    contract_of,
     graph_inputs,
     graph_outputs,
     publish,
@@ -147,18 +146,19 @@ def export_onnx(
         )
 
 
-def stamp_contract(path: Path, digest: str) -> None:
-    """Write ``digest`` (:func:`ctr.bundle.contract_digest`) into the graph's metadata
-    under :data:`ctr.bundle.CONTRACT_KEY_V2`, keeping any other entry."""
+def stamp_contract(path: Path, contract: tuple[str, str]) -> None:
+    """Write ``contract`` (its key and digest, :func:`ctr.bundle.contract_of`) into the
+    graph's metadata, keeping any other entry."""
     graph = onnx.load(str(path))
     props = {p.key: p.value for p in graph.metadata_props}
-    props[CONTRACT_KEY_V2] = digest
+    key, digest = contract
+    props[key] = digest
     onnx.helper.set_model_props(graph, props)
     onnx.save(graph, str(path))
 
 
 def export_fused(
-    model: CTRModel, staged: Path, cuda: bool = False, contract: str | None = None
+    model: CTRModel, staged: Path, cuda: bool = False, contract: tuple[str, str] | None = None
 ) -> dict[str, Any] | None:
     """Export ``model_fused.onnx`` next to ``model.onnx`` and gate it like the main graph,
     with the custom-op library's CPU kernels. Its manifest entry, or None when the model
@@ -297,7 +297,7 @@ def export_bundle(
     try:
         onnx_path = staged / MODEL_FILE
         export_onnx(model, onnx_path)
-        contract = contract_digest(manifest_config(config), mapper.to_json())
+        contract = contract_of(manifest_config(config), mapper.to_json())
         stamp_contract(onnx_path, contract)
         report = parity_gate(model, onnx_path)
         if not report.ok:
