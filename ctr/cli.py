@@ -448,7 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bs.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
     bs.add_argument("--port", type=int, default=8310)
-    bs.add_argument("--out", default="docs/bench", help="folder for JSON, table and plots")
+    bs.add_argument(
+        "--out", default="runs/bench",
+        help="folder for JSON, table and plots (default runs/bench: never over a committed "
+        "raw output under docs/bench)",
+    )  # fmt: skip
     bs.add_argument("--set", action="append", default=[], help="config override")
     bs.add_argument(
         "--env",

@@ -1006,7 +1006,9 @@ def _header(res: dict[str, Any], command: str) -> list[str]:
         "service's inference stage is more than 10 % below the model-only p50 (the "
         "machine's speed moved). p99 shows its sample count; under 1,000 it is rough. "
         "Loop CPU: CPU time of the service's event-loop thread per request at "
-        "concurrency 1; 1000 / it bounds one worker's requests/s on any device."
+        "concurrency 1, where an idle worker runs the graph call on that thread "
+        "(CTR_INLINE_MAX_MS), so it includes the model's run; under load the calls go "
+        "to other threads."
         + (f" Service settings: {env_text}." if env_text else ""),
     ]
 
