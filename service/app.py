@@ -240,20 +240,25 @@ async def _shut_down(state: State, loop: asyncio.AbstractEventLoop) -> None:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
-def _before_handler(sig: int, first: Callable[[], None]) -> None:
-    """Run ``first`` before the Python handler installed for ``sig`` (uvicorn's shutdown;
-    it restores its own when it is done). Nothing where there is none, or off the main
-    thread (a test's app)."""
+def _before_handler(sig: int, first: Callable[[], None]) -> Callable[[], None]:
+    """Run ``first`` before the Python handler installed for ``sig`` (uvicorn's shutdown).
+    Nothing where there is none, or off the main thread (a test's app). Returns what puts
+    the handler back (where it is still this one)."""
     prior = signal.getsignal(sig)
-    if not callable(prior):
-        return
 
     def handler(signum: int, frame: FrameType | None) -> None:
         first()
-        prior(signum, frame)
+        prior(signum, frame)  # type: ignore[operator]  # callable: checked below
 
-    with contextlib.suppress(ValueError):  # not the main thread
-        signal.signal(sig, handler)
+    def restore() -> None:
+        with contextlib.suppress(ValueError):
+            if signal.getsignal(sig) is handler:
+                signal.signal(sig, prior)
+
+    if callable(prior):
+        with contextlib.suppress(ValueError):  # not the main thread
+            signal.signal(sig, handler)
+    return restore
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -293,8 +298,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             loop.add_signal_handler(signal.SIGHUP, on_hup)
         # shutdown begins with the server's SIGTERM/SIGINT handler, up to 10 s before the
         # lifespan's end (open connections drain): from then on SIGHUP is ignored too
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        restores = [
             _before_handler(sig, lambda: hup.__setitem__("phase", "stopping"))
+            for sig in (signal.SIGTERM, signal.SIGINT)
+        ]
         if early_hup.pending:  # noted by `ctr serve` before this handler was in place
             early_hup.pending = False
             hup["pending"] = True
@@ -357,6 +364,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await _shut_down(state, loop)
             finally:
                 m.forget_this_worker()  # whatever the steps before raised
+                for restore in restores:
+                    restore()
 
     app = ScoringApp(
         title="CTR scoring service",
