@@ -223,6 +223,9 @@ async def _cold_costs(settings: Settings, bodies: list[bytes], rounds: int, reps
         for _ in range(rounds):
             for variant in COLD:
                 hook = forget if variant == "unseen items" else None
+                if variant == "warm":  # refilled, untimed: the round before emptied them
+                    for b in bodies:
+                        assert await _call(on, b) == 200
                 _add_round(times[variant], *await _stage_round(apps[variant], bodies, reps, hook))
     finally:
         for ctx in contexts:

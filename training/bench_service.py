@@ -1091,7 +1091,7 @@ def _saturation_table(res: dict[str, Any]) -> list[str]:
             totals = _sweep_totals(sweep)
             lines.append(
                 f"| {mt} | {n} | {best['ok_rps']:.0f} | {c} | {best['ok_rps'] * n:,.0f} | "
-                f"{mo['sustained_rps']:.0f} | {mo['sustained_streams']} | {ratio:.0%} | "
+                f"{mo['sustained_rps']:.0f} | {mo['sustained_streams']} | {ratio:.1%} | "
                 f"{verdict(totals, ratio >= 0.8)} | {_counts(totals)} | "
                 f"{_ms(best, 'service_cpu_ms')} | {_ms(best, 'client_cpu_ms')} | "
                 f"{_ms(mo, 'cpu_ms')} | {_share(best)} | {_tracked(best)} |"
