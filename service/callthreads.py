@@ -114,29 +114,40 @@ class CallThreads(Executor):
 
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
+            fut, loop, fn, args = item
+            # the call's arguments are dropped before its waiter is woken (which may run
+            # on before this thread gets the GIL back), and not kept while waiting
+            del item
             try:
-                self._run(*item)
+                outcome = self._run(fut, loop, fn, args)
             except BaseException:  # a bug here must not end the thread: calls would hang
                 log.exception("inference thread: a call could not be settled")
-            del item  # the call's arguments are not kept while waiting for the next
+                outcome = None
+            del fn, args
+            if outcome is None:
+                pass
+            elif loop is None:  # submit's: a concurrent.futures.Future
+                if outcome[1] is None:
+                    fut.set_result(outcome[0])
+                else:
+                    fut.set_exception(outcome[1])
+            else:
+                with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+                    loop.call_soon_threadsafe(_settle, fut, *outcome)
+            del fut, outcome
 
     @staticmethod
     def _run(
         fut: Any, loop: asyncio.AbstractEventLoop | None, fn: Callable[..., Any], args: tuple
-    ) -> None:
+    ) -> tuple[Any, BaseException | None] | None:
+        """Runs the call; returns what settles its future (``(result, error)``), or None
+        where it was cancelled before it started (nothing is run)."""
         if loop is None:
-            if fut.set_running_or_notify_cancel():
-                try:
-                    fut.set_result(fn())
-                except BaseException as exc:
-                    fut.set_exception(exc)
-            return
-        if fut.cancelled():  # its waiter gave up before it started: dropped
-            return
-        result, error = None, None
+            if not fut.set_running_or_notify_cancel():
+                return None
+        elif fut.cancelled():  # its waiter gave up before it started: dropped
+            return None
         try:
-            result = fn(*args)
+            return fn(*args), None
         except BaseException as exc:
-            error = exc
-        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
-            loop.call_soon_threadsafe(_settle, fut, result, error)
+            return None, exc
