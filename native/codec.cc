@@ -101,39 +101,6 @@ char* put_probability(char* o, double p) {
 }
 
 int64_t encode_items(const char* ids, int64_t ids_len, int64_t n, const float* probs,
-                     const int64_t* order, int64_t k, char* out);
-int64_t rank(const float* probs, int64_t n, int64_t k, int64_t* order);
-
-}  // namespace
-
-extern "C" {
-
-// Writes the JSON array of the ranked items into ``out`` and returns its length:
-// ``ids`` (``ids_len`` bytes) are the request's N item IDs in request order, UTF-8,
-// each followed by a NUL except the last (IDs never hold one: the service refuses
-// control characters in IDs), ``probs [n]`` their scores, ``order [k]`` the request
-// positions in rank order (rank 1 first). Returns kTooSmall if ``out_cap`` may not hold
-// it, and kUnsupported for a probability outside [0, 1], an index out of range or given
-// twice, or a buffer that does not split into ``n`` IDs; nothing useful is in ``out``
-// then.
-__attribute__((visibility("default"))) int64_t ctr_encode_items(
-    const char* ids, int64_t ids_len, int64_t n, const float* probs, const int64_t* order,
-    int64_t k, char* out, int64_t out_cap) {
-  // n IDs hold n - 1 separating NULs: a larger n is a bad argument, never an allocation
-  if (n <= 0 || k < 0 || k > n || ids_len < 0 || n - 1 > ids_len) return kUnsupported;
-  if (out_cap < items_room(k, ids_len)) return kTooSmall;
-  try {
-    return encode_items(ids, ids_len, n, probs, order, k, out);
-  } catch (...) {  // std::bad_alloc: no exception crosses into the caller (ctypes)
-    return kUnsupported;
-  }
-}
-
-}  // extern "C"
-
-namespace {
-
-int64_t encode_items(const char* ids, int64_t ids_len, int64_t n, const float* probs,
                      const int64_t* order, int64_t k, char* out) {
   std::vector<int64_t> start(n + 1);
   int64_t found = 0;
@@ -172,35 +139,6 @@ int64_t encode_items(const char* ids, int64_t ids_len, int64_t n, const float* p
   return o - out;
 }
 
-}  // namespace
-
-extern "C" {
-
-// The bound ``ctr_encode_items`` checks ``out_cap`` against, for a caller that sizes
-// ``out`` from the length of ``ids``: enough for any order.
-__attribute__((visibility("default"))) int64_t ctr_items_bound(int64_t k, int64_t id_bytes) {
-  return items_room(k, id_bytes);
-}
-
-// Writes into ``order [k]`` the request positions of the ``k`` highest of ``probs [n]``,
-// highest first and equal scores in request order: numpy's
-// ``argsort(-probs, kind="stable")[:k]``. Here rather than in numpy because numpy's sort
-// lets go of the GIL, which the service's other thread may then hold (service.codec).
-// Returns ``k``, or kUnsupported for a bad argument or a score that is not finite.
-__attribute__((visibility("default"))) int64_t ctr_rank(const float* probs, int64_t n, int64_t k,
-                                                        int64_t* order) {
-  if (n <= 0 || k < 0 || k > n || n > (int64_t{1} << 32)) return kUnsupported;
-  try {
-    return rank(probs, n, k, order);
-  } catch (...) {  // std::bad_alloc
-    return kUnsupported;
-  }
-}
-
-}  // extern "C"
-
-namespace {
-
 int64_t rank(const float* probs, int64_t n, int64_t k, int64_t* order) {
   // One 64-bit key per score: the score's bits mapped to an unsigned order that falls as
   // the score rises (the sign bit flipped for positives, every bit for negatives), then
@@ -227,6 +165,52 @@ int64_t rank(const float* probs, int64_t n, int64_t k, int64_t* order) {
 }
 
 }  // namespace
+
+extern "C" {
+
+// Writes the JSON array of the ranked items into ``out`` and returns its length:
+// ``ids`` (``ids_len`` bytes) are the request's N item IDs in request order, UTF-8,
+// each followed by a NUL except the last (IDs never hold one: the service refuses
+// control characters in IDs), ``probs [n]`` their scores, ``order [k]`` the request
+// positions in rank order (rank 1 first). Returns kTooSmall if ``out_cap`` may not hold
+// it, and kUnsupported for a probability outside [0, 1], an index out of range or given
+// twice, or a buffer that does not split into ``n`` IDs; nothing useful is in ``out``
+// then.
+__attribute__((visibility("default"))) int64_t ctr_encode_items(
+    const char* ids, int64_t ids_len, int64_t n, const float* probs, const int64_t* order,
+    int64_t k, char* out, int64_t out_cap) {
+  // n IDs hold n - 1 separating NULs: a larger n is a bad argument, never an allocation
+  if (n <= 0 || k < 0 || k > n || ids_len < 0 || n - 1 > ids_len) return kUnsupported;
+  if (out_cap < items_room(k, ids_len)) return kTooSmall;
+  try {
+    return encode_items(ids, ids_len, n, probs, order, k, out);
+  } catch (...) {  // std::bad_alloc: no exception crosses into the caller (ctypes)
+    return kUnsupported;
+  }
+}
+
+// The bound ``ctr_encode_items`` checks ``out_cap`` against, for a caller that sizes
+// ``out`` from the length of ``ids``: enough for any order.
+__attribute__((visibility("default"))) int64_t ctr_items_bound(int64_t k, int64_t id_bytes) {
+  return items_room(k, id_bytes);
+}
+
+// Writes into ``order [k]`` the request positions of the ``k`` highest of ``probs [n]``,
+// highest first and equal scores in request order: numpy's
+// ``argsort(-probs, kind="stable")[:k]``. Here rather than in numpy because numpy's sort
+// lets go of the GIL, which the service's other thread may then hold (service.codec).
+// Returns ``k``, or kUnsupported for a bad argument or a score that is not finite.
+__attribute__((visibility("default"))) int64_t ctr_rank(const float* probs, int64_t n, int64_t k,
+                                                        int64_t* order) {
+  if (n <= 0 || k < 0 || k > n || n > (int64_t{1} << 32)) return kUnsupported;
+  try {
+    return rank(probs, n, k, order);
+  } catch (...) {  // std::bad_alloc
+    return kUnsupported;
+  }
+}
+
+}  // extern "C"
 
 // ---------------------------------------------------------------------------------
 // The request side: a scoring body's candidate list, when it is the plain kind.
@@ -414,31 +398,6 @@ int64_t plain_candidates(Cursor& c, int64_t max_id_len, int64_t max_n, char* out
 }
 
 int64_t scan_candidates(const char* body, int64_t len, int64_t max_id_len, int64_t max_n,
-                        char* out, int64_t out_cap, int64_t* where);
-
-}  // namespace
-
-extern "C" {
-
-// Finds the plain candidate list in ``body`` (see above). Returns the number of
-// candidates N >= 1, with the IDs NUL-separated in ``out`` and ``where[3]``: the
-// array's byte range [where[0], where[1]) in ``body`` and the IDs' length in ``out``;
-// 0 when the body is not that case (the caller parses it whole).
-__attribute__((visibility("default"))) int64_t ctr_scan_candidates(
-    const char* body, int64_t len, int64_t max_id_len, int64_t max_n, char* out,
-    int64_t out_cap, int64_t* where) {
-  try {
-    return scan_candidates(body, len, max_id_len, max_n, out, out_cap, where);
-  } catch (...) {  // std::bad_alloc: the caller parses the body whole
-    return 0;
-  }
-}
-
-}  // extern "C"
-
-namespace {
-
-int64_t scan_candidates(const char* body, int64_t len, int64_t max_id_len, int64_t max_n,
                         char* out, int64_t out_cap, int64_t* where) {
   Cursor c{body, body + len};
   c.ws();
@@ -474,3 +433,21 @@ int64_t scan_candidates(const char* body, int64_t len, int64_t max_id_len, int64
 }
 
 }  // namespace
+
+extern "C" {
+
+// Finds the plain candidate list in ``body`` (see above). Returns the number of
+// candidates N >= 1, with the IDs NUL-separated in ``out`` and ``where[3]``: the
+// array's byte range [where[0], where[1]) in ``body`` and the IDs' length in ``out``;
+// 0 when the body is not that case (the caller parses it whole).
+__attribute__((visibility("default"))) int64_t ctr_scan_candidates(
+    const char* body, int64_t len, int64_t max_id_len, int64_t max_n, char* out,
+    int64_t out_cap, int64_t* where) {
+  try {
+    return scan_candidates(body, len, max_id_len, max_n, out, out_cap, where);
+  } catch (...) {  // std::bad_alloc: the caller parses the body whole
+    return 0;
+  }
+}
+
+}  // extern "C"

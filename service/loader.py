@@ -94,34 +94,35 @@ def item_records(
     then from ``catalog`` (the source's item table, ``training.data.load_catalog``) for
     the items none of those holds."""
     out = _example_items(config, frame)
-    if catalog is None:
-        return out
-    id_src = config.item_id_feature.source
-    ids = [normalize(v) for v in catalog[id_src].tolist()]
+    if catalog is not None:
+        for source, values in _row_items(config, catalog).items():
+            out[source] = {**values, **out[source]}  # the examples' values win
+    return out
+
+
+def _row_items(config: FeatureConfig, table: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """feature source -> {item_id: raw value} from ``table``'s rows (one item each: its
+    ID column and the item-side feature columns it has), as serving reads them."""
+    id_feat = config.item_id_feature
+    out: dict[str, dict[str, Any]] = {
+        f.source: {} for f in config.item_sparse + config.item_dense if f is not id_feat
+    }
+    ids = [normalize(v) for v in table[id_feat.source].tolist()]
     for f in config.item_sparse + config.item_dense:
-        if f.source not in out or f.source not in catalog:
+        if f is id_feat or f.source not in table:
             continue
-        values = out[f.source]
-        for i, v in zip(ids, catalog[f.source].tolist(), strict=True):
+        for i, v in zip(ids, table[f.source].tolist(), strict=True):
             nv = normalize(v) if f.kind == "sparse" else dense_text(v)
             if i is not None and nv is not None:
-                values.setdefault(i, nv)
+                out[f.source][i] = nv
     return out
 
 
 def _example_items(config: FeatureConfig, frame: pd.DataFrame) -> dict[str, dict[str, Any]]:
-    """:func:`item_records` from the examples alone."""
-    item_feats = config.item_sparse + config.item_dense
+    """:func:`item_records` from the examples alone: the candidates' rows, then the
+    histories."""
+    out = _row_items(config, frame)
     id_feat = config.item_id_feature
-    out: dict[str, dict[str, Any]] = {f.source: {} for f in item_feats if f is not id_feat}
-    ids = [normalize(v) for v in frame[id_feat.source].tolist()]
-    for f in item_feats:
-        if f is id_feat or f.source not in frame:
-            continue
-        for i, v in zip(ids, frame[f.source].tolist(), strict=True):
-            nv = normalize(v) if f.kind == "sparse" else dense_text(v)
-            if i is not None and nv is not None:
-                out[f.source][i] = nv
     # histories carry the sequence-shared features too (e.g. hist_cate_id for cate_id),
     # keyed by the history's item IDs; histories without item IDs (Alimama's hold
     # categories and brands) give none

@@ -29,28 +29,33 @@ from ctr.spec import FeatureConfig
 from training.data.generic import DataError
 
 # generate()'s options, by kind, with the least each may be
-INT_OPTIONS = {
+# the least each integer option of generate() may be (any other: 0)
+INT_MINIMUM = {
     "n_users": 1, "n_categories": 2, "items_per_category": 1, "samples_per_user": 1,
-    "min_history": 1, "seed": 0,
+    "min_history": 1,
 }  # fmt: skip
-FLOAT_OPTIONS = ("drift", "decay", "strength", "bias")
 
 
 def check_options(config: FeatureConfig) -> dict[str, Any]:
-    """``data.options`` for :func:`generate`, checked: a :class:`DataError` names an
-    unknown key, a value of the wrong kind or one out of range (instead of a TypeError
-    from deep inside the generator, or an empty frame)."""
+    """``data.options`` for :func:`generate`, checked against its keyword arguments (an
+    integer default: an integer option): a :class:`DataError` names an unknown key, a
+    value of the wrong kind or one out of range (instead of a TypeError from deep inside
+    the generator, or an empty frame)."""
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(generate).parameters.items()
+        if name != "config"
+    }
     opts = dict(config.data.options)
-    known = sorted([*INT_OPTIONS, *FLOAT_OPTIONS])
-    unknown = sorted(set(opts) - set(known))
+    unknown = sorted(set(opts) - set(defaults))
     if unknown:
-        raise DataError(f"unknown synthetic data.options {unknown}; known: {known}")
+        raise DataError(f"unknown synthetic data.options {unknown}; known: {sorted(defaults)}")
     for key, value in opts.items():
-        if key in INT_OPTIONS:
+        if isinstance(defaults[key], int):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise DataError(f"data.options.{key} must be an integer, not {value!r}")
-            if value < INT_OPTIONS[key]:
-                raise DataError(f"data.options.{key} must be at least {INT_OPTIONS[key]}")
+            if value < INT_MINIMUM.get(key, 0):
+                raise DataError(f"data.options.{key} must be at least {INT_MINIMUM.get(key, 0)}")
         elif isinstance(value, bool) or not isinstance(value, int | float):
             raise DataError(f"data.options.{key} must be a number, not {value!r}")
         elif not math.isfinite(value):
@@ -58,9 +63,8 @@ def check_options(config: FeatureConfig) -> dict[str, Any]:
     for key in ("drift", "decay"):
         if key in opts and not 0 <= opts[key] <= 1:
             raise DataError(f"data.options.{key} must lie in [0, 1], not {opts[key]!r}")
-    defaults = inspect.signature(generate).parameters
-    min_history = opts.get("min_history", defaults["min_history"].default)
-    samples = opts.get("samples_per_user", defaults["samples_per_user"].default)
+    min_history = opts.get("min_history", defaults["min_history"])
+    samples = opts.get("samples_per_user", defaults["samples_per_user"])
     if min_history >= config.max_seq_len + samples:
         raise DataError(
             f"data.options.min_history ({min_history}) must be below max_seq_len + "
