@@ -173,7 +173,7 @@ def load_into_redis(
     for i, (uid, profile, events) in enumerate(tqdm(users, desc="users", disable=not progress)):
         # the user's event IDs go too: kept, a retry of an event the replaced list held
         # would answer `duplicate` and never be stored again
-        for suffix in ("profile", "seq", "events"):  # one key each: a cluster pipeline's way
+        for suffix in ("profile", "seq", "event_ids", "events"):  # one key each (cluster)
             pipe.delete(user_key(uid, suffix))
         if profile:
             pipe.hset(user_key(uid, "profile"), mapping=profile)

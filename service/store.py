@@ -11,8 +11,9 @@ key                                type    content
                                            item-side raw features (``item_id``,
                                            ``cate_id``, ...) plus ``type`` and ``ts``;
                                            trimmed to the newest ``sequence_keep``
-``{u:<user_id>}:events``           ZSET    recent event IDs (score = arrival time), the
-                                           idempotency window for ``POST /v1/events``
+``{u:<user_id>}:event_ids``        ZSET    recent event IDs (score = the event's ``ts``),
+                                           the idempotency window for ``POST /v1/events``
+                                           (``:events``, scored by arrival time, before)
 ``ctr:item:<feature>``             HASH    item_id -> raw value of one item feature
 =================================  ======  ==============================================
 
@@ -216,33 +217,49 @@ _first = operator.itemgetter(0)
 _second = operator.itemgetter(1)
 
 
-# KEYS: seq, events. ARGV: event_id, ts, payload, keep, window, ttl (s; 0: keys never
-# expire; else both expire that long after the user's last stored or recorded event).
+# KEYS: seq, event_ids, events (the ZSET of earlier versions, scored by arrival: its IDs
+# are taken over, then it is deleted). ARGV: event_id, ts, payload, keep, window, ttl (s;
+# 0: keys never expire; else they expire that long after the user's last stored event).
 # The list stays in time order (``ts``; arrival order among equal ones; behaviours with no
 # ``ts``, e.g. from ``ctr load``, count as oldest), as training histories are: a late or
 # retried event goes in at its place in time, lifting the newer ones off the tail and
 # putting them back, and the trim drops the oldest by time. An event older than all of
 # the newest ``keep`` would be trimmed at once: it is not stored, nor is its event_id.
 # The event_id is recorded after every write that could fail, so a failed append is never
-# remembered as done. Only stored events are recorded, and the window (ARGV[5]) is at
-# least ``keep``: a retry is known while fewer than ``window`` events were stored after
-# it, which holds for as long as its behaviour is in the list unless late events (older
-# than it, newer than the oldest kept) were stored after it, ``window - keep`` and more.
+# remembered as done. Only stored events are recorded, scored by their ``ts``; the window
+# (ARGV[5], at least ``keep``) drops the oldest by time, never one as new as the oldest
+# kept behaviour, so a retry is known for as long as its behaviour is in the list. Only
+# where more than ``window`` recorded events share the oldest kept time can one of them
+# be dropped (the set stays within twice the window).
 # Returns 0 when the event_id was already seen, 1 when appended, 2 when outside the window.
 APPEND_EVENT = """
-if redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end
-local ts = tonumber(ARGV[2])
 local keep = tonumber(ARGV[4])
+local window = tonumber(ARGV[5])
 local function ts_of(raw)  -- nil: no usable ts (counts as the oldest)
   if not raw then return nil end
   local ok, ev = pcall(cjson.decode, raw)
   if ok and type(ev) == 'table' and type(ev['ts']) == 'number' then return ev['ts'] end
   return nil
 end
+-- an earlier version's IDs (times unknown): remembered while any behaviour now in the
+-- list is kept (scored with the newest one's time)
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  local newest = ts_of(redis.call('LINDEX', KEYS[1], -1))
+  newest = newest and string.format('%.17g', newest) or '-inf'
+  for _, old in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
+    redis.call('ZADD', KEYS[2], 'NX', newest, old)
+  end
+  redis.call('DEL', KEYS[3])
+end
+if redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end
+local ts = tonumber(ARGV[2])
 -- older than the oldest of the newest `keep`: it would be trimmed at once. Nothing is
 -- written, its ID included: a retry is outside again (the edge only moves forward)
-local edge = nil
-if redis.call('LLEN', KEYS[1]) >= keep then edge = ts_of(redis.call('LINDEX', KEYS[1], -keep)) end
+local function edge_ts()
+  if redis.call('LLEN', KEYS[1]) < keep then return nil end
+  return ts_of(redis.call('LINDEX', KEYS[1], -keep))
+end
+local edge = edge_ts()
 if edge ~= nil and ts < edge then return 2 end
 -- lift the newer ones off the tail (newest first), push this one, put them back
 local later = {}
@@ -256,12 +273,19 @@ for i = #later, 1, -1 do redis.call('RPUSH', KEYS[1], later[i]) end
 redis.call('LTRIM', KEYS[1], -keep, -1)
 local ttl = tonumber(ARGV[6])
 if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
-local t = redis.call('TIME')
-local arrival = tonumber(t[1]) * 1000000 + tonumber(t[2])
-redis.call('ZADD', KEYS[2], arrival, ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+-- the window: the oldest by time go, but none as new as the oldest kept behaviour
 local n = redis.call('ZCARD', KEYS[2])
-if n > tonumber(ARGV[5]) then
-  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, n - tonumber(ARGV[5]) - 1)
+if n > window then
+  edge = edge_ts()
+  local cut = redis.call('ZRANGE', KEYS[2], n - window - 1, n - window - 1, 'WITHSCORES')
+  if edge == nil or tonumber(cut[2]) < edge then
+    redis.call('ZREMRANGEBYRANK', KEYS[2], 0, n - window - 1)
+  else
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', string.format('(%.17g', edge))
+    n = redis.call('ZCARD', KEYS[2])
+    if n > 2 * window then redis.call('ZREMRANGEBYRANK', KEYS[2], 0, n - 2 * window - 1) end
+  end
 end
 -- the key exists now, and the TTL is bounded (MAX_TTL_S): this cannot fail
 if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
@@ -274,6 +298,12 @@ SEEN, APPENDED, OUTSIDE_WINDOW = 0, 1, 2
 
 def user_key(user_id: str, suffix: str) -> str:
     return "{u:" + user_id + "}:" + suffix
+
+
+def event_keys(user_id: str) -> list[str]:
+    """:data:`APPEND_EVENT`'s keys for a user: the list, the event IDs, and the event
+    IDs' key of earlier versions (taken over, then deleted)."""
+    return [user_key(user_id, "seq"), user_key(user_id, "event_ids"), user_key(user_id, "events")]
 
 
 def item_key(feature: str) -> str:
@@ -477,7 +507,7 @@ class EventWriter:
         """Insert at its place in time, trim to the newest ``keep`` and record
         ``event_id``: ``APPENDED``, ``SEEN`` (a retry: nothing written) or
         ``OUTSIDE_WINDOW`` (older than the newest ``keep``: neither stored nor recorded)."""
-        keys = [user_key(user_id, "seq"), user_key(user_id, "events")]
+        keys = event_keys(user_id)
         # a window shorter than the list would forget the IDs of events it still holds,
         # and store their retries twice
         window = max(self.window, keep)

@@ -9,7 +9,7 @@ round trip at all.
 One connection per worker, of its own (not from the pool): ``CLIENT TRACKING on
 REDIRECT <its own id> BCAST PREFIX {u:``, then ``SUBSCRIBE __redis__:invalidate``. From
 then on Redis sends the names of the user keys (``{u:<id>}:profile``, ``:seq``,
-``:events``) that any client writes, deletes or that expire or are evicted; a null
+``:event_ids``) that any client writes, deletes or that expire or are evicted; a null
 name when a database is flushed. The worker reads the socket whenever it is readable
 (``CTR_USER_TRACKING_DRAIN_MS=0``) or only every that many ms, and always once more,
 synchronously, before a request trusts a cached row or stamps a read

@@ -449,11 +449,14 @@ def test_loaded_history_is_the_newest_by_numeric_time(tmp_path: Path) -> None:
     client.delete(user_key("u1", "seq"), user_key("u1", "profile"))
     # an event ID remembered for the list the load replaces: forgotten with it (a retry
     # of that event would otherwise answer `duplicate` and never be stored)
-    client.zadd(user_key("u1", "events"), {"e-before-the-load": 1})
+    # (and those of the key earlier versions kept them in)
+    ids_keys = [user_key("u1", "event_ids"), user_key("u1", "events")]
+    for key in ids_keys:
+        client.zadd(key, {"e-before-the-load": 1})
     load_into_redis(config, frame, REDIS_URL, progress=False)
     stored = [json.loads(e)["item_id"] for e in client.lrange(user_key("u1", "seq"), 0, -1)]
-    forgotten = client.exists(user_key("u1", "events")) == 0
-    client.delete(user_key("u1", "seq"), user_key("u1", "profile"), user_key("u1", "events"))
+    forgotten = client.exists(*ids_keys) == 0
+    client.delete(user_key("u1", "seq"), user_key("u1", "profile"), *ids_keys)
     assert stored == want and forgotten
     # the history a request then feeds is the test row's, one step on
     mapper, enc = _fit_and_encode(config, frame, test)

@@ -53,7 +53,7 @@ def app_client(built: Built, **overrides: object) -> Iterator[TestClient]:
 
 def fresh_user(redis_db: Redis, name: str) -> str:
     user = PREFIX + name
-    redis_db.delete(user_key(user, "seq"), user_key(user, "events"))
+    redis_db.delete(user_key(user, "seq"), user_key(user, "event_ids"))
     return user
 
 
@@ -72,8 +72,8 @@ def stored(redis_db: Redis, user: str) -> list[dict[str, Any]]:
 
 
 def remembered(redis_db: Redis, user: str) -> list[str]:
-    """The event IDs of the user's dedup window, oldest arrival first."""
-    return redis_db.zrange(user_key(user, "events"), 0, -1)
+    """The event IDs of the user's dedup window, oldest first (by the event's time)."""
+    return redis_db.zrange(user_key(user, "event_ids"), 0, -1)
 
 
 def behaviour(item: str, cate: str, ts: float, etype: str = "click") -> dict[str, Any]:
@@ -87,7 +87,7 @@ def test_only_the_listed_event_types_enter_the_sequence(built: Built, redis_db: 
         view = event(user, "v1", PREFIX + "i1", 10.0, type="view", **feats)
         assert post(client, view) == IGNORED
         # nothing written, not even the event ID: the user has no keys at all
-        assert redis_db.exists(user_key(user, "seq"), user_key(user, "events")) == 0
+        assert redis_db.exists(user_key(user, "seq"), user_key(user, "event_ids")) == 0
         assert post(client, view) == IGNORED  # not remembered: never a duplicate
         assert post(client, event(user, "c1", PREFIX + "i2", 11.0, **feats)) == APPENDED
         buy = event(user, "p1", PREFIX + "i3", 12.0, type="purchase", **feats)
@@ -159,12 +159,71 @@ def test_dedup_window_remembers_the_newest_stored_event_ids(
         ]
 
 
+def test_a_kept_event_is_remembered_whatever_was_stored_after_it(
+    built: Built, redis_db: Redis
+) -> None:
+    """The window drops the oldest IDs by the events' time, never one whose behaviour
+    is still kept: late events stored after an event (older than it, newer than the
+    oldest kept) used to push its ID out while its behaviour stayed, and its retry was
+    stored twice once more than ``window - keep`` of them came."""
+    user = fresh_user(redis_db, "late-many")
+    keep, window = 5, 7
+
+    def ev(eid: str, ts: float) -> dict[str, Any]:
+        return event(user, eid, f"{PREFIX}{eid}", ts, features={"cate_id": "c"})
+
+    with app_client(built, event_dedup_window=window, sequence_keep=keep) as client:
+        for k in range(keep):
+            assert post(client, ev(f"a{k}", 100.0 + k)) == APPENDED
+        assert post(client, ev("newest", 200.0)) == APPENDED
+        late = [f"late{k}" for k in range(window + 1)]  # more than window - keep
+        for k, eid in enumerate(late):
+            assert post(client, ev(eid, 150.0 + k)) == APPENDED
+        kept = [behaviour(f"{PREFIX}{e}", "c", 150.0 + k) for k, e in enumerate(late)][-4:]
+        kept.append(behaviour(f"{PREFIX}newest", "c", 200.0))
+        assert stored(redis_db, user) == kept
+        assert post(client, ev("newest", 200.0)) == DUPLICATE
+        assert stored(redis_db, user) == kept
+        # the newest `window` by time
+        assert remembered(redis_db, user) == [*late[-(window - 1) :], "newest"]
+
+
+def test_event_ids_of_an_earlier_version_are_taken_over(built: Built, redis_db: Redis) -> None:
+    """Earlier versions kept the IDs in ``{u:<id>}:events``, scored by arrival time: the
+    first event after an upgrade takes them over (a retry of one of them is still a
+    duplicate while the behaviours then in the list are kept) and deletes that key."""
+    user = fresh_user(redis_db, "upgrade")
+    legacy = user_key(user, "events")
+    redis_db.delete(legacy)
+    olds = [behaviour(f"{PREFIX}o{k}", "c", 100.0 + k) for k in range(2)]
+    redis_db.rpush(user_key(user, "seq"), *[orjson.dumps(b) for b in olds])
+    redis_db.zadd(legacy, {"o0": 1_764_000_000_000_000, "o1": 1_764_000_000_000_001})
+
+    def ev(eid: str, ts: float) -> dict[str, Any]:
+        return event(user, eid, f"{PREFIX}{eid}", ts, features={"cate_id": "c"})
+
+    with app_client(built, event_dedup_window=3, sequence_keep=3) as client:
+        assert post(client, ev("n0", 102.0)) == APPENDED
+        assert redis_db.exists(legacy) == 0
+        assert post(client, ev("o0", 100.0)) == DUPLICATE
+        assert post(client, ev("o1", 101.0)) == DUPLICATE
+        want = [*olds, behaviour(f"{PREFIX}n0", "c", 102.0)]
+        assert stored(redis_db, user) == want
+        scores = dict(redis_db.zrange(user_key(user, "event_ids"), 0, -1, withscores=True))
+        # scored with the time of the newest behaviour the list held then
+        assert scores == {"o0": 101.0, "o1": 101.0, "n0": 102.0}
+        # once every behaviour of then is trimmed, the window forgets them as usual
+        assert post(client, ev("n1", 103.0)) == APPENDED
+        assert post(client, ev("n2", 104.0)) == APPENDED
+        assert remembered(redis_db, user) == ["n0", "n1", "n2"]
+
+
 def ttls(redis_db: Redis, user: str) -> tuple[int, int]:
-    return redis_db.ttl(user_key(user, "seq")), redis_db.ttl(user_key(user, "events"))
+    return redis_db.ttl(user_key(user, "seq")), redis_db.ttl(user_key(user, "event_ids"))
 
 
 def expire_both(redis_db: Redis, user: str, seconds: int) -> None:
-    for suffix in ("seq", "events"):
+    for suffix in ("seq", "event_ids"):
         assert redis_db.expire(user_key(user, suffix), seconds)
 
 

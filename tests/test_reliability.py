@@ -233,7 +233,7 @@ def test_events_wait_for_a_slow_store_up_to_the_request_deadline(
     user = "slow-store-user"
     seq = user_key(user, "seq")
     r = rp.client()
-    r.delete(seq, user_key(user, "events"))
+    r.delete(seq, user_key(user, "event_ids"))
     ev = {"user_id": user, "event_id": "s1", "item_id": "i3", "timestamp": 10.0}
 
     def while_blocked(c: TestClient, seconds: float, body: dict) -> object:

@@ -288,7 +288,7 @@ def test_events_are_stored_in_time_order_and_trimmed_by_time(rp: RedisProcess) -
     older than all of the newest `keep` is not stored, and a retry writes nothing."""
     r = rp.client()
     user = "append-order-user"
-    seq, ids = user_key(user, "seq"), user_key(user, "events")
+    seq, ids = user_key(user, "seq"), user_key(user, "event_ids")
     r.delete(seq, ids)
     r.rpush(seq, *[orjson.dumps({"item_id": f"o{k}"}) for k in range(3)])  # `ctr load`
 
@@ -326,12 +326,40 @@ def test_events_are_stored_in_time_order_and_trimmed_by_time(rp: RedisProcess) -
     assert r.zcard(ids) == 6
 
 
+def test_equal_times_keep_every_kept_events_id(rp: RedisProcess) -> None:
+    """The dedup set is ordered by the events' time, and among equal times by ID, not
+    by arrival: at the oldest kept time none goes, so a kept event whose ID sorts first
+    is not the one dropped. Many events at one time keep it within twice the window."""
+    r = rp.client()
+    user = "append-ties-user"
+    seq, ids = user_key(user, "seq"), user_key(user, "event_ids")
+    r.delete(seq, ids)
+
+    async def go(events: list[str], keep: int = 3, window: int = 3) -> list[int]:
+        client = make_client(rp.url, False, 1.0, 1.0, 4)
+        writer = EventWriter(client, window=window)
+        try:
+            return [
+                await writer.append(user, eid, 7.0, {"item_id": eid, "ts": 7.0}, keep)
+                for eid in events
+            ]
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(go(["d", "c", "b", "a"])) == [APPENDED] * 4
+    assert [orjson.loads(x)["item_id"] for x in r.lrange(seq, 0, -1)] == ["c", "b", "a"]
+    assert asyncio.run(go(["c", "b", "a"])) == [SEEN] * 3
+    assert r.llen(seq) == 3
+    assert asyncio.run(go([f"x{k:02d}" for k in range(20)])) == [APPENDED] * 20
+    assert r.zcard(ids) == 6
+
+
 def test_a_failed_append_is_not_remembered(rp: RedisProcess) -> None:
     """If the behaviour cannot be written, its event_id is not recorded: the retry stores
     it instead of answering `duplicate`."""
     r = rp.client()
     user = "append-fail-user"
-    seq, ids = user_key(user, "seq"), user_key(user, "events")
+    seq, ids = user_key(user, "seq"), user_key(user, "event_ids")
     r.delete(seq, ids)
     r.set(seq, "not a list")
 
@@ -366,7 +394,7 @@ def test_sequence_ttl_expires_an_idle_users_keys(rp: RedisProcess, ttl: int) -> 
     event IDs, so a user who stops sending events leaves no keys behind; 0: no expiry."""
     r = rp.client()
     user = f"ttl-user-{ttl}"
-    seq, ids = user_key(user, "seq"), user_key(user, "events")
+    seq, ids = user_key(user, "seq"), user_key(user, "event_ids")
     r.delete(seq, ids)
 
     async def append(eid: str) -> int:

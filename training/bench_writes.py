@@ -32,7 +32,7 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from service.features import EVENT_FIELDS
-from service.store import APPEND_EVENT, EventWriter, user_key
+from service.store import APPEND_EVENT, EventWriter, event_keys, user_key
 
 OTHER = "bench-other-"  # the other users' IDs: OTHER + a number below OTHER_USERS
 OTHER_USERS = 10_000
@@ -121,7 +121,7 @@ def _write_others(
             now = time.time()
             for _ in range(batch):
                 user = f"{OTHER}{k % OTHER_USERS}"
-                keys = [user_key(user, "seq"), user_key(user, "events")]
+                keys = event_keys(user)
                 args = [f"o{k}", now, payload, keep, DEDUP_WINDOW, 0]
                 script(keys=keys, args=args, client=pipe or client)
                 k += 1
