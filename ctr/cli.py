@@ -131,9 +131,9 @@ def bundle_config(path: Path, overrides: dict[str, Any]) -> Any:
 
 def cmd_load(args: argparse.Namespace) -> int:
     from ctr.spec import load_config
-    from service.loader import load_into_redis
+    from service.loader import load_identity, load_into_redis, loaded_identity
     from service.settings import Settings
-    from service.store import ping
+    from service.store import ping, redact
     from training.data import load_catalog, load_frame
 
     if args.bundle:  # the data the served model was trained on, by its own config
@@ -144,11 +144,12 @@ def cmd_load(args: argparse.Namespace) -> int:
     url = args.redis_url or settings.redis_url
     cluster = args.cluster or settings.redis_cluster
     ping(url, cluster)  # before the data is read: that can take minutes
+    if args.once and loaded_identity(url, cluster) == load_identity(config):
+        print(f"{redact(url)} holds this data already (ctr:loaded): not loading")
+        return 0
     frame = load_frame(config)
     counts = load_into_redis(config, frame, url, progress=not args.quiet, cluster=cluster,
                              catalog=load_catalog(config))  # fmt: skip
-    from service.store import redact
-
     print(f"loaded {counts['users']} users and {counts['items']} items into {redact(url)}")
     return 0
 
@@ -412,6 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--cluster", action="store_true", help="Redis Cluster (or CTR_REDIS_CLUSTER=1)")
     ld.add_argument("--set", action="append", default=[], help=SET_HELP)
     ld.add_argument("--quiet", action="store_true")
+    ld.add_argument(
+        "--once",
+        action="store_true",
+        help="load nothing when the last complete load into this Redis was of the same "
+        "data (the key ctr:loaded): events stored since are kept",
+    )
     ld.set_defaults(func=cmd_load)
 
     sv = sub.add_parser("serve", help="start the scoring service (settings from CTR_* env)")

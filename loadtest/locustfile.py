@@ -11,6 +11,12 @@
 * score requests are named ``/v1/score [N=<count>]`` so locust's statistics split by
   candidate count.
 
+A score counts as failed when it is not 200, when it ranks the wrong number of items,
+and when it is ``degraded`` (scored without the user's Redis data, e.g. Redis down or
+over its time budget: a run that passes must have measured the real path). Cold starts
+(users Redis does not know: scored on a cheaper path) are counted, and the run exits 1
+when they exceed ``LOCUST_MAX_COLD_START_SHARE`` (default 0.01) of the scores.
+
 Other knobs: ``LOCUST_TOP_K`` (default 100; 0 = no top_k), ``LOCUST_TIMEOUT`` (seconds,
 default 10), ``LOCUST_WAIT_MIN``/``LOCUST_WAIT_MAX`` (think time in seconds, default
 0/0.05), ``LOCUST_SEED`` (reproducible draws), ``CTR_API_KEY`` or ``LOCUST_API_KEY``
@@ -32,7 +38,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from locust import HttpUser, between, task
+from locust import HttpUser, between, events, task
 
 DEFAULT_MIX = "50:0.3,200:0.3,500:0.3,1000:0.1"
 
@@ -170,7 +176,44 @@ def auth_headers(env: dict[str, str] | None = None) -> dict[str, str]:
     return {"X-API-Key": key, "Authorization": f"Bearer {key}"}
 
 
+def score_failure(body: object, expected: int) -> str | None:
+    """Why a 200 answer to a score request with ``expected`` items to rank fails the
+    run, or None: a body without its items, the wrong number of them, or ``degraded``."""
+    try:
+        items = body["items"]  # type: ignore[index]
+        degraded = body.get("degraded", False)  # type: ignore[union-attr]
+    except (KeyError, TypeError, AttributeError) as exc:
+        return f"bad response body: {exc!r}"
+    if not isinstance(items, list):
+        return f"bad response body: items is {items!r}"
+    if len(items) != expected:
+        return f"expected {expected} items, got {len(items)}"
+    if degraded:
+        return "degraded: scored without the user's Redis data"
+    return None
+
+
+@dataclass
+class ColdStarts:
+    """Score answers counted by ``cold_start``, for the check at the end of the run."""
+
+    scores: int = 0
+    cold: int = 0
+
+    def verdict(self, max_share: float) -> str | None:
+        """Why the run fails on its cold starts, or None."""
+        if self.scores and self.cold / self.scores > max_share:
+            return (
+                f"{self.cold} of {self.scores} scores were cold starts "
+                f"({self.cold / self.scores:.1%} > LOCUST_MAX_COLD_START_SHARE={max_share}): "
+                "Redis does not hold these users (was the data loaded?)"
+            )
+        return None
+
+
 CONFIG = TrafficConfig.from_env()
+COLD = ColdStarts()
+MAX_COLD_SHARE = float(os.environ.get("LOCUST_MAX_COLD_START_SHARE", "0.01"))
 _SEED = os.environ.get("LOCUST_SEED")
 _SEEDS = itertools.count(int(_SEED)) if _SEED else None
 
@@ -211,14 +254,17 @@ class ScoringUser(HttpUser):
                 resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
                 return
             try:
-                items = resp.json()["items"]
-            except (ValueError, KeyError, TypeError) as exc:
+                body = resp.json()
+            except ValueError as exc:
                 resp.failure(f"bad response body: {exc}")
                 return
-            if len(items) != expected:
-                resp.failure(f"expected {expected} items, got {len(items)}")
-            else:
-                resp.success()
+            reason = score_failure(body, expected)
+            if reason is not None:
+                resp.failure(reason)
+                return
+            COLD.scores += 1
+            COLD.cold += bool(body.get("cold_start"))
+            resp.success()
 
     def post_event(self) -> None:
         with self.client.post(
@@ -233,3 +279,11 @@ class ScoringUser(HttpUser):
                 resp.success()
             else:
                 resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
+
+
+@events.quitting.add_listener
+def _cold_start_check(environment: object, **_: object) -> None:
+    reason = COLD.verdict(MAX_COLD_SHARE)
+    if reason is not None:
+        print(f"FAIL: {reason}", flush=True)
+        environment.process_exit_code = 1  # type: ignore[attr-defined]

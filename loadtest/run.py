@@ -400,10 +400,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # locust itself exits 1 when any request failed
     if (overall["failures"] or code == 1) and not args.allow_failures:
-        print(
-            f"{overall['failures']} failed requests (use --allow-failures to accept)",
-            file=sys.stderr,
-        )
+        why = f"{overall['failures']} failed requests"
+        if not overall["failures"]:  # the locustfile's own check at the end (cold starts)
+            why = "locust exited 1 with no failed request: its FAIL line above says why"
+        print(f"{why} (use --allow-failures to accept)", file=sys.stderr)
         return 1
     if code not in (0, 1):
         print(f"locust exited {code}; see {out / 'locust.log'}", file=sys.stderr)

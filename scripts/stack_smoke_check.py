@@ -2,7 +2,7 @@
 
     python scripts/stack_smoke_check.py mirror
     python scripts/stack_smoke_check.py free-port 18000
-    python scripts/stack_smoke_check.py inside --docker DOCKER --container ID --port 18000
+    python scripts/stack_smoke_check.py inside --docker DOCKER --container ID
     python scripts/stack_smoke_check.py host-api --api http://127.0.0.1:18000
     python scripts/stack_smoke_check.py ops-image --docker DOCKER --image IMAGE \
         --levels x86-64-v4,x86-64-v3,x86-64-v2 --expect x86-64-v4

@@ -8,6 +8,7 @@ history entry.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +24,31 @@ from ctr.spec import FeatureConfig
 from service.store import item_key, node_urls, user_key
 
 TIME = "__ctr_load_time__"  # the time order user_records sorts on
+# what the last complete load wrote (:func:`load_identity`), so that ``ctr load --once``
+# (the compose init job on every `up`) does not reset histories events have moved on
+LOADED_KEY = "ctr:loaded"
+
+
+def load_identity(config: FeatureConfig, keep: int | None = None) -> str:
+    """A digest of what a load of ``config`` writes: its whole config (data source,
+    options, features) and the behaviours kept per user. A new model version trained
+    with the same config loads the same data, so it has the same identity."""
+    body = {"config": config.model_dump(mode="json"), "keep": keep or config.max_seq_len}
+    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def loaded_identity(redis_url: str, cluster: bool = False) -> str | None:
+    """The identity the last complete load into ``redis_url`` recorded, if any."""
+    client: Redis | RedisCluster = (
+        RedisCluster.from_url(node_urls(redis_url)[0], socket_timeout=10)
+        if cluster
+        else Redis.from_url(redis_url, socket_timeout=10)
+    )
+    try:
+        raw = client.get(LOADED_KEY)
+    finally:
+        client.close()
+    return None if raw is None else raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
 def dense_text(raw: Any) -> str | None:
@@ -153,7 +179,8 @@ def load_into_redis(
     catalog: pd.DataFrame | None = None,
 ) -> dict[str, int]:
     """Write users and items; replaces each loaded user's profile and sequence, and
-    forgets the event IDs remembered for them.
+    forgets the event IDs remembered for them. Once everything is written, records the
+    load's :func:`load_identity` under :data:`LOADED_KEY`.
 
     ``catalog``: the source's item table (:func:`item_records`), for items no example
     holds. Works on a single Redis and on Redis Cluster (``cluster=True``): every command
@@ -189,5 +216,6 @@ def load_into_redis(
         for start in range(0, len(pairs), 5000):
             client.hset(item_key(feat), mapping=dict(pairs[start : start + 5000]))
         n_items = max(n_items, len(values))
+    client.set(LOADED_KEY, load_identity(config, keep))
     client.close()
     return {"users": len(users), "items": n_items}

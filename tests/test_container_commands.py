@@ -80,6 +80,22 @@ def test_init_job_then_serve_then_healthcheck(tmp_path: Path) -> None:
                             text=True, timeout=300)  # fmt: skip
     assert second.returncode == 0 and "not training" in second.stdout
     assert not (tmp_path / "models" / "din" / "2").exists()
+    # Redis held other data (50 users): loaded again
+    assert "loaded 200 users" in second.stdout and users_in(REDIS_URL) == 200
+    # it holds this data now: a third `up` (or a `compose run` of a dependant) keeps
+    # what events wrote since; CTR_INIT_LOAD=force loads it again, 0 never
+    r = Redis.from_url(REDIS_URL)
+    r.rpush(user_key("u0", "seq"), b'{"item_id": "i1", "ts": 1.0}')
+    moved_on = r.lrange(user_key("u0", "seq"), 0, -1)
+    for load, held in (("1", True), ("0", True), ("force", False)):
+        again = subprocess.run(["sh", str(init)], env=dict(env, CTR_INIT_LOAD=load), cwd=ROOT,
+                               capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert (r.lrange(user_key("u0", "seq"), 0, -1) == moved_on) is held, load
+    assert users_in(REDIS_URL) == 200
+    bad = subprocess.run(["sh", str(init)], env=dict(env, CTR_INIT_LOAD="yes"), cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert bad.returncode == 2 and "CTR_INIT_LOAD must be" in bad.stderr
 
     port = free_port()
     serve_env = dict(env, CTR_PORT=str(port), CTR_HOST="127.0.0.1", CTR_LOG_LEVEL="warning")

@@ -224,6 +224,13 @@ def test_docker_compose_config_validates(profile: str | None, tmp_path: Path) ->
     assert api["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
     assert api["depends_on"]["init"]["condition"] == "service_completed_successfully"
     assert ("locust" in merged["services"]) == (profile == "loadtest")
+    assert api["healthcheck"]["start_period"] == "3m0s"  # the GPU's longer start
+    # published on loopback unless BIND_ADDR says otherwise; no unauthenticated
+    # Prometheus lifecycle API (POST /-/quit)
+    for name in ("redis", "api", "prometheus", "grafana"):
+        assert [p["host_ip"] for p in merged["services"][name]["ports"]] == ["127.0.0.1"], name
+    assert not any("lifecycle" in a for a in merged["services"]["prometheus"]["command"])
+    assert merged["services"]["init"]["build"]["args"]["TORCH_INDEX_URL"].startswith("https://")
 
 
 LOCAL = REPO / "deploy" / "local"
@@ -260,6 +267,7 @@ def test_local_override_merges(tmp_path: Path) -> None:
         assert "build" not in service and not service.get("ports"), name
     assert services["api"]["image"] == services["init"]["image"] == "ctr-serving:local"
     assert services["init"]["command"][:2] == ["ctr", "load"]
+    assert services["init"]["command"][-1] == "--once"  # histories kept across `up`s
     for name in ("init", "api"):
         env_ = services[name]["environment"]
         assert env_["CTR_REDIS_URL"] == "redis://127.0.0.1:16379/0"
@@ -737,8 +745,8 @@ class _StubAPI(BaseHTTPRequestHandler):
             out = {
                 "model": {"name": "din", "version": "1"},
                 "request_id": "r",
-                "degraded": False,
-                "cold_start": False,
+                "degraded": self.server.mode == "degraded" and len(ids) == 200,
+                "cold_start": self.server.mode == "cold",
                 "items": [
                     {"item_id": i, "probability": 0.5, "rank": r + 1} for r, i in enumerate(ids[:k])
                 ],
@@ -750,7 +758,7 @@ class _StubAPI(BaseHTTPRequestHandler):
         else:
             out = {}
         status = 200 if out else 404
-        if self.path == "/v1/score" and self.server.fail_large and len(body["candidates"]) >= 1000:
+        if self.path == "/v1/score" and self.server.mode == "fail_large" and len(ids) >= 1000:
             status, out = 503, {"error": "overloaded", "detail": "stub"}
         data = json.dumps(out).encode()
         self.send_response(status)
@@ -760,24 +768,27 @@ class _StubAPI(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-def _serve_stub(fail_large: bool) -> tuple[ThreadingHTTPServer, str]:
+def _serve_stub(mode: str) -> tuple[ThreadingHTTPServer, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = ThreadingHTTPServer(("127.0.0.1", port), _StubAPI)
-    server.fail_large = fail_large  # type: ignore[attr-defined]
+    server.mode = mode  # type: ignore[attr-defined]
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{port}"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fail_large", [False, True])
-def test_run_py_end_to_end_against_a_stub(tmp_path: Path, fail_large: bool) -> None:
+@pytest.mark.parametrize("mode", ["ok", "fail_large", "degraded", "cold"])
+def test_run_py_end_to_end_against_a_stub(tmp_path: Path, mode: str) -> None:
+    """run.py drives the locustfile against a stub of the API; a run fails on 5xx
+    answers, on `degraded` scores (each one a failure) and on cold starts above
+    LOCUST_MAX_COLD_START_SHARE (the run's exit status), and passes otherwise."""
     _python_with_locust()
     if importlib.util.find_spec("matplotlib") is None:
         missing("matplotlib is not installed (pip install -e '.[train]')")
     _StubAPI.seen = Counter()
-    server, host = _serve_stub(fail_large)
+    server, host = _serve_stub(mode)
     out = tmp_path / "out"
     try:
         done = subprocess.run(
@@ -795,9 +806,17 @@ def test_run_py_end_to_end_against_a_stub(tmp_path: Path, fail_large: bool) -> N
     assert (out / "latency.png").stat().st_size > 10_000
     assert "p50" in report and "p95" in report and "p99" in report
     assert "/v1/score [N=50]" in report and "/v1/events" in report
-    if fail_large:
+    if mode == "fail_large":
         assert done.returncode == 1, done.stdout + done.stderr
         assert "## Failures" in report and "503" in report
+    elif mode == "degraded":
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "## Failures" in report and "degraded" in report
+        assert "failures: 0 " not in report
+    elif mode == "cold":
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "failures: 0 " in report  # no request failed: the run did
+        assert "were cold starts" in done.stdout and "FAIL line" in done.stderr
     else:
         assert done.returncode == 0, done.stdout + done.stderr
         assert "failures: 0 " in report

@@ -3,13 +3,17 @@
 #   1. if the model store has no bundle for $CTR_MODEL_NAME, train a small model on the
 #      synthetic data set and export it there;
 #   2. bulk-load users, sequences and item features into Redis ($CTR_REDIS_URL), from the
-#      data the newest bundle was trained on (its manifest's config).
+#      data the newest bundle was trained on (its manifest's config), unless Redis holds
+#      that data already (`ctr load --once`: the last complete load was of the same
+#      config), so that an `up` or a `compose run` of a dependant keeps the histories
+#      events have moved on since.
 # Settings (env): CTR_MODELS_DIR, CTR_MODEL_NAME, CTR_REDIS_URL,
 #   CTR_INIT_CONFIG      feature config (default configs/synthetic_din.yaml)
 #   CTR_INIT_TRAIN_SET   space-separated --set overrides (default "train.epochs=2")
 #   CTR_INIT_FORCE_TRAIN 1 = train and export a new version even when one exists
-#   CTR_INIT_LOAD        0 = skip the Redis bulk load (it runs on every `up` otherwise and
-#                        resets user histories to the synthetic data set)
+#   CTR_INIT_LOAD        1 (default) = load when Redis does not hold this data yet;
+#                        force = load even so (resets user histories to the data set's);
+#                        0 = never load
 set -eu
 models_dir="${CTR_MODELS_DIR:-/models}"
 name="${CTR_MODEL_NAME:-din}"
@@ -31,12 +35,24 @@ else
     rm -rf "$run_dir"
 fi
 
-if [ "${CTR_INIT_LOAD:-1}" = "1" ]; then
-    # the newest bundle's own config (its data options and L), which the api serves with
-    # CTR_MODEL_VERSION=latest: the same data it was trained on, overrides included
-    echo "init: loading the data of $models_dir/$name's newest bundle into Redis"
-    ctr load --bundle "$models_dir/$name"
-else
-    echo "init: CTR_INIT_LOAD=${CTR_INIT_LOAD}; not loading Redis"
-fi
+# the newest bundle's own config (its data options and L), which the api serves with
+# CTR_MODEL_VERSION=latest: the same data it was trained on, overrides included
+case "${CTR_INIT_LOAD:-1}" in
+    1)
+        echo "init: loading the data of $models_dir/$name's newest bundle into Redis" \
+            "unless it holds it already"
+        ctr load --bundle "$models_dir/$name" --once
+        ;;
+    force)
+        echo "init: loading the data of $models_dir/$name's newest bundle into Redis"
+        ctr load --bundle "$models_dir/$name"
+        ;;
+    0)
+        echo "init: CTR_INIT_LOAD=0; not loading Redis"
+        ;;
+    *)
+        echo "init: CTR_INIT_LOAD must be 1, force or 0, not '${CTR_INIT_LOAD}'" >&2
+        exit 2
+        ;;
+esac
 echo "init: done"
