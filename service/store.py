@@ -13,7 +13,9 @@ key                                type    content
                                            trimmed to the newest ``sequence_keep``
 ``{u:<user_id>}:event_ids``        ZSET    recent event IDs (score = the event's ``ts``),
                                            the idempotency window for ``POST /v1/events``
-                                           (``:events``, scored by arrival time, before)
+``{u:<user_id>}:events``           ZSET    the same IDs as versions before session 27
+                                           keep them (score = arrival time), checked and
+                                           written for workers of those versions
 ``ctr:item:<feature>``             HASH    item_id -> raw value of one item feature
 =================================  ======  ==============================================
 
@@ -217,9 +219,9 @@ _first = operator.itemgetter(0)
 _second = operator.itemgetter(1)
 
 
-# KEYS: seq, event_ids, events (the ZSET of earlier versions, scored by arrival: its IDs
-# are taken over, then it is deleted). ARGV: event_id, ts, payload, keep, window, ttl (s;
-# 0: keys never expire; else they expire that long after the user's last stored event).
+# KEYS: seq, event_ids, events. ARGV: event_id, ts, payload, keep, window, ttl (s; 0: the
+# keys never expire, and an expiry an earlier setting left is removed; else they expire
+# that long after the user's last stored event).
 # The list stays in time order (``ts``; arrival order among equal ones; behaviours with no
 # ``ts``, e.g. from ``ctr load``, count as oldest), as training histories are: a late or
 # retried event goes in at its place in time, lifting the newer ones off the tail and
@@ -230,7 +232,10 @@ _second = operator.itemgetter(1)
 # (ARGV[5], at least ``keep``) drops the oldest by time, never one as new as the oldest
 # kept behaviour, so a retry is known for as long as its behaviour is in the list. Only
 # where more than ``window`` recorded events share the oldest kept time can one of them
-# be dropped (the set stays within twice the window).
+# be dropped (the set stays within twice the window). ``events`` is the ID set of earlier
+# versions (scored by arrival, the newest ``window`` kept): it is checked and written too,
+# so that during a rolling deploy or a rollback a retry that reaches a worker of the
+# other version is still known.
 # Returns 0 when the event_id was already seen, 1 when appended, 2 when outside the window.
 APPEND_EVENT = """
 local keep = tonumber(ARGV[4])
@@ -241,17 +246,9 @@ local function ts_of(raw)  -- nil: no usable ts (counts as the oldest)
   if ok and type(ev) == 'table' and type(ev['ts']) == 'number' then return ev['ts'] end
   return nil
 end
--- an earlier version's IDs (times unknown): remembered while any behaviour now in the
--- list is kept (scored with the newest one's time)
-if redis.call('EXISTS', KEYS[3]) == 1 then
-  local newest = ts_of(redis.call('LINDEX', KEYS[1], -1))
-  newest = newest and string.format('%.17g', newest) or '-inf'
-  for _, old in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
-    redis.call('ZADD', KEYS[2], 'NX', newest, old)
-  end
-  redis.call('DEL', KEYS[3])
+if redis.call('ZSCORE', KEYS[2], ARGV[1]) or redis.call('ZSCORE', KEYS[3], ARGV[1]) then
+  return 0
 end
-if redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end
 local ts = tonumber(ARGV[2])
 -- older than the oldest of the newest `keep`: it would be trimmed at once. Nothing is
 -- written, its ID included: a retry is outside again (the edge only moves forward)
@@ -272,7 +269,7 @@ redis.call('RPUSH', KEYS[1], ARGV[3])
 for i = #later, 1, -1 do redis.call('RPUSH', KEYS[1], later[i]) end
 redis.call('LTRIM', KEYS[1], -keep, -1)
 local ttl = tonumber(ARGV[6])
-if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
+if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) else redis.call('PERSIST', KEYS[1]) end
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 -- the window: the oldest by time go, but none as new as the oldest kept behaviour
 local n = redis.call('ZCARD', KEYS[2])
@@ -287,8 +284,15 @@ if n > window then
     if n > 2 * window then redis.call('ZREMRANGEBYRANK', KEYS[2], 0, n - 2 * window - 1) end
   end
 end
--- the key exists now, and the TTL is bounded (MAX_TTL_S): this cannot fail
-if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
+-- earlier versions' set: the newest `window` by arrival
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[3], tonumber(t[1]) * 1000000 + tonumber(t[2]), ARGV[1])
+n = redis.call('ZCARD', KEYS[3])
+if n > window then redis.call('ZREMRANGEBYRANK', KEYS[3], 0, n - window - 1) end
+-- the keys exist now, and the TTL is bounded (MAX_TTL_S): this cannot fail
+for k = 2, 3 do
+  if ttl > 0 then redis.call('EXPIRE', KEYS[k], ttl) else redis.call('PERSIST', KEYS[k]) end
+end
 return 1
 """
 
@@ -302,7 +306,7 @@ def user_key(user_id: str, suffix: str) -> str:
 
 def event_keys(user_id: str) -> list[str]:
     """:data:`APPEND_EVENT`'s keys for a user: the list, the event IDs, and the event
-    IDs' key of earlier versions (taken over, then deleted)."""
+    IDs as earlier versions keep them (still written, for a rolling deploy)."""
     return [user_key(user_id, "seq"), user_key(user_id, "event_ids"), user_key(user_id, "events")]
 
 

@@ -25,6 +25,7 @@ from service.store import (
     SEEN,
     EventWriter,
     Reader,
+    event_keys,
     fetch,
     fetch_items,
     make_client,
@@ -352,6 +353,64 @@ def test_equal_times_keep_every_kept_events_id(rp: RedisProcess) -> None:
     assert r.llen(seq) == 3
     assert asyncio.run(go([f"x{k:02d}" for k in range(20)])) == [APPENDED] * 20
     assert r.zcard(ids) == 6
+
+
+def test_a_rolling_deploy_stores_no_retry_twice(rp: RedisProcess) -> None:
+    """Workers of the previous release (its script, tests/data/append_event_s26.lua:
+    ``{u:<id>}:events`` only) and of this one append for the same user, in both orders:
+    a retry that reaches a worker of the other version is a duplicate."""
+    from pathlib import Path
+
+    r = rp.client()
+    user = "append-mixed-user"
+    keys = event_keys(user)
+    r.delete(*keys)
+    legacy = (Path(__file__).parent / "data" / "append_event_s26.lua").read_text()
+    old_script = r.register_script(legacy)
+
+    def old(eid: str, ts: float) -> int:
+        args = [eid, ts, orjson.dumps({"item_id": eid, "ts": ts}), 5, 100, 0]
+        return int(old_script(keys=[keys[0], keys[2]], args=args))
+
+    async def new(eid: str, ts: float) -> int:
+        client = make_client(rp.url, False, 1.0, 1.0, 4)
+        try:
+            return await EventWriter(client, window=100).append(
+                user, eid, ts, {"item_id": eid, "ts": ts}, 5
+            )
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(new("e1", 1.0)) == APPENDED
+    assert old("e1", 1.0) == SEEN  # stored by this version, retried on the old one
+    assert old("e2", 2.0) == APPENDED
+    assert asyncio.run(new("e3", 3.0)) == APPENDED
+    assert asyncio.run(new("e2", 2.0)) == SEEN  # stored by the old one, retried here
+    assert old("e3", 3.0) == SEEN
+    assert [orjson.loads(x)["item_id"] for x in r.lrange(keys[0], 0, -1)] == ["e1", "e2", "e3"]
+
+
+def test_a_ttl_of_zero_removes_an_earlier_expiry(rp: RedisProcess) -> None:
+    """CTR_SEQUENCE_TTL_S set back to 0 ("never"): the next event removes the expiry an
+    earlier setting put on the user's keys (the history, newly stored events included,
+    would vanish at the old deadline)."""
+    r = rp.client()
+    user = "append-persist-user"
+    keys = event_keys(user)
+    r.delete(*keys)
+
+    async def append(eid: str, ttl: int) -> int:
+        client = make_client(rp.url, False, 1.0, 1.0, 4)
+        try:
+            writer = EventWriter(client, window=100, ttl_s=ttl)
+            return await writer.append(user, eid, 1.0, {"item_id": eid, "ts": 1.0}, 5)
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(append("e1", 3600)) == APPENDED
+    assert all(0 < r.ttl(k) <= 3600 for k in keys)
+    assert asyncio.run(append("e2", 0)) == APPENDED
+    assert [r.ttl(k) for k in keys] == [-1, -1, -1]
 
 
 def test_a_failed_append_is_not_remembered(rp: RedisProcess) -> None:
