@@ -56,9 +56,14 @@ def test_sigmoid_attention_activation(
     assert not any(isinstance(m, torch.nn.Sigmoid) for m in model.mlp.modules())  # type: ignore[union-attr]
     metrics = train(config, tmp_path / "run", prep=tiny_prep, progress=False)  # type: ignore[arg-type]
     assert metrics["test"]["auc"] == metrics["test"]["auc"]  # not NaN
-    _, _, report = export_bundle(build_model(config, sizes).eval(), config, tiny_prep.mapper,  # type: ignore[attr-defined]
-                                 metrics, tmp_path / "models")  # fmt: skip
-    assert report.ok
+    from training.train import load_run
+
+    # the trained weights go through the parity gate (a fresh model's would too)
+    _, mapper, trained, _ = load_run(tmp_path / "run")
+    fresh = build_model(config, sizes).state_dict()
+    assert any(not torch.equal(v, fresh[k]) for k, v in trained.state_dict().items())
+    _, _, report = export_bundle(trained.eval(), config, mapper, metrics, tmp_path / "models")
+    assert report.ok and report.max_abs_diff <= 1e-5
 
 
 def test_aux_hidden_round_trips_through_the_manifest(

@@ -176,6 +176,32 @@ def test_fast_path_is_timed_under_the_route_template(
     assert fast.get("/v1/score").status_code == 405
 
 
+def test_unknown_paths_are_404_and_timed_as_unmatched(
+    clients: tuple[TestClient, TestClient],
+) -> None:
+    """An unknown path gets FastAPI's 404 ``{"detail": "Not Found"}`` on both apps (the
+    front door passes it on), timed under the route ``unmatched`` (never the path
+    itself: a scanner's paths would each make a series)."""
+    for c in clients:
+
+        def count(method: str, c: TestClient = c) -> float:
+            for line in c.get("/metrics").text.splitlines():
+                if line.startswith("ctr_request_duration_seconds_count{") and (
+                    'route="unmatched"' in line
+                    and f'method="{method}"' in line
+                    and 'status="404"' in line
+                ):
+                    return float(line.rsplit(" ", 1)[1])
+            return 0.0
+
+        before = count("GET"), count("POST")
+        for method, path in (("GET", "/no/such/path"), ("POST", "/v1/scores")):
+            r = c.request(method, path, json={})
+            assert r.status_code == 404 and r.json() == {"detail": "Not Found"}
+        assert (count("GET"), count("POST")) == (before[0] + 1, before[1] + 1)
+        assert "/no/such/path" not in c.get("/metrics").text
+
+
 @pytest.mark.parametrize(
     "cands",
     [

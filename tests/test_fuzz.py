@@ -112,3 +112,15 @@ def test_parse_event_accepts_or_names_a_field(obj: Any) -> None:  # fmt: skip
         assert exc.field
         return
     assert ev.timestamp >= 0 and ev.event_id and ev.user_id and ev.item_id
+
+
+@pytest.mark.parametrize("ts", [-1, -0.0001, 1e12, 1e12 + 1, 1.7e15, float("inf")])
+def test_parse_event_refuses_timestamps_outside_unix_seconds(ts: float) -> None:
+    """Below 0 or from 1e12 on (milliseconds, not seconds) is refused, naming the field,
+    whatever the future-time check would say; the bounds themselves are exact."""
+    body = {"user_id": "u", "event_id": "e", "item_id": "i", "timestamp": ts}
+    with pytest.raises(BadRequest) as exc:
+        parse_event(body, max_id_len=64)
+    assert exc.value.field == "timestamp"
+    for ok in (0, 0.0, 1e12 - 1, 1764000000.5):
+        assert parse_event({**body, "timestamp": ok}, max_id_len=64).timestamp == ok

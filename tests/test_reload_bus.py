@@ -210,7 +210,11 @@ def test_concurrent_reloads_leave_every_worker_on_the_last_published(channel: st
         await asyncio.sleep(0.2)
         assert await ws["w2"].admin("6", 0.3) == 2
         assert await slow == 2
-        await asyncio.sleep(1.5)
+        # until every worker is on 5 (bounded), then a while longer: nothing moves on
+        deadline = time.monotonic() + 20
+        while any(w.version != "5" for w in ws.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
         out = {name: w.version for name, w in ws.items()}
         for w in ws.values():
             await w.close()

@@ -87,9 +87,21 @@ def some_items(built: Built, n: int) -> list[str]:
 
 
 def test_parity_with_offline_torch(built: Built, redis_db: Redis, client: TestClient) -> None:
+    """Users with short histories, with full ones (exactly L stored) and with more than L
+    stored (a longer CTR_SEQUENCE_KEEP): the newest L are fed, none dropped or added."""
+    length = built.config.max_seq_len
+    full = [u for u in (f"u{k}" for k in range(300)) if redis_db.llen(user_key(u, "seq")) == length]
+    assert len(full) >= 2
+    long_user = "parity-long-user"
+    redis_db.delete(user_key(long_user, "seq"), user_key(long_user, "profile"))
+    profile = redis_db.hgetall(user_key(full[0], "profile"))
+    redis_db.hset(user_key(long_user, "profile"), mapping=profile)
+    redis_db.rpush(user_key(long_user, "seq"), *redis_db.lrange(user_key(full[1], "seq"), 0, 2))
+    redis_db.rpush(user_key(long_user, "seq"), *redis_db.lrange(user_key(full[0], "seq"), 0, -1))
+    assert redis_db.llen(user_key(long_user, "seq")) == length + 3
     # unknown IDs too: out-of-vocabulary on both sides, with no stored features
     items = [*some_items(built, 40), "no-such-item-Ω", "zz-unknown"]
-    for user in ("u3", "u17"):
+    for user in ("u3", "u17", *full[:2], long_user):
         r = client.post(
             "/v1/score", json={"user_id": user, "candidates": [{"item_id": i} for i in items]}
         )
@@ -133,13 +145,20 @@ def test_cold_start_user(built: Built, client: TestClient) -> None:
     assert all(0.0 < it["probability"] < 1.0 for it in body["items"])
 
 
-def test_unknown_item_maps_to_oov(client: TestClient) -> None:
-    r = client.post(
-        "/v1/score",
-        json={"user_id": "u1", "candidates": [{"item_id": "no-such-item-Ω"}, {"item_id": "i1"}]},
-    )
+def test_unknown_item_maps_to_oov(built: Built, redis_db: Redis, client: TestClient) -> None:
+    """Item IDs the vocabulary lacks, with no stored features, all score as the one
+    out-of-vocabulary row (as the offline model scores them); a known one does not."""
+    unknown = ["no-such-item-Ω", "zz-unknown", "i999999"]
+    assert all(redis_db.hget(item_key("cate_id"), i) is None for i in unknown)
+    items = [*unknown, "i1"]
+    body = {"user_id": "u1", "candidates": [{"item_id": i} for i in items]}
+    r = client.post("/v1/score", json=body)
     assert r.status_code == 200
-    assert {it["item_id"] for it in r.json()["items"]} == {"no-such-item-Ω", "i1"}
+    got = {it["item_id"]: it["probability"] for it in r.json()["items"]}
+    assert set(got) == set(items)
+    assert got[unknown[0]] == got[unknown[1]] == got[unknown[2]] != got["i1"]
+    want = offline_probs(built, "u1", redis_db, items)
+    np.testing.assert_allclose([got[i] for i in items], want, atol=1e-5, rtol=0)
 
 
 def test_missing_feature_looked_up_from_redis(
@@ -182,6 +201,10 @@ def test_numbers_and_nulls_the_model_reads(
     stored = prob()
     assert prob({"item_price": price}) == stored == prob({"item_price": None})
     assert prob({"item_price": round(price) + 1000}) != stored  # an int is a number too
+    # only null is absent: a 0 or an empty string is the request's value, not the store's
+    assert price != 0 and prob({"item_price": 0}) == prob({"item_price": 0.0}) != stored
+    cate = redis_db.hget(item_key("cate_id"), item)
+    assert cate and prob({"cate_id": ""}) != stored == prob({"cate_id": cate})
     profile = redis_db.hgetall(user_key("u2", "profile"))
     assert "age_bucket" in profile
     other = "zz" if profile["age_bucket"] != "zz" else "yy"

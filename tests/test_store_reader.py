@@ -197,15 +197,13 @@ def test_close_while_a_read_is_in_flight(rp: RedisProcess) -> None:
     async def go() -> tuple[bool, int, bool]:
         client = make_client(rp.url, False, 2.0, 1.0, 4)
         reader = Reader(client, 4)
-        blocker = asyncio.create_task(
-            asyncio.to_thread(lambda: rp.client().execute_command("DEBUG", "SLEEP", 0.3))
-        )
-        await asyncio.sleep(0.1)
+        blocker = redis_asleep(rp.url, 0.5)  # returns once Redis answers nothing
         read = asyncio.create_task(fetch(reader, user, 5, {}))
         await asyncio.sleep(0.05)
+        assert not read.done()  # in flight as the reader closes
         await reader.aclose()
         data = await read
-        await blocker
+        blocker.join()
         refused = False
         try:
             await fetch(reader, user, 5, {})
@@ -237,16 +235,13 @@ def test_a_timeout_is_not_retried(rp: RedisProcess) -> None:
         try:
             await fetch(reader, user, 5, {})  # leaves one idle connection to reuse
             before = accepted()
-            blocker = asyncio.create_task(
-                asyncio.to_thread(lambda: rp.client().execute_command("DEBUG", "SLEEP", 0.8))
-            )
-            await asyncio.sleep(0.1)
+            blocker = redis_asleep(rp.url, 0.8)  # returns once Redis answers nothing
             try:
                 await fetch(reader, user, 5, {})
                 timed_out = False
             except redis.exceptions.TimeoutError:
                 timed_out = True
-            await blocker
+            blocker.join()
             await asyncio.sleep(0.1)
             return timed_out, accepted() - before
         finally:
@@ -255,7 +250,8 @@ def test_a_timeout_is_not_retried(rp: RedisProcess) -> None:
 
     timed_out, new_connections = asyncio.run(go())
     assert timed_out
-    assert new_connections == 1  # the blocker's own; a retry would have opened one more
+    # the blocker's and redis_asleep's probe's; a retry would have opened one more
+    assert new_connections == 2
 
 
 def test_behaviours_come_back_in_time_order(rp: RedisProcess) -> None:
