@@ -49,12 +49,12 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=bind,source=certs,target=/run/certs \
     --mount=type=secret,id=pip_cert \
     pip-install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.13.0
-COPY pyproject.toml deploy/docker/requirements.py ./
+COPY pyproject.toml constraints.txt deploy/docker/requirements.py ./
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=bind,source=certs,target=/run/certs \
     --mount=type=secret,id=pip_cert \
     python3 requirements.py pyproject.toml --extra train > /tmp/requirements.txt \
-    && pip-install -r /tmp/requirements.txt
+    && pip-install -c constraints.txt -r /tmp/requirements.txt
 COPY ctr ./ctr
 COPY training ./training
 COPY service ./service
@@ -86,12 +86,12 @@ RUN apt-get update \
 COPY deploy/docker/pip-install /usr/local/bin/pip-install
 RUN chmod 0755 /usr/local/bin/pip-install && python3 -m venv /opt/venv
 WORKDIR /src
-COPY pyproject.toml deploy/docker/requirements.py ./
+COPY pyproject.toml constraints.txt deploy/docker/requirements.py ./
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=bind,source=certs,target=/run/certs \
     --mount=type=secret,id=pip_cert \
     python3 requirements.py pyproject.toml --exclude onnxruntime > /tmp/requirements.txt \
-    && pip-install "$ORT_GPU_SPEC" "onnx>=1.16" -r /tmp/requirements.txt
+    && pip-install "$ORT_GPU_SPEC" "onnx>=1.16" -c constraints.txt -r /tmp/requirements.txt
 COPY ctr ./ctr
 COPY training ./training
 COPY service ./service
@@ -140,12 +140,12 @@ RUN levels=generic \
 # ---------------------------------------------------------------- runtime (CPU serving)
 FROM python-base AS runtime-build
 ARG PIP_CERT=""
-COPY pyproject.toml deploy/docker/requirements.py ./
+COPY pyproject.toml constraints.txt deploy/docker/requirements.py ./
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=bind,source=certs,target=/run/certs \
     --mount=type=secret,id=pip_cert \
     python3 requirements.py pyproject.toml > /tmp/requirements.txt \
-    && pip-install -r /tmp/requirements.txt
+    && pip-install -c constraints.txt -r /tmp/requirements.txt
 COPY ctr ./ctr
 COPY training ./training
 COPY service ./service

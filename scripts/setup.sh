@@ -40,7 +40,7 @@ if [ ! -x .venv/bin/python ]; then
   fi
 fi
 if ! .venv/bin/python -c "import torch, onnxruntime, fastapi, ctr" 2>/dev/null \
-   || [ pyproject.toml -nt .venv/.installed ]; then
+   || [ pyproject.toml -nt .venv/.installed ] || [ constraints.txt -nt .venv/.installed ]; then
   echo "[setup] installing packages"
   .venv/bin/pip install -q --upgrade pip
   # exactly this pin: on PyPI any torch spec is a multi-GB CUDA build
@@ -52,7 +52,12 @@ if ! .venv/bin/python -c "import torch, onnxruntime, fastapi, ctr" 2>/dev/null \
     .venv/bin/pip install -q --extra-index-url https://download.pytorch.org/whl/cpu \
       torch==2.13.0
   fi
-  .venv/bin/pip install -q -e '.[train,dev]'
+  # the versions CI last passed with (constraints.txt); CTR_UNLOCKED=1: the newest
+  if [ "${CTR_UNLOCKED:-0}" = "1" ]; then
+    .venv/bin/pip install -q -e '.[train,dev]'
+  else
+    .venv/bin/pip install -q -c constraints.txt -e '.[train,dev]'
+  fi
   touch .venv/.installed
 fi
 

@@ -607,6 +607,35 @@ def test_requirements_helper_filters_the_dependency_list() -> None:
     assert set(base) < set(train) and not any(r.startswith("torch") for r in train)
 
 
+def test_installs_are_pinned_to_the_tested_versions() -> None:
+    """scripts/setup.sh and every Dockerfile stage install with ``-c constraints.txt``,
+    so the images hold the versions the tests ran with: the venv running these tests
+    (made by setup.sh) holds exactly those, and every pin names one version."""
+    import os
+    from importlib import metadata
+
+    pins: dict[str, str] = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, sep, ver = line.partition("==")
+            assert sep and ver and not any(c in ver for c in "<>=,*"), line
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = ver
+    assert "torch" not in pins and {"onnxruntime", "fastapi", "numpy", "redis"} <= set(pins)
+    dockerfile = DOCKERFILE.read_text()
+    installs = re.findall(r"pip-install [^\n]*-r /tmp/requirements.txt", dockerfile)
+    assert len(installs) == 3 and all("-c constraints.txt" in i for i in installs), installs
+    assert dockerfile.count("COPY pyproject.toml constraints.txt ") == 3
+    assert "-c constraints.txt -e '.[train,dev]'" in (REPO / "scripts" / "setup.sh").read_text()
+    if os.environ.get("CTR_UNLOCKED") == "1":
+        pytest.skip("CTR_UNLOCKED=1: the venv holds the newest versions, not the pins")
+    installed = {
+        re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower(): d.version
+        for d in metadata.distributions()
+    }
+    wrong = {n: (v, installed.get(n)) for n, v in pins.items() if installed.get(n) != v}
+    assert not wrong, f"pinned vs installed: {wrong}"
+
+
 def test_dockerignore_keeps_models_and_runs_out() -> None:
     patterns = [
         line.strip()
