@@ -15,7 +15,8 @@ A score counts as failed when it is not 200, when it ranks the wrong number of i
 and when it is ``degraded`` (scored without the user's Redis data, e.g. Redis down or
 over its time budget: a run that passes must have measured the real path). Cold starts
 (users Redis does not know: scored on a cheaper path) are counted, and the run exits 1
-when they exceed ``LOCUST_MAX_COLD_START_SHARE`` (default 0.01) of the scores.
+when they exceed ``LOCUST_MAX_COLD_START_SHARE`` (default 0.01) of the scores (exit
+status 3, :data:`COLD_START_EXIT`; a locust run's own failures keep 1, its errors 2).
 
 Other knobs: ``LOCUST_TOP_K`` (default 100; 0 = no top_k), ``LOCUST_TIMEOUT`` (seconds,
 default 10), ``LOCUST_WAIT_MIN``/``LOCUST_WAIT_MAX`` (think time in seconds, default
@@ -214,6 +215,7 @@ class ColdStarts:
 CONFIG = TrafficConfig.from_env()
 COLD = ColdStarts()
 MAX_COLD_SHARE = float(os.environ.get("LOCUST_MAX_COLD_START_SHARE", "0.01"))
+COLD_START_EXIT = 3
 _SEED = os.environ.get("LOCUST_SEED")
 _SEEDS = itertools.count(int(_SEED)) if _SEED else None
 
@@ -286,4 +288,9 @@ def _cold_start_check(environment: object, **_: object) -> None:
     reason = COLD.verdict(MAX_COLD_SHARE)
     if reason is not None:
         print(f"FAIL: {reason}", flush=True)
-        environment.process_exit_code = 1  # type: ignore[attr-defined]
+        # its own status, not taken for failed requests; a run with failed requests or
+        # errors keeps locust's own status (1), which says more
+        runner = getattr(environment, "runner", None)
+        failed = runner is not None and bool(runner.errors or runner.exceptions)
+        if not failed and getattr(environment, "process_exit_code", None) is None:
+            environment.process_exit_code = COLD_START_EXIT  # type: ignore[attr-defined]

@@ -7,7 +7,9 @@ Writes into --out: locust's CSVs (``locust_stats.csv``, ``locust_stats_history.c
 ``locust_failures.csv``, ...), ``locust.log``, ``report.md`` (p50/p95/p99, requests/s and
 failures overall and per candidate-count bucket) and ``latency.png`` (latency over time
 and latency by candidate count). Exit status: 0 when every request succeeded, 1 when
-some failed (unless --allow-failures), 2 when locust produced no statistics.
+some failed (unless --allow-failures), 2 when locust produced no statistics, 3 when
+more scores than LOCUST_MAX_COLD_START_SHARE were cold starts (the locustfile's check;
+--allow-failures does not cover it).
 
 With --from-csv, locust is not run: the report and chart are made from the CSVs (and
 ``locust_final.json``) that a locust run already wrote into --out with ``--csv
@@ -38,6 +40,8 @@ JSON_STEM = "locust_final"  # locust appends .json
 BUCKET_RE = re.compile(r"\[N=(\d+)\]")
 PERCENTILES = ("50%", "95%", "99%")
 
+
+COLD_START_EXIT = 3  # loadtest/locustfile.py COLD_START_EXIT
 
 def parse_duration(text: str) -> float:
     """Locust-style durations: ``90``, ``30s``, ``2m``, ``1h30m``, ``1m30s`` -> seconds."""
@@ -399,11 +403,14 @@ def main(argv: list[str] | None = None) -> int:
         print("no requests were made", file=sys.stderr)
         return 2
     # locust itself exits 1 when any request failed
+    if code == COLD_START_EXIT:
+        print("too many cold starts: see the locust output's FAIL line", file=sys.stderr)
+        return COLD_START_EXIT
     if (overall["failures"] or code == 1) and not args.allow_failures:
-        why = f"{overall['failures']} failed requests"
-        if not overall["failures"]:  # the locustfile's own check at the end (cold starts)
-            why = "locust exited 1 with no failed request: its FAIL line above says why"
-        print(f"{why} (use --allow-failures to accept)", file=sys.stderr)
+        print(
+            f"{overall['failures']} failed requests (use --allow-failures to accept)",
+            file=sys.stderr,
+        )
         return 1
     if code not in (0, 1):
         print(f"locust exited {code}; see {out / 'locust.log'}", file=sys.stderr)

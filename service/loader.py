@@ -9,6 +9,7 @@ history entry.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,13 +28,27 @@ TIME = "__ctr_load_time__"  # the time order user_records sorts on
 # what the last complete load wrote (:func:`load_identity`), so that ``ctr load --once``
 # (the compose init job on every `up`) does not reset histories events have moved on
 LOADED_KEY = "ctr:loaded"
+LOAD_FORMAT = 1  # what the keys a load writes hold: raise it when that changes
 
 
 def load_identity(config: FeatureConfig, keep: int | None = None) -> str:
-    """A digest of what a load of ``config`` writes: its whole config (data source,
-    options, features) and the behaviours kept per user. A new model version trained
-    with the same config loads the same data, so it has the same identity."""
-    body = {"config": config.model_dump(mode="json"), "keep": keep or config.max_seq_len}
+    """A digest of what a load of ``config`` writes: the parts of its config the load
+    reads (the data source and its options, the features, the item key; the config's
+    later keys left out at their defaults, as a manifest stores it), the behaviours kept
+    per user, ``CTR_DATA_ROOT``, and :data:`LOAD_FORMAT`. Training and model settings
+    are not in it: a version retrained on the same data has the same identity. The data
+    files' contents are not compared."""
+    from ctr.spec import manifest_config
+
+    stored = manifest_config(config)
+    read = {k: stored[k] for k in ("data", "features", "item_key") if k in stored}
+    root = os.environ.get("CTR_DATA_ROOT")
+    body = {
+        "config": read,
+        "keep": keep or config.max_seq_len,
+        "data_root": os.path.realpath(root) if root else None,
+        "format": LOAD_FORMAT,
+    }
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
@@ -195,6 +210,9 @@ def load_into_redis(
         else Redis.from_url(redis_url, socket_timeout=10)
     )
     keep = keep or config.max_seq_len
+    # before the first write: a load that fails halfway leaves no record of the last
+    # complete one (a `--once` of that data would skip, over this one's half)
+    client.delete(LOADED_KEY)
     users = list(user_records(config, frame))
     pipe = client.pipeline(transaction=False)
     for i, (uid, profile, events) in enumerate(tqdm(users, desc="users", disable=not progress)):

@@ -648,3 +648,42 @@ def test_movielens_load_stores_every_movies_genre() -> None:
     assert len(stored) == len(genres) > len(from_examples)
     assert stored == {str(m): g for m, g in genres.items()}
     assert all(stored[i] == g for i, g in from_examples.items())
+
+
+def test_a_loads_identity_is_its_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ctr load --once`` compares what a load writes: the data source and options,
+    the features, the behaviours kept and CTR_DATA_ROOT; a retrain's settings (epochs,
+    model) are not in it. A load that fails halfway leaves no record of the last
+    complete one, so a `--once` of that data loads again over the half."""
+    import service.loader as loader
+    from ctr.spec import apply_overrides
+    from service.loader import LOADED_KEY, load_identity, load_into_redis
+    from tests.helpers import REDIS_URL, fresh_redis, small_config
+
+    def variant(**overrides: Any) -> FeatureConfig:
+        raw = apply_overrides(small_config("din").model_dump(mode="json"), overrides)
+        return FeatureConfig.model_validate(raw)
+
+    base = load_identity(small_config("din"))
+    assert base == load_identity(small_config("din"))  # stable
+    assert load_identity(variant(**{"train.epochs": 7, "model.dropout": 0.3})) == base
+    assert load_identity(variant(**{"data.options.n_users": 301})) != base
+    assert load_identity(small_config("din"), keep=7) != base
+    monkeypatch.setenv("CTR_DATA_ROOT", "/somewhere/else")
+    assert load_identity(small_config("din")) != base
+    monkeypatch.delenv("CTR_DATA_ROOT")
+
+    config = small_config("din", n_users=20)
+    frame = load_frame(config)
+    client = fresh_redis()
+    load_into_redis(config, frame, REDIS_URL, progress=False)
+    assert client.get(LOADED_KEY) == load_identity(config)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the item table could not be read")
+
+    monkeypatch.setattr(loader, "item_records", broken)
+    with pytest.raises(RuntimeError, match="item table"):
+        load_into_redis(config, frame, REDIS_URL, progress=False)
+    assert client.get(LOADED_KEY) is None
+    client.flushdb()

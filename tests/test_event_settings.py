@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from redis import Redis
 
 from service.app import create_app
-from service.store import item_key, user_key
+from service.store import event_keys, item_key, user_key
 from tests.helpers import REDIS_URL, Built, build_bundle, settings_for
 
 PREFIX = "evset-"  # every user and item this module writes
@@ -53,7 +53,7 @@ def app_client(built: Built, **overrides: object) -> Iterator[TestClient]:
 
 def fresh_user(redis_db: Redis, name: str) -> str:
     user = PREFIX + name
-    redis_db.delete(user_key(user, "seq"), user_key(user, "event_ids"))
+    redis_db.delete(*event_keys(user))
     return user
 
 
@@ -87,7 +87,7 @@ def test_only_the_listed_event_types_enter_the_sequence(built: Built, redis_db: 
         view = event(user, "v1", PREFIX + "i1", 10.0, type="view", **feats)
         assert post(client, view) == IGNORED
         # nothing written, not even the event ID: the user has no keys at all
-        assert redis_db.exists(user_key(user, "seq"), user_key(user, "event_ids")) == 0
+        assert redis_db.exists(*event_keys(user)) == 0
         assert post(client, view) == IGNORED  # not remembered: never a duplicate
         assert post(client, event(user, "c1", PREFIX + "i2", 11.0, **feats)) == APPENDED
         buy = event(user, "p1", PREFIX + "i3", 12.0, type="purchase", **feats)
@@ -197,7 +197,7 @@ def test_event_ids_an_earlier_version_recorded_are_known(built: Built, redis_db:
     legacy = user_key(user, "events")
     olds = [behaviour(f"{PREFIX}o{k}", "c", 100.0 + k) for k in range(2)]
     redis_db.rpush(user_key(user, "seq"), *[orjson.dumps(b) for b in olds])
-    redis_db.zadd(legacy, {"o0": 1_764_000_000_000_000, "o1": 1_764_000_000_000_001})
+    redis_db.zadd(legacy, {"o0": 1, "o1": 2})  # arrival times, older than any now
 
     def ev(eid: str, ts: float) -> dict[str, Any]:
         return event(user, eid, f"{PREFIX}{eid}", ts, features={"cate_id": "c"})

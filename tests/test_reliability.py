@@ -228,12 +228,12 @@ def test_events_wait_for_a_slow_store_up_to_the_request_deadline(
     deadline the answer is a 503, and the retry stores the behaviour once in all."""
     import orjson
 
-    from service.store import user_key
+    from service.store import event_keys, user_key
 
     user = "slow-store-user"
     seq = user_key(user, "seq")
     r = rp.client()
-    r.delete(seq, user_key(user, "event_ids"))
+    r.delete(*event_keys(user))
     ev = {"user_id": user, "event_id": "s1", "item_id": "i3", "timestamp": 10.0}
 
     def while_blocked(c: TestClient, seconds: float, body: dict) -> object:

@@ -19,7 +19,7 @@ from ctr.encode import encode_frame
 from service.app import _inline, create_app
 from service.loader import item_records, load_into_redis, user_records
 from service.settings import Settings
-from service.store import item_key, user_key
+from service.store import event_keys, item_key, user_key
 from tests.helpers import (
     REDIS_URL,
     Built,
@@ -253,7 +253,7 @@ def test_equal_scores_keep_the_request_order(client: TestClient) -> None:
 
 def test_events_append_trim_idempotent(built: Built, redis_db: Redis, client: TestClient) -> None:
     user = "event-user"
-    redis_db.delete(user_key(user, "seq"), user_key(user, "event_ids"))
+    redis_db.delete(*event_keys(user))
     ev = {"user_id": user, "event_id": "e1", "item_id": "i7", "features": {"cate_id": "c3"},
           "type": "click", "timestamp": 1000.0}  # fmt: skip
     r = client.post("/v1/events", json=ev)
@@ -461,7 +461,7 @@ def test_event_without_features_gets_them_from_the_item_table(
     redis_db: Redis, client: TestClient
 ) -> None:
     user = "event-user-2"
-    redis_db.delete(user_key(user, "seq"), user_key(user, "event_ids"))
+    redis_db.delete(*event_keys(user))
     cate = redis_db.hget(item_key("cate_id"), "i5")
     assert cate is not None
     ev = {"user_id": user, "event_id": "f1", "item_id": "i5", "timestamp": 3.0}
@@ -590,7 +590,7 @@ def test_event_reads_item_features_from_redis_not_the_item_cache(
     """An item scored before its category reached the store has "absent" in the item
     cache; a click on it must still store the category Redis has by then."""
     user, item = "event-user-3", "fresh-item-1"
-    redis_db.delete(user_key(user, "seq"), user_key(user, "event_ids"))
+    redis_db.delete(*event_keys(user))
     redis_db.hdel(item_key("cate_id"), item)
     r = client.post("/v1/score", json={"user_id": user, "candidates": [{"item_id": item}]})
     assert r.status_code == 200  # caches "no cate_id" for the item
@@ -605,7 +605,7 @@ def test_event_with_a_stored_value_that_is_not_utf8(redis_db: Redis, client: Tes
     """Bytes in the item table that are not UTF-8 are left out of the stored behaviour
     (they map to out-of-vocabulary when scored, too), not a 500 on every retry."""
     user, item = "event-user-4", "latin1-item"
-    redis_db.delete(user_key(user, "seq"), user_key(user, "event_ids"))
+    redis_db.delete(*event_keys(user))
     redis_db.hset(item_key("cate_id"), item, b"caf\xe9")
     ev = {"user_id": user, "event_id": "h1", "item_id": item, "timestamp": 6.0}
     r = client.post("/v1/events", json=ev)

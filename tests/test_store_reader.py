@@ -286,7 +286,7 @@ def test_events_are_stored_in_time_order_and_trimmed_by_time(rp: RedisProcess) -
     r = rp.client()
     user = "append-order-user"
     seq, ids = user_key(user, "seq"), user_key(user, "event_ids")
-    r.delete(seq, ids)
+    r.delete(*event_keys(user))
     r.rpush(seq, *[orjson.dumps({"item_id": f"o{k}"}) for k in range(3)])  # `ctr load`
 
     def stored() -> list[str]:
@@ -330,7 +330,7 @@ def test_equal_times_keep_every_kept_events_id(rp: RedisProcess) -> None:
     r = rp.client()
     user = "append-ties-user"
     seq, ids = user_key(user, "seq"), user_key(user, "event_ids")
-    r.delete(seq, ids)
+    r.delete(*event_keys(user))
 
     async def go(events: list[str], keep: int = 3, window: int = 3) -> list[int]:
         client = make_client(rp.url, False, 1.0, 1.0, 4)
@@ -415,7 +415,7 @@ def test_a_failed_append_is_not_remembered(rp: RedisProcess) -> None:
     r = rp.client()
     user = "append-fail-user"
     seq, ids = user_key(user, "seq"), user_key(user, "event_ids")
-    r.delete(seq, ids)
+    r.delete(*event_keys(user))
     r.set(seq, "not a list")
 
     async def append() -> int:
@@ -450,7 +450,7 @@ def test_sequence_ttl_expires_an_idle_users_keys(rp: RedisProcess, ttl: int) -> 
     r = rp.client()
     user = f"ttl-user-{ttl}"
     seq, ids = user_key(user, "seq"), user_key(user, "event_ids")
-    r.delete(seq, ids)
+    r.delete(*event_keys(user))
 
     async def append(eid: str) -> int:
         client = make_client(rp.url, False, 1.0, 1.0, 4)
