@@ -340,7 +340,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.codec = await loop.run_in_executor(None, codec.load, settings)
         await lifecycle.start_up(state, deployed)
         state.events = EventWriter(
-            state.write_redis, settings.event_dedup_window, settings.sequence_ttl_s
+            state.write_redis,
+            settings.event_dedup_window,
+            settings.sequence_ttl_s,
+            settings.event_legacy_ids,
         )
         state.tracker = await tracking.start_tracking(settings)
         if state.bus is not None:

@@ -157,6 +157,13 @@ class Settings(BaseSettings):
         description="event IDs remembered per user (at least the events kept: a retry of a "
         "kept event is always known)",
     )
+    event_legacy_ids: bool = Field(
+        True,
+        description="also check and write the event IDs where releases before session 27 "
+        "keep them ({u:<id>}:events), so that a retry reaching a worker of such a release "
+        "(a rolling deploy, a rollback) is known; off once none runs: half the dedup "
+        "memory and less Redis time per event",
+    )
     event_max_future_s: float = Field(
         300.0,
         ge=0,

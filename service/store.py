@@ -221,7 +221,8 @@ _second = operator.itemgetter(1)
 
 # KEYS: seq, event_ids, events. ARGV: event_id, ts, payload, keep, window, ttl (s; 0: the
 # keys never expire, and an expiry an earlier setting left is removed; else they expire
-# that long after the user's last stored event).
+# that long after the user's last stored event), legacy ("1": check and write ``events``
+# too, below; "0": leave it alone).
 # The list stays in time order (``ts``; arrival order among equal ones; behaviours with no
 # ``ts``, e.g. from ``ctr load``, count as oldest), as training histories are: a late or
 # retried event goes in at its place in time, lifting the newer ones off the tail and
@@ -246,9 +247,9 @@ local function ts_of(raw)  -- nil: no usable ts (counts as the oldest)
   if ok and type(ev) == 'table' and type(ev['ts']) == 'number' then return ev['ts'] end
   return nil
 end
-if redis.call('ZSCORE', KEYS[2], ARGV[1]) or redis.call('ZSCORE', KEYS[3], ARGV[1]) then
-  return 0
-end
+local legacy = ARGV[7] == '1'
+if redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end
+if legacy and redis.call('ZSCORE', KEYS[3], ARGV[1]) then return 0 end
 local ts = tonumber(ARGV[2])
 -- older than the oldest of the newest `keep`: it would be trimmed at once. Nothing is
 -- written, its ID included: a retry is outside again (the edge only moves forward)
@@ -285,12 +286,16 @@ if n > window then
   end
 end
 -- earlier versions' set: the newest `window` by arrival
-local t = redis.call('TIME')
-redis.call('ZADD', KEYS[3], tonumber(t[1]) * 1000000 + tonumber(t[2]), ARGV[1])
-n = redis.call('ZCARD', KEYS[3])
-if n > window then redis.call('ZREMRANGEBYRANK', KEYS[3], 0, n - window - 1) end
+local last = 2
+if legacy then
+  local t = redis.call('TIME')
+  redis.call('ZADD', KEYS[3], tonumber(t[1]) * 1000000 + tonumber(t[2]), ARGV[1])
+  n = redis.call('ZCARD', KEYS[3])
+  if n > window then redis.call('ZREMRANGEBYRANK', KEYS[3], 0, n - window - 1) end
+  last = 3
+end
 -- the keys exist now, and the TTL is bounded (MAX_TTL_S): this cannot fail
-for k = 2, 3 do
+for k = 2, last do
   if ttl > 0 then redis.call('EXPIRE', KEYS[k], ttl) else redis.call('PERSIST', KEYS[k]) end
 end
 return 1
@@ -501,10 +506,11 @@ async def fetch_items(reader: Reader, lookups: dict[str, list[str]]) -> dict[str
 class EventWriter:
     """Atomic append + trim + dedup via one Lua script (all keys in the user's slot)."""
 
-    def __init__(self, redis: AnyRedis, window: int, ttl_s: int = 0) -> None:
+    def __init__(self, redis: AnyRedis, window: int, ttl_s: int = 0, legacy: bool = True) -> None:
         self.redis = redis
         self.window = window
         self.ttl_s = ttl_s
+        self.legacy = legacy
         self.script = redis.register_script(APPEND_EVENT)
 
     async def append(self, user_id: str, event_id: str, ts: float, payload: dict, keep: int) -> int:
@@ -515,5 +521,5 @@ class EventWriter:
         # a window shorter than the list would forget the IDs of events it still holds,
         # and store their retries twice
         window = max(self.window, keep)
-        args = [event_id, ts, orjson.dumps(payload), keep, window, self.ttl_s]
+        args = [event_id, ts, orjson.dumps(payload), keep, window, self.ttl_s, int(self.legacy)]
         return int(await self.script(keys=keys, args=args))

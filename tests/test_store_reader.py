@@ -386,6 +386,30 @@ def test_a_rolling_deploy_stores_no_retry_twice(rp: RedisProcess) -> None:
     assert [orjson.loads(x)["item_id"] for x in r.lrange(keys[0], 0, -1)] == ["e1", "e2", "e3"]
 
 
+def test_the_legacy_ids_can_be_left_alone(rp: RedisProcess) -> None:
+    """CTR_EVENT_LEGACY_IDS=false (once no earlier release runs): ``{u:<id>}:events`` is
+    neither checked nor written."""
+    r = rp.client()
+    user = "append-nolegacy-user"
+    keys = event_keys(user)
+    r.delete(*keys)
+    r.zadd(keys[2], {"e1": 1})
+
+    async def append(eid: str, legacy: bool) -> int:
+        client = make_client(rp.url, False, 1.0, 1.0, 4)
+        try:
+            writer = EventWriter(client, window=100, legacy=legacy)
+            return await writer.append(user, eid, 1.0, {"item_id": eid, "ts": 1.0}, 5)
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(append("e1", False)) == APPENDED
+    assert asyncio.run(append("e2", False)) == APPENDED
+    assert r.zrange(keys[2], 0, -1) == ["e1"] and r.zrange(keys[1], 0, -1) == ["e1", "e2"]
+    assert asyncio.run(append("e3", True)) == APPENDED
+    assert r.zrange(keys[2], 0, -1) == ["e1", "e3"]
+
+
 def test_a_ttl_of_zero_removes_an_earlier_expiry(rp: RedisProcess) -> None:
     """CTR_SEQUENCE_TTL_S set back to 0 ("never"): the next event removes the expiry an
     earlier setting put on the user's keys (the history, newly stored events included,

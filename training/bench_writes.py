@@ -122,7 +122,7 @@ def _write_others(
             for _ in range(batch):
                 user = f"{OTHER}{k % OTHER_USERS}"
                 keys = event_keys(user)
-                args = [f"o{k}", now, payload, keep, DEDUP_WINDOW, 0]
+                args = [f"o{k}", now, payload, keep, DEDUP_WINDOW, 0, 1]
                 script(keys=keys, args=args, client=pipe or client)
                 k += 1
             if pipe is not None:
