@@ -15,7 +15,8 @@ key                                type    content
                                            the idempotency window for ``POST /v1/events``
 ``{u:<user_id>}:events``           ZSET    the same IDs as versions before session 27
                                            keep them (score = arrival time), checked and
-                                           written for workers of those versions
+                                           written for workers of those versions while
+                                           ``CTR_EVENT_LEGACY_IDS`` is on
 ``ctr:item:<feature>``             HASH    item_id -> raw value of one item feature
 =================================  ======  ==============================================
 
@@ -234,9 +235,9 @@ _second = operator.itemgetter(1)
 # kept behaviour, so a retry is known for as long as its behaviour is in the list. Only
 # where more than ``window`` recorded events share the oldest kept time can one of them
 # be dropped (the set stays within twice the window). ``events`` is the ID set of earlier
-# versions (scored by arrival, the newest ``window`` kept): it is checked and written too,
-# so that during a rolling deploy or a rollback a retry that reaches a worker of the
-# other version is still known.
+# versions (scored by arrival, the newest ``window`` kept): while ``legacy`` is on
+# (``CTR_EVENT_LEGACY_IDS``) it is checked and written too, so that during a rolling
+# deploy or a rollback a retry that reaches a worker of the other version is known.
 # Returns 0 when the event_id was already seen, 1 when appended, 2 when outside the window.
 APPEND_EVENT = """
 local keep = tonumber(ARGV[4])
