@@ -4,12 +4,13 @@
 
 Runs ``APPEND_EVENT`` (service/store.py; with ``CTR_EVENT_LEGACY_IDS`` on, the default,
 and off) and the previous release's script (tests/data/append_event_s26.lua) on the
-same Redis, rounds interleaved, each round on
-users of its own filled to ``--keep`` behaviours: in-order appends, plus a share of
-late ones (``--late``) that go in before the newest. Prints Redis's own time per call
-(``INFO commandstats``, ``evalsha``'s usec_per_call: the script's work, no client or
-network time) and the memory of one user's keys (``MEMORY USAGE``), each with the
-ratio new / old. The database given is emptied.
+same Redis, rounds interleaved, each round on users of its own, each first given
+``--window`` events (its list keeps ``--keep``), then timed: in-order appends, plus a
+share of late ones (``--late``) that go in before the newest. Prints Redis's own time
+per call (``INFO commandstats``, ``evalsha``'s usec_per_call: the script's work, no
+client or network time) and the memory of one user's keys (``MEMORY USAGE ... SAMPLES
+0``: every element counted), each with the ratio to the previous release's. The
+database given is emptied.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def one_round(r: Redis, which: str, k: int, args: argparse.Namespace) -> tuple[f
         append(user, f"a{e}", ts)
     used = usec_per_call(r)
     keys = event_keys(users[0]) if which != "old" else [event_keys(users[0])[i] for i in (0, 2)]
-    memory = sum(int(r.memory_usage(key) or 0) for key in keys)
+    memory = sum(int(r.memory_usage(key, samples=0) or 0) for key in keys)  # exact
     return used, memory
 
 
