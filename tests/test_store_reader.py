@@ -8,6 +8,7 @@ import asyncio
 import shutil
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import orjson
 import pytest
@@ -323,6 +324,23 @@ def test_events_are_stored_in_time_order_and_trimmed_by_time(rp: RedisProcess) -
     assert r.zcard(ids) == 6
 
 
+def appends(
+    rp: RedisProcess, user: str, events: list[str], ts: float = 1.0, keep: int = 5, **writer: Any
+) -> list[int]:
+    """``events`` appended in turn at time ``ts`` through one fresh client and one
+    ``EventWriter(window=100, **writer)``; each behaviour is ``{"item_id": <event_id>}``."""
+
+    async def go() -> list[int]:
+        client = make_client(rp.url, False, 1.0, 1.0, 4)
+        try:
+            w = EventWriter(client, **{"window": 100, **writer})
+            return [await w.append(user, e, ts, {"item_id": e, "ts": ts}, keep) for e in events]
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
+
+
 def test_equal_times_keep_every_kept_events_id(rp: RedisProcess) -> None:
     """The dedup set is ordered by the events' time, and among equal times by ID, not
     by arrival: at the oldest kept time none goes, so a kept event whose ID sorts first
@@ -332,22 +350,14 @@ def test_equal_times_keep_every_kept_events_id(rp: RedisProcess) -> None:
     seq, ids = user_key(user, "seq"), user_key(user, "event_ids")
     r.delete(*event_keys(user))
 
-    async def go(events: list[str], keep: int = 3, window: int = 3) -> list[int]:
-        client = make_client(rp.url, False, 1.0, 1.0, 4)
-        writer = EventWriter(client, window=window)
-        try:
-            return [
-                await writer.append(user, eid, 7.0, {"item_id": eid, "ts": 7.0}, keep)
-                for eid in events
-            ]
-        finally:
-            await client.aclose()
+    def go(events: list[str]) -> list[int]:
+        return appends(rp, user, events, ts=7.0, keep=3, window=3)
 
-    assert asyncio.run(go(["d", "c", "b", "a"])) == [APPENDED] * 4
+    assert go(["d", "c", "b", "a"]) == [APPENDED] * 4
     assert [orjson.loads(x)["item_id"] for x in r.lrange(seq, 0, -1)] == ["c", "b", "a"]
-    assert asyncio.run(go(["c", "b", "a"])) == [SEEN] * 3
+    assert go(["c", "b", "a"]) == [SEEN] * 3
     assert r.llen(seq) == 3
-    assert asyncio.run(go([f"x{k:02d}" for k in range(20)])) == [APPENDED] * 20
+    assert go([f"x{k:02d}" for k in range(20)]) == [APPENDED] * 20
     assert r.zcard(ids) == 6
 
 
@@ -368,20 +378,14 @@ def test_a_rolling_deploy_stores_no_retry_twice(rp: RedisProcess) -> None:
         args = [eid, ts, orjson.dumps({"item_id": eid, "ts": ts}), 5, 100, 0]
         return int(old_script(keys=[keys[0], keys[2]], args=args))
 
-    async def new(eid: str, ts: float) -> int:
-        client = make_client(rp.url, False, 1.0, 1.0, 4)
-        try:
-            return await EventWriter(client, window=100).append(
-                user, eid, ts, {"item_id": eid, "ts": ts}, 5
-            )
-        finally:
-            await client.aclose()
+    def new(eid: str, ts: float) -> int:
+        return appends(rp, user, [eid], ts=ts)[0]
 
-    assert asyncio.run(new("e1", 1.0)) == APPENDED
+    assert new("e1", 1.0) == APPENDED
     assert old("e1", 1.0) == SEEN  # stored by this version, retried on the old one
     assert old("e2", 2.0) == APPENDED
-    assert asyncio.run(new("e3", 3.0)) == APPENDED
-    assert asyncio.run(new("e2", 2.0)) == SEEN  # stored by the old one, retried here
+    assert new("e3", 3.0) == APPENDED
+    assert new("e2", 2.0) == SEEN  # stored by the old one, retried here
     assert old("e3", 3.0) == SEEN
     assert [orjson.loads(x)["item_id"] for x in r.lrange(keys[0], 0, -1)] == ["e1", "e2", "e3"]
 
@@ -395,18 +399,9 @@ def test_the_legacy_ids_can_be_left_alone(rp: RedisProcess) -> None:
     r.delete(*keys)
     r.zadd(keys[2], {"e1": 1})
 
-    async def append(eid: str, legacy: bool) -> int:
-        client = make_client(rp.url, False, 1.0, 1.0, 4)
-        try:
-            writer = EventWriter(client, window=100, legacy=legacy)
-            return await writer.append(user, eid, 1.0, {"item_id": eid, "ts": 1.0}, 5)
-        finally:
-            await client.aclose()
-
-    assert asyncio.run(append("e1", False)) == APPENDED
-    assert asyncio.run(append("e2", False)) == APPENDED
+    assert appends(rp, user, ["e1", "e2"], legacy=False) == [APPENDED] * 2
     assert r.zrange(keys[2], 0, -1) == ["e1"] and r.zrange(keys[1], 0, -1) == ["e1", "e2"]
-    assert asyncio.run(append("e3", True)) == APPENDED
+    assert appends(rp, user, ["e3"], legacy=True) == [APPENDED]
     assert r.zrange(keys[2], 0, -1) == ["e1", "e3"]
 
 
@@ -419,17 +414,9 @@ def test_a_ttl_of_zero_removes_an_earlier_expiry(rp: RedisProcess) -> None:
     keys = event_keys(user)
     r.delete(*keys)
 
-    async def append(eid: str, ttl: int) -> int:
-        client = make_client(rp.url, False, 1.0, 1.0, 4)
-        try:
-            writer = EventWriter(client, window=100, ttl_s=ttl)
-            return await writer.append(user, eid, 1.0, {"item_id": eid, "ts": 1.0}, 5)
-        finally:
-            await client.aclose()
-
-    assert asyncio.run(append("e1", 3600)) == APPENDED
+    assert appends(rp, user, ["e1"], ttl_s=3600) == [APPENDED]
     assert all(0 < r.ttl(k) <= 3600 for k in keys)
-    assert asyncio.run(append("e2", 0)) == APPENDED
+    assert appends(rp, user, ["e2"], ttl_s=0) == [APPENDED]
     assert [r.ttl(k) for k in keys] == [-1, -1, -1]
 
 
@@ -442,21 +429,12 @@ def test_a_failed_append_is_not_remembered(rp: RedisProcess) -> None:
     r.delete(*event_keys(user))
     r.set(seq, "not a list")
 
-    async def append() -> int:
-        client = make_client(rp.url, False, 1.0, 1.0, 4)
-        try:
-            return await EventWriter(client, window=100).append(
-                user, "e1", 5.0, {"item_id": "i1", "ts": 5.0}, 5
-            )
-        finally:
-            await client.aclose()
-
     with pytest.raises(ResponseError):
-        asyncio.run(append())
+        appends(rp, user, ["e1"], ts=5.0)
     assert r.zscore(ids, "e1") is None
     r.delete(seq)
-    assert asyncio.run(append()) == APPENDED
-    assert [orjson.loads(x)["item_id"] for x in r.lrange(seq, 0, -1)] == ["i1"]
+    assert appends(rp, user, ["e1"], ts=5.0) == [APPENDED]
+    assert [orjson.loads(x)["item_id"] for x in r.lrange(seq, 0, -1)] == ["e1"]
 
 
 def test_the_sequence_ttl_is_bounded() -> None:
@@ -476,20 +454,12 @@ def test_sequence_ttl_expires_an_idle_users_keys(rp: RedisProcess, ttl: int) -> 
     seq, ids = user_key(user, "seq"), user_key(user, "event_ids")
     r.delete(*event_keys(user))
 
-    async def append(eid: str) -> int:
-        client = make_client(rp.url, False, 1.0, 1.0, 4)
-        try:
-            writer = EventWriter(client, window=100, ttl_s=ttl)
-            return await writer.append(user, eid, 1.0, {"item_id": eid, "ts": 1.0}, 5)
-        finally:
-            await client.aclose()
-
-    assert asyncio.run(append("e1")) == APPENDED
+    assert appends(rp, user, ["e1"], ttl_s=ttl) == [APPENDED]
     if ttl:
         assert 0 < r.ttl(seq) <= ttl and 0 < r.ttl(ids) <= ttl
         r.expire(seq, 5)
         r.expire(ids, 5)
-        assert asyncio.run(append("e2")) == APPENDED  # a new event renews both
+        assert appends(rp, user, ["e2"], ttl_s=ttl) == [APPENDED]  # a new event renews both
         assert r.ttl(seq) > 5 and r.ttl(ids) > 5
     else:
         assert r.ttl(seq) == -1 and r.ttl(ids) == -1
