@@ -14,9 +14,9 @@
 A score counts as failed when it is not 200, when it ranks the wrong number of items,
 and when it is ``degraded`` (scored without the user's Redis data, e.g. Redis down or
 over its time budget: a run that passes must have measured the real path). Cold starts
-(users Redis does not know: scored on a cheaper path) are counted, and the run exits 1
-when they exceed ``LOCUST_MAX_COLD_START_SHARE`` (default 0.01) of the scores (exit
-status 3, :data:`COLD_START_EXIT`; a locust run's own failures keep 1, its errors 2).
+(users Redis does not know: scored on a cheaper path) are counted, and the run fails
+when they exceed ``LOCUST_MAX_COLD_START_SHARE`` (default 0.01) of the scores: exit
+status 3, :data:`COLD_START_EXIT`, unless requests failed too (then locust's own 1).
 
 Other knobs: ``LOCUST_TOP_K`` (default 100; 0 = no top_k), ``LOCUST_TIMEOUT`` (seconds,
 default 10), ``LOCUST_WAIT_MIN``/``LOCUST_WAIT_MAX`` (think time in seconds, default

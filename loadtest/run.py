@@ -43,6 +43,7 @@ PERCENTILES = ("50%", "95%", "99%")
 
 COLD_START_EXIT = 3  # loadtest/locustfile.py COLD_START_EXIT
 
+
 def parse_duration(text: str) -> float:
     """Locust-style durations: ``90``, ``30s``, ``2m``, ``1h30m``, ``1m30s`` -> seconds."""
     text = text.strip().lower()

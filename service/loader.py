@@ -52,13 +52,16 @@ def load_identity(config: FeatureConfig, keep: int | None = None) -> str:
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
+def _client(redis_url: str, cluster: bool) -> Redis | RedisCluster:
+    """The loader's own client (a long timeout: bulk writes)."""
+    if cluster:
+        return RedisCluster.from_url(node_urls(redis_url)[0], socket_timeout=10)
+    return Redis.from_url(redis_url, socket_timeout=10)
+
+
 def loaded_identity(redis_url: str, cluster: bool = False) -> str | None:
     """The identity the last complete load into ``redis_url`` recorded, if any."""
-    client: Redis | RedisCluster = (
-        RedisCluster.from_url(node_urls(redis_url)[0], socket_timeout=10)
-        if cluster
-        else Redis.from_url(redis_url, socket_timeout=10)
-    )
+    client = _client(redis_url, cluster)
     try:
         raw = client.get(LOADED_KEY)
     finally:
@@ -204,11 +207,7 @@ def load_into_redis(
     (:func:`ctr.encode.check_item_key`).
     """
     check_item_key(config, frame)
-    client: Redis | RedisCluster = (
-        RedisCluster.from_url(node_urls(redis_url)[0], socket_timeout=10)
-        if cluster
-        else Redis.from_url(redis_url, socket_timeout=10)
-    )
+    client = _client(redis_url, cluster)
     keep = keep or config.max_seq_len
     # before the first write: a load that fails halfway leaves no record of the last
     # complete one (a `--once` of that data would skip, over this one's half)
