@@ -37,6 +37,12 @@ def usec_per_call(r: Redis) -> float:
     return float(stats.get("usec_per_call", 0.0))
 
 
+def keys_of(which: str, user: str) -> list[str]:
+    """The script's keys: the previous release's take the list and ``:events`` only."""
+    keys = event_keys(user)
+    return [keys[0], keys[2]] if which == "old" else keys
+
+
 def one_round(r: Redis, which: str, k: int, args: argparse.Namespace) -> tuple[float, int]:
     """Redis µs per append and the bytes of one user's keys after the round."""
     script = r.register_script(LEGACY.read_text() if which == "old" else APPEND_EVENT)
@@ -45,7 +51,7 @@ def one_round(r: Redis, which: str, k: int, args: argparse.Namespace) -> tuple[f
     users = [f"bench-append-{which}-{k}-{u}" for u in range(args.users)]
 
     def append(user: str, eid: str, ts: float) -> None:
-        keys = event_keys(user) if which != "old" else [event_keys(user)[0], event_keys(user)[2]]
+        keys = keys_of(which, user)
         payload = orjson.dumps({"item_id": eid, "ts": ts})
         script(keys=keys, args=[eid, ts, payload, args.keep, args.window, 0, flag])
 
@@ -64,8 +70,8 @@ def one_round(r: Redis, which: str, k: int, args: argparse.Namespace) -> tuple[f
             ts = clock[user]
         append(user, f"a{e}", ts)
     used = usec_per_call(r)
-    keys = event_keys(users[0]) if which != "old" else [event_keys(users[0])[i] for i in (0, 2)]
-    memory = sum(int(r.memory_usage(key, samples=0) or 0) for key in keys)  # exact
+    # SAMPLES 0: every element counted
+    memory = sum(int(r.memory_usage(k, samples=0) or 0) for k in keys_of(which, users[0]))
     return used, memory
 
 

@@ -35,8 +35,13 @@ log = logging.getLogger("ctr.service")
 _Item = tuple[Any, asyncio.AbstractEventLoop | None, Callable[..., Any], tuple[Any, ...]]
 
 
-def _settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
-    """On the event loop: the call's outcome into ``fut``, unless its waiter gave up."""
+def _settle(
+    fut: asyncio.Future[Any] | Future[Any],
+    result: Any,
+    exc: BaseException | None,
+) -> None:
+    """The call's outcome into ``fut``, unless its waiter gave up (an asyncio future: on
+    its event loop; submit's: on the thread that ran it)."""
     if fut.done():
         return
     if exc is not None:
@@ -124,14 +129,9 @@ class CallThreads(Executor):
                 log.exception("inference thread: a call could not be settled")
                 outcome = None
             del fn, args
-            if outcome is None:
-                pass
-            elif loop is None:  # submit's: a concurrent.futures.Future
-                if outcome[1] is None:
-                    fut.set_result(outcome[0])
-                else:
-                    fut.set_exception(outcome[1])
-            else:
+            if outcome is not None and loop is None:  # submit's: settled here
+                _settle(fut, *outcome)
+            elif outcome is not None:
                 with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
                     loop.call_soon_threadsafe(_settle, fut, *outcome)
             del fut, outcome

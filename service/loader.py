@@ -22,7 +22,7 @@ from tqdm import tqdm
 from ctr.encode import check_item_key, parse_dense, split_sequence
 from ctr.mapping import normalize
 from ctr.spec import FeatureConfig
-from service.store import item_key, node_urls, user_key
+from service.store import event_keys, item_key, node_urls, user_key
 
 TIME = "__ctr_load_time__"  # the time order user_records sorts on
 # what the last complete load wrote (:func:`load_identity`), so that ``ctr load --once``
@@ -217,8 +217,8 @@ def load_into_redis(
     for i, (uid, profile, events) in enumerate(tqdm(users, desc="users", disable=not progress)):
         # the user's event IDs go too: kept, a retry of an event the replaced list held
         # would answer `duplicate` and never be stored again
-        for suffix in ("profile", "seq", "event_ids", "events"):  # one key each (cluster)
-            pipe.delete(user_key(uid, suffix))
+        for key in (user_key(uid, "profile"), *event_keys(uid)):  # one each (a cluster's)
+            pipe.delete(key)
         if profile:
             pipe.hset(user_key(uid, "profile"), mapping=profile)
         if events:

@@ -431,7 +431,7 @@ def test_loaded_history_is_the_newest_by_numeric_time(tmp_path: Path) -> None:
     from redis import Redis
 
     from service.loader import load_into_redis
-    from service.store import user_key
+    from service.store import event_keys, user_key
     from tests.helpers import REDIS_URL
 
     path = tmp_path / "clicks.csv"
@@ -450,7 +450,7 @@ def test_loaded_history_is_the_newest_by_numeric_time(tmp_path: Path) -> None:
     # an event ID remembered for the list the load replaces: forgotten with it (a retry
     # of that event would otherwise answer `duplicate` and never be stored)
     # (and those of the key earlier versions kept them in)
-    ids_keys = [user_key("u1", "event_ids"), user_key("u1", "events")]
+    ids_keys = event_keys("u1")[1:]
     for key in ids_keys:
         client.zadd(key, {"e-before-the-load": 1})
     load_into_redis(config, frame, REDIS_URL, progress=False)
