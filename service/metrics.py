@@ -100,7 +100,8 @@ USER_TRACKING_UP = Gauge(
 USER_INVALIDATIONS = Counter(
     "ctr_user_invalidations_total",
     "User keys Redis reported written, deleted, expired or evicted (CTR_USER_TRACKING; "
-    "BCAST: each worker hears of every user key written to this Redis, in any database)",
+    "BCAST: each worker hears of every user key written to this Redis, in any database; "
+    "the workers' heartbeat probe keys not counted)",
 )
 USER_TRACKING_RESETS = Counter(
     "ctr_user_tracking_resets_total",

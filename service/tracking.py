@@ -25,9 +25,19 @@ read is in flight, or before the rows are stored, distrusts them. Anything that 
 lose an invalidation distrusts every row at once (the floor moves past every stamp):
 
 * the connection closes or fails (a Redis restart, ``CLIENT KILL``);
-* no reply to the heartbeat ``PING`` (every :data:`PING_S`) within :data:`DEAD_S`;
+* the heartbeat's probe does not come back within :data:`DEAD_S` (see below);
 * a flush (the null name);
 * the per-user table grows past its bound.
+
+The heartbeat checks the whole path, not only that the socket answers: every
+:data:`PING_S` the worker writes its own probe key ``{u:}:probe:<client id>`` (the user
+ID is empty, which no request may name) through a second connection of its own, and
+the key's invalidation must come back on the tracking connection within
+:data:`DEAD_S`. A connection is trusted only once its first probe has come back, so a
+server or proxy that accepts ``CLIENT TRACKING`` but never delivers what it promises
+(or stops delivering later) leaves every request reading Redis, with a warning, instead
+of serving rows that no longer match the store. The probe key expires after
+:data:`PROBE_TTL_MS`; writing it needs write access to ``{u:*`` keys, as events do.
 
 Until the connection is up again, :meth:`stamp` returns None and every request reads
 Redis as without tracking. Plain ``redis://`` and ``unix://`` URLs on a single node
@@ -54,8 +64,10 @@ log = logging.getLogger("ctr.tracking")
 
 CHANNEL = b"__redis__:invalidate"
 PREFIX = b"{u:"
-PING_S = 1.0  # heartbeat interval
-DEAD_S = 3.0  # no reply for this long: the connection is taken as lost
+PROBE_PREFIX = PREFIX + b"}:probe:"  # + the tracking connection's client ID
+PING_S = 1.0  # heartbeat (probe) interval
+DEAD_S = 3.0  # a probe not back this long after it was written: the connection is lost
+PROBE_TTL_MS = 60_000  # a probe key outlives its worker by at most this
 RETRY_MAX_S = 2.0  # reconnect backoff ceiling
 REFUSED_RETRY_S = 30.0  # after Redis refused the set-up (an error reply)
 MAX_NOTED = 200_000  # per-user invalidations kept before the floor moves instead
@@ -66,6 +78,11 @@ def encode(*args: bytes | str | int) -> bytes:
     packed = pack_command(args, "utf-8", "strict")
     assert packed is not None  # text, bytes and ints are always packed
     return packed
+
+
+def probe_key(client_id: int) -> bytes:
+    """The probe key of the tracking connection ``client_id`` (an empty user ID)."""
+    return PROBE_PREFIX + str(client_id).encode()
 
 
 def user_of(key: bytes) -> str | None:
@@ -102,13 +119,18 @@ class UserTracker:
         self.seq = 0  # the newest invalidation's number
         self.floor = 0  # every stamp below this is distrusted
         self.noted: dict[str, int] = {}  # user -> number of their newest invalidation
-        self.live = False  # subscribed, and heard from within DEAD_S
+        self.live = False  # subscribed, and its newest probe back in time
         self.invalidations = 0  # users invalidated one by one (seen by the tests)
         self.losses = 0  # times every row was distrusted at once (seen by the tests)
         self.client_id: int | None = None  # the connection's CLIENT ID (CLIENT KILL ID)
         self._sock: socket.socket | None = None
         self._reader: Any = None
-        self._last_reply = 0.0
+        self._probe_sock: socket.socket | None = None  # writes the probe key
+        self._probe_reader: Any = None
+        self._probe_key = b""
+        self._probe_sent: float | None = None  # when the outstanding probe was written
+        self._probe_back = False  # its invalidation has come back
+        self._probes = 0  # probes written on this connection
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -216,42 +238,109 @@ class UserTracker:
                 self._heartbeat()
 
     def _heartbeat(self) -> None:
-        if self._sock is None:
+        """Check the last probe and write the next: lost when one is not back within
+        DEAD_S, or when the probe connection fails or is refused."""
+        if self._sock is None or self._probe_sock is None:
             return
-        if time.monotonic() - self._last_reply > DEAD_S:
-            self._lost(TimeoutError(f"no reply to PING within {DEAD_S:g} s"))
+        now = time.monotonic()
+        try:
+            self._probe_replies()
+        except Exception as exc:
+            self._lost(exc)
+            return
+        if self._probe_sent is not None and not self._probe_back:
+            if now - self._probe_sent > DEAD_S:
+                self._lost(
+                    TimeoutError(f"the probe key's invalidation not back within {DEAD_S:g} s")
+                )
             return
         try:
-            self._sock.send(encode("PING"))
+            self._write_probe(now)
         except OSError as exc:
             self._lost(exc)
+
+    def _write_probe(self, now: float) -> None:
+        assert self._probe_sock is not None
+        self._probes += 1
+        self._probe_sent, self._probe_back = now, False
+        self._probe_sock.send(encode("SET", self._probe_key, self._probes, "PX", PROBE_TTL_MS))
+
+    def _probe_replies(self) -> None:
+        """Read the probe connection's replies (``OK``s); raise on an error reply or a
+        close."""
+        sock = self._probe_sock
+        assert sock is not None
+        try:
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    raise ConnectionError("the probe connection was closed by the server")
+                self._probe_reader.feed(data)
+        except BlockingIOError:
+            pass
+        while (reply := self._probe_reader.gets()) is not False:
+            if isinstance(reply, hiredis.ReplyError):
+                raise TrackingRefused(f"the probe key cannot be written: {reply}")
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
         kw = parse_url(self.url)
-        reader = hiredis.Reader()
-        async with asyncio.timeout(self.connect_timeout_s):
-            sock = await _open(loop, kw)
-            try:
-                if kw.get("password") is not None:
-                    user = kw.get("username")
-                    auth = ("AUTH", user, kw["password"]) if user else ("AUTH", kw["password"])
-                    await _ask(loop, sock, reader, encode(*auth))
-                await _ask(loop, sock, reader, encode("CLIENT", "SETNAME", "ctr-tracking"))
-                cid = await _ask(loop, sock, reader, encode("CLIENT", "ID"))
-                await _ask(
-                    loop,
-                    sock,
-                    reader,
-                    encode("CLIENT", "TRACKING", "on", "REDIRECT", cid, "BCAST", "PREFIX", PREFIX),
-                )
-                await _ask(loop, sock, reader, encode("SUBSCRIBE", CHANNEL))
-            except BaseException:
-                sock.close()
-                raise
+        reader, probe_reader = hiredis.Reader(), hiredis.Reader()
+        sock: socket.socket | None = None
+        probe: socket.socket | None = None
+        verifying = False
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                try:
+                    sock = await _open(loop, kw)
+                    await _hello(loop, sock, reader, kw, "ctr-tracking")
+                    cid = await _ask(loop, sock, reader, encode("CLIENT", "ID"))
+                    await _ask(
+                        loop,
+                        sock,
+                        reader,
+                        encode(
+                            "CLIENT", "TRACKING", "on", "REDIRECT", cid, "BCAST", "PREFIX", PREFIX
+                        ),
+                    )
+                    await _ask(loop, sock, reader, encode("SUBSCRIBE", CHANNEL))
+                    probe = await _open(loop, kw)
+                    await _hello(loop, probe, probe_reader, kw, "ctr-tracking-probe")
+                    if kw.get("db"):
+                        await _ask(loop, probe, probe_reader, encode("SELECT", kw["db"]))
+                    self._probe_key, self._probes = probe_key(int(cid)), 1
+                    self._probe_back = False
+                    await _ask(
+                        loop,
+                        probe,
+                        probe_reader,
+                        encode("SET", self._probe_key, 1, "PX", PROBE_TTL_MS),
+                    )
+                    verifying = True
+                    while not self._probe_back:  # the first probe's invalidation
+                        data = await loop.sock_recv(sock, 65536)
+                        if not data:
+                            raise ConnectionError("closed by the server")
+                        reader.feed(data)
+                        while (msg := reader.gets()) is not False:
+                            self._handle(msg)
+                except BaseException:
+                    for s in (sock, probe):
+                        if s is not None:
+                            s.close()
+                    raise
+        except TimeoutError:
+            if verifying:
+                raise TrackingUnverified(
+                    "CLIENT TRACKING was accepted, but the probe key's invalidation did not"
+                    f" come back within {self.connect_timeout_s:g} s"
+                ) from None
+            raise
+        assert sock is not None and probe is not None
         self._sock, self._reader = sock, reader
+        self._probe_sock, self._probe_reader = probe, probe_reader
+        self._probe_sent = time.monotonic()  # back already: the next heartbeat writes
         self.client_id = int(cid)
-        self._last_reply = time.monotonic()
         if self.drain_s <= 0:
             loop.add_reader(sock.fileno(), self._drain)
         self.live = True
@@ -281,9 +370,8 @@ class UserTracker:
             self._lost(exc)
 
     def _handle(self, msg: Any) -> None:
-        self._last_reply = time.monotonic()
         if not isinstance(msg, list) or len(msg) < 3 or msg[0] != b"message":
-            return  # the heartbeat's pong, a subscribe confirmation
+            return  # a subscribe confirmation
         keys = msg[2]
         if keys is None:  # FLUSHDB / FLUSHALL
             self._distrust_all()
@@ -291,15 +379,23 @@ class UserTracker:
         if not isinstance(keys, list):  # not from Redis (anyone may PUBLISH here)
             log.warning("unexpected message on %s ignored", CHANNEL.decode())
             return
-        m.USER_INVALIDATIONS.inc(len(keys))
+        named = 0
         for key in keys:
-            user = user_of(key) if isinstance(key, bytes) else None
-            if user is not None:
+            if not isinstance(key, bytes):
+                continue
+            if key.startswith(PROBE_PREFIX):  # a worker's probe (this one's, or another's)
+                if key == self._probe_key:
+                    self._probe_back = True
+                continue
+            named += 1
+            if (user := user_of(key)) is not None:
                 self.invalidate(user)
+        m.USER_INVALIDATIONS.inc(named)
 
     def _lost(self, exc: BaseException | None) -> None:
         """Close the connection (if any) and distrust every row read under it."""
         sock, self._sock = self._sock, None
+        probe, self._probe_sock = self._probe_sock, None
         was_live, self.live = self.live, False
         m.USER_TRACKING_UP.set(0)
         if sock is not None:
@@ -307,6 +403,8 @@ class UserTracker:
                 with contextlib.suppress(Exception):
                     self._loop.remove_reader(sock.fileno())
             sock.close()
+        if probe is not None:
+            probe.close()
         if was_live:
             self._distrust_all(counted=exc is not None)
             if exc is not None:
@@ -342,7 +440,28 @@ async def _open(loop: asyncio.AbstractEventLoop, kw: dict[str, Any]) -> socket.s
 
 class TrackingRefused(Exception):
     """Redis answered a set-up command with an error (no CLIENT TRACKING: Redis < 6, an
-    ACL that forbids it, a wrong password)."""
+    ACL that forbids it or the probe key's write, a wrong password)."""
+
+
+class TrackingUnverified(TrackingRefused):
+    """``CLIENT TRACKING`` was accepted, but the first probe's invalidation never came
+    back (a proxy or a look-alike server that does not deliver them): retried as seldom
+    as a refusal."""
+
+
+async def _hello(
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    reader: Any,
+    kw: dict[str, Any],
+    name: str,
+) -> None:
+    """Authenticate as URL ``kw`` says and name the connection."""
+    if kw.get("password") is not None:
+        user = kw.get("username")
+        auth = ("AUTH", user, kw["password"]) if user else ("AUTH", kw["password"])
+        await _ask(loop, sock, reader, encode(*auth))
+    await _ask(loop, sock, reader, encode("CLIENT", "SETNAME", name))
 
 
 async def _ask(

@@ -307,11 +307,11 @@ def test_one_redis_round_trip_per_score(
         probe.info("stats")  # the probe's own connection set-up happens here
 
         def reads() -> int:
-            """Reads Redis has processed, less the tracking heartbeat's PINGs (one INFO
-            for both)."""
+            """Reads Redis has processed, less the tracking heartbeat's probe writes (the
+            only SETs; one INFO for both)."""
             info = probe.info("all")
-            pings = int(info.get("cmdstat_ping", {}).get("calls", 0))
-            return int(info["total_reads_processed"]) - pings
+            probes = int(info.get("cmdstat_set", {}).get("calls", 0))
+            return int(info["total_reads_processed"]) - probes
 
         def hmget_calls() -> int:
             return int(probe.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0))

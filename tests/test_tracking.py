@@ -32,6 +32,7 @@ from service.settings import Settings
 from service.store import user_key
 from service.tracking import UserTracker, off_reason, unsupported, user_of
 from service.usercache import UserRowCache, UserRows
+from tests.drop_proxy import DropProxy
 from tests.helpers import Built, build_bundle, redis_asleep, settings_for, wait_for
 from tests.redis_proc import RedisProcess
 
@@ -320,6 +321,103 @@ def test_heartbeat_drops_a_silent_connection(
     asyncio.run(main())
 
 
+@pytest.fixture()
+def proxy(private: RedisProcess) -> Iterator[DropProxy]:
+    """``private`` behind a proxy that can drop the invalidation messages."""
+    p = DropProxy(private.port).start()
+    yield p
+    p.stop()
+
+
+def test_a_server_that_never_delivers_is_never_trusted(
+    private: RedisProcess,
+    proxy: DropProxy,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``CLIENT TRACKING`` accepted, but no invalidation ever delivered: the connection's
+    first probe does not come back, so it is never taken as live (nothing is trusted,
+    one warning for the whole outage), and it is once invalidations arrive."""
+    monkeypatch.setattr(tracking, "REFUSED_RETRY_S", 0.05)
+    writer = private.client()
+    proxy.drop = True
+
+    async def main() -> None:
+        async with running(proxy.url, 0.3, live=False) as t:
+            await asyncio.sleep(1.0)  # several set-ups, each waiting for its probe
+            assert not t.live and t.stamp() is None and t.client_id is None
+            assert proxy.dropped >= 2
+            proxy.drop = False
+            assert await t.wait_live(5)
+            s0 = t.stamp()
+            assert s0 is not None
+            writer.rpush(user_key("u1", "seq"), b"{}")
+            await applied(t, lambda: not t.valid("u1", s0))
+
+    with caplog.at_level(logging.WARNING, logger="ctr.tracking"):
+        asyncio.run(main())
+    warned = [r.getMessage() for r in caplog.records if r.name == "ctr.tracking"]
+    assert len(warned) == 1 and "probe key's invalidation did not come back" in warned[0]
+
+
+@pytest.mark.parametrize("drain_s", [0.0, 0.02])
+def test_a_server_that_stops_delivering_is_given_up(
+    private: RedisProcess, proxy: DropProxy, monkeypatch: pytest.MonkeyPatch, drain_s: float
+) -> None:
+    """Invalidations that stop arriving on a connection that still answers: the
+    heartbeat's probe is not back within DEAD_S, so every row read so far is distrusted
+    (a write in the meantime was never heard of), and every request reads until a new
+    connection's probe comes back."""
+    monkeypatch.setattr(tracking, "PING_S", 0.1)
+    monkeypatch.setattr(tracking, "DEAD_S", 0.4)
+    monkeypatch.setattr(tracking, "REFUSED_RETRY_S", 0.05)
+    writer = private.client()
+
+    async def main() -> None:
+        async with running(proxy.url, 0.3, drain_s=drain_s) as t:
+            await asyncio.sleep(0.3)  # probes come and go: still live
+            assert t.live and t.losses == 0
+            s0, losses = t.stamp(), t.losses
+            proxy.drop = True
+            writer.rpush(user_key("u1", "seq"), b"{}")  # never heard of
+            await applied(t, lambda: not t.live, timeout=2.0)
+            assert t.losses == losses + 1
+            assert not t.valid("u1", s0) and not t.valid("u2", s0)
+            await asyncio.sleep(0.3)
+            assert not t.live and t.stamp() is None  # set-ups fail while dropping
+            proxy.drop = False
+            assert await t.wait_live(5)
+            assert not t.valid("u2", s0)
+
+    asyncio.run(main())
+
+
+def test_a_probe_redis_refuses_ends_trust(
+    private: RedisProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A probe Redis will not store (here out of memory under ``noeviction``) is a lost
+    connection at the next heartbeat, well before DEAD_S, and a refused set-up after
+    that, until Redis takes writes again."""
+    monkeypatch.setattr(tracking, "PING_S", 0.1)
+    monkeypatch.setattr(tracking, "DEAD_S", 30.0)
+    monkeypatch.setattr(tracking, "REFUSED_RETRY_S", 0.05)
+    admin = private.client()
+
+    async def main() -> None:
+        async with running(private.url, 0.5) as t:
+            s0 = t.stamp()
+            admin.config_set("maxmemory-policy", "noeviction")
+            admin.config_set("maxmemory", 1)
+            await applied(t, lambda: not t.live, timeout=2.0)
+            assert not t.valid("u1", s0)
+            await asyncio.sleep(0.3)
+            assert not t.live
+            admin.config_set("maxmemory", 0)
+            assert await t.wait_live(5)
+
+    asyncio.run(main())
+
+
 def test_foreign_messages_on_the_channel_are_ignored(private: RedisProcess) -> None:
     writer = private.client()
 
@@ -541,6 +639,44 @@ def test_a_lost_connection_reads_until_it_is_back(
     n = reads(redis)
     assert answer(tracked, body)["items"] == first["items"]
     assert reads(redis) == n
+
+
+def test_a_proxy_that_drops_invalidations_never_serves_stale_rows(
+    built: Built, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service behind a proxy that accepts ``CLIENT TRACKING`` but drops what Redis
+    sends: a behaviour written by another client reaches the next score (a tracker that
+    trusted the connection would answer from the kept rows), and once invalidations
+    flow the worker tracks again."""
+    monkeypatch.setattr(tracking, "REFUSED_RETRY_S", 0.05)
+    proc = RedisProcess().start()
+    proxy = DropProxy(proc.port).start()
+    try:
+        load_into_redis(built.config, built.frame, proc.url, progress=False)
+        redis = Redis.from_url(proc.url)
+        user = str(built.frame["user_id"].iloc[4])
+        items = built.frame["item_id"].astype(str).unique()[:30].tolist()
+        body = {"user_id": user, "candidates": [{"item_id": i} for i in items]}
+        proxy.drop = True
+        s = settings_for(built, redis_url=proxy.url, redis_connect_timeout_ms=300)
+        with TestClient(create_app(s)) as c:
+            assert c.get("/v1/models").json()["user_tracking"]["live"] is False
+            first = answer(c, body)
+            answer(c, body)
+            n = reads(redis)
+            redis.rpush(user_key(user, "seq"), orjson.dumps({"item_id": items[0], "ts": 9.0}))
+            after = answer(c, body)
+            assert reads(redis) - n == 1 and after["items"] != first["items"]
+            proxy.drop = False
+            wait_for(lambda: c.app.state.ctr.tracker.live, "tracking to connect")
+            answer(c, body)  # read under the live connection
+            n = reads(redis)
+            assert answer(c, body)["items"] == after["items"]
+            assert reads(redis) == n  # kept rows trusted now
+    finally:
+        proxy.stop()
+        proc.stop()
+        shutil.rmtree(proc.dir, ignore_errors=True)
 
 
 def test_off_reads_every_time(built: Built, own: RedisProcess) -> None:
