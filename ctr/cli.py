@@ -606,7 +606,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     found: list[type[BaseException]] = [
         OSError, ValueError, ValidationError, RedisError, YAMLError, BundleError, NativeError
     ]  # fmt: skip
-    for module, name in (("service.model", "ProviderError"), ("training.export", "ParityError")):
+    for module, name in (
+        ("service.model", "ProviderError"),
+        ("training.export", "ParityError"),
+        ("training.train", "TrainingDiverged"),
+    ):
         if module in sys.modules:
             found.append(getattr(sys.modules[module], name))
     return tuple(found)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ctr.spec import FeatureConfig, load_config
-from training.dataset import Prepared, sample_negatives
+from training.dataset import Prepared, negative_key, sample_negatives
 from training.metrics import auc
 from training.models import AttentionalGRU, CTRModel, build_model
 from training.train import mba_l2, table_counts, train
@@ -292,6 +292,7 @@ def dien_batch(prep: Prepared, n: int = 64, seed: int = 0) -> Batch:
         batch["hist_len"].numpy(),
         prep.config.max_seq_len,
         np.random.default_rng(seed),
+        key=negative_key(prep.config),
     )
     batch["neg_hist"] = torch.from_numpy(neg)
     return batch
@@ -540,6 +541,35 @@ def test_dice_in_eval_is_the_paper_formula_on_running_statistics() -> None:
         assert not torch.allclose(got, torch.sigmoid(x) * x, atol=1e-3)  # not a plain swish
 
 
+def test_dien_negatives_compare_on_the_item_id_wherever_the_sequences_list_it() -> None:
+    """The item ID's sequence decides whether a negative is the behaviour itself, not the
+    first sequence: with the categories listed first (``item_key`` naming the item), a
+    negative is never the clicked item but may share its category (compared on the
+    first field, no negative could, which made the auxiliary task easier). Where no
+    sequence holds the item ID (Alimama), whole rows are compared."""
+    from tests.conftest import CONFIGS, tiny_raw
+
+    raw = tiny_raw("dien")
+    seqs = [f for f in raw["features"] if f["kind"] == "sequence"]
+    others = [f for f in raw["features"] if f["kind"] != "sequence"]
+    assert negative_key(FeatureConfig.model_validate(raw)) == (0,)
+    cate_first = {**raw, "features": others + seqs[::-1], "item_key": "item_id"}
+    assert negative_key(FeatureConfig.model_validate(cate_first)) == (1,)
+    assert negative_key(load_config(CONFIGS / "alimama_din.yaml")) == (0, 1)
+    # 30 items in 3 categories, the category first
+    pool = np.stack([np.arange(30) % 3 + 2, np.arange(30) + 10], axis=1)
+    rng = np.random.default_rng(0)
+    rows = pool[rng.integers(0, 30, size=(500, 8))]  # [B, L, 2]
+    hist = np.ascontiguousarray(rows.transpose(0, 2, 1))  # [B, 2, L]
+    hist_len = np.full(500, 8)
+    neg = sample_negatives(pool, hist, hist_len, 8, np.random.default_rng(1), key=(1,))
+    assert (neg[:, 1] != hist[:, 1]).all()  # never the clicked item
+    same_cate = float((neg[:, 0] == hist[:, 0]).mean())
+    assert 0.25 < same_cate < 0.4  # about 9 of the 29 other items share its category
+    whole = sample_negatives(pool, hist, hist_len, 8, np.random.default_rng(1), key=(0, 1))
+    assert (whole != hist).any(axis=1).all()  # no negative is the behaviour's whole row
+
+
 def test_dien_negatives_are_never_the_behaviour_they_stand_against() -> None:
     """Every negative differs from the real behaviour at its position (the auxiliary loss
     would otherwise be told a click is not one); draws that miss it are the seed's."""
@@ -549,7 +579,7 @@ def test_dien_negatives_are_never_the_behaviour_they_stand_against() -> None:
     hist[:, 0] = rng.integers(2, 7, size=(400, 6))
     hist[:, 1] = hist[:, 0] + 10
     hist_len = rng.integers(0, 7, size=400)
-    neg = sample_negatives(pool, hist, hist_len, 6, np.random.default_rng(1))
+    neg = sample_negatives(pool, hist, hist_len, 6, np.random.default_rng(1), key=(0,))
     real = np.arange(6)[None, :] < hist_len[:, None]
     assert (neg[:, 0][real] != hist[:, 0][real]).all()
     assert (neg[:, 1] == np.where(real, neg[:, 0] + 10, 0)).all()  # whole pool rows
@@ -664,7 +694,8 @@ def test_models_without_user_features_train_and_export(model_type: str, tmp_path
     if model_type == "dien":
         batch["neg_hist"] = torch.from_numpy(
             sample_negatives(prep.item_pool, batch["hist"].numpy(), batch["hist_len"].numpy(),
-                             cfg.max_seq_len, np.random.default_rng(0))
+                             cfg.max_seq_len, np.random.default_rng(0),
+                             key=negative_key(cfg))
         )  # fmt: skip
     out = model.train()(batch)
     loss = out["logits"].sigmoid().mean() + out.get("aux_loss", torch.zeros(()))

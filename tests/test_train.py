@@ -25,7 +25,8 @@ from ctr.bundle import MANIFEST, MODEL_FILE, load_bundle
 from ctr.cli import main
 from ctr.spec import FeatureConfig, load_config
 from training.dataset import Split, prepare
-from training.train import train
+from training.metrics import auc, gauc
+from training.train import TrainingDiverged, train
 
 REPO = Path(__file__).resolve().parents[1]
 METRIC_KEYS = {"auc", "gauc", "logloss", "calibration"}
@@ -249,6 +250,52 @@ def test_one_class_validation_still_checkpoints(
     assert math.isfinite(metrics["test"]["auc"])
 
 
+def test_a_diverged_epoch_stops_training(
+    tiny_config: Callable[..., FeatureConfig],
+    tiny_prep: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Weights that turn NaN in epoch 2 stop training with an error that names the
+    epoch: the NaN epoch is not ranked against the others (its AUC would be whatever the
+    rows' order gives), no metrics are written, and the checkpoint stays epoch 1's."""
+    steps = 0
+    real_step = torch.optim.Adam.step
+    per_epoch = len(tiny_prep.train) // tiny_config("din").train.batch_size
+
+    def poisoned(self: torch.optim.Adam, *args: Any, **kwargs: Any) -> Any:
+        nonlocal steps
+        out = real_step(self, *args, **kwargs)
+        steps += 1
+        if steps == per_epoch + 1:  # the first step of epoch 2
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        p.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", poisoned)
+    with pytest.raises(TrainingDiverged, match="epoch 2: the training loss is nan"):
+        train(tiny_config("din", train__epochs=3), tmp_path, prep=tiny_prep, progress=False)
+    assert not (tmp_path / "metrics.json").exists()
+    kept = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in kept.values() if v.is_floating_point())
+
+
+def test_metrics_of_non_finite_scores_are_nan() -> None:
+    """A NaN score ties with nothing and sorts last: without the check AUC and GAUC would
+    be numbers that depend on the rows' order."""
+    y = np.array([1, 0, 1, 0, 1, 0])
+    users = np.array([1, 1, 1, 2, 2, 2])
+    nan = np.full(6, np.nan)
+    assert math.isnan(auc(y, nan)) and math.isnan(auc(y[::-1], nan))
+    assert math.isnan(gauc(users, y, nan))
+    one = np.array([0.9, 0.1, 0.8, 0.2, np.inf, 0.3])
+    assert math.isnan(auc(y, one)) and math.isnan(gauc(users, y, one))
+    finite = np.array([0.9, 0.1, 0.8, 0.2, 0.7, 0.3])
+    assert auc(y, finite) == 1.0 and gauc(users, y, finite) == 1.0
+
+
 # ---- data parallel, without torchrun ------------------------------------------------
 
 
@@ -265,14 +312,19 @@ def test_dien_negatives_of_ranks_are_the_single_process_draw(tiny_prep: Any) -> 
     """Each rank draws the whole global batch's negatives from the same seed and keeps
     its rows: the ranks' slices, concatenated, are what one process draws (world 1 is
     unchanged). Drawn per rank, row j of rank 0 and of rank 1 got the same negatives."""
-    from training.dataset import sample_negatives
+    from training.dataset import negative_key, sample_negatives
     from training.train import DistInfo, rank_negatives
 
     glob = np.random.default_rng(0).permutation(len(tiny_prep.train))[:63]
     e = tiny_prep.train.enc
     length = tiny_prep.config.max_seq_len
     single = sample_negatives(
-        tiny_prep.item_pool, e.hist[glob], e.hist_len[glob], length, np.random.default_rng(7)
+        tiny_prep.item_pool,
+        e.hist[glob],
+        e.hist_len[glob],
+        length,
+        np.random.default_rng(7),
+        key=negative_key(tiny_prep.config),
     )
     np.testing.assert_array_equal(
         rank_negatives(tiny_prep, glob, DistInfo(0, 1), np.random.default_rng(7)), single

@@ -110,25 +110,41 @@ def prepare(config: FeatureConfig, frame: pd.DataFrame | None = None) -> Prepare
     )
 
 
+def negative_key(config: FeatureConfig) -> tuple[int, ...]:
+    """The sequence fields on which a DIEN negative is compared with the behaviour it
+    stands against: the one that holds the item ID (``config.item_id_feature``, wherever
+    the sequences list it), or all of them where none does (Alimama's histories hold
+    categories and brands only)."""
+    targets = [t.name for t in config.sequence_targets]
+    key = config.item_id_feature.name
+    return (targets.index(key),) if key in targets else tuple(range(len(targets)))
+
+
 def sample_negatives(
     pool: np.ndarray,
     hist: np.ndarray,
     hist_len: np.ndarray,
     length: int,
     rng: np.random.Generator,
+    *,
+    key: tuple[int, ...],
 ) -> np.ndarray:
     """``[B, S, L]`` random items from ``pool [I, S]`` at real positions, 0 at padding.
 
     A negative is never the behaviour it stands against (``hist [B, S, L]``, compared on
-    the first field, the item): a draw that hits it takes the next pool item instead
-    (the official DIEN code redraws; the shift slightly favours the item after a clicked
-    one, at a rate of about 1 / pool size). It uses no extra random draws, so every other
-    draw stays what the seed gives."""
+    the fields ``key`` names, :func:`negative_key`: the item ID's, so another item of
+    the same category may be drawn): a draw that hits it takes the next pool item
+    instead (the official DIEN code redraws; the shift slightly favours the item after a
+    clicked one, at a rate of about 1 / pool size). It uses no extra random draws, so
+    every other draw stays what the seed gives."""
     b = len(hist_len)
     k = rng.integers(0, len(pool), size=(b, length))  # [B, L]
     if len(pool) > 1:
         for _ in range(len(pool)):
-            hit = pool[k, 0] == hist[:, 0, :length]
+            hit = np.all(
+                pool[k][..., list(key)] == hist[:, list(key), :length].transpose(0, 2, 1),
+                axis=-1,
+            )  # [B, L]
             if not hit.any():
                 break
             k = np.where(hit, (k + 1) % len(pool), k)

@@ -7,9 +7,13 @@ import numpy as np
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under ROC with tie-averaged ranks; NaN when only one class is present."""
+    """Area under ROC with tie-averaged ranks; NaN when only one class is present or any
+    score is not finite (a NaN ties with nothing and sorts last, which would give a
+    number that depends on the rows' order)."""
     labels = np.asarray(labels, dtype=np.float64)
     scores = np.asarray(scores, dtype=np.float64)
+    if not np.isfinite(scores).all():
+        return float("nan")
     n_pos = float(labels.sum())
     n_neg = float(len(labels) - n_pos)
     if n_pos == 0 or n_neg == 0:
@@ -30,7 +34,10 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 def gauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float:
-    """Per-user AUC weighted by the user's impressions; users with one class are skipped."""
+    """Per-user AUC weighted by the user's impressions; users with one class are skipped.
+    NaN when any score is not finite (not a skipped user: an average over the rest)."""
+    if not np.isfinite(np.asarray(scores, dtype=np.float64)).all():
+        return float("nan")
     users = np.asarray(users)
     order = np.argsort(users, kind="mergesort")
     u, lab, sc = users[order], np.asarray(labels)[order], np.asarray(scores)[order]

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ctr.spec import FeatureConfig
-from training.dataset import Prepared, Split, prepare, sample_negatives
+from training.dataset import Prepared, Split, negative_key, prepare, sample_negatives
 from training.metrics import evaluate
 from training.models import CTRModel, build_model
 
@@ -56,6 +56,12 @@ def init_distributed() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size())
 
 
+class TrainingDiverged(RuntimeError):
+    """The training loss or the validation predictions stopped being finite: nothing is
+    reported, nothing more is saved (a NaN epoch would otherwise be compared on a metric
+    that NaN scores make meaningless)."""
+
+
 def rank_slice(rows: np.ndarray, info: DistInfo) -> np.ndarray:
     """This rank's contiguous part of the global batch's ``rows [B, ...]``."""
     return np.array_split(rows, info.world)[info.rank]
@@ -71,7 +77,12 @@ def rank_negatives(
     row j of every rank would get the same negatives)."""
     e = prep.train.enc
     neg = sample_negatives(
-        prep.item_pool, e.hist[glob], e.hist_len[glob], prep.config.max_seq_len, rng
+        prep.item_pool,
+        e.hist[glob],
+        e.hist_len[glob],
+        prep.config.max_seq_len,
+        rng,
+        key=negative_key(prep.config),
     )
     return rank_slice(neg, info)
 
@@ -252,7 +263,19 @@ def train(
             mean_loss = torch.tensor([total / info.world], dtype=torch.float64)
             dist.all_reduce(mean_loss)
             total = float(mean_loss)
-        val = evaluate(prep.val.users, prep.val.label, predict(model, prep.val, tc.eval_batch_size))
+        val_probs = predict(model, prep.val, tc.eval_batch_size)
+        if not (np.isfinite(total) and np.isfinite(val_probs).all()):
+            raise TrainingDiverged(
+                f"epoch {epoch + 1}: "
+                + (
+                    f"the training loss is {total}"
+                    if not np.isfinite(total)
+                    else "validation predictions are not finite"
+                )
+                + f"; the best epoch before it was {best_epoch} (lower train.lr, or check"
+                " the data for huge or missing dense values)"
+            )
+        val = evaluate(prep.val.users, prep.val.label, val_probs)
         history.append({"epoch": epoch + 1, "train_loss": total / n_batches, **val})
         if info.main and progress:
             print(f"epoch {epoch + 1}: loss {total / n_batches:.4f} val auc {val['auc']:.4f}")
