@@ -554,6 +554,14 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
                 "clock (unix seconds)",
                 "timestamp",
             )
+        if ev.features and (size := len(orjson.dumps(ev.features))) > s.event_max_bytes:
+            # stored in the history and read (and parsed) with it on every request: one
+            # event of a 1 MB body would slow every later score of this user
+            raise BadRequest(
+                f"features take {size} bytes of JSON, more than CTR_EVENT_MAX_BYTES "
+                f"({s.event_max_bytes}): send the features the models read",
+                "features",
+            )
         model = state.require_model()  # the model's config says which fields to store
         if state.event_types and ev.type not in state.event_types:
             return orjson_response({"appended": False, "duplicate": False, "ignored": True}, 202)
@@ -878,10 +886,14 @@ async def _score(
         items = None if json_items is None else orjson.Fragment(json_items)
     if items is None:
         items = items_python(req.item_ids, probs, order)
-    if req.explain and len(outs) > 1 and prepared.hist_len:
-        att = outs[1]
-        hist = history_items(bundle.config, data, prepared.hist_len)
+    if req.explain and model.has_attention:
+        # every item gets the key: [] for an empty history (a cold start, degraded)
+        hist = history_items(bundle.config, data, prepared.hist_len) if len(outs) > 1 else []
+        att = outs[1] if hist else None
         for item, i in zip(items, order.tolist(), strict=True):
+            if att is None:
+                item["attention"] = []
+                continue
             w = att[i, : len(hist)]
             top = np.argsort(-np.abs(w), kind="stable")[: s.explain_top]
             item["attention"] = [{"item_id": hist[j], "weight": float(w[j])} for j in top]

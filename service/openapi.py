@@ -29,11 +29,15 @@ ID_FIELDS = frozenset({"user_id", "item_id", "event_id"})
 
 
 def id_limits(node: Any, max_len: int) -> None:
-    """Set ``maxLength`` of every ID property to the limit in force (CTR_MAX_ID_LENGTH)."""
+    """Set ``maxLength`` of every ID property (its string form, where it may be an
+    integer too) to the limit in force (CTR_MAX_ID_LENGTH)."""
     if isinstance(node, dict):
         for k, v in node.get("properties", {}).items():
-            if k in ID_FIELDS and isinstance(v, dict) and "maxLength" in v:
-                v["maxLength"] = max_len
+            if k not in ID_FIELDS or not isinstance(v, dict):
+                continue
+            for form in [v, *v.get("anyOf", [])]:
+                if isinstance(form, dict) and "maxLength" in form:
+                    form["maxLength"] = max_len
         for v in node.values():
             id_limits(v, max_len)
     elif isinstance(node, list):

@@ -3,17 +3,22 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ctr.bundle import version_of
 from service.validate import MAX_TIMESTAMP
 
 Scalar = str | int | float | bool | None
+# an ID: a string, or an integer read as its decimal string (13 and "13" are one ID; the
+# answers give it back as that string)
+Id = Annotated[str, Field(min_length=1, max_length=256)] | int
 
 
 class Candidate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    item_id: str = Field(min_length=1, max_length=256)
+    item_id: Id
     features: dict[str, Scalar] | None = Field(
         None, description="item features; any missing are looked up in Redis"
     )
@@ -37,11 +42,11 @@ class ScoreRequest(BaseModel):
             ]
         },
     )
-    user_id: str = Field(min_length=1, max_length=256)
+    user_id: Id
     candidates: list[Candidate] = Field(min_length=1, description="at most CTR_MAX_CANDIDATES")
     context: dict[str, Scalar] | None = None
     top_k: int | None = Field(None, gt=0)
-    explain: bool = False
+    explain: bool | None = False
 
 
 class Attended(BaseModel):
@@ -98,9 +103,9 @@ class EventRequest(BaseModel):
             ]
         },
     )
-    user_id: str = Field(min_length=1, max_length=256)
-    event_id: str = Field(min_length=1, max_length=256)
-    item_id: str = Field(min_length=1, max_length=256)
+    user_id: Id
+    event_id: Id
+    item_id: Id
     features: dict[str, Scalar] | None = None
     type: str = Field("click", min_length=1, max_length=32)
     timestamp: float = Field(ge=0, lt=MAX_TIMESTAMP, description="unix seconds, not ms")

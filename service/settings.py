@@ -164,6 +164,12 @@ class Settings(BaseSettings):
         "(a rolling deploy, a rollback) is known; off once none runs: half the dedup "
         "memory and less Redis time per event",
     )
+    event_max_bytes: int = Field(
+        4096,
+        ge=256,
+        description="an event whose features take more than this many bytes of JSON is a "
+        "422 naming features (each is stored in the user's history and read with it)",
+    )
     event_max_future_s: float = Field(
         300.0,
         ge=0,

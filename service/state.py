@@ -86,5 +86,8 @@ class State:
 
     def require_model(self) -> LoadedModel:
         if self.model is None:
-            raise ModelNotReady(f"model not loaded: {self.model_error or 'starting'}")
+            # why (a path in the model store, a parse error) is for operators: /readyz
+            # and the log say it; a caller of the API learns only whether to retry
+            why = "it did not load (see /readyz)" if self.model_error else "starting"
+            raise ModelNotReady(f"model not loaded: {why}")
         return self.model

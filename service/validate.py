@@ -238,7 +238,9 @@ def parse_score(
         raise BadRequest("top_k must be an integer", "top_k")
     if top_k is not None and top_k <= 0:
         raise BadRequest("top_k must be positive", "top_k")
-    explain = obj.get("explain", False)
+    explain = obj.get("explain")
+    if explain is None:  # absent or null, as top_k and context may be
+        explain = False
     if not isinstance(explain, bool):
         raise BadRequest("explain must be a boolean", "explain")
     return ScoreInput(user_id, ids, feats, context, top_k, explain)

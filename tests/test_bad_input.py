@@ -103,6 +103,13 @@ def test_a_lower_id_length_limit_is_enforced_and_published(tmp_path: Any) -> Non
         schemas = c.get("/openapi.json").json()["components"]["schemas"]
         text = json.dumps(schemas)
         assert '"maxLength": 8' in text and '"maxLength": 256' not in text
+        # an ID may be an integer too, as the service reads it (13 is "13")
+        for model, name in (("ScoreRequest", "user_id"), ("Candidate", "item_id"),
+                            ("EventRequest", "event_id")):  # fmt: skip
+            forms = schemas[model]["properties"][name]["anyOf"]
+            assert {"type": "integer"} in forms
+            assert {"type": "string", "minLength": 1, "maxLength": 8} in forms
+        assert c.post("/v1/score", json={"user_id": 12345678, "candidates": C}).status_code == 200
 
 
 def test_openapi_lists_the_error_answers(client: TestClient) -> None:

@@ -237,6 +237,23 @@ def test_explain_returns_history_items(built: Built, redis_db: Redis, client: Te
             assert a["item_id"] in set(hist[at].tolist())
 
 
+def test_explain_with_no_history_gives_every_item_an_empty_list(client: TestClient) -> None:
+    """A cold start has no history to attend to: each item still carries ``attention``
+    (empty), so a client reads the same shape for every user; ``explain: null`` is
+    ``false``, as ``top_k`` and ``context`` may be null."""
+    body = {"user_id": "never-seen-xp", "candidates": [{"item_id": "i1"}, {"item_id": "i2"}]}
+    r = client.post("/v1/score", json={**body, "explain": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["cold_start"] is True
+    assert [it["attention"] for it in r.json()["items"]] == [[], []]
+    plain = client.post("/v1/score", json={**body, "explain": None})
+    assert plain.status_code == 200, plain.text
+    assert all("attention" not in it for it in plain.json()["items"])
+    assert [it["probability"] for it in plain.json()["items"]] == [
+        it["probability"] for it in r.json()["items"]
+    ]
+
+
 def test_equal_scores_keep_the_request_order(client: TestClient) -> None:
     """Unknown items with no stored features get the same row, hence the same score:
     they keep the order the request gave them in."""
@@ -249,6 +266,27 @@ def test_equal_scores_keep_the_request_order(client: TestClient) -> None:
         body = r.json()["items"]
         assert len({it["probability"] for it in body}) == 1  # one score for all four
         assert [it["item_id"] for it in body] == order
+
+
+def test_event_features_past_the_size_limit_are_refused(
+    redis_db: Redis, client: TestClient
+) -> None:
+    """An event's features are stored in the history and read with it on every score:
+    more than CTR_EVENT_MAX_BYTES (4096) of them as JSON is a 422 naming ``features``,
+    and nothing is stored; just under the limit is stored."""
+    user = "fat-event-user"
+    redis_db.delete(*event_keys(user))
+    ev = {"user_id": user, "event_id": "f1", "item_id": "i7", "timestamp": 1000.0}
+    big = {f"k{j}": "v" * 250 for j in range(20)}  # about 5.3 KB
+    r = client.post("/v1/events", json={**ev, "features": big})
+    assert r.status_code == 422 and r.json()["field"] == "features", r.text
+    assert "CTR_EVENT_MAX_BYTES" in r.json()["detail"]
+    assert redis_db.exists(*event_keys(user)) == 0
+    under = {f"k{j}": "v" * 250 for j in range(15)}  # about 4 KB
+    assert len(orjson.dumps(under)) <= 4096
+    r = client.post("/v1/events", json={**ev, "features": under})
+    assert r.status_code == 202 and r.json()["appended"] is True, r.text
+    assert redis_db.llen(user_key(user, "seq")) == 1
 
 
 def test_events_append_trim_idempotent(built: Built, redis_db: Redis, client: TestClient) -> None:
@@ -423,6 +461,8 @@ def test_missing_bundle_not_ready(tmp_path: Path, redis_db: Redis) -> None:
         assert r.status_code == 503 and "no versions" in r.json()["model_error"]
         s2 = c.post("/v1/score", json={"user_id": "u1", "candidates": [{"item_id": "i1"}]})
         assert s2.status_code == 503 and s2.json()["error"] == "model_not_ready"
+        # why is for operators (/readyz, the log): no server path reaches an API caller
+        assert str(tmp_path) not in s2.text and "see /readyz" in s2.json()["detail"]
         models = c.get("/v1/models")
         assert models.status_code == 503 and models.json()["error"] == "model_not_ready"
         event = {"user_id": "nr-user", "event_id": "e1", "item_id": "i1", "timestamp": 1.0}
