@@ -554,19 +554,19 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
                 "clock (unix seconds)",
                 "timestamp",
             )
-        if ev.features and (size := len(orjson.dumps(ev.features))) > s.event_max_bytes:
-            # stored in the history and read (and parsed) with it on every request: one
-            # event of a 1 MB body would slow every later score of this user
-            raise BadRequest(
-                f"features take {size} bytes of JSON, more than CTR_EVENT_MAX_BYTES "
-                f"({s.event_max_bytes}): send the features the models read",
-                "features",
-            )
         model = state.require_model()  # the model's config says which fields to store
         if state.event_types and ev.type not in state.event_types:
             return orjson_response({"appended": False, "duplicate": False, "ignored": True}, 202)
         config = model.bundle.config
         payload: dict[str, Any] = {k: v for k, v in ev.features.items() if v is not None}
+        if payload and (size := len(orjson.dumps(payload))) > s.event_max_bytes:
+            # stored in the history and read (and parsed) with it on every request: one
+            # event of a 1 MB body would slow every later score of this user
+            raise BadRequest(
+                f"features take {size} bytes of JSON (nulls left out), more than "
+                f"CTR_EVENT_MAX_BYTES ({s.event_max_bytes}): send the features the models read",
+                "features",
+            )
         payload[config.item_id_feature.source] = ev.item_id
         # the item features the model's sequences read, as training histories have them
         # (e.g. the clicked item's category): from the event, else cache, else Redis

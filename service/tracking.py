@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import time
 from typing import Any
@@ -81,8 +82,9 @@ def encode(*args: bytes | str | int) -> bytes:
 
 
 def probe_key(client_id: int) -> bytes:
-    """The probe key of the tracking connection ``client_id`` (an empty user ID)."""
-    return PROBE_PREFIX + str(client_id).encode()
+    """The probe key of the tracking connection ``client_id`` (an empty user ID), with
+    random bits: client IDs are unique on one server only."""
+    return PROBE_PREFIX + f"{client_id}:{os.urandom(6).hex()}".encode()
 
 
 def user_of(key: bytes) -> str | None:
@@ -114,6 +116,7 @@ class UserTracker:
     def __init__(self, url: str, connect_timeout_s: float, drain_s: float = 0.0) -> None:
         self.url = url
         self.connect_timeout_s = connect_timeout_s
+        self.setup_budget_s = max(connect_timeout_s, DEAD_S)
         # 0: read the socket whenever it is readable; else every drain_s and on demand
         self.drain_s = drain_s
         self.seq = 0  # the newest invalidation's number
@@ -280,7 +283,7 @@ class UserTracker:
             pass
         while (reply := self._probe_reader.gets()) is not False:
             if isinstance(reply, hiredis.ReplyError):
-                raise TrackingRefused(f"the probe key cannot be written: {reply}")
+                raise refusal(f"{reply} (the probe key's SET)")
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -290,7 +293,10 @@ class UserTracker:
         probe: socket.socket | None = None
         verifying = False
         try:
-            async with asyncio.timeout(self.connect_timeout_s):
+            # two connections and about ten round trips: a budget of its own, so that a
+            # link with tens of ms of round trip still sets up (start-up waits only
+            # CTR_REDIS_CONNECT_TIMEOUT_MS for it; it goes on in the background)
+            async with asyncio.timeout(self.setup_budget_s):
                 try:
                     sock = await _open(loop, kw)
                     await _hello(loop, sock, reader, kw, "ctr-tracking")
@@ -309,6 +315,7 @@ class UserTracker:
                     if kw.get("db"):
                         await _ask(loop, probe, probe_reader, encode("SELECT", kw["db"]))
                     self._probe_key, self._probes = probe_key(int(cid)), 1
+
                     self._probe_back = False
                     await _ask(
                         loop,
@@ -333,7 +340,7 @@ class UserTracker:
             if verifying:
                 raise TrackingUnverified(
                     "CLIENT TRACKING was accepted, but the probe key's invalidation did not"
-                    f" come back within {self.connect_timeout_s:g} s"
+                    f" come back within {self.setup_budget_s:g} s"
                 ) from None
             raise
         assert sock is not None and probe is not None
@@ -476,8 +483,21 @@ async def _ask(
             raise ConnectionError("closed by the server")
         reader.feed(data)
     if isinstance(reply, hiredis.ReplyError):
-        raise TrackingRefused(str(reply))
+        raise refusal(reply)
     return reply
+
+
+# error replies that pass (a Redis loading its data, a script running, a failover):
+# retried with the usual backoff, not after REFUSED_RETRY_S
+TRANSIENT = ("LOADING", "BUSY", "MASTERDOWN", "NOREPLICAS", "READONLY", "TRYAGAIN")
+
+
+def refusal(reply: Any) -> Exception:
+    """The exception for error reply ``reply``: a ConnectionError when it passes soon."""
+    text = str(reply)
+    if text.startswith(TRANSIENT):
+        return ConnectionError(f"Redis answered {text}")
+    return TrackingRefused(text)
 
 
 def off_reason(settings: Settings) -> str | None:

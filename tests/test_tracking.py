@@ -37,6 +37,18 @@ from tests.helpers import Built, build_bundle, redis_asleep, settings_for, wait_
 from tests.redis_proc import RedisProcess
 
 
+def test_passing_errors_are_retried_soon_and_refusals_seldom() -> None:
+    """An error reply that passes (a Redis loading its data after a restart, a failover)
+    is retried with the usual backoff; a refusal (no permission, a wrong password, out
+    of memory) only every REFUSED_RETRY_S."""
+    for text in ("LOADING Redis is loading the dataset in memory", "BUSY Redis is busy",
+                 "MASTERDOWN Link with MASTER is down", "READONLY You can't write"):  # fmt: skip
+        assert type(tracking.refusal(text)) is ConnectionError, text
+    for text in ("NOPERM this user has no permissions", "WRONGPASS invalid password",
+                 "OOM command not allowed", "ERR unknown command 'CLIENT'"):  # fmt: skip
+        assert type(tracking.refusal(text)) is tracking.TrackingRefused, text
+
+
 def test_user_keys_and_unsupported_urls() -> None:
     assert user_of(b"{u:42}:profile") == "42"
     assert user_of(b"{u:a}:b}:seq") == "a}:b"  # the last "}:" ends the ID
@@ -339,12 +351,13 @@ def test_a_server_that_never_delivers_is_never_trusted(
     first probe does not come back, so it is never taken as live (nothing is trusted,
     one warning for the whole outage), and it is once invalidations arrive."""
     monkeypatch.setattr(tracking, "REFUSED_RETRY_S", 0.05)
+    monkeypatch.setattr(tracking, "DEAD_S", 0.5)  # the set-up's budget: max(0.3, DEAD_S)
     writer = private.client()
     proxy.drop = True
 
     async def main() -> None:
         async with running(proxy.url, 0.3, live=False) as t:
-            await asyncio.sleep(1.0)  # several set-ups, each waiting for its probe
+            await asyncio.sleep(1.5)  # several set-ups, each waiting 0.5 s for its probe
             assert not t.live and t.stamp() is None and t.client_id is None
             assert proxy.dropped >= 2
             proxy.drop = False
