@@ -889,12 +889,8 @@ async def _score(
     if req.explain and model.has_attention:
         # every item gets the key: [] for an empty history (a cold start, degraded)
         hist = history_items(bundle.config, data, prepared.hist_len) if len(outs) > 1 else []
-        att = outs[1] if hist else None
         for item, i in zip(items, order.tolist(), strict=True):
-            if att is None:
-                item["attention"] = []
-                continue
-            w = att[i, : len(hist)]
+            w = outs[1][i, : len(hist)] if hist else np.empty(0, np.float32)
             top = np.argsort(-np.abs(w), kind="stable")[: s.explain_top]
             item["attention"] = [{"item_id": hist[j], "weight": float(w[j])} for j in top]
     body = {

@@ -30,14 +30,15 @@ lose an invalidation distrusts every row at once (the floor moves past every sta
 * the per-user table grows past its bound.
 
 The heartbeat checks the whole path, not only that the socket answers: every
-:data:`PING_S` the worker writes its own probe key ``{u:}:probe:<client id>`` (the user
-ID is empty, which no request may name) through a second connection of its own, and
+:data:`PING_S` the worker writes its own probe key ``{u:}:probe:<client id>:<random>``
+(the user ID is empty, which no request may name) through a second connection, and
 the key's invalidation must come back on the tracking connection within
 :data:`DEAD_S`. A connection is trusted only once its first probe has come back, so a
 server or proxy that accepts ``CLIENT TRACKING`` but never delivers what it promises
 (or stops delivering later) leaves every request reading Redis, with a warning, instead
 of serving rows that no longer match the store. The probe key expires after
-:data:`PROBE_TTL_MS`; writing it needs write access to ``{u:*`` keys, as events do.
+:data:`PROBE_TTL_MS`; writing it needs ``SET`` on ``{u:*`` keys (events need only
+``EVALSHA``).
 
 Until the connection is up again, :meth:`stamp` returns None and every request reads
 Redis as without tracking. Plain ``redis://`` and ``unix://`` URLs on a single node
@@ -65,7 +66,7 @@ log = logging.getLogger("ctr.tracking")
 
 CHANNEL = b"__redis__:invalidate"
 PREFIX = b"{u:"
-PROBE_PREFIX = PREFIX + b"}:probe:"  # + the tracking connection's client ID
+PROBE_PREFIX = PREFIX + b"}:probe:"  # + the tracking connection's client ID, random bits
 PING_S = 1.0  # heartbeat (probe) interval
 DEAD_S = 3.0  # a probe not back this long after it was written: the connection is lost
 PROBE_TTL_MS = 60_000  # a probe key outlives its worker by at most this
@@ -131,9 +132,8 @@ class UserTracker:
         self._probe_sock: socket.socket | None = None  # writes the probe key
         self._probe_reader: Any = None
         self._probe_key = b""
-        self._probe_sent: float | None = None  # when the outstanding probe was written
+        self._probe_sent = 0.0  # when the newest probe was written
         self._probe_back = False  # its invalidation has come back
-        self._probes = 0  # probes written on this connection
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -251,36 +251,27 @@ class UserTracker:
         except Exception as exc:
             self._lost(exc)
             return
-        if self._probe_sent is not None and not self._probe_back:
+        if not self._probe_back:
             if now - self._probe_sent > DEAD_S:
                 self._lost(
                     TimeoutError(f"the probe key's invalidation not back within {DEAD_S:g} s")
                 )
             return
+        self._probe_sent, self._probe_back = now, False
         try:
-            self._write_probe(now)
+            self._probe_sock.send(self._probe_write())
         except OSError as exc:
             self._lost(exc)
 
-    def _write_probe(self, now: float) -> None:
-        assert self._probe_sock is not None
-        self._probes += 1
-        self._probe_sent, self._probe_back = now, False
-        self._probe_sock.send(encode("SET", self._probe_key, self._probes, "PX", PROBE_TTL_MS))
+    def _probe_write(self) -> bytes:
+        """The probe: any write of the key makes Redis send its name."""
+        return encode("SET", self._probe_key, 1, "PX", PROBE_TTL_MS)
 
     def _probe_replies(self) -> None:
         """Read the probe connection's replies (``OK``s); raise on an error reply or a
         close."""
-        sock = self._probe_sock
-        assert sock is not None
-        try:
-            while True:
-                data = sock.recv(65536)
-                if not data:
-                    raise ConnectionError("the probe connection was closed by the server")
-                self._probe_reader.feed(data)
-        except BlockingIOError:
-            pass
+        assert self._probe_sock is not None
+        _recv_into(self._probe_sock, self._probe_reader)
         while (reply := self._probe_reader.gets()) is not False:
             if isinstance(reply, hiredis.ReplyError):
                 raise refusal(f"{reply} (the probe key's SET)")
@@ -314,23 +305,15 @@ class UserTracker:
                     await _hello(loop, probe, probe_reader, kw, "ctr-tracking-probe")
                     if kw.get("db"):
                         await _ask(loop, probe, probe_reader, encode("SELECT", kw["db"]))
-                    self._probe_key, self._probes = probe_key(int(cid)), 1
-
-                    self._probe_back = False
-                    await _ask(
-                        loop,
-                        probe,
-                        probe_reader,
-                        encode("SET", self._probe_key, 1, "PX", PROBE_TTL_MS),
-                    )
+                    self._probe_key, self._probe_back = probe_key(int(cid)), False
+                    await _ask(loop, probe, probe_reader, self._probe_write())
                     verifying = True
                     while not self._probe_back:  # the first probe's invalidation
                         data = await loop.sock_recv(sock, 65536)
                         if not data:
                             raise ConnectionError("closed by the server")
                         reader.feed(data)
-                        while (msg := reader.gets()) is not False:
-                            self._handle(msg)
+                        self._handle_all(reader)
                 except BaseException:
                     for s in (sock, probe):
                         if s is not None:
@@ -346,7 +329,6 @@ class UserTracker:
         assert sock is not None and probe is not None
         self._sock, self._reader = sock, reader
         self._probe_sock, self._probe_reader = probe, probe_reader
-        self._probe_sent = time.monotonic()  # back already: the next heartbeat writes
         self.client_id = int(cid)
         if self.drain_s <= 0:
             loop.add_reader(sock.fileno(), self._drain)
@@ -359,22 +341,18 @@ class UserTracker:
         if sock is None:
             return
         try:
-            while True:
-                data = sock.recv(65536)
-                if not data:
-                    self._lost(ConnectionError("closed by the server"))
-                    return
-                self._reader.feed(data)  # on until EAGAIN: a close behind data is seen now
-        except BlockingIOError:
-            pass
-        except OSError as exc:
+            _recv_into(sock, self._reader)
+        except OSError as exc:  # a close, a reset
             self._lost(exc)
             return
         try:
-            while (msg := self._reader.gets()) is not False:
-                self._handle(msg)
+            self._handle_all(self._reader)
         except Exception as exc:  # a protocol error: start over on a new connection
             self._lost(exc)
+
+    def _handle_all(self, reader: Any) -> None:
+        while (msg := reader.gets()) is not False:
+            self._handle(msg)
 
     def _handle(self, msg: Any) -> None:
         if not isinstance(msg, list) or len(msg) < 3 or msg[0] != b"message":
@@ -443,6 +421,17 @@ async def _open(loop: asyncio.AbstractEventLoop, kw: dict[str, Any]) -> socket.s
             sock.close()
             raise
     raise error or OSError(f"no address to connect to for {kw.get('host')}")
+
+
+def _recv_into(sock: socket.socket, reader: Any) -> None:
+    """Feed ``reader`` all that non-blocking ``sock`` holds, on until EAGAIN (so a close
+    behind data is seen now); raise ConnectionError when the server has closed it."""
+    try:
+        while data := sock.recv(65536):
+            reader.feed(data)
+    except BlockingIOError:
+        return
+    raise ConnectionError("closed by the server")
 
 
 class TrackingRefused(Exception):

@@ -140,11 +140,10 @@ def sample_negatives(
     b = len(hist_len)
     k = rng.integers(0, len(pool), size=(b, length))  # [B, L]
     if len(pool) > 1:
+        keyed = pool[:, list(key)]  # [I, K]
+        real = hist[:, list(key), :length].transpose(0, 2, 1)  # [B, L, K]
         for _ in range(len(pool)):
-            hit = np.all(
-                pool[k][..., list(key)] == hist[:, list(key), :length].transpose(0, 2, 1),
-                axis=-1,
-            )  # [B, L]
+            hit = np.all(keyed[k] == real, axis=-1)  # [B, L]
             if not hit.any():
                 break
             k = np.where(hit, (k + 1) % len(pool), k)

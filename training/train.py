@@ -265,15 +265,12 @@ def train(
             total = float(mean_loss)
         val_probs = predict(model, prep.val, tc.eval_batch_size)
         if not (np.isfinite(total) and np.isfinite(val_probs).all()):
+            what = "validation predictions are not finite"
+            if not np.isfinite(total):
+                what = f"the training loss is {total}"
             raise TrainingDiverged(
-                f"epoch {epoch + 1}: "
-                + (
-                    f"the training loss is {total}"
-                    if not np.isfinite(total)
-                    else "validation predictions are not finite"
-                )
-                + f"; the best epoch before it was {best_epoch} (lower train.lr, or check"
-                " the data for huge or missing dense values)"
+                f"epoch {epoch + 1}: {what}; the best epoch before it was {best_epoch} "
+                "(lower train.lr, or check the data for huge or missing dense values)"
             )
         val = evaluate(prep.val.users, prep.val.label, val_probs)
         history.append({"epoch": epoch + 1, "train_loss": total / n_batches, **val})
