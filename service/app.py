@@ -53,7 +53,14 @@ from service.model import CPU, LoadedModel, ProviderError
 from service.nativerun import NativeRunError
 from service.openapi import body_schema, install_openapi
 from service.reloadbus import ReloadBus
-from service.requestid import REQUEST_IDS
+from service.requestid import (
+    CURRENT,
+    HEADER,
+    REQUEST_IDS,
+    LogFormatter,
+    install_log_records,
+    request_id,
+)
 from service.runner import copy_info
 from service.schemas import (
     ErrorBody,
@@ -96,6 +103,8 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 # the status recorded for a request whose client went away before its body was read
 # (nginx's convention); no response is sent
 CLIENT_CLOSED = 499
+# set on an unexpected exception once its 500 has been sent
+ANSWERED = "ctr_answered"
 
 
 def orjson_response(content: Any, status: int = 200, headers: dict | None = None) -> Response:
@@ -121,17 +130,49 @@ class ScoringApp(FastAPI):
     the app's exception handler uses, and any other exception gets the app's 500 body,
     as from Starlette's error middleware, and is raised on for the server to log.
     Every other request goes through the stack, where :class:`ServingMiddleware` times
-    it. FastAPI's own OpenTelemetry instrumentation, if set up, does not see this route."""
+    it. FastAPI's own OpenTelemetry instrumentation, if set up, does not see this route.
+
+    Every HTTP request gets its ID here (``service.requestid``), on either path: the
+    client's ``X-Request-ID`` where it is a plain token, else one drawn. It is served
+    as the ``X-Request-ID`` response header and in the body (``request_id``, errors
+    included), and every log record made meanwhile carries it: outside the stack, so
+    that the error middleware's 500 has it too."""
 
     fast_routes: dict[tuple[str, str], Handler]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            handler = self.fast_routes.get((scope["method"], scope["path"]))
-            if handler is not None:
-                await _timed_serve(handler, scope, receive, send)
-                return
-        await super().__call__(scope, receive, send)
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        handler = self.fast_routes.get((scope["method"], scope["path"]))
+        if handler is not None:
+            await _timed_serve(handler, scope, receive, send)
+            return
+        rid = request_id(_header(scope, HEADER))
+        token = CURRENT.set(rid)
+        try:
+            await super().__call__(scope, receive, _with_id(send, rid.encode()))
+        finally:
+            CURRENT.reset(token)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    """The first ``name`` (lower case) header of a request, as text; None if absent."""
+    for k, v in scope["headers"]:
+        if k == name:
+            return v.decode("latin-1")
+    return None
+
+
+def _with_id(send: Send, raw: bytes) -> Send:
+    """``send``, with an ``X-Request-ID: raw`` header added to the response's start."""
+
+    async def send_with_id(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), (HEADER, raw)]}
+        await send(message)
+
+    return send_with_id
 
 
 async def _timed_serve(handler: Handler, scope: Scope, receive: Receive, send: Send) -> None:
@@ -191,19 +232,39 @@ async def _serve(handler: Handler, scope: Scope, receive: Receive, send: Send) -
             if not message.get("more_body", False):
                 return
 
+    # the request's ID and its header, unless the app's front door gave it one already
+    # (a fast route answered in the stack, as `ctr bench-path` measures)
+    rid = CURRENT.get()
+    raw = None
+    if rid is None:
+        rid = request_id(headers.get("x-request-id"))
+        raw = rid.encode()
+    token = CURRENT.set(rid)
     try:
-        response = await handler(headers.get, chunks())
-    except ServiceError as exc:
-        response = error_response(exc)
-    except ClientDisconnect:
-        return CLIENT_CLOSED  # nobody to answer; counted, not logged as a server error
-    except Exception as exc:
-        # a bug: the app's 500 (nothing has been sent yet), then raised for the server's
-        # log, as Starlette's error middleware does
-        await internal_error_response(exc)(scope, receive, send)
-        raise
-    await response(scope, receive, send)
-    return response.status_code
+        try:
+            response = await handler(headers.get, chunks())
+        except ServiceError as exc:
+            response = error_response(exc)
+        except ClientDisconnect:
+            return CLIENT_CLOSED  # nobody to answer; counted, not logged as a server error
+        except Exception as exc:
+            # a bug: the app's 500 (nothing has been sent yet), then raised for the
+            # server's log, as Starlette's error middleware does
+            response = internal_error_response(exc)
+            if raw is not None:
+                response.raw_headers.append((HEADER, raw))
+            await response(scope, receive, send)
+            # answered, logged and counted: not again by the error middleware of a stack
+            # this route was answered in (`ctr bench-path`)
+            with contextlib.suppress(AttributeError):
+                setattr(exc, ANSWERED, True)
+            raise
+        if raw is not None:
+            response.raw_headers.append((HEADER, raw))
+        await response(scope, receive, send)
+        return response.status_code
+    finally:
+        CURRENT.reset(token)
 
 
 async def _shut_down(state: State, loop: asyncio.AbstractEventLoop) -> None:
@@ -265,7 +326,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     early_hup.take_over()  # a worker `ctr serve` spawned: its SIGHUP noted from here on
     settings = settings or Settings()
     level = "DEBUG" if settings.log_level == "trace" else settings.log_level.upper()
-    logging.basicConfig(level=level)
+    install_log_records()  # each record names the request it was made for
+    handler = logging.StreamHandler()
+    handler.setFormatter(LogFormatter())
+    logging.basicConfig(level=level, handlers=[handler])  # none if logging is set up
     state = State(settings)
 
     @contextlib.asynccontextmanager
@@ -386,16 +450,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def error_response(exc: ServiceError) -> Response:
-    """The JSON error body for a domain error (counted in ``ctr_errors_total``)."""
+    """The JSON error body for a domain error (counted in ``ctr_errors_total``), with
+    the ID of the request it answers."""
     m.ERRORS.labels(exc.kind).inc()
     headers = {"Retry-After": "1"} if exc.status == 503 else None
     field = safe_field(exc.field) if exc.field else exc.field
-    body = {"error": exc.kind, "field": field, "detail": safe_field(exc.message)}
+    body = {
+        "error": exc.kind,
+        "field": field,
+        "detail": safe_field(exc.message),
+        "request_id": CURRENT.get(),
+    }
     return orjson_response(body, exc.status, headers)
 
 
 def internal_error_response(exc: Exception) -> Response:
-    """The 500 for a bug: the same JSON body as every error, no internals in it."""
+    """The 500 for a bug: the same JSON body as every error, no internals in it. Logged
+    here in one line that names the request (the server logs the traceback after)."""
+    log.error("internal error answered with a 500: %s: %s", type(exc).__name__, exc)
     return error_response(
         ServiceError(f"internal error ({type(exc).__name__}); see the service log")
     )
@@ -427,6 +499,8 @@ def _install_handlers(app: FastAPI) -> None:
         """A bug, not a domain error: the same JSON body as every error, with no internals
         in it (Starlette's error middleware re-raises it after, so the server logs the
         traceback)."""
+        if getattr(exc, ANSWERED, False):  # a fast route's, answered in the stack: not sent
+            return Response(status_code=500)
         return internal_error_response(exc)
 
 
@@ -726,6 +800,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
                         "field": "version",
                         "detail": str(exc),
                         "serving": current,
+                        "request_id": CURRENT.get(),
                     },
                     409,
                 )
@@ -895,7 +970,7 @@ async def _score(
             item["attention"] = [{"item_id": hist[j], "weight": float(w[j])} for j in top]
     body = {
         "model": {"name": model.name, "version": model.version},
-        "request_id": REQUEST_IDS.next(),
+        "request_id": CURRENT.get() or REQUEST_IDS.next(),
         "degraded": degraded,
         "cold_start": not prepared.found and not degraded,
         "items": items,

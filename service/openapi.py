@@ -30,7 +30,9 @@ ID_FIELDS = frozenset({"user_id", "item_id", "event_id"})
 
 def id_limits(node: Any, max_len: int) -> None:
     """Set ``maxLength`` of every ID property (its string form, where it may be an
-    integer too) to the limit in force (CTR_MAX_ID_LENGTH)."""
+    integer too) to the limit in force (CTR_MAX_ID_LENGTH), and say what that limit is
+    for the integer form: its decimal text counts (no numeric bounds: at the default of
+    256 they would be 256-digit numbers, past what many clients' number types hold)."""
     if isinstance(node, dict):
         for k, v in node.get("properties", {}).items():
             if k not in ID_FIELDS or not isinstance(v, dict):
@@ -38,6 +40,11 @@ def id_limits(node: Any, max_len: int) -> None:
             for form in [v, *v.get("anyOf", [])]:
                 if isinstance(form, dict) and "maxLength" in form:
                     form["maxLength"] = max_len
+                elif isinstance(form, dict) and form.get("type") == "integer":
+                    form["description"] = (
+                        f"used as its decimal string (13 is \"13\"), which may be at most "
+                        f"{max_len} characters, a leading '-' included"
+                    )
         for v in node.values():
             id_limits(v, max_len)
     elif isinstance(node, list):

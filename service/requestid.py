@@ -6,12 +6,21 @@ graph call, takes it then, and the event loop waits to get it back. Instead each
 draws its random bits once (again in a forked child) and counts: the ID is 64 random
 bits, then the count passed through a random bijection of 64-bit numbers (an odd
 multiplier and a mask), so the IDs do not plainly show a worker's request count. Two
-processes share an ID only if their first 64 random bits match."""
+processes share an ID only if their first 64 random bits match.
+
+A client's own ``X-Request-ID`` is kept instead where it is a plain token
+(:func:`given`); either way the ID is the response's ``X-Request-ID`` header, the
+``request_id`` of its body (errors included) and a field of every log record made while
+the request is served (:func:`install_log_records`)."""
 
 from __future__ import annotations
 
 import itertools
+import logging
 import os
+import re
+from contextvars import ContextVar
+from typing import Any
 
 _MASK = (1 << 64) - 1
 
@@ -35,3 +44,63 @@ class RequestIds:
 
 
 REQUEST_IDS = RequestIds()
+
+
+# the request being served: set where a request comes in (``service.app``), read by the
+# response body, error bodies and every log record made while it is served
+CURRENT: ContextVar[str | None] = ContextVar("ctr_request_id", default=None)
+
+# the longest X-Request-ID kept; longer ones are replaced (Heroku's router has 200 too)
+MAX_LENGTH = 200
+# printable ASCII without space, '"' and '\': as is in JSON, in a header and in a log line
+_GIVEN = re.compile(rf"[!#-\[\]-~]{{1,{MAX_LENGTH}}}")
+HEADER = b"x-request-id"
+
+
+def given(value: str | None) -> str | None:
+    """A client's ``X-Request-ID`` (its header's text), where it can be kept as the
+    request's ID: 1 to :data:`MAX_LENGTH` printable ASCII characters other than space,
+    ``"`` and ``\\`` (a UUID, a W3C ``traceparent``, an AWS trace ID all are). None for
+    anything else: the service then draws its own, and its answer says which ID it used."""
+    if value is not None and _GIVEN.fullmatch(value) is not None:
+        return value
+    return None
+
+
+def request_id(value: str | None) -> str:
+    """The ID of a request whose ``X-Request-ID`` header is ``value`` (None: absent)."""
+    return given(value) or REQUEST_IDS.next()
+
+
+class LogFormatter(logging.Formatter):
+    """The service's log lines: ``LEVEL:logger:message``, then `` request_id=<id>`` for a
+    record made while a request was being served (see :func:`install_log_records`)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s:%(name)s:%(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        rid = getattr(record, "request_id", None)
+        if rid is None:
+            return text
+        # before a traceback's lines, so that the request's line names it
+        head, sep, rest = text.partition("\n")
+        return f"{head} request_id={rid}{sep}{rest}"
+
+
+def install_log_records() -> None:
+    """Every log record made from now on, by any logger, carries ``request_id``: the ID of
+    the request being served where it was made (the event loop's task), else None. Log
+    formats can show it as ``%(request_id)s``; :class:`LogFormatter` does. Idempotent."""
+    prior = logging.getLogRecordFactory()
+    if getattr(prior, "ctr_request_id", False):
+        return
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = prior(*args, **kwargs)
+        record.request_id = CURRENT.get()
+        return record
+
+    factory.ctr_request_id = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)

@@ -61,6 +61,14 @@ class ScoredItem(BaseModel):
     attention: list[Attended] | None = None
 
 
+REQUEST_ID = (
+    "the request's ID, also in the X-Request-ID response header: the request's own "
+    "X-Request-ID where it is 1 to 200 printable ASCII characters other than space, '\"' "
+    "and '\\', else one the service drew (32 hex characters); log lines about the "
+    "request end with request_id=<it>"
+)
+
+
 class ModelRef(BaseModel):
     name: str
     version: str
@@ -81,7 +89,7 @@ class ScoreResponse(BaseModel):
         }
     )
     model: ModelRef
-    request_id: str
+    request_id: str = Field(description=REQUEST_ID)
     degraded: bool
     cold_start: bool
     items: list[ScoredItem]
@@ -129,6 +137,7 @@ class ErrorBody(BaseModel):
     error: str
     field: str | None = None
     detail: str
+    request_id: str | None = Field(None, description=REQUEST_ID)
 
 
 class ReloadRequest(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -107,9 +108,12 @@ def test_a_lower_id_length_limit_is_enforced_and_published(tmp_path: Any) -> Non
         for model, name in (("ScoreRequest", "user_id"), ("Candidate", "item_id"),
                             ("EventRequest", "event_id")):  # fmt: skip
             forms = schemas[model]["properties"][name]["anyOf"]
-            assert {"type": "integer"} in forms
+            ints = [f for f in forms if f.get("type") == "integer"]
+            assert len(ints) == 1 and "at most 8 characters" in ints[0]["description"]
             assert {"type": "string", "minLength": 1, "maxLength": 8} in forms
         assert c.post("/v1/score", json={"user_id": 12345678, "candidates": C}).status_code == 200
+        check(c.post("/v1/score", json={"user_id": -12345678, "candidates": C}), 422, "user_id",
+              "bad_request")  # fmt: skip
 
 
 def test_openapi_lists_the_error_answers(client: TestClient) -> None:
@@ -466,3 +470,23 @@ def test_an_unknown_method_is_counted_as_other(client: TestClient) -> None:
     assert count("other") == before + 1
     samples = m.REQUEST_DURATION.collect()[0].samples
     assert not any(s.labels.get("method") == "BREW" for s in samples)
+
+
+@pytest.mark.parametrize(
+    "ctype", [None, "application/x-www-form-urlencoded", "text/plain", "application/json"]
+)
+def test_bodies_are_read_as_json_whatever_their_content_type(
+    client: TestClient, ctype: str | None
+) -> None:
+    """As docs/api.md says: `curl -d` without `-H 'content-type: application/json'` (which
+    sends a form type) is answered like any JSON body, on every route that reads one."""
+    headers = {} if ctype is None else {"content-type": ctype}
+    score = {"user_id": "u1", "candidates": C}
+    r = client.post("/v1/score", content=json.dumps(score), headers=headers)
+    assert r.status_code == 200 and len(r.json()["items"]) == 2, r.text
+    user = f"ct-{uuid.uuid4().hex}"  # a fresh user: the event is new whatever ran before
+    event = {"user_id": user, "event_id": "e1", "item_id": "i1", "timestamp": 10.0}
+    r = client.post("/v1/events", content=json.dumps(event), headers=headers)
+    assert r.status_code == 202 and r.json()["appended"] is True, r.text
+    bad = client.post("/v1/score", content=b'{"user_id": "u1"}', headers=headers)
+    check(bad, 422, "candidates", "bad_request")

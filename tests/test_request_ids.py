@@ -1,0 +1,197 @@
+"""Request IDs end to end (``service.requestid``), on the front door's scoring path and
+through FastAPI's stack alike: every answer carries ``X-Request-ID``; the scoring body
+and every error body carry the same ID; a client's own plain ID is kept, anything else
+replaced; and the service's log lines about a request name it."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.requestid import LogFormatter, given
+from tests.helpers import Built, build_and_load, settings_for
+from tests.redis_proc import free_port
+from training.bench_path import fast_path_in_stack, without_fast_path
+
+DRAWN = re.compile("[0-9a-f]{32}")
+WRAPS = {"front door": lambda app: app, "stack": without_fast_path, "in stack": fast_path_in_stack}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    return build_and_load(tmp_path_factory.mktemp("rid"), "din")
+
+
+@pytest.fixture(scope="module", params=list(WRAPS))
+def client(request: pytest.FixtureRequest, built: Built) -> Iterator[TestClient]:
+    app = WRAPS[request.param](create_app(settings_for(built, api_key="k")))
+    with TestClient(app) as c:
+        yield c
+
+
+def body(built: Built, n: int = 5) -> dict[str, Any]:
+    items = built.frame["item_id"].astype(str).unique()[:n].tolist()
+    user = str(built.frame["user_id"].iloc[0])
+    return {"user_id": user, "candidates": [{"item_id": i} for i in items]}
+
+
+def one_id(r: Any) -> str:
+    """The answer's one X-Request-ID header."""
+    ids = r.headers.get_list("x-request-id")
+    assert len(ids) == 1, ids
+    return ids[0]
+
+
+def test_a_scoring_answer_carries_one_drawn_id_in_header_and_body(
+    client: TestClient, built: Built
+) -> None:
+    a = client.post("/v1/score", json=body(built))
+    b = client.post("/v1/score", json=body(built))
+    assert a.status_code == b.status_code == 200
+    assert one_id(a) == a.json()["request_id"] and DRAWN.fullmatch(one_id(a))
+    assert one_id(b) == b.json()["request_id"] != a.json()["request_id"]
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        "trace-1234:abc",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",  # W3C traceparent
+        "Root=1-67891233-abcdef012345678912345678;Parent=53995c3f42cd8ad8;Sampled=1",
+        "x" * 200,
+    ],
+)
+def test_a_client_id_is_kept(client: TestClient, built: Built, sent: str) -> None:
+    r = client.post("/v1/score", json=body(built), headers={"X-Request-ID": sent})
+    assert r.status_code == 200
+    assert one_id(r) == sent and r.json()["request_id"] == sent
+
+
+@pytest.mark.parametrize(
+    "sent", [b"has space", b'q"uote', b"back\\slash", b"x" * 201, b"caf\xc3\xa9", b""]
+)
+def test_an_unusable_client_id_is_replaced_not_refused(
+    client: TestClient, built: Built, sent: bytes
+) -> None:
+    r = client.post("/v1/score", json=body(built), headers=[(b"X-Request-ID", sent)])
+    assert r.status_code == 200
+    assert DRAWN.fullmatch(one_id(r)) and r.json()["request_id"] == one_id(r)
+
+
+def test_the_first_of_repeated_ids_is_kept(client: TestClient, built: Built) -> None:
+    headers = [(b"X-Request-ID", b"first"), (b"X-Request-ID", b"second")]
+    r = client.post("/v1/score", json=body(built), headers=headers)
+    assert one_id(r) == r.json()["request_id"] == "first"
+
+
+def test_every_error_body_carries_the_id(client: TestClient, built: Built) -> None:
+    cases: list[tuple[str, str, dict[str, Any], int, str]] = [
+        ("POST", "/v1/score", {"content": b"{not json"}, 400, "malformed_json"),
+        ("POST", "/v1/score", {"json": {**body(built), "topk": 3}}, 422, "bad_request"),
+        ("POST", "/v1/score", {"content": b"x" * 2_000_000}, 413, "payload_too_large"),
+        ("POST", "/v1/events", {"json": {"user_id": "u"}}, 401, "unauthorized"),
+        ("POST", "/admin/reload", {"json": {}}, 401, "unauthorized"),
+    ]
+    key = {"X-API-Key": "k"}
+    for k, (method, path, kw, status, kind) in enumerate(cases):
+        sent = f"err-{k}"
+        r = client.request(method, path, headers={"X-Request-ID": sent}, **kw)
+        assert (r.status_code, r.json()["error"]) == (status, kind), (path, r.text)
+        assert r.json()["request_id"] == one_id(r) == sent
+        drawn = client.request(method, path, **kw)  # no ID sent: the drawn one, in both
+        assert drawn.json()["request_id"] == one_id(drawn) and DRAWN.fullmatch(one_id(drawn))
+    # the events route's 422 and the reload's 409, behind the key
+    ev = client.post("/v1/events", json={"user_id": "u"}, headers={**key, "X-Request-ID": "ev"})
+    assert ev.status_code == 422 and ev.json()["request_id"] == one_id(ev) == "ev"
+    rl = {**key, "X-Request-ID": "rl"}
+    re_ = client.post("/admin/reload", json={"version": "999"}, headers=rl)
+    assert re_.status_code == 409 and re_.json()["error"] == "reload_failed"
+    assert re_.json()["request_id"] == one_id(re_) == "rl"
+
+
+def test_every_route_answers_with_the_header(client: TestClient) -> None:
+    for method, path in [
+        ("GET", "/healthz"),
+        ("HEAD", "/healthz"),
+        ("GET", "/readyz"),
+        ("GET", "/v1/models"),
+        ("GET", "/metrics"),
+        ("GET", "/openapi.json"),
+        ("GET", "/no/such/path"),  # FastAPI's own 404
+        ("PUT", "/v1/score"),  # and its 405
+    ]:
+        r = client.request(method, path, headers={"X-Request-ID": f"{method}{path}"})
+        assert one_id(r) == f"{method}{path}", (method, path, r.status_code)
+        assert DRAWN.fullmatch(one_id(client.request(method, path))), (method, path)
+
+
+@pytest.mark.parametrize("wrap", list(WRAPS))
+def test_a_degraded_answer_is_logged_with_its_id(
+    built: Built, wrap: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis unreachable: the answer is degraded, and the service's warning about it is a
+    record whose ``request_id`` is the request's, shown at the end of its line."""
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    app = WRAPS[wrap](create_app(settings_for(built, redis_url=dead, redis_timeout_ms=200)))
+    with TestClient(app) as c, caplog.at_level(logging.WARNING, "ctr.service"):
+        caplog.clear()
+        r = c.post("/v1/score", json=body(built), headers={"X-Request-ID": "deg-1"})
+        assert r.status_code == 200 and r.json()["degraded"] is True
+        logged = [x for x in caplog.records if "redis fetch failed" in x.getMessage()]
+        assert [x.request_id for x in logged] == ["deg-1"]  # type: ignore[attr-defined]
+        assert LogFormatter().format(logged[0]).endswith(" request_id=deg-1")
+        # a record made outside any request carries None, and its line no ID
+        outside = logging.getLogger("ctr.service").makeRecord(
+            "ctr.service", logging.WARNING, __file__, 1, "idle", (), None
+        )
+        assert outside.request_id is None  # type: ignore[attr-defined]
+        assert LogFormatter().format(outside) == "WARNING:ctr.service:idle"
+
+
+@pytest.mark.parametrize("wrap", list(WRAPS))
+def test_a_500_names_its_request_in_body_header_and_log(
+    built: Built, wrap: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = WRAPS[wrap](create_app(settings_for(built, native_runner=False)))
+    with TestClient(app, raise_server_exceptions=False) as c:
+
+        def boom(*args: object, **kwargs: object) -> None:
+            raise KeyError("internal detail")
+
+        monkeypatch.setattr(c.app.state.ctr, "require_model", boom)  # type: ignore[attr-defined]
+        with caplog.at_level(logging.ERROR, "ctr.service"):
+            caplog.clear()
+            r = c.post("/v1/score", json=body(built), headers={"X-Request-ID": "bug-7"})
+            models = c.get("/v1/models", headers={"X-Request-ID": "bug-8"})
+    for answer, sent in ((r, "bug-7"), (models, "bug-8")):
+        assert answer.status_code == 500 and answer.json()["error"] == "internal"
+        assert answer.json()["request_id"] == one_id(answer) == sent
+    lines = [x for x in caplog.records if "internal error" in x.getMessage()]
+    assert [x.request_id for x in lines] == ["bug-7", "bug-8"]  # type: ignore[attr-defined]
+    assert "KeyError" in lines[0].getMessage()
+
+
+def test_the_log_line_names_the_request_before_a_traceback() -> None:
+    try:
+        raise ValueError("x")
+    except ValueError:
+        record = logging.getLogger("t").makeRecord(
+            "t", logging.ERROR, __file__, 1, "failed", (), sys.exc_info()
+        )
+    record.request_id = "r-1"  # type: ignore[attr-defined]
+    first, _, rest = LogFormatter().format(record).partition("\n")
+    assert first == "ERROR:t:failed request_id=r-1"
+    assert rest.startswith("Traceback") and "ValueError: x" in rest
+
+
+def test_given_takes_plain_tokens_only() -> None:
+    assert given("a") == "a" and given("!#$%&'()*+,-./:;<=>?@[]^_`{|}~") is not None
+    for bad in (None, "", " a", "a\tb", 'a"b', "a\\b", "é", "a\x7f", "x" * 201):
+        assert given(bad) is None, bad
