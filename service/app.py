@@ -146,7 +146,7 @@ class ScoringApp(FastAPI):
             return
         handler = self.fast_routes.get((scope["method"], scope["path"]))
         if handler is not None:
-            await _timed_serve(handler, scope, receive, send)
+            await _timed_serve(handler, scope, receive, send, True)
             return
         rid = request_id(_header(scope, HEADER))
         token = CURRENT.set(rid)
@@ -175,11 +175,13 @@ def _with_id(send: Send, raw: bytes) -> Send:
     return send_with_id
 
 
-async def _timed_serve(handler: Handler, scope: Scope, receive: Receive, send: Send) -> None:
+async def _timed_serve(
+    handler: Handler, scope: Scope, receive: Receive, send: Send, front: bool = False
+) -> None:
     start = time.perf_counter()
     status = 500
     try:
-        status = await _serve(handler, scope, receive, send)
+        status = await _serve(handler, scope, receive, send, front)
     finally:
         m.REQUEST(scope["path"], scope["method"], str(status)).observe(time.perf_counter() - start)
 
@@ -218,7 +220,9 @@ class ServingMiddleware:
             m.REQUEST(route, method, str(code["status"])).observe(time.perf_counter() - start)
 
 
-async def _serve(handler: Handler, scope: Scope, receive: Receive, send: Send) -> int:
+async def _serve(
+    handler: Handler, scope: Scope, receive: Receive, send: Send, front: bool = False
+) -> int:
     headers: dict[str, str] = {}
     for k, v in scope["headers"]:  # the first of repeated headers, as Starlette's .get
         headers.setdefault(k.decode("latin-1"), v.decode("latin-1"))
@@ -232,11 +236,14 @@ async def _serve(handler: Handler, scope: Scope, receive: Receive, send: Send) -
             if not message.get("more_body", False):
                 return
 
-    # the request's ID and its header, unless the app's front door gave it one already
-    # (a fast route answered in the stack, as `ctr bench-path` measures)
+    # the request's ID: at the front door (`front`) always its own, from its header or
+    # drawn, whatever CURRENT holds (a task can inherit a finished request's: uvicorn
+    # starts a pipelined request's task inside the previous one's send); a fast route
+    # answered inside the stack (`ctr bench-path`) has the one the front door gave it,
+    # and its header
     rid = CURRENT.get()
     raw = None
-    if rid is None:
+    if front or rid is None:
         rid = request_id(headers.get("x-request-id"))
         raw = rid.encode()
     token = CURRENT.set(rid)

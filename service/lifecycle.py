@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import gc
 import logging
 from collections.abc import Coroutine
@@ -25,8 +26,9 @@ async def load(state: State, version: str | None) -> LoadedModel:
     event loop, then swap it in; on failure the serving model, if any, stays, the error
     is logged and counted, and it is raised (``BundleError``/``ProviderError``)."""
     try:
+        # in this context: the load's log lines name the request that asked for it
         model = await asyncio.get_running_loop().run_in_executor(
-            None, load_model, state.settings, version
+            None, contextvars.copy_context().run, load_model, state.settings, version
         )
     except Exception as exc:
         # anything else a bundle made the load raise (a bug's exception type included) is

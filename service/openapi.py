@@ -42,7 +42,7 @@ def id_limits(node: Any, max_len: int) -> None:
                     form["maxLength"] = max_len
                 elif isinstance(form, dict) and form.get("type") == "integer":
                     form["description"] = (
-                        f"used as its decimal string (13 is \"13\"), which may be at most "
+                        f'used as its decimal string (13 is "13"), which may be at most '
                         f"{max_len} characters, a leading '-' included"
                     )
         for v in node.values():

@@ -92,7 +92,9 @@ class LogFormatter(logging.Formatter):
 def install_log_records() -> None:
     """Every log record made from now on, by any logger, carries ``request_id``: the ID of
     the request being served where it was made (the event loop's task), else None. Log
-    formats can show it as ``%(request_id)s``; :class:`LogFormatter` does. Idempotent."""
+    formats can show it as ``%(request_id)s``; :class:`LogFormatter` does. Idempotent.
+    (So ``extra={"request_id": ...}`` cannot be passed to a log call: logging refuses
+    to overwrite a record's attribute.)"""
     prior = logging.getLogRecordFactory()
     if getattr(prior, "ctr_request_id", False):
         return

@@ -127,9 +127,7 @@ def test_a_bug_on_the_front_door_answers_and_is_raised_like_the_route(
                         c.post("/v1/score", json=body)
                 else:
                     r = c.post("/v1/score", json=body)
-                    answers.append(
-                        (r.status_code, comparable(r.json()), r.headers["content-type"])
-                    )
+                    answers.append((r.status_code, comparable(r.json()), r.headers["content-type"]))
                 assert m.ERRORS.labels("internal")._value.get() == before + 1
                 monkeypatch.undo()
     assert answers[0] == answers[1] == answers[2]

@@ -5,17 +5,22 @@ replaced; and the service's log lines about a request name it."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import re
+import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.requestid import LogFormatter, given
+from service.requestid import CURRENT, LogFormatter, given
 from tests.helpers import Built, build_and_load, settings_for
 from tests.redis_proc import free_port
 from training.bench_path import fast_path_in_stack, without_fast_path
@@ -195,3 +200,86 @@ def test_given_takes_plain_tokens_only() -> None:
     assert given("a") == "a" and given("!#$%&'()*+,-./:;<=>?@[]^_`{|}~") is not None
     for bad in (None, "", " a", "a\tb", 'a"b', "a\\b", "é", "a\x7f", "x" * 201):
         assert given(bad) is None, bad
+
+
+async def _asgi_score(app: Any, headers: list[tuple[bytes, bytes]]) -> tuple[list[bytes], str]:
+    """One scoring request straight through ASGI: its X-Request-ID headers and the body's
+    ``request_id``."""
+    body = b'{"user_id": "u0", "candidates": [{"item_id": "i1"}]}'
+    sent: list[Any] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/v1/score", "raw_path": b"/v1/score", "query_string": b"",
+        "root_path": "", "headers": headers, "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }  # fmt: skip
+    await app(scope, receive, send)
+    ids = [v for k, v in sent[0]["headers"] if k == b"x-request-id"]
+    return ids, json.loads(b"".join(m.get("body", b"") for m in sent[1:]))["request_id"]
+
+
+@pytest.mark.parametrize("wrap", list(WRAPS))
+def test_a_request_in_a_finished_requests_context_gets_its_own_id(built: Built, wrap: str) -> None:
+    """uvicorn starts a pipelined request's task inside the previous one's ``send`` (and
+    after a large body, from inside its task), so the task inherits that request's
+    context: its ID must not be taken for the new request's."""
+    app = WRAPS[wrap](create_app(settings_for(built)))
+
+    async def main() -> list[tuple[list[bytes], str]]:
+        async with app.router.lifespan_context(app):
+            CURRENT.set("stale")  # what such a task inherits
+            return [
+                await _asgi_score(app, []),
+                await _asgi_score(app, [(b"x-request-id", b"mine")]),
+            ]
+
+    (drawn, drawn_body), (mine, mine_body) = asyncio.run(main())
+    assert len(drawn) == 1 and drawn[0].decode() == drawn_body != "stale"
+    assert DRAWN.fullmatch(drawn_body)
+    assert mine == [b"mine"] and mine_body == "mine"
+
+
+def test_a_reloads_model_load_logs_the_requests_id(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The load runs on another thread, in the request's context."""
+    with caplog.at_level(logging.INFO):
+        caplog.clear()
+        r = client.post(
+            "/admin/reload", json={}, headers={"X-API-Key": "k", "X-Request-ID": "rl-9"}
+        )
+        assert r.status_code == 200, r.text
+    loaded = [x for x in caplog.records if x.name == "ctr.model" and x.threadName != "MainThread"]
+    assert loaded and {x.request_id for x in loaded} == {"rl-9"}  # type: ignore[attr-defined]
+
+
+def test_the_service_log_shows_the_id_by_default(tmp_path: Path) -> None:
+    """``create_app`` on an interpreter whose logging is not set up yet (as under
+    ``ctr serve``): its lines end with the request's ID, and those made outside a request
+    have none."""
+    code = textwrap.dedent(
+        f"""
+        import logging
+        from service.app import create_app
+        from service.requestid import CURRENT
+        from service.settings import Settings
+        create_app(Settings(models_dir={str(tmp_path)!r}, model_name="m"))
+        log = logging.getLogger("ctr.service")
+        log.warning("outside")
+        CURRENT.set("r-42")
+        log.warning("inside")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    lines = done.stderr.splitlines()
+    assert "WARNING:ctr.service:outside" in lines
+    assert "WARNING:ctr.service:inside request_id=r-42" in lines
