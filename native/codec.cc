@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 #include <random>
+#include <string>
 #include <vector>
 
 namespace {
@@ -447,6 +448,395 @@ __attribute__((visibility("default"))) int64_t ctr_scan_candidates(
     return scan_candidates(body, len, max_id_len, max_n, out, out_cap, where);
   } catch (...) {  // std::bad_alloc: the caller parses the body whole
     return 0;
+  }
+}
+
+}  // extern "C"
+
+// ---------------------------------------------------------------------------------
+// Repeated keys: any request body, at any depth.
+//
+// RFC 8259 leaves an object with a key twice undefined, and every parser the service
+// uses keeps the last one: ``{"user_id": "a", ..., "user_id": "b"}`` would score user b.
+// The service answers such a body with a 422 naming the key's path instead. This walks
+// the whole body once, in document order, and reports the first key that repeats one
+// before it in the same object. Keys compare by their decoded text: raw bytes where a
+// key has no escape (UTF-8 decodes one way only), the escapes decoded as Python's json
+// module decodes them where it has (a surrogate pair to one code point, a lone
+// surrogate to its three "surrogatepass" bytes). Objects of up to kLinearKeys keys
+// compare each new key with the ones before; a larger one moves to a hash table, so a
+// body of 100k keys in one object takes linear time, not quadratic. The caller has
+// already parsed the body: malformed JSON is only reported as "cannot tell".
+
+namespace {
+
+constexpr int64_t kCannotTell = -1;
+constexpr size_t kMaxDepth = 2048;   // past orjson's 1024: parsed bodies never reach it
+constexpr size_t kLinearKeys = 16;   // objects of more keys use the table
+
+struct Key {
+  const char* p;  // in the body, or in the decoded copy of an escaped key
+  int64_t len;
+  uint64_t hash;  // set when the key goes into the table
+};
+
+struct Frame {
+  int64_t index;      // an array's current position
+  size_t keys_start;  // an object's keys: keys[keys_start...], its current key last
+  uint64_t serial;    // an object's number in this body (1, 2, ...); 0 for an array
+  bool object;
+  bool big;           // its keys are in the table
+};
+
+struct Slot {
+  uint64_t serial;  // the object it belongs to; 0: free
+  size_t key;       // its index in keys
+};
+
+inline bool same(const Key& a, const Key& b) {
+  return a.len == b.len && std::memcmp(a.p, b.p, static_cast<size_t>(a.len)) == 0;
+}
+
+inline uint64_t fnv(const char* p, int64_t n) {
+  uint64_t h = kFnvBasis;
+  for (int64_t i = 0; i < n; ++i) h = (h ^ static_cast<unsigned char>(p[i])) * kFnvPrime;
+  return h;
+}
+
+int hex4(const char* p, uint32_t* v) {
+  *v = 0;
+  for (int i = 0; i < 4; ++i) {
+    char ch = p[i];
+    uint32_t d;
+    if (ch >= '0' && ch <= '9') d = ch - '0';
+    else if (ch >= 'a' && ch <= 'f') d = ch - 'a' + 10;
+    else if (ch >= 'A' && ch <= 'F') d = ch - 'A' + 10;
+    else return 0;
+    *v = *v << 4 | d;
+  }
+  return 1;
+}
+
+char* put_utf8(char* o, uint32_t cp) {  // surrogates too, as "surrogatepass" writes them
+  if (cp < 0x80) {
+    *o++ = static_cast<char>(cp);
+  } else if (cp < 0x800) {
+    *o++ = static_cast<char>(0xC0 | cp >> 6);
+    *o++ = static_cast<char>(0x80 | (cp & 0x3F));
+  } else if (cp < 0x10000) {
+    *o++ = static_cast<char>(0xE0 | cp >> 12);
+    *o++ = static_cast<char>(0x80 | (cp >> 6 & 0x3F));
+    *o++ = static_cast<char>(0x80 | (cp & 0x3F));
+  } else {
+    *o++ = static_cast<char>(0xF0 | cp >> 18);
+    *o++ = static_cast<char>(0x80 | (cp >> 12 & 0x3F));
+    *o++ = static_cast<char>(0x80 | (cp >> 6 & 0x3F));
+    *o++ = static_cast<char>(0x80 | (cp & 0x3F));
+  }
+  return o;
+}
+
+// The escaped string [s, e) decoded to o (never longer than its escaped form); the end
+// of what was written, or nullptr for an escape JSON does not have.
+char* unescape(const char* s, const char* e, char* o) {
+  while (s < e) {
+    char ch = *s++;
+    if (ch != '\\') {
+      *o++ = ch;
+      continue;
+    }
+    if (s >= e) return nullptr;
+    switch (*s++) {
+      case '"': *o++ = '"'; break;
+      case '\\': *o++ = '\\'; break;
+      case '/': *o++ = '/'; break;
+      case 'b': *o++ = '\b'; break;
+      case 'f': *o++ = '\f'; break;
+      case 'n': *o++ = '\n'; break;
+      case 'r': *o++ = '\r'; break;
+      case 't': *o++ = '\t'; break;
+      case 'u': {
+        uint32_t cp, lo;
+        if (e - s < 4 || !hex4(s, &cp)) return nullptr;
+        s += 4;
+        // a high surrogate and a low one escaped right after it: one code point, as
+        // Python's json joins them (any other surrogate stays alone)
+        if (cp >= 0xD800 && cp < 0xDC00 && e - s >= 6 && s[0] == '\\' && s[1] == 'u' &&
+            hex4(s + 2, &lo) && lo >= 0xDC00 && lo < 0xE000) {
+          cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+          s += 6;
+        }
+        o = put_utf8(o, cp);
+        break;
+      }
+      default:
+        return nullptr;
+    }
+  }
+  return o;
+}
+
+// Where the string whose text starts at p ends (its closing quote), 8 bytes at a time
+// where it can; nullptr when it does not end. *escaped: it holds a backslash.
+inline const char* string_end(const char* p, const char* end, bool* escaped) {
+  for (;;) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    constexpr uint64_t kOnes = 0x0101010101010101ull, kHigh = 0x8080808080808080ull;
+    while (end - p >= 8) {
+      uint64_t v;
+      std::memcpy(&v, p, 8);
+      const uint64_t q = v ^ (kOnes * '"'), b = v ^ (kOnes * '\\');
+      // the high bit of each byte that is zero in q or b: the lowest one set is the first
+      // quote or backslash (a borrow only ever marks bytes above a real one)
+      const uint64_t hit = (((q - kOnes) & ~q) | ((b - kOnes) & ~b)) & kHigh;
+      if (hit) {
+        p += __builtin_ctzll(hit) >> 3;
+        break;
+      }
+      p += 8;
+    }
+#endif
+    while (p < end && *p != '"' && *p != '\\') ++p;
+    if (p >= end) return nullptr;
+    if (*p == '"') return p;
+    *escaped = true;
+    p += 2;  // the backslash and the character it escapes
+    if (p > end) return nullptr;
+  }
+}
+
+// The bytes that end a number or a literal.
+const struct Delimiters {
+  bool at[256] = {};
+  Delimiters() {
+    for (unsigned char ch : {',', '}', ']', ' ', '\t', '\n', '\r', ':', '"', '{', '['})
+      at[ch] = true;
+  }
+} kDelimiters;
+
+class DuplicateFinder {
+ public:
+  DuplicateFinder(const char* body, int64_t len) : c_{body, body + len}, len_(len) {
+    keys_.clear();
+    frames_.clear();
+  }
+
+  // 0: no object repeats a key; > 0: the first repeat's path written to out, its
+  // length; kCannotTell otherwise.
+  int64_t run(char* out, int64_t out_cap) {
+    for (;;) {
+      // a value
+      c_.ws();
+      if (c_.p >= c_.end) return kCannotTell;
+      const char ch = *c_.p;
+      if (ch == '{' || ch == '[') {
+        if (frames_.size() >= kMaxDepth) return kCannotTell;
+        ++c_.p;
+        const bool object = ch == '{';
+        frames_.push_back({0, keys_.size(), object ? ++serials_ : 0, object, false});
+        c_.ws();
+        if (!c_.eat(object ? '}' : ']')) {
+          if (!object) continue;  // the array's first value
+          int64_t r = member(out, out_cap);
+          if (r != 0) return r;
+          continue;  // the member's value
+        }
+        frames_.pop_back();  // {} or []: a whole value
+      } else if (ch == '"') {
+        bool esc = false;
+        const char* e = string_end(c_.p + 1, c_.end, &esc);
+        if (e == nullptr) return kCannotTell;
+        c_.p = e + 1;
+      } else {  // a number or a literal (NaN and Infinity too, as Python's json reads)
+        const char* start = c_.p;
+        while (c_.p < c_.end && !kDelimiters.at[static_cast<unsigned char>(*c_.p)]) ++c_.p;
+        if (c_.p == start) return kCannotTell;
+      }
+      // after a value: close what ends here, then on to the next member or element
+      for (;;) {
+        c_.ws();
+        if (frames_.empty()) return c_.p == c_.end ? 0 : kCannotTell;
+        Frame& f = frames_.back();
+        if (c_.eat(',')) {
+          if (!f.object) {
+            ++f.index;
+            break;
+          }
+          int64_t r = member(out, out_cap);
+          if (r != 0) return r;
+          break;
+        }
+        if (!c_.eat(f.object ? '}' : ']')) return kCannotTell;
+        keys_.resize(f.keys_start);
+        frames_.pop_back();
+      }
+    }
+  }
+
+ private:
+  // A member's key and colon, in the innermost frame (an object): 0 when it is new,
+  // else what run() returns.
+  int64_t member(char* out, int64_t out_cap) {
+    c_.ws();
+    if (!c_.eat('"')) return kCannotTell;
+    bool esc = false;
+    const char* s = c_.p;
+    const char* e = string_end(s, c_.end, &esc);
+    if (e == nullptr) return kCannotTell;
+    c_.p = e + 1;
+    c_.ws();
+    if (!c_.eat(':')) return kCannotTell;
+    Key key{s, e - s, 0};
+    if (esc) {
+      // decoded into a copy sized for the whole body once: every decoded key is shorter
+      // than its escaped form, so the copy never moves and the pointers stay good
+      if (decoded_.empty()) decoded_.resize(static_cast<size_t>(len_));
+      char* o = unescape(s, e, decoded_.data() + used_);
+      if (o == nullptr) return kCannotTell;
+      key.p = decoded_.data() + used_;
+      key.len = o - key.p;
+      used_ += static_cast<size_t>(key.len);
+    }
+    Frame& f = frames_.back();
+    const size_t n = keys_.size() - f.keys_start;
+    if (!f.big && n < kLinearKeys) {
+      for (size_t k = f.keys_start; k < keys_.size(); ++k)
+        if (same(keys_[k], key)) return path(key, out, out_cap);
+      keys_.push_back(key);
+      return 0;
+    }
+    // room first: a table that grows holds the keys of the open objects, which is the
+    // set this key goes into (insert() never grows it)
+    if (!reserve(f.big ? 1 : n + 1)) return kCannotTell;
+    if (!f.big) {  // the object outgrows the linear compare: its keys go to the table
+      for (size_t k = f.keys_start; k < keys_.size(); ++k) {
+        keys_[k].hash = fnv(keys_[k].p, keys_[k].len);
+        if (insert(k, f.serial) != 0) return kCannotTell;  // (distinct: compared)
+      }
+      f.big = true;
+    }
+    key.hash = fnv(key.p, key.len);
+    keys_.push_back(key);
+    const int r = insert(keys_.size() - 1, f.serial);
+    if (r == 1) {
+      keys_.pop_back();
+      return path(key, out, out_cap);
+    }
+    return r == 0 ? 0 : kCannotTell;
+  }
+
+  // keys_[k] into the table under its object's serial: 0 when new, 1 when that object
+  // holds the key already, -1 after kMaxProbes probes. The table has room (reserve).
+  int insert(size_t k, uint64_t serial) {
+    const size_t mask = table_.size() - 1;
+    const Key& key = keys_[k];
+    size_t slot = mix(key.hash ^ serial * 0x9e3779b97f4a7c15ull) & mask;
+    for (int probes = 0; table_[slot].serial != 0; slot = (slot + 1) & mask) {
+      if (++probes > kMaxProbes) return -1;
+      const Slot& o = table_[slot];
+      if (o.serial == serial && keys_[o.key].hash == key.hash && same(keys_[o.key], key)) return 1;
+    }
+    table_[slot] = {serial, k};
+    ++used_slots_;
+    return 0;
+  }
+
+  // Room in the table for `extra` more keys at most half full: when there is not, a
+  // larger table with the keys of the open objects that use it (the closed ones'
+  // entries are dropped). False when a key took too many probes.
+  bool reserve(size_t extra) {
+    if (2 * (used_slots_ + extra) <= table_.size()) return true;
+    size_t size = 64;
+    while (size < 4 * (used_slots_ + extra)) size <<= 1;
+    table_.assign(size, Slot{0, 0});
+    used_slots_ = 0;
+    for (size_t j = 0; j < frames_.size(); ++j) {
+      if (!frames_[j].big) continue;
+      // an object's keys run up to where the next frame's start (its current key, whose
+      // value that frame is, included); the innermost one's to the end
+      const size_t stop = j + 1 < frames_.size() ? frames_[j + 1].keys_start : keys_.size();
+      for (size_t k = frames_[j].keys_start; k < stop; ++k)
+        if (insert(k, frames_[j].serial) != 0) return false;
+    }
+    return true;
+  }
+
+  // The path to `key`, the repeat, written to out: the enclosing members' keys joined
+  // by '.', array positions as [i], as the service names fields ("candidates[3].item_id");
+  // "" for a repeated top-level "" (a path is never empty). Its length, or kCannotTell
+  // when it does not fit.
+  int64_t path(const Key& key, char* out, int64_t out_cap) {
+    char* o = out;
+    char* end = out + out_cap;
+    bool first = true;
+    auto put_key = [&](const Key& k) {
+      if (end - o < k.len + 1) return false;
+      if (!first) *o++ = '.';
+      std::memcpy(o, k.p, static_cast<size_t>(k.len));
+      o += k.len;
+      first = false;
+      return true;
+    };
+    for (size_t j = 0; j + 1 < frames_.size(); ++j) {
+      const Frame& f = frames_[j];
+      if (f.object) {
+        if (!put_key(keys_[frames_[j + 1].keys_start - 1])) return kCannotTell;
+      } else {
+        if (end - o < 24) return kCannotTell;
+        *o++ = '[';
+        o = std::to_chars(o, o + 20, f.index).ptr;
+        *o++ = ']';
+        first = false;
+      }
+    }
+    if (!put_key(key)) return kCannotTell;
+    if (o == out) {
+      if (out_cap < 2) return kCannotTell;
+      *o++ = '"';
+      *o++ = '"';
+    }
+    return o - out;
+  }
+
+  Cursor c_;
+  int64_t len_;
+  uint64_t serials_ = 0;
+  std::string decoded_;  // escaped keys, decoded (allocated only for a body with one)
+  size_t used_ = 0;
+  size_t used_slots_ = 0;
+  // kept per thread, their memory reused from body to body (looked up once: each use
+  // of a thread_local in a shared library is a call)
+  std::vector<Key>& keys_ = thread_keys();      // the open objects' keys, in order
+  std::vector<Frame>& frames_ = thread_frames();  // the open objects and arrays
+  std::vector<Slot> table_;                       // big objects' keys (allocated for one)
+
+  static std::vector<Key>& thread_keys() {
+    thread_local std::vector<Key> keys;
+    return keys;
+  }
+  static std::vector<Frame>& thread_frames() {
+    thread_local std::vector<Frame> frames;
+    return frames;
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+// The first key in ``body`` (``len`` bytes of JSON the caller has parsed) that repeats an
+// earlier key of its object, in document order: its path written to ``out`` (members'
+// keys joined by '.', array positions as [i]; UTF-8, a lone surrogate as its three
+// "surrogatepass" bytes) and the path's length returned; 0 when no object repeats a
+// key; -1 when it cannot tell (not JSON, nested past 2048, a path longer than
+// ``out_cap``, a key that took too many probes): the caller checks it another way.
+__attribute__((visibility("default"))) int64_t ctr_duplicate_key(const char* body, int64_t len,
+                                                                 char* out, int64_t out_cap) {
+  if (len < 0 || out_cap < 0) return kCannotTell;
+  try {
+    return DuplicateFinder(body, len).run(out, out_cap);
+  } catch (...) {  // std::bad_alloc: no exception crosses into the caller (ctypes)
+    return kCannotTell;
   }
 }
 

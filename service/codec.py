@@ -12,6 +12,9 @@
   in the body's bytes and hands back the IDs and the body without it, in place of N
   dicts from orjson and their checks (``service.validate.score_input``); any other body
   is parsed whole, as without it.
+* :meth:`NativeCodec.duplicate_key`: the first key that an object of the body repeats,
+  by its path, in one pass over the bytes (``service.validate.check_duplicate_keys``,
+  which looks in Python where this cannot tell).
 
 ``ctr bench-path`` compares the two ways (N = 500: 0.4–1.0 ms of event-loop CPU less
 per request on this project's 2-core machine, docs/benchmarks.md "Session 14").
@@ -51,7 +54,8 @@ def items_python(ids: list[str], probs: np.ndarray, order: np.ndarray) -> list[d
 
 class NativeCodec:
     """``ctr_encode_items`` and ``ctr_scan_candidates`` from the library at ``path``
-    (raises ``OSError`` or ``AttributeError`` when it cannot be loaded or lacks them).
+    (raises ``OSError`` or ``AttributeError`` when it cannot be loaded or lacks them),
+    and ``ctr_rank`` and ``ctr_duplicate_key`` where it has them.
 
     Arrays go to C as bytes (``tobytes``: a copy of a few KB costs less than numpy's
     ``.ctypes`` pointer, ~1.5 µs each), and the output buffer is kept per thread.
@@ -78,6 +82,11 @@ class NativeCodec:
         if self._rank is not None:
             self._rank.restype = _I64
             self._rank.argtypes = [c_bytes, _I64, _I64, _PTR]
+        # and before the check for repeated keys (validate.check_duplicate_keys looks then)
+        self._dup = getattr(lib, "ctr_duplicate_key", None)
+        if self._dup is not None:
+            self._dup.restype = _I64
+            self._dup.argtypes = [c_bytes, _I64, _PTR, _I64]
         self._local = threading.local()
         self.path = path
 
@@ -107,6 +116,19 @@ class NativeCodec:
         if len(ids) != n:
             return None
         return Scanned(body[:start] + b"[]" + body[end:], ids, raw)
+
+    def duplicate_key(self, body: bytes) -> str | None:
+        """The path of the first key (in document order) in ``body`` (JSON the caller
+        has parsed) that repeats an earlier key of its object, e.g. ``context.age``;
+        "" when none repeats; None when the C walk cannot tell or the library predates
+        it (``service.validate.check_duplicate_keys`` then looks in Python)."""
+        if self._dup is None:
+            return None
+        buf = self._buffer(len(body) * 3 // 2 + 64)  # a path takes at most 1.5 bytes a byte
+        n = self._dup(body, len(body), buf, len(buf))
+        if n < 0:
+            return None
+        return ctypes.string_at(buf, n).decode("utf-8", "surrogatepass") if n else ""
 
     def rank(self, probs: np.ndarray, top_k: int | None) -> np.ndarray | None:
         """``order [K]``: the positions of the ``top_k`` (all when None) highest of
@@ -164,6 +186,16 @@ _CHECK_BODIES = [
     b'{"user_id":"u","candidates":[{"item_id":"a"}]}x',
     b'{"user_id":"u","candidates":[{"item_id":"a"}],"top_k":}',
     b'{"user_id":"u","candidates":[]}',
+    # repeated keys, refused alike on either path (the scan's rest, or the whole body)
+    b'{"user_id":"a","candidates":[{"item_id":"x"}],"user_id":"b"}',
+    b'{"user_id":1,"user_id":"a","candidates":[{"item_id":"x"}]}',
+    b'{"user_id":"u","candidates":[{"item_id":"x"}],"context":{"k":[{"a":1,"a":2}]}}',
+    b'{"user_id":"u","candidates":[{"item_id":"x"},{"item_id":"x","item_id":"y"}]}',
+    b'{"user_id":"u","candidates":[{"item_id":"x","features":{"p":1,"q":2,"p":3}}]}',
+    b'{"user_id":"u","user\\u005fid":"v","candidates":[{"item_id":"x"}]}',
+    b'{"user_id":"\\"user_id\\"","candidates":[{"item_id":"x","features":{"\\ud83d\\ude00":1,'
+    b'"\xf0\x9f\x98\x80":2}}]}',
+    b'{"":1,"":2}',
 ]
 
 

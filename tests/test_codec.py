@@ -172,6 +172,10 @@ def _nan_ranked(out: np.ndarray | None) -> np.ndarray | None:  # a NaN score ran
     return np.zeros(1, np.int64) if out is None else out
 
 
+def _no_repeat(out: str | None) -> str | None:  # a repeated key missed
+    return "" if out is not None else None
+
+
 @pytest.mark.parametrize(
     "method, tamper, says",
     [
@@ -180,6 +184,7 @@ def _nan_ranked(out: np.ndarray | None) -> np.ndarray | None:  # a NaN score ran
         ("scan", _raw_cut, "scanning"),
         ("rank", _order_reversed, "ranking"),
         ("rank", _nan_ranked, "ranking accepted"),
+        ("duplicate_key", _no_repeat, "scanning"),
     ],  # fmt: skip
 )
 def test_a_library_that_disagrees_is_not_used(
@@ -190,7 +195,7 @@ def test_a_library_that_disagrees_is_not_used(
     tamper: Callable[[Any], Any],
     says: str,
 ) -> None:
-    """A library whose output differs from the Python path's in any of its three
+    """A library whose output differs from the Python path's in any of its four
     functions is not used, and the log says why."""
     real = getattr(codec.NativeCodec, method)
 
