@@ -600,8 +600,8 @@ inline const char* string_end(const char* p, const char* end, bool* escaped) {
     if (p >= end) return nullptr;
     if (*p == '"') return p;
     *escaped = true;
-    p += 2;  // the backslash and the character it escapes
-    if (p > end) return nullptr;
+    if (end - p < 2) return nullptr;  // a backslash with nothing after it
+    p += 2;                           // the backslash and the character it escapes
   }
 }
 
@@ -746,8 +746,16 @@ class DuplicateFinder {
   // entries are dropped). False when a key took too many probes.
   bool reserve(size_t extra) {
     if (2 * (used_slots_ + extra) <= table_.size()) return true;
+    // sized for what the new table holds, the open big objects' keys: the closed ones'
+    // stale entries counted in used_slots_ would double it at every rebuild
+    size_t live = 0;
+    for (size_t j = 0; j < frames_.size(); ++j) {
+      if (!frames_[j].big) continue;
+      const size_t stop = j + 1 < frames_.size() ? frames_[j + 1].keys_start : keys_.size();
+      live += stop - frames_[j].keys_start;
+    }
     size_t size = 64;
-    while (size < 4 * (used_slots_ + extra)) size <<= 1;
+    while (size < 4 * (live + extra)) size <<= 1;
     table_.assign(size, Slot{0, 0});
     used_slots_ = 0;
     for (size_t j = 0; j < frames_.size(); ++j) {

@@ -84,6 +84,7 @@ from service.store import (
     make_client,
 )
 from service.validate import (
+    Scanner,
     check_numbers,
     has_surrogate,
     parse_event,
@@ -532,14 +533,16 @@ async def _read_json(
     header: Callable[[str], str | None],
     chunks: AsyncIterator[bytes],
     limit: int,
+    scanner: Scanner | None,
     empty: Any = ...,
 ) -> Any:
-    """The request body as JSON; ``header(name)`` reads a (lower-case) request header.
-    An empty body is an error unless ``empty`` is given: then it stands for the body."""
+    """The request body as JSON; ``header(name)`` reads a (lower-case) request header;
+    ``scanner``: the native codec, whose C walk looks for repeated keys (None: Python
+    does). An empty body is an error unless ``empty`` is given: then it stands for it."""
     body = await _read_body(header, chunks, limit)
     if not body and empty is not ...:
         return empty
-    return parse_json(body)
+    return parse_json(body, scanner)
 
 
 def _check_key(state: State, header: Callable[[str], str | None], admin: bool = False) -> None:
@@ -625,7 +628,9 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
     )
     async def events(request: Request) -> Response:
         _check_key(state, request.headers.get)
-        body = await _read_json(request.headers.get, request.stream(), s.max_body_bytes)
+        body = await _read_json(
+            request.headers.get, request.stream(), s.max_body_bytes, state.codec
+        )
         ev = parse_event(body, s.max_id_length)
         if ev.timestamp > time.time() + s.event_max_future_s:
             # the list is kept in time order: a behaviour from the future would stay the
@@ -791,7 +796,9 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
     async def reload(request: Request) -> Response:
         _check_key(state, request.headers.get, admin=True)  # before the body is looked at
         # no body means `{}`: the newest version
-        obj = await _read_json(request.headers.get, request.stream(), s.max_body_bytes, {})
+        obj = await _read_json(
+            request.headers.get, request.stream(), s.max_body_bytes, state.codec, {}
+        )
         try:
             version = ReloadRequest.model_validate(obj).version or "latest"
         except ValidationError as exc:

@@ -128,7 +128,12 @@ class NativeCodec:
         n = self._dup(body, len(body), buf, len(buf))
         if n < 0:
             return None
-        return ctypes.string_at(buf, n).decode("utf-8", "surrogatepass") if n else ""
+        if not n:
+            return ""
+        try:
+            return ctypes.string_at(buf, n).decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError:  # bytes that did not parse: let the Python walk say
+            return None
 
     def rank(self, probs: np.ndarray, top_k: int | None) -> np.ndarray | None:
         """``order [K]``: the positions of the ``top_k`` (all when None) highest of

@@ -175,6 +175,10 @@ def exact_json(body: bytes) -> Any:
     return json.loads(body.decode("utf-8", "surrogatepass"))
 
 
+# the longest repeated key's path an answer names; longer ones are cut
+MAX_FIELD = 300
+
+
 def check_duplicate_keys(body: bytes, obj: Any, scanner: Scanner | None) -> None:
     """:class:`BadRequest` naming the path of the first key (in document order) that
     repeats an earlier key of its object, anywhere in ``body`` (parsed: ``obj``), e.g.
@@ -190,6 +194,8 @@ def check_duplicate_keys(body: bytes, obj: Any, scanner: Scanner | None) -> None
         path = "" if _no_repeats(body, obj) else first_duplicate(body)
     if path:
         field = safe_field(path)
+        if len(field) > MAX_FIELD:  # a crafted key is not sent back whole
+            field = field[:MAX_FIELD] + "…"
         raise BadRequest(f"duplicate key {field!r}", field)
 
 
