@@ -162,6 +162,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from service.logs import uvicorn_log_config
     from service.settings import Settings
 
     s = Settings()
@@ -186,6 +187,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             port=args.port or s.port,
             workers=workers,
             log_level=s.log_level,
+            log_config=uvicorn_log_config(s.log_format),
             access_log=s.access_log,
             timeout_graceful_shutdown=10,
         )

@@ -25,7 +25,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ctr.bundle import BundleError
-from service import codec, lifecycle, tracking
+from service import codec, lifecycle, logs, tracking
 from service import hup as early_hup
 from service import metrics as m
 from service.callthreads import CallThreads
@@ -57,7 +57,6 @@ from service.requestid import (
     CURRENT,
     HEADER,
     REQUEST_IDS,
-    LogFormatter,
     install_log_records,
     request_id,
 )
@@ -336,7 +335,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     level = "DEBUG" if settings.log_level == "trace" else settings.log_level.upper()
     install_log_records()  # each record names the request it was made for
     handler = logging.StreamHandler()
-    handler.setFormatter(LogFormatter())
+    handler.setFormatter(logs.formatter(settings.log_format))
     logging.basicConfig(level=level, handlers=[handler])  # none if logging is set up
     state = State(settings)
 

@@ -72,27 +72,10 @@ def request_id(value: str | None) -> str:
     return given(value) or REQUEST_IDS.next()
 
 
-class LogFormatter(logging.Formatter):
-    """The service's log lines: ``LEVEL:logger:message``, then `` request_id=<id>`` for a
-    record made while a request was being served (see :func:`install_log_records`)."""
-
-    def __init__(self) -> None:
-        super().__init__("%(levelname)s:%(name)s:%(message)s")
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        rid = getattr(record, "request_id", None)
-        if rid is None:
-            return text
-        # before a traceback's lines, so that the request's line names it
-        head, sep, rest = text.partition("\n")
-        return f"{head} request_id={rid}{sep}{rest}"
-
-
 def install_log_records() -> None:
     """Every log record made from now on, by any logger, carries ``request_id``: the ID of
     the request being served where it was made (the event loop's task), else None. Log
-    formats can show it as ``%(request_id)s``; :class:`LogFormatter` does. Idempotent.
+    formats can show it as ``%(request_id)s``; ``service.logs``' formatters do. Idempotent.
     (So ``extra={"request_id": ...}`` cannot be passed to a log call: logging refuses
     to overwrite a record's attribute.)"""
     prior = logging.getLogRecordFactory()

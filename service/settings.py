@@ -224,6 +224,13 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
         "info", description="log level (`trace`: uvicorn's, and `debug` for the service's own)"
     )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="`text`: `LEVEL:logger:message request_id=<id>` (uvicorn's own lines "
+        "as uvicorn writes them, its access lines with the request's ID at the end); "
+        "`json`: every line one JSON object with time, level, logger, message and "
+        "request_id (access lines with client, method, path and status too)",
+    )
     access_log: bool = Field(
         True,
         description="`ctr serve`: uvicorn's access log, one line per request at `info` "
@@ -251,7 +258,7 @@ class Settings(BaseSettings):
             raise ValueError("holds control characters, which an X-API-Key header cannot carry")
         return v or None
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "log_format", mode="before")
     @classmethod
     def _level_any_case(cls, v: object) -> object:
         return v.strip().lower() if isinstance(v, str) else v

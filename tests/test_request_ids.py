@@ -20,7 +20,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.requestid import CURRENT, LogFormatter, given
+from service.logs import TextFormatter as LogFormatter
+from service.requestid import CURRENT, given
 from tests.helpers import Built, build_and_load, settings_for
 from tests.redis_proc import free_port
 from training.bench_path import fast_path_in_stack, without_fast_path
@@ -181,19 +182,6 @@ def test_a_500_names_its_request_in_body_header_and_log(
     lines = [x for x in caplog.records if "internal error" in x.getMessage()]
     assert [x.request_id for x in lines] == ["bug-7", "bug-8"]  # type: ignore[attr-defined]
     assert "KeyError" in lines[0].getMessage()
-
-
-def test_the_log_line_names_the_request_before_a_traceback() -> None:
-    try:
-        raise ValueError("x")
-    except ValueError:
-        record = logging.getLogger("t").makeRecord(
-            "t", logging.ERROR, __file__, 1, "failed", (), sys.exc_info()
-        )
-    record.request_id = "r-1"  # type: ignore[attr-defined]
-    first, _, rest = LogFormatter().format(record).partition("\n")
-    assert first == "ERROR:t:failed request_id=r-1"
-    assert rest.startswith("Traceback") and "ValueError: x" in rest
 
 
 def test_given_takes_plain_tokens_only() -> None:

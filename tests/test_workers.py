@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -100,6 +101,47 @@ def test_access_log_setting(built: Built, tmp_path: Path, access_log: str) -> No
     assert "model loaded name=" in out  # the service's own log at info either way
     assert out.count('"POST /v1/score HTTP/1.1" 200') == (3 if access_log == "true" else 0)
     assert metric(text, r'^ctr_request_duration_seconds_count\{.*route="/v1/score"') == 3
+
+
+@pytest.mark.parametrize("fmt,workers", [("text", "1"), ("json", "2")])
+def test_log_lines_name_their_request(
+    built: Built, tmp_path: Path, fmt: str, workers: str
+) -> None:
+    """CTR_LOG_FORMAT under `ctr serve`: the access line of a request (uvicorn's) names
+    its X-Request-ID, as the service's own lines do; with `json` every line of every
+    worker is one JSON object."""
+    port = free_port()
+    env = service_env(built, REDIS_URL, CTR_LOG_LEVEL="info", CTR_LOG_FORMAT=fmt,
+                      CTR_INTRA_OP_THREADS="1")  # fmt: skip
+    path = tmp_path / "serve.log"
+    body = {"user_id": "u1", "candidates": [{"item_id": "i1"}, {"item_id": "i2"}]}
+    with path.open("wb") as log:
+        proc = serve_process(port, env, "--workers", workers, log=log)
+        try:
+            for k in range(4):
+                r = httpx.post(f"http://127.0.0.1:{port}/v1/score", json=body, timeout=10,
+                               headers={"X-Request-ID": f"{fmt}-{k}"})  # fmt: skip
+                assert r.status_code == 200 and r.headers["x-request-id"] == f"{fmt}-{k}"
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if fmt == "text":
+        access = [line for line in lines if '"POST /v1/score HTTP/1.1" 200' in line]
+        assert [line.rsplit(" ", 1)[1] for line in access] == [
+            f"request_id=text-{k}" for k in range(4)
+        ]
+        assert any("model loaded name=" in line for line in lines)
+        return
+    docs = [json.loads(line) for line in lines]  # every line: one object
+    assert all({"time", "level", "logger", "message", "request_id"} <= d.keys() for d in docs)
+    access = [d for d in docs if d["logger"] == "uvicorn.access" and d["method"] == "POST"]
+    assert [(d["request_id"], d["method"], d["path"], d["status"]) for d in access] == [
+        (f"json-{k}", "POST", "/v1/score", 200) for k in range(4)
+    ]
+    loaded = [d for d in docs if d["message"].startswith("model loaded name=")]
+    assert len(loaded) == int(workers) and all(d["request_id"] is None for d in loaded)
+    assert any(d["logger"].startswith("uvicorn.error") for d in docs)  # uvicorn's own too
 
 
 def test_admin_reload_reaches_every_worker(built: Built, tmp_path: Path) -> None:

@@ -1,0 +1,95 @@
+"""The service's log lines: each one made while a request is served names it
+(``request_id``, see ``service.requestid``), as text (the default) or as one JSON object
+a line (``CTR_LOG_FORMAT=json``), for log stores that index fields.
+
+Text: the service's own lines are ``LEVEL:logger:message request_id=<id>``, uvicorn's as
+uvicorn writes them, its access lines with `` request_id=<id>`` at the end (uvicorn
+writes an access line as the response starts, inside the request). JSON: every line,
+uvicorn's included, is ``{"time", "level", "logger", "message", "request_id"}``, access
+lines with ``client``, ``method``, ``path`` and ``status`` too, and ``exc_info`` where
+a traceback goes with it."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from typing import Any, Literal
+
+import orjson
+from uvicorn.config import LOGGING_CONFIG
+from uvicorn.logging import AccessFormatter as UvicornAccessFormatter
+
+LogFormat = Literal["text", "json"]
+
+
+def with_id(text: str, record: logging.LogRecord) -> str:
+    """``text`` (a formatted record) with `` request_id=<id>`` at the end of its first
+    line (before a traceback's), where the record names a request."""
+    rid = getattr(record, "request_id", None)
+    if rid is None:
+        return text
+    head, sep, rest = text.partition("\n")
+    return f"{head} request_id={rid}{sep}{rest}"
+
+
+class TextFormatter(logging.Formatter):
+    """The service's own lines: ``LEVEL:logger:message``, then the request's ID."""
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s:%(name)s:%(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return with_id(super().format(record), record)
+
+
+class AccessFormatter(UvicornAccessFormatter):
+    """uvicorn's access line, then the request's ID."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return with_id(super().format(record), record)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line (see the module's docstring)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "request_id": getattr(record, "request_id", None),
+        }
+        args = record.args
+        if record.name == "uvicorn.access" and isinstance(args, tuple) and len(args) == 5:
+            client, method, path, _, status = args
+            doc.update(client=client, method=method, path=path, status=status)
+        if record.exc_info:
+            doc["exc_info"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            doc["stack_info"] = self.formatStack(record.stack_info)
+        try:
+            return orjson.dumps(doc, default=str).decode()
+        except TypeError:  # a lone surrogate in a message: json escapes it
+            return json.dumps(doc, default=str)
+
+
+def formatter(fmt: LogFormat) -> logging.Formatter:
+    """The service's formatter for ``CTR_LOG_FORMAT``."""
+    return JsonFormatter() if fmt == "json" else TextFormatter()
+
+
+def uvicorn_log_config(fmt: LogFormat) -> dict[str, Any]:
+    """uvicorn's own logging set-up (``ctr serve``), with access lines that name the
+    request, and every line JSON for ``json``."""
+    config = copy.deepcopy(LOGGING_CONFIG)
+    formatters = config["formatters"]
+    if fmt == "json":
+        formatters["default"] = {"()": f"{__name__}.JsonFormatter"}
+        formatters["access"] = {"()": f"{__name__}.JsonFormatter"}
+    else:
+        formatters["access"]["()"] = f"{__name__}.AccessFormatter"
+    return config
