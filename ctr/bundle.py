@@ -8,6 +8,7 @@ Torch-free.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -275,6 +276,9 @@ class Bundle:
     manifest: dict[str, Any]
     config: FeatureConfig
     mapper: FeatureMapper
+    # contract_digest(config, mapping, CONTRACT_KEY_V2), where the load computed it (a
+    # manifest read in a child process): not again here, holding the GIL
+    contract_v2: str | None = None
 
     @property
     def model_path(self) -> Path:
@@ -340,22 +344,67 @@ def _long_int(value: Any, where: str) -> str | None:
     return None
 
 
-def load_bundle(models_dir: str | Path, name: str, version: str | int = "latest") -> Bundle:
+def load_bundle(
+    models_dir: str | Path,
+    name: str,
+    version: str | int = "latest",
+    child_min_bytes: int = 0,
+) -> Bundle:
     """Resolve and validate a bundle. Raises :class:`BundleError` with a clear message if
-    the folder, the manifest or the model file is missing, unreadable or altered."""
+    the folder, the manifest or the model file is missing, unreadable or altered.
+
+    ``child_min_bytes`` > 0: a manifest of at least that size is read, checked and
+    digested in a child process (:mod:`ctr.manifest_proc`), so that this process's
+    other threads run meanwhile; the answer is the same."""
     v = resolve_version(models_dir, name, version)
     path = Path(models_dir) / name / str(v)
+    checked = None
+    if child_min_bytes > 0:
+        with contextlib.suppress(OSError):  # unreadable: read_manifest says so below
+            if (path / MANIFEST).stat().st_size >= child_min_bytes:
+                from ctr import manifest_proc
+
+                checked = manifest_proc.read(path / MANIFEST)
+    if checked is None:
+        manifest = read_checked_manifest(path / MANIFEST)
+        check_model_file(path, manifest)
+        config = check_manifest(manifest, path / MANIFEST)
+        own, digest = False, None
+    else:
+        if checked.error is not None and checked.error_first:
+            raise BundleError(checked.error)
+        manifest = checked.manifest
+        check_model_file(path, manifest)  # before the checks' error, as above
+        if checked.error is not None:
+            raise BundleError(checked.error)
+        config = FeatureConfig.model_validate(manifest["config"])  # the child checked it
+        own, digest = True, checked.contract_v2
     try:
-        manifest = read_manifest(path / MANIFEST)
+        mapper = FeatureMapper.from_json(config, manifest["mapping"], own=own)
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise BundleError(f"{path / MANIFEST}: invalid feature spec or mapping: {exc!r}") from exc
+    return Bundle(name, v, path, manifest, config, mapper, digest)
+
+
+def read_checked_manifest(path: Path) -> dict[str, Any]:
+    """The manifest at ``path``, parsed, an object of this format. Raises
+    :class:`BundleError` otherwise (load_bundle's first checks)."""
+    try:
+        manifest = read_manifest(path)
     except (OSError, ValueError, RecursionError) as exc:
         # ValueError: bad JSON, bytes that are not UTF-8, an integer past 64 bits;
         # RecursionError: nested too deep
-        raise BundleError(f"unreadable manifest {path / MANIFEST}: {exc!r}") from exc
+        raise BundleError(f"unreadable manifest {path}: {exc!r}") from exc
     if not isinstance(manifest, dict):
         kind = type(manifest).__name__
-        raise BundleError(f"unreadable manifest {path / MANIFEST}: a JSON {kind}, not an object")
+        raise BundleError(f"unreadable manifest {path}: a JSON {kind}, not an object")
     if manifest.get("format") != FORMAT_VERSION:
-        raise BundleError(f"{path / MANIFEST}: unsupported format {manifest.get('format')!r}")
+        raise BundleError(f"{path}: unsupported format {manifest.get('format')!r}")
+    return manifest
+
+
+def check_model_file(path: Path, manifest: dict[str, Any]) -> None:
+    """The bundle's model file at ``path`` is there and is the manifest's (its sha256)."""
     model = path / MODEL_FILE
     if not model.is_file():
         raise BundleError(f"model file missing: {model}")
@@ -367,16 +416,17 @@ def load_bundle(models_dir: str | Path, name: str, version: str | int = "latest"
         raise BundleError(
             f"model file {model} is corrupt: sha256 {digest[:12]}… does not match the manifest"
         )
+
+
+def check_manifest(manifest: dict[str, Any], path: Path) -> FeatureConfig:
+    """The manifest's feature spec, validated, and its mapping and other entries checked
+    against it (:func:`validate_manifest`). Raises :class:`BundleError` naming ``path``."""
     try:
         config = FeatureConfig.model_validate(manifest["config"])
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
-        raise BundleError(f"{path / MANIFEST}: invalid feature spec or mapping: {exc!r}") from exc
-    validate_manifest(manifest, config, path / MANIFEST)
-    try:
-        mapper = FeatureMapper.from_json(config, manifest["mapping"])
-    except (KeyError, ValueError, TypeError, AttributeError) as exc:
-        raise BundleError(f"{path / MANIFEST}: invalid feature spec or mapping: {exc!r}") from exc
-    return Bundle(name, v, path, manifest, config, mapper)
+        raise BundleError(f"{path}: invalid feature spec or mapping: {exc!r}") from exc
+    validate_manifest(manifest, config, path)
+    return config
 
 
 def _kind(value: object) -> str:

@@ -61,10 +61,13 @@ def stable_hash(token: str) -> int:
 class IdMapper:
     """Maps raw IDs of one embedding table to indices in ``[0, size)``."""
 
-    def __init__(self, spec: MappingSpec, vocab: dict[str, int] | None = None) -> None:
+    def __init__(
+        self, spec: MappingSpec, vocab: dict[str, int] | None = None, own: bool = False
+    ) -> None:
+        """``own``: keep ``vocab`` itself rather than a copy (the caller hands it over)."""
         self.spec = spec
         if spec.type == "vocab":
-            self.vocab: dict[str, int] = dict(vocab or {})
+            self.vocab: dict[str, int] = vocab if own and vocab is not None else dict(vocab or {})
             self.size = RESERVED + len(self.vocab)
         else:
             assert spec.buckets is not None
@@ -105,8 +108,9 @@ class IdMapper:
         return {"spec": self.spec.model_dump(), "vocab": self.vocab}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> IdMapper:
-        return cls(MappingSpec.model_validate(data["spec"]), data.get("vocab") or {})
+    def from_json(cls, data: dict[str, Any], own: bool = False) -> IdMapper:
+        """``own``: the mapper keeps ``data``'s vocab dict itself (no copy)."""
+        return cls(MappingSpec.model_validate(data["spec"]), data.get("vocab") or {}, own)
 
 
 def build_vocab(tokens: Iterable[Any], spec: MappingSpec) -> dict[str, int]:
@@ -154,5 +158,8 @@ class FeatureMapper:
         return {name: m.to_json() for name, m in self.tables.items()}
 
     @classmethod
-    def from_json(cls, config: FeatureConfig, data: dict[str, Any]) -> FeatureMapper:
-        return cls(config, {name: IdMapper.from_json(d) for name, d in data.items()})
+    def from_json(
+        cls, config: FeatureConfig, data: dict[str, Any], own: bool = False
+    ) -> FeatureMapper:
+        """``own``: the tables keep ``data``'s vocab dicts themselves (no copies)."""
+        return cls(config, {name: IdMapper.from_json(d, own) for name, d in data.items()})

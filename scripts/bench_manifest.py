@@ -11,6 +11,8 @@ times, best of ``--repeat``:
   ``v1``: what they wrote before);
 * the longest pause of a 1 ms ticker on an asyncio loop while the load and the digest
   run in a thread, as the service runs them: what a reload costs the requests in flight;
+  and the same with the manifest read in a child process (``ctr.manifest_proc``, what
+  the service does for a manifest of ``CTR_MANIFEST_CHILD_BYTES`` or more);
 * with ``--against ROOT`` (an older checkout, e.g. ``git worktree add /tmp/old REV``),
   the same ``load_bundle``, digest and pause as that checkout's code computes them, in a child
   process, on the same files, rounds interleaved; ratios new / old.
@@ -51,20 +53,26 @@ out["digest"] = best(lambda: b.contract_digest(m["config"], m["mapping"]))
 
 # the longest pause of a 1 ms ticker on an event loop while the load and the digest run
 # in a thread, as the service runs them (the GIL held in C calls pauses the loop)
-import asyncio
-def load_and_digest():
-    x = b.load_bundle(models, "din", 1).manifest
-    b.contract_digest(x["config"], x["mapping"])
-async def pause():
+import asyncio, inspect
+# a checkout whose load_bundle can read the manifest in a child process (ctr.manifest_proc)
+child = "child_min_bytes" in inspect.signature(b.load_bundle).parameters
+def load_and_digest(in_child=False):
+    x = b.load_bundle(models, "din", 1, **({"child_min_bytes": 1} if in_child else {}))
+    if getattr(x, "contract_v2", None) is None:  # as the service: the load's, if it made it
+        b.contract_digest(x.manifest["config"], x.manifest["mapping"])
+async def pause(in_child):
     loop = asyncio.get_running_loop()
-    job = loop.run_in_executor(None, load_and_digest)
+    job = loop.run_in_executor(None, load_and_digest, in_child)
     last, worst = time.perf_counter(), 0.0
     while not job.done():
         await asyncio.sleep(0.001)
         now = time.perf_counter(); worst = max(worst, now - last); last = now
     await job
     return worst
-out["pause"] = min(asyncio.run(pause()) for _ in range(reps))
+out["pause"] = min(asyncio.run(pause(False)) for _ in range(reps))
+if child:
+    out["load_child"] = best(lambda: load_and_digest(True))
+    out["pause_child"] = min(asyncio.run(pause(True)) for _ in range(reps))
 print(json.dumps(out))
 """
 
@@ -112,8 +120,11 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--against", type=Path, default=None, help="an older checkout's root")
-    ap.add_argument("--long-ids", action="store_true",
-                    help="vocabulary keys of 19 digits (64-bit IDs written as strings)")
+    ap.add_argument(
+        "--long-ids",
+        action="store_true",
+        help="vocabulary keys of 19 digits (64-bit IDs written as strings)",
+    )
     args = ap.parse_args()
 
     import orjson
@@ -160,6 +171,12 @@ def main() -> int:
     pause = best(new, "pause")
     print(f"  longest event-loop pause        {pause * ms:8.0f} ms   (a 1 ms ticker, the load "
           "in a thread)")  # fmt: skip
+    if "pause_child" in new[0]:
+        lc, pc = best(new, "load_child"), best(new, "pause_child")
+        print("read in a child process (load_bundle(..., child_min_bytes=1), as the service "
+              "reads a manifest of CTR_MANIFEST_CHILD_BYTES or more):")  # fmt: skip
+        print(f"  load_bundle + digest            {lc * ms:8.0f} ms   /in-process {lc / total:.2f}")
+        print(f"  longest event-loop pause        {pc * ms:8.0f} ms   /in-process {pc / pause:.3f}")
     if old:
         olb, otot = best(old, "load_bundle"), best(old, "load_bundle") + best(old, "digest")
         print(f"against {args.against}:")

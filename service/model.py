@@ -207,7 +207,10 @@ def run_outputs(
 def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
     """Load, check and warm up a bundle. Raises ``BundleError`` / ``ProviderError``."""
     bundle = load_bundle(
-        settings.models_dir, settings.model_name, version or settings.model_version
+        settings.models_dir,
+        settings.model_name,
+        version or settings.model_version,
+        child_min_bytes=settings.manifest_child_bytes,
     )
     so = session_options(settings)
     providers = choose_providers(settings.provider)
@@ -661,7 +664,9 @@ def check_contract(bundle: Bundle, session: ort.InferenceSession) -> None:
                  bundle.model_path)  # fmt: skip
         return
     stamped = meta[key]
-    have = contract_digest(bundle.manifest.get("config"), bundle.manifest.get("mapping"), key)
+    have = bundle.contract_v2 if key == CONTRACT_KEY_V2 else None  # the load's, if it made it
+    if have is None:
+        have = contract_digest(bundle.manifest.get("config"), bundle.manifest.get("mapping"), key)
     if have != stamped:
         raise BundleError(
             f"{bundle.model_path}: the manifest's feature spec and ID mapping are not the "

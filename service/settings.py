@@ -19,6 +19,13 @@ class Settings(BaseSettings):
     models_dir: str = Field("models", description="model store root")
     model_name: str = Field("din", description="bundle name under models_dir")
     model_version: str = Field("latest", description="a version number or 'latest'")
+    manifest_child_bytes: int = Field(
+        8_000_000,
+        ge=0,
+        description="a manifest of at least this many bytes (a vocabulary of a few hundred "
+        "thousand entries) is read, checked and digested in a child process at a load or "
+        "reload, so that the worker keeps serving meanwhile (0 = always in the worker)",
+    )
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL")
     redis_cluster: bool = Field(False, description="the URL names a Redis Cluster node")
     redis_timeout_ms: int = Field(50, gt=0, description="socket timeout per Redis call")

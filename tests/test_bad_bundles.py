@@ -155,9 +155,10 @@ def _buckets(folder: Path, table: str, buckets: int) -> None:
     _edit_manifest(folder, edit)
 
 
+@pytest.mark.parametrize("child", [0, 1], ids=["read here", "read in a child"])
 @pytest.mark.parametrize("buckets", [6000, 4000])
 def test_a_mapping_edited_after_the_export_does_not_serve(
-    two_versions: Built, buckets: int
+    two_versions: Built, buckets: int, child: int
 ) -> None:
     """DIN's user table has 5,002 rows: 6,000 buckets would index past it (a 500 for some
     users), 4,000 would score every user with another user's row, silently."""
@@ -167,10 +168,13 @@ def test_a_mapping_edited_after_the_export_does_not_serve(
     assert load_bundle(two_versions.models_dir, two_versions.config.name, 2).mapper
     _buckets(store / "2", "user_id", buckets)
     load_bundle(two_versions.models_dir, two_versions.config.name, 2)  # valid in itself
-    with TestClient(create_app(settings_for(two_versions, model_version="2"))) as c:
+    # the digest the child made (CTR_MANIFEST_CHILD_BYTES), or the one made here
+    on = {"manifest_child_bytes": child}
+    with TestClient(create_app(settings_for(two_versions, model_version="2", **on))) as c:
         error = c.get("/readyz").json()["model_error"]
         assert "not the ones this graph was exported with" in error, error
-    with TestClient(create_app(settings_for(two_versions, model_version="1", api_key="k"))) as c:
+    settings = settings_for(two_versions, model_version="1", api_key="k", **on)
+    with TestClient(create_app(settings)) as c:
         r = c.post("/admin/reload", json={"version": 2}, headers=KEY)
         assert r.status_code == 409 and r.json()["serving"] == "1", r.text
 

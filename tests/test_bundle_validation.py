@@ -158,9 +158,13 @@ def test_a_corrupt_manifest_is_a_bundle_error_naming_the_key(
     manifest = json.loads(path.read_text())
     key = damage(manifest)
     path.write_text(json.dumps(manifest))
-    with pytest.raises(BundleError) as err:
-        load_bundle(models, "m")
-    message = str(err.value)
+    messages = []
+    for child in (0, 1):  # read here, and in a child process (ctr.manifest_proc): the same
+        with pytest.raises(BundleError) as err:
+            load_bundle(models, "m", child_min_bytes=child)
+        messages.append(str(err.value))
+    message = messages[0]
+    assert messages[1] == message
     assert str(path) in message
     assert key in message
 
