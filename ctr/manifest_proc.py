@@ -56,7 +56,12 @@ def read(path: Path, timeout_s: float = 600.0) -> Checked | None:
     """The manifest at ``path`` read in a child process (see the module), or None when the
     child could not do it (logged): then read it here."""
     cmd = [sys.executable, "-m", __name__, str(path)]
-    with tempfile.TemporaryFile() as errors:  # a file: a pipe could fill and stall it
+    try:
+        errors = tempfile.TemporaryFile()  # a file: a pipe could fill and stall the child
+    except OSError as exc:  # no writable temporary folder (a read-only container)
+        log.warning("manifest %s read in-process: no temporary file (%s)", path, exc)
+        return None
+    with errors:
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=errors)  # fmt: skip

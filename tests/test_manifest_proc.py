@@ -112,6 +112,18 @@ def test_a_child_that_fails_leaves_the_read_to_this_process(
     assert "read in-process" in caplog.text
 
 
+def test_no_temporary_folder_leaves_the_read_to_this_process(
+    big: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refused() -> None:
+        raise FileNotFoundError("no usable temporary directory")
+
+    monkeypatch.setattr(manifest_proc.tempfile, "TemporaryFile", refused)
+    with caplog.at_level(logging.WARNING, "ctr.bundle"):
+        assert load_bundle(big, "din", 1, child_min_bytes=1).contract_v2 is None
+    assert "no temporary file" in caplog.text
+
+
 def _damage(folder: Path, edit: Any) -> None:
     path = folder / MANIFEST
     manifest = json.loads(path.read_text())
