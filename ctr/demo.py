@@ -143,10 +143,15 @@ def _readiness(base: str) -> str:
         return f"no answer ({exc})"
 
 
+class PortInUse(OSError):
+    """The demo's port is taken: wrong input, not a bug."""
+
+
 def run_demo(args: argparse.Namespace) -> int:
     if port_taken(args.port):  # before minutes of training: the service could not bind
-        raise SystemExit(
-            f"[demo] port {args.port} is in use (an earlier `--keep-serving` demo, `ctr serve` "
+        # an OSError: `ctr` prints it as one line and exits with status 2, as wrong input
+        raise PortInUse(
+            f"port {args.port} is in use (an earlier `--keep-serving` demo, `ctr serve` "
             "or `docker compose up`?): stop it or pass --port"
         )
     if args.data_root:
@@ -224,8 +229,15 @@ def run_demo(args: argparse.Namespace) -> int:
             )
             rank, iid, prob = item["rank"], item["item_id"], item["probability"]
             print(f"       {rank:>4}  {iid:<14} {prob:.4f}       {att}")
+        from service.store import redact
+
+        print(
+            f"[demo] to serve this bundle yourself (the log on your terminal): "
+            f"CTR_MODELS_DIR={env['CTR_MODELS_DIR']} CTR_MODEL_NAME={config.name} "
+            f"CTR_MODEL_VERSION={version} CTR_REDIS_URL={redact(redis_url)} .venv/bin/ctr serve"
+        )
         if args.keep_serving:
-            print(f"[demo] serving at {base} (Ctrl-C to stop)")
+            print(f"[demo] serving at {base} in the foreground (Ctrl-C to stop)")
             signal.signal(signal.SIGTERM, lambda *_: service.terminate() if service else None)
             try:
                 service.wait()

@@ -123,22 +123,30 @@ class ScoreInput:
 
 
 def long_integer(body: bytes) -> bool:
-    """Whether ``body`` holds an integer literal of 20 digits or more: orjson reads one
-    of 2**64 or more as a float, which would lose its digits (``99999999999999999999999``
-    would map as ``99999999999999991611392``) and slip past the 64-bit range check. Such
-    a body is parsed by ``json`` instead, exactly. A C-level pass finds twenty digits in
-    a row first (about 2 ns a byte); only then are they looked at as tokens, so that
-    digits in a string (a 20-digit ID) or in a fraction or exponent do not count."""
-    if body.translate(_DIGITS_TO_0).find(_TWENTY_0) < 0:
+    """Whether ``body`` holds an integer literal orjson may not read exactly: one of 20
+    digits or more, or a negative one of 19 (orjson reads an integer below -2**63 or of
+    2**64 or more as a float, which would lose its digits: ``99999999999999999999999``
+    would map as ``99999999999999991611392``, ``-9223372036854775809`` as
+    ``-9223372036854775808``, and slip past the 64-bit range check). Such a body is
+    parsed by ``json`` instead, exactly. C-level passes find twenty digits in a row, or a
+    minus and nineteen, first (about 2 ns a byte each); only then are they looked at as
+    tokens, so that digits in a string (a 20-digit ID) or in a fraction or exponent do
+    not count."""
+    digits = body.translate(_DIGITS_TO_0)
+    if digits.find(_TWENTY_0) < 0 and digits.find(_MINUS_19_0) < 0:
         return False
     return any(m.group(1) is not None for m in _INT_TOKEN.finditer(body))
 
 
 _DIGITS_TO_0 = bytes.maketrans(b"123456789", b"000000000")
 _TWENTY_0 = b"0" * 20
-# a string (skipped), or an integer literal of 20+ digits: not part of a number before
-# it (a fraction, an exponent) and not followed by one's fraction or exponent
-_INT_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|(?<![0-9.eE+\-])(-?[0-9]{20,})(?![0-9.eE])')
+_MINUS_19_0 = b"-" + b"0" * 19
+# a string (skipped), or an integer literal of 20+ digits or a negative one of 19: not
+# part of a number before it (a fraction, an exponent) and not followed by one's
+# fraction or exponent
+_INT_TOKEN = re.compile(
+    rb'"(?:[^"\\]|\\.)*"|(?<![0-9.eE+\-])(-?[0-9]{20,}|-[0-9]{19})(?![0-9.eE])'
+)
 
 
 def parse_json(body: bytes, scanner: Scanner | None = None) -> Any:

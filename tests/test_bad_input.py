@@ -80,6 +80,16 @@ ROWS: list[tuple[str, Any, int, str | None]] = [
      "features": {"cate_id": 10**24 - 1}}]}, 422, "candidates[0].features.cate_id"),
     ("25-digit integer in the context", {"user_id": "u1", "candidates": C,
      "context": {"user_age": 10**24}}, 422, "context.user_age"),
+    # a string value is held to the ID length, under a key the model ignores too
+    ("long string feature", {"user_id": "u1", "candidates": [{"item_id": "i1",
+     "features": {"cate_id": "c" * 257}}]}, 422, "candidates[0].features.cate_id"),
+    ("long string under an unused context key", {"user_id": "u1", "candidates": C,
+     "context": {"not_a_feature": "v" * 300}}, 422, "context.not_a_feature"),
+    # below -2**63 orjson reads a 19-digit literal as a float too (-2**63 - 1 as -2**63)
+    ("19-digit negative integer feature", {"user_id": "u1", "candidates": [{"item_id": "i1",
+     "features": {"cate_id": -(2**63) - 1}}]}, 422, "candidates[0].features.cate_id"),
+    ("19-digit negative integer in the context", {"user_id": "u1", "candidates": C,
+     "context": {"user_age": -(10**19) + 1}}, 422, "context.user_age"),
 ]  # fmt: skip
 
 
@@ -144,6 +154,10 @@ def test_malformed_json(client: TestClient) -> None:
         (b'{"x": 12345678901234567890.5}', False),  # a float's integer part
         (b'{"x": 1.5e000000000000000000003}', False),  # an exponent
         (b'{"x": 1234567890123456789}', False),  # 19 digits: orjson reads it exactly
+        (b'{"x": -9223372036854775809}', True),  # below -2**63: orjson would round it
+        (b'{"x": [-9999999999999999999]}', True),
+        (b'{"x": "-9223372036854775809"}', False),  # in a string
+        (b'{"x": -1234567890123456789.5}', False),  # a float's integer part
     ],
 )
 def test_only_integer_literals_of_20_digits_take_the_exact_parse(raw: bytes, long: bool) -> None:
@@ -342,6 +356,10 @@ EVENT_ROWS: list[tuple[str, Any, str]] = [
     ("surrogate feature", {**EVENT, "features": {"cate_id": "\ud800"}}, "features.cate_id"),
     ("huge int feature", {**EVENT, "features": {"x": 10**400}}, "features.x"),
     ("25-digit integer feature", {**EVENT, "features": {"cate_id": 10**24}}, "features.cate_id"),
+    ("19-digit negative integer feature", {**EVENT, "features": {"cate_id": -(2**63) - 1}},
+     "features.cate_id"),
+    # held to the ID length before the size of all features (CTR_EVENT_MAX_BYTES)
+    ("long string feature", {**EVENT, "features": {"big": "b" * 5000}}, "features.big"),
     ("300-digit integer timestamp", {**EVENT, "timestamp": 10**300}, "timestamp"),
     ("timestamp past a float's range", {**EVENT, "timestamp": 10**400}, "timestamp"),
 ]

@@ -114,8 +114,8 @@ def test_demo_refuses_a_port_in_use_before_training(tmp_path: Path) -> None:
         port = held.getsockname()[1]
         out = ctr("demo", "--config", str(ROOT / "configs/synthetic_din.yaml"),
                   "--port", str(port), cwd=tmp_path)  # fmt: skip
-    assert out.returncode != 0
-    assert f"[demo] port {port} is in use" in out.stderr
+    assert out.returncode == 2  # wrong input: one line, status 2
+    assert f"ctr demo: error: PortInUse: port {port} is in use" in out.stderr
     assert not (tmp_path / "runs").exists()  # nothing was trained
 
 
