@@ -19,11 +19,13 @@ manifest in-process, as before."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import pickle
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -52,10 +54,18 @@ class Checked:
     contract_v2: str | None  # ctr.bundle.contract_digest's V2 form, where orjson wrote it
 
 
+# the folder this process imports ``ctr`` from: the child imports the same, and nothing
+# from its working folder (-P)
+ROOT = str(Path(__file__).resolve().parents[1])
+# this module's file: the child names the one it ran, which must be this one
+CODE = str(Path(__file__).resolve())
+CHILD = "import sys; sys.path.insert(0, sys.argv[1]); from ctr.manifest_proc import main; main()"
+
+
 def read(path: Path, timeout_s: float = 600.0) -> Checked | None:
     """The manifest at ``path`` read in a child process (see the module), or None when the
-    child could not do it (logged): then read it here."""
-    cmd = [sys.executable, "-m", __name__, str(path)]
+    child could not do it within ``timeout_s`` (logged): then read it here."""
+    cmd = [sys.executable, "-P", "-c", CHILD, ROOT, str(path)]
     try:
         errors = tempfile.TemporaryFile()  # a file: a pipe could fill and stall the child
     except OSError as exc:  # no writable temporary folder (a read-only container)
@@ -63,27 +73,36 @@ def read(path: Path, timeout_s: float = 600.0) -> Checked | None:
         return None
     with errors:
         try:
+            # its own process group: a Ctrl-C to the server's group is the server's to
+            # handle, not a reason for the read to fail and be done again here
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=errors)  # fmt: skip
+                                    stderr=errors, process_group=0)  # fmt: skip
         except OSError as exc:
             log.warning("manifest %s read in-process: no child process (%s)", path, exc)
             return None
         assert proc.stdout is not None
         checked: Checked | None = None
         why: object = None
+        # a child that neither writes nor ends is killed: the read ends at EOF then
+        killed = threading.Event()
+        deadline = threading.Timer(timeout_s, lambda: (killed.set(), proc.kill()))
+        deadline.start()
         try:
             checked = _receive(proc.stdout)
         except (EOFError, OSError, pickle.UnpicklingError, ValueError, TypeError, KeyError,
                 AttributeError, IndexError) as exc:  # fmt: skip
             why = exc
         finally:
+            deadline.cancel()
             proc.stdout.close()
             try:
                 proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
+                killed.set()
                 proc.kill()
                 proc.wait()
-                checked, why = None, f"no exit within {timeout_s} s"
+            if killed.is_set():
+                checked, why = None, f"killed after {timeout_s} s"
         if checked is None or proc.returncode != 0:
             errors.seek(0)
             text = errors.read().decode("utf-8", "replace").strip()
@@ -94,15 +113,26 @@ def read(path: Path, timeout_s: float = 600.0) -> Checked | None:
     return checked
 
 
+class _PlainUnpickler(pickle.Unpickler):
+    """Built-in values only (dicts, lists, strings, numbers, None): the stream never
+    needs a class, so none is loaded, whoever wrote it."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"{module}.{name}: not a plain value")
+
+
 def _receive(stream: BinaryIO) -> Checked:
-    head = pickle.load(stream)
+    unpickler = _PlainUnpickler(stream)
+    head = unpickler.load()
     if not isinstance(head, dict) or head.get("tag") != TAG:
         raise ValueError("not this version's stream")
+    if head.get("code") != CODE:  # the child ran this very module
+        raise ValueError(f"the child ran {head.get('code')!r}, not {CODE!r}")
     manifest = head["manifest"]
     for table, pieces in head["pieces"].items():
         vocab: dict[str, int] = {}
         for _ in range(pieces):
-            vocab.update(pickle.load(stream))  # one piece a step: the GIL can move on
+            vocab.update(unpickler.load())  # one piece a step: the GIL can move on
         manifest["mapping"][table]["vocab"] = vocab
     return Checked(manifest, head["error"], head["error_first"], head["contract_v2"])
 
@@ -135,28 +165,30 @@ def _send(path: Path, out: BinaryIO) -> None:
                                      CONTRACT_KEY_V2)  # fmt: skip
         except (TypeError, ValueError):  # orjson refuses the text: the parent digests
             digest = None
-    pieces: dict[str, list[dict[str, int]]] = {}
+    pieces: dict[str, dict[str, int]] = {}
     if manifest is not None and error is None:
         for table, entry in manifest["mapping"].items():
             vocab = entry.get("vocab")
             if isinstance(vocab, dict) and len(vocab) > CHUNK:
-                items = list(vocab.items())
-                pieces[table] = [dict(items[i : i + CHUNK]) for i in range(0, len(items), CHUNK)]
+                pieces[table] = vocab
                 entry["vocab"] = None
     head = {
         "tag": TAG,
+        "code": CODE,
         "manifest": manifest,
-        "pieces": {t: len(p) for t, p in pieces.items()},
+        "pieces": {t: -(-len(v) // CHUNK) for t, v in pieces.items()},
         "error": error,
         "error_first": first,
         "contract_v2": digest,
     }
     pickle.dump(head, out, protocol=pickle.HIGHEST_PROTOCOL)
-    for p in pieces.values():
-        for piece in p:
+    for vocab in pieces.values():
+        items = iter(vocab.items())
+        while piece := dict(itertools.islice(items, CHUNK)):  # one piece in memory at a time
             pickle.dump(piece, out, protocol=pickle.HIGHEST_PROTOCOL)
     out.flush()
 
 
-if __name__ == "__main__":
-    _send(Path(sys.argv[1]), sys.stdout.buffer)
+def main() -> None:
+    """The child: ``sys.argv[2]`` is the manifest's path (``argv[1]``: the import root)."""
+    _send(Path(sys.argv[2]), sys.stdout.buffer)

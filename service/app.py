@@ -337,6 +337,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     handler = logging.StreamHandler()
     handler.setFormatter(logs.formatter(settings.log_format))
     logging.basicConfig(level=level, handlers=[handler])  # none if logging is set up
+    logs.route_stray_output(settings.log_format)
     state = State(settings)
 
     @contextlib.asynccontextmanager

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import threading
 import time
 from typing import Any, Literal
 
@@ -55,14 +56,21 @@ class JsonFormatter(logging.Formatter):
     """One JSON object a line (see the module's docstring)."""
 
     def format(self, record: logging.LogRecord) -> str:
+        try:
+            message = record.getMessage()
+            bad = None
+        except Exception as exc:  # a call whose arguments do not fit its format
+            message, bad = str(record.msg), f"{type(exc).__name__}: {exc}; args {record.args!r}"
         doc: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": message,
             "request_id": getattr(record, "request_id", None),
         }
+        if bad is not None:  # as a field: logging's own multi-line report is not JSON
+            doc["format_error"] = bad
         args = record.args
         if record.name == "uvicorn.access" and isinstance(args, tuple) and len(args) == 5:
             client, method, path, _, status = args
@@ -80,6 +88,32 @@ class JsonFormatter(logging.Formatter):
 def formatter(fmt: LogFormat) -> logging.Formatter:
     """The service's formatter for ``CTR_LOG_FORMAT``."""
     return JsonFormatter() if fmt == "json" else TextFormatter()
+
+
+def route_stray_output(fmt: LogFormat) -> None:
+    """With ``json``, what Python would write to stderr past logging goes through it
+    instead, as JSON lines: ``warnings`` (logger ``py.warnings``) and an exception that
+    ends a thread (logger ``ctr.thread``, with its traceback). Text leaves both as they
+    are."""
+    if fmt != "json":
+        return
+    logging.captureWarnings(True)
+    if getattr(threading.excepthook, "ctr_logs", False):
+        return
+
+    def excepthook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        exc_info = (args.exc_type, args.exc_value, args.exc_traceback)
+        logging.getLogger("ctr.thread").error(
+            "exception in thread %s",
+            name,
+            exc_info=exc_info,  # type: ignore[arg-type]
+        )
+
+    excepthook.ctr_logs = True  # type: ignore[attr-defined]
+    threading.excepthook = excepthook
 
 
 def uvicorn_log_config(fmt: LogFormat) -> dict[str, Any]:

@@ -3,10 +3,11 @@ code, and a real Redis database loaded by ``ctr load``'s code path."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -236,3 +237,26 @@ def until(check: Callable[[], bool], timeout: float = 10.0) -> bool:
 def wait_for(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
     """Poll ``check`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
     assert until(check, timeout), f"timed out waiting for {what}"
+
+
+@contextlib.contextmanager
+def child_answers() -> Iterator[list[Any]]:
+    """Every ``ctr.manifest_proc.read`` meanwhile must get the child's answer, not fall
+    back to the in-process read (which would make a comparison of the two pass whatever
+    the child did); yields the answers."""
+    from ctr import manifest_proc
+
+    real = manifest_proc.read
+    answers: list[Any] = []
+
+    def checked(path: Path, *args: Any, **kwargs: Any) -> Any:
+        got = real(path, *args, **kwargs)
+        assert got is not None, f"the child did not answer for {path}"
+        answers.append(got)
+        return got
+
+    manifest_proc.read = checked  # type: ignore[assignment]
+    try:
+        yield answers
+    finally:
+        manifest_proc.read = real  # type: ignore[assignment]

@@ -5,6 +5,7 @@ version before it) and answer a reload with 409 while the old version serves on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -32,7 +33,7 @@ from ctr.bundle import (
 )
 from service import lifecycle
 from service.app import create_app
-from tests.helpers import Built, build_bundle, settings_for
+from tests.helpers import Built, build_bundle, child_answers, settings_for
 
 KEY = {"X-API-Key": "k"}
 BODY = {"user_id": "u1", "candidates": [{"item_id": f"i{k}"} for k in range(5)]}
@@ -170,13 +171,19 @@ def test_a_mapping_edited_after_the_export_does_not_serve(
     load_bundle(two_versions.models_dir, two_versions.config.name, 2)  # valid in itself
     # the digest the child made (CTR_MANIFEST_CHILD_BYTES), or the one made here
     on = {"manifest_child_bytes": child}
-    with TestClient(create_app(settings_for(two_versions, model_version="2", **on))) as c:
+    settings = settings_for(two_versions, model_version="2", **on)
+    with answered(child), TestClient(create_app(settings)) as c:
         error = c.get("/readyz").json()["model_error"]
         assert "not the ones this graph was exported with" in error, error
     settings = settings_for(two_versions, model_version="1", api_key="k", **on)
-    with TestClient(create_app(settings)) as c:
+    with answered(child), TestClient(create_app(settings)) as c:
         r = c.post("/admin/reload", json={"version": 2}, headers=KEY)
         assert r.status_code == 409 and r.json()["serving"] == "1", r.text
+
+
+def answered(child: int) -> contextlib.AbstractContextManager[object]:
+    """With ``child``, every manifest read must be the child's answer (child_answers)."""
+    return child_answers() if child else contextlib.nullcontext()
 
 
 def _restamp(folder: Path, props: dict[str, str]) -> None:
@@ -205,13 +212,18 @@ def test_a_graph_stamped_the_older_way_is_checked_the_older_way(two_versions: Bu
     older = contract_digest(manifest["config"], manifest["mapping"], CONTRACT_KEY)
     assert older != contract_digest(manifest["config"], manifest["mapping"])  # two forms
     _restamp(store / "2", {CONTRACT_KEY: older})
-    with TestClient(create_app(settings_for(two_versions, model_version="2"))) as c:
-        assert c.get("/readyz").status_code == 200
-        assert c.post("/v1/score", json=BODY).status_code == 200
+    # the manifest read here, and in a child (whose digest is the V2 form: not used here)
+    for child in (0, 1):
+        settings = settings_for(two_versions, model_version="2", manifest_child_bytes=child)
+        with answered(child), TestClient(create_app(settings)) as c:
+            assert c.get("/readyz").status_code == 200
+            assert c.post("/v1/score", json=BODY).status_code == 200
     _buckets(store / "2", "user_id", 4000)
-    with TestClient(create_app(settings_for(two_versions, model_version="2"))) as c:
-        error = c.get("/readyz").json()["model_error"]
-        assert "not the ones this graph was exported with" in error, error
+    for child in (0, 1):
+        settings = settings_for(two_versions, model_version="2", manifest_child_bytes=child)
+        with answered(child), TestClient(create_app(settings)) as c:
+            error = c.get("/readyz").json()["model_error"]
+            assert "not the ones this graph was exported with" in error, error
 
 
 def test_an_export_whose_ids_orjson_refuses_is_stamped_the_older_way() -> None:

@@ -19,6 +19,7 @@ import pytest
 from ctr.bundle import MANIFEST, BundleError, load_bundle, validate_manifest
 from ctr.mapping import RESERVED
 from ctr.spec import FeatureConfig
+from tests.helpers import child_answers
 from training.export import export_bundle
 
 Manifest = dict[str, Any]
@@ -160,7 +161,7 @@ def test_a_corrupt_manifest_is_a_bundle_error_naming_the_key(
     path.write_text(json.dumps(manifest))
     messages = []
     for child in (0, 1):  # read here, and in a child process (ctr.manifest_proc): the same
-        with pytest.raises(BundleError) as err:
+        with child_answers(), pytest.raises(BundleError) as err:
             load_bundle(models, "m", child_min_bytes=child)
         messages.append(str(err.value))
     message = messages[0]

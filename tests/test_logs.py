@@ -7,8 +7,18 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
+import warnings
 
-from service.logs import AccessFormatter, JsonFormatter, TextFormatter, uvicorn_log_config
+import pytest
+
+from service.logs import (
+    AccessFormatter,
+    JsonFormatter,
+    TextFormatter,
+    route_stray_output,
+    uvicorn_log_config,
+)
 
 
 def record(
@@ -68,3 +78,38 @@ def test_uvicorns_set_up_takes_the_formatters() -> None:
     assert text["formatters"]["default"]["()"] == "uvicorn.logging.DefaultFormatter"
     assert {f["()"] for f in js["formatters"].values()} == {"service.logs.JsonFormatter"}
     assert text["loggers"] == js["loggers"]  # the same loggers, levels and handlers
+
+
+def test_a_call_whose_arguments_do_not_fit_is_still_one_json_line() -> None:
+    line = JsonFormatter().format(record("count %d", "not a number", request_id="r-3"))
+    doc = json.loads(line)
+    assert doc["message"] == "count %d" and doc["request_id"] == "r-3"
+    assert "TypeError" in doc["format_error"] and "not a number" in doc["format_error"]
+
+
+def test_json_mode_routes_warnings_and_thread_deaths_through_logging(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What Python writes to stderr past logging would not be JSON."""
+    hook = threading.excepthook
+    try:
+        route_stray_output("text")
+        assert threading.excepthook is hook  # text: as they were
+        route_stray_output("json")
+        with caplog.at_level(logging.WARNING):
+            warnings.warn("an old call", DeprecationWarning, stacklevel=1)
+
+            def die() -> None:
+                raise RuntimeError("thread fault")
+
+            t = threading.Thread(target=die, name="doomed")
+            t.start()
+            t.join()
+        by = {r.name: r for r in caplog.records}
+        assert "an old call" in by["py.warnings"].getMessage()
+        died = by["ctr.thread"]
+        assert died.getMessage() == "exception in thread doomed"
+        assert died.exc_info is not None and died.exc_info[0] is RuntimeError
+    finally:
+        threading.excepthook = hook
+        logging.captureWarnings(False)

@@ -29,7 +29,7 @@ from ctr.bundle import (
 )
 from ctr.spec import load_config, manifest_config
 from service.app import create_app
-from tests.helpers import Built, build_and_load, settings_for
+from tests.helpers import Built, build_and_load, child_answers, settings_for
 
 ROOT = Path(__file__).resolve().parents[1]
 BIG = 2 * manifest_proc.CHUNK + 123  # three pieces, the last a short one
@@ -72,7 +72,9 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_a_child_reads_what_this_process_reads(big: Path) -> None:
     here = load_bundle(big, "din", 1)
-    there = load_bundle(big, "din", 1, child_min_bytes=1)
+    with child_answers() as answers:
+        there = load_bundle(big, "din", 1, child_min_bytes=1)
+    assert len(answers) == 1
     assert there.manifest == here.manifest
     for name, table in here.mapper.tables.items():
         # the same entries in the same order, pieces joined
@@ -112,6 +114,33 @@ def test_a_child_that_fails_leaves_the_read_to_this_process(
     assert "read in-process" in caplog.text
 
 
+def test_a_child_that_hangs_is_killed_at_the_deadline(
+    big: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One that neither writes nor ends (a wedged interpreter) would hold the load, and a
+    worker's shutdown, for good."""
+    stuck = tmp_path / "stuck"
+    stuck.write_text("#!/bin/sh\nexec sleep 600\n")
+    stuck.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(stuck))
+    with caplog.at_level(logging.WARNING, "ctr.bundle"):
+        assert manifest_proc.read(big / "din" / "1" / MANIFEST, timeout_s=1.0) is None
+    assert "killed after 1.0 s" in caplog.text
+
+
+def test_the_stream_holds_plain_values_only() -> None:
+    """Whatever writes it, unpickling it loads no class (runs no code)."""
+    import io
+    import pickle
+
+    evil = pickle.dumps({"tag": manifest_proc.TAG, "x": Path("/")})
+    with pytest.raises(pickle.UnpicklingError, match="not a plain value"):
+        manifest_proc._receive(io.BytesIO(evil))
+    other = {"tag": manifest_proc.TAG, "code": "/elsewhere/ctr/manifest_proc.py"}
+    with pytest.raises(ValueError, match="the child ran"):
+        manifest_proc._receive(io.BytesIO(pickle.dumps(other)))
+
+
 def test_no_temporary_folder_leaves_the_read_to_this_process(
     big: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -132,10 +161,11 @@ def _damage(folder: Path, edit: Any) -> None:
 
 
 def _both(models: Path) -> list[str]:
-    """The BundleError message a load gives here and through a child."""
+    """The BundleError message a load gives here and through a child (which must answer:
+    a fallback to reading here would make the two agree whatever the child does)."""
     messages = []
     for child in (0, 1):
-        with pytest.raises(BundleError) as err:
+        with child_answers(), pytest.raises(BundleError) as err:
             load_bundle(models, "din", 1, child_min_bytes=child)
         messages.append(str(err.value))
     return messages
