@@ -79,30 +79,9 @@ print(json.dumps(out))
 
 def write_bundle(folder: Path, vocab: int, long_ids: bool = False) -> None:
     sys.path.insert(0, str(ROOT))
-    from ctr.bundle import FORMAT_VERSION, MANIFEST, MODEL_FILE, sha256_file
-    from ctr.spec import load_config, manifest_config
+    from training.big_manifest import write_big_bundle
 
-    config = load_config(ROOT / "configs" / "synthetic_din.yaml", {"name": "din"})
-    mapping = {}
-    for table in config.tables:
-        n = vocab if table.name == "item_id" else 50
-        spec = table.mapping
-        names = [str(10**18 + k) if long_ids else f"{table.name}:{k}" for k in range(n)]
-        entries = {name: k + 2 for k, name in enumerate(names)} if spec.type == "vocab" else {}
-        mapping[table.name] = {"spec": spec.model_dump(), "vocab": entries}
-    path = folder / "din" / "1"
-    path.mkdir(parents=True)
-    (path / MODEL_FILE).write_bytes(b"placeholder: load_bundle checks its sha256 only")
-    manifest = {
-        "format": FORMAT_VERSION,
-        "name": "din",
-        "version": 1,
-        "config": manifest_config(config),
-        "mapping": mapping,
-        "metrics": {"test": {"auc": 0.5}},
-        "onnx_sha256": sha256_file(path / MODEL_FILE),
-    }
-    (path / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    write_big_bundle(folder, vocab, long_ids)
 
 
 def child(root: Path, models: Path, reps: int) -> dict[str, float]:

@@ -19,50 +19,23 @@ from fastapi.testclient import TestClient
 from ctr import manifest_proc
 from ctr.bundle import (
     CONTRACT_KEY_V2,
-    FORMAT_VERSION,
     MANIFEST,
     MODEL_FILE,
     BundleError,
     contract_digest,
     load_bundle,
-    sha256_file,
 )
-from ctr.spec import load_config, manifest_config
 from service.app import create_app
 from tests.helpers import Built, build_and_load, child_answers, settings_for
+from training.big_manifest import write_big_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 BIG = 2 * manifest_proc.CHUNK + 123  # three pieces, the last a short one
 
 
 def write_bundle(models: Path, vocab: int) -> Path:
-    """A DIN bundle whose item_id vocabulary has ``vocab`` entries (shuffled indices) and
-    whose model file is a placeholder (``load_bundle`` checks its sha256 only)."""
-    config = load_config(ROOT / "configs" / "synthetic_din.yaml", {"name": "din"})
-    mapping = {}
-    for table in config.tables:
-        n = vocab if table.name == "item_id" else 40
-        ids = [(k * 7919) % n for k in range(n)]  # a permutation: every index once
-        entries = {f"{table.name}:{k}": i + 2 for k, i in enumerate(ids)}
-        spec = table.mapping
-        mapping[table.name] = {
-            "spec": spec.model_dump(),
-            "vocab": entries if spec.type == "vocab" else {},
-        }
-    path = models / "din" / "1"
-    path.mkdir(parents=True)
-    (path / MODEL_FILE).write_bytes(b"placeholder")
-    manifest = {
-        "format": FORMAT_VERSION,
-        "name": "din",
-        "version": 1,
-        "config": manifest_config(config),
-        "mapping": mapping,
-        "metrics": {"test": {"auc": 0.5}},
-        "onnx_sha256": sha256_file(path / MODEL_FILE),
-    }
-    (path / MANIFEST).write_text(json.dumps(manifest))
-    return path
+    """A DIN bundle whose item_id vocabulary has ``vocab`` entries, shuffled indices."""
+    return write_big_bundle(models, vocab, shuffled=True, others=40)
 
 
 @pytest.fixture(scope="module")
