@@ -359,12 +359,14 @@ def load_bundle(
     v = resolve_version(models_dir, name, version)
     path = Path(models_dir) / name / str(v)
     checked = None
+    size = 0
     if child_min_bytes > 0:
         with contextlib.suppress(OSError):  # unreadable: read_manifest says so below
-            if (path / MANIFEST).stat().st_size >= child_min_bytes:
-                from ctr import manifest_proc
+            size = (path / MANIFEST).stat().st_size
+    if child_min_bytes > 0 and size >= child_min_bytes:
+        from ctr import manifest_proc
 
-                checked = manifest_proc.read(path / MANIFEST)
+        checked = manifest_proc.read(path / MANIFEST)
     if checked is None:
         manifest = read_checked_manifest(path / MANIFEST)
         check_model_file(path, manifest)

@@ -231,11 +231,18 @@ def run_demo(args: argparse.Namespace) -> int:
             print(f"       {rank:>4}  {iid:<14} {prob:.4f}       {att}")
         from service.store import redact
 
-        print(
-            f"[demo] to serve this bundle yourself (the log on your terminal): "
+        serve = (
             f"CTR_MODELS_DIR={env['CTR_MODELS_DIR']} CTR_MODEL_NAME={config.name} "
             f"CTR_MODEL_VERSION={version} CTR_REDIS_URL={redact(redis_url)} .venv/bin/ctr serve"
         )
+        after = " once this demo has stopped" if args.keep_serving else ""
+        if redis_proc is None:  # the Redis it used stays, with the users loaded
+            print(f"[demo] to serve this bundle yourself{after}, its log on your terminal: "
+                  f"{serve}")  # fmt: skip
+        else:  # its own Redis stops with it: start one and load the users first
+            print(f"[demo] to serve this bundle yourself{after}: start Redis on "
+                  f"{redact(redis_url)}, load the users (.venv/bin/ctr load --bundle "
+                  f"{env['CTR_MODELS_DIR']}/{config.name}), then {serve}")  # fmt: skip
         if args.keep_serving:
             print(f"[demo] serving at {base} in the foreground (Ctrl-C to stop)")
             signal.signal(signal.SIGTERM, lambda *_: service.terminate() if service else None)

@@ -64,7 +64,8 @@ CHILD = "import sys; sys.path.insert(0, sys.argv[1]); from ctr.manifest_proc imp
 
 def read(path: Path, timeout_s: float = 600.0) -> Checked | None:
     """The manifest at ``path`` read in a child process (see the module), or None when the
-    child could not do it within ``timeout_s`` (logged): then read it here."""
+    child could not be used (no temporary file, no process, a stream that is not this
+    module's, a failed exit, no answer within ``timeout_s``; logged): then read it here."""
     cmd = [sys.executable, "-P", "-c", CHILD, ROOT, str(path)]
     try:
         errors = tempfile.TemporaryFile()  # a file: a pipe could fill and stall the child
@@ -83,7 +84,7 @@ def read(path: Path, timeout_s: float = 600.0) -> Checked | None:
         assert proc.stdout is not None
         checked: Checked | None = None
         why: object = None
-        # a child that neither writes nor ends is killed: the read ends at EOF then
+        # a child not done within timeout_s of its start is killed: the read ends at EOF
         killed = threading.Event()
         deadline = threading.Timer(timeout_s, lambda: (killed.set(), proc.kill()))
         deadline.start()

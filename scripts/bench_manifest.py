@@ -18,7 +18,7 @@ times, best of ``--repeat``:
   process, on the same files, rounds interleaved; ratios new / old.
 
 Usage: .venv/bin/python scripts/bench_manifest.py [--vocab 1000000] [--repeat 3]
-       [--against /tmp/old] [--long-ids]
+       [--rounds 2] [--against /tmp/old] [--long-ids]
 """
 
 from __future__ import annotations
@@ -138,6 +138,7 @@ def main() -> int:
 
     ms = 1e3
     keys = "19-digit keys" if args.long_ids else "keys like item_id:123"
+    print("command: .venv/bin/python scripts/bench_manifest.py " + " ".join(sys.argv[1:]))
     print(f"manifest: {len(raw) / 1e6:.1f} MB, item_id vocabulary {args.vocab:,} entries, {keys} "
           f"(best of {args.repeat}, {args.rounds} rounds, {elapsed:.0f} s)")  # fmt: skip
     print(f"  orjson.loads (the floor)        {floor * ms:8.0f} ms")

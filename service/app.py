@@ -56,7 +56,6 @@ from service.reloadbus import ReloadBus
 from service.requestid import (
     CURRENT,
     HEADER,
-    REQUEST_IDS,
     install_log_records,
     request_id,
 )
@@ -984,7 +983,7 @@ async def _score(
             item["attention"] = [{"item_id": hist[j], "weight": float(w[j])} for j in top]
     body = {
         "model": {"name": model.name, "version": model.version},
-        "request_id": CURRENT.get() or REQUEST_IDS.next(),
+        "request_id": CURRENT.get(),  # set where the request came in (_serve)
         "degraded": degraded,
         "cold_start": not prepared.found and not degraded,
         "items": items,

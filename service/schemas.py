@@ -8,6 +8,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ctr.bundle import version_of
+from service.requestid import MAX_LENGTH
 from service.validate import MAX_TIMESTAMP
 
 Scalar = str | int | float | bool | None
@@ -63,9 +64,9 @@ class ScoredItem(BaseModel):
 
 REQUEST_ID = (
     "the request's ID, also in the X-Request-ID response header: the request's own "
-    "X-Request-ID where it is 1 to 200 printable ASCII characters other than space, '\"' "
-    "and '\\', else one the service drew (32 hex characters); log lines about the "
-    "request end with request_id=<it>"
+    f"X-Request-ID where it is 1 to {MAX_LENGTH} printable ASCII characters other than "
+    "space, '\"' and '\\', else one the service drew (32 hex characters); log lines "
+    "about the request name it (request_id=<it>)"
 )
 
 

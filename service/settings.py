@@ -153,7 +153,12 @@ class Settings(BaseSettings):
     )
     max_candidates: int = Field(2000, gt=0, description="most candidates per request")
     max_body_bytes: int = Field(1_000_000, gt=0, description="request body size limit")
-    max_id_length: int = Field(256, gt=0, description="longest user/item ID accepted")
+    max_id_length: int = Field(
+        256,
+        gt=0,
+        description="longest user/item/event ID accepted, and longest string value of a "
+        "feature or context key",
+    )
     sequence_keep: int = Field(0, ge=0, description="events kept per user (0 = model's L)")
     sequence_event_types: str = Field(
         "", description="comma-separated event types appended to sequences (empty = all)"

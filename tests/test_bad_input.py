@@ -160,7 +160,7 @@ def test_malformed_json(client: TestClient) -> None:
         (b'{"x": -1234567890123456789.5}', False),  # a float's integer part
     ],
 )
-def test_only_integer_literals_of_20_digits_take_the_exact_parse(raw: bytes, long: bool) -> None:
+def test_only_literals_orjson_would_round_take_the_exact_parse(raw: bytes, long: bool) -> None:
     """The exact (slower) parse is for integer literals orjson would round; a 20-digit ID
     in a string or a long fraction keeps the fast one."""
     assert long_integer(raw) is long
@@ -508,3 +508,10 @@ def test_bodies_are_read_as_json_whatever_their_content_type(
     assert r.status_code == 202 and r.json()["appended"] is True, r.text
     bad = client.post("/v1/score", content=b'{"user_id": "u1"}', headers=headers)
     check(bad, 422, "candidates", "bad_request")
+
+
+def test_a_lone_surrogate_in_a_context_value_is_named(client: TestClient) -> None:
+    """Sent as JSON's escape (json.dumps writes it so; httpx cannot encode it raw)."""
+    body = {"user_id": "u1", "candidates": C, "context": {"not_a_feature": "\ud800"}}
+    r = client.post("/v1/score", content=json.dumps(body))
+    check(r, 422, "context.not_a_feature", "bad_request")

@@ -29,7 +29,6 @@ from service.app import create_app
 from tests.helpers import Built, build_and_load, child_answers, settings_for
 from training.big_manifest import write_big_bundle
 
-ROOT = Path(__file__).resolve().parents[1]
 BIG = 2 * manifest_proc.CHUNK + 123  # three pieces, the last a short one
 
 

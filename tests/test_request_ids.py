@@ -20,7 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.logs import TextFormatter as LogFormatter
+from service.logs import TextFormatter
 from service.requestid import CURRENT, given
 from tests.helpers import Built, build_and_load, settings_for
 from tests.redis_proc import free_port
@@ -152,13 +152,13 @@ def test_a_degraded_answer_is_logged_with_its_id(
         assert r.status_code == 200 and r.json()["degraded"] is True
         logged = [x for x in caplog.records if "redis fetch failed" in x.getMessage()]
         assert [x.request_id for x in logged] == ["deg-1"]  # type: ignore[attr-defined]
-        assert LogFormatter().format(logged[0]).endswith(" request_id=deg-1")
+        assert TextFormatter().format(logged[0]).endswith(" request_id=deg-1")
         # a record made outside any request carries None, and its line no ID
         outside = logging.getLogger("ctr.service").makeRecord(
             "ctr.service", logging.WARNING, __file__, 1, "idle", (), None
         )
         assert outside.request_id is None  # type: ignore[attr-defined]
-        assert LogFormatter().format(outside) == "WARNING:ctr.service:idle"
+        assert TextFormatter().format(outside) == "WARNING:ctr.service:idle"
 
 
 @pytest.mark.parametrize("wrap", list(WRAPS))
