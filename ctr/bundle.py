@@ -8,7 +8,6 @@ Torch-free.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -359,11 +358,7 @@ def load_bundle(
     v = resolve_version(models_dir, name, version)
     path = Path(models_dir) / name / str(v)
     checked = None
-    size = 0
-    if child_min_bytes > 0:
-        with contextlib.suppress(OSError):  # unreadable: read_manifest says so below
-            size = (path / MANIFEST).stat().st_size
-    if child_min_bytes > 0 and size >= child_min_bytes:
+    if child_min_bytes > 0 and _size(path / MANIFEST) >= child_min_bytes:
         from ctr import manifest_proc
 
         checked = manifest_proc.read(path / MANIFEST)
@@ -386,6 +381,14 @@ def load_bundle(
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
         raise BundleError(f"{path / MANIFEST}: invalid feature spec or mapping: {exc!r}") from exc
     return Bundle(name, v, path, manifest, config, mapper, digest)
+
+
+def _size(path: Path) -> int:
+    """A file's size; -1 when it cannot be read (read_manifest then says why)."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
 
 
 def read_checked_manifest(path: Path) -> dict[str, Any]:

@@ -243,25 +243,46 @@ struct Cursor {
   }
 };
 
+// Where the string whose text starts at p ends (its closing quote), 8 bytes at a time
+// where it can; nullptr when it does not end. *escaped: it holds a backslash.
+inline const char* string_end(const char* p, const char* end, bool* escaped) {
+  for (;;) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    constexpr uint64_t kOnes = 0x0101010101010101ull, kHigh = 0x8080808080808080ull;
+    while (end - p >= 8) {
+      uint64_t v;
+      std::memcpy(&v, p, 8);
+      const uint64_t q = v ^ (kOnes * '"'), b = v ^ (kOnes * '\\');
+      // the high bit of each byte that is zero in q or b: the lowest one set is the first
+      // quote or backslash (a borrow only ever marks bytes above a real one)
+      const uint64_t hit = (((q - kOnes) & ~q) | ((b - kOnes) & ~b)) & kHigh;
+      if (hit) {
+        p += __builtin_ctzll(hit) >> 3;
+        break;
+      }
+      p += 8;
+    }
+#endif
+    while (p < end && *p != '"' && *p != '\\') ++p;
+    if (p >= end) return nullptr;
+    if (*p == '"') return p;
+    *escaped = true;
+    if (end - p < 2) return nullptr;  // a backslash with nothing after it
+    p += 2;                           // the backslash and the character it escapes
+  }
+}
+
 // A string at c.p (on its opening quote); sets [s, e) to its raw bytes. escaped: it
 // holds a backslash. False when it does not end.
 bool skip_string(Cursor& c, const char** s, const char** e, bool* escaped) {
   if (!c.eat('"')) return false;
   *s = c.p;
   *escaped = false;
-  while (c.p < c.end) {
-    char ch = *c.p++;
-    if (ch == '"') {
-      *e = c.p - 1;
-      return true;
-    }
-    if (ch == '\\') {
-      *escaped = true;
-      if (c.p >= c.end) return false;
-      ++c.p;
-    }
-  }
-  return false;
+  const char* q = string_end(c.p, c.end, escaped);
+  if (q == nullptr) return false;
+  *e = q;
+  c.p = q + 1;
+  return true;
 }
 
 // Any JSON value, not validated (the caller's parser does that): only its end is found,
@@ -576,35 +597,6 @@ char* unescape(const char* s, const char* e, char* o) {
   return o;
 }
 
-// Where the string whose text starts at p ends (its closing quote), 8 bytes at a time
-// where it can; nullptr when it does not end. *escaped: it holds a backslash.
-inline const char* string_end(const char* p, const char* end, bool* escaped) {
-  for (;;) {
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-    constexpr uint64_t kOnes = 0x0101010101010101ull, kHigh = 0x8080808080808080ull;
-    while (end - p >= 8) {
-      uint64_t v;
-      std::memcpy(&v, p, 8);
-      const uint64_t q = v ^ (kOnes * '"'), b = v ^ (kOnes * '\\');
-      // the high bit of each byte that is zero in q or b: the lowest one set is the first
-      // quote or backslash (a borrow only ever marks bytes above a real one)
-      const uint64_t hit = (((q - kOnes) & ~q) | ((b - kOnes) & ~b)) & kHigh;
-      if (hit) {
-        p += __builtin_ctzll(hit) >> 3;
-        break;
-      }
-      p += 8;
-    }
-#endif
-    while (p < end && *p != '"' && *p != '\\') ++p;
-    if (p >= end) return nullptr;
-    if (*p == '"') return p;
-    *escaped = true;
-    if (end - p < 2) return nullptr;  // a backslash with nothing after it
-    p += 2;                           // the backslash and the character it escapes
-  }
-}
-
 // The bytes that end a number or a literal.
 const struct Delimiters {
   bool at[256] = {};
@@ -725,6 +717,12 @@ class DuplicateFinder {
     return r == 0 ? 0 : kCannotTell;
   }
 
+  // Where frame j's keys end: an object's run up to where the next frame's start (its
+  // current key, whose value that frame is, included); the innermost one's to the end.
+  size_t keys_end(size_t j) const {
+    return j + 1 < frames_.size() ? frames_[j + 1].keys_start : keys_.size();
+  }
+
   // keys_[k] into the table under its object's serial: 0 when new, 1 when that object
   // holds the key already, -1 after kMaxProbes probes. The table has room (reserve).
   int insert(size_t k, uint64_t serial) {
@@ -749,21 +747,15 @@ class DuplicateFinder {
     // sized for what the new table holds, the open big objects' keys: the closed ones'
     // stale entries counted in used_slots_ would double it at every rebuild
     size_t live = 0;
-    for (size_t j = 0; j < frames_.size(); ++j) {
-      if (!frames_[j].big) continue;
-      const size_t stop = j + 1 < frames_.size() ? frames_[j + 1].keys_start : keys_.size();
-      live += stop - frames_[j].keys_start;
-    }
+    for (size_t j = 0; j < frames_.size(); ++j)
+      if (frames_[j].big) live += keys_end(j) - frames_[j].keys_start;
     size_t size = 64;
     while (size < 4 * (live + extra)) size <<= 1;
     table_.assign(size, Slot{0, 0});
     used_slots_ = 0;
     for (size_t j = 0; j < frames_.size(); ++j) {
       if (!frames_[j].big) continue;
-      // an object's keys run up to where the next frame's start (its current key, whose
-      // value that frame is, included); the innermost one's to the end
-      const size_t stop = j + 1 < frames_.size() ? frames_[j + 1].keys_start : keys_.size();
-      for (size_t k = frames_[j].keys_start; k < stop; ++k)
+      for (size_t k = frames_[j].keys_start; k < keys_end(j); ++k)
         if (insert(k, frames_[j].serial) != 0) return false;
     }
     return true;

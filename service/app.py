@@ -143,14 +143,18 @@ class ScoringApp(FastAPI):
         if scope["type"] != "http":
             await super().__call__(scope, receive, send)
             return
-        handler = self.fast_routes.get((scope["method"], scope["path"]))
-        if handler is not None:
-            await _timed_serve(handler, scope, receive, send, True)
-            return
+        # always this request's own ID, whatever CURRENT held: a task can inherit a
+        # finished request's (uvicorn starts a pipelined request's task inside the
+        # previous one's send)
         rid = request_id(_header(scope, HEADER))
         token = CURRENT.set(rid)
+        send = _with_id(send, rid.encode())
         try:
-            await super().__call__(scope, receive, _with_id(send, rid.encode()))
+            handler = self.fast_routes.get((scope["method"], scope["path"]))
+            if handler is not None:
+                await _timed_serve(handler, scope, receive, send)
+            else:
+                await super().__call__(scope, receive, send)
         finally:
             CURRENT.reset(token)
 
@@ -174,13 +178,11 @@ def _with_id(send: Send, raw: bytes) -> Send:
     return send_with_id
 
 
-async def _timed_serve(
-    handler: Handler, scope: Scope, receive: Receive, send: Send, front: bool = False
-) -> None:
+async def _timed_serve(handler: Handler, scope: Scope, receive: Receive, send: Send) -> None:
     start = time.perf_counter()
     status = 500
     try:
-        status = await _serve(handler, scope, receive, send, front)
+        status = await _serve(handler, scope, receive, send)
     finally:
         m.REQUEST(scope["path"], scope["method"], str(status)).observe(time.perf_counter() - start)
 
@@ -219,9 +221,7 @@ class ServingMiddleware:
             m.REQUEST(route, method, str(code["status"])).observe(time.perf_counter() - start)
 
 
-async def _serve(
-    handler: Handler, scope: Scope, receive: Receive, send: Send, front: bool = False
-) -> int:
+async def _serve(handler: Handler, scope: Scope, receive: Receive, send: Send) -> int:
     headers: dict[str, str] = {}
     for k, v in scope["headers"]:  # the first of repeated headers, as Starlette's .get
         headers.setdefault(k.decode("latin-1"), v.decode("latin-1"))
@@ -235,42 +235,24 @@ async def _serve(
             if not message.get("more_body", False):
                 return
 
-    # the request's ID: at the front door (`front`) always its own, from its header or
-    # drawn, whatever CURRENT holds (a task can inherit a finished request's: uvicorn
-    # starts a pipelined request's task inside the previous one's send); a fast route
-    # answered inside the stack (`ctr bench-path`) has the one the front door gave it,
-    # and its header
-    rid = CURRENT.get()
-    raw = None
-    if front or rid is None:
-        rid = request_id(headers.get("x-request-id"))
-        raw = rid.encode()
-    token = CURRENT.set(rid)
+    # the request's ID (CURRENT) and its header: ScoringApp's, which comes in first
     try:
-        try:
-            response = await handler(headers.get, chunks())
-        except ServiceError as exc:
-            response = error_response(exc)
-        except ClientDisconnect:
-            return CLIENT_CLOSED  # nobody to answer; counted, not logged as a server error
-        except Exception as exc:
-            # a bug: the app's 500 (nothing has been sent yet), then raised for the
-            # server's log, as Starlette's error middleware does
-            response = internal_error_response(exc)
-            if raw is not None:
-                response.raw_headers.append((HEADER, raw))
-            await response(scope, receive, send)
-            # answered, logged and counted: not again by the error middleware of a stack
-            # this route was answered in (`ctr bench-path`)
-            with contextlib.suppress(AttributeError):
-                setattr(exc, ANSWERED, True)
-            raise
-        if raw is not None:
-            response.raw_headers.append((HEADER, raw))
-        await response(scope, receive, send)
-        return response.status_code
-    finally:
-        CURRENT.reset(token)
+        response = await handler(headers.get, chunks())
+    except ServiceError as exc:
+        response = error_response(exc)
+    except ClientDisconnect:
+        return CLIENT_CLOSED  # nobody to answer; counted, not logged as a server error
+    except Exception as exc:
+        # a bug: the app's 500 (nothing has been sent yet), then raised for the server's
+        # log, as Starlette's error middleware does
+        await internal_error_response(exc)(scope, receive, send)
+        # answered, logged and counted: not again by the error middleware of a stack
+        # this route was answered in (`ctr bench-path`)
+        with contextlib.suppress(AttributeError):
+            setattr(exc, ANSWERED, True)
+        raise
+    await response(scope, receive, send)
+    return response.status_code
 
 
 async def _shut_down(state: State, loop: asyncio.AbstractEventLoop) -> None:
