@@ -25,6 +25,7 @@ from ctr.bundle import (
     load_bundle,
 )
 from service.batcher import Batcher
+from service.graphfile import graph_source, loaded_from
 from service.nativerun import NativeRunError, NativeRunner, SessionSpec
 from service.precision import FP16_TOLERANCE, PrecisionError, fp16_bytes, probe_feeds
 from service.rowcache import ItemRowCache
@@ -383,10 +384,13 @@ def _session(
         if graphs:
             options["enable_cuda_graph"] = "1"
         chosen = [(CUDA, options), CPU]
-    try:
-        session = ort.InferenceSession(model_bytes, so, providers=chosen)
-    except Exception as exc:  # ORT raises its own exception types for bad graphs
-        raise BundleError(f"ONNX Runtime cannot load {bundle.model_path}: {exc}") from exc
+    # on CUDA, ORT's provider fallback re-reads the graph from its source: keep the bytes
+    with graph_source(model_bytes, as_file=CUDA not in providers) as source:
+        try:
+            session = ort.InferenceSession(source, so, providers=chosen)
+        except Exception as exc:  # ORT raises its own exception types for bad graphs
+            said = loaded_from(str(exc), source, str(bundle.model_path))
+            raise BundleError(f"ONNX Runtime cannot load {bundle.model_path}: {said}") from exc
     if keep:
         vars(session)["ctr_keep"] = tuple(keep)
     return session
