@@ -145,18 +145,17 @@ class ScoringApp(FastAPI):
             return
         # always this request's own ID, whatever CURRENT held: a task can inherit a
         # finished request's (uvicorn starts a pipelined request's task inside the
-        # previous one's send)
+        # previous one's send). Not reset on the way out: the server's own lines after
+        # the app returns or raises (uvicorn's traceback of a 500) are this request's,
+        # and the task ends with them.
         rid = request_id(_header(scope, HEADER))
-        token = CURRENT.set(rid)
+        CURRENT.set(rid)
         send = _with_id(send, rid.encode())
-        try:
-            handler = self.fast_routes.get((scope["method"], scope["path"]))
-            if handler is not None:
-                await _timed_serve(handler, scope, receive, send)
-            else:
-                await super().__call__(scope, receive, send)
-        finally:
-            CURRENT.reset(token)
+        handler = self.fast_routes.get((scope["method"], scope["path"]))
+        if handler is not None:
+            await _timed_serve(handler, scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -3,8 +3,9 @@
 a line (``CTR_LOG_FORMAT=json``), for log stores that index fields.
 
 Text: the service's own lines are ``LEVEL:logger:message request_id=<id>``, uvicorn's as
-uvicorn writes them, its access lines with `` request_id=<id>`` at the end (uvicorn
-writes an access line as the response starts, inside the request). JSON: every line,
+uvicorn writes them with `` request_id=<id>`` at the end of those made inside a request:
+its access lines (written as the response starts) and its traceback of an exception
+that reached it (written in the request's task, after the app raised). JSON: every line,
 uvicorn's included, is ``{"time", "level", "logger", "message", "request_id"}``, access
 lines with ``client``, ``method``, ``path`` and ``status`` too, and ``exc_info`` where
 a traceback goes with it."""
@@ -21,6 +22,7 @@ from typing import Any, Literal
 import orjson
 from uvicorn.config import LOGGING_CONFIG
 from uvicorn.logging import AccessFormatter as UvicornAccessFormatter
+from uvicorn.logging import DefaultFormatter as UvicornDefaultFormatter
 
 LogFormat = Literal["text", "json"]
 
@@ -47,6 +49,14 @@ class TextFormatter(logging.Formatter):
 
 class AccessFormatter(UvicornAccessFormatter):
     """uvicorn's access line, then the request's ID."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return with_id(super().format(record), record)
+
+
+class ServerFormatter(UvicornDefaultFormatter):
+    """uvicorn's other lines (start-up, its traceback of an exception that reached it),
+    then the request's ID where one was being served."""
 
     def format(self, record: logging.LogRecord) -> str:
         return with_id(super().format(record), record)
@@ -125,5 +135,6 @@ def uvicorn_log_config(fmt: LogFormat) -> dict[str, Any]:
         formatters["default"] = {"()": f"{__name__}.JsonFormatter"}
         formatters["access"] = {"()": f"{__name__}.JsonFormatter"}
     else:
+        formatters["default"]["()"] = f"{__name__}.ServerFormatter"
         formatters["access"]["()"] = f"{__name__}.AccessFormatter"
     return config

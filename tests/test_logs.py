@@ -15,6 +15,7 @@ import pytest
 from service.logs import (
     AccessFormatter,
     JsonFormatter,
+    ServerFormatter,
     TextFormatter,
     route_stray_output,
     uvicorn_log_config,
@@ -72,10 +73,25 @@ def test_the_text_line_names_the_request_before_a_traceback() -> None:
     assert TextFormatter().format(record("idle")) == "WARNING:ctr.service:idle"
 
 
+def test_uvicorns_own_lines_name_the_request_they_were_made_in() -> None:
+    try:
+        raise KeyError("x")
+    except KeyError:
+        r = record("Exception in ASGI application\n", name="uvicorn.error", request_id="e-1")
+        r.levelno, r.levelname, r.exc_info = logging.ERROR, "ERROR", sys.exc_info()
+    first, _, rest = (
+        ServerFormatter("%(levelprefix)s %(message)s", use_colors=False).format(r).partition("\n")
+    )
+    assert first == "ERROR:    Exception in ASGI application request_id=e-1"
+    assert "KeyError: 'x'" in rest
+    idle = record("Started server process", name="uvicorn.error")
+    assert ServerFormatter("%(message)s").format(idle) == "Started server process"
+
+
 def test_uvicorns_set_up_takes_the_formatters() -> None:
     text, js = uvicorn_log_config("text"), uvicorn_log_config("json")
     assert text["formatters"]["access"]["()"] == "service.logs.AccessFormatter"
-    assert text["formatters"]["default"]["()"] == "uvicorn.logging.DefaultFormatter"
+    assert text["formatters"]["default"]["()"] == "service.logs.ServerFormatter"
     assert {f["()"] for f in js["formatters"].values()} == {"service.logs.JsonFormatter"}
     assert text["loggers"] == js["loggers"]  # the same loggers, levels and handlers
 

@@ -184,6 +184,37 @@ def test_a_500_names_its_request_in_body_header_and_log(
     assert "KeyError" in lines[0].getMessage()
 
 
+@pytest.mark.parametrize("wrap", list(WRAPS))
+def test_uvicorns_traceback_of_a_500_names_its_request(
+    built: Built, wrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's own line about an exception that reached it (uvicorn logs it after
+    the app raised) is made in the request's task: it carries the request's ID."""
+    import httpx
+
+    from tests.server_thread import ServerThread
+
+    app = WRAPS[wrap](create_app(settings_for(built, native_runner=False)))
+    seen: list[logging.LogRecord] = []
+    catch = logging.Handler(logging.ERROR)
+    catch.emit = seen.append  # type: ignore[method-assign]
+    with ServerThread(app) as server:
+        logging.getLogger("uvicorn.error").addHandler(catch)
+        try:
+
+            def boom(*args: object, **kwargs: object) -> None:
+                raise KeyError("internal detail")
+
+            monkeypatch.setattr(app.state.ctr, "require_model", boom)
+            r = httpx.get(f"{server.url}/v1/models", headers={"X-Request-ID": "bug-9"})
+            ok = httpx.get(f"{server.url}/healthz", headers={"X-Request-ID": "fine-1"})
+        finally:
+            logging.getLogger("uvicorn.error").removeHandler(catch)
+    assert r.status_code == 500 and one_id(r) == "bug-9" and ok.status_code == 200
+    raised = [x for x in seen if x.exc_info and x.exc_info[0] is KeyError]
+    assert len(raised) == 1 and raised[0].request_id == "bug-9"  # type: ignore[attr-defined]
+
+
 def test_given_takes_plain_tokens_only() -> None:
     assert given("a") == "a" and given("!#$%&'()*+,-./:;<=>?@[]^_`{|}~") is not None
     for bad in (None, "", " a", "a\tb", 'a"b', "a\\b", "é", "a\x7f", "x" * 201):
