@@ -15,7 +15,9 @@ times, best of ``--repeat``:
   the service does for a manifest of ``CTR_MANIFEST_CHILD_BYTES`` or more);
 * with ``--against ROOT`` (an older checkout, e.g. ``git worktree add /tmp/old REV``),
   the same ``load_bundle``, digest and pause as that checkout's code computes them, in a child
-  process, on the same files, rounds interleaved; ratios new / old.
+  process, on the same files, rounds interleaved; ratios new / old;
+* the memory of one load in a fresh process, the manifest read there or in a child: the
+  process's peak and what it keeps, over its size before the load, and the child's peak.
 
 Usage: .venv/bin/python scripts/bench_manifest.py [--vocab 1000000] [--repeat 3]
        [--rounds 2] [--against /tmp/old] [--long-ids]
@@ -77,6 +79,40 @@ print(json.dumps(out))
 """
 
 
+# one load in a fresh process, the manifest read in it ("worker") or in a child process
+# ("child"): its memory, from /proc/self/status (VmHWM: its peak resident size; VmRSS).
+# The child's peak is ru_maxrss of the children: Linux carries a process's ru_maxrss
+# across fork and exec, so it is this process's size at the fork if that was larger
+MEMORY = r"""
+import json, resource, sys
+root, models, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+sys.path.insert(0, root)
+import ctr.bundle as b
+def status_mb(field):
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+before = status_mb("VmRSS")
+kept = b.load_bundle(models, "din", 1, child_min_bytes=1 if mode == "child" else 0)
+if kept.contract_v2 is None:
+    b.contract_digest(kept.manifest["config"], kept.manifest["mapping"])
+print(json.dumps({
+    "peak": status_mb("VmHWM") - before,
+    "kept": status_mb("VmRSS") - before,
+    "child_peak": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+}))
+"""
+
+
+def memory(models: Path, mode: str) -> dict[str, float]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run(
+        [sys.executable, "-c", MEMORY, str(ROOT), str(models), mode],
+        env=env, capture_output=True, text=True, check=True, cwd=ROOT,
+    )  # fmt: skip
+    return json.loads(res.stdout.splitlines()[-1])
+
+
 def write_bundle(folder: Path, vocab: int, long_ids: bool = False) -> None:
     sys.path.insert(0, str(ROOT))
     from training.big_manifest import write_big_bundle
@@ -127,10 +163,13 @@ def main() -> int:
         )
         new: list[dict[str, float]] = []
         old: list[dict[str, float]] = []
+        mem: dict[str, list[dict[str, float]]] = {"worker": [], "child": []}
         for _ in range(args.rounds):
             new.append(child(ROOT, models, args.repeat))
             if args.against is not None:
                 old.append(child(args.against.resolve(), models, args.repeat))
+            for mode, runs in mem.items():
+                runs.append(memory(models, mode))
         elapsed = time.perf_counter() - t0
 
     def best(runs: list[dict[str, float]], key: str) -> float:
@@ -157,6 +196,14 @@ def main() -> int:
               "reads a manifest of CTR_MANIFEST_CHILD_BYTES or more):")  # fmt: skip
         print(f"  load_bundle + digest            {lc * ms:8.0f} ms   /in-process {lc / total:.2f}")
         print(f"  longest event-loop pause        {pc * ms:8.0f} ms   /in-process {pc / pause:.3f}")
+    print("memory of one load in a fresh process (MB over its resident size before the load, "
+          "peaks from VmHWM; the child's from ru_maxrss; the highest of the rounds):")  # fmt: skip
+    for mode, runs in mem.items():
+        peak, kept = max(r["peak"] for r in runs), max(r["kept"] for r in runs)
+        line = f"  read in the {mode + ':':7s} the worker's peak +{peak:5.0f}, kept +{kept:5.0f}"
+        if mode == "child":
+            line += f", the child's own peak {max(r['child_peak'] for r in runs):5.0f}"
+        print(line)
     if old:
         olb, otot = best(old, "load_bundle"), best(old, "load_bundle") + best(old, "digest")
         print(f"against {args.against}:")
