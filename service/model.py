@@ -25,7 +25,7 @@ from ctr.bundle import (
     load_bundle,
 )
 from service.batcher import Batcher
-from service.graphfile import graph_source, loaded_from
+from service.graphfile import graph_source, loaded_from, sweep
 from service.nativerun import NativeRunError, NativeRunner, SessionSpec
 from service.precision import FP16_TOLERANCE, PrecisionError, fp16_bytes, probe_feeds
 from service.rowcache import ItemRowCache
@@ -207,6 +207,7 @@ def run_outputs(
 
 def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
     """Load, check and warm up a bundle. Raises ``BundleError`` / ``ProviderError``."""
+    sweep()  # graph files a killed worker left in TMPDIR (service.graphfile)
     bundle = load_bundle(
         settings.models_dir,
         settings.model_name,

@@ -6,7 +6,11 @@ are given as before."""
 from __future__ import annotations
 
 import errno
+import os
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -184,3 +188,50 @@ def test_a_reload_through_the_service_serves_from_files(
     before = {it["item_id"]: it["probability"] for it in want.json()["items"]}
     assert after.keys() == before.keys() and len(after) == 39
     assert max(abs(after[k] - before[k]) for k in after) < 1e-6
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_files_a_killed_worker_left_are_swept_at_the_next_load(
+    built: Built, tmp_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only old files of processes that are gone, named as the service names them."""
+    dead, hour_ago = _dead_pid(), time.time() - 3600
+    names = {
+        "orphan": f"{graphfile.PREFIX}{dead}-abc.onnx",
+        "young orphan": f"{graphfile.PREFIX}{dead}-young.onnx",
+        "alive": f"{graphfile.PREFIX}{os.getppid()}-abc.onnx",
+        "own": f"{graphfile.PREFIX}{os.getpid()}-abc.onnx",
+        "no pid": f"{graphfile.PREFIX}x-abc.onnx",
+        "other suffix": f"{graphfile.PREFIX}{dead}-abc.txt",
+        "someone else's": "model.onnx",
+    }
+    for key, name in names.items():
+        (tmp_dir / name).write_bytes(b"g")
+        if key != "young orphan":
+            os.utime(tmp_dir / name, (hour_ago, hour_ago))
+    (tmp_dir / f"{graphfile.PREFIX}{dead}-dir.onnx").mkdir()
+    os.utime(tmp_dir / f"{graphfile.PREFIX}{dead}-dir.onnx", (hour_ago, hour_ago))
+    with caplog.at_level("WARNING"):
+        model = load_model(settings_for(built))
+    _close(model)
+    left = {p.name for p in tmp_dir.iterdir()}
+    assert names["orphan"] not in left
+    assert left == {n for k, n in names.items() if k != "orphan"} | {
+        f"{graphfile.PREFIX}{dead}-dir.onnx"
+    }
+    assert "removed 1 temporary graph file(s)" in caplog.text
+    assert graphfile.sweep(now=time.time() + 2 * graphfile.ORPHAN_AGE_S) == 1  # now old
+
+
+def test_a_graph_file_is_named_for_its_process(tmp_dir: Path) -> None:
+    big = b"x" * graphfile.FILE_MIN_BYTES
+    with graphfile.graph_source(big) as source:
+        assert isinstance(source, str)
+        assert Path(source).name.startswith(f"{graphfile.PREFIX}{os.getpid()}-")
+        assert graphfile.sweep(now=time.time() + 10 * graphfile.ORPHAN_AGE_S) == 0  # own
+    assert list(tmp_dir.iterdir()) == []
