@@ -145,17 +145,18 @@ class ScoringApp(FastAPI):
             return
         # always this request's own ID, whatever CURRENT held: a task can inherit a
         # finished request's (uvicorn starts a pipelined request's task inside the
-        # previous one's send). Not reset on the way out: the server's own lines after
-        # the app returns or raises (uvicorn's traceback of a 500) are this request's,
-        # and the task ends with them.
+        # previous one's send)
         rid = request_id(_header(scope, HEADER))
-        CURRENT.set(rid)
+        token = CURRENT.set(rid)
         send = _with_id(send, rid.encode())
         handler = self.fast_routes.get((scope["method"], scope["path"]))
         if handler is not None:
             await _timed_serve(handler, scope, receive, send)
         else:
             await super().__call__(scope, receive, send)
+        # reset on a normal return only: an exception keeps the ID for the server's own
+        # lines about it, made in this task after the app raised (uvicorn's traceback)
+        CURRENT.reset(token)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -1,130 +1,109 @@
 """A graph's bytes handed to ONNX Runtime as a file, so that a reload does not stop the
 event loop.
 
-``ort.InferenceSession(model_bytes)`` copies the bytes twice while it holds the GIL
-(into a ``std::string``, then an ``istringstream``) and parses them there too: with a
-64 MB table, about 30 ms during which the worker's event loop answers nothing, once for
-every session a load makes (``scripts/bench_reload_pause.py``). Given a path, ONNX
-Runtime reads and parses the file in ``initialize_session``, with the GIL released.
+``ort.InferenceSession(model_bytes)`` copies the bytes (into a ``std::string``, then an
+``istringstream``) while it holds the GIL: with a 64 MB table, about 30 ms during which
+the worker's event loop answers nothing, once for every session a load makes
+(``scripts/bench_reload_pause.py``). Given a path, ONNX Runtime reads and parses the
+file with the GIL released.
 
-So a graph of at least :data:`FILE_MIN_BYTES` is written, exactly as checked, to a
-private temporary file (``tempfile.mkstemp``: mode 0600, a fresh name, in ``TMPDIR``),
-the session is made from its path, and the file is removed as soon as the session
-exists. Nothing reads the bundle's own file again, so what is served is what the
-loader checked. Where the file cannot be written (no space, a read-only ``TMPDIR``),
-the session is made from the bytes, as before, and the log says why.
+So a graph of at least :data:`FILE_MIN_BYTES` is written, exactly as the loader checked
+it, into an anonymous in-memory file (``memfd_create``), and the session is made from
+that file's ``/proc/self/fd`` path; the descriptor is closed once the session exists.
+The file has no name in any folder: nobody else can swap it or plant files beside it,
+and nothing is left behind when a worker dies mid-load. Nothing reads the bundle's own
+file again, so what is served is what was checked.
 
-A worker killed while it makes a session (the OOM killer during a large reload) leaves
-its file behind. The file's name carries the worker's PID, and every load first removes
-such files (:func:`sweep`) whose process is gone and that are at least
-:data:`ORPHAN_AGE_S` old (a process of another PID namespace sharing ``TMPDIR`` would
-look gone; no session takes that long to make from its file).
+The bytes are given as before where that file cannot be made (no ``memfd_create`` or
+``/proc``, as off Linux; no memory for it: the log says why), and for a graph that may
+name external data files (ONNX Runtime resolves those against the graph's folder, which
+would be ``/proc/self/fd``; given bytes, it refuses them as it always did).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
-import tempfile
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 log = logging.getLogger("ctr.model")
 
 # the GIL-held copies cost about 0.5 ms per MB here: 4 MB pauses the loop for about 2 ms
 FILE_MIN_BYTES = 4 << 20
-PREFIX = "ctr-graph-"
-ORPHAN_AGE_S = 120.0
+FD_PATH = "/proc/self/fd/"
+# TensorProto.external_data's entries are StringStringEntryProto: key (field 1) "location"
+EXTERNAL_MARK = b"\x0a\x08location"
+
+
+def _memmem() -> Callable[[bytes, int, bytes, int], int | None] | None:
+    """libc's ``memmem``, called without the GIL (a ``CDLL`` function); None without it."""
+    try:
+        find = ctypes.CDLL(None).memmem
+    except (OSError, AttributeError):
+        return None
+    find.restype = ctypes.c_void_p
+    find.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
+    return find  # type: ignore[no-any-return]
+
+
+_MEMMEM = _memmem()
+
+
+def supported() -> bool:
+    """Whether graphs can reach ONNX Runtime as in-memory files here."""
+    return hasattr(os, "memfd_create") and _MEMMEM is not None and os.path.isdir(FD_PATH)
 
 
 @contextmanager
 def graph_source(data: bytes, as_file: bool = True) -> Iterator[bytes | str]:
-    """What to give ``ort.InferenceSession``: the path of a temporary file holding
-    ``data``, removed when the block ends; ``data`` itself where ``as_file`` is false,
-    below :data:`FILE_MIN_BYTES`, or where the file cannot be written."""
-    if not as_file or len(data) < FILE_MIN_BYTES:
+    """What to give ``ort.InferenceSession``: the ``/proc/self/fd`` path of an in-memory
+    file holding ``data``, closed when the block ends; ``data`` itself where ``as_file``
+    is false, below :data:`FILE_MIN_BYTES`, where :func:`supported` is not, where
+    ``data`` may name external data, or where the file cannot be made."""
+    if not as_file or len(data) < FILE_MIN_BYTES or not supported():
+        yield data
+        return
+    if may_name_external_data(data):
+        log.info("graph given to ONNX Runtime as bytes: it may name external data files")
         yield data
         return
     try:
-        path = _written(data)
+        fd = _written(data)
     except OSError as exc:
         log.warning("graph given to ONNX Runtime as bytes (the event loop pauses): %s", exc)
         yield data
         return
     try:
-        yield path
+        yield f"{FD_PATH}{fd}"
     finally:
-        try:
-            os.unlink(path)
-        except OSError as exc:  # removed by someone else: nothing left to do
-            log.warning("temporary graph file %s: %s", path, exc)
+        os.close(fd)
 
 
-def _written(data: bytes) -> str:
-    """A new temporary file holding ``data``; its path. Raises ``OSError``."""
-    fd, path = tempfile.mkstemp(prefix=f"{PREFIX}{os.getpid()}-", suffix=".onnx")
+def may_name_external_data(data: bytes) -> bool:
+    """Whether ``data`` holds the bytes every external-data tensor holds (a ``location``
+    entry); other bytes may hold them too, by chance (then: a pause, never a wrong
+    load). A search without the GIL: about 10 ms for 64 MB here."""
+    assert _MEMMEM is not None
+    return _MEMMEM(data, len(data), EXTERNAL_MARK, len(EXTERNAL_MARK)) is not None
+
+
+def _written(data: bytes) -> int:
+    """A new in-memory file holding ``data``; its descriptor. Raises ``OSError``."""
+    fd = os.memfd_create("ctr-graph", os.MFD_CLOEXEC)
     try:
         view = memoryview(data)
         while view:  # os.write releases the GIL; a short write is retried
             view = view[os.write(fd, view) :]
     except BaseException:
         os.close(fd)
-        os.unlink(path)
         raise
-    os.close(fd)
-    return path
+    return fd
 
 
 def loaded_from(message: str, source: bytes | str, shown: str) -> str:
-    """ONNX Runtime's error ``message`` about a graph given as ``source``, with a
-    temporary file's path shown as ``shown`` (the bundle's own file): the file the
-    operator knows, not one that is gone."""
+    """ONNX Runtime's error ``message`` about a graph given as ``source``, with an
+    in-memory file's path shown as ``shown`` (the bundle's own file): the file the
+    operator knows."""
     return message.replace(source, shown) if isinstance(source, str) else message
-
-
-def sweep(now: float | None = None) -> int:
-    """Remove the temporary graph files in ``TMPDIR`` left by processes that are gone,
-    of :data:`ORPHAN_AGE_S` or more; how many. Never raises."""
-    now = time.time() if now is None else now
-    removed = 0
-    try:
-        with os.scandir(tempfile.gettempdir()) as entries:
-            for entry in entries:
-                if _orphan(entry, now):
-                    try:
-                        os.unlink(entry.path)
-                        removed += 1
-                    except OSError:  # gone meanwhile, or not ours to remove
-                        pass
-    except OSError as exc:
-        log.warning("temporary graph files not swept: %s", exc)
-    if removed:
-        log.warning("removed %d temporary graph file(s) left by a process that died", removed)
-    return removed
-
-
-def _orphan(entry: os.DirEntry[str], now: float) -> bool:
-    if not entry.name.startswith(PREFIX) or not entry.name.endswith(".onnx"):
-        return False
-    pid_text = entry.name[len(PREFIX) :].partition("-")[0]
-    if not pid_text.isdigit() or int(pid_text) == os.getpid():
-        return False
-    try:
-        if not entry.is_file(follow_symlinks=False):
-            return False
-        if now - entry.stat(follow_symlinks=False).st_mtime < ORPHAN_AGE_S:
-            return False
-    except OSError:
-        return False
-    return not _alive(int(pid_text))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):  # another user's process; a PID out of range
-        return True
-    return True

@@ -25,7 +25,7 @@ from ctr.bundle import (
     load_bundle,
 )
 from service.batcher import Batcher
-from service.graphfile import graph_source, loaded_from, sweep
+from service.graphfile import graph_source, loaded_from
 from service.nativerun import NativeRunError, NativeRunner, SessionSpec
 from service.precision import FP16_TOLERANCE, PrecisionError, fp16_bytes, probe_feeds
 from service.rowcache import ItemRowCache
@@ -207,7 +207,6 @@ def run_outputs(
 
 def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
     """Load, check and warm up a bundle. Raises ``BundleError`` / ``ProviderError``."""
-    sweep()  # graph files a killed worker left in TMPDIR (service.graphfile)
     bundle = load_bundle(
         settings.models_dir,
         settings.model_name,
@@ -392,6 +391,8 @@ def _session(
         except Exception as exc:  # ORT raises its own exception types for bad graphs
             said = loaded_from(str(exc), source, str(bundle.model_path))
             raise BundleError(f"ONNX Runtime cannot load {bundle.model_path}: {said}") from exc
+        if isinstance(source, str):  # its file is gone once made: no re-read on an EP fault
+            session.disable_fallback()
     if keep:
         vars(session)["ctr_keep"] = tuple(keep)
     return session

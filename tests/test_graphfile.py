@@ -1,16 +1,13 @@
-"""A graph of ``FILE_MIN_BYTES`` or more reaches ONNX Runtime as a private temporary file
+"""A graph of ``FILE_MIN_BYTES`` or more reaches ONNX Runtime as an in-memory file
 (``service.graphfile``): the sessions are the same, the file holds exactly the checked
-bytes and is gone once the session exists, and where no file can be written the bytes
-are given as before."""
+bytes and is closed once the session exists, and where no such file can be made, for
+CUDA sessions and for graphs that may name external data the bytes are given as
+before."""
 
 from __future__ import annotations
 
 import errno
 import os
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +16,16 @@ import pytest
 from fastapi.testclient import TestClient
 
 import service.graphfile as graphfile
+import service.model as sm
 from ctr.bundle import BundleError, load_bundle
 from service.app import create_app
-from service.model import CPU, LoadedModel, _session, load_model, session_options
+from service.model import CPU, CUDA, LoadedModel, _session, load_model, session_options
 from service.precision import probe_feeds
 from tests.helpers import Built, build_bundle, loaded_redis, settings_for
+
+pytestmark = pytest.mark.skipif(
+    not graphfile.supported(), reason="no memfd_create, memmem or /proc here"
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +34,10 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
 
 
 @pytest.fixture
-def tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """``TMPDIR`` for this test: an empty folder."""
-    where = tmp_path / "tmp"
-    where.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(where))
-    return where
+def files(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every graph of this test goes to ONNX Runtime as a file (the test graphs are far
+    below 4 MB)."""
+    monkeypatch.setattr(graphfile, "FILE_MIN_BYTES", 0)
 
 
 def _sources(monkeypatch: pytest.MonkeyPatch) -> list[bytes | tuple[str, bytes]]:
@@ -52,6 +52,10 @@ def _sources(monkeypatch: pytest.MonkeyPatch) -> list[bytes | tuple[str, bytes]]
 
     monkeypatch.setattr(ort.InferenceSession, "__init__", init)
     return seen
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir(graphfile.FD_PATH))
 
 
 def _graph_files(built: Built) -> set[bytes]:
@@ -76,8 +80,8 @@ def _close(model: LoadedModel) -> None:
         model.native.close()
 
 
-def test_large_graphs_reach_onnx_runtime_as_files_then_gone(
-    built: Built, tmp_dir: Path, monkeypatch: pytest.MonkeyPatch
+def test_large_graphs_reach_onnx_runtime_as_in_memory_files(
+    built: Built, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = settings_for(built, share_weights_min_bytes=1024)
     seen = _sources(monkeypatch)
@@ -90,9 +94,10 @@ def test_large_graphs_reach_onnx_runtime_as_files_then_gone(
         # the standard, fused, shared-weights and one-thread sessions
         assert len(seen) >= 4 and all(isinstance(s, tuple) for s in seen)
         for path, held in seen:  # type: ignore[misc]
-            assert Path(path).parent == tmp_dir and Path(path).name.startswith(graphfile.PREFIX)
+            assert path.startswith(graphfile.FD_PATH)
             assert held in _graph_files(built)  # exactly a graph of the bundle
-        assert list(tmp_dir.iterdir()) == []
+        assert as_files.session._enable_fallback is False  # no re-read of a closed file
+        assert as_bytes.session._enable_fallback is True
         assert as_files.graph == as_bytes.graph == "fused"
         assert len(as_files.shared_weights) == len(as_bytes.shared_weights) > 0
         for got, want in zip(_probs(as_files), _probs(as_bytes), strict=True):
@@ -102,46 +107,69 @@ def test_large_graphs_reach_onnx_runtime_as_files_then_gone(
         _close(as_bytes)
 
 
-def test_where_no_file_can_be_written_the_bytes_are_given(
+def test_the_file_is_closed_once_the_session_exists(
+    built: Built, files: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = load_bundle(built.models_dir, built.config.name, "latest")
+    so = session_options(settings_for(built))
+    data = bundle.model_path.read_bytes()
+    seen = _sources(monkeypatch)
+    before = _open_fds()
+    session = _session(bundle, data, so, [CPU], graphs=False)
+    assert _open_fds() == before and len(seen) == 1 and isinstance(seen[0], tuple)
+    with graphfile.graph_source(data) as source:
+        assert isinstance(source, str) and Path(source).read_bytes() == data
+        assert len(_open_fds() - before) == 1
+    assert _open_fds() == before
+    assert session.get_inputs()  # it serves without its file
+
+
+def test_where_no_file_can_be_made_the_bytes_are_given(
     built: Built,
-    tmp_path: Path,
+    files: None,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-folder"))
-    monkeypatch.setattr(graphfile, "FILE_MIN_BYTES", 0)
+    def no_memory(name: str, flags: int = 0) -> int:
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(graphfile.os, "memfd_create", no_memory)
     seen = _sources(monkeypatch)
     with caplog.at_level("WARNING"):
         model = load_model(settings_for(built))
     try:
         assert seen and all(isinstance(s, bytes) for s in seen)
         assert "graph given to ONNX Runtime as bytes" in caplog.text
+        assert "Cannot allocate memory" in caplog.text
         assert all(np.isfinite(p).all() for p in _probs(model))
     finally:
         _close(model)
 
 
-def test_a_short_disk_removes_the_half_written_file(
-    tmp_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_a_short_write_is_retried_and_a_failed_one_closes_the_file(
+    files: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     writes: list[int] = []
+    real_write = os.write
 
     def full(fd: int, data: memoryview) -> int:
         writes.append(len(data))
         if len(writes) > 1:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return len(data) // 2  # a short write first: the rest is retried
+        return real_write(fd, data[: len(data) // 2])  # a short write first: retried
 
-    monkeypatch.setattr(graphfile, "FILE_MIN_BYTES", 10)
     monkeypatch.setattr(graphfile.os, "write", full)
     data = bytes(range(256)) * 40
+    before = _open_fds()
     with caplog.at_level("WARNING"), graphfile.graph_source(data) as source:
         assert source is data
     assert writes == [len(data), len(data) - len(data) // 2]
-    assert list(tmp_dir.iterdir()) == [] and "No space left" in caplog.text
+    assert _open_fds() == before and "No space left" in caplog.text
 
 
-def test_small_graphs_and_cuda_sessions_keep_the_bytes(tmp_dir: Path) -> None:
+def test_small_graphs_cuda_sessions_and_external_data_keep_the_bytes(
+    built: Built, monkeypatch: pytest.MonkeyPatch
+) -> None:
     small = b"x" * (graphfile.FILE_MIN_BYTES - 1)
     with graphfile.graph_source(small) as source:
         assert source is small
@@ -150,26 +178,47 @@ def test_small_graphs_and_cuda_sessions_keep_the_bytes(tmp_dir: Path) -> None:
         assert source is big
     with graphfile.graph_source(big) as source:
         assert isinstance(source, str) and Path(source).read_bytes() == big
-    assert not Path(source).exists() and list(tmp_dir.iterdir()) == []
+    # an external-data tensor's "location" entry, anywhere in the graph
+    named = big[:1000] + graphfile.EXTERNAL_MARK + b"\x12\x05w.bin" + big[1000:]
+    assert graphfile.may_name_external_data(named)
+    assert not graphfile.may_name_external_data(big)
+    with graphfile.graph_source(named) as source:
+        assert source is named
+    # a CUDA provider list: ONNX Runtime's provider fallback re-reads what it was given
+    given: list[object] = []
+
+    class Recorded:
+        def __init__(self, source: object, *args: object, **kwargs: object) -> None:
+            given.append(source)
+
+        def disable_fallback(self) -> None:
+            given.append("fallback disabled")
+
+    monkeypatch.setattr(graphfile, "FILE_MIN_BYTES", 0)
+    monkeypatch.setattr(sm.ort, "InferenceSession", Recorded)
+    bundle = load_bundle(built.models_dir, built.config.name, "latest")
+    so = session_options(settings_for(built))
+    _session(bundle, big, so, [CUDA, CPU], graphs=False)
+    _session(bundle, big, so, [CPU], graphs=False)
+    assert given[0] is big and isinstance(given[1], str)
+    assert given[1].startswith(graphfile.FD_PATH) and given[2:] == ["fallback disabled"]
 
 
-def test_a_graph_onnx_runtime_refuses_names_the_bundle_file(
-    built: Built, tmp_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """ONNX Runtime's message names the file it read: the bundle's, not a temporary one
+def test_a_graph_onnx_runtime_refuses_names_the_bundle_file(built: Built, files: None) -> None:
+    """ONNX Runtime's message names the file it read: the bundle's, not an in-memory one
     that is gone."""
     bundle = load_bundle(built.models_dir, built.config.name, "latest")
-    monkeypatch.setattr(graphfile, "FILE_MIN_BYTES", 0)
     so = session_options(settings_for(built))
+    before = _open_fds()
     with pytest.raises(BundleError) as caught:
         _session(bundle, b"\x08\x07" + b"not a graph" * 100, so, [CPU], graphs=False)
     said = str(caught.value)
-    assert said.count(str(bundle.model_path)) >= 1 and graphfile.PREFIX not in said
-    assert list(tmp_dir.iterdir()) == []
+    assert said.count(str(bundle.model_path)) >= 2 and graphfile.FD_PATH not in said
+    assert _open_fds() == before
 
 
 def test_a_reload_through_the_service_serves_from_files(
-    built: Built, tmp_dir: Path, monkeypatch: pytest.MonkeyPatch
+    built: Built, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     loaded_redis(built)
     body = {"user_id": "u1", "candidates": [{"item_id": f"i{k}"} for k in range(1, 40)]}
@@ -183,55 +232,7 @@ def test_a_reload_through_the_service_serves_from_files(
         assert seen and all(isinstance(s, tuple) for s in seen)
         got = c.post("/v1/score", json=body)
         assert got.status_code == 200, got.text
-    assert list(tmp_dir.iterdir()) == []
     after = {it["item_id"]: it["probability"] for it in got.json()["items"]}
     before = {it["item_id"]: it["probability"] for it in want.json()["items"]}
     assert after.keys() == before.keys() and len(after) == 39
     assert max(abs(after[k] - before[k]) for k in after) < 1e-6
-
-
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
-def test_files_a_killed_worker_left_are_swept_at_the_next_load(
-    built: Built, tmp_dir: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Only old files of processes that are gone, named as the service names them."""
-    dead, hour_ago = _dead_pid(), time.time() - 3600
-    names = {
-        "orphan": f"{graphfile.PREFIX}{dead}-abc.onnx",
-        "young orphan": f"{graphfile.PREFIX}{dead}-young.onnx",
-        "alive": f"{graphfile.PREFIX}{os.getppid()}-abc.onnx",
-        "own": f"{graphfile.PREFIX}{os.getpid()}-abc.onnx",
-        "no pid": f"{graphfile.PREFIX}x-abc.onnx",
-        "other suffix": f"{graphfile.PREFIX}{dead}-abc.txt",
-        "someone else's": "model.onnx",
-    }
-    for key, name in names.items():
-        (tmp_dir / name).write_bytes(b"g")
-        if key != "young orphan":
-            os.utime(tmp_dir / name, (hour_ago, hour_ago))
-    (tmp_dir / f"{graphfile.PREFIX}{dead}-dir.onnx").mkdir()
-    os.utime(tmp_dir / f"{graphfile.PREFIX}{dead}-dir.onnx", (hour_ago, hour_ago))
-    with caplog.at_level("WARNING"):
-        model = load_model(settings_for(built))
-    _close(model)
-    left = {p.name for p in tmp_dir.iterdir()}
-    assert names["orphan"] not in left
-    assert left == {n for k, n in names.items() if k != "orphan"} | {
-        f"{graphfile.PREFIX}{dead}-dir.onnx"
-    }
-    assert "removed 1 temporary graph file(s)" in caplog.text
-    assert graphfile.sweep(now=time.time() + 2 * graphfile.ORPHAN_AGE_S) == 1  # now old
-
-
-def test_a_graph_file_is_named_for_its_process(tmp_dir: Path) -> None:
-    big = b"x" * graphfile.FILE_MIN_BYTES
-    with graphfile.graph_source(big) as source:
-        assert isinstance(source, str)
-        assert Path(source).name.startswith(f"{graphfile.PREFIX}{os.getpid()}-")
-        assert graphfile.sweep(now=time.time() + 10 * graphfile.ORPHAN_AGE_S) == 0  # own
-    assert list(tmp_dir.iterdir()) == []
