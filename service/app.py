@@ -406,6 +406,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         m.PROCESS.sample()  # this worker's memory and CPU in /metrics from the start
         if settings.process_metrics_s > 0:
             lifecycle.spawn(state, m.PROCESS.every(settings.process_metrics_s))
+        if settings.loop_lag_interval_ms > 0:
+            lifecycle.spawn(state, m.watch_loop_lag(settings.loop_lag_interval_ms / 1000))
         if hup["phase"] == "starting":  # not if a SIGTERM came meanwhile: it is stopping
             hup["phase"] = "serving"
         if hup["pending"] and hup["phase"] == "serving":

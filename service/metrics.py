@@ -79,6 +79,13 @@ GC_PAUSE = Histogram(
     ["generation"],
     buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0),
 )
+LOOP_LAG = Histogram(
+    "ctr_event_loop_lag_seconds",
+    "How late the event loop ran a timer due every CTR_LOOP_LAG_INTERVAL_MS: the time "
+    "it spent on other work first (a stall of d seconds is seen with probability about "
+    "d / interval)",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
 ERRORS = Counter("ctr_errors_total", "Errors by kind", ["kind"])
 DEGRADED = Counter("ctr_degraded_responses_total", "Responses served in degraded mode")
 INLINE_RUNS = Counter(
@@ -179,6 +186,19 @@ class ProcessSampler:
 
 
 PROCESS = ProcessSampler()
+
+
+async def watch_loop_lag(interval: float) -> None:
+    """Observe, every ``interval`` seconds, how late the event loop ran this task's
+    timer (``ctr_event_loop_lag_seconds``): what a request arriving then would have
+    waited before the loop looked at it. A blocking call, a long GC pause, a GIL-holding
+    C call on another thread all show here; a stall of ``d`` seconds is seen with
+    probability about ``d / interval`` (it must cover a timer's due time), as the part of
+    it after that due time."""
+    while True:
+        due = time.perf_counter() + interval
+        await asyncio.sleep(interval)
+        LOOP_LAG.observe(max(0.0, time.perf_counter() - due))
 
 
 def render() -> tuple[bytes, str]:

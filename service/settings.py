@@ -249,6 +249,12 @@ class Settings(BaseSettings):
         "(off: no line; the request metrics still count every request)",
     )
 
+    loop_lag_interval_ms: float = Field(
+        50.0,
+        ge=0,
+        description="each worker times how late its event loop runs a timer due this "
+        "often (ctr_event_loop_lag_seconds); 0 = off",
+    )
     process_metrics_s: float = Field(
         5.0,
         ge=0,

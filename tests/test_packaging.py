@@ -38,6 +38,7 @@ HISTOGRAMS = {
     "ctr_stage_duration_seconds",
     "ctr_candidates_per_request",
     "ctr_gc_pause_seconds",
+    "ctr_event_loop_lag_seconds",
     "ctr_batch_users",
 }
 COUNTERS = {

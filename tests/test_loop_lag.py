@@ -1,0 +1,58 @@
+"""The event loop's lag (``ctr_event_loop_lag_seconds``, ``CTR_LOOP_LAG_INTERVAL_MS``):
+a stall of the loop shows as a late timer, and the watcher runs only when asked for."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
+
+from service import metrics as m
+from service.app import create_app
+from tests.helpers import Built, build_and_load, settings_for
+
+NAME = "ctr_event_loop_lag_seconds"
+
+
+def _sample(suffix: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(f"{NAME}{suffix}", labels) or 0.0
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    return build_and_load(tmp_path_factory.mktemp("lag"), "din")
+
+
+def test_a_stalled_loop_shows_as_a_late_timer() -> None:
+    count, quick = _sample("_count"), _sample("_bucket", le="0.1")
+
+    async def main() -> None:
+        watcher = asyncio.create_task(m.watch_loop_lag(0.01))
+        await asyncio.sleep(0.05)  # a few prompt timers
+        time.sleep(0.3)  # a blocking call on the loop: the timer due meanwhile runs late
+        await asyncio.sleep(0.05)
+        watcher.cancel()
+
+    asyncio.run(main())
+    observed = _sample("_count") - count
+    late = observed - (_sample("_bucket", le="0.1") - quick)
+    assert observed >= 4 and late == 1  # one timer ran late, by more than 0.1 s
+    assert _sample("_sum") >= 0.2
+
+
+def test_the_service_watches_its_loop_only_when_asked(built: Built) -> None:
+    with TestClient(create_app(settings_for(built, loop_lag_interval_ms=5))) as c:
+        time.sleep(0.1)  # the app's loop runs in the client's thread meanwhile
+        first = _sample("_count")
+        time.sleep(0.2)
+        body = c.get("/metrics").text
+        assert _sample("_count") - first >= 10  # about 40 due; a busy machine runs fewer
+        assert f"{NAME}_bucket" in body
+    with TestClient(create_app(settings_for(built, loop_lag_interval_ms=0))) as c:
+        before = _sample("_count")
+        time.sleep(0.2)
+        assert c.get("/healthz").status_code == 200
+        assert _sample("_count") == before
