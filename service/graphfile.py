@@ -15,7 +15,8 @@ and nothing is left behind when a worker dies mid-load. Nothing reads the bundle
 file again, so what is served is what was checked.
 
 The bytes are given as before where that file cannot be made (no ``memfd_create`` or
-``/proc``, as off Linux; no memory for it: the log says why), and for a graph that may
+``/proc``, as off Linux, or a file made so does not read back through its path:
+:func:`supported`; no memory for it: the log says why), and for a graph that may
 name external data files (ONNX Runtime resolves those against the graph's folder, which
 would be ``/proc/self/fd``; given bytes, it refuses them as it always did).
 """
@@ -23,6 +24,7 @@ would be ``/proc/self/fd``; given bytes, it refuses them as it always did).
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -38,10 +40,13 @@ EXTERNAL_MARK = b"\x0a\x08location"
 
 
 def _memmem() -> Callable[[bytes, int, bytes, int], int | None] | None:
-    """libc's ``memmem``, called without the GIL (a ``CDLL`` function); None without it."""
+    """libc's ``memmem``, called without the GIL (a ``CDLL`` function); None without it
+    (or without ``memfd_create``, where it would not be used)."""
+    if not hasattr(os, "memfd_create"):
+        return None
     try:
         find = ctypes.CDLL(None).memmem
-    except (OSError, AttributeError):
+    except Exception:  # OSError, AttributeError; a platform whose CDLL(None) fails otherwise
         return None
     find.restype = ctypes.c_void_p
     find.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
@@ -51,9 +56,24 @@ def _memmem() -> Callable[[bytes, int, bytes, int], int | None] | None:
 _MEMMEM = _memmem()
 
 
+@functools.cache
 def supported() -> bool:
-    """Whether graphs can reach ONNX Runtime as in-memory files here."""
-    return hasattr(os, "memfd_create") and _MEMMEM is not None and os.path.isdir(FD_PATH)
+    """Whether graphs can reach ONNX Runtime as in-memory files here: ``memfd_create``
+    and ``memmem`` exist, and a file made so reads back through its ``/proc/self/fd``
+    path (a sandbox may refuse that). Probed once per process."""
+    if _MEMMEM is None:
+        return False
+    try:
+        fd = _written(b"ctr")
+    except OSError:
+        return False
+    try:
+        with open(f"{FD_PATH}{fd}", "rb") as f:
+            return f.read() == b"ctr"
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 @contextmanager

@@ -249,11 +249,13 @@ class Settings(BaseSettings):
         "(off: no line; the request metrics still count every request)",
     )
 
-    loop_lag_interval_ms: float = Field(
-        50.0,
+    loop_lag_interval_ms: int = Field(
+        50,
         ge=0,
         description="each worker times how late its event loop runs a timer due this "
-        "often (ctr_event_loop_lag_seconds); 0 = off",
+        "often (ctr_event_loop_lag_seconds), whole milliseconds, 0 (off) or at least 10 "
+        "(uvloop rounds timers to milliseconds; a shorter one would wake the loop "
+        "all the time)",
     )
     process_metrics_s: float = Field(
         5.0,
@@ -262,6 +264,13 @@ class Settings(BaseSettings):
         "(ctr_worker_resident_memory_bytes, ctr_worker_cpu_seconds_total) this often, "
         "and the worker answering a scrape at the scrape; 0 = at start and scrapes only",
     )
+
+    @field_validator("loop_lag_interval_ms")
+    @classmethod
+    def _lag_interval_off_or_10(cls, v: int) -> int:
+        if 0 < v < 10:
+            raise ValueError("must be 0 (off) or at least 10")
+        return v
 
     @field_validator("api_key", mode="before")
     @classmethod

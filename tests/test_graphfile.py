@@ -204,6 +204,32 @@ def test_small_graphs_cuda_sessions_and_external_data_keep_the_bytes(
     assert given[1].startswith(graphfile.FD_PATH) and given[2:] == ["fallback disabled"]
 
 
+def test_a_graph_saved_with_external_data_keeps_the_bytes(tmp_path: Path) -> None:
+    """ONNX Runtime would look for the data beside the graph's path, /proc/self/fd: such
+    a graph is given as bytes, as before (ONNX Runtime then refuses it)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import helper, numpy_helper
+
+    table = numpy_helper.from_array(np.arange(4096, dtype=np.float32).reshape(64, 64), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 64])],
+        [table],
+    )
+    path = tmp_path / "g.onnx"
+    onnx.save_model(helper.make_model(graph), path, save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="w.bin", size_threshold=0)  # fmt: skip
+    data = path.read_bytes()
+    assert (tmp_path / "w.bin").exists() and graphfile.may_name_external_data(data)
+    with graphfile.graph_source(data + b"\0" * graphfile.FILE_MIN_BYTES) as source:
+        assert isinstance(source, bytes)
+    plain = onnx.load(path)  # the data read back into the graph: nothing external
+    onnx.external_data_helper.convert_model_from_external_data(plain)
+    assert not graphfile.may_name_external_data(plain.SerializeToString())
+
+
 def test_a_graph_onnx_runtime_refuses_names_the_bundle_file(built: Built, files: None) -> None:
     """ONNX Runtime's message names the file it read: the bundle's, not an in-memory one
     that is gone."""
