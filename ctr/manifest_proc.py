@@ -9,9 +9,11 @@ Python (its own GIL) does all three, exactly as :func:`ctr.bundle.load_bundle` w
 and sends back a pickle stream: first the manifest with each large vocabulary left out,
 the digest and the error the checks raised, if any; then each left-out vocabulary in
 pieces of :data:`CHUNK` entries. The parent's longest single step is one piece's
-unpickling or merge (about 10 ms for 50,000 entries; the merge that grows the dict past
-a size step copies it, about 40 ms at a million), and the GIL can change hands between
-steps.
+unpickling and merge (a few ms for 10,000 entries; the merge that grows the dict past
+a size step copies it, about 20 ms at a million, which no piece size avoids), and the
+GIL can change hands between steps. Pieces of 50,000 entries (until session 30) paused
+the loop for 32 ms at best, pieces of 10,000 for 23 ms (``scripts/bench_manifest.py
+--against``).
 
 Anything that goes wrong with the child itself (it cannot start, dies, sends something
 unexpected) is not the bundle's fault: :func:`read` returns None and the caller reads the
@@ -33,7 +35,7 @@ from typing import Any, BinaryIO
 log = logging.getLogger("ctr.bundle")
 
 # entries per piece of a vocabulary sent back; larger vocabularies are sent in pieces
-CHUNK = 50_000
+CHUNK = 10_000
 # the stream's first object says this: a child of another version is not trusted
 TAG = "ctr-manifest-v1"
 

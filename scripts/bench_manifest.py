@@ -212,6 +212,12 @@ def main() -> int:
         opause = best(old, "pause")
         ratio = pause / opause
         print(f"  longest event-loop pause        {opause * ms:8.0f} ms   new/old {ratio:.3f}")
+        if "pause_child" in old[0] and "pause_child" in new[0]:
+            olc, opc = best(old, "load_child"), best(old, "pause_child")
+            lc, pc = best(new, "load_child"), best(new, "pause_child")
+            print("  read in a child process:")
+            print(f"    load_bundle + digest          {olc * ms:8.0f} ms   new/old {lc / olc:.3f}")
+            print(f"    longest event-loop pause      {opc * ms:8.0f} ms   new/old {pc / opc:.3f}")
     return 0
 
 
