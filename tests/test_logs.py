@@ -30,6 +30,18 @@ def record(
     return r
 
 
+def failed(
+    msg: str, exc: Exception, name: str = "ctr.service", **extra: object
+) -> logging.LogRecord:
+    """A record made while ``exc`` was being handled, with its traceback."""
+    try:
+        raise exc
+    except type(exc):
+        r = record(msg, name=name, **extra)
+        r.exc_info = sys.exc_info()
+    return r
+
+
 def test_json_lines_carry_the_fields_and_the_request() -> None:
     doc = json.loads(JsonFormatter().format(record("hello %s", "there", request_id="r-1")))
     assert doc["message"] == "hello there" and doc["request_id"] == "r-1"
@@ -39,11 +51,7 @@ def test_json_lines_carry_the_fields_and_the_request() -> None:
 
 
 def test_json_lines_hold_tracebacks_and_odd_text_on_one_line() -> None:
-    try:
-        raise ValueError("boom")
-    except ValueError:
-        r = record("failed\nsecond line \ud800", request_id="r-2")
-        r.exc_info = sys.exc_info()
+    r = failed("failed\nsecond line \ud800", ValueError("boom"), request_id="r-2")
     line = JsonFormatter().format(r)
     assert "\n" not in line
     doc = json.loads(line)
@@ -62,11 +70,7 @@ def test_an_access_line_names_its_request_in_both_formats() -> None:
 
 
 def test_the_text_line_names_the_request_before_a_traceback() -> None:
-    try:
-        raise ValueError("x")
-    except ValueError:
-        r = record("failed", request_id="r-1")
-        r.exc_info = sys.exc_info()
+    r = failed("failed", ValueError("x"), request_id="r-1")
     first, _, rest = TextFormatter().format(r).partition("\n")
     assert first == "WARNING:ctr.service:failed request_id=r-1"
     assert rest.startswith("Traceback") and "ValueError: x" in rest
@@ -74,11 +78,8 @@ def test_the_text_line_names_the_request_before_a_traceback() -> None:
 
 
 def test_uvicorns_own_lines_name_the_request_they_were_made_in() -> None:
-    try:
-        raise KeyError("x")
-    except KeyError:
-        r = record("Exception in ASGI application\n", name="uvicorn.error", request_id="e-1")
-        r.levelno, r.levelname, r.exc_info = logging.ERROR, "ERROR", sys.exc_info()
+    r = failed("Exception in ASGI application\n", KeyError("x"), "uvicorn.error", request_id="e-1")
+    r.levelno, r.levelname = logging.ERROR, "ERROR"
     first, _, rest = (
         ServerFormatter("%(levelprefix)s %(message)s", use_colors=False).format(r).partition("\n")
     )
