@@ -73,6 +73,7 @@ class State:
             t.strip() for t in settings.sequence_event_types.split(",") if t.strip()
         )
         self.in_flight = 0
+        self.loads = 0  # models swapped in (lifecycle.load: which of them settle fully)
         self.graph_calls = GraphCalls()  # running on the inference executor
         self.reload_lock = asyncio.Lock()
         self.bus: ReloadBus | None = None

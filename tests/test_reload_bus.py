@@ -763,7 +763,7 @@ def test_the_start_up_load_holds_the_reload_lock(
                                graph="standard", precision="fp32")  # fmt: skip
 
     monkeypatch.setattr(lifecycle, "load_model", load_model)
-    monkeypatch.setattr(lifecycle, "settle_heap", lambda: None)
+    monkeypatch.setattr(lifecycle, "settle_heap", lambda full=True: None)
 
     async def scenario() -> list[str]:
         s = Settings(models_dir=str(store), model_name="m", model_version="2",

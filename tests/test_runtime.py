@@ -298,6 +298,46 @@ def test_heap_frozen_after_load(bundles: dict[str, Built]) -> None:
     gc.unfreeze()  # leave the test process as it was
 
 
+def test_a_reload_freezes_the_new_model_and_frees_the_old_without_a_full_collection(
+    bundles: dict[str, Built], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between full settles (every FULL_SETTLE_EVERY loads) a reload collects only what
+    is not frozen yet: the previous model, frozen since its own load, must still be
+    freed once nothing holds it, by reference counting: no reference cycle may hold it
+    (it would stay in memory until the next full settle)."""
+    import gc
+    import weakref
+
+    from service import lifecycle
+
+    fulls: list[bool] = []
+    real = lifecycle.settle_heap
+
+    def settle(full: bool = True) -> None:
+        fulls.append(full)
+        real(full)
+
+    monkeypatch.setattr(lifecycle, "settle_heap", settle)
+    monkeypatch.setattr(lifecycle, "FULL_SETTLE_EVERY", 3)
+    gc.unfreeze()
+    try:
+        with TestClient(create_app(settings_for(bundles["din"], api_key="k"))) as c:
+            state = c.app.state.ctr  # type: ignore[attr-defined]
+            old = weakref.ref(state.model)
+            frozen = gc.get_freeze_count()
+            for _ in range(4):
+                assert (
+                    c.post("/admin/reload", json={}, headers={"X-API-Key": "k"}).status_code == 200
+                )
+            assert old() is None  # freed, though frozen and never collected since
+            # the load's objects are frozen; the replaced models' are gone again
+            assert abs(gc.get_freeze_count() - frozen) < frozen // 10
+            assert len(gc.get_objects()) < frozen
+        assert fulls == [True, False, False, True, False]
+    finally:
+        gc.unfreeze()  # leave the test process as it was
+
+
 def test_burst_beyond_the_redis_pool_waits_instead_of_degrading(
     bundles: dict[str, Built],
 ) -> None:
