@@ -9,6 +9,7 @@ import contextlib
 import contextvars
 import gc
 import logging
+import weakref
 from collections.abc import Coroutine
 from typing import Any
 
@@ -21,8 +22,9 @@ from service.state import State
 log = logging.getLogger("ctr.service")
 
 # loads between two full collections of the heap (settle_heap): the cycles a reload's
-# previous model leaves (a few hundred small objects; a model in a cycle would be a bug,
-# tests/test_runtime.py) wait that long to be freed
+# previous model leaves (a few hundred small objects: its native runner's ctypes
+# handles) wait that long to be freed; a replaced model still alive at the next load
+# makes that load's settle a full one (tests/test_runtime.py)
 FULL_SETTLE_EVERY = 8
 
 
@@ -59,8 +61,15 @@ async def load(state: State, version: str | None) -> LoadedModel:
     state.fallback = None
     m.set_model_info(model.name, model.version, model.provider, model.graph, model.precision)
     # a full collection at the first load and every FULL_SETTLE_EVERY loads after it;
-    # in between, a reload's stops the event loop for about 1 ms instead of 20-150
-    settle_heap(full=state.loads % FULL_SETTLE_EVERY == 0)
+    # in between, a reload's stops the event loop for about 1 ms instead of 20-150. And
+    # a full one whenever a model replaced at an earlier load is still alive: a cycle
+    # with a frozen member holds it (a failed call's traceback, whose frames hold the
+    # call's future and the model), which only a full collection frees
+    lingering = any(ref() is not None for ref in state.replaced)
+    settle_heap(full=state.loads % FULL_SETTLE_EVERY == 0 or lingering)
+    state.replaced = [ref for ref in state.replaced if ref() is not None]
+    if old is not None:
+        state.replaced.append(weakref.ref(old))
     state.loads += 1
     return model
 
@@ -166,7 +175,8 @@ def settle_heap(full: bool = True) -> None:
     what is not frozen yet is collected (the new model's objects, what requests left):
     about 1 ms. The previous model's objects are frozen too, and freed by reference
     counting as its last requests end; only reference cycles among them wait for the
-    next full settle (:data:`FULL_SETTLE_EVERY`)."""
+    next full settle: every :data:`FULL_SETTLE_EVERY` loads, or the next load that finds
+    a model replaced before still alive (:func:`load`)."""
     if full:
         gc.unfreeze()
     gc.collect()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any, TypeVar
@@ -74,6 +75,8 @@ class State:
         )
         self.in_flight = 0
         self.loads = 0  # models swapped in (lifecycle.load: which of them settle fully)
+        # models swapped out, while still alive (lifecycle.load: a full settle frees them)
+        self.replaced: list[weakref.ref[LoadedModel]] = []
         self.graph_calls = GraphCalls()  # running on the inference executor
         self.reload_lock = asyncio.Lock()
         self.bus: ReloadBus | None = None
