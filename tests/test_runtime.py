@@ -4,8 +4,10 @@ CPU provider; tests/test_gpu.py repeats the GPU-only parts where CUDA is present
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from unittest.mock import patch
@@ -320,6 +322,24 @@ def _full_settles(monkeypatch: pytest.MonkeyPatch, state: Any) -> list[int]:
     return at
 
 
+@contextlib.contextmanager
+def _reloading(
+    built: Built, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[TestClient, Any, list[int]]]:
+    """An app that takes reloads, its state, and the loads whose settle unfroze the heap
+    (:func:`_full_settles`); the heap unfrozen before and after (as this process was)."""
+    import gc
+
+    real_unfreeze = gc.unfreeze
+    real_unfreeze()
+    try:
+        with TestClient(create_app(settings_for(built, api_key="k"))) as c:
+            state = c.app.state.ctr  # type: ignore[attr-defined]
+            yield c, state, _full_settles(monkeypatch, state)
+    finally:
+        real_unfreeze()
+
+
 def test_a_reload_freezes_the_new_model_and_frees_the_old_without_a_full_collection(
     bundles: dict[str, Built], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -333,20 +353,13 @@ def test_a_reload_freezes_the_new_model_and_frees_the_old_without_a_full_collect
     from service import lifecycle
 
     monkeypatch.setattr(lifecycle, "FULL_SETTLE_EVERY", 4)
-    real_unfreeze = gc.unfreeze
-    real_unfreeze()
-    try:
-        with TestClient(create_app(settings_for(bundles["din"], api_key="k"))) as c:
-            state = c.app.state.ctr  # type: ignore[attr-defined]
-            fulls = _full_settles(monkeypatch, state)
-            for k in range(1, 6):
-                before = weakref.ref(state.model)
-                _reload(c)
-                assert before() is None, k  # freed, though frozen and not collected
-                assert all(o is not state.model for o in gc.get_objects()), k  # frozen
-            assert fulls == [4]  # the 5th load: loads 0 (start-up), 4, 8, ... unfreeze
-    finally:
-        real_unfreeze()  # leave the test process as it was
+    with _reloading(bundles["din"], monkeypatch) as (c, state, fulls):
+        for k in range(1, 6):
+            before = weakref.ref(state.model)
+            _reload(c)
+            assert before() is None, k  # freed, though frozen and not collected
+            assert all(o is not state.model for o in gc.get_objects()), k  # frozen
+        assert fulls == [4]  # the 5th load: loads 0 (start-up), 4, 8, ... unfreeze
 
 
 def test_a_replaced_model_a_frozen_cycle_holds_is_freed_by_the_next_reload(
@@ -355,27 +368,19 @@ def test_a_replaced_model_a_frozen_cycle_holds_is_freed_by_the_next_reload(
     """A failed call's traceback can hold a model in a cycle one of whose members a
     reload froze: only a full collection frees it. The next reload sees the replaced
     model still alive and settles fully."""
-    import gc
     import weakref
 
-    real_unfreeze = gc.unfreeze
-    real_unfreeze()
-    try:
-        with TestClient(create_app(settings_for(bundles["din"], api_key="k"))) as c:
-            state = c.app.state.ctr  # type: ignore[attr-defined]
-            fulls = _full_settles(monkeypatch, state)
-            pin: list[Any] = [state.model]
-            pin.append(pin)  # a cycle holding the model, alive while the reload freezes
-            first = weakref.ref(state.model)
-            _reload(c)
-            del pin  # now garbage, but frozen: a light collection never looks at it
-            assert first() is not None and fulls == []
-            _reload(c)
-            assert first() is None and fulls == [2]
-            _reload(c)
-            assert fulls == [2]  # nothing lingers: light again
-    finally:
-        real_unfreeze()
+    with _reloading(bundles["din"], monkeypatch) as (c, state, fulls):
+        pin: list[Any] = [state.model]
+        pin.append(pin)  # a cycle holding the model, alive while the reload freezes
+        first = weakref.ref(state.model)
+        _reload(c)
+        del pin  # now garbage, but frozen: a light collection never looks at it
+        assert first() is not None and fulls == []
+        _reload(c)
+        assert first() is None and fulls == [2]
+        _reload(c)
+        assert fulls == [2]  # nothing lingers: light again
 
 
 def test_burst_beyond_the_redis_pool_waits_instead_of_degrading(
