@@ -104,11 +104,13 @@ print(json.dumps({
 """
 
 
-def memory(models: Path, mode: str) -> dict[str, float]:
+def run_script(script: str, root: Path, *args: str) -> dict[str, float]:
+    """``script`` (:data:`CHILD`, :data:`MEMORY`) in a fresh Python on ``root``'s code,
+    with ``root`` and ``args`` as its arguments; the JSON its last line prints."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     res = subprocess.run(
-        [sys.executable, "-c", MEMORY, str(ROOT), str(models), mode],
-        env=env, capture_output=True, text=True, check=True, cwd=ROOT,
+        [sys.executable, "-c", script, str(root), *args],
+        env=env, capture_output=True, text=True, check=True, cwd=root,
     )  # fmt: skip
     return json.loads(res.stdout.splitlines()[-1])
 
@@ -118,15 +120,6 @@ def write_bundle(folder: Path, vocab: int, long_ids: bool = False) -> None:
     from training.big_manifest import write_big_bundle
 
     write_big_bundle(folder, vocab, long_ids)
-
-
-def child(root: Path, models: Path, reps: int) -> dict[str, float]:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    res = subprocess.run(
-        [sys.executable, "-c", CHILD, str(root), str(models), str(reps)],
-        env=env, capture_output=True, text=True, check=True, cwd=root,
-    )  # fmt: skip
-    return json.loads(res.stdout.splitlines()[-1])
 
 
 def main() -> int:
@@ -165,11 +158,11 @@ def main() -> int:
         old: list[dict[str, float]] = []
         mem: dict[str, list[dict[str, float]]] = {"worker": [], "child": []}
         for _ in range(args.rounds):
-            new.append(child(ROOT, models, args.repeat))
+            new.append(run_script(CHILD, ROOT, str(models), str(args.repeat)))
             if args.against is not None:
-                old.append(child(args.against.resolve(), models, args.repeat))
+                old.append(run_script(CHILD, args.against.resolve(), str(models), str(args.repeat)))
             for mode, runs in mem.items():
-                runs.append(memory(models, mode))
+                runs.append(run_script(MEMORY, ROOT, str(models), mode))
         elapsed = time.perf_counter() - t0
 
     def best(runs: list[dict[str, float]], key: str) -> float:

@@ -65,9 +65,8 @@ async def load(state: State, version: str | None) -> LoadedModel:
     # a full one whenever a model replaced at an earlier load is still alive: a cycle
     # with a frozen member holds it (a failed call's traceback, whose frames hold the
     # call's future and the model), which only a full collection frees
-    lingering = any(ref() is not None for ref in state.replaced)
-    settle_heap(full=state.loads % FULL_SETTLE_EVERY == 0 or lingering)
     state.replaced = [ref for ref in state.replaced if ref() is not None]
+    settle_heap(full=state.loads % FULL_SETTLE_EVERY == 0 or bool(state.replaced))
     if old is not None:
         state.replaced.append(weakref.ref(old))
     state.loads += 1

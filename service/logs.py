@@ -37,29 +37,28 @@ def with_id(text: str, record: logging.LogRecord) -> str:
     return f"{head} request_id={rid}{sep}{rest}"
 
 
-class TextFormatter(logging.Formatter):
+class _WithId(logging.Formatter):
+    """A formatter's line, then the request's ID where one was being served
+    (:func:`with_id`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return with_id(super().format(record), record)
+
+
+class TextFormatter(_WithId):
     """The service's own lines: ``LEVEL:logger:message``, then the request's ID."""
 
     def __init__(self) -> None:
         super().__init__("%(levelname)s:%(name)s:%(message)s")
 
-    def format(self, record: logging.LogRecord) -> str:
-        return with_id(super().format(record), record)
 
-
-class AccessFormatter(UvicornAccessFormatter):
+class AccessFormatter(_WithId, UvicornAccessFormatter):
     """uvicorn's access line, then the request's ID."""
 
-    def format(self, record: logging.LogRecord) -> str:
-        return with_id(super().format(record), record)
 
-
-class ServerFormatter(UvicornDefaultFormatter):
+class ServerFormatter(_WithId, UvicornDefaultFormatter):
     """uvicorn's other lines (start-up, its traceback of an exception that reached it),
     then the request's ID where one was being served."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return with_id(super().format(record), record)
 
 
 class JsonFormatter(logging.Formatter):
