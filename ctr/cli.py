@@ -189,6 +189,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log_level=s.log_level,
             log_config=uvicorn_log_config(s.log_format),
             access_log=s.access_log,
+            http="service.front:FrontProtocol" if s.http_front else "httptools",
             timeout_graceful_shutdown=10,
         )
     finally:

@@ -243,6 +243,12 @@ class Settings(BaseSettings):
         "`json`: every line one JSON object with time, level, logger, message and "
         "request_id (access lines with client, method, path and status too)",
     )
+    http_front: bool = Field(
+        True,
+        description="`ctr serve`: uvicorn's HTTP protocol with `POST /v1/score` served "
+        "without the ASGI layers (service.front); off: uvicorn's own protocol, every "
+        "request through ASGI",
+    )
     access_log: bool = Field(
         True,
         description="`ctr serve`: uvicorn's access log, one line per request at `info` "

@@ -7,20 +7,25 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO
+from typing import IO, Any
 
 import httpx
 import uvicorn
 from fastapi import FastAPI
 
+from service.front import FrontProtocol
 from tests.helpers import ROOT
 from tests.redis_proc import free_port
 
 
 class ServerThread:
-    def __init__(self, app: FastAPI) -> None:
+    """``app`` served by uvicorn with ``ctr serve``'s HTTP protocol (``http``: another
+    one, e.g. ``"httptools"``, uvicorn's own)."""
+
+    def __init__(self, app: FastAPI, http: Any = FrontProtocol, **config_kw: Any) -> None:
         self.port = free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        kw = {"log_level": "warning", **config_kw}
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, http=http, **kw)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

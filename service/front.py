@@ -1,0 +1,239 @@
+"""uvicorn's HTTP protocol, with the app's hot routes served without ASGI.
+
+``ctr serve`` runs uvicorn with :class:`FrontProtocol` (``CTR_HTTP_FRONT``). For a
+request to one of :class:`~service.app.ScoringApp`'s ``fast_routes`` (``POST
+/v1/score``) it starts :func:`serve_direct` instead of the ASGI call: the same handler,
+request ID, metrics and error bodies as :meth:`ScoringApp.__call__ <service.app.ScoringApp>`,
+but no ASGI scope walk by uvicorn's proxy-headers middleware, no ``receive``/``send``
+messages, no Starlette ``Response.__call__`` and no header check of uvicorn's ``send``:
+the response's head and body are joined and written to the socket in one call.
+
+Everything else stays uvicorn's: its HTTP parser, keep-alive and its timeout,
+pipelined requests (queued, started in order by ``on_response_complete``), flow
+control, ``Expect: 100-continue``, the concurrency limit's 503, graceful shutdown
+(``cycle.keep_alive`` is read when the response is written), the ``Date`` and
+``Server`` headers and the access log (with the client address uvicorn's
+proxy-headers middleware would give). Every other route, and any app that is not a
+``ScoringApp`` behind at most that middleware, goes through ASGI as before.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+import uvicorn
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
+
+from service import metrics as m
+from service.errors import ServiceError
+from service.requestid import CURRENT, HEADER, request_id
+
+if TYPE_CHECKING:
+    from service.app import Handler
+
+log = logging.getLogger("uvicorn.error")
+
+# what this module reads and sets of uvicorn's request cycle (all set in its __init__)
+CYCLE_FIELDS = (
+    "scope", "transport", "flow", "access_log", "access_logger", "default_headers",
+    "keep_alive", "on_response", "message_event", "response_started", "response_complete",
+    "waiting_for_100_continue", "disconnected",
+)  # fmt: skip
+
+
+def supported() -> bool:
+    """Whether the installed uvicorn has what :class:`FrontProtocol` builds on: the
+    protocol's ``_start_asgi_task`` and the cycle's fields and methods (another version
+    may not: then every request goes through ASGI, with a warning at start)."""
+    names = set(RequestResponseCycle.__init__.__code__.co_names)
+    return (
+        callable(getattr(HttpToolsProtocol, "_start_asgi_task", None))
+        and callable(getattr(RequestResponseCycle, "receive", None))
+        and callable(getattr(RequestResponseCycle, "send_500_response", None))
+        and names.issuperset(CYCLE_FIELDS)
+    )
+
+
+SUPPORTED = supported()
+
+
+async def _noop(scope: Any, receive: Any, send: Any) -> None:
+    return None
+
+
+def _front(app: Any) -> tuple[Any, ProxyHeadersMiddleware | None]:
+    """The :class:`~service.app.ScoringApp` uvicorn serves, and a proxy-headers
+    middleware that only rewrites a scope (for the access log) where uvicorn wraps the
+    app in one; ``(None, None)`` for any other layout."""
+    from service.app import ScoringApp  # service.app imports this module's users
+
+    proxy = None
+    if isinstance(app, ProxyHeadersMiddleware):
+        proxy = ProxyHeadersMiddleware(_noop)
+        proxy.trusted_hosts = app.trusted_hosts
+        app = app.app
+    if isinstance(app, ScoringApp) and app.fast_routes:
+        return app, proxy
+    return None, None
+
+
+class FrontProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol; a fast route's request is served by
+    :func:`serve_direct` (module docstring)."""
+
+    warned = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.front, self.proxy = _front(self.app) if SUPPORTED else (None, None)
+        if not SUPPORTED and not FrontProtocol.warned:
+            FrontProtocol.warned = True
+            log.warning(
+                "uvicorn %s lacks what service.front builds on: every request goes "
+                "through ASGI (set CTR_HTTP_FRONT=false to silence this)",
+                uvicorn.__version__,
+            )
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        front = self.front
+        if front is not None and app is self.app:  # not the concurrency limit's 503
+            scope = cycle.scope
+            handler = front.fast_routes.get((scope["method"], scope["path"]))
+            if handler is not None:
+                coro = serve_direct(handler, cycle, self.proxy)
+                if self.config.reset_contextvars:  # as uvicorn's own (its option)
+                    task = self.loop.create_task(coro, context=contextvars.Context())
+                else:
+                    task = self.loop.create_task(coro)
+                task.add_done_callback(self.tasks.discard)
+                self.tasks.add(task)
+                return
+        super()._start_asgi_task(cycle, app)
+
+
+async def _chunks(cycle: RequestResponseCycle) -> AsyncIterator[bytes]:
+    """The request body's chunks as uvicorn's ``receive`` hands them over (it also
+    answers ``Expect: 100-continue`` and resumes reading)."""
+    while True:
+        message = await cycle.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        yield message.get("body", b"")
+        if not message.get("more_body", False):
+            return
+
+
+async def _answer(
+    handler: Handler, header: Callable[[str], str | None], cycle: RequestResponseCycle
+) -> Response | None:
+    """The handler's response; a domain error's; None if the client went away before
+    its body was read."""
+    from service.app import error_response
+
+    try:
+        return await handler(header, _chunks(cycle))
+    except ServiceError as exc:
+        return error_response(exc)
+    except ClientDisconnect:
+        return None
+
+
+async def serve_direct(
+    handler: Handler, cycle: RequestResponseCycle, proxy: ProxyHeadersMiddleware | None
+) -> None:
+    """One request to a fast route, answered as :class:`~service.app.ScoringApp`
+    answers it through ASGI and uvicorn's ``run_asgi`` ends it (``tests/test_front.py``
+    compares the bytes)."""
+    from service.app import CLIENT_CLOSED, internal_error_response
+
+    scope = cycle.scope
+    headers: dict[str, str] = {}
+    for k, v in scope["headers"]:  # the first of repeated headers, as Starlette's .get
+        headers.setdefault(k.decode("latin-1"), v.decode("latin-1"))
+    rid = request_id(headers.get("x-request-id"))
+    token = CURRENT.set(rid)
+    start = time.perf_counter()
+    status = 500
+    try:
+        response = await _answer(handler, headers.get, cycle)
+        if response is None:
+            status = CLIENT_CLOSED  # nobody to answer; counted, not logged as an error
+        else:
+            await _write(cycle, response, rid, proxy)
+            status = response.status_code
+    except Exception as exc:
+        # a bug: the app's 500 (unless an answer is out), then what uvicorn does with an
+        # app that raised after answering: its traceback (this request's ID on it) and
+        # the connection closed
+        if not cycle.response_started:
+            await _write(cycle, internal_error_response(exc), rid, proxy)
+        log.error("Exception in ASGI application\n", exc_info=exc)
+        cycle.transport.close()
+        return
+    except BaseException as exc:  # cancelled (a shutdown past its grace period)
+        log.error("Exception in ASGI application\n", exc_info=exc)
+        if not cycle.response_started:
+            await cycle.send_500_response()
+        else:
+            cycle.transport.close()
+        return
+    finally:
+        cycle.on_response = lambda: None  # as run_asgi: the request is over
+        m.REQUEST(scope["path"], scope["method"], str(status)).observe(time.perf_counter() - start)
+    # reset on a normal return only, as ScoringApp.__call__ does
+    CURRENT.reset(token)
+
+
+async def _write(cycle: RequestResponseCycle, response: Response, rid: str, proxy: Any) -> None:
+    """The response's head and body in one write, as uvicorn's ``send`` writes them for
+    a ``Content-Length`` response to a POST (the ``X-Request-ID`` header last, as
+    ScoringApp adds it); then the request is complete (keep-alive, or the connection
+    closed; the next pipelined request)."""
+    if cycle.flow.write_paused and not cycle.disconnected:
+        await cycle.flow.drain()
+    if cycle.disconnected:
+        return
+    cycle.response_started = True
+    cycle.waiting_for_100_continue = False
+    scope = cycle.scope
+    status = response.status_code
+    if cycle.access_log and cycle.access_logger.isEnabledFor(logging.INFO):
+        if proxy is not None:
+            await proxy(scope, None, None)  # the client and scheme it would log
+        cycle.access_logger.info(
+            '%s - "%s %s HTTP/%s" %d',
+            get_client_addr(scope),
+            scope["method"],
+            get_path_with_query_string(scope),
+            scope["http_version"],
+            status,
+        )
+    content = [STATUS_LINE[status]]
+    for name, value in cycle.default_headers:
+        content.extend((name, b": ", value, b"\r\n"))
+    for name, value in response.raw_headers:
+        content.extend((name, b": ", value, b"\r\n"))
+    content.extend((HEADER, b": ", rid.encode(), b"\r\n"))
+    keep_alive = cycle.keep_alive  # False once a graceful shutdown has begun
+    if not keep_alive:
+        content.append(b"connection: close\r\n")
+    content.append(b"\r\n")
+    content.append(response.body)
+    cycle.transport.write(b"".join(content))
+    cycle.response_complete = True
+    cycle.message_event.set()
+    if not keep_alive:
+        cycle.transport.close()
+    cycle.on_response()

@@ -1,0 +1,282 @@
+"""``ctr serve``'s HTTP protocol (``service.front``): a scoring request served without
+ASGI gets, byte for byte, the answer uvicorn's own protocol gives through ASGI (the
+``Date`` header aside), over real sockets to two real uvicorn servers of the same
+bundle: valid and invalid requests, bodies in chunks, ``Expect: 100-continue``,
+HTTP/1.0, ``Connection: close``, pipelined requests, a bug's 500; and its access-log
+line, metrics and request IDs are uvicorn's and the app's."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from service import front
+from service import metrics as m
+from service.app import create_app
+from tests.helpers import Built, build_and_load, settings_for
+from tests.server_thread import ServerThread
+
+DATE = re.compile(rb"date: [^\r]*\r\n")
+LIMIT = 4000  # CTR_MAX_BODY_BYTES of both servers
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    return build_and_load(tmp_path_factory.mktemp("front"), "din")
+
+
+def _app(built: Built) -> Any:
+    return create_app(settings_for(built, api_key="k", protect_scoring=True, max_body_bytes=LIMIT))
+
+
+@pytest.fixture(scope="module")
+def servers(built: Built) -> Iterator[dict[str, ServerThread]]:
+    """The same app twice: behind ``ctr serve``'s protocol and behind uvicorn's own."""
+    with (
+        ServerThread(_app(built)) as fast,
+        ServerThread(_app(built), http="httptools") as plain,
+    ):
+        yield {"front": fast, "uvicorn": plain}
+
+
+def score_body(built: Built, n: int = 6) -> bytes:
+    items = built.frame["item_id"].astype(str).unique()[:n].tolist()
+    user = str(built.frame["user_id"].iloc[0])
+    return json.dumps({"user_id": user, "candidates": [{"item_id": i} for i in items]}).encode()
+
+
+def post(body: bytes, *extra: str, version: str = "1.1", length: bool = True) -> bytes:
+    head = [f"POST /v1/score HTTP/{version}", "Host: t", "X-API-Key: k", *extra]
+    if length:
+        head.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+# a last request that makes the server close the connection, so that a read to the end
+# returns every answer before it
+LAST = b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Request-ID: last\r\nConnection: close\r\n\r\n"
+
+
+def exchange(server: ServerThread, raw: bytes, timeout: float = 20) -> bytes:
+    """``raw`` written to a new connection at once; every byte the server sends until it
+    closes the connection, with the ``Date`` headers taken out."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as sock:
+        sock.sendall(raw)
+        got = bytearray()
+        while chunk := sock.recv(65536):
+            got += chunk
+    return DATE.sub(b"", bytes(got))
+
+
+def chunked(body: bytes) -> bytes:
+    half = len(body) // 2
+    parts = [body[:half], body[half:]]
+    return b"".join(b"%x\r\n%b\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
+
+
+def requests_for(built: Built) -> dict[str, bytes]:
+    body = score_body(built)
+    rid = "X-Request-ID: same-id"
+    return {
+        "score": post(body, rid) + LAST,
+        "score, Connection: close": post(body, rid, "Connection: close"),
+        "score, HTTP/1.0": post(body, rid, version="1.0"),
+        "pipelined": post(body, rid) + post(score_body(built, 3), "X-Request-ID: second") + LAST,
+        "chunked body": post(chunked(body), rid, "Transfer-Encoding: chunked", length=False)
+        + LAST,
+        "Expect: 100-continue": post(body, rid, "Expect: 100-continue") + LAST,
+        "malformed JSON (400)": post(b'{"user_id": ', rid) + LAST,
+        "invalid field (422)": post(b'{"user_id": "u", "candidates": 3}', rid) + LAST,
+        "body over the limit (413)": post(b"x" * (LIMIT + 1), rid) + LAST,
+        "chunks over the limit (413)": post(
+            chunked(b"[" * (LIMIT + 10)), rid, "Transfer-Encoding: chunked", length=False
+        )
+        + LAST,
+        "no API key (401)": post(body, rid).replace(b"X-API-Key: k\r\n", b"") + LAST,
+        "repeated X-Request-ID: the first": post(body, rid, "X-Request-ID: other") + LAST,
+        "not the fast route": b"GET /v1/score HTTP/1.1\r\nHost: t\r\n" + rid.encode()
+        + b"\r\n\r\n" + LAST,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "score",
+        "score, Connection: close",
+        "score, HTTP/1.0",
+        "pipelined",
+        "chunked body",
+        "Expect: 100-continue",
+        "malformed JSON (400)",
+        "invalid field (422)",
+        "body over the limit (413)",
+        "chunks over the limit (413)",
+        "no API key (401)",
+        "repeated X-Request-ID: the first",
+        "not the fast route",
+    ],
+)
+def test_the_same_bytes_as_through_asgi(
+    servers: dict[str, ServerThread], built: Built, case: str
+) -> None:
+    raw = requests_for(built)[case]
+    fast, plain = exchange(servers["front"], raw), exchange(servers["uvicorn"], raw)
+    assert fast == plain
+    assert fast.startswith(b"HTTP/1.1 ")
+    if case.startswith(("score", "pipelined", "chunked", "Expect", "repeated")):
+        assert b"HTTP/1.1 200 OK\r\n" in fast and b"x-request-id: same-id\r\n" in fast
+        assert b'"request_id":"same-id"' in fast and b'"items":[{' in fast
+    if case == "Expect: 100-continue":
+        assert fast.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n")
+    if case == "pipelined":
+        assert fast.count(b"HTTP/1.1 200 OK\r\n") == 3 and b"x-request-id: second\r\n" in fast
+
+
+def test_the_front_serves_the_scoring_route_only(
+    servers: dict[str, ServerThread], built: Built, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The comparison above compares the front with uvicorn's own path only if the front
+    path is taken: it is, for ``POST /v1/score`` and no other request."""
+    served: list[str] = []
+    inner = front.serve_direct
+
+    async def spy(handler: Any, cycle: Any, proxy: Any) -> None:
+        served.append(cycle.scope["path"])
+        await inner(handler, cycle, proxy)
+
+    monkeypatch.setattr(front, "serve_direct", spy)
+    raw = post(score_body(built)) + b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n" + LAST
+    assert exchange(servers["front"], raw).count(b"HTTP/1.1 200 OK") == 3
+    assert served == ["/v1/score"]
+    exchange(servers["uvicorn"], raw)
+    assert served == ["/v1/score"]
+
+
+def test_a_drawn_request_id_is_in_header_and_body(
+    servers: dict[str, ServerThread], built: Built
+) -> None:
+    got = exchange(servers["front"], post(score_body(built), "Connection: close"))
+    head, _, body = got.partition(b"\r\n\r\n")
+    ids = re.findall(rb"\r\nx-request-id: ([0-9a-f]{32})\r\n", head + b"\r\n")
+    assert len(ids) == 1 and json.loads(body)["request_id"] == ids[0].decode()
+
+
+def test_a_bug_gets_the_apps_500_and_the_connection_is_closed(
+    servers: dict[str, ServerThread], built: Built, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As through ASGI: the app's JSON 500, then uvicorn's traceback (with the request's
+    ID) and the connection closed: the request after it on that connection is not
+    answered."""
+    seen: list[logging.LogRecord] = []
+    catch = logging.Handler(logging.ERROR)
+    catch.emit = seen.append  # type: ignore[method-assign]
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise KeyError("internal detail")
+
+    for server in servers.values():
+        state = server.server.config.loaded_app.app.state.ctr
+        monkeypatch.setattr(state, "require_model", boom)
+    raw = post(score_body(built), "X-Request-ID: bug-1") + LAST
+    logging.getLogger("uvicorn.error").addHandler(catch)
+    try:
+        fast, plain = exchange(servers["front"], raw), exchange(servers["uvicorn"], raw)
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(catch)
+    assert fast == plain
+    assert fast.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
+    assert fast.count(b"HTTP/1.1") == 1  # the /healthz after it: never answered
+    assert b'"request_id":"bug-1"' in fast and b"internal detail" not in fast
+    raised = [x for x in seen if x.exc_info and x.exc_info[0] is KeyError]
+    assert len(raised) == 2  # one from each server
+    assert {x.request_id for x in raised} == {"bug-1"}  # type: ignore[attr-defined]
+
+
+def _count(status: str) -> float:
+    for metric in m.REQUEST_DURATION.collect():
+        for s in metric.samples:
+            if s.name.endswith("_count") and s.labels.get("status") == status:
+                if s.labels.get("route") == "/v1/score":
+                    return s.value
+    return 0.0
+
+
+def test_metrics_count_each_answer_and_a_client_gone_before_its_body(
+    servers: dict[str, ServerThread], built: Built
+) -> None:
+    before = {k: _count(k) for k in ("200", "422", "499")}
+    exchange(servers["front"], post(score_body(built)) + post(b"[]") + LAST)
+    # the client goes away with its body half sent: nobody to answer, counted as 499
+    with socket.create_connection(("127.0.0.1", servers["front"].port), timeout=10) as sock:
+        sock.sendall(post(score_body(built))[:-5])
+    exchange(servers["front"], LAST)  # the server has seen the close by now
+    for _ in range(100):
+        if _count("499") > before["499"]:
+            break
+        time.sleep(0.05)
+    after = {k: _count(k) for k in ("200", "422", "499")}
+    assert {k: after[k] - before[k] for k in after} == {"200": 1, "422": 1, "499": 1}
+
+
+def test_the_access_log_line_is_uvicorns(built: Built) -> None:
+    """With the access log on, the same line as uvicorn's, with the client a trusted
+    proxy's ``X-Forwarded-For`` names (uvicorn's proxy-headers middleware)."""
+    lines: dict[str, list[str]] = {}
+    catch = logging.Handler(logging.INFO)
+    raw = post(score_body(built), "X-Forwarded-For: 203.0.113.9") + LAST
+    for name, http in (("front", front.FrontProtocol), ("uvicorn", "httptools")):
+        got: list[str] = []
+        catch.emit = lambda r, got=got: got.append(r.getMessage())  # type: ignore[method-assign]
+        with ServerThread(_app(built), http=http, log_level="info", access_log=True) as server:
+            logging.getLogger("uvicorn.access").addHandler(catch)
+            try:
+                exchange(server, raw)
+            finally:
+                logging.getLogger("uvicorn.access").removeHandler(catch)
+        lines[name] = got
+    # the scoring request's line (the /healthz after it names the client's own port)
+    assert (
+        lines["front"][0] == lines["uvicorn"][0] == '203.0.113.9:0 - "POST /v1/score HTTP/1.1" 200'
+    )
+    assert len(lines["front"]) == len(lines["uvicorn"]) == 2
+
+
+def test_another_uvicorn_falls_back_to_asgi(
+    built: Built, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where uvicorn lacks what the front builds on, requests go through ASGI, with a
+    warning, and are answered as before."""
+    monkeypatch.setattr(front, "SUPPORTED", False)
+    monkeypatch.setattr(front.FrontProtocol, "warned", False)
+    served: list[Any] = []
+    monkeypatch.setattr(front, "serve_direct", lambda *a: served.append(a))
+    with ServerThread(_app(built)) as server:
+        got = exchange(server, post(score_body(built), "Connection: close"))
+    assert got.startswith(b"HTTP/1.1 200 OK\r\n") and not served
+    assert front.FrontProtocol.warned
+
+
+def test_supported_checks_the_cycles_fields() -> None:
+    assert front.supported()
+    assert set(front.CYCLE_FIELDS) <= set(vars(_cycle()))
+
+
+def _cycle() -> Any:
+    """A cycle as uvicorn makes one (its fields, to check the list against)."""
+    import asyncio
+
+    from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+    return RequestResponseCycle(
+        scope={}, transport=None, flow=None, logger=None, access_logger=None,  # type: ignore[arg-type]
+        access_log=False, default_headers=[], message_event=asyncio.Event(),
+        expect_100_continue=False, keep_alive=True, on_response=lambda: None,
+    )  # fmt: skip
