@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import itertools
 import logging
 import threading
@@ -116,6 +117,22 @@ def _bind(lib: ctypes.CDLL) -> None:
     ]  # fmt: skip
 
 
+@functools.cache
+def _libraries(lib_path: str) -> tuple[ctypes.PyDLL, ctypes.CDLL]:
+    """The library twice, bound (:func:`_bind`): for the calls that keep the GIL (a few
+    µs each) and for the blocking ones that let go of it. Once per process and path:
+    every ctypes library object makes a function-pointer class of its own, which only a
+    full garbage collection frees, and a reload makes a runner (whose objects the
+    reload's light collection has frozen by the next one: service.lifecycle)."""
+    libs = ctypes.PyDLL(lib_path), ctypes.CDLL(lib_path)
+    for lib in libs:
+        try:
+            _bind(lib)
+        except AttributeError as exc:  # a prebuilt library from before the runner
+            raise NativeRunError(f"{lib_path} has no native runner: {exc}") from exc
+    return libs
+
+
 def _free(lib: ctypes.CDLL, handle: int, weights: Sequence[Weight] = ()) -> None:
     """Release the runner; ``weights``, whose memory its sessions read, are held until
     then."""
@@ -154,14 +171,7 @@ class NativeRunner:
     ) -> None:
         if len(names) > MAX_INPUTS:
             raise NativeRunError(f"{len(names)} graph inputs; the runner takes {MAX_INPUTS}")
-        # calls that keep the GIL (a few µs each), and the blocking ones that let go of it
-        self._lib = ctypes.PyDLL(lib_path)
-        self._blocking = ctypes.CDLL(lib_path)
-        for lib in (self._lib, self._blocking):
-            try:
-                _bind(lib)
-            except AttributeError as exc:  # a prebuilt library from before the runner
-                raise NativeRunError(f"{lib_path} has no native runner: {exc}") from exc
+        self._lib, self._blocking = _libraries(lib_path)
         # ORT hands its API to the library when the library is registered: the runner's
         # sessions are then made by the runtime this process's Python binding runs
         # (once per process: each registration keeps a small domain for good)

@@ -4,6 +4,7 @@ Python session's, its failures and dropped calls, its release, and the service o
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -266,6 +267,24 @@ def test_the_python_runner_serves_when_the_native_one_cannot(
         assert loaded.native is None and "parity 5.0e-01" in loaded.native_note
     feeds = probe_feeds(loaded.bundle, 1, 30, 0)
     assert np.all(np.isfinite(loaded.run(feeds, explain=False)[0]))
+
+
+def test_each_runner_uses_the_library_loaded_once(built: Built) -> None:
+    """Runners of every load share one pair of library objects: a reload makes no
+    ctypes function-pointer classes (cyclic garbage only a full collection frees)."""
+
+    def pointer_classes() -> int:
+        return sum(isinstance(o, type) and o.__name__ == "_FuncPtr" for o in gc.get_objects())
+
+    first = load_model(settings_for(built))
+    before = pointer_classes()
+    more = [load_model(settings_for(built)) for _ in range(2)]
+    assert pointer_classes() == before
+    for loaded in (first, *more):
+        assert loaded.native is not None, loaded.native_note
+        assert loaded.native._lib is first.native._lib  # type: ignore[union-attr]
+        assert loaded.native._blocking is first.native._blocking  # type: ignore[union-attr]
+        loaded.native.close()
 
 
 def test_a_library_without_the_runner_is_refused() -> None:
