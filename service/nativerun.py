@@ -118,6 +118,18 @@ def _bind(lib: ctypes.CDLL) -> None:
 
 
 @functools.cache
+def _array(ctype: Any, n: int) -> Any:
+    """The ctypes array type of ``n`` ``ctype``: made once (each ``ctype * n`` makes a
+    new class, cyclic garbage that only a full garbage collection frees)."""
+    return ctype * n
+
+
+def _error_buffer() -> Any:
+    """A zeroed buffer for the library's error message."""
+    return _array(ctypes.c_char, ERROR_LEN)()
+
+
+@functools.cache
 def _libraries(lib_path: str) -> tuple[ctypes.PyDLL, ctypes.CDLL]:
     """The library twice, bound (:func:`_bind`): for the calls that keep the GIL (a few
     µs each) and for the blocking ones that let go of it. Once per process and path:
@@ -177,7 +189,7 @@ class NativeRunner:
         # (once per process: each registration keeps a small domain for good)
         if not self._lib.ctr_runner_ready():
             ort.SessionOptions().register_custom_ops_library(lib_path)
-        err = ctypes.create_string_buffer(ERROR_LEN)
+        err = _error_buffer()
         handle = self._lib.ctr_runner_new(err, ERROR_LEN)
         if not handle:
             raise NativeRunError(f"native runner: {err.value.decode(errors='replace')}")
@@ -193,7 +205,7 @@ class NativeRunner:
             weights = ()
         for w in weights:  # every session below takes these instead of its own copy
             a = w.array
-            dims = (ctypes.c_int64 * max(a.ndim, 1))(*a.shape)
+            dims = _array(ctypes.c_int64, max(a.ndim, 1))(*a.shape)
             if self._lib.ctr_runner_add_weight(
                 handle, w.name.encode(), a.ctypes.data, a.nbytes, w.onnx_type,
                 ctypes.addressof(dims), a.ndim, err, ERROR_LEN,
@@ -227,11 +239,11 @@ class NativeRunner:
         self._tokens = itertools.count(1)
         # token -> (future, the arrays the call points at, its output, its lane)
         self._calls: dict[int, tuple[asyncio.Future[Any], list[np.ndarray], np.ndarray, int]] = {}
-        self._desc = (ctypes.c_int64 * (MAX_INPUTS * DESC))()
+        self._desc = _array(ctypes.c_int64, MAX_INPUTS * DESC)()
         self._desc_addr = ctypes.addressof(self._desc)
-        self._poll_tokens = (ctypes.c_uint64 * POLL_MAX)()
-        self._poll_status = (ctypes.c_int32 * POLL_MAX)()
-        self._poll_seconds = (ctypes.c_double * POLL_MAX)()
+        self._poll_tokens = _array(ctypes.c_uint64, POLL_MAX)()
+        self._poll_status = _array(ctypes.c_int32, POLL_MAX)()
+        self._poll_seconds = _array(ctypes.c_double, POLL_MAX)()
         self._poll_args = (
             ctypes.addressof(self._poll_tokens),
             ctypes.addressof(self._poll_status),
@@ -291,11 +303,11 @@ class NativeRunner:
         self._check_alive()
         # a description of its own: the shared one is read after the GIL is let go, when
         # another thread's call could have written over it
-        desc = (ctypes.c_int64 * (MAX_INPUTS * DESC))()
+        desc = _array(ctypes.c_int64, MAX_INPUTS * DESC)()
         arrays = self._describe(feeds, desc)
         out = np.empty(feeds["user_idx"].shape[0], np.float32)
         n = len(out)
-        err = ctypes.create_string_buffer(ERROR_LEN)
+        err = _error_buffer()
         rc = self._blocking.ctr_runner_run(
             self._handle, self.session_for(n) if session is None else session,
             ctypes.addressof(desc), len(arrays), out.ctypes.data, n, err, ERROR_LEN,
@@ -427,7 +439,7 @@ class NativeRunner:
                 log.exception("native runner: the on_run hook failed")
 
     def _error(self, token: int) -> str:
-        err = ctypes.create_string_buffer(ERROR_LEN)
+        err = _error_buffer()
         if not self._lib.ctr_runner_error(self._handle, token, err, ERROR_LEN):
             return "the native call failed"
         return "native graph call failed: " + err.value.decode(errors="replace")

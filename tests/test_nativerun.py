@@ -4,6 +4,7 @@ Python session's, its failures and dropped calls, its release, and the service o
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import time
 from collections.abc import Iterator
@@ -269,12 +270,14 @@ def test_the_python_runner_serves_when_the_native_one_cannot(
     assert np.all(np.isfinite(loaded.run(feeds, explain=False)[0]))
 
 
-def test_each_runner_uses_the_library_loaded_once(built: Built) -> None:
-    """Runners of every load share one pair of library objects: a reload makes no
-    ctypes function-pointer classes (cyclic garbage only a full collection frees)."""
+def test_runners_share_the_library_and_make_no_ctypes_classes(built: Built) -> None:
+    """Runners of every load share one pair of library objects, and its buffers' types:
+    a reload makes no ctypes function-pointer or array classes (cyclic garbage only a
+    full collection frees)."""
+    kinds = (ctypes._CFuncPtr, ctypes.Array)  # noqa: SLF001
 
     def pointer_classes() -> int:
-        return sum(isinstance(o, type) and o.__name__ == "_FuncPtr" for o in gc.get_objects())
+        return sum(isinstance(o, type) and issubclass(o, kinds) for o in gc.get_objects())
 
     first = load_model(settings_for(built))
     before = pointer_classes()
