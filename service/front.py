@@ -23,6 +23,7 @@ import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from logging import INFO
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
@@ -84,9 +85,21 @@ def _front(app: Any) -> tuple[Any, ProxyHeadersMiddleware | None]:
         proxy = ProxyHeadersMiddleware(_noop)
         proxy.trusted_hosts = app.trusted_hosts
         app = app.app
-    if isinstance(app, ScoringApp) and app.fast_routes:
+    if isinstance(app, ScoringApp):
         return app, proxy
     return None, None
+
+
+def _front_of(config: Any) -> tuple[Any, ProxyHeadersMiddleware | None]:
+    """:func:`_front` of the server's app, worked out once per server (kept on its
+    config): a proxy-headers middleware holds a reference cycle (its trusted hosts'
+    cache), which made once per connection would be garbage for the collector."""
+    app = config.loaded_app
+    kept = getattr(config, "_ctr_front", None)
+    if kept is None or kept[0] is not app:
+        kept = (app, *_front(app))
+        config._ctr_front = kept
+    return kept[1], kept[2]
 
 
 class FrontProtocol(HttpToolsProtocol):
@@ -97,7 +110,7 @@ class FrontProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.front, self.proxy = _front(self.app) if SUPPORTED else (None, None)
+        self.front, self.proxy = _front_of(self.config) if SUPPORTED else (None, None)
         if not SUPPORTED and not FrontProtocol.warned:
             FrontProtocol.warned = True
             log.warning(
@@ -164,25 +177,28 @@ async def serve_direct(
         headers.setdefault(k.decode("latin-1"), v.decode("latin-1"))
     rid = request_id(headers.get("x-request-id"))
     token = CURRENT.set(rid)
+    if proxy is not None and cycle.access_log and cycle.access_logger.isEnabledFor(INFO):
+        await proxy(scope, None, None)  # the client and scheme the access log shows
     start = time.perf_counter()
     status = 500
     try:
-        response = await _answer(handler, headers.get, cycle)
+        try:
+            response = await _answer(handler, headers.get, cycle)
+        except Exception as exc:
+            # a bug: the app's 500 (nothing has been sent yet), then raised on, as
+            # ScoringApp raises it to uvicorn
+            await _write(cycle, internal_error_response(exc), rid)
+            raise
         if response is None:
             status = CLIENT_CLOSED  # nobody to answer; counted, not logged as an error
         else:
-            await _write(cycle, response, rid, proxy)
+            await _write(cycle, response, rid)
             status = response.status_code
-    except Exception as exc:
-        # a bug: the app's 500 (unless an answer is out), then what uvicorn does with an
-        # app that raised after answering: its traceback (this request's ID on it) and
-        # the connection closed
-        if not cycle.response_started:
-            await _write(cycle, internal_error_response(exc), rid, proxy)
-        log.error("Exception in ASGI application\n", exc_info=exc)
-        cycle.transport.close()
-        return
-    except BaseException as exc:  # cancelled (a shutdown past its grace period)
+    except BaseException as exc:
+        # what uvicorn's run_asgi does with an app that raised (a bug's exception after
+        # its 500; a cancellation, as at the end of a graceful shutdown's wait): its
+        # traceback (this request's ID on it), then its own 500 if nothing was sent yet,
+        # else the connection closed
         log.error("Exception in ASGI application\n", exc_info=exc)
         if not cycle.response_started:
             await cycle.send_500_response()
@@ -196,7 +212,7 @@ async def serve_direct(
     CURRENT.reset(token)
 
 
-async def _write(cycle: RequestResponseCycle, response: Response, rid: str, proxy: Any) -> None:
+async def _write(cycle: RequestResponseCycle, response: Response, rid: str) -> None:
     """The response's head and body in one write, as uvicorn's ``send`` writes them for
     a ``Content-Length`` response to a POST (the ``X-Request-ID`` header last, as
     ScoringApp adds it); then the request is complete (keep-alive, or the connection
@@ -209,9 +225,7 @@ async def _write(cycle: RequestResponseCycle, response: Response, rid: str, prox
     cycle.waiting_for_100_continue = False
     scope = cycle.scope
     status = response.status_code
-    if cycle.access_log and cycle.access_logger.isEnabledFor(logging.INFO):
-        if proxy is not None:
-            await proxy(scope, None, None)  # the client and scheme it would log
+    if cycle.access_log:
         cycle.access_logger.info(
             '%s - "%s %s HTTP/%s" %d',
             get_client_addr(scope),
