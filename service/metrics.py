@@ -86,6 +86,14 @@ LOOP_LAG = Histogram(
     "d / interval)",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
+# how far back ctr_event_loop_lag_max_seconds looks: two scrapes at Prometheus's usual 15 s
+LOOP_LAG_WINDOW_S = 30.0
+LOOP_LAG_MAX = Gauge(
+    "ctr_event_loop_lag_max_seconds",
+    "The longest event-loop lag (ctr_event_loop_lag_seconds) this worker saw in the last "
+    "30 s; several workers: one series each (pid label), where the histogram pools them",
+    multiprocess_mode="liveall",
+)
 ERRORS = Counter("ctr_errors_total", "Errors by kind", ["kind"])
 DEGRADED = Counter("ctr_degraded_responses_total", "Responses served in degraded mode")
 INLINE_RUNS = Counter(
@@ -188,17 +196,42 @@ class ProcessSampler:
 PROCESS = ProcessSampler()
 
 
+class WorstLag:
+    """The largest of the values added over the last ``window`` seconds (those added at
+    ``t`` with ``now - window < t``): a deque of the candidates, each larger than every
+    one added after it, so each add costs O(1) amortised."""
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self.kept: deque[tuple[float, float]] = deque()
+
+    def add(self, at: float, value: float) -> float:
+        """Adds ``value`` seen at ``at`` (seconds, not decreasing); returns the largest."""
+        kept = self.kept
+        while kept and kept[-1][1] <= value:
+            kept.pop()
+        kept.append((at, value))
+        while kept[0][0] <= at - self.window:
+            kept.popleft()
+        return kept[0][1]
+
+
 async def watch_loop_lag(interval: float) -> None:
     """Observe, every ``interval`` seconds, how late the event loop ran this task's
     timer (``ctr_event_loop_lag_seconds``): what a request arriving then would have
     waited before the loop looked at it. A blocking call, a long GC pause, a GIL-holding
     C call on another thread all show here; a stall of ``d`` seconds is seen with
     probability about ``d / interval`` (it must cover a timer's due time), as the part of
-    it after that due time."""
+    it after that due time. ``ctr_event_loop_lag_max_seconds``: the worst of the last
+    :data:`LOOP_LAG_WINDOW_S`, per worker."""
+    worst = WorstLag(LOOP_LAG_WINDOW_S)
     while True:
         due = time.perf_counter() + interval
         await asyncio.sleep(interval)
-        LOOP_LAG.observe(max(0.0, time.perf_counter() - due))
+        now = time.perf_counter()
+        lag = max(0.0, now - due)
+        LOOP_LAG.observe(lag)
+        LOOP_LAG_MAX.set(worst.add(now, lag))
 
 
 def render() -> tuple[bytes, str]:

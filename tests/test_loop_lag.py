@@ -43,6 +43,20 @@ def test_a_stalled_loop_shows_as_a_late_timer() -> None:
     late = observed - (_sample("_bucket", le="0.1") - quick)
     assert observed >= 4 and late == 1  # one timer ran late, by more than 0.1 s
     assert _sample("_sum") >= 0.2
+    # and the worker's worst of the last 30 s is that one
+    assert REGISTRY.get_sample_value("ctr_event_loop_lag_max_seconds") >= 0.2
+
+
+def test_the_worst_lag_is_the_largest_of_the_window() -> None:
+    worst = m.WorstLag(30.0)
+    assert worst.add(0.0, 0.1) == 0.1
+    assert worst.add(1.0, 0.05) == 0.1
+    assert worst.add(2.0, 0.07) == 0.1
+    assert worst.add(29.9, 0.01) == 0.1  # 0.1 was seen 29.9 s ago: still in
+    assert worst.add(30.0, 0.01) == 0.07  # 30 s ago: out; 0.05 was never the largest
+    assert worst.add(32.0, 0.02) == 0.02  # 0.07 (at 2.0) out too
+    assert worst.add(33.0, 0.5) == 0.5
+    assert len(worst.kept) == 1  # nothing smaller than a later value is kept
 
 
 def test_the_service_watches_its_loop_only_when_asked(built: Built) -> None:

@@ -74,6 +74,10 @@ def test_metrics_correct_with_two_workers(built: Built, tmp_path: Path) -> None:
         assert sorted(int(p) for p in rss) == sorted(pids), (rss, pids)
         assert all(float(v) > 50e6 for v in rss.values()), rss
         assert metric(text, r"^ctr_worker_cpu_seconds_total ") > 1.0  # both workers' start-up
+        # each worker's worst event-loop lag of the last 30 s, one series each
+        lag = dict(re.findall(r'^ctr_event_loop_lag_max_seconds\{pid="(\d+)"\} (\S+)$', text, re.M))
+        assert sorted(int(p) for p in lag) == sorted(pids), (lag, pids)
+        assert all(0 <= float(v) < 30 for v in lag.values()), lag
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -104,9 +108,7 @@ def test_access_log_setting(built: Built, tmp_path: Path, access_log: str) -> No
 
 
 @pytest.mark.parametrize("fmt,workers", [("text", "1"), ("json", "2")])
-def test_log_lines_name_their_request(
-    built: Built, tmp_path: Path, fmt: str, workers: str
-) -> None:
+def test_log_lines_name_their_request(built: Built, tmp_path: Path, fmt: str, workers: str) -> None:
     """CTR_LOG_FORMAT under `ctr serve`: the access line of a request (uvicorn's) names
     its X-Request-ID, as the service's own lines do; with `json` every line of every
     worker is one JSON object."""
