@@ -154,6 +154,16 @@ def cmd_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def _http_protocol(front: bool) -> str:
+    """uvicorn's ``http``: the front (service.front) where asked for and httptools, on
+    which it builds, is installed; else uvicorn's own choice."""
+    import importlib.util
+
+    if front and importlib.util.find_spec("httptools") is not None:
+        return "service.front:FrontProtocol"
+    return "auto"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from service import hup
 
@@ -189,7 +199,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log_level=s.log_level,
             log_config=uvicorn_log_config(s.log_format),
             access_log=s.access_log,
-            http="service.front:FrontProtocol" if s.http_front else "httptools",
+            http=_http_protocol(s.http_front),
             timeout_graceful_shutdown=10,
         )
     finally:

@@ -246,8 +246,8 @@ class Settings(BaseSettings):
     http_front: bool = Field(
         True,
         description="`ctr serve`: uvicorn's HTTP protocol with `POST /v1/score` served "
-        "without the ASGI layers (service.front); off: uvicorn's own protocol, every "
-        "request through ASGI",
+        "without the ASGI layers (service.front; where httptools is installed); off: "
+        "uvicorn's own protocol, every request through ASGI",
     )
     access_log: bool = Field(
         True,

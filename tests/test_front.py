@@ -474,3 +474,14 @@ def test_connections_leave_no_garbage(servers: dict[str, ServerThread], built: B
     finally:
         gc.enable()
     assert found["front"] <= found["uvicorn"] + 5, found
+
+
+def test_ctr_serve_runs_the_front_where_httptools_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from ctr.cli import _http_protocol
+
+    assert _http_protocol(True) == "service.front:FrontProtocol"
+    assert _http_protocol(False) == "auto"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert _http_protocol(True) == "auto"  # uvicorn falls back to h11 then, as before
