@@ -408,6 +408,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             lifecycle.spawn(state, m.PROCESS.every(settings.process_metrics_s))
         if settings.loop_lag_interval_ms > 0:
             lifecycle.spawn(state, m.watch_loop_lag(settings.loop_lag_interval_ms / 1000))
+        else:  # not watched: unknown, not a reassuring 0
+            m.LOOP_LAG_MAX.set(float("nan"))
         if hup["phase"] == "starting":  # not if a SIGTERM came meanwhile: it is stopping
             hup["phase"] = "serving"
         if hup["pending"] and hup["phase"] == "serving":

@@ -144,9 +144,7 @@ _MINUS_19_0 = b"-" + b"0" * 19
 # a string (skipped), or an integer literal of 20+ digits or a negative one of 19: not
 # part of a number before it (a fraction, an exponent) and not followed by one's
 # fraction or exponent
-_INT_TOKEN = re.compile(
-    rb'"(?:[^"\\]|\\.)*"|(?<![0-9.eE+\-])(-?[0-9]{20,}|-[0-9]{19})(?![0-9.eE])'
-)
+_INT_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|(?<![0-9.eE+\-])(-?[0-9]{20,}|-[0-9]{19})(?![0-9.eE])')
 
 
 def parse_json(body: bytes, scanner: Scanner | None = None) -> Any:

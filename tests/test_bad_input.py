@@ -356,8 +356,11 @@ EVENT_ROWS: list[tuple[str, Any, str]] = [
     ("surrogate feature", {**EVENT, "features": {"cate_id": "\ud800"}}, "features.cate_id"),
     ("huge int feature", {**EVENT, "features": {"x": 10**400}}, "features.x"),
     ("25-digit integer feature", {**EVENT, "features": {"cate_id": 10**24}}, "features.cate_id"),
-    ("19-digit negative integer feature", {**EVENT, "features": {"cate_id": -(2**63) - 1}},
-     "features.cate_id"),
+    (
+        "19-digit negative integer feature",
+        {**EVENT, "features": {"cate_id": -(2**63) - 1}},
+        "features.cate_id",
+    ),
     # held to the ID length before the size of all features (CTR_EVENT_MAX_BYTES)
     ("long string feature", {**EVENT, "features": {"big": "b" * 5000}}, "features.big"),
     ("300-digit integer timestamp", {**EVENT, "timestamp": 10**300}, "timestamp"),
@@ -425,8 +428,16 @@ KEY = {"X-API-Key": "k3y"}
         ({"version": "\uff11"}, "version"),
         ({"version": ""}, "version"),
     ],
-    ids=["wrong-type", "bool", "negative", "misspelt-field", "not-an-object", "leading-zero",
-         "full-width-digit", "empty"],
+    ids=[
+        "wrong-type",
+        "bool",
+        "negative",
+        "misspelt-field",
+        "not-an-object",
+        "leading-zero",
+        "full-width-digit",
+        "empty",
+    ],
 )
 def test_bad_reload_body(keyed: TestClient, body: Any, field: str) -> None:
     check(keyed.post("/admin/reload", json=body, headers=KEY), 422, field, "bad_request")

@@ -183,9 +183,7 @@ def test_cluster_load_score_round_trip_and_master_loss(
         assert r2["degraded"] is False and r2["cold_start"] is False
 
 
-def test_a_cluster_url_with_an_encoded_password_and_no_scheme(
-    built: Built, tmp_path: Path
-) -> None:
+def test_a_cluster_url_with_an_encoded_password_and_no_scheme(built: Built, tmp_path: Path) -> None:
     """A password holding ``@ : /`` must be percent-encoded in a URL: the service's
     cluster client decodes it as ``ctr load`` does (it used to send it encoded, and never
     connect), a node list without a scheme works everywhere, and messages hide it."""

@@ -155,7 +155,8 @@ def test_dedup_window_remembers_the_newest_stored_event_ids(
         assert post(client, ev(sent)) == APPENDED
         assert remembered(redis_db, user) == [*ids[1:], f"d{sent:02d}"]
         assert stored(redis_db, user) == [
-            *kept[1:], behaviour(f"{PREFIX}i{sent}", "c", 100.0 + sent)
+            *kept[1:],
+            behaviour(f"{PREFIX}i{sent}", "c", 100.0 + sent),
         ]
 
 

@@ -282,7 +282,7 @@ def _cycle(transport: Any = None, flow: Any = None, access_log: bool = False) ->
     done: list[bool] = []
     cycle = RequestResponseCycle(
         scope={"method": "POST", "path": "/v1/score", "http_version": "1.1", "client": None,
-               "query_string": b"", "root_path": ""},
+               "query_string": b"", "root_path": "", "headers": []},
         transport=transport, flow=flow, logger=logging.getLogger("uvicorn.error"),
         access_logger=logging.getLogger("uvicorn.access"), access_log=access_log,
         default_headers=[], message_event=asyncio.Event(), expect_100_continue=False,
@@ -330,6 +330,42 @@ def test_an_answer_waits_while_the_socket_is_full() -> None:
         assert cycle.response_complete and cycle.done == [True]
 
     asyncio.run(main())
+
+
+def test_a_cancel_while_a_bugs_500_waits_gets_uvicorns_ending(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug's 500 waits for a full socket, and the request is cancelled meanwhile (a
+    graceful shutdown's end): as uvicorn's run_asgi ends an app that raised, the
+    traceback (once), uvicorn's plain 500 when the socket takes it, and the connection
+    closed; never the bug's 500 after the cancel, nor nothing at all."""
+    from uvicorn.protocols.http.flow_control import FlowControl
+
+    async def bug(header: Any, chunks: Any) -> Any:
+        raise KeyError("internal detail")
+
+    async def main() -> None:
+        transport = Transport()
+        flow = FlowControl(transport)  # type: ignore[arg-type]
+        cycle = _cycle(transport, flow)
+        flow.pause_writing()
+        task = asyncio.ensure_future(front.serve_direct(bug, cycle, None))
+        await asyncio.sleep(0.05)  # the bug's 500 waits for the socket
+        assert not transport.written and not task.done()
+        task.cancel()
+        await asyncio.sleep(0.05)
+        assert not transport.written  # still full
+        flow.resume_writing()
+        await task
+        sent = b"".join(transport.written)
+        assert sent.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
+        assert sent.endswith(b"\r\n\r\nInternal Server Error") and b"request_id" not in sent
+        assert transport.closed
+
+    with caplog.at_level(logging.ERROR, logger="uvicorn.error"):
+        asyncio.run(main())
+    tracebacks = [r for r in caplog.records if r.name == "uvicorn.error" and r.exc_info]
+    assert len(tracebacks) == 1 and tracebacks[0].exc_info[0] is asyncio.CancelledError  # type: ignore[index]
 
 
 def test_nothing_is_written_for_a_client_gone(caplog: pytest.LogCaptureFixture) -> None:

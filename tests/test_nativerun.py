@@ -546,5 +546,11 @@ def test_a_call_on_this_thread_keeps_its_own_inputs(
         native._describe(other)  # what a call on another thread writes, GIL let go
         return int(real(*args))
 
-    monkeypatch.setattr(native._blocking, "ctr_runner_run", meanwhile)
+    class Blocking:  # this runner's blocking library, its run call replaced (the library
+        # objects themselves are every runner's in the process)
+        def __getattr__(self, name: str) -> object:
+            return meanwhile if name == "ctr_runner_run" else getattr(real_lib, name)
+
+    real_lib = native._blocking
+    monkeypatch.setattr(native, "_blocking", Blocking())
     np.testing.assert_array_equal(native.run_now(mine), want)

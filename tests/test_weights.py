@@ -216,9 +216,10 @@ def test_a_library_without_shared_weights_keeps_native_copies(
                 raise AttributeError(name)
             return getattr(self._lib, name)
 
-    for kind in ("PyDLL", "CDLL"):
-        real = getattr(ctypes, kind)
-        monkeypatch.setattr(nr.ctypes, kind, lambda path, real=real: Older(real(path)))
+    # the process's library objects (loaded once for every runner: nr._libraries), as
+    # this runner sees them
+    real = nr._libraries
+    monkeypatch.setattr(nr, "_libraries", lambda path: tuple(Older(lib) for lib in real(path)))
     with caplog.at_level("WARNING", "ctr.service"):
         model = load_model(settings_for(built, share_weights_min_bytes=1024))
     try:
