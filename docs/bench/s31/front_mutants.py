@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (a table of code fragments, one mutant a line)
 """Mutants of service/front.py against tests/test_front.py (session 31's record).
 
 Each mutant replaces one piece of service/front.py in a copy of the checkout and runs
@@ -36,26 +37,72 @@ FLAT_EXCEPT_TO = """    except Exception as exc:
     except BaseException as exc:
 """
 MUTANTS = {
-    "no close when keep-alive is off": [("    if not keep_alive:\n        cycle.transport.close()\n    cycle.on_response()", "    cycle.on_response()")],
+    "no close when keep-alive is off": [
+        (
+            "    if not keep_alive:\n        cycle.transport.close()\n    cycle.on_response()",
+            "    cycle.on_response()",
+        )
+    ],
     "no message_event.set()": [("    cycle.message_event.set()\n", "")],
     "no response_complete = True": [("    cycle.response_complete = True\n", "")],
     "no response_started = True": [("    cycle.response_started = True\n", "")],
-    "no drain while writing is paused": [("    if cycle.flow.write_paused and not cycle.disconnected:\n        await cycle.flow.drain()\n", "")],
-    "no check for a client gone": [("    if cycle.disconnected:\n        return\n    cycle.response_started", "    cycle.response_started")],
-    "the concurrency limit's 503 bypassed": [("if front is not None and app is self.app:", "if front is not None:")],
-    "no BaseException branch": [("    except BaseException as exc:\n", "    except ZeroDivisionError as exc:\n")],
-    "no on_response reset": [("        cycle.on_response = lambda: None  # as run_asgi", "        pass  # as run_asgi")],
-    "task not discarded from uvicorn's set": [("                task.add_done_callback(self.tasks.discard)\n", "")],
+    "no drain while writing is paused": [
+        (
+            "    if cycle.flow.write_paused and not cycle.disconnected:\n        await cycle.flow.drain()\n",
+            "",
+        )
+    ],
+    "no check for a client gone": [
+        (
+            "    if cycle.disconnected:\n        return\n    cycle.response_started",
+            "    cycle.response_started",
+        )
+    ],
+    "the concurrency limit's 503 bypassed": [
+        ("if front is not None and app is self.app:", "if front is not None:")
+    ],
+    "no BaseException branch": [
+        ("    except BaseException as exc:\n", "    except ZeroDivisionError as exc:\n")
+    ],
+    "no on_response reset": [
+        ("        cycle.on_response = lambda: None  # as run_asgi", "        pass  # as run_asgi")
+    ],
+    "task not discarded from uvicorn's set": [
+        ("                task.add_done_callback(self.tasks.discard)\n", "")
+    ],
     "task not in uvicorn's set": [("                self.tasks.add(task)\n", "")],
     "always keep-alive": [("    keep_alive = cycle.keep_alive  #", "    keep_alive = True  #")],
-    "no uvicorn 500 in the BaseException branch": [("        if not cycle.response_started:\n            await cycle.send_500_response()\n        else:\n            cycle.transport.close()", "        cycle.transport.close()")],
+    "no uvicorn 500 in the BaseException branch": [
+        (
+            "        if not cycle.response_started:\n            await cycle.send_500_response()\n        else:\n            cycle.transport.close()",
+            "        cycle.transport.close()",
+        )
+    ],
     "waiting_for_100_continue not cleared": [("    cycle.waiting_for_100_continue = False\n", "")],
     "no CURRENT.reset": [("    CURRENT.reset(token)\n", "")],
-    "proxy rewrite whatever the access log": [("if proxy is not None and cycle.access_log and cycle.access_logger.isEnabledFor(INFO):", "if proxy is not None:")],
+    "proxy rewrite whatever the access log": [
+        (
+            "if proxy is not None and cycle.access_log and cycle.access_logger.isEnabledFor(INFO):",
+            "if proxy is not None:",
+        )
+    ],
     "no proxy rewrite": [("        await proxy(scope, None, None)", "        pass")],
-    "the front worked out per connection": [("        self.front, self.proxy = _front_of(self.config) if SUPPORTED", "        self.front, self.proxy = _front(self.app) if SUPPORTED")],
-    "on_response before the write": [("    cycle.transport.write(b\"\".join(content))\n", "    cycle.on_response()\n    cycle.transport.write(b\"\".join(content))\n")],
-    "the bug's 500 inside a flat except (before the second review)": [(FLAT_FROM, FLAT_TO), (FLAT_EXCEPT, FLAT_EXCEPT_TO)],
+    "the front worked out per connection": [
+        (
+            "        self.front, self.proxy = _front_of(self.config) if SUPPORTED",
+            "        self.front, self.proxy = _front(self.app) if SUPPORTED",
+        )
+    ],
+    "on_response before the write": [
+        (
+            '    cycle.transport.write(b"".join(content))\n',
+            '    cycle.on_response()\n    cycle.transport.write(b"".join(content))\n',
+        )
+    ],
+    "the bug's 500 inside a flat except (before the second review)": [
+        (FLAT_FROM, FLAT_TO),
+        (FLAT_EXCEPT, FLAT_EXCEPT_TO),
+    ],
 }
 orig = open(FRONT).read()
 try:
@@ -68,8 +115,21 @@ try:
         t = time.time()
         try:
             p = subprocess.run(
-                [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_front.py"],
-                cwd=REPO, capture_output=True, text=True, timeout=300, env=os.environ,
+                [
+                    sys.executable,
+                    "-m",
+                    "pytest",
+                    "-q",
+                    "-x",
+                    "-p",
+                    "no:cacheprovider",
+                    "tests/test_front.py",
+                ],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=300,
+                env=os.environ,
             )
             res = "CAUGHT" if p.returncode else "SURVIVED"
             last = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else ""
