@@ -221,27 +221,45 @@ class ServingMiddleware:
             m.REQUEST(route, method, str(code["status"])).observe(time.perf_counter() - start)
 
 
-async def _serve(handler: Handler, scope: Scope, receive: Receive, send: Send) -> int:
+def request_headers(scope: Scope) -> dict[str, str]:
+    """A request's headers by (lower-case) name, the first of repeated ones (as
+    Starlette's ``Headers.get``)."""
     headers: dict[str, str] = {}
-    for k, v in scope["headers"]:  # the first of repeated headers, as Starlette's .get
+    for k, v in scope["headers"]:
         headers.setdefault(k.decode("latin-1"), v.decode("latin-1"))
+    return headers
 
-    async def chunks() -> AsyncIterator[bytes]:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ClientDisconnect()
-            yield message.get("body", b"")
-            if not message.get("more_body", False):
-                return
 
+async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:
+    """The request body's chunks from ASGI ``receive``; ``ClientDisconnect`` if the
+    client goes away first."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        yield message.get("body", b"")
+        if not message.get("more_body", False):
+            return
+
+
+async def answer(handler: Handler, headers: dict[str, str], receive: Receive) -> Response | None:
+    """``handler``'s response to the request, or the domain error's it raised; None if
+    the client went away before its body was read (nobody to answer). Any other
+    exception is raised on: a bug."""
+    try:
+        return await handler(headers.get, body_chunks(receive))
+    except ServiceError as exc:
+        return error_response(exc)
+    except ClientDisconnect:
+        return None
+
+
+async def _serve(handler: Handler, scope: Scope, receive: Receive, send: Send) -> int:
     # the request's ID (CURRENT) and its header: ScoringApp's, which comes in first
     try:
-        response = await handler(headers.get, chunks())
-    except ServiceError as exc:
-        response = error_response(exc)
-    except ClientDisconnect:
-        return CLIENT_CLOSED  # nobody to answer; counted, not logged as a server error
+        response = await answer(handler, request_headers(scope), receive)
+        if response is None:
+            return CLIENT_CLOSED  # counted, not logged as a server error
     except Exception as exc:
         # a bug: the app's 500 (nothing has been sent yet), then raised for the server's
         # log, as Starlette's error middleware does

@@ -22,12 +22,10 @@ from __future__ import annotations
 import contextvars
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
 from logging import INFO
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
-from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.httptools_impl import (
@@ -38,7 +36,6 @@ from uvicorn.protocols.http.httptools_impl import (
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
 from service import metrics as m
-from service.errors import ServiceError
 from service.requestid import CURRENT, HEADER, request_id
 
 if TYPE_CHECKING:
@@ -136,45 +133,16 @@ class FrontProtocol(HttpToolsProtocol):
         super()._start_asgi_task(cycle, app)
 
 
-async def _chunks(cycle: RequestResponseCycle) -> AsyncIterator[bytes]:
-    """The request body's chunks as uvicorn's ``receive`` hands them over (it also
-    answers ``Expect: 100-continue`` and resumes reading)."""
-    while True:
-        message = await cycle.receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        yield message.get("body", b"")
-        if not message.get("more_body", False):
-            return
-
-
-async def _answer(
-    handler: Handler, header: Callable[[str], str | None], cycle: RequestResponseCycle
-) -> Response | None:
-    """The handler's response; a domain error's; None if the client went away before
-    its body was read."""
-    from service.app import error_response
-
-    try:
-        return await handler(header, _chunks(cycle))
-    except ServiceError as exc:
-        return error_response(exc)
-    except ClientDisconnect:
-        return None
-
-
 async def serve_direct(
     handler: Handler, cycle: RequestResponseCycle, proxy: ProxyHeadersMiddleware | None
 ) -> None:
     """One request to a fast route, answered as :class:`~service.app.ScoringApp`
     answers it through ASGI and uvicorn's ``run_asgi`` ends it (``tests/test_front.py``
     compares the bytes)."""
-    from service.app import CLIENT_CLOSED, internal_error_response
+    from service.app import CLIENT_CLOSED, answer, internal_error_response, request_headers
 
     scope = cycle.scope
-    headers: dict[str, str] = {}
-    for k, v in scope["headers"]:  # the first of repeated headers, as Starlette's .get
-        headers.setdefault(k.decode("latin-1"), v.decode("latin-1"))
+    headers = request_headers(scope)
     rid = request_id(headers.get("x-request-id"))
     token = CURRENT.set(rid)
     if proxy is not None and cycle.access_log and cycle.access_logger.isEnabledFor(INFO):
@@ -183,7 +151,8 @@ async def serve_direct(
     status = 500
     try:
         try:
-            response = await _answer(handler, headers.get, cycle)
+            # uvicorn's receive: it answers Expect: 100-continue and resumes reading
+            response = await answer(handler, headers, cycle.receive)
         except Exception as exc:
             # a bug: the app's 500 (nothing has been sent yet), then raised on, as
             # ScoringApp raises it to uvicorn
