@@ -56,6 +56,7 @@ GAUGES = {
     "ctr_requests_in_flight",
     "ctr_user_tracking_up",
     "ctr_worker_resident_memory_bytes",
+    "ctr_event_loop_lag_max_seconds",
 }
 CONTRACT_SERIES = (
     {f"{h}{suffix}" for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
