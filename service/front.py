@@ -23,7 +23,7 @@ import contextvars
 import logging
 import time
 from logging import INFO
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import uvicorn
 from starlette.responses import Response
@@ -36,10 +36,15 @@ from uvicorn.protocols.http.httptools_impl import (
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
 from service import metrics as m
+from service.app import (
+    CLIENT_CLOSED,
+    Handler,
+    ScoringApp,
+    answer,
+    internal_error_response,
+    request_headers,
+)
 from service.requestid import CURRENT, HEADER, request_id
-
-if TYPE_CHECKING:
-    from service.app import Handler
 
 log = logging.getLogger("uvicorn.error")
 
@@ -75,8 +80,6 @@ def _front(app: Any) -> tuple[Any, ProxyHeadersMiddleware | None]:
     """The :class:`~service.app.ScoringApp` uvicorn serves, and a proxy-headers
     middleware that only rewrites a scope (for the access log) where uvicorn wraps the
     app in one; ``(None, None)`` for any other layout."""
-    from service.app import ScoringApp  # service.app imports this module's users
-
     proxy = None
     if isinstance(app, ProxyHeadersMiddleware):
         proxy = ProxyHeadersMiddleware(_noop)
@@ -139,8 +142,6 @@ async def serve_direct(
     """One request to a fast route, answered as :class:`~service.app.ScoringApp`
     answers it through ASGI and uvicorn's ``run_asgi`` ends it (``tests/test_front.py``
     compares the bytes)."""
-    from service.app import CLIENT_CLOSED, answer, internal_error_response, request_headers
-
     scope = cycle.scope
     headers = request_headers(scope)
     rid = request_id(headers.get("x-request-id"))

@@ -21,10 +21,11 @@ from service.state import State
 
 log = logging.getLogger("ctr.service")
 
-# loads between two full collections of the heap (settle_heap): the cycles a reload's
-# previous model leaves (a few hundred small objects: its native runner's ctypes
-# handles) wait that long to be freed; a replaced model still alive at the next load
-# makes that load's settle a full one (tests/test_runtime.py)
+# loads between two full collections of the heap (settle_heap): reference cycles among
+# a reload's previous model's objects (none are known since session 31 made the native
+# runner's ctypes objects once per process: scripts/reload_garbage.py) wait that long to
+# be freed; a replaced model still alive at the next load makes that load's settle a
+# full one (tests/test_runtime.py)
 FULL_SETTLE_EVERY = 8
 
 
