@@ -164,6 +164,25 @@ def _http_protocol(front: bool) -> str:
     return "auto"
 
 
+def serve_settings(args: argparse.Namespace, settings: Any) -> Any:
+    """The settings ``ctr serve`` runs with: ``--host``, ``--port`` and ``--workers``,
+    where given (``--port 0`` included), override ``CTR_HOST``, ``CTR_PORT`` and
+    ``CTR_WORKERS`` and are checked as those are (``settings``: the Settings class,
+    imported by the caller)."""
+    from pydantic import ValidationError
+
+    given = {k: v for k in ("host", "port", "workers") if (v := getattr(args, k)) is not None}
+    try:
+        return settings(**given)
+    except ValidationError as exc:
+        for err in exc.errors():  # a flag's value is named as the flag
+            if err["loc"] and err["loc"][0] in given:
+                raise ValueError(
+                    f"--{err['loc'][0]}: {err['msg']} (got {err['input']!r})"
+                ) from None
+        raise
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from service import hup
 
@@ -175,8 +194,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.logs import uvicorn_log_config
     from service.settings import Settings
 
-    s = Settings()
-    workers = args.workers or s.workers
+    s = serve_settings(args, Settings)
+    workers = s.workers
     made = None  # the metrics folder made here, removed at exit
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         made = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ctr-prom-")
@@ -193,8 +212,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uvicorn.run(
             "service.app:create_app",
             factory=True,
-            host=args.host or s.host,
-            port=args.port or s.port,
+            host=s.host,
+            port=s.port,
             workers=workers,
             log_level=s.log_level,
             log_config=uvicorn_log_config(s.log_format),

@@ -91,8 +91,8 @@ LOOP_LAG_WINDOW_S = 30.0
 LOOP_LAG_MAX = Gauge(
     "ctr_event_loop_lag_max_seconds",
     "The longest event-loop lag (ctr_event_loop_lag_seconds) this worker saw in the last "
-    "30 s; several workers: one series each (pid label), where the histogram pools them; "
-    "NaN where CTR_LOOP_LAG_INTERVAL_MS=0 (not watched)",
+    f"{LOOP_LAG_WINDOW_S:g} s; several workers: one series each (pid label), where the "
+    "histogram pools them; NaN where CTR_LOOP_LAG_INTERVAL_MS=0 (not watched)",
     multiprocess_mode="liveall",
 )
 ERRORS = Counter("ctr_errors_total", "Errors by kind", ["kind"])

@@ -4,6 +4,7 @@ not a traceback."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from ctr.cli import serve_settings
 from tests.helpers import REDIS_URL, ROOT
 from tests.redis_proc import free_port
 
@@ -79,12 +81,34 @@ def one_line_error(out: subprocess.CompletedProcess, command: str) -> str:
          "CTR_API_KEY: Value error, holds control characters, which an X-API-Key header"),
         (["serve", "--workers", "2"], {"PROMETHEUS_MULTIPROC_DIR": "/nonexistent/prom"},
          "PROMETHEUS_MULTIPROC_DIR='/nonexistent/prom' is not a folder"),
+        (["serve", "--port", "70000"], {},
+         "--port: Input should be less than or equal to 65535 (got 70000)"),
+        (["serve", "--workers", "0"], {"CTR_WORKERS": "2"},
+         "--workers: Input should be greater than 0 (got 0)"),
     ],
 )  # fmt: skip
 def test_wrong_input_is_one_line_naming_it(args: list[str], env: dict[str, str], says: str) -> None:
     out = ctr(*args, **env)
     assert says in one_line_error(out, args[0])
     assert "hush" not in out.stderr  # a password in a URL never echoed
+
+
+def test_serve_flags_override_the_settings_even_when_zero(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--port 0`` (any free port) is the flag's value, not "unset": it overrides
+    CTR_PORT; flags not given leave the settings as they are."""
+    from service.settings import Settings
+
+    monkeypatch.setenv("CTR_PORT", "9999")
+    monkeypatch.setenv("CTR_HOST", "127.0.0.2")
+    monkeypatch.setenv("CTR_WORKERS", "3")
+    flags = argparse.Namespace(host=None, port=0, workers=None)
+    s = serve_settings(flags, Settings)
+    assert (s.host, s.port, s.workers) == ("127.0.0.2", 0, 3)
+    flags = argparse.Namespace(host="0.0.0.0", port=None, workers=1)
+    s = serve_settings(flags, Settings)
+    assert (s.host, s.port, s.workers) == ("0.0.0.0", 9999, 1)
 
 
 def test_the_traceback_on_request() -> None:
