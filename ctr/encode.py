@@ -201,7 +201,10 @@ def raw_columns_for_fit(config: FeatureConfig, frame: Any, delimiter: str = "|")
     prefix of it, or one history shared by a positive and its negatives), so a token
     enters the flat list as often as it appears in that user's fullest row, the most
     times any one of the user's rows holds it. Without a ``data.user_key`` column every
-    row is its own user. This is what ``min_count`` and ``max_size`` compare against.
+    row is its own user. Only the last ``max_seq_len`` behaviours of a row count, the
+    ones :func:`encode_sequences` keeps: a token seen only before them would get a row
+    that training never updates, where an unknown token gets the OOV row. This is what
+    ``min_count`` and ``max_size`` compare against.
     """
     out: dict[str, list] = {}
     key = config.data.user_key
@@ -210,23 +213,27 @@ def raw_columns_for_fit(config: FeatureConfig, frame: Any, delimiter: str = "|")
         if f.source not in frame.columns:
             continue
         if f.kind == "sequence":
-            out[f.name] = _behaviour_tokens(frame[f.source].tolist(), users, delimiter)
+            cells = frame[f.source].tolist()
+            out[f.name] = _behaviour_tokens(cells, users, delimiter, config.max_seq_len)
         elif f.kind == "sparse":
             out[f.name] = frame[f.source].tolist()
     return out
 
 
-def _behaviour_tokens(cells: list[Any], users: list[Any] | None, delimiter: str) -> list[Any]:
-    """Each user's tokens, each as many times as the user's fullest row holds it."""
+def _behaviour_tokens(
+    cells: list[Any], users: list[Any] | None, delimiter: str, length: int
+) -> list[Any]:
+    """Each user's tokens, each as many times as the user's fullest row holds it, of
+    each row's last ``length``."""
     if users is None:
         flat: list[Any] = []
         for v in cells:
-            flat.extend(split_sequence(v, delimiter))
+            flat.extend(split_sequence(v, delimiter)[-length:])
         return flat
     most: dict[Any, Counter[Any]] = {}
     seen: set[tuple[Any, Any]] = set()
     for user, v in zip(users, cells, strict=True):
-        tokens = split_sequence(v, delimiter)
+        tokens = split_sequence(v, delimiter)[-length:]
         ident = (user, tuple(tokens))
         if ident in seen:  # a negative sharing its positive's history, say
             continue

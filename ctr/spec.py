@@ -84,17 +84,21 @@ class GroupSpec(_Strict):
 
 class ModelSpec(_Strict):
     type: Literal["base", "deepfm", "din", "multi_tower_din", "dien"] = "din"
-    mlp: list[int] = Field(default_factory=lambda: [200, 80])
-    tower_mlp: list[int] = Field(default_factory=lambda: [64])
+    mlp: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [200, 80])
+    tower_mlp: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [64])
     activation: Literal["dice", "prelu"] = "dice"
-    attention_mlp: list[int] = Field(default_factory=lambda: [80, 40])
+    attention_mlp: list[Annotated[int, Field(gt=0)]] = Field(
+        default_factory=lambda: [80, 40],
+        min_length=1,
+        description="hidden widths of the attention MLP (at least one layer)",
+    )
     attention_activation: Literal["same", "dice", "prelu", "sigmoid"] = Field(
         default="same",
         description="activation inside the attention MLP ('same' = `activation`; the "
         "official DIN/DIEN code uses sigmoid there)",
     )
     attention_softmax: bool = False
-    gru_dim: int | None = None
+    gru_dim: int | None = Field(default=None, gt=0)
     evolution: Literal["augru", "agru", "aigru"] = "augru"
     dien_attention: Literal["mlp", "bilinear"] = Field(
         default="mlp",
@@ -115,7 +119,12 @@ class ModelSpec(_Strict):
 
 class TrainSpec(_Strict):
     epochs: int = Field(default=5, gt=0)
-    batch_size: int = Field(default=256, gt=0)
+    batch_size: int = Field(
+        default=256,
+        ge=2,
+        description="rows per step; at least 2 (a batch of one is skipped: Dice's batch "
+        "statistics need two rows)",
+    )
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = 0.0
     seed: int = 42

@@ -368,12 +368,16 @@ class UserTracker:
         for key in keys:
             if not isinstance(key, bytes):
                 continue
-            if key.startswith(PROBE_PREFIX):  # a worker's probe (this one's, or another's)
+            user = user_of(key)
+            # a worker's probe (this one's, or another's): the empty user ID, which no
+            # request may name; a user whose ID merely starts like a probe's suffix
+            # ("}:probe:7") is a user
+            if user == "":
                 if key == self._probe_key:
                     self._probe_back = True
                 continue
             named += 1
-            if (user := user_of(key)) is not None:
+            if user is not None:
                 self.invalidate(user)
         m.USER_INVALIDATIONS.inc(named)
 

@@ -222,7 +222,11 @@ def test_client_gone_before_the_body_is_not_a_server_error(client: TestClient) -
 
 
 def test_empty_body(client: TestClient) -> None:
+    """0 bytes: no body (422, as docs/api.md says); whitespace alone is JSON that does
+    not parse (400), on both routes that read one."""
     check(client.post("/v1/score", content=b""), 422, "body")
+    check(client.post("/v1/score", content=b"  \r\n"), 400, "body", "malformed_json")
+    check(client.post("/v1/events", content=b"   "), 400, "body", "malformed_json")
 
 
 def test_body_over_size_limit(client: TestClient) -> None:

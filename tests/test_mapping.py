@@ -321,3 +321,43 @@ def test_dense_values_beyond_float32_get_the_default() -> None:
     assert to_float(F32_MAX, plain) == F32_MAX and to_float(1e30, plain) == 1e30
     # with log1p the value fits again: log1p(1e39) is about 89.8
     assert 89 < to_float(1e39, logged) < 90 and np.isfinite(np.float32(to_float(1e39, logged)))
+
+
+def test_a_vocabulary_counts_only_the_history_the_model_sees() -> None:
+    """A token seen only before a row's last ``max_seq_len`` behaviours (which encoding
+    cuts off) gets no vocabulary row: training would never update one, and serving
+    would score that item with a random vector instead of the OOV row."""
+    config = seq_config()  # max_seq_len 4
+    frame = pd.DataFrame(
+        {
+            "user_id": ["u1", "u2"],
+            "item_id": ["a", "b"],
+            "shop": ["s1", "s2"],
+            "hist_item_id": ["OLD|w|x|y|z", "x|y"],
+        }
+    )
+    mapper = FeatureMapper.fit(config, raw_columns_for_fit(config, frame))
+    items = mapper.mapper_for("item_id")
+    assert "OLD" not in items.vocab and items.map_one("OLD") == OOV
+    assert {"w", "x", "y", "z", "a", "b"} <= set(items.vocab)
+    enc = encode_frame(config, mapper, frame)
+    # every index training sees is in the vocabulary, and every vocabulary row is seen
+    seen = set(enc.hist[enc.hist > OOV].tolist()) | set(enc.item_sparse[:, 0].tolist())
+    assert seen == set(items.vocab.values())
+
+
+def test_parquet_integer_ids_with_a_null_stay_exact(tmp_path: Path) -> None:
+    """An int64 column with a null (written by any Parquet writer, no pandas metadata)
+    is read as integers and None, not as float64, which rounds IDs above 2**53: the
+    training token is the one serving makes of the same ID."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from training.data.generic import read_table
+
+    big = 12345678901234567  # not a float64
+    path = tmp_path / "ids.parquet"
+    pq.write_table(pa.table({"item_id": pa.array([big, None], pa.int64())}), path)
+    col = read_table(path, "parquet")["item_id"].tolist()
+    assert normalize(col[0]) == normalize(big) == normalize(str(big)) == str(big)
+    assert normalize(col[1]) is None

@@ -775,3 +775,23 @@ def test_overrides_reach_into_lists_by_position() -> None:
         load_config(path, {"features.99.embedding_dim": 4})
     with pytest.raises(ValueError, match="not a position"):
         load_config(path, {"features.x.embedding_dim": 4})
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ({"model.attention_mlp": []}, "model.attention_mlp"),
+        ({"model.attention_mlp": [80, 0]}, "model.attention_mlp.1"),
+        ({"model.mlp": [0]}, "model.mlp.0"),
+        ({"model.tower_mlp": [-4]}, "model.tower_mlp.0"),
+        ({"model.gru_dim": 0}, "model.gru_dim"),
+    ],
+)
+def test_a_layer_width_of_zero_or_no_attention_layer_is_refused(
+    override: dict[str, object], field: str
+) -> None:
+    """Widths come from the config: one that would build a zero-width layer, or an
+    attention MLP with no layer (which the activation unit cannot build), is an error
+    naming the field, not a crash or a degenerate model."""
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        load_config(Path(__file__).resolve().parents[1] / "configs/synthetic_din.yaml", override)

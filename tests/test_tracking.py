@@ -30,7 +30,7 @@ from service.app import create_app
 from service.loader import load_into_redis
 from service.settings import Settings
 from service.store import user_key
-from service.tracking import UserTracker, off_reason, unsupported, user_of
+from service.tracking import UserTracker, off_reason, probe_key, unsupported, user_of
 from service.usercache import UserRowCache, UserRows
 from tests.drop_proxy import DropProxy
 from tests.helpers import Built, build_bundle, redis_asleep, settings_for, wait_for
@@ -52,6 +52,8 @@ def test_passing_errors_are_retried_soon_and_refusals_seldom() -> None:
 def test_user_keys_and_unsupported_urls() -> None:
     assert user_of(b"{u:42}:profile") == "42"
     assert user_of(b"{u:a}:b}:seq") == "a}:b"  # the last "}:" ends the ID
+    assert user_of(b"{u:}:probe:7}:seq") == "}:probe:7"  # not a probe key
+    assert user_of(probe_key(12)) == ""
     assert user_of("{u:é}:seq".encode()) == "é"
     assert user_of(b"ctr:item:cate_id") is None
     assert user_of(b"{u:7}") is None
@@ -129,6 +131,10 @@ def test_trust_follows_invalidations(private: RedisProcess) -> None:
             assert t.invalidations == before + 1
             # the metric counts every key Redis named: the user's, and the one that is not
             assert sample("ctr_user_invalidations_total") == heard + 2
+            # a user whose ID starts like a probe key's suffix is a user, not a probe
+            writer.rpush(user_key("}:probe:7", "seq"), b"{}")
+            await applied(t, lambda: not t.valid("}:probe:7", s2))
+            assert user_of(probe_key(t.client_id)) == ""  # a probe's user: the empty ID
             # an expiry is a change too
             s3 = t.stamp()
             writer.set(user_key("u4", "profile"), "x", px=50)

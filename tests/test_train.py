@@ -236,18 +236,72 @@ def test_training_is_reproducible(
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_one_class_validation_still_checkpoints(
+@pytest.mark.parametrize("val_rows", ["one_class", "empty"])
+def test_a_validation_split_without_auc_keeps_the_last_epoch(
+    tiny_config: Callable[..., FeatureConfig], tiny_prep: Any, tmp_path: Path, val_rows: str
+) -> None:
+    """A validation split with one class, or none at all, has no AUC (NaN) to choose an
+    epoch by: every epoch runs (no early stop) and the last is kept, not the first."""
+    val = tiny_prep.val
+    if val_rows == "one_class":
+        split = Split(val.enc, np.zeros_like(val.label), val.users)
+    else:
+        none = np.arange(0)
+        enc = dataclasses.replace(
+            val.enc, **{f.name: getattr(val.enc, f.name)[none]
+                        for f in dataclasses.fields(val.enc)}
+        )  # fmt: skip
+        split = Split(enc, val.label[none], val.users[none])
+    prep = dataclasses.replace(tiny_prep, val=split)
+    config = tiny_config("din", train__epochs=3, train__patience=0)
+    metrics = train(config, tmp_path / "run", prep=prep, progress=False)
+    assert math.isnan(metrics["val"]["auc"])
+    assert metrics["epochs_run"] == 3 and metrics["best_epoch"] == 3
+    assert metrics["selected_by"] == "last epoch (no validation AUC)"
+    assert math.isfinite(metrics["test"]["auc"])
+    # the checkpoint is the third epoch's weights: two epochs more make it again
+    two = train(tiny_config("din", train__epochs=2, train__patience=0), tmp_path / "two",
+                prep=prep, progress=False)  # fmt: skip
+    assert two["best_epoch"] == 2
+    last = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    early = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
+    assert any(not torch.equal(last[k], early[k]) for k in last)
+
+
+def test_a_split_that_leaves_nothing_to_train_on_is_refused() -> None:
+    """Two rows per user with one held out for validation and one for test leave the
+    training split empty: an error naming the split, before any model is built."""
+    from training.data.generic import DataError
+
+    config = load_config(
+        REPO / "configs/synthetic_din.yaml",
+        {"max_seq_len": 10, "data.options": {"n_users": 50, "samples_per_user": 2}},
+    )
+    with pytest.raises(DataError, match=r"leaves the training split empty of \d+ rows \(val"):
+        prepare(config)
+
+
+def test_a_batch_of_one_row_is_refused_by_the_config() -> None:
+    """A batch of one row would be skipped (Dice's batch statistics need two): the
+    config refuses it instead of training nothing."""
+    with pytest.raises(ValueError, match="batch_size"):
+        load_config(REPO / "configs/synthetic_din.yaml", {"train.batch_size": 1})
+
+
+def test_no_training_step_is_an_error(
     tiny_config: Callable[..., FeatureConfig], tiny_prep: Any, tmp_path: Path
 ) -> None:
-    """A validation split with one class has no AUC (NaN); training must still finish."""
-    val = tiny_prep.val
-    one_class = Split(val.enc, np.zeros_like(val.label), val.users)
-    prep = dataclasses.replace(tiny_prep, val=one_class)
-    metrics = train(tiny_config("din", train__epochs=2), tmp_path, prep=prep, progress=False)
-    assert math.isnan(metrics["val"]["auc"])
-    assert metrics["best_epoch"] == 1
-    assert (tmp_path / "checkpoint.pt").is_file()
-    assert math.isfinite(metrics["test"]["auc"])
+    """A training split of one row: its one batch is skipped (a step needs two rows per
+    process), so training would take no step and keep the initial weights: an error
+    says so instead."""
+    one = np.arange(1)
+    tr = tiny_prep.train
+    enc = dataclasses.replace(
+        tr.enc, **{f.name: getattr(tr.enc, f.name)[one] for f in dataclasses.fields(tr.enc)}
+    )
+    prep = dataclasses.replace(tiny_prep, train=Split(enc, tr.label[one], tr.users[one]))
+    with pytest.raises(ValueError, match="no training step in epoch 1: 1 training rows"):
+        train(tiny_config("din", train__epochs=1), tmp_path, prep=prep, progress=False)
 
 
 def test_a_diverged_epoch_stops_training(

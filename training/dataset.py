@@ -14,6 +14,7 @@ from ctr.encode import Encoded, check_item_key, encode_frame, raw_columns_for_fi
 from ctr.mapping import FeatureMapper
 from ctr.spec import FeatureConfig
 from training.data import load_frame, split_frame
+from training.data.generic import DataError
 
 
 @dataclass
@@ -97,6 +98,14 @@ def prepare(config: FeatureConfig, frame: pd.DataFrame | None = None) -> Prepare
     frame = load_frame(config) if frame is None else frame
     check_item_key(config, frame)
     tr, va, te = split_frame(frame, config.data, seed=config.train.seed)
+    classes = tr[config.data.label].nunique() if len(tr) else 0
+    if classes < 2:  # nothing to learn from: no step, or one label only
+        raise DataError(
+            f"data.split {config.data.split!r} leaves the training split "
+            + (f"with one label only ({len(tr)} rows)" if len(tr) else "empty")
+            + f" of {len(frame)} rows (validation {len(va)}, test {len(te)}): more rows "
+            "per user, fewer held-out steps or a smaller held-out fraction"
+        )
     mapper = FeatureMapper.fit(config, raw_columns_for_fit(config, tr, config.data.seq_delimiter))
     return Prepared(
         config=config,

@@ -213,6 +213,12 @@ def train(
     rng = np.random.default_rng(tc.seed)
     neg_rng = np.random.default_rng(tc.seed + 1)
     best_auc, best_epoch, history = -1.0, -1, []
+    # an empty or one-label validation split has no AUC to choose an epoch by: then every
+    # epoch runs and the last is kept
+    by_auc = len(prep.val) > 0 and len(np.unique(prep.val.label)) == 2
+    if not by_auc and info.main and progress:
+        print(f"validation split: {len(prep.val)} rows, no AUC: the last epoch is kept")
+    steps = 0
     if info.main:
         out.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -253,6 +259,7 @@ def train(
             opt.zero_grad()
             loss.backward()
             opt.step()
+            steps += 1
             total += loss.item()
             bar.set_postfix(loss=f"{total / (b + 1):.4f}")
         if info.world > 1:
@@ -263,6 +270,12 @@ def train(
             mean_loss = torch.tensor([total / info.world], dtype=torch.float64)
             dist.all_reduce(mean_loss)
             total = float(mean_loss)
+        if steps == 0:  # every batch was skipped: nothing would be trained
+            raise ValueError(
+                f"no training step in epoch 1: {len(prep.train)} training rows, "
+                f"train.batch_size {tc.batch_size}, {info.world} process(es); a step needs "
+                "at least 2 rows per process"
+            )
         val_probs = predict(model, prep.val, tc.eval_batch_size)
         if not (np.isfinite(total) and np.isfinite(val_probs).all()):
             what = "validation predictions are not finite"
@@ -276,8 +289,8 @@ def train(
         history.append({"epoch": epoch + 1, "train_loss": total / n_batches, **val})
         if info.main and progress:
             print(f"epoch {epoch + 1}: loss {total / n_batches:.4f} val auc {val['auc']:.4f}")
-        score = -1.0 if np.isnan(val["auc"]) else val["auc"]  # one-class val: AUC is NaN
-        if best_epoch < 0 or score > best_auc:
+        score = -1.0 if np.isnan(val["auc"]) else val["auc"]
+        if best_epoch < 0 or score > best_auc or not by_auc:
             best_auc, best_epoch = score, epoch + 1
             if info.main:
                 torch.save(model.state_dict(), out / "checkpoint.pt")
@@ -290,6 +303,7 @@ def train(
         "model": config.model.type,
         "name": config.name,
         "best_epoch": best_epoch,
+        "selected_by": "validation AUC" if by_auc else "last epoch (no validation AUC)",
         "epochs_run": len(history),
         "seconds": round(time.time() - started, 2),
         "world_size": info.world,

@@ -39,7 +39,11 @@ def read_table(path: str | Path, kind: str) -> pd.DataFrame:
     if not path.exists():
         raise DataError(f"data file not found: {path}")
     if kind == "parquet":
-        return pd.read_parquet(path)
+        import pyarrow.parquet as pq
+
+        # an integer column with a null stays integers (Python ints and None), not
+        # float64, which would round IDs above 2**53 (serving maps them exactly)
+        return pq.read_table(path).to_pandas(integer_object_nulls=True)
     return pd.read_csv(path, dtype=str, keep_default_na=False)
 
 
