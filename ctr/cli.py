@@ -149,7 +149,8 @@ def cmd_load(args: argparse.Namespace) -> int:
         return 0
     frame = load_frame(config)
     counts = load_into_redis(config, frame, url, progress=not args.quiet, cluster=cluster,
-                             catalog=load_catalog(config))  # fmt: skip
+                             catalog=load_catalog(config),
+                             sequence_ttl_s=settings.sequence_ttl_s)  # fmt: skip
     print(f"loaded {counts['users']} users and {counts['items']} items into {redact(url)}")
     return 0
 

@@ -17,6 +17,7 @@ import orjson
 import pandas as pd
 from redis import Redis
 from redis.cluster import RedisCluster
+from redis.exceptions import NoScriptError
 from tqdm import tqdm
 
 from ctr.encode import check_item_key, parse_dense, split_sequence
@@ -29,6 +30,28 @@ TIME = "__ctr_load_time__"  # the time order user_records sorts on
 # (the compose init job on every `up`) does not reset histories events have moved on
 LOADED_KEY = "ctr:loaded"
 LOAD_FORMAT = 1  # what the keys a load writes hold: raise it when that changes
+
+# One user replaced in one step, so that an event appended meanwhile (POST /v1/events,
+# whose script touches the same keys) lands wholly before the replace, and goes with
+# the old list, or wholly after it, on the new one: never between a DEL and the RPUSH,
+# where the next append would trim the event away while its ID stays recorded.
+# KEYS: profile, seq, event_ids, events (one user: one hash-tag slot).
+# ARGV: ttl (s; 0: none), the profile's field count F, F field/value pairs, then the
+# sequence's entries, oldest first.
+REPLACE_USER = """
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+local fields = tonumber(ARGV[2])
+local step = 1000  -- Lua's unpack takes a few thousand values at most
+for i = 3, 2 + 2 * fields, 2 * step do
+  redis.call('HSET', KEYS[1], unpack(ARGV, i, math.min(i + 2 * step - 1, 2 + 2 * fields)))
+end
+for i = 3 + 2 * fields, #ARGV, step do
+  redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + step - 1, #ARGV)))
+end
+local ttl = tonumber(ARGV[1])
+if ttl > 0 and #ARGV > 2 + 2 * fields then redis.call('EXPIRE', KEYS[2], ttl) end
+return 1
+"""
 
 
 def load_identity(config: FeatureConfig, keep: int | None = None) -> str:
@@ -57,6 +80,23 @@ def _client(redis_url: str, cluster: bool) -> Redis | RedisCluster:
     if cluster:
         return RedisCluster.from_url(node_urls(redis_url)[0], socket_timeout=10)
     return Redis.from_url(redis_url, socket_timeout=10)
+
+
+def _replace_users(client: Redis | RedisCluster, calls: list[list[Any]]) -> None:
+    """:data:`REPLACE_USER` for each of ``calls`` (its EVALSHA arguments after the
+    SHA), pipelined; a server that lost the script (a restart, a failover) gets it again
+    and the whole batch runs again (a replace is idempotent)."""
+    for attempt in (1, 2):
+        sha = client.script_load(REPLACE_USER)  # on every master of a cluster
+        pipe = client.pipeline(transaction=False)
+        for args in calls:
+            pipe.evalsha(sha, *args)
+        try:
+            pipe.execute()
+            return
+        except NoScriptError:
+            if attempt == 2:
+                raise
 
 
 def loaded_identity(redis_url: str, cluster: bool = False) -> str | None:
@@ -195,10 +235,16 @@ def load_into_redis(
     keep: int | None = None,
     cluster: bool = False,
     catalog: pd.DataFrame | None = None,
+    sequence_ttl_s: int = 0,
 ) -> dict[str, int]:
     """Write users and items; replaces each loaded user's profile and sequence, and
-    forgets the event IDs remembered for them. Once everything is written, records the
-    load's :func:`load_identity` under :data:`LOADED_KEY`.
+    forgets the event IDs remembered for them, in one step per user
+    (:data:`REPLACE_USER`); the sequence expires after ``sequence_ttl_s`` (0: never), as
+    an appended event's does (``CTR_SEQUENCE_TTL_S``). Each item feature's hash is
+    replaced whole, in one transaction: items the data no longer holds, and values it
+    no longer has, are gone (a missing value reads as the feature's default, as in
+    training). Once everything is written, records the load's :func:`load_identity`
+    under :data:`LOADED_KEY`.
 
     ``catalog``: the source's item table (:func:`item_records`), for items no example
     holds. Works on a single Redis and on Redis Cluster (``cluster=True``): every command
@@ -213,25 +259,28 @@ def load_into_redis(
     # complete one (a `--once` of that data would skip, over this one's half)
     client.delete(LOADED_KEY)
     users = list(user_records(config, frame))
-    pipe = client.pipeline(transaction=False)
+    calls: list[list[Any]] = []
     for i, (uid, profile, events) in enumerate(tqdm(users, desc="users", disable=not progress)):
         # the user's event IDs go too: kept, a retry of an event the replaced list held
         # would answer `duplicate` and never be stored again
-        for key in (user_key(uid, "profile"), *event_keys(uid)):  # one each (a cluster's)
-            pipe.delete(key)
-        if profile:
-            pipe.hset(user_key(uid, "profile"), mapping=profile)
-        if events:
-            pipe.rpush(user_key(uid, "seq"), *[orjson.dumps(e) for e in events[-keep:]])
+        keys = (user_key(uid, "profile"), *event_keys(uid))
+        fields = [x for pair in profile.items() for x in pair] if profile else []
+        entries = [orjson.dumps(e) for e in events[-keep:]] if events else []
+        calls.append([len(keys), *keys, sequence_ttl_s, len(fields) // 2, *fields, *entries])
         if (i + 1) % chunk == 0:
-            pipe.execute()
-    pipe.execute()
+            _replace_users(client, calls)
+            calls = []
+    _replace_users(client, calls)
     items = item_records(config, frame, catalog)
     n_items = 0
     for feat, values in tqdm(items.items(), desc="item features", disable=not progress):
         pairs = list(values.items())
+        # one key, so one slot of a cluster: a reader sees the old hash or the new one
+        tx = client.pipeline(transaction=True)
+        tx.delete(item_key(feat))
         for start in range(0, len(pairs), 5000):
-            client.hset(item_key(feat), mapping=dict(pairs[start : start + 5000]))
+            tx.hset(item_key(feat), mapping=dict(pairs[start : start + 5000]))
+        tx.execute()
         n_items = max(n_items, len(values))
     client.set(LOADED_KEY, load_identity(config, keep))
     client.close()

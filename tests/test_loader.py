@@ -1,0 +1,109 @@
+"""`ctr load` (``service.loader``) against a private redis-server: what a second load
+leaves of the first, the sequence TTL, and that a user is replaced in one step."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Iterator
+
+import pandas as pd
+import pytest
+
+from ctr.spec import FeatureConfig
+from service.loader import LOADED_KEY, load_into_redis
+from service.store import item_key, user_key
+from tests.helpers import small_config
+from tests.redis_proc import RedisProcess
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[FeatureConfig, pd.DataFrame]:
+    from training.data import load_frame
+
+    config = small_config("din", n_users=40)
+    return config, load_frame(config)
+
+
+@pytest.fixture()
+def rp() -> Iterator[RedisProcess]:
+    proc = RedisProcess().start()
+    yield proc
+    proc.stop()
+    shutil.rmtree(proc.dir, ignore_errors=True)
+
+
+def test_a_load_replaces_each_item_features_hash(
+    data: tuple[FeatureConfig, pd.DataFrame], rp: RedisProcess
+) -> None:
+    """A second load leaves nothing of the first's item features: an item whose value
+    the new data lacks reads as missing (the feature's default, as training had it),
+    not the old value, and an item no data holds is gone."""
+    config, frame = data
+    r = rp.client()
+    load_into_redis(config, frame, rp.url, progress=False)
+    price = next(f for f in config.item_dense if f.name == "item_price")
+    key = item_key(price.source)
+    item = min(r.hkeys(key))  # the client decodes replies
+    assert r.hget(key, item) is not None
+    r.hset(key, "ghost-item", "1.5")  # written by an earlier load of other data
+    changed = frame.copy()
+    changed.loc[changed[config.item_id_feature.source] == item, price.source] = float("nan")
+    load_into_redis(config, changed, rp.url, progress=False)
+    assert r.hget(key, item) is None
+    assert r.hget(key, "ghost-item") is None
+    assert r.hlen(key) == len(r.hkeys(key)) > 0  # the other items' values are all back
+    other = item_key(next(f for f in config.item_sparse if f.name == "cate_id").source)
+    assert r.hget(other, item) is not None  # the item's other features stand
+
+
+@pytest.mark.parametrize("ttl", [0, 3600])
+def test_a_loaded_sequence_expires_as_an_appended_one(
+    data: tuple[FeatureConfig, pd.DataFrame], rp: RedisProcess, ttl: int
+) -> None:
+    """CTR_SEQUENCE_TTL_S reaches ``ctr load``: a loaded user's behaviours expire as an
+    appended event's do (0: never; a later load with 0 lifts an earlier expiry)."""
+    config, frame = data
+    r = rp.client()
+    load_into_redis(config, frame, rp.url, progress=False, sequence_ttl_s=7200)
+    load_into_redis(config, frame, rp.url, progress=False, sequence_ttl_s=ttl)
+    seqs = list(r.scan_iter("{u:*}:seq"))
+    assert seqs
+    for seq in seqs:
+        left = r.ttl(seq)
+        assert (0 < left <= ttl) if ttl else left == -1, (seq, left)
+    profiles = list(r.scan_iter("{u:*}:profile"))
+    assert profiles and all(r.ttl(p) == -1 for p in profiles)  # the profile stays
+
+
+def test_every_write_to_a_users_keys_is_one_script_call(
+    data: tuple[FeatureConfig, pd.DataFrame], rp: RedisProcess
+) -> None:
+    """Each user's replace (DEL of the profile, the list and the event IDs, then HSET
+    and RPUSH) runs inside one script call, so that an event appended meanwhile lands
+    wholly before it or wholly after it. Issued as separate commands, an append between
+    the DEL and the RPUSH left its event ahead of the loaded ones, and the next append
+    trimmed it away while its ID stayed recorded (a retry then answered `duplicate`)."""
+    config, frame = data
+    users = sorted(frame[config.data.user_key].astype(str).unique())[:3]
+    small = frame[frame[config.data.user_key].astype(str).isin(users)]
+    r = rp.client()
+    outside: list[str] = []
+    scripted: list[str] = []
+    with r.monitor() as mon:
+        done = threading.Thread(
+            target=load_into_redis, args=(config, small, rp.url), kwargs={"progress": False}
+        )
+        done.start()
+        for cmd in mon.listen():
+            text = cmd["command"]
+            if "{u:" in text:
+                (scripted if cmd.get("client_type") == "lua" else outside).append(text)
+            if text.startswith(f"SET {LOADED_KEY} "):
+                break
+        done.join(30)
+    assert outside and all(c.startswith("EVALSHA ") for c in outside), outside
+    assert len(outside) == len(users)  # one call per user
+    for uid in users:
+        mine = [c for c in scripted if user_key(uid, "") in c]
+        assert mine[0].startswith("DEL ") and any(c.startswith("RPUSH ") for c in mine)
