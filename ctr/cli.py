@@ -564,7 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--models-dir", default="", help="existing bundles (default: build one)")
     pp.add_argument("--n", type=int, default=50)
     pp.add_argument("--concurrency", type=int, default=4)
-    pp.add_argument("--rounds", type=_positive(int), default=12, help="windows per side")
+    pp.add_argument("--rounds", type=_positive(int), default=12,
+                    help="windows per side, an even number (A B B A ...)")  # fmt: skip
     pp.add_argument("--seconds", type=_positive(float), default=1.5, help="length of each window")
     pp.add_argument(
         "--a", action="append", default=[], type=_setting, help="A's setting, e.g. CTR_X=1"

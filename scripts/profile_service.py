@@ -14,9 +14,14 @@ service at 2 kHz (`-e cpu-clock`, which works where hardware counters do not) fo
 
 samples the event loop's Python stacks instead (`py-spy record --nonblocking`, 400 Hz;
 `pip install py-spy` into the venv): each Python function's share of the loop thread's
-busy samples, on its own (self: the innermost Python frame, native code it calls
-included) and with what it calls (inclusive), in µs per request from the loop thread's
-CPU time over the window."""
+samples, on its own (self: the innermost Python frame, native code it calls included)
+and with what it calls (inclusive), and its sampled time in µs per request (samples /
+400 Hz / requests in the window). Sampled time is not CPU time: py-spy samples a thread
+that is running, waiting for a core, or in a wait it does not recognise as idle (until
+session 32 this script scaled the shares to the thread's CPU time from /proc, which
+understated every function by the ratio of the two, about 1.75x, and put the surplus,
+the loop's waits, in the line of the loop's own run, `Runner.run`). The header prints
+both totals; `perf` (the default sampler, cpu-clock) gives CPU time."""
 
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ from training.bench_service import (  # noqa: E402
 from training.bench_util import bodies_for, run_loop  # noqa: E402
 
 HZ = 2000
+PYSPY_HZ = 400
 
 
 def samples(data: Path, names: dict[int, str]) -> list[tuple[int, str, str]]:
@@ -94,7 +100,7 @@ def py_spy_profile(args: argparse.Namespace, proc: subprocess.Popen, url: str,
     window = max(args.seconds - 1.0, 1.0)
     spy_bin = Path(sys.executable).with_name("py-spy")
     spy = subprocess.Popen(
-        [str(spy_bin), "record", "--nonblocking", "-r", "400", "-d", str(int(window)),
+        [str(spy_bin), "record", "--nonblocking", "-r", str(PYSPY_HZ), "-d", str(int(window)),
          "-p", str(proc.pid), "-f", "raw", "-o", str(raw), "--threads"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
@@ -106,9 +112,17 @@ def py_spy_profile(args: argparse.Namespace, proc: subprocess.Popen, url: str,
     if not total or cpu0 is None or cpu1 is None:
         print("no samples of the event loop's thread (is py-spy installed, may it attach?)")
         return 1
-    per_req = (cpu1 - cpu0) / (r["rps"] * args.seconds) * 1e6  # the loop's µs per request
+    per_req = (cpu1 - cpu0) / r["requests"] * 1e6  # the loop's CPU, µs per request
+    in_window = r["rps"] * int(window)  # requests while py-spy sampled
+    us = 1e6 / PYSPY_HZ / in_window  # µs per request one sample stands for
+    sampled = total * us
     print(f"{args.model} N = {args.n}, concurrency {args.concurrency}: {r['rps']:,.0f} req/s; "
-          f"event loop thread {per_req:.0f} µs of CPU per request, {total} samples")  # fmt: skip
+          f"event loop thread {per_req:.0f} µs of CPU per request (/proc), {sampled:.0f} µs "
+          f"sampled ({total} samples at {PYSPY_HZ} Hz over {int(window)} s)")  # fmt: skip
+    if sampled > 1.1 * per_req:
+        print(f"(the samples exceed the CPU time by {sampled - per_req:.0f} µs per request: "
+              "waits py-spy did not see as idle, and time waiting for a core; a wait in "
+              "the loop itself lands in the line of its own run, Runner.run)")  # fmt: skip
     # the entry chain (runpy, uvicorn.run, the loop's run) is in the most stacks of all
     chain = max(incl.values(), default=0)
     incl = collections.Counter({f: k for f, k in incl.items() if k < chain})
@@ -117,9 +131,9 @@ def py_spy_profile(args: argparse.Namespace, proc: subprocess.Popen, url: str,
         ("with what it calls (the entry chain, in every stack of the loop, left out)", incl),
     ):
         print(f"\nPython functions of the event loop, {title}:\n")
-        print("| share | µs per request | function |\n|---:|---:|---|")
+        print("| share of samples | µs sampled per request | function |\n|---:|---:|---|")
         for f, k in counts.most_common(args.top):
-            print(f"| {k / total:.1%} | {k / total * per_req:.0f} | `{f}` |")
+            print(f"| {k / total:.1%} | {k * us:.0f} | `{f}` |")
     return 0
 
 

@@ -35,7 +35,10 @@ def test_service_benchmark_reports_every_figure() -> None:
     assert din["graphs"]["model_only"]["graph"] == din["graphs"]["service"]["graph"]
     assert mo["before"]["samples"] == mo["after"]["samples"] == REPS
     assert mo["p50_ms"] == (mo["before"]["p50_ms"] + mo["after"]["p50_ms"]) / 2
-    assert 0 < mo["mean_hist_len"] < 50 and mo["full_history"]["p50_ms"] > 0
+    assert 0 < mo["mean_hist_len"] <= 50 and mo["full_history"]["p50_ms"] > 0
+    # --writes: the c=1 window's appends lengthen the histories, and the model alone
+    # after it (and its throughput) is fed them as they are then, read again
+    assert 0 < mo["mean_hist_len_before"] < mo["mean_hist_len"]
     # what the model alone sustains: runs completed over a timed window, for each count
     # of ORT runs in flight the service allows (2 here), the best of them
     assert set(mo["rates"]) == {1, 2} and all(r["calls"] > 0 for r in mo["rates"].values())
@@ -77,6 +80,7 @@ def test_service_benchmark_reports_every_figure() -> None:
         assert 0.1 < tracked <= 1 - w["writes_per_req"] + 0.05, rows
     table = render(res, "ctr bench --models din")
     assert "before 50% of the closed-loop requests the client appends" in table
+    assert "timed on the histories read again after that window" in table
     assert "| inline calls | rows tracked |" in table
     assert "| din | 20 |" in table and "2 ORT run(s) in flight" in table
     assert "loop CPU ms/req" in table and "CPU ms/req: service" in table
@@ -410,15 +414,40 @@ def test_speed_check_flags_a_moved_machine_and_another_graph() -> None:
 def test_pair_order_and_pairing() -> None:
     """Windows alternate A B B A, so a steady drift favours neither side, and B is read
     against A pair by pair."""
-    from training.bench_pair import paired, window_order
+    from training.bench_pair import paired, run, window_order
 
     assert window_order(3) == [0, 1, 1, 0, 0, 1]
     assert window_order(4).count(0) == window_order(4).count(1) == 4
+    with pytest.raises(ValueError, match="even number of rounds"):
+        run("din", 20, 1, 3, 0.2, ({}, {}), "redis://127.0.0.1:1/0", (1, 2), 1, 1)
+    # a steady drift (1 % more CPU per window) and no difference: even rounds split it
+    drift = [1.0 + 0.01 * k for k in range(8)]
+    sides: list[list[float]] = [[], []]
+    for k, side in enumerate(window_order(4)):
+        sides[side].append(drift[k])
+    even = paired([{"c": x} for x in sides[0]], [{"c": x} for x in sides[1]], "c")
+    assert even["median"] == pytest.approx(1.0, abs=1e-3) and even["b_lower"] == 2
     a = [{"cpu_ms": 1.0}, {"cpu_ms": 2.0}, {"cpu_ms": 1.0}]
     b = [{"cpu_ms": 0.9}, {"cpu_ms": 2.2}, {"cpu_ms": 0.5}]
     p = paired(a, b, "cpu_ms")
     assert p["ratios"] == pytest.approx([0.9, 1.1, 0.5])
     assert p["median"] == pytest.approx(0.9) and p["b_lower"] == 2 and p["pairs"] == 3
+
+
+def test_a_pair_window_with_degraded_responses_is_void() -> None:
+    """A degraded response is a 200 that skipped its Redis read: cheaper, so a window
+    holding one would lower its side's CPU per request unseen. bench-pair voids it, as
+    ``ctr bench`` does, and a service error too."""
+    from training.bench_pair import void_window
+
+    ok = {"errors": 0, "requests": 100}
+    clean = {"degraded": 0.0, "service_errors": 0.0, "errors_by_kind": {}}
+    assert void_window(ok, clean) is None
+    assert "3 degraded responses" in str(void_window(ok, {**clean, "degraded": 3.0}))
+    errs = {**clean, "service_errors": 2.0, "errors_by_kind": {"redis": 2.0}}
+    assert "2 service errors {'redis': 2.0}" in str(void_window(ok, errs))
+    assert "5 of 100 replies were not 200" in str(void_window({**ok, "errors": 5}, clean))
+    assert "no request completed" in str(void_window({"errors": 0, "requests": 0}, clean))
 
 
 def test_bench_pair_runs_two_settings_side_by_side() -> None:
@@ -447,7 +476,7 @@ def test_bench_pair_runs_two_settings_side_by_side() -> None:
         bad = ({}, {"CTR_MAX_CANDIDATES": "10"})  # 20 candidates: every reply a 422
         ports = two_ports()
         with pytest.raises(RuntimeError, match=f"not 200 \\(http://127.0.0.1:{ports[1]}\\)"):
-            run("din", 20, 1, 1, 0.2, bad, proc.url, ports, 1, 1)
+            run("din", 20, 1, 2, 0.2, bad, proc.url, ports, 1, 1)
     finally:
         proc.stop()
     for port in ports:  # both services of the failed run were stopped: the ports are free

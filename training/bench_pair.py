@@ -37,6 +37,7 @@ from training.bench_service import (
     tree_cpu_s,
     tree_rss_mb,
     user_rows_between,
+    window_counts,
 )
 from training.bench_util import run_loop
 from training.bench_writes import OtherWrites, UserWrites
@@ -61,9 +62,25 @@ def served(url: str) -> dict[str, Any]:
     return served_model(url, (*SERVED, "worker_pid"))
 
 
+def void_window(r: dict[str, Any], counts: dict[str, Any]) -> str | None:
+    """Why a window says nothing of its side's cost, or None: a reply that was not 200,
+    none at all, or a degraded response or service error between its /metrics scrapes
+    (``counts``: :func:`training.bench_service.window_counts`). A degraded response is
+    a 200 that skipped work (its Redis read failed), so it would lower the side's CPU
+    per request unseen; ``ctr bench`` voids such windows too."""
+    if r["errors"]:
+        return f"{r['errors']} of {r['requests']} replies were not 200"
+    if not r["requests"]:
+        return "no request completed in the window"
+    if counts["degraded"] or counts["service_errors"]:
+        return (f"{counts['degraded']:g} degraded responses and {counts['service_errors']:g} "
+                f"service errors {counts['errors_by_kind']} in a window")  # fmt: skip
+    return None
+
+
 def window_order(rounds: int) -> list[int]:
     """Which side (0: A, 1: B) each window drives: ``rounds`` windows of each, in the order
-    A B B A A B B A…, so that a linear drift favours neither."""
+    A B B A A B B A…, so that a linear drift favours neither (with an even ``rounds``)."""
     pattern = [0, 1, 1, 0]
     return [pattern[i % 4] for i in range(2 * rounds)]
 
@@ -136,10 +153,9 @@ async def _window(
         )
         after, idle_after, wall = _cpu_s(pid), _cpu_s(idle_pid), time.perf_counter() - start
         heard_for, rows1 = time.perf_counter() - heard_from, scrape(url)
-    if r["errors"]:
-        raise RuntimeError(f"{r['errors']} of {r['requests']} replies were not 200 ({url})")
-    if not r["requests"]:
-        raise RuntimeError(f"no request completed in a window of {seconds:g} s ({url})")
+    why = void_window(r, window_counts(rows0, rows1))
+    if why:
+        raise RuntimeError(f"{why} ({url})")
     scored = user_rows_between(rows0, rows1)
     rss = tree_rss_mb(pid)
     return {"pid": pid, "rps": r["ok_rps"], "cpu_ms": (after - before) * 1000 / r["requests"],
@@ -181,10 +197,13 @@ def run(
     one commit's code with another's on the same bundle. Returns the settings,
     ``served[side]`` (what each side's ``/v1/models`` shows), ``windows[side][i]`` (the
     dicts of :func:`_window`, with the ``pid`` driven) and ``summary``
-    (:func:`summarize`). A window with any reply other than 200, or none at all, stops
-    the run (``RuntimeError``)."""
-    if rounds < 1 or seconds <= 0:
-        raise ValueError("bench-pair needs rounds >= 1 and seconds > 0")
+    (:func:`summarize`). A window :func:`void_window` voids (a reply other than 200,
+    none at all, a degraded response or a service error) stops the run
+    (``RuntimeError``)."""
+    if rounds < 2 or rounds % 2 or seconds <= 0:
+        # A B B A: with an odd count the last pair is A then B, unmirrored, and a steady
+        # drift moves the median by about one window's worth
+        raise ValueError("bench-pair needs an even number of rounds (2 or more) and seconds > 0")
     if overrides and models_dir is not None:
         raise ValueError("bench-pair --set changes the bundle it builds, not one in --models-dir")
     with tempfile.TemporaryDirectory() as tmp:

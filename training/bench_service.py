@@ -706,8 +706,10 @@ def measure_n(
     plan: dict[str, Any],
 ) -> dict[str, Any]:
     """Everything for one model and N, in this order: the service warmed up; the model
-    alone just before the service's c=1 window, that window, the model alone again; the
-    model alone's throughput; the service's sweep; open-loop runs. ``plan``: seconds,
+    alone just before the service's c=1 window, that window, the model alone again (with
+    writes, on the users' histories read again after the window, which its appends
+    lengthened: ``mean_hist_len_before`` is the mean before); the model alone's
+    throughput (on those feeds); the service's sweep; open-loop runs. ``plan``: seconds,
     concurrency, rates, reps, loop_cpu (one worker), the served graphs, and ``writes``:
     ``(redis_url, share, keep)`` of the scored users' writes in the closed-loop windows
     (:class:`training.bench_writes.UserWrites`; absent or share 0: none)."""
@@ -720,8 +722,12 @@ def measure_n(
 
     before = baseline_latency(base, feeds, plan["reps"])
     single = service_single(url, pid, bodies, seconds, plan["loop_cpu"], mix)
+    hist_before = mean_history(feeds)
+    if share:  # the window's writes lengthened the histories: fed as they are now
+        feeds = baseline_feeds(base, bodies, base.settings.redis_url)
     after = baseline_latency(base, feeds, plan["reps"])
     mo = model_only_row(base, feeds, before, after, plan["reps"])
+    mo["mean_hist_len_before"] = hist_before
     single["check"] = speed_check(single, mo, plan["graphs"])
     sustained(mo, baseline_rates(base, feeds, len(feeds[0]["user_idx"]), seconds))
     sweep = service_sweep(url, pid, bodies, plan["concurrency"], seconds, mix)
@@ -982,6 +988,15 @@ def _tracking_text(res: dict[str, Any]) -> str:
     return text + (f"; {written}" if share else "")
 
 
+WRITES_BASELINE = (
+    " With writes, the model alone after each c=1 window and its throughput are timed on "
+    "the histories read again after that window (its appends lengthen them); the table's "
+    "mean history is theirs, the one before the window in the JSON "
+    "(`mean_hist_len_before`). Until session 32 both were timed on the histories read "
+    "before the first window, shorter than the ones the service scored."
+)
+
+
 def _header(res: dict[str, Any], command: str) -> list[str]:
     t, k = res["threads"], res.get("inflight", 1)
     env_text = " ".join(f"{a}={b}" for a, b in res.get("env", {}).items())
@@ -1000,7 +1015,9 @@ def _header(res: dict[str, Any], command: str) -> list[str]:
         "its runner on the feeds the service builds for those same requests (same users, "
         "stored histories and candidates, encoded by the service's code; mean history length "
         "in the table), cycled; measured right before and right after each N's c=1 window "
-        f"(the target uses their mean). Graphs: {_graph_text(res)}. A window with any "
+        "(the target uses their mean)."
+        + (WRITES_BASELINE if res.get("writes") else "")
+        + f" Graphs: {_graph_text(res)}. A window with any "
         "non-200 reply, degraded response or service error (ctr_degraded_responses_total, "
         "ctr_errors_total over the window) is invalid, never met. Check: suspect where the "
         "service's inference stage is more than 10 % below the model-only p50 (the "
