@@ -86,6 +86,8 @@ def _replace_users(client: Redis | RedisCluster, calls: list[list[Any]]) -> None
     """:data:`REPLACE_USER` for each of ``calls`` (its EVALSHA arguments after the
     SHA), pipelined; a server that lost the script (a restart, a failover) gets it again
     and the whole batch runs again (a replace is idempotent)."""
+    if not calls:
+        return
     for attempt in (1, 2):
         sha = client.script_load(REPLACE_USER)  # on every master of a cluster
         pipe = client.pipeline(transaction=False)
