@@ -32,6 +32,10 @@ constexpr int64_t kUnsupported = -2;  // a probability outside [0, 1], or a bad 
 // Room the output can take for k items whose IDs hold id_bytes bytes in all: per item
 // the fixed text (64), a probability (32; at most 24 characters: "0.0000" + 17 digits)
 // and a rank (20); per ID byte 6 (every byte as \u00xx); and the brackets.
+// Arguments past these would overflow it (a caller's bug: the service passes lengths of
+// real buffers); both entry points refuse them.
+constexpr int64_t kMaxItems = (INT64_MAX / 2) / (64 + 32 + 20);
+constexpr int64_t kMaxIdBytes = (INT64_MAX / 2) / 6;
 inline int64_t items_room(int64_t k, int64_t id_bytes) {
   return 2 + k * (64 + 32 + 20) + 6 * id_bytes;
 }
@@ -182,6 +186,7 @@ __attribute__((visibility("default"))) int64_t ctr_encode_items(
     int64_t k, char* out, int64_t out_cap) {
   // n IDs hold n - 1 separating NULs: a larger n is a bad argument, never an allocation
   if (n <= 0 || k < 0 || k > n || ids_len < 0 || n - 1 > ids_len) return kUnsupported;
+  if (k > kMaxItems || ids_len > kMaxIdBytes) return kUnsupported;
   if (out_cap < items_room(k, ids_len)) return kTooSmall;
   try {
     return encode_items(ids, ids_len, n, probs, order, k, out);
@@ -193,6 +198,7 @@ __attribute__((visibility("default"))) int64_t ctr_encode_items(
 // The bound ``ctr_encode_items`` checks ``out_cap`` against, for a caller that sizes
 // ``out`` from the length of ``ids``: enough for any order.
 __attribute__((visibility("default"))) int64_t ctr_items_bound(int64_t k, int64_t id_bytes) {
+  if (k < 0 || id_bytes < 0 || k > kMaxItems || id_bytes > kMaxIdBytes) return kUnsupported;
   return items_room(k, id_bytes);
 }
 

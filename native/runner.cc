@@ -392,6 +392,11 @@ __attribute__((visibility("default"))) int ctr_runner_add_session(
     }
     if (e.empty()) {
       s.output = output;
+      // every allocation first (any may throw, and then nothing has changed): the
+      // push_back and the pointer rebuilds below stay within reserved room
+      r->sessions.reserve(r->sessions.size() + 1);
+      s.name_ptrs.reserve(s.names.size());
+      for (Session& other : r->sessions) other.name_ptrs.reserve(other.names.size());
       r->sessions.push_back(std::move(s));
       s.session = nullptr;  // the runner owns it now
       for (Session& other : r->sessions) {  // the vector may have moved the strings' owners

@@ -165,6 +165,8 @@ class NativeCodec:
                 return None
         k = len(order)
         size = self._bound(k, len(raw))
+        if size < 0:  # past what the C side sizes (never a real body's): orjson's path
+            return None
         buf = self._buffer(size)
         ranks = order.astype(np.int64, copy=False).tobytes()
         written = self._encode(raw, len(raw), n, probs.tobytes(), ranks, k, buf, size)

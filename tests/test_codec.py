@@ -121,6 +121,20 @@ def test_the_encoder_refuses_more_ids_than_the_buffer_splits_into(
     assert enc._encode(b"a", 1, 1 << 60, b"\0" * 4, order, 1, out, 1 << 16) < 0
 
 
+def test_sizes_that_would_overflow_the_bound_are_refused(enc: codec.NativeCodec) -> None:
+    """The room an encoding needs (116 bytes per item, 6 per ID byte) is computed in
+    int64: lengths past what it can hold are refused, never wrapped to a small bound
+    that a small buffer would pass (found with UBSan; the service passes real lengths)."""
+    huge = 1 << 61
+    assert enc._bound(huge, 1) < 0 and enc._bound(1, huge) < 0
+    assert enc._bound(-1, 1) < 0 and enc._bound(1, -1) < 0
+    assert enc._bound(2, 3) == 2 + 2 * 116 + 6 * 3
+    out = ctypes.create_string_buffer(64)
+    order = np.zeros(1, np.int64).tobytes()
+    # ids_len 2**61: 6 * 2**61 wraps int64 to a negative bound, which 64 bytes "passed"
+    assert enc._encode(b"a", huge, 1, b"\0" * 4, order, 1, out, 64) == -2
+
+
 def test_rank_is_numpys_stable_argsort(enc: codec.NativeCodec) -> None:
     rng = np.random.default_rng(11)
     for n in (1, 2, 7, 50, 500, 2000):
