@@ -337,7 +337,7 @@ def cmd_bench_pair(args: argparse.Namespace) -> int:
         args.redis_url, (args.port, args.port + 1), args.threads, args.inflight,
         Path(args.models_dir) if args.models_dir else None, args.writes, args.other_writes,
         args.pipelined, _overrides(args.set),
-        tuple(Path(r) if r else None for r in (args.a_root, args.b_root)),
+        tuple(Path(r) if r else None for r in (args.a_root, args.b_root)), args.b_first,
     )  # fmt: skip
     table = render(res, ("ctr bench-pair " + " ".join(sys.argv[2:])).strip())
     print(table)
@@ -602,6 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--a-root", default="", help="A's service runs this checkout's code (e.g. an older commit)"
     )
     pp.add_argument("--b-root", default="", help="the same for B")
+    pp.add_argument("--b-first", action="store_true",
+                    help="start B's service before A's (A's starts first by default)")  # fmt: skip
     pp.add_argument("--port", type=int, default=8330, help="A's port; B's is the next")
     pp.add_argument("--out", default="", help="folder for JSON and table")
     pp.set_defaults(func=cmd_bench_pair)

@@ -471,7 +471,9 @@ def test_bench_pair_runs_two_settings_side_by_side() -> None:
     proc = RedisProcess().start()
     try:
         envs = ({"CTR_NATIVE_JSON": "off", "CTR_USER_TRACKING": "false"}, {})
-        res = run("din", 20, 2, 2, 0.3, envs, proc.url, two_ports(), 1, 1, None, 0.5, 200)
+        # B's service started first: each side's windows still drive its own settings
+        res = run("din", 20, 2, 2, 0.3, envs, proc.url, two_ports(), 1, 1, None, 0.5, 200,
+                  b_first=True)  # fmt: skip
         left = proc.client().keys("{u:bench-other-*")
         bad = ({}, {"CTR_MAX_CANDIDATES": "10"})  # 20 candidates: every reply a 422
         ports = two_ports()
@@ -509,6 +511,7 @@ def test_bench_pair_runs_two_settings_side_by_side() -> None:
     table = render(res, "ctr bench-pair")
     assert "| A | `CTR_NATIVE_JSON=off` `CTR_USER_TRACKING=false` |" in table
     assert "| B | (the defaults) |" in table
+    assert res["b_first"] and "; B's service started first;" in table
     assert "differs in json_encoder (A orjson, B native)" in table
     assert "before 50% of the requests the client appended a behaviour" in table
     assert f"| CPU ms/req | {s['cpu_ms']['median']:.3f} | " in table

@@ -193,16 +193,16 @@ def test_bench_pair_arguments(
     assert args.func(args) == 0
     model, n, _, rounds, seconds, envs, _, ports = seen["args"][:8]
     assert (model, n, rounds, seconds) == ("din", 20, 12, 1.5)
-    assert seen["args"][-5:] == (0.0, 0.0, False, {}, (None, None))  # nothing written
+    assert seen["args"][-6:] == (0.0, 0.0, False, {}, (None, None), False)  # nothing written
     args = parser.parse_args(
         ["bench-pair", "--writes", "0.25", "--other-writes", "1000", "--pipelined",
          "--set", "features.0.mapping.buckets=2000000", "--set", "name=wide",
-         "--a-root", "/tmp/old-checkout"]
+         "--a-root", "/tmp/old-checkout", "--b-first"]
     )  # fmt: skip
     assert args.func(args) == 0
-    assert seen["args"][-5:] == (
+    assert seen["args"][-6:] == (
         0.25, 1000.0, True, {"features.0.mapping.buckets": 2000000, "name": "wide"},
-        (Path("/tmp/old-checkout"), None),
+        (Path("/tmp/old-checkout"), None), True,
     )  # fmt: skip
     assert envs == ({"CTR_X": "1", "CTR_Y": "a=b"}, {"CTR_X": "2"}) and ports == (9000, 9001)
     assert json.loads((tmp_path / "bench_pair.json").read_text()) == {"figures": 1}

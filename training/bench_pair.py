@@ -185,6 +185,7 @@ def run(
     pipelined: bool = False,
     overrides: dict[str, Any] | None = None,
     roots: tuple[Path | None, Path | None] = (None, None),
+    b_first: bool = False,
 ) -> dict[str, Any]:
     """Start A (``envs[0]`` over the benchmark's settings, on ``ports[0]``) and B, warm
     both, then ``rounds`` windows of ``seconds`` each per side. ``writes``: the share of
@@ -213,9 +214,14 @@ def run(
         keep = config.max_seq_len
         procs: list[tuple[subprocess.Popen, str]] = []
         try:
-            for extra, port, root in zip(envs, ports, roots, strict=True):
+            # ``b_first``: B's service starts first (session 32 saw the side started
+            # second come out dearer in some runs; the flag checks it)
+            sides = list(zip(envs, ports, roots, strict=True))
+            for extra, port, root in reversed(sides) if b_first else sides:
                 env = service_env(where, config.name, redis_url, threads, inflight, extra)
                 procs.append(_start_service(env, port, root))
+            if b_first:
+                procs.reverse()  # procs[0] is A's
             what = [served(url) for _, url in procs]
             with OtherWrites(redis_url, other_writes, keep, pipelined) as others:
                 for _, url in procs:  # warm: caches, the graph's size range, the connections
@@ -239,7 +245,7 @@ def run(
         "overrides": overrides or {},
         "roots": [None if r is None else str(r) for r in roots],
         "other_writes_achieved": others.achieved,
-        "envs": list(envs), "served": what,
+        "envs": list(envs), "served": what, "b_first": b_first,
         "device": _device({**envs[0], **envs[1]}), "windows": windows,
         "summary": summarize(windows),
     }  # fmt: skip
@@ -285,7 +291,9 @@ def render(res: dict[str, Any], command: str) -> str:
         "",
         f"{res['device']}; {res['model']} at N = {res['n']}, concurrency "
         f"{res['concurrency']}, {res['rounds']} windows of {res['seconds']:g} s per side in "
-        "the order A B B A…; ORT intra-op threads "
+        "the order A B B A…"
+        + ("; B's service started first" if res.get("b_first") else "")
+        + "; ORT intra-op threads "
         f"{res['threads']}, {res['inflight']} run(s) in flight. CPU ms/req: the service "
         "process's CPU time (all threads) per request over its windows; RSS MB: its "
         "resident memory (all processes) at the end of each window; medians over the "
