@@ -201,39 +201,44 @@ def raw_columns_for_fit(config: FeatureConfig, frame: Any, delimiter: str = "|")
     prefix of it, or one history shared by a positive and its negatives), so a token
     enters the flat list as often as it appears in that user's fullest row, the most
     times any one of the user's rows holds it. Without a ``data.user_key`` column every
-    row is its own user. Only the last ``max_seq_len`` behaviours of a row count, the
-    ones :func:`encode_sequences` keeps: a token seen only before them would get a row
-    that training never updates, where an unknown token gets the OOV row. This is what
+    row is its own user. Only the behaviours of a row that :func:`encode_sequences`
+    keeps count (the last ``max_seq_len``, or fewer where the row's sequence fields
+    differ in length): a token seen only before them would get a row that training
+    never updates, where an unknown token gets the OOV row. This is what
     ``min_count`` and ``max_size`` compare against.
     """
     out: dict[str, list] = {}
     key = config.data.user_key
     users = frame[key].tolist() if key in frame.columns else None
+    n = len(frame)
+    # each row's sequence fields, split, and how many of their last entries encoding
+    # keeps: the shortest field's length, at most max_seq_len (encode_sequences; a
+    # field missing from the frame keeps none)
+    split = {
+        f.source: [split_sequence(v, delimiter) for v in frame[f.source].tolist()]
+        if f.source in frame.columns else [[]] * n
+        for f in config.sequences
+    }  # fmt: skip
+    kept = [min([config.max_seq_len, *(len(c[i]) for c in split.values())]) for i in range(n)]
     for f in config.features:
         if f.source not in frame.columns:
             continue
         if f.kind == "sequence":
-            cells = frame[f.source].tolist()
-            out[f.name] = _behaviour_tokens(cells, users, delimiter, config.max_seq_len)
+            rows = [s[len(s) - k :] for s, k in zip(split[f.source], kept, strict=True)]
+            out[f.name] = _behaviour_tokens(rows, users)
         elif f.kind == "sparse":
             out[f.name] = frame[f.source].tolist()
     return out
 
 
-def _behaviour_tokens(
-    cells: list[Any], users: list[Any] | None, delimiter: str, length: int
-) -> list[Any]:
-    """Each user's tokens, each as many times as the user's fullest row holds it, of
-    each row's last ``length``."""
+def _behaviour_tokens(rows: list[list[Any]], users: list[Any] | None) -> list[Any]:
+    """Each user's tokens (``rows``: each row's, as encoding keeps them), each as many
+    times as the user's fullest row holds it."""
     if users is None:
-        flat: list[Any] = []
-        for v in cells:
-            flat.extend(split_sequence(v, delimiter)[-length:])
-        return flat
+        return [tok for tokens in rows for tok in tokens]
     most: dict[Any, Counter[Any]] = {}
     seen: set[tuple[Any, Any]] = set()
-    for user, v in zip(users, cells, strict=True):
-        tokens = split_sequence(v, delimiter)[-length:]
+    for user, tokens in zip(users, rows, strict=True):
         ident = (user, tuple(tokens))
         if ident in seen:  # a negative sharing its positive's history, say
             continue

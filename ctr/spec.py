@@ -89,8 +89,8 @@ class ModelSpec(_Strict):
     activation: Literal["dice", "prelu"] = "dice"
     attention_mlp: list[Annotated[int, Field(gt=0)]] = Field(
         default_factory=lambda: [80, 40],
-        min_length=1,
-        description="hidden widths of the attention MLP (at least one layer)",
+        description="hidden widths of the attention MLP (at least one layer where a model "
+        "has one: din, multi_tower_din, dien with dien_attention mlp)",
     )
     attention_activation: Literal["same", "dice", "prelu", "sigmoid"] = Field(
         default="same",
@@ -115,6 +115,16 @@ class ModelSpec(_Strict):
     @property
     def attention_act(self) -> str:
         return self.activation if self.attention_activation == "same" else self.attention_activation
+
+    @model_validator(mode="after")
+    def _attention_layers(self) -> ModelSpec:
+        # only where an activation unit is built: other models' bundles may hold []
+        unit = self.type in ("din", "multi_tower_din") or (
+            self.type == "dien" and self.dien_attention == "mlp"
+        )
+        if unit and not self.attention_mlp:
+            raise ValueError(f"attention_mlp needs at least one layer for a {self.type} model")
+        return self
 
 
 class TrainSpec(_Strict):

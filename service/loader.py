@@ -30,6 +30,7 @@ TIME = "__ctr_load_time__"  # the time order user_records sorts on
 # (the compose init job on every `up`) does not reset histories events have moved on
 LOADED_KEY = "ctr:loaded"
 LOAD_FORMAT = 1  # what the keys a load writes hold: raise it when that changes
+ITEM_PIECE = 5000  # item-feature fields per command
 
 # One user replaced in one step, so that an event appended meanwhile (POST /v1/events,
 # whose script touches the same keys) lands wholly before the replace, and goes with
@@ -84,21 +85,38 @@ def _client(redis_url: str, cluster: bool) -> Redis | RedisCluster:
 
 def _replace_users(client: Redis | RedisCluster, calls: list[list[Any]]) -> None:
     """:data:`REPLACE_USER` for each of ``calls`` (its EVALSHA arguments after the
-    SHA), pipelined; a server that lost the script (a restart, a failover) gets it again
-    and the whole batch runs again (a replace is idempotent)."""
-    if not calls:
-        return
+    SHA), pipelined; the calls a server refused for want of the script (a restart, a
+    failover) run again once it has it. Only those: a user replaced twice would lose an
+    event appended between the two."""
     for attempt in (1, 2):
+        if not calls:
+            return
         sha = client.script_load(REPLACE_USER)  # on every master of a cluster
         pipe = client.pipeline(transaction=False)
         for args in calls:
             pipe.evalsha(sha, *args)
-        try:
-            pipe.execute()
-            return
-        except NoScriptError:
-            if attempt == 2:
-                raise
+        results = pipe.execute(raise_on_error=False)
+        for r in results:  # any other error: the load fails (a retry would not help)
+            if isinstance(r, Exception) and not (isinstance(r, NoScriptError) and attempt == 1):
+                raise r
+        calls = [c for c, r in zip(calls, results, strict=True) if isinstance(r, NoScriptError)]
+
+
+def _replace_items(client: Redis | RedisCluster, key: str, values: dict[str, Any]) -> None:
+    """The hash ``key`` made to hold ``values`` and nothing else: written in pieces,
+    then the fields the data no longer has deleted in pieces. No step holds Redis for
+    long (one transaction over a large catalogue stopped it for a sizeable fraction of
+    a second, longer than the service's read timeout); meanwhile a reader may see old
+    and new values side by side, never a missing hash."""
+    pairs = list(values.items())
+    for start in range(0, len(pairs), ITEM_PIECE):
+        client.hset(key, mapping=dict(pairs[start : start + ITEM_PIECE]))
+    gone = [
+        f for f, _ in client.hscan_iter(key, count=ITEM_PIECE)
+        if (f.decode("utf-8", "surrogateescape") if isinstance(f, bytes) else f) not in values
+    ]  # fmt: skip
+    for start in range(0, len(gone), ITEM_PIECE):
+        client.hdel(key, *gone[start : start + ITEM_PIECE])
 
 
 def loaded_identity(redis_url: str, cluster: bool = False) -> str | None:
@@ -243,10 +261,10 @@ def load_into_redis(
     forgets the event IDs remembered for them, in one step per user
     (:data:`REPLACE_USER`); the sequence expires after ``sequence_ttl_s`` (0: never), as
     an appended event's does (``CTR_SEQUENCE_TTL_S``). Each item feature's hash is
-    replaced whole, in one transaction: items the data no longer holds, and values it
-    no longer has, are gone (a missing value reads as the feature's default, as in
-    training). Once everything is written, records the load's :func:`load_identity`
-    under :data:`LOADED_KEY`.
+    made to hold this data's values only (:func:`_replace_items`): items the data no
+    longer holds, and values it no longer has, are gone (a missing value reads as the
+    feature's default, as in training). Once everything is written, records the load's
+    :func:`load_identity` under :data:`LOADED_KEY`.
 
     ``catalog``: the source's item table (:func:`item_records`), for items no example
     holds. Works on a single Redis and on Redis Cluster (``cluster=True``): every command
@@ -276,13 +294,7 @@ def load_into_redis(
     items = item_records(config, frame, catalog)
     n_items = 0
     for feat, values in tqdm(items.items(), desc="item features", disable=not progress):
-        pairs = list(values.items())
-        # one key, so one slot of a cluster: a reader sees the old hash or the new one
-        tx = client.pipeline(transaction=True)
-        tx.delete(item_key(feat))
-        for start in range(0, len(pairs), 5000):
-            tx.hset(item_key(feat), mapping=dict(pairs[start : start + 5000]))
-        tx.execute()
+        _replace_items(client, item_key(feat), values)
         n_items = max(n_items, len(values))
     client.set(LOADED_KEY, load_identity(config, keep))
     client.close()

@@ -107,3 +107,35 @@ def test_every_write_to_a_users_keys_is_one_script_call(
     for uid in users:
         mine = [c for c in scripted if user_key(uid, "") in c]
         assert mine[0].startswith("DEL ") and any(c.startswith("RPUSH ") for c in mine)
+
+
+def test_a_server_that_lost_the_script_gets_it_again(
+    data: tuple[FeatureConfig, pd.DataFrame], rp: RedisProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that lost the replace script (a restart, a failover) refuses the calls
+    with NOSCRIPT: the loader loads it again and runs those calls once more, and the
+    users are all there."""
+    import hashlib
+
+    import service.loader as loader
+
+    config, frame = data
+    r = rp.client()
+    real, loads = r.script_load, []
+
+    def forgetful(script: str) -> str:
+        """The first load is lost at once, as by a restart between it and the calls."""
+        loads.append(script)
+        if len(loads) == 1:
+            r.script_flush()
+            return hashlib.sha1(script.encode()).hexdigest()
+        return str(real(script))
+
+    monkeypatch.setattr(r, "script_load", forgetful)
+    monkeypatch.setattr(loader, "_client", lambda url, cluster: r)
+    counts = load_into_redis(config, frame, rp.url, progress=False)
+    assert len(loads) >= 2  # loaded again after the refusal
+    users = {u for u in frame[config.data.user_key].astype(str)}
+    assert counts["users"] == len(users)
+    probe = rp.client()
+    assert all(probe.exists(user_key(u, "seq")) for u in users)

@@ -361,3 +361,37 @@ def test_parquet_integer_ids_with_a_null_stay_exact(tmp_path: Path) -> None:
     col = read_table(path, "parquet")["item_id"].tolist()
     assert normalize(col[0]) == normalize(big) == normalize(str(big)) == str(big)
     assert normalize(col[1]) is None
+
+
+def test_the_vocabulary_follows_encoding_where_parallel_histories_differ() -> None:
+    """Encoding keeps, of a row's parallel sequence fields, as many last entries as the
+    shortest holds: the vocabulary counts exactly those, not each field's own last
+    ``max_seq_len``."""
+    config = FeatureConfig.model_validate(
+        {
+            "name": "m",
+            "max_seq_len": 4,
+            "features": [
+                {"name": "item_id", "kind": "sparse", "side": "item"},
+                {"name": "cate_id", "kind": "sparse", "side": "item"},
+                {"name": "hist_item_id", "kind": "sequence", "shared_with": "item_id"},
+                {"name": "hist_cate_id", "kind": "sequence", "shared_with": "cate_id"},
+            ],
+        }
+    )
+    frame = pd.DataFrame(
+        {
+            "user_id": ["u1"],
+            "item_id": ["a"],
+            "cate_id": ["c"],
+            "hist_item_id": ["OLD|w|x|y"],
+            "hist_cate_id": ["k|k"],
+        }
+    )
+    mapper = FeatureMapper.fit(config, raw_columns_for_fit(config, frame))
+    enc = encode_frame(config, mapper, frame)
+    assert int(enc.hist_len[0]) == 2  # x and y, with k and k
+    items = mapper.mapper_for("item_id").vocab
+    assert set(items) == {"a", "x", "y"}  # OLD and w: cut off by encoding
+    seen = set(enc.hist[0, 0][enc.hist[0, 0] > OOV].tolist()) | {int(enc.item_sparse[0, 0])}
+    assert seen == set(items.values())

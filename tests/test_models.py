@@ -780,7 +780,7 @@ def test_overrides_reach_into_lists_by_position() -> None:
 @pytest.mark.parametrize(
     ("override", "field"),
     [
-        ({"model.attention_mlp": []}, "model.attention_mlp"),
+        ({"model.attention_mlp": []}, "attention_mlp needs at least one layer for a din"),
         ({"model.attention_mlp": [80, 0]}, "model.attention_mlp.1"),
         ({"model.mlp": [0]}, "model.mlp.0"),
         ({"model.tower_mlp": [-4]}, "model.tower_mlp.0"),
@@ -795,3 +795,14 @@ def test_a_layer_width_of_zero_or_no_attention_layer_is_refused(
     naming the field, not a crash or a degenerate model."""
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         load_config(Path(__file__).resolve().parents[1] / "configs/synthetic_din.yaml", override)
+
+
+@pytest.mark.parametrize(
+    "model", [{"type": "deepfm"}, {"type": "base"}, {"type": "dien", "dien_attention": "bilinear"}]
+)
+def test_a_model_without_an_attention_mlp_may_leave_it_empty(model: dict[str, str]) -> None:
+    """Models that build no activation unit never read ``attention_mlp``: a bundle of one
+    saved with ``[]`` still loads."""
+    override = {"model.attention_mlp": [], **{f"model.{k}": v for k, v in model.items()}}
+    path = Path(__file__).resolve().parents[1] / "configs/synthetic_din.yaml"
+    assert load_config(path, override).model.attention_mlp == []
