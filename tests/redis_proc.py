@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from redis import Redis
@@ -75,3 +77,15 @@ class RedisProcess:
 
     def client(self) -> Redis:
         return Redis(port=self.port, decode_responses=True)
+
+
+@contextlib.contextmanager
+def private_redis(*extra: str) -> Iterator[RedisProcess]:
+    """A started :class:`RedisProcess` on a free port (``extra``: server arguments),
+    stopped and its folder removed on the way out."""
+    proc = RedisProcess(None, *extra).start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        shutil.rmtree(proc.dir, ignore_errors=True)

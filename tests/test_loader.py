@@ -3,7 +3,6 @@ leaves of the first, the sequence TTL, and that a user is replaced in one step."
 
 from __future__ import annotations
 
-import shutil
 import threading
 from collections.abc import Iterator
 
@@ -14,7 +13,7 @@ from ctr.spec import FeatureConfig
 from service.loader import LOADED_KEY, load_into_redis
 from service.store import item_key, user_key
 from tests.helpers import small_config
-from tests.redis_proc import RedisProcess
+from tests.redis_proc import RedisProcess, private_redis
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +26,8 @@ def data() -> tuple[FeatureConfig, pd.DataFrame]:
 
 @pytest.fixture()
 def rp() -> Iterator[RedisProcess]:
-    proc = RedisProcess().start()
-    yield proc
-    proc.stop()
-    shutil.rmtree(proc.dir, ignore_errors=True)
+    with private_redis() as proc:
+        yield proc
 
 
 def test_a_load_replaces_each_item_features_hash(

@@ -23,7 +23,7 @@ from service.app import create_app
 from service.loader import load_into_redis
 from service.settings import Settings
 from tests.helpers import Built, build_bundle, redis_asleep, service_env, wait_for
-from tests.redis_proc import RedisProcess, free_port
+from tests.redis_proc import RedisProcess, free_port, private_redis
 from tests.server_thread import ServerThread, serve_process
 
 BODY = {"user_id": "u3", "candidates": [{"item_id": f"i{k}"} for k in range(30)]}
@@ -36,11 +36,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
 
 @pytest.fixture()
 def rp(built: Built) -> Iterator[RedisProcess]:
-    proc = RedisProcess(None, "--appendonly", "yes", "--appendfsync", "always").start()
-    load_into_redis(built.config, built.frame, proc.url, progress=False)
-    yield proc
-    proc.stop()
-    shutil.rmtree(proc.dir, ignore_errors=True)
+    with private_redis("--appendonly", "yes", "--appendfsync", "always") as proc:
+        load_into_redis(built.config, built.frame, proc.url, progress=False)
+        yield proc
 
 
 def settings_for(built: Built, url: str, **kw: object) -> Settings:

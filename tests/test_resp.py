@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import shutil
 import struct
 from collections.abc import Iterator
 from typing import Any
@@ -21,7 +20,7 @@ from ctr.encode import dense_column, to_float
 from ctr.spec import FeatureSpec
 from service.resp import pack_command, pack_commands
 from service.store import Reader, _text, _texts, make_client
-from tests.redis_proc import RedisProcess
+from tests.redis_proc import RedisProcess, private_redis
 
 ARG = st.one_of(
     st.text(max_size=12),  # any code point, surrogates too
@@ -121,10 +120,8 @@ def test_packing_big_and_plain_commands() -> None:
 
 @pytest.fixture(scope="module")
 def rp() -> Iterator[RedisProcess]:
-    proc = RedisProcess().start()
-    yield proc
-    proc.stop()
-    shutil.rmtree(proc.dir, ignore_errors=True)
+    with private_redis() as proc:
+        yield proc
 
 
 def test_reader_round_trip_with_odd_ids(rp: RedisProcess) -> None:

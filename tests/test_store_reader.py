@@ -5,7 +5,6 @@ deadline) or a connection the server closed never hands one request another's re
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -33,7 +32,7 @@ from service.store import (
     user_key,
 )
 from tests.helpers import Built, build_bundle, redis_asleep
-from tests.redis_proc import RedisProcess
+from tests.redis_proc import RedisProcess, private_redis
 from tests.test_reliability import degraded_count, settings_for
 
 
@@ -44,11 +43,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
 
 @pytest.fixture(scope="module")
 def rp(built: Built) -> Iterator[RedisProcess]:
-    proc = RedisProcess().start()
-    load_into_redis(built.config, built.frame, proc.url, progress=False)
-    yield proc
-    proc.stop()
-    shutil.rmtree(proc.dir, ignore_errors=True)
+    with private_redis() as proc:
+        load_into_redis(built.config, built.frame, proc.url, progress=False)
+        yield proc
 
 
 def body(user: str) -> dict:

@@ -34,7 +34,7 @@ from service.tracking import UserTracker, off_reason, probe_key, unsupported, us
 from service.usercache import UserRowCache, UserRows
 from tests.drop_proxy import DropProxy
 from tests.helpers import Built, build_bundle, redis_asleep, settings_for, wait_for
-from tests.redis_proc import RedisProcess
+from tests.redis_proc import RedisProcess, private_redis
 
 
 def test_passing_errors_are_retried_soon_and_refusals_seldom() -> None:
@@ -69,10 +69,8 @@ def test_user_keys_and_unsupported_urls() -> None:
 
 @pytest.fixture()
 def private() -> Iterator[RedisProcess]:
-    proc = RedisProcess().start()
-    yield proc
-    proc.stop()
-    shutil.rmtree(proc.dir, ignore_errors=True)
+    with private_redis() as proc:
+        yield proc
 
 
 @contextlib.asynccontextmanager

@@ -36,7 +36,6 @@ from training.bench_service import (
     stop_service,
     tree_cpu_s,
     tree_rss_mb,
-    user_rows_between,
     window_counts,
 )
 from training.bench_util import run_loop
@@ -153,10 +152,11 @@ async def _window(
         )
         after, idle_after, wall = _cpu_s(pid), _cpu_s(idle_pid), time.perf_counter() - start
         heard_for, rows1 = time.perf_counter() - heard_from, scrape(url)
-    why = void_window(r, window_counts(rows0, rows1))
+    counts = window_counts(rows0, rows1)  # its user_rows too
+    why = void_window(r, counts)
     if why:
         raise RuntimeError(f"{why} ({url})")
-    scored = user_rows_between(rows0, rows1)
+    scored = counts["user_rows"]
     rss = tree_rss_mb(pid)
     return {"pid": pid, "rps": r["ok_rps"], "cpu_ms": (after - before) * 1000 / r["requests"],
             "rss_mb": float("nan") if rss is None else rss,
