@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -265,6 +266,25 @@ def staging_dir(models_dir: str | Path) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class DenseBounds:
+    """One side's dense columns' bounds: ``lo [D]``, ``hi [D]`` (float32, as the graph
+    holds them; ±inf for a column without one) and the features' ``names``."""
+
+    lo: np.ndarray
+    hi: np.ndarray
+    names: tuple[str, ...]
+
+    def outside(self, values: np.ndarray) -> dict[str, int]:
+        """How many of ``values [B, D]`` lie outside the bounds, per feature (only those
+        with any)."""
+        out = (values < self.lo) | (values > self.hi)
+        if not out.any():
+            return {}
+        counts = out.sum(axis=0)
+        return {self.names[j]: int(counts[j]) for j in np.flatnonzero(counts).tolist()}
+
+
 @dataclass
 class Bundle:
     """A loaded bundle: manifest, typed config and mapper, and the ONNX path."""
@@ -301,6 +321,25 @@ class Bundle:
         ``model_fused.onnx`` has ops without a CUDA kernel and others with one."""
         entry = self.manifest.get("fused_cuda")
         return entry if isinstance(entry, dict) else None
+
+    @functools.cached_property
+    def dense_bounds(self) -> dict[str, DenseBounds]:
+        """The manifest's ``dense_range`` per side (``"user"``, ``"item"``), for the sides
+        with a bound: what the graph clamps those dense inputs to. Empty for a bundle
+        exported before the bounds existed, or with ``train.clip_dense: false``."""
+        ranges = self.manifest.get("dense_range") or {}
+        out: dict[str, DenseBounds] = {}
+        c = self.config
+        for side, feats in (("user", c.user_dense), ("item", c.item_dense)):
+            if not any(f.name in ranges for f in feats):
+                continue
+            pairs = [ranges.get(f.name, [-math.inf, math.inf]) for f in feats]
+            out[side] = DenseBounds(
+                np.array([p[0] for p in pairs], np.float32),
+                np.array([p[1] for p in pairs], np.float32),
+                tuple(f.name for f in feats),
+            )
+        return out
 
     def fused_bytes(self, cuda: bool = False) -> bytes:
         """The fused graph (``cuda``: the CUDA variant), checked against the manifest's
@@ -568,6 +607,7 @@ def validate_manifest(manifest: dict[str, Any], config: FeatureConfig, path: Pat
         value = manifest.get(key)
         if value is not None and not isinstance(value, dict):
             raise manifest_error(key, f"a {_kind(value)}, not an object or null")
+    _check_dense_range(manifest, config, manifest_error)
     for key in ("inputs", "outputs"):
         if key not in manifest:
             continue
@@ -577,6 +617,30 @@ def validate_manifest(manifest: dict[str, Any], config: FeatureConfig, path: Pat
         for i, item in enumerate(value):
             if not isinstance(item, dict):
                 raise manifest_error(f"{key}[{i}]", f"a {_kind(item)}, not an object")
+
+
+def _check_dense_range(
+    manifest: dict[str, Any], config: FeatureConfig, fail: Callable[[str, str], BundleError]
+) -> None:
+    """``dense_range`` (absent in bundles exported before it): an object mapping dense
+    features of the config to ``[lo, hi]``, two finite numbers with ``lo <= hi``."""
+    if "dense_range" not in manifest:
+        return
+    ranges = manifest["dense_range"]
+    if not isinstance(ranges, dict):
+        raise fail("dense_range", f"a {_kind(ranges)}, not an object")
+    dense = {f.name for f in config.user_dense + config.item_dense}
+    for name, pair in ranges.items():
+        where = f"dense_range.{name}"
+        if name not in dense:
+            raise fail(where, f"not a dense feature of the config (those: {sorted(dense)})")
+        if not (
+            isinstance(pair, list)
+            and len(pair) == 2
+            and all(type(v) in (int, float) and math.isfinite(v) for v in pair)
+            and pair[0] <= pair[1]
+        ):
+            raise fail(where, f"{pair!r} is not [lo, hi], two finite numbers with lo <= hi")
 
 
 def remove_staging(path: Path) -> None:

@@ -147,6 +147,14 @@ class TrainSpec(_Strict):
     )
     eval_batch_size: int = 2048
     threads: int | None = None
+    clip_dense: bool = Field(
+        default=True,
+        description="clamp each dense feature, inside the model and so in the exported "
+        "graph, to the range its encoded values (after log1p) held in the training split, "
+        "widened to hold its encoded default: "
+        "a value far beyond it scores as the range's edge instead of saturating the "
+        "network (the manifest's dense_range records the bounds); false: fed as-is",
+    )
 
 
 class DataSpec(_Strict):
@@ -373,12 +381,23 @@ LATER_KEYS: tuple[tuple[str, ...], ...] = (
     ("model", "aux_hidden"),
     ("data", "item_key_tolerance"),
 )
+# Training-only keys added after format 1 that the manifest never holds: the service does
+# not read them, and the bundle records their effect itself (``train.clip_dense``: the
+# manifest's ``dense_range``, empty when off), so a bundle using one still loads on a
+# service released before it.
+TRAINING_ONLY_KEYS: tuple[tuple[str, ...], ...] = (("train", "clip_dense"),)
 
 
 def manifest_config(config: FeatureConfig) -> dict[str, Any]:
     """``config`` as the manifest stores it: its JSON form without the :data:`LATER_KEYS`
-    that hold their defaults. Validating the result gives ``config`` back."""
+    that hold their defaults, and without the :data:`TRAINING_ONLY_KEYS`. Validating the
+    result gives ``config`` back, those keys at their defaults."""
     out: dict[str, Any] = config.model_dump(mode="json")
+    for *parents, key in TRAINING_ONLY_KEYS:
+        node = out
+        for part in parents:
+            node = node[part]
+        node.pop(key, None)
     for path in LATER_KEYS:
         owner: BaseModel = config
         node = out

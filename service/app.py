@@ -782,6 +782,8 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
                 "sequence": [f.name for f in c.sequences],
             },
             "inputs": model.bundle.manifest.get("inputs"),
+            # {feature: [lo, hi]} the graph clamps dense inputs to ({} for older bundles)
+            "dense_range": model.bundle.manifest.get("dense_range") or {},
         }
         return orjson_response(body)
 

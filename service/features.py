@@ -11,6 +11,7 @@ import numpy as np
 from ctr.bundle import Bundle
 from ctr.encode import encode_item_rows, encode_user_rows
 from ctr.spec import FeatureConfig
+from service.metrics import DENSE_OUT_OF_RANGE
 from service.rowcache import ItemRowCache
 from service.store import ItemCache, UserData
 from service.usercache import UserRowCache, UserRows
@@ -99,6 +100,15 @@ def stamp_event(payload: dict[str, Any], needed: set[str], etype: str, ts: float
             payload[key] = value
 
 
+def count_outside(bundle: Bundle, side: str, dense: np.ndarray) -> None:
+    """Count the encoded ``dense [B, D]`` values of ``side`` (``"user"`` / ``"item"``)
+    that the graph will clamp (``ctr_dense_out_of_range_total``)."""
+    bounds = bundle.dense_bounds.get(side)
+    if bounds is not None and dense.size:
+        for name, k in bounds.outside(dense).items():
+            DENSE_OUT_OF_RANGE.labels(name).inc(k)
+
+
 def item_columns(
     config: FeatureConfig, item_ids: list[str], given: list[dict[str, Any] | None]
 ) -> ItemColumns:
@@ -147,6 +157,7 @@ class Candidates:
             return
         c = bundle.config
         its, itd = encode_item_rows(c, bundle.mapper, self.items.values, self.pending.size)
+        count_outside(bundle, "item", itd)
         self.sparse[self.pending] = its
         self.dense[self.pending] = itd
         if cacheable and rows.enabled:
@@ -204,6 +215,7 @@ def encode_user(
         for s, t in zip(c.sequences, c.sequence_targets, strict=True)
     }
     us, ud, hist, lens = encode_user_rows(c, bundle.mapper, user_cols, seqs, 1)
+    count_outside(bundle, "user", ud)
     for a in (us, ud, hist, lens):
         a.flags.writeable = False
     return UserRows(data.profile, events, context, us, ud, hist, lens, data.found)

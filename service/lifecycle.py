@@ -61,6 +61,7 @@ async def load(state: State, version: str | None) -> LoadedModel:
     state.model_error = None
     state.fallback = None
     m.set_model_info(model.name, model.version, model.provider, model.graph, model.precision)
+    m.init_dense_counts([n for b in model.bundle.dense_bounds.values() for n in b.names])
     # a full collection at the first load and every FULL_SETTLE_EVERY loads after it;
     # in between, a reload's stops the event loop for about 1 ms instead of 20-150. And
     # a full one whenever a model replaced at an earlier load is still alive: a cycle

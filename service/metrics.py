@@ -96,6 +96,13 @@ LOOP_LAG_MAX = Gauge(
     multiprocess_mode="liveall",
 )
 ERRORS = Counter("ctr_errors_total", "Errors by kind", ["kind"])
+DENSE_OUT_OF_RANGE = Counter(
+    "ctr_dense_out_of_range_total",
+    "Dense feature values encoded outside the range the training split held (the "
+    "manifest's dense_range; the graph clamps them to it), by feature. A row kept in the "
+    "item-row or user-row cache is counted once, when it was encoded",
+    ["feature"],
+)
 DEGRADED = Counter("ctr_degraded_responses_total", "Responses served in degraded mode")
 INLINE_RUNS = Counter(
     "ctr_inline_runs_total",
@@ -289,6 +296,13 @@ def forget_this_worker() -> None:
 
 
 _current_info: list[tuple[str, ...]] = []
+
+
+def init_dense_counts(features: list[str]) -> None:
+    """Start ``ctr_dense_out_of_range_total`` at 0 for the loaded model's bounded dense
+    features, so that a rate of 0 is a series, not an absent one."""
+    for name in features:
+        DENSE_OUT_OF_RANGE.labels(name)
 
 
 def set_model_info(name: str, version: str, provider: str, graph: str, precision: str) -> None:

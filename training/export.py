@@ -318,6 +318,8 @@ def export_bundle(
             "outputs": [o.__dict__ for o in graph_outputs(config)],
             "config": manifest_config(config),
             "mapping": mapper.to_json(),
+            # {feature: [lo, hi]}: the encoded range the graph clamps each dense input to
+            "dense_range": model.dense_range(),
             "metrics": {k: metrics.get(k) for k in ("val", "test", "best_epoch", "rows")},
             "data_fingerprint": metrics.get("data_fingerprint"),
             "parity": {"max_abs_diff": report.max_abs_diff, "tolerance": PARITY_TOL},

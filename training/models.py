@@ -21,6 +21,7 @@ from ctr import native
 from ctr.spec import FeatureConfig
 from training.modules import (
     MLP,
+    DenseClip,
     DINAttention,
     EmbeddingCollection,
     masked_softmax,
@@ -39,6 +40,9 @@ class CTRModel(nn.Module):
         self.emb = EmbeddingCollection(config, table_sizes)
         self.user_width = sum(f.embedding_dim for f in config.user_sparse) + len(config.user_dense)
         self.item_width = sum(f.embedding_dim for f in config.item_sparse) + len(config.item_dense)
+        # the dense inputs clamped to the training split's range (train.clip_dense)
+        self.user_clip = DenseClip(len(config.user_dense))
+        self.item_clip = DenseClip(len(config.item_dense))
 
     def seq_width(self, names: list[str]) -> int:
         return sum(self.config.embedding_dim(n) for n in names)
@@ -62,7 +66,33 @@ class CTRModel(nn.Module):
     def mask(self, x: Inputs) -> Tensor:
         return sequence_mask(x["hist_len"], self.config.max_seq_len)
 
-    def forward(self, x: Inputs) -> dict[str, Tensor]:  # pragma: no cover - abstract
+    def set_dense_range(self, user: tuple[Tensor, Tensor], item: tuple[Tensor, Tensor]) -> None:
+        """Clamp ``user_dense`` to ``user = (lo [Du], hi [Du])`` and ``item_dense`` to
+        ``item`` (:class:`~training.modules.DenseClip`); a side without dense features
+        takes empty tensors."""
+        self.user_clip.set(*user)
+        self.item_clip.set(*item)
+
+    def dense_range(self) -> dict[str, list[float]]:
+        """``{feature: [lo, hi]}`` for every clamped dense feature (what the manifest's
+        ``dense_range`` records); empty while no bound is set."""
+        out: dict[str, list[float]] = {}
+        for feats, clip in ((self.config.user_dense, self.user_clip),
+                            (self.config.item_dense, self.item_clip)):  # fmt: skip
+            bounds = clip.bounds()
+            if bounds is not None:
+                for f, (lo, hi) in zip(feats, bounds, strict=True):
+                    out[f.name] = [lo, hi]
+        return out
+
+    def forward(self, x: Inputs) -> dict[str, Tensor]:
+        """The dense inputs clamped (where bounds are set), then :meth:`score`."""
+        if self.user_clip.bounded or self.item_clip.bounded:
+            x = {**x, "user_dense": self.user_clip(x["user_dense"]),
+                 "item_dense": self.item_clip(x["item_dense"])}  # fmt: skip
+        return self.score(x)
+
+    def score(self, x: Inputs) -> dict[str, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
@@ -81,7 +111,7 @@ class BaseModel(CTRModel):
         self.mlp = MLP(width, config.model.mlp, config.model.activation, config.model.dropout)
         self.head = nn.Linear(self.mlp.out_dim, 1)
 
-    def forward(self, x: Inputs) -> dict[str, Tensor]:
+    def score(self, x: Inputs) -> dict[str, Tensor]:
         mask = self.mask(x)
         user = [self.user_deep(x)]
         user += [masked_sum(self.emb.sequence(g, x["hist"]), mask) for g in self.groups]
@@ -127,7 +157,7 @@ class DeepFM(CTRModel):
     def _p(self, name: str, e: Tensor) -> Tensor:
         return self.proj[name](e) if name in self.proj else e
 
-    def forward(self, x: Inputs) -> dict[str, Tensor]:
+    def score(self, x: Inputs) -> dict[str, Tensor]:
         c = self.config
         idx = x["user_idx"]
         mask = self.mask(x)
@@ -199,7 +229,7 @@ class DIN(CTRModel):
             first_w = w if first_w is None else first_w
         return pooled, first_w
 
-    def forward(self, x: Inputs) -> dict[str, Tensor]:
+    def score(self, x: Inputs) -> dict[str, Tensor]:
         pooled, w = self.interests(x)
         u = self.user_deep(x).index_select(0, x["user_idx"])
         h = self.mlp(torch.cat([u, self.item_deep(x), *pooled], dim=-1))
@@ -264,7 +294,7 @@ class MultiTowerDIN(DIN):
             parts.append(t if idx is None else t.index_select(0, idx))
         return torch.cat(parts, dim=-1)
 
-    def forward(self, x: Inputs) -> dict[str, Tensor]:
+    def score(self, x: Inputs) -> dict[str, Tensor]:
         idx = x["user_idx"]
         outs = []
         for g, tower in zip(self.deep_groups, self.towers, strict=True):
@@ -424,7 +454,7 @@ class DIEN(CTRModel):
         self.mlp = MLP(width, m.mlp, m.activation, m.dropout)
         self.head = nn.Linear(self.mlp.out_dim, 1)
 
-    def forward(self, x: Inputs) -> dict[str, Tensor]:
+    def score(self, x: Inputs) -> dict[str, Tensor]:
         idx = x["user_idx"]
         mask = self.mask(x)
         e = self.emb.sequence(self.group, x["hist"])  # [U, L, D]

@@ -5,6 +5,8 @@ Shapes: U users, N candidates, L history positions, D embedding widths.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -91,6 +93,70 @@ class MLP(nn.Module):
         for layer in self.net:
             x = masked_act(layer, x, mask)
         return x
+
+
+class DenseClip(nn.Module):
+    """``[B, D] -> [B, D]``: each dense column clamped to ``[lo[d], hi[d]]``, the range its
+    encoded values (after ``log1p``) held in the training split (:meth:`set`).
+
+    A value far outside what the model was trained on (a price of ``1e30`` where training
+    saw at most 8.2 after ``log1p``) would otherwise drive a layer into saturation and
+    score a confident 0 or 1; clamped, it scores as the edge of the range does. The bounds
+    are buffers, so the checkpoint and the exported graph carry them (one ``Max`` and one
+    ``Min`` node per input). Unset (a fresh module, ``train.clip_dense: false``, or a
+    checkpoint written before the bounds existed, which loads without them) the input
+    passes unchanged and the graph has no node for it.
+    """
+
+    lo: Tensor
+    hi: Tensor
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.register_buffer("lo", torch.full((width,), -math.inf))
+        self.register_buffer("hi", torch.full((width,), math.inf))
+        self.bounded = False
+
+    def set(self, lo: Tensor, hi: Tensor) -> None:
+        """Clamp to ``lo [D]`` .. ``hi [D]`` from now on (finite, ``lo <= hi``)."""
+        if lo.shape != self.lo.shape or hi.shape != self.hi.shape:
+            raise ValueError(f"bounds of shape {tuple(lo.shape)}, {tuple(hi.shape)} for "
+                             f"{self.lo.shape[0]} dense columns")  # fmt: skip
+        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all() and (lo <= hi).all()):
+            raise ValueError("dense bounds must be finite with lo <= hi")
+        with torch.no_grad():
+            self.lo.copy_(lo)
+            self.hi.copy_(hi)
+        self._update()
+
+    def _update(self) -> None:
+        self.bounded = bool(self.lo.numel()) and bool(
+            torch.isfinite(self.lo).any() or torch.isfinite(self.hi).any()
+        )
+
+    def bounds(self) -> list[tuple[float, float]] | None:
+        """``[(lo, hi)]`` per column as Python floats (exactly the float32 values), or
+        None while unset."""
+        if not self.bounded:
+            return None
+        return list(zip(self.lo.tolist(), self.hi.tolist(), strict=True))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.minimum(torch.maximum(x, self.lo), self.hi) if self.bounded else x
+
+    def _load_from_state_dict(  # type: ignore[no-untyped-def]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+        error_msgs,
+    ) -> None:  # fmt: skip
+        """A checkpoint from before the bounds loads without them (unbounded)."""
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+            error_msgs,
+        )  # fmt: skip
+        for name in ("lo", "hi"):
+            if prefix + name in missing_keys:
+                missing_keys.remove(prefix + name)
+        self._update()
 
 
 class _ChannelLastPReLU(nn.Module):

@@ -17,7 +17,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ctr.spec import FeatureConfig
+from ctr.encode import to_float
+from ctr.spec import FeatureConfig, FeatureSpec
 from training.dataset import Prepared, Split, negative_key, prepare, sample_negatives
 from training.metrics import evaluate
 from training.models import CTRModel, build_model
@@ -204,6 +205,8 @@ def train(
         out = Path(box[0])
     prep = prep or prepare(config)
     model = build_model(config, prep.mapper.table_sizes())
+    if tc.clip_dense:
+        model.set_dense_range(*dense_bounds(config, prep.train))
     net: nn.Module = model
     if info.world > 1:
         net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
@@ -308,6 +311,7 @@ def train(
         "seconds": round(time.time() - started, 2),
         "world_size": info.world,
         "data_fingerprint": prep.fingerprint,
+        "dense_range": model.dense_range(),
         "rows": {"train": len(prep.train), "val": len(prep.val), "test": len(prep.test)},
         "val": evaluate(
             prep.val.users, prep.val.label, predict(model, prep.val, tc.eval_batch_size)
@@ -322,6 +326,28 @@ def train(
         (out / "config.json").write_text(config.model_dump_json(indent=2))
         (out / "mapping.json").write_text(json.dumps(prep.mapper.to_json()))
     return metrics
+
+
+def dense_bounds(
+    config: FeatureConfig, split: Split
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """``((lo [Du], hi [Du]), (lo [Di], hi [Di]))``: each dense column's smallest and
+    largest encoded value in ``split`` (the training split: at least one row), widened
+    to hold the feature's encoded ``default``: what a missing value (an unknown item, a
+    degraded read) is fed as is never clamped, whether training saw it or not."""
+
+    def side(feats: list[FeatureSpec], a: np.ndarray) -> tuple[Tensor, Tensor]:
+        if not a.shape[1]:
+            return torch.zeros(0), torch.zeros(0)
+        default = np.array([to_float(None, f) for f in feats], np.float32)
+        lo = np.minimum(a.min(axis=0), default)
+        hi = np.maximum(a.max(axis=0), default)
+        return torch.from_numpy(lo), torch.from_numpy(hi)
+
+    return (
+        side(config.user_dense, split.enc.user_dense),
+        side(config.item_dense, split.enc.item_dense),
+    )
 
 
 def load_run(run_dir: str | Path) -> tuple[FeatureConfig, Any, CTRModel, dict[str, Any]]:
