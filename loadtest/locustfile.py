@@ -13,7 +13,15 @@
 
 A score counts as failed when it is not 200, when it ranks the wrong number of items,
 and when it is ``degraded`` (scored without the user's Redis data, e.g. Redis down or
-over its time budget: a run that passes must have measured the real path). Cold starts
+over its time budget: a run that passes must have measured the real path). An event
+counts as failed when it is not 2xx or when it appended nothing (``duplicate``: each
+event has a fresh ``event_id``, drawn outside ``LOCUST_SEED``; ``outside_window``). A
+failure's message is the answer's ``error`` and ``field`` (``HTTP 503 overloaded``), not
+its body, whose ``request_id`` differs every time, so that locust groups like failures
+into one row; a request with no answer says why (``no response: ConnectionRefusedError``,
+a timeout). The final failure counts are written at exit to ``<csv
+prefix>_failures_final.csv`` (locust's own ``_failures.csv`` is rewritten once a second
+and can miss the last one). Cold starts
 (users Redis does not know: scored on a cheaper path) are counted, and the run fails
 when they exceed ``LOCUST_MAX_COLD_START_SHARE`` (default 0.01) of the scores: exit
 status 3, :data:`COLD_START_EXIT`, unless requests failed too (then locust's own 1).
@@ -32,12 +40,15 @@ standard library through gevent): tests import it in a subprocess.
 from __future__ import annotations
 
 import bisect
+import csv
 import itertools
+import json
 import os
 import random
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from locust import HttpUser, between, events, task
 
@@ -158,7 +169,9 @@ def build_event(rng: random.Random, cfg: TrafficConfig) -> dict:
     """A ``POST /v1/events`` click body; item features come from Redis on the server."""
     return {
         "user_id": sample_user(rng, cfg),
-        "event_id": uuid.UUID(int=rng.getrandbits(128)).hex,
+        # a fresh ID on every run, seeded or not: a seeded run repeated against the same
+        # Redis would otherwise post only duplicates, which append nothing
+        "event_id": uuid.uuid4().hex,
         "item_id": f"i{rng.randrange(cfg.items_n)}",
         "type": "click",
         "timestamp": time.time(),
@@ -175,6 +188,37 @@ def auth_headers(env: dict[str, str] | None = None) -> dict[str, str]:
     if not key:
         return {}
     return {"X-API-Key": key, "Authorization": f"Bearer {key}"}
+
+
+def http_failure(status: int, text: str, error: object = None) -> str:
+    """The failure message for an answer that is not a success: ``HTTP <status>
+    <error>[ <field>]`` from the service's error body (the same for every request that
+    failed alike: no ``request_id``), the start of any other body, or why no answer came
+    (``status`` 0: ``error``, the connection's exception)."""
+    if status == 0:
+        return f"no response: {error!r}" if error is not None else "no response"
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        field = body.get("field")
+        return f"HTTP {status} {body['error']}" + (f" {field}" if field else "")
+    return f"HTTP {status}: {text[:200]}"
+
+
+def event_failure(body: object) -> str | None:
+    """Why a 2xx answer to an event fails the run, or None: it appended nothing (a
+    duplicate ``event_id``, or a timestamp outside the kept window)."""
+    if not isinstance(body, dict):
+        return f"bad response body: {body!r}"[:200]
+    if body.get("duplicate"):
+        return "duplicate: the event_id was stored before, nothing appended"
+    if body.get("outside_window"):
+        return "outside_window: the timestamp is older than the stored history keeps"
+    if not body.get("appended"):
+        return f"not appended: {body!r}"[:200]
+    return None
 
 
 def score_failure(body: object, expected: int) -> str | None:
@@ -253,7 +297,7 @@ class ScoringUser(HttpUser):
             catch_response=True,
         ) as resp:
             if resp.status_code != 200:
-                resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
+                resp.failure(http_failure(resp.status_code, resp.text or "", resp.error))
                 return
             try:
                 body = resp.json()
@@ -277,10 +321,44 @@ class ScoringUser(HttpUser):
             timeout=self.timeout,
             catch_response=True,
         ) as resp:
-            if 200 <= resp.status_code < 300:
-                resp.success()
+            if not 200 <= resp.status_code < 300:
+                resp.failure(http_failure(resp.status_code, resp.text or "", resp.error))
+                return
+            try:
+                reason = event_failure(resp.json())
+            except ValueError as exc:
+                reason = f"bad response body: {exc}"
+            if reason is not None:
+                resp.failure(reason)
             else:
-                resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
+                resp.success()
+
+
+FINAL_FAILURES = "_failures_final.csv"
+
+
+def write_final_failures(errors: dict, prefix: str) -> Path:
+    """Locust's failure table (``runner.stats.errors``) as it stands at exit, to
+    ``<prefix>_failures_final.csv`` in the columns of its ``_failures.csv``."""
+    path = Path(prefix + FINAL_FAILURES)
+    with path.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["Method", "Name", "Error", "Occurrences"])
+        for e in errors.values():
+            out.writerow([e.method, e.name, e.parse_error(e.error), e.occurrences])
+    return path
+
+
+@events.quitting.add_listener
+def _final_failures(environment: object, **_: object) -> None:
+    runner = getattr(environment, "runner", None)
+    options = getattr(environment, "parsed_options", None)
+    prefix = getattr(options, "csv_prefix", None)
+    if runner is not None and prefix:
+        write_final_failures(runner.stats.errors, prefix)
+
+
+VERDICT = "_verdict.txt"
 
 
 @events.quitting.add_listener
@@ -288,6 +366,9 @@ def _cold_start_check(environment: object, **_: object) -> None:
     reason = COLD.verdict(MAX_COLD_SHARE)
     if reason is not None:
         print(f"FAIL: {reason}", flush=True)
+        prefix = getattr(getattr(environment, "parsed_options", None), "csv_prefix", None)
+        if prefix:  # for run.py's report
+            Path(prefix + VERDICT).write_text(f"FAIL: {reason}\n")
         # its own status, not taken for failed requests; a run with failed requests or
         # errors keeps locust's own status (1), which says more
         runner = getattr(environment, "runner", None)

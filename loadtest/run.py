@@ -42,6 +42,7 @@ PERCENTILES = ("50%", "95%", "99%")
 
 
 COLD_START_EXIT = 3  # loadtest/locustfile.py COLD_START_EXIT
+VERDICT = "locust_verdict.txt"  # the locustfile's FAIL line at exit (PREFIX + its VERDICT)
 
 
 def parse_duration(text: str) -> float:
@@ -293,6 +294,9 @@ def write_report(
                 f"| {f.get('Method', '')} | {f.get('Name', '')} | {error} | "
                 f"{f.get('Occurrences', '')} |\n"
             )
+    verdict = out / VERDICT
+    if verdict.exists():
+        text.append(f"\n## Verdict\n\n{verdict.read_text().strip()}\n")
     if plot is not None:
         text.append(f"\n## Charts\n\n![latency]({plot.name})\n")
     path = out / "report.md"
@@ -378,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_csv:
         code = args.locust_exit_code
     else:
-        for old in [*out.glob(f"{PREFIX}_*.csv"), out / f"{JSON_STEM}.json"]:
+        for old in [*out.glob(f"{PREFIX}_*.csv"), out / f"{JSON_STEM}.json", out / VERDICT]:
             old.unlink(missing_ok=True)
         code = run_locust(args, out)
     json_path = out / f"{JSON_STEM}.json"
@@ -394,7 +398,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"unusable statistics: {exc}", file=sys.stderr)
         return 2
-    failures_path = out / f"{PREFIX}_failures.csv"
+    # the table the locustfile wrote at exit; locust's own is up to a second old
+    failures_path = out / f"{PREFIX}_failures_final.csv"
+    if not failures_path.exists():
+        failures_path = out / f"{PREFIX}_failures.csv"
     failures = pd.read_csv(failures_path) if failures_path.exists() else pd.DataFrame()
     plot = None if args.no_plot else plot_latency(out, load_history(out), per_name)
     report = write_report(out, args, overall, per_name, failures, code, plot)

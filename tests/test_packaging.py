@@ -692,6 +692,22 @@ print(json.dumps({
     "auth": lf.auth_headers({"CTR_API_KEY": "k"}),
     "no_auth": lf.auth_headers({}),
     "user_class": lf.ScoringUser.__name__,
+    # the same seed twice: the same draws, but fresh event IDs
+    "seeded_ids": [lf.build_event(random.Random(7), cfg)["event_id"] for _ in range(2)],
+    "seeded_users": [lf.build_event(random.Random(7), cfg)["user_id"] for _ in range(2)],
+    "failures": [
+        lf.http_failure(503, json.dumps({"error": "overloaded", "request_id": "a1"})),
+        lf.http_failure(503, json.dumps({"error": "overloaded", "request_id": "b2"})),
+        lf.http_failure(422, json.dumps({"error": "bad_request", "field": "user_id"})),
+        lf.http_failure(502, "<html>bad gateway</html>"),
+        lf.http_failure(0, "", ConnectionRefusedError(111, "refused")),
+    ],
+    "event_failures": [
+        lf.event_failure({"appended": True, "duplicate": False}),
+        lf.event_failure({"appended": False, "duplicate": True}),
+        lf.event_failure({"appended": False, "duplicate": False, "outside_window": True}),
+        lf.event_failure([]),
+    ],
 }))
 """
 
@@ -758,6 +774,20 @@ def test_event_share_and_bodies(samples: dict) -> None:
     assert samples["name"] == "/v1/score [N=200]"
     assert samples["auth"]["X-API-Key"] == "k" and samples["no_auth"] == {}
     assert samples["user_class"] == "ScoringUser"
+    ids, users = samples["seeded_ids"], samples["seeded_users"]
+    assert users[0] == users[1] and ids[0] != ids[1]
+
+
+def test_failure_messages_group_alike_failures(samples: dict) -> None:
+    """One message per kind of failure (no request_id), so locust groups them."""
+    same_a, same_b, field, other, refused = samples["failures"]
+    assert same_a == same_b == "HTTP 503 overloaded"
+    assert field == "HTTP 422 bad_request user_id"
+    assert other == "HTTP 502: <html>bad gateway</html>"
+    assert refused.startswith("no response: ConnectionRefusedError")
+    ok, dup, window, bad = samples["event_failures"]
+    assert ok is None and dup.startswith("duplicate") and window.startswith("outside_window")
+    assert bad.startswith("bad response body")
 
 
 class _StubAPI(BaseHTTPRequestHandler):
@@ -785,13 +815,15 @@ class _StubAPI(BaseHTTPRequestHandler):
             }
             self.seen[f"score-{len(ids)}" if ok else "bad"] += 1
         elif self.path == "/v1/events":
-            out = {"appended": True, "duplicate": False}
+            dup = self.server.mode == "duplicate"
+            out = {"appended": not dup, "duplicate": dup}
             self.seen["event"] += 1
         else:
             out = {}
         status = 200 if out else 404
         if self.path == "/v1/score" and self.server.mode == "fail_large" and len(ids) >= 1000:
-            status, out = 503, {"error": "overloaded", "detail": "stub"}
+            # a request ID of its own in every error body, as the service writes
+            status, out = 503, {"error": "overloaded", "detail": "stub", "request_id": str(id(out))}
         data = json.dumps(out).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -811,7 +843,7 @@ def _serve_stub(mode: str) -> tuple[ThreadingHTTPServer, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ok", "fail_large", "degraded", "cold"])
+@pytest.mark.parametrize("mode", ["ok", "fail_large", "degraded", "cold", "duplicate"])
 def test_run_py_end_to_end_against_a_stub(tmp_path: Path, mode: str) -> None:
     """run.py drives the locustfile against a stub of the API; a run fails on 5xx
     answers, on `degraded` scores (each one a failure) and on cold starts above
@@ -841,6 +873,14 @@ def test_run_py_end_to_end_against_a_stub(tmp_path: Path, mode: str) -> None:
     if mode == "fail_large":
         assert done.returncode == 1, done.stdout + done.stderr
         assert "## Failures" in report and "503" in report
+        # one row for every 503 alike, counting them all (the table read at exit)
+        rows = [r for r in report.splitlines() if "HTTP 503 overloaded" in r]
+        assert len(rows) == 1, report
+        failed = int(re.search(r"failures: (\d+) ", report).group(1))
+        assert failed > 0 and rows[0].rstrip(" |").endswith(f"| {failed}")
+    elif mode == "duplicate":
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "duplicate: the event_id was stored before" in report
     elif mode == "degraded":
         assert done.returncode == 1, done.stdout + done.stderr
         assert "## Failures" in report and "degraded" in report
@@ -849,6 +889,7 @@ def test_run_py_end_to_end_against_a_stub(tmp_path: Path, mode: str) -> None:
         assert done.returncode == 3, done.stdout + done.stderr
         assert "failures: 0 " in report  # no request failed: the run did
         assert "were cold starts" in done.stdout and "too many cold starts" in done.stderr
+        assert "## Verdict" in report and "were cold starts" in report
     else:
         assert done.returncode == 0, done.stdout + done.stderr
         assert "failures: 0 " in report
