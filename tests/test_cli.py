@@ -67,6 +67,8 @@ def one_line_error(out: subprocess.CompletedProcess, command: str) -> str:
          {}, "data.options.n_users must be at least 1"),
         (["results", "--datasets", "synthetic,bogus"], {},
          "unknown datasets ['bogus']; known: ['amazon_beauty', 'movielens', 'synthetic']"),
+        (["results", "--datasets", "synthetic,movielens"], {"CTR_DATA_ROOT": "/nonexistent"},
+         "data not found for movielens (/nonexistent/movielens-100k): set CTR_DATA_ROOT"),
         (["load", "--bundle", "models-nope/din"], {},
          "no versions of model 'din'"),
         (["serve"], {"CTR_PORT": "99999"},

@@ -270,7 +270,7 @@ def test_movielens_split_and_encode(movielens: tuple[FeatureConfig, pd.DataFrame
 
 
 @pytest.mark.data
-@pytest.mark.parametrize("file, rows", [("paddlerec", 500), ("deepctr", 99)])
+@pytest.mark.parametrize("file, rows", [("paddlerec", 304), ("deepctr", 99)])
 def test_alimama_frame_split_encode(file: str, rows: int) -> None:
     _folder("alimama-display-ad-dmr")
     config = load_config(CONFIGS / "alimama_din.yaml", {"data.options.file": file})
@@ -286,7 +286,8 @@ def test_alimama_frame_split_encode(file: str, rows: int) -> None:
     assert (lens == frame["hist_brand"].map(len)).all()
     assert not any("0" in h for h in frame["hist_cate_id"])  # padding dropped
     if file == "paddlerec":
-        assert int(frame["label"].sum()) == 210
+        # 14 distinct clicks: the file repeats each 15 times (210 lines), kept once here
+        assert int(frame["label"].sum()) == 14
         assert frame["user_id"].iloc[0] == "1000043" and frame["item_id"].iloc[0] == "328301"
         assert frame["cate_id"].iloc[0] == "6410" and frame["brand"].iloc[0] == "121422"
         assert lens.iloc[0] == 50
@@ -303,6 +304,31 @@ def test_alimama_frame_split_encode(file: str, rows: int) -> None:
     row = int(np.flatnonzero([cate in hist for cate, hist in pairs])[0])
     pos = frame["hist_cate_id"].iloc[row].index(frame["cate_id"].iloc[row])
     assert enc.hist[row, 0, pos] == enc.item_sparse[row, 1]
+
+
+@pytest.mark.data
+def test_alimama_duplicate_rows_kept_once() -> None:
+    """The PaddleRec file repeats 14 rows 15 times each; by default each is kept once
+    (so no impression is in train and test at once), ``keep_duplicates`` keeps all."""
+    _folder("alimama-display-ad-dmr")
+    config = load_config(CONFIGS / "alimama_din.yaml")
+    frame = load_frame(config)
+    cols = [c for c in frame.columns if c != "row"]
+    as_text = frame[cols].astype(str)
+    assert not as_text.duplicated().any()
+    train, _, test = split_frame(frame, config.data, seed=config.train.seed)
+    seen = set(map(tuple, as_text.loc[train.index].to_numpy().tolist()))
+    assert not any(tuple(r) in seen for r in as_text.loc[test.index].to_numpy().tolist())
+    keep = {"data.options.keep_duplicates": True}
+    every = load_frame(load_config(CONFIGS / "alimama_din.yaml", keep))
+    assert len(every) == 500 and int(every["label"].sum()) == 210
+    assert every[cols].astype(str).duplicated().sum() == 500 - len(frame)
+    # a kept row names its first line in the file
+    assert frame["row"].is_monotonic_increasing and set(frame["row"]) <= set(every["row"])
+    with pytest.raises(DataError, match="keep_duplicates"):
+        load_frame(
+            load_config(CONFIGS / "alimama_din.yaml", {"data.options.keep_duplicates": "no"})
+        )
 
 
 def test_unknown_option_is_rejected() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ctr.spec import load_config
-from training.data.generic import data_root
+from training.data.generic import DataError, data_root
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,12 +35,20 @@ def run(
     unknown = [ds for ds in datasets if ds not in DATASETS]
     if unknown:  # before anything trains
         raise ValueError(f"unknown datasets {unknown}; known: {sorted(DATASETS)}")
+    absent = [
+        f"{ds} ({data_root() / folder})"
+        for ds in datasets
+        if (folder := DATASETS[ds][1]) is not None and not (data_root() / folder).is_dir()
+    ]
+    if absent:  # before anything trains: a table without them would pass for a result
+        raise DataError(
+            f"data not found for {', '.join(absent)}: set CTR_DATA_ROOT to the folder that "
+            "holds the datasets (default ../shared/data beside the checkout), or leave "
+            "them out of --datasets"
+        )
     results: dict[str, Any] = {}
     for ds in datasets:
-        cfg, folder = DATASETS[ds]
-        if folder is not None and not (data_root() / folder).is_dir():
-            print(f"[results] skip {ds}: {data_root() / folder} not found")
-            continue
+        cfg, _ = DATASETS[ds]
         prepared = None
         for mt in models:
             for seed in seeds:
@@ -70,7 +78,8 @@ def render(results: dict[str, Any], command: str, rows: dict[str, Any]) -> str:
         "",
         f"Command: `{command}`",
         "",
-        "Test split (per-user last time step, see docs/datasets.md), mean ± std over seeds.",
+        "Test split (each user's last `data.test_steps` example times, see "
+        "docs/datasets.md), mean ± std over seeds.",
         "",
     ]
     for ds, by_model in results.items():

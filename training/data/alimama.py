@@ -30,6 +30,11 @@ kept = assumed oldest first, last ``max_seq_len`` kept), ``label`` (int) and ``r
 
 * ``file``: ``paddlerec`` (default; ``alimama_sampled_train.txt``, 500 rows, no header)
   or ``deepctr`` (``alimama_sample_deepctr_with_header.txt``, 99 rows, header line).
+* ``keep_duplicates`` (default false): keep rows that repeat an earlier row exactly.
+  The PaddleRec file holds 14 rows 15 times each (its 210 clicks are those 14, each
+  repeated: up-sampled positives), and a random split then puts copies of one
+  impression in train and in test, where the model is scored on rows it was trained on.
+  By default each distinct row is kept once (``row`` is its first line's).
 """
 
 from __future__ import annotations
@@ -80,7 +85,7 @@ MASK_START = 150
 PROFILE_START = 250
 AD_START = 259
 LABEL_COL = 266
-DEFAULTS: dict[str, Any] = {"file": "paddlerec"}
+DEFAULTS: dict[str, Any] = {"file": "paddlerec", "keep_duplicates": False}
 
 
 def _options(config: FeatureConfig) -> dict[str, Any]:
@@ -140,8 +145,8 @@ def to_frame(raw: pd.DataFrame, max_seq_len: int) -> pd.DataFrame:
             for values, keep in zip(block, mask, strict=True)
         ]
     out["label"] = labels.to_numpy()
-    out["row"] = np.arange(len(raw))
-    return out
+    out["row"] = raw.index.to_numpy()  # the data row in the file (read_raw numbers them)
+    return out.reset_index(drop=True)
 
 
 def load_alimama(config: FeatureConfig) -> pd.DataFrame:
@@ -151,4 +156,9 @@ def load_alimama(config: FeatureConfig) -> pd.DataFrame:
     if key not in FILES:
         raise DataError(f"alimama data.options.file must be one of {sorted(FILES)}, not {key!r}")
     raw = read_raw(dataset_dir(config) / FILES[key])
+    keep = opts["keep_duplicates"]
+    if not isinstance(keep, bool):
+        raise DataError(f"alimama data.options.keep_duplicates must be true or false, not {keep!r}")
+    if not keep:
+        raw = raw[~raw.duplicated()]
     return to_frame(raw, config.max_seq_len)

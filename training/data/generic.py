@@ -102,6 +102,23 @@ def load_frame(config: FeatureConfig) -> pd.DataFrame:
     return validate_frame(config, frame)
 
 
+def time_values(col: pd.Series, name: str) -> pd.Series:
+    """A time column as numbers: numbers (a CSV's ``"9"`` < ``"11"``, as service.loader
+    reads them) or datetimes (exact int64 counts of their unit), missing ones (NaN, NaT)
+    as NaN. A value that is neither is a :class:`DataError` naming the column."""
+    if pd.api.types.is_datetime64_any_dtype(col):
+        if col.isna().any():  # NaT would become the smallest int64: the oldest row
+            return pd.Series(np.where(col.isna(), np.nan, 0.0), index=col.index)
+        naive = col.dt.tz_convert(None) if col.dt.tz is not None else col
+        return naive.astype("int64")
+    try:
+        return pd.to_numeric(col)
+    except (ValueError, TypeError) as exc:
+        raise DataError(
+            f"data.time_column {name!r} must hold numbers or datetimes: {exc}"
+        ) from exc
+
+
 def split_frame(
     frame: pd.DataFrame, spec: DataSpec, seed: int = 0
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -131,7 +148,7 @@ def split_frame(
         n_val = int(len(frame) * spec.val_fraction)
         te, va, tr = idx[:n_test], idx[n_test : n_test + n_val], idx[n_test + n_val :]
         return frame.iloc[tr], frame.iloc[va], frame.iloc[te]
-    t = pd.to_numeric(frame[spec.time_column])  # a CSV's "9" > "11" (service.loader agrees)
+    t = time_values(frame[spec.time_column], spec.time_column)
     missing = int(t.isna().sum())
     if missing:  # in no part of a time cut; ``ctr load`` would count them as the oldest
         raise DataError(
