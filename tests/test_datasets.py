@@ -733,3 +733,26 @@ def test_a_loads_identity_is_its_data(monkeypatch: pytest.MonkeyPatch) -> None:
         load_into_redis(config, frame, REDIS_URL, progress=False)
     assert client.get(LOADED_KEY) is None
     client.flushdb()
+
+
+@pytest.mark.parametrize("split", ["last_per_user", "time"])
+def test_a_datetime_time_column_with_nat_is_an_error(split: str) -> None:
+    """NaT in a datetime column (a Parquet file's) is a missing time, never the oldest
+    row; datetimes otherwise order exactly, and text that is no number names the column."""
+    from ctr.spec import DataSpec
+
+    ts = pd.to_datetime(["2020-01-01", None, "2020-01-03", "2020-01-04"])
+    frame = pd.DataFrame({"user_id": ["a"] * 4, "ts": ts, "label": [0, 1, 0, 1]})
+    spec = DataSpec(split=split, test_steps=1, val_steps=1)
+    with pytest.raises(DataError, match="1 of 4 rows have no 'ts'"):
+        split_frame(frame, spec)
+    ok = frame.assign(ts=pd.to_datetime(["2020-01-01", "2020-01-02", "2020-01-03", "2020-01-04"]))
+    train, val, test = split_frame(ok, DataSpec(split="last_per_user"))
+    assert list(train.index) == [0, 1] and list(val.index) == [2] and list(test.index) == [3]
+    aware = ok.assign(ts=ok["ts"].dt.tz_localize("UTC"))
+    assert [list(p.index) for p in split_frame(aware, DataSpec(split="last_per_user"))] == [
+        [0, 1], [2], [3]
+    ]
+    text = ok.assign(ts=["2020-01-01", "x", "y", "z"])
+    with pytest.raises(DataError, match="data.time_column 'ts' must hold numbers or datetimes"):
+        split_frame(text, spec)
