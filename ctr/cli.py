@@ -385,15 +385,10 @@ def cmd_results(args: argparse.Namespace) -> int:
     from training.results import render, run
 
     seeds = list(range(args.seeds))
-    res = run(
-        args.datasets.split(","),
-        args.models.split(","),
-        seeds,
-        _overrides(args.set),
-        Path(args.runs),
-    )
+    overrides = _overrides(args.set)
+    res = run(args.datasets.split(","), args.models.split(","), seeds, overrides, Path(args.runs))
     command = "ctr results " + " ".join(sys.argv[2:])
-    text = render(res, command.strip(), res)
+    text = render(res, command.strip(), overrides)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")

@@ -72,19 +72,31 @@ def run(
     return results
 
 
-def render(results: dict[str, Any], command: str, rows: dict[str, Any]) -> str:
+def split_note(ds: str, overrides: dict[str, Any]) -> str:
+    """What a dataset's test split is, with these overrides (docs/datasets.md)."""
+    d = load_config(ROOT / DATASETS[ds][0], overrides).data
+    if d.split == "last_per_user":
+        return (f"each user's last {d.test_steps} example time(s) on `{d.time_column}` "
+                "(leave-last-out, not a calendar cut)")  # fmt: skip
+    if d.split == "time":
+        return f"a calendar cut: the newest {d.test_fraction:.0%} of examples by `{d.time_column}`"
+    return f"a random {d.test_fraction:.0%} of the examples"
+
+
+def render(results: dict[str, Any], command: str, overrides: dict[str, Any]) -> str:
     lines = [
         "# Offline results",
         "",
         f"Command: `{command}`",
         "",
-        "Test split (each user's last `data.test_steps` example times, see "
-        "docs/datasets.md), mean ± std over seeds.",
+        "Test split per dataset below (docs/datasets.md); mean ± std over seeds.",
         "",
     ]
     for ds, by_model in results.items():
         lines += [
             f"## {ds}",
+            "",
+            f"Test split: {split_note(ds, overrides)}.",
             "",
             "| model | AUC | GAUC | logloss | best epoch | seconds/run |",
             "|---|---|---|---|---|---|",
