@@ -575,16 +575,25 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
     serves straight from ASGI."""
     s = state.settings
 
-    async def guarded(work: Callable[[float, bool], Awaitable[Response]]) -> Response:
-        """Runs ``work(deadline, idle)`` within the request deadline (``loop.time()``
-        units); ``idle``: no other request was in flight when this one came in."""
+    def admit() -> float:
+        """The request's deadline (``loop.time()`` units), counted from now: once its
+        body is read, so that parsing it counts. Raises :class:`Overloaded` at
+        ``CTR_MAX_IN_FLIGHT``, before the body is parsed (a shed request costs no parse;
+        nothing awaits between this check and :func:`guarded`'s count)."""
         if state.in_flight >= s.max_in_flight:
             raise Overloaded(f"more than {s.max_in_flight} requests in flight", None)
+        return asyncio.get_running_loop().time() + s.request_timeout_ms / 1000
+
+    async def guarded(
+        deadline: float, work: Callable[[float, bool], Awaitable[Response]]
+    ) -> Response:
+        """Runs ``work(deadline, idle)`` within the request deadline (``loop.time()``
+        units, from :func:`admit`); ``idle``: no other request was in flight when this
+        one came in."""
         idle = state.in_flight == 0
         state.in_flight += 1
         m.IN_FLIGHT.inc()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + s.request_timeout_ms / 1000
         try:
             async with asyncio.timeout_at(deadline):  # no extra task
                 response = await work(deadline, idle)
@@ -618,9 +627,12 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
         if s.protect_scoring:
             _check_key(state, header)
         body = await _read_body(header, chunks, s.max_body_bytes)
+        deadline = admit()
         req = score_input(body, s.max_candidates, s.max_id_length, state.codec)
         model = state.require_model()
-        return await guarded(lambda deadline, idle: _score(state, model, req, deadline, idle))
+        return await guarded(
+            deadline, lambda deadline, idle: _score(state, model, req, deadline, idle)
+        )
 
     @app.post(
         "/v1/events",

@@ -124,8 +124,9 @@ class Batcher:
         self._dispatch(loop, executor)
 
     def _full(self) -> bool:
-        users = len(self.queue)
-        return users >= self.max_users or sum(j.n for j in self.queue) >= self.max_candidates
+        """Whether the queue's live jobs (not cancelled while queued) fill a call."""
+        live = [j.n for j in self.queue if not j.future.done()]
+        return len(live) >= self.max_users or sum(live) >= self.max_candidates
 
     def _take(self) -> list[_Job]:
         batch = [self.queue.popleft()]
@@ -144,9 +145,8 @@ class Batcher:
     def _run_batch(self, batch: list[_Job]) -> list[list[np.ndarray] | BaseException]:
         """Each job's outputs; where a merged call fails, each job is run alone, so that
         one request's failure is its own (and a transient one is tried once more)."""
-        feeds = merge_feeds([j.feeds for j in batch])
-        try:
-            outs = self.run(feeds, any(j.explain for j in batch))
+        try:  # merging too: a batch too large to merge (MemoryError) is run job by job
+            outs = self.run(merge_feeds([j.feeds for j in batch]), any(j.explain for j in batch))
         except Exception:
             if len(batch) == 1:
                 raise

@@ -126,3 +126,68 @@ def _splits() -> float:
     from prometheus_client import REGISTRY
 
     return REGISTRY.get_sample_value("ctr_batch_splits_total") or 0.0
+
+
+def test_a_batch_that_fails_to_merge_runs_job_by_job(monkeypatch: object) -> None:
+    """Merging the feeds is part of the merged call: where it fails (a MemoryError for
+    16 users' candidates), each request runs alone instead of all answering 500."""
+    import pytest
+
+    from service import batcher as batcher_mod
+
+    mp = pytest.MonkeyPatch()
+    real = batcher_mod.merge_feeds
+
+    def merge(feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        if len(feeds) > 1:
+            raise MemoryError("no room for the merged feeds")
+        return real(feeds)
+
+    mp.setattr(batcher_mod, "merge_feeds", merge)
+    try:
+        before = _splits()
+        calls, outs = _serve(max_users=8, max_candidates=4096, sizes=[4, 6, 8])
+    finally:
+        mp.undo()
+    assert calls == [[0], [1], [2]]
+    assert _splits() == before + 1
+    for k, (n, out) in enumerate(zip([4, 6, 8], outs, strict=True)):
+        np.testing.assert_array_equal(out[0], k * 1000 + np.arange(n, dtype=np.float32))
+
+
+def test_cancelled_requests_do_not_fill_a_call() -> None:
+    """A request cancelled while queued does not count towards a full call: when the
+    slot frees, the live one left waits out CTR_BATCH_WAIT_MS for company instead of
+    leaving at once as if its call were full, and goes with the next request."""
+    calls: list[list[int]] = []
+    gate = threading.Event()
+
+    def run(feeds: dict[str, np.ndarray], explain: bool) -> list[np.ndarray]:
+        if not calls:
+            gate.wait(10)  # the first call holds the only slot
+        calls.append([int(t) for t in dict.fromkeys((feeds["item"][:, 0] // 1000).tolist())])
+        return [feeds["item"][:, 0].astype(np.float32)]
+
+    async def main() -> bool:
+        batcher = Batcher(run, slots=1, max_users=2, max_candidates=4096, wait_s=30.0)
+        with CallThreads(1, "ort") as pool:
+            first = asyncio.ensure_future(batcher.submit(pool, _feeds(9, 3), False))
+            await asyncio.sleep(0)
+            # the first waits for company, then a second fills its call and it starts
+            second = asyncio.ensure_future(batcher.submit(pool, _feeds(8, 3), False))
+            await asyncio.sleep(0)
+            alive = asyncio.ensure_future(batcher.submit(pool, _feeds(2, 3), False))
+            doomed = asyncio.ensure_future(batcher.submit(pool, _feeds(1, 3), False))
+            await asyncio.sleep(0)
+            doomed.cancel()
+            gate.set()
+            await asyncio.wait_for(asyncio.gather(first, second), 10)
+            await asyncio.sleep(0.1)
+            waited = not alive.done()  # not sent alone as a "full" call
+            third = asyncio.ensure_future(batcher.submit(pool, _feeds(3, 3), False))
+            outs = await asyncio.wait_for(asyncio.gather(alive, third), 10)
+            assert [float(o[0][0]) for o in outs] == [2000.0, 3000.0]
+            return waited
+
+    assert asyncio.run(main())
+    assert calls == [[9, 8], [2, 3]]

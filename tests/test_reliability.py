@@ -204,6 +204,9 @@ def test_overload_answers_fast_503(built: Built, rp: RedisProcess) -> None:
         r = h.post("/v1/score", json=BODY)
         assert r.status_code == 503 and r.json()["error"] == "overloaded"
         assert r.headers["retry-after"] == "1"
+        # shed before its body is parsed: even a body that would be a 422 costs no parse
+        r = h.post("/v1/score", json={"user_id": "u1", "candidates": "not a list"})
+        assert r.status_code == 503 and r.json()["error"] == "overloaded"
         slow.join()
         blocker.join()
         assert first[0].status_code == 200
