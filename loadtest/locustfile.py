@@ -15,7 +15,8 @@ A score counts as failed when it is not 200, when it ranks the wrong number of i
 and when it is ``degraded`` (scored without the user's Redis data, e.g. Redis down or
 over its time budget: a run that passes must have measured the real path). An event
 counts as failed when it is not 2xx or when it appended nothing (``duplicate``: each
-event has a fresh ``event_id``, drawn outside ``LOCUST_SEED``; ``outside_window``). A
+event has a fresh ``event_id``, drawn outside ``LOCUST_SEED``; ``outside_window``), but
+for an event type the service is set to ignore (``"ignored": true``). A
 failure's message is the answer's ``error`` and ``field`` (``HTTP 503 overloaded``), not
 its body, whose ``request_id`` differs every time, so that locust groups like failures
 into one row; a request with no answer says why (``no response: ConnectionRefusedError``,
@@ -209,9 +210,13 @@ def http_failure(status: int, text: str, error: object = None) -> str:
 
 def event_failure(body: object) -> str | None:
     """Why a 2xx answer to an event fails the run, or None: it appended nothing (a
-    duplicate ``event_id``, or a timestamp outside the kept window)."""
+    duplicate ``event_id``, or a timestamp outside the kept window). An event the
+    service is set to ignore (``"ignored": true``: ``CTR_SEQUENCE_EVENT_TYPES`` leaves
+    its type out) is a success: the service did what it was told."""
     if not isinstance(body, dict):
         return f"bad response body: {body!r}"[:200]
+    if body.get("ignored"):
+        return None
     if body.get("duplicate"):
         return "duplicate: the event_id was stored before, nothing appended"
     if body.get("outside_window"):

@@ -10,6 +10,7 @@ import asyncio
 import threading
 
 import numpy as np
+import pytest
 
 from service.batcher import Batcher
 from service.callthreads import CallThreads
@@ -128,14 +129,11 @@ def _splits() -> float:
     return REGISTRY.get_sample_value("ctr_batch_splits_total") or 0.0
 
 
-def test_a_batch_that_fails_to_merge_runs_job_by_job(monkeypatch: object) -> None:
+def test_a_batch_that_fails_to_merge_runs_job_by_job(monkeypatch: pytest.MonkeyPatch) -> None:
     """Merging the feeds is part of the merged call: where it fails (a MemoryError for
     16 users' candidates), each request runs alone instead of all answering 500."""
-    import pytest
-
     from service import batcher as batcher_mod
 
-    mp = pytest.MonkeyPatch()
     real = batcher_mod.merge_feeds
 
     def merge(feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -143,12 +141,9 @@ def test_a_batch_that_fails_to_merge_runs_job_by_job(monkeypatch: object) -> Non
             raise MemoryError("no room for the merged feeds")
         return real(feeds)
 
-    mp.setattr(batcher_mod, "merge_feeds", merge)
-    try:
-        before = _splits()
-        calls, outs = _serve(max_users=8, max_candidates=4096, sizes=[4, 6, 8])
-    finally:
-        mp.undo()
+    monkeypatch.setattr(batcher_mod, "merge_feeds", merge)
+    before = _splits()
+    calls, outs = _serve(max_users=8, max_candidates=4096, sizes=[4, 6, 8])
     assert calls == [[0], [1], [2]]
     assert _splits() == before + 1
     for k, (n, out) in enumerate(zip([4, 6, 8], outs, strict=True)):

@@ -750,9 +750,8 @@ def test_a_datetime_time_column_with_nat_is_an_error(split: str) -> None:
     train, val, test = split_frame(ok, DataSpec(split="last_per_user"))
     assert list(train.index) == [0, 1] and list(val.index) == [2] and list(test.index) == [3]
     aware = ok.assign(ts=ok["ts"].dt.tz_localize("UTC"))
-    assert [list(p.index) for p in split_frame(aware, DataSpec(split="last_per_user"))] == [
-        [0, 1], [2], [3]
-    ]
+    parts = split_frame(aware, DataSpec(split="last_per_user"))
+    assert [list(p.index) for p in parts] == [[0, 1], [2], [3]]
     text = ok.assign(ts=["2020-01-01", "x", "y", "z"])
     with pytest.raises(DataError, match="data.time_column 'ts' must hold numbers or datetimes"):
         split_frame(text, spec)

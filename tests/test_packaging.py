@@ -707,6 +707,7 @@ print(json.dumps({
         lf.event_failure({"appended": False, "duplicate": True}),
         lf.event_failure({"appended": False, "duplicate": False, "outside_window": True}),
         lf.event_failure([]),
+        lf.event_failure({"appended": False, "duplicate": False, "ignored": True}),
     ],
 }))
 """
@@ -785,8 +786,9 @@ def test_failure_messages_group_alike_failures(samples: dict) -> None:
     assert field == "HTTP 422 bad_request user_id"
     assert other == "HTTP 502: <html>bad gateway</html>"
     assert refused.startswith("no response: ConnectionRefusedError")
-    ok, dup, window, bad = samples["event_failures"]
+    ok, dup, window, bad, ignored = samples["event_failures"]
     assert ok is None and dup.startswith("duplicate") and window.startswith("outside_window")
+    assert ignored is None  # a type the service is set to ignore: it did what it was told
     assert bad.startswith("bad response body")
 
 

@@ -114,9 +114,7 @@ def time_values(col: pd.Series, name: str) -> pd.Series:
     try:
         return pd.to_numeric(col)
     except (ValueError, TypeError) as exc:
-        raise DataError(
-            f"data.time_column {name!r} must hold numbers or datetimes: {exc}"
-        ) from exc
+        raise DataError(f"data.time_column {name!r} must hold numbers or datetimes: {exc}") from exc
 
 
 def split_frame(
