@@ -760,7 +760,8 @@ def test_the_start_up_load_holds_the_reload_lock(
         if v in missing:
             raise BundleError(f"version {v} is not on this host yet")
         return SimpleNamespace(name="m", version=v, native=None, provider="cpu",
-                               graph="standard", precision="fp32")  # fmt: skip
+                               graph="standard", precision="fp32",
+                               bundle=SimpleNamespace(dense_bounds={}))  # fmt: skip
 
     monkeypatch.setattr(lifecycle, "load_model", load_model)
     monkeypatch.setattr(lifecycle, "settle_heap", lambda full=True: None)
