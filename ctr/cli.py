@@ -381,6 +381,42 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_impressions(args: argparse.Namespace) -> int:
+    import csv
+
+    from redis import Redis, RedisCluster
+
+    from service.impressions import Impression, read_impressions, summary
+    from service.settings import Settings
+    from service.store import node_urls, ping
+
+    settings = Settings()
+    url = args.redis_url or settings.redis_url
+    cluster = args.cluster or settings.redis_cluster
+    stream = args.stream or settings.impression_stream
+    if not stream:
+        raise ValueError("--stream: no stream named (nor CTR_IMPRESSION_STREAM set)")
+    ping(url, cluster)
+    kw = {"socket_timeout": 30.0, "socket_connect_timeout": 5.0}
+    client = (
+        RedisCluster.from_url((node_urls(url) or [url])[0], **kw)
+        if cluster
+        else Redis.from_url(url, **kw)
+    )
+    types = frozenset(t.strip() for t in args.types.split(",") if t.strip())
+    try:
+        rows = read_impressions(client, stream, args.item_key, args.window_s, types)
+    finally:
+        client.close()
+    if args.out:
+        with open(args.out, "w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(Impression.FIELDS)
+            out.writerows(r.row() for r in rows)
+    print(json.dumps(summary(rows), indent=2))
+    return 0
+
+
 def cmd_results(args: argparse.Namespace) -> int:
     from training.results import render, run
 
@@ -602,6 +638,22 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--port", type=int, default=8330, help="A's port; B's is the next")
     pp.add_argument("--out", default="", help="folder for JSON and table")
     pp.set_defaults(func=cmd_bench_pair)
+    im = sub.add_parser(
+        "impressions",
+        help="the impression log (CTR_IMPRESSION_STREAM) as rows labelled by the users' "
+        "later behaviours, and the served model's online AUC and calibration",
+    )
+    im.add_argument("--redis-url", help="default: $CTR_REDIS_URL")
+    im.add_argument("--cluster", action="store_true", help="Redis Cluster (or CTR_REDIS_CLUSTER=1)")
+    im.add_argument("--stream", help="default: $CTR_IMPRESSION_STREAM")
+    im.add_argument("--item-key", default="item_id",
+                    help="the behaviours' item ID field (the model's item key)")  # fmt: skip
+    im.add_argument("--window-s", type=float, default=3600.0,
+                    help="a behaviour this long after the scoring at most labels it 1")  # fmt: skip
+    im.add_argument("--types", default="click",
+                    help="behaviour types that count, comma-separated (empty: all)")  # fmt: skip
+    im.add_argument("--out", default="", help="CSV of the labelled rows")
+    im.set_defaults(func=cmd_impressions)
     rs = sub.add_parser("results", help="Base/DeepFM/DIN/DIEN on real data, mean ± std")
     rs.add_argument("--datasets", default="amazon_beauty,movielens")
     rs.add_argument("--models", default="base,deepfm,din,dien")

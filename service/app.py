@@ -49,6 +49,7 @@ from service.features import (
     rows_feeds,
     stamp_event,
 )
+from service.impressions import ImpressionLog
 from service.model import CPU, LoadedModel, ProviderError
 from service.nativerun import NativeRunError
 from service.openapi import body_schema, install_openapi
@@ -275,7 +276,10 @@ async def _serve(handler: Handler, scope: Scope, receive: Receive, send: Send) -
 
 async def _shut_down(state: State, loop: asyncio.AbstractEventLoop) -> None:
     """The lifespan's end: background work cancelled, then the reload bus, the tracking
-    connection, the graph threads, the native runner and the Redis clients closed."""
+    connection, the graph threads, the native runner and the Redis clients closed; the
+    impression log writes what it holds first (for up to 2 s)."""
+    if state.impressions is not None:
+        await state.impressions.close()
     for task in list(state.tasks):  # a SIGHUP reload, the fallback's retries
         task.cancel()
     for task in list(state.tasks):
@@ -417,6 +421,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.event_legacy_ids,
         )
         state.tracker = await tracking.start_tracking(settings)
+        if settings.impression_stream:
+            state.impressions = ImpressionLog(
+                state.write_redis,
+                settings.impression_stream,
+                settings.impression_maxlen,
+                settings.impression_queue,
+                settings.impression_sample,
+            )
+            lifecycle.spawn(state, state.impressions.run())
         if state.bus is not None:
             state.bus.start()
         if settings.protect_scoring and settings.api_key is None:
@@ -1007,6 +1020,8 @@ async def _score(
         "items": items,
     }
     response = orjson_response(body)
+    if state.impressions is not None:  # a deque append: written by the log's own task
+        state.impressions.add(req.user_id, req.context, response.body)
     t4 = STAGE_CLOCK()
     m.STAGE("redis_fetch").observe(t1 - t_read)
     m.STAGE("feature_mapping").observe((t_read - t0) + (t2 - t1))

@@ -96,6 +96,19 @@ LOOP_LAG_MAX = Gauge(
     multiprocess_mode="liveall",
 )
 ERRORS = Counter("ctr_errors_total", "Errors by kind", ["kind"])
+IMPRESSIONS_LOGGED = Counter(
+    "ctr_impressions_logged_total",
+    "Scored responses written to the impression stream (CTR_IMPRESSION_STREAM)",
+)
+IMPRESSIONS_DROPPED = Counter(
+    "ctr_impressions_dropped_total",
+    "Scored responses the impression log dropped, by reason: queue_full (Redis slower "
+    "than the traffic for CTR_IMPRESSION_QUEUE entries), redis (a write failed), shutdown "
+    "(still queued after 2 s of writing at shutdown), encode (a context JSON cannot hold)",
+    ["reason"],
+)
+for _reason in ("queue_full", "redis", "shutdown", "encode"):
+    IMPRESSIONS_DROPPED.labels(_reason)
 DENSE_OUT_OF_RANGE = Counter(
     "ctr_dense_out_of_range_total",
     "Dense feature values encoded outside the range the training split held (the "

@@ -176,6 +176,27 @@ class Settings(BaseSettings):
         "(a rolling deploy, a rollback) is known; off once none runs: half the dedup "
         "memory and less Redis time per event",
     )
+    impression_stream: str = Field(
+        "",
+        max_length=512,
+        description="Redis stream that every scored response is added to (the impression "
+        "log: user, context, the response as served; service.impressions); empty = off",
+    )
+    impression_sample: float = Field(
+        1.0, gt=0, le=1, description="share of scored responses the impression log keeps"
+    )
+    impression_maxlen: int = Field(
+        100_000,
+        gt=0,
+        description="entries the impression stream keeps (XADD MAXLEN ~): each holds its "
+        "response body, about 5 KB for 100 ranked items",
+    )
+    impression_queue: int = Field(
+        10_000,
+        gt=0,
+        description="impressions held in memory while Redis is slow or down; beyond "
+        "them new ones are dropped (ctr_impressions_dropped_total)",
+    )
     event_max_bytes: int = Field(
         4096,
         ge=256,

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from service.callthreads import CallThreads
 from service.codec import NativeCodec
 from service.errors import ModelNotReady
+from service.impressions import ImpressionLog
 from service.model import LoadedModel
 from service.nativerun import NativeRunner
 from service.reloadbus import ReloadBus
@@ -60,6 +61,7 @@ class State:
         self.reader: Reader | None = None  # the scoring request's reads
         self.item_cache = ItemCache(settings.item_cache_ttl_s, settings.item_cache_size)
         self.events: EventWriter | None = None
+        self.impressions: ImpressionLog | None = None  # CTR_IMPRESSION_STREAM
         # /v1/events on clients of their own, bounded by the request deadline rather
         # than the scoring reads' short socket timeout: a slow store delays writes, and
         # fails them only past CTR_REQUEST_TIMEOUT_MS

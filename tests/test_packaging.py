@@ -44,6 +44,8 @@ HISTOGRAMS = {
 COUNTERS = {
     "ctr_errors_total",
     "ctr_dense_out_of_range_total",
+    "ctr_impressions_logged_total",
+    "ctr_impressions_dropped_total",
     "ctr_degraded_responses_total",
     "ctr_user_rows_total",
     "ctr_user_invalidations_total",

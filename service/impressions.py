@@ -1,0 +1,273 @@
+"""The impression log: every scored response, as served, in a Redis stream.
+
+With ``CTR_IMPRESSION_STREAM`` set, each ``POST /v1/score`` answered 200 (a share
+``CTR_IMPRESSION_SAMPLE`` of them) is added to that stream as one entry:
+
+* ``ts``: the unix time it was scored;
+* ``user_id``: the request's user;
+* ``context``: the request's ``context`` as JSON (all of it: a later model may read keys
+  this one does not);
+* ``response``: the response body, byte for byte (model name and version, request ID,
+  ``degraded``, ``cold_start`` and the ranked items with their probabilities).
+
+The request path only appends to an in-memory queue (a deque append); a task of the
+lifespan writes the queue in pipelines of ``XADD ... MAXLEN ~ CTR_IMPRESSION_MAXLEN``,
+every ``FLUSH_S`` or sooner when a batch is full, on the service's write clients. It is
+telemetry: a full queue (``CTR_IMPRESSION_QUEUE`` entries, while Redis is slow or down)
+or a failed write drops entries and counts them in ``ctr_impressions_dropped_total``
+(never a failed or slower request); shutdown writes what is queued, for up to
+``CLOSE_S``.
+
+:func:`read_impressions` turns the stream back into one row per ranked item and labels
+each with the user's stored behaviours (``/v1/events``): 1 where the user has a
+behaviour on that item within ``window_s`` after it was scored. ``ctr impressions``
+writes them to CSV and prints the served model's online AUC and calibration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from service import metrics as m
+from service.store import AnyRedis, user_key
+
+log = logging.getLogger("ctr.impressions")
+
+BATCH = 256  # entries per pipeline
+FLUSH_S = 0.1  # the longest an entry waits in the queue while Redis answers
+CLOSE_S = 2.0  # how long shutdown spends writing what is queued
+
+
+class ImpressionLog:
+    """The queue and its writer task (:meth:`run`, started by the lifespan)."""
+
+    def __init__(
+        self, redis: AnyRedis, stream: str, maxlen: int, queue: int, sample: float = 1.0
+    ) -> None:
+        self.redis = redis
+        self.stream = stream
+        self.maxlen = maxlen
+        self.sample = sample
+        self.queue: deque[tuple[float, str, dict[str, Any], bytes]] = deque()
+        self.limit = queue
+        self.wake = asyncio.Event()
+        self.closing = False
+        self._warned = 0.0
+
+    def add(self, user_id: str, context: dict[str, Any], response: bytes) -> None:
+        """Queue one scored response (a share ``sample`` of the calls); never blocks,
+        never raises: a full queue drops it (counted)."""
+        if self.sample < 1.0 and random.random() >= self.sample:
+            return
+        if len(self.queue) >= self.limit:
+            m.IMPRESSIONS_DROPPED.labels("queue_full").inc()
+            return
+        self.queue.append((time.time(), user_id, context, response))
+        if len(self.queue) >= BATCH:
+            self.wake.set()
+
+    async def run(self) -> None:
+        """Write the queue until :meth:`close`: a batch as soon as one is full, else
+        what is there every ``FLUSH_S``."""
+        while not self.closing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), FLUSH_S)
+            self.wake.clear()
+            while self.queue and not self.closing:
+                await self.flush()
+
+    async def flush(self) -> int:
+        """Write up to ``BATCH`` queued entries in one pipeline: how many it took off the
+    queue, 0 where the write failed (they are dropped, counted)."""
+        batch = [self.queue.popleft() for _ in range(min(BATCH, len(self.queue)))]
+        if not batch:
+            return 0
+        pipe = self.redis.pipeline(transaction=False)
+        written = 0
+        for ts, user, context, response in batch:
+            try:
+                ctx = orjson.dumps(context)
+            except TypeError:  # a value JSON cannot hold as UTF-8 (a lone surrogate)
+                m.IMPRESSIONS_DROPPED.labels("encode").inc()
+                continue
+            fields = {"ts": repr(ts), "user_id": user, "context": ctx, "response": response}
+            pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
+            written += 1
+        if not written:
+            return len(batch)
+        try:
+            await pipe.execute()
+        except Exception as exc:  # Redis down, slow, or refusing: telemetry, dropped
+            m.IMPRESSIONS_DROPPED.labels("redis").inc(written)
+            now = time.monotonic()
+            if now - self._warned > 10:  # at most one line per 10 s
+                self._warned = now
+                log.warning("impressions not written (%d dropped): %r", written, exc)
+            return 0
+        m.IMPRESSIONS_LOGGED.inc(written)
+        return len(batch)
+
+    async def close(self) -> None:
+        """Stop the writer and write what is queued, for up to ``CLOSE_S``."""
+        self.closing = True
+        self.wake.set()
+        deadline = time.monotonic() + CLOSE_S
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_S):
+                while self.queue and time.monotonic() < deadline:
+                    if not await self.flush():
+                        break
+        if self.queue:
+            m.IMPRESSIONS_DROPPED.labels("shutdown").inc(len(self.queue))
+            self.queue.clear()
+
+
+# ---- reading the log back ------------------------------------------------------------
+
+
+@dataclass
+class Impression:
+    """One ranked item of one logged response, and whether the user acted on it."""
+
+    entry: str  # the stream entry's ID
+    ts: float
+    request_id: str
+    user_id: str
+    model: str
+    version: str
+    rank: int
+    item_id: str
+    probability: float
+    degraded: bool
+    cold_start: bool
+    label: int = 0
+
+    FIELDS = (
+        "entry", "ts", "request_id", "user_id", "model", "version", "rank", "item_id",
+        "probability", "degraded", "cold_start", "label",
+    )  # fmt: skip
+
+    def row(self) -> list[Any]:
+        return [getattr(self, f) for f in self.FIELDS]
+
+
+def _text(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def entries(redis: Any, stream: str, page: int = 1000) -> Iterator[tuple[str, dict]]:
+    """``(entry ID, fields)`` of the whole stream, oldest first, in pages (a sync client)."""
+    start = "-"
+    while True:
+        got = redis.xrange(stream, min=start, max="+", count=page)
+        if not got:
+            return
+        for entry_id, fields in got:
+            yield _text(entry_id), {_text(k): v for k, v in fields.items()}
+        last = _text(got[-1][0])
+        start = "(" + last
+        if len(got) < page:
+            return
+
+
+def parse_entry(entry_id: str, fields: dict) -> list[Impression]:
+    """One logged response as its ranked items (none for an entry that is not one)."""
+    try:
+        body = orjson.loads(fields["response"])
+        ts = float(_text(fields["ts"]))
+        user = _text(fields["user_id"])
+    except (KeyError, ValueError, orjson.JSONDecodeError):
+        return []
+    model = body.get("model") or {}
+    return [
+        Impression(
+            entry_id, ts, str(body.get("request_id")), user, str(model.get("name")),
+            str(model.get("version")), int(it["rank"]), str(it["item_id"]),
+            float(it["probability"]), bool(body.get("degraded")), bool(body.get("cold_start")),
+        )  # fmt: skip
+        for it in body.get("items", [])
+    ]
+
+
+def behaviours(redis: Any, user: str, item_key: str, types: frozenset[str]) -> dict[str, list]:
+    """The user's stored behaviours with a timestamp (those ``/v1/events`` wrote): item
+    ID -> their times, for the ``types`` given (all where empty)."""
+    out: dict[str, list[float]] = {}
+    for raw in redis.lrange(user_key(user, "seq"), 0, -1):
+        try:
+            ev = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue
+        t, item = ev.get("ts"), ev.get(item_key)
+        if not isinstance(t, int | float) or item is None:
+            continue
+        if types and ev.get("type") not in types:
+            continue
+        out.setdefault(str(item), []).append(float(t))
+    return out
+
+
+def read_impressions(
+    redis: Any, stream: str, item_key: str, window_s: float, types: frozenset[str]
+) -> list[Impression]:
+    """Every logged ranked item, labelled 1 where its user has a behaviour on it (of
+    ``types``) in ``(ts, ts + window_s]``. The users' histories are read once each; a
+    behaviour trimmed from a history since (``CTR_SEQUENCE_KEEP``) is not seen."""
+    rows = [imp for entry, fields in entries(redis, stream) for imp in parse_entry(entry, fields)]
+    seen: dict[str, dict[str, list[float]]] = {}
+    for imp in rows:
+        acted = seen.get(imp.user_id)
+        if acted is None:
+            acted = seen[imp.user_id] = behaviours(redis, imp.user_id, item_key, types)
+        imp.label = int(any(imp.ts < t <= imp.ts + window_s for t in acted.get(imp.item_id, ())))
+    return rows
+
+
+def summary(rows: list[Impression]) -> dict[str, Any]:
+    """Rows, responses, clicks, and the served probabilities against the labels: AUC
+    (None with one label only), mean probability, observed rate and their ratio."""
+    labels = np.array([r.label for r in rows], dtype=np.float64)
+    probs = np.array([r.probability for r in rows], dtype=np.float64)
+    out: dict[str, Any] = {
+        "rows": len(rows),
+        "responses": len({r.entry for r in rows}),
+        "clicks": int(labels.sum()),
+        "auc": None,
+        "mean_probability": float(probs.mean()) if len(rows) else None,
+        "observed_rate": float(labels.mean()) if len(rows) else None,
+    }
+    if len(rows) and 0 < labels.sum() < len(rows):
+        out["auc"] = auc(labels, probs)
+    if out["observed_rate"]:
+        out["calibration"] = out["mean_probability"] / out["observed_rate"]
+    return out
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC with ties counted half (the rank-sum form)."""
+    order = np.argsort(scores, kind="mergesort")
+    s = scores[order]
+    ranks = np.empty(len(s))
+    i = 0
+    while i < len(s):  # average ranks over ties
+        j = i
+        while j + 1 < len(s) and s[j + 1] == s[i]:
+            j += 1
+        ranks[i : j + 1] = (i + j) / 2 + 1
+        i = j + 1
+    r = np.empty(len(s))
+    r[order] = ranks
+    pos = labels == 1
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    return float((r[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

@@ -1,0 +1,197 @@
+"""The impression log (``CTR_IMPRESSION_STREAM``, ``service/impressions.py``), against the
+real app on a real exported bundle and a real Redis: every scored response is added to
+the stream as served; errors are not; shutdown writes what is queued; a Redis that does
+not answer drops entries (counted) and never fails a request. ``ctr impressions`` reads
+the stream back, labels each ranked item by the user's later behaviours and prints the
+served model's online AUC."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
+from redis import Redis
+
+from service import impressions as imp_mod
+from service.app import create_app
+from service.impressions import ImpressionLog, read_impressions, summary
+from tests.helpers import REDIS_URL, Built, build_bundle, loaded_redis, settings_for, wait_for
+
+STREAM = "test:impressions"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    return build_bundle(tmp_path_factory.mktemp("impressions"), "din")
+
+
+@pytest.fixture
+def redis_db(built: Built) -> Iterator[Redis]:
+    client = loaded_redis(built)
+    client.delete(STREAM)
+    yield client
+    client.delete(STREAM)
+
+
+def _logged() -> float:
+    return REGISTRY.get_sample_value("ctr_impressions_logged_total") or 0.0
+
+
+def _dropped(reason: str) -> float:
+    return REGISTRY.get_sample_value("ctr_impressions_dropped_total", {"reason": reason}) or 0.0
+
+
+def _items(built: Built, n: int) -> list[str]:
+    return built.frame["item_id"].astype(str).unique().tolist()[:n]
+
+
+def _body(user: str, items: list[str], **extra: Any) -> dict[str, Any]:
+    return {"user_id": user, "candidates": [{"item_id": i} for i in items], **extra}
+
+
+def test_each_scored_response_is_logged_as_served(built: Built, redis_db: Redis) -> None:
+    items = _items(built, 12)
+    sent = [
+        _body("u1", items),
+        _body("u2", items[:5], context={"hour": 13, "not_a_feature": "kept"}),
+        _body("u3", items, top_k=4),
+    ]
+    before = _logged()
+    with TestClient(create_app(settings_for(built, impression_stream=STREAM))) as c:
+        t0 = time.time()
+        answers = [c.post("/v1/score", json=b) for b in sent]
+        t1 = time.time()
+        assert all(r.status_code == 200 for r in answers)
+        # an error answer is no impression
+        assert c.post("/v1/score", json={"user_id": "u1", "candidates": []}).status_code == 422
+        wait_for(lambda: redis_db.xlen(STREAM) == 3, "three entries in the stream", 5)
+    entries = redis_db.xrange(STREAM)
+    assert len(entries) == 3 and _logged() == before + 3
+    for (_, fields), body, answer in zip(entries, sent, answers, strict=True):
+        assert fields["user_id"] == body["user_id"]
+        assert fields["response"] == answer.text  # byte for byte what the caller got
+        assert orjson.loads(fields["context"]) == body.get("context", {})
+        assert t0 <= float(fields["ts"]) <= t1
+    assert len(orjson.loads(entries[2][1]["response"])["items"]) == 4  # top_k: what was served
+
+
+def test_shutdown_writes_what_is_queued(
+    built: Built, redis_db: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(imp_mod, "FLUSH_S", 60.0)  # the writer would not wake before the end
+    items = _items(built, 6)
+    with TestClient(create_app(settings_for(built, impression_stream=STREAM))) as c:
+        for k in range(5):
+            assert c.post("/v1/score", json=_body(f"u{k}", items)).status_code == 200
+        assert redis_db.xlen(STREAM) == 0  # all five still queued
+    assert redis_db.xlen(STREAM) == 5
+
+
+def test_a_redis_that_does_not_answer_drops_entries_and_fails_no_request(built: Built) -> None:
+    """Nothing listens at port 1: every response is degraded (no store), and its
+    impression is dropped and counted; the request itself answers 200."""
+    before = _dropped("redis")
+    s = settings_for(built, impression_stream=STREAM, redis_url="redis://127.0.0.1:1/0")
+    with TestClient(create_app(s)) as c:
+        r = c.post("/v1/score", json=_body("u1", _items(built, 5)))
+        assert r.status_code == 200 and r.json()["degraded"] is True
+        wait_for(lambda: _dropped("redis") >= before + 1, "the dropped impression counted", 10)
+
+
+def test_the_queue_is_bounded_and_sampled() -> None:
+    log = ImpressionLog(Redis.from_url(REDIS_URL), STREAM, 100, queue=2)  # type: ignore[arg-type]
+    before = _dropped("queue_full")
+    for k in range(3):
+        log.add(f"u{k}", {}, b"{}")
+    assert len(log.queue) == 2 and _dropped("queue_full") == before + 1
+    random.seed(3)
+    half = ImpressionLog(Redis.from_url(REDIS_URL), STREAM, 100, queue=10_000, sample=0.25)  # type: ignore[arg-type]
+    for k in range(4000):
+        half.add(f"u{k}", {}, b"{}")
+    assert 850 < len(half.queue) < 1150
+
+
+def _pairwise_auc(rows: list[Any]) -> float:
+    pos = [r.probability for r in rows if r.label]
+    neg = [r.probability for r in rows if not r.label]
+    wins = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def test_ctr_impressions_labels_by_later_behaviours(
+    built: Built, redis_db: Redis, tmp_path: Path
+) -> None:
+    from ctr.cli import main
+
+    items = _items(built, 10)
+    user = "u7"
+    with TestClient(create_app(settings_for(built, impression_stream=STREAM))) as c:
+        served = c.post("/v1/score", json=_body(user, items)).json()["items"]
+        now = time.time()
+        ranked = [it["item_id"] for it in served]
+
+        def event(item: str, ts: float, kind: str = "click") -> None:
+            ev = {"user_id": user, "event_id": f"e-{item}-{kind}-{ts}", "item_id": item,
+                  "type": kind, "timestamp": ts}  # fmt: skip
+            assert c.post("/v1/events", json=ev).status_code == 202
+
+        event(ranked[0], now + 5)  # clicked after it was served: 1
+        event(ranked[2], now + 20)  # 1
+        event(ranked[1], now - 100)  # before the scoring: not this impression's click
+        event(ranked[3], now + 10, "view")  # another type: not a click
+        event(ranked[4], now + 90)  # past the 60 s window read below
+        wait_for(lambda: redis_db.xlen(STREAM) == 1, "the impression written", 5)
+    sync = Redis.from_url(REDIS_URL)
+    try:
+        rows = read_impressions(sync, STREAM, "item_id", 60.0, frozenset({"click"}))
+    finally:
+        sync.close()
+    assert [r.item_id for r in rows] == ranked and [r.rank for r in rows] == list(range(1, 11))
+    assert {r.item_id for r in rows if r.label} == {ranked[0], ranked[2]}
+    assert all(r.user_id == user and r.request_id == rows[0].request_id for r in rows)
+    got = summary(rows)
+    assert got["rows"] == 10 and got["responses"] == 1 and got["clicks"] == 2
+    assert got["auc"] == pytest.approx(_pairwise_auc(rows))
+    assert got["calibration"] == pytest.approx(got["mean_probability"] / 0.2)
+
+    out = tmp_path / "impressions.csv"
+    args = ["impressions", "--redis-url", REDIS_URL, "--stream", STREAM, "--out", str(out),
+            "--window-s", "60"]  # fmt: skip
+    assert main(args) == 0
+    with out.open() as f:
+        table = list(csv.DictReader(f))
+    assert [t["item_id"] for t in table] == ranked
+    assert sum(int(t["label"]) for t in table) == 2
+    # every type counts with --types ''
+    assert main([*args, "--types", ""]) == 0
+    with out.open() as f:
+        assert sum(int(t["label"]) for t in csv.DictReader(f)) == 3
+
+
+def test_the_writer_flushes_without_waiting_for_a_full_batch(built: Built, redis_db: Redis) -> None:
+    """A queued entry reaches Redis within FLUSH_S of being queued, batch or not."""
+
+    async def scenario() -> int:
+        from redis.asyncio import Redis as AsyncRedis
+
+        client = AsyncRedis.from_url(REDIS_URL)
+        log = ImpressionLog(client, STREAM, 100, queue=100)
+        task = asyncio.ensure_future(log.run())
+        log.add("u1", {"hour": 1}, b'{"items": []}')
+        await asyncio.sleep(imp_mod.FLUSH_S * 3)
+        n = int(await client.xlen(STREAM))
+        await log.close()
+        task.cancel()
+        await client.aclose()
+        return n
+
+    assert asyncio.run(scenario()) == 1
