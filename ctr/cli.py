@@ -405,7 +405,7 @@ def cmd_impressions(args: argparse.Namespace) -> int:
     )
     types = frozenset(t.strip() for t in args.types.split(",") if t.strip())
     try:
-        rows = read_impressions(client, stream, args.item_key, args.window_s, types)
+        rows = read_impressions(client, stream, args.item_key, args.window_s, types, args.skew_s)
     finally:
         client.close()
     if args.out:
@@ -650,6 +650,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the behaviours' item ID field (the model's item key)")  # fmt: skip
     im.add_argument("--window-s", type=float, default=3600.0,
                     help="a behaviour this long after the scoring at most labels it 1")  # fmt: skip
+    im.add_argument("--skew-s", type=float, default=1.0,
+                    help="a behaviour stamped this long before the scoring still counts (the "
+                    "client's clock against the server's; whole-second timestamps)")  # fmt: skip
     im.add_argument("--types", default="click",
                     help="behaviour types that count, comma-separated (empty: all)")  # fmt: skip
     im.add_argument("--out", default="", help="CSV of the labelled rows")

@@ -429,7 +429,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 settings.impression_queue,
                 settings.impression_sample,
             )
-            lifecycle.spawn(state, state.impressions.run())
+            state.impressions.start()
         if state.bus is not None:
             state.bus.start()
         if settings.protect_scoring and settings.api_key is None:
@@ -643,9 +643,12 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
         deadline = admit()
         req = score_input(body, s.max_candidates, s.max_id_length, state.codec)
         model = state.require_model()
-        return await guarded(
+        response = await guarded(
             deadline, lambda deadline, idle: _score(state, model, req, deadline, idle)
         )
+        if state.impressions is not None:  # what is answered 200 (past the deadline check)
+            state.impressions.add(req.user_id, req.context, response.body)
+        return response
 
     @app.post(
         "/v1/events",
@@ -1020,8 +1023,6 @@ async def _score(
         "items": items,
     }
     response = orjson_response(body)
-    if state.impressions is not None:  # a deque append: written by the log's own task
-        state.impressions.add(req.user_id, req.context, response.body)
     t4 = STAGE_CLOCK()
     m.STAGE("redis_fetch").observe(t1 - t_read)
     m.STAGE("feature_mapping").observe((t_read - t0) + (t2 - t1))

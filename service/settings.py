@@ -189,7 +189,7 @@ class Settings(BaseSettings):
         100_000,
         gt=0,
         description="entries the impression stream keeps (XADD MAXLEN ~): each holds its "
-        "response body, about 5 KB for 100 ranked items",
+        "response body, about 7.5 KB of Redis memory for 100 ranked items",
     )
     impression_queue: int = Field(
         10_000,

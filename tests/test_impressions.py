@@ -25,6 +25,7 @@ from service import impressions as imp_mod
 from service.app import create_app
 from service.impressions import ImpressionLog, read_impressions, summary
 from tests.helpers import REDIS_URL, Built, build_bundle, loaded_redis, settings_for, wait_for
+from tests.redis_proc import private_redis
 
 STREAM = "test:impressions"
 
@@ -96,15 +97,38 @@ def test_shutdown_writes_what_is_queued(
     assert redis_db.xlen(STREAM) == 5
 
 
-def test_a_redis_that_does_not_answer_drops_entries_and_fails_no_request(built: Built) -> None:
-    """Nothing listens at port 1: every response is degraded (no store), and its
-    impression is dropped and counted; the request itself answers 200."""
-    before = _dropped("redis")
+def test_a_redis_that_does_not_answer_holds_entries_and_fails_no_request(built: Built) -> None:
+    """Nothing listens at port 1: every response is degraded (no store), its impression
+    is held for another try; at shutdown what could not be written is dropped, counted;
+    no request failed."""
+    before = _dropped("redis") + _dropped("shutdown")
     s = settings_for(built, impression_stream=STREAM, redis_url="redis://127.0.0.1:1/0")
     with TestClient(create_app(s)) as c:
-        r = c.post("/v1/score", json=_body("u1", _items(built, 5)))
-        assert r.status_code == 200 and r.json()["degraded"] is True
-        wait_for(lambda: _dropped("redis") >= before + 1, "the dropped impression counted", 10)
+        for k in range(3):
+            r = c.post("/v1/score", json=_body(f"u{k}", _items(built, 5)))
+            assert r.status_code == 200 and r.json()["degraded"] is True
+        log = c.app.state.ctr.impressions  # type: ignore[attr-defined]
+        wait_for(lambda: log.failures >= 2, "two failed writes", 10)
+        assert len(log.queue) == 3  # all held for the next try
+    assert _dropped("redis") + _dropped("shutdown") == before + 3
+
+
+def test_a_redis_that_comes_back_gets_every_entry(built: Built) -> None:
+    """Writes that fail while Redis is down are tried again: once it is back, every
+    impression of the outage is in the stream, none dropped."""
+    with private_redis() as rp:
+        before = _dropped("redis") + _dropped("queue_full")
+        s = settings_for(built, redis_url=rp.url, impression_stream=STREAM)
+        with TestClient(create_app(s)) as c:
+            rp.stop()
+            for k in range(4):
+                assert c.post("/v1/score", json=_body(f"u{k}", _items(built, 5))).status_code == 200
+            log = c.app.state.ctr.impressions  # type: ignore[attr-defined]
+            wait_for(lambda: log.failures >= 1, "a failed write", 10)
+            rp.start()
+            wait_for(lambda: rp.client().xlen(STREAM) == 4, "the held impressions written", 15)
+            assert len(log.queue) == 0 and log.failures == 0
+        assert _dropped("redis") + _dropped("queue_full") == before
 
 
 def test_the_queue_is_bounded_and_sampled() -> None:
@@ -162,6 +186,9 @@ def test_ctr_impressions_labels_by_later_behaviours(
     assert got["rows"] == 10 and got["responses"] == 1 and got["clicks"] == 2
     assert got["auc"] == pytest.approx(_pairwise_auc(rows))
     assert got["calibration"] == pytest.approx(got["mean_probability"] / 0.2)
+    version = f"{rows[0].model}/{rows[0].version}"
+    assert list(got["by_version"]) == [version]
+    assert got["by_version"][version]["auc"] == got["auc"]
 
     out = tmp_path / "impressions.csv"
     args = ["impressions", "--redis-url", REDIS_URL, "--stream", STREAM, "--out", str(out),
@@ -195,3 +222,28 @@ def test_the_writer_flushes_without_waiting_for_a_full_batch(built: Built, redis
         return n
 
     assert asyncio.run(scenario()) == 1
+
+
+def test_a_response_past_its_deadline_is_no_impression(
+    built: Built, redis_db: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 503 deadline_exceeded (the scoring finished, its deadline had passed) is not
+    what the caller got: not logged."""
+    import service.app as app_mod
+
+    real = app_mod.score_input
+
+    def slow_parse(*args: object, **kwargs: object) -> object:
+        time.sleep(0.3)
+        return real(*args, **kwargs)
+
+    s = settings_for(built, impression_stream=STREAM, request_timeout_ms=200)
+    with TestClient(create_app(s)) as c:
+        monkeypatch.setattr(app_mod, "score_input", slow_parse)
+        r = c.post("/v1/score", json=_body("u1", _items(built, 5)))
+        assert r.status_code == 503 and r.json()["error"] == "deadline_exceeded"
+        monkeypatch.setattr(app_mod, "score_input", real)
+        assert c.post("/v1/score", json=_body("u2", _items(built, 5))).status_code == 200
+        wait_for(lambda: redis_db.xlen(STREAM) >= 1, "the 200 written", 5)
+    entries = redis_db.xrange(STREAM)
+    assert [f["user_id"] for _, f in entries] == ["u2"]
