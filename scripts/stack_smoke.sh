@@ -30,8 +30,9 @@
 #      Prometheus scrapes the API (up{job="api"} == 1); the compose `loadtest`
 #      profile's locust container (`run --rm locust`) for 30 s with exit status 0, zero
 #      failures and its CSV/HTML/JSON written, then loadtest/run.py --from-csv writes the
-#      report from them; then every PromQL query of the Grafana dashboard returns data
-#      from that Prometheus;
+#      report from them; the impression log (CTR_IMPRESSION_STREAM, on for the smoke)
+#      holds the load test's responses, read by `ctr impressions` in the API container;
+#      then every PromQL query of the Grafana dashboard returns data from that Prometheus;
 #   7. teardown: compose down -v; the images and the build cache stay for the next run.
 #
 # Exit status: 0 passed, 1 failed, 77 skipped (no engine can run here: the reason is on
@@ -410,6 +411,8 @@ stack_up() {
     # likewise the 1 s request deadline: three of the first N=500/1000 requests once
     # missed it on a box busy with other work (the deadline has its own tests)
     export CTR_REQUEST_TIMEOUT_MS=${CTR_REQUEST_TIMEOUT_MS:-5000}
+    # the impression log on: the load test fills it, `ctr impressions` reads it back
+    export CTR_IMPRESSION_STREAM=${CTR_IMPRESSION_STREAM:-ctr:impressions}
     DC=("${COMPOSE[@]}" -p "$PROJECT" -f docker-compose.yml -f deploy/local/docker-compose.local.yml)
     log "stack: project $PROJECT, redis :$REDIS_PORT, api :$CTR_PORT, prometheus :$PROMETHEUS_PORT"
     logged 120 "$OUT/compose-down.log" "${DC[@]}" down -v --remove-orphans --timeout 5 \
@@ -541,6 +544,16 @@ begin "prometheus scrapes api"
     --timeout 60 || fail "Prometheus does not scrape the API"
 end
 begin "load test ($LOCUST_DURATION)";   load_test; end
+begin "impression log (ctr impressions in the api container)"
+imp=$("$DOCKER" exec "$(container api)" ctr impressions --stream "$CTR_IMPRESSION_STREAM") \
+    || fail "ctr impressions failed in the api container"
+echo "$imp" | "$PY" -c 'import json, sys
+d = json.load(sys.stdin)
+assert d["responses"] > 0 and d["rows"] >= d["responses"], d
+r, n, c = d["responses"], d["rows"], d["clicks"]
+print(f"ok: impression log: {r} responses, {n} served items, {c} clicked within the window")' \
+    || fail "the impression log holds no scored responses after the load test"
+end
 begin "dashboard queries"
 "${CHECK[@]}" dashboard --prom "http://127.0.0.1:$PROMETHEUS_PORT" \
     --dashboard deploy/grafana/dashboards/ctr.json --timeout 30 \
