@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 from collections import deque
@@ -44,6 +45,7 @@ import orjson
 
 from service import metrics as m
 from service.store import AnyRedis, user_key
+from training.metrics import evaluate
 
 log = logging.getLogger("ctr.impressions")
 
@@ -278,9 +280,9 @@ def read_impressions(
 
 
 def summary(rows: list[Impression]) -> dict[str, Any]:
-    """Rows, responses, clicks, and the served probabilities against the labels: AUC
-    (None with one label only), mean probability, observed rate and their ratio; over
-    all rows, and per model version (``by_version``: ``"<name>/<version>"``)."""
+    """Rows, responses, clicks, and the served probabilities against the labels (AUC,
+    GAUC, logloss, mean prediction, observed rate and calibration, as offline); over all
+    rows, and per model version (``by_version``: ``"<name>/<version>"``)."""
     out = _figures(rows)
     versions: dict[str, list[Impression]] = {}
     for r in rows:
@@ -290,37 +292,19 @@ def summary(rows: list[Impression]) -> dict[str, Any]:
 
 
 def _figures(rows: list[Impression]) -> dict[str, Any]:
-    labels = np.array([r.label for r in rows], dtype=np.float64)
-    probs = np.array([r.probability for r in rows], dtype=np.float64)
+    """``training.metrics.evaluate`` (NumPy only) of the served probabilities against
+    the labels, NaN as None (one label only: no AUC)."""
     out: dict[str, Any] = {
         "rows": len(rows),
         "responses": len({r.entry for r in rows}),
-        "clicks": int(labels.sum()),
-        "auc": None,
-        "mean_probability": float(probs.mean()) if len(rows) else None,
-        "observed_rate": float(labels.mean()) if len(rows) else None,
+        "clicks": sum(r.label for r in rows),
     }
-    if len(rows) and 0 < labels.sum() < len(rows):
-        out["auc"] = auc(labels, probs)
-    if out["observed_rate"]:
-        out["calibration"] = out["mean_probability"] / out["observed_rate"]
+    if not rows:
+        return out
+    users = np.array([r.user_id for r in rows])
+    labels = np.array([r.label for r in rows], dtype=np.float64)
+    probs = np.array([r.probability for r in rows], dtype=np.float64)
+    for key, value in evaluate(users, labels, probs).items():
+        if key != "n":
+            out[key] = None if isinstance(value, float) and math.isnan(value) else value
     return out
-
-
-def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC with ties counted half (the rank-sum form)."""
-    order = np.argsort(scores, kind="mergesort")
-    s = scores[order]
-    ranks = np.empty(len(s))
-    i = 0
-    while i < len(s):  # average ranks over ties
-        j = i
-        while j + 1 < len(s) and s[j + 1] == s[i]:
-            j += 1
-        ranks[i : j + 1] = (i + j) / 2 + 1
-        i = j + 1
-    r = np.empty(len(s))
-    r[order] = ranks
-    pos = labels == 1
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    return float((r[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

@@ -185,7 +185,9 @@ def test_ctr_impressions_labels_by_later_behaviours(
     got = summary(rows)
     assert got["rows"] == 10 and got["responses"] == 1 and got["clicks"] == 2
     assert got["auc"] == pytest.approx(_pairwise_auc(rows))
-    assert got["calibration"] == pytest.approx(got["mean_probability"] / 0.2)
+    assert got["observed_ctr"] == pytest.approx(0.2)
+    assert got["calibration"] == pytest.approx(got["mean_pred"] / 0.2)
+    assert got["gauc"] == pytest.approx(got["auc"])  # one user: GAUC is its AUC
     version = f"{rows[0].model}/{rows[0].version}"
     assert list(got["by_version"]) == [version]
     assert got["by_version"][version]["auc"] == got["auc"]
