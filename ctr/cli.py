@@ -384,11 +384,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_impressions(args: argparse.Namespace) -> int:
     import csv
 
-    from redis import Redis, RedisCluster
-
     from service.impressions import Impression, read_impressions, summary
+    from service.loader import sync_client
     from service.settings import Settings
-    from service.store import node_urls, ping
+    from service.store import ping
 
     settings = Settings()
     url = args.redis_url or settings.redis_url
@@ -397,12 +396,7 @@ def cmd_impressions(args: argparse.Namespace) -> int:
     if not stream:
         raise ValueError("--stream: no stream named (nor CTR_IMPRESSION_STREAM set)")
     ping(url, cluster)
-    kw = {"socket_timeout": 30.0, "socket_connect_timeout": 5.0}
-    client = (
-        RedisCluster.from_url((node_urls(url) or [url])[0], **kw)
-        if cluster
-        else Redis.from_url(url, **kw)
-    )
+    client = sync_client(url, cluster, timeout_s=30)
     types = frozenset(t.strip() for t in args.types.split(",") if t.strip())
     try:
         rows = read_impressions(client, stream, args.item_key, args.window_s, types, args.skew_s)

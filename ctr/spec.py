@@ -393,17 +393,14 @@ def manifest_config(config: FeatureConfig) -> dict[str, Any]:
     that hold their defaults, and without the :data:`TRAINING_ONLY_KEYS`. Validating the
     result gives ``config`` back, those keys at their defaults."""
     out: dict[str, Any] = config.model_dump(mode="json")
-    for *parents, key in TRAINING_ONLY_KEYS:
-        node = out
-        for part in parents:
-            node = node[part]
-        node.pop(key, None)
-    for path in LATER_KEYS:
+    for path in (*LATER_KEYS, *TRAINING_ONLY_KEYS):
         owner: BaseModel = config
         node = out
         for part in path[:-1]:
             owner, node = getattr(owner, part), node[part]
         field = type(owner).model_fields[path[-1]]
-        if node[path[-1]] == field.get_default(call_default_factory=True):
+        if path in TRAINING_ONLY_KEYS or node[path[-1]] == field.get_default(
+            call_default_factory=True
+        ):
             del node[path[-1]]
     return out

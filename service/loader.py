@@ -76,11 +76,13 @@ def load_identity(config: FeatureConfig, keep: int | None = None) -> str:
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-def _client(redis_url: str, cluster: bool) -> Redis | RedisCluster:
-    """The loader's own client (a long timeout: bulk writes)."""
+def sync_client(redis_url: str, cluster: bool, timeout_s: float = 10) -> Redis | RedisCluster:
+    """A synchronous client for the command line's bulk work (``ctr load``, ``ctr
+    impressions``): a long timeout; a cluster's URL may list several nodes (the first is
+    asked for the rest)."""
     if cluster:
-        return RedisCluster.from_url(node_urls(redis_url)[0], socket_timeout=10)
-    return Redis.from_url(redis_url, socket_timeout=10)
+        return RedisCluster.from_url(node_urls(redis_url)[0], socket_timeout=timeout_s)
+    return Redis.from_url(redis_url, socket_timeout=timeout_s)
 
 
 def _replace_users(client: Redis | RedisCluster, calls: list[list[Any]]) -> None:
@@ -121,7 +123,7 @@ def _replace_items(client: Redis | RedisCluster, key: str, values: dict[str, Any
 
 def loaded_identity(redis_url: str, cluster: bool = False) -> str | None:
     """The identity the last complete load into ``redis_url`` recorded, if any."""
-    client = _client(redis_url, cluster)
+    client = sync_client(redis_url, cluster)
     try:
         raw = client.get(LOADED_KEY)
     finally:
@@ -273,7 +275,7 @@ def load_into_redis(
     (:func:`ctr.encode.check_item_key`).
     """
     check_item_key(config, frame)
-    client = _client(redis_url, cluster)
+    client = sync_client(redis_url, cluster)
     keep = keep or config.max_seq_len
     # before the first write: a load that fails halfway leaves no record of the last
     # complete one (a `--once` of that data would skip, over this one's half)

@@ -129,7 +129,7 @@ def test_a_server_that_lost_the_script_gets_it_again(
         return str(real(script))
 
     monkeypatch.setattr(r, "script_load", forgetful)
-    monkeypatch.setattr(loader, "_client", lambda url, cluster: r)
+    monkeypatch.setattr(loader, "sync_client", lambda url, cluster, timeout_s=10: r)
     counts = load_into_redis(config, frame, rp.url, progress=False)
     assert len(loads) >= 2  # loaded again after the refusal
     users = {u for u in frame[config.data.user_key].astype(str)}
