@@ -7,6 +7,7 @@ so ``ctr serve`` and ``ctr load`` run in the torch-free runtime image.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -384,7 +385,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_impressions(args: argparse.Namespace) -> int:
     import csv
 
-    from service.impressions import Impression, read_impressions, summary
+    from service.impression_read import Impression, ImpressionReader, OnlineEval
     from service.loader import sync_client
     from service.settings import Settings
     from service.store import ping
@@ -398,16 +399,25 @@ def cmd_impressions(args: argparse.Namespace) -> int:
     ping(url, cluster)
     client = sync_client(url, cluster, timeout_s=30)
     types = frozenset(t.strip() for t in args.types.split(",") if t.strip())
+    reader = ImpressionReader(client, stream, args.item_key, args.window_s, types, args.skew_s)
+    online = OnlineEval()
     try:
-        rows = read_impressions(client, stream, args.item_key, args.window_s, types, args.skew_s)
+        with contextlib.ExitStack() as stack:
+            out = None
+            if args.out:  # rows written as they are read: none held
+                out = csv.writer(stack.enter_context(open(args.out, "w", newline="")))
+                out.writerow(Impression.FIELDS)
+            for row in reader:
+                online.add(row)
+                if out is not None:
+                    out.writerow(row.row())
     finally:
         client.close()
-    if args.out:
-        with open(args.out, "w", newline="") as f:
-            out = csv.writer(f)
-            out.writerow(Impression.FIELDS)
-            out.writerows(r.row() for r in rows)
-    print(json.dumps(summary(rows), indent=2))
+    figures = online.summary()
+    figures["entries"] = reader.entries
+    figures["duplicates"] = reader.duplicates
+    figures["unreadable"] = reader.unreadable
+    print(json.dumps(figures, indent=2))
     return 0
 
 

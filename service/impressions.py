@@ -21,10 +21,8 @@ entries (while Redis is slow or down) and beyond them new ones are dropped, coun
 ``ctr_impressions_dropped_total``, never a failed request. Shutdown writes what is queued,
 for up to ``CLOSE_S``.
 
-:func:`read_impressions` turns the stream back into one row per ranked item and labels
-each with the user's stored behaviours (``/v1/events``): 1 where the user has a
-behaviour on that item within ``window_s`` after it was scored. ``ctr impressions``
-writes them to CSV and prints the served model's online AUC and calibration.
+:mod:`service.impression_read` turns the stream back into one row per ranked item
+labelled by the user's later behaviours (``ctr impressions``).
 """
 
 from __future__ import annotations
@@ -32,20 +30,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import random
 import time
 from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import orjson
 
 from service import metrics as m
-from service.store import AnyRedis, user_key
-from training.metrics import evaluate
+from service.store import AnyRedis
 
 log = logging.getLogger("ctr.impressions")
 
@@ -167,144 +160,3 @@ class ImpressionLog:
         if self.queue:
             m.IMPRESSIONS_DROPPED.labels("shutdown").inc(len(self.queue))
             self.queue.clear()
-
-
-# ---- reading the log back ------------------------------------------------------------
-
-
-@dataclass
-class Impression:
-    """One ranked item of one logged response, and whether the user acted on it."""
-
-    entry: str  # the stream entry's ID
-    ts: float
-    request_id: str
-    user_id: str
-    model: str
-    version: str
-    rank: int
-    item_id: str
-    probability: float
-    degraded: bool
-    cold_start: bool
-    label: int = 0
-
-    FIELDS = (
-        "entry", "ts", "request_id", "user_id", "model", "version", "rank", "item_id",
-        "probability", "degraded", "cold_start", "label",
-    )  # fmt: skip
-
-    def row(self) -> list[Any]:
-        return [getattr(self, f) for f in self.FIELDS]
-
-
-def _text(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v
-
-
-def entries(redis: Any, stream: str, page: int = 1000) -> Iterator[tuple[str, dict]]:
-    """``(entry ID, fields)`` of the whole stream, oldest first, in pages (a sync client)."""
-    start = "-"
-    while True:
-        got = redis.xrange(stream, min=start, max="+", count=page)
-        if not got:
-            return
-        for entry_id, fields in got:
-            yield _text(entry_id), {_text(k): v for k, v in fields.items()}
-        last = _text(got[-1][0])
-        start = "(" + last
-        if len(got) < page:
-            return
-
-
-def parse_entry(entry_id: str, fields: dict) -> list[Impression]:
-    """One logged response as its ranked items (none for an entry that is not one)."""
-    try:
-        body = orjson.loads(fields["response"])
-        ts = float(_text(fields["ts"]))
-        user = _text(fields["user_id"])
-    except (KeyError, ValueError, orjson.JSONDecodeError):
-        return []
-    model = body.get("model") or {}
-    return [
-        Impression(
-            entry_id, ts, str(body.get("request_id")), user, str(model.get("name")),
-            str(model.get("version")), int(it["rank"]), str(it["item_id"]),
-            float(it["probability"]), bool(body.get("degraded")), bool(body.get("cold_start")),
-        )  # fmt: skip
-        for it in body.get("items", [])
-    ]
-
-
-def behaviours(redis: Any, user: str, item_key: str, types: frozenset[str]) -> dict[str, list]:
-    """The user's stored behaviours with a timestamp (those ``/v1/events`` wrote): item
-    ID -> their times, for the ``types`` given (all where empty)."""
-    out: dict[str, list[float]] = {}
-    for raw in redis.lrange(user_key(user, "seq"), 0, -1):
-        try:
-            ev = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            continue
-        t, item = ev.get("ts"), ev.get(item_key)
-        if not isinstance(t, int | float) or item is None:
-            continue
-        if types and ev.get("type") not in types:
-            continue
-        out.setdefault(str(item), []).append(float(t))
-    return out
-
-
-def read_impressions(
-    redis: Any,
-    stream: str,
-    item_key: str,
-    window_s: float,
-    types: frozenset[str],
-    skew_s: float = 0.0,
-) -> list[Impression]:
-    """Every logged ranked item, labelled 1 where its user has a behaviour on it (of
-    ``types``) in ``(ts - skew_s, ts + window_s]``: ``ts`` is the server's clock, a
-    behaviour's the client's ``timestamp`` (whole seconds, or a clock a little behind,
-    would put a click just after the scoring before it). The users' histories are read
-    once each; a behaviour trimmed from a history since (``CTR_SEQUENCE_KEEP``) is not
-    seen. The rows are held in memory (about 300 bytes each)."""
-    rows = [imp for entry, fields in entries(redis, stream) for imp in parse_entry(entry, fields)]
-    seen: dict[str, dict[str, list[float]]] = {}
-    for imp in rows:
-        acted = seen.get(imp.user_id)
-        if acted is None:
-            acted = seen[imp.user_id] = behaviours(redis, imp.user_id, item_key, types)
-        lo, hi = imp.ts - skew_s, imp.ts + window_s
-        imp.label = int(any(lo < t <= hi for t in acted.get(imp.item_id, ())))
-    return rows
-
-
-def summary(rows: list[Impression]) -> dict[str, Any]:
-    """Rows, responses, clicks, and the served probabilities against the labels (AUC,
-    GAUC, logloss, mean prediction, observed rate and calibration, as offline); over all
-    rows, and per model version (``by_version``: ``"<name>/<version>"``)."""
-    out = _figures(rows)
-    versions: dict[str, list[Impression]] = {}
-    for r in rows:
-        versions.setdefault(f"{r.model}/{r.version}", []).append(r)
-    out["by_version"] = {v: _figures(rs) for v, rs in sorted(versions.items())}
-    return out
-
-
-def _figures(rows: list[Impression]) -> dict[str, Any]:
-    """``training.metrics.evaluate`` (NumPy only) of the served probabilities against
-    the labels, NaN as None (one label only: no AUC)."""
-    out: dict[str, Any] = {
-        "rows": len(rows),
-        "responses": len({r.entry for r in rows}),
-        "clicks": sum(r.label for r in rows),
-    }
-    if not rows:
-        return out
-    users = np.array([r.user_id for r in rows])
-    labels = np.array([r.label for r in rows], dtype=np.float64)
-    probs = np.array([r.probability for r in rows], dtype=np.float64)
-    for key, value in evaluate(users, labels, probs).items():
-        if key != "n":
-            out[key] = None if isinstance(value, float) and math.isnan(value) else value
-    return out

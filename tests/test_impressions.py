@@ -23,7 +23,8 @@ from redis import Redis
 
 from service import impressions as imp_mod
 from service.app import create_app
-from service.impressions import ImpressionLog, read_impressions, summary
+from service.impression_read import Impression, ImpressionReader, OnlineEval, summary
+from service.impressions import ImpressionLog
 from tests.helpers import REDIS_URL, Built, build_bundle, loaded_redis, settings_for, wait_for
 from tests.redis_proc import private_redis
 
@@ -176,7 +177,7 @@ def test_ctr_impressions_labels_by_later_behaviours(
         wait_for(lambda: redis_db.xlen(STREAM) == 1, "the impression written", 5)
     sync = Redis.from_url(REDIS_URL)
     try:
-        rows = read_impressions(sync, STREAM, "item_id", 60.0, frozenset({"click"}))
+        rows = list(ImpressionReader(sync, STREAM, "item_id", 60.0, frozenset({"click"})))
     finally:
         sync.close()
     assert [r.item_id for r in rows] == ranked and [r.rank for r in rows] == list(range(1, 11))
@@ -249,3 +250,84 @@ def test_a_response_past_its_deadline_is_no_impression(
         wait_for(lambda: redis_db.xlen(STREAM) >= 1, "the 200 written", 5)
     entries = redis_db.xrange(STREAM)
     assert [f["user_id"] for _, f in entries] == ["u2"]
+
+
+
+def test_the_reader_pages_reads_a_retried_entry_once_and_skips_unreadable_ones(
+    built: Built, redis_db: Redis, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Ten responses for five users, read three entries a page and two users' histories
+    a round trip: every item is read once, labelled by its own user's click; an entry
+    stored twice (a write retried after Redis had taken it) is read once; a foreign
+    entry is skipped; the CLI prints the same counts."""
+    from ctr.cli import main
+    from service import impression_read
+
+    monkeypatch.setattr(impression_read, "USERS_PER_TRIP", 2)
+    items = _items(built, 6)
+    users = [f"r{k}" for k in range(5)]
+    with TestClient(create_app(settings_for(built, impression_stream=STREAM))) as c:
+        for user in users * 2:
+            assert c.post("/v1/score", json=_body(user, items)).status_code == 200
+        now = time.time()
+        for k, user in enumerate(users):  # user k clicks item k, after both scorings
+            ev = {"user_id": user, "event_id": f"click-{user}", "item_id": items[k],
+                  "type": "click", "timestamp": now + 5}  # fmt: skip
+            assert c.post("/v1/events", json=ev).status_code == 202
+        wait_for(lambda: redis_db.xlen(STREAM) == 10, "the impressions written", 5)
+    logged = redis_db.xrange(STREAM)
+    redis_db.xadd(STREAM, logged[3][1])  # the same fields again: a retried write
+    redis_db.xadd(STREAM, {"something": "else"})
+    sync = Redis.from_url(REDIS_URL)
+    try:
+        reader = ImpressionReader(sync, STREAM, "item_id", 60.0, frozenset({"click"}), page=3)
+        rows = list(reader)
+    finally:
+        sync.close()
+    assert (reader.entries, reader.duplicates, reader.unreadable) == (10, 1, 1)
+    assert len(rows) == 60 and len({(r.entry, r.item_id) for r in rows}) == 60
+    assert {(r.user_id, r.item_id) for r in rows if r.label} == {
+        (u, items[k]) for k, u in enumerate(users)
+    }
+    assert sum(r.label for r in rows) == 10  # each click labels both of its user's scorings
+
+    args = ["impressions", "--redis-url", REDIS_URL, "--stream", STREAM, "--window-s", "60"]
+    assert main(args) == 0
+    printed = orjson.loads(capsys.readouterr().out)
+    assert (printed["entries"], printed["duplicates"], printed["unreadable"]) == (10, 1, 1)
+    assert printed["rows"] == 60 and printed["clicks"] == 10 and printed["responses"] == 10
+    assert printed["auc"] == pytest.approx(summary(rows)["auc"])
+
+
+def test_online_figures_per_version_match_the_offline_metrics() -> None:
+    """OnlineEval's flat arrays give what ``training.metrics.evaluate`` gives on the
+    rows themselves, over all rows and for each model version apart."""
+    from training.metrics import evaluate
+
+    rng = random.Random(3)
+    rows = []
+    for entry in range(40):
+        version = "din/1" if entry % 3 else "din/2"
+        user = f"u{rng.randrange(7)}"
+        for rank in range(1, 6):
+            rows.append(Impression(
+                f"{entry}-0", 0.0, f"req{entry}", user, *version.split("/"), rank,
+                f"i{rng.randrange(20)}", round(rng.random(), 2), False, False,
+                int(rng.random() < 0.3),
+            ))  # fmt: skip
+    got = OnlineEval().add_all(rows).summary()
+
+    def offline(rs: list[Impression]) -> dict[str, Any]:
+        ev = evaluate([r.user_id for r in rs], [r.label for r in rs], [r.probability for r in rs])
+        return {k: v for k, v in ev.items() if k != "n"}
+
+    assert got["rows"] == 200 and got["responses"] == 40
+    assert got["clicks"] == sum(r.label for r in rows)
+    for key, value in offline(rows).items():
+        assert got[key] == pytest.approx(value, rel=1e-12), key
+    assert sorted(got["by_version"]) == ["din/1", "din/2"]
+    for name, figures in got["by_version"].items():
+        part = [r for r in rows if f"{r.model}/{r.version}" == name]
+        assert figures["rows"] == len(part) and figures["responses"] == len(part) // 5
+        for key, value in offline(part).items():
+            assert figures[key] == pytest.approx(value, rel=1e-12), (name, key)

@@ -9,7 +9,7 @@ import numpy as np
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Area under ROC with tie-averaged ranks; NaN when only one class is present or any
     score is not finite (a NaN ties with nothing and sorts last, which would give a
-    number that depends on the rows' order)."""
+    number that depends on the rows' order). ``labels``, ``scores``: ``[n]``."""
     labels = np.asarray(labels, dtype=np.float64)
     scores = np.asarray(scores, dtype=np.float64)
     if not np.isfinite(scores).all():
@@ -19,36 +19,50 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     if n_pos == 0 or n_neg == 0:
         return float("nan")
     order = np.argsort(scores, kind="mergesort")
-    s = scores[order]
-    ranks = np.empty(len(s), dtype=np.float64)
-    i = 0
-    while i < len(s):
-        j = i
-        while j + 1 < len(s) and s[j + 1] == s[i]:
-            j += 1
-        ranks[i : j + 1] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    r = np.empty_like(ranks)
-    r[order] = ranks
+    r = np.empty(len(scores), dtype=np.float64)
+    r[order] = _tied_ranks(scores[order], np.zeros(len(scores), dtype=bool))
     return float((r[labels == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def _tied_ranks(s: np.ndarray, new_group: np.ndarray) -> np.ndarray:
+    """1-based ranks of the sorted scores ``s`` ``[n]``, ties given their run's mean
+    rank; ``new_group`` ``[n]`` (bool) marks where a group starts (ranks count from 1
+    again there, and a run of ties never crosses it)."""
+    n = len(s)
+    if n == 0:
+        return np.empty(0, dtype=np.float64)
+    starts = np.flatnonzero(np.r_[True, (s[1:] != s[:-1]) | new_group[1:]])
+    ends = np.r_[starts[1:], n] - 1
+    group_start = np.flatnonzero(np.r_[True, new_group[1:]])
+    first = np.repeat(group_start, np.diff(np.r_[group_start, n]))  # each row's group start
+    mean = np.repeat((starts + ends) / 2.0 + 1.0, ends - starts + 1)
+    return mean - first
 
 
 def gauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float:
     """Per-user AUC weighted by the user's impressions; users with one class are skipped.
-    NaN when any score is not finite (not a skipped user: an average over the rest)."""
-    if not np.isfinite(np.asarray(scores, dtype=np.float64)).all():
+    NaN when any score is not finite (not a skipped user: an average over the rest).
+    ``users``, ``labels``, ``scores``: ``[n]``. One sort over all rows, no loop per user."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if not np.isfinite(scores).all():
         return float("nan")
     users = np.asarray(users)
-    order = np.argsort(users, kind="mergesort")
-    u, lab, sc = users[order], np.asarray(labels)[order], np.asarray(scores)[order]
-    bounds = np.flatnonzero(np.r_[True, u[1:] != u[:-1], True])
-    total, weight = 0.0, 0.0
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-        value = auc(lab[a:b], sc[a:b])
-        if not np.isnan(value):
-            total += value * (b - a)
-            weight += b - a
-    return float(total / weight) if weight else float("nan")
+    if len(users) == 0:
+        return float("nan")
+    order = np.lexsort((scores, users))  # by user, then score
+    u, lab, sc = users[order], np.asarray(labels, dtype=np.float64)[order], scores[order]
+    new_group = np.r_[True, u[1:] != u[:-1]]
+    ranks = _tied_ranks(sc, new_group)
+    starts = np.flatnonzero(new_group)
+    size = np.diff(np.r_[starts, len(u)]).astype(np.float64)
+    n_pos = np.add.reduceat(lab, starts)
+    n_neg = size - n_pos
+    ok = (n_pos > 0) & (n_neg > 0)
+    if not ok.any():
+        return float("nan")
+    pos_ranks = np.add.reduceat(ranks * lab, starts)
+    values = (pos_ranks[ok] - n_pos[ok] * (n_pos[ok] + 1) / 2.0) / (n_pos[ok] * n_neg[ok])
+    return float((values * size[ok]).sum() / size[ok].sum())
 
 
 def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
