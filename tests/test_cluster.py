@@ -221,3 +221,45 @@ def test_a_cluster_url_with_an_encoded_password_and_no_scheme(built: Built, tmp_
     finally:
         node.stop()
         shutil.rmtree(node.dir, ignore_errors=True)
+
+
+def test_the_impression_log_on_a_cluster(built: Built, cluster: list[RedisProcess]) -> None:
+    """The writer's pipelines and the reader's (stream pages, then the users' histories
+    in one pipeline across every master's slots) go through the cluster client: each
+    user's click labels its own served item."""
+    from service.impression_read import ImpressionReader
+    from service.loader import sync_client
+
+    url = ",".join(f"redis://127.0.0.1:{n.port}" for n in cluster)
+    stream = "test:cluster-impressions"
+    users = [f"c{k}" for k in range(12)]
+    masters = {node_of(cluster, user_key(u, "seq")).port for u in users}
+    assert len(masters) > 1  # the histories live on more than one master
+    s = Settings(models_dir=str(built.models_dir), model_name=built.config.name, redis_url=url,
+                 redis_cluster=True, redis_timeout_ms=1000, request_timeout_ms=3000,
+                 reload_channel="", impression_stream=stream)  # type: ignore[arg-type]  # fmt: skip
+    cands = [{"item_id": f"i{k}"} for k in range(8)]
+    with TestClient(create_app(s)) as c:
+        for user in users:
+            r = c.post("/v1/score", json={"user_id": user, "candidates": cands})
+            assert r.status_code == 200
+        now = time.time()
+        for k, user in enumerate(users):
+            ev = {"user_id": user, "event_id": f"ci-{user}", "item_id": f"i{k % 8}",
+                  "type": "click", "timestamp": now + 1}  # fmt: skip
+            assert c.post("/v1/events", json=ev).status_code == 202
+    client = sync_client(url, cluster=True)
+    try:
+        deadline = time.time() + 10
+        while client.xlen(stream) < len(users):
+            assert time.time() < deadline, "the impressions written"
+            time.sleep(0.05)
+        reader = ImpressionReader(client, stream, window_s=60.0, page=5)
+        rows = list(reader)
+        client.delete(stream)
+    finally:
+        client.close()
+    assert reader.entries == len(users) and len(rows) == len(users) * len(cands)
+    assert {(r.user_id, r.item_id) for r in rows if r.label} == {
+        (u, f"i{k % 8}") for k, u in enumerate(users)
+    }
