@@ -40,6 +40,7 @@ from service.errors import (
     ServiceError,
     StoreUnavailable,
     Unauthorized,
+    UnsupportedEncoding,
 )
 from service.features import (
     build_feeds,
@@ -83,6 +84,7 @@ from service.store import (
     make_client,
 )
 from service.validate import (
+    MAX_DETAIL,
     Scanner,
     check_numbers,
     has_surrogate,
@@ -482,7 +484,7 @@ def error_response(exc: ServiceError) -> Response:
     body = {
         "error": exc.kind,
         "field": field,
-        "detail": safe_field(exc.message),
+        "detail": safe_field(exc.message, MAX_DETAIL),
         "request_id": CURRENT.get(),
     }
     return orjson_response(body, exc.status, headers)
@@ -531,7 +533,15 @@ def _install_handlers(app: FastAPI) -> None:
 async def _read_body(
     header: Callable[[str], str | None], chunks: AsyncIterator[bytes], limit: int
 ) -> bytes:
-    """The request body's bytes; ``header(name)`` reads a (lower-case) request header."""
+    """The request body's bytes; ``header(name)`` reads a (lower-case) request header.
+    A body sent compressed (``Content-Encoding`` other than ``identity``) is refused
+    before it is read: read as JSON it would only be malformed."""
+    encoding = header("content-encoding")
+    if encoding is not None and encoding.strip().lower() not in ("", "identity"):
+        raise UnsupportedEncoding(
+            f"Content-Encoding {encoding!r} is not supported: send the body uncompressed",
+            "Content-Encoding",
+        )
     length = header("content-length")
     if length is not None and length.isascii() and length.isdigit():
         # 20 digits and more are over any limit (and past 4,300 int() would refuse them)
@@ -578,6 +588,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "missing or wrong X-API-Key (where a key is set)"},
     403: {"model": ErrorBody, "description": "admin endpoints are off (CTR_API_KEY unset)"},
     413: {"model": ErrorBody, "description": "body over the size limit"},
+    415: {"model": ErrorBody, "description": "a compressed body (`Content-Encoding`)"},
     422: {"model": ErrorBody, "description": "invalid field (named in `field`)"},
     503: {"model": ErrorBody, "description": "model not ready, overloaded or deadline exceeded"},
 }

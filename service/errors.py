@@ -38,6 +38,11 @@ class PayloadTooLarge(BadRequest):
     kind = "payload_too_large"
 
 
+class UnsupportedEncoding(BadRequest):
+    status = 415
+    kind = "unsupported_encoding"
+
+
 class MalformedJSON(BadRequest):
     status = 400
     kind = "malformed_json"

@@ -33,9 +33,18 @@ def has_surrogate(s: str) -> bool:
     return _SURROGATE.search(s) is not None
 
 
-def safe_field(name: str) -> str:
-    """A field name that can always be serialised (lone surrogates escaped)."""
-    return name if not has_surrogate(name) else ascii(name)[1:-1]
+# the longest field name (a key's path) an answer names; longer ones are cut: a crafted
+# key is not sent back whole
+MAX_FIELD = 300
+# the longest error detail an answer carries (it may quote a field name, and more)
+MAX_DETAIL = 1000
+
+
+def safe_field(name: str, limit: int = MAX_FIELD) -> str:
+    """A field name that can always be serialised (lone surrogates escaped) and is at
+    most ``limit`` characters (cut, with "…")."""
+    name = name if not has_surrogate(name) else ascii(name)[1:-1]
+    return name if len(name) <= limit else name[:limit] + "…"
 
 
 def check_id(value: Any, field: str, max_len: int) -> str:
@@ -181,10 +190,6 @@ def exact_json(body: bytes) -> Any:
     return json.loads(body.decode("utf-8", "surrogatepass"))
 
 
-# the longest repeated key's path an answer names; longer ones are cut
-MAX_FIELD = 300
-
-
 def check_duplicate_keys(body: bytes, obj: Any, scanner: Scanner | None) -> None:
     """:class:`BadRequest` naming the path of the first key (in document order) that
     repeats an earlier key of its object, anywhere in ``body`` (parsed: ``obj``), e.g.
@@ -200,8 +205,6 @@ def check_duplicate_keys(body: bytes, obj: Any, scanner: Scanner | None) -> None
         path = "" if _no_repeats(body, obj) else first_duplicate(body)
     if path:
         field = safe_field(path)
-        if len(field) > MAX_FIELD:  # a crafted key is not sent back whole
-            field = field[:MAX_FIELD] + "…"
         raise BadRequest(f"duplicate key {field!r}", field)
 
 

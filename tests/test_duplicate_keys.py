@@ -173,6 +173,32 @@ def test_a_long_repeated_key_is_not_sent_back_whole(
         assert len(r.text) < 1000
 
 
+def test_a_long_key_is_not_sent_back_whole_wherever_it_is_refused(
+    clients: tuple[TestClient, TestClient],
+) -> None:
+    """An unknown key, a candidate's unknown key, a bad value under a long feature or
+    context key: the answer names the field cut to MAX_FIELD characters, never the whole
+    key (a 500 KB key answered with 1 MB)."""
+    key = "k" * 500_000
+    cut = "k" * validate.MAX_FIELD + "…"
+    cases = {
+        f'{{"user_id":"u","candidates":[{{"item_id":"i"}}],"{key}":1}}': cut,
+        f'{{"user_id":"u","candidates":[{{"item_id":"i","{key}":1}}]}}': "candidates[0]." + cut,
+        f'{{"user_id":"u","candidates":[{{"item_id":"i","features":{{"{key}":[1]}}}}]}}': (
+            "candidates[0].features." + cut
+        ),
+        f'{{"user_id":"u","candidates":[{{"item_id":"i"}}],"context":{{"{key}":[1]}}}}': (
+            "context." + cut
+        ),
+    }
+    for body, field in cases.items():
+        for r in post_both(clients, "/v1/score", body.encode()):
+            got = r.json()
+            assert r.status_code == 422 and len(r.content) < 2000, (r.status_code, len(r.content))
+            assert got["field"] == field[: validate.MAX_FIELD] + "…"
+            assert len(got["detail"]) <= validate.MAX_DETAIL + 1
+
+
 def test_malformed_json_stays_a_400(clients: tuple[TestClient, TestClient]) -> None:
     for r in post_both(clients, "/v1/score", b'{"user_id":"a","user_id":"b",'):
         assert r.status_code == 400 and r.json()["error"] == "malformed_json"
