@@ -157,13 +157,15 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def _http_protocol(front: bool) -> str:
-    """uvicorn's ``http``: the front (service.front) where asked for and httptools, on
-    which it builds, is installed; else uvicorn's own choice."""
+    """uvicorn's ``http`` where httptools, on which they build, is installed: the front
+    (``service.front.FrontProtocol``) where asked for, else uvicorn's own protocol with
+    the read timeout only (``TimedProtocol``); without httptools uvicorn's own choice
+    (h11: no read timeout)."""
     import importlib.util
 
-    if front and importlib.util.find_spec("httptools") is not None:
-        return "service.front:FrontProtocol"
-    return "auto"
+    if importlib.util.find_spec("httptools") is None:
+        return "auto"
+    return "service.front:FrontProtocol" if front else "service.front:TimedProtocol"
 
 
 def serve_settings(args: argparse.Namespace, settings: Any) -> Any:

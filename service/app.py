@@ -41,6 +41,7 @@ from service.errors import (
     StoreUnavailable,
     Unauthorized,
     UnsupportedEncoding,
+    UnsupportedUpgrade,
 )
 from service.features import (
     build_feeds,
@@ -141,6 +142,7 @@ class ScoringApp(FastAPI):
     that the error middleware's 500 has it too."""
 
     fast_routes: dict[tuple[str, str], Handler]
+    read_timeout_s: float = 0.0  # CTR_READ_TIMEOUT_MS, for service.front.TimedProtocol
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -470,6 +472,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _install_handlers(app)
     score = _install_routes(app, state)
     app.fast_routes = {("POST", "/v1/score"): score}
+    app.read_timeout_s = settings.read_timeout_ms / 1000  # service.front.TimedProtocol
     app.add_middleware(ServingMiddleware)  # times every other request
     install_openapi(app, settings.max_id_length)
     return app
@@ -535,7 +538,15 @@ async def _read_body(
 ) -> bytes:
     """The request body's bytes; ``header(name)`` reads a (lower-case) request header.
     A body sent compressed (``Content-Encoding`` other than ``identity``) is refused
-    before it is read: read as JSON it would only be malformed."""
+    before it is read: read as JSON it would only be malformed; so is a request that
+    asks to switch protocols (``Upgrade``), whose body uvicorn's parser never reads."""
+    if header("upgrade") is not None and "upgrade" in (header("connection") or "").lower():
+        # uvicorn's parser stops at such a head: the body never reaches the app
+        raise UnsupportedUpgrade(
+            "a request asking to switch protocols (Upgrade) is not served: send it as "
+            "plain HTTP/1.1, without Upgrade and Connection: upgrade",
+            "Upgrade",
+        )
     encoding = header("content-encoding")
     if encoding is not None and encoding.strip().lower() not in ("", "identity"):
         raise UnsupportedEncoding(
@@ -584,7 +595,7 @@ def _check_key(state: State, header: Callable[[str], str | None], admin: bool = 
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorBody, "description": "malformed JSON"},
+    400: {"model": ErrorBody, "description": "malformed JSON, or an `Upgrade` request"},
     401: {"model": ErrorBody, "description": "missing or wrong X-API-Key (where a key is set)"},
     403: {"model": ErrorBody, "description": "admin endpoints are off (CTR_API_KEY unset)"},
     413: {"model": ErrorBody, "description": "body over the size limit"},

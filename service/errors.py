@@ -43,6 +43,11 @@ class UnsupportedEncoding(BadRequest):
     kind = "unsupported_encoding"
 
 
+class UnsupportedUpgrade(BadRequest):
+    status = 400
+    kind = "unsupported_upgrade"
+
+
 class MalformedJSON(BadRequest):
     status = 400
     kind = "malformed_json"

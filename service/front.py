@@ -19,6 +19,7 @@ proxy-headers middleware would give). Every other route, and any app that is not
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import time
@@ -102,9 +103,111 @@ def _front_of(config: Any) -> tuple[Any, ProxyHeadersMiddleware | None]:
     return kept[1], kept[2]
 
 
-class FrontProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol; a fast route's request is served by
-    :func:`serve_direct` (module docstring)."""
+class TimedProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a limit on how long a request takes to arrive
+    (``CTR_READ_TIMEOUT_MS``, the served app's ``read_timeout_s``): uvicorn has none, so
+    a client that sends part of a request's head or body, or opens a connection and
+    sends nothing, held it for good (a few such clients hold a worker's sockets).
+
+    The clock starts when the connection opens and again at each request's first byte;
+    it stops at the request's last byte, while the app answers (uvicorn's keep-alive
+    timeout then covers the wait for the next request). Past it the connection is
+    closed, counted in ``ctr_errors_total{kind="request_timeout"}``: a request whose
+    head had not all come, on a connection with nothing else in flight, gets a 408
+    first; a request whose body had not all come is ended as a client that left (its
+    handler sees the disconnect; status 499 in the request metrics); a connection that
+    sent nothing is closed without a word, as an idle keep-alive one is."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        app, _ = _front_of(self.config)
+        self.read_timeout = float(getattr(app, "read_timeout_s", 0.0) or 0.0)
+        self.read_timer: asyncio.TimerHandle | None = None
+        self.reading = False  # a request's bytes have begun to come, not all yet
+        self.head_done = False  # and its head has all come
+
+    def _arm(self) -> None:
+        if self.read_timeout > 0:
+            if self.read_timer is not None:
+                self.read_timer.cancel()
+            self.read_timer = self.loop.call_later(self.read_timeout, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self.read_timer is not None:
+            self.read_timer.cancel()
+            self.read_timer = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.reading = True
+        self.head_done = False
+        self._arm()
+
+    def on_headers_complete(self) -> None:
+        self.head_done = True
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self.reading = False
+        self._disarm()
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        # after a head asking to switch protocols (Upgrade: h2c, ...) the parser reads
+        # no more HTTP on this connection: close it once answered (uvicorn kept it open,
+        # a pipelined request after it never answered, until the keep-alive timeout)
+        if self.parser is not None and self.parser.should_upgrade():
+            self.transport.close()
+        super().on_response_complete()
+
+    def _timed_out(self) -> None:
+        self.read_timer = None
+        if self.transport.is_closing():
+            return
+        if self.reading:
+            m.ERRORS.labels("request_timeout").inc()
+            cycle = self.cycle
+            idle = (cycle is None or cycle.response_complete) and not self.pipeline
+            if idle and not self.head_done:
+                self.transport.write(_timeout_answer(self.server_state.default_headers,
+                                                     self.read_timeout))  # fmt: skip
+        self.transport.close()
+
+
+def _timeout_answer(default_headers: list[tuple[bytes, bytes]], timeout_s: float) -> bytes:
+    """The 408 for a request whose head did not all come in time: the service's error
+    body, with a request ID of its own (no header of the request's was read)."""
+    from service.app import orjson_response  # the error bodies' one writer
+
+    rid = request_id(None)
+    body = orjson_response(
+        {
+            "error": "request_timeout",
+            "field": "headers",
+            "detail": f"the request's headers did not all arrive within {timeout_s * 1000:.0f} "
+            "ms (CTR_READ_TIMEOUT_MS)",
+            "request_id": rid,
+        },
+        408,
+    )
+    content = [STATUS_LINE[408]]
+    for name, value in [*default_headers, *body.raw_headers]:
+        content.extend((name, b": ", value, b"\r\n"))
+    content.extend((HEADER, b": ", rid.encode(), b"\r\nconnection: close\r\n\r\n", body.body))
+    return b"".join(content)
+
+
+class FrontProtocol(TimedProtocol):
+    """uvicorn's httptools protocol (with :class:`TimedProtocol`'s read timeout); a fast
+    route's request is served by :func:`serve_direct` (module docstring)."""
 
     warned = False
 

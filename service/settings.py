@@ -270,6 +270,15 @@ class Settings(BaseSettings):
         "without the ASGI layers (service.front; where httptools is installed); off: "
         "uvicorn's own protocol, every request through ASGI",
     )
+    read_timeout_ms: int = Field(
+        10_000,
+        ge=0,
+        description="`ctr serve`: the longest a request may take to arrive, from its first "
+        "byte (or the connection's opening) to its body's last; past it the connection is "
+        "closed, with a 408 where its headers had not all come and nothing else was in "
+        "flight on it (0: no limit, as uvicorn). CTR_REQUEST_TIMEOUT_MS counts from the "
+        "body's end",
+    )
     access_log: bool = Field(
         True,
         description="`ctr serve`: uvicorn's access log, one line per request at `info` "

@@ -550,3 +550,16 @@ def test_a_compressed_body_is_a_415_naming_the_header(
     ok = client.post("/v1/score", content=json.dumps(score), headers=plain)
     assert ok.status_code == 200, ok.text
 
+
+@pytest.mark.parametrize("path", ["/v1/score", "/v1/events"])
+def test_an_upgrade_request_is_a_400_naming_the_header(client: TestClient, path: str) -> None:
+    """uvicorn's parser reads no body after a head that asks to switch protocols (the
+    app answered "body is empty"): the header is named instead. An ``Upgrade`` header
+    without ``Connection: upgrade`` asks for nothing and is served."""
+    score = {"user_id": "u1", "candidates": C}
+    asks = {"upgrade": "h2c", "connection": "Upgrade, HTTP2-Settings"}
+    check(client.post(path, content=json.dumps(score), headers=asks), 400, "Upgrade",
+          "unsupported_upgrade")  # fmt: skip
+    r = client.post("/v1/score", content=json.dumps(score), headers={"upgrade": "h2c"})
+    assert r.status_code == 200, r.text
+

@@ -518,6 +518,6 @@ def test_ctr_serve_runs_the_front_where_httptools_is(monkeypatch: pytest.MonkeyP
     from ctr.cli import _http_protocol
 
     assert _http_protocol(True) == "service.front:FrontProtocol"
-    assert _http_protocol(False) == "auto"
+    assert _http_protocol(False) == "service.front:TimedProtocol"  # the read timeout only
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     assert _http_protocol(True) == "auto"  # uvicorn falls back to h11 then, as before
