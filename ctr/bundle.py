@@ -210,12 +210,25 @@ def version_of(folder: str) -> int | None:
 
 
 def list_versions(models_dir: str | Path, name: str) -> list[int]:
-    """Complete versions (a manifest present), ascending."""
+    """Complete versions (a manifest present), ascending. A version folder that cannot
+    be looked into (its permissions) is listed: loading it fails and says why, as for
+    any broken bundle, instead of every load failing. :class:`BundleError` where the
+    model's own folder cannot be read."""
     root = Path(models_dir) / name
-    if not root.is_dir():
-        return []
-    found = ((version_of(p.name), p) for p in root.iterdir())
-    return sorted(v for v, p in found if v is not None and (p / MANIFEST).is_file())
+    try:
+        if not root.is_dir():
+            return []
+        found = [(version_of(p.name), p) for p in root.iterdir()]
+    except OSError as exc:
+        raise BundleError(f"cannot read the model store's folder {root}: {exc}") from None
+    return sorted(v for v, p in found if v is not None and _has_manifest(p))
+
+
+def _has_manifest(version_dir: Path) -> bool:
+    try:
+        return (version_dir / MANIFEST).is_file()
+    except OSError:  # e.g. EACCES: a version whose load will say what is wrong
+        return True
 
 
 def resolve_version(models_dir: str | Path, name: str, version: str | int = "latest") -> int:

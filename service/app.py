@@ -754,19 +754,22 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
         return orjson_response(body, 202)
 
     # HEAD too: some load balancers' and monitors' checks send it
-    @app.api_route("/healthz", methods=["GET", "HEAD"], summary="Liveness")
+    # (one route per method: a route of two methods gives both one OpenAPI operationId)
+    @app.get("/healthz", summary="Liveness")
+    @app.head("/healthz", summary="Liveness", operation_id="healthz_head")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.api_route(
-        "/readyz",
-        methods=["GET", "HEAD"],
-        summary="Readiness: model loaded and Redis reachable",
-        responses={
+    ready_doc: dict[str, Any] = {
+        "summary": "Readiness: model loaded and Redis reachable",
+        "responses": {
             200: {"description": "ready: `ready`, `model` and `redis` true"},
             503: {"description": "not ready: the same body, with what is missing false"},
         },
-    )
+    }
+
+    @app.get("/readyz", **ready_doc)
+    @app.head("/readyz", operation_id="readyz_head", **ready_doc)
     async def readyz() -> Response:
         redis_ok = False
         try:

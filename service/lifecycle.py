@@ -137,7 +137,11 @@ async def fall_back(state: State, newest_error: BundleError) -> None:
     have been passing: a file still being copied, a full GPU), so the worker converges
     on what a fresh start would serve."""
     s = state.settings
-    versions = list_versions(s.models_dir, s.model_name)
+    try:
+        versions = list_versions(s.models_dir, s.model_name)
+    except BundleError:  # the store's folder itself unreadable: nothing to fall back to
+        state.model_error = str(newest_error)
+        return
     for v in list(reversed(versions[:-1]))[:FALLBACK_VERSIONS]:
         try:
             model = await load(state, str(v))

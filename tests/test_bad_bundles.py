@@ -310,3 +310,74 @@ def test_a_manifest_nested_past_the_parser_is_a_bundle_error(two_versions: Built
     with TestClient(create_app(settings_for(two_versions, model_version="latest"))) as c:
         assert c.get("/readyz").status_code == 200  # version 1 serves
         assert c.get("/v1/models").json()["version"] == "1"
+
+
+# the service in a child process without root's permission override (a root test run
+# would read a chmod 000 folder anyway): /readyz's status and /v1/models' answer
+_UNREADABLE_CHILD = """
+import json, sys
+from fastapi.testclient import TestClient
+from service.app import create_app
+from service.settings import Settings
+models, name, redis_url, version = sys.argv[1:5]
+s = Settings(models_dir=models, model_name=name, redis_url=redis_url, model_version=version,
+             api_key="k", reload_channel="")
+with TestClient(create_app(s)) as c:
+    ready = c.get("/readyz")
+    info = c.get("/v1/models").json()
+    reload = c.post("/admin/reload", json={"version": 1}, headers={"X-API-Key": "k"})
+    print(json.dumps({"ready": ready.status_code, "readyz": ready.json(), "models": info,
+                      "reload": reload.status_code}))
+"""
+
+
+def _as_unprivileged(*args: str) -> dict[str, Any]:
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REDIS_URL, ROOT
+
+    cmd = [sys.executable, "-c", _UNREADABLE_CHILD, *args[:2], REDIS_URL, args[2]]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("setpriv (util-linux) is missing: root reads any folder")
+        drop = "-dac_override,-dac_read_search"
+        cmd = ["setpriv", f"--inh-caps={drop}", f"--bounding-set={drop}", *cmd]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_version_folder_that_cannot_be_read_is_a_broken_version(two_versions: Built) -> None:
+    """A version folder without read permission made every load fail (the version
+    listing raised PermissionError): start-up with ``latest`` crashed the worker, and a
+    good pinned version did not load either. It is now a version that does not load."""
+    store = two_versions.models_dir / two_versions.config.name
+    shutil.copytree(store / "2", store / "3")
+    (store / "3").chmod(0)
+    try:
+        args = (str(two_versions.models_dir), two_versions.config.name)
+        latest = _as_unprivileged(*args, "latest")
+        assert latest["ready"] == 200 and latest["models"]["version"] == "2", latest
+        assert latest["models"]["fallback"]["newest"] == "3"
+        assert "Permission" in latest["models"]["fallback"]["error"]
+        assert latest["reload"] == 200  # another version loads on request
+        pinned = _as_unprivileged(*args, "2")
+        assert pinned["ready"] == 200 and pinned["models"]["version"] == "2", pinned
+    finally:
+        (store / "3").chmod(0o755)
+
+
+def test_a_model_folder_that_cannot_be_read_leaves_the_service_not_ready(
+    two_versions: Built,
+) -> None:
+    store = two_versions.models_dir / two_versions.config.name
+    store.chmod(0)
+    try:
+        got = _as_unprivileged(str(two_versions.models_dir), two_versions.config.name, "latest")
+    finally:
+        store.chmod(0o755)
+    assert got["ready"] == 503, got  # not ready, and says why; no crashed start-up
+    assert "cannot read the model store's folder" in got["readyz"]["model_error"], got
+    assert got["reload"] == 409

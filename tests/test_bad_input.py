@@ -136,6 +136,19 @@ def test_openapi_lists_the_error_answers(client: TestClient) -> None:
     assert {"200", "401", "403", "409", "422"} <= codes["/admin/reload"]
 
 
+def test_openapi_operation_ids_are_unique(client: TestClient) -> None:
+    """OpenAPI requires it (client generators break on a repeat): GET and HEAD of the
+    health routes were one route, and so one ID."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # FastAPI warns of a duplicate while it builds
+        paths = client.app.openapi()["paths"]  # type: ignore[attr-defined]
+    ids = [op["operationId"] for ops in paths.values() for op in ops.values()]
+    assert len(ids) == len(set(ids)), sorted(ids)
+    assert {"get", "head"} <= set(paths["/healthz"]) and {"get", "head"} <= set(paths["/readyz"])
+
+
 def test_malformed_json(client: TestClient) -> None:
     r = client.post("/v1/score", content=b'{"user_id": "u1", "candidates": [', headers={
         "content-type": "application/json"})  # fmt: skip
