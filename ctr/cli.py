@@ -1,7 +1,9 @@
-"""``ctr``: one entry point for every command of the product.
+"""ctr: one entry point for every command of the product.
 
-Torch is imported only by the commands that need it (train, export, bench-model),
-so ``ctr serve`` and ``ctr load`` run in the torch-free runtime image.
+Torch is imported only by the commands that train, export or build a bundle (train,
+export, demo, results, bench-model, and bench, bench-pair, bench-path and soak where
+they build one), so that serve, load and impressions run in the torch-free runtime
+image.
 """
 
 from __future__ import annotations
@@ -118,12 +120,17 @@ def bundle_config(path: Path, overrides: dict[str, Any]) -> Any:
     """The feature config a bundle was trained with (its manifest's), ``overrides``
     applied: ``path`` is a version folder (``models/din/3``) or a model's folder
     (``models/din``: its newest version, the one ``CTR_MODEL_VERSION=latest`` serves)."""
-    from ctr.bundle import MANIFEST, load_bundle, version_of
+    from ctr.bundle import MANIFEST, BundleError, list_versions, load_bundle, version_of
     from ctr.spec import FeatureConfig, apply_overrides
 
     # a version folder holds a manifest (a model may be named with digits too)
     if version_of(path.name) is not None and (path / MANIFEST).is_file():
         bundle = load_bundle(path.parent.parent, path.parent.name, path.name)
+    elif version_of(path.name) is not None and not path.exists() and path.parent.is_dir():
+        have = list_versions(path.parent.parent, path.parent.name)
+        if have:  # models/din/9 where models/din holds versions: a version, not a model
+            raise BundleError(f"{path.parent} has no version {path.name} (have {have})")
+        bundle = load_bundle(path.parent, path.name, "latest")
     else:
         bundle = load_bundle(path.parent, path.name, "latest")
     raw = apply_overrides(copy.deepcopy(bundle.manifest["config"]), overrides)
@@ -187,6 +194,29 @@ def serve_settings(args: argparse.Namespace, settings: Any) -> Any:
         raise
 
 
+def check_port(host: str, port: int) -> None:
+    """:class:`~ctr.demo.PortInUse` (one line, status 2) where ``host:port`` cannot be
+    bound because something holds it; any other bind error is left to uvicorn."""
+    import errno
+    import socket
+
+    from ctr.demo import PortInUse
+
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUse(
+                    f"{host}:{port} is in use (another `ctr serve`, a `--keep-serving` demo "
+                    "or `docker compose up`?): stop it, or set --port / CTR_PORT"
+                ) from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from service import hup
 
@@ -210,6 +240,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"PROMETHEUS_MULTIPROC_DIR={folder!r} is not a folder (the workers keep their "
             "metrics there): create it, or unset it for a temporary one"
         )
+    check_port(s.host, s.port)  # before the model loads: uvicorn would fail after it
     if workers > 1:  # a worker's SIGHUP while it imports: pending, then noted, not fatal
         hup.block_for_workers()
     try:
@@ -390,7 +421,7 @@ def cmd_impressions(args: argparse.Namespace) -> int:
     from service.impression_read import Impression, ImpressionReader, OnlineEval
     from service.loader import sync_client
     from service.settings import Settings
-    from service.store import ping
+    from service.store import ping, redact
 
     settings = Settings()
     url = args.redis_url or settings.redis_url
@@ -400,6 +431,15 @@ def cmd_impressions(args: argparse.Namespace) -> int:
         raise ValueError("--stream: no stream named (nor CTR_IMPRESSION_STREAM set)")
     ping(url, cluster)
     client = sync_client(url, cluster, timeout_s=30)
+    kind = client.type(stream)
+    kind = kind.decode() if isinstance(kind, bytes) else kind
+    if kind != "stream":  # a typo would otherwise read as "nothing was logged"
+        client.close()
+        what = "no such key" if kind == "none" else f"a {kind}, not a stream"
+        raise ValueError(
+            f"--stream {stream!r}: {what} in {redact(url)} (the service's "
+            "CTR_IMPRESSION_STREAM; it is made at the first logged response)"
+        )
     types = frozenset(t.strip() for t in args.types.split(",") if t.strip())
     reader = ImpressionReader(client, stream, args.item_key, args.window_s, types, args.skew_s)
     online = OnlineEval()
@@ -453,6 +493,13 @@ def cmd_soak(args: argparse.Namespace) -> int:
     )
 
 
+BENCH_REDIS = "redis://127.0.0.1:6379/14"
+BENCH_REDIS_HELP = (
+    "the benchmark's own Redis database, not $CTR_REDIS_URL: it loads users and replaces "
+    "the ctr:item:* hashes there (default: %(default)s)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ctr", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -466,7 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="export a training run to the model store")
     e.add_argument("--run", required=True, help="training run folder")
-    e.add_argument("--models-dir", default="models")
+    e.add_argument("--models-dir", default="models",
+                   help="the model store (default: %(default)s)")  # fmt: skip
     e.add_argument("--name", help="model name (default: the config's name)")
     e.set_defaults(func=cmd_export)
 
@@ -492,16 +540,16 @@ def build_parser() -> argparse.ArgumentParser:
     ld.set_defaults(func=cmd_load)
 
     sv = sub.add_parser("serve", help="start the scoring service (settings from CTR_* env)")
-    sv.add_argument("--host")
-    sv.add_argument("--port", type=int)
-    sv.add_argument("--workers", type=int)
+    sv.add_argument("--host", help="default: $CTR_HOST (0.0.0.0)")
+    sv.add_argument("--port", type=int, help="default: $CTR_PORT (8000)")
+    sv.add_argument("--workers", type=int, help="worker processes (default: $CTR_WORKERS, 1)")
     sv.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="train, export, load, serve and score a sample request")
     d.add_argument("--config", default="configs/synthetic_din.yaml")
     d.add_argument("--data-root", help="use the shared datasets under this path")
     d.add_argument("--models-dir", default="models")
-    d.add_argument("--port", type=int, default=8000)
+    d.add_argument("--port", type=int, default=8000, help="the service's (default: %(default)s)")
     d.add_argument("--keep-serving", action="store_true", help="leave the service running")
     d.add_argument("--set", action="append", default=[], help=SET_HELP)
     d.set_defaults(func=cmd_demo)
@@ -523,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument(
         "--inflight", type=int, default=1, help="ORT runs in flight (CTR_INFERENCE_CONCURRENCY)"
     )
-    bs.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
+    bs.add_argument("--redis-url", default=BENCH_REDIS, help=BENCH_REDIS_HELP)
     bs.add_argument("--port", type=int, default=8310)
     bs.add_argument(
         "--out", default="runs/bench",
@@ -591,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--n", default="50,500")
     bp.add_argument("--rounds", type=int, default=7)
     bp.add_argument("--reps", type=int, default=100)
-    bp.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
+    bp.add_argument("--redis-url", default=BENCH_REDIS, help=BENCH_REDIS_HELP)
     bp.add_argument("--out", default="", help="folder for JSON and table")
     bp.set_defaults(func=cmd_bench_path)
     pp = sub.add_parser(
@@ -612,7 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pp.add_argument("--threads", type=int, default=2, help="ORT intra-op threads")
     pp.add_argument("--inflight", type=int, default=1, help="CTR_INFERENCE_CONCURRENCY")
-    pp.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
+    pp.add_argument("--redis-url", default=BENCH_REDIS, help=BENCH_REDIS_HELP)
     pp.add_argument(
         "--writes",
         type=_share,
@@ -655,12 +703,15 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--item-key", default="item_id",
                     help="the behaviours' item ID field (the model's item key)")  # fmt: skip
     im.add_argument("--window-s", type=float, default=3600.0,
-                    help="a behaviour this long after the scoring at most labels it 1")  # fmt: skip
+                    help="a behaviour this long after the scoring at most labels it 1 "
+                    "(default: %(default)s)")  # fmt: skip
     im.add_argument("--skew-s", type=float, default=1.0,
                     help="a behaviour stamped this long before the scoring still counts (the "
-                    "client's clock against the server's; whole-second timestamps)")  # fmt: skip
+                    "client's clock against the server's; whole-second timestamps; default: "
+                    "%(default)s)")  # fmt: skip
     im.add_argument("--types", default="click",
-                    help="behaviour types that count, comma-separated (empty: all)")  # fmt: skip
+                    help="behaviour types that count, comma-separated (empty: all; default: "
+                    "%(default)s)")  # fmt: skip
     im.add_argument("--out", default="", help="CSV of the labelled rows")
     im.set_defaults(func=cmd_impressions)
     rs = sub.add_parser("results", help="Base/DeepFM/DIN/DIEN on real data, mean ± std")
@@ -678,7 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
     sk.add_argument("--warmup", type=float, default=30.0)
     sk.add_argument("--max-growth-mb", type=float, default=50.0)
     sk.add_argument("--threads", type=int, default=2)
-    sk.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
+    sk.add_argument("--redis-url", default=BENCH_REDIS, help=BENCH_REDIS_HELP)
     sk.add_argument("--port", type=int, default=8311)
     sk.set_defaults(func=cmd_soak)
     return p

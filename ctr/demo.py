@@ -45,9 +45,15 @@ def ensure_redis(url: str) -> subprocess.Popen | None:
 
         print(f"[demo] Redis answers at {redact(url)}")
         return None
+    from service.store import redact
+
     parsed = urlparse(url)
-    if parsed.hostname not in ("127.0.0.1", "localhost"):
-        raise SystemExit("[demo] the Redis at CTR_REDIS_URL does not answer and is not local")
+    if parsed.scheme not in ("redis", "") or parsed.hostname not in ("127.0.0.1", "localhost"):
+        raise RedisUnavailable(
+            f"the Redis at CTR_REDIS_URL={redact(url)} does not answer, and the demo starts "
+            "one only for a redis:// URL on 127.0.0.1 or localhost: start it, or unset "
+            "CTR_REDIS_URL"
+        )
     binary = shutil.which("redis-server")
     if binary is None and os.geteuid() == 0 and shutil.which("apt-get"):
         # as scripts/setup.sh's apt_install: refresh the package lists first (a fresh
@@ -66,7 +72,10 @@ def ensure_redis(url: str) -> subprocess.Popen | None:
             )
         binary = shutil.which("redis-server")
     if binary is None:
-        raise SystemExit("[demo] no Redis and no redis-server binary; install redis-server")
+        raise RedisUnavailable(
+            f"no Redis answers at {redact(url)} and there is no redis-server binary to start "
+            "one: install redis-server (bash scripts/setup.sh does)"
+        )
     port = str(parsed.port or 6379)
     print(f"[demo] starting a private redis-server on port {port}")
     proc = subprocess.Popen(
@@ -78,7 +87,7 @@ def ensure_redis(url: str) -> subprocess.Popen | None:
             return proc
         time.sleep(0.1)
     proc.terminate()
-    raise SystemExit("[demo] redis-server did not come up")
+    raise RedisUnavailable(f"the redis-server started for {redact(url)} did not come up")
 
 
 def _context_of(config: Any, row: Any) -> dict[str, Any]:
@@ -144,7 +153,12 @@ def _readiness(base: str) -> str:
 
 
 class PortInUse(OSError):
-    """The demo's port is taken: wrong input, not a bug."""
+    """The demo's (or ``ctr serve``'s) port is taken: wrong input, not a bug."""
+
+
+class RedisUnavailable(OSError):
+    """No Redis the demo can use: wrong input or a missing tool, not a bug (``ctr``
+    prints it as one line and exits with status 2)."""
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -241,8 +255,9 @@ def run_demo(args: argparse.Namespace) -> int:
                   f"{serve}")  # fmt: skip
         else:  # its own Redis stops with it: start one and load the users first
             print(f"[demo] to serve this bundle yourself{after}: start Redis on "
-                  f"{redact(redis_url)}, load the users (.venv/bin/ctr load --bundle "
-                  f"{env['CTR_MODELS_DIR']}/{config.name}), then {serve}")  # fmt: skip
+                  f"{redact(redis_url)}, load the users (.venv/bin/ctr load --redis-url "
+                  f"{redact(redis_url)} --bundle {env['CTR_MODELS_DIR']}/{config.name}), "
+                  f"then {serve}")  # fmt: skip
         if args.keep_serving:
             print(f"[demo] serving at {base} in the foreground (Ctrl-C to stop)")
             signal.signal(signal.SIGTERM, lambda *_: service.terminate() if service else None)

@@ -116,40 +116,36 @@ class TimedProtocol(HttpToolsProtocol):
     head had not all come, on a connection with nothing else in flight, gets a 408
     first; a request whose body had not all come is ended as a client that left (its
     handler sees the disconnect; status 499 in the request metrics); a connection that
-    sent nothing is closed without a word, as an idle keep-alive one is."""
+    sent nothing is closed without a word, as an idle keep-alive one is. The times are
+    read by :class:`ReadSweeper` every quarter of the timeout (at most every second), so
+    a connection ends between the timeout and a quarter of it (or a second) later."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         app, _ = _front_of(self.config)
         self.read_timeout = float(getattr(app, "read_timeout_s", 0.0) or 0.0)
-        self.read_timer: asyncio.TimerHandle | None = None
+        # loop.time() when the request now arriving began to (or the connection opened);
+        # None while none is: what ReadSweeper looks at, no timer per request
+        self.read_started: float | None = None
         self.reading = False  # a request's bytes have begun to come, not all yet
         self.head_done = False  # and its head has all come
 
-    def _arm(self) -> None:
-        if self.read_timeout > 0:
-            if self.read_timer is not None:
-                self.read_timer.cancel()
-            self.read_timer = self.loop.call_later(self.read_timeout, self._timed_out)
-
-    def _disarm(self) -> None:
-        if self.read_timer is not None:
-            self.read_timer.cancel()
-            self.read_timer = None
-
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm()
+        if self.read_timeout > 0:
+            self.read_started = self.loop.time()
+            ReadSweeper.of(self).start()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
+        self.read_started = None
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.reading = True
         self.head_done = False
-        self._arm()
+        if self.read_timeout > 0:
+            self.read_started = self.loop.time()
 
     def on_headers_complete(self) -> None:
         self.head_done = True
@@ -157,7 +153,7 @@ class TimedProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self.reading = False
-        self._disarm()
+        self.read_started = None
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
@@ -168,8 +164,9 @@ class TimedProtocol(HttpToolsProtocol):
             self.transport.close()
         super().on_response_complete()
 
-    def _timed_out(self) -> None:
-        self.read_timer = None
+    def timed_out(self) -> None:
+        """The request took longer than ``read_timeout`` to arrive: close (class doc)."""
+        self.read_started = None
         if self.transport.is_closing():
             return
         if self.reading:
@@ -180,6 +177,46 @@ class TimedProtocol(HttpToolsProtocol):
                 self.transport.write(_timeout_answer(self.server_state.default_headers,
                                                      self.read_timeout))  # fmt: skip
         self.transport.close()
+
+
+class ReadSweeper:
+    """One per server (kept on uvicorn's server state, beside its set of connections):
+    while any connection is open, every ``interval`` seconds (a quarter of the read
+    timeout, at most 1 s) it ends the :class:`TimedProtocol` connections whose request
+    has been arriving for longer than their read timeout. A request so costs two
+    attribute writes, not a timer armed and cancelled."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, connections: set[Any], timeout: float):
+        self.loop = loop
+        self.connections = connections
+        self.interval = min(1.0, timeout / 4)
+        self.handle: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def of(cls, conn: TimedProtocol) -> ReadSweeper:
+        state = conn.server_state
+        sweeper = getattr(state, "ctr_read_sweeper", None)
+        if sweeper is None:
+            sweeper = cls(conn.loop, state.connections, conn.read_timeout)
+            state.ctr_read_sweeper = sweeper  # type: ignore[attr-defined]
+        return sweeper
+
+    def start(self) -> None:
+        if self.handle is None:
+            self.handle = self.loop.call_later(self.interval, self.sweep)
+
+    def sweep(self) -> None:
+        self.handle = None
+        now = self.loop.time()
+        for conn in list(self.connections):
+            started = getattr(conn, "read_started", None)
+            if started is not None and now - started > conn.read_timeout:
+                try:
+                    conn.timed_out()
+                except Exception:  # one connection's failure must not stop the sweeps
+                    log.exception("closing a connection past its read timeout failed")
+        if self.connections:  # none open: the next connection starts it again
+            self.start()
 
 
 def _timeout_answer(default_headers: list[tuple[bytes, bytes]], timeout_s: float) -> bytes:

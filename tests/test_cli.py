@@ -95,6 +95,35 @@ def test_wrong_input_is_one_line_naming_it(args: list[str], env: dict[str, str],
     assert "hush" not in out.stderr  # a password in a URL never echoed
 
 
+def test_more_wrong_input_named_in_one_line(tmp_path: Path) -> None:
+    """From a newcomer's review: each of these was a traceback, a misleading line, a
+    wrong exit status or a silent success."""
+    import socket
+
+    from tests.helpers import REDIS_URL
+
+    # a version that does not exist, of a model that has versions (it was read as a
+    # model named "9": "no versions of model '9'")
+    (tmp_path / "models" / "din" / "1").mkdir(parents=True)
+    (tmp_path / "models" / "din" / "1" / "manifest.json").write_text("{}")
+    out = ctr("load", "--bundle", str(tmp_path / "models" / "din" / "9"))
+    assert "models/din has no version 9 (have [1])" in one_line_error(out, "load")
+    # a stream that is not there: it printed zero rows and exited 0
+    out = ctr("impressions", "--redis-url", REDIS_URL, "--stream", "no:such:stream")
+    assert "--stream 'no:such:stream': no such key" in one_line_error(out, "impressions")
+    # a taken port: uvicorn's 13 lines after the model had loaded, exit status 3
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = str(held.getsockname()[1])
+        out = ctr("serve", "--host", "127.0.0.1", "--port", port)
+    assert f"127.0.0.1:{port} is in use" in one_line_error(out, "serve")
+    # a Redis the demo cannot start: exit status 1, the URL unnamed, a socket "not local"
+    out = ctr("demo", "--port", str(free_port()), CTR_REDIS_URL="unix:///nonexistent/r.sock")
+    line = one_line_error(out, "demo")
+    assert "CTR_REDIS_URL=unix:///nonexistent/r.sock does not answer" in line
+
+
 def test_serve_flags_override_the_settings_even_when_zero(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
