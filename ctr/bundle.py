@@ -117,6 +117,15 @@ def random_inputs(
 # write CONTRACT_KEY_V2; graphs exported before it carry CONTRACT_KEY, still checked
 CONTRACT_KEY = "ctr_contract_sha256"
 CONTRACT_KEY_V2 = "ctr_contract_v2_sha256"
+# the dense ranges a graph clamps its inputs to (the manifest's dense_range), as
+# dense_range_text writes them; graphs exported before session 34 carry none
+DENSE_RANGE_KEY = "ctr_dense_range"
+
+
+def dense_range_text(ranges: dict[str, list[float]]) -> str:
+    """``{feature: [lo, hi]}`` as one canonical text (keys sorted, no spaces; floats as
+    Python's ``repr``, which reads back exactly)."""
+    return json.dumps(ranges, sort_keys=True, separators=(",", ":"))
 
 
 def contract_digest(config: Any, mapping: Any, key: str = CONTRACT_KEY_V2) -> str:

@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ctr.bundle import BundleError
+from ctr.bundle import BundleError, graph_inputs
 from service import codec, lifecycle, logs, tracking
 from service import hup as early_hup
 from service import metrics as m
@@ -834,7 +834,9 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
                 "item": [f.name for f in c.item_sparse + c.item_dense],
                 "sequence": [f.name for f in c.sequences],
             },
-            "inputs": model.bundle.manifest.get("inputs"),
+            # the graph's inputs (their names checked against the graph at load), not
+            # the manifest's copy, which nothing reads
+            "inputs": [dict(i.__dict__) for i in graph_inputs(c)],
             # {feature: [lo, hi]} the graph clamps dense inputs to ({} for older bundles)
             "dense_range": model.bundle.manifest.get("dense_range") or {},
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import time
@@ -17,9 +18,11 @@ from ctr import native
 from ctr.bundle import (
     CONTRACT_KEY,
     CONTRACT_KEY_V2,
+    DENSE_RANGE_KEY,
     Bundle,
     BundleError,
     contract_digest,
+    dense_range_text,
     graph_inputs,
     graph_outputs,
     load_bundle,
@@ -664,6 +667,7 @@ def check_contract(bundle: Bundle, session: ort.InferenceSession) -> None:
     the graph's key names; a graph exported before any digest was written carries none,
     and is not checked)."""
     meta = session.get_modelmeta().custom_metadata_map
+    check_dense_range(bundle, meta)
     key = next((k for k in (CONTRACT_KEY_V2, CONTRACT_KEY) if k in meta), None)
     if key is None:
         log.info("%s carries no contract digest (an older export): not checked",
@@ -678,6 +682,27 @@ def check_contract(bundle: Bundle, session: ort.InferenceSession) -> None:
             f"{bundle.model_path}: the manifest's feature spec and ID mapping are not the "
             f"ones this graph was exported with (digest {have[:12]}…, the graph's "
             f"{stamped[:12]}…): edited after the export?"
+        )
+
+
+def check_dense_range(bundle: Bundle, meta: dict[str, str]) -> None:
+    """Raises :class:`BundleError` where the manifest's ``dense_range`` is not the one
+    the graph clamps to (stamped at export since session 34: an edited manifest would
+    have been shown by ``/v1/models`` and counted by ``ctr_dense_out_of_range_total`` as
+    if the graph used it). A graph without the stamp is not checked."""
+    stamped = meta.get(DENSE_RANGE_KEY)
+    if stamped is None:
+        return
+    have = bundle.manifest.get("dense_range") or {}
+    try:
+        same = json.loads(stamped) == have
+    except ValueError:
+        same = False
+    if not same:
+        raise BundleError(
+            f"{bundle.model_path}: the manifest's dense_range {dense_range_text(have)[:200]} "
+            f"is not the range this graph clamps to ({stamped[:200]}): edited after the "
+            "export?"
         )
 
 

@@ -302,3 +302,80 @@ def test_the_service_scores_a_far_value_as_the_edge_and_counts_it(
     assert _clamped() == counted
     models = client.get("/v1/models").json()
     assert models["dense_range"] == {FEATURE: [lo, hi]}
+
+
+def _copied(built: Built, tmp_path: Path, edit: Callable[[dict], Any]) -> Built:
+    """``built``'s bundle as version 1 of a fresh store, its manifest edited (the
+    graphs untouched: their sha256s still match)."""
+    import shutil
+
+    src = built.models_dir / built.config.name / str(built.version)
+    dst = tmp_path / "models" / built.config.name / "1"
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / MANIFEST).read_text())
+    edit(manifest)
+    (dst / MANIFEST).write_text(json.dumps(manifest))
+    return Built(built.config, built.frame, tmp_path / "models", built.run_dir, 1)
+
+
+def test_every_graph_carries_the_range_it_clamps_to(built: Built) -> None:
+    from ctr.bundle import DENSE_RANGE_KEY
+
+    bundle = load_bundle(built.models_dir, built.config.name, built.version)
+    folder = built.models_dir / built.config.name / str(built.version)
+    graphs = [p for p in folder.glob("*.onnx")]
+    assert len(graphs) >= 2  # model.onnx and the fused graph
+    for path in graphs:
+        meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"],
+                                    sess_options=_with_ops()).get_modelmeta()  # fmt: skip
+        assert json.loads(meta.custom_metadata_map[DENSE_RANGE_KEY]) == bundle.manifest[
+            "dense_range"
+        ], path.name
+
+
+def _with_ops() -> ort.SessionOptions:
+    from ctr import native
+
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(native.library().path))
+    return so
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [lambda m: m["dense_range"].update({FEATURE: [0.0, 0.5]}), lambda m: m.pop("dense_range")],
+    ids=["narrowed", "removed"],
+)
+def test_a_dense_range_edited_after_the_export_does_not_serve(
+    built: Built, tmp_path: Path, edit: Callable[[dict], Any]
+) -> None:
+    """A chaos review edited ``dense_range`` to ``[0, 0.5]``: the bundle loaded,
+    ``/v1/models`` showed the edit and ``ctr_dense_out_of_range_total`` counted by it,
+    while the graph clamped at its own range. The graph's stamp now refuses it, at
+    start-up and on a reload, like an edited mapping."""
+    store = _copied(built, tmp_path, edit)
+    with TestClient(create_app(settings_for(store, model_version="1"))) as c:
+        ready = c.get("/readyz")
+        assert ready.status_code == 503 and "dense_range" in ready.json()["model_error"]
+    ok = _copied(built, tmp_path / "ok", lambda m: None)
+    store_dir = ok.models_dir / built.config.name
+    import shutil
+
+    shutil.copytree(store.models_dir / built.config.name / "1", store_dir / "2")
+    with TestClient(create_app(settings_for(ok, model_version="1", api_key="k"))) as c:
+        r = c.post("/admin/reload", json={"version": 2}, headers={"X-API-Key": "k"})
+        assert r.status_code == 409 and "dense_range" in r.json()["detail"], r.text
+        assert c.get("/v1/models").json()["version"] == "1"
+
+
+def test_v1_models_shows_the_graphs_inputs_not_the_manifests_copy(
+    built: Built, tmp_path: Path
+) -> None:
+    """The manifest's ``inputs`` is a copy nothing reads: edited to ``[]`` it was what
+    ``/v1/models`` showed."""
+    store = _copied(built, tmp_path, lambda m: m.update(inputs=[]))
+    with TestClient(create_app(settings_for(store, model_version="1"))) as c:
+        shown = c.get("/v1/models").json()["inputs"]
+    graph = ort.InferenceSession(str(built.models_dir / built.config.name / str(built.version)
+                                     / MODEL_FILE), providers=["CPUExecutionProvider"])  # fmt: skip
+    assert [i["name"] for i in shown] == [i.name for i in graph.get_inputs()]

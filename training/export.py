@@ -25,12 +25,14 @@ from torch import Tensor, nn
 
 from ctr import native
 from ctr.bundle import (
+    DENSE_RANGE_KEY,
     FORMAT_VERSION,
     FUSED_CUDA_FILE,
     FUSED_FILE,
     MANIFEST,
     MODEL_FILE,
     contract_of,
+    dense_range_text,
     graph_inputs,
     graph_outputs,
     publish,
@@ -146,19 +148,31 @@ def export_onnx(
         )
 
 
-def stamp_contract(path: Path, contract: tuple[str, str]) -> None:
-    """Write ``contract`` (its key and digest, :func:`ctr.bundle.contract_of`) into the
-    graph's metadata, keeping any other entry."""
+def graph_stamps(contract: tuple[str, str], model: CTRModel) -> dict[str, str]:
+    """What an export writes into each graph's metadata: the contract (its key and
+    digest, :func:`ctr.bundle.contract_of`) and, where dense inputs are clamped, the
+    ranges the graph clamps them to (:data:`ctr.bundle.DENSE_RANGE_KEY`), so that a
+    manifest's ``dense_range`` edited after the export is caught at load."""
+    key, digest = contract
+    stamps = {key: digest}
+    ranges = model.dense_range()
+    if ranges:
+        stamps[DENSE_RANGE_KEY] = dense_range_text(ranges)
+    return stamps
+
+
+def stamp_contract(path: Path, stamps: dict[str, str]) -> None:
+    """Write ``stamps`` (:func:`graph_stamps`) into the graph's metadata, keeping any
+    other entry."""
     graph = onnx.load(str(path))
     props = {p.key: p.value for p in graph.metadata_props}
-    key, digest = contract
-    props[key] = digest
+    props.update(stamps)
     onnx.helper.set_model_props(graph, props)
     onnx.save(graph, str(path))
 
 
 def export_fused(
-    model: CTRModel, staged: Path, cuda: bool = False, contract: tuple[str, str] | None = None
+    model: CTRModel, staged: Path, cuda: bool = False, contract: dict[str, str] | None = None
 ) -> dict[str, Any] | None:
     """Export ``model_fused.onnx`` next to ``model.onnx`` and gate it like the main graph,
     with the custom-op library's CPU kernels. Its manifest entry, or None when the model
@@ -297,7 +311,7 @@ def export_bundle(
     try:
         onnx_path = staged / MODEL_FILE
         export_onnx(model, onnx_path)
-        contract = contract_of(manifest_config(config), mapper.to_json())
+        contract = graph_stamps(contract_of(manifest_config(config), mapper.to_json()), model)
         stamp_contract(onnx_path, contract)
         report = parity_gate(model, onnx_path)
         if not report.ok:
