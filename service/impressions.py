@@ -131,6 +131,7 @@ class ImpressionLog:
             raise
         except Exception as exc:  # Redis down, slow or refusing: kept for another try
             self.failures += 1
+            m.IMPRESSION_WRITE_FAILURES.inc()
             room = self.limit - len(self.queue)
             back = [] if self.closing else kept[:max(room, 0)]
             self.queue.extendleft(reversed(back))

@@ -44,7 +44,8 @@ async def load(state: State, version: str | None) -> LoadedModel:
         err = exc if isinstance(exc, BundleError | ProviderError) else unexpected(exc)
         m.ERRORS.labels("model_load").inc()
         if state.model is None:
-            log.error("model not loaded, service stays not-ready: %s", err)
+            # with "latest" at start-up an older version may serve instead (fall_back)
+            log.error("model not loaded (not ready unless another version loads): %s", err)
             state.model_error = str(err)
         else:
             log.error("reload failed, still serving version %s: %s", state.model.version, err)

@@ -109,6 +109,11 @@ IMPRESSIONS_DROPPED = Counter(
 )
 for _reason in ("queue_full", "redis", "shutdown", "encode"):
     IMPRESSIONS_DROPPED.labels(_reason)
+IMPRESSION_WRITE_FAILURES = Counter(
+    "ctr_impression_write_failures_total",
+    "Impression-stream writes (pipelines of up to 32 entries) that failed; their entries "
+    "go back to the queue and are tried again while it has room",
+)
 DENSE_OUT_OF_RANGE = Counter(
     "ctr_dense_out_of_range_total",
     "Dense feature values encoded outside the range the training split held (the "

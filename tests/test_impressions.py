@@ -119,6 +119,7 @@ def test_a_redis_that_comes_back_gets_every_entry(built: Built) -> None:
     impression of the outage is in the stream, none dropped."""
     with private_redis() as rp:
         before = _dropped("redis") + _dropped("queue_full")
+        failed = REGISTRY.get_sample_value("ctr_impression_write_failures_total") or 0.0
         s = settings_for(built, redis_url=rp.url, impression_stream=STREAM)
         with TestClient(create_app(s)) as c:
             rp.stop()
@@ -126,6 +127,7 @@ def test_a_redis_that_comes_back_gets_every_entry(built: Built) -> None:
                 assert c.post("/v1/score", json=_body(f"u{k}", _items(built, 5))).status_code == 200
             log = c.app.state.ctr.impressions  # type: ignore[attr-defined]
             wait_for(lambda: log.failures >= 1, "a failed write", 10)
+            assert REGISTRY.get_sample_value("ctr_impression_write_failures_total") >= failed + 1
             rp.start()
             wait_for(lambda: rp.client().xlen(STREAM) == 4, "the held impressions written", 15)
             assert len(log.queue) == 0 and log.failures == 0

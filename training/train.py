@@ -7,6 +7,7 @@ import json
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,9 @@ def train(
         model.set_dense_range(*dense_bounds(config, prep.train))
     net: nn.Module = model
     if info.world > 1:
+        # a model may leave parameters unused in a step, so DDP looks for them; where it
+        # finds none it says so once per rank, which reads as a fault and is none
+        warnings.filterwarnings("ignore", message="find_unused_parameters=True was specified")
         net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     bce = nn.BCEWithLogitsLoss()
