@@ -456,11 +456,34 @@ def cmd_impressions(args: argparse.Namespace) -> int:
     finally:
         client.close()
     figures = online.summary()
+    models_dir = args.models_dir or settings.models_dir
+    for name, per_version in figures["by_version"].items():
+        per_version["offline"] = offline_metrics(models_dir, name)
     figures["entries"] = reader.entries
     figures["duplicates"] = reader.duplicates
     figures["unreadable"] = reader.unreadable
     print(json.dumps(figures, indent=2))
     return 0
+
+
+def offline_metrics(models_dir: str, served: str) -> dict[str, Any] | None:
+    """The test-split figures the manifest of ``served`` (``"<name>/<version>"``, as the
+    impression log names it) recorded at export, to set beside its online ones; None
+    where that bundle is not in ``models_dir`` or recorded none."""
+    from ctr.bundle import MANIFEST, version_of
+
+    name, _, version = served.rpartition("/")
+    if not name or version_of(version) is None:
+        return None
+    path = Path(models_dir) / name / version / MANIFEST
+    try:
+        test = json.loads(path.read_text()).get("metrics", {}).get("test")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(test, dict):
+        return None
+    keep = ("auc", "gauc", "logloss", "mean_pred", "observed_ctr", "calibration")
+    return {k: test[k] for k in keep if k in test}
 
 
 def cmd_results(args: argparse.Namespace) -> int:
@@ -713,6 +736,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="behaviour types that count, comma-separated (empty: all; default: "
                     "%(default)s)")  # fmt: skip
     im.add_argument("--out", default="", help="CSV of the labelled rows")
+    im.add_argument("--models-dir", default="",
+                    help="the model store whose manifests' offline test figures are set "
+                    "beside each served version's online ones (default: $CTR_MODELS_DIR, "
+                    "models)")  # fmt: skip
     im.set_defaults(func=cmd_impressions)
     rs = sub.add_parser("results", help="Base/DeepFM/DIN/DIEN on real data, mean ± std")
     rs.add_argument("--datasets", default="amazon_beauty,movielens")

@@ -299,6 +299,16 @@ def test_the_reader_pages_reads_a_retried_entry_once_and_skips_unreadable_ones(
     assert (printed["entries"], printed["duplicates"], printed["unreadable"]) == (10, 1, 1)
     assert printed["rows"] == 60 and printed["clicks"] == 10 and printed["responses"] == 10
     assert printed["auc"] == pytest.approx(summary(rows)["auc"])
+    # each served version's offline test figures from its manifest, beside the online
+    served = f"{rows[0].model}/{rows[0].version}"
+    manifest = orjson.loads(
+        (built.models_dir / rows[0].model / rows[0].version / "manifest.json").read_bytes()
+    )
+    assert main([*args, "--models-dir", str(built.models_dir)]) == 0
+    offline = orjson.loads(capsys.readouterr().out)["by_version"][served]["offline"]
+    assert offline["auc"] == manifest["metrics"]["test"]["auc"]
+    assert main([*args, "--models-dir", str(built.models_dir / "elsewhere")]) == 0
+    assert orjson.loads(capsys.readouterr().out)["by_version"][served]["offline"] is None
 
 
 def test_online_figures_per_version_match_the_offline_metrics() -> None:
