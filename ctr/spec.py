@@ -104,6 +104,12 @@ class ModelSpec(_Strict):
         default="mlp",
         description="DIEN attention: the official code's activation unit, or the paper's h W e",
     )
+    dien_interaction: bool = Field(
+        default=True,
+        description="DIEN: the final MLP reads candidate x history sum (the official "
+        "code's item_eb * item_his_eb_sum); false: the candidate's embedding again in its "
+        "place, as runs trained before session 34 did (load_run sets it for them)",
+    )
     aux_loss_weight: float = Field(default=1.0, ge=0.0)
     aux_hidden: list[Annotated[int, Field(gt=0)]] = Field(
         default_factory=lambda: [100, 50],
@@ -385,7 +391,10 @@ LATER_KEYS: tuple[tuple[str, ...], ...] = (
 # not read them, and the bundle records their effect itself (``train.clip_dense``: the
 # manifest's ``dense_range``, empty when off), so a bundle using one still loads on a
 # service released before it.
-TRAINING_ONLY_KEYS: tuple[tuple[str, ...], ...] = (("train", "clip_dense"),)
+TRAINING_ONLY_KEYS: tuple[tuple[str, ...], ...] = (
+    ("train", "clip_dense"),
+    ("model", "dien_interaction"),  # the graph computes it: the service never reads it
+)
 
 
 def manifest_config(config: FeatureConfig) -> dict[str, Any]:

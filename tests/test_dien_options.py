@@ -88,3 +88,53 @@ def test_aux_hidden_round_trips_through_the_manifest(
     del manifest["config"]["model"]["aux_hidden"]  # as an older export wrote it
     (path / MANIFEST).write_text(json.dumps(manifest))
     assert load_bundle(tmp_path / "m", config.name).config.model.aux_hidden == [100, 50]
+
+
+@pytest.mark.parametrize("interaction", [True, False])
+def test_dien_final_mlp_reads_candidate_times_history_sum(
+    interaction: bool, tiny_config: Callable[..., FeatureConfig], tiny_prep: object
+) -> None:
+    """The official DIEN feeds its final MLP [uid, item, his_sum, item * his_sum, final];
+    this model fed the candidate's embedding a second time where item * his_sum belongs
+    (a review against the reference code). ``dien_interaction: false`` keeps that for
+    runs trained before the fix."""
+    config = tiny_config("dien", model__dien_interaction=interaction)
+    sizes = tiny_prep.mapper.table_sizes()  # type: ignore[attr-defined]
+    model = build_model(config, sizes).eval()
+    feed = random_inputs(config, sizes, 3, 9, None, np.random.default_rng(2))
+    x = {k: torch.from_numpy(v) for k, v in feed.items()}
+    seen: list[torch.Tensor] = []
+    model.mlp.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+    model(x)
+    idx = x["user_idx"]
+    e = model.emb.sequence(model.group, x["hist"])
+    mask = model.mask(x).unsqueeze(-1).to(e.dtype)
+    pooled = (e * mask).sum(1).index_select(0, idx)
+    q = model.emb.query(model.group, x["item_sparse"])
+    d = q.shape[1]
+    start = model.user_width + model.item_width
+    slot = seen[0][:, start : start + d]
+    torch.testing.assert_close(slot, q * pooled if interaction else q)
+    torch.testing.assert_close(seen[0][:, -d:], pooled)
+
+
+def test_a_dien_run_from_before_the_fix_loads_as_trained(
+    tiny_config: Callable[..., FeatureConfig], tiny_prep: object, tmp_path: Path
+) -> None:
+    """A run folder whose config.json has no ``dien_interaction`` (trained before it
+    existed) loads with it off: the weights score as they did; the manifest never holds
+    the key (the service does not read it; the graph computes it)."""
+    import json
+
+    from ctr.spec import manifest_config
+    from training.train import load_run
+
+    config = tiny_config("dien", model__dien_interaction=False)
+    run = tmp_path / "run"
+    train(config, run, prep=tiny_prep, progress=False)  # type: ignore[arg-type]
+    raw = json.loads((run / "config.json").read_text())
+    del raw["model"]["dien_interaction"]
+    (run / "config.json").write_text(json.dumps(raw))
+    loaded, _, model, _ = load_run(run)
+    assert loaded.model.dien_interaction is False and model.config.model.dien_interaction is False
+    assert "dien_interaction" not in manifest_config(tiny_config("dien"))["model"]

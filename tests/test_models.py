@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from ctr.bundle import random_inputs
 from ctr.spec import FeatureConfig, load_config
 from training.dataset import Prepared, negative_key, sample_negatives
 from training.metrics import auc
@@ -806,3 +807,24 @@ def test_a_model_without_an_attention_mlp_may_leave_it_empty(model: dict[str, st
     override = {"model.attention_mlp": [], **{f"model.{k}": v for k, v in model.items()}}
     path = Path(__file__).resolve().parents[1] / "configs/synthetic_din.yaml"
     assert load_config(path, override).model.attention_mlp == []
+
+
+def test_deepfm_mean_pools_over_the_positions_it_sums(
+    tiny_config: Callable[..., FeatureConfig], tiny_prep: object
+) -> None:
+    """A hist_len past L (a raw graph input; the service caps it) divided the sum of L
+    positions by more: the mean shrank. It divides by the positions summed."""
+    config = tiny_config("deepfm")
+    sizes = tiny_prep.mapper.table_sizes()  # type: ignore[attr-defined]
+    model = build_model(config, sizes).eval()
+    from training.export import ExportWrapper
+
+    feed = random_inputs(config, sizes, 2, 5, None, np.random.default_rng(4))
+    wrapper = ExportWrapper(model).eval()  # fills the inputs the graph lacks
+
+    def logits(hist_len: int) -> torch.Tensor:
+        x = {**feed, "hist_len": np.full_like(feed["hist_len"], hist_len)}
+        with torch.no_grad():
+            return wrapper(*[torch.from_numpy(v) for v in x.values()])[0]
+
+    assert torch.equal(logits(config.max_seq_len), logits(config.max_seq_len + 30))

@@ -161,7 +161,8 @@ class DeepFM(CTRModel):
         c = self.config
         idx = x["user_idx"]
         mask = self.mask(x)
-        denom = x["hist_len"].clamp(min=1).to(torch.float32).unsqueeze(-1)
+        # the positions summed (hist_len capped at L: a longer hist_len would shrink it)
+        denom = mask.sum(1, keepdim=True).clamp(min=1).to(torch.float32)  # [U, 1]
         user_fields = [
             self._p(f.name, e)
             for f, e in zip(
@@ -470,7 +471,10 @@ class DIEN(CTRModel):
         final = self.evolution(states, att, idx, mask)  # [N, H]
         pooled_sum = (e * mask.unsqueeze(-1).to(e.dtype)).sum(1).index_select(0, idx)
         u = self.user_deep(x).index_select(0, idx)
-        h = self.mlp(torch.cat([u, self.item_deep(x), q, final, pooled_sum], dim=-1))
+        # the official code's [uid, item, his_sum, item * his_sum, final_state]; runs
+        # trained before session 34 read q again in place of q * pooled_sum
+        inter = q * pooled_sum if self.config.model.dien_interaction else q
+        h = self.mlp(torch.cat([u, self.item_deep(x), inter, final, pooled_sum], dim=-1))
         out = {"logits": self.head(h).squeeze(-1), "attention": att}
         if "neg_hist" in x:
             out["aux_loss"] = self.aux_loss(states, e, x["neg_hist"], mask)

@@ -359,7 +359,10 @@ def load_run(run_dir: str | Path) -> tuple[FeatureConfig, Any, CTRModel, dict[st
     from ctr.mapping import FeatureMapper
 
     run = Path(run_dir)
-    config = FeatureConfig.model_validate_json((run / "config.json").read_text())
+    raw = json.loads((run / "config.json").read_text())
+    if "dien_interaction" not in raw.get("model", {}):  # trained before the key existed
+        raw.setdefault("model", {})["dien_interaction"] = False
+    config = FeatureConfig.model_validate(raw)
     mapper = FeatureMapper.from_json(config, json.loads((run / "mapping.json").read_text()))
     model = build_model(config, mapper.table_sizes())
     model.load_state_dict(torch.load(run / "checkpoint.pt", weights_only=True))
