@@ -229,6 +229,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.settings import Settings
 
     s = serve_settings(args, Settings)
+    check_port(s.host, s.port)  # before the model loads (uvicorn would fail after it)
     workers = s.workers
     made = None  # the metrics folder made here, removed at exit
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -240,7 +241,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"PROMETHEUS_MULTIPROC_DIR={folder!r} is not a folder (the workers keep their "
             "metrics there): create it, or unset it for a temporary one"
         )
-    check_port(s.host, s.port)  # before the model loads: uvicorn would fail after it
     if workers > 1:  # a worker's SIGHUP while it imports: pending, then noted, not fatal
         hup.block_for_workers()
     try:

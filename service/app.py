@@ -538,15 +538,10 @@ async def _read_body(
 ) -> bytes:
     """The request body's bytes; ``header(name)`` reads a (lower-case) request header.
     A body sent compressed (``Content-Encoding`` other than ``identity``) is refused
-    before it is read: read as JSON it would only be malformed; so is a request that
-    asks to switch protocols (``Upgrade``), whose body uvicorn's parser never reads."""
-    if header("upgrade") is not None and "upgrade" in (header("connection") or "").lower():
-        # uvicorn's parser stops at such a head: the body never reaches the app
-        raise UnsupportedUpgrade(
-            "a request asking to switch protocols (Upgrade) is not served: send it as "
-            "plain HTTP/1.1, without Upgrade and Connection: upgrade",
-            "Upgrade",
-        )
+    before it is read: read as JSON it would only be malformed. A request that asks to
+    switch protocols (``Upgrade``) and whose body did not come is refused too: uvicorn's
+    parser reads no body after such a head (whatever ``Connection`` headers made it one),
+    which would otherwise be answered as an empty body."""
     encoding = header("content-encoding")
     if encoding is not None and encoding.strip().lower() not in ("", "identity"):
         raise UnsupportedEncoding(
@@ -563,6 +558,14 @@ async def _read_body(
         body.extend(chunk)
         if len(body) > limit:
             raise PayloadTooLarge(f"body is larger than {limit} bytes", "body")
+    if header("upgrade") is not None and (
+        not body or (length is not None and length.strip() != str(len(body)))
+    ):
+        raise UnsupportedUpgrade(
+            "a request asking to switch protocols (Upgrade) is not served, and its body did "
+            "not reach the service: send it as plain HTTP/1.1, without Upgrade",
+            "Upgrade",
+        )
     return bytes(body)
 
 

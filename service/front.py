@@ -91,6 +91,18 @@ def _front(app: Any) -> tuple[Any, ProxyHeadersMiddleware | None]:
     return None, None
 
 
+def _read_timeout(config: Any) -> float:
+    """The served app's ``read_timeout_s`` (``CTR_READ_TIMEOUT_MS``), found through any
+    middleware uvicorn wraps it in (proxy headers; at ``trace`` level its message
+    logger); 0 (none) for an app that is not the service's."""
+    app = config.loaded_app
+    for _ in range(8):
+        if isinstance(app, ScoringApp):
+            return float(app.read_timeout_s or 0.0)
+        app = getattr(app, "app", None)
+    return 0.0
+
+
 def _front_of(config: Any) -> tuple[Any, ProxyHeadersMiddleware | None]:
     """:func:`_front` of the server's app, worked out once per server (kept on its
     config): a proxy-headers middleware holds a reference cycle (its trusted hosts'
@@ -122,8 +134,7 @@ class TimedProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        app, _ = _front_of(self.config)
-        self.read_timeout = float(getattr(app, "read_timeout_s", 0.0) or 0.0)
+        self.read_timeout = _read_timeout(self.config)
         # loop.time() when the request now arriving began to (or the connection opened);
         # None while none is: what ReadSweeper looks at, no timer per request
         self.read_started: float | None = None
@@ -158,22 +169,35 @@ class TimedProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         # after a head asking to switch protocols (Upgrade: h2c, ...) the parser reads
-        # no more HTTP on this connection: close it once answered (uvicorn kept it open,
-        # a pipelined request after it never answered, until the keep-alive timeout)
-        if self.parser is not None and self.parser.should_upgrade():
+        # no more HTTP on this connection: close it once it is answered, and any request
+        # queued before it (uvicorn kept it open, a pipelined request after it never
+        # answered, until the keep-alive timeout)
+        if self.parser is not None and self.parser.should_upgrade() and not self.pipeline:
             self.transport.close()
         super().on_response_complete()
+        if self.reading and self.read_started is not None:
+            # the clock of a request still arriving counts from when nothing else on
+            # the connection is in flight: uvicorn stops reading behind a queued request
+            self.read_started = self.loop.time()
+
+    def busy(self) -> bool:
+        """Another request of this connection is in flight (its answer not written):
+        the request now arriving waits behind it, and uvicorn may have stopped reading
+        meanwhile, so its clock does not run."""
+        if self.pipeline:  # this request's head came in while an earlier one ran
+            return True
+        cycle = self.cycle  # before this request's head is complete: the previous one's
+        return not self.head_done and cycle is not None and not cycle.response_complete
 
     def timed_out(self) -> None:
-        """The request took longer than ``read_timeout`` to arrive: close (class doc)."""
+        """The request took longer than ``read_timeout`` to arrive, with nothing else of
+        its connection in flight: close (class doc)."""
         self.read_started = None
         if self.transport.is_closing():
             return
         if self.reading:
             m.ERRORS.labels("request_timeout").inc()
-            cycle = self.cycle
-            idle = (cycle is None or cycle.response_complete) and not self.pipeline
-            if idle and not self.head_done:
+            if not self.head_done:
                 self.transport.write(_timeout_answer(self.server_state.default_headers,
                                                      self.read_timeout))  # fmt: skip
         self.transport.close()
@@ -189,7 +213,7 @@ class ReadSweeper:
     def __init__(self, loop: asyncio.AbstractEventLoop, connections: set[Any], timeout: float):
         self.loop = loop
         self.connections = connections
-        self.interval = min(1.0, timeout / 4)
+        self.interval = min(1.0, max(timeout / 4, 0.01))
         self.handle: asyncio.TimerHandle | None = None
 
     @classmethod
@@ -210,7 +234,7 @@ class ReadSweeper:
         now = self.loop.time()
         for conn in list(self.connections):
             started = getattr(conn, "read_started", None)
-            if started is not None and now - started > conn.read_timeout:
+            if started is not None and now - started > conn.read_timeout and not conn.busy():
                 try:
                     conn.timed_out()
                 except Exception:  # one connection's failure must not stop the sweeps

@@ -13,7 +13,9 @@ is read once and counted in ``duplicates``.
 Rows stream through: a caller writes each out (the CSV) and adds it to an
 :class:`OnlineEval`, which keeps what the figures need in flat arrays (about 19 bytes
 a row: the user and the version as indices, the label, the probability); the figures'
-sorts then take about 100 bytes a row for a moment. Two million rows (20,000 entries of
+sorts then take about 100 bytes a row for a moment, and each entry read costs about
+150 bytes more (its digest, to read a repeated one once, and its ID, to count responses):
+the per-row figure for entries of many items, not of a few. Two million rows (20,000 entries of
 100 items) peaked at 340 MB above the command's 140 MB at start, against 760 MB when
 every row was held (``scripts/bench_impressions_read.py``).
 """
@@ -178,10 +180,10 @@ class ImpressionReader:
 
     def _parse(self, entry: str, fields: dict) -> list[Impression] | None:
         """The entry's items; None for one read before (a retried write) or unreadable."""
-        key = hashlib.blake2b(digest_size=16)
-        for name in ("ts", "user_id", "response"):
-            key.update(_bytes(fields.get(name, b"")))
-            key.update(b"\0")
+        key = hashlib.blake2b(digest_size=16)  # of every field: a retry repeats them all
+        for name in sorted(fields):
+            value = _bytes(fields[name])
+            key.update(b"%d:%b%d:%b" % (len(name), name.encode(), len(value), value))
         digest = key.digest()
         if digest in self._seen:
             self.duplicates += 1
@@ -218,14 +220,11 @@ class OnlineEval:
         self._version = array("H")
         self._label = array("b")
         self._prob = array("d")
-        self._responses: dict[int, int] = {}  # version index -> responses
-        self._last_entry = ""
+        self._responses: dict[int, set[str]] = {}  # version index -> its entries' IDs
 
     def add(self, imp: Impression) -> None:
         version = self._versions.setdefault(f"{imp.model}/{imp.version}", len(self._versions))
-        if imp.entry != self._last_entry:  # an entry's items come together
-            self._last_entry = imp.entry
-            self._responses[version] = self._responses.get(version, 0) + 1
+        self._responses.setdefault(version, set()).add(imp.entry)
         self._user.append(self._users.setdefault(imp.user_id, len(self._users)))
         self._version.append(version)
         self._label.append(imp.label)
@@ -242,13 +241,13 @@ class OnlineEval:
         labels = np.array(self._label, dtype=np.float64)
         probs = np.frombuffer(self._prob, dtype=np.float64) if self._prob else np.empty(0)
         versions = np.frombuffer(self._version, dtype=np.uint16) if self._version else users
-        out = _figures(users, labels, probs, sum(self._responses.values()))
+        out = _figures(users, labels, probs, sum(map(len, self._responses.values())))
         out["by_version"] = {
             name: _figures(
                 users[versions == i],
                 labels[versions == i],
                 probs[versions == i],
-                self._responses.get(i, 0),
+                len(self._responses.get(i, ())),
             )  # fmt: skip
             for name, i in sorted(self._versions.items())
         }

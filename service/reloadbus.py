@@ -69,7 +69,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.connection import parse_url
 
-from ctr.bundle import list_versions
+from ctr.bundle import BundleError, list_versions
 from service.retry import retry_under_lock
 from service.store import REDIS_ERRORS, node_urls
 
@@ -246,7 +246,7 @@ class ReloadBus:
         try:
             return max(list_versions(self.deployment["models_dir"], self.deployment["model"]),
                        default=0)  # fmt: skip
-        except OSError:
+        except (OSError, BundleError):  # the model's folder unreadable: list_versions says
             return 0
 
     def start(self) -> None:

@@ -331,14 +331,14 @@ with TestClient(create_app(s)) as c:
 """
 
 
-def _as_unprivileged(*args: str) -> dict[str, Any]:
+def _as_unprivileged(*args: str, script: str = _UNREADABLE_CHILD) -> dict[str, Any]:
     import os
     import subprocess
     import sys
 
     from tests.helpers import REDIS_URL, ROOT
 
-    cmd = [sys.executable, "-c", _UNREADABLE_CHILD, *args[:2], REDIS_URL, args[2]]
+    cmd = [sys.executable, "-c", script, *args[:2], REDIS_URL, args[2]]
     if os.geteuid() == 0:
         if shutil.which("setpriv") is None:
             pytest.skip("setpriv (util-linux) is missing: root reads any folder")
@@ -381,3 +381,38 @@ def test_a_model_folder_that_cannot_be_read_leaves_the_service_not_ready(
     assert got["ready"] == 503, got  # not ready, and says why; no crashed start-up
     assert "cannot read the model store's folder" in got["readyz"]["model_error"], got
     assert got["reload"] == 409
+
+
+# the same with the reload bus on and a broadcast record there: the start-up read of the
+# deployment's version listed the store too, outside the load's error handling
+_UNREADABLE_BUS_CHILD = """
+import json, os, sys, uuid
+from fastapi.testclient import TestClient
+from service.app import create_app
+from service.settings import Settings
+models, name, redis_url, version = sys.argv[1:5]
+s = Settings(models_dir=models, model_name=name, redis_url=redis_url, model_version=version,
+             api_key="k", reload_channel="test:bus:" + uuid.uuid4().hex)
+with TestClient(create_app(s)) as c:
+    r = c.post("/admin/reload", json={"version": 1}, headers={"X-API-Key": "k"})
+    assert r.status_code == 200, r.text
+os.chmod(os.path.join(models, name), 0)
+try:
+    with TestClient(create_app(s)) as c:
+        ready = c.get("/readyz")
+        print(json.dumps({"ready": ready.status_code, "readyz": ready.json()}))
+finally:
+    os.chmod(os.path.join(models, name), 0o755)
+"""
+
+
+def test_an_unreadable_model_folder_with_the_reload_bus_on_leaves_it_not_ready(
+    two_versions: Built,
+) -> None:
+    """With a deployment record in Redis the start-up asked the store for its newest
+    version outside the load's handling: an unreadable folder crashed the worker."""
+    got = _as_unprivileged(str(two_versions.models_dir), two_versions.config.name, "latest",
+                           script=_UNREADABLE_BUS_CHILD)  # fmt: skip
+    assert got["ready"] == 503, got
+    assert "cannot read the model store's folder" in got["readyz"]["model_error"], got
+

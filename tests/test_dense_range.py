@@ -379,3 +379,25 @@ def test_v1_models_shows_the_graphs_inputs_not_the_manifests_copy(
     graph = ort.InferenceSession(str(built.models_dir / built.config.name / str(built.version)
                                      / MODEL_FILE), providers=["CPUExecutionProvider"])  # fmt: skip
     assert [i["name"] for i in shown] == [i.name for i in graph.get_inputs()]
+
+
+def test_a_graph_that_clamps_nothing_says_so(
+    built: Built, tiny_config: Callable[..., FeatureConfig]
+) -> None:
+    """A model trained with ``clip_dense: false`` clamps nothing, and its graphs say so
+    (``{}``): a ``dense_range`` added to its manifest would otherwise have loaded and
+    been shown and counted as if the graph clamped to it."""
+    from ctr.bundle import DENSE_RANGE_KEY, contract_of
+    from service.model import check_dense_range
+    from training.export import graph_stamps
+
+    config = tiny_config("din")
+    model = build_model(config, {t.name: 20 for t in config.tables})
+    stamps = graph_stamps(contract_of({}, {}), model)
+    assert stamps[DENSE_RANGE_KEY] == "{}"
+    bundle = load_bundle(built.models_dir, built.config.name, built.version)
+    assert bundle.manifest["dense_range"]  # this bundle's manifest names a range
+    with pytest.raises(BundleError, match="dense_range"):
+        check_dense_range(bundle, {DENSE_RANGE_KEY: "{}"})
+    check_dense_range(bundle, {})  # an older graph, no stamp: not checked
+

@@ -5,6 +5,7 @@ head or a body, or nothing, was never answered nor closed (a fuzzing review's fi
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
@@ -94,6 +95,33 @@ def test_a_connection_that_sends_nothing_is_closed_quietly(server: ServerThread)
     assert _timeouts() == before  # no request had begun: nothing to count
 
 
+class Responses:
+    """Whole responses read one at a time from a socket (head, then Content-Length
+    bytes), what came after one kept for the next: uvicorn may write a head and its body
+    apart, and pipelined answers together."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def _more(self, what: str) -> None:
+        chunk = self.sock.recv(65536)
+        assert chunk, f"closed before {what}: {self.buf[:200]!r}"
+        self.buf += chunk
+
+    def next(self) -> tuple[bytes, bytes]:
+        while b"\r\n\r\n" not in self.buf:
+            self._more("a whole head")
+        head, _, rest = self.buf.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.lower().split(b"\r\n")
+                          if line.startswith(b"content-length:")))  # fmt: skip
+        while len(rest) < length:
+            self._more("a whole body")
+            rest = self.buf.partition(b"\r\n\r\n")[2]
+        self.buf = rest[length:]
+        return head, rest[:length]
+
+
 def test_a_slow_request_within_the_limit_and_a_kept_connection_are_served(
     server: ServerThread, built: Built
 ) -> None:
@@ -106,33 +134,82 @@ def test_a_slow_request_within_the_limit_and_a_kept_connection_are_served(
             sock.sendall(_head(len(body)) + body[:10])
             time.sleep(TIMEOUT_MS / 1000 / 4)
             sock.sendall(body[10:])
-            got = sock.recv(65536)
-            assert got.startswith(b"HTTP/1.1 200 "), got[:200]
+            head, _ = Responses(sock).next()
+            assert head.startswith(b"HTTP/1.1 200 "), head[:200]
             time.sleep(TIMEOUT_MS / 1000 * 2)  # idle past the read timeout: still open
 
 
+@pytest.mark.parametrize(
+    "connection",
+    [[b"Connection: Upgrade, HTTP2-Settings"], [b"Connection: keep-alive", b"Connection: Upgrade"]],
+    ids=["one-header", "split-headers"],
+)
 def test_an_upgrade_request_no_longer_holds_the_connection(
-    server: ServerThread, built: Built
+    server: ServerThread, built: Built, connection: list[bytes]
 ) -> None:
     """``Upgrade: h2c`` with a body: uvicorn's parser stops at the head (the body and a
     pipelined request after it are never read): the app answered 422 "body is empty"
-    and the connection stayed open until the keep-alive timeout. Now a 400 naming the
-    header, and the connection is closed at once."""
+    and the connection stayed open until the keep-alive timeout (30 s here). Now a 400
+    naming the header, and the connection closed once answered; also where the
+    ``Connection`` header's upgrade token comes in a second header line."""
     body = _body(built)
-    raw = (
-        b"POST /v1/score HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, HTTP2-Settings\r\n"
-        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
-        + f"Content-Length: {len(body)}\r\n\r\n".encode() + body + _head(len(body)) + body
-    )
+    head = b"\r\n".join([b"POST /v1/score HTTP/1.1", b"Host: t", *connection, b"Upgrade: h2c"])
+    raw = head + f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
     with _connect(server) as sock:
-        sock.sendall(raw)
+        sock.sendall(raw + _head(len(body)) + body)
         got, took = _until_closed(sock)
     assert got.startswith(b"HTTP/1.1 400 "), got[:200]
     answer = json.loads(got.partition(b"\r\n\r\n")[2])
     assert answer["error"] == "unsupported_upgrade" and answer["field"] == "Upgrade"
-    assert took < TIMEOUT_MS / 1000  # closed once answered, not at a timeout
+    assert took < 5  # closed once answered: not at the keep-alive timeout
 
 
+def test_a_request_queued_before_an_upgrade_request_is_answered_too(
+    server: ServerThread, built: Built
+) -> None:
+    """The close after an upgrade request waits for it: a pipelined upgrade request
+    behind a plain one used to close the connection after the first answer."""
+    body = _body(built)
+    head = b"POST /v1/score HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
+    upgrade = head + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+    with _connect(server) as sock:
+        sock.sendall(_head(len(body)) + body + upgrade)
+        answers = Responses(sock)
+        first, _ = answers.next()
+        second, _ = answers.next()
+        assert answers.buf == b"" and sock.recv(1) == b""  # then closed
+    assert first.startswith(b"HTTP/1.1 200 ") and second.startswith(b"HTTP/1.1 400 ")
+
+
+def test_a_request_queued_behind_a_slow_one_is_not_timed_out_meanwhile(
+    built: Built, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uvicorn stops reading behind a queued request until the one before it is
+    answered: the clock of a request then still arriving does not run meanwhile. (It
+    did: a slow first answer made the connection close, losing all three.)"""
+    from service import app as app_module
+
+    real = app_module._score
+    slow = {"left": 1}
+
+    async def slow_first(*args: Any, **kwargs: Any) -> Any:
+        if slow["left"]:
+            slow["left"] -= 1
+            await asyncio.sleep(TIMEOUT_MS / 1000 * 2.5)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(app_module, "_score", slow_first)
+    body = _body(built)
+    app = create_app(settings_for(built, read_timeout_ms=TIMEOUT_MS, request_timeout_ms=5000))
+    with ServerThread(app, http=FrontProtocol, timeout_keep_alive=30) as s, _connect(s) as sock:
+        sock.sendall(_head(len(body)) + body)  # 1: answered after 2.5 timeouts
+        time.sleep(0.05)
+        sock.sendall(_head(len(body)) + body + _head(len(body)) + body[:10])  # 2, 3 begun
+        time.sleep(TIMEOUT_MS / 1000 / 4)
+        sock.sendall(body[10:])
+        answers = Responses(sock)
+        heads = [answers.next()[0] for _ in range(3)]
+    assert all(h.startswith(b"HTTP/1.1 200 ") for h in heads), heads
 def test_no_limit_at_zero(built: Built) -> None:
     app: Any = create_app(settings_for(built, read_timeout_ms=0))
     with ServerThread(app, http=FrontProtocol) as s, _connect(s) as sock:
@@ -140,3 +217,15 @@ def test_no_limit_at_zero(built: Built) -> None:
         sock.sendall(b"POST /v1/score HTTP/1.1\r\n")
         with pytest.raises(TimeoutError):
             sock.recv(1)  # still open, as uvicorn leaves it
+        # and no clock at all: no sweeper was started for this server
+        assert not hasattr(s.server.server_state, "ctr_read_sweeper")
+
+
+def test_the_limit_holds_at_the_trace_log_level(built: Built) -> None:
+    """At ``trace`` uvicorn wraps the app in its message logger: the limit was then
+    not found, and a half-sent head held its connection for good."""
+    app: Any = create_app(settings_for(built, read_timeout_ms=TIMEOUT_MS))
+    with ServerThread(app, http=TimedProtocol, log_level="trace") as s, _connect(s) as sock:
+        sock.sendall(b"POST /v1/score HTTP/1.1\r\nHost: t\r\n")
+        got, took = _until_closed(sock)
+    assert got.startswith(b"HTTP/1.1 408 ") and took < 5

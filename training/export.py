@@ -158,11 +158,8 @@ def graph_stamps(contract: tuple[str, str], model: CTRModel) -> dict[str, str]:
     ranges the graph clamps them to (:data:`ctr.bundle.DENSE_RANGE_KEY`), so that a
     manifest's ``dense_range`` edited after the export is caught at load."""
     key, digest = contract
-    stamps = {key: digest}
-    ranges = model.dense_range()
-    if ranges:
-        stamps[DENSE_RANGE_KEY] = dense_range_text(ranges)
-    return stamps
+    # "{}" where nothing is clamped: a dense_range added to its manifest does not load
+    return {key: digest, DENSE_RANGE_KEY: dense_range_text(model.dense_range())}
 
 
 def stamp_contract(path: Path, stamps: dict[str, str]) -> None:
