@@ -432,6 +432,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 settings.impression_maxlen,
                 settings.impression_queue,
                 settings.impression_sample,
+                settings.impression_queue_mb << 20,
             )
             state.impressions.start()
         if state.bus is not None:
@@ -672,7 +673,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             deadline, lambda deadline, idle: _score(state, model, req, deadline, idle)
         )
         if state.impressions is not None:  # what is answered 200 (past the deadline check)
-            state.impressions.add(req.user_id, req.context, response.body)
+            state.impressions.add(req.user_id, req.context, response.body, model.context_sources)
         return response
 
     @app.post(

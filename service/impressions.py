@@ -46,35 +46,65 @@ BATCH = 32  # entries per pipeline: its packing holds the event loop ~0.1 ms per
 FLUSH_S = 0.1  # the longest an entry waits in the queue while Redis answers
 CLOSE_S = 2.0  # how long shutdown spends writing what is queued
 RETRY_S = (0.1, 0.2, 0.5, 1.0, 2.0)  # waits after failed writes, in a row (the last repeats)
+# a context whose JSON is longer is logged as the keys the model reads only, marked
+# "_truncated" (a request may send up to CTR_MAX_BODY_BYTES of context keys)
+MAX_CONTEXT_BYTES = 8192
 
 
 class ImpressionLog:
     """The queue and its writer task (:meth:`start`; :meth:`close` ends it)."""
 
     def __init__(
-        self, redis: AnyRedis, stream: str, maxlen: int, queue: int, sample: float = 1.0
+        self,
+        redis: AnyRedis,
+        stream: str,
+        maxlen: int,
+        queue: int,
+        sample: float = 1.0,
+        queue_bytes: int = 64 << 20,
     ) -> None:
         self.redis = redis
         self.stream = stream
         self.maxlen = maxlen
         self.sample = sample
-        self.queue: deque[tuple[float, str, dict[str, Any], bytes]] = deque()
+        # (ts, user, context JSON, response body)
+        self.queue: deque[tuple[float, str, bytes, bytes]] = deque()
         self.limit = queue
+        self.limit_bytes = queue_bytes
+        self.queued_bytes = 0  # of the queue's contexts and responses
         self.wake = asyncio.Event()
         self.closing = False
         self.failures = 0  # failed writes in a row
         self.task: asyncio.Task[None] | None = None
         self._warned = 0.0
 
-    def add(self, user_id: str, context: dict[str, Any], response: bytes) -> None:
+    def add(
+        self,
+        user_id: str,
+        context: dict[str, Any],
+        response: bytes,
+        read: frozenset[str] | set[str] = frozenset(),
+    ) -> None:
         """Queue one scored response (a share ``sample`` of the calls); never blocks,
-        never raises: a full queue drops it (counted)."""
+        never raises: a full queue (``CTR_IMPRESSION_QUEUE`` entries or
+        ``CTR_IMPRESSION_QUEUE_MB``) drops it (counted). A context over
+        ``MAX_CONTEXT_BYTES`` as JSON keeps only the keys the model reads (``read``)."""
         if self.sample < 1.0 and random.random() >= self.sample:
             return
-        if len(self.queue) >= self.limit:
+        try:
+            ctx = orjson.dumps(context)
+            if len(ctx) > MAX_CONTEXT_BYTES:
+                kept = {k: v for k, v in context.items() if k in read}
+                ctx = orjson.dumps({**kept, "_truncated": len(ctx)})
+        except TypeError:  # a value JSON cannot hold as UTF-8 (a lone surrogate)
+            m.IMPRESSIONS_DROPPED.labels("encode").inc()
+            return
+        size = len(ctx) + len(response)
+        if len(self.queue) >= self.limit or self.queued_bytes + size > self.limit_bytes:
             m.IMPRESSIONS_DROPPED.labels("queue_full").inc()
             return
-        self.queue.append((time.time(), user_id, context, response))
+        self.queue.append((time.time(), user_id, ctx, response))
+        self.queued_bytes += size
         if len(self.queue) >= BATCH:
             self.wake.set()
 
@@ -109,19 +139,12 @@ class ImpressionLog:
         they go back to the front of the queue (as many as it has room for; the rest are
         dropped, counted) for the next try, unless the log is closing. True when
         written."""
-        batch = [self.queue.popleft() for _ in range(min(BATCH, len(self.queue)))]
+        kept = [self.queue.popleft() for _ in range(min(BATCH, len(self.queue)))]
+        self.queued_bytes -= sum(len(e[2]) + len(e[3]) for e in kept)
         pipe = self.redis.pipeline(transaction=False)
-        kept = []
-        for entry in batch:
-            ts, user, context, response = entry
-            try:
-                ctx = orjson.dumps(context)
-            except TypeError:  # a value JSON cannot hold as UTF-8 (a lone surrogate)
-                m.IMPRESSIONS_DROPPED.labels("encode").inc()
-                continue
+        for ts, user, ctx, response in kept:
             fields = {"ts": repr(ts), "user_id": user, "context": ctx, "response": response}
             pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
-            kept.append(entry)
         if not kept:
             return True
         try:
@@ -135,6 +158,7 @@ class ImpressionLog:
             room = self.limit - len(self.queue)
             back = [] if self.closing else kept[:max(room, 0)]
             self.queue.extendleft(reversed(back))
+            self.queued_bytes += sum(len(e[2]) + len(e[3]) for e in back)
             if len(kept) > len(back):
                 m.IMPRESSIONS_DROPPED.labels("redis").inc(len(kept) - len(back))
             now = time.monotonic()
@@ -161,3 +185,4 @@ class ImpressionLog:
         if self.queue:
             m.IMPRESSIONS_DROPPED.labels("shutdown").inc(len(self.queue))
             self.queue.clear()
+            self.queued_bytes = 0

@@ -197,6 +197,12 @@ class Settings(BaseSettings):
         description="impressions held in memory while Redis is slow or down; beyond "
         "them new ones are dropped (ctr_impressions_dropped_total)",
     )
+    impression_queue_mb: int = Field(
+        64,
+        gt=0,
+        description="the most memory the queued impressions (their contexts and response "
+        "bodies) take per worker; beyond it new ones are dropped (queue_full)",
+    )
     event_max_bytes: int = Field(
         4096,
         ge=256,

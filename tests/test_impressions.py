@@ -147,6 +147,28 @@ def test_the_queue_is_bounded_and_sampled() -> None:
     assert 850 < len(half.queue) < 1150
 
 
+def test_the_queue_is_bounded_in_bytes_and_a_huge_context_keeps_the_models_keys() -> None:
+    """A security review logged 0.9 MB per entry (a context of 4,300 keys) and grew a
+    worker by 1.6 MB per queued entry while Redis was paused: the queue is bounded in
+    bytes too, and a context over MAX_CONTEXT_BYTES keeps only the keys the model reads."""
+    log = ImpressionLog(Redis.from_url(REDIS_URL), STREAM, 100, queue=10_000,  # type: ignore[arg-type]
+                        queue_bytes=50_000)  # fmt: skip
+    before = _dropped("queue_full")
+    for k in range(10):
+        log.add(f"u{k}", {}, b"x" * 9_000)
+    assert len(log.queue) == 5 and _dropped("queue_full") == before + 5
+    assert log.queued_bytes == 5 * (9_000 + 2)
+    big = {f"k{i:05d}": "v" * 200 for i in range(100)} | {"hour": 13}
+    log.queue.clear()
+    log.queued_bytes = 0
+    log.add("u1", big, b"{}", read={"hour"})
+    logged = orjson.loads(log.queue[0][2])
+    assert logged == {"hour": 13, "_truncated": len(orjson.dumps(big))}
+    small = {"hour": 13, "not_a_feature": "kept"}
+    log.add("u2", small, b"{}", read={"hour"})
+    assert orjson.loads(log.queue[1][2]) == small  # under the limit: all of it, as sent
+
+
 def _pairwise_auc(rows: list[Any]) -> float:
     pos = [r.probability for r in rows if r.label]
     neg = [r.probability for r in rows if not r.label]
