@@ -115,6 +115,12 @@ def _front_of(config: Any) -> tuple[Any, ProxyHeadersMiddleware | None]:
     return kept[1], kept[2]
 
 
+# the longest request head (request line and headers) read; uvicorn's httptools
+# protocol has no limit (h11's is 16 KB)
+MAX_HEAD_BYTES = 64 * 1024
+LINGER_S = 2.0  # how long a refused connection is read on (and dropped) before it closes
+
+
 class TimedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a limit on how long a request takes to arrive
     (``CTR_READ_TIMEOUT_MS``, the served app's ``read_timeout_s``): uvicorn has none, so
@@ -130,7 +136,12 @@ class TimedProtocol(HttpToolsProtocol):
     handler sees the disconnect; status 499 in the request metrics); a connection that
     sent nothing is closed without a word, as an idle keep-alive one is. The times are
     read by :class:`ReadSweeper` every quarter of the timeout (at most every second), so
-    a connection ends between the timeout and a quarter of it (or a second) later."""
+    a connection ends between the timeout and a quarter of it (or a second) later.
+
+    Two more bounds uvicorn lacks: a request head longer than ``MAX_HEAD_BYTES`` is
+    refused (431) before the parser reads more of it, and a connection whose client has
+    read nothing of the answers for ``read_timeout`` (the transport's buffer full) is
+    dropped, counted as ``write_timeout``."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -140,6 +151,9 @@ class TimedProtocol(HttpToolsProtocol):
         self.read_started: float | None = None
         self.reading = False  # a request's bytes have begun to come, not all yet
         self.head_done = False  # and its head has all come
+        self.head_bytes = 0  # of the head now arriving (MAX_HEAD_BYTES)
+        self.discarding = False  # refused: what comes is read and dropped until closed
+        self.write_paused_at: float | None = None  # loop.time() the transport filled up
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -158,13 +172,65 @@ class TimedProtocol(HttpToolsProtocol):
         if self.read_timeout > 0:
             self.read_started = self.loop.time()
 
+    def data_received(self, data: bytes) -> None:
+        if self.discarding:  # refused: read on only so that the refusal is not reset
+            return
+        if not (self.reading and self.head_done):  # a head is arriving (or may begin)
+            end = data.find(b"\r\n\r\n")
+            self.head_bytes += len(data) if end < 0 else end
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self.head_too_large()
+                return
+        super().data_received(data)
+
+    def head_too_large(self) -> None:
+        """A head past ``MAX_HEAD_BYTES``: refused before the parser sees more of it
+        (httptools joins a header's pieces one copy at a time: a 64 MB header held the
+        event loop for seconds), with a 431 where nothing else is in flight on the
+        connection, and the connection closed."""
+        m.ERRORS.labels("header_too_large").inc()
+        if self.busy():
+            self.transport.close()
+            return
+        detail = f"the request's head is longer than {MAX_HEAD_BYTES} bytes"
+        self.transport.write(
+            _refusal(self.server_state.default_headers, 431, "header_too_large", detail)
+        )
+        # a close with the client's bytes unread would reset the connection, and the
+        # client might lose the answer: end the writing side, read on and drop what
+        # comes, and close once the client does (or after LINGER_S)
+        self.discarding = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_S, self.transport.close)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.write_paused_at = self.loop.time()
+        if self.read_timeout > 0:
+            ReadSweeper.of(self).start()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.write_paused_at = None
+
+    def write_timed_out(self) -> None:
+        """The client has read none of what the service wrote for ``read_timeout``
+        (the socket's buffers full): the connection is dropped, what it held with it
+        (uvicorn would wait for good; answers pile up in memory)."""
+        self.write_paused_at = None
+        m.ERRORS.labels("write_timeout").inc()
+        self.transport.abort()
+
     def on_headers_complete(self) -> None:
         self.head_done = True
+        self.head_bytes = 0
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         self.reading = False
         self.read_started = None
+        self.head_bytes = 0
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
@@ -233,6 +299,13 @@ class ReadSweeper:
         self.handle = None
         now = self.loop.time()
         for conn in list(self.connections):
+            paused = getattr(conn, "write_paused_at", None)
+            if paused is not None and now - paused > conn.read_timeout:
+                try:
+                    conn.write_timed_out()
+                except Exception:
+                    log.exception("dropping a connection that reads nothing failed")
+                continue
             started = getattr(conn, "read_started", None)
             if started is not None and now - started > conn.read_timeout and not conn.busy():
                 try:
@@ -244,22 +317,26 @@ class ReadSweeper:
 
 
 def _timeout_answer(default_headers: list[tuple[bytes, bytes]], timeout_s: float) -> bytes:
-    """The 408 for a request whose head did not all come in time: the service's error
-    body, with a request ID of its own (no header of the request's was read)."""
+    """The 408 for a request whose head did not all come in time."""
+    detail = (f"the request's headers did not all arrive within {timeout_s * 1000:.0f} ms "
+              "(CTR_READ_TIMEOUT_MS)")  # fmt: skip
+    return _refusal(default_headers, 408, "request_timeout", detail)
+
+
+def _refusal(
+    default_headers: list[tuple[bytes, bytes]], status: int, kind: str, detail: str
+) -> bytes:
+    """An answer the protocol gives before any request reached the app (its head did
+    not all come, or is too large): the service's error body naming the headers, with a
+    request ID of its own (no header of the request's was read), and the connection
+    closed."""
     from service.app import orjson_response  # the error bodies' one writer
 
     rid = request_id(None)
     body = orjson_response(
-        {
-            "error": "request_timeout",
-            "field": "headers",
-            "detail": f"the request's headers did not all arrive within {timeout_s * 1000:.0f} "
-            "ms (CTR_READ_TIMEOUT_MS)",
-            "request_id": rid,
-        },
-        408,
+        {"error": kind, "field": "headers", "detail": detail, "request_id": rid}, status
     )
-    content = [STATUS_LINE[408]]
+    content = [STATUS_LINE[status]]
     for name, value in [*default_headers, *body.raw_headers]:
         content.extend((name, b": ", value, b"\r\n"))
     content.extend((HEADER, b": ", rid.encode(), b"\r\nconnection: close\r\n\r\n", body.body))

@@ -6,6 +6,7 @@ head or a body, or nothing, was never answered nor closed (a fuzzing review's fi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -229,3 +230,63 @@ def test_the_limit_holds_at_the_trace_log_level(built: Built) -> None:
         sock.sendall(b"POST /v1/score HTTP/1.1\r\nHost: t\r\n")
         got, took = _until_closed(sock)
     assert got.startswith(b"HTTP/1.1 408 ") and took < 5
+
+
+def test_a_head_past_the_limit_is_a_431_before_the_parser_reads_it(server: ServerThread) -> None:
+    """httptools joins a header's pieces one copy at a time (a 64 MB header held the
+    event loop for seconds, a security review found): a head past MAX_HEAD_BYTES is
+    refused as it arrives."""
+    from service.front import MAX_HEAD_BYTES
+
+    before = REGISTRY.get_sample_value("ctr_errors_total", {"kind": "header_too_large"}) or 0.0
+    with _connect(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-A: ")
+        with contextlib.suppress(OSError):  # the server may close while this is sent
+            for _ in range(MAX_HEAD_BYTES // 4096 + 2):
+                sock.sendall(b"a" * 4096)
+        got, took = _until_closed(sock)
+    assert got.startswith(b"HTTP/1.1 431 "), got[:200]
+    assert json.loads(got.partition(b"\r\n\r\n")[2])["error"] == "header_too_large"
+    after = REGISTRY.get_sample_value("ctr_errors_total", {"kind": "header_too_large"})
+    assert after == before + 1
+    # a head just under the limit is served
+    with _connect(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-A: " + b"a" * (MAX_HEAD_BYTES - 200)
+                     + b"\r\nConnection: close\r\n\r\n")  # fmt: skip
+        got, _ = _until_closed(sock)
+    assert got.startswith(b"HTTP/1.1 200 "), got[:200]
+
+
+def test_a_client_that_reads_nothing_is_dropped(built: Built) -> None:
+    """Answers written to a client that reads none of them piled up in the transport,
+    and the connection was held for good (the read clock rests while answers are in
+    flight): past the timeout with the transport full, it is dropped."""
+    import threading
+
+    items = [f"i{k}" for k in range(2000)]  # unknown IDs too: 2,000 ranked items each
+    user = str(built.frame["user_id"].iloc[0])
+    body = json.dumps({"user_id": user, "candidates": [{"item_id": i} for i in items]}).encode()
+    app = create_app(settings_for(built, read_timeout_ms=TIMEOUT_MS, max_candidates=2000))
+    before = REGISTRY.get_sample_value("ctr_errors_total", {"kind": "write_timeout"}) or 0.0
+    with ServerThread(app, http=FrontProtocol, timeout_keep_alive=30) as s:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", s.port))
+
+        def send() -> None:  # blocks once the server stops reading: in a thread
+            with contextlib.suppress(OSError):
+                sock.sendall((_head(len(body)) + body) * 60)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            got = REGISTRY.get_sample_value("ctr_errors_total", {"kind": "write_timeout"})
+            if (got or 0.0) > before:
+                break
+            time.sleep(0.1)
+        sock.close()
+        sender.join(5)
+    assert (REGISTRY.get_sample_value("ctr_errors_total", {"kind": "write_timeout"}) or 0.0) == (
+        before + 1
+    )
