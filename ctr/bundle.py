@@ -371,7 +371,12 @@ class Bundle:
         if entry is None:
             what = "CUDA variant of the fused graph" if cuda else "fused graph"
             raise BundleError(f"{self.path}: the bundle has no {what}")
-        path = self.path / str(entry.get("file", FUSED_CUDA_FILE if cuda else FUSED_FILE))
+        name = str(entry.get("file", FUSED_CUDA_FILE if cuda else FUSED_FILE))
+        if Path(name).name != name or name in ("", ".", ".."):
+            # a plain file name in the bundle's folder, never a path out of it
+            raise BundleError(f"{self.path}: the fused graph's file {name[:200]!r} is not a "
+                              "file name in the bundle's folder")  # fmt: skip
+        path = self.path / name
         try:
             data = path.read_bytes()
         except OSError as exc:

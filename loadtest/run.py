@@ -243,6 +243,13 @@ def _fmt(value: float, digits: int = 1) -> str:
     )
 
 
+def _shown(name: str, value: str) -> str:
+    """An environment value as the report may show it: a key, token, password or secret
+    never (the report is shared)."""
+    secret = any(w in name.upper() for w in ("KEY", "TOKEN", "PASSWORD", "SECRET"))
+    return "***" if secret and value else value
+
+
 def write_report(
     out: Path,
     args: argparse.Namespace,
@@ -272,7 +279,8 @@ def write_report(
         f"- finished: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, locust exit code {exit_code}\n",
     ]
     if env_keys:
-        text.append("- traffic: " + ", ".join(f"`{k}={os.environ[k]}`" for k in env_keys) + "\n")
+        shown = [f"`{k}={_shown(k, os.environ[k])}`" for k in env_keys]
+        text.append("- traffic: " + ", ".join(shown) + "\n")
     text += [
         "\n## Overall\n\n",
         f"- requests: {overall['requests']}, failures: {overall['failures']} "

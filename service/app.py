@@ -439,6 +439,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.bus.start()
         if settings.protect_scoring and settings.api_key is None:
             log.warning("CTR_PROTECT_SCORING has no effect: CTR_API_KEY is not set")
+        if settings.api_key is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("CTR_API_KEY is not set and the service binds %s: anyone who reaches "
+                        "it can append to any user's history (POST /v1/events) and read it "
+                        "back with explain; set CTR_API_KEY (and CTR_PROTECT_SCORING)",
+                        settings.host)  # fmt: skip
         m.PROCESS.sample()  # this worker's memory and CPU in /metrics from the start
         if settings.process_metrics_s > 0:
             lifecycle.spawn(state, m.PROCESS.every(settings.process_metrics_s))
@@ -668,6 +673,10 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
         body = await _read_body(header, chunks, s.max_body_bytes)
         deadline = admit()
         req = score_input(body, s.max_candidates, s.max_id_length, state.codec)
+        if req.explain and not s.protect_scoring:
+            # explain lists the user's behaviours: the key where one is set, open scoring
+            # or not (it is the scoring route's one read of a user's history)
+            _check_key(state, header)
         model = state.require_model()
         response = await guarded(
             deadline, lambda deadline, idle: _score(state, model, req, deadline, idle)

@@ -576,3 +576,42 @@ def test_an_upgrade_request_whose_body_did_not_come_is_a_400(client: TestClient,
     r = client.post("/v1/score", content=json.dumps(score), headers=asks)
     assert r.status_code == 200, r.text
 
+
+
+def test_explain_needs_the_key_where_one_is_set(keyed: TestClient) -> None:
+    """``explain`` lists the user's own behaviours: with CTR_API_KEY set it needs the
+    key even where scoring is open (a security review read a user's history with it)."""
+    body = {"user_id": "u1", "candidates": C, "explain": True}
+    check(keyed.post("/v1/score", json=body), 401, "X-API-Key", "unauthorized")
+    assert keyed.post("/v1/score", json=body, headers=KEY).status_code == 200
+    plain = {"user_id": "u1", "candidates": C}
+    assert keyed.post("/v1/score", json=plain).status_code == 200  # scoring stays open
+
+
+def test_a_fused_graph_file_outside_the_bundle_is_refused(tmp_path: Any) -> None:
+    """A manifest's fused ``file`` was joined to the bundle's folder as given: a path
+    out of it loaded a graph from elsewhere."""
+    from ctr.bundle import MANIFEST, BundleError, load_bundle
+
+    built: Built = build_bundle(tmp_path, "din")
+    folder = built.models_dir / built.config.name / str(built.version)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    if manifest.get("fused") is None:
+        pytest.skip("no fused graph exported here (no C++ compiler)")
+    manifest["fused"]["file"] = "../../" + manifest["fused"]["file"]
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="not a file name"):
+        load_bundle(built.models_dir, built.config.name, built.version).fused_bytes()
+
+
+def test_the_load_test_report_shows_no_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from tests.helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("lt_run", ROOT / "loadtest" / "run.py")
+    assert spec is not None and spec.loader is not None
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    assert run._shown("LOCUST_API_KEY", "topsecret") == "***"
+    assert run._shown("LOCUST_ZIPF_A", "1.1") == "1.1"
