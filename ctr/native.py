@@ -27,6 +27,7 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -331,8 +332,12 @@ def _build(cuda: bool, out_dir: Path | None, arch: str | None) -> OpsLibrary:
 
     try:
         if lib.is_file() and stamp.is_file() and stamp.read_text().strip() == _file_sha256(lib):
+            why = _untrusted(lib)
+            if why:
+                raise NativeError(f"custom-op library {lib} not loaded: {why}")
             return checked()
-        target.mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.mkdir(mode=0o700, exist_ok=True)  # this user's only
         work = Path(tempfile.mkdtemp(prefix="build-", dir=target.parent))
     except OSError as exc:
         raise NativeError(f"custom-op cache {target} is not usable: {exc}") from exc
@@ -353,6 +358,24 @@ def _build(cuda: bool, out_dir: Path | None, arch: str | None) -> OpsLibrary:
         shutil.rmtree(work, ignore_errors=True)
     log.info("built %s (cuda=%s, %s)", lib, cuda, " ".join(cpu_arch) or "no -march flag")
     return checked()
+
+
+def _untrusted(lib: Path) -> str:
+    """Why ``lib`` must not be loaded for who wrote it: the file, its folder or that
+    folder's parent is owned by another user than this one or root, or writable by its
+    group or by anyone (another local user could put a library there that runs in this
+    process); empty when none is. A missing path is left to the caller."""
+    uid = os.geteuid()
+    for path in (lib, lib.parent, lib.parent.parent):
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        if st.st_uid not in (uid, 0):
+            return f"{path} belongs to uid {st.st_uid}, not this user ({uid}) or root"
+        if st.st_mode & 0o022 and not (path.is_dir() and st.st_mode & stat.S_ISVTX):
+            return f"{path} is writable by its group or others (mode {st.st_mode & 0o777:o})"
+    return ""
 
 
 def _stamp_ok(lib: Path) -> str:
@@ -427,7 +450,11 @@ def select(directory: Path, flags: Iterable[str] | None = None) -> OpsLibrary:
     for level in (lv for lv in LEVELS if lv in present):
         lib = directory / level / LIB_NAME
         lacks = missing_flags(level, have)
-        why = f"skipped, not loaded: this CPU lacks {' '.join(lacks)}" if lacks else _stamp_ok(lib)
+        why = (
+            f"skipped, not loaded: this CPU lacks {' '.join(lacks)}"
+            if lacks
+            else _untrusted(lib) or _stamp_ok(lib)
+        )
         if not why:
             try:
                 found = describe(lib)

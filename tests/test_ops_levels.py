@@ -193,3 +193,42 @@ def test_the_cuda_build_compiles_and_loads(tmp_path: Path, monkeypatch: pytest.M
     lib = native.build(cuda=True)
     assert lib.cuda and lib.path.is_file()
     assert native.describe(lib.path) == lib  # self-tested in a child: it loads
+
+
+def test_a_library_others_can_write_is_never_loaded(
+    ops_levels: Path, tmp_path: Path, loaded: list[Path]
+) -> None:
+    """A security review planted a library in a cache folder others could write (and
+    rewrote its stamp, which only detects damage): it ran in the service's process. A
+    library whose file or folders another user could have written is skipped unloaded."""
+    levels = native.supported_levels()
+    folder = copy_levels(ops_levels, tmp_path / "ops", levels[:2])
+    (folder / levels[0]).chmod(0o777)  # anyone could have put the top level's file there
+    chosen = native.select(folder)
+    assert chosen.level == levels[1] and loaded == [chosen.path]  # never loaded the top
+    why = native._untrusted(folder / levels[0] / native.LIB_NAME)
+    assert "writable by its group or others" in why
+    (folder / levels[0]).chmod(0o755)
+    (folder / levels[0] / native.LIB_NAME).chmod(0o666)
+    assert "writable" in native._untrusted(folder / levels[0] / native.LIB_NAME)
+    (folder / levels[0] / native.LIB_NAME).chmod(0o755)
+    assert native._untrusted(folder / levels[0] / native.LIB_NAME) == ""
+
+
+def test_the_build_cache_refuses_a_library_others_could_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The build cache's copy is checked the same way before it is loaded, and the
+    folders the build makes are this user's only."""
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        missing("no C++ compiler")
+    built = native.library()  # this checkout's, from the usual cache
+    cache = tmp_path / "cache"
+    target = cache / built.path.parent.name
+    shutil.copytree(built.path.parent, target)
+    monkeypatch.setenv("CTR_OPS_CACHE", str(cache))
+    target.chmod(0o777)
+    with pytest.raises(native.NativeError, match="writable by its group or others"):
+        native._build(False, None, None)
+    target.chmod(0o700)
+    assert native._build(False, None, None).path == target / native.LIB_NAME
