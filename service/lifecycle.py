@@ -45,7 +45,7 @@ async def load(state: State, version: str | None) -> LoadedModel:
         m.ERRORS.labels("model_load").inc()
         if state.model is None:
             # with "latest" at start-up an older version may serve instead (fall_back)
-            log.error("model not loaded (not ready unless another version loads): %s", err)
+            log.error("model not loaded, not-ready unless another version loads: %s", err)
             state.model_error = str(err)
         else:
             log.error("reload failed, still serving version %s: %s", state.model.version, err)
