@@ -230,6 +230,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     s = serve_settings(args, Settings)
     check_port(s.host, s.port)  # before the model loads (uvicorn would fail after it)
+    os.environ["CTR_HOST"] = s.host  # --host: the app's settings (read in each worker) see it
     workers = s.workers
     made = None  # the metrics folder made here, removed at exit
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

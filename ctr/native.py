@@ -336,8 +336,13 @@ def _build(cuda: bool, out_dir: Path | None, arch: str | None) -> OpsLibrary:
             if why:
                 raise NativeError(f"custom-op library {lib} not loaded: {why}")
             return checked()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.mkdir(mode=0o700, exist_ok=True)  # this user's only
+        for folder in (target.parent, target):  # this user's only, whatever the umask
+            if not folder.exists():
+                folder.mkdir(parents=True, exist_ok=True)
+                folder.chmod(0o700)
+        why = _untrusted(target / LIB_NAME)  # a folder made by someone else: not built in
+        if why:
+            raise NativeError(f"custom-op cache {target} not used: {why}")
         work = Path(tempfile.mkdtemp(prefix="build-", dir=target.parent))
     except OSError as exc:
         raise NativeError(f"custom-op cache {target} is not usable: {exc}") from exc
@@ -347,6 +352,7 @@ def _build(cuda: bool, out_dir: Path | None, arch: str | None) -> OpsLibrary:
         built = work / LIB_NAME
         with built.open("rb") as f:
             os.fsync(f.fileno())
+        built.chmod(0o755)  # whatever the umask
         digest = _file_sha256(built)
         # the library first, then its stamp: a reader trusts the pair only when they agree
         os.replace(built, lib)
@@ -357,6 +363,9 @@ def _build(cuda: bool, out_dir: Path | None, arch: str | None) -> OpsLibrary:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log.info("built %s (cuda=%s, %s)", lib, cuda, " ".join(cpu_arch) or "no -march flag")
+    why = _untrusted(lib)
+    if why:
+        raise NativeError(f"custom-op library {lib} not loaded: {why}")
     return checked()
 
 
@@ -414,6 +423,7 @@ def build_levels(
         lib = dest / LIB_NAME
         try:
             dest.mkdir(parents=True, exist_ok=True)
+            dest.chmod(0o755)  # whatever the umask: select() refuses a group-writable one
             tmp = dest / f".{LIB_NAME}.tmp"
             shutil.copyfile(built.path, tmp)
             tmp.chmod(0o755)
@@ -541,6 +551,9 @@ def library(path: str | None = None) -> OpsLibrary:
         elif path:
             if not Path(path).is_file():
                 raise NativeError(f"custom-op library {path} does not exist")
+            why = _untrusted(Path(path))
+            if why:
+                raise NativeError(f"custom-op library {path} not loaded: {why}")
             _known[key] = describe(Path(path))
         else:
             _known[key] = build()

@@ -243,11 +243,25 @@ def _fmt(value: float, digits: int = 1) -> str:
     )
 
 
+def _without_password(url: str) -> str:
+    """``url`` with any ``user:password@`` taken out (the report is shared)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def _shown(name: str, value: str) -> str:
     """An environment value as the report may show it: a key, token, password or secret
     never (the report is shared)."""
     secret = any(w in name.upper() for w in ("KEY", "TOKEN", "PASSWORD", "SECRET"))
-    return "***" if secret and value else value
+    if secret and value:
+        return "***"
+    return _without_password(value) if "://" in value else value
 
 
 def write_report(
@@ -274,7 +288,7 @@ def write_report(
     env_keys = sorted(k for k in os.environ if k.startswith("LOCUST_"))
     text = [
         "# Load test report\n\n",
-        f"- host: `{args.host}`\n",
+        f"- host: `{_without_password(args.host)}`\n",
         f"- duration: {args.duration}, users: {args.users}, spawn rate: {args.spawn_rate}/s\n",
         f"- finished: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, locust exit code {exit_code}\n",
     ]

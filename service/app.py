@@ -439,7 +439,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.bus.start()
         if settings.protect_scoring and settings.api_key is None:
             log.warning("CTR_PROTECT_SCORING has no effect: CTR_API_KEY is not set")
-        if settings.api_key is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        if settings.api_key is None and not _loopback(settings.host):
             log.warning("CTR_API_KEY is not set and the service binds %s: anyone who reaches "
                         "it can append to any user's history (POST /v1/events) and read it "
                         "back with explain; set CTR_API_KEY (and CTR_PROTECT_SCORING)",
@@ -482,6 +482,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ServingMiddleware)  # times every other request
     install_openapi(app, settings.max_id_length)
     return app
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` (``CTR_HOST``, which ``ctr serve`` sets to the address it binds)
+    is reachable from this machine only."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: not known to be local
+        return False
 
 
 def error_response(exc: ServiceError) -> Response:

@@ -118,6 +118,8 @@ def _front_of(config: Any) -> tuple[Any, ProxyHeadersMiddleware | None]:
 # the longest request head (request line and headers) read; uvicorn's httptools
 # protocol has no limit (h11's is 16 KB)
 MAX_HEAD_BYTES = 64 * 1024
+# a message's non-body bytes after its head (chunk sizes, trailers) read at most
+MAX_FRAMING_BYTES = 1 << 20
 LINGER_S = 2.0  # how long a refused connection is read on (and dropped) before it closes
 
 
@@ -152,6 +154,10 @@ class TimedProtocol(HttpToolsProtocol):
         self.reading = False  # a request's bytes have begun to come, not all yet
         self.head_done = False  # and its head has all come
         self.head_bytes = 0  # of the head now arriving (MAX_HEAD_BYTES)
+        self.head_tail = b""  # the last bytes of a head's read so far (its end may straddle)
+        self.framing_bytes = 0  # the message's non-body bytes after its head
+        self.fed_body = 0  # body bytes the parser gave in the current read
+        self.running_cycle: RequestResponseCycle | None = None  # the one whose task runs
         self.discarding = False  # refused: what comes is read and dropped until closed
         self.write_paused_at: float | None = None  # loop.time() the transport filled up
 
@@ -169,19 +175,33 @@ class TimedProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self.reading = True
         self.head_done = False
+        self.framing_bytes = 0
         if self.read_timeout > 0:
             self.read_started = self.loop.time()
 
     def data_received(self, data: bytes) -> None:
         if self.discarding:  # refused: read on only so that the refusal is not reset
             return
-        if not (self.reading and self.head_done):  # a head is arriving (or may begin)
-            end = data.find(b"\r\n\r\n")
-            self.head_bytes += len(data) if end < 0 else end
+        in_body = self.reading and self.head_done
+        if not in_body:  # a head is arriving (or may begin): counted before the parser
+            seen = self.head_tail + data  # the end of a head may straddle two reads
+            end = seen.find(b"\r\n\r\n")
+            self.head_bytes += len(data) if end < 0 else max(0, end - len(self.head_tail))
+            self.head_tail = seen[-3:]
             if self.head_bytes > MAX_HEAD_BYTES:
                 self.head_too_large()
                 return
+        self.fed_body = 0
         super().data_received(data)
+        if in_body:  # what was not body: chunk sizes, trailers (their headers too)
+            self.framing_bytes += len(data) - self.fed_body
+            if self.framing_bytes > MAX_FRAMING_BYTES and not self.transport.is_closing():
+                m.ERRORS.labels("header_too_large").inc()
+                self.transport.close()  # the request is in flight: no answer to give
+
+    def on_body(self, body: bytes) -> None:
+        self.fed_body += len(body)
+        super().on_body(body)
 
     def head_too_large(self) -> None:
         """A head past ``MAX_HEAD_BYTES``: refused before the parser sees more of it
@@ -189,6 +209,9 @@ class TimedProtocol(HttpToolsProtocol):
         event loop for seconds), with a 431 where nothing else is in flight on the
         connection, and the connection closed."""
         m.ERRORS.labels("header_too_large").inc()
+        self.read_started = None  # no read timeout's 408 after this answer
+        self.reading = False
+        self._unset_keepalive_if_required()  # nor uvicorn's keep-alive close mid-linger
         if self.busy():
             self.transport.close()
             return
@@ -220,17 +243,31 @@ class TimedProtocol(HttpToolsProtocol):
         (uvicorn would wait for good; answers pile up in memory)."""
         self.write_paused_at = None
         m.ERRORS.labels("write_timeout").inc()
+        # every request of the connection learns its client left: the one waiting for
+        # the buffer to drain writes nothing (uvicorn marks only the newest cycle)
+        cycles = [self.running_cycle, self.cycle, *(c for c, _ in self.pipeline)]
+        for cycle in cycles:
+            if cycle is not None:
+                cycle.disconnected = True
+                cycle.message_event.set()
+        self.pipeline.clear()
         self.transport.abort()
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        self.running_cycle = cycle
+        super()._start_asgi_task(cycle, app)
 
     def on_headers_complete(self) -> None:
         self.head_done = True
         self.head_bytes = 0
+        self.head_tail = b""
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         self.reading = False
         self.read_started = None
         self.head_bytes = 0
+        self.head_tail = b""
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
@@ -259,7 +296,7 @@ class TimedProtocol(HttpToolsProtocol):
         """The request took longer than ``read_timeout`` to arrive, with nothing else of
         its connection in flight: close (class doc)."""
         self.read_started = None
-        if self.transport.is_closing():
+        if self.transport.is_closing() or self.discarding:
             return
         if self.reading:
             m.ERRORS.labels("request_timeout").inc()
@@ -361,6 +398,7 @@ class FrontProtocol(TimedProtocol):
             )
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        self.running_cycle = cycle
         front = self.front
         if front is not None and app is self.app:  # not the concurrency limit's 503
             scope = cycle.scope
@@ -403,8 +441,8 @@ async def serve_direct(
         if response is None:
             status = CLIENT_CLOSED  # nobody to answer; counted, not logged as an error
         else:
-            await _write(cycle, response, rid)
-            status = response.status_code
+            written = await _write(cycle, response, rid)
+            status = response.status_code if written else CLIENT_CLOSED
     except BaseException as exc:
         # what uvicorn's run_asgi does with an app that raised (a bug's exception after
         # its 500; a cancellation, as at the end of a graceful shutdown's wait): its
@@ -423,15 +461,16 @@ async def serve_direct(
     CURRENT.reset(token)
 
 
-async def _write(cycle: RequestResponseCycle, response: Response, rid: str) -> None:
+async def _write(cycle: RequestResponseCycle, response: Response, rid: str) -> bool:
     """The response's head and body in one write, as uvicorn's ``send`` writes them for
     a ``Content-Length`` response to a POST (the ``X-Request-ID`` header last, as
     ScoringApp adds it); then the request is complete (keep-alive, or the connection
-    closed; the next pipelined request)."""
+    closed; the next pipelined request). False where the client had gone: nothing
+    written."""
     if cycle.flow.write_paused and not cycle.disconnected:
         await cycle.flow.drain()
     if cycle.disconnected:
-        return
+        return False
     cycle.response_started = True
     cycle.waiting_for_100_continue = False
     scope = cycle.scope
@@ -462,3 +501,4 @@ async def _write(cycle: RequestResponseCycle, response: Response, rid: str) -> N
     if not keep_alive:
         cycle.transport.close()
     cycle.on_response()
+    return True

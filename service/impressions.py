@@ -157,6 +157,9 @@ class ImpressionLog:
             m.IMPRESSION_WRITE_FAILURES.inc()
             room = self.limit - len(self.queue)
             back = [] if self.closing else kept[:max(room, 0)]
+            room_bytes = self.limit_bytes - self.queued_bytes
+            while back and sum(len(e[2]) + len(e[3]) for e in back) > room_bytes:
+                back.pop()  # the newest of the batch go first: the queue's bytes bound holds
             self.queue.extendleft(reversed(back))
             self.queued_bytes += sum(len(e[2]) + len(e[3]) for e in back)
             if len(kept) > len(back):

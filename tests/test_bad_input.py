@@ -615,3 +615,16 @@ def test_the_load_test_report_shows_no_secret(monkeypatch: pytest.MonkeyPatch) -
     spec.loader.exec_module(run)
     assert run._shown("LOCUST_API_KEY", "topsecret") == "***"
     assert run._shown("LOCUST_ZIPF_A", "1.1") == "1.1"
+    assert run._without_password("http://me:pw@h:8000/x") == "http://h:8000/x"
+    assert run._shown("LOCUST_HOST", "http://me:pw@h:8000") == "http://h:8000"
+
+
+@pytest.mark.parametrize(
+    ("host", "local"),
+    [("127.0.0.1", True), ("127.0.0.2", True), ("::1", True), ("localhost", True),
+     ("0.0.0.0", False), ("10.1.2.3", False), ("api.example", False)],
+)  # fmt: skip
+def test_the_open_service_warning_knows_loopback(host: str, local: bool) -> None:
+    from service.app import _loopback
+
+    assert _loopback(host) is local

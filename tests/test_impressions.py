@@ -367,3 +367,19 @@ def test_online_figures_per_version_match_the_offline_metrics() -> None:
         assert figures["rows"] == len(part) and figures["responses"] == len(part) // 5
         for key, value in offline(part).items():
             assert figures[key] == pytest.approx(value, rel=1e-12), (name, key)
+
+
+def test_a_failed_write_puts_back_no_more_than_the_bytes_bound() -> None:
+    """A failed write put its batch back checking the entry count only: the queue went
+    past its bytes bound by a batch."""
+    from redis.asyncio import Redis as AsyncRedis
+
+    log = ImpressionLog(AsyncRedis.from_url("redis://127.0.0.1:1/0"), STREAM, 100,  # type: ignore[arg-type]
+                        queue=10_000, queue_bytes=50_000)  # fmt: skip
+    for k in range(5):
+        log.add(f"u{k}", {}, b"x" * 9_000)
+    asyncio.run(log.flush())  # nothing answers at port 1: the batch goes back
+    for k in range(5):  # meanwhile new ones filled the room
+        log.add(f"v{k}", {}, b"x" * 9_000)
+    assert log.queued_bytes <= 50_000
+    assert log.queued_bytes == sum(len(e[2]) + len(e[3]) for e in log.queue)

@@ -232,3 +232,27 @@ def test_the_build_cache_refuses_a_library_others_could_write(
         native._build(False, None, None)
     target.chmod(0o700)
     assert native._build(False, None, None).path == target / native.LIB_NAME
+
+
+def test_a_cache_folder_someone_else_made_is_not_built_in_and_a_loose_file_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second review: a digest folder another user made before the first build (the
+    digest is predictable) was built in and the result loaded; a CTR_OPS_LIBRARY file
+    was loaded unchecked."""
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        missing("no C++ compiler")
+    built = native.library()
+    cache = tmp_path / "cache"
+    planted = cache / built.path.parent.name
+    planted.mkdir(parents=True)
+    planted.chmod(0o777)  # made by "someone else": anyone may write in it
+    monkeypatch.setenv("CTR_OPS_CACHE", str(cache))
+    with pytest.raises(native.NativeError, match="not used"):
+        native._build(False, None, None)
+    loose = tmp_path / "loose" / native.LIB_NAME
+    loose.parent.mkdir()
+    shutil.copyfile(built.path, loose)
+    loose.chmod(0o666)
+    with pytest.raises(native.NativeError, match="writable by its group or others"):
+        native.library(str(loose))

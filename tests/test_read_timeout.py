@@ -59,6 +59,19 @@ def _timeouts() -> float:
     return REGISTRY.get_sample_value("ctr_errors_total", {"kind": "request_timeout"}) or 0.0
 
 
+def _scored(status: str) -> float:
+    """``POST /v1/score`` answers counted with ``status`` (ctr_request_duration_seconds)."""
+    from service import metrics as m
+
+    for metric in m.REQUEST_DURATION.collect():
+        for sample in metric.samples:
+            labels = sample.labels
+            if sample.name.endswith("_count") and labels.get("route") == "/v1/score":
+                if labels.get("status") == status:
+                    return sample.value
+    return 0.0
+
+
 def _connect(server: ServerThread) -> socket.socket:
     return socket.create_connection(("127.0.0.1", server.port), timeout=10)
 
@@ -268,7 +281,8 @@ def test_a_client_that_reads_nothing_is_dropped(built: Built) -> None:
     body = json.dumps({"user_id": user, "candidates": [{"item_id": i} for i in items]}).encode()
     app = create_app(settings_for(built, read_timeout_ms=TIMEOUT_MS, max_candidates=2000))
     before = REGISTRY.get_sample_value("ctr_errors_total", {"kind": "write_timeout"}) or 0.0
-    with ServerThread(app, http=FrontProtocol, timeout_keep_alive=30) as s:
+    errors, gone = _scored("500"), _scored("499")
+    with ServerThread(app, http=FrontProtocol, timeout_keep_alive=30, loop="uvloop") as s:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect(("127.0.0.1", s.port))
@@ -290,3 +304,64 @@ def test_a_client_that_reads_nothing_is_dropped(built: Built) -> None:
     assert (REGISTRY.get_sample_value("ctr_errors_total", {"kind": "write_timeout"}) or 0.0) == (
         before + 1
     )
+    # the request waiting for the buffer to drain learns its client left: nothing is
+    # written to the dropped transport (uvloop raised there: "Exception in ASGI
+    # application" and a 500 counted), it is counted as a client that left
+    assert _scored("500") == errors and _scored("499") > gone
+
+
+def test_a_head_whose_end_straddles_two_reads_is_not_counted_with_its_body(
+    server: ServerThread, built: Built
+) -> None:
+    """The head's end (CR LF CR LF) split across two reads: the second read's body was
+    counted as head and a valid 200 KB request was refused with a 431."""
+    body = _body(built)
+    padded = body[:-1] + b" " * 200_000 + body[-1:]  # JSON whitespace: the same request
+    head = _head(len(padded))
+    with _connect(server) as sock:
+        sock.sendall(head[:-1])
+        time.sleep(0.2)
+        sock.sendall(head[-1:] + padded)
+        got, _ = Responses(sock).next()
+    assert got.startswith(b"HTTP/1.1 200 "), got[:200]
+
+
+def test_trailers_past_the_limit_close_the_connection(server: ServerThread, built: Built) -> None:
+    """Chunked trailers go through the same header code as a head: 16 MB of them cost
+    the worker about 10 s of CPU. Past MAX_FRAMING_BYTES the connection is closed."""
+    from service.front import MAX_FRAMING_BYTES
+
+    body = _body(built)
+    head = b"POST /v1/score HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+    before = REGISTRY.get_sample_value("ctr_errors_total", {"kind": "header_too_large"}) or 0.0
+    start = time.monotonic()
+    with _connect(server) as sock:
+        sock.sendall(head + b"%x\r\n" % len(body) + body + b"\r\n0\r\nX-T: ")
+        with contextlib.suppress(OSError):
+            for _ in range(MAX_FRAMING_BYTES // 65536 + 4):
+                sock.sendall(b"a" * 65536)
+        with contextlib.suppress(ConnectionResetError):  # closed with bytes unread: a reset
+            _until_closed(sock)
+    assert time.monotonic() - start < 10
+    after = REGISTRY.get_sample_value("ctr_errors_total", {"kind": "header_too_large"})
+    assert after == before + 1
+
+
+def test_a_431_lingers_without_a_408_after_it(
+    server: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After the 431 the connection is read on for a while: the read timeout's sweep
+    wrote a 408 after the write side was shut (an error logged, a timeout counted)."""
+    from service.front import MAX_HEAD_BYTES
+
+    timeouts = _timeouts()
+    with _connect(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nX-A: ")  # the parser begins a request
+        time.sleep(0.1)
+        sock.sendall(b"a" * (MAX_HEAD_BYTES + 10))
+        got = sock.recv(65536)
+        time.sleep(TIMEOUT_MS / 1000 * 2.5)  # the sweep runs meanwhile
+    assert got.startswith(b"HTTP/1.1 431 ")
+    assert _timeouts() == timeouts
+    assert not [r for r in caplog.records if "write_eof" in r.getMessage()
+                or (r.exc_info and "write_eof" in str(r.exc_info[1]))]  # fmt: skip
