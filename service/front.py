@@ -184,10 +184,13 @@ class TimedProtocol(HttpToolsProtocol):
             return
         in_body = self.reading and self.head_done
         if not in_body:  # a head is arriving (or may begin): counted before the parser
-            seen = self.head_tail + data  # the end of a head may straddle two reads
-            end = seen.find(b"\r\n\r\n")
-            self.head_bytes += len(data) if end < 0 else max(0, end - len(self.head_tail))
-            self.head_tail = seen[-3:]
+            tail = self.head_tail  # a head's end may straddle two reads: look there first
+            if tail and (tail + data[:3]).find(b"\r\n\r\n") >= 0:
+                end = 0
+            else:
+                end = data.find(b"\r\n\r\n")
+            self.head_bytes += len(data) if end < 0 else end
+            self.head_tail = data[-3:] if len(data) >= 3 else (tail + data)[-3:]
             if self.head_bytes > MAX_HEAD_BYTES:
                 self.head_too_large()
                 return

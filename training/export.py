@@ -162,7 +162,7 @@ def graph_stamps(contract: tuple[str, str], model: CTRModel) -> dict[str, str]:
     return {key: digest, DENSE_RANGE_KEY: dense_range_text(model.dense_range())}
 
 
-def stamp_contract(path: Path, stamps: dict[str, str]) -> None:
+def stamp_graph(path: Path, stamps: dict[str, str]) -> None:
     """Write ``stamps`` (:func:`graph_stamps`) into the graph's metadata, keeping any
     other entry."""
     graph = onnx.load(str(path))
@@ -198,7 +198,7 @@ def export_fused(
         lib = native.library()
         export_onnx(model, path, fused=True, only=only)
         if contract is not None:
-            stamp_contract(path, contract)
+            stamp_graph(path, contract)
         report = parity_gate(model, path, ops_library=lib.path)
         if not report.ok:
             raise ParityError(f"parity gate: max |ORT - torch| = {report.max_abs_diff:.2e}")
@@ -313,7 +313,7 @@ def export_bundle(
         onnx_path = staged / MODEL_FILE
         export_onnx(model, onnx_path)
         contract = graph_stamps(contract_of(manifest_config(config), mapper.to_json()), model)
-        stamp_contract(onnx_path, contract)
+        stamp_graph(onnx_path, contract)
         report = parity_gate(model, onnx_path)
         if not report.ok:
             raise ParityError(
