@@ -196,25 +196,14 @@ def serve_settings(args: argparse.Namespace, settings: Any) -> Any:
 
 def check_port(host: str, port: int) -> None:
     """:class:`~ctr.demo.PortInUse` (one line, status 2) where ``host:port`` cannot be
-    bound because something holds it; any other bind error is left to uvicorn."""
-    import errno
-    import socket
+    bound because something holds it (:func:`ctr.demo.port_taken`)."""
+    from ctr.demo import PortInUse, port_taken
 
-    from ctr.demo import PortInUse
-
-    if port == 0:
-        return
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise PortInUse(
-                    f"{host}:{port} is in use (another `ctr serve`, a `--keep-serving` demo "
-                    "or `docker compose up`?): stop it, or set --port / CTR_PORT"
-                ) from None
+    if port_taken(host, port):
+        raise PortInUse(
+            f"{host}:{port} is in use (another `ctr serve`, a `--keep-serving` demo "
+            "or `docker compose up`?): stop it, or set --port / CTR_PORT"
+        )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ result. Everything it started is stopped at the end unless ``--keep-serving``.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shutil
@@ -113,11 +114,20 @@ def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
         return json.loads(resp.read())
 
 
-def port_taken(port: int) -> bool:
-    """Whether something already listens on ``port`` (on this machine's loopback)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(1)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+def port_taken(host: str, port: int) -> bool:
+    """Whether ``host:port`` cannot be bound because something holds it (bound as
+    uvicorn binds, with ``SO_REUSEADDR``); any other bind error is left to the server.
+    Port 0 (any free one) is never taken."""
+    if port == 0:
+        return False
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
 
 
 def _wait_ready(base: str, proc: subprocess.Popen, version: int, timeout: float = 60.0) -> None:
@@ -162,7 +172,9 @@ class RedisUnavailable(OSError):
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    if port_taken(args.port):  # before minutes of training: the service could not bind
+    # before minutes of training: the service (CTR_HOST, all interfaces by default)
+    # could not bind
+    if port_taken(os.environ.get("CTR_HOST", "0.0.0.0"), args.port):
         # an OSError: `ctr` prints it as one line and exits with status 2, as wrong input
         raise PortInUse(
             f"port {args.port} is in use (an earlier `--keep-serving` demo, `ctr serve` "

@@ -332,9 +332,7 @@ def _build(cuda: bool, out_dir: Path | None, arch: str | None) -> OpsLibrary:
 
     try:
         if lib.is_file() and stamp.is_file() and stamp.read_text().strip() == _file_sha256(lib):
-            why = _untrusted(lib)
-            if why:
-                raise NativeError(f"custom-op library {lib} not loaded: {why}")
+            _refuse_untrusted(lib)
             return checked()
         for folder in (target.parent, target):  # this user's only, whatever the umask
             if not folder.exists():
@@ -363,9 +361,7 @@ def _build(cuda: bool, out_dir: Path | None, arch: str | None) -> OpsLibrary:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log.info("built %s (cuda=%s, %s)", lib, cuda, " ".join(cpu_arch) or "no -march flag")
-    why = _untrusted(lib)
-    if why:
-        raise NativeError(f"custom-op library {lib} not loaded: {why}")
+    _refuse_untrusted(lib)  # the folder could have changed hands while it was built
     return checked()
 
 
@@ -385,6 +381,13 @@ def _untrusted(lib: Path) -> str:
         if st.st_mode & 0o022 and not (path.is_dir() and st.st_mode & stat.S_ISVTX):
             return f"{path} is writable by its group or others (mode {st.st_mode & 0o777:o})"
     return ""
+
+
+def _refuse_untrusted(lib: Path) -> None:
+    """:class:`NativeError` where :func:`_untrusted` names a reason not to load ``lib``."""
+    why = _untrusted(lib)
+    if why:
+        raise NativeError(f"custom-op library {lib} not loaded: {why}")
 
 
 def _stamp_ok(lib: Path) -> str:
@@ -551,9 +554,7 @@ def library(path: str | None = None) -> OpsLibrary:
         elif path:
             if not Path(path).is_file():
                 raise NativeError(f"custom-op library {path} does not exist")
-            why = _untrusted(Path(path))
-            if why:
-                raise NativeError(f"custom-op library {path} not loaded: {why}")
+            _refuse_untrusted(Path(path))
             _known[key] = describe(Path(path))
         else:
             _known[key] = build()

@@ -401,12 +401,12 @@ class FrontProtocol(TimedProtocol):
             )
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
-        self.running_cycle = cycle
         front = self.front
         if front is not None and app is self.app:  # not the concurrency limit's 503
             scope = cycle.scope
             handler = front.fast_routes.get((scope["method"], scope["path"]))
             if handler is not None:
+                self.running_cycle = cycle  # as TimedProtocol's, which this path skips
                 coro = serve_direct(handler, cycle, self.proxy)
                 if self.config.reset_contextvars:  # as uvicorn's own (its option)
                     task = self.loop.create_task(coro, context=contextvars.Context())

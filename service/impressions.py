@@ -17,7 +17,8 @@ a batch is full, on the service's write clients. Packing a pipeline is Python wo
 the event loop (about 15-20 µs per entry, in slices of ``BATCH``, the requests queued
 meanwhile served between them). It is telemetry: a failed write goes back to the queue
 and is tried again after ``RETRY_S``; the queue holds at most ``CTR_IMPRESSION_QUEUE``
-entries (while Redis is slow or down) and beyond them new ones are dropped, counted in
+entries and ``CTR_IMPRESSION_QUEUE_MB`` of contexts and bodies (while Redis is slow or
+down) and beyond them new ones are dropped, counted in
 ``ctr_impressions_dropped_total``, never a failed request. Shutdown writes what is queued,
 for up to ``CLOSE_S``.
 
@@ -51,6 +52,14 @@ RETRY_S = (0.1, 0.2, 0.5, 1.0, 2.0)  # waits after failed writes, in a row (the 
 MAX_CONTEXT_BYTES = 8192
 
 
+Entry = tuple[float, str, bytes, bytes]  # (ts, user, context JSON, response body)
+
+
+def _size(entry: Entry) -> int:
+    """What an entry holds against ``CTR_IMPRESSION_QUEUE_MB``: its context and body."""
+    return len(entry[2]) + len(entry[3])
+
+
 class ImpressionLog:
     """The queue and its writer task (:meth:`start`; :meth:`close` ends it)."""
 
@@ -67,8 +76,7 @@ class ImpressionLog:
         self.stream = stream
         self.maxlen = maxlen
         self.sample = sample
-        # (ts, user, context JSON, response body)
-        self.queue: deque[tuple[float, str, bytes, bytes]] = deque()
+        self.queue: deque[Entry] = deque()
         self.limit = queue
         self.limit_bytes = queue_bytes
         self.queued_bytes = 0  # of the queue's contexts and responses
@@ -99,11 +107,12 @@ class ImpressionLog:
         except TypeError:  # a value JSON cannot hold as UTF-8 (a lone surrogate)
             m.IMPRESSIONS_DROPPED.labels("encode").inc()
             return
-        size = len(ctx) + len(response)
+        entry = (time.time(), user_id, ctx, response)
+        size = _size(entry)
         if len(self.queue) >= self.limit or self.queued_bytes + size > self.limit_bytes:
             m.IMPRESSIONS_DROPPED.labels("queue_full").inc()
             return
-        self.queue.append((time.time(), user_id, ctx, response))
+        self.queue.append(entry)
         self.queued_bytes += size
         if len(self.queue) >= BATCH:
             self.wake.set()
@@ -140,7 +149,7 @@ class ImpressionLog:
         dropped, counted) for the next try, unless the log is closing. True when
         written."""
         kept = [self.queue.popleft() for _ in range(min(BATCH, len(self.queue)))]
-        self.queued_bytes -= sum(len(e[2]) + len(e[3]) for e in kept)
+        self.queued_bytes -= sum(map(_size, kept))
         pipe = self.redis.pipeline(transaction=False)
         for ts, user, ctx, response in kept:
             fields = {"ts": repr(ts), "user_id": user, "context": ctx, "response": response}
@@ -157,11 +166,11 @@ class ImpressionLog:
             m.IMPRESSION_WRITE_FAILURES.inc()
             room = self.limit - len(self.queue)
             back = [] if self.closing else kept[:max(room, 0)]
-            room_bytes = self.limit_bytes - self.queued_bytes
-            while back and sum(len(e[2]) + len(e[3]) for e in back) > room_bytes:
-                back.pop()  # the newest of the batch go first: the queue's bytes bound holds
+            back_bytes = sum(map(_size, back))
+            while back and back_bytes > self.limit_bytes - self.queued_bytes:
+                back_bytes -= _size(back.pop())  # the batch's newest go first: the bound holds
             self.queue.extendleft(reversed(back))
-            self.queued_bytes += sum(len(e[2]) + len(e[3]) for e in back)
+            self.queued_bytes += back_bytes
             if len(kept) > len(back):
                 m.IMPRESSIONS_DROPPED.labels("redis").inc(len(kept) - len(back))
             now = time.monotonic()
