@@ -616,6 +616,29 @@ def _check_key(state: State, header: Callable[[str], str | None], admin: bool = 
         raise Unauthorized("missing or wrong X-API-Key", "X-API-Key")
 
 
+HIDDEN_ERROR = "hidden: send X-API-Key to read it"
+
+
+def _key_holder(state: State, header: Callable[[str], str | None]) -> bool:
+    """Whether the caller may read a load error's text (file paths, the store's layout):
+    anyone where no ``CTR_API_KEY`` is set, else who sends it."""
+    try:
+        _check_key(state, header)
+    except Unauthorized:
+        return False
+    return True
+
+
+def _load_errors(state: State, header: Callable[[str], str | None]) -> dict[str, Any]:
+    """``model_error`` and ``fallback`` as ``/readyz`` and ``/v1/models`` show them: their
+    error text only to a key holder (the health routes need no key)."""
+    error, fallback = state.model_error, state.fallback
+    if not _key_holder(state, header):
+        error = None if error is None else HIDDEN_ERROR
+        fallback = None if fallback is None else {**fallback, "error": HIDDEN_ERROR}
+    return {"model_error": error, "fallback": fallback}
+
+
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "malformed JSON, or an `Upgrade` request"},
     401: {"model": ErrorBody, "description": "missing or wrong X-API-Key (where a key is set)"},
@@ -796,7 +819,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
 
     @app.get("/readyz", **ready_doc)
     @app.head("/readyz", operation_id="readyz_head", **ready_doc)
-    async def readyz() -> Response:
+    async def readyz(request: Request) -> Response:
         redis_ok = False
         try:
             assert state.redis is not None
@@ -806,8 +829,8 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
         body = {
             "ready": state.model is not None and redis_ok,
             "model": state.model is not None,
-            "model_error": state.model_error,
-            "fallback": state.fallback,  # serving an older version: the newest did not load
+            # model_error, and fallback (serving an older version: the newest did not load)
+            **_load_errors(state, request.headers.get),
             "redis": redis_ok,
         }
         return orjson_response(body, 200 if body["ready"] else 503)
@@ -817,7 +840,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
         summary="The loaded bundle",
         responses={503: {"model": ErrorBody, "description": "no model loaded yet"}},
     )
-    async def models() -> Response:
+    async def models(request: Request) -> Response:
         model = state.require_model()
         c = model.bundle.config
         body = {
@@ -846,7 +869,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             "json_encoder": "native" if state.codec is not None else "orjson",
             "gpu_copy": copy_info(model.runner),
             "worker_pid": os.getpid(),
-            "fallback": state.fallback,
+            "fallback": _load_errors(state, request.headers.get)["fallback"],
             "reload_bus": None
             if state.bus is None
             else {"channel": state.bus.channel, "subscribed": state.bus.subscribed},

@@ -323,8 +323,8 @@ models, name, redis_url, version = sys.argv[1:5]
 s = Settings(models_dir=models, model_name=name, redis_url=redis_url, model_version=version,
              api_key="k", reload_channel="")
 with TestClient(create_app(s)) as c:
-    ready = c.get("/readyz")
-    info = c.get("/v1/models").json()
+    ready = c.get("/readyz", headers={"X-API-Key": "k"})
+    info = c.get("/v1/models", headers={"X-API-Key": "k"}).json()
     reload = c.post("/admin/reload", json={"version": 1}, headers={"X-API-Key": "k"})
     print(json.dumps({"ready": ready.status_code, "readyz": ready.json(), "models": info,
                       "reload": reload.status_code}))
@@ -399,7 +399,7 @@ with TestClient(create_app(s)) as c:
 os.chmod(os.path.join(models, name), 0)
 try:
     with TestClient(create_app(s)) as c:
-        ready = c.get("/readyz")
+        ready = c.get("/readyz", headers={"X-API-Key": "k"})
         print(json.dumps({"ready": ready.status_code, "readyz": ready.json()}))
 finally:
     os.chmod(os.path.join(models, name), 0o755)

@@ -138,3 +138,32 @@ def test_a_dien_run_from_before_the_fix_loads_as_trained(
     loaded, _, model, _ = load_run(run)
     assert loaded.model.dien_interaction is False and model.config.model.dien_interaction is False
     assert "dien_interaction" not in manifest_config(tiny_config("dien"))["model"]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "bilinear"])
+def test_every_dien_parameter_reaches_the_loss(
+    kind: str, tiny_config: Callable[..., FeatureConfig], tiny_prep: object
+) -> None:
+    """With ``gru_dim`` unlike the embedding width, every parameter of both attention
+    forms gets a gradient from the click and auxiliary losses: the bilinear form built
+    the MLP form's query projection and never used it. An older bilinear checkpoint
+    that holds that weight still loads."""
+    config = tiny_config("dien", model__dien_attention=kind)
+    sizes = tiny_prep.mapper.table_sizes()  # type: ignore[attr-defined]
+    model = build_model(config, sizes).train()
+    assert model.seq_width(model.group) != config.model.gru_dim  # the case in question
+    feed = random_inputs(config, sizes, 3, 9, None, np.random.default_rng(3))
+    x = {k: torch.from_numpy(v) for k, v in feed.items()}
+    x["hist_len"] = torch.full_like(x["hist_len"], config.max_seq_len)  # every step real
+    x["neg_hist"] = x["hist"].flip(-1)
+    out = model(x)
+    (out["logits"].sum() + out["aux_loss"]).backward()
+    idle = [n for n, p in model.named_parameters() if p.grad is None]
+    assert idle == [], idle
+    if kind == "bilinear":
+        state = model.state_dict()
+        d = model.seq_width(model.group)
+        old = {**state, "query_proj.weight": torch.zeros(config.model.gru_dim, d)}
+        fresh = build_model(config, sizes)
+        fresh.load_state_dict(old)  # strict: the stale key is dropped, nothing else
+        assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in state.items())

@@ -492,10 +492,13 @@ def test_corrupt_bundle_keeps_service_not_ready(
                for rec in caplog.records)  # fmt: skip
 
 
+KEY = {"X-API-Key": "k"}
+
+
 def assert_no_model(c: TestClient, newest: str) -> None:
     """No model is loaded (no fallback either), and the error is the newest's: Redis is
     unreachable in these settings, so a 503 from /readyz alone would say nothing."""
-    ready = c.get("/readyz")
+    ready = c.get("/readyz", headers=KEY)
     assert ready.status_code == 503, ready.text
     body = ready.json()
     assert body["model"] is False and body["fallback"] is None, body
@@ -525,10 +528,15 @@ def test_a_broken_newest_version_falls_back_at_start_up(
     s = Settings(models_dir=str(models), model_name="m", redis_url="redis://127.0.0.1:1/0",
                  api_key="k")  # fmt: skip
     with caplog.at_level(logging.ERROR), TestClient(create_app(s)) as c:
-        info = c.get("/v1/models").json()
+        info = c.get("/v1/models", headers=KEY).json()
         assert info["version"] == "1"
         assert info["fallback"]["newest"] == "3" and "corrupt" in info["fallback"]["error"]
-        assert c.get("/readyz").json()["fallback"] == info["fallback"]
+        assert c.get("/readyz", headers=KEY).json()["fallback"] == info["fallback"]
+        # the error's text (paths in the store) only to a key holder: health routes are open
+        for path in ("/readyz", "/v1/models"):
+            hidden = c.get(path).json()["fallback"]
+            assert hidden == {"newest": "3", "error": "hidden: send X-API-Key to read it"}
+            assert c.get(path, headers={"X-API-Key": "wrong"}).json()["fallback"] == hidden
         shutil.rmtree(models / "m" / "3")
         shutil.copytree(good, models / "m" / "3")  # the copy has landed: retried, loads
         deadline = time.time() + 30
@@ -551,8 +559,10 @@ def test_a_broken_newest_version_falls_back_at_start_up(
         assert_no_model(c, "/3/")  # v1 would load, but a pinned version never falls back
     (models / "m" / "1" / "model.onnx").write_bytes(b"\x00garbage")
     with TestClient(create_app(s)) as c:
-        r = c.get("/readyz")
+        r = c.get("/readyz", headers=KEY)
         assert r.status_code == 503 and "/3/" in r.json()["model_error"]
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["model_error"].startswith("hidden"), r.text
 
 
 def test_api_key_guards_writes_and_is_never_logged(

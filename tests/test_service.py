@@ -457,7 +457,7 @@ def test_missing_bundle_not_ready(tmp_path: Path, redis_db: Redis) -> None:
     s = Settings(models_dir=str(tmp_path), model_name="absent", redis_url=REDIS_URL,
                  api_key="k")  # fmt: skip
     with TestClient(create_app(s)) as c:
-        r = c.get("/readyz")
+        r = c.get("/readyz", headers={"X-API-Key": "k"})
         assert r.status_code == 503 and "no versions" in r.json()["model_error"]
         s2 = c.post("/v1/score", json={"user_id": "u1", "candidates": [{"item_id": "i1"}]})
         assert s2.status_code == 503 and s2.json()["error"] == "model_not_ready"

@@ -443,11 +443,14 @@ class DIEN(CTRModel):
         # "mlp": the official code's activation unit over [q, h, q-h, q*h] with softmax;
         # "bilinear": the paper's softmax(h_t W e_a), one dot product per (candidate, step)
         self.attention_kind = m.dien_attention
-        self.query_proj = nn.Linear(d, hd, bias=False) if hd != d else nn.Identity()
-        if self.attention_kind == "mlp":
+        if self.attention_kind == "mlp":  # the unit compares the query with H-wide states
+            self.query_proj = nn.Linear(d, hd, bias=False) if hd != d else nn.Identity()
             self.att = DINAttention(hd, m.attention_mlp, m.attention_act, softmax=True)
-        else:
+        else:  # W maps the query to H itself
             self.att_w = nn.Linear(d, hd, bias=False)
+            # runs trained before session 35 built an unused query_proj here: their
+            # checkpoints load without it
+            self.register_load_state_dict_pre_hook(_drop_unused_query_proj)
         self.evolution = AttentionalGRU(hd, hd, m.evolution)
         self.aux = MLP(hd + d, m.aux_hidden, "prelu")
         self.aux_head = nn.Linear(self.aux.out_dim, 1)
@@ -492,6 +495,14 @@ class DIEN(CTRModel):
         loss = bce(logit_pos, torch.ones_like(logit_pos), reduction="none")
         loss = loss + bce(logit_neg, torch.zeros_like(logit_neg), reduction="none")
         return (loss * valid).sum() / valid.sum().clamp(min=1.0)
+
+
+def _drop_unused_query_proj(
+    module: nn.Module, state: dict[str, Tensor], prefix: str, *_: object
+) -> None:
+    """Load-time hook of a bilinear DIEN: drops the ``query_proj`` weight that older
+    runs saved (it never reached the score)."""
+    state.pop(prefix + "query_proj.weight", None)
 
 
 MODELS: dict[str, type[CTRModel]] = {
