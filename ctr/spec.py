@@ -110,6 +110,12 @@ class ModelSpec(_Strict):
         "code's item_eb * item_his_eb_sum); false: the candidate's embedding again in its "
         "place, as runs trained before session 34 did (load_run sets it for them)",
     )
+    deepfm_sequence_first_order: bool = Field(
+        default=True,
+        description="DeepFM: the first-order term weighs each sequence field by the mean "
+        "of its behaviours' weights, as the paper's multi-valued fields; false: no "
+        "sequence term, as runs trained before session 35 (load_run sets it for them)",
+    )
     aux_loss_weight: float = Field(default=1.0, ge=0.0)
     aux_hidden: list[Annotated[int, Field(gt=0)]] = Field(
         default_factory=lambda: [100, 50],
@@ -394,6 +400,7 @@ LATER_KEYS: tuple[tuple[str, ...], ...] = (
 TRAINING_ONLY_KEYS: tuple[tuple[str, ...], ...] = (
     ("train", "clip_dense"),
     ("model", "dien_interaction"),  # the graph computes it: the service never reads it
+    ("model", "deepfm_sequence_first_order"),  # the same
 )
 
 

@@ -118,26 +118,34 @@ def test_dien_final_mlp_reads_candidate_times_history_sum(
     torch.testing.assert_close(seen[0][:, -d:], pooled)
 
 
-def test_a_dien_run_from_before_the_fix_loads_as_trained(
-    tiny_config: Callable[..., FeatureConfig], tiny_prep: object, tmp_path: Path
+@pytest.mark.parametrize(
+    ("model_type", "key"), [("dien", "dien_interaction"), ("deepfm", "deepfm_sequence_first_order")]
+)
+def test_a_run_from_before_the_fix_loads_as_trained(
+    model_type: str,
+    key: str,
+    tiny_config: Callable[..., FeatureConfig],
+    tiny_prep: object,
+    tmp_path: Path,
 ) -> None:
-    """A run folder whose config.json has no ``dien_interaction`` (trained before it
-    existed) loads with it off: the weights score as they did; the manifest never holds
-    the key (the service does not read it; the graph computes it)."""
+    """A run folder whose config.json lacks ``key`` (trained before it existed) loads
+    with it off: the weights score as they did; the manifest never holds the key (the
+    service does not read it; the graph computes it)."""
     import json
 
     from ctr.spec import manifest_config
     from training.train import load_run
 
-    config = tiny_config("dien", model__dien_interaction=False)
+    config = tiny_config(model_type, **{f"model__{key}": False})
     run = tmp_path / "run"
     train(config, run, prep=tiny_prep, progress=False)  # type: ignore[arg-type]
     raw = json.loads((run / "config.json").read_text())
-    del raw["model"]["dien_interaction"]
+    del raw["model"][key]
     (run / "config.json").write_text(json.dumps(raw))
     loaded, _, model, _ = load_run(run)
-    assert loaded.model.dien_interaction is False and model.config.model.dien_interaction is False
-    assert "dien_interaction" not in manifest_config(tiny_config("dien"))["model"]
+    assert getattr(loaded.model, key) is False and getattr(model.config.model, key) is False
+    assert key not in manifest_config(tiny_config(model_type))["model"]
+    assert getattr(tiny_config(model_type).model, key) is True  # new runs: on
 
 
 @pytest.mark.parametrize("kind", ["mlp", "bilinear"])

@@ -828,3 +828,36 @@ def test_deepfm_mean_pools_over_the_positions_it_sums(
             return wrapper(*[torch.from_numpy(v) for v in x.values()])[0]
 
     assert torch.equal(logits(config.max_seq_len), logits(config.max_seq_len + 30))
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_deepfm_first_order_weighs_the_history(
+    on: bool, tiny_config: Callable[..., FeatureConfig], tiny_prep: object
+) -> None:
+    """The paper's first order covers multi-valued fields: a sequence field adds the mean
+    of its behaviours' first-order weights (the term was missing). Raising one history
+    item's weight by 1 raises the logit of a user with that item at ``k`` of its ``n``
+    real steps by ``k / n``; off (runs trained before it), it moves nothing."""
+    config = tiny_config("deepfm", model__deepfm_sequence_first_order=on)
+    sizes = tiny_prep.mapper.table_sizes()  # type: ignore[attr-defined]
+    model = build_model(config, sizes).eval()
+    feed = random_inputs(config, sizes, 3, 9, None, np.random.default_rng(5))
+    x = {k: torch.from_numpy(v) for k, v in feed.items()}
+    x.setdefault("user_dense", torch.zeros(3, len(config.user_dense)))  # as the graph fills
+    x.setdefault("item_dense", torch.zeros(9, len(config.item_dense)))
+    s, f = 0, config.sequences[0]
+    n = torch.tensor([4, 0, config.max_seq_len])  # one user with no history
+    x["hist_len"] = n
+    item = 7
+    hist = x["hist"].clone()
+    hist[:, s] = 9  # every real step another item
+    hist[0, s, [0, 2]] = item  # user 0: 2 of 4 steps
+    hist[0, s, 5] = item  # past hist_len: not counted
+    hist[2, s, :3] = item  # user 2: 3 of L
+    x["hist"] = hist
+    with torch.no_grad():
+        before = model(x)["logits"]
+        model.first_order[config.table_of(f.name)].weight[item] += 1.0  # type: ignore[index]
+        after = model(x)["logits"]
+    per_user = torch.tensor([2 / 4, 0.0, 3 / config.max_seq_len]) if on else torch.zeros(3)
+    torch.testing.assert_close(after - before, per_user[x["user_idx"]], atol=1e-5, rtol=0)

@@ -125,7 +125,10 @@ class DeepFM(CTRModel):
 
     Fields: every sparse feature, every sequence field (masked mean), every dense
     feature (a learned vector times its value). Fields narrower or wider than the
-    FM width (the widest sparse embedding) get a bias-free projection.
+    FM width (the widest sparse embedding) get a bias-free projection. The first order
+    weighs every field too: a sequence field by the mean of its behaviours' weights
+    (the paper's multi-valued field; ``model.deepfm_sequence_first_order``, off for runs
+    trained before session 35, which had no such term).
     """
 
     def __init__(self, config: FeatureConfig, table_sizes: dict[str, int]) -> None:
@@ -188,6 +191,11 @@ class DeepFM(CTRModel):
             ),
             x["hist_len"].new_zeros(x["hist_len"].shape, dtype=torch.float32),
         )
+        if c.model.deepfm_sequence_first_order:
+            real = mask.to(torch.float32)  # [U, L]
+            for s, f in enumerate(c.sequences):
+                w = self.first_order[c.table_of(f.name)](x["hist"][:, s]).squeeze(-1)  # [U, L]
+                first_u = first_u + (w * real).sum(1) / denom.squeeze(1)
         first_i = sum(  # [N]
             (
                 self.first_order[f.name](x["item_sparse"][:, j]).squeeze(-1)

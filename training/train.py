@@ -354,14 +354,19 @@ def dense_bounds(
     )
 
 
+# model keys whose default changed what a model computes: a run folder trained before
+# the key existed lacks it, and loads with it off
+LEGACY_OFF = ("dien_interaction", "deepfm_sequence_first_order")
+
+
 def load_run(run_dir: str | Path) -> tuple[FeatureConfig, Any, CTRModel, dict[str, Any]]:
     """``(config, mapper, model in eval mode, metrics)`` from a training run folder."""
     from ctr.mapping import FeatureMapper
 
     run = Path(run_dir)
     raw = json.loads((run / "config.json").read_text())
-    if "dien_interaction" not in raw.get("model", {}):  # trained before the key existed
-        raw.setdefault("model", {})["dien_interaction"] = False
+    for key in LEGACY_OFF:  # trained before the key existed: as it was trained
+        raw.setdefault("model", {}).setdefault(key, False)
     config = FeatureConfig.model_validate(raw)
     mapper = FeatureMapper.from_json(config, json.loads((run / "mapping.json").read_text()))
     model = build_model(config, mapper.table_sizes())
