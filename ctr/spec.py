@@ -110,6 +110,12 @@ class ModelSpec(_Strict):
         "code's item_eb * item_his_eb_sum); false: the candidate's embedding again in its "
         "place, as runs trained before session 34 did (load_run sets it for them)",
     )
+    din_interaction: bool = Field(
+        default=True,
+        description="DIN: the final MLP also reads candidate x attention-pooled interest per "
+        "group (the official DIN code's u_emb * i_emb); false: as runs trained before "
+        "session 35 (load_run sets it for them)",
+    )
     deepfm_sequence_first_order: bool = Field(
         default=True,
         description="DeepFM: the first-order term weighs each sequence field by the mean "
@@ -401,6 +407,7 @@ TRAINING_ONLY_KEYS: tuple[tuple[str, ...], ...] = (
     ("train", "clip_dense"),
     ("model", "dien_interaction"),  # the graph computes it: the service never reads it
     ("model", "deepfm_sequence_first_order"),  # the same
+    ("model", "din_interaction"),  # the same
 )
 
 

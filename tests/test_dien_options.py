@@ -119,7 +119,12 @@ def test_dien_final_mlp_reads_candidate_times_history_sum(
 
 
 @pytest.mark.parametrize(
-    ("model_type", "key"), [("dien", "dien_interaction"), ("deepfm", "deepfm_sequence_first_order")]
+    ("model_type", "key"),
+    [
+        ("dien", "dien_interaction"),
+        ("deepfm", "deepfm_sequence_first_order"),
+        ("din", "din_interaction"),
+    ],
 )
 def test_a_run_from_before_the_fix_loads_as_trained(
     model_type: str,

@@ -861,3 +861,36 @@ def test_deepfm_first_order_weighs_the_history(
         after = model(x)["logits"]
     per_user = torch.tensor([2 / 4, 0.0, 3 / config.max_seq_len]) if on else torch.zeros(3)
     torch.testing.assert_close(after - before, per_user[x["user_idx"]], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_din_final_mlp_reads_candidate_times_interest(
+    on: bool, tiny_config: Callable[..., FeatureConfig], tiny_prep: object
+) -> None:
+    """The official DIN code feeds its MLP [interest, item, interest * item]; this DIN
+    read no product (a review against the reference code). ``din_interaction: false``
+    keeps the old input for runs trained before it; the multi-tower DIN (TorchEasyRec's)
+    has none either way."""
+    config = tiny_config("din", model__din_interaction=on)
+    sizes = tiny_prep.mapper.table_sizes()  # type: ignore[attr-defined]
+    model = build_model(config, sizes).eval()
+    feed = random_inputs(config, sizes, 3, 9, None, np.random.default_rng(6))
+    x = {k: torch.from_numpy(v) for k, v in feed.items()}
+    x.setdefault("user_dense", torch.zeros(3, len(config.user_dense)))
+    x.setdefault("item_dense", torch.zeros(9, len(config.item_dense)))
+    seen: list[torch.Tensor] = []
+    model.mlp.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+    with torch.no_grad():
+        model(x)
+        g = model.groups[0]  # type: ignore[attr-defined]
+        q = model.emb.query(g, x["item_sparse"])
+        keys = model.emb.sequence(g, x["hist"])
+        pooled, _ = model.att[0](q, keys, x["user_idx"], model.mask(x))  # type: ignore[index]
+    d = q.shape[1]
+    start = model.user_width + model.item_width
+    torch.testing.assert_close(seen[0][:, start : start + d], pooled)
+    if on:
+        torch.testing.assert_close(seen[0][:, start + d : start + 2 * d], q * pooled)
+    assert seen[0].shape[1] == start + d * (2 if on else 1)  # one group in this config
+    mt = build_model(tiny_config("multi_tower_din", model__din_interaction=on), sizes)
+    assert mt.interaction is False  # type: ignore[attr-defined]

@@ -212,7 +212,10 @@ class DeepFM(CTRModel):
 
 
 class DIN(CTRModel):
-    """Deep Interest Network: one attention unit per behaviour group, then an MLP."""
+    """Deep Interest Network: one attention unit per behaviour group, then an MLP over
+    [user, candidate, pooled interest per group, candidate x pooled interest per group]
+    (the product: the official DIN code's ``u_emb * i_emb``; ``model.din_interaction``,
+    off for runs trained before session 35)."""
 
     def __init__(self, config: FeatureConfig, table_sizes: dict[str, int]) -> None:
         super().__init__(config, table_sizes)
@@ -222,21 +225,30 @@ class DIN(CTRModel):
             DINAttention(self.seq_width(g), m.attention_mlp, m.attention_act, m.attention_softmax)
             for g in self.groups
         )
-        width = self.user_width + self.item_width + sum(self.seq_width(g) for g in self.groups)
+        pooled_width = sum(self.seq_width(g) for g in self.groups)
+        width = self.user_width + self.item_width + pooled_width * (2 if self.interaction else 1)
         self.mlp = MLP(width, m.mlp, m.activation, m.dropout)
         self.head = nn.Linear(self.mlp.out_dim, 1)
 
+    @property
+    def interaction(self) -> bool:
+        return self.config.model.din_interaction
+
     def interests(self, x: Inputs) -> tuple[list[Tensor], Tensor | None]:
-        """Attention-pooled interest ``[N, D_g]`` per group, and group 0's weights ``[N, L]``."""
+        """Per group, the attention-pooled interest ``[N, D_g]`` and, with
+        ``din_interaction``, the candidate's query times it ``[N, D_g]``; group 0's
+        weights ``[N, L]``."""
         mask = self.mask(x)
-        pooled, first_w = [], None
+        pooled, products, first_w = [], [], None
         for g, att in zip(self.groups, self.att, strict=True):
             keys = self.emb.sequence(g, x["hist"])
             q = self.emb.query(g, x["item_sparse"])
             p, w = att(q, keys, x["user_idx"], mask)
             pooled.append(p)
+            if self.interaction:
+                products.append(q * p)
             first_w = w if first_w is None else first_w
-        return pooled, first_w
+        return pooled + products, first_w
 
     def score(self, x: Inputs) -> dict[str, Tensor]:
         pooled, w = self.interests(x)
@@ -271,6 +283,10 @@ class MultiTowerDIN(DIN):
         width = sum(t.out_dim for t in self.towers) + sum(self.seq_width(g) for g in self.groups)
         self.mlp = MLP(width, m.mlp, m.activation, m.dropout)
         self.head = nn.Linear(self.mlp.out_dim, 1)
+
+    @property
+    def interaction(self) -> bool:
+        return False  # TorchEasyRec's DIN tower: the pooled sequence alone
 
     def _group_width(self, names: list[str]) -> int:
         c = self.config

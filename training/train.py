@@ -356,7 +356,7 @@ def dense_bounds(
 
 # model keys whose default changed what a model computes: a run folder trained before
 # the key existed lacks it, and loads with it off
-LEGACY_OFF = ("dien_interaction", "deepfm_sequence_first_order")
+LEGACY_OFF = ("dien_interaction", "deepfm_sequence_first_order", "din_interaction")
 
 
 def load_run(run_dir: str | Path) -> tuple[FeatureConfig, Any, CTRModel, dict[str, Any]]:
