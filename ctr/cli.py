@@ -231,6 +231,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"PROMETHEUS_MULTIPROC_DIR={folder!r} is not a folder (the workers keep their "
             "metrics there): create it, or unset it for a temporary one"
         )
+    if workers > 1 and folder and made is None:
+        from service.metrics import wipe_stale
+
+        wiped = wipe_stale(folder)  # a previous run's counts, which every scrape would add
+        if wiped:
+            print(f"[serve] removed {wiped} metric files of exited processes from {folder}",
+                  file=sys.stderr)  # fmt: skip
     if workers > 1:  # a worker's SIGHUP while it imports: pending, then noted, not fatal
         hup.block_for_workers()
     try:

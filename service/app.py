@@ -106,6 +106,15 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 # the status recorded for a request whose client went away before its body was read
 # (nginx's convention); no response is sent
 CLIENT_CLOSED = 499
+# set in a request's scope by service.front when the service closed the connection
+# because the body did not all arrive within CTR_READ_TIMEOUT_MS: recorded as 408, not 499
+READ_TIMED_OUT = "ctr.read_timed_out"
+
+
+def gone_status(scope: Scope) -> int:
+    """The status recorded for a request that ended with its connection closed before
+    its body was read: 408 when the service closed it (the read timeout), else 499."""
+    return 408 if scope.get(READ_TIMED_OUT) else CLIENT_CLOSED
 # set on an unexpected exception once its 500 has been sent
 ANSWERED = "ctr_answered"
 
@@ -264,7 +273,7 @@ async def _serve(handler: Handler, scope: Scope, receive: Receive, send: Send) -
     try:
         response = await answer(handler, request_headers(scope), receive)
         if response is None:
-            return CLIENT_CLOSED  # counted, not logged as a server error
+            return gone_status(scope)  # counted, not logged as a server error
     except Exception as exc:
         # a bug: the app's 500 (nothing has been sent yet), then raised for the server's
         # log, as Starlette's error middleware does
@@ -425,6 +434,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.event_legacy_ids,
         )
         state.tracker = await tracking.start_tracking(settings)
+        m.USER_TRACKING_ENABLED.set(0 if state.tracker is None else 1)
         if settings.impression_stream:
             state.impressions = ImpressionLog(
                 state.write_redis,
@@ -540,7 +550,7 @@ def _install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
-        return Response(status_code=CLIENT_CLOSED)  # not sent: the client has gone
+        return Response(status_code=gone_status(request.scope))  # not sent: it has gone
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> Response:
@@ -708,7 +718,9 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             _check_key(state, header)
         body = await _read_body(header, chunks, s.max_body_bytes)
         deadline = admit()
+        t_parse = STAGE_CLOCK()
         req = score_input(body, s.max_candidates, s.max_id_length, state.codec)
+        m.STAGE("parse").observe(STAGE_CLOCK() - t_parse)
         if req.explain and not s.protect_scoring:
             # explain lists the user's behaviours: the key where one is set, open scoring
             # or not (it is the scoring route's one read of a user's history)
@@ -810,9 +822,10 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
         return {"status": "ok"}
 
     ready_doc: dict[str, Any] = {
-        "summary": "Readiness: model loaded and Redis reachable",
+        "summary": "Readiness: model loaded (and Redis reachable with CTR_READY_REQUIRES_REDIS)",
         "responses": {
-            200: {"description": "ready: `ready`, `model` and `redis` true"},
+            200: {"description": "ready: `ready` and `model` true; `degraded` true while "
+                  "Redis does not answer (scoring serves without it)"},
             503: {"description": "not ready: the same body, with what is missing false"},
         },
     }
@@ -827,7 +840,9 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
         except (*REDIS_ERRORS, AssertionError):
             redis_ok = False
         body = {
-            "ready": state.model is not None and redis_ok,
+            # without Redis scoring serves degraded: ready unless the deployment says not
+            "ready": state.model is not None and (redis_ok or not s.ready_requires_redis),
+            "degraded": not redis_ok,
             "model": state.model is not None,
             # model_error, and fallback (serving an older version: the newest did not load)
             **_load_errors(state, request.headers.get),
@@ -1011,6 +1026,7 @@ async def _score(
                 data = await fetch(
                     state.reader, req.user_id, bundle.config.max_seq_len, lookups, stamp is not None
                 )
+            m.REDIS_READ.observe(time.monotonic() - read_at)
             for source, ids in lookups.items():
                 state.item_cache.put(source, ids, data.item_features[source], read_at)
             # rows encoded from these values expire with them (TTL 0: no row is kept)
@@ -1020,6 +1036,7 @@ async def _score(
             m.ERRORS.labels("redis").inc()
             m.DEGRADED.inc()
             degraded = True  # data stays empty
+            m.REDIS_READ.observe(time.monotonic() - read_at)
     t1 = STAGE_CLOCK()
     # rows with a missing feature because the store failed are not cached
     cands.finish(bundle, model.rows, cacheable=not (degraded and lookups))

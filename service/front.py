@@ -39,15 +39,19 @@ from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 from service import metrics as m
 from service.app import (
     CLIENT_CLOSED,
+    READ_TIMED_OUT,
     Handler,
     ScoringApp,
     answer,
+    gone_status,
     internal_error_response,
     request_headers,
 )
 from service.requestid import CURRENT, HEADER, request_id
 
 log = logging.getLogger("uvicorn.error")
+# the route label of a request refused before its head was all read (431, 408)
+UNPARSED = "unparsed"
 
 # what this module reads and sets of uvicorn's request cycle (all set in its __init__)
 CYCLE_FIELDS = (
@@ -212,6 +216,8 @@ class TimedProtocol(HttpToolsProtocol):
         event loop for seconds), with a 431 where nothing else is in flight on the
         connection, and the connection closed."""
         m.ERRORS.labels("header_too_large").inc()
+        started = self.read_started
+        self.count_refusal(431, 0.0 if started is None else self.loop.time() - started)
         self.read_started = None  # no read timeout's 408 after this answer
         self.reading = False
         self._unset_keepalive_if_required()  # nor uvicorn's keep-alive close mid-linger
@@ -304,9 +310,17 @@ class TimedProtocol(HttpToolsProtocol):
         if self.reading:
             m.ERRORS.labels("request_timeout").inc()
             if not self.head_done:
+                self.count_refusal(408, self.read_timeout)
                 self.transport.write(_timeout_answer(self.server_state.default_headers,
                                                      self.read_timeout))  # fmt: skip
+            elif self.cycle is not None:  # the app waits for the body: it records the 408
+                self.cycle.scope[READ_TIMED_OUT] = True  # type: ignore[typeddict-unknown-key]
         self.transport.close()
+
+    def count_refusal(self, status: int, seconds: float = 0.0) -> None:
+        """A request refused before its head was all read (so before any route):
+        ``ctr_request_duration_seconds{route="unparsed", method="other"}``."""
+        m.REQUEST(UNPARSED, "other", str(status)).observe(seconds)
 
 
 class ReadSweeper:
@@ -442,7 +456,7 @@ async def serve_direct(
             await _write(cycle, internal_error_response(exc), rid)
             raise
         if response is None:
-            status = CLIENT_CLOSED  # nobody to answer; counted, not logged as an error
+            status = gone_status(scope)  # nobody to answer; counted, not logged as an error
         else:
             written = await _write(cycle, response, rid)
             status = response.status_code if written else CLIENT_CLOSED

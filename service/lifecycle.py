@@ -60,7 +60,7 @@ async def load(state: State, version: str | None) -> LoadedModel:
         old.native.close(background=True)
         state.retired = [r for r in state.retired if not r.released] + [old.native]
     state.model_error = None
-    state.fallback = None
+    state.set_fallback(None)
     m.set_model_info(model.name, model.version, model.provider, model.graph, model.precision)
     m.init_dense_counts([n for b in model.bundle.dense_bounds.values() for n in b.names])
     # a full collection at the first load and every FULL_SETTLE_EVERY loads after it;
@@ -153,7 +153,7 @@ async def fall_back(state: State, newest_error: BundleError) -> None:
             versions[-1],
             model.version,
         )
-        state.fallback = {"newest": str(versions[-1]), "error": str(newest_error)}
+        state.set_fallback({"newest": str(versions[-1]), "error": str(newest_error)})
         spawn(state, retry_latest(state))
         return
     state.model_error = str(newest_error)  # none loads: say why the newest did not
@@ -165,7 +165,7 @@ def agreed(state: State, version: str) -> None:
     (:func:`retry_latest`)."""
     if state.fallback is not None and state.model is not None and state.model.version == version:
         log.info("the deployment serves version %s too: the start-up fallback is over", version)
-        state.fallback = None
+        state.set_fallback(None)
 
 
 def settle_heap(full: bool = True) -> None:

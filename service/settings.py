@@ -30,6 +30,12 @@ class Settings(BaseSettings):
     redis_cluster: bool = Field(False, description="the URL names a Redis Cluster node")
     redis_timeout_ms: int = Field(50, gt=0, description="socket timeout per Redis call")
     redis_connect_timeout_ms: int = Field(200, gt=0, description="connect timeout")
+    ready_requires_redis: bool = Field(
+        False,
+        description="/readyz answers 503 while Redis does not answer (false: 200 with "
+        "`degraded: true`, as the scoring route still serves then; a readiness probe that "
+        "failed on a shared Redis would take every replica out at once)",
+    )
     redis_max_connections: int = Field(
         64,
         gt=0,

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
+from service import metrics as m
 from service.callthreads import CallThreads
 from service.codec import NativeCodec
 from service.errors import ModelNotReady
@@ -89,6 +90,11 @@ class State:
         # swapped-out models' native runners, released on threads of their own
         # (lifecycle.load); shutdown waits for those releases
         self.retired: list[NativeRunner] = []
+
+    def set_fallback(self, fallback: dict[str, Any] | None) -> None:
+        """Note (or clear) a start-up fallback, for ``/readyz`` and ``ctr_model_fallback``."""
+        self.fallback = fallback
+        m.MODEL_FALLBACK.set(0 if fallback is None else 1)
 
     def require_model(self) -> LoadedModel:
         if self.model is None:

@@ -59,14 +59,15 @@ def _timeouts() -> float:
     return REGISTRY.get_sample_value("ctr_errors_total", {"kind": "request_timeout"}) or 0.0
 
 
-def _scored(status: str) -> float:
-    """``POST /v1/score`` answers counted with ``status`` (ctr_request_duration_seconds)."""
+def _scored(status: str, route: str = "/v1/score") -> float:
+    """``route``'s answers counted with ``status`` (ctr_request_duration_seconds);
+    ``unparsed``: the requests refused before their head was all read."""
     from service import metrics as m
 
     for metric in m.REQUEST_DURATION.collect():
         for sample in metric.samples:
             labels = sample.labels
-            if sample.name.endswith("_count") and labels.get("route") == "/v1/score":
+            if sample.name.endswith("_count") and labels.get("route") == route:
                 if labels.get("status") == status:
                     return sample.value
     return 0.0
@@ -78,6 +79,7 @@ def _connect(server: ServerThread) -> socket.socket:
 
 def test_a_head_that_stops_halfway_gets_a_408_and_is_closed(server: ServerThread) -> None:
     before = _timeouts()
+    refused = _scored("408", "unparsed")
     with _connect(server) as sock:
         sock.sendall(b"POST /v1/score HTTP/1.1\r\nHost: t\r\nContent-Le")
         got, took = _until_closed(sock)
@@ -88,17 +90,25 @@ def test_a_head_that_stops_halfway_gets_a_408_and_is_closed(server: ServerThread
     assert answer["error"] == "request_timeout" and answer["field"] == "headers"
     assert TIMEOUT_MS / 1000 * 0.9 <= took < 5
     assert _timeouts() == before + 1
+    # in the request metrics with its status (the non-2xx panel), though no route read it
+    assert _scored("408", "unparsed") == refused + 1
 
 
 def test_a_body_that_stops_short_closes_the_connection(server: ServerThread, built: Built) -> None:
     body = _body(built)
     before = _timeouts()
+    late, gone = _scored("408"), _scored("499")
     with _connect(server) as sock:
         sock.sendall(_head(len(body)) + body[:-5])
         got, took = _until_closed(sock)
-    assert got == b""  # its handler was waiting for the body: ended as a client gone
+    assert got == b""  # its handler was waiting for the body: no answer to give
     assert TIMEOUT_MS / 1000 * 0.9 <= took < 5
     assert _timeouts() == before + 1
+    # the service closed it: a 408 in the request metrics, not a client gone (499)
+    deadline = time.monotonic() + 5
+    while _scored("408") == late and time.monotonic() < deadline:
+        time.sleep(0.02)  # the handler learns of the close after the socket does
+    assert (_scored("408"), _scored("499")) == (late + 1, gone)
 
 
 def test_a_connection_that_sends_nothing_is_closed_quietly(server: ServerThread) -> None:
@@ -252,6 +262,7 @@ def test_a_head_past_the_limit_is_a_431_before_the_parser_reads_it(server: Serve
     from service.front import MAX_HEAD_BYTES
 
     before = REGISTRY.get_sample_value("ctr_errors_total", {"kind": "header_too_large"}) or 0.0
+    refused = _scored("431", "unparsed")
     with _connect(server) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-A: ")
         with contextlib.suppress(OSError):  # the server may close while this is sent
@@ -262,6 +273,7 @@ def test_a_head_past_the_limit_is_a_431_before_the_parser_reads_it(server: Serve
     assert json.loads(got.partition(b"\r\n\r\n")[2])["error"] == "header_too_large"
     after = REGISTRY.get_sample_value("ctr_errors_total", {"kind": "header_too_large"})
     assert after == before + 1
+    assert _scored("431", "unparsed") == refused + 1
     # a head just under the limit is served
     with _connect(server) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-A: " + b"a" * (MAX_HEAD_BYTES - 200)

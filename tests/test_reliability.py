@@ -71,8 +71,9 @@ def test_redis_down_mid_traffic_then_back(built: Built, rp: RedisProcess) -> Non
         body = r.json()
         assert body["degraded"] is True and len(body["items"]) == 30
         assert degraded_count(c) == before + 1
-        ready = c.get("/readyz")
-        assert ready.status_code == 503 and ready.json()["redis"] is False
+        ready = c.get("/readyz")  # it still serves (degraded): still ready
+        assert ready.status_code == 200 and ready.json()["redis"] is False, ready.text
+        assert ready.json()["degraded"] is True
         ev = c.post(
             "/v1/events",
             json={"user_id": "u3", "event_id": "x1", "item_id": "i1", "timestamp": 5.0},
@@ -83,12 +84,32 @@ def test_redis_down_mid_traffic_then_back(built: Built, rp: RedisProcess) -> Non
         back = c.post("/v1/score", json=BODY).json()
         assert back["degraded"] is False and back["cold_start"] is False
         assert back["items"] == ok["items"]
-        assert c.get("/readyz").status_code == 200
+        assert c.get("/readyz").json()["degraded"] is False
         ev = c.post(
             "/v1/events",
             json={"user_id": "u3", "event_id": "x1", "item_id": "i1", "timestamp": 5.0},
         )
         assert ev.status_code == 202 and ev.json()["appended"] is True
+
+
+def test_readiness_that_requires_redis(built: Built) -> None:
+    """``CTR_READY_REQUIRES_REDIS=true``: /readyz is 503 while Redis does not answer (the
+    default keeps a worker that serves degraded in the load balancer)."""
+    port = free_port()
+    proc = RedisProcess(port)
+    s = settings_for(built, proc.url).model_copy(update={"ready_requires_redis": True})
+    with TestClient(create_app(s)) as c:
+        ready = c.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["redis"] is False, ready.text
+        assert c.post("/v1/score", json=BODY).json()["degraded"] is True
+        proc.start()
+        try:
+            assert c.get("/readyz").status_code == 200
+        finally:
+            proc.stop()
+    with TestClient(create_app(settings_for(built, proc.url))) as c:  # the default
+        ready = c.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["degraded"] is True, ready.text
 
 
 def test_redis_down_at_start_up(built: Built) -> None:
@@ -537,6 +558,7 @@ def test_a_broken_newest_version_falls_back_at_start_up(
             hidden = c.get(path).json()["fallback"]
             assert hidden == {"newest": "3", "error": "hidden: send X-API-Key to read it"}
             assert c.get(path, headers={"X-API-Key": "wrong"}).json()["fallback"] == hidden
+        assert b"\nctr_model_fallback 1.0\n" in c.get("/metrics").content  # to alert on
         shutil.rmtree(models / "m" / "3")
         shutil.copytree(good, models / "m" / "3")  # the copy has landed: retried, loads
         deadline = time.time() + 30
@@ -544,6 +566,7 @@ def test_a_broken_newest_version_falls_back_at_start_up(
             time.sleep(0.1)
         info = c.get("/v1/models").json()
         assert info["version"] == "3" and info["fallback"] is None
+        assert b"\nctr_model_fallback 0.0\n" in c.get("/metrics").content
     assert any("does not load; serving version 1" in rec.getMessage() for rec in caplog.records)
     for v in ("4", "5"):  # v1 good, v2..v5 broken: v1 is beyond the 3 tried
         shutil.copytree(models / "m" / "2", models / "m" / v)

@@ -1,0 +1,90 @@
+"""What an on-call engineer reads off ``/metrics`` (an observability review): the stage
+breakdown covers the request's parse and resolves sub-millisecond stages, Redis reads
+have a latency of their own, and a worker's state (a start-up fallback, user tracking
+off) is a series one can alert on."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
+
+from service import metrics as m
+from service.app import create_app
+from tests.helpers import Built, build_and_load, settings_for
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    return build_and_load(tmp_path_factory.mktemp("observability"), "din")
+
+
+def _value(name: str, labels: dict[str, str] | None = None) -> float:
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+def _body(built: Built, n: int = 20) -> dict:
+    items = built.frame["item_id"].astype(str).unique()[:n].tolist()
+    user = str(built.frame["user_id"].iloc[0])
+    return {"user_id": user, "candidates": [{"item_id": i} for i in items]}
+
+
+def test_the_stages_cover_the_parse_and_resolve_microseconds(built: Built) -> None:
+    stages = ("parse", "redis_fetch", "feature_mapping", "inference", "serialization")
+    count = "ctr_stage_duration_seconds_count"
+    before = {st: _value(count, {"stage": st}) for st in stages}
+    reads_before = _value("ctr_redis_read_seconds_count")
+    rows_before = {src: _value("ctr_user_rows_total", {"source": src})
+                   for src in ("read", "tracked", "degraded")}  # fmt: skip
+    with TestClient(create_app(settings_for(built))) as c:
+        for _ in range(5):
+            r = c.post("/v1/score", json=_body(built))
+            assert r.status_code == 200, r.text
+        bad = c.post("/v1/score", json={"user_id": "u", "candidates": "x"})
+        assert bad.status_code == 422  # refused in the parse: in no stage
+    for st in stages:
+        assert _value(count, {"stage": st}) == before[st] + 5, st
+    # a Redis read's own latency: one per request that read (not those served from
+    # tracked rows), failed reads included
+    rows = {src: _value("ctr_user_rows_total", {"source": src}) - rows_before[src]
+            for src in rows_before}  # fmt: skip
+    assert sum(rows.values()) == 5
+    reads = _value("ctr_redis_read_seconds_count") - reads_before
+    assert reads == rows["read"] + rows["degraded"] >= 1, rows
+    # buckets below the request histogram's first (0.5 ms): a parse of 20 candidates
+    # takes tens of µs, and a quantile inside one bucket only interpolates it
+    assert m.STAGE_BUCKETS[0] <= 0.000025 and set(m.LATENCY_BUCKETS) < set(m.STAGE_BUCKETS)
+    les = {sample.labels["le"] for metric in m.STAGE_DURATION.collect()
+           for sample in metric.samples if sample.name.endswith("_bucket")}  # fmt: skip
+    assert {"2.5e-05", "5e-05", "0.0001", "0.00025", "0.0005"} <= les
+
+
+def test_tracking_off_is_not_tracking_down(built: Built) -> None:
+    """``ctr_user_tracking_up`` is 0 both when the connection is down and when tracking
+    is off; ``ctr_user_tracking_enabled`` tells them apart."""
+    with TestClient(create_app(settings_for(built, user_tracking=False))) as c:
+        assert c.get("/v1/models").json()["user_tracking"]["enabled"] is False
+        assert _value("ctr_user_tracking_enabled") == 0.0
+    with TestClient(create_app(settings_for(built))) as c:
+        assert c.get("/v1/models").json()["user_tracking"]["enabled"] is True
+        assert _value("ctr_user_tracking_enabled") == 1.0
+
+
+def test_a_previous_runs_metric_files_are_wiped(tmp_path: Path) -> None:
+    """A multiprocess folder set by the user outlives ``ctr serve``: its exited
+    processes' files added an old run's counts to every scrape. Those of live processes
+    (another deployment sharing the folder) stay."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    live = str(os.getpid())
+    names = [f"counter_{dead}.db", f"histogram_{dead}.db", f"gauge_liveall_{dead}.db",
+             f"counter_{live}.db", "notes.txt", "counter_x.db"]  # fmt: skip
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    assert m.wipe_stale(str(tmp_path)) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[3:])
