@@ -209,9 +209,24 @@ class DataSpec(_Strict):
     split: Literal["last_per_user", "time", "random"] = "last_per_user"
     val_steps: int = Field(default=1, ge=1, description="last_per_user: time steps in val")
     test_steps: int = Field(default=1, ge=1, description="last_per_user: time steps in test")
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    split_seed: int = Field(
+        default=42,
+        description="random split: the shuffle's seed, apart from train.seed, so that "
+        "runs of several model seeds are scored on one test set (before session 35 the "
+        "split followed train.seed, whose default is also 42)",
+    )
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _fractions(self) -> DataSpec:
+        if self.split != "last_per_user" and self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                f"data.val_fraction + data.test_fraction must be under 1 (they are "
+                f"{self.val_fraction} + {self.test_fraction}): nothing would be left to train on"
+            )
+        return self
 
     @property
     def behaviours(self) -> Literal["positive", "all", "none"]:
@@ -408,6 +423,7 @@ TRAINING_ONLY_KEYS: tuple[tuple[str, ...], ...] = (
     ("model", "dien_interaction"),  # the graph computes it: the service never reads it
     ("model", "deepfm_sequence_first_order"),  # the same
     ("model", "din_interaction"),  # the same
+    ("data", "split_seed"),  # the service never splits data
 )
 
 

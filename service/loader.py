@@ -241,7 +241,8 @@ def _example_items(config: FeatureConfig, frame: pd.DataFrame) -> dict[str, dict
             continue
         for h_ids, h_vals in zip(frame[id_seq.source], frame[s.source], strict=True):
             a, b = split_sequence(h_ids, delim), split_sequence(h_vals, delim)
-            for i, v in zip(a, b, strict=False):
+            k = min(len(a), len(b))  # lined up from the newest end, as training encodes them
+            for i, v in zip(a[len(a) - k :], b[len(b) - k :], strict=True):
                 ni, nv = normalize(i), normalize(v)
                 if ni is not None and nv is not None:
                     out[target.source].setdefault(ni, nv)

@@ -54,12 +54,20 @@ class Prepared:
     frames: dict[str, pd.DataFrame]
 
 
+def _cell_text(v: object) -> str:
+    """A cell in full: a list or array (Parquet's list cells) element by element; numpy's
+    own text of an array elides the middle past 1,000 elements."""
+    if isinstance(v, np.ndarray):
+        v = v.tolist()
+    return "|".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
 def fingerprint(frame: pd.DataFrame) -> str:
     """SHA-256 over every cell of the training frame (lists joined), order-sensitive."""
     h = hashlib.sha256()
     for col in sorted(frame.columns):
         h.update(col.encode())
-        vals = frame[col].map(lambda v: "|".join(map(str, v)) if isinstance(v, list) else str(v))
+        vals = frame[col].map(_cell_text)
         h.update("\x1e".join(vals.tolist()).encode("utf-8", "surrogatepass"))
     return h.hexdigest()
 
@@ -97,7 +105,7 @@ def item_pool(config: FeatureConfig, mapper: FeatureMapper, frame: pd.DataFrame)
 def prepare(config: FeatureConfig, frame: pd.DataFrame | None = None) -> Prepared:
     frame = load_frame(config) if frame is None else frame
     check_item_key(config, frame)
-    tr, va, te = split_frame(frame, config.data, seed=config.train.seed)
+    tr, va, te = split_frame(frame, config.data, seed=config.data.split_seed)
     classes = tr[config.data.label].nunique() if len(tr) else 0
     if classes < 2:  # nothing to learn from: no step, or one label only
         raise DataError(

@@ -51,13 +51,15 @@ def validate_frame(config: FeatureConfig, frame: pd.DataFrame) -> pd.DataFrame:
     """Check the frame carries what the config names; coerce label to float32."""
     spec = config.data
     missing = [c for c in (spec.label, spec.user_key) if c not in frame.columns]
-    missing += [
-        f.source for f in config.features if f.source not in frame.columns and f.kind != "dense"
-    ]
+    # a dense feature's too: a misspelt column trained as its default, a constant
+    missing += [f.source for f in config.features if f.source not in frame.columns]
     if missing:
         raise DataError(f"columns missing from the data: {sorted(set(missing))}")
     frame = frame.copy()
-    frame[spec.label] = pd.to_numeric(frame[spec.label], errors="raise").astype(np.float32)
+    try:
+        frame[spec.label] = pd.to_numeric(frame[spec.label], errors="raise").astype(np.float32)
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"label column {spec.label!r} must hold 0/1 numbers: {exc}") from exc
     bad = ~frame[spec.label].isin([0.0, 1.0])
     if bad.any():
         raise DataError(f"label column {spec.label!r} must be 0/1 ({int(bad.sum())} rows are not)")
