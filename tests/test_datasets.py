@@ -854,3 +854,31 @@ def test_history_item_features_line_up_from_the_newest_end(tmp_path: Path) -> No
     config = _csv_config(tmp_path / "unused.csv", "|")
     cats = item_records(config, frame)["cate_id"]
     assert cats.get("i2") == "c8" and cats.get("i3") == "c9" and "i1" not in cats
+
+
+def test_csv_ids_written_as_floats_map_as_the_service_maps_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """pandas writes an integer column with a missing value as 1.0, 3.0: read as text,
+    training learnt the token "1.0" where a request's JSON number 1 maps "1" (OOV).
+    Such columns, and True/False ones, read as the digits the service maps."""
+    from ctr.mapping import normalize
+
+    frame = _listed().assign(
+        cate_id=[1, None, 3, 12345678901234567],  # float64 in pandas: 1.0, nan, 3.0, ...
+        item_id=[True, False, True, True],
+        user_id=["7.0", "8.0", "9.0", "10.0"],
+    )
+    frame["cate_id"] = ["1.0", "", "3.0", "12345678901234567.0"]  # exact, as text
+    path = tmp_path / "logs.csv"
+    frame.to_csv(path, index=False)
+    loaded = load_frame(_csv_config(path, "|"))
+    assert loaded["cate_id"].tolist() == ["1", "", "3", "12345678901234567"]
+    assert loaded["item_id"].tolist() == ["1", "0", "1", "1"]
+    assert loaded["user_id"].tolist() == ["7", "8", "9", "10"]
+    assert [normalize(v) for v in (1, 1.0, True)] == ["1", "1", "1"]  # the service's side
+    assert "column 'cate_id' holds integers written as floats" in capsys.readouterr().out
+    # a column with one value that is not such an integer is left as it is
+    frame["cate_id"] = ["1.0", "2.5", "3.0", "4.0"]
+    frame.to_csv(path, index=False)
+    assert load_frame(_csv_config(path, "|"))["cate_id"].tolist() == ["1.0", "2.5", "3.0", "4.0"]

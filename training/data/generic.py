@@ -47,6 +47,40 @@ def read_table(path: str | Path, kind: str) -> pd.DataFrame:
     return pd.read_csv(path, dtype=str, keep_default_na=False)
 
 
+_FLOAT_INT = r"-?\d+\.0+"
+
+
+def canonical_csv_ids(config: FeatureConfig, frame: pd.DataFrame) -> pd.DataFrame:
+    """A CSV's ID columns as the service reads the same values from JSON: pandas writes
+    an integer column that has a missing value as ``1.0``, ``3.0``, and ``True``/``False``
+    for booleans; read as text those became the tokens "1.0" and "True", where a request
+    sending the number 1 or ``true`` maps "1" (ctr.mapping.normalize): out of the
+    vocabulary. A sparse feature's (or the user key's) column whose every value is such
+    a float-rendered integer, or a boolean, is rewritten to the integer's digits (exactly:
+    the text is cut, never parsed as a float), with a note."""
+    columns = {f.source for f in config.features if f.kind == "sparse"} | {config.data.user_key}
+    out = frame
+    for col in sorted(c for c in columns if c in frame.columns):
+        values = frame[col].astype(str)
+        present = values[values != ""]
+        if present.empty:
+            continue
+        if present.str.fullmatch(_FLOAT_INT).all():
+            fixed = values.str.replace(r"\.0+$", "", regex=True)
+            fixed = fixed.where(fixed != "-0", "0")
+        elif present.isin(["True", "False"]).all():
+            fixed = values.replace({"True": "1", "False": "0"})
+        else:
+            continue
+        if out is frame:
+            out = frame.copy()
+        out[col] = fixed
+        print(f"[data] column {col!r} holds integers written as floats or booleans "
+              f"(e.g. {present.iloc[0]!r}): read as {fixed[values != ''].iloc[0]!r}, as "
+              "the service maps the same value sent as a JSON number")  # fmt: skip
+    return out
+
+
 def validate_frame(config: FeatureConfig, frame: pd.DataFrame) -> pd.DataFrame:
     """Check the frame carries what the config names; coerce label to float32."""
     spec = config.data
@@ -87,6 +121,8 @@ def load_frame(config: FeatureConfig) -> pd.DataFrame:
         if not spec.path:
             raise DataError("data.path is required for csv/parquet")
         frame = read_table(spec.path, spec.source)
+        if spec.source == "csv":
+            frame = canonical_csv_ids(config, frame)
     elif spec.source == "amazon":
         from training.data.amazon import load_amazon
 
