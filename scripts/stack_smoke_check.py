@@ -356,6 +356,27 @@ def check_prometheus_up(prom: str, port: int, timeout: float) -> None:
     require(target["health"] == "up", f"api target {target}")
     require(target["scrapeUrl"] == f"http://127.0.0.1:{port}/metrics", target["scrapeUrl"])
     ok(f'Prometheus scrapes {target["scrapeUrl"]}: up{{job="api"}} == 1')
+    check_alert_rules(prom, max(deadline, time.monotonic() + 40))  # rules: every 15 s
+
+
+def check_alert_rules(prom: str, deadline: float) -> None:
+    """Prometheus loaded deploy/prometheus/alerts.yml (its every rule) and evaluates
+    each without an error (health "ok" once evaluated: a PromQL the server refuses
+    stays "err")."""
+    rules: list[dict] = []
+    while True:
+        status, body = http("GET", f"{prom}/api/v1/rules?type=alert")
+        require(status == 200 and body.get("status") == "success", f"/api/v1/rules: {body}")
+        rules = [r for g in body["data"]["groups"] for r in g["rules"]]
+        bad = [r for r in rules if r.get("health") == "err"]
+        require(not bad, f"alert rules failing: {[(r['name'], r.get('lastError')) for r in bad]}")
+        if rules and all(r.get("health") == "ok" for r in rules):
+            break
+        if time.monotonic() > deadline:
+            health = [(r["name"], r.get("health")) for r in rules]
+            raise CheckError(f"alert rules not all evaluated: {health}")
+        time.sleep(2)
+    ok(f"Prometheus evaluates {len(rules)} alert rules: " + ", ".join(r["name"] for r in rules))
 
 
 # ------------------------------------------------------------------ Grafana dashboard
