@@ -444,6 +444,21 @@ def test_alert_rules_read_contract_metrics() -> None:
             "ctr_degraded_responses_total", "ctr_impressions_dropped_total"} <= used  # fmt: skip
 
 
+def test_alert_rules_fire_as_their_unit_tests_say() -> None:
+    """``promtool test rules`` on deploy/prometheus/alerts_test.yml: synthetic series
+    in, which alerts fire when (a fallback after 5 minutes, tracking down only where it
+    is enabled, ...). promtool comes with Prometheus (Debian's ``prometheus``); the stack
+    smoke test checks the server loads and evaluates the rules either way."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    folder = REPO / "deploy" / "prometheus"
+    for args in (["check", "rules", "alerts.yml"], ["test", "rules", "alerts_test.yml"]):
+        done = subprocess.run([promtool, *args], cwd=folder, capture_output=True, text=True,
+                              timeout=120, check=False)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_dashboard_queries_only_contract_metrics() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = _exprs(dashboard["panels"]) + _exprs(dashboard.get("templating", {}))
