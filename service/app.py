@@ -109,14 +109,14 @@ CLIENT_CLOSED = 499
 # set in a request's scope by service.front when the service closed the connection
 # because the body did not all arrive within CTR_READ_TIMEOUT_MS: recorded as 408, not 499
 READ_TIMED_OUT = "ctr.read_timed_out"
+# set on an unexpected exception once its 500 has been sent
+ANSWERED = "ctr_answered"
 
 
 def gone_status(scope: Scope) -> int:
     """The status recorded for a request that ended with its connection closed before
     its body was read: 408 when the service closed it (the read timeout), else 499."""
     return 408 if scope.get(READ_TIMED_OUT) else CLIENT_CLOSED
-# set on an unexpected exception once its 500 has been sent
-ANSWERED = "ctr_answered"
 
 
 def orjson_response(content: Any, status: int = 200, headers: dict | None = None) -> Response:
