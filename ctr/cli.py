@@ -196,14 +196,22 @@ def serve_settings(args: argparse.Namespace, settings: Any) -> Any:
 
 def check_port(host: str, port: int) -> None:
     """:class:`~ctr.demo.PortInUse` (one line, status 2) where ``host:port`` cannot be
-    bound because something holds it (:func:`ctr.demo.port_taken`)."""
-    from ctr.demo import PortInUse, port_taken
+    bound: something holds it, or the host does not resolve or is not this machine's
+    (:func:`ctr.demo.bind_error`), before the model loads."""
+    import errno
 
-    if port_taken(host, port):
+    from ctr.demo import PortInUse, bind_error
+
+    exc = bind_error(host, port)
+    if exc is None:
+        return
+    if exc.errno == errno.EADDRINUSE and port != 0:
         raise PortInUse(
             f"{host}:{port} is in use (another `ctr serve`, a `--keep-serving` demo "
             "or `docker compose up`?): stop it, or set --port / CTR_PORT"
         )
+    why = exc.strerror or str(exc)
+    raise PortInUse(f"cannot listen on {host}:{port}: {why} (set --host / CTR_HOST)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -240,6 +248,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   file=sys.stderr)  # fmt: skip
     if workers > 1:  # a worker's SIGHUP while it imports: pending, then noted, not fatal
         hup.block_for_workers()
+    supervisor = _SupervisorWatch()
     try:
         uvicorn.run(
             "service.app:create_app",
@@ -254,9 +263,49 @@ def cmd_serve(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=10,
         )
     finally:
+        supervisor.restore()
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
+    if supervisor.startup_failed:
+        # uvicorn's supervisor stops and returns normally: a unit that restarts on
+        # failure would have taken it for a clean stop
+        print("ctr serve: error: a worker failed to start (its error is above); stopped",
+              file=sys.stderr)  # fmt: skip
+        return STARTUP_FAILURE
     return 0
+
+
+# uvicorn's exit status for an app that failed to start (one worker exits with it)
+STARTUP_FAILURE = 3
+
+
+class _SupervisorWatch:
+    """Puts a subclass of uvicorn's multi-worker supervisor in place for one
+    ``uvicorn.run`` that notes whether it stopped because a worker failed to start."""
+
+    def __init__(self) -> None:
+        import importlib
+
+        from uvicorn.supervisors import Multiprocess
+
+        watch = self
+        self.startup_failed = False
+        # the module (the package's `uvicorn.main` attribute is its click command)
+        self.module = importlib.import_module("uvicorn.main")
+        self.original = self.module.Multiprocess
+
+        class Watched(Multiprocess):
+            def keep_subprocess_alive(self) -> None:
+                super().keep_subprocess_alive()
+                if self.should_exit.is_set() and any(
+                    p.exitcode == STARTUP_FAILURE for p in self.processes
+                ):
+                    watch.startup_failed = True
+
+        self.module.Multiprocess = Watched  # type: ignore[misc]
+
+    def restore(self) -> None:
+        self.module.Multiprocess = self.original  # type: ignore[misc]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -794,7 +843,7 @@ def describe(exc: BaseException) -> str:
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"])
             if not loc:  # a rule over the whole config (e.g. an item_key naming no feature)
-                parts.append(err["msg"])
+                parts.append(err["msg"].removeprefix("Value error, "))
                 continue
             loc = f"CTR_{loc.upper()}" if env else loc
             shown = err["input"]
@@ -804,8 +853,11 @@ def describe(exc: BaseException) -> str:
                 from service.store import redact
 
                 shown = redact(shown)  # its password hidden
-            got = "" if err["type"] == "extra_forbidden" else f" (got {shown!r:.60})"
-            parts.append(f"{loc}: {err['msg']}{got}")
+            msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix, not ours
+            shown_text = f"{shown!r:.60}"
+            skip = err["type"] == "extra_forbidden" or f"got {shown_text}" in msg  # said
+            got = "" if skip else f" (got {shown_text})"
+            parts.append(f"{loc}: {msg}{got}")
         return f"invalid {'setting' if env else 'config'}: " + "; ".join(parts)
     if isinstance(exc, FileNotFoundError) and exc.filename:
         return f"no such file or folder: {exc.filename}"

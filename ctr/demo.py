@@ -114,20 +114,27 @@ def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
         return json.loads(resp.read())
 
 
-def port_taken(host: str, port: int) -> bool:
-    """Whether ``host:port`` cannot be bound because something holds it (bound as
-    uvicorn binds, with ``SO_REUSEADDR``); any other bind error is left to the server.
-    Port 0 (any free one) is never taken."""
-    if port == 0:
-        return False
+def bind_error(host: str, port: int) -> OSError | None:
+    """Why ``host:port`` cannot be bound (bound as uvicorn binds, with ``SO_REUSEADDR``):
+    something holds it (``EADDRINUSE``), a host name that does not resolve, an address
+    this machine does not have; None where it can."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:
-            return exc.errno == errno.EADDRINUSE
-    return False
+            return exc
+    return None
+
+
+def port_taken(host: str, port: int) -> bool:
+    """Whether ``host:port`` cannot be bound because something holds it; any other bind
+    error is left to the server. Port 0 (any free one) is never taken."""
+    if port == 0:
+        return False
+    exc = bind_error(host, port)
+    return exc is not None and exc.errno == errno.EADDRINUSE
 
 
 def _wait_ready(base: str, proc: subprocess.Popen, version: int, timeout: float = 60.0) -> None:

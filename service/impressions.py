@@ -85,6 +85,7 @@ class ImpressionLog:
         self.failures = 0  # failed writes in a row
         self.task: asyncio.Task[None] | None = None
         self._warned = 0.0
+        self.lost_at_shutdown = 0  # entries close() could not write (logged as it ends)
 
     def add(
         self,
@@ -135,9 +136,12 @@ class ImpressionLog:
                     await asyncio.wait_for(self.wake.wait(), FLUSH_S)
                 self.wake.clear()
             while self.queue:
-                if not await self.flush() and self.closing:
-                    return
-                if self.failures and not self.closing:
+                written = await self.flush()
+                if not written and self.closing:
+                    # shutdown's CLOSE_S bounds the tries (close() cancels this task):
+                    # a Redis paused for a moment still gets the entries
+                    await asyncio.sleep(RETRY_S[0])
+                elif self.failures:
                     await asyncio.sleep(RETRY_S[min(self.failures, len(RETRY_S)) - 1])
                 await asyncio.sleep(0)  # the requests queued meanwhile go first
             if self.closing:
@@ -160,12 +164,13 @@ class ImpressionLog:
             await pipe.execute()
         except asyncio.CancelledError:  # shutdown's time ran out mid-write: unknown, counted
             m.IMPRESSIONS_DROPPED.labels("shutdown").inc(len(kept))
+            self.lost_at_shutdown += len(kept)
             raise
         except Exception as exc:  # Redis down, slow or refusing: kept for another try
             self.failures += 1
             m.IMPRESSION_WRITE_FAILURES.inc()
             room = self.limit - len(self.queue)
-            back = [] if self.closing else kept[:max(room, 0)]
+            back = kept[:max(room, 0)]
             back_bytes = sum(map(_size, back))
             while back and back_bytes > self.limit_bytes - self.queued_bytes:
                 back_bytes -= _size(back.pop())  # the batch's newest go first: the bound holds
@@ -196,5 +201,10 @@ class ImpressionLog:
                     await self.task
         if self.queue:
             m.IMPRESSIONS_DROPPED.labels("shutdown").inc(len(self.queue))
+            self.lost_at_shutdown += len(self.queue)
             self.queue.clear()
             self.queued_bytes = 0
+        if self.lost_at_shutdown:  # the counter dies with the process: the log says it
+            log.warning("impression log: %d entries not written to %s at shutdown (Redis did "
+                        "not take them within %g s)", self.lost_at_shutdown, self.stream,
+                        CLOSE_S)  # fmt: skip

@@ -19,6 +19,7 @@ class Settings(BaseSettings):
     models_dir: str = Field("models", description="model store root")
     model_name: str = Field("din", description="bundle name under models_dir")
     model_version: str = Field("latest", description="a version number or 'latest'")
+
     manifest_child_bytes: int = Field(
         8_000_000,
         ge=0,
@@ -253,7 +254,7 @@ class Settings(BaseSettings):
         description="how the tracking connection is read: 0 = whenever it is readable (each "
         "invalidation message wakes the worker); above 0 = only before a request trusts or "
         "reads a user's rows, and every this many ms (a worker woken at most that often "
-        "by other users' writes)",
+        "by other users' writes; at least 1 when above 0)",
     )
     explain_top: int = Field(3, gt=0, description="history items returned per item by explain")
     api_key: SecretStr | None = Field(None, description="key for write/admin endpoints")
@@ -310,7 +311,8 @@ class Settings(BaseSettings):
         ge=0,
         description="each worker puts its resident memory and CPU time into /metrics "
         "(ctr_worker_resident_memory_bytes, ctr_worker_cpu_seconds_total) this often, "
-        "and the worker answering a scrape at the scrape; 0 = at start and scrapes only",
+        "and the worker answering a scrape at the scrape; 0 = at start and scrapes only; "
+        "else at least 0.1",
     )
 
     @field_validator("loop_lag_interval_ms")
@@ -318,6 +320,29 @@ class Settings(BaseSettings):
     def _lag_interval_off_or_10(cls, v: int) -> int:
         if 0 < v < 10:
             raise ValueError("must be 0 (off) or at least 10")
+        return v
+
+    # a period this short keeps a worker busy on its own timer (0.1 ms: a whole core idle)
+    @field_validator("process_metrics_s")
+    @classmethod
+    def _process_metrics_off_or_100ms(cls, v: float) -> float:
+        if 0 < v < 0.1:
+            raise ValueError("must be 0 (start and scrapes only) or at least 0.1")
+        return v
+
+    @field_validator("model_version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        v = v.strip()
+        if v != "latest" and not (v.isascii() and v.isdigit()):
+            raise ValueError("must be a version number or 'latest'")
+        return v
+
+    @field_validator("user_tracking_drain_ms")
+    @classmethod
+    def _drain_off_or_1ms(cls, v: float) -> float:
+        if 0 < v < 1:
+            raise ValueError("must be 0 (read whenever readable) or at least 1")
         return v
 
     @field_validator("api_key", mode="before")
@@ -352,6 +377,7 @@ class Settings(BaseSettings):
                 raise ValueError("no Redis URL")
             for url in urls:
                 parse_url(url)  # ValueError naming the schemes it takes
+                _check_db(url)
             if self.redis_cluster:
                 cluster_options(urls[0])  # the options the cluster client takes
         except ValueError as exc:  # the URL itself not repeated: it may hold a password
@@ -363,6 +389,18 @@ class Settings(BaseSettings):
     def _buckets(cls, v: str) -> str:
         parse_buckets(v)
         return v
+
+
+def _check_db(url: str) -> None:
+    """A redis:// URL's path is its database number: redis-py ignores one that is not
+    (``/O`` for ``/0`` silently used database 0)."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url if "://" in url else f"redis://{url}")
+    if parsed.scheme in ("redis", "rediss"):
+        db = parsed.path.strip("/")
+        if db and not db.isdigit():
+            raise ValueError(f"the database (the URL's path) must be a number, got {db[:20]!r}")
 
 
 def parse_buckets(text: str) -> list[int]:

@@ -114,6 +114,42 @@ def test_a_redis_that_does_not_answer_holds_entries_and_fails_no_request(built: 
     assert _dropped("redis") + _dropped("shutdown") == before + 3
 
 
+@pytest.mark.parametrize("back_after_s", [0.5, None])
+def test_shutdown_tries_again_within_its_time(
+    back_after_s: float | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Shutdown's first failed write ended the writer: a Redis away for a moment (a
+    restart, a CLIENT PAUSE) lost every queued impression, with no log line (the
+    counter dies with the process). Writes are now tried again until CLOSE_S; what is
+    still lost is said in the log."""
+    import logging
+
+    from redis.asyncio import Redis as AsyncRedis
+
+    async def scenario(rp: Any) -> tuple[int, int]:
+        client = AsyncRedis.from_url(rp.url, socket_timeout=0.2, socket_connect_timeout=0.2)
+        log = ImpressionLog(client, STREAM, 1000, queue=100)
+        log.start()
+        rp.stop()
+        for k in range(5):
+            log.add(f"u{k}", {}, b'{"items": []}')
+        closing = asyncio.create_task(log.close())
+        if back_after_s is not None:
+            await asyncio.sleep(back_after_s)
+            await asyncio.to_thread(rp.start)  # same port
+        await closing
+        await client.aclose()
+        return log.lost_at_shutdown, (rp.client().xlen(STREAM) if back_after_s else 0)
+
+    with private_redis() as rp, caplog.at_level(logging.WARNING):
+        lost, written = asyncio.run(scenario(rp))
+    if back_after_s is not None:
+        assert (lost, written) == (0, 5)
+        assert "at shutdown" not in caplog.text
+    else:
+        assert lost == 5 and "impression log: 5 entries not written" in caplog.text
+
+
 def test_a_redis_that_comes_back_gets_every_entry(built: Built) -> None:
     """Writes that fail while Redis is down are tried again: once it is back, every
     impression of the outage is in the stream, none dropped."""

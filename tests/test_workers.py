@@ -205,6 +205,21 @@ def test_require_gpu_refuses_cpu(built: Built) -> None:
         pass
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_worker_that_fails_to_start_fails_ctr_serve(built: Built, workers: str) -> None:
+    """With several workers, uvicorn's supervisor stopped and returned normally when a
+    worker failed to start: ``ctr serve`` exited 0, which a unit restarting on failure
+    takes for a clean stop. It exits 3 (uvicorn's own status with one worker)."""
+    env = service_env(built, REDIS_URL, CTR_REQUIRE_GPU="1", CTR_LOG_LEVEL="error")
+    cmd = [sys.executable, "-m", "ctr.cli", "serve", "--host", "127.0.0.1",
+           "--port", str(free_port()), "--workers", workers]  # fmt: skip
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 3, (done.returncode, done.stderr[-2000:])
+    assert "CTR_REQUIRE_GPU" in done.stderr
+    if workers == "2":
+        assert "ctr serve: error: a worker failed to start" in done.stderr
+
+
 def test_cuda_provider_without_cuda_is_an_error(built: Built) -> None:
     s = Settings(
         models_dir=str(built.models_dir),
