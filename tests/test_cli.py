@@ -66,7 +66,7 @@ def one_line_error(out: subprocess.CompletedProcess, command: str) -> str:
         (["train", "--config", "configs/synthetic_din.yaml", "--set", "data.options.n_users=0"],
          {}, "data.options.n_users must be at least 1"),
         (["results", "--datasets", "synthetic,bogus"], {},
-         "unknown datasets ['bogus']; known: ['amazon_beauty', 'movielens', 'synthetic']"),
+         "unknown datasets ['bogus']; known: ['amazon_beauty', 'amazon_sports', 'amazon_toys'"),
         (["results", "--datasets", "synthetic,movielens"], {"CTR_DATA_ROOT": "/nonexistent"},
          "data not found for movielens (/nonexistent/movielens-100k): set CTR_DATA_ROOT"),
         (["load", "--bundle", "models-nope/din"], {},

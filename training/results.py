@@ -15,10 +15,22 @@ from training.data.generic import DataError, data_root
 
 ROOT = Path(__file__).resolve().parents[1]
 
-DATASETS = {
-    "amazon_beauty": ("configs/amazon_beauty_din.yaml", "amazon-s3rec-sequences"),
-    "movielens": ("configs/movielens_din.yaml", "movielens-100k"),
-    "synthetic": ("configs/synthetic_din.yaml", None),
+# name -> (config, the shared-data folder it needs or None, overrides of the config)
+DATASETS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
+    "amazon_beauty": ("configs/amazon_beauty_din.yaml", "amazon-s3rec-sequences", {}),
+    # the same protocol on the other two S3-Rec categories
+    "amazon_sports": (
+        "configs/amazon_beauty_din.yaml",
+        "amazon-s3rec-sequences",
+        {"name": "din_amazon_sports", "data.options.name": "Sports_and_Outdoors"},
+    ),
+    "amazon_toys": (
+        "configs/amazon_beauty_din.yaml",
+        "amazon-s3rec-sequences",
+        {"name": "din_amazon_toys", "data.options.name": "Toys_and_Games"},
+    ),
+    "movielens": ("configs/movielens_din.yaml", "movielens-100k", {}),
+    "synthetic": ("configs/synthetic_din.yaml", None, {}),
 }
 
 
@@ -48,11 +60,11 @@ def run(
         )
     results: dict[str, Any] = {}
     for ds in datasets:
-        cfg, _ = DATASETS[ds]
+        cfg, _, base = DATASETS[ds]
         prepared = None
         for mt in models:
             for seed in seeds:
-                over = {"model.type": mt, "train.seed": seed, **overrides}
+                over = {**base, "model.type": mt, "train.seed": seed, **overrides}
                 config = load_config(ROOT / cfg, over)
                 if prepared is None:  # the data split does not depend on the model seed
                     prepared = prepare(config)
@@ -74,7 +86,8 @@ def run(
 
 def split_note(ds: str, overrides: dict[str, Any]) -> str:
     """What a dataset's test split is, with these overrides (docs/datasets.md)."""
-    d = load_config(ROOT / DATASETS[ds][0], overrides).data
+    cfg, _, base = DATASETS[ds]
+    d = load_config(ROOT / cfg, {**base, **overrides}).data
     if d.split == "last_per_user":
         return (f"each user's last {d.test_steps} example time(s) on `{d.time_column}` "
                 "(leave-last-out, not a calendar cut)")  # fmt: skip
