@@ -239,7 +239,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"PROMETHEUS_MULTIPROC_DIR={folder!r} is not a folder (the workers keep their "
             "metrics there): create it, or unset it for a temporary one"
         )
-    if workers > 1 and folder and made is None:
+    if folder and made is None:  # one worker renders from the folder too
         from service.metrics import wipe_stale
 
         wiped = wipe_stale(folder)  # a previous run's counts, which every scrape would add
@@ -292,20 +292,25 @@ class _SupervisorWatch:
         self.startup_failed = False
         # the module (the package's `uvicorn.main` attribute is its click command)
         self.module = importlib.import_module("uvicorn.main")
-        self.original = self.module.Multiprocess
+        self.original = getattr(self.module, "Multiprocess", None)
+        if self.original is None:  # another uvicorn layout: not watched
+            return
 
         class Watched(Multiprocess):
             def keep_subprocess_alive(self) -> None:
                 super().keep_subprocess_alive()
+                # uvicorn >= 0.30 stops on a worker's start-up failure; an older one
+                # restarts it (and its processes may lack exitcode): nothing noted then
                 if self.should_exit.is_set() and any(
-                    p.exitcode == STARTUP_FAILURE for p in self.processes
+                    getattr(p, "exitcode", None) == STARTUP_FAILURE for p in self.processes
                 ):
                     watch.startup_failed = True
 
         self.module.Multiprocess = Watched  # type: ignore[misc]
 
     def restore(self) -> None:
-        self.module.Multiprocess = self.original  # type: ignore[misc]
+        if self.original is not None:
+            self.module.Multiprocess = self.original  # type: ignore[misc]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

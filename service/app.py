@@ -434,7 +434,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.event_legacy_ids,
         )
         state.tracker = await tracking.start_tracking(settings)
-        m.USER_TRACKING_ENABLED.set(0 if state.tracker is None else 1)
+        if state.tracker is None:  # else the tracker says (0 while Redis refuses it)
+            m.USER_TRACKING_ENABLED.set(0)
         if settings.impression_stream:
             state.impressions = ImpressionLog(
                 state.write_redis,

@@ -217,13 +217,13 @@ class TimedProtocol(HttpToolsProtocol):
         connection, and the connection closed."""
         m.ERRORS.labels("header_too_large").inc()
         started = self.read_started
-        self.count_refusal(431, 0.0 if started is None else self.loop.time() - started)
         self.read_started = None  # no read timeout's 408 after this answer
         self.reading = False
         self._unset_keepalive_if_required()  # nor uvicorn's keep-alive close mid-linger
         if self.busy():
             self.transport.close()
             return
+        self.count_refusal(431, 0.0 if started is None else self.loop.time() - started)
         detail = f"the request's head is longer than {MAX_HEAD_BYTES} bytes"
         self.transport.write(
             _refusal(self.server_state.default_headers, 431, "header_too_large", detail)

@@ -82,6 +82,7 @@ class ImpressionLog:
         self.queued_bytes = 0  # of the queue's contexts and responses
         self.wake = asyncio.Event()
         self.closing = False
+        self.stopping = asyncio.Event()  # set by close(): ends a backoff's wait
         self.failures = 0  # failed writes in a row
         self.task: asyncio.Task[None] | None = None
         self._warned = 0.0
@@ -141,8 +142,10 @@ class ImpressionLog:
                     # shutdown's CLOSE_S bounds the tries (close() cancels this task):
                     # a Redis paused for a moment still gets the entries
                     await asyncio.sleep(RETRY_S[0])
-                elif self.failures:
-                    await asyncio.sleep(RETRY_S[min(self.failures, len(RETRY_S)) - 1])
+                elif self.failures:  # backing off: cut short by close(), whose time runs
+                    with contextlib.suppress(TimeoutError):
+                        delay = RETRY_S[min(self.failures, len(RETRY_S)) - 1]
+                        await asyncio.wait_for(self.stopping.wait(), delay)
                 await asyncio.sleep(0)  # the requests queued meanwhile go first
             if self.closing:
                 return
@@ -192,6 +195,7 @@ class ImpressionLog:
         is dropped, counted as ``shutdown``."""
         self.closing = True
         self.wake.set()
+        self.stopping.set()
         if self.task is not None and not self.task.done():
             try:
                 await asyncio.wait_for(asyncio.shield(self.task), CLOSE_S)

@@ -29,7 +29,9 @@ TIME = "__ctr_load_time__"  # the time order user_records sorts on
 # what the last complete load wrote (:func:`load_identity`), so that ``ctr load --once``
 # (the compose init job on every `up`) does not reset histories events have moved on
 LOADED_KEY = "ctr:loaded"
-LOAD_FORMAT = 1  # what the keys a load writes hold: raise it when that changes
+# what the keys a load writes hold: raise it when that changes (2, session 35: a CSV's
+# float-written integer IDs read as digits; history item features lined up from the end)
+LOAD_FORMAT = 2
 ITEM_PIECE = 5000  # item-feature fields per command
 
 # One user replaced in one step, so that an event appended meanwhile (POST /v1/events,

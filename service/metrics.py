@@ -155,8 +155,9 @@ USER_TRACKING_UP = Gauge(
 )
 USER_TRACKING_ENABLED = Gauge(
     "ctr_user_tracking_enabled",
-    "1 where the worker tracks users (CTR_USER_TRACKING, and a Redis that allows it): "
-    "ctr_user_tracking_up 0 then means the connection is down",
+    "1 where the worker tracks users (CTR_USER_TRACKING on and a Redis that accepts "
+    "tracking's set-up): ctr_user_tracking_up 0 then means the connection is down; 0 "
+    "where off, or while Redis refuses the set-up (retried every 30 s)",
     multiprocess_mode="liveall",
 )
 USER_INVALIDATIONS = Counter(

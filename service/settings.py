@@ -19,7 +19,6 @@ class Settings(BaseSettings):
     models_dir: str = Field("models", description="model store root")
     model_name: str = Field("din", description="bundle name under models_dir")
     model_version: str = Field("latest", description="a version number or 'latest'")
-
     manifest_child_bytes: int = Field(
         8_000_000,
         ge=0,
@@ -400,7 +399,8 @@ def _check_db(url: str) -> None:
     if parsed.scheme in ("redis", "rediss"):
         db = parsed.path.strip("/")
         if db and not db.isdigit():
-            raise ValueError(f"the database (the URL's path) must be a number, got {db[:20]!r}")
+            # the value not repeated: a malformed URL can put a password there
+            raise ValueError("the database (the URL's path) must be a number")
 
 
 def parse_buckets(text: str) -> list[int]:

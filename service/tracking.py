@@ -186,6 +186,7 @@ class UserTracker:
     def start(self) -> None:
         """Connect in the background, and keep connected until :meth:`aclose`."""
         self._loop = asyncio.get_running_loop()
+        m.USER_TRACKING_ENABLED.set(1)  # until Redis refuses the set-up
         self._task = asyncio.create_task(self._keep())
 
     async def wait_live(self, timeout_s: float) -> bool:
@@ -223,10 +224,13 @@ class UserTracker:
                 try:
                     await self._connect()
                     connected_at, failing = time.monotonic(), False
+                    m.USER_TRACKING_ENABLED.set(1)
                 except Exception as exc:  # whatever it was: try again later
                     if not failing:  # once per outage, not every retry
                         log.warning("user-row tracking cannot connect (%r); retrying", exc)
                         failing = True
+                    if isinstance(exc, TrackingRefused):  # this Redis will not: not "down"
+                        m.USER_TRACKING_ENABLED.set(0)
                     # refused (Redis < 6, ACL, password): the next try is no likelier soon
                     await asyncio.sleep(
                         REFUSED_RETRY_S if isinstance(exc, TrackingRefused) else delay

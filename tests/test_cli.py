@@ -84,7 +84,7 @@ def one_line_error(out: subprocess.CompletedProcess, command: str) -> str:
         (["serve"], {"CTR_MODEL_VERSION": "abc"},
          "CTR_MODEL_VERSION: must be a version number or 'latest' (got 'abc')"),
         (["serve"], {"CTR_REDIS_URL": "redis://127.0.0.1:6379/O"},
-         "CTR_REDIS_URL: the database (the URL's path) must be a number, got 'O'"),
+         "CTR_REDIS_URL: the database (the URL's path) must be a number"),
         (["serve"], {"CTR_PROCESS_METRICS_S": "0.0001"},
          "CTR_PROCESS_METRICS_S: must be 0 (start and scrapes only) or at least 0.1"),
         (["serve"], {"CTR_USER_TRACKING_DRAIN_MS": "0.001"},

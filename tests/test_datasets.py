@@ -861,24 +861,43 @@ def test_csv_ids_written_as_floats_map_as_the_service_maps_them(
 ) -> None:
     """pandas writes an integer column with a missing value as 1.0, 3.0: read as text,
     training learnt the token "1.0" where a request's JSON number 1 maps "1" (OOV).
-    Such columns, and True/False ones, read as the digits the service maps."""
+    Such columns, and True/False ones, read as the digits the service maps, with the
+    history columns that share their table (decided on all of them, so that a candidate
+    and the same item in a history keep one index)."""
     from ctr.mapping import normalize
 
     frame = _listed().assign(
-        cate_id=[1, None, 3, 12345678901234567],  # float64 in pandas: 1.0, nan, 3.0, ...
-        item_id=[True, False, True, True],
+        cate_id=["1.0", "", "3.0", "12345678901234567.0"],  # exact, as text
+        hist_cate_id=["1.0|3.0", "3.0|3.0|1.0", "", "12345678901234567.0"],
+        item_id=["9.0", "3.0", "1.0", "2.0"],
+        hist_item_id=["1.0|2.0", "1.0|2.0|9.0", "", "3.0"],
         user_id=["7.0", "8.0", "9.0", "10.0"],
     )
-    frame["cate_id"] = ["1.0", "", "3.0", "12345678901234567.0"]  # exact, as text
     path = tmp_path / "logs.csv"
     frame.to_csv(path, index=False)
-    loaded = load_frame(_csv_config(path, "|"))
+    config = _csv_config(path, "|")
+    loaded = load_frame(config)
     assert loaded["cate_id"].tolist() == ["1", "", "3", "12345678901234567"]
-    assert loaded["item_id"].tolist() == ["1", "0", "1", "1"]
+    assert loaded["hist_cate_id"].tolist() == ["1|3", "3|3|1", "", "12345678901234567"]
+    assert loaded["item_id"].tolist() == ["9", "3", "1", "2"]
+    assert loaded["hist_item_id"].tolist() == ["1|2", "1|2|9", "", "3"]
     assert loaded["user_id"].tolist() == ["7", "8", "9", "10"]
     assert [normalize(v) for v in (1, 1.0, True)] == ["1", "1", "1"]  # the service's side
-    assert "column 'cate_id' holds integers written as floats" in capsys.readouterr().out
-    # a column with one value that is not such an integer is left as it is
-    frame["cate_id"] = ["1.0", "2.5", "3.0", "4.0"]
+    assert "column 'item_id' (and 'hist_item_id'): integers written as floats" in (
+        capsys.readouterr().out
+    )
+    # the candidate and the same item in a history: one index
+    mapper = FeatureMapper.fit(config, raw_columns_for_fit(config, loaded, "|"))
+    enc = encode_frame(config, mapper, loaded, "|")
+    item_col = [f.name for f in config.item_sparse].index("item_id")
+    assert enc.item_sparse[2, item_col] == enc.hist[0, 0, 0]  # item "1" both ways
+    # a history token that is not such an integer keeps the table's columns as they are
+    frame["hist_item_id"] = ["1.0|x", "1.0|2.0|9.0", "", "3.0"]
     frame.to_csv(path, index=False)
-    assert load_frame(_csv_config(path, "|"))["cate_id"].tolist() == ["1.0", "2.5", "3.0", "4.0"]
+    again = load_frame(config)
+    assert again["item_id"].tolist() == ["9.0", "3.0", "1.0", "2.0"]
+    assert again["hist_item_id"].tolist() == ["1.0|x", "1.0|2.0|9.0", "", "3.0"]
+    # booleans
+    frame["item_id"], frame["hist_item_id"] = ["True", "False", "True", "True"], ["", "", "", ""]
+    frame.to_csv(path, index=False)
+    assert load_frame(config)["item_id"].tolist() == ["1", "0", "1", "1"]

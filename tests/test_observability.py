@@ -75,6 +75,25 @@ def test_tracking_off_is_not_tracking_down(built: Built) -> None:
         assert _value("ctr_user_tracking_enabled") == 1.0
 
 
+def test_a_redis_that_refuses_tracking_is_not_a_connection_down(built: Built) -> None:
+    """A Redis whose ACL refuses CLIENT TRACKING: tracking cannot work there, which is
+    not a connection that went down (the CtrUserTrackingDown alert would fire for good):
+    ``ctr_user_tracking_enabled`` is 0 while the set-up is refused."""
+    from tests.helpers import wait_for
+    from tests.redis_proc import private_redis
+
+    with private_redis() as rp:
+        rp.client().execute_command(
+            "ACL", "SETUSER", "default", "on", "nopass", "~*", "&*", "+@all", "-client|tracking"
+        )
+        with TestClient(create_app(settings_for(built, redis_url=rp.url))) as c:
+            assert c.get("/v1/models").json()["user_tracking"]["enabled"] is True  # configured
+            wait_for(lambda: _value("ctr_user_tracking_enabled") == 0.0, "enabled 0", 10)
+            assert _value("ctr_user_tracking_up") == 0.0
+            r = c.post("/v1/score", json=_body(built))
+            assert r.status_code == 200  # every request reads: served all the same
+
+
 def test_a_previous_runs_metric_files_are_wiped(tmp_path: Path) -> None:
     """A multiprocess folder set by the user outlives ``ctr serve``: its exited
     processes' files added an old run's counts to every scrape. Those of live processes

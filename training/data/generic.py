@@ -50,34 +50,62 @@ def read_table(path: str | Path, kind: str) -> pd.DataFrame:
 _FLOAT_INT = r"-?\d+\.0+"
 
 
+def _int_text(values: pd.Series) -> pd.Series | None:
+    """``values`` (text, "" for missing) as the integers' digits where every present one
+    is an integer written as a float (``1.0``) or a boolean (``True``); None otherwise
+    (or where none is present)."""
+    present = values[values != ""]
+    if present.empty:
+        return None
+    if present.str.fullmatch(_FLOAT_INT).all():
+        fixed = values.str.replace(r"\.0+$", "", regex=True)
+        return fixed.where(fixed != "-0", "0")
+    if present.isin(["True", "False"]).all():
+        return values.replace({"True": "1", "False": "0"})
+    return None
+
+
 def canonical_csv_ids(config: FeatureConfig, frame: pd.DataFrame) -> pd.DataFrame:
     """A CSV's ID columns as the service reads the same values from JSON: pandas writes
     an integer column that has a missing value as ``1.0``, ``3.0``, and ``True``/``False``
     for booleans; read as text those became the tokens "1.0" and "True", where a request
     sending the number 1 or ``true`` maps "1" (ctr.mapping.normalize): out of the
-    vocabulary. A sparse feature's (or the user key's) column whose every value is such
-    a float-rendered integer, or a boolean, is rewritten to the integer's digits (exactly:
-    the text is cut, never parsed as a float), with a note."""
-    columns = {f.source for f in config.features if f.kind == "sparse"} | {config.data.user_key}
+    vocabulary. A sparse feature's column whose every value is such a float-written
+    integer, or a boolean, is rewritten to the integer's digits (exactly: the text is
+    cut, never parsed as a float), with a note; together with the tokens of the history
+    columns that share its table (decided on all of them: a candidate and the same item
+    in a history keep one index), and the user key's column alike."""
+    delim = config.data.seq_delimiter
+    tables: list[tuple[str, list[str]]] = [
+        (f.source, [q.source for q in config.sequences if q.shared_with == f.name])
+        for f in config.features
+        if f.kind == "sparse"
+    ]
+    if not any(col == config.data.user_key for col, _ in tables):
+        tables.append((config.data.user_key, []))
     out = frame
-    for col in sorted(c for c in columns if c in frame.columns):
-        values = frame[col].astype(str)
-        present = values[values != ""]
-        if present.empty:
+    for col, seqs in tables:
+        seqs = [q for q in seqs if q in frame.columns]
+        if col not in frame.columns:
             continue
-        if present.str.fullmatch(_FLOAT_INT).all():
-            fixed = values.str.replace(r"\.0+$", "", regex=True)
-            fixed = fixed.where(fixed != "-0", "0")
-        elif present.isin(["True", "False"]).all():
-            fixed = values.replace({"True": "1", "False": "0"})
-        else:
+        values = frame[col].astype(str)
+        tokens = [frame[q].astype(str).str.split(delim, regex=False).explode() for q in seqs]
+        fixed = _int_text(pd.concat([values, *tokens], ignore_index=True))
+        if fixed is None:
             continue
         if out is frame:
             out = frame.copy()
-        out[col] = fixed
-        print(f"[data] column {col!r} holds integers written as floats or booleans "
-              f"(e.g. {present.iloc[0]!r}): read as {fixed[values != ''].iloc[0]!r}, as "
-              "the service maps the same value sent as a JSON number")  # fmt: skip
+        out[col] = fixed.iloc[: len(values)].to_numpy()
+        for q, toks in zip(seqs, tokens, strict=True):
+            cut = _int_text(toks.fillna("")) if not toks.empty else None
+            if cut is not None:  # the same rule on the column's own tokens
+                out[q] = cut.groupby(level=0).agg(delim.join).reindex(frame.index, fill_value="")
+        example = values[values != ""]
+        shown = example.iloc[0] if len(example) else ""
+        also = f" (and {', '.join(map(repr, seqs))})" if seqs else ""
+        print(f"[data] column {col!r}{also}: integers written as floats or booleans "
+              f"(e.g. {shown!r}) read as digits, as the service maps the same value sent "
+              "as a JSON number")  # fmt: skip
     return out
 
 
