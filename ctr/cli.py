@@ -240,7 +240,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "metrics there): create it, or unset it for a temporary one"
         )
     if folder and made is None:  # one worker renders from the folder too
-        from service.metrics import wipe_stale
+        from service.metricfiles import wipe_stale
 
         wiped = wipe_stale(folder)  # a previous run's counts, which every scrape would add
         if wiped:

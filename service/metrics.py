@@ -23,6 +23,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from service.metricfiles import pid_alive
+
 M = TypeVar("M", Counter, Gauge, Histogram)
 
 
@@ -312,38 +314,12 @@ def forget_dead_workers() -> list[int]:
     dead = set()
     for path in Path(folder).glob("gauge_live*_*.db"):
         tail = path.stem.rsplit("_", 1)[1]
-        if tail.isascii() and tail.isdigit() and not _pid_alive(int(tail)):
+        if tail.isascii() and tail.isdigit() and not pid_alive(int(tail)):
             dead.add(int(tail))
     for pid in sorted(dead):
         with contextlib.suppress(FileNotFoundError):  # another worker starting dropped it
             multiprocess.mark_process_dead(pid, folder)
     return sorted(dead)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
-def wipe_stale(folder: str) -> int:
-    """Before a deployment's workers start: delete the metric files in ``folder`` that
-    processes no longer running wrote (a previous run's: prometheus_client wants the
-    folder wiped between runs; left there, they add an old run's counts to every scrape
-    and slow it). A live process's files, another deployment's sharing the folder, stay.
-    Returns how many were deleted."""
-    wiped = 0
-    for path in Path(folder).glob("*.db"):
-        tail = path.stem.rsplit("_", 1)[-1]
-        if tail.isascii() and tail.isdigit() and not _pid_alive(int(tail)):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                wiped += 1
-    return wiped
 
 
 def forget_this_worker() -> None:

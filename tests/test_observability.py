@@ -16,6 +16,7 @@ from prometheus_client import REGISTRY
 
 from service import metrics as m
 from service.app import create_app
+from service.metricfiles import wipe_stale
 from tests.helpers import Built, build_and_load, settings_for
 
 
@@ -105,5 +106,5 @@ def test_a_previous_runs_metric_files_are_wiped(tmp_path: Path) -> None:
              f"counter_{live}.db", "notes.txt", "counter_x.db"]  # fmt: skip
     for name in names:
         (tmp_path / name).write_bytes(b"")
-    assert m.wipe_stale(str(tmp_path)) == 3
+    assert wipe_stale(str(tmp_path)) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[3:])

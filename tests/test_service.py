@@ -546,19 +546,26 @@ def test_cached_rows_score_like_fresh_ones(
     assert same(mixed, reference) and same(warm, reference)
 
 
+def moved_by_category(c: TestClient, built: Built, user: str, category: str) -> str:
+    """An item whose score ``category`` in place of its own moves by more than 1e-4 for
+    ``user`` (how much a category moves a score depends on the trained weights); the
+    category is sent with the request, which no cache keeps."""
+    for item in some_items(built, 20):
+        plain = probs_by_item(c, user, [{"item_id": item}])[item]
+        sent = [{"item_id": item, "features": {"cate_id": category}}]
+        if probs_by_item(c, user, sent)[item] != pytest.approx(plain, abs=1e-4):
+            return item
+    raise AssertionError(f"no item's score moved with category {category!r}")
+
+
 def test_request_features_bypass_the_cache(
     built: Built, redis_db: Redis, uncached_client: TestClient
 ) -> None:
-    # an item whose score the category moves (how much depends on the trained weights)
-    for item in some_items(built, 20):
-        plain = [{"item_id": item}]
-        bogus = [{"item_id": item, "features": {"cate_id": "c-not-a-category"}}]
-        want_plain = probs_by_item(uncached_client, "u2", plain)[item]
-        want_bogus = probs_by_item(uncached_client, "u2", bogus)[item]
-        if want_bogus != pytest.approx(want_plain, abs=1e-4):
-            break
-    else:
-        pytest.fail("no item's score moved with its category")
+    item = moved_by_category(uncached_client, built, "u2", "c-not-a-category")
+    plain = [{"item_id": item}]
+    bogus = [{"item_id": item, "features": {"cate_id": "c-not-a-category"}}]
+    want_plain = probs_by_item(uncached_client, "u2", plain)[item]
+    want_bogus = probs_by_item(uncached_client, "u2", bogus)[item]
     with TestClient(create_app(settings_for(built))) as c:
         rows = c.app.state.ctr.model.rows  # type: ignore[attr-defined]
         # first: encoded from the request, not cached
@@ -607,10 +614,10 @@ def test_item_update_visible_after_ttl(built: Built, monkeypatch: pytest.MonkeyP
     proc = RedisProcess(free_port()).start()
     try:
         load_into_redis(built.config, built.frame, proc.url, progress=False)
-        item = some_items(built, 1)[0]
         direct = Redis.from_url(proc.url, decode_responses=True)
         short_ttl = settings_for(built, redis_url=proc.url, item_cache_ttl_s=30)
         with TestClient(create_app(short_ttl)) as c:
+            item = moved_by_category(c, built, "u4", "c-moved-category")
             before = probs_by_item(c, "u4", [{"item_id": item}])[item]
             direct.hset(item_key("cate_id"), item, "c-moved-category")
             within = probs_by_item(c, "u4", [{"item_id": item}])[item]

@@ -71,14 +71,17 @@ def with_spend(frame: pd.DataFrame) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    from training.data import load_frame
+    from training.data.generic import validate_frame
+    from training.data.synthetic import check_options, generate
     from training.dataset import prepare
     from training.export import export_bundle
     from training.train import load_run, train
 
     tmp: Path = tmp_path_factory.mktemp("user_dense")
     config = user_dense_config()
-    frame = with_spend(load_frame(config))
+    # the generator's frame with the column added (load_frame refuses a config whose
+    # data lacks one of its columns), then checked as load_frame checks it
+    frame = validate_frame(config, with_spend(generate(config, **check_options(config))))
     run = tmp / f"run-{config.name}"
     train(config, run, prep=prepare(config, frame), progress=False)
     _, mapper, model, metrics = load_run(run)

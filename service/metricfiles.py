@@ -1,0 +1,35 @@
+"""The multiprocess metric folder's files (``PROMETHEUS_MULTIPROC_DIR``), without
+importing the metrics: a process that imports :mod:`service.metrics` writes files of its
+own there (its gauges' values), which ``ctr serve``'s parent must not."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def wipe_stale(folder: str) -> int:
+    """Before a deployment's workers start: delete the metric files in ``folder`` that
+    processes no longer running wrote (a previous run's: prometheus_client wants the
+    folder wiped between runs; left there, they add an old run's counts to every scrape
+    and slow it). A live process's files, another deployment's sharing the folder, stay.
+    Returns how many were deleted."""
+    wiped = 0
+    for path in Path(folder).glob("*.db"):
+        tail = path.stem.rsplit("_", 1)[-1]
+        if tail.isascii() and tail.isdigit() and not pid_alive(int(tail)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                wiped += 1
+    return wiped
