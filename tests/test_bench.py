@@ -48,6 +48,7 @@ def test_service_benchmark_reports_every_figure() -> None:
     assert single["degraded"] == 0 and single["service_errors"] == 0
     assert single["check"] == "ok" or single["check"].startswith("suspect:")
     assert set(single["stages_ms"]) == {
+        "parse",
         "redis_fetch",
         "feature_mapping",
         "inference",
@@ -307,9 +308,9 @@ def test_request_path_benchmark_runs_both_paths(tmp_path: Path) -> None:
     assert set(r["check_us"]) == {"C-level check", "per-candidate check"}
     assert all(v > 0 for v in [*r["request_ms"].values(), *r["check_us"].values()])
     for st in (r["stage_ms"], r["stage_ms_orjson"]):
-        assert set(st) == {"redis_fetch", "feature_mapping", "inference", "serialization",
-                           "outside", "total"}  # fmt: skip
-        assert all(st[k] > 0 for k in ("redis_fetch", "serialization", "total"))
+        assert set(st) == {"parse", "redis_fetch", "feature_mapping", "inference",
+                           "serialization", "outside", "total"}  # fmt: skip
+        assert all(st[k] > 0 for k in ("parse", "redis_fetch", "serialization", "total"))
         assert abs(sum(v for k, v in st.items() if k != "total") - st["total"]) < 1e-9
     import service.app
 

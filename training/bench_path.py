@@ -156,7 +156,8 @@ async def _stage_costs(settings: Settings, bodies: list[bytes], rounds: int, rep
     The stage clock reads this thread's CPU time, so ``inference`` is the graph call
     where it runs on the event loop thread (``CTR_INLINE_MAX_MS``: each request here is
     alone in flight), else only the hand-off to the ORT thread and back; ``outside`` is
-    the rest of the request (body read, validation, ASGI and middleware)."""
+    the rest of the request (body read, ASGI and middleware; ``parse`` is the JSON's
+    parse and validation)."""
     app = create_app(settings)
     ctx = app.router.lifespan_context(app)
     await ctx.__aenter__()
@@ -364,8 +365,8 @@ def render(res: dict, command: str) -> str:
         "Event-loop CPU per request on the fast path, by the service's own stages (ms; "
         "`inference` is the graph call itself where it runs on the event loop thread (each "
         "request here is alone in flight: `CTR_INLINE_MAX_MS`), else the hand-off to the "
-        "ORT thread and back; `outside` the body read, "
-        "validation, ASGI and middleware), with the native codec and with orjson "
+        "ORT thread and back; `parse` the body's JSON read and checked; `outside` the "
+        "body's arrival, ASGI and middleware), with the native codec and with orjson "
         "(`CTR_NATIVE_JSON=off`):",
         "",
         *_stage_header("JSON"),

@@ -119,7 +119,7 @@ def _sums(text: str, metric: str, label: str) -> dict[tuple[str, str], float]:
     return out
 
 
-STAGES = ("redis_fetch", "feature_mapping", "inference", "serialization")
+STAGES = ("parse", "redis_fetch", "feature_mapping", "inference", "serialization")
 
 
 def stage_means(before: str, after: str) -> dict[str, float]:
@@ -1034,9 +1034,9 @@ def _latency_table(res: dict[str, Any]) -> list[str]:
     lines = [
         "",
         "| model | N | mean history | e2e p50 ms | e2e p99 ms | model-only p50 ms (before / "
-        "after) | target 1.2x+1 ms | met | non-200 | degraded | service errors | redis | "
-        "mapping | inference | serialize | loop CPU ms/req | check |",
-        "|---|---:|---:|---:|---:|---:|---:|:-:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "after) | target 1.2x+1 ms | met | non-200 | degraded | service errors | parse | "
+        "redis | mapping | inference | serialize | loop CPU ms/req | check |",
+        "|---|---:|---:|---:|---:|---:|---:|:-:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for mt, r in res["models"].items():
         for n, s in r["single"].items():
@@ -1047,7 +1047,7 @@ def _latency_table(res: dict[str, Any]) -> list[str]:
                 f"| {mt} | {n} | {mo['mean_hist_len']:.1f} | {s['p50_ms']:.2f} | {_p99(s)} | "
                 f"{mo['p50_ms']:.2f} ({_before_after(mo)}) | "
                 f"{target:.2f} | {verdict(s, s['p50_ms'] <= target)} | {_counts(s)} | "
-                f"{st['redis_fetch']:.2f} | {st['feature_mapping']:.2f} | "
+                f"{st['parse']:.2f} | {st['redis_fetch']:.2f} | {st['feature_mapping']:.2f} | "
                 f"{st['inference']:.2f} | {st['serialization']:.2f} | "
                 f"{_ms(s, 'loop_cpu_ms')} | {s.get('check', '-')} |"
             )
