@@ -4,11 +4,19 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # the longest CTR_SEQUENCE_TTL_S: ten years
 MAX_TTL_S = 10 * 365 * 24 * 3600
+
+
+# setting -> (its shortest value above 0, what its 0 means)
+OFF_OR_AT_LEAST: dict[str, tuple[float, str]] = {
+    "loop_lag_interval_ms": (10, "off"),
+    "process_metrics_s": (0.1, "start and scrapes only"),
+    "user_tracking_drain_ms": (1, "read whenever readable"),
+}
 
 
 class Settings(BaseSettings):
@@ -314,19 +322,15 @@ class Settings(BaseSettings):
         "else at least 0.1",
     )
 
-    @field_validator("loop_lag_interval_ms")
+    # periods whose 0 turns the timer off, and the shortest other value: a shorter one
+    # keeps a worker busy on its own timer (0.1 ms: a whole core, idle); uvloop rounds
+    # timers to milliseconds
+    @field_validator(*OFF_OR_AT_LEAST)
     @classmethod
-    def _lag_interval_off_or_10(cls, v: int) -> int:
-        if 0 < v < 10:
-            raise ValueError("must be 0 (off) or at least 10")
-        return v
-
-    # a period this short keeps a worker busy on its own timer (0.1 ms: a whole core idle)
-    @field_validator("process_metrics_s")
-    @classmethod
-    def _process_metrics_off_or_100ms(cls, v: float) -> float:
-        if 0 < v < 0.1:
-            raise ValueError("must be 0 (start and scrapes only) or at least 0.1")
+    def _off_or_at_least(cls, v: float, info: ValidationInfo) -> float:
+        least, off = OFF_OR_AT_LEAST[str(info.field_name)]
+        if 0 < v < least:
+            raise ValueError(f"must be 0 ({off}) or at least {least:g}")
         return v
 
     @field_validator("model_version")
@@ -335,13 +339,6 @@ class Settings(BaseSettings):
         v = v.strip()
         if v != "latest" and not (v.isascii() and v.isdigit()):
             raise ValueError("must be a version number or 'latest'")
-        return v
-
-    @field_validator("user_tracking_drain_ms")
-    @classmethod
-    def _drain_off_or_1ms(cls, v: float) -> float:
-        if 0 < v < 1:
-            raise ValueError("must be 0 (read whenever readable) or at least 1")
         return v
 
     @field_validator("api_key", mode="before")
