@@ -286,8 +286,6 @@ class _SupervisorWatch:
     def __init__(self) -> None:
         import importlib
 
-        from uvicorn.supervisors import Multiprocess
-
         watch = self
         self.startup_failed = False
         # the module (the package's `uvicorn.main` attribute is its click command)
@@ -296,7 +294,7 @@ class _SupervisorWatch:
         if self.original is None:  # another uvicorn layout: not watched
             return
 
-        class Watched(Multiprocess):
+        class Watched(self.original):  # type: ignore[misc,name-defined]
             def keep_subprocess_alive(self) -> None:
                 super().keep_subprocess_alive()
                 # uvicorn >= 0.30 stops on a worker's start-up failure; an older one

@@ -153,8 +153,8 @@ class ImpressionLog:
     async def flush(self) -> bool:
         """Write up to ``BATCH`` queued entries in one pipeline. Where the write fails
         they go back to the front of the queue (as many as it has room for; the rest are
-        dropped, counted) for the next try, unless the log is closing. True when
-        written."""
+        dropped, counted) for the next try (while closing, until ``CLOSE_S`` runs out).
+        True when written."""
         kept = [self.queue.popleft() for _ in range(min(BATCH, len(self.queue)))]
         self.queued_bytes -= sum(map(_size, kept))
         pipe = self.redis.pipeline(transaction=False)

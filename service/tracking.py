@@ -229,8 +229,9 @@ class UserTracker:
                     if not failing:  # once per outage, not every retry
                         log.warning("user-row tracking cannot connect (%r); retrying", exc)
                         failing = True
-                    if isinstance(exc, TrackingRefused):  # this Redis will not: not "down"
-                        m.USER_TRACKING_ENABLED.set(0)
+                    # a Redis that refuses tracking is not a connection down; one that
+                    # does not answer (after refusing, too) is
+                    m.USER_TRACKING_ENABLED.set(0 if isinstance(exc, TrackingRefused) else 1)
                     # refused (Redis < 6, ACL, password): the next try is no likelier soon
                     await asyncio.sleep(
                         REFUSED_RETRY_S if isinstance(exc, TrackingRefused) else delay

@@ -15,6 +15,7 @@ through exactly the same checks, split and encoding as the built-in datasets.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -47,22 +48,28 @@ def read_table(path: str | Path, kind: str) -> pd.DataFrame:
     return pd.read_csv(path, dtype=str, keep_default_na=False)
 
 
-_FLOAT_INT = r"-?\d+\.0+"
+_INT = r"-?[0-9]+(?:\.0+)?"  # an integer, as digits or as pandas writes it in a float column
+_BOOL = r"(?:True|False)"
 
 
-def _int_text(values: pd.Series) -> pd.Series | None:
-    """``values`` (text, "" for missing) as the integers' digits where every present one
-    is an integer written as a float (``1.0``) or a boolean (``True``); None otherwise
-    (or where none is present)."""
-    present = values[values != ""]
-    if present.empty:
-        return None
-    if present.str.fullmatch(_FLOAT_INT).all():
-        fixed = values.str.replace(r"\.0+$", "", regex=True)
-        return fixed.where(fixed != "-0", "0")
-    if present.isin(["True", "False"]).all():
-        return values.replace({"True": "1", "False": "0"})
-    return None
+def _tokens_match(col: pd.Series, token: str, delim: str | None) -> bool:
+    """Every value of ``col`` (text) is empty or, split at ``delim`` (a history), made
+    of ``token``s and empty tokens; checked by one regular expression per value, with
+    no per-token strings made."""
+    if delim is None:
+        pattern = f"(?:{token})?"
+    else:
+        d = re.escape(delim)
+        pattern = f"(?:{token})?(?:{d}(?:{token})?)*"
+    return bool(col.str.fullmatch(pattern).all())
+
+
+def _digits(col: pd.Series, delim: str | None) -> pd.Series:
+    """``col``'s float-written integers (``7.0``, ``-0.0``) as digits (``7``, ``0``)."""
+    end = "$" if delim is None else f"(?={re.escape(delim)}|$)"
+    start = "^" if delim is None else f"(^|{re.escape(delim)})"
+    out = col.str.replace(f"\\.0+{end}", "", regex=True)
+    return out.str.replace(f"{start}-0{end}", "\\g<1>0" if delim else "0", regex=True)
 
 
 def canonical_csv_ids(config: FeatureConfig, frame: pd.DataFrame) -> pd.DataFrame:
@@ -70,43 +77,50 @@ def canonical_csv_ids(config: FeatureConfig, frame: pd.DataFrame) -> pd.DataFram
     an integer column that has a missing value as ``1.0``, ``3.0``, and ``True``/``False``
     for booleans; read as text those became the tokens "1.0" and "True", where a request
     sending the number 1 or ``true`` maps "1" (ctr.mapping.normalize): out of the
-    vocabulary. A sparse feature's column whose every value is such a float-written
-    integer, or a boolean, is rewritten to the integer's digits (exactly: the text is
-    cut, never parsed as a float), with a note; together with the tokens of the history
-    columns that share its table (decided on all of them: a candidate and the same item
-    in a history keep one index), and the user key's column alike."""
+    vocabulary. An ID column (a sparse feature's, or the user key's) and the history
+    columns that share its table are decided together: where every value and history
+    token is an integer, as digits or float-written, the float-written ones become
+    digits (exactly: the text is cut, never parsed as a float); where every one is a
+    boolean, they become 1 and 0. A note says so. (pandas writes integers from 1e16 on in
+    exponent form, already rounded: such a column is left as it is.)"""
     delim = config.data.seq_delimiter
-    tables: list[tuple[str, list[str]]] = [
-        (f.source, [q.source for q in config.sequences if q.shared_with == f.name])
-        for f in config.features
-        if f.kind == "sparse"
-    ]
-    if not any(col == config.data.user_key for col, _ in tables):
-        tables.append((config.data.user_key, []))
+    groups: dict[str, set[str]] = {config.data.user_key: set()}
+    for f in config.features:
+        if f.kind == "sparse":
+            shared = {q.source for q in config.sequences if q.shared_with == f.name}
+            groups.setdefault(f.source, set()).update(shared)
     out = frame
-    for col, seqs in tables:
-        seqs = [q for q in seqs if q in frame.columns]
+    for col, seqs in groups.items():
+        hists = sorted(q for q in seqs if q in frame.columns)
         if col not in frame.columns:
             continue
         values = frame[col].astype(str)
-        tokens = [frame[q].astype(str).str.split(delim, regex=False).explode() for q in seqs]
-        fixed = _int_text(pd.concat([values, *tokens], ignore_index=True))
-        if fixed is None:
-            continue
-        if out is frame:
-            out = frame.copy()
-        out[col] = fixed.iloc[: len(values)].to_numpy()
-        for q, toks in zip(seqs, tokens, strict=True):
-            cut = _int_text(toks.fillna("")) if not toks.empty else None
-            if cut is not None:  # the same rule on the column's own tokens
-                out[q] = cut.groupby(level=0).agg(delim.join).reindex(frame.index, fill_value="")
-        example = values[values != ""]
-        shown = example.iloc[0] if len(example) else ""
-        also = f" (and {', '.join(map(repr, seqs))})" if seqs else ""
-        print(f"[data] column {col!r}{also}: integers written as floats or booleans "
-              f"(e.g. {shown!r}) read as digits, as the service maps the same value sent "
-              "as a JSON number")  # fmt: skip
+        for token, fix in ((_INT, _digits), (_BOOL, _booleans)):
+            # the candidates' column first: most ID columns rule themselves out there
+            if not _tokens_match(values, token, None):
+                continue
+            texts = [frame[q].astype(str) for q in hists]
+            if not all(_tokens_match(t, token, delim) for t in texts):
+                continue
+            fixed = [fix(values, None), *(fix(t, delim) for t in texts)]
+            changed = [n for n, a, b in zip([col, *hists], [values, *texts], fixed, strict=True)
+                       if not a.equals(b)]  # fmt: skip
+            if not changed:
+                break
+            if out is frame:
+                out = frame.copy()
+            for name, new in zip([col, *hists], fixed, strict=True):
+                out[name] = new
+            print(f"[data] {', '.join(map(repr, changed))}: integers written as floats or "
+                  "booleans (e.g. 7.0, True) read as digits, as the service maps the same "
+                  "value sent as a JSON number")  # fmt: skip
+            break
     return out
+
+
+def _booleans(col: pd.Series, delim: str | None) -> pd.Series:
+    """``col``'s ``True``/``False`` tokens as ``1``/``0``."""
+    return col.str.replace("True", "1", regex=False).str.replace("False", "0", regex=False)
 
 
 def validate_frame(config: FeatureConfig, frame: pd.DataFrame) -> pd.DataFrame:
