@@ -1023,11 +1023,12 @@ async def _score(
         try:
             assert state.reader is not None
             read_at = time.monotonic()
-            async with asyncio.timeout(s.redis_timeout_ms / 1000):
-                data = await fetch(
-                    state.reader, req.user_id, bundle.config.max_seq_len, lookups, stamp is not None
-                )
-            m.REDIS_READ.observe(time.monotonic() - read_at)
+            try:
+                async with asyncio.timeout(s.redis_timeout_ms / 1000):
+                    data = await fetch(state.reader, req.user_id, bundle.config.max_seq_len,
+                                       lookups, stamp is not None)  # fmt: skip
+            finally:  # a failed read too
+                m.REDIS_READ.observe(time.monotonic() - read_at)
             for source, ids in lookups.items():
                 state.item_cache.put(source, ids, data.item_features[source], read_at)
             # rows encoded from these values expire with them (TTL 0: no row is kept)
@@ -1037,7 +1038,6 @@ async def _score(
             m.ERRORS.labels("redis").inc()
             m.DEGRADED.inc()
             degraded = True  # data stays empty
-            m.REDIS_READ.observe(time.monotonic() - read_at)
     t1 = STAGE_CLOCK()
     # rows with a missing feature because the store failed are not cached
     cands.finish(bundle, model.rows, cacheable=not (degraded and lookups))

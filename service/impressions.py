@@ -81,7 +81,6 @@ class ImpressionLog:
         self.limit_bytes = queue_bytes
         self.queued_bytes = 0  # of the queue's contexts and responses
         self.wake = asyncio.Event()
-        self.closing = False
         self.stopping = asyncio.Event()  # set by close(): ends a backoff's wait
         self.failures = 0  # failed writes in a row
         self.task: asyncio.Task[None] | None = None
@@ -118,6 +117,10 @@ class ImpressionLog:
         self.queued_bytes += size
         if len(self.queue) >= BATCH:
             self.wake.set()
+
+    @property
+    def closing(self) -> bool:
+        return self.stopping.is_set()
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self.run())
@@ -193,9 +196,8 @@ class ImpressionLog:
     async def close(self) -> None:
         """Write what is queued, for up to ``CLOSE_S``, and end the writer; what is left
         is dropped, counted as ``shutdown``."""
-        self.closing = True
-        self.wake.set()
         self.stopping.set()
+        self.wake.set()
         if self.task is not None and not self.task.done():
             try:
                 await asyncio.wait_for(asyncio.shield(self.task), CLOSE_S)

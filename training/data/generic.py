@@ -72,6 +72,11 @@ def _digits(col: pd.Series, delim: str | None) -> pd.Series:
     return out.str.replace(f"{start}-0{end}", "\\g<1>0" if delim else "0", regex=True)
 
 
+def _booleans(col: pd.Series, delim: str | None) -> pd.Series:
+    """``col``'s ``True``/``False`` tokens as ``1``/``0``."""
+    return col.str.replace("True", "1", regex=False).str.replace("False", "0", regex=False)
+
+
 def canonical_csv_ids(config: FeatureConfig, frame: pd.DataFrame) -> pd.DataFrame:
     """A CSV's ID columns as the service reads the same values from JSON: pandas writes
     an integer column that has a missing value as ``1.0``, ``3.0``, and ``True``/``False``
@@ -91,9 +96,9 @@ def canonical_csv_ids(config: FeatureConfig, frame: pd.DataFrame) -> pd.DataFram
             groups.setdefault(f.source, set()).update(shared)
     out = frame
     for col, seqs in groups.items():
-        hists = sorted(q for q in seqs if q in frame.columns)
         if col not in frame.columns:
             continue
+        hists = sorted(q for q in seqs if q in frame.columns)
         values = frame[col].astype(str)
         for token, fix in ((_INT, _digits), (_BOOL, _booleans)):
             # the candidates' column first: most ID columns rule themselves out there
@@ -116,11 +121,6 @@ def canonical_csv_ids(config: FeatureConfig, frame: pd.DataFrame) -> pd.DataFram
                   "value sent as a JSON number")  # fmt: skip
             break
     return out
-
-
-def _booleans(col: pd.Series, delim: str | None) -> pd.Series:
-    """``col``'s ``True``/``False`` tokens as ``1``/``0``."""
-    return col.str.replace("True", "1", regex=False).str.replace("False", "0", regex=False)
 
 
 def validate_frame(config: FeatureConfig, frame: pd.DataFrame) -> pd.DataFrame:
