@@ -205,7 +205,7 @@ def check_port(host: str, port: int) -> None:
     exc = bind_error(host, port)
     if exc is None:
         return
-    if exc.errno == errno.EADDRINUSE and port != 0:
+    if exc.errno == errno.EADDRINUSE:  # (port 0 never is)
         raise PortInUse(
             f"{host}:{port} is in use (another `ctr serve`, a `--keep-serving` demo "
             "or `docker compose up`?): stop it, or set --port / CTR_PORT"
