@@ -162,6 +162,13 @@ USER_TRACKING_ENABLED = Gauge(
     "where off, or while Redis refuses the set-up (retried every 30 s)",
     multiprocess_mode="liveall",
 )
+USER_TRACKING_REFUSED = Gauge(
+    "ctr_user_tracking_refused",
+    "1 while Redis refuses the worker's tracking set-up (an error reply: Redis < 6, an "
+    "ACL without CLIENT TRACKING, noeviction at maxmemory; or the set-up's probe not "
+    "seen back): every request reads Redis; retried every 30 s",
+    multiprocess_mode="liveall",
+)
 USER_INVALIDATIONS = Counter(
     "ctr_user_invalidations_total",
     "User keys Redis reported written, deleted, expired or evicted (CTR_USER_TRACKING; "

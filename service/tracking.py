@@ -187,6 +187,7 @@ class UserTracker:
         """Connect in the background, and keep connected until :meth:`aclose`."""
         self._loop = asyncio.get_running_loop()
         m.USER_TRACKING_ENABLED.set(1)  # until Redis refuses the set-up
+        m.USER_TRACKING_REFUSED.set(0)
         self._task = asyncio.create_task(self._keep())
 
     async def wait_live(self, timeout_s: float) -> bool:
@@ -225,13 +226,16 @@ class UserTracker:
                     await self._connect()
                     connected_at, failing = time.monotonic(), False
                     m.USER_TRACKING_ENABLED.set(1)
+                    m.USER_TRACKING_REFUSED.set(0)
                 except Exception as exc:  # whatever it was: try again later
                     if not failing:  # once per outage, not every retry
                         log.warning("user-row tracking cannot connect (%r); retrying", exc)
                         failing = True
                     # a Redis that refuses tracking is not a connection down; one that
                     # does not answer (after refusing, too) is
-                    m.USER_TRACKING_ENABLED.set(0 if isinstance(exc, TrackingRefused) else 1)
+                    refused = isinstance(exc, TrackingRefused)
+                    m.USER_TRACKING_ENABLED.set(0 if refused else 1)
+                    m.USER_TRACKING_REFUSED.set(1 if refused else 0)
                     # refused (Redis < 6, ACL, password): the next try is no likelier soon
                     await asyncio.sleep(
                         REFUSED_RETRY_S if isinstance(exc, TrackingRefused) else delay

@@ -71,9 +71,11 @@ def test_tracking_off_is_not_tracking_down(built: Built) -> None:
     with TestClient(create_app(settings_for(built, user_tracking=False))) as c:
         assert c.get("/v1/models").json()["user_tracking"]["enabled"] is False
         assert _value("ctr_user_tracking_enabled") == 0.0
+        assert _value("ctr_user_tracking_refused") == 0.0
     with TestClient(create_app(settings_for(built))) as c:
         assert c.get("/v1/models").json()["user_tracking"]["enabled"] is True
         assert _value("ctr_user_tracking_enabled") == 1.0
+        assert _value("ctr_user_tracking_refused") == 0.0
 
 
 def test_a_redis_that_refuses_tracking_is_not_a_connection_down(built: Built) -> None:
@@ -91,6 +93,7 @@ def test_a_redis_that_refuses_tracking_is_not_a_connection_down(built: Built) ->
             assert c.get("/v1/models").json()["user_tracking"]["enabled"] is True  # configured
             wait_for(lambda: _value("ctr_user_tracking_enabled") == 0.0, "enabled 0", 10)
             assert _value("ctr_user_tracking_up") == 0.0
+            assert _value("ctr_user_tracking_refused") == 1.0  # CtrUserTrackingRefused
             r = c.post("/v1/score", json=_body(built))
             assert r.status_code == 200  # every request reads: served all the same
 

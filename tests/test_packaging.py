@@ -63,6 +63,7 @@ GAUGES = {
     "ctr_worker_resident_memory_bytes",
     "ctr_event_loop_lag_max_seconds",
     "ctr_user_tracking_enabled",
+    "ctr_user_tracking_refused",
     "ctr_model_fallback",
 }
 CONTRACT_SERIES = (
