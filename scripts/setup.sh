@@ -2,8 +2,8 @@
 # Idempotent set-up on a fresh Debian 12 / Ubuntu 24.04 machine with Python >= 3.11:
 # a venv in .venv with torch 2.13.0 (CPU build) and the project (train + dev extras), a
 # C++ compiler (the custom ops in native/ are built with it; several tests need them),
-# and a Redis server (>= 7) answering on 127.0.0.1:6379 (redis-server installed with apt
-# if missing: the fault tests also start private ones).
+# and a Redis server (>= 7) answering at CTR_REDIS_URL, by default 127.0.0.1:6379 (redis-server
+# installed with apt if missing: the fault tests also start private ones).
 # torch: a local wheel where pip is configured with one (find-links), else the CPU build
 # from PyTorch's CPU index (https://download.pytorch.org/whl/cpu). TORCH_INDEX_URL, when
 # set, is the only index torch comes from (set it to https://pypi.org/simple for PyPI's
@@ -61,13 +61,31 @@ if ! .venv/bin/python -c "import torch, onnxruntime, fastapi, ctr" 2>/dev/null \
   touch .venv/.installed
 fi
 
-redis_up() {
-  .venv/bin/python - <<'PY'
-import socket, sys
+# the Redis the next command uses: CTR_SETUP_REDIS_URL (scripts/test.sh sets it to
+# CTR_TEST_REDIS_URL), else CTR_REDIS_URL, else redis://127.0.0.1:6379/0. One is started
+# only for a redis:// URL on 127.0.0.1 or localhost; any other must already answer.
+REDIS_URL="${CTR_SETUP_REDIS_URL:-${CTR_REDIS_URL:-redis://127.0.0.1:6379/0}}"
+read -r REDIS_LOCAL REDIS_PORT REDIS_SHOWN < <(.venv/bin/python - "$REDIS_URL" <<'PY'
+import sys
+from urllib.parse import urlsplit
+url = sys.argv[1]
+local, port, shown = False, 0, url.split("@")[-1]  # no password shown
 try:
-    s = socket.create_connection(("127.0.0.1", 6379), timeout=1)
-    s.sendall(b"PING\r\n"); ok = s.recv(16).startswith(b"+PONG")
-except OSError:
+    u = urlsplit(url)
+    if u.scheme == "redis" and u.hostname in ("127.0.0.1", "localhost") and "," not in url:
+        local, port, shown = True, u.port or 6379, f"{u.hostname}:{u.port or 6379}"
+except ValueError:  # a port that is not a number: redis-py says so below
+    pass
+print(int(local), port, shown)
+PY
+)
+redis_up() {
+  .venv/bin/python - "$REDIS_URL" <<'PY'
+import sys
+import redis
+try:
+    ok = bool(redis.Redis.from_url(sys.argv[1], socket_timeout=1, socket_connect_timeout=1).ping())
+except Exception:
     ok = False
 sys.exit(0 if ok else 1)
 PY
@@ -81,20 +99,24 @@ fi
 if ! command -v redis-server >/dev/null 2>&1; then
   echo "[setup] installing redis-server"
   if ! apt_install redis-server; then
-    redis_up || { echo "[setup] no Redis answers and redis-server could not be installed" >&2; exit 1; }
-    echo "[setup] warning: redis-server could not be installed; using the Redis on" \
-      "127.0.0.1:6379 (the fault tests, which start their own, need the binary)" >&2
+    redis_up || { echo "[setup] no Redis answers at $REDIS_SHOWN and redis-server could not be installed" >&2; exit 1; }
+    echo "[setup] warning: redis-server could not be installed; using the Redis at" \
+      "$REDIS_SHOWN (the fault tests, which start their own, need the binary)" >&2
   fi
 fi
-if ! redis_up; then
-  echo "[setup] starting redis-server on 127.0.0.1:6379"
-  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
-    --logfile /tmp/ctr-redis.log
+if ! redis_up && [ "$REDIS_LOCAL" = 1 ]; then
+  echo "[setup] starting redis-server on 127.0.0.1:$REDIS_PORT"
+  redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no \
+    --logfile "/tmp/ctr-redis-$REDIS_PORT.log"
   for _ in $(seq 50); do redis_up && break; sleep 0.1; done
 fi
 if redis_up; then
-  echo "[setup] Redis answers on 127.0.0.1:6379"
+  echo "[setup] Redis answers at $REDIS_SHOWN"
+elif [ "$REDIS_LOCAL" = 1 ]; then
+  echo "[setup] no Redis answers at $REDIS_SHOWN (see /tmp/ctr-redis-$REDIS_PORT.log)" >&2
+  exit 1
 else
-  echo "[setup] no Redis answers on 127.0.0.1:6379 (see /tmp/ctr-redis.log)" >&2
+  echo "[setup] no Redis answers at $REDIS_SHOWN, and setup starts one only for a" \
+    "redis:// URL on 127.0.0.1 or localhost: start it, or point CTR_REDIS_URL elsewhere" >&2
   exit 1
 fi

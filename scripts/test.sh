@@ -2,7 +2,8 @@
 # The test command: install, lint, run the whole pytest suite against a real Redis.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+# the Redis the tests use (tests/helpers.py's default) answers, or is started
+CTR_SETUP_REDIS_URL="${CTR_TEST_REDIS_URL:-redis://127.0.0.1:6379/13}" bash scripts/setup.sh
 .venv/bin/ruff check .
 # a tool or package that setup.sh installs but a test finds missing fails the run
 # instead of skipping quietly (README, "Tests", says what may still skip)
