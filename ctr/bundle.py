@@ -213,7 +213,8 @@ def version_of(folder: str) -> int | None:
     """The version a folder's name is: a decimal number as ``str(int)`` writes it
     (ASCII digits, no leading zero), so that the version names its folder back; None
     for any other name (``02``, ``²``, ``٣``, ``.staging-…``)."""
-    if folder.isascii() and folder.isdigit() and str(int(folder)) == folder:
+    # past 4,300 digits int() refuses a string (Python's limit): no version then
+    if folder.isascii() and folder.isdigit() and len(folder) <= 4300 and str(int(folder)) == folder:
         return int(folder)
     return None
 

@@ -237,11 +237,30 @@ class ServingMiddleware:
 
 def request_headers(scope: Scope) -> dict[str, str]:
     """A request's headers by (lower-case) name, the first of repeated ones (as
-    Starlette's ``Headers.get``)."""
+    Starlette's ``Headers.get``); a repeated ``Content-Encoding``'s values joined by
+    commas, as HTTP reads a list header (:func:`header_reader`)."""
     headers: dict[str, str] = {}
     for k, v in scope["headers"]:
-        headers.setdefault(k.decode("latin-1"), v.decode("latin-1"))
+        name = k.decode("latin-1")
+        if name == "content-encoding" and name in headers:
+            headers[name] += ", " + v.decode("latin-1")
+        else:
+            headers.setdefault(name, v.decode("latin-1"))
     return headers
+
+
+def header_reader(request: Request) -> Callable[[str], str | None]:
+    """``request``'s headers as :func:`request_headers` reads them: the first of repeated
+    ones, a repeated ``Content-Encoding``'s values joined (``identity`` then ``gzip`` is
+    a gzip body)."""
+
+    def get(name: str) -> str | None:
+        if name == "content-encoding":
+            values = request.headers.getlist(name)
+            return ", ".join(values) if values else None
+        return request.headers.get(name)
+
+    return get
 
 
 async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:
@@ -487,6 +506,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.ctr = state
+    # an unknown path is a 404, also with a trailing slash: Starlette's redirect to the
+    # path without it names http:// whatever the client used (a TLS proxy's clients)
+    app.router.redirect_slashes = False
     _install_handlers(app)
     score = _install_routes(app, state)
     app.fast_routes = {("POST", "/v1/score"): score}
@@ -573,16 +595,20 @@ async def _read_body(
     switch protocols (``Upgrade``) and whose body did not come is refused too: uvicorn's
     parser reads no body after such a head (whatever ``Connection`` headers made it one),
     which would otherwise be answered as an empty body."""
-    encoding = header("content-encoding")
-    if encoding is not None and encoding.strip().lower() not in ("", "identity"):
+    encoding = header("content-encoding")  # a list: "identity, gzip" is a gzip body
+    if encoding is not None and any(
+        coding.strip().lower() not in ("", "identity") for coding in encoding.split(",")
+    ):
         raise UnsupportedEncoding(
             f"Content-Encoding {encoding!r} is not supported: send the body uncompressed",
             "Content-Encoding",
         )
     length = header("content-length")
     if length is not None and length.isascii() and length.isdigit():
-        # 20 digits and more are over any limit (and past 4,300 int() would refuse them)
-        if len(length) > 19 or int(length) > limit:
+        # 20 digits and more are over any limit (and past 4,300 int() would refuse them);
+        # leading zeros are HTTP's too
+        digits = length.lstrip("0")
+        if len(digits) > 19 or int(digits or "0") > limit:
             raise PayloadTooLarge(f"body is larger than {limit} bytes", "body")
     body = bytearray()
     async for chunk in chunks:
@@ -590,7 +616,7 @@ async def _read_body(
         if len(body) > limit:
             raise PayloadTooLarge(f"body is larger than {limit} bytes", "body")
     if header("upgrade") is not None and (
-        not body or (length is not None and length.strip() != str(len(body)))
+        not body or (length is not None and length.strip().lstrip("0") != str(len(body) or ""))
     ):
         raise UnsupportedUpgrade(
             "a request asking to switch protocols (Upgrade) is not served, and its body did "
@@ -711,7 +737,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
         summary="Rank candidates for a user",
     )
     async def score(request: Request) -> Response:
-        return await score_handler(request.headers.get, request.stream())
+        return await score_handler(header_reader(request), request.stream())
 
     async def score_handler(
         header: Callable[[str], str | None], chunks: AsyncIterator[bytes]
@@ -745,7 +771,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
     async def events(request: Request) -> Response:
         _check_key(state, request.headers.get)
         body = await _read_json(
-            request.headers.get, request.stream(), s.max_body_bytes, state.codec
+            header_reader(request), request.stream(), s.max_body_bytes, state.codec
         )
         ev = parse_event(body, s.max_id_length)
         if ev.timestamp > time.time() + s.event_max_future_s:
@@ -923,7 +949,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
         _check_key(state, request.headers.get, admin=True)  # before the body is looked at
         # no body means `{}`: the newest version
         obj = await _read_json(
-            request.headers.get, request.stream(), s.max_body_bytes, state.codec, {}
+            header_reader(request), request.stream(), s.max_body_bytes, state.codec, {}
         )
         try:
             version = ReloadRequest.model_validate(obj).version or "latest"

@@ -180,6 +180,29 @@ def test_only_literals_orjson_would_round_take_the_exact_parse(raw: bytes, long:
     assert json.loads(raw) is not None  # each case is valid JSON
 
 
+def test_an_open_string_of_escaped_quotes_does_not_hold_the_loop() -> None:
+    """The long-integer scan runs on the event loop before any key check: a string left
+    open, full of ``\\"``, made it quadratic (each quote began a scan to the end: 7 s for
+    32 KB, hours for a 1 MB body). Not a timing test: the old scan of this body would
+    not end within the hour, the new one takes milliseconds; 120 s only catches a hang."""
+    import threading
+
+    evil = b'"' + b'\\"' * 500_000 + b"1" * 20  # 1 MB, not JSON
+    got: list[bool] = []
+    scan = threading.Thread(target=lambda: got.append(long_integer(evil)), daemon=True)
+    scan.start()
+    scan.join(120)
+    assert got == [False], "the scan of a 1 MB open string did not end"
+    # the same as a request: the 400 of any body that does not parse
+    assert long_integer(b'{"a": "' + b'\\"' * 10 + b" 123456789012345678901}") is False
+
+
+def test_an_open_string_body_is_a_400(client: TestClient) -> None:
+    raw = b'{"user_id": "u1", "x": "' + b'\\"' * 5_000 + b"1" * 20
+    check(client.post("/v1/score", content=raw), 400, "body", "malformed_json")
+    check(client.post("/v1/events", content=raw), 400, "body", "malformed_json")
+
+
 @pytest.mark.parametrize("path", ["/v1/score", "/v1/events"])
 @pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-32"])
 def test_json_that_is_not_utf8_is_a_400(client: TestClient, path: str, encoding: str) -> None:
@@ -562,6 +585,74 @@ def test_a_compressed_body_is_a_415_naming_the_header(
     plain = {"content-encoding": "identity"}
     ok = client.post("/v1/score", content=json.dumps(score), headers=plain)
     assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize("path", ["/v1/score", "/v1/events"])
+def test_a_repeated_content_encoding_is_read_as_its_list(client: TestClient, path: str) -> None:
+    """HTTP joins a repeated list header: ``identity`` then ``gzip`` is a gzip body (only
+    the first was read: the gzip bytes parsed as JSON, a 400 malformed_json), and
+    ``identity, identity`` is no encoding (a 415 before)."""
+    import gzip
+
+    score = {"user_id": "u1", "candidates": C}
+    twice = [("content-encoding", "identity"), ("content-encoding", "gzip")]
+    r = client.post(path, content=gzip.compress(json.dumps(score).encode()), headers=twice)
+    check(r, 415, "Content-Encoding", "unsupported_encoding")
+    assert "identity, gzip" in r.json()["detail"]
+    same = [("content-encoding", "identity"), ("content-encoding", "identity, identity")]
+    ok = client.post("/v1/score", content=json.dumps(score), headers=same)
+    assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize("path", ["/v1/score", "/v1/events"])
+def test_a_content_length_with_leading_zeros_is_its_number(client: TestClient, path: str) -> None:
+    """``Content-Length: 000…091`` is 91 (HTTP's 1*DIGIT); its 20 characters were
+    taken for a number past any limit (a 413)."""
+    body = json.dumps({"user_id": "u1", "candidates": C} if path == "/v1/score" else EVENT)
+    raw = body.encode()
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    length = str(len(raw)).zfill(24).encode()
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+        "scheme": "http", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+        "headers": [(b"content-length", length), (b"content-type", b"application/json")],
+    }  # fmt: skip
+    assert client.portal is not None
+    client.portal.call(client.app, scope, receive, send)
+    assert sent[0]["status"] in (200, 202), sent
+
+
+@pytest.mark.parametrize("path", ["/v1/score/", "/v1/events/", "/v1/models/"])
+def test_a_trailing_slash_is_an_unknown_path(client: TestClient, path: str) -> None:
+    """A 404, as docs/api.md says of unknown paths; Starlette redirected (307) to the
+    path without the slash, naming http:// whatever the client had used."""
+    r = client.request("GET" if "models" in path else "POST", path, content=b"{}",
+                       follow_redirects=False)  # fmt: skip
+    assert r.status_code == 404, (r.status_code, r.headers)
+    assert "location" not in r.headers
+
+
+def test_a_version_past_int_digits_is_no_version() -> None:
+    """``int()`` refuses a string past 4,300 digits: /admin/reload answered a 422 with
+    Python's own message (set_int_max_str_digits); it is no version, as ``02`` is not."""
+    from pydantic import ValidationError
+
+    from ctr.bundle import version_of
+    from service.schemas import ReloadRequest
+
+    assert version_of("9" * 5000) is None
+    assert version_of("9" * 4300) == int("9" * 4300)
+    with pytest.raises(ValidationError) as info:
+        ReloadRequest(version="9" * 5000)
+    assert "a version number" in str(info.value) and "4300" not in str(info.value)
 
 
 @pytest.mark.parametrize("path", ["/v1/score", "/v1/events"])
