@@ -38,6 +38,7 @@ from service.errors import (
     Overloaded,
     PayloadTooLarge,
     ServiceError,
+    StoreDataError,
     StoreUnavailable,
     Unauthorized,
     UnsupportedEncoding,
@@ -80,6 +81,7 @@ from service.store import (
     EventWriter,
     Reader,
     UserData,
+    data_error,
     fetch,
     fetch_items,
     make_client,
@@ -677,14 +679,18 @@ def _load_errors(state: State, header: Callable[[str], str | None]) -> dict[str,
     return {"model_error": error, "fallback": fallback}
 
 
+# the answers every route with a body may give (each route adds its own 5xx, and the
+# admin route its 403)
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "malformed JSON, or an `Upgrade` request"},
     401: {"model": ErrorBody, "description": "missing or wrong X-API-Key (where a key is set)"},
-    403: {"model": ErrorBody, "description": "admin endpoints are off (CTR_API_KEY unset)"},
+    408: {"model": ErrorBody, "description": "`ctr serve`: the request's head did not all "
+          "arrive within CTR_READ_TIMEOUT_MS (`request_timeout`)"},
     413: {"model": ErrorBody, "description": "body over the size limit"},
     415: {"model": ErrorBody, "description": "a compressed body (`Content-Encoding`)"},
     422: {"model": ErrorBody, "description": "invalid field (named in `field`)"},
-    503: {"model": ErrorBody, "description": "model not ready, overloaded or deadline exceeded"},
+    431: {"model": ErrorBody, "description": "`ctr serve`: a request head over 64 KB "
+          "(`header_too_large`)"},
 }
 
 
@@ -732,6 +738,8 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             200: {"model": ScoreResponse},
             **ERROR_RESPONSES,
             500: {"model": ErrorBody, "description": "a non-finite score (`non_finite_score`)"},
+            503: {"model": ErrorBody,
+                  "description": "model not ready, overloaded or deadline exceeded"},
         },
         openapi_extra={"requestBody": body_schema("ScoreRequest")},
         summary="Rank candidates for a user",
@@ -764,7 +772,15 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
     @app.post(
         "/v1/events",
         status_code=202,
-        responses={202: {"model": EventResponse}, **ERROR_RESPONSES},
+        responses={
+            202: {"model": EventResponse},
+            **ERROR_RESPONSES,
+            500: {"model": ErrorBody, "description": "Redis holds a key of another type than "
+                  "the service writes for this user or item (`store_data_error`): not "
+                  "retryable until it is fixed"},
+            503: {"model": ErrorBody, "description": "the behaviour store is unavailable or "
+                  "slow (`store_unavailable`, with Retry-After): retry with the same event_id"},
+        },
         openapi_extra={"requestBody": body_schema("EventRequest")},
         summary="Append a behaviour to the user's sequence (idempotent by event_id)",
     )
@@ -830,7 +846,18 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
                     s.sequence_keep or config.max_seq_len,
                 )
         except REDIS_ERRORS as exc:
-            log.warning("event not stored (redis): %s", type(exc).__name__)
+            wrong = data_error(exc)
+            if wrong is not None:  # a retry meets the same key: say so, not "retry"
+                log.error("event not stored: Redis refused user %r's data: %s",
+                          ev.user_id[:100], wrong)  # fmt: skip
+                m.ERRORS.labels("redis_data").inc()
+                raise StoreDataError(
+                    "the behaviour store holds a key of another type than the service "
+                    f"writes for this user or its item ({wrong}); not retryable until it "
+                    "is fixed",
+                    None,
+                ) from exc
+            log.warning("event not stored (redis): %s: %s", type(exc).__name__, str(exc)[:300])
             raise StoreUnavailable("the behaviour store is unavailable; retry", None) from exc
         finally:
             # this worker's next request for the user reads again at once (a timed-out
@@ -940,6 +967,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             200: {"model": ReloadResponse},
             409: {"model": ErrorBody, "description": "the version could not be loaded"},
             **ERROR_RESPONSES,
+            403: {"model": ErrorBody, "description": "admin endpoints are off (CTR_API_KEY unset)"},
         },
         openapi_extra={"requestBody": {**body_schema("ReloadRequest"), "required": False}},
         summary="Load a model version, warm it up and swap it in (keeps the old on failure); "
@@ -1061,8 +1089,14 @@ async def _score(
             # rows encoded from these values expire with them (TTL 0: no row is kept)
             cands.items.fill(data.item_features, read_at + s.item_cache_ttl_s)
         except REDIS_ERRORS as exc:
-            log.warning("redis fetch failed, degraded response: %s", type(exc).__name__)
-            m.ERRORS.labels("redis").inc()
+            wrong = data_error(exc)
+            if wrong is not None:  # not the store down: a key to fix (degraded all the same)
+                log.error("redis refused user %r's data, degraded response: %s",
+                          req.user_id[:100], wrong)  # fmt: skip
+            else:
+                log.warning("redis fetch failed, degraded response: %s: %s",
+                            type(exc).__name__, str(exc)[:300])  # fmt: skip
+            m.ERRORS.labels("redis" if wrong is None else "redis_data").inc()
             m.DEGRADED.inc()
             degraded = True  # data stays empty
     t1 = STAGE_CLOCK()

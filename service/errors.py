@@ -28,6 +28,14 @@ class StoreUnavailable(ServiceError):
     kind = "store_unavailable"
 
 
+class StoreDataError(ServiceError):
+    """Redis answered with an error about the data (a key of another type than the
+    service writes): not retryable until the key is fixed."""
+
+    status = 500
+    kind = "store_data_error"
+
+
 class Unauthorized(ServiceError):
     status = 401
     kind = "unauthorized"

@@ -47,7 +47,7 @@ from redis.asyncio.connection import Connection, SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from service.resp import pack_commands
 
@@ -57,6 +57,17 @@ AnyRedis = Redis | RedisCluster
 # what a call through either client may raise when the store is down, slow or moved
 # (a cluster client's own errors are not RedisErrors)
 REDIS_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
+
+
+def data_error(exc: BaseException) -> str | None:
+    """Redis's message where ``exc`` is a reply about the data, not the store: a key of
+    another type than the service writes (``WRONGTYPE``, also inside a script's error).
+    Retrying does not help until the key is fixed; every other error of
+    :data:`REDIS_ERRORS` is the store down, slow, or refusing for now (OOM, READONLY,
+    LOADING, BUSY...). None for those."""
+    if isinstance(exc, ResponseError) and "WRONGTYPE" in str(exc):
+        return str(exc)[:300]
+    return None
 
 
 def node_urls(url: str) -> list[str]:

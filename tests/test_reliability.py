@@ -92,6 +92,47 @@ def test_redis_down_mid_traffic_then_back(built: Built, rp: RedisProcess) -> Non
         assert ev.status_code == 202 and ev.json()["appended"] is True
 
 
+def test_a_key_of_the_wrong_type_is_not_a_store_outage(
+    built: Built, rp: RedisProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A user key of another type than the service writes (WRONGTYPE) is no outage that
+    a retry outlasts: an event for that user was a 503 with ``Retry-After: 1`` for good
+    (a client following the contract retried forever) and the log named only
+    ``ResponseError``. Now the event is a 500 ``store_data_error`` quoting Redis, without
+    Retry-After; scoring still serves degraded; both log Redis's message and count
+    ``ctr_errors_total{kind="redis_data"}``."""
+    from service.store import user_key
+
+    event = {"user_id": "u3", "event_id": "w1", "item_id": "i1", "timestamp": 5.0}
+    with TestClient(create_app(settings_for(built, rp.url, user_tracking=False))) as c:
+        assert c.post("/v1/score", json=BODY).json()["degraded"] is False
+        seq = user_key("u3", "seq")
+        kept = rp.client().dump(seq)
+        rp.client().delete(seq)
+        rp.client().set(seq, "not a list")
+
+        def data_errors() -> float:
+            for line in c.get("/metrics").text.splitlines():
+                if line.startswith('ctr_errors_total{kind="redis_data"}'):
+                    return float(line.split()[-1])
+            return 0.0
+
+        with caplog.at_level("WARNING", logger="ctr"):
+            r = c.post("/v1/score", json=BODY)
+            assert r.status_code == 200 and r.json()["degraded"] is True
+            ev = c.post("/v1/events", json=event)
+        assert ev.status_code == 500, ev.text
+        assert ev.json()["error"] == "store_data_error" and "WRONGTYPE" in ev.json()["detail"]
+        assert "retry-after" not in ev.headers
+        assert data_errors() == 2.0
+        assert sum("WRONGTYPE" in rec.getMessage() for rec in caplog.records) == 2
+        assert c.get("/readyz").json()["degraded"] is False  # the store is up
+        rp.client().delete(seq)
+        rp.client().restore(seq, 0, kept)  # fixed: both work again
+        assert c.post("/v1/score", json=BODY).json()["degraded"] is False
+        assert c.post("/v1/events", json=event).status_code == 202
+
+
 def test_readiness_that_requires_redis(built: Built) -> None:
     """``CTR_READY_REQUIRES_REDIS=true``: /readyz is 503 while Redis does not answer (the
     default keeps a worker that serves degraded in the load balancer)."""
