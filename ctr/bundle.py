@@ -258,14 +258,39 @@ def resolve_version(models_dir: str | Path, name: str, version: str | int = "lat
     return v
 
 
+# the highest version a model's folder has held, kept beside its versions
+LAST_VERSION_FILE = ".last_version"
+
+
+def _last_version(root: Path) -> int:
+    """The highest version published under ``root`` (0: none recorded, or unreadable)."""
+    try:
+        return version_of((root / LAST_VERSION_FILE).read_text().strip()) or 0
+    except OSError:
+        return 0
+
+
+def _note_version(root: Path, version: int) -> None:
+    """Raise ``root``'s high-water mark to ``version`` (atomic rename; never lowers it
+    but for a race of two exporters, when the folders still hold the higher one)."""
+    if _last_version(root) >= version:
+        return
+    tmp = root / f"{LAST_VERSION_FILE}.{os.getpid()}"
+    tmp.write_text(f"{version}\n")
+    os.replace(tmp, root / LAST_VERSION_FILE)
+
+
 def publish(models_dir: str | Path, name: str, staged: Path) -> tuple[int, Path]:
     """Move a staged bundle folder in as the next version. Never overwrites: the rename
-    fails if another exporter took the number first, and then the next one is tried."""
+    fails if another exporter took the number first, and then the next one is tried.
+    A number is never given twice, even after its folder was deleted (``.last_version``
+    keeps the highest): workers that served the old bundle under that number would
+    take the new one for what they serve."""
     root = Path(models_dir) / name
     root.mkdir(parents=True, exist_ok=True)
     for _ in range(100):
         existing = [v for p in root.iterdir() if (v := version_of(p.name)) is not None]
-        version = max(existing, default=0) + 1
+        version = max(max(existing, default=0), _last_version(root)) + 1
         manifest_path = staged / MANIFEST
         manifest = json.loads(manifest_path.read_text())
         manifest["version"] = version
@@ -277,6 +302,7 @@ def publish(models_dir: str | Path, name: str, staged: Path) -> tuple[int, Path]
             if target.exists():
                 continue
             raise
+        _note_version(root, version)
         return version, target
     raise BundleError("could not allocate a model version")
 

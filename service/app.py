@@ -438,6 +438,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 configured=settings.model_version,
                 serving=lambda: state.model.version if state.model is not None else None,
                 agreed=lambda version: lifecycle.agreed(state, version),
+                serving_digest=lambda: (
+                    state.model.bundle.manifest.get("onnx_sha256")
+                    if state.model is not None else None
+                ),
             )
             # before the load: a broadcast meanwhile is caught up; and the deployment's
             # last broadcast version, if it is the one to start on

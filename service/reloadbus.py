@@ -146,6 +146,7 @@ class ReloadBus:
         configured: str = "latest",
         serving: Callable[[], str | None] = lambda: None,
         agreed: Callable[[str], None] = lambda version: None,
+        serving_digest: Callable[[], str | None] = lambda: None,
     ) -> None:
         # one channel and one record per deployment: the store's path and the model name,
         # hashed to a short suffix; the keys share a hash tag (one cluster slot)
@@ -160,6 +161,9 @@ class ReloadBus:
         self.configured = configured  # CTR_MODEL_VERSION: what a fresh start loads
         self.serving = serving  # the version this worker serves now (None: none)
         self.agreed = agreed  # a broadcast named the version served here: no load
+        # the served bundle's onnx_sha256: a broadcast of the same number with another
+        # digest (a folder replaced under its number) is loaded, not agreed with
+        self.serving_digest = serving_digest
         # a reload made here whose broadcast Redis has not taken yet
         self.pending: str | None = None
         self.token = uuid.uuid4().hex  # this worker
@@ -293,6 +297,8 @@ class ReloadBus:
     async def _publish_once(self, version: str) -> int | None:
         # what a worker starting later compares with its own setting and store (baseline)
         note = {"configured": self.configured, "newest": await asyncio.to_thread(self._newest)}
+        if (digest := self.serving_digest()) is not None and self.serving() == version:
+            note["digest"] = digest  # what this worker loaded under that number
         msg = orjson.dumps({**self.deployment, "version": version, "origin": self.token, **note})
         try:
             async with asyncio.timeout(self.timeout_s):
@@ -341,24 +347,27 @@ class ReloadBus:
             return None  # not this deployment's (a hash collision of channels)
         return msg
 
-    def _parse(self, raw: bytes | str | None) -> tuple[int, str] | None:
-        """(number, version) of a message for this deployment from another worker."""
+    def _parse(self, raw: bytes | str | None) -> tuple[int, str, str | None] | None:
+        """(number, version, digest) of a message for this deployment from another
+        worker."""
         return self._peer(self._record(raw))
 
-    def _peer(self, msg: dict[str, Any] | None) -> tuple[int, str] | None:
-        """(number, version) of a well-formed record (:meth:`_record`), unless it is this
-        worker's own."""
+    def _peer(self, msg: dict[str, Any] | None) -> tuple[int, str, str | None] | None:
+        """(number, version, digest or None) of a well-formed record (:meth:`_record`),
+        unless it is this worker's own."""
         if msg is None or msg.get("origin") == self.token:
             return None  # not ours to apply (this worker's own: published after its load)
-        return int(msg["seq"]), msg["version"]
+        digest = msg.get("digest")
+        return int(msg["seq"]), msg["version"], digest if isinstance(digest, str) else None
 
-    async def _apply(self, seq: int, version: str) -> None:
+    async def _apply(self, seq: int, version: str, digest: str | None = None) -> None:
         async with self.lock:  # a local reload in progress finishes (and publishes) first
             if self.applied_seq is not None and seq <= self.applied_seq:
                 return  # this worker has applied or published a newer one
             self.applied_seq = seq
             self.pending = None  # a reload here not broadcast yet: this came after it
-            if self.serving() == version:
+            served = self.serving_digest()
+            if self.serving() == version and (digest is None or served in (None, digest)):
                 # already served here (several workers reloading it at once); a start-up
                 # fallback to it is what the deployment chose now
                 self.agreed(version)

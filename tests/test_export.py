@@ -339,6 +339,18 @@ def test_versions_increase_and_never_overwrite(
     assert load_bundle(models, "m").version == 4
     assert {f.name: sha256_file(f) for f in p1.iterdir()} == before
 
+    # a deleted version's number is not given again: workers that served the deleted
+    # bundle as 4 would take the next export for what they serve (a reload broadcast of
+    # "4" would change nothing there)
+    shutil.rmtree(p4)
+    shutil.rmtree(models / "m" / "3")
+    staged = staging_dir(models)
+    for f in p2.iterdir():
+        shutil.copy(f, staged / f.name)
+    v5, _ = publish(models, "m", staged)
+    assert v5 == 5 and list_versions(models, "m") == [1, 2, 5]
+    assert (models / "m" / ".last_version").read_text().strip() == "5"
+
 
 # ---- damaged bundles -----------------------------------------------------------------------
 

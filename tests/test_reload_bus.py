@@ -160,15 +160,26 @@ class Worker:
     counts the loads of each version."""
 
     def __init__(
-        self, channel: str, load_s: float, configured: str = "latest", url: str = REDIS_URL
+        self,
+        channel: str,
+        load_s: float,
+        configured: str = "latest",
+        url: str = REDIS_URL,
+        disk: dict[str, str] | None = None,
     ) -> None:
         self.version, self.load_s, self.lock = "1", load_s, asyncio.Lock()
         self.missing: set[str] = set()
         self.tries: dict[str, int] = {}
+        # disk: {version: its bundle's digest} where given; the bus then knows what this
+        # worker serves (version and digest), as the app's does
+        self.disk, self.digest = disk, None if disk is None else disk.get("1")
+        known = {} if disk is None else {
+            "serving": lambda: self.version, "serving_digest": lambda: self.digest
+        }  # fmt: skip
         self.redis = AsyncRedis.from_url(url, socket_timeout=1.0, socket_connect_timeout=0.5)
         self.bus = ReloadBus(self.redis, url, channel, "/tmp/bus-test", "din", 1.0,
                              0.5, self.lock, self.load, retry_s=0.1,
-                             configured=configured)  # fmt: skip
+                             configured=configured, **known)  # fmt: skip
 
     async def load(self, version: str, load_s: float | None = None) -> None:
         self.tries[version] = self.tries.get(version, 0) + 1
@@ -176,6 +187,8 @@ class Worker:
             raise RuntimeError(f"version {version} is not on this host yet")
         await asyncio.sleep(self.load_s if load_s is None else load_s)
         self.version = version
+        if self.disk is not None:
+            self.digest = self.disk[version]
 
     async def admin(self, version: str, load_s: float) -> int | None:
         """As POST /admin/reload: load and publish under the reload lock."""
@@ -221,6 +234,37 @@ def test_concurrent_reloads_leave_every_worker_on_the_last_published(channel: st
         return out
 
     assert asyncio.run(scenario()) == {"w1": "5", "w2": "5", "w3": "5"}
+
+
+def test_a_version_number_whose_bundle_changed_is_loaded_not_agreed_with(channel: str) -> None:
+    """A version folder replaced under its number (deleted, then re-exported or copied
+    in): the worker that reloads it serves the new bundle, and a peer that served the
+    old one under that number took the broadcast for what it serves (no load: the
+    deployment split, every status alike). The broadcast carries the bundle's digest;
+    a peer serving another loads it. The same digest is still agreed with."""
+
+    async def scenario() -> tuple[int, int, int, str | None]:
+        disk = {"1": "d1", "3": "old"}
+        a, b = Worker(channel, 0.0, disk=disk), Worker(channel, 0.0, disk=disk)
+        await listening(a, b)
+        assert await a.admin("3", 0.0) == 1
+        await until_async(lambda: b.version == "3", "3 applied")
+        first = b.tries["3"]
+        disk["3"] = "new"  # the folder replaced
+        seq = b.bus.applied_seq
+        await a.admin("3", 0.0)
+        await until_async(lambda: b.bus.applied_seq != seq, "the second broadcast")
+        await until_async(lambda: b.digest == "new", "the new bundle loaded")
+        second = b.tries["3"]
+        seq = b.bus.applied_seq
+        await a.admin("3", 0.0)  # the same bundle again: nothing to load
+        await until_async(lambda: b.bus.applied_seq != seq, "the third broadcast")
+        out = (first, second, b.tries["3"], b.digest)
+        for w in (a, b):
+            await w.close()
+        return out
+
+    assert asyncio.run(scenario()) == (1, 2, 2, "new")
 
 
 @pytest.mark.parametrize(
