@@ -205,6 +205,8 @@ def test_demo_runs_the_main_job_end_to_end(tmp_path: Path) -> None:
     assert probs == sorted(probs, reverse=True) and all(0 < p < 1 for p in probs)
     assert len({r[1] for r in rows}) == 10
     assert (tmp_path / "models" / "din" / "1" / "model.onnx").is_file()
+    # the command it prints to serve the bundle serves it on the port it used
+    assert re.search(rf"\.venv/bin/ctr serve --port {port}$", text, re.M), text[-600:]
     with socket.socket() as probe:  # the service it started is stopped
         assert probe.connect_ex(("127.0.0.1", port)) != 0
 
