@@ -14,7 +14,7 @@ The request path only appends to an in-memory queue (a deque append, after the
 response passed its deadline check); a task of the worker writes the queue in pipelines
 of ``BATCH`` ``XADD ... MAXLEN ~ CTR_IMPRESSION_MAXLEN``, every ``FLUSH_S`` or sooner when
 a batch is full, on the service's write clients. Packing a pipeline is Python work on
-the event loop (about 15-20 µs per entry, in slices of ``BATCH``, the requests queued
+the event loop (22-30 µs of CPU per entry written, docs/api.md's command, in slices of ``BATCH``, the requests queued
 meanwhile served between them). It is telemetry: a failed write goes back to the queue
 and is tried again after ``RETRY_S``; the queue holds at most ``CTR_IMPRESSION_QUEUE``
 entries and ``CTR_IMPRESSION_QUEUE_MB`` of contexts and bodies (while Redis is slow or
@@ -43,7 +43,7 @@ from service.store import AnyRedis
 
 log = logging.getLogger("ctr.impressions")
 
-BATCH = 32  # entries per pipeline: its packing holds the event loop ~0.1 ms per 6 entries
+BATCH = 32  # entries per pipeline: packing and writing one holds the event loop ~0.8 ms
 FLUSH_S = 0.1  # the longest an entry waits in the queue while Redis answers
 CLOSE_S = 2.0  # how long shutdown spends writing what is queued
 RETRY_S = (0.1, 0.2, 0.5, 1.0, 2.0)  # waits after failed writes, in a row (the last repeats)
