@@ -13,9 +13,10 @@ With ``CTR_IMPRESSION_STREAM`` set, each ``POST /v1/score`` answered 200 (a shar
 The request path only appends to an in-memory queue (a deque append, after the
 response passed its deadline check); a task of the worker writes the queue in pipelines
 of ``BATCH`` ``XADD ... MAXLEN ~ CTR_IMPRESSION_MAXLEN``, every ``FLUSH_S`` or sooner when
-a batch is full, on the service's write clients. Packing a pipeline is Python work on
-the event loop (22-30 µs of CPU per entry written, docs/api.md's command, in slices of ``BATCH``, the requests queued
-meanwhile served between them). It is telemetry: a failed write goes back to the queue
+a batch is full, on the service's write clients. Packing and writing a pipeline is
+Python work on the event loop (22-30 µs of CPU per entry written: docs/api.md's
+command; in slices of ``BATCH``, the requests queued meanwhile served between them).
+It is telemetry: a failed write goes back to the queue
 and is tried again after ``RETRY_S``; the queue holds at most ``CTR_IMPRESSION_QUEUE``
 entries and ``CTR_IMPRESSION_QUEUE_MB`` of contexts and bodies (while Redis is slow or
 down) and beyond them new ones are dropped, counted in
