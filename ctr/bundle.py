@@ -8,9 +8,11 @@ Torch-free.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -25,6 +27,8 @@ import orjson
 
 from ctr.mapping import RESERVED, FeatureMapper
 from ctr.spec import FeatureConfig, MappingSpec
+
+log = logging.getLogger("ctr.bundle")
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
@@ -263,21 +267,35 @@ LAST_VERSION_FILE = ".last_version"
 
 
 def _last_version(root: Path) -> int:
-    """The highest version published under ``root`` (0: none recorded, or unreadable)."""
+    """The highest version published under ``root`` (0: none recorded, or unreadable:
+    a folder, bytes that are not text, text that is not a version)."""
     try:
         return version_of((root / LAST_VERSION_FILE).read_text().strip()) or 0
-    except OSError:
+    except (OSError, ValueError):
         return 0
 
 
 def _note_version(root: Path, version: int) -> None:
-    """Raise ``root``'s high-water mark to ``version`` (atomic rename; never lowers it
-    but for a race of two exporters, when the folders still hold the higher one)."""
+    """Raise ``root``'s high-water mark to ``version`` (atomic rename of a file of its
+    own; never lowers it but for a race of two exporters, when the folders still hold
+    the higher one). Best effort: the version is published already, and a mark that
+    cannot be written is logged, not raised."""
     if _last_version(root) >= version:
         return
-    tmp = root / f"{LAST_VERSION_FILE}.{os.getpid()}"
-    tmp.write_text(f"{version}\n")
-    os.replace(tmp, root / LAST_VERSION_FILE)
+    tmp: str | None = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f"{LAST_VERSION_FILE}.", dir=root)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{version}\n")
+        os.replace(tmp, root / LAST_VERSION_FILE)
+        tmp = None
+    except OSError as exc:
+        log.warning("version %d published; its number not recorded in %s: %s",
+                    version, root / LAST_VERSION_FILE, exc)  # fmt: skip
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def publish(models_dir: str | Path, name: str, staged: Path) -> tuple[int, Path]:

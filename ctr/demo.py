@@ -266,9 +266,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
         serve = (
             f"CTR_MODELS_DIR={env['CTR_MODELS_DIR']} CTR_MODEL_NAME={config.name} "
-            f"CTR_MODEL_VERSION={version} CTR_REDIS_URL={redact(redis_url)} .venv/bin/ctr serve"
-            # the port this demo served on (ctr serve's default is 8000)
-            + (f" --port {args.port}" if args.port != 8000 else "")
+            f"CTR_MODEL_VERSION={version} CTR_REDIS_URL={redact(redis_url)} "
+            f".venv/bin/ctr serve --port {args.port}"  # this demo's (CTR_PORT may differ)
         )
         after = " once this demo has stopped" if args.keep_serving else ""
         if redis_proc is None:  # the Redis it used stays, with the users loaded

@@ -69,7 +69,8 @@ read -r REDIS_LOCAL REDIS_PORT REDIS_SHOWN < <(.venv/bin/python - "$REDIS_URL" <
 import sys
 from urllib.parse import urlsplit
 url = sys.argv[1]
-local, port, shown = False, 0, url.split("@")[-1]  # no password shown
+# no password shown: none before an "@", none in a query (?password=)
+local, port, shown = False, 0, url.split("@")[-1].split("?")[0]
 try:
     u = urlsplit(url)
     if u.scheme == "redis" and u.hostname in ("127.0.0.1", "localhost") and "," not in url:
@@ -83,8 +84,10 @@ redis_up() {
   .venv/bin/python - "$REDIS_URL" <<'PY'
 import sys
 import redis
+first = sys.argv[1].split(",")[0].strip()  # a cluster's node list: its first node
+first = first if "://" in first else "redis://" + first
 try:
-    ok = bool(redis.Redis.from_url(sys.argv[1], socket_timeout=1, socket_connect_timeout=1).ping())
+    ok = bool(redis.Redis.from_url(first, socket_timeout=1, socket_connect_timeout=1).ping())
 except Exception:
     ok = False
 sys.exit(0 if ok else 1)

@@ -783,7 +783,8 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
                   "the service writes for this user or item (`store_data_error`): not "
                   "retryable until it is fixed"},
             503: {"model": ErrorBody, "description": "the behaviour store is unavailable or "
-                  "slow (`store_unavailable`, with Retry-After): retry with the same event_id"},
+                  "slow (`store_unavailable`), or no model loaded yet (`model_not_ready`); "
+                  "with Retry-After: retry with the same event_id"},
         },
         openapi_extra={"requestBody": body_schema("EventRequest")},
         summary="Append a behaviour to the user's sequence (idempotent by event_id)",
@@ -852,9 +853,9 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
         except REDIS_ERRORS as exc:
             wrong = data_error(exc)
             if wrong is not None:  # a retry meets the same key: say so, not "retry"
-                log.error("event not stored: Redis refused user %r's data: %s",
+                log.error("event not stored: a key read or written for user %r (its "
+                          "sequence, or an item's features) holds another type: %s",
                           ev.user_id[:100], wrong)  # fmt: skip
-                m.ERRORS.labels("redis_data").inc()
                 raise StoreDataError(
                     "the behaviour store holds a key of another type than the service "
                     f"writes for this user or its item ({wrong}); not retryable until it "
@@ -1095,7 +1096,8 @@ async def _score(
         except REDIS_ERRORS as exc:
             wrong = data_error(exc)
             if wrong is not None:  # not the store down: a key to fix (degraded all the same)
-                log.error("redis refused user %r's data, degraded response: %s",
+                log.error("a key read for user %r (profile, sequence, or a candidate's "
+                          "features) holds another type, degraded response: %s",
                           req.user_id[:100], wrong)  # fmt: skip
             else:
                 log.warning("redis fetch failed, degraded response: %s: %s",

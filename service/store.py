@@ -34,6 +34,7 @@ import inspect
 import itertools
 import math
 import operator
+import re
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -128,6 +129,8 @@ def redact(url: str) -> str:
         p = urlparse(part)
         if p.password is not None:
             part = part.replace(f":{p.password}@", ":***@", 1)
+        if p.query:  # redis-py also reads ?password=... (and a username beside it)
+            part = re.sub(r"([?&]password=)[^&#]*", r"\1***", part)
         out.append(part)
     return ",".join(out)
 

@@ -152,12 +152,13 @@ _TWENTY_0 = b"0" * 20
 _MINUS_19_0 = b"-" + b"0" * 19
 # a string (skipped), or an integer literal of 20+ digits or a negative one of 19: not
 # part of a number before it (a fraction, an exponent) and not followed by one's
-# fraction or exponent. A string left open runs to the end of the body, and the
-# quantifiers are possessive: linear in the body. (With backtracking, each quote of an
-# open string full of ``\\"`` began a scan to the end: quadratic, a 32 KB body held
-# the event loop 7 s, a 1 MB one would have for hours, before any key check.)
+# fraction or exponent. A string left open runs to the end of the body (a lone "\\"
+# last included), and the quantifiers are possessive: linear in the body. (With
+# backtracking, each quote of an open string full of ``\\"`` began a scan to the end:
+# quadratic, a 32 KB body held the event loop 7 s, a 1 MB one would have for hours,
+# before any key check.)
 _INT_TOKEN = re.compile(
-    rb'"(?:[^"\\]++|\\.)*+(?:"|\Z)|(?<![0-9.eE+\-])(-?[0-9]{20,}|-[0-9]{19})(?![0-9.eE])',
+    rb'"(?:[^"\\]++|\\.)*+(?:"|\\?\Z)|(?<![0-9.eE+\-])(-?[0-9]{20,}|-[0-9]{19})(?![0-9.eE])',
     re.S,
 )
 

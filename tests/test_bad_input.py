@@ -190,12 +190,16 @@ def test_an_open_string_of_escaped_quotes_does_not_hold_the_loop() -> None:
     not end within the hour, the new one takes milliseconds; 120 s only catches a hang."""
     import threading
 
-    evil = b'"' + b'\\"' * 500_000 + b"1" * 20  # 1 MB, not JSON
     got: list[bool] = []
-    scan = threading.Thread(target=lambda: got.append(long_integer(evil)), daemon=True)
-    scan.start()
-    scan.join(120)
-    assert got == [False], "the scan of a 1 MB open string did not end"
+    digits = b'{"a": "' + b"1" * 20 + b'"} '  # the pre-filter's 20 digits, in a string
+    for evil in (
+        b'"' + b'\\"' * 500_000 + b"1" * 20,  # 1 MB, not JSON
+        digits + b'"' + b'\\"' * 500_000 + b"\\",  # a lone backslash last
+    ):
+        scan = threading.Thread(target=lambda e=evil: got.append(long_integer(e)), daemon=True)
+        scan.start()
+        scan.join(120)
+    assert got == [False, False], "the scan of a 1 MB open string did not end"
     # the same as a request: the 400 of any body that does not parse
     assert long_integer(b'{"a": "' + b'\\"' * 10 + b" 123456789012345678901}") is False
 

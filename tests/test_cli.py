@@ -168,6 +168,12 @@ def test_load_checks_redis_before_reading_the_data() -> None:
     assert re.search(r" \[store\.py:\d+\]$", line)  # where it was raised
     assert "secret" not in out.stderr + out.stdout
     assert "%" not in out.stderr  # the loader's progress bar never started
+    # redis-py also reads a password from the query: hidden there too
+    url = f"redis://127.0.0.1:{port}/0?password=secret&socket_timeout=1"
+    out = ctr("load", "--config", "configs/synthetic_din.yaml", "--redis-url", url)
+    line = one_line_error(out, "load")
+    assert f"127.0.0.1:{port}/0?password=***&socket_timeout=1 does not answer" in line
+    assert "secret" not in out.stderr + out.stdout
 
 
 def test_demo_refuses_a_port_in_use_before_training(tmp_path: Path) -> None:

@@ -350,6 +350,20 @@ def test_versions_increase_and_never_overwrite(
     v5, _ = publish(models, "m", staged)
     assert v5 == 5 and list_versions(models, "m") == [1, 2, 5]
     assert (models / "m" / ".last_version").read_text().strip() == "5"
+    # a mark that cannot be read counts as none (the folders still count), and one
+    # that cannot be written does not fail a publish that has happened
+    (models / "m" / ".last_version").write_bytes(b"\xff\xfe7")
+    staged = staging_dir(models)
+    for f in p2.iterdir():
+        shutil.copy(f, staged / f.name)
+    assert publish(models, "m", staged)[0] == 6
+    (models / "m" / ".last_version").unlink()
+    (models / "m" / ".last_version").mkdir()
+    staged = staging_dir(models)
+    for f in p2.iterdir():
+        shutil.copy(f, staged / f.name)
+    assert publish(models, "m", staged)[0] == 7 and list_versions(models, "m")[-1] == 7
+    assert not [p.name for p in (models / "m").iterdir() if p.name.startswith(".last_version.")]
 
 
 # ---- damaged bundles -----------------------------------------------------------------------

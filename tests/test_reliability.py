@@ -99,8 +99,8 @@ def test_a_key_of_the_wrong_type_is_not_a_store_outage(
     a retry outlasts: an event for that user was a 503 with ``Retry-After: 1`` for good
     (a client following the contract retried forever) and the log named only
     ``ResponseError``. Now the event is a 500 ``store_data_error`` quoting Redis, without
-    Retry-After; scoring still serves degraded; both log Redis's message and count
-    ``ctr_errors_total{kind="redis_data"}``."""
+    Retry-After, counted once as ``store_data_error``; scoring still serves degraded,
+    counted as ``redis_data``; both log Redis's message."""
     from service.store import user_key
 
     event = {"user_id": "u3", "event_id": "w1", "item_id": "i1", "timestamp": 5.0}
@@ -111,11 +111,14 @@ def test_a_key_of_the_wrong_type_is_not_a_store_outage(
         rp.client().delete(seq)
         rp.client().set(seq, "not a list")
 
-        def data_errors() -> float:
+        def data_errors() -> tuple[float, float]:
+            """(degraded scores, refused events): each counted once."""
+            got = {"redis_data": 0.0, "store_data_error": 0.0}
             for line in c.get("/metrics").text.splitlines():
-                if line.startswith('ctr_errors_total{kind="redis_data"}'):
-                    return float(line.split()[-1])
-            return 0.0
+                for kind in got:
+                    if line.startswith(f'ctr_errors_total{{kind="{kind}"}}'):
+                        got[kind] = float(line.split()[-1])
+            return got["redis_data"], got["store_data_error"]
 
         with caplog.at_level("WARNING", logger="ctr"):
             r = c.post("/v1/score", json=BODY)
@@ -124,7 +127,7 @@ def test_a_key_of_the_wrong_type_is_not_a_store_outage(
         assert ev.status_code == 500, ev.text
         assert ev.json()["error"] == "store_data_error" and "WRONGTYPE" in ev.json()["detail"]
         assert "retry-after" not in ev.headers
-        assert data_errors() == 2.0
+        assert data_errors() == (1.0, 1.0)
         assert sum("WRONGTYPE" in rec.getMessage() for rec in caplog.records) == 2
         assert c.get("/readyz").json()["degraded"] is False  # the store is up
         rp.client().delete(seq)
