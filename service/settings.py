@@ -365,17 +365,22 @@ class Settings(BaseSettings):
         # lifespan), refused here; a cluster's node list may leave out the scheme
         from redis.connection import parse_url
 
-        from service.store import cluster_options, node_urls
+        from service.store import cluster_options, node_urls, url_options_problem, url_problem
 
         urls = node_urls(self.redis_url) if self.redis_cluster else [self.redis_url]
         try:
             if not urls:
                 raise ValueError("no Redis URL")
             for url in urls:
-                parse_url(url)  # ValueError naming the schemes it takes
+                try:
+                    parse_url(url)  # ValueError naming the schemes it takes
+                except ValueError as exc:  # its text may quote a password: not repeated
+                    raise ValueError(url_problem(exc)) from None
                 _check_db(url)
             if self.redis_cluster:
                 cluster_options(urls[0])  # the options the cluster client takes
+            elif problem := url_options_problem(urls[0]):
+                raise ValueError(problem)
         except ValueError as exc:  # the URL itself not repeated: it may hold a password
             raise ValueError(f"CTR_REDIS_URL: {exc}") from None
         return self

@@ -34,12 +34,11 @@ import inspect
 import itertools
 import math
 import operator
-import re
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import orjson
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -123,16 +122,47 @@ _CLUSTER_OPTIONS = frozenset(inspect.signature(RedisCluster.__init__).parameters
 
 def redact(url: str) -> str:
     """The URL(s) with any password replaced, for logs and messages (each part of a
-    list as :func:`node_urls` reads it: a part without a scheme is a URL too)."""
+    list as :func:`node_urls` reads it: a part without a scheme is a URL too).
+
+    The credentials are everything between ``://`` and the last ``@`` (a password with
+    an unencoded ``/``, ``#`` or ``?`` moves where ``urlparse`` finds them): the user
+    name kept where there is one, the rest ``***``. A query option whose name (decoded,
+    as redis-py reads it) ends in ``password`` (``password``, ``ssl_password``) has its
+    value replaced too."""
     out = []
     for part in node_urls(url) or [url]:
-        p = urlparse(part)
-        if p.password is not None:
-            part = part.replace(f":{p.password}@", ":***@", 1)
-        if p.query:  # redis-py also reads ?password=... (and a username beside it)
-            part = re.sub(r"([?&]password=)[^&#]*", r"\1***", part)
-        out.append(part)
+        scheme, sep, rest = part.partition("://")
+        at = rest.rfind("@")
+        if sep and at >= 0:
+            user, colon, _ = rest[:at].partition(":")
+            shown = f"{user}:***" if colon and "/" not in user else "***"
+            rest = shown + rest[at:]
+        if "?" in rest:
+            head, _, query = rest.partition("?")
+            rest = head + "?" + "&".join(
+                f"{name}=***" if unquote(name).lower().endswith("password") else pair
+                for pair in query.split("&")
+                for name in [pair.partition("=")[0]]
+            )
+        out.append(f"{scheme}{sep}{rest}")
     return ",".join(out)
+
+
+def url_options_problem(url: str) -> str | None:
+    """What a single node's client would refuse at its first connection in ``url``'s
+    query (a TypeError there, a traceback in the lifespan): an option its connection
+    class does not take (``?foo=1``; ``?ssl_password=`` on a ``redis://`` URL). None
+    where every option is taken."""
+    options = dict(parse_url(url))
+    klass = options.pop("connection_class", Connection)
+    taken = {"max_connections", "timeout"}  # the pool's own
+    for cls in klass.__mro__:
+        if "__init__" in vars(cls):
+            taken |= set(inspect.signature(cls.__init__).parameters)
+    unknown = sorted(set(options) - taken - {"self", "args", "kwargs"})
+    if unknown:
+        return f"a {klass.__name__} takes no URL option {', '.join(unknown)}"
+    return None
 
 
 def ping(url: str, cluster: bool = False, timeout_s: float = 5.0) -> None:
@@ -150,9 +180,25 @@ def ping(url: str, cluster: bool = False, timeout_s: float = 5.0) -> None:
             client.ping()
         finally:
             client.close()
-    except (RedisError, RedisClusterException, OSError, ValueError) as exc:
-        # ValueError: not a Redis URL (redis-py's parse_url)
+    except (ValueError, TypeError) as exc:
+        # not a Redis URL (redis-py's parse_url, whose message may quote a password with
+        # an unencoded "/"), or an option the client does not take (a TypeError)
+        why = url_problem(exc)
+        if isinstance(exc, TypeError) and not cluster:
+            why = url_options_problem(url) or why
+        raise RedisError(f"the Redis at {redact(url)} does not answer: {why}") from exc
+    except (RedisError, RedisClusterException, OSError) as exc:
         raise RedisError(f"the Redis at {redact(url)} does not answer: {exc}") from exc
+
+
+def url_problem(exc: BaseException) -> str:
+    """redis-py's complaint about a URL, without the parts of the URL it quotes (a
+    password with an unencoded ``/``, ``#`` or ``?`` lands in the "port")."""
+    text = str(exc)
+    if "'" not in text and '"' not in text:
+        return text  # e.g. the schemes it takes
+    return ("a malformed URL (percent-encode any / # ? @ : in the user name or "
+            "password: %2F %23 %3F %40 %3A)")
 
 
 class ItemCache:

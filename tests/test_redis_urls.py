@@ -1,0 +1,75 @@
+"""Redis URLs in messages and settings: a password never printed, whatever its form,
+and an option the client would refuse at its first connection refused at start-up."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+from redis.exceptions import RedisError
+
+from service.settings import Settings
+from service.store import ping, redact
+from tests.redis_proc import free_port
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:secret@127.0.0.1:1/0", "redis://:***@127.0.0.1:1/0"),
+        # an unencoded "/", "#" or "?" in the password: urlparse found none there
+        ("redis://:topSEC/RETpw@127.0.0.1:1/0", "redis://:***@127.0.0.1:1/0"),
+        ("redis://u:a#b?c@h:1/0", "redis://u:***@h:1/0"),
+        ("redis://justone@h/0", "redis://***@h/0"),
+        # redis-py reads these query options too (names percent-decoded)
+        ("unix:///tmp/r.sock?password=s3cret&db=2", "unix:///tmp/r.sock?password=***&db=2"),
+        ("rediss://h:1/0?ssl_keyfile=k.pem&ssl_password=SECRET",
+         "rediss://h:1/0?ssl_keyfile=k.pem&ssl_password=***"),
+        ("redis://h:6379/0?pass%77ord=SECRET", "redis://h:6379/0?pass%77ord=***"),
+        (":p%40ss@127.0.0.1:5,127.0.0.1:6", "redis://:***@127.0.0.1:5,redis://127.0.0.1:6"),
+        ("redis://h:1/0?socket_timeout=1", "redis://h:1/0?socket_timeout=1"),
+    ],
+)
+def test_redact_hides_every_password_form(url: str, shown: str) -> None:
+    assert redact(url) == shown
+    assert "secret" not in redact(url).lower() and "RETpw" not in redact(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("redis://127.0.0.1:6379/0?foo=1", "takes no URL option foo"),
+        ("redis://127.0.0.1:6379/0?ssl_password=x", "takes no URL option ssl_password"),
+        # redis-py's own message quoted the password's first part as the port
+        ("redis://:topSEC/RETpw@127.0.0.1:6379/0", "percent-encode"),
+    ],
+)
+def test_a_url_the_client_would_refuse_is_a_setting_error(url: str, said: str) -> None:
+    """Accepted before, then a TypeError traceback at the first connection (``ctr serve``
+    exited 3 after 40 lines), or redis-py's message quoting part of the password."""
+    with pytest.raises(ValidationError) as info:
+        Settings(redis_url=url)
+    text = str(info.value)
+    assert said in text and "topSEC" not in text and "RETpw" not in text
+
+
+def test_options_a_connection_takes_are_fine() -> None:
+    for url in (
+        "redis://127.0.0.1:6379/0?socket_timeout=1&max_connections=3&timeout=2",
+        "rediss://127.0.0.1:6379/0?ssl_cert_reqs=none&ssl_password=x",
+        "unix:///tmp/redis.sock?db=1",
+    ):
+        assert Settings(redis_url=url).redis_url == url
+
+
+def test_ping_names_a_bad_url_without_its_password() -> None:
+    """``ctr load`` and ``ctr demo`` ask the Redis first: an option the client does not
+    take was a TypeError traceback; a malformed password was quoted."""
+    port = free_port()
+    for url, said in (
+        (f"redis://127.0.0.1:{port}/0?foo=1", "takes no URL option foo"),
+        (f"redis://:topSEC/RETpw@127.0.0.1:{port}/0", "percent-encode"),
+    ):
+        with pytest.raises(RedisError) as info:
+            ping(url, timeout_s=0.5)
+        assert said in str(info.value) and "RETpw" not in str(info.value)
+        assert "topSEC" not in str(info.value)
