@@ -206,8 +206,11 @@ def encode_user(
     user_cols: dict[str, list[Any]] = {k: [v] for k, v in data.profile.items()}
     for k, v in context.items():
         user_cols[k] = [v]
-    for f in c.user_sparse:  # the request's user_id wins over a stored copy
-        if f.source in ("user_id", c.data.user_key):
+    for f in c.user_sparse:  # the request's user_id wins over a stored copy of the key
+        # (only the key's feature: with `data.user_key: acct`, a feature `user_id` read
+        # from its own column is a profile value, stored by `ctr load`; the request's
+        # ID, an acct, mapped it out of vocabulary)
+        if f.source == c.data.user_key:
             user_cols[f.source] = [user_id]
     recent = data.events[-c.max_seq_len :]
     seqs = {

@@ -395,6 +395,36 @@ def test_generic_csv_matches_list_frame(tmp_path: Path, delimiter: str) -> None:
     assert enc_csv.item_dense[:, 0] == pytest.approx(np.log1p([1.5, 2.0, 0.0, 10.0]))
 
 
+def test_a_user_id_feature_beside_another_user_key_serves_its_stored_value(
+    tmp_path: Path,
+) -> None:
+    """``data.user_key: acct`` with a user feature ``user_id`` read from its own column:
+    ``ctr load`` stores each user's ``user_id`` in the profile, and serving fed the
+    request's ID (the acct) in its place, out of vocabulary. The key's own feature still
+    takes the request's ID."""
+    from types import SimpleNamespace
+
+    from service.features import encode_user
+    from service.store import UserData
+
+    raw = _csv_config(tmp_path / "x.csv", "|").model_dump()
+    raw["features"].insert(0, {"name": "acct", "kind": "sparse", "side": "user"})
+    raw["data"]["user_key"] = "acct"
+    config = FeatureConfig.model_validate(raw)
+    frame = pd.DataFrame({"acct": ["A-u1", "A-u2"], "user_id": ["u1", "u2"],
+                          "item_id": ["i1", "i2"], "cate_id": ["c1", "c2"],
+                          "price": [1.0, 2.0], "hist_item_id": [["i2"], ["i1"]],
+                          "hist_cate_id": [["c2"], ["c1"]], "label": [1, 0]})  # fmt: skip
+    mapper = FeatureMapper.fit(config, raw_columns_for_fit(config, frame))
+    bundle = SimpleNamespace(config=config, mapper=mapper, dense_bounds={})
+    stored = UserData(profile={"user_id": "u1", "acct": "A-u1"})
+    rows = encode_user(bundle, "A-u1", {}, stored, b"")  # type: ignore[arg-type]
+    names = [f.source for f in config.user_sparse]
+    got = dict(zip(names, rows.user_sparse[0].tolist(), strict=True))
+    assert got["user_id"] == mapper.mapper_for("user_id").map_one("u1") != OOV
+    assert got["acct"] == mapper.mapper_for("acct").map_one("A-u1") != OOV
+
+
 def test_last_per_user_split_steps() -> None:
     """``test_steps``/``val_steps`` move whole time steps per user, newest to test."""
     rows = [{"user_id": u, "ts": t, "label": float(t % 2)} for u in ("a", "b") for t in range(6)]
