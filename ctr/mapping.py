@@ -24,7 +24,8 @@ RESERVED = 2
 
 
 def normalize(raw: Any) -> str | None:
-    """Canonical string form of a raw ID: ``13``, ``13.0`` and ``"13"`` agree.
+    """Canonical string form of a raw ID: ``13``, ``13.0``, ``"13"`` and ``b"13"`` (a
+    Parquet BINARY column's value) agree.
 
     Returns ``None`` for a missing value (None, NaN, pandas' NA / NaT or the empty
     string).
@@ -43,6 +44,8 @@ def normalize(raw: Any) -> str | None:
         return str(int(raw))
     if type(raw).__name__ in _MISSING_TYPES:  # pandas' NA / NaT (nullable columns)
         return None
+    if isinstance(raw, bytes | bytearray):  # a Parquet BINARY column's: its text, not b'…'
+        raw = raw.decode("utf-8", "surrogateescape")
     s = str(raw)
     return s if s != "" else None
 

@@ -142,10 +142,16 @@ def dense_text(raw: Any) -> str | None:
 
 
 def time_order(column: pd.Series) -> pd.Series:
-    """The order of a time column: as numbers where they are numbers (a CSV is read as
-    strings, where "9" > "11"; training's split reads them as numbers too), a blank or
-    other non-number as missing; a column with no number at all (e.g. ISO dates, which a
-    random split never reads) as given."""
+    """The order of a time column, as training's split reads it
+    (:func:`ctr.times.time_numbers`: numbers, datetimes, dates, ISO 8601 text; a CSV is
+    read as strings, where "9" > "11"). A column that is not all times (which a random
+    split never reads): as numbers where they are numbers, a blank or other non-number
+    as missing; with no number at all, as given."""
+    from ctr.times import time_numbers
+
+    numbers = time_numbers(column)
+    if numbers is not None:
+        return numbers
     numbers = pd.to_numeric(column, errors="coerce")
     return column if numbers.isna().all() else numbers
 
@@ -227,8 +233,13 @@ def _row_items(config: FeatureConfig, table: pd.DataFrame) -> dict[str, dict[str
 
 
 def _example_items(config: FeatureConfig, frame: pd.DataFrame) -> dict[str, dict[str, Any]]:
-    """:func:`item_records` from the examples alone: the candidates' rows, then the
-    histories."""
+    """:func:`item_records` from the examples alone: the candidates' rows (an item's
+    newest row's values, by the time column where there is one: a log need not be in
+    time order), then the histories."""
+    time = config.data.time_column
+    if time and time in frame:  # the last row per item wins below: the newest
+        frame = frame.assign(**{TIME: time_order(frame[time])})
+        frame = frame.sort_values(TIME, kind="stable", na_position="first")
     out = _row_items(config, frame)
     id_feat = config.item_id_feature
     # histories carry the sequence-shared features too (e.g. hist_cate_id for cate_id),
@@ -241,10 +252,13 @@ def _example_items(config: FeatureConfig, frame: pd.DataFrame) -> dict[str, dict
     for s, target in zip(config.sequences, config.sequence_targets, strict=True):
         if target is id_feat or target.source not in out:
             continue
-        for h_ids, h_vals in zip(frame[id_seq.source], frame[s.source], strict=True):
+        # newest rows first, each history newest first: setdefault keeps the first value
+        # seen of an item
+        newest = frame[::-1]
+        for h_ids, h_vals in zip(newest[id_seq.source], newest[s.source], strict=True):
             a, b = split_sequence(h_ids, delim), split_sequence(h_vals, delim)
             k = min(len(a), len(b))  # lined up from the newest end, as training encodes them
-            for i, v in zip(a[len(a) - k :], b[len(b) - k :], strict=True):
+            for i, v in zip(a[len(a) - k :][::-1], b[len(b) - k :][::-1], strict=True):
                 ni, nv = normalize(i), normalize(v)
                 if ni is not None and nv is not None:
                     out[target.source].setdefault(ni, nv)

@@ -7,6 +7,7 @@ absent; the rule/builder and CSV tests run anywhere.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -549,11 +550,11 @@ def test_loaded_dense_item_features_read_as_training_reads_them(tmp_path: Path) 
     from service.loader import item_records
 
     path = tmp_path / "clicks.csv"
-    prices = ["1.5", "", "abc", "nan", "inf", "2"] + ["0.5"] * 6
+    prices = ["1.5", "", "NA", "nan", "inf", "2"] + ["0.5"] * 6
     _clicks_csv(path, prices)
     config = _loader_config(path, max_seq_len=5)
     frame = load_frame(config)
-    assert frame["price"].tolist()[:3] == ["1.5", "", "abc"]
+    assert frame["price"].tolist()[:3] == ["1.5", "", "NA"]
     stored = item_records(config, frame)["price"]
     assert set(stored) == {"i0", "i5"} | {f"i{t}" for t in range(6, 12)}
     spec = config.feature("price")
@@ -561,6 +562,67 @@ def test_loaded_dense_item_features_read_as_training_reads_them(tmp_path: Path) 
     served = [to_float(stored.get(f"i{t}"), spec) for t in range(12)]  # missing: None
     assert served == pytest.approx(enc.item_dense[:, 0].tolist())
     assert served[1] == pytest.approx(np.log1p(3.0))  # the default, as training has it
+
+
+def _edit_clicks(path: Path, **columns: list[str]) -> None:
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    for name, values in columns.items():
+        frame[name] = values
+    frame.to_csv(path, index=False)
+
+
+def test_own_csv_files_pandas_writes_load_or_name_their_row(tmp_path: Path) -> None:
+    """What a pandas user writes to a CSV: a bool label (``True``/``False``) trains as
+    1/0, as bool IDs do; a list column written as text, a row without its user and a
+    file that is not UTF-8 are one-line errors naming the column, row or file (they
+    trained as one junk token per history, or failed in pandas naming nothing)."""
+    path = tmp_path / "clicks.csv"
+    _clicks_csv(path)
+    config = _loader_config(path, max_seq_len=5)
+    _edit_clicks(path, label=["True", "False"] * 6)
+    assert load_frame(config)["label"].tolist() == [1.0, 0.0] * 6
+    _clicks_csv(path)
+    _edit_clicks(path, hist_item_id=[str(["i0", "i1"])] * 12)  # "['i0', 'i1']"
+    with pytest.raises(DataError, match=r"history column 'hist_item_id' holds a list .*row 0"):
+        load_frame(config)
+    _clicks_csv(path)
+    _edit_clicks(path, user_id=["u1"] * 5 + [""] + ["u1"] * 6)
+    with pytest.raises(DataError, match=r"1 rows have no 'user_id' .*row 5"):
+        load_frame(config)
+    _clicks_csv(path)
+    _edit_clicks(path, label=["1"] * 3 + ["2"] + ["1"] * 8)
+    with pytest.raises(DataError, match=r"must be 0/1 \(1 rows are not; first: row 3"):
+        load_frame(config)
+    _clicks_csv(path)
+    path.write_bytes(path.read_bytes().replace(b"i11", b"caf\xe9"))  # latin-1
+    with pytest.raises(DataError, match=r"clicks.csv is not UTF-8 text"):
+        load_frame(config)
+
+
+def test_loaded_item_features_are_the_newest_rows(tmp_path: Path) -> None:
+    """``ctr load`` stored an item's features from its last row in file order: a log
+    not sorted by time served an older price. The newest row by the time column wins,
+    and among histories, the newest row's."""
+    from service.loader import item_records
+
+    path = tmp_path / "clicks.csv"
+    _clicks_csv(path)
+    # i3 is seen again at the newest time (11) with another price, in the file's first row
+    later = [str(t) for t in range(1, 12)]
+    _edit_clicks(path, item_id=["i3"] + [f"i{t}" for t in range(1, 12)],
+                 price=["9"] + ["1.5"] * 11, ts=["11", *later])  # fmt: skip
+    config = _loader_config(path, max_seq_len=5)
+    assert item_records(config, load_frame(config))["price"]["i3"] == "9.0"
+
+
+@pytest.mark.parametrize("value", ["19,74", "$5", "abc"])
+def test_a_dense_value_that_is_not_a_number_is_a_data_error(tmp_path: Path, value: str) -> None:
+    """A decimal comma or a unit trained silently as the feature's default (a constant
+    where the whole column was written so); a blank or a missing marker still is one."""
+    path = tmp_path / "clicks.csv"
+    _clicks_csv(path, ["1.5", "", "null", value] + ["0.5"] * 8)
+    with pytest.raises(DataError, match=rf"dense feature 'price': 1 values.*'{re.escape(value)}'"):
+        load_frame(_loader_config(path, max_seq_len=5))
 
 
 @pytest.mark.parametrize(
@@ -783,8 +845,19 @@ def test_a_datetime_time_column_with_nat_is_an_error(split: str) -> None:
     parts = split_frame(aware, DataSpec(split="last_per_user"))
     assert [list(p.index) for p in parts] == [[0, 1], [2], [3]]
     text = ok.assign(ts=["2020-01-01", "x", "y", "z"])
-    with pytest.raises(DataError, match="data.time_column 'ts' must hold numbers or datetimes"):
+    with pytest.raises(DataError, match="numbers, datetimes or ISO 8601 .* row 1 holds 'x'"):
         split_frame(text, spec)
+    # ISO 8601 text (what a CSV holds of a datetime column) orders as its times, the
+    # zone read; and a Parquet date column
+    iso = ok.assign(ts=["2020-01-02T00:00:00+01:00", "2020-01-01T23:30:00Z", "2020-01-03",
+                        "2020-01-03T00:00:01"])  # fmt: skip
+    assert [list(p.index) for p in split_frame(iso, DataSpec(split="last_per_user"))] == [
+        [0, 1], [2], [3]]  # fmt: skip
+    import datetime as dt
+
+    dates = ok.assign(ts=[dt.date(2020, 1, d) for d in (1, 2, 3, 4)])
+    parts = split_frame(dates, DataSpec(split="last_per_user"))
+    assert [list(p.index) for p in parts] == [[0, 1], [2], [3]]
 
 
 # ---- data problems that trained silently (a review of the offline pipeline) ---------

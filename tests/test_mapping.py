@@ -363,6 +363,29 @@ def test_parquet_integer_ids_with_a_null_stay_exact(tmp_path: Path) -> None:
     assert normalize(col[1]) is None
 
 
+def test_parquet_binary_ids_are_their_text(tmp_path: Path) -> None:
+    """A Parquet BINARY column (and a list of them, a history) reads as ``bytes``: each
+    value was mapped as ``"b'218'"``, so an item's history tokens and its candidate ID
+    (read as text elsewhere, and as JSON text by the service) were two IDs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from training.data.generic import read_table
+
+    path = tmp_path / "ids.parquet"
+    table = pa.table({
+        "item_id": pa.array([b"218", b"7"], pa.binary()),
+        "hist_item_id": pa.array([[b"7", b"218"], []], pa.list_(pa.binary())),
+    })  # fmt: skip
+    pq.write_table(table, path)
+    frame = read_table(path, "parquet")
+    assert [normalize(x) for x in frame["item_id"]] == ["218", "7"]
+    assert [normalize(x) for x in frame["hist_item_id"][0]] == ["7", "218"]
+    m = vocab_mapper(["218", "7"])
+    assert m.map_one(b"218") == m.map_one("218") != OOV
+    assert normalize(b"\xff") == "\udcff"  # not UTF-8: kept, never an error
+
+
 def test_the_vocabulary_follows_encoding_where_parallel_histories_differ() -> None:
     """Encoding keeps, of a row's parallel sequence fields, as many last entries as the
     shortest holds: the vocabulary counts exactly those, not each field's own last

@@ -45,7 +45,13 @@ def read_table(path: str | Path, kind: str) -> pd.DataFrame:
         # an integer column with a null stays integers (Python ints and None), not
         # float64, which would round IDs above 2**53 (serving maps them exactly)
         return pq.read_table(path).to_pandas(integer_object_nulls=True)
-    return pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"data file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}): "
+            "re-encode it, e.g. iconv -f latin1 -t utf-8"
+        ) from None
 
 
 _INT = r"-?[0-9]+(?:\.0+)?"  # an integer, as digits or as pandas writes it in a float column
@@ -132,14 +138,78 @@ def validate_frame(config: FeatureConfig, frame: pd.DataFrame) -> pd.DataFrame:
     if missing:
         raise DataError(f"columns missing from the data: {sorted(set(missing))}")
     frame = frame.copy()
+    label = frame[spec.label]
+    if label.dtype == object or pd.api.types.is_string_dtype(label):
+        # a CSV of a bool column: True / False, read as IDs are
+        label = label.replace({"True": "1", "False": "0"})
     try:
-        frame[spec.label] = pd.to_numeric(frame[spec.label], errors="raise").astype(np.float32)
+        frame[spec.label] = pd.to_numeric(label, errors="raise").astype(np.float32)
     except (ValueError, TypeError) as exc:
         raise DataError(f"label column {spec.label!r} must hold 0/1 numbers: {exc}") from exc
     bad = ~frame[spec.label].isin([0.0, 1.0])
     if bad.any():
-        raise DataError(f"label column {spec.label!r} must be 0/1 ({int(bad.sum())} rows are not)")
+        raise DataError(f"label column {spec.label!r} must be 0/1 ({int(bad.sum())} rows "
+                        f"are not; first: {_first(bad, frame[spec.label])})")  # fmt: skip
+    keys = frame[spec.user_key]
+    bad = keys.isna() | (keys.astype(str) == "")
+    if bad.any():  # every example is some user's; pandas' split dropped these, then failed
+        raise DataError(f"{int(bad.sum())} rows have no {spec.user_key!r} (data.user_key; "
+                        f"first: {_first(bad, keys)})")  # fmt: skip
+    for f in config.features:
+        if f.kind == "dense":
+            _check_dense(frame[f.source], f.source)
+        elif f.kind == "sequence":
+            _check_history(frame[f.source], f.source, spec.seq_delimiter)
     return frame.reset_index(drop=True)
+
+
+def _first(bad: pd.Series, col: pd.Series) -> str:
+    """The first flagged row of ``col``: its position and value."""
+    row = int(np.flatnonzero(bad.to_numpy())[0])
+    return f"row {row}, {str(col.iloc[row])[:80]!r}"
+
+
+# text a CSV writes for a missing value: the feature's default, as a blank is
+_MISSING_TEXT = frozenset({"", "na", "n/a", "nan", "null", "none"})
+
+
+def _check_dense(col: pd.Series, name: str) -> None:
+    """A dense column's values are numbers or missing: text that is neither (``19,74``
+    with a decimal comma, ``$5``) trained silently as the feature's default."""
+    if pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col):
+        return
+    maybe = pd.to_numeric(col, errors="coerce").isna() & col.notna()  # then looked at in full
+    bad = pd.Series(False, index=col.index)
+    for i in np.flatnonzero(maybe.to_numpy()):
+        v = col.iloc[i]
+        if isinstance(v, str) and v.strip().lower() in _MISSING_TEXT:
+            continue
+        try:
+            float(v)
+        except (TypeError, ValueError, OverflowError):
+            bad.iloc[i] = True
+    if bad.any():
+        raise DataError(f"dense feature {name!r}: {int(bad.sum())} values are not numbers "
+                        f"(first: {_first(bad, col)}); a missing value is a blank")  # fmt: skip
+
+
+_LISTED = re.compile(r"\s*\[.*\]\s*", re.S)
+
+
+def _check_history(col: pd.Series, name: str, delimiter: str) -> None:
+    """A history written as text must be tokens joined by ``data.seq_delimiter``: a list
+    written to a CSV by pandas (``['i1', 'i2']``) or JSON text trained as one token per
+    row, silently."""
+    if not (pd.api.types.is_string_dtype(col) or col.dtype == object):
+        return
+    bad = col.str.fullmatch(_LISTED).fillna(False).astype(bool)  # NaN: not text
+    if bad.any():
+        first = _first(bad, col)
+        raise DataError(
+            f"history column {name!r} holds a list written as text ({first}): write each "
+            f"history as its tokens joined by data.seq_delimiter ({delimiter!r}), or as a "
+            "Parquet list column"
+        )
 
 
 def load_catalog(config: FeatureConfig) -> pd.DataFrame | None:
@@ -183,18 +253,24 @@ def load_frame(config: FeatureConfig) -> pd.DataFrame:
 
 
 def time_values(col: pd.Series, name: str) -> pd.Series:
-    """A time column as numbers: numbers (a CSV's ``"9"`` < ``"11"``, as service.loader
-    reads them) or datetimes (exact int64 counts of their unit), missing ones (NaN, NaT)
-    as NaN. A value that is neither is a :class:`DataError` naming the column."""
-    if pd.api.types.is_datetime64_any_dtype(col):
-        if col.isna().any():  # NaT would become the smallest int64: the oldest row
-            return pd.Series(np.where(col.isna(), np.nan, 0.0), index=col.index)
-        naive = col.dt.tz_convert(None) if col.dt.tz is not None else col
-        return naive.astype("int64")
-    try:
-        return pd.to_numeric(col)
-    except (ValueError, TypeError) as exc:
-        raise DataError(f"data.time_column {name!r} must hold numbers or datetimes: {exc}") from exc
+    """A time column as numbers (:func:`ctr.times.time_numbers`, as service.loader reads
+    them): numbers (a CSV's ``"9"`` < ``"11"``), or datetimes, dates and ISO 8601 text
+    (int64 counts of their unit), missing ones (NaN, NaT, blanks) as NaN. A value that
+    is neither is a :class:`DataError` naming the column and the first such row."""
+    from ctr.times import time_numbers
+
+    out = time_numbers(col)
+    if out is None:
+        numbers = pd.to_numeric(col, errors="coerce")
+        text = col.astype(str)
+        times = pd.to_datetime(text, utc=True, format="ISO8601", errors="coerce")
+        bad = numbers.isna() & times.isna() & ~(col.isna() | (text.str.strip() == ""))
+        row = int(np.flatnonzero(bad.to_numpy())[0]) if bad.any() else 0
+        raise DataError(
+            f"data.time_column {name!r} must hold numbers, datetimes or ISO 8601 times "
+            f"(e.g. 2024-01-02T03:04:05Z): row {row} holds {str(col.iloc[row])[:80]!r}"
+        )
+    return out
 
 
 def split_frame(
