@@ -30,8 +30,10 @@ TIME = "__ctr_load_time__"  # the time order user_records sorts on
 # (the compose init job on every `up`) does not reset histories events have moved on
 LOADED_KEY = "ctr:loaded"
 # what the keys a load writes hold: raise it when that changes (2, session 35: a CSV's
-# float-written integer IDs read as digits; history item features lined up from the end)
-LOAD_FORMAT = 2
+# float-written integer IDs read as digits; history item features lined up from the end;
+# 3, session 36: an item's features from its newest row by time, ISO 8601 times ordered
+# as times, Parquet BINARY IDs as text)
+LOAD_FORMAT = 3
 ITEM_PIECE = 5000  # item-feature fields per command
 
 # One user replaced in one step, so that an event appended meanwhile (POST /v1/events,
