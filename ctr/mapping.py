@@ -45,7 +45,7 @@ def normalize(raw: Any) -> str | None:
     if type(raw).__name__ in _MISSING_TYPES:  # pandas' NA / NaT (nullable columns)
         return None
     if isinstance(raw, bytes | bytearray):  # a Parquet BINARY column's: its text, not b'…'
-        raw = raw.decode("utf-8", "surrogateescape")
+        raw = raw.decode("utf-8", "backslashreplace")  # a byte that is not UTF-8: \\xff
     s = str(raw)
     return s if s != "" else None
 

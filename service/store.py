@@ -121,45 +121,77 @@ _CLUSTER_OPTIONS = frozenset(inspect.signature(RedisCluster.__init__).parameters
 
 
 def redact(url: str) -> str:
-    """The URL(s) with any password replaced, for logs and messages (each part of a
-    list as :func:`node_urls` reads it: a part without a scheme is a URL too).
+    """The URL(s) with any password replaced, for logs and messages.
 
-    The credentials are everything between ``://`` and the last ``@`` (a password with
-    an unencoded ``/``, ``#`` or ``?`` moves where ``urlparse`` finds them): the user
-    name kept where there is one, the rest ``***``. A query option whose name (decoded,
-    as redis-py reads it) ends in ``password`` (``password``, ``ssl_password``) has its
-    value replaced too."""
-    out = []
-    for part in node_urls(url) or [url]:
-        scheme, sep, rest = part.partition("://")
+    One URL where redis-py reads it as one (a password may hold a comma); else each
+    part of a list as :func:`node_urls` reads it (a part without a scheme is a URL too).
+    The credentials are the user-info ``urlparse`` finds before the host: the user name
+    kept where there is one, the rest ``***``. In a URL redis-py refuses (a password
+    with an unencoded ``/``, ``#`` or ``?`` moves where ``urlparse`` looks), everything
+    between ``://`` and the last ``@``. A query option whose name (decoded, as redis-py
+    reads it) ends in ``password`` (``password``, ``ssl_password``) has its value
+    replaced too."""
+    one = url if "://" in url else f"redis://{url}"
+    parts = [one] if _parses(one) else node_urls(url) or [url]
+    return ",".join(_redact_one(part) for part in parts)
+
+
+def _parses(url: str) -> bool:
+    try:
+        parse_url(url)
+    except Exception:  # noqa: BLE001 - any refusal: not one URL as redis-py reads it
+        return False
+    return True
+
+
+def _redact_one(part: str) -> str:
+    scheme, sep, rest = part.partition("://")
+    if not sep:
+        return part
+    if _parses(part):
+        head = urlparse(part).netloc  # the user-info is before its last "@"
+        at = head.rfind("@")
+    else:
+        head = rest
         at = rest.rfind("@")
-        if sep and at >= 0:
-            user, colon, _ = rest[:at].partition(":")
-            shown = f"{user}:***" if colon and "/" not in user else "***"
-            rest = shown + rest[at:]
-        if "?" in rest:
-            head, _, query = rest.partition("?")
-            rest = head + "?" + "&".join(
-                f"{name}=***" if unquote(name).lower().endswith("password") else pair
-                for pair in query.split("&")
-                for name in [pair.partition("=")[0]]
-            )
-        out.append(f"{scheme}{sep}{rest}")
-    return ",".join(out)
+    if at >= 0:
+        user, colon, _ = head[:at].partition(":")
+        shown = f"{user}:***" if colon and "/" not in user else "***"
+        rest = shown + rest[at:]
+    if "?" in rest:
+        base, _, query = rest.partition("?")
+        rest = base + "?" + "&".join(
+            f"{name}=***" if unquote(name).lower().endswith("password") else pair
+            for pair in query.split("&")
+            for name in [pair.partition("=")[0]]
+        )
+    return f"{scheme}{sep}{rest}"
+
+
+# connection options that take an object (a class, a callable, a provider): a URL's
+# text is never one
+_OBJECT_OPTIONS = frozenset({
+    "connection_class", "credential_provider", "driver_info", "encoder_class",
+    "event_dispatcher", "parser_class", "redis_connect_func", "retry", "retry_on_error",
+    "socket_keepalive_options", "himport_registry", "queue_class",
+})  # fmt: skip
 
 
 def url_options_problem(url: str) -> str | None:
     """What a single node's client would refuse at its first connection in ``url``'s
     query (a TypeError there, a traceback in the lifespan): an option its connection
-    class does not take (``?foo=1``; ``?ssl_password=`` on a ``redis://`` URL). None
-    where every option is taken."""
+    class does not take (``?foo=1``; ``?ssl_password=`` on a ``redis://`` URL), or one
+    that takes an object. None where every option is taken."""
     options = dict(parse_url(url))
     klass = options.pop("connection_class", Connection)
+    if not isinstance(klass, type):
+        return "a Redis URL takes no option connection_class"
     taken = {"max_connections", "timeout"}  # the pool's own
     for cls in klass.__mro__:
-        if "__init__" in vars(cls):
+        # the maintenance-notification mixin's are the client's to set, not a URL's
+        if "__init__" in vars(cls) and "MaintNotifications" not in cls.__name__:
             taken |= set(inspect.signature(cls.__init__).parameters)
-    unknown = sorted(set(options) - taken - {"self", "args", "kwargs"})
+    unknown = sorted(set(options) - (taken - _OBJECT_OPTIONS) - {"self", "args", "kwargs"})
     if unknown:
         return f"a {klass.__name__} takes no URL option {', '.join(unknown)}"
     return None
@@ -175,6 +207,8 @@ def ping(url: str, cluster: bool = False, timeout_s: float = 5.0) -> None:
     kw = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     try:
         first = (node_urls(url) or [url])[0]
+        if not cluster and (problem := url_options_problem(url)):
+            raise TypeError(problem)
         client = RedisCluster.from_url(first, **kw) if cluster else Redis.from_url(url, **kw)
         try:
             client.ping()
@@ -195,8 +229,8 @@ def url_problem(exc: BaseException) -> str:
     """redis-py's complaint about a URL, without the parts of the URL it quotes (a
     password with an unencoded ``/``, ``#`` or ``?`` lands in the "port")."""
     text = str(exc)
-    if "'" not in text and '"' not in text:
-        return text  # e.g. the schemes it takes
+    if "Port could not be cast" not in text:
+        return text  # e.g. the schemes it takes, an option's value it cannot read
     return ("a malformed URL (percent-encode any / # ? @ : in the user name or "
             "password: %2F %23 %3F %40 %3A)")
 

@@ -585,6 +585,10 @@ def test_own_csv_files_pandas_writes_load_or_name_their_row(tmp_path: Path) -> N
     _edit_clicks(path, hist_item_id=[str(["i0", "i1"])] * 12)  # "['i0', 'i1']"
     with pytest.raises(DataError, match=r"history column 'hist_item_id' holds a list .*row 0"):
         load_frame(config)
+    # a token that is only bracketed is a token: [UNK], [a]|[b]
+    _clicks_csv(path)
+    _edit_clicks(path, hist_item_id=["[UNK]", "[a]|[b]"] + ["i0|i1"] * 10)
+    assert load_frame(config)["hist_item_id"].tolist()[:2] == ["[UNK]", "[a]|[b]"]
     _clicks_csv(path)
     _edit_clicks(path, user_id=["u1"] * 5 + [""] + ["u1"] * 6)
     with pytest.raises(DataError, match=r"1 rows have no 'user_id' .*row 5"):

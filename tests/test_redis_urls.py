@@ -27,6 +27,16 @@ from tests.redis_proc import free_port
         ("redis://h:6379/0?pass%77ord=SECRET", "redis://h:6379/0?pass%77ord=***"),
         (":p%40ss@127.0.0.1:5,127.0.0.1:6", "redis://:***@127.0.0.1:5,redis://127.0.0.1:6"),
         ("redis://h:1/0?socket_timeout=1", "redis://h:1/0?socket_timeout=1"),
+        # an "@" in a query value is no user-info: the host stays, the password goes
+        ("redis://h:5/0?client_name=loader@prod&password=SECRET",
+         "redis://h:5/0?client_name=loader@prod&password=***"),
+        ("redis://h:5/0?password=abc@SECRET", "redis://h:5/0?password=***"),
+        ("redis://localhost:6379/0?client_name=svc@prod",
+         "redis://localhost:6379/0?client_name=svc@prod"),
+        # a comma in a password: one URL as redis-py reads it, not a node list
+        ("redis://:SECRET1,SECRET2@h:1/0", "redis://:***@h:1/0"),
+        ("redis://a:1,redis://b:2", "redis://a:1,redis://b:2"),
+        ("redis://:p@[::1]:6379/0", "redis://:***@[::1]:6379/0"),
     ],
 )
 def test_redact_hides_every_password_form(url: str, shown: str) -> None:
@@ -39,6 +49,12 @@ def test_redact_hides_every_password_form(url: str, shown: str) -> None:
     [
         ("redis://127.0.0.1:6379/0?foo=1", "takes no URL option foo"),
         ("redis://127.0.0.1:6379/0?ssl_password=x", "takes no URL option ssl_password"),
+        # options that take an object (a class, a callable): never a URL's text
+        ("redis://127.0.0.1:6379/0?parser=x", "takes no URL option parser"),
+        ("redis://127.0.0.1:6379/0?retry=x", "takes no URL option retry"),
+        ("redis://127.0.0.1:6379/0?connection_class=x", "no option connection_class"),
+        # a value redis-py cannot read: its own message, naming the option
+        ("redis://127.0.0.1:6379/0?socket_timeout=abc", "Invalid value for 'socket_timeout'"),
         # redis-py's own message quoted the password's first part as the port
         ("redis://:topSEC/RETpw@127.0.0.1:6379/0", "percent-encode"),
     ],

@@ -178,8 +178,9 @@ def _check_dense(col: pd.Series, name: str) -> None:
     with a decimal comma, ``$5``) trained silently as the feature's default."""
     if pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col):
         return
-    maybe = pd.to_numeric(col, errors="coerce").isna() & col.notna()  # then looked at in full
-    bad = pd.Series(False, index=col.index)
+    text = col.astype(str).str.strip().str.lower()
+    maybe = pd.to_numeric(col, errors="coerce").isna() & col.notna() & ~text.isin(_MISSING_TEXT)
+    bad = pd.Series(False, index=col.index)  # what to_numeric refused, looked at in full
     for i in np.flatnonzero(maybe.to_numpy()):
         v = col.iloc[i]
         if isinstance(v, str) and v.strip().lower() in _MISSING_TEXT:
@@ -193,7 +194,9 @@ def _check_dense(col: pd.Series, name: str) -> None:
                         f"(first: {_first(bad, col)}); a missing value is a blank")  # fmt: skip
 
 
-_LISTED = re.compile(r"\s*\[.*\]\s*", re.S)
+# a list written as text: pandas' repr (['i1', 'i2'], [np.str_('i1')], [1, 2]), JSON
+# (["i1"], []); a token that is only bracketed ([UNK], [a]|[b]) is not one
+_LISTED = re.compile(r"\s*\[\s*(?:\]|(?:['\"]|np\.|[-+]?[0-9.]+\s*,).*\])\s*", re.S)
 
 
 def _check_history(col: pd.Series, name: str, delimiter: str) -> None:
@@ -202,7 +205,7 @@ def _check_history(col: pd.Series, name: str, delimiter: str) -> None:
     row, silently."""
     if not (pd.api.types.is_string_dtype(col) or col.dtype == object):
         return
-    bad = col.str.fullmatch(_LISTED).fillna(False).astype(bool)  # NaN: not text
+    bad = col.str.fullmatch(_LISTED).eq(True)  # NaN where a cell is not text
     if bad.any():
         first = _first(bad, col)
         raise DataError(
