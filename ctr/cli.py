@@ -59,6 +59,20 @@ def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return _number(kind, lambda v: v >= 0 and math.isfinite(v), "0 or more, and finite")
 
 
+def _counts(text: str) -> str:
+    """An argparse type: a comma-separated list of whole numbers above 0 (``50,200``),
+    returned as given (each command splits it)."""
+    try:
+        ok = bool(text.strip()) and all(int(part) > 0 for part in text.split(","))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(
+            f"must be whole numbers above 0, comma-separated (got {text!r})"
+        )
+    return text
+
+
 def _share(text: str) -> float:
     """An argparse type: a share between 0 and 1."""
     value = _non_negative(float)(text)
@@ -76,7 +90,9 @@ SET_HELP = (
 def _overrides(pairs: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for pair in pairs:
-        key, _, value = pair.partition("=")
+        key, eq, value = pair.partition("=")
+        if not eq or not key:  # `--set name`: the value forgotten, not an empty one
+            raise ValueError(f"--set {pair!r}: expected KEY=VALUE")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -233,11 +249,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         made = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ctr-prom-")
     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if workers > 1 and folder and not os.path.isdir(folder):
+    if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)):
         # each worker would die at import, and uvicorn start it again, for good
         raise ValueError(
-            f"PROMETHEUS_MULTIPROC_DIR={folder!r} is not a folder (the workers keep their "
-            "metrics there): create it, or unset it for a temporary one"
+            f"PROMETHEUS_MULTIPROC_DIR={folder!r} is not a folder this process can write "
+            "(the workers keep their metrics there): create it, or unset it for a "
+            "temporary one"
         )
     if folder and made is None:  # one worker renders from the folder too
         from service.metricfiles import wipe_stale
@@ -345,8 +362,8 @@ def cmd_build_ops(args: argparse.Namespace) -> int:
         else:  # into the cache; no --arch: $CTR_OPS_CXX_ARCH or -march=native, as before
             built = [(a, native.build(cuda=cuda, arch=a)) for a in levels or [None]]
     except native.NativeError as exc:
-        print(f"build-ops: {exc}", file=sys.stderr)
-        return 1
+        print(f"ctr build-ops: error: {exc}", file=sys.stderr)
+        return 2
     for level, lib in built:
         lacks = native.missing_flags(level) if level in native.LEVEL_FLAGS else []
         test = f"not self-tested: this CPU lacks {' '.join(lacks)}" if lacks else "self-test passed"
@@ -627,17 +644,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
     bm = sub.add_parser("bench-model", help="model-only ORT latency vs naive copies and torch")
     bm.add_argument("--models", default="din,dien")
-    bm.add_argument("--n", default="1,50,200,500,1000")
-    bm.add_argument("--threads", type=int, default=2)
-    bm.add_argument("--repeats", type=int, default=50)
+    bm.add_argument("--n", type=_counts, default="1,50,200,500,1000")
+    bm.add_argument("--threads", type=_positive(int), default=2)
+    bm.add_argument("--repeats", type=_positive(int), default=50)
     bm.add_argument("--seq-len", type=int, default=50)
     bm.add_argument("--ablation", type=int, default=500, help="DIN ablation at this N (0 = off)")
     bm.add_argument("--set", action="append", default=[], help="config override")
     bm.set_defaults(func=cmd_bench_model)
     bs = sub.add_parser("bench", help="service benchmark over HTTP with a real Redis")
     bs.add_argument("--models", default="din,dien")
-    bs.add_argument("--n", default="50,200,500,1000")
-    bs.add_argument("--concurrency", default="1,2,4,8,16")
+    bs.add_argument("--n", type=_counts, default="50,200,500,1000")
+    bs.add_argument("--concurrency", type=_counts, default="1,2,4,8,16")
     bs.add_argument("--seconds", type=float, default=5.0)
     bs.add_argument("--threads", type=int, default=2, help="ORT intra-op threads")
     bs.add_argument(
@@ -690,25 +707,26 @@ def build_parser() -> argparse.ArgumentParser:
     bg = sub.add_parser("bench-gpu", help="model alone on a GPU: CUDA EP, IO binding, graphs")
     bg.add_argument("--models-dir", required=True, help="bundles to measure")
     bg.add_argument("--models", default="bench-din,bench-dien")
-    bg.add_argument("--n", default="50,200,500,1000")
-    bg.add_argument("--repeats", type=int, default=200)
+    bg.add_argument("--n", type=_counts, default="50,200,500,1000")
+    bg.add_argument("--repeats", type=_positive(int), default=200)
     bg.add_argument("--users", default="1,2,4,8,16", help="micro-batch sizes at N=500")
     bg.add_argument("--out", default="", help="folder for JSON and table")
     bg.set_defaults(func=cmd_bench_gpu)
     pg = sub.add_parser("profile-graph", help="a bundle's graph node by node (ORT profiler)")
     pg.add_argument("--models-dir", default="models", help="the model store")
     pg.add_argument("--model", required=True, help="bundle name (its latest version)")
-    pg.add_argument("--n", type=int, default=500, help="candidates (one user, full history)")
+    pg.add_argument("--n", type=_positive(int), default=500,
+                    help="candidates (one user, full history)")
     pg.add_argument("--graph", choices=("standard", "fused"), default="standard")
     pg.add_argument("--threads", type=int, default=2, help="ORT intra-op threads")
-    pg.add_argument("--runs", type=int, default=50)
+    pg.add_argument("--runs", type=_positive(int), default=50)
     pg.add_argument("--top", type=int, default=15, help="nodes in the table")
     pg.add_argument("--out", default="", help="folder for JSON and table")
     pg.set_defaults(func=cmd_profile_graph)
     bp = sub.add_parser("bench-path", help="in-process cost of the request path's Python")
     bp.add_argument("--model", default="din", help="din|dien, or a bundle name with --models-dir")
     bp.add_argument("--models-dir", default="", help="existing bundles (default: build one)")
-    bp.add_argument("--n", default="50,500")
+    bp.add_argument("--n", type=_counts, default="50,500")
     bp.add_argument("--rounds", type=int, default=7)
     bp.add_argument("--reps", type=int, default=100)
     bp.add_argument("--redis-url", default=BENCH_REDIS, help=BENCH_REDIS_HELP)
@@ -719,8 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pp.add_argument("--model", default="din", help="din|dien, or a bundle name with --models-dir")
     pp.add_argument("--models-dir", default="", help="existing bundles (default: build one)")
-    pp.add_argument("--n", type=int, default=50)
-    pp.add_argument("--concurrency", type=int, default=4)
+    pp.add_argument("--n", type=_positive(int), default=50)
+    pp.add_argument("--concurrency", type=_positive(int), default=4)
     pp.add_argument("--rounds", type=_positive(int), default=12,
                     help="windows per side, an even number (A B B A ...)")  # fmt: skip
     pp.add_argument("--seconds", type=_positive(float), default=1.5, help="length of each window")
@@ -774,10 +792,10 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--stream", help="default: $CTR_IMPRESSION_STREAM")
     im.add_argument("--item-key", default="item_id",
                     help="the behaviours' item ID field (the model's item key)")  # fmt: skip
-    im.add_argument("--window-s", type=float, default=3600.0,
+    im.add_argument("--window-s", type=_positive(float), default=3600.0,
                     help="a behaviour this long after the scoring at most labels it 1 "
                     "(default: %(default)s)")  # fmt: skip
-    im.add_argument("--skew-s", type=float, default=1.0,
+    im.add_argument("--skew-s", type=_non_negative(float), default=1.0,
                     help="a behaviour stamped this long before the scoring still counts (the "
                     "client's clock against the server's; whole-second timestamps; default: "
                     "%(default)s)")  # fmt: skip
@@ -799,8 +817,8 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--out", default="runs/results.md", help="table (and its .json beside it)")
     rs.set_defaults(func=cmd_results)
     sk = sub.add_parser("soak", help="bounded soak run: errors and server RSS growth")
-    sk.add_argument("--duration", type=float, default=300.0)
-    sk.add_argument("--concurrency", type=int, default=4)
+    sk.add_argument("--duration", type=_positive(float), default=300.0)
+    sk.add_argument("--concurrency", type=_positive(int), default=4)
     sk.add_argument("--sample", type=float, default=5.0)
     sk.add_argument("--warmup", type=float, default=30.0)
     sk.add_argument("--max-growth-mb", type=float, default=50.0)
@@ -872,12 +890,31 @@ def describe(exc: BaseException) -> str:
     return line
 
 
+# what an interrupted command leaves, said in its one line (exit status 130)
+_INTERRUPTED = {
+    "train": "the run folder holds no finished run (no config.json): train it again",
+    "load": "Redis holds part of this load (its ctr:loaded record cleared, so --once "
+    "loads again): run it again",
+    "export": "no version was published (a .staging-* folder may be left in the store)",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    traceback_on = os.environ.get("CTR_TRACEBACK", "").strip().lower() not in (
+        "", "0", "false", "no", "off"
+    )
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        if traceback_on:
+            raise
+        left = _INTERRUPTED.get(args.command)
+        print(f"ctr {args.command}: interrupted" + (f"; {left}" if left else ""),
+              file=sys.stderr)  # fmt: skip
+        return 130
     except Exception as exc:
-        if os.environ.get("CTR_TRACEBACK") or not isinstance(exc, _user_errors()):
+        if traceback_on or not isinstance(exc, _user_errors()):
             raise
         print(f"ctr {args.command}: error: {describe(exc)}", file=sys.stderr)
         print("(CTR_TRACEBACK=1 for the traceback)", file=sys.stderr)

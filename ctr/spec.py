@@ -241,7 +241,8 @@ class DataSpec(_Strict):
 class FeatureConfig(_Strict):
     """Top-level config: features, groups, sequence length, model, training and data."""
 
-    name: str
+    # a folder's name in the model store (models/<name>/<version>): no path, not empty
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
     max_seq_len: int = Field(default=50, gt=0)
     features: list[FeatureSpec]
     item_key: str | None = Field(
@@ -378,6 +379,9 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Fe
     """Load and validate a YAML config; ``overrides`` uses dotted keys (``train.epochs``),
     with list positions as numbers (``features.0.mapping.buckets``)."""
     raw = yaml.safe_load(Path(path).read_text())
+    if not isinstance(raw, dict):  # an empty file, or a list or text at the top
+        raise ValueError(f"config file {path} holds no mapping of settings (it is "
+                         f"{'empty' if raw is None else type(raw).__name__})")  # fmt: skip
     return FeatureConfig.model_validate(apply_overrides(raw, overrides))
 
 
@@ -387,10 +391,16 @@ def apply_overrides(raw: Any, overrides: dict[str, Any] | None) -> Any:
     for key, value in (overrides or {}).items():
         node = raw
         parts = key.split(".")
-        for p in parts[:-1]:
+        if not all(parts):
+            raise ValueError(f"override {key!r}: an empty key")
+        for k, p in enumerate(parts[:-1]):
             node = (
                 node[_position(node, p, key)] if isinstance(node, list) else node.setdefault(p, {})
             )
+            if not isinstance(node, dict | list):  # e.g. name.x=1: a text has no keys
+                where = ".".join(parts[: k + 1])
+                raise ValueError(f"override {key!r}: {where} is a {type(node).__name__}, "
+                                 "not a mapping or a list")  # fmt: skip
         if isinstance(node, list):
             node[_position(node, parts[-1], key)] = value
         else:

@@ -54,7 +54,7 @@ def one_line_error(out: subprocess.CompletedProcess, command: str) -> str:
          "invalid config: train.epochs: Input should be greater than 0 (got 0)"),
         (["train", "--config", "configs/synthetic_din.yaml", "--set", "item_key=bogus"], {},
          "invalid config: item_key 'bogus' must name an item-side sparse feature"),
-        (["export", "--run", "runs/nope"], {}, "no such file or folder: runs/nope/config.json"),
+        (["export", "--run", "runs/nope"], {}, "no such file or folder: runs/nope"),
         (["serve"], {"CTR_PORT": "abc"},
          "invalid setting: CTR_PORT: Input should be a valid integer"),
         (["serve"], {"CTR_INTRA_OP_SPIN": "sometimes"},
@@ -267,3 +267,127 @@ def test_bench_pair_arguments(
         with pytest.raises(SystemExit):
             parser.parse_args(["bench-pair", *bad])
         assert says in capsys.readouterr().err
+
+
+# ---- a CLI review (session 36): every wrong input one line, every interruption too ------
+
+
+@pytest.mark.parametrize(
+    ("sets", "said"),
+    [
+        (["name.x=1"], "override 'name.x': name is a str, not a mapping or a list"),
+        (["train.epochs.x=1"], "train.epochs is a int"),
+        (["name"], "--set 'name': expected KEY=VALUE"),
+        (["=3"], "--set '=3': expected KEY=VALUE"),
+        # a model's name is a folder of the store: no path, not empty
+        (["name=../escaped"], "name: String should match pattern"),
+        (['name=""'], "name: String should match pattern"),
+    ],
+)
+def test_bad_overrides_are_one_line(sets: list[str], said: str) -> None:
+    args = [a for s in sets for a in ("--set", s)]
+    line = one_line_error(ctr("train", "--config", "configs/synthetic_din.yaml", *args), "train")
+    assert said in line, line
+
+
+def test_an_empty_config_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "empty.yaml").write_text("")
+    out = ctr("train", "--config", str(tmp_path / "empty.yaml"), "--set", "train.epochs=1")
+    assert "holds no mapping of settings (it is empty)" in one_line_error(out, "train")
+
+
+def test_ctr_traceback_is_a_boolean() -> None:
+    """``CTR_TRACEBACK=0`` turned the traceback on (any non-empty value did)."""
+    out = ctr("train", "--config", "configs/nope.yaml", CTR_TRACEBACK="0")
+    one_line_error(out, "train")
+
+
+def test_an_interrupted_command_says_what_it_left(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C was a KeyboardInterrupt traceback; a half-done ``ctr load`` said nothing
+    of the Redis it left part-written. One line and exit status 130 (128 + SIGINT)."""
+    import ctr.cli as cli
+
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.delenv("CTR_TRACEBACK", raising=False)
+    monkeypatch.setattr(cli, "cmd_load", interrupted)
+    assert cli.main(["load", "--config", "configs/synthetic_din.yaml"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("ctr load: interrupted; Redis holds part of this load") and (
+        "Traceback" not in err
+    )
+
+
+def test_an_interrupted_training_run_is_not_exported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run interrupted after its first checkpoint, into a folder that held an earlier
+    run, left the new weights beside the old config, mapping and metrics: ``ctr export``
+    published them as one bundle. The old run's files go when training starts, and a
+    folder without all four is refused in one line."""
+    import training.train as tt
+    from tests.helpers import small_config
+
+    run = tmp_path / "run"
+    config = small_config("base")
+    tt.train(config, run, progress=False)
+    assert all((run / name).is_file() for name in tt.RUN_FILES)
+    real_save = tt.torch.save
+
+    def save_then_interrupt(obj: object, path: object) -> None:
+        real_save(obj, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tt.torch, "save", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        tt.train(config.model_copy(update={"train": config.train.model_copy(
+            update={"seed": 7})}), run, progress=False)  # fmt: skip
+    monkeypatch.undo()
+    assert not (run / "metrics.json").exists() and not (run / "config.json").exists()
+    with pytest.raises(tt.RunError, match="not a finished training run"):
+        tt.load_run(run)
+    out = ctr("export", "--run", str(run), "--models-dir", str(tmp_path / "models"))
+    assert "not a finished training run" in one_line_error(out, "export")
+
+
+def test_a_damaged_run_file_is_one_line(tmp_path: Path) -> None:
+    import training.train as tt
+    from tests.helpers import small_config
+
+    run = tmp_path / "run"
+    tt.train(small_config("base"), run, progress=False)
+    (run / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes()[:100])
+    out = ctr("export", "--run", str(run), "--models-dir", str(tmp_path / "models"))
+    line = one_line_error(out, "export")
+    assert "checkpoint.pt does not load with this run's other files" in line, line
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["bench-model", "--n", "0"],
+        ["bench-model", "--n", "abc"],
+        ["bench-model", "--threads", "0"],
+        ["bench-model", "--repeats", "0"],
+        ["profile-graph", "--runs", "0"],
+        ["impressions", "--stream", "s", "--window-s", "-5"],
+        ["impressions", "--stream", "s", "--window-s", "nan"],
+        ["impressions", "--stream", "s", "--skew-s", "inf"],
+    ],
+)
+def test_numeric_flags_are_checked_by_argparse(args: list[str]) -> None:
+    out = ctr(*args)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert f"argument {args[-2]}: " in out.stderr, out.stderr
+
+
+def test_an_unwritable_metrics_folder_is_refused_with_one_worker(tmp_path: Path) -> None:
+    """With several workers a folder that is not one crash-looped them; with one, a
+    NotADirectoryError at the first metric. Both are one line now."""
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("")
+    out = ctr("serve", "--port", str(free_port()), PROMETHEUS_MULTIPROC_DIR=str(a_file))
+    assert "is not a folder this process can write" in one_line_error(out, "serve")

@@ -228,6 +228,11 @@ def train(
     steps = 0
     if info.main:
         out.mkdir(parents=True, exist_ok=True)
+        # a previous run's record goes first: an interrupted run into the same folder
+        # left new weights beside the old run's config, mapping and metrics, which
+        # `ctr export` published as one bundle
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
     started = time.time()
     for epoch in range(tc.epochs):
         model.train()
@@ -354,6 +359,14 @@ def dense_bounds(
     )
 
 
+# what a finished run folder holds (written at the end but the checkpoint)
+RUN_FILES = ("config.json", "mapping.json", "metrics.json", "checkpoint.pt")
+
+
+class RunError(ValueError):
+    """A run folder that cannot be loaded: unfinished, damaged, or not one run's."""
+
+
 # model keys whose default changed what a model computes: a run folder trained before
 # the key existed lacks it, and loads with it off
 LEGACY_OFF = ("dien_interaction", "deepfm_sequence_first_order", "din_interaction")
@@ -364,13 +377,30 @@ def load_run(run_dir: str | Path) -> tuple[FeatureConfig, Any, CTRModel, dict[st
     from ctr.mapping import FeatureMapper
 
     run = Path(run_dir)
-    raw = json.loads((run / "config.json").read_text())
-    for key in LEGACY_OFF:  # trained before the key existed: as it was trained
-        raw.setdefault("model", {}).setdefault(key, False)
-    config = FeatureConfig.model_validate(raw)
-    mapper = FeatureMapper.from_json(config, json.loads((run / "mapping.json").read_text()))
-    model = build_model(config, mapper.table_sizes())
-    model.load_state_dict(torch.load(run / "checkpoint.pt", weights_only=True))
-    model.eval()
-    metrics = json.loads((run / "metrics.json").read_text())
+    if not run.is_dir():
+        raise FileNotFoundError(2, "no such run folder", str(run))
+    missing = [name for name in RUN_FILES if not (run / name).is_file()]
+    if missing:
+        raise RunError(f"{run} is not a finished training run (no {', '.join(missing)}): "
+                       "train into it again")  # fmt: skip
+    step = "config.json"
+    try:
+        raw = json.loads((run / "config.json").read_text())
+        for key in LEGACY_OFF:  # trained before the key existed: as it was trained
+            raw.setdefault("model", {}).setdefault(key, False)
+        config = FeatureConfig.model_validate(raw)
+        step = "mapping.json"
+        mapper = FeatureMapper.from_json(config, json.loads((run / "mapping.json").read_text()))
+        step = "checkpoint.pt"
+        model = build_model(config, mapper.table_sizes())
+        model.load_state_dict(torch.load(run / "checkpoint.pt", weights_only=True))
+        model.eval()
+        step = "metrics.json"
+        metrics = json.loads((run / "metrics.json").read_text())
+    except OSError:
+        raise
+    except Exception as exc:  # damaged, or not this config's (another shape)
+        text = " ".join(str(exc).split())[:300]
+        raise RunError(f"{run / step} does not load with this run's other files: "
+                       f"{type(exc).__name__}: {text}") from exc  # fmt: skip
     return config, mapper, model, metrics
