@@ -238,11 +238,15 @@ class DataSpec(_Strict):
         return "none" if self.source == "synthetic" else "positive"
 
 
+# a model's name: a folder of the model store (no path, not empty, not hidden)
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
 class FeatureConfig(_Strict):
     """Top-level config: features, groups, sequence length, model, training and data."""
 
     # a folder's name in the model store (models/<name>/<version>): no path, not empty
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
+    name: str = Field(pattern=MODEL_NAME_PATTERN, max_length=100)
     max_seq_len: int = Field(default=50, gt=0)
     features: list[FeatureSpec]
     item_key: str | None = Field(

@@ -365,6 +365,19 @@ def test_a_damaged_run_file_is_one_line(tmp_path: Path) -> None:
     assert "checkpoint.pt does not load with this run's other files" in line, line
 
 
+def test_an_export_name_that_is_a_path_is_refused(tmp_path: Path) -> None:
+    """``--name ../escaped`` published outside ``--models-dir``."""
+    import training.train as tt
+    from tests.helpers import small_config
+
+    run = tmp_path / "run"
+    tt.train(small_config("base"), run, progress=False)
+    store = tmp_path / "store"
+    out = ctr("export", "--run", str(run), "--models-dir", str(store), "--name", "../escaped")
+    assert "model name '../escaped'" in one_line_error(out, "export")
+    assert not (tmp_path / "escaped").exists()
+
+
 @pytest.mark.parametrize(
     "args",
     [

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import warnings
 from collections.abc import Iterator
@@ -43,7 +44,7 @@ from ctr.bundle import (
     staging_dir,
 )
 from ctr.mapping import FeatureMapper
-from ctr.spec import FeatureConfig, manifest_config
+from ctr.spec import MODEL_NAME_PATTERN, FeatureConfig, manifest_config
 from training.models import AttentionalGRU, CTRModel
 from training.modules import DINAttention
 
@@ -308,6 +309,9 @@ def export_bundle(
 ) -> tuple[int, Path, ParityReport]:
     """Export, gate, write the manifest and publish as the next version of ``name``."""
     name = name or config.name
+    if not re.fullmatch(MODEL_NAME_PATTERN, name) or len(name) > 100:
+        raise ValueError(f"model name {name!r}: a folder of the model store (letters, "
+                         "digits, _ . -; no path)")  # fmt: skip
     staged = staging_dir(models_dir)
     try:
         onnx_path = staged / MODEL_FILE
