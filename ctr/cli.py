@@ -899,12 +899,32 @@ _INTERRUPTED = {
 }
 
 
+# commands that write a report at the end of a long run: where, checked before the run
+# (a read-only --out failed after hours of training)
+_REPORT_OUT = {
+    "results": "file", "bench": "folder", "bench-gpu": "folder",
+    "profile-graph": "folder", "bench-path": "folder", "bench-pair": "folder",
+}  # fmt: skip
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """Make ``--out``'s folder and see that this process can write there."""
+    kind, out = _REPORT_OUT.get(args.command), getattr(args, "out", "")
+    if not kind or not out:
+        return
+    folder = Path(out) if kind == "folder" else Path(out).parent
+    folder.mkdir(parents=True, exist_ok=True)  # OSError: one line naming it
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(13, "--out: this process cannot write there", str(folder))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     traceback_on = os.environ.get("CTR_TRACEBACK", "").strip().lower() not in (
         "", "0", "false", "no", "off"
     )
     try:
+        _check_out(args)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         if traceback_on:

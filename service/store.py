@@ -222,6 +222,12 @@ def ping(url: str, cluster: bool = False, timeout_s: float = 5.0) -> None:
             why = url_options_problem(url) or why
         raise RedisError(f"the Redis at {redact(url)} does not answer: {why}") from exc
     except (RedisError, RedisClusterException, OSError) as exc:
+        text = str(exc)
+        if any(s in text for s in ("NOAUTH", "authenticated", "WRONGPASS", "password")):
+            raise RedisError(
+                f"the Redis at {redact(url)} needs a password (or another one): put it in "
+                f"the URL, redis://:PASSWORD@host:port/db ({text})"
+            ) from exc
         raise RedisError(f"the Redis at {redact(url)} does not answer: {exc}") from exc
 
 

@@ -404,3 +404,15 @@ def test_an_unwritable_metrics_folder_is_refused_with_one_worker(tmp_path: Path)
     a_file.write_text("")
     out = ctr("serve", "--port", str(free_port()), PROMETHEUS_MULTIPROC_DIR=str(a_file))
     assert "is not a folder this process can write" in one_line_error(out, "serve")
+
+
+def test_a_report_out_that_cannot_be_written_fails_before_the_run(tmp_path: Path) -> None:
+    """``ctr results`` trained every model (hours on real data) and then failed writing
+    its table; the folder is made and checked first."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    runs = tmp_path / "runs"
+    out = ctr("results", "--datasets", "synthetic", "--models", "din", "--seeds", "1",
+              "--runs", str(runs), "--out", str(blocker / "r.md"))  # fmt: skip
+    assert "a-file" in one_line_error(out, "results")
+    assert not runs.exists()  # nothing trained

@@ -89,3 +89,17 @@ def test_ping_names_a_bad_url_without_its_password() -> None:
             ping(url, timeout_s=0.5)
         assert said in str(info.value) and "RETpw" not in str(info.value)
         assert "topSEC" not in str(info.value)
+
+
+def test_ping_says_a_redis_needs_a_password() -> None:
+    """It said "does not answer", quoting a HELLO error."""
+    from tests.redis_proc import private_redis
+
+    with private_redis() as rp:
+        rp.client().config_set("requirepass", "s3cret")
+        with pytest.raises(RedisError, match="needs a password"):
+            ping(f"redis://127.0.0.1:{rp.port}/0", timeout_s=2)
+        with pytest.raises(RedisError, match="needs a password") as info:
+            ping(f"redis://:wrong@127.0.0.1:{rp.port}/0", timeout_s=2)
+        assert "wrong" not in str(info.value)
+        ping(f"redis://:s3cret@127.0.0.1:{rp.port}/0", timeout_s=2)
