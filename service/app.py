@@ -460,8 +460,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         state.tracker = await tracking.start_tracking(settings)
         if state.tracker is None:  # else the tracker says (0 while Redis refuses it)
-            m.USER_TRACKING_ENABLED.set(0)
-            m.USER_TRACKING_REFUSED.set(0)
+            m.set_tracking(False)
         if settings.impression_stream:
             state.impressions = ImpressionLog(
                 state.write_redis,

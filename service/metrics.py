@@ -169,6 +169,14 @@ USER_TRACKING_REFUSED = Gauge(
     "seen back): every request reads Redis; retried every 30 s",
     multiprocess_mode="liveall",
 )
+
+
+def set_tracking(enabled: bool, refused: bool = False) -> None:
+    """The two tracking gauges together: configured and not refused is enabled."""
+    USER_TRACKING_ENABLED.set(1 if enabled else 0)
+    USER_TRACKING_REFUSED.set(1 if refused else 0)
+
+
 USER_INVALIDATIONS = Counter(
     "ctr_user_invalidations_total",
     "User keys Redis reported written, deleted, expired or evicted (CTR_USER_TRACKING; "

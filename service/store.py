@@ -132,8 +132,9 @@ def redact(url: str) -> str:
     reads it) ends in ``password`` (``password``, ``ssl_password``) has its value
     replaced too."""
     one = url if "://" in url else f"redis://{url}"
-    parts = [one] if _parses(one) else node_urls(url) or [url]
-    return ",".join(_redact_one(part) for part in parts)
+    if _parses(one):
+        return _redact_one(one, True)
+    return ",".join(_redact_one(part, _parses(part)) for part in node_urls(url) or [url])
 
 
 def _parses(url: str) -> bool:
@@ -144,11 +145,12 @@ def _parses(url: str) -> bool:
     return True
 
 
-def _redact_one(part: str) -> str:
+def _redact_one(part: str, parses: bool) -> str:
+    """:func:`redact` of one URL; ``parses``: whether redis-py reads it."""
     scheme, sep, rest = part.partition("://")
     if not sep:
         return part
-    if _parses(part):
+    if parses:
         head = urlparse(part).netloc  # the user-info is before its last "@"
         at = head.rfind("@")
     else:

@@ -186,8 +186,7 @@ class UserTracker:
     def start(self) -> None:
         """Connect in the background, and keep connected until :meth:`aclose`."""
         self._loop = asyncio.get_running_loop()
-        m.USER_TRACKING_ENABLED.set(1)  # until Redis refuses the set-up
-        m.USER_TRACKING_REFUSED.set(0)
+        m.set_tracking(True)  # until Redis refuses the set-up
         self._task = asyncio.create_task(self._keep())
 
     async def wait_live(self, timeout_s: float) -> bool:
@@ -225,8 +224,7 @@ class UserTracker:
                 try:
                     await self._connect()
                     connected_at, failing = time.monotonic(), False
-                    m.USER_TRACKING_ENABLED.set(1)
-                    m.USER_TRACKING_REFUSED.set(0)
+                    m.set_tracking(True)
                 except Exception as exc:  # whatever it was: try again later
                     if not failing:  # once per outage, not every retry
                         log.warning("user-row tracking cannot connect (%r); retrying", exc)
@@ -234,8 +232,7 @@ class UserTracker:
                     # a Redis that refuses tracking is not a connection down; one that
                     # does not answer (after refusing, too) is
                     refused = isinstance(exc, TrackingRefused)
-                    m.USER_TRACKING_ENABLED.set(0 if refused else 1)
-                    m.USER_TRACKING_REFUSED.set(1 if refused else 0)
+                    m.set_tracking(not refused, refused)
                     # refused (Redis < 6, ACL, password): the next try is no likelier soon
                     await asyncio.sleep(
                         REFUSED_RETRY_S if isinstance(exc, TrackingRefused) else delay
