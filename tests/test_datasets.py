@@ -603,6 +603,27 @@ def test_own_csv_files_pandas_writes_load_or_name_their_row(tmp_path: Path) -> N
         load_frame(config)
 
 
+@pytest.mark.parametrize("other", [",", ";", " "])
+def test_a_history_joined_by_another_delimiter_is_a_data_error(tmp_path: Path, other: str) -> None:
+    """A history joined by ``,`` where the config says ``|`` trained silently as one
+    token per row, none of them an item. It is refused, naming the delimiter it looks
+    joined by; an item ID that itself holds that character is not refused."""
+    path = tmp_path / "clicks.csv"
+    _clicks_csv(path)
+    items = [f"i{t}" for t in range(12)]
+    _edit_clicks(path, hist_item_id=[other.join(items[:t]) for t in range(12)])
+    config = _loader_config(path, max_seq_len=5)
+    with pytest.raises(DataError, match=rf"'hist_item_id' looks joined by '{re.escape(other)}'"):
+        load_frame(config)
+    # one-behaviour histories hold no delimiter at all: nothing to tell, accepted
+    _edit_clicks(path, hist_item_id=[""] + items[:11])
+    assert load_frame(config)["hist_item_id"].tolist()[1] == "i0"
+    # IDs holding the character, each history one of them: whole cells are items
+    named = [f"a{other}{t}" for t in range(12)]
+    _edit_clicks(path, item_id=named, hist_item_id=[""] + named[:11])
+    assert load_frame(config)["hist_item_id"].tolist()[2] == named[1]
+
+
 def test_loaded_item_features_are_the_newest_rows(tmp_path: Path) -> None:
     """``ctr load`` stored an item's features from its last row in file order: a log
     not sorted by time served an older price. The newest row by the time column wins,

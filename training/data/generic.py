@@ -160,6 +160,8 @@ def validate_frame(config: FeatureConfig, frame: pd.DataFrame) -> pd.DataFrame:
             _check_dense(frame[f.source], f.source)
         elif f.kind == "sequence":
             _check_history(frame[f.source], f.source, spec.seq_delimiter)
+            items = config.feature(f.shared_with or "").source
+            _check_delimiter(frame[f.source], f.source, frame[items], spec.seq_delimiter)
     return frame.reset_index(drop=True)
 
 
@@ -212,6 +214,48 @@ def _check_history(col: pd.Series, name: str, delimiter: str) -> None:
             f"history column {name!r} holds a list written as text ({first}): write each "
             f"history as its tokens joined by data.seq_delimiter ({delimiter!r}), or as a "
             "Parquet list column"
+        )
+
+
+# delimiters a history is often joined by; a CSV's own comma is quoted around it
+_OTHER_DELIMITERS = ("|", ",", ";", " ", "\t", "#", ":", "^")
+_DELIMITER_SAMPLE = 20_000  # non-empty history cells looked at
+
+
+def _check_delimiter(col: pd.Series, name: str, items: pd.Series, delimiter: str) -> None:
+    """A history joined by another delimiter than ``data.seq_delimiter`` (``1,2,3`` for
+    ``1|2|3``) trained silently as one token per row, none of them an item: refused
+    where no sampled history holds the configured delimiter, most hold one other, and
+    split at that one their tokens are mostly the candidates' item IDs while, unsplit,
+    they are not (an ID that holds a comma is left alone)."""
+    if not (pd.api.types.is_string_dtype(col) or col.dtype == object):
+        return
+    text = col[col.map(lambda v: isinstance(v, str) and v != "")]
+    if text.empty:
+        return
+    if len(text) > _DELIMITER_SAMPLE:
+        text = text.sample(_DELIMITER_SAMPLE, random_state=0)
+    if text.str.contains(delimiter, regex=False).any():
+        return
+    known = set(items.dropna().astype(str).unique())
+    if not known:
+        return
+    whole = text.isin(known).mean()
+    for other in _OTHER_DELIMITERS:
+        if other == delimiter:
+            continue
+        holds = text.str.contains(other, regex=False)
+        if holds.mean() < 0.5:
+            continue
+        tokens = text[holds].str.split(other, regex=False).explode()
+        tokens = tokens[tokens != ""]
+        if tokens.empty or tokens.isin(known).mean() < 0.5 or whole >= 0.5:
+            continue
+        example = str(text[holds].iloc[0])[:80]
+        raise DataError(
+            f"history column {name!r} looks joined by {other!r}, not data.seq_delimiter "
+            f"({delimiter!r}): {example!r} would train as one token; set "
+            f"data.seq_delimiter: {other!r} in the config"
         )
 
 
