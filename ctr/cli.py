@@ -528,7 +528,10 @@ def cmd_impressions(args: argparse.Namespace) -> int:
     figures["entries"] = reader.entries
     figures["duplicates"] = reader.duplicates
     figures["unreadable"] = reader.unreadable
+    figures["behaviours"] = reader.behaviours.to_dict()
     print(json.dumps(figures, indent=2))
+    for line in reader.behaviours.warnings(args.item_key, types):
+        print(f"warning: {line}", file=sys.stderr)
     return 0
 
 

@@ -26,7 +26,7 @@ import hashlib
 import math
 from array import array
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -113,11 +113,57 @@ def parse_entry(entry_id: str, fields: dict) -> list[Impression] | None:
         return None
 
 
-def behaviours(raw_events: list[bytes], item_key: str, types: frozenset[str]) -> dict[str, list]:
+@dataclass
+class BehaviourCounts:
+    """What the users' stored behaviours held, for telling "no clicks" from a wrong
+    ``--item-key`` or ``--types``: ``stamped`` behaviours with a timestamp, of which
+    ``without_item_key`` lacked the item field and ``counted`` were of the types asked;
+    the other types seen (``other_types``) and the fields seen (``fields``)."""
+
+    stamped: int = 0
+    without_item_key: int = 0
+    counted: int = 0
+    other_types: dict[str, int] = field(default_factory=dict)
+    fields: set[str] = field(default_factory=set)
+
+    MAX_NAMES = 20  # type and field names kept: the warning names a few, not every one
+
+    def warnings(self, item_key: str, types: frozenset[str]) -> list[str]:
+        """One line per reason every row is labelled 0 that is not "nobody clicked"."""
+        out = []
+        if self.stamped and self.without_item_key == self.stamped:
+            seen = ", ".join(sorted(self.fields)[:8])
+            out.append(f"--item-key {item_key!r}: none of the {self.stamped} stored "
+                       f"behaviours has that field (fields seen: {seen}): every row is "
+                       "labelled 0")  # fmt: skip
+        elif self.stamped > self.without_item_key and not self.counted and types:
+            seen = ", ".join(f"{t!r}" for t in sorted(self.other_types)[:8])
+            out.append(f"--types {','.join(sorted(types))}: none of the "
+                       f"{self.stamped - self.without_item_key} stored behaviours is of "
+                       f"those types (types seen: {seen or 'none'}): every row is "
+                       "labelled 0")  # fmt: skip
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stamped": self.stamped,
+            "without_item_key": self.without_item_key,
+            "counted": self.counted,
+            "other_types": dict(sorted(self.other_types.items())),
+        }
+
+
+def behaviours(
+    raw_events: list[bytes],
+    item_key: str,
+    types: frozenset[str],
+    counts: BehaviourCounts | None = None,
+) -> dict[str, list]:
     """A user's stored behaviours with a timestamp (those ``/v1/events`` wrote), from
     the history list's raw entries: item ID -> their times, for the ``types`` given (all
-    where empty)."""
+    where empty); ``counts`` adds what was seen."""
     out: dict[str, list[float]] = {}
+    counts = counts if counts is not None else BehaviourCounts()
     for raw in raw_events:
         try:
             ev = orjson.loads(raw)
@@ -126,10 +172,21 @@ def behaviours(raw_events: list[bytes], item_key: str, types: frozenset[str]) ->
         if not isinstance(ev, dict):
             continue
         t, item = ev.get("ts"), ev.get(item_key)
-        if not isinstance(t, int | float) or isinstance(t, bool) or item is None:
+        if not isinstance(t, int | float) or isinstance(t, bool):
             continue
-        if types and ev.get("type") not in types:
+        counts.stamped += 1
+        if len(counts.fields) < counts.MAX_NAMES:
+            counts.fields.update(str(k) for k in ev)
+        if item is None:
+            counts.without_item_key += 1
             continue
+        kind = ev.get("type")
+        if types and kind not in types:
+            name = str(kind)
+            if name in counts.other_types or len(counts.other_types) < counts.MAX_NAMES:
+                counts.other_types[name] = counts.other_types.get(name, 0) + 1
+            continue
+        counts.counted += 1
         out.setdefault(str(item), []).append(float(t))
     return out
 
@@ -141,7 +198,8 @@ class ImpressionReader:
     a little behind, would put a click just after the scoring before it). A behaviour
     trimmed from a history since (``CTR_SEQUENCE_KEEP``) is not seen. Counts, once
     read: ``entries`` (responses read), ``duplicates`` (entries stored twice, read
-    once), ``unreadable`` (entries that are not a logged response)."""
+    once), ``unreadable`` (entries that are not a logged response), ``behaviours``
+    (what the users' histories held: :class:`BehaviourCounts`)."""
 
     def __init__(
         self,
@@ -163,6 +221,7 @@ class ImpressionReader:
         self.entries = 0
         self.duplicates = 0
         self.unreadable = 0
+        self.behaviours = BehaviourCounts()
         self._acted: dict[str, dict[str, list[float]]] = {}
         self._seen: set[bytes] = set()
 
@@ -205,7 +264,7 @@ class ImpressionReader:
             for user in chunk:
                 pipe.lrange(user_key(user, "seq"), 0, -1)
             for user, raw in zip(chunk, pipe.execute(), strict=True):
-                self._acted[user] = behaviours(raw, self.item_key, self.types)
+                self._acted[user] = behaviours(raw, self.item_key, self.types, self.behaviours)
 
 
 class OnlineEval:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import json
 import random
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -213,7 +215,7 @@ def _pairwise_auc(rows: list[Any]) -> float:
 
 
 def test_ctr_impressions_labels_by_later_behaviours(
-    built: Built, redis_db: Redis, tmp_path: Path
+    built: Built, redis_db: Redis, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from ctr.cli import main
 
@@ -265,6 +267,23 @@ def test_ctr_impressions_labels_by_later_behaviours(
     assert main([*args, "--types", ""]) == 0
     with out.open() as f:
         assert sum(int(t["label"]) for t in csv.DictReader(f)) == 3
+    capsys.readouterr()
+    # a misspelt item key or type labels every row 0: said on stderr, counted in the JSON
+    assert main([*args, "--item-key", "itemid"]) == 0
+    printed = capsys.readouterr()
+    assert "warning: --item-key 'itemid': none of the 5 stored behaviours" in printed.err
+    assert re.search(r"fields seen: [^)]*item_id, ts, type\)", printed.err)
+    assert json.loads(printed.out)["behaviours"]["without_item_key"] == 5
+    assert main([*args, "--types", "clicks"]) == 0
+    printed = capsys.readouterr()
+    assert "warning: --types clicks: none of the 5 stored behaviours" in printed.err
+    assert "types seen: 'click', 'view'" in printed.err
+    assert json.loads(printed.out)["behaviours"]["other_types"] == {"click": 4, "view": 1}
+    assert main(args) == 0  # the right ones: no warning
+    printed = capsys.readouterr()
+    assert "warning" not in printed.err
+    assert json.loads(printed.out)["behaviours"] == {
+        "stamped": 5, "without_item_key": 0, "counted": 4, "other_types": {"view": 1}}  # fmt: skip
 
 
 def test_the_writer_flushes_without_waiting_for_a_full_batch(built: Built, redis_db: Redis) -> None:
