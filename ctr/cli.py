@@ -923,9 +923,9 @@ def _check_out(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    traceback_on = os.environ.get("CTR_TRACEBACK", "").strip().lower() not in (
-        "", "0", "false", "no", "off"
-    )
+    from service.logs import traceback_on as wanted
+
+    traceback_on = wanted()
     try:
         _check_out(args)
         return int(args.func(args) or 0)

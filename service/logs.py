@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import threading
 import time
 from typing import Any, Literal
@@ -125,10 +126,42 @@ def route_stray_output(fmt: LogFormat) -> None:
     threading.excepthook = excepthook
 
 
+def traceback_on() -> bool:
+    """``CTR_TRACEBACK`` asks for tracebacks (anything but blank, 0, false, no, off)."""
+    value = os.environ.get("CTR_TRACEBACK", "").strip().lower()
+    return value not in ("", "0", "false", "no", "off")
+
+
+class StartupErrorFilter(logging.Filter):
+    """A worker whose start-up raised one of the project's own errors (a bundle that
+    does not load, ``CTR_REQUIRE_GPU`` without a GPU): uvicorn logs Starlette's whole
+    traceback of it, 30 lines above the one that says what is wrong, which the service
+    has logged already. It is cut to its last line, the error. Other exceptions (a bug,
+    a library's) keep their traceback, as does every one with ``CTR_TRACEBACK=1``."""
+
+    HEAD = "Traceback (most recent call last):"
+    OWN = ("service.", "ctr.", "training.")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg
+        if record.args or not isinstance(msg, str) or not msg.startswith(self.HEAD):
+            return True
+        last = next((line for line in reversed(msg.splitlines()) if line.strip()), "")
+        name, sep, text = last.partition(": ")
+        if sep and name.startswith(self.OWN) and " " not in name:
+            short = name.rpartition(".")[2]
+            record.msg = f"start-up failed: {short}: {text} (CTR_TRACEBACK=1 for the traceback)"
+        return True
+
+
 def uvicorn_log_config(fmt: LogFormat) -> dict[str, Any]:
     """uvicorn's own logging set-up (``ctr serve``), with access lines that name the
-    request, and every line JSON for ``json``."""
+    request, and every line JSON for ``json``; a start-up error of the project's own is
+    one line (:class:`StartupErrorFilter`) unless ``CTR_TRACEBACK`` is on."""
     config = copy.deepcopy(LOGGING_CONFIG)
+    if not traceback_on():
+        config.setdefault("filters", {})["startup"] = {"()": f"{__name__}.StartupErrorFilter"}
+        config["handlers"]["default"].setdefault("filters", []).append("startup")
     formatters = config["formatters"]
     if fmt == "json":
         formatters["default"] = {"()": f"{__name__}.JsonFormatter"}

@@ -215,9 +215,39 @@ def test_a_worker_that_fails_to_start_fails_ctr_serve(built: Built, workers: str
            "--port", str(free_port()), "--workers", workers]  # fmt: skip
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert done.returncode == 3, (done.returncode, done.stderr[-2000:])
-    assert "CTR_REQUIRE_GPU" in done.stderr
+    # the error in one line: Starlette's 30-line traceback of it is cut (CTR_TRACEBACK)
+    assert "start-up failed: ProviderError: CTR_REQUIRE_GPU=1" in done.stderr
+    assert "Traceback" not in done.stderr
     if workers == "2":
         assert "ctr serve: error: a worker failed to start" in done.stderr
+
+
+def test_only_the_projects_own_start_up_errors_lose_their_traceback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """uvicorn logs the traceback Starlette sends of a failed start-up: the project's own
+    error is cut to its last line; another exception (a bug) keeps it, as does every one
+    with CTR_TRACEBACK=1 (the filter is not installed)."""
+    import logging
+
+    from service.logs import StartupErrorFilter, uvicorn_log_config
+
+    def logged(text: str) -> str:
+        record = logging.LogRecord("uvicorn.error", logging.ERROR, "f", 1, text, None, None)
+        StartupErrorFilter().filter(record)
+        return record.getMessage()
+
+    frames = 'Traceback (most recent call last):\n  File "x.py", line 1, in f\n    g()\n'
+    own = logged(frames + "service.model.ProviderError: CTR_REQUIRE_GPU=1 but CPU\n")
+    assert own == ("start-up failed: ProviderError: CTR_REQUIRE_GPU=1 but CPU "
+                   "(CTR_TRACEBACK=1 for the traceback)")  # fmt: skip
+    bug = frames + "AttributeError: 'NoneType' object has no attribute 'run'\n"
+    assert logged(bug) == bug
+    assert logged("Exception in ASGI application\n") == "Exception in ASGI application\n"
+    monkeypatch.setenv("CTR_TRACEBACK", "0")
+    assert uvicorn_log_config("text")["handlers"]["default"]["filters"] == ["startup"]
+    monkeypatch.setenv("CTR_TRACEBACK", "1")
+    assert "filters" not in uvicorn_log_config("text")["handlers"]["default"]
 
 
 def test_cuda_provider_without_cuda_is_an_error(built: Built) -> None:
