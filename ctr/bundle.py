@@ -325,12 +325,60 @@ def publish(models_dir: str | Path, name: str, staged: Path) -> tuple[int, Path]
     raise BundleError("could not allocate a model version")
 
 
+def _host_tag() -> str:
+    """This machine and process namespace, in a staging folder's name: a store on a
+    shared file system or volume is written from several machines and containers (one
+    on the host's network has its host name), and only this one's processes can be
+    looked up."""
+    try:
+        space = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        space = ""
+    return hashlib.blake2b(f"{os.uname().nodename}/{space}".encode(), digest_size=4).hexdigest()
+
+
 def staging_dir(models_dir: str | Path) -> Path:
+    """A new folder to write a bundle into before :func:`publish` renames it into place:
+    ``.staging-<host>-<pid>-<random>`` in the store, so that the next export on this
+    machine removes one whose process died before cleaning up (killed, the machine
+    restarted: :func:`sweep_staging`)."""
     root = Path(models_dir)
     root.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+    sweep_staging(root)
+    path = Path(tempfile.mkdtemp(prefix=f".staging-{_host_tag()}-{os.getpid()}-", dir=root))
     path.chmod(0o755)
     return path
+
+
+def sweep_staging(root: Path) -> list[Path]:
+    """Remove the staging folders in ``root`` that a process of this machine made and
+    that is no longer running; returns them. Another machine's, an older name without
+    its process, and a running export's are left alone. (A process ID reused since
+    keeps its folder until that process ends too.)"""
+    removed = []
+    host = _host_tag()
+    try:
+        entries = [p for p in root.iterdir() if p.name.startswith(".staging-")]
+    except OSError:
+        return removed
+    for path in entries:
+        parts = path.name.split("-")  # "", "staging"... -> [".staging", host, pid, rand]
+        if len(parts) < 4 or parts[1] != host or not parts[2].isdigit():
+            continue
+        pid = int(parts[2])
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        except OSError:  # another user's live process (EPERM): running
+            continue
+    if removed:
+        log.info("removed %d staging folders of exports that ended without cleaning up: %s",
+                 len(removed), ", ".join(p.name for p in removed))  # fmt: skip
+    return removed
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -898,8 +900,22 @@ _INTERRUPTED = {
     "train": "the run folder holds no finished run (no config.json): train it again",
     "load": "Redis holds part of this load (its ctr:loaded record cleared, so --once "
     "loads again): run it again",
-    "export": "no version was published (a .staging-* folder may be left in the store)",
+    "export": "no version was published",
 }
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a container stopping), raised as Ctrl-C is so that the same
+    clean-up runs: Python's default ended the process on the spot, leaving what the
+    command had half made (an export's ``.staging-*`` folder)."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
+# commands that stop on their own terms: the service (uvicorn drains on SIGTERM)
+_OWN_SIGTERM = frozenset({"serve"})
 
 
 # commands that write a report at the end of a long run: where, checked before the run
@@ -926,22 +942,31 @@ def main(argv: list[str] | None = None) -> int:
     from service.logs import traceback_on as wanted
 
     traceback_on = wanted()
+    previous = None
+    # (a rank under torchrun: its agent stops the ranks, which may sit in a collective)
+    ranked = os.environ.get("WORLD_SIZE", "1") != "1"
+    own = args.command in _OWN_SIGTERM or ranked
+    if not own and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         _check_out(args)
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if traceback_on:
             raise
         left = _INTERRUPTED.get(args.command)
-        print(f"ctr {args.command}: interrupted" + (f"; {left}" if left else ""),
-              file=sys.stderr)  # fmt: skip
-        return 130
+        how = "terminated" if isinstance(exc, _Terminated) else "interrupted"
+        print(f"ctr {args.command}: {how}" + (f"; {left}" if left else ""), file=sys.stderr)
+        return 143 if isinstance(exc, _Terminated) else 130
     except Exception as exc:
         if traceback_on or not isinstance(exc, _user_errors()):
             raise
         print(f"ctr {args.command}: error: {describe(exc)}", file=sys.stderr)
         print("(CTR_TRACEBACK=1 for the traceback)", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

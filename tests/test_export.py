@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -364,6 +365,67 @@ def test_versions_increase_and_never_overwrite(
         shutil.copy(f, staged / f.name)
     assert publish(models, "m", staged)[0] == 7 and list_versions(models, "m")[-1] == 7
     assert not [p.name for p in (models / "m").iterdir() if p.name.startswith(".last_version.")]
+
+
+def test_a_dead_exports_staging_folder_is_swept_by_the_next(tmp_path: Path) -> None:
+    """An export killed before its clean-up left ``.staging-*`` in the store for good.
+    The next export on the machine removes one whose process has ended; a running
+    export's, another machine's and an old-style name are left alone."""
+    import subprocess
+    import sys
+
+    from ctr.bundle import _host_tag, sweep_staging
+
+    models = tmp_path / "models"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    host = _host_tag()
+    dead = models / f".staging-{host}-{gone.stdout.strip()}-abc"
+    live = models / f".staging-{host}-{os.getppid()}-abc"  # a running process
+    other = models / f".staging-{'0' * 8 if host != '0' * 8 else '1' * 8}-{gone.stdout.strip()}-x"
+    old = models / ".staging-k2j3h4"
+    for path in (dead, live, other, old):
+        path.mkdir(parents=True)
+        (path / MODEL_FILE).write_bytes(b"partial")
+    mine = staging_dir(models)
+    assert mine.name.startswith(f".staging-{host}-{os.getpid()}-")
+    assert not dead.exists() and live.exists() and other.exists() and old.exists()
+    assert sweep_staging(models) == []  # its own folder: this process runs
+    assert mine.exists()
+
+
+def test_sigterm_during_ctr_export_leaves_no_staging_folder(
+    trained: Callable[[str], Any], tmp_path: Path
+) -> None:
+    """SIGTERM (a job's timeout, ``kill``) ended ``ctr export`` on the spot: its staging
+    folder stayed in the store. It now runs the same clean-up as Ctrl-C, says so and
+    exits 143."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import ROOT, until
+
+    run = trained("din")
+    models = tmp_path / "models"
+    cmd = [sys.executable, "-m", "ctr.cli", "export", "--run", str(run.run_dir),
+           "--models-dir", str(models)]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        staged = lambda: models.is_dir() and any(  # noqa: E731
+            p.name.startswith(".staging-") and any(p.iterdir()) for p in models.iterdir()
+        )
+        assert until(staged, 120), "the export never staged a file"
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    assert "ctr export: terminated; no version was published" in err
+    assert not [p.name for p in models.iterdir() if p.name.startswith(".staging")]
+    assert list_versions(models, run.config.name) == []
 
 
 # ---- damaged bundles -----------------------------------------------------------------------
