@@ -268,6 +268,9 @@ class FeatureConfig(_Strict):
         if len(set(names)) != len(names):
             raise ValueError("feature names must be unique")
         by_name = {f.name: f for f in self.features}
+        if not any(f.kind == "sparse" and f.side == "item" for f in self.features):
+            raise ValueError("features: a config needs an item-side sparse feature (the "
+                             "candidate's ID, which requests name items by)")  # fmt: skip
         for f in self.features:
             if f.kind == "sequence":
                 target = by_name.get(f.shared_with or "")

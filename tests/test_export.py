@@ -192,6 +192,43 @@ def test_a_sequence_in_no_group_is_a_config_error(model_type: str) -> None:
     assert FeatureConfig.model_validate(tiny_raw("deepfm", groups=groups)).sequences
 
 
+@pytest.mark.parametrize("model_type", ["base", "din", "multi_tower_din"])
+def test_a_model_without_sequence_features_exports(model_type: str, tmp_path: Path) -> None:
+    """No model reads ``hist_len`` without a sequence feature, and the exporter dropped
+    the unread input: the graph lacked the input the manifest names and the service
+    feeds, and the parity gate failed in ORT ("Invalid input name: hist_len")."""
+    from tests.conftest import tiny_raw
+    from training.export import export_bundle
+    from training.train import load_run, train
+
+    raw = tiny_raw(model_type)
+    raw["features"] = [f for f in raw["features"] if f["kind"] != "sequence"]
+    raw.pop("groups", None)
+    config = FeatureConfig.model_validate(raw)
+    train(config, tmp_path / "run", progress=False)
+    cfg, mapper, model, metrics = load_run(tmp_path / "run")
+    version, path, report = export_bundle(model, cfg, mapper, metrics, tmp_path / "models")
+    assert report.ok and version == 1
+    manifest = json.loads((path / MANIFEST).read_text())
+    graph = [i.name for i in session(path / MODEL_FILE).get_inputs()]
+    assert graph == [i["name"] for i in manifest["inputs"]] and "hist_len" in graph
+
+
+def test_a_config_without_an_item_sparse_feature_is_refused() -> None:
+    """Requests name candidates by an item-side sparse feature: a config without one
+    validated, then ``ctr train`` died in an IndexError."""
+    from pydantic import ValidationError
+
+    from tests.conftest import tiny_raw
+
+    raw = tiny_raw("base")
+    raw["features"] = [f for f in raw["features"]
+                       if f["kind"] == "dense" or f.get("side") == "user"]  # fmt: skip
+    raw.pop("groups", None)
+    with pytest.raises(ValidationError, match="needs an item-side sparse feature"):
+        FeatureConfig.model_validate(raw)
+
+
 def test_a_non_finite_output_fails_the_gate() -> None:
     """NaN would drop out of ``max()`` and pass; any non-finite value is an infinite
     difference."""

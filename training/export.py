@@ -79,7 +79,14 @@ class ExportWrapper(nn.Module):
         if "hist" not in x:
             x["hist"] = torch.zeros(n_users, 0, c.max_seq_len, dtype=torch.int64)
         out = self.model(x)
-        res = [out["logits"], torch.sigmoid(out["logits"])]
+        logits = out["logits"]
+        if not c.sequences:
+            # no model reads hist_len then, and the exporter drops an unread input: the
+            # graph would lack the input the manifest names and the service feeds (it
+            # counts the call's users by it); a zero made of it keeps it
+            tie = x["hist_len"].index_select(0, x["user_idx"]).mul(0).to(logits.dtype)
+            logits = logits + tie
+        res = [logits, torch.sigmoid(logits)]
         if "attention" in self.outputs:
             res.append(out["attention"])
         return tuple(res)
