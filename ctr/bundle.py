@@ -9,6 +9,7 @@ Torch-free.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -17,7 +18,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -268,23 +269,29 @@ LAST_VERSION_FILE = ".last_version"
 
 def _last_version(root: Path) -> int:
     """The highest version published under ``root`` (0: none recorded, or unreadable:
-    a folder, bytes that are not text, text that is not a version)."""
+    a folder, bytes that are not text, text that is not a version; a file this process
+    may not read is logged, as numbers of deleted versions may be given again)."""
+    path = root / LAST_VERSION_FILE
     try:
-        return version_of((root / LAST_VERSION_FILE).read_text().strip()) or 0
+        return version_of(path.read_text().strip()) or 0
+    except PermissionError as exc:
+        log.warning("cannot read %s (%s): a deleted version's number may be given again",
+                    path, exc)  # fmt: skip
+        return 0
     except (OSError, ValueError):
         return 0
 
 
 def _note_version(root: Path, version: int) -> None:
     """Raise ``root``'s high-water mark to ``version`` (atomic rename of a file of its
-    own; never lowers it but for a race of two exporters, when the folders still hold
-    the higher one). Best effort: the version is published already, and a mark that
-    cannot be written is logged, not raised."""
+    own, under :func:`publish`'s lock; never lowers it). Best effort: the version is
+    published already, and a mark that cannot be written is logged, not raised."""
     if _last_version(root) >= version:
         return
     tmp: str | None = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f"{LAST_VERSION_FILE}.", dir=root)
+        os.fchmod(fd, 0o644)  # as the bundles: every exporter reads it (mkstemp: 0600)
         with os.fdopen(fd, "w") as f:
             f.write(f"{version}\n")
         os.replace(tmp, root / LAST_VERSION_FILE)
@@ -306,23 +313,47 @@ def publish(models_dir: str | Path, name: str, staged: Path) -> tuple[int, Path]
     take the new one for what they serve."""
     root = Path(models_dir) / name
     root.mkdir(parents=True, exist_ok=True)
-    for _ in range(100):
-        existing = [v for p in root.iterdir() if (v := version_of(p.name)) is not None]
-        version = max(max(existing, default=0), _last_version(root)) + 1
-        manifest_path = staged / MANIFEST
-        manifest = json.loads(manifest_path.read_text())
-        manifest["version"] = version
-        manifest_path.write_text(json.dumps(manifest, indent=2))
-        target = root / str(version)
-        try:
-            os.rename(staged, target)  # atomic; fails if target exists and is non-empty
-        except OSError:
-            if target.exists():
-                continue
-            raise
-        _note_version(root, version)
-        return version, target
+    with _publish_lock(root):  # the number, the rename and the mark, one exporter at a time
+        for _ in range(100):
+            existing = [v for p in root.iterdir() if (v := version_of(p.name)) is not None]
+            version = max(max(existing, default=0), _last_version(root)) + 1
+            manifest_path = staged / MANIFEST
+            manifest = json.loads(manifest_path.read_text())
+            manifest["version"] = version
+            manifest_path.write_text(json.dumps(manifest, indent=2))
+            target = root / str(version)
+            try:
+                os.rename(staged, target)  # atomic; fails if target exists and is non-empty
+            except OSError:
+                if target.exists():
+                    continue
+                raise
+            _note_version(root, version)
+            return version, target
     raise BundleError("could not allocate a model version")
+
+
+PUBLISH_LOCK_FILE = ".publish.lock"
+
+
+@contextlib.contextmanager
+def _publish_lock(root: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``root/.publish.lock`` while a version is published:
+    without it, two exporters could each check the high-water mark and the slower one
+    write its lower number over the other's (a deleted version's number was then given
+    again). Where the lock file cannot be made (a store this user may not write
+    beside), publishing goes on unlocked, as the rename still never overwrites."""
+    try:
+        fd = os.open(root / PUBLISH_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        log.warning("publishing without the lock %s: %s", root / PUBLISH_LOCK_FILE, exc)
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _host_tag() -> str:

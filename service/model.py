@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -220,6 +221,11 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
     providers = choose_providers(settings.provider)
     graphs = settings.cuda_graph and CUDA in providers
     model_bytes = bundle.model_path.read_bytes()
+    # the bytes served are the bytes checked: the file read again here may have been
+    # replaced since load_bundle hashed it (a folder copied over during a reload)
+    if hashlib.sha256(model_bytes).hexdigest() != bundle.manifest.get("onnx_sha256"):
+        raise BundleError(f"model file {bundle.model_path} changed while it loaded: its "
+                          "sha256 no longer matches the manifest")  # fmt: skip
     try:
         session = _session(bundle, model_bytes, so, providers, graphs)
     except BundleError as exc:

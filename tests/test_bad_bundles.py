@@ -416,3 +416,29 @@ def test_an_unreadable_model_folder_with_the_reload_bus_on_leaves_it_not_ready(
     assert got["ready"] == 503, got
     assert "cannot read the model store's folder" in got["readyz"]["model_error"], got
 
+
+
+def test_the_graph_served_is_the_graph_whose_sha256_was_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``load_bundle`` hashed model.onnx, then the loader read the file again: a file
+    replaced in between (a copy landing in the version's folder during a reload) was
+    served unchecked, as the version it replaced. The bytes served are hashed now."""
+    import ctr.bundle as cb
+    from service.model import load_model
+    from tests.helpers import build_bundle, settings_for
+
+    built = build_bundle(tmp_path, "din")
+    v1 = built.models_dir / built.config.name / "1"
+    other = (v1 / "model.onnx").read_bytes() + b"\x00"  # any other bytes
+    real = cb.sha256_file
+
+    def hash_then_copy_lands(path: Path) -> str:
+        digest = real(path)
+        if path == v1 / "model.onnx":
+            path.write_bytes(other)
+        return digest
+
+    monkeypatch.setattr(cb, "sha256_file", hash_then_copy_lands)
+    with pytest.raises(cb.BundleError, match="changed while it loaded"):
+        load_model(settings_for(built, native_runner=False), "1")

@@ -9,6 +9,7 @@ import copy
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -402,6 +403,57 @@ def test_versions_increase_and_never_overwrite(
         shutil.copy(f, staged / f.name)
     assert publish(models, "m", staged)[0] == 7 and list_versions(models, "m")[-1] == 7
     assert not [p.name for p in (models / "m").iterdir() if p.name.startswith(".last_version.")]
+
+
+def _staged(store: Path, tag: str) -> Path:
+    staged = store / f".staging-{tag}"
+    staged.mkdir(parents=True)
+    (staged / MANIFEST).write_text('{"format": 1}')
+    return staged
+
+
+def test_two_exports_at_once_never_give_a_deleted_number_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exporter A published 1 and was about to write its mark when B published 2 and
+    wrote 2; A's mark then landed: ``.last_version`` said 1, and once 2 was deleted (a
+    bad version rolled back) the next export was given 2 again. Publishing holds a lock
+    (A here stalls between its check and its write, as a descheduled process would):
+    B waits for A, and the mark ends at 2. Other exporters read the mark (0644)."""
+    import stat
+    import threading
+
+    import ctr.bundle as cb
+
+    store = tmp_path / "models"
+    real_replace = os.replace
+    a_ready, b_started = threading.Event(), threading.Event()
+
+    def replace(src: str, dst: str) -> None:
+        if threading.current_thread().name == "A" and str(dst).endswith(cb.LAST_VERSION_FILE):
+            a_ready.set()
+            b_started.wait(5)
+            time.sleep(0.3)  # B runs meanwhile, up to the lock
+        real_replace(src, dst)
+
+    monkeypatch.setattr(cb.os, "replace", replace)
+    got: dict[str, int] = {}
+
+    def export_a() -> None:
+        got["A"] = cb.publish(store, "din", _staged(store, "a"))[0]
+
+    a = threading.Thread(name="A", target=export_a)
+    a.start()
+    assert a_ready.wait(5)
+    b_started.set()
+    got["B"] = cb.publish(store, "din", _staged(store, "b"))[0]
+    a.join()
+    assert got == {"A": 1, "B": 2}
+    mark = store / "din" / cb.LAST_VERSION_FILE
+    assert mark.read_text().strip() == "2"
+    assert stat.S_IMODE(mark.stat().st_mode) == 0o644
+    shutil.rmtree(store / "din" / "2")
+    assert cb.publish(store, "din", _staged(store, "c"))[0] == 3
 
 
 def test_a_dead_exports_staging_folder_is_swept_by_the_next(tmp_path: Path) -> None:
