@@ -178,6 +178,13 @@ def cmd_load(args: argparse.Namespace) -> int:
                              catalog=load_catalog(config),
                              sequence_ttl_s=settings.sequence_ttl_s)  # fmt: skip
     print(f"loaded {counts['users']} users and {counts['items']} items into {redact(url)}")
+    before = counts.get("replaced")
+    if before:
+        print(f"warning: {redact(url)} held another data set (config {before.get('name')!r}, "
+              f"source {before.get('source')!r}, path {before.get('path')!r}): its item "
+              "features this data lacks are gone, and users both hold were replaced; "
+              "serve two data sets from two Redis databases (CTR_REDIS_URL .../<db>)",
+              file=sys.stderr)  # fmt: skip
     return 0
 
 

@@ -80,6 +80,38 @@ def load_identity(config: FeatureConfig, keep: int | None = None) -> str:
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
+# which data set the database holds (:func:`data_description`), kept across loads (not
+# deleted when one starts): ``ctr load`` of another data set into it warns, as its
+# item hashes and the users both share are replaced
+DATA_KEY = "ctr:loaded:data"
+
+
+def data_description(config: FeatureConfig) -> dict[str, Any]:
+    """The data set a load of ``config`` reads: its source, file, options and, for the
+    shared datasets, ``CTR_DATA_ROOT``; and the config's name, for messages."""
+    spec = config.data
+    root = None
+    if spec.source not in ("synthetic", "csv", "parquet") and not spec.path:
+        from training.data.generic import data_root
+
+        root = str(data_root())
+    return {
+        "name": config.name,
+        "source": spec.source,
+        "path": os.path.realpath(spec.path) if spec.path else None,
+        "options": spec.options,
+        "data_root": root,
+    }
+
+
+def other_data(before: dict[str, Any] | None, now: dict[str, Any]) -> bool:
+    """``before`` (what the database held) is another data set than ``now``."""
+    if not isinstance(before, dict):
+        return False
+    same = ("source", "path", "options", "data_root")
+    return any(before.get(k) != now.get(k) for k in same)
+
+
 def sync_client(redis_url: str, cluster: bool, timeout_s: float = 10) -> Redis | RedisCluster:
     """A synchronous client for the command line's bulk work (``ctr load``, ``ctr
     impressions``): a long timeout; a cluster's URL may list several nodes (the first is
@@ -285,7 +317,9 @@ def load_into_redis(
     made to hold this data's values only (:func:`_replace_items`): items the data no
     longer holds, and values it no longer has, are gone (a missing value reads as the
     feature's default, as in training). Once everything is written, records the load's
-    :func:`load_identity` under :data:`LOADED_KEY`.
+    :func:`load_identity` under :data:`LOADED_KEY`, and the data set under
+    :data:`DATA_KEY`; ``replaced`` in the counts is the data set the database held
+    before where that was another (:func:`other_data`), else None.
 
     ``catalog``: the source's item table (:func:`item_records`), for items no example
     holds. Works on a single Redis and on Redis Cluster (``cluster=True``): every command
@@ -299,6 +333,12 @@ def load_into_redis(
     # before the first write: a load that fails halfway leaves no record of the last
     # complete one (a `--once` of that data would skip, over this one's half)
     client.delete(LOADED_KEY)
+    now = data_description(config)
+    try:
+        before = orjson.loads(client.get(DATA_KEY) or b"null")
+    except orjson.JSONDecodeError:
+        before = None
+    replaced = before if other_data(before, now) else None
     users = list(user_records(config, frame))
     calls: list[list[Any]] = []
     for i, (uid, profile, events) in enumerate(tqdm(users, desc="users", disable=not progress)):
@@ -317,6 +357,7 @@ def load_into_redis(
     for feat, values in tqdm(items.items(), desc="item features", disable=not progress):
         _replace_items(client, item_key(feat), values)
         n_items = max(n_items, len(values))
+    client.set(DATA_KEY, orjson.dumps(now))
     client.set(LOADED_KEY, load_identity(config, keep))
     client.close()
-    return {"users": len(users), "items": n_items}
+    return {"users": len(users), "items": n_items, "replaced": replaced}

@@ -136,3 +136,31 @@ def test_a_server_that_lost_the_script_gets_it_again(
     assert counts["users"] == len(users)
     probe = rp.client()
     assert all(probe.exists(user_key(u, "seq")) for u in users)
+
+
+def test_loading_another_data_set_into_a_database_warns(
+    data: tuple[FeatureConfig, pd.DataFrame],
+    rp: RedisProcess,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Every key is global to the database: a second data set's load replaced the
+    first's item hashes and shared users without a word (a model served from the first
+    then scored every candidate at its features' defaults). ``ctr load`` says so,
+    naming the data set the database held; the same data again, or a config that reads
+    the same data differently, is no other data set."""
+    from ctr.cli import main
+
+    config, frame = data
+    assert load_into_redis(config, frame, rp.url, progress=False)["replaced"] is None
+    assert load_into_redis(config, frame, rp.url, progress=False)["replaced"] is None
+    longer = config.model_copy(update={"max_seq_len": 30, "name": "din_long"})
+    assert load_into_redis(longer, frame, rp.url, progress=False)["replaced"] is None
+    base = ["load", "--redis-url", rp.url, "--quiet", "--config", "configs/synthetic_din.yaml",
+            "--set", "data.options.n_users=40"]  # fmt: skip
+    assert main([*base, "--set", "data.options.seed=8"]) == 0  # other data: another seed
+    err = capsys.readouterr().err
+    assert f"warning: {rp.url} held another data set (config 'din_long'" in err
+    assert "source 'synthetic'" in err and "two Redis databases" in err
+    assert main([*base, "--set", "data.options.seed=8"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert rp.client().exists(LOADED_KEY)
