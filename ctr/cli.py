@@ -176,8 +176,15 @@ def cmd_load(args: argparse.Namespace) -> int:
     frame = load_frame(config)
     counts = load_into_redis(config, frame, url, progress=not args.quiet, cluster=cluster,
                              catalog=load_catalog(config),
-                             sequence_ttl_s=settings.sequence_ttl_s)  # fmt: skip
+                             sequence_ttl_s=settings.sequence_ttl_s,
+                             max_id_length=settings.max_id_length)  # fmt: skip
     print(f"loaded {counts['users']} users and {counts['items']} items into {redact(url)}")
+    for what in ("users", "items"):
+        n, first = counts[f"unreachable_{what}"]
+        if n:
+            print(f"warning: {n} {what} have IDs no request can name (empty, longer than "
+                  f"CTR_MAX_ID_LENGTH={settings.max_id_length}, or control characters; "
+                  f"first: {first[:80]!r}): the API refuses them", file=sys.stderr)  # fmt: skip
     before = counts.get("replaced")
     if before:
         print(f"warning: {redact(url)} held another data set (config {before.get('name')!r}, "

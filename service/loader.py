@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import orjson
@@ -110,6 +110,22 @@ def other_data(before: dict[str, Any] | None, now: dict[str, Any]) -> bool:
         return False
     same = ("source", "path", "options", "data_root")
     return any(before.get(k) != now.get(k) for k in same)
+
+
+def unreachable(ids: Iterable[Any], max_len: int) -> tuple[int, str | None]:
+    """How many of ``ids`` no request can name (the API refuses them: empty, longer
+    than ``CTR_MAX_ID_LENGTH``, control characters), and the first of them."""
+    from service.errors import BadRequest
+    from service.validate import check_id
+
+    count, first = 0, None
+    for value in ids:
+        try:
+            check_id(value, "id", max_len)
+        except BadRequest:
+            count += 1
+            first = first if first is not None else str(value)
+    return count, first
 
 
 def sync_client(redis_url: str, cluster: bool, timeout_s: float = 10) -> Redis | RedisCluster:
@@ -309,7 +325,8 @@ def load_into_redis(
     cluster: bool = False,
     catalog: pd.DataFrame | None = None,
     sequence_ttl_s: int = 0,
-) -> dict[str, int]:
+    max_id_length: int = 256,
+) -> dict[str, Any]:
     """Write users and items; replaces each loaded user's profile and sequence, and
     forgets the event IDs remembered for them, in one step per user
     (:data:`REPLACE_USER`); the sequence expires after ``sequence_ttl_s`` (0: never), as
@@ -319,7 +336,9 @@ def load_into_redis(
     feature's default, as in training). Once everything is written, records the load's
     :func:`load_identity` under :data:`LOADED_KEY`, and the data set under
     :data:`DATA_KEY`; ``replaced`` in the counts is the data set the database held
-    before where that was another (:func:`other_data`), else None.
+    before where that was another (:func:`other_data`), else None;
+    ``unreachable_users`` and ``unreachable_items`` count, with the first, the IDs
+    written that no request can name (:func:`unreachable`, ``max_id_length``).
 
     ``catalog``: the source's item table (:func:`item_records`), for items no example
     holds. Works on a single Redis and on Redis Cluster (``cluster=True``): every command
@@ -360,4 +379,11 @@ def load_into_redis(
     client.set(DATA_KEY, orjson.dumps(now))
     client.set(LOADED_KEY, load_identity(config, keep))
     client.close()
-    return {"users": len(users), "items": n_items, "replaced": replaced}
+    item_ids = set().union(*(values.keys() for values in items.values()))
+    return {
+        "users": len(users),
+        "items": n_items,
+        "replaced": replaced,
+        "unreachable_users": unreachable((u for u, _, _ in users), max_id_length),
+        "unreachable_items": unreachable(item_ids, max_id_length),
+    }

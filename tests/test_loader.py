@@ -164,3 +164,22 @@ def test_loading_another_data_set_into_a_database_warns(
     assert main([*base, "--set", "data.options.seed=8"]) == 0
     assert "warning" not in capsys.readouterr().err
     assert rp.client().exists(LOADED_KEY)
+
+
+def test_ids_no_request_can_name_are_counted_by_the_load(
+    data: tuple[FeatureConfig, pd.DataFrame], rp: RedisProcess
+) -> None:
+    """The loader wrote any ID; one the API refuses (control characters, longer than
+    CTR_MAX_ID_LENGTH) was data nobody could ever score, unreported. Counted, with
+    the first."""
+    config, frame = data
+    changed = frame.copy()
+    users = changed[config.data.user_key].astype(str)
+    changed.loc[users == users.iloc[0], config.data.user_key] = "u\t1"
+    items = changed[config.item_id_feature.source].astype(str)
+    changed.loc[items == items.iloc[0], config.item_id_feature.source] = "i" * 40
+    counts = load_into_redis(config, changed, rp.url, progress=False, max_id_length=32)
+    assert counts["unreachable_users"] == (1, "u\t1")
+    assert counts["unreachable_items"] == (1, "i" * 40)
+    counts = load_into_redis(config, frame, rp.url, progress=False, max_id_length=32)
+    assert counts["unreachable_users"] == (0, None) == counts["unreachable_items"]
