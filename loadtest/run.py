@@ -155,14 +155,21 @@ def percentile(response_times: dict[float, int], fraction: float) -> float:
     return 0.0
 
 
-def _json_row(name: str, method: str, entries: list[dict]) -> dict:
+def _window(entries: list[dict]) -> float:
+    """The run's window over every entry, as locust's own CSV divides each row by: an
+    entry starts at its name's first request, so a rare name's own span was a few
+    microseconds (one request read as 100,000 req/s)."""
+    start = min(float(e["start_time"]) for e in entries)
+    last = max(float(e["last_request_timestamp"] or start) for e in entries)
+    return max(last - start, 1e-9)
+
+
+def _json_row(name: str, method: str, entries: list[dict], window: float) -> dict:
     times: dict[float, int] = {}
     for e in entries:
         for rt, count in e["response_times"].items():
             times[float(rt)] = times.get(float(rt), 0) + int(count)
     requests = sum(int(e["num_requests"]) for e in entries)
-    start = min(float(e["start_time"]) for e in entries)
-    last = max(float(e["last_request_timestamp"] or start) for e in entries)
     total_rt = sum(float(e["total_response_time"]) for e in entries)
     return {
         "Type": method,
@@ -171,7 +178,7 @@ def _json_row(name: str, method: str, entries: list[dict]) -> dict:
         "Failure Count": sum(int(e["num_failures"]) for e in entries),
         "Average Response Time": total_rt / requests if requests else float("nan"),
         "Max Response Time": max(float(e["max_response_time"] or 0) for e in entries),
-        "Requests/s": requests / max(last - start, 1e-9),
+        "Requests/s": requests / window,
         **{f"{round(q * 100)}%": percentile(times, q) for q in (0.5, 0.95, 0.99)},
     }
 
@@ -182,9 +189,10 @@ def stats_from_json(path: Path) -> pd.DataFrame:
     import json
 
     entries = json.loads(path.read_text())
-    rows = [_json_row(e["name"], e["method"], [e]) for e in entries]
+    window = _window(entries) if entries else 1.0
+    rows = [_json_row(e["name"], e["method"], [e], window) for e in entries]
     if entries:
-        rows.append(_json_row("Aggregated", "", entries))
+        rows.append(_json_row("Aggregated", "", entries, window))
     stats = pd.DataFrame(rows)
     if not stats.empty:
         stats["bucket"] = stats["Name"].map(bucket_of)

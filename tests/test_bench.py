@@ -89,6 +89,14 @@ def test_service_benchmark_reports_every_figure() -> None:
     # latency, saturation and open loop
     assert table.count("| non-200 | degraded | service errors |") == 3
     assert f"| din | 20 | 200 | {ol['rps']:.0f} | {ol['p50_ms']:.2f} |" in table
+    # achieved over the schedule's span at least: a service that keeps up reads as the
+    # rate, not above it (the last reply came (total - 1) / rate plus a latency in)
+    assert ol["rps"] <= 200
+    # L is the bundle's own (--set max_seq_len, an existing bundle's), not always 50
+    assert din["L"] == 50 and "L=50;" in table
+    din["L"] = 10
+    assert "L=10;" in render(res, "ctr bench --models din")
+    din["L"] = 50
     assert "cycles 64 request bodies" in table and "Worst case, in no ratio" in table
     assert f"(n={single['requests']}, <1,000)" in table  # a p99 with its sample count
     assert "invalid:" not in table
@@ -548,3 +556,13 @@ def test_a_port_held_by_another_service_is_refused() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_model_only_benchmark_names_its_l_and_rough_p99() -> None:
+    """``ctr bench-model`` printed ``--seq-len`` (50) where ``--set max_seq_len`` ran
+    another L, and a p99 of 50 samples (the max) as if it were one."""
+    from training.bench import run
+
+    table = run(["din"], [8], threads=1, repeats=6, length=50, overrides={"max_seq_len": 7})
+    assert "L=7, history fed once" in table
+    assert "(n=6, <1,000)" in table and "| din | 8 |" in table

@@ -956,3 +956,30 @@ def test_run_py_end_to_end_against_a_stub(tmp_path: Path, mode: str) -> None:
     else:
         assert done.returncode == 0, done.stdout + done.stderr
         assert "failures: 0 " in report
+
+
+def test_run_py_rates_every_name_over_the_runs_window(tmp_path: Path) -> None:
+    """Each row of locust's --json-file starts at its name's first request: run.py
+    divided a rare candidate bucket's count by its own span (one request in the run's
+    middle read as 100,000 req/s). Every row is over the run's window, as locust's CSV."""
+    spec = importlib.util.spec_from_file_location("ctr_loadtest_run", RUN_PY)
+    assert spec is not None and spec.loader is not None
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+
+    def entry(name: str, n: int, start: float, last: float) -> dict:
+        return {"name": name, "method": "POST", "num_requests": n, "num_failures": 0,
+                "response_times": {"10": n}, "start_time": start,
+                "last_request_timestamp": last, "total_response_time": 10.0 * n,
+                "max_response_time": 10.0}  # fmt: skip
+
+    t0 = 1_000_000.0
+    path = tmp_path / "locust_final.json"
+    rows = [entry("/v1/score [N=50]", 600, t0, t0 + 6.0),
+            entry("/v1/score [N=1000]", 1, t0 + 3.0, t0 + 3.00001)]  # fmt: skip
+    path.write_text(json.dumps(rows))
+    stats = run.stats_from_json(path)
+    rps = dict(zip(stats["Name"], stats["Requests/s"], strict=True))
+    assert rps["/v1/score [N=50]"] == pytest.approx(100.0)
+    assert rps["/v1/score [N=1000]"] == pytest.approx(1 / 6)
+    assert rps["Aggregated"] == pytest.approx(601 / 6)

@@ -95,6 +95,8 @@ def bench_model(
                         "n": n,
                         "ort_p50_ms": float(np.median(once)),
                         "ort_p99_ms": float(np.percentile(once, 99)),
+                        "samples": len(once),
+                        "L": config.max_seq_len,
                         "naive_p50_ms": float(np.median(copied)),
                         "torch_p50_ms": float(np.median(tq)),
                     }
@@ -102,20 +104,30 @@ def bench_model(
     return rows
 
 
-def render(rows: list[dict[str, Any]], threads: int, length: int) -> str:
+def render(rows: list[dict[str, Any]], threads: int) -> str:
+    """The table; L is each config's own (``--set max_seq_len`` wins over ``--seq-len``),
+    and a p99 of fewer than 1,000 samples (``--repeats``) is marked rough."""
+    lengths = ", ".join(str(n) for n in sorted({int(r["L"]) for r in rows})) or "?"
     lines = [
-        f"model-only latency, CPU, ORT intra-op threads={threads}, L={length}, history fed once",
+        f"model-only latency, CPU, ORT intra-op threads={threads}, L={lengths}, history fed once",
         "| model | N | ORT p50 ms | ORT p99 ms | naive (history x N) p50 ms | naive / once |"
         " torch eager p50 ms | torch / ORT |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['n']} | {r['ort_p50_ms']:.2f} | {r['ort_p99_ms']:.2f} | "
+            f"| {r['model']} | {r['n']} | {r['ort_p50_ms']:.2f} | {_p99(r)} | "
             f"{r['naive_p50_ms']:.2f} | {r['naive_p50_ms'] / r['ort_p50_ms']:.2f}x | "
             f"{r['torch_p50_ms']:.2f} | {r['torch_p50_ms'] / r['ort_p50_ms']:.2f}x |"
         )
     return "\n".join(lines)
+
+
+def _p99(row: dict[str, Any]) -> str:
+    """p99 with its sample count; "<1,000" marks a rough one (of 50, it is the max)."""
+    count = int(row["samples"])
+    rough = ", <1,000" if count < 1000 else ""
+    return f"{row['ort_p99_ms']:.2f} (n={count}{rough})"
 
 
 def run(
@@ -133,7 +145,7 @@ def run(
         over = {"model.type": mt, "max_seq_len": length, **(overrides or {})}
         config = load_config(ROOT / "configs" / cfg_file, over)
         all_rows += bench_model(config, n_values, threads, repeats)
-    tables.append(render(all_rows, threads, length))
+    tables.append(render(all_rows, threads))
     return "\n".join(tables)
 
 

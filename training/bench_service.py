@@ -384,7 +384,9 @@ async def _open_loop_run(
             await asyncio.sleep(0)  # so that replies are still read meanwhile
         tasks.append(asyncio.create_task(one(k, due)))
     await asyncio.gather(*tasks)
-    elapsed = time.perf_counter() - start
+    # the sends span total / rate (the k-th at k / rate, then one interval): the time
+    # to the last reply alone, (total - 1) / rate plus a latency, read above the rate
+    elapsed = max(time.perf_counter() - start, total / rate)
     for c in clients:
         await c.close()
     p50, p99 = p50_p99(np.array(lat) * 1000)
@@ -873,6 +875,7 @@ def run(
                 results["models"][mt] = _measure_model(
                     mt, url, proc.pid, base, frame, n_values, {**plan, "graphs": graphs}
                 )
+                results["models"][mt]["L"] = config.max_seq_len
             finally:
                 stop_service(proc)
     return results
@@ -997,6 +1000,13 @@ WRITES_BASELINE = (
 )
 
 
+def _lengths(res: dict[str, Any]) -> str:
+    """The models' history length L (each bundle's ``max_seq_len``: ``--set`` or an
+    existing bundle's own, not always 50)."""
+    found = sorted({int(m["L"]) for m in res["models"].values() if "L" in m})
+    return ", ".join(map(str, found)) if found else "50"
+
+
 def _header(res: dict[str, Any], command: str) -> list[str]:
     t, k = res["threads"], res.get("inflight", 1)
     env_text = " ".join(f"{a}={b}" for a, b in res.get("env", {}).items())
@@ -1005,7 +1015,8 @@ def _header(res: dict[str, Any], command: str) -> list[str]:
         f"Command: `{command}`",
         "",
         f"{res.get('device', f'CPU ({os.cpu_count()} cores)')}, {_workers_text(res)}, ORT "
-        f"intra-op threads={t} per worker, {k} ORT run(s) in flight, L=50; the HTTP client runs on "
+        f"intra-op threads={t} per worker, {k} ORT run(s) in flight, L={_lengths(res)}; the "
+        "HTTP client runs on "
         f"the same machine ({res.get('client_loop', 'asyncio')}). The benchmark cycles "
         f"{bodies} request bodies (a loaded user "
         "each, N candidates) over the loaded users, so the service's item, row and user "
@@ -1229,7 +1240,7 @@ def plot(res: dict[str, Any], out_dir: Path) -> list[Path]:
     for mt, r in res["models"].items():
         for n, sweep in r["saturation"].items():
             cs = list(sweep)
-            ax.plot(cs, [sweep[c]["rps"] for c in cs], "o-", label=f"{mt} N={n}")
+            ax.plot(cs, [sweep[c]["ok_rps"] for c in cs], "o-", label=f"{mt} N={n}")
     ax.set_xlabel("client concurrency")
     ax.set_ylabel("requests / s")
     ax.set_title("Throughput vs concurrency")
