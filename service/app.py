@@ -759,14 +759,14 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
         deadline = admit()
         t_parse = STAGE_CLOCK()
         req = score_input(body, s.max_candidates, s.max_id_length, state.codec)
-        m.STAGE("parse").observe(STAGE_CLOCK() - t_parse)
+        parse_s = STAGE_CLOCK() - t_parse  # recorded with the others, once the work ends
         if req.explain and not s.protect_scoring:
             # explain lists the user's behaviours: the key where one is set, open scoring
             # or not (it is the scoring route's one read of a user's history)
             _check_key(state, header)
         model = state.require_model()
         response = await guarded(
-            deadline, lambda deadline, idle: _score(state, model, req, deadline, idle)
+            deadline, lambda deadline, idle: _score(state, model, req, deadline, idle, parse_s)
         )
         if state.impressions is not None:  # what is answered 200 (past the deadline check)
             state.impressions.add(req.user_id, req.context, response.body, model.context_sources)
@@ -1048,10 +1048,12 @@ def _late(timeout_ms: int) -> DeadlineExceeded:
 
 
 async def _score(
-    state: State, model: LoadedModel, req: Any, deadline: float, idle: bool
+    state: State, model: LoadedModel, req: Any, deadline: float, idle: bool, parse_s: float
 ) -> Response:
     """Score ``req`` before ``deadline`` (``loop.time()`` units); ``idle``: it came in
-    to a worker with no other request in flight."""
+    to a worker with no other request in flight; ``parse_s``: its body's parse, recorded
+    with the other stages (a request refused after the parse, 503 not ready or 401 for
+    explain, adds to no stage)."""
     s = state.settings
     t0 = STAGE_CLOCK()
     bundle = model.bundle
@@ -1184,6 +1186,7 @@ async def _score(
     }
     response = orjson_response(body)
     t4 = STAGE_CLOCK()
+    m.STAGE("parse").observe(parse_s)
     m.STAGE("redis_fetch").observe(t1 - t_read)
     m.STAGE("feature_mapping").observe((t_read - t0) + (t2 - t1))
     m.STAGE("inference").observe(t3 - t2)

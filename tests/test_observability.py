@@ -48,6 +48,11 @@ def test_the_stages_cover_the_parse_and_resolve_microseconds(built: Built) -> No
             assert r.status_code == 200, r.text
         bad = c.post("/v1/score", json={"user_id": "u", "candidates": "x"})
         assert bad.status_code == 422  # refused in the parse: in no stage
+    with TestClient(create_app(settings_for(built, api_key="k"))) as c:
+        # refused after the parse (explain needs the key): in no stage either; the parse
+        # was counted, alone, before
+        r = c.post("/v1/score", json={**_body(built), "explain": True})
+        assert r.status_code == 401, r.text
     for st in stages:
         assert _value(count, {"stage": st}) == before[st] + 5, st
     # a Redis read's own latency: one per request that read (not those served from
@@ -111,3 +116,34 @@ def test_a_previous_runs_metric_files_are_wiped(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(b"")
     assert wipe_stale(str(tmp_path)) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[3:])
+
+
+def _histogram_quantile(q: float, bounds: tuple[float, ...], values: list[float]) -> float:
+    """Prometheus' histogram_quantile over ``values`` observed into ``bounds``: the
+    rank's bucket, interpolated linearly from the bound below (0 for the first)."""
+    counts = [sum(v <= b for v in values) for b in bounds]
+    rank = q * len(values)
+    for i, c in enumerate(counts):
+        if c >= rank:
+            lo = bounds[i - 1] if i else 0.0
+            below = counts[i - 1] if i else 0
+            return lo + (bounds[i] - lo) * (rank - below) / max(c - below, 1)
+    return bounds[-1]
+
+
+@pytest.mark.parametrize(
+    ("histogram", "values"),
+    [(m.BATCH_USERS, [1.0]), (m.BATCH_USERS, [4.0]), (m.BATCH_USERS, [1.0, 2.0, 2.0]),
+     (m.CANDIDATES, [200.0]), (m.CANDIDATES, [50.0, 200.0, 200.0, 500.0, 1000.0]),
+     (m.CANDIDATES, [1.0])],
+)  # fmt: skip
+def test_count_histograms_read_back_the_counts_that_occur(
+    histogram: object, values: list[float]
+) -> None:
+    """Bounds on the integers that occur made the dashboard's quantiles a bucket low:
+    every call of one user read p50 0.5, requests of 200 candidates 150. Each common
+    count now has its own narrow bucket: a median reads within a quarter of it."""
+    bounds = tuple(histogram._upper_bounds[:-1])  # type: ignore[attr-defined]
+    got = _histogram_quantile(0.5, bounds, values * 100)
+    want = sorted(values * 100)[len(values) * 50 - 1]
+    assert abs(got - want) <= 0.25, (got, want)
