@@ -343,10 +343,12 @@ def _publish_lock(root: Path) -> Iterator[None]:
     write its lower number over the other's (a deleted version's number was then given
     again). Where the lock file cannot be made (a store this user may not write
     beside), publishing goes on unlocked, as the rename still never overwrites."""
+    fd = None
     try:
         fd = os.open(root / PUBLISH_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
         log.warning("publishing without the lock %s: %s", root / PUBLISH_LOCK_FILE, exc)
+    if fd is None:
         yield
         return
     try:
