@@ -278,6 +278,17 @@ class FeatureConfig(_Strict):
                     raise ValueError(f"{f.name}.shared_with must name a sparse feature")
                 if target.side != "item":
                     raise ValueError(f"{f.name}.shared_with must name an item-side feature")
+        shared: dict[str, str] = {}
+        for f in self.features:
+            if f.kind == "sequence" and (f.shared_with or "") in shared:
+                raise ValueError(
+                    f"sequence features {shared[f.shared_with or '']!r} and {f.name!r} share "
+                    f"{f.shared_with!r}: a stored behaviour holds one {f.shared_with!r} "
+                    "(POST /v1/events, ctr load), so both would be served the same history; "
+                    "one sequence per item-side feature"
+                )
+            if f.kind == "sequence":
+                shared[f.shared_with or ""] = f.name
         if self.item_key is not None:
             key = by_name.get(self.item_key)
             if key is None or key.kind != "sparse" or key.side != "item":
