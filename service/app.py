@@ -17,10 +17,12 @@ from typing import Any
 import numpy as np
 import orjson
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import ValidationError
 from redis.asyncio import Redis
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -209,9 +211,17 @@ class ServingMiddleware:
     ``fast`` routes are answered here, as :class:`ScoringApp` answers its
     ``fast_routes`` (``ctr bench-path`` measures the two places against each other)."""
 
-    def __init__(self, app: ASGIApp, fast: dict[tuple[str, str], Handler] | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        fast: dict[tuple[str, str], Handler] | None = None,
+        named: frozenset[str] = frozenset(),
+    ) -> None:
         self.app = app
         self.fast = fast or {}
+        # paths FastAPI serves without a route object in the scope (its docs and schema):
+        # labelled as themselves, not "unmatched", which is for unknown paths
+        self.named = named
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -232,7 +242,9 @@ class ServingMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
+            route = getattr(scope.get("route"), "path", None)
+            if route is None:
+                route = scope["path"] if scope["path"] in self.named else "unmatched"
             method = scope["method"] if scope["method"] in METHODS else "other"
             m.REQUEST(route, method, str(code["status"])).observe(time.perf_counter() - start)
 
@@ -518,8 +530,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     score = _install_routes(app, state)
     app.fast_routes = {("POST", "/v1/score"): score}
     app.read_timeout_s = settings.read_timeout_ms / 1000  # service.front.TimedProtocol
-    app.add_middleware(ServingMiddleware)  # times every other request
-    install_openapi(app, settings.max_id_length)
+    docs = (app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url)
+    named = frozenset(p for p in docs if p)
+    app.add_middleware(ServingMiddleware, named=named)  # times every other request
+    install_openapi(
+        app, settings.max_id_length, settings.api_key is not None, settings.protect_scoring
+    )
     return app
 
 
@@ -576,6 +592,21 @@ def _install_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         return error_response(bad_request(exc.errors(), skip=1))  # loc[0]: body, query…
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """FastAPI's answer, with a 405's ``Allow`` naming every method the path takes:
+        the route that matched first names its own (GET and HEAD are two routes here,
+        to keep their OpenAPI operation IDs apart, and Allow said GET only)."""
+        if exc.status_code == 405:
+            path = request.scope.get("path")
+            methods = {
+                m for r in app.router.routes if getattr(r, "path", None) == path
+                for m in (getattr(r, "methods", None) or ())
+            }  # fmt: skip
+            if methods:
+                exc.headers = {**(exc.headers or {}), "Allow": ", ".join(sorted(methods))}
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, exc: ClientDisconnect) -> Response:

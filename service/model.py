@@ -291,6 +291,12 @@ def load_model(settings: Settings, version: str | None = None) -> LoadedModel:
     runner = with_single_thread(settings, bundle, runner, session, provider, served, so, values)
     outputs = [o.name for o in session.get_outputs()]
     native_runner, native_note = None, ""
+    if not settings.native_runner:  # as user_tracking's why_not names its setting
+        native_note = "CTR_NATIVE_RUNNER=false"
+    elif provider != CPU:
+        native_note = f"CPU only (the session runs on {provider})"
+    elif settings.batch_max_users > 1:
+        native_note = "micro-batching (CTR_BATCH_MAX_USERS > 1)"
     if settings.native_runner and provider == CPU and settings.batch_max_users <= 1:
         try:
             native_runner = make_native(settings, bundle, runner, served, graph == "fused", weights)

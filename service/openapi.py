@@ -52,7 +52,54 @@ def id_limits(node: Any, max_len: int) -> None:
             id_limits(v, max_len)
 
 
-def install_openapi(app: FastAPI, max_id_length: int) -> None:
+API_KEY_SCHEME = "ApiKey"
+# the routes a key guards: always where CTR_API_KEY is set (events, reload), or only
+# with CTR_PROTECT_SCORING (score; an explain request needs it either way)
+KEYED = {"/v1/events": "post", "/admin/reload": "post"}
+SCORE = ("/v1/score", "post")
+
+
+def declare_headers(schema: dict[str, Any], key_set: bool, protect_scoring: bool) -> None:
+    """What the schema's bodies do not say: the ``X-API-Key`` header as a security
+    scheme on the routes that take it (required where the service requires it, optional
+    elsewhere, so that /docs can send it and generated clients know it), the optional
+    ``X-Request-ID`` request header, and ``Retry-After`` on every 503."""
+    schema.setdefault("components", {}).setdefault("securitySchemes", {})[API_KEY_SCHEME] = {
+        "type": "apiKey", "in": "header", "name": "X-API-Key",
+        "description": "CTR_API_KEY: /v1/events and /admin/reload where it is set; "
+        "/v1/score with CTR_PROTECT_SCORING, and for explain wherever it is set",
+    }  # fmt: skip
+    paths = schema.get("paths", {})
+    keyed = [(path, method, key_set) for path, method in KEYED.items()]
+    keyed.append((*SCORE, key_set and protect_scoring))
+    for path, method, required in keyed:
+        op = paths.get(path, {}).get(method)
+        if op is not None:
+            need = [{API_KEY_SCHEME: []}]
+            op["security"] = need if required else [{}, *need]
+    for ops in paths.values():
+        for method, op in ops.items():
+            if not isinstance(op, dict) or method not in ("get", "post", "head"):
+                continue
+            params = op.setdefault("parameters", [])
+            if not any(p.get("name", "").lower() == "x-request-id" for p in params):
+                params.append({
+                    "name": "X-Request-ID", "in": "header", "required": False,
+                    "schema": {"type": "string", "maxLength": 200},
+                    "description": "the request's ID, echoed back and in the log lines "
+                    "(one is drawn where it is missing or not a printable token)",
+                })  # fmt: skip
+            busy = op.get("responses", {}).get("503")
+            if isinstance(busy, dict):
+                busy.setdefault("headers", {})["Retry-After"] = {
+                    "schema": {"type": "integer"},
+                    "description": "seconds to wait before retrying",
+                }
+
+
+def install_openapi(
+    app: FastAPI, max_id_length: int, key_set: bool = False, protect_scoring: bool = False
+) -> None:
     def custom_openapi() -> dict[str, Any]:
         if app.openapi_schema:
             return app.openapi_schema
@@ -73,6 +120,7 @@ def install_openapi(app: FastAPI, max_id_length: int) -> None:
                 comps.setdefault(k, v)
             comps[model.__name__] = js
         id_limits(comps, max_id_length)
+        declare_headers(schema, key_set, protect_scoring)
         app.openapi_schema = schema
         return schema
 

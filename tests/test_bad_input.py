@@ -726,3 +726,57 @@ def test_the_open_service_warning_knows_loopback(host: str, local: bool) -> None
     from service.app import _loopback
 
     assert _loopback(host) is local
+
+
+def test_openapi_declares_the_key_request_id_and_retry_after(tmp_path: Any) -> None:
+    """The schema named none of the headers the API reads or sends: /docs could not
+    send X-API-Key (every "Try it out" on events and reload was a 401), and generated
+    clients left it out. The key is a security scheme, required where the service
+    requires it."""
+    for c in serve(tmp_path / "open", api_key="k"):
+        spec = c.get("/openapi.json").json()
+        scheme = spec["components"]["securitySchemes"]["ApiKey"]
+        assert (scheme["type"], scheme["in"], scheme["name"]) == ("apiKey", "header", "X-API-Key")
+        paths = spec["paths"]
+        assert paths["/v1/events"]["post"]["security"] == [{"ApiKey": []}]
+        assert paths["/admin/reload"]["post"]["security"] == [{"ApiKey": []}]
+        assert paths["/v1/score"]["post"]["security"] == [{}, {"ApiKey": []}]  # open scoring
+        for path in ("/v1/score", "/v1/events", "/healthz"):
+            for op in paths[path].values():
+                names = [p["name"] for p in op.get("parameters", [])]
+                assert "X-Request-ID" in names, (path, names)
+        busy = paths["/v1/events"]["post"]["responses"]["503"]
+        assert "Retry-After" in busy["headers"]
+        # a wrong method on the health routes lists both methods they take
+        for path in ("/healthz", "/readyz"):
+            r = c.put(path)
+            assert r.status_code == 405 and set(r.headers["allow"].split(", ")) == {"GET", "HEAD"}
+    for c in serve(tmp_path / "closed", api_key="k", protect_scoring=True):
+        paths = c.get("/openapi.json").json()["paths"]
+        assert paths["/v1/score"]["post"]["security"] == [{"ApiKey": []}]
+
+
+def test_the_docs_paths_are_labelled_as_themselves(client: TestClient) -> None:
+    """FastAPI serves its docs and schema without a route in the scope: they were
+    counted as route="unmatched", which is for unknown paths."""
+    from service import metrics as m
+
+    def count(route: str) -> float:
+        v = m.REQUEST_DURATION.labels(route, "GET", "200")
+        return sum(s.value for s in v.collect()[0].samples if s.name.endswith("_count"))
+
+    before = {p: count(p) for p in ("/docs", "/openapi.json", "unmatched")}
+    for path in ("/docs", "/openapi.json"):
+        assert client.get(path).status_code == 200
+    assert count("/docs") == before["/docs"] + 1
+    assert count("/openapi.json") == before["/openapi.json"] + 1
+    assert count("unmatched") == before["unmatched"]
+
+
+def test_the_native_runner_note_says_why_not_when_turned_off(tmp_path: Any) -> None:
+    """/v1/models' native_runner_note was null with CTR_NATIVE_RUNNER=false, where the
+    README says it says why not (user_tracking's why_not names its setting)."""
+    for c in serve(tmp_path, native_runner=False):
+        models = c.get("/v1/models").json()
+        assert models["native_runner"] is False or models["native_runner"] is None
+        assert models["native_runner_note"] == "CTR_NATIVE_RUNNER=false"
