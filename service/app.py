@@ -69,6 +69,7 @@ from service.runner import copy_info
 from service.schemas import (
     ErrorBody,
     EventResponse,
+    ReloadConflict,
     ReloadRequest,
     ReloadResponse,
     ScoreResponse,
@@ -1000,7 +1001,8 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
         "/admin/reload",
         responses={
             200: {"model": ReloadResponse},
-            409: {"model": ErrorBody, "description": "the version could not be loaded"},
+            409: {"model": ReloadConflict, "description": "the version could not be loaded; "
+                  "`serving` is the version the worker still serves"},
             **ERROR_RESPONSES,
             403: {"model": ErrorBody, "description": "admin endpoints are off (CTR_API_KEY unset)"},
         },

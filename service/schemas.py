@@ -141,6 +141,15 @@ class ErrorBody(BaseModel):
     request_id: str | None = Field(None, description=REQUEST_ID)
 
 
+class ReloadConflict(ErrorBody):
+    """A 409 of the reload route: the version that could not be loaded, and what the
+    worker serves instead."""
+
+    serving: str | None = Field(
+        None, description="the version the worker still serves (null: none loaded)"
+    )
+
+
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -149,7 +158,11 @@ class ReloadRequest(BaseModel):
         description="a version number (7 or \"7\") or 'latest' (default)",
         # what the validator below accepts: a JSON number becomes its string
         json_schema_extra={
-            "anyOf": [{"type": "string"}, {"type": "integer", "minimum": 0}, {"type": "null"}]
+            "anyOf": [
+                {"type": "string", "pattern": "^(latest|0|[1-9][0-9]*)$"},
+                {"type": "integer", "minimum": 0},
+                {"type": "null"},
+            ]
         },
     )
 

@@ -747,6 +747,12 @@ def test_openapi_declares_the_key_request_id_and_retry_after(tmp_path: Any) -> N
                 assert "X-Request-ID" in names, (path, names)
         busy = paths["/v1/events"]["post"]["responses"]["503"]
         assert "Retry-After" in busy["headers"]
+        # a reload's 409 has its `serving`, and a version is a name the route takes
+        comps = spec["components"]["schemas"]
+        assert "serving" in comps["ReloadConflict"]["properties"]
+        (text,) = [f for f in comps["ReloadRequest"]["properties"]["version"]["anyOf"]
+                   if f.get("type") == "string"]  # fmt: skip
+        assert text["pattern"] == "^(latest|0|[1-9][0-9]*)$"
         # a wrong method on the health routes lists both methods they take
         for path in ("/healthz", "/readyz"):
             r = c.put(path)
