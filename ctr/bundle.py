@@ -313,6 +313,7 @@ def publish(models_dir: str | Path, name: str, staged: Path) -> tuple[int, Path]
     take the new one for what they serve."""
     root = Path(models_dir) / name
     root.mkdir(parents=True, exist_ok=True)
+    _release_staging(staged)  # its lock file goes; the folder is renamed into place next
     with _publish_lock(root):  # the number, the rename and the mark, one exporter at a time
         for _ in range(100):
             existing = [v for p in root.iterdir() if (v := version_of(p.name)) is not None]
@@ -343,71 +344,102 @@ def _publish_lock(root: Path) -> Iterator[None]:
     write its lower number over the other's (a deleted version's number was then given
     again). Where the lock file cannot be made (a store this user may not write
     beside), publishing goes on unlocked, as the rename still never overwrites."""
+    path = root / PUBLISH_LOCK_FILE
     fd = None
     try:
-        fd = os.open(root / PUBLISH_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        log.warning("publishing without the lock %s: %s", root / PUBLISH_LOCK_FILE, exc)
-    if fd is None:
-        yield
-        return
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except PermissionError:  # another user's lock file: flock needs only a descriptor
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        pass
+    if fd is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:  # e.g. ENOLCK: an NFS store without its lock service
+            log.warning("publishing without the lock %s: %s", path, exc)
+            os.close(fd)
+            fd = None
+    else:
+        log.warning("publishing without the lock %s: it cannot be opened", path)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)  # releases the lock
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
-def _host_tag() -> str:
-    """This machine and process namespace, in a staging folder's name: a store on a
-    shared file system or volume is written from several machines and containers (one
-    on the host's network has its host name), and only this one's processes can be
-    looked up."""
-    try:
-        space = str(os.stat("/proc/self/ns/pid").st_ino)
-    except OSError:
-        space = ""
-    return hashlib.blake2b(f"{os.uname().nodename}/{space}".encode(), digest_size=4).hexdigest()
+STAGING_PREFIX = ".staging-"
+STAGING_LOCK = ".lock"
+# this process's staging folders -> the descriptor holding their lock
+_STAGING_LOCKS: dict[Path, int] = {}
 
 
 def staging_dir(models_dir: str | Path) -> Path:
-    """A new folder to write a bundle into before :func:`publish` renames it into place:
-    ``.staging-<host>-<pid>-<random>`` in the store, so that the next export on this
-    machine removes one whose process died before cleaning up (killed, the machine
-    restarted: :func:`sweep_staging`)."""
+    """A new folder to write a bundle into before :func:`publish` renames it into place
+    (``.staging-<random>`` in the store). This process holds an exclusive ``flock`` on
+    its ``.lock`` file until it publishes or removes the folder, so that the next export
+    removes a folder whose exporter died before cleaning up (killed, its container
+    stopped, the machine restarted: :func:`sweep_staging`); the kernel drops the lock of
+    a process that ends, however it ends, and a lock is the same to every machine,
+    container and process namespace that shares the store."""
     root = Path(models_dir)
     root.mkdir(parents=True, exist_ok=True)
     sweep_staging(root)
-    path = Path(tempfile.mkdtemp(prefix=f".staging-{_host_tag()}-{os.getpid()}-", dir=root))
+    path = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root))
     path.chmod(0o755)
+    try:
+        fd = os.open(path / STAGING_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return path  # not sweepable: left alone by every sweep, as an older name is
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # no locks on this file system: the folder is left alone too
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            (path / STAGING_LOCK).unlink()
+        return path
+    _STAGING_LOCKS[path] = fd
     return path
 
 
+def _release_staging(path: Path) -> None:
+    """Drop ``path``'s lock file (before the folder is renamed into a version) and its
+    lock: a sweep that finds no lock file leaves a folder alone."""
+    fd = _STAGING_LOCKS.pop(path, None)
+    with contextlib.suppress(OSError):
+        (path / STAGING_LOCK).unlink()
+    if fd is not None:
+        os.close(fd)
+
+
 def sweep_staging(root: Path) -> list[Path]:
-    """Remove the staging folders in ``root`` that a process of this machine made and
-    that is no longer running; returns them. Another machine's, an older name without
-    its process, and a running export's are left alone. (A process ID reused since
-    keeps its folder until that process ends too.)"""
+    """Remove the staging folders in ``root`` whose exporter has ended: those whose
+    ``.lock`` this process can lock (a live exporter holds it); returns them. A folder
+    without a lock file (an older name, one being published) is left alone, as is one
+    whose lock cannot be tried."""
     removed = []
-    host = _host_tag()
     try:
-        entries = [p for p in root.iterdir() if p.name.startswith(".staging-")]
+        entries = [p for p in root.iterdir() if p.name.startswith(STAGING_PREFIX)]
     except OSError:
         return removed
     for path in entries:
-        parts = path.name.split("-")  # "", "staging"... -> [".staging", host, pid, rand]
-        if len(parts) < 4 or parts[1] != host or not parts[2].isdigit():
-            continue
-        pid = int(parts[2])
-        if pid == os.getpid():
+        if path in _STAGING_LOCKS:
             continue
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            fd = os.open(path / STAGING_LOCK, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: an export runs (or no locks here)
+            os.close(fd)
+            continue
+        try:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
-        except OSError:  # another user's live process (EPERM): running
-            continue
+        finally:
+            os.close(fd)
     if removed:
         log.info("removed %d staging folders of exports that ended without cleaning up: %s",
                  len(removed), ", ".join(p.name for p in removed))  # fmt: skip
@@ -797,4 +829,7 @@ def _check_dense_range(
 
 
 def remove_staging(path: Path) -> None:
+    fd = _STAGING_LOCKS.pop(path, None)
     shutil.rmtree(path, ignore_errors=True)
+    if fd is not None:
+        os.close(fd)

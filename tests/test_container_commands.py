@@ -112,3 +112,43 @@ def test_init_job_then_serve_then_healthcheck(tmp_path: Path) -> None:
         proc.wait(timeout=30)
     wrong = dict(serve_env, CTR_PORT=str(free_port()))
     assert subprocess.run(hc, env=wrong, timeout=30, capture_output=True).returncode != 0
+
+
+def test_the_init_job_passes_sigterm_to_its_step(tmp_path: Path) -> None:
+    """init.sh is the init container's PID 1, which ignores SIGTERM without a handler:
+    `docker stop` never reached `ctr train` or `ctr export` (killed after the grace
+    period, their clean-up skipped). The job passes the signal on to the step it runs,
+    which cleans up and ends; the job ends with the step's status."""
+    import signal
+    import time
+
+    env = dict(
+        os.environ,
+        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        CTR_MODELS_DIR=str(tmp_path / "models"),
+        CTR_MODEL_NAME="din",
+        CTR_REDIS_URL=REDIS_URL,
+        CTR_INIT_TRAIN_SET="train.epochs=50",
+    )
+    init = ROOT / "deploy" / "docker" / "init.sh"
+    job = subprocess.Popen(["sh", str(init)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert job.stdout is not None
+        assert job.stdout.readline().startswith("init: training")
+        deadline = time.time() + 60
+        step = None
+        while step is None and time.time() < deadline:
+            kids = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True)
+            step = int(kids.stdout.split()[0]) if kids.stdout.split() else None
+            time.sleep(0.1)
+        assert step is not None, "no step started"
+        time.sleep(3)  # into the training
+        job.send_signal(signal.SIGTERM)
+        _, err = job.communicate(timeout=120)
+    finally:
+        job.kill()
+    assert job.returncode == 143, err[-2000:]
+    assert "ctr train: terminated" in err
+    status = Path(f"/proc/{step}/status")
+    assert not status.exists() or "zombie" in status.read_text()  # the step ended too

@@ -457,30 +457,44 @@ def test_two_exports_at_once_never_give_a_deleted_number_again(
 
 
 def test_a_dead_exports_staging_folder_is_swept_by_the_next(tmp_path: Path) -> None:
-    """An export killed before its clean-up left ``.staging-*`` in the store for good.
-    The next export on the machine removes one whose process has ended; a running
-    export's, another machine's and an old-style name are left alone."""
+    """An export killed before its clean-up (SIGKILL, its container stopped) left
+    ``.staging-*`` in the store for good. Each exporter holds a lock on its folder; the
+    next export removes the folders whose lock it can take, whatever machine, container
+    or process namespace made them. A running export's and an old-style folder (no lock
+    file) are left alone; a published version carries no lock file."""
+    import signal
     import subprocess
     import sys
 
-    from ctr.bundle import _host_tag, sweep_staging
+    from ctr.bundle import STAGING_LOCK, sweep_staging
+    from tests.helpers import ROOT, until
 
     models = tmp_path / "models"
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)  # fmt: skip
-    host = _host_tag()
-    dead = models / f".staging-{host}-{gone.stdout.strip()}-abc"
-    live = models / f".staging-{host}-{os.getppid()}-abc"  # a running process
-    other = models / f".staging-{'0' * 8 if host != '0' * 8 else '1' * 8}-{gone.stdout.strip()}-x"
-    old = models / ".staging-k2j3h4"
-    for path in (dead, live, other, old):
-        path.mkdir(parents=True)
-        (path / MODEL_FILE).write_bytes(b"partial")
-    mine = staging_dir(models)
-    assert mine.name.startswith(f".staging-{host}-{os.getpid()}-")
-    assert not dead.exists() and live.exists() and other.exists() and old.exists()
-    assert sweep_staging(models) == []  # its own folder: this process runs
-    assert mine.exists()
+    make = ("import os, sys, time; from ctr.bundle import staging_dir; "
+            "p = staging_dir(sys.argv[1]); (p / 'model.onnx').write_bytes(b'partial'); "
+            "print(p, flush=True); time.sleep(float(sys.argv[2])); os._exit(0)")  # fmt: skip
+    dead = subprocess.run([sys.executable, "-c", make, str(models), "0"], cwd=ROOT,
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    live = subprocess.Popen([sys.executable, "-c", make, str(models), "60"], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert live.stdout is not None
+        running = Path(live.stdout.readline().strip())
+        old = models / ".staging-k2j3h4"  # before session 37: no lock file
+        old.mkdir()
+        mine = staging_dir(models)
+        assert not Path(dead).exists(), "a dead export's folder was not swept"
+        assert running.exists() and old.exists() and (mine / STAGING_LOCK).exists()
+        assert sweep_staging(models) == []  # its own folder: this process holds it
+        live.send_signal(signal.SIGKILL)
+        live.wait(10)
+        assert until(lambda: sweep_staging(models) == [running], 5)
+        assert not running.exists() and mine.exists() and old.exists()
+        (mine / MANIFEST).write_text('{"format": 1}')
+        _, published = publish(models, "m", mine)
+        assert not (published / STAGING_LOCK).exists()
+    finally:
+        live.kill()
 
 
 def test_sigterm_during_ctr_export_leaves_no_staging_folder(

@@ -435,25 +435,29 @@ def _start_service(env: dict[str, str], port: int, root: Path | None = None) -> 
         cwd=root or ROOT,
     )
     url = f"http://127.0.0.1:{port}"
-    for _ in range(1800):
-        if proc.poll() is not None:
-            raise RuntimeError(f"service exited with code {proc.returncode}")
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                pid = served_model(url, ("worker_pid",))["worker_pid"]
-                stat = _stat(pid) if isinstance(pid, int) else None
-                if pid != proc.pid and (stat is None or int(stat[1]) != proc.pid):
-                    stop_service(proc)
-                    raise RuntimeError(
-                        f"{url} answers from process {pid}, not from the service just "
-                        f"started ({proc.pid}): is an earlier service still on that port?"
-                    )
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("service did not become ready")
+    try:
+        for _ in range(1800):
+            if proc.poll() is not None:
+                raise RuntimeError(f"service exited with code {proc.returncode}")
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    pid = served_model(url, ("worker_pid",))["worker_pid"]
+                    stat = _stat(pid) if isinstance(pid, int) else None
+                    if pid != proc.pid and (stat is None or int(stat[1]) != proc.pid):
+                        raise RuntimeError(
+                            f"{url} answers from process {pid}, not from the service just "
+                            f"started ({proc.pid}): is an earlier service still on that port?"
+                        )
+                    return proc, url
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("service did not become ready")
+    except BaseException:
+        # also a SIGTERM or Ctrl-C of this process alone while the service starts: the
+        # caller holds no handle to it yet, and it would stay on the port, orphaned
+        stop_service(proc)
+        raise
 
 
 def stop_service(proc: subprocess.Popen) -> None:

@@ -15,6 +15,29 @@
 #                        force = load even so (resets user histories to the data set's);
 #                        0 = never load
 set -eu
+# This shell is the container's PID 1, which ignores SIGTERM without a handler: `docker
+# stop` never reached `ctr train` / `ctr export`, killed after the grace period without
+# their clean-up. Each step runs in the background, and a SIGTERM or SIGINT is passed
+# on to it; the step's own clean-up then ends it (exit 143 or 130), and so this job.
+child=""
+forward() {
+    if [ -n "$child" ]; then kill -s "$1" "$child" 2>/dev/null || true; fi
+}
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+run() {
+    "$@" &
+    child=$!
+    status=0
+    wait "$child" || status=$?
+    # a trapped signal ends `wait` early: wait on until the step itself has ended
+    while kill -0 "$child" 2>/dev/null; do
+        status=0
+        wait "$child" || status=$?
+    done
+    child=""
+    return "$status"
+}
 models_dir="${CTR_MODELS_DIR:-/models}"
 name="${CTR_MODEL_NAME:-din}"
 config="${CTR_INIT_CONFIG:-configs/synthetic_din.yaml}"
@@ -29,9 +52,9 @@ else
         set -- "$@" --set "$override"
     done
     echo "init: training $config -> $run_dir"
-    ctr train "$@"
+    run ctr train "$@"
     echo "init: exporting to $models_dir/$name"
-    ctr export --run "$run_dir" --models-dir "$models_dir" --name "$name"
+    run ctr export --run "$run_dir" --models-dir "$models_dir" --name "$name"
     rm -rf "$run_dir"
 fi
 
@@ -41,11 +64,11 @@ case "${CTR_INIT_LOAD:-1}" in
     1)
         echo "init: loading the data of $models_dir/$name's newest bundle into Redis" \
             "unless it holds it already"
-        ctr load --bundle "$models_dir/$name" --once
+        run ctr load --bundle "$models_dir/$name" --once
         ;;
     force)
         echo "init: loading the data of $models_dir/$name's newest bundle into Redis"
-        ctr load --bundle "$models_dir/$name"
+        run ctr load --bundle "$models_dir/$name"
         ;;
     0)
         echo "init: CTR_INIT_LOAD=0; not loading Redis"
