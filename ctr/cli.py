@@ -281,7 +281,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   file=sys.stderr)  # fmt: skip
     if workers > 1:  # a worker's SIGHUP while it imports: pending, then noted, not fatal
         hup.block_for_workers()
-    supervisor = _SupervisorWatch()
+    supervisor = _SupervisorWatch(s.worker_start_timeout_s)
     try:
         uvicorn.run(
             "service.app:create_app",
@@ -316,7 +316,7 @@ class _SupervisorWatch:
     """Puts a subclass of uvicorn's multi-worker supervisor in place for one
     ``uvicorn.run`` that notes whether it stopped because a worker failed to start."""
 
-    def __init__(self) -> None:
+    def __init__(self, start_timeout_s: float = 120.0) -> None:
         import importlib
 
         watch = self
@@ -336,6 +336,26 @@ class _SupervisorWatch:
                     getattr(p, "exitcode", None) == STARTUP_FAILURE for p in self.processes
                 ):
                     watch.startup_failed = True
+
+            def restart_all(self) -> None:
+                # SIGHUP: each new worker must be ready within the config's health-check
+                # timeout (uvicorn's 5 s), or the restart is given up, every worker left
+                # on the old model: a model takes longer to load. The longer wait is for
+                # the restart only (the same value bounds the parent's liveness pings)
+                config = self.config
+                saved = getattr(config, "timeout_worker_healthcheck", None)
+                if saved is not None:
+                    config.timeout_worker_healthcheck = max(saved, start_timeout_s)
+                try:
+                    super().restart_all()
+                finally:
+                    if saved is not None:
+                        config.timeout_worker_healthcheck = saved
+                    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+                    if folder:  # a given-up worker's live gauges: no worker start drops them
+                        from service.metricfiles import forget_dead
+
+                        forget_dead(folder)
 
         self.module.Multiprocess = Watched  # type: ignore[misc]
 
@@ -953,7 +973,7 @@ def _check_out(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from service.logs import traceback_on as wanted
+    from ctr import traceback_on as wanted  # not service's: ops-build has ctr.cli alone
 
     traceback_on = wanted()
     previous = None

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import threading
 import time
 from typing import Any, Literal
@@ -24,6 +23,8 @@ import orjson
 from uvicorn.config import LOGGING_CONFIG
 from uvicorn.logging import AccessFormatter as UvicornAccessFormatter
 from uvicorn.logging import DefaultFormatter as UvicornDefaultFormatter
+
+from ctr import traceback_on
 
 LogFormat = Literal["text", "json"]
 
@@ -124,12 +125,6 @@ def route_stray_output(fmt: LogFormat) -> None:
 
     excepthook.ctr_logs = True  # type: ignore[attr-defined]
     threading.excepthook = excepthook
-
-
-def traceback_on() -> bool:
-    """``CTR_TRACEBACK`` asks for tracebacks (anything but blank, 0, false, no, off)."""
-    value = os.environ.get("CTR_TRACEBACK", "").strip().lower()
-    return value not in ("", "0", "false", "no", "off")
 
 
 class StartupErrorFilter(logging.Filter):

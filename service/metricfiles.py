@@ -33,3 +33,22 @@ def wipe_stale(folder: str) -> int:
                 path.unlink()
                 wiped += 1
     return wiped
+
+
+def forget_dead(folder: str) -> list[int]:
+    """Drop the live gauges (``gauge_live*``) of processes that are gone, as
+    ``prometheus_client.multiprocess.mark_process_dead`` does, without importing the
+    metrics (``ctr serve``'s parent, after a SIGHUP restart it gave up: the new worker
+    it killed had written its gauges, and no worker start came after to drop them).
+    Returns the pids dropped."""
+    from prometheus_client import multiprocess
+
+    dead = set()
+    for path in Path(folder).glob("gauge_live*_*.db"):
+        tail = path.stem.rsplit("_", 1)[1]
+        if tail.isascii() and tail.isdigit() and not pid_alive(int(tail)):
+            dead.add(int(tail))
+    for pid in sorted(dead):
+        with contextlib.suppress(FileNotFoundError):
+            multiprocess.mark_process_dead(pid, folder)
+    return sorted(dead)

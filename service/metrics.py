@@ -23,8 +23,6 @@ from prometheus_client import (
     generate_latest,
 )
 
-from service.metricfiles import pid_alive
-
 M = TypeVar("M", Counter, Gauge, Histogram)
 
 
@@ -329,17 +327,9 @@ def forget_dead_workers() -> list[int]:
     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not folder:
         return []
-    from prometheus_client import multiprocess
+    from service.metricfiles import forget_dead
 
-    dead = set()
-    for path in Path(folder).glob("gauge_live*_*.db"):
-        tail = path.stem.rsplit("_", 1)[1]
-        if tail.isascii() and tail.isdigit() and not pid_alive(int(tail)):
-            dead.add(int(tail))
-    for pid in sorted(dead):
-        with contextlib.suppress(FileNotFoundError):  # another worker starting dropped it
-            multiprocess.mark_process_dead(pid, folder)
-    return sorted(dead)
+    return forget_dead(folder)
 
 
 def forget_this_worker() -> None:

@@ -274,6 +274,12 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", description="bind address for `ctr serve`")
     port: int = Field(8000, ge=0, le=65535, description="port for `ctr serve`")
     workers: int = Field(1, gt=0, description="uvicorn worker processes for `ctr serve`")
+    worker_start_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="with several workers, how long a SIGHUP restart waits for each new "
+        "worker to be ready (its model loaded) before it gives up and keeps the old ones",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
         "info", description="log level (`trace`: uvicorn's, and `debug` for the service's own)"
     )

@@ -990,3 +990,37 @@ def test_run_py_rates_every_name_over_the_runs_window(tmp_path: Path) -> None:
     assert rps["/v1/score [N=50]"] == pytest.approx(100.0)
     assert rps["/v1/score [N=1000]"] == pytest.approx(1 / 6)
     assert rps["Aggregated"] == pytest.approx(601 / 6)
+
+
+def test_ctr_cli_runs_with_only_what_the_ops_build_stage_copies(tmp_path: Path) -> None:
+    """The Dockerfile's ops-build stage runs ``python3 -m ctr.cli build-ops`` on a bare
+    Python with ctr/__init__.py, ctr/cli.py, ctr/native.py and native/ alone: an import
+    of service/ in ``main()`` (session 37's CTR_TRACEBACK reader) broke the image build.
+    Run there with no site-packages, up to build-ops' own argument check."""
+    (tmp_path / "ctr").mkdir()
+    for name in ("__init__.py", "cli.py", "native.py"):
+        shutil.copy(REPO / "ctr" / name, tmp_path / "ctr" / name)
+    shutil.copytree(REPO / "native", tmp_path / "native")
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert "COPY ctr/__init__.py ctr/cli.py ctr/native.py ./ctr/" in dockerfile
+    done = subprocess.run(
+        [sys.executable, "-S", "-m", "ctr.cli", "build-ops", "--out", str(tmp_path / "out")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "CTR_TRACEBACK": "0"},
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "build-ops: --out needs --arch" in done.stderr
+
+
+def test_the_metrics_tmpfs_stays_writable_after_a_container_restart() -> None:
+    """Docker applies a tmpfs's mode= only when it creates the mount point: on the api
+    container's next start (compose restart, the restart policy after a crash) the
+    folder was 0755 root, uid 10001 could not write its metrics there, and ctr serve
+    refused to start, for good. The tmpfs is owned by the image's user."""
+    api = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["api"]
+    folder = api["environment"]["PROMETHEUS_MULTIPROC_DIR"]
+    entry = next(t for t in api["tmpfs"] if t.split(":")[0] == folder)
+    options = entry.partition(":")[2].split(",")
+    user = re.search(r"^USER (\d+):(\d+)$", (REPO / "Dockerfile").read_text(), re.M)
+    assert user is not None
+    assert f"uid={user[1]}" in options and f"gid={user[2]}" in options, entry

@@ -403,3 +403,73 @@ def test_a_restart_leaves_no_series_of_the_workers_it_replaced(
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+SLOW_START = '''
+import sys
+if "--multiprocessing-fork" in sys.argv:  # a worker uvicorn spawned
+    import asyncio
+    from service import lifecycle
+    _start_up = lifecycle.start_up
+    async def start_up(state, deployed):
+        await asyncio.sleep(7)  # a model that takes 7 s more to load
+        await _start_up(state, deployed)
+    lifecycle.start_up = start_up
+'''
+
+
+def _worker_pids(base: str, n: int = 12) -> set[int]:
+    seen = set()
+    for _ in range(n):  # a new connection each: either worker may answer
+        with httpx.Client(base_url=base, timeout=5) as h:
+            seen.add(h.get("/v1/models").json()["worker_pid"])
+    return seen
+
+
+def _gauge_pids(base: str) -> set[int]:
+    text = httpx.get(base + "/metrics", timeout=5).text
+    found = re.findall(r'^ctr_worker_resident_memory_bytes\{pid="(\d+)"\}', text, re.M)
+    return set(map(int, found))
+
+
+@pytest.mark.parametrize("timeout_s", ["60", "2"])
+def test_a_sighup_restart_waits_for_workers_that_load_slowly(
+    built: Built, tmp_path: Path, timeout_s: str
+) -> None:
+    """SIGHUP to the parent restarts the workers one by one, each new one in service
+    before the old one goes; uvicorn waited 5 s for a new one to be ready, then gave
+    the restart up (every worker left on the old model) for any model that took longer
+    to load. It waits CTR_WORKER_START_TIMEOUT_S; a restart given up anyway leaves no
+    series of the worker it killed in /metrics (it showed a third worker, 0 bytes)."""
+    (tmp_path / "sitecustomize.py").write_text(SLOW_START)
+    env = service_env(built, REDIS_URL, CTR_LOG_LEVEL="info", PYTHONPATH=f"{ROOT}:{tmp_path}",
+                      CTR_WORKER_START_TIMEOUT_S=timeout_s)  # fmt: skip
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        proc = serve_process(port, env, "--workers", "2", log=log)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.time() + 60
+            while len(before := _worker_pids(base)) < 2 and time.time() < deadline:
+                time.sleep(0.5)  # the second worker may still be loading
+            assert len(before) == 2
+            proc.send_signal(signal.SIGHUP)
+            deadline = time.time() + 60
+            if timeout_s == "60":
+                after = _worker_pids(base)
+                while (before & after or len(after) < 2) and time.time() < deadline:
+                    time.sleep(0.5)  # both replaced, and both seen answering
+                    after = _worker_pids(base)
+                assert not before & after and len(after) == 2, (before, after)
+                assert "aborting the restart" not in log_path.read_text()
+                assert _gauge_pids(base) == after
+            else:
+                while "aborting the restart" not in log_path.read_text():
+                    assert time.time() < deadline, log_path.read_text()[-2000:]
+                    time.sleep(0.5)
+                assert _worker_pids(base) == before
+                assert _gauge_pids(base) == before  # the killed new worker's are gone
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
