@@ -152,7 +152,27 @@ def bundle_config(path: Path, overrides: dict[str, Any]) -> Any:
     else:
         bundle = load_bundle(path.parent, path.name, "latest")
     raw = apply_overrides(copy.deepcopy(bundle.manifest["config"]), overrides)
-    return FeatureConfig.model_validate(raw)
+    fingerprint = bundle.manifest.get("data_fingerprint")
+    return FeatureConfig.model_validate(raw), fingerprint if isinstance(fingerprint, str) else None
+
+
+def check_trained_on(config: Any, frame: Any, expected: str, bundle: str) -> None:
+    """``ctr load --bundle``: the data read now (``CTR_DATA_ROOT``, the config's files) is
+    the data the bundle was trained on: its training split's fingerprint is the
+    manifest's. Another data set in its place (another category's files, a shorter
+    file) loaded silently, and the model served histories it was never trained on."""
+    from training.data import split_frame
+    from training.data.generic import DataError, data_root, fingerprint
+
+    train, _, _ = split_frame(frame, config.data, seed=config.data.split_seed)
+    got = fingerprint(train)
+    if got != expected:
+        where = config.data.path or f"CTR_DATA_ROOT={data_root()}"
+        raise DataError(
+            f"the data read from {where} is not the data {bundle} was trained on (its "
+            f"training split's fingerprint {got[:12]}, the manifest's {expected[:12]}): "
+            "point at that data, retrain, or --force to load it anyway"
+        )
 
 
 def cmd_load(args: argparse.Namespace) -> int:
@@ -162,8 +182,10 @@ def cmd_load(args: argparse.Namespace) -> int:
     from service.store import ping, redact
     from training.data import load_catalog, load_frame
 
+    trained_on = None  # the bundle's data_fingerprint, checked where no --set changes it
     if args.bundle:  # the data the served model was trained on, by its own config
-        config = bundle_config(Path(args.bundle), _overrides(args.set))
+        config, trained_on = bundle_config(Path(args.bundle), _overrides(args.set))
+        trained_on = None if args.set or args.force else trained_on
     else:
         config = load_config(args.config, _overrides(args.set))
     settings = Settings()
@@ -174,6 +196,8 @@ def cmd_load(args: argparse.Namespace) -> int:
         print(f"{redact(url)} holds this data already (ctr:loaded): not loading")
         return 0
     frame = load_frame(config)
+    if trained_on:
+        check_trained_on(config, frame, trained_on, args.bundle)
     counts = load_into_redis(config, frame, url, progress=not args.quiet, cluster=cluster,
                              catalog=load_catalog(config),
                              sequence_ttl_s=settings.sequence_ttl_s,
@@ -659,6 +683,12 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--cluster", action="store_true", help="Redis Cluster (or CTR_REDIS_CLUSTER=1)")
     ld.add_argument("--set", action="append", default=[], help=SET_HELP)
     ld.add_argument("--quiet", action="store_true")
+    ld.add_argument(
+        "--force",
+        action="store_true",
+        help="with --bundle: load even where the data is not what the bundle was trained "
+        "on (its manifest's data_fingerprint; checked unless --set changes the data)",
+    )
     ld.add_argument(
         "--once",
         action="store_true",

@@ -274,8 +274,10 @@ def run_demo(args: argparse.Namespace) -> int:
             print(f"[demo] to serve this bundle yourself{after}, its log on your terminal: "
                   f"{serve}")  # fmt: skip
         else:  # its own Redis stops with it: start one and load the users first
+            # the shared data's root where --data-root named it: the load reads it too
+            root = f"CTR_DATA_ROOT={os.environ['CTR_DATA_ROOT']} " if args.data_root else ""
             print(f"[demo] to serve this bundle yourself{after}: start Redis on "
-                  f"{redact(redis_url)}, load the users (.venv/bin/ctr load --redis-url "
+                  f"{redact(redis_url)}, load the users ({root}.venv/bin/ctr load --redis-url "
                   f"{redact(redis_url)} --bundle {env['CTR_MODELS_DIR']}/{config.name}), "
                   f"then {serve}")  # fmt: skip
         if args.keep_serving:

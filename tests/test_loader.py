@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -183,3 +184,32 @@ def test_ids_no_request_can_name_are_counted_by_the_load(
     assert counts["unreachable_items"] == (1, "i" * 40)
     counts = load_into_redis(config, frame, rp.url, progress=False, max_id_length=32)
     assert counts["unreachable_users"] == (0, None) == counts["unreachable_items"]
+
+
+def test_a_bundles_load_refuses_data_it_was_not_trained_on(
+    tmp_path: Path, rp: RedisProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``ctr load --bundle`` read whatever CTR_DATA_ROOT held (another category's files,
+    a shorter file) and loaded it for a model never trained on it, silently. The data's
+    training split is checked against the manifest's data_fingerprint: the same data
+    loads, other data is refused in one line, unless --force, or --set changes the data
+    on purpose."""
+    import json
+
+    from ctr.cli import main
+    from tests.helpers import build_bundle
+
+    built = build_bundle(tmp_path, "din")
+    bundle = str(built.models_dir / built.config.name)
+    args = ["load", "--bundle", bundle, "--redis-url", rp.url, "--quiet"]
+    assert main(args) == 0
+    path = built.models_dir / built.config.name / "1" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["data_fingerprint"] = "0" * 64  # trained on other data than is read now
+    path.write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "is not the data" in err and "the manifest's 000000000000" in err
+    assert main([*args, "--force"]) == 0
+    assert main([*args, "--set", "data.options.n_users=50"]) == 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +13,7 @@ from ctr.encode import Encoded, check_item_key, encode_frame, raw_columns_for_fi
 from ctr.mapping import FeatureMapper
 from ctr.spec import FeatureConfig
 from training.data import load_frame, split_frame
-from training.data.generic import DataError
+from training.data.generic import DataError, fingerprint
 
 
 @dataclass
@@ -52,24 +51,6 @@ class Prepared:
     fingerprint: str
     item_pool: np.ndarray  # [I, S] table indices of items, one column per sequence field
     frames: dict[str, pd.DataFrame]
-
-
-def _cell_text(v: object) -> str:
-    """A cell in full: a list or array (Parquet's list cells) element by element; numpy's
-    own text of an array elides the middle past 1,000 elements."""
-    if isinstance(v, np.ndarray):
-        v = v.tolist()
-    return "|".join(map(str, v)) if isinstance(v, list) else str(v)
-
-
-def fingerprint(frame: pd.DataFrame) -> str:
-    """SHA-256 over every cell of the training frame (lists joined), order-sensitive."""
-    h = hashlib.sha256()
-    for col in sorted(frame.columns):
-        h.update(col.encode())
-        vals = frame[col].map(_cell_text)
-        h.update("\x1e".join(vals.tolist()).encode("utf-8", "surrogatepass"))
-    return h.hexdigest()
 
 
 def _split(config: FeatureConfig, mapper: FeatureMapper, frame: pd.DataFrame) -> Split:

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from ctr.spec import FeatureConfig
-from training.data.generic import DataError, data_root
+from training.data.generic import DataError, check_integers, data_root, reading
 
 FOLDER = "amazon-s3rec-sequences"
 NAMES = ("Beauty", "Sports_and_Outdoors", "Toys_and_Games")
@@ -58,7 +58,11 @@ def _options(config: FeatureConfig) -> dict[str, Any]:
     unknown = sorted(set(config.data.options) - set(DEFAULTS))
     if unknown:
         raise DataError(f"unknown amazon data.options {unknown}; known: {sorted(DEFAULTS)}")
-    return {**DEFAULTS, **config.data.options}
+    opts = {**DEFAULTS, **config.data.options}
+    rules = {"targets_per_user": (0, True), "min_history": (1, False),
+             "min_cate_items": (1, False), "seed": (None, False)}  # fmt: skip
+    check_integers("amazon", opts, rules)
+    return opts
 
 
 def dataset_dir(config: FeatureConfig) -> Path:
@@ -179,8 +183,12 @@ def load_amazon(config: FeatureConfig) -> pd.DataFrame:
     attr_path = folder / f"{name}_item2attributes.json"
     if not attr_path.exists():
         raise DataError(f"data file not found: {attr_path}")
-    attributes = json.loads(attr_path.read_text(encoding="utf-8"))
-    item_cate = category_map(attributes, int(opts["min_cate_items"]))
+    with reading(attr_path):
+        attributes = json.loads(attr_path.read_text(encoding="utf-8"))
+        if not isinstance(attributes, dict):
+            raise DataError(f"{attr_path} is malformed: an object of item -> attribute "
+                            f"lists, not a {type(attributes).__name__}")  # fmt: skip
+        item_cate = category_map(attributes, int(opts["min_cate_items"]))
     targets = opts["targets_per_user"]
     return build_examples(
         sequences,

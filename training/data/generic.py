@@ -14,9 +14,13 @@ through exactly the same checks, split and encoding as the built-in datasets.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -257,6 +261,58 @@ def _check_delimiter(col: pd.Series, name: str, items: pd.Series, delimiter: str
             f"({delimiter!r}): {example!r} would train as one token; set "
             f"data.seq_delimiter: {other!r} in the config"
         )
+
+
+def _cell_text(v: object) -> str:
+    """A cell in full: a list or array (Parquet's list cells) element by element; numpy's
+    own text of an array elides the middle past 1,000 elements."""
+    if isinstance(v, np.ndarray):
+        v = v.tolist()
+    return "|".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
+def fingerprint(frame: pd.DataFrame) -> str:
+    """SHA-256 over every cell of the training frame (lists joined), order-sensitive:
+    the manifest's ``data_fingerprint``, which ``ctr load --bundle`` checks the data
+    against (torch-free, as ``ctr load`` runs in the runtime image)."""
+    h = hashlib.sha256()
+    for col in sorted(frame.columns):
+        h.update(col.encode())
+        vals = frame[col].map(_cell_text)
+        h.update("\x1e".join(vals.tolist()).encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+def check_integers(
+    source: str, opts: dict[str, Any], rules: dict[str, tuple[int | None, bool]]
+) -> None:
+    """``opts``' integer options by ``rules`` (key -> (minimum or None, None allowed)):
+    a value of the wrong kind (``2.7``, ``"ten"``) or out of range (``-1``) is a
+    DataError naming the option; it was rounded down silently, failed in ``int()``
+    naming no option, or left the data empty."""
+    for key, (minimum, nullable) in rules.items():
+        value = opts.get(key)
+        if value is None and nullable:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            kind = "an integer or null" if nullable else "an integer"
+            raise DataError(f"{source} data.options.{key} must be {kind}, not {value!r}")
+        if minimum is not None and value < minimum:
+            raise DataError(f"{source} data.options.{key} must be at least {minimum}, "
+                            f"not {value!r}")  # fmt: skip
+
+
+@contextlib.contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """A malformed data file's parse error as a DataError naming the file: a rating
+    that is no number, a short line, truncated JSON were one-line errors naming neither
+    the file nor the row, or a traceback."""
+    try:
+        yield
+    except DataError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise DataError(f"{path} is malformed: {type(exc).__name__}: {exc}") from None
 
 
 def load_catalog(config: FeatureConfig) -> pd.DataFrame | None:

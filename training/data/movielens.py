@@ -32,7 +32,7 @@ from typing import Any
 import pandas as pd
 
 from ctr.spec import FeatureConfig
-from training.data.generic import DataError, data_root
+from training.data.generic import DataError, check_integers, data_root, reading
 
 FOLDER = "movielens-100k"
 CLICK_RATING = 4
@@ -59,7 +59,10 @@ def _options(config: FeatureConfig) -> dict[str, Any]:
     unknown = sorted(set(config.data.options) - set(DEFAULTS))
     if unknown:
         raise DataError(f"unknown movielens data.options {unknown}; known: {sorted(DEFAULTS)}")
-    return {**DEFAULTS, **config.data.options}
+    opts = {**DEFAULTS, **config.data.options}
+    check_integers("movielens", opts, {"min_history": (0, False),
+                                       "max_examples_per_user": (1, True)})  # fmt: skip
+    return opts
 
 
 def dataset_dir(config: FeatureConfig) -> Path:
@@ -75,13 +78,12 @@ def _require(path: Path) -> Path:
 
 def read_ratings(folder: Path) -> pd.DataFrame:
     """``u.data`` as ints, sorted by ``(user_id, timestamp, item_id)``."""
-    ratings = pd.read_csv(
-        _require(folder / "u.data"),
-        sep="\t",
-        header=None,
-        names=["user_id", "item_id", "rating", "timestamp"],
-        dtype="int64",
-    )
+    path = _require(folder / "u.data")
+    with reading(path):
+        ratings = pd.read_csv(
+            path, sep="\t", header=None, names=["user_id", "item_id", "rating", "timestamp"],
+            dtype="int64",
+        )  # fmt: skip
     return ratings.sort_values(["user_id", "timestamp", "item_id"], kind="mergesort")
 
 
@@ -91,17 +93,17 @@ def read_genres(folder: Path) -> dict[int, str]:
     for line in _require(folder / "u.genre").read_text(encoding="latin-1").splitlines():
         if line.strip():
             genre_names.append(line.rsplit("|", 1)[0])
-    items = pd.read_csv(
-        _require(folder / "u.item"), sep="|", header=None, encoding="latin-1", dtype=str
-    )
-    n_flags = len(genre_names)
-    if items.shape[1] != 5 + n_flags:
-        raise DataError(f"u.item has {items.shape[1]} columns, expected {5 + n_flags}")
-    flags = items.iloc[:, 5:].astype(int).to_numpy()
-    out: dict[int, str] = {}
-    for movie, row in zip(items[0].astype(int), flags, strict=True):
-        set_flags = row.nonzero()[0]
-        out[int(movie)] = genre_names[int(set_flags[0])] if len(set_flags) else NO_GENRE
+    path = _require(folder / "u.item")
+    with reading(path):
+        items = pd.read_csv(path, sep="|", header=None, encoding="latin-1", dtype=str)
+        n_flags = len(genre_names)
+        if items.shape[1] != 5 + n_flags:
+            raise DataError(f"u.item has {items.shape[1]} columns, expected {5 + n_flags}")
+        flags = items.iloc[:, 5:].astype(int).to_numpy()
+        out: dict[int, str] = {}
+        for movie, row in zip(items[0].astype(int), flags, strict=True):
+            set_flags = row.nonzero()[0]
+            out[int(movie)] = genre_names[int(set_flags[0])] if len(set_flags) else NO_GENRE
     return out
 
 
@@ -112,20 +114,23 @@ def age_bucket(age: int) -> str:
 
 def read_users(folder: Path) -> dict[int, dict[str, str]]:
     """User id -> ``{gender, age_bucket, occupation}`` from ``u.user``."""
-    users = pd.read_csv(
-        _require(folder / "u.user"),
-        sep="|",
-        header=None,
-        names=["user_id", "age", "gender", "occupation", "zip"],
-        dtype={"user_id": "int64", "age": "int64", "gender": str, "occupation": str, "zip": str},
-        encoding="latin-1",
-    )
-    return {
-        int(u): {"gender": g, "age_bucket": age_bucket(int(a)), "occupation": o}
-        for u, a, g, o in zip(
-            users["user_id"], users["age"], users["gender"], users["occupation"], strict=True
+    path = _require(folder / "u.user")
+    with reading(path):
+        users = pd.read_csv(
+            path,
+            sep="|",
+            header=None,
+            names=["user_id", "age", "gender", "occupation", "zip"],
+            dtype={"user_id": "int64", "age": "int64", "gender": str, "occupation": str,
+                   "zip": str},  # fmt: skip
+            encoding="latin-1",
         )
-    }
+        return {
+            int(u): {"gender": g, "age_bucket": age_bucket(int(a)), "occupation": o}
+            for u, a, g, o in zip(
+                users["user_id"], users["age"], users["gender"], users["occupation"], strict=True
+            )
+        }
 
 
 def item_catalog(config: FeatureConfig) -> pd.DataFrame:
