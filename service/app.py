@@ -961,6 +961,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             "graph_note": model.graph_note or None,
             "graph_ops": model.graph_ops,
             "micro_batching": model.batcher is not None,
+            "redis_data": model.redis_data,
             "native_runner": model.native is not None,
             "native_runner_note": model.native_note or None,
             # larger calls at once on its one-thread session (1: one at a time)

@@ -13,11 +13,14 @@ import weakref
 from collections.abc import Coroutine
 from typing import Any
 
+import orjson
+
 from ctr.bundle import BundleError, list_versions, resolve_version
 from service import metrics as m
 from service.model import LoadedModel, ProviderError, load_model
 from service.retry import retry_under_lock
 from service.state import State
+from service.store import REDIS_ERRORS
 
 log = logging.getLogger("ctr.service")
 
@@ -73,7 +76,36 @@ async def load(state: State, version: str | None) -> LoadedModel:
     if old is not None:
         state.replaced.append(weakref.ref(old))
     state.loads += 1
+    task = asyncio.get_running_loop().create_task(check_held_data(state, model))
+    state.tasks.add(task)
+    task.add_done_callback(state.tasks.discard)
     return model
+
+
+async def check_held_data(state: State, model: LoadedModel) -> None:
+    """Read which data set Redis holds (``ctr:loaded:data``) and note it on ``model``
+    (``/v1/models`` → ``redis_data``); warn where it is another than the bundle was
+    trained on. Redis not answering: nothing noted (the next load reads it again)."""
+    from service.heldset import DATA_KEY, same_data
+
+    if state.redis is None:
+        return
+    try:
+        timeout = max(state.settings.redis_timeout_ms / 1000, 1.0)
+        held = await asyncio.wait_for(state.redis.get(DATA_KEY), timeout)
+    except REDIS_ERRORS:
+        return
+    same = same_data(held, model.bundle.config)
+    record = None
+    with contextlib.suppress(orjson.JSONDecodeError, TypeError, AttributeError):
+        value = orjson.loads(held) if held is not None else None
+        record = {k: value.get(k) for k in ("name", "source")}  # no paths in the answer
+    model.redis_data = {"matches": same, "held": record}
+    if same is False:
+        log.warning("Redis holds another data set than model %s/%s was trained on (%s: %s): "
+                    "its users and items are scored as if they were this model's; load "
+                    "the bundle's data (ctr load --bundle) or point CTR_REDIS_URL at its "
+                    "database", model.name, model.version, DATA_KEY, record)  # fmt: skip
 
 
 def unexpected(exc: Exception) -> BundleError:

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from ctr.encode import check_item_key, parse_dense, split_sequence
 from ctr.mapping import normalize
 from ctr.spec import FeatureConfig
+from service.heldset import DATA_KEY
 from service.store import event_keys, item_key, node_urls, user_key
 
 TIME = "__ctr_load_time__"  # the time order user_records sorts on
@@ -82,8 +83,8 @@ def load_identity(config: FeatureConfig, keep: int | None = None) -> str:
 
 # which data set the database holds (:func:`data_description`), kept across loads (not
 # deleted when one starts): ``ctr load`` of another data set into it warns, as its
-# item hashes and the users both share are replaced
-DATA_KEY = "ctr:loaded:data"
+# item hashes and the users both share are replaced; the service compares it with its
+# bundle's (service.heldset)
 
 
 def data_description(config: FeatureConfig) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -92,6 +93,9 @@ class LoadedModel:
     # plain scoring calls on native threads (CTR_NATIVE_RUNNER); None: the Python runner
     native: NativeRunner | None = None
     native_note: str = ""  # why the native runner is not used, when it was wanted
+    # the data set Redis holds against the bundle's (service.heldset): {"matches": True,
+    # False or None (no record), "held": the record}; None until it was read
+    redis_data: dict[str, Any] | None = None
     # initializers every session of the model shares (CTR_SHARE_WEIGHTS_MIN_BYTES); each
     # session holds what it reads of them itself (_session's keep, the native finalizer)
     shared_weights: list[Weight] = field(default_factory=list)

@@ -984,3 +984,37 @@ def test_each_stage_times_its_own_work(client: TestClient, monkeypatch: pytest.M
     assert client.post("/v1/score", json=body).status_code == 200
     assert total("redis_fetch") - before["redis_fetch"] == 10.0
     assert total("feature_mapping") - before["feature_mapping"] == 101.0
+
+
+def test_a_redis_holding_another_data_set_is_said(
+    built: Built, redis_db: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A service pointed at another data set's database scored its users and items as
+    its own (numeric IDs of two data sets collide), 200 and not degraded, silently.
+    ``ctr load`` records the data set; the worker compares it with its bundle's, warns,
+    and /v1/models says so (the loading machine's paths left out)."""
+    import orjson
+
+    from service.heldset import DATA_KEY
+    from tests.helpers import until
+
+    own = redis_db.get(DATA_KEY)
+    assert own is not None  # written by the load
+    try:
+        with TestClient(create_app(settings_for(built))) as c:
+            assert until(lambda: c.get("/v1/models").json()["redis_data"] is not None, 5)
+            held = {"name": built.config.name, "source": "synthetic"}
+            assert c.get("/v1/models").json()["redis_data"] == {"matches": True, "held": held}
+        other = {**orjson.loads(own), "name": "din_movielens", "source": "movielens",
+                 "options": {}, "path": "/data/movielens-100k"}  # fmt: skip
+        redis_db.set(DATA_KEY, orjson.dumps(other))
+        with caplog.at_level("WARNING", logger="ctr.service"), TestClient(
+            create_app(settings_for(built))
+        ) as c:
+            assert until(lambda: c.get("/v1/models").json()["redis_data"] is not None, 5)
+            got = c.get("/v1/models").json()["redis_data"]
+            assert got == {"matches": False,
+                           "held": {"name": "din_movielens", "source": "movielens"}}  # fmt: skip
+        assert "Redis holds another data set than model" in caplog.text
+    finally:
+        redis_db.set(DATA_KEY, own)
