@@ -33,6 +33,7 @@ from service import metrics as m
 from service.callthreads import CallThreads
 from service.codec import items_python
 from service.errors import (
+    SHUTDOWN_DETAIL,
     AdminDisabled,
     BadRequest,
     DeadlineExceeded,
@@ -40,6 +41,7 @@ from service.errors import (
     Overloaded,
     PayloadTooLarge,
     ServiceError,
+    ShuttingDown,
     StoreDataError,
     StoreUnavailable,
     Unauthorized,
@@ -233,15 +235,25 @@ class ServingMiddleware:
             await _timed_serve(handler, scope, receive, send)
             return
         start = time.perf_counter()
-        code = {"status": 500}
+        code = {"status": 500, "started": 0}
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 code["status"] = message["status"]
+                code["started"] = 1
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except asyncio.CancelledError:
+            # the end of a graceful shutdown's wait: the app's 503 with its request ID
+            # where nothing was sent yet (uvicorn answered a plain-text 500), as the
+            # fast route does (service.front.serve_direct)
+            if code["started"]:
+                raise
+            log.warning("request cancelled by the shutdown before it was answered")
+            code["status"] = 503
+            await error_response(ShuttingDown(SHUTDOWN_DETAIL))(scope, receive, send)
         finally:
             route = getattr(scope.get("route"), "path", None)
             if route is None:
@@ -308,6 +320,11 @@ async def _serve(handler: Handler, scope: Scope, receive: Receive, send: Send) -
         response = await answer(handler, request_headers(scope), receive)
         if response is None:
             return gone_status(scope)  # counted, not logged as a server error
+    except asyncio.CancelledError:
+        # the end of a graceful shutdown's wait, before anything was sent: the app's
+        # 503, not uvicorn's plain-text 500 (as ServingMiddleware and the front do)
+        log.warning("request cancelled by the shutdown before it was answered")
+        response = error_response(ShuttingDown(SHUTDOWN_DETAIL))
     except Exception as exc:
         # a bug: the app's 500 (nothing has been sent yet), then raised for the server's
         # log, as Starlette's error middleware does

@@ -71,6 +71,17 @@ class DeadlineExceeded(ServiceError):
     kind = "deadline_exceeded"
 
 
+class ShuttingDown(ServiceError):
+    """A request still in flight when the worker's graceful shutdown ran out of time
+    (cancelled): not served, safe to retry elsewhere."""
+
+    status = 503
+    kind = "shutting_down"
+
+
+SHUTDOWN_DETAIL = "the worker shut down before this request was answered: retry"
+
+
 class NonFiniteScore(ServiceError):
     """The graph returned NaN/inf for a candidate: never served as a score."""
 

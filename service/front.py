@@ -43,10 +43,12 @@ from service.app import (
     Handler,
     ScoringApp,
     answer,
+    error_response,
     gone_status,
     internal_error_response,
     request_headers,
 )
+from service.errors import SHUTDOWN_DETAIL, ShuttingDown
 from service.requestid import CURRENT, HEADER, request_id
 
 log = logging.getLogger("uvicorn.error")
@@ -460,11 +462,22 @@ async def serve_direct(
         else:
             written = await _write(cycle, response, rid)
             status = response.status_code if written else CLIENT_CLOSED
+    except asyncio.CancelledError:
+        # the end of a graceful shutdown's wait: the request is not served. The app's
+        # 503 (its request ID, Retry-After: another worker takes a retry) where nothing
+        # was sent yet; uvicorn's run_asgi answered a plain-text 500 and logged a
+        # traceback of the cancellation
+        log.warning("request cancelled by the shutdown before it was answered")
+        if not cycle.response_started:
+            status = 503
+            await _write(cycle, error_response(ShuttingDown(SHUTDOWN_DETAIL)), rid)
+        else:
+            cycle.transport.close()
+        return
     except BaseException as exc:
         # what uvicorn's run_asgi does with an app that raised (a bug's exception after
-        # its 500; a cancellation, as at the end of a graceful shutdown's wait): its
-        # traceback (this request's ID on it), then its own 500 if nothing was sent yet,
-        # else the connection closed
+        # its 500): its traceback (this request's ID on it), then its own 500 if nothing
+        # was sent yet, else the connection closed
         log.error("Exception in ASGI application\n", exc_info=exc)
         if not cycle.response_started:
             await cycle.send_500_response()

@@ -473,3 +473,58 @@ def test_a_sighup_restart_waits_for_workers_that_load_slowly(
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
+
+
+def test_a_request_cut_by_the_shutdown_gets_the_apps_503(built: Built) -> None:
+    """A request still in flight when the graceful shutdown's wait ran out was answered
+    by uvicorn's plain-text 500, without the request's ID, and logged as a traceback.
+    It is the app's 503 `shutting_down` with its X-Request-ID (a retry goes elsewhere),
+    on the fast route (scoring) and through the stack (events) alike."""
+    import threading
+
+    from tests.redis_proc import private_redis
+
+    bodies = {
+        "/v1/score": {"user_id": "u1", "candidates": [{"item_id": "i1"}]},
+        "/v1/events": {"user_id": "u1", "event_id": "e1", "item_id": "i1", "type": "click",
+                       "timestamp": time.time()},
+    }  # fmt: skip
+    got: dict[str, httpx.Response] = {}
+    with private_redis() as redis_proc:
+        env = service_env(built, redis_proc.url, CTR_REQUEST_TIMEOUT_MS="30000",
+                          CTR_REDIS_TIMEOUT_MS="30000", CTR_USER_TRACKING="false",
+                          CTR_RELOAD_CHANNEL="")  # fmt: skip
+        port = free_port()
+        proc = serve_process(port, env)
+        base = f"http://127.0.0.1:{port}"
+
+        def post(route: str) -> None:
+            rid = {"X-Request-ID": f"cut{route.replace('/', '-')}"}
+            got[route] = httpx.post(base + route, json=bodies[route], timeout=60, headers=rid)
+
+        def sleep_redis() -> None:  # Redis answers nothing for 13 s
+            from redis import Redis
+
+            with contextlib.suppress(Exception):
+                Redis(host="127.0.0.1", port=redis_proc.port).execute_command(
+                    "DEBUG", "SLEEP", "13")
+
+        stall = threading.Thread(target=sleep_redis)
+        stall.start()
+        time.sleep(0.3)
+        clients = [threading.Thread(target=post, args=(route,)) for route in bodies]
+        for c in clients:
+            c.start()
+        time.sleep(1.0)  # the requests wait on Redis
+        proc.send_signal(signal.SIGTERM)
+        for c in clients:
+            c.join(60)
+        proc.wait(60)
+        stall.join(30)
+    for route in bodies:
+        r = got[route]
+        assert r.status_code == 503, (route, r.text)
+        assert r.json()["error"] == "shutting_down"
+        want = f"cut{route.replace('/', '-')}"
+        assert r.headers["x-request-id"] == want == r.json()["request_id"]
+        assert "retry-after" in r.headers
