@@ -432,7 +432,12 @@ def sweep_staging(root: Path) -> list[Path]:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held: an export runs (or no locks here)
+            # still the folder's lock file: a publish unlinks it, then releases its lock
+            # and renames the folder into place; a lock taken on the unlinked file in
+            # between is no sign of a dead exporter
+            if os.fstat(fd).st_ino != os.stat(path / STAGING_LOCK).st_ino:
+                raise BlockingIOError
+        except OSError:  # held: an export runs, or is publishing (or no locks here)
             os.close(fd)
             continue
         try:

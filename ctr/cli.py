@@ -152,22 +152,46 @@ def bundle_config(path: Path, overrides: dict[str, Any]) -> Any:
     else:
         bundle = load_bundle(path.parent, path.name, "latest")
     raw = apply_overrides(copy.deepcopy(bundle.manifest["config"]), overrides)
-    fingerprint = bundle.manifest.get("data_fingerprint")
-    return FeatureConfig.model_validate(raw), fingerprint if isinstance(fingerprint, str) else None
+    return FeatureConfig.model_validate(raw), bundle.manifest
 
 
-def check_trained_on(config: Any, frame: Any, expected: str, bundle: str) -> None:
+# what a training split's fingerprint depends on: the rows the adapter makes of the data
+DATA_PARTS = ("data", "features", "max_seq_len", "item_key")
+
+
+def data_changed(plain: Any, config: Any) -> bool:
+    """``config`` (a bundle's, with ``--set`` overrides) reads other data than ``plain``
+    (the bundle's own): an override of another key leaves the data as it was."""
+    a, b = plain.model_dump(mode="json"), config.model_dump(mode="json")
+    return any(a.get(k) != b.get(k) for k in DATA_PARTS)
+
+
+def check_trained_on(config: Any, frame: Any, manifest: dict[str, Any], bundle: str) -> None:
     """``ctr load --bundle``: the data read now (``CTR_DATA_ROOT``, the config's files) is
     the data the bundle was trained on: its training split's fingerprint is the
     manifest's. Another data set in its place (another category's files, a shorter
-    file) loaded silently, and the model served histories it was never trained on."""
+    file) loaded silently, and the model served histories it was never trained on.
+    Nothing is checked for a bundle without a fingerprint, or with a random split whose
+    seed it did not record (exports before session 37: the manifest's config leaves
+    ``data.split_seed`` out)."""
     from training.data import split_frame
     from training.data.generic import DataError, data_root, fingerprint
 
-    train, _, _ = split_frame(frame, config.data, seed=config.data.split_seed)
+    expected = manifest.get("data_fingerprint")
+    seed = manifest.get("data_split_seed")
+    if not isinstance(expected, str):
+        return
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        if config.data.split == "random":
+            return
+        seed = config.data.split_seed
+    train, _, _ = split_frame(frame, config.data, seed=seed)
     got = fingerprint(train)
     if got != expected:
-        where = config.data.path or f"CTR_DATA_ROOT={data_root()}"
+        shared = config.data.source not in ("synthetic", "csv", "parquet")
+        where = (f"data.path {config.data.path}" if config.data.path
+                 else f"CTR_DATA_ROOT={data_root()}" if shared
+                 else f"the {config.data.source} source's options")  # fmt: skip
         raise DataError(
             f"the data read from {where} is not the data {bundle} was trained on (its "
             f"training split's fingerprint {got[:12]}, the manifest's {expected[:12]}): "
@@ -182,10 +206,12 @@ def cmd_load(args: argparse.Namespace) -> int:
     from service.store import ping, redact
     from training.data import load_catalog, load_frame
 
-    trained_on = None  # the bundle's data_fingerprint, checked where no --set changes it
+    trained_on = None  # the bundle's manifest, whose data_fingerprint is checked
     if args.bundle:  # the data the served model was trained on, by its own config
         config, trained_on = bundle_config(Path(args.bundle), _overrides(args.set))
-        trained_on = None if args.set or args.force else trained_on
+        if args.force or (args.set and data_changed(bundle_config(Path(args.bundle), {})[0],
+                                                    config)):  # fmt: skip
+            trained_on = None  # other data on purpose
     else:
         config = load_config(args.config, _overrides(args.set))
     settings = Settings()
@@ -370,9 +396,26 @@ class _SupervisorWatch:
                 saved = getattr(config, "timeout_worker_healthcheck", None)
                 if saved is not None:
                     config.timeout_worker_healthcheck = max(saved, start_timeout_s)
+                # the restart runs in the loop that handles signals, so a SIGTERM waits
+                # in the queue until it ends: up to the timeout per worker, past any
+                # stop grace period. A thread sets should_exit meanwhile, which the
+                # wait for a new worker watches
+                done = threading.Event()
+                queue = getattr(self, "signal_queue", None)
+
+                def watch_stop() -> None:
+                    while not done.wait(0.1):
+                        if queue and any(q in (signal.SIGINT, signal.SIGTERM) for q in queue):
+                            self.should_exit.set()
+                            return
+
+                watcher = threading.Thread(target=watch_stop, daemon=True)
+                watcher.start()
                 try:
                     super().restart_all()
                 finally:
+                    done.set()
+                    watcher.join()
                     if saved is not None:
                         config.timeout_worker_healthcheck = saved
                     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
@@ -687,7 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--force",
         action="store_true",
         help="with --bundle: load even where the data is not what the bundle was trained "
-        "on (its manifest's data_fingerprint; checked unless --set changes the data)",
+        "on (its manifest's data_fingerprint; not checked where --set changes the data)",
     )
     ld.add_argument(
         "--once",

@@ -462,7 +462,14 @@ async def serve_direct(
         else:
             written = await _write(cycle, response, rid)
             status = response.status_code if written else CLIENT_CLOSED
-    except asyncio.CancelledError:
+    except asyncio.CancelledError as exc:
+        if isinstance(exc.__context__, Exception):  # while a bug's 500 waited: as below
+            log.error("Exception in ASGI application\n", exc_info=exc)
+            if not cycle.response_started:
+                await cycle.send_500_response()
+            else:
+                cycle.transport.close()
+            return
         # the end of a graceful shutdown's wait: the request is not served. The app's
         # 503 (its request ID, Retry-After: another worker takes a retry) where nothing
         # was sent yet; uvicorn's run_asgi answered a plain-text 500 and logged a

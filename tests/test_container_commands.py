@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import pytest
 from redis import Redis
 from redis.connection import parse_url
 
@@ -114,7 +115,8 @@ def test_init_job_then_serve_then_healthcheck(tmp_path: Path) -> None:
     assert subprocess.run(hc, env=wrong, timeout=30, capture_output=True).returncode != 0
 
 
-def test_the_init_job_passes_sigterm_to_its_step(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_the_init_job_passes_sigterm_to_its_step(tmp_path: Path, sig: str) -> None:
     """init.sh is the init container's PID 1, which ignores SIGTERM without a handler:
     `docker stop` never reached `ctr train` or `ctr export` (killed after the grace
     period, their clean-up skipped). The job passes the signal on to the step it runs,
@@ -144,7 +146,8 @@ def test_the_init_job_passes_sigterm_to_its_step(tmp_path: Path) -> None:
             time.sleep(0.1)
         assert step is not None, "no step started"
         time.sleep(3)  # into the training
-        job.send_signal(signal.SIGTERM)
+        # SIGINT (Ctrl-C) is passed on as SIGTERM: a step started with & ignores SIGINT
+        job.send_signal(getattr(signal, sig))
         _, err = job.communicate(timeout=120)
     finally:
         job.kill()

@@ -212,4 +212,30 @@ def test_a_bundles_load_refuses_data_it_was_not_trained_on(
     err = capsys.readouterr().err
     assert "is not the data" in err and "the manifest's 000000000000" in err
     assert main([*args, "--force"]) == 0
-    assert main([*args, "--set", "data.options.n_users=50"]) == 0
+    assert main([*args, "--set", "data.options.n_users=50"]) == 0  # other data on purpose
+    # an override that leaves the data as it was is checked still
+    assert main([*args, "--set", f"max_seq_len={built.config.max_seq_len}"]) == 2
+    assert main([*args, "--set", "train.epochs=3"]) == 2
+
+
+def test_a_random_split_bundles_own_data_loads(tmp_path: Path, rp: RedisProcess) -> None:
+    """The manifest's config leaves data.split_seed out: a random split with another
+    seed than the default was checked against the default's split, and its own data
+    refused. The export records the seed."""
+    import json
+
+    from ctr.cli import main
+    from tests.helpers import small_config
+    from training.data import load_frame
+    from training.dataset import prepare
+    from training.export import export_bundle
+    from training.train import load_run, train
+
+    config = small_config("din", "din_random")
+    config = config.model_copy(
+        update={"data": config.data.model_copy(update={"split": "random", "split_seed": 7})})
+    train(config, tmp_path / "run", prep=prepare(config, load_frame(config)), progress=False)
+    _, mapper, model, metrics = load_run(tmp_path / "run")
+    _, path, _ = export_bundle(model, config, mapper, metrics, tmp_path / "models")
+    assert json.loads((path / "manifest.json").read_text())["data_split_seed"] == 7
+    assert main(["load", "--bundle", str(path), "--redis-url", rp.url, "--quiet"]) == 0

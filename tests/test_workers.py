@@ -411,8 +411,11 @@ if "--multiprocessing-fork" in sys.argv:  # a worker uvicorn spawned
     import asyncio
     from service import lifecycle
     _start_up = lifecycle.start_up
-    async def start_up(state, deployed):
-        await asyncio.sleep(7)  # a model that takes 7 s more to load
+    import os
+    async def start_up(state, deployed):  # a model that takes 7 s (or more) longer to load
+        marker = os.environ.get("SLOW_AFTER")  # only once this file exists, where named
+        if not marker or os.path.exists(marker):
+            await asyncio.sleep(float(os.environ.get("SLOW_START_S", "7")))
         await _start_up(state, deployed)
     lifecycle.start_up = start_up
 '''
@@ -432,7 +435,7 @@ def _gauge_pids(base: str) -> set[int]:
     return set(map(int, found))
 
 
-@pytest.mark.parametrize("timeout_s", ["60", "2"])
+@pytest.mark.parametrize("timeout_s", ["60", "2", "stop"])
 def test_a_sighup_restart_waits_for_workers_that_load_slowly(
     built: Built, tmp_path: Path, timeout_s: str
 ) -> None:
@@ -444,6 +447,10 @@ def test_a_sighup_restart_waits_for_workers_that_load_slowly(
     (tmp_path / "sitecustomize.py").write_text(SLOW_START)
     env = service_env(built, REDIS_URL, CTR_LOG_LEVEL="info", PYTHONPATH=f"{ROOT}:{tmp_path}",
                       CTR_WORKER_START_TIMEOUT_S=timeout_s)  # fmt: skip
+    marker = tmp_path / "slow-now"
+    if timeout_s == "stop":  # new workers that take 40 s: a restart the stop must not await
+        env |= {"CTR_WORKER_START_TIMEOUT_S": "60", "SLOW_START_S": "40",
+                "SLOW_AFTER": str(marker)}  # fmt: skip
     port = free_port()
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:
@@ -454,9 +461,18 @@ def test_a_sighup_restart_waits_for_workers_that_load_slowly(
             while len(before := _worker_pids(base)) < 2 and time.time() < deadline:
                 time.sleep(0.5)  # the second worker may still be loading
             assert len(before) == 2
+            marker.touch()
             proc.send_signal(signal.SIGHUP)
             deadline = time.time() + 60
-            if timeout_s == "60":
+            if timeout_s == "stop":
+                # a SIGTERM during the restart (docker stop mid-reload) waited in the
+                # queue for the whole restart: up to the timeout per worker
+                time.sleep(1)
+                stopped = time.time()
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=120)
+                assert time.time() - stopped < 30, time.time() - stopped  # not 40 s and on
+            elif timeout_s == "60":
                 after = _worker_pids(base)
                 while (before & after or len(after) < 2) and time.time() < deadline:
                     time.sleep(0.5)  # both replaced, and both seen answering

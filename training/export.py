@@ -348,6 +348,9 @@ def export_bundle(
             "dense_range": model.dense_range(),
             "metrics": {k: metrics.get(k) for k in ("val", "test", "best_epoch", "rows")},
             "data_fingerprint": metrics.get("data_fingerprint"),
+            # the split the fingerprint is of (the config above leaves the seed out):
+            # `ctr load --bundle` checks the data against it
+            "data_split_seed": config.data.split_seed,
             "parity": {"max_abs_diff": report.max_abs_diff, "tolerance": PARITY_TOL},
             "onnx_sha256": sha256_file(onnx_path),
             "fused": export_fused(model, staged, contract=contract),

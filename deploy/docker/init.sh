@@ -24,7 +24,9 @@ forward() {
     if [ -n "$child" ]; then kill -s "$1" "$child" 2>/dev/null || true; fi
 }
 trap 'forward TERM' TERM
-trap 'forward INT' INT
+# a step started with & ignores SIGINT (a non-interactive shell's rule, which Python
+# keeps): Ctrl-C is passed on as SIGTERM, which every ctr command cleans up after too
+trap 'forward TERM' INT
 run() {
     "$@" &
     child=$!
