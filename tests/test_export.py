@@ -654,3 +654,29 @@ def test_an_unreadable_model_file_is_a_bundle_error(
     monkeypatch.setattr(cb, "sha256_file", failing)
     with pytest.raises(BundleError, match="unreadable"):
         load_bundle(ex.models_dir, ex.name, ex.version)
+
+
+def test_a_sweep_never_takes_a_publishing_folders_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A publish unlinks its folder's lock file, releases the lock, then renames the
+    folder into place: a sweep that had opened the lock file just before took the lock
+    then and deleted the folder being published. The lock must still be the folder's."""
+    import fcntl
+
+    import ctr.bundle as cb
+
+    models = tmp_path / "models"
+    staged = cb.staging_dir(models)
+    owner = cb._STAGING_LOCKS.pop(staged)  # as another exporter's folder to this sweep
+    real = fcntl.flock
+
+    def flock(fd: int, op: int) -> None:
+        if op & fcntl.LOCK_NB:  # the sweep opened the lock file; the publish gets in now
+            (staged / cb.STAGING_LOCK).unlink()
+            os.close(owner)
+        real(fd, op)
+
+    monkeypatch.setattr(cb.fcntl, "flock", flock)
+    assert cb.sweep_staging(models) == []
+    assert staged.exists(), "a folder being published was swept"
