@@ -14,6 +14,7 @@ import copy
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -479,7 +480,7 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
     from training.bench_gpu import render, run
     from training.bench_service import _device
 
-    command = "ctr bench-gpu " + " ".join(sys.argv[2:])
+    command = "ctr bench-gpu " + shlex.join(sys.argv[2:])
     res = run(
         Path(args.models_dir),
         args.models.split(","),
@@ -502,7 +503,7 @@ def cmd_profile_graph(args: argparse.Namespace) -> int:
     from training.profile_graph import profile, render
 
     res = profile(Path(args.models_dir), args.model, args.n, args.graph, args.threads, args.runs)
-    command = "ctr profile-graph " + " ".join(sys.argv[2:])
+    command = "ctr profile-graph " + shlex.join(sys.argv[2:])
     table = f"Command: `{command.strip()}`\n\n" + render(res, args.top)
     print(table)
     if args.out:
@@ -515,7 +516,7 @@ def cmd_bench_path(args: argparse.Namespace) -> int:
 
     from training.bench_path import render, run
 
-    command = "ctr bench-path " + " ".join(sys.argv[2:])
+    command = "ctr bench-path " + shlex.join(sys.argv[2:])
     ns = [int(x) for x in args.n.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         where, name = Path(args.models_dir or tmp), args.model
@@ -542,7 +543,7 @@ def cmd_bench_pair(args: argparse.Namespace) -> int:
         args.pipelined, _overrides(args.set),
         tuple(Path(r) if r else None for r in (args.a_root, args.b_root)), args.b_first,
     )  # fmt: skip
-    table = render(res, ("ctr bench-pair " + " ".join(sys.argv[2:])).strip())
+    table = render(res, ("ctr bench-pair " + shlex.join(sys.argv[2:])).strip())
     print(table)
     if args.out:
         _write_report(Path(args.out), "bench_pair", res, table)
@@ -574,7 +575,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         [float(x) for x in args.rates.split(",") if x],
         args.writes,
     )
-    command = "ctr bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "ctr bench"
+    command = "ctr bench " + shlex.join(sys.argv[2:]) if len(sys.argv) > 2 else "ctr bench"
     table = render(res, command)
     print(table)
     if args.out:
@@ -661,10 +662,13 @@ def offline_metrics(models_dir: str, served: str) -> dict[str, Any] | None:
 def cmd_results(args: argparse.Namespace) -> int:
     from training.results import render, run
 
+    if args.out and Path(args.out).suffix == ".json":  # the table's JSON goes beside it
+        raise ValueError(f"--out {args.out}: the Markdown table's path (its .json is "
+                         "written beside it, which would overwrite it)")  # fmt: skip
     seeds = list(range(args.seeds))
     overrides = _overrides(args.set)
     res = run(args.datasets.split(","), args.models.split(","), seeds, overrides, Path(args.runs))
-    command = "ctr results " + " ".join(sys.argv[2:])
+    command = "ctr results " + shlex.join(sys.argv[2:])
     text = render(res, command.strip(), overrides)
     print(text)
     if args.out:
@@ -923,7 +927,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs = sub.add_parser("results", help="Base/DeepFM/DIN/DIEN on real data, mean ± std")
     rs.add_argument("--datasets", default="amazon_beauty,movielens")
     rs.add_argument("--models", default="base,deepfm,din,dien")
-    rs.add_argument("--seeds", type=int, default=3)
+    rs.add_argument("--seeds", type=_positive(int), default=3)
     rs.add_argument("--set", action="append", default=[], help=SET_HELP)
     rs.add_argument("--runs", default="runs/results")
     rs.add_argument("--out", default="runs/results.md", help="table (and its .json beside it)")

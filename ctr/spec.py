@@ -164,7 +164,9 @@ class TrainSpec(_Strict):
         "epoch's weights are kept",
     )
     eval_batch_size: int = 2048
-    threads: int | None = None
+    threads: int | None = Field(
+        default=None, gt=0, description="torch threads per process; default: torch's own"
+    )
     clip_dense: bool = Field(
         default=True,
         description="clamp each dense feature, inside the model and so in the exported "

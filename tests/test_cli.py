@@ -65,6 +65,10 @@ def one_line_error(out: subprocess.CompletedProcess, command: str) -> str:
           "data.options.n_users=abc"], {}, "data.options.n_users must be an integer, not 'abc'"),
         (["train", "--config", "configs/synthetic_din.yaml", "--set", "data.options.n_users=0"],
          {}, "data.options.n_users must be at least 1"),
+        (["train", "--config", "configs/synthetic_din.yaml", "--set", "train.threads=-1"], {},
+         "invalid config: train.threads: Input should be greater than 0"),
+        (["results", "--datasets", "synthetic", "--out", "runs/table.json"], {},
+         "--out runs/table.json: the Markdown table's path"),
         (["results", "--datasets", "synthetic,bogus"], {},
          "unknown datasets ['bogus']; known: ['amazon_beauty', 'amazon_sports', 'amazon_toys'"),
         (["results", "--datasets", "synthetic,movielens"], {"CTR_DATA_ROOT": "/nonexistent"},
@@ -389,6 +393,7 @@ def test_an_export_name_that_is_a_path_is_refused(tmp_path: Path) -> None:
         ["impressions", "--stream", "s", "--window-s", "-5"],
         ["impressions", "--stream", "s", "--window-s", "nan"],
         ["impressions", "--stream", "s", "--skew-s", "inf"],
+        ["results", "--seeds", "0"],
     ],
 )
 def test_numeric_flags_are_checked_by_argparse(args: list[str]) -> None:
@@ -416,3 +421,25 @@ def test_a_report_out_that_cannot_be_written_fails_before_the_run(tmp_path: Path
               "--runs", str(runs), "--out", str(blocker / "r.md"))  # fmt: skip
     assert "a-file" in one_line_error(out, "results")
     assert not runs.exists()  # nothing trained
+
+
+def test_ctr_results_checks_every_config_before_it_trains(tmp_path: Path) -> None:
+    """A typo in --models (or an override a later dataset refuses) failed after every
+    run before it had trained (hours on real data), and no table was written."""
+    runs = tmp_path / "runs"
+    out = ctr("results", "--datasets", "synthetic", "--models", "din,dein", "--seeds", "2",
+              "--runs", str(runs), "--out", str(tmp_path / "r.md"))  # fmt: skip
+    assert "model.type" in one_line_error(out, "results")
+    assert not runs.exists()  # nothing trained
+
+
+def test_a_results_table_of_one_seed_has_no_spread() -> None:
+    """One seed printed ``± 0.0000``, which reads as no spread, not as none measured;
+    the header says which standard deviation it is."""
+    from training.results import render
+
+    row = {"auc": 0.7, "gauc": 0.6, "logloss": 0.5, "best_epoch": 1, "seconds": 3.0}
+    one = render({"synthetic": {"din": [row]}}, "ctr results", {})
+    assert "| din | 0.7000 ± n/a |" in one and "sample standard deviation (n - 1)" in one
+    two = render({"synthetic": {"din": [row, {**row, "auc": 0.8}]}}, "ctr results", {})
+    assert "| din | 0.7500 ± 0.0707 |" in two

@@ -58,6 +58,12 @@ def run(
             "holds the datasets (default ../shared/data beside the checkout), or leave "
             "them out of --datasets"
         )
+    for ds in datasets:  # every config first: a typo in --models failed after hours
+        cfg, _, base = DATASETS[ds]
+        for mt in models:
+            for seed in seeds:
+                load_config(ROOT / cfg, {**base, "model.type": mt, "train.seed": seed,
+                                         **overrides})  # fmt: skip
     results: dict[str, Any] = {}
     for ds in datasets:
         cfg, _, base = DATASETS[ds]
@@ -102,7 +108,8 @@ def render(results: dict[str, Any], command: str, overrides: dict[str, Any]) -> 
         "",
         f"Command: `{command}`",
         "",
-        "Test split per dataset below (docs/datasets.md); mean ± std over seeds.",
+        "Test split per dataset below (docs/datasets.md); mean ± sample standard deviation "
+        "(n - 1) over seeds (n/a for one seed).",
         "",
     ]
     for ds, by_model in results.items():
@@ -118,7 +125,8 @@ def render(results: dict[str, Any], command: str, overrides: dict[str, Any]) -> 
 
             def ms(key: str, r: list[dict[str, Any]] = runs) -> str:
                 v = np.array([x[key] for x in r], dtype=float)
-                return f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.4f}"
+                spread = f"{v.std(ddof=1):.4f}" if len(v) > 1 else "n/a"
+                return f"{v.mean():.4f} ± {spread}"
 
             epochs = ",".join(str(x["best_epoch"]) for x in runs)
             secs = np.mean([x["seconds"] for x in runs])

@@ -7,7 +7,6 @@ import json
 import os
 import random
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,9 +210,12 @@ def train(
     net: nn.Module = model
     if info.world > 1:
         # a model may leave parameters unused in a step, so DDP looks for them; where it
-        # finds none it says so once per rank, which reads as a fault and is none
-        warnings.filterwarnings("ignore", message="find_unused_parameters=True was specified")
+        # finds none, torch's C++ side says so once per rank (a warning Python's filters
+        # do not see): harmless
         net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        # each rank its own dropout masks (the same seed drew the same mask for row j
+        # of every rank's batch); the weights are rank 0's, broadcast by DDP above
+        torch.manual_seed(tc.seed + 1_000_003 * info.rank)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     bce = nn.BCEWithLogitsLoss()
     counts = table_counts(config, prep) if config.model.mba_l2 > 0 else {}
