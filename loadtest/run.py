@@ -344,6 +344,11 @@ def plot_latency(out: Path, history: pd.DataFrame, per_name: list[tuple[str, dic
     agg = history[history["Name"] == "Aggregated"] if not history.empty else history
     if "Total Request Count" in agg:
         agg = agg[agg["Total Request Count"] > 0]  # before the first response: no latency
+    # locust's current percentiles are over a trailing window, empty at first: 0 there
+    # is no latency, not a fast one
+    known = [p for p in PERCENTILES if p in agg]
+    if known:
+        agg = agg[(agg[known].fillna(0) > 0).any(axis=1)]
     if not agg.empty:
         for pct, style in zip(PERCENTILES, ("-", "--", ":"), strict=True):
             ax_time.plot(agg["elapsed_s"], agg[pct], style, label=f"p{pct.rstrip('%')}")
@@ -412,7 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_csv:
         code = args.locust_exit_code
     else:
-        for old in [*out.glob(f"{PREFIX}_*.csv"), out / f"{JSON_STEM}.json", out / VERDICT]:
+        # a previous run's files: a run that fails before writing its own left them as
+        # if they were its (the report, the chart)
+        leftovers = [out / f"{JSON_STEM}.json", out / VERDICT, out / "report.md",
+                     out / "latency.png"]  # fmt: skip
+        for old in [*out.glob(f"{PREFIX}_*.csv"), *leftovers]:
             old.unlink(missing_ok=True)
         code = run_locust(args, out)
     json_path = out / f"{JSON_STEM}.json"
@@ -421,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     elif (out / f"{PREFIX}_stats.csv").exists():
         stats = load_stats(out)
     else:
+        stats = pd.DataFrame()
+    if stats.empty:  # no file, or one without a request (every user died at its start)
         print(f"locust exited {code} without statistics; see {out / 'locust.log'}", file=sys.stderr)
         return 2
     try:
@@ -440,8 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     if overall["requests"] == 0:
         print("no requests were made", file=sys.stderr)
         return 2
-    # locust itself exits 1 when any request failed
-    if code == COLD_START_EXIT:
+    # locust itself exits 1 when any request failed, which hides the cold-start verdict's
+    # status: the verdict file is the locustfile's own record of it (--from-csv too)
+    if code == COLD_START_EXIT or (out / VERDICT).exists():
         print("too many cold starts: see the locust output's FAIL line", file=sys.stderr)
         return COLD_START_EXIT
     if (overall["failures"] or code == 1) and not args.allow_failures:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import os
 import platform
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -566,3 +567,29 @@ def test_model_only_benchmark_names_its_l_and_rough_p99() -> None:
     table = run(["din"], [8], threads=1, repeats=6, length=50, overrides={"max_seq_len": 7})
     assert "L=7, history fed once" in table
     assert "(n=6, <1,000)" in table and "| din | 8 |" in table
+
+
+def test_a_soak_reads_every_workers_memory_and_sends_the_key(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With CTR_WORKERS=2 the soak read the parent's memory only (flat while a worker
+    grew); with CTR_API_KEY exported every event was a 401. Both run as a deployment
+    runs now: the RSS is the service's and its workers', the events carry the key."""
+    from training.soak import rss_mb, run
+
+    monkeypatch.setenv("CTR_WORKERS", "2")
+    monkeypatch.setenv("CTR_API_KEY", "soak-key")
+    proc = RedisProcess().start()
+    try:
+        code = run(6.0, 2, 1.0, 2.0, 500.0, proc.url, free_port(), 1)
+    finally:
+        proc.stop()
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "soak: PASS" in out and "401" not in out and "errors: 0 " in out
+    start = float(re.search(r"server RSS MB \(the service and its workers\): start ([0-9.]+)",
+                            out)[1])  # type: ignore[index]  # fmt: skip
+    assert start > 150, out  # two workers with a model each, not the supervisor alone
+    with pytest.raises(ValueError, match="must be longer than --warmup"):
+        run(5.0, 2, 1.0, 30.0, 50.0, "redis://127.0.0.1:1/0", free_port(), 1)
+    assert rss_mb(os.getpid()) > 0

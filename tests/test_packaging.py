@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+import types
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -1024,3 +1025,51 @@ def test_the_metrics_tmpfs_stays_writable_after_a_container_restart() -> None:
     user = re.search(r"^USER (\d+):(\d+)$", (REPO / "Dockerfile").read_text(), re.M)
     assert user is not None
     assert f"uid={user[1]}" in options and f"gid={user[2]}" in options, entry
+
+
+def _run_py_module() -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location("ctr_loadtest_run_exit", RUN_PY)
+    assert spec is not None and spec.loader is not None
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    return run
+
+
+def _locust_out(tmp_path: Path, failures: int, verdict: bool, requests: int = 100) -> Path:
+    out = tmp_path / "out"
+    out.mkdir()
+    rows = [] if not requests else [{
+        "name": "/v1/score [N=50]", "method": "POST", "num_requests": requests,
+        "num_failures": failures, "response_times": {"10": requests}, "start_time": 1e6,
+        "last_request_timestamp": 1e6 + 5, "total_response_time": 10.0 * requests,
+        "max_response_time": 10.0}]  # fmt: skip
+    (out / "locust_final.json").write_text(json.dumps(rows))
+    if verdict:
+        (out / "locust_verdict.txt").write_text("FAIL: 40 of 100 scores were cold starts\n")
+    return out
+
+
+@pytest.mark.parametrize(
+    ("failures", "verdict", "extra", "want"),
+    [
+        (0, True, [], 3),  # --from-csv without locust's status: the verdict file says it
+        (1, True, ["--locust-exit-code", "1", "--allow-failures"], 3),  # not covered by it
+        (1, False, ["--locust-exit-code", "1", "--allow-failures"], 0),
+        (1, False, ["--locust-exit-code", "1"], 1),
+        (0, False, [], 0),
+    ],
+)  # fmt: skip
+def test_run_py_exit_status_follows_the_cold_start_verdict(
+    tmp_path: Path, failures: int, verdict: bool, extra: list[str], want: int
+) -> None:
+    """run.py read only locust's exit status: with --allow-failures, or --from-csv as
+    docs/stack.md runs it, a failed cold-start verdict exited 0."""
+    out = _locust_out(tmp_path, failures, verdict)
+    assert _run_py_module().main(["--from-csv", "--out", str(out), "--no-plot", *extra]) == want
+
+
+def test_run_py_without_a_request_exits_2(tmp_path: Path) -> None:
+    """Every user died at its start (locust's JSON is []): a KeyError traceback and
+    exit 1, where "no statistics" is 2."""
+    out = _locust_out(tmp_path, 0, False, requests=0)
+    assert _run_py_module().main(["--from-csv", "--out", str(out), "--no-plot"]) == 2
