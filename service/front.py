@@ -464,11 +464,7 @@ async def serve_direct(
             status = response.status_code if written else CLIENT_CLOSED
     except asyncio.CancelledError as exc:
         if isinstance(exc.__context__, Exception):  # while a bug's 500 waited: as below
-            log.error("Exception in ASGI application\n", exc_info=exc)
-            if not cycle.response_started:
-                await cycle.send_500_response()
-            else:
-                cycle.transport.close()
+            await _end_as_uvicorn(cycle, exc)
             return
         # the end of a graceful shutdown's wait: the request is not served. The app's
         # 503 (its request ID, Retry-After: another worker takes a retry) where nothing
@@ -482,20 +478,24 @@ async def serve_direct(
             cycle.transport.close()
         return
     except BaseException as exc:
-        # what uvicorn's run_asgi does with an app that raised (a bug's exception after
-        # its 500): its traceback (this request's ID on it), then its own 500 if nothing
-        # was sent yet, else the connection closed
-        log.error("Exception in ASGI application\n", exc_info=exc)
-        if not cycle.response_started:
-            await cycle.send_500_response()
-        else:
-            cycle.transport.close()
+        await _end_as_uvicorn(cycle, exc)
         return
     finally:
         cycle.on_response = lambda: None  # as run_asgi: the request is over
         m.REQUEST(scope["path"], scope["method"], str(status)).observe(time.perf_counter() - start)
     # reset on a normal return only, as ScoringApp.__call__ does
     CURRENT.reset(token)
+
+
+async def _end_as_uvicorn(cycle: RequestResponseCycle, exc: BaseException) -> None:
+    """What uvicorn's run_asgi does with an app that raised (a bug's exception after its
+    500): its traceback (this request's ID on it), then its own 500 if nothing was sent
+    yet, else the connection closed."""
+    log.error("Exception in ASGI application\n", exc_info=exc)
+    if not cycle.response_started:
+        await cycle.send_500_response()
+    else:
+        cycle.transport.close()
 
 
 async def _write(cycle: RequestResponseCycle, response: Response, rid: str) -> bool:

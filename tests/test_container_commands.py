@@ -47,16 +47,22 @@ def healthcheck_command() -> list[str]:
     return json.loads(m.group(1))
 
 
-def test_init_job_then_serve_then_healthcheck(tmp_path: Path) -> None:
-    Redis.from_url(REDIS_URL).flushdb()
-    env = dict(
+def init_env(tmp_path: Path, train_set: str) -> dict[str, str]:
+    """The init job's environment: this venv's ctr first on PATH, a model store in
+    ``tmp_path``, the test Redis, ``CTR_INIT_TRAIN_SET``."""
+    return dict(
         os.environ,
         PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         CTR_MODELS_DIR=str(tmp_path / "models"),
         CTR_MODEL_NAME="din",
         CTR_REDIS_URL=REDIS_URL,
-        CTR_INIT_TRAIN_SET='train.epochs=1 data.options={"n_users":200}',
+        CTR_INIT_TRAIN_SET=train_set,
     )
+
+
+def test_init_job_then_serve_then_healthcheck(tmp_path: Path) -> None:
+    Redis.from_url(REDIS_URL).flushdb()
+    env = init_env(tmp_path, 'train.epochs=1 data.options={"n_users":200}')
     init = ROOT / "deploy" / "docker" / "init.sh"
     first = subprocess.run(["sh", str(init)], env=env, cwd=ROOT, capture_output=True,
                            text=True, timeout=300)  # fmt: skip
@@ -124,14 +130,7 @@ def test_the_init_job_passes_sigterm_to_its_step(tmp_path: Path, sig: str) -> No
     import signal
     import time
 
-    env = dict(
-        os.environ,
-        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        CTR_MODELS_DIR=str(tmp_path / "models"),
-        CTR_MODEL_NAME="din",
-        CTR_REDIS_URL=REDIS_URL,
-        CTR_INIT_TRAIN_SET="train.epochs=50",
-    )
+    env = init_env(tmp_path, "train.epochs=50")
     init = ROOT / "deploy" / "docker" / "init.sh"
     job = subprocess.Popen(["sh", str(init)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)  # fmt: skip
