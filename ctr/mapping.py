@@ -32,7 +32,7 @@ def normalize(raw: Any) -> str | None:
     """
     if raw is None:
         return None
-    if isinstance(raw, bool):
+    if isinstance(raw, bool | np.bool_):  # numpy's too: a Parquet bool cell read by pandas
         return str(int(raw))
     if isinstance(raw, float | np.floating):
         if math.isnan(raw) or math.isinf(raw):

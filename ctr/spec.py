@@ -11,13 +11,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Side = Literal["user", "item", "context"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinity nowhere: a NaN default trained, then its config.json (null) did
+    # not load at export; an infinite learning rate validated
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class MappingSpec(_Strict):
@@ -79,7 +81,7 @@ class GroupSpec(_Strict):
 
     name: str
     type: Literal["deep", "sequence"]
-    features: list[str]
+    features: list[str] = Field(min_length=1)  # an empty one failed in torch.cat
 
 
 class ModelSpec(_Strict):
@@ -154,7 +156,7 @@ class TrainSpec(_Strict):
         "statistics need two rows)",
     )
     lr: float = Field(default=1e-3, gt=0)
-    weight_decay: float = 0.0
+    weight_decay: float = Field(default=0.0, ge=0.0)
     seed: int = 42
     patience: int = Field(
         default=2,
@@ -163,10 +165,17 @@ class TrainSpec(_Strict):
         "row have not improved validation AUC (patience 2: at the third); the best "
         "epoch's weights are kept",
     )
-    eval_batch_size: int = 2048
+    eval_batch_size: int = Field(default=2048, gt=0)  # 0 failed after a whole epoch
     threads: int | None = Field(
-        default=None, gt=0, description="torch threads per process; default: torch's own"
+        default=None, gt=0, description="torch threads per process; default (or 0, as runs "
+        "and bundles before session 37 may record it): torch's own"
     )
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _zero_is_default(cls, value: object) -> object:
+        """0 meant torch's default before it was refused: a bundle that recorded it loads."""
+        return None if value == 0 and not isinstance(value, bool) else value
     clip_dense: bool = Field(
         default=True,
         description="clamp each dense feature, inside the model and so in the exported "
@@ -185,7 +194,7 @@ class DataSpec(_Strict):
     label: str = "label"
     user_key: str = "user_id"
     time_column: str | None = "ts"
-    seq_delimiter: str = "|"
+    seq_delimiter: str = Field(default="|", min_length=1)
     behaviour_labels: Literal["positive", "all", "none"] | None = Field(
         default=None,
         description=(
@@ -270,6 +279,10 @@ class FeatureConfig(_Strict):
         if len(set(names)) != len(names):
             raise ValueError("feature names must be unique")
         by_name = {f.name: f for f in self.features}
+        leak = [f.name for f in self.features if f.source == self.data.label]
+        if leak:  # trained to AUC 1.0 on the answer, which no request carries
+            raise ValueError(f"features {leak} read the label column "
+                             f"{self.data.label!r} (data.label)")  # fmt: skip
         if not any(f.kind == "sparse" and f.side == "item" for f in self.features):
             raise ValueError("features: a config needs an item-side sparse feature (the "
                              "candidate's ID, which requests name items by)")  # fmt: skip
@@ -318,6 +331,15 @@ class FeatureConfig(_Strict):
                         f"sequence feature {f.name!r} is in no sequence group a "
                         f"{self.model.type} model reads (DIEN: the first), so it would "
                         "never be read (add it to that group, or drop it)"
+                    )
+        if self.model.type == "multi_tower_din":  # its towers read the deep groups only
+            deep = {n for g in self.groups if g.type == "deep" for n in g.features}
+            for f in self.features:
+                if f.kind != "sequence" and f.name not in deep:
+                    raise ValueError(
+                        f"feature {f.name!r} is in no deep group, and multi_tower_din "
+                        "reads features through them only: it would never be read (add it "
+                        "to a group, or drop it)"
                     )
         return self
 
@@ -402,7 +424,19 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Fe
     if not isinstance(raw, dict):  # an empty file, or a list or text at the top
         raise ValueError(f"config file {path} holds no mapping of settings (it is "
                          f"{'empty' if raw is None else type(raw).__name__})")  # fmt: skip
+    # a YAML alias (*anchor) is one object wherever it is used: an override of one place
+    # changed them all (copy.deepcopy keeps the sharing)
+    raw = _unshared(raw)
     return FeatureConfig.model_validate(apply_overrides(raw, overrides))
+
+
+def _unshared(node: Any) -> Any:
+    """``node`` with every dict and list a copy of its own."""
+    if isinstance(node, dict):
+        return {k: _unshared(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_unshared(v) for v in node]
+    return node
 
 
 def apply_overrides(raw: Any, overrides: dict[str, Any] | None) -> Any:

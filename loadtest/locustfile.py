@@ -369,14 +369,17 @@ VERDICT = "_verdict.txt"
 @events.quitting.add_listener
 def _cold_start_check(environment: object, **_: object) -> None:
     reason = COLD.verdict(MAX_COLD_SHARE)
-    if reason is not None:
-        print(f"FAIL: {reason}", flush=True)
-        prefix = getattr(getattr(environment, "parsed_options", None), "csv_prefix", None)
-        if prefix:  # for run.py's report
-            Path(prefix + VERDICT).write_text(f"FAIL: {reason}\n")
-        # its own status, not taken for failed requests; a run with failed requests or
-        # errors keeps locust's own status (1), which says more
-        runner = getattr(environment, "runner", None)
-        failed = runner is not None and bool(runner.errors or runner.exceptions)
-        if not failed and getattr(environment, "process_exit_code", None) is None:
-            environment.process_exit_code = COLD_START_EXIT  # type: ignore[attr-defined]
+    prefix = getattr(getattr(environment, "parsed_options", None), "csv_prefix", None)
+    if reason is None:  # a passing run leaves no earlier run's FAIL behind (run.py reads it)
+        if prefix:
+            Path(prefix + VERDICT).unlink(missing_ok=True)
+        return
+    print(f"FAIL: {reason}", flush=True)
+    if prefix:  # for run.py's report
+        Path(prefix + VERDICT).write_text(f"FAIL: {reason}\n")
+    # its own status, not taken for failed requests; a run with failed requests or
+    # errors keeps locust's own status (1), which says more
+    runner = getattr(environment, "runner", None)
+    failed = runner is not None and bool(runner.errors or runner.exceptions)
+    if not failed and getattr(environment, "process_exit_code", None) is None:
+        environment.process_exit_code = COLD_START_EXIT  # type: ignore[attr-defined]

@@ -448,6 +448,7 @@ async def serve_direct(
         await proxy(scope, None, None)  # the client and scheme the access log shows
     start = time.perf_counter()
     status = 500
+    bug: Exception | None = None  # a bug whose 500 is being written
     try:
         try:
             # uvicorn's receive: it answers Expect: 100-continue and resumes reading
@@ -455,6 +456,7 @@ async def serve_direct(
         except Exception as exc:
             # a bug: the app's 500 (nothing has been sent yet), then raised on, as
             # ScoringApp raises it to uvicorn
+            bug = exc
             await _write(cycle, internal_error_response(exc), rid)
             raise
         if response is None:
@@ -463,7 +465,7 @@ async def serve_direct(
             written = await _write(cycle, response, rid)
             status = response.status_code if written else CLIENT_CLOSED
     except asyncio.CancelledError as exc:
-        if isinstance(exc.__context__, Exception):  # while a bug's 500 waited: as below
+        if bug is not None:  # while a bug's 500 waited: as below
             await _end_as_uvicorn(cycle, exc)
             return
         # the end of a graceful shutdown's wait: the request is not served. The app's

@@ -914,9 +914,12 @@ def test_a_dense_column_missing_from_the_data_is_an_error(tmp_path: Path) -> Non
 
 def test_a_label_that_is_not_a_number_is_a_data_error(tmp_path: Path) -> None:
     path = tmp_path / "logs.csv"
-    _listed().assign(label=["true", "false", "true", "false"]).to_csv(path, index=False)
+    _listed().assign(label=["yes", "no", "yes", "no"]).to_csv(path, index=False)
     with pytest.raises(DataError, match="label column 'label' must hold 0/1 numbers"):
         load_frame(_csv_config(path, "|"))
+    # a boolean in any case the common writers use is 1/0, as an ID column's is
+    _listed().assign(label=["true", "FALSE", "True", "false"]).to_csv(path, index=False)
+    assert load_frame(_csv_config(path, "|"))["label"].tolist() == [1.0, 0.0, 1.0, 0.0]
 
 
 @pytest.mark.parametrize(
@@ -1133,3 +1136,20 @@ def test_an_adapters_option_of_the_wrong_kind_is_named(
                          {"data.path": str(ml), f"data.options.{option}": value})  # fmt: skip
     with pytest.raises(DataError, match=rf"data\.options\.{option} {says}"):
         load_frame(config)
+
+
+@pytest.mark.parametrize("words", [("true", "false"), ("TRUE", "FALSE")])
+def test_lowercase_and_uppercase_csv_booleans_read_as_a_requests_true(
+    tmp_path: Path, words: tuple[str, str]
+) -> None:
+    """Spark, Java and JS write true/false, R and Excel TRUE/FALSE: only pandas' True
+    was read as 1, so a context feature trained on "true" was out of vocabulary for
+    every request's JSON true (which maps "1")."""
+    path = tmp_path / "clicks.csv"
+    _clicks_csv(path)
+    config = _loader_config(path, max_seq_len=5)
+    items = [words[t % 2] for t in range(12)]
+    _edit_clicks(path, item_id=items, hist_item_id=["|".join(items[:t]) for t in range(12)])
+    frame = load_frame(config)
+    assert set(frame["item_id"]) == {"1", "0"}
+    assert frame["hist_item_id"].tolist()[3] == "1|0|1"

@@ -523,3 +523,36 @@ def test_ctr_serve_runs_the_front_where_httptools_is(monkeypatch: pytest.MonkeyP
     assert _http_protocol(False) == "service.front:TimedProtocol"  # the read timeout only
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     assert _http_protocol(True) == "auto"  # uvicorn falls back to h11 then, as before
+
+
+def test_a_cancel_during_a_handled_errors_await_is_the_shutdowns_503(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A cancel at an await inside an ``except`` block (the Python runner's call after
+    a native call failed) carries that error as its context: it was taken for a bug's
+    500 waiting, answered uvicorn's plain 500. Only a bug's 500 ends so; this is the
+    shutdown's 503, as through the stack."""
+    from uvicorn.protocols.http.flow_control import FlowControl
+
+    from service.nativerun import NativeRunError
+
+    async def handler(header: Any, chunks: Any) -> Any:
+        try:
+            raise NativeRunError("native call failed")
+        except NativeRunError:
+            await asyncio.sleep(10)  # the Python runner's call
+
+    async def main() -> None:
+        transport = Transport()
+        cycle = _cycle(transport, FlowControl(transport))  # type: ignore[arg-type]
+        task = asyncio.ensure_future(front.serve_direct(handler, cycle, None))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await task
+        sent = b"".join(transport.written)
+        assert sent.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), sent[:80]
+        assert b'"error":"shutting_down"' in sent
+
+    with caplog.at_level(logging.ERROR, logger="uvicorn.error"):
+        asyncio.run(main())
+    assert not [r for r in caplog.records if r.name == "uvicorn.error" and r.exc_info]

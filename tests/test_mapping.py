@@ -419,3 +419,14 @@ def test_the_vocabulary_follows_encoding_where_parallel_histories_differ() -> No
     assert set(items) == {"a", "x", "y"}  # OLD and w: cut off by encoding
     seen = set(enc.hist[0, 0][enc.hist[0, 0] > OOV].tolist()) | {int(enc.item_sparse[0, 0])}
     assert seen == set(items.values())
+
+
+def test_numpy_booleans_map_as_python_booleans() -> None:
+    """A Parquet bool cell read through pandas is numpy's bool: ``ctr load`` stored
+    "True" where training's vocabulary held "1" (every user out of vocabulary online)."""
+    import numpy as np
+
+    from ctr.mapping import normalize
+
+    assert normalize(np.bool_(True)) == normalize(True) == "1"
+    assert normalize(np.bool_(False)) == normalize(False) == "0"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -888,3 +889,75 @@ def test_din_final_mlp_reads_candidate_times_interest(
     assert seen[0].shape[1] == start + d * (2 if on else 1)  # one group in this config
     mt = build_model(tiny_config("multi_tower_din", model__din_interaction=on), sizes)
     assert mt.interaction is False  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("edit", "says"),
+    [
+        (lambda r: r["features"].append({"name": "clicked", "kind": "dense", "side": "item",
+                                         "column": "label"}),
+         "read the label column 'label'"),
+        (lambda r: r["train"].update(eval_batch_size=0), "eval_batch_size"),
+        (lambda r: r["train"].update(weight_decay=-0.1), "weight_decay"),
+        (lambda r: r["train"].update(lr=float("inf")), "lr"),
+        (lambda r: r["data"].update(seq_delimiter=""), "seq_delimiter"),
+        (lambda r: r["groups"].append({"name": "empty", "type": "deep", "features": []}),
+         "features"),
+    ],
+)  # fmt: skip
+def test_configs_that_trained_into_trouble_are_refused(edit: Any, says: str) -> None:
+    """Each of these validated, then trained to a leaked AUC of 1.0, failed after a
+    whole epoch, in torch, or at export: refused at once, naming the field."""
+    from pydantic import ValidationError
+
+    from tests.conftest import tiny_raw
+
+    raw = tiny_raw("din")
+    raw.setdefault("train", {})
+    raw.setdefault("data", {})
+    edit(raw)
+    with pytest.raises(ValidationError, match=says):
+        FeatureConfig.model_validate(raw)
+
+
+def test_multi_tower_din_refuses_a_feature_in_no_deep_group() -> None:
+    """Its towers read features through the deep groups only: a feature left out of
+    them trained and was served, and never read (its logits moved by 0.0)."""
+    from pydantic import ValidationError
+
+    from tests.conftest import tiny_raw
+
+    raw = tiny_raw("multi_tower_din")
+    deep = [g for g in raw["groups"] if g["type"] == "deep"]
+    name = deep[0]["features"].pop()
+    with pytest.raises(ValidationError, match=f"feature '{name}' is in no deep group"):
+        FeatureConfig.model_validate(raw)
+
+
+def test_an_override_of_a_yaml_alias_changes_that_place_only(tmp_path: Path) -> None:
+    """PyYAML gives every *alias the one object: --set on one feature's mapping changed
+    every feature that shared the anchor."""
+    from ctr.spec import load_config
+
+    text = (Path(__file__).resolve().parents[1] / "configs" / "synthetic_din.yaml").read_text()
+    text = text.replace("mapping: {type: hash, buckets: 5000}}",
+                        "mapping: &hm {type: hash, buckets: 5000}}", 1)  # fmt: skip
+    text = text.replace("{name: cate_id, kind: sparse, side: item, embedding_dim: 8}",
+                        "{name: cate_id, kind: sparse, side: item, embedding_dim: 8, "
+                        "mapping: *hm}", 1)  # fmt: skip
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    assert load_config(path).feature("cate_id").mapping.buckets == 5000  # the alias holds
+    config = load_config(path, {"features.0.mapping.buckets": 100})
+    assert config.features[0].mapping.buckets == 100
+    assert config.feature("cate_id").mapping.buckets == 5000
+
+
+def test_a_recorded_zero_thread_count_still_loads() -> None:
+    """0 meant torch's default before train.threads was refused below 1: bundles and
+    runs that recorded it must still load (the service stayed not-ready on them)."""
+    from tests.conftest import tiny_raw
+
+    raw = tiny_raw("din")
+    raw.setdefault("train", {})["threads"] = 0
+    assert FeatureConfig.model_validate(raw).train.threads is None

@@ -60,7 +60,7 @@ def _children(pid: int) -> list[int]:
 
 
 async def _drive(url: str, bodies: list[bytes], concurrency: int, seconds: float,
-                 pid: int, sample: float, warmup: float,
+                 proc: Any, sample: float, warmup: float,
                  headers: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
     """``statuses`` counts answers by status, ``degraded`` scores among the 200s (no
     Redis read: an error here, as the locustfile counts it) and requests that got no
@@ -98,8 +98,10 @@ async def _drive(url: str, bodies: list[bytes], concurrency: int, seconds: float
                 except httpx.HTTPError as exc:  # no answer: the server gone, or a reset
                     stats["errors"] += 1
                     count(type(exc).__name__)
-                    if not Path(f"/proc/{pid}").exists():
+                    if proc.poll() is not None:  # exited (its /proc entry stays, unreaped)
                         gone.set()
+                    else:
+                        await asyncio.sleep(0.05)  # a reset: no tight loop of them
                     i += concurrency
                     continue
                 stats["ok" if good else "errors"] += 1
@@ -108,9 +110,9 @@ async def _drive(url: str, bodies: list[bytes], concurrency: int, seconds: float
 
         async def sampler() -> None:
             while time.perf_counter() < stop and not gone.is_set():
-                stats["rss"].append((time.perf_counter() - start, rss_mb(pid)))
+                stats["rss"].append((time.perf_counter() - start, rss_mb(proc.pid)))
                 await asyncio.sleep(sample)
-            stats["rss"].append((time.perf_counter() - start, rss_mb(pid)))
+            stats["rss"].append((time.perf_counter() - start, rss_mb(proc.pid)))
 
         await asyncio.gather(sampler(), *(worker(k) for k in range(concurrency)))
     stats["elapsed"] = time.perf_counter() - start
@@ -137,7 +139,7 @@ def run(duration: float, concurrency: int, sample: float, warmup: float, max_gro
         proc, url = _start_service(env, port)
         try:
             stats = asyncio.run(
-                _drive(url, bodies, concurrency, duration, proc.pid, sample, warmup, headers)
+                _drive(url, bodies, concurrency, duration, proc, sample, warmup, headers)
             )
         finally:
             stop_service(proc)

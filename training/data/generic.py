@@ -59,7 +59,8 @@ def read_table(path: str | Path, kind: str) -> pd.DataFrame:
 
 
 _INT = r"-?[0-9]+(?:\.0+)?"  # an integer, as digits or as pandas writes it in a float column
-_BOOL = r"(?:True|False)"
+# as pandas writes them (True), and Spark, Java, JS (true) and R, Excel (TRUE)
+_BOOL = r"(?:True|False|true|false|TRUE|FALSE)"
 
 
 def _tokens_match(col: pd.Series, token: str, delim: str | None) -> bool:
@@ -83,8 +84,13 @@ def _digits(col: pd.Series, delim: str | None) -> pd.Series:
 
 
 def _booleans(col: pd.Series, delim: str | None) -> pd.Series:
-    """``col``'s ``True``/``False`` tokens as ``1``/``0``."""
-    return col.str.replace("True", "1", regex=False).str.replace("False", "0", regex=False)
+    """``col``'s ``True``/``False`` tokens (any of :data:`_BOOL`'s cases) as ``1``/``0``:
+    a request's JSON ``true`` maps ``"1"``. The column is known to hold only those."""
+    out = col
+    for word, digit in (("True", "1"), ("true", "1"), ("TRUE", "1"),
+                        ("False", "0"), ("false", "0"), ("FALSE", "0")):  # fmt: skip
+        out = out.str.replace(word, digit, regex=False)
+    return out
 
 
 def canonical_csv_ids(config: FeatureConfig, frame: pd.DataFrame) -> pd.DataFrame:
@@ -145,7 +151,8 @@ def validate_frame(config: FeatureConfig, frame: pd.DataFrame) -> pd.DataFrame:
     label = frame[spec.label]
     if label.dtype == object or pd.api.types.is_string_dtype(label):
         # a CSV of a bool column: True / False, read as IDs are
-        label = label.replace({"True": "1", "False": "0"})
+        label = label.replace({"True": "1", "False": "0", "true": "1", "false": "0",
+                               "TRUE": "1", "FALSE": "0"})  # fmt: skip
     try:
         frame[spec.label] = pd.to_numeric(label, errors="raise").astype(np.float32)
     except (ValueError, TypeError) as exc:
