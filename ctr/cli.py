@@ -176,7 +176,7 @@ def check_trained_on(config: Any, frame: Any, manifest: dict[str, Any], bundle: 
     seed it did not record (exports before session 37: the manifest's config leaves
     ``data.split_seed`` out)."""
     from training.data import split_frame
-    from training.data.generic import DataError, data_root, fingerprint
+    from training.data.generic import DataError, data_root, fingerprint, reads_data_root
 
     expected = manifest.get("data_fingerprint")
     seed = manifest.get("data_split_seed")
@@ -189,9 +189,8 @@ def check_trained_on(config: Any, frame: Any, manifest: dict[str, Any], bundle: 
     train, _, _ = split_frame(frame, config.data, seed=seed)
     got = fingerprint(train)
     if got != expected:
-        shared = config.data.source not in ("synthetic", "csv", "parquet")
         where = (f"data.path {config.data.path}" if config.data.path
-                 else f"CTR_DATA_ROOT={data_root()}" if shared
+                 else f"CTR_DATA_ROOT={data_root()}" if reads_data_root(config.data)
                  else f"the {config.data.source} source's options")  # fmt: skip
         raise DataError(
             f"the data read from {where} is not the data {bundle} was trained on (its "
@@ -201,7 +200,7 @@ def check_trained_on(config: Any, frame: Any, manifest: dict[str, Any], bundle: 
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    from ctr.spec import load_config
+    from ctr.spec import FeatureConfig, load_config
     from service.loader import load_identity, load_into_redis, loaded_identity
     from service.settings import Settings
     from service.store import ping, redact
@@ -210,8 +209,8 @@ def cmd_load(args: argparse.Namespace) -> int:
     trained_on = None  # the bundle's manifest, whose data_fingerprint is checked
     if args.bundle:  # the data the served model was trained on, by its own config
         config, trained_on = bundle_config(Path(args.bundle), _overrides(args.set))
-        if args.force or (args.set and data_changed(bundle_config(Path(args.bundle), {})[0],
-                                                    config)):  # fmt: skip
+        plain = FeatureConfig.model_validate(trained_on["config"])  # without the --set
+        if args.force or data_changed(plain, config):
             trained_on = None  # other data on purpose
     else:
         config = load_config(args.config, _overrides(args.set))

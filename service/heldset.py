@@ -32,16 +32,22 @@ def described(config: FeatureConfig) -> dict[str, Any]:
     }
 
 
-def same_data(held: Any, config: FeatureConfig) -> bool | None:
-    """True where ``held`` (``DATA_KEY``'s JSON value, bytes or text) names the data set
-    ``config`` reads; None where it names none (never loaded, or not readable)."""
+def record(held: Any) -> dict[str, Any] | None:
+    """``DATA_KEY``'s value (bytes or text) as the record ``ctr load`` wrote; None where
+    there is none (never loaded) or it is not one."""
     if held is None:
         return None
     try:
         value = orjson.loads(held)
     except orjson.JSONDecodeError:
         return None
-    if not isinstance(value, dict):
+    return value if isinstance(value, dict) else None
+
+
+def same_data(value: dict[str, Any] | None, config: FeatureConfig) -> bool | None:
+    """True where ``value`` (:func:`record`) names the data set ``config`` reads; None
+    where there is no record."""
+    if value is None:
         return None
     held_path = value.get("path")
     value = {**value, "path": os.path.basename(os.path.normpath(held_path)) if held_path else None}

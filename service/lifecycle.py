@@ -13,8 +13,6 @@ import weakref
 from collections.abc import Coroutine
 from typing import Any
 
-import orjson
-
 from ctr.bundle import BundleError, list_versions, resolve_version
 from service import metrics as m
 from service.model import LoadedModel, ProviderError, load_model
@@ -86,7 +84,7 @@ async def check_held_data(state: State, model: LoadedModel) -> None:
     """Read which data set Redis holds (``ctr:loaded:data``) and note it on ``model``
     (``/v1/models`` → ``redis_data``); warn where it is another than the bundle was
     trained on. Redis not answering: nothing noted (the next load reads it again)."""
-    from service.heldset import DATA_KEY, same_data
+    from service.heldset import DATA_KEY, record, same_data
 
     if state.redis is None:
         return
@@ -95,17 +93,15 @@ async def check_held_data(state: State, model: LoadedModel) -> None:
         held = await asyncio.wait_for(state.redis.get(DATA_KEY), timeout)
     except REDIS_ERRORS:
         return
-    same = same_data(held, model.bundle.config)
-    record = None
-    with contextlib.suppress(orjson.JSONDecodeError, TypeError, AttributeError):
-        value = orjson.loads(held) if held is not None else None
-        record = {k: value.get(k) for k in ("name", "source")}  # no paths in the answer
-    model.redis_data = {"matches": same, "held": record}
+    value = record(held)
+    same = same_data(value, model.bundle.config)
+    named = None if value is None else {k: value.get(k) for k in ("name", "source")}
+    model.redis_data = {"matches": same, "held": named}  # no paths in the answer
     if same is False:
         log.warning("Redis holds another data set than model %s/%s was trained on (%s: %s): "
                     "its users and items are scored as if they were this model's; load "
                     "the bundle's data (ctr load --bundle) or point CTR_REDIS_URL at its "
-                    "database", model.name, model.version, DATA_KEY, record)  # fmt: skip
+                    "database", model.name, model.version, DATA_KEY, named)  # fmt: skip
 
 
 def unexpected(exc: Exception) -> BundleError:

@@ -90,12 +90,10 @@ def load_identity(config: FeatureConfig, keep: int | None = None) -> str:
 def data_description(config: FeatureConfig) -> dict[str, Any]:
     """The data set a load of ``config`` reads: its source, file, options and, for the
     shared datasets, ``CTR_DATA_ROOT``; and the config's name, for messages."""
-    spec = config.data
-    root = None
-    if spec.source not in ("synthetic", "csv", "parquet") and not spec.path:
-        from training.data.generic import data_root
+    from training.data.generic import data_root, reads_data_root
 
-        root = str(data_root())
+    spec = config.data
+    root = str(data_root()) if reads_data_root(spec) else None
     return {
         "name": config.name,
         "source": spec.source,

@@ -35,6 +35,12 @@ def data_root() -> Path:
     return Path(os.environ.get("CTR_DATA_ROOT", str(DEFAULT_DATA_ROOT))).resolve()
 
 
+def reads_data_root(spec: DataSpec) -> bool:
+    """``spec`` reads a shared dataset under :func:`data_root` (no ``data.path`` of its
+    own, and a source that is neither generated nor a file of the user's)."""
+    return spec.source not in ("synthetic", "csv", "parquet") and not spec.path
+
+
 class DataError(ValueError):
     """The data does not match the feature config."""
 
