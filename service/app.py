@@ -251,9 +251,8 @@ class ServingMiddleware:
             # fast route does (service.front.serve_direct)
             if code["started"]:
                 raise
-            log.warning("request cancelled by the shutdown before it was answered")
             code["status"] = 503
-            await error_response(ShuttingDown(SHUTDOWN_DETAIL))(scope, receive, send)
+            await shutdown_response()(scope, receive, send)
         finally:
             route = getattr(scope.get("route"), "path", None)
             if route is None:
@@ -323,8 +322,7 @@ async def _serve(handler: Handler, scope: Scope, receive: Receive, send: Send) -
     except asyncio.CancelledError:
         # the end of a graceful shutdown's wait, before anything was sent: the app's
         # 503, not uvicorn's plain-text 500 (as ServingMiddleware and the front do)
-        log.warning("request cancelled by the shutdown before it was answered")
-        response = error_response(ShuttingDown(SHUTDOWN_DETAIL))
+        response = shutdown_response()
     except Exception as exc:
         # a bug: the app's 500 (nothing has been sent yet), then raised for the server's
         # log, as Starlette's error middleware does
@@ -583,6 +581,14 @@ def error_response(exc: ServiceError) -> Response:
         "request_id": CURRENT.get(),
     }
     return orjson_response(body, exc.status, headers)
+
+
+def shutdown_response() -> Response:
+    """The answer to a request the graceful shutdown cancelled before it was answered
+    (503 ``shutting_down``, Retry-After), logged as such; uvicorn's own was a plain-text
+    500 without the request's ID, and a traceback of the cancellation."""
+    log.warning("request cancelled by the shutdown before it was answered")
+    return error_response(ShuttingDown(SHUTDOWN_DETAIL))
 
 
 def internal_error_response(exc: Exception) -> Response:

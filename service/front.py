@@ -43,12 +43,11 @@ from service.app import (
     Handler,
     ScoringApp,
     answer,
-    error_response,
     gone_status,
     internal_error_response,
     request_headers,
+    shutdown_response,
 )
-from service.errors import SHUTDOWN_DETAIL, ShuttingDown
 from service.requestid import CURRENT, HEADER, request_id
 
 log = logging.getLogger("uvicorn.error")
@@ -472,10 +471,9 @@ async def serve_direct(
         # 503 (its request ID, Retry-After: another worker takes a retry) where nothing
         # was sent yet; uvicorn's run_asgi answered a plain-text 500 and logged a
         # traceback of the cancellation
-        log.warning("request cancelled by the shutdown before it was answered")
         if not cycle.response_started:
             status = 503
-            await _write(cycle, error_response(ShuttingDown(SHUTDOWN_DETAIL)), rid)
+            await _write(cycle, shutdown_response(), rid)
         else:
             cycle.transport.close()
         return

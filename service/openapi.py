@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from service.requestid import MAX_LENGTH as REQUEST_ID_MAX
 from service.schemas import (
     EventRequest,
     EventResponse,
@@ -85,7 +86,7 @@ def declare_headers(schema: dict[str, Any], key_set: bool, protect_scoring: bool
             if not any(p.get("name", "").lower() == "x-request-id" for p in params):
                 params.append({
                     "name": "X-Request-ID", "in": "header", "required": False,
-                    "schema": {"type": "string", "maxLength": 200},
+                    "schema": {"type": "string", "maxLength": REQUEST_ID_MAX},
                     "description": "the request's ID, echoed back and in the log lines "
                     "(one is drawn where it is missing or not a printable token)",
                 })  # fmt: skip
