@@ -834,7 +834,5 @@ def _check_dense_range(
 
 
 def remove_staging(path: Path) -> None:
-    fd = _STAGING_LOCKS.pop(path, None)
+    _release_staging(path)
     shutil.rmtree(path, ignore_errors=True)
-    if fd is not None:
-        os.close(fd)

@@ -19,6 +19,15 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def _dead_writer(path: Path) -> int | None:
+    """The pid that wrote a metric file (``<kind>_<pid>.db``), where that process has
+    ended; None for a live one's or a name without a pid."""
+    tail = path.stem.rsplit("_", 1)[-1]
+    if tail.isascii() and tail.isdigit() and not pid_alive(int(tail)):
+        return int(tail)
+    return None
+
+
 def wipe_stale(folder: str) -> int:
     """Before a deployment's workers start: delete the metric files in ``folder`` that
     processes no longer running wrote (a previous run's: prometheus_client wants the
@@ -27,8 +36,7 @@ def wipe_stale(folder: str) -> int:
     Returns how many were deleted."""
     wiped = 0
     for path in Path(folder).glob("*.db"):
-        tail = path.stem.rsplit("_", 1)[-1]
-        if tail.isascii() and tail.isdigit() and not pid_alive(int(tail)):
+        if _dead_writer(path) is not None:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 wiped += 1
@@ -43,11 +51,7 @@ def forget_dead(folder: str) -> list[int]:
     Returns the pids dropped."""
     from prometheus_client import multiprocess
 
-    dead = set()
-    for path in Path(folder).glob("gauge_live*_*.db"):
-        tail = path.stem.rsplit("_", 1)[1]
-        if tail.isascii() and tail.isdigit() and not pid_alive(int(tail)):
-            dead.add(int(tail))
+    dead = {pid for p in Path(folder).glob("gauge_live*_*.db") if (pid := _dead_writer(p))}
     for pid in sorted(dead):
         with contextlib.suppress(FileNotFoundError):
             multiprocess.mark_process_dead(pid, folder)
