@@ -53,8 +53,9 @@ def _number(
 
 
 def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
-    """An argparse type: ``kind(text)``, which must be above 0."""
-    return _number(kind, lambda v: v > 0, "above 0")
+    """An argparse type: ``kind(text)``, which must be above 0 and finite (``inf`` would
+    never end a wait or a loop)."""
+    return _number(kind, lambda v: v > 0 and math.isfinite(v), "above 0")
 
 
 def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -610,7 +611,9 @@ def cmd_impressions(args: argparse.Namespace) -> int:
             "CTR_IMPRESSION_STREAM; it is made at the first logged response)"
         )
     types = frozenset(t.strip() for t in args.types.split(",") if t.strip())
-    reader = ImpressionReader(client, stream, args.item_key, args.window_s, types, args.skew_s)
+    models_dir = args.models_dir or settings.models_dir
+    item_key = args.item_key or served_item_key(client, stream, models_dir)
+    reader = ImpressionReader(client, stream, item_key, args.window_s, types, args.skew_s)
     online = OnlineEval()
     try:
         with contextlib.ExitStack() as stack:
@@ -625,7 +628,6 @@ def cmd_impressions(args: argparse.Namespace) -> int:
     finally:
         client.close()
     figures = online.summary()
-    models_dir = args.models_dir or settings.models_dir
     for name, per_version in figures["by_version"].items():
         per_version["offline"] = offline_metrics(models_dir, name)
     figures["entries"] = reader.entries
@@ -633,9 +635,38 @@ def cmd_impressions(args: argparse.Namespace) -> int:
     figures["unreadable"] = reader.unreadable
     figures["behaviours"] = reader.behaviours.to_dict()
     print(json.dumps(figures, indent=2))
-    for line in reader.behaviours.warnings(args.item_key, types):
+    for line in reader.behaviours.warnings(item_key, types):
         print(f"warning: {line}", file=sys.stderr)
     return 0
+
+
+def served_item_key(client: Any, stream: str, models_dir: str) -> str:
+    """The field stored behaviours carry a candidate's ID under (its item key feature's
+    source) for the model that served ``stream``'s first logged response, read from
+    that bundle's manifest in ``models_dir``; ``item_id`` (said on stderr) where the
+    entry or the manifest is not there or not readable."""
+    from ctr.bundle import MANIFEST, read_manifest, version_of
+    from ctr.spec import FeatureConfig
+    from service.impression_read import pages, parse_entry
+
+    served = None
+    for entry_id, fields in next(pages(client, stream, page=1), []):
+        rows = parse_entry(entry_id, fields)
+        if rows:
+            served = (rows[0].model, rows[0].version)
+    if served is not None and version_of(served[1]) is not None:
+        path = Path(models_dir) / served[0] / served[1] / MANIFEST
+        try:
+            config = FeatureConfig.model_validate(read_manifest(path)["config"])
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
+            pass
+        else:
+            return config.item_id_feature.source
+    where = f"{served[0]}/{served[1]}" if served else "none logged"
+    print(f"note: --item-key item_id (the served model's manifest was not found under "
+          f"{models_dir} ({where}); name it with --item-key or --models-dir)",
+          file=sys.stderr)  # fmt: skip
+    return "item_id"
 
 
 def offline_metrics(models_dir: str, served: str) -> dict[str, Any] | None:
@@ -763,17 +794,17 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--threads", type=_positive(int), default=2)
     bm.add_argument("--repeats", type=_positive(int), default=50)
     bm.add_argument("--seq-len", type=int, default=50)
-    bm.add_argument("--ablation", type=int, default=500, help="DIN ablation at this N (0 = off)")
+    bm.add_argument("--ablation", type=_non_negative(int), default=500, help="DIN ablation at this N (0 = off)")
     bm.add_argument("--set", action="append", default=[], help="config override")
     bm.set_defaults(func=cmd_bench_model)
     bs = sub.add_parser("bench", help="service benchmark over HTTP with a real Redis")
     bs.add_argument("--models", default="din,dien")
     bs.add_argument("--n", type=_counts, default="50,200,500,1000")
     bs.add_argument("--concurrency", type=_counts, default="1,2,4,8,16")
-    bs.add_argument("--seconds", type=float, default=5.0)
-    bs.add_argument("--threads", type=int, default=2, help="ORT intra-op threads")
+    bs.add_argument("--seconds", type=_positive(float), default=5.0)
+    bs.add_argument("--threads", type=_positive(int), default=2, help="ORT intra-op threads")
     bs.add_argument(
-        "--inflight", type=int, default=1, help="ORT runs in flight (CTR_INFERENCE_CONCURRENCY)"
+        "--inflight", type=_positive(int), default=1, help="ORT runs in flight (CTR_INFERENCE_CONCURRENCY)"
     )
     bs.add_argument("--redis-url", default=BENCH_REDIS, help=BENCH_REDIS_HELP)
     bs.add_argument("--port", type=int, default=8310)
@@ -833,17 +864,17 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("--n", type=_positive(int), default=500,
                     help="candidates (one user, full history)")
     pg.add_argument("--graph", choices=("standard", "fused"), default="standard")
-    pg.add_argument("--threads", type=int, default=2, help="ORT intra-op threads")
+    pg.add_argument("--threads", type=_positive(int), default=2, help="ORT intra-op threads")
     pg.add_argument("--runs", type=_positive(int), default=50)
-    pg.add_argument("--top", type=int, default=15, help="nodes in the table")
+    pg.add_argument("--top", type=_positive(int), default=15, help="nodes in the table")
     pg.add_argument("--out", default="", help="folder for JSON and table")
     pg.set_defaults(func=cmd_profile_graph)
     bp = sub.add_parser("bench-path", help="in-process cost of the request path's Python")
     bp.add_argument("--model", default="din", help="din|dien, or a bundle name with --models-dir")
     bp.add_argument("--models-dir", default="", help="existing bundles (default: build one)")
     bp.add_argument("--n", type=_counts, default="50,500")
-    bp.add_argument("--rounds", type=int, default=7)
-    bp.add_argument("--reps", type=int, default=100)
+    bp.add_argument("--rounds", type=_positive(int), default=7)
+    bp.add_argument("--reps", type=_positive(int), default=100)
     bp.add_argument("--redis-url", default=BENCH_REDIS, help=BENCH_REDIS_HELP)
     bp.add_argument("--out", default="", help="folder for JSON and table")
     bp.set_defaults(func=cmd_bench_path)
@@ -863,8 +894,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument(
         "--b", action="append", default=[], type=_setting, help="B's setting, e.g. CTR_X=2"
     )
-    pp.add_argument("--threads", type=int, default=2, help="ORT intra-op threads")
-    pp.add_argument("--inflight", type=int, default=1, help="CTR_INFERENCE_CONCURRENCY")
+    pp.add_argument("--threads", type=_positive(int), default=2, help="ORT intra-op threads")
+    pp.add_argument("--inflight", type=_positive(int), default=1, help="CTR_INFERENCE_CONCURRENCY")
     pp.add_argument("--redis-url", default=BENCH_REDIS, help=BENCH_REDIS_HELP)
     pp.add_argument(
         "--writes",
@@ -905,8 +936,10 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--redis-url", help="default: $CTR_REDIS_URL")
     im.add_argument("--cluster", action="store_true", help="Redis Cluster (or CTR_REDIS_CLUSTER=1)")
     im.add_argument("--stream", help="default: $CTR_IMPRESSION_STREAM")
-    im.add_argument("--item-key", default="item_id",
-                    help="the behaviours' item ID field (the model's item key)")  # fmt: skip
+    im.add_argument("--item-key", default="",
+                    help="the behaviours' item ID field (default: the item key of the model "
+                    "that served the stream's first response, from its manifest in "
+                    "--models-dir; item_id where that is not there)")  # fmt: skip
     im.add_argument("--window-s", type=_positive(float), default=3600.0,
                     help="a behaviour this long after the scoring at most labels it 1 "
                     "(default: %(default)s)")  # fmt: skip
@@ -934,10 +967,10 @@ def build_parser() -> argparse.ArgumentParser:
     sk = sub.add_parser("soak", help="bounded soak run: errors and server RSS growth")
     sk.add_argument("--duration", type=_positive(float), default=300.0)
     sk.add_argument("--concurrency", type=_positive(int), default=4)
-    sk.add_argument("--sample", type=float, default=5.0)
-    sk.add_argument("--warmup", type=float, default=30.0)
-    sk.add_argument("--max-growth-mb", type=float, default=50.0)
-    sk.add_argument("--threads", type=int, default=2)
+    sk.add_argument("--sample", type=_positive(float), default=5.0)
+    sk.add_argument("--warmup", type=_non_negative(float), default=30.0)
+    sk.add_argument("--max-growth-mb", type=_non_negative(float), default=50.0)
+    sk.add_argument("--threads", type=_positive(int), default=2)
     sk.add_argument("--redis-url", default=BENCH_REDIS, help=BENCH_REDIS_HELP)
     sk.add_argument("--port", type=int, default=8311)
     sk.set_defaults(func=cmd_soak)

@@ -443,3 +443,36 @@ def test_a_results_table_of_one_seed_has_no_spread() -> None:
     assert "| din | 0.7000 ± n/a |" in one and "sample standard deviation (n - 1)" in one
     two = render({"synthetic": {"din": [row, {**row, "auc": 0.8}]}}, "ctr results", {})
     assert "| din | 0.7500 ± 0.0707 |" in two
+
+
+# ---- session 38: every count, length and wait of the bench and soak commands is bounded --
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["soak", "--sample", "0"], "must be above 0"),  # scanned /proc in a tight loop
+        (["soak", "--sample", "inf"], "must be above 0"),  # never sampled again
+        (["soak", "--warmup", "-1"], "must be 0 or more"),
+        (["soak", "--max-growth-mb", "-5"], "must be 0 or more"),
+        (["soak", "--threads", "0"], "must be above 0"),
+        (["bench", "--seconds", "0"], "must be above 0"),
+        (["bench", "--threads", "-2"], "must be above 0"),
+        (["bench", "--inflight", "0"], "must be above 0"),
+        (["bench-path", "--rounds", "0"], "must be above 0"),  # died in StatisticsError
+        (["bench-path", "--reps", "0"], "must be above 0"),
+        (["bench-model", "--ablation", "-1"], "must be 0 or more"),
+        (["profile-graph", "--model", "m", "--top", "0"], "must be above 0"),
+        (["bench-pair", "--threads", "0"], "must be above 0"),
+        (["bench-pair", "--seconds", "nan"], "must be above 0"),
+    ],
+)
+def test_bench_and_soak_numbers_are_bounded(argv: list[str], says: str, capsys) -> None:
+    from ctr.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)
+    assert says in capsys.readouterr().err
+    # the bound's own edge is accepted
+    ok = {"0": "1", "-1": "0", "-5": "0", "-2": "1", "inf": "1", "nan": "1"}
+    build_parser().parse_args([*argv[:-1], ok[argv[-1]]])

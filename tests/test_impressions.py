@@ -12,6 +12,7 @@ import csv
 import json
 import random
 import re
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -281,6 +282,23 @@ def test_ctr_impressions_labels_by_later_behaviours(
     assert json.loads(printed.out)["behaviours"]["other_types"] == {"click": 4, "view": 1}
     assert main(args) == 0  # the right ones: no warning
     printed = capsys.readouterr()
+    assert "warning" not in printed.err
+    # no --item-key: the served model's, from its manifest in the store
+    assert main([*args, "--models-dir", str(built.models_dir)]) == 0
+    printed = capsys.readouterr()
+    assert "warning" not in printed.err and "note" not in printed.err
+    store = tmp_path / "store"
+    shutil.copytree(built.models_dir, store)
+    path = store / rows[0].model / rows[0].version / "manifest.json"
+    manifest = json.loads(path.read_text())
+    item = next(f for f in manifest["config"]["features"] if f["name"] == "item_id")
+    item["column"] = "sku"  # a model whose behaviours carry the ID under another field
+    path.write_text(json.dumps(manifest))
+    assert main([*args, "--models-dir", str(store)]) == 0
+    assert "warning: --item-key 'sku': none of the 5" in capsys.readouterr().err
+    assert main([*args, "--models-dir", str(tmp_path / "none")]) == 0  # no manifest there
+    printed = capsys.readouterr()
+    assert "note: --item-key item_id (the served model's manifest was not found" in printed.err
     assert "warning" not in printed.err
     assert json.loads(printed.out)["behaviours"] == {
         "stamped": 5, "without_item_key": 0, "counted": 4, "other_types": {"view": 1}}  # fmt: skip
