@@ -794,7 +794,9 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--threads", type=_positive(int), default=2)
     bm.add_argument("--repeats", type=_positive(int), default=50)
     bm.add_argument("--seq-len", type=int, default=50)
-    bm.add_argument("--ablation", type=_non_negative(int), default=500, help="DIN ablation at this N (0 = off)")
+    bm.add_argument(
+        "--ablation", type=_non_negative(int), default=500, help="DIN ablation at this N (0 = off)"
+    )
     bm.add_argument("--set", action="append", default=[], help="config override")
     bm.set_defaults(func=cmd_bench_model)
     bs = sub.add_parser("bench", help="service benchmark over HTTP with a real Redis")
@@ -804,7 +806,10 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--seconds", type=_positive(float), default=5.0)
     bs.add_argument("--threads", type=_positive(int), default=2, help="ORT intra-op threads")
     bs.add_argument(
-        "--inflight", type=_positive(int), default=1, help="ORT runs in flight (CTR_INFERENCE_CONCURRENCY)"
+        "--inflight",
+        type=_positive(int),
+        default=1,
+        help="ORT runs in flight (CTR_INFERENCE_CONCURRENCY)",
     )
     bs.add_argument("--redis-url", default=BENCH_REDIS, help=BENCH_REDIS_HELP)
     bs.add_argument("--port", type=int, default=8310)
@@ -861,8 +866,9 @@ def build_parser() -> argparse.ArgumentParser:
     pg = sub.add_parser("profile-graph", help="a bundle's graph node by node (ORT profiler)")
     pg.add_argument("--models-dir", default="models", help="the model store")
     pg.add_argument("--model", required=True, help="bundle name (its latest version)")
-    pg.add_argument("--n", type=_positive(int), default=500,
-                    help="candidates (one user, full history)")
+    pg.add_argument(
+        "--n", type=_positive(int), default=500, help="candidates (one user, full history)"
+    )
     pg.add_argument("--graph", choices=("standard", "fused"), default="standard")
     pg.add_argument("--threads", type=_positive(int), default=2, help="ORT intra-op threads")
     pg.add_argument("--runs", type=_positive(int), default=50)
