@@ -433,6 +433,29 @@ def test_ctr_results_checks_every_config_before_it_trains(tmp_path: Path) -> Non
     assert not runs.exists()  # nothing trained
 
 
+def test_ctr_results_checks_every_data_file_before_it_trains(tmp_path: Path) -> None:
+    """A category whose files are missing from a folder that is there (Sports beside
+    Beauty) failed after the datasets before it had trained."""
+    folder = tmp_path / "data" / "amazon-s3rec-sequences"
+    folder.mkdir(parents=True)
+    (folder / "Beauty.txt").write_text("1 1 2 3\n")
+    (folder / "Beauty_item2attributes.json").write_text("{}")
+    runs = tmp_path / "runs"
+    out = ctr("results", "--datasets", "synthetic,amazon_beauty,amazon_sports", "--models",
+              "din", "--seeds", "1", "--runs", str(runs), "--out", str(tmp_path / "r.md"),
+              CTR_DATA_ROOT=str(tmp_path / "data"))  # fmt: skip
+    said = one_line_error(out, "results")
+    assert f"data file not found for amazon_sports ({folder / 'Sports_and_Outdoors.txt'})" in said
+    assert "Sports_and_Outdoors_item2attributes.json" in said and "Beauty" not in said
+    assert not runs.exists()  # nothing trained
+    # a category the adapter does not know is said up front too
+    out = ctr("results", "--datasets", "synthetic,amazon_beauty", "--models", "din", "--seeds",
+              "1", "--runs", str(runs), "--set", "data.options.name=Shoes",
+              CTR_DATA_ROOT=str(tmp_path / "data"))  # fmt: skip
+    assert "amazon data.options.name must be one of" in one_line_error(out, "results")
+    assert not runs.exists()
+
+
 def test_a_results_table_of_one_seed_has_no_spread() -> None:
     """One seed printed ``± 0.0000``, which reads as no spread, not as none measured;
     the header says which standard deviation it is."""

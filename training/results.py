@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ctr.spec import load_config
-from training.data.generic import DataError, data_root
+from training.data.generic import DataError, data_files, data_root
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,12 +58,16 @@ def run(
             "holds the datasets (default ../shared/data beside the checkout), or leave "
             "them out of --datasets"
         )
+    missing: list[str] = []
     for ds in datasets:  # every config first: a typo in --models failed after hours
         cfg, _, base = DATASETS[ds]
         for mt in models:
             for seed in seeds:
-                load_config(ROOT / cfg, {**base, "model.type": mt, "train.seed": seed,
-                                         **overrides})  # fmt: skip
+                config = load_config(ROOT / cfg, {**base, "model.type": mt, "train.seed": seed,
+                                                  **overrides})  # fmt: skip
+                missing += [f"{ds} ({p})" for p in data_files(config) if not p.is_file()]
+    if missing:  # a second category's missing file failed after the first had trained
+        raise DataError(f"data file not found for {', '.join(dict.fromkeys(missing))}")
     results: dict[str, Any] = {}
     for ds in datasets:
         cfg, _, base = DATASETS[ds]

@@ -101,6 +101,18 @@ def dataset_dir(config: FeatureConfig) -> Path:
     return Path(config.data.path) if config.data.path else data_root() / FOLDER
 
 
+def data_files(config: FeatureConfig) -> list[Path]:
+    """The file :func:`load_alimama` reads (``data.options.file``'s)."""
+    return [dataset_dir(config) / FILES[_file_key(config)]]
+
+
+def _file_key(config: FeatureConfig) -> str:
+    key = str(_options(config)["file"])
+    if key not in FILES:
+        raise DataError(f"alimama data.options.file must be one of {sorted(FILES)}, not {key!r}")
+    return key
+
+
 def expected_header() -> list[str]:
     """The 267 column names of the DeepCTR file's header line (pandas-style, no suffixes)."""
     names = ["cont_btag"] * 50 + ["his_cate"] * 50 + ["his_brand"] * 50
@@ -152,10 +164,7 @@ def to_frame(raw: pd.DataFrame, max_seq_len: int) -> pd.DataFrame:
 def load_alimama(config: FeatureConfig) -> pd.DataFrame:
     """Raw Alimama examples in the generic layout for ``data.options.file``."""
     opts = _options(config)
-    key = str(opts["file"])
-    if key not in FILES:
-        raise DataError(f"alimama data.options.file must be one of {sorted(FILES)}, not {key!r}")
-    raw = read_raw(dataset_dir(config) / FILES[key])
+    raw = read_raw(dataset_dir(config) / FILES[_file_key(config)])
     keep = opts["keep_duplicates"]
     if not isinstance(keep, bool):
         raise DataError(f"alimama data.options.keep_duplicates must be true or false, not {keep!r}")

@@ -70,6 +70,21 @@ def dataset_dir(config: FeatureConfig) -> Path:
     return Path(config.data.path) if config.data.path else data_root() / FOLDER
 
 
+def data_files(config: FeatureConfig) -> list[Path]:
+    """The files :func:`load_amazon` reads for ``config`` (its category's sequences and
+    item attributes)."""
+    name = _category(config)
+    folder = dataset_dir(config)
+    return [folder / f"{name}.txt", folder / f"{name}_item2attributes.json"]
+
+
+def _category(config: FeatureConfig) -> str:
+    name = str(_options(config)["name"])
+    if name not in NAMES:
+        raise DataError(f"amazon data.options.name must be one of {NAMES}, not {name!r}")
+    return name
+
+
 def read_sequences(path: Path) -> list[tuple[str, list[str]]]:
     """``(user_id, items oldest first)`` per line of ``<name>.txt``."""
     if not path.exists():
@@ -175,9 +190,7 @@ def build_examples(
 def load_amazon(config: FeatureConfig) -> pd.DataFrame:
     """Raw Amazon examples (generic layout) for ``data.options.name``."""
     opts = _options(config)
-    name = str(opts["name"])
-    if name not in NAMES:
-        raise DataError(f"amazon data.options.name must be one of {NAMES}, not {name!r}")
+    name = _category(config)
     folder = dataset_dir(config)
     sequences = read_sequences(folder / f"{name}.txt")
     attr_path = folder / f"{name}_item2attributes.json"

@@ -338,6 +338,18 @@ def load_catalog(config: FeatureConfig) -> pd.DataFrame | None:
     return None
 
 
+def data_files(config: FeatureConfig) -> list[Path]:
+    """The files a load of ``config`` reads (none for the synthetic generator)."""
+    spec = config.data
+    if spec.source in ("csv", "parquet"):
+        return [Path(spec.path)] if spec.path else []
+    if spec.source in ("amazon", "movielens", "alimama"):
+        from importlib import import_module
+
+        return import_module(f"training.data.{spec.source}").data_files(config)  # type: ignore[no-any-return]
+    return []
+
+
 def load_frame(config: FeatureConfig) -> pd.DataFrame:
     """Dispatch on ``data.source`` to an adapter; all return the generic layout."""
     spec = config.data

@@ -70,6 +70,11 @@ def dataset_dir(config: FeatureConfig) -> Path:
     return Path(config.data.path) if config.data.path else data_root() / FOLDER
 
 
+def data_files(config: FeatureConfig) -> list[Path]:
+    """The files :func:`load_movielens` reads."""
+    return [dataset_dir(config) / f for f in ("u.data", "u.genre", "u.item", "u.user")]
+
+
 def _require(path: Path) -> Path:
     if not path.exists():
         raise DataError(f"data file not found: {path}")
@@ -121,8 +126,13 @@ def read_users(folder: Path) -> dict[int, dict[str, str]]:
             sep="|",
             header=None,
             names=["user_id", "age", "gender", "occupation", "zip"],
-            dtype={"user_id": "int64", "age": "int64", "gender": str, "occupation": str,
-                   "zip": str},  # fmt: skip
+            dtype={
+                "user_id": "int64",
+                "age": "int64",
+                "gender": str,
+                "occupation": str,
+                "zip": str,
+            },  # fmt: skip
             encoding="latin-1",
         )
         return {
