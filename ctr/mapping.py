@@ -139,6 +139,11 @@ class FeatureMapper:
     def table_sizes(self) -> dict[str, int]:
         return {name: m.size for name, m in self.tables.items()}
 
+    def empty_vocabularies(self) -> list[str]:
+        """Tables mapped by a vocabulary that kept no token (every value, seen in
+        training or not, maps to OOV: the feature carries nothing)."""
+        return [n for n, m in self.tables.items() if m.spec.type == "vocab" and not m.vocab]
+
     @classmethod
     def fit(cls, config: FeatureConfig, columns: dict[str, Sequence[Any]]) -> FeatureMapper:
         """Fit vocabularies from raw training columns.

@@ -167,8 +167,10 @@ class TrainSpec(_Strict):
     )
     eval_batch_size: int = Field(default=2048, gt=0)  # 0 failed after a whole epoch
     threads: int | None = Field(
-        default=None, gt=0, description="torch threads per process; default (or 0, as runs "
-        "and bundles before session 37 may record it): torch's own"
+        default=None,
+        gt=0,
+        description="torch threads per process; default (or 0, as runs "
+        "and bundles before session 37 may record it): torch's own",
     )
 
     @field_validator("threads", mode="before")
@@ -176,6 +178,7 @@ class TrainSpec(_Strict):
     def _zero_is_default(cls, value: object) -> object:
         """0 meant torch's default before it was refused: a bundle that recorded it loads."""
         return None if value == 0 and not isinstance(value, bool) else value
+
     clip_dense: bool = Field(
         default=True,
         description="clamp each dense feature, inside the model and so in the exported "
@@ -489,6 +492,40 @@ TRAINING_ONLY_KEYS: tuple[tuple[str, ...], ...] = (
     ("model", "din_interaction"),  # the same
     ("data", "split_seed"),  # the service never splits data
 )
+
+
+def ignored_settings(config: FeatureConfig) -> list[str]:
+    """A feature's settings that its kind does not read, set away from their defaults
+    (``embedding_dim`` on a sequence, which uses its ``shared_with`` table; ``mapping``
+    on a dense feature; ``buckets`` with a vocabulary ...). Accepted, as a manifest
+    stores every field at its value, but each a mistake that trains as if unset: said
+    as a warning by training (:func:`training.train.train`)."""
+    fields = FeatureSpec.model_fields
+    out: list[str] = []
+    for i, f in enumerate(config.features):
+        where = f"features.{i} ({f.name}, {f.kind})"
+        unread: list[str] = []
+        if f.kind != "sparse" and f.embedding_dim != fields["embedding_dim"].default:
+            unread.append("embedding_dim")
+        if f.kind != "sparse" and f.mapping != MappingSpec():
+            unread.append("mapping")
+        if f.kind != "dense":
+            unread += [k for k in ("default", "log1p") if getattr(f, k) != fields[k].default]
+        if f.kind != "sequence" and f.shared_with is not None:
+            unread.append("shared_with")
+        if unread:
+            uses = f"; it uses {f.shared_with!r}'s table" if f.kind == "sequence" else ""
+            out.append(f"{where}: {', '.join(unread)} not read for a {f.kind} feature{uses}")
+        m = f.mapping
+        if f.kind == "sparse" and m.type == "vocab" and m.buckets is not None:
+            out.append(f"{where}: mapping.buckets not read by a vocab mapping (type: hash)")
+        if f.kind == "sparse" and m.type == "hash":
+            unread = [k for k in ("min_count", "max_size")
+                      if getattr(m, k) != MappingSpec.model_fields[k].default]  # fmt: skip
+            if unread:
+                out.append(f"{where}: mapping.{', mapping.'.join(unread)} not read by a "
+                           "hash mapping (type: vocab)")  # fmt: skip
+    return out
 
 
 def manifest_config(config: FeatureConfig) -> dict[str, Any]:

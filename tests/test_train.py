@@ -424,3 +424,61 @@ def test_mba_l2_under_ddp_averages_to_the_single_process_gradient(
         for t, want in single.items():
             mean = sum(g[t] for g in ranks) / world  # what DDP's all-reduce leaves
             torch.testing.assert_close(mean, want, rtol=1e-6, atol=1e-9)
+
+
+# ---- session 38: settings that train as if they were not there are said ----------------
+
+
+def test_settings_a_feature_kind_does_not_read_are_warned(
+    tiny_prep: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``embedding_dim`` on a sequence (it uses its shared table's), ``mapping`` on a
+    dense feature, ``buckets`` with a vocabulary: accepted (a manifest stores every
+    field) and ignored, so training says so; the shipped configs say nothing."""
+    from ctr.spec import ignored_settings
+    from tests.conftest import tiny_raw
+
+    raw = tiny_raw("din")
+    feats = {f["name"]: f for f in raw["features"]}
+    feats["hist_item_id"]["embedding_dim"] = 16
+    feats["item_price"]["mapping"] = {"type": "hash", "buckets": 10}
+    feats["age_bucket"]["mapping"] = {"buckets": 100}
+    feats["user_id"]["mapping"]["min_count"] = 3
+    feats["cate_id"]["log1p"] = True
+    config = FeatureConfig.model_validate(raw)
+    said = ignored_settings(config)
+    assert said == [
+        "features.0 (user_id, sparse): mapping.min_count not read by a hash mapping (type: vocab)",
+        "features.1 (age_bucket, sparse): mapping.buckets not read by a vocab mapping (type: hash)",
+        "features.4 (cate_id, sparse): log1p not read for a sparse feature",
+        "features.5 (item_price, dense): mapping not read for a dense feature",
+        "features.6 (hist_item_id, sequence): embedding_dim not read for a sequence feature; "
+        "it uses 'item_id''s table",
+    ]
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        assert ignored_settings(load_config(path)) == [], path
+    assert ignored_settings(FeatureConfig.model_validate(tiny_raw("din"))) == []
+    # training says them (rank 0), as warnings on stderr
+    train(config.model_copy(update={"train": config.train.model_copy(update={"epochs": 1})}),
+          tmp_path / "run", prep=tiny_prep, progress=False)  # fmt: skip
+    err = capsys.readouterr().err
+    assert all(f"warning: {line}" in err for line in said)
+
+
+def test_a_vocabulary_that_keeps_no_token_is_warned(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``min_count`` above every token's count left the feature all OOV, silently."""
+    from tests.conftest import make_tiny_config
+
+    config = make_tiny_config("din", train__epochs=1)
+    raw = config.model_dump()
+    next(f for f in raw["features"] if f["name"] == "age_bucket")["mapping"]["min_count"] = 10**9
+    config = FeatureConfig.model_validate(raw)
+    prep = prepare(config)
+    assert prep.mapper.empty_vocabularies() == ["age_bucket"]
+    train(config, tmp_path / "run", prep=prep, progress=False)
+    err = capsys.readouterr().err
+    assert "warning: age_bucket: its vocabulary kept no token of the training split " \
+           "(min_count 1000000000): every value maps to OOV" in err  # fmt: skip
+    assert err.count("warning:") == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ctr.encode import to_float
-from ctr.spec import FeatureConfig, FeatureSpec
+from ctr.spec import FeatureConfig, FeatureSpec, ignored_settings
 from training.dataset import Prepared, Split, negative_key, prepare, sample_negatives
 from training.metrics import evaluate
 from training.models import CTRModel, build_model
@@ -185,6 +186,19 @@ def table_counts(config: FeatureConfig, prep: Prepared) -> dict[str, Tensor]:
     return {t: torch.from_numpy(c) for t, c in counts.items()}
 
 
+def setting_warnings(config: FeatureConfig, prep: Prepared) -> list[str]:
+    """What in ``config`` trains as if it were not there: settings a feature's kind does
+    not read (:func:`ctr.spec.ignored_settings`), and vocabularies that kept no token of
+    the training split (``min_count`` above every token's count, or an empty column)."""
+    out = ignored_settings(config)
+    for name in prep.mapper.empty_vocabularies():
+        m = config.feature(name).mapping
+        out.append(f"{name}: its vocabulary kept no token of the training split (min_count "
+                   f"{m.min_count}): every value maps to OOV, so the feature carries "
+                   "nothing")  # fmt: skip
+    return out
+
+
 def train(
     config: FeatureConfig,
     out_dir: str | Path,
@@ -204,6 +218,9 @@ def train(
         dist.broadcast_object_list(box, src=0)
         out = Path(box[0])
     prep = prep or prepare(config)
+    if info.main:
+        for line in setting_warnings(config, prep):
+            print(f"warning: {line}", file=sys.stderr, flush=True)
     model = build_model(config, prep.mapper.table_sizes())
     if tc.clip_dense:
         model.set_dense_range(*dense_bounds(config, prep.train))
