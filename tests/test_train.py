@@ -482,3 +482,56 @@ def test_a_vocabulary_that_keeps_no_token_is_warned(
     assert "warning: age_bucket: its vocabulary kept no token of the training split " \
            "(min_count 1000000000): every value maps to OOV" in err  # fmt: skip
     assert err.count("warning:") == 1
+
+
+DROPOUT_SCRIPT = textwrap.dedent(
+    """
+    import os, socket, sys
+    import torch
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    from tests.conftest import make_tiny_config
+
+    def run(rank, world, port, out):
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.set_num_threads(1)
+        real = torch.nn.Dropout.forward
+
+        def first_mask(self, x):  # the first training batch's mask, then stop both ranks
+            y = real(self, x)
+            torch.save(y == 0, f"{out}/mask{rank}.pt")
+            dist.barrier()
+            os._exit(0)
+
+        torch.nn.Dropout.forward = first_mask
+        from training.train import train
+        config = make_tiny_config("din", model__activation="prelu", model__dropout=0.5,
+                                  train__batch_size=64, train__epochs=1)
+        train(config, f"{out}/run", progress=False)
+
+    def free():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    if __name__ == "__main__":
+        mp.spawn(run, args=(2, free(), sys.argv[1]), nprocs=2)
+    """
+)
+
+
+def test_ranks_draw_their_own_dropout_masks(tmp_path: Path) -> None:
+    """Every rank seeded torch alike, so row j of each rank's batch had the same dropout
+    mask: a global batch of W ranks regularised like one of B rows (session 37)."""
+    script = tmp_path / "dropout_ranks.py"
+    script.write_text(DROPOUT_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = (torch.load(tmp_path / f"mask{r}.pt") for r in (0, 1))
+    assert a.shape == b.shape and a.shape[0] == 32  # each rank's half of the batch of 64
+    assert 0.3 < a.float().mean().item() < 0.7  # dropout 0.5 did drop
+    assert not torch.equal(a, b)
