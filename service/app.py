@@ -93,7 +93,6 @@ from service.store import (
 )
 from service.validate import (
     MAX_DETAIL,
-    Scanner,
     check_numbers,
     has_surrogate,
     parse_event,
@@ -647,9 +646,13 @@ def _install_handlers(app: FastAPI) -> None:
 
 
 async def _read_body(
-    header: Callable[[str], str | None], chunks: AsyncIterator[bytes], limit: int
+    header: Callable[[str], str | None], chunks: AsyncIterator[bytes], limit: int, state: State
 ) -> bytes:
     """The request body's bytes; ``header(name)`` reads a (lower-case) request header.
+    The bytes of all bodies still arriving are counted in ``state.body_bytes``: past
+    ``CTR_MAX_BODY_BUFFER_BYTES`` the request is refused (503 ``overloaded``), as many
+    connections each holding a stalled body up to the size limit grew the worker
+    without bound (``CTR_MAX_IN_FLIGHT`` counts a request once its body is read).
     A body sent compressed (``Content-Encoding`` other than ``identity``) is refused
     before it is read: read as JSON it would only be malformed. A request that asks to
     switch protocols (``Upgrade``) and whose body did not come is refused too: uvicorn's
@@ -671,10 +674,21 @@ async def _read_body(
         if len(digits) > 19 or int(digits or "0") > limit:
             raise PayloadTooLarge(f"body is larger than {limit} bytes", "body")
     body = bytearray()
-    async for chunk in chunks:
-        body.extend(chunk)
-        if len(body) > limit:
-            raise PayloadTooLarge(f"body is larger than {limit} bytes", "body")
+    cap = state.settings.max_body_buffer_bytes
+    try:
+        async for chunk in chunks:
+            body.extend(chunk)
+            state.body_bytes += len(chunk)
+            if len(body) > limit:
+                raise PayloadTooLarge(f"body is larger than {limit} bytes", "body")
+            if state.body_bytes > cap:
+                raise Overloaded(
+                    f"request bodies still arriving hold more than {cap} bytes "
+                    "(CTR_MAX_BODY_BUFFER_BYTES)",
+                    None,
+                )
+    finally:
+        state.body_bytes -= len(body)
     if header("upgrade") is not None and (
         not body or (length is not None and length.strip().lstrip("0") != str(len(body) or ""))
     ):
@@ -690,16 +704,16 @@ async def _read_json(
     header: Callable[[str], str | None],
     chunks: AsyncIterator[bytes],
     limit: int,
-    scanner: Scanner | None,
+    state: State,
     empty: Any = ...,
 ) -> Any:
     """The request body as JSON; ``header(name)`` reads a (lower-case) request header;
-    ``scanner``: the native codec, whose C walk looks for repeated keys (None: Python
-    does). An empty body is an error unless ``empty`` is given: then it stands for it."""
-    body = await _read_body(header, chunks, limit)
+    ``state.codec``'s C walk looks for repeated keys (None: Python does). An empty body
+    is an error unless ``empty`` is given: then it stands for it."""
+    body = await _read_body(header, chunks, limit, state)
     if not body and empty is not ...:
         return empty
-    return parse_json(body, scanner)
+    return parse_json(body, state.codec)
 
 
 def _check_key(state: State, header: Callable[[str], str | None], admin: bool = False) -> None:
@@ -810,7 +824,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
     ) -> Response:
         if s.protect_scoring:
             _check_key(state, header)
-        body = await _read_body(header, chunks, s.max_body_bytes)
+        body = await _read_body(header, chunks, s.max_body_bytes, state)
         deadline = admit()
         t_parse = STAGE_CLOCK()
         req = score_input(body, s.max_candidates, s.max_id_length, state.codec)
@@ -846,7 +860,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
     async def events(request: Request) -> Response:
         _check_key(state, request.headers.get)
         body = await _read_json(
-            header_reader(request), request.stream(), s.max_body_bytes, state.codec
+            header_reader(request), request.stream(), s.max_body_bytes, state
         )
         ev = parse_event(body, s.max_id_length)
         if ev.timestamp > time.time() + s.event_max_future_s:
@@ -1038,7 +1052,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
         _check_key(state, request.headers.get, admin=True)  # before the body is looked at
         # no body means `{}`: the newest version
         obj = await _read_json(
-            header_reader(request), request.stream(), s.max_body_bytes, state.codec, {}
+            header_reader(request), request.stream(), s.max_body_bytes, state, {}
         )
         try:
             version = ReloadRequest.model_validate(obj).version or "latest"

@@ -238,6 +238,14 @@ class Settings(BaseSettings):
         "range, and the append script's numbers print exactly below 1e14)",
     )
     max_in_flight: int = Field(64, gt=0, description="requests in flight per worker before 503")
+    max_body_buffer_bytes: int = Field(
+        64_000_000,
+        gt=0,
+        description="request body bytes a worker holds for requests still arriving, all "
+        "together, before it refuses more with 503 overloaded (CTR_MAX_IN_FLIGHT counts a "
+        "request once its body is read: stalled 1 MB bodies on many connections grew a "
+        "worker without bound)",
+    )
     request_timeout_ms: int = Field(1000, gt=0, description="per-request deadline")
     item_cache_ttl_s: float = Field(60.0, ge=0, description="item-feature cache TTL (0 = off)")
     item_cache_size: int = Field(200_000, gt=0, description="item-feature cache entries")

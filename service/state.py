@@ -77,6 +77,8 @@ class State:
             t.strip() for t in settings.sequence_event_types.split(",") if t.strip()
         )
         self.in_flight = 0
+        # body bytes held by requests still arriving (app._read_body), all routes
+        self.body_bytes = 0
         self.loads = 0  # models swapped in (lifecycle.load: which of them settle fully)
         # models swapped out, while still alive (lifecycle.load: a full settle frees them)
         self.replaced: list[weakref.ref[LoadedModel]] = []

@@ -377,3 +377,56 @@ def test_a_431_lingers_without_a_408_after_it(
     assert _timeouts() == timeouts
     assert not [r for r in caplog.records if "write_eof" in r.getMessage()
                 or (r.exc_info and "write_eof" in str(r.exc_info[1]))]  # fmt: skip
+
+
+# ---- session 38 (security review): bodies still arriving are bounded all together -------
+
+
+def _answer(sock: socket.socket) -> tuple[bytes, bytes]:
+    """One response's head and body (by its Content-Length), without waiting for a close."""
+    got = b""
+    while b"\r\n\r\n" not in got:
+        got += sock.recv(65536)
+    head, _, body = got.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))  # fmt: skip
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head, body
+
+
+@pytest.mark.parametrize("http", [FrontProtocol, TimedProtocol], ids=["front", "plain"])
+def test_stalled_bodies_are_bounded_all_together(built: Built, http: Any) -> None:
+    """Each connection held a body up to the size limit while it arrived, and nothing
+    bounded them together (``CTR_MAX_IN_FLIGHT`` counts a request once its body is read):
+    600 stalled 1 MB bodies grew a worker by 440 MB, never given back. Past
+    ``CTR_MAX_BODY_BUFFER_BYTES`` a body is refused with 503 ``overloaded``; a body that
+    is given up frees its share."""
+    app = create_app(settings_for(built, max_body_buffer_bytes=2_000_000, read_timeout_ms=0))
+    part = b" " * 900_000  # JSON whitespace: what stays of the body is a valid request
+    with ServerThread(app, http=http) as s:
+        held = [_connect(s), _connect(s)]
+        for sock in held:  # two bodies of 1 MB announced, 0.9 MB of each sent, then stalled
+            sock.sendall(_head(1_000_000) + part)
+        deadline = time.monotonic() + 10  # both read by the worker before the third comes
+        while app.state.ctr.body_bytes < 2 * len(part) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert app.state.ctr.body_bytes == 2 * len(part)
+        third = _connect(s)
+        third.sendall(_head(1_000_000) + part)
+        head, body = _answer(third)  # answered as it arrives; the rest is read and dropped
+        third.close()
+        assert head.startswith(b"HTTP/1.1 503") and b"retry-after: " in head.lower(), head
+        said = json.loads(body)
+        assert said["error"] == "overloaded" and "CTR_MAX_BODY_BUFFER_BYTES" in said["detail"]
+        small = _body(built)  # a whole request within what is left is served
+        with _connect(s) as sock:
+            sock.sendall(_head(len(small)) + small)
+            assert _answer(sock)[0].startswith(b"HTTP/1.1 200")
+        for sock in held:  # given up: their shares are freed
+            sock.close()
+        time.sleep(0.3)
+        assert app.state.ctr.body_bytes == 0
+        with _connect(s) as sock:
+            sock.sendall(_head(len(part) + len(small)) + part + small)
+            assert _answer(sock)[0].startswith(b"HTTP/1.1 200")
