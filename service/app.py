@@ -38,6 +38,7 @@ from service.errors import (
     BadRequest,
     DeadlineExceeded,
     NonFiniteScore,
+    OriginNotAllowed,
     Overloaded,
     PayloadTooLarge,
     ServiceError,
@@ -467,7 +468,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 agreed=lambda version: lifecycle.agreed(state, version),
                 serving_digest=lambda: (
                     state.model.bundle.manifest.get("onnx_sha256")
-                    if state.model is not None else None
+                    if state.model is not None
+                    else None
                 ),
             )
             # before the load: a broadcast meanwhile is caught up; and the deployment's
@@ -652,12 +654,21 @@ async def _read_body(
     The bytes of all bodies still arriving are counted in ``state.body_bytes``: past
     ``CTR_MAX_BODY_BUFFER_BYTES`` the request is refused (503 ``overloaded``), as many
     connections each holding a stalled body up to the size limit grew the worker
-    without bound (``CTR_MAX_IN_FLIGHT`` counts a request once its body is read).
+    without bound (``CTR_MAX_IN_FLIGHT`` counts a request once its body is read). A
+    request a web page sent from an origin not in ``CTR_ALLOWED_ORIGINS`` is refused
+    before its body is read (cross-site request forgery, DNS rebinding).
     A body sent compressed (``Content-Encoding`` other than ``identity``) is refused
     before it is read: read as JSON it would only be malformed. A request that asks to
     switch protocols (``Upgrade``) and whose body did not come is refused too: uvicorn's
     parser reads no body after such a head (whatever ``Connection`` headers made it one),
     which would otherwise be answered as an empty body."""
+    origin = header("origin")  # browsers send it with every POST (same-origin ones too)
+    if origin is not None and not _origin_allowed(origin, header("host"), state):
+        raise OriginNotAllowed(
+            f"requests from web pages of origin {origin[:100]!r} are not served (a page "
+            "could change or read users' data): add it to CTR_ALLOWED_ORIGINS",
+            "Origin",
+        )
     encoding = header("content-encoding")  # a list: "identity, gzip" is a gzip body
     if encoding is not None and any(
         coding.strip().lower() not in ("", "identity") for coding in encoding.split(",")
@@ -698,6 +709,27 @@ async def _read_body(
             "Upgrade",
         )
     return bytes(body)
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+
+
+def _origin_allowed(origin: str, host: str | None, state: State) -> bool:
+    """``origin`` is in ``CTR_ALLOWED_ORIGINS``, or is the service's own page on a
+    loopback name (``/docs``' "Try it out" at ``http://localhost:8000``). Another own
+    origin is not enough: a DNS-rebinding page is same-origin with the service under its
+    own host name, which ``Host`` then carries."""
+    origin = origin.strip().rstrip("/")
+    if origin in state.allowed_origins:
+        return True
+    scheme, _, authority = origin.partition("://")
+    name = authority.rsplit(":", 1)[0] if not authority.endswith("]") else authority
+    return (
+        scheme in ("http", "https")
+        and host is not None
+        and authority == host.strip().lower()
+        and name in LOOPBACK_NAMES
+    )
 
 
 async def _read_json(
@@ -756,13 +788,23 @@ def _load_errors(state: State, header: Callable[[str], str | None]) -> dict[str,
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "malformed JSON, or an `Upgrade` request"},
     401: {"model": ErrorBody, "description": "missing or wrong X-API-Key (where a key is set)"},
-    408: {"model": ErrorBody, "description": "`ctr serve`: the request's head did not all "
-          "arrive within CTR_READ_TIMEOUT_MS (`request_timeout`)"},
+    403: {
+        "model": ErrorBody,
+        "description": "sent by a web page of an origin not in "
+        "CTR_ALLOWED_ORIGINS (`origin_not_allowed`)",
+    },
+    408: {
+        "model": ErrorBody,
+        "description": "`ctr serve`: the request's head did not all "
+        "arrive within CTR_READ_TIMEOUT_MS (`request_timeout`)",
+    },
     413: {"model": ErrorBody, "description": "body over the size limit"},
     415: {"model": ErrorBody, "description": "a compressed body (`Content-Encoding`)"},
     422: {"model": ErrorBody, "description": "invalid field (named in `field`)"},
-    431: {"model": ErrorBody, "description": "`ctr serve`: a request head over 64 KB "
-          "(`header_too_large`)"},
+    431: {
+        "model": ErrorBody,
+        "description": "`ctr serve`: a request head over 64 KB (`header_too_large`)",
+    },
 }
 
 
@@ -810,8 +852,10 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             200: {"model": ScoreResponse},
             **ERROR_RESPONSES,
             500: {"model": ErrorBody, "description": "a non-finite score (`non_finite_score`)"},
-            503: {"model": ErrorBody,
-                  "description": "model not ready, overloaded or deadline exceeded"},
+            503: {
+                "model": ErrorBody,
+                "description": "model not ready, overloaded or deadline exceeded",
+            },
         },
         openapi_extra={"requestBody": body_schema("ScoreRequest")},
         summary="Rank candidates for a user",
@@ -847,21 +891,25 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
         responses={
             202: {"model": EventResponse},
             **ERROR_RESPONSES,
-            500: {"model": ErrorBody, "description": "Redis holds a key of another type than "
-                  "the service writes for this user or item (`store_data_error`): not "
-                  "retryable until it is fixed"},
-            503: {"model": ErrorBody, "description": "the behaviour store is unavailable or "
-                  "slow (`store_unavailable`), or no model loaded yet (`model_not_ready`); "
-                  "with Retry-After: retry with the same event_id"},
+            500: {
+                "model": ErrorBody,
+                "description": "Redis holds a key of another type than "
+                "the service writes for this user or item (`store_data_error`): not "
+                "retryable until it is fixed",
+            },
+            503: {
+                "model": ErrorBody,
+                "description": "the behaviour store is unavailable or "
+                "slow (`store_unavailable`), or no model loaded yet (`model_not_ready`); "
+                "with Retry-After: retry with the same event_id",
+            },
         },
         openapi_extra={"requestBody": body_schema("EventRequest")},
         summary="Append a behaviour to the user's sequence (idempotent by event_id)",
     )
     async def events(request: Request) -> Response:
         _check_key(state, request.headers.get)
-        body = await _read_json(
-            header_reader(request), request.stream(), s.max_body_bytes, state
-        )
+        body = await _read_json(header_reader(request), request.stream(), s.max_body_bytes, state)
         ev = parse_event(body, s.max_id_length)
         if ev.timestamp > time.time() + s.event_max_future_s:
             # the list is kept in time order: a behaviour from the future would stay the
@@ -952,8 +1000,10 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
     ready_doc: dict[str, Any] = {
         "summary": "Readiness: model loaded (and Redis reachable with CTR_READY_REQUIRES_REDIS)",
         "responses": {
-            200: {"description": "ready: `ready` and `model` true; `degraded` true while "
-                  "Redis does not answer (scoring serves without it)"},
+            200: {
+                "description": "ready: `ready` and `model` true; `degraded` true while "
+                "Redis does not answer (scoring serves without it)"
+            },
             503: {"description": "not ready: the same body, with what is missing false"},
         },
     }
@@ -1039,10 +1089,18 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
         "/admin/reload",
         responses={
             200: {"model": ReloadResponse},
-            409: {"model": ReloadConflict, "description": "the version could not be loaded; "
-                  "`serving` is the version the worker still serves"},
+            409: {
+                "model": ReloadConflict,
+                "description": "the version could not be loaded; "
+                "`serving` is the version the worker still serves",
+            },
             **ERROR_RESPONSES,
-            403: {"model": ErrorBody, "description": "admin endpoints are off (CTR_API_KEY unset)"},
+            403: {
+                "model": ErrorBody,
+                "description": "admin endpoints are off (CTR_API_KEY unset; "
+                "`admin_disabled`), or sent by a web page of an origin not in "
+                "CTR_ALLOWED_ORIGINS (`origin_not_allowed`)",
+            },
         },
         openapi_extra={"requestBody": {**body_schema("ReloadRequest"), "required": False}},
         summary="Load a model version, warm it up and swap it in (keeps the old on failure); "

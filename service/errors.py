@@ -92,3 +92,12 @@ class NonFiniteScore(ServiceError):
 class AdminDisabled(ServiceError):
     status = 403
     kind = "admin_disabled"
+
+
+class OriginNotAllowed(ServiceError):
+    """A request a web page sent (it carries ``Origin``) from an origin not in
+    ``CTR_ALLOWED_ORIGINS``: a page open in a browser beside a key-less service could
+    append to any user's history, and through DNS rebinding read it back."""
+
+    status = 403
+    kind = "origin_not_allowed"

@@ -174,6 +174,12 @@ class Settings(BaseSettings):
         "feature or context key",
     )
     sequence_keep: int = Field(0, ge=0, description="events kept per user (0 = model's L)")
+    allowed_origins: str = Field(
+        "",
+        description="comma-separated origins (scheme://host[:port]) whose web pages may "
+        "send requests with a body (a request carrying an Origin header not listed is a 403 "
+        "origin_not_allowed; API clients send none); empty: none may",
+    )
     sequence_event_types: str = Field(
         "", description="comma-separated event types appended to sequences (empty = all)"
     )

@@ -76,6 +76,9 @@ class State:
         self.event_types = frozenset(
             t.strip() for t in settings.sequence_event_types.split(",") if t.strip()
         )
+        self.allowed_origins = frozenset(
+            o.strip().rstrip("/") for o in settings.allowed_origins.split(",") if o.strip()
+        )
         self.in_flight = 0
         # body bytes held by requests still arriving (app._read_body), all routes
         self.body_bytes = 0

@@ -130,13 +130,16 @@ def test_openapi_lists_the_error_answers(client: TestClient) -> None:
     """Every status a route documents in docs/api.md is in its OpenAPI responses."""
     paths = client.get("/openapi.json").json()["paths"]
     codes = {p: set(ops[next(iter(ops))]["responses"]) for p, ops in paths.items()}
-    common = {"400", "401", "408", "413", "415", "422", "431"}
+    common = {"400", "401", "403", "408", "413", "415", "422", "431"}
     assert common | {"200", "500", "503"} <= codes["/v1/score"]
     assert common | {"202", "500", "503"} <= codes["/v1/events"]
     assert {"200", "503"} <= codes["/readyz"] and {"200", "503"} <= codes["/v1/models"]
-    assert common | {"200", "403", "409"} <= codes["/admin/reload"]
-    # 403 is the admin route's alone: scoring and events never answer it
-    assert "403" not in codes["/v1/score"] and "403" not in codes["/v1/events"]
+    assert common | {"200", "409"} <= codes["/admin/reload"]
+    # every route with a body answers a web page's request of another origin with a 403
+    # (session 38); the admin route's also says admin_disabled
+    for path in ("/v1/score", "/v1/events", "/admin/reload"):
+        said = paths[path]["post"]["responses"]["403"]["description"]
+        assert "origin_not_allowed" in said and ("admin_disabled" in said) == path.startswith("/a")
 
 
 def test_openapi_operation_ids_are_unique(client: TestClient) -> None:
@@ -786,3 +789,54 @@ def test_the_native_runner_note_says_why_not_when_turned_off(tmp_path: Any) -> N
         models = c.get("/v1/models").json()
         assert models["native_runner"] is False or models["native_runner"] is None
         assert models["native_runner_note"] == "CTR_NATIVE_RUNNER=false"
+
+
+# ---- session 38 (security review): requests web pages send are refused ------------------
+
+
+def test_a_request_a_web_page_sends_is_refused_unless_its_origin_is_allowed(
+    tmp_path: Any,
+) -> None:
+    """Bodies are read as JSON whatever their Content-Type, so a page open in a browser
+    beside a key-less service could POST a text/plain "simple request" (no CORS
+    preflight): append behaviours to any user's history and, through DNS rebinding,
+    read them back with ``explain``. Browsers send ``Origin`` with every POST; API
+    clients send none."""
+    from service.front import FrontProtocol
+    from tests.server_thread import ServerThread
+
+    event = {"user_id": "u5", "event_id": "csrf-1", "item_id": "i_evil", "timestamp": 1e9}
+    page = {"Origin": "https://evil.example", "Content-Type": "text/plain", **KEY}
+    settings = {"allowed_origins": "https://ranking.example.com/, http://x:81", "api_key": "k3y"}
+    for c in serve(tmp_path, **settings):
+        for path, body in (("/v1/score", {"user_id": "u5", "candidates": C, "explain": True}),
+                           ("/v1/events", event), ("/admin/reload", {})):  # fmt: skip
+            r = c.post(path, content=json.dumps(body), headers=page)
+            check(r, 403, "Origin", "origin_not_allowed")
+            assert "CTR_ALLOWED_ORIGINS" in r.json()["detail"]
+        check(c.post("/v1/events", json=event, headers={"Origin": "null", **KEY}), 403, "Origin")
+        assert c.post("/v1/events", json=event, headers=KEY).status_code == 202  # no Origin
+        for origin in ("https://ranking.example.com", "http://x:81/"):  # listed (a / or not)
+            r = c.post("/v1/score", json={"user_id": "u5", "candidates": C},
+                       headers={"Origin": origin})  # fmt: skip
+            assert r.status_code == 200, r.text
+        score = {"user_id": "u5", "candidates": C}
+        for origin, host, status in [
+            ("http://localhost:8000", "localhost:8000", 200),  # /docs' "Try it out"
+            ("http://127.0.0.1:8000", "127.0.0.1:8000", 200),
+            ("http://[::1]:8000", "[::1]:8000", 200),
+            ("http://rebind.evil.example:8000", "rebind.evil.example:8000", 403),  # rebinding
+            ("http://localhost:8000", "localhost:9000", 403),  # another service's page
+            ("http://localhost.evil.example:8000", "localhost.evil.example:8000", 403),
+        ]:
+            r = c.post("/v1/score", json=score, headers={"Origin": origin, "Host": host})
+            assert r.status_code == status, (origin, host, r.text)
+        spec = c.get("/openapi.json").json()["paths"]
+        assert "origin_not_allowed" in spec["/v1/score"]["post"]["responses"]["403"]["description"]
+        app = c.app
+    with ServerThread(app, http=FrontProtocol) as s:  # the front's own scoring route too
+        import httpx
+
+        body = json.dumps({"user_id": "u5", "candidates": C})
+        check(httpx.post(f"{s.url}/v1/score", content=body, headers=page), 403, "Origin")
+        assert httpx.post(f"{s.url}/v1/score", content=body).status_code == 200
