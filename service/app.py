@@ -1026,7 +1026,9 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             **_load_errors(state, request.headers.get),
             "redis": redis_ok,
         }
-        return orjson_response(body, 200 if body["ready"] else 503)
+        if body["ready"]:
+            return orjson_response(body)
+        return orjson_response(body, 503, {"Retry-After": "1"})  # as every 503 says it
 
     @app.get(
         "/v1/models",

@@ -459,8 +459,11 @@ def test_missing_bundle_not_ready(tmp_path: Path, redis_db: Redis) -> None:
     with TestClient(create_app(s)) as c:
         r = c.get("/readyz", headers={"X-API-Key": "k"})
         assert r.status_code == 503 and "no versions" in r.json()["model_error"]
+        # as every 503 (and the OpenAPI) says: it had none (session 38)
+        assert r.headers["retry-after"] == "1" and c.head("/readyz").headers["retry-after"] == "1"
         s2 = c.post("/v1/score", json={"user_id": "u1", "candidates": [{"item_id": "i1"}]})
         assert s2.status_code == 503 and s2.json()["error"] == "model_not_ready"
+        assert s2.headers["retry-after"] == "1"
         # why is for operators (/readyz, the log): no server path reaches an API caller
         assert str(tmp_path) not in s2.text and "see /readyz" in s2.json()["detail"]
         models = c.get("/v1/models")
