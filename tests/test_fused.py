@@ -583,3 +583,32 @@ def test_a_hung_build_step_is_stopped(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(native, "BUILD_STEP_TIMEOUT_S", 1)
     with pytest.raises(native.NativeError, match="hung, stopped after 1 s"):
         native.build(cuda=False)
+
+
+def test_a_full_store_fails_the_export_instead_of_dropping_the_fused_graph(
+    bundles: dict[str, Built], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk while the fused graph was written published the bundle without it
+    (exit 0, a warning): served on the slower graph though the machine builds the fused
+    one. A store fault fails the export; nothing is published (fault review)."""
+    import errno
+
+    import training.export as ex
+    from training.train import load_run
+
+    real = ex.export_onnx
+
+    def full(model: object, path: Path, *a: object, fused: bool = False, **kw: object) -> None:
+        if fused:
+            path.write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(model, path, *a, fused=fused, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ex, "export_onnx", full)
+    config, mapper, model, metrics = load_run(bundles["dien"].run_dir)
+    with pytest.raises(OSError, match="No space left"):
+        ex.export_bundle(model, config, mapper, metrics, tmp_path)
+    assert not (tmp_path / config.name).exists() or not any(
+        p.name.isdigit() for p in (tmp_path / config.name).iterdir()
+    )  # nothing published
+    assert not list(tmp_path.rglob(FUSED_FILE)) and not list(tmp_path.rglob(".staging-*"))

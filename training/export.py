@@ -8,6 +8,7 @@ unless ORT and torch agree.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
@@ -211,6 +212,11 @@ def export_fused(
         if not report.ok:
             raise ParityError(f"parity gate: max |ORT - torch| = {report.max_abs_diff:.2e}")
     except Exception as exc:  # the fused graph is optional: model.onnx passed its gate
+        if isinstance(exc, OSError) and exc.errno in STORE_FAULTS:
+            # not the graph's fault but the store's: published without it, the bundle
+            # would serve the slower graph though the machine builds the fused one
+            path.unlink(missing_ok=True)
+            raise
         log.warning("no %s in this bundle: %s", name, exc)
         path.unlink(missing_ok=True)
         return None
@@ -220,6 +226,11 @@ def export_fused(
         "sha256": sha256_file(path),
         "parity": {"max_abs_diff": report.max_abs_diff, "tolerance": PARITY_TOL},
     }
+
+
+# a full disk, a quota, an I/O error, a read-only file system: the export fails (exit 2,
+# nothing published) instead of publishing a bundle without its fused graph
+STORE_FAULTS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
 
 
 def custom_ops(path: Path) -> list[str]:
