@@ -1001,6 +1001,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ("service.model", "ProviderError"),
         ("training.export", "ParityError"),
         ("training.train", "TrainingDiverged"),
+        ("service.loader", "LoadLost"),
     ):
         if module in sys.modules:
             found.append(getattr(sys.modules[module], name))

@@ -96,7 +96,13 @@ async def check_held_data(state: State, model: LoadedModel) -> None:
     value = record(held)
     same = same_data(value, model.bundle.config)
     named = None if value is None else {k: value.get(k) for k in ("name", "source")}
-    model.redis_data = {"matches": same, "held": named}  # no paths in the answer
+    complete = None if value is None else value.get("complete", True) is not False
+    # no paths in the answer
+    model.redis_data = {"matches": same, "held": named, "complete": complete}
+    if complete is False:
+        log.warning("a ctr load of %s into Redis is running or did not complete (%s): some "
+                    "users may hold another data set's rows, or none; once it has, the "
+                    "next model load says so", named, DATA_KEY)  # fmt: skip
     if same is False:
         log.warning("Redis holds another data set than model %s/%s was trained on (%s: %s): "
                     "its users and items are scored as if they were this model's; load "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -30,6 +31,23 @@ TIME = "__ctr_load_time__"  # the time order user_records sorts on
 # what the last complete load wrote (:func:`load_identity`), so that ``ctr load --once``
 # (the compose init job on every `up`) does not reset histories events have moved on
 LOADED_KEY = "ctr:loaded"
+# the running load's token: gone at its end where Redis lost its writes meanwhile (a
+# restart without its data, a flush, a fail-over), whose record would otherwise name a
+# load the database no longer holds, and `--once` skip it for good
+LOADING_KEY = "ctr:loading"
+# KEYS: LOADING_KEY, DATA_KEY, LOADED_KEY; ARGV: the token, the data set, the identity
+FINISH_LOAD = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('SET', KEYS[3], ARGV[3])
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+
+class LoadLost(RuntimeError):
+    """Redis no longer holds a load's writes (restarted without its data, flushed or
+    failed over while it ran)."""
 # what the keys a load writes hold: raise it when that changes (2, session 35: a CSV's
 # float-written integer IDs read as digits; history item features lined up from the end;
 # 3, session 36: an item's features from its newest row by time, ISO 8601 times ordered
@@ -314,6 +332,26 @@ def _example_items(config: FeatureConfig, frame: pd.DataFrame) -> dict[str, dict
     return out
 
 
+def _finish(client: Any, cluster: bool, token: str, data: bytes, identity: str) -> None:
+    """Record a complete load (:data:`DATA_KEY`, :data:`LOADED_KEY`) where Redis still
+    holds its token; raises :class:`LoadLost` where it does not. One script on a single
+    Redis; on a Cluster the keys lie in several slots: read, then written."""
+    if not cluster:
+        done = client.eval(FINISH_LOAD, 3, LOADING_KEY, DATA_KEY, LOADED_KEY, token, data, identity)
+    elif (held := client.get(LOADING_KEY)) is not None and held.decode() == token:
+        client.set(DATA_KEY, data)
+        client.set(LOADED_KEY, identity)
+        client.delete(LOADING_KEY)
+        done = 1
+    else:
+        done = 0
+    if not done:
+        raise LoadLost(
+            "Redis lost this load's writes meanwhile (restarted without its data, flushed, "
+            f"or failed over: {LOADING_KEY} is gone or another load's): run it again"
+        )
+
+
 def load_into_redis(
     config: FeatureConfig,
     frame: pd.DataFrame,
@@ -351,12 +389,17 @@ def load_into_redis(
     # before the first write: a load that fails halfway leaves no record of the last
     # complete one (a `--once` of that data would skip, over this one's half)
     client.delete(LOADED_KEY)
+    token = secrets.token_hex(16)
+    client.set(LOADING_KEY, token)
     now = data_description(config)
     try:
         before = orjson.loads(client.get(DATA_KEY) or b"null")
     except orjson.JSONDecodeError:
         before = None
     replaced = before if other_data(before, now) else None
+    # from here the database holds part of this data: said (a service warns) until the
+    # end, as a load cut short leaves users of two data sets under the first one's name
+    client.set(DATA_KEY, orjson.dumps({**now, "complete": False}))
     users = list(user_records(config, frame))
     calls: list[list[Any]] = []
     for i, (uid, profile, events) in enumerate(tqdm(users, desc="users", disable=not progress)):
@@ -375,9 +418,10 @@ def load_into_redis(
     for feat, values in tqdm(items.items(), desc="item features", disable=not progress):
         _replace_items(client, item_key(feat), values)
         n_items = max(n_items, len(values))
-    client.set(DATA_KEY, orjson.dumps(now))
-    client.set(LOADED_KEY, load_identity(config, keep))
-    client.close()
+    try:
+        _finish(client, cluster, token, orjson.dumps(now), load_identity(config, keep))
+    finally:
+        client.close()
     item_ids = set().union(*(values.keys() for values in items.values()))
     return {
         "users": len(users),

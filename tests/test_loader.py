@@ -239,3 +239,72 @@ def test_a_random_split_bundles_own_data_loads(tmp_path: Path, rp: RedisProcess)
     _, path, _ = export_bundle(model, config, mapper, metrics, tmp_path / "models")
     assert json.loads((path / "manifest.json").read_text())["data_split_seed"] == 7
     assert main(["load", "--bundle", str(path), "--redis-url", rp.url, "--quiet"]) == 0
+
+
+# ---- session 38 (fault review): a load Redis lost meanwhile is no complete load --------
+
+
+def test_a_load_whose_writes_redis_lost_is_not_recorded_as_complete(
+    data: tuple[FeatureConfig, pd.DataFrame],
+    rp: RedisProcess,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Redis restarted without its data while a load ran (redis-py reconnects silently):
+    the load recorded ``ctr:loaded`` over an empty database, exit 0, and every later
+    ``--once`` skipped it, serving every user without history. The load now fails,
+    records nothing, and ``--once`` loads again."""
+    import service.loader as loader
+    from ctr.cli import main
+    from service.heldset import DATA_KEY
+
+    config, frame = data
+    real = loader.item_records
+
+    def restarted(*args: object, **kwargs: object) -> object:
+        rp.client().flushall()  # the users written are gone, as by a restart without them
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loader, "item_records", restarted)
+    with pytest.raises(loader.LoadLost, match="Redis lost this load's writes meanwhile"):
+        load_into_redis(config, frame, rp.url, progress=False)
+    r = rp.client()
+    assert not r.exists(LOADED_KEY) and not r.exists(DATA_KEY)
+    args = ["load", "--redis-url", rp.url, "--quiet", "--config", "configs/synthetic_din.yaml",
+            "--set", "data.options.n_users=40", "--once"]  # fmt: skip
+    assert main(args) == 2
+    assert "error: LoadLost: Redis lost this load's writes" in capsys.readouterr().err
+    monkeypatch.setattr(loader, "item_records", real)
+    assert main(args) == 0  # not skipped: nothing recorded
+    assert "loaded 40 users" in capsys.readouterr().out
+    assert r.exists(LOADED_KEY) and not r.exists(loader.LOADING_KEY)
+    assert main(args) == 0 and "not loading" in capsys.readouterr().out  # now it skips
+
+
+def test_a_load_cut_short_leaves_its_data_set_marked_incomplete(
+    data: tuple[FeatureConfig, pd.DataFrame], rp: RedisProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load of another data set killed halfway left users of both under the first
+    one's name: a service read it as the data set it was trained on. The record names
+    the new data set, incomplete, from the first write until the load ends."""
+    import orjson
+
+    import service.loader as loader
+    from service.heldset import DATA_KEY
+
+    config, frame = data
+    load_into_redis(config, frame, rp.url, progress=False)
+    r = rp.client()
+    assert "complete" not in orjson.loads(r.get(DATA_KEY))  # a complete load's record
+
+    def killed(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loader, "_replace_users", killed)
+    data_b = config.data.model_copy(update={"options": {**config.data.options, "seed": 8}})
+    other = config.model_copy(update={"name": "din_other", "data": data_b})
+    with pytest.raises(KeyboardInterrupt):
+        load_into_redis(other, frame, rp.url, chunk=10, progress=False)
+    held = orjson.loads(r.get(DATA_KEY))
+    assert held["complete"] is False and held["name"] == "din_other"
+    assert held["options"]["seed"] == 8 and not r.exists(LOADED_KEY)

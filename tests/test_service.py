@@ -1007,7 +1007,8 @@ def test_a_redis_holding_another_data_set_is_said(
         with TestClient(create_app(settings_for(built))) as c:
             assert until(lambda: c.get("/v1/models").json()["redis_data"] is not None, 5)
             held = {"name": built.config.name, "source": "synthetic"}
-            assert c.get("/v1/models").json()["redis_data"] == {"matches": True, "held": held}
+            assert c.get("/v1/models").json()["redis_data"] == {
+                "matches": True, "held": held, "complete": True}  # fmt: skip
         other = {**orjson.loads(own), "name": "din_movielens", "source": "movielens",
                  "options": {}, "path": "/data/movielens-100k"}  # fmt: skip
         redis_db.set(DATA_KEY, orjson.dumps(other))
@@ -1016,8 +1017,19 @@ def test_a_redis_holding_another_data_set_is_said(
         ) as c:
             assert until(lambda: c.get("/v1/models").json()["redis_data"] is not None, 5)
             got = c.get("/v1/models").json()["redis_data"]
-            assert got == {"matches": False,
+            assert got == {"matches": False, "complete": True,
                            "held": {"name": "din_movielens", "source": "movielens"}}  # fmt: skip
         assert "Redis holds another data set than model" in caplog.text
+        assert "did not complete" not in caplog.text
+        # a load running, or cut short (session 38): said, matching or not
+        redis_db.set(DATA_KEY, orjson.dumps({**orjson.loads(own), "complete": False}))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="ctr.service"), TestClient(
+            create_app(settings_for(built))
+        ) as c:
+            assert until(lambda: c.get("/v1/models").json()["redis_data"] is not None, 5)
+            got = c.get("/v1/models").json()["redis_data"]
+            assert got == {"matches": True, "held": held, "complete": False}
+        assert "is running or did not complete" in caplog.text
     finally:
         redis_db.set(DATA_KEY, own)
