@@ -47,6 +47,7 @@ from service.app import (
     internal_error_response,
     request_headers,
     shutdown_response,
+    written,
 )
 from service.requestid import CURRENT, HEADER, request_id
 
@@ -461,8 +462,10 @@ async def serve_direct(
         if response is None:
             status = gone_status(scope)  # nobody to answer; counted, not logged as an error
         else:
-            written = await _write(cycle, response, rid)
-            status = response.status_code if written else CLIENT_CLOSED
+            sent = await _write(cycle, response, rid)
+            status = response.status_code if sent else CLIENT_CLOSED
+            if sent:
+                written(response)
     except asyncio.CancelledError as exc:
         if bug is not None:  # while a bug's 500 waited: as below
             await _end_as_uvicorn(cycle, exc)

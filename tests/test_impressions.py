@@ -456,3 +456,49 @@ def test_a_failed_write_puts_back_no_more_than_the_bytes_bound() -> None:
         log.add(f"v{k}", {}, b"x" * 9_000)
     assert log.queued_bytes <= 50_000
     assert log.queued_bytes == sum(len(e[2]) + len(e[3]) for e in log.queue)
+
+
+def test_a_response_the_client_never_got_is_no_impression(
+    built: Built, redis_db: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that gave up before its answer was written (its timeout shorter than
+    the service's) was logged as shown, though the service counts it 499: ``ctr
+    impressions`` labelled its rows unclicked, as the user never saw them, biasing the
+    online figures against the slow requests (concurrency review, session 38)."""
+    import socket
+
+    import httpx
+
+    import service.app as app_mod
+    from service.front import FrontProtocol
+    from tests.server_thread import ServerThread
+
+    real = app_mod.score_input
+
+    def slow_parse(*args: object, **kwargs: object) -> object:
+        time.sleep(0.3)
+        return real(*args, **kwargs)
+
+    def answered(status: str) -> float:
+        return REGISTRY.get_sample_value(
+            "ctr_request_duration_seconds_count",
+            {"route": "/v1/score", "method": "POST", "status": status},
+        ) or 0.0  # fmt: skip
+
+    body = json.dumps(_body("u1", _items(built, 5))).encode()
+    head = f"POST /v1/score HTTP/1.1\r\nHost: t\r\nContent-Length: {len(body)}\r\n\r\n"
+    app = create_app(settings_for(built, impression_stream=STREAM))
+    with ServerThread(app, http=FrontProtocol) as s:
+        before = answered("499")
+        monkeypatch.setattr(app_mod, "score_input", slow_parse)
+        for _ in range(3):  # sent, then gone before the answer
+            with socket.create_connection(("127.0.0.1", s.port)) as sock:
+                sock.sendall(head.encode() + body)
+                time.sleep(0.05)
+        wait_for(lambda: answered("499") - before == 3, "the three counted 499", 5)
+        monkeypatch.setattr(app_mod, "score_input", real)
+        time.sleep(imp_mod.FLUSH_S * 3)
+        assert redis_db.xlen(STREAM) == 0
+        r = httpx.post(f"{s.url}/v1/score", content=body)
+        assert r.status_code == 200
+        wait_for(lambda: redis_db.xlen(STREAM) == 1, "the delivered answer logged", 5)
