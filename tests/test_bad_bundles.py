@@ -442,3 +442,19 @@ def test_the_graph_served_is_the_graph_whose_sha256_was_checked(
     monkeypatch.setattr(cb, "sha256_file", hash_then_copy_lands)
     with pytest.raises(cb.BundleError, match="changed while it loaded"):
         load_model(settings_for(built, native_runner=False), "1")
+
+
+def test_a_vocabulary_edited_after_the_export_does_not_serve(two_versions: Built) -> None:
+    """Two item IDs' indices swapped in the manifest's mapping only (consistent in itself,
+    the config untouched): the graph would score each item with the other's row."""
+    store = two_versions.models_dir / two_versions.config.name
+
+    def swap(m: dict) -> None:
+        vocab = m["mapping"]["item_id"]["vocab"]
+        a, b = list(vocab)[:2]
+        vocab[a], vocab[b] = vocab[b], vocab[a]
+
+    _edit_manifest(store / "2", swap)
+    with TestClient(create_app(settings_for(two_versions, model_version="2"))) as c:
+        error = c.get("/readyz").json()["model_error"]
+        assert error and "not the ones this graph was exported with" in error, error

@@ -386,3 +386,20 @@ def test_the_service_answers_the_same_with_either_encoder(
             raw_a = a.content[a.content.index(b'"items":') :]
             raw_b = b.content[b.content.index(b'"items":') :]
             assert raw_a == raw_b
+
+
+def test_many_equal_scores_keep_the_request_order_with_either_encoder(
+    built: Built, clients: tuple[TestClient, TestClient]
+) -> None:
+    """Unknown items tie (one OOV row): interleaved among known ones, past numpy's
+    insertion-sort size, they still come back in request order on both paths."""
+    known = built.frame["item_id"].astype(str).unique().tolist()[:40]
+    unknown = [f"zz-tie-{k}" for k in range(40)]
+    assert len(known) == 40
+    cands = [x for pair in zip(known, unknown, strict=True) for x in pair]
+    for c in clients:
+        body = {"user_id": "u1", "candidates": [{"item_id": i} for i in cands]}
+        r = c.post("/v1/score", json=body)
+        assert r.status_code == 200, r.text
+        got = [it["item_id"] for it in r.json()["items"] if it["item_id"].startswith("zz-tie-")]
+        assert got == unknown

@@ -982,11 +982,15 @@ def test_each_stage_times_its_own_work(client: TestClient, monkeypatch: pytest.M
     monkeypatch.setattr(app_module, "candidates", moves(app_module.candidates, 1.0))
     monkeypatch.setattr(app_module, "fetch", moves(app_module.fetch, 10.0))
     monkeypatch.setattr(app_module, "build_feeds", moves(app_module.build_feeds, 100.0))
-    before = {st: total(st) for st in ("redis_fetch", "feature_mapping")}
+    monkeypatch.setattr(app_module, "orjson_response", moves(app_module.orjson_response, 1000.0))
+    stages = ("redis_fetch", "feature_mapping", "inference", "serialization")
+    before = {st: total(st) for st in stages}
     body = {"user_id": "stage-clock-user", "candidates": [{"item_id": "i3"}]}  # never kept
     assert client.post("/v1/score", json=body).status_code == 200
     assert total("redis_fetch") - before["redis_fetch"] == 10.0
     assert total("feature_mapping") - before["feature_mapping"] == 101.0
+    assert total("serialization") - before["serialization"] == 1000.0
+    assert total("inference") - before["inference"] == 0.0  # the graph call moved no clock
 
 
 def test_a_redis_holding_another_data_set_is_said(

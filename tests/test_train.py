@@ -535,3 +535,34 @@ def test_ranks_draw_their_own_dropout_masks(tmp_path: Path) -> None:
     assert a.shape == b.shape and a.shape[0] == 32  # each rank's half of the batch of 64
     assert 0.3 < a.float().mean().item() < 0.7  # dropout 0.5 did drop
     assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("patience", [0, 1, 2])
+def test_patience_stops_after_more_than_patience_flat_epochs(
+    tiny_config: Callable[..., FeatureConfig],
+    tiny_prep: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    patience: int,
+) -> None:
+    """Validation AUC best at epoch 1, never better after: training stops once more than
+    ``patience`` epochs in a row have not improved (ctr/spec.py; a ``>=`` stopped one
+    epoch early and no test saw it: mutation audit, session 38)."""
+    import training.train as train_module
+    from training.metrics import evaluate
+
+    val = np.asarray(tiny_prep.val.label)
+    assert not np.array_equal(val, np.asarray(tiny_prep.test.label))  # told apart by labels
+    aucs = iter([0.9] + [0.5] * 10)
+
+    def fake(users: Any, labels: Any, probs: Any) -> dict:
+        out = evaluate(users, labels, probs)
+        if np.array_equal(np.asarray(labels), val):
+            out["auc"] = next(aucs)
+        return out
+
+    monkeypatch.setattr(train_module, "evaluate", fake)
+    config = tiny_config("din", train__epochs=6, train__patience=patience)
+    metrics = train(config, tmp_path / "run", prep=tiny_prep, progress=False)
+    assert metrics["best_epoch"] == 1
+    assert metrics["epochs_run"] == 1 + patience + 1
