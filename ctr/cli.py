@@ -297,6 +297,28 @@ def check_port(host: str, port: int) -> None:
     raise PortInUse(f"cannot listen on {host}:{port}: {why} (set --host / CTR_HOST)")
 
 
+# free space a metrics folder needs per process (each worker's files, and the parent's
+# collector): prometheus_client maps files that grow as series are added, and a write past
+# what the file system can hold is a SIGBUS that kills the worker, again at each restart
+METRICS_SPACE_PER_PROCESS = 8 << 20
+
+
+def check_metrics_space(folder: str, workers: int) -> None:
+    """Raise ValueError where ``folder`` (``PROMETHEUS_MULTIPROC_DIR``) has less free
+    space than ``workers`` and the parent need (:data:`METRICS_SPACE_PER_PROCESS` each):
+    on a full file system every worker died of SIGBUS as it counted its first request,
+    and uvicorn started it again, for good, with nothing in the log naming why."""
+    stat = os.statvfs(folder)
+    free = stat.f_bavail * stat.f_frsize
+    need = METRICS_SPACE_PER_PROCESS * (workers + 1)
+    if free < need:
+        raise ValueError(
+            f"PROMETHEUS_MULTIPROC_DIR={folder!r} has {free / 2**20:.1f} MB free, under the "
+            f"{need / 2**20:.0f} MB {workers} worker(s) need for their metric files: free "
+            "space there, or point it at another folder"
+        )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from service import hup
 
@@ -323,6 +345,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "(the workers keep their metrics there): create it, or unset it for a "
             "temporary one"
         )
+    if folder:
+        check_metrics_space(folder, workers)
+        # a worker killed by a signal (SIGBUS on a metric file the disk has no room for)
+        # says where, not only uvicorn's "Child process died"
+        os.environ.setdefault("PYTHONFAULTHANDLER", "1")
     if folder and made is None:  # one worker renders from the folder too
         from service.metricfiles import wipe_stale
 

@@ -499,3 +499,44 @@ def test_bench_and_soak_numbers_are_bounded(argv: list[str], says: str, capsys) 
     # the bound's own edge is accepted
     ok = {"0": "1", "-1": "0", "-5": "0", "-2": "1", "inf": "1", "nan": "1"}
     build_parser().parse_args([*argv[:-1], ok[argv[-1]]])
+
+
+# ---- session 38 (fault review): a metrics folder without room is refused at start --------
+
+
+def test_a_metrics_folder_without_room_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a full file system each worker died of SIGBUS as it counted its first request
+    (prometheus_client maps its files) and uvicorn started it again, for good: 146
+    'Child process died' lines and nothing naming why. ``ctr serve`` checks the room
+    first, and workers have Python's fault handler on."""
+    from ctr import cli
+
+    cli.check_metrics_space(str(tmp_path), 2)  # a real folder with room: nothing said
+    real = os.statvfs
+
+    class Full:
+        f_bavail, f_frsize = 16, 4096  # 64 KB free
+
+    monkeypatch.setattr(os, "statvfs", lambda p: Full() if p == str(tmp_path) else real(p))
+    with pytest.raises(ValueError, match=r"has 0\.1 MB free, under the 24 MB 2 worker"):
+        cli.check_metrics_space(str(tmp_path), 2)
+
+
+def test_ctr_serve_refuses_a_full_metrics_tmpfs(tmp_path: Path) -> None:
+    """The same through ``ctr serve`` on a real 256 KB tmpfs (skipped where this process
+    may not mount one)."""
+    folder = tmp_path / "prom"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)],
+                             capture_output=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()[:100]}")
+    try:
+        out = ctr("serve", "--workers", "2", "--port", str(free_port()),
+                  PROMETHEUS_MULTIPROC_DIR=str(folder), CTR_MODELS_DIR=str(tmp_path))  # fmt: skip
+        said = one_line_error(out, "serve")
+        assert f"PROMETHEUS_MULTIPROC_DIR='{folder}' has 0.2 MB free" in said
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
