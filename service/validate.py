@@ -362,6 +362,10 @@ def parse_score(
     context = obj.get("context")
     context = {} if context is None else check_features(context, "context", max_id_len)
     top_k = obj.get("top_k")
+    if type(top_k) is float and top_k.is_integer():
+        # JSON Schema's "integer" (the OpenAPI's) admits 2.0: a client that writes every
+        # number as a float (JavaScript's JSON of a computed value, some generators) sends it
+        top_k = int(top_k)
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)):
         raise BadRequest("top_k must be an integer", "top_k")
     if top_k is not None and top_k <= 0:

@@ -840,3 +840,14 @@ def test_a_request_a_web_page_sends_is_refused_unless_its_origin_is_allowed(
         body = json.dumps({"user_id": "u5", "candidates": C})
         check(httpx.post(f"{s.url}/v1/score", content=body, headers=page), 403, "Origin")
         assert httpx.post(f"{s.url}/v1/score", content=body).status_code == 200
+
+
+def test_top_k_written_as_a_whole_float_is_taken(client: TestClient) -> None:
+    """The OpenAPI says integer, which JSON Schema admits 2.0 as: a client writing every
+    number as a float got a 422 its schema said it would not (session 37's note)."""
+    body = {"user_id": "u1", "candidates": [*C, {"item_id": "i3"}]}
+    for k in (2.0, 2):
+        r = client.post("/v1/score", json={**body, "top_k": k})
+        assert r.status_code == 200 and len(r.json()["items"]) == 2, r.text
+    check(client.post("/v1/score", json={**body, "top_k": 2.5}), 422, "top_k", "bad_request")
+    check(client.post("/v1/score", json={**body, "top_k": 0.0}), 422, "top_k", "bad_request")
