@@ -63,6 +63,9 @@ def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return _number(kind, lambda v: v >= 0 and math.isfinite(v), "0 or more, and finite")
 
 
+THREADS_HELP = "ORT intra-op threads (CTR_INTRA_OP_THREADS; 0: ORT's default)"
+
+
 def _counts(text: str) -> str:
     """An argparse type: a comma-separated list of whole numbers above 0 (``50,200``),
     returned as given (each command splits it)."""
@@ -345,11 +348,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "(the workers keep their metrics there): create it, or unset it for a "
             "temporary one"
         )
-    if folder:
-        check_metrics_space(folder, workers)
-        # a worker killed by a signal (SIGBUS on a metric file the disk has no room for)
-        # says where, not only uvicorn's "Child process died"
-        os.environ.setdefault("PYTHONFAULTHANDLER", "1")
     if folder and made is None:  # one worker renders from the folder too
         from service.metricfiles import wipe_stale
 
@@ -357,6 +355,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if wiped:
             print(f"[serve] removed {wiped} metric files of exited processes from {folder}",
                   file=sys.stderr)  # fmt: skip
+    if folder:
+        try:  # after the wipe: a crash loop's dead workers' files are what filled it
+            check_metrics_space(folder, workers)
+        except ValueError:
+            if made is not None:
+                shutil.rmtree(made, ignore_errors=True)
+            raise
+        # a worker killed by a signal (SIGBUS on a metric file the disk has no room for)
+        # says where, not only uvicorn's "Child process died"
+        os.environ.setdefault("PYTHONFAULTHANDLER", "1")
     if workers > 1:  # a worker's SIGHUP while it imports: pending, then noted, not fatal
         hup.block_for_workers()
     supervisor = _SupervisorWatch(s.worker_start_timeout_s)
@@ -831,7 +839,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--n", type=_counts, default="50,200,500,1000")
     bs.add_argument("--concurrency", type=_counts, default="1,2,4,8,16")
     bs.add_argument("--seconds", type=_positive(float), default=5.0)
-    bs.add_argument("--threads", type=_positive(int), default=2, help="ORT intra-op threads")
+    bs.add_argument("--threads", type=_non_negative(int), default=2, help=THREADS_HELP)
     bs.add_argument(
         "--inflight",
         type=_positive(int),
@@ -897,7 +905,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--n", type=_positive(int), default=500, help="candidates (one user, full history)"
     )
     pg.add_argument("--graph", choices=("standard", "fused"), default="standard")
-    pg.add_argument("--threads", type=_positive(int), default=2, help="ORT intra-op threads")
+    pg.add_argument("--threads", type=_non_negative(int), default=2, help=THREADS_HELP)
     pg.add_argument("--runs", type=_positive(int), default=50)
     pg.add_argument("--top", type=_positive(int), default=15, help="nodes in the table")
     pg.add_argument("--out", default="", help="folder for JSON and table")
@@ -927,7 +935,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument(
         "--b", action="append", default=[], type=_setting, help="B's setting, e.g. CTR_X=2"
     )
-    pp.add_argument("--threads", type=_positive(int), default=2, help="ORT intra-op threads")
+    pp.add_argument("--threads", type=_non_negative(int), default=2, help=THREADS_HELP)
     pp.add_argument("--inflight", type=_positive(int), default=1, help="CTR_INFERENCE_CONCURRENCY")
     pp.add_argument("--redis-url", default=BENCH_REDIS, help=BENCH_REDIS_HELP)
     pp.add_argument(
@@ -1003,7 +1011,7 @@ def build_parser() -> argparse.ArgumentParser:
     sk.add_argument("--sample", type=_positive(float), default=5.0)
     sk.add_argument("--warmup", type=_non_negative(float), default=30.0)
     sk.add_argument("--max-growth-mb", type=_non_negative(float), default=50.0)
-    sk.add_argument("--threads", type=_positive(int), default=2)
+    sk.add_argument("--threads", type=_non_negative(int), default=2, help=THREADS_HELP)
     sk.add_argument("--redis-url", default=BENCH_REDIS, help=BENCH_REDIS_HELP)
     sk.add_argument("--port", type=int, default=8311)
     sk.set_defaults(func=cmd_soak)

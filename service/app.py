@@ -79,7 +79,7 @@ from service.schemas import (
     ScoreResponse,
 )
 from service.settings import Settings
-from service.state import State
+from service.state import State, origin_key
 from service.store import (
     APPENDED,
     OUTSIDE_WINDOW,
@@ -733,7 +733,7 @@ def _origin_allowed(origin: str, host: str | None, state: State) -> bool:
     loopback name (``/docs``' "Try it out" at ``http://localhost:8000``). Another own
     origin is not enough: a DNS-rebinding page is same-origin with the service under its
     own host name, which ``Host`` then carries."""
-    origin = origin.strip().rstrip("/")
+    origin = origin_key(origin)
     if origin in state.allowed_origins:
         return True
     scheme, _, authority = origin.partition("://")

@@ -397,10 +397,11 @@ def load_into_redis(
     except orjson.JSONDecodeError:
         before = None
     replaced = before if other_data(before, now) else None
-    # from here the database holds part of this data: said (a service warns) until the
-    # end, as a load cut short leaves users of two data sets under the first one's name
-    client.set(DATA_KEY, orjson.dumps({**now, "complete": False}))
     users = list(user_records(config, frame))
+    # from the first write the database holds part of this data: said (a service warns)
+    # until the end, as a load cut short leaves users of two data sets under the first
+    # one's name (not before: a load stopped while it builds its records wrote nothing)
+    client.set(DATA_KEY, orjson.dumps({**now, "complete": False}))
     calls: list[list[Any]] = []
     for i, (uid, profile, events) in enumerate(tqdm(users, desc="users", disable=not progress)):
         # the user's event IDs go too: kept, a retry of an event the replaced list held

@@ -405,6 +405,17 @@ class Settings(BaseSettings):
             raise ValueError(f"CTR_REDIS_URL: {exc}") from None
         return self
 
+    @model_validator(mode="after")
+    def _body_buffer(self) -> Settings:
+        # under the size limit, a body that can never be admitted was a 503 to retry for good
+        if self.max_body_buffer_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"CTR_MAX_BODY_BUFFER_BYTES ({self.max_body_buffer_bytes}) must be at least "
+                f"CTR_MAX_BODY_BYTES ({self.max_body_bytes}): a body between the two could "
+                "never be received"
+            )
+        return self
+
     @field_validator("cuda_graph_buckets", "cuda_graph_user_buckets")
     @classmethod
     def _buckets(cls, v: str) -> str:

@@ -51,6 +51,17 @@ class GraphCalls:
                 self.running -= 1
 
 
+def origin_key(origin: str) -> str:
+    """An origin as compared with ``CTR_ALLOWED_ORIGINS``: scheme and host in lower case
+    (browsers send them so; a listed ``https://Tools.Example.com`` is the same page), no
+    trailing slash, and no port where it is the scheme's default (browsers leave it out)."""
+    key = origin.strip().rstrip("/").lower()
+    for scheme, port in (("http://", ":80"), ("https://", ":443")):
+        if key.startswith(scheme) and key.endswith(port):
+            return key[: -len(port)]
+    return key
+
+
 class State:
     """Everything the lifespan owns. ``model`` is swapped atomically on reload."""
 
@@ -77,7 +88,7 @@ class State:
             t.strip() for t in settings.sequence_event_types.split(",") if t.strip()
         )
         self.allowed_origins = frozenset(
-            o.strip().rstrip("/") for o in settings.allowed_origins.split(",") if o.strip()
+            origin_key(o) for o in settings.allowed_origins.split(",") if o.strip()
         )
         self.in_flight = 0
         # body bytes held by requests still arriving (app._read_body), all routes

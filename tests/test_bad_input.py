@@ -807,7 +807,9 @@ def test_a_request_a_web_page_sends_is_refused_unless_its_origin_is_allowed(
 
     event = {"user_id": "u5", "event_id": "csrf-1", "item_id": "i_evil", "timestamp": 1e9}
     page = {"Origin": "https://evil.example", "Content-Type": "text/plain", **KEY}
-    settings = {"allowed_origins": "https://ranking.example.com/, http://x:81", "api_key": "k3y"}
+    # listed as people write them: case, a trailing slash, the scheme's default port
+    settings = {"allowed_origins": "https://Ranking.Example.com:443/, http://x:81",
+                "api_key": "k3y"}  # fmt: skip
     for c in serve(tmp_path, **settings):
         for path, body in (("/v1/score", {"user_id": "u5", "candidates": C, "explain": True}),
                            ("/v1/events", event), ("/admin/reload", {})):  # fmt: skip
@@ -816,7 +818,7 @@ def test_a_request_a_web_page_sends_is_refused_unless_its_origin_is_allowed(
             assert "CTR_ALLOWED_ORIGINS" in r.json()["detail"]
         check(c.post("/v1/events", json=event, headers={"Origin": "null", **KEY}), 403, "Origin")
         assert c.post("/v1/events", json=event, headers=KEY).status_code == 202  # no Origin
-        for origin in ("https://ranking.example.com", "http://x:81/"):  # listed (a / or not)
+        for origin in ("https://ranking.example.com", "http://x:81/"):  # as browsers send them
             r = c.post("/v1/score", json={"user_id": "u5", "candidates": C},
                        headers={"Origin": origin})  # fmt: skip
             assert r.status_code == 200, r.text

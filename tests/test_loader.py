@@ -297,14 +297,27 @@ def test_a_load_cut_short_leaves_its_data_set_marked_incomplete(
     r = rp.client()
     assert "complete" not in orjson.loads(r.get(DATA_KEY))  # a complete load's record
 
-    def killed(*args: object) -> None:
-        raise KeyboardInterrupt
+    class Stop(Exception):
+        """Stands for a Ctrl-C or a kill (a KeyboardInterrupt would stop pytest)."""
 
-    monkeypatch.setattr(loader, "_replace_users", killed)
+    def killed(*args: object) -> None:
+        raise Stop
+
     data_b = config.data.model_copy(update={"options": {**config.data.options, "seed": 8}})
     other = config.model_copy(update={"name": "din_other", "data": data_b})
-    with pytest.raises(KeyboardInterrupt):
+    real = loader._replace_users
+    monkeypatch.setattr(loader, "_replace_users", killed)
+    with pytest.raises(Stop):
         load_into_redis(other, frame, rp.url, chunk=10, progress=False)
+    monkeypatch.setattr(loader, "_replace_users", real)
     held = orjson.loads(r.get(DATA_KEY))
     assert held["complete"] is False and held["name"] == "din_other"
     assert held["options"]["seed"] == 8 and not r.exists(LOADED_KEY)
+    # stopped before its first write (while it builds its records): the record stands
+    load_into_redis(config, frame, rp.url, progress=False)
+    own = r.get(DATA_KEY)
+
+    monkeypatch.setattr(loader, "user_records", killed)
+    with pytest.raises(Stop):
+        load_into_redis(other, frame, rp.url, progress=False)
+    assert r.get(DATA_KEY) == own
