@@ -23,6 +23,7 @@ import asyncio
 import contextvars
 import logging
 import time
+from collections.abc import Callable
 from logging import INFO
 from typing import Any
 
@@ -160,11 +161,19 @@ class TimedProtocol(HttpToolsProtocol):
         self.reading = False  # a request's bytes have begun to come, not all yet
         self.head_done = False  # and its head has all come
         self.head_bytes = 0  # of the head now arriving (MAX_HEAD_BYTES)
+        # of the head now parsed, as the parser gives it (its request line and headers):
+        # a head that begins and ends in one read behind another request is not counted
+        # by data_received's scan, which stops at the first head's end
+        self.parsed_head = 0
+        self.head_over = False  # the parse stopped on a head past MAX_HEAD_BYTES
         self.head_tail = b""  # the last bytes of a head's read so far (its end may straddle)
         self.framing_bytes = 0  # the message's non-body bytes after its head
         self.fed_body = 0  # body bytes the parser gave in the current read
         self.running_cycle: RequestResponseCycle | None = None  # the one whose task runs
         self.discarding = False  # refused: what comes is read and dropped until closed
+        # a refusal (a malformed request's 400, a long head's 431) held until the
+        # requests before it on the connection are answered (:meth:`refuse`)
+        self.pending: Callable[[], None] | None = None
         self.write_paused_at: float | None = None  # loop.time() the transport filled up
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -181,6 +190,7 @@ class TimedProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self.reading = True
         self.head_done = False
+        self.parsed_head = 0
         self.framing_bytes = 0
         if self.read_timeout > 0:
             self.read_started = self.loop.time()
@@ -212,19 +222,32 @@ class TimedProtocol(HttpToolsProtocol):
         self.fed_body += len(body)
         super().on_body(body)
 
+    def refuse(self, answer: Callable[[], None]) -> bool:
+        """Stop reading the request now arriving, refused: ``answer`` it at once, or,
+        where requests before it on the connection are still being answered
+        (pipelined), once they are (:meth:`on_response_complete`): closing at once
+        dropped their answers, and the client read the refusal as the first one's.
+        True where it was held."""
+        self.discarding = True  # read on and drop what comes: no more requests parsed
+        self.read_started = None  # no read timeout's 408 after this answer
+        if self.busy():
+            self.pending = answer
+            return True
+        answer()
+        return False
+
     def head_too_large(self) -> None:
         """A head past ``MAX_HEAD_BYTES``: refused before the parser sees more of it
         (httptools joins a header's pieces one copy at a time: a 64 MB header held the
-        event loop for seconds), with a 431 where nothing else is in flight on the
-        connection, and the connection closed."""
+        event loop for seconds), with a 431 (once the requests before it on the
+        connection are answered), and the connection closed."""
         m.ERRORS.labels("header_too_large").inc()
         started = self.read_started
-        self.read_started = None  # no read timeout's 408 after this answer
         self.reading = False
         self._unset_keepalive_if_required()  # nor uvicorn's keep-alive close mid-linger
-        if self.busy():
-            self.transport.close()
-            return
+        self.refuse(lambda: self._send_431(started))
+
+    def _send_431(self, started: float | None) -> None:
         self.count_refusal(431, 0.0 if started is None else self.loop.time() - started)
         detail = f"the request's head is longer than {MAX_HEAD_BYTES} bytes"
         self.transport.write(
@@ -268,7 +291,19 @@ class TimedProtocol(HttpToolsProtocol):
         self.running_cycle = cycle
         super()._start_asgi_task(cycle, app)
 
+    def on_url(self, url: bytes) -> None:
+        self.parsed_head += len(url)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.head_done:  # not a chunked body's trailers (MAX_FRAMING_BYTES)
+            self.parsed_head += len(name) + len(value) + 4
+        super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
+        if self.parsed_head > MAX_HEAD_BYTES:  # stops the parse: send_400_response
+            self.head_over = True
+            raise HeadTooLarge
         self.head_done = True
         self.head_bytes = 0
         self.head_tail = b""
@@ -281,7 +316,25 @@ class TimedProtocol(HttpToolsProtocol):
         self.head_tail = b""
         super().on_message_complete()
 
+    def send_400_response(self, msg: str) -> None:
+        if self.head_over:  # not malformed: too long (on_headers_complete)
+            self.head_over = False
+            self.head_too_large()
+            return
+        if self.head_done:  # the body of the request in flight: answered at once
+            super().send_400_response(msg)
+            return
+        # a malformed head, behind requests still being answered (pipelined) or not: its
+        # 400 follows their answers (:meth:`refuse`)
+        send = super().send_400_response
+        self.refuse(lambda: send(msg))
+
     def on_response_complete(self) -> None:
+        if self.pending is not None and not self.pipeline:
+            answer, self.pending = self.pending, None
+            self.server_state.total_requests += 1  # as uvicorn's own end of a response
+            answer()
+            return
         # after a head asking to switch protocols (Upgrade: h2c, ...) the parser reads
         # no more HTTP on this connection: close it once it is answered, and any request
         # queued before it (uvicorn kept it open, a pipelined request after it never
@@ -323,6 +376,11 @@ class TimedProtocol(HttpToolsProtocol):
         """A request refused before its head was all read (so before any route):
         ``ctr_request_duration_seconds{route="unparsed", method="other"}``."""
         m.REQUEST(UNPARSED, "other", str(status)).observe(seconds)
+
+
+class HeadTooLarge(Exception):
+    """Raised by the parser's callback for a head past ``MAX_HEAD_BYTES`` (the parser
+    then stops, and uvicorn calls :meth:`TimedProtocol.send_400_response`)."""
 
 
 class ReadSweeper:
@@ -509,7 +567,7 @@ async def _write(cycle: RequestResponseCycle, response: Response, rid: str) -> b
     written."""
     if cycle.flow.write_paused and not cycle.disconnected:
         await cycle.flow.drain()
-    if cycle.disconnected:
+    if cycle.disconnected or cycle.transport.is_closing():
         return False
     cycle.response_started = True
     cycle.waiting_for_100_continue = False
