@@ -683,6 +683,15 @@ async def _read_body(
             "could change or read users' data): add it to CTR_ALLOWED_ORIGINS",
             "Origin",
         )
+    coding = header("transfer-encoding")  # "gzip, chunked": the parser undoes only chunked
+    if coding is not None and any(
+        c.strip().lower() not in ("", "chunked", "identity") for c in coding.split(",")
+    ):
+        raise UnsupportedEncoding(
+            f"Transfer-Encoding {coding!r} is not supported: send the body uncompressed, "
+            "with a Content-Length or chunked",
+            "Transfer-Encoding",
+        )
     encoding = header("content-encoding")  # a list: "identity, gzip" is a gzip body
     if encoding is not None and any(
         coding.strip().lower() not in ("", "identity") for coding in encoding.split(",")

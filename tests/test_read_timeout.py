@@ -469,3 +469,30 @@ def test_a_long_head_behind_another_request_is_refused_too(server: ServerThread)
                      + b"\r\nConnection: close\r\n\r\n")  # fmt: skip
         got, _ = _until_closed(sock)
     assert got.count(b"HTTP/1.1 200 ") == 2, got[:300]
+
+
+def test_a_body_in_a_transfer_coding_other_than_chunked_is_a_415(
+    server: ServerThread, built: Built
+) -> None:
+    """``Transfer-Encoding: gzip, chunked``: the parser undoes only the chunks, and the
+    gzip bytes were read as JSON (a 400 about UTF-8); a compressed body is named as such,
+    as ``Content-Encoding: gzip`` is (HTTP review, session 38)."""
+    import gzip
+
+    body = gzip.compress(_body(built))
+    for coding, status in ((b"gzip, chunked", b"415"), (b"chunked", b"400")):
+        head = b"POST /v1/score HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: " + coding + b"\r\n\r\n"
+        chunked = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+        with _connect(server) as sock:
+            sock.sendall(head + chunked)
+            got, said = Responses(sock).next()
+        assert got.startswith(b"HTTP/1.1 " + status), got
+        if status == b"415":
+            answer = json.loads(said)
+            assert answer["error"] == "unsupported_encoding"
+            assert answer["field"] == "Transfer-Encoding" and "gzip" in answer["detail"]
+    plain = _body(built)  # chunked alone is read as before
+    with _connect(server) as sock:
+        sock.sendall(b"POST /v1/score HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + f"{len(plain):x}\r\n".encode() + plain + b"\r\n0\r\n\r\n")  # fmt: skip
+        assert Responses(sock).next()[0].startswith(b"HTTP/1.1 200 ")
