@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -302,6 +303,21 @@ async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:
             return
 
 
+# what a page of a CTR_ALLOWED_ORIGINS origin may read of an answer besides its body
+CORS_EXPOSED = ["x-request-id", "retry-after"]
+
+
+def allow_origin(state: State, header: Callable[[str], str | None], response: Response) -> None:
+    """The CORS headers of an answer to a page of a ``CTR_ALLOWED_ORIGINS`` origin, on a
+    route answered before the middleware (``POST /v1/score``): without them the browser
+    keeps the answer from the page."""
+    origin = header("origin")
+    if origin is not None and state.allowed_origins and origin_key(origin) in state.allowed_origins:
+        response.headers["access-control-allow-origin"] = origin
+        response.headers["access-control-expose-headers"] = ", ".join(CORS_EXPOSED)
+        response.headers.append("vary", "Origin")
+
+
 # a response's attribute: what to do once it is written to the client (the impression
 # log's entry), run by whoever writes it (:func:`written`)
 AFTER_WRITE = "ctr_after_write"
@@ -563,6 +579,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.read_timeout_s = settings.read_timeout_ms / 1000  # service.front.TimedProtocol
     docs = (app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url)
     named = frozenset(p for p in docs if p)
+    if state.allowed_origins:  # their pages' preflights, and answers they may read
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=sorted(state.allowed_origins),
+            allow_methods=["GET", "HEAD", "POST"],
+            allow_headers=["content-type", "x-api-key", "x-request-id"],
+            expose_headers=CORS_EXPOSED,
+            max_age=600,
+        )
     app.add_middleware(ServingMiddleware, named=named)  # times every other request
     install_openapi(
         app, settings.max_id_length, settings.api_key is not None, settings.protect_scoring
@@ -892,6 +917,19 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
         return response
 
     async def score_handler(
+        header: Callable[[str], str | None], chunks: AsyncIterator[bytes]
+    ) -> Response:
+        """The scoring route's answer, a domain error's included, with the CORS headers
+        a listed origin's page needs to read it (this route is answered before the
+        middleware that adds them to the others)."""
+        try:
+            response = await score_request(header, chunks)
+        except ServiceError as exc:
+            response = error_response(exc)
+        allow_origin(state, header, response)
+        return response
+
+    async def score_request(
         header: Callable[[str], str | None], chunks: AsyncIterator[bytes]
     ) -> Response:
         if s.protect_scoring:

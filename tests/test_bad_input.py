@@ -835,6 +835,26 @@ def test_a_request_a_web_page_sends_is_refused_unless_its_origin_is_allowed(
             assert r.status_code == status, (origin, host, r.text)
         spec = c.get("/openapi.json").json()["paths"]
         assert "origin_not_allowed" in spec["/v1/score"]["post"]["responses"]["403"]["description"]
+        # a listed page may read its answers: the preflight its JSON and key need, and
+        # the CORS headers on the answers (score answered before the middleware too)
+        tool = "https://ranking.example.com"
+        for path in ("/v1/score", "/v1/events", "/admin/reload"):
+            pre = c.options(path, headers={"Origin": tool, "Access-Control-Request-Method":
+                                           "POST", "Access-Control-Request-Headers":
+                                           "content-type, x-api-key"})  # fmt: skip
+            assert pre.status_code == 200, (path, pre.text)
+            assert pre.headers["access-control-allow-origin"] == tool
+            assert "x-api-key" in pre.headers["access-control-allow-headers"].lower()
+        r = c.post("/v1/score", json=score, headers={"Origin": tool})
+        assert r.headers["access-control-allow-origin"] == tool and "Origin" in r.headers["vary"]
+        assert "x-request-id" in r.headers["access-control-expose-headers"]
+        r = c.post("/v1/events", json={**event, "event_id": "cors-2"}, headers={"Origin": tool,
+                                                                              **KEY})  # fmt: skip
+        assert r.status_code == 202 and r.headers["access-control-allow-origin"] == tool
+        assert "access-control-allow-origin" not in c.post("/v1/score", json=score).headers
+        bad = c.post("/v1/score", json={"user_id": "u5"}, headers={"Origin": tool})  # its errors
+        check(bad, 422, "candidates", "bad_request")
+        assert bad.headers["access-control-allow-origin"] == tool
         app = c.app
     with ServerThread(app, http=FrontProtocol) as s:  # the front's own scoring route too
         import httpx
@@ -842,6 +862,11 @@ def test_a_request_a_web_page_sends_is_refused_unless_its_origin_is_allowed(
         body = json.dumps({"user_id": "u5", "candidates": C})
         check(httpx.post(f"{s.url}/v1/score", content=body, headers=page), 403, "Origin")
         assert httpx.post(f"{s.url}/v1/score", content=body).status_code == 200
+        r = httpx.post(f"{s.url}/v1/score", content=body, headers={"Origin": tool})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == tool
+    for c in serve(tmp_path / "none"):  # no origin listed: no CORS at all, as before
+        assert c.options("/v1/score", headers={"Origin": tool, "Access-Control-Request-Method":
+                                               "POST"}).status_code == 405  # fmt: skip
 
 
 def test_top_k_written_as_a_whole_float_is_taken(client: TestClient) -> None:
