@@ -363,8 +363,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 shutil.rmtree(made, ignore_errors=True)
             raise
         # a worker killed by a signal (SIGBUS on a metric file the disk has no room for)
-        # says where, not only uvicorn's "Child process died"
+        # says where, not only uvicorn's "Child process died"; one worker is this process
         os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+        if workers == 1:
+            import faulthandler
+
+            faulthandler.enable()
     if workers > 1:  # a worker's SIGHUP while it imports: pending, then noted, not fatal
         hup.block_for_workers()
     supervisor = _SupervisorWatch(s.worker_start_timeout_s)

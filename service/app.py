@@ -171,7 +171,9 @@ class ScoringApp(FastAPI):
         # previous one's send)
         rid = request_id(_header(scope, HEADER))
         token = CURRENT.set(rid)
-        send = _with_id(send, rid.encode())
+        allowed = self.state.ctr.allowed_origins
+        extra = cors_headers(allowed, _header(scope, b"origin")) if allowed else []
+        send = _with_id(send, [(HEADER, rid.encode()), *extra])
         handler = self.fast_routes.get((scope["method"], scope["path"]))
         if handler is not None:
             await _timed_serve(handler, scope, receive, send)
@@ -190,12 +192,19 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def _with_id(send: Send, raw: bytes) -> Send:
-    """``send``, with an ``X-Request-ID: raw`` header added to the response's start."""
+def _with_id(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
+    """``send``, with the ``extra`` headers (``X-Request-ID``, and the CORS headers of
+    :func:`cors_headers`, unless the response has them already: a preflight's) added to
+    the response's start."""
 
     async def send_with_id(message: Message) -> None:
         if message["type"] == "http.response.start":
-            message = {**message, "headers": [*message.get("headers", ()), (HEADER, raw)]}
+            headers = [*message.get("headers", ())]
+            if len(extra) > 1 and any(k.lower() == CORS_ORIGIN for k, _ in headers):
+                headers.append(extra[0])
+            else:
+                headers += extra
+            message = {**message, "headers": headers}
         await send(message)
 
     return send_with_id
@@ -307,15 +316,20 @@ async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:
 CORS_EXPOSED = ["x-request-id", "retry-after"]
 
 
-def allow_origin(state: State, header: Callable[[str], str | None], response: Response) -> None:
-    """The CORS headers of an answer to a page of a ``CTR_ALLOWED_ORIGINS`` origin, on a
-    route answered before the middleware (``POST /v1/score``): without them the browser
-    keeps the answer from the page."""
-    origin = header("origin")
-    if origin is not None and state.allowed_origins and origin_key(origin) in state.allowed_origins:
-        response.headers["access-control-allow-origin"] = origin
-        response.headers["access-control-expose-headers"] = ", ".join(CORS_EXPOSED)
-        response.headers.append("vary", "Origin")
+CORS_ORIGIN = b"access-control-allow-origin"
+
+
+def cors_headers(allowed: frozenset[str], origin: str | None) -> list[tuple[bytes, bytes]]:
+    """The CORS headers of every answer to a page of a ``CTR_ALLOWED_ORIGINS`` origin
+    (``allowed``), its errors, a shutdown's 503 and a bug's 500 included: without them
+    the browser keeps the answer from the page. None for another origin or none."""
+    if origin is None or origin_key(origin) not in allowed:
+        return []
+    return [
+        (CORS_ORIGIN, origin.encode("latin-1")),
+        (b"access-control-expose-headers", ", ".join(CORS_EXPOSED).encode()),
+        (b"vary", b"Origin"),
+    ]
 
 
 # a response's attribute: what to do once it is written to the client (the impression
@@ -578,7 +592,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.fast_routes = {("POST", "/v1/score"): score}
     app.read_timeout_s = settings.read_timeout_ms / 1000  # service.front.TimedProtocol
     docs = (app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url)
-    named = frozenset(p for p in docs if p)
+    # and the routes' own paths, for what is answered before routing (CORS preflights)
+    paths = {getattr(r, "path", "") for r in app.routes}
+    named = frozenset(p for p in (*docs, *paths) if p and "{" not in p)
     if state.allowed_origins:  # their pages' preflights, and answers they may read
         app.add_middleware(
             CORSMiddleware,
@@ -847,7 +863,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         "arrive within CTR_READ_TIMEOUT_MS (`request_timeout`)",
     },
     413: {"model": ErrorBody, "description": "body over the size limit"},
-    415: {"model": ErrorBody, "description": "a compressed body (`Content-Encoding`)"},
+    415: {
+        "model": ErrorBody,
+        "description": "a compressed body (`Content-Encoding`, or a `Transfer-Encoding` "
+        "other than chunked)",
+    },
     422: {"model": ErrorBody, "description": "invalid field (named in `field`)"},
     431: {
         "model": ErrorBody,
@@ -917,19 +937,6 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
         return response
 
     async def score_handler(
-        header: Callable[[str], str | None], chunks: AsyncIterator[bytes]
-    ) -> Response:
-        """The scoring route's answer, a domain error's included, with the CORS headers
-        a listed origin's page needs to read it (this route is answered before the
-        middleware that adds them to the others)."""
-        try:
-            response = await score_request(header, chunks)
-        except ServiceError as exc:
-            response = error_response(exc)
-        allow_origin(state, header, response)
-        return response
-
-    async def score_request(
         header: Callable[[str], str | None], chunks: AsyncIterator[bytes]
     ) -> Response:
         if s.protect_scoring:

@@ -44,6 +44,7 @@ from service.app import (
     Handler,
     ScoringApp,
     answer,
+    cors_headers,
     gone_status,
     internal_error_response,
     request_headers,
@@ -184,6 +185,13 @@ class TimedProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.read_started = None
+        # every request still being answered learns its client left (uvicorn marks only
+        # the newest): a pipelined request's answer written to the closed transport was
+        # a RuntimeError, a 500 and a traceback, where the client had gone (499)
+        for cycle in (self.running_cycle, *(c for c, _ in self.pipeline)):
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
@@ -353,8 +361,12 @@ class TimedProtocol(HttpToolsProtocol):
         meanwhile, so its clock does not run."""
         if self.pipeline:  # this request's head came in while an earlier one ran
             return True
-        cycle = self.cycle  # before this request's head is complete: the previous one's
-        return not self.head_done and cycle is not None and not cycle.response_complete
+        # self.cycle is the previous request's until this one's head is complete; the
+        # scan of a read may refuse a head before the parser has begun it (head_done
+        # still the previous request's)
+        arriving = self.reading and self.head_done  # this request's body: its own cycle
+        cycle = self.cycle
+        return not arriving and cycle is not None and not cycle.response_complete
 
     def timed_out(self) -> None:
         """The request took longer than ``read_timeout`` to arrive, with nothing else of
@@ -481,7 +493,7 @@ class FrontProtocol(TimedProtocol):
             handler = front.fast_routes.get((scope["method"], scope["path"]))
             if handler is not None:
                 self.running_cycle = cycle  # as TimedProtocol's, which this path skips
-                coro = serve_direct(handler, cycle, self.proxy)
+                coro = serve_direct(handler, cycle, self.proxy, front.state.ctr.allowed_origins)
                 if self.config.reset_contextvars:  # as uvicorn's own (its option)
                     task = self.loop.create_task(coro, context=contextvars.Context())
                 else:
@@ -493,14 +505,21 @@ class FrontProtocol(TimedProtocol):
 
 
 async def serve_direct(
-    handler: Handler, cycle: RequestResponseCycle, proxy: ProxyHeadersMiddleware | None
+    handler: Handler,
+    cycle: RequestResponseCycle,
+    proxy: ProxyHeadersMiddleware | None,
+    allowed: frozenset[str] = frozenset(),
 ) -> None:
     """One request to a fast route, answered as :class:`~service.app.ScoringApp`
     answers it through ASGI and uvicorn's ``run_asgi`` ends it (``tests/test_front.py``
-    compares the bytes)."""
+    compares the bytes); ``allowed``: ``CTR_ALLOWED_ORIGINS``, whose pages' answers
+    carry the CORS headers."""
     scope = cycle.scope
     headers = request_headers(scope)
     rid = request_id(headers.get("x-request-id"))
+    extra = [(HEADER, rid.encode())]
+    if allowed:
+        extra += cors_headers(allowed, headers.get("origin"))
     token = CURRENT.set(rid)
     if proxy is not None and cycle.access_log and cycle.access_logger.isEnabledFor(INFO):
         await proxy(scope, None, None)  # the client and scheme the access log shows
@@ -515,12 +534,12 @@ async def serve_direct(
             # a bug: the app's 500 (nothing has been sent yet), then raised on, as
             # ScoringApp raises it to uvicorn
             bug = exc
-            await _write(cycle, internal_error_response(exc), rid)
+            await _write(cycle, internal_error_response(exc), extra)
             raise
         if response is None:
             status = gone_status(scope)  # nobody to answer; counted, not logged as an error
         else:
-            sent = await _write(cycle, response, rid)
+            sent = await _write(cycle, response, extra)
             status = response.status_code if sent else CLIENT_CLOSED
             if sent:
                 written(response)
@@ -534,7 +553,7 @@ async def serve_direct(
         # traceback of the cancellation
         if not cycle.response_started:
             status = 503
-            await _write(cycle, shutdown_response(), rid)
+            await _write(cycle, shutdown_response(), extra)
         else:
             cycle.transport.close()
         return
@@ -559,12 +578,14 @@ async def _end_as_uvicorn(cycle: RequestResponseCycle, exc: BaseException) -> No
         cycle.transport.close()
 
 
-async def _write(cycle: RequestResponseCycle, response: Response, rid: str) -> bool:
+async def _write(
+    cycle: RequestResponseCycle, response: Response, extra: list[tuple[bytes, bytes]]
+) -> bool:
     """The response's head and body in one write, as uvicorn's ``send`` writes them for
-    a ``Content-Length`` response to a POST (the ``X-Request-ID`` header last, as
-    ScoringApp adds it); then the request is complete (keep-alive, or the connection
-    closed; the next pipelined request). False where the client had gone: nothing
-    written."""
+    a ``Content-Length`` response to a POST (the ``extra`` headers, ``X-Request-ID``
+    first, last, as ScoringApp adds them); then the request is complete (keep-alive,
+    or the connection closed; the next pipelined request). False where the client had
+    gone: nothing written."""
     if cycle.flow.write_paused and not cycle.disconnected:
         await cycle.flow.drain()
     if cycle.disconnected or cycle.transport.is_closing():
@@ -587,7 +608,8 @@ async def _write(cycle: RequestResponseCycle, response: Response, rid: str) -> b
         content.extend((name, b": ", value, b"\r\n"))
     for name, value in response.raw_headers:
         content.extend((name, b": ", value, b"\r\n"))
-    content.extend((HEADER, b": ", rid.encode(), b"\r\n"))
+    for name, value in extra:
+        content.extend((name, b": ", value, b"\r\n"))
     keep_alive = cycle.keep_alive  # False once a graceful shutdown has begun
     if not keep_alive:
         content.append(b"connection: close\r\n")

@@ -795,7 +795,7 @@ def test_the_native_runner_note_says_why_not_when_turned_off(tmp_path: Any) -> N
 
 
 def test_a_request_a_web_page_sends_is_refused_unless_its_origin_is_allowed(
-    tmp_path: Any,
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Bodies are read as JSON whatever their Content-Type, so a page open in a browser
     beside a key-less service could POST a text/plain "simple request" (no CORS
@@ -864,6 +864,27 @@ def test_a_request_a_web_page_sends_is_refused_unless_its_origin_is_allowed(
         assert httpx.post(f"{s.url}/v1/score", content=body).status_code == 200
         r = httpx.post(f"{s.url}/v1/score", content=body, headers={"Origin": tool})
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == tool
+        # a bug's 500 (and the shutdown's 503, written the same way) readable by the page
+        import service.app as app_mod
+        from service import metrics as m
+
+        def bug(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(app_mod, "score_input", bug)
+        r = httpx.post(f"{s.url}/v1/score", content=body, headers={"Origin": tool})
+        assert r.status_code == 500 and r.headers["access-control-allow-origin"] == tool
+        monkeypatch.undo()
+
+        def preflights() -> float:  # counted on their route, not as unknown paths
+            return sum(x.value for metric in m.REQUEST_DURATION.collect() for x in metric.samples
+                       if x.name.endswith("_count") and x.labels.get("route") == "/v1/score"
+                       and x.labels.get("method") == "OPTIONS")  # fmt: skip
+
+        before = preflights()
+        pre = httpx.options(f"{s.url}/v1/score", headers={
+            "Origin": tool, "Access-Control-Request-Method": "POST"})  # fmt: skip
+        assert pre.status_code == 200 and preflights() == before + 1
     for c in serve(tmp_path / "none"):  # no origin listed: no CORS at all, as before
         assert c.options("/v1/score", headers={"Origin": tool, "Access-Control-Request-Method":
                                                "POST"}).status_code == 405  # fmt: skip

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -575,8 +576,13 @@ def test_ctr_serve_refuses_a_full_metrics_tmpfs(tmp_path: Path) -> None:
                 time.sleep(0.2)
             assert up, proc.stderr.read() if proc.poll() is not None else "no answer"
             assert not list(folder.glob(f"*_{dead.pid}*.db"))
+            # a worker dying of SIGBUS says so (one worker: this process itself)
+            proc.send_signal(signal.SIGBUS)
+            err = proc.communicate(timeout=30)[1]
+            assert "Fatal Python error: Bus error" in err, err[-2000:]
         finally:
-            proc.terminate()
-            proc.communicate(timeout=30)
+            if proc.poll() is None:
+                proc.terminate()
+                proc.communicate(timeout=30)
     finally:
         subprocess.run(["umount", str(folder)], check=False)

@@ -154,9 +154,9 @@ def test_the_front_serves_the_scoring_route_only(
     served: list[str] = []
     inner = front.serve_direct
 
-    async def spy(handler: Any, cycle: Any, proxy: Any) -> None:
+    async def spy(handler: Any, cycle: Any, *rest: Any) -> None:
         served.append(cycle.scope["path"])
-        await inner(handler, cycle, proxy)
+        await inner(handler, cycle, *rest)
 
     monkeypatch.setattr(front, "serve_direct", spy)
     raw = post(score_body(built)) + b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n" + LAST
@@ -321,7 +321,8 @@ def test_an_answer_waits_while_the_socket_is_full() -> None:
         flow = FlowControl(transport)  # type: ignore[arg-type]
         cycle = _cycle(transport, flow)
         flow.pause_writing()
-        task = asyncio.ensure_future(front._write(cycle, orjson_response({"a": 1}), "r"))
+        rid = [(b"x-request-id", b"r")]
+        task = asyncio.ensure_future(front._write(cycle, orjson_response({"a": 1}), rid))
         await asyncio.sleep(0.05)
         assert not transport.written and not cycle.response_complete and not task.done()
         flow.resume_writing()
@@ -380,7 +381,7 @@ def test_nothing_is_written_for_a_client_gone(caplog: pytest.LogCaptureFixture) 
         cycle = _cycle(transport, FlowControl(transport), access_log=True)  # type: ignore[arg-type]
         cycle.disconnected = True
         with caplog.at_level(logging.INFO, logger="uvicorn.access"):
-            await front._write(cycle, orjson_response({"a": 1}), "r")
+            await front._write(cycle, orjson_response({"a": 1}), [(b"x-request-id", b"r")])
         assert not transport.written and not cycle.response_started and not cycle.done
         assert not [r for r in caplog.records if r.name == "uvicorn.access"]
 

@@ -496,3 +496,57 @@ def test_a_body_in_a_transfer_coding_other_than_chunked_is_a_415(
         sock.sendall(b"POST /v1/score HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
                      + f"{len(plain):x}\r\n".encode() + plain + b"\r\n0\r\n\r\n")  # fmt: skip
         assert Responses(sock).next()[0].startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_long_head_in_its_own_read_behind_a_request_in_flight_waits(
+    server: ServerThread, built: Built, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same long head sent in a read of its own while the request before it is
+    still being answered: the scan refused it before the parser had begun it, took the
+    connection for idle, and answered 431 at once (the client read it as its score's
+    answer; the score's write then failed, a 500 with a traceback)."""
+    import service.app as app_mod
+
+    real = app_mod.score_input
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(app_mod, "score_input", slow)
+    failed = _scored("500")
+    body = _body(built)
+    with _connect(server) as sock:
+        sock.sendall(_head(len(body)) + body)
+        time.sleep(0.2)  # the score in flight
+        with contextlib.suppress(OSError):
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-A: " + b"a" * 70_000 + b"\r\n\r\n")
+        answers = Responses(sock)
+        first, _ = answers.next()
+        second, _ = answers.next()
+    assert first.startswith(b"HTTP/1.1 200 ") and second.startswith(b"HTTP/1.1 431 "), first
+    assert _scored("500") == failed
+
+
+def test_a_pipelined_answer_to_a_client_gone_is_no_500(
+    server: ServerThread, built: Built, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow score with a request pipelined behind it, the client gone meanwhile:
+    uvicorn marked only the newest request's cycle, and the score's answer written to
+    the closed transport was a RuntimeError, a 500 and a traceback."""
+    import service.app as app_mod
+
+    real = app_mod.score_input
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.4)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(app_mod, "score_input", slow)
+    failed = _scored("500")
+    body = _body(built)
+    with _connect(server) as sock:
+        sock.sendall(_head(len(body)) + body + b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        time.sleep(0.2)  # both read, the score in flight
+    time.sleep(1.0)  # the score ends after its client has gone
+    assert _scored("500") == failed
