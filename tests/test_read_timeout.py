@@ -498,6 +498,19 @@ def test_a_body_in_a_transfer_coding_other_than_chunked_is_a_415(
         assert Responses(sock).next()[0].startswith(b"HTTP/1.1 200 ")
 
 
+def _slow_scoring(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Every scoring request takes ``seconds`` longer (its parse sleeps): one in flight."""
+    import service.app as app_mod
+
+    real = app_mod.score_input
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(app_mod, "score_input", slow)
+
+
 def test_a_long_head_in_its_own_read_behind_a_request_in_flight_waits(
     server: ServerThread, built: Built, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -505,15 +518,7 @@ def test_a_long_head_in_its_own_read_behind_a_request_in_flight_waits(
     still being answered: the scan refused it before the parser had begun it, took the
     connection for idle, and answered 431 at once (the client read it as its score's
     answer; the score's write then failed, a 500 with a traceback)."""
-    import service.app as app_mod
-
-    real = app_mod.score_input
-
-    def slow(*args: Any, **kwargs: Any) -> Any:
-        time.sleep(0.5)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(app_mod, "score_input", slow)
+    _slow_scoring(monkeypatch, 0.5)
     failed = _scored("500")
     body = _body(built)
     with _connect(server) as sock:
@@ -534,15 +539,7 @@ def test_a_pipelined_answer_to_a_client_gone_is_no_500(
     """A slow score with a request pipelined behind it, the client gone meanwhile:
     uvicorn marked only the newest request's cycle, and the score's answer written to
     the closed transport was a RuntimeError, a 500 and a traceback."""
-    import service.app as app_mod
-
-    real = app_mod.score_input
-
-    def slow(*args: Any, **kwargs: Any) -> Any:
-        time.sleep(0.4)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(app_mod, "score_input", slow)
+    _slow_scoring(monkeypatch, 0.4)
     failed = _scored("500")
     body = _body(built)
     with _connect(server) as sock:

@@ -207,17 +207,24 @@ SPAWN_SCRIPT = textwrap.dedent(
 )
 
 
-def test_dien_on_two_ranks_trains_the_weights_one_process_trains(tmp_path: Path) -> None:
-    """Two gloo ranks end an epoch of DIEN (auxiliary loss, negatives, mini-batch-aware
-    L2) with the weights one process ends it with: every loss term is a global-batch
-    mean once DDP averages the ranks (the auxiliary loss averaged per rank gave 0.037)."""
-    script = tmp_path / "spawn_train.py"
-    script.write_text(SPAWN_SCRIPT)
+def _run_script(tmp_path: Path, name: str, text: str) -> subprocess.CompletedProcess:
+    """``text`` run as a script of its own (``tmp_path`` its argument, one thread, no
+    torchrun environment), which must succeed."""
+    script = tmp_path / name
+    script.write_text(text)
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=240)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_dien_on_two_ranks_trains_the_weights_one_process_trains(tmp_path: Path) -> None:
+    """Two gloo ranks end an epoch of DIEN (auxiliary loss, negatives, mini-batch-aware
+    L2) with the weights one process ends it with: every loss term is a global-batch
+    mean once DDP averages the ranks (the auxiliary loss averaged per rank gave 0.037)."""
+    proc = _run_script(tmp_path, "spawn_train.py", SPAWN_SCRIPT)
     worst = float(proc.stdout.split()[-1])
     assert worst < 1e-3, worst
 
@@ -524,13 +531,7 @@ DROPOUT_SCRIPT = textwrap.dedent(
 def test_ranks_draw_their_own_dropout_masks(tmp_path: Path) -> None:
     """Every rank seeded torch alike, so row j of each rank's batch had the same dropout
     mask: a global batch of W ranks regularised like one of B rows (session 37)."""
-    script = tmp_path / "dropout_ranks.py"
-    script.write_text(DROPOUT_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=240)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _run_script(tmp_path, "dropout_ranks.py", DROPOUT_SCRIPT)
     a, b = (torch.load(tmp_path / f"mask{r}.pt") for r in (0, 1))
     assert a.shape == b.shape and a.shape[0] == 32  # each rank's half of the batch of 64
     assert 0.3 < a.float().mean().item() < 0.7  # dropout 0.5 did drop
