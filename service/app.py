@@ -322,7 +322,7 @@ CORS_ORIGIN = b"access-control-allow-origin"
 def cors_headers(allowed: frozenset[str], origin: str | None) -> list[tuple[bytes, bytes]]:
     """The CORS headers of every answer to a page of a ``CTR_ALLOWED_ORIGINS`` origin
     (``allowed``), its errors, a shutdown's 503 and a bug's 500 included: without them
-    the browser keeps the answer from the page. None for another origin or none."""
+    the browser keeps the answer from the page. Empty for another origin, or none."""
     if origin is None or origin_key(origin) not in allowed:
         return []
     return [
