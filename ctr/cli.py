@@ -300,6 +300,17 @@ def check_port(host: str, port: int) -> None:
     raise PortInUse(f"cannot listen on {host}:{port}: {why} (set --host / CTR_HOST)")
 
 
+def enable_faulthandler() -> None:
+    """Python's fault handler on, where there is a stderr to write to (a process started
+    with it closed, ``2>&-``, could not start at all: ``faulthandler.enable`` raises)."""
+    import faulthandler
+
+    if sys.stderr is None or faulthandler.is_enabled():
+        return
+    with contextlib.suppress(RuntimeError, ValueError, OSError):
+        faulthandler.enable()
+
+
 # free space a metrics folder needs per process (each worker's files, and the parent's
 # collector): prometheus_client maps files that grow as series are added, and a write past
 # what the file system can hold is a SIGBUS that kills the worker, again at each restart
@@ -366,9 +377,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # says where, not only uvicorn's "Child process died"; one worker is this process
         os.environ.setdefault("PYTHONFAULTHANDLER", "1")
         if workers == 1:
-            import faulthandler
-
-            faulthandler.enable()
+            enable_faulthandler()
     if workers > 1:  # a worker's SIGHUP while it imports: pending, then noted, not fatal
         hup.block_for_workers()
     supervisor = _SupervisorWatch(s.worker_start_timeout_s)

@@ -586,3 +586,34 @@ def test_ctr_serve_refuses_a_full_metrics_tmpfs(tmp_path: Path) -> None:
                 proc.communicate(timeout=30)
     finally:
         subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_ctr_serve_starts_with_its_stderr_closed(tmp_path: Path) -> None:
+    """The fault handler turned on for a one-worker serve raised where the process had
+    no stderr (``2>&-``, some supervisors): the service could not start, and said
+    nothing (own-diff review, session 38)."""
+    import httpx
+
+    folder = tmp_path / "prom"
+    folder.mkdir()
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PROMETHEUS_MULTIPROC_DIR": str(folder),
+           "CTR_MODELS_DIR": str(tmp_path)}  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ctr.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, preexec_fn=lambda: os.close(2),
+    )  # fmt: skip
+    try:
+        up = False
+        for _ in range(300):
+            if proc.poll() is not None:
+                break
+            with contextlib.suppress(httpx.HTTPError):
+                up = httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+            if up:
+                break
+            time.sleep(0.2)
+        assert up, f"exited {proc.returncode}" if proc.poll() is not None else "no answer"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
