@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -530,6 +531,30 @@ def test_a_metrics_folder_without_room_is_refused(
         cli.check_metrics_space(str(tmp_path), 2)
 
 
+def _serving(metrics: Path, models: Path, **popen: Any) -> subprocess.Popen:
+    """``ctr serve`` (one worker, ``PROMETHEUS_MULTIPROC_DIR=metrics``, the model store
+    ``models``, which may hold no model) started with ``popen``'s options, returned once
+    ``/healthz`` answers; killed, and the test failed, where it exits or never answers."""
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PROMETHEUS_MULTIPROC_DIR": str(metrics),
+           "CTR_MODELS_DIR": str(models)}  # fmt: skip
+    cmd = [sys.executable, "-m", "ctr.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, **popen)
+    for _ in range(300):
+        if proc.poll() is not None:
+            break
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                return proc
+        time.sleep(0.2)
+    if proc.poll() is None:
+        proc.kill()
+    out = proc.communicate(timeout=30)
+    pytest.fail(f"ctr serve never answered (exit {proc.returncode}): {out[1]!s:.2000}")
+
+
 def test_ctr_serve_refuses_a_full_metrics_tmpfs(tmp_path: Path) -> None:
     """The same through ``ctr serve`` on a real 256 KB tmpfs (skipped where this process
     may not mount one)."""
@@ -555,26 +580,8 @@ def test_ctr_serve_refuses_a_full_metrics_tmpfs(tmp_path: Path) -> None:
         for k in range(12):
             (folder / f"counter_{dead.pid}{k:02d}.db").write_bytes(b"\0" * (1 << 20))
         (folder / f"histogram_{dead.pid}.db").write_bytes(b"\0" * (1 << 20))
-        port = free_port()
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PROMETHEUS_MULTIPROC_DIR": str(folder),
-               "CTR_MODELS_DIR": str(tmp_path)}  # fmt: skip
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ctr.cli", "serve", "--host", "127.0.0.1", "--port",
-             str(port)], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        proc = _serving(folder, tmp_path, stderr=subprocess.PIPE, text=True)
         try:
-            import httpx
-
-            up = False
-            for _ in range(300):
-                if proc.poll() is not None:
-                    break
-                with contextlib.suppress(httpx.HTTPError):
-                    up = httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
-                if up:
-                    break
-                time.sleep(0.2)
-            assert up, proc.stderr.read() if proc.poll() is not None else "no answer"
             assert not list(folder.glob(f"*_{dead.pid}*.db"))
             # a worker dying of SIGBUS says so (one worker: this process itself)
             proc.send_signal(signal.SIGBUS)
@@ -592,28 +599,8 @@ def test_ctr_serve_starts_with_its_stderr_closed(tmp_path: Path) -> None:
     """The fault handler turned on for a one-worker serve raised where the process had
     no stderr (``2>&-``, some supervisors): the service could not start, and said
     nothing (own-diff review, session 38)."""
-    import httpx
-
     folder = tmp_path / "prom"
     folder.mkdir()
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PROMETHEUS_MULTIPROC_DIR": str(folder),
-           "CTR_MODELS_DIR": str(tmp_path)}  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ctr.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, preexec_fn=lambda: os.close(2),
-    )  # fmt: skip
-    try:
-        up = False
-        for _ in range(300):
-            if proc.poll() is not None:
-                break
-            with contextlib.suppress(httpx.HTTPError):
-                up = httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
-            if up:
-                break
-            time.sleep(0.2)
-        assert up, f"exited {proc.returncode}" if proc.poll() is not None else "no answer"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    proc = _serving(folder, tmp_path, stdout=subprocess.DEVNULL, preexec_fn=lambda: os.close(2))
+    proc.terminate()
+    proc.wait(timeout=30)
