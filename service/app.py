@@ -161,6 +161,7 @@ class ScoringApp(FastAPI):
 
     fast_routes: dict[tuple[str, str], Handler]
     read_timeout_s: float = 0.0  # CTR_READ_TIMEOUT_MS, for service.front.TimedProtocol
+    allowed_origins: frozenset[str] = frozenset()  # CTR_ALLOWED_ORIGINS (cors_headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -171,7 +172,7 @@ class ScoringApp(FastAPI):
         # previous one's send)
         rid = request_id(_header(scope, HEADER))
         token = CURRENT.set(rid)
-        allowed = self.state.ctr.allowed_origins
+        allowed = self.allowed_origins
         extra = cors_headers(allowed, _header(scope, b"origin")) if allowed else []
         send = _with_id(send, [(HEADER, rid.encode()), *extra])
         handler = self.fast_routes.get((scope["method"], scope["path"]))
@@ -591,6 +592,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     score = _install_routes(app, state)
     app.fast_routes = {("POST", "/v1/score"): score}
     app.read_timeout_s = settings.read_timeout_ms / 1000  # service.front.TimedProtocol
+    app.allowed_origins = state.allowed_origins
     docs = (app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url)
     # and the routes' own paths, for what is answered before routing (CORS preflights)
     paths = {getattr(r, "path", "") for r in app.routes}

@@ -230,19 +230,17 @@ class TimedProtocol(HttpToolsProtocol):
         self.fed_body += len(body)
         super().on_body(body)
 
-    def refuse(self, answer: Callable[[], None]) -> bool:
+    def refuse(self, answer: Callable[[], None]) -> None:
         """Stop reading the request now arriving, refused: ``answer`` it at once, or,
         where requests before it on the connection are still being answered
         (pipelined), once they are (:meth:`on_response_complete`): closing at once
-        dropped their answers, and the client read the refusal as the first one's.
-        True where it was held."""
+        dropped their answers, and the client read the refusal as the first one's."""
         self.discarding = True  # read on and drop what comes: no more requests parsed
         self.read_started = None  # no read timeout's 408 after this answer
         if self.busy():
             self.pending = answer
-            return True
-        answer()
-        return False
+        else:
+            answer()
 
     def head_too_large(self) -> None:
         """A head past ``MAX_HEAD_BYTES``: refused before the parser sees more of it
@@ -493,7 +491,7 @@ class FrontProtocol(TimedProtocol):
             handler = front.fast_routes.get((scope["method"], scope["path"]))
             if handler is not None:
                 self.running_cycle = cycle  # as TimedProtocol's, which this path skips
-                coro = serve_direct(handler, cycle, self.proxy, front.state.ctr.allowed_origins)
+                coro = serve_direct(handler, cycle, self.proxy, front.allowed_origins)
                 if self.config.reset_contextvars:  # as uvicorn's own (its option)
                     task = self.loop.create_task(coro, context=contextvars.Context())
                 else:
