@@ -693,7 +693,7 @@ def served_item_key(client: Any, stream: str, models_dir: str) -> str:
     source) for the model that served ``stream``'s first logged response, read from
     that bundle's manifest in ``models_dir``; ``item_id`` (said on stderr) where the
     entry or the manifest is not there or not readable."""
-    from ctr.bundle import MANIFEST, read_manifest, version_of
+    from ctr.bundle import MANIFEST, BundleError, read_checked_manifest, version_of
     from ctr.spec import FeatureConfig
     from service.impression_read import pages, parse_entry
 
@@ -705,8 +705,8 @@ def served_item_key(client: Any, stream: str, models_dir: str) -> str:
     if served is not None and version_of(served[1]) is not None:
         path = Path(models_dir) / served[0] / served[1] / MANIFEST
         try:
-            config = FeatureConfig.model_validate(read_manifest(path)["config"])
-        except (OSError, ValueError, KeyError, TypeError, RecursionError):
+            config = FeatureConfig.model_validate(read_checked_manifest(path)["config"])
+        except (BundleError, KeyError, ValueError):
             pass
         else:
             return config.item_id_feature.source
