@@ -190,10 +190,8 @@ def build_examples(
 def load_amazon(config: FeatureConfig) -> pd.DataFrame:
     """Raw Amazon examples (generic layout) for ``data.options.name``."""
     opts = _options(config)
-    name = _category(config)
-    folder = dataset_dir(config)
-    sequences = read_sequences(folder / f"{name}.txt")
-    attr_path = folder / f"{name}_item2attributes.json"
+    seq_path, attr_path = data_files(config)
+    sequences = read_sequences(seq_path)
     if not attr_path.exists():
         raise DataError(f"data file not found: {attr_path}")
     with reading(attr_path):
