@@ -417,26 +417,32 @@ def test_an_unwritable_metrics_folder_is_refused_with_one_worker(tmp_path: Path)
     assert "is not a folder this process can write" in one_line_error(out, "serve")
 
 
+def results_refused(tmp_path: Path, datasets: str, models: str, *args: str, **env: str) -> str:
+    """The one-line error of a ``ctr results`` run (one seed, a table under ``tmp_path``
+    unless ``args`` name others) refused before anything trained (its runs folder never
+    made)."""
+    runs = tmp_path / "runs"
+    out = ctr("results", "--datasets", datasets, "--models", models, "--seeds", "1",
+              "--runs", str(runs), "--out", str(tmp_path / "r.md"), *args, **env)  # fmt: skip
+    said = one_line_error(out, "results")
+    assert not runs.exists()  # nothing trained
+    return said
+
+
 def test_a_report_out_that_cannot_be_written_fails_before_the_run(tmp_path: Path) -> None:
     """``ctr results`` trained every model (hours on real data) and then failed writing
     its table; the folder is made and checked first."""
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    runs = tmp_path / "runs"
-    out = ctr("results", "--datasets", "synthetic", "--models", "din", "--seeds", "1",
-              "--runs", str(runs), "--out", str(blocker / "r.md"))  # fmt: skip
-    assert "a-file" in one_line_error(out, "results")
-    assert not runs.exists()  # nothing trained
+    said = results_refused(tmp_path, "synthetic", "din", "--out", str(blocker / "r.md"))
+    assert "a-file" in said
 
 
 def test_ctr_results_checks_every_config_before_it_trains(tmp_path: Path) -> None:
     """A typo in --models (or an override a later dataset refuses) failed after every
     run before it had trained (hours on real data), and no table was written."""
-    runs = tmp_path / "runs"
-    out = ctr("results", "--datasets", "synthetic", "--models", "din,dein", "--seeds", "2",
-              "--runs", str(runs), "--out", str(tmp_path / "r.md"))  # fmt: skip
-    assert "model.type" in one_line_error(out, "results")
-    assert not runs.exists()  # nothing trained
+    said = results_refused(tmp_path, "synthetic", "din,dein", "--seeds", "2")
+    assert "model.type" in said
 
 
 def test_ctr_results_checks_every_data_file_before_it_trains(tmp_path: Path) -> None:
@@ -446,20 +452,14 @@ def test_ctr_results_checks_every_data_file_before_it_trains(tmp_path: Path) -> 
     folder.mkdir(parents=True)
     (folder / "Beauty.txt").write_text("1 1 2 3\n")
     (folder / "Beauty_item2attributes.json").write_text("{}")
-    runs = tmp_path / "runs"
-    out = ctr("results", "--datasets", "synthetic,amazon_beauty,amazon_sports", "--models",
-              "din", "--seeds", "1", "--runs", str(runs), "--out", str(tmp_path / "r.md"),
-              CTR_DATA_ROOT=str(tmp_path / "data"))  # fmt: skip
-    said = one_line_error(out, "results")
+    root = {"CTR_DATA_ROOT": str(tmp_path / "data")}
+    said = results_refused(tmp_path, "synthetic,amazon_beauty,amazon_sports", "din", **root)
     assert f"data file not found for amazon_sports ({folder / 'Sports_and_Outdoors.txt'})" in said
     assert "Sports_and_Outdoors_item2attributes.json" in said and "Beauty" not in said
-    assert not runs.exists()  # nothing trained
     # a category the adapter does not know is said up front too
-    out = ctr("results", "--datasets", "synthetic,amazon_beauty", "--models", "din", "--seeds",
-              "1", "--runs", str(runs), "--set", "data.options.name=Shoes",
-              CTR_DATA_ROOT=str(tmp_path / "data"))  # fmt: skip
-    assert "amazon data.options.name must be one of" in one_line_error(out, "results")
-    assert not runs.exists()
+    said = results_refused(tmp_path, "synthetic,amazon_beauty", "din", "--set",
+                           "data.options.name=Shoes", **root)  # fmt: skip
+    assert "amazon data.options.name must be one of" in said
 
 
 def test_a_results_table_of_one_seed_has_no_spread() -> None:
