@@ -5,10 +5,11 @@ at every step behaves inside one of them; with probability ``drift`` an interest
 is replaced by a new one, so older behaviour stops being informative. A
 candidate's true click probability is
 
-    p = sigmoid(bias + item_bias[i] + strength * relevance)
+    p = sigmoid(bias + item_bias[i] + strength * relevance + 0.3 * [hour >= 20])
 
 where ``relevance`` is the recency-weighted share of history behaviours in the
-candidate's category (weight ``decay ** age``). So:
+candidate's category (weight ``decay ** age``) and ``hour`` the sample's context hour
+(evenings click a little more, so a context feature carries signal). So:
 
 * attention matters: only history items of the candidate's category count;
 * interest evolution matters: recent behaviour counts more than old behaviour.
