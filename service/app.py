@@ -118,14 +118,20 @@ CLIENT_CLOSED = 499
 # set in a request's scope by service.front when the service closed the connection
 # because the body did not all arrive within CTR_READ_TIMEOUT_MS: recorded as 408, not 499
 READ_TIMED_OUT = "ctr.read_timed_out"
+# set likewise when the HTTP parser refused the request's body (a bad chunk size, ...):
+# the client got the protocol's 400, recorded as such, not 499
+MALFORMED_BODY = "ctr.malformed_body"
 # set on an unexpected exception once its 500 has been sent
 ANSWERED = "ctr_answered"
 
 
 def gone_status(scope: Scope) -> int:
     """The status recorded for a request that ended with its connection closed before
-    its body was read: 408 when the service closed it (the read timeout), else 499."""
-    return 408 if scope.get(READ_TIMED_OUT) else CLIENT_CLOSED
+    its body was read: 408 when the service closed it (the read timeout), 400 when the
+    parser refused the body (the protocol's 400 was the answer), else 499."""
+    if scope.get(READ_TIMED_OUT):
+        return 408
+    return 400 if scope.get(MALFORMED_BODY) else CLIENT_CLOSED
 
 
 def orjson_response(content: Any, status: int = 200, headers: dict | None = None) -> Response:

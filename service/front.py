@@ -40,6 +40,7 @@ from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 from service import metrics as m
 from service.app import (
     CLIENT_CLOSED,
+    MALFORMED_BODY,
     READ_TIMED_OUT,
     Handler,
     ScoringApp,
@@ -310,10 +311,12 @@ class TimedProtocol(HttpToolsProtocol):
         if self.parsed_head > MAX_HEAD_BYTES:  # stops the parse: send_400_response
             self.head_over = True
             raise HeadTooLarge
-        self.head_done = True
         self.head_bytes = 0
         self.head_tail = b""
         super().on_headers_complete()
+        # done once uvicorn has made the request's cycle: a head it refuses (a URL
+        # httptools cannot parse) is a malformed head (send_400_response), not a body
+        self.head_done = True
 
     def on_message_complete(self) -> None:
         self.reading = False
@@ -327,13 +330,37 @@ class TimedProtocol(HttpToolsProtocol):
             self.head_over = False
             self.head_too_large()
             return
-        if self.head_done:  # the body of the request in flight: answered at once
-            super().send_400_response(msg)
+        if self.head_done:  # a body: its request's cycle was made with its head
+            self.malformed_body(msg)
             return
         # a malformed head, behind requests still being answered (pipelined) or not: its
         # 400 follows their answers (:meth:`refuse`)
         send = super().send_400_response
         self.refuse(lambda: send(msg))
+
+    def malformed_body(self, msg: str) -> None:
+        """The parser refused the body of the request now arriving (a bad chunk size):
+        the 400, and the connection closed. The only request in flight: at once (its
+        handler, waiting for the body, sees the close and records the 400). Queued
+        behind requests still being answered (pipelined): the 400 follows their answers
+        (:meth:`refuse`), and the request is taken out of the queue, never to answer
+        (its handler is run at once with nobody to answer, so that it records the 400 on
+        its own route); an immediate close had dropped their answers, and the client read
+        the 400 as the first one's."""
+        cycle = self.cycle
+        cycle.scope[MALFORMED_BODY] = True  # type: ignore[typeddict-unknown-key]
+        send = super().send_400_response
+        if not (self.pipeline and self.pipeline[0][0] is cycle):
+            send(msg)
+            return
+        self.refuse(lambda: send(msg))  # held: busy() while it is still in the queue
+        _, app = self.pipeline.popleft()  # then out of it: uvicorn never starts it
+        cycle.disconnected = True  # nothing written, no 100 Continue, no access line
+        cycle.waiting_for_100_continue = False
+        cycle.message_event.set()
+        # uvicorn's own start (ASGI): not the connection's running request
+        HttpToolsProtocol._start_asgi_task(self, cycle, app)
+        self.flow.resume_reading()  # read on and drop what comes (refuse)
 
     def on_response_complete(self) -> None:
         if self.pending is not None and not self.pipeline:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 import time
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from prometheus_client import REGISTRY
 
 from service.app import create_app
 from service.front import FrontProtocol, TimedProtocol
-from tests.helpers import Built, build_and_load, settings_for
+from tests.helpers import REDIS_URL, Built, build_and_load, settings_for
 from tests.server_thread import ServerThread
 
 TIMEOUT_MS = 400
@@ -547,3 +548,133 @@ def test_a_pipelined_answer_to_a_client_gone_is_no_500(
         time.sleep(0.2)  # both read, the score in flight
     time.sleep(1.0)  # the score ends after its client has gone
     assert _scored("500") == failed
+
+
+# ---- session 39: a malformed body behind requests in flight waits for their answers -----
+
+CHUNKED = b"POST /v1/score HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+BAD_BODIES = {
+    "bad chunk size": CHUNKED + b"zz\r\nabc\r\n",
+    "chunk not ended by CR LF": CHUNKED + b"3\r\nabcXY\r\n0\r\n\r\n",
+}
+
+
+@contextlib.contextmanager
+def errors_logged() -> Iterator[list[logging.LogRecord]]:
+    """Records of ERROR and above on uvicorn's error log (tracebacks, 500s) meanwhile."""
+    seen: list[logging.LogRecord] = []
+    catch = logging.Handler(logging.ERROR)
+    catch.emit = seen.append  # type: ignore[method-assign]
+    logging.getLogger("uvicorn.error").addHandler(catch)
+    try:
+        yield seen
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(catch)
+
+
+@pytest.mark.parametrize("http", [FrontProtocol, TimedProtocol], ids=["front", "plain"])
+def test_a_malformed_body_behind_requests_in_flight_follows_their_answers(
+    built: Built, monkeypatch: pytest.MonkeyPatch, http: Any
+) -> None:
+    """A request whose body the parser refuses (a bad chunk size, a chunk not ended by
+    CR LF), queued behind requests still being answered: its 400 was written and the
+    connection closed at once, so their answers were dropped and the client read the
+    400 as the first one's answer (counted 200 or 499, and logged as an impression all
+    the same). Now their answers come first, then the 400, then the close; the refused
+    request is counted once on its route (400), is no impression, and its queued cycle
+    never answers (session 39)."""
+    from redis import Redis
+
+    from service import app as app_module
+
+    real = app_module._score
+
+    async def slow(*args: Any, **kwargs: Any) -> Any:  # each score in flight a while
+        await asyncio.sleep(0.3)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(app_module, "_score", slow)
+    stream = "test:front-body-impressions"
+    redis = Redis.from_url(REDIS_URL)
+    redis.delete(stream)
+    statuses = ("200", "400", "499", "500")
+    before = {s: _scored(s) for s in statuses}
+    body = _body(built)
+    good = _head(len(body)) + body
+    app = create_app(settings_for(built, read_timeout_ms=TIMEOUT_MS, impression_stream=stream))
+    try:
+        with ServerThread(app, http=http, timeout_keep_alive=30) as s, errors_logged() as errors:
+            for case, bad in BAD_BODIES.items():
+                with _connect(s) as sock:
+                    if case == "bad chunk size":  # in the same write as the one before it
+                        sock.sendall(good + bad)
+                        ahead = 1
+                    else:  # in a read of its own, behind two: one in flight, one queued
+                        sock.sendall(good)
+                        time.sleep(0.1)
+                        sock.sendall(good + bad)
+                        ahead = 2
+                    answers = Responses(sock)
+                    for _ in range(ahead):
+                        head, said = answers.next()
+                        assert head.startswith(b"HTTP/1.1 200 "), (case, head)
+                        assert json.loads(said)["items"]
+                    head, said = answers.next()
+                    assert head.startswith(b"HTTP/1.1 400 "), (case, head)
+                    assert b"connection: close" in head.lower()
+                    assert said == b"Invalid HTTP request received."
+                    assert answers.buf == b"" and sock.recv(1) == b"", case  # then closed
+            counts = {"200": 3, "400": 2, "499": 0, "500": 0}
+            deadline = time.monotonic() + 5  # the refused handler counts as its task ends
+            while time.monotonic() < deadline:
+                got = {s: _scored(s) - before[s] for s in statuses}
+                if got == counts:
+                    break
+                time.sleep(0.02)
+            assert got == counts
+            deadline = time.monotonic() + 5
+            while redis.xlen(stream) < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.3)  # nothing more comes
+            assert redis.xlen(stream) == 3  # the answers written; the refused ones not
+        assert not errors, [r.getMessage() for r in errors]
+    finally:
+        redis.delete(stream)
+        redis.close()
+
+
+@pytest.mark.parametrize("bad", list(BAD_BODIES.values()), ids=list(BAD_BODIES))
+def test_a_malformed_body_of_the_only_request_in_flight_is_refused_at_once(
+    server: ServerThread, bad: bytes
+) -> None:
+    """Nothing before it on the connection: its 400 at once and the connection closed,
+    as before; recorded on its route as the 400 it was answered (not 499, a client gone:
+    its handler, waiting for the body, learns of the close)."""
+    before = (_scored("400"), _scored("499"))
+    with _connect(server) as sock, errors_logged() as errors:
+        sock.sendall(bad)
+        got, took = _until_closed(sock)
+    assert got.startswith(b"HTTP/1.1 400 ") and got.count(b"HTTP/1.1 ") == 1, got[:200]
+    assert got.endswith(b"\r\n\r\nInvalid HTTP request received.") and took < 5
+    deadline = time.monotonic() + 5
+    while _scored("400") == before[0] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert (_scored("400"), _scored("499")) == (before[0] + 1, before[1])
+    assert not errors, [r.getMessage() for r in errors]
+
+
+def test_a_url_the_parser_refuses_behind_a_request_waits_for_its_answer(
+    server: ServerThread, built: Built
+) -> None:
+    """A head whose URL httptools cannot parse (a port past 65535) is refused at the
+    head's end, where uvicorn's callback raises: that was taken for a body and answered
+    at once, dropping the answer before it, as a malformed head's was."""
+    body = _body(built)
+    bad = b"GET http://a:99999999/ HTTP/1.1\r\nHost: t\r\n\r\n"
+    with _connect(server) as sock:
+        sock.sendall(_head(len(body)) + body + bad)
+        answers = Responses(sock)
+        first, _ = answers.next()
+        second, _ = answers.next()
+        assert answers.buf == b"" and sock.recv(1) == b""  # then closed
+    assert first.startswith(b"HTTP/1.1 200 ") and second.startswith(b"HTTP/1.1 400 "), first
