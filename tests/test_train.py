@@ -178,18 +178,17 @@ SPAWN_SCRIPT = textwrap.dedent(
     import torch.multiprocessing as mp
     from tests.conftest import make_tiny_config
 
-    def config():
-        # prelu: Dice's batch statistics are per rank by design; everything else is not
-        return make_tiny_config("dien", model__activation="prelu", model__mba_l2=0.05,
+    def config(act):
+        return make_tiny_config("dien", model__activation=act, model__mba_l2=0.05,
                                 model__aux_loss_weight=1.0, train__batch_size=64,
                                 train__epochs=1)
 
-    def run(rank, world, port, out):
+    def run(rank, world, port, out, act):
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         torch.set_num_threads(1)
         from training.train import train
-        train(config(), out, progress=False)
+        train(config(act), out, progress=False)
 
     def free():
         with socket.socket() as s:
@@ -197,9 +196,9 @@ SPAWN_SCRIPT = textwrap.dedent(
             return s.getsockname()[1]
 
     if __name__ == "__main__":
-        out = sys.argv[1]
+        out, act = sys.argv[1], sys.argv[2]
         for world in (1, 2):
-            mp.spawn(run, args=(world, free(), f"{out}/w{world}"), nprocs=world)
+            mp.spawn(run, args=(world, free(), f"{out}/w{world}", act), nprocs=world)
         a = torch.load(f"{out}/w1/checkpoint.pt")
         b = torch.load(f"{out}/w2/checkpoint.pt")
         print(max((a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].numel()))
@@ -207,26 +206,150 @@ SPAWN_SCRIPT = textwrap.dedent(
 )
 
 
-def _run_script(tmp_path: Path, name: str, text: str) -> subprocess.CompletedProcess:
-    """``text`` run as a script of its own (``tmp_path`` its argument, one thread, no
-    torchrun environment), which must succeed."""
+def _run_script(tmp_path: Path, name: str, text: str, *args: str) -> subprocess.CompletedProcess:
+    """``text`` run as a script of its own (``tmp_path`` and ``args`` its arguments, one
+    thread, no torchrun environment), which must succeed."""
     script = tmp_path / name
     script.write_text(text)
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, cwd=REPO,
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), *args], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=240)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
-def test_dien_on_two_ranks_trains_the_weights_one_process_trains(tmp_path: Path) -> None:
+@pytest.mark.parametrize("act", ["prelu", "dice"])
+def test_dien_on_two_ranks_trains_the_weights_one_process_trains(tmp_path: Path, act: str) -> None:
     """Two gloo ranks end an epoch of DIEN (auxiliary loss, negatives, mini-batch-aware
     L2) with the weights one process ends it with: every loss term is a global-batch
-    mean once DDP averages the ranks (the auxiliary loss averaged per rank gave 0.037)."""
-    proc = _run_script(tmp_path, "spawn_train.py", SPAWN_SCRIPT)
+    mean once DDP averages the ranks (the auxiliary loss averaged per rank gave 0.037),
+    and Dice normalises by the global batch's statistics and keeps them as one process
+    does (its buffers are in the checkpoint compared: per rank, they differed)."""
+    proc = _run_script(tmp_path, "spawn_train.py", SPAWN_SCRIPT, act)
     worst = float(proc.stdout.split()[-1])
     assert worst < 1e-3, worst
+
+
+DICE_SCRIPT = textwrap.dedent(
+    """
+    import json, os, socket, sys
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    from torch.nn.parallel import DistributedDataParallel
+
+    from training.modules import Dice
+
+    DIM = 5
+    # per step, each rank's leading shape and real positions (None: no mask)
+    STEPS = [
+        [((4, 5), 13), ((3, 5), 4)],  # masked, different counts
+        [((4, 5), 9), ((2, 5), 0)],  # rank 1 has no real row
+        [((3, 5), 1), ((4, 5), 11)],  # rank 0 has one real row
+        [((2, 5), 0), ((3, 5), 1)],  # one real row in all: the running statistics
+        [((6,), None), ((3,), None)],  # no mask, different counts
+        [((1,), None), ((5,), None)],  # no mask, one row on rank 0
+    ]
+
+    def data():
+        # every process draws the same steps: rank r's x, mask and loss weights
+        gen = torch.Generator().manual_seed(0)
+        steps = []
+        for step in STEPS:
+            parts = []
+            for lead, real in step:
+                x = torch.randn(*lead, DIM, generator=gen) * 2.0 + 1.5
+                w = torch.randn(*lead, DIM, generator=gen)
+                mask = None
+                if real is not None:
+                    n = lead[0] * lead[1]
+                    mask = torch.zeros(n, dtype=torch.bool)
+                    mask[torch.randperm(n, generator=gen)[:real]] = True
+                    mask = mask.reshape(lead)
+                parts.append((x, mask, w))
+            steps.append(parts)
+        return steps
+
+    def fresh():
+        torch.manual_seed(1)
+        dice = Dice(DIM)
+        with torch.no_grad():
+            dice.alpha.copy_(torch.randn(DIM))
+        return dice
+
+    def single(steps):
+        # one process, each step's global batch: the ranks' rows concatenated
+        dice, out = fresh().train(), []
+        for parts in steps:
+            x = torch.cat([p[0].reshape(-1, DIM) for p in parts]).requires_grad_()
+            w = torch.cat([p[2].reshape(-1, DIM) for p in parts])
+            masks = [p[1] for p in parts]
+            mask = None if masks[0] is None else torch.cat([m.reshape(-1) for m in masks])
+            dice.zero_grad()
+            y = dice(x, mask)
+            (y * w).sum().backward()
+            out.append((y.detach(), x.grad, dice.alpha.grad.clone(),
+                        dice.bn.running_mean.clone(), dice.bn.running_var.clone()))
+        return out
+
+    def run(rank, world, port, out_dir):
+        steps = data()
+        want = single(steps)  # before the process group exists
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, timeout=timedelta(seconds=60))
+        dice = fresh().train()
+        net = DistributedDataParallel(dice)
+        worst = []
+        for parts, (y1, gx1, ga1, mean1, var1) in zip(steps, want):
+            x, mask, w = parts[rank]
+            x = x.clone().requires_grad_()
+            start = sum(p[0].reshape(-1, DIM).shape[0] for p in parts[:rank])
+            mine = slice(start, start + x.reshape(-1, DIM).shape[0])
+            dice.zero_grad()
+            y = net(x, mask)
+            (y * w).sum().backward()  # the global loss: the ranks' sum
+            gaps = {
+                "output": y.reshape(-1, DIM) - y1[mine],
+                "running_mean": dice.bn.running_mean - mean1,
+                "running_var": dice.bn.running_var - var1,
+                "grad_x": x.grad.reshape(-1, DIM) - gx1[mine],
+                "grad_alpha": dice.alpha.grad * world - ga1,  # DDP averaged it
+            }
+            worst.append({k: float(v.detach().abs().max()) if v.numel() else 0.0
+                          for k, v in gaps.items()})
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(worst, f)
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(run, args=(2, port, sys.argv[1]), nprocs=2)
+    """
+)
+
+
+def test_dice_statistics_on_two_ranks_are_those_of_the_global_batch(tmp_path: Path) -> None:
+    """Two gloo ranks under DDP, each with its own rows of every step (different
+    counts; a rank with no real row, or one; a step with one real row in all, which
+    takes the running statistics): Dice normalises with the global batch's mean and
+    variance, and both ranks' running statistics, outputs and gradients are those of one
+    process over the ranks' rows concatenated. Per rank, a rank normalised with its own
+    rows (or, under two real rows, with the running statistics) and kept running
+    statistics of its own, and a rank with one row and no mask failed outright."""
+    _run_script(tmp_path, "dice_ranks.py", DICE_SCRIPT)
+    for rank in (0, 1):
+        steps = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert len(steps) == 6
+        for i, gaps in enumerate(steps):
+            # float32: the gradients sum more terms, of larger size
+            tol = {"output": 1e-6, "running_mean": 1e-6, "running_var": 1e-6,
+                   "grad_x": 1e-5, "grad_alpha": 1e-5}  # fmt: skip
+            assert all(gaps[k] < tol[k] for k in tol), (rank, i, gaps)
 
 
 def test_training_is_reproducible(

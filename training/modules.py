@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from ctr import native
@@ -23,6 +24,8 @@ class Dice(nn.Module):
     The attention unit passes its history mask: its ``[N, L, H]`` input is mostly padding
     on real data (88 % of positions on Amazon Beauty), and padded positions, whose scores
     are masked out anyway, would otherwise set the statistics the served graph uses.
+    Under data parallelism (a process group of more than one rank) the statistics are
+    the global batch's, every rank's rows together (:meth:`_p_global`).
     """
 
     def __init__(self, dim: int, eps: float = 1e-8) -> None:
@@ -31,7 +34,9 @@ class Dice(nn.Module):
         self.alpha = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        if self.training:
+        if self.training and _ranks() > 1:
+            p = self._p_global(x, mask)
+        elif self.training:
             flat = x.reshape(-1, x.shape[-1])
             if mask is None:
                 p = torch.sigmoid(self.bn(flat)).reshape(x.shape)
@@ -51,12 +56,77 @@ class Dice(nn.Module):
         # [N, L, H] in the unfused attention unit
         return x * (p * (1.0 - self.alpha) + self.alpha)
 
+    def _p_global(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """``p`` in training under data parallelism: the batch statistics are those of
+        every rank's real rows together (a rank may have none), and the running ones move
+        by them alike on every rank, as one process over the global batch moves its own.
+        Under two real rows in all, the running statistics, unchanged (one process
+        refuses a single unmasked row; the ranks' share of a global batch may be one).
+        Every rank takes part in the same collectives: its own rows decide nothing."""
+        flat = x.reshape(-1, x.shape[-1])
+        real = None if mask is None else mask.reshape(-1)
+        rows = flat if real is None else flat[real]
+        n = torch.full((1,), float(rows.shape[0]), dtype=rows.dtype, device=rows.device)
+        total = _all_reduce_sum(torch.cat([n, rows.sum(0)]))
+        count = int(total[0].item())
+        if count < 2:
+            return self._p_running(x)
+        mean = total[1:] / count
+        var = _all_reduce_sum((rows - mean).square().sum(0)) / count  # biased: normalises
+        self._update_running(mean.detach(), var.detach(), count)
+        z = (rows - mean) * torch.rsqrt(var + self.bn.eps)
+        if real is not None:
+            z = flat.new_zeros(flat.shape).index_put((real,), z)  # padded positions: 0.5
+        return torch.sigmoid(z).reshape(x.shape)
+
+    def _update_running(self, mean: Tensor, var: Tensor, count: int) -> None:
+        """Move the running statistics by a batch's ``mean`` and biased ``var`` over
+        ``count`` rows, as ``nn.BatchNorm1d`` does (the variance unbiased)."""
+        bn = self.bn
+        assert bn.running_mean is not None and bn.running_var is not None
+        assert bn.num_batches_tracked is not None
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            m = bn.momentum if bn.momentum is not None else 1.0 / int(bn.num_batches_tracked)
+            bn.running_mean.mul_(1.0 - m).add_(mean, alpha=m)
+            bn.running_var.mul_(1.0 - m).add_(var * (count / (count - 1)), alpha=m)
+
     def _p_running(self, x: Tensor) -> Tensor:
         """``p`` from the running statistics, broadcast over the last dim (exports as
         plain ops)."""
         mean, var = self.bn.running_mean, self.bn.running_var
         assert mean is not None and var is not None
         return torch.sigmoid((x - mean) * torch.rsqrt(var + self.bn.eps))
+
+
+def _ranks() -> int:
+    """Processes in the default process group (1 where there is none)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """``x`` summed over every rank, with the gradient summed back: each rank's input
+    reaches every rank's loss, and DDP's average of the ranks is that global loss's."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor) -> Tensor:
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:
+        out = grad.clone()
+        dist.all_reduce(out)
+        return out
+
+
+def _all_reduce_sum(x: Tensor) -> Tensor:
+    """``x`` summed over the ranks (differentiable: :class:`_AllReduceSum`)."""
+    out: Tensor = _AllReduceSum.apply(x)  # type: ignore[assignment]
+    return out
 
 
 def masked_act(module: nn.Module, x: Tensor, mask: Tensor | None) -> Tensor:

@@ -294,8 +294,9 @@ def train(
             total += loss.item()
             bar.set_postfix(loss=f"{total / (b + 1):.4f}")
         if info.world > 1:
-            # Dice's BatchNorm running stats are updated locally on each rank: take rank
-            # 0's so that every rank validates the same model and agrees on early stopping
+            # every rank validates the same model and agrees on early stopping: Dice's
+            # running statistics move alike on every rank (by the global batch's); rank
+            # 0's buffers are taken all the same, should any drift by a rounding
             for buf in model.buffers():
                 dist.broadcast(buf, src=0)
             mean_loss = torch.tensor([total / info.world], dtype=torch.float64)
