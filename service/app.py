@@ -74,6 +74,7 @@ from service.runner import copy_info
 from service.schemas import (
     ErrorBody,
     EventResponse,
+    ReadyBody,
     ReloadConflict,
     ReloadRequest,
     ReloadResponse,
@@ -986,8 +987,10 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             503: {
                 "model": ErrorBody,
                 "description": "the behaviour store is unavailable or "
-                "slow (`store_unavailable`), or no model loaded yet (`model_not_ready`); "
-                "with Retry-After: retry with the same event_id",
+                "slow (`store_unavailable`), no model loaded yet (`model_not_ready`), "
+                "request bodies still arriving over CTR_MAX_BODY_BUFFER_BYTES "
+                "(`overloaded`), or shutting down (`shutting_down`); with Retry-After: "
+                "retry with the same event_id",
             },
         },
         openapi_extra={"requestBody": body_schema("EventRequest")},
@@ -1087,10 +1090,14 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
         "summary": "Readiness: model loaded (and Redis reachable with CTR_READY_REQUIRES_REDIS)",
         "responses": {
             200: {
+                "model": ReadyBody,
                 "description": "ready: `ready` and `model` true; `degraded` true while "
-                "Redis does not answer (scoring serves without it)"
+                "Redis does not answer (scoring serves without it)",
             },
-            503: {"description": "not ready: the same body, with what is missing false"},
+            503: {
+                "model": ReadyBody,
+                "description": "not ready: the same body, with what is missing false",
+            },
         },
     }
 
@@ -1188,6 +1195,12 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
                 "description": "admin endpoints are off (CTR_API_KEY unset; "
                 "`admin_disabled`), or sent by a web page of an origin not in "
                 "CTR_ALLOWED_ORIGINS (`origin_not_allowed`)",
+            },
+            503: {
+                "model": ErrorBody,
+                "description": "request bodies still arriving over "
+                "CTR_MAX_BODY_BUFFER_BYTES (`overloaded`), or shutting down "
+                "(`shutting_down`); with Retry-After",
             },
         },
         openapi_extra={"requestBody": {**body_schema("ReloadRequest"), "required": False}},

@@ -58,6 +58,8 @@ API_KEY_SCHEME = "ApiKey"
 # with CTR_PROTECT_SCORING (score; an explain request needs it either way)
 KEYED = {"/v1/events": "post", "/admin/reload": "post"}
 SCORE = ("/v1/score", "post")
+# open routes whose answers show more to a key holder: a model load's error text
+KEY_SHOWS_MORE = (("/readyz", "get"), ("/readyz", "head"), ("/v1/models", "get"))
 
 
 def declare_headers(schema: dict[str, Any], key_set: bool, protect_scoring: bool) -> None:
@@ -68,11 +70,14 @@ def declare_headers(schema: dict[str, Any], key_set: bool, protect_scoring: bool
     schema.setdefault("components", {}).setdefault("securitySchemes", {})[API_KEY_SCHEME] = {
         "type": "apiKey", "in": "header", "name": "X-API-Key",
         "description": "CTR_API_KEY: /v1/events and /admin/reload where it is set; "
-        "/v1/score with CTR_PROTECT_SCORING, and for explain wherever it is set",
+        "/v1/score with CTR_PROTECT_SCORING, and for explain wherever it is set; "
+        "optional on /readyz and /v1/models, whose answers then show a load's error text",
     }  # fmt: skip
     paths = schema.get("paths", {})
     keyed = [(path, method, key_set) for path, method in KEYED.items()]
     keyed.append((*SCORE, key_set and protect_scoring))
+    # open routes that show more to a key holder (a load's error text)
+    keyed += [(path, method, False) for path, method in KEY_SHOWS_MORE]
     for path, method, required in keyed:
         op = paths.get(path, {}).get(method)
         if op is not None:

@@ -150,6 +150,26 @@ class ReloadConflict(ErrorBody):
     )
 
 
+class ReadyFallback(BaseModel):
+    """The start-up fallback: the newest version did not load, an older one serves."""
+
+    newest: str = Field(description="the newest version, which did not load")
+    error: str = Field(description="why (hidden unless the request sends X-API-Key)")
+
+
+class ReadyBody(BaseModel):
+    """``/readyz``'s answer, 200 (ready) or 503 (not: what is missing false)."""
+
+    ready: bool
+    degraded: bool = Field(description="Redis does not answer: scoring serves without it")
+    model: bool = Field(description="a model is loaded")
+    model_error: str | None = Field(
+        description="why the model did not load (hidden unless the request sends X-API-Key)"
+    )
+    fallback: ReadyFallback | None
+    redis: bool
+
+
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -744,6 +744,18 @@ def test_openapi_declares_the_key_request_id_and_retry_after(tmp_path: Any) -> N
         assert paths["/v1/events"]["post"]["security"] == [{"ApiKey": []}]
         assert paths["/admin/reload"]["post"]["security"] == [{"ApiKey": []}]
         assert paths["/v1/score"]["post"]["security"] == [{}, {"ApiKey": []}]  # open scoring
+        # open, but a key holder reads a load's error text there: /docs must send it
+        for path, method in (("/readyz", "get"), ("/readyz", "head"), ("/v1/models", "get")):
+            assert paths[path][method]["security"] == [{}, {"ApiKey": []}], (path, method)
+        # every 503 says Retry-After (a reload's too: a body buffer over its cap), and
+        # /readyz's 503 has the body it answers with
+        reload_busy = paths["/admin/reload"]["post"]["responses"]["503"]
+        assert "Retry-After" in reload_busy["headers"]
+        for code in ("200", "503"):
+            ready = paths["/readyz"]["get"]["responses"][code]["content"]["application/json"]
+            assert ready["schema"] == {"$ref": "#/components/schemas/ReadyBody"}
+        real = c.get("/readyz").json()
+        assert set(real) == set(spec["components"]["schemas"]["ReadyBody"]["properties"])
         for path in ("/v1/score", "/v1/events", "/healthz"):
             for op in paths[path].values():
                 names = [p["name"] for p in op.get("parameters", [])]

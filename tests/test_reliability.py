@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.loader import load_into_redis
+from service.schemas import ReadyBody
 from service.settings import Settings
 from tests.helpers import Built, build_bundle, redis_asleep, service_env, wait_for
 from tests.redis_proc import RedisProcess, free_port, private_redis
@@ -145,6 +146,8 @@ def test_readiness_that_requires_redis(built: Built) -> None:
     with TestClient(create_app(s)) as c:
         ready = c.get("/readyz")
         assert ready.status_code == 503 and ready.json()["redis"] is False, ready.text
+        # the body the schema declares for the 503 (service.schemas.ReadyBody)
+        assert ReadyBody.model_validate(ready.json()).ready is False
         assert c.post("/v1/score", json=BODY).json()["degraded"] is True
         proc.start()
         try:
