@@ -320,8 +320,16 @@ DICE_SCRIPT = textwrap.dedent(
             }
             worst.append({k: float(v.detach().abs().max()) if v.numel() else 0.0
                           for k, v in gaps.items()})
+        # half precision: 3000 rows near 100 a rank (a sum of 600,000 overflows fp16)
+        big = torch.randn(6000, DIM, generator=torch.Generator().manual_seed(2)) * 3 + 100
+        one = Dice(DIM).half().train()
+        one(big.half())
+        mine = Dice(DIM).half().train()
+        y = mine(big[rank * 3000:(rank + 1) * 3000].half())
+        half = {"finite": bool(y.isfinite().all()), "dtype": str(y.dtype),
+                "mean_gap": float((mine.bn.running_mean - one.bn.running_mean).abs().max())}
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(worst, f)
+            json.dump({"steps": worst, "half": half}, f)
         dist.destroy_process_group()
 
     if __name__ == "__main__":
@@ -343,7 +351,12 @@ def test_dice_statistics_on_two_ranks_are_those_of_the_global_batch(tmp_path: Pa
     statistics of its own, and a rank with one row and no mask failed outright."""
     _run_script(tmp_path, "dice_ranks.py", DICE_SCRIPT)
     for rank in (0, 1):
-        steps = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        found = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        # in half precision too: the sums are float32 (they overflowed fp16 to inf)
+        half = found["half"]
+        assert half["finite"] and half["dtype"] == "torch.float16", half
+        assert half["mean_gap"] < 0.05, half  # fp16's step near 10 is 0.0078
+        steps = found["steps"]
         assert len(steps) == 6
         for i, gaps in enumerate(steps):
             # float32: the gradients sum more terms, of larger size

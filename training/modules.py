@@ -63,7 +63,9 @@ class Dice(nn.Module):
         Under two real rows in all, the running statistics, unchanged (one process
         refuses a single unmasked row; the ranks' share of a global batch may be one).
         Every rank takes part in the same collectives: its own rows decide nothing."""
-        flat = x.reshape(-1, x.shape[-1])
+        # the sums in float32 at least: a half-precision sum of thousands of rows
+        # overflows, and its count of 3001 is 3000 (BatchNorm's own statistics are float)
+        flat = x.reshape(-1, x.shape[-1]).to(torch.promote_types(x.dtype, torch.float32))
         real = None if mask is None else mask.reshape(-1)
         rows = flat if real is None else flat[real]
         n = torch.full((1,), float(rows.shape[0]), dtype=rows.dtype, device=rows.device)
@@ -77,7 +79,7 @@ class Dice(nn.Module):
         z = (rows - mean) * torch.rsqrt(var + self.bn.eps)
         if real is not None:
             z = flat.new_zeros(flat.shape).index_put((real,), z)  # padded positions: 0.5
-        return torch.sigmoid(z).reshape(x.shape)
+        return torch.sigmoid(z).reshape(x.shape).to(x.dtype)
 
     def _update_running(self, mean: Tensor, var: Tensor, count: int) -> None:
         """Move the running statistics by a batch's ``mean`` and biased ``var`` over
