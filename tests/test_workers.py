@@ -484,7 +484,12 @@ def test_a_sighup_restart_waits_for_workers_that_load_slowly(
                 while "aborting the restart" not in log_path.read_text():
                     assert time.time() < deadline, log_path.read_text()[-2000:]
                     time.sleep(0.5)
-                assert _worker_pids(base) == before
+                # the old two answer on (a busy machine may hand one a dozen new
+                # connections in a row: sampled until both are seen, or a stranger)
+                seen, deadline = _worker_pids(base), time.time() + 30
+                while len(seen) < 2 and time.time() < deadline:
+                    seen |= _worker_pids(base)
+                assert seen == before
                 assert _gauge_pids(base) == before  # the killed new worker's are gone
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -544,3 +549,19 @@ def test_a_request_cut_by_the_shutdown_gets_the_apps_503(built: Built) -> None:
         want = f"cut{route.replace('/', '-')}"
         assert r.headers["x-request-id"] == want == r.json()["request_id"]
         assert "retry-after" in r.headers
+
+
+@pytest.mark.parametrize(("workers", "status"), [("1", -signal.SIGTERM), ("2", 0)])
+def test_sigterm_exit_status_is_the_documented_one(
+    built: Built, tmp_path: Path, workers: str, status: int
+) -> None:
+    """README: a SIGTERM drains `ctr serve` as uvicorn does, which ends one worker by the
+    signal again (143 in a shell) and the supervisor of several with 0."""
+    (tmp_path / "prom").mkdir()
+    env = service_env(built, REDIS_URL, CTR_WORKERS=workers,
+                      PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"))  # fmt: skip
+    proc = serve_process(free_port(), env)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == status
+    readme = (ROOT / "README.md").read_text()
+    assert "143 with one worker, 0 from the supervisor of several" in " ".join(readme.split())
