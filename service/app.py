@@ -122,6 +122,10 @@ READ_TIMED_OUT = "ctr.read_timed_out"
 # set likewise when the HTTP parser refused the request's body (a bad chunk size, ...):
 # the client got the protocol's 400, recorded as such, not 499
 MALFORMED_BODY = "ctr.malformed_body"
+# set in a request's scope by service.front when its connection was lost before its
+# answer was all written: uvicorn's send to a gone client is silent, so the plain
+# protocol's answer would count 200 and log its impression (:func:`_serve`)
+CLIENT_GONE = "ctr.client_gone"
 # set on an unexpected exception once its 500 has been sent
 ANSWERED = "ctr_answered"
 
@@ -384,7 +388,9 @@ async def _serve(handler: Handler, scope: Scope, receive: Receive, send: Send) -
             setattr(exc, ANSWERED, True)
         raise
     await response(scope, receive, send)
-    written(response)  # as far as ASGI tells: uvicorn's send to a gone client is silent
+    if scope.get(CLIENT_GONE):  # nobody read it: a client gone, and no impression
+        return CLIENT_CLOSED
+    written(response)
     return response.status_code
 
 

@@ -40,6 +40,7 @@ from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 from service import metrics as m
 from service.app import (
     CLIENT_CLOSED,
+    CLIENT_GONE,
     MALFORMED_BODY,
     READ_TIMED_OUT,
     Handler,
@@ -192,6 +193,7 @@ class TimedProtocol(HttpToolsProtocol):
         for cycle in (self.running_cycle, *(c for c, _ in self.pipeline)):
             if cycle is not None and not cycle.response_complete:
                 cycle.disconnected = True
+                cycle.scope[CLIENT_GONE] = True  # type: ignore[typeddict-unknown-key]
                 cycle.message_event.set()
         super().connection_lost(exc)
 

@@ -458,19 +458,22 @@ def test_a_failed_write_puts_back_no_more_than_the_bytes_bound() -> None:
     assert log.queued_bytes == sum(len(e[2]) + len(e[3]) for e in log.queue)
 
 
+@pytest.mark.parametrize("plain", [False, True], ids=["front", "plain"])
 def test_a_response_the_client_never_got_is_no_impression(
-    built: Built, redis_db: Redis, monkeypatch: pytest.MonkeyPatch
+    built: Built, redis_db: Redis, monkeypatch: pytest.MonkeyPatch, plain: bool
 ) -> None:
     """A client that gave up before its answer was written (its timeout shorter than
     the service's) was logged as shown, though the service counts it 499: ``ctr
     impressions`` labelled its rows unclicked, as the user never saw them, biasing the
-    online figures against the slow requests (concurrency review, session 38)."""
+    online figures against the slow requests (concurrency review, session 38). On the
+    plain protocol (``CTR_HTTP_FRONT=false``) too, where uvicorn's send to a gone
+    client is silent: it was counted 200 and logged (session 39)."""
     import socket
 
     import httpx
 
     import service.app as app_mod
-    from service.front import FrontProtocol
+    from service.front import FrontProtocol, TimedProtocol
     from tests.server_thread import ServerThread
 
     real = app_mod.score_input
@@ -488,7 +491,7 @@ def test_a_response_the_client_never_got_is_no_impression(
     body = json.dumps(_body("u1", _items(built, 5))).encode()
     head = f"POST /v1/score HTTP/1.1\r\nHost: t\r\nContent-Length: {len(body)}\r\n\r\n"
     app = create_app(settings_for(built, impression_stream=STREAM))
-    with ServerThread(app, http=FrontProtocol) as s:
+    with ServerThread(app, http=TimedProtocol if plain else FrontProtocol) as s:
         before = answered("499")
         monkeypatch.setattr(app_mod, "score_input", slow_parse)
         for _ in range(3):  # sent, then gone before the answer
