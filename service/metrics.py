@@ -23,6 +23,12 @@ from prometheus_client import (
     generate_latest,
 )
 
+from service import metricroom
+
+# before the first metric: its files' room reserved (a full file system is an OSError
+# where a series is added, not a SIGBUS that kills the worker)
+metricroom.install()
+
 M = TypeVar("M", Counter, Gauge, Histogram)
 
 

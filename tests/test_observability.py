@@ -147,3 +147,63 @@ def test_count_histograms_read_back_the_counts_that_occur(
     got = _histogram_quantile(0.5, bounds, values * 100)
     want = sorted(values * 100)[len(values) * 50 - 1]
     assert abs(got - want) <= 0.25, (got, want)
+
+
+ROOM_SCRIPT = """
+import errno, os, sys
+from pathlib import Path
+
+from prometheus_client import Counter
+from prometheus_client.mmap_dict import MmapedDict
+
+import service.metrics  # noqa: F401  (its metric files, made as the service makes them)
+
+folder = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+c = Counter("ctr_room_test_total", "room", ["k"])
+fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+try:  # the file system fills up after the start
+    while True:
+        os.write(fd, b"\\0" * 65536)
+except OSError:
+    pass
+made = 0
+try:
+    for k in range(200_000):
+        c.labels("x" * 100 + str(k)).inc()
+        made += 1
+except OSError as e:
+    kept = sum(1 for key, value, *_ in MmapedDict.read_all_values_from_file(
+        str(folder / f"counter_{os.getpid()}.db")) if "ctr_room_test" in key and value == 1.0)
+    os.close(fd)
+    os.remove(folder / "filler")
+    c.labels("after").inc()  # room again: the series is added
+    print(errno.errorcode[e.errno], made, kept, flush=True)
+    sys.exit(0)
+print("no error", made, flush=True)
+sys.exit(1)
+"""
+
+
+def test_a_full_metric_file_system_is_an_error_not_a_sigbus(tmp_path: Path) -> None:
+    """prometheus_client maps sparse metric files: once the file system filled up after
+    the start, the first write to a page not yet allotted was a SIGBUS that killed the
+    worker (and each restart). The room is reserved before a file is mapped or grown:
+    a new series is an ENOSPC error, every value written before stays, and the series
+    is added once there is room (on a real 1 MB tmpfs; skipped where this process may
+    not mount one)."""
+    folder = tmp_path / "prom"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
+                             capture_output=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()[:100]}")
+    try:
+        root = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder), "PYTHONPATH": str(root)}
+        done = subprocess.run([sys.executable, "-c", ROOM_SCRIPT], env=env, cwd=root,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+    assert done.returncode == 0, (done.returncode, done.stdout, done.stderr[-2000:])
+    code, made, kept = done.stdout.split()
+    assert code == "ENOSPC" and int(made) > 100 and int(kept) == int(made), done.stdout

@@ -1,0 +1,74 @@
+"""Metric files whose room is reserved on the file system before it is written.
+
+prometheus_client's multiprocess mode keeps each worker's values in files it maps into
+memory (``PROMETHEUS_MULTIPROC_DIR``), made and doubled in size with ``truncate``: a
+sparse file, whose blocks the file system allots only as a page is first written. On a
+file system that filled up after the start (``ctr serve`` checks the room only then),
+that first write is a SIGBUS that kills the worker, and its restart dies the same way.
+Here each file's blocks are allotted (``posix_fallocate``) before the file is mapped or
+grown: a full file system is an ``OSError`` (ENOSPC) where a new series is added, the
+worker and the values it holds live on, and the series is tried again next time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from prometheus_client import mmap_dict, values
+
+log = logging.getLogger("ctr.service")
+
+
+def _entry_bytes(key: str) -> int:
+    """What ``MmapedDict._init_value`` appends for ``key``: its length (4 bytes), the
+    key padded to 8-byte alignment, and two doubles."""
+    encoded = key.encode("utf-8")
+    return 4 + len(encoded) + (8 - (len(encoded) + 4) % 8) + 16
+
+
+class ReservedMmapedDict(mmap_dict.MmapedDict):
+    """``MmapedDict`` with its file's blocks allotted before they are mapped."""
+
+    def __init__(self, filename: str, read_mode: bool = False) -> None:
+        if not read_mode:
+            with open(filename, "a+b") as f:
+                if os.fstat(f.fileno()).st_size == 0:  # new: the size it is made with
+                    os.posix_fallocate(f.fileno(), 0, mmap_dict._INITIAL_MMAP_SIZE)
+        super().__init__(filename, read_mode)
+
+    def _init_value(self, key: str) -> None:
+        capacity = self._capacity
+        while self._used + _entry_bytes(key) > capacity:  # as the original doubles it
+            capacity *= 2
+        if capacity != self._capacity:  # before the original maps the larger file
+            os.posix_fallocate(self._f.fileno(), 0, capacity)
+        super()._init_value(key)
+
+
+def _fits() -> bool:
+    """The prometheus_client internals this relies on are there (0.20 to 0.26 at least)."""
+    return (
+        callable(getattr(mmap_dict.MmapedDict, "_init_value", None))
+        and isinstance(getattr(mmap_dict, "_INITIAL_MMAP_SIZE", None), int)
+        and getattr(values, "MmapedDict", None) is mmap_dict.MmapedDict
+        and hasattr(os, "posix_fallocate")
+    )
+
+
+def install() -> bool:
+    """Make the metric files prometheus_client opens from now on reserved ones (before
+    the first metric is made). False, and the files as prometheus_client makes them,
+    where its internals are not the ones known."""
+    if getattr(values, "MmapedDict", None) is ReservedMmapedDict:
+        return True
+    if not _fits():
+        log.warning(
+            "metric files are not reserved: prometheus_client's internals are not the known "
+            "ones (a file system that fills up may stop a worker with SIGBUS)"
+        )
+        return False
+    target: Any = values
+    target.MmapedDict = ReservedMmapedDict
+    return True
