@@ -6,19 +6,25 @@ sparse file, whose blocks the file system allots only as a page is first written
 file system that filled up after the start (``ctr serve`` checks the room only then),
 that first write is a SIGBUS that kills the worker, and its restart dies the same way.
 Here each file's blocks are allotted (``posix_fallocate``) before the file is mapped or
-grown: a full file system is an ``OSError`` (ENOSPC) where a new series is added, the
-worker and the values it holds live on, and the series is tried again next time.
+grown. Where the file system has no room to grow a file for a new series, the series is
+kept in the worker's memory (counted and read as usual, but missing from ``/metrics``,
+which reads the files) and a WARNING says so once; it moves into the file once there is
+room (tried at most every :data:`RETRY_S`). Requests never fail for it.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import time
 from typing import Any
 
 from prometheus_client import mmap_dict, values
 
 log = logging.getLogger("ctr.service")
+
+RETRY_S = 1.0  # how often a series kept in memory tries for room in its file again
 
 
 def _entry_bytes(key: str) -> int:
@@ -37,6 +43,9 @@ class ReservedMmapedDict(mmap_dict.MmapedDict):
                 if os.fstat(f.fileno()).st_size == 0:  # new: the size it is made with
                     os.posix_fallocate(f.fileno(), 0, mmap_dict._INITIAL_MMAP_SIZE)
         super().__init__(filename, read_mode)
+        # series the file had no room for: (value, timestamp), until it has
+        self._unfiled: dict[str, tuple[float, float]] = {}
+        self._retry_at = 0.0
 
     def _init_value(self, key: str) -> None:
         capacity = self._capacity
@@ -46,11 +55,50 @@ class ReservedMmapedDict(mmap_dict.MmapedDict):
             os.posix_fallocate(self._f.fileno(), 0, capacity)
         super()._init_value(key)
 
+    def _filed(self, key: str) -> bool:
+        """``key`` has its place in the file, made now where there is room; False while
+        it is kept in memory (the file system full)."""
+        if key in self._positions:
+            return True
+        if key in self._unfiled and time.monotonic() < self._retry_at:
+            return False
+        try:
+            self._init_value(key)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            self._retry_at = time.monotonic() + RETRY_S
+            if not self._unfiled:
+                log.warning(
+                    "no room for metric files in PROMETHEUS_MULTIPROC_DIR (%s): new series "
+                    "are kept in this worker's memory, missing from /metrics, until there is",
+                    os.path.dirname(self._fname),
+                )
+            self._unfiled.setdefault(key, (0.0, 0.0))
+            return False
+        held = self._unfiled.pop(key, None)
+        if held is not None:  # room again: what it counted meanwhile goes to the file
+            super().write_value(key, *held)
+        return True
+
+    def read_value(self, key: str) -> tuple[float, float]:
+        if self._filed(key):
+            found: tuple[float, float] = super().read_value(key)
+            return found
+        return self._unfiled[key]
+
+    def write_value(self, key: str, value: float, timestamp: float) -> None:
+        if self._filed(key):
+            super().write_value(key, value, timestamp)
+        else:
+            self._unfiled[key] = (value, timestamp)
+
 
 def _fits() -> bool:
     """The prometheus_client internals this relies on are there (0.20 to 0.26 at least)."""
     return (
-        callable(getattr(mmap_dict.MmapedDict, "_init_value", None))
+        all(callable(getattr(mmap_dict.MmapedDict, name, None))
+            for name in ("_init_value", "read_value", "write_value"))
         and isinstance(getattr(mmap_dict, "_INITIAL_MMAP_SIZE", None), int)
         and getattr(values, "MmapedDict", None) is mmap_dict.MmapedDict
         and hasattr(os, "posix_fallocate")
