@@ -24,6 +24,9 @@ from prometheus_client import mmap_dict, values
 
 log = logging.getLogger("ctr.service")
 
+_pack_two_doubles = getattr(mmap_dict, "_pack_two_doubles", None)
+_unpack_two_doubles = getattr(mmap_dict, "_unpack_two_doubles", None)
+
 RETRY_S = 1.0  # how often a series kept in memory tries for room in its file again
 
 
@@ -81,17 +84,25 @@ class ReservedMmapedDict(mmap_dict.MmapedDict):
             super().write_value(key, *held)
         return True
 
+    # every inc() and observe() writes: the series with its place, one look-up, as fast
+    # as the original (which looks twice)
     def read_value(self, key: str) -> tuple[float, float]:
-        if self._filed(key):
-            found: tuple[float, float] = super().read_value(key)
-            return found
-        return self._unfiled[key]
+        pos = self._positions.get(key)
+        if pos is None and self._filed(key):
+            pos = self._positions[key]
+        if pos is None:
+            return self._unfiled[key]
+        found: tuple[float, float] = _unpack_two_doubles(self._m, pos)
+        return found
 
     def write_value(self, key: str, value: float, timestamp: float) -> None:
-        if self._filed(key):
-            super().write_value(key, value, timestamp)
-        else:
+        pos = self._positions.get(key)
+        if pos is None and self._filed(key):
+            pos = self._positions[key]
+        if pos is None:
             self._unfiled[key] = (value, timestamp)
+        else:
+            _pack_two_doubles(self._m, pos, value, timestamp)
 
 
 def _fits() -> bool:
@@ -100,6 +111,7 @@ def _fits() -> bool:
         all(callable(getattr(mmap_dict.MmapedDict, name, None))
             for name in ("_init_value", "read_value", "write_value"))
         and isinstance(getattr(mmap_dict, "_INITIAL_MMAP_SIZE", None), int)
+        and callable(_pack_two_doubles) and callable(_unpack_two_doubles)
         and getattr(values, "MmapedDict", None) is mmap_dict.MmapedDict
         and hasattr(os, "posix_fallocate")
     )
