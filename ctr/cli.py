@@ -23,7 +23,10 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from service.impression_read import ImpressionReader
 
 
 def _setting(text: str) -> tuple[str, str]:
@@ -661,7 +664,10 @@ def cmd_impressions(args: argparse.Namespace) -> int:
     types = frozenset(t.strip() for t in args.types.split(",") if t.strip())
     models_dir = args.models_dir or settings.models_dir
     item_key = args.item_key or served_item_key(client, stream, models_dir)
-    reader = ImpressionReader(client, stream, item_key, args.window_s, types, args.skew_s)
+    seconds, micros = client.time()  # Redis's clock, once: a row scored after now - window
+    now = seconds + micros / 1e6  # is pending, however long the read takes
+    reader = ImpressionReader(client, stream, item_key, args.window_s, types, args.skew_s,
+                              now=now)  # fmt: skip
     online = OnlineEval()
     try:
         with contextlib.ExitStack() as stack:
@@ -673,6 +679,7 @@ def cmd_impressions(args: argparse.Namespace) -> int:
                 online.add(row)
                 if out is not None:
                     out.writerow(row.row())
+        trimmed = _stream_trimmed(client, stream)
     finally:
         client.close()
     figures = online.summary()
@@ -681,11 +688,59 @@ def cmd_impressions(args: argparse.Namespace) -> int:
     figures["entries"] = reader.entries
     figures["duplicates"] = reader.duplicates
     figures["unreadable"] = reader.unreadable
+    figures["now"] = now
+    figures["pending"] = reader.pending
+    figures["unreadable_histories"] = reader.unreadable_histories
+    figures["unreadable_history_rows"] = reader.unreadable_history_rows
     figures["behaviours"] = reader.behaviours.to_dict()
     print(json.dumps(figures, indent=2))
     for line in reader.behaviours.warnings(item_key, types):
         print(f"warning: {line}", file=sys.stderr)
+    for line in _impression_warnings(reader, now, trimmed):
+        print(f"warning: {line}", file=sys.stderr)
     return 0
+
+
+def _stream_trimmed(client: Any, stream: str) -> tuple[int, int] | None:
+    """``(entries now, entries ever added)`` where the stream has lost some (trimmed
+    by ``MAXLEN`` or deleted), from ``XINFO STREAM`` (``entries-added``: Redis 7); else
+    None."""
+    from redis.exceptions import ResponseError
+
+    try:
+        info = client.xinfo_stream(stream)
+    except ResponseError:
+        return None
+    added = info.get("entries-added")
+    length = info.get("length")
+    if isinstance(added, int) and isinstance(length, int) and added > length:
+        return length, added
+    return None
+
+
+def _impression_warnings(
+    reader: ImpressionReader, now: float, trimmed: tuple[int, int] | None
+) -> list[str]:
+    """``ctr impressions``' lines for stderr beyond the behaviours': histories that
+    could not be read, and a stream whose oldest entry's click window is still open
+    (every row pending: no figures)."""
+    out = []
+    if reader.unreadable_histories:
+        named = "; ".join(f"{user!r}: {error}" for user, error in reader.history_errors)
+        out.append(f"{reader.unreadable_histories} user histories could not be read "
+                   f"({named}): their {reader.unreadable_history_rows} rows have no label "
+                   "and are left out of the figures")  # fmt: skip
+    if reader.oldest_ts is not None and reader.oldest_ts + reader.window_s > now:
+        age = max(now - reader.oldest_ts, 0.0)
+        why = (f"it has lost {trimmed[1] - trimmed[0]} of the {trimmed[1]} entries added "
+               "(trimmed to CTR_IMPRESSION_MAXLEN, or deleted): raise CTR_IMPRESSION_MAXLEN "
+               "or read it with a shorter --window-s"
+               if trimmed else "read it once the window has passed, or with a shorter "
+               "--window-s")  # fmt: skip
+        out.append(f"the stream's oldest entry was scored {age:.0f} s ago, within "
+                   f"--window-s {reader.window_s:g}: every row is pending (a click may still "
+                   f"come) and left out of the figures; {why}")  # fmt: skip
+    return out
 
 
 def served_item_key(client: Any, stream: str, models_dir: str) -> str:
@@ -995,8 +1050,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "that served the stream's first response, from its manifest in "
                     "--models-dir; item_id where that is not there)")  # fmt: skip
     im.add_argument("--window-s", type=_positive(float), default=3600.0,
-                    help="a behaviour this long after the scoring at most labels it 1 "
-                    "(default: %(default)s)")  # fmt: skip
+                    help="a behaviour this long after the scoring at most labels it 1; a row "
+                    "scored less than this before the command started is pending: no label, "
+                    "left out of the figures (default: %(default)s)")  # fmt: skip
     im.add_argument("--skew-s", type=_non_negative(float), default=1.0,
                     help="a behaviour stamped this long before the scoring still counts (the "
                     "client's clock against the server's; whole-second timestamps; default: "

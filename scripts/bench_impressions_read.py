@@ -33,7 +33,7 @@ STREAM = "bench:impressions-read"
 
 def fill(redis: Redis, entries: int, items: int, users: int, seed: int = 0) -> None:
     rng = random.Random(seed)
-    now = time.time() - 3600
+    now = time.time() - 2 * 3600  # the default 3600 s click window has closed: none pending
     pipe = redis.pipeline(transaction=False)
     for u in range(users):
         events = [

@@ -4,8 +4,11 @@ item, and the served model's online figures.
 :class:`ImpressionReader` walks the stream (``CTR_IMPRESSION_STREAM``, written by
 :mod:`service.impressions`) a page of entries at a time, oldest first. Each entry becomes
 its ranked items, labelled 1 where the user has a stored behaviour (``/v1/events``) on
-that item of the given types within ``window_s`` after it was scored. The users a page
-brings that earlier pages did not have their histories read in one pipelined round
+that item of the given types within ``window_s`` after it was scored. A row whose window
+has not closed by ``now`` (the read's start) is ``pending``: no label (None), left out
+of the figures, as is a row whose user's history could not be read
+(``unreadable_history``). The users a page brings that earlier pages did not, and that
+have an entry whose window has closed, have their histories read in one pipelined round
 trip per ``USERS_PER_TRIP`` users; each user's is read once. An entry stored twice (a
 write retried after Redis had taken it: same ``ts``, user and response, byte for byte)
 is read once and counted in ``duplicates``.
@@ -37,6 +40,11 @@ from training.metrics import evaluate
 
 PAGE = 1000  # stream entries per XRANGE
 USERS_PER_TRIP = 500  # histories read per pipelined round trip
+MAX_HISTORY_ERRORS = 5  # unreadable histories named in the warning
+
+LABELLED = "labelled"
+PENDING = "pending"  # its click window had not closed when the read began
+UNREADABLE_HISTORY = "unreadable_history"  # its user's history is no list (e.g. WRONGTYPE)
 
 
 @dataclass
@@ -54,11 +62,12 @@ class Impression:
     probability: float
     degraded: bool
     cold_start: bool
-    label: int = 0
+    label: int | None = 0  # None: not known (``label_status`` says why)
+    label_status: str = LABELLED  # LABELLED, PENDING or UNREADABLE_HISTORY
 
     FIELDS = (
         "entry", "ts", "request_id", "user_id", "model", "version", "rank", "item_id",
-        "probability", "degraded", "cold_start", "label",
+        "probability", "degraded", "cold_start", "label", "label_status",
     )  # fmt: skip
 
     def row(self) -> list[Any]:
@@ -73,6 +82,12 @@ def _bytes(v: bytes | str) -> bytes:
     return v.encode() if isinstance(v, str) else v
 
 
+def _name(v: bytes | str) -> str:
+    """A field name as text; bytes that are not UTF-8 kept as surrogates (an entry
+    some other writer added: read as unreadable, not a crash)."""
+    return v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v
+
+
 def pages(redis: Any, stream: str, page: int = PAGE) -> Iterator[list[tuple[str, dict]]]:
     """The stream, oldest first, as pages of ``(entry ID, fields)`` (a sync client)."""
     start = "-"
@@ -80,7 +95,7 @@ def pages(redis: Any, stream: str, page: int = PAGE) -> Iterator[list[tuple[str,
         got = redis.xrange(stream, min=start, max="+", count=page)
         if not got:
             return
-        yield [(_text(e), {_text(k): v for k, v in fields.items()}) for e, fields in got]
+        yield [(_text(e), {_name(k): v for k, v in fields.items()}) for e, fields in got]
         start = "(" + _text(got[-1][0])
         if len(got) < page:
             return
@@ -196,10 +211,17 @@ class ImpressionReader:
     behaviour on it (of ``types``) in ``(ts - skew_s, ts + window_s]``: ``ts`` is the
     server's clock, a behaviour's the client's ``timestamp`` (whole seconds, or a clock
     a little behind, would put a click just after the scoring before it). A behaviour
-    trimmed from a history since (``CTR_SEQUENCE_KEEP``) is not seen. Counts, once
-    read: ``entries`` (responses read), ``duplicates`` (entries stored twice, read
-    once), ``unreadable`` (entries that are not a logged response), ``behaviours``
-    (what the users' histories held: :class:`BehaviourCounts`)."""
+    trimmed from a history since (``CTR_SEQUENCE_KEEP``) is not seen.
+
+    An item with ``ts + window_s > now`` (a click may still come) is yielded ``PENDING``,
+    its label None; ``now`` None labels every row as it stands. An item whose user's
+    history is not a list is yielded ``UNREADABLE_HISTORY``, its label None. Counts,
+    once read: ``entries`` (responses read), ``duplicates`` (entries stored twice, read
+    once), ``unreadable`` (entries that are not a logged response), ``pending`` (rows),
+    ``unreadable_histories`` (users; their rows not pending: ``unreadable_history_rows``;
+    the first few errors in ``history_errors``), ``oldest_ts`` (the earliest ``ts`` read,
+    None before one), ``behaviours`` (what the users' histories held:
+    :class:`BehaviourCounts`)."""
 
     def __init__(
         self,
@@ -210,6 +232,7 @@ class ImpressionReader:
         types: frozenset[str] = frozenset({"click"}),
         skew_s: float = 0.0,
         page: int = PAGE,
+        now: float | None = None,
     ) -> None:
         self.redis = redis
         self.stream = stream
@@ -218,31 +241,54 @@ class ImpressionReader:
         self.types = types
         self.skew_s = skew_s
         self.page = page
+        self.now = now
         self.entries = 0
         self.duplicates = 0
         self.unreadable = 0
+        self.pending = 0
+        self.unreadable_histories = 0
+        self.unreadable_history_rows = 0
+        self.history_errors: list[tuple[str, str]] = []
+        self.oldest_ts: float | None = None
         self.behaviours = BehaviourCounts()
-        self._acted: dict[str, dict[str, list[float]]] = {}
+        self._acted: dict[str, dict[str, list[float]] | None] = {}
         self._seen: set[bytes] = set()
 
     def __iter__(self) -> Iterator[Impression]:
         for page in pages(self.redis, self.stream, self.page):
             parsed = [self._parse(entry, fields) for entry, fields in page]
-            responses = [items for items in parsed if items is not None]
-            self._read_histories({items[0].user_id for items in responses if items})
+            responses = [items for items in parsed if items]
+            self._read_histories({i[0].user_id for i in responses if not self._is_pending(i[0])})
             for items in responses:
                 for imp in items:
-                    acted = self._acted[imp.user_id].get(imp.item_id, ())
-                    lo, hi = imp.ts - self.skew_s, imp.ts + self.window_s
-                    imp.label = int(any(lo < t <= hi for t in acted))
+                    self._label(imp)
                     yield imp
+
+    def _is_pending(self, imp: Impression) -> bool:
+        """Whether ``imp``'s click window was still open at ``now``."""
+        return self.now is not None and imp.ts + self.window_s > self.now
+
+    def _label(self, imp: Impression) -> None:
+        """``imp``'s label and status, counted."""
+        if self._is_pending(imp):
+            imp.label, imp.label_status = None, PENDING
+            self.pending += 1
+            return
+        acted = self._acted[imp.user_id]
+        if acted is None:
+            imp.label, imp.label_status = None, UNREADABLE_HISTORY
+            self.unreadable_history_rows += 1
+            return
+        lo, hi = imp.ts - self.skew_s, imp.ts + self.window_s
+        imp.label = int(any(lo < t <= hi for t in acted.get(imp.item_id, ())))
 
     def _parse(self, entry: str, fields: dict) -> list[Impression] | None:
         """The entry's items; None for one read before (a retried write) or unreadable."""
         key = hashlib.blake2b(digest_size=16)  # of every field: a retry repeats them all
         for name in sorted(fields):
             value = _bytes(fields[name])
-            key.update(b"%d:%b%d:%b" % (len(name), name.encode(), len(value), value))
+            raw = name.encode("utf-8", "surrogateescape")
+            key.update(b"%d:%b%d:%b" % (len(raw), raw, len(value), value))
         digest = key.digest()
         if digest in self._seen:
             self.duplicates += 1
@@ -251,26 +297,36 @@ class ImpressionReader:
         items = parse_entry(entry, fields)
         if items is None:
             self.unreadable += 1
-        else:
-            self.entries += 1
+            return None
+        self.entries += 1
+        if items and (self.oldest_ts is None or items[0].ts < self.oldest_ts):
+            self.oldest_ts = items[0].ts
         return items
 
     def _read_histories(self, users: set[str]) -> None:
-        """Each of ``users`` not read yet: its behaviours, ``USERS_PER_TRIP`` a trip."""
+        """Each of ``users`` not read yet: its behaviours, ``USERS_PER_TRIP`` a trip;
+        None for one whose history Redis refused (a key of another type: counted)."""
         todo = sorted(u for u in users if u not in self._acted)
         for i in range(0, len(todo), USERS_PER_TRIP):
             chunk = todo[i : i + USERS_PER_TRIP]
             pipe = self.redis.pipeline(transaction=False)
             for user in chunk:
                 pipe.lrange(user_key(user, "seq"), 0, -1)
-            for user, raw in zip(chunk, pipe.execute(), strict=True):
+            for user, raw in zip(chunk, pipe.execute(raise_on_error=False), strict=True):
+                if isinstance(raw, Exception):
+                    self._acted[user] = None
+                    self.unreadable_histories += 1
+                    if len(self.history_errors) < MAX_HISTORY_ERRORS:
+                        self.history_errors.append((user, str(raw)))
+                    continue
                 self._acted[user] = behaviours(raw, self.item_key, self.types, self.behaviours)
 
 
 class OnlineEval:
     """The labelled rows' figures, kept in flat arrays (:meth:`add` each row): rows,
     responses, clicks and ``training.metrics.evaluate`` (AUC, GAUC, logloss, mean
-    prediction, observed rate, calibration) over all rows and per model version."""
+    prediction, observed rate, calibration) over all rows and per model version. A row
+    without a label (pending, or its user's history unreadable) is left out."""
 
     def __init__(self) -> None:
         self._users: dict[str, int] = {}
@@ -282,6 +338,8 @@ class OnlineEval:
         self._responses: dict[int, set[str]] = {}  # version index -> its entries' IDs
 
     def add(self, imp: Impression) -> None:
+        if imp.label is None:
+            return
         version = self._versions.setdefault(f"{imp.model}/{imp.version}", len(self._versions))
         self._responses.setdefault(version, set()).add(imp.entry)
         self._user.append(self._users.setdefault(imp.user_id, len(self._users)))

@@ -223,10 +223,16 @@ def test_a_cluster_url_with_an_encoded_password_and_no_scheme(built: Built, tmp_
         shutil.rmtree(node.dir, ignore_errors=True)
 
 
-def test_the_impression_log_on_a_cluster(built: Built, cluster: list[RedisProcess]) -> None:
+def test_the_impression_log_on_a_cluster(
+    built: Built, cluster: list[RedisProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
     """The writer's pipelines and the reader's (stream pages, then the users' histories
     in one pipeline across every master's slots) go through the cluster client: each
-    user's click labels its own served item."""
+    user's click labels its own served item. ``ctr impressions --cluster`` reads it
+    too (Redis's clock for what is pending, the stream's info, the histories)."""
+    import json
+
+    from ctr.cli import main
     from service.impression_read import ImpressionReader
     from service.loader import sync_client
 
@@ -256,6 +262,12 @@ def test_the_impression_log_on_a_cluster(built: Built, cluster: list[RedisProces
             time.sleep(0.05)
         reader = ImpressionReader(client, stream, window_s=60.0, page=5)
         rows = list(reader)
+        args = ["impressions", "--redis-url", url, "--cluster", "--stream", stream]
+        assert main([*args, "--window-s", "60"]) == 0  # scored just now: all pending
+        assert json.loads(capsys.readouterr().out)["pending"] == len(users) * len(cands)
+        assert main([*args, "--window-s", "0.001"]) == 0  # closed: every history read
+        got = json.loads(capsys.readouterr().out)
+        assert (got["rows"], got["pending"], got["behaviours"]["counted"]) == (96, 0, 12)
         client.delete(stream)
     finally:
         client.close()

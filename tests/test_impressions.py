@@ -32,6 +32,7 @@ from tests.helpers import REDIS_URL, Built, build_bundle, loaded_redis, settings
 from tests.redis_proc import private_redis
 
 STREAM = "test:impressions"
+AGE_S = 600.0  # how far back _age re-dates the logged entries: past a 60 s click window
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +62,16 @@ def _items(built: Built, n: int) -> list[str]:
 
 def _body(user: str, items: list[str], **extra: Any) -> dict[str, Any]:
     return {"user_id": user, "candidates": [{"item_id": i} for i in items], **extra}
+
+
+def _age(client: Redis, by_s: float = AGE_S) -> None:
+    """The stream's entries re-dated ``by_s`` earlier (their ``ts``; IDs and the rest
+    kept), as if scored that long ago: a click window shorter than that has closed for
+    ``ctr impressions``, which leaves a row whose window is still open out (pending)."""
+    entries = client.xrange(STREAM)
+    client.delete(STREAM)
+    for entry_id, fields in entries:
+        client.xadd(STREAM, {**fields, "ts": repr(float(fields["ts"]) - by_s)}, id=entry_id)
 
 
 def test_each_scored_response_is_logged_as_served(built: Built, redis_db: Redis) -> None:
@@ -224,7 +235,7 @@ def test_ctr_impressions_labels_by_later_behaviours(
     user = "u7"
     with TestClient(create_app(settings_for(built, impression_stream=STREAM))) as c:
         served = c.post("/v1/score", json=_body(user, items)).json()["items"]
-        now = time.time()
+        now = time.time() - AGE_S  # the scoring's time once _age has re-dated it
         ranked = [it["item_id"] for it in served]
 
         def event(item: str, ts: float, kind: str = "click") -> None:
@@ -238,6 +249,7 @@ def test_ctr_impressions_labels_by_later_behaviours(
         event(ranked[3], now + 10, "view")  # another type: not a click
         event(ranked[4], now + 90)  # past the 60 s window read below
         wait_for(lambda: redis_db.xlen(STREAM) == 1, "the impression written", 5)
+    _age(redis_db)
     sync = Redis.from_url(REDIS_URL)
     try:
         rows = list(ImpressionReader(sync, STREAM, "item_id", 60.0, frozenset({"click"})))
@@ -264,6 +276,7 @@ def test_ctr_impressions_labels_by_later_behaviours(
         table = list(csv.DictReader(f))
     assert [t["item_id"] for t in table] == ranked
     assert sum(int(t["label"]) for t in table) == 2
+    assert {t["label_status"] for t in table} == {"labelled"}  # scored AGE_S ago: none pending
     # every type counts with --types ''
     assert main([*args, "--types", ""]) == 0
     with out.open() as f:
@@ -367,12 +380,13 @@ def test_the_reader_pages_reads_a_retried_entry_once_and_skips_unreadable_ones(
     with TestClient(create_app(settings_for(built, impression_stream=STREAM))) as c:
         for user in users * 2:
             assert c.post("/v1/score", json=_body(user, items)).status_code == 200
-        now = time.time()
+        now = time.time() - AGE_S  # the scorings' time once _age has re-dated them
         for k, user in enumerate(users):  # user k clicks item k, after both scorings
             ev = {"user_id": user, "event_id": f"click-{user}", "item_id": items[k],
                   "type": "click", "timestamp": now + 5}  # fmt: skip
             assert c.post("/v1/events", json=ev).status_code == 202
         wait_for(lambda: redis_db.xlen(STREAM) == 10, "the impressions written", 5)
+    _age(redis_db)
     logged = redis_db.xrange(STREAM)
     redis_db.xadd(STREAM, logged[3][1])  # the same fields again: a retried write
     redis_db.xadd(STREAM, {"something": "else"})
@@ -395,6 +409,7 @@ def test_the_reader_pages_reads_a_retried_entry_once_and_skips_unreadable_ones(
     printed = orjson.loads(capsys.readouterr().out)
     assert (printed["entries"], printed["duplicates"], printed["unreadable"]) == (10, 1, 2)
     assert printed["rows"] == 60 and printed["clicks"] == 10 and printed["responses"] == 10
+    assert printed["pending"] == 0 and printed["unreadable_histories"] == 0
     assert printed["auc"] == pytest.approx(summary(rows)["auc"])
     # each served version's offline test figures from its manifest, beside the online
     served = f"{rows[0].model}/{rows[0].version}"
@@ -406,6 +421,145 @@ def test_the_reader_pages_reads_a_retried_entry_once_and_skips_unreadable_ones(
     assert offline["auc"] == manifest["metrics"]["test"]["auc"]
     assert main([*args, "--models-dir", str(built.models_dir / "elsewhere")]) == 0
     assert orjson.loads(capsys.readouterr().out)["by_version"][served]["offline"] is None
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_row_whose_click_window_is_still_open_is_pending(
+    built: Built, redis_db: Redis, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every row was labelled, those scored a moment before the read too: a response
+    whose click had not come yet counted as unclicked, and the same impressions read
+    again later had other labels (impressions review, session 39). A row scored less
+    than ``--window-s`` before the command's start (Redis's clock) is pending now: in
+    the CSV without a label, out of every figure, counted; a stream whose oldest entry
+    is that young (every row pending) is a warning, naming the trimming when the
+    stream has lost entries."""
+    from ctr.cli import main
+
+    items = _items(built, 5)
+    with TestClient(create_app(settings_for(built, impression_stream=STREAM))) as c:
+        assert c.post("/v1/score", json=_body("old", items)).status_code == 200
+        wait_for(lambda: redis_db.xlen(STREAM) == 1, "the first impression written", 5)
+        _age(redis_db)  # scored AGE_S ago: its 60 s window has closed
+        assert c.post("/v1/score", json=_body("new", items)).status_code == 200
+        now = time.time()
+        for user, ts in (("old", now - AGE_S + 5), ("new", now + 5)):  # each clicks items[0]
+            ev = {"user_id": user, "event_id": f"click-{user}", "item_id": items[0],
+                  "type": "click", "timestamp": ts}  # fmt: skip
+            assert c.post("/v1/events", json=ev).status_code == 202
+        wait_for(lambda: redis_db.xlen(STREAM) == 2, "the second impression written", 5)
+    out = tmp_path / "rows.csv"
+    args = ["impressions", "--redis-url", REDIS_URL, "--stream", STREAM, "--window-s", "60",
+            "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr()
+    got = json.loads(printed.out)
+    assert (got["rows"], got["responses"], got["clicks"]) == (5, 1, 1)  # the old entry's
+    assert got["pending"] == 5  # the new one's rows
+    assert got["entries"] == 2 and got["observed_ctr"] == pytest.approx(0.2)
+    assert got["by_version"][next(iter(got["by_version"]))]["rows"] == 5
+    assert got["now"] == pytest.approx(time.time(), abs=30)
+    assert "pending" not in printed.err  # one entry's window has closed: no warning
+    table = _read_csv(out)
+    assert len(table) == 10
+    new = {(t["label"], t["label_status"]) for t in table if t["user_id"] == "new"}
+    assert new == {("", "pending")}
+    old = [(t["item_id"], t["label"], t["label_status"]) for t in table if t["user_id"] == "old"]
+    assert sorted(old) == sorted((i, str(int(i == items[0])), "labelled") for i in items)
+    # the reader alike, given the time to read at (None: every row labelled as it stands)
+    sync = Redis.from_url(REDIS_URL)
+    try:
+        reader = ImpressionReader(sync, STREAM, "item_id", 60.0, now=time.time())
+        rows = list(reader)
+        labelled = list(ImpressionReader(sync, STREAM, "item_id", 60.0))
+    finally:
+        sync.close()
+    assert reader.pending == 5 and [r.label for r in rows if r.user_id == "new"] == [None] * 5
+    assert summary(rows)["rows"] == 5 and summary(labelled)["rows"] == 10
+    # the stream trimmed to the entries of the last minute: every row pending, said
+    redis_db.xtrim(STREAM, maxlen=1, approximate=False)
+    assert main(args) == 0
+    printed = capsys.readouterr()
+    got = json.loads(printed.out)
+    assert (got["rows"], got["pending"], got["by_version"]) == (0, 5, {})
+    assert re.search(r"warning: the stream's oldest entry was scored \d+ s ago, within "
+                     r"--window-s 60: every row is pending", printed.err)  # fmt: skip
+    assert "it has lost 1 of the 2 entries added" in printed.err
+    assert "raise CTR_IMPRESSION_MAXLEN" in printed.err
+    assert main([*args[:-2], "--window-s", "0.001"]) == 0  # a shorter window: labelled
+    got = json.loads(capsys.readouterr().out)
+    assert (got["rows"], got["pending"]) == (5, 0)
+
+
+def test_a_history_redis_cannot_read_leaves_only_its_users_rows_out(
+    built: Built, redis_db: Redis, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One user's history key of another type failed the whole command: the pipeline
+    of histories raised WRONGTYPE, no figures, the CSV cut short (impressions review,
+    session 39). That user's rows are now written without a label and left out of the
+    figures, counted and named on stderr; every other row is read as before."""
+    from ctr.cli import main
+
+    items = _items(built, 4)
+    with TestClient(create_app(settings_for(built, impression_stream=STREAM))) as c:
+        for user in ("good", "bad"):
+            assert c.post("/v1/score", json=_body(user, items)).status_code == 200
+        ev = {"user_id": "good", "event_id": "click-good", "item_id": items[1], "type": "click",
+              "timestamp": time.time() - AGE_S + 5}  # fmt: skip
+        assert c.post("/v1/events", json=ev).status_code == 202
+        wait_for(lambda: redis_db.xlen(STREAM) == 2, "the impressions written", 5)
+    _age(redis_db)
+    redis_db.delete("{u:bad}:seq")
+    redis_db.set("{u:bad}:seq", "not a list")
+    out = tmp_path / "rows.csv"
+    args = ["impressions", "--redis-url", REDIS_URL, "--stream", STREAM, "--window-s", "60",
+            "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr()
+    got = json.loads(printed.out)
+    assert (got["rows"], got["responses"], got["clicks"]) == (4, 1, 1)
+    assert got["unreadable_histories"] == 1 and got["unreadable_history_rows"] == 4
+    assert got["pending"] == 0
+    assert "warning: 1 user histories could not be read ('bad': WRONGTYPE" in printed.err
+    assert "their 4 rows have no label" in printed.err
+    table = _read_csv(out)
+    assert [(t["label"], t["label_status"]) for t in table if t["user_id"] == "bad"] == [
+        ("", "unreadable_history")
+    ] * 4
+    assert [t["label"] for t in table if t["user_id"] == "good"] == [
+        str(int(t["item_id"] == items[1])) for t in table if t["user_id"] == "good"
+    ]
+
+
+def test_an_entry_with_a_field_name_that_is_not_utf8_is_unreadable(
+    built: Built, redis_db: Redis, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A foreign entry whose field name is not UTF-8 crashed the command
+    (UnicodeDecodeError): it is now an unreadable entry like any other foreign one, and
+    a copy of it is read once (a duplicate)."""
+    from ctr.cli import main
+
+    with TestClient(create_app(settings_for(built, impression_stream=STREAM))) as c:
+        assert c.post("/v1/score", json=_body("u1", _items(built, 3))).status_code == 200
+        wait_for(lambda: redis_db.xlen(STREAM) == 1, "the impression written", 5)
+    _age(redis_db)
+    raw = Redis.from_url(REDIS_URL)  # bytes: the name as stored
+    try:
+        for _ in range(2):
+            raw.xadd(STREAM, {b"\xff\xfe": b"v", b"ts": b"1"})
+        reader = ImpressionReader(raw, STREAM, "item_id", 60.0)
+        rows = list(reader)
+    finally:
+        raw.close()
+    assert (reader.entries, reader.duplicates, reader.unreadable, len(rows)) == (1, 1, 1, 3)
+    args = ["impressions", "--redis-url", REDIS_URL, "--stream", STREAM, "--window-s", "60"]
+    assert main(args) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert (got["entries"], got["duplicates"], got["unreadable"], got["rows"]) == (1, 1, 1, 3)
 
 
 def test_online_figures_per_version_match_the_offline_metrics() -> None:
