@@ -545,11 +545,14 @@ begin "prometheus scrapes api"
 end
 begin "load test ($LOCUST_DURATION)";   load_test; end
 begin "impression log (ctr impressions in the api container)"
-imp=$("$DOCKER" exec "$(container api)" ctr impressions --stream "$CTR_IMPRESSION_STREAM") \
-    || fail "ctr impressions failed in the api container"
+# rows are labelled once their click window has closed (newer ones are pending): a
+# 5 s window, closed for every response the load test logged
+sleep 6
+imp=$("$DOCKER" exec "$(container api)" ctr impressions --stream "$CTR_IMPRESSION_STREAM" \
+    --window-s 5) || fail "ctr impressions failed in the api container"
 echo "$imp" | "$PY" -c 'import json, sys
 d = json.load(sys.stdin)
-assert d["responses"] > 0 and d["rows"] >= d["responses"], d
+assert d["responses"] > 0 and d["rows"] >= d["responses"] and d["pending"] == 0, d
 r, n, c = d["responses"], d["rows"], d["clicks"]
 print(f"ok: impression log: {r} responses, {n} served items, {c} clicked within the window")' \
     || fail "the impression log holds no scored responses after the load test"
