@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from ctr.cli import serve_settings
-from tests.helpers import REDIS_URL, ROOT
+from tests.helpers import REDIS_URL, ROOT, tmpfs
 from tests.redis_proc import free_port
 
 
@@ -559,22 +559,14 @@ def test_ctr_serve_refuses_a_full_metrics_tmpfs(tmp_path: Path) -> None:
     """The same through ``ctr serve`` on a real 256 KB tmpfs (skipped where this process
     may not mount one)."""
     folder = tmp_path / "prom"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)],
-                             capture_output=True)  # fmt: skip
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()[:100]}")
-    try:
+    with tmpfs(folder, "256k"):
         out = ctr("serve", "--workers", "2", "--port", str(free_port()),
                   PROMETHEUS_MULTIPROC_DIR=str(folder), CTR_MODELS_DIR=str(tmp_path))  # fmt: skip
         said = one_line_error(out, "serve")
         assert f"PROMETHEUS_MULTIPROC_DIR='{folder}' has 0.2 MB free" in said
-    finally:
-        subprocess.run(["umount", str(folder)], check=False)
     # filled by the metric files of dead workers (what a SIGBUS crash loop leaves): wiped
     # before the room is judged, then the service starts (no model: /healthz answers)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(folder)], check=True)
-    try:
+    with tmpfs(folder, "20m"):
         dead = subprocess.Popen(["true"])
         dead.wait()
         for k in range(12):
@@ -591,8 +583,6 @@ def test_ctr_serve_refuses_a_full_metrics_tmpfs(tmp_path: Path) -> None:
             if proc.poll() is None:
                 proc.terminate()
                 proc.communicate(timeout=30)
-    finally:
-        subprocess.run(["umount", str(folder)], check=False)
 
 
 def test_ctr_serve_starts_with_its_stderr_closed(tmp_path: Path) -> None:

@@ -74,6 +74,17 @@ def _age(client: Redis, by_s: float = AGE_S) -> None:
         client.xadd(STREAM, {**fields, "ts": repr(float(fields["ts"]) - by_s)}, id=entry_id)
 
 
+def _impressions(capsys: pytest.CaptureFixture[str], *flags: str) -> tuple[dict, str]:
+    """``ctr impressions`` on the test stream with a 60 s click window (a later
+    ``--window-s`` in ``flags`` wins): its JSON summary and its stderr; it ended 0."""
+    from ctr.cli import main
+
+    args = ["impressions", "--redis-url", REDIS_URL, "--stream", STREAM, "--window-s", "60"]
+    assert main([*args, *flags]) == 0
+    printed = capsys.readouterr()
+    return json.loads(printed.out), printed.err
+
+
 def test_each_scored_response_is_logged_as_served(built: Built, redis_db: Redis) -> None:
     items = _items(built, 12)
     sent = [
@@ -438,7 +449,6 @@ def test_a_row_whose_click_window_is_still_open_is_pending(
     the CSV without a label, out of every figure, counted; a stream whose oldest entry
     is that young (every row pending) is a warning, naming the trimming when the
     stream has lost entries."""
-    from ctr.cli import main
 
     items = _items(built, 5)
     with TestClient(create_app(settings_for(built, impression_stream=STREAM))) as c:
@@ -453,17 +463,13 @@ def test_a_row_whose_click_window_is_still_open_is_pending(
             assert c.post("/v1/events", json=ev).status_code == 202
         wait_for(lambda: redis_db.xlen(STREAM) == 2, "the second impression written", 5)
     out = tmp_path / "rows.csv"
-    args = ["impressions", "--redis-url", REDIS_URL, "--stream", STREAM, "--window-s", "60",
-            "--out", str(out)]  # fmt: skip
-    assert main(args) == 0
-    printed = capsys.readouterr()
-    got = json.loads(printed.out)
+    got, err = _impressions(capsys, "--out", str(out))
     assert (got["rows"], got["responses"], got["clicks"]) == (5, 1, 1)  # the old entry's
     assert got["pending"] == 5  # the new one's rows
     assert got["entries"] == 2 and got["observed_ctr"] == pytest.approx(0.2)
     assert got["by_version"][next(iter(got["by_version"]))]["rows"] == 5
     assert got["now"] == pytest.approx(time.time(), abs=30)
-    assert "pending" not in printed.err  # one entry's window has closed: no warning
+    assert "pending" not in err  # one entry's window has closed: no warning
     table = _read_csv(out)
     assert len(table) == 10
     new = {(t["label"], t["label_status"]) for t in table if t["user_id"] == "new"}
@@ -482,16 +488,13 @@ def test_a_row_whose_click_window_is_still_open_is_pending(
     assert summary(rows)["rows"] == 5 and summary(labelled)["rows"] == 10
     # the stream trimmed to the entries of the last minute: every row pending, said
     redis_db.xtrim(STREAM, maxlen=1, approximate=False)
-    assert main(args) == 0
-    printed = capsys.readouterr()
-    got = json.loads(printed.out)
+    got, err = _impressions(capsys)
     assert (got["rows"], got["pending"], got["by_version"]) == (0, 5, {})
     assert re.search(r"warning: the stream's oldest entry was scored \d+ s ago, within "
-                     r"--window-s 60: every row is pending", printed.err)  # fmt: skip
-    assert "it has lost 1 of the 2 entries added" in printed.err
-    assert "raise CTR_IMPRESSION_MAXLEN" in printed.err
-    assert main([*args[:-2], "--window-s", "0.001"]) == 0  # a shorter window: labelled
-    got = json.loads(capsys.readouterr().out)
+                     r"--window-s 60: every row is pending", err)  # fmt: skip
+    assert "it has lost 1 of the 2 entries added" in err
+    assert "raise CTR_IMPRESSION_MAXLEN" in err
+    got, _ = _impressions(capsys, "--window-s", "0.001")  # a shorter window: labelled
     assert (got["rows"], got["pending"]) == (5, 0)
 
 
@@ -502,7 +505,6 @@ def test_a_history_redis_cannot_read_leaves_only_its_users_rows_out(
     of histories raised WRONGTYPE, no figures, the CSV cut short (impressions review,
     session 39). That user's rows are now written without a label and left out of the
     figures, counted and named on stderr; every other row is read as before."""
-    from ctr.cli import main
 
     items = _items(built, 4)
     with TestClient(create_app(settings_for(built, impression_stream=STREAM))) as c:
@@ -516,16 +518,12 @@ def test_a_history_redis_cannot_read_leaves_only_its_users_rows_out(
     redis_db.delete("{u:bad}:seq")
     redis_db.set("{u:bad}:seq", "not a list")
     out = tmp_path / "rows.csv"
-    args = ["impressions", "--redis-url", REDIS_URL, "--stream", STREAM, "--window-s", "60",
-            "--out", str(out)]  # fmt: skip
-    assert main(args) == 0
-    printed = capsys.readouterr()
-    got = json.loads(printed.out)
+    got, err = _impressions(capsys, "--out", str(out))
     assert (got["rows"], got["responses"], got["clicks"]) == (4, 1, 1)
     assert got["unreadable_histories"] == 1 and got["unreadable_history_rows"] == 4
     assert got["pending"] == 0
-    assert "warning: 1 user histories could not be read ('bad': WRONGTYPE" in printed.err
-    assert "their 4 rows have no label" in printed.err
+    assert "warning: 1 user histories could not be read ('bad': WRONGTYPE" in err
+    assert "their 4 rows have no label" in err
     table = _read_csv(out)
     assert [(t["label"], t["label_status"]) for t in table if t["user_id"] == "bad"] == [
         ("", "unreadable_history")

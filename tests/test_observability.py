@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 from service import metrics as m
 from service.app import create_app
 from service.metricfiles import wipe_stale
-from tests.helpers import Built, build_and_load, settings_for
+from tests.helpers import Built, build_and_load, settings_for, tmpfs
 
 
 @pytest.fixture(scope="module")
@@ -195,19 +195,11 @@ def test_a_full_metric_file_system_keeps_counting_not_a_sigbus(tmp_path: Path) -
     the series a full file system has no room for are counted in memory (no error,
     one WARNING), and go to the file with their counts once there is room (on a real
     8 MB tmpfs; skipped where this process may not mount one)."""
-    folder = tmp_path / "prom"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(folder)],
-                             capture_output=True)  # fmt: skip
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()[:100]}")
-    try:
+    with tmpfs(tmp_path / "prom", "8m") as folder:
         root = Path(__file__).resolve().parents[1]
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder), "PYTHONPATH": str(root)}
         done = subprocess.run([sys.executable, "-c", ROOM_SCRIPT], env=env, cwd=root,
                               capture_output=True, text=True, timeout=120)  # fmt: skip
-    finally:
-        subprocess.run(["umount", str(folder)], check=False)
     assert done.returncode == 0, (done.returncode, done.stdout, done.stderr[-2000:])
     counted, filed, refiled = map(int, done.stdout.split())
     assert counted == 20_000  # every series counted, in the file or not

@@ -47,6 +47,18 @@ def _head(length: int) -> bytes:
     return f"POST /v1/score HTTP/1.1\r\nHost: t\r\nContent-Length: {length}\r\n\r\n".encode()
 
 
+def _score_then_closed(server: ServerThread, body: bytes, behind: bytes) -> tuple[bytes, bytes]:
+    """A score request with ``body`` and ``behind`` pipelined in one write: the heads of
+    the two answers, once the connection closed after the second with nothing more."""
+    with _connect(server) as sock:
+        sock.sendall(_head(len(body)) + body + behind)
+        answers = Responses(sock)
+        first, _ = answers.next()
+        second, _ = answers.next()
+        assert answers.buf == b"" and sock.recv(1) == b""  # then closed
+    return first, second
+
+
 def _until_closed(sock: socket.socket) -> tuple[bytes, float]:
     """Every byte until the server closes the connection, and the seconds it took."""
     start = time.monotonic()
@@ -197,12 +209,7 @@ def test_a_request_queued_before_an_upgrade_request_is_answered_too(
     body = _body(built)
     head = b"POST /v1/score HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
     upgrade = head + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
-    with _connect(server) as sock:
-        sock.sendall(_head(len(body)) + body + upgrade)
-        answers = Responses(sock)
-        first, _ = answers.next()
-        second, _ = answers.next()
-        assert answers.buf == b"" and sock.recv(1) == b""  # then closed
+    first, second = _score_then_closed(server, body, upgrade)
     assert first.startswith(b"HTTP/1.1 200 ") and second.startswith(b"HTTP/1.1 400 ")
 
 
@@ -671,10 +678,5 @@ def test_a_url_the_parser_refuses_behind_a_request_waits_for_its_answer(
     at once, dropping the answer before it, as a malformed head's was."""
     body = _body(built)
     bad = b"GET http://a:99999999/ HTTP/1.1\r\nHost: t\r\n\r\n"
-    with _connect(server) as sock:
-        sock.sendall(_head(len(body)) + body + bad)
-        answers = Responses(sock)
-        first, _ = answers.next()
-        second, _ = answers.next()
-        assert answers.buf == b"" and sock.recv(1) == b""  # then closed
+    first, second = _score_then_closed(server, body, bad)
     assert first.startswith(b"HTTP/1.1 200 ") and second.startswith(b"HTTP/1.1 400 "), first
