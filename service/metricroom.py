@@ -6,14 +6,18 @@ sparse file, whose blocks the file system allots only as a page is first written
 file system that filled up after the start (``ctr serve`` checks the room only then),
 that first write is a SIGBUS that kills the worker, and its restart dies the same way.
 Here each file's blocks are allotted (``posix_fallocate``) before the file is mapped or
-grown. Where the file system has no room to grow a file for a new series, the series is
-kept in the worker's memory (counted and read as usual, but missing from ``/metrics``,
-which reads the files) and a WARNING says so once; it moves into the file once there is
-room (tried at most every :data:`RETRY_S`). Requests never fail for it.
+grown, and a new file is made whole under another name, then renamed into place (a
+0-byte file in the folder failed every worker's ``/metrics``). Where the file system has
+no room for a new series, or for a new worker's file, the series is kept in the worker's
+memory (counted and read as usual, but missing from ``/metrics``, which reads the files)
+and a WARNING says so once; every series held so moves into its file with its value once
+there is room, tried at most every :data:`RETRY_S` at the next metric write (each runs
+under prometheus_client's lock). Requests never fail for it, nor does a worker's start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -27,7 +31,7 @@ log = logging.getLogger("ctr.service")
 _pack_two_doubles = getattr(mmap_dict, "_pack_two_doubles", None)
 _unpack_two_doubles = getattr(mmap_dict, "_unpack_two_doubles", None)
 
-RETRY_S = 1.0  # how often a series kept in memory tries for room in its file again
+RETRY_S = 1.0  # how often the series kept in memory try for room in their files again
 
 
 def _entry_bytes(key: str) -> int:
@@ -37,18 +41,83 @@ def _entry_bytes(key: str) -> int:
     return 4 + len(encoded) + (8 - (len(encoded) + 4) % 8) + 16
 
 
+# the dicts holding series in memory (no room in their files), and when to try again
+_held: set[ReservedMmapedDict] = set()
+_next_try = 0.0
+_warned = False
+
+
+def _make_file(filename: str) -> bool:
+    """``filename`` exists with its first ``_INITIAL_MMAP_SIZE`` bytes allotted, made
+    whole under another name and renamed into place where it was missing or empty;
+    False where the file system has no room for it."""
+    with contextlib.suppress(FileNotFoundError):
+        if os.path.getsize(filename) > 0:
+            return True
+    folder, name = os.path.split(filename)
+    tmp = os.path.join(folder, f".{name}.tmp")  # not a *.db: no reader looks at it
+    try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            os.posix_fallocate(fd, 0, mmap_dict._INITIAL_MMAP_SIZE)
+        finally:
+            os.close(fd)
+        os.replace(tmp, filename)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if exc.errno != errno.ENOSPC:
+            raise
+        return False
+    return True
+
+
+def _hold(d: ReservedMmapedDict) -> None:
+    """``d`` holds a series in memory: said once per process, filed by :func:`_sweep`."""
+    global _warned, _next_try
+    if not _held:
+        _next_try = time.monotonic() + RETRY_S
+    _held.add(d)
+    if not _warned:
+        _warned = True
+        log.warning(
+            "no room for metric files in PROMETHEUS_MULTIPROC_DIR (%s): new series are kept "
+            "in this worker's memory, missing from /metrics, until there is",
+            os.path.dirname(d._fname),
+        )
+
+
+def _sweep() -> None:
+    """Every series held in memory into its file, where there is room now (at most every
+    :data:`RETRY_S`; called under prometheus_client's lock, by a metric write)."""
+    global _next_try
+    now = time.monotonic()
+    if now < _next_try:
+        return
+    _next_try = now + RETRY_S
+    for d in list(_held):
+        if d._pid != os.getpid() or d._file_held():
+            _held.discard(d)
+
+
 class ReservedMmapedDict(mmap_dict.MmapedDict):
-    """``MmapedDict`` with its file's blocks allotted before they are mapped."""
+    """``MmapedDict`` with its file's blocks allotted before they are mapped, and the
+    series it has no room for held in memory until it has."""
 
     def __init__(self, filename: str, read_mode: bool = False) -> None:
-        if not read_mode:
-            with open(filename, "a+b") as f:
-                if os.fstat(f.fileno()).st_size == 0:  # new: the size it is made with
-                    os.posix_fallocate(f.fileno(), 0, mmap_dict._INITIAL_MMAP_SIZE)
-        super().__init__(filename, read_mode)
         # series the file had no room for: (value, timestamp), until it has
         self._unfiled: dict[str, tuple[float, float]] = {}
-        self._retry_at = 0.0
+        self._fname = filename
+        self._pid = os.getpid()  # a forked child makes dicts (and files) of its own
+        if read_mode or _make_file(filename):
+            super().__init__(filename, read_mode)
+            return
+        # no room for its first page: every series in memory, the file made later
+        self._f: Any = None
+        self._m: Any = None
+        self._positions: dict[str, int] = {}
+        self._capacity = self._used = 0
+        _hold(self)
 
     def _init_value(self, key: str) -> None:
         capacity = self._capacity
@@ -58,38 +127,44 @@ class ReservedMmapedDict(mmap_dict.MmapedDict):
             os.posix_fallocate(self._f.fileno(), 0, capacity)
         super()._init_value(key)
 
-    def _filed(self, key: str) -> bool:
-        """``key`` has its place in the file, made now where there is room; False while
-        it is kept in memory (the file system full)."""
-        if key in self._positions:
-            return True
-        if key in self._unfiled and time.monotonic() < self._retry_at:
-            return False
-        try:
-            self._init_value(key)
-        except OSError as exc:
-            if exc.errno != errno.ENOSPC:
-                raise
-            self._retry_at = time.monotonic() + RETRY_S
-            if not self._unfiled:
-                log.warning(
-                    "no room for metric files in PROMETHEUS_MULTIPROC_DIR (%s): new series "
-                    "are kept in this worker's memory, missing from /metrics, until there is",
-                    os.path.dirname(self._fname),
-                )
-            self._unfiled.setdefault(key, (0.0, 0.0))
-            return False
-        held = self._unfiled.pop(key, None)
-        if held is not None:  # room again: what it counted meanwhile goes to the file
-            super().write_value(key, *held)
+    def _place(self, key: str) -> int | None:
+        """A new series' place in the file, made now; None where there is no room (the
+        series held in memory)."""
+        if self._f is not None:
+            try:
+                self._init_value(key)
+                return self._positions[key]
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+        self._unfiled.setdefault(key, (0.0, 0.0))
+        _hold(self)
+        return None
+
+    def _file_held(self) -> bool:
+        """The series held in memory into the file (made first if it has none yet), each
+        with its value; False where the room ran out first (the rest held on)."""
+        if self._f is None:
+            if not _make_file(self._fname):
+                return False
+            mmap_dict.MmapedDict.__init__(self, self._fname)
+        for key, held in list(self._unfiled.items()):
+            try:
+                self._init_value(key)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                return False
+            del self._unfiled[key]
+            _pack_two_doubles(self._m, self._positions[key], *held)
         return True
 
-    # every inc() and observe() writes: the series with its place, one look-up, as fast
-    # as the original (which looks twice)
+    # every inc() and observe() writes: a series with its place, one look-up, as fast
+    # as the original (which looks twice), and one test of the module's set
     def read_value(self, key: str) -> tuple[float, float]:
         pos = self._positions.get(key)
-        if pos is None and self._filed(key):
-            pos = self._positions[key]
+        if pos is None and key not in self._unfiled:
+            pos = self._place(key)
         if pos is None:
             return self._unfiled[key]
         found: tuple[float, float] = _unpack_two_doubles(self._m, pos)
@@ -97,12 +172,14 @@ class ReservedMmapedDict(mmap_dict.MmapedDict):
 
     def write_value(self, key: str, value: float, timestamp: float) -> None:
         pos = self._positions.get(key)
-        if pos is None and self._filed(key):
-            pos = self._positions[key]
+        if pos is None and key not in self._unfiled:
+            pos = self._place(key)
         if pos is None:
             self._unfiled[key] = (value, timestamp)
         else:
             _pack_two_doubles(self._m, pos, value, timestamp)
+        if _held:
+            _sweep()
 
 
 def _fits() -> bool:

@@ -153,8 +153,9 @@ ROOM_SCRIPT = """
 import os, sys, time
 from pathlib import Path
 
-from prometheus_client import Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.multiprocess import MultiProcessCollector
 
 import service.metrics  # noqa: F401  (its metric files, made as the service makes them)
 from service import metricroom
@@ -179,12 +180,23 @@ for k in range(N):
     c.labels("x" * 100 + str(k)).inc()
 counted = sum(c.labels("x" * 100 + str(k))._value.get() for k in range(N))
 filed = in_file(1.0)
+# a series written once while full, and a file made while full (a gauge of a new mode)
+Counter("ctr_room_once", "once").inc(5)
+Gauge("ctr_room_max", "max", multiprocess_mode="max").set(7)
+empty = [p.name for p in folder.glob("*.db") if p.stat().st_size == 0]
+scraped = generate_latest(MultiProcessCollector(CollectorRegistry(), str(folder)))
 os.close(fd)
 os.remove(folder / "filler")
 time.sleep(metricroom.RETRY_S + 0.1)
-for k in range(N):  # room again: each series moves into the file with its count
+c.labels("x" * 100 + "0").inc()  # any write: every series held moves to its file
+once = [v for key, v, *_ in MmapedDict.read_all_values_from_file(
+    str(folder / f"counter_{os.getpid()}.db")) if "ctr_room_once" in key]
+most = [v for key, v, *_ in MmapedDict.read_all_values_from_file(
+    str(folder / f"gauge_max_{os.getpid()}.db")) if "ctr_room_max" in key]
+for k in range(N):  # and every series counts on in the file
     c.labels("x" * 100 + str(k)).inc()
-print(int(counted), filed, in_file(2.0), flush=True)
+print(int(counted), filed, in_file(2.0) + in_file(3.0), once, most, empty,
+      b"ctr_room_test_total" in scraped, flush=True)
 """
 
 
@@ -192,8 +204,9 @@ def test_a_full_metric_file_system_keeps_counting_not_a_sigbus(tmp_path: Path) -
     """prometheus_client maps sparse metric files: once the file system filled up after
     the start, the first write to a page not yet allotted was a SIGBUS that killed the
     worker (and each restart). The room is reserved before a file is mapped or grown;
-    the series a full file system has no room for are counted in memory (no error,
-    one WARNING), and go to the file with their counts once there is room (on a real
+    the series (and files) a full file system has no room for are counted in memory
+    (no error, one WARNING), and go to the file with their counts once there is room,
+    at the next metric write, a series written only once too (on a real
     8 MB tmpfs; skipped where this process may not mount one)."""
     with tmpfs(tmp_path / "prom", "8m") as folder:
         root = Path(__file__).resolve().parents[1]
@@ -201,8 +214,13 @@ def test_a_full_metric_file_system_keeps_counting_not_a_sigbus(tmp_path: Path) -
         done = subprocess.run([sys.executable, "-c", ROOM_SCRIPT], env=env, cwd=root,
                               capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, (done.returncode, done.stdout, done.stderr[-2000:])
-    counted, filed, refiled = map(int, done.stdout.split())
-    assert counted == 20_000  # every series counted, in the file or not
-    assert 100 < filed < 20_000  # the file held what it had room for
-    assert refiled == 20_000  # then all of them, with both counts
+    counted, filed, refiled, once, most, empty, scraped = done.stdout.split(" ")
+    assert int(counted) == 20_000  # every series counted, in the file or not
+    assert 100 < int(filed) < 20_000  # the file held what it had room for
+    assert int(refiled) == 20_000  # then all of them, with every count
+    # a series written once while full is filed with its value once there is room, and
+    # so is the file a new worker (here a new kind of gauge) could not make: never an
+    # empty metric file, which failed every worker's /metrics
+    assert (once, most, empty) == ("[5.0]", "[7.0]", "[]"), done.stdout
+    assert scraped.strip() == "True"
     assert done.stderr.count("no room for metric files") == 1, done.stderr[-2000:]
