@@ -90,6 +90,9 @@ ROWS: list[tuple[str, Any, int, str | None]] = [
      "features": {"cate_id": -(2**63) - 1}}]}, 422, "candidates[0].features.cate_id"),
     ("19-digit negative integer in the context", {"user_id": "u1", "candidates": C,
      "context": {"user_age": -(10**19) + 1}}, 422, "context.user_age"),
+    # 2**63 is 19 digits: orjson reads it exactly (as an int), the range check refuses it
+    ("integer feature of 2**63", {"user_id": "u1", "candidates": [{"item_id": "i1",
+     "features": {"cate_id": 2**63}}]}, 422, "candidates[0].features.cate_id"),
 ]  # fmt: skip
 
 
@@ -399,6 +402,7 @@ EVENT_ROWS: list[tuple[str, Any, str]] = [
     ("string timestamp", {**EVENT, "timestamp": "yesterday"}, "timestamp"),
     ("millisecond timestamp", {**EVENT, "timestamp": 1764000000000}, "timestamp"),
     ("bad type", {**EVENT, "type": 7}, "type"),
+    ("type of 33 characters", {**EVENT, "type": "t" * 33}, "type"),
     ("control character in type", {**EVENT, "type": "click\u0000"}, "type"),
     ("bad features", {**EVENT, "features": [1, 2]}, "features"),
     ("unknown field", {**EVENT, "extra": 1}, "extra"),
@@ -422,6 +426,19 @@ EVENT_ROWS: list[tuple[str, Any, str]] = [
 def test_bad_event(client: TestClient, name: str, body: Any, field: str) -> None:
     raw = json.dumps(body).encode()  # ASCII escapes, so lone surrogates can be sent
     check(client.post("/v1/events", content=raw), 422, field)
+
+
+def test_values_at_the_limits_are_taken(client: TestClient) -> None:
+    """The limits docs/api.md gives are inclusive: a feature of -2**63 or 2**63 - 1 is
+    scored, an event type of 32 characters is stored (one past either is a 422, above)."""
+    for value in (2**63 - 1, -(2**63)):
+        body = {"user_id": "u1", "candidates": [{"item_id": "i1", "features": {"cate_id": value}}],
+                "context": {"user_age": value}}  # fmt: skip
+        r = client.post("/v1/score", json=body)
+        assert r.status_code == 200, (value, r.text)
+    user = f"limits-{uuid.uuid4().hex}"
+    r = client.post("/v1/events", json={**EVENT, "user_id": user, "type": "t" * 32})
+    assert r.status_code == 202 and r.json()["appended"] is True, r.text
 
 
 def test_numbers_are_checked_where_the_model_reads_them() -> None:
