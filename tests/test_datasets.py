@@ -793,6 +793,24 @@ def test_an_item_key_that_is_not_the_items_id_is_refused() -> None:
                               "cate_id": [*cats, "c6", "c6", "c6"]})  # fmt: skip
 
 
+def test_a_missing_value_is_no_second_value_for_the_item_key() -> None:
+    """An item whose category is missing on some rows (None, NaN, "") still has one
+    category: only values present count towards the item key's check, so such data
+    trains (a missing value is OOV, not another category)."""
+    from ctr.encode import check_item_key
+    from tests.helpers import small_config
+
+    good = small_config("din")
+    items = [f"i{k}" for k in range(200)]
+    cats = [f"c{k % 7}" for k in range(200)]
+    missing: list[object] = [None, float("nan"), ""] * 10
+    check_item_key(good, {"item_id": [*items, *items[:30]], "cate_id": [*cats, *missing]})
+    # an ID that is missing names no item: its rows' categories are no conflict either
+    # (with 50 items, one key of two categories would be past the 1% tolerance)
+    check_item_key(good, {"item_id": [*items[:50], None, float("nan"), ""],
+                          "cate_id": [*cats[:50], "c1", "c2", "c3"]})  # fmt: skip
+
+
 @pytest.mark.data
 def test_movielens_load_stores_every_movies_genre() -> None:
     """Movies no example holds (the config keeps each user's last 40 examples) get their
