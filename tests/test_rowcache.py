@@ -304,6 +304,31 @@ def test_item_cache_paths_fill_holes_as_value_by_value() -> None:
     assert cache.get_many(other[0], ["p"])[1] == [0]  # nothing of it was kept
 
 
+def test_a_partly_cached_request_fills_each_missed_item_with_its_own_values() -> None:
+    """Where some candidates' values come from the item cache and two or more do not,
+    each missed candidate gets the values read for its own ID (the holes, the lookups
+    and the values fetched for them stay in one order), and its row's expiry is its
+    own read's."""
+    from service.features import item_columns
+    from service.store import ItemCache
+    from tests.helpers import small_config
+
+    config = small_config("din")
+    sources = [f.source for f in config.item_sparse + config.item_dense]
+    other = [x for x in sources if x != config.item_id_feature.source]
+    cache = ItemCache(60, 100)
+    now = time.monotonic()
+    for source in other:
+        cache.put(source, ["b", "d"], [f"{source}-b", f"{source}-d"], now)
+    cols = item_columns(config, ["a", "b", "c", "d", "e"], [None] * 5)
+    lookups = cols.take_cached(cache)
+    assert lookups == {x: ["a", "c", "e"] for x in other}
+    cols.fill({x: [f"{x}-{i}" for i in lookups[x]] for x in other}, now + 30)
+    for x in other:
+        assert cols.values[x] == [f"{x}-{i}" for i in "abcde"]
+    assert cols.expires.tolist() == [now + 30, now + 60, now + 30, now + 60, now + 30]
+
+
 class FakeTime:
     """``time`` for :mod:`service.rowcache` alone: a clock the test moves."""
 
