@@ -610,6 +610,65 @@ def test_a_failed_write_puts_back_no_more_than_the_bytes_bound() -> None:
     assert log.queued_bytes == sum(len(e[2]) + len(e[3]) for e in log.queue)
 
 
+@pytest.mark.parametrize("bound", ["entries", "bytes"])
+def test_a_failed_write_puts_its_oldest_entries_back_first_in_order(bound: str) -> None:
+    """A failed write puts its batch back at the front of the queue, in order, ahead of
+    the entries added while it was out; where the queue's bound (entries, or bytes)
+    leaves room for part of it, the batch's oldest go back and its newest are dropped
+    (counted)."""
+    import socket
+
+    from redis.asyncio import Redis as AsyncRedis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    async def scenario() -> list[str]:
+        # a server that takes connections and never answers: the write times out
+        with socket.create_server(("127.0.0.1", 0)) as silent:
+            client = AsyncRedis(host="127.0.0.1", port=silent.getsockname()[1],
+                                socket_timeout=0.3, retry=Retry(NoBackoff(), 0))  # fmt: skip
+            # each entry holds 1,002 bytes: "{}" and its 1,000-byte response
+            bounds = {"queue": 5} if bound == "entries" else {"queue": 100, "queue_bytes": 5_010}
+            log = ImpressionLog(client, STREAM, 100, **bounds)  # type: ignore[arg-type]
+            for k in range(4):
+                log.add(f"u{k}", {}, b"x" * 1_000)
+            writing = asyncio.create_task(log.flush())
+            while log.queue:  # until the batch is out, its write waiting for an answer
+                await asyncio.sleep(0)
+            for k in range(3):
+                log.add(f"v{k}", {}, b"x" * 1_000)
+            assert await writing is False
+            await client.aclose()
+            assert log.queued_bytes == 5 * 1_002
+            return [entry[1] for entry in log.queue]
+
+    before = _dropped("redis")
+    assert asyncio.run(scenario()) == ["u0", "u1", "v0", "v1", "v2"]
+    assert _dropped("redis") == before + 2
+
+
+def test_the_context_and_queue_bounds_are_inclusive() -> None:
+    """A context of exactly MAX_CONTEXT_BYTES as JSON is logged whole (one byte more
+    keeps only the keys the model reads); entries that fill the bytes bound exactly
+    are queued (one byte more is dropped, counted)."""
+    limit = imp_mod.MAX_CONTEXT_BYTES
+    log = ImpressionLog(Redis.from_url(REDIS_URL), STREAM, 100, queue=10)  # type: ignore[arg-type]
+    exact = {"k": "v" * (limit - len(orjson.dumps({"k": ""})))}
+    assert len(orjson.dumps(exact)) == limit
+    log.add("u1", exact, b"{}", read={"hour"})
+    assert orjson.loads(log.queue[-1][2]) == exact
+    over = {"k": exact["k"] + "v", "hour": 1}
+    log.add("u2", over, b"{}", read={"hour"})
+    assert orjson.loads(log.queue[-1][2]) == {"hour": 1, "_truncated": len(orjson.dumps(over))}
+    full = ImpressionLog(Redis.from_url(REDIS_URL), STREAM, 100, queue=10, queue_bytes=200)  # type: ignore[arg-type]
+    before = _dropped("queue_full")
+    for k in range(2):
+        full.add(f"u{k}", {}, b"x" * 98)  # 100 bytes each: "{}" and the response
+    assert len(full.queue) == 2 and full.queued_bytes == 200
+    full.add("u2", {}, b"")  # 2 bytes past the bound
+    assert len(full.queue) == 2 and _dropped("queue_full") == before + 1
+
+
 @pytest.mark.parametrize("plain", [False, True], ids=["front", "plain"])
 def test_a_response_the_client_never_got_is_no_impression(
     built: Built, redis_db: Redis, monkeypatch: pytest.MonkeyPatch, plain: bool
