@@ -142,8 +142,9 @@ def test_parity_gate_catches_a_model_that_disagrees(exported: Callable[[str], Ex
     assert not report.ok and report.max_abs_diff > PARITY_TOL
 
 
-def _skew_output(src: Path, dst: Path, output: str, factor: float) -> None:
-    """Copy graph ``src`` to ``dst`` with only ``output`` multiplied by ``factor``."""
+def _skew_output(src: Path, dst: Path, output: str, factor: float, op: str = "Mul") -> None:
+    """Copy graph ``src`` to ``dst`` with only ``output`` multiplied by ``factor`` (with
+    ``op="Add"``: shifted by it)."""
     model = onnx.load(str(src))
     g = model.graph
     inner = f"{output}_before_skew"
@@ -151,7 +152,7 @@ def _skew_output(src: Path, dst: Path, output: str, factor: float) -> None:
         node.output[:] = [inner if o == output else o for o in node.output]
         node.input[:] = [inner if i == output else i for i in node.input]
     g.initializer.append(onnx.numpy_helper.from_array(np.array(factor, np.float32), "skew"))
-    g.node.append(onnx.helper.make_node("Mul", [inner, "skew"], [output]))
+    g.node.append(onnx.helper.make_node(op, [inner, "skew"], [output]))
     onnx.save(model, str(dst))
 
 
@@ -170,6 +171,36 @@ def test_parity_gate_checks_every_output_not_only_probs(
     assert max(c[f"{output}_diff"] for c in report.cases) > PARITY_TOL
     clean = parity_gate(ex.run.model, ex.path / MODEL_FILE, n_values=(1, 7))
     assert clean.ok and {"logits_diff", "probs_diff", "attention_diff"} <= set(clean.cases[0])
+
+
+def test_probabilities_off_by_three_times_the_tolerance_fail_the_gate(
+    exported: Callable[[str], Exported], tmp_path: Path
+) -> None:
+    """The gate holds probabilities to PARITY_TOL (1e-5) in absolute terms: a graph
+    whose probabilities are all 3e-5 off, ten times closer than the 0.01 bias above
+    gives, is refused."""
+    ex = exported("din")
+    shifted = tmp_path / "shifted.onnx"
+    _skew_output(ex.path / MODEL_FILE, shifted, "probs", 3e-5, op="Add")
+    report = parity_gate(ex.run.model, shifted, n_values=(1, 7))
+    assert not report.ok
+    assert max(c["probs_diff"] for c in report.cases) == pytest.approx(3e-5, rel=0.05)
+
+
+def test_a_model_name_the_store_cannot_hold_is_refused(
+    exported: Callable[[str], Exported], tmp_path: Path
+) -> None:
+    """``--name`` is held to what a config's name may be (a folder of the model store,
+    at most 100 characters) before anything is staged."""
+    run = exported("din").run
+    store = tmp_path / "store"
+    for name in ("m" * 101, "../escaped", ".hidden", "a/b"):
+        with pytest.raises(ValueError, match="model name"):
+            export_bundle(run.model, run.config, run.mapper, run.metrics, store, name)
+    assert not store.exists() or not any(store.iterdir())
+    version, path, report = export_bundle(run.model, run.config, run.mapper, run.metrics,
+                                          store, "m" * 100)  # fmt: skip
+    assert report.ok and path == store / ("m" * 100) / str(version)
 
 
 @pytest.mark.parametrize("model_type", ["base", "din", "multi_tower_din", "dien"])
