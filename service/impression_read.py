@@ -322,28 +322,41 @@ class ImpressionReader:
                 self._acted[user] = behaviours(raw, self.item_key, self.types, self.behaviours)
 
 
+# how an answer was served, for OnlineEval's ``by_serving``: with the user's stored
+# history and profile; for a user Redis holds nothing of; without Redis (degraded wins)
+SERVING = ("full", "cold_start", "degraded")
+
+
 class OnlineEval:
     """The labelled rows' figures, kept in flat arrays (:meth:`add` each row): rows,
     responses, clicks and ``training.metrics.evaluate`` (AUC, GAUC, logloss, mean
-    prediction, observed rate, calibration) over all rows and per model version. A row
-    without a label (pending, or its user's history unreadable) is left out."""
+    prediction, observed rate, calibration) over all rows, per model version and per
+    way the answer was served (``by_serving``: with the user's history and profile,
+    ``full``; for an unknown user, ``cold_start``; without Redis, ``degraded``: the two
+    others are not what the model's offline figures measured). A row without a label
+    (pending, or its user's history unreadable) is left out."""
 
     def __init__(self) -> None:
         self._users: dict[str, int] = {}
         self._versions: dict[str, int] = {}
         self._user = array("l")
         self._version = array("H")
+        self._serving = array("B")  # index into SERVING
         self._label = array("b")
         self._prob = array("d")
         self._responses: dict[int, set[str]] = {}  # version index -> its entries' IDs
+        self._served: dict[int, set[str]] = {}  # SERVING index -> its entries' IDs
 
     def add(self, imp: Impression) -> None:
         if imp.label is None:
             return
         version = self._versions.setdefault(f"{imp.model}/{imp.version}", len(self._versions))
         self._responses.setdefault(version, set()).add(imp.entry)
+        serving = 2 if imp.degraded else 1 if imp.cold_start else 0  # SERVING's order
+        self._served.setdefault(serving, set()).add(imp.entry)
         self._user.append(self._users.setdefault(imp.user_id, len(self._users)))
         self._version.append(version)
+        self._serving.append(serving)
         self._label.append(imp.label)
         self._prob.append(imp.probability)
 
@@ -353,20 +366,24 @@ class OnlineEval:
         return self
 
     def summary(self) -> dict[str, Any]:
-        """The figures over all rows, and per ``"<name>/<version>"`` (``by_version``)."""
+        """The figures over all rows, per ``"<name>/<version>"`` (``by_version``) and per
+        way of serving (``by_serving``, each of :data:`SERVING`, present or not)."""
         users = np.frombuffer(self._user, dtype=np.int_) if self._user else np.empty(0, np.int_)
         labels = np.array(self._label, dtype=np.float64)
         probs = np.frombuffer(self._prob, dtype=np.float64) if self._prob else np.empty(0)
         versions = np.frombuffer(self._version, dtype=np.uint16) if self._version else users
+        serving = np.frombuffer(self._serving, dtype=np.uint8) if self._serving else users
+
+        def part(rows: np.ndarray, responses: int) -> dict[str, Any]:
+            return _figures(users[rows], labels[rows], probs[rows], responses)
+
         out = _figures(users, labels, probs, sum(map(len, self._responses.values())))
         out["by_version"] = {
-            name: _figures(
-                users[versions == i],
-                labels[versions == i],
-                probs[versions == i],
-                len(self._responses.get(i, ())),
-            )  # fmt: skip
+            name: part(versions == i, len(self._responses.get(i, ())))
             for name, i in sorted(self._versions.items())
+        }
+        out["by_serving"] = {
+            name: part(serving == i, len(self._served.get(i, ()))) for i, name in enumerate(SERVING)
         }
         return out
 

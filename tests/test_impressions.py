@@ -716,3 +716,39 @@ def test_a_response_the_client_never_got_is_no_impression(
         r = httpx.post(f"{s.url}/v1/score", content=body)
         assert r.status_code == 200
         wait_for(lambda: redis_db.xlen(STREAM) == 1, "the delivered answer logged", 5)
+
+
+def test_the_figures_are_split_by_how_each_answer_was_served() -> None:
+    """An answer served without Redis (degraded) or for a user Redis holds nothing of
+    (cold start) scores without the history the offline figures measured: mixed in, they
+    pulled the model's online AUC away from what it is where it had the history. The
+    summary keeps the figures over all rows and adds them per way of serving
+    (``by_serving``), each equal to the figures of its rows alone."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = random.Random(7)
+    rows, kinds = [], {"full": [], "cold_start": [], "degraded": []}
+    for r in range(60):
+        kind = ("full", "cold_start", "degraded")[r % 3]
+        for rank in range(4):
+            label = rng.random() < 0.3
+            # the full answers rank well, the others at random
+            prob = (0.6 if label else 0.3) + rng.random() * 0.2 if kind == "full" else rng.random()
+            imp = Impression(f"{r}-0", 1.0, f"q{r}", f"u{r % 7}", "din", "1", rank,
+                             f"i{rank}", prob, kind == "degraded", kind == "cold_start",
+                             int(label))  # fmt: skip
+            rows.append(imp)
+            kinds[kind].append(imp)
+    got = summary(rows)
+    assert got["rows"] == 240 and got["responses"] == 60
+    assert set(got["by_serving"]) == {"full", "cold_start", "degraded"}
+    for kind, mine in kinds.items():
+        part = got["by_serving"][kind]
+        want = roc_auc_score([i.label for i in mine], [i.probability for i in mine])
+        assert (part["rows"], part["responses"]) == (80, 20), kind
+        assert part["auc"] == pytest.approx(want), kind
+        assert part["clicks"] == sum(i.label for i in mine)
+    assert got["by_serving"]["full"]["auc"] > 0.9 > got["auc"]
+    # degraded wins over cold start (a degraded answer cannot tell a user is unknown)
+    both = Impression("x-0", 1.0, "x", "ux", "din", "1", 0, "i0", 0.5, True, True, 1)
+    assert summary([both])["by_serving"]["degraded"]["rows"] == 1
