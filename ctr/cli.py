@@ -663,11 +663,16 @@ def cmd_impressions(args: argparse.Namespace) -> int:
         )
     types = frozenset(t.strip() for t in args.types.split(",") if t.strip())
     models_dir = args.models_dir or settings.models_dir
-    item_key = args.item_key or served_item_key(client, stream, models_dir)
+    config, where = served_config(client, stream, models_dir)
+    item_key = args.item_key or served_item_key(config, where, models_dir)
+    # what the service keeps of a history (CTR_SEQUENCE_KEEP, 0: the model's L): a
+    # history that long may have lost a click to trimming (None: not known, no check)
+    keep = args.keep if args.keep is not None else (
+        settings.sequence_keep or (config.max_seq_len if config is not None else None))
     seconds, micros = client.time()  # Redis's clock, once: a row scored after now - window
     now = seconds + micros / 1e6  # is pending, however long the read takes
     reader = ImpressionReader(client, stream, item_key, args.window_s, types, args.skew_s,
-                              now=now)  # fmt: skip
+                              now=now, keep=keep or None)  # fmt: skip
     online = OnlineEval()
     try:
         with contextlib.ExitStack() as stack:
@@ -692,6 +697,8 @@ def cmd_impressions(args: argparse.Namespace) -> int:
     figures["pending"] = reader.pending
     figures["unreadable_histories"] = reader.unreadable_histories
     figures["unreadable_history_rows"] = reader.unreadable_history_rows
+    figures["censored"] = reader.censored
+    figures["history_keep"] = keep or None
     figures["behaviours"] = reader.behaviours.to_dict()
     print(json.dumps(figures, indent=2))
     for line in reader.behaviours.warnings(item_key, types):
@@ -743,11 +750,11 @@ def _impression_warnings(
     return out
 
 
-def served_item_key(client: Any, stream: str, models_dir: str) -> str:
-    """The field stored behaviours carry a candidate's ID under (its item key feature's
-    source) for the model that served ``stream``'s first logged response, read from
-    that bundle's manifest in ``models_dir``; ``item_id`` (said on stderr) where the
-    entry or the manifest is not there or not readable."""
+def served_config(client: Any, stream: str, models_dir: str) -> tuple[Any, str]:
+    """The feature config (``ctr.spec.FeatureConfig``) of the model that served
+    ``stream``'s first logged response, read from that bundle's manifest in
+    ``models_dir``, or None where the entry or the manifest is not there or not
+    readable; and that model's ``"<name>/<version>"`` (``none logged``)."""
     from ctr.bundle import MANIFEST, BundleError, read_checked_manifest, version_of
     from ctr.spec import FeatureConfig
     from service.impression_read import pages, parse_entry
@@ -757,15 +764,23 @@ def served_item_key(client: Any, stream: str, models_dir: str) -> str:
         rows = parse_entry(entry_id, fields)
         if rows:
             served = (rows[0].model, rows[0].version)
+    where = f"{served[0]}/{served[1]}" if served else "none logged"
     if served is not None and version_of(served[1]) is not None:
         path = Path(models_dir) / served[0] / served[1] / MANIFEST
         try:
-            config = FeatureConfig.model_validate(read_checked_manifest(path)["config"])
+            return FeatureConfig.model_validate(read_checked_manifest(path)["config"]), where
         except (BundleError, KeyError, ValueError):
             pass
-        else:
-            return config.item_id_feature.source
-    where = f"{served[0]}/{served[1]}" if served else "none logged"
+    return None, where
+
+
+def served_item_key(config: Any, where: str, models_dir: str) -> str:
+    """The field stored behaviours carry a candidate's ID under: the served model's
+    (``config``, from :func:`served_config`) item key feature's source; ``item_id``
+    (said on stderr) where its manifest was not found."""
+    if config is not None:
+        source: str = config.item_id_feature.source
+        return source
     print(f"note: --item-key item_id (the served model's manifest was not found under "
           f"{models_dir} ({where}); name it with --item-key or --models-dir)",
           file=sys.stderr)  # fmt: skip
@@ -1049,6 +1064,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the behaviours' item ID field (default: the item key of the model "
                     "that served the stream's first response, from its manifest in "
                     "--models-dir; item_id where that is not there)")  # fmt: skip
+    im.add_argument("--keep", type=_non_negative(int), default=None,
+                    help="behaviours the service keeps per user (CTR_SEQUENCE_KEEP; default: "
+                    "that setting, else the served model's L; 0: not known): a row labelled "
+                    "0 whose window reaches before the oldest entry of a history that long "
+                    "is censored (a click there may have been trimmed): no label, left out "
+                    "of the figures")  # fmt: skip
     im.add_argument("--window-s", type=_positive(float), default=3600.0,
                     help="a behaviour this long after the scoring at most labels it 1; a row "
                     "scored less than this before the command started is pending: no label, "

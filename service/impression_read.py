@@ -45,6 +45,9 @@ MAX_HISTORY_ERRORS = 5  # unreadable histories named in the warning
 LABELLED = "labelled"
 PENDING = "pending"  # its click window had not closed when the read began
 UNREADABLE_HISTORY = "unreadable_history"  # its user's history is no list (e.g. WRONGTYPE)
+# not clicked as far as the history shows, but the history is full and its oldest entry
+# is newer than the row's window's start: a click in the window may have been trimmed
+CENSORED = "censored"
 
 
 @dataclass
@@ -63,7 +66,7 @@ class Impression:
     degraded: bool
     cold_start: bool
     label: int | None = 0  # None: not known (``label_status`` says why)
-    label_status: str = LABELLED  # LABELLED, PENDING or UNREADABLE_HISTORY
+    label_status: str = LABELLED  # LABELLED, PENDING, UNREADABLE_HISTORY or CENSORED
 
     FIELDS = (
         "entry", "ts", "request_id", "user_id", "model", "version", "rank", "item_id",
@@ -173,10 +176,12 @@ def behaviours(
     item_key: str,
     types: frozenset[str],
     counts: BehaviourCounts | None = None,
+    stamps: list[float] | None = None,
 ) -> dict[str, list]:
     """A user's stored behaviours with a timestamp (those ``/v1/events`` wrote), from
     the history list's raw entries: item ID -> their times, for the ``types`` given (all
-    where empty); ``counts`` adds what was seen."""
+    where empty); ``counts`` adds what was seen, ``stamps`` gets every stamped entry's
+    time, whatever its item or type."""
     out: dict[str, list[float]] = {}
     counts = counts if counts is not None else BehaviourCounts()
     for raw in raw_events:
@@ -190,6 +195,8 @@ def behaviours(
         if not isinstance(t, int | float) or isinstance(t, bool):
             continue
         counts.stamped += 1
+        if stamps is not None:
+            stamps.append(float(t))
         if len(counts.fields) < counts.MAX_NAMES:
             counts.fields.update(str(k) for k in ev)
         if item is None:
@@ -218,6 +225,9 @@ class ImpressionReader:
     history is not a list is yielded ``UNREADABLE_HISTORY``, its label None. Counts,
     once read: ``entries`` (responses read), ``duplicates`` (entries stored twice, read
     once), ``unreadable`` (entries that are not a logged response), ``pending`` (rows),
+    ``censored`` (rows labelled 0 whose window reaches before the oldest entry of a
+    history holding ``keep`` entries, all events: a click there may have been trimmed;
+    None for ``keep`` means no row is censored),
     ``unreadable_histories`` (users; their rows not pending: ``unreadable_history_rows``;
     the first few errors in ``history_errors``), ``oldest_ts`` (the earliest ``ts`` read,
     None before one), ``behaviours`` (what the users' histories held:
@@ -233,6 +243,7 @@ class ImpressionReader:
         skew_s: float = 0.0,
         page: int = PAGE,
         now: float | None = None,
+        keep: int | None = None,
     ) -> None:
         self.redis = redis
         self.stream = stream
@@ -242,16 +253,20 @@ class ImpressionReader:
         self.skew_s = skew_s
         self.page = page
         self.now = now
+        self.keep = keep
         self.entries = 0
         self.duplicates = 0
         self.unreadable = 0
         self.pending = 0
         self.unreadable_histories = 0
         self.unreadable_history_rows = 0
+        self.censored = 0
         self.history_errors: list[tuple[str, str]] = []
         self.oldest_ts: float | None = None
         self.behaviours = BehaviourCounts()
         self._acted: dict[str, dict[str, list[float]] | None] = {}
+        # a user's full history's oldest time: behaviours before it may have been trimmed
+        self._floor: dict[str, float] = {}
         self._seen: set[bytes] = set()
 
     def __iter__(self) -> Iterator[Impression]:
@@ -281,6 +296,10 @@ class ImpressionReader:
             return
         lo, hi = imp.ts - self.skew_s, imp.ts + self.window_s
         imp.label = int(any(lo < t <= hi for t in acted.get(imp.item_id, ())))
+        floor = self._floor.get(imp.user_id)
+        if not imp.label and floor is not None and lo < floor:
+            imp.label, imp.label_status = None, CENSORED
+            self.censored += 1
 
     def _parse(self, entry: str, fields: dict) -> list[Impression] | None:
         """The entry's items; None for one read before (a retried write) or unreadable."""
@@ -319,7 +338,13 @@ class ImpressionReader:
                     if len(self.history_errors) < MAX_HISTORY_ERRORS:
                         self.history_errors.append((user, str(raw)))
                     continue
-                self._acted[user] = behaviours(raw, self.item_key, self.types, self.behaviours)
+                stamps: list[float] = []
+                self._acted[user] = behaviours(raw, self.item_key, self.types, self.behaviours,
+                                               stamps)  # fmt: skip
+                # full (the service trims to the newest `keep`), every entry an event's:
+                # what came before its oldest may have been trimmed
+                if self.keep and len(raw) >= self.keep and len(stamps) == len(raw):
+                    self._floor[user] = min(stamps)
 
 
 # how an answer was served, for OnlineEval's ``by_serving``: with the user's stored

@@ -752,3 +752,45 @@ def test_the_figures_are_split_by_how_each_answer_was_served() -> None:
     # degraded wins over cold start (a degraded answer cannot tell a user is unknown)
     both = Impression("x-0", 1.0, "x", "ux", "din", "1", 0, "i0", 0.5, True, True, 1)
     assert summary([both])["by_serving"]["degraded"]["rows"] == 1
+
+
+def test_a_row_whose_click_may_have_been_trimmed_is_censored(
+    built: Built, redis_db: Redis, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The service keeps the newest CTR_SEQUENCE_KEEP behaviours of a user: an active
+    user's click could be trimmed by the views after it, and its impression read as
+    unclicked (a limit the impressions review noted). A row labelled 0 whose window
+    reaches before the oldest entry of a history that holds ``keep`` entries, all events,
+    is censored: no label, left out of the figures, counted; a click still in the
+    history labels its row 1, and a history shorter than ``keep`` labels as before."""
+    items = _items(built, 5)
+    with TestClient(create_app(settings_for(built, impression_stream=STREAM,
+                                            sequence_keep=3))) as c:  # fmt: skip
+        for user in ("heavy", "light"):  # neither is in the loaded data: empty histories
+            assert c.post("/v1/score", json=_body(user, items)).status_code == 200
+        wait_for(lambda: redis_db.xlen(STREAM) == 2, "the impressions written", 5)
+        _age(redis_db)  # scored AGE_S ago: a 60 s window has closed
+        scored = time.time() - AGE_S
+        events = [("heavy", "click", items[0], 10), ("heavy", "view", items[1], 20),
+                  ("heavy", "view", items[2], 30), ("light", "click", items[0], 10)]  # fmt: skip
+        for k, (user, kind, item, after) in enumerate(events):
+            ev = {"user_id": user, "event_id": f"e{k}", "item_id": item, "type": kind,
+                  "timestamp": scored + after}  # fmt: skip
+            assert c.post("/v1/events", json=ev).status_code == 202
+    assert redis_db.llen("{u:heavy}:seq") == 3  # full: what came before may be gone
+    sync = Redis.from_url(REDIS_URL)
+    try:
+        kept = list(ImpressionReader(sync, STREAM, "item_id", 60.0, skew_s=1.0, keep=3))
+        unknown = list(ImpressionReader(sync, STREAM, "item_id", 60.0, skew_s=1.0))
+    finally:
+        sync.close()
+    heavy = {r.item_id: (r.label, r.label_status) for r in kept if r.user_id == "heavy"}
+    assert heavy == {items[0]: (1, "labelled"), **{i: (None, "censored") for i in items[1:]}}
+    light = {r.item_id: r.label for r in kept if r.user_id == "light"}
+    assert light == {i: int(i == items[0]) for i in items}
+    assert [r.label_status for r in unknown] == ["labelled"] * 10  # keep not known
+    # the command: --keep, else the served model's L (here 50: the history is not full)
+    got, _ = _impressions(capsys, "--keep", "3")
+    assert (got["censored"], got["rows"], got["clicks"], got["history_keep"]) == (4, 6, 2, 3)
+    got, _ = _impressions(capsys, "--models-dir", str(built.models_dir))
+    assert (got["censored"], got["rows"], got["history_keep"]) == (0, 10, built.config.max_seq_len)
