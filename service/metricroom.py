@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import mmap
 import os
 import time
 from typing import Any
@@ -31,6 +32,7 @@ log = logging.getLogger("ctr.service")
 _pack_two_doubles = getattr(mmap_dict, "_pack_two_doubles", None)
 _unpack_two_doubles = getattr(mmap_dict, "_unpack_two_doubles", None)
 
+NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT})  # the file system full, or the quota
 RETRY_S = 1.0  # how often the series kept in memory try for room in their files again
 
 
@@ -66,7 +68,7 @@ def _make_file(filename: str) -> bool:
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if exc.errno != errno.ENOSPC:
+        if exc.errno not in NO_ROOM:
             raise
         return False
     return True
@@ -123,8 +125,18 @@ class ReservedMmapedDict(mmap_dict.MmapedDict):
         capacity = self._capacity
         while self._used + _entry_bytes(key) > capacity:  # as the original doubles it
             capacity *= 2
-        if capacity != self._capacity:  # before the original maps the larger file
-            os.posix_fallocate(self._f.fileno(), 0, capacity)
+        if capacity != self._capacity:
+            # through a descriptor of its own: prometheus_client's is O_APPEND, which
+            # glibc's fallback (a file system without fallocate: ext2, NFSv3) refuses
+            fd = os.open(self._fname, os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, capacity)
+            finally:
+                os.close(fd)
+            # grown and mapped here at once: the original doubles a step at a time with
+            # truncate, which would free the room allotted past its first step
+            self._capacity = capacity
+            self._m = mmap.mmap(self._f.fileno(), capacity)
         super()._init_value(key)
 
     def _place(self, key: str) -> int | None:
@@ -135,7 +147,7 @@ class ReservedMmapedDict(mmap_dict.MmapedDict):
                 self._init_value(key)
                 return self._positions[key]
             except OSError as exc:
-                if exc.errno != errno.ENOSPC:
+                if exc.errno not in NO_ROOM:
                     raise
         self._unfiled.setdefault(key, (0.0, 0.0))
         _hold(self)
@@ -152,7 +164,7 @@ class ReservedMmapedDict(mmap_dict.MmapedDict):
             try:
                 self._init_value(key)
             except OSError as exc:
-                if exc.errno != errno.ENOSPC:
+                if exc.errno not in NO_ROOM:
                     raise
                 return False
             del self._unfiled[key]

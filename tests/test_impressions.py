@@ -633,8 +633,11 @@ def test_a_failed_write_puts_its_oldest_entries_back_first_in_order(bound: str) 
             for k in range(4):
                 log.add(f"u{k}", {}, b"x" * 1_000)
             writing = asyncio.create_task(log.flush())
-            while log.queue:  # until the batch is out, its write waiting for an answer
+            for _ in range(10_000):  # until the batch is out, its write waiting for an answer
+                if not log.queue:
+                    break
                 await asyncio.sleep(0)
+            assert not log.queue, "the flush took no batch"
             for k in range(3):
                 log.add(f"v{k}", {}, b"x" * 1_000)
             assert await writing is False
