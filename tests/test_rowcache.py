@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 from unittest import mock
 
 import numpy as np
@@ -269,18 +270,24 @@ def test_a_full_item_cache_stays_within_its_size(size: int, puts: list) -> None:
         assert cache.get_many(feature, ids)[0] == ids  # the batch just put is all there
 
 
-def test_item_cache_paths_fill_holes_as_value_by_value() -> None:
-    """take_cached with every value cached, none, and some (the three paths), and a put
-    whose values do not match its IDs (a refused write, not a partial one)."""
-    from service.features import ItemColumns, item_columns
+def _item_cache() -> tuple[Any, list[str], Any, float]:
+    """A small DIN config, its item features other than the item key, an empty item
+    cache (60 s, 100 entries) and the time now."""
     from service.store import ItemCache
     from tests.helpers import small_config
 
     config = small_config("din")
     sources = [f.source for f in config.item_sparse + config.item_dense]
     other = [x for x in sources if x != config.item_id_feature.source]
-    cache = ItemCache(60, 100)
-    now = time.monotonic()
+    return config, other, ItemCache(60, 100), time.monotonic()
+
+
+def test_item_cache_paths_fill_holes_as_value_by_value() -> None:
+    """take_cached with every value cached, none, and some (the three paths), and a put
+    whose values do not match its IDs (a refused write, not a partial one)."""
+    from service.features import ItemColumns, item_columns
+
+    config, other, cache, now = _item_cache()
     for source in other:
         cache.put(source, ["a", "b"], [f"{source}-a", None], now)  # b: cached as absent
     every = item_columns(config, ["a", "b"], [None, None])
@@ -310,14 +317,8 @@ def test_a_partly_cached_request_fills_each_missed_item_with_its_own_values() ->
     and the values fetched for them stay in one order), and its row's expiry is its
     own read's."""
     from service.features import item_columns
-    from service.store import ItemCache
-    from tests.helpers import small_config
 
-    config = small_config("din")
-    sources = [f.source for f in config.item_sparse + config.item_dense]
-    other = [x for x in sources if x != config.item_id_feature.source]
-    cache = ItemCache(60, 100)
-    now = time.monotonic()
+    config, other, cache, now = _item_cache()
     for source in other:
         cache.put(source, ["b", "d"], [f"{source}-b", f"{source}-d"], now)
     cols = item_columns(config, ["a", "b", "c", "d", "e"], [None] * 5)
