@@ -127,16 +127,18 @@ class ReservedMmapedDict(mmap_dict.MmapedDict):
             capacity *= 2
         if capacity != self._capacity:
             # through a descriptor of its own: prometheus_client's is O_APPEND, which
-            # glibc's fallback (a file system without fallocate: ext2, NFSv3) refuses
-            fd = os.open(self._fname, os.O_RDWR)
+            # glibc's fallback (a file system without fallocate: ext2, NFSv3) refuses;
+            # the file this process has open, even where its name was deleted meanwhile
+            fd = os.open(f"/proc/self/fd/{self._f.fileno()}", os.O_RDWR)
             try:
                 os.posix_fallocate(fd, 0, capacity)
             finally:
                 os.close(fd)
-            # grown and mapped here at once: the original doubles a step at a time with
-            # truncate, which would free the room allotted past its first step
-            self._capacity = capacity
+            # grown and mapped here at once (the original doubles a step at a time with
+            # truncate, which would free the room allotted past its first step); the
+            # capacity once mapped, so that a failed map is tried again
             self._m = mmap.mmap(self._f.fileno(), capacity)
+            self._capacity = capacity
         super()._init_value(key)
 
     def _place(self, key: str) -> int | None:
@@ -203,6 +205,7 @@ def _fits() -> bool:
         and callable(_pack_two_doubles) and callable(_unpack_two_doubles)
         and getattr(values, "MmapedDict", None) is mmap_dict.MmapedDict
         and hasattr(os, "posix_fallocate")
+        and os.path.isdir("/proc/self/fd")  # a grown file reopened by its descriptor
     )
 
 
