@@ -667,12 +667,12 @@ def cmd_impressions(args: argparse.Namespace) -> int:
     item_key = args.item_key or served_item_key(config, where, models_dir)
     # what the service keeps of a history (CTR_SEQUENCE_KEEP, 0: the model's L): a
     # history that long may have lost a click to trimming (None: not known, no check)
-    keep = args.keep if args.keep is not None else (
-        settings.sequence_keep or (config.max_seq_len if config is not None else None))
+    keep = (args.keep if args.keep is not None else settings.sequence_keep
+            or (config.max_seq_len if config is not None else 0)) or None  # fmt: skip
     seconds, micros = client.time()  # Redis's clock, once: a row scored after now - window
     now = seconds + micros / 1e6  # is pending, however long the read takes
     reader = ImpressionReader(client, stream, item_key, args.window_s, types, args.skew_s,
-                              now=now, keep=keep or None)  # fmt: skip
+                              now=now, keep=keep)  # fmt: skip
     online = OnlineEval()
     try:
         with contextlib.ExitStack() as stack:
@@ -698,7 +698,7 @@ def cmd_impressions(args: argparse.Namespace) -> int:
     figures["unreadable_histories"] = reader.unreadable_histories
     figures["unreadable_history_rows"] = reader.unreadable_history_rows
     figures["censored"] = reader.censored
-    figures["history_keep"] = keep or None
+    figures["history_keep"] = keep
     figures["behaviours"] = reader.behaviours.to_dict()
     print(json.dumps(figures, indent=2))
     for line in reader.behaviours.warnings(item_key, types):

@@ -359,7 +359,7 @@ class OnlineEval:
     way the answer was served (``by_serving``: with the user's history and profile,
     ``full``; for an unknown user, ``cold_start``; without Redis, ``degraded``: the two
     others are not what the model's offline figures measured). A row without a label
-    (pending, or its user's history unreadable) is left out."""
+    (pending, censored, or its user's history unreadable) is left out."""
 
     def __init__(self) -> None:
         self._users: dict[str, int] = {}
@@ -369,16 +369,15 @@ class OnlineEval:
         self._serving = array("B")  # index into SERVING
         self._label = array("b")
         self._prob = array("d")
-        self._responses: dict[int, set[str]] = {}  # version index -> its entries' IDs
-        self._served: dict[int, set[str]] = {}  # SERVING index -> its entries' IDs
+        # (version index, SERVING index) -> its entries' IDs (an entry has one of each)
+        self._responses: dict[tuple[int, int], set[str]] = {}
 
     def add(self, imp: Impression) -> None:
         if imp.label is None:
             return
         version = self._versions.setdefault(f"{imp.model}/{imp.version}", len(self._versions))
-        self._responses.setdefault(version, set()).add(imp.entry)
         serving = 2 if imp.degraded else 1 if imp.cold_start else 0  # SERVING's order
-        self._served.setdefault(serving, set()).add(imp.entry)
+        self._responses.setdefault((version, serving), set()).add(imp.entry)
         self._user.append(self._users.setdefault(imp.user_id, len(self._users)))
         self._version.append(version)
         self._serving.append(serving)
@@ -402,13 +401,16 @@ class OnlineEval:
         def part(rows: np.ndarray, responses: int) -> dict[str, Any]:
             return _figures(users[rows], labels[rows], probs[rows], responses)
 
+        def responses(pos: int, i: int) -> int:  # of the version (pos 0) or serving (1) i
+            return sum(len(ids) for key, ids in self._responses.items() if key[pos] == i)
+
         out = _figures(users, labels, probs, sum(map(len, self._responses.values())))
         out["by_version"] = {
-            name: part(versions == i, len(self._responses.get(i, ())))
+            name: part(versions == i, responses(0, i))
             for name, i in sorted(self._versions.items())
         }
         out["by_serving"] = {
-            name: part(serving == i, len(self._served.get(i, ()))) for i, name in enumerate(SERVING)
+            name: part(serving == i, responses(1, i)) for i, name in enumerate(SERVING)
         }
         return out
 

@@ -163,14 +163,11 @@ class ReservedMmapedDict(mmap_dict.MmapedDict):
                 return False
             mmap_dict.MmapedDict.__init__(self, self._fname)
         for key, held in list(self._unfiled.items()):
-            try:
-                self._init_value(key)
-            except OSError as exc:
-                if exc.errno not in NO_ROOM:
-                    raise
+            pos = self._place(key)  # None: still no room (the series stays held)
+            if pos is None:
                 return False
             del self._unfiled[key]
-            _pack_two_doubles(self._m, self._positions[key], *held)
+            _pack_two_doubles(self._m, pos, *held)
         return True
 
     # every inc() and observe() writes: a series with its place, one look-up, as fast

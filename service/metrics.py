@@ -25,8 +25,8 @@ from prometheus_client import (
 
 from service import metricroom
 
-# before the first metric: its files' room reserved (a full file system is an OSError
-# where a series is added, not a SIGBUS that kills the worker)
+# before the first metric: its files' room reserved (on a full file system a new series
+# is held in the worker's memory until there is room, not a SIGBUS that kills the worker)
 metricroom.install()
 
 M = TypeVar("M", Counter, Gauge, Histogram)
