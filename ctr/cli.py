@@ -112,11 +112,12 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ctr.spec import load_config
-    from training.train import train
+    from training.train import leave_distributed, train
 
     config = load_config(args.config, _overrides(args.set))
     out = Path(args.out or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     metrics = train(config, out, progress=not args.quiet)
+    leave_distributed()  # under torchrun: every rank done before any leaves
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports (its run folder)
         return 0
     t = metrics["test"]

@@ -107,7 +107,7 @@ DDP_SCRIPT = textwrap.dedent(
     import torch.distributed as dist
 
     from ctr.spec import load_config
-    from training.train import train
+    from training.train import leave_distributed, train
 
     config_path, out_dir = sys.argv[1], sys.argv[2]
     rank = int(os.environ["RANK"])
@@ -117,7 +117,8 @@ DDP_SCRIPT = textwrap.dedent(
     metrics = train(load_config(config_path), mine, progress=False)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(metrics, f)
-    dist.destroy_process_group()
+    leave_distributed()
+    assert not dist.is_initialized()
     """
 )
 
@@ -173,8 +174,9 @@ def test_data_parallel_matches_single_process(
 
 SPAWN_SCRIPT = textwrap.dedent(
     """
-    import os, socket, sys
+    import os, sys
     import torch
+    import torch.distributed as dist
     import torch.multiprocessing as mp
     from tests.conftest import make_tiny_config
 
@@ -183,22 +185,20 @@ SPAWN_SCRIPT = textwrap.dedent(
                                 model__aux_loss_weight=1.0, train__batch_size=64,
                                 train__epochs=1)
 
-    def run(rank, world, port, out, act):
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    def run(rank, world, out, act):
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
         torch.set_num_threads(1)
-        from training.train import train
+        from training.train import leave_distributed, train
+        if world > 1:  # a file store: no rank hosts a TCP store it must outlive
+            dist.init_process_group("gloo", init_method=f"file://{out}.store", rank=rank,
+                                    world_size=world)
         train(config(act), out, progress=False)
-
-    def free():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+        leave_distributed()
 
     if __name__ == "__main__":
         out, act = sys.argv[1], sys.argv[2]
         for world in (1, 2):
-            mp.spawn(run, args=(world, free(), f"{out}/w{world}", act), nprocs=world)
+            mp.spawn(run, args=(world, f"{out}/w{world}", act), nprocs=world)
         a = torch.load(f"{out}/w1/checkpoint.pt")
         b = torch.load(f"{out}/w2/checkpoint.pt")
         print(max((a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].numel()))
@@ -233,7 +233,7 @@ def test_dien_on_two_ranks_trains_the_weights_one_process_trains(tmp_path: Path,
 
 DICE_SCRIPT = textwrap.dedent(
     """
-    import json, os, socket, sys
+    import json, os, sys
     from datetime import timedelta
 
     import torch
@@ -242,6 +242,7 @@ DICE_SCRIPT = textwrap.dedent(
     from torch.nn.parallel import DistributedDataParallel
 
     from training.modules import Dice
+    from training.train import leave_distributed
 
     DIM = 5
     # per step, each rank's leading shape and real positions (None: no mask)
@@ -295,10 +296,12 @@ DICE_SCRIPT = textwrap.dedent(
                         dice.bn.running_mean.clone(), dice.bn.running_var.clone()))
         return out
 
-    def run(rank, world, port, out_dir):
+    def run(rank, world, out_dir):
         steps = data()
         want = single(steps)  # before the process group exists
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+        # a file store: no rank hosts a TCP store that the other may still use as it
+        # leaves (rank 0, the host, once aborted on its way out: CI, session 39)
+        dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank,
                                 world_size=world, timeout=timedelta(seconds=60))
         dice = fresh().train()
         net = DistributedDataParallel(dice)
@@ -330,13 +333,11 @@ DICE_SCRIPT = textwrap.dedent(
                 "mean_gap": float((mine.bn.running_mean - one.bn.running_mean).abs().max())}
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump({"steps": worst, "half": half}, f)
-        dist.destroy_process_group()
+        del net
+        leave_distributed()
 
     if __name__ == "__main__":
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        mp.spawn(run, args=(2, port, sys.argv[1]), nprocs=2)
+        mp.spawn(run, args=(2, sys.argv[1]), nprocs=2)
     """
 )
 
@@ -629,16 +630,18 @@ def test_a_vocabulary_that_keeps_no_token_is_warned(
 
 DROPOUT_SCRIPT = textwrap.dedent(
     """
-    import os, socket, sys
+    import os, sys
     import torch
     import torch.distributed as dist
     import torch.multiprocessing as mp
     from tests.conftest import make_tiny_config
 
-    def run(rank, world, port, out):
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    def run(rank, world, out):
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
         torch.set_num_threads(1)
+        # a file store: no rank hosts a TCP store it must outlive
+        dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank,
+                                world_size=world)
         real = torch.nn.Dropout.forward
 
         def first_mask(self, x):  # the first training batch's mask, then stop both ranks
@@ -653,13 +656,8 @@ DROPOUT_SCRIPT = textwrap.dedent(
                                   train__batch_size=64, train__epochs=1)
         train(config, f"{out}/run", progress=False)
 
-    def free():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
     if __name__ == "__main__":
-        mp.spawn(run, args=(2, free(), sys.argv[1]), nprocs=2)
+        mp.spawn(run, args=(2, sys.argv[1]), nprocs=2)
     """
 )
 

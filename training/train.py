@@ -58,6 +58,16 @@ def init_distributed() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size())
 
 
+def leave_distributed() -> None:
+    """Leave the process group, if this process is in one: every rank waits for the
+    others (a barrier) before any tears its part down, so no rank closes its
+    connections while another still exchanges on them. A process that exits without
+    this leaves gloo's threads to the interpreter's finalisation, which can abort it."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 class TrainingDiverged(RuntimeError):
     """The training loss or the validation predictions stopped being finite: nothing is
     reported, nothing more is saved (a NaN epoch would otherwise be compared on a metric
