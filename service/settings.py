@@ -357,8 +357,12 @@ class Settings(BaseSettings):
     @classmethod
     def _version(cls, v: str) -> str:
         v = v.strip()
-        if v != "latest" and not (v.isascii() and v.isdigit()):
-            raise ValueError("must be a version number or 'latest'")
+        # as ctr.bundle.version_of and /admin/reload take it: the folder's own name (an
+        # `01` served version 1 here while a reload to "01" was refused)
+        if v != "latest" and not (
+            v.isascii() and v.isdigit() and len(v) <= 4300 and str(int(v)) == v
+        ):
+            raise ValueError("must be a version number (digits, no leading zero) or 'latest'")
         return v
 
     @field_validator("api_key", mode="before")

@@ -90,7 +90,12 @@ def one_line_error(out: subprocess.CompletedProcess, command: str) -> str:
         (["serve"], {"CTR_API_KEY": "k\x01y"},
          "CTR_API_KEY: holds control characters, which an X-API-Key header"),
         (["serve"], {"CTR_MODEL_VERSION": "abc"},
-         "CTR_MODEL_VERSION: must be a version number or 'latest' (got 'abc')"),
+         "CTR_MODEL_VERSION: must be a version number (digits, no leading zero) or 'latest' "
+         "(got 'abc')"),
+        # /admin/reload refuses "01" (another folder's number): so does the setting
+        (["serve"], {"CTR_MODEL_VERSION": "01"},
+         "CTR_MODEL_VERSION: must be a version number (digits, no leading zero) or 'latest' "
+         "(got '01')"),
         (["serve"], {"CTR_REDIS_URL": "redis://127.0.0.1:6379/O"},
          "CTR_REDIS_URL: the database (the URL's path) must be a number"),
         (["serve"], {"CTR_MAX_BODY_BUFFER_BYTES": "500000"},
