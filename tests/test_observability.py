@@ -110,12 +110,15 @@ def test_a_previous_runs_metric_files_are_wiped(tmp_path: Path) -> None:
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     live = str(os.getpid())
+    # and the file a dead process was making (service.metricroom), not a live one's
     names = [f"counter_{dead}.db", f"histogram_{dead}.db", f"gauge_liveall_{dead}.db",
-             f"counter_{live}.db", "notes.txt", "counter_x.db"]  # fmt: skip
+             f".counter_{dead}.db.tmp",
+             f"counter_{live}.db", f".counter_{live}.db.tmp", "notes.txt", "counter_x.db",
+             ".counter_x.db.tmp", "a.tmp"]  # fmt: skip
     for name in names:
         (tmp_path / name).write_bytes(b"")
-    assert wipe_stale(str(tmp_path)) == 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[3:])
+    assert wipe_stale(str(tmp_path)) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[4:])
 
 
 def _histogram_quantile(q: float, bounds: tuple[float, ...], values: list[float]) -> float:
