@@ -313,7 +313,9 @@ def publish(models_dir: str | Path, name: str, staged: Path) -> tuple[int, Path]
     take the new one for what they serve."""
     root = Path(models_dir) / name
     root.mkdir(parents=True, exist_ok=True)
-    _release_staging(staged)  # its lock file goes; the folder is renamed into place next
+    # the staged folder stays locked until it is renamed: an exporter killed while it
+    # waits for the publish lock or writes the manifest leaves a folder the next sweeps
+    # (its lock file had gone first: such a folder stayed in the store for good)
     with _publish_lock(root):  # the number, the rename and the mark, one exporter at a time
         for _ in range(100):
             existing = [v for p in root.iterdir() if (v := version_of(p.name)) is not None]
@@ -329,6 +331,7 @@ def publish(models_dir: str | Path, name: str, staged: Path) -> tuple[int, Path]
                 if target.exists():
                     continue
                 raise
+            _release_staging(staged, target)  # the lock file, now in the version, goes
             _note_version(root, version)
             return version, target
     raise BundleError("could not allocate a model version")
@@ -403,21 +406,22 @@ def staging_dir(models_dir: str | Path) -> Path:
     return path
 
 
-def _release_staging(path: Path) -> None:
-    """Drop ``path``'s lock file (before the folder is renamed into a version) and its
-    lock: a sweep that finds no lock file leaves a folder alone."""
+def _release_staging(path: Path, now: Path | None = None) -> None:
+    """Drop staging folder ``path``'s lock file (from ``now``, where the folder has been
+    renamed to, a version) and then its lock."""
     fd = _STAGING_LOCKS.pop(path, None)
     with contextlib.suppress(OSError):
-        (path / STAGING_LOCK).unlink()
+        ((now or path) / STAGING_LOCK).unlink()
     if fd is not None:
         os.close(fd)
 
 
 def sweep_staging(root: Path) -> list[Path]:
     """Remove the staging folders in ``root`` whose exporter has ended: those whose
-    ``.lock`` this process can lock (a live exporter holds it); returns them. A folder
-    without a lock file (an older name, one being published) is left alone, as is one
-    whose lock cannot be tried."""
+    ``.lock`` this process can lock (a live exporter holds it, until its folder has
+    been renamed into a version); returns them. A folder without a lock file (an older
+    name, one whose exporter died while making it) is left alone, as is one whose lock
+    cannot be tried."""
     removed = []
     try:
         entries = [p for p in root.iterdir() if p.name.startswith(STAGING_PREFIX)]
@@ -432,9 +436,9 @@ def sweep_staging(root: Path) -> list[Path]:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            # still the folder's lock file: a publish unlinks it, then releases its lock
-            # and renames the folder into place; a lock taken on the unlinked file in
-            # between is no sign of a dead exporter
+            # still the folder's lock file: a publish renames the folder into place,
+            # then unlinks the file and releases its lock; a lock taken on the file
+            # opened before the rename is no sign of a dead exporter (the stat fails)
             if os.fstat(fd).st_ino != os.stat(path / STAGING_LOCK).st_ino:
                 raise BlockingIOError
         except OSError:  # held: an export runs, or is publishing (or no locks here)

@@ -528,6 +528,45 @@ def test_a_dead_exports_staging_folder_is_swept_by_the_next(tmp_path: Path) -> N
         live.kill()
 
 
+def test_an_export_killed_while_it_waits_to_publish_leaves_a_folder_the_next_sweeps(
+    tmp_path: Path,
+) -> None:
+    """``publish`` dropped the staged folder's lock file before it waited for the
+    publish lock (another exporter publishing) and rewrote the manifest (seconds for a
+    large vocabulary): an exporter killed there left its whole bundle in the store, which
+    no sweep removed (review, session 40). The folder stays locked until renamed."""
+    import fcntl
+    import signal
+    import subprocess
+    import sys
+
+    from ctr.bundle import PUBLISH_LOCK_FILE, STAGING_LOCK, sweep_staging
+    from tests.helpers import ROOT, until
+
+    models = tmp_path / "models"
+    (models / "m").mkdir(parents=True)
+    stage = ("import sys; from ctr.bundle import publish, staging_dir; "
+             "p = staging_dir(sys.argv[1]); (p / 'manifest.json').write_text('{}'); "
+             "print(p, flush=True); publish(sys.argv[1], 'm', p)")  # fmt: skip
+    with open(models / "m" / PUBLISH_LOCK_FILE, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another exporter publishing
+        proc = subprocess.Popen([sys.executable, "-c", stage, str(models)], cwd=ROOT,
+                                stdout=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            staged = Path(proc.stdout.readline().strip())
+            assert staged.name.startswith(".staging-")
+            time.sleep(0.5)  # it waits on the publish lock
+            assert proc.poll() is None and (staged / STAGING_LOCK).exists()
+            assert sweep_staging(models) == []  # a waiting exporter's folder stays
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        finally:
+            proc.kill()
+    assert until(lambda: sweep_staging(models) == [staged], 5)
+    assert not staged.exists() and not any((models / "m").glob("[0-9]*"))
+
+
 def test_sigterm_during_ctr_export_leaves_no_staging_folder(
     trained: Callable[[str], Any], tmp_path: Path
 ) -> None:
