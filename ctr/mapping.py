@@ -11,6 +11,7 @@ import math
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from decimal import Decimal
 from itertools import repeat
 from typing import Any
 
@@ -24,8 +25,8 @@ RESERVED = 2
 
 
 def normalize(raw: Any) -> str | None:
-    """Canonical string form of a raw ID: ``13``, ``13.0``, ``"13"`` and ``b"13"`` (a
-    Parquet BINARY column's value) agree.
+    """Canonical string form of a raw ID: ``13``, ``13.0``, ``"13"``, ``b"13"`` (a
+    Parquet BINARY column's value) and ``Decimal("13.00")`` (a DECIMAL column's) agree.
 
     Returns ``None`` for a missing value (None, NaN, pandas' NA / NaT or the empty
     string).
@@ -42,6 +43,12 @@ def normalize(raw: Any) -> str | None:
         return repr(float(raw))
     if isinstance(raw, int | np.integer):
         return str(int(raw))
+    if isinstance(raw, Decimal):  # a Parquet DECIMAL column's: 3.00 is 3, 7.50 is 7.5
+        if not raw.is_finite():
+            return None
+        if raw == raw.to_integral_value():
+            return str(int(raw))
+        return repr(float(raw))
     if type(raw).__name__ in _MISSING_TYPES:  # pandas' NA / NaT (nullable columns)
         return None
     if isinstance(raw, bytes | bytearray):  # a Parquet BINARY column's: its text, not b'…'

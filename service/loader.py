@@ -51,8 +51,9 @@ class LoadLost(RuntimeError):
 # what the keys a load writes hold: raise it when that changes (2, session 35: a CSV's
 # float-written integer IDs read as digits; history item features lined up from the end;
 # 3, session 36: an item's features from its newest row by time, ISO 8601 times ordered
-# as times, Parquet BINARY IDs as text)
-LOAD_FORMAT = 3
+# as times, Parquet BINARY IDs as text; 4, session 40: Parquet DECIMAL IDs as their
+# numbers, 3.00 as 3)
+LOAD_FORMAT = 4
 ITEM_PIECE = 5000  # item-feature fields per command
 
 # One user replaced in one step, so that an event appended meanwhile (POST /v1/events,
