@@ -107,9 +107,12 @@ def _context_of(config: Any, row: Any) -> dict[str, Any]:
 
 
 def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    req = urllib.request.Request(
-        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
+    headers = {"Content-Type": "application/json"}
+    # the service the demo starts has the environment's key: `explain` (and, with
+    # CTR_PROTECT_SCORING, every score) needs it sent
+    if key := os.environ.get("CTR_API_KEY", "").strip():
+        headers["X-API-Key"] = key
+    req = urllib.request.Request(url, json.dumps(body).encode(), headers)
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())
 
@@ -143,18 +146,19 @@ def _wait_ready(base: str, proc: subprocess.Popen, version: int, timeout: float 
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise SystemExit("[demo] the service exited during start-up (its log is above)")
+            raise ServiceFailed("the service exited during start-up (its log is above)")
         try:
             with urllib.request.urlopen(base + "/v1/models", timeout=1) as resp:
                 info = json.loads(resp.read())
+        except (urllib.error.URLError, OSError, ValueError):
+            info = None  # not listening yet, or 503 while the model loads
+        if isinstance(info, dict):
             if info.get("worker_pid") != proc.pid:
-                raise SystemExit(f"[demo] another process answers on {base}: stop it, or --port")
+                raise ServiceFailed(f"another process answers on {base}: stop it, or --port")
             if info.get("version") == str(version):
                 return
-        except (urllib.error.URLError, OSError, ValueError):
-            pass  # not listening yet, or 503 while the model loads
         time.sleep(0.2)
-    raise SystemExit(f"[demo] the service did not serve version {version}: {_readiness(base)}")
+    raise ServiceFailed(f"the service did not serve version {version}: {_readiness(base)}")
 
 
 def _readiness(base: str) -> str:
@@ -171,6 +175,11 @@ def _readiness(base: str) -> str:
 
 class PortInUse(OSError):
     """The demo's (or ``ctr serve``'s) port is taken: wrong input, not a bug."""
+
+
+class ServiceFailed(OSError):
+    """The service the demo starts did not come to serve its model (``ctr`` prints it as
+    one line and exits with status 2)."""
 
 
 class RedisUnavailable(OSError):
@@ -202,6 +211,13 @@ def run_demo(args: argparse.Namespace) -> int:
             overrides[key] = value
     config = load_config(args.config, overrides)
     redis_url = os.environ.get("CTR_REDIS_URL", "redis://127.0.0.1:6379/0")
+    # the service's settings as it will start, before minutes of training: a bad CTR_*
+    # value failed its start at the demo's last step (one line, status 2 now)
+    from service.settings import Settings
+
+    Settings(models_dir=str(Path(args.models_dir).resolve()), model_name=config.name,
+             model_version="latest", redis_url=redis_url, log_level="warning", workers=1,
+             port=args.port)  # fmt: skip
     # Redis first: one that does not answer is found before minutes of training
     redis_proc = ensure_redis(redis_url)
     service: subprocess.Popen | None = None

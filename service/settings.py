@@ -400,7 +400,7 @@ class Settings(BaseSettings):
                     parse_url(url)  # ValueError naming the schemes it takes
                 except ValueError as exc:  # its text may quote a password: not repeated
                     raise ValueError(url_problem(exc)) from None
-                _check_db(url)
+                check_db(url)
             if self.redis_cluster:
                 cluster_options(urls[0])  # the options the cluster client takes
             elif problem := url_options_problem(urls[0]):
@@ -427,7 +427,7 @@ class Settings(BaseSettings):
         return v
 
 
-def _check_db(url: str) -> None:
+def check_db(url: str) -> None:
     """A redis:// URL's path is its database number: redis-py ignores one that is not
     (``/O`` for ``/0`` silently used database 0)."""
     from urllib.parse import urlparse

@@ -191,6 +191,34 @@ def test_load_checks_redis_before_reading_the_data() -> None:
     assert "secret" not in out.stderr + out.stdout
 
 
+def test_a_redis_url_whose_database_is_no_number_is_refused_by_the_flag_too() -> None:
+    """``--redis-url redis://…/1O`` (an O for a 0): redis-py took database 0 and
+    ``ctr load`` loaded every user there, exit 0, while ``CTR_REDIS_URL`` was refused
+    (review, session 40)."""
+    import redis
+
+    port = int(REDIS_URL.split(":")[2].split("/")[0])
+    before = redis.Redis.from_url(REDIS_URL.rsplit("/", 1)[0] + "/0").dbsize()
+    url = f"redis://:secret@127.0.0.1:{port}/1O"
+    out = ctr("load", "--config", "configs/synthetic_din.yaml", "--redis-url", url)
+    line = one_line_error(out, "load")
+    assert "the database (the URL's path) must be a number" in line, line
+    assert "secret" not in out.stderr + out.stdout
+    assert redis.Redis.from_url(REDIS_URL.rsplit("/", 1)[0] + "/0").dbsize() == before
+
+
+def test_demo_checks_the_services_settings_before_training(tmp_path: Path) -> None:
+    """A bad ``CTR_*`` value failed the service the demo starts, after minutes of
+    training, export and load, with status 1: now one line naming it, status 2, before
+    anything is trained (review, session 40)."""
+    out = ctr("demo", "--config", str(ROOT / "configs/synthetic_din.yaml"),
+              "--port", str(free_port()), cwd=tmp_path, CTR_SEQUENCE_TTL_S="-5",
+              CTR_REDIS_URL=REDIS_URL)  # fmt: skip
+    line = one_line_error(out, "demo")
+    assert "invalid setting: CTR_SEQUENCE_TTL_S" in line, line
+    assert not (tmp_path / "runs").exists()  # nothing was trained
+
+
 def test_demo_refuses_a_port_in_use_before_training(tmp_path: Path) -> None:
     """A service left from an earlier demo holds the port: the demo says so at once
     instead of training and then scoring against that other service."""
@@ -207,14 +235,17 @@ def test_demo_refuses_a_port_in_use_before_training(tmp_path: Path) -> None:
 
 def test_demo_runs_the_main_job_end_to_end(tmp_path: Path) -> None:
     """``ctr demo`` (what ``scripts/demo.sh`` runs after setup) on a small synthetic set:
-    train, export, load, serve, score, print the ranking, stop the service."""
+    train, export, load, serve, score, print the ranking, stop the service. With
+    ``CTR_API_KEY`` set (and scoring protected) it sends the key: its `explain` request
+    was a 401 at the last step (review, session 40)."""
     port = free_port()
     out = ctr(
         "demo", "--config", str(ROOT / "configs/synthetic_din.yaml"),
         "--models-dir", str(tmp_path / "models"), "--port", str(port),
         "--set", "train.epochs=1",
         "--set", 'data.options={"n_users": 300, "samples_per_user": 4}',
-        cwd=tmp_path, timeout=600, CTR_REDIS_URL=REDIS_URL,
+        cwd=tmp_path, timeout=600, CTR_REDIS_URL=REDIS_URL, CTR_API_KEY="k3y",
+        CTR_PROTECT_SCORING="true",
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     text = out.stdout
@@ -225,6 +256,7 @@ def test_demo_runs_the_main_job_end_to_end(tmp_path: Path) -> None:
     probs = [float(r[2]) for r in rows]
     assert probs == sorted(probs, reverse=True) and all(0 < p < 1 for p in probs)
     assert len({r[1] for r in rows}) == 10
+    assert re.search(r"^\s+1\s+i\d+\s+0\.\d{4}\s+i\d+:-?\d\.\d\d", text, re.M)  # explained
     assert (tmp_path / "models" / "din" / "1" / "model.onnx").is_file()
     # the command it prints to serve the bundle serves it on the port it used
     assert re.search(rf"\.venv/bin/ctr serve --port {port}$", text, re.M), text[-600:]
@@ -378,6 +410,33 @@ def test_a_damaged_run_file_is_one_line(tmp_path: Path) -> None:
     out = ctr("export", "--run", str(run), "--models-dir", str(tmp_path / "models"))
     line = one_line_error(out, "export")
     assert "checkpoint.pt does not load with this run's other files" in line, line
+    # valid JSON that is no object: an AttributeError traceback (review, session 40)
+    for text in ("null", "[]"):
+        (run / "checkpoint.pt").unlink()
+        tt.train(small_config("base"), run, progress=False)
+        (run / "metrics.json").write_text(text)
+        out = ctr("export", "--run", str(run), "--models-dir", str(tmp_path / "models"))
+        line = one_line_error(out, "export")
+        assert "metrics.json does not load with this run's other files" in line, line
+        assert "a JSON object expected" in line, line
+
+
+def test_bench_pair_finds_its_port_taken_before_it_loads_redis() -> None:
+    """A port in use: a traceback (RuntimeError) once the bundle was built and Redis
+    loaded; now one line, status 2, before either (review, session 40)."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        out = ctr("bench-pair", "--port", str(port), "--redis-url", REDIS_URL,
+                  "--rounds", "2", "--seconds", "0.5")  # fmt: skip
+    line = one_line_error(out, "bench-pair")
+    assert f"PortInUse: port {port} is in use" in line, line
+    assert client.dbsize() == 0  # nothing loaded
 
 
 def test_an_export_name_that_is_a_path_is_refused(tmp_path: Path) -> None:

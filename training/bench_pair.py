@@ -31,6 +31,7 @@ from training.bench_service import (
     _device,
     _start_service,
     bodies_for,
+    ports_free,
     served_model,
     service_env,
     stop_service,
@@ -207,6 +208,7 @@ def run(
         raise ValueError("bench-pair needs an even number of rounds (2 or more) and seconds > 0")
     if overrides and models_dir is not None:
         raise ValueError("bench-pair --set changes the bundle it builds, not one in --models-dir")
+    ports_free(*ports)  # before the bundle is built and Redis loaded
     with tempfile.TemporaryDirectory() as tmp:
         where, config, frame = _bundle_for(model, models_dir, tmp, overrides)
         load_into_redis(config, frame, redis_url, progress=False)

@@ -423,11 +423,26 @@ def service_env(
     return env
 
 
+class ServiceStartFailed(OSError):
+    """The benchmark's service did not come up (it exited, another process answers on
+    its port, or it never got ready): ``ctr`` prints it as one line, status 2."""
+
+
+def ports_free(*ports: int) -> None:
+    """:class:`ctr.demo.PortInUse` where a benchmark's port is held, checked before its
+    bundle is built and Redis loaded (the service found it taken only after both)."""
+    from ctr.demo import PortInUse, port_taken
+
+    for port in ports:
+        if port_taken("127.0.0.1", port):
+            raise PortInUse(f"port {port} is in use (an earlier service?): stop it or pass --port")
+
+
 def _start_service(env: dict[str, str], port: int, root: Path | None = None) -> Any:
     """``ctr serve`` in a subprocess with ``env`` (:func:`service_env`, the one the
     baseline is loaded from); ``(process, base URL)`` once ``/readyz`` answers 200 from
     that process or one of its workers, never from a service an earlier run left on the
-    port (``RuntimeError``). ``root``: the checkout whose code serves (default: this
+    port (:class:`ServiceStartFailed`). ``root``: the checkout whose code serves (default: this
     one; another commit's work tree, to compare code with code)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "ctr.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
@@ -438,13 +453,14 @@ def _start_service(env: dict[str, str], port: int, root: Path | None = None) -> 
     try:
         for _ in range(1800):
             if proc.poll() is not None:
-                raise RuntimeError(f"service exited with code {proc.returncode}")
+                raise ServiceStartFailed(f"the service exited with code {proc.returncode} "
+                                         "during start-up (its log is above)")  # fmt: skip
             try:
                 if httpx.get(url + "/readyz", timeout=1).status_code == 200:
                     pid = served_model(url, ("worker_pid",))["worker_pid"]
                     stat = _stat(pid) if isinstance(pid, int) else None
                     if pid != proc.pid and (stat is None or int(stat[1]) != proc.pid):
-                        raise RuntimeError(
+                        raise ServiceStartFailed(
                             f"{url} answers from process {pid}, not from the service just "
                             f"started ({proc.pid}): is an earlier service still on that port?"
                         )
@@ -452,7 +468,7 @@ def _start_service(env: dict[str, str], port: int, root: Path | None = None) -> 
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
-        raise RuntimeError("service did not become ready")
+        raise ServiceStartFailed(f"the service on {url} did not become ready")
     except BaseException:
         # also a SIGTERM or Ctrl-C of this process alone while the service starts: the
         # caller holds no handle to it yet, and it would stay on the port, orphaned
@@ -864,6 +880,7 @@ def run(
         "writes": writes,
         "models": {},
     }
+    ports_free(port)
     with tempfile.TemporaryDirectory() as tmp:
         for mt in models:
             where, config, frame = _bundle_for(mt, models_dir, tmp, overrides)

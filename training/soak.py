@@ -23,6 +23,7 @@ from training.bench_service import (
     _start_service,
     bodies_for,
     make_bundle,
+    ports_free,
     service_env,
     stop_service,
 )
@@ -126,6 +127,7 @@ def run(duration: float, concurrency: int, sample: float, warmup: float, max_gro
 
     if duration <= warmup:  # no sample after the warm-up: growth would include start-up
         raise ValueError(f"--duration {duration:g} must be longer than --warmup {warmup:g}")
+    ports_free(port)  # before the bundle is built and Redis loaded
     with tempfile.TemporaryDirectory() as tmp:
         config, frame = make_bundle("din", Path(tmp), 50)
         load_into_redis(config, frame, redis_url, progress=False)

@@ -427,6 +427,8 @@ def load_run(run_dir: str | Path) -> tuple[FeatureConfig, Any, CTRModel, dict[st
         model.eval()
         step = "metrics.json"
         metrics = json.loads((run / "metrics.json").read_text())
+        if not isinstance(metrics, dict):
+            raise TypeError(f"a JSON object expected, not {type(metrics).__name__}")
     except OSError:
         raise
     except Exception as exc:  # damaged, or not this config's (another shape)
