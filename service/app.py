@@ -38,6 +38,7 @@ from service.errors import (
     SHUTDOWN_DETAIL,
     AdminDisabled,
     BadRequest,
+    CorsRefused,
     DeadlineExceeded,
     NonFiniteScore,
     OriginNotAllowed,
@@ -612,7 +613,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     named = frozenset(p for p in (*docs, *paths) if p and "{" not in p)
     if state.allowed_origins:  # their pages' preflights, and answers they may read
         app.add_middleware(
-            CORSMiddleware,
+            OriginCORS,
             allow_origins=sorted(state.allowed_origins),
             allow_methods=["GET", "HEAD", "POST"],
             allow_headers=["content-type", "x-api-key", "x-request-id"],
@@ -624,6 +625,53 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app, settings.max_id_length, settings.api_key is not None, settings.protect_scoring
     )
     return app
+
+
+# what a refused preflight asked for, as Starlette names it -> the header that asked
+PREFLIGHT_FIELDS = {
+    "origin": "Origin",
+    "method": "Access-Control-Request-Method",
+    "headers": "Access-Control-Request-Headers",
+    "private-network": "Access-Control-Request-Private-Network",
+}
+
+
+class OriginCORS(CORSMiddleware):
+    """Starlette's CORS with origins compared as the service compares them
+    (:func:`~service.state.origin_key`: case, a trailing slash, a default port): a
+    preflight from ``https://Tools.example.com:443`` was refused while the request it
+    announced was served. A refused preflight answers the service's JSON error body
+    naming the header (403 ``origin_not_allowed`` as the request would get, else 400
+    ``cors_refused``), not Starlette's plain text."""
+
+    def is_allowed_origin(self, origin: str) -> bool:
+        return origin_key(origin) in self.allow_origins
+
+    def preflight_response(self, request_headers: Any) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        said = bytes(response.body).decode().removeprefix("Disallowed CORS ")
+        asked = [PREFLIGHT_FIELDS.get(f, f) for f in said.split(", ")]
+        origin = request_headers.get("origin", "")
+        if asked[0] == "Origin":
+            exc: ServiceError = OriginNotAllowed(
+                f"requests from web pages of origin {origin[:100]!r} are not served (a "
+                "page could change or read users' data): add it to CTR_ALLOWED_ORIGINS",
+                "Origin",
+            )
+        else:
+            exc = CorsRefused(
+                f"the preflight asks for a method or headers this service does not take "
+                f"({', '.join(asked)}): methods {', '.join(self.allow_methods)}; headers "
+                f"{', '.join(sorted(self.allow_headers))}",
+                asked[0],
+            )
+        answer = error_response(exc)
+        for name, value in response.headers.items():  # the CORS headers it had
+            if name.startswith("access-control-") or name == "vary":
+                answer.headers[name] = value
+        return answer
 
 
 def _loopback(host: str) -> bool:

@@ -94,6 +94,14 @@ class AdminDisabled(ServiceError):
     kind = "admin_disabled"
 
 
+class CorsRefused(ServiceError):
+    """A CORS preflight from a listed origin that asks for a method or a header this
+    service does not take (the request it announces would be refused too)."""
+
+    status = 400
+    kind = "cors_refused"
+
+
 class OriginNotAllowed(ServiceError):
     """A request a web page sent (it carries ``Origin``) from an origin not in
     ``CTR_ALLOWED_ORIGINS``: a page open in a browser beside a key-less service could

@@ -874,6 +874,26 @@ def test_a_request_a_web_page_sends_is_refused_unless_its_origin_is_allowed(
             assert pre.status_code == 200, (path, pre.text)
             assert pre.headers["access-control-allow-origin"] == tool
             assert "x-api-key" in pre.headers["access-control-allow-headers"].lower()
+        # the preflight compares origins as the request does (Starlette's compared them
+        # exactly: a 400 for a page whose request is served; review, session 40), and a
+        # refused one answers the JSON error body naming the header
+        asks = {"Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type, x-api-key"}  # fmt: skip
+        for origin in ("https://RANKING.example.com:443", "http://X:81/"):
+            pre = c.options("/v1/score", headers={"Origin": origin, **asks})
+            assert pre.status_code == 200, (origin, pre.text)
+            assert c.post("/v1/score", json=score, headers={"Origin": origin}).status_code == 200
+        pre = c.options("/v1/score", headers={"Origin": "https://evil.example", **asks})
+        check(pre, 403, "Origin", "origin_not_allowed")
+        assert "access-control-allow-origin" not in pre.headers
+        pre = c.options("/v1/score", headers={"Origin": tool, **asks,
+                                              "Access-Control-Request-Method": "PUT"})
+        check(pre, 400, "Access-Control-Request-Method", "cors_refused")
+        assert pre.headers["access-control-allow-origin"] == tool  # the page may read it
+        pre = c.options("/v1/score", headers={"Origin": tool, **asks,
+                                              "Access-Control-Request-Headers": "x-secret"})
+        check(pre, 400, "Access-Control-Request-Headers", "cors_refused")
+        assert "x-api-key" in pre.json()["detail"]
         r = c.post("/v1/score", json=score, headers={"Origin": tool})
         assert r.headers["access-control-allow-origin"] == tool and "Origin" in r.headers["vary"]
         assert "x-request-id" in r.headers["access-control-expose-headers"]
