@@ -1174,8 +1174,8 @@ def describe(exc: BaseException) -> str:
 # what an interrupted command leaves, said in its one line (exit status 130)
 _INTERRUPTED = {
     "train": "the run folder holds no finished run (no config.json): train it again",
-    "load": "Redis holds part of this load (its ctr:loaded record cleared, so --once "
-    "loads again): run it again",
+    # once it has begun writing, the load says what it left (service.loader.PART_LOADED)
+    "load": "nothing was written to Redis (stopped before the load began)",
     "export": "no version was published",
 }
 
@@ -1230,7 +1230,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         if traceback_on:
             raise
-        left = _INTERRUPTED.get(args.command)
+        left = getattr(exc, "ctr_left", None) or _INTERRUPTED.get(args.command)
         how = "terminated" if isinstance(exc, _Terminated) else "interrupted"
         print(f"ctr {args.command}: {how}" + (f"; {left}" if left else ""), file=sys.stderr)
         return 143 if isinstance(exc, _Terminated) else 130

@@ -8,6 +8,7 @@ history entry.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
@@ -43,6 +44,16 @@ redis.call('SET', KEYS[3], ARGV[3])
 redis.call('DEL', KEYS[1])
 return 1
 """
+
+
+# KEYS: LOADING_KEY; ARGV: the token. Deleted only where it is still this load's.
+DROP_TOKEN = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+# what a load stopped part-way leaves (``ctr``'s line for Ctrl-C or SIGTERM)
+PART_LOADED = ("Redis holds part of this load (its ctr:loaded record cleared, so --once "
+               "loads again): run it again")  # fmt: skip
 
 
 class LoadLost(RuntimeError):
@@ -386,11 +397,43 @@ def load_into_redis(
     """
     check_item_key(config, frame)
     client = sync_client(redis_url, cluster)
-    keep = keep or config.max_seq_len
+    token = secrets.token_hex(16)
+    try:
+        keep = keep or config.max_seq_len
+        return _load(client, cluster, token, config, frame, chunk, progress, keep, catalog,
+                     sequence_ttl_s, max_id_length)  # fmt: skip
+    except BaseException as exc:
+        if not isinstance(exc, LoadLost):  # its token is gone, or another load's
+            # a load stopped (Ctrl-C, SIGTERM, an error): its token is not left behind
+            with contextlib.suppress(Exception):
+                if not cluster:
+                    client.eval(DROP_TOKEN, 1, LOADING_KEY, token)
+                elif (held := client.get(LOADING_KEY)) is not None and held.decode() == token:
+                    client.delete(LOADING_KEY)
+        if isinstance(exc, KeyboardInterrupt):
+            exc.ctr_left = PART_LOADED  # type: ignore[attr-defined]  # ctr.cli says it
+        raise
+    finally:
+        client.close()
+
+
+def _load(
+    client: Any,
+    cluster: bool,
+    token: str,
+    config: FeatureConfig,
+    frame: pd.DataFrame,
+    chunk: int,
+    progress: bool,
+    keep: int,
+    catalog: pd.DataFrame | None,
+    sequence_ttl_s: int,
+    max_id_length: int,
+) -> dict[str, Any]:
+    """:func:`load_into_redis`'s writes, with ``client`` and the load's ``token``."""
     # before the first write: a load that fails halfway leaves no record of the last
     # complete one (a `--once` of that data would skip, over this one's half)
     client.delete(LOADED_KEY)
-    token = secrets.token_hex(16)
     client.set(LOADING_KEY, token)
     now = data_description(config)
     try:
@@ -420,10 +463,7 @@ def load_into_redis(
     for feat, values in tqdm(items.items(), desc="item features", disable=not progress):
         _replace_items(client, item_key(feat), values)
         n_items = max(n_items, len(values))
-    try:
-        _finish(client, cluster, token, orjson.dumps(now), load_identity(config, keep))
-    finally:
-        client.close()
+    _finish(client, cluster, token, orjson.dumps(now), load_identity(config, keep))
     item_ids = set().union(*(values.keys() for values in items.values()))
     return {
         "users": len(users),

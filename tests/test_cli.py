@@ -363,9 +363,57 @@ def test_an_interrupted_command_says_what_it_left(
     monkeypatch.setattr(cli, "cmd_load", interrupted)
     assert cli.main(["load", "--config", "configs/synthetic_din.yaml"]) == 130
     err = capsys.readouterr().err
-    assert err.startswith("ctr load: interrupted; Redis holds part of this load") and (
+    # stopped before the load began (its data still being read): nothing was written
+    # (it said Redis held part of the load: review, session 40)
+    assert err.startswith("ctr load: interrupted; nothing was written to Redis") and (
         "Traceback" not in err
     )
+
+
+def test_a_load_stopped_part_way_says_so_and_leaves_no_token(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Stopped once it has begun writing: the line says Redis holds part of the load,
+    its record is cleared (``--once`` loads again), and its ``ctr:loading`` token is
+    deleted (README's key schema; it stayed until the next load: review, session 40)."""
+    import redis
+
+    import ctr.cli as cli
+    import service.loader as loader
+
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    calls = 0
+    real = loader._replace_users
+
+    def stopped(*args: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # after the first chunk of users is written
+            raise KeyboardInterrupt
+        real(*args)
+
+    monkeypatch.delenv("CTR_TRACEBACK", raising=False)
+    monkeypatch.setattr(loader, "_replace_users", stopped)
+    argv = ["load", "--config", "configs/synthetic_din.yaml", "--redis-url", REDIS_URL,
+            "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("ctr load: interrupted; Redis holds part of this load"), err
+    assert calls == 2 and client.dbsize() > 0  # part of it written
+    assert client.get("ctr:loaded") is None and client.get("ctr:loading") is None
+    # another load's token (a second load running) is not this one's to delete
+    calls = 0
+    client.set("ctr:loading", "another")
+    monkeypatch.setattr(loader.secrets, "token_hex", lambda n: "mine")
+
+    def second(*args: Any) -> None:
+        client.set("ctr:loading", "another")  # the other load started meanwhile
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loader, "_replace_users", second)
+    assert cli.main(argv) == 130
+    assert client.get("ctr:loading") == b"another"
 
 
 def test_an_interrupted_training_run_is_not_exported(
