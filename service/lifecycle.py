@@ -168,7 +168,8 @@ FALLBACK_RETRY_MAX_S = 600.0
 
 async def fall_back(state: State, newest_error: BundleError) -> None:
     """Start-up found the newest version broken: load the newest of the few versions
-    before it that loads, and keep trying the newest in the background (the failure may
+    before it that loads (passing over those the deployment rolled back from), and keep
+    trying the newest in the background (the failure may
     have been passing: a file still being copied, a full GPU), so the worker converges
     on what a fresh start would serve."""
     s = state.settings
@@ -177,7 +178,12 @@ async def fall_back(state: State, newest_error: BundleError) -> None:
     except BundleError:  # the store's folder itself unreadable: nothing to fall back to
         state.model_error = str(newest_error)
         return
-    for v in list(reversed(versions[:-1]))[:FALLBACK_VERSIONS]:
+    # not a version the deployment rolled back from (its record outdated by a newer
+    # export, the one that failed here): those are known bad, and its peers serve the
+    # version rolled back to (review, session 40: the fallback took the bad one)
+    gone = state.bus.rolled_back if state.bus is not None else None
+    older = [v for v in reversed(versions[:-1]) if gone is None or not gone[0] < v <= gone[1]]
+    for v in older[:FALLBACK_VERSIONS]:
         try:
             model = await load(state, str(v))
         except (BundleError, ProviderError):

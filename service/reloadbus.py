@@ -69,7 +69,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.connection import parse_url
 
-from ctr.bundle import BundleError, list_versions
+from ctr.bundle import BundleError, list_versions, version_of
 from service.retry import retry_under_lock
 from service.store import REDIS_ERRORS, node_urls
 
@@ -184,6 +184,10 @@ class ReloadBus:
         # read fails; a clock skew between this host and Redis shifts it by that much)
         self.started_us = int(time.time() * 1_000_000)
         self.subscribed = False
+        # (rolled back to, newest then): the deployment's last broadcast, a rollback that
+        # a newer export has since made no start's version (:meth:`baseline`); a start-up
+        # fallback passes over the versions rolled back from
+        self.rolled_back: tuple[int, int] | None = None
         self.applied = 0  # other workers' reloads applied here
         self.catch_ups = 0  # subscriptions made and caught up (one per (re)connect)
         # the listener's own connections (one per node, made on first use): a blocking
@@ -215,6 +219,9 @@ class ReloadBus:
             return None
         if not await self._adoptable(msg):
             if msg.get("configured", self.configured) == self.configured:
+                newest, to = msg.get("newest"), version_of(str(msg["version"]))
+                if isinstance(newest, int) and to is not None and to < newest:
+                    self.rolled_back = (to, newest)
                 return None
             # a deploy with another CTR_MODEL_VERSION: that record is over (else reverting
             # the deploy would bring an old rollback back)

@@ -846,3 +846,36 @@ def test_the_start_up_load_holds_the_reload_lock(
         return swaps
 
     assert asyncio.run(scenario()) == ["2", "3"]
+
+
+def test_a_start_up_fallback_passes_over_the_versions_the_deployment_rolled_back_from(
+    built: Built, channel: str, tmp_path: Path
+) -> None:
+    """CTR_MODEL_VERSION=latest; the deployment rolled back from 3 (bad) to 2; then 4
+    (the fix) arrives, its files not all there yet. A worker starting now cannot take
+    the rollback's record (a newer export) and finds 4 broken: its fallback took 3, the
+    version the deployment left, while its peers served 2 (review, session 40). It now
+    serves 2, and without a rollback recorded still the newest that loads (3)."""
+    models = tmp_path / "models"
+    root = models / built.config.name
+    shutil.copytree(built.models_dir / built.config.name / "1", root / "1")
+    for v in ("2", "3"):
+        shutil.copytree(root / "1", root / v)
+    latest = settings(built, channel, models, model_version="latest")
+    with TestClient(create_app(latest)) as a:
+        assert info(a)["version"] == "3"
+        r = a.post("/admin/reload", json={"version": "2"}, headers=KEY)
+        assert r.status_code == 200, r.text
+        shutil.copytree(root / "3", root / "4")
+        with open(root / "4" / "model.onnx", "r+b") as f:  # still being copied
+            f.truncate(1000)
+        with TestClient(create_app(latest)) as b:  # a worker (re)starts
+            got = info(b)
+            assert got["version"] == "2", got  # the fleet's, not the one rolled back from
+            assert got["fallback"]["newest"] == "4"
+            assert info(a)["version"] == "2"
+    # another deployment (no rollback recorded): the newest that loads, as before
+    other = settings(built, channel + ":other", models, model_version="latest")
+    with TestClient(create_app(other)) as c:
+        got = info(c)
+        assert got["version"] == "3" and got["fallback"]["newest"] == "4", got
