@@ -903,6 +903,25 @@ def test_a_datetime_time_column_with_nat_is_an_error(split: str) -> None:
     assert [list(p.index) for p in parts] == [[0, 1], [2], [3]]
 
 
+def test_iso_time_text_with_blank_cells_and_text_that_is_not_iso() -> None:
+    """A time column of ISO 8601 text may hold blank cells (``""``, spaces): they are
+    missing times (NaN), not values that fail the column. Text in another date format
+    (``01/02/2024``: the 1st of February or the 2nd of January?) is no ISO 8601 time:
+    the column is refused, not read by a guess at its format."""
+    from ctr.spec import DataSpec
+    from ctr.times import time_numbers
+
+    got = time_numbers(pd.Series(["2024-01-02", "", "  ", "2024-01-01T00:00:00Z"]))
+    assert got is not None and got.isna().tolist() == [False, True, True, False]
+    assert got[0] > got[3]  # a day later, in the unit pandas chose
+    for other in (["01/02/2024", "2024-01-03"], ["Jan 2 2024", "2024-01-03"]):
+        assert time_numbers(pd.Series(other)) is None, other
+    frame = pd.DataFrame({"user_id": ["a"] * 2, "ts": ["01/02/2024", "2024-01-03"],
+                          "label": [0, 1]})  # fmt: skip
+    with pytest.raises(DataError, match="ISO 8601 .* row 0 holds '01/02/2024'"):
+        split_frame(frame, DataSpec(split="last_per_user"))
+
+
 # ---- data problems that trained silently (a review of the offline pipeline) ---------
 
 

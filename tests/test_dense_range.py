@@ -304,6 +304,16 @@ def test_the_service_scores_a_far_value_as_the_edge_and_counts_it(
     assert models["dense_range"] == {FEATURE: [lo, hi]}
 
 
+def test_a_single_candidate_far_value_is_counted_too(built: Built, client: TestClient) -> None:
+    """One candidate (an item_dense of one value, where the model has one item dense
+    feature) beyond the range is counted like each of many: a request's batch size
+    does not decide whether ``ctr_dense_out_of_range_total`` sees a clamp."""
+    item = built.frame["item_id"].astype(str).iloc[0]
+    before = _clamped()
+    _scores(client, "u5", [{"item_id": item, "features": {FEATURE: 1e30}}])
+    assert _clamped() - before == 1
+
+
 def _copied(built: Built, tmp_path: Path, edit: Callable[[dict], Any]) -> Built:
     """``built``'s bundle as version 1 of a fresh store, its manifest edited (the
     graphs untouched: their sha256s still match)."""

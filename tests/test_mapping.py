@@ -244,6 +244,36 @@ def test_hash_mapping_is_stable_across_processes() -> None:
         assert json.loads(out.stdout) == want
 
 
+def test_a_mapper_copies_the_vocabulary_it_is_given_unless_it_owns_it() -> None:
+    """``IdMapper(spec, vocab)`` and ``from_json(data)`` copy the vocabulary: the caller's
+    dict (a manifest it still holds) may change afterwards without changing the mapping;
+    only ``own=True`` (the bundle loader, which hands the dict over) keeps it itself."""
+    vocab = {"a": RESERVED}
+    mapper = IdMapper(VOCAB, vocab)
+    data = {"spec": VOCAB.model_dump(), "vocab": {"a": RESERVED}}
+    loaded = IdMapper.from_json(data)
+    vocab["b"] = RESERVED + 1
+    data["vocab"]["b"] = RESERVED + 1
+    for m in (mapper, loaded):
+        assert m.map_one("b") == OOV and m.size == RESERVED + 1
+    assert IdMapper(VOCAB, vocab, own=True).vocab is vocab
+    assert IdMapper.from_json(data, own=True).vocab is data["vocab"]
+
+
+def test_hash_keeps_lone_surrogates_apart() -> None:
+    """An ID holding a lone surrogate (odd text the mapping takes, like any other)
+    hashes by its own code point (UTF-8 with ``surrogatepass``): two such IDs, and an ID
+    holding ``?`` or U+FFFD, are different tokens with their own CRC32, not all the one
+    of a replacement character."""
+    import zlib
+
+    from ctr.mapping import stable_hash
+
+    assert stable_hash("i\ud800") == zlib.crc32(b"i\xed\xa0\x80")
+    hashes = {stable_hash(t) for t in ("i\ud800", "i\ud801", "i\udfff", "i?", "i\ufffd")}
+    assert len(hashes) == 5
+
+
 # ---- properties ------------------------------------------------------------------------------
 
 odd_text = st.text(
@@ -321,6 +351,20 @@ def test_dense_values_beyond_float32_get_the_default() -> None:
     assert to_float(F32_MAX, plain) == F32_MAX and to_float(1e30, plain) == 1e30
     # with log1p the value fits again: log1p(1e39) is about 89.8
     assert 89 < to_float(1e39, logged) < 90 and np.isfinite(np.float32(to_float(1e39, logged)))
+
+
+def test_log1p_takes_a_negative_dense_value_as_zero() -> None:
+    """A ``log1p`` feature clamps a negative value to 0 before the log (log1p(0) = 0),
+    in every form it arrives in (a float, Redis' text, a column of them): not
+    log1p(|x|), which would score a refund like a purchase, nor NaN."""
+    from ctr.encode import dense_column, to_float
+    from ctr.spec import FeatureSpec
+
+    logged = FeatureSpec(name="price", kind="dense", side="item", log1p=True, default=0.5)
+    for raw in (-5.0, "-5", -0.5, "-1e30", -3):
+        assert to_float(raw, logged) == 0.0, raw
+    assert dense_column([-5.0, "-5", 3.0], logged) == [0.0, 0.0, pytest.approx(np.log1p(3.0))]
+    assert dense_column([-5.0, "-5", None], logged) == [0.0, 0.0, pytest.approx(np.log1p(0.5))]
 
 
 def test_a_vocabulary_counts_only_the_history_the_model_sees() -> None:

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from training.metrics import auc, gauc
+from training.metrics import auc, evaluate, gauc, logloss
 
 
 def _pairwise(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -52,3 +52,15 @@ def test_gauc_weights_users_by_rows_and_skips_one_class_users() -> None:
     assert gauc(users, labels, scores) == (1.0 * 4 + 0.0 * 2) / 6
     assert math.isnan(gauc(users[6:], labels[6:], scores[6:]))
     assert math.isnan(gauc(np.array([]), np.array([]), np.array([])))
+
+
+def test_logloss_clips_certain_predictions_so_one_wrong_one_stays_finite() -> None:
+    """A probability of exactly 0 or 1 (a saturated sigmoid in float32) is clipped to
+    ``[eps, 1 - eps]``: a confidently wrong row costs ``-log(eps)``, not inf (one such
+    row would make the whole split's logloss inf), and a right one almost nothing."""
+    labels = np.array([1.0, 0.0, 1.0, 0.0])
+    wrong = logloss(labels[:2], np.array([0.0, 1.0]))
+    assert abs(wrong + math.log(1e-7)) < 1e-6
+    assert 0.0 < logloss(labels, np.array([1.0, 0.0, 1.0, 0.0])) < 1e-6
+    got = evaluate(np.array(["u"] * 4), labels, np.array([0.0, 1.0, 1.0, 0.0]))
+    assert math.isfinite(got["logloss"])

@@ -156,6 +156,24 @@ def test_a_row_from_an_earlier_read_never_replaces_one_from_a_later_read() -> No
     assert cache.sparse[cache.lookup(["x"])[0], 0] == 90
 
 
+def test_an_id_given_twice_in_one_store_is_judged_by_its_last_row_only() -> None:
+    """An ID twice in one store is written once, its last row, and that row alone is
+    checked against the cached row's expiry: an earlier row of it in the batch, from a
+    read newer than the cached one, is no way around the check."""
+    ttl = 60.0
+    cache = ItemRowCache(ttl, 4, 2, 1)
+    t0 = time.monotonic()
+    kept = rows(["x"], 50)
+    cache.store(["x"], *kept, np.array([t0 + 30]))
+    sparse, dense = rows(["x", "x"], 10)
+    cache.store(["x", "x"], sparse, dense, np.array([t0 + 40, t0 + 20]))  # the last: older
+    slot = cache.lookup(["x"])[0]
+    np.testing.assert_array_equal(cache.sparse[slot], kept[0][0])
+    assert cache.expiry[slot] == t0 + 30
+    cache.store(["x", "x"], sparse, dense, np.array([t0 + 20, t0 + 45]))  # the last: newer
+    np.testing.assert_array_equal(cache.sparse[cache.lookup(["x"])[0]], sparse[1])
+
+
 def test_a_full_item_cache_drops_its_oldest_entries_first() -> None:
     """``CTR_ITEM_CACHE_SIZE`` bounds the raw item cache: a put that would overflow it
     first drops the oldest (by insertion) 1/32 of the size and room for the new values

@@ -64,6 +64,32 @@ def test_a_trusted_hit_makes_the_user_the_newest() -> None:
     assert list(cache.data) == ["u1", "u3"] and "u1" in cache.stamps
 
 
+def test_a_stamp_belongs_to_the_rows_it_was_noted_with() -> None:
+    """Rows put anew (from another read) are not trusted under the stamp noted for the
+    rows they replace: only a read noted for them makes them trusted. No stamp is kept
+    for a user the cache holds no rows of (with the cache off, none at all: the stamps
+    would grow by every user scored), nor for one evicted."""
+    tracker = UserTracker("redis://127.0.0.1:1/0", 0.1)  # never connected: live by hand
+    tracker.live = True
+    cache = UserRowCache(2)
+    cache.put("u1", rows(1, []))
+    cache.note_read("u1", tracker.stamp())
+    assert cache.trusted("u1", {}, tracker) is not None
+    cache.put("u1", rows(2, [b"e"]))  # new rows: the old stamp is not theirs
+    assert cache.trusted("u1", {}, tracker) is None
+    cache.note_read("u1", tracker.stamp())
+    assert cache.trusted("u1", {}, tracker) is cache.data["u1"]
+    cache.note_read("u9", tracker.stamp())  # no rows kept for u9
+    assert "u9" not in cache.stamps
+    cache.put("u2", rows(3, []))
+    cache.note_read("u2", tracker.stamp())
+    cache.put("u3", rows(4, []))  # full: u1 goes, and its stamp with it
+    assert set(cache.stamps) == {"u2"}
+    off = UserRowCache(0)
+    off.note_read("u1", tracker.stamp())
+    assert not off.stamps
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     return build_and_load(tmp_path_factory.mktemp("usercache"), "din")
