@@ -1174,7 +1174,7 @@ def describe(exc: BaseException) -> str:
 # what an interrupted command leaves, said in its one line (exit status 130)
 _INTERRUPTED = {
     "train": "the run folder holds no finished run (no config.json): train it again",
-    # once it has begun writing, the load says what it left (service.loader.PART_LOADED)
+    # once it has begun writing, the load says what it left (service.loader.LEFT_BY_PHASE)
     "load": "nothing was written to Redis (stopped before the load began)",
     "export": "no version was published",
 }

@@ -47,8 +47,8 @@ def normalize(raw: Any) -> str | None:
         if not raw.is_finite():
             return None
         if raw == raw.to_integral_value():
-            return str(int(raw))
-        return repr(float(raw))
+            return str(int(raw))  # exact, as a request's integer (38 digits too)
+        return normalize(float(raw))  # as a request's number (1e16 + 0.5 is whole)
     if type(raw).__name__ in _MISSING_TYPES:  # pandas' NA / NaT (nullable columns)
         return None
     if isinstance(raw, bytes | bytearray):  # a Parquet BINARY column's: its text, not b'…'

@@ -51,9 +51,14 @@ DROP_TOKEN = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 """
-# what a load stopped part-way leaves (``ctr``'s line for Ctrl-C or SIGTERM)
-PART_LOADED = ("Redis holds part of this load (its ctr:loaded record cleared, so --once "
-               "loads again): run it again")  # fmt: skip
+# what a load stopped part-way leaves (``ctr``'s line for Ctrl-C or SIGTERM), by how far
+# it had come: its ctr:loaded record deleted, then its data being written
+LEFT_BY_PHASE = {
+    "cleared": "nothing of this load was written, but its ctr:loaded record was cleared "
+    "(so --once loads again): run it again",
+    "writing": "Redis holds part of this load (its ctr:loaded record cleared, so --once "
+    "loads again): run it again",
+}
 
 
 class LoadLost(RuntimeError):
@@ -160,10 +165,25 @@ def unreachable(ids: Iterable[Any], max_len: int) -> tuple[int, str | None]:
 def sync_client(redis_url: str, cluster: bool, timeout_s: float = 10) -> Redis | RedisCluster:
     """A synchronous client for the command line's bulk work (``ctr load``, ``ctr
     impressions``): a long timeout; a cluster's URL may list several nodes (the first is
-    asked for the rest)."""
+    asked for the rest). A URL whose database is no number is refused (``ValueError``),
+    as ``CTR_REDIS_URL`` is: redis-py took ``/1O`` for database 0, and a benchmark's
+    load replaced that database's item hashes."""
+    from service.settings import check_db
+    from service.store import redact
+
     if cluster:
-        return RedisCluster.from_url(node_urls(redis_url)[0], socket_timeout=timeout_s)
-    return Redis.from_url(redis_url, socket_timeout=timeout_s)
+        client: Redis | RedisCluster = RedisCluster.from_url(
+            node_urls(redis_url)[0], socket_timeout=timeout_s
+        )
+    else:
+        client = Redis.from_url(redis_url, socket_timeout=timeout_s)
+    try:  # after parsing, which names a bad port first
+        for url in node_urls(redis_url) if cluster else [redis_url]:
+            check_db(url)
+    except ValueError as exc:
+        client.close()
+        raise ValueError(f"the Redis URL {redact(redis_url)}: {exc}") from None
+    return client
 
 
 def _replace_users(client: Redis | RedisCluster, calls: list[list[Any]]) -> None:
@@ -398,29 +418,41 @@ def load_into_redis(
     check_item_key(config, frame)
     client = sync_client(redis_url, cluster)
     token = secrets.token_hex(16)
+    phase = {"at": ""}  # how far the load came: "", "cleared", "writing"
     try:
         keep = keep or config.max_seq_len
-        return _load(client, cluster, token, config, frame, chunk, progress, keep, catalog,
-                     sequence_ttl_s, max_id_length)  # fmt: skip
+        return _load(client, cluster, token, phase, config, frame, chunk, progress, keep,
+                     catalog, sequence_ttl_s, max_id_length)  # fmt: skip
     except BaseException as exc:
+        _tag(exc, phase["at"])  # before the clean-up, which a second Ctrl-C may cut short
         if not isinstance(exc, LoadLost):  # its token is gone, or another load's
             # a load stopped (Ctrl-C, SIGTERM, an error): its token is not left behind
-            with contextlib.suppress(Exception):
-                if not cluster:
-                    client.eval(DROP_TOKEN, 1, LOADING_KEY, token)
-                elif (held := client.get(LOADING_KEY)) is not None and held.decode() == token:
-                    client.delete(LOADING_KEY)
-        if isinstance(exc, KeyboardInterrupt):
-            exc.ctr_left = PART_LOADED  # type: ignore[attr-defined]  # ctr.cli says it
+            try:
+                with contextlib.suppress(Exception):
+                    if not cluster:
+                        client.eval(DROP_TOKEN, 1, LOADING_KEY, token)
+                    elif (held := client.get(LOADING_KEY)) is not None and held.decode() == token:
+                        client.delete(LOADING_KEY)
+            except BaseException as again:  # a second Ctrl-C or SIGTERM meanwhile
+                _tag(again, phase["at"])
+                raise
         raise
     finally:
         client.close()
+
+
+def _tag(exc: BaseException, phase: str) -> None:
+    """Note on an interruption what the load left (``ctr`` prints it); where it had not
+    begun (``phase`` empty), ``ctr``'s own line says nothing was written."""
+    if isinstance(exc, KeyboardInterrupt) and phase:
+        exc.ctr_left = LEFT_BY_PHASE[phase]  # type: ignore[attr-defined]
 
 
 def _load(
     client: Any,
     cluster: bool,
     token: str,
+    phase: dict[str, str],
     config: FeatureConfig,
     frame: pd.DataFrame,
     chunk: int,
@@ -430,9 +462,11 @@ def _load(
     sequence_ttl_s: int,
     max_id_length: int,
 ) -> dict[str, Any]:
-    """:func:`load_into_redis`'s writes, with ``client`` and the load's ``token``."""
+    """:func:`load_into_redis`'s writes, with ``client`` and the load's ``token``;
+    ``phase["at"]`` says how far it has come."""
     # before the first write: a load that fails halfway leaves no record of the last
     # complete one (a `--once` of that data would skip, over this one's half)
+    phase["at"] = "cleared"  # from the moment the command may have reached Redis
     client.delete(LOADED_KEY)
     client.set(LOADING_KEY, token)
     now = data_description(config)
@@ -445,6 +479,7 @@ def _load(
     # from the first write the database holds part of this data: said (a service warns)
     # until the end, as a load cut short leaves users of two data sets under the first
     # one's name (not before: a load stopped while it builds its records wrote nothing)
+    phase["at"] = "writing"
     client.set(DATA_KEY, orjson.dumps({**now, "complete": False}))
     calls: list[list[Any]] = []
     for i, (uid, profile, events) in enumerate(tqdm(users, desc="users", disable=not progress)):

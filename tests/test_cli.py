@@ -414,6 +414,56 @@ def test_a_load_stopped_part_way_says_so_and_leaves_no_token(
     monkeypatch.setattr(loader, "_replace_users", second)
     assert cli.main(argv) == 130
     assert client.get("ctr:loading") == b"another"
+    capsys.readouterr()
+    # stopped while it builds its records (its record deleted, nothing else written)
+    monkeypatch.setattr(loader, "_replace_users", real)
+    assert cli.main(argv) == 0  # a whole load
+    keys = client.dbsize()
+
+    def building(*args: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loader, "user_records", building)
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err
+    assert "nothing of this load was written, but its ctr:loaded record was cleared" in err
+    assert client.dbsize() == keys - 1 and client.get("ctr:loaded") is None
+    # a second Ctrl-C while the first one's clean-up waits on Redis: the line still says
+    # what the load left (it fell back to "nothing was written")
+    monkeypatch.undo()
+    monkeypatch.delenv("CTR_TRACEBACK", raising=False)
+    calls = 0
+    monkeypatch.setattr(loader, "_replace_users", stopped)
+    real_eval = redis.Redis.eval
+
+    def cut(self: Any, script: str, *args: Any) -> Any:
+        if script == loader.DROP_TOKEN:
+            raise KeyboardInterrupt
+        return real_eval(self, script, *args)
+
+    monkeypatch.setattr(redis.Redis, "eval", cut)
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("ctr load: interrupted; Redis holds part of this load"), err
+
+
+def test_a_load_into_a_database_that_is_no_number_is_refused_before_it_writes() -> None:
+    """``ctr bench``, ``bench-pair``, ``soak`` and ``bench-path`` load through
+    ``load_into_redis`` without ``ping``: redis-py took ``/1O`` for database 0 and the
+    load replaced that database's item hashes (diff review, session 40)."""
+    import redis
+
+    from service.loader import load_into_redis
+    from tests.helpers import small_config
+    from training.data import load_frame
+
+    config = small_config("din")
+    frame = load_frame(config)
+    zero = redis.Redis.from_url(REDIS_URL.rsplit("/", 1)[0] + "/0")
+    before = zero.dbsize()
+    with pytest.raises(ValueError, match=r"redis://:\*\*\*@.*/1O: the database \(the URL's"):
+        load_into_redis(config, frame, REDIS_URL.replace("//", "//:pw@").rsplit("/", 1)[0] + "/1O")
+    assert zero.dbsize() == before
 
 
 def test_an_interrupted_training_run_is_not_exported(

@@ -461,6 +461,10 @@ def test_parquet_decimal_ids_agree_with_their_numbers(tmp_path: Path) -> None:
     assert normalize(Decimal("NaN")) is None and normalize(Decimal("-Infinity")) is None
     big = Decimal("12345678901234567890123456789")  # DECIMAL(38, 0): exact, as an int
     assert normalize(big) == normalize(int(big)) == str(int(big))
+    # a fraction a float cannot hold maps as the same number in a request does (it
+    # became "1.2345678901234568e+16" against a request's "12345678901234568")
+    for text in ("12345678901234567.5", "1E+2", "1.0E-7", "-0.00", "0.1"):
+        assert normalize(Decimal(text)) == normalize(float(text)), text
 
 
 def test_the_vocabulary_follows_encoding_where_parallel_histories_differ() -> None:
