@@ -426,19 +426,24 @@ def load_into_redis(
     except BaseException as exc:
         _tag(exc, phase["at"])  # before the clean-up, which a second Ctrl-C may cut short
         if not isinstance(exc, LoadLost):  # its token is gone, or another load's
-            # a load stopped (Ctrl-C, SIGTERM, an error): its token is not left behind
             try:
-                with contextlib.suppress(Exception):
-                    if not cluster:
-                        client.eval(DROP_TOKEN, 1, LOADING_KEY, token)
-                    elif (held := client.get(LOADING_KEY)) is not None and held.decode() == token:
-                        client.delete(LOADING_KEY)
+                _drop_token(client, cluster, token)
             except BaseException as again:  # a second Ctrl-C or SIGTERM meanwhile
                 _tag(again, phase["at"])
                 raise
         raise
     finally:
         client.close()
+
+
+def _drop_token(client: Any, cluster: bool, token: str) -> None:
+    """A load stopped (Ctrl-C, SIGTERM, an error) leaves no token behind: deleted where
+    Redis still holds this load's (best effort)."""
+    with contextlib.suppress(Exception):
+        if not cluster:
+            client.eval(DROP_TOKEN, 1, LOADING_KEY, token)
+        elif (held := client.get(LOADING_KEY)) is not None and held.decode() == token:
+            client.delete(LOADING_KEY)
 
 
 def _tag(exc: BaseException, phase: str) -> None:

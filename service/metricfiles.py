@@ -36,14 +36,14 @@ def wipe_stale(folder: str) -> int:
     Returns how many were deleted."""
     wiped = 0
     root = Path(folder)
+    stale = [p for p in root.glob("*.db") if _dead_writer(p) is not None]
     # and a file service.metricroom was making (``.<kind>_<pid>.db.tmp``) when its
     # process died, before it was renamed into place
-    made = (p for p in root.glob(".*.db.tmp") if _dead_writer(p.with_name(p.name[1:-4])))
-    for path in [*root.glob("*.db"), *made]:
-        if path.suffix == ".tmp" or _dead_writer(path) is not None:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                wiped += 1
+    stale += [p for p in root.glob(".*.db.tmp") if _dead_writer(p.with_name(p.name[1:-4]))]
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            wiped += 1
     return wiped
 
 

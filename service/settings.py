@@ -356,12 +356,12 @@ class Settings(BaseSettings):
     @field_validator("model_version")
     @classmethod
     def _version(cls, v: str) -> str:
+        from ctr.bundle import version_of
+
         v = v.strip()
-        # as ctr.bundle.version_of and /admin/reload take it: the folder's own name (an
-        # `01` served version 1 here while a reload to "01" was refused)
-        if v != "latest" and not (
-            v.isascii() and v.isdigit() and len(v) <= 4300 and str(int(v)) == v
-        ):
+        # as /admin/reload takes it: the folder's own name (an `01` served version 1 here
+        # while a reload to "01" was refused)
+        if v != "latest" and version_of(v) is None:
             raise ValueError("must be a version number (digits, no leading zero) or 'latest'")
         return v
 
