@@ -211,13 +211,20 @@ def run_demo(args: argparse.Namespace) -> int:
             overrides[key] = value
     config = load_config(args.config, overrides)
     redis_url = os.environ.get("CTR_REDIS_URL", "redis://127.0.0.1:6379/0")
-    # the service's settings as it will start, before minutes of training: a bad CTR_*
+    # what the demo's service runs with over the environment (its version once exported)
+    serve = {
+        "CTR_MODELS_DIR": str(Path(args.models_dir).resolve()),
+        "CTR_MODEL_NAME": config.name,
+        "CTR_MODEL_VERSION": "latest",
+        "CTR_REDIS_URL": redis_url,
+        "CTR_LOG_LEVEL": "warning",
+        "CTR_WORKERS": "1",  # the answer _wait_ready waits for comes from this process
+    }
+    # its settings checked as it will start, before minutes of training: a bad CTR_*
     # value failed its start at the demo's last step (one line, status 2 now)
     from service.settings import Settings
 
-    Settings(models_dir=str(Path(args.models_dir).resolve()), model_name=config.name,
-             model_version="latest", redis_url=redis_url, log_level="warning", workers=1,
-             port=args.port)  # fmt: skip
+    Settings(port=args.port, **{k.removeprefix("CTR_").lower(): v for k, v in serve.items()})
     # Redis first: one that does not answer is found before minutes of training
     redis_proc = ensure_redis(redis_url)
     service: subprocess.Popen | None = None
@@ -243,15 +250,7 @@ def run_demo(args: argparse.Namespace) -> int:
         counts = load_into_redis(config, frame, redis_url, progress=False,
                                  catalog=load_catalog(config))  # fmt: skip
         print(f"[demo] 3/5 loaded {counts['users']} users, {counts['items']} items into Redis")
-        env = dict(
-            os.environ,
-            CTR_MODELS_DIR=str(Path(args.models_dir).resolve()),
-            CTR_MODEL_NAME=config.name,
-            CTR_MODEL_VERSION=str(version),
-            CTR_REDIS_URL=redis_url,
-            CTR_LOG_LEVEL="warning",
-            CTR_WORKERS="1",  # the answer _wait_ready waits for comes from this process
-        )
+        env = {**os.environ, **serve, "CTR_MODEL_VERSION": str(version)}
         base = f"http://127.0.0.1:{args.port}"
         service = subprocess.Popen(
             [sys.executable, "-m", "ctr.cli", "serve", "--port", str(args.port)], env=env

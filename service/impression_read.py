@@ -376,7 +376,9 @@ class OnlineEval:
         if imp.label is None:
             return
         version = self._versions.setdefault(f"{imp.model}/{imp.version}", len(self._versions))
-        serving = 2 if imp.degraded else 1 if imp.cold_start else 0  # SERVING's order
+        serving = SERVING.index(
+            "degraded" if imp.degraded else "cold_start" if imp.cold_start else "full"
+        )
         self._responses.setdefault((version, serving), set()).add(imp.entry)
         self._user.append(self._users.setdefault(imp.user_id, len(self._users)))
         self._version.append(version)

@@ -168,7 +168,7 @@ def sync_client(redis_url: str, cluster: bool, timeout_s: float = 10) -> Redis |
     asked for the rest). A URL whose database is no number is refused (``ValueError``),
     as ``CTR_REDIS_URL`` is: redis-py took ``/1O`` for database 0, and a benchmark's
     load replaced that database's item hashes."""
-    from service.settings import check_db
+    from service.settings import check_dbs
     from service.store import redact
 
     if cluster:
@@ -178,8 +178,7 @@ def sync_client(redis_url: str, cluster: bool, timeout_s: float = 10) -> Redis |
     else:
         client = Redis.from_url(redis_url, socket_timeout=timeout_s)
     try:  # after parsing, which names a bad port first
-        for url in node_urls(redis_url) if cluster else [redis_url]:
-            check_db(url)
+        check_dbs(redis_url, cluster)
     except ValueError as exc:
         client.close()
         raise ValueError(f"the Redis URL {redact(redis_url)}: {exc}") from None

@@ -427,6 +427,14 @@ class Settings(BaseSettings):
         return v
 
 
+def check_dbs(url: str, cluster: bool) -> None:
+    """:func:`check_db` for ``url``, or for each node a cluster's URL lists."""
+    from service.store import node_urls
+
+    for one in node_urls(url) if cluster else [url]:
+        check_db(one)
+
+
 def check_db(url: str) -> None:
     """A redis:// URL's path is its database number: redis-py ignores one that is not
     (``/O`` for ``/0`` silently used database 0)."""

@@ -213,12 +213,11 @@ def ping(url: str, cluster: bool = False, timeout_s: float = 5.0) -> None:
             raise TypeError(problem)
         client = RedisCluster.from_url(first, **kw) if cluster else Redis.from_url(url, **kw)
         try:
-            from service.settings import check_db
+            from service.settings import check_dbs
 
             # as CTR_REDIS_URL is checked: redis-py took `/1O` for database 0, silently
             # (`ctr load --redis-url` loaded there); after parsing, which names a bad port
-            for one in node_urls(url) if cluster else [url]:
-                check_db(one)
+            check_dbs(url, cluster)
             client.ping()
         finally:
             client.close()
