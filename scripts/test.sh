@@ -8,4 +8,7 @@ CTR_SETUP_REDIS_URL="${CTR_TEST_REDIS_URL:-redis://127.0.0.1:6379/13}" bash scri
 # a tool or package that setup.sh installs but a test finds missing fails the run
 # instead of skipping quietly (README, "Tests", says what may still skip)
 export CTR_TEST_STRICT="${CTR_TEST_STRICT:-1}"
-exec .venv/bin/pytest -q -p no:cacheprovider "$@"
+# two pytest-xdist workers (CTR_TEST_WORKERS; 0 runs in this process), each test file
+# on one worker, each worker on a Redis database of its own (tests/helpers.py); the
+# tests wait on subprocesses, sockets and timers more than they compute
+exec .venv/bin/pytest -q -p no:cacheprovider -n "${CTR_TEST_WORKERS:-2}" --dist loadfile "$@"

@@ -12,18 +12,44 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
 import pytest
 from redis import Redis
+from redis.connection import parse_url
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ctr.spec import FeatureConfig, load_config
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
-REDIS_URL = os.environ.get("CTR_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+# databases the tests' Redis lends to pytest-xdist's further workers (gw1, gw2, ...):
+# never 0 (tests assert nothing landed there), 11 or 12 (test_container_commands' own)
+SPARE_DATABASES = (14, 15, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 13)
+
+
+def worker_redis_url(url: str, worker: str | None) -> str:
+    """``url`` for the pytest-xdist worker named ``worker`` ("gw0", "gw1", ...; None
+    without xdist): worker gw0 and a plain run use ``url`` itself, each further worker a
+    database of its own on the same server, since every test empties its database."""
+    if not worker or worker == "gw0":
+        return url
+    index = int(worker.removeprefix("gw"))
+    base = int(parse_url(url).get("db", 0))
+    spare = [db for db in SPARE_DATABASES if db != base]
+    if index > len(spare):
+        raise RuntimeError(f"pytest-xdist worker {worker}: no spare Redis database left")
+    parts = urlsplit(url)
+    query = "&".join(q for q in parts.query.split("&") if q and not q.startswith("db="))
+    return parts._replace(path=f"/{spare[index - 1]}", query=query).geturl()
+
+
+REDIS_URL = worker_redis_url(
+    os.environ.get("CTR_TEST_REDIS_URL", "redis://127.0.0.1:6379/13"),
+    os.environ.get("PYTEST_XDIST_WORKER"),
+)
 
 
 @dataclass

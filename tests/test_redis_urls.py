@@ -103,3 +103,32 @@ def test_ping_says_a_redis_needs_a_password() -> None:
             ping(f"redis://:wrong@127.0.0.1:{rp.port}/0", timeout_s=2)
         assert "wrong" not in str(info.value)
         ping(f"redis://:s3cret@127.0.0.1:{rp.port}/0", timeout_s=2)
+
+
+def test_each_test_worker_flushes_a_database_of_its_own() -> None:
+    """scripts/test.sh runs two pytest-xdist workers and every test flushes its
+    database: each worker gets one of its own, never 0 (tests assert nothing landed
+    there) nor 11/12 (the container-command tests'), and this process uses its own."""
+    import os
+
+    from redis import Redis
+    from redis.connection import parse_url
+
+    from tests.helpers import REDIS_URL, worker_redis_url
+
+    url = "redis://:pw@127.0.0.1:6379/13?socket_timeout=2"
+    assert worker_redis_url(url, None) == worker_redis_url(url, "gw0") == url
+    dbs = [13]
+    for i in range(1, 13):
+        other = worker_redis_url(url, f"gw{i}")
+        assert other.startswith("redis://:pw@127.0.0.1:6379/") and "socket_timeout=2" in other
+        dbs.append(int(parse_url(other)["db"]))
+    assert len(set(dbs)) == 13 and not {0, 11, 12} & set(dbs), dbs
+    with pytest.raises(RuntimeError, match="gw13: no spare Redis database"):
+        worker_redis_url(url, "gw13")
+    # a db= option goes with the path: one database named, the worker's
+    assert parse_url(worker_redis_url("redis://h:1?db=14", "gw1"))["db"] == 15
+    base = os.environ.get("CTR_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+    assert REDIS_URL == worker_redis_url(base, os.environ.get("PYTEST_XDIST_WORKER"))
+    client = Redis.from_url(REDIS_URL)
+    assert client.client_info()["db"] == parse_url(REDIS_URL).get("db", 0)
