@@ -18,7 +18,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -318,8 +318,9 @@ def publish(models_dir: str | Path, name: str, staged: Path) -> tuple[int, Path]
     # (its lock file had gone first: such a folder stayed in the store for good)
     with _publish_lock(root):  # the number, the rename and the mark, one exporter at a time
         for _ in range(100):
-            existing = [v for p in root.iterdir() if (v := version_of(p.name)) is not None]
-            version = max(max(existing, default=0), _last_version(root)) + 1
+            versions = {v: p for p in root.iterdir() if (v := version_of(p.name)) is not None}
+            _drop_leftover_locks(versions.values())
+            version = max(max(versions, default=0), _last_version(root)) + 1
             manifest_path = staged / MANIFEST
             manifest = json.loads(manifest_path.read_text())
             manifest["version"] = version
@@ -335,6 +336,15 @@ def publish(models_dir: str | Path, name: str, staged: Path) -> tuple[int, Path]
             _note_version(root, version)
             return version, target
     raise BundleError("could not allocate a model version")
+
+
+def _drop_leftover_locks(folders: Iterable[Path]) -> None:
+    """Under the publish lock, no exporter is between its rename and its unlink: a
+    version folder holding the staging lock file is one whose exporter was killed
+    there, and the file goes (nothing reads it; it stayed in the version for good)."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            (folder / STAGING_LOCK).unlink()
 
 
 PUBLISH_LOCK_FILE = ".publish.lock"

@@ -524,6 +524,14 @@ def test_a_dead_exports_staging_folder_is_swept_by_the_next(tmp_path: Path) -> N
         (mine / MANIFEST).write_text('{"format": 1}')
         _, published = publish(models, "m", mine)
         assert not (published / STAGING_LOCK).exists()
+        # an exporter killed between its rename and its unlink left the lock file in
+        # its version for good: the next publish (under the publish lock) drops it
+        (published / STAGING_LOCK).write_text("")
+        again = staging_dir(models)
+        (again / MANIFEST).write_text('{"format": 1}')
+        _, second = publish(models, "m", again)
+        assert not (published / STAGING_LOCK).exists() and not (second / STAGING_LOCK).exists()
+        assert (published / MANIFEST).exists()
     finally:
         live.kill()
 
