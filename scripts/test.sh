@@ -9,6 +9,8 @@ CTR_SETUP_REDIS_URL="${CTR_TEST_REDIS_URL:-redis://127.0.0.1:6379/13}" bash scri
 # instead of skipping quietly (README, "Tests", says what may still skip)
 export CTR_TEST_STRICT="${CTR_TEST_STRICT:-1}"
 # two pytest-xdist workers (CTR_TEST_WORKERS; 0 runs in this process), each test file
-# on one worker, each worker on a Redis database of its own (tests/helpers.py); the
-# tests wait on subprocesses, sockets and timers more than they compute
-exec .venv/bin/pytest -q -p no:cacheprovider -n "${CTR_TEST_WORKERS:-2}" --dist loadfile "$@"
+# on one worker, the longest files first (tests/conftest.py), each worker on a Redis
+# database of its own (tests/helpers.py); the tests wait on subprocesses, sockets and
+# timers more than they compute
+exec .venv/bin/pytest -q -p no:cacheprovider -n "${CTR_TEST_WORKERS:-2}" --dist loadfile \
+  --no-loadscope-reorder "$@"

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,25 @@ from tests.helpers import missing
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
+
+
+# the longest test files, longest first (--durations=0 under scripts/test.sh): where
+# pytest-xdist spreads whole files over workers (--dist loadfile --no-loadscope-reorder)
+# they go out first, so that no worker starts a long one while the other has finished
+LONG_FILES = (
+    "test_stack.py", "test_workers.py", "test_cli.py", "test_bench.py", "test_train.py",
+    "test_fused.py", "test_reliability.py", "test_packaging.py", "test_reload_bus.py",
+    "test_runtime.py", "test_container_commands.py",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """In a pytest-xdist worker, the files of :data:`LONG_FILES` first (a stable sort:
+    each file's tests keep their order); a run in one process keeps pytest's order."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def pytest_configure(config: pytest.Config) -> None:

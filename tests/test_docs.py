@@ -67,3 +67,14 @@ def test_ci_runs_the_readme_test_command() -> None:
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
     assert "bash scripts/test.sh" in readme and "bash scripts/test.sh" in ci
+
+
+def test_the_test_workers_start_on_test_files_that_exist() -> None:
+    """tests/conftest.py sends the longest files out first under pytest-xdist: a name
+    that no longer exists (a file renamed) would quietly go back to the end."""
+    from tests.conftest import LONG_FILES
+
+    assert len(set(LONG_FILES)) == len(LONG_FILES)
+    assert all((ROOT / "tests" / name).is_file() for name in LONG_FILES), LONG_FILES
+    script = (ROOT / "scripts" / "test.sh").read_text()
+    assert "--dist loadfile" in script and "--no-loadscope-reorder" in script
