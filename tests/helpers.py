@@ -232,9 +232,10 @@ def redis_asleep(url: str, seconds: float) -> threading.Thread:
     """Start ``DEBUG SLEEP seconds`` on the Redis at ``url`` (a private test server) in a
     thread, and return that thread once Redis is really asleep: a PING on another
     connection goes unanswered (bounded wait). Join the thread when done."""
-    blocker = threading.Thread(
-        target=lambda: Redis.from_url(url).execute_command("DEBUG", "SLEEP", seconds)
-    )
+    # redis-py 8's default socket timeout is 5 s (where a client is made with
+    # Redis(host=...), it then sends the command again, up to 10 times)
+    sleeper = Redis.from_url(url, socket_timeout=float(seconds) + 30)
+    blocker = threading.Thread(target=lambda: sleeper.execute_command("DEBUG", "SLEEP", seconds))
     blocker.start()
     probe = Redis.from_url(url, socket_timeout=min(0.05, seconds / 10))
     try:

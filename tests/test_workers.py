@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.model import ProviderError
 from service.settings import Settings
-from tests.helpers import REDIS_URL, ROOT, Built, build_and_load, service_env
+from tests.helpers import REDIS_URL, ROOT, Built, build_and_load, redis_asleep, service_env
 from tests.redis_proc import free_port
 from tests.server_thread import serve_process
 
@@ -523,16 +523,9 @@ def test_a_request_cut_by_the_shutdown_gets_the_apps_503(built: Built) -> None:
             rid = {"X-Request-ID": f"cut{route.replace('/', '-')}"}
             got[route] = httpx.post(base + route, json=bodies[route], timeout=60, headers=rid)
 
-        def sleep_redis() -> None:  # Redis answers nothing for 13 s
-            from redis import Redis
-
-            with contextlib.suppress(Exception):
-                Redis(host="127.0.0.1", port=redis_proc.port).execute_command(
-                    "DEBUG", "SLEEP", "13")
-
-        stall = threading.Thread(target=sleep_redis)
-        stall.start()
-        time.sleep(0.3)
+        # Redis answers nothing for 13 s (a redis-py Redis(host=...) re-sent its DEBUG
+        # SLEEP on each 5 s socket timeout: Redis slept until the test stopped it, 30 s on)
+        stall = redis_asleep(redis_proc.url, 13)
         clients = [threading.Thread(target=post, args=(route,)) for route in bodies]
         for c in clients:
             c.start()
