@@ -22,6 +22,7 @@ it lacks the flags for.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -356,8 +357,12 @@ def _build(cuda: bool, out_dir: Path | None, arch: str | None) -> OpsLibrary:
         os.replace(built, lib)
         (work / "stamp").write_text(digest + "\n")
         os.replace(work / "stamp", stamp)
-    except OSError as exc:
-        raise NativeError(f"custom-op build in {target} failed: {exc}") from exc
+    except BaseException as exc:
+        with contextlib.suppress(OSError):  # only while empty: a peer's build stays
+            target.rmdir()  # a failed build left its digest's folder behind for good
+        if isinstance(exc, OSError):
+            raise NativeError(f"custom-op build in {target} failed: {exc}") from exc
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log.info("built %s (cuda=%s, %s)", lib, cuda, " ".join(cpu_arch) or "no -march flag")

@@ -74,8 +74,11 @@ def test_a_failed_cuda_build_keeps_the_cpu_kernels(
     nvcc.chmod(0o755)
     monkeypatch.setattr(native, "find_nvcc", lambda: str(nvcc))
     monkeypatch.setattr(native, "_ort_has_cuda", lambda: True)
+    before = set(native.cache_dir().iterdir())
     with pytest.raises(native.NativeError, match="unsupported host compiler"):
         native.build(cuda=True)  # asked for explicitly: still an error
+    # and it leaves no empty folder in the cache (one per failed digest, for good)
+    assert [p for p in set(native.cache_dir().iterdir()) - before if not any(p.iterdir())] == []
     with caplog.at_level(logging.WARNING, logger="ctr.native"):
         built = native.build()
     assert built.cuda is False and built.path.is_file()
