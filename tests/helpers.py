@@ -30,6 +30,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SPARE_DATABASES = (14, 15, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 13)
 
 
+def with_database(url: str, db: int) -> str:
+    """Redis URL ``url`` (host, port, credentials, options) naming database ``db``."""
+    parts = urlsplit(url)
+    query = "&".join(q for q in parts.query.split("&") if q and not q.startswith("db="))
+    return parts._replace(path=f"/{db}", query=query).geturl()
+
+
 def worker_redis_url(url: str, worker: str | None) -> str:
     """``url`` for the pytest-xdist worker named ``worker`` ("gw0", "gw1", ...; None
     without xdist): worker gw0 and a plain run use ``url`` itself, each further worker a
@@ -41,15 +48,12 @@ def worker_redis_url(url: str, worker: str | None) -> str:
     spare = [db for db in SPARE_DATABASES if db != base]
     if index > len(spare):
         raise RuntimeError(f"pytest-xdist worker {worker}: no spare Redis database left")
-    parts = urlsplit(url)
-    query = "&".join(q for q in parts.query.split("&") if q and not q.startswith("db="))
-    return parts._replace(path=f"/{spare[index - 1]}", query=query).geturl()
+    return with_database(url, spare[index - 1])
 
 
-REDIS_URL = worker_redis_url(
-    os.environ.get("CTR_TEST_REDIS_URL", "redis://127.0.0.1:6379/13"),
-    os.environ.get("PYTEST_XDIST_WORKER"),
-)
+# CTR_TEST_REDIS_URL: the database of a run in one process, and of worker gw0
+BASE_REDIS_URL = os.environ.get("CTR_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+REDIS_URL = worker_redis_url(BASE_REDIS_URL, os.environ.get("PYTEST_XDIST_WORKER"))
 
 
 @dataclass

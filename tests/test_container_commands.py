@@ -9,7 +9,6 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -17,22 +16,19 @@ from redis import Redis
 from redis.connection import parse_url
 
 from service.store import user_key
-from tests.helpers import REDIS_URL as TEST_REDIS_URL
-from tests.helpers import ROOT
+from tests.helpers import BASE_REDIS_URL, ROOT, with_database
 from tests.redis_proc import free_port
 from tests.server_thread import serve_process
 
 
 def own_database(url: str) -> str:
     """The test Redis of ``url`` (CTR_TEST_REDIS_URL: host, port, credentials) on a
-    database of this test's own (it is emptied): 12, or 11 when the tests use 12."""
-    parts = urlsplit(url)
-    db = parse_url(url).get("db", 0)
-    query = "&".join(q for q in parts.query.split("&") if q and not q.startswith("db="))
-    return parts._replace(path=f"/{11 if db == 12 else 12}", query=query).geturl()
+    database of this test's own (it is emptied): 12, or 11 when the tests use 12 (the
+    further test workers' databases are never either, tests/helpers.py)."""
+    return with_database(url, 11 if parse_url(url).get("db", 0) == 12 else 12)
 
 
-REDIS_URL = own_database(TEST_REDIS_URL)
+REDIS_URL = own_database(BASE_REDIS_URL)
 
 
 def users_in(url: str) -> int:

@@ -126,6 +126,18 @@ def test_each_test_worker_flushes_a_database_of_its_own() -> None:
     assert len(set(dbs)) == 13 and not {0, 11, 12} & set(dbs), dbs
     with pytest.raises(RuntimeError, match="gw13: no spare Redis database"):
         worker_redis_url(url, "gw13")
+    # whatever database CTR_TEST_REDIS_URL names, no worker shares the one the
+    # container-command tests empty (computed from that URL, not from a worker's)
+    from tests.helpers import BASE_REDIS_URL
+    from tests.test_container_commands import REDIS_URL as CONTAINER_URL
+    from tests.test_container_commands import own_database
+
+    assert CONTAINER_URL == own_database(BASE_REDIS_URL)
+    for db in range(16):
+        base = f"redis://127.0.0.1:6379/{db}"
+        mine = parse_url(own_database(base))["db"]
+        workers = [parse_url(worker_redis_url(base, f"gw{i}")).get("db", 0) for i in range(4)]
+        assert mine not in workers and len(set(workers)) == 4, (db, mine, workers)
     # a db= option goes with the path: one database named, the worker's
     assert parse_url(worker_redis_url("redis://h:1?db=14", "gw1"))["db"] == 15
     base = os.environ.get("CTR_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
