@@ -82,7 +82,8 @@ REDIS_READ = Histogram(
 # Counts are integers: a bucket bound on a value that occurs made histogram_quantile,
 # which spreads a bucket's count from the bound below, read a whole bucket low (every
 # call of 1 user read as p50 0.5; every request of 200 candidates as 150). A bound half
-# a unit either side of each value that occurs often reads it back as itself.
+# a unit either side of each value that occurs often reads it back within half a unit
+# (calls all of 1 user: p99 1.49), and rounded as itself: the dashboard rounds them.
 CANDIDATE_SIZES = (1, 10, 50, 100, 200, 300, 500, 750, 1000, 1500, 2000)
 CANDIDATES = Histogram(
     "ctr_candidates_per_request",
