@@ -91,3 +91,21 @@ def test_candidates_per_request_quantiles_read_whole_candidates(tmp_path: Path) 
     series = {f'ctr_candidates_per_request_bucket{{le="{le}"}}': "0x10" if le == "0.5"
               else "0+60x10" for le in ("0.5", "1.5", "9.5", "10.5", "+Inf")}  # fmt: skip
     promtool_eval(tmp_path, series, [(exprs[q], [("{}", 1)]) for q in ("p50", "p95")])
+
+
+# -- shares of a worker's time: not summed over the workers -------------------------------
+
+
+def test_gc_pause_share_is_per_worker(tmp_path: Path) -> None:
+    """Two workers, each of whose event loop GC stopped 30 % of the time: the panel says
+    30 % ("share of the time the event loop was stopped"). ctr_gc_pause_seconds pools the
+    workers' pauses (multiprocess mode sums their files), and the plain rate read 60 %,
+    with N workers up to N x 100 %."""
+    [expr] = panel_exprs("GC pause time per second by generation").values()
+    assert "count(ctr_worker_resident_memory_bytes)" in expr, expr
+    series = {
+        'ctr_gc_pause_seconds_sum{generation="2"}': "0+36x10",  # 0.6 s a second, pooled
+        'ctr_worker_resident_memory_bytes{pid="11"}': "1e8x10",
+        'ctr_worker_resident_memory_bytes{pid="12"}': "1e8x10",
+    }
+    promtool_eval(tmp_path, series, [(expr, [('{generation="2"}', 0.3)])])
