@@ -109,3 +109,27 @@ def test_gc_pause_share_is_per_worker(tmp_path: Path) -> None:
         'ctr_worker_resident_memory_bytes{pid="12"}': "1e8x10",
     }
     promtool_eval(tmp_path, series, [(expr, [('{generation="2"}', 0.3)])])
+
+
+# -- no errors reads 0, not "No data" ------------------------------------------------------
+
+
+def test_error_panels_read_0_without_errors(tmp_path: Path) -> None:
+    """A service that has answered no error yet exports no ctr_errors_total series and no
+    non-2xx request series (they are made at their first use): the two error panels read
+    0, as "5xx/s" does, not an empty "No data" that reads like a broken panel; with
+    errors, one line per kind / route and status, and no 0 line beside them."""
+    errors = panel_exprs("Errors/s by kind")["{{kind}}"]
+    non_2xx = panel_exprs("Non-2xx responses/s")["{{route}} {{status}}"]
+    for expr in (errors, non_2xx):
+        assert expr.endswith(" or on() vector(0)"), expr
+    healthy = {'ctr_request_duration_seconds_count{route="/v1/score", status="200"}': "0+60x10"}
+    promtool_eval(tmp_path, healthy, [(errors, [("{}", 0)]), (non_2xx, [("{}", 0)])])
+    failing = healthy | {
+        'ctr_errors_total{kind="bad_request"}': "0+60x10",
+        'ctr_request_duration_seconds_count{route="/v1/score", status="422"}': "0+60x10",
+    }
+    promtool_eval(tmp_path, failing, [
+        (errors, [('{kind="bad_request"}', 1)]),
+        (non_2xx, [('{route="/v1/score", status="422"}', 1)]),
+    ])  # fmt: skip
