@@ -133,3 +133,21 @@ def test_error_panels_read_0_without_errors(tmp_path: Path) -> None:
         (errors, [('{kind="bad_request"}', 1)]),
         (non_2xx, [('{route="/v1/score", status="422"}', 1)]),
     ])  # fmt: skip
+
+
+# -- the alerts' unit tests: a case that fires each rule, and one that does not ------------
+
+
+def test_every_alert_has_a_case_that_does_not_fire() -> None:
+    """docs/stack.md: alerts_test.yml tests every rule "with a case that fires it and one
+    that does not yet"; CtrDegradedResponses and CtrServerErrors had only the first (a
+    rule that fires at any share passed its tests)."""
+    folder = REPO / "deploy" / "prometheus"
+    rules = yaml.safe_load((folder / "alerts.yml").read_text())
+    names = {r["alert"] for g in rules["groups"] for r in g["rules"]}
+    cases = yaml.safe_load((folder / "alerts_test.yml").read_text())["tests"]
+    silent = {t["alertname"] for c in cases for t in c.get("alert_rule_test", [])
+              if not t.get("exp_alerts")}  # fmt: skip
+    assert names - silent == set(), "rules without a test where they stay silent"
+    stack = " ".join((REPO / "docs" / "stack.md").read_text().split())
+    assert "each with a case that fires it and one that does not yet" in stack
