@@ -18,8 +18,19 @@ from typing import Any
 import orjson
 import pandas as pd
 from redis import Redis
+from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
-from redis.exceptions import NoScriptError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    RedisError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 from tqdm import tqdm
 
 from ctr.encode import check_item_key, parse_dense, split_sequence
@@ -167,16 +178,23 @@ def sync_client(redis_url: str, cluster: bool, timeout_s: float = 10) -> Redis |
     impressions``): a long timeout; a cluster's URL may list several nodes (the first is
     asked for the rest). A URL whose database is no number is refused (``ValueError``),
     as ``CTR_REDIS_URL`` is: redis-py took ``/1O`` for database 0, and a benchmark's
-    load replaced that database's item hashes."""
+    load replaced that database's item hashes.
+
+    No command is sent again after a timeout or a lost connection (the error is
+    raised): the server may have run it, and a user replaced twice loses an event
+    appended between the two (:func:`_replace_users`). redis-py's cluster client sent
+    it again up to 10 times by default; a cluster's redirections (MOVED, ASK, TRYAGAIN)
+    are still followed, as the server ran nothing then."""
     from service.settings import check_dbs
     from service.store import redact
 
+    once = Retry(NoBackoff(), 0)
     if cluster:
         client: Redis | RedisCluster = RedisCluster.from_url(
-            node_urls(redis_url)[0], socket_timeout=timeout_s
+            node_urls(redis_url)[0], socket_timeout=timeout_s, retry=once
         )
-    else:
-        client = Redis.from_url(redis_url, socket_timeout=timeout_s)
+    else:  # Redis.from_url has no retry by default in redis-py 8 (Redis() has 10)
+        client = Redis.from_url(redis_url, socket_timeout=timeout_s, retry=once)
     try:  # after parsing, which names a bad port first
         check_dbs(redis_url, cluster)
     except ValueError as exc:
@@ -185,23 +203,74 @@ def sync_client(redis_url: str, cluster: bool, timeout_s: float = 10) -> Redis |
     return client
 
 
+# what a server answers when it ran nothing: the call may go again (NOSCRIPT aside)
+REFUSED = (MovedError, AskError, TryAgainError, ClusterDownError)
+
+
 def _replace_users(client: Redis | RedisCluster, calls: list[list[Any]]) -> None:
     """:data:`REPLACE_USER` for each of ``calls`` (its EVALSHA arguments after the
     SHA), pipelined; the calls a server refused for want of the script (a restart, a
     failover) run again once it has it. Only those: a user replaced twice would lose an
-    event appended between the two."""
+    event appended between the two. A timeout or a lost connection fails the load
+    (:func:`_unanswered`): the server may have run the calls it was sent."""
     for attempt in (1, 2):
         if not calls:
             return
         sha = client.script_load(REPLACE_USER)  # on every master of a cluster
-        pipe = client.pipeline(transaction=False)
-        for args in calls:
-            pipe.evalsha(sha, *args)
-        results = pipe.execute(raise_on_error=False)
+        try:
+            if isinstance(client, RedisCluster):
+                results = _evalsha_by_node(client, sha, calls)
+            else:
+                pipe = client.pipeline(transaction=False)
+                for args in calls:
+                    pipe.evalsha(sha, *args)
+                results = pipe.execute(raise_on_error=False)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise _unanswered(exc) from exc
         for r in results:  # any other error: the load fails (a retry would not help)
             if isinstance(r, Exception) and not (isinstance(r, NoScriptError) and attempt == 1):
                 raise r
         calls = [c for c, r in zip(calls, results, strict=True) if isinstance(r, NoScriptError)]
+
+
+def _evalsha_by_node(client: RedisCluster, sha: str, calls: list[list[Any]]) -> list[Any]:
+    """The replies to ``EVALSHA sha *call`` for each of ``calls``, sent once each: in one
+    plain pipeline per master, by the slot of the call's keys (one user's). A cluster
+    pipeline sent the calls of a node that timed out or dropped the connection again,
+    one by one, whatever its retry: the node may have run them. A call a node refused
+    unrun (:data:`REFUSED`: the slot moved or is moving) goes again on its own through
+    ``client``, which follows the redirection; a lost connection or a timeout is
+    raised."""
+    by_node: dict[str, tuple[Any, list[int]]] = {}
+    for i, args in enumerate(calls):
+        node = client.get_node_from_key(args[1])
+        by_node.setdefault(node.name, (node, []))[1].append(i)
+    results: list[Any] = [None] * len(calls)
+    for node, indices in by_node.values():
+        pipe = client.get_redis_connection(node).pipeline(transaction=False)
+        for i in indices:
+            pipe.evalsha(sha, *calls[i])
+        for i, r in zip(indices, pipe.execute(raise_on_error=False), strict=True):
+            results[i] = r
+    for i, r in enumerate(results):
+        if isinstance(r, REFUSED):
+            try:
+                results[i] = client.evalsha(sha, *calls[i])
+            except (RedisConnectionError, RedisTimeoutError):
+                raise
+            except RedisError as exc:  # NOSCRIPT on the slot's new master, say
+                results[i] = exc
+    return results
+
+
+def _unanswered(exc: RedisConnectionError | RedisTimeoutError) -> RedisError:
+    """The error a load fails with where Redis did not answer a batch of user replaces
+    (``exc``): of its type, saying why it was not sent again."""
+    return type(exc)(
+        f"Redis did not answer a batch of user replaces ({exc}); not sent again, as "
+        "Redis may have run them (a user replaced twice would lose an event appended "
+        "between the two): run the load again"
+    )
 
 
 def _replace_items(client: Redis | RedisCluster, key: str, values: dict[str, Any]) -> None:

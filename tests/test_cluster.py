@@ -5,21 +5,27 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 from redis.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ctr.spec import FeatureConfig
 from service.app import create_app
 from service.loader import load_into_redis
 from service.settings import Settings
 from service.store import ping, redact, user_key
-from tests.helpers import Built, build_bundle, missing
+from tests.helpers import Built, build_bundle, missing, small_config
 from tests.redis_proc import RedisProcess, free_cluster_port
 
 NODE_ARGS = (
@@ -275,3 +281,173 @@ def test_the_impression_log_on_a_cluster(
     assert {(r.user_id, r.item_id) for r in rows if r.label} == {
         (u, f"i{k % 8}") for k, u in enumerate(users)
     }
+
+
+@pytest.fixture(scope="module")
+def small() -> tuple[FeatureConfig, pd.DataFrame]:
+    from training.data import load_frame
+
+    config = small_config("din", n_users=40)
+    return config, load_frame(config)
+
+
+def _evalsha_calls(node: RedisProcess) -> int:
+    stats = Redis.from_url(node.url).info("commandstats").get("cmdstat_evalsha", {})
+    return int(stats.get("calls", 0))
+
+
+def _moved(node: RedisProcess) -> int:
+    """The MOVED replies ``node`` has sent."""
+    stats = Redis.from_url(node.url).info("errorstats").get("errorstat_MOVED", {})
+    return int(stats.get("count", 0))
+
+
+def _first_batch(
+    monkeypatch: pytest.MonkeyPatch, then: Callable[[RedisCluster, str], None]
+) -> dict[str, Any]:
+    """Run ``then(client, key)`` once, as the load's first batch of user replaces is
+    about to be sent (its script loaded): ``key`` is the first call's (a user's seq).
+    Returns what it saw: the user and the master that holds it."""
+    import service.loader as loader
+
+    real = loader._replace_users
+    seen: dict[str, Any] = {}
+
+    def replace(client: Any, calls: list[list[Any]]) -> None:
+        if calls and not seen:
+            key = str(calls[0][1])
+            seen["user"] = key[len("{u:") : key.index("}")]
+            real_load = client.script_load
+
+            def load_then(script: str) -> str:
+                sha = real_load(script)
+                if "done" not in seen:
+                    seen["done"] = True
+                    then(client, key)
+                return str(sha)
+
+            monkeypatch.setattr(client, "script_load", load_then)
+        real(client, calls)
+
+    monkeypatch.setattr(loader, "_replace_users", replace)
+    return seen
+
+
+def test_a_cluster_load_never_replaces_a_user_twice_after_a_timeout(
+    small: tuple[FeatureConfig, pd.DataFrame],
+    cluster: list[RedisProcess],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A master asleep past the client's timeout while the users' replaces are in
+    flight: the load fails (one line), and no replace runs twice once it wakes. redis-py's
+    cluster pipeline sent the node's calls again (10 retries by default), and each of
+    its users was replaced twice, losing whatever was appended between the two."""
+    import service.loader as loader
+    from tests.helpers import redis_asleep
+
+    config, frame = small
+    real_client = loader.sync_client  # a short timeout: the sleep outlasts it
+    monkeypatch.setattr(loader, "sync_client", lambda u, c, timeout_s=10: real_client(u, c, 0.3))
+    for n in cluster:
+        Redis.from_url(n.url).config_resetstat()
+    asleep: list[threading.Thread] = []
+    seen = _first_batch(
+        monkeypatch,
+        lambda client, key: asleep.append(redis_asleep(node_of(cluster, key).url, 0.8)),
+    )
+    url = ",".join(f"redis://127.0.0.1:{n.port}" for n in cluster)
+    failed = None
+    try:
+        load_into_redis(config, frame, url, progress=False, cluster=True)
+    except RedisTimeoutError as exc:
+        failed = exc
+    finally:
+        for t in asleep:
+            t.join()
+    victim = node_of(cluster, user_key(seen["user"], "seq"))
+    users = {str(u) for u in frame[config.data.user_key].astype(str)}
+    held = sum(node_of(cluster, user_key(u, "seq")) is victim for u in users)
+    assert 0 < _evalsha_calls(victim) <= held  # each at most once (it was twice each)
+    assert failed is not None and "not sent again" in str(failed)
+
+
+def test_a_cluster_load_keeps_an_event_appended_after_its_users_replace(
+    small: tuple[FeatureConfig, pd.DataFrame],
+    cluster: list[RedisProcess],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The connection to a master drops once it has run a user's replace, and an event
+    appended to that user meanwhile (POST /v1/events' script) stays: the load fails
+    instead of sending the replace again, which wiped the event and its ID."""
+    import orjson
+    import redis.connection
+
+    from service.store import APPEND_EVENT, event_keys
+
+    config, frame = small
+    real_read = redis.connection.Connection.read_response
+    drop: dict[str, int] = {}
+
+    def read_response(self: Any, *a: Any, **kw: Any) -> Any:
+        reply = real_read(self, *a, **kw)
+        if drop.pop("port", None) == self.port:  # the batch's first reply: its user's ran
+            ev = orjson.dumps({"item_id": "meanwhile", "ts": 1.0})
+            args = ("ev-meanwhile", 1.0, ev, 20, 20, 0, 1)
+            keys = event_keys(seen["user"])
+            with Redis.from_url(f"redis://127.0.0.1:{self.port}") as node:
+                assert node.eval(APPEND_EVENT, 3, *keys, *args) == 1  # appended
+            self.disconnect()
+            raise RedisConnectionError("Connection closed by server.")
+        return reply
+
+    monkeypatch.setattr(redis.connection.Connection, "read_response", read_response)
+    seen = _first_batch(monkeypatch, lambda _, key: drop.update(port=node_of(cluster, key).port))
+    url = ",".join(f"redis://127.0.0.1:{n.port}" for n in cluster)
+    failed = None
+    try:
+        load_into_redis(config, frame, url, progress=False, cluster=True)
+    except RedisConnectionError as exc:
+        failed = exc
+    rc = RedisCluster.from_url(url.split(",")[0])
+    try:
+        seq = [orjson.loads(e) for e in rc.lrange(user_key(seen["user"], "seq"), 0, -1)]
+        assert {"item_id": "meanwhile", "ts": 1.0} in seq  # it was replaced away
+        assert rc.zscore(user_key(seen["user"], "event_ids"), "ev-meanwhile") == 1.0
+    finally:
+        rc.close()
+    assert failed is not None and "not sent again" in str(failed)
+
+
+def test_a_cluster_load_follows_a_slot_that_moved_meanwhile(
+    small: tuple[FeatureConfig, pd.DataFrame],
+    cluster: list[RedisProcess],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A user's slot moves to another master once the load has read the slot map: the
+    old master refuses the user's replace (MOVED, nothing run), which goes again to the
+    new one; the load completes."""
+    from service.store import event_keys
+
+    config, frame = small
+
+    def move(_: Any, key: str) -> None:
+        source = node_of(cluster, key)
+        target = next(n for n in cluster if n is not source)
+        admin = Redis.from_url(source.url)
+        user = key[len("{u:") : key.index("}")]
+        admin.delete(user_key(user, "profile"), *event_keys(user))  # an empty slot moves
+        slot = admin.cluster("keyslot", key)
+        assert admin.cluster("countkeysinslot", slot) == 0
+        target_id = Redis.from_url(target.url).execute_command("CLUSTER MYID")
+        for n in [target, source, *(n for n in cluster if n not in (source, target))]:
+            Redis.from_url(n.url).execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+        seen["from"], seen["to"], seen["moved"] = source, target, _moved(source)
+
+    seen = _first_batch(monkeypatch, move)
+    url = ",".join(f"redis://127.0.0.1:{n.port}" for n in cluster)
+    counts = load_into_redis(config, frame, url, progress=False, cluster=True)
+    assert counts["users"] == frame[config.data.user_key].nunique()
+    seq = user_key(seen["user"], "seq")
+    assert node_of(cluster, seq) is seen["to"]
+    assert Redis.from_url(seen["to"].url).llen(seq) > 0
+    assert _moved(seen["from"]) > seen["moved"]  # the old master refused it
