@@ -357,14 +357,12 @@ def _build(cuda: bool, out_dir: Path | None, arch: str | None) -> OpsLibrary:
         os.replace(built, lib)
         (work / "stamp").write_text(digest + "\n")
         os.replace(work / "stamp", stamp)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):  # only while empty: a peer's build stays
-            target.rmdir()  # a failed build left its digest's folder behind for good
-        if isinstance(exc, OSError):
-            raise NativeError(f"custom-op build in {target} failed: {exc}") from exc
-        raise
+    except OSError as exc:
+        raise NativeError(f"custom-op build in {target} failed: {exc}") from exc
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        with contextlib.suppress(OSError):  # only while empty: a failed build's (it
+            target.rmdir()  # stayed for good); a built one, or a peer's, holds its library
     log.info("built %s (cuda=%s, %s)", lib, cuda, " ".join(cpu_arch) or "no -march flag")
     _refuse_untrusted(lib)  # the folder could have changed hands while it was built
     return checked()

@@ -221,16 +221,22 @@ def _replace_users(client: Redis | RedisCluster, calls: list[list[Any]]) -> None
             if isinstance(client, RedisCluster):
                 results = _evalsha_by_node(client, sha, calls)
             else:
-                pipe = client.pipeline(transaction=False)
-                for args in calls:
-                    pipe.evalsha(sha, *args)
-                results = pipe.execute(raise_on_error=False)
+                results = _evalsha_pipelined(client, sha, calls)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise _unanswered(exc) from exc
         for r in results:  # any other error: the load fails (a retry would not help)
             if isinstance(r, Exception) and not (isinstance(r, NoScriptError) and attempt == 1):
                 raise r
         calls = [c for c, r in zip(calls, results, strict=True) if isinstance(r, NoScriptError)]
+
+
+def _evalsha_pipelined(redis: Redis, sha: str, calls: list[list[Any]]) -> list[Any]:
+    """The replies (errors among them) to ``EVALSHA sha *call`` for each of ``calls``,
+    in one plain pipeline to ``redis``, which never sends a call again."""
+    pipe = redis.pipeline(transaction=False)
+    for args in calls:
+        pipe.evalsha(sha, *args)
+    return pipe.execute(raise_on_error=False)
 
 
 def _evalsha_by_node(client: RedisCluster, sha: str, calls: list[list[Any]]) -> list[Any]:
@@ -247,10 +253,10 @@ def _evalsha_by_node(client: RedisCluster, sha: str, calls: list[list[Any]]) -> 
         by_node.setdefault(node.name, (node, []))[1].append(i)
     results: list[Any] = [None] * len(calls)
     for node, indices in by_node.values():
-        pipe = client.get_redis_connection(node).pipeline(transaction=False)
-        for i in indices:
-            pipe.evalsha(sha, *calls[i])
-        for i, r in zip(indices, pipe.execute(raise_on_error=False), strict=True):
+        replies = _evalsha_pipelined(
+            client.get_redis_connection(node), sha, [calls[i] for i in indices]
+        )
+        for i, r in zip(indices, replies, strict=True):
             results[i] = r
     for i, r in enumerate(results):
         if isinstance(r, REFUSED):

@@ -232,6 +232,17 @@ def missing(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
+def promtool_or_skip() -> str:
+    """The path of Prometheus's ``promtool`` (Debian's ``prometheus``; scripts/setup.sh
+    does not install it), or the test is skipped."""
+    import shutil
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    return promtool
+
+
 def redis_asleep(url: str, seconds: float) -> threading.Thread:
     """Start ``DEBUG SLEEP seconds`` on the Redis at ``url`` (a private test server) in a
     thread, and return that thread once Redis is really asleep: a PING on another

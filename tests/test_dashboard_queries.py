@@ -6,13 +6,13 @@ everywhere (so that a dashboard edit that brings a misreading back fails without
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
+
+from tests.helpers import promtool_or_skip
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "ctr.json"
@@ -40,9 +40,7 @@ def promtool_eval(
 ) -> None:
     """Each expression of ``checks`` evaluated at 5 minutes over ``series`` (promtool's
     notation, one sample a minute) gives the samples listed: (labels, value)."""
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    promtool = promtool_or_skip()
     case = {
         "rule_files": [],
         "evaluation_interval": "1m",
@@ -133,21 +131,3 @@ def test_error_panels_read_0_without_errors(tmp_path: Path) -> None:
         (errors, [('{kind="bad_request"}', 1)]),
         (non_2xx, [('{route="/v1/score", status="422"}', 1)]),
     ])  # fmt: skip
-
-
-# -- the alerts' unit tests: a case that fires each rule, and one that does not ------------
-
-
-def test_every_alert_has_a_case_that_does_not_fire() -> None:
-    """docs/stack.md: alerts_test.yml tests every rule "with a case that fires it and one
-    that does not yet"; CtrDegradedResponses and CtrServerErrors had only the first (a
-    rule that fires at any share passed its tests)."""
-    folder = REPO / "deploy" / "prometheus"
-    rules = yaml.safe_load((folder / "alerts.yml").read_text())
-    names = {r["alert"] for g in rules["groups"] for r in g["rules"]}
-    cases = yaml.safe_load((folder / "alerts_test.yml").read_text())["tests"]
-    silent = {t["alertname"] for c in cases for t in c.get("alert_rule_test", [])
-              if not t.get("exp_alerts")}  # fmt: skip
-    assert names - silent == set(), "rules without a test where they stay silent"
-    stack = " ".join((REPO / "docs" / "stack.md").read_text().split())
-    assert "each with a case that fires it and one that does not yet" in stack

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import missing
+from tests.helpers import missing, promtool_or_skip
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
@@ -470,24 +470,31 @@ def test_alert_rules_read_contract_metrics() -> None:
             "ctr_degraded_responses_total", "ctr_impressions_dropped_total"} <= used  # fmt: skip
 
 
+ALERTS = REPO / "deploy" / "prometheus"
+
+
+def _alert_cases(firing: bool) -> tuple[set[str], set[str]]:
+    """alerts.yml's rule names, and those alerts_test.yml has a case for that fires them
+    (``firing``) or where they stay silent."""
+    rules = yaml.safe_load((ALERTS / "alerts.yml").read_text())
+    names = {r["alert"] for g in rules["groups"] for r in g["rules"]}
+    cases = yaml.safe_load((ALERTS / "alerts_test.yml").read_text())["tests"]
+    tested = {t["alertname"] for c in cases for t in c.get("alert_rule_test", [])
+              if bool(t.get("exp_alerts")) == firing}  # fmt: skip
+    return names, tested
+
+
 def test_alert_rules_fire_as_their_unit_tests_say() -> None:
     """``promtool test rules`` on deploy/prometheus/alerts_test.yml: synthetic series
     in, which alerts fire when (a fallback after 5 minutes, tracking down only where it
     is enabled, ...). promtool comes with Prometheus (Debian's ``prometheus``); the stack
     smoke test checks the server loads and evaluates the rules either way."""
-    folder = REPO / "deploy" / "prometheus"
     # every rule has a case that fires it (docs/stack.md says so; five had none)
-    rules = yaml.safe_load((folder / "alerts.yml").read_text())
-    names = {r["alert"] for g in rules["groups"] for r in g["rules"]}
-    cases = yaml.safe_load((folder / "alerts_test.yml").read_text())["tests"]
-    fired = {t["alertname"] for c in cases for t in c.get("alert_rule_test", [])
-             if t.get("exp_alerts")}  # fmt: skip
+    names, fired = _alert_cases(firing=True)
     assert names - fired == set(), "rules without a test that fires them"
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    promtool = promtool_or_skip()
     for args in (["check", "rules", "alerts.yml"], ["test", "rules", "alerts_test.yml"]):
-        done = subprocess.run([promtool, *args], cwd=folder, capture_output=True, text=True,
+        done = subprocess.run([promtool, *args], cwd=ALERTS, capture_output=True, text=True,
                               timeout=120, check=False)  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr
 
@@ -1097,3 +1104,13 @@ def test_run_py_without_a_request_exits_2(tmp_path: Path) -> None:
     exit 1, where "no statistics" is 2."""
     out = _locust_out(tmp_path, 0, False, requests=0)
     assert _run_py_module().main(["--from-csv", "--out", str(out), "--no-plot"]) == 2
+
+
+def test_every_alert_has_a_case_that_does_not_fire() -> None:
+    """docs/stack.md: alerts_test.yml tests every rule "with a case that fires it and one
+    that does not yet"; CtrDegradedResponses and CtrServerErrors had only the first (a
+    rule that fires at any share passed its tests)."""
+    names, silent = _alert_cases(firing=False)
+    assert names - silent == set(), "rules without a test where they stay silent"
+    stack = " ".join((REPO / "docs" / "stack.md").read_text().split())
+    assert "each with a case that fires it and one that does not yet" in stack

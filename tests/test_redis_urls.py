@@ -114,7 +114,9 @@ def test_each_test_worker_flushes_a_database_of_its_own() -> None:
     from redis import Redis
     from redis.connection import parse_url
 
-    from tests.helpers import REDIS_URL, worker_redis_url
+    from tests.helpers import BASE_REDIS_URL, REDIS_URL, worker_redis_url
+    from tests.test_container_commands import REDIS_URL as CONTAINER_URL
+    from tests.test_container_commands import own_database
 
     url = "redis://:pw@127.0.0.1:6379/13?socket_timeout=2"
     assert worker_redis_url(url, None) == worker_redis_url(url, "gw0") == url
@@ -128,10 +130,6 @@ def test_each_test_worker_flushes_a_database_of_its_own() -> None:
         worker_redis_url(url, "gw13")
     # whatever database CTR_TEST_REDIS_URL names, no worker shares the one the
     # container-command tests empty (computed from that URL, not from a worker's)
-    from tests.helpers import BASE_REDIS_URL
-    from tests.test_container_commands import REDIS_URL as CONTAINER_URL
-    from tests.test_container_commands import own_database
-
     assert CONTAINER_URL == own_database(BASE_REDIS_URL)
     for db in range(16):
         base = f"redis://127.0.0.1:6379/{db}"
@@ -140,7 +138,6 @@ def test_each_test_worker_flushes_a_database_of_its_own() -> None:
         assert mine not in workers and len(set(workers)) == 4, (db, mine, workers)
     # a db= option goes with the path: one database named, the worker's
     assert parse_url(worker_redis_url("redis://h:1?db=14", "gw1"))["db"] == 15
-    base = os.environ.get("CTR_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
-    assert REDIS_URL == worker_redis_url(base, os.environ.get("PYTEST_XDIST_WORKER"))
+    assert REDIS_URL == worker_redis_url(BASE_REDIS_URL, os.environ.get("PYTEST_XDIST_WORKER"))
     client = Redis.from_url(REDIS_URL)
     assert client.client_info()["db"] == parse_url(REDIS_URL).get("db", 0)
