@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import os
 import secrets
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -75,12 +76,15 @@ LEFT_BY_PHASE = {
 class LoadLost(RuntimeError):
     """Redis no longer holds a load's writes (restarted without its data, flushed or
     failed over while it ran)."""
+
+
 # what the keys a load writes hold: raise it when that changes (2, session 35: a CSV's
 # float-written integer IDs read as digits; history item features lined up from the end;
 # 3, session 36: an item's features from its newest row by time, ISO 8601 times ordered
 # as times, Parquet BINARY IDs as text; 4, session 40: Parquet DECIMAL IDs as their
-# numbers, 3.00 as 3)
-LOAD_FORMAT = 4
+# numbers, 3.00 as 3; 5, session 42: the rows sharing a user's newest time in any order
+# give one history, each behaviour once)
+LOAD_FORMAT = 5
 ITEM_PIECE = 5000  # item-feature fields per command
 
 # One user replaced in one step, so that an event appended meanwhile (POST /v1/events,
@@ -341,8 +345,6 @@ def user_records(config: FeatureConfig, frame: pd.DataFrame) -> Iterator[tuple[s
     spec = config.data
     profile_feats = [f for f in config.features if f.side == "user" and f.kind != "sequence"]
     seqs = config.sequences
-    targets = config.sequence_targets
-    delim = spec.seq_delimiter
     key = spec.user_key
     time = spec.time_column if spec.time_column and spec.time_column in frame else None
     if time is not None:  # rows with no time count as the oldest
@@ -357,20 +359,62 @@ def user_records(config: FeatureConfig, frame: pd.DataFrame) -> Iterator[tuple[s
         }
         timed = time is not None and not pd.isna(last[TIME])
         newest = rows[rows[TIME] == last[TIME]] if timed else rows[-1:]
-        row = newest.iloc[0]
-        cols = [split_sequence(row[s.source], delim) for s in seqs]
-        n = min((len(c) for c in cols), default=0)
-        events = [
-            {t.source: normalize(cols[j][len(cols[j]) - n + i]) for j, t in enumerate(targets)}
-            for i in range(n)
-        ]
-        if seqs and spec.behaviours != "none":
-            followed = newest if spec.behaviours == "all" else newest[newest[spec.label] == 1]
-            for _, pos in followed.iterrows():
-                events.append({t.source: normalize(pos.get(t.source)) for t in targets})
+        events = newest_events(config, newest) if seqs else []
         user = normalize(uid)  # the token training and requests use: 5.0 is user "5"
         if user is not None:
             yield user, profile, events
+
+
+Event = dict[str, Any]
+
+
+def newest_events(config: FeatureConfig, newest: pd.DataFrame) -> list[Event]:
+    """A user's events oldest-first, from the rows of its newest example time.
+
+    Each row's history is the events before it; the candidates that are behaviours
+    (``data.behaviours``) followed it. Rows sharing that time came in some order the
+    file need not keep: a row whose history ends with other such rows' candidates
+    (MovieLens: the movies rated in the same second before it) came after them. The
+    base is the latest row's history; the behaviour candidates its history does not
+    end with are appended, each after those its own history ends with. Any order of
+    the rows gives the same events."""
+    spec = config.data
+    targets = config.sequence_targets
+    if spec.behaviours == "none":
+        followed = [False] * len(newest)
+    elif spec.behaviours == "all":
+        followed = [True] * len(newest)
+    else:
+        followed = (newest[spec.label] == 1).tolist()
+    histories: list[list[tuple[Any, ...]]] = []
+    behaviours: list[tuple[int, tuple[Any, ...]]] = []  # (row position, its candidate)
+    for pos, (_, row) in enumerate(newest.iterrows()):
+        cols = [split_sequence(row[s.source], spec.seq_delimiter) for s in config.sequences]
+        n = min((len(c) for c in cols), default=0)
+        histories.append([tuple(normalize(c[len(c) - n + i]) for c in cols) for i in range(n)])
+        if followed[pos]:
+            behaviours.append((pos, tuple(normalize(row.get(t.source)) for t in targets)))
+
+    def ends_with(pos: int) -> Counter[tuple[Any, ...]]:
+        """The other behaviour candidates row ``pos``'s history ends with."""
+        others = Counter(key for p, key in behaviours if p != pos)
+        tail: Counter[tuple[Any, ...]] = Counter()
+        for key in reversed(histories[pos]):
+            if others[key] <= tail[key]:
+                break
+            tail[key] += 1
+        return tail
+
+    tails = [ends_with(pos) for pos in range(len(histories))]
+    base = max(range(len(histories)), key=lambda pos: tails[pos].total())  # the first at ties
+    covered = tails[base].copy()
+    events = list(histories[base])
+    for _, key in sorted(behaviours, key=lambda b: tails[b[0]].total()):
+        if covered[key]:
+            covered[key] -= 1
+        else:
+            events.append(key)
+    return [{t.source: v for t, v in zip(targets, key, strict=True)} for key in events]
 
 
 def item_records(

@@ -705,6 +705,62 @@ def test_a_synthetic_users_stored_history_is_its_newest_examples() -> None:
     assert got == want
 
 
+@pytest.mark.parametrize("max_seq_len", [10, 3])
+def test_a_loaded_history_with_rows_sharing_the_newest_time_ignores_their_file_order(
+    max_seq_len: int,
+) -> None:
+    """Rows at a user's newest time were taken in some order (MovieLens: movies rated in
+    the same second); each one's history holds those before it. Whatever order the file
+    lists them in, ``ctr load`` stores every behaviour once, oldest first, as training's
+    rows saw them: taking the first row's history and appending every candidate stored a
+    movie twice and dropped the oldest where a later row came first (review s42: 415
+    MovieLens users with the rows reversed). With ``max_seq_len`` 3 the histories are cut
+    to the same length. A sampled negative (label 0 under ``positive``) is no behaviour."""
+    import itertools
+
+    from service.loader import user_records
+
+    seq = ["a", "b", "c", "d", "e"]  # a, b at times 1, 2; c, d, e all at time 3
+    rows = [
+        {"item_id": x, "hist_item_id": "|".join(seq[:t][-max_seq_len:]), "label": 1.0,
+         "ts": str(min(t + 1, 3))}  # fmt: skip
+        for t, x in enumerate(seq)
+    ]
+    negative = {**rows[2], "item_id": "n", "label": 0.0}  # c's sampled negative
+    for behaviours, extra in (("all", []), ("positive", [negative])):
+        config = _loader_config(Path("unused.csv"), max_seq_len=max_seq_len)
+        config.data.behaviour_labels = behaviours  # type: ignore[assignment]
+        for newest in itertools.permutations(rows[2:] + extra):  # the older rows: by time
+            frame = pd.DataFrame(
+                [{"user_id": "u1", "price": "1.5", **r} for r in [*newest, *rows[:2]]]
+            )
+            [(_, _, events)] = list(user_records(config, frame))
+            assert [e["item_id"] for e in events] == seq[-max_seq_len - 1 :], newest
+
+
+@pytest.mark.data
+def test_movielens_loaded_histories_in_any_row_order(
+    movielens: tuple[FeatureConfig, pd.DataFrame],
+) -> None:
+    """The stored history of every MovieLens user is its last ``max_seq_len`` + 1 rated
+    movies in u.data's order (time, then movie), the adapter's rows in their own order,
+    reversed or shuffled (a log need not be in time order)."""
+    from service.loader import user_records
+    from training.data.movielens import dataset_dir, read_ratings
+
+    config, frame = movielens
+    config = config.model_copy(deep=True)
+    config.data.time_column = "timestamp"
+    ratings = read_ratings(dataset_dir(config))
+    full = {str(u): [str(i) for i in g["item_id"]] for u, g in ratings.groupby("user_id")}
+    keep = config.max_seq_len + 1
+    for order in (frame, frame.iloc[::-1], frame.sample(frac=1.0, random_state=0)):
+        stored = {u: [e["item_id"] for e in ev] for u, _, ev in user_records(config, order)}
+        assert len(stored) == frame["user_id"].nunique()
+        wrong = [u for u, items in stored.items() if items[-keep:] != full[u][-keep:]]
+        assert not wrong, wrong[:5]
+
+
 def test_loaded_history_with_blank_or_non_numeric_times() -> None:
     """A blank time counts as the oldest, and a time column with no number at all (ISO
     dates, which a random split never reads) keeps its own order: ``ctr load`` neither
