@@ -449,9 +449,34 @@ def test_time_split_without_its_column_is_an_error_not_a_shuffle() -> None:
     frame = pd.DataFrame([{"user_id": u, "label": 1.0} for u in ("a", "b") for _ in range(5)])
     for split in ("last_per_user", "time"):
         with pytest.raises(DataError, match="no time column"):
-            split_frame(frame, DataSpec(split=split, time_column="ts"))
+            split_frame(frame, DataSpec(source="csv", split=split, time_column="ts"))
     tr, va, te = split_frame(frame, DataSpec(split="random", test_fraction=0.2))
     assert (len(tr), len(va), len(te)) == (7, 1, 2)
+
+
+@pytest.mark.parametrize("source", ["amazon", "movielens", "synthetic"])
+def test_a_time_split_on_an_adapters_positions_is_refused(source: str) -> None:
+    """The adapters' ``ts`` is an example's position in its user's sequence: a cut at its
+    quantiles put the heavy users' late examples in test, every one older (MovieLens'
+    real times) than training's newest (data review s42). Refused, naming what to use;
+    MovieLens' own times cut, as does any source's named time column."""
+    from ctr.spec import DataSpec
+
+    with pytest.raises(ValueError, match="position in its user's sequence") as err:
+        DataSpec(source=source, split="time")
+    assert "last_per_user" in str(err.value)
+    assert ("time_column: timestamp" in str(err.value)) == (source == "movielens")
+    DataSpec(source=source, split="last_per_user")
+    DataSpec(source="csv", split="time")
+    if source == "movielens":
+        config = load_config(
+            CONFIGS / "movielens_din.yaml",
+            {"data.split": "time", "data.time_column": "timestamp"},
+        )
+        assert config.data.split == "time"
+    with pytest.raises(ValueError, match="not a time"):
+        load_config(CONFIGS / f"{source}_din.yaml".replace("amazon_", "amazon_beauty_"),
+                    {"data.split": "time"})  # fmt: skip
 
 
 def test_time_split_that_leaves_a_part_empty_is_an_error() -> None:
@@ -461,9 +486,9 @@ def test_time_split_that_leaves_a_part_empty_is_an_error() -> None:
     rows = [{"user_id": u, "ts": t, "label": 1.0} for u in range(100) for t in range(8)]
     few = pd.DataFrame(rows)
     with pytest.raises(DataError, match="leaves test empty"):
-        split_frame(few, DataSpec(split="time", time_column="ts"))
+        split_frame(few, DataSpec(source="csv", split="time", time_column="ts"))
     many = few.assign(ts=np.arange(len(few)))
-    tr, va, te = split_frame(many, DataSpec(split="time", time_column="ts"))
+    tr, va, te = split_frame(many, DataSpec(source="csv", split="time", time_column="ts"))
     assert (len(tr), len(va), len(te)) == (640, 80, 80)
     assert tr.ts.max() < va.ts.min() and va.ts.max() < te.ts.min()
 
