@@ -190,8 +190,8 @@ class ReloadRequest(BaseModel):
     @classmethod
     def _number(cls, value: object) -> object:
         """A version sent as a JSON number, as ``/v1/models`` and the store number them."""
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return str(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # a negative one is refused below, as its text would be
         return value
 
     @field_validator("version")
