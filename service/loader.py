@@ -387,20 +387,20 @@ def newest_events(config: FeatureConfig, newest: pd.DataFrame) -> list[Event]:
     else:
         followed = (newest[spec.label] == 1).tolist()
     histories: list[list[tuple[Any, ...]]] = []
-    behaviours: list[tuple[int, tuple[Any, ...]]] = []  # (row position, its candidate)
+    own: list[tuple[Any, ...] | None] = []  # each row's candidate where it is a behaviour
     for pos, (_, row) in enumerate(newest.iterrows()):
         cols = [split_sequence(row[s.source], spec.seq_delimiter) for s in config.sequences]
         n = min((len(c) for c in cols), default=0)
         histories.append([tuple(normalize(c[len(c) - n + i]) for c in cols) for i in range(n)])
-        if followed[pos]:
-            behaviours.append((pos, tuple(normalize(row.get(t.source)) for t in targets)))
+        own.append(tuple(normalize(row.get(t.source)) for t in targets) if followed[pos] else None)
+    behaviours = [(pos, key) for pos, key in enumerate(own) if key is not None]
+    every = Counter(key for _, key in behaviours)
 
     def ends_with(pos: int) -> Counter[tuple[Any, ...]]:
         """The other behaviour candidates row ``pos``'s history ends with."""
-        others = Counter(key for p, key in behaviours if p != pos)
         tail: Counter[tuple[Any, ...]] = Counter()
         for key in reversed(histories[pos]):
-            if others[key] <= tail[key]:
+            if every[key] - (key == own[pos]) <= tail[key]:
                 break
             tail[key] += 1
         return tail
