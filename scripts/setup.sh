@@ -39,7 +39,9 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
   fi
 fi
-if ! .venv/bin/python -c "import torch, onnxruntime, fastapi, ctr" 2>/dev/null \
+# CTR_UNLOCKED=1 installs the newest whatever the venv holds (constraints.txt's header)
+if [ "${CTR_UNLOCKED:-0}" = "1" ] \
+   || ! .venv/bin/python -c "import torch, onnxruntime, fastapi, ctr" 2>/dev/null \
    || [ pyproject.toml -nt .venv/.installed ] || [ constraints.txt -nt .venv/.installed ]; then
   echo "[setup] installing packages"
   .venv/bin/pip install -q --upgrade pip
@@ -53,8 +55,9 @@ if ! .venv/bin/python -c "import torch, onnxruntime, fastapi, ctr" 2>/dev/null \
       torch==2.13.0
   fi
   # the versions CI last passed with (constraints.txt); CTR_UNLOCKED=1: the newest
-  if [ "${CTR_UNLOCKED:-0}" = "1" ]; then
-    .venv/bin/pip install -q -e '.[train,dev]'
+  if [ "${CTR_UNLOCKED:-0}" = "1" ]; then  # the installed ones too, torch's pin kept
+    .venv/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[train,dev]' \
+      torch==2.13.0
   else
     .venv/bin/pip install -q -c constraints.txt -e '.[train,dev]'
   fi

@@ -137,7 +137,11 @@ def test_each_test_worker_flushes_a_database_of_its_own() -> None:
         workers = [parse_url(worker_redis_url(base, f"gw{i}")).get("db", 0) for i in range(4)]
         assert mine not in workers and len(set(workers)) == 4, (db, mine, workers)
     # a db= option goes with the path: one database named, the worker's
-    assert parse_url(worker_redis_url("redis://h:1?db=14", "gw1"))["db"] == 15
+    assert parse_url(worker_redis_url("redis://h:1?db=10", "gw1"))["db"] == 9
+    # the second worker of a default run keeps off the benchmark commands' database
+    from ctr.cli import BENCH_REDIS
+
+    assert parse_url(worker_redis_url(url, "gw1"))["db"] != parse_url(BENCH_REDIS)["db"]
     assert REDIS_URL == worker_redis_url(BASE_REDIS_URL, os.environ.get("PYTEST_XDIST_WORKER"))
     client = Redis.from_url(REDIS_URL)
     assert client.client_info()["db"] == parse_url(REDIS_URL).get("db", 0)
