@@ -959,7 +959,7 @@ def test_a_datetime_time_column_with_nat_is_an_error(split: str) -> None:
 
     ts = pd.to_datetime(["2020-01-01", None, "2020-01-03", "2020-01-04"])
     frame = pd.DataFrame({"user_id": ["a"] * 4, "ts": ts, "label": [0, 1, 0, 1]})
-    spec = DataSpec(split=split, test_steps=1, val_steps=1)
+    spec = DataSpec(source="parquet", split=split, test_steps=1, val_steps=1)
     with pytest.raises(DataError, match="1 of 4 rows have no 'ts'"):
         split_frame(frame, spec)
     ok = frame.assign(ts=pd.to_datetime(["2020-01-01", "2020-01-02", "2020-01-03", "2020-01-04"]))
