@@ -1371,7 +1371,9 @@ async def _score(
             try:
                 async with asyncio.timeout(s.redis_timeout_ms / 1000):
                     data = await fetch(state.reader, req.user_id, bundle.config.max_seq_len,
-                                       lookups, stamp is not None)  # fmt: skip
+                                       lookups, stamp is not None,
+                                       model.profile_fields if tracker and tracker.field_ttl
+                                       else ())  # fmt: skip
             finally:  # a failed read too
                 m.REDIS_READ.observe(time.monotonic() - read_at)
             for source, ids in lookups.items():

@@ -111,6 +111,12 @@ class LoadedModel:
         return frozenset(f.source for f in c.user_sparse + c.user_dense)
 
     @functools.cached_property
+    def profile_fields(self) -> tuple[str, ...]:
+        """The stored profile's fields the model reads (its user-side features' sources,
+        sorted), whose own expiry a tracked read asks for."""
+        return tuple(sorted(self.context_sources))
+
+    @functools.cached_property
     def dense_sources(self) -> tuple[frozenset[str], frozenset[str]]:
         """Keys the model reads as numbers: in a candidate's ``features`` (its item-side
         dense features) and in ``context`` (its user-side ones)."""

@@ -589,23 +589,30 @@ async def fetch(
     history: int,
     lookups: dict[str, list[str]],
     ttl: bool = False,
+    fields: tuple[str, ...] = (),
 ) -> UserData:
     """One pipelined round trip: profile, newest ``history`` behaviours and, per item
     feature, the values for the item IDs in ``lookups[feature]``; with ``ttl``, also
-    the two user keys' time to live (``UserData.ttl_s``)."""
+    the two user keys' time to live (``UserData.ttl_s``) and, of the profile's
+    ``fields`` (a server with hash field expiry), the first to expire."""
     feats, items = _item_commands(lookups)
-    user = [
-        ("HGETALL", user_key(user_id, "profile")),
+    profile = user_key(user_id, "profile")
+    user: list[tuple[Any, ...]] = [
+        ("HGETALL", profile),
         ("LRANGE", user_key(user_id, "seq"), -history, -1),
     ]
     if ttl:
-        user += [("PTTL", user_key(user_id, "profile")), ("PTTL", user_key(user_id, "seq"))]
+        user += [("PTTL", profile), ("PTTL", user_key(user_id, "seq"))]
+        if fields:
+            user.append(("HPTTL", profile, "FIELDS", len(fields), *fields))
     res = await reader.run([*user, *items])
     n = len(user)
     data = UserData(_pairs(res[0]), list(res[1]), _decode_items(feats, res[n:]))
     if ttl:
-        # -1: no expiry, -2: no such key; otherwise milliseconds
-        left = [int(t) for t in res[2:n] if int(t) >= 0]
+        # -1: no expiry, -2: no such key (field); otherwise milliseconds
+        left = [int(t) for t in res[2:4] if int(t) >= 0]
+        if fields:
+            left += [int(t) for t in res[4] or () if int(t) >= 0]
         data.ttl_s = min(left) / 1000 if left else math.inf
     return data
 

@@ -127,6 +127,10 @@ class UserTracker:
         self.invalidations = 0  # users invalidated one by one (seen by the tests)
         self.losses = 0  # times every row was distrusted at once (seen by the tests)
         self.client_id: int | None = None  # the connection's CLIENT ID (CLIENT KILL ID)
+        # the server has hash field expiry (HPEXPIRE: Redis 7.4, Valkey 9): a field that
+        # expires is left out of HGETALL before any invalidation says so, so a read
+        # also asks the profile fields' time to live (found out at each connect)
+        self.field_ttl = False
         self._sock: socket.socket | None = None
         self._reader: Any = None
         self._probe_sock: socket.socket | None = None  # writes the probe key
@@ -312,6 +316,7 @@ class UserTracker:
                     if kw.get("db"):
                         await _ask(loop, probe, probe_reader, encode("SELECT", kw["db"]))
                     self._probe_key, self._probe_back = probe_key(int(cid)), False
+                    field_ttl = await _has_field_ttl(loop, probe, probe_reader, self._probe_key)
                     await _ask(loop, probe, probe_reader, self._probe_write())
                     verifying = True
                     while not self._probe_back:  # the first probe's invalidation
@@ -336,6 +341,7 @@ class UserTracker:
         self._sock, self._reader = sock, reader
         self._probe_sock, self._probe_reader = probe, probe_reader
         self.client_id = int(cid)
+        self.field_ttl = field_ttl
         if self.drain_s <= 0:
             loop.add_reader(sock.fileno(), self._drain)
         self.live = True
@@ -484,6 +490,21 @@ async def _ask(
     if isinstance(reply, hiredis.ReplyError):
         raise refusal(reply)
     return reply
+
+
+async def _has_field_ttl(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, reader: Any, probe: bytes
+) -> bool:
+    """Whether the server has hash field expiry: it answers ``HPTTL`` (of a key that is
+    never written, the probe key's name and ``:fields``) instead of refusing it."""
+    try:
+        await _ask(loop, sock, reader, encode("HPTTL", probe + b":fields", "FIELDS", 1, "f"))
+    except TrackingRefused as exc:
+        if "unknown command" not in str(exc).lower():  # e.g. NOPERM: reads could not ask
+            log.warning("hash field expiry not checked (HPTTL refused: %s): a profile "
+                        "field's own expiry is seen once Redis deletes it", exc)  # fmt: skip
+        return False
+    return True
 
 
 # error replies that pass (a Redis loading its data, a script running, a failover):

@@ -38,8 +38,10 @@ def free_port() -> int:
 
 
 class RedisProcess:
-    def __init__(self, port: int | None = None, *extra: str) -> None:
-        binary = shutil.which("redis-server")
+    def __init__(self, port: int | None = None, *extra: str, binary: str | None = None) -> None:
+        """``binary``: another server than the ``redis-server`` on the PATH (Valkey's
+        ``valkey-server``, which takes the same options)."""
+        binary = binary or shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (scripts/setup.sh installs it)")
         self.binary = binary

