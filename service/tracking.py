@@ -262,7 +262,9 @@ class UserTracker:
             self._lost(exc)
             return
         if not self._probe_back:
-            if now - self._probe_sent > DEAD_S:
+            # the third check after the write (each PING_S * 0.999 or later), not a
+            # fourth one a second on where the three ticks came to a hair under DEAD_S
+            if now - self._probe_sent >= DEAD_S * 0.999:
                 self._lost(
                     TimeoutError(f"the probe key's invalidation not back within {DEAD_S:g} s")
                 )
