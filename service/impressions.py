@@ -155,10 +155,11 @@ class ImpressionLog:
                 return
 
     async def flush(self) -> bool:
-        """Write up to ``BATCH`` queued entries in one pipeline. Where the write fails
-        they go back to the front of the queue (as many as it has room for; the rest are
-        dropped, counted) for the next try (while closing, until ``CLOSE_S`` runs out).
-        True when written."""
+        """Write up to ``BATCH`` queued entries in one pipeline. Those whose write fails
+        (all of them where the call fails; those Redis refused, e.g. out of memory, where
+        it took the others) go back to the front of the queue (as many as it has room
+        for; the rest are dropped, counted) for the next try (while closing, until
+        ``CLOSE_S`` runs out). True when all were written."""
         kept = [self.queue.popleft() for _ in range(min(BATCH, len(self.queue)))]
         self.queued_bytes -= sum(map(_size, kept))
         pipe = self.redis.pipeline(transaction=False)
@@ -168,31 +169,41 @@ class ImpressionLog:
         if not kept:
             return True
         try:
-            await pipe.execute()
+            replies = await pipe.execute(raise_on_error=False)
         except asyncio.CancelledError:  # shutdown's time ran out mid-write: unknown, counted
             m.IMPRESSIONS_DROPPED.labels("shutdown").inc(len(kept))
             self.lost_at_shutdown += len(kept)
             raise
-        except Exception as exc:  # Redis down, slow or refusing: kept for another try
-            self.failures += 1
-            m.IMPRESSION_WRITE_FAILURES.inc()
-            room = self.limit - len(self.queue)
-            back = kept[:max(room, 0)]
-            back_bytes = sum(map(_size, back))
-            while back and back_bytes > self.limit_bytes - self.queued_bytes:
-                back_bytes -= _size(back.pop())  # the batch's newest go first: the bound holds
-            self.queue.extendleft(reversed(back))
-            self.queued_bytes += back_bytes
-            if len(kept) > len(back):
-                m.IMPRESSIONS_DROPPED.labels("redis").inc(len(kept) - len(back))
-            now = time.monotonic()
-            if now - self._warned > 10:  # at most one line per 10 s
-                self._warned = now
-                log.warning("impressions not written (%d queued to retry): %r", len(back), exc)
+        except Exception as exc:  # Redis down, slow or unreachable: kept for another try
+            self._retry(kept, exc)
+            return False
+        # an entry Redis took is never sent again (it would be stored twice)
+        refused = [(e, r) for e, r in zip(kept, replies, strict=True) if isinstance(r, Exception)]
+        m.IMPRESSIONS_LOGGED.inc(len(kept) - len(refused))
+        if refused:
+            self._retry([e for e, _ in refused], refused[0][1])
             return False
         self.failures = 0
-        m.IMPRESSIONS_LOGGED.inc(len(kept))
         return True
+
+    def _retry(self, kept: list[Entry], exc: Exception) -> None:
+        """Put the entries of a failed write back at the front of the queue, within its
+        bounds (the batch's newest dropped first, counted)."""
+        self.failures += 1
+        m.IMPRESSION_WRITE_FAILURES.inc()
+        room = self.limit - len(self.queue)
+        back = kept[: max(room, 0)]
+        back_bytes = sum(map(_size, back))
+        while back and back_bytes > self.limit_bytes - self.queued_bytes:
+            back_bytes -= _size(back.pop())  # the batch's newest go first: the bound holds
+        self.queue.extendleft(reversed(back))
+        self.queued_bytes += back_bytes
+        if len(kept) > len(back):
+            m.IMPRESSIONS_DROPPED.labels("redis").inc(len(kept) - len(back))
+        now = time.monotonic()
+        if now - self._warned > 10:  # at most one line per 10 s
+            self._warned = now
+            log.warning("impressions not written (%d queued to retry): %r", len(back), exc)
 
     async def close(self) -> None:
         """Write what is queued, for up to ``CLOSE_S``, and end the writer; what is left

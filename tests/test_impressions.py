@@ -613,6 +613,40 @@ def test_a_failed_write_puts_back_no_more_than_the_bytes_bound() -> None:
     assert log.queued_bytes == sum(len(e[2]) + len(e[3]) for e in log.queue)
 
 
+def test_a_batch_redis_took_in_part_sends_again_only_what_it_refused() -> None:
+    """Redis at ``maxmemory`` under ``noeviction`` takes a batch's first entries and
+    refuses the rest (OOM): the whole batch went back to the queue and was sent again,
+    its taken entries stored two or three times (fault review s42). Only the refused
+    ones go back; every entry is in the stream once when memory is freed, and the
+    logged count is what Redis took."""
+    from redis.asyncio import Redis as AsyncRedis
+
+    async def scenario(url: str) -> tuple[bool, int, int, bool, int]:
+        sync = Redis.from_url(url)
+        sync.config_set("maxmemory-policy", "noeviction")
+        sync.config_set("maxmemory", int(sync.info("memory")["used_memory"]) + 150_000)
+        client = AsyncRedis.from_url(url)
+        log = ImpressionLog(client, STREAM, 100_000, queue=10_000)  # type: ignore[arg-type]
+        for k in range(32):  # ~8 KB each: the limit is reached part-way through the batch
+            log.add(f"u{k}", {}, b'{"request_id":"r%d"}' % k + b" " * 8_000)
+        first = await log.flush()
+        taken, back = sync.xlen(STREAM), len(log.queue)
+        sync.config_set("maxmemory", 0)
+        second = await log.flush()
+        await client.aclose()
+        return first, taken, back, second, sync.xlen(STREAM)
+
+    logged = REGISTRY.get_sample_value("ctr_impressions_logged_total") or 0.0
+    with private_redis() as rp:
+        first, taken, back, second, total = asyncio.run(scenario(rp.url))
+        ids = [orjson.loads(f["response"])["request_id"]
+               for _, f in rp.client().xrange(STREAM)]  # fmt: skip
+    assert first is False and 0 < taken < 32 and back == 32 - taken
+    assert second is True and total == 32
+    assert sorted(ids) == sorted(f"r{k}" for k in range(32))
+    assert REGISTRY.get_sample_value("ctr_impressions_logged_total") == logged + 32
+
+
 @pytest.mark.parametrize("bound", ["entries", "bytes"])
 def test_a_failed_write_puts_its_oldest_entries_back_first_in_order(bound: str) -> None:
     """A failed write puts its batch back at the front of the queue, in order, ahead of
