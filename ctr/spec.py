@@ -189,11 +189,6 @@ class TrainSpec(_Strict):
     )
 
 
-# the adapters' columns that order a user's examples without being times: Amazon's
-# sequences and the generator's have no time, MovieLens keeps its own as ``timestamp``
-POSITION_COLUMNS = {"amazon": "ts", "movielens": "ts", "synthetic": "ts"}
-
-
 class DataSpec(_Strict):
     """Where examples come from. ``source`` picks a thin adapter onto the generic loader."""
 
@@ -244,15 +239,6 @@ class DataSpec(_Strict):
             raise ValueError(
                 f"data.val_fraction + data.test_fraction must be under 1 (they are "
                 f"{self.val_fraction} + {self.test_fraction}): nothing would be left to train on"
-            )
-        if self.split == "time" and self.time_column == POSITION_COLUMNS.get(self.source):
-            # a cut at the positions' quantiles is no time cut: the test set became the
-            # heavy users' late examples, every one older than training's newest
-            also = " or data.time_column: timestamp (the ratings' times)"
-            raise ValueError(
-                f"data.split 'time' on {self.source}'s {self.time_column!r}, each example's "
-                "position in its user's sequence, not a time: use data.split: last_per_user"
-                + (also if self.source == "movielens" else "")
             )
         return self
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import heapq
 import os
 import secrets
-from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -373,11 +373,12 @@ def newest_events(config: FeatureConfig, newest: pd.DataFrame) -> list[Event]:
 
     Each row's history is the events before it; the candidates that are behaviours
     (``data.behaviours``) followed it. Rows sharing that time came in some order the
-    file need not keep: a row whose history ends with other such rows' candidates
-    (MovieLens: the movies rated in the same second before it) came after them. The
-    base is the latest row's history; the behaviour candidates its history does not
-    end with are appended, each after those its own history ends with. Any order of
-    the rows gives the same events."""
+    file need not keep (MovieLens: movies rated in the same second). Behaviour row j
+    came right after row i where j's history is i's plus i's candidate (their
+    overlapping tails equal: both may be cut to a length); the rows go in that order
+    (:func:`_chain`), in file order where the histories do not tell. The events are
+    the first row's history and then each row's candidate: every behaviour once (an
+    item consumed again, too), whatever the file order where the histories tell it."""
     spec = config.data
     targets = config.sequence_targets
     if spec.behaviours == "none":
@@ -387,34 +388,72 @@ def newest_events(config: FeatureConfig, newest: pd.DataFrame) -> list[Event]:
     else:
         followed = (newest[spec.label] == 1).tolist()
     histories: list[list[tuple[Any, ...]]] = []
-    own: list[tuple[Any, ...] | None] = []  # each row's candidate where it is a behaviour
-    for pos, (_, row) in enumerate(newest.iterrows()):
+    candidates: list[tuple[Any, ...]] = []
+    for _, row in newest.iterrows():
         cols = [split_sequence(row[s.source], spec.seq_delimiter) for s in config.sequences]
         n = min((len(c) for c in cols), default=0)
         histories.append([tuple(normalize(c[len(c) - n + i]) for c in cols) for i in range(n)])
-        own.append(tuple(normalize(row.get(t.source)) for t in targets) if followed[pos] else None)
-    behaviours = [(pos, key) for pos, key in enumerate(own) if key is not None]
-    every = Counter(key for _, key in behaviours)
-
-    def ends_with(pos: int) -> Counter[tuple[Any, ...]]:
-        """The other behaviour candidates row ``pos``'s history ends with."""
-        tail: Counter[tuple[Any, ...]] = Counter()
-        for key in reversed(histories[pos]):
-            if every[key] - (key == own[pos]) <= tail[key]:
-                break
-            tail[key] += 1
-        return tail
-
-    tails = [ends_with(pos) for pos in range(len(histories))]
-    base = max(range(len(histories)), key=lambda pos: tails[pos].total())  # the first at ties
-    covered = tails[base].copy()
-    events = list(histories[base])
-    for _, key in sorted(behaviours, key=lambda b: tails[b[0]].total()):
-        if covered[key]:
-            covered[key] -= 1
-        else:
-            events.append(key)
+        candidates.append(tuple(normalize(row.get(t.source)) for t in targets))
+    rows = [pos for pos, f in enumerate(followed) if f]
+    if not rows:  # no behaviour among them: they share the history before that time
+        events = histories[0] if histories else []
+    else:
+        # an item is known by its ID where the histories hold it (its category may
+        # differ between a candidate and a history entry), else by all its values
+        ids = [i for i, t in enumerate(targets) if t is config.item_id_feature][:1]
+        order = _chain(rows, histories, candidates, ids)
+        events = [*histories[order[0]], *(candidates[pos] for pos in order)]
     return [{t.source: v for t, v in zip(targets, key, strict=True)} for key in events]
+
+
+def _chain(
+    rows: list[int],
+    histories: list[list[tuple[Any, ...]]],
+    candidates: list[tuple[Any, ...]],
+    ids: list[int],
+) -> list[int]:
+    """``rows`` (positions in file order) in the order their histories show: ``j``
+    after ``i`` where ``j``'s history ends with ``i``'s candidate and, before it, with
+    the tail of ``i``'s history (as far as both reach). Rows with none before them go
+    first, the earliest in the file first (Kahn's order); a cycle (duplicated rows) is
+    broken in file order. Linear in rows x history length where candidates differ."""
+
+    def key(event: tuple[Any, ...]) -> tuple[Any, ...]:
+        return tuple(event[i] for i in ids) if ids else event
+
+    by_candidate: dict[tuple[Any, ...], list[int]] = {}
+    for pos in rows:
+        by_candidate.setdefault(key(candidates[pos]), []).append(pos)
+    after: dict[int, list[int]] = {pos: [] for pos in rows}
+    before = dict.fromkeys(rows, 0)
+    for j in rows:
+        hist = histories[j]
+        if not hist:
+            continue
+        prefix = [key(e) for e in hist[:-1]]
+        for i in by_candidate.get(key(hist[-1]), []):
+            m = min(len(histories[i]), len(prefix))
+            if i != j and [key(e) for e in histories[i][len(histories[i]) - m :]] == prefix[
+                len(prefix) - m :
+            ]:
+                after[i].append(j)
+                before[j] += 1
+    order: list[int] = []
+    ready = [pos for pos in rows if not before[pos]]  # ascending: a heap already
+    left = set(rows)
+    while left:
+        if not ready:  # a cycle: its earliest row in the file goes
+            ready.append(min(left))
+        pos = heapq.heappop(ready)
+        if pos not in left:
+            continue
+        left.discard(pos)
+        order.append(pos)
+        for nxt in after[pos]:
+            before[nxt] -= 1
+            if not before[nxt] and nxt in left:
+                heapq.heappush(ready, nxt)
+    return order
 
 
 def item_records(

@@ -458,25 +458,28 @@ def test_time_split_without_its_column_is_an_error_not_a_shuffle() -> None:
 def test_a_time_split_on_an_adapters_positions_is_refused(source: str) -> None:
     """The adapters' ``ts`` is an example's position in its user's sequence: a cut at its
     quantiles put the heavy users' late examples in test, every one older (MovieLens'
-    real times) than training's newest (data review s42). Refused, naming what to use;
-    MovieLens' own times cut, as does any source's named time column."""
+    real times) than training's newest (data review s42). Training refuses it, naming
+    what to use; MovieLens' own times cut, as does any source's named time column. A
+    bundle whose manifest records such a split (trained before) still loads: serving
+    splits nothing (diff review s42)."""
     from ctr.spec import DataSpec
+    from training.dataset import prepare
 
-    with pytest.raises(ValueError, match="position in its user's sequence") as err:
-        DataSpec(source=source, split="time")
+    config = load_config(CONFIGS / "synthetic_din.yaml", {"data.options.n_users": 50})
+    frame = load_frame(config)
+    spec = DataSpec(source=source, split="time")  # as a manifest's config is read
+    with pytest.raises(DataError, match="position in its user's sequence") as err:
+        split_frame(frame, spec)
     assert "last_per_user" in str(err.value)
     assert ("time_column: timestamp" in str(err.value)) == (source == "movielens")
-    DataSpec(source=source, split="last_per_user")
-    DataSpec(source="csv", split="time")
+    timed_rows = frame.assign(ts=np.arange(len(frame)), timestamp=np.arange(len(frame)))
+    split_frame(timed_rows, DataSpec(source="csv", split="time"))  # a file's own times
+    if source == "synthetic":
+        timed = config.model_copy(update={"data": spec})
+        with pytest.raises(DataError, match="not a time"):
+            prepare(timed)
     if source == "movielens":
-        config = load_config(
-            CONFIGS / "movielens_din.yaml",
-            {"data.split": "time", "data.time_column": "timestamp"},
-        )
-        assert config.data.split == "time"
-    with pytest.raises(ValueError, match="not a time"):
-        load_config(CONFIGS / f"{source}_din.yaml".replace("amazon_", "amazon_beauty_"),
-                    {"data.split": "time"})  # fmt: skip
+        split_frame(timed_rows, DataSpec(source=source, split="time", time_column="timestamp"))
 
 
 def test_time_split_that_leaves_a_part_empty_is_an_error() -> None:
@@ -730,37 +733,84 @@ def test_a_synthetic_users_stored_history_is_its_newest_examples() -> None:
     assert got == want
 
 
-@pytest.mark.parametrize("max_seq_len", [10, 3])
+@pytest.mark.parametrize(
+    ("seq", "tied_from", "max_seq_len"),
+    [
+        ("abcde", 2, 10),  # a, b at times 0, 1; c, d, e at time 2
+        ("abcde", 2, 3),  # the histories cut to one length
+        ("abcdef", 2, 2),  # more rows at that time than L + 1
+        ("XBAB", 2, 10),  # B again among them
+        ("XAA", 2, 10),  # the newest a repeat of the one before
+        ("XAABA", 1, 10),
+    ],
+)
 def test_a_loaded_history_with_rows_sharing_the_newest_time_ignores_their_file_order(
-    max_seq_len: int,
+    seq: str, tied_from: int, max_seq_len: int
 ) -> None:
     """Rows at a user's newest time were taken in some order (MovieLens: movies rated in
     the same second); each one's history holds those before it. Whatever order the file
-    lists them in, ``ctr load`` stores every behaviour once, oldest first, as training's
-    rows saw them: taking the first row's history and appending every candidate stored a
-    movie twice and dropped the oldest where a later row came first (review s42: 415
-    MovieLens users with the rows reversed). With ``max_seq_len`` 3 the histories are cut
-    to the same length. A sampled negative (label 0 under ``positive``) is no behaviour."""
+    lists them in, ``ctr load`` stores the user's true sequence's newest behaviours,
+    each once, as training's rows saw them: taking the first row's history and
+    appending every candidate stored a movie twice and dropped the oldest where a later
+    row came first (review s42: 415 MovieLens users with the rows reversed); a count of
+    the tied candidates each history ends with dropped an item consumed again and
+    misordered ties longer than L + 1 (diff review s42). A sampled negative (label 0
+    under ``positive``) is no behaviour."""
     import itertools
 
     from service.loader import user_records
 
-    seq = ["a", "b", "c", "d", "e"]  # a, b at times 1, 2; c, d, e all at time 3
     rows = [
         {"item_id": x, "hist_item_id": "|".join(seq[:t][-max_seq_len:]), "label": 1.0,
-         "ts": str(min(t + 1, 3))}  # fmt: skip
+         "ts": str(min(t, tied_from))}  # fmt: skip
         for t, x in enumerate(seq)
     ]
-    negative = {**rows[2], "item_id": "n", "label": 0.0}  # c's sampled negative
+    negative = {**rows[tied_from], "item_id": "n", "label": 0.0}  # a sampled negative
     for behaviours, extra in (("all", []), ("positive", [negative])):
         config = _loader_config(Path("unused.csv"), max_seq_len=max_seq_len)
         config.data.behaviour_labels = behaviours  # type: ignore[assignment]
-        for newest in itertools.permutations(rows[2:] + extra):  # the older rows: by time
+        older = rows[:tied_from]  # their order: by time
+        for newest in itertools.permutations(rows[tied_from:] + extra):
             frame = pd.DataFrame(
-                [{"user_id": "u1", "price": "1.5", **r} for r in [*newest, *rows[:2]]]
+                [{"user_id": "u1", "price": "1.5", **r} for r in [*newest, *older]]
             )
             [(_, _, events)] = list(user_records(config, frame))
-            assert [e["item_id"] for e in events] == seq[-max_seq_len - 1 :], newest
+            items = "".join(e["item_id"] for e in events)  # the true sequence's newest
+            assert items == seq[len(seq) - len(items) :], newest
+            assert len(items) >= min(len(seq), max_seq_len + 1), newest  # what L + 1 keeps
+
+
+def test_a_tied_item_is_known_by_its_id_where_its_category_differs() -> None:
+    """With two sequences (item, category), an item re-categorised (its candidate row's
+    category is not the one its history entry carries; ``item_key_tolerance`` allows a
+    few) is still the same behaviour: stored once, in order, whatever the rows' order."""
+    import itertools
+
+    from service.loader import user_records
+
+    raw = {
+        "name": "two_seqs",
+        "max_seq_len": 10,
+        "features": [
+            {"name": "user_id", "kind": "sparse", "side": "user"},
+            {"name": "item_id", "kind": "sparse", "side": "item"},
+            {"name": "cate_id", "kind": "sparse", "side": "item"},
+            {"name": "hist_item_id", "kind": "sequence", "shared_with": "item_id"},
+            {"name": "hist_cate_id", "kind": "sequence", "shared_with": "cate_id"},
+        ],
+        "data": {"source": "csv", "path": "unused.csv", "behaviour_labels": "all"},
+    }
+    config = FeatureConfig.model_validate(raw)
+    rows = [  # A's row says category y, the histories after it x
+        {"item_id": "X", "cate_id": "x", "hist_item_id": "", "hist_cate_id": "", "ts": "0"},
+        {"item_id": "A", "cate_id": "y", "hist_item_id": "X", "hist_cate_id": "x", "ts": "1"},
+        {"item_id": "B", "cate_id": "x", "hist_item_id": "X|A", "hist_cate_id": "x|x",
+         "ts": "1"},  # fmt: skip
+    ]
+    for order in itertools.permutations(rows):
+        frame = pd.DataFrame([{"user_id": "u1", "label": 1.0, **r} for r in order])
+        [(_, _, events)] = list(user_records(config, frame))
+        assert [e["item_id"] for e in events] == ["X", "A", "B"], order
 
 
 @pytest.mark.data

@@ -401,6 +401,11 @@ def time_values(col: pd.Series, name: str) -> pd.Series:
     return out
 
 
+# the adapters' columns that order a user's examples without being times: Amazon's
+# sequences and the generator's have no time, MovieLens keeps its own as ``timestamp``
+POSITION_COLUMNS = {"amazon": "ts", "movielens": "ts", "synthetic": "ts"}
+
+
 def split_frame(
     frame: pd.DataFrame, spec: DataSpec, seed: int = 0
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -438,6 +443,15 @@ def split_frame(
             f"{spec.time_column!r} (drop or fill them, or set data.split: random)"
         )
     if spec.split == "time":
+        if spec.time_column == POSITION_COLUMNS.get(spec.source):
+            # a cut at the positions' quantiles is no time cut: the test set became the
+            # heavy users' late examples, every one older than training's newest
+            also = " or data.time_column: timestamp (the ratings' times)"
+            raise DataError(
+                f"data.split 'time' on {spec.source}'s {spec.time_column!r}, each example's "
+                "position in its user's sequence, not a time: use data.split: last_per_user"
+                + (also if spec.source == "movielens" else "")
+            )
         q_val = t.quantile(1 - spec.val_fraction - spec.test_fraction)
         q_test = t.quantile(1 - spec.test_fraction)
         parts = frame[t <= q_val], frame[(t > q_val) & (t <= q_test)], frame[t > q_test]
