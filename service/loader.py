@@ -83,7 +83,8 @@ class LoadLost(RuntimeError):
 # 3, session 36: an item's features from its newest row by time, ISO 8601 times ordered
 # as times, Parquet BINARY IDs as text; 4, session 40: Parquet DECIMAL IDs as their
 # numbers, 3.00 as 3; 5, session 42: the rows sharing a user's newest time in any order
-# give one history, each behaviour once)
+# give one history, each behaviour once; an item column read as a category and a number
+# stored as the category's token)
 LOAD_FORMAT = 5
 ITEM_PIECE = 5000  # item-feature fields per command
 
@@ -478,8 +479,11 @@ def _row_items(config: FeatureConfig, table: pd.DataFrame) -> dict[str, dict[str
         f.source: {} for f in config.item_sparse + config.item_dense if f is not id_feat
     }
     ids = [normalize(v) for v in table[id_feat.source].tolist()]
+    # a column read as a category too keeps its token (30, not the dense text 30.0,
+    # which the category's vocabulary does not hold); the dense view parses it alike
+    tokens = {f.source for f in config.item_sparse}
     for f in config.item_sparse + config.item_dense:
-        if f is id_feat or f.source not in table:
+        if f is id_feat or f.source not in table or (f.kind == "dense" and f.source in tokens):
             continue
         for i, v in zip(ids, table[f.source].tolist(), strict=True):
             nv = normalize(v) if f.kind == "sparse" else dense_text(v)

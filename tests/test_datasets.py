@@ -860,6 +860,38 @@ def test_loaded_history_with_blank_or_non_numeric_times() -> None:
         assert [e["item_id"] for e in events] == ["a", "b", "i1"], times
 
 
+@pytest.mark.parametrize("weights", [["30", "0", "7.5"], [30.0, 0.0, 7.5]], ids=["csv", "float"])
+def test_a_column_read_as_a_category_and_a_number_is_stored_as_its_token(
+    weights: list[Any],
+) -> None:
+    """An item column read both as a dense feature and as a sparse one (``column:``):
+    ``ctr load`` stored the dense text (30.0), which the category's vocabulary (30) does
+    not hold, so a candidate named by ID alone scored that view as OOV, up to 3e-3 off
+    its offline score (config review s42). The stored value is the category's token,
+    which the dense view parses to the number training read."""
+    from ctr.encode import parse_dense
+    from service.loader import item_records
+
+    raw = {
+        "name": "dual",
+        "features": [
+            {"name": "user_id", "kind": "sparse", "side": "user"},
+            {"name": "item_id", "kind": "sparse", "side": "item"},
+            {"name": "weight", "kind": "dense", "side": "item"},
+            {"name": "weight_cat", "column": "weight", "kind": "sparse", "side": "item"},
+        ],
+        "data": {"source": "csv", "path": "unused.csv"},
+    }
+    config = FeatureConfig.model_validate(raw)
+    frame = pd.DataFrame({"user_id": ["u1", "u2", "u3"], "item_id": ["i1", "i2", "i3"],
+                          "weight": weights, "label": [1.0, 0.0, 1.0]})  # fmt: skip
+    mapper = FeatureMapper.fit(config, raw_columns_for_fit(config, frame, "|"))
+    stored = item_records(config, frame)["weight"]
+    assert stored == {"i1": "30", "i2": "0", "i3": "7.5"}
+    assert OOV not in mapper.mapper_for("weight_cat").map_many(stored.values())
+    assert [parse_dense(stored[i]) for i in ("i1", "i2", "i3")] == [30.0, 0.0, 7.5]
+
+
 def test_item_features_are_loaded_for_a_model_without_histories() -> None:
     """A DeepFM with no sequence feature still reads its candidates' item features from
     Redis when a request sends IDs only: ``ctr load`` stored none for it (every such
