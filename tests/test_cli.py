@@ -149,6 +149,26 @@ def test_more_wrong_input_named_in_one_line(tmp_path: Path) -> None:
     assert "CTR_REDIS_URL=unix:///nonexistent/r.sock does not answer" in line
 
 
+@pytest.mark.parametrize("name", ["item.cate", "type", "values", "training"])
+def test_a_feature_name_no_model_table_can_take_is_one_line_before_the_data(
+    tmp_path: Path, name: str
+) -> None:
+    """torch's ModuleDict, which holds a model's tables by feature name, refuses a '.'
+    and its own attributes' names: ``ctr train`` read the data, then died with a
+    KeyError's traceback (config review s42). The name is refused in one line, naming
+    the way out (``column:``), before the data is read (here it is not there)."""
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "name: names\nfeatures:\n"
+        "  - {name: user_id, kind: sparse, side: user}\n"
+        "  - {name: item_id, kind: sparse, side: item}\n"
+        f"  - {{name: '{name}', kind: sparse, side: item}}\n"
+        f"data: {{source: csv, path: {tmp_path / 'missing.csv'}}}\n"
+    )
+    line = one_line_error(ctr("train", "--config", str(config), "--quiet"), "train")
+    assert f"feature name {name!r}" in line and f"with column: {name!r}" in line, line
+
+
 def test_serve_flags_override_the_settings_even_when_zero(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

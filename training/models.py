@@ -26,6 +26,7 @@ from training.modules import (
     EmbeddingCollection,
     masked_softmax,
     sequence_mask,
+    unusable_names,
 )
 
 Inputs = dict[str, Tensor]
@@ -539,4 +540,6 @@ MODELS: dict[str, type[CTRModel]] = {
 
 
 def build_model(config: FeatureConfig, table_sizes: dict[str, int]) -> CTRModel:
+    for line in unusable_names(config):
+        raise ValueError(line)
     return MODELS[config.model.type](config, table_sizes)

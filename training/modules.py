@@ -242,6 +242,26 @@ class _ChannelLastPReLU(nn.Module):
         return torch.where(x >= 0, x, self.weight * x)
 
 
+def unusable_names(config: FeatureConfig) -> list[str]:
+    """Why sparse and sequence feature names cannot key the model's tables: torch's
+    ``nn.ModuleDict`` refuses an empty key, a ``.`` and the name of one of its own
+    attributes (``values``, ``type``, ``training`` ...). One line per name, naming the
+    way out (``column:`` keeps the data's column and the requests' keys)."""
+    probe = nn.ModuleDict()
+    out = []
+    for f in config.features:
+        if f.kind == "dense":
+            continue  # no table of its own
+        why = ("holds a '.'" if "." in f.name else "is empty" if not f.name
+               else "is an attribute of torch's nn.ModuleDict" if hasattr(probe, f.name)
+               else None)  # fmt: skip
+        if why is not None:
+            safe = f.name.replace(".", "_") if "." in f.name else f"{f.name}_feature"
+            out.append(f"feature name {f.name!r} {why}, which cannot name a model table: "
+                       f"name it e.g. {safe!r} with column: {f.source!r}")  # fmt: skip
+    return out
+
+
 class EmbeddingCollection(nn.Module):
     """One table per sparse feature; sequence features borrow their ``shared_with`` table.
 
