@@ -278,6 +278,8 @@ def check_item_key(config: FeatureConfig, columns: Any) -> None:
                 f"item key {key.name!r} does not identify an item: {len(bad)} of its "
                 f"{len(seen)} values carry more than one {other.name} (e.g. {key.name}="
                 f"{bad[0]!r}: {example}); name the item's ID feature in the config's "
-                f"item_key (or, where items change {other.name}, raise "
-                f"data.item_key_tolerance above {len(bad) / len(seen):.3f})"
+                f"item_key (or, where items change {other.name}, "
+                + (f"raise data.item_key_tolerance above {len(bad) / len(seen):.3f})"
+                   if len(bad) < len(seen) else "data.item_key_tolerance: 1 turns the "
+                   "check off)")  # fmt: skip
             )

@@ -323,6 +323,10 @@ class FeatureConfig(_Strict):
                 is_seq = by_name[n].kind == "sequence"
                 if (want == "sequence") != is_seq:
                     raise ValueError(f"group {g.name!r}: {n!r} does not fit a {g.type} group")
+        if self.model.type == "dien" and not any(g.type == "sequence" for g in self.groups):
+            raise ValueError("a dien model needs a sequence group (its interest extractor "
+                             "reads the first): add one, or use model.type din, deepfm or "
+                             "base")  # fmt: skip
         if self.model.type != "deepfm":  # the others read behaviours only through groups
             seq_groups = [g for g in self.groups if g.type == "sequence"]
             if self.model.type == "dien":  # DIEN's one interest extractor: the first group
@@ -525,6 +529,43 @@ def ignored_settings(config: FeatureConfig) -> list[str]:
             if unread:
                 out.append(f"{where}: mapping.{', mapping.'.join(unread)} not read by a "
                            "hash mapping (type: vocab)")  # fmt: skip
+    return out + _unread_model_settings(config)
+
+
+# the model settings each model type reads (the others train as if unset)
+_COMMON = frozenset({"type", "mlp", "activation", "dropout", "mba_l2"})
+_ATTENTION = frozenset({"attention_mlp", "attention_activation", "attention_softmax"})
+MODEL_READS: dict[str, frozenset[str]] = {
+    "base": _COMMON,
+    "deepfm": _COMMON | {"deepfm_sequence_first_order"},
+    "din": _COMMON | _ATTENTION | {"din_interaction"},
+    "multi_tower_din": _COMMON | _ATTENTION | {"tower_mlp"},
+    "dien": _COMMON
+    | {"attention_mlp", "attention_activation", "gru_dim", "evolution", "dien_attention",
+       "dien_interaction", "aux_loss_weight", "aux_hidden"},  # fmt: skip
+}
+
+
+def _unread_model_settings(config: FeatureConfig) -> list[str]:
+    """Model settings, and deep groups, that ``config``'s model type does not read."""
+    m = config.model
+    reads = set(MODEL_READS[m.type])
+    if m.type == "dien" and m.dien_attention == "bilinear":  # no activation unit
+        reads -= {"attention_mlp", "attention_activation"}
+    fields = ModelSpec.model_fields
+    unread = [k for k in fields if k not in reads
+              and getattr(m, k) != fields[k].get_default(call_default_factory=True)]  # fmt: skip
+    out = []
+    if unread:
+        out.append(f"model: {', '.join(unread)} not read by a {m.type} model")
+    deep = [g for g in config.groups if g.type == "deep"]
+    if m.type != "multi_tower_din" and deep:
+        grouped = {n for g in deep for n in g.features}
+        left = [f.name for f in config.features if f.kind != "sequence" and f.name not in grouped]
+        if left:  # the groups read as "only these", which holds for multi_tower_din only
+            out.append(f"groups: {', '.join(left)} in no deep group, but a {m.type} model "
+                       "reads every user, context and item feature (deep groups are "
+                       "multi_tower_din's towers)")  # fmt: skip
     return out
 
 

@@ -71,6 +71,9 @@ def tiny_raw(model_type: str = "din", **overrides: Any) -> dict[str, Any]:
         "gru_dim": 12,
         "activation": "dice",
     }
+    from ctr.spec import MODEL_READS  # only what the type reads: the rest would be warned
+
+    raw["model"] = {k: v for k, v in raw["model"].items() if k in MODEL_READS[model_type]}
     raw["train"] = {
         "epochs": 1,
         "batch_size": 64,

@@ -954,6 +954,10 @@ def test_an_item_key_that_is_not_the_items_id_is_refused() -> None:
     with pytest.raises(ValueError, match="3 of its 200 values carry more than one cate_id"):
         check_item_key(good, {"item_id": [*items, "i0", "i1", "i2"],
                               "cate_id": [*cats, "c6", "c6", "c6"]})  # fmt: skip
+    # every value carries two: no tolerance under 1 passes (the hint said "above 1.000")
+    with pytest.raises(ValueError, match="data.item_key_tolerance: 1 turns the check off"):
+        check_item_key(good, {"item_id": ["i0", "i0", "i1", "i1"],
+                              "cate_id": ["c0", "c1", "c0", "c1"]})  # fmt: skip
 
 
 def test_a_missing_value_is_no_second_value_for_the_item_key() -> None:

@@ -609,6 +609,47 @@ def test_settings_a_feature_kind_does_not_read_are_warned(
     assert all(f"warning: {line}" in err for line in said)
 
 
+def test_model_settings_and_deep_groups_a_model_type_does_not_read_are_warned() -> None:
+    """A din's tower_mlp or gru_dim, a dien's attention_softmax (always softmax), a
+    base's attention settings; and deep groups that leave features out, which only
+    multi_tower_din reads (the other types read every feature): accepted and trained
+    as if unset, silently (config review s42). A dien with no sequence group is refused
+    when the config is read, not after the data has loaded."""
+    from ctr.spec import ignored_settings
+    from tests.conftest import tiny_raw
+
+    def said(model_type: str, model: dict[str, Any], groups: bool = False) -> list[str]:
+        raw = tiny_raw(model_type)
+        raw["model"] = {**raw.get("model", {}), **model}
+        if groups:  # a deep group of the item's ID alone: user_id and the rest in none
+            seqs = [f["name"] for f in raw["features"] if f["kind"] == "sequence"]
+            raw["groups"] = [{"name": "item", "type": "deep", "features": ["item_id"]},
+                             {"name": "seq", "type": "sequence", "features": seqs}]  # fmt: skip
+        return ignored_settings(FeatureConfig.model_validate(raw))
+
+    assert said("din", {"tower_mlp": [8], "gru_dim": 4}) == [
+        "model: tower_mlp, gru_dim not read by a din model"
+    ]
+    assert said("dien", {"attention_softmax": True}) == [
+        "model: attention_softmax not read by a dien model"
+    ]
+    assert said("dien", {"dien_attention": "bilinear", "attention_mlp": [8]}) == [
+        "model: attention_mlp not read by a dien model"
+    ]
+    assert said("base", {"attention_activation": "sigmoid", "din_interaction": False}) == [
+        "model: attention_activation, din_interaction not read by a base model"
+    ]
+    [line] = said("din", {}, groups=True)
+    assert line.startswith("groups: user_id, ") and "a din model reads every user" in line
+    for model_type in ("base", "deepfm", "din", "multi_tower_din", "dien"):
+        assert said(model_type, {}) == [], model_type
+    raw = tiny_raw("dien")
+    raw["features"] = [f for f in raw["features"] if f["kind"] != "sequence"]
+    raw.pop("groups", None)
+    with pytest.raises(ValueError, match="a dien model needs a sequence group"):
+        FeatureConfig.model_validate(raw)
+
+
 def test_a_vocabulary_that_keeps_no_token_is_warned(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

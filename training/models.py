@@ -14,6 +14,8 @@ over ``aux_steps`` steps).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
@@ -152,7 +154,9 @@ class DeepFM(CTRModel):
             nn.init.zeros_(e.weight)
         n_fields = len(sparse) + len(config.sequences) + len(config.user_dense)
         n_fields += len(config.item_dense)
-        self.dense_linear = nn.Linear(len(config.user_dense) + len(config.item_dense), 1)
+        with warnings.catch_warnings():  # no dense feature: a weight of 0 columns, fine
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+            self.dense_linear = nn.Linear(len(config.user_dense) + len(config.item_dense), 1)
         self.mlp = MLP(
             n_fields * self.k, config.model.mlp, config.model.activation, config.model.dropout
         )
