@@ -323,10 +323,10 @@ class FeatureConfig(_Strict):
                 is_seq = by_name[n].kind == "sequence"
                 if (want == "sequence") != is_seq:
                     raise ValueError(f"group {g.name!r}: {n!r} does not fit a {g.type} group")
-        if self.model.type == "dien" and not any(g.type == "sequence" for g in self.groups):
-            raise ValueError("a dien model needs a sequence group (its interest extractor "
-                             "reads the first): add one, or use model.type din, deepfm or "
-                             "base")  # fmt: skip
+        if self.model.type == "dien" and not any(f.kind == "sequence" for f in self.features):
+            raise ValueError("a dien model needs a sequence feature in a sequence group (its "
+                             "interest extractor reads the first): add one, or use "
+                             "model.type din, deepfm or base")  # fmt: skip
         if self.model.type != "deepfm":  # the others read behaviours only through groups
             seq_groups = [g for g in self.groups if g.type == "sequence"]
             if self.model.type == "dien":  # DIEN's one interest extractor: the first group

@@ -84,7 +84,7 @@ class LoadLost(RuntimeError):
 # as times, Parquet BINARY IDs as text; 4, session 40: Parquet DECIMAL IDs as their
 # numbers, 3.00 as 3; 5, session 42: the rows sharing a user's newest time in any order
 # give one history, each behaviour once; an item column read as a category and a number
-# stored as the category's token)
+# stored as the category's token; a profile's int64 ID past 2**53 exact in a numeric frame)
 LOAD_FORMAT = 5
 ITEM_PIECE = 5000  # item-feature fields per command
 
@@ -352,14 +352,17 @@ def user_records(config: FeatureConfig, frame: pd.DataFrame) -> Iterator[tuple[s
         frame = frame.assign(**{TIME: time_order(frame[time])})
         frame = frame.sort_values([key, TIME], kind="stable", na_position="first")
     for uid, rows in frame.groupby(key, sort=False):
-        last = rows.iloc[-1]
+        # the newest row's values column by column: a row of numeric columns alone is a
+        # float64 Series, which rounds an int64 ID past 2**53 to another ID
         profile = {
             f.source: v
             for f in profile_feats
-            if f.source in rows and f.source != key and (v := normalize(last[f.source])) is not None
+            if f.source in rows and f.source != key
+            and (v := normalize(rows[f.source].iloc[-1])) is not None
         }
-        timed = time is not None and not pd.isna(last[TIME])
-        newest = rows[rows[TIME] == last[TIME]] if timed else rows[-1:]
+        newest_time = rows[TIME].iloc[-1] if time is not None else None
+        timed = newest_time is not None and not pd.isna(newest_time)
+        newest = rows[rows[TIME] == newest_time] if timed else rows[-1:]
         events = newest_events(config, newest) if seqs else []
         user = normalize(uid)  # the token training and requests use: 5.0 is user "5"
         if user is not None:
@@ -389,12 +392,16 @@ def newest_events(config: FeatureConfig, newest: pd.DataFrame) -> list[Event]:
     else:
         followed = (newest[spec.label] == 1).tolist()
     histories: list[list[tuple[Any, ...]]] = []
-    candidates: list[tuple[Any, ...]] = []
-    for _, row in newest.iterrows():
-        cols = [split_sequence(row[s.source], spec.seq_delimiter) for s in config.sequences]
+    seq_cells = [newest[s.source].tolist() for s in config.sequences]  # exact values
+    cand_cells = [newest[t.source].tolist() if t.source in newest else None for t in targets]
+    for pos in range(len(newest)):
+        cols = [split_sequence(cells[pos], spec.seq_delimiter) for cells in seq_cells]
         n = min((len(c) for c in cols), default=0)
         histories.append([tuple(normalize(c[len(c) - n + i]) for c in cols) for i in range(n)])
-        candidates.append(tuple(normalize(row.get(t.source)) for t in targets))
+    candidates = [
+        tuple(normalize(None if cells is None else cells[pos]) for cells in cand_cells)
+        for pos in range(len(newest))
+    ]
     rows = [pos for pos, f in enumerate(followed) if f]
     if not rows:  # no behaviour among them: they share the history before that time
         events = histories[0] if histories else []

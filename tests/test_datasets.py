@@ -892,6 +892,62 @@ def test_a_column_read_as_a_category_and_a_number_is_stored_as_its_token(
     assert [parse_dense(stored[i]) for i in ("i1", "i2", "i3")] == [30.0, 0.0, 7.5]
 
 
+def test_a_stored_profile_keeps_an_int64_id_past_2_53_in_a_numeric_frame() -> None:
+    """A frame of numeric columns alone (hashed int64 IDs, a price; no history): its
+    newest row, taken as a row, was a float64 Series, so ``ctr load`` stored
+    4611686018427387904 for the profile's 4611686018427387905, an ID training never saw
+    (formats review s42: served != offline on 58 of 59 candidates)."""
+    from service.loader import user_records
+
+    raw = {
+        "name": "ints",
+        "features": [
+            {"name": "user_id", "kind": "sparse", "side": "user"},
+            {"name": "device_id", "kind": "sparse", "side": "user"},
+            {"name": "item_id", "kind": "sparse", "side": "item"},
+            {"name": "price", "kind": "dense", "side": "item"},
+        ],
+        "data": {"source": "parquet", "path": "unused.parquet"},
+    }
+    config = FeatureConfig.model_validate(raw)
+    device = 2**62 + 1
+    frame = pd.DataFrame({"user_id": np.array([7, 7], dtype=np.int64),
+                          "device_id": np.array([5, device], dtype=np.int64),
+                          "item_id": np.array([1, 2], dtype=np.int64), "price": [1.5, 2.5],
+                          "label": [1.0, 0.0], "ts": np.array([1, 2], dtype=np.int64)})  # fmt: skip
+    [(user, profile, events)] = list(user_records(config, frame))
+    assert (user, profile, events) == ("7", {"device_id": str(device)}, [])
+
+
+@pytest.mark.parametrize(
+    ("column", "cells", "says"),
+    [
+        ("item_id", [np.array(["i0"]), np.array(["i1"])], "column 'item_id' holds lists"),
+        ("item_id", [{"a": "i0"}, {"a": "i1"}], "column 'item_id' holds lists, structs"),
+        ("user_id", [["u0"], ["u1"]], "column 'user_id' holds lists"),
+        ("hist_item_id", [[np.array(["i0"])], []], "'hist_item_id' holds lists of lists"),
+    ],
+    ids=["list-item", "struct-item", "list-user", "nested-history"],
+)
+def test_a_parquet_list_struct_or_map_where_one_value_belongs_is_refused(
+    column: str, cells: list[Any], says: str
+) -> None:
+    """A Parquet list, struct or map column read as an ID trained silently on the text
+    of each cell (``['i0']``), which no request names, and a list of lists in a history
+    failed with a TypeError's traceback (formats review s42): one line naming the
+    column and its first row."""
+    from training.data.generic import validate_frame
+
+    config = _loader_config(Path("unused.csv"), max_seq_len=5)
+    frame = pd.DataFrame({"user_id": ["u0", "u1"], "item_id": ["i0", "i1"],
+                          "price": [1.0, 2.0], "hist_item_id": [["i9"], []],
+                          "label": [1.0, 0.0], "ts": [1, 2]})  # fmt: skip
+    validate_frame(config, frame)  # as it is: fine
+    frame[column] = pd.Series(cells, dtype=object)
+    with pytest.raises(DataError, match=re.escape(says) + ".*row 0"):
+        validate_frame(config, frame)
+
+
 def test_item_features_are_loaded_for_a_model_without_histories() -> None:
     """A DeepFM with no sequence feature still reads its candidates' item features from
     Redis when a request sends IDs only: ``ctr load`` stored none for it (every such
@@ -1057,6 +1113,11 @@ def test_a_datetime_time_column_with_nat_is_an_error(split: str) -> None:
     text = ok.assign(ts=["2020-01-01", "x", "y", "z"])
     with pytest.raises(DataError, match="numbers, datetimes or ISO 8601 .* row 1 holds 'x'"):
         split_frame(text, spec)
+    # numbers and ISO times mixed: every value parses one way, so it named row 0 as bad
+    mixed = ok.assign(ts=["1700000001", "1700000002", "2020-01-03T00:00:00Z", "1700000004"])
+    with pytest.raises(DataError, match=r"mixes numbers \(row 0: '1700000001'\) and ISO "
+                       r"8601 times \(row 2: '2020-01-03T00:00:00Z'\)"):  # fmt: skip
+        split_frame(mixed, spec)
     # ISO 8601 text (what a CSV holds of a datetime column) orders as its times, the
     # zone read; and a Parquet date column
     iso = ok.assign(ts=["2020-01-02T00:00:00+01:00", "2020-01-01T23:30:00Z", "2020-01-03",

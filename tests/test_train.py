@@ -646,7 +646,7 @@ def test_model_settings_and_deep_groups_a_model_type_does_not_read_are_warned() 
     raw = tiny_raw("dien")
     raw["features"] = [f for f in raw["features"] if f["kind"] != "sequence"]
     raw.pop("groups", None)
-    with pytest.raises(ValueError, match="a dien model needs a sequence group"):
+    with pytest.raises(ValueError, match="a dien model needs a sequence feature"):
         FeatureConfig.model_validate(raw)
 
 

@@ -172,11 +172,15 @@ def validate_frame(config: FeatureConfig, frame: pd.DataFrame) -> pd.DataFrame:
     if bad.any():  # every example is some user's; pandas' split dropped these, then failed
         raise DataError(f"{int(bad.sum())} rows have no {spec.user_key!r} (data.user_key; "
                         f"first: {_first(bad, keys)})")  # fmt: skip
+    for name in dict.fromkeys([spec.user_key, *(f.source for f in config.features
+                                                 if f.kind == "sparse")]):  # fmt: skip
+        _check_scalars(frame[name], name)
     for f in config.features:
         if f.kind == "dense":
             _check_dense(frame[f.source], f.source)
         elif f.kind == "sequence":
             _check_history(frame[f.source], f.source, spec.seq_delimiter)
+            _check_nested_history(frame[f.source], f.source)
             items = config.feature(f.shared_with or "").source
             _check_delimiter(frame[f.source], f.source, frame[items], spec.seq_delimiter)
     return frame.reset_index(drop=True)
@@ -211,6 +215,36 @@ def _check_dense(col: pd.Series, name: str) -> None:
     if bad.any():
         raise DataError(f"dense feature {name!r}: {int(bad.sum())} values are not numbers "
                         f"(first: {_first(bad, col)}); a missing value is a blank")  # fmt: skip
+
+
+_NESTED = (list, tuple, np.ndarray, dict, set)  # a Parquet list, struct or map value
+_NESTED_SAMPLE = 20_000  # history cells whose first behaviour is looked at
+
+
+def _check_scalars(col: pd.Series, name: str) -> None:
+    """An ID column's cells are single values: a Parquet list, struct or map column
+    trained silently as the text of each cell (``['i0']``), which no request names."""
+    if col.dtype != object:
+        return
+    bad = col.map(lambda v: isinstance(v, _NESTED)).astype(bool)
+    if bad.any():
+        raise DataError(f"column {name!r} holds lists, structs or maps ({_first(bad, col)}): "
+                        "an ID or category is one value per row (a history is a sequence "
+                        "feature)")  # fmt: skip
+
+
+def _check_nested_history(col: pd.Series, name: str) -> None:
+    """A history's behaviours are single values: a list of lists (Parquet
+    ``list<list<...>>``) failed with a TypeError's traceback, and ``ctr load`` stored
+    each inner list's text. The first behaviour of each of the first
+    ``_NESTED_SAMPLE`` histories is looked at (a file's type is one for every row)."""
+    if col.dtype != object:
+        return
+    lists = (list, tuple, np.ndarray)
+    for row, cell in enumerate(col.iloc[:_NESTED_SAMPLE]):
+        if isinstance(cell, lists) and len(cell) and isinstance(cell[0], _NESTED):
+            raise DataError(f"history column {name!r} holds lists of lists (row {row}, "
+                            f"{str(cell)[:80]!r}): each behaviour is one value")  # fmt: skip
 
 
 # a list written as text: pandas' repr (['i1', 'i2'], [np.str_('i1')], [1, 2]), JSON
@@ -393,7 +427,15 @@ def time_values(col: pd.Series, name: str) -> pd.Series:
         text = col.astype(str)
         times = pd.to_datetime(text, utc=True, format="ISO8601", errors="coerce")
         bad = numbers.isna() & times.isna() & ~(col.isna() | (text.str.strip() == ""))
-        row = int(np.flatnonzero(bad.to_numpy())[0]) if bad.any() else 0
+        if not bad.any():  # each is one or the other: numbers and ISO times mixed
+            first = int(np.flatnonzero(numbers.notna().to_numpy())[0])
+            other = int(np.flatnonzero(times.notna().to_numpy() & numbers.isna().to_numpy())[0])
+            raise DataError(
+                f"data.time_column {name!r} mixes numbers (row {first}: "
+                f"{str(col.iloc[first])[:80]!r}) and ISO 8601 times (row {other}: "
+                f"{str(col.iloc[other])[:80]!r}): write every time in one form"
+            )
+        row = int(np.flatnonzero(bad.to_numpy())[0])
         raise DataError(
             f"data.time_column {name!r} must hold numbers, datetimes or ISO 8601 times "
             f"(e.g. 2024-01-02T03:04:05Z): row {row} holds {str(col.iloc[row])[:80]!r}"
