@@ -194,7 +194,7 @@ def check_trained_on(config: Any, frame: Any, manifest: dict[str, Any], bundle: 
         if config.data.split == "random":
             return
         seed = config.data.split_seed
-    train, _, _ = split_frame(frame, config.data, seed=seed)
+    train, _, _ = split_frame(frame, config.data, seed=seed, trained=True)
     got = fingerprint(train)
     if got != expected:
         where = (f"data.path {config.data.path}" if config.data.path

@@ -279,7 +279,7 @@ def check_item_key(config: FeatureConfig, columns: Any) -> None:
                 f"{len(seen)} values carry more than one {other.name} (e.g. {key.name}="
                 f"{bad[0]!r}: {example}); name the item's ID feature in the config's "
                 f"item_key (or, where items change {other.name}, "
-                + (f"raise data.item_key_tolerance above {len(bad) / len(seen):.3f})"
-                   if len(bad) < len(seen) else "data.item_key_tolerance: 1 turns the "
-                   "check off)")  # fmt: skip
+                + (f"raise data.item_key_tolerance above {share})"
+                   if (share := f"{len(bad) / len(seen):.3f}") != "1.000"
+                   else "data.item_key_tolerance: 1 turns the check off)")  # fmt: skip
             )

@@ -24,11 +24,11 @@ def time_numbers(col: Any) -> Any:
             filled = naive.fillna(naive[~missing].min() if (~missing).any() else pd.Timestamp(0))
             return pd.Series(np.where(missing, np.nan, filled.astype("int64")), index=col.index)
         return naive.astype("int64")
-    try:
-        return pd.to_numeric(col)
+    blank = col.isna() | (col.astype(str).str.strip() == "")
+    try:  # a blank of spaces, or NaT among numbers, is missing as NaN is
+        return pd.to_numeric(col.where(~blank) if blank.any() else col)
     except (ValueError, TypeError):
         pass
-    blank = col.isna() | (col.astype(str).str.strip() == "")
     try:
         times = pd.to_datetime(col.where(~blank), utc=True, format="ISO8601", errors="coerce")
     except (ValueError, TypeError):  # objects to_datetime cannot take at all

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import heapq
 import os
 import secrets
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -414,54 +414,75 @@ def newest_events(config: FeatureConfig, newest: pd.DataFrame) -> list[Event]:
     return [{t.source: v for t, v in zip(targets, key, strict=True)} for key in events]
 
 
+CHAIN_STEPS = 20  # the search's steps per row before it settles for its longest path
+
+
 def _chain(
     rows: list[int],
     histories: list[list[tuple[Any, ...]]],
     candidates: list[tuple[Any, ...]],
     ids: list[int],
 ) -> list[int]:
-    """``rows`` (positions in file order) in the order their histories show: ``j``
-    after ``i`` where ``j``'s history ends with ``i``'s candidate and, before it, with
-    the tail of ``i``'s history (as far as both reach). Rows with none before them go
-    first, the earliest in the file first (Kahn's order); a cycle (duplicated rows) is
-    broken in file order. Linear in rows x history length where candidates differ."""
+    """``rows`` (positions in file order) in the order their histories show.
+
+    The row after row ``i`` has as history ``i``'s history and ``i``'s candidate, cut to
+    its length: that length or one more (histories never shrink along a user's rows).
+    A depth-first search looks for an order of all the rows in which each follows the
+    one before so: from a row no other can come right before (the shortest history,
+    then the earliest in the file), trying the longer history first, then file order;
+    rows alike (one history and candidate) are one choice. Distinct items need no step
+    back: linear in rows x history length. Repeated items may (an item consumed
+    again, histories cut short); past ``CHAIN_STEPS`` steps per row the longest path
+    found stands. Rows it leaves out (several positives sharing one history) follow by
+    history length and file order."""
 
     def key(event: tuple[Any, ...]) -> tuple[Any, ...]:
         return tuple(event[i] for i in ids) if ids else event
 
-    by_candidate: dict[tuple[Any, ...], list[int]] = {}
+    Row = tuple[tuple[Any, ...], tuple[Any, ...]]  # (history, candidate)
+    alike: dict[Row, deque[int]] = {}
     for pos in rows:
-        by_candidate.setdefault(key(candidates[pos]), []).append(pos)
-    after: dict[int, list[int]] = {pos: [] for pos in rows}
-    before = dict.fromkeys(rows, 0)
-    for j in rows:
-        hist = histories[j]
-        if not hist:
+        alike.setdefault((tuple(key(e) for e in histories[pos]), key(candidates[pos])),
+                         deque()).append(pos)  # fmt: skip
+    by_hist: dict[tuple[Any, ...], list[Row]] = {}
+    for r in alike:  # in file order of each kind's first row
+        by_hist.setdefault(r[0], []).append(r)
+    left = {r: len(q) for r, q in alike.items()}
+
+    def after(r: Row) -> list[Row]:
+        """The kinds of row that may come right after one of kind ``r``."""
+        state = (*r[0], r[1])
+        n = len(r[0])
+        return [x for m in (n + 1, n) if 0 < m <= len(state)
+                for x in by_hist.get(state[len(state) - m :], ())]  # fmt: skip
+
+    into: Counter[Row] = Counter()
+    for r, q in alike.items():
+        for x in after(r):
+            into[x] += len(q) - (x == r)  # not itself
+    first = sorted(alike, key=lambda r: (into[r] > 0, len(r[0]), alike[r][0]))
+    path: list[Row] = []
+    best: list[Row] = []
+    stack = [iter(first)]
+    budget = CHAIN_STEPS * len(rows) + 100
+    while stack and len(path) < len(rows) and budget > 0:
+        budget -= 1
+        nxt = next((x for x in stack[-1] if left[x]), None)
+        if nxt is None:  # no way on from here: one step back
+            stack.pop()
+            if path:
+                left[path.pop()] += 1
             continue
-        prefix = [key(e) for e in hist[:-1]]
-        for i in by_candidate.get(key(hist[-1]), []):
-            m = min(len(histories[i]), len(prefix))
-            if i != j and [key(e) for e in histories[i][len(histories[i]) - m :]] == prefix[
-                len(prefix) - m :
-            ]:
-                after[i].append(j)
-                before[j] += 1
-    order: list[int] = []
-    ready = [pos for pos in rows if not before[pos]]  # ascending: a heap already
-    left = set(rows)
-    while left:
-        if not ready:  # a cycle: its earliest row in the file goes
-            ready.append(min(left))
-        pos = heapq.heappop(ready)
-        if pos not in left:
-            continue
-        left.discard(pos)
-        order.append(pos)
-        for nxt in after[pos]:
-            before[nxt] -= 1
-            if not before[nxt] and nxt in left:
-                heapq.heappush(ready, nxt)
-    return order
+        left[nxt] -= 1
+        path.append(nxt)
+        if len(path) > len(best):
+            best = list(path)
+        stack.append(iter(after(nxt)))
+    chosen = path if len(path) == len(rows) else best
+    order = [alike[r].popleft() for r in chosen]
+    placed = set(order)
+    rest = [pos for pos in rows if pos not in placed]
+    return order + sorted(rest, key=lambda pos: (len(histories[pos]), pos))
 
 
 def item_records(

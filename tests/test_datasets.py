@@ -480,6 +480,13 @@ def test_a_time_split_on_an_adapters_positions_is_refused(source: str) -> None:
             prepare(timed)
     if source == "movielens":
         split_frame(timed_rows, DataSpec(source=source, split="time", time_column="timestamp"))
+    # ctr load --bundle re-makes such a bundle's split to check its data (diff review s42)
+    from ctr.cli import check_trained_on
+    from training.data.generic import fingerprint
+
+    train_part, _, _ = split_frame(timed_rows, spec, trained=True)
+    manifest = {"data_fingerprint": fingerprint(train_part), "data_split_seed": 0}
+    check_trained_on(config.model_copy(update={"data": spec}), timed_rows, manifest, "b")
 
 
 def test_time_split_that_leaves_a_part_empty_is_an_error() -> None:
@@ -742,6 +749,12 @@ def test_a_synthetic_users_stored_history_is_its_newest_examples() -> None:
         ("XBAB", 2, 10),  # B again among them
         ("XAA", 2, 10),  # the newest a repeat of the one before
         ("XAABA", 1, 10),
+        ("AAAA", 2, 10),  # these five: file order decided (diff review s42)
+        ("BAABA", 2, 10),
+        ("ABA", 0, 1),
+        ("XABA", 1, 1),
+        ("XABAB", 1, 2),
+        ("BABBC", 2, 1),  # a row to go first that only the rest of the path tells
     ],
 )
 def test_a_loaded_history_with_rows_sharing_the_newest_time_ignores_their_file_order(
@@ -778,6 +791,47 @@ def test_a_loaded_history_with_rows_sharing_the_newest_time_ignores_their_file_o
             items = "".join(e["item_id"] for e in events)  # the true sequence's newest
             assert items == seq[len(seq) - len(items) :], newest
             assert len(items) >= min(len(seq), max_seq_len + 1), newest  # what L + 1 keeps
+
+
+def test_tied_rows_of_repeated_items_are_put_in_their_order_wherever_it_is_told() -> None:
+    """Random short sequences over 1 to 3 items, cut to 1, 2, 3 or 10, ties from a
+    random row on, rows shuffled: wherever the histories tell one order (every order of
+    the tied rows in which each row's history is the one before's history and
+    candidate, cut to its length, stores the same newest L + 1), ``ctr load`` stores
+    the true sequence's newest L + 1. Where they tell several, none can be told."""
+    import itertools
+    import random
+
+    from service.loader import user_records
+
+    rng = random.Random(42)
+    checked = 0
+    for _ in range(400):
+        seq = "".join(rng.choice("ABC"[: rng.randint(1, 3)]) for _ in range(rng.randint(1, 7)))
+        cut, tied_from = rng.choice([1, 2, 3, 10]), rng.randrange(len(seq))
+        rows = [{"item_id": x, "hist_item_id": "|".join(seq[:t][-cut:]),
+                 "ts": str(min(t, tied_from))} for t, x in enumerate(seq)]  # fmt: skip
+        tied = rows[tied_from:]
+        hist = [tuple(r["hist_item_id"].split("|")) if r["hist_item_id"] else () for r in tied]
+        told = set()
+        for order in itertools.permutations(range(len(tied))):
+            if all(len(hist[j]) in (len(hist[i]), len(hist[i]) + 1)
+                   and hist[j] == (*hist[i], tied[i]["item_id"])[len(hist[i]) + 1 - len(hist[j]):]
+                   for i, j in itertools.pairwise(order)):  # fmt: skip
+                whole = "".join(hist[order[0]]) + "".join(tied[i]["item_id"] for i in order)
+                told.add(whole[-cut - 1 :])
+        if len(told) != 1:
+            continue
+        checked += 1
+        rng.shuffle(tied)
+        config = _loader_config(Path("unused.csv"), max_seq_len=cut)
+        config.data.behaviour_labels = "all"  # type: ignore[assignment]
+        frame = pd.DataFrame([{"user_id": "u1", "price": "1.5", "label": 1.0, **r}
+                              for r in [*tied, *rows[:tied_from]]])  # fmt: skip
+        [(_, _, events)] = list(user_records(config, frame))
+        items = "".join(e["item_id"] for e in events)
+        assert items[-cut - 1 :] == seq[-cut - 1 :], (seq, cut, tied_from, items)
+    assert checked > 300
 
 
 def test_a_tied_item_is_known_by_its_id_where_its_category_differs() -> None:
@@ -1010,10 +1064,14 @@ def test_an_item_key_that_is_not_the_items_id_is_refused() -> None:
     with pytest.raises(ValueError, match="3 of its 200 values carry more than one cate_id"):
         check_item_key(good, {"item_id": [*items, "i0", "i1", "i2"],
                               "cate_id": [*cats, "c6", "c6", "c6"]})  # fmt: skip
-    # every value carries two: no tolerance under 1 passes (the hint said "above 1.000")
+    # (nearly) every value carries two: no tolerance under 1 passes (it said "above 1.000")
     with pytest.raises(ValueError, match="data.item_key_tolerance: 1 turns the check off"):
         check_item_key(good, {"item_id": ["i0", "i0", "i1", "i1"],
                               "cate_id": ["c0", "c1", "c0", "c1"]})  # fmt: skip
+    many = [f"i{k}" for k in range(3000)]
+    with pytest.raises(ValueError, match="data.item_key_tolerance: 1 turns the check off"):
+        check_item_key(good, {"item_id": [*many, *many[1:]],
+                              "cate_id": ["a"] * 3000 + ["b"] * 2999})  # fmt: skip
 
 
 def test_a_missing_value_is_no_second_value_for_the_item_key() -> None:
@@ -1113,6 +1171,10 @@ def test_a_datetime_time_column_with_nat_is_an_error(split: str) -> None:
     text = ok.assign(ts=["2020-01-01", "x", "y", "z"])
     with pytest.raises(DataError, match="numbers, datetimes or ISO 8601 .* row 1 holds 'x'"):
         split_frame(text, spec)
+    # a blank of spaces among numbers is a missing time, as "" is (an IndexError)
+    spaced = ok.assign(ts=["1", "2", " ", "4"])
+    with pytest.raises(DataError, match="1 of 4 rows have no 'ts'"):
+        split_frame(spaced, spec)
     # numbers and ISO times mixed: every value parses one way, so it named row 0 as bad
     mixed = ok.assign(ts=["1700000001", "1700000002", "2020-01-03T00:00:00Z", "1700000004"])
     with pytest.raises(DataError, match=r"mixes numbers \(row 0: '1700000001'\) and ISO "

@@ -609,6 +609,33 @@ def test_settings_a_feature_kind_does_not_read_are_warned(
     assert all(f"warning: {line}" in err for line in said)
 
 
+def test_a_sequence_name_is_refused_only_where_it_keys_a_table() -> None:
+    """A sequence borrows its shared feature's table: its name keys no ModuleDict but
+    DeepFM's projections, so a dotted sequence name trains a din (diff review s42: it
+    was refused) and is refused for a deepfm; a dotted sparse name is refused for both."""
+    from tests.conftest import tiny_raw
+    from training.modules import unusable_names
+
+    def refused(model_type: str, old: str, new: str) -> list[str]:
+        raw = tiny_raw(model_type)
+        for f in raw["features"]:
+            if f["name"] == old:
+                f["name"], f["column"] = new, old
+            if f.get("shared_with") == old:
+                f["shared_with"] = new
+        for g in raw.get("groups", []):
+            g["features"] = [new if n == old else n for n in g["features"]]
+        return unusable_names(FeatureConfig.model_validate(raw))
+
+    assert refused("din", "hist_item_id", "hist.item_id") == []
+    assert refused("dien", "hist_item_id", "hist.item_id") == []
+    [line] = refused("deepfm", "hist_item_id", "hist.item_id")
+    assert "'hist.item_id' holds a '.'" in line
+    for model_type in ("din", "deepfm"):
+        [line] = refused(model_type, "cate_id", "cate.id")
+        assert "'cate.id' holds a '.'" in line and "column: 'cate_id'" in line
+
+
 def test_model_settings_and_deep_groups_a_model_type_does_not_read_are_warned() -> None:
     """A din's tower_mlp or gru_dim, a dien's attention_softmax (always softmax), a
     base's attention settings; and deep groups that leave features out, which only

@@ -243,15 +243,15 @@ class _ChannelLastPReLU(nn.Module):
 
 
 def unusable_names(config: FeatureConfig) -> list[str]:
-    """Why sparse and sequence feature names cannot key the model's tables: torch's
+    """Why sparse feature names (and DeepFM's sequences) cannot key the model's tables: torch's
     ``nn.ModuleDict`` refuses an empty key, a ``.`` and the name of one of its own
     attributes (``values``, ``type``, ``training`` ...). One line per name, naming the
     way out (``column:`` keeps the data's column and the requests' keys)."""
     probe = nn.ModuleDict()
     out = []
     for f in config.features:
-        if f.kind == "dense":
-            continue  # no table of its own
+        if f.kind == "dense" or (f.kind == "sequence" and config.model.type != "deepfm"):
+            continue  # no table of its own (a sequence borrows one; DeepFM projects it)
         why = ("holds a '.'" if "." in f.name else "is empty" if not f.name
                else "is an attribute of torch's nn.ModuleDict" if hasattr(probe, f.name)
                else None)  # fmt: skip

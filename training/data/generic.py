@@ -449,7 +449,7 @@ POSITION_COLUMNS = {"amazon": "ts", "movielens": "ts", "synthetic": "ts"}
 
 
 def split_frame(
-    frame: pd.DataFrame, spec: DataSpec, seed: int = 0
+    frame: pd.DataFrame, spec: DataSpec, seed: int = 0, trained: bool = False
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Train / validation / test with no test interaction leaking into training.
 
@@ -485,7 +485,8 @@ def split_frame(
             f"{spec.time_column!r} (drop or fill them, or set data.split: random)"
         )
     if spec.split == "time":
-        if spec.time_column == POSITION_COLUMNS.get(spec.source):
+        # (``trained``: a bundle's split, made before this was refused, is read back)
+        if spec.time_column == POSITION_COLUMNS.get(spec.source) and not trained:
             # a cut at the positions' quantiles is no time cut: the test set became the
             # heavy users' late examples, every one older than training's newest
             also = " or data.time_column: timestamp (the ratings' times)"
