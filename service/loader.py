@@ -377,12 +377,10 @@ def newest_events(config: FeatureConfig, newest: pd.DataFrame) -> list[Event]:
 
     Each row's history is the events before it; the candidates that are behaviours
     (``data.behaviours``) followed it. Rows sharing that time came in some order the
-    file need not keep (MovieLens: movies rated in the same second). Behaviour row j
-    came right after row i where j's history is i's plus i's candidate (their
-    overlapping tails equal: both may be cut to a length); the rows go in that order
-    (:func:`_chain`), in file order where the histories do not tell. The events are
-    the first row's history and then each row's candidate: every behaviour once (an
-    item consumed again, too), whatever the file order where the histories tell it."""
+    file need not keep (MovieLens: movies rated in the same second): the behaviour
+    rows go in the order their histories tell (:func:`_chain`). The events are the
+    first row's history and then each row's candidate: every behaviour once (an item
+    consumed again, too), whatever the file order wherever the histories tell one."""
     spec = config.data
     targets = config.sequence_targets
     if spec.behaviours == "none":
@@ -469,16 +467,16 @@ def _chain(
         budget -= 1
         nxt = next((x for x in stack[-1] if left[x]), None)
         if nxt is None:  # no way on from here: one step back
+            if len(path) > len(best):
+                best = list(path)
             stack.pop()
             if path:
                 left[path.pop()] += 1
             continue
         left[nxt] -= 1
         path.append(nxt)
-        if len(path) > len(best):
-            best = list(path)
         stack.append(iter(after(nxt)))
-    chosen = path if len(path) == len(rows) else best
+    chosen = max(path, best, key=len)  # all the rows, or the longest path found
     order = [alike[r].popleft() for r in chosen]
     placed = set(order)
     rest = [pos for pos in rows if pos not in placed]
