@@ -26,9 +26,9 @@ from training.modules import (
     DenseClip,
     DINAttention,
     EmbeddingCollection,
+    check_table_names,
     masked_softmax,
     sequence_mask,
-    unusable_names,
 )
 
 Inputs = dict[str, Tensor]
@@ -544,6 +544,5 @@ MODELS: dict[str, type[CTRModel]] = {
 
 
 def build_model(config: FeatureConfig, table_sizes: dict[str, int]) -> CTRModel:
-    for line in unusable_names(config):
-        raise ValueError(line)
+    check_table_names(config)
     return MODELS[config.model.type](config, table_sizes)

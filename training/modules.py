@@ -262,6 +262,12 @@ def unusable_names(config: FeatureConfig) -> list[str]:
     return out
 
 
+def check_table_names(config: FeatureConfig) -> None:
+    """Raise ValueError with the first of :func:`unusable_names`, if any."""
+    if bad := unusable_names(config):
+        raise ValueError(bad[0])
+
+
 class EmbeddingCollection(nn.Module):
     """One table per sparse feature; sequence features borrow their ``shared_with`` table.
 

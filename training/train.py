@@ -23,7 +23,7 @@ from ctr.spec import FeatureConfig, FeatureSpec, ignored_settings
 from training.dataset import Prepared, Split, negative_key, prepare, sample_negatives
 from training.metrics import evaluate
 from training.models import CTRModel, build_model
-from training.modules import unusable_names
+from training.modules import check_table_names
 
 
 def seed_everything(seed: int) -> None:
@@ -228,8 +228,7 @@ def train(
         box = [str(out)]
         dist.broadcast_object_list(box, src=0)
         out = Path(box[0])
-    for line in unusable_names(config):  # before the data is read: that can take minutes
-        raise ValueError(line)
+    check_table_names(config)  # before the data is read: that can take minutes
     prep = prep or prepare(config)
     if info.main:
         for line in setting_warnings(config, prep):
