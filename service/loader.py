@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import secrets
 from collections import Counter, deque
@@ -414,6 +415,9 @@ def newest_events(config: FeatureConfig, newest: pd.DataFrame) -> list[Event]:
 
 CHAIN_STEPS = 20  # the search's steps per row before it settles for its longest path
 
+Hist = tuple[Any, ...]
+Row = tuple[Hist, Hist]  # (history, candidate) of a kind of row
+
 
 def _chain(
     rows: list[int],
@@ -424,48 +428,111 @@ def _chain(
     """``rows`` (positions in file order) in the order their histories show.
 
     The row after row ``i`` has as history ``i``'s history and ``i``'s candidate, cut to
-    its length: that length or one more (histories never shrink along a user's rows).
-    A depth-first search looks for an order of all the rows in which each follows the
-    one before so: from a row no other can come right before (the shortest history,
-    then the earliest in the file), trying the longer history first, then file order;
-    rows alike (one history and candidate) are one choice. Distinct items need no step
-    back: linear in rows x history length. Repeated items may (an item consumed
-    again, histories cut short); past ``CHAIN_STEPS`` steps per row the longest path
-    found stands. Rows it leaves out (several positives sharing one history) follow by
-    history length and file order."""
+    its length: one longer while histories grow, the same once they are at their cut
+    (the longest history among the rows). Each row is so an edge from its history to
+    the next row's, and an order of all the rows is an Euler trail (:func:`_trail`,
+    linear; any trail stores the same newest events wherever the histories tell only
+    one). Where there is none (rows missing, several positives sharing one history),
+    a depth-first search (:func:`_search`) keeps the longest path it finds within
+    ``CHAIN_STEPS`` steps per row, and the rows it leaves out follow by history length
+    and file order."""
 
     def key(event: tuple[Any, ...]) -> tuple[Any, ...]:
         return tuple(event[i] for i in ids) if ids else event
 
-    Row = tuple[tuple[Any, ...], tuple[Any, ...]]  # (history, candidate)
+    kinds = [(tuple(key(e) for e in histories[pos]), key(candidates[pos])) for pos in rows]
+    cut = max(len(h) for h, _ in kinds)
     alike: dict[Row, deque[int]] = {}
-    for pos in rows:
-        alike.setdefault((tuple(key(e) for e in histories[pos]), key(candidates[pos])),
-                         deque()).append(pos)  # fmt: skip
-    by_hist: dict[tuple[Any, ...], list[Row]] = {}
-    for r in alike:  # in file order of each kind's first row
-        by_hist.setdefault(r[0], []).append(r)
-    left = {r: len(q) for r, q in alike.items()}
+    for pos, kind in zip(rows, kinds, strict=True):
+        alike.setdefault(kind, deque()).append(pos)
+    chosen = _trail(kinds, cut)
+    if chosen is None:
+        chosen = _search(list(alike), {r: len(q) for r, q in alike.items()}, len(rows))
+    order = [alike[r].popleft() for r in chosen]
+    placed = set(order)
+    rest = [pos for pos in rows if pos not in placed]
+    return order + sorted(rest, key=lambda pos: (len(histories[pos]), pos))
 
-    def after(r: Row) -> list[Row]:
-        """The kinds of row that may come right after one of kind ``r``."""
+
+def _next_hist(kind: Row, cut: int) -> Hist:
+    """The history of the row right after a row of ``kind``: its history and candidate,
+    cut to ``cut`` (histories grow to it, then keep it)."""
+    state = (*kind[0], kind[1])
+    return state[max(0, len(state) - cut) :]
+
+
+def _trail(kinds: list[Row], cut: int) -> list[Row] | None:
+    """The rows (their kinds, in file order) as an Euler trail of the graph whose nodes
+    are histories and whose edges are the rows (Hierholzer's algorithm, the file's
+    earlier row first at each node), or None where no trail takes every row."""
+    out: dict[Hist, list[int]] = {}
+    indeg: Counter[Hist] = Counter()
+    for i, kind in enumerate(kinds):
+        out.setdefault(kind[0], []).append(i)
+        indeg[_next_hist(kind, cut)] += 1
+    starts = [h for h in out if len(out[h]) - indeg[h] == 1]
+    if len(starts) > 1:
+        return None
+    # the start: the one node with an edge more out than in; in a circuit, the shortest
+    # history's (its earliest row's)
+    start = starts[0] if starts else min(out, key=lambda h: (len(h), out[h][0]))
+    for edges in out.values():
+        edges.reverse()  # pop() takes the earliest row first
+    stack: list[tuple[Hist, int | None]] = [(start, None)]
+    trail: list[int] = []
+    while stack:
+        node, edge = stack[-1]
+        if out.get(node):
+            e = out[node].pop()
+            stack.append((_next_hist(kinds[e], cut), e))
+        else:
+            stack.pop()
+            if edge is not None:
+                trail.append(edge)
+    trail.reverse()
+    if len(trail) != len(kinds) or any(
+        _next_hist(kinds[a], cut) != kinds[b][0] for a, b in itertools.pairwise(trail)
+    ):
+        return None
+    return [kinds[i] for i in trail]
+
+
+def _search(kinds: list[Row], left: dict[Row, int], total: int) -> list[Row]:
+    """The longest path of rows found by a depth-first search within ``CHAIN_STEPS``
+    looks per row: each row's history is the one before's history and candidate, cut
+    to that history's length or one longer (cuts may differ between rows); it starts
+    at a row no other can come right before (the shortest history, then file order)."""
+    by_hist: dict[Hist, list[Row]] = {}
+    for r in kinds:  # in file order of each kind's first row
+        by_hist.setdefault(r[0], []).append(r)
+
+    def nexts(r: Row) -> list[Hist]:
         state = (*r[0], r[1])
         n = len(r[0])
-        return [x for m in (n + 1, n) if 0 < m <= len(state)
-                for x in by_hist.get(state[len(state) - m :], ())]  # fmt: skip
+        return [h for m in (n + 1, n) if 0 < m <= len(state)
+                and (h := state[len(state) - m :]) in by_hist]  # fmt: skip
 
-    into: Counter[Row] = Counter()
-    for r, q in alike.items():
-        for x in after(r):
-            into[x] += len(q) - (x == r)  # not itself
-    first = sorted(alike, key=lambda r: (into[r] > 0, len(r[0]), alike[r][0]))
+    def after(r: Row) -> Iterator[Row]:
+        return (x for h in nexts(r) for x in by_hist[h])
+
+    into: Counter[Hist] = Counter()  # rows that may come right before a history's
+    for r in kinds:
+        into.update({h: left[r] for h in nexts(r)})
+    rank = {r: i for i, r in enumerate(kinds)}
+    first = sorted(kinds, key=lambda r: (into[r[0]] - (r[0] in nexts(r)) > 0, len(r[0]), rank[r]))
     path: list[Row] = []
     best: list[Row] = []
-    stack = [iter(first)]
-    budget = CHAIN_STEPS * len(rows) + 100
-    while stack and len(path) < len(rows) and budget > 0:
-        budget -= 1
-        nxt = next((x for x in stack[-1] if left[x]), None)
+    stack: list[Iterator[Row]] = [iter(first)]
+    budget = CHAIN_STEPS * total + 100  # looks at a kind of row, each
+    while stack and len(path) < total and budget > 0:
+        nxt = None
+        for x in stack[-1]:
+            budget -= 1
+            if left[x]:
+                nxt = x
+                break
+            if budget <= 0:
+                break
         if nxt is None:  # no way on from here: one step back
             if len(path) > len(best):
                 best = list(path)
@@ -475,12 +542,8 @@ def _chain(
             continue
         left[nxt] -= 1
         path.append(nxt)
-        stack.append(iter(after(nxt)))
-    chosen = max(path, best, key=len)  # all the rows, or the longest path found
-    order = [alike[r].popleft() for r in chosen]
-    placed = set(order)
-    rest = [pos for pos in rows if pos not in placed]
-    return order + sorted(rest, key=lambda pos: (len(histories[pos]), pos))
+        stack.append(after(nxt))
+    return max(path, best, key=len)  # all the rows, or the longest path found
 
 
 def item_records(
