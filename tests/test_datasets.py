@@ -863,19 +863,8 @@ def test_a_tied_item_is_known_by_its_id_where_its_category_differs() -> None:
 
     from service.loader import user_records
 
-    raw = {
-        "name": "two_seqs",
-        "max_seq_len": 10,
-        "features": [
-            {"name": "user_id", "kind": "sparse", "side": "user"},
-            {"name": "item_id", "kind": "sparse", "side": "item"},
-            {"name": "cate_id", "kind": "sparse", "side": "item"},
-            {"name": "hist_item_id", "kind": "sequence", "shared_with": "item_id"},
-            {"name": "hist_cate_id", "kind": "sequence", "shared_with": "cate_id"},
-        ],
-        "data": {"source": "csv", "path": "unused.csv", "behaviour_labels": "all"},
-    }
-    config = FeatureConfig.model_validate(raw)
+    config = _csv_config(Path("unused.csv"), "|")  # item and category histories
+    config.data.behaviour_labels = "all"  # type: ignore[assignment]
     rows = [  # A's row says category y, the histories after it x
         {"item_id": "X", "cate_id": "x", "hist_item_id": "", "hist_cate_id": "", "ts": "0"},
         {"item_id": "A", "cate_id": "y", "hist_item_id": "X", "hist_cate_id": "x", "ts": "1"},
@@ -883,7 +872,7 @@ def test_a_tied_item_is_known_by_its_id_where_its_category_differs() -> None:
          "ts": "1"},  # fmt: skip
     ]
     for order in itertools.permutations(rows):
-        frame = pd.DataFrame([{"user_id": "u1", "label": 1.0, **r} for r in order])
+        frame = pd.DataFrame([{"user_id": "u1", "label": 1.0, "price": 1.0, **r} for r in order])
         [(_, _, events)] = list(user_records(config, frame))
         assert [e["item_id"] for e in events] == ["X", "A", "B"], order
 
@@ -935,6 +924,15 @@ def test_loaded_history_with_blank_or_non_numeric_times() -> None:
         assert [e["item_id"] for e in events] == ["a", "b", "i1"], times
 
 
+def _flat_config(*features: dict[str, Any]) -> FeatureConfig:
+    """A config without histories: user_id, item_id and ``features``."""
+    ids = [{"name": "user_id", "kind": "sparse", "side": "user"},
+           {"name": "item_id", "kind": "sparse", "side": "item"}]  # fmt: skip
+    raw = {"name": "flat", "features": [*ids, *features],
+           "data": {"source": "csv", "path": "unused.csv"}}  # fmt: skip
+    return FeatureConfig.model_validate(raw)
+
+
 @pytest.mark.parametrize("weights", [["30", "0", "7.5"], [30.0, 0.0, 7.5]], ids=["csv", "float"])
 def test_a_column_read_as_a_category_and_a_number_is_stored_as_its_token(
     weights: list[Any],
@@ -947,17 +945,10 @@ def test_a_column_read_as_a_category_and_a_number_is_stored_as_its_token(
     from ctr.encode import parse_dense
     from service.loader import item_records
 
-    raw = {
-        "name": "dual",
-        "features": [
-            {"name": "user_id", "kind": "sparse", "side": "user"},
-            {"name": "item_id", "kind": "sparse", "side": "item"},
-            {"name": "weight", "kind": "dense", "side": "item"},
-            {"name": "weight_cat", "column": "weight", "kind": "sparse", "side": "item"},
-        ],
-        "data": {"source": "csv", "path": "unused.csv"},
-    }
-    config = FeatureConfig.model_validate(raw)
+    config = _flat_config(
+        {"name": "weight", "kind": "dense", "side": "item"},
+        {"name": "weight_cat", "column": "weight", "kind": "sparse", "side": "item"},
+    )
     frame = pd.DataFrame({"user_id": ["u1", "u2", "u3"], "item_id": ["i1", "i2", "i3"],
                           "weight": weights, "label": [1.0, 0.0, 1.0]})  # fmt: skip
     mapper = FeatureMapper.fit(config, raw_columns_for_fit(config, frame, "|"))
@@ -974,17 +965,10 @@ def test_a_stored_profile_keeps_an_int64_id_past_2_53_in_a_numeric_frame() -> No
     (formats review s42: served != offline on 58 of 59 candidates)."""
     from service.loader import user_records
 
-    raw = {
-        "name": "ints",
-        "features": [
-            {"name": "user_id", "kind": "sparse", "side": "user"},
-            {"name": "device_id", "kind": "sparse", "side": "user"},
-            {"name": "item_id", "kind": "sparse", "side": "item"},
-            {"name": "price", "kind": "dense", "side": "item"},
-        ],
-        "data": {"source": "parquet", "path": "unused.parquet"},
-    }
-    config = FeatureConfig.model_validate(raw)
+    config = _flat_config(
+        {"name": "device_id", "kind": "sparse", "side": "user"},
+        {"name": "price", "kind": "dense", "side": "item"},
+    )
     device = 2**62 + 1
     frame = pd.DataFrame({"user_id": np.array([7, 7], dtype=np.int64),
                           "device_id": np.array([5, device], dtype=np.int64),
