@@ -390,20 +390,22 @@ def newest_events(config: FeatureConfig, newest: pd.DataFrame) -> list[Event]:
         followed = [True] * len(newest)
     else:
         followed = (newest[spec.label] == 1).tolist()
-    histories: list[list[tuple[Any, ...]]] = []
+    rows = [pos for pos, f in enumerate(followed) if f]
+    # the histories and candidates of the rows read: the behaviours', else the first's
+    read = rows or list(range(min(len(newest), 1)))
     seq_cells = [newest[s.source].tolist() for s in config.sequences]  # exact values
     cand_cells = [newest[t.source].tolist() if t.source in newest else None for t in targets]
-    for pos in range(len(newest)):
+    histories: dict[int, list[tuple[Any, ...]]] = {}
+    for pos in read:
         cols = [split_sequence(cells[pos], spec.seq_delimiter) for cells in seq_cells]
         n = min((len(c) for c in cols), default=0)
-        histories.append([tuple(normalize(c[len(c) - n + i]) for c in cols) for i in range(n)])
-    candidates = [
-        tuple(normalize(None if cells is None else cells[pos]) for cells in cand_cells)
-        for pos in range(len(newest))
-    ]
-    rows = [pos for pos, f in enumerate(followed) if f]
+        histories[pos] = [tuple(normalize(c[len(c) - n + i]) for c in cols) for i in range(n)]
+    candidates = {
+        pos: tuple(normalize(None if cells is None else cells[pos]) for cells in cand_cells)
+        for pos in rows
+    }
     if not rows:  # no behaviour among them: they share the history before that time
-        events = histories[0] if histories else []
+        events = histories.get(0, [])
     else:
         # an item is known by its ID where the histories hold it (its category may
         # differ between a candidate and a history entry), else by all its values
@@ -421,8 +423,8 @@ Row = tuple[Hist, Hist]  # (history, candidate) of a kind of row
 
 def _chain(
     rows: list[int],
-    histories: list[list[tuple[Any, ...]]],
-    candidates: list[tuple[Any, ...]],
+    histories: dict[int, list[tuple[Any, ...]]],
+    candidates: dict[int, tuple[Any, ...]],
     ids: list[int],
 ) -> list[int]:
     """``rows`` (positions in file order) in the order their histories show.

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ctr.spec import FeatureConfig
+from ctr.spec import MODEL_READS, FeatureConfig
 from tests.helpers import missing
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,8 +71,7 @@ def tiny_raw(model_type: str = "din", **overrides: Any) -> dict[str, Any]:
         "gru_dim": 12,
         "activation": "dice",
     }
-    from ctr.spec import MODEL_READS  # only what the type reads: the rest would be warned
-
+    # only what the type reads: the rest would be warned
     raw["model"] = {k: v for k, v in raw["model"].items() if k in MODEL_READS[model_type]}
     raw["train"] = {
         "epochs": 1,
