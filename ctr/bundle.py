@@ -127,6 +127,20 @@ CONTRACT_KEY_V2 = "ctr_contract_v2_sha256"
 DENSE_RANGE_KEY = "ctr_dense_range"
 
 
+def finite(value: Any) -> Any:
+    """``value`` (JSON-like) with every non-finite float as None: a metric a split could
+    not give (an empty or one-class split's AUC) is ``null`` in the JSON written, not
+    the bare ``NaN`` that ``json.dumps`` writes and strict readers (JavaScript's
+    ``JSON.parse``) refuse."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
 def dense_range_text(ranges: dict[str, list[float]]) -> str:
     """``{feature: [lo, hi]}`` as one canonical text (keys sorted, no spaces; floats as
     Python's ``repr``, which reads back exactly)."""

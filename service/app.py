@@ -96,6 +96,7 @@ from service.store import (
     fetch_items,
     make_client,
 )
+from service.throttle import held_note
 from service.validate import (
     MAX_DETAIL,
     check_numbers,
@@ -348,10 +349,18 @@ def cors_headers(allowed: frozenset[str], origin: str | None) -> list[tuple[byte
 # a response's attribute: what to do once it is written to the client (the impression
 # log's entry), run by whoever writes it (:func:`written`)
 AFTER_WRITE = "ctr_after_write"
+# a scored response's attribute: when its body was built (STAGE_CLOCK), where the
+# ``write`` stage begins
+WRITE_FROM = "ctr_write_from"
 
 
 def written(response: Response) -> None:
-    """``response`` reached the client: its :data:`AFTER_WRITE` action, if any."""
+    """``response`` reached the client: the ``write`` stage of a scored one (from its
+    body built to its bytes handed to the socket: the deadline check, the access-log
+    line, the write), then its :data:`AFTER_WRITE` action, if any."""
+    since = getattr(response, WRITE_FROM, None)
+    if since is not None:
+        m.STAGE("write").observe(STAGE_CLOCK() - since)
     action = getattr(response, AFTER_WRITE, None)
     if action is not None:
         action()
@@ -995,8 +1004,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
         """Through FastAPI's router (where the front door does not answer it: ``ctr
         bench-path``): the after-write action runs once Starlette has sent it."""
         response = await score_handler(header_reader(request), request.stream())
-        if getattr(response, AFTER_WRITE, None) is not None:
-            response.background = BackgroundTask(written, response)
+        response.background = BackgroundTask(written, response)  # its write stage too
         return response
 
     async def score_handler(
@@ -1356,6 +1364,7 @@ async def _score(
     data = UserData()
     tracker = state.tracker
     rows = None
+    t_fetched: float | None = None  # the read answered (or failed): then feature work
     if tracker is not None:
         # invalidations that have reached this host apply first: before kept rows are
         # trusted, and before a read's stamp (a change from before the read is not one
@@ -1376,22 +1385,27 @@ async def _score(
                                        else ())  # fmt: skip
             finally:  # a failed read too
                 m.REDIS_READ.observe(time.monotonic() - read_at)
+            t_fetched = STAGE_CLOCK()
             for source, ids in lookups.items():
                 state.item_cache.put(source, ids, data.item_features[source], read_at)
             # rows encoded from these values expire with them (TTL 0: no row is kept)
             cands.items.fill(data.item_features, read_at + s.item_cache_ttl_s)
         except REDIS_ERRORS as exc:
             wrong = data_error(exc)
-            if wrong is not None:  # not the store down: a key to fix (degraded all the same)
+            held = (state.read_failures if wrong is None else state.wrong_keys).ready()
+            if held is None:
+                pass  # one line per period while failures last: counted below
+            elif wrong is not None:  # not the store down: a key to fix (degraded all the same)
                 log.error("a key read for user %r (profile, sequence, or a candidate's "
-                          "features) holds another type, degraded response: %s",
-                          req.user_id[:100], wrong)  # fmt: skip
+                          "features) holds another type, degraded response: %s%s",
+                          req.user_id[:100], wrong, held_note(held))  # fmt: skip
             else:
-                log.warning("redis fetch failed, degraded response: %s: %s",
-                            type(exc).__name__, str(exc)[:300])  # fmt: skip
+                log.warning("redis fetch failed, degraded response: %s: %s%s",
+                            type(exc).__name__, str(exc)[:300], held_note(held))  # fmt: skip
             m.ERRORS.labels("redis" if wrong is None else "redis_data").inc()
             m.DEGRADED.inc()
             degraded = True  # data stays empty
+            t_fetched = STAGE_CLOCK()
     t1 = STAGE_CLOCK()
     # rows with a missing feature because the store failed are not cached
     cands.finish(bundle, model.rows, cacheable=not (degraded and lookups))
@@ -1472,9 +1486,11 @@ async def _score(
     }
     response = orjson_response(body)
     t4 = STAGE_CLOCK()
+    setattr(response, WRITE_FROM, t4)
     m.STAGE("parse").observe(parse_s)
-    m.STAGE("redis_fetch").observe(t1 - t_read)
-    m.STAGE("feature_mapping").observe((t_read - t0) + (t2 - t1))
+    fetched = t1 if t_fetched is None else t_fetched
+    m.STAGE("redis_fetch").observe(fetched - t_read)
+    m.STAGE("feature_mapping").observe((t_read - t0) + (t2 - fetched))
     m.STAGE("inference").observe(t3 - t2)
     m.STAGE("serialization").observe(t4 - t3)
     m.CANDIDATES.observe(len(req.item_ids))

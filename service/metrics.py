@@ -68,7 +68,8 @@ STAGE_BUCKETS = (
 STAGE_DURATION = Histogram(
     "ctr_stage_duration_seconds",
     "Time per scoring stage: parse (the body's JSON read and checked), redis_fetch, "
-    "feature_mapping, inference, serialization; their sum is the request's time in the "
+    "feature_mapping, inference, serialization, write (the response handed to the "
+    "socket, its access-log line included); their sum is the request's time in the "
     "app, less the body's arrival",
     ["stage"],
     buckets=STAGE_BUCKETS,
@@ -93,7 +94,8 @@ CANDIDATES = Histogram(
 BATCH_USERS = Histogram(
     "ctr_batch_users",
     "Users (requests) per graph call; above 1 when micro-batching merged requests",
-    buckets=(0.5, 1.5, 2.5, 3.5, 4.5, 6.5, 8.5, 12.5, 16.5, 24.5, 32.5),
+    # CTR_BATCH_MAX_USERS has no upper bound: the quantiles read up to 256 users a call
+    buckets=(0.5, 1.5, 2.5, 3.5, 4.5, 6.5, 8.5, 12.5, 16.5, 24.5, 32.5, 48.5, 64.5, 128.5, 256.5),
 )
 BATCH_SPLITS = Counter(
     "ctr_batch_splits_total",

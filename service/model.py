@@ -32,7 +32,14 @@ from ctr.bundle import (
 from service.batcher import Batcher
 from service.graphfile import graph_source, loaded_from
 from service.nativerun import NativeRunError, NativeRunner, SessionSpec
-from service.precision import FP16_TOLERANCE, PrecisionError, fp16_bytes, probe_feeds
+from service.precision import (
+    FP16_TOLERANCE,
+    PrecisionError,
+    dense_problem,
+    fp16_bytes,
+    probe_feeds,
+    range_feeds,
+)
 from service.rowcache import ItemRowCache
 from service.runner import (
     BindingRunner,
@@ -492,6 +499,19 @@ def probe_diff(
     return worst_diff(bundle, lambda f: a.run(f, ["probs"])[0], lambda f: b.run(f, ["probs"])[0])
 
 
+def range_diff(
+    bundle: Bundle, ref: ort.InferenceSession, new: ort.InferenceSession, graphs: bool
+) -> float:
+    """:func:`probe_diff` on feeds whose dense inputs lie at and between their bounds
+    (:func:`~service.precision.range_feeds`: three users, 120 candidates)."""
+    a, b = SessionRunner(ref, skip_graph=graphs), SessionRunner(new, skip_graph=graphs)
+    feeds = range_feeds(bundle, 3, 120, 11)
+    expected, actual = a.run(feeds, ["probs"])[0], b.run(feeds, ["probs"])[0]
+    if not np.all(np.isfinite(actual)):
+        raise ValueError("probabilities are not finite at the dense inputs' bounds")
+    return float(np.max(np.abs(actual - expected)))
+
+
 PROBES = ((1, 300, 0), (3, 97, 1))  # (users, candidates, seed) of the parity checks' feeds
 
 
@@ -579,7 +599,11 @@ def fp16_session(
     """``fp32_bytes`` converted to fp16 (inputs, outputs and the ops in ``keep_fp32``
     stay fp32), on the same provider, kept only if its probabilities match the fp32
     session's within ``FP16_TOLERANCE`` on random valid inputs; with the fp16 graph's
-    bytes. Raises :class:`PrecisionError` otherwise."""
+    bytes; the dense inputs' bounds must lie within fp16 (:func:`dense_problem`) and
+    the check's feeds include them. Raises :class:`PrecisionError` otherwise."""
+    problem = dense_problem(bundle)
+    if problem is not None:
+        raise PrecisionError(problem)
     data = fp16_bytes(fp32_bytes, keep_fp32)
     try:
         session = _session(bundle, data, so, providers, graphs)
@@ -587,6 +611,7 @@ def fp16_session(
         raise PrecisionError(f"the fp16 graph does not load: {exc}") from exc
     try:
         worst = probe_diff(bundle, fp32, session, graphs)
+        worst = max(worst, range_diff(bundle, fp32, session, graphs))
     except ValueError as exc:
         raise PrecisionError(f"fp16 {exc}") from exc
     except Exception as exc:  # ORT's own error types: fp16 kernels that fail to run

@@ -13,6 +13,7 @@ import numpy as np
 from ctr.bundle import Bundle, random_inputs
 
 FP16_TOLERANCE = 1e-3  # max |p_fp16 - p_fp32| over the probe feeds
+FP16_MAX = 65504.0  # the largest finite fp16: a dense input past it is inf in the graph
 
 
 class PrecisionError(RuntimeError):
@@ -52,3 +53,46 @@ def probe_feeds(bundle: Bundle, users: int, n: int, seed: int) -> dict[str, np.n
     if users > 1:
         lens[1] = 0
     return random_inputs(c, bundle.mapper.table_sizes(), users, n, lens, rng)
+
+
+def dense_problem(bundle: Bundle) -> str | None:
+    """Why the bundle's dense inputs could overflow an fp16 graph, or None. The graph
+    casts each fp32 input to fp16 before it clamps it to the manifest's
+    ``dense_range``: a value past :data:`FP16_MAX` is then inf, and the clamp keeps it
+    only within a bound that fp16 holds. A dense feature without a bound
+    (``train.clip_dense: false``, or a bundle exported before the bounds) takes any
+    value a request or the store sends."""
+    ranges = bundle.manifest.get("dense_range") or {}
+    c = bundle.config
+    for f in (*c.user_dense, *c.item_dense):
+        bound = ranges.get(f.name)
+        if bound is None:
+            return (f"dense feature {f.name!r} has no bound in the manifest's dense_range "
+                    "(train.clip_dense: false, or an older export): a value past "
+                    f"{FP16_MAX:g} would be inf in fp16")  # fmt: skip
+        if max(abs(float(bound[0])), abs(float(bound[1]))) > FP16_MAX:
+            return (f"dense feature {f.name!r} ranges over [{bound[0]:g}, {bound[1]:g}], "
+                    f"past fp16's largest value {FP16_MAX:g}")  # fmt: skip
+    return None
+
+
+def range_feeds(bundle: Bundle, users: int, n: int, seed: int) -> dict[str, np.ndarray]:
+    """:func:`probe_feeds` with every dense input drawn from its ``dense_range``: the
+    first user and the first third of the candidates at the upper bounds, the second
+    user and the next third at the lower bounds, the rest uniform between them (the
+    edges are where fp16 loses the most: its step at 60,000 is 32)."""
+    feeds = probe_feeds(bundle, users, n, seed)
+    rng = np.random.default_rng(seed + 1)
+    for side, name in (("user", "user_dense"), ("item", "item_dense")):
+        bounds = bundle.dense_bounds.get(side)
+        if bounds is None or name not in feeds or feeds[name].shape[1] == 0:
+            continue
+        lo = np.where(np.isfinite(bounds.lo), bounds.lo, -1.0).astype(np.float32)
+        hi = np.where(np.isfinite(bounds.hi), bounds.hi, 1.0).astype(np.float32)
+        rows = feeds[name].shape[0]
+        values = (lo + (hi - lo) * rng.random((rows, lo.size))).astype(np.float32)
+        third = max(1, rows // 3)
+        values[:third] = hi
+        values[third : 2 * third] = lo
+        feeds[name] = values
+    return feeds

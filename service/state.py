@@ -20,6 +20,7 @@ from service.nativerun import NativeRunner
 from service.reloadbus import ReloadBus
 from service.settings import Settings
 from service.store import AnyRedis, EventWriter, ItemCache, Reader
+from service.throttle import Throttle
 from service.tracking import UserTracker
 
 T = TypeVar("T")
@@ -106,6 +107,10 @@ class State:
         # swapped-out models' native runners, released on threads of their own
         # (lifecycle.load); shutdown waits for those releases
         self.retired: list[NativeRunner] = []
+        # the scoring read's failures, logged once per period while they last (Redis
+        # down: every request); ctr_errors_total counts each
+        self.read_failures = Throttle()
+        self.wrong_keys = Throttle()  # reads failed on a key of another type
 
     def set_fallback(self, fallback: dict[str, Any] | None) -> None:
         """Note (or clear) a start-up fallback, for ``/readyz`` and ``ctr_model_fallback``."""

@@ -82,15 +82,24 @@ def small_config(model_type: str = "din", name: str | None = None, **data: Any) 
     )
 
 
-def build_bundle(tmp: Path, model_type: str = "din", name: str | None = None) -> Built:
-    """Train for one epoch and export into ``tmp/models`` (parity gate included)."""
+def build_bundle(
+    tmp: Path,
+    model_type: str = "din",
+    name: str | None = None,
+    config: FeatureConfig | None = None,
+    edit: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
+) -> Built:
+    """Train for one epoch and export into ``tmp/models`` (parity gate included):
+    ``config`` (default :func:`small_config`'s) on its data, changed by ``edit``."""
     from training.data import load_frame
     from training.dataset import prepare
     from training.export import export_bundle
     from training.train import load_run, train
 
-    config = small_config(model_type, name)
+    config = config or small_config(model_type, name)
     frame = load_frame(config)
+    if edit is not None:
+        frame = edit(frame)
     run = tmp / f"run-{config.name}"
     train(config, run, prep=prepare(config, frame), progress=False)
     _, mapper, model, metrics = load_run(run)

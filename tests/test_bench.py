@@ -54,6 +54,7 @@ def test_service_benchmark_reports_every_figure() -> None:
         "feature_mapping",
         "inference",
         "serialization",
+        "write",
     }
     assert all(v > 0 for v in single["stages_ms"].values())
     assert single["loop_cpu_ms"] > 0  # the service's event-loop CPU per request (/proc)
@@ -318,8 +319,9 @@ def test_request_path_benchmark_runs_both_paths(tmp_path: Path) -> None:
     assert all(v > 0 for v in [*r["request_ms"].values(), *r["check_us"].values()])
     for st in (r["stage_ms"], r["stage_ms_orjson"]):
         assert set(st) == {"parse", "redis_fetch", "feature_mapping", "inference",
-                           "serialization", "outside", "total"}  # fmt: skip
-        assert all(st[k] > 0 for k in ("parse", "redis_fetch", "serialization", "total"))
+                           "serialization", "write", "outside", "total"}  # fmt: skip
+        assert all(st[k] > 0 for k in ("parse", "redis_fetch", "serialization", "write",
+                                       "total"))  # fmt: skip
         assert abs(sum(v for k, v in st.items() if k != "total") - st["total"]) < 1e-9
     import service.app
 

@@ -685,6 +685,33 @@ def test_a_dense_value_that_is_not_a_number_is_a_data_error(tmp_path: Path, valu
         load_frame(_loader_config(path, max_seq_len=5))
 
 
+@pytest.mark.parametrize("kind", ["timestamp", "timestamp_tz", "duration"])
+def test_a_parquet_time_column_as_a_dense_feature_is_a_data_error(
+    tmp_path: Path, kind: str
+) -> None:
+    """A Parquet timestamp or duration column passed the dense check (pandas reads it as
+    integers) and trained as the feature's default on every row (``float`` refuses a
+    Timestamp): a constant, silently. The same values as CSV text were refused."""
+    csv = tmp_path / "clicks.csv"
+    _clicks_csv(csv)
+    frame = pd.read_csv(csv, dtype=str)
+    seconds = pd.Series(np.arange(len(frame)) * 86_400)
+    frame["price"] = {
+        "timestamp": pd.to_datetime(seconds, unit="s"),
+        "timestamp_tz": pd.to_datetime(seconds, unit="s", utc=True),
+        "duration": pd.to_timedelta(seconds, unit="s"),
+    }[kind]
+    path = tmp_path / "clicks.parquet"
+    frame.to_parquet(path)
+    config = _loader_config(path, max_seq_len=5)
+    config.data.source = "parquet"
+    with pytest.raises(DataError, match=r"dense feature 'price' holds .*(datetime|timedelta)"):
+        load_frame(config)
+    frame["price"] = seconds.astype(float)  # as numbers: trained on
+    frame.to_parquet(path)
+    assert load_frame(config)["price"].max() == 86_400 * 11
+
+
 @pytest.mark.parametrize(
     ("behaviours", "label", "appended"),
     [

@@ -36,7 +36,7 @@ def _body(built: Built, n: int = 20) -> dict:
 
 
 def test_the_stages_cover_the_parse_and_resolve_microseconds(built: Built) -> None:
-    stages = ("parse", "redis_fetch", "feature_mapping", "inference", "serialization")
+    stages = ("parse", "redis_fetch", "feature_mapping", "inference", "serialization", "write")
     count = "ctr_stage_duration_seconds_count"
     before = {st: _value(count, {"stage": st}) for st in stages}
     reads_before = _value("ctr_redis_read_seconds_count")

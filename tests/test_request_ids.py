@@ -161,6 +161,39 @@ def test_a_degraded_answer_is_logged_with_its_id(
         assert TextFormatter().format(outside) == "WARNING:ctr.service:idle"
 
 
+def test_an_outage_logs_one_line_per_period(
+    built: Built, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis down wrote a warning per degraded request (67 lines for 67 requests),
+    synchronously on the event loop while the worker was already degraded: one line per
+    period now, the next saying how many it held back. Each failure is still counted
+    (``ctr_errors_total{kind="redis"}``, ``ctr_degraded_responses_total``)."""
+    from prometheus_client import REGISTRY
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    now = [1000.0]
+    app = create_app(settings_for(built, redis_url=dead, redis_timeout_ms=200))
+
+    def errors() -> float:
+        return REGISTRY.get_sample_value("ctr_errors_total", {"kind": "redis"}) or 0.0
+
+    with TestClient(app) as c, caplog.at_level(logging.WARNING, "ctr.service"):
+        app.state.ctr.read_failures.clock = lambda: now[0]
+        caplog.clear()
+        before = errors()
+        for k in range(5):
+            r = c.post("/v1/score", json=body(built), headers={"X-Request-ID": f"out-{k}"})
+            assert r.status_code == 200 and r.json()["degraded"] is True
+        now[0] += 10.0  # the period over: the next failure is logged, with the count
+        assert c.post("/v1/score", json=body(built)).json()["degraded"] is True
+    logged = [x for x in caplog.records if "redis fetch failed" in x.getMessage()]
+    assert [x.request_id for x in logged][:1] == ["out-0"]  # type: ignore[attr-defined]
+    assert len(logged) == 2, [x.getMessage() for x in logged]
+    assert "(4 more like it in the last 10 s not logged)" in logged[1].getMessage()
+    assert "more like it" not in logged[0].getMessage()
+    assert errors() == before + 6  # every failure counted
+
+
 @pytest.mark.parametrize("wrap", list(WRAPS))
 def test_a_500_names_its_request_in_body_header_and_log(
     built: Built, wrap: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,18 +15,20 @@ from unittest.mock import patch
 
 import numpy as np
 import onnxruntime as ort
+import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 import service.model as service_model
 from ctr.bundle import graph_inputs, graph_outputs, load_bundle
+from ctr.spec import load_config
 from service.app import create_app
 from service.batcher import merge_feeds, split_outputs
 from service.devcopy import DirectCopier, OrtCopier, loaded_cudart, make_copier
 from service.loader import load_into_redis
 from service.model import load_model
-from service.precision import probe_feeds
+from service.precision import probe_feeds, range_feeds
 from service.runner import (
     BindingRunner,
     GraphPool,
@@ -38,11 +41,13 @@ from service.runner import (
 from service.settings import Settings, parse_buckets
 from tests.helpers import (
     REDIS_URL,
+    ROOT,
     Built,
     assert_same_attention,
     build_bundle,
     fresh_redis,
     settings_for,
+    small_config,
 )
 
 
@@ -222,6 +227,53 @@ def test_fp16_outside_tolerance_serves_fp32(
     ref = load_model(settings_for(bundles["din"]))
     feeds = probe_feeds(ref.bundle, 1, 50, 3)
     np.testing.assert_array_equal(model.run(feeds, False)[0], ref.run(feeds, False)[0])
+
+
+def _priced(tmp: Path, name: str, scale: float, clip: bool) -> Built:
+    """A DIN whose ``item_price`` is fed as-is (no log1p), the synthetic prices times
+    ``scale``; its graph clamps it to the training split's range where ``clip``."""
+    feats = [f.model_dump(exclude_unset=True) for f in small_config("din").features]
+    config = load_config(ROOT / "configs" / "synthetic_din.yaml", {
+        "name": name, "max_seq_len": 20, "train.epochs": 1, "train.clip_dense": clip,
+        "data.options": {"n_users": 300, "samples_per_user": 4},
+        "features": [dict(f, log1p=False) if f["name"] == "item_price" else f for f in feats],
+    })  # fmt: skip
+
+    def scaled(frame: pd.DataFrame) -> pd.DataFrame:
+        return frame.assign(item_price=frame["item_price"] * scale)
+
+    return build_bundle(tmp, config=config, edit=scaled)
+
+
+def test_fp16_refused_for_dense_inputs_fp16_cannot_hold(tmp_path: Path) -> None:
+    """A dense input past 65,504 is inf in the fp16 graph: a model whose prices reached
+    300,000 kept fp16 (its check fed N(0, 1) values) and answered 500 non_finite_score
+    for every user above 65,504. Refused now, served fp32, the note naming the
+    feature; and for a feature without a bound (``clip_dense: false``), which takes
+    any value a request sends. Prices well inside fp16 keep it, checked at the
+    bounds."""
+    big = _priced(tmp_path / "big", "big", 3e4, clip=True)
+    hi = json.loads((big.models_dir / "big" / str(big.version) / "manifest.json").read_text())[
+        "dense_range"]["item_price"][1]  # fmt: skip
+    assert hi > 65504
+    model = load_model(settings_for(big, precision="fp16"))
+    assert model.precision == "fp32", "fp16 kept for prices past 65504"
+    assert "'item_price'" in model.precision_note and "65504" in model.precision_note
+    feeds = range_feeds(model.bundle, 3, 60, 0)
+    assert feeds["item_dense"].max() == pytest.approx(hi)
+    assert np.isfinite(model.run(feeds, False)[0]).all()
+
+    loose = _priced(tmp_path / "loose", "loose", 1.0, clip=False)
+    model = load_model(settings_for(loose, precision="fp16"))
+    assert model.precision == "fp32" and "no bound" in model.precision_note
+
+    fine = _priced(tmp_path / "fine", "fine", 1.0, clip=True)
+    model = load_model(settings_for(fine, precision="fp16"))
+    assert model.precision == "fp16", model.precision_note
+    feeds = range_feeds(model.bundle, 3, 60, 0)
+    bounds = model.bundle.dense_bounds["item"]
+    assert set(np.unique(feeds["item_dense"][:20])) == {bounds.hi[0]}  # the edges probed
+    assert set(np.unique(feeds["item_dense"][20:40])) == {bounds.lo[0]}
 
 
 def test_micro_batching_over_http(bundles: dict[str, Built]) -> None:

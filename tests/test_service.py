@@ -399,7 +399,7 @@ def test_metrics_exposed_and_move(client: TestClient) -> None:
     for part in ("count", "sum"):
         name = f"ctr_batch_users_{part}"
         assert sample(after, name) == sample(before, name) + 1
-    for stage in ("redis_fetch", "feature_mapping", "inference", "serialization"):
+    for stage in ("redis_fetch", "feature_mapping", "inference", "serialization", "write"):
         assert f'ctr_stage_duration_seconds_count{{stage="{stage}"}}' in after
     assert 'route="/v1/score"' in after and 'status="200"' in after
     assert "ctr_model_info{" in after
@@ -949,11 +949,14 @@ def test_a_queued_call_dropped_at_the_deadline_is_not_counted_as_running(
 
 def test_each_stage_times_its_own_work(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     """On a clock that only the stages' own steps move: the candidates' mapping (before
-    the read) counts as feature mapping, with the user's feeds; the read alone is
-    ``redis_fetch`` (it used to hold the candidates' mapping too)."""
+    the read) counts as feature mapping, with the user's feeds and the item cache's
+    puts of what the read brought; the read alone is ``redis_fetch`` (it used to hold
+    the candidates' mapping, then the puts, too); ``write`` runs from the body built
+    to the response handed to the client."""
     from prometheus_client import REGISTRY
 
     from service import app as app_module
+    from service.store import ItemCache
 
     now = [0.0]
 
@@ -983,14 +986,28 @@ def test_each_stage_times_its_own_work(client: TestClient, monkeypatch: pytest.M
     monkeypatch.setattr(app_module, "fetch", moves(app_module.fetch, 10.0))
     monkeypatch.setattr(app_module, "build_feeds", moves(app_module.build_feeds, 100.0))
     monkeypatch.setattr(app_module, "orjson_response", moves(app_module.orjson_response, 1000.0))
-    stages = ("redis_fetch", "feature_mapping", "inference", "serialization")
+    puts = [0]
+
+    def put(*a: Any, **k: Any) -> None:
+        puts[0] += 1
+        now[0] += 10000.0
+
+    monkeypatch.setattr(ItemCache, "put", put)  # the cache keeps nothing
+    stages = ("redis_fetch", "feature_mapping", "inference", "serialization", "write")
     before = {st: total(st) for st in stages}
+    counts = {st: REGISTRY.get_sample_value("ctr_stage_duration_seconds_count",
+                                            {"stage": st}) or 0.0 for st in stages}  # fmt: skip
     body = {"user_id": "stage-clock-user", "candidates": [{"item_id": "i3"}]}  # never kept
     assert client.post("/v1/score", json=body).status_code == 200
+    assert puts[0] >= 1  # the candidate's features were read, and put in the cache
     assert total("redis_fetch") - before["redis_fetch"] == 10.0
-    assert total("feature_mapping") - before["feature_mapping"] == 101.0
+    assert total("feature_mapping") - before["feature_mapping"] == 101.0 + 10000.0 * puts[0]
     assert total("serialization") - before["serialization"] == 1000.0
     assert total("inference") - before["inference"] == 0.0  # the graph call moved no clock
+    assert total("write") - before["write"] == 0.0  # nor the write
+    for st in stages:  # each stage once
+        assert REGISTRY.get_sample_value("ctr_stage_duration_seconds_count",
+                                         {"stage": st}) == counts[st] + 1, st  # fmt: skip
 
 
 def test_a_redis_holding_another_data_set_is_said(

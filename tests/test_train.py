@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,10 @@ import yaml
 from ctr.bundle import MANIFEST, MODEL_FILE, load_bundle
 from ctr.cli import main
 from ctr.spec import FeatureConfig, load_config
-from training.dataset import Split, prepare
-from training.metrics import auc, gauc
-from training.train import TrainingDiverged, train
+from training.dataset import Split, negative_key, prepare, sample_negatives
+from training.export import export_bundle
+from training.metrics import auc, evaluate, gauc
+from training.train import TrainingDiverged, load_run, train
 
 REPO = Path(__file__).resolve().parents[1]
 METRIC_KEYS = {"auc", "gauc", "logloss", "calibration"}
@@ -403,6 +405,20 @@ def test_a_validation_split_without_auc_keeps_the_last_epoch(
     assert metrics["epochs_run"] == 3 and metrics["best_epoch"] == 3
     assert metrics["selected_by"] == "last epoch (no validation AUC)"
     assert math.isfinite(metrics["test"]["auc"])
+    # the files say null where the split gave no figure: a bare NaN is not JSON (a
+    # strict reader, JavaScript's JSON.parse, refused metrics.json and the manifest)
+
+    def strict(text: str) -> Any:
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+
+    written = strict((tmp_path / "run" / "metrics.json").read_text())
+    assert written["val"]["auc"] is None and written["test"]["auc"] == metrics["test"]["auc"]
+    if val_rows == "empty":
+        _, mapper, model, loaded = load_run(tmp_path / "run")
+        version, path, _ = export_bundle(model, config, mapper, loaded, tmp_path / "models")
+        manifest = strict((path / "manifest.json").read_text())
+        assert manifest["metrics"]["val"]["auc"] is None and manifest["metrics"]["val"]["n"] == 0
+        assert manifest["metrics"]["test"]["auc"] == metrics["test"]["auc"]
     # the checkpoint is the third epoch's weights: two epochs more make it again
     two = train(tiny_config("din", train__epochs=2, train__patience=0), tmp_path / "two",
                 prep=prep, progress=False)  # fmt: skip
@@ -410,6 +426,14 @@ def test_a_validation_split_without_auc_keeps_the_last_epoch(
     last = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     early = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
     assert any(not torch.equal(last[k], early[k]) for k in last)
+
+
+def test_an_empty_split_evaluates_to_nan_without_warnings() -> None:
+    none = np.zeros(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "Mean of empty slice" was printed
+        got = evaluate(none.astype(str), none, none)
+    assert got["n"] == 0 and all(math.isnan(v) for k, v in got.items() if k != "n")
 
 
 def test_a_split_that_leaves_nothing_to_train_on_is_refused() -> None:
@@ -694,6 +718,30 @@ def test_a_vocabulary_that_keeps_no_token_is_warned(
     assert "warning: age_bucket: its vocabulary kept no token of the training split " \
            "(min_count 1000000000): every value maps to OOV" in err  # fmt: skip
     assert err.count("warning:") == 1
+
+
+def test_dien_negatives_with_no_other_item_to_draw_are_warned() -> None:
+    """Every candidate OOV (the item vocabulary kept nothing): DIEN's auxiliary negatives
+    could only be the behaviour each stands against, trained as clicked and not,
+    silently. Warned; a pool with items to draw is not."""
+    from tests.conftest import make_tiny_config
+    from training.train import setting_warnings
+
+    config = make_tiny_config("dien", train__epochs=1)
+    assert not [w for w in setting_warnings(config, prepare(config)) if "aux" in w]
+    raw = config.model_dump()
+    next(f for f in raw["features"] if f["name"] == "item_id")["mapping"]["min_count"] = 10**9
+    config = FeatureConfig.model_validate(raw)
+    prep = prepare(config)
+    said = [w for w in setting_warnings(config, prep) if w.startswith("model.aux_loss_weight")]
+    assert len(said) == 1 and "1 distinct item(s)" in said[0], said
+    negatives = sample_negatives(prep.item_pool, prep.train.enc.hist, prep.train.enc.hist_len,
+                                 config.max_seq_len, np.random.default_rng(0),
+                                 key=negative_key(config))  # fmt: skip
+    real = prep.train.enc.hist_len[:, None] > np.arange(config.max_seq_len)[None, :]
+    assert real.any() and (negatives[:, 0][real] == 1).all()  # the OOV row, as said
+    config.model.aux_loss_weight = 0.0  # nothing drawn: nothing to say
+    assert not [w for w in setting_warnings(config, prep) if "aux" in w]
 
 
 DROPOUT_SCRIPT = textwrap.dedent(

@@ -119,7 +119,7 @@ def _sums(text: str, metric: str, label: str) -> dict[tuple[str, str], float]:
     return out
 
 
-STAGES = ("parse", "redis_fetch", "feature_mapping", "inference", "serialization")
+STAGES = ("parse", "redis_fetch", "feature_mapping", "inference", "serialization", "write")
 
 
 def stage_means(before: str, after: str) -> dict[str, float]:
@@ -1067,8 +1067,8 @@ def _latency_table(res: dict[str, Any]) -> list[str]:
         "",
         "| model | N | mean history | e2e p50 ms | e2e p99 ms | model-only p50 ms (before / "
         "after) | target 1.2x+1 ms | met | non-200 | degraded | service errors | parse | "
-        "redis | mapping | inference | serialize | loop CPU ms/req | check |",
-        "|---|---:|---:|---:|---:|---:|---:|:-:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "redis | mapping | inference | serialize | write | loop CPU ms/req | check |",
+        "|---|---:|---:|---:|---:|---:|---:|:-:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for mt, r in res["models"].items():
         for n, s in r["single"].items():
@@ -1080,7 +1080,7 @@ def _latency_table(res: dict[str, Any]) -> list[str]:
                 f"{mo['p50_ms']:.2f} ({_before_after(mo)}) | "
                 f"{target:.2f} | {verdict(s, s['p50_ms'] <= target)} | {_counts(s)} | "
                 f"{st['parse']:.2f} | {st['redis_fetch']:.2f} | {st['feature_mapping']:.2f} | "
-                f"{st['inference']:.2f} | {st['serialization']:.2f} | "
+                f"{st['inference']:.2f} | {st['serialization']:.2f} | {st['write']:.2f} | "
                 f"{_ms(s, 'loop_cpu_ms')} | {s.get('check', '-')} |"
             )
     return lines

@@ -134,7 +134,9 @@ def sample_negatives(
     the same category may be drawn): a draw that hits it takes the next pool item
     instead (the official DIEN code redraws; the shift slightly favours the item after a
     clicked one, at a rate of about 1 / pool size). It uses no extra random draws, so
-    every other draw stays what the seed gives."""
+    every other draw stays what the seed gives. A pool with no other item (one row, or
+    every row keyed as the behaviour) has none to give: training warns of that
+    (:func:`training.train.setting_warnings`)."""
     b = len(hist_len)
     k = rng.integers(0, len(pool), size=(b, length))  # [B, L]
     if len(pool) > 1:

@@ -36,6 +36,7 @@ from ctr.bundle import (
     MODEL_FILE,
     contract_of,
     dense_range_text,
+    finite,
     graph_inputs,
     graph_outputs,
     publish,
@@ -357,7 +358,8 @@ def export_bundle(
             "mapping": mapper.to_json(),
             # {feature: [lo, hi]}: the encoded range the graph clamps each dense input to
             "dense_range": model.dense_range(),
-            "metrics": {k: metrics.get(k) for k in ("val", "test", "best_epoch", "rows")},
+            # null for a figure a split could not give (NaN is not JSON)
+            "metrics": finite({k: metrics.get(k) for k in ("val", "test", "best_epoch", "rows")}),
             "data_fingerprint": metrics.get("data_fingerprint"),
             # the split the fingerprint is of (the config above leaves the seed out):
             # `ctr load --bundle` checks the data against it

@@ -72,7 +72,12 @@ def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
 
 
 def evaluate(users: np.ndarray, labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """AUC, GAUC, logloss and calibration (mean predicted vs observed CTR)."""
+    """AUC, GAUC, logloss and calibration (mean predicted vs observed CTR); NaN for each
+    figure of an empty split (without numpy's warnings about an empty mean)."""
+    if len(labels) == 0:
+        nan = float("nan")
+        return {k: nan for k in ("auc", "gauc", "logloss", "mean_pred", "observed_ctr",
+                                 "calibration")} | {"n": 0}  # fmt: skip
     mean_pred = float(np.mean(probs))
     observed = float(np.mean(labels))
     return {

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ctr.bundle import finite
 from ctr.encode import to_float
 from ctr.spec import FeatureConfig, FeatureSpec, ignored_settings
 from training.dataset import Prepared, Split, negative_key, prepare, sample_negatives
@@ -207,6 +208,15 @@ def setting_warnings(config: FeatureConfig, prep: Prepared) -> list[str]:
         out.append(f"{name}: its vocabulary kept no token of the training split (min_count "
                    f"{m.min_count}): every value maps to OOV, so the feature carries "
                    "nothing")  # fmt: skip
+    c = config
+    if c.model.type == "dien" and c.model.aux_loss_weight > 0 and c.sequences:
+        key = list(negative_key(c))
+        distinct = len({tuple(row) for row in prep.item_pool[:, key].tolist()})
+        if distinct < 2:  # no other item to draw: every negative is the behaviour itself
+            out.append(f"model.aux_loss_weight: the training split's candidates hold "
+                       f"{distinct} distinct item(s) to draw DIEN's auxiliary negatives "
+                       "from, so each negative is the behaviour it stands against "
+                       "(trained as clicked and not): set aux_loss_weight 0")  # fmt: skip
     return out
 
 
@@ -363,7 +373,7 @@ def train(
         "history": history,
     }
     if info.main:
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (out / "metrics.json").write_text(json.dumps(finite(metrics), indent=2, allow_nan=False))
         (out / "config.json").write_text(config.model_dump_json(indent=2))
         (out / "mapping.json").write_text(json.dumps(prep.mapper.to_json()))
     return metrics
