@@ -246,8 +246,10 @@ def cmd_load(args: argparse.Namespace) -> int:
     before = counts.get("replaced")
     if before:
         print(f"warning: {redact(url)} held another data set (config {before.get('name')!r}, "
-              f"source {before.get('source')!r}, path {before.get('path')!r}): its item "
-              "features this data lacks are gone, and users both hold were replaced; "
+              f"source {before.get('source')!r}, path {before.get('path')!r}; "
+              f"{counts.get('replaced_differs')}): its item "
+              "features were replaced (those this data lacks deleted), and users both "
+              "hold too; "
               "serve two data sets from two Redis databases (CTR_REDIS_URL .../<db>)",
               file=sys.stderr)  # fmt: skip
     return 0

@@ -49,7 +49,23 @@ def same_data(value: dict[str, Any] | None, config: FeatureConfig) -> bool | Non
     where there is no record."""
     if value is None:
         return None
+    return not differences(comparable(value), described(config))
+
+
+def comparable(value: dict[str, Any]) -> dict[str, Any]:
+    """A record as :func:`described` writes one: the file by its name only."""
     held_path = value.get("path")
-    value = {**value, "path": os.path.basename(os.path.normpath(held_path)) if held_path else None}
-    want = described(config)
-    return all(value.get(k) == want.get(k) for k in SAME)
+    return {**value, "path": os.path.basename(os.path.normpath(held_path)) if held_path else None}
+
+
+def differences(held: dict[str, Any], want: dict[str, Any], keys: tuple[str, ...] = SAME) -> str:
+    """What of ``keys`` differs between two data set records, for a warning: ``name held
+    (wanted: ...)``, each value cut to 120 characters (records that share a config name
+    and source differ in their options, e.g. another seed or user count)."""
+
+    def text(v: Any) -> str:
+        out = repr(v)
+        return out if len(out) <= 120 else out[:119] + "…"
+
+    return "; ".join(f"{k} {text(held.get(k))} (this one's: {text(want.get(k))})"
+                     for k in keys if held.get(k) != want.get(k))  # fmt: skip

@@ -84,7 +84,7 @@ async def check_held_data(state: State, model: LoadedModel) -> None:
     """Read which data set Redis holds (``ctr:loaded:data``) and note it on ``model``
     (``/v1/models`` → ``redis_data``); warn where it is another than the bundle was
     trained on. Redis not answering: nothing noted (the next load reads it again)."""
-    from service.heldset import DATA_KEY, record, same_data
+    from service.heldset import DATA_KEY, comparable, described, differences, record, same_data
 
     if state.redis is None:
         return
@@ -103,11 +103,13 @@ async def check_held_data(state: State, model: LoadedModel) -> None:
         log.warning("a ctr load of %s into Redis is running or did not complete (%s): some "
                     "users may hold another data set's rows, or none; once it has, the "
                     "next model load says so", named, DATA_KEY)  # fmt: skip
-    if same is False:
-        log.warning("Redis holds another data set than model %s/%s was trained on (%s: %s): "
-                    "its users and items are scored as if they were this model's; load "
+    if same is False and value is not None:
+        differ = differences(comparable(value), described(model.bundle.config))
+        log.warning("Redis holds another data set than model %s/%s was trained on (%s: %s; "
+                    "%s): its users and items are scored as if they were this model's; load "
                     "the bundle's data (ctr load --bundle) or point CTR_REDIS_URL at its "
-                    "database", model.name, model.version, DATA_KEY, named)  # fmt: skip
+                    "database", model.name, model.version, DATA_KEY, named,
+                    differ)  # fmt: skip
 
 
 def unexpected(exc: Exception) -> BundleError:

@@ -38,8 +38,8 @@ from tqdm import tqdm
 from ctr.encode import check_item_key, parse_dense, split_sequence
 from ctr.mapping import normalize
 from ctr.spec import FeatureConfig
-from service.heldset import DATA_KEY
-from service.store import event_keys, item_key, node_urls, user_key
+from service.heldset import DATA_KEY, differences
+from service.store import ITEM_PREFIX, event_keys, item_key, node_urls, user_key
 
 TIME = "__ctr_load_time__"  # the time order user_records sorts on
 # what the last complete load wrote (:func:`load_identity`), so that ``ctr load --once``
@@ -155,12 +155,14 @@ def data_description(config: FeatureConfig) -> dict[str, Any]:
     }
 
 
+OTHER_DATA = ("source", "path", "options", "data_root")  # what names a loaded data set
+
+
 def other_data(before: dict[str, Any] | None, now: dict[str, Any]) -> bool:
     """``before`` (what the database held) is another data set than ``now``."""
     if not isinstance(before, dict):
         return False
-    same = ("source", "path", "options", "data_root")
-    return any(before.get(k) != now.get(k) for k in same)
+    return any(before.get(k) != now.get(k) for k in OTHER_DATA)
 
 
 def unreachable(ids: Iterable[Any], max_len: int) -> tuple[int, str | None]:
@@ -300,6 +302,16 @@ def _replace_items(client: Redis | RedisCluster, key: str, values: dict[str, Any
     ]  # fmt: skip
     for start in range(0, len(gone), ITEM_PIECE):
         client.hdel(key, *gone[start : start + ITEM_PIECE])
+
+
+def _drop_item_hashes(client: Redis | RedisCluster, keep: set[str]) -> None:
+    """Every ``ctr:item:*`` hash but ``keep``'s deleted (``UNLINK``: Redis frees a large
+    one in the background): the item features of a data set the load replaces that
+    this one lacks (each node's keys, on a cluster)."""
+    for key in client.scan_iter(match=ITEM_PREFIX + "*", count=ITEM_PIECE):
+        name = key.decode("utf-8", "surrogateescape") if isinstance(key, bytes) else key
+        if name not in keep:
+            client.unlink(key)
 
 
 def loaded_identity(redis_url: str, cluster: bool = False) -> str | None:
@@ -654,10 +666,12 @@ def load_into_redis(
     an appended event's does (``CTR_SEQUENCE_TTL_S``). Each item feature's hash is
     made to hold this data's values only (:func:`_replace_items`): items the data no
     longer holds, and values it no longer has, are gone (a missing value reads as the
-    feature's default, as in training). Once everything is written, records the load's
-    :func:`load_identity` under :data:`LOADED_KEY`, and the data set under
-    :data:`DATA_KEY`; ``replaced`` in the counts is the data set the database held
-    before where that was another (:func:`other_data`), else None;
+    feature's default, as in training); where the database held another data set, so
+    are its item features this data lacks (:func:`_drop_item_hashes`). Once everything
+    is written, records the load's :func:`load_identity` under :data:`LOADED_KEY`, and
+    the data set under :data:`DATA_KEY`; ``replaced`` in the counts is the data set
+    the database held before where that was another (:func:`other_data`), else None
+    (``replaced_differs``: what differs);
     ``unreachable_users`` and ``unreachable_items`` count, with the first, the IDs
     written that no request can name (:func:`unreachable`, ``max_id_length``).
 
@@ -755,12 +769,16 @@ def _load(
     for feat, values in tqdm(items.items(), desc="item features", disable=not progress):
         _replace_items(client, item_key(feat), values)
         n_items = max(n_items, len(values))
+    if replaced is not None:  # another data set's item features this one lacks: gone too
+        _drop_item_hashes(client, {item_key(feat) for feat in items})
     _finish(client, cluster, token, orjson.dumps(now), load_identity(config, keep))
     item_ids = set().union(*(values.keys() for values in items.values()))
     return {
         "users": len(users),
         "items": n_items,
         "replaced": replaced,
+        # what differs (a config name and source alike, their options not)
+        "replaced_differs": differences(replaced, now, OTHER_DATA) if replaced else None,
         "unreachable_users": unreachable((u for u, _, _ in users), max_id_length),
         "unreachable_items": unreachable(item_ids, max_id_length),
     }

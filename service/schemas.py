@@ -192,6 +192,11 @@ class ReloadRequest(BaseModel):
         """A version sent as a JSON number, as ``/v1/models`` and the store number them."""
         if isinstance(value, int) and not isinstance(value, bool):
             return str(value)  # a negative one is refused below, as its text would be
+        if value is not None and not isinstance(value, str):  # 1.5, true, a list...
+            kind = {bool: "boolean", float: "number", list: "array", dict: "object"}.get(
+                type(value), type(value).__name__)  # fmt: skip
+            raise ValueError(f"a version number (digits, no leading zero) or 'latest', not a "
+                             f"JSON {kind}")  # fmt: skip
         return value
 
     @field_validator("version")

@@ -51,7 +51,7 @@ def check_id(value: Any, field: str, max_len: int) -> str:
     if type(value) is str and 0 < len(value) <= max_len and _BAD_ID.search(value) is None:
         return value  # the common case, checked in one pass
     if isinstance(value, bool) or not isinstance(value, str | int):
-        raise BadRequest(f"{field} must be a string", field)
+        raise BadRequest(f"{field} must be a string or an integer", field)
     s = str(value)
     if not s:
         raise BadRequest(f"{field} must not be empty", field)
@@ -344,7 +344,9 @@ def parse_score(
     if scanned is not None:
         ids, feats = scanned, [None] * len(scanned)
     else:
-        cands = obj.get("candidates")
+        if "candidates" not in obj:
+            raise BadRequest("candidates is required", "candidates")
+        cands = obj["candidates"]
         if not isinstance(cands, list):
             raise BadRequest("candidates must be a list", "candidates")
         if not cands:

@@ -103,6 +103,23 @@ def test_score_bad_input(
     check(client.post("/v1/score", json=body), status, field, "bad_request")
 
 
+def test_wrong_type_and_missing_field_details_say_what_is_wanted(client: TestClient) -> None:
+    """A missing candidate list read "candidates must be a list", and a float ID "must
+    be a string", though integers are taken (as their decimal strings)."""
+    r = client.post("/v1/score", json={"user_id": "u1"})
+    check(r, 422, "candidates", "bad_request")
+    assert r.json()["detail"] == "candidates is required"
+    for body, field in (({"user_id": 5.5, "candidates": C}, "user_id"),
+                        ({"user_id": "u1", "candidates": [{"item_id": 1.5}]},
+                         "candidates[0].item_id")):  # fmt: skip
+        r = client.post("/v1/score", json=body)
+        check(r, 422, field, "bad_request")
+        assert r.json()["detail"] == f"{field} must be a string or an integer"
+    r = client.post("/v1/events", json={"event_id": "e1", "user_id": True, "item_id": "i1",
+                                          "timestamp": 1})
+    assert r.status_code == 422 and r.json()["detail"] == "user_id must be a string or an integer"
+
+
 def test_a_lower_id_length_limit_is_enforced_and_published(tmp_path: Any) -> None:
     """``CTR_MAX_ID_LENGTH`` bounds user, item and event IDs, and the OpenAPI schema says
     the same limit."""
@@ -487,6 +504,7 @@ KEY = {"X-API-Key": "k3y"}
     [
         ({"version": ["x"]}, "version"),
         ({"version": True}, "version"),
+        ({"version": 1.5}, "version"),
         ({"version": -1}, "version"),
         ({"versoin": "1"}, "versoin"),
         ([1], "body"),
@@ -498,6 +516,7 @@ KEY = {"X-API-Key": "k3y"}
     ids=[
         "wrong-type",
         "bool",
+        "fraction",
         "negative",
         "misspelt-field",
         "not-an-object",
@@ -509,9 +528,11 @@ KEY = {"X-API-Key": "k3y"}
 def test_bad_reload_body(keyed: TestClient, body: Any, field: str) -> None:
     r = keyed.post("/admin/reload", json=body, headers=KEY)
     check(r, 422, field, "bad_request")
-    if field == "version" and type(body["version"]) in (int, str):
-        # what a version is: -1 read "Input should be a valid string" (numbers are taken)
+    if field == "version":
+        # what a version is: -1 and 1.5 read "Input should be a valid string" (numbers
+        # are taken)
         assert "a version number (digits, no leading zero) or 'latest'" in r.json()["detail"]
+        assert "valid string" not in r.json()["detail"]
     # the key is checked first: a caller without it learns nothing about the body
     check(keyed.post("/admin/reload", json=body), 401, "X-API-Key", "unauthorized")
 

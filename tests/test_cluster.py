@@ -24,7 +24,7 @@ from ctr.spec import FeatureConfig
 from service.app import create_app
 from service.loader import load_into_redis
 from service.settings import Settings
-from service.store import ping, redact, user_key
+from service.store import item_key, ping, redact, user_key
 from tests.helpers import Built, build_bundle, missing, small_config
 from tests.redis_proc import RedisProcess, free_cluster_port
 
@@ -192,6 +192,29 @@ def test_cluster_load_score_round_trip_and_master_loss(
             time.sleep(0.2)
         assert r1["degraded"] is False and r1["cold_start"] is False
         assert r2["degraded"] is False and r2["cold_start"] is False
+
+
+def test_a_cluster_load_of_another_data_set_drops_its_item_features_on_every_node(
+    built: Built, cluster: list[RedisProcess]
+) -> None:
+    """The item hashes of a data set the load replaces that the new one lacks are
+    deleted on whichever node holds each (they kept the old values, the warning saying
+    they were gone)."""
+    url = cluster_url(cluster)
+    load_into_redis(built.config, built.frame, url, progress=False, cluster=True)
+    rc = RedisCluster.from_url(f"redis://127.0.0.1:{cluster[0].port}")
+    stray = [item_key(f"old_{k}") for k in range(12)]
+    for key in stray:
+        rc.hset(key, "i1", "x")
+    assert len({node_of(cluster, k).port for k in stray}) == 3  # on every node
+    data = built.config.data.model_copy(update={"options": {**built.config.data.options,
+                                                            "seed": 99}})  # fmt: skip
+    other = built.config.model_copy(update={"data": data})
+    counts = load_into_redis(other, built.frame, url, progress=False, cluster=True)
+    assert counts["replaced"] is not None and "'seed': 99" in counts["replaced_differs"]
+    assert not any(rc.exists(k) for k in stray)
+    assert rc.exists(item_key("cate_id")) and rc.exists(item_key("item_price"))
+    rc.close()
 
 
 def test_a_cluster_url_with_an_encoded_password_and_no_scheme(built: Built, tmp_path: Path) -> None:

@@ -156,12 +156,22 @@ def test_loading_another_data_set_into_a_database_warns(
     assert load_into_redis(config, frame, rp.url, progress=False)["replaced"] is None
     longer = config.model_copy(update={"max_seq_len": 30, "name": "din_long"})
     assert load_into_redis(longer, frame, rp.url, progress=False)["replaced"] is None
+    client = rp.client()
+    client.hset(item_key("brand"), "i1", "b1")  # a feature of the held data the next lacks
+    assert load_into_redis(longer, frame, rp.url, progress=False)["replaced"] is None
+    assert client.exists(item_key("brand"))  # the same data set: its keys are left alone
     base = ["load", "--redis-url", rp.url, "--quiet", "--config", "configs/synthetic_din.yaml",
             "--set", "data.options.n_users=40"]  # fmt: skip
     assert main([*base, "--set", "data.options.seed=8"]) == 0  # other data: another seed
     err = capsys.readouterr().err
     assert f"warning: {rp.url} held another data set (config 'din_long'" in err
     assert "source 'synthetic'" in err and "two Redis databases" in err
+    # what differs is said: the two share a config name and source
+    assert "options {" in err and "'seed': 8" in err and "(this one's: {" in err
+    # the other data's item features the new one lacks were left with its values
+    # ("gone", said the warning): deleted; the new data's own are there
+    assert not client.exists(item_key("brand"))
+    assert client.exists(item_key("cate_id")) and client.exists(item_key("item_price"))
     assert main([*base, "--set", "data.options.seed=8"]) == 0
     assert "warning" not in capsys.readouterr().err
     assert rp.client().exists(LOADED_KEY)

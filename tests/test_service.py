@@ -1041,7 +1041,20 @@ def test_a_redis_holding_another_data_set_is_said(
             assert got == {"matches": False, "complete": True,
                            "held": {"name": "din_movielens", "source": "movielens"}}  # fmt: skip
         assert "Redis holds another data set than model" in caplog.text
+        # what differs, not only the name and source (two loads of one config with
+        # other options read as the same data set in the line)
+        assert "source 'movielens' (this one's: 'synthetic')" in caplog.text
+        assert "path 'movielens-100k' (this one's: None)" in caplog.text
         assert "did not complete" not in caplog.text
+        other = {**orjson.loads(own), "options": {"n_users": 7}}  # the same name and source
+        redis_db.set(DATA_KEY, orjson.dumps(other))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="ctr.service"), TestClient(
+            create_app(settings_for(built))
+        ) as c:
+            assert until(lambda: c.get("/v1/models").json()["redis_data"] is not None, 5)
+            assert c.get("/v1/models").json()["redis_data"]["matches"] is False
+        assert "options {'n_users': 7} (this one's: {" in caplog.text
         # a load running, or cut short (session 38): said, matching or not
         redis_db.set(DATA_KEY, orjson.dumps({**orjson.loads(own), "complete": False}))
         caplog.clear()
