@@ -566,6 +566,7 @@ def cmd_profile_graph(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_path(args: argparse.Namespace) -> int:
+    _bench_db(args)
     import tempfile
 
     from training.bench_path import render, run
@@ -587,6 +588,7 @@ def cmd_bench_path(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_pair(args: argparse.Namespace) -> int:
+    _bench_db(args)
     from training.bench_pair import render, run
 
     envs = (dict(args.a), dict(args.b))
@@ -612,6 +614,7 @@ def _write_report(out: Path, stem: str, res: dict, table: str) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    _bench_db(args)
     from training.bench_service import plot, render, run
 
     res = run(
@@ -829,6 +832,7 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
+    _bench_db(args)
     from training.soak import run
 
     return run(
@@ -846,8 +850,18 @@ def cmd_soak(args: argparse.Namespace) -> int:
 BENCH_REDIS = "redis://127.0.0.1:6379/14"
 BENCH_REDIS_HELP = (
     "the benchmark's own Redis database, not $CTR_REDIS_URL: it loads users and replaces "
-    "the ctr:item:* hashes there (default: %(default)s)"
+    "the ctr:item:* hashes there; one holding keys no benchmark wrote is refused unless "
+    "--force (default: %(default)s)"
 )
+BENCH_FORCE_HELP = "load into --redis-url even where it holds keys no benchmark wrote"
+
+
+def _bench_db(args: argparse.Namespace) -> None:
+    """A benchmark's database is its own (:func:`service.loader.check_bench_db`),
+    checked before anything is built or started."""
+    from service.loader import check_bench_db
+
+    check_bench_db(args.redis_url, args.force)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -933,6 +947,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="ORT runs in flight (CTR_INFERENCE_CONCURRENCY)",
     )
     bs.add_argument("--redis-url", default=BENCH_REDIS, help=BENCH_REDIS_HELP)
+    bs.add_argument("--force", action="store_true", help=BENCH_FORCE_HELP)
     bs.add_argument("--port", type=int, default=8310)
     bs.add_argument(
         "--out", default="runs/bench",
@@ -1003,6 +1018,7 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--rounds", type=_positive(int), default=7)
     bp.add_argument("--reps", type=_positive(int), default=100)
     bp.add_argument("--redis-url", default=BENCH_REDIS, help=BENCH_REDIS_HELP)
+    bp.add_argument("--force", action="store_true", help=BENCH_FORCE_HELP)
     bp.add_argument("--out", default="", help="folder for JSON and table")
     bp.set_defaults(func=cmd_bench_path)
     pp = sub.add_parser(
@@ -1024,6 +1040,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--threads", type=_non_negative(int), default=2, help=THREADS_HELP)
     pp.add_argument("--inflight", type=_positive(int), default=1, help="CTR_INFERENCE_CONCURRENCY")
     pp.add_argument("--redis-url", default=BENCH_REDIS, help=BENCH_REDIS_HELP)
+    pp.add_argument("--force", action="store_true", help=BENCH_FORCE_HELP)
     pp.add_argument(
         "--writes",
         type=_share,
@@ -1106,6 +1123,7 @@ def build_parser() -> argparse.ArgumentParser:
     sk.add_argument("--max-growth-mb", type=_non_negative(float), default=50.0)
     sk.add_argument("--threads", type=_non_negative(int), default=2, help=THREADS_HELP)
     sk.add_argument("--redis-url", default=BENCH_REDIS, help=BENCH_REDIS_HELP)
+    sk.add_argument("--force", action="store_true", help=BENCH_FORCE_HELP)
     sk.add_argument("--port", type=int, default=8311)
     sk.set_defaults(func=cmd_soak)
     return p

@@ -29,6 +29,9 @@ from redis import Redis
 from service.store import user_key
 
 STREAM = "bench:impressions-read"
+# its own users: the synthetic data's and locust's are u0, u1..., whose histories it
+# deleted before and after the run
+USER = "bench-imp-u"
 
 
 def fill(redis: Redis, entries: int, items: int, users: int, seed: int = 0) -> None:
@@ -41,7 +44,7 @@ def fill(redis: Redis, entries: int, items: int, users: int, seed: int = 0) -> N
                           "type": "click" if rng.random() < 0.3 else "view"})  # fmt: skip
             for _ in range(20)
         ]
-        pipe.rpush(user_key(f"u{u}", "seq"), *events)
+        pipe.rpush(user_key(f"{USER}{u}", "seq"), *events)
         if u % 500 == 499:
             pipe.execute()
     for e in range(entries):
@@ -56,7 +59,7 @@ def fill(redis: Redis, entries: int, items: int, users: int, seed: int = 0) -> N
                 for r, i in enumerate(ranked)
             ],
         }
-        fields = {"ts": repr(now + rng.random() * 300), "user_id": f"u{rng.randrange(users)}",
+        fields = {"ts": repr(now + rng.random() * 300), "user_id": f"{USER}{rng.randrange(users)}",
                   "context": b"{}", "response": orjson.dumps(body)}  # fmt: skip
         pipe.xadd(STREAM, fields)  # type: ignore[arg-type]
         if e % 500 == 499:
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the ctr command to time (another checkout's, to compare)")  # fmt: skip
     args = p.parse_args(argv)
     redis = Redis.from_url(args.redis_url)
-    redis.delete(STREAM, *[user_key(f"u{u}", "seq") for u in range(args.users)])
+    redis.delete(STREAM, *[user_key(f"{USER}{u}", "seq") for u in range(args.users)])
     t = time.perf_counter()
     fill(redis, args.entries, args.items, args.users)
     print(f"filled {args.entries} entries x {args.items} items in {time.perf_counter() - t:.1f} s")
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rows {rows}  auc {auc}  wall {wall:.1f} s  peak RSS {peak_mb:.0f} MB")
     finally:
         if not args.keep:
-            redis.delete(STREAM, *[user_key(f"u{u}", "seq") for u in range(args.users)])
+            redis.delete(STREAM, *[user_key(f"{USER}{u}", "seq") for u in range(args.users)])
     return 0
 
 

@@ -12,7 +12,7 @@ client, bundle, Redis and settings are the same.
 
 Usage: .venv/bin/python scripts/bench_reload_latency.py [--buckets 2000000] [--n 50]
        [--concurrency 1] [--reloads 6] [--every 1.5] [--rounds 2] [--a-root /tmp/old]
-       [--redis-url redis://127.0.0.1:6379/0] [--port 8731]
+       [--redis-url redis://127.0.0.1:6379/14] [--port 8731]
 """
 
 from __future__ import annotations
@@ -111,11 +111,11 @@ def main() -> int:
     ap.add_argument("--every", type=float, default=1.5, help="seconds between reloads")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--a-root", type=Path, default=None, help="another checkout's root")
-    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")  # a benchmark's own
     ap.add_argument("--port", type=int, default=8731)
     args = ap.parse_args()
 
-    from service.loader import load_into_redis
+    from service.loader import check_bench_db, load_into_redis, mark_bench_db
     from training.bench_service import (
         _bundle_for,
         _start_service,
@@ -132,7 +132,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-reload-latency-") as tmp:
         over = {"features.0.mapping.buckets": args.buckets}
         where, config, frame = _bundle_for("din", None, tmp, over)
+        check_bench_db(args.redis_url)  # a database of its own, as `ctr bench`'s
         load_into_redis(config, frame, args.redis_url, progress=False)
+        mark_bench_db(args.redis_url)
         bodies = bodies_for(frame, args.n)
         env = service_env(where, config.name, args.redis_url, 2,
                           extra_env={"CTR_API_KEY": KEY})  # fmt: skip

@@ -211,6 +211,44 @@ def sync_client(redis_url: str, cluster: bool, timeout_s: float = 10) -> Redis |
     return client
 
 
+# set in a database a benchmark command loaded (``ctr bench``, ``bench-path``,
+# ``bench-pair``, ``soak``): it may load there again without ``--force``
+BENCH_KEY = "ctr:bench"
+
+
+def check_bench_db(redis_url: str, force: bool = False) -> None:
+    """Refuse (``ValueError``) to let a benchmark load into a database that holds keys
+    no benchmark wrote (no :data:`BENCH_KEY`): its load replaces the users' histories
+    and profiles and the ``ctr:item:*`` hashes there, and a run pointed at a served
+    database (``/0``) replaced real users' data without a word. An empty database, or
+    one a benchmark loaded, is fine; ``force`` takes any. Sends nothing but reads."""
+    from service.store import redact
+
+    if force:
+        return
+    client = sync_client(redis_url, False)
+    try:
+        keys = client.dbsize()
+        if keys and not client.exists(BENCH_KEY):
+            raise ValueError(
+                f"{redact(redis_url)} holds {keys} keys no benchmark wrote (no {BENCH_KEY}): "
+                "a benchmark replaces users' histories and the ctr:item:* hashes there; "
+                "give it a database of its own (--redis-url .../<db>, default database "
+                "14), or --force to load there all the same"
+            )
+    finally:
+        client.close()
+
+
+def mark_bench_db(redis_url: str) -> None:
+    """Note in the database a benchmark just loaded that it may load there again."""
+    client = sync_client(redis_url, False)
+    try:
+        client.set(BENCH_KEY, "1")
+    finally:
+        client.close()
+
+
 # what a server answers when it ran nothing: the call may go again (NOSCRIPT aside)
 REFUSED = (MovedError, AskError, TryAgainError, ClusterDownError)
 

@@ -200,6 +200,11 @@ USER_TRACKING_RESETS = Counter(
     "Times every kept user row was distrusted at once (connection lost, flush, or the "
     "per-user table full): the requests that follow read Redis",
 )
+USER_TRACKING_CATCH_UPS = Counter(
+    "ctr_user_tracking_catch_ups_total",
+    "Times a drain found the invalidation socket full (the worker stalled while others "
+    "wrote many user keys): no kept row was trusted until a probe written then came back",
+)
 # the hot path's children, bound once
 REQUEST = Bound(REQUEST_DURATION)
 STAGE = Bound(STAGE_DURATION)

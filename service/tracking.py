@@ -68,6 +68,9 @@ CHANNEL = b"__redis__:invalidate"
 PREFIX = b"{u:"
 PROBE_PREFIX = PREFIX + b"}:probe:"  # + the tracking connection's client ID, random bits
 PING_S = 1.0  # heartbeat (probe) interval
+# a drain that read this much, or a quarter of the socket's receive buffer where that is
+# less, may have found the buffer full: Redis may hold more invalidations behind it
+BEHIND_BYTES = 48 * 1024
 DEAD_S = 3.0  # a probe not back this long after it was written: the connection is lost
 PROBE_TTL_MS = 60_000  # a probe key outlives its worker by at most this
 RETRY_MAX_S = 2.0  # reconnect backoff ceiling
@@ -138,6 +141,11 @@ class UserTracker:
         self._probe_key = b""
         self._probe_sent = 0.0  # when the newest probe was written
         self._probe_back = False  # its invalidation has come back
+        # catching up (:meth:`_catch_up`): no kept row is trusted until the invalidation
+        # of this probe key, written after a drain that found the socket full, is back
+        self._behind: bytes | None = None
+        self._catch_ups = 0
+        self._rcvbuf = 0  # the tracking socket's receive buffer (SO_RCVBUF), at connect
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -161,8 +169,8 @@ class UserTracker:
 
     def valid(self, user_id: str, stamp: int | None) -> bool:
         """Whether rows of ``user_id`` read under ``stamp`` are still what Redis holds
-        (as far as the invalidations applied so far tell)."""
-        if stamp is None or not self.live or stamp < self.floor:
+        (as far as the invalidations applied so far tell; none while catching up)."""
+        if stamp is None or not self.live or stamp < self.floor or self._behind is not None:
             return False
         return self.noted.get(user_id, -1) <= stamp
 
@@ -342,6 +350,8 @@ class UserTracker:
         assert sock is not None and probe is not None
         self._sock, self._reader = sock, reader
         self._probe_sock, self._probe_reader = probe, probe_reader
+        self._behind = None
+        self._rcvbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         self.client_id = int(cid)
         self.field_ttl = field_ttl
         if self.drain_s <= 0:
@@ -355,7 +365,7 @@ class UserTracker:
         if sock is None:
             return
         try:
-            _recv_into(sock, self._reader)
+            read = _recv_into(sock, self._reader)
         except OSError as exc:  # a close, a reset
             self._lost(exc)
             return
@@ -363,6 +373,29 @@ class UserTracker:
             self._handle_all(self._reader)
         except Exception as exc:  # a protocol error: start over on a new connection
             self._lost(exc)
+            return
+        if read >= min(BEHIND_BYTES, self._rcvbuf // 4 or BEHIND_BYTES):
+            self._catch_up()
+
+    def _catch_up(self) -> None:
+        """The drain may have emptied a full socket with more invalidations still queued
+        in Redis (the event loop stalled while others wrote megabytes of user keys): a
+        write Redis acknowledged meanwhile has its invalidation behind them, and a kept
+        row of that user would be trusted. Until a probe key written now comes back
+        (after everything Redis queued before it, on this one connection), no kept row
+        is trusted: requests read Redis. Reads stamped meanwhile are kept rightly: an
+        invalidation still queued takes a later number."""
+        if self._probe_sock is None:
+            return
+        self._catch_ups += 1
+        key = self._probe_key + b":behind:%d" % self._catch_ups
+        try:
+            self._probe_sock.send(encode("SET", key, 1, "PX", PROBE_TTL_MS))
+        except OSError as exc:
+            self._lost(exc)
+            return
+        self._behind = key
+        m.USER_TRACKING_CATCH_UPS.inc()
 
     def _handle_all(self, reader: Any) -> None:
         while (msg := reader.gets()) is not False:
@@ -389,6 +422,8 @@ class UserTracker:
             if user == "":
                 if key == self._probe_key:
                     self._probe_back = True
+                elif key == self._behind:  # caught up with what Redis had queued
+                    self._behind = None
                 continue
             named += 1
             if user is not None:
@@ -441,14 +476,17 @@ async def _open(loop: asyncio.AbstractEventLoop, kw: dict[str, Any]) -> socket.s
     raise error or OSError(f"no address to connect to for {kw.get('host')}")
 
 
-def _recv_into(sock: socket.socket, reader: Any) -> None:
+def _recv_into(sock: socket.socket, reader: Any) -> int:
     """Feed ``reader`` all that non-blocking ``sock`` holds, on until EAGAIN (so a close
-    behind data is seen now); raise ConnectionError when the server has closed it."""
+    behind data is seen now): the bytes read. Raise ConnectionError when the server
+    has closed it."""
+    read = 0
     try:
         while data := sock.recv(65536):
             reader.feed(data)
+            read += len(data)
     except BlockingIOError:
-        return
+        return read
     raise ConnectionError("closed by the server")
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from tests.helpers import ROOT
 from tests.redis_proc import RedisProcess, free_port
+from training.bench_service import STAGES, bodies_for, make_bundle
 
 
 def test_service_benchmark_reports_every_figure() -> None:
@@ -596,3 +597,35 @@ def test_a_soak_reads_every_workers_memory_and_sends_the_key(
     with pytest.raises(ValueError, match="must be longer than --warmup"):
         run(5.0, 2, 1.0, 30.0, 50.0, "redis://127.0.0.1:1/0", free_port(), 1)
     assert rss_mb(os.getpid()) > 0
+
+
+def test_bench_path_outside_is_each_round_s_rest() -> None:
+    """``outside`` was the median total less the stages' medians: medians do not add,
+    so rounds that each spent 0.10 ms outside printed 0.15. The median of each round's
+    own rest now."""
+    from training.bench_path import _add_round, _stage_summary
+
+    times: dict[str, list[float]] = {k: [] for k in (*STAGES, "total")}
+    for inference, write in ((0.40, 0.03), (0.90, 0.08), (0.95, 0.03)):
+        stages = dict(parse=0.05, redis_fetch=0.02, feature_mapping=0.06,
+                      inference=inference, serialization=0.04, write=write)  # fmt: skip
+        _add_round(times, sum(stages.values()) + 0.10, stages)
+    assert _stage_summary(times)["outside"] == pytest.approx(0.10)
+
+
+def test_bench_path_voids_a_round_of_degraded_answers(tmp_path: Path) -> None:
+    """A degraded answer is a 200 that skipped the Redis read: cheaper. bench-path
+    printed its tables from them (a Redis read past 50 ms on a loaded machine, or none
+    at all) where ``ctr bench`` voids such windows."""
+    from service.settings import Settings
+    from training.bench_path import _stage_costs
+    from training.bench_util import run_loop
+    from training.data import load_frame
+
+    config, _ = make_bundle("din", tmp_path, 20)
+    bodies = bodies_for(load_frame(config), 10)
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    settings = Settings(models_dir=str(tmp_path), model_name=config.name, redis_url=dead,
+                        redis_timeout_ms=100, intra_op_threads=1, log_level="error")  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"degraded answers .* is Redis slow or down"):
+        run_loop(_stage_costs(settings, bodies, 1, 3))

@@ -557,6 +557,31 @@ def test_bench_pair_finds_its_port_taken_before_it_loads_redis() -> None:
     assert client.dbsize() == 0  # nothing loaded
 
 
+@pytest.mark.parametrize("command", ["bench", "bench-path", "bench-pair", "soak"])
+def test_a_benchmark_refuses_a_database_holding_other_data(command: str) -> None:
+    """The benchmarks load their users and items into --redis-url: pointed at a served
+    database they replaced real users' histories and item hashes without a word. A
+    database holding keys no benchmark wrote is refused, before anything is built."""
+    import redis
+
+    from service.loader import BENCH_KEY, check_bench_db, mark_bench_db
+
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    client.rpush("{u:u5}:seq", '{"item_id": "prod-item"}')
+    out = ctr(command, "--redis-url", REDIS_URL)
+    line = one_line_error(out, command)
+    assert "holds 1 keys no benchmark wrote" in line and "--force" in line, line
+    assert client.lrange("{u:u5}:seq", 0, -1) == [b'{"item_id": "prod-item"}']
+    assert client.dbsize() == 1
+    check_bench_db(REDIS_URL, force=True)  # taken with --force
+    mark_bench_db(REDIS_URL)  # as a benchmark's load does: it may load there again
+    assert client.exists(BENCH_KEY)
+    check_bench_db(REDIS_URL)
+    client.flushdb()
+    check_bench_db(REDIS_URL)  # an empty database is fine
+
+
 def test_an_export_name_that_is_a_path_is_refused(tmp_path: Path) -> None:
     """``--name ../escaped`` published outside ``--models-dir``."""
     import training.train as tt

@@ -52,6 +52,7 @@ COUNTERS = {
     "ctr_user_rows_total",
     "ctr_user_invalidations_total",
     "ctr_user_tracking_resets_total",
+    "ctr_user_tracking_catch_ups_total",
     "ctr_inline_runs_total",
     "ctr_worker_cpu_seconds_total",
     "ctr_batch_splits_total",

@@ -251,6 +251,52 @@ def test_read_on_a_timer_or_by_a_poll(
     asyncio.run(main())
 
 
+def test_a_full_socket_trusts_no_row_until_it_has_caught_up(
+    private: RedisProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose loop stalled while others wrote megabytes of user keys finds its
+    socket full, and Redis holding more behind it: a write Redis acknowledged meanwhile
+    (u1's) has its invalidation queued there, and the drain a request makes before it
+    trusts kept rows does not reach it. The old tracker trusted u1's rows read before
+    the write (stale scores, until the backlog drained: up to the heartbeat's 4 s). A
+    drain that reads a full buffer's worth trusts no row until a probe written then
+    comes back, after everything Redis queued before it."""
+    monkeypatch.setattr(tracking, "PING_S", 30.0)  # no heartbeat reads the socket
+    writer = private.client()
+    catch_ups = "ctr_user_tracking_catch_ups_total"
+
+    async def main() -> None:
+        async with running(private.url, 2.0, drain_s=10.0) as t:  # no timer drain
+            assert t._sock is not None
+            # a small buffer, as a freshly opened socket on a host with small tcp_rmem:
+            # the flood below overflows it, and Redis queues the rest
+            t._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            t._rcvbuf = t._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            s0 = t.stamp()
+            assert s0 is not None
+            before = sample(catch_ups)
+            writer.rpush(user_key("u9", "seq"), b"{}")  # a small drain: no catch-up
+            await arrived(t)
+            t.poll()
+            assert t._behind is None and sample(catch_ups) == before
+            s0 = t.stamp()
+            pipe = writer.pipeline(transaction=False)
+            for k in range(300):  # about 300 KB of other users' key names
+                pipe.set(user_key(f"burst-{'x' * 900}-{k}", "profile"), 1)
+            pipe.execute()
+            writer.rpush(user_key("u1", "seq"), b"{}")  # acknowledged: behind the flood
+            t.poll()  # what the request that follows does first
+            assert not t.valid("u1", s0), "u1's rows trusted after its write was acknowledged"
+            assert not t.valid("u2", s0)  # nobody's, until it has caught up
+            assert sample(catch_ups) > before
+            await applied(t, lambda: t._behind is None, 20.0)
+            assert not t.valid("u1", s0)  # its invalidation came, behind the flood
+            assert t.valid("u2", s0)  # untouched: trusted again
+            assert t.live and t.losses == 0  # no reset: only those users distrusted
+
+    asyncio.run(main())
+
+
 def test_reconnects_back_off_when_each_connection_dies_young(private: RedisProcess) -> None:
     """A connection killed soon after each set-up is not taken up again at every tick:
     the waits double (50 ms, 100 ms, ...), so a kill loop costs a few reconnects, not one

@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from service.loader import load_into_redis
+from service.loader import load_into_redis, mark_bench_db
 from training.bench_service import (
     _bundle_for,
     _closed_loop,
@@ -212,6 +212,7 @@ def run(
     with tempfile.TemporaryDirectory() as tmp:
         where, config, frame = _bundle_for(model, models_dir, tmp, overrides)
         load_into_redis(config, frame, redis_url, progress=False)
+        mark_bench_db(redis_url)  # it may load here again
         bodies = bodies_for(frame, n)
         keep = config.max_seq_len
         procs: list[tuple[subprocess.Popen, str]] = []

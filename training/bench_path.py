@@ -27,11 +27,11 @@ from ctr.bundle import load_bundle
 from service import metrics
 from service.app import create_app
 from service.callthreads import CallThreads
-from service.loader import load_into_redis
+from service.loader import load_into_redis, mark_bench_db
 from service.model import LoadedModel, load_model
 from service.settings import Settings
 from service.validate import _checked_candidates, _plain_ids
-from training.bench_service import STAGES, bodies_for, stage_means
+from training.bench_service import STAGES, bodies_for, stage_means, window_counts
 from training.bench_util import Feeds, full_history_feeds, run_loop, uvloop_module
 
 
@@ -108,10 +108,11 @@ async def _route_costs(settings: Settings, bodies: list[bytes], rounds: int, rep
                 assert await _call(app, b) == 200
         for _ in range(rounds):
             for name, app in apps.items():
+                before = _scrape()
                 start = time.thread_time()  # this thread's CPU: not ORT's, not idle waits
-                for k in range(reps):
-                    await _call(app, bodies[k % len(bodies)])
+                statuses = [await _call(app, bodies[k % len(bodies)]) for k in range(reps)]
                 times[name].append((time.thread_time() - start) * 1000 / reps)
+                _check_round(statuses, before, name)
     finally:
         for ctx in contexts.values():
             await ctx.__aexit__(None, None, None)
@@ -120,6 +121,22 @@ async def _route_costs(settings: Settings, bodies: list[bytes], rounds: int, rep
 
 def _scrape() -> str:
     return metrics.render()[0].decode()
+
+
+def _check_round(statuses: list[int], before: str, what: str) -> None:
+    """A round whose requests were not all served in full voids the run: a non-200, or
+    a degraded answer (a 200 that skipped the Redis read: cheaper, so the figures would
+    read lower, as a slow or unreachable Redis made them) or a service error between
+    ``before`` and now (``ctr bench`` voids such windows too)."""
+    bad = [s for s in statuses if s != 200]
+    if bad:
+        raise RuntimeError(f"{what}: {len(bad)} of {len(statuses)} requests answered "
+                           f"HTTP {bad[0]}, not 200")  # fmt: skip
+    counts = window_counts(before, _scrape())
+    if counts["degraded"] or counts["service_errors"]:
+        raise RuntimeError(f"{what}: {counts['degraded']:g} degraded answers and "
+                           f"{counts['service_errors']:g} service errors "
+                           f"({counts['errors_by_kind']}): is Redis slow or down?")  # fmt: skip
 
 
 async def _stage_round(
@@ -131,16 +148,16 @@ async def _stage_round(
     saved = service_app.STAGE_CLOCK
     service_app.STAGE_CLOCK = time.thread_time
     try:
-        before, spent = _scrape(), 0.0
+        before, spent, statuses = _scrape(), 0.0, []
         for k in range(reps):
             if before_each is not None:
                 before_each()
             start = time.thread_time()
-            status = await _call(app, bodies[k % len(bodies)])
+            statuses.append(await _call(app, bodies[k % len(bodies)]))
             spent += time.thread_time() - start
-            assert status == 200, f"HTTP {status}"
     finally:
         service_app.STAGE_CLOCK = saved
+    _check_round(statuses, before, "a stage round")
     means = stage_means(before, _scrape())
     return spent * 1000 / reps, {k: means[k] * 1000 for k in STAGES}
 
@@ -149,6 +166,9 @@ def _add_round(times: dict[str, list[float]], total: float, stages: dict[str, fl
     times["total"].append(total)
     for k, v in stages.items():
         times[k].append(v)
+    # the round's own rest: a median of the totals less the stages' medians is none of
+    # the rounds' (medians do not add), and could go below 0
+    times.setdefault("outside", []).append(total - sum(stages.values()))
 
 
 async def _stage_costs(settings: Settings, bodies: list[bytes], rounds: int, reps: int) -> dict:
@@ -173,11 +193,9 @@ async def _stage_costs(settings: Settings, bodies: list[bytes], rounds: int, rep
 
 
 def _stage_summary(times: dict[str, list[float]]) -> dict[str, float]:
-    """Medians of each stage's and the total's rounds, and ``outside``: the total less
-    the stages."""
-    out = {k: statistics.median(v) for k, v in times.items()}
-    out["outside"] = out["total"] - sum(out[k] for k in STAGES)
-    return out
+    """Medians of each stage's, the total's and ``outside``'s rounds (``outside``: each
+    round's total less its stages)."""
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 STAGE_COLUMNS = (*STAGES, "outside", "total")
@@ -312,9 +330,13 @@ def run(
 
     frame = load_frame(bundle.config)
     load_into_redis(bundle.config, frame, redis_url, progress=False)
+    mark_bench_db(redis_url)  # it may load here again
     settings = Settings(
         models_dir=str(models_dir), model_name=name, redis_url=redis_url,
         intra_op_threads=1, log_level="warning",
+        # a read past the default 50 ms degrades the answer (voiding the round) on a
+        # loaded machine: as `ctr bench`'s service, a second
+        redis_timeout_ms=1000,
     )  # fmt: skip
     served = load_model(settings.model_copy(update={"intra_op_threads": 0}))  # as served
     out: dict[int, dict] = {}

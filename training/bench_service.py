@@ -866,7 +866,7 @@ def run(
     model-only baseline is loaded by the service's own loader from the same settings.
     ``models_dir``: score existing bundles, named by ``models``, instead of building.
     ``rates``: also drive each N open-loop at these request rates (req/s)."""
-    from service.loader import load_into_redis
+    from service.loader import load_into_redis, mark_bench_db
 
     env = env or {}
     results: dict[str, Any] = {
@@ -885,6 +885,7 @@ def run(
         for mt in models:
             where, config, frame = _bundle_for(mt, models_dir, tmp, overrides)
             load_into_redis(config, frame, redis_url, progress=False)
+            mark_bench_db(redis_url)  # it may load here again
             svc_env = service_env(where, config.name, redis_url, threads, inflight, env)
             base = load_baseline(svc_env)
             proc, url = _start_service(svc_env, port)

@@ -123,7 +123,7 @@ async def _drive(url: str, bodies: list[bytes], concurrency: int, seconds: float
 
 def run(duration: float, concurrency: int, sample: float, warmup: float, max_growth: float,
         redis_url: str, port: int, threads: int) -> int:  # fmt: skip
-    from service.loader import load_into_redis
+    from service.loader import load_into_redis, mark_bench_db
 
     if duration <= warmup:  # no sample after the warm-up: growth would include start-up
         raise ValueError(f"--duration {duration:g} must be longer than --warmup {warmup:g}")
@@ -131,6 +131,7 @@ def run(duration: float, concurrency: int, sample: float, warmup: float, max_gro
     with tempfile.TemporaryDirectory() as tmp:
         config, frame = make_bundle("din", Path(tmp), 50)
         load_into_redis(config, frame, redis_url, progress=False)
+        mark_bench_db(redis_url)  # it may load here again
         bodies = []
         for n in (50, 200, 500, 1000):
             bodies += bodies_for(frame, n, count=16, seed=n)
