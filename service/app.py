@@ -64,7 +64,7 @@ from service.impressions import ImpressionLog
 from service.model import CPU, LoadedModel, ProviderError
 from service.nativerun import NativeRunError
 from service.openapi import body_schema, install_openapi
-from service.reloadbus import ReloadBus
+from service.reloadbus import MIN_TIMEOUT_S, ReloadBus
 from service.requestid import (
     CURRENT,
     HEADER,
@@ -522,7 +522,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.executor = CallThreads(settings.inference_concurrency, "ort")
         if settings.reload_channel:
             state.bus = ReloadBus(
-                state.redis,
+                # its own client: the scoring client's socket timeout is
+                # CTR_REDIS_TIMEOUT_MS (50 ms), under the bus's bound for a Redis that
+                # stalls a moment (a broadcast cut short, a start-up on the wrong version)
+                make_client(
+                    settings.redis_url,
+                    settings.redis_cluster,
+                    max(settings.redis_timeout_ms / 1000, MIN_TIMEOUT_S),
+                    settings.redis_connect_timeout_ms / 1000,
+                    4,
+                ),
                 settings.redis_url,
                 settings.reload_channel,
                 settings.models_dir,
@@ -539,6 +548,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     if state.model is not None
                     else None
                 ),
+                owns_redis=True,
             )
             # before the load: a broadcast meanwhile is caught up; and the deployment's
             # last broadcast version, if it is the one to start on

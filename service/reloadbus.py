@@ -147,6 +147,7 @@ class ReloadBus:
         serving: Callable[[], str | None] = lambda: None,
         agreed: Callable[[str], None] = lambda version: None,
         serving_digest: Callable[[], str | None] = lambda: None,
+        owns_redis: bool = False,
     ) -> None:
         # one channel and one record per deployment: the store's path and the model name,
         # hashed to a short suffix; the keys share a hash tag (one cluster slot)
@@ -167,7 +168,11 @@ class ReloadBus:
         # a reload made here whose broadcast Redis has not taken yet
         self.pending: str | None = None
         self.token = uuid.uuid4().hex  # this worker
+        # its commands' client (the record, the publish script): one whose socket
+        # timeout is at least MIN_TIMEOUT_S (the scoring reads' 50 ms cut a broadcast
+        # short on a Redis stalled for a moment); closed here where ``owns_redis``
         self.redis = redis
+        self.owns_redis = owns_redis
         self.timeout_s = max(timeout_s, MIN_TIMEOUT_S)
         self.lock = lock
         self.load = load
@@ -500,6 +505,11 @@ class ReloadBus:
             with contextlib.suppress(Exception):
                 await node.aclose()
                 await node.connection_pool.disconnect()
+        if self.owns_redis:
+            with contextlib.suppress(Exception):
+                await self.redis.aclose()
+                if isinstance(self.redis, Redis):
+                    await self.redis.connection_pool.disconnect()
 
     async def _confirmed(self, pubsub: Any) -> None:
         """Wait for the server's confirmation of the subscription."""

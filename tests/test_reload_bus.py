@@ -24,7 +24,7 @@ from service.app import create_app
 from service.reloadbus import ReloadBus
 from service.settings import Settings
 from tests.helpers import REDIS_URL, Built, build_bundle, until
-from tests.redis_proc import free_port
+from tests.redis_proc import free_port, private_redis
 
 KEY = {"X-API-Key": "k"}
 
@@ -124,6 +124,27 @@ def test_reload_reaches_the_other_worker(built: Built, channel: str, tmp_path: P
         assert info(other)["version"] == "1"
         assert other.app.state.ctr.bus.applied == 0
         assert a.app.state.ctr.bus.applied == 1 and b.app.state.ctr.bus.applied == 1
+
+
+def test_a_redis_stalled_a_moment_still_takes_the_broadcast(built: Built, channel: str) -> None:
+    """The bus's commands ran on the scoring client, whose socket timeout is
+    CTR_REDIS_TIMEOUT_MS (50 ms): a Redis that stalled 300 ms (a fork for a save, a slow
+    command) cut the broadcast short (`peers_notified: null`, the peer late), though the
+    bus waits up to 2 s. Its own client now; the scoring reads keep their 50 ms."""
+    with private_redis() as proc:
+        s = settings(built, channel, redis_url=proc.url, redis_timeout_ms=50)
+        with TestClient(create_app(s)) as a, TestClient(create_app(s)) as b:
+            for c in (a, b):
+                assert until(lambda c=c: info(c)["reload_bus"]["subscribed"]), info(c)
+            pause = proc.client()
+            pause.execute_command("CLIENT", "PAUSE", 300, "WRITE")  # its script writes
+            started = time.monotonic()
+            r = a.post("/admin/reload", json={"version": "2"}, headers=KEY)
+            assert r.status_code == 200 and r.json()["peers_notified"] == 1, r.text
+            assert time.monotonic() - started >= 0.2  # it waited out the pause
+            assert until(lambda: info(b)["version"] == "2"), info(b)
+            assert a.app.state.ctr.redis.connection_pool.connection_kwargs[
+                "socket_timeout"] == 0.05  # fmt: skip
 
 
 def test_a_worker_that_missed_the_message_catches_up(built: Built, channel: str) -> None:
