@@ -920,13 +920,15 @@ def _key_holder(state: State, header: Callable[[str], str | None]) -> bool:
 
 
 def _load_errors(state: State, header: Callable[[str], str | None]) -> dict[str, Any]:
-    """``model_error`` and ``fallback`` as ``/readyz`` and ``/v1/models`` show them: their
-    error text only to a key holder (the health routes need no key)."""
-    error, fallback = state.model_error, state.fallback
+    """``model_error``, ``fallback`` and ``reload_error`` as ``/readyz`` and
+    ``/v1/models`` show them: their error text only to a key holder (the health routes
+    need no key)."""
+    error, fallback, reload = state.model_error, state.fallback, state.reload_error
     if not _key_holder(state, header):
         error = None if error is None else HIDDEN_ERROR
         fallback = None if fallback is None else {**fallback, "error": HIDDEN_ERROR}
-    return {"model_error": error, "fallback": fallback}
+        reload = None if reload is None else {**reload, "error": HIDDEN_ERROR}
+    return {"model_error": error, "fallback": fallback, "reload_error": reload}
 
 
 # the answers every route with a body may give (each route adds its own 5xx, and the
@@ -1230,7 +1232,8 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             "json_encoder": "native" if state.codec is not None else "orjson",
             "gpu_copy": copy_info(model.runner),
             "worker_pid": os.getpid(),
-            "fallback": _load_errors(state, request.headers.get)["fallback"],
+            **{k: v for k, v in _load_errors(state, request.headers.get).items()
+               if k != "model_error"},  # fmt: skip
             "reload_bus": None
             if state.bus is None
             else {"channel": state.bus.channel, "subscribed": state.bus.subscribed},

@@ -9,6 +9,7 @@ import contextlib
 import contextvars
 import gc
 import logging
+import time
 import weakref
 from collections.abc import Coroutine
 from typing import Any
@@ -50,10 +51,13 @@ async def load(state: State, version: str | None) -> LoadedModel:
             state.model_error = str(err)
         else:
             log.error("reload failed, still serving version %s: %s", state.model.version, err)
+            state.reload_error = {"version": version or state.settings.model_version,
+                                  "error": str(err), "at": time.time()}  # fmt: skip
         if err is exc:
             raise
         raise err from exc
     old, state.model = state.model, model  # atomic swap: in-flight requests keep theirs
+    state.reload_error = None
     if old is not None and old.native is not None:
         # its requests still in flight finish on the Python runner, or collect their
         # native calls first; the native sessions go once nothing is in flight there,

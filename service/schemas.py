@@ -157,6 +157,14 @@ class ReadyFallback(BaseModel):
     error: str = Field(description="why (hidden unless the request sends X-API-Key)")
 
 
+class ReloadError(BaseModel):
+    """A load that failed while a model served on: what was asked, why, when."""
+
+    version: str = Field(description="the version asked for (a number or 'latest')")
+    error: str = Field(description="why (hidden unless the request sends X-API-Key)")
+    at: float = Field(description="when, as unix time")
+
+
 class ReadyBody(BaseModel):
     """``/readyz``'s answer, 200 (ready) or 503 (not: what is missing false)."""
 
@@ -167,6 +175,10 @@ class ReadyBody(BaseModel):
         description="why the model did not load (hidden unless the request sends X-API-Key)"
     )
     fallback: ReadyFallback | None
+    reload_error: ReloadError | None = Field(
+        description="the last load that failed while a model served (a reload, a "
+        "broadcast's, a fallback's retry); null once one loads"
+    )
     redis: bool
 
 

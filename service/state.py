@@ -103,6 +103,9 @@ class State:
         # set when start-up with CTR_MODEL_VERSION=latest fell back to an older version
         # because the newest does not load (cleared by the next successful load)
         self.fallback: dict[str, Any] | None = None
+        # the last load that failed while a model served (a reload, a broadcast's load,
+        # a fallback's retry): {"version", "error", "at"}; cleared by the next that loads
+        self.reload_error: dict[str, Any] | None = None
         self.tasks: set[asyncio.Task[None]] = set()  # background work (a SIGHUP reload)
         # swapped-out models' native runners, released on threads of their own
         # (lifecycle.load); shutdown waits for those releases

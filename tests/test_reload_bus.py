@@ -147,6 +147,28 @@ def test_a_redis_stalled_a_moment_still_takes_the_broadcast(built: Built, channe
                 "socket_timeout"] == 0.05  # fmt: skip
 
 
+def test_a_failed_reload_is_shown_until_one_loads(built: Built, channel: str) -> None:
+    """A reload that failed while the old version served on showed only in the log and a
+    counter; a peer retrying a broadcast it could not load, nowhere at all.
+    ``reload_error`` in /readyz and /v1/models says which version, why (to a key
+    holder) and when, until a load succeeds."""
+    with TestClient(create_app(settings(built, channel))) as a:
+        assert a.get("/readyz").json()["reload_error"] is None
+        started = time.time()
+        r = a.post("/admin/reload", json={"version": "9"}, headers=KEY)
+        assert r.status_code == 409
+        shown = a.get("/readyz", headers=KEY).json()["reload_error"]
+        assert shown["version"] == "9" and "9" in shown["error"]
+        assert started <= shown["at"] <= time.time()
+        assert a.get("/v1/models", headers=KEY).json()["reload_error"] == shown
+        hidden = a.get("/readyz").json()["reload_error"]  # no key: no paths
+        assert hidden == {**shown, "error": "hidden: send X-API-Key to read it"}
+        assert a.get("/readyz").status_code == 200  # still serving version 1
+        r = a.post("/admin/reload", json={"version": "2"}, headers=KEY)
+        assert r.status_code == 200
+        assert a.get("/readyz", headers=KEY).json()["reload_error"] is None
+
+
 def test_a_worker_that_missed_the_message_catches_up(built: Built, channel: str) -> None:
     """A listener cut off from Redis reads the last broadcast when it subscribes again,
     and applies it only if its number is above what the worker has seen."""
