@@ -609,7 +609,10 @@ def cmd_bench_pair(args: argparse.Namespace) -> int:
 def _write_report(out: Path, stem: str, res: dict, table: str) -> None:
     """``out/<stem>.json`` (the raw results) and ``out/<stem>.md`` (the printed table)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(res, indent=2))
+    from ctr.bundle import finite
+
+    # null for a figure a run could not give (NaN is not JSON)
+    (out / f"{stem}.json").write_text(json.dumps(finite(res), indent=2, allow_nan=False))
     (out / f"{stem}.md").write_text(table + "\n")
 
 
@@ -827,7 +830,11 @@ def cmd_results(args: argparse.Namespace) -> int:
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
-        Path(args.out).with_suffix(".json").write_text(json.dumps(res, indent=2))
+        from ctr.bundle import finite
+
+        Path(args.out).with_suffix(".json").write_text(
+            json.dumps(finite(res), indent=2, allow_nan=False)
+        )
     return 0
 
 

@@ -112,10 +112,16 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--a-root", type=Path, default=None, help="another checkout's root")
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")  # a benchmark's own
+    ap.add_argument("--force", action="store_true",
+                    help="load into --redis-url even where it holds keys no benchmark wrote")
     ap.add_argument("--port", type=int, default=8731)
     args = ap.parse_args()
 
     from service.loader import check_bench_db, load_into_redis, mark_bench_db
+    try:  # a database of its own, as `ctr bench`'s: checked before anything is built
+        check_bench_db(args.redis_url, args.force)
+    except ValueError as exc:
+        raise SystemExit(f"{ap.prog}: {exc}") from None
     from training.bench_service import (
         _bundle_for,
         _start_service,
@@ -132,9 +138,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-reload-latency-") as tmp:
         over = {"features.0.mapping.buckets": args.buckets}
         where, config, frame = _bundle_for("din", None, tmp, over)
-        check_bench_db(args.redis_url)  # a database of its own, as `ctr bench`'s
+        mark_bench_db(args.redis_url)  # before any write: a load cut short is still its own
         load_into_redis(config, frame, args.redis_url, progress=False)
-        mark_bench_db(args.redis_url)
         bodies = bodies_for(frame, args.n)
         env = service_env(where, config.name, args.redis_url, 2,
                           extra_env={"CTR_API_KEY": KEY})  # fmt: skip

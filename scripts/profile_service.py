@@ -145,18 +145,23 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--top", type=int, default=25, help="functions listed")
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
+    ap.add_argument("--force", action="store_true",
+                    help="load into --redis-url even where it holds keys no benchmark wrote")
     ap.add_argument("--port", type=int, default=8390)
     ap.add_argument("--env", action="append", default=[], help="service setting, KEY=VALUE")
     ap.add_argument("--sampler", choices=("perf", "py-spy"), default="perf",
                     help="perf: every thread, native frames; py-spy: the event loop's "
                     "Python functions")  # fmt: skip
     args = ap.parse_args()
+    try:  # a database of its own, as `ctr bench`'s: checked before anything is built
+        check_bench_db(args.redis_url, args.force)
+    except ValueError as exc:
+        raise SystemExit(f"{ap.prog}: {exc}") from None
     extra = dict(e.split("=", 1) for e in args.env)
     with tempfile.TemporaryDirectory() as tmp:
         where, config, frame = _bundle_for(args.model, None, tmp, None)
-        check_bench_db(args.redis_url)  # a database of its own, as `ctr bench`'s
+        mark_bench_db(args.redis_url)  # before any write: a load cut short is still its own
         load_into_redis(config, frame, args.redis_url, progress=False)
-        mark_bench_db(args.redis_url)
         bodies = bodies_for(frame, args.n)
         env = service_env(where, config.name, args.redis_url, 2, 1, extra)
         proc, url = _start_service(env, args.port)

@@ -629,3 +629,32 @@ def test_bench_path_voids_a_round_of_degraded_answers(tmp_path: Path) -> None:
                         redis_timeout_ms=100, intra_op_threads=1, log_level="error")  # fmt: skip
     with pytest.raises(RuntimeError, match=r"degraded answers .* is Redis slow or down"):
         run_loop(_stage_costs(settings, bodies, 1, 3))
+
+
+def test_a_benchmark_load_cut_short_leaves_a_database_it_may_load_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database was marked as a benchmark's only after its load: a load cut short
+    (Ctrl-C, a Redis error) left thousands of keys unmarked, and the rerun its message
+    asked for was refused without --force. Marked before the first write now."""
+    import redis
+
+    import training.bench_path as bench_path
+    from service.loader import BENCH_KEY, check_bench_db
+
+    config, _ = make_bundle("din", tmp_path, 20)
+    proc = RedisProcess().start()
+    try:
+
+        def cut_short(config: Any, frame: Any, url: str, **kw: Any) -> None:
+            redis.Redis.from_url(url).rpush("{u:u1}:seq", "{}")  # part of the load
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(bench_path, "load_into_redis", cut_short)
+        with pytest.raises(KeyboardInterrupt):
+            bench_path.run(tmp_path, config.name, [10], proc.url, rounds=1, reps=1)
+        client = redis.Redis.from_url(proc.url)
+        assert client.exists(BENCH_KEY) and client.exists("{u:u1}:seq")
+        check_bench_db(proc.url)  # the rerun is not refused
+    finally:
+        proc.stop()

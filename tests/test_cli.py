@@ -296,7 +296,8 @@ def test_bench_pair_arguments(
     parser = build_parser()
     args = parser.parse_args(
         ["bench-pair", "--a", "CTR_X=1", "--a", "CTR_Y=a=b", "--b", "CTR_X=2",
-         "--port", "9000", "--n", "20", "--out", str(tmp_path)]
+         "--port", "9000", "--n", "20", "--out", str(tmp_path),
+         "--force"]  # run is faked: no database to check (its default is 6379/14)
     )  # fmt: skip
     seen: dict = {}
 
@@ -313,7 +314,7 @@ def test_bench_pair_arguments(
     args = parser.parse_args(
         ["bench-pair", "--writes", "0.25", "--other-writes", "1000", "--pipelined",
          "--set", "features.0.mapping.buckets=2000000", "--set", "name=wide",
-         "--a-root", "/tmp/old-checkout", "--b-first"]
+         "--a-root", "/tmp/old-checkout", "--b-first", "--force"]
     )  # fmt: skip
     assert args.func(args) == 0
     assert seen["args"][-6:] == (
@@ -580,6 +581,14 @@ def test_a_benchmark_refuses_a_database_holding_other_data(command: str) -> None
     check_bench_db(REDIS_URL)
     client.flushdb()
     check_bench_db(REDIS_URL)  # an empty database is fine
+    # a database an older version's benchmark loaded (its bench-* data record, no key)
+    client.rpush("{u:u5}:seq", "{}")
+    client.set("ctr:loaded:data", '{"name": "bench-din", "source": "synthetic"}')
+    check_bench_db(REDIS_URL)
+    client.set("ctr:loaded:data", '{"name": "din", "source": "synthetic"}')
+    with pytest.raises(ValueError, match="no benchmark wrote"):
+        check_bench_db(REDIS_URL)
+    client.flushdb()
 
 
 def test_an_export_name_that_is_a_path_is_refused(tmp_path: Path) -> None:

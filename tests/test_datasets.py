@@ -685,7 +685,7 @@ def test_a_dense_value_that_is_not_a_number_is_a_data_error(tmp_path: Path, valu
         load_frame(_loader_config(path, max_seq_len=5))
 
 
-@pytest.mark.parametrize("kind", ["timestamp", "timestamp_tz", "duration"])
+@pytest.mark.parametrize("kind", ["timestamp", "timestamp_tz", "duration", "period"])
 def test_a_parquet_time_column_as_a_dense_feature_is_a_data_error(
     tmp_path: Path, kind: str
 ) -> None:
@@ -700,12 +700,13 @@ def test_a_parquet_time_column_as_a_dense_feature_is_a_data_error(
         "timestamp": pd.to_datetime(seconds, unit="s"),
         "timestamp_tz": pd.to_datetime(seconds, unit="s", utc=True),
         "duration": pd.to_timedelta(seconds, unit="s"),
+        "period": pd.to_datetime(seconds, unit="s").dt.to_period("D"),
     }[kind]
     path = tmp_path / "clicks.parquet"
     frame.to_parquet(path)
     config = _loader_config(path, max_seq_len=5)
     config.data.source = "parquet"
-    with pytest.raises(DataError, match=r"dense feature 'price' holds .*(datetime|timedelta)"):
+    with pytest.raises(DataError, match=r"'price' holds .*(datetime|timedelta|period)"):
         load_frame(config)
     frame["price"] = seconds.astype(float)  # as numbers: trained on
     frame.to_parquet(path)

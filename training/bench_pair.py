@@ -211,8 +211,8 @@ def run(
     ports_free(*ports)  # before the bundle is built and Redis loaded
     with tempfile.TemporaryDirectory() as tmp:
         where, config, frame = _bundle_for(model, models_dir, tmp, overrides)
+        mark_bench_db(redis_url)  # before any write: a load cut short is still its own
         load_into_redis(config, frame, redis_url, progress=False)
-        mark_bench_db(redis_url)  # it may load here again
         bodies = bodies_for(frame, n)
         keep = config.max_seq_len
         procs: list[tuple[subprocess.Popen, str]] = []

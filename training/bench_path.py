@@ -329,8 +329,8 @@ def run(
     from training.data import load_frame
 
     frame = load_frame(bundle.config)
+    mark_bench_db(redis_url)  # before any write: a load cut short is still its own
     load_into_redis(bundle.config, frame, redis_url, progress=False)
-    mark_bench_db(redis_url)  # it may load here again
     settings = Settings(
         models_dir=str(models_dir), model_name=name, redis_url=redis_url,
         intra_op_threads=1, log_level="warning",

@@ -884,8 +884,8 @@ def run(
     with tempfile.TemporaryDirectory() as tmp:
         for mt in models:
             where, config, frame = _bundle_for(mt, models_dir, tmp, overrides)
+            mark_bench_db(redis_url)  # before any write: a load cut short is still its own
             load_into_redis(config, frame, redis_url, progress=False)
-            mark_bench_db(redis_url)  # it may load here again
             svc_env = service_env(where, config.name, redis_url, threads, inflight, env)
             base = load_baseline(svc_env)
             proc, url = _start_service(svc_env, port)

@@ -130,8 +130,8 @@ def run(duration: float, concurrency: int, sample: float, warmup: float, max_gro
     ports_free(port)  # before the bundle is built and Redis loaded
     with tempfile.TemporaryDirectory() as tmp:
         config, frame = make_bundle("din", Path(tmp), 50)
+        mark_bench_db(redis_url)  # before any write: a load cut short is still its own
         load_into_redis(config, frame, redis_url, progress=False)
-        mark_bench_db(redis_url)  # it may load here again
         bodies = []
         for n in (50, 200, 500, 1000):
             bodies += bodies_for(frame, n, count=16, seed=n)

@@ -210,8 +210,9 @@ def setting_warnings(config: FeatureConfig, prep: Prepared) -> list[str]:
                    "nothing")  # fmt: skip
     c = config
     if c.model.type == "dien" and c.model.aux_loss_weight > 0 and c.sequences:
-        key = list(negative_key(c))
-        distinct = len({tuple(row) for row in prep.item_pool[:, key].tolist()})
+        keyed = prep.item_pool[:, list(negative_key(c))]
+        # fewer than 2 distinct rows: every row is the first (one pass, no set of rows)
+        distinct = min(len(keyed), 1 + bool(len(keyed) and (keyed != keyed[0]).any()))
         if distinct < 2:  # no other item to draw: every negative is the behaviour itself
             out.append(f"model.aux_loss_weight: the training split's candidates hold "
                        f"{distinct} distinct item(s) to draw DIEN's auxiliary negatives "

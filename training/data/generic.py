@@ -199,9 +199,10 @@ _MISSING_TEXT = frozenset({"", "na", "n/a", "nan", "null", "none"})
 def _check_dense(col: pd.Series, name: str) -> None:
     """A dense column's values are numbers or missing: text that is neither (``19,74``
     with a decimal comma, ``$5``) trained silently as the feature's default, and so did
-    a Parquet timestamp or duration column (pandas reads those as integers, ``float``
-    refuses each value)."""
-    if pd.api.types.is_datetime64_any_dtype(col) or pd.api.types.is_timedelta64_dtype(col):
+    a Parquet timestamp, duration or period column (pandas reads those as integers,
+    ``float`` refuses each value)."""
+    if (pd.api.types.is_datetime64_any_dtype(col) or pd.api.types.is_timedelta64_dtype(col)
+            or isinstance(col.dtype, pd.PeriodDtype | pd.IntervalDtype)):
         raise DataError(f"dense feature {name!r} holds {col.dtype} values, not numbers: "
                         "convert them in the data (e.g. to epoch seconds or days)")  # fmt: skip
     if pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col):
