@@ -1405,16 +1405,16 @@ async def _score(
             cands.items.fill(data.item_features, read_at + s.item_cache_ttl_s)
         except REDIS_ERRORS as exc:
             wrong = data_error(exc)
-            held = (state.read_failures if wrong is None else state.wrong_keys).ready()
-            if held is None:
+            due = (state.read_failures if wrong is None else state.wrong_keys).ready()
+            if due is None:
                 pass  # one line per period while failures last: counted below
             elif wrong is not None:  # not the store down: a key to fix (degraded all the same)
                 log.error("a key read for user %r (profile, sequence, or a candidate's "
                           "features) holds another type, degraded response: %s%s",
-                          req.user_id[:100], wrong, held_note(held))  # fmt: skip
+                          req.user_id[:100], wrong, held_note(due))  # fmt: skip
             else:
                 log.warning("redis fetch failed, degraded response: %s: %s%s",
-                            type(exc).__name__, str(exc)[:300], held_note(held))  # fmt: skip
+                            type(exc).__name__, str(exc)[:300], held_note(due))  # fmt: skip
             m.ERRORS.labels("redis" if wrong is None else "redis_data").inc()
             m.DEGRADED.inc()
             degraded = True  # data stays empty

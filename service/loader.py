@@ -795,12 +795,18 @@ def _load(
     except orjson.JSONDecodeError:
         before = None
     replaced = before if other_data(before, now) else None
+    if replaced is None and isinstance(before, dict) and before.get("complete") is False:
+        # this data's own load cut short, which was replacing another data set: that set
+        # may still hold item hashes (they go at the end), and the warning is due again
+        held = before.get("replacing")
+        replaced = held if isinstance(held, dict) else None
     users = list(user_records(config, frame))
     # from the first write the database holds part of this data: said (a service warns)
     # until the end, as a load cut short leaves users of two data sets under the first
-    # one's name (not before: a load stopped while it builds its records wrote nothing)
+    # one's name (not before: a load stopped while it builds its records wrote nothing);
+    # with the data set it replaces, for a retry of a load cut short
     phase["at"] = "writing"
-    client.set(DATA_KEY, orjson.dumps({**now, "complete": False}))
+    client.set(DATA_KEY, orjson.dumps({**now, "complete": False, "replacing": replaced}))
     calls: list[list[Any]] = []
     for i, (uid, profile, events) in enumerate(tqdm(users, desc="users", disable=not progress)):
         # the user's event IDs go too: kept, a retry of an event the replaced list held

@@ -14,6 +14,8 @@ from ctr.bundle import Bundle, random_inputs
 
 FP16_TOLERANCE = 1e-3  # max |p_fp16 - p_fp32| over the probe feeds
 FP16_MAX = 65504.0  # the largest finite fp16: a dense input past it is inf in the graph
+# what a log1p feature is fed at most: log1p(max(v, 0)) of the largest float32
+LOG1P_MAX = float(np.log1p(np.float32(np.finfo(np.float32).max)))
 
 
 class PrecisionError(RuntimeError):
@@ -61,11 +63,14 @@ def dense_problem(bundle: Bundle) -> str | None:
     ``dense_range``: a value past :data:`FP16_MAX` is then inf, and the clamp keeps it
     only within a bound that fp16 holds. A dense feature without a bound
     (``train.clip_dense: false``, or a bundle exported before the bounds) takes any
-    value a request or the store sends."""
+    value a request or the store sends, unless it is a ``log1p`` feature (fed as
+    ``log1p(max(v, 0))``: at most :data:`LOG1P_MAX`, about 88.7)."""
     ranges = bundle.manifest.get("dense_range") or {}
     c = bundle.config
     for f in (*c.user_dense, *c.item_dense):
         bound = ranges.get(f.name)
+        if bound is None and f.log1p:
+            continue  # fed as log1p(max(v, 0)): within [0, LOG1P_MAX] whatever is sent
         if bound is None:
             return (f"dense feature {f.name!r} has no bound in the manifest's dense_range "
                     "(train.clip_dense: false, or an older export): a value past "
@@ -83,12 +88,18 @@ def range_feeds(bundle: Bundle, users: int, n: int, seed: int) -> dict[str, np.n
     edges are where fp16 loses the most: its step at 60,000 is 32)."""
     feeds = probe_feeds(bundle, users, n, seed)
     rng = np.random.default_rng(seed + 1)
+    c = bundle.config
     for side, name in (("user", "user_dense"), ("item", "item_dense")):
-        bounds = bundle.dense_bounds.get(side)
-        if bounds is None or name not in feeds or feeds[name].shape[1] == 0:
+        feats = c.user_dense if side == "user" else c.item_dense
+        if name not in feeds or not feats:
             continue
-        lo = np.where(np.isfinite(bounds.lo), bounds.lo, -1.0).astype(np.float32)
-        hi = np.where(np.isfinite(bounds.hi), bounds.hi, 1.0).astype(np.float32)
+        bounds = bundle.dense_bounds.get(side)
+        inf = np.full(len(feats), np.inf, np.float32)
+        lo, hi = (-inf, inf) if bounds is None else (bounds.lo, bounds.hi)
+        # a log1p feature without a bound: what it can be fed, [0, LOG1P_MAX]
+        logged = np.array([f.log1p for f in feats])
+        lo = np.where(np.isfinite(lo), lo, np.where(logged, 0.0, -1.0)).astype(np.float32)
+        hi = np.where(np.isfinite(hi), hi, np.where(logged, LOG1P_MAX, 1.0)).astype(np.float32)
         rows = feeds[name].shape[0]
         values = (lo + (hi - lo) * rng.random((rows, lo.size))).astype(np.float32)
         third = max(1, rows // 3)

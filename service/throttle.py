@@ -1,37 +1,54 @@
 """Log lines for events that repeat on every request while a fault lasts (Redis down):
-one line per period, saying how many were held back, so that an outage does not
-write a line per request, synchronously, on the event loop. The metrics count every
-event (``ctr_errors_total``)."""
+one line per period, saying how many were held back since the line before, so that an
+outage does not write a line per request, synchronously, on the event loop. The
+metrics count every event (``ctr_errors_total``)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
-PERIOD_S = 10.0  # the least time between two lines of one kind
+PERIOD_S = 10.0  # the least time between two lines of one kind, within a burst
+
+
+@dataclass(frozen=True)
+class Due:
+    """A line to write: ``held`` events like it were not logged in the ``since_s``
+    seconds since the line before (0 and inf for the first line of all)."""
+
+    held: int
+    since_s: float
 
 
 class Throttle:
-    """Whether to log an event now: the first at once, then at most one per
-    ``period_s``; :meth:`ready` returns how many were held back since the last line
-    (None: hold this one back too)."""
+    """Whether to log an event now: the first of a burst at once (the first of all, or
+    one after a quiet ``period_s`` without any), then at most one per ``period_s``;
+    :meth:`ready` returns a :class:`Due` (None: hold this one back)."""
 
     def __init__(self, period_s: float = PERIOD_S, clock: Callable[[], float] = time.monotonic):
         self.period_s = period_s
         self.clock = clock
-        self._next = float("-inf")
+        self._next = float("-inf")  # the next line's earliest time, within a burst
+        self._last_line = float("-inf")
+        self._last_event = float("-inf")
         self._held = 0
 
-    def ready(self) -> int | None:
+    def ready(self) -> Due | None:
         now = self.clock()
-        if now < self._next:
+        quiet = now - self._last_event > self.period_s  # a new burst begins
+        self._last_event = now
+        if now < self._next and not quiet:
             self._held += 1
             return None
-        held, self._held = self._held, 0
-        self._next = now + self.period_s
-        return held
+        due = Due(self._held, now - self._last_line)
+        self._held, self._next, self._last_line = 0, now + self.period_s, now
+        return due
 
 
-def held_note(held: int) -> str:
-    """The suffix a throttled line carries: how many like it were not logged."""
-    return f" ({held} more like it in the last {PERIOD_S:g} s not logged)" if held else ""
+def held_note(due: Due) -> str:
+    """The suffix a throttled line carries: how many like it were not logged since the
+    line before, and how long ago that was."""
+    if not due.held:
+        return ""
+    return f" ({due.held} more like it not logged in the {due.since_s:.0f} s since the last line)"

@@ -69,8 +69,11 @@ PREFIX = b"{u:"
 PROBE_PREFIX = PREFIX + b"}:probe:"  # + the tracking connection's client ID, random bits
 PING_S = 1.0  # heartbeat (probe) interval
 # a drain that read this much, or a quarter of the socket's receive buffer where that is
-# less, may have found the buffer full: Redis may hold more invalidations behind it
+# less, may have found the buffer full: Redis may hold more invalidations behind it. A
+# unix socket is full far sooner than its SO_RCVBUF says (about 20 KB of invalidation
+# messages: the sender's buffer, counted per message with overhead)
 BEHIND_BYTES = 48 * 1024
+BEHIND_BYTES_UNIX = 8 * 1024
 DEAD_S = 3.0  # a probe not back this long after it was written: the connection is lost
 PROBE_TTL_MS = 60_000  # a probe key outlives its worker by at most this
 RETRY_MAX_S = 2.0  # reconnect backoff ceiling
@@ -146,6 +149,7 @@ class UserTracker:
         self._behind: bytes | None = None
         self._catch_ups = 0
         self._rcvbuf = 0  # the tracking socket's receive buffer (SO_RCVBUF), at connect
+        self._behind_bytes = BEHIND_BYTES  # what one drain reads from a full socket, at least
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -352,6 +356,10 @@ class UserTracker:
         self._probe_sock, self._probe_reader = probe, probe_reader
         self._behind = None
         self._rcvbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        self._behind_bytes = (
+            BEHIND_BYTES_UNIX if sock.family == socket.AF_UNIX
+            else min(BEHIND_BYTES, self._rcvbuf // 4 or BEHIND_BYTES)
+        )  # fmt: skip
         self.client_id = int(cid)
         self.field_ttl = field_ttl
         if self.drain_s <= 0:
@@ -374,7 +382,7 @@ class UserTracker:
         except Exception as exc:  # a protocol error: start over on a new connection
             self._lost(exc)
             return
-        if read >= min(BEHIND_BYTES, self._rcvbuf // 4 or BEHIND_BYTES):
+        if read >= self._behind_bytes:
             self._catch_up()
 
     def _catch_up(self) -> None:

@@ -331,3 +331,41 @@ def test_a_load_cut_short_leaves_its_data_set_marked_incomplete(
     with pytest.raises(Stop):
         load_into_redis(other, frame, rp.url, progress=False)
     assert r.get(DATA_KEY) == own
+
+
+def test_retry_of_an_interrupted_load_still_drops_the_old_data_sets_item_hashes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A load of another data set cut short before it dropped the old set's item
+    hashes: its retry read the incomplete record as its own data, replaced nothing and
+    said nothing, and the old set's features stayed for good. The incomplete record
+    carries the set it was replacing."""
+    import service.loader as loader
+    from tests.helpers import small_config
+    from training.data import load_frame
+
+    proc = RedisProcess().start()
+    try:
+        url, client = proc.url, proc.client()
+        a = small_config("din", n_users=40)
+        load_into_redis(a, load_frame(a), url, progress=False)
+        client.hset(item_key("brand"), "i1", "b1")  # data set A's feature B lacks
+        b = small_config("din", n_users=40, seed=8)  # another data set
+        frame_b = load_frame(b)
+        real = loader._replace_items
+
+        def cut(*args: object, **kw: object) -> None:
+            raise KeyboardInterrupt  # Ctrl-C while the item hashes are written
+
+        monkeypatch.setattr(loader, "_replace_items", cut)
+        with pytest.raises(KeyboardInterrupt):
+            load_into_redis(b, frame_b, url, progress=False)
+        monkeypatch.setattr(loader, "_replace_items", real)
+        out = load_into_redis(b, frame_b, url, progress=False)  # the retry completes
+        assert not client.exists(item_key("brand")), (
+            f"A's ctr:item:brand kept after B's load completed (replaced={out['replaced']})")
+        assert out["replaced"] is not None and "'seed': 8" in out["replaced_differs"]
+        again = load_into_redis(b, frame_b, url, progress=False)  # complete: nothing due
+        assert again["replaced"] is None
+    finally:
+        proc.stop()

@@ -184,14 +184,39 @@ def test_an_outage_logs_one_line_per_period(
         for k in range(5):
             r = c.post("/v1/score", json=body(built), headers={"X-Request-ID": f"out-{k}"})
             assert r.status_code == 200 and r.json()["degraded"] is True
-        now[0] += 10.0  # the period over: the next failure is logged, with the count
+        now[0] += 10.0  # the period over (the failures go on): logged, with the count
         assert c.post("/v1/score", json=body(built)).json()["degraded"] is True
     logged = [x for x in caplog.records if "redis fetch failed" in x.getMessage()]
     assert [x.request_id for x in logged][:1] == ["out-0"]  # type: ignore[attr-defined]
     assert len(logged) == 2, [x.getMessage() for x in logged]
-    assert "(4 more like it in the last 10 s not logged)" in logged[1].getMessage()
+    assert "(4 more like it not logged in the 10 s since the last line)" in logged[1].getMessage()
     assert "more like it" not in logged[0].getMessage()
     assert errors() == before + 6  # every failure counted
+
+
+def test_the_throttle_counts_what_it_held_back_since_its_last_line() -> None:
+    """Its note said "in the last 10 s" of failures held back an hour before; and a
+    new outage after a quiet spell waited for the period of the last one to pass."""
+    from service.throttle import Throttle, held_note
+
+    now = [0.0]
+    th = Throttle(clock=lambda: now[0])
+    first = th.ready()
+    assert first is not None and held_note(first) == ""  # the first line of all
+    for _ in range(5):  # the rest of the outage, a second apart: held back
+        now[0] += 1
+        assert th.ready() is None
+    now[0] = 3600.0  # an hour later, a new outage: its first failure logged at once
+    due = th.ready()
+    assert due is not None and due.held == 5
+    assert held_note(due) == " (5 more like it not logged in the 3600 s since the last line)"
+    now[0] += 3  # the next failure of this outage: held back
+    assert th.ready() is None
+    now[0] += 4  # 7 s after a line, though after 4 quiet seconds: still held
+    assert th.ready() is None
+    now[0] += 3.5  # past the period: logged, counting the two
+    due = th.ready()
+    assert due is not None and (due.held, due.since_s) == (2, 10.5)
 
 
 @pytest.mark.parametrize("wrap", list(WRAPS))

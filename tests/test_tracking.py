@@ -13,8 +13,10 @@ import contextlib
 import logging
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -855,3 +857,49 @@ def test_requests_that_come_in_together_hand_their_calls_off(
         assert all(r.json()["items"] == first["items"] for r in replies)
         assert metric(c, tracked) == hits + 5  # no read for any of them
         assert metric(c, inline) == runs + 1  # and none ran inline
+
+
+def test_a_full_unix_socket_starts_a_catch_up_too(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """unix:// is supported. A unix stream socket is 'full' at ~20 KB of small
+    invalidation messages (its capacity is the sending side's SO_SNDBUF counted in skb
+    truesize, not the reader's SO_RCVBUF/4 = 52 KB). With Redis busy for a moment (a
+    script, a slow command: it does not refill the socket during the drain), the drain
+    reads < BEHIND_BYTES, no catch-up starts, and u1's rows read before its
+    acknowledged write are trusted while its invalidation is still queued in Redis."""
+    monkeypatch.setattr(tracking, "PING_S", 30.0)
+    sock_path = tmp_path / "r.sock"
+    proc = RedisProcess(None, "--unixsocket", str(sock_path), "--unixsocketperm", "700").start()
+    try:
+        url = f"unix://{sock_path}?db=0"
+        writer = proc.client()
+
+        async def main() -> None:
+            t = UserTracker(url, 2.0, drain_s=10.0)
+            t.start()
+            try:
+                assert await t.wait_live(5)
+                s0 = t.stamp()
+                # the worker's loop is stalled (nothing awaited) while others write
+                for k in range(2000):
+                    writer.set(user_key(f"o{k}", "profile"), 1)
+                writer.rpush(user_key("u1", "seq"), b"{}")  # acknowledged to its writer
+                held = [c for c in writer.client_list() if c.get("name") == "ctr-tracking"]
+                assert int(held[0]["omem"]) > 0  # Redis holds invalidations back
+                # Redis busy (another client's script) while the request drains
+                busy = threading.Thread(target=lambda: proc.client().execute_command(
+                    "DEBUG", "SLEEP", "0.3"), daemon=True)
+                busy.start()
+                time.sleep(0.05)
+                t.poll()  # what the request for u1 does first
+                busy.join()
+                assert not t.valid("u1", s0), (
+                    "u1's rows trusted with its acknowledged write's invalidation still "
+                    f"queued in Redis (threshold {t._behind_bytes}, behind={t._behind})")
+            finally:
+                await t.aclose()
+
+        asyncio.run(main())
+    finally:
+        proc.stop()
