@@ -580,8 +580,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.impressions.start()
         if state.bus is not None:
             state.bus.start()
-        if settings.protect_scoring and settings.api_key is None:
-            log.warning("CTR_PROTECT_SCORING has no effect: CTR_API_KEY is not set")
         if settings.api_key is None and not _loopback(settings.host):
             log.warning("CTR_API_KEY is not set and the service binds %s: anyone who reaches "
                         "it can append to any user's history (POST /v1/events) and read it "
@@ -1205,6 +1203,12 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
     async def models(request: Request) -> Response:
         model = state.require_model()
         c = model.bundle.config
+        holder = _key_holder(state, request.headers.get)
+
+        def note(text: str | None) -> str | None:
+            """A note's text (a library's path, a compiler's output) to key holders."""
+            return (text if holder else HIDDEN_ERROR) if text else None
+
         body = {
             "name": model.name,
             "version": model.version,
@@ -1212,14 +1216,14 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             "runner": model.runner.kind,
             "single_thread_max_candidates": model.single_thread_max,
             "precision": model.precision,
-            "precision_note": model.precision_note or None,
+            "precision_note": note(model.precision_note),
             "graph": model.graph,
-            "graph_note": model.graph_note or None,
+            "graph_note": note(model.graph_note),
             "graph_ops": model.graph_ops,
             "micro_batching": model.batcher is not None,
             "redis_data": model.redis_data,
             "native_runner": model.native is not None,
-            "native_runner_note": model.native_note or None,
+            "native_runner_note": note(model.native_note),
             # larger calls at once on its one-thread session (1: one at a time)
             "native_parallel_calls": model.native.parallel if model.native is not None else 0,
             # one copy of the large initializers, read by every session of the model
@@ -1227,7 +1231,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
                 "count": len(model.shared_weights),
                 "bytes": sum(w.array.nbytes for w in model.shared_weights),
                 "native": model.native.shared_weights if model.native is not None else 0,
-                "note": model.shared_note or None,
+                "note": note(model.shared_note),
             },
             "json_encoder": "native" if state.codec is not None else "orjson",
             "gpu_copy": copy_info(model.runner),

@@ -410,6 +410,42 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _protection_needs_a_key(self) -> Settings:
+        # asked for, and silently off: a secret file mounted empty left scoring, explain
+        # (any user's history) and events open to anyone, with one warning in the log
+        if self.protect_scoring and self.api_key is None:
+            raise ValueError(
+                "CTR_PROTECT_SCORING=true needs CTR_API_KEY (unset, empty or blank here: "
+                "scoring, explain and events would be open to anyone)"
+            )
+        return self
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _listed_origins(cls, v: str) -> str:
+        # origins are compared as listed: "*" is no wildcard here (Starlette's CORS answer
+        # read it as one on the GET routes while the service refused it), and "null" is
+        # every sandboxed or file:// page
+        for origin in (o.strip() for o in v.split(",")):
+            if origin in ("*", "null"):
+                raise ValueError(f"{origin!r} is not an origin to allow: list each page's "
+                                 "scheme://host[:port]")  # fmt: skip
+        return v
+
+    @field_validator("model_name")
+    @classmethod
+    def _model_name(cls, v: str) -> str:
+        # a folder name under CTR_MODELS_DIR, as ctr export names one: "../x" loaded a
+        # bundle from outside the model store
+        import re
+
+        from ctr.spec import MODEL_NAME_PATTERN
+
+        if len(v) > 100 or re.fullmatch(MODEL_NAME_PATTERN, v) is None:
+            raise ValueError("must be a model name: letters, digits, _ . - (not first), no path")
+        return v
+
+    @model_validator(mode="after")
     def _body_buffer(self) -> Settings:
         # under the size limit, a body that can never be admitted was a 503 to retry for good
         if self.max_body_buffer_bytes < self.max_body_bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -843,6 +844,42 @@ def test_the_native_runner_note_says_why_not_when_turned_off(tmp_path: Any) -> N
         models = c.get("/v1/models").json()
         assert models["native_runner"] is False or models["native_runner"] is None
         assert models["native_runner_note"] == "CTR_NATIVE_RUNNER=false"
+
+
+def test_notes_with_paths_are_for_key_holders(tmp_path: Any) -> None:
+    """/v1/models showed its notes (a custom-op library's path, a compiler's output)
+    to anyone, where model_error and fallback.error are hidden from callers without
+    the key."""
+    for c in serve(tmp_path, native_runner=False, api_key="k"):
+        hidden = c.get("/v1/models").json()
+        assert hidden["native_runner_note"] == "hidden: send X-API-Key to read it"
+        shown = c.get("/v1/models", headers={"X-API-Key": "k"}).json()
+        assert shown["native_runner_note"] == "CTR_NATIVE_RUNNER=false"
+        assert shown["graph_note"] is None and hidden["graph_note"] is None  # none: null
+
+
+@pytest.mark.parametrize(
+    ("settings", "says"),
+    [
+        ({"protect_scoring": True}, "CTR_PROTECT_SCORING=true needs CTR_API_KEY"),
+        ({"protect_scoring": True, "api_key": " \n"}, "CTR_PROTECT_SCORING=true needs"),
+        ({"allowed_origins": "*"}, "'*' is not an origin to allow"),
+        ({"allowed_origins": "https://a.example, null"}, "'null' is not an origin"),
+        ({"model_name": "../../outside/evil"}, "must be a model name"),
+        ({"model_name": "din/1"}, "must be a model name"),
+    ],
+)
+def test_settings_that_would_open_or_escape_are_refused(settings: dict, says: str) -> None:
+    """A blank key with CTR_PROTECT_SCORING left scoring, explain and events open (one
+    warning); "*" in CTR_ALLOWED_ORIGINS was a wildcard to the GET routes' CORS answer
+    and nothing to the service's own check; a model name with a path loaded a bundle
+    from outside the store. Each refused at start, naming the setting."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    with pytest.raises(ValidationError, match=re.escape(says)):
+        Settings(**settings)
 
 
 # ---- session 38 (security review): requests web pages send are refused ------------------
