@@ -276,7 +276,7 @@ def serve_settings(args: argparse.Namespace, settings: Any) -> Any:
 
     given = {k: v for k in ("host", "port", "workers") if (v := getattr(args, k)) is not None}
     try:
-        return settings(**given)
+        s = settings(**given)
     except ValidationError as exc:
         for err in exc.errors():  # a flag's value is named as the flag
             if err["loc"] and err["loc"][0] in given:
@@ -284,6 +284,8 @@ def serve_settings(args: argparse.Namespace, settings: Any) -> Any:
                     f"--{err['loc'][0]}: {err['msg']} (got {err['input']!r})"
                 ) from None
         raise
+    s.check_serving()  # before any worker starts: one line, status 2
+    return s
 
 
 def check_port(host: str, port: int) -> None:

@@ -465,6 +465,7 @@ def _before_handler(sig: int, first: Callable[[], None]) -> Callable[[], None]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     early_hup.take_over()  # a worker `ctr serve` spawned: its SIGHUP noted from here on
     settings = settings or Settings()
+    settings.check_serving()
     level = "DEBUG" if settings.log_level == "trace" else settings.log_level.upper()
     install_log_records()  # each record names the request it was made for
     handler = logging.StreamHandler()

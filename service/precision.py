@@ -14,8 +14,10 @@ from ctr.bundle import Bundle, random_inputs
 
 FP16_TOLERANCE = 1e-3  # max |p_fp16 - p_fp32| over the probe feeds
 FP16_MAX = 65504.0  # the largest finite fp16: a dense input past it is inf in the graph
-# what a log1p feature is fed at most: log1p(max(v, 0)) of the largest float32
-LOG1P_MAX = float(np.log1p(np.float32(np.finfo(np.float32).max)))
+# what a log1p feature is fed at most: log1p(max(v, 0)) of the largest finite value
+# a request or the store can send (a float64: ctr.encode.to_float applies log1p before
+# its float32 range check, so 1e300 is fed as 690.8)
+LOG1P_MAX = float(np.log1p(np.finfo(np.float64).max))
 
 
 class PrecisionError(RuntimeError):
@@ -64,7 +66,7 @@ def dense_problem(bundle: Bundle) -> str | None:
     only within a bound that fp16 holds. A dense feature without a bound
     (``train.clip_dense: false``, or a bundle exported before the bounds) takes any
     value a request or the store sends, unless it is a ``log1p`` feature (fed as
-    ``log1p(max(v, 0))``: at most :data:`LOG1P_MAX`, about 88.7)."""
+    ``log1p(max(v, 0))``: at most :data:`LOG1P_MAX`, about 709.8)."""
     ranges = bundle.manifest.get("dense_range") or {}
     c = bundle.config
     for f in (*c.user_dense, *c.item_dense):

@@ -409,8 +409,15 @@ class Settings(BaseSettings):
             raise ValueError(f"CTR_REDIS_URL: {exc}") from None
         return self
 
-    @model_validator(mode="after")
-    def _protection_needs_a_key(self) -> Settings:
+    def check_serving(self) -> None:
+        """Refuse (``ValueError`` naming the setting) what would serve open or from
+        outside the model store; checked where the service starts (``ctr serve``,
+        ``create_app``), not by the commands that only read Redis settings (``ctr load``,
+        ``ctr impressions``)."""
+        import re
+
+        from ctr.spec import MODEL_NAME_PATTERN
+
         # asked for, and silently off: a secret file mounted empty left scoring, explain
         # (any user's history) and events open to anyone, with one warning in the log
         if self.protect_scoring and self.api_key is None:
@@ -418,32 +425,20 @@ class Settings(BaseSettings):
                 "CTR_PROTECT_SCORING=true needs CTR_API_KEY (unset, empty or blank here: "
                 "scoring, explain and events would be open to anyone)"
             )
-        return self
-
-    @field_validator("allowed_origins")
-    @classmethod
-    def _listed_origins(cls, v: str) -> str:
-        # origins are compared as listed: "*" is no wildcard here (Starlette's CORS answer
-        # read it as one on the GET routes while the service refused it), and "null" is
-        # every sandboxed or file:// page
-        for origin in (o.strip() for o in v.split(",")):
-            if origin in ("*", "null"):
-                raise ValueError(f"{origin!r} is not an origin to allow: list each page's "
-                                 "scheme://host[:port]")  # fmt: skip
-        return v
-
-    @field_validator("model_name")
-    @classmethod
-    def _model_name(cls, v: str) -> str:
+        # origins are compared as listed (lower case, no trailing slash: as the service
+        # compares them): "*" is no wildcard here (Starlette's CORS answer read it as one
+        # on the GET routes while the service refused it), and "null" is every sandboxed
+        # or file:// page
+        for origin in self.allowed_origins.split(","):
+            if origin.strip().rstrip("/").lower() in ("*", "null"):
+                raise ValueError(f"CTR_ALLOWED_ORIGINS: {origin.strip()!r} is not an origin to "
+                                 "allow: list each page's scheme://host[:port]")  # fmt: skip
         # a folder name under CTR_MODELS_DIR, as ctr export names one: "../x" loaded a
         # bundle from outside the model store
-        import re
-
-        from ctr.spec import MODEL_NAME_PATTERN
-
-        if len(v) > 100 or re.fullmatch(MODEL_NAME_PATTERN, v) is None:
-            raise ValueError("must be a model name: letters, digits, _ . - (not first), no path")
-        return v
+        name = self.model_name
+        if len(name) > 100 or re.fullmatch(MODEL_NAME_PATTERN, name) is None:
+            raise ValueError("CTR_MODEL_NAME must be a model name: letters, digits, _ . - "
+                             "(not first), no path")  # fmt: skip
 
     @model_validator(mode="after")
     def _body_buffer(self) -> Settings:

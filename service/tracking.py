@@ -74,6 +74,7 @@ PING_S = 1.0  # heartbeat (probe) interval
 # messages: the sender's buffer, counted per message with overhead)
 BEHIND_BYTES = 48 * 1024
 BEHIND_BYTES_UNIX = 8 * 1024
+CATCH_UP_TTL_MS = 5000  # a catch-up probe key's life: its invalidation goes as it is set
 DEAD_S = 3.0  # a probe not back this long after it was written: the connection is lost
 PROBE_TTL_MS = 60_000  # a probe key outlives its worker by at most this
 RETRY_MAX_S = 2.0  # reconnect backoff ceiling
@@ -147,6 +148,7 @@ class UserTracker:
         # catching up (:meth:`_catch_up`): no kept row is trusted until the invalidation
         # of this probe key, written after a drain that found the socket full, is back
         self._behind: bytes | None = None
+        self._again = False  # a drain found the socket full while one was in flight
         self._catch_ups = 0
         self._rcvbuf = 0  # the tracking socket's receive buffer (SO_RCVBUF), at connect
         self._behind_bytes = BEHIND_BYTES  # what one drain reads from a full socket, at least
@@ -354,7 +356,7 @@ class UserTracker:
         assert sock is not None and probe is not None
         self._sock, self._reader = sock, reader
         self._probe_sock, self._probe_reader = probe, probe_reader
-        self._behind = None
+        self._behind, self._again = None, False
         self._rcvbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         self._behind_bytes = (
             BEHIND_BYTES_UNIX if sock.family == socket.AF_UNIX
@@ -395,10 +397,20 @@ class UserTracker:
         invalidation still queued takes a later number."""
         if self._probe_sock is None:
             return
+        if self._behind is not None:  # one in flight: the next goes when it is back
+            self._again = True
+            return
+        self._send_catch_up()
+
+    def _send_catch_up(self) -> None:
+        """Write a catch-up probe key (one of its own: an older one's invalidation must
+        not end this catch-up), short-lived: its invalidation is sent as it is written."""
+        assert self._probe_sock is not None
         self._catch_ups += 1
+        self._again = False
         key = self._probe_key + b":behind:%d" % self._catch_ups
         try:
-            self._probe_sock.send(encode("SET", key, 1, "PX", PROBE_TTL_MS))
+            self._probe_sock.send(encode("SET", key, 1, "PX", CATCH_UP_TTL_MS))
         except OSError as exc:
             self._lost(exc)
             return
@@ -432,6 +444,8 @@ class UserTracker:
                     self._probe_back = True
                 elif key == self._behind:  # caught up with what Redis had queued
                     self._behind = None
+                    if self._again:  # the socket was full again meanwhile: once more
+                        self._send_catch_up()
                 continue
             named += 1
             if user is not None:

@@ -865,21 +865,35 @@ def test_notes_with_paths_are_for_key_holders(tmp_path: Any) -> None:
         ({"protect_scoring": True, "api_key": " \n"}, "CTR_PROTECT_SCORING=true needs"),
         ({"allowed_origins": "*"}, "'*' is not an origin to allow"),
         ({"allowed_origins": "https://a.example, null"}, "'null' is not an origin"),
+        # as the service compares origins: lower case, no trailing slash
+        ({"allowed_origins": "*/"}, "'*/' is not an origin to allow"),
+        ({"allowed_origins": "NULL"}, "'NULL' is not an origin"),
+        ({"allowed_origins": "null/"}, "'null/' is not an origin"),
         ({"model_name": "../../outside/evil"}, "must be a model name"),
         ({"model_name": "din/1"}, "must be a model name"),
     ],
 )
-def test_settings_that_would_open_or_escape_are_refused(settings: dict, says: str) -> None:
+def test_settings_that_would_open_or_escape_are_refused(
+    settings: dict, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A blank key with CTR_PROTECT_SCORING left scoring, explain and events open (one
     warning); "*" in CTR_ALLOWED_ORIGINS was a wildcard to the GET routes' CORS answer
     and nothing to the service's own check; a model name with a path loaded a bundle
     from outside the store. Each refused at start, naming the setting."""
-    from pydantic import ValidationError
-
+    from ctr.cli import main
+    from service.app import create_app
     from service.settings import Settings
 
-    with pytest.raises(ValidationError, match=re.escape(says)):
-        Settings(**settings)
+    with pytest.raises(ValueError, match=re.escape(says)):
+        create_app(Settings(**settings))
+    env = {f"CTR_{k.upper()}": str(v) for k, v in settings.items()}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        assert main(["serve", "--port", "0"]) == 2  # refused before any worker starts
+        assert says in capsys.readouterr().err
+        # the commands that only read Redis settings are not refused by them
+        assert Settings().redis_url
 
 
 # ---- session 38 (security review): requests web pages send are refused ------------------

@@ -299,6 +299,33 @@ def test_a_full_socket_trusts_no_row_until_it_has_caught_up(
     asyncio.run(main())
 
 
+def test_catch_ups_are_one_at_a_time_and_short_lived(
+    private: RedisProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under steady traffic each full drain wrote a new catch-up key living 60 s and
+    replaced the one in flight: one SET per drain tick (50/s per idle worker, some
+    3,000 live keys each), and trust never came back while the traffic lasted. One in
+    flight now, the next written when it is back if the socket was full meanwhile; each
+    key lives 5 s."""
+    monkeypatch.setattr(tracking, "PING_S", 30.0)
+    probe = private.client()
+
+    async def main() -> None:
+        async with running(private.url, 2.0, drain_s=10.0) as t:
+            t._catch_up()  # a full drain
+            first = t._behind
+            assert first is not None and t._catch_ups == 1
+            assert 0 < probe.pttl(first) <= tracking.CATCH_UP_TTL_MS
+            t._catch_up()  # full again before the first came back: noted, not sent
+            assert t._behind == first and t._catch_ups == 1 and t._again
+            await applied(t, lambda: t._behind != first)  # back: the second goes now
+            assert t._behind is not None and t._catch_ups == 2 and not t._again
+            await applied(t, lambda: t._behind is None)  # and it comes back in turn
+            assert t._catch_ups == 2 and t.live
+
+    asyncio.run(main())
+
+
 def test_reconnects_back_off_when_each_connection_dies_young(private: RedisProcess) -> None:
     """A connection killed soon after each set-up is not taken up again at every tick:
     the waits double (50 ms, 100 ms, ...), so a kill loop costs a few reconnects, not one

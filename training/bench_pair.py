@@ -56,10 +56,11 @@ SERVED = (
 )
 
 
-def served(url: str) -> dict[str, Any]:
+def served(url: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     """What a side serves, from its ``/v1/models``: the settings' visible effects
-    (:data:`SERVED`) and the ``worker_pid`` that answered."""
-    return served_model(url, (*SERVED, "worker_pid"))
+    (:data:`SERVED`) and the ``worker_pid`` that answered (``env``: the side's, for
+    its key)."""
+    return served_model(url, (*SERVED, "worker_pid"), env)
 
 
 def void_window(r: dict[str, Any], counts: dict[str, Any]) -> str | None:
@@ -220,12 +221,15 @@ def run(
             # ``b_first``: B's service starts first (session 32 saw the side started
             # second come out dearer in some runs; the flag checks it)
             sides = list(zip(envs, ports, roots, strict=True))
+            side_envs: list[dict[str, str]] = []
             for extra, port, root in reversed(sides) if b_first else sides:
                 env = service_env(where, config.name, redis_url, threads, inflight, extra)
                 procs.append(_start_service(env, port, root))
+                side_envs.append(env)
             if b_first:
                 procs.reverse()  # procs[0] is A's
-            what = [served(url) for _, url in procs]
+                side_envs.reverse()
+            what = [served(url, env) for (_, url), env in zip(procs, side_envs, strict=True)]
             with OtherWrites(redis_url, other_writes, keep, pipelined) as others:
                 for _, url in procs:  # warm: caches, the graph's size range, the connections
                     run_loop(_closed_loop(url, bodies, concurrency, 1.0))

@@ -643,10 +643,15 @@ SERVED_KEYS = ("graph", "graph_note", "runner", "provider", "precision",
                "single_thread_max_candidates", "user_tracking")  # fmt: skip
 
 
-def served_model(url: str, keys: tuple[str, ...] = SERVED_KEYS) -> dict[str, Any]:
+def served_model(
+    url: str, keys: tuple[str, ...] = SERVED_KEYS, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """What the running service serves (``/v1/models``): by default graph, runner,
-    precision."""
-    body = httpx.get(url + "/v1/models", timeout=10).json()
+    precision. With the service's key (``env``'s ``CTR_API_KEY``, else this process's),
+    so that its notes read as they are, not hidden."""
+    key = (os.environ if env is None else env).get("CTR_API_KEY", "").strip()
+    headers = {"X-API-Key": key} if key else {}
+    body = httpx.get(url + "/v1/models", timeout=10, headers=headers).json()
     return {k: body.get(k) for k in keys}
 
 
@@ -890,7 +895,8 @@ def run(
             base = load_baseline(svc_env)
             proc, url = _start_service(svc_env, port)
             try:
-                graphs = {"service": served_model(url), "model_only": base.describe()}
+                graphs = {"service": served_model(url, env=svc_env),
+                          "model_only": base.describe()}  # fmt: skip
                 plan = {"seconds": seconds, "concurrency": concurrency, "rates": rates or [],
                         "reps": REPS, "loop_cpu": _workers(results) == 1,
                         "writes": (redis_url, writes, config.max_seq_len)}  # fmt: skip
