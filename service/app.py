@@ -354,6 +354,22 @@ AFTER_WRITE = "ctr_after_write"
 WRITE_FROM = "ctr_write_from"
 
 
+# a Redis read's timer that fired this much past its time (or half the timeout, where
+# more) found the event loop busy: the reply may have come and sat unread
+LATE_TIMER_S = 0.010
+
+
+def _loop_was_late(limit: asyncio.Timeout, timeout_s: float) -> bool:
+    """Whether ``limit`` (an expired ``asyncio.timeout`` of ``timeout_s``) fired well
+    past its time: the loop was running other work then, so the timeout says nothing
+    about Redis."""
+    when = limit.when()
+    if when is None:
+        return False
+    late = asyncio.get_running_loop().time() - when
+    return late > max(LATE_TIMER_S, timeout_s / 2)
+
+
 def written(response: Response) -> None:
     """``response`` reached the client: the ``write`` stage of a scored one (from its
     body built to its bytes handed to the socket: the deadline check, the access-log
@@ -1392,11 +1408,12 @@ async def _score(
             rows = model.users.trusted(req.user_id, context, tracker)
     if rows is None:
         stamp = tracker.stamp() if tracker is not None else None  # before the read is sent
+        limit = asyncio.timeout(s.redis_timeout_ms / 1000)
         try:
             assert state.reader is not None
             read_at = time.monotonic()
             try:
-                async with asyncio.timeout(s.redis_timeout_ms / 1000):
+                async with limit:
                     data = await fetch(state.reader, req.user_id, bundle.config.max_seq_len,
                                        lookups, stamp is not None,
                                        model.profile_fields if tracker and tracker.field_ttl
@@ -1409,6 +1426,14 @@ async def _score(
             # rows encoded from these values expire with them (TTL 0: no row is kept)
             cands.items.fill(data.item_features, read_at + s.item_cache_ttl_s)
         except REDIS_ERRORS as exc:
+            if isinstance(exc, TimeoutError) and _loop_was_late(limit, s.redis_timeout_ms / 1000):
+                # the timer ran late: the event loop was busy with other requests (a
+                # burst past what the worker serves), not waiting on Redis, whose reply
+                # may have sat unread. Shed, retryable, rather than answer without the
+                # user's history and blame Redis
+                raise Overloaded(
+                    "the worker was too busy to take Redis's reply in time", None
+                ) from exc
             wrong = data_error(exc)
             due = (state.read_failures if wrong is None else state.wrong_keys).ready()
             if due is None:
