@@ -678,8 +678,12 @@ def cmd_impressions(args: argparse.Namespace) -> int:
     item_key = args.item_key or served_item_key(config, where, models_dir)
     # what the service keeps of a history (CTR_SEQUENCE_KEEP, 0: the model's L): a
     # history that long may have lost a click to trimming (None: not known, no check)
+    # the model's L: the smallest over the model's versions in the store, for the service
+    # trims a history to the L of the version loaded when each event came, which need
+    # not be the first logged response's (erring low only censors more, never hides a
+    # click)
     keep = (args.keep if args.keep is not None else settings.sequence_keep
-            or (config.max_seq_len if config is not None else 0)) or None  # fmt: skip
+            or smallest_history(models_dir, where, config)) or None  # fmt: skip
     seconds, micros = client.time()  # Redis's clock, once: a row scored after now - window
     now = seconds + micros / 1e6  # is pending, however long the read takes
     reader = ImpressionReader(client, stream, item_key, args.window_s, types, args.skew_s,
@@ -783,6 +787,27 @@ def served_config(client: Any, stream: str, models_dir: str) -> tuple[Any, str]:
         except (BundleError, KeyError, ValueError):
             pass
     return None, where
+
+
+def smallest_history(models_dir: str, where: str, config: Any) -> int:
+    """The smallest history length (``max_seq_len``) among the versions in
+    ``models_dir`` of the model ``where`` names (``"<name>/<version>"``), the served
+    one's (``config``) included; 0 where none is known."""
+    from ctr.bundle import MANIFEST, BundleError, list_versions, read_checked_manifest
+
+    lengths = [config.max_seq_len] if config is not None else []
+    name = where.rpartition("/")[0]
+    try:
+        versions = list_versions(models_dir, name) if name else []
+    except BundleError:
+        versions = []
+    for v in versions:
+        try:
+            manifest = read_checked_manifest(Path(models_dir) / name / str(v) / MANIFEST)
+            lengths.append(int(manifest["config"]["max_seq_len"]))
+        except (BundleError, KeyError, TypeError, ValueError):
+            continue
+    return min(lengths, default=0)
 
 
 def served_item_key(config: Any, where: str, models_dir: str) -> str:

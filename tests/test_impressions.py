@@ -795,7 +795,7 @@ def test_the_figures_are_split_by_how_each_answer_was_served() -> None:
 
 
 def test_a_row_whose_click_may_have_been_trimmed_is_censored(
-    built: Built, redis_db: Redis, capsys: pytest.CaptureFixture[str]
+    built: Built, redis_db: Redis, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     """The service keeps the newest CTR_SEQUENCE_KEEP behaviours of a user: an active
     user's click could be trimmed by the views after it, and its impression read as
@@ -834,3 +834,15 @@ def test_a_row_whose_click_may_have_been_trimmed_is_censored(
     assert (got["censored"], got["rows"], got["clicks"], got["history_keep"]) == (4, 6, 2, 3)
     got, _ = _impressions(capsys, "--models-dir", str(built.models_dir))
     assert (got["censored"], got["rows"], got["history_keep"]) == (0, 10, built.config.max_seq_len)
+    # a later version of the model with a shorter L: the service trimmed to the L of the
+    # version loaded when each event came, not the first logged response's (a click
+    # trimmed under it read as unclicked); the smallest L of the store's versions
+    store = tmp_path / "models"
+    shutil.copytree(built.models_dir, store)
+    root = store / built.config.name
+    shutil.copytree(root / "1", root / "2")
+    manifest = json.loads((root / "2" / "manifest.json").read_text())
+    manifest["config"]["max_seq_len"] = 3
+    (root / "2" / "manifest.json").write_text(json.dumps(manifest))
+    got, _ = _impressions(capsys, "--models-dir", str(store))
+    assert (got["censored"], got["rows"], got["clicks"], got["history_keep"]) == (4, 6, 2, 3)
