@@ -195,6 +195,13 @@ class TimedProtocol(HttpToolsProtocol):
                 cycle.disconnected = True
                 cycle.scope[CLIENT_GONE] = True  # type: ignore[typeddict-unknown-key]
                 cycle.message_event.set()
+                # a fast route's request (serve_direct) stops its work: it held its
+                # in-flight place, Redis read and graph call for nobody, refusing live
+                # clients meanwhile (an overload review); uvicorn's own ASGI task is
+                # left to end as uvicorn ends it
+                task = getattr(cycle, FRONT_TASK, None)
+                if task is not None and not cycle.response_started:
+                    task.cancel()
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
@@ -496,6 +503,10 @@ def _refusal(
     return b"".join(content)
 
 
+# a cycle's attribute: the serve_direct task answering it (TimedProtocol.connection_lost)
+FRONT_TASK = "ctr_front_task"
+
+
 class FrontProtocol(TimedProtocol):
     """uvicorn's httptools protocol (with :class:`TimedProtocol`'s read timeout); a fast
     route's request is served by :func:`serve_direct` (module docstring)."""
@@ -527,6 +538,7 @@ class FrontProtocol(TimedProtocol):
                     task = self.loop.create_task(coro)
                 task.add_done_callback(self.tasks.discard)
                 self.tasks.add(task)
+                setattr(cycle, FRONT_TASK, task)  # cancelled if the client goes first
                 return
         super()._start_asgi_task(cycle, app)
 
@@ -573,6 +585,11 @@ async def serve_direct(
     except asyncio.CancelledError as exc:
         if bug is not None:  # while a bug's 500 waited: as below
             await _end_as_uvicorn(cycle, exc)
+            return
+        if scope.get(CLIENT_GONE) and not cycle.response_started:
+            # the connection went (the client, or the read timeout or the parser's 400
+            # closing it): the work stopped, nothing to write
+            status = gone_status(scope)
             return
         # the end of a graceful shutdown's wait: the request is not served. The app's
         # 503 (its request ID, Retry-After: another worker takes a retry) where nothing

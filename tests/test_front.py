@@ -557,3 +557,52 @@ def test_a_cancel_during_a_handled_errors_await_is_the_shutdowns_503(
     with caplog.at_level(logging.ERROR, logger="uvicorn.error"):
         asyncio.run(main())
     assert not [r for r in caplog.records if r.name == "uvicorn.error" and r.exc_info]
+
+
+def test_a_client_gone_mid_request_stops_its_work(
+    built: Built, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that closed after sending kept its request's in-flight place, Redis
+    read and graph call to their end (the deadline): 54 of 64 places held for nobody,
+    a live client refused 503 overloaded (an overload review). Behind the front door the
+    request's task is cancelled as the connection goes: its place is free at once, the
+    request counted 499 and nothing answered."""
+    import service.app as app_module
+
+    real = app_module.fetch
+    reads: dict[str, int] = {"started": 0, "cancelled": 0}
+
+    async def slow(*a: Any, **k: Any) -> Any:
+        reads["started"] += 1
+        try:
+            await asyncio.sleep(5)  # a read that takes long: the client gives up
+        except asyncio.CancelledError:
+            reads["cancelled"] += 1
+            raise
+        return await real(*a, **k)
+
+    def count(status: str) -> float:
+        child = m.REQUEST_DURATION.labels("/v1/score", "POST", status)
+        return sum(s.value for s in child.collect()[0].samples if s.name.endswith("_count"))
+
+    app = create_app(settings_for(built, api_key="k", redis_timeout_ms=10_000,
+                                  request_timeout_ms=10_000))  # fmt: skip
+    with ServerThread(app) as server:
+        monkeypatch.setattr(app_module, "fetch", slow)
+        before = count("499")
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(post(score_body(built)))
+            end = time.monotonic() + 5
+            while reads["started"] == 0:  # the request is being served
+                assert time.monotonic() < end
+                time.sleep(0.01)
+        end = time.monotonic() + 5
+        while reads["cancelled"] == 0 or app.state.ctr.in_flight:
+            assert time.monotonic() < end, "the gone client's work went on"
+            time.sleep(0.01)
+        assert time.monotonic() - started < 3  # not its 5 s read, nor the deadline
+        wait = time.monotonic() + 5
+        while count("499") < before + 1:
+            assert time.monotonic() < wait
+            time.sleep(0.01)
