@@ -804,9 +804,11 @@ def smallest_history(models_dir: str, where: str, config: Any) -> int:
     for v in versions:
         try:
             manifest = read_checked_manifest(Path(models_dir) / name / str(v) / MANIFEST)
-            lengths.append(int(manifest["config"]["max_seq_len"]))
+            length = manifest["config"]["max_seq_len"]
         except (BundleError, KeyError, TypeError, ValueError):
             continue
+        if isinstance(length, int) and not isinstance(length, bool) and length > 0:
+            lengths.append(length)  # a broken version's (0, 1e400, text) is no length
     return min(lengths, default=0)
 
 

@@ -354,20 +354,45 @@ AFTER_WRITE = "ctr_after_write"
 WRITE_FROM = "ctr_write_from"
 
 
-# a Redis read's timer that fired this much past its time (or half the timeout, where
-# more) found the event loop busy: the reply may have come and sat unread
-LATE_TIMER_S = 0.010
+class LateTimer:
+    """Keeps a Redis read's timeout (``limit``, an entered ``asyncio.timeout``) from
+    cutting the read short on an event loop that came to it late: busy with other
+    requests' work (a burst past what the worker serves), Redis's reply may be in the
+    socket, unread. A check due just before the timeout finds the loop late (by more
+    than :data:`LATE_S`) and moves the timeout :data:`GRACE_S` on from then, up to
+    :data:`GRACES` times while the loop stays late: a reply already there is read (a
+    full answer, where the loop's lateness made a degraded one, Redis idle), and a
+    Redis that is slow still times out, at most ``GRACES * GRACE_S`` later. On time,
+    it does nothing."""
+
+    __slots__ = ("_graces", "_handle", "_limit", "_loop")
+
+    def __init__(self, limit: asyncio.Timeout) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._limit = limit
+        self._graces = GRACES
+        when = limit.when()
+        assert when is not None
+        self._handle = self._loop.call_at(when - EARLY_S, self._check)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        when = self._limit.when()
+        if when is None or now - (when - EARLY_S) <= LATE_S or not self._graces:
+            return  # on time (or out of graces): the timeout stands
+        self._graces -= 1
+        with contextlib.suppress(RuntimeError):  # expired meanwhile: nothing to move
+            self._limit.reschedule(now + GRACE_S)
+            self._handle = self._loop.call_at(now + GRACE_S - EARLY_S, self._check)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
-def _loop_was_late(limit: asyncio.Timeout, timeout_s: float) -> bool:
-    """Whether ``limit`` (an expired ``asyncio.timeout`` of ``timeout_s``) fired well
-    past its time: the loop was running other work then, so the timeout says nothing
-    about Redis."""
-    when = limit.when()
-    if when is None:
-        return False
-    late = asyncio.get_running_loop().time() - when
-    return late > max(LATE_TIMER_S, timeout_s / 2)
+GRACES = 3  # the most times a late loop moves one read's timeout on
+LATE_S = 0.005  # a check this late found the loop busy, not Redis
+GRACE_S = 0.005  # how far a late loop moves the timeout on, each time
+EARLY_S = 0.0005  # the check runs this long before the timeout would
 
 
 def written(response: Response) -> None:
@@ -1414,10 +1439,16 @@ async def _score(
             read_at = time.monotonic()
             try:
                 async with limit:
-                    data = await fetch(state.reader, req.user_id, bundle.config.max_seq_len,
-                                       lookups, stamp is not None,
-                                       model.profile_fields if tracker and tracker.field_ttl
-                                       else ())  # fmt: skip
+                    late = LateTimer(limit)
+                    try:
+                        data = await fetch(state.reader, req.user_id,
+                                           bundle.config.max_seq_len, lookups,
+                                           stamp is not None,
+                                           model.profile_fields
+                                           if tracker and tracker.field_ttl
+                                           else ())  # fmt: skip
+                    finally:
+                        late.cancel()
             finally:  # a failed read too
                 m.REDIS_READ.observe(time.monotonic() - read_at)
             t_fetched = STAGE_CLOCK()
@@ -1426,14 +1457,6 @@ async def _score(
             # rows encoded from these values expire with them (TTL 0: no row is kept)
             cands.items.fill(data.item_features, read_at + s.item_cache_ttl_s)
         except REDIS_ERRORS as exc:
-            if isinstance(exc, TimeoutError) and _loop_was_late(limit, s.redis_timeout_ms / 1000):
-                # the timer ran late: the event loop was busy with other requests (a
-                # burst past what the worker serves), not waiting on Redis, whose reply
-                # may have sat unread. Shed, retryable, rather than answer without the
-                # user's history and blame Redis
-                raise Overloaded(
-                    "the worker was too busy to take Redis's reply in time", None
-                ) from exc
             wrong = data_error(exc)
             due = (state.read_failures if wrong is None else state.wrong_keys).ready()
             if due is None:

@@ -194,15 +194,15 @@ def test_an_outage_logs_one_line_per_period(
     assert errors() == before + 6  # every failure counted
 
 
-def test_a_read_whose_timer_ran_late_is_shed_not_degraded(
+def test_a_read_whose_timer_came_late_is_given_its_reply(
     built: Built, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Past what a worker serves, its loop ran other requests' work while a Redis read
-    was out: the read's timer fired late (the reply could have sat unread), and the
-    answer came back 200 without the user's history, counted and logged as a Redis
+    was out: the read's timer came late, its reply possibly in the socket unread, and
+    the answer was a 200 without the user's history, counted and logged as a Redis
     failure, Redis idle all along (an overload review: 43 of 65 answers degraded). A
-    late timer is a 503 overloaded now, retryable; a Redis that is slow while the loop
-    is free still degrades."""
+    late loop gives the read a few ms more now, and the reply is read; a Redis that is
+    slow while the loop is free still degrades."""
     import time
 
     from prometheus_client import REGISTRY
@@ -212,7 +212,7 @@ def test_a_read_whose_timer_ran_late_is_shed_not_degraded(
     real = app_module.fetch
 
     async def loop_busy(*a: Any, **k: Any) -> Any:
-        time.sleep(0.2)  # the loop runs others' work while the read is out
+        time.sleep(0.08)  # the loop runs others' work while the read is out
         return await real(*a, **k)
 
     async def redis_slow(*a: Any, **k: Any) -> Any:
@@ -225,18 +225,56 @@ def test_a_read_whose_timer_ran_late_is_shed_not_degraded(
     items = built.frame["item_id"].astype(str).unique()[:5].tolist()
     users = built.frame["user_id"].astype(str).unique()[:2].tolist()
     with TestClient(create_app(settings_for(built, redis_timeout_ms=50))) as c:
-        before = (errors("overloaded"), errors("redis"))
+        before = errors("redis")
         monkeypatch.setattr(app_module, "fetch", loop_busy)
         r = c.post("/v1/score", json={"user_id": users[0],
                                       "candidates": [{"item_id": i} for i in items]})  # fmt: skip
-        assert r.status_code == 503 and r.json()["error"] == "overloaded", r.text
-        assert r.headers["retry-after"] == "1"
-        assert (errors("overloaded"), errors("redis")) == (before[0] + 1, before[1])
+        assert r.status_code == 200 and r.json()["degraded"] is False, r.text
+        assert r.json()["cold_start"] is False  # the user's history was read
+        assert errors("redis") == before
         monkeypatch.setattr(app_module, "fetch", redis_slow)
         r = c.post("/v1/score", json={"user_id": users[1],
                                       "candidates": [{"item_id": i} for i in items]})  # fmt: skip
         assert r.status_code == 200 and r.json()["degraded"] is True, r.text
-        assert errors("redis") == before[1] + 1
+        assert errors("redis") == before + 1
+
+
+def test_a_stalled_redis_under_load_degrades_every_answer(
+    built: Built, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis stalled with many reads out: their timers fire together, on time, and each
+    request builds its degraded answer in turn. Judged by the time each request looked
+    (not when its timer ran), the later ones read as late and were shed 503 overloaded
+    (5 to 206 in a review's bursts), no Redis error counted. Every one degrades."""
+    import httpx
+
+    import service.app as app_module
+
+    async def stalled(*a: Any, **k: Any) -> Any:
+        await asyncio.Future()  # Redis never answers
+
+    # 500 candidates: each degraded answer a millisecond or more of the loop's work
+    items = built.frame["item_id"].astype(str).unique()[:500].tolist()
+    users = [f"stall-{k}" for k in range(48)]
+    app = create_app(settings_for(built, redis_timeout_ms=50, user_tracking=False))
+    monkeypatch.setattr(app_module, "fetch", stalled)
+
+    async def main() -> list[httpx.Response]:
+        ctx = app.router.lifespan_context(app)
+        await ctx.__aenter__()
+        try:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                return await asyncio.gather(*(
+                    client.post("/v1/score", json={
+                        "user_id": u, "candidates": [{"item_id": i} for i in items]})
+                    for u in users))  # fmt: skip
+        finally:
+            await ctx.__aexit__(None, None, None)
+
+    answers = asyncio.run(main())
+    statuses = [(r.status_code, r.json().get("degraded")) for r in answers]
+    assert statuses == [(200, True)] * len(users), sorted(set(statuses))
 
 
 def test_the_throttle_counts_what_it_held_back_since_its_last_line() -> None:
