@@ -150,7 +150,6 @@ class UserTracker:
         self._behind: bytes | None = None
         self._again = False  # a drain found the socket full while one was in flight
         self._catch_ups = 0
-        self._rcvbuf = 0  # the tracking socket's receive buffer (SO_RCVBUF), at connect
         self._behind_bytes = BEHIND_BYTES  # what one drain reads from a full socket, at least
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -357,11 +356,7 @@ class UserTracker:
         self._sock, self._reader = sock, reader
         self._probe_sock, self._probe_reader = probe, probe_reader
         self._behind, self._again = None, False
-        self._rcvbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-        self._behind_bytes = (
-            BEHIND_BYTES_UNIX if sock.family == socket.AF_UNIX
-            else min(BEHIND_BYTES, self._rcvbuf // 4 or BEHIND_BYTES)
-        )  # fmt: skip
+        self._behind_bytes = behind_bytes(sock)
         self.client_id = int(cid)
         self.field_ttl = field_ttl
         if self.drain_s <= 0:
@@ -496,6 +491,16 @@ async def _open(loop: asyncio.AbstractEventLoop, kw: dict[str, Any]) -> socket.s
             sock.close()
             raise
     raise error or OSError(f"no address to connect to for {kw.get('host')}")
+
+
+def behind_bytes(sock: socket.socket) -> int:
+    """What one drain of ``sock`` reads, at least, when it finds the socket full:
+    :data:`BEHIND_BYTES`, or a quarter of its receive buffer where that is less;
+    :data:`BEHIND_BYTES_UNIX` on a unix socket."""
+    if sock.family == socket.AF_UNIX:
+        return BEHIND_BYTES_UNIX
+    quarter = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 4
+    return min(BEHIND_BYTES, quarter or BEHIND_BYTES)
 
 
 def _recv_into(sock: socket.socket, reader: Any) -> int:

@@ -273,7 +273,7 @@ def test_a_full_socket_trusts_no_row_until_it_has_caught_up(
             # a small buffer, as a freshly opened socket on a host with small tcp_rmem:
             # the flood below overflows it, and Redis queues the rest
             t._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-            t._rcvbuf = t._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            t._behind_bytes = tracking.behind_bytes(t._sock)  # as at a connect
             s0 = t.stamp()
             assert s0 is not None
             before = sample(catch_ups)
