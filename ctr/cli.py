@@ -608,13 +608,18 @@ def cmd_bench_pair(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_report(res: Any) -> str:
+    """A run's raw results as JSON, null for a figure it could not give (NaN is not
+    JSON: strict readers refuse it)."""
+    from ctr.bundle import finite
+
+    return json.dumps(finite(res), indent=2, allow_nan=False)
+
+
 def _write_report(out: Path, stem: str, res: dict, table: str) -> None:
     """``out/<stem>.json`` (the raw results) and ``out/<stem>.md`` (the printed table)."""
     out.mkdir(parents=True, exist_ok=True)
-    from ctr.bundle import finite
-
-    # null for a figure a run could not give (NaN is not JSON)
-    (out / f"{stem}.json").write_text(json.dumps(finite(res), indent=2, allow_nan=False))
+    (out / f"{stem}.json").write_text(_json_report(res))
     (out / f"{stem}.md").write_text(table + "\n")
 
 
@@ -859,11 +864,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
-        from ctr.bundle import finite
-
-        Path(args.out).with_suffix(".json").write_text(
-            json.dumps(finite(res), indent=2, allow_nan=False)
-        )
+        Path(args.out).with_suffix(".json").write_text(_json_report(res))
     return 0
 
 

@@ -44,14 +44,6 @@ def record(held: Any) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def same_data(value: dict[str, Any] | None, config: FeatureConfig) -> bool | None:
-    """True where ``value`` (:func:`record`) names the data set ``config`` reads; None
-    where there is no record."""
-    if value is None:
-        return None
-    return not differences(comparable(value), described(config))
-
-
 def comparable(value: dict[str, Any]) -> dict[str, Any]:
     """A record as :func:`described` writes one: the file by its name only."""
     held_path = value.get("path")

@@ -88,7 +88,7 @@ async def check_held_data(state: State, model: LoadedModel) -> None:
     """Read which data set Redis holds (``ctr:loaded:data``) and note it on ``model``
     (``/v1/models`` → ``redis_data``); warn where it is another than the bundle was
     trained on. Redis not answering: nothing noted (the next load reads it again)."""
-    from service.heldset import DATA_KEY, comparable, described, differences, record, same_data
+    from service.heldset import DATA_KEY, comparable, described, differences, record
 
     if state.redis is None:
         return
@@ -98,7 +98,10 @@ async def check_held_data(state: State, model: LoadedModel) -> None:
     except REDIS_ERRORS:
         return
     value = record(held)
-    same = same_data(value, model.bundle.config)
+    # what differs between the record and the bundle's data ("" where nothing does)
+    want = described(model.bundle.config)
+    differ = None if value is None else differences(comparable(value), want)
+    same = None if differ is None else not differ
     named = None if value is None else {k: value.get(k) for k in ("name", "source")}
     complete = None if value is None else value.get("complete", True) is not False
     # no paths in the answer
@@ -107,8 +110,7 @@ async def check_held_data(state: State, model: LoadedModel) -> None:
         log.warning("a ctr load of %s into Redis is running or did not complete (%s): some "
                     "users may hold another data set's rows, or none; once it has, the "
                     "next model load says so", named, DATA_KEY)  # fmt: skip
-    if same is False and value is not None:
-        differ = differences(comparable(value), described(model.bundle.config))
+    if same is False:
         log.warning("Redis holds another data set than model %s/%s was trained on (%s: %s; "
                     "%s): its users and items are scored as if they were this model's; load "
                     "the bundle's data (ctr load --bundle) or point CTR_REDIS_URL at its "

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from ctr.encode import check_item_key, parse_dense, split_sequence
 from ctr.mapping import normalize
 from ctr.spec import FeatureConfig
-from service.heldset import DATA_KEY, differences
+from service.heldset import DATA_KEY, differences, record
 from service.store import ITEM_PREFIX, event_keys, item_key, node_urls, user_key
 
 TIME = "__ctr_load_time__"  # the time order user_records sorts on
@@ -244,11 +244,8 @@ def check_bench_db(redis_url: str, force: bool = False) -> None:
 def _bench_data(raw: bytes | None) -> bool:
     """The data record (``ctr:loaded:data``) is a benchmark's own: its synthetic
     ``bench-*`` config (a database a benchmark loaded before :data:`BENCH_KEY`)."""
-    try:
-        record = orjson.loads(raw) if raw is not None else None
-    except orjson.JSONDecodeError:
-        return False
-    return isinstance(record, dict) and str(record.get("name", "")).startswith("bench-")
+    held = record(raw)
+    return held is not None and str(held.get("name", "")).startswith("bench-")
 
 
 def mark_bench_db(redis_url: str) -> None:
