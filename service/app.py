@@ -81,8 +81,8 @@ from service.schemas import (
     ReloadResponse,
     ScoreResponse,
 )
-from service.settings import Settings
-from service.state import State, origin_key
+from service.settings import Settings, origin_key
+from service.state import State
 from service.store import (
     APPENDED,
     OUTSIDE_WINDOW,
@@ -697,7 +697,7 @@ PREFLIGHT_FIELDS = {
 
 class OriginCORS(CORSMiddleware):
     """Starlette's CORS with origins compared as the service compares them
-    (:func:`~service.state.origin_key`: case, a trailing slash, a default port): a
+    (:func:`~service.settings.origin_key`: case, a trailing slash, a default port): a
     preflight from ``https://Tools.example.com:443`` was refused while the request it
     announced was served. A refused preflight answers the service's JSON error body
     naming the header (403 ``origin_not_allowed`` as the request would get, else 400

@@ -425,12 +425,12 @@ class Settings(BaseSettings):
                 "CTR_PROTECT_SCORING=true needs CTR_API_KEY (unset, empty or blank here: "
                 "scoring, explain and events would be open to anyone)"
             )
-        # origins are compared as listed (lower case, no trailing slash: as the service
-        # compares them): "*" is no wildcard here (Starlette's CORS answer read it as one
+        # origins are compared as listed (:func:`origin_key`, as the service compares
+        # them): "*" is no wildcard here (Starlette's CORS answer read it as one
         # on the GET routes while the service refused it), and "null" is every sandboxed
         # or file:// page
         for origin in self.allowed_origins.split(","):
-            if origin.strip().rstrip("/").lower() in ("*", "null"):
+            if origin_key(origin) in ("*", "null"):
                 raise ValueError(f"CTR_ALLOWED_ORIGINS: {origin.strip()!r} is not an origin to "
                                  "allow: list each page's scheme://host[:port]")  # fmt: skip
         # a folder name under CTR_MODELS_DIR, as ctr export names one: "../x" loaded a
@@ -488,3 +488,14 @@ def parse_buckets(text: str) -> list[int]:
     if not values or values[0] <= 0:
         raise ValueError(f"comma-separated positive integers expected, got {text!r}")
     return values
+
+
+def origin_key(origin: str) -> str:
+    """An origin as compared with ``CTR_ALLOWED_ORIGINS``: scheme and host in lower case
+    (browsers send them so; a listed ``https://Tools.Example.com`` is the same page), no
+    trailing slash, and no port where it is the scheme's default (browsers leave it out)."""
+    key = origin.strip().rstrip("/").lower()
+    for scheme, port in (("http://", ":80"), ("https://", ":443")):
+        if key.startswith(scheme) and key.endswith(port):
+            return key[: -len(port)]
+    return key

@@ -18,7 +18,7 @@ from service.impressions import ImpressionLog
 from service.model import LoadedModel
 from service.nativerun import NativeRunner
 from service.reloadbus import ReloadBus
-from service.settings import Settings
+from service.settings import Settings, origin_key
 from service.store import AnyRedis, EventWriter, ItemCache, Reader
 from service.throttle import Throttle
 from service.tracking import UserTracker
@@ -50,17 +50,6 @@ class GraphCalls:
         finally:
             with self._lock:
                 self.running -= 1
-
-
-def origin_key(origin: str) -> str:
-    """An origin as compared with ``CTR_ALLOWED_ORIGINS``: scheme and host in lower case
-    (browsers send them so; a listed ``https://Tools.Example.com`` is the same page), no
-    trailing slash, and no port where it is the scheme's default (browsers leave it out)."""
-    key = origin.strip().rstrip("/").lower()
-    for scheme, port in (("http://", ":80"), ("https://", ":443")):
-        if key.startswith(scheme) and key.endswith(port):
-            return key[: -len(port)]
-    return key
 
 
 class State:
