@@ -128,6 +128,10 @@ MALFORMED_BODY = "ctr.malformed_body"
 # answer was all written: uvicorn's send to a gone client is silent, so the plain
 # protocol's answer would count 200 and log its impression (:func:`_serve`)
 CLIENT_GONE = "ctr.client_gone"
+# set in a fast route's scope when it is answered through ASGI (uvicorn's own protocol,
+# ``CTR_HTTP_FRONT=false``): the task answering it, which service.front.TimedProtocol
+# cancels when the connection goes before the answer has begun (as the front's)
+SERVE_TASK = "ctr.serve_task"
 # set on an unexpected exception once its 500 has been sent
 ANSWERED = "ctr_answered"
 
@@ -227,8 +231,13 @@ def _with_id(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
 async def _timed_serve(handler: Handler, scope: Scope, receive: Receive, send: Send) -> None:
     start = time.perf_counter()
     status = 500
+    scope[SERVE_TASK] = asyncio.current_task()  # type: ignore[typeddict-unknown-key]
     try:
         status = await _serve(handler, scope, receive, send)
+    except asyncio.CancelledError:
+        if not scope.get(CLIENT_GONE):
+            raise
+        status = gone_status(scope)  # cancelled as its client went: nothing to answer
     finally:
         m.REQUEST(scope["path"], scope["method"], str(status)).observe(time.perf_counter() - start)
 
@@ -426,6 +435,8 @@ async def _serve(handler: Handler, scope: Scope, receive: Receive, send: Send) -
         if response is None:
             return gone_status(scope)  # counted, not logged as a server error
     except asyncio.CancelledError:
+        if scope.get(CLIENT_GONE):  # its connection went (TimedProtocol): work stopped
+            return gone_status(scope)
         # the end of a graceful shutdown's wait, before anything was sent: the app's
         # 503, not uvicorn's plain-text 500 (as ServingMiddleware and the front do)
         response = shutdown_response()

@@ -43,6 +43,7 @@ from service.app import (
     CLIENT_GONE,
     MALFORMED_BODY,
     READ_TIMED_OUT,
+    SERVE_TASK,
     Handler,
     ScoringApp,
     answer,
@@ -195,11 +196,11 @@ class TimedProtocol(HttpToolsProtocol):
                 cycle.disconnected = True
                 cycle.scope[CLIENT_GONE] = True  # type: ignore[typeddict-unknown-key]
                 cycle.message_event.set()
-                # a fast route's request (serve_direct) stops its work: it held its
-                # in-flight place, Redis read and graph call for nobody, refusing live
-                # clients meanwhile (an overload review); uvicorn's own ASGI task is
-                # left to end as uvicorn ends it
-                task = getattr(cycle, FRONT_TASK, None)
+                # a fast route's request (serve_direct, or through ASGI: SERVE_TASK)
+                # stops its work: it held its in-flight place, Redis read and graph
+                # call for nobody, refusing live clients meanwhile (an overload
+                # review); any other route's task is left to end as uvicorn ends it
+                task = getattr(cycle, FRONT_TASK, None) or cycle.scope.get(SERVE_TASK)
                 if task is not None and not cycle.response_started:
                     task.cancel()
         super().connection_lost(exc)

@@ -559,14 +559,16 @@ def test_a_cancel_during_a_handled_errors_await_is_the_shutdowns_503(
     assert not [r for r in caplog.records if r.name == "uvicorn.error" and r.exc_info]
 
 
+@pytest.mark.parametrize("http", [FrontProtocol, front.TimedProtocol], ids=["front", "asgi"])
 def test_a_client_gone_mid_request_stops_its_work(
-    built: Built, monkeypatch: pytest.MonkeyPatch
+    built: Built, monkeypatch: pytest.MonkeyPatch, http: Any
 ) -> None:
     """A client that closed after sending kept its request's in-flight place, Redis
     read and graph call to their end (the deadline): 54 of 64 places held for nobody,
-    a live client refused 503 overloaded (an overload review). Behind the front door the
-    request's task is cancelled as the connection goes: its place is free at once, the
-    request counted 499 and nothing answered."""
+    a live client refused 503 overloaded (an overload review). Behind the front door,
+    and through ASGI behind uvicorn's own protocol (``CTR_HTTP_FRONT=false``, which
+    session 43 left running), the request's task is cancelled as the connection goes:
+    its place is free at once, the request counted 499 and nothing answered."""
     import service.app as app_module
 
     real = app_module.fetch
@@ -587,7 +589,7 @@ def test_a_client_gone_mid_request_stops_its_work(
 
     app = create_app(settings_for(built, api_key="k", redis_timeout_ms=10_000,
                                   request_timeout_ms=10_000))  # fmt: skip
-    with ServerThread(app) as server:
+    with ServerThread(app, http=http) as server:
         monkeypatch.setattr(app_module, "fetch", slow)
         before = count("499")
         started = time.monotonic()
