@@ -59,6 +59,26 @@ AnyRedis = Redis | RedisCluster
 REDIS_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 
 
+def _acquire_newest(self: ClusterNode) -> Connection:
+    """redis-py's async cluster client (8.2) follows an ASK redirect by sending
+    ``ASKING`` and then the command as two pooled calls on the target node; its pool
+    hands out the oldest free connection and takes one back at the end, so with two or
+    more free the command went out on another connection than its ``ASKING``: the target
+    answered MOVED back to the source, which answered ASK again, until ``ClusterError:
+    TTL exhausted`` (every read of a key already moved out of a slot being resharded
+    degraded; a cluster review). Taking the newest free connection gives the command the
+    one ``ASKING`` was just sent on: nothing runs between the two on the event loop
+    (``tests/test_cluster.py``). It also keeps the fewest connections warm."""
+    free = self._free
+    if free:
+        return free.pop()
+    return _acquire_oldest(self)
+
+
+_acquire_oldest = ClusterNode.acquire_connection
+ClusterNode.acquire_connection = _acquire_newest  # type: ignore[method-assign]
+
+
 def data_error(exc: BaseException) -> str | None:
     """Redis's message where ``exc`` is a reply about the data, not the store: a key of
     another type than the service writes (``WRONGTYPE``, also inside a script's error).

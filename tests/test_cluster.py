@@ -473,3 +473,58 @@ def test_a_cluster_load_follows_a_slot_that_moved_meanwhile(
     assert node_of(cluster, seq) is seen["to"]
     assert Redis.from_url(seen["to"].url).llen(seq) > 0
     assert _moved(seen["from"]) > seen["moved"]  # the old master refused it
+
+
+def test_a_read_follows_an_ask_redirect_while_its_slot_migrates(
+    built: Built, cluster: list[RedisProcess]
+) -> None:
+    """A user whose slot is being resharded, one of its keys already on the importing
+    node: redis-py 8.2's async cluster client follows the ASK redirect by sending
+    ``ASKING`` and then the read as two pooled calls on that node, whose pool hands out
+    its oldest free connection: with two or more free, the read went out on another
+    connection than its ``ASKING``, the node answered MOVED back, the source ASK again,
+    until ``TTL exhausted``: a degraded answer (a cluster review). ``service.store``
+    makes the node's pool hand out its newest free connection: the one just used."""
+    import asyncio
+
+    url = cluster_url(cluster)
+    load_into_redis(built.config, built.frame, url, progress=False, cluster=True)
+    s = Settings(
+        models_dir=str(built.models_dir), model_name=built.config.name, redis_url=url,
+        redis_cluster=True, redis_timeout_ms=2000, request_timeout_ms=5000, reload_channel="",
+    )  # fmt: skip
+    user = "u7"
+    seq = user_key(user, "seq")
+    owner = node_of(cluster, seq)
+    target = next(n for n in cluster if n is not owner)
+    body = {"user_id": user, "candidates": [{"item_id": f"i{k}"} for k in range(12)]}
+    src, dst = Redis(port=owner.port), Redis(port=target.port)
+    slot = src.cluster("keyslot", seq)
+    with TestClient(create_app(s)) as c:
+        base = c.post("/v1/score", json=body).json()
+        assert base["degraded"] is False and base["cold_start"] is False
+        redis = c.app.state.ctr.redis  # type: ignore[attr-defined]
+
+        async def warm() -> int:
+            """Several connections to the importing node, as a worker under load has."""
+            node = redis.get_node(host="127.0.0.1", port=target.port)
+            await asyncio.gather(
+                *[redis.execute_command("PING", target_nodes=node) for _ in range(4)]
+            )
+            return len(node._free)
+
+        assert c.portal.call(warm) >= 2  # type: ignore[union-attr]
+        dst.cluster("setslot", slot, "importing", src.cluster("myid"))
+        src.cluster("setslot", slot, "migrating", dst.cluster("myid"))
+        try:
+            src.migrate("127.0.0.1", target.port, seq, 0, 5000)  # the profile stays
+            got = c.post("/v1/score", json=body).json()
+            assert got["degraded"] is False and got["cold_start"] is False
+            assert got["items"] == base["items"]
+        finally:  # the migration finished: the slot's other keys moved, then owned there
+            for key in src.cluster("getkeysinslot", slot, 1000):
+                src.migrate("127.0.0.1", target.port, key, 0, 5000)
+            for n in cluster:
+                Redis(port=n.port).cluster("setslot", slot, "node", dst.cluster("myid"))
+        after = c.post("/v1/score", json=body).json()
+        assert after["degraded"] is False and after["items"] == base["items"]
