@@ -19,7 +19,7 @@ event has a fresh ``event_id``, drawn outside ``LOCUST_SEED``; ``outside_window`
 for an event type the service is set to ignore (``"ignored": true``). A
 failure's message is the answer's ``error`` and ``field`` (``HTTP 503 overloaded``), not
 its body, whose ``request_id`` differs every time, so that locust groups like failures
-into one row; a request with no answer says why (``no response: ConnectionRefusedError``,
+into one row; a request with no answer says why (``no response: ConnectionRefusedError(111, ...)``,
 a timeout). The final failure counts are written at exit to ``<csv
 prefix>_failures_final.csv`` (locust's own ``_failures.csv`` is rewritten once a second
 and can miss the last one). Cold starts
@@ -191,13 +191,35 @@ def auth_headers(env: dict[str, str] | None = None) -> dict[str, str]:
     return {"X-API-Key": key, "Authorization": f"Bearer {key}"}
 
 
+def _root_error(error: object) -> object:
+    """The OS-level cause of a connection failure: requests wraps a refused connection as
+    ``ConnectionError(MaxRetryError(... NewConnectionError(...)))``, 300+ characters whose
+    cause (``[Errno 111] Connection refused``) the report cuts off; this gives
+    ``ConnectionRefusedError(111, 'Connection refused')``. A timeout stays as it is
+    (``ReadTimeout(... read timeout=10.0)``: its own text says which limit ran out)."""
+    if not isinstance(error, BaseException) or "Timeout" in type(error).__name__:
+        return error
+    seen: set[int] = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and type(error).__module__ in ("builtins", "socket", "ssl"):
+            return error  # ConnectionRefusedError, ConnectionResetError, socket.gaierror...
+        nxt = error.__cause__ or getattr(error, "reason", None)
+        if nxt is None and error.args and isinstance(error.args[0], BaseException):
+            nxt = error.args[0]
+        if not isinstance(nxt, BaseException):
+            break
+        error = nxt
+    return error
+
+
 def http_failure(status: int, text: str, error: object = None) -> str:
     """The failure message for an answer that is not a success: ``HTTP <status>
     <error>[ <field>]`` from the service's error body (the same for every request that
     failed alike: no ``request_id``), the start of any other body, or why no answer came
     (``status`` 0: ``error``, the connection's exception)."""
     if status == 0:
-        return f"no response: {error!r}" if error is not None else "no response"
+        return f"no response: {_root_error(error)!r}" if error is not None else "no response"
     try:
         body = json.loads(text)
     except ValueError:

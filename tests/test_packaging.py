@@ -782,6 +782,13 @@ events = sum(lf.is_event(rng, cfg) for _ in range(draws))
 score = lf.build_score_request(rng, cfg)
 event = lf.build_event(rng, cfg)
 other = lf.TrafficConfig.from_env({"LOCUST_CANDIDATE_MIX": "10:1,20:3", "LOCUST_USERS_N": "5"})
+import socket, requests
+with socket.socket() as s:  # a port nothing listens on: the exception HttpUser really gets
+    s.bind(("127.0.0.1", 0)); free = s.getsockname()[1]
+try:
+    requests.post(f"http://127.0.0.1:{free}/v1/score", json={}, timeout=5)
+except requests.ConnectionError as exc:
+    real_refused = exc
 print(json.dumps({
     "users": users, "counts": counts, "cand": cand, "events": events,
     "score": score, "event": event,
@@ -802,6 +809,7 @@ print(json.dumps({
         lf.http_failure(422, json.dumps({"error": "bad_request", "field": "user_id"})),
         lf.http_failure(502, "<html>bad gateway</html>"),
         lf.http_failure(0, "", ConnectionRefusedError(111, "refused")),
+        lf.http_failure(0, "", real_refused),
     ],
     "event_failures": [
         lf.event_failure({"appended": True, "duplicate": False}),
@@ -882,11 +890,13 @@ def test_event_share_and_bodies(samples: dict) -> None:
 
 def test_failure_messages_group_alike_failures(samples: dict) -> None:
     """One message per kind of failure (no request_id), so locust groups them."""
-    same_a, same_b, field, other, refused = samples["failures"]
+    same_a, same_b, field, other, refused, real_refused = samples["failures"]
     assert same_a == same_b == "HTTP 503 overloaded"
     assert field == "HTTP 422 bad_request user_id"
     assert other == "HTTP 502: <html>bad gateway</html>"
     assert refused.startswith("no response: ConnectionRefusedError")
+    # requests' own wrapping (ConnectionError(MaxRetryError(...))) unwrapped to its cause
+    assert real_refused.startswith("no response: ConnectionRefusedError"), real_refused
     ok, dup, window, bad, ignored = samples["event_failures"]
     assert ok is None and dup.startswith("duplicate") and window.startswith("outside_window")
     assert ignored is None  # a type the service is set to ignore: it did what it was told

@@ -127,8 +127,8 @@ class DeepFM(CTRModel):
     """First order + FM second order + deep MLP over the same field embeddings.
 
     Fields: every sparse feature, every sequence field (masked mean), every dense
-    feature (a learned vector times its value). Fields narrower or wider than the
-    FM width (the widest sparse embedding) get a bias-free projection. The first order
+    feature (a learned vector times its value). Fields narrower than the FM width (the
+    widest sparse embedding, so none is wider) get a bias-free projection. The first order
     weighs every field too: a sequence field by the mean of its behaviours' weights
     (the paper's multi-valued field; ``model.deepfm_sequence_first_order``, off for runs
     trained before session 35, which had no such term).
