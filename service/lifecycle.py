@@ -16,6 +16,7 @@ from typing import Any
 
 from ctr.bundle import BundleError, list_versions, resolve_version
 from service import metrics as m
+from service.heaptrim import trim_later
 from service.model import LoadedModel, ProviderError, load_model
 from service.retry import retry_under_lock
 from service.state import State
@@ -77,11 +78,22 @@ async def load(state: State, version: str | None) -> LoadedModel:
     settle_heap(full=state.loads % FULL_SETTLE_EVERY == 0 or bool(state.replaced))
     if old is not None:
         state.replaced.append(weakref.ref(old))
+        if state.trim_task is None or state.trim_task.done():  # one pending at a time
+            state.trim_task = asyncio.get_running_loop().create_task(trim_heap(state))
+            state.tasks.add(state.trim_task)
+            state.trim_task.add_done_callback(state.tasks.discard)
     state.loads += 1
     task = asyncio.get_running_loop().create_task(check_held_data(state, model))
     state.tasks.add(task)
     task.add_done_callback(state.tasks.discard)
     return model
+
+
+async def trim_heap(state: State) -> None:
+    """The C heap's free pages back to the system a while after a swap (glibc:
+    ``service.heaptrim``); counted in ``state.heap_trims``."""
+    if await trim_later():
+        state.heap_trims += 1
 
 
 async def check_held_data(state: State, model: LoadedModel) -> None:

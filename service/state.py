@@ -99,6 +99,9 @@ class State:
         # swapped-out models' native runners, released on threads of their own
         # (lifecycle.load); shutdown waits for those releases
         self.retired: list[NativeRunner] = []
+        # the C heap's trim after a swap (service.heaptrim), and how many have run
+        self.trim_task: asyncio.Task[None] | None = None
+        self.heap_trims = 0
         # the scoring read's failures, logged once per period while they last (Redis
         # down: every request); ctr_errors_total counts each
         self.read_failures = Throttle()

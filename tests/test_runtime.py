@@ -428,6 +428,47 @@ def test_a_reload_freezes_the_new_model_and_frees_the_old_without_a_full_collect
         assert fulls == [4]  # the 5th load: loads 0 (start-up), 4, 8, ... unfreeze
 
 
+def test_a_reload_gives_the_heaps_free_pages_back(
+    bundles: dict[str, Built], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """glibc's allocator kept most of what a replaced model freed: a worker's resident
+    memory grew 25 MB over 200 reloads of one bundle (``scripts/reload_rss.py``). A
+    while after a swap its free pages go back (``malloc_trim``), on an executor thread,
+    not the event loop's; reloads within that while share one trim, and the start-up
+    load, which replaced nothing, has none."""
+    import time
+
+    from service import heaptrim
+
+    if heaptrim.MALLOC_TRIM is None:
+        pytest.skip("the C library is not glibc: nothing to trim")
+    real = heaptrim.MALLOC_TRIM
+    calls: list[str] = []
+
+    def counted(pad: int) -> int:
+        calls.append(threading.current_thread().name)
+        return real(pad)
+
+    monkeypatch.setattr(heaptrim, "MALLOC_TRIM", counted)
+    monkeypatch.setattr(heaptrim, "TRIM_DELAY_S", 3.0)
+    with _reloading(bundles["din"], monkeypatch) as (c, state, _):
+        time.sleep(0.2)
+        assert state.heap_trims == 0 and not calls  # the start-up load
+        started = time.monotonic()
+        _reload(c)
+        _reload(c)
+        quick = time.monotonic() - started < 2.5  # both inside the first one's wait
+        deadline = time.monotonic() + 15
+        while state.heap_trims < 1:
+            assert time.monotonic() < deadline, "no trim after a reload"
+            time.sleep(0.05)
+        assert calls and not calls[0].startswith("MainThread")
+        assert calls[0] != c.portal.call(lambda: threading.current_thread().name)  # type: ignore[union-attr]
+        if quick:
+            time.sleep(0.5)
+            assert state.heap_trims == len(calls) == 1
+
+
 def test_a_replaced_model_a_frozen_cycle_holds_is_freed_by_the_next_reload(
     bundles: dict[str, Built], monkeypatch: pytest.MonkeyPatch
 ) -> None:
