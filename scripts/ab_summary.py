@@ -10,9 +10,9 @@ from pathlib import Path
 def main(folder: str) -> None:
     print(
         "| variant | rep | c=1 p50 ms | loop CPU ms/req | inference ms | open loop: offered"
-        " req/s → achieved, p50 / p99 ms |"
+        " req/s → achieved, p50 / p99 ms | served (provider, runner, graph, precision, copy) |"
     )
-    print("|---|---:|---:|---:|---:|---|")
+    print("|---|---:|---:|---:|---:|---|---|")
     for path in sorted(Path(folder).glob("*.json"), key=lambda p: p.stem.split("_")[::-1]):
         variant, rep = path.stem.rsplit("_", 1)
         for r in json.loads(path.read_text())["models"].values():
@@ -35,10 +35,16 @@ def main(folder: str) -> None:
                     for o in r["open_loop"][n]
                 )
                 cpu = s.get("loop_cpu_ms")
+                # what the service really served: a variant whose setting fell back
+                # (CPU session, no graphs, standard graph, ort copies) must not pass unseen
+                sv = r.get("graphs", {}).get("service", {})
+                copy = (sv.get("gpu_copy") or {}).get("copy", "-")
+                served = ", ".join(str(sv.get(k, "?")) for k in ("provider", "runner", "graph",
+                                                                  "precision"))  # fmt: skip
                 print(
                     f"| {variant} | {rep} | {s['p50_ms']:.2f} | "
                     f"{'-' if cpu is None else f'{cpu:.2f}'} | "
-                    f"{s['stages_ms']['inference']:.2f} | {runs} |"
+                    f"{s['stages_ms']['inference']:.2f} | {runs} | {served}, {copy} |"
                 )
 
 

@@ -20,7 +20,7 @@ set -euo pipefail
 # the caller's relative paths become absolute before the cd to the repository root
 out=$(realpath -m "$1") src=$(realpath "$2") reps=${3:-3}
 MODELS=$(realpath "${MODELS:-/tmp/bundles}")
-case "${PYTHON:-}" in */*) PYTHON=$(realpath -m "$PYTHON") ;; esac  # a path: absolute too
+case "${PYTHON:-}" in */*) PYTHON=$(realpath -ms "$PYTHON") ;; esac  # a path: absolute too
 cd "$(dirname "$0")/.."
 # absolute: each variant runs from its own folder below
 if [ -n "${PYTHON:-}" ]; then py=$PYTHON
@@ -32,7 +32,7 @@ cp -r "$src/ctr" "$src/service" "$base/" && cp -r training "$base/"
 # `python -m` puts the working directory first on sys.path, so each variant runs from
 # its own folder (a PYTHONPATH entry alone would lose to this checkout)
 site=${SITE:-/tmp/site}
-gpu=(--env CTR_PROVIDER=cuda --env CTR_CUDA_GRAPH=1 --env CTR_BATCH_MAX_USERS=16
+gpu=(--env CTR_PROVIDER=cuda --env CTR_REQUIRE_GPU=1 --env CTR_CUDA_GRAPH=1 --env CTR_BATCH_MAX_USERS=16
      --env CTR_BATCH_MAX_CANDIDATES=8192 --env CTR_CUDA_GRAPH_BUCKETS=64,128,256,512,1024,2048,4096,8192
      --env CTR_PRECISION=fp16)
 [ "${AB_CPU:-0}" = 1 ] && gpu=()  # a dry run of the script on a machine without a GPU

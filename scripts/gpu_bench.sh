@@ -19,13 +19,13 @@ set -euo pipefail
 # the caller's relative paths become absolute before the cd to the repository root
 out=$(realpath -m "$1") part=${2:-a}
 MODELS=$(realpath -m "${MODELS:-/tmp/bundles}")
-case "${PYTHON:-}" in */*) PYTHON=$(realpath -m "$PYTHON") ;; esac  # a path: absolute too
+case "${PYTHON:-}" in */*) PYTHON=$(realpath -ms "$PYTHON") ;; esac  # a path: absolute too
 cd "$(dirname "$0")/.."
 if [ -n "${PYTHON:-}" ]; then py=$PYTHON
 elif [ -x .venv/bin/python ]; then py=$PWD/.venv/bin/python
 else py=python3
 fi
-gpu=(--env CTR_PROVIDER=cuda --env CTR_CUDA_GRAPH=1 --env CTR_BATCH_MAX_USERS=16
+gpu=(--env CTR_PROVIDER=cuda --env CTR_REQUIRE_GPU=1 --env CTR_CUDA_GRAPH=1 --env CTR_BATCH_MAX_USERS=16
      --env CTR_BATCH_MAX_CANDIDATES=8192 --env CTR_CUDA_GRAPH_BUCKETS=64,128,256,512,1024,2048,4096,8192)
 # one ORT intra-op thread: on the GPU the CPU provider only runs shape nodes, and more
 # pool threads only compete with the event loop (and with the other workers)
@@ -42,7 +42,7 @@ else
   run dien_fp16 --models bench-dien "${one[@]}" --rates 200,300,360,450 "${gpu[@]}" \
     --env CTR_PRECISION=fp16
   run din_fp16 --models bench-din "${one[@]}" --rates 200,360,450 "${gpu[@]}" --env CTR_PRECISION=fp16
-  run dien_nobatch --models bench-dien "${one[@]}" --rates 200,360 --env CTR_PROVIDER=cuda \
+  run dien_nobatch --models bench-dien "${one[@]}" --rates 200,360 --env CTR_PROVIDER=cuda --env CTR_REQUIRE_GPU=1 \
     --env CTR_CUDA_GRAPH=1 --env CTR_PRECISION=fp16
   run dien_workers4 --models bench-dien "${one[@]}" --rates 800,1440,2000 "${gpu[@]}" \
     --env CTR_PRECISION=fp16 --env CTR_WORKERS=4

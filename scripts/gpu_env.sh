@@ -24,4 +24,16 @@ if [ -n "$redis_dir" ] && ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then
   LD_LIBRARY_PATH="$redis_dir" "$redis_dir/redis-server" --port 6379 --save '' --appendonly no --daemonize yes
   sleep 1
 fi
-python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
+# ORT lists the CUDA provider even when its libraries do not load, and then makes CPU
+# sessions without an error: a real session must come up on CUDA, or nothing is measured
+python3 - <<'PY' || { echo "gpu_env: no working CUDA provider (see the error above)" >&2; return 1; }
+import onnxruntime as o
+from onnx import TensorProto, helper
+x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+p = o.InferenceSession(m.SerializeToString(), providers=["CUDAExecutionProvider"]).get_providers()
+print("onnxruntime", o.__version__, o.get_available_providers(), "a session runs on", p[0])
+raise SystemExit(p[0] != "CUDAExecutionProvider")
+PY

@@ -1,20 +1,19 @@
 #!/usr/bin/env bash
 # Builds the offline kit that scripts/gpu_env.sh consumes on a GPU machine with no network,
-# into the git-ignored folders .gpu1 .. .gpu4 (each under 62 MiB, one device upload each):
-#   .gpu1/part00  .gpu2/part01  .gpu3/part02     xz tarball of onnxruntime-gpu, split in 60 MiB
-#   .gpu4/part03                                 (the rest of it)
-#   .gpu4/whl/*.whl                              the service's cp312 / pure-Python wheels
-#   .gpu4/redis/redis-server + its non-glibc .so's
-#   .gpu1/kit.tar.xz.sha256                      checksum of the joined parts
-# Use: run from the repository root here (`bash scripts/gpu_kit.sh`), then upload each
-# folder with its own device call, carry: [".gpuN"], copying it out of the work tree
-# (/tmp survives between calls only while the machine stays warm):
-#   carry [".gpu1"]: mkdir -p /tmp/parts && cp .gpu1/part* /tmp/parts/
-#   carry [".gpu2"]: mkdir -p /tmp/parts && cp .gpu2/part* /tmp/parts/
-#   carry [".gpu3"]: mkdir -p /tmp/parts && cp .gpu3/part* /tmp/parts/
-#   carry [".gpu4"]: mkdir -p /tmp/parts && cp .gpu4/part* /tmp/parts/ \
-#                    && rm -rf /tmp/whl /tmp/redis && cp -r .gpu4/whl /tmp/whl && cp -r .gpu4/redis /tmp/redis
-#   then, in the same or a later call:  source scripts/gpu_env.sh /tmp/parts /tmp/whl /tmp/redis
+# into the git-ignored folders .gpu1 .. .gpuK, one device upload each. The tool sends the
+# working tree with each carried folder, 64 MiB in all, so each folder gets what the tree
+# leaves (the script prints K; with a 15 MB tree, K = 5 folders of about 47 MiB):
+#   .gpuN/partNN               the xz tarball of onnxruntime-gpu, split
+#   .gpuK/whl/*.whl            the service's cp312 / pure-Python wheels
+#   .gpuK/redis/               redis-server + its non-glibc .so's
+#   .gpu1/kit.tar.xz.sha256    checksum of the joined parts
+# Use: run from the repository root here (`bash scripts/gpu_kit.sh`), add no file to the
+# tree afterwards, then upload each folder with its own device call, back to back (/tmp
+# survives between calls only while the machine stays warm, 30 s after a call; the
+# boot_id shows a fresh machine at once):
+#   carry [".gpuN"]: cat /proc/sys/kernel/random/boot_id; mkdir -p /tmp/parts && cp .gpuN/part* /tmp/parts/ && ls /tmp/parts
+#   carry [".gpuK"]: the same, then  rm -rf /tmp/whl /tmp/redis && cp -r .gpuK/whl /tmp/whl && cp -r .gpuK/redis /tmp/redis
+#   then, in the same call:  source scripts/gpu_env.sh /tmp/parts /tmp/whl /tmp/redis || exit 1
 # Optional check there: cat /tmp/parts/part* | sha256sum  vs  .gpu1/kit.tar.xz.sha256
 # Idempotent: downloads and the xz tarball are cached in $GPU_KIT_CACHE and reused.
 set -euo pipefail
@@ -25,18 +24,31 @@ ORT=onnxruntime-gpu==1.31.1          # the CUDA 13 build (Requires-Dist nvidia-c
 # The target (Python 3.12, PyTorch 2.11+cu130 image) already has: numpy onnx onnxruntime(cpu)
 # protobuf prometheus-client pyyaml httpx h11 anyio click uvloop typing-extensions pillow
 # matplotlib psutil packaging flatbuffers sympy. The rest of the runtime closure of
-# pyproject's dependencies, pinned as in .venv:
-WHEELS=(
-  annotated-doc==0.0.7 annotated-types==0.8.0 fastapi==0.165.0 hiredis==3.5.0
-  httptools==0.9.0 idna==3.20 opentelemetry-api==1.45.2 orjson==3.13.0 pandas==3.1.1
-  pydantic==2.14.3 pydantic-core==2.50.4 pydantic-settings==2.16.3 python-dateutil==4.0.0
-  python-dotenv==1.2.4 redis==8.1.0 starlette==1.10.0 tqdm==4.70.1 typing-inspection==0.4.5
-  tzdata==2026.6 uvicorn==0.54.0 watchfiles==1.3.0 websockets==17.4
+# pyproject's dependencies, at the versions constraints.txt pins (as in .venv: the
+# device then runs what the tests ran here, e.g. the uvicorn service.front builds on):
+NAMES=(
+  annotated-doc annotated-types fastapi hiredis httptools idna opentelemetry-api orjson
+  pandas pydantic pydantic-core pydantic-settings python-dateutil python-dotenv redis
+  starlette tqdm typing-inspection tzdata uvicorn watchfiles websockets
 )
+WHEELS=()
+for name in "${NAMES[@]}"; do
+  pin=$(grep -i -E "^${name//-/[-_.]}==" constraints.txt | head -1 || true)
+  [ -n "$pin" ] || { echo "[gpu_kit] $name is not pinned in constraints.txt" >&2; exit 1; }
+  WHEELS+=("$name==${pin#*==}")
+done
 PLAT=(--only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none
       --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any)
-MAX=$((62 * 1024 * 1024))
+# The device tool sends the working tree (tracked + untracked-not-ignored files, shared/)
+# AND the carried folder in one call, 64 MiB in all: each .gpuN gets what the tree leaves
+# (minus GPU_KIT_SLACK_MIB, default 2, for files added before the calls)
+tree=$({ git ls-files -z; git ls-files -z -o --exclude-standard; } \
+       | xargs -0 -r stat -c %s -- 2>/dev/null | awk '{s += $1} END {print s + 0}')
+[ -d shared ] && tree=$((tree + $(du -sb shared | cut -f1)))
+MAX=$((64 * 1024 * 1024 - tree - ${GPU_KIT_SLACK_MIB:-2} * 1024 * 1024))
+PART=$(( (MAX / 1048576 - 1) * 1048576 ))
+[ "$PART" -ge $((8 * 1048576)) ] || { echo "[gpu_kit] the tree ($tree bytes) leaves no room" >&2; exit 1; }
 
 mkdir -p "$CACHE/ort" "$CACHE/whl"
 
@@ -61,26 +73,26 @@ if [ ! -s "$CACHE/kit.tar.xz" ] || [ "$(cat "$CACHE/kit.src" 2>/dev/null)" != "$
   rm -rf "$CACHE/unz"
 fi
 rm -rf "$CACHE/split" && mkdir "$CACHE/split"
-(cd "$CACHE/split" && split -b 60M -d "$CACHE/kit.tar.xz" part)
+(cd "$CACHE/split" && split -b "$PART" -d "$CACHE/kit.tar.xz" part)
 n=$(ls "$CACHE/split" | wc -l)
-[ "$n" -le 4 ] || { echo "[gpu_kit] $n parts: more than .gpu1-.gpu4 hold" >&2; exit 1; }
-for i in 1 2 3 4; do
+rm -rf .gpu[0-9]*
+for i in $(seq 1 "$n"); do
   mkdir -p ".gpu$i"
-  rm -f ".gpu$i"/part*
   p=$(printf 'part%02d' $((i - 1)))
-  [ -f "$CACHE/split/$p" ] && cp "$CACHE/split/$p" ".gpu$i/$p"
+  cp "$CACHE/split/$p" ".gpu$i/$p"
 done
 (cd "$CACHE" && sha256sum kit.tar.xz) > .gpu1/kit.tar.xz.sha256
 rm -rf "$CACHE/split"
 
 # b. the service's wheels
 $PY -m pip download -q --no-deps "${PLAT[@]}" -d "$CACHE/whl" "${WHEELS[@]}"
-rm -rf .gpu4/whl && mkdir -p .gpu4/whl
+last=.gpu$n
+rm -rf "$last/whl" && mkdir -p "$last/whl"
 for spec in "${WHEELS[@]}"; do
   name=${spec%%==*} ver=${spec#*==}
   f=$(ls "$CACHE"/whl/*.whl | grep -i "/${name//-/[-_.]}-${ver}-" | head -1 || true)
   [ -n "$f" ] || { echo "[gpu_kit] no wheel for $spec" >&2; exit 1; }
-  cp "$f" .gpu4/whl/
+  cp "$f" "$last/whl/"
 done
 
 # c. redis-server and the libraries it needs beyond glibc
@@ -91,17 +103,18 @@ if [ -z "$rs" ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q redis-server >/dev/null
   rs=$(command -v redis-server)
 fi
-rm -rf .gpu4/redis && mkdir -p .gpu4/redis
-cp -L "$rs" .gpu4/redis/redis-server
+rm -rf "$last/redis" && mkdir -p "$last/redis"
+cp -L "$rs" "$last/redis/redis-server"
 ldd "$rs" | awk '$2 == "=>" && $3 ~ /^\// {print $1, $3}' | while read -r soname path; do
   case $soname in
     libc.so*|libm.so*|libpthread.so*|libdl.so*|librt.so*|ld-linux*) ;;
-    *) cp -L "$path" ".gpu4/redis/$soname" ;;
+    *) cp -L "$path" "$last/redis/$soname" ;;
   esac
 done
 
-for i in 1 2 3 4; do
+for i in $(seq 1 "$n"); do
   size=$(du -sb ".gpu$i" | cut -f1)
-  [ "$size" -lt "$MAX" ] || { echo "[gpu_kit] .gpu$i is $size bytes, over 62 MiB" >&2; exit 1; }
+  [ "$size" -lt "$MAX" ] || { echo "[gpu_kit] .gpu$i is $size bytes, over the $MAX the tree leaves" >&2; exit 1; }
 done
-du -sh .gpu1 .gpu2 .gpu3 .gpu4
+echo "[gpu_kit] tree $tree bytes; $n uploads (.gpu1 .. .gpu$n, $last with whl/ and redis/), each under $MAX bytes"
+du -sh .gpu[0-9]*

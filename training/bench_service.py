@@ -640,7 +640,7 @@ def speed_check(single: dict[str, Any], mo: dict[str, Any], graphs: dict[str, An
 
 
 SERVED_KEYS = ("graph", "graph_note", "runner", "provider", "precision",
-               "single_thread_max_candidates", "user_tracking")  # fmt: skip
+               "single_thread_max_candidates", "user_tracking", "gpu_copy")  # fmt: skip
 
 
 def served_model(
