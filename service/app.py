@@ -564,6 +564,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             early_hup.pending = False
             hup["pending"] = True
         state.reader = Reader(state.redis, settings.redis_max_connections)
+        # a burst on a fresh worker finds its connections open (Redis down: none, within
+        # the connect timeout)
+        await state.reader.warm(
+            settings.redis_warm_connections, settings.redis_connect_timeout_ms / 1000
+        )
         state.write_redis = make_client(
             settings.redis_url,
             settings.redis_cluster,

@@ -50,6 +50,13 @@ class Settings(BaseSettings):
         description="connections per worker, for the scoring reads and, separately, for "
         "everything else (events, readiness)",
     )
+    redis_warm_connections: int = Field(
+        64,
+        ge=0,
+        description="scoring-read connections a worker opens at start-up (at most "
+        "CTR_REDIS_MAX_CONNECTIONS), so that a burst on a fresh worker does not open them "
+        "inside its reads' budget; 0: opened by the first requests",
+    )
     provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="ORT execution provider")
     require_gpu: bool = Field(False, description="refuse to start on a CPU fallback")
     intra_op_threads: int = Field(0, ge=0, description="ORT intra-op threads (0 = ORT default)")

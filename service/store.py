@@ -522,8 +522,41 @@ class Reader:
         self.redis = redis
         self.pool = redis.connection_pool if isinstance(redis, Redis) else None
         self.idle: list[Connection] = []
+        self.size = size
         self.slots = asyncio.Semaphore(size)
         self.closed = False
+
+    async def warm(self, count: int, timeout_s: float) -> int:
+        """Open up to ``count`` connections now (at start-up), idle for the first
+        requests: a fresh worker hit by a burst opened one per request inside its read's
+        budget (``CTR_REDIS_TIMEOUT_MS``), and some of the burst degraded (a review saw
+        up to 4 of 64, 59 of 150 with a larger in-flight limit). Those that do not open
+        within ``timeout_s`` (Redis down or slow) are left to the requests, as before.
+        The number opened; 0 on a cluster, whose client pools its own per node."""
+        if self.pool is None or self.closed:
+            return 0
+        pool = self.pool
+
+        async def one() -> Connection | None:
+            conn = pool.make_connection()
+            try:
+                await asyncio.wait_for(conn.connect(), timeout_s)
+            except REDIS_ERRORS:
+                await conn.disconnect(nowait=True)
+                return None
+            except BaseException:  # cancelled: the start-up is ending
+                await conn.disconnect(nowait=True)
+                raise
+            return conn
+
+        opened = [c for c in await asyncio.gather(*[one() for _ in range(min(count, self.size))])
+                  if c is not None]  # fmt: skip
+        if self.closed:
+            for conn in opened:
+                await conn.disconnect()
+            return 0
+        self.idle.extend(opened)
+        return len(opened)
 
     async def run(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Replies to ``commands`` (raw: bytes, lists, flat HGETALL pairs)."""

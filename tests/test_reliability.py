@@ -159,10 +159,33 @@ def test_readiness_that_requires_redis(built: Built) -> None:
         assert ready.status_code == 200 and ready.json()["degraded"] is True, ready.text
 
 
+@pytest.mark.parametrize("warm", [6, 0])
+def test_a_fresh_worker_opens_its_read_connections_at_start_up(
+    built: Built, rp: RedisProcess, warm: int
+) -> None:
+    """A burst on a fresh worker opened one connection per request inside the reads'
+    50 ms budget, and some of it degraded (0-12 of 64 at once, `scripts/burst_fresh.py`).
+    The worker opens ``CTR_REDIS_WARM_CONNECTIONS`` at start-up, which its first requests
+    use: no connection is made for them."""
+    from redis import Redis
+
+    probe = Redis.from_url(rp.url)
+    made = lambda: int(probe.info("stats")["total_connections_received"])  # noqa: E731
+    with TestClient(create_app(settings_for(built, rp.url, redis_warm_connections=warm))) as c:
+        reader = c.app.state.ctr.reader  # type: ignore[attr-defined]
+        assert len(reader.idle) == warm
+        before = made()
+        r = c.post("/v1/score", json=BODY).json()
+        assert r["degraded"] is False and r["cold_start"] is False
+        assert made() - before == (0 if warm else 1)
+        assert len(reader.idle) == max(warm, 1)
+
+
 def test_redis_down_at_start_up(built: Built) -> None:
     port = free_port()
     proc = RedisProcess(port)
     with TestClient(create_app(settings_for(built, proc.url))) as c:
+        assert len(c.app.state.ctr.reader.idle) == 0  # type: ignore[attr-defined]
         ready = c.get("/readyz").json()
         assert ready["model"] is True and ready["redis"] is False
         assert c.post("/v1/score", json=BODY).json()["degraded"] is True
