@@ -32,8 +32,12 @@ def read(path: str) -> str:
 
 
 def sample() -> dict[int, tuple[str, int, str]]:
-    out = {}
-    for tid in os.listdir(base):
+    out: dict[int, tuple[str, int, str]] = {}
+    try:
+        tids = os.listdir(base)
+    except FileNotFoundError:  # the process ended: the loop below stops
+        return out
+    for tid in tids:
         st = read(f"{base}/{tid}/stat")
         if not st:
             continue
