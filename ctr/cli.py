@@ -656,9 +656,8 @@ def cmd_impressions(args: argparse.Namespace) -> int:
     import csv
 
     from service.impression_read import Impression, ImpressionReader, OnlineEval
-    from service.loader import sync_client
     from service.settings import Settings
-    from service.store import ping, redact
+    from service.store import ping, redact, sync_client
 
     settings = Settings()
     url = args.redis_url or settings.redis_url

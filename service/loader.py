@@ -20,7 +20,6 @@ from typing import Any
 import orjson
 import pandas as pd
 from redis import Redis
-from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.exceptions import (
     AskError,
@@ -32,14 +31,13 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 from tqdm import tqdm
 
 from ctr.encode import check_item_key, parse_dense, split_sequence
 from ctr.mapping import normalize
 from ctr.spec import FeatureConfig
 from service.heldset import DATA_KEY, differences, record
-from service.store import ITEM_PREFIX, event_keys, item_key, node_urls, user_key
+from service.store import ITEM_PREFIX, event_keys, item_key, sync_client, user_key
 
 TIME = "__ctr_load_time__"  # the time order user_records sorts on
 # what the last complete load wrote (:func:`load_identity`), so that ``ctr load --once``
@@ -179,36 +177,6 @@ def unreachable(ids: Iterable[Any], max_len: int) -> tuple[int, str | None]:
             count += 1
             first = first if first is not None else str(value)
     return count, first
-
-
-def sync_client(redis_url: str, cluster: bool, timeout_s: float = 10) -> Redis | RedisCluster:
-    """A synchronous client for the command line's bulk work (``ctr load``, ``ctr
-    impressions``): a long timeout; a cluster's URL may list several nodes (the first is
-    asked for the rest). A URL whose database is no number is refused (``ValueError``),
-    as ``CTR_REDIS_URL`` is: redis-py took ``/1O`` for database 0, and a benchmark's
-    load replaced that database's item hashes.
-
-    No command is sent again after a timeout or a lost connection (the error is
-    raised): the server may have run it, and a user replaced twice loses an event
-    appended between the two (:func:`_replace_users`). redis-py's cluster client sent
-    it again up to 10 times by default; a cluster's redirections (MOVED, ASK, TRYAGAIN)
-    are still followed, as the server ran nothing then."""
-    from service.settings import check_dbs
-    from service.store import redact
-
-    once = Retry(NoBackoff(), 0)
-    if cluster:
-        client: Redis | RedisCluster = RedisCluster.from_url(
-            node_urls(redis_url)[0], socket_timeout=timeout_s, retry=once
-        )
-    else:  # Redis.from_url has no retry by default in redis-py 8 (Redis() has 10)
-        client = Redis.from_url(redis_url, socket_timeout=timeout_s, retry=once)
-    try:  # after parsing, which names a bad port first
-        check_dbs(redis_url, cluster)
-    except ValueError as exc:
-        client.close()
-        raise ValueError(f"the Redis URL {redact(redis_url)}: {exc}") from None
-    return client
 
 
 # set in a database a benchmark command loaded (``ctr bench``, ``bench-path``,

@@ -257,6 +257,41 @@ def ping(url: str, cluster: bool = False, timeout_s: float = 5.0) -> None:
         raise RedisError(f"the Redis at {redact(url)} does not answer: {exc}") from exc
 
 
+def sync_client(redis_url: str, cluster: bool, timeout_s: float = 10) -> Any:
+    """A synchronous client for the command line's bulk work (``ctr load``, ``ctr
+    impressions``; here, not in :mod:`service.loader`, so that ``ctr impressions`` does
+    not import pandas, ~100 MB of its peak): a long timeout; a cluster's URL may list
+    several nodes (the first is asked for the rest). A URL whose database is no number
+    is refused (``ValueError``), as ``CTR_REDIS_URL`` is: redis-py took ``/1O`` for
+    database 0, and a benchmark's load replaced that database's item hashes.
+
+    No command is sent again after a timeout or a lost connection (the error is
+    raised): the server may have run it, and a user replaced twice loses an event
+    appended between the two (``service.loader._replace_users``). redis-py's cluster client sent
+    it again up to 10 times by default; a cluster's redirections (MOVED, ASK, TRYAGAIN)
+    are still followed, as the server ran nothing then."""
+    from redis import Redis as SyncRedis
+    from redis.backoff import NoBackoff as SyncNoBackoff
+    from redis.cluster import RedisCluster as SyncRedisCluster
+    from redis.retry import Retry as SyncRetry
+
+    from service.settings import check_dbs
+
+    once = SyncRetry(SyncNoBackoff(), 0)
+    if cluster:
+        client: Any = SyncRedisCluster.from_url(
+            node_urls(redis_url)[0], socket_timeout=timeout_s, retry=once
+        )
+    else:  # Redis.from_url has no retry by default in redis-py 8 (Redis() has 10)
+        client = SyncRedis.from_url(redis_url, socket_timeout=timeout_s, retry=once)
+    try:  # after parsing, which names a bad port first
+        check_dbs(redis_url, cluster)
+    except ValueError as exc:
+        client.close()
+        raise ValueError(f"the Redis URL {redact(redis_url)}: {exc}") from None
+    return client
+
+
 def url_problem(exc: BaseException) -> str:
     """redis-py's complaint about a URL, without the parts of the URL it quotes (a
     password with an unencoded ``/``, ``#`` or ``?`` lands in the "port")."""
