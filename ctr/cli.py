@@ -116,7 +116,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, _overrides(args.set))
     out = Path(args.out or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    metrics = train(config, out, progress=not args.quiet)
+    try:
+        metrics = train(config, out, progress=not args.quiet)
+    except KeyboardInterrupt as exc:
+        exc.ctr_left = _train_left(out)  # type: ignore[attr-defined]
+        raise
     leave_distributed()  # under torchrun: every rank done before any leaves
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports (its run folder)
         return 0
@@ -128,10 +132,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_left(out: Path) -> str:
+    """What an interrupted ``ctr train`` left in its run folder ``out``: a previous
+    run's files go only once the data is ready and training begins."""
+    from training.train import RUN_FILES
+
+    if all((out / name).is_file() for name in RUN_FILES):
+        return f"{out} still holds the finished run it held before (this one was not saved)"
+    return f"{out} holds no finished run: train it again"
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from training.export import export_bundle
     from training.train import load_run
 
+    if args.name is not None and not args.name.strip():
+        raise ValueError("--name: empty (leave it out for the config's name)")
     config, mapper, model, metrics = load_run(args.run)
     version, path, report = export_bundle(
         model, config, mapper, metrics, args.models_dir, args.name
@@ -1032,7 +1048,8 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--models", default="bench-din,bench-dien")
     bg.add_argument("--n", type=_counts, default="50,200,500,1000")
     bg.add_argument("--repeats", type=_positive(int), default=200)
-    bg.add_argument("--users", default="1,2,4,8,16", help="micro-batch sizes at N=500")
+    bg.add_argument("--users", type=_counts, default="1,2,4,8,16",
+                    help="micro-batch sizes at N=500")
     bg.add_argument("--out", default="", help="folder for JSON and table")
     bg.set_defaults(func=cmd_bench_gpu)
     pg = sub.add_parser("profile-graph", help="a bundle's graph node by node (ORT profiler)")
@@ -1236,6 +1253,11 @@ _INTERRUPTED = {
 }
 
 
+# another command's load into Redis, cut short once it had begun writing
+_LOAD_CUT = ("its load into Redis was cut short (Redis holds part of it, or none): run "
+             "it again, which loads it again")  # fmt: skip
+
+
 class _Terminated(KeyboardInterrupt):
     """SIGTERM (``kill``, a container stopping), raised as Ctrl-C is so that the same
     clean-up runs: Python's default ended the process on the spot, leaving what the
@@ -1286,7 +1308,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         if traceback_on:
             raise
-        left = getattr(exc, "ctr_left", None) or _INTERRUPTED.get(args.command)
+        left = getattr(exc, "ctr_left", None)
+        if getattr(exc, "ctr_load_cut", False) and args.command != "load":
+            left = _LOAD_CUT  # a benchmark's (or the demo's) load: no --once to speak of
+        left = left or _INTERRUPTED.get(args.command)
         how = "terminated" if isinstance(exc, _Terminated) else "interrupted"
         print(f"ctr {args.command}: {how}" + (f"; {left}" if left else ""), file=sys.stderr)
         return 143 if isinstance(exc, _Terminated) else 130

@@ -44,7 +44,7 @@ PLAT=(--only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 
 # AND the carried folder in one call, 64 MiB in all: each .gpuN gets what the tree leaves
 # (minus GPU_KIT_SLACK_MIB, default 2, for files added before the calls)
 tree=$({ git ls-files -z; git ls-files -z -o --exclude-standard; } \
-       | xargs -0 -r stat -c %s -- 2>/dev/null | awk '{s += $1} END {print s + 0}')
+       | { xargs -0 -r stat -c %s -- 2>/dev/null || true; } | awk '{s += $1} END {print s + 0}')
 [ -d shared ] && tree=$((tree + $(du -sb shared | cut -f1)))
 MAX=$((64 * 1024 * 1024 - tree - ${GPU_KIT_SLACK_MIB:-2} * 1024 * 1024))
 PART=$(( (MAX / 1048576 - 1) * 1048576 ))

@@ -15,8 +15,8 @@ from collections.abc import Coroutine
 from typing import Any
 
 from ctr.bundle import BundleError, list_versions, resolve_version
+from service import heaptrim
 from service import metrics as m
-from service.heaptrim import trim_later
 from service.model import LoadedModel, ProviderError, load_model
 from service.retry import retry_under_lock
 from service.state import State
@@ -78,6 +78,8 @@ async def load(state: State, version: str | None) -> LoadedModel:
     settle_heap(full=state.loads % FULL_SETTLE_EVERY == 0 or bool(state.replaced))
     if old is not None:
         state.replaced.append(weakref.ref(old))
+        # a while after the last swap: one inside a pending trim's wait moves it on
+        state.trim_due = asyncio.get_running_loop().time() + heaptrim.TRIM_DELAY_S
         if state.trim_task is None or state.trim_task.done():  # one pending at a time
             state.trim_task = asyncio.get_running_loop().create_task(trim_heap(state))
             state.tasks.add(state.trim_task)
@@ -90,10 +92,19 @@ async def load(state: State, version: str | None) -> LoadedModel:
 
 
 async def trim_heap(state: State) -> None:
-    """The C heap's free pages back to the system a while after a swap (glibc:
-    ``service.heaptrim``); counted in ``state.heap_trims``."""
-    if await trim_later():
-        state.heap_trims += 1
+    """The C heap's free pages back to the system a while after the last swap
+    (``state.trim_due``; glibc: ``service.heaptrim``), again if another swap came while
+    it ran; counted in ``state.heap_trims``."""
+    loop = asyncio.get_running_loop()
+    while heaptrim.MALLOC_TRIM is not None:
+        due = state.trim_due
+        if (left := due - loop.time()) > 0:
+            await asyncio.sleep(left)
+            continue  # a swap meanwhile moved it on
+        if await heaptrim.trim_later(0):
+            state.heap_trims += 1
+        if state.trim_due == due:  # no swap since it began
+            return
 
 
 async def check_held_data(state: State, model: LoadedModel) -> None:

@@ -731,6 +731,7 @@ def _tag(exc: BaseException, phase: str) -> None:
     begun (``phase`` empty), ``ctr``'s own line says nothing was written."""
     if isinstance(exc, KeyboardInterrupt) and phase:
         exc.ctr_left = LEFT_BY_PHASE[phase]  # type: ignore[attr-defined]
+        exc.ctr_load_cut = True  # type: ignore[attr-defined]  # another command's load too
 
 
 def _load(

@@ -603,11 +603,16 @@ class Reader:
                 pipe.execute_command(*cmd)
             return await pipe.execute()
         async with self.slots:
-            if self.idle:
+            idle = self.idle
+            while idle:
+                conn = idle.pop()
+                if _closed_by_server(conn):  # while idle: no round trip to learn it
+                    await conn.disconnect(nowait=True)
+                    continue
                 try:
-                    return await self._call(self.idle.pop(), commands)
+                    return await self._call(conn, commands)
                 except RETRYABLE:
-                    pass  # closed by _call; a reused connection may be stale: once more
+                    break  # closed by _call; a reused connection may be stale: once more
             return await self._call(self.pool.make_connection(), commands)
 
     async def _call(self, conn: Connection, commands: list[tuple[Any, ...]]) -> list[Any]:
@@ -633,6 +638,15 @@ class Reader:
         idle, self.idle = self.idle, []
         for conn in idle:
             await conn.disconnect()
+
+
+def _closed_by_server(conn: Connection) -> bool:
+    """Redis closed ``conn`` while it sat idle (a restart, its ``timeout``, ``CLIENT
+    KILL``): its stream has seen the end. Each such connection cost a request a failed
+    write and a retry; after a restart a worker's idle ones (``Reader.warm``'s 64 too)
+    would each cost one request that."""
+    reader = getattr(conn, "_reader", None)
+    return reader is not None and reader.at_eof()
 
 
 def _pairs(reply: Any) -> dict[str, str]:

@@ -410,6 +410,40 @@ def test_a_failing_model_only_call_voids_the_timed_window() -> None:
     assert ok["calls"] > 0 and ok["rps"] == ok["calls"] / ok["seconds"]
 
 
+def test_ctrl_c_in_a_timed_window_waits_for_its_calls() -> None:
+    """Ctrl-C while ``ctr bench`` timed the model alone aborted the process (SIGABRT,
+    exit 134, "terminate called without an active exception"; a CLI review): Python
+    3.11's interrupted ``Thread.join`` marks a running thread stopped, and the
+    interpreter finalized under a stream still inside ORT's run. The interrupt now ends
+    the streams and waits for their calls before it goes on."""
+    import signal
+    import threading
+
+    from training.bench_util import timed_rate
+
+    calls = [0]
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def call(stream: int, feed: dict) -> None:
+        calls[0] += 1
+        if calls[0] == 3:  # in the window (two warm-up calls first): Ctrl-C
+            signal.pthread_kill(main, signal.SIGINT)
+        time.sleep(0.4)  # a graph call still running when the interrupt lands
+
+    def interrupted(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    before = threading.active_count()
+    old = signal.signal(signal.SIGINT, interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            timed_rate(call, [{"x": np.zeros(1)}], streams=2, seconds=30)
+        assert threading.active_count() == before  # no stream left running
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def test_speed_check_flags_a_moved_machine_and_another_graph() -> None:
     from training.bench_service import speed_check
 

@@ -391,6 +391,70 @@ def test_an_interrupted_command_says_what_it_left(
     )
 
 
+def test_an_interrupt_says_what_is_true_of_the_command_it_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A CLI review: Ctrl-C in ``ctr bench``'s load said ``ctr load``'s "so --once loads
+    again" (bench has no --once); Ctrl-C in ``ctr train`` before training began said the
+    folder held no finished run, where it still held the one before."""
+    import ctr.cli as cli
+    import training.train as tt
+
+    monkeypatch.delenv("CTR_TRACEBACK", raising=False)
+
+    def load_cut(args: object) -> int:
+        exc = KeyboardInterrupt()
+        exc.ctr_left = "(the loader's text for ctr load)"  # type: ignore[attr-defined]
+        exc.ctr_load_cut = True  # type: ignore[attr-defined]
+        raise exc
+
+    monkeypatch.setattr(cli, "cmd_bench", load_cut)
+    assert cli.main(["bench"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("ctr bench: interrupted; its load into Redis was cut short")
+    assert "--once" not in err
+    monkeypatch.setattr(cli, "cmd_load", load_cut)
+    assert cli.main(["load", "--config", "configs/synthetic_din.yaml"]) == 130
+    assert "(the loader's text for ctr load)" in capsys.readouterr().err
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in tt.RUN_FILES:  # a finished run, from before
+        (run / name).write_text("{}")
+
+    def early(config: object, out: object, progress: bool = True) -> dict:
+        raise KeyboardInterrupt  # while the data is read: nothing removed yet
+
+    monkeypatch.setattr(tt, "train", early)
+    argv = ["train", "--config", "configs/synthetic_din.yaml", "--out", str(run)]
+    assert cli.main(argv) == 130
+    assert "still holds the finished run it held before" in capsys.readouterr().err
+    (run / "config.json").unlink()  # as train() does once training begins
+    assert cli.main(argv) == 130
+    assert "holds no finished run: train it again" in capsys.readouterr().err
+
+
+def test_export_names_the_file_at_fault(tmp_path: Path) -> None:
+    """A CLI review: a mapping without the config's tables was blamed on checkpoint.pt;
+    a file given as the run was "no such file or folder"; an empty --name published
+    under the config's name, silently."""
+    import training.train as tt
+    from tests.helpers import small_config
+
+    run = tmp_path / "run"
+    tt.train(small_config("base"), run, progress=False)
+    (run / "mapping.json").write_text("{}")
+    out = ctr("export", "--run", str(run), "--models-dir", str(tmp_path / "models"))
+    assert "mapping.json does not load with this run's other files" in one_line_error(
+        out, "export"
+    )
+    out = ctr("export", "--run", str(run / "config.json"))
+    assert "a file, not a run folder" in one_line_error(out, "export")
+    out = ctr("export", "--run", str(run), "--name", "", "--models-dir", str(tmp_path / "m"))
+    assert "--name: empty" in one_line_error(out, "export")
+    assert not (tmp_path / "m").exists()
+
+
 def test_a_load_stopped_part_way_says_so_and_leaves_no_token(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

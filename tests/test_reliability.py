@@ -171,7 +171,10 @@ def test_a_fresh_worker_opens_its_read_connections_at_start_up(
 
     probe = Redis.from_url(rp.url)
     made = lambda: int(probe.info("stats")["total_connections_received"])  # noqa: E731
-    with TestClient(create_app(settings_for(built, rp.url, redis_warm_connections=warm))) as c:
+    # nothing else connects meanwhile (the tracking heartbeat's writes, the reload bus)
+    s = settings_for(built, rp.url, redis_warm_connections=warm, user_tracking=False,
+                     reload_channel="")  # fmt: skip
+    with TestClient(create_app(s)) as c:
         reader = c.app.state.ctr.reader  # type: ignore[attr-defined]
         assert len(reader.idle) == warm
         before = made()
@@ -179,6 +182,13 @@ def test_a_fresh_worker_opens_its_read_connections_at_start_up(
         assert r["degraded"] is False and r["cold_start"] is False
         assert made() - before == (0 if warm else 1)
         assert len(reader.idle) == max(warm, 1)
+        # Redis closes them while idle (a restart, its timeout): the next request drops
+        # every one it sees closed, with no write to learn it, and reads on a new one
+        probe.client_kill_filter(_type="normal", skipme=True)
+        time.sleep(0.2)
+        r = c.post("/v1/score", json=BODY).json()
+        assert r["degraded"] is False and r["cold_start"] is False
+        assert len(reader.idle) == 1
 
 
 def test_redis_down_at_start_up(built: Built) -> None:

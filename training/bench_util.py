@@ -93,7 +93,10 @@ def timed_rate(
     failed: list[BaseException] = []
 
     def loop(k: int) -> None:
-        gate.wait()
+        try:
+            gate.wait()
+        except threading.BrokenBarrierError:  # the window called off (Ctrl-C)
+            return
         i = k
         try:
             while time.perf_counter() < stop[0] and not failed:
@@ -108,9 +111,22 @@ def timed_rate(
         th.start()
     cpu, started = time.process_time(), time.perf_counter()
     stop[0] = started + seconds
-    gate.wait()
-    for th in threads:
-        th.join()
+    try:
+        gate.wait()
+        for th in threads:
+            th.join()
+    except BaseException:
+        # Ctrl-C: end the streams and wait for their calls before unwinding. Python
+        # 3.11's Thread.join, interrupted, marks a running thread stopped (bpo-45274's
+        # release), so the interpreter finalized under a stream still inside ORT's run,
+        # which aborted the process (SIGABRT, "terminate called without an active
+        # exception") instead of exiting 130
+        stop[0] = 0.0
+        gate.abort()
+        for th in threads:
+            while th.is_alive():
+                time.sleep(0.01)
+        raise
     if failed:  # a stream that died would leave a rate too low, and a ratio too high
         raise RuntimeError(f"a model-only call failed: {failed[0]!r}") from failed[0]
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu

@@ -420,6 +420,8 @@ def load_run(run_dir: str | Path) -> tuple[FeatureConfig, Any, CTRModel, dict[st
     from ctr.mapping import FeatureMapper
 
     run = Path(run_dir)
+    if run.exists() and not run.is_dir():
+        raise NotADirectoryError(20, "a file, not a run folder", str(run))
     if not run.is_dir():
         raise FileNotFoundError(2, "no such run folder", str(run))
     missing = [name for name in RUN_FILES if not (run / name).is_file()]
@@ -434,8 +436,9 @@ def load_run(run_dir: str | Path) -> tuple[FeatureConfig, Any, CTRModel, dict[st
         config = FeatureConfig.model_validate(raw)
         step = "mapping.json"
         mapper = FeatureMapper.from_json(config, json.loads((run / "mapping.json").read_text()))
-        step = "checkpoint.pt"
+        # a mapping without the config's tables fails here, before the checkpoint
         model = build_model(config, mapper.table_sizes())
+        step = "checkpoint.pt"
         model.load_state_dict(torch.load(run / "checkpoint.pt", weights_only=True))
         model.eval()
         step = "metrics.json"
