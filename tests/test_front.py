@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -410,7 +411,9 @@ def read_reply(sock: socket.socket) -> bytes:
     """One ``Content-Length`` reply from ``sock``, whole, without its ``Date`` header."""
     got = bytearray()
     while b"\r\n\r\n" not in got:
-        got += sock.recv(65536)
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed before a whole answer: {bytes(got)[:200]!r}"
+        got += chunk
     head, _, rest = bytes(got).partition(b"\r\n\r\n")
     length = int(re.search(rb"\r\ncontent-length: (\d+)", head).group(1))  # type: ignore[union-attr]
     while len(rest) < length:
@@ -608,3 +611,33 @@ def test_a_client_gone_mid_request_stops_its_work(
         while count("499") < before + 1:
             assert time.monotonic() < wait
             time.sleep(0.01)
+
+
+@pytest.mark.parametrize("http", [FrontProtocol, front.TimedProtocol], ids=["front", "asgi"])
+def test_a_request_sent_as_a_graceful_shutdown_begins_is_answered(
+    built: Built, monkeypatch: pytest.MonkeyPatch, http: Any
+) -> None:
+    """uvicorn closed an idle keep-alive connection the moment a graceful shutdown
+    began: a request its client sent then was lost to a reset, no answer (a review: 24
+    requests in flight when a 3-worker service was stopped under load; a 502 behind a
+    load balancer). The connection is read on a moment: the request is answered, with
+    ``connection: close``, and then the connection closes."""
+    began = threading.Event()
+    real = front.TimedProtocol.shutdown
+
+    def shutdown(self: Any) -> None:
+        real(self)
+        began.set()
+
+    monkeypatch.setattr(front.TimedProtocol, "shutdown", shutdown)
+    with ServerThread(_app(built), http=http) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+            sock.sendall(post(score_body(built)))
+            assert read_reply(sock).startswith(b"HTTP/1.1 200 OK\r\n")
+            server.server.should_exit = True  # SIGTERM's doing
+            assert began.wait(10)
+            sock.sendall(post(score_body(built)))
+            second = read_reply(sock)
+            assert second.startswith(b"HTTP/1.1 200 OK\r\n"), second[:200]
+            assert b"\r\nconnection: close\r\n" in second.lower()
+            assert sock.recv(1) == b""  # then closed

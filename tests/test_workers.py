@@ -558,3 +558,35 @@ def test_sigterm_exit_status_is_the_documented_one(
     assert proc.wait(timeout=60) == status
     readme = (ROOT / "README.md").read_text()
     assert "143 with one worker, 0 from the supervisor of several" in " ".join(readme.split())
+
+
+def test_the_supervisor_refuses_new_connections_while_the_workers_drain(
+    built: Built, tmp_path: Path
+) -> None:
+    """With several workers the supervisor holds the listening socket too: after a
+    SIGTERM, while the workers drained, new connections went into its queue, accepted
+    by no one, and were reset when it exited, each request sent on one lost (a workers
+    review). They are refused from a moment after the signal."""
+    import socket
+
+    (tmp_path / "prom").mkdir()
+    env = service_env(built, REDIS_URL, CTR_WORKERS="2", CTR_READ_TIMEOUT_MS="6000",
+                      PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"))  # fmt: skip
+    port = free_port()
+    proc = serve_process(port, env)
+    try:
+        # a request whose body has not come holds a worker's drain (until the read timeout)
+        held = socket.create_connection(("127.0.0.1", port), timeout=10)
+        held.sendall(b"POST /v1/score HTTP/1.1\r\nHost: t\r\nContent-Length: 50\r\n\r\n{")
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(1.5)
+        assert proc.poll() is None  # still draining
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        held.close()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
