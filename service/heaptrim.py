@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import logging
 import platform
 from collections.abc import Callable
-
-log = logging.getLogger("ctr.service")
 
 TRIM_DELAY_S = 2.0  # after a swap: the replaced model's requests and release end first
 
