@@ -17,7 +17,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import sys
 import threading
 import time
@@ -436,11 +435,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 STARTUP_FAILURE = 3
 
 
-# after SIGTERM, how long the workers have to close their servers before the listening
-# socket refuses new connections (_SupervisorWatch)
-REFUSE_AFTER_S = 0.3
-
-
 class _SupervisorWatch:
     """Puts a subclass of uvicorn's multi-worker supervisor in place for one
     ``uvicorn.run`` that notes whether it stopped because a worker failed to start."""
@@ -468,21 +462,16 @@ class _SupervisorWatch:
 
             def terminate_all(self) -> None:
                 super().terminate_all()
-                # the workers stop accepting as they stop, but this process holds the
+                # the workers stop accepting as they stop, but this process held the
                 # listening socket too: new connections went on into its queue for the
                 # whole drain (up to 10 s), to be reset when it exited, each request sent
-                # on one lost (a review). Refused from a moment on (the workers' servers
-                # closed first: an accept on the shut socket is an error in their loops)
-                socks = list(getattr(self, "sockets", None) or ())
-
-                def refuse() -> None:
-                    for sock in socks:
-                        with contextlib.suppress(OSError):
-                            sock.shutdown(socket.SHUT_RD)
-
-                timer = threading.Timer(REFUSE_AFTER_S, refuse)
-                timer.daemon = True
-                timer.start()
+                # on one lost (a review). Its copy closed: each worker closes its own as
+                # its shutdown begins, and the socket goes with the last (new connections
+                # refused from then). A shutdown() of the shared socket raced a worker
+                # still starting, whose server listen()ed on it again (a review)
+                for sock in getattr(self, "sockets", None) or ():
+                    with contextlib.suppress(OSError):
+                        sock.close()
 
             def restart_all(self) -> None:
                 # SIGHUP: each new worker must be ready within the config's health-check

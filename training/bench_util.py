@@ -4,6 +4,7 @@ the graph feeds the service builds for them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -91,20 +92,26 @@ def timed_rate(
     gate = threading.Barrier(streams + 1)
     stop = [0.0]
     failed: list[BaseException] = []
+    # each stream's own word that it has ended: Thread.is_alive() is not it after an
+    # interrupted join (Python 3.11 marks the joined thread stopped while it still runs)
+    ended = [False] * streams
 
     def loop(k: int) -> None:
         try:
-            gate.wait()
-        except threading.BrokenBarrierError:  # the window called off (Ctrl-C)
-            return
-        i = k
-        try:
-            while time.perf_counter() < stop[0] and not failed:
-                call(k, feeds[i % len(feeds)])
-                counts[k] += 1
-                i += streams
-        except Exception as exc:  # a failed call voids the window: raised below
-            failed.append(exc)
+            try:
+                gate.wait()
+            except threading.BrokenBarrierError:  # the window called off (Ctrl-C)
+                return
+            i = k
+            try:
+                while time.perf_counter() < stop[0] and not failed:
+                    call(k, feeds[i % len(feeds)])
+                    counts[k] += 1
+                    i += streams
+            except Exception as exc:  # a failed call voids the window: raised below
+                failed.append(exc)
+        finally:
+            ended[k] = True
 
     threads = [threading.Thread(target=loop, args=(k,)) for k in range(streams)]
     for th in threads:
@@ -123,8 +130,8 @@ def timed_rate(
         # exception") instead of exiting 130
         stop[0] = 0.0
         gate.abort()
-        for th in threads:
-            while th.is_alive():
+        while not all(ended):  # at most one call each; a second Ctrl-C waits too
+            with contextlib.suppress(KeyboardInterrupt):
                 time.sleep(0.01)
         raise
     if failed:  # a stream that died would leave a rate too low, and a ratio too high
