@@ -16,6 +16,7 @@ import platform
 from collections.abc import Callable
 
 TRIM_DELAY_S = 2.0  # after a swap: the replaced model's requests and release end first
+TRIM_MAX_WAIT_S = 30.0  # reloads closer together than the delay put a trim off at most this
 
 
 def _malloc_trim() -> Callable[[int], int] | None:

@@ -94,17 +94,21 @@ async def load(state: State, version: str | None) -> LoadedModel:
 async def trim_heap(state: State) -> None:
     """The C heap's free pages back to the system a while after the last swap
     (``state.trim_due``; glibc: ``service.heaptrim``), again if another swap came while
-    it ran; counted in ``state.heap_trims``."""
+    it ran; counted in ``state.heap_trims``. Reloads closer together than the delay put
+    it off at most ``heaptrim.TRIM_MAX_WAIT_S`` (a review: for good, otherwise)."""
     loop = asyncio.get_running_loop()
+    latest = loop.time() + heaptrim.TRIM_MAX_WAIT_S
     while heaptrim.MALLOC_TRIM is not None:
         due = state.trim_due
-        if (left := due - loop.time()) > 0:
+        if (left := min(due, latest) - loop.time()) > 0:
             await asyncio.sleep(left)
-            continue  # a swap meanwhile moved it on
+            continue  # a swap meanwhile may have moved it on
+        started = loop.time()
         if await heaptrim.trim_later(0):
             state.heap_trims += 1
-        if state.trim_due == due:  # no swap since it began
+        if state.trim_due <= started:  # every swap's delay had passed, and none came since
             return
+        latest = loop.time() + heaptrim.TRIM_MAX_WAIT_S  # put off: the next one's bound
 
 
 async def check_held_data(state: State, model: LoadedModel) -> None:

@@ -483,6 +483,20 @@ def test_a_reload_gives_the_heaps_free_pages_back(
             assert time.monotonic() < deadline, "no trim after the reloads"
             time.sleep(0.05)
         assert at[0] - swapped >= 1.5  # the last swap's delay, not the first's
+        # reloads closer together than the delay put it off at most TRIM_MAX_WAIT_S
+        # (a review: for good, otherwise), and the last swap still gets its own after
+        at.clear()
+        monkeypatch.setattr(heaptrim, "TRIM_MAX_WAIT_S", 1.5)
+        first = time.monotonic()
+        while time.monotonic() - first < 2.5:
+            _reload(c)
+            time.sleep(0.3)
+        last = time.monotonic()
+        deadline = last + 15
+        while not at or at[-1] < last:
+            assert time.monotonic() < deadline, f"no trim after the last reload: {at}"
+            time.sleep(0.05)
+        assert at[0] - first < 4.0  # within the bound (unbounded: after last + 2 s >= 4.5)
 
 
 def test_a_replaced_model_a_frozen_cycle_holds_is_freed_by_the_next_reload(
