@@ -45,23 +45,28 @@ async def drive(proc: object, port: int, users: list[str], items: list[str],
 
     async def client() -> None:
         kept = 0  # requests on this connection before the one now sent
-        while not stop:
-            try:
-                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+        # one client per task, made once (each loads the CA bundle: 24 remade after
+        # every error blocked the loop about 0.5 s, a review); its pool drops a broken
+        # connection, so the next request opens a new one
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+            while not stop:
+                cands = [{"item_id": i} for i in items[: args.n]]
+                body = {"user_id": random.choice(users), "candidates": cands}
+                try:
+                    r = await c.post("/v1/score", json=body)
+                except httpx.ConnectError:
+                    got["connection refused"] += 1
                     kept = 0
-                    while not stop:
-                        cands = [{"item_id": i} for i in items[: args.n]]
-                        body = {"user_id": random.choice(users), "candidates": cands}
-                        r = await c.post("/v1/score", json=body)
-                        got[f"answered {r.status_code}"] += 1
-                        kept = 0 if r.headers.get("connection") == "close" else kept + 1
-            except httpx.ConnectError:
-                got["connection refused"] += 1
-                await asyncio.sleep(0.05)
-            except httpx.TransportError as exc:
-                where = "a kept connection" if kept else "a new connection"
-                got[f"lost to {type(exc).__name__} on {where}"] += 1
-                await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.05)
+                    continue
+                except httpx.TransportError as exc:
+                    where = "a kept connection" if kept else "a new connection"
+                    got[f"lost to {type(exc).__name__} on {where}"] += 1
+                    kept = 0
+                    await asyncio.sleep(0.05)
+                    continue
+                got[f"answered {r.status_code}"] += 1
+                kept = 0 if r.headers.get("connection") == "close" else kept + 1
 
     tasks = [asyncio.create_task(client()) for _ in range(args.clients)]
     await asyncio.sleep(args.seconds)

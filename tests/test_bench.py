@@ -478,6 +478,34 @@ def test_ctrl_c_waits_for_the_call_of_the_stream_being_joined() -> None:
         signal.signal(signal.SIGINT, old)
 
 
+def test_a_stream_that_cannot_start_leaves_none_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream thread whose start failed left the started ones waiting at the gate for
+    good, and the process hung at exit (a review). The window is called off and they
+    end."""
+    import threading
+
+    from training.bench_util import timed_rate
+
+    real = threading.Thread.start
+    starts = [0]
+
+    def start(self: threading.Thread) -> None:
+        starts[0] += 1
+        if starts[0] == 2:
+            raise RuntimeError("can't start new thread")
+        real(self)
+
+    before = threading.active_count()
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        timed_rate(lambda s, f: None, [{"x": np.zeros(1)}], streams=3, seconds=5)
+    monkeypatch.undo()
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before:
+        assert time.monotonic() < deadline, "a started stream still waits"
+        time.sleep(0.01)
+
+
 def test_speed_check_flags_a_moved_machine_and_another_graph() -> None:
     from training.bench_service import speed_check
 

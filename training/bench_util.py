@@ -114,11 +114,11 @@ def timed_rate(
             ended[k] = True
 
     threads = [threading.Thread(target=loop, args=(k,)) for k in range(streams)]
-    for th in threads:
-        th.start()
     cpu, started = time.process_time(), time.perf_counter()
     stop[0] = started + seconds
     try:
+        for th in threads:
+            th.start()
         gate.wait()
         for th in threads:
             th.join()
@@ -129,6 +129,9 @@ def timed_rate(
         # which aborted the process (SIGABRT, "terminate called without an active
         # exception") instead of exiting 130
         stop[0] = 0.0
+        for k, th in enumerate(threads):
+            if th.ident is None:  # never started (a failed start, Ctrl-C between starts)
+                ended[k] = True
         gate.abort()
         while not all(ended):  # at most one call each; a second Ctrl-C waits too
             with contextlib.suppress(KeyboardInterrupt):
