@@ -16,19 +16,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def burst(port: int, bodies: list[dict]) -> list[tuple[int, bool]]:
@@ -49,6 +42,7 @@ def main() -> int:
     args = ap.parse_args()
     os.environ["CTR_TEST_REDIS_URL"] = args.redis_url  # tests.helpers' Redis
     from tests.helpers import build_and_load, service_env
+    from tests.redis_proc import free_port
     from tests.server_thread import serve_process
 
     print(f"command: {' '.join(sys.argv)}; CTR_REDIS_WARM_CONNECTIONS="

@@ -20,7 +20,6 @@ import collections
 import os
 import random
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -28,12 +27,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def drive(proc: object, port: int, users: list[str], items: list[str],
@@ -94,6 +87,7 @@ def main() -> int:
     args = ap.parse_args()
     os.environ["CTR_TEST_REDIS_URL"] = args.redis_url  # tests.helpers' Redis
     from tests.helpers import build_and_load, service_env
+    from tests.redis_proc import free_port
     from tests.server_thread import serve_process
 
     print(f"command: {' '.join(sys.argv)}")

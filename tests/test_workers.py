@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -567,29 +568,43 @@ def test_the_supervisor_refuses_new_connections_while_the_workers_drain(
     SIGTERM, while the workers drained, new connections went into its queue, accepted
     by no one, and were reset when it exited, each request sent on one lost (a workers
     review). They are refused from a moment after the signal."""
-    import socket
+    with _two_workers(built, tmp_path) as (proc, port):
+        _refused_while_draining(proc, port, 1.5)
 
+
+@contextlib.contextmanager
+def _two_workers(built: Built, tmp_path: Path) -> Iterator[tuple[subprocess.Popen, int]]:
+    """``ctr serve`` with two workers (an 8 s read timeout), and its port; killed after
+    if still running."""
     (tmp_path / "prom").mkdir()
-    env = service_env(built, REDIS_URL, CTR_WORKERS="2", CTR_READ_TIMEOUT_MS="6000",
+    env = service_env(built, REDIS_URL, CTR_WORKERS="2", CTR_READ_TIMEOUT_MS="8000",
                       PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"))  # fmt: skip
     port = free_port()
     proc = serve_process(port, env)
     try:
-        # a request whose body has not come holds a worker's drain (until the read timeout)
-        held = socket.create_connection(("127.0.0.1", port), timeout=10)
-        held.sendall(b"POST /v1/score HTTP/1.1\r\nHost: t\r\nContent-Length: 50\r\n\r\n{")
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(1.5)
-        assert proc.poll() is None  # still draining
-        with pytest.raises(ConnectionRefusedError):
-            socket.create_connection(("127.0.0.1", port), timeout=5).close()
-        held.close()
-        assert proc.wait(timeout=60) == 0
+        yield proc, port
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _refused_while_draining(proc: subprocess.Popen, port: int, after_s: float) -> None:
+    """SIGTERM to ``ctr serve`` while a request whose body never comes holds a worker's
+    drain (until the read timeout): ``after_s`` later, still draining, a new connection
+    is refused; then the supervisor exits 0."""
+    import socket
+
+    held = socket.create_connection(("127.0.0.1", port), timeout=10)
+    held.sendall(b"POST /v1/score HTTP/1.1\r\nHost: t\r\nContent-Length: 50\r\n\r\n{")
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(after_s)
+    assert proc.poll() is None  # still draining
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    held.close()
+    assert proc.wait(timeout=60) == 0
 
 
 def _workers_of(pid: int) -> list[int]:
@@ -606,14 +621,7 @@ def test_a_worker_starting_at_sigterm_does_not_reopen_the_socket(
     first fix shut the shared socket 0.3 s after the signal, and the worker's server then
     listen()ed on it again, taking new connections into the queue for the rest of the
     drain, to be reset (a review). The supervisor closes its own copy instead."""
-    import socket
-
-    (tmp_path / "prom").mkdir()
-    env = service_env(built, REDIS_URL, CTR_WORKERS="2", CTR_READ_TIMEOUT_MS="8000",
-                      PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"))  # fmt: skip
-    port = free_port()
-    proc = serve_process(port, env)
-    try:
+    with _two_workers(built, tmp_path) as (proc, port):
         deadline = time.time() + 60
         while len(_workers_of(proc.pid)) < 2:
             assert time.time() < deadline
@@ -624,18 +632,5 @@ def test_a_worker_starting_at_sigterm_does_not_reopen_the_socket(
         while dead in _workers_of(proc.pid) or len(_workers_of(proc.pid)) < 2:
             assert time.time() < deadline
             time.sleep(0.05)
-        # the other worker's drain held (a body that never comes)
-        held = socket.create_connection(("127.0.0.1", port), timeout=10)
-        held.sendall(b"POST /v1/score HTTP/1.1\r\nHost: t\r\nContent-Length: 50\r\n\r\n{")
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(5)  # the new worker's start-up has ended meanwhile
-        assert proc.poll() is None  # still draining
-        with pytest.raises(ConnectionRefusedError):
-            socket.create_connection(("127.0.0.1", port), timeout=5).close()
-        held.close()
-        assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        # the other worker's drain held; 5 s: the new worker's start-up has ended
+        _refused_while_draining(proc, port, 5.0)
