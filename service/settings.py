@@ -9,6 +9,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # the longest CTR_SEQUENCE_TTL_S: ten years
 MAX_TTL_S = 10 * 365 * 24 * 3600
+# the largest count passed to Redis (LTRIM through the append script's Lua numbers, XADD
+# MAXLEN): 1e17 already printed as "1e+17" there and every /v1/events was a 503
+MAX_REDIS_COUNT = 10**14
 
 
 # setting -> (its shortest value above 0, what its 0 means)
@@ -65,7 +68,7 @@ class Settings(BaseSettings):
         description="ORT pool threads busy-wait: during a run only, also between runs "
         "(ORT's default; steals CPU from the event loop), or never",
     )
-    inference_concurrency: int = Field(1, gt=0, description="ORT runs in flight per worker")
+    inference_concurrency: int = Field(1, gt=0, le=256, description="ORT runs in flight per worker")
     inline_max_ms: float = Field(
         10.0,
         ge=0,
@@ -180,7 +183,9 @@ class Settings(BaseSettings):
         description="longest user/item/event ID accepted, and longest string value of a "
         "feature or context key",
     )
-    sequence_keep: int = Field(0, ge=0, description="events kept per user (0 = model's L)")
+    sequence_keep: int = Field(
+        0, ge=0, le=MAX_REDIS_COUNT, description="events kept per user (0 = model's L)"
+    )
     allowed_origins: str = Field(
         "",
         description="comma-separated origins (scheme://host[:port]) whose web pages may "
@@ -193,6 +198,7 @@ class Settings(BaseSettings):
     event_dedup_window: int = Field(
         1000,
         gt=0,
+        le=MAX_REDIS_COUNT,
         description="event IDs remembered per user (at least the events kept: a retry of a "
         "kept event is always known)",
     )
@@ -215,6 +221,7 @@ class Settings(BaseSettings):
     impression_maxlen: int = Field(
         100_000,
         gt=0,
+        le=MAX_REDIS_COUNT,
         description="entries the impression stream keeps (XADD MAXLEN ~): each holds its "
         "response body, about 7.5 KB of Redis memory for 100 ranked items",
     )
@@ -384,6 +391,17 @@ class Settings(BaseSettings):
         if any(ord(c) < 0x20 or ord(c) == 0x7F for c in v):
             raise ValueError("holds control characters, which an X-API-Key header cannot carry")
         return v or None
+
+    @field_validator(
+        "models_dir", "ops_library", "impression_stream", "reload_channel",
+        "sequence_event_types", "allowed_origins", "host", mode="before",
+    )  # fmt: skip
+    @classmethod
+    def _strip(cls, v: object) -> object:
+        # a blank value (`X= ` in an env file) is the empty one: CTR_OPS_LIBRARY=" " turned
+        # the fused graph, native JSON and native runner off, CTR_IMPRESSION_STREAM=" "
+        # logged to a key named " "
+        return v.strip() if isinstance(v, str) else v
 
     @field_validator("log_level", "log_format", mode="before")
     @classmethod

@@ -311,3 +311,25 @@ def test_feature_keys_the_model_does_not_read_are_stored(built: Built, redis_db:
             "ts": 30.0,
         }
     ]
+
+
+def test_counts_redis_refuses_and_blank_text_are_refused_or_empty_at_start() -> None:
+    """A settings review: CTR_SEQUENCE_KEEP=1e20 started, then every /v1/events was a
+    503 (the append script's LTRIM took no such number); CTR_IMPRESSION_MAXLEN alike
+    lost every impression; CTR_INFERENCE_CONCURRENCY=2000 started 2000 threads (a
+    traceback where they ran out); CTR_OPS_LIBRARY=" " turned the native code off and
+    CTR_IMPRESSION_STREAM=" " logged to a key named " "."""
+    from pydantic import ValidationError
+
+    from service.settings import MAX_REDIS_COUNT, Settings
+
+    for name in ("sequence_keep", "event_dedup_window", "impression_maxlen"):
+        with pytest.raises(ValidationError, match="less than or equal to 100000000000000"):
+            Settings(**{name: 10**20})
+        assert getattr(Settings(**{name: MAX_REDIS_COUNT}), name) == MAX_REDIS_COUNT
+    with pytest.raises(ValidationError, match="less than or equal to 256"):
+        Settings(inference_concurrency=2000)
+    blank = Settings(ops_library=" ", impression_stream="  ", reload_channel=" ",
+                     models_dir=" models ")  # fmt: skip
+    assert blank.ops_library == blank.impression_stream == blank.reload_channel == ""
+    assert blank.models_dir == "models"
