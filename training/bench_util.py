@@ -114,11 +114,11 @@ def timed_rate(
             ended[k] = True
 
     threads = [threading.Thread(target=loop, args=(k,)) for k in range(streams)]
-    cpu, started = time.process_time(), time.perf_counter()
-    stop[0] = started + seconds
     try:
         for th in threads:
             th.start()
+        cpu, started = time.process_time(), time.perf_counter()  # the window from here
+        stop[0] = started + seconds
         gate.wait()
         for th in threads:
             th.join()
