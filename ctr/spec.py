@@ -254,13 +254,21 @@ class DataSpec(_Strict):
 
 # a model's name: a folder of the model store (no path, not empty, not hidden)
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+MODEL_NAME_MAX = 100
+
+
+def is_model_name(name: str) -> bool:
+    """``name`` can be a model's folder in the store (:data:`MODEL_NAME_PATTERN`)."""
+    import re
+
+    return len(name) <= MODEL_NAME_MAX and re.fullmatch(MODEL_NAME_PATTERN, name) is not None
 
 
 class FeatureConfig(_Strict):
     """Top-level config: features, groups, sequence length, model, training and data."""
 
     # a folder's name in the model store (models/<name>/<version>): no path, not empty
-    name: str = Field(pattern=MODEL_NAME_PATTERN, max_length=100)
+    name: str = Field(pattern=MODEL_NAME_PATTERN, max_length=MODEL_NAME_MAX)
     max_seq_len: int = Field(default=50, gt=0)
     features: list[FeatureSpec]
     item_key: str | None = Field(

@@ -117,7 +117,7 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=8731)
     args = ap.parse_args()
 
-    from service.loader import check_bench_db, load_into_redis, mark_bench_db
+    from service.loader import check_bench_db, load_bench_db
     try:  # a database of its own, as `ctr bench`'s: checked before anything is built
         check_bench_db(args.redis_url, args.force)
     except ValueError as exc:
@@ -138,8 +138,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-reload-latency-") as tmp:
         over = {"features.0.mapping.buckets": args.buckets}
         where, config, frame = _bundle_for("din", None, tmp, over)
-        mark_bench_db(args.redis_url)  # before any write: a load cut short is still its own
-        load_into_redis(config, frame, args.redis_url, progress=False)
+        load_bench_db(config, frame, args.redis_url)
         bodies = bodies_for(frame, args.n)
         env = service_env(where, config.name, args.redis_url, 2,
                           extra_env={"CTR_API_KEY": KEY})  # fmt: skip

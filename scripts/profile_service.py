@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.loader import check_bench_db, load_into_redis, mark_bench_db  # noqa: E402
+from service.loader import check_bench_db, load_bench_db  # noqa: E402
 from training.bench_service import (  # noqa: E402
     _bundle_for,
     _closed_loop,
@@ -160,8 +160,7 @@ def main() -> int:
     extra = dict(e.split("=", 1) for e in args.env)
     with tempfile.TemporaryDirectory() as tmp:
         where, config, frame = _bundle_for(args.model, None, tmp, None)
-        mark_bench_db(args.redis_url)  # before any write: a load cut short is still its own
-        load_into_redis(config, frame, args.redis_url, progress=False)
+        load_bench_db(config, frame, args.redis_url)
         bodies = bodies_for(frame, args.n)
         env = service_env(where, config.name, args.redis_url, 2, 1, extra)
         proc, url = _start_service(env, args.port)

@@ -234,10 +234,10 @@ async def _timed_serve(handler: Handler, scope: Scope, receive: Receive, send: S
     scope[SERVE_TASK] = asyncio.current_task()  # type: ignore[typeddict-unknown-key]
     try:
         status = await _serve(handler, scope, receive, send)
-    except asyncio.CancelledError:
+    except asyncio.CancelledError:  # SERVE_TASK's, as its client went: nothing to answer
         if not scope.get(CLIENT_GONE):
             raise
-        status = gone_status(scope)  # cancelled as its client went: nothing to answer
+        status = gone_status(scope)
     finally:
         m.REQUEST(scope["path"], scope["method"], str(status)).observe(time.perf_counter() - start)
 
@@ -435,8 +435,8 @@ async def _serve(handler: Handler, scope: Scope, receive: Receive, send: Send) -
         if response is None:
             return gone_status(scope)  # counted, not logged as a server error
     except asyncio.CancelledError:
-        if scope.get(CLIENT_GONE):  # its connection went (TimedProtocol): work stopped
-            return gone_status(scope)
+        if scope.get(CLIENT_GONE):  # its connection went (TimedProtocol): _timed_serve's
+            raise
         # the end of a graceful shutdown's wait, before anything was sent: the app's
         # 503, not uvicorn's plain-text 500 (as ServingMiddleware and the front do)
         response = shutdown_response()

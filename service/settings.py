@@ -439,9 +439,7 @@ class Settings(BaseSettings):
         outside the model store; checked where the service starts (``ctr serve``,
         ``create_app``), not by the commands that only read Redis settings (``ctr load``,
         ``ctr impressions``)."""
-        import re
-
-        from ctr.spec import MODEL_NAME_PATTERN
+        from ctr.spec import is_model_name
 
         # asked for, and silently off: a secret file mounted empty left scoring, explain
         # (any user's history) and events open to anyone, with one warning in the log
@@ -460,8 +458,7 @@ class Settings(BaseSettings):
                                  "allow: list each page's scheme://host[:port]")  # fmt: skip
         # a folder name under CTR_MODELS_DIR, as ctr export names one: "../x" loaded a
         # bundle from outside the model store
-        name = self.model_name
-        if len(name) > 100 or re.fullmatch(MODEL_NAME_PATTERN, name) is None:
+        if not is_model_name(self.model_name):
             raise ValueError("CTR_MODEL_NAME must be a model name: letters, digits, _ . - "
                              "(not first), no path")  # fmt: skip
 

@@ -29,7 +29,6 @@ class Throttle:
     def __init__(self, period_s: float = PERIOD_S, clock: Callable[[], float] = time.monotonic):
         self.period_s = period_s
         self.clock = clock
-        self._next = float("-inf")  # the next line's earliest time, within a burst
         self._last_line = float("-inf")
         self._last_event = float("-inf")
         self._held = 0
@@ -38,11 +37,11 @@ class Throttle:
         now = self.clock()
         quiet = now - self._last_event > self.period_s  # a new burst begins
         self._last_event = now
-        if now < self._next and not quiet:
+        if now < self._last_line + self.period_s and not quiet:
             self._held += 1
             return None
         due = Due(self._held, now - self._last_line)
-        self._held, self._next, self._last_line = 0, now + self.period_s, now
+        self._held, self._last_line = 0, now
         return due
 
 

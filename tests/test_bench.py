@@ -735,6 +735,7 @@ def test_a_benchmark_load_cut_short_leaves_a_database_it_may_load_again(
     asked for was refused without --force. Marked before the first write now."""
     import redis
 
+    import service.loader as loader
     import training.bench_path as bench_path
     from service.loader import BENCH_KEY, check_bench_db
 
@@ -746,7 +747,7 @@ def test_a_benchmark_load_cut_short_leaves_a_database_it_may_load_again(
             redis.Redis.from_url(url).rpush("{u:u1}:seq", "{}")  # part of the load
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(bench_path, "load_into_redis", cut_short)
+        monkeypatch.setattr(loader, "load_into_redis", cut_short)  # load_bench_db's
         with pytest.raises(KeyboardInterrupt):
             bench_path.run(tmp_path, config.name, [10], proc.url, rounds=1, reps=1)
         client = redis.Redis.from_url(proc.url)

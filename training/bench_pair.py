@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from service.loader import load_into_redis, mark_bench_db
+from service.loader import load_bench_db
 from training.bench_service import (
     _bundle_for,
     _closed_loop,
@@ -212,8 +212,7 @@ def run(
     ports_free(*ports)  # before the bundle is built and Redis loaded
     with tempfile.TemporaryDirectory() as tmp:
         where, config, frame = _bundle_for(model, models_dir, tmp, overrides)
-        mark_bench_db(redis_url)  # before any write: a load cut short is still its own
-        load_into_redis(config, frame, redis_url, progress=False)
+        load_bench_db(config, frame, redis_url)
         bodies = bodies_for(frame, n)
         keep = config.max_seq_len
         procs: list[tuple[subprocess.Popen, str]] = []

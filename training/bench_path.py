@@ -27,7 +27,7 @@ from ctr.bundle import load_bundle
 from service import metrics
 from service.app import create_app
 from service.callthreads import CallThreads
-from service.loader import load_into_redis, mark_bench_db
+from service.loader import load_bench_db
 from service.model import LoadedModel, load_model
 from service.settings import Settings
 from service.validate import _checked_candidates, _plain_ids
@@ -329,8 +329,7 @@ def run(
     from training.data import load_frame
 
     frame = load_frame(bundle.config)
-    mark_bench_db(redis_url)  # before any write: a load cut short is still its own
-    load_into_redis(bundle.config, frame, redis_url, progress=False)
+    load_bench_db(bundle.config, frame, redis_url)
     settings = Settings(
         models_dir=str(models_dir), model_name=name, redis_url=redis_url,
         intra_op_threads=1, log_level="warning",

@@ -871,7 +871,7 @@ def run(
     model-only baseline is loaded by the service's own loader from the same settings.
     ``models_dir``: score existing bundles, named by ``models``, instead of building.
     ``rates``: also drive each N open-loop at these request rates (req/s)."""
-    from service.loader import load_into_redis, mark_bench_db
+    from service.loader import load_bench_db
 
     env = env or {}
     results: dict[str, Any] = {
@@ -889,8 +889,7 @@ def run(
     with tempfile.TemporaryDirectory() as tmp:
         for mt in models:
             where, config, frame = _bundle_for(mt, models_dir, tmp, overrides)
-            mark_bench_db(redis_url)  # before any write: a load cut short is still its own
-            load_into_redis(config, frame, redis_url, progress=False)
+            load_bench_db(config, frame, redis_url)
             svc_env = service_env(where, config.name, redis_url, threads, inflight, env)
             base = load_baseline(svc_env)
             proc, url = _start_service(svc_env, port)

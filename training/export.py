@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import re
 import time
 import warnings
 from collections.abc import Iterator
@@ -46,7 +45,7 @@ from ctr.bundle import (
     staging_dir,
 )
 from ctr.mapping import FeatureMapper
-from ctr.spec import MODEL_NAME_PATTERN, FeatureConfig, manifest_config
+from ctr.spec import FeatureConfig, is_model_name, manifest_config
 from training.models import AttentionalGRU, CTRModel
 from training.modules import DINAttention
 
@@ -328,7 +327,7 @@ def export_bundle(
 ) -> tuple[int, Path, ParityReport]:
     """Export, gate, write the manifest and publish as the next version of ``name``."""
     name = name or config.name
-    if not re.fullmatch(MODEL_NAME_PATTERN, name) or len(name) > 100:
+    if not is_model_name(name):
         raise ValueError(f"model name {name!r}: a folder of the model store (letters, "
                          "digits, _ . -; no path)")  # fmt: skip
     staged = staging_dir(models_dir)

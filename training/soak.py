@@ -123,15 +123,14 @@ async def _drive(url: str, bodies: list[bytes], concurrency: int, seconds: float
 
 def run(duration: float, concurrency: int, sample: float, warmup: float, max_growth: float,
         redis_url: str, port: int, threads: int) -> int:  # fmt: skip
-    from service.loader import load_into_redis, mark_bench_db
+    from service.loader import load_bench_db
 
     if duration <= warmup:  # no sample after the warm-up: growth would include start-up
         raise ValueError(f"--duration {duration:g} must be longer than --warmup {warmup:g}")
     ports_free(port)  # before the bundle is built and Redis loaded
     with tempfile.TemporaryDirectory() as tmp:
         config, frame = make_bundle("din", Path(tmp), 50)
-        mark_bench_db(redis_url)  # before any write: a load cut short is still its own
-        load_into_redis(config, frame, redis_url, progress=False)
+        load_bench_db(config, frame, redis_url)
         bodies = []
         for n in (50, 200, 500, 1000):
             bodies += bodies_for(frame, n, count=16, seed=n)

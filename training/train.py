@@ -211,8 +211,8 @@ def setting_warnings(config: FeatureConfig, prep: Prepared) -> list[str]:
     c = config
     if c.model.type == "dien" and c.model.aux_loss_weight > 0 and c.sequences:
         keyed = prep.item_pool[:, list(negative_key(c))]
-        # fewer than 2 distinct rows: every row is the first (one pass, no set of rows)
-        distinct = min(len(keyed), 1 + bool(len(keyed) and (keyed != keyed[0]).any()))
+        # 0, 1, or at least 2 distinct rows: every row is the first (one pass, no set)
+        distinct = 0 if len(keyed) == 0 else 1 + bool((keyed != keyed[0]).any())
         if distinct < 2:  # no other item to draw: every negative is the behaviour itself
             out.append(f"model.aux_loss_weight: the training split's candidates hold "
                        f"{distinct} distinct item(s) to draw DIEN's auxiliary negatives "
