@@ -316,6 +316,8 @@ class TimedProtocol(HttpToolsProtocol):
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         self.running_cycle = cycle
+        if cycle.waiting_for_100_continue:
+            _close_unless_continued(cycle)
         super()._start_asgi_task(cycle, app)
 
     def on_url(self, url: bytes) -> None:
@@ -323,8 +325,14 @@ class TimedProtocol(HttpToolsProtocol):
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.head_done:  # not a chunked body's trailers (MAX_FRAMING_BYTES)
-            self.parsed_head += len(name) + len(value) + 4
+        if self.head_done:
+            # a chunked body's trailer field (counted in MAX_FRAMING_BYTES), not a header
+            # (RFC 9110 6.5.1): uvicorn appends it to the request's header list, which
+            # is the scope's, so a trailer parsed before the handler read the headers
+            # (in the head's read, or behind a pipelined request) counted as one: an
+            # X-API-Key trailer opened protected scoring (HTTP review, session 45)
+            return
+        self.parsed_head += len(name) + len(value) + 4
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
@@ -457,6 +465,23 @@ class TimedProtocol(HttpToolsProtocol):
         """A request refused before its head was all read (so before any route):
         ``ctr_request_duration_seconds{route="unparsed", method="other"}``."""
         m.REQUEST(UNPARSED, "other", str(status)).observe(seconds)
+
+
+def _close_unless_continued(cycle: RequestResponseCycle) -> None:
+    """A request with ``Expect: 100-continue`` answered before its body was asked for
+    (a 413, 415, 401, 403 or 405 from its head alone) closes its connection once
+    answered, with ``connection: close``: its client was never sent 100 Continue and
+    may never send the body, which the parser still waits for; kept open, the next
+    request on the connection was read as that body (HTTP review, session 45; Go's
+    net/http closes too). ``cycle.send`` is wrapped for this request only."""
+    send = cycle.send
+
+    async def send_closing(message: Any) -> None:
+        if message["type"] == "http.response.start" and cycle.waiting_for_100_continue:
+            cycle.keep_alive = False
+        await send(message)
+
+    cycle.send = send_closing  # type: ignore[method-assign]
 
 
 class HeadTooLarge(Exception):
@@ -670,6 +695,7 @@ async def _write(
     if cycle.disconnected or cycle.transport.is_closing():
         return False
     cycle.response_started = True
+    held_back = cycle.waiting_for_100_continue  # answered without reading the body
     cycle.waiting_for_100_continue = False
     scope = cycle.scope
     status = response.status_code
@@ -689,7 +715,9 @@ async def _write(
         content.extend((name, b": ", value, b"\r\n"))
     for name, value in extra:
         content.extend((name, b": ", value, b"\r\n"))
-    keep_alive = cycle.keep_alive  # False once a graceful shutdown has begun
+    # False once a graceful shutdown has begun, or where the client still holds its
+    # body back (_close_unless_continued)
+    keep_alive = cycle.keep_alive and not held_back
     if not keep_alive:
         content.append(b"connection: close\r\n")
     content.append(b"\r\n")

@@ -680,3 +680,71 @@ def test_a_url_the_parser_refuses_behind_a_request_waits_for_its_answer(
     bad = b"GET http://a:99999999/ HTTP/1.1\r\nHost: t\r\n\r\n"
     first, second = _score_then_closed(server, body, bad)
     assert first.startswith(b"HTTP/1.1 200 ") and second.startswith(b"HTTP/1.1 400 "), first
+
+
+def test_trailer_fields_are_not_read_as_headers(server: ServerThread, built: Built) -> None:
+    """A chunked body's trailer fields (RFC 9110 6.5.1) are not the request's headers:
+    uvicorn appended them to the scope's header list, so a trailer parsed before the
+    handler read its headers counted as one (an ``X-API-Key`` trailer opened protected
+    scoring; ``Content-Encoding: gzip`` made a plain body a 415; HTTP review, session
+    45). Sent in the head's write, and behind a pipelined request."""
+    body = _body(built)
+    head = b"POST /v1/score HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunked = b"%x\r\n" % len(body) + body + b"\r\n"
+    trailers = b"0\r\nX-Request-ID: from-trailer\r\nContent-Encoding: gzip\r\n\r\n"
+    one = head + chunked + trailers
+    for sent, answers in ((one, 1), (_head(len(body)) + body + one, 2)):
+        with _connect(server) as sock:
+            sock.sendall(sent)
+            got = Responses(sock)
+            for _ in range(answers):
+                answer, said = got.next()
+                assert answer.startswith(b"HTTP/1.1 200 "), (answer, said)
+                assert b"from-trailer" not in answer.lower()
+                assert json.loads(said)["request_id"] != "from-trailer"
+    # the trailers themselves are still taken (and the framing limit counts them)
+    with _connect(server) as sock:
+        sock.sendall(one + _head(len(body)) + body)
+        got = Responses(sock)
+        assert got.next()[0].startswith(b"HTTP/1.1 200 ")
+        assert got.next()[0].startswith(b"HTTP/1.1 200 ")
+
+
+@pytest.mark.parametrize("route", ["/v1/score", "/v1/events"])
+def test_a_refusal_before_100_continue_closes_the_connection(
+    server: ServerThread, built: Built, route: str
+) -> None:
+    """``Expect: 100-continue`` refused on its head alone (a 415 here): the client was
+    never asked for its body, so the connection closes after the answer, saying
+    ``connection: close``; kept open, the parser read the client's next request as that
+    body (it waited for the read timeout, or answered 400). Asked for, the body is
+    scored and the connection kept (the scoring route under the front, every other
+    route through ASGI: HTTP review, session 45)."""
+    body = _body(built)
+    expect = f"POST {route} HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n"
+    refused = f"{expect}Content-Encoding: gzip\r\nContent-Length: {len(body)}\r\n\r\n"
+    with _connect(server) as sock:
+        sock.sendall(refused.encode())
+        answer, said = Responses(sock).next()
+        assert answer.startswith(b"HTTP/1.1 415 "), (answer, said)
+        assert b"\r\nconnection: close" in answer.lower()
+        start = time.monotonic()
+        rest = b""
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):  # closed: unread
+            sock.sendall(_head(len(body)) + body)  # what the client sends next, if anything
+            rest, _ = _until_closed(sock)
+        assert rest == b"" and time.monotonic() - start < TIMEOUT_MS / 1000 / 2
+    if route != "/v1/score":
+        return
+    with _connect(server) as sock:  # asked for: 100 Continue, the body, kept open
+        sock.sendall(f"{expect}Content-Length: {len(body)}\r\n\r\n".encode())
+        got = Responses(sock)
+        while b"\r\n\r\n" not in got.buf:
+            got._more("100 Continue")
+        assert got.buf.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"), got.buf
+        got.buf = got.buf[len(b"HTTP/1.1 100 Continue\r\n\r\n") :]
+        sock.sendall(body)
+        answer, _ = got.next()
+        assert answer.startswith(b"HTTP/1.1 200 ") and b"connection: close" not in answer.lower()
+        sock.sendall(_head(len(body)) + body)
+        assert got.next()[0].startswith(b"HTTP/1.1 200 ")
