@@ -14,6 +14,7 @@ over ``aux_steps`` steps).
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -46,6 +47,16 @@ class CTRModel(nn.Module):
         # the dense inputs clamped to the training split's range (train.clip_dense)
         self.user_clip = DenseClip(len(config.user_dense))
         self.item_clip = DenseClip(len(config.item_dense))
+
+    head: nn.Linear  # the last layer, [*, width] -> [*, 1]: its bias is the logits' offset
+
+    def init_bias(self, rate: float) -> None:
+        """Start the output bias at ``logit(rate)``, the training split's share of label
+        1, so that a model before training (or stopped after a few steps) predicts that
+        rate: PyTorch's default start is about 0, a probability near 0.5 (train.init_bias)."""
+        rate = min(max(rate, 1e-6), 1.0 - 1e-6)
+        with torch.no_grad():
+            self.head.bias.fill_(math.log(rate / (1.0 - rate)))
 
     def seq_width(self, names: list[str]) -> int:
         return sum(self.config.embedding_dim(n) for n in names)

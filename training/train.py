@@ -198,10 +198,16 @@ def table_counts(config: FeatureConfig, prep: Prepared) -> dict[str, Tensor]:
     return {t: torch.from_numpy(c) for t, c in counts.items()}
 
 
+# fewer rows than this of the rarer label in the validation split: a warning (its AUC
+# moves by 1/THIN_VALIDATION or more with one row's score)
+THIN_VALIDATION = 10
+
+
 def setting_warnings(config: FeatureConfig, prep: Prepared) -> list[str]:
     """What in ``config`` trains as if it were not there: settings a feature's kind does
     not read (:func:`ctr.spec.ignored_settings`), and vocabularies that kept no token of
-    the training split (``min_count`` above every token's count, or an empty column)."""
+    the training split (``min_count`` above every token's count, or an empty column);
+    and a validation split too thin in one label for its AUC to pick an epoch."""
     out = ignored_settings(config)
     for name in prep.mapper.empty_vocabularies():
         m = config.feature(name).mapping
@@ -218,6 +224,13 @@ def setting_warnings(config: FeatureConfig, prep: Prepared) -> list[str]:
                        f"{distinct} distinct item(s) to draw DIEN's auxiliary negatives "
                        "from, so each negative is the behaviour it stands against "
                        "(trained as clicked and not): set aux_loss_weight 0")  # fmt: skip
+    labels = np.asarray(prep.val.label)
+    rarer = min(int((labels == 1).sum()), int((labels == 0).sum()))
+    if 0 < rarer < THIN_VALIDATION:  # no AUC at all (0) is said where training starts
+        kind = "1" if (labels == 1).sum() == rarer else "0"
+        out.append(f"the validation split holds {rarer} row(s) labelled {kind} of "
+                   f"{len(labels)}: its AUC, which picks the epoch kept, is mostly noise "
+                   "(a larger data.val_fraction, or more data)")  # fmt: skip
     return out
 
 
@@ -245,6 +258,8 @@ def train(
         for line in setting_warnings(config, prep):
             print(f"warning: {line}", file=sys.stderr, flush=True)
     model = build_model(config, prep.mapper.table_sizes())
+    if tc.init_bias:
+        model.init_bias(float(np.mean(prep.train.label)))
     if tc.clip_dense:
         model.set_dense_range(*dense_bounds(config, prep.train))
     net: nn.Module = model
