@@ -182,8 +182,9 @@ class TrainSpec(_Strict):
     init_bias: bool = Field(
         default=True,
         description="start the output layer's bias at the training split's log-odds of "
-        "label 1, so an untrained or early-stopped model predicts the base rate instead "
-        "of 0.5 (a zero bias: about 15x a 3 % CTR); false: PyTorch's default start",
+        "label 1 (and DeepFM's dense first-order term at 0), so an untrained or "
+        "early-stopped model predicts the base rate instead of wherever PyTorch's random "
+        "start puts it (about 0.5: 15x a 3 % CTR); false: PyTorch's start",
     )
     clip_dense: bool = Field(
         default=True,

@@ -469,16 +469,20 @@ class TimedProtocol(HttpToolsProtocol):
 
 def _close_unless_continued(cycle: RequestResponseCycle) -> None:
     """A request with ``Expect: 100-continue`` answered before its body was asked for
-    (a 413, 415, 401, 403 or 405 from its head alone) closes its connection once
-    answered, with ``connection: close``: its client was never sent 100 Continue and
-    may never send the body, which the parser still waits for; kept open, the next
-    request on the connection was read as that body (HTTP review, session 45; Go's
-    net/http closes too). ``cycle.send`` is wrapped for this request only."""
+    (a 413, 415, 401, 403 or 405 from its head alone) while its body has not all come
+    closes its connection once answered, with ``connection: close``: its client was
+    never sent 100 Continue and may never send the body, which the parser still waits
+    for; kept open, the next request on the connection was read as that body (HTTP
+    review, session 45; Go's net/http closes too). A body already all read (or none, a
+    GET) leaves nothing in doubt: the connection is kept (diff review). ``cycle.send``
+    is wrapped for this request only, until its answer starts."""
     send = cycle.send
 
     async def send_closing(message: Any) -> None:
-        if message["type"] == "http.response.start" and cycle.waiting_for_100_continue:
-            cycle.keep_alive = False
+        if message["type"] == "http.response.start":
+            cycle.__dict__.pop("send", None)  # no cycle <-> closure loop left for the gc
+            if cycle.waiting_for_100_continue and cycle.more_body:
+                cycle.keep_alive = False
         await send(message)
 
     cycle.send = send_closing  # type: ignore[method-assign]
@@ -695,7 +699,8 @@ async def _write(
     if cycle.disconnected or cycle.transport.is_closing():
         return False
     cycle.response_started = True
-    held_back = cycle.waiting_for_100_continue  # answered without reading the body
+    # answered without asking for a body that has not all come (_close_unless_continued)
+    held_back = cycle.waiting_for_100_continue and cycle.more_body
     cycle.waiting_for_100_continue = False
     scope = cycle.scope
     status = response.status_code

@@ -734,6 +734,18 @@ def test_a_refusal_before_100_continue_closes_the_connection(
             sock.sendall(_head(len(body)) + body)  # what the client sends next, if anything
             rest, _ = _until_closed(sock)
         assert rest == b"" and time.monotonic() - start < TIMEOUT_MS / 1000 / 2
+    # the body already all sent (or none at all): nothing is in doubt, the connection
+    # is kept and the request behind it answered (diff review: both were closed)
+    got_body = f"{expect}Content-Encoding: gzip\r\nContent-Length: {len(body)}\r\n\r\n"
+    bodiless = "GET /healthz HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n\r\n"
+    for sent in (got_body.encode() + body, bodiless.encode()):
+        with _connect(server) as sock:
+            sock.sendall(sent + _head(len(body)) + body)
+            got = Responses(sock)
+            answer, _ = got.next()
+            assert answer.startswith((b"HTTP/1.1 415 ", b"HTTP/1.1 200 ")), answer
+            assert b"connection: close" not in answer.lower()
+            assert got.next()[0].startswith(b"HTTP/1.1 200 ")
     if route != "/v1/score":
         return
     with _connect(server) as sock:  # asked for: 100 Continue, the body, kept open

@@ -226,8 +226,11 @@ def setting_warnings(config: FeatureConfig, prep: Prepared) -> list[str]:
                        "(trained as clicked and not): set aux_loss_weight 0")  # fmt: skip
     labels = np.asarray(prep.val.label)
     rarer = min(int((labels == 1).sum()), int((labels == 0).sum()))
-    if 0 < rarer < THIN_VALIDATION:  # no AUC at all (0) is said where training starts
-        kind = "1" if (labels == 1).sum() == rarer else "0"
+    kind = "1" if (labels == 1).sum() == rarer else "0"
+    if len(labels) and rarer == 0:  # an empty split (val_fraction 0) is said at the start
+        out.append(f"the validation split holds no row labelled {kind} of {len(labels)}: "
+                   "no AUC to pick an epoch by, the last epoch is kept")  # fmt: skip
+    elif 0 < rarer < THIN_VALIDATION:
         out.append(f"the validation split holds {rarer} row(s) labelled {kind} of "
                    f"{len(labels)}: its AUC, which picks the epoch kept, is mostly noise "
                    "(a larger data.val_fraction, or more data)")  # fmt: skip
@@ -280,8 +283,8 @@ def train(
     # an empty or one-label validation split has no AUC to choose an epoch by: then every
     # epoch runs and the last is kept
     by_auc = len(prep.val) > 0 and len(np.unique(prep.val.label)) == 2
-    if not by_auc and info.main and progress:
-        print(f"validation split: {len(prep.val)} rows, no AUC: the last epoch is kept")
+    if not len(prep.val) and info.main and progress:  # one label: setting_warnings
+        print("validation split: 0 rows, no AUC: the last epoch is kept")
     steps = 0
     if info.main:
         out.mkdir(parents=True, exist_ok=True)
