@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import math
 import os
 import signal
 import time
@@ -563,7 +564,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if early_hup.pending:  # noted by `ctr serve` before this handler was in place
             early_hup.pending = False
             hup["pending"] = True
-        state.reader = Reader(state.redis, settings.redis_max_connections)
+        # no socket timeout on a scoring read's reply: its request's asyncio.timeout
+        # bounds it and LateTimer moves that on a loop that came to it late; redis-py's
+        # own timer (CTR_REDIS_TIMEOUT_MS too) cut a read the loop came back to late, the
+        # reply in the socket (a degraded answer, Redis idle: soak review, session 45)
+        state.reader = Reader(state.redis, settings.redis_max_connections, math.inf)
         # a burst on a fresh worker finds its connections open (Redis down: none, within
         # the connect timeout)
         await state.reader.warm(

@@ -543,9 +543,10 @@ class Reader:
     response callbacks, pool bookkeeping behind a condition variable, metrics hooks):
     about 0.2 ms of event-loop CPU per request, as much as mapping 500 candidates. This
     keeps up to ``size`` connections made by the client's own pool (so the same URL, TLS,
-    credentials, database and socket timeouts), writes the packed commands and reads the
-    replies. A connection whose call fails or is cancelled half-way (the request deadline)
-    is closed, never reused, so replies cannot desync; a failure on a reused connection (an
+    credentials, database and connect timeout), writes the packed commands and reads the
+    replies (waiting ``read_timeout`` for them: the socket timeout unless given). A
+    connection whose call fails or is cancelled half-way (the request deadline) is
+    closed, never reused, so replies cannot desync; a failure on a reused connection (an
     idle connection the server closed, a Redis restart) is retried once on a fresh one,
     since these reads are idempotent (a timeout is not retried). On Redis Cluster it uses
     the client's pipeline, which routes by slot. What redis-py does only for its pool's
@@ -553,8 +554,11 @@ class Reader:
     streaming credentials, maintenance notifications (Redis Enterprise) and its
     connection metrics."""
 
-    def __init__(self, redis: AnyRedis, size: int) -> None:
+    def __init__(self, redis: AnyRedis, size: int, read_timeout: float | None = None) -> None:
         self.redis = redis
+        # a reply's wait: None, the connection's socket timeout; math.inf, none (the
+        # caller's asyncio.timeout bounds the read, and moves on a late loop: LateTimer)
+        self.read_timeout = read_timeout
         self.pool = redis.connection_pool if isinstance(redis, Redis) else None
         self.idle: list[Connection] = []
         self.size = size
@@ -622,7 +626,7 @@ class Reader:
             if packed is None:
                 packed = conn.pack_commands(commands)
             await conn.send_packed_command(packed, False)
-            replies = [await conn.read_response() for _ in commands]
+            replies = [await conn.read_response(timeout=self.read_timeout) for _ in commands]
         except BaseException:  # cancelled or failed half-way: unread replies may follow
             await conn.disconnect(nowait=True)
             raise
