@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -328,9 +329,24 @@ def render() -> tuple[bytes, str]:
         from prometheus_client import multiprocess
 
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        registry.register(_ServingInfoOnly(multiprocess.MultiProcessCollector(None)))
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+class _ServingInfoOnly:
+    """The workers' pooled metrics without the ``ctr_model_info`` series at 0: a
+    replaced version's, which multiprocess mode cannot remove from a worker's file (one
+    series more per worker with every reload, for good: a soak review's ``/metrics``)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def collect(self) -> Iterator[Any]:
+        for metric in self.inner.collect():
+            if metric.name == "ctr_model_info":
+                metric.samples = [x for x in metric.samples if x.value != 0]
+            yield metric
 
 
 def forget_dead_workers() -> list[int]:
@@ -371,10 +387,15 @@ def init_dense_counts(features: list[str]) -> None:
 
 
 def set_model_info(name: str, version: str, provider: str, graph: str, precision: str) -> None:
-    """1 for the serving model, 0 for the one it replaced (``clear()`` is not available
-    in multiprocess mode)."""
+    """1 for the serving model; the one it replaced is removed (several workers: set to
+    0, which ``/metrics`` leaves out, as ``remove()`` is not available in multiprocess
+    mode)."""
+    pooled = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
     for old in _current_info:
-        MODEL_INFO.labels(*old).set(0)
+        if pooled:
+            MODEL_INFO.labels(*old).set(0)
+        else:
+            MODEL_INFO.remove(*old)
     labels = (name, version, provider, graph, precision)
     _current_info[:] = [labels]
     MODEL_INFO.labels(*labels).set(1)

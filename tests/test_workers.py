@@ -283,6 +283,37 @@ print(json.dumps({"pid": os.getpid(), "dropped": dropped, "before": before,
 """
 
 
+RELOADING_WORKER = """
+import json
+from service import metrics as m
+m.set_model_info("din", "1", "cpu", "fused", "fp32")
+m.set_model_info("din", "2", "cpu", "fused", "fp32")
+m.set_model_info("din", "3", "cpu", "fused", "fp32")
+print(json.dumps(m.render()[0].decode()))
+"""
+
+
+@pytest.mark.parametrize("pooled", [True, False], ids=["workers", "one"])
+def test_a_replaced_version_leaves_model_info(tmp_path: Path, pooled: bool) -> None:
+    """After reloads ``/metrics`` shows one ``ctr_model_info`` series per worker, the
+    serving version's: each replaced version's stayed at 0 for good, one series more per
+    worker with every reload (a soak review)."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    if pooled:
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path)
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", RELOADING_WORKER], env=env, cwd=root,
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    text = json.loads(out.stdout)
+    infos = re.findall(r"^ctr_model_info\{(.*)\} (\S+)$", text, re.M)
+    assert len(infos) == 1 and 'version="3"' in infos[0][0] and infos[0][1] == "1.0", infos
+    assert "ctr_model_info" in text.split("# TYPE ctr_model_info")[0]  # its HELP still said
+
+
 def test_a_new_worker_drops_the_live_gauges_of_a_dead_one(tmp_path: Path) -> None:
     """Several workers: a worker that died (here with a request in flight) leaves its
     gauge files behind; the worker that replaces it drops them at start, so
