@@ -574,10 +574,9 @@ class Reader:
         The number opened; 0 on a cluster, whose client pools its own per node."""
         if self.pool is None or self.closed:
             return 0
-        pool = self.pool
 
         async def one() -> Connection | None:
-            conn = pool.make_connection()
+            conn = self._fresh()
             try:
                 await asyncio.wait_for(conn.connect(), timeout_s)
             except REDIS_ERRORS:
@@ -617,7 +616,19 @@ class Reader:
                     return await self._call(conn, commands)
                 except RETRYABLE:
                     break  # closed by _call; a reused connection may be stale: once more
-            return await self._call(self.pool.make_connection(), commands)
+            return await self._call(self._fresh(), commands)
+
+    def _fresh(self) -> Connection:
+        """A new connection of the client's pool; with no reply timer of its own where
+        the caller bounds the reads (``read_timeout`` math.inf): its set-up's replies
+        (CLIENT SETINFO, SELECT, AUTH/HELLO) were cut by redis-py's timer on a loop busy
+        just after they were sent (diff review, session 45). ``socket_connect_timeout``
+        still bounds the TCP connect."""
+        assert self.pool is not None
+        conn = self.pool.make_connection()
+        if self.read_timeout == math.inf:
+            conn.socket_timeout = None
+        return conn
 
     async def _call(self, conn: Connection, commands: list[tuple[Any, ...]]) -> list[Any]:
         try:

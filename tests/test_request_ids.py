@@ -266,6 +266,53 @@ def test_a_read_whose_timer_came_late_is_given_its_reply(
         assert errors("redis") == before + 1
 
 
+def test_a_new_connections_set_up_read_late_is_given_its_reply(
+    built: Built, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No idle connection (none warmed here; a burst past the warm ones, a read that
+    timed out, a Redis restart): the read opens one, whose set-up replies (CLIENT
+    SETINFO, SELECT) redis-py read under its own timer, which a loop busy just after
+    they were sent ran out (diff review, session 45: Redis idle, degraded)."""
+    import time
+
+    from prometheus_client import REGISTRY
+
+    import service.store as store
+
+    real_call = store.Reader._call
+
+    async def busy_after_set_up(self: Any, conn: Any, commands: Any) -> Any:
+        read = conn.read_response
+
+        async def late_read(*a: Any, **k: Any) -> Any:
+            if k.get("timeout") is None:  # a set-up reply (the commands' pass math.inf)
+                conn.__dict__.pop("read_response", None)
+                asyncio.get_running_loop().call_soon(time.sleep, 0.08)
+            return await read(*a, **k)
+
+        conn.read_response = late_read
+        try:
+            return await real_call(self, conn, commands)
+        finally:
+            conn.__dict__.pop("read_response", None)
+
+    def errors() -> float:
+        return REGISTRY.get_sample_value("ctr_errors_total", {"kind": "redis"}) or 0.0
+
+    items = built.frame["item_id"].astype(str).unique()[:5].tolist()
+    users = built.frame["user_id"].astype(str).unique()[3:5].tolist()
+    settings = settings_for(built, redis_timeout_ms=50, redis_warm_connections=0)
+    with TestClient(create_app(settings)) as c:
+        monkeypatch.setattr(store.Reader, "_call", busy_after_set_up)
+        before = errors()
+        for user in users:
+            body = {"user_id": user, "candidates": [{"item_id": i} for i in items]}
+            r = c.post("/v1/score", json=body)
+            assert r.status_code == 200 and r.json()["degraded"] is False, r.text
+            assert r.json()["cold_start"] is False
+        assert errors() == before
+
+
 def test_a_stalled_redis_under_load_degrades_every_answer(
     built: Built, monkeypatch: pytest.MonkeyPatch
 ) -> None:
