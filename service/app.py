@@ -970,6 +970,16 @@ def _check_key(state: State, header: Callable[[str], str | None], admin: bool = 
 HIDDEN_ERROR = "hidden: send X-API-Key to read it"
 
 
+def _hide_refusal(
+    described: dict[str, Any], note: Callable[[str | None], str | None]
+) -> dict[str, Any]:
+    """``/v1/models``' ``user_tracking`` with Redis's refusal shown to key holders only
+    (it may name an ACL user or a command)."""
+    if described.get("refused"):
+        described["refused"] = note(described["refused"])
+    return described
+
+
 def _key_holder(state: State, header: Callable[[str], str | None]) -> bool:
     """Whether the caller may read a load error's text (file paths, the store's layout):
     anyone where no ``CTR_API_KEY`` is set, else who sends it."""
@@ -1067,7 +1077,9 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             500: {"model": ErrorBody, "description": "a non-finite score (`non_finite_score`)"},
             503: {
                 "model": ErrorBody,
-                "description": "model not ready, overloaded or deadline exceeded",
+                "description": "model not ready (model_not_ready), overloaded (overloaded), "
+                "deadline exceeded (deadline_exceeded) or shutting down (shutting_down); "
+                "with Retry-After",
             },
         },
         openapi_extra={"requestBody": body_schema("ScoreRequest")},
@@ -1304,7 +1316,7 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             "reload_bus": None
             if state.bus is None
             else {"channel": state.bus.channel, "subscribed": state.bus.subscribed},
-            "user_tracking": tracking.describe(state.tracker, s),
+            "user_tracking": _hide_refusal(tracking.describe(state.tracker, s), note),
             "model_type": c.model.type,
             "max_seq_len": c.max_seq_len,
             "created_at": model.bundle.manifest.get("created_at"),

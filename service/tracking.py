@@ -131,6 +131,7 @@ class UserTracker:
         self.floor = 0  # every stamp below this is distrusted
         self.noted: dict[str, int] = {}  # user -> number of their newest invalidation
         self.live = False  # subscribed, and its newest probe back in time
+        self.refused: str | None = None  # Redis's error reply to the last set-up, if any
         self.invalidations = 0  # users invalidated one by one (seen by the tests)
         self.losses = 0  # times every row was distrusted at once (seen by the tests)
         self.client_id: int | None = None  # the connection's CLIENT ID (CLIENT KILL ID)
@@ -241,6 +242,7 @@ class UserTracker:
                 try:
                     await self._connect()
                     connected_at, failing = time.monotonic(), False
+                    self.refused = None
                     m.set_tracking(True)
                 except Exception as exc:  # whatever it was: try again later
                     if not failing:  # once per outage, not every retry
@@ -249,6 +251,7 @@ class UserTracker:
                     # a Redis that refuses tracking is not a connection down; one that
                     # does not answer (after refusing, too) is
                     refused = isinstance(exc, TrackingRefused)
+                    self.refused = str(exc) if refused else None
                     m.set_tracking(not refused, refused)
                     # refused (Redis < 6, ACL, password): the next try is no likelier soon
                     await asyncio.sleep(
@@ -614,7 +617,10 @@ async def start_tracking(settings: Settings) -> UserTracker | None:
 
 
 def describe(tracker: UserTracker | None, settings: Settings) -> dict[str, Any]:
-    """What ``/v1/models`` shows of tracking."""
+    """What ``/v1/models`` shows of tracking: ``refused`` is Redis's error reply while it
+    refuses the set-up (``ctr_user_tracking_refused``), null otherwise (it showed as
+    ``enabled`` and not ``live``, as a connection down: a docs review)."""
     if tracker is None:
         return {"enabled": False, "why_not": off_reason(settings)}
-    return {"enabled": True, "live": tracker.live, "drain_ms": tracker.drain_s * 1000}
+    return {"enabled": True, "live": tracker.live, "drain_ms": tracker.drain_s * 1000,
+            "refused": tracker.refused}  # fmt: skip

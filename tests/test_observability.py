@@ -101,6 +101,28 @@ def test_a_redis_that_refuses_tracking_is_not_a_connection_down(built: Built) ->
             assert _value("ctr_user_tracking_refused") == 1.0  # CtrUserTrackingRefused
             r = c.post("/v1/score", json=_body(built))
             assert r.status_code == 200  # every request reads: served all the same
+            # /v1/models tells the refusal apart from a connection down (a docs review:
+            # it showed enabled and not live, as a connection down does); no key is set
+            # here, so it is shown (with one, to key holders only)
+            wait_for(lambda: c.get("/v1/models").json()["user_tracking"]["refused"], "said", 10)
+            shown = c.get("/v1/models").json()["user_tracking"]
+            assert shown["live"] is False and "NOPERM" in shown["refused"], shown
+        rp.client().execute_command("ACL", "SETUSER", "default", "+client|tracking")
+        with TestClient(create_app(settings_for(built, redis_url=rp.url))) as c:
+            wait_for(lambda: c.get("/v1/models").json()["user_tracking"]["live"], "live", 10)
+            assert c.get("/v1/models").json()["user_tracking"]["refused"] is None
+        rp.client().execute_command("ACL", "SETUSER", "default", "-client|tracking")
+        keyed = settings_for(built, redis_url=rp.url, api_key="k" * 32)
+        with TestClient(create_app(keyed)) as c:
+            key = {"X-API-Key": "k" * 32}
+
+            def refusal() -> str | None:
+                return c.get("/v1/models", headers=key).json()["user_tracking"]["refused"]
+
+            wait_for(lambda: refusal() is not None, "refused", 10)
+            assert "NOPERM" in (refusal() or "")
+            hidden = c.get("/v1/models").json()["user_tracking"]["refused"]
+            assert hidden == "hidden: send X-API-Key to read it"
 
 
 def test_a_previous_runs_metric_files_are_wiped(tmp_path: Path) -> None:
