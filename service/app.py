@@ -1499,8 +1499,12 @@ async def _score(
                           "features) holds another type, degraded response: %s%s",
                           req.user_id[:100], wrong, held_note(due))  # fmt: skip
             else:
+                # the request's own timer says nothing (asyncio's TimeoutError is empty)
+                text = str(exc)[:300] or (
+                    f"no reply within CTR_REDIS_TIMEOUT_MS={s.redis_timeout_ms:g}"
+                    if isinstance(exc, TimeoutError) else "")  # fmt: skip
                 log.warning("redis fetch failed, degraded response: %s: %s%s",
-                            type(exc).__name__, str(exc)[:300], held_note(due))  # fmt: skip
+                            type(exc).__name__, text, held_note(due))  # fmt: skip
             m.ERRORS.labels("redis" if wrong is None else "redis_data").inc()
             m.DEGRADED.inc()
             degraded = True  # data stays empty

@@ -195,7 +195,7 @@ def test_an_outage_logs_one_line_per_period(
 
 
 def test_a_read_whose_timer_came_late_is_given_its_reply(
-    built: Built, monkeypatch: pytest.MonkeyPatch
+    built: Built, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Past what a worker serves, its loop ran other requests' work while a Redis read
     was out: the read's timer came late, its reply possibly in the socket unread, and
@@ -260,10 +260,14 @@ def test_a_read_whose_timer_came_late_is_given_its_reply(
         assert r.json()["cold_start"] is False and errors("redis") == before
         monkeypatch.undo()
         monkeypatch.setattr(app_module, "fetch", redis_slow)
-        r = c.post("/v1/score", json={"user_id": users[1],
-                                      "candidates": [{"item_id": i} for i in items]})  # fmt: skip
+        body = {"user_id": users[1], "candidates": [{"item_id": i} for i in items]}
+        with caplog.at_level("WARNING", logger="ctr"):
+            r = c.post("/v1/score", json=body)
         assert r.status_code == 200 and r.json()["degraded"] is True, r.text
         assert errors("redis") == before + 1
+        # the request's own timer: its line says what ran out (it read "TimeoutError: ")
+        said = [x.getMessage() for x in caplog.records if "redis fetch failed" in x.getMessage()]
+        assert said and "TimeoutError: no reply within CTR_REDIS_TIMEOUT_MS=50" in said[-1]
 
 
 def test_a_new_connections_set_up_read_late_is_given_its_reply(
