@@ -1501,7 +1501,7 @@ async def _score(
             else:
                 # the request's own timer says nothing (asyncio's TimeoutError is empty)
                 text = str(exc)[:300] or (
-                    f"no reply within CTR_REDIS_TIMEOUT_MS={s.redis_timeout_ms:g}"
+                    f"no reply within CTR_REDIS_TIMEOUT_MS={s.redis_timeout_ms}"
                     if isinstance(exc, TimeoutError) else "")  # fmt: skip
                 log.warning("redis fetch failed, degraded response: %s: %s%s",
                             type(exc).__name__, text, held_note(due))  # fmt: skip

@@ -39,7 +39,12 @@ class Settings(BaseSettings):
     )
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL")
     redis_cluster: bool = Field(False, description="the URL names a Redis Cluster node")
-    redis_timeout_ms: int = Field(50, gt=0, description="socket timeout per Redis call")
+    redis_timeout_ms: int = Field(
+        50,
+        gt=0,
+        description="a scoring request's Redis read (its own timer, moved on a late loop; "
+        "the socket timeout of the service's other Redis calls and of a Cluster's reads)",
+    )
     redis_connect_timeout_ms: int = Field(200, gt=0, description="connect timeout")
     ready_requires_redis: bool = Field(
         False,
