@@ -847,23 +847,35 @@ def test_an_untrained_model_predicts_the_base_rate(
     """The output bias starts at the training split's log-odds of a click: with a 5 %
     click rate and (almost) no training, the mean predicted probability is near 5 %, not
     near 0.5 (which the Alimama config's early-stopped model served: 0.49 against 3 %).
+    ``auto`` (the default) does so where the rarer label is under 20 %.
     DeepFM's dense first-order term starts at 0 too (its random start put the mean at
     0.2x to 2.6x the rate by seed: seeds 1 and 3)."""
     prep = _relabelled(tiny_prep, 0.05)
     rate = float(prep.train.label.mean())
-    means = {}
-    for init in (True, False):
+    means: dict[object, float] = {}
+    biases: dict[object, float] = {}
+
+    def run(init: object, data: Any, name: str) -> None:
         config = tiny_config(
             model_type, train__epochs=1, train__lr=1e-9, train__init_bias=init, train__seed=seed
         )
-        metrics = train(config, tmp_path / f"run-{init}", prep=prep, progress=False)
-        means[init] = metrics["test"]["mean_pred"]
-        state = torch.load(tmp_path / f"run-{init}" / "checkpoint.pt", weights_only=True)
-        if init:
-            assert state["head.bias"].item() == pytest.approx(math.log(rate / (1 - rate)), abs=1e-4)
-    assert rate / 2 < means[True] < rate * 2, means
+        metrics = train(config, tmp_path / name, prep=data, progress=False)
+        means[name] = metrics["test"]["mean_pred"]
+        state = torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
+        biases[name] = state["head.bias"].item()
+
+    for init in (True, False, "auto"):
+        run(init, prep, str(init))
+    logit = math.log(rate / (1 - rate))
+    assert biases["True"] == pytest.approx(logit, abs=1e-4)
+    assert biases["auto"] == biases["True"]  # 5 % clicks: auto starts at the base rate
+    assert rate / 2 < means["True"] < rate * 2, means
     # PyTorch's start is wherever its random bias puts it (0.5 or so at seed 42)
-    assert abs(math.log(means[True] / rate)) < abs(math.log(means[False] / rate)), means
+    assert abs(math.log(means["True"] / rate)) < abs(math.log(means["False"] / rate)), means
+    # 38 % clicks (the tiny data's own labels): auto keeps PyTorch's start
+    run("auto", tiny_prep, "auto-38")
+    run(False, tiny_prep, "false-38")
+    assert biases["auto-38"] == biases["false-38"] != pytest.approx(logit, abs=1e-2)
 
 
 def test_a_thin_validation_split_is_warned(

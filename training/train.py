@@ -198,6 +198,14 @@ def table_counts(config: FeatureConfig, prep: Prepared) -> dict[str, Tensor]:
     return {t: torch.from_numpy(c) for t, c in counts.items()}
 
 
+# train.init_bias "auto": the output bias starts at the base rate where the rarer label's
+# share of the training split is under this. Where clicks are rare a start near 0.5 is far
+# off (15x a 3 % CTR; the Alimama sample's early-stopped model served that); at 37 %
+# (the synthetic data) the start cost test AUC, 0.7278 -> 0.6865 and 0.7098 -> 0.6792 on
+# two of four seeds (session 45), and on MovieLens and Amazon (55 % and 50 %) it changed
+# nothing beyond the seeds' spread
+AUTO_INIT_RARER = 0.2
+
 # fewer rows than this of the rarer label in the validation split: a warning (its AUC
 # moves by 1/THIN_VALIDATION or more with one row's score)
 THIN_VALIDATION = 10
@@ -261,8 +269,9 @@ def train(
         for line in setting_warnings(config, prep):
             print(f"warning: {line}", file=sys.stderr, flush=True)
     model = build_model(config, prep.mapper.table_sizes())
-    if tc.init_bias:
-        model.init_bias(float(np.mean(prep.train.label)))
+    rate = float(np.mean(prep.train.label))
+    if tc.init_bias is True or (tc.init_bias == "auto" and min(rate, 1 - rate) < AUTO_INIT_RARER):
+        model.init_bias(rate)
     if tc.clip_dense:
         model.set_dense_range(*dense_bounds(config, prep.train))
     net: nn.Module = model
