@@ -10,6 +10,7 @@ import numpy as np
 
 from ctr.bundle import Bundle
 from ctr.encode import encode_item_rows, encode_user_rows
+from ctr.mapping import normalize
 from ctr.spec import FeatureConfig
 from service.metrics import DENSE_OUT_OF_RANGE
 from service.rowcache import ItemRowCache
@@ -224,12 +225,16 @@ def encode_user(
     return UserRows(data.profile, events, context, us, ud, hist, lens, data.found)
 
 
-def history_items(config: FeatureConfig, data: UserData, hist_len: int) -> list[Any]:
-    """Raw IDs of the ``hist_len`` history positions fed to the graph (for ``explain``)."""
+def history_items(config: FeatureConfig, data: UserData, hist_len: int) -> list[str | None]:
+    """IDs of the ``hist_len`` history positions fed to the graph (for ``explain``), in
+    the canonical form a request's IDs take (``ctr.mapping.normalize``: a stored ``12345``
+    or ``12345.0`` is ``"12345"``, as the model read it; they came back as the stored
+    JSON number); None where a stored behaviour has none."""
     if not hist_len:
         return []
-    ids = [ev.get(config.item_id_feature.source) for ev in data.events[-config.max_seq_len :]]
-    return ids[-hist_len:]
+    source = config.item_id_feature.source
+    events = data.events[-config.max_seq_len :][-hist_len:]
+    return [normalize(ev.get(source)) for ev in events]
 
 
 def build_feeds(

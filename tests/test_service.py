@@ -237,6 +237,30 @@ def test_explain_returns_history_items(built: Built, redis_db: Redis, client: Te
             assert a["item_id"] in set(hist[at].tolist())
 
 
+def test_explain_names_stored_ids_as_requests_do(
+    built: Built, redis_db: Redis, client: TestClient
+) -> None:
+    """A behaviour written by hand with a numeric item ID (or none) is named by the ID's
+    canonical string, as the model read it (``12345``, ``13.0`` -> ``"12345"``,
+    ``"13"``; it came back as the JSON number), and null where it has none; entries are
+    per history position (an explain review)."""
+    events = [orjson.loads(x) for x in redis_db.lrange(user_key("u4", "seq"), 0, 2)]
+    assert len(events) == 3
+    events[0]["item_id"], events[1]["item_id"] = 12345, 13.0
+    del events[2]["item_id"]
+    key = user_key("xp-numeric", "seq")
+    redis_db.delete(key)
+    redis_db.rpush(key, *[orjson.dumps(e) for e in events])
+    try:
+        r = client.post("/v1/score", json={"user_id": "xp-numeric", "explain": True,
+                                           "candidates": [{"item_id": "i1"}]})  # fmt: skip
+        assert r.status_code == 200, r.text
+        named = sorted(a["item_id"] or "" for a in r.json()["items"][0]["attention"])
+        assert named == ["", "12345", "13"]
+    finally:
+        redis_db.delete(key)
+
+
 def test_explain_with_no_history_gives_every_item_an_empty_list(client: TestClient) -> None:
     """A cold start has no history to attend to: each item still carries ``attention``
     (empty), so a client reads the same shape for every user; ``explain: null`` is
