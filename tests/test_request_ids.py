@@ -12,7 +12,7 @@ import re
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +194,36 @@ def test_an_outage_logs_one_line_per_period(
     assert errors() == before + 6  # every failure counted
 
 
+def _loop_busy_after_a_send(
+    monkeypatch: pytest.MonkeyPatch, which: Callable[[dict[str, Any]], bool]
+) -> None:
+    """The scoring reads' connections (``Reader._call``): the event loop runs 80 ms of
+    others' work just after the first reply wait that ``which`` (given the wait's
+    keyword arguments) picks, once per call, the reply arriving meanwhile."""
+    import time
+
+    import service.store as store
+
+    real_call = store.Reader._call
+
+    async def busy_after_send(self: Any, conn: Any, commands: Any) -> Any:
+        read = conn.read_response
+
+        async def late_read(*a: Any, **k: Any) -> Any:
+            if which(k):
+                conn.__dict__.pop("read_response", None)
+                asyncio.get_running_loop().call_soon(time.sleep, 0.08)
+            return await read(*a, **k)
+
+        conn.read_response = late_read
+        try:
+            return await real_call(self, conn, commands)
+        finally:
+            conn.__dict__.pop("read_response", None)
+
+    monkeypatch.setattr(store.Reader, "_call", busy_after_send)
+
+
 def test_a_read_whose_timer_came_late_is_given_its_reply(
     built: Built, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -208,7 +238,6 @@ def test_a_read_whose_timer_came_late_is_given_its_reply(
     from prometheus_client import REGISTRY
 
     import service.app as app_module
-    import service.store as store
 
     real = app_module.fetch
 
@@ -237,23 +266,7 @@ def test_a_read_whose_timer_came_late_is_given_its_reply(
         # the loop busy just after the read was sent: redis-py's own reply timer (the
         # socket timeout, CTR_REDIS_TIMEOUT_MS too) cut it, which the grace above does
         # not move (a soak review's degraded answer during a reload, Redis idle)
-        real_call = store.Reader._call
-
-        async def busy_after_send(self: Any, conn: Any, commands: Any) -> Any:
-            read = conn.read_response
-
-            async def late_read(*a: Any, **k: Any) -> Any:
-                conn.__dict__.pop("read_response", None)
-                asyncio.get_running_loop().call_soon(time.sleep, 0.08)
-                return await read(*a, **k)
-
-            conn.read_response = late_read
-            try:
-                return await real_call(self, conn, commands)
-            finally:
-                conn.__dict__.pop("read_response", None)
-
-        monkeypatch.setattr(store.Reader, "_call", busy_after_send)
+        _loop_busy_after_a_send(monkeypatch, lambda k: True)
         r = c.post("/v1/score", json={"user_id": users[2],  # not kept: read
                                       "candidates": [{"item_id": i} for i in items]})  # fmt: skip
         assert r.status_code == 200 and r.json()["degraded"] is False, r.text
@@ -277,28 +290,7 @@ def test_a_new_connections_set_up_read_late_is_given_its_reply(
     timed out, a Redis restart): the read opens one, whose set-up replies (CLIENT
     SETINFO, SELECT) redis-py read under its own timer, which a loop busy just after
     they were sent ran out (diff review, session 45: Redis idle, degraded)."""
-    import time
-
     from prometheus_client import REGISTRY
-
-    import service.store as store
-
-    real_call = store.Reader._call
-
-    async def busy_after_set_up(self: Any, conn: Any, commands: Any) -> Any:
-        read = conn.read_response
-
-        async def late_read(*a: Any, **k: Any) -> Any:
-            if k.get("timeout") is None:  # a set-up reply (the commands' pass math.inf)
-                conn.__dict__.pop("read_response", None)
-                asyncio.get_running_loop().call_soon(time.sleep, 0.08)
-            return await read(*a, **k)
-
-        conn.read_response = late_read
-        try:
-            return await real_call(self, conn, commands)
-        finally:
-            conn.__dict__.pop("read_response", None)
 
     def errors() -> float:
         return REGISTRY.get_sample_value("ctr_errors_total", {"kind": "redis"}) or 0.0
@@ -307,7 +299,8 @@ def test_a_new_connections_set_up_read_late_is_given_its_reply(
     users = built.frame["user_id"].astype(str).unique()[3:5].tolist()
     settings = settings_for(built, redis_timeout_ms=50, redis_warm_connections=0)
     with TestClient(create_app(settings)) as c:
-        monkeypatch.setattr(store.Reader, "_call", busy_after_set_up)
+        # a set-up reply: the commands' own are read with timeout math.inf
+        _loop_busy_after_a_send(monkeypatch, lambda k: k.get("timeout") is None)
         before = errors()
         for user in users:
             body = {"user_id": user, "candidates": [{"item_id": i} for i in items]}
