@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import math
 import os
 import signal
 import time
@@ -568,7 +567,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # bounds it and LateTimer moves that on a loop that came to it late; redis-py's
         # own timer (CTR_REDIS_TIMEOUT_MS too) cut a read the loop came back to late, the
         # reply in the socket (a degraded answer, Redis idle: soak review, session 45)
-        state.reader = Reader(state.redis, settings.redis_max_connections, math.inf)
+        state.reader = Reader(state.redis, settings.redis_max_connections, caller_bounds=True)
         # a burst on a fresh worker finds its connections open (Redis down: none, within
         # the connect timeout)
         await state.reader.warm(

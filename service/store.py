@@ -542,23 +542,23 @@ class Reader:
     redis-py's ``Pipeline`` pays for its generality on every call (a command stack,
     response callbacks, pool bookkeeping behind a condition variable, metrics hooks):
     about 0.2 ms of event-loop CPU per request, as much as mapping 500 candidates. This
-    keeps up to ``size`` connections made by the client's own pool (so the same URL, TLS,
-    credentials, database and connect timeout), writes the packed commands and reads the
-    replies (waiting ``read_timeout`` for them: the socket timeout unless given). A
-    connection whose call fails or is cancelled half-way (the request deadline) is
-    closed, never reused, so replies cannot desync; a failure on a reused connection (an
-    idle connection the server closed, a Redis restart) is retried once on a fresh one,
-    since these reads are idempotent (a timeout is not retried). On Redis Cluster it uses
-    the client's pipeline, which routes by slot. What redis-py does only for its pool's
-    own connections does not apply here: health checks, re-authentication with
-    streaming credentials, maintenance notifications (Redis Enterprise) and its
-    connection metrics."""
+    keeps up to ``size`` connections made by the client's own pool (so the same URL,
+    TLS, credentials, database and timeouts; none on a reply where ``caller_bounds``),
+    writes the packed commands and reads the replies. A connection whose call fails or
+    is cancelled half-way (the request deadline) is closed, never reused, so replies
+    cannot desync; a failure on a reused connection (an idle connection the server
+    closed, a Redis restart) is retried once on a fresh one, since these reads are
+    idempotent (a timeout is not retried). On Redis Cluster it uses the client's
+    pipeline, which routes by slot. What redis-py does only for its pool's own
+    connections does not apply here: health checks, re-authentication with streaming
+    credentials, maintenance notifications (Redis Enterprise) and its connection
+    metrics."""
 
-    def __init__(self, redis: AnyRedis, size: int, read_timeout: float | None = None) -> None:
+    def __init__(self, redis: AnyRedis, size: int, caller_bounds: bool = False) -> None:
         self.redis = redis
-        # a reply's wait: None, the connection's socket timeout; math.inf, none (the
-        # caller's asyncio.timeout bounds the read, and moves on a late loop: LateTimer)
-        self.read_timeout = read_timeout
+        # the caller bounds every read (an asyncio.timeout, which LateTimer moves on a
+        # late loop): the connections wait for replies with no socket timeout of their own
+        self.caller_bounds = caller_bounds
         self.pool = redis.connection_pool if isinstance(redis, Redis) else None
         self.idle: list[Connection] = []
         self.size = size
@@ -620,13 +620,13 @@ class Reader:
 
     def _fresh(self) -> Connection:
         """A new connection of the client's pool; with no reply timer of its own where
-        the caller bounds the reads (``read_timeout`` math.inf): its set-up's replies
-        (CLIENT SETINFO, SELECT, AUTH/HELLO) were cut by redis-py's timer on a loop busy
-        just after they were sent (diff review, session 45). ``socket_connect_timeout``
-        still bounds the TCP connect."""
+        the caller bounds the reads (``caller_bounds``): redis-py's timer cut a reply,
+        the commands' or the set-up's (CLIENT SETINFO, SELECT, AUTH/HELLO), on a loop
+        busy just after the send, which LateTimer does not move (soak and diff reviews,
+        session 45). ``socket_connect_timeout`` still bounds the TCP connect."""
         assert self.pool is not None
         conn = self.pool.make_connection()
-        if self.read_timeout == math.inf:
+        if self.caller_bounds:
             conn.socket_timeout = None
         return conn
 
@@ -637,7 +637,7 @@ class Reader:
             if packed is None:
                 packed = conn.pack_commands(commands)
             await conn.send_packed_command(packed, False)
-            replies = [await conn.read_response(timeout=self.read_timeout) for _ in commands]
+            replies = [await conn.read_response() for _ in commands]
         except BaseException:  # cancelled or failed half-way: unread replies may follow
             await conn.disconnect(nowait=True)
             raise

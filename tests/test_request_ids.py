@@ -12,7 +12,7 @@ import re
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -194,12 +194,10 @@ def test_an_outage_logs_one_line_per_period(
     assert errors() == before + 6  # every failure counted
 
 
-def _loop_busy_after_a_send(
-    monkeypatch: pytest.MonkeyPatch, which: Callable[[dict[str, Any]], bool]
-) -> None:
+def _loop_busy_after_a_send(monkeypatch: pytest.MonkeyPatch) -> None:
     """The scoring reads' connections (``Reader._call``): the event loop runs 80 ms of
-    others' work just after the first reply wait that ``which`` (given the wait's
-    keyword arguments) picks, once per call, the reply arriving meanwhile."""
+    others' work just after the call's first send (the commands', or on a new
+    connection its set-up's), its reply arriving meanwhile."""
     import time
 
     import service.store as store
@@ -210,9 +208,8 @@ def _loop_busy_after_a_send(
         read = conn.read_response
 
         async def late_read(*a: Any, **k: Any) -> Any:
-            if which(k):
-                conn.__dict__.pop("read_response", None)
-                asyncio.get_running_loop().call_soon(time.sleep, 0.08)
+            conn.__dict__.pop("read_response", None)
+            asyncio.get_running_loop().call_soon(time.sleep, 0.08)
             return await read(*a, **k)
 
         conn.read_response = late_read
@@ -266,7 +263,7 @@ def test_a_read_whose_timer_came_late_is_given_its_reply(
         # the loop busy just after the read was sent: redis-py's own reply timer (the
         # socket timeout, CTR_REDIS_TIMEOUT_MS too) cut it, which the grace above does
         # not move (a soak review's degraded answer during a reload, Redis idle)
-        _loop_busy_after_a_send(monkeypatch, lambda k: True)
+        _loop_busy_after_a_send(monkeypatch)
         r = c.post("/v1/score", json={"user_id": users[2],  # not kept: read
                                       "candidates": [{"item_id": i} for i in items]})  # fmt: skip
         assert r.status_code == 200 and r.json()["degraded"] is False, r.text
@@ -299,8 +296,7 @@ def test_a_new_connections_set_up_read_late_is_given_its_reply(
     users = built.frame["user_id"].astype(str).unique()[3:5].tolist()
     settings = settings_for(built, redis_timeout_ms=50, redis_warm_connections=0)
     with TestClient(create_app(settings)) as c:
-        # a set-up reply: the commands' own are read with timeout math.inf
-        _loop_busy_after_a_send(monkeypatch, lambda k: k.get("timeout") is None)
+        _loop_busy_after_a_send(monkeypatch)  # a new connection's: its set-up's reply
         before = errors()
         for user in users:
             body = {"user_id": user, "candidates": [{"item_id": i} for i in items]}
