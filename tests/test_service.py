@@ -29,6 +29,7 @@ from tests.helpers import (
     offline_rows,
     settings_for,
     torch_inputs,
+    wait_for,
 )
 from tests.redis_proc import RedisProcess, free_port
 
@@ -387,6 +388,9 @@ def test_one_redis_round_trip_per_score(
             user_tracking=tracking,
         )
         with TestClient(create_app(s)) as client:
+            if tracking:  # rows read before the tracking connection is live are not kept
+                wait_for(lambda: client.get("/v1/models").json()["user_tracking"]["live"],
+                         "tracking live", 10)  # fmt: skip
             client.post("/v1/score", json=body)  # warm the pool (connection set-up)
             deltas = []
             hm_before = hmget_calls()

@@ -625,6 +625,7 @@ def test_tracked_rows_answer_like_reading_every_time(
         "enabled": True,
         "live": True,
         "drain_ms": drain_ms,
+        "refused": None,
     }
     assert fresh.get("/v1/models").json()["user_tracking"] == {
         "enabled": False,
