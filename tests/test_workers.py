@@ -641,8 +641,14 @@ def _refused_while_draining(proc: subprocess.Popen, port: int, after_s: float) -
 def _workers_of(pid: int) -> list[int]:
     """The uvicorn worker processes under the supervisor ``pid``."""
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    kids = [int(p) for p in out.split()]
-    return [k for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
+    found = []
+    for kid in (int(p) for p in out.split()):
+        try:  # a worker just killed may be gone (reaped) between pgrep and the read
+            if b"spawn_main" in Path(f"/proc/{kid}/cmdline").read_bytes():
+                found.append(kid)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return found
 
 
 def test_a_worker_starting_at_sigterm_does_not_reopen_the_socket(
