@@ -56,6 +56,12 @@ def worker_redis_url(url: str, worker: str | None) -> str:
 # CTR_TEST_REDIS_URL: the database of a run in one process, and of worker gw0
 BASE_REDIS_URL = os.environ.get("CTR_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 REDIS_URL = worker_redis_url(BASE_REDIS_URL, os.environ.get("PYTEST_XDIST_WORKER"))
+# a database no worker of this run serves from: the spare after the workers' own, for a
+# test that counts a database's keys (a service of an earlier test in the same worker,
+# its tracking heartbeat's probe key, landed in the worker's database: fresh-clone CI)
+UNSERVED_REDIS_URL = worker_redis_url(
+    BASE_REDIS_URL, f"gw{int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))}"
+)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from ctr.cli import serve_settings
-from tests.helpers import REDIS_URL, ROOT, tmpfs
+from tests.helpers import REDIS_URL, ROOT, UNSERVED_REDIS_URL, tmpfs
 from tests.redis_proc import free_port
 
 
@@ -609,13 +609,13 @@ def test_bench_pair_finds_its_port_taken_before_it_loads_redis() -> None:
     loaded; now one line, status 2, before either (review, session 40)."""
     import redis
 
-    client = redis.Redis.from_url(REDIS_URL)
+    client = redis.Redis.from_url(UNSERVED_REDIS_URL)
     client.flushdb()
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         held.listen()
         port = held.getsockname()[1]
-        out = ctr("bench-pair", "--port", str(port), "--redis-url", REDIS_URL,
+        out = ctr("bench-pair", "--port", str(port), "--redis-url", UNSERVED_REDIS_URL,
                   "--rounds", "2", "--seconds", "0.5")  # fmt: skip
     line = one_line_error(out, "bench-pair")
     assert f"PortInUse: port {port} is in use" in line, line
@@ -631,27 +631,27 @@ def test_a_benchmark_refuses_a_database_holding_other_data(command: str) -> None
 
     from service.loader import BENCH_KEY, check_bench_db, mark_bench_db
 
-    client = redis.Redis.from_url(REDIS_URL)
+    client = redis.Redis.from_url(UNSERVED_REDIS_URL)
     client.flushdb()
     client.rpush("{u:u5}:seq", '{"item_id": "prod-item"}')
-    out = ctr(command, "--redis-url", REDIS_URL)
+    out = ctr(command, "--redis-url", UNSERVED_REDIS_URL)
     line = one_line_error(out, command)
     assert "holds 1 keys no benchmark wrote" in line and "--force" in line, line
     assert client.lrange("{u:u5}:seq", 0, -1) == [b'{"item_id": "prod-item"}']
     assert client.dbsize() == 1
-    check_bench_db(REDIS_URL, force=True)  # taken with --force
-    mark_bench_db(REDIS_URL)  # as a benchmark's load does: it may load there again
+    check_bench_db(UNSERVED_REDIS_URL, force=True)  # taken with --force
+    mark_bench_db(UNSERVED_REDIS_URL)  # as a benchmark's load does: it may load there again
     assert client.exists(BENCH_KEY)
-    check_bench_db(REDIS_URL)
+    check_bench_db(UNSERVED_REDIS_URL)
     client.flushdb()
-    check_bench_db(REDIS_URL)  # an empty database is fine
+    check_bench_db(UNSERVED_REDIS_URL)  # an empty database is fine
     # a database an older version's benchmark loaded (its bench-* data record, no key)
     client.rpush("{u:u5}:seq", "{}")
     client.set("ctr:loaded:data", '{"name": "bench-din", "source": "synthetic"}')
-    check_bench_db(REDIS_URL)
+    check_bench_db(UNSERVED_REDIS_URL)
     client.set("ctr:loaded:data", '{"name": "din", "source": "synthetic"}')
     with pytest.raises(ValueError, match="no benchmark wrote"):
-        check_bench_db(REDIS_URL)
+        check_bench_db(UNSERVED_REDIS_URL)
     client.flushdb()
 
 
