@@ -232,9 +232,9 @@ def setting_warnings(config: FeatureConfig, prep: Prepared) -> list[str]:
                        f"{distinct} distinct item(s) to draw DIEN's auxiliary negatives "
                        "from, so each negative is the behaviour it stands against "
                        "(trained as clicked and not): set aux_loss_weight 0")  # fmt: skip
-    labels = np.asarray(prep.val.label)
-    rarer = min(int((labels == 1).sum()), int((labels == 0).sum()))
-    kind = "1" if (labels == 1).sum() == rarer else "0"
+    labels = np.asarray(prep.val.label)  # 0 / 1 (the loaders check)
+    ones = int((labels == 1).sum())
+    rarer, kind = (ones, "1") if ones <= len(labels) - ones else (len(labels) - ones, "0")
     if len(labels) and rarer == 0:  # an empty split (val_fraction 0) is said at the start
         out.append(f"the validation split holds no row labelled {kind} of {len(labels)}: "
                    "no AUC to pick an epoch by, the last epoch is kept")  # fmt: skip
