@@ -1004,7 +1004,11 @@ def _load_errors(state: State, header: Callable[[str], str | None]) -> dict[str,
 # the answers every route with a body may give (each route adds its own 5xx, and the
 # admin route its 403)
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorBody, "description": "malformed JSON, or an `Upgrade` request"},
+    400: {
+        "model": ErrorBody,
+        "description": "malformed JSON, or an `Upgrade` request; `ctr serve`: an HTTP/1.1 "
+        "request with no `Host`, or one with two (`bad_host`)",
+    },
     401: {"model": ErrorBody, "description": "missing or wrong X-API-Key (where a key is set)"},
     403: {
         "model": ErrorBody,
@@ -1026,6 +1030,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     431: {
         "model": ErrorBody,
         "description": "`ctr serve`: a request head over 64 KB (`header_too_large`)",
+    },
+    505: {
+        "model": ErrorBody,
+        "description": "`ctr serve`: an HTTP version other than 1.0 and 1.1 "
+        "(`http_version_not_supported`)",
     },
 }
 

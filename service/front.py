@@ -173,6 +173,10 @@ class TimedProtocol(HttpToolsProtocol):
         # by data_received's scan, which stops at the first head's end
         self.parsed_head = 0
         self.head_over = False  # the parse stopped on a head past MAX_HEAD_BYTES
+        self.hosts = 0  # Host header lines of the head now parsed
+        # the parse stopped on a head refused for what it says (:meth:`refuse_head`):
+        # its status, error kind, field and detail
+        self.bad_head: tuple[int, str, str, str] | None = None
         self.head_tail = b""  # the last bytes of a head's read so far (its end may straddle)
         self.framing_bytes = 0  # the message's non-body bytes after its head
         self.fed_body = 0  # body bytes the parser gave in the current read
@@ -220,6 +224,7 @@ class TimedProtocol(HttpToolsProtocol):
         self.reading = True
         self.head_done = False
         self.parsed_head = 0
+        self.hosts = 0
         self.framing_bytes = 0
         if self.read_timeout > 0:
             self.read_started = self.loop.time()
@@ -275,10 +280,16 @@ class TimedProtocol(HttpToolsProtocol):
         self.refuse(lambda: self._send_431(started))
 
     def _send_431(self, started: float | None) -> None:
-        self.count_refusal(431, 0.0 if started is None else self.loop.time() - started)
         detail = f"the request's head is longer than {MAX_HEAD_BYTES} bytes"
+        self._send_refusal(started, 431, "header_too_large", detail)
+
+    def _send_refusal(
+        self, started: float | None, status: int, kind: str, detail: str, field: str = "headers"
+    ) -> None:
+        """Answer a head refused before any route (:func:`_refusal`) and close."""
+        self.count_refusal(status, 0.0 if started is None else self.loop.time() - started)
         self.transport.write(
-            _refusal(self.server_state.default_headers, 431, "header_too_large", detail)
+            _refusal(self.server_state.default_headers, status, kind, detail, field)
         )
         # a close with the client's bytes unread would reset the connection, and the
         # client might lose the answer: end the writing side, read on and drop what
@@ -333,12 +344,15 @@ class TimedProtocol(HttpToolsProtocol):
             # X-API-Key trailer opened protected scoring (HTTP review, session 45)
             return
         self.parsed_head += len(name) + len(value) + 4
+        if len(name) == 4 and name.lower() == b"host":
+            self.hosts += 1
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         if self.parsed_head > MAX_HEAD_BYTES:  # stops the parse: send_400_response
             self.head_over = True
             raise HeadTooLarge
+        self.check_head()
         self.head_bytes = 0
         self.head_tail = b""
         super().on_headers_complete()
@@ -347,6 +361,27 @@ class TimedProtocol(HttpToolsProtocol):
         self.head_done = True
         if self.stopping and self.cycle is not None:  # came while the connection lingered
             self.cycle.keep_alive = False  # answered, then closed
+
+    def check_head(self) -> None:
+        """Refuse a head HTTP/1.1 says no server may answer (RFC 9112 2.3, 3.2): an
+        HTTP version other than 1.0 and 1.1 (505: httptools parses ``HTTP/2.0`` or
+        ``HTTP/1.9`` as any other, and uvicorn answered it as HTTP/1.1), two or more
+        ``Host`` lines, or none in an HTTP/1.1 request (400; uvicorn answered both, and
+        a proxy in front may have routed by another Host than the service read). Raised
+        in the parser's callback, so the parse stops there (:meth:`send_400_response`)."""
+        version = self.parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            detail = f"HTTP/{version[:10]} is not served: send HTTP/1.1 (or 1.0)"
+            self.bad_head = (505, "http_version_not_supported", "HTTP-version", detail)
+        elif self.hosts > 1:
+            detail = f"the request has {self.hosts} Host headers: send exactly one"
+            self.bad_head = (400, "bad_host", "Host", detail)
+        elif self.hosts == 0 and version == "1.1":
+            detail = "an HTTP/1.1 request must have a Host header"
+            self.bad_head = (400, "bad_host", "Host", detail)
+        else:
+            return
+        raise BadHead
 
     def shutdown(self) -> None:
         """A graceful shutdown (SIGTERM) begins. uvicorn closed an idle keep-alive
@@ -381,6 +416,14 @@ class TimedProtocol(HttpToolsProtocol):
         if self.head_over:  # not malformed: too long (on_headers_complete)
             self.head_over = False
             self.head_too_large()
+            return
+        if self.bad_head is not None:  # not malformed: refused (check_head)
+            status, kind, field, detail = self.bad_head
+            self.bad_head = None
+            started = self.read_started
+            self.reading = False
+            self._unset_keepalive_if_required()
+            self.refuse(lambda: self._send_refusal(started, status, kind, detail, field))
             return
         if self.head_done:  # a body: its request's cycle was made with its head
             self.malformed_body(msg)
@@ -488,6 +531,11 @@ def _close_unless_continued(cycle: RequestResponseCycle) -> None:
     cycle.send = send_closing  # type: ignore[method-assign]
 
 
+class BadHead(Exception):
+    """Raised by the parser's callback for a head :meth:`TimedProtocol.check_head`
+    refuses (the parser then stops, and uvicorn calls ``send_400_response``)."""
+
+
 class HeadTooLarge(Exception):
     """Raised by the parser's callback for a head past ``MAX_HEAD_BYTES`` (the parser
     then stops, and uvicorn calls :meth:`TimedProtocol.send_400_response`)."""
@@ -548,7 +596,11 @@ def _timeout_answer(default_headers: list[tuple[bytes, bytes]], timeout_s: float
 
 
 def _refusal(
-    default_headers: list[tuple[bytes, bytes]], status: int, kind: str, detail: str
+    default_headers: list[tuple[bytes, bytes]],
+    status: int,
+    kind: str,
+    detail: str,
+    field: str = "headers",
 ) -> bytes:
     """An answer the protocol gives before any request reached the app (its head did
     not all come, or is too large): the service's error body naming the headers, with a
@@ -558,7 +610,7 @@ def _refusal(
 
     rid = request_id(None)
     body = orjson_response(
-        {"error": kind, "field": "headers", "detail": detail, "request_id": rid}, status
+        {"error": kind, "field": field, "detail": detail, "request_id": rid}, status
     )
     content = [STATUS_LINE[status]]
     for name, value in [*default_headers, *body.raw_headers]:

@@ -760,3 +760,45 @@ def test_a_refusal_before_100_continue_closes_the_connection(
         assert answer.startswith(b"HTTP/1.1 200 ") and b"connection: close" not in answer.lower()
         sock.sendall(_head(len(body)) + body)
         assert got.next()[0].startswith(b"HTTP/1.1 200 ")
+
+
+@pytest.mark.parametrize(
+    ("head", "status", "field"),
+    [
+        (b"GET /healthz HTTP/1.1\r\n\r\n", b"400", "Host"),
+        (b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-A: 1\r\nhost: b\r\n\r\n", b"400", "Host"),
+        (b"GET /healthz HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n", b"400", "Host"),
+        (b"GET /healthz HTTP/2.0\r\nHost: a\r\n\r\n", b"505", "HTTP-version"),
+        (b"GET /healthz HTTP/0.9\r\nHost: a\r\n\r\n", b"505", "HTTP-version"),
+    ],
+    ids=["no-host", "two-hosts", "two-hosts-1.0", "http-2.0", "http-0.9"],
+)
+def test_a_head_http_1_1_forbids_is_refused_after_the_answers_before_it(
+    server: ServerThread, head: bytes, status: bytes, field: str
+) -> None:
+    """RFC 9112 3.2 and 2.3: an HTTP/1.1 request with no Host, any request with two, and
+    an HTTP version other than 1.0 or 1.1 were answered 200 (an HTTP review, session 45):
+    now a 400 or 505 naming the field, after the answer of the request before it on the
+    connection, and the connection closed."""
+    refused = _scored(status.decode(), "unparsed")
+    with _connect(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n" + head)
+        answers = Responses(sock)
+        first, _ = answers.next()
+        second, said = answers.next()
+        assert answers.buf == b"" and sock.recv(1) == b""  # then closed
+    assert first.startswith(b"HTTP/1.1 200 "), first
+    assert second.startswith(b"HTTP/1.1 " + status + b" "), second
+    assert b"connection: close" in second.lower()
+    answer = json.loads(said)
+    kind = "bad_host" if field == "Host" else "http_version_not_supported"
+    assert (answer["field"], answer["error"]) == (field, kind)
+    assert _scored(status.decode(), "unparsed") == refused + 1
+
+
+def test_an_http_1_0_request_without_host_is_served(server: ServerThread) -> None:
+    """Host is HTTP/1.1's: an HTTP/1.0 request without one is answered (and closed)."""
+    with _connect(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+        got, _ = _until_closed(sock)
+    assert got.startswith(b"HTTP/1.1 200 "), got[:200]
