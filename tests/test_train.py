@@ -744,6 +744,35 @@ def test_dien_negatives_with_no_other_item_to_draw_are_warned() -> None:
     assert not [w for w in setting_warnings(config, prep) if "aux" in w]
 
 
+def test_dien_negative_pool_draws_the_items_a_vocabulary_left_out_as_one() -> None:
+    """A vocabulary that keeps the frequent items only (``min_count``) maps the rest to
+    the OOV row: the pool had one OOV row per left-out item, so most negatives were the
+    OOV row (a models review, session 46). Now each item the model tells apart is one
+    row, OOV included, in the order the frame first has them; a vocabulary that keeps
+    every item leaves the pool as it was."""
+    from tests.conftest import make_tiny_config
+    from training.dataset import item_pool
+
+    config = make_tiny_config("dien", train__epochs=1)
+    full = prepare(config)
+    frame = full.frames["train"]
+    assert len(full.item_pool) == frame["item_id"].nunique()  # all kept: one row each
+    raw = config.model_dump()
+    next(f for f in raw["features"] if f["name"] == "item_id")["mapping"]["min_count"] = 3
+    config = FeatureConfig.model_validate(raw)
+    prep = prepare(config)
+    items = prep.frames["train"]["item_id"].drop_duplicates().tolist()
+    mapped = prep.mapper.mapper_for("hist_item_id").map_many(items)
+    left_out = sum(1 for i in mapped if i == 1)
+    assert left_out > 1 and len(items) - left_out > 1  # items kept and several left out
+    pool = prep.item_pool
+    ids = pool[:, negative_key(config)[0]]
+    assert len(ids) == len(set(ids.tolist())) == len(items) - left_out + 1
+    assert (ids == 1).sum() == 1  # the left-out items: one row
+    assert ids.tolist() == list(dict.fromkeys(mapped))  # first-seen order
+    assert np.array_equal(item_pool(config, prep.mapper, prep.frames["train"]), pool)
+
+
 DROPOUT_SCRIPT = textwrap.dedent(
     """
     import os, sys
