@@ -1514,7 +1514,6 @@ async def _score(
                 log.warning("redis fetch failed, degraded response: %s: %s%s",
                             type(exc).__name__, text, held_note(due))  # fmt: skip
             m.ERRORS.labels("redis" if wrong is None else "redis_data").inc()
-            m.DEGRADED.inc()
             degraded = True  # data stays empty
             t_fetched = STAGE_CLOCK()
     t1 = STAGE_CLOCK()
@@ -1605,5 +1604,7 @@ async def _score(
     m.STAGE("inference").observe(t3 - t2)
     m.STAGE("serialization").observe(t4 - t3)
     m.CANDIDATES.observe(len(req.item_ids))
+    if degraded:  # a degraded answer given (not a failed read that then ended otherwise)
+        m.DEGRADED.inc()
     m.HOOKS.gc_timer.flush()  # GC pauses noted since the last request (see GCTimer)
     return response

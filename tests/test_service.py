@@ -736,6 +736,36 @@ def test_a_non_finite_score_is_a_500_that_says_so(built: Built, redis_db: Redis)
         assert r.json()["error"] == "non_finite_score" and r.json()["field"] == "candidates[1]"
 
 
+def test_degraded_responses_are_counted_once_answered(built: Built) -> None:
+    """``ctr_degraded_responses_total`` counts the degraded answers given: it was counted
+    at the failed read, so a request that then ended in a 500 (or 503, 499) was counted
+    as a degraded response too (a docs review, session 45)."""
+    from prometheus_client import REGISTRY
+
+    def degraded() -> float:
+        return REGISTRY.get_sample_value("ctr_degraded_responses_total") or 0.0
+
+    body = {"user_id": "u1", "candidates": [{"item_id": "i1"}, {"item_id": "i2"}]}
+    settings = settings_for(built, native_runner=False, redis_url="redis://127.0.0.1:1/0")
+    with TestClient(create_app(settings)) as c:
+        before = degraded()
+        r = c.post("/v1/score", json=body)
+        assert r.status_code == 200 and r.json()["degraded"] is True, r.text
+        assert degraded() == before + 1
+        model = c.app.state.ctr.model
+        real = model.run
+
+        def nan_run(feeds: dict, explain: bool) -> list:
+            outs = real(feeds, explain)
+            outs[0] = np.full_like(outs[0], np.nan)
+            return outs
+
+        model.run = nan_run
+        r = c.post("/v1/score", json=body)
+        assert r.status_code == 500 and r.json()["error"] == "non_finite_score", r.text
+        assert degraded() == before + 1  # no degraded response given
+
+
 def test_event_fields_and_item_features_of_the_same_name() -> None:
     """The stored behaviour carries the event's `type` and `ts` (its place in time), unless
     a sequence reads an item feature of that name: then the item's value stays, as the
