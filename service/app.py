@@ -91,6 +91,7 @@ from service.store import (
     EventWriter,
     Reader,
     UserData,
+    check_refused,
     data_error,
     fetch,
     fetch_items,
@@ -563,6 +564,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if early_hup.pending:  # noted by `ctr serve` before this handler was in place
             early_hup.pending = False
             hup["pending"] = True
+        # a Redis that answers and refuses the service (its password, its database) ends
+        # the start-up; one that does not answer is served through degraded
+        await check_refused(
+            state.redis,
+            settings.redis_url,
+            (settings.redis_connect_timeout_ms + settings.redis_timeout_ms) / 1000,
+        )
         # no socket timeout on a scoring read's reply: its request's asyncio.timeout
         # bounds it and LateTimer moves that on a loop that came to it late; redis-py's
         # own timer (CTR_REDIS_TIMEOUT_MS too) cut a read the loop came back to late, the

@@ -119,6 +119,50 @@ def make_client(
     return Redis(connection_pool=pool)
 
 
+class RedisRefused(Exception):
+    """Redis answered the worker's start-up check and refused it (:func:`check_refused`)."""
+
+
+def refusal(exc: BaseException) -> str | None:
+    """What a Redis that answered refused, from its error: the client's credentials
+    (no password where one is needed, a wrong one, an ACL user that is disabled or may
+    not run the service's commands) or its database number; None for anything else (not
+    answering, a timeout: the store down, which the service serves through degraded)."""
+    from redis.exceptions import AuthenticationError
+
+    text = str(exc)
+    if isinstance(exc, AuthenticationError) or any(
+        s in text for s in ("NOAUTH", "WRONGPASS", "NOPERM", "must be called with the client")
+    ):
+        return (
+            "refused the service's credentials: put the password (and ACL user) in the URL, "
+            "redis://USER:PASSWORD@host:port/db"
+        )
+    if "DB index is out of range" in text:
+        return "has no such database"
+    return None
+
+
+async def check_refused(client: AnyRedis, url: str, timeout_s: float) -> None:
+    """At a worker's start: raise :class:`RedisRefused`, naming ``CTR_REDIS_URL`` (its
+    password hidden), where the Redis there answers and refuses the service (a wrong or
+    missing password, a database it does not have). Such a worker served every request
+    degraded, ready, as for a Redis down (a rollout with a wrong secret went on, its
+    scores cold-start ones: an earlier review); a Redis that does not answer within
+    ``timeout_s`` is left to the requests, which serve degraded until it does (docs/api.md
+    "Degraded modes")."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await client.ping()
+    except (*REDIS_ERRORS, ValueError) as exc:
+        problem = refusal(exc)
+        if problem is None:
+            return
+        raise RedisRefused(
+            f"CTR_REDIS_URL: the Redis at {redact(url)} {problem} ({str(exc)[:200]})"
+        ) from None
+
+
 def cluster_options(url: str) -> dict[str, Any]:
     """What a cluster client takes from one node's URL, as redis-py's ``from_url`` reads
     it: the credentials percent-decoded (``p%40ss`` is ``p@ss``), TLS for ``rediss`` and

@@ -21,7 +21,15 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.model import ProviderError
 from service.settings import Settings
-from tests.helpers import REDIS_URL, ROOT, Built, build_and_load, redis_asleep, service_env
+from tests.helpers import (
+    REDIS_URL,
+    ROOT,
+    Built,
+    build_and_load,
+    redis_asleep,
+    service_env,
+    settings_for,
+)
 from tests.redis_proc import free_port
 from tests.server_thread import serve_process
 
@@ -204,6 +212,44 @@ def test_require_gpu_refuses_cpu(built: Built) -> None:
     )
     with pytest.raises(ProviderError, match="CTR_REQUIRE_GPU"), TestClient(create_app(s)):
         pass
+
+
+def test_a_redis_that_refuses_the_service_ends_its_start(built: Built) -> None:
+    """A Redis that answers and refuses the service (no password, a wrong one, a
+    database it does not have) ended nothing: the worker started ready and served every
+    request degraded, cold-start scores (an earlier review). Now the start-up fails
+    naming CTR_REDIS_URL, its password hidden, and ``ctr serve`` exits 3; the right
+    password starts, and a Redis that does not answer still serves degraded."""
+    from service.store import RedisRefused
+    from tests.redis_proc import private_redis
+
+    with private_redis() as rp:
+        rp.client().config_set("requirepass", "s3cret")
+        for url, said in (
+            (f"redis://127.0.0.1:{rp.port}/0", "refused the service's credentials"),
+            (f"redis://:wrong@127.0.0.1:{rp.port}/0", "refused the service's credentials"),
+            (f"redis://:s3cret@127.0.0.1:{rp.port}/99", "has no such database"),
+        ):
+            s = settings_for(built, redis_url=url)
+            with pytest.raises(RedisRefused) as info, TestClient(create_app(s)):
+                pass
+            text = str(info.value)
+            assert text.startswith("CTR_REDIS_URL: the Redis at ") and said in text, text
+            assert "wrong" not in text and "s3cret" not in text
+        body = {"user_id": "u1", "candidates": [{"item_id": "i1"}]}
+        for url, degraded in ((f"redis://:s3cret@127.0.0.1:{rp.port}/0", False),
+                              ("redis://127.0.0.1:1/0", True)):  # fmt: skip
+            with TestClient(create_app(settings_for(built, redis_url=url))) as c:
+                assert c.get("/readyz").json()["ready"] is True
+                r = c.post("/v1/score", json=body)
+                assert r.status_code == 200 and r.json()["degraded"] is degraded, r.text
+        env = service_env(built, f"redis://:wrong@127.0.0.1:{rp.port}/0", CTR_LOG_LEVEL="error")
+        cmd = [sys.executable, "-m", "ctr.cli", "serve", "--host", "127.0.0.1",
+               "--port", str(free_port())]  # fmt: skip
+        done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 3, (done.returncode, done.stderr[-2000:])
+    assert "start-up failed: RedisRefused: CTR_REDIS_URL: the Redis at redis://:***@" in done.stderr
+    assert "wrong" not in done.stderr
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
