@@ -517,6 +517,13 @@ class _SupervisorWatch:
             self.module.Multiprocess = self.original  # type: ignore[misc]
 
 
+def _store_default() -> str:
+    """The model store a command writes or reads by default: ``CTR_MODELS_DIR``, as the
+    service reads it (``ctr export`` wrote to ``models`` whatever it said, and the
+    service, told where the store is, did not find the bundle: an API review)."""
+    return os.environ.get("CTR_MODELS_DIR") or "models"
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ctr.demo import run_demo
 
@@ -942,8 +949,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="export a training run to the model store")
     e.add_argument("--run", required=True, help="training run folder")
-    e.add_argument("--models-dir", default="models",
-                   help="the model store (default: %(default)s)")  # fmt: skip
+    e.add_argument("--models-dir", default=_store_default(),
+                   help="the model store (default: $CTR_MODELS_DIR, else models)")  # fmt: skip
     e.add_argument("--name", help="model name (default: the config's name)")
     e.set_defaults(func=cmd_export)
 
@@ -983,7 +990,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="train, export, load, serve and score a sample request")
     d.add_argument("--config", default="configs/synthetic_din.yaml")
     d.add_argument("--data-root", help="use the shared datasets under this path")
-    d.add_argument("--models-dir", default="models")
+    d.add_argument("--models-dir", default=_store_default(),
+                   help="the model store (default: $CTR_MODELS_DIR, else models)")  # fmt: skip
     d.add_argument("--port", type=int, default=8000, help="the service's (default: %(default)s)")
     d.add_argument("--keep-serving", action="store_true", help="leave the service running")
     d.add_argument("--set", action="append", default=[], help=SET_HELP)
@@ -1066,7 +1074,8 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--out", default="", help="folder for JSON and table")
     bg.set_defaults(func=cmd_bench_gpu)
     pg = sub.add_parser("profile-graph", help="a bundle's graph node by node (ORT profiler)")
-    pg.add_argument("--models-dir", default="models", help="the model store")
+    pg.add_argument("--models-dir", default=_store_default(),
+                    help="the model store (default: $CTR_MODELS_DIR, else models)")  # fmt: skip
     pg.add_argument("--model", required=True, help="bundle name (its latest version)")
     pg.add_argument(
         "--n", type=_positive(int), default=500, help="candidates (one user, full history)"

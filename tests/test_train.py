@@ -74,6 +74,7 @@ def test_cli_train_then_export(
     tiny_config: Callable[..., FeatureConfig],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cfg = tmp_path / "tiny.yaml"
     raw = json.loads(tiny_config("din").model_dump_json())
@@ -100,6 +101,12 @@ def test_cli_train_then_export(
     assert bundle.version == 1
     assert bundle.manifest["metrics"]["test"] == metrics["test"]
     assert bundle.config.train.epochs == 2  # the --set override reached the manifest
+    # the store the service reads (CTR_MODELS_DIR) is the export's too: it wrote to
+    # ./models whatever the setting said (an API review, session 46)
+    monkeypatch.setenv("CTR_MODELS_DIR", str(tmp_path / "store"))
+    assert main(["export", "--run", str(run)]) == 0
+    assert "store/cli_din/1" in capsys.readouterr().out
+    assert load_bundle(tmp_path / "store", "cli_din").version == 1
 
 
 DDP_SCRIPT = textwrap.dedent(
