@@ -11,6 +11,6 @@ export CTR_TEST_STRICT="${CTR_TEST_STRICT:-1}"
 # two pytest-xdist workers (CTR_TEST_WORKERS; 0 runs in this process), each test file
 # on one worker, the longest files first (tests/conftest.py), each worker on a Redis
 # database of its own (tests/helpers.py); the tests wait on subprocesses, sockets and
-# timers more than they compute
+# timers more than they compute; the 25 slowest tests are listed at the end
 exec .venv/bin/pytest -q -p no:cacheprovider -n "${CTR_TEST_WORKERS:-2}" --dist loadfile \
-  --no-loadscope-reorder "$@"
+  --no-loadscope-reorder --durations=25 "$@"
