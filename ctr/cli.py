@@ -726,8 +726,10 @@ def cmd_impressions(args: argparse.Namespace) -> int:
             or smallest_history(models_dir, where, config)) or None  # fmt: skip
     seconds, micros = client.time()  # Redis's clock, once: a row scored after now - window
     now = seconds + micros / 1e6  # is pending, however long the read takes
+    # a history expires CTR_SEQUENCE_TTL_S after its user's last event: a click older
+    # than that may be gone with it (rows censored, not labelled 0)
     reader = ImpressionReader(client, stream, item_key, args.window_s, types, args.skew_s,
-                              now=now, keep=keep)  # fmt: skip
+                              now=now, keep=keep, ttl_s=settings.sequence_ttl_s)  # fmt: skip
     online = OnlineEval()
     try:
         with contextlib.ExitStack() as stack:
@@ -753,6 +755,8 @@ def cmd_impressions(args: argparse.Namespace) -> int:
     figures["unreadable_histories"] = reader.unreadable_histories
     figures["unreadable_history_rows"] = reader.unreadable_history_rows
     figures["censored"] = reader.censored
+    figures["censored_expired"] = reader.expired
+    figures["sequence_ttl_s"] = settings.sequence_ttl_s
     figures["history_keep"] = keep
     figures["behaviours"] = reader.behaviours.to_dict()
     print(json.dumps(figures, indent=2))
@@ -785,8 +789,13 @@ def _impression_warnings(
 ) -> list[str]:
     """``ctr impressions``' lines for stderr beyond the behaviours': histories that
     could not be read, and a stream whose oldest entry's click window is still open
-    (every row pending: no figures)."""
+    (every row pending: no figures), and rows censored as their history may have expired."""
     out = []
+    if reader.expired:
+        out.append(f"{reader.expired} rows that would be labelled 0 are censored: their "
+                   f"user's history may have expired since (CTR_SEQUENCE_TTL_S="
+                   f"{reader.ttl_s:g}) and taken a click with it; read the log within the "
+                   "TTL of the scoring")  # fmt: skip
     if reader.unreadable_histories:
         named = "; ".join(f"{user!r}: {error}" for user, error in reader.history_errors)
         out.append(f"{reader.unreadable_histories} user histories could not be read "

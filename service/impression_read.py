@@ -227,7 +227,11 @@ class ImpressionReader:
     once), ``unreadable`` (entries that are not a logged response), ``pending`` (rows),
     ``censored`` (rows labelled 0 whose window reaches before the oldest entry of a
     history holding ``keep`` entries, all events: a click there may have been trimmed;
-    None for ``keep`` means no row is censored),
+    None for ``keep`` means no row is censored; and, with ``ttl_s``, rows labelled 0
+    whose click may have expired with the whole history (``CTR_SEQUENCE_TTL_S``: the
+    window began more than ``ttl_s`` before ``now``, and the user's history is gone or
+    holds only events stamped more than ``ttl_s`` after the window began, which a history
+    re-made after it expired would; those also in ``expired``),
     ``unreadable_histories`` (users; their rows not pending: ``unreadable_history_rows``;
     the first few errors in ``history_errors``), ``oldest_ts`` (the earliest ``ts`` read,
     None before one), ``behaviours`` (what the users' histories held:
@@ -244,6 +248,7 @@ class ImpressionReader:
         page: int = PAGE,
         now: float | None = None,
         keep: int | None = None,
+        ttl_s: float = 0.0,
     ) -> None:
         self.redis = redis
         self.stream = stream
@@ -254,6 +259,7 @@ class ImpressionReader:
         self.page = page
         self.now = now
         self.keep = keep
+        self.ttl_s = ttl_s
         self.entries = 0
         self.duplicates = 0
         self.unreadable = 0
@@ -261,12 +267,16 @@ class ImpressionReader:
         self.unreadable_histories = 0
         self.unreadable_history_rows = 0
         self.censored = 0
+        self.expired = 0
         self.history_errors: list[tuple[str, str]] = []
         self.oldest_ts: float | None = None
         self.behaviours = BehaviourCounts()
         self._acted: dict[str, dict[str, list[float]] | None] = {}
         # a user's full history's oldest time: behaviours before it may have been trimmed
         self._floor: dict[str, float] = {}
+        # a user's history's oldest event time (-inf: it holds a loaded entry, so it has
+        # not expired since the load; inf: it is empty or gone): ttl_s's censoring
+        self._oldest: dict[str, float] = {}
         self._seen: set[bytes] = set()
 
     def __iter__(self) -> Iterator[Impression]:
@@ -296,10 +306,25 @@ class ImpressionReader:
             return
         lo, hi = imp.ts - self.skew_s, imp.ts + self.window_s
         imp.label = int(any(lo < t <= hi for t in acted.get(imp.item_id, ())))
+        if imp.label:
+            return
         floor = self._floor.get(imp.user_id)
-        if not imp.label and floor is not None and lo < floor:
+        if floor is not None and lo < floor:
             imp.label, imp.label_status = None, CENSORED
             self.censored += 1
+        elif self._may_have_expired(imp.user_id, lo):
+            imp.label, imp.label_status = None, CENSORED
+            self.censored += 1
+            self.expired += 1
+
+    def _may_have_expired(self, user: str, lo: float) -> bool:
+        """A click after ``lo`` may have gone with the user's whole history: it expires
+        ``ttl_s`` after its last event, so a click there, with no event for ``ttl_s``
+        after it, left no trace by ``now`` (a writes review, session 46: labelled 0);
+        an event stamped within ``ttl_s`` of ``lo`` kept the history alive past it."""
+        if self.ttl_s <= 0 or self.now is None or self.now - lo <= self.ttl_s:
+            return False
+        return self._oldest.get(user, math.inf) > lo + self.ttl_s
 
     def _parse(self, entry: str, fields: dict) -> list[Impression] | None:
         """The entry's items; None for one read before (a retried write) or unreadable."""
@@ -341,6 +366,8 @@ class ImpressionReader:
                 stamps: list[float] = []
                 self._acted[user] = behaviours(raw, self.item_key, self.types, self.behaviours,
                                                stamps)  # fmt: skip
+                self._oldest[user] = (min(stamps, default=math.inf)
+                                      if len(stamps) == len(raw) else -math.inf)  # fmt: skip
                 # full (the service trims to the newest `keep`), every entry an event's:
                 # what came before its oldest may have been trimmed
                 if self.keep and len(raw) >= self.keep and len(stamps) == len(raw):

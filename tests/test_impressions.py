@@ -794,6 +794,62 @@ def test_the_figures_are_split_by_how_each_answer_was_served() -> None:
     assert summary([both])["by_serving"]["degraded"]["rows"] == 1
 
 
+def test_a_row_whose_click_may_have_expired_with_its_history_is_censored(
+    built: Built,
+    redis_db: Redis,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With CTR_SEQUENCE_TTL_S a user's history expires that long after their last
+    event, a click in it too: read later than that, the click's row was labelled 0,
+    counted as labelled (a writes review, session 46). A row labelled 0 whose window
+    began more than the TTL before the read, of a user whose history is gone or holds
+    only events stamped more than the TTL after the window began (one re-made after it
+    expired), is censored; an event within the TTL of the window (the history kept
+    alive) or a loaded entry (not expired since the load) keeps its 0."""
+    items = _items(built, 3)
+    loaded = str(built.frame["user_id"].iloc[0])  # a user ctr load wrote a history for
+    users = ("gone", "alive", "remade", loaded)
+    with TestClient(create_app(settings_for(built, impression_stream=STREAM))) as c:
+        for user in users:
+            assert c.post("/v1/score", json=_body(user, items)).status_code == 200
+        wait_for(lambda: redis_db.xlen(STREAM) == 4, "the impressions written", 5)
+        _age(redis_db)  # scored AGE_S (600 s) ago; the TTL below is 300 s
+        scored = time.time() - AGE_S
+        events = [("gone", "click", items[0], 10), ("alive", "click", items[0], 10),
+                  ("alive", "view", items[1], 200), ("remade", "view", items[1], 400)]  # fmt: skip
+        for k, (user, kind, item, after) in enumerate(events):
+            ev = {"user_id": user, "event_id": f"t{k}", "item_id": item, "type": kind,
+                  "timestamp": min(scored + after, time.time())}  # fmt: skip
+            assert c.post("/v1/events", json=ev).status_code == 202, ev
+    redis_db.delete("{u:gone}:seq")  # expired: 300 s after its click, no event since
+    assert redis_db.llen(f"{{u:{loaded}}}:seq") > 0
+    sync = Redis.from_url(REDIS_URL)
+    try:
+        rows = list(ImpressionReader(sync, STREAM, "item_id", 60.0, skew_s=1.0,
+                                     now=time.time(), ttl_s=300.0))  # fmt: skip
+        plain = list(ImpressionReader(sync, STREAM, "item_id", 60.0, skew_s=1.0,
+                                      now=time.time()))  # fmt: skip
+    finally:
+        sync.close()
+    got = {(r.user_id, r.item_id): (r.label, r.label_status) for r in rows}
+    censored = (None, "censored")
+    assert {i: got["gone", i] for i in items} == dict.fromkeys(items, censored)
+    assert {i: got["remade", i] for i in items} == dict.fromkeys(items, censored)
+    assert {i: got["alive", i] for i in items} == {i: (int(i == items[0]), "labelled")
+                                                   for i in items}  # fmt: skip
+    assert {got[loaded, i] for i in items} == {(0, "labelled")}
+    assert {r.label_status for r in plain} == {"labelled"}  # no TTL: as before
+    monkeypatch.setenv("CTR_SEQUENCE_TTL_S", "300")
+    figures, err = _impressions(capsys)
+    assert (figures["censored"], figures["censored_expired"], figures["rows"]) == (6, 6, 6)
+    assert figures["sequence_ttl_s"] == 300 and figures["clicks"] == 1
+    assert "6 rows that would be labelled 0 are censored" in err and "TTL" in err
+    monkeypatch.delenv("CTR_SEQUENCE_TTL_S")
+    figures, err = _impressions(capsys)
+    assert (figures["censored"], figures["censored_expired"], figures["rows"]) == (0, 0, 12)
+
+
 def test_a_row_whose_click_may_have_been_trimmed_is_censored(
     built: Built, redis_db: Redis, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
