@@ -96,6 +96,7 @@ from service.store import (
     fetch,
     fetch_items,
     make_client,
+    refused_code,
 )
 from service.throttle import held_note
 from service.validate import (
@@ -1231,7 +1232,9 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
                     None,
                 ) from exc
             log.warning("event not stored (redis): %s: %s", type(exc).__name__, str(exc)[:300])
-            raise StoreUnavailable("the behaviour store is unavailable; retry", None) from exc
+            raise StoreUnavailable(
+                f"the behaviour store is unavailable{refused_code(exc)}; retry", None
+            ) from exc
         finally:
             # this worker's next request for the user reads again at once (a timed-out
             # append may still have been written); Redis tells the other workers

@@ -90,6 +90,28 @@ def data_error(exc: BaseException) -> str | None:
     return None
 
 
+def refused_code(exc: BaseException) -> str:
+    """`` (Redis refused it: READONLY)`` where ``exc`` is Redis's reply refusing a
+    command for now (its error code only: READONLY from a replica, OOM, LOADING, BUSY,
+    MASTERDOWN...), for a 503's detail: a client told only "unavailable; retry" could
+    not tell a service pointed at a read-only replica, which no retry outlasts, from a
+    moment's outage (a writes review, session 46); ``""`` for anything else."""
+    code = _error_code(exc)
+    return "" if code is None or code == "ERR" else f" (Redis refused it: {code})"
+
+
+def _error_code(exc: BaseException) -> str | None:
+    """The error code of Redis's reply in ``exc`` (``READONLY``, ``NOPERM``...): redis-py
+    keeps it as ``status_code`` and cuts it from the message of the errors it has a
+    class for; a script's error keeps it in the message. None where there is none."""
+    if not isinstance(exc, ResponseError):
+        return None
+    code = getattr(exc, "status_code", None) or str(exc).split(" ", 1)[0]
+    if isinstance(code, str) and code.isascii() and code.isalpha() and code.isupper():
+        return code[:20]
+    return None
+
+
 def node_urls(url: str) -> list[str]:
     """Plain Redis URLs for each node of a (possibly comma-separated) URL list."""
     parts = [p.strip() for p in url.split(",") if p.strip()]
@@ -128,11 +150,13 @@ def refusal(exc: BaseException) -> str | None:
     (no password where one is needed, a wrong one, an ACL user that is disabled or may
     not run the service's commands) or its database number; None for anything else (not
     answering, a timeout: the store down, which the service serves through degraded)."""
-    from redis.exceptions import AuthenticationError
+    from redis.exceptions import AuthenticationError, NoPermissionError
 
     text = str(exc)
-    if isinstance(exc, AuthenticationError) or any(
-        s in text for s in ("NOAUTH", "WRONGPASS", "NOPERM", "must be called with the client")
+    if (
+        isinstance(exc, AuthenticationError | NoPermissionError)
+        or _error_code(exc) in ("NOAUTH", "WRONGPASS", "NOPERM")
+        or any(s in text for s in ("NOAUTH", "WRONGPASS", "NOPERM", "must be called with"))
     ):
         return (
             "refused the service's credentials: put the password (and ACL user) in the URL, "

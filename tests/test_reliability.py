@@ -391,6 +391,28 @@ def test_events_wait_for_a_slow_store_up_to_the_request_deadline(
     assert [orjson.loads(x)["item_id"] for x in r.lrange(seq, 0, -1)] == ["i3", "i4"]
 
 
+def test_an_event_refused_by_a_read_only_replica_says_so(
+    built: Built, rp: RedisProcess
+) -> None:
+    """A service pointed at a replica answered every event "the behaviour store is
+    unavailable; retry", which no retry outlasts, like a moment's outage (a writes
+    review, session 46): the 503 now names Redis's refusal (its code only), and nothing
+    is stored; scoring still reads the replica."""
+    with private_redis("--replicaof", "127.0.0.1", str(rp.port)) as replica:
+        wait_for(lambda: replica.client().info("replication").get("master_link_status") == "up",
+                 "the replica in sync", 10)  # fmt: skip
+        with TestClient(create_app(settings_for(built, replica.url))) as c:
+            ev = {"user_id": "on-replica", "event_id": "r1", "item_id": "i3", "timestamp": 1.0}
+            res = c.post("/v1/events", json=ev)
+            assert res.status_code == 503 and res.headers["retry-after"], res.text
+            body = res.json()
+            assert body["error"] == "store_unavailable"
+            assert body["detail"] == ("the behaviour store is unavailable (Redis refused it: "
+                                      "READONLY); retry"), body  # fmt: skip
+            assert c.post("/v1/score", json=BODY).status_code == 200
+    assert rp.client().exists("{u:on-replica}:seq") == 0
+
+
 def test_a_bug_is_a_json_500_without_internals(
     built: Built, rp: RedisProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
