@@ -113,14 +113,24 @@ class TrafficConfig:
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> TrafficConfig:
+        """The traffic the ``LOCUST_*`` variables ask for; a bad value is a ValueError
+        naming its variable (``LOCUST_CANDIDATE_MIX='50:x': ...``)."""
         env = dict(os.environ if env is None else env)
+
+        def read(name: str, default: str, conv):  # noqa: ANN001, ANN202
+            value = env.get(name, default)
+            try:
+                return conv(value)
+            except ValueError as exc:
+                raise ValueError(f"{name}={value!r}: {exc}") from None
+
         return cls(
-            users_n=int(env.get("LOCUST_USERS_N", "2000")),
-            zipf_a=float(env.get("LOCUST_ZIPF_A", "1.2")),
-            items_n=int(env.get("LOCUST_ITEMS_N", "1200")),
-            mix=tuple(parse_mix(env.get("LOCUST_CANDIDATE_MIX", DEFAULT_MIX))),
-            event_share=float(env.get("LOCUST_EVENT_SHARE", "0.1")),
-            top_k=int(env.get("LOCUST_TOP_K", "100")),
+            users_n=read("LOCUST_USERS_N", "2000", int),
+            zipf_a=read("LOCUST_ZIPF_A", "1.2", float),
+            items_n=read("LOCUST_ITEMS_N", "1200", int),
+            mix=read("LOCUST_CANDIDATE_MIX", DEFAULT_MIX, lambda v: tuple(parse_mix(v))),
+            event_share=read("LOCUST_EVENT_SHARE", "0.1", float),
+            top_k=read("LOCUST_TOP_K", "100", int),
         )
 
 
@@ -283,7 +293,10 @@ class ColdStarts:
         return None
 
 
-CONFIG = TrafficConfig.from_env()
+try:
+    CONFIG = TrafficConfig.from_env()
+except ValueError as _exc:  # one line naming the variable, not locust's import traceback
+    raise SystemExit(f"loadtest/locustfile.py: {_exc}") from None
 COLD = ColdStarts()
 MAX_COLD_SHARE = float(os.environ.get("LOCUST_MAX_COLD_START_SHARE", "0.01"))
 COLD_START_EXIT = 3
@@ -376,6 +389,25 @@ def write_final_failures(errors: dict, prefix: str) -> Path:
     return path
 
 
+WINDOW = "_window.json"
+
+
+def write_window(stats: object, prefix: str) -> Path:
+    """The run's window as locust's own Requests/s divides by: from the test's start
+    (``stats.start_time``, reset when the run starts) to its last answer. The rows of
+    ``--json-file`` only start at their name's first answer, one latency into the run."""
+    path = Path(prefix + WINDOW)
+    path.write_text(
+        json.dumps(
+            {
+                "start_time": stats.start_time,  # type: ignore[attr-defined]
+                "last_request_timestamp": stats.last_request_timestamp,  # type: ignore[attr-defined]
+            }
+        )
+    )
+    return path
+
+
 @events.quitting.add_listener
 def _final_failures(environment: object, **_: object) -> None:
     runner = getattr(environment, "runner", None)
@@ -383,6 +415,7 @@ def _final_failures(environment: object, **_: object) -> None:
     prefix = getattr(options, "csv_prefix", None)
     if runner is not None and prefix:
         write_final_failures(runner.stats.errors, prefix)
+        write_window(runner.stats, prefix)
 
 
 VERDICT = "_verdict.txt"

@@ -43,6 +43,7 @@ PERCENTILES = ("50%", "95%", "99%")
 
 COLD_START_EXIT = 3  # loadtest/locustfile.py COLD_START_EXIT
 VERDICT = "locust_verdict.txt"  # the locustfile's FAIL line at exit (PREFIX + its VERDICT)
+WINDOW = "locust_window.json"  # the run's start, written by the locustfile at exit
 
 
 def parse_duration(text: str) -> float:
@@ -55,6 +56,13 @@ def parse_duration(text: str) -> float:
         raise argparse.ArgumentTypeError(f"bad duration {text!r} (use e.g. 30s, 2m, 1h30m)")
     scale = {"h": 3600.0, "m": 60.0, "s": 1.0}
     return sum(float(n) * scale[u] for n, u in parts)
+
+
+def _duration_arg(text: str) -> str:
+    """argparse's check of --duration: a bad one is a usage error (exit 2), not a
+    traceback with exit status 1, which says a request failed."""
+    parse_duration(text)
+    return text
 
 
 def locust_command(args: argparse.Namespace, out: Path) -> list[str]:
@@ -155,11 +163,16 @@ def percentile(response_times: dict[float, int], fraction: float) -> float:
     return 0.0
 
 
-def _window(entries: list[dict]) -> float:
-    """The run's window over every entry, as locust's own CSV divides each row by: an
-    entry starts at its name's first request, so a rare name's own span was a few
-    microseconds (one request read as 100,000 req/s)."""
+def _window(entries: list[dict], run_start: float | None = None) -> float:
+    """The run's window over every entry, as locust's own CSV divides each row by: from
+    the run's start (``run_start``, the locustfile's ``locust_window.json``) to its last
+    answer. An entry starts at its name's first answer, so a rare name's own span was a
+    few microseconds (one request read as 100,000 req/s), and without ``run_start`` the
+    earliest entry still starts one latency into the run (a service answering in 3 s
+    read 1.74 req/s for about 1.3)."""
     start = min(float(e["start_time"]) for e in entries)
+    if run_start is not None:
+        start = min(start, run_start)
     last = max(float(e["last_request_timestamp"] or start) for e in entries)
     return max(last - start, 1e-9)
 
@@ -183,13 +196,24 @@ def _json_row(name: str, method: str, entries: list[dict], window: float) -> dic
     }
 
 
-def stats_from_json(path: Path) -> pd.DataFrame:
+def _run_start(out: Path) -> float | None:
+    """When the run started (locust's ``stats.start_time``), from the locustfile's
+    ``locust_window.json``; None where it is missing (a locustfile of before)."""
+    import json
+
+    try:
+        return float(json.loads((out / WINDOW).read_text())["start_time"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def stats_from_json(path: Path, run_start: float | None = None) -> pd.DataFrame:
     """Final per-request statistics from locust's --json-file (exact at shutdown, whereas
     the stats CSV is rewritten once a second and can miss the last second)."""
     import json
 
     entries = json.loads(path.read_text())
-    window = _window(entries) if entries else 1.0
+    window = _window(entries, run_start) if entries else 1.0
     rows = [_json_row(e["name"], e["method"], [e], window) for e in entries]
     if entries:
         rows.append(_json_row("Aggregated", "", entries, window))
@@ -387,7 +411,7 @@ def plot_latency(out: Path, history: pd.DataFrame, per_name: list[tuple[str, dic
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--host", default="http://127.0.0.1:8000")
-    p.add_argument("--duration", default="30s", help="run time, e.g. 30s, 2m")
+    p.add_argument("--duration", default="30s", type=_duration_arg, help="run time, e.g. 30s, 2m")
     p.add_argument("--users", type=int, default=20, help="concurrent simulated users")
     p.add_argument("--spawn-rate", type=float, default=10, help="users started per second")
     p.add_argument("--out", type=Path, default=HERE / "out")
@@ -419,20 +443,23 @@ def main(argv: list[str] | None = None) -> int:
     else:
         # a previous run's files: a run that fails before writing its own left them as
         # if they were its (the report, the chart)
-        leftovers = [out / f"{JSON_STEM}.json", out / VERDICT, out / "report.md",
-                     out / "latency.png"]  # fmt: skip
+        leftovers = [out / f"{JSON_STEM}.json", out / VERDICT, out / WINDOW,
+                     out / "report.md", out / "latency.png"]  # fmt: skip
         for old in [*out.glob(f"{PREFIX}_*.csv"), *leftovers]:
             old.unlink(missing_ok=True)
         code = run_locust(args, out)
     json_path = out / f"{JSON_STEM}.json"
     if json_path.exists():
-        stats = stats_from_json(json_path)
+        stats = stats_from_json(json_path, _run_start(out))
     elif (out / f"{PREFIX}_stats.csv").exists():
         stats = load_stats(out)
     else:
         stats = pd.DataFrame()
     if stats.empty:  # no file, or one without a request (every user died at its start)
-        print(f"locust exited {code} without statistics; see {out / 'locust.log'}", file=sys.stderr)
+        log = out / "locust.log"
+        where = log if log.exists() and log.stat().st_size else "locust's output above"
+        print(f"locust exited {code} without statistics (no request was recorded); see {where}",
+              file=sys.stderr)  # fmt: skip
         return 2
     try:
         overall, per_name = summarize(stats, seconds)

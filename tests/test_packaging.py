@@ -789,7 +789,14 @@ try:
     requests.post(f"http://127.0.0.1:{free}/v1/score", json={}, timeout=5)
 except requests.ConnectionError as exc:
     real_refused = exc
+bad_env = []
+for name, value in (("LOCUST_CANDIDATE_MIX", "50:x"), ("LOCUST_USERS_N", "2k")):
+    try:
+        lf.TrafficConfig.from_env({name: value})
+    except ValueError as exc:
+        bad_env.append(str(exc))
 print(json.dumps({
+    "bad_env": bad_env,
     "users": users, "counts": counts, "cand": cand, "events": events,
     "score": score, "event": event,
     "weights": lf.zipf_weights(2000, 1.2)[:3],
@@ -833,6 +840,14 @@ def samples() -> dict:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_bad_locust_variable_is_named(samples: dict) -> None:
+    """A bad LOCUST_* value was locust's import traceback ending in "could not convert
+    string to float: 'x'", naming no variable (a load-test review, session 46)."""
+    mix, users = samples["bad_env"]
+    assert mix.startswith("LOCUST_CANDIDATE_MIX='50:x': "), mix
+    assert users.startswith("LOCUST_USERS_N='2k': "), users
 
 
 def test_users_follow_a_zipf_law(samples: dict) -> None:
@@ -1033,6 +1048,31 @@ def test_run_py_rates_every_name_over_the_runs_window(tmp_path: Path) -> None:
     assert rps["/v1/score [N=50]"] == pytest.approx(100.0)
     assert rps["/v1/score [N=1000]"] == pytest.approx(1 / 6)
     assert rps["Aggregated"] == pytest.approx(601 / 6)
+
+
+def test_run_py_rates_from_the_runs_start_not_its_first_answer(tmp_path: Path) -> None:
+    """The rows of locust's --json-file start at their first answer: against a service
+    answering in 3 s, 16 requests in 12 s read 1.74 req/s (the first 3 s left out of
+    the window). The locustfile's locust_window.json gives the run's start."""
+    run = _run_py_module()
+    t0 = 1_000_000.0
+    (tmp_path / "locust_final.json").write_text(json.dumps([{
+        "name": "/v1/score [N=50]", "method": "POST", "num_requests": 12, "num_failures": 0,
+        "response_times": {"3000": 12}, "start_time": t0 + 3.0,
+        "last_request_timestamp": t0 + 12.0, "total_response_time": 36000.0,
+        "max_response_time": 3000.0}]))  # fmt: skip
+    (tmp_path / "locust_window.json").write_text(json.dumps({"start_time": t0}))
+    stats = run.stats_from_json(tmp_path / "locust_final.json", run._run_start(tmp_path))
+    assert dict(zip(stats["Name"], stats["Requests/s"], strict=True))["Aggregated"] == (
+        pytest.approx(1.0)
+    )
+
+
+def test_run_py_refuses_a_bad_duration_as_a_usage_error() -> None:
+    """--duration 30sec was a traceback with exit status 1, the status of failed requests."""
+    with pytest.raises(SystemExit) as exc:
+        _run_py_module().main(["--duration", "30sec"])
+    assert exc.value.code == 2
 
 
 def test_ctr_cli_runs_with_only_what_the_ops_build_stage_copies(tmp_path: Path) -> None:
