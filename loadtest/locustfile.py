@@ -44,6 +44,7 @@ import bisect
 import csv
 import itertools
 import json
+import math
 import os
 import random
 import time
@@ -124,13 +125,23 @@ class TrafficConfig:
             except ValueError as exc:
                 raise ValueError(f"{name}={value!r}: {exc}") from None
 
+        def number(kind: type, low: float, high: float = math.inf):  # noqa: ANN202
+            def conv(value: str) -> float:
+                got = kind(value)
+                if not (math.isfinite(got) and low <= got <= high):
+                    span = f"[{low:g}, {high:g}]" if math.isfinite(high) else f">= {low:g}"
+                    raise ValueError(f"must be a finite {kind.__name__} {span}")
+                return got
+
+            return conv
+
         return cls(
-            users_n=read("LOCUST_USERS_N", "2000", int),
-            zipf_a=read("LOCUST_ZIPF_A", "1.2", float),
-            items_n=read("LOCUST_ITEMS_N", "1200", int),
+            users_n=read("LOCUST_USERS_N", "2000", number(int, 1)),
+            zipf_a=read("LOCUST_ZIPF_A", "1.2", number(float, 0)),
+            items_n=read("LOCUST_ITEMS_N", "1200", number(int, 1)),
             mix=read("LOCUST_CANDIDATE_MIX", DEFAULT_MIX, lambda v: tuple(parse_mix(v))),
-            event_share=read("LOCUST_EVENT_SHARE", "0.1", float),
-            top_k=read("LOCUST_TOP_K", "100", int),
+            event_share=read("LOCUST_EVENT_SHARE", "0.1", number(float, 0, 1)),
+            top_k=read("LOCUST_TOP_K", "100", number(int, 0)),
         )
 
 

@@ -458,10 +458,12 @@ async def _serve(handler: Handler, scope: Scope, receive: Receive, send: Send) -
     return response.status_code
 
 
-async def _shut_down(state: State, loop: asyncio.AbstractEventLoop) -> None:
+async def _shut_down(state: State, loop: asyncio.AbstractEventLoop, hooked: bool = True) -> None:
     """The lifespan's end: background work cancelled, then the reload bus, the tracking
     connection, the graph threads, the native runner and the Redis clients closed; the
-    impression log writes what it holds first (for up to 2 s)."""
+    impression log writes what it holds first (for up to 2 s). Also after a start-up
+    that failed part way: what it had not opened yet is None (``hooked``: whether it
+    had entered the process hooks)."""
     if state.impressions is not None:
         await state.impressions.close()
     for task in list(state.tasks):  # a SIGHUP reload, the fallback's retries
@@ -473,22 +475,24 @@ async def _shut_down(state: State, loop: asyncio.AbstractEventLoop) -> None:
         await state.bus.aclose()
     if state.tracker is not None:
         await state.tracker.aclose()
-    assert state.executor is not None
-    state.executor.shutdown(wait=True)
+    if state.executor is not None:
+        state.executor.shutdown(wait=True)
     if state.model is not None and state.model.native is not None:
         state.model.native.close()  # released once its calls in flight are done
     for runner in state.retired:  # a swap's release must not outlive the process
         await asyncio.to_thread(runner.wait_released, 5.0)
-    m.HOOKS.exit()
+    if hooked:
+        m.HOOKS.exit()
     for reader, client in (
         (state.reader, state.redis),
         (state.write_reader, state.write_redis),
     ):
-        assert reader is not None and client is not None
-        await reader.aclose()
-        await client.aclose()
-        if isinstance(client, Redis):
-            await client.connection_pool.disconnect()
+        if reader is not None:
+            await reader.aclose()
+        if client is not None:
+            await client.aclose()
+            if isinstance(client, Redis):
+                await client.connection_pool.disconnect()
     with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
         loop.remove_signal_handler(signal.SIGHUP)
         # SIG_DFL again would end the process on a SIGHUP before it exits
@@ -562,119 +566,125 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             _before_handler(sig, lambda: hup.__setitem__("phase", "stopping"))
             for sig in (signal.SIGTERM, signal.SIGINT)
         ]
-        if early_hup.pending:  # noted by `ctr serve` before this handler was in place
-            early_hup.pending = False
-            hup["pending"] = True
-        # a Redis that answers and refuses the service (its password, its database) ends
-        # the start-up; one that does not answer is served through degraded
-        await check_refused(
-            state.redis,
-            settings.redis_url,
-            (settings.redis_connect_timeout_ms + settings.redis_timeout_ms) / 1000,
-        )
-        # no socket timeout on a scoring read's reply: its request's asyncio.timeout
-        # bounds it and LateTimer moves that on a loop that came to it late; redis-py's
-        # own timer (CTR_REDIS_TIMEOUT_MS too) cut a read the loop came back to late, the
-        # reply in the socket (a degraded answer, Redis idle: soak review, session 45)
-        state.reader = Reader(state.redis, settings.redis_max_connections, caller_bounds=True)
-        # a burst on a fresh worker finds its connections open (Redis down: none, within
-        # the connect timeout)
-        await state.reader.warm(
-            settings.redis_warm_connections, settings.redis_connect_timeout_ms / 1000
-        )
-        state.write_redis = make_client(
-            settings.redis_url,
-            settings.redis_cluster,
-            settings.request_timeout_ms / 1000,
-            settings.redis_connect_timeout_ms / 1000,
-            settings.redis_max_connections,
-        )
-        state.write_reader = Reader(state.write_redis, settings.redis_max_connections)
-        state.executor = CallThreads(settings.inference_concurrency, "ort")
-        if settings.reload_channel:
-            state.bus = ReloadBus(
-                # its own client: the scoring client's socket timeout is
-                # CTR_REDIS_TIMEOUT_MS (50 ms), under the bus's bound for a Redis that
-                # stalls a moment (a broadcast cut short, a start-up on the wrong version)
-                make_client(
-                    settings.redis_url,
-                    settings.redis_cluster,
-                    max(settings.redis_timeout_ms / 1000, MIN_TIMEOUT_S),
-                    settings.redis_connect_timeout_ms / 1000,
-                    4,
-                ),
-                settings.redis_url,
-                settings.reload_channel,
-                settings.models_dir,
-                settings.model_name,
-                settings.redis_timeout_ms / 1000,
-                settings.redis_connect_timeout_ms / 1000,
-                state.reload_lock,
-                lambda version: lifecycle.load(state, version),
-                configured=settings.model_version,
-                serving=lambda: state.model.version if state.model is not None else None,
-                agreed=lambda version: lifecycle.agreed(state, version),
-                serving_digest=lambda: (
-                    state.model.bundle.manifest.get("onnx_sha256")
-                    if state.model is not None
-                    else None
-                ),
-                owns_redis=True,
-            )
-            # before the load: a broadcast meanwhile is caught up; and the deployment's
-            # last broadcast version, if it is the one to start on
-            deployed = await state.bus.baseline()
-        else:
-            deployed = None
-        # the native JSON codec (service.codec): the custom-op library is built (or
-        # found) here, once per process, and the model's fused graph reuses it
-        state.codec = await loop.run_in_executor(None, codec.load, settings)
-        await lifecycle.start_up(state, deployed)
-        state.events = EventWriter(
-            state.write_redis,
-            settings.event_dedup_window,
-            settings.sequence_ttl_s,
-            settings.event_legacy_ids,
-        )
-        state.tracker = await tracking.start_tracking(settings)
-        if state.tracker is None:  # else the tracker says (0 while Redis refuses it)
-            m.set_tracking(False)
-        if settings.impression_stream:
-            state.impressions = ImpressionLog(
-                state.write_redis,
-                settings.impression_stream,
-                settings.impression_maxlen,
-                settings.impression_queue,
-                settings.impression_sample,
-                settings.impression_queue_mb << 20,
-            )
-            state.impressions.start()
-        if state.bus is not None:
-            state.bus.start()
-        if settings.api_key is None and not _loopback(settings.host):
-            log.warning("CTR_API_KEY is not set and the service binds %s: anyone who reaches "
-                        "it can append to any user's history (POST /v1/events) and read it "
-                        "back with explain; set CTR_API_KEY (and CTR_PROTECT_SCORING)",
-                        settings.host)  # fmt: skip
-        m.PROCESS.sample()  # this worker's memory and CPU in /metrics from the start
-        if settings.process_metrics_s > 0:
-            lifecycle.spawn(state, m.PROCESS.every(settings.process_metrics_s))
-        if settings.loop_lag_interval_ms > 0:
-            lifecycle.spawn(state, m.watch_loop_lag(settings.loop_lag_interval_ms / 1000))
-        else:  # not watched: unknown, not a reassuring 0
-            m.LOOP_LAG_MAX.set(float("nan"))
-        if hup["phase"] == "starting":  # not if a SIGTERM came meanwhile: it is stopping
-            hup["phase"] = "serving"
-        if hup["pending"] and hup["phase"] == "serving":
-            lifecycle.spawn(state, lifecycle.reload_quietly(state))
-        app.state.ctr = state
-        m.HOOKS.enter(settings.switch_interval_ms / 1000)
+        # a start-up that fails part way closes what it opened (the graph threads, the
+        # Redis clients, the tracker...): they outlived it before (a review, session 46)
+        hooked = False
         try:
+            if early_hup.pending:  # noted by `ctr serve` before this handler was in place
+                early_hup.pending = False
+                hup["pending"] = True
+            # a Redis that answers and refuses the service (its password, its database) ends
+            # the start-up; one that does not answer is served through degraded
+            await check_refused(
+                state.redis,
+                settings.redis_url,
+                (settings.redis_connect_timeout_ms + settings.redis_timeout_ms) / 1000,
+            )
+            # no socket timeout on a scoring read's reply: its request's asyncio.timeout
+            # bounds it and LateTimer moves that on a loop that came to it late; redis-py's
+            # own timer (CTR_REDIS_TIMEOUT_MS too) cut a read the loop came back to late, the
+            # reply in the socket (a degraded answer, Redis idle: soak review, session 45)
+            state.reader = Reader(state.redis, settings.redis_max_connections, caller_bounds=True)
+            # a burst on a fresh worker finds its connections open (Redis down: none, within
+            # the connect timeout)
+            await state.reader.warm(
+                settings.redis_warm_connections, settings.redis_connect_timeout_ms / 1000
+            )
+            state.write_redis = make_client(
+                settings.redis_url,
+                settings.redis_cluster,
+                settings.request_timeout_ms / 1000,
+                settings.redis_connect_timeout_ms / 1000,
+                settings.redis_max_connections,
+            )
+            state.write_reader = Reader(state.write_redis, settings.redis_max_connections)
+            state.executor = CallThreads(settings.inference_concurrency, "ort")
+            if settings.reload_channel:
+                state.bus = ReloadBus(
+                    # its own client: the scoring client's socket timeout is
+                    # CTR_REDIS_TIMEOUT_MS (50 ms), under the bus's bound for a Redis that
+                    # stalls a moment (a broadcast cut short, a start-up on the wrong version)
+                    make_client(
+                        settings.redis_url,
+                        settings.redis_cluster,
+                        max(settings.redis_timeout_ms / 1000, MIN_TIMEOUT_S),
+                        settings.redis_connect_timeout_ms / 1000,
+                        4,
+                    ),
+                    settings.redis_url,
+                    settings.reload_channel,
+                    settings.models_dir,
+                    settings.model_name,
+                    settings.redis_timeout_ms / 1000,
+                    settings.redis_connect_timeout_ms / 1000,
+                    state.reload_lock,
+                    lambda version: lifecycle.load(state, version),
+                    configured=settings.model_version,
+                    serving=lambda: state.model.version if state.model is not None else None,
+                    agreed=lambda version: lifecycle.agreed(state, version),
+                    serving_digest=lambda: (
+                        state.model.bundle.manifest.get("onnx_sha256")
+                        if state.model is not None
+                        else None
+                    ),
+                    owns_redis=True,
+                )
+                # before the load: a broadcast meanwhile is caught up; and the deployment's
+                # last broadcast version, if it is the one to start on
+                deployed = await state.bus.baseline()
+            else:
+                deployed = None
+            # the native JSON codec (service.codec): the custom-op library is built (or
+            # found) here, once per process, and the model's fused graph reuses it
+            state.codec = await loop.run_in_executor(None, codec.load, settings)
+            await lifecycle.start_up(state, deployed)
+            state.events = EventWriter(
+                state.write_redis,
+                settings.event_dedup_window,
+                settings.sequence_ttl_s,
+                settings.event_legacy_ids,
+            )
+            state.tracker = await tracking.start_tracking(settings)
+            if state.tracker is None:  # else the tracker says (0 while Redis refuses it)
+                m.set_tracking(False)
+            if settings.impression_stream:
+                state.impressions = ImpressionLog(
+                    state.write_redis,
+                    settings.impression_stream,
+                    settings.impression_maxlen,
+                    settings.impression_queue,
+                    settings.impression_sample,
+                    settings.impression_queue_mb << 20,
+                )
+                state.impressions.start()
+            if state.bus is not None:
+                state.bus.start()
+            if settings.api_key is None and not _loopback(settings.host):
+                log.warning("CTR_API_KEY is not set and the service binds %s: anyone who reaches "
+                            "it can append to any user's history (POST /v1/events) and read it "
+                            "back with explain; set CTR_API_KEY (and CTR_PROTECT_SCORING)",
+                            settings.host)  # fmt: skip
+            if (supervisor := lifecycle.supervisor_pid()) is not None:
+                lifecycle.spawn(state, lifecycle.watch_supervisor(supervisor))
+            m.PROCESS.sample()  # this worker's memory and CPU in /metrics from the start
+            if settings.process_metrics_s > 0:
+                lifecycle.spawn(state, m.PROCESS.every(settings.process_metrics_s))
+            if settings.loop_lag_interval_ms > 0:
+                lifecycle.spawn(state, m.watch_loop_lag(settings.loop_lag_interval_ms / 1000))
+            else:  # not watched: unknown, not a reassuring 0
+                m.LOOP_LAG_MAX.set(float("nan"))
+            if hup["phase"] == "starting":  # not if a SIGTERM came meanwhile: it is stopping
+                hup["phase"] = "serving"
+            if hup["pending"] and hup["phase"] == "serving":
+                lifecycle.spawn(state, lifecycle.reload_quietly(state))
+            app.state.ctr = state
+            m.HOOKS.enter(settings.switch_interval_ms / 1000)
+            hooked = True
             yield
         finally:
             hup["phase"] = "stopping"
             try:
-                await _shut_down(state, loop)
+                await _shut_down(state, loop, hooked)
             finally:
                 m.forget_this_worker()  # whatever the steps before raised
                 for restore in restores:

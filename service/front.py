@@ -364,8 +364,8 @@ class TimedProtocol(HttpToolsProtocol):
 
     def check_head(self) -> None:
         """Refuse a head HTTP/1.1 says no server may answer (RFC 9112 2.3, 3.2): an
-        HTTP version other than 1.0 and 1.1 (505: httptools parses ``HTTP/2.0`` or
-        ``HTTP/1.9`` as any other, and uvicorn answered it as HTTP/1.1), two or more
+        HTTP version other than 1.0 and 1.1 (505: httptools parses ``HTTP/2.0`` and
+        ``HTTP/0.9``, answered as HTTP/1.1 by uvicorn; other versions are its 400), two or more
         ``Host`` lines, or none in an HTTP/1.1 request (400; uvicorn answered both, and
         a proxy in front may have routed by another Host than the service read). Raised
         in the parser's callback, so the parse stops there (:meth:`send_400_response`)."""
@@ -505,7 +505,8 @@ class TimedProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def count_refusal(self, status: int, seconds: float = 0.0) -> None:
-        """A request refused before its head was all read (so before any route):
+        """A request refused before any route (its head not all read, or refused for
+        what it says: :meth:`check_head`):
         ``ctr_request_duration_seconds{route="unparsed", method="other"}``."""
         m.REQUEST(UNPARSED, "other", str(status)).observe(seconds)
 

@@ -287,6 +287,38 @@ def spawn(state: State, coro: Coroutine[Any, Any, None]) -> None:
     task.add_done_callback(state.tasks.discard)
 
 
+# how often a worker of ``ctr serve --workers N`` looks whether its supervisor is there
+SUPERVISOR_CHECK_S = 1.0
+
+
+def supervisor_pid() -> int | None:
+    """The pid of the process that started this one with :mod:`multiprocessing`
+    (uvicorn's supervisor of ``ctr serve --workers N``); None in a process of its own
+    (one worker: uvicorn serves in ``ctr serve``'s process; a test's app)."""
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    return None if parent is None else parent.pid
+
+
+async def watch_supervisor(pid: int, every_s: float = SUPERVISOR_CHECK_S) -> None:
+    """Stop this worker (its own SIGTERM: uvicorn's graceful shutdown) once its
+    supervisor ``pid`` is gone (this process handed to another parent). A supervisor
+    killed outright (SIGKILL, the OOM killer) left its workers serving for good outside a
+    container: holding the port, writing to Redis, with nobody to stop them (a review,
+    session 46: orphaned test workers wrote their tracking probe key into later tests'
+    database)."""
+    import os
+    import signal
+
+    while True:
+        await asyncio.sleep(every_s)
+        if os.getppid() != pid:
+            log.warning("the supervisor (pid %d) is gone: this worker stops", pid)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+
+
 async def reload_quietly(state: State) -> None:
     """SIGHUP: reload the newest version and, like ``POST /admin/reload``, broadcast it to
     the deployment's other workers (and record it for those starting later); a failure

@@ -148,36 +148,53 @@ class RedisRefused(Exception):
 def refusal(exc: BaseException) -> str | None:
     """What a Redis that answered refused, from its error: the client's credentials
     (no password where one is needed, a wrong one, an ACL user that is disabled or may
-    not run the service's commands) or its database number; None for anything else (not
-    answering, a timeout: the store down, which the service serves through degraded)."""
+    not run the service's reads), the connection (protected mode) or its database
+    number; None for anything else (not answering, a timeout: the store down, which the
+    service serves through degraded). A cluster client's error holds a node's refusal
+    as its cause (diff review)."""
     from redis.exceptions import AuthenticationError, NoPermissionError
 
-    text = str(exc)
-    if (
-        isinstance(exc, AuthenticationError | NoPermissionError)
-        or _error_code(exc) in ("NOAUTH", "WRONGPASS", "NOPERM")
-        or any(s in text for s in ("NOAUTH", "WRONGPASS", "NOPERM", "must be called with"))
-    ):
-        return (
-            "refused the service's credentials: put the password (and ACL user) in the URL, "
-            "redis://USER:PASSWORD@host:port/db"
-        )
-    if "DB index is out of range" in text:
-        return "has no such database"
+    for err in (exc, exc.__cause__):
+        if err is None:
+            continue
+        text, code = str(err), _error_code(err)
+        if (
+            isinstance(err, AuthenticationError | NoPermissionError)
+            or code in ("NOAUTH", "WRONGPASS", "NOPERM")
+            or any(s in text for s in ("NOAUTH", "WRONGPASS", "NOPERM", "must be called with"))
+        ):
+            return (
+                "refused the service's credentials or commands: put the password (and ACL "
+                "user, one that may run PING, LRANGE and HGETALL) in the URL, "
+                "redis://USER:PASSWORD@host:port/db"
+            )
+        if code == "DENIED":
+            return (
+                "refused the connection (protected mode: it has no password, and this host "
+                "is not its loopback): set a password there (requirepass), or bind it "
+                "where protected mode allows"
+            )
+        if "DB index is out of range" in text:
+            return "has no such database"
     return None
 
 
 async def check_refused(client: AnyRedis, url: str, timeout_s: float) -> None:
     """At a worker's start: raise :class:`RedisRefused`, naming ``CTR_REDIS_URL`` (its
     password hidden), where the Redis there answers and refuses the service (a wrong or
-    missing password, a database it does not have). Such a worker served every request
+    missing password, an ACL user that may not read, protected mode, a database it does
+    not have: :func:`refusal`). Such a worker served every request
     degraded, ready, as for a Redis down (a rollout with a wrong secret went on, its
     scores cold-start ones: an earlier review); a Redis that does not answer within
     ``timeout_s`` is left to the requests, which serve degraded until it does (docs/api.md
     "Degraded modes")."""
+    user = "ctr-start-check"  # no such user: read, nothing written
     try:
         async with asyncio.timeout(timeout_s):
             await client.ping()
+            # the reads scoring sends: an ACL user may PING and not read (diff review)
+            await client.lrange(user_key(user, "seq"), 0, 0)
+            await client.hgetall(user_key(user, "profile"))
     except (*REDIS_ERRORS, ValueError) as exc:
         problem = refusal(exc)
         if problem is None:

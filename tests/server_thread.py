@@ -3,10 +3,14 @@ concurrency (reload under traffic, overload)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import IO, Any
 
 import httpx
@@ -47,6 +51,52 @@ class ServerThread:
         self.thread.join(timeout=30)
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc`` and every process under it, and reap it. ``ctr serve --workers N``'s
+    workers outlived a SIGKILL of their supervisor alone: they served on, their tracking
+    heartbeat writing its probe key into the test database every second for the rest of
+    the session (fresh-clone CI: test_cli's key counts read one more; a review found
+    how, session 46). The workers now stop once their supervisor is gone, within about a
+    second; this does not wait for that."""
+    kids = _descendants(proc.pid)
+    proc.kill()
+    for kid in kids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(kid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(process_running(k) for k in kids):
+        time.sleep(0.05)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process under ``pid`` (children, theirs...), from ``/proc``."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:  # gone meanwhile
+                continue
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for kid in children.get(todo.pop(), []):
+            out.append(kid)
+            todo.append(kid)
+    return out
+
+
+def process_running(pid: int) -> bool:
+    """``pid`` exists and is not a zombie (its parent, once not ours, reaps it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def serve_process(
     port: int, env: dict[str, str], *extra: str, log: IO[bytes] | None = None
 ) -> subprocess.Popen:
@@ -66,5 +116,5 @@ def serve_process(
         if proc.poll() is not None:
             break
         time.sleep(0.1)
-    proc.kill()
+    kill_tree(proc)
     raise RuntimeError("ctr serve did not become ready")

@@ -818,8 +818,9 @@ def _serving(metrics: Path, models: Path, **popen: Any) -> subprocess.Popen:
     import httpx
 
     port = free_port()
+    # the tests' Redis (not 6379/0, the default, which other tests check stays untouched)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PROMETHEUS_MULTIPROC_DIR": str(metrics),
-           "CTR_MODELS_DIR": str(models)}  # fmt: skip
+           "CTR_MODELS_DIR": str(models), "CTR_REDIS_URL": REDIS_URL}  # fmt: skip
     cmd = [sys.executable, "-m", "ctr.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, **popen)
     for _ in range(300):

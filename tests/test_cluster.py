@@ -252,6 +252,14 @@ def test_a_cluster_url_with_an_encoded_password_and_no_scheme(built: Built, tmp_
         with pytest.raises(RedisError, match=r"needs a password \(or another one\)") as info:
             ping(wrong, cluster=True)
         assert "p%40ss" not in str(info.value)
+        # the service's start-up refuses it too: the cluster client's error holds the
+        # node's refusal as its cause (it started, every request degraded: diff review)
+        from service.store import RedisRefused
+
+        for bad in (wrong, url.split("@", 1)[1]):  # a wrong password, none
+            with pytest.raises(RedisRefused, match="refused the service's credentials"), \
+                    TestClient(create_app(s.model_copy(update={"redis_url": bad}))):
+                pass  # fmt: skip
     finally:
         node.stop()
         shutil.rmtree(node.dir, ignore_errors=True)

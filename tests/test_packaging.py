@@ -790,7 +790,9 @@ try:
 except requests.ConnectionError as exc:
     real_refused = exc
 bad_env = []
-for name, value in (("LOCUST_CANDIDATE_MIX", "50:x"), ("LOCUST_USERS_N", "2k")):
+for name, value in (("LOCUST_CANDIDATE_MIX", "50:x"), ("LOCUST_USERS_N", "2k"),
+                    ("LOCUST_USERS_N", "0"), ("LOCUST_ZIPF_A", "nan"),
+                    ("LOCUST_EVENT_SHARE", "1.5"), ("LOCUST_TOP_K", "-1")):
     try:
         lf.TrafficConfig.from_env({name: value})
     except ValueError as exc:
@@ -845,9 +847,16 @@ def samples() -> dict:
 def test_a_bad_locust_variable_is_named(samples: dict) -> None:
     """A bad LOCUST_* value was locust's import traceback ending in "could not convert
     string to float: 'x'", naming no variable (a load-test review, session 46)."""
-    mix, users = samples["bad_env"]
-    assert mix.startswith("LOCUST_CANDIDATE_MIX='50:x': "), mix
-    assert users.startswith("LOCUST_USERS_N='2k': "), users
+    said = samples["bad_env"]
+    assert said[0].startswith("LOCUST_CANDIDATE_MIX='50:x': "), said
+    assert said[1].startswith("LOCUST_USERS_N='2k': "), said
+    # out of range too (a NaN Zipf exponent made every user draw NaN, silently)
+    assert said[2:] == [
+        "LOCUST_USERS_N='0': must be a finite int >= 1",
+        "LOCUST_ZIPF_A='nan': must be a finite float >= 0",
+        "LOCUST_EVENT_SHARE='1.5': must be a finite float [0, 1]",
+        "LOCUST_TOP_K='-1': must be a finite int >= 0",
+    ], said
 
 
 def test_users_follow_a_zipf_law(samples: dict) -> None:
