@@ -5,6 +5,20 @@ cd "$(dirname "$0")/.."
 # the Redis the tests use (tests/helpers.py's default) answers, or is started
 CTR_SETUP_REDIS_URL="${CTR_TEST_REDIS_URL:-redis://127.0.0.1:6379/13}" bash scripts/setup.sh
 .venv/bin/ruff check .
+# promtool (Prometheus's) for the dashboard and alert-rule query tests: Debian's
+# prometheus package unpacked for its promtool alone into .venv/bin (nothing installed,
+# no daemon); where apt cannot fetch it, those tests skip (README, "Tests")
+if ! command -v promtool > /dev/null && [ ! -x .venv/bin/promtool ] && command -v apt-get > /dev/null; then
+  tmp=$(mktemp -d)
+  if (cd "$tmp" && timeout 300 apt-get download prometheus > /dev/null 2>&1 \
+      && dpkg-deb -x prometheus_*.deb x && [ -x x/usr/bin/promtool ]); then
+    cp "$tmp/x/usr/bin/promtool" .venv/bin/promtool
+    echo "[test] promtool: $(.venv/bin/promtool --version 2>&1 | head -1)"
+  else
+    echo "[test] promtool not fetched (apt-get download prometheus): the query tests skip"
+  fi
+  rm -rf "$tmp"
+fi
 # a tool or package that setup.sh installs but a test finds missing fails the run
 # instead of skipping quietly (README, "Tests", says what may still skip)
 export CTR_TEST_STRICT="${CTR_TEST_STRICT:-1}"

@@ -250,13 +250,17 @@ def missing(reason: str) -> NoReturn:
 
 
 def promtool_or_skip() -> str:
-    """The path of Prometheus's ``promtool`` (Debian's ``prometheus``; scripts/setup.sh
-    does not install it), or the test is skipped."""
+    """The path of Prometheus's ``promtool`` (on the PATH, or in the venv's bin, where
+    scripts/test.sh unpacks it from Debian's ``prometheus``), or the test is skipped."""
     import shutil
+    import sys
 
-    promtool = shutil.which("promtool")
+    promtool = shutil.which("promtool") or shutil.which(
+        "promtool", path=str(Path(sys.executable).parent)
+    )
     if promtool is None:
-        pytest.skip("promtool is not installed (apt-get install prometheus)")
+        pytest.skip("promtool is not installed (scripts/test.sh fetches it; or apt-get "
+                    "install prometheus)")  # fmt: skip
     return promtool
 
 

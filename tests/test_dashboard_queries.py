@@ -131,3 +131,24 @@ def test_error_panels_read_0_without_errors(tmp_path: Path) -> None:
         (errors, [('{kind="bad_request"}', 1)]),
         (non_2xx, [('{route="/v1/score", status="422"}', 1)]),
     ])  # fmt: skip
+
+
+# -- a ratio whose numerator is not 0 at idle: no value, not numerator / 1e-9 -------------
+
+
+def test_cpu_per_request_reads_nothing_without_requests(tmp_path: Path) -> None:
+    """The workers use CPU with no scoring request at all (the loop-lag timer, the
+    tracking heartbeat, scrapes): clamp_min(requests/s, 1e-9) made an idle minute read
+    that CPU over 1e-9, about 2e7 s a request (0.02 of a core), and the legend's max
+    and mean with it. Without requests the panel has no value; with them, CPU / request."""
+    [expr] = panel_exprs("CPU per scoring request").values()
+    idle = {
+        "ctr_worker_cpu_seconds_total": "0+1.2x10",  # 0.02 of a core
+        'ctr_request_duration_seconds_count{route="/v1/score", status="200"}': "5x10",
+    }
+    busy = idle | {
+        "ctr_worker_cpu_seconds_total": "0+60x10",  # one core
+        'ctr_request_duration_seconds_count{route="/v1/score", status="200"}': "0+6000x10",
+    }
+    promtool_eval(tmp_path, idle, [(expr, [])])
+    promtool_eval(tmp_path, busy, [(expr, [("{}", 0.01)])])
