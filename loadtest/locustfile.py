@@ -122,8 +122,8 @@ class TrafficConfig:
             value = env.get(name, default)
             try:
                 return conv(value)
-            except ValueError as exc:
-                raise ValueError(f"{name}={value!r}: {exc}") from None
+            except (ValueError, OverflowError) as exc:  # 1e400 digits: an OverflowError
+                raise ValueError(f"{name}={value[:40]!r}: {exc}") from None
 
         def number(kind: type, low: float, high: float = math.inf):  # noqa: ANN202
             def conv(value: str) -> float:

@@ -47,6 +47,7 @@ from service.errors import (
     ServiceError,
     ShuttingDown,
     StoreDataError,
+    StoreRefused,
     StoreUnavailable,
     Unauthorized,
     UnsupportedEncoding,
@@ -96,6 +97,7 @@ from service.store import (
     fetch,
     fetch_items,
     make_client,
+    refusal,
     refused_code,
 )
 from service.throttle import held_note
@@ -1155,7 +1157,8 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             500: {
                 "model": ErrorBody,
                 "description": "Redis holds a key of another type than "
-                "the service writes for this user or item (`store_data_error`): not "
+                "the service writes for this user or item (`store_data_error`), or "
+                "refuses the service's credentials or commands (`store_refused`): not "
                 "retryable until it is fixed",
             },
             503: {
@@ -1239,6 +1242,13 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
                     "the behaviour store holds a key of another type than the service "
                     f"writes for this user or its item ({wrong}); not retryable until it "
                     "is fixed",
+                    None,
+                ) from exc
+            if (refused := refusal(exc)) is not None:  # configuration: no retry helps
+                log.error("event not stored: the Redis %s (%s)", refused, str(exc)[:300])
+                raise StoreRefused(
+                    f"the behaviour store refuses the service{refused_code(exc)}; not "
+                    "retryable until the service's Redis settings are fixed",
                     None,
                 ) from exc
             log.warning("event not stored (redis): %s: %s", type(exc).__name__, str(exc)[:300])

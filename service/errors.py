@@ -36,6 +36,14 @@ class StoreDataError(ServiceError):
     kind = "store_data_error"
 
 
+class StoreRefused(ServiceError):
+    """Redis refuses the service's credentials or commands (NOPERM, NOAUTH, WRONGPASS,
+    protected mode): configuration, which no retry outlasts."""
+
+    status = 500
+    kind = "store_refused"
+
+
 class Unauthorized(ServiceError):
     status = 401
     kind = "unauthorized"

@@ -303,17 +303,22 @@ def supervisor_pid() -> int | None:
 
 async def watch_supervisor(pid: int, every_s: float = SUPERVISOR_CHECK_S) -> None:
     """Stop this worker (its own SIGTERM: uvicorn's graceful shutdown) once its
-    supervisor ``pid`` is gone (this process handed to another parent). A supervisor
+    supervisor ``pid`` is gone. A supervisor
     killed outright (SIGKILL, the OOM killer) left its workers serving for good outside a
     container: holding the port, writing to Redis, with nobody to stop them (a review,
     session 46: orphaned test workers wrote their tracking probe key into later tests'
     database)."""
+    import multiprocessing
     import os
     import signal
 
+    parent = multiprocessing.parent_process()
     while True:
         await asyncio.sleep(every_s)
-        if os.getppid() != pid:
+        # its sentinel (a pipe the supervisor holds open), not os.getppid(): under the
+        # forkserver start method the OS parent is the fork server from the start (the
+        # worker stopped itself a second after it started: diff review)
+        if parent is not None and not parent.is_alive():
             log.warning("the supervisor (pid %d) is gone: this worker stops", pid)
             os.kill(os.getpid(), signal.SIGTERM)
             return

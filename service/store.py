@@ -165,8 +165,8 @@ def refusal(exc: BaseException) -> str | None:
         ):
             return (
                 "refused the service's credentials or commands: put the password (and ACL "
-                "user, one that may run PING, LRANGE and HGETALL) in the URL, "
-                "redis://USER:PASSWORD@host:port/db"
+                "user, one that may run PING, LRANGE, HGETALL and HMGET on the {u:*} and "
+                "ctr:item:* keys) in the URL, redis://USER:PASSWORD@host:port/db"
             )
         if code == "DENIED":
             return (
@@ -195,6 +195,9 @@ async def check_refused(client: AnyRedis, url: str, timeout_s: float) -> None:
             # the reads scoring sends: an ACL user may PING and not read (diff review)
             await client.lrange(user_key(user, "seq"), 0, 0)
             await client.hgetall(user_key(user, "profile"))
+            # and the item features' (HMGET on ctr:item:*): a user limited to the user
+            # keys, or without HMGET, passed, and every score was degraded (diff review)
+            await client.hmget(item_key(user), user)
     except (*REDIS_ERRORS, ValueError) as exc:
         problem = refusal(exc)
         if problem is None:

@@ -792,7 +792,8 @@ except requests.ConnectionError as exc:
 bad_env = []
 for name, value in (("LOCUST_CANDIDATE_MIX", "50:x"), ("LOCUST_USERS_N", "2k"),
                     ("LOCUST_USERS_N", "0"), ("LOCUST_ZIPF_A", "nan"),
-                    ("LOCUST_EVENT_SHARE", "1.5"), ("LOCUST_TOP_K", "-1")):
+                    ("LOCUST_EVENT_SHARE", "1.5"), ("LOCUST_TOP_K", "-1"),
+                    ("LOCUST_USERS_N", "1" + "0" * 400)):
     try:
         lf.TrafficConfig.from_env({name: value})
     except ValueError as exc:
@@ -856,6 +857,7 @@ def test_a_bad_locust_variable_is_named(samples: dict) -> None:
         "LOCUST_ZIPF_A='nan': must be a finite float >= 0",
         "LOCUST_EVENT_SHARE='1.5': must be a finite float [0, 1]",
         "LOCUST_TOP_K='-1': must be a finite int >= 0",
+        "LOCUST_USERS_N='1" + "0" * 39 + "': int too large to convert to float",
     ], said
 
 

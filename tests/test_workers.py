@@ -236,10 +236,16 @@ def test_a_redis_that_refuses_the_service_ends_its_start(built: Built) -> None:
         admin = redis.Redis(port=rp.port, password="s3cret")
         admin.acl_setuser("pingonly", enabled=True, passwords=["+pw"], commands=["+ping"],
                           keys=["*"])  # fmt: skip
-        admin.close()
+        # may read users, not items (HMGET ctr:item:*): every score degraded as well
+        admin.acl_setuser("nohmget", enabled=True, passwords=["+pw"], keys=["*"],
+                          commands=["+ping", "+lrange", "+hgetall", "+select"])  # fmt: skip
+        admin.acl_setuser("userkeys", enabled=True, passwords=["+pw"], keys=["{u:*"],
+                          commands=["+@all"])  # fmt: skip
         for url, said in (
             # may PING, not read: every request degraded (diff review)
             (f"redis://pingonly:pw@127.0.0.1:{rp.port}/0", "credentials or commands"),
+            (f"redis://nohmget:pw@127.0.0.1:{rp.port}/0", "credentials or commands"),
+            (f"redis://userkeys:pw@127.0.0.1:{rp.port}/0", "credentials or commands"),
             (f"redis://127.0.0.1:{rp.port}/0", "refused the service's credentials"),
             (f"redis://:wrong@127.0.0.1:{rp.port}/0", "refused the service's credentials"),
             (f"redis://:s3cret@127.0.0.1:{rp.port}/99", "has no such database"),
@@ -257,6 +263,19 @@ def test_a_redis_that_refuses_the_service_ends_its_start(built: Built) -> None:
                 assert c.get("/readyz").json()["ready"] is True
                 r = c.post("/v1/score", json=body)
                 assert r.status_code == 200 and r.json()["degraded"] is degraded, r.text
+        # a user that may read and not run the events' script: the events answer a 500
+        # naming Redis's refusal, without Retry-After (a 503 "retry" that no retry
+        # outlasts: diff review)
+        admin.acl_setuser("noscript", enabled=True, passwords=["+pw"], keys=["*"],
+                          commands=["+@all", "-@scripting"])  # fmt: skip
+        admin.close()
+        url = f"redis://noscript:pw@127.0.0.1:{rp.port}/0"
+        with TestClient(create_app(settings_for(built, redis_url=url))) as c:
+            ev = {"user_id": "u1", "event_id": "acl-1", "item_id": "i1", "timestamp": 1.0}
+            r = c.post("/v1/events", json=ev)
+            assert r.status_code == 500 and "retry-after" not in r.headers, r.text
+            assert r.json()["error"] == "store_refused"
+            assert "(Redis refused it: NOPERM); not retryable" in r.json()["detail"]
         env = service_env(built, f"redis://:wrong@127.0.0.1:{rp.port}/0", CTR_LOG_LEVEL="error")
         cmd = [sys.executable, "-m", "ctr.cli", "serve", "--host", "127.0.0.1",
                "--port", str(free_port())]  # fmt: skip
