@@ -174,7 +174,7 @@ class TimedProtocol(HttpToolsProtocol):
         self.parsed_head = 0
         self.head_over = False  # the parse stopped on a head past MAX_HEAD_BYTES
         self.hosts = 0  # Host header lines of the head now parsed
-        # the parse stopped on a head refused for what it says (:meth:`refuse_head`):
+        # the parse stopped on a head refused for what it says (:meth:`check_head`):
         # its status, error kind, field and detail
         self.bad_head: tuple[int, str, str, str] | None = None
         self.head_tail = b""  # the last bytes of a head's read so far (its end may straddle)

@@ -309,13 +309,12 @@ class ImpressionReader:
         if imp.label:
             return
         floor = self._floor.get(imp.user_id)
-        if floor is not None and lo < floor:
+        trimmed = floor is not None and lo < floor
+        expired = not trimmed and self._may_have_expired(imp.user_id, lo)
+        if trimmed or expired:
             imp.label, imp.label_status = None, CENSORED
             self.censored += 1
-        elif self._may_have_expired(imp.user_id, lo):
-            imp.label, imp.label_status = None, CENSORED
-            self.censored += 1
-            self.expired += 1
+            self.expired += expired
 
     def _may_have_expired(self, user: str, lo: float) -> bool:
         """A click after ``lo`` may have gone with the user's whole history: it expires

@@ -12,6 +12,7 @@ import logging
 import time
 import weakref
 from collections.abc import Coroutine
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 from ctr.bundle import BundleError, list_versions, resolve_version
@@ -291,35 +292,32 @@ def spawn(state: State, coro: Coroutine[Any, Any, None]) -> None:
 SUPERVISOR_CHECK_S = 1.0
 
 
-def supervisor_pid() -> int | None:
-    """The pid of the process that started this one with :mod:`multiprocessing`
-    (uvicorn's supervisor of ``ctr serve --workers N``); None in a process of its own
-    (one worker: uvicorn serves in ``ctr serve``'s process; a test's app)."""
+def supervisor() -> BaseProcess | None:
+    """The process that started this one with :mod:`multiprocessing` (uvicorn's
+    supervisor of ``ctr serve --workers N``); None in a process of its own (one worker:
+    uvicorn serves in ``ctr serve``'s process; a test's app)."""
     import multiprocessing
 
-    parent = multiprocessing.parent_process()
-    return None if parent is None else parent.pid
+    return multiprocessing.parent_process()
 
 
-async def watch_supervisor(pid: int, every_s: float = SUPERVISOR_CHECK_S) -> None:
+async def watch_supervisor(parent: BaseProcess, every_s: float = SUPERVISOR_CHECK_S) -> None:
     """Stop this worker (its own SIGTERM: uvicorn's graceful shutdown) once its
-    supervisor ``pid`` is gone. A supervisor
+    supervisor ``parent`` is gone. A supervisor
     killed outright (SIGKILL, the OOM killer) left its workers serving for good outside a
     container: holding the port, writing to Redis, with nobody to stop them (a review,
     session 46: orphaned test workers wrote their tracking probe key into later tests'
     database)."""
-    import multiprocessing
     import os
     import signal
 
-    parent = multiprocessing.parent_process()
     while True:
         await asyncio.sleep(every_s)
         # its sentinel (a pipe the supervisor holds open), not os.getppid(): under the
         # forkserver start method the OS parent is the fork server from the start (the
         # worker stopped itself a second after it started: diff review)
-        if parent is not None and not parent.is_alive():
-            log.warning("the supervisor (pid %d) is gone: this worker stops", pid)
+        if not parent.is_alive():
+            log.warning("the supervisor (pid %s) is gone: this worker stops", parent.pid)
             os.kill(os.getpid(), signal.SIGTERM)
             return
 

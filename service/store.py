@@ -92,10 +92,11 @@ def data_error(exc: BaseException) -> str | None:
 
 def refused_code(exc: BaseException) -> str:
     """`` (Redis refused it: READONLY)`` where ``exc`` is Redis's reply refusing a
-    command for now (its error code only: READONLY from a replica, OOM, LOADING, BUSY,
-    MASTERDOWN...), for a 503's detail: a client told only "unavailable; retry" could
-    not tell a service pointed at a read-only replica, which no retry outlasts, from a
-    moment's outage (a writes review, session 46); ``""`` for anything else."""
+    command (its error code only: READONLY from a replica, OOM, BUSY, MASTERDOWN,
+    NOPERM...; redis-py retries LOADING, a connection error, until the deadline), for an
+    error's detail: a client told only "unavailable; retry" could not tell a service
+    pointed at a read-only replica, which no retry outlasts, from a moment's outage (a
+    writes review, session 46); ``""`` for anything else."""
     code = _error_code(exc)
     return "" if code is None or code == "ERR" else f" (Redis refused it: {code})"
 
