@@ -8,10 +8,15 @@ CTR_SETUP_REDIS_URL="${CTR_TEST_REDIS_URL:-redis://127.0.0.1:6379/13}" bash scri
 # promtool (Prometheus's) for the dashboard and alert-rule query tests: Debian's
 # prometheus package unpacked for its promtool alone into .venv/bin (nothing installed,
 # no daemon); where apt cannot fetch it, those tests skip (README, "Tests")
+fetch_promtool() {
+  (cd "$1" && timeout 300 apt-get download prometheus > /dev/null 2>&1 \
+    && dpkg-deb -x prometheus_*.deb x && [ -x x/usr/bin/promtool ])
+}
 if ! command -v promtool > /dev/null && [ ! -x .venv/bin/promtool ] && command -v apt-get > /dev/null; then
   tmp=$(mktemp -d)
-  if (cd "$tmp" && timeout 300 apt-get download prometheus > /dev/null 2>&1 \
-      && dpkg-deb -x prometheus_*.deb x && [ -x x/usr/bin/promtool ]); then
+  # a fresh machine's apt may have no package lists yet: read them once (root only)
+  if fetch_promtool "$tmp" || { [ "$(id -u)" = 0 ] && apt-get update -q > /dev/null 2>&1 \
+      && fetch_promtool "$tmp"; }; then
     cp "$tmp/x/usr/bin/promtool" .venv/bin/promtool
     echo "[test] promtool: $(.venv/bin/promtool --version 2>&1 | head -1)"
   else
