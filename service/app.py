@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import multiprocessing
 import os
 import signal
 import time
@@ -666,7 +667,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                             "it can append to any user's history (POST /v1/events) and read it "
                             "back with explain; set CTR_API_KEY (and CTR_PROTECT_SCORING)",
                             settings.host)  # fmt: skip
-            if (supervisor := lifecycle.supervisor()) is not None:
+            if (supervisor := multiprocessing.parent_process()) is not None:
                 lifecycle.spawn(state, lifecycle.watch_supervisor(supervisor))
             m.PROCESS.sample()  # this worker's memory and CPU in /metrics from the start
             if settings.process_metrics_s > 0:

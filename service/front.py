@@ -274,14 +274,16 @@ class TimedProtocol(HttpToolsProtocol):
         event loop for seconds), with a 431 (once the requests before it on the
         connection are answered), and the connection closed."""
         m.ERRORS.labels("header_too_large").inc()
+        detail = f"the request's head is longer than {MAX_HEAD_BYTES} bytes"
+        self.refuse_head(431, "header_too_large", detail)
+
+    def refuse_head(self, status: int, kind: str, detail: str, field: str = "headers") -> None:
+        """Stop reading the head now arriving and answer it ``status`` (:meth:`refuse`:
+        after the requests before it on the connection), then close."""
         started = self.read_started
         self.reading = False
         self._unset_keepalive_if_required()  # nor uvicorn's keep-alive close mid-linger
-        self.refuse(lambda: self._send_431(started))
-
-    def _send_431(self, started: float | None) -> None:
-        detail = f"the request's head is longer than {MAX_HEAD_BYTES} bytes"
-        self._send_refusal(started, 431, "header_too_large", detail)
+        self.refuse(lambda: self._send_refusal(started, status, kind, detail, field))
 
     def _send_refusal(
         self, started: float | None, status: int, kind: str, detail: str, field: str = "headers"
@@ -420,10 +422,7 @@ class TimedProtocol(HttpToolsProtocol):
         if self.bad_head is not None:  # not malformed: refused (check_head)
             status, kind, field, detail = self.bad_head
             self.bad_head = None
-            started = self.read_started
-            self.reading = False
-            self._unset_keepalive_if_required()
-            self.refuse(lambda: self._send_refusal(started, status, kind, detail, field))
+            self.refuse_head(status, kind, detail, field)
             return
         if self.head_done:  # a body: its request's cycle was made with its head
             self.malformed_body(msg)

@@ -292,18 +292,11 @@ def spawn(state: State, coro: Coroutine[Any, Any, None]) -> None:
 SUPERVISOR_CHECK_S = 1.0
 
 
-def supervisor() -> BaseProcess | None:
-    """The process that started this one with :mod:`multiprocessing` (uvicorn's
-    supervisor of ``ctr serve --workers N``); None in a process of its own (one worker:
-    uvicorn serves in ``ctr serve``'s process; a test's app)."""
-    import multiprocessing
-
-    return multiprocessing.parent_process()
-
-
 async def watch_supervisor(parent: BaseProcess, every_s: float = SUPERVISOR_CHECK_S) -> None:
     """Stop this worker (its own SIGTERM: uvicorn's graceful shutdown) once its
-    supervisor ``parent`` is gone. A supervisor
+    supervisor ``parent`` is gone (``multiprocessing.parent_process()``: uvicorn's
+    supervisor of ``ctr serve --workers N``; None in a process of its own, one worker or
+    a test's app, which has none to watch). A supervisor
     killed outright (SIGKILL, the OOM killer) left its workers serving for good outside a
     container: holding the port, writing to Redis, with nobody to stop them (a review,
     session 46: orphaned test workers wrote their tracking probe key into later tests'

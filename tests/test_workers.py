@@ -729,12 +729,8 @@ def test_workers_stop_once_their_supervisor_is_killed(built: Built, tmp_path: Pa
             time.sleep(0.2)
         proc.kill()
         proc.wait()
-        deadline = time.time() + 20
-        alive = workers
-        while alive and time.time() < deadline:
-            alive = [w for w in workers if process_running(w)]
-            time.sleep(0.1)
-        assert not alive, f"workers {alive} still running after their supervisor's SIGKILL"
+        wait_for(lambda: not any(process_running(w) for w in workers),
+                 "the workers to stop after their supervisor's SIGKILL", 20)  # fmt: skip
 
 
 def _workers_of(pid: int) -> list[int]:
