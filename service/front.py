@@ -137,6 +137,29 @@ LINGER_S = 2.0  # how long a refused connection is read on (and dropped) before 
 SHUTDOWN_LINGER_S = 0.2
 
 
+class _ParseLog:
+    """The protocol's ``logger`` (uvicorn's ``uvicorn.error``), but for uvicorn's warning
+    "Invalid HTTP request received." when the parse was stopped by the protocol itself:
+    a head past ``MAX_HEAD_BYTES`` or one :meth:`TimedProtocol.check_head` refuses is
+    well formed and answered for a stated reason (431, 400 ``bad_host``, 505), counted in
+    the metrics as the 431 refused before the parser is, and logged as that at debug
+    level. The warning said each such request was malformed."""
+
+    def __init__(self, protocol: TimedProtocol, logger: logging.Logger) -> None:
+        self.protocol = protocol
+        self.logger = logger
+
+    def warning(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        refused = self.protocol.refusing()
+        if refused is None:
+            self.logger.warning(msg, *args, **kwargs)
+        else:
+            self.logger.debug("request head refused: %s", refused)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.logger, name)
+
+
 class TimedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a limit on how long a request takes to arrive
     (``CTR_READ_TIMEOUT_MS``, the served app's ``read_timeout_s``): uvicorn has none, so
@@ -190,6 +213,7 @@ class TimedProtocol(HttpToolsProtocol):
         self.stopping = False
         self.linger: asyncio.TimerHandle | None = None
         self.write_paused_at: float | None = None  # loop.time() the transport filled up
+        self.logger = _ParseLog(self, self.logger)  # type: ignore[assignment]
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -413,6 +437,16 @@ class TimedProtocol(HttpToolsProtocol):
         self.head_bytes = 0
         self.head_tail = b""
         super().on_message_complete()
+
+    def refusing(self) -> str | None:
+        """Why the protocol stopped the parse of the head now arriving (on purpose, not
+        malformed), or None."""
+        if self.head_over:
+            return f"431 header_too_large: longer than {MAX_HEAD_BYTES} bytes"
+        if self.bad_head is not None:
+            status, kind, _, detail = self.bad_head
+            return f"{status} {kind}: {detail}"
+        return None
 
     def send_400_response(self, msg: str) -> None:
         if self.head_over:  # not malformed: too long (on_headers_complete)
