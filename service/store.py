@@ -146,13 +146,14 @@ class RedisRefused(Exception):
     """Redis answered the worker's start-up check and refused it (:func:`check_refused`)."""
 
 
-def refusal(exc: BaseException) -> str | None:
-    """What a Redis that answered refused, from its error: the client's credentials
-    (no password where one is needed, a wrong one, an ACL user that is disabled or may
-    not run the service's reads), the connection (protected mode) or its database
-    number; None for anything else (not answering, a timeout: the store down, which the
-    service serves through degraded). A cluster client's error holds a node's refusal
-    as its cause (diff review)."""
+def refused_as(exc: BaseException) -> str | None:
+    """What a Redis that answered refused, from its error: ``"credentials"`` (no
+    password where one is needed, a wrong one, an ACL user that is disabled or may not
+    run the command), ``"protected"`` (the connection: protected mode) or
+    ``"database"`` (its number); None for anything else (not answering, a timeout: the
+    store down, which the service serves through degraded). A cluster client's error
+    holds a node's refusal as its cause (diff review). The one test both the service's
+    start-up (:func:`refusal`) and the command line's check (:func:`ping`) make."""
     from redis.exceptions import AuthenticationError, NoPermissionError
 
     for err in (exc, exc.__cause__):
@@ -164,20 +165,34 @@ def refusal(exc: BaseException) -> str | None:
             or code in ("NOAUTH", "WRONGPASS", "NOPERM")
             or any(s in text for s in ("NOAUTH", "WRONGPASS", "NOPERM", "must be called with"))
         ):
-            return (
-                "refused the service's credentials or commands: put the password (and ACL "
-                "user, one that may run PING, LRANGE, HGETALL and HMGET on the {u:*} and "
-                "ctr:item:* keys) in the URL, redis://USER:PASSWORD@host:port/db"
-            )
+            return "credentials"
         if code == "DENIED":
-            return (
-                "refused the connection (protected mode: it has no password, and this host "
-                "is not its loopback): set a password there (requirepass), or bind it "
-                "where protected mode allows"
-            )
+            return "protected"
         if "DB index is out of range" in text:
-            return "has no such database"
+            return "database"
     return None
+
+
+_PROTECTED = (
+    "refused the connection (protected mode: it has no password, and this host is not "
+    "its loopback): set a password there (requirepass), or bind it where protected mode "
+    "allows"
+)
+
+
+def refusal(exc: BaseException) -> str | None:
+    """What a Redis that answered refused the service (:func:`refused_as`), said for the
+    start-up's error; None where it did not answer."""
+    kind = refused_as(exc)
+    if kind == "credentials":
+        return (
+            "refused the service's credentials or commands: put the password (and ACL "
+            "user, one that may run PING, LRANGE, HGETALL and HMGET on the {u:*} and "
+            "ctr:item:* keys) in the URL, redis://USER:PASSWORD@host:port/db"
+        )
+    if kind == "protected":
+        return _PROTECTED
+    return None if kind is None else "has no such database"
 
 
 async def check_refused(client: AnyRedis, url: str, timeout_s: float) -> None:
@@ -337,13 +352,17 @@ def ping(url: str, cluster: bool = False, timeout_s: float = 5.0) -> None:
             f"the Redis at {redact(url)} does not answer: {url_problem(exc)}"
         ) from exc
     except (RedisError, RedisClusterException, OSError) as exc:
-        text = str(exc)
-        if any(s in text for s in ("NOAUTH", "authenticated", "WRONGPASS", "password")):
-            raise RedisError(
-                f"the Redis at {redact(url)} needs a password (or another one): put it in "
-                f"the URL, redis://:PASSWORD@host:port/db ({text})"
-            ) from exc
-        raise RedisError(f"the Redis at {redact(url)} does not answer: {exc}") from exc
+        kind = refused_as(exc)  # as the service's start-up tells a refusal (one test)
+        if kind == "credentials":
+            said = (
+                "needs a password (or another one), or an ACL user that may run the "
+                "command: put them in the URL, redis://USER:PASSWORD@host:port/db"
+            )
+        elif kind is not None:
+            said = _PROTECTED if kind == "protected" else "has no such database"
+        else:
+            raise RedisError(f"the Redis at {redact(url)} does not answer: {exc}") from exc
+        raise RedisError(f"the Redis at {redact(url)} {said} ({exc})") from exc
 
 
 def sync_client(redis_url: str, cluster: bool, timeout_s: float = 10) -> Any:

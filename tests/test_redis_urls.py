@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
+from redis import Redis
 from redis.exceptions import RedisError
 
 from service.settings import Settings
@@ -103,6 +104,32 @@ def test_ping_says_a_redis_needs_a_password() -> None:
             ping(f"redis://:wrong@127.0.0.1:{rp.port}/0", timeout_s=2)
         assert "wrong" not in str(info.value)
         ping(f"redis://:s3cret@127.0.0.1:{rp.port}/0", timeout_s=2)
+        # a refusal is told as the service's start-up tells it (one test, refused_as):
+        # ping said "does not answer" for a database the server lacks, and "needs a
+        # password" for an ACL user that may not PING
+        with pytest.raises(RedisError, match="has no such database"):
+            ping(f"redis://:s3cret@127.0.0.1:{rp.port}/99", timeout_s=2)
+        with Redis(port=rp.port, password="s3cret") as admin:
+            admin.acl_setuser("noping", enabled=True, passwords=["+pw"], commands=["+get"])
+        with pytest.raises(RedisError, match="or an ACL user that may run the command"):
+            ping(f"redis://noping:pw@127.0.0.1:{rp.port}/0", timeout_s=2)
+
+
+def test_protected_mode_is_told_as_such() -> None:
+    """Its DENIED text holds "password": ping said "needs a password", where the fix is
+    the server's (requirepass, or bind), as the service's start-up says."""
+    from redis.exceptions import ResponseError
+
+    from service.store import refusal, refused_as
+
+    denied = ResponseError(
+        "DENIED Redis is running in protected mode because protected mode is enabled and "
+        "no password is set for the default user."
+    )
+    assert refused_as(denied) == "protected"
+    assert "protected mode" in (refusal(denied) or "")
+    assert refused_as(ResponseError("ERR unknown command 'FOO'")) is None
+    assert refused_as(ConnectionError("Connection refused")) is None
 
 
 def test_each_test_worker_flushes_a_database_of_its_own() -> None:
