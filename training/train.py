@@ -314,7 +314,8 @@ def train(
             disable=None if progress and info.main else True,
             leave=False,
         )
-        total = 0.0
+        total = 0.0  # the objective: the click BCE, plus aux_loss and mba_l2 where set
+        total_bce = 0.0  # the click BCE alone: what compares with the validation logloss
         for b in bar:
             glob = perm[b * tc.batch_size : (b + 1) * tc.batch_size]
             # the global batch is split across ranks, so N processes see what 1 process
@@ -331,6 +332,7 @@ def train(
             # global batch's, so that DDP's average of the ranks is the global mean
             loss = bce(res["logits"], torch.from_numpy(prep.train.label[idx]))
             loss = loss * (len(idx) * info.world / len(glob))
+            bce_part = loss.item()
             if "aux_loss" in res:
                 aux = res["aux_loss"] * rank_share(res["aux_steps"], info)
                 loss = loss + config.model.aux_loss_weight * aux
@@ -342,6 +344,7 @@ def train(
             opt.step()
             steps += 1
             total += loss.item()
+            total_bce += bce_part
             bar.set_postfix(loss=f"{total / (b + 1):.4f}")
         if info.world > 1:
             # every rank validates the same model and agrees on early stopping: Dice's
@@ -349,9 +352,9 @@ def train(
             # 0's buffers are taken all the same, should any drift by a rounding
             for buf in model.buffers():
                 dist.broadcast(buf, src=0)
-            mean_loss = torch.tensor([total / info.world], dtype=torch.float64)
+            mean_loss = torch.tensor([total, total_bce], dtype=torch.float64) / info.world
             dist.all_reduce(mean_loss)
-            total = float(mean_loss)
+            total, total_bce = (float(v) for v in mean_loss)
         if steps == 0:  # every batch was skipped: nothing would be trained
             raise ValueError(
                 f"no training step in epoch 1: {len(prep.train)} training rows, "
@@ -368,9 +371,15 @@ def train(
                 "(lower train.lr, or check the data for huge or missing dense values)"
             )
         val = evaluate(prep.val.users, prep.val.label, val_probs)
-        history.append({"epoch": epoch + 1, "train_loss": total / n_batches, **val})
+        # train_loss: the objective (DIEN's aux_loss and mba_l2 in it, where set, made it
+        # about 3x the validation logloss: a training review); train_logloss: the click
+        # BCE alone, the figure to set beside the validation logloss
+        history.append({"epoch": epoch + 1, "train_loss": total / n_batches,
+                        "train_logloss": total_bce / n_batches, **val})  # fmt: skip
         if info.main and progress:
-            print(f"epoch {epoch + 1}: loss {total / n_batches:.4f} val auc {val['auc']:.4f}")
+            print(f"epoch {epoch + 1}: loss {total / n_batches:.4f} (click logloss "
+                  f"{total_bce / n_batches:.4f}) val logloss {val['logloss']:.4f} "
+                  f"auc {val['auc']:.4f}")  # fmt: skip
         score = -1.0 if np.isnan(val["auc"]) else val["auc"]
         if best_epoch < 0 or score > best_auc or not by_auc:
             best_auc, best_epoch = score, epoch + 1
