@@ -23,6 +23,7 @@ import asyncio
 import contextvars
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from logging import INFO
 from typing import Any
@@ -146,11 +147,13 @@ class _ParseLog:
     level. The warning said each such request was malformed."""
 
     def __init__(self, protocol: TimedProtocol, logger: logging.Logger) -> None:
-        self.protocol = protocol
+        # weak: a strong reference made each connection a cycle for the collector
+        self.protocol = weakref.ref(protocol)
         self.logger = logger
 
     def warning(self, msg: object, *args: Any, **kwargs: Any) -> None:
-        refused = self.protocol.refusing()
+        protocol = self.protocol()
+        refused = None if protocol is None else protocol.refusing()
         if refused is None:
             self.logger.warning(msg, *args, **kwargs)
         else:
