@@ -1089,7 +1089,9 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument(
         "--n", type=_positive(int), default=500, help="candidates (one user, full history)"
     )
-    pg.add_argument("--graph", choices=("standard", "fused"), default="standard")
+    pg.add_argument("--graph", choices=("standard", "fused"), default="standard",
+                    help="standard (default): the bundle's model.onnx; fused: the graph "
+                    "the service serves, user side once")  # fmt: skip
     pg.add_argument("--threads", type=_non_negative(int), default=2, help=THREADS_HELP)
     pg.add_argument("--runs", type=_positive(int), default=50)
     pg.add_argument("--top", type=_positive(int), default=15, help="nodes in the table")

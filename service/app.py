@@ -825,7 +825,30 @@ def bad_request(errors: Sequence[Any], skip: int = 0) -> BadRequest:
     first ``skip`` parts of its location)."""
     first = errors[0] if errors else {}
     field = ".".join(str(p) for p in first.get("loc", ())[skip:]) or "body"
-    return BadRequest(f"{field}: {first.get('msg', 'invalid')}", field)
+    if first.get("type") == "extra_forbidden":  # as the scoring body's (validate.py)
+        return BadRequest(f"unknown field {field!r}", field)
+    # a validator's own message, without pydantic's "Value error, " before it
+    msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    return BadRequest(f"{field}: {msg}", field)
+
+
+def routing_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """The router's 404 (no such path) or 405 (a method the path does not take) in the
+    body every error of the service has (FastAPI's was ``{"detail": "Not Found"}``,
+    without the request's ID: the one answer a client could not read as the others).
+    Not counted in ``ctr_errors_total``: a scanner's paths are no service error (the
+    request metrics time them under the route ``unmatched``)."""
+    path = safe_field(str(request.scope.get("path", "")), 200)
+    if exc.status_code == 404:
+        kind, detail = "not_found", f"no such path: {path} (the API is listed at /docs)"
+    else:
+        allow = (exc.headers or {}).get("Allow", "")
+        kind = "method_not_allowed"
+        detail = f"{safe_field(request.method, 20)} is not allowed on {path}" + (
+            f": use {allow}" if allow else ""
+        )
+    body = {"error": kind, "field": None, "detail": detail, "request_id": CURRENT.get()}
+    return orjson_response(body, exc.status_code, exc.headers)
 
 
 def _install_handlers(app: FastAPI) -> None:
@@ -839,9 +862,10 @@ def _install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        """FastAPI's answer, with a 405's ``Allow`` naming every method the path takes:
-        the route that matched first names its own (GET and HEAD are two routes here,
-        to keep their OpenAPI operation IDs apart, and Allow said GET only)."""
+        """An unknown path's 404 or a method's 405 (:func:`routing_error`), a 405's
+        ``Allow`` naming every method the path takes: the route that matched first
+        names its own (GET and HEAD are two routes here, to keep their OpenAPI operation
+        IDs apart, and Allow said GET only)."""
         if exc.status_code == 405:
             path = request.scope.get("path")
             methods = {
@@ -850,6 +874,8 @@ def _install_handlers(app: FastAPI) -> None:
             }  # fmt: skip
             if methods:
                 exc.headers = {**(exc.headers or {}), "Allow": ", ".join(sorted(methods))}
+        if exc.status_code in (404, 405):
+            return routing_error(request, exc)
         return await http_exception_handler(request, exc)
 
     @app.exception_handler(ClientDisconnect)

@@ -348,9 +348,8 @@ def ping(url: str, cluster: bool = False, timeout_s: float = 5.0) -> None:
     except (ValueError, TypeError) as exc:
         # not a Redis URL (redis-py's parse_url, whose message may quote a password with
         # an unencoded "/"), or an option the client does not take (a TypeError)
-        raise RedisError(
-            f"the Redis at {redact(url)} does not answer: {url_problem(exc)}"
-        ) from exc
+        # nothing was asked ("does not answer" sent a reader to look for a Redis down)
+        raise RedisError(f"{redact(url)} is not a usable Redis URL: {url_problem(exc)}") from exc
     except (RedisError, RedisClusterException, OSError) as exc:
         kind = refused_as(exc)  # as the service's start-up tells a refusal (one test)
         if kind == "credentials":

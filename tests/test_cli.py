@@ -223,6 +223,7 @@ def test_a_redis_url_whose_database_is_no_number_is_refused_by_the_flag_too() ->
     out = ctr("load", "--config", "configs/synthetic_din.yaml", "--redis-url", url)
     line = one_line_error(out, "load")
     assert "the database (the URL's path) must be a number" in line, line
+    assert "is not a usable Redis URL" in line and "does not answer" not in line, line
     assert "secret" not in out.stderr + out.stdout
     assert redis.Redis.from_url(REDIS_URL.rsplit("/", 1)[0] + "/0").dbsize() == before
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
 
 import service.app as service_app
 from service import metrics as m
@@ -178,15 +179,20 @@ def test_fast_path_is_timed_under_the_route_template(
     assert count("200") == before_ok + 1
     assert count("401") == before_bad + 1
     # other methods on the path still go through FastAPI's router
-    assert fast.get("/v1/score").status_code == 405
+    r = fast.get("/v1/score")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert (r.json()["error"], r.json()["detail"]) == (
+        "method_not_allowed", "GET is not allowed on /v1/score: use POST"
+    )
 
 
 def test_unknown_paths_are_404_and_timed_as_unmatched(
     clients: tuple[TestClient, TestClient],
 ) -> None:
-    """An unknown path gets FastAPI's 404 ``{"detail": "Not Found"}`` on both apps (the
-    front door passes it on), timed under the route ``unmatched`` (never the path
-    itself: a scanner's paths would each make a series)."""
+    """An unknown path gets a 404 in the service's error body (FastAPI's was
+    ``{"detail": "Not Found"}``) on both apps (the front door passes it on), timed under
+    the route ``unmatched`` (never the path itself: a scanner's paths would each make a
+    series), and not counted as a service error."""
     for c in clients:
 
         def count(method: str, c: TestClient = c) -> float:
@@ -200,10 +206,15 @@ def test_unknown_paths_are_404_and_timed_as_unmatched(
             return 0.0
 
         before = count("GET"), count("POST")
+        errors = REGISTRY.get_sample_value("ctr_errors_total", {"kind": "not_found"})
         for method, path in (("GET", "/no/such/path"), ("POST", "/v1/scores")):
-            r = c.request(method, path, json={})
-            assert r.status_code == 404 and r.json() == {"detail": "Not Found"}
+            r = c.request(method, path, json={}, headers={"X-Request-ID": "r404"})
+            assert r.status_code == 404, r.text
+            said = f"no such path: {path} (the API is listed at /docs)"
+            assert r.json() == {"error": "not_found", "field": None, "request_id": "r404",
+                                "detail": said}  # fmt: skip
         assert (count("GET"), count("POST")) == (before[0] + 1, before[1] + 1)
+        assert REGISTRY.get_sample_value("ctr_errors_total", {"kind": "not_found"}) == errors
         assert "/no/such/path" not in c.get("/metrics").text
 
 

@@ -104,6 +104,8 @@ def test_every_error_body_carries_the_id(client: TestClient, built: Built) -> No
         ("POST", "/v1/score", {"content": b"x" * 2_000_000}, 413, "payload_too_large"),
         ("POST", "/v1/events", {"json": {"user_id": "u"}}, 401, "unauthorized"),
         ("POST", "/admin/reload", {"json": {}}, 401, "unauthorized"),
+        ("GET", "/no/such/path", {}, 404, "not_found"),  # FastAPI's was {"detail"} only
+        ("PUT", "/v1/score", {}, 405, "method_not_allowed"),
     ]
     key = {"X-API-Key": "k"}
     for k, (method, path, kw, status, kind) in enumerate(cases):
