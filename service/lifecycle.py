@@ -270,8 +270,24 @@ async def retry_latest(state: State) -> None:
     load (a reload, a broadcast, SIGHUP) ends the fallback."""
 
     async def attempt() -> bool:
+        target = "latest"
+        # the newest a version the deployment rolled back from (the newer export that
+        # kept a start from taking the rollback's record is gone): a fresh start takes
+        # the record's version again, which its peers serve (review, session 47: the
+        # retry swapped in the version rolled back from)
+        gone = state.bus.rolled_back if state.bus is not None else None
+        if gone is not None:
+            s = state.settings
+            with contextlib.suppress(BundleError):
+                if gone[0] < resolve_version(s.models_dir, s.model_name, "latest") <= gone[1]:
+                    target = str(gone[0])
+        if target != "latest" and state.model is not None and state.model.version == target:
+            log.info("the newest version is one the deployment rolled back from: serving "
+                     "its version %s, fallback over", target)  # fmt: skip
+            state.set_fallback(None)
+            return True
         with contextlib.suppress(BundleError, ProviderError):  # logged in load
-            await load(state, "latest")
+            await load(state, target)
             log.info("the newest version loads now: fallback over")
             return True
         return False

@@ -922,3 +922,37 @@ def test_a_start_up_fallback_passes_over_the_versions_the_deployment_rolled_back
     with TestClient(create_app(other)) as c:
         got = info(c)
         assert got["version"] == "3" and got["fallback"]["newest"] == "4", got
+
+
+def test_a_fallback_retry_does_not_take_a_version_the_deployment_rolled_back_from(
+    built: Built, channel: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above: rolled back from 3 to 2, then 4 exported broken; a worker starting now
+    falls back to 2 (passing over 3). The broken 4 is then deleted: "latest" is 3 again,
+    and a fresh start would serve 2 (the record, adoptable again). The fallback's retry
+    of "latest" must not swap in 3, the version the deployment rolled back from, while
+    its peers serve 2 (review, session 47: it did, and said "fallback over")."""
+    from service import lifecycle
+
+    monkeypatch.setattr(lifecycle, "FALLBACK_RETRY_S", 0.2)  # 30 s in the service
+    models = tmp_path / "models"
+    root = models / built.config.name
+    shutil.copytree(built.models_dir / built.config.name / "1", root / "1")
+    for v in ("2", "3"):
+        shutil.copytree(root / "1", root / v)
+    latest = settings(built, channel, models, model_version="latest")
+    with TestClient(create_app(latest)) as a:
+        assert a.post("/admin/reload", json={"version": "2"}, headers=KEY).status_code == 200
+        shutil.copytree(root / "3", root / "4")
+        with open(root / "4" / "model.onnx", "r+b") as f:
+            f.truncate(1000)
+        with TestClient(create_app(latest)) as b:
+            assert info(b)["version"] == "2" and info(b)["fallback"]["newest"] == "4"
+            shutil.rmtree(root / "4")  # the broken export withdrawn
+            time.sleep(1.5)  # several retry periods
+            got = info(b)
+            assert got["version"] == "2", got  # what its peers serve, and a fresh start
+            assert got["fallback"] is None, got  # what the deployment chose: no fallback
+            assert info(a)["version"] == "2"
+        with TestClient(create_app(latest)) as c:  # a fresh start, for comparison
+            assert info(c)["version"] == "2"
