@@ -826,7 +826,8 @@ def bad_request(errors: Sequence[Any], skip: int = 0) -> BadRequest:
     first = errors[0] if errors else {}
     field = ".".join(str(p) for p in first.get("loc", ())[skip:]) or "body"
     if first.get("type") == "extra_forbidden":  # as the scoring body's (validate.py)
-        return BadRequest(f"unknown field {field!r}", field)
+        name = ".".join(str(p) for p in first.get("loc", ())[skip:]) or '""'
+        return BadRequest(f"unknown field {name!r}", name)
     # a validator's own message, without pydantic's "Value error, " before it
     msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
     return BadRequest(f"{field}: {msg}", field)

@@ -288,6 +288,17 @@ async def retry_latest(state: State) -> None:
             return True
         with contextlib.suppress(BundleError, ProviderError):  # logged in load
             await load(state, target)
+            log.info("version %s loads now: fallback over", target)
+            return True
+        if target == "latest":
+            return False
+        # the rollback's version does not load here: a fresh start then takes
+        # CTR_MODEL_VERSION ("latest", :func:`start`) and retries the record's version
+        # in the background (the bus); so does this retry
+        with contextlib.suppress(BundleError, ProviderError):  # logged in load
+            await load(state, "latest")
+            if state.bus is not None:
+                state.bus.retry_later(target)
             log.info("the newest version loads now: fallback over")
             return True
         return False

@@ -508,6 +508,7 @@ KEY = {"X-API-Key": "k3y"}
         ({"version": 1.5}, "version"),
         ({"version": -1}, "version"),
         ({"versoin": "1"}, "versoin"),
+        ({"": "1"}, "\"\""),  # an empty key: said as the scoring body says it
         ([1], "body"),
         # int() reads these as 1 or as no version: not folder names
         ({"version": "01"}, "version"),
@@ -520,6 +521,7 @@ KEY = {"X-API-Key": "k3y"}
         "fraction",
         "negative",
         "misspelt-field",
+        "empty-key",
         "not-an-object",
         "leading-zero",
         "full-width-digit",

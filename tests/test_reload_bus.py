@@ -956,3 +956,36 @@ def test_a_fallback_retry_does_not_take_a_version_the_deployment_rolled_back_fro
             assert info(a)["version"] == "2"
         with TestClient(create_app(latest)) as c:  # a fresh start, for comparison
             assert info(c)["version"] == "2"
+
+
+def test_a_fallback_retry_whose_rollback_version_does_not_load_takes_what_a_start_does(
+    built: Built, channel: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, but the rollback's version 2 does not load on this host either: the
+    fallback serves 1. Once the broken 4 is withdrawn a fresh start serves 3 (the
+    record's 2 fails, then CTR_MODEL_VERSION): the retry took only 2, failing for good
+    (serving 1, a reload_error for a version nobody reloaded, fallback naming a 4 gone)."""
+    from service import lifecycle
+
+    monkeypatch.setattr(lifecycle, "FALLBACK_RETRY_S", 0.2)
+    models = tmp_path / "models"
+    root = models / built.config.name
+    shutil.copytree(built.models_dir / built.config.name / "1", root / "1")
+    for v in ("2", "3"):
+        shutil.copytree(root / "1", root / v)
+    latest = settings(built, channel, models, model_version="latest")
+    with TestClient(create_app(latest)) as a:
+        assert a.post("/admin/reload", json={"version": "2"}, headers=KEY).status_code == 200
+        shutil.copytree(root / "3", root / "4")
+        for v in ("4", "2"):
+            with open(root / v / "model.onnx", "r+b") as f:
+                f.truncate(1000)
+        with TestClient(create_app(latest)) as b:
+            assert info(b)["version"] == "1" and info(b)["fallback"]["newest"] == "4"
+            shutil.rmtree(root / "4")  # the broken export withdrawn
+            time.sleep(1.5)
+            got = info(b)
+            with TestClient(create_app(latest)) as c:  # a fresh start, for comparison
+                fresh = info(c)
+            assert fresh["version"] == "3", fresh
+            assert got["version"] == fresh["version"] and got["fallback"] is None, got
