@@ -357,6 +357,23 @@ def check_metrics_space(folder: str, workers: int) -> None:
         )
 
 
+def raise_fd_limit() -> None:
+    """Lift the soft limit on open files to the hard one (as Go's runtime and nginx's
+    ``worker_rlimit_nofile`` do). Every client connection holds a descriptor for up to
+    ``CTR_READ_TIMEOUT_MS`` before it sends a byte: at a soft limit of 1024 (systemd's
+    default, which container runtimes pass on) a thousand idle connections left the
+    worker unable to accept any other for as long as they were renewed (a security
+    review, session 47)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # an unlimited hard limit: the kernel's own ceiling (fs.nr_open) is what takes
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from service import hup
 
@@ -369,6 +386,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.settings import Settings
 
     s = serve_settings(args, Settings)
+    raise_fd_limit()  # before the workers start: they inherit it
     check_port(s.host, s.port)  # before the model loads (uvicorn would fail after it)
     os.environ["CTR_HOST"] = s.host  # --host: the app's settings (read in each worker) see it
     workers = s.workers

@@ -56,6 +56,7 @@ from service.app import (
     written,
 )
 from service.requestid import CURRENT, HEADER, request_id
+from service.throttle import Throttle, held_note
 
 log = logging.getLogger("uvicorn.error")
 # the route label of a request refused before its head was all read (431, 408)
@@ -138,6 +139,9 @@ LINGER_S = 2.0  # how long a refused connection is read on (and dropped) before 
 SHUTDOWN_LINGER_S = 0.2
 
 
+_WARNINGS: dict[str, Throttle] = {}  # uvicorn's warning text -> its throttle (_ParseLog)
+
+
 class _ParseLog:
     """The protocol's ``logger`` (uvicorn's ``uvicorn.error``), but for uvicorn's warning
     "Invalid HTTP request received." when the parse was stopped by the protocol itself:
@@ -154,10 +158,21 @@ class _ParseLog:
     def warning(self, msg: object, *args: Any, **kwargs: Any) -> None:
         protocol = self.protocol()
         refused = None if protocol is None else protocol.refusing()
-        if refused is None:
-            self.logger.warning(msg, *args, **kwargs)
-        else:
+        if refused is not None:
             self.logger.debug("request head refused: %s", refused)
+            return
+        # uvicorn's own warnings are one line per request ("Invalid HTTP request
+        # received.", "Unsupported upgrade request."): a client sending malformed
+        # requests wrote ~2000 lines a second, synchronously, on the event loop, with the
+        # access log off (a security review). One line per kind per PERIOD_S, saying how
+        # many were held back; the request metrics count each (route "unparsed")
+        throttle = _WARNINGS.get(msg) if isinstance(msg, str) and not args else None
+        if throttle is None and isinstance(msg, str) and not args and len(_WARNINGS) < 32:
+            throttle = _WARNINGS[msg] = Throttle()
+        if throttle is None:
+            self.logger.warning(msg, *args, **kwargs)
+        elif (due := throttle.ready()) is not None:
+            self.logger.warning("%s%s", msg, held_note(due), **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.logger, name)
@@ -465,9 +480,16 @@ class TimedProtocol(HttpToolsProtocol):
             self.malformed_body(msg)
             return
         # a malformed head, behind requests still being answered (pipelined) or not: its
-        # 400 follows their answers (:meth:`refuse`)
+        # 400 follows their answers (:meth:`refuse`), counted as the other refusals of a
+        # head (it was in no metric: its log line, now throttled, was all)
         send = super().send_400_response
-        self.refuse(lambda: send(msg))
+        started = self.read_started
+
+        def answer() -> None:
+            self.count_refusal(400, 0.0 if started is None else self.loop.time() - started)
+            send(msg)
+
+        self.refuse(answer)
 
     def malformed_body(self, msg: str) -> None:
         """The parser refused the body of the request now arriving (a bad chunk size):

@@ -876,3 +876,29 @@ def test_ctr_serve_starts_with_its_stderr_closed(tmp_path: Path) -> None:
     proc = _serving(folder, tmp_path, stdout=subprocess.DEVNULL, preexec_fn=lambda: os.close(2))
     proc.terminate()
     proc.wait(timeout=30)
+
+
+def test_ctr_serve_lifts_the_soft_open_files_limit(tmp_path: Path) -> None:
+    """Started under a soft limit of 256 open files, ``ctr serve`` runs with the hard
+    limit: each connection holds a descriptor (up to CTR_READ_TIMEOUT_MS before its
+    first byte), and at a soft limit of 1024 a thousand idle connections kept every
+    other client out (a security review, session 47)."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"the hard open-files limit is {hard}: nothing to lift")
+    folder = tmp_path / "prom"
+    folder.mkdir()
+
+    def low() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    proc = _serving(folder, tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    preexec_fn=low)  # fmt: skip
+    try:
+        soft = resource.prlimit(proc.pid, resource.RLIMIT_NOFILE)[0]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert soft > 256 and (soft == hard or hard == resource.RLIM_INFINITY), (soft, hard)
