@@ -28,14 +28,23 @@ from ctr.spec import load_config
 
 
 def _redis_ok(url: str) -> bool:
+    """Whether the Redis at ``url`` answers; False where it does not. One that answers
+    and refuses (a password, an ACL user, protected mode, a database it lacks), or a
+    URL that is none, raises :class:`RedisUnavailable` with ping's message: a private
+    redis-server started on its port then only "did not come up" (diff review)."""
     from redis.exceptions import RedisError
 
-    from service.store import ping
+    from service.store import ping, refused_as
 
     try:
         ping(url, timeout_s=1.0)
         return True
-    except RedisError:
+    except RedisError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ValueError | TypeError) or (
+            cause is not None and refused_as(cause) is not None
+        ):
+            raise RedisUnavailable(str(exc)) from exc
         return False
 
 

@@ -3,6 +3,8 @@ and an option the client would refuse at its first connection refused at start-u
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from pydantic import ValidationError
 from redis import Redis
@@ -113,6 +115,23 @@ def test_ping_says_a_redis_needs_a_password() -> None:
             admin.acl_setuser("noping", enabled=True, passwords=["+pw"], commands=["+get"])
         with pytest.raises(RedisError, match="or an ACL user that may run the command"):
             ping(f"redis://noping:pw@127.0.0.1:{rp.port}/0", timeout_s=2)
+
+
+def test_the_demo_says_why_a_redis_refused_it() -> None:
+    """A local Redis that answers and refuses (a wrong password): the demo took it for
+    one not answering, started a redis-server on its port and said only "did not come
+    up" (diff review, session 47). Now ping's message, and nothing is started."""
+    from ctr.demo import RedisUnavailable, ensure_redis
+    from tests.redis_proc import private_redis
+
+    with private_redis() as rp:
+        rp.client().config_set("requirepass", "s3cret")
+        started = time.monotonic()
+        with pytest.raises(RedisUnavailable, match="needs a password") as info:
+            ensure_redis(f"redis://:wrong@127.0.0.1:{rp.port}/0")
+        assert "wrong" not in str(info.value) and time.monotonic() - started < 4
+        with pytest.raises(RedisUnavailable, match="is not a usable Redis URL"):
+            ensure_redis(f"redis://127.0.0.1:{rp.port}/1O")
 
 
 def test_protected_mode_is_told_as_such() -> None:
