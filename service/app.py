@@ -1392,6 +1392,9 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
                 "user": [f.name for f in c.user_sparse + c.user_dense],
                 "item": [f.name for f in c.item_sparse + c.item_dense],
                 "sequence": [f.name for f in c.sequences],
+                # of "user", the ones the request's context alone gives (ctr load stores
+                # none: one left out scores as out of vocabulary)
+                "context": [f.name for f in c.features if f.side == "context"],
             },
             # the graph's inputs (their names checked against the graph at load), not
             # the manifest's copy, which nothing reads

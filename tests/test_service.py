@@ -486,6 +486,10 @@ def test_health_ready_models(built: Built, client: TestClient) -> None:
     info = client.get("/v1/models").json()
     assert info["name"] == built.config.name and info["provider"] == "CPUExecutionProvider"
     assert info["features"]["sequence"] == ["hist_item_id", "hist_cate_id"]
+    # the ones only a request's context gives (one left out scores as out of vocabulary)
+    context = [f.name for f in built.config.features if f.side == "context"]
+    assert info["features"]["context"] == context and context
+    assert set(context) <= set(info["features"]["user"])
 
 
 def test_missing_bundle_not_ready(tmp_path: Path, redis_db: Redis) -> None:
