@@ -228,7 +228,7 @@ def cmd_load(args: argparse.Namespace) -> int:
     from service.loader import load_identity, load_into_redis, loaded_identity
     from service.settings import Settings
     from service.store import ping, redact
-    from training.data import load_catalog, load_frame
+    from training.data import load_catalog, load_frame, split_frame
 
     trained_on = None  # the bundle's manifest, whose data_fingerprint is checked
     if args.bundle:  # the data the served model was trained on, by its own config
@@ -242,16 +242,27 @@ def cmd_load(args: argparse.Namespace) -> int:
     url = args.redis_url or settings.redis_url
     cluster = args.cluster or settings.redis_cluster
     ping(url, cluster)  # before the data is read: that can take minutes
-    if args.once and loaded_identity(url, cluster) == load_identity(config):
+    replay = args.replay_split
+    if replay and config.data.split == "random":
+        raise ValueError(
+            "--replay-split needs a time split (data.split last_per_user or time): a "
+            "random split's examples have no time order to replay them in"
+        )
+    if args.once and loaded_identity(url, cluster) == load_identity(config, replay=replay):
         print(f"{redact(url)} holds this data already (ctr:loaded): not loading")
         return 0
     frame = load_frame(config)
     if trained_on:
         check_trained_on(config, frame, trained_on, args.bundle)
+    users = None
+    if replay:
+        _, val, test = split_frame(frame, config.data, seed=config.data.split_seed)
+        users = test if replay == "test" else val
     counts = load_into_redis(config, frame, url, progress=not args.quiet, cluster=cluster,
                              catalog=load_catalog(config),
                              sequence_ttl_s=settings.sequence_ttl_s,
-                             max_id_length=settings.max_id_length)  # fmt: skip
+                             max_id_length=settings.max_id_length, user_frame=users,
+                             replay=replay)  # fmt: skip
     print(f"loaded {counts['users']} users and {counts['items']} items into {redact(url)}")
     for what in ("users", "items"):
         n, first = counts[f"unreachable_{what}"]
@@ -1005,6 +1016,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="load nothing when the last complete load into this Redis was of the same "
         "data (the key ctr:loaded): events stored since are kept",
+    )
+    ld.add_argument(
+        "--replay-split",
+        choices=("test", "val"),
+        help="store each user of that split as of its first example time there (the "
+        "history and profile those examples held in training, no later behaviour), for "
+        "replaying the split's requests in time order (each user's later examples after "
+        "its clicks are posted as /v1/events): by default each user's newest history, "
+        "the split's clicks in it, overstates a replay's AUC. A time split only",
     )
     ld.set_defaults(func=cmd_load)
 

@@ -110,13 +110,15 @@ return 1
 """
 
 
-def load_identity(config: FeatureConfig, keep: int | None = None) -> str:
+def load_identity(config: FeatureConfig, keep: int | None = None, replay: str | None = None) -> str:
     """A digest of what a load of ``config`` writes: the parts of its config the load
     reads (the data source and its options, the features, the item key; the config's
     later keys left out at their defaults, as a manifest stores it), the behaviours kept
     per user, ``CTR_DATA_ROOT``, and :data:`LOAD_FORMAT`. Training and model settings
     are not in it: a version retrained on the same data has the same identity. The data
-    files' contents are not compared."""
+    files' contents are not compared. ``replay``: the split whose first example times
+    the users' histories were taken from (``ctr load --replay-split``), None for the
+    newest (a plain load, whose identity it leaves as it was)."""
     from ctr.spec import manifest_config
 
     stored = manifest_config(config)
@@ -128,6 +130,8 @@ def load_identity(config: FeatureConfig, keep: int | None = None) -> str:
         "data_root": os.path.realpath(root) if root else None,
         "format": LOAD_FORMAT,
     }
+    if replay is not None:  # only then: a plain load's identity is as before
+        body["replay"] = replay
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
@@ -368,7 +372,9 @@ def time_order(column: pd.Series) -> pd.Series:
     return column if numbers.isna().all() else numbers
 
 
-def user_records(config: FeatureConfig, frame: pd.DataFrame) -> Iterator[tuple[str, dict, list]]:
+def user_records(
+    config: FeatureConfig, frame: pd.DataFrame, as_of_first: bool = False
+) -> Iterator[tuple[str, dict, list]]:
     """``(user_id, profile, events oldest-first)`` per user.
 
     The history is the one of the user's newest example time; the candidates of that
@@ -376,7 +382,12 @@ def user_records(config: FeatureConfig, frame: pd.DataFrame) -> Iterator[tuple[s
     (label 1), all of them where every example is an interaction, or none where the
     candidates are not drawn from the behaviours (``data.behaviour_labels``: MovieLens'
     histories hold every rated movie; the synthetic generator's candidates are apart).
-    """
+
+    ``as_of_first`` (``ctr load --replay-split test``, ``frame`` the test split): the
+    history and profile of the user's first example time instead, nothing appended:
+    what that example's row held in training, so that a replay of it is scored as the
+    offline evaluation scored it (the newest history holds later behaviours, the
+    clicked candidate among them: a skew review, session 47)."""
     spec = config.data
     profile_feats = [f for f in config.features if f.side == "user" and f.kind != "sequence"]
     seqs = config.sequences
@@ -388,16 +399,17 @@ def user_records(config: FeatureConfig, frame: pd.DataFrame) -> Iterator[tuple[s
     for uid, rows in frame.groupby(key, sort=False):
         # the newest row's values column by column: a row of numeric columns alone is a
         # float64 Series, which rounds an int64 ID past 2**53 to another ID
+        at = 0 if as_of_first else -1  # the row whose time is stored
         profile = {
             f.source: v
             for f in profile_feats
             if f.source in rows and f.source != key
-            and (v := normalize(rows[f.source].iloc[-1])) is not None
+            and (v := normalize(rows[f.source].iloc[at])) is not None
         }
-        newest_time = rows[TIME].iloc[-1] if time is not None else None
+        newest_time = rows[TIME].iloc[at] if time is not None else None
         timed = newest_time is not None and not pd.isna(newest_time)
-        newest = rows[rows[TIME] == newest_time] if timed else rows[-1:]
-        events = newest_events(config, newest) if seqs else []
+        newest = rows[rows[TIME] == newest_time] if timed else rows.iloc[[at]]
+        events = newest_events(config, newest, not as_of_first) if seqs else []
         user = normalize(uid)  # the token training and requests use: 5.0 is user "5"
         if user is not None:
             yield user, profile, events
@@ -406,24 +418,27 @@ def user_records(config: FeatureConfig, frame: pd.DataFrame) -> Iterator[tuple[s
 Event = dict[str, Any]
 
 
-def newest_events(config: FeatureConfig, newest: pd.DataFrame) -> list[Event]:
+def newest_events(
+    config: FeatureConfig, newest: pd.DataFrame, followed: bool = True
+) -> list[Event]:
     """A user's events oldest-first, from the rows of its newest example time.
 
     Each row's history is the events before it; the candidates that are behaviours
-    (``data.behaviours``) followed it. Rows sharing that time came in some order the
-    file need not keep (MovieLens: movies rated in the same second): the behaviour
-    rows go in the order their histories tell (:func:`_chain`). The events are the
-    first row's history and then each row's candidate: every behaviour once (an item
-    consumed again, too), whatever the file order wherever the histories tell one."""
+    (``data.behaviours``) followed it (none with ``followed`` False: the history
+    alone). Rows sharing that time came in some order the file need not keep
+    (MovieLens: movies rated in the same second): the behaviour rows go in the order
+    their histories tell (:func:`_chain`). The events are the first row's history and
+    then each row's candidate: every behaviour once (an item consumed again, too),
+    whatever the file order wherever the histories tell one."""
     spec = config.data
     targets = config.sequence_targets
-    if spec.behaviours == "none":
-        followed = [False] * len(newest)
+    if spec.behaviours == "none" or not followed:
+        behaved = [False] * len(newest)
     elif spec.behaviours == "all":
-        followed = [True] * len(newest)
+        behaved = [True] * len(newest)
     else:
-        followed = (newest[spec.label] == 1).tolist()
-    rows = [pos for pos, f in enumerate(followed) if f]
+        behaved = (newest[spec.label] == 1).tolist()
+    rows = [pos for pos, f in enumerate(behaved) if f]
     # the histories and candidates of the rows read: the behaviours', else the first's
     read = rows or list(range(min(len(newest), 1)))
     seq_cells = [newest[s.source].tolist() for s in config.sequences]  # exact values
@@ -680,6 +695,8 @@ def load_into_redis(
     catalog: pd.DataFrame | None = None,
     sequence_ttl_s: int = 0,
     max_id_length: int = 256,
+    user_frame: pd.DataFrame | None = None,
+    replay: str | None = None,
 ) -> dict[str, Any]:
     """Write users and items; replaces each loaded user's profile and sequence, and
     forgets the event IDs remembered for them, in one step per user
@@ -697,7 +714,10 @@ def load_into_redis(
     written that no request can name (:func:`unreachable`, ``max_id_length``).
 
     ``catalog``: the source's item table (:func:`item_records`), for items no example
-    holds. Works on a single Redis and on Redis Cluster (``cluster=True``): every command
+    holds. ``user_frame`` and ``replay`` (``ctr load --replay-split``): the users are
+    written from ``user_frame`` (the split named by ``replay``), each as of its first
+    example time there (:func:`user_records`); the items from ``frame``. Works on a
+    single Redis and on Redis Cluster (``cluster=True``): every command
     touches one key or keys of one user's hash-tag slot. Raises ``ValueError`` before
     writing anything when the config's item key does not identify the data's items
     (:func:`ctr.encode.check_item_key`).
@@ -709,7 +729,7 @@ def load_into_redis(
     try:
         keep = keep or config.max_seq_len
         return _load(client, cluster, token, phase, config, frame, chunk, progress, keep,
-                     catalog, sequence_ttl_s, max_id_length)  # fmt: skip
+                     catalog, sequence_ttl_s, max_id_length, user_frame, replay)  # fmt: skip
     except BaseException as exc:
         _tag(exc, phase["at"])  # before the clean-up, which a second Ctrl-C may cut short
         if not isinstance(exc, LoadLost):  # its token is gone, or another load's
@@ -754,6 +774,8 @@ def _load(
     catalog: pd.DataFrame | None,
     sequence_ttl_s: int,
     max_id_length: int,
+    user_frame: pd.DataFrame | None,
+    replay: str | None,
 ) -> dict[str, Any]:
     """:func:`load_into_redis`'s writes, with ``client`` and the load's ``token``;
     ``phase["at"]`` says how far it has come."""
@@ -773,7 +795,8 @@ def _load(
         # may still hold item hashes (they go at the end), and the warning is due again
         held = before.get("replacing")
         replaced = held if isinstance(held, dict) else None
-    users = list(user_records(config, frame))
+    users = list(user_records(config, frame if user_frame is None else user_frame,
+                              as_of_first=replay is not None))  # fmt: skip
     # from the first write the database holds part of this data: said (a service warns)
     # until the end, as a load cut short leaves users of two data sets under the first
     # one's name (not before: a load stopped while it builds its records wrote nothing);
@@ -799,7 +822,7 @@ def _load(
         n_items = max(n_items, len(values))
     if replaced is not None:  # another data set's item features this one lacks: gone too
         _drop_item_hashes(client, {item_key(feat) for feat in items})
-    _finish(client, cluster, token, orjson.dumps(now), load_identity(config, keep))
+    _finish(client, cluster, token, orjson.dumps(now), load_identity(config, keep, replay))
     item_ids = set().union(*(values.keys() for values in items.values()))
     return {
         "users": len(users),

@@ -506,7 +506,7 @@ def test_a_load_stopped_part_way_says_so_and_leaves_no_token(
     assert cli.main(argv) == 0  # a whole load
     keys = client.dbsize()
 
-    def building(*args: Any) -> Any:
+    def building(*args: Any, **kwargs: Any) -> Any:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(loader, "user_records", building)
@@ -902,3 +902,15 @@ def test_ctr_serve_lifts_the_soft_open_files_limit(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(timeout=30)
     assert soft > 256 and (soft == hard or hard == resource.RLIM_INFINITY), (soft, hard)
+
+
+def test_ctr_load_replays_a_time_split_only() -> None:
+    """``--replay-split`` on a random split is refused before anything is read or
+    written (its examples have no time order to replay them in); on a time split the
+    load runs (what it stores: tests/test_loader.py)."""
+    out = ctr("load", "--config", "configs/synthetic_din.yaml", "--redis-url", REDIS_URL,
+              "--set", "data.split=random", "--replay-split", "test")  # fmt: skip
+    assert "--replay-split needs a time split" in one_line_error(out, "load")
+    out = ctr("load", "--config", "configs/synthetic_din.yaml", "--redis-url", REDIS_URL,
+              "--set", "data.options.n_users=30", "--replay-split", "test", "--quiet")  # fmt: skip
+    assert out.returncode == 0 and "loaded 30 users" in out.stdout, out.stderr
