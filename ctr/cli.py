@@ -378,11 +378,22 @@ def raise_fd_limit() -> None:
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    # an unlimited hard limit: the kernel's own ceiling (fs.nr_open) is what takes
+    if soft == resource.RLIM_INFINITY:
+        return
+    # an unlimited hard limit (macOS, the BSDs; Linux caps a hard limit at fs.nr_open):
+    # ask for 2**20. A kernel that refuses a soft limit above its own per-process ceiling
+    # (macOS: kern.maxfilesperproc, OPEN_MAX 10240 by default, EINVAL) gets the next
+    # smaller one instead of none: the first refusal left it at macOS's 256
     want = hard if hard != resource.RLIM_INFINITY else 1 << 20
-    if soft != resource.RLIM_INFINITY and soft < want:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    for cap in (want, 1 << 16, 10240, 4096):
+        target = min(want, cap)
+        if target <= soft:
+            return
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return
+        except (ValueError, OSError):
+            continue
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -92,11 +92,17 @@ def ensure_redis(url: str) -> subprocess.Popen | None:
         [binary, "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,
     )
-    for _ in range(50):
-        if _redis_ok(url):
-            return proc
-        time.sleep(0.1)
+    try:
+        for _ in range(50):
+            if _redis_ok(url):  # raises where the started one refuses (a database it lacks)
+                return proc
+            time.sleep(0.1)
+    except BaseException:
+        proc.terminate()  # not left running on the port once the demo has given up
+        proc.wait(timeout=10)
+        raise
     proc.terminate()
+    proc.wait(timeout=10)
     raise RedisUnavailable(f"the redis-server started for {redact(url)} did not come up")
 
 

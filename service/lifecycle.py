@@ -287,8 +287,8 @@ async def retry_latest(state: State) -> None:
             state.set_fallback(None)
             return True
         with contextlib.suppress(BundleError, ProviderError):  # logged in load
-            await load(state, target)
-            log.info("version %s loads now: fallback over", target)
+            model = await load(state, target)
+            log.info("version %s loads now: fallback over", model.version)
             return True
         if target == "latest":
             return False
@@ -296,10 +296,11 @@ async def retry_latest(state: State) -> None:
         # CTR_MODEL_VERSION ("latest", :func:`start`) and retries the record's version
         # in the background (the bus); so does this retry
         with contextlib.suppress(BundleError, ProviderError):  # logged in load
-            await load(state, "latest")
+            model = await load(state, "latest")
             if state.bus is not None:
                 state.bus.retry_later(target)
-            log.info("the newest version loads now: fallback over")
+            log.info("the newest version, %s, loads now: fallback over (the deployment's "
+                     "%s is tried again in the background)", model.version, target)  # fmt: skip
             return True
         return False
 

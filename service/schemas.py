@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -17,11 +17,17 @@ Scalar = str | int | float | bool | None
 Id = Annotated[str, Field(min_length=1, max_length=256)] | int
 
 
+# the most keys an object of features may hold (service.validate.MAX_FEATURE_KEYS)
+KEYS_AT_MOST: dict[str, Any] = {"maxProperties": 256}
+
+
 class Candidate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     item_id: Id
     features: dict[str, Scalar] | None = Field(
-        None, description="item features; any missing are looked up in Redis"
+        None,
+        description="item features; any missing are looked up in Redis",
+        json_schema_extra=KEYS_AT_MOST,
     )
 
 
@@ -45,7 +51,7 @@ class ScoreRequest(BaseModel):
     )
     user_id: Id
     candidates: list[Candidate] = Field(min_length=1, description="at most CTR_MAX_CANDIDATES")
-    context: dict[str, Scalar] | None = None
+    context: dict[str, Scalar] | None = Field(None, json_schema_extra=KEYS_AT_MOST)
     top_k: int | None = Field(None, gt=0)
     explain: bool | None = False
 
@@ -115,7 +121,7 @@ class EventRequest(BaseModel):
     user_id: Id
     event_id: Id
     item_id: Id
-    features: dict[str, Scalar] | None = None
+    features: dict[str, Scalar] | None = Field(None, json_schema_extra=KEYS_AT_MOST)
     type: str = Field("click", min_length=1, max_length=32)
     timestamp: float = Field(ge=0, lt=MAX_TIMESTAMP, description="unix seconds, not ms")
 

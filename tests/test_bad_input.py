@@ -466,7 +466,13 @@ def test_a_features_object_holds_at_most_256_keys(client: TestClient) -> None:
     an event's features."""
     from service.validate import MAX_FEATURE_KEYS
 
-    assert MAX_FEATURE_KEYS == 256  # the figure docs/api.md gives
+    assert MAX_FEATURE_KEYS == 256  # the figure docs/api.md gives, and the OpenAPI
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    for model, prop in (("Candidate", "features"), ("ScoreRequest", "context"),
+                        ("EventRequest", "features")):  # fmt: skip
+        field = schemas[model]["properties"][prop]
+        limit = field.get("maxProperties") or [a.get("maxProperties") for a in field["anyOf"]]
+        assert MAX_FEATURE_KEYS in (limit if isinstance(limit, list) else [limit]), field
     many = {f"k{j}": j for j in range(256)}
     over = {**many, "k256": 1}
     ok = {"user_id": "u1", "candidates": [{"item_id": "i1", "features": many}], "context": many}

@@ -914,3 +914,39 @@ def test_ctr_load_replays_a_time_split_only() -> None:
     out = ctr("load", "--config", "configs/synthetic_din.yaml", "--redis-url", REDIS_URL,
               "--set", "data.options.n_users=30", "--replay-split", "test", "--quiet")  # fmt: skip
     assert out.returncode == 0 and "loaded 30 users" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize(
+    ("start", "ceiling", "want"),
+    [
+        ((256, "inf"), 10240, 10240),  # macOS: unlimited hard, EINVAL past maxfilesperproc
+        ((256, "inf"), 1 << 20, 1 << 20),
+        ((1024, 524288), 1 << 20, 524288),  # Linux: the hard limit
+        ((1024, 524288), 100_000, 65536),  # a kernel refusing the hard one: the next
+        ((20000, "inf"), 10240, 20000),  # never lowered
+        (("inf", "inf"), 10240, "inf"),
+    ],
+)
+def test_raise_fd_limit_takes_what_the_kernel_allows(
+    monkeypatch: pytest.MonkeyPatch, start: tuple[Any, Any], ceiling: int, want: Any
+) -> None:
+    """Where the kernel refuses the hard limit (macOS refuses a soft limit above
+    kern.maxfilesperproc, 10240 by default, with EINVAL, and its hard limit is unlimited)
+    the soft limit is still lifted, to the most it takes; it was left at 256."""
+    import resource
+
+    from ctr.cli import raise_fd_limit
+
+    inf = resource.RLIM_INFINITY
+    limits = [inf if v == "inf" else v for v in start]
+
+    def setrlimit(which: int, new: tuple[int, int]) -> None:
+        assert which == resource.RLIMIT_NOFILE and new[1] == limits[1]
+        if new[0] > ceiling:
+            raise ValueError("current limit exceeds maximum limit")
+        limits[0] = new[0]
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: tuple(limits))
+    monkeypatch.setattr(resource, "setrlimit", setrlimit)
+    raise_fd_limit()
+    assert limits[0] == (inf if want == "inf" else want)

@@ -37,6 +37,16 @@ def server(built: Built, request: pytest.FixtureRequest) -> Iterator[ServerThrea
         yield s
 
 
+@pytest.fixture(autouse=True)
+def _unthrottled_warnings() -> None:
+    """uvicorn's warnings are one line per kind per 10 s, process-wide (front._WARNINGS):
+    a test asserting a warning is (or is not) logged sees its own first one, not one a
+    test before it held back (which hid a regression in every test but the first)."""
+    from service import front
+
+    front._WARNINGS.clear()
+
+
 def _body(built: Built) -> bytes:
     items = built.frame["item_id"].astype(str).unique()[:5].tolist()
     user = str(built.frame["user_id"].iloc[0])

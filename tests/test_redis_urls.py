@@ -134,6 +134,22 @@ def test_the_demo_says_why_a_redis_refused_it() -> None:
             ensure_redis(f"redis://127.0.0.1:{rp.port}/1O")
 
 
+def test_the_demo_stops_the_redis_server_it_started_when_that_one_refuses_it() -> None:
+    """No Redis on the URL's port: the demo starts one, which then refuses the URL (a
+    database it does not have). The refusal is raised, and the redis-server it started
+    is stopped, not left holding the port (diff review, session 47)."""
+    import socket
+
+    from ctr.demo import RedisUnavailable, ensure_redis
+    from tests.redis_proc import free_port
+
+    port = free_port()
+    with pytest.raises(RedisUnavailable, match="has no such database"):
+        ensure_redis(f"redis://127.0.0.1:{port}/20")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # free again: nothing left listening
+
+
 def test_protected_mode_is_told_as_such() -> None:
     """Its DENIED text holds "password": ping said "needs a password", where the fix is
     the server's (requirepass, or bind), as the service's start-up says."""

@@ -965,9 +965,10 @@ def test_a_fallback_retry_whose_rollback_version_does_not_load_takes_what_a_star
     fallback serves 1. Once the broken 4 is withdrawn a fresh start serves 3 (the
     record's 2 fails, then CTR_MODEL_VERSION): the retry took only 2, failing for good
     (serving 1, a reload_error for a version nobody reloaded, fallback naming a 4 gone)."""
-    from service import lifecycle
+    from service import lifecycle, reloadbus
 
     monkeypatch.setattr(lifecycle, "FALLBACK_RETRY_S", 0.2)
+    monkeypatch.setattr(reloadbus, "LOAD_RETRY_S", 0.2)
     models = tmp_path / "models"
     root = models / built.config.name
     shutil.copytree(built.models_dir / built.config.name / "1", root / "1")
@@ -989,3 +990,10 @@ def test_a_fallback_retry_whose_rollback_version_does_not_load_takes_what_a_star
                 fresh = info(c)
             assert fresh["version"] == "3", fresh
             assert got["version"] == fresh["version"] and got["fallback"] is None, got
+            # and, as a fresh start, it tries the record's 2 again in the background
+            # (the bus): once 2 loads here, it serves the deployment's version
+            shutil.copy(root / "1" / "model.onnx", root / "2" / "model.onnx")
+            deadline = time.monotonic() + 10
+            while info(b)["version"] != "2" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert info(b)["version"] == "2", info(b)
