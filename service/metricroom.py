@@ -84,7 +84,7 @@ def _hold(d: ReservedMmapedDict) -> None:
         _warned = True
         log.warning(
             "no room for metric files in PROMETHEUS_MULTIPROC_DIR (%s): new series are kept "
-            "in this worker's memory, missing from /metrics, until there is",
+            "in this worker's memory, missing from /metrics, until there is room",
             os.path.dirname(d._fname),
         )
 

@@ -254,6 +254,55 @@ def test_a_full_metric_file_system_keeps_counting_not_a_sigbus(tmp_path: Path) -
     assert done.stderr.count("no room for metric files") == 1, done.stderr[-2000:]
 
 
+HIST_SCRIPT = """
+import os
+
+from prometheus_client import Histogram
+
+from service import metrics
+
+bounds = [0.001 * 2**i for i in range(16)]
+h = Histogram("ctr_room_hist_seconds", "room", ["route"], buckets=bounds)
+h.labels("warm").observe(0.01)  # its file made while there is room
+filler = os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "filler")
+fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+try:  # the file system fills up after the start
+    while True:
+        os.write(fd, b"\\0" * 4096)
+except OSError:
+    pass
+for k in range(400):  # new series until the file's last page is used up, one halfway
+    h.labels(f"r{k}").observe(0.5)
+seen = {}
+for line in metrics.render()[0].decode().splitlines():
+    if line.startswith("ctr_room_hist_seconds"):
+        route = line.split('route="')[1].split('"')[0]
+        top = "+Inf" if 'le="+Inf"' in line else ""
+        seen.setdefault(route, set()).add(line.split("{")[0] + top)
+whole = {f"ctr_room_hist_seconds_{k}" for k in ("bucket+Inf", "sum", "count")}
+complete = sum(names >= whole for names in seen.values())
+print(complete, len(seen) - complete)
+"""
+
+
+def test_a_histogram_series_a_full_file_system_split_is_missing_not_half_shown(
+    tmp_path: Path,
+) -> None:
+    """A full metric file system took some of a new histogram series' keys (each is
+    placed on its own) and held the rest in memory: /metrics showed the series with some
+    buckets, no +Inf, a _count from those (NaN quantiles; a fault review, session 47).
+    Such a series is missing until it is whole, as the docs say (on a real 1 MB tmpfs;
+    skipped where this process may not mount one)."""
+    with tmpfs(tmp_path / "prom", "1m") as folder:
+        root = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder), "PYTHONPATH": str(root)}
+        done = subprocess.run([sys.executable, "-c", HIST_SCRIPT], env=env, cwd=root,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, (done.returncode, done.stdout, done.stderr[-2000:])
+    whole, partial = map(int, done.stdout.split())
+    assert whole > 1 and partial == 0, done.stdout
+
+
 GROW_SCRIPT = """
 import glob, mmap, os, sys
 
