@@ -228,6 +228,19 @@ print(int(counted), filed, in_file(2.0) + in_file(3.0), once, most, empty,
 """
 
 
+def _on_a_tmpfs(tmp_path: Path, size: str, script: str) -> subprocess.CompletedProcess:
+    """``script`` run by this checkout's Python with PROMETHEUS_MULTIPROC_DIR on a real
+    tmpfs of ``size`` (the test skipped where this process may not mount one); it must
+    exit 0."""
+    with tmpfs(tmp_path / "prom", size) as folder:
+        root = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder), "PYTHONPATH": str(root)}
+        done = subprocess.run([sys.executable, "-c", script], env=env, cwd=root,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, (done.returncode, done.stdout, done.stderr[-2000:])
+    return done
+
+
 def test_a_full_metric_file_system_keeps_counting_not_a_sigbus(tmp_path: Path) -> None:
     """prometheus_client maps sparse metric files: once the file system filled up after
     the start, the first write to a page not yet allotted was a SIGBUS that killed the
@@ -236,12 +249,7 @@ def test_a_full_metric_file_system_keeps_counting_not_a_sigbus(tmp_path: Path) -
     (no error, one WARNING), and go to the file with their counts once there is room,
     at the next metric write, a series written only once too (on a real
     8 MB tmpfs; skipped where this process may not mount one)."""
-    with tmpfs(tmp_path / "prom", "8m") as folder:
-        root = Path(__file__).resolve().parents[1]
-        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder), "PYTHONPATH": str(root)}
-        done = subprocess.run([sys.executable, "-c", ROOM_SCRIPT], env=env, cwd=root,
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert done.returncode == 0, (done.returncode, done.stdout, done.stderr[-2000:])
+    done = _on_a_tmpfs(tmp_path, "8m", ROOM_SCRIPT)
     counted, filed, refiled, once, most, empty, scraped = done.stdout.split(" ")
     assert int(counted) == 20_000  # every series counted, in the file or not
     assert 100 < int(filed) < 20_000  # the file held what it had room for
@@ -293,12 +301,7 @@ def test_a_histogram_series_a_full_file_system_split_is_missing_not_half_shown(
     buckets, no +Inf, a _count from those (NaN quantiles; a fault review, session 47).
     Such a series is missing until it is whole, as the docs say (on a real 1 MB tmpfs;
     skipped where this process may not mount one)."""
-    with tmpfs(tmp_path / "prom", "1m") as folder:
-        root = Path(__file__).resolve().parents[1]
-        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder), "PYTHONPATH": str(root)}
-        done = subprocess.run([sys.executable, "-c", HIST_SCRIPT], env=env, cwd=root,
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert done.returncode == 0, (done.returncode, done.stdout, done.stderr[-2000:])
+    done = _on_a_tmpfs(tmp_path, "1m", HIST_SCRIPT)
     whole, partial = map(int, done.stdout.split())
     assert whole > 1 and partial == 0, done.stdout
 

@@ -924,6 +924,32 @@ def test_a_start_up_fallback_passes_over_the_versions_the_deployment_rolled_back
         assert got["version"] == "3" and got["fallback"]["newest"] == "4", got
 
 
+def _three_versions(
+    built: Built, channel: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Path, Settings]:
+    """Versions 1 to 3 of the bundle in a store of its own, and the settings serving its
+    "latest"; a start-up fallback's retry and the bus's every 0.2 s (30 s and more in
+    the service)."""
+    from service import lifecycle, reloadbus
+
+    monkeypatch.setattr(lifecycle, "FALLBACK_RETRY_S", 0.2)
+    monkeypatch.setattr(reloadbus, "LOAD_RETRY_S", 0.2)
+    models = tmp_path / "models"
+    root = models / built.config.name
+    shutil.copytree(built.models_dir / built.config.name / "1", root / "1")
+    for v in ("2", "3"):
+        shutil.copytree(root / "1", root / v)
+    return root, settings(built, channel, models, model_version="latest")
+
+
+def _broken(root: Path, version: str, copy: bool = True) -> None:
+    """Version ``version`` with a truncated graph (a copy of 3 first, where ``copy``)."""
+    if copy:
+        shutil.copytree(root / "3", root / version)
+    with open(root / version / "model.onnx", "r+b") as f:
+        f.truncate(1000)
+
+
 def test_a_fallback_retry_does_not_take_a_version_the_deployment_rolled_back_from(
     built: Built, channel: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -932,20 +958,10 @@ def test_a_fallback_retry_does_not_take_a_version_the_deployment_rolled_back_fro
     and a fresh start would serve 2 (the record, adoptable again). The fallback's retry
     of "latest" must not swap in 3, the version the deployment rolled back from, while
     its peers serve 2 (review, session 47: it did, and said "fallback over")."""
-    from service import lifecycle
-
-    monkeypatch.setattr(lifecycle, "FALLBACK_RETRY_S", 0.2)  # 30 s in the service
-    models = tmp_path / "models"
-    root = models / built.config.name
-    shutil.copytree(built.models_dir / built.config.name / "1", root / "1")
-    for v in ("2", "3"):
-        shutil.copytree(root / "1", root / v)
-    latest = settings(built, channel, models, model_version="latest")
+    root, latest = _three_versions(built, channel, tmp_path, monkeypatch)
     with TestClient(create_app(latest)) as a:
         assert a.post("/admin/reload", json={"version": "2"}, headers=KEY).status_code == 200
-        shutil.copytree(root / "3", root / "4")
-        with open(root / "4" / "model.onnx", "r+b") as f:
-            f.truncate(1000)
+        _broken(root, "4")
         with TestClient(create_app(latest)) as b:
             assert info(b)["version"] == "2" and info(b)["fallback"]["newest"] == "4"
             shutil.rmtree(root / "4")  # the broken export withdrawn
@@ -965,22 +981,11 @@ def test_a_fallback_retry_whose_rollback_version_does_not_load_takes_what_a_star
     fallback serves 1. Once the broken 4 is withdrawn a fresh start serves 3 (the
     record's 2 fails, then CTR_MODEL_VERSION): the retry took only 2, failing for good
     (serving 1, a reload_error for a version nobody reloaded, fallback naming a 4 gone)."""
-    from service import lifecycle, reloadbus
-
-    monkeypatch.setattr(lifecycle, "FALLBACK_RETRY_S", 0.2)
-    monkeypatch.setattr(reloadbus, "LOAD_RETRY_S", 0.2)
-    models = tmp_path / "models"
-    root = models / built.config.name
-    shutil.copytree(built.models_dir / built.config.name / "1", root / "1")
-    for v in ("2", "3"):
-        shutil.copytree(root / "1", root / v)
-    latest = settings(built, channel, models, model_version="latest")
+    root, latest = _three_versions(built, channel, tmp_path, monkeypatch)
     with TestClient(create_app(latest)) as a:
         assert a.post("/admin/reload", json={"version": "2"}, headers=KEY).status_code == 200
-        shutil.copytree(root / "3", root / "4")
-        for v in ("4", "2"):
-            with open(root / v / "model.onnx", "r+b") as f:
-                f.truncate(1000)
+        _broken(root, "4")
+        _broken(root, "2", copy=False)
         with TestClient(create_app(latest)) as b:
             assert info(b)["version"] == "1" and info(b)["fallback"]["newest"] == "4"
             shutil.rmtree(root / "4")  # the broken export withdrawn
@@ -993,7 +998,4 @@ def test_a_fallback_retry_whose_rollback_version_does_not_load_takes_what_a_star
             # and, as a fresh start, it tries the record's 2 again in the background
             # (the bus): once 2 loads here, it serves the deployment's version
             shutil.copy(root / "1" / "model.onnx", root / "2" / "model.onnx")
-            deadline = time.monotonic() + 10
-            while info(b)["version"] != "2" and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert info(b)["version"] == "2", info(b)
+            assert until(lambda: info(b)["version"] == "2", 10), info(b)
