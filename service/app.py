@@ -824,10 +824,11 @@ def bad_request(errors: Sequence[Any], skip: int = 0) -> BadRequest:
     """The first of pydantic's ``errors`` as a 422 naming its field (the path after the
     first ``skip`` parts of its location)."""
     first = errors[0] if errors else {}
-    field = ".".join(str(p) for p in first.get("loc", ())[skip:]) or "body"
+    path = ".".join(str(p) for p in first.get("loc", ())[skip:])
     if first.get("type") == "extra_forbidden":  # as the scoring body's (validate.py)
-        name = ".".join(str(p) for p in first.get("loc", ())[skip:]) or '""'
+        name = path or '""'
         return BadRequest(f"unknown field {name!r}", name)
+    field = path or "body"
     # a validator's own message, without pydantic's "Value error, " before it
     msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
     return BadRequest(f"{field}: {msg}", field)

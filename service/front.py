@@ -143,12 +143,14 @@ _WARNINGS: dict[str, Throttle] = {}  # uvicorn's warning text -> its throttle (_
 
 
 class _ParseLog:
-    """The protocol's ``logger`` (uvicorn's ``uvicorn.error``), but for uvicorn's warning
-    "Invalid HTTP request received." when the parse was stopped by the protocol itself:
-    a head past ``MAX_HEAD_BYTES`` or one :meth:`TimedProtocol.check_head` refuses is
-    well formed and answered for a stated reason (431, 400 ``bad_host``, 505), counted in
-    the metrics as the 431 refused before the parser is, and logged as that at debug
-    level. The warning said each such request was malformed."""
+    """The protocol's ``logger`` (uvicorn's ``uvicorn.error``) with two changes to
+    uvicorn's warnings. "Invalid HTTP request received." where the parse was stopped by
+    the protocol itself (a head past ``MAX_HEAD_BYTES`` or one
+    :meth:`TimedProtocol.check_head` refuses: well formed, and answered for a stated
+    reason, 431, 400 ``bad_host``, 505) is logged at debug level as that refusal; the
+    warning said each such request was malformed. And uvicorn's own warnings, one line
+    per request, are one line per kind per ``throttle.PERIOD_S`` in each worker, saying
+    how many were held back (:func:`warning`)."""
 
     def __init__(self, protocol: TimedProtocol, logger: logging.Logger) -> None:
         # weak: a strong reference made each connection a cycle for the collector
@@ -166,9 +168,11 @@ class _ParseLog:
         # requests wrote ~2000 lines a second, synchronously, on the event loop, with the
         # access log off (a security review). One line per kind per PERIOD_S, saying how
         # many were held back; the request metrics count each (route "unparsed")
-        throttle = _WARNINGS.get(msg) if isinstance(msg, str) and not args else None
-        if throttle is None and isinstance(msg, str) and not args and len(_WARNINGS) < 32:
-            throttle = _WARNINGS[msg] = Throttle()
+        throttle = None
+        if isinstance(msg, str) and not args:  # uvicorn's are constant texts: at most 32
+            throttle = _WARNINGS.get(msg)
+            if throttle is None and len(_WARNINGS) < 32:
+                throttle = _WARNINGS[msg] = Throttle()
         if throttle is None:
             self.logger.warning(msg, *args, **kwargs)
         elif (due := throttle.ready()) is not None:

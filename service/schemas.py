@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ctr.bundle import version_of
 from service.requestid import MAX_LENGTH
-from service.validate import MAX_TIMESTAMP
+from service.validate import MAX_FEATURE_KEYS, MAX_TIMESTAMP
 
 Scalar = str | int | float | bool | None
 # an ID: a string, or an integer read as its decimal string (13 and "13" are one ID; the
@@ -17,8 +17,8 @@ Scalar = str | int | float | bool | None
 Id = Annotated[str, Field(min_length=1, max_length=256)] | int
 
 
-# the most keys an object of features may hold (service.validate.MAX_FEATURE_KEYS)
-KEYS_AT_MOST: dict[str, Any] = {"maxProperties": 256}
+# the most keys an object of features may hold, as the hand-rolled check refuses past it
+KEYS_AT_MOST: dict[str, Any] = {"maxProperties": MAX_FEATURE_KEYS}
 
 
 class Candidate(BaseModel):

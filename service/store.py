@@ -173,11 +173,14 @@ def refused_as(exc: BaseException) -> str | None:
     return None
 
 
-_PROTECTED = (
-    "refused the connection (protected mode: it has no password, and this host is not "
-    "its loopback): set a password there (requirepass), or bind it where protected mode "
-    "allows"
-)
+# what the service's start-up (:func:`refusal`) and the command line's check
+# (:func:`ping`) say of each refusal :func:`refused_as` tells, after "the Redis at URL"
+_SAID = {
+    "protected": "refused the connection (protected mode: it has no password, and this "
+    "host is not its loopback): set a password there (requirepass), or bind it where "
+    "protected mode allows",
+    "database": "has no such database",
+}
 
 
 def refusal(exc: BaseException) -> str | None:
@@ -190,9 +193,7 @@ def refusal(exc: BaseException) -> str | None:
             "user, one that may run PING, LRANGE, HGETALL and HMGET on the {u:*} and "
             "ctr:item:* keys) in the URL, redis://USER:PASSWORD@host:port/db"
         )
-    if kind == "protected":
-        return _PROTECTED
-    return None if kind is None else "has no such database"
+    return None if kind is None else _SAID[kind]
 
 
 async def check_refused(client: AnyRedis, url: str, timeout_s: float) -> None:
@@ -358,7 +359,7 @@ def ping(url: str, cluster: bool = False, timeout_s: float = 5.0) -> None:
                 "command: put them in the URL, redis://USER:PASSWORD@host:port/db"
             )
         elif kind is not None:
-            said = _PROTECTED if kind == "protected" else "has no such database"
+            said = _SAID[kind]
         else:
             raise RedisError(f"the Redis at {redact(url)} does not answer: {exc}") from exc
         raise RedisError(f"the Redis at {redact(url)} {said} ({exc})") from exc
