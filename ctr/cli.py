@@ -248,6 +248,10 @@ def cmd_load(args: argparse.Namespace) -> int:
             "--replay-split needs a time split (data.split last_per_user or time): a "
             "random split's examples have no time order to replay them in"
         )
+    if replay and args.once:
+        # the record cannot see the events a replay posted since: a second replay over
+        # them had its events answered "duplicate" and scored on the first one's
+        raise ValueError("--once with --replay-split: a replay starts from a fresh load")
     if args.once and loaded_identity(url, cluster) == load_identity(config, replay=replay):
         print(f"{redact(url)} holds this data already (ctr:loaded): not loading")
         return 0
@@ -1033,9 +1037,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("test", "val"),
         help="store each user of that split as of its first example time there (the "
         "history and profile those examples held in training, no later behaviour), for "
-        "replaying the split's requests in time order (each user's later examples after "
-        "its clicks are posted as /v1/events): by default each user's newest history, "
-        "the split's clicks in it, overstates a replay's AUC. A time split only",
+        "replaying the split's requests in time order, each example's behaviours posted "
+        "as /v1/events after it is scored (per data.behaviour_labels: the clicks, or "
+        "every example; with a timestamp): by default each user's newest history, the "
+        "split's behaviours in it, overstates a replay's AUC. A time split only; not "
+        "with --once",
     )
     ld.set_defaults(func=cmd_load)
 

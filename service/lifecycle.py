@@ -132,8 +132,13 @@ async def check_held_data(state: State, model: LoadedModel) -> None:
     same = None if differ is None else not differ
     named = None if value is None else {k: value.get(k) for k in ("name", "source")}
     complete = None if value is None else value.get("complete", True) is not False
+    replay = None if value is None else value.get("replay")  # ctr load --replay-split
     # no paths in the answer
-    model.redis_data = {"matches": same, "held": named, "complete": complete}
+    model.redis_data = {"matches": same, "held": named, "complete": complete, "replay": replay}
+    if replay is not None:
+        log.warning("Redis holds a replay load of %s (ctr load --replay-split %s): the "
+                    "split's users only, each as of its first example there, not their "
+                    "newest histories", named, replay)  # fmt: skip
     if complete is False:
         log.warning("a ctr load of %s into Redis is running or did not complete (%s): some "
                     "users may hold another data set's rows, or none; once it has, the "

@@ -425,14 +425,15 @@ def newest_events(
 
     Each row's history is the events before it; the candidates that are behaviours
     (``data.behaviours``) followed it (none with ``followed`` False: the history
-    alone). Rows sharing that time came in some order the file need not keep
+    of the first of them in that order alone, the one nothing of that time preceded).
+    Rows sharing that time came in some order the file need not keep
     (MovieLens: movies rated in the same second): the behaviour rows go in the order
     their histories tell (:func:`_chain`). The events are the first row's history and
     then each row's candidate: every behaviour once (an item consumed again, too),
     whatever the file order wherever the histories tell one."""
     spec = config.data
     targets = config.sequence_targets
-    if spec.behaviours == "none" or not followed:
+    if spec.behaviours == "none":
         behaved = [False] * len(newest)
     elif spec.behaviours == "all":
         behaved = [True] * len(newest)
@@ -459,7 +460,7 @@ def newest_events(
         # differ between a candidate and a history entry), else by all its values
         ids = [i for i, t in enumerate(targets) if t is config.item_id_feature][:1]
         order = _chain(rows, histories, candidates, ids)
-        events = [*histories[order[0]], *(candidates[pos] for pos in order)]
+        events = [*histories[order[0]], *(candidates[pos] for pos in order if followed)]
     return [{t.source: v for t, v in zip(targets, key, strict=True)} for key in events]
 
 
@@ -785,6 +786,8 @@ def _load(
     client.delete(LOADED_KEY)
     client.set(LOADING_KEY, token)
     now = data_description(config)
+    if replay is not None:  # the service says so (/v1/models -> redis_data.replay)
+        now["replay"] = replay
     try:
         before = orjson.loads(client.get(DATA_KEY) or b"null")
     except orjson.JSONDecodeError:

@@ -912,6 +912,9 @@ def test_ctr_load_replays_a_time_split_only() -> None:
               "--set", "data.split=random", "--replay-split", "test")  # fmt: skip
     assert "--replay-split needs a time split" in one_line_error(out, "load")
     out = ctr("load", "--config", "configs/synthetic_din.yaml", "--redis-url", REDIS_URL,
+              "--replay-split", "test", "--once")  # fmt: skip
+    assert "a replay starts from a fresh load" in one_line_error(out, "load")
+    out = ctr("load", "--config", "configs/synthetic_din.yaml", "--redis-url", REDIS_URL,
               "--set", "data.options.n_users=30", "--replay-split", "test", "--quiet")  # fmt: skip
     assert out.returncode == 0 and "loaded 30 users" in out.stdout, out.stderr
 

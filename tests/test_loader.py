@@ -382,6 +382,9 @@ def test_a_replay_load_stores_each_user_as_of_its_first_example_in_the_split(
     Its ctr:loaded identity differs from a plain load's, which is as before."""
     import json
 
+    import orjson
+
+    from service.heldset import DATA_KEY
     from service.loader import load_identity, loaded_identity
     from training.data import split_frame
 
@@ -400,8 +403,10 @@ def test_a_replay_load_stores_each_user_as_of_its_first_example_in_the_split(
     newest = {uid: stored(uid) for uid in split[user].unique()}
     plain = loaded_identity(rp.url, False)
     assert plain == load_identity(config) == load_identity(config, replay=None)
+    assert "replay" not in orjson.loads(r.get(DATA_KEY))
     load_into_redis(config, frame, rp.url, progress=False, user_frame=split, replay=replay)
     assert loaded_identity(rp.url, False) == load_identity(config, replay=replay) != plain
+    assert orjson.loads(r.get(DATA_KEY))["replay"] == replay  # the service says so
     shorter = 0
     for uid, rows in split.sort_values("ts", kind="stable").groupby(user, sort=False):
         want = list(rows[hist].iloc[0])[-config.max_seq_len :]

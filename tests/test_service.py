@@ -1101,7 +1101,7 @@ def test_a_redis_holding_another_data_set_is_said(
             assert until(lambda: c.get("/v1/models").json()["redis_data"] is not None, 5)
             held = {"name": built.config.name, "source": "synthetic"}
             assert c.get("/v1/models").json()["redis_data"] == {
-                "matches": True, "held": held, "complete": True}  # fmt: skip
+                "matches": True, "held": held, "complete": True, "replay": None}  # fmt: skip
         other = {**orjson.loads(own), "name": "din_movielens", "source": "movielens",
                  "options": {}, "path": "/data/movielens-100k"}  # fmt: skip
         redis_db.set(DATA_KEY, orjson.dumps(other))
@@ -1110,7 +1110,7 @@ def test_a_redis_holding_another_data_set_is_said(
         ) as c:
             assert until(lambda: c.get("/v1/models").json()["redis_data"] is not None, 5)
             got = c.get("/v1/models").json()["redis_data"]
-            assert got == {"matches": False, "complete": True,
+            assert got == {"matches": False, "complete": True, "replay": None,
                            "held": {"name": "din_movielens", "source": "movielens"}}  # fmt: skip
         assert "Redis holds another data set than model" in caplog.text
         # what differs, not only the name and source (two loads of one config with
@@ -1135,7 +1135,17 @@ def test_a_redis_holding_another_data_set_is_said(
         ) as c:
             assert until(lambda: c.get("/v1/models").json()["redis_data"] is not None, 5)
             got = c.get("/v1/models").json()["redis_data"]
-            assert got == {"matches": True, "held": held, "complete": False}
+            assert got == {"matches": True, "held": held, "complete": False, "replay": None}
         assert "is running or did not complete" in caplog.text
+        # a replay load (ctr load --replay-split, session 47): the same data set, said
+        redis_db.set(DATA_KEY, orjson.dumps({**orjson.loads(own), "replay": "test"}))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="ctr.service"), TestClient(
+            create_app(settings_for(built))
+        ) as c:
+            assert until(lambda: c.get("/v1/models").json()["redis_data"] is not None, 5)
+            got = c.get("/v1/models").json()["redis_data"]
+            assert got == {"matches": True, "held": held, "complete": True, "replay": "test"}
+        assert "Redis holds a replay load of" in caplog.text
     finally:
         redis_db.set(DATA_KEY, own)
