@@ -260,7 +260,9 @@ def cmd_load(args: argparse.Namespace) -> int:
         check_trained_on(config, frame, trained_on, args.bundle)
     users = None
     if replay:
-        _, val, test = split_frame(frame, config.data, seed=config.data.split_seed)
+        # a bundle's split as it was trained (one trained before a split was refused)
+        _, val, test = split_frame(frame, config.data, seed=config.data.split_seed,
+                                   trained=bool(args.bundle))  # fmt: skip
         users = test if replay == "test" else val
     counts = load_into_redis(config, frame, url, progress=not args.quiet, cluster=cluster,
                              catalog=load_catalog(config),
