@@ -231,10 +231,12 @@ def cmd_load(args: argparse.Namespace) -> int:
     from training.data import load_catalog, load_frame, split_frame
 
     trained_on = None  # the bundle's manifest, whose data_fingerprint is checked
+    as_trained = False  # the config's data is a bundle's own, not changed by a --set
     if args.bundle:  # the data the served model was trained on, by its own config
         config, trained_on = bundle_config(Path(args.bundle), _overrides(args.set))
         plain = FeatureConfig.model_validate(trained_on["config"])  # without the --set
-        if args.force or data_changed(plain, config):
+        as_trained = not data_changed(plain, config)
+        if args.force or not as_trained:
             trained_on = None  # other data on purpose
     else:
         config = load_config(args.config, _overrides(args.set))
@@ -260,9 +262,10 @@ def cmd_load(args: argparse.Namespace) -> int:
         check_trained_on(config, frame, trained_on, args.bundle)
     users = None
     if replay:
-        # a bundle's split as it was trained (one trained before a split was refused)
+        # a bundle's split as it was trained (one trained before a split was refused);
+        # a --set of the data (data.split=time) is checked as a --config's is
         _, val, test = split_frame(frame, config.data, seed=config.data.split_seed,
-                                   trained=bool(args.bundle))  # fmt: skip
+                                   trained=as_trained)  # fmt: skip
         users = test if replay == "test" else val
     counts = load_into_redis(config, frame, url, progress=not args.quiet, cluster=cluster,
                              catalog=load_catalog(config),

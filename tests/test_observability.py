@@ -306,6 +306,58 @@ def test_a_histogram_series_a_full_file_system_split_is_missing_not_half_shown(
     assert whole > 1 and partial == 0, done.stdout
 
 
+def test_a_key_made_while_others_are_held_is_held_after_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A metric file the file system has no room to grow: a key that does not fit is
+    held, and so is every key made after it, a shorter one that would fit too. Else a
+    histogram series' ``+Inf`` key (shorter than a bucket's ``le="32.768"``) went to the
+    file under missing buckets, and /metrics showed the series whole: a ``_count`` short
+    of its observations, which its ``_sum`` held."""
+    import errno
+
+    from prometheus_client.mmap_dict import mmap_key
+
+    from service import metricroom
+
+    real = os.posix_fallocate
+
+    def fallocate(fd: int, offset: int, length: int) -> None:
+        if length > 1 << 16:  # the first 64 KiB, then no room
+            raise OSError(errno.ENOSPC, "no room")
+        real(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    monkeypatch.setattr(metricroom, "_held", set())
+    monkeypatch.setattr(metricroom, "_warned", True)
+    d = metricroom.ReservedMmapedDict(str(tmp_path / "histogram_1.db"))
+
+    def key(le: str, route: str) -> str:
+        return mmap_key("h", "h_bucket", ["route", "le"], [route, le], "h")
+
+    # a route whose +Inf key takes 8 bytes less than its le="32.768" one
+    long, short = next(
+        (key("32.768", r), key("+Inf", r)) for r in ("a" * n for n in range(1, 9))
+        if metricroom._entry_bytes(key("+Inf", r)) < metricroom._entry_bytes(key("32.768", r))
+    )  # fmt: skip
+
+    def filler(n: int, width: int = 0) -> str:
+        return mmap_key("f", "f", ["k"], [f"{n:0{width}d}"], "f")
+
+    room = metricroom._entry_bytes(short)  # what is left: the short key's room
+    while d._capacity - d._used - room > 256:
+        d.read_value(filler(d._used))
+    last = next(filler(0, w) for w in range(300)  # the rest, to the byte
+                if metricroom._entry_bytes(filler(0, w)) == d._capacity - d._used - room)
+    d.read_value(last)
+    assert d._capacity - d._used == room
+    d.write_value(long, 0.0, 0.0)
+    d.write_value(short, 0.0, 0.0)
+    assert long in d._unfiled and short in d._unfiled
+    assert short not in d._positions  # not in the file before the key made before it
+    d.close()
+
+
 GROW_SCRIPT = """
 import glob, mmap, os, sys
 
