@@ -1102,50 +1102,37 @@ def test_a_redis_holding_another_data_set_is_said(
             held = {"name": built.config.name, "source": "synthetic"}
             assert c.get("/v1/models").json()["redis_data"] == {
                 "matches": True, "held": held, "complete": True, "replay": None}  # fmt: skip
+        def said_with(record: dict[str, Any]) -> dict[str, Any]:
+            """/v1/models' redis_data of a worker started while Redis holds ``record``."""
+            redis_db.set(DATA_KEY, orjson.dumps(record))
+            caplog.clear()
+            with caplog.at_level("WARNING", logger="ctr.service"), TestClient(
+                create_app(settings_for(built))
+            ) as c:
+                assert until(lambda: c.get("/v1/models").json()["redis_data"] is not None, 5)
+                return c.get("/v1/models").json()["redis_data"]
+
         other = {**orjson.loads(own), "name": "din_movielens", "source": "movielens",
                  "options": {}, "path": "/data/movielens-100k"}  # fmt: skip
-        redis_db.set(DATA_KEY, orjson.dumps(other))
-        with caplog.at_level("WARNING", logger="ctr.service"), TestClient(
-            create_app(settings_for(built))
-        ) as c:
-            assert until(lambda: c.get("/v1/models").json()["redis_data"] is not None, 5)
-            got = c.get("/v1/models").json()["redis_data"]
-            assert got == {"matches": False, "complete": True, "replay": None,
-                           "held": {"name": "din_movielens", "source": "movielens"}}  # fmt: skip
+        named = {"name": "din_movielens", "source": "movielens"}
+        assert said_with(other) == {"matches": False, "complete": True, "replay": None,
+                                    "held": named}  # fmt: skip
         assert "Redis holds another data set than model" in caplog.text
         # what differs, not only the name and source (two loads of one config with
         # other options read as the same data set in the line)
         assert "source 'movielens' (this one's: 'synthetic')" in caplog.text
         assert "path 'movielens-100k' (this one's: None)" in caplog.text
         assert "did not complete" not in caplog.text
-        other = {**orjson.loads(own), "options": {"n_users": 7}}  # the same name and source
-        redis_db.set(DATA_KEY, orjson.dumps(other))
-        caplog.clear()
-        with caplog.at_level("WARNING", logger="ctr.service"), TestClient(
-            create_app(settings_for(built))
-        ) as c:
-            assert until(lambda: c.get("/v1/models").json()["redis_data"] is not None, 5)
-            assert c.get("/v1/models").json()["redis_data"]["matches"] is False
+        # the same name and source
+        assert said_with({**orjson.loads(own), "options": {"n_users": 7}})["matches"] is False
         assert "options {'n_users': 7} (this one's: {" in caplog.text
         # a load running, or cut short (session 38): said, matching or not
-        redis_db.set(DATA_KEY, orjson.dumps({**orjson.loads(own), "complete": False}))
-        caplog.clear()
-        with caplog.at_level("WARNING", logger="ctr.service"), TestClient(
-            create_app(settings_for(built))
-        ) as c:
-            assert until(lambda: c.get("/v1/models").json()["redis_data"] is not None, 5)
-            got = c.get("/v1/models").json()["redis_data"]
-            assert got == {"matches": True, "held": held, "complete": False, "replay": None}
+        got = said_with({**orjson.loads(own), "complete": False})
+        assert got == {"matches": True, "held": held, "complete": False, "replay": None}
         assert "is running or did not complete" in caplog.text
         # a replay load (ctr load --replay-split, session 47): the same data set, said
-        redis_db.set(DATA_KEY, orjson.dumps({**orjson.loads(own), "replay": "test"}))
-        caplog.clear()
-        with caplog.at_level("WARNING", logger="ctr.service"), TestClient(
-            create_app(settings_for(built))
-        ) as c:
-            assert until(lambda: c.get("/v1/models").json()["redis_data"] is not None, 5)
-            got = c.get("/v1/models").json()["redis_data"]
-            assert got == {"matches": True, "held": held, "complete": True, "replay": "test"}
+        got = said_with({**orjson.loads(own), "replay": "test"})
+        assert got == {"matches": True, "held": held, "complete": True, "replay": "test"}
         assert "Redis holds a replay load of" in caplog.text
     finally:
         redis_db.set(DATA_KEY, own)
