@@ -254,7 +254,7 @@ def cmd_load(args: argparse.Namespace) -> int:
         # the record cannot see the events a replay posted since: a second replay over
         # them had its events answered "duplicate" and scored on the first one's
         raise ValueError("--once with --replay-split: a replay starts from a fresh load")
-    if args.once and loaded_identity(url, cluster) == load_identity(config, replay=replay):
+    if args.once and loaded_identity(url, cluster) == load_identity(config):  # no replay
         print(f"{redact(url)} holds this data already (ctr:loaded): not loading")
         return 0
     frame = load_frame(config)
