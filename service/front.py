@@ -611,7 +611,9 @@ class ReadSweeper:
     has been arriving for longer than their read timeout. A request so costs two
     attribute writes, not a timer armed and cancelled."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, connections: set[Any], timeout: float):
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, connections: set[Any], timeout: float
+    ) -> None:
         self.loop = loop
         self.connections = connections
         self.interval = min(1.0, max(timeout / 4, 0.01))

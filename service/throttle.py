@@ -26,7 +26,9 @@ class Throttle:
     one after a quiet ``period_s`` without any), then at most one per ``period_s``;
     :meth:`ready` returns a :class:`Due` (None: hold this one back)."""
 
-    def __init__(self, period_s: float = PERIOD_S, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, period_s: float = PERIOD_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.period_s = period_s
         self.clock = clock
         self._last_line = float("-inf")

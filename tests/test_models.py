@@ -315,6 +315,35 @@ def test_dien_aux_loss_reaches_the_interest_extractor(
     assert model.head.weight.grad is None or float(model.head.weight.grad.abs().sum()) == 0
 
 
+def test_dien_aux_loss_pairs_each_state_with_the_next_behaviour(
+    tiny_config: Config, tiny_prep: Prepared
+) -> None:
+    """The DIEN paper's auxiliary loss: interest state ``h_t`` against the next behaviour
+    ``e_{t+1}`` (label 1) and the negative drawn for step t+1 (label 0), averaged over the
+    steps t whose t+1 is real, written plainly one (user, step) at a time. A loss that
+    paired h_t with e_t (or with the negative of step t) passed every other test."""
+    model = make_model(tiny_config("dien"), tiny_prep)
+    batch = dien_batch(tiny_prep)
+    seen: list[torch.Tensor] = []
+    model.extractor.register_forward_hook(lambda mod, inp, out: seen.append(out[0]))
+    with torch.no_grad():
+        got = model(batch)["aux_loss"]
+        mask = model.mask(batch)
+        states = seen[0] * mask.unsqueeze(-1)
+        pos = model.emb.sequence(model.group, batch["hist"])
+        neg = model.emb.sequence(model.group, batch["neg_hist"])
+        logit = lambda h, e: model.aux_head(model.aux(torch.cat([h, e]))).squeeze()  # noqa: E731
+        terms = [
+            torch.nn.functional.softplus(-logit(states[u, t], pos[u, t + 1]))
+            + torch.nn.functional.softplus(logit(states[u, t], neg[u, t + 1]))
+            for u in range(mask.shape[0])
+            for t in range(mask.shape[1] - 1)
+            if mask[u, t + 1]
+        ]
+    assert len(terms) > 10
+    torch.testing.assert_close(got, torch.stack(terms).mean(), rtol=1e-5, atol=1e-6)
+
+
 def test_dien_aux_loss_ignores_padded_steps(tiny_config: Config, tiny_prep: Prepared) -> None:
     model = make_model(tiny_config("dien"), tiny_prep)
     batch = dien_batch(tiny_prep)

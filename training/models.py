@@ -78,6 +78,7 @@ class CTRModel(nn.Module):
         return torch.cat(parts, dim=-1)
 
     def mask(self, x: Inputs) -> Tensor:
+        """``hist_len [U]`` -> bool ``[U, L]``, True at real history positions."""
         return sequence_mask(x["hist_len"], self.config.max_seq_len)
 
     def set_dense_range(self, user: tuple[Tensor, Tensor], item: tuple[Tensor, Tensor]) -> None:
@@ -535,7 +536,11 @@ class DIEN(CTRModel):
         return out
 
     def aux_loss(self, states: Tensor, pos: Tensor, neg_hist: Tensor, mask: Tensor) -> Tensor:
-        """Mean BCE over steps t with a real t+1: ``h_t`` vs ``e_{t+1}`` (1) and a negative (0)."""
+        """Mean BCE over steps t with a real t+1: ``h_t`` vs ``e_{t+1}`` (1) and a negative (0).
+
+        ``states [U, L, H]`` (0 at padding), ``pos [U, L, D]`` (the behaviours'
+        embeddings), ``neg_hist [U, S, L]`` (sampled negative IDs), ``mask [U, L]``;
+        returns a scalar ``[]``."""
         neg = self.emb.sequence(self.group, neg_hist)
         h = states[:, :-1]
         valid = (mask[:, 1:]).to(h.dtype)  # step t+1 is real

@@ -146,7 +146,9 @@ def activation(kind: str, dim: int) -> nn.Module:
 class MLP(nn.Module):
     """``[..., in_dim] -> [..., hidden[-1]]``: Linear + activation (+ dropout) per layer."""
 
-    def __init__(self, in_dim: int, hidden: list[int], act: str = "dice", dropout: float = 0.0):
+    def __init__(
+        self, in_dim: int, hidden: list[int], act: str = "dice", dropout: float = 0.0
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         d = in_dim
