@@ -647,7 +647,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 settings.sequence_ttl_s,
                 settings.event_legacy_ids,
             )
-            state.tracker = await tracking.start_tracking(settings)
+            state.tracker = await tracking.start_tracking(settings, state.item_cache.changed)
             if state.tracker is None:  # else the tracker says (0 while Redis refuses it)
                 m.set_tracking(False)
             if settings.impression_stream:
@@ -1242,10 +1242,12 @@ def _install_routes(app: FastAPI, state: State) -> Handler:
             # one deadline for the item lookup and the append, on the write clients
             async with asyncio.timeout(s.request_timeout_ms / 1000):
                 if lookups:
-                    read_at = time.monotonic()
+                    read_at, generation = time.monotonic(), state.item_cache.generation
                     fetched = await fetch_items(state.write_reader, lookups)
                     for source, found in fetched.items():
-                        state.item_cache.put(source, lookups[source], found, read_at)
+                        state.item_cache.put(
+                            source, lookups[source], found, read_at, generation
+                        )
                     items.fill(fetched)
                 for k, col in items.values.items():
                     v = col[0]
@@ -1513,6 +1515,16 @@ async def _score(
     t0 = STAGE_CLOCK()
     bundle = model.bundle
     check_numbers(req.features, req.context, model.dense_sources)
+    tracker = state.tracker
+    if tracker is not None:
+        # invalidations that have reached this host apply first: before cached item
+        # values and rows and kept user rows are trusted, and before a read's stamp (a
+        # change from before the read is not one after it)
+        tracker.poll()
+    # reads from here on store their item values and rows only while no item hash has
+    # been reported written since (the item cache's generation)
+    generation = state.item_cache.generation
+    model.rows.follow(generation)
     cands = candidates(bundle.config, model.rows, req.item_ids, req.features)
     lookups = cands.items.take_cached(state.item_cache)
     # only the context keys the model reads: the others must not be kept with the
@@ -1525,16 +1537,10 @@ async def _score(
     t_read = STAGE_CLOCK()  # the candidates mapped: feature work, not the read's
     degraded = False
     data = UserData()
-    tracker = state.tracker
     rows = None
     t_fetched: float | None = None  # the read answered (or failed): then feature work
-    if tracker is not None:
-        # invalidations that have reached this host apply first: before kept rows are
-        # trusted, and before a read's stamp (a change from before the read is not one
-        # after it)
-        tracker.poll()
-        if not lookups and not req.explain:
-            rows = model.users.trusted(req.user_id, context, tracker)
+    if tracker is not None and not lookups and not req.explain:
+        rows = model.users.trusted(req.user_id, context, tracker)
     if rows is None:
         stamp = tracker.stamp() if tracker is not None else None  # before the read is sent
         limit = asyncio.timeout(s.redis_timeout_ms / 1000)
@@ -1557,7 +1563,9 @@ async def _score(
                 m.REDIS_READ.observe(time.monotonic() - read_at)
             t_fetched = STAGE_CLOCK()
             for source, ids in lookups.items():
-                state.item_cache.put(source, ids, data.item_features[source], read_at)
+                state.item_cache.put(
+                    source, ids, data.item_features[source], read_at, generation
+                )
             # rows encoded from these values expire with them (TTL 0: no row is kept)
             cands.items.fill(data.item_features, read_at + s.item_cache_ttl_s)
         except REDIS_ERRORS as exc:
@@ -1580,8 +1588,10 @@ async def _score(
             degraded = True  # data stays empty
             t_fetched = STAGE_CLOCK()
     t1 = STAGE_CLOCK()
-    # rows with a missing feature because the store failed are not cached
-    cands.finish(bundle, model.rows, cacheable=not (degraded and lookups))
+    # rows with a missing feature because the store failed are not cached, nor rows
+    # whose values may predate an item hash write reported meanwhile
+    fresh = state.item_cache.generation == generation
+    cands.finish(bundle, model.rows, cacheable=fresh and not (degraded and lookups))
     if rows is not None:
         m.ROWS("tracked").inc()
         prepared = rows_feeds(bundle, rows, cands.sparse, cands.dense)

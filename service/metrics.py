@@ -196,6 +196,12 @@ USER_INVALIDATIONS = Counter(
     "BCAST: each worker hears of every user key written to this Redis, in any database; "
     "the workers' heartbeat probe keys not counted)",
 )
+ITEM_INVALIDATIONS = Counter(
+    "ctr_item_invalidations_total",
+    "Item-feature hash writes Redis reported (ctr:item:<feature>, CTR_ITEM_TRACKING; in "
+    "any database): each drops the worker's cached values of that feature and every "
+    "encoded candidate row",
+)
 USER_TRACKING_RESETS = Counter(
     "ctr_user_tracking_resets_total",
     "Times every kept user row was distrusted at once (connection lost, flush, or the "

@@ -8,7 +8,9 @@ store and the model's ID mapping, so this cache keeps them ready:
 * ``sparse [size, Fi]`` int64 and ``dense [size, Di]`` float32 hold one row per slot;
 * ``slot_of`` maps an item ID to its slot, ``expiry [size]`` bounds staleness the same
   way as the raw item-feature cache (``CTR_ITEM_CACHE_TTL_S``);
-* slots form a ring: when full, the oldest slot is reused.
+* slots form a ring: when full, the oldest slot is reused;
+* with tracking, a write Redis reports to any ``ctr:item:*`` hash ends every row at once
+  (:meth:`ItemRowCache.follow`, :meth:`~service.store.ItemCache.changed`).
 
 A lookup of N candidates is one dict probe per ID plus two fancy-indexing gathers. The
 cache belongs to one :class:`~service.model.LoadedModel` (rows depend on its mapping), so
@@ -34,6 +36,8 @@ class ItemRowCache:
         self.owner: list[str | None] = [None] * size
         self.slot_of: dict[str, int] = {}
         self.next = 0
+        # the item cache's generation these rows were encoded under (:meth:`follow`)
+        self.generation = 0
 
     @property
     def enabled(self) -> bool:
@@ -47,6 +51,15 @@ class ItemRowCache:
         self.slot_of.clear()
         self.owner = [None] * self.size
         self.next = 0
+
+    def follow(self, generation: int) -> None:
+        """Forget every row when the item cache's ``generation`` has moved since the
+        last call: Redis reported an item hash written (rows depend on every item
+        feature, so one changed hash ends them all)."""
+        if generation != self.generation:
+            self.generation = generation
+            if self.slot_of:
+                self.clear()
 
     def lookup(self, ids: list[str]) -> np.ndarray:
         """Slots for ``ids``: int64 ``[N]``, ``-1`` where absent or expired."""

@@ -287,6 +287,15 @@ class Settings(BaseSettings):
         "worker of every change; single-node redis:// and unix:// only, and only with "
         "CTR_USER_CACHE_SIZE > 0 (false: read on every request)",
     )
+    item_tracking: bool = Field(
+        True,
+        description="with user tracking on, track the item-feature hashes (ctr:item:*) "
+        "too: a write Redis reports to one drops the worker's cached values of that "
+        "feature and every encoded candidate row at once, so a changed catalogue is "
+        "scored within milliseconds on every worker instead of within "
+        "CTR_ITEM_CACHE_TTL_S (false: the TTL alone; for a writer that changes item "
+        "features many times a second, whose every write would empty the caches)",
+    )
     user_tracking_drain_ms: float = Field(
         20.0,
         ge=0,

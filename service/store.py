@@ -424,12 +424,27 @@ class ItemCache:
         self.ttl = ttl_s
         self.size = size
         self.data: dict[str, dict[str, tuple[str | None, float]]] = {}
+        # taken by each read before it is sent: a read whose values may predate a change
+        # Redis has reported since (:meth:`changed`) stores nothing (:meth:`put`)
+        self.generation = 0
 
     def __len__(self) -> int:
         return sum(len(d) for d in self.data.values())
 
     def clear(self) -> None:
         self.data.clear()
+
+    def changed(self, feature: str | None) -> None:
+        """Redis reported a write to ``feature``'s hash (``ctr:item:<feature>``; None: any
+        hash may have changed, e.g. a flush, or reports missed while the tracking
+        connection was down): its cached values go, and so do the encoded rows of every
+        model (:class:`~service.rowcache.ItemRowCache` follows :attr:`generation`); a
+        read already in flight stores nothing."""
+        self.generation += 1
+        if feature is None:
+            self.data.clear()
+        else:
+            self.data.pop(feature, None)
 
     def get_many(
         self, feature: str, ids: list[str]
@@ -459,14 +474,25 @@ class ItemCache:
                 expiries.append(math.inf)
         return values, missed, expiries
 
-    def put(self, feature: str, ids: list[str], values: list[str | None], read_at: float) -> None:
+    def put(
+        self,
+        feature: str,
+        ids: list[str],
+        values: list[str | None],
+        read_at: float,
+        generation: int | None = None,
+    ) -> None:
         """Values read from Redis by a read that started at ``read_at``
         (``time.monotonic()``): they expire a TTL after it, not after this call, and a
         value from an earlier read never replaces one from a later read (two requests'
-        reads of the same item may finish in either order)."""
+        reads of the same item may finish in either order). ``generation``: the
+        :attr:`generation` taken before the read was sent; nothing is stored when a
+        change has been reported since (the values may be from before it)."""
         if len(values) != len(ids):
             raise ValueError(f"{len(values)} values for {len(ids)} item IDs")
         if self.ttl <= 0 or not ids:
+            return
+        if generation is not None and generation != self.generation:
             return
         d = self.data.setdefault(feature, {})
         total = len(self)

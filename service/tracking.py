@@ -40,6 +40,14 @@ of serving rows that no longer match the store. The probe key expires after
 :data:`PROBE_TTL_MS`; writing it needs ``SET`` on ``{u:*`` keys (events need only
 ``EVALSHA``).
 
+With ``CTR_ITEM_TRACKING`` the same connection also asks for ``PREFIX ctr:item:``: each
+item-feature hash Redis names goes to :attr:`UserTracker.on_items` (the worker's
+:meth:`service.store.ItemCache.changed`), which drops that feature's cached values and,
+through the cache's generation, every encoded candidate row; a flush and each
+(re)connection say that any hash may have changed. Item values are cached with a TTL
+either way: while the connection is down they stay (a degraded response scores with
+them) and age out as before.
+
 Until the connection is up again, :meth:`stamp` returns None and every request reads
 Redis as without tracking. Plain ``redis://`` and ``unix://`` URLs on a single node
 only: with TLS or Redis Cluster the service reads on every request (logged at start).
@@ -53,6 +61,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import hiredis
@@ -61,11 +70,13 @@ from redis.asyncio.connection import SSLConnection, parse_url
 from service import metrics as m
 from service.resp import pack_command
 from service.settings import Settings
+from service.store import ITEM_PREFIX
 
 log = logging.getLogger("ctr.tracking")
 
 CHANNEL = b"__redis__:invalidate"
 PREFIX = b"{u:"
+ITEMS = ITEM_PREFIX.encode()  # the item-feature hashes (CTR_ITEM_TRACKING)
 PROBE_PREFIX = PREFIX + b"}:probe:"  # + the tracking connection's client ID, random bits
 PING_S = 1.0  # heartbeat (probe) interval
 # a drain that read this much, or a quarter of the socket's receive buffer where that is
@@ -121,8 +132,19 @@ def unsupported(url: str, cluster: bool) -> str | None:
 class UserTracker:
     """One worker's invalidation connection and its trust table (event loop thread only)."""
 
-    def __init__(self, url: str, connect_timeout_s: float, drain_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        connect_timeout_s: float,
+        drain_s: float = 0.0,
+        on_items: Callable[[str | None], None] | None = None,
+    ) -> None:
         self.url = url
+        # told of each item-feature hash Redis reports written (its feature), and None
+        # where any may have changed unseen: a flush, or each (re)connection, as writes
+        # while it was down were not reported (:meth:`service.store.ItemCache.changed`);
+        # None: the item hashes are not tracked
+        self.on_items = on_items
         self.connect_timeout_s = connect_timeout_s
         self.setup_budget_s = max(connect_timeout_s, DEAD_S)
         # 0: read the socket whenever it is readable; else every drain_s and on demand
@@ -320,13 +342,14 @@ class UserTracker:
                     sock = await _open(loop, kw)
                     await _hello(loop, sock, reader, kw, "ctr-tracking")
                     cid = await _ask(loop, sock, reader, encode("CLIENT", "ID"))
+                    prefixes: tuple[bytes, ...] = (b"PREFIX", PREFIX)
+                    if self.on_items is not None:
+                        prefixes += (b"PREFIX", ITEMS)
                     await _ask(
                         loop,
                         sock,
                         reader,
-                        encode(
-                            "CLIENT", "TRACKING", "on", "REDIRECT", cid, "BCAST", "PREFIX", PREFIX
-                        ),
+                        encode("CLIENT", "TRACKING", "on", "REDIRECT", cid, "BCAST", *prefixes),
                     )
                     await _ask(loop, sock, reader, encode("SUBSCRIBE", CHANNEL))
                     probe = await _open(loop, kw)
@@ -365,6 +388,8 @@ class UserTracker:
         if self.drain_s <= 0:
             loop.add_reader(sock.fileno(), self._drain)
         self.live = True
+        if self.on_items is not None:  # item writes while it was down were not reported
+            self.on_items(None)
         m.USER_TRACKING_UP.set(1)
         log.info("user-row tracking connected (client id %s)", cid)
 
@@ -425,13 +450,20 @@ class UserTracker:
         keys = msg[2]
         if keys is None:  # FLUSHDB / FLUSHALL
             self._distrust_all()
+            if self.on_items is not None:
+                self.on_items(None)
             return
         if not isinstance(keys, list):  # not from Redis (anyone may PUBLISH here)
             log.warning("unexpected message on %s ignored", CHANNEL.decode())
             return
-        named = 0
+        named = items = 0
         for key in keys:
             if not isinstance(key, bytes):
+                continue
+            if key.startswith(ITEMS):
+                if self.on_items is not None:
+                    self.on_items(key[len(ITEMS) :].decode("utf-8", "surrogateescape"))
+                    items += 1
                 continue
             user = user_of(key)
             # a worker's probe (this one's, or another's): the empty user ID, which no
@@ -449,6 +481,8 @@ class UserTracker:
             if user is not None:
                 self.invalidate(user)
         m.USER_INVALIDATIONS.inc(named)
+        if items:
+            m.ITEM_INVALIDATIONS.inc(items)
 
     def _lost(self, exc: BaseException | None) -> None:
         """Close the connection (if any) and distrust every row read under it."""
@@ -599,9 +633,13 @@ def off_reason(settings: Settings) -> str | None:
     return unsupported(settings.redis_url, settings.redis_cluster)
 
 
-async def start_tracking(settings: Settings) -> UserTracker | None:
+async def start_tracking(
+    settings: Settings, on_items: Callable[[str | None], None] | None = None
+) -> UserTracker | None:
     """The worker's tracker, connected if Redis answers within the connect timeout (it
-    keeps trying in the background otherwise); None when ``settings`` run without."""
+    keeps trying in the background otherwise); None when ``settings`` run without.
+    ``on_items``: told of item-hash writes (:attr:`UserTracker.on_items`) where
+    ``CTR_ITEM_TRACKING`` is on and the item cache is (``CTR_ITEM_CACHE_TTL_S`` > 0)."""
     if why := off_reason(settings):
         if settings.user_tracking and settings.user_cache_size > 0:
             log.info("user-row tracking off (%s): Redis is read on every request", why)
@@ -610,6 +648,7 @@ async def start_tracking(settings: Settings) -> UserTracker | None:
         settings.redis_url,
         settings.redis_connect_timeout_ms / 1000,
         settings.user_tracking_drain_ms / 1000,
+        on_items if settings.item_tracking and settings.item_cache_ttl_s > 0 else None,
     )
     tracker.start()
     await tracker.wait_live(settings.redis_connect_timeout_ms / 1000)
@@ -623,4 +662,4 @@ def describe(tracker: UserTracker | None, settings: Settings) -> dict[str, Any]:
     if tracker is None:
         return {"enabled": False, "why_not": off_reason(settings)}
     return {"enabled": True, "live": tracker.live, "drain_ms": tracker.drain_s * 1000,
-            "refused": tracker.refused}  # fmt: skip
+            "refused": tracker.refused, "items": tracker.on_items is not None}  # fmt: skip

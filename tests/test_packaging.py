@@ -51,6 +51,7 @@ COUNTERS = {
     "ctr_degraded_responses_total",
     "ctr_user_rows_total",
     "ctr_user_invalidations_total",
+    "ctr_item_invalidations_total",
     "ctr_user_tracking_resets_total",
     "ctr_user_tracking_catch_ups_total",
     "ctr_inline_runs_total",

