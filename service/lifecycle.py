@@ -86,7 +86,10 @@ async def load(state: State, version: str | None) -> LoadedModel:
             state.tasks.add(state.trim_task)
             state.trim_task.add_done_callback(state.tasks.discard)
     state.loads += 1
-    task = asyncio.get_running_loop().create_task(check_held_data(state, model))
+    if state.held_task is not None:  # the replaced model's: it would hold that model
+        state.held_task.cancel()
+    task = asyncio.get_running_loop().create_task(watch_held_data(state, model))
+    state.held_task = task
     state.tasks.add(task)
     task.add_done_callback(state.tasks.discard)
     return model
@@ -112,19 +115,42 @@ async def trim_heap(state: State) -> None:
         latest = loop.time() + heaptrim.TRIM_MAX_WAIT_S  # put off: the next one's bound
 
 
-async def check_held_data(state: State, model: LoadedModel) -> None:
+HELD_RECHECK_S = 30.0  # the data-set record read again this often while a model is served
+HELD_RETRY_S = 2.0  # ... and this often (doubling up to HELD_RECHECK_S) while Redis fails
+
+
+async def watch_held_data(state: State, model: LoadedModel) -> None:
+    """:func:`check_held_data` at the load of ``model``, then every
+    :data:`HELD_RECHECK_S` while it is the model served, so that a ``ctr load`` that
+    finishes, starts or replaces the data set later is said without a reload; while
+    Redis does not answer (down at start-up: ``redis_data`` stayed null until the next
+    model load, session 47's note), again after :data:`HELD_RETRY_S`, doubling."""
+    retry = HELD_RETRY_S
+    while state.model is model:  # (a swap also cancels it)
+        if await check_held_data(state, model):
+            retry = HELD_RETRY_S
+            await asyncio.sleep(HELD_RECHECK_S)
+        else:
+            await asyncio.sleep(retry)
+            retry = min(retry * 2, HELD_RECHECK_S)
+
+
+async def check_held_data(state: State, model: LoadedModel) -> bool:
     """Read which data set Redis holds (``ctr:loaded:data``) and note it on ``model``
     (``/v1/models`` → ``redis_data``); warn where it is another than the bundle was
-    trained on. Redis not answering: nothing noted (the next load reads it again)."""
+    trained on, once for each record (a record read again unchanged is not said again).
+    False where Redis did not answer (nothing noted: what was noted stands)."""
     from service.heldset import DATA_KEY, comparable, described, differences, record
 
     if state.redis is None:
-        return
+        return False
     try:
         timeout = max(state.settings.redis_timeout_ms / 1000, 1.0)
         held = await asyncio.wait_for(state.redis.get(DATA_KEY), timeout)
     except REDIS_ERRORS:
-        return
+        return False
+    if model.redis_data is not None and held == model.redis_data_raw:
+        return True  # as last read: said then
     value = record(held)
     # what differs between the record and the bundle's data ("" where nothing does)
     want = described(model.bundle.config)
@@ -135,6 +161,7 @@ async def check_held_data(state: State, model: LoadedModel) -> None:
     replay = None if value is None else value.get("replay")  # ctr load --replay-split
     # no paths in the answer
     model.redis_data = {"matches": same, "held": named, "complete": complete, "replay": replay}
+    model.redis_data_raw = held
     if replay is not None:
         log.warning("Redis holds a replay load of %s (ctr load --replay-split %s): the "
                     "split's users only, each as of its first example there, not their "
@@ -142,13 +169,14 @@ async def check_held_data(state: State, model: LoadedModel) -> None:
     if complete is False:
         log.warning("a ctr load of %s into Redis is running or did not complete (%s): some "
                     "users may hold another data set's rows, or none; once it has, the "
-                    "next model load says so", named, DATA_KEY)  # fmt: skip
+                    "next read of it says so", named, DATA_KEY)  # fmt: skip
     if same is False:
         log.warning("Redis holds another data set than model %s/%s was trained on (%s: %s; "
                     "%s): its users and items are scored as if they were this model's; load "
                     "the bundle's data (ctr load --bundle) or point CTR_REDIS_URL at its "
                     "database", model.name, model.version, DATA_KEY, named,
                     differ)  # fmt: skip
+    return True
 
 
 def unexpected(exc: Exception) -> BundleError:

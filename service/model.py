@@ -103,6 +103,7 @@ class LoadedModel:
     # the data set Redis holds against the bundle's (service.heldset): {"matches": True,
     # False or None (no record), "held": the record}; None until it was read
     redis_data: dict[str, Any] | None = None
+    redis_data_raw: Any = None  # the record as Redis held it when redis_data was noted
     # initializers every session of the model shares (CTR_SHARE_WEIGHTS_MIN_BYTES); each
     # session holds what it reads of them itself (_session's keep, the native finalizer)
     shared_weights: list[Weight] = field(default_factory=list)

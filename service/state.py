@@ -103,6 +103,7 @@ class State:
         self.trim_task: asyncio.Task[None] | None = None
         self.heap_trims = 0
         self.trim_due = 0.0  # loop.time() the pending trim waits for: the last swap's
+        self.held_task: asyncio.Task[None] | None = None  # the served model's data-set check
         # the scoring read's failures, logged once per period while they last (Redis
         # down: every request); ctr_errors_total counts each
         self.read_failures = Throttle()

@@ -1087,6 +1087,46 @@ def test_each_stage_times_its_own_work(client: TestClient, monkeypatch: pytest.M
                                          {"stage": st}) == counts[st] + 1, st  # fmt: skip
 
 
+def test_the_held_data_set_is_read_again_while_the_model_serves(
+    built: Built, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker started while Redis was down said nothing of the data set Redis holds
+    until the next model load, and one started before a ``ctr load`` of another data set
+    finished kept saying the old one (session 47's note): the record is read again
+    while the model serves, sooner while Redis does not answer, and each new record's
+    warning is logged once."""
+    from service import lifecycle
+    from service.heldset import DATA_KEY
+    from tests.helpers import until
+
+    monkeypatch.setattr(lifecycle, "HELD_RETRY_S", 0.05, raising=False)
+    monkeypatch.setattr(lifecycle, "HELD_RECHECK_S", 0.1, raising=False)
+    port = free_port()
+    proc = RedisProcess(port)  # not started yet: Redis is down at start-up
+    s = settings_for(built, redis_url=proc.url, redis_connect_timeout_ms=200)
+    try:
+        with caplog.at_level("WARNING", logger="ctr.service"), TestClient(create_app(s)) as c:
+            def said() -> Any:
+                return c.get("/v1/models").json()["redis_data"]
+
+            time.sleep(0.3)
+            assert said() is None
+            proc.start()
+            load_into_redis(built.config, built.frame, proc.url, progress=False)
+            assert until(lambda: said() is not None, 10)
+            assert said()["matches"] is True
+            record = orjson.loads(Redis.from_url(proc.url).get(DATA_KEY))
+            other = {**record, "name": "din_movielens", "source": "movielens"}
+            caplog.clear()
+            Redis.from_url(proc.url).set(DATA_KEY, orjson.dumps(other))
+            assert until(lambda: said()["matches"] is False, 10)
+            time.sleep(0.5)  # read again several times, unchanged: said once
+            assert caplog.text.count("Redis holds another data set than model") == 1
+            assert said()["held"] == {"name": "din_movielens", "source": "movielens"}
+    finally:
+        proc.stop()
+
+
 def test_a_redis_holding_another_data_set_is_said(
     built: Built, redis_db: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
