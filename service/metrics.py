@@ -198,9 +198,10 @@ USER_INVALIDATIONS = Counter(
 )
 ITEM_INVALIDATIONS = Counter(
     "ctr_item_invalidations_total",
-    "Item-feature hash writes Redis reported (ctr:item:<feature>, CTR_ITEM_TRACKING; in "
-    "any database): each drops the worker's cached values of that feature and every "
-    "encoded candidate row",
+    "Reports of item-feature hash writes Redis sent (ctr:item:<feature>, "
+    "CTR_ITEM_TRACKING; in any database; writes to one hash within one turn of Redis's "
+    "event loop come as one): each drops the worker's cached values of that feature and "
+    "every encoded candidate row",
 )
 USER_TRACKING_RESETS = Counter(
     "ctr_user_tracking_resets_total",

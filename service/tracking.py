@@ -188,12 +188,17 @@ class UserTracker:
         return self.seq if self.live else None
 
     def poll(self) -> None:
-        """Apply what has reached the socket (called before a cached row is trusted)."""
+        """Apply what has reached the socket (called before a cached row is trusted).
+        While catching up (:meth:`_catch_up`), an item hash write Redis acknowledged may
+        still be queued there too: ``on_items`` hears None at each poll until the probe
+        is back, so no cached item value or row is trusted meanwhile (as no user row is)."""
         if self._sock is not None:
             try:
                 self._drain()
             except Exception as exc:  # never the request's error: read it instead
                 self._lost(exc)
+        if self._behind is not None and self._sock is not None and self.on_items is not None:
+            self.on_items(None)
 
     def valid(self, user_id: str, stamp: int | None) -> bool:
         """Whether rows of ``user_id`` read under ``stamp`` are still what Redis holds

@@ -1087,3 +1087,52 @@ def test_item_values_read_before_a_reported_write_are_not_kept(
     finally:
         proc.stop()
         shutil.rmtree(proc.dir, ignore_errors=True)
+
+
+def test_a_full_socket_trusts_no_cached_item_value_until_it_has_caught_up(
+    built: Built, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The item hashes' twin of test_a_full_socket_trusts_no_row_until_it_has_caught_up:
+    a worker whose socket was found full (others wrote megabytes of user keys) has an
+    item write Redis acknowledged meanwhile queued behind them in Redis. Kept user rows
+    are not trusted until the catch-up probe is back; cached item values and encoded
+    candidate rows must not be either (they served the old category until the backlog
+    drained)."""
+    monkeypatch.setattr(tracking, "PING_S", 30.0)  # no heartbeat reads the socket
+    proc = RedisProcess().start()
+    try:
+        load_into_redis(built.config, built.frame, proc.url, progress=False)
+        redis = Redis.from_url(proc.url)
+        s = settings_for(
+            built, redis_url=proc.url, redis_connect_timeout_ms=2000, user_tracking_drain_ms=1000
+        )
+        user = str(built.frame["user_id"].iloc[2])
+        items = built.frame["item_id"].astype(str).unique()[:30].tolist()
+        body = {"user_id": user, "candidates": [{"item_id": i} for i in items]}
+        key = "ctr:item:cate_id"
+        other = sorted(v for v in redis.hvals(key) if v != redis.hget(key, items[0]))[0]
+        with (
+            TestClient(create_app(s)) as tracked,
+            TestClient(create_app(s.model_copy(
+                update={"item_cache_ttl_s": 0.0, "user_cache_size": 0}))) as truth,  # fmt: skip
+        ):
+            t = tracked.app.state.ctr.tracker
+            wait_for(lambda: t.live, "tracking to connect")
+            before = answer(truth, body)["items"]
+            assert answer(tracked, body)["items"] == before
+            assert answer(tracked, body)["items"] == before  # from the encoded-row cache
+            t._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            t._behind_bytes = tracking.behind_bytes(t._sock)  # as at a connect
+            pipe = redis.pipeline(transaction=False)
+            for k in range(300):  # about 300 KB of other users' key names
+                pipe.set(user_key(f"burst-{'x' * 900}-{k}", "profile"), 1)
+            pipe.execute()
+            redis.hset(key, items[0], other)  # acknowledged: behind the flood
+            after = answer(truth, body)["items"]
+            assert after != before
+            got = answer(tracked, body)["items"]  # its poll finds the socket full
+            assert t._catch_ups > 0
+            assert got == after, "an acknowledged item write's old value served"
+    finally:
+        proc.stop()
+        shutil.rmtree(proc.dir, ignore_errors=True)
