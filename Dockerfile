@@ -130,7 +130,7 @@ RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ \
     && rm -rf /var/lib/apt/lists/*
 COPY native ./native
-COPY ctr/__init__.py ctr/cli.py ctr/native.py ./ctr/
+COPY ctr/__init__.py ctr/cli.py ctr/cli_args.py ctr/native.py ./ctr/
 RUN levels=generic \
     && if [ "$(uname -m)" = x86_64 ]; then levels=x86-64-v4,x86-64-v3,x86-64-v2; fi \
     && CTR_OPS_CACHE=/tmp/ctr-ops-cache python3 -m ctr.cli build-ops --cuda no \

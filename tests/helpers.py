@@ -27,7 +27,7 @@ from service.settings import Settings
 ROOT = Path(__file__).resolve().parents[1]
 # databases the tests' Redis lends to pytest-xdist's further workers (gw1, gw2, ...):
 # never 0 (tests assert nothing landed there), 11 or 12 (test_container_commands' own);
-# 14 (the benchmark commands' default, ctr.cli.BENCH_REDIS) and 15 (the scripts'
+# 14 (the benchmark commands' default, ctr.cli_args.BENCH_REDIS) and 15 (the scripts'
 # examples) only to an eleventh worker and on
 SPARE_DATABASES = (10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 14, 15, 13)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from ctr.cli import serve_settings
+from ctr.cmd_serve import serve_settings
 from tests.helpers import REDIS_URL, ROOT, UNSERVED_REDIS_URL, tmpfs
 from tests.redis_proc import free_port
 
@@ -799,9 +799,9 @@ def test_a_metrics_folder_without_room_is_refused(
     (prometheus_client maps its files) and uvicorn started it again, for good: 146
     'Child process died' lines and nothing naming why. ``ctr serve`` checks the room
     first, and workers have Python's fault handler on."""
-    from ctr import cli
+    from ctr import cmd_serve
 
-    cli.check_metrics_space(str(tmp_path), 2)  # a real folder with room: nothing said
+    cmd_serve.check_metrics_space(str(tmp_path), 2)  # a real folder with room: nothing said
     real = os.statvfs
 
     class Full:
@@ -809,7 +809,7 @@ def test_a_metrics_folder_without_room_is_refused(
 
     monkeypatch.setattr(os, "statvfs", lambda p: Full() if p == str(tmp_path) else real(p))
     with pytest.raises(ValueError, match=r"has 0\.1 MB free, under the 24 MB 2 worker"):
-        cli.check_metrics_space(str(tmp_path), 2)
+        cmd_serve.check_metrics_space(str(tmp_path), 2)
 
 
 def _serving(metrics: Path, models: Path, **popen: Any) -> subprocess.Popen:
@@ -938,7 +938,7 @@ def test_raise_fd_limit_takes_what_the_kernel_allows(
     the soft limit is still lifted, to the most it takes; it was left at 256."""
     import resource
 
-    from ctr.cli import raise_fd_limit
+    from ctr.cmd_serve import raise_fd_limit
 
     inf = resource.RLIM_INFINITY
     limits = [inf if v == "inf" else v for v in start]

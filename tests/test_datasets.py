@@ -481,7 +481,7 @@ def test_a_time_split_on_an_adapters_positions_is_refused(source: str) -> None:
     if source == "movielens":
         split_frame(timed_rows, DataSpec(source=source, split="time", time_column="timestamp"))
     # ctr load --bundle re-makes such a bundle's split to check its data (diff review s42)
-    from ctr.cli import check_trained_on
+    from ctr.cmd_train import check_trained_on
     from training.data.generic import fingerprint
 
     train_part, _, _ = split_frame(timed_rows, spec, trained=True)

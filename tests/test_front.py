@@ -523,7 +523,7 @@ def test_connections_leave_no_garbage(servers: dict[str, ServerThread], built: B
 def test_ctr_serve_runs_the_front_where_httptools_is(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 
-    from ctr.cli import _http_protocol
+    from ctr.cmd_serve import _http_protocol
 
     assert _http_protocol(True) == "service.front:FrontProtocol"
     assert _http_protocol(False) == "service.front:TimedProtocol"  # the read timeout only

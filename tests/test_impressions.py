@@ -904,7 +904,7 @@ def test_a_row_whose_click_may_have_been_trimmed_is_censored(
     assert (got["censored"], got["rows"], got["clicks"], got["history_keep"]) == (4, 6, 2, 3)
     # a version whose manifest was edited into nonsense counts no length (0 turned the
     # check off; 1e400 failed the command)
-    from ctr.cli import smallest_history
+    from ctr.cmd_impressions import smallest_history
 
     for bad in (0, 1e400, "3", True):
         shutil.copytree(root / "1", root / "9", dirs_exist_ok=True)

@@ -1089,15 +1089,16 @@ def test_run_py_refuses_a_bad_duration_as_a_usage_error() -> None:
 
 def test_ctr_cli_runs_with_only_what_the_ops_build_stage_copies(tmp_path: Path) -> None:
     """The Dockerfile's ops-build stage runs ``python3 -m ctr.cli build-ops`` on a bare
-    Python with ctr/__init__.py, ctr/cli.py, ctr/native.py and native/ alone: an import
-    of service/ in ``main()`` (session 37's CTR_TRACEBACK reader) broke the image build.
+    Python with ctr/__init__.py, ctr/cli.py, ctr/cli_args.py, ctr/native.py and native/
+    alone: an import of service/ in ``main()`` (session 37's CTR_TRACEBACK reader) broke
+    the image build.
     Run there with no site-packages, up to build-ops' own argument check."""
     (tmp_path / "ctr").mkdir()
-    for name in ("__init__.py", "cli.py", "native.py"):
+    for name in ("__init__.py", "cli.py", "cli_args.py", "native.py"):
         shutil.copy(REPO / "ctr" / name, tmp_path / "ctr" / name)
     shutil.copytree(REPO / "native", tmp_path / "native")
     dockerfile = (REPO / "Dockerfile").read_text()
-    assert "COPY ctr/__init__.py ctr/cli.py ctr/native.py ./ctr/" in dockerfile
+    assert "COPY ctr/__init__.py ctr/cli.py ctr/cli_args.py ctr/native.py ./ctr/" in dockerfile
     done = subprocess.run(
         [sys.executable, "-S", "-m", "ctr.cli", "build-ops", "--out", str(tmp_path / "out")],
         cwd=tmp_path, capture_output=True, text=True, timeout=60,

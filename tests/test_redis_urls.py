@@ -201,7 +201,7 @@ def test_each_test_worker_flushes_a_database_of_its_own() -> None:
     # a db= option goes with the path: one database named, the worker's
     assert parse_url(worker_redis_url("redis://h:1?db=10", "gw1"))["db"] == 9
     # the second worker of a default run keeps off the benchmark commands' database
-    from ctr.cli import BENCH_REDIS
+    from ctr.cli_args import BENCH_REDIS
 
     assert parse_url(worker_redis_url(url, "gw1"))["db"] != parse_url(BENCH_REDIS)["db"]
     assert REDIS_URL == worker_redis_url(BASE_REDIS_URL, os.environ.get("PYTEST_XDIST_WORKER"))
