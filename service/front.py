@@ -39,23 +39,22 @@ from uvicorn.protocols.http.httptools_impl import (
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
 from service import metrics as m
-from service.app import (
+from service.app import ScoringApp
+from service.asgi import (
     CLIENT_CLOSED,
     CLIENT_GONE,
     MALFORMED_BODY,
     READ_TIMED_OUT,
     SERVE_TASK,
     Handler,
-    ScoringApp,
-    answer,
     cors_headers,
     gone_status,
-    internal_error_response,
     request_headers,
-    shutdown_response,
     written,
 )
+from service.handlers import internal_error_response, shutdown_response
 from service.requestid import CURRENT, HEADER, request_id
+from service.serving import answer
 from service.throttle import Throttle, held_note
 
 log = logging.getLogger("uvicorn.error")
@@ -671,7 +670,7 @@ def _refusal(
     not all come, or is too large): the service's error body naming the headers, with a
     request ID of its own (no header of the request's was read), and the connection
     closed."""
-    from service.app import orjson_response  # the error bodies' one writer
+    from service.asgi import orjson_response  # the error bodies' one writer
 
     rid = request_id(None)
     body = orjson_response(

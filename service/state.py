@@ -81,7 +81,7 @@ class State:
             origin_key(o) for o in settings.allowed_origins.split(",") if o.strip()
         )
         self.in_flight = 0
-        # body bytes held by requests still arriving (app._read_body), all routes
+        # body bytes held by requests still arriving (access.read_body), all routes
         self.body_bytes = 0
         self.loads = 0  # models swapped in (lifecycle.load: which of them settle fully)
         # models swapped out, while still alive (lifecycle.load: a full settle frees them)

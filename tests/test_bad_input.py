@@ -1020,13 +1020,13 @@ def test_a_request_a_web_page_sends_is_refused_unless_its_origin_is_allowed(
         r = httpx.post(f"{s.url}/v1/score", content=body, headers={"Origin": tool})
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == tool
         # a bug's 500 (and the shutdown's 503, written the same way) readable by the page
-        import service.app as app_mod
+        import service.routes as routes_mod
         from service import metrics as m
 
         def bug(*args: Any, **kwargs: Any) -> Any:
             raise RuntimeError("a bug")
 
-        monkeypatch.setattr(app_mod, "score_input", bug)
+        monkeypatch.setattr(routes_mod, "score_input", bug)
         r = httpx.post(f"{s.url}/v1/score", content=body, headers={"Origin": tool})
         assert r.status_code == 500 and r.headers["access-control-allow-origin"] == tool
         monkeypatch.undo()

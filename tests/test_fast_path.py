@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
-import service.app as service_app
+import service.serving as serving
 from service import metrics as m
 from service.app import create_app
 from service.errors import BadRequest
@@ -77,13 +77,13 @@ def test_fast_path_answers_like_the_fastapi_route(
 ) -> None:
     fast, slow = clients
     served = []
-    real = service_app._serve
+    real = serving._serve
 
     async def spy(*args: Any) -> int:
         served.append(1)
         return await real(*args)
 
-    monkeypatch.setattr(service_app, "_serve", spy)
+    monkeypatch.setattr(serving, "_serve", spy)
     statuses = set()
     for headers, body in requests(built):
         kw: dict[str, Any] = {"content": body} if isinstance(body, bytes) else {"json": body}

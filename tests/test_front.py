@@ -315,7 +315,7 @@ def test_an_answer_waits_while_the_socket_is_full() -> None:
     answer waits (nothing written, the request not complete), and goes once it resumes."""
     from uvicorn.protocols.http.flow_control import FlowControl
 
-    from service.app import orjson_response
+    from service.asgi import orjson_response
 
     async def main() -> None:
         transport = Transport()
@@ -375,7 +375,7 @@ def test_nothing_is_written_for_a_client_gone(caplog: pytest.LogCaptureFixture) 
     request not marked answered (as uvicorn's ``send``)."""
     from uvicorn.protocols.http.flow_control import FlowControl
 
-    from service.app import orjson_response
+    from service.asgi import orjson_response
 
     async def main() -> None:
         transport = Transport()
@@ -574,9 +574,9 @@ def test_a_client_gone_mid_request_stops_its_work(
     and through ASGI behind uvicorn's own protocol (``CTR_HTTP_FRONT=false``, which
     session 43 left running), the request's task is cancelled as the connection goes:
     its place is free at once, the request counted 499 and nothing answered."""
-    import service.app as app_module
+    import service.scoring as scoring_mod
 
-    real = app_module.fetch
+    real = scoring_mod.fetch
     reads: dict[str, int] = {"started": 0, "cancelled": 0}
 
     async def slow(*a: Any, **k: Any) -> Any:
@@ -595,7 +595,7 @@ def test_a_client_gone_mid_request_stops_its_work(
     app = create_app(settings_for(built, api_key="k", redis_timeout_ms=10_000,
                                   request_timeout_ms=10_000))  # fmt: skip
     with ServerThread(app, http=http) as server:
-        monkeypatch.setattr(app_module, "fetch", slow)
+        monkeypatch.setattr(scoring_mod, "fetch", slow)
         before = count("499")
         started = time.monotonic()
         with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:

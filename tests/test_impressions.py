@@ -356,9 +356,9 @@ def test_a_response_past_its_deadline_is_no_impression(
 ) -> None:
     """A 503 deadline_exceeded (the scoring finished, its deadline had passed) is not
     what the caller got: not logged."""
-    import service.app as app_mod
+    import service.routes as routes_mod
 
-    real = app_mod.score_input
+    real = routes_mod.score_input
 
     def slow_parse(*args: object, **kwargs: object) -> object:
         time.sleep(0.3)
@@ -366,10 +366,10 @@ def test_a_response_past_its_deadline_is_no_impression(
 
     s = settings_for(built, impression_stream=STREAM, request_timeout_ms=200)
     with TestClient(create_app(s)) as c:
-        monkeypatch.setattr(app_mod, "score_input", slow_parse)
+        monkeypatch.setattr(routes_mod, "score_input", slow_parse)
         r = c.post("/v1/score", json=_body("u1", _items(built, 5)))
         assert r.status_code == 503 and r.json()["error"] == "deadline_exceeded"
-        monkeypatch.setattr(app_mod, "score_input", real)
+        monkeypatch.setattr(routes_mod, "score_input", real)
         assert c.post("/v1/score", json=_body("u2", _items(built, 5))).status_code == 200
         wait_for(lambda: redis_db.xlen(STREAM) >= 1, "the 200 written", 5)
     entries = redis_db.xrange(STREAM)
@@ -723,11 +723,11 @@ def test_a_response_the_client_never_got_is_no_impression(
 
     import httpx
 
-    import service.app as app_mod
+    import service.routes as routes_mod
     from service.front import FrontProtocol, TimedProtocol
     from tests.server_thread import ServerThread
 
-    real = app_mod.score_input
+    real = routes_mod.score_input
 
     def slow_parse(*args: object, **kwargs: object) -> object:
         time.sleep(0.3)
@@ -744,13 +744,13 @@ def test_a_response_the_client_never_got_is_no_impression(
     app = create_app(settings_for(built, impression_stream=STREAM))
     with ServerThread(app, http=TimedProtocol if plain else FrontProtocol) as s:
         before = answered("499")
-        monkeypatch.setattr(app_mod, "score_input", slow_parse)
+        monkeypatch.setattr(routes_mod, "score_input", slow_parse)
         for _ in range(3):  # sent, then gone before the answer
             with socket.create_connection(("127.0.0.1", s.port)) as sock:
                 sock.sendall(head.encode() + body)
                 time.sleep(0.05)
         wait_for(lambda: answered("499") - before == 3, "the three counted 499", 5)
-        monkeypatch.setattr(app_mod, "score_input", real)
+        monkeypatch.setattr(routes_mod, "score_input", real)
         time.sleep(imp_mod.FLUSH_S * 3)
         assert redis_db.xlen(STREAM) == 0
         r = httpx.post(f"{s.url}/v1/score", content=body)

@@ -229,9 +229,9 @@ def test_a_request_queued_behind_a_slow_one_is_not_timed_out_meanwhile(
     """uvicorn stops reading behind a queued request until the one before it is
     answered: the clock of a request then still arriving does not run meanwhile. (It
     did: a slow first answer made the connection close, losing all three.)"""
-    from service import app as app_module
+    from service import scoring
 
-    real = app_module._score
+    real = scoring.score
     slow = {"left": 1}
 
     async def slow_first(*args: Any, **kwargs: Any) -> Any:
@@ -240,7 +240,7 @@ def test_a_request_queued_behind_a_slow_one_is_not_timed_out_meanwhile(
             await asyncio.sleep(TIMEOUT_MS / 1000 * 2.5)
         return await real(*args, **kwargs)
 
-    monkeypatch.setattr(app_module, "_score", slow_first)
+    monkeypatch.setattr(scoring, "score", slow_first)
     body = _body(built)
     app = create_app(settings_for(built, read_timeout_ms=TIMEOUT_MS, request_timeout_ms=5000))
     with ServerThread(app, http=FrontProtocol, timeout_keep_alive=30) as s, _connect(s) as sock:
@@ -528,15 +528,15 @@ def test_a_body_in_a_transfer_coding_other_than_chunked_is_a_415(
 
 def _slow_scoring(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
     """Every scoring request takes ``seconds`` longer (its parse sleeps): one in flight."""
-    import service.app as app_mod
+    import service.routes as routes_mod
 
-    real = app_mod.score_input
+    real = routes_mod.score_input
 
     def slow(*args: Any, **kwargs: Any) -> Any:
         time.sleep(seconds)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(app_mod, "score_input", slow)
+    monkeypatch.setattr(routes_mod, "score_input", slow)
 
 
 def test_a_long_head_in_its_own_read_behind_a_request_in_flight_waits(
@@ -613,15 +613,15 @@ def test_a_malformed_body_behind_requests_in_flight_follows_their_answers(
     never answers (session 39)."""
     from redis import Redis
 
-    from service import app as app_module
+    from service import scoring
 
-    real = app_module._score
+    real = scoring.score
 
     async def slow(*args: Any, **kwargs: Any) -> Any:  # each score in flight a while
         await asyncio.sleep(0.3)
         return await real(*args, **kwargs)
 
-    monkeypatch.setattr(app_module, "_score", slow)
+    monkeypatch.setattr(scoring, "score", slow)
     stream = "test:front-body-impressions"
     redis = Redis.from_url(REDIS_URL)
     redis.delete(stream)

@@ -6,7 +6,7 @@ DIN with random weights (parity of inputs needs no trained model) goes through t
 project's export (``export_bundle``, parity gate included); the same frame goes into a
 real Redis by ``ctr load``'s code path (``load_into_redis``). Then, for 30 sampled users,
 ``POST /v1/score`` runs through ``create_app`` and the tensors the service feeds the
-graph (caught at ``service.app.build_feeds``, which still does all the work) are compared
+graph (caught at ``service.scoring.build_feeds``, which still does all the work) are compared
 with the training side's.
 
 The training-side reference of a user's history is the history a training example of
@@ -38,7 +38,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-import service.app
+import service.scoring
 from ctr.encode import Encoded, encode_frame
 from ctr.mapping import OOV
 from ctr.spec import FeatureConfig, load_config
@@ -158,8 +158,8 @@ def served(real: Real) -> Iterator[Served]:
 
     with pytest.MonkeyPatch.context() as mp:
         # after a read, or from kept rows without one (CTR_USER_TRACKING)
-        mp.setattr(service.app, "build_feeds", recording(service.app.build_feeds))
-        mp.setattr(service.app, "rows_feeds", recording(service.app.rows_feeds))
+        mp.setattr(service.scoring, "build_feeds", recording(service.scoring.build_feeds))
+        mp.setattr(service.scoring, "rows_feeds", recording(service.scoring.rows_feeds))
         with TestClient(create_app(settings_for(real.built))) as client:
             yield Served(real, client, seen)
 

@@ -332,9 +332,9 @@ def test_the_deadline_counts_the_parse(
 ) -> None:
     """The deadline starts once the body is read: a parse that takes longer than it
     (here made slow on purpose) is a 503, though the scoring after it is fast."""
-    import service.app as app_mod
+    import service.routes as routes_mod
 
-    real = app_mod.score_input
+    real = routes_mod.score_input
 
     def slow_parse(*args: object, **kwargs: object) -> object:
         time.sleep(0.3)
@@ -343,10 +343,10 @@ def test_the_deadline_counts_the_parse(
     s = settings_for(built, rp.url, request_timeout_ms=200)
     with TestClient(create_app(s)) as c:
         assert c.post("/v1/score", json=BODY).status_code == 200
-        monkeypatch.setattr(app_mod, "score_input", slow_parse)
+        monkeypatch.setattr(routes_mod, "score_input", slow_parse)
         r = c.post("/v1/score", json=BODY)
         assert r.status_code == 503 and r.json()["error"] == "deadline_exceeded"
-        monkeypatch.setattr(app_mod, "score_input", real)
+        monkeypatch.setattr(routes_mod, "score_input", real)
         assert c.post("/v1/score", json=BODY).status_code == 200
 
 

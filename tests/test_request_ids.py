@@ -236,9 +236,9 @@ def test_a_read_whose_timer_came_late_is_given_its_reply(
 
     from prometheus_client import REGISTRY
 
-    import service.app as app_module
+    import service.scoring as scoring_mod
 
-    real = app_module.fetch
+    real = scoring_mod.fetch
 
     async def loop_busy(*a: Any, **k: Any) -> Any:
         time.sleep(0.08)  # the loop runs others' work while the read is out
@@ -255,7 +255,7 @@ def test_a_read_whose_timer_came_late_is_given_its_reply(
     users = built.frame["user_id"].astype(str).unique()[:3].tolist()
     with TestClient(create_app(settings_for(built, redis_timeout_ms=50))) as c:
         before = errors("redis")
-        monkeypatch.setattr(app_module, "fetch", loop_busy)
+        monkeypatch.setattr(scoring_mod, "fetch", loop_busy)
         r = c.post("/v1/score", json={"user_id": users[0],
                                       "candidates": [{"item_id": i} for i in items]})  # fmt: skip
         assert r.status_code == 200 and r.json()["degraded"] is False, r.text
@@ -271,7 +271,7 @@ def test_a_read_whose_timer_came_late_is_given_its_reply(
         assert r.status_code == 200 and r.json()["degraded"] is False, r.text
         assert r.json()["cold_start"] is False and errors("redis") == before
         monkeypatch.undo()
-        monkeypatch.setattr(app_module, "fetch", redis_slow)
+        monkeypatch.setattr(scoring_mod, "fetch", redis_slow)
         body = {"user_id": users[1], "candidates": [{"item_id": i} for i in items]}
         with caplog.at_level("WARNING", logger="ctr"):
             r = c.post("/v1/score", json=body)
@@ -317,7 +317,7 @@ def test_a_stalled_redis_under_load_degrades_every_answer(
     (5 to 206 in a review's bursts), no Redis error counted. Every one degrades."""
     import httpx
 
-    import service.app as app_module
+    import service.scoring as scoring_mod
 
     async def stalled(*a: Any, **k: Any) -> Any:
         await asyncio.Future()  # Redis never answers
@@ -326,7 +326,7 @@ def test_a_stalled_redis_under_load_degrades_every_answer(
     items = built.frame["item_id"].astype(str).unique()[:500].tolist()
     users = [f"stall-{k}" for k in range(48)]
     app = create_app(settings_for(built, redis_timeout_ms=50, user_tracking=False))
-    monkeypatch.setattr(app_module, "fetch", stalled)
+    monkeypatch.setattr(scoring_mod, "fetch", stalled)
 
     async def main() -> list[httpx.Response]:
         ctx = app.router.lifespan_context(app)

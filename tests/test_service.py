@@ -17,8 +17,9 @@ from fastapi.testclient import TestClient
 from redis import Redis
 
 from ctr.encode import encode_frame
-from service.app import _inline, create_app
+from service.app import create_app
 from service.loader import item_records, load_into_redis, user_records
+from service.scoring import _inline
 from service.settings import Settings
 from service.store import event_keys, item_key, user_key
 from tests.helpers import (
@@ -653,12 +654,15 @@ def test_item_update_visible_after_ttl(built: Built, monkeypatch: pytest.MonkeyP
     """Without item tracking (``CTR_ITEM_TRACKING=false``; or on Cluster, TLS, or while
     the tracking connection is down) a changed item is scored from the cache until its
     TTL ends. With it, at once: test_tracking.py."""
-    import service.app
+    import service.routes
     import service.rowcache
+    import service.scoring
     import service.store
 
     # the caches' clock, moved on instead of sleeping past the TTL
-    clock = ShiftedClock().install(monkeypatch, service.app, service.store, service.rowcache)
+    clock = ShiftedClock().install(
+        monkeypatch, service.routes, service.scoring, service.store, service.rowcache
+    )
     proc = RedisProcess(free_port()).start()
     try:
         load_into_redis(built.config, built.frame, proc.url, progress=False)
@@ -1032,7 +1036,7 @@ def test_each_stage_times_its_own_work(client: TestClient, monkeypatch: pytest.M
     to the response handed to the client."""
     from prometheus_client import REGISTRY
 
-    from service import app as app_module
+    from service import asgi, scoring
     from service.store import ItemCache
 
     now = [0.0]
@@ -1058,11 +1062,11 @@ def test_each_stage_times_its_own_work(client: TestClient, monkeypatch: pytest.M
         value = REGISTRY.get_sample_value("ctr_stage_duration_seconds_sum", {"stage": stage})
         return value or 0.0
 
-    monkeypatch.setattr(app_module, "STAGE_CLOCK", lambda: now[0])
-    monkeypatch.setattr(app_module, "candidates", moves(app_module.candidates, 1.0))
-    monkeypatch.setattr(app_module, "fetch", moves(app_module.fetch, 10.0))
-    monkeypatch.setattr(app_module, "build_feeds", moves(app_module.build_feeds, 100.0))
-    monkeypatch.setattr(app_module, "orjson_response", moves(app_module.orjson_response, 1000.0))
+    monkeypatch.setattr(asgi, "STAGE_CLOCK", lambda: now[0])
+    monkeypatch.setattr(scoring, "candidates", moves(scoring.candidates, 1.0))
+    monkeypatch.setattr(scoring, "fetch", moves(scoring.fetch, 10.0))
+    monkeypatch.setattr(scoring, "build_feeds", moves(scoring.build_feeds, 100.0))
+    monkeypatch.setattr(scoring, "orjson_response", moves(scoring.orjson_response, 1000.0))
     puts = [0]
 
     def put(*a: Any, **k: Any) -> None:

@@ -1045,7 +1045,7 @@ def test_item_values_read_before_a_reported_write_are_not_kept(
     report of it arrives: that request is answered with what it read, but the values,
     which may predate the write, are not kept (the cache was emptied by the report; kept
     afterwards, the old value would be served for the TTL)."""
-    import service.app as app_module
+    import service.scoring as scoring
 
     proc = RedisProcess().start()
     try:
@@ -1057,7 +1057,7 @@ def test_item_values_read_before_a_reported_write_are_not_kept(
         body = {"user_id": user, "candidates": [{"item_id": i} for i in items]}
         key = "ctr:item:cate_id"
         other = sorted(v for v in redis.hvals(key) if v != redis.hget(key, items[0]))[0]
-        real, armed = app_module.fetch, [True]
+        real, armed = scoring.fetch, [True]
 
         async def write_meanwhile(*args: Any, **kwargs: Any) -> Any:
             data = await real(*args, **kwargs)
@@ -1078,7 +1078,7 @@ def test_item_values_read_before_a_reported_write_are_not_kept(
         ):
             wait_for(lambda: tracked.app.state.ctr.tracker.live, "tracking to connect")
             before = answer(truth, body)["items"]
-            monkeypatch.setattr(app_module, "fetch", write_meanwhile)
+            monkeypatch.setattr(scoring, "fetch", write_meanwhile)
             assert answer(tracked, body)["items"] == before  # what its read found
             assert not armed[0]
             after = answer(truth, body)["items"]

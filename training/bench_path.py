@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-import service.app as service_app
+import service.asgi as service_asgi
 from ctr.bundle import load_bundle
 from service import metrics
 from service.app import create_app
@@ -78,7 +78,7 @@ def fast_path_in_stack(app: Any) -> Any:
     inside FastAPI's and Starlette's middleware stack (where they were until session 23)."""
     from starlette.middleware import Middleware
 
-    from service.app import ServingMiddleware
+    from service.serving import ServingMiddleware
 
     fast, app.fast_routes = app.fast_routes, {}
     app.user_middleware = [
@@ -145,8 +145,8 @@ async def _stage_round(
     """One round of ``reps`` requests with the stage clock on this thread's CPU time: the
     event-loop CPU per request (ms, ``before_each`` not counted) and each stage's mean
     (ms). Every request must answer 200."""
-    saved = service_app.STAGE_CLOCK
-    service_app.STAGE_CLOCK = time.thread_time
+    saved = service_asgi.STAGE_CLOCK
+    service_asgi.STAGE_CLOCK = time.thread_time
     try:
         before, spent, statuses = _scrape(), 0.0, []
         for k in range(reps):
@@ -156,7 +156,7 @@ async def _stage_round(
             statuses.append(await _call(app, bodies[k % len(bodies)]))
             spent += time.thread_time() - start
     finally:
-        service_app.STAGE_CLOCK = saved
+        service_asgi.STAGE_CLOCK = saved
     _check_round(statuses, before, "a stage round")
     means = stage_means(before, _scrape())
     return spent * 1000 / reps, {k: means[k] * 1000 for k in STAGES}
@@ -172,12 +172,12 @@ def _add_round(times: dict[str, list[float]], total: float, stages: dict[str, fl
 
 
 async def _stage_costs(settings: Settings, bodies: list[bytes], rounds: int, reps: int) -> dict:
-    """Event-loop CPU per request in each stage of ``_score``, in ms (median over rounds).
-    The stage clock reads this thread's CPU time, so ``inference`` is the graph call
-    where it runs on the event loop thread (``CTR_INLINE_MAX_MS``: each request here is
-    alone in flight), else only the hand-off to the ORT thread and back; ``outside`` is
-    the rest of the request (body read, ASGI and middleware; ``parse`` is the JSON's
-    parse and validation)."""
+    """Event-loop CPU per request in each stage of ``service.scoring.score``, in ms
+    (median over rounds). The stage clock reads this thread's CPU time, so ``inference``
+    is the graph call where it runs on the event loop thread (``CTR_INLINE_MAX_MS``: each
+    request here is alone in flight), else only the hand-off to the ORT thread and back;
+    ``outside`` is the rest of the request (body read, ASGI and middleware; ``parse`` is
+    the JSON's parse and validation)."""
     app = create_app(settings)
     ctx = app.router.lifespan_context(app)
     await ctx.__aenter__()
@@ -276,7 +276,7 @@ async def _handoff_costs(model: LoadedModel, feeds: list[Feeds], rounds: int, re
     back on this thread (what ``ctr bench`` times as the model alone) and awaited through
     the service's inference threads (:class:`CallThreads`, one thread) from the running
     loop, and on the model's native runner (``CTR_NATIVE_RUNNER``; absent when the
-    model has none), as ``_score`` hands it off, each also with :func:`_request_work`
+    model has none), as ``service.scoring.score`` hands it off, each also with :func:`_request_work`
     before every call (outside the timing)."""
     keys = [f"item-{k}" for k in range(20_000)]
     variants = [v for v in HANDOFF if model.native is not None or not v.startswith("native")]

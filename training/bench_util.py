@@ -211,7 +211,7 @@ def request_feeds(
     """The graph feeds the service builds for ``bodies``: parsed by its own
     ``score_input`` (without the native scan, which reads the same request), candidates
     and user rows encoded by ``service.features`` (the code path of
-    ``service.app._score``) from what ``read`` returns for each user. The caches are off,
+    ``service.scoring.score``) from what ``read`` returns for each user. The caches are off,
     so every row is encoded from the store's data."""
     from service.features import build_feeds, candidates
     from service.rowcache import ItemRowCache
