@@ -99,6 +99,7 @@ async def _shut_down(state: State, loop: asyncio.AbstractEventLoop, hooked: bool
         await state.bus.aclose()
     if state.tracker is not None:
         await state.tracker.aclose()
+    state.item_cache.close()
     if state.executor is not None:
         state.executor.shutdown(wait=True)
     if state.model is not None and state.model.native is not None:
@@ -268,7 +269,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 settings.sequence_ttl_s,
                 settings.event_legacy_ids,
             )
-            state.tracker = await tracking.start_tracking(settings, state.item_cache.changed)
+            state.tracker = await tracking.start_tracking(settings, state.item_cache.reported)
             if state.tracker is None:  # else the tracker says (0 while Redis refuses it)
                 m.set_tracking(False)
             if settings.impression_stream:

@@ -296,6 +296,16 @@ class Settings(BaseSettings):
         "CTR_ITEM_CACHE_TTL_S (false: the TTL alone; for a writer that changes item "
         "features many times a second, whose every write would empty the caches)",
     )
+    item_tracking_hold_ms: float = Field(
+        1000.0,
+        ge=0,
+        le=60_000,
+        description="item-hash reports applied at most once per this many ms: the first "
+        "after a quiet period at once, the rest together at the period's end, so a writer "
+        "that changes item features many times a second empties the caches about once a "
+        "period, and a served item value is at most this much older than Redis's "
+        "(0 = every report at once)",
+    )
     user_tracking_drain_ms: float = Field(
         20.0,
         ge=0,

@@ -61,7 +61,11 @@ class State:
         self.model_error: str | None = None
         self.redis: AnyRedis | None = None
         self.reader: Reader | None = None  # the scoring request's reads
-        self.item_cache = ItemCache(settings.item_cache_ttl_s, settings.item_cache_size)
+        self.item_cache = ItemCache(
+            settings.item_cache_ttl_s,
+            settings.item_cache_size,
+            settings.item_tracking_hold_ms / 1000,
+        )
         self.events: EventWriter | None = None
         self.impressions: ImpressionLog | None = None  # CTR_IMPRESSION_STREAM
         # /v1/events on clients of their own, bounded by the request deadline rather

@@ -420,19 +420,59 @@ class ItemCache:
     ``update`` (no per-item key tuples), with per-item Python work only where a batch
     mixes hits and misses or would replace entries."""
 
-    def __init__(self, ttl_s: float, size: int) -> None:
+    def __init__(self, ttl_s: float, size: int, hold_s: float = 0.0) -> None:
         self.ttl = ttl_s
         self.size = size
         self.data: dict[str, dict[str, tuple[str | None, float]]] = {}
         # taken by each read before it is sent: a read whose values may predate a change
         # Redis has reported since (:meth:`changed`) stores nothing (:meth:`put`)
         self.generation = 0
+        # reports applied at most once per hold_s (:meth:`reported`)
+        self.hold_s = hold_s
+        self._applied_at = -math.inf  # time.monotonic() of the last report applied
+        self._pending: set[str] = set()  # features reported within the hold, not applied
+        self._timer: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
         return sum(len(d) for d in self.data.values())
 
     def clear(self) -> None:
         self.data.clear()
+
+    def reported(self, feature: str | None) -> None:
+        """Redis reported ``feature``'s hash written (None: any may have changed, which
+        is applied at once). The first report after a quiet :attr:`hold_s` is applied at
+        once (:meth:`changed`); those that follow within it wait for its end and are
+        applied together there, so a writer that changes item features many times a
+        second empties the caches about once per ``hold_s``, not at every write (at 10
+        writes a second, 41 % more CPU per request without it: session 48), and a
+        served value is at most ``hold_s`` older than Redis's meanwhile."""
+        now = time.monotonic()
+        if feature is None or (now - self._applied_at >= self.hold_s and not self._pending):
+            self._applied_at = now
+            if feature is None and self._timer is not None:
+                self._timer.cancel()
+                self._timer, self._pending = None, set()
+            self.changed(feature)
+            return
+        self._pending.add(feature)
+        if self._timer is None:
+            wait = max(0.0, self._applied_at + self.hold_s - now)
+            self._timer = asyncio.get_running_loop().call_later(wait, self._apply_held)
+
+    def _apply_held(self) -> None:
+        """The hold's end: every feature reported within it applied at once."""
+        self._timer = None
+        held, self._pending = self._pending, set()
+        self._applied_at = time.monotonic()
+        for feature in held:
+            self.changed(feature)
+
+    def close(self) -> None:
+        """Drop a held report's timer (the worker stops)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def changed(self, feature: str | None) -> None:
         """Redis reported a write to ``feature``'s hash (``ctr:item:<feature>``; None: any

@@ -4,6 +4,7 @@ with the TTL) it is tested in test_service.py, on that module's bundle."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from typing import Any
@@ -301,6 +302,61 @@ def test_a_reported_item_write_ends_that_features_values_and_every_row() -> None
     assert len(items) == 0
     rows_cache.follow(items.generation)
     assert rows_cache.lookup(["b"]).tolist() == [-1]
+
+
+def test_reports_within_the_hold_are_applied_together_at_its_end() -> None:
+    """``ItemCache.reported`` (``CTR_ITEM_TRACKING_HOLD_MS``): the first report after a
+    quiet hold is applied at once; the next ones wait for the hold's end and are applied
+    there together (a writer changing items many times a second empties the caches about
+    once a hold, not at every write); None (a flush, a reconnection, a catch-up) is
+    applied at once, with whatever was held."""
+    from service.store import ItemCache
+
+    async def main() -> None:
+        items = ItemCache(60, 100, hold_s=0.3)
+        now = time.monotonic()
+
+        def fill() -> None:
+            for feature in ("cate_id", "brand", "price"):
+                items.put(feature, ["a"], ["v"], time.monotonic(), items.generation)
+
+        def cached(feature: str) -> bool:
+            return items.get_many(feature, ["a"])[1] == []
+
+        fill()
+        g = items.generation
+        items.reported("cate_id")  # quiet before: at once
+        assert items.generation == g + 1 and not cached("cate_id") and cached("brand")
+        fill()
+        items.reported("brand")  # within the hold: held
+        items.reported("price")
+        items.reported("brand")
+        assert items.generation == g + 1 and cached("brand") and cached("price")
+        await asyncio.sleep(0.2)
+        assert cached("brand")  # still within the hold
+        await asyncio.sleep(0.2)  # past its end: both applied, once each
+        assert items.generation == g + 3 and not cached("brand") and not cached("price")
+        assert cached("cate_id")
+        assert time.monotonic() - now < 1.0
+        fill()
+        items.reported("price")  # within the new hold (it began at the held ones)
+        assert cached("price")
+        items.reported(None)  # at once, with what was held
+        assert len(items) == 0 and items._timer is None
+        fill()
+        await asyncio.sleep(0.4)
+        assert len(items) == 3  # the held report was not applied again later
+        items.reported("brand")
+        assert not cached("brand")
+        items.close()
+        zero = ItemCache(60, 100)  # CTR_ITEM_TRACKING_HOLD_MS=0: every report at once
+        for _ in range(3):
+            zero.put("cate_id", ["a"], ["v"], time.monotonic())
+            zero.reported("cate_id")
+            assert zero.get_many("cate_id", ["a"])[1] == [0]
+        assert zero.generation == 3
+
+    asyncio.run(main())
 
 
 @settings(max_examples=200, deadline=None)
