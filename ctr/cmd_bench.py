@@ -29,7 +29,7 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
 
 def cmd_bench_gpu(args: argparse.Namespace) -> int:
     from training.bench_gpu import render, run
-    from training.bench_service import _device
+    from training.bench_server import device
 
     command = "ctr bench-gpu " + shlex.join(sys.argv[2:])
     res = run(
@@ -42,8 +42,8 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
     import onnxruntime as ort
 
     cuda = "CUDAExecutionProvider" in ort.get_available_providers()
-    device = _device({"CTR_PROVIDER": "cuda" if cuda else "cpu"})
-    table = f"Command: `{command.strip()}`\n\n" + render(res, device, args.repeats)
+    machine = device({"CTR_PROVIDER": "cuda" if cuda else "cpu"})
+    table = f"Command: `{command.strip()}`\n\n" + render(res, machine, args.repeats)
     print(table)
     if args.out:
         _write_report(Path(args.out), "bench_gpu", res, table)
@@ -120,7 +120,8 @@ def _write_report(out: Path, stem: str, res: dict, table: str) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     _bench_db(args)
-    from training.bench_service import plot, render, run
+    from training.bench_report import plot, render
+    from training.bench_service import run
 
     res = run(
         args.models.split(","),

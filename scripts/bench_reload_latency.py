@@ -43,7 +43,7 @@ async def _drive(
     """Scoring requests ``(sent, answered, status)`` and reload calls ``(start, end)``."""
     import httpx
 
-    from training.bench_service import RawClient
+    from training.bench_client import RawClient
 
     host, port = url.split("//")[1].split(":")
     clients = [RawClient(host, int(port)) for _ in range(concurrency)]
@@ -73,7 +73,7 @@ async def _drive(
                 await asyncio.sleep(every)
         done.set()
 
-    from training.bench_service import client_gc_off
+    from training.bench_client import client_gc_off
 
     with client_gc_off():  # the client's own GC pauses are not the service's latency
         await asyncio.gather(reload(), *(score(k) for k in range(concurrency)))
@@ -122,12 +122,8 @@ def main() -> int:
         check_bench_db(args.redis_url, args.force)
     except ValueError as exc:
         raise SystemExit(f"{ap.prog}: {exc}") from None
-    from training.bench_service import (
-        _bundle_for,
-        _start_service,
-        service_env,
-        stop_service,
-    )
+    from training.bench_server import service_env, start_service, stop_service
+    from training.bench_service import bundle_for
     from training.bench_util import bodies_for, run_loop
 
     sides: list[tuple[str, Path | None]] = [("B (this checkout)", None)]
@@ -137,14 +133,14 @@ def main() -> int:
     reload_s: dict[str, list[float]] = {name: [] for name, _ in sides}
     with tempfile.TemporaryDirectory(prefix="bench-reload-latency-") as tmp:
         over = {"features.0.mapping.buckets": args.buckets}
-        where, config, frame = _bundle_for("din", None, tmp, over)
+        where, config, frame = bundle_for("din", None, tmp, over)
         load_bench_db(config, frame, args.redis_url)
         bodies = bodies_for(frame, args.n)
         env = service_env(where, config.name, args.redis_url, 2,
                           extra_env={"CTR_API_KEY": KEY})  # fmt: skip
         for _ in range(args.rounds):
             for name, root in sides:
-                proc, url = _start_service(env, args.port, root)
+                proc, url = start_service(env, args.port, root)
                 try:
                     requests, calls = run_loop(
                         _drive(url, bodies, args.concurrency, args.reloads, args.every)

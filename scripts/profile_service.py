@@ -36,14 +36,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from service.loader import check_bench_db, load_bench_db  # noqa: E402
-from training.bench_service import (  # noqa: E402
-    _bundle_for,
-    _closed_loop,
-    _start_service,
+from training.bench_client import closed_loop  # noqa: E402
+from training.bench_server import (  # noqa: E402
     loop_cpu_s,
     service_env,
+    start_service,
     stop_service,
 )
+from training.bench_service import bundle_for  # noqa: E402
 from training.bench_util import bodies_for, run_loop  # noqa: E402
 
 HZ = 2000
@@ -105,7 +105,7 @@ def py_spy_profile(args: argparse.Namespace, proc: subprocess.Popen, url: str,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     cpu0 = loop_cpu_s(proc.pid)
-    r = run_loop(_closed_loop(url, bodies, args.concurrency, args.seconds))
+    r = run_loop(closed_loop(url, bodies, args.concurrency, args.seconds))
     cpu1 = loop_cpu_s(proc.pid)
     spy.wait()
     own, incl, total = py_stacks(raw)
@@ -159,14 +159,14 @@ def main() -> int:
         raise SystemExit(f"{ap.prog}: {exc}") from None
     extra = dict(e.split("=", 1) for e in args.env)
     with tempfile.TemporaryDirectory() as tmp:
-        where, config, frame = _bundle_for(args.model, None, tmp, None)
+        where, config, frame = bundle_for(args.model, None, tmp, None)
         load_bench_db(config, frame, args.redis_url)
         bodies = bodies_for(frame, args.n)
         env = service_env(where, config.name, args.redis_url, 2, 1, extra)
-        proc, url = _start_service(env, args.port)
+        proc, url = start_service(env, args.port)
         data = Path(tmp) / "perf.data"
         try:
-            run_loop(_closed_loop(url, bodies, args.concurrency, 2.0))
+            run_loop(closed_loop(url, bodies, args.concurrency, 2.0))
             if args.sampler == "py-spy":
                 return py_spy_profile(args, proc, url, bodies, tmp)
             window = max(args.seconds - 1.0, 1.0)  # recorded inside the driven window
@@ -175,7 +175,7 @@ def main() -> int:
                  "-p", str(proc.pid), "--", "sleep", str(window)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
-            r = run_loop(_closed_loop(url, bodies, args.concurrency, args.seconds))
+            r = run_loop(closed_loop(url, bodies, args.concurrency, args.seconds))
             perf.wait()
         finally:
             stop_service(proc)

@@ -16,11 +16,15 @@ import pytest
 
 from tests.helpers import ROOT
 from tests.redis_proc import RedisProcess, free_port
-from training.bench_service import STAGES, bodies_for, make_bundle
+from training.bench_metrics import STAGES
+from training.bench_service import make_bundle
+from training.bench_util import bodies_for
 
 
 def test_service_benchmark_reports_every_figure() -> None:
-    from training.bench_service import REPS, render, run
+    from training.bench_measure import REPS
+    from training.bench_report import render
+    from training.bench_service import run
 
     proc = RedisProcess().start()
     try:
@@ -126,15 +130,8 @@ def test_baseline_feeds_are_what_the_service_scores(tmp_path: Path) -> None:
 
     from service.loader import load_into_redis
     from service.precision import probe_feeds
-    from training.bench_service import (
-        _start_service,
-        baseline_feeds,
-        baseline_rates,
-        bodies_for,
-        load_baseline,
-        make_bundle,
-        service_env,
-    )
+    from training.bench_baseline import baseline_feeds, baseline_rates, load_baseline
+    from training.bench_server import service_env, start_service
     from training.bench_util import frame_reader, request_feeds
 
     redis = RedisProcess().start()
@@ -145,7 +142,7 @@ def test_baseline_feeds_are_what_the_service_scores(tmp_path: Path) -> None:
         base = load_baseline(env)
         bodies = bodies_for(frame, 30, 16)
         feeds = baseline_feeds(base, bodies, redis.url)
-        service, url = _start_service(env, free_port())
+        service, url = start_service(env, free_port())
         try:
             replies = [httpx.post(url + "/v1/score", content=b).json() for b in bodies[:4]]
         finally:
@@ -186,17 +183,10 @@ def test_degraded_and_failed_replies_invalidate_a_row(tmp_path: Path) -> None:
     those responses (and the service's errors) from /metrics, and the rendered rows say
     invalid instead of meeting a target; non-200 replies count too."""
     from service.loader import load_into_redis
-    from training.bench_service import (
-        _start_service,
-        baseline_feeds,
-        bodies_for,
-        load_baseline,
-        make_bundle,
-        measure_n,
-        render,
-        service_env,
-        service_single,
-    )
+    from training.bench_baseline import baseline_feeds, load_baseline
+    from training.bench_measure import measure_n, service_single
+    from training.bench_report import render
+    from training.bench_server import service_env, start_service
 
     redis = RedisProcess().start()
     config, frame = make_bundle("din", tmp_path, 50)
@@ -207,7 +197,7 @@ def test_degraded_and_failed_replies_invalidate_a_row(tmp_path: Path) -> None:
         base = load_baseline(env)
         bodies = bodies_for(frame, 20, 8)
         feeds = baseline_feeds(base, bodies, redis.url)
-        service, url = _start_service(env, free_port())
+        service, url = start_service(env, free_port())
     finally:
         redis.stop()  # the store goes away: every request from here on is degraded
     try:
@@ -278,7 +268,7 @@ def test_service_cpu_counts_every_worker_process() -> None:
     import subprocess
     import sys
 
-    from training.bench_service import tree_cpu_s
+    from training.bench_server import tree_cpu_s
 
     burn = (
         "import time\nt = time.process_time()\n"
@@ -344,7 +334,8 @@ def test_request_path_benchmark_runs_both_paths(tmp_path: Path) -> None:
 
 
 def test_client_gc_off_restores_the_collector() -> None:
-    from training.bench_service import client_gc_off, loop_cpu_s
+    from training.bench_client import client_gc_off
+    from training.bench_server import loop_cpu_s
 
     assert gc.isenabled()
     frozen_before = gc.get_freeze_count()  # an earlier app's settle_heap may have frozen
@@ -507,7 +498,7 @@ def test_a_stream_that_cannot_start_leaves_none_waiting(monkeypatch: pytest.Monk
 
 
 def test_speed_check_flags_a_moved_machine_and_another_graph() -> None:
-    from training.bench_service import speed_check
+    from training.bench_baseline import speed_check
 
     graphs = {"service": {"graph": "fused"}, "model_only": {"graph": "fused"}}
     single = {"stages_ms": {"inference": 0.95}}
@@ -634,7 +625,7 @@ def test_a_port_held_by_another_service_is_refused() -> None:
     import json
     import threading
 
-    from training.bench_service import ServiceStartFailed, _start_service
+    from training.bench_server import ServiceStartFailed, start_service
 
     class Stale(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (the handler's name)
@@ -653,7 +644,7 @@ def test_a_port_held_by_another_service_is_refused() -> None:
     try:
         # an OSError: `ctr bench` prints it as one line, status 2 (was a traceback)
         with pytest.raises(ServiceStartFailed, match="answers from process 1, not from the"):
-            _start_service(dict(os.environ), server.server_address[1])
+            start_service(dict(os.environ), server.server_address[1])
     finally:
         server.shutdown()
         server.server_close()

@@ -24,22 +24,20 @@ from typing import Any
 import httpx
 
 from service.loader import load_bench_db
-from training.bench_service import (
-    _bundle_for,
-    _closed_loop,
-    _counter,
-    _device,
-    _start_service,
-    bodies_for,
+from training.bench_client import closed_loop
+from training.bench_metrics import counter, window_counts
+from training.bench_server import (
+    device,
     ports_free,
     served_model,
     service_env,
+    start_service,
     stop_service,
     tree_cpu_s,
     tree_rss_mb,
-    window_counts,
 )
-from training.bench_util import run_loop
+from training.bench_service import bundle_for
+from training.bench_util import bodies_for, run_loop
 from training.bench_writes import OtherWrites, UserWrites
 
 SIDES = ("A", "B")
@@ -66,7 +64,7 @@ def served(url: str, env: dict[str, str] | None = None) -> dict[str, Any]:
 def void_window(r: dict[str, Any], counts: dict[str, Any]) -> str | None:
     """Why a window says nothing of its side's cost, or None: a reply that was not 200,
     none at all, or a degraded response or service error between its /metrics scrapes
-    (``counts``: :func:`training.bench_service.window_counts`). A degraded response is
+    (``counts``: :func:`training.bench_metrics.window_counts`). A degraded response is
     a 200 that skipped work (its Redis read failed), so it would lower the side's CPU
     per request unseen; ``ctr bench`` voids such windows too."""
     if r["errors"]:
@@ -128,7 +126,7 @@ def scrape(url: str) -> str:
 
 def heard(text: str) -> float:
     """The invalidations a side has heard (``ctr_user_invalidations_total``)."""
-    return sum(_counter(text, "ctr_user_invalidations_total").values())
+    return sum(counter(text, "ctr_user_invalidations_total").values())
 
 
 async def _window(
@@ -149,7 +147,7 @@ async def _window(
     async with writes if writes is not None else contextlib.nullcontext():
         rows0, heard_from = scrape(url), time.perf_counter()
         before, idle_before, start = _cpu_s(pid), _cpu_s(idle_pid), time.perf_counter()
-        r = await _closed_loop(
+        r = await closed_loop(
             url, bodies, concurrency, seconds, writes.before if writes is not None else None
         )
         after, idle_after, wall = _cpu_s(pid), _cpu_s(idle_pid), time.perf_counter() - start
@@ -211,7 +209,7 @@ def run(
         raise ValueError("bench-pair --set changes the bundle it builds, not one in --models-dir")
     ports_free(*ports)  # before the bundle is built and Redis loaded
     with tempfile.TemporaryDirectory() as tmp:
-        where, config, frame = _bundle_for(model, models_dir, tmp, overrides)
+        where, config, frame = bundle_for(model, models_dir, tmp, overrides)
         load_bench_db(config, frame, redis_url)
         bodies = bodies_for(frame, n)
         keep = config.max_seq_len
@@ -223,7 +221,7 @@ def run(
             side_envs: list[dict[str, str]] = []
             for extra, port, root in reversed(sides) if b_first else sides:
                 env = service_env(where, config.name, redis_url, threads, inflight, extra)
-                procs.append(_start_service(env, port, root))
+                procs.append(start_service(env, port, root))
                 side_envs.append(env)
             if b_first:
                 procs.reverse()  # procs[0] is A's
@@ -231,7 +229,7 @@ def run(
             what = [served(url, env) for (_, url), env in zip(procs, side_envs, strict=True)]
             with OtherWrites(redis_url, other_writes, keep, pipelined) as others:
                 for _, url in procs:  # warm: caches, the graph's size range, the connections
-                    run_loop(_closed_loop(url, bodies, concurrency, 1.0))
+                    run_loop(closed_loop(url, bodies, concurrency, 1.0))
                 windows: list[list[dict[str, float]]] = [[], []]
                 for side in window_order(rounds):
                     (proc, url), (idle, _) = procs[side], procs[1 - side]
@@ -252,7 +250,7 @@ def run(
         "roots": [None if r is None else str(r) for r in roots],
         "other_writes_achieved": others.achieved,
         "envs": list(envs), "served": what, "b_first": b_first,
-        "device": _device({**envs[0], **envs[1]}), "windows": windows,
+        "device": device({**envs[0], **envs[1]}), "windows": windows,
         "summary": summarize(windows),
     }  # fmt: skip
 

@@ -31,8 +31,8 @@ from service.loader import load_bench_db
 from service.model import LoadedModel, load_model
 from service.settings import Settings
 from service.validate import _checked_candidates, _plain_ids
-from training.bench_service import STAGES, bodies_for, stage_means, window_counts
-from training.bench_util import Feeds, full_history_feeds, run_loop, uvloop_module
+from training.bench_metrics import STAGES, stage_means, window_counts
+from training.bench_util import Feeds, bodies_for, full_history_feeds, run_loop, uvloop_module
 
 
 async def _call(app: Any, body: bytes) -> int:

@@ -19,14 +19,9 @@ import httpx
 import numpy as np
 import orjson
 
-from training.bench_service import (
-    _start_service,
-    bodies_for,
-    make_bundle,
-    ports_free,
-    service_env,
-    stop_service,
-)
+from training.bench_server import ports_free, service_env, start_service, stop_service
+from training.bench_service import make_bundle
+from training.bench_util import bodies_for
 
 
 def rss_mb(pid: int) -> float:
@@ -138,7 +133,7 @@ def run(duration: float, concurrency: int, sample: float, warmup: float, max_gro
         # the service's own key, where the environment sets one: the events need it
         key = env.get("CTR_API_KEY", "").strip()
         headers = {"X-API-Key": key} if key else {}
-        proc, url = _start_service(env, port)
+        proc, url = start_service(env, port)
         try:
             stats = asyncio.run(
                 _drive(url, bodies, concurrency, duration, proc, sample, warmup, headers)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
+import training.bench_client as bc  # noqa: E402
+import training.bench_server as bsv  # noqa: E402
 import training.bench_service as bs  # noqa: E402
 from service.loader import load_into_redis  # noqa: E402
 from training.bench_util import bodies_for  # noqa: E402
@@ -33,11 +35,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         config, frame = bs.make_bundle(mt, Path(tmp), 50)
         load_into_redis(config, frame, redis, progress=False)
-        env = bs.service_env(Path(tmp), config.name, redis, 2, 1, {})
-        proc, url = bs._start_service(env, 8413)
+        env = bsv.service_env(Path(tmp), config.name, redis, 2, 1, {})
+        proc, url = bsv.start_service(env, 8413)
         try:
             bodies = bodies_for(frame, n)
-            asyncio.run(bs._closed_loop(url, bodies, c, 2))  # warm
+            asyncio.run(bc.closed_loop(url, bodies, c, 2))  # warm
             pid = str(proc.pid)
             if tool == "perf":
                 cmd = ["perf", "record", "-e", "cpu-clock", "-F", "999", "--call-graph", "fp",
@@ -47,7 +49,7 @@ def main() -> None:
                 cmd = [spy, "record", "-p", pid, "-d", "8", "-r", "500", "-f", "raw",
                        "-o", out, "--threads", "--nonblocking"]  # fmt: skip
             rec = subprocess.Popen(cmd)
-            r = asyncio.run(bs._closed_loop(url, bodies, c, 9))
+            r = asyncio.run(bc.closed_loop(url, bodies, c, 9))
             rec.wait()
             print(f"while recorded: {r['rps']:.0f} req/s, p50 {r['p50_ms']:.2f} ms")
         finally:

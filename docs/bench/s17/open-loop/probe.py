@@ -23,6 +23,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[4]))
 
+import training.bench_client as bc  # noqa: E402
+import training.bench_metrics as bm  # noqa: E402
+import training.bench_server as bsv  # noqa: E402
 import training.bench_service as bs  # noqa: E402
 from service.loader import load_into_redis  # noqa: E402
 from training.bench_util import bodies_for  # noqa: E402
@@ -32,8 +35,8 @@ REDIS = "redis://127.0.0.1:16400/12"
 
 def client(url: str, bodies: list[bytes], n: int, rate: float) -> None:
     for spin in (0.0, 0.0015, 0.0015, 0.0):  # interleaved: off, on, on, off
-        bs.SEND_SPIN_S = spin
-        o = asyncio.run(bs._open_loop(url, bodies, rate, 5))
+        bc.SEND_SPIN_S = spin
+        o = asyncio.run(bc.open_loop(url, bodies, rate, 5))
         keys = ("rps", "p50_ms", "p99_ms", "sent_p50_ms", "sent_p99_ms")
         print(json.dumps({"n": n, "spin_ms": spin * 1000, **{k: round(o[k], 2) for k in keys}}))
 
@@ -42,10 +45,10 @@ def stages(url: str, bodies: list[bytes], n: int) -> None:
     for kind in ("closed", "open", "closed", "open"):
         before = httpx.get(url + "/metrics").text
         if kind == "open":
-            p50 = asyncio.run(bs._open_loop(url, bodies, 100, 5))["sent_p50_ms"]
+            p50 = asyncio.run(bc.open_loop(url, bodies, 100, 5))["sent_p50_ms"]
         else:
-            p50 = asyncio.run(bs._closed_loop(url, bodies, 1, 3))["p50_ms"]
-        st = bs.stage_means(before, httpx.get(url + "/metrics").text)
+            p50 = asyncio.run(bc.closed_loop(url, bodies, 1, 3))["p50_ms"]
+        st = bm.stage_means(before, httpx.get(url + "/metrics").text)
         ms = {k: round(v * 1000, 3) for k, v in st.items()}
         print(json.dumps({"n": n, "kind": kind, "client_p50": round(p50, 2), **ms}))
 
@@ -56,8 +59,8 @@ def warm(url: str, bodies: list[bytes], n: int) -> None:
         procs = [subprocess.Popen(["nice", "-n", "19", *spinner]) for _ in range(2 * spin)]
         time.sleep(0.3)
         try:
-            o = asyncio.run(bs._open_loop(url, bodies, 100, 5))
-            c = asyncio.run(bs._closed_loop(url, bodies, 1, 3))
+            o = asyncio.run(bc.open_loop(url, bodies, 100, 5))
+            c = asyncio.run(bc.closed_loop(url, bodies, 1, 3))
         finally:
             for p in procs:
                 p.kill()
@@ -78,12 +81,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         config, frame = bs.make_bundle(mt, Path(tmp), 50)
         load_into_redis(config, frame, REDIS, progress=False)
-        env = bs.service_env(Path(tmp), config.name, REDIS, 2, 1, {})
-        proc, url = bs._start_service(env, 8413)
+        env = bsv.service_env(Path(tmp), config.name, REDIS, 2, 1, {})
+        proc, url = bsv.start_service(env, 8413)
         try:
             for n in (50, 500):
                 bodies = bodies_for(frame, n)
-                asyncio.run(bs._closed_loop(url, bodies, 1, 2))  # warm
+                asyncio.run(bc.closed_loop(url, bodies, 1, 2))  # warm
                 if what == "client":
                     client(url, bodies, n, float(sys.argv[3]))
                 elif what == "stages":
