@@ -306,6 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="--other-writes in one pipeline per 10 ms instead (fewer, larger invalidations)",
     )
     pp.add_argument(
+        "--item-writes",
+        type=_non_negative(float),
+        default=0.0,
+        help="writes per second to one item-feature hash (ctr:item:<feature>, a field no "
+        "candidate has), from a process of its own, each a round trip of its own: what "
+        "CTR_ITEM_TRACKING hears from a catalogue pipeline",
+    )
+    pp.add_argument(
         "--set", action="append", default=[], help="config override for the bundle built"
     )
     pp.add_argument(

@@ -95,6 +95,7 @@ def cmd_bench_pair(args: argparse.Namespace) -> int:
         Path(args.models_dir) if args.models_dir else None, args.writes, args.other_writes,
         args.pipelined, _overrides(args.set),
         tuple(Path(r) if r else None for r in (args.a_root, args.b_root)), args.b_first,
+        item_writes=args.item_writes,
     )  # fmt: skip
     table = render(res, ("ctr bench-pair " + shlex.join(sys.argv[2:])).strip())
     print(table)

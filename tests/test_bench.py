@@ -573,8 +573,9 @@ def test_bench_pair_runs_two_settings_side_by_side() -> None:
         envs = ({"CTR_NATIVE_JSON": "off", "CTR_USER_TRACKING": "false"}, {})
         # B's service started first: each side's windows still drive its own settings
         res = run("din", 20, 2, 2, 0.3, envs, proc.url, two_ports(), 1, 1, None, 0.5, 200,
-                  b_first=True)  # fmt: skip
+                  b_first=True, item_writes=50)  # fmt: skip
         left = proc.client().keys("{u:bench-other-*")
+        item_field = proc.client().hexists("ctr:item:cate_id", "bench-item-writer")
         bad = ({}, {"CTR_MAX_CANDIDATES": "10"})  # 20 candidates: every reply a 422
         ports = two_ports()
         with pytest.raises(RuntimeError, match=f"not 200 \\(http://127.0.0.1:{ports[1]}\\)"):
@@ -608,12 +609,16 @@ def test_bench_pair_runs_two_settings_side_by_side() -> None:
     assert all(w["tracked"] <= 1 - w["writes_per_req"] + 0.05 for w in on)
     assert max(w["tracked"] for w in on) > 0 and all(w["invalidations_per_s"] > 0 for w in on)
     assert res["other_writes_achieved"] > 0 and left == []
+    # the item-feature writer wrote one field no candidate has, deleted afterwards
+    assert res["item_writes_achieved"] > 0 and res["item_writes_key"] == "ctr:item:cate_id"
+    assert not item_field
     table = render(res, "ctr bench-pair")
     assert "| A | `CTR_NATIVE_JSON=off` `CTR_USER_TRACKING=false` |" in table
     assert "| B | (the defaults) |" in table
     assert res["b_first"] and "; B's service started first;" in table
     assert "differs in json_encoder (A orjson, B native)" in table
     assert "before 50% of the requests the client appended a behaviour" in table
+    assert "fields/s (asked: 50.0) of item-feature hash `ctr:item:cate_id`" in table
     assert f"| CPU ms/req | {s['cpu_ms']['median']:.3f} | " in table
 
 

@@ -302,8 +302,8 @@ def test_bench_pair_arguments(
     )  # fmt: skip
     seen: dict = {}
 
-    def fake_run(*a: object) -> dict:
-        seen["args"] = a
+    def fake_run(*a: object, item_writes: float = -1.0) -> dict:
+        seen["args"], seen["item_writes"] = a, item_writes
         return {"figures": 1}
 
     monkeypatch.setattr(bp, "run", fake_run)
@@ -312,12 +312,14 @@ def test_bench_pair_arguments(
     model, n, _, rounds, seconds, envs, _, ports = seen["args"][:8]
     assert (model, n, rounds, seconds) == ("din", 20, 12, 1.5)
     assert seen["args"][-6:] == (0.0, 0.0, False, {}, (None, None), False)  # nothing written
+    assert seen["item_writes"] == 0.0
     args = parser.parse_args(
         ["bench-pair", "--writes", "0.25", "--other-writes", "1000", "--pipelined",
          "--set", "features.0.mapping.buckets=2000000", "--set", "name=wide",
-         "--a-root", "/tmp/old-checkout", "--b-first", "--force"]
+         "--a-root", "/tmp/old-checkout", "--b-first", "--item-writes", "10", "--force"]
     )  # fmt: skip
     assert args.func(args) == 0
+    assert seen["item_writes"] == 10.0
     assert seen["args"][-6:] == (
         0.25, 1000.0, True, {"features.0.mapping.buckets": 2000000, "name": "wide"},
         (Path("/tmp/old-checkout"), None), True,

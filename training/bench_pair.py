@@ -38,7 +38,7 @@ from training.bench_server import (
 )
 from training.bench_service import bundle_for
 from training.bench_util import bodies_for, run_loop
-from training.bench_writes import OtherWrites, UserWrites
+from training.bench_writes import ItemWrites, OtherWrites, UserWrites
 
 SIDES = ("A", "B")
 SERVED = (
@@ -186,13 +186,16 @@ def run(
     overrides: dict[str, Any] | None = None,
     roots: tuple[Path | None, Path | None] = (None, None),
     b_first: bool = False,
+    item_writes: float = 0.0,
 ) -> dict[str, Any]:
     """Start A (``envs[0]`` over the benchmark's settings, on ``ports[0]``) and B, warm
     both, then ``rounds`` windows of ``seconds`` each per side. ``writes``: the share of
     requests before which the client appends a behaviour to the request's user in Redis;
     ``other_writes``: appends per second for users nobody scores, from a process of its
     own through warm-up and every window, each its own round trip (``pipelined``: 10 ms
-    of them per pipeline; :mod:`training.bench_writes`). ``overrides``: config keys for
+    of them per pipeline; :mod:`training.bench_writes`); ``item_writes``: writes per
+    second to one item-feature hash, a field no candidate has, from a process of its
+    own (each side's ``CTR_ITEM_TRACKING`` hears them). ``overrides``: config keys for
     the bundle built (``--set``; not with ``models_dir``). ``roots``: each side's
     checkout of this project (``--a-root``, ``--b-root``; None: this one), to compare
     one commit's code with another's on the same bundle. Returns the settings,
@@ -227,7 +230,10 @@ def run(
                 procs.reverse()  # procs[0] is A's
                 side_envs.reverse()
             what = [served(url, env) for (_, url), env in zip(procs, side_envs, strict=True)]
-            with OtherWrites(redis_url, other_writes, keep, pipelined) as others:
+            with (
+                OtherWrites(redis_url, other_writes, keep, pipelined) as others,
+                ItemWrites(redis_url, item_writes, written_item_feature(config)) as items,
+            ):
                 for _, url in procs:  # warm: caches, the graph's size range, the connections
                     run_loop(closed_loop(url, bodies, concurrency, 1.0))
                 windows: list[list[dict[str, float]]] = [[], []]
@@ -249,10 +255,22 @@ def run(
         "overrides": overrides or {},
         "roots": [None if r is None else str(r) for r in roots],
         "other_writes_achieved": others.achieved,
+        "item_writes": item_writes, "item_writes_achieved": items.achieved,
+        "item_writes_key": items.key,
         "envs": list(envs), "served": what, "b_first": b_first,
         "device": device({**envs[0], **envs[1]}), "windows": windows,
         "summary": summarize(windows),
     }  # fmt: skip
+
+
+def written_item_feature(config: Any) -> str:
+    """The item feature whose hash ``--item-writes`` writes: the first item-side feature
+    other than the ID, as the service reads them (``ctr:item:<source>``)."""
+    id_source = config.item_id_feature.source
+    for f in config.item_sparse + config.item_dense:
+        if f.source != id_source:
+            return str(f.source)
+    return str(id_source)  # an ID-only model reads no item hash: the writes change nothing
 
 
 def _env_text(env: dict[str, str]) -> str:
@@ -284,6 +302,12 @@ def _writes_text(res: dict[str, Any]) -> str:
         if other
         else "no writes for other users",
     ]
+    if res.get("item_writes"):
+        parts.append(
+            f"a process of its own wrote {res['item_writes_achieved']:,.1f} fields/s (asked: "
+            f"{res['item_writes']:,.1f}) of item-feature hash `{res['item_writes_key']}`, "
+            "each a round trip of its own, a field no candidate has (no answer changes)"
+        )
     return "Writes while measuring: " + "; ".join(parts) + "."
 
 

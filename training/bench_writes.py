@@ -16,6 +16,11 @@ bring that in:
   for users the benchmark never scores, at a steady rate. They change no answer, but in
   BCAST mode every tracking worker is told of every user key written. This prices that
   traffic: the side with tracking off hears nothing.
+* **Item-feature writes** (:class:`ItemWrites`): a separate process writes one field of an
+  item-feature hash (``ctr:item:<feature>``, a field no candidate has) at a steady rate,
+  as a catalogue pipeline updating items does. No answer changes, but under
+  ``CTR_ITEM_TRACKING`` every report empties the caches of that feature and the encoded
+  candidate rows (``CTR_ITEM_TRACKING_HOLD_MS`` bounds how often).
 """
 
 from __future__ import annotations
@@ -32,10 +37,11 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from service.features import EVENT_FIELDS
-from service.store import APPEND_EVENT, EventWriter, event_keys, user_key
+from service.store import APPEND_EVENT, EventWriter, event_keys, item_key, user_key
 
 OTHER = "bench-other-"  # the other users' IDs: OTHER + a number below OTHER_USERS
 OTHER_USERS = 10_000
+ITEM_FIELD = "bench-item-writer"  # the item-feature field ItemWrites writes (no candidate's)
 DEDUP_WINDOW = 100  # event IDs each written user remembers (the benchmark's own)
 TS = EVENT_FIELDS[1]  # the stored behaviour's time field
 
@@ -183,6 +189,79 @@ class OtherWrites:
         if self._proc.exitcode not in (0, -signal.SIGKILL) and not exc[0]:
             raise RuntimeError(
                 f"the other users' writer exited with code {self._proc.exitcode}: its "
+                "writes stopped part of the way (see its traceback above)"
+            )
+
+
+def _write_items(redis_url: str, rate: float, key: str, stop: Any, count: Any, since: Any) -> None:
+    """The :class:`ItemWrites` process: ``rate`` ``HSET``s of field :data:`ITEM_FIELD` of
+    hash ``key`` per second, each a round trip of its own, paced in 10 ms ticks."""
+    client = Redis.from_url(redis_url)
+    period, owed, k = 0.01, 0.0, 0
+    since.value = time.monotonic()
+    tick = time.perf_counter()
+    while not stop.is_set():
+        owed += rate * period
+        batch, owed = int(owed), owed - int(owed)
+        for _ in range(batch):
+            client.hset(key, ITEM_FIELD, k)
+            k += 1
+        if batch:
+            with count.get_lock():
+                count.value += batch
+        tick += period
+        time.sleep(max(0.0, tick - time.perf_counter()))
+    client.close()
+
+
+class ItemWrites:
+    """``rate`` writes per second to item-feature hash ``ctr:item:<feature>`` (field
+    :data:`ITEM_FIELD`, which no candidate has), from a process of its own while the
+    ``with`` block runs (0: none). :attr:`achieved` is the rate it kept up; the field is
+    deleted on the way out."""
+
+    def __init__(self, redis_url: str, rate: float, feature: str) -> None:
+        if not math.isfinite(rate) or rate < 0:
+            raise ValueError(f"item-feature writes per second: 0 or more, not {rate}")
+        self.redis_url, self.rate, self.key = redis_url, rate, item_key(feature)
+        self.achieved = 0.0
+        ctx = mp.get_context("spawn")
+        self._stop = ctx.Event()
+        self._count = ctx.Value("q", 0)
+        self._since = ctx.Value("d", 0.0)
+        self._proc = (
+            ctx.Process(
+                target=_write_items,
+                args=(redis_url, rate, self.key, self._stop, self._count, self._since),
+                daemon=True,
+            )
+            if rate > 0
+            else None
+        )
+
+    def __enter__(self) -> ItemWrites:
+        if self._proc is not None:
+            self._proc.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is None:
+            return
+        self._stop.set()
+        self._proc.join(10)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+        since = self._since.value
+        self.achieved = self._count.value / max(1e-9, time.monotonic() - since) if since else 0.0
+        client = Redis.from_url(self.redis_url)
+        try:
+            client.hdel(self.key, ITEM_FIELD)
+        finally:
+            client.close()
+        if self._proc.exitcode not in (0, -signal.SIGKILL) and not exc[0]:
+            raise RuntimeError(
+                f"the item-feature writer exited with code {self._proc.exitcode}: its "
                 "writes stopped part of the way (see its traceback above)"
             )
 
