@@ -440,19 +440,23 @@ class ItemCache:
         self.data.clear()
 
     def reported(self, feature: str | None) -> None:
-        """Redis reported ``feature``'s hash written (None: any may have changed, which
-        is applied at once). The first report after a quiet :attr:`hold_s` is applied at
-        once (:meth:`changed`); those that follow within it wait for its end and are
-        applied together there, so a writer that changes item features many times a
-        second empties the caches about once per ``hold_s``, not at every write (at 10
-        writes a second, 41 % more CPU per request without it: session 48), and a
-        served value is at most ``hold_s`` older than Redis's meanwhile."""
+        """Redis reported ``feature``'s hash written (None: any may have changed, e.g. a
+        flush, a (re)connection, a catch-up: applied at once, with whatever was held,
+        and starting no hold, since it is no write: the first write after the tracker
+        connects is applied at once). The first report after a quiet :attr:`hold_s` is
+        applied at once (:meth:`changed`); those that follow within it wait for its end
+        and are applied together there, so a writer that changes item features many
+        times a second empties the caches about once per ``hold_s``, not at every write
+        (at 10 writes a second, 1.32x the CPU per request of no item tracking without
+        it: docs/benchmarks.md, "Session 48"), and a served value is at most ``hold_s``
+        older than Redis's meanwhile (after its report has arrived)."""
+        if feature is None:
+            self.close()
+            self.changed(None)
+            return
         now = time.monotonic()
-        if feature is None or (now - self._applied_at >= self.hold_s and not self._pending):
+        if now - self._applied_at >= self.hold_s and not self._pending:
             self._applied_at = now
-            if feature is None and self._timer is not None:
-                self._timer.cancel()
-                self._timer, self._pending = None, set()
             self.changed(feature)
             return
         self._pending.add(feature)
@@ -469,10 +473,13 @@ class ItemCache:
             self.changed(feature)
 
     def close(self) -> None:
-        """Drop a held report's timer (the worker stops)."""
+        """Drop the held reports and their timer (the worker stops; or a report of None,
+        which applies them all): none is left held without a timer to apply it, which
+        would hold the next report after a quiet hold too."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._pending = set()
 
     def changed(self, feature: str | None) -> None:
         """Redis reported a write to ``feature``'s hash (``ctr:item:<feature>``; None: any

@@ -359,6 +359,59 @@ def test_reports_within_the_hold_are_applied_together_at_its_end() -> None:
     asyncio.run(main())
 
 
+def test_the_first_write_after_the_tracker_connects_is_applied_at_once() -> None:
+    """A report of None (the tracker's (re)connection, a flush, a catch-up) is no write:
+    it starts no hold, so an item write reported just after a worker's tracking
+    connection comes up is applied at once (held, a request in flight meanwhile kept
+    the old value for up to ``CTR_ITEM_TRACKING_HOLD_MS``, and
+    test_item_values_read_before_a_reported_write_are_not_kept failed whenever its write
+    came within half a second of the connection)."""
+    from service.store import ItemCache
+
+    async def main() -> None:
+        items = ItemCache(60, 100, hold_s=5.0)
+        items.reported(None)  # connected
+        items.put("cate_id", ["a"], ["old"], time.monotonic(), items.generation)
+        g = items.generation
+        items.reported("cate_id")  # the first write: at once
+        assert items.generation == g + 1 and items.get_many("cate_id", ["a"])[1] == [0]
+        items.reported("brand")  # the next within the hold: held, as ever
+        assert items.generation == g + 1 and items._pending == {"brand"}
+        items.reported(None)  # applies it; the hold from cate_id's write still runs
+        items.reported("price")
+        assert items._pending == {"price"}
+        items.close()
+
+    asyncio.run(main())
+
+
+def test_a_report_held_at_shutdown_does_not_hold_the_next_runs_first() -> None:
+    """``ItemCache.close`` (the lifespan's end) with a report held: the same cache's
+    next run (an app's lifespan entered again, a TestClient re-entered) applies its
+    first report after a quiet hold at once, as ever, not a loop turn later (after the
+    request whose poll heard it has read the old value from the cache)."""
+    from service.store import ItemCache
+
+    items = ItemCache(60, 100, hold_s=0.2)
+
+    async def first() -> None:
+        items.reported("cate_id")  # at once
+        items.reported("brand")  # held
+        items.close()  # the worker stops with it held
+
+    async def second() -> None:
+        items.reported(None)  # the tracker's connection
+        await asyncio.sleep(0.3)  # a quiet hold
+        items.put("price", ["a"], ["old"], time.monotonic(), items.generation)
+        g = items.generation
+        items.reported("price")
+        assert items.generation == g + 1 and items.get_many("price", ["a"])[1] == [0]
+        assert items._timer is None and not items._pending
+
+    asyncio.run(first())
+    asyncio.run(second())
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     st.integers(1, 40),

@@ -125,8 +125,12 @@ def scrape(url: str) -> str:
 
 
 def heard(text: str) -> float:
-    """The invalidations a side has heard (``ctr_user_invalidations_total``)."""
-    return sum(counter(text, "ctr_user_invalidations_total").values())
+    """The invalidations a side has heard: user keys (``ctr_user_invalidations_total``)
+    and item-feature hash reports (``ctr_item_invalidations_total``, ``--item-writes``;
+    a side whose checkout has no such counter adds nothing)."""
+    return sum(counter(text, "ctr_user_invalidations_total").values()) + sum(
+        counter(text, "ctr_item_invalidations_total").values()
+    )
 
 
 async def _window(
