@@ -15,12 +15,12 @@ import time
 
 import numpy as np
 
-import service.store as store
+import service.itemcache as itemcache
 
 
 def run(size: int, n: int, features: int, requests: int) -> np.ndarray:
     """Milliseconds of puts per request."""
-    cache = store.ItemCache(ttl_s=60.0, size=size)
+    cache = itemcache.ItemCache(ttl_s=60.0, size=size)
     values: list[str | None] = ["v"] * n
     out = np.empty(requests)
     for r in range(requests):
@@ -45,7 +45,7 @@ def main() -> None:
     got: dict[int, list[np.ndarray]] = {d: [] for d in divisors}
     for _ in range(args.rounds):
         for d in divisors:
-            store.EVICT_DIVISOR = d
+            itemcache.EVICT_DIVISOR = d
             got[d].append(run(args.size, args.n, args.features, args.requests))
     print(f"size {args.size}, {args.features} features x {args.n} new items per request, "
           f"{args.requests} requests x {args.rounds} rounds (interleaved)")

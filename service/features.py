@@ -12,9 +12,10 @@ from ctr.bundle import Bundle
 from ctr.encode import encode_item_rows, encode_user_rows
 from ctr.mapping import normalize
 from ctr.spec import FeatureConfig
+from service.itemcache import ItemCache
 from service.metrics import DENSE_OUT_OF_RANGE
 from service.rowcache import ItemRowCache
-from service.store import ItemCache, UserData
+from service.store import UserData
 from service.usercache import UserRowCache, UserRows
 
 

@@ -10,7 +10,7 @@ store and the model's ID mapping, so this cache keeps them ready:
   way as the raw item-feature cache (``CTR_ITEM_CACHE_TTL_S``);
 * slots form a ring: when full, the oldest slot is reused;
 * with tracking, a write Redis reports to any ``ctr:item:*`` hash ends every row at once
-  (:meth:`ItemRowCache.follow`, :meth:`~service.store.ItemCache.changed`).
+  (:meth:`ItemRowCache.follow`, :meth:`~service.itemcache.ItemCache.changed`).
 
 A lookup of N candidates is one dict probe per ID plus two fancy-indexing gathers. The
 cache belongs to one :class:`~service.model.LoadedModel` (rows depend on its mapping), so

@@ -15,11 +15,12 @@ from service.callthreads import CallThreads
 from service.codec import NativeCodec
 from service.errors import ModelNotReady
 from service.impressions import ImpressionLog
+from service.itemcache import ItemCache
 from service.model import LoadedModel
 from service.nativerun import NativeRunner
 from service.reloadbus import ReloadBus
 from service.settings import Settings, origin_key
-from service.store import AnyRedis, EventWriter, ItemCache, Reader
+from service.store import AnyRedis, EventWriter, Reader
 from service.throttle import Throttle
 from service.tracking import UserTracker
 

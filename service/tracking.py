@@ -42,7 +42,7 @@ of serving rows that no longer match the store. The probe key expires after
 
 With ``CTR_ITEM_TRACKING`` the same connection also asks for ``PREFIX ctr:item:``: each
 item-feature hash Redis names goes to :attr:`UserTracker.on_items` (the worker's
-:meth:`service.store.ItemCache.reported`), which drops that feature's cached values and,
+:meth:`service.itemcache.ItemCache.reported`), which drops that feature's cached values and,
 through the cache's generation, every encoded candidate row (at once, or at the end of
 ``CTR_ITEM_TRACKING_HOLD_MS`` after the last it applied); a flush and each
 (re)connection say that any hash may have changed. Item values are cached with a TTL
@@ -143,7 +143,7 @@ class UserTracker:
         self.url = url
         # told of each item-feature hash Redis reports written (its feature), and None
         # where any may have changed unseen: a flush, or each (re)connection, as writes
-        # while it was down were not reported (:meth:`service.store.ItemCache.reported`);
+        # while it was down were not reported (:meth:`service.itemcache.ItemCache.reported`);
         # None: the item hashes are not tracked
         self.on_items = on_items
         self.connect_timeout_s = connect_timeout_s

@@ -66,10 +66,10 @@ def test_ring_evicts_oldest_and_keeps_the_rest_consistent() -> None:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> ShiftedClock:
     """The caches' clock, moved on by the tests instead of sleeping."""
+    import service.itemcache
     import service.rowcache
-    import service.store
 
-    return ShiftedClock().install(monkeypatch, service.rowcache, service.store)
+    return ShiftedClock().install(monkeypatch, service.rowcache, service.itemcache)
 
 
 def test_expiry_and_disabled(clock: ShiftedClock) -> None:
@@ -98,7 +98,7 @@ def test_a_row_never_outlives_the_item_values_it_was_encoded_from(clock: Shifted
     values, not a full TTL later (staleness stays within CTR_ITEM_CACHE_TTL_S); a row
     of the same request whose values were fetched fresh keeps the whole TTL."""
     from service.features import ItemColumns
-    from service.store import ItemCache
+    from service.itemcache import ItemCache
 
     ttl = 60.0
     items = ItemCache(ttl, 100)
@@ -121,7 +121,7 @@ def test_the_item_cache_keeps_the_newer_read_and_dates_it_from_the_read() -> Non
     """Two requests read the same item while it changes; their reads finish in either
     order. The value of the read that started later stays, and a value expires a TTL
     after its read began, not after it was put (staleness stays within the TTL)."""
-    from service.store import ItemCache
+    from service.itemcache import ItemCache
 
     ttl = 60.0
     cache = ItemCache(ttl, 100)
@@ -179,7 +179,7 @@ def test_a_full_item_cache_drops_its_oldest_entries_first() -> None:
     """``CTR_ITEM_CACHE_SIZE`` bounds the raw item cache: a put that would overflow it
     first drops the oldest (by insertion) 1/32 of the size and room for the new values
     (here the size's 1/32 is 0: room only)."""
-    from service.store import ItemCache
+    from service.itemcache import ItemCache
 
     cache = ItemCache(60, 10)
     now = time.monotonic()
@@ -199,7 +199,7 @@ def test_a_full_item_cache_drops_a_thirty_second_at_a_time() -> None:
     """Half at a time, as before, deleted 100,000 entries in one put at the default size
     (18 ms of the event loop every ~100 requests of 500 new items:
     scripts/bench_item_cache.py); a 32nd of the size at a time spreads the same work."""
-    from service.store import EVICT_DIVISOR, ItemCache
+    from service.itemcache import EVICT_DIVISOR, ItemCache
 
     cache = ItemCache(60, 320)
     now = time.monotonic()
@@ -256,7 +256,7 @@ def test_batches_of_new_ids_take_ring_slots_as_one_by_one(size: int, batches: li
 def test_clear_forgets_every_row_and_value() -> None:
     """``clear`` (what ``ctr bench-path``'s unseen-items run does before each request)
     leaves both caches as new: every lookup misses, and storing starts over."""
-    from service.store import ItemCache
+    from service.itemcache import ItemCache
 
     rows_cache = ItemRowCache(60, 3, 2, 1)
     rows_cache.store(["a", "b"], *rows(["a", "b"], 10))
@@ -275,7 +275,7 @@ def test_a_reported_item_write_ends_that_features_values_and_every_row() -> None
     feature's values go, the others stay; every model's encoded rows go at their next
     ``follow``; and a read sent before the report stores nothing, while one sent after it
     does (its values may predate the write otherwise)."""
-    from service.store import ItemCache
+    from service.itemcache import ItemCache
 
     items = ItemCache(60, 100)
     now = time.monotonic()
@@ -310,7 +310,7 @@ def test_reports_within_the_hold_are_applied_together_at_its_end() -> None:
     there together (a writer changing items many times a second empties the caches about
     once a hold, not at every write); None (a flush, a reconnection, a catch-up) is
     applied at once, with whatever was held."""
-    from service.store import ItemCache
+    from service.itemcache import ItemCache
 
     async def main() -> None:
         items = ItemCache(60, 100, hold_s=0.3)
@@ -366,7 +366,7 @@ def test_the_first_write_after_the_tracker_connects_is_applied_at_once() -> None
     the old value for up to ``CTR_ITEM_TRACKING_HOLD_MS``, and
     test_item_values_read_before_a_reported_write_are_not_kept failed whenever its write
     came within half a second of the connection)."""
-    from service.store import ItemCache
+    from service.itemcache import ItemCache
 
     async def main() -> None:
         items = ItemCache(60, 100, hold_s=5.0)
@@ -390,7 +390,7 @@ def test_a_report_held_at_shutdown_does_not_hold_the_next_runs_first() -> None:
     next run (an app's lifespan entered again, a TestClient re-entered) applies its
     first report after a quiet hold at once, as ever, not a loop turn later (after the
     request whose poll heard it has read the old value from the cache)."""
-    from service.store import ItemCache
+    from service.itemcache import ItemCache
 
     items = ItemCache(60, 100, hold_s=0.2)
 
@@ -420,7 +420,7 @@ def test_a_report_held_at_shutdown_does_not_hold_the_next_runs_first() -> None:
 def test_a_full_item_cache_stays_within_its_size(size: int, puts: list) -> None:
     """Over several features, a put that would overflow ``CTR_ITEM_CACHE_SIZE`` first
     makes room: the cache never holds more than the size or the one batch being put."""
-    from service.store import ItemCache
+    from service.itemcache import ItemCache
 
     cache = ItemCache(60, size)
     now = time.monotonic()
@@ -434,7 +434,7 @@ def test_a_full_item_cache_stays_within_its_size(size: int, puts: list) -> None:
 def _item_cache() -> tuple[Any, list[str], Any, float]:
     """A small DIN config, its item features other than the item key, an empty item
     cache (60 s, 100 entries) and the time now."""
-    from service.store import ItemCache
+    from service.itemcache import ItemCache
     from tests.helpers import small_config
 
     config = small_config("din")

@@ -654,14 +654,14 @@ def test_item_update_visible_after_ttl(built: Built, monkeypatch: pytest.MonkeyP
     """Without item tracking (``CTR_ITEM_TRACKING=false``; or on Cluster, TLS, or while
     the tracking connection is down) a changed item is scored from the cache until its
     TTL ends. With it, at once: test_tracking.py."""
+    import service.itemcache
     import service.routes
     import service.rowcache
     import service.scoring
-    import service.store
 
     # the caches' clock, moved on instead of sleeping past the TTL
     clock = ShiftedClock().install(
-        monkeypatch, service.routes, service.scoring, service.store, service.rowcache
+        monkeypatch, service.routes, service.scoring, service.itemcache, service.rowcache
     )
     proc = RedisProcess(free_port()).start()
     try:
@@ -1037,7 +1037,7 @@ def test_each_stage_times_its_own_work(client: TestClient, monkeypatch: pytest.M
     from prometheus_client import REGISTRY
 
     from service import asgi, scoring
-    from service.store import ItemCache
+    from service.itemcache import ItemCache
 
     now = [0.0]
 

@@ -214,8 +214,8 @@ def request_feeds(
     ``service.scoring.score``) from what ``read`` returns for each user. The caches are off,
     so every row is encoded from the store's data."""
     from service.features import build_feeds, candidates
+    from service.itemcache import ItemCache
     from service.rowcache import ItemRowCache
-    from service.store import ItemCache
     from service.usercache import UserRowCache
     from service.validate import score_input
 
