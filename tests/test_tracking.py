@@ -986,6 +986,24 @@ def test_a_full_unix_socket_starts_a_catch_up_too(
         proc.stop()
 
 
+@contextlib.contextmanager
+def loaded_private(built: Built) -> Iterator[tuple[RedisProcess, Redis]]:
+    """A private Redis holding ``built``'s users and items, and a client of it; stopped
+    and removed on the way out."""
+    proc = RedisProcess().start()
+    try:
+        load_into_redis(built.config, built.frame, proc.url, progress=False)
+        yield proc, Redis.from_url(proc.url)
+    finally:
+        proc.stop()
+        shutil.rmtree(proc.dir, ignore_errors=True)
+
+
+def another_value(redis: Redis, key: str, item: str) -> bytes:
+    """A value hash ``key`` holds for another item than ``item``, and not ``item``'s."""
+    return sorted(v for v in redis.hvals(key) if v != redis.hget(key, item))[0]
+
+
 def test_an_item_hash_written_in_redis_is_scored_at_once_on_every_worker(built: Built) -> None:
     """A catalogue change (an item's category written straight into its hash, as ``ctr
     load`` or an operator's pipeline does) is scored by the next request on each tracked
@@ -993,10 +1011,7 @@ def test_an_item_hash_written_in_redis_is_scored_at_once_on_every_worker(built: 
     cache scores it; with ``CTR_ITEM_TRACKING=false`` a worker keeps its cached values
     for up to ``CTR_ITEM_CACHE_TTL_S`` (until session 48, every worker did: two workers
     could answer one request differently for a minute)."""
-    proc = RedisProcess().start()
-    try:
-        load_into_redis(built.config, built.frame, proc.url, progress=False)
-        redis = Redis.from_url(proc.url)
+    with loaded_private(built) as (proc, redis):
         s = settings_for(built, redis_url=proc.url, redis_connect_timeout_ms=2000)
         with (
             TestClient(create_app(s)) as tracked,
@@ -1019,10 +1034,9 @@ def test_an_item_hash_written_in_redis_is_scored_at_once_on_every_worker(built: 
                 assert answer(c, body)["items"] == before
             # the first candidate takes another category, one the model knows
             key = "ctr:item:cate_id"
-            cats = {v for v in redis.hvals(key) if v != redis.hget(key, items[0])}
             gens = [c.app.state.ctr.item_cache.generation for c in workers]
             heard = sample("ctr_item_invalidations_total")
-            redis.hset(key, items[0], sorted(cats)[0])
+            redis.hset(key, items[0], another_value(redis, key, items[0]))
             after = answer(truth, body)["items"]
             assert after != before  # the change moves the scores
             for c, g in zip(workers, gens, strict=True):
@@ -1033,9 +1047,6 @@ def test_an_item_hash_written_in_redis_is_scored_at_once_on_every_worker(built: 
             assert answer(ttl_only, body)["items"] == before  # its cache's TTL runs
             # one report to each tracked worker (the three apps share this process's metrics)
             assert sample("ctr_item_invalidations_total") == heard + 2
-    finally:
-        proc.stop()
-        shutil.rmtree(proc.dir, ignore_errors=True)
 
 
 def test_item_values_read_before_a_reported_write_are_not_kept(
@@ -1047,16 +1058,13 @@ def test_item_values_read_before_a_reported_write_are_not_kept(
     afterwards, the old value would be served for the TTL)."""
     import service.scoring as scoring
 
-    proc = RedisProcess().start()
-    try:
-        load_into_redis(built.config, built.frame, proc.url, progress=False)
-        redis = Redis.from_url(proc.url)
+    with loaded_private(built) as (proc, redis):
         s = settings_for(built, redis_url=proc.url, redis_connect_timeout_ms=2000)
         user = str(built.frame["user_id"].iloc[3])
         items = built.frame["item_id"].astype(str).unique()[:30].tolist()
         body = {"user_id": user, "candidates": [{"item_id": i} for i in items]}
         key = "ctr:item:cate_id"
-        other = sorted(v for v in redis.hvals(key) if v != redis.hget(key, items[0]))[0]
+        other = another_value(redis, key, items[0])
         real, armed = scoring.fetch, [True]
 
         async def write_meanwhile(*args: Any, **kwargs: Any) -> Any:
@@ -1084,9 +1092,6 @@ def test_item_values_read_before_a_reported_write_are_not_kept(
             after = answer(truth, body)["items"]
             assert after != before
             assert answer(tracked, body)["items"] == after
-    finally:
-        proc.stop()
-        shutil.rmtree(proc.dir, ignore_errors=True)
 
 
 def test_a_full_socket_trusts_no_cached_item_value_until_it_has_caught_up(
@@ -1099,10 +1104,7 @@ def test_a_full_socket_trusts_no_cached_item_value_until_it_has_caught_up(
     candidate rows must not be either (they served the old category until the backlog
     drained)."""
     monkeypatch.setattr(tracking, "PING_S", 30.0)  # no heartbeat reads the socket
-    proc = RedisProcess().start()
-    try:
-        load_into_redis(built.config, built.frame, proc.url, progress=False)
-        redis = Redis.from_url(proc.url)
+    with loaded_private(built) as (proc, redis):
         s = settings_for(
             built, redis_url=proc.url, redis_connect_timeout_ms=2000, user_tracking_drain_ms=1000
         )
@@ -1110,7 +1112,7 @@ def test_a_full_socket_trusts_no_cached_item_value_until_it_has_caught_up(
         items = built.frame["item_id"].astype(str).unique()[:30].tolist()
         body = {"user_id": user, "candidates": [{"item_id": i} for i in items]}
         key = "ctr:item:cate_id"
-        other = sorted(v for v in redis.hvals(key) if v != redis.hget(key, items[0]))[0]
+        other = another_value(redis, key, items[0])
         with (
             TestClient(create_app(s)) as tracked,
             TestClient(create_app(s.model_copy(
@@ -1133,6 +1135,3 @@ def test_a_full_socket_trusts_no_cached_item_value_until_it_has_caught_up(
             got = answer(tracked, body)["items"]  # its poll finds the socket full
             assert t._catch_ups > 0
             assert got == after, "an acknowledged item write's old value served"
-    finally:
-        proc.stop()
-        shutil.rmtree(proc.dir, ignore_errors=True)

@@ -140,32 +140,33 @@ def _write_others(
     client.close()
 
 
-class OtherWrites:
-    """``rate`` appends per second for users no request scores, from a process of its own
-    while the ``with`` block runs (0: none), each a round trip of its own or, with
-    ``pipelined``, 10 ms of them in one pipeline. :attr:`achieved` is the rate it kept
-    up. Their keys are deleted on the way out."""
+class _PacedWriter:
+    """A writer process of its own (``target(redis_url, rate, *args, stop, count, since)``)
+    while the ``with`` block runs (``rate`` 0: none); :attr:`achieved` is the rate it
+    kept up. Subclasses clean up what it wrote in :meth:`_clean`."""
 
-    def __init__(self, redis_url: str, rate: float, keep: int, pipelined: bool = False) -> None:
-        self.redis_url, self.rate, self.keep = redis_url, rate, keep
+    what = "writer"  # for the messages: "the <what> exited ..."
+
+    def __init__(self, redis_url: str, rate: float, target: Any, args: tuple[Any, ...]) -> None:
+        if not math.isfinite(rate) or rate < 0:
+            raise ValueError(f"{self.what}: writes per second 0 or more, not {rate}")
+        self.redis_url, self.rate = redis_url, rate
         self.achieved = 0.0
         ctx = mp.get_context("spawn")
-        if not math.isfinite(rate) or rate < 0:
-            raise ValueError(f"other users' appends per second: 0 or more, not {rate}")
         self._stop = ctx.Event()
         self._count = ctx.Value("q", 0)
         self._since = ctx.Value("d", 0.0)  # time.monotonic() of the writer's first tick
         self._proc = (
             ctx.Process(
-                target=_write_others,
-                args=(redis_url, rate, keep, pipelined, self._stop, self._count, self._since),
+                target=target,
+                args=(redis_url, rate, *args, self._stop, self._count, self._since),
                 daemon=True,
             )
             if rate > 0
             else None
         )
 
-    def __enter__(self) -> OtherWrites:
+    def __enter__(self) -> Any:
         if self._proc is not None:
             self._proc.start()
         return self
@@ -182,15 +183,34 @@ class OtherWrites:
         self.achieved = self._count.value / max(1e-9, time.monotonic() - since) if since else 0.0
         client = Redis.from_url(self.redis_url)
         try:
-            for batch in _batched(client.scan_iter(match=f"{{u:{OTHER}*", count=1000)):
-                client.delete(*batch)
+            self._clean(client)
         finally:
             client.close()
         if self._proc.exitcode not in (0, -signal.SIGKILL) and not exc[0]:
             raise RuntimeError(
-                f"the other users' writer exited with code {self._proc.exitcode}: its "
-                "writes stopped part of the way (see its traceback above)"
+                f"the {self.what} exited with code {self._proc.exitcode}: its writes "
+                "stopped part of the way (see its traceback above)"
             )
+
+    def _clean(self, client: Redis) -> None:
+        raise NotImplementedError
+
+
+class OtherWrites(_PacedWriter):
+    """``rate`` appends per second for users no request scores, from a process of its own
+    while the ``with`` block runs (0: none), each a round trip of its own or, with
+    ``pipelined``, 10 ms of them in one pipeline. :attr:`achieved` is the rate it kept
+    up. Their keys are deleted on the way out."""
+
+    what = "other users' writer"
+
+    def __init__(self, redis_url: str, rate: float, keep: int, pipelined: bool = False) -> None:
+        self.keep = keep
+        super().__init__(redis_url, rate, _write_others, (keep, pipelined))
+
+    def _clean(self, client: Redis) -> None:
+        for batch in _batched(client.scan_iter(match=f"{{u:{OTHER}*", count=1000)):
+            client.delete(*batch)
 
 
 def _write_items(redis_url: str, rate: float, key: str, stop: Any, count: Any, since: Any) -> None:
@@ -214,56 +234,20 @@ def _write_items(redis_url: str, rate: float, key: str, stop: Any, count: Any, s
     client.close()
 
 
-class ItemWrites:
+class ItemWrites(_PacedWriter):
     """``rate`` writes per second to item-feature hash ``ctr:item:<feature>`` (field
     :data:`ITEM_FIELD`, which no candidate has), from a process of its own while the
     ``with`` block runs (0: none). :attr:`achieved` is the rate it kept up; the field is
     deleted on the way out."""
 
+    what = "item-feature writer"
+
     def __init__(self, redis_url: str, rate: float, feature: str) -> None:
-        if not math.isfinite(rate) or rate < 0:
-            raise ValueError(f"item-feature writes per second: 0 or more, not {rate}")
-        self.redis_url, self.rate, self.key = redis_url, rate, item_key(feature)
-        self.achieved = 0.0
-        ctx = mp.get_context("spawn")
-        self._stop = ctx.Event()
-        self._count = ctx.Value("q", 0)
-        self._since = ctx.Value("d", 0.0)
-        self._proc = (
-            ctx.Process(
-                target=_write_items,
-                args=(redis_url, rate, self.key, self._stop, self._count, self._since),
-                daemon=True,
-            )
-            if rate > 0
-            else None
-        )
+        self.key = item_key(feature)
+        super().__init__(redis_url, rate, _write_items, (self.key,))
 
-    def __enter__(self) -> ItemWrites:
-        if self._proc is not None:
-            self._proc.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._proc is None:
-            return
-        self._stop.set()
-        self._proc.join(10)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join()
-        since = self._since.value
-        self.achieved = self._count.value / max(1e-9, time.monotonic() - since) if since else 0.0
-        client = Redis.from_url(self.redis_url)
-        try:
-            client.hdel(self.key, ITEM_FIELD)
-        finally:
-            client.close()
-        if self._proc.exitcode not in (0, -signal.SIGKILL) and not exc[0]:
-            raise RuntimeError(
-                f"the item-feature writer exited with code {self._proc.exitcode}: its "
-                "writes stopped part of the way (see its traceback above)"
-            )
+    def _clean(self, client: Redis) -> None:
+        client.hdel(self.key, ITEM_FIELD)
 
 
 def _batched(keys: Iterable[bytes], size: int = 500) -> Iterator[list[bytes]]:
