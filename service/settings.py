@@ -291,10 +291,10 @@ class Settings(BaseSettings):
         True,
         description="with user tracking on, track the item-feature hashes (ctr:item:*) "
         "too: a write Redis reports to one drops the worker's cached values of that "
-        "feature and every encoded candidate row at once, so a changed catalogue is "
-        "scored within milliseconds on every worker instead of within "
-        "CTR_ITEM_CACHE_TTL_S (false: the TTL alone; for a writer that changes item "
-        "features many times a second, whose every write would empty the caches)",
+        "feature and every encoded candidate row (at once after a quiet "
+        "CTR_ITEM_TRACKING_HOLD_MS, else at its end), so a changed catalogue is scored "
+        "on every worker within milliseconds, or that hold, instead of within "
+        "CTR_ITEM_CACHE_TTL_S (false: the TTL alone)",
     )
     item_tracking_hold_ms: float = Field(
         1000.0,
