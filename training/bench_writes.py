@@ -29,8 +29,8 @@ import math
 import multiprocessing as mp
 import signal
 import time
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Self
 
 import orjson
 from redis import Redis
@@ -105,6 +105,27 @@ class UserWrites:
         self.written += 1
 
 
+def _paced(
+    rate: float, stop: Any, count: Any, since: Any, burst: Callable[[int, int], None]
+) -> None:
+    """A writer process's loop: ``rate`` writes per second in 10 ms ticks until ``stop``,
+    each tick's ``burst(first, n)`` writing numbers ``first`` to ``first + n - 1``; the
+    count in ``count``, the first tick's ``time.monotonic()`` in ``since``."""
+    period, owed, k = 0.01, 0.0, 0
+    since.value = time.monotonic()  # system-wide: the parent reads the rate against it
+    tick = time.perf_counter()
+    while not stop.is_set():
+        owed += rate * period
+        batch, owed = int(owed), owed - int(owed)
+        if batch:
+            burst(k, batch)
+            k += batch
+            with count.get_lock():
+                count.value += batch
+        tick += period
+        time.sleep(max(0.0, tick - time.perf_counter()))
+
+
 def _write_others(
     redis_url: str, rate: float, keep: int, pipelined: bool, stop: Any, count: Any, since: Any
 ) -> None:
@@ -115,28 +136,19 @@ def _write_others(
     whose keys Redis names in one message."""
     client = Redis.from_url(redis_url)
     script = client.register_script(APPEND_EVENT)
-    period, owed, k = 0.01, 0.0, 0
     payload = orjson.dumps({"item_id": "bench-other-item"})
-    since.value = time.monotonic()  # system-wide: the parent reads the rate against it
-    tick = time.perf_counter()
-    while not stop.is_set():
-        owed += rate * period
-        batch, owed = int(owed), owed - int(owed)
-        if batch:
-            pipe = client.pipeline(transaction=False) if pipelined else None
-            now = time.time()
-            for _ in range(batch):
-                user = f"{OTHER}{k % OTHER_USERS}"
-                keys = event_keys(user)
-                args = [f"o{k}", now, payload, keep, DEDUP_WINDOW, 0, 1]
-                script(keys=keys, args=args, client=pipe or client)
-                k += 1
-            if pipe is not None:
-                pipe.execute()
-            with count.get_lock():
-                count.value += batch
-        tick += period
-        time.sleep(max(0.0, tick - time.perf_counter()))
+
+    def burst(first: int, n: int) -> None:
+        pipe = client.pipeline(transaction=False) if pipelined else None
+        now = time.time()
+        for k in range(first, first + n):
+            keys = event_keys(f"{OTHER}{k % OTHER_USERS}")
+            args = [f"o{k}", now, payload, keep, DEDUP_WINDOW, 0, 1]
+            script(keys=keys, args=args, client=pipe or client)
+        if pipe is not None:
+            pipe.execute()
+
+    _paced(rate, stop, count, since, burst)
     client.close()
 
 
@@ -166,7 +178,7 @@ class _PacedWriter:
             else None
         )
 
-    def __enter__(self) -> Any:
+    def __enter__(self) -> Self:
         if self._proc is not None:
             self._proc.start()
         return self
@@ -205,7 +217,6 @@ class OtherWrites(_PacedWriter):
     what = "other users' writer"
 
     def __init__(self, redis_url: str, rate: float, keep: int, pipelined: bool = False) -> None:
-        self.keep = keep
         super().__init__(redis_url, rate, _write_others, (keep, pipelined))
 
     def _clean(self, client: Redis) -> None:
@@ -217,20 +228,12 @@ def _write_items(redis_url: str, rate: float, key: str, stop: Any, count: Any, s
     """The :class:`ItemWrites` process: ``rate`` ``HSET``s of field :data:`ITEM_FIELD` of
     hash ``key`` per second, each a round trip of its own, paced in 10 ms ticks."""
     client = Redis.from_url(redis_url)
-    period, owed, k = 0.01, 0.0, 0
-    since.value = time.monotonic()
-    tick = time.perf_counter()
-    while not stop.is_set():
-        owed += rate * period
-        batch, owed = int(owed), owed - int(owed)
-        for _ in range(batch):
+
+    def burst(first: int, n: int) -> None:
+        for k in range(first, first + n):
             client.hset(key, ITEM_FIELD, k)
-            k += 1
-        if batch:
-            with count.get_lock():
-                count.value += batch
-        tick += period
-        time.sleep(max(0.0, tick - time.perf_counter()))
+
+    _paced(rate, stop, count, since, burst)
     client.close()
 
 
